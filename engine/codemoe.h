@@ -1,0 +1,232 @@
+/*
+ * codemoe.h - the engine's public interface.
+ *
+ * The engine loads a model (GGUF), tokenizes, runs the forward pass of a batch of sequences over a KV
+ * cache, and samples. It knows nothing about HTTP; api/ and server/ use this header and nothing else
+ * from engine/.
+ *
+ * Conventions
+ * - Every object has a create/free pair. free(NULL) is a no-op.
+ * - Functions that can fail take a `cm_err *` (may be NULL) and return a negative CM_E* code (or NULL);
+ *   on failure err->msg holds a one-line human-readable reason and no operation was performed.
+ * - A cm_model is immutable after load and may be shared by any number of contexts and threads.
+ *   A cm_ctx (KV cache + scratch) and a cm_sampler belong to one thread at a time.
+ * - Token ids are int32_t. Lengths are in tokens unless the name says bytes.
+ */
+#ifndef CODEMOE_H
+#define CODEMOE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ============================================================ errors */
+
+enum {
+    CM_OK = 0,
+    CM_E_INVAL = -1,    /* bad argument */
+    CM_E_IO = -2,       /* could not open/read/write a file */
+    CM_E_FORMAT = -3,   /* malformed or hostile model/tokenizer file */
+    CM_E_UNSUPPORTED = -4, /* well-formed but not something we support (arch, tensor type, ...) */
+    CM_E_NOMEM = -5,    /* allocation failed or a budget (KV blocks, batch size) is exhausted */
+    CM_E_RANGE = -6,    /* value out of range: token id, context length, sequence id */
+};
+
+typedef struct cm_err {
+    int code;
+    char msg[320];
+} cm_err;
+
+/* ============================================================ model */
+
+typedef struct cm_model cm_model;
+
+typedef struct cm_model_params {
+    int n_threads;   /* threads used by load-time work (0 = 1) */
+    int vocab_only;  /* load the tokenizer only; no tensors required */
+} cm_model_params;
+
+typedef struct cm_model_info {
+    const char *arch;        /* "qwen2", "llama", ... (owned by the model) */
+    const char *name;        /* general.name or "" */
+    int n_vocab;
+    int n_ctx_train;         /* <arch>.context_length */
+    int n_embd;              /* d */
+    int n_layer;
+    int n_head;
+    int n_head_kv;
+    int head_dim;            /* n_embd / n_head unless the file says otherwise */
+    int n_ff;
+    float rope_theta;
+    float rms_eps;
+    int rope_neox;           /* 1: rotate halves (qwen2), 0: rotate adjacent pairs (llama as converted) */
+    int qkv_bias;
+    int tied_output;         /* output.weight absent: lm_head = token_embd */
+    uint64_t n_params;       /* total parameters */
+    uint64_t file_bytes;
+    const char *weight_type; /* type of the largest matrices: "F32", "F16", "BF16", "Q8_0", ... */
+    /* tokenizer */
+    const char *tok_model;   /* tokenizer.ggml.model, e.g. "gpt2" */
+    const char *tok_pre;     /* tokenizer.ggml.pre, e.g. "qwen2", "llama-bpe", "deepseek-coder", "gpt-2" */
+    int32_t bos, eos, eot, pad;          /* -1 when absent */
+    int32_t fim_pre, fim_suf, fim_mid;   /* -1 when absent */
+    int add_bos;                         /* tokenizer.ggml.add_bos_token */
+} cm_model_info;
+
+/* Load a GGUF model. The file is mmapped read-only and every count, length, offset and type is checked
+ * before use. On error returns NULL with the reason in err. */
+cm_model *cm_model_load(const char *path, const cm_model_params *params, cm_err *err);
+void cm_model_free(cm_model *m);
+const cm_model_info *cm_model_get_info(const cm_model *m);
+
+/* Metadata and tensor listing for `codemoe inspect`: calls fn once per key (value rendered as text,
+ * arrays abbreviated) and once per tensor. */
+typedef void (*cm_kv_fn)(void *ud, const char *key, const char *type, const char *value);
+typedef void (*cm_tensor_fn)(void *ud, const char *name, const char *type, int n_dims,
+                             const int64_t *dims, uint64_t offset, uint64_t nbytes);
+void cm_model_foreach(const cm_model *m, cm_kv_fn kv, cm_tensor_fn tensor, void *ud);
+
+/* ============================================================ tokenizer */
+
+enum {
+    CM_TOK_ADD_BOS = 1 << 0,       /* prepend BOS if the model has one and add_bos is set */
+    CM_TOK_PARSE_SPECIAL = 1 << 1, /* recognise control/added token strings in the text */
+};
+
+/* Tokenize `len` bytes of UTF-8 text (invalid UTF-8 is handled bytewise, never rejected).
+ * Writes at most `cap` ids to out. Returns the number of tokens the text needs (which may exceed cap:
+ * call again with a larger buffer), or a negative CM_E* code. */
+int cm_tokenize(const cm_model *m, const char *text, size_t len, int flags, int32_t *out, int cap,
+                cm_err *err);
+
+/* The vocabulary string of a token as stored (byte-level BPE alphabet), NULL if out of range. */
+const char *cm_token_text(const cm_model *m, int32_t id, size_t *len);
+
+/* The raw bytes a token stands for (byte-level mapping undone; a control token yields its text only
+ * when `special` is nonzero, else nothing). Returns the byte count (may exceed cap), <0 if id invalid. */
+int cm_token_bytes(const cm_model *m, int32_t id, int special, char *out, size_t cap);
+
+int cm_token_is_control(const cm_model *m, int32_t id);  /* control or added special token */
+int cm_token_is_eog(const cm_model *m, int32_t id);      /* EOS, EOT or another end-of-generation id */
+
+/* Streaming detokenizer: emits only complete UTF-8 sequences; bytes of a character split across tokens
+ * are held back until it completes. Invalid sequences are replaced by U+FFFD. Plain struct, no free. */
+typedef struct cm_detok {
+    unsigned char pend[8];
+    int npend;
+    int special; /* render control tokens as text */
+} cm_detok;
+void cm_detok_init(cm_detok *d, int special);
+/* Appends the text of `id` to out (at most cap bytes; the caller gives cap >= 64 + longest token).
+ * Returns bytes written, <0 on error. */
+int cm_detok_push(cm_detok *d, const cm_model *m, int32_t id, char *out, size_t cap);
+/* End of stream: flushes held bytes (as U+FFFD). Returns bytes written. */
+int cm_detok_flush(cm_detok *d, char *out, size_t cap);
+
+/* Whole-sequence decode. Returns the byte count needed (may exceed cap), <0 on error. */
+int cm_detokenize(const cm_model *m, const int32_t *ids, int n, int special, char *out, size_t cap);
+
+/* ============================================================ inference context */
+
+typedef struct cm_ctx cm_ctx;
+
+typedef struct cm_ctx_params {
+    int n_threads;    /* compute threads for the forward pass (0 = 1) */
+    int n_seq_max;    /* sequences that may be open at once */
+    int n_ctx;        /* max tokens per sequence (0 = model's n_ctx_train) */
+    int n_batch_max;  /* max tokens in one cm_forward call */
+    int kv_tokens;    /* KV pool size in tokens shared by all sequences (0 = n_seq_max * n_ctx) */
+} cm_ctx_params;
+
+cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err);
+void cm_ctx_free(cm_ctx *c);
+
+/* Open a new empty sequence. Returns its id (>= 0) or a negative CM_E* code (CM_E_NOMEM when
+ * n_seq_max sequences are open). */
+int cm_seq_open(cm_ctx *c, cm_err *err);
+/* Close a sequence and return its KV memory to the pool. */
+void cm_seq_close(cm_ctx *c, int seq);
+/* Number of positions already in the sequence's KV cache. */
+int cm_seq_len(const cm_ctx *c, int seq);
+/* Forget positions >= n (n <= current length). */
+int cm_seq_truncate(cm_ctx *c, int seq, int n, cm_err *err);
+
+/* A batch: n tokens, each appended to the end of its sequence in the order given (tokens of one
+ * sequence keep their relative order; sequences may be interleaved). Several sequences of different
+ * lengths may be prefilled and decoded in one call. */
+typedef struct cm_batch {
+    int n;
+    const int32_t *token;  /* (n) */
+    const int32_t *seq;    /* (n) sequence ids from cm_seq_open */
+    const int8_t *logits;  /* (n) nonzero: compute logits for this token; NULL: only each sequence's
+                              last token in the batch */
+} cm_batch;
+
+/* Runs the forward pass. On error nothing is appended to any sequence. */
+int cm_forward(cm_ctx *c, const cm_batch *b, cm_err *err);
+/* Logits (n_vocab floats) of batch token i from the last cm_forward; NULL if not requested.
+ * Valid until the next cm_forward on this context. */
+const float *cm_logits(const cm_ctx *c, int i);
+
+/* KV pool usage, for metrics. */
+typedef struct cm_kv_stats {
+    int blocks_total, blocks_used, block_tokens;
+} cm_kv_stats;
+void cm_ctx_kv_stats(const cm_ctx *c, cm_kv_stats *out);
+
+/* ============================================================ sampler */
+
+typedef struct cm_logit_bias {
+    int32_t token;
+    float bias;
+} cm_logit_bias;
+
+typedef struct cm_sampling {
+    float temperature;        /* 0: greedy (argmax after bias and penalties) */
+    int top_k;                /* 0: off */
+    float top_p;              /* 1: off */
+    float min_p;              /* 0: off */
+    float repetition_penalty; /* 1: off; CTRL-style, over prompt and generated tokens */
+    float presence_penalty;   /* 0: off; OpenAI semantics, over generated tokens */
+    float frequency_penalty;  /* 0: off; OpenAI semantics, over generated tokens */
+    int penalty_last_n;       /* window of tokens considered by the penalties (0: all) */
+    uint64_t seed;
+    const cm_logit_bias *logit_bias; /* copied at create */
+    int n_logit_bias;
+    int n_logprobs;           /* top-N log-probabilities to report per step (0..20) */
+} cm_sampling;
+
+void cm_sampling_default(cm_sampling *s);
+
+typedef struct cm_sampler cm_sampler;
+
+typedef struct cm_token_logprob {
+    int32_t token;
+    float logprob;
+} cm_token_logprob;
+
+/* All buffers are allocated here, sized by the vocabulary: sampling allocates nothing. */
+cm_sampler *cm_sampler_create(const cm_model *m, const cm_sampling *s, cm_err *err);
+void cm_sampler_free(cm_sampler *s);
+/* Record a prompt token (counted by repetition_penalty only). */
+void cm_sampler_accept_prompt(cm_sampler *s, int32_t tok);
+/* Sample the next token from logits (n_vocab floats, not modified). The chosen token is recorded as
+ * generated. If top != NULL, writes the chosen token's logprob to *chosen_lp and the top
+ * n_logprobs alternatives to top[] (log-softmax of the raw logits, before bias/penalties/temperature). */
+int32_t cm_sampler_sample(cm_sampler *s, const float *logits, float *chosen_lp, cm_token_logprob *top);
+
+/* ============================================================ conversion */
+
+/* Convert a Hugging Face model directory (config.json, model.safetensors or
+ * model.safetensors.index.json with shards, tokenizer.json) to GGUF. out_type: "f32", "f16", "bf16",
+ * "q8_0" or NULL (keep source type). If the directory holds only tokenizer.json (and optionally
+ * tokenizer_config.json), writes a vocab-only GGUF. */
+int cm_convert_hf(const char *hf_dir, const char *out_path, const char *out_type, cm_err *err);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* CODEMOE_H */

@@ -1,0 +1,1 @@
+/* convert.c - to be written */

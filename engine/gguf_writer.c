@@ -1,0 +1,1 @@
+/* gguf_writer.c - to be written */

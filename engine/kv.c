@@ -1,0 +1,1 @@
+/* kv.c - to be written */

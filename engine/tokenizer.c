@@ -1,0 +1,1 @@
+/* tokenizer.c - to be written */

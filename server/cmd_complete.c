@@ -1,0 +1,1 @@
+/* cmd_complete.c - to be written */

@@ -1,0 +1,52 @@
+/*
+ * test.h - a minimal test harness: typed ASSERT macros that report file:line and the values, and a
+ * TEST list run by main(). One test executable per module; meson runs each as its own process.
+ *
+ *   TEST(gguf_rejects_truncated) { ... ASSERT_EQ_INT(rc, CM_E_FORMAT); }
+ *   int main(void) { RUN(gguf_rejects_truncated); ...; return test_summary(); }
+ */
+#ifndef CM_TEST_H
+#define CM_TEST_H
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int test__failed_checks, test__tests_run, test__tests_failed, test__cur_failed;
+
+#define TEST(name) static void name(void)
+#define RUN(name) do { \
+    test__cur_failed = 0; test__tests_run++; name(); \
+    if (test__cur_failed) { test__tests_failed++; fprintf(stderr, "FAIL %s\n", #name); } \
+    else fprintf(stderr, "ok   %s\n", #name); } while (0)
+
+#define TEST_FAIL_(...) do { fprintf(stderr, "%s:%d: ", __FILE__, __LINE__); \
+    fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); test__failed_checks++; test__cur_failed = 1; } while (0)
+
+#define ASSERT_TRUE(c) do { if (!(c)) { TEST_FAIL_("expected true: %s", #c); return; } } while (0)
+#define ASSERT_EQ_INT(a, b) do { long long a_ = (long long)(a), b_ = (long long)(b); \
+    if (a_ != b_) { TEST_FAIL_("%s == %s: %lld != %lld", #a, #b, a_, b_); return; } } while (0)
+#define ASSERT_NE_INT(a, b) do { long long a_ = (long long)(a), b_ = (long long)(b); \
+    if (a_ == b_) { TEST_FAIL_("%s != %s: both %lld", #a, #b, a_); return; } } while (0)
+#define ASSERT_STREQ(a, b) do { const char *a_ = (a), *b_ = (b); \
+    if (!a_ || !b_ || strcmp(a_, b_)) { TEST_FAIL_("%s == %s: \"%s\" != \"%s\"", #a, #b, a_ ? a_ : "(null)", b_ ? b_ : "(null)"); return; } } while (0)
+#define ASSERT_NEAR(a, b, tol) do { double a_ = (a), b_ = (b); \
+    if (!(fabs(a_ - b_) <= (tol))) { TEST_FAIL_("%s ~ %s: %.9g vs %.9g (tol %g)", #a, #b, a_, b_, (double)(tol)); return; } } while (0)
+/* Non-fatal variant for loops that should report every mismatch up to a limit. */
+#define CHECK_TRUE(c) do { if (!(c)) TEST_FAIL_("expected true: %s", #c); } while (0)
+
+static inline int test_summary(void) {
+    fprintf(stderr, "%d tests, %d failed\n", test__tests_run, test__tests_failed);
+    return test__tests_failed ? 1 : 0;
+}
+
+/* Path of a fixture file: $CM_FIXTURES/name (the meson test env sets it). */
+static inline const char *test_fixture(const char *name) {
+    static char buf[4096];
+    const char *dir = getenv("CM_FIXTURES");
+    snprintf(buf, sizeof buf, "%s/%s", dir ? dir : "tests/fixtures", name);
+    return buf;
+}
+
+#endif
