@@ -1,0 +1,23 @@
+/*
+ * convert.h - internals shared by the Hugging Face -> GGUF converter (convert.c) and the tokenizer part
+ * of it (convert_tokenizer.c). Internal to engine/; the public entry point is cm_convert_hf in codemoe.h.
+ */
+#ifndef CM_CONVERT_H
+#define CM_CONVERT_H
+
+#include "codemoe.h"
+#include "gguf.h"
+
+/* Reads a Hugging Face tokenizer.json (and, when tokenizer_config_path is not NULL, tokenizer_config.json
+ * for add_bos_token / bos / eos / pad) and writes every tokenizer.ggml.* key to w: model, pre, tokens,
+ * token_type, merges, bos/eos/eot/padding/fim_* token ids, add_bos_token.
+ * n_vocab_model: the model's embedding row count. When it exceeds the tokenizer's vocabulary, the token
+ * list is padded to n_vocab_model with "[PAD<i>]" tokens (type 5, unused) so that tokens and embeddings
+ * line up; when it is smaller than the vocabulary, that is an error (CM_E_FORMAT). 0 for a vocab-only
+ * conversion (no model; no padding).
+ * Returns CM_OK or a negative CM_E* code with err set; on error w may hold some tokenizer keys already
+ * (the caller discards w). */
+int cm_convert_tokenizer_json(const char *tokenizer_json_path, const char *tokenizer_config_path,
+                              gguf_writer *w, int n_vocab_model, cm_err *err);
+
+#endif
