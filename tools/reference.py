@@ -1,0 +1,527 @@
+"""reference.py - from-scratch PyTorch reference of the dense Qwen2 / Llama decoders, as Hugging Face
+defines them (Qwen2ForCausalLM, LlamaForCausalLM), plus the tiny byte-level BPE tokenizer used by the
+fixtures (trainer, encoder, decoder; GPT-2 byte<->unicode mapping; Qwen2 pre-tokenizer rules).
+
+No transformers / tokenizers / safetensors packages: everything is written here so the C engine is
+compared against an independent, readable implementation. Run with /usr/bin/python3 (python3-torch).
+
+Model (HF semantics; shapes: T tokens, D hidden, H heads, K kv heads, E head_dim, F ffn, V vocab):
+    x = embed[tokens]                                   (T, D)
+    per layer: h = x + o_proj(attn(rope(q), rope(k), v)) on rmsnorm(x)
+               x = h + down(silu(gate(n)) * up(n)), n = rmsnorm(h)
+    logits = lm_head(rmsnorm(x))                        (T, V); lm_head = embed when tied
+    rmsnorm(x) = w * (x * rsqrt(mean(x^2) + eps))       (in float32 in HF; here in `dtype`)
+    rope: NeoX halves: q*cos + rotate_half(q)*sin, inv_freq = theta^(-2i/E)
+    attention: causal softmax(q k^T / sqrt(E)) v, k/v heads shared by H/K query heads (GQA)
+
+The model can run in float32 (what HF does for an f32 checkpoint) or float64 (used for the goldens, so
+the stored logits are the exact answer rounded once to f32 and the C engine's error is only its own).
+"""
+
+import math
+import unicodedata
+
+import numpy as np
+import torch
+
+# ============================================================================ config / weights
+
+HF_ARCH = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+
+
+class Config:
+    """Hyper-parameters, named as in HF config.json."""
+
+    def __init__(self, model_type, vocab_size, hidden_size, intermediate_size, num_hidden_layers,
+                 num_attention_heads, num_key_value_heads, rms_norm_eps, rope_theta, tie_word_embeddings,
+                 max_position_embeddings, head_dim=None, attention_bias=None):
+        assert model_type in HF_ARCH
+        self.model_type = model_type
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_theta = rope_theta
+        self.tie_word_embeddings = tie_word_embeddings
+        self.max_position_embeddings = max_position_embeddings
+        self.head_dim = head_dim or hidden_size // num_attention_heads
+        # Qwen2 always has q/k/v biases; Llama has them only with attention_bias=true
+        self.attention_bias = (model_type == "qwen2") if attention_bias is None else attention_bias
+        assert num_attention_heads % num_key_value_heads == 0
+
+    @classmethod
+    def from_hf(cls, d):
+        return cls(d["model_type"], d["vocab_size"], d["hidden_size"], d["intermediate_size"],
+                   d["num_hidden_layers"], d["num_attention_heads"], d.get("num_key_value_heads",
+                   d["num_attention_heads"]), d["rms_norm_eps"], d.get("rope_theta", 10000.0),
+                   d.get("tie_word_embeddings", False), d.get("max_position_embeddings", 2048),
+                   d.get("head_dim"), d.get("attention_bias"))
+
+
+def hf_shapes(cfg):
+    """HF state-dict names -> shapes (out, in), in the order HF's modules define them."""
+    D, F, V, E = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
+    H, K = cfg.num_attention_heads, cfg.num_key_value_heads
+    s = {"model.embed_tokens.weight": (V, D)}
+    for i in range(cfg.num_hidden_layers):
+        p = "model.layers.%d." % i
+        s[p + "self_attn.q_proj.weight"] = (H * E, D)
+        if cfg.attention_bias:
+            s[p + "self_attn.q_proj.bias"] = (H * E,)
+        s[p + "self_attn.k_proj.weight"] = (K * E, D)
+        if cfg.attention_bias:
+            s[p + "self_attn.k_proj.bias"] = (K * E,)
+        s[p + "self_attn.v_proj.weight"] = (K * E, D)
+        if cfg.attention_bias:
+            s[p + "self_attn.v_proj.bias"] = (K * E,)
+        s[p + "self_attn.o_proj.weight"] = (D, H * E)
+        s[p + "mlp.gate_proj.weight"] = (F, D)
+        s[p + "mlp.up_proj.weight"] = (F, D)
+        s[p + "mlp.down_proj.weight"] = (D, F)
+        s[p + "input_layernorm.weight"] = (D,)
+        s[p + "post_attention_layernorm.weight"] = (D,)
+    s["model.norm.weight"] = (D,)
+    if not cfg.tie_word_embeddings:
+        s["lm_head.weight"] = (V, D)
+    return s
+
+
+# HF name (per layer suffix) <-> GGUF name, as llama.cpp's converter maps them
+HF_TO_GGUF_LAYER = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+HF_TO_GGUF_TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                  "lm_head.weight": "output.weight"}
+
+
+def hf_to_gguf_name(name):
+    if name in HF_TO_GGUF_TOP:
+        return HF_TO_GGUF_TOP[name]
+    parts = name.split(".", 3)  # model, layers, i, rest
+    assert parts[0] == "model" and parts[1] == "layers", name
+    return "blk.%s.%s" % (parts[2], HF_TO_GGUF_LAYER[parts[3]])
+
+
+def gguf_to_hf_name(name):
+    inv_top = {v: k for k, v in HF_TO_GGUF_TOP.items()}
+    if name in inv_top:
+        return inv_top[name]
+    inv = {v: k for k, v in HF_TO_GGUF_LAYER.items()}
+    _, i, rest = name.split(".", 2)
+    return "model.layers.%s.%s" % (i, inv[rest])
+
+
+def llama_permute(w, n_head):
+    """HF q/k rows -> llama.cpp's order, so that "normal" rope on adjacent pairs (x[2i], x[2i+1]) equals
+    HF's rotate_half on halves. Per head, rows (2, E/2) are interleaved into (E/2, 2)."""
+    w = np.asarray(w)
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama_unpermute(w, n_head):
+    w = np.asarray(w)
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# ============================================================================ model
+
+def rms_norm(x, w, eps):
+    # HF: hidden.to(float32); var = mean(x^2); x * rsqrt(var + eps); weight * x.to(input dtype)
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def rope_cos_sin(n_pos, head_dim, theta, dtype, pos0=0):
+    """(T, E) cos and sin, HF layout: the E/2 frequencies repeated twice (cat(freqs, freqs))."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    pos = torch.arange(pos0, pos0 + n_pos, dtype=torch.float64)
+    freqs = torch.outer(pos, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    # x: (heads, T, E); cos/sin: (T, E)
+    return x * cos + rotate_half(x) * sin
+
+
+class Model:
+    """Dense decoder over an HF-named state dict (numpy or torch tensors, any float dtype)."""
+
+    def __init__(self, cfg, state, dtype=torch.float64, ffn=None):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.w = {k: torch.as_tensor(np.asarray(v, dtype=np.float64) if not torch.is_tensor(v) else v)
+                  .to(dtype) for k, v in state.items()}
+        missing = [k for k in hf_shapes(cfg) if k not in self.w]
+        if missing:
+            raise KeyError("missing weights: %s" % missing[:4])
+        for k, shp in hf_shapes(cfg).items():
+            if tuple(self.w[k].shape) != shp:
+                raise ValueError("%s: shape %s, expected %s" % (k, tuple(self.w[k].shape), shp))
+        # ffn(layer, x_normed (T, D), tokens) -> (T, D): the hook the MoE references replace
+        self.ffn = ffn or self.dense_ffn
+
+    def lin(self, x, name, bias=True):
+        y = x @ self.w[name + ".weight"].T
+        b = self.w.get(name + ".bias")
+        return y + b if (b is not None and bias) else y
+
+    def dense_ffn(self, i, x, tokens=None):
+        p = "model.layers.%d.mlp." % i
+        return self.lin(torch.nn.functional.silu(self.lin(x, p + "gate_proj")) * self.lin(x, p + "up_proj"),
+                        p + "down_proj")
+
+    def attention(self, i, x, cos, sin):
+        cfg = self.cfg
+        T = x.shape[0]
+        H, K, E = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        p = "model.layers.%d.self_attn." % i
+        q = self.lin(x, p + "q_proj").view(T, H, E).transpose(0, 1)  # (H, T, E)
+        k = self.lin(x, p + "k_proj").view(T, K, E).transpose(0, 1)  # (K, T, E)
+        v = self.lin(x, p + "v_proj").view(T, K, E).transpose(0, 1)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k = k.repeat_interleave(H // K, dim=0)  # query head h uses kv head h // (H/K)
+        v = v.repeat_interleave(H // K, dim=0)
+        s = (q @ k.transpose(1, 2)) / math.sqrt(E)  # (H, T, T)
+        mask = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)
+        s = s.masked_fill(mask, float("-inf"))
+        a = torch.softmax(s, dim=-1) @ v  # (H, T, E)
+        return self.lin(a.transpose(0, 1).reshape(T, H * E), p + "o_proj")
+
+    def forward(self, tokens, return_hidden=False):
+        """tokens: list of ids -> logits (T, V) at every position, in self.dtype."""
+        cfg = self.cfg
+        tokens = torch.as_tensor(list(tokens), dtype=torch.long)
+        if tokens.numel() == 0 or int(tokens.max()) >= cfg.vocab_size or int(tokens.min()) < 0:
+            raise ValueError("bad tokens")
+        x = self.w["model.embed_tokens.weight"][tokens]
+        cos, sin = rope_cos_sin(len(tokens), cfg.head_dim, cfg.rope_theta, self.dtype)
+        for i in range(cfg.num_hidden_layers):
+            p = "model.layers.%d." % i
+            x = x + self.attention(i, rms_norm(x, self.w[p + "input_layernorm.weight"], cfg.rms_norm_eps), cos, sin)
+            x = x + self.ffn(i, rms_norm(x, self.w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps), tokens)
+        h = rms_norm(x, self.w["model.norm.weight"], cfg.rms_norm_eps)
+        head = self.w["model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"]
+        logits = h @ head.T
+        return (logits, h) if return_hidden else logits
+
+    def generate(self, prompt, n_predict):
+        """Greedy decoding (argmax, lowest id wins ties). Returns (new tokens, min top1-top2 margin)."""
+        toks = list(prompt)
+        out, margin = [], float("inf")
+        for _ in range(n_predict):
+            last = self.forward(toks)[-1]
+            top2 = torch.topk(last, 2)
+            nxt = int(torch.argmax(last))
+            margin = min(margin, float(top2.values[0] - top2.values[1]))
+            out.append(nxt)
+            toks.append(nxt)
+        return out, margin
+
+
+# ============================================================================ GGUF-side check
+
+def gguf_forward(tensors, arch, n_head, n_head_kv, eps, theta, tokens):
+    """An independent forward over GGUF-named float tensors with llama.cpp's rope conventions: NeoX
+    (halves) for qwen2, "normal" (adjacent pairs) for llama, whose q/k rows were permuted at conversion.
+    Used by make_fixtures.py to prove that what it wrote (names, permutation) gives the HF logits."""
+    t = {k: torch.as_tensor(np.asarray(v, dtype=np.float64)) for k, v in tensors.items()}
+    T = len(tokens)
+    x = t["token_embd.weight"][torch.as_tensor(tokens)]
+    D = x.shape[1]
+    H, K = n_head, n_head_kv
+    E = t["blk.0.attn_q.weight"].shape[0] // H
+    inv = 1.0 / (theta ** (torch.arange(0, E, 2, dtype=torch.float64) / E))
+    ang = torch.outer(torch.arange(T, dtype=torch.float64), inv)  # (T, E/2)
+    c, s = ang.cos(), ang.sin()
+
+    def rope(z):  # z: (T, heads, E)
+        if arch == "llama":
+            a, b = z[..., 0::2], z[..., 1::2]
+            return torch.stack((a * c[:, None] - b * s[:, None], a * s[:, None] + b * c[:, None]), -1).reshape(z.shape)
+        a, b = z[..., :E // 2], z[..., E // 2:]
+        return torch.cat((a * c[:, None] - b * s[:, None], a * s[:, None] + b * c[:, None]), -1)
+
+    def norm(z, w):
+        return z / torch.sqrt((z * z).mean(-1, keepdim=True) + eps) * w
+
+    def mm(z, n):
+        y = z @ t[n + ".weight"].T
+        return y + t[n + ".bias"] if n + ".bias" in t else y
+
+    nl = 1 + max(int(k.split(".")[1]) for k in t if k.startswith("blk."))
+    for i in range(nl):
+        b = "blk.%d." % i
+        n = norm(x, t[b + "attn_norm.weight"])
+        q = rope(mm(n, b + "attn_q").view(T, H, E))
+        k = rope(mm(n, b + "attn_k").view(T, K, E))
+        v = mm(n, b + "attn_v").view(T, K, E)
+        out = torch.zeros(T, H, E, dtype=torch.float64)
+        for h in range(H):
+            kh = h // (H // K)
+            sc = q[:, h] @ k[:, kh].T / math.sqrt(E)
+            sc = sc + torch.triu(torch.full((T, T), float("-inf"), dtype=torch.float64), 1)
+            out[:, h] = torch.softmax(sc, -1) @ v[:, kh]
+        x = x + mm(out.reshape(T, H * E), b + "attn_output")
+        n = norm(x, t[b + "ffn_norm.weight"])
+        x = x + mm(torch.nn.functional.silu(mm(n, b + "ffn_gate")) * mm(n, b + "ffn_up"), b + "ffn_down")
+    h = norm(x, t["output_norm.weight"])
+    return h @ t.get("output.weight", t["token_embd.weight"]).T
+
+
+# ============================================================================ tokenizer
+
+def bytes_to_unicode():
+    """GPT-2's reversible byte -> printable unicode char map. The ORDER of the returned dict (printable
+    bytes first, then the rest mapped to 256+n) is also the id order of the 256 byte tokens."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
+        list(range(ord("\xae"), ord("\xff") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+BYTE_ENC = bytes_to_unicode()
+BYTE_DEC = {v: k for k, v in BYTE_ENC.items()}
+
+# The Qwen2 pre-tokenizer regex (tokenizer.json Split pattern; llama.cpp's LLAMA_VOCAB_PRE_TYPE_QWEN2):
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# \s as Oniguruma/PCRE2 (Unicode White_Space), not Python's str.isspace (which adds \x1c-\x1f)
+_WS = set("\t\n\x0b\x0c\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000") | \
+    set(chr(c) for c in range(0x2000, 0x200b))
+
+
+def _is_l(ch):
+    return unicodedata.category(ch)[0] == "L"
+
+
+def _is_n(ch):
+    return unicodedata.category(ch)[0] == "N"
+
+
+def _is_s(ch):
+    return ch in _WS
+
+
+def _match_qwen2(s, i):
+    """End of the regex match starting at i (leftmost alternative that matches, with the backtracking
+    the regex engine would do). Python's re has no \\p{L}, so the pattern is hand-compiled here."""
+    n = len(s)
+    c = s[i]
+    # (?i:'s|'t|'re|'ve|'m|'ll|'d)
+    if c == "'" and i + 1 < n:
+        for suf in ("s", "t", "re", "ve", "m", "ll", "d"):
+            if s[i + 1:i + 1 + len(suf)].lower() == suf:
+                return i + 1 + len(suf)
+    # [^\r\n\p{L}\p{N}]?\p{L}+
+    j = i
+    if not _is_l(c) and c not in "\r\n" and not _is_n(c) and i + 1 < n and _is_l(s[i + 1]):
+        j = i + 1
+    if _is_l(s[j]):
+        while j < n and _is_l(s[j]):
+            j += 1
+        return j
+    # \p{N}
+    if _is_n(c):
+        return i + 1
+    # ' ?[^\s\p{L}\p{N}]+[\r\n]*'
+    def other(ch):
+        return not _is_s(ch) and not _is_l(ch) and not _is_n(ch)
+    j = i + 1 if (c == " " and i + 1 < n and other(s[i + 1])) else i
+    if other(s[j]):
+        while j < n and other(s[j]):
+            j += 1
+        while j < n and s[j] in "\r\n":
+            j += 1
+        return j
+    # whitespace alternatives
+    j = i
+    while j < n and _is_s(s[j]):
+        j += 1
+    if j == i:
+        return i + 1  # unreachable: every char is L, N, \s or "other"
+    # \s*[\r\n]+ : ends after the last \r or \n of the whitespace run
+    for k in range(j - 1, i - 1, -1):
+        if s[k] in "\r\n":
+            return k + 1
+    # \s+(?!\S) : the whole run at the end of text, else the run minus its last char (if >= 1 left)
+    if j == n:
+        return j
+    if j - 1 > i:
+        return j - 1
+    # \s+
+    return j
+
+
+def pretokenize(text):
+    out, i = [], 0
+    while i < len(text):
+        j = _match_qwen2(text, i)
+        out.append(text[i:j])
+        i = j
+    return out
+
+
+def _word_symbols(w):
+    return [BYTE_ENC[b] for b in w.encode("utf-8")]
+
+
+def train_bpe(text, n_merges):
+    """Byte-level BPE merges over text (pre-tokenized by the Qwen2 rules). Deterministic: the most
+    frequent adjacent pair wins, ties broken by the lexicographically smallest (left, right) pair. A pair
+    whose concatenation already is a token is skipped, so every merge adds a distinct token."""
+    counts = {}
+    for w in pretokenize(text):
+        key = tuple(_word_symbols(w))
+        counts[key] = counts.get(key, 0) + 1
+    words = [(list(k), c) for k, c in sorted(counts.items())]
+    vocab = set(BYTE_ENC.values())
+    merges = []
+    while len(merges) < n_merges:
+        pairs = {}
+        for sym, c in words:
+            for a, b in zip(sym, sym[1:]):
+                pairs[(a, b)] = pairs.get((a, b), 0) + c
+        cands = sorted(((-c, p) for p, c in pairs.items() if p[0] + p[1] not in vocab))
+        if not cands:
+            break
+        a, b = cands[0][1]
+        merges.append((a, b))
+        vocab.add(a + b)
+        for idx, (sym, c) in enumerate(words):
+            i, out = 0, []
+            while i < len(sym):
+                if i + 1 < len(sym) and sym[i] == a and sym[i + 1] == b:
+                    out.append(a + b)
+                    i += 2
+                else:
+                    out.append(sym[i])
+                    i += 1
+            words[idx] = (out, c)
+    return merges
+
+
+class Tokenizer:
+    """Byte-level BPE: NFC-normalise, split out special tokens, pre-tokenize (Qwen2 regex), map bytes to
+    GPT-2 unicode, apply merges by rank (lowest first), look up ids."""
+
+    def __init__(self, tokens, merges, specials):
+        self.tokens = list(tokens)
+        self.ids = {t: i for i, t in enumerate(self.tokens)}
+        assert len(self.ids) == len(self.tokens), "duplicate tokens"
+        self.merges = list(merges)
+        self.rank = {m: r for r, m in enumerate(self.merges)}
+        self.specials = list(specials)  # strings, matched longest first in the raw text
+
+    @classmethod
+    def build(cls, text, n_merges, specials):
+        """Vocab: 256 byte tokens (bytes_to_unicode order), then one token per merge, then specials."""
+        merges = train_bpe(text, n_merges)
+        tokens = list(BYTE_ENC.values()) + [a + b for a, b in merges] + list(specials)
+        return cls(tokens, merges, specials)
+
+    def _bpe(self, word):
+        sym = _word_symbols(word)
+        while len(sym) > 1:
+            best, bi = None, -1
+            for i in range(len(sym) - 1):
+                r = self.rank.get((sym[i], sym[i + 1]))
+                if r is not None and (best is None or r < best):
+                    best, bi = r, i
+            if best is None:
+                break
+            a, b = self.merges[best]
+            out, i = [], 0
+            while i < len(sym):  # merge every occurrence of the best pair, left to right
+                if i + 1 < len(sym) and sym[i] == a and sym[i + 1] == b:
+                    out.append(a + b)
+                    i += 2
+                else:
+                    out.append(sym[i])
+                    i += 1
+            sym = out
+        return [self.ids[s] for s in sym]
+
+    def encode(self, text, special=True):
+        ids = []
+        for piece, is_special in self._split_special(text, special):
+            if is_special:
+                ids.append(self.ids[piece])
+                continue
+            for w in pretokenize(unicodedata.normalize("NFC", piece)):
+                ids.extend(self._bpe(w))
+        return ids
+
+    def _split_special(self, text, special):
+        if not special or not self.specials:
+            return [(text, False)] if text else []
+        out, i, start = [], 0, 0
+        sp = sorted(self.specials, key=len, reverse=True)
+        while i < len(text):
+            m = next((s for s in sp if text.startswith(s, i)), None)
+            if m:
+                if start < i:
+                    out.append((text[start:i], False))
+                out.append((m, True))
+                i += len(m)
+                start = i
+            else:
+                i += 1
+        if start < len(text):
+            out.append((text[start:], False))
+        return out
+
+    def decode_bytes(self, ids):
+        out = bytearray()
+        for i in ids:
+            t = self.tokens[i]
+            if t in self.specials:
+                out += t.encode("utf-8")
+            else:
+                out += bytes(BYTE_DEC[ch] for ch in t)
+        return bytes(out)
+
+    def decode(self, ids):
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+def _selftest():
+    # pre-tokenizer cases worked out from the regex by hand
+    assert pretokenize("Hello world") == ["Hello", " world"]
+    assert pretokenize("x  = 1") == ["x", " ", " =", " ", "1"]
+    assert pretokenize("a\n\n  b") == ["a", "\n\n", " ", " b"]
+    assert pretokenize("he's 123!!\n") == ["he", "'s", " ", "1", "2", "3", "!!\n"]
+    assert pretokenize("  \n x") == ["  \n", " x"]
+    assert pretokenize("end   ") == ["end", "   "]
+    assert pretokenize("(x)") == ["(x", ")"]
+    assert pretokenize("\tfoo") == ["\tfoo"]
+    # permutation round trip
+    w = np.arange(8 * 3).reshape(8, 3)
+    assert np.array_equal(llama_unpermute(llama_permute(w, 2), 2), w)
+    print("reference.py selftest ok")
+
+
+if __name__ == "__main__":
+    _selftest()
