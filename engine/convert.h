@@ -17,6 +17,15 @@
  * conversion (no model; no padding).
  * Returns CM_OK or a negative CM_E* code with err set; on error w may hold some tokenizer keys already
  * (the caller discards w). */
+/* Writer extras (gguf_writer.c) not in gguf.h's public-to-engine contract:
+ * gguf_writer_add_tensor_ref is gguf_writer_add_tensor without the copy: data must stay valid and
+ * unchanged until gguf_writer_write returns (the converter passes views into mmapped safetensors).
+ * Conversion (F32/F16/BF16 -> F32/F16/BF16/Q8_0) happens row by row while writing. */
+int gguf_writer_add_tensor_ref(gguf_writer *w, const char *name, int type, int n_dims, const int64_t *ne,
+                               int src_type, const void *data, cm_err *err);
+/* ggml's reference Q8_0 quantiser: x (n), n % 32 == 0 -> y (n/32 blocks of fp16 d + 32 int8). */
+void gguf_quantize_q8_0(const float *x, uint8_t *y, int64_t n);
+
 int cm_convert_tokenizer_json(const char *tokenizer_json_path, const char *tokenizer_config_path,
                               gguf_writer *w, int n_vocab_model, cm_err *err);
 
