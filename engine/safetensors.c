@@ -69,11 +69,12 @@ static int parse_tensor(st_file *f, st_tensor *t, const char *name, json_t *v, u
                           "safetensors: tensor '%s': data [%llu, %llu) beyond end of data area (%llu bytes; file size %llu)",
                           name, (unsigned long long)begin, (unsigned long long)end, (unsigned long long)data_size,
                           (unsigned long long)f->size);
-    if (!cm_mul_u64(nel, (uint64_t)esize, &t->nbytes) || t->nbytes != end - begin)
+    if (!cm_mul_u64(nel, (uint64_t)esize, &t->nbytes))
+        return cm_err_set(err, CM_E_FORMAT, "safetensors: tensor '%s': byte size overflows", name);
+    if (t->nbytes != end - begin)
         return cm_err_set(err, CM_E_FORMAT,
                           "safetensors: tensor '%s': data_offsets span %llu bytes but shape x %s needs %llu",
-                          name, (unsigned long long)(end - begin), t->dtype_name,
-                          (unsigned long long)(t->nbytes == end - begin ? 0 : t->nbytes));
+                          name, (unsigned long long)(end - begin), t->dtype_name, (unsigned long long)t->nbytes);
     t->data = f->map + f->data_offset + begin;
     return CM_OK;
 }
