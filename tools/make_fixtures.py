@@ -415,12 +415,43 @@ def golden(out, name, src_key, src, arch, tname, tol, model, tok, cases_tok, log
     return cases
 
 
+OWNED = ("models", "golden", "hf")  # tests/fixtures/ subdirectories this script writes
+
+
+def _hash_tree(root):
+    h = {}
+    for d in OWNED:
+        for r, _, files in os.walk(os.path.join(root, d)):
+            for f in files:
+                p = os.path.join(r, f)
+                h[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return h
+
+
+def check_reproducible(out, only_dense):
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, os.path.abspath(__file__), "--out", tmp] + (["--only-dense"] if only_dense else [])
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        want, got = _hash_tree(tmp), _hash_tree(out)
+    bad = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+    for k in bad:
+        print("fixture differs from a fresh regeneration: %s" % k)
+    print("%d fixture files, %d differ" % (len(want), len(bad)))
+    return 1 if bad else 0
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
                                                    "fixtures"))
     ap.add_argument("--only-dense", action="store_true", help="skip the MoE fixtures")
+    ap.add_argument("--check", action="store_true",
+                    help="regenerate into a temporary directory and compare with --out byte for byte")
     args = ap.parse_args()
+    if args.check:
+        return check_reproducible(os.path.normpath(args.out), args.only_dense)
     torch.set_num_threads(1)  # one summation order: same bytes on every run
     out = os.path.normpath(args.out)
     for d in ("models", "golden", "hf"):
@@ -491,4 +522,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
