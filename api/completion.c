@@ -1,0 +1,698 @@
+/*
+ * completion.c - POST /v1/completions: JSON body -> validated, tokenized api_completion_req.
+ *
+ * Validation errors follow OpenAI's wording (which comes from JSON-schema messages), e.g.
+ * "'abc' is not of type 'number' - 'temperature'", always with the offending parameter in "param",
+ * so a client can point at the field. Every length and count from the body is bounded by api_limits.
+ */
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "api.h"
+
+void api_limits_default(api_limits *l) {
+    l->max_body_bytes = 4u << 20;
+    l->max_tokens_cap = 0;
+    l->n_max = 8;
+    l->logprobs_max = 5;
+    l->max_stop = 4;
+    l->max_prompts = 16;
+    l->max_logit_bias = 1024;
+}
+
+/* ------------------------------------------------------------ value rendering for messages */
+
+/* A short rendering of a JSON value for an error message: strings in single quotes (as OpenAI's
+ * Python backend prints them), everything else as compact JSON; long values are cut with "...". */
+static void describe(const json_t *v, char *buf, size_t cap) {
+    enum { MAXV = 60 };
+    char tmp[MAXV + 8];
+    if (json_is_string(v)) {
+        size_t n = json_string_length(v);
+        const char *s = json_string_value(v);
+        size_t k = n > MAXV ? MAXV : n;
+        while (k < n && k > 0 && ((unsigned char)s[k] & 0xc0) == 0x80) k--; /* cut at a character */
+        size_t j = 0;
+        for (size_t i = 0; i < k; i++) tmp[j++] = s[i] ? s[i] : ' ';
+        tmp[j] = '\0';
+        snprintf(buf, cap, "'%s%s'", tmp, k < n ? "..." : "");
+        return;
+    }
+    char *d = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY | JSON_REAL_PRECISION(15));
+    if (!d) { snprintf(buf, cap, "value"); return; }
+    size_t n = strlen(d);
+    if (n > MAXV) {
+        size_t k = MAXV;
+        while (k > 0 && ((unsigned char)d[k] & 0xc0) == 0x80) k--;
+        snprintf(buf, cap, "%.*s...", (int)k, d);
+    } else {
+        snprintf(buf, cap, "%s", d);
+    }
+    free(d);
+}
+
+static int err_type(api_error *e, const char *param, const json_t *v, const char *type) {
+    char d[96];
+    describe(v, d, sizeof d);
+    return api_error_set(e, 400, API_ERR_INVALID, param, NULL, "%s is not of type '%s' - '%s'", d, type, param);
+}
+
+static int err_range(api_error *e, const char *param, const json_t *v, const char *what, double bound) {
+    char d[96];
+    describe(v, d, sizeof d);
+    return api_error_set(e, 400, API_ERR_INVALID, param, NULL, "%s is %s %g - '%s'", d, what, bound, param);
+}
+
+/* ------------------------------------------------------------ typed field readers */
+/* Each returns 0 when the field is absent or null (output untouched), 1 when set, -1 on error. */
+
+static int get_number(json_t *o, const char *key, double lo, int lo_excl, double hi, double *out,
+                      api_error *e) {
+    json_t *v = json_object_get(o, key);
+    if (!v || json_is_null(v)) return 0;
+    if (!json_is_number(v)) return err_type(e, key, v, "number");
+    double x = json_number_value(v);
+    if (lo_excl ? !(x > lo) : !(x >= lo))
+        return err_range(e, key, v, lo_excl ? "less than or equal to the minimum of" : "less than the minimum of", lo);
+    if (!(x <= hi)) return err_range(e, key, v, "greater than the maximum of", hi);
+    *out = x;
+    return 1;
+}
+
+static int get_int(json_t *o, const char *key, long long lo, long long hi, long long *out, api_error *e) {
+    json_t *v = json_object_get(o, key);
+    if (!v || json_is_null(v)) return 0;
+    long long x;
+    if (json_is_integer(v)) {
+        x = json_integer_value(v);
+    } else if (json_is_real(v) && json_real_value(v) == floor(json_real_value(v)) &&
+               fabs(json_real_value(v)) < 9.2e18) {
+        x = (long long)json_real_value(v); /* 2.0 is an integer to JSON schema */
+    } else {
+        return err_type(e, key, v, "integer");
+    }
+    if (x < lo) return err_range(e, key, v, "less than the minimum of", (double)lo);
+    if (x > hi) return err_range(e, key, v, "greater than the maximum of", (double)hi);
+    *out = x;
+    return 1;
+}
+
+static int get_bool(json_t *o, const char *key, int *out, api_error *e) {
+    json_t *v = json_object_get(o, key);
+    if (!v || json_is_null(v)) return 0;
+    if (!json_is_boolean(v)) return err_type(e, key, v, "boolean");
+    *out = json_is_true(v);
+    return 1;
+}
+
+static int get_string(json_t *o, const char *key, json_t **out, api_error *e) {
+    json_t *v = json_object_get(o, key);
+    if (!v || json_is_null(v)) return 0;
+    if (!json_is_string(v)) return err_type(e, key, v, "string");
+    *out = v;
+    return 1;
+}
+
+/* One of a fixed list of strings; returns the index via *out. */
+static int get_enum(json_t *o, const char *key, const char *const *names, int n, int *out, api_error *e) {
+    json_t *v = NULL;
+    int rc = get_string(o, key, &v, e);
+    if (rc <= 0) return rc;
+    for (int i = 0; i < n; i++) {
+        if (strcmp(json_string_value(v), names[i]) == 0) { *out = i; return 1; }
+    }
+    char d[96], list[160];
+    describe(v, d, sizeof d);
+    size_t off = 0;
+    for (int i = 0; i < n && off < sizeof list; i++)
+        off += (size_t)snprintf(list + off, sizeof list - off, "%s'%s'", i ? ", " : "", names[i]);
+    return api_error_set(e, 400, API_ERR_INVALID, key, NULL, "%s is not one of [%s] - '%s'", d, list, key);
+}
+
+static char *dup_json_string(const json_t *v, size_t *len) {
+    size_t n = json_string_length(v);
+    char *s = malloc(n + 1);
+    if (!s) return NULL;
+    memcpy(s, json_string_value(v), n);
+    s[n] = '\0';
+    if (len) *len = n;
+    return s;
+}
+
+/* ------------------------------------------------------------ prompts */
+
+static const char *const known_fields[] = {
+    "model", "prompt", "suffix", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options",
+    "logprobs", "echo", "stop", "presence_penalty", "frequency_penalty", "best_of", "logit_bias", "user",
+    "seed", "top_k", "min_p", "repetition_penalty", "language", "segment_routing", "routing",
+    "parse_special",
+};
+
+/* Appends to a growing token buffer. */
+typedef struct tokbuf {
+    int32_t *v;
+    int n, cap;
+} tokbuf;
+
+static int tokbuf_reserve(tokbuf *b, int extra) {
+    if (extra < 0 || b->n > INT_MAX - extra) return -1;
+    if (b->n + extra <= b->cap) return 0;
+    int cap = b->cap ? b->cap : 16;
+    while (cap < b->n + extra) cap = cap > INT_MAX / 2 ? INT_MAX : cap * 2;
+    int32_t *v = realloc(b->v, (size_t)cap * sizeof *v);
+    if (!v) return -1;
+    b->v = v;
+    b->cap = cap;
+    return 0;
+}
+
+static int tokbuf_push(tokbuf *b, int32_t t) {
+    if (tokbuf_reserve(b, 1)) return -1;
+    b->v[b->n++] = t;
+    return 0;
+}
+
+/* Tokenizes text onto b. Returns 0 or -1 with err set (500: the tokenizer itself failed). */
+static int tokenize_into(const cm_model *m, const char *text, size_t len, int flags, tokbuf *b, api_error *e) {
+    cm_err ce = {0};
+    /* byte-level BPE never produces more tokens than bytes (+ BOS); retry if a tokenizer does */
+    int guess = len > (size_t)INT_MAX / 2 ? INT_MAX / 2 : (int)len + 4;
+    for (int attempt = 0; attempt < 2; attempt++) {
+        if (tokbuf_reserve(b, guess)) return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
+        int n = cm_tokenize(m, text, len, flags, b->v + b->n, b->cap - b->n, &ce);
+        if (n < 0)
+            return api_error_set(e, 500, API_ERR_SERVER, "prompt", NULL, "tokenizer failed: %s", ce.msg);
+        if (n <= b->cap - b->n) { b->n += n; return 0; }
+        guess = n;
+    }
+    return api_error_set(e, 500, API_ERR_SERVER, "prompt", NULL, "tokenizer returned inconsistent lengths");
+}
+
+static int check_ids(const json_t *arr, int n_vocab, api_error *e) {
+    size_t i;
+    json_t *v;
+    json_array_foreach(arr, i, v) {
+        json_int_t t = json_integer_value(v);
+        if (t < 0 || t >= n_vocab)
+            return api_error_set(e, 400, API_ERR_INVALID, "prompt", NULL,
+                                 "Invalid token id %lld in 'prompt': this model's vocabulary has %d tokens (ids 0..%d).",
+                                 (long long)t, n_vocab, n_vocab - 1);
+    }
+    return 0;
+}
+
+static int is_int_array(const json_t *v) {
+    if (!json_is_array(v) || json_array_size(v) == 0) return 0;
+    size_t i;
+    json_t *x;
+    json_array_foreach(v, i, x) if (!json_is_integer(x)) return 0;
+    return 1;
+}
+
+typedef struct prompt_src {
+    const json_t *text;  /* a JSON string, or */
+    const json_t *ids;   /* a JSON array of integers, or neither: the default prompt */
+} prompt_src;
+
+/* Builds one prompt's token sequence (plain or FIM) and its echo text. */
+static int build_prompt(const api_model *am, const prompt_src *src, const json_t *suffix, int parse_special,
+                        api_prompt *out, api_error *e) {
+    const cm_model *m = am->model;
+    const cm_model_info *info = cm_model_get_info(m);
+    tokbuf b = {0};
+    int rc = -1;
+    out->echo_from = 0;
+    if (suffix) {
+        /* [BOS] <fim_prefix> prompt <fim_suffix> suffix <fim_middle>: the user's code is text, never
+         * control tokens, so a file containing "<|endoftext|>" cannot end the prompt early */
+        if (src->text && info->add_bos && info->bos >= 0) {
+            if (tokbuf_push(&b, info->bos)) goto oom;
+            out->echo_from = 1;
+        }
+        if (tokbuf_push(&b, info->fim_pre)) goto oom;
+        if (src->text) {
+            if (tokenize_into(m, json_string_value(src->text), json_string_length(src->text), 0, &b, e)) goto fail;
+        } else if (src->ids) {
+            size_t i;
+            json_t *x;
+            json_array_foreach(src->ids, i, x) if (tokbuf_push(&b, (int32_t)json_integer_value(x))) goto oom;
+        }
+        if (tokbuf_push(&b, info->fim_suf)) goto oom;
+        if (tokenize_into(m, json_string_value(suffix), json_string_length(suffix), 0, &b, e)) goto fail;
+        if (tokbuf_push(&b, info->fim_mid)) goto oom;
+    } else if (src->text) {
+        int flags = CM_TOK_ADD_BOS | (parse_special ? CM_TOK_PARSE_SPECIAL : 0);
+        if (tokenize_into(m, json_string_value(src->text), json_string_length(src->text), flags, &b, e)) goto fail;
+        if (info->add_bos && info->bos >= 0 && b.n > 0 && b.v[0] == info->bos) out->echo_from = 1;
+    } else if (src->ids) {
+        size_t i;
+        json_t *x;
+        json_array_foreach(src->ids, i, x) if (tokbuf_push(&b, (int32_t)json_integer_value(x))) goto oom;
+    }
+    if (b.n == 0) {
+        /* OpenAI's default prompt is "<|endoftext|>": generate as from the start of a document */
+        int32_t start = info->bos >= 0 ? info->bos : info->eos;
+        if (start < 0) {
+            api_error_set(e, 400, API_ERR_INVALID, "prompt", NULL,
+                          "The prompt is empty and this model has no BOS or EOS token to start from.");
+            goto fail;
+        }
+        if (tokbuf_push(&b, start)) goto oom;
+        out->echo_from = 1;
+    }
+    /* echo text: the prompt as given */
+    if (src->text) {
+        out->text = dup_json_string(src->text, &out->text_len);
+        if (!out->text) goto oom;
+    } else if (src->ids && json_array_size(src->ids) > 0) {
+        int n = (int)json_array_size(src->ids);
+        int32_t *ids = suffix ? b.v + 1 : b.v;
+        /* a token is rarely longer than 16 bytes; retry once with the exact size if it is */
+        size_t cap = (size_t)n * 16 + 1;
+        for (int attempt = 0; attempt < 2; attempt++) {
+            out->text = malloc(cap);
+            if (!out->text) goto oom;
+            int need = cm_detokenize(m, ids, n, 1, out->text, cap - 1);
+            if (need < 0) {
+                api_error_set(e, 500, API_ERR_SERVER, "prompt", NULL, "could not decode the prompt tokens");
+                goto fail;
+            }
+            if ((size_t)need < cap) { out->text[need] = '\0'; out->text_len = (size_t)need; break; }
+            free(out->text);
+            out->text = NULL;
+            cap = (size_t)need + 1;
+        }
+        if (!out->text) {
+            api_error_set(e, 500, API_ERR_SERVER, "prompt", NULL, "could not decode the prompt tokens");
+            goto fail;
+        }
+    } else {
+        out->text = calloc(1, 1);
+        if (!out->text) goto oom;
+        out->text_len = 0;
+    }
+    out->tokens = b.v;
+    out->n_tokens = b.n;
+    return 0;
+oom:
+    api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
+fail:
+    free(b.v);
+    free(out->text);
+    out->text = NULL;
+    return rc;
+}
+
+/* Classifies the "prompt" value into prompt sources (srcs has room for max_prompts + 1). */
+static int classify_prompt(json_t *p, int n_vocab, int max_prompts, prompt_src *srcs, int *n_src, api_error *e) {
+    char d[96];
+    *n_src = 0;
+    if (!p || json_is_null(p)) {
+        srcs[0] = (prompt_src){0};
+        *n_src = 1;
+        return 0;
+    }
+    if (json_is_string(p)) {
+        srcs[0] = (prompt_src){.text = p};
+        *n_src = 1;
+        return 0;
+    }
+    if (!json_is_array(p)) goto invalid;
+    size_t n = json_array_size(p);
+    if (n == 0) return api_error_set(e, 400, API_ERR_INVALID, "prompt", NULL, "[] is too short - 'prompt'");
+    json_t *first = json_array_get(p, 0);
+    if (json_is_integer(first)) {
+        if (!is_int_array(p)) goto invalid;
+        if (check_ids(p, n_vocab, e)) return -1;
+        srcs[0] = (prompt_src){.ids = p};
+        *n_src = 1;
+        return 0;
+    }
+    if (n > (size_t)max_prompts) {
+        describe(p, d, sizeof d);
+        return api_error_set(e, 400, API_ERR_INVALID, "prompt", NULL,
+                             "%s is too long: %zu prompts, this server accepts at most %d per request - 'prompt'",
+                             d, n, max_prompts);
+    }
+    size_t i;
+    json_t *x;
+    if (json_is_string(first)) {
+        json_array_foreach(p, i, x) {
+            if (!json_is_string(x)) goto invalid;
+            srcs[i] = (prompt_src){.text = x};
+        }
+    } else if (json_is_array(first)) {
+        json_array_foreach(p, i, x) {
+            if (!is_int_array(x)) goto invalid;
+            if (check_ids(x, n_vocab, e)) return -1;
+            srcs[i] = (prompt_src){.ids = x};
+        }
+    } else {
+        goto invalid;
+    }
+    *n_src = (int)n;
+    return 0;
+invalid:
+    describe(p, d, sizeof d);
+    return api_error_set(e, 400, API_ERR_INVALID, "prompt", NULL,
+                         "%s is not valid under any of the given schemas - 'prompt'", d);
+}
+
+/* ------------------------------------------------------------ stop, logit_bias */
+
+static int parse_stop(json_t *o, const api_limits *lim, api_stops *st, api_error *e) {
+    json_t *v = json_object_get(o, "stop");
+    char d[96];
+    if (!v || json_is_null(v)) return 0;
+    int max_stop = lim->max_stop < API_STOP_MAX ? lim->max_stop : API_STOP_MAX;
+    json_t *one[1] = {v};
+    json_t **items = one;
+    size_t n = 1;
+    if (json_is_array(v)) {
+        n = json_array_size(v);
+        if (n > (size_t)max_stop) {
+            describe(v, d, sizeof d);
+            return api_error_set(e, 400, API_ERR_INVALID, "stop", NULL,
+                                 "%s is too long: at most %d stop sequences - 'stop'", d, max_stop);
+        }
+        items = NULL;
+    } else if (!json_is_string(v)) {
+        describe(v, d, sizeof d);
+        return api_error_set(e, 400, API_ERR_INVALID, "stop", NULL,
+                             "%s is not valid under any of the given schemas - 'stop'", d);
+    }
+    for (size_t i = 0; i < n; i++) {
+        json_t *x = items ? items[i] : json_array_get(v, i);
+        if (!json_is_string(x)) return err_type(e, "stop", x, "string");
+        size_t len = json_string_length(x);
+        if (len == 0) return api_error_set(e, 400, API_ERR_INVALID, "stop", NULL, "'' is too short - 'stop'");
+        if (len > API_STOP_MAX_BYTES) {
+            describe(x, d, sizeof d);
+            return api_error_set(e, 400, API_ERR_INVALID, "stop", NULL,
+                                 "%s is too long: stop sequences are limited to %d bytes - 'stop'", d,
+                                 API_STOP_MAX_BYTES);
+        }
+        st->s[st->n] = dup_json_string(x, &st->len[st->n]);
+        if (!st->s[st->n]) return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
+        st->n++;
+    }
+    return 0;
+}
+
+static int parse_logit_bias(json_t *o, const api_limits *lim, int n_vocab, api_completion_req *r, api_error *e) {
+    json_t *v = json_object_get(o, "logit_bias");
+    if (!v || json_is_null(v)) return 0;
+    if (!json_is_object(v)) return err_type(e, "logit_bias", v, "object");
+    size_t n = json_object_size(v);
+    if (n == 0) return 0;
+    if (n > (size_t)lim->max_logit_bias)
+        return api_error_set(e, 400, API_ERR_INVALID, "logit_bias", NULL,
+                             "Too many entries in 'logit_bias': %zu (the limit is %d).", n, lim->max_logit_bias);
+    r->logit_bias = calloc(n, sizeof *r->logit_bias);
+    if (!r->logit_bias) return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
+    const char *key;
+    json_t *x;
+    json_object_foreach(v, key, x) {
+        /* keys are decimal token ids: digits only, no sign, no spaces */
+        char *end;
+        size_t klen = strlen(key);
+        long long id = -1;
+        if (klen > 0 && klen <= 10 && key[0] >= '0' && key[0] <= '9') id = strtoll(key, &end, 10);
+        else end = (char *)key;
+        if (klen == 0 || *end != '\0' || id < 0)
+            return api_error_set(e, 400, API_ERR_INVALID, "logit_bias", NULL,
+                                 "Invalid key in 'logit_bias': '%.40s'. Keys must be token ids (non-negative integers as strings).",
+                                 key);
+        if (id >= n_vocab)
+            return api_error_set(e, 400, API_ERR_INVALID, "logit_bias", NULL,
+                                 "Invalid token id %lld in 'logit_bias': this model's vocabulary has %d tokens (ids 0..%d).",
+                                 id, n_vocab, n_vocab - 1);
+        if (!json_is_number(x)) {
+            char d[96];
+            describe(x, d, sizeof d);
+            return api_error_set(e, 400, API_ERR_INVALID, "logit_bias", NULL,
+                                 "%s is not of type 'number' - 'logit_bias.%.20s'", d, key);
+        }
+        double b = json_number_value(x);
+        if (!(b >= -100 && b <= 100)) {
+            char d[96];
+            describe(x, d, sizeof d);
+            return api_error_set(e, 400, API_ERR_INVALID, "logit_bias", NULL,
+                                 "%s is out of range: logit_bias values must be between -100 and 100 - 'logit_bias.%.20s'",
+                                 d, key);
+        }
+        r->logit_bias[r->n_logit_bias].token = (int32_t)id;
+        r->logit_bias[r->n_logit_bias].bias = (float)b;
+        r->n_logit_bias++;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------ the request */
+
+const api_model *api_find_model(const api_model *models, int n, const char *name) {
+    for (int i = 0; i < n; i++) {
+        if (models[i].id && strcmp(models[i].id, name) == 0) return &models[i];
+    }
+    for (int i = 0; i < n; i++) {
+        const cm_model_info *info = models[i].model ? cm_model_get_info(models[i].model) : NULL;
+        if (info && info->name && info->name[0] && strcmp(info->name, name) == 0) return &models[i];
+    }
+    return NULL;
+}
+
+static int parse_fields(json_t *root, const api_model *m, const api_limits *lim, api_completion_req *r,
+                        int *parse_special, json_t **suffix, int *max_tokens_null, long long *max_tokens,
+                        api_error *e) {
+    const cm_model_info *info = cm_model_get_info(m->model);
+    double x = 0;
+    long long i64 = 0;
+    int rc, b = 0;
+    json_t *s = NULL;
+
+    /* first ignored field, for the server's log */
+    const char *key;
+    json_t *val;
+    json_object_foreach(root, key, val) {
+        size_t k;
+        for (k = 0; k < sizeof known_fields / sizeof *known_fields; k++)
+            if (strcmp(key, known_fields[k]) == 0) break;
+        if (k == sizeof known_fields / sizeof *known_fields) {
+            snprintf(r->unknown_field, sizeof r->unknown_field, "%s", key);
+            break;
+        }
+    }
+
+    if ((rc = get_number(root, "temperature", 0, 0, 2, &x, e)) < 0) return -1;
+    if (rc) r->sampling.temperature = (float)x;
+    if ((rc = get_number(root, "top_p", 0, 1, 1, &x, e)) < 0) return -1;
+    if (rc) r->sampling.top_p = (float)x;
+    if ((rc = get_number(root, "presence_penalty", -2, 0, 2, &x, e)) < 0) return -1;
+    if (rc) r->sampling.presence_penalty = (float)x;
+    if ((rc = get_number(root, "frequency_penalty", -2, 0, 2, &x, e)) < 0) return -1;
+    if (rc) r->sampling.frequency_penalty = (float)x;
+    if ((rc = get_number(root, "min_p", 0, 0, 1, &x, e)) < 0) return -1;
+    if (rc) r->sampling.min_p = (float)x;
+    if ((rc = get_number(root, "repetition_penalty", 0, 1, 1e6, &x, e)) < 0) return -1;
+    if (rc) r->sampling.repetition_penalty = (float)x;
+    if ((rc = get_int(root, "top_k", 0, INT_MAX, &i64, e)) < 0) return -1;
+    if (rc) r->sampling.top_k = (int)i64;
+
+    if ((rc = get_int(root, "n", 1, lim->n_max, &i64, e)) < 0) return -1;
+    if (rc) r->n = (int)i64;
+    if ((rc = get_int(root, "best_of", 1, lim->n_max, &i64, e)) < 0) return -1;
+    if (rc && i64 != r->n)
+        return api_error_set(e, 400, API_ERR_INVALID, "best_of", NULL,
+                             "best_of (%lld) must equal n (%d): ranking extra candidates server-side is not supported.",
+                             i64, r->n);
+
+    if ((rc = get_int(root, "max_tokens", 0, INT_MAX, &i64, e)) < 0) return -1;
+    if (rc) *max_tokens = i64;
+    else *max_tokens_null = json_is_null(json_object_get(root, "max_tokens"));
+
+    if (get_bool(root, "stream", &r->stream, e) < 0) return -1;
+    json_t *so = json_object_get(root, "stream_options");
+    if (so && !json_is_null(so)) {
+        if (!json_is_object(so)) return err_type(e, "stream_options", so, "object");
+        if (!r->stream)
+            return api_error_set(e, 400, API_ERR_INVALID, "stream_options", NULL,
+                                 "The 'stream_options' parameter is only allowed when 'stream' is enabled.");
+        json_t *iu = json_object_get(so, "include_usage");
+        if (iu && !json_is_null(iu)) {
+            if (!json_is_boolean(iu)) return err_type(e, "stream_options.include_usage", iu, "boolean");
+            r->include_usage = json_is_true(iu);
+        }
+    }
+
+    if ((rc = get_int(root, "logprobs", 0, lim->logprobs_max, &i64, e)) < 0) return -1;
+    if (rc) r->logprobs = (int)i64;
+    r->sampling.n_logprobs = r->logprobs > 0 ? r->logprobs : 0;
+
+    if (get_bool(root, "echo", &r->echo, e) < 0) return -1;
+    if (parse_stop(root, lim, &r->stop, e)) return -1;
+    if (parse_logit_bias(root, lim, info->n_vocab, r, e)) return -1;
+
+    if ((rc = get_int(root, "seed", LLONG_MIN, LLONG_MAX, &i64, e)) < 0) return -1;
+    if (rc) { r->seed = (uint64_t)i64; r->seed_set = 1; }
+
+    if ((rc = get_string(root, "user", &s, e)) < 0) return -1;
+    if (rc && !(r->user = dup_json_string(s, NULL))) goto oom;
+    if ((rc = get_string(root, "language", &s, e)) < 0) return -1;
+    if (rc && !(r->language = dup_json_string(s, NULL))) goto oom;
+
+    static const char *const seg_names[] = {"causal", "reference"};
+    static const char *const routing_names[] = {"none", "summary", "full"};
+    if ((rc = get_enum(root, "segment_routing", seg_names, 2, &b, e)) < 0) return -1;
+    if (rc) r->segment_routing = (api_segment_routing)b;
+    if ((rc = get_enum(root, "routing", routing_names, 3, &b, e)) < 0) return -1;
+    if (rc) r->routing = (api_routing_mode)b;
+    if (get_bool(root, "parse_special", parse_special, e) < 0) return -1;
+
+    if ((rc = get_string(root, "suffix", suffix, e)) < 0) return -1;
+    if (rc) {
+        if (info->fim_pre < 0 || info->fim_suf < 0 || info->fim_mid < 0)
+            return api_error_set(e, 400, API_ERR_INVALID, "suffix", NULL,
+                                 "The model '%s' does not support 'suffix': it has no fill-in-the-middle tokens.",
+                                 m->id ? m->id : "");
+        if (r->echo)
+            return api_error_set(e, 400, API_ERR_INVALID, "echo", NULL,
+                                 "'echo' cannot be used together with 'suffix'.");
+        r->has_suffix = 1;
+    }
+
+    if ((rc = get_string(root, "model", &s, e)) < 0) return -1;
+    if (rc && !api_find_model(m, 1, json_string_value(s))) {
+        char d[96];
+        describe(s, d, sizeof d);
+        return api_error_set(e, 404, API_ERR_INVALID, "model", "model_not_found",
+                             "The model %s does not exist. This server serves '%s' (see GET /v1/models).", d,
+                             m->id ? m->id : "");
+    }
+    return 0;
+oom:
+    return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
+}
+
+int api_parse_completion(const char *body, size_t len, const api_model *m, const api_limits *lim,
+                         api_completion_req *r, api_error *e) {
+    memset(r, 0, sizeof *r);
+    r->model = m;
+    r->n = 1;
+    r->logprobs = -1;
+    cm_sampling_default(&r->sampling);
+    r->sampling.temperature = 1.0f; /* OpenAI's default */
+    r->sampling.top_p = 1.0f;
+    r->sampling.top_k = 0;
+    r->sampling.min_p = 0.0f;
+    r->sampling.repetition_penalty = 1.0f;
+    r->sampling.presence_penalty = 0.0f;
+    r->sampling.frequency_penalty = 0.0f;
+    r->sampling.n_logprobs = 0;
+    r->sampling.logit_bias = NULL;
+    r->sampling.n_logit_bias = 0;
+
+    if (len > lim->max_body_bytes)
+        return api_error_set(e, 413, API_ERR_INVALID, NULL, "request_too_large",
+                             "The request body is %zu bytes; this server accepts at most %zu.", len,
+                             lim->max_body_bytes);
+    json_error_t je;
+    json_t *root = json_loadb(body, len, JSON_ALLOW_NUL | JSON_DECODE_ANY, &je);
+    if (!root)
+        return api_error_set(e, 400, API_ERR_INVALID, NULL, NULL,
+                             "We could not parse the JSON body of your request: %s (line %d, column %d).",
+                             je.text, je.line, je.column);
+    if (!json_is_object(root)) {
+        char d[96];
+        describe(root, d, sizeof d);
+        api_error_set(e, 400, API_ERR_INVALID, NULL, NULL, "%s is not of type 'object'", d);
+        json_decref(root);
+        return -1;
+    }
+
+    const cm_model_info *info = cm_model_get_info(m->model);
+    int parse_special = 1, max_tokens_null = 0, n_src = 0;
+    long long max_tokens = 16;
+    json_t *suffix = NULL;
+    prompt_src *srcs = NULL;
+    if (parse_fields(root, m, lim, r, &parse_special, &suffix, &max_tokens_null, &max_tokens, e)) goto fail;
+
+    srcs = calloc((size_t)(lim->max_prompts > 0 ? lim->max_prompts : 1) + 1, sizeof *srcs);
+    if (!srcs) { api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory"); goto fail; }
+    if (classify_prompt(json_object_get(root, "prompt"), info->n_vocab, lim->max_prompts > 0 ? lim->max_prompts : 1,
+                        srcs, &n_src, e))
+        goto fail;
+    r->prompts = calloc((size_t)n_src, sizeof *r->prompts);
+    if (!r->prompts) { api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory"); goto fail; }
+    int longest = 0;
+    for (int i = 0; i < n_src; i++) {
+        if (build_prompt(m, &srcs[i], suffix, parse_special, &r->prompts[i], e)) goto fail;
+        r->n_prompts++;
+        if (r->prompts[i].n_tokens > longest) longest = r->prompts[i].n_tokens;
+    }
+
+    /* context: OpenAI counts prompt + max_tokens against the model's context */
+    int n_ctx = m->n_ctx;
+    if (max_tokens_null) {
+        max_tokens = (long long)n_ctx - longest;
+        if (lim->max_tokens_cap > 0 && max_tokens > lim->max_tokens_cap) max_tokens = lim->max_tokens_cap;
+    } else if (lim->max_tokens_cap > 0 && max_tokens > lim->max_tokens_cap) {
+        api_error_set(e, 400, API_ERR_INVALID, "max_tokens", NULL,
+                      "max_tokens is too large: %lld. This server generates at most %d tokens per completion.",
+                      max_tokens, lim->max_tokens_cap);
+        goto fail;
+    }
+    if (longest > n_ctx || max_tokens < 0 || (max_tokens_null && max_tokens < 1) || (long long)longest + max_tokens > n_ctx) {
+        long long want = (long long)longest + (max_tokens > 0 ? max_tokens : 0);
+        int explicit_max = json_is_number(json_object_get(root, "max_tokens"));
+        api_error_set(e, 400, API_ERR_INVALID, longest < n_ctx && explicit_max ? "max_tokens" : "prompt",
+                      "context_length_exceeded",
+                      "This model's maximum context length is %d tokens, however you requested %lld tokens "
+                      "(%d in your prompt; %lld for the completion). Please reduce your prompt; or completion length.",
+                      n_ctx, want, longest, max_tokens > 0 ? max_tokens : 0);
+        goto fail;
+    }
+    r->max_tokens = (int)max_tokens;
+    free(srcs);
+    json_decref(root);
+    return 0;
+fail:
+    free(srcs);
+    json_decref(root);
+    api_completion_req_free(r);
+    return -1;
+}
+
+void api_completion_req_free(api_completion_req *r) {
+    if (!r) return;
+    for (int i = 0; i < r->n_prompts; i++) {
+        free(r->prompts[i].tokens);
+        free(r->prompts[i].text);
+    }
+    free(r->prompts);
+    for (int i = 0; i < r->stop.n; i++) free(r->stop.s[i]);
+    free(r->logit_bias);
+    free(r->user);
+    free(r->language);
+    const api_model *m = r->model;
+    memset(r, 0, sizeof *r);
+    r->model = m;
+    r->logprobs = -1;
+}
+
+void api_completion_sampling(const api_completion_req *r, int choice, cm_sampling *out) {
+    *out = r->sampling;
+    out->seed = r->seed + (uint64_t)choice;
+    out->logit_bias = r->logit_bias;
+    out->n_logit_bias = r->n_logit_bias;
+}
+
+long api_prompt_chars(const api_completion_req *r, int prompt) {
+    if (prompt < 0 || prompt >= r->n_prompts) return 0;
+    const api_prompt *p = &r->prompts[prompt];
+    long n = 0;
+    for (size_t i = 0; i < p->text_len; i++) n += ((unsigned char)p->text[i] & 0xc0) != 0x80;
+    return n;
+}

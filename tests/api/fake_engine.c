@@ -1,0 +1,106 @@
+/*
+ * fake_engine.c - see fake_engine.h. Linked into test_api instead of the engine library.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "fake_engine.h"
+
+struct cm_model {
+    cm_model_info info;
+    char name[64];
+};
+
+static const char *const specials[] = {"<|endoftext|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<s>"};
+
+cm_model *fake_model_create(const fake_model_opts *o, const char *name) {
+    cm_model *m = calloc(1, sizeof *m);
+    if (!m) return NULL;
+    snprintf(m->name, sizeof m->name, "%s", name ? name : "");
+    cm_model_info *i = &m->info;
+    i->arch = "qwen2";
+    i->name = m->name;
+    i->n_vocab = FAKE_VOCAB;
+    i->n_ctx_train = 4096;
+    i->weight_type = "F32";
+    i->n_params = 12345;
+    i->tok_model = "gpt2";
+    i->tok_pre = "qwen2";
+    i->bos = o->bos ? FAKE_BOS : -1;
+    i->eos = o->eos ? FAKE_EOS : -1;
+    i->eot = -1;
+    i->pad = -1;
+    i->fim_pre = o->fim ? FAKE_FIM_PRE : -1;
+    i->fim_suf = o->fim ? FAKE_FIM_SUF : -1;
+    i->fim_mid = o->fim ? FAKE_FIM_MID : -1;
+    i->add_bos = o->add_bos;
+    return m;
+}
+
+void fake_model_free(cm_model *m) { free(m); }
+
+const cm_model_info *cm_model_get_info(const cm_model *m) { return &m->info; }
+
+int cm_tokenize(const cm_model *m, const char *text, size_t len, int flags, int32_t *out, int cap,
+                cm_err *err) {
+    (void)err;
+    int n = 0;
+#define EMIT(t) do { if (n < cap) out[n] = (t); n++; } while (0)
+    if ((flags & CM_TOK_ADD_BOS) && m->info.add_bos && m->info.bos >= 0) EMIT(m->info.bos);
+    for (size_t i = 0; i < len;) {
+        int hit = -1;
+        if (flags & CM_TOK_PARSE_SPECIAL) {
+            for (int s = 0; s < 5; s++) {
+                size_t k = strlen(specials[s]);
+                if (k <= len - i && memcmp(text + i, specials[s], k) == 0) { hit = s; break; }
+            }
+        }
+        if (hit >= 0) { EMIT(256 + hit); i += strlen(specials[hit]); }
+        else { EMIT((unsigned char)text[i]); i++; }
+    }
+#undef EMIT
+    return n;
+}
+
+/* The bytes of one token into buf (>= 16 bytes). */
+static int token_bytes(int32_t id, int special, char *buf) {
+    if (id < 0 || id >= FAKE_VOCAB) return -1;
+    if (id < 256) { buf[0] = (char)id; return 1; }
+    if (id <= FAKE_BOS) {
+        if (!special) return 0;
+        size_t k = strlen(specials[id - 256]);
+        memcpy(buf, specials[id - 256], k);
+        return (int)k;
+    }
+    if (id == FAKE_WORLD) { memcpy(buf, " world", 6); return 6; }
+    return snprintf(buf, 16, "tok%d", (int)id);
+}
+
+int cm_token_bytes(const cm_model *m, int32_t id, int special, char *out, size_t cap) {
+    (void)m;
+    char buf[32];
+    int n = token_bytes(id, special, buf);
+    if (n > 0) memcpy(out, buf, (size_t)n < cap ? (size_t)n : cap);
+    return n;
+}
+
+int cm_detokenize(const cm_model *m, const int32_t *ids, int n, int special, char *out, size_t cap) {
+    (void)m;
+    size_t o = 0;
+    for (int i = 0; i < n; i++) {
+        char buf[32];
+        int k = token_bytes(ids[i], special, buf);
+        if (k < 0) return CM_E_RANGE;
+        for (int j = 0; j < k; j++, o++) if (o < cap) out[o] = buf[j];
+    }
+    return (int)o;
+}
+
+void cm_sampling_default(cm_sampling *s) {
+    memset(s, 0, sizeof *s);
+    s->temperature = 0.8f; /* deliberately not OpenAI's 1.0: the api must set its own defaults */
+    s->top_p = 0.95f;
+    s->repetition_penalty = 1.0f;
+    s->penalty_last_n = 64;
+}
