@@ -11,5 +11,6 @@ int cmd_complete(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
 int cmd_inspect(int argc, char **argv);
 int cmd_tokenize(int argc, char **argv);
+int cmd_serve(int argc, char **argv);   /* server/serve.c */
 
 #endif
