@@ -1,1 +1,536 @@
-/* convert.c - to be written */
+/*
+ * convert.c - Hugging Face model directory -> GGUF, the way llama.cpp's convert_hf_to_gguf.py does it for
+ * Qwen2ForCausalLM and LlamaForCausalLM, so that our GGUFs and llama.cpp's are interchangeable.
+ *
+ * Steps: read and validate config.json; open model.safetensors, or every shard named by
+ * model.safetensors.index.json; check that every expected tensor exists with the expected shape and that
+ * no unexpected tensor is present (dropping a weight silently would give a wrong model); map names; for
+ * llama, permute the q/k rows so that the engine's adjacent-pair rope matches HF's rotate-half; write
+ * norms and biases as F32 and matrices in the requested type; add the tokenizer (convert_tokenizer.c).
+ *
+ * Decisions:
+ * - Weights are not copied: the writer reads them from the mmapped shards while writing (only llama's
+ *   permuted q/k matrices are materialised).
+ * - out_type NULL keeps each matrix's source type. Q8_0 needs rows that are multiples of 32; a matrix
+ *   whose row is not falls back to F16 (llama.cpp does the same).
+ * - tie_word_embeddings: lm_head.weight is not written (the loader then uses token_embd). Untied with no
+ *   lm_head.weight is an error.
+ * - rope_scaling other than null is unsupported (the engine has no scaled rope for these archs).
+ * - A directory with tokenizer.json but no config.json gives a vocab-only GGUF. llama.cpp's vocab-only
+ *   files carry the model's real architecture because its converter always has a config.json; we have
+ *   none, so general.architecture is "none" (the loader accepts any architecture with vocab_only and
+ *   refuses "none" for a full load with a clear message) and no hyper-parameters are written.
+ */
+#include <errno.h>
+#include <jansson.h>
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "convert.h"
+#include "gguf.h"
+#include "safetensors.h"
+#include "util.h"
+
+#define CV_MAX_CONFIG (1u << 20)   /* config.json */
+#define CV_MAX_INDEX (64u << 20)   /* model.safetensors.index.json */
+#define CV_MAX_SHARDS 4096
+
+typedef struct hf_config {
+    const char *arch;    /* "qwen2" or "llama" (static) */
+    int n_embd, n_layer, n_ff, n_head, n_head_kv, head_dim, n_ctx, n_vocab;
+    int head_dim_explicit;
+    float eps, theta;
+    int tied;
+} hf_config;
+
+typedef struct cv_state {
+    const char *dir;
+    hf_config c;
+    st_file *shards;
+    char **shard_names;
+    int n_shards;
+    json_t *weight_map; /* index.json "weight_map" (NULL: single file) */
+    json_t *index_root;
+    void **owned;       /* permuted copies, freed after writing */
+    int n_owned;
+    int file_type;      /* general.file_type of the first matrix written */
+} cv_state;
+
+/* ------------------------------------------------------------ files and JSON */
+
+static int path_join(char *out, size_t cap, const char *dir, const char *name, cm_err *err) {
+    int n = snprintf(out, cap, "%s/%s", dir, name);
+    if (n < 0 || (size_t)n >= cap) return cm_err_set(err, CM_E_INVAL, "convert: path too long: %s/%s", dir, name);
+    return CM_OK;
+}
+
+static int file_exists(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+static int load_json(const char *path, size_t max_bytes, json_t **out, cm_err *err) {
+    struct stat st;
+    if (stat(path, &st) != 0) return cm_err_set(err, CM_E_IO, "convert: cannot open %s: %s", path, strerror(errno));
+    if ((uint64_t)st.st_size > max_bytes)
+        return cm_err_set(err, CM_E_FORMAT, "convert: %s is %lld bytes (limit %zu)", path, (long long)st.st_size,
+                          max_bytes);
+    json_error_t je;
+    *out = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
+    if (!*out)
+        return cm_err_set(err, CM_E_FORMAT, "convert: %s: line %d: %s", path, je.line, je.text);
+    if (!json_is_object(*out)) {
+        json_decref(*out);
+        *out = NULL;
+        return cm_err_set(err, CM_E_FORMAT, "convert: %s: not a JSON object", path);
+    }
+    return CM_OK;
+}
+
+/* ------------------------------------------------------------ config.json */
+
+/* Integer field in [lo, hi]; absent -> def (def < lo: required). */
+static int cfg_int(const json_t *cfg, const char *key, int def, int lo, int hi, int *out, cm_err *err) {
+    const json_t *v = json_object_get(cfg, key);
+    if (!v || json_is_null(v)) {
+        if (def < lo) return cm_err_set(err, CM_E_FORMAT, "convert: config.json: missing \"%s\"", key);
+        *out = def;
+        return CM_OK;
+    }
+    if (!json_is_integer(v) || json_integer_value(v) < lo || json_integer_value(v) > hi)
+        return cm_err_set(err, CM_E_FORMAT, "convert: config.json: \"%s\" must be an integer in [%d, %d]", key, lo, hi);
+    *out = (int)json_integer_value(v);
+    return CM_OK;
+}
+
+static int cfg_float(const json_t *cfg, const char *key, double def, double lo, double hi, float *out, cm_err *err) {
+    const json_t *v = json_object_get(cfg, key);
+    double x = def;
+    if (v && !json_is_null(v)) {
+        if (!json_is_number(v))
+            return cm_err_set(err, CM_E_FORMAT, "convert: config.json: \"%s\" must be a number", key);
+        x = json_number_value(v);
+    }
+    if (!(x > lo && x <= hi))
+        return cm_err_set(err, CM_E_FORMAT, "convert: config.json: \"%s\" = %g not in (%g, %g]", key, x, lo, hi);
+    *out = (float)x;
+    return CM_OK;
+}
+
+static int load_config(cv_state *s, const char *path, cm_err *err) {
+    json_t *cfg;
+    int rc = load_json(path, CV_MAX_CONFIG, &cfg, err);
+    if (rc) return rc;
+    hf_config *c = &s->c;
+    const char *a = json_string_value(json_array_get(json_object_get(cfg, "architectures"), 0));
+    const char *mt = json_string_value(json_object_get(cfg, "model_type"));
+    if (a ? !strcmp(a, "Qwen2ForCausalLM") : (mt && !strcmp(mt, "qwen2"))) c->arch = "qwen2";
+    else if (a ? !strcmp(a, "LlamaForCausalLM") : (mt && !strcmp(mt, "llama"))) c->arch = "llama";
+    else {
+        rc = cm_err_set(err, CM_E_UNSUPPORTED,
+                        "convert: architecture \"%.64s\" is not supported (Qwen2ForCausalLM, LlamaForCausalLM)",
+                        a ? a : mt ? mt : "(none)");
+        goto out;
+    }
+    if ((rc = cfg_int(cfg, "hidden_size", 0, 1, 1 << 16, &c->n_embd, err)) ||
+        (rc = cfg_int(cfg, "num_hidden_layers", 0, 1, 4096, &c->n_layer, err)) ||
+        (rc = cfg_int(cfg, "intermediate_size", 0, 1, 1 << 20, &c->n_ff, err)) ||
+        (rc = cfg_int(cfg, "num_attention_heads", 0, 1, 4096, &c->n_head, err)) ||
+        (rc = cfg_int(cfg, "num_key_value_heads", c->n_head, 1, c->n_head, &c->n_head_kv, err)) ||
+        (rc = cfg_int(cfg, "max_position_embeddings", 4096, 1, 1 << 24, &c->n_ctx, err)) ||
+        (rc = cfg_int(cfg, "vocab_size", 0, 1, 1 << 24, &c->n_vocab, err)))
+        goto out;
+    c->head_dim_explicit = json_is_integer(json_object_get(cfg, "head_dim"));
+    if (!c->head_dim_explicit && c->n_embd % c->n_head) {
+        rc = cm_err_set(err, CM_E_FORMAT, "convert: config.json: hidden_size %d not divisible by num_attention_heads %d",
+                        c->n_embd, c->n_head);
+        goto out;
+    }
+    if ((rc = cfg_int(cfg, "head_dim", c->n_embd / c->n_head, 2, 4096, &c->head_dim, err))) goto out;
+    if (c->head_dim % 2) {
+        rc = cm_err_set(err, CM_E_FORMAT, "convert: config.json: head_dim %d is odd (rope needs pairs)", c->head_dim);
+        goto out;
+    }
+    if (c->n_head % c->n_head_kv) {
+        rc = cm_err_set(err, CM_E_FORMAT,
+                        "convert: config.json: num_attention_heads %d not a multiple of num_key_value_heads %d",
+                        c->n_head, c->n_head_kv);
+        goto out;
+    }
+    if ((rc = cfg_float(cfg, "rms_norm_eps", 1e-6, 0, 1, &c->eps, err)) ||
+        (rc = cfg_float(cfg, "rope_theta", !strcmp(c->arch, "qwen2") ? 1e6 : 1e4, 0, 1e12, &c->theta, err)))
+        goto out;
+    const json_t *rs = json_object_get(cfg, "rope_scaling");
+    if (rs && !json_is_null(rs)) {
+        rc = cm_err_set(err, CM_E_UNSUPPORTED, "convert: config.json: rope_scaling is not supported");
+        goto out;
+    }
+    const json_t *tie = json_object_get(cfg, "tie_word_embeddings");
+    if (tie && !json_is_boolean(tie)) {
+        rc = cm_err_set(err, CM_E_FORMAT, "convert: config.json: tie_word_embeddings must be a boolean");
+        goto out;
+    }
+    /* transformers' default is true for Qwen2 and false for Llama */
+    c->tied = tie ? json_is_true(tie) : !strcmp(c->arch, "qwen2");
+out:
+    json_decref(cfg);
+    return rc;
+}
+
+/* ------------------------------------------------------------ shards */
+
+static int shard_name_ok(const char *n) {
+    return *n && !strchr(n, '/') && !strchr(n, '\\') && strcmp(n, ".") && strcmp(n, "..") &&
+           strlen(n) < 256;
+}
+
+static int add_shard(cv_state *s, const char *name, cm_err *err) {
+    for (int i = 0; i < s->n_shards; i++)
+        if (!strcmp(s->shard_names[i], name)) return CM_OK;
+    if (!shard_name_ok(name))
+        return cm_err_set(err, CM_E_FORMAT, "convert: shard name \"%.100s\" is not a plain file name", name);
+    if (s->n_shards >= CV_MAX_SHARDS)
+        return cm_err_set(err, CM_E_FORMAT, "convert: more than %d shards", CV_MAX_SHARDS);
+    if (s->n_shards % 16 == 0) {
+        st_file *f = realloc(s->shards, (size_t)(s->n_shards + 16) * sizeof *f);
+        if (f) s->shards = f;
+        char **n = realloc(s->shard_names, (size_t)(s->n_shards + 16) * sizeof *n);
+        if (n) s->shard_names = n;
+        if (!f || !n) return cm_err_set(err, CM_E_NOMEM, "convert: out of memory");
+    }
+    char path[PATH_MAX];
+    int rc = path_join(path, sizeof path, s->dir, name, err);
+    if (rc) return rc;
+    if (!(s->shard_names[s->n_shards] = strdup(name))) return cm_err_set(err, CM_E_NOMEM, "convert: out of memory");
+    if ((rc = st_open(&s->shards[s->n_shards], path, err))) {
+        free(s->shard_names[s->n_shards]);
+        return rc;
+    }
+    s->n_shards++;
+    return CM_OK;
+}
+
+static int open_weights(cv_state *s, cm_err *err) {
+    char path[PATH_MAX];
+    int rc = path_join(path, sizeof path, s->dir, "model.safetensors.index.json", err);
+    if (rc) return rc;
+    if (file_exists(path)) {
+        if ((rc = load_json(path, CV_MAX_INDEX, &s->index_root, err))) return rc;
+        s->weight_map = json_object_get(s->index_root, "weight_map");
+        if (!json_is_object(s->weight_map) || json_object_size(s->weight_map) == 0)
+            return cm_err_set(err, CM_E_FORMAT, "convert: %s: no \"weight_map\" object", path);
+        const char *k;
+        json_t *v;
+        json_object_foreach(s->weight_map, k, v) {
+            if (!json_is_string(v))
+                return cm_err_set(err, CM_E_FORMAT, "convert: %s: weight_map[\"%.100s\"] is not a string", path, k);
+            if ((rc = add_shard(s, json_string_value(v), err))) return rc;
+        }
+        return CM_OK;
+    }
+    if ((rc = path_join(path, sizeof path, s->dir, "model.safetensors", err))) return rc;
+    if (!file_exists(path))
+        return cm_err_set(err, CM_E_IO, "convert: %s has neither model.safetensors nor model.safetensors.index.json",
+                          s->dir);
+    return add_shard(s, "model.safetensors", err);
+}
+
+/* The tensor called name, or NULL. With an index, it must be in the shard the index names. */
+static const st_tensor *find_st(const cv_state *s, const char *name, cm_err *err, int *rc) {
+    *rc = CM_OK;
+    if (!s->weight_map) return st_find(&s->shards[0], name);
+    const char *file = json_string_value(json_object_get(s->weight_map, name));
+    if (!file) return NULL;
+    for (int i = 0; i < s->n_shards; i++) {
+        if (strcmp(s->shard_names[i], file)) continue;
+        const st_tensor *t = st_find(&s->shards[i], name);
+        if (!t) *rc = cm_err_set(err, CM_E_FORMAT, "convert: index puts '%s' in %s, which does not hold it", name, file);
+        return t;
+    }
+    return NULL;
+}
+
+/* ------------------------------------------------------------ tensor mapping */
+
+enum { KIND_MATRIX, KIND_VECTOR }; /* vectors (norms, biases) are always written as F32 */
+enum { PERM_NONE, PERM_Q, PERM_K };
+
+typedef struct expect {
+    char hf[128], gguf[64];
+    int kind, perm, optional;
+    int64_t rows, cols; /* HF shape (rows, cols); vectors: (rows) with cols = 0 */
+} expect;
+
+static int st_to_gguf_type(int dt) {
+    return dt == ST_F32 ? GGUF_TT_F32 : dt == ST_F16 ? GGUF_TT_F16 : dt == ST_BF16 ? GGUF_TT_BF16 : -1;
+}
+
+static int file_type_of(int tt) {
+    /* llama_ftype: ALL_F32 0, MOSTLY_F16 1, MOSTLY_Q8_0 7, MOSTLY_BF16 32 */
+    return tt == GGUF_TT_F16 ? 1 : tt == GGUF_TT_Q8_0 ? 7 : tt == GGUF_TT_BF16 ? 32 : 0;
+}
+
+/* llama.cpp's permute: rows of each head reordered from HF's (2, E/2) halves to interleaved pairs:
+ * out row h*E + 2*i + j = in row h*E + j*E/2 + i. w: (n_h*E, cols) of esize-byte elements. */
+static void permute_rows(const uint8_t *in, uint8_t *out, int n_h, int64_t E, int64_t cols, size_t esize) {
+    size_t row = (size_t)cols * esize;
+    for (int h = 0; h < n_h; h++)
+        for (int64_t i = 0; i < E / 2; i++)
+            for (int j = 0; j < 2; j++)
+                memcpy(out + (size_t)(h * E + 2 * i + j) * row, in + (size_t)(h * E + j * (E / 2) + i) * row, row);
+}
+
+static int build_expect(const hf_config *c, expect **out, int *n_out, cm_err *err) {
+    int per_layer = 12, n = 0;
+    expect *e = calloc((size_t)c->n_layer * per_layer + 3, sizeof *e);
+    if (!e) return cm_err_set(err, CM_E_NOMEM, "convert: out of memory");
+    const int64_t D = c->n_embd, QE = (int64_t)c->n_head * c->head_dim, KE = (int64_t)c->n_head_kv * c->head_dim;
+    const int qwen2 = !strcmp(c->arch, "qwen2");
+#define ADD(hf_, gg_, kind_, perm_, opt_, r_, c_) do { expect *x_ = &e[n++]; \
+        snprintf(x_->hf, sizeof x_->hf, "%s", hf_); snprintf(x_->gguf, sizeof x_->gguf, "%s", gg_); \
+        x_->kind = kind_; x_->perm = perm_; x_->optional = opt_; x_->rows = r_; x_->cols = c_; } while (0)
+    ADD("model.embed_tokens.weight", "token_embd.weight", KIND_MATRIX, PERM_NONE, 0, c->n_vocab, D);
+    char hf[128], gg[64];
+    static const struct { const char *hf, *gg; int kind, perm, bias; } lt[] = {
+        {"input_layernorm.weight", "attn_norm.weight", KIND_VECTOR, PERM_NONE, 0},
+        {"self_attn.q_proj.weight", "attn_q.weight", KIND_MATRIX, PERM_Q, 0},
+        {"self_attn.k_proj.weight", "attn_k.weight", KIND_MATRIX, PERM_K, 0},
+        {"self_attn.v_proj.weight", "attn_v.weight", KIND_MATRIX, PERM_NONE, 0},
+        {"self_attn.q_proj.bias", "attn_q.bias", KIND_VECTOR, PERM_Q, 1},
+        {"self_attn.k_proj.bias", "attn_k.bias", KIND_VECTOR, PERM_K, 1},
+        {"self_attn.v_proj.bias", "attn_v.bias", KIND_VECTOR, PERM_NONE, 1},
+        {"self_attn.o_proj.weight", "attn_output.weight", KIND_MATRIX, PERM_NONE, 0},
+        {"post_attention_layernorm.weight", "ffn_norm.weight", KIND_VECTOR, PERM_NONE, 0},
+        {"mlp.gate_proj.weight", "ffn_gate.weight", KIND_MATRIX, PERM_NONE, 0},
+        {"mlp.up_proj.weight", "ffn_up.weight", KIND_MATRIX, PERM_NONE, 0},
+        {"mlp.down_proj.weight", "ffn_down.weight", KIND_MATRIX, PERM_NONE, 0},
+    };
+    for (int l = 0; l < c->n_layer; l++) {
+        for (int k = 0; k < per_layer; k++) {
+            int64_t rows, cols;
+            const char *g = lt[k].gg;
+            if (!strncmp(g, "attn_q", 6)) rows = QE, cols = D;
+            else if (!strncmp(g, "attn_k", 6) || !strncmp(g, "attn_v", 6)) rows = KE, cols = D;
+            else if (!strcmp(g, "attn_output.weight")) rows = D, cols = QE;
+            else if (!strcmp(g, "ffn_down.weight")) rows = D, cols = c->n_ff;
+            else if (!strncmp(g, "ffn_gate", 8) || !strncmp(g, "ffn_up", 6)) rows = c->n_ff, cols = D;
+            else rows = D, cols = 0; /* norms */
+            if (lt[k].kind == KIND_VECTOR) cols = 0;
+            snprintf(hf, sizeof hf, "model.layers.%d.%s", l, lt[k].hf);
+            snprintf(gg, sizeof gg, "blk.%d.%s", l, g);
+            /* biases: required for qwen2, optional (attention_bias) for llama */
+            ADD(hf, gg, lt[k].kind, qwen2 ? PERM_NONE : lt[k].perm, lt[k].bias && !qwen2, rows, cols);
+        }
+    }
+    ADD("model.norm.weight", "output_norm.weight", KIND_VECTOR, PERM_NONE, 0, D, 0);
+    ADD("lm_head.weight", "output.weight", KIND_MATRIX, PERM_NONE, c->tied, c->n_vocab, D);
+#undef ADD
+    *out = e;
+    *n_out = n;
+    return CM_OK;
+}
+
+static int is_ignored(const char *name) {
+    size_t n = strlen(name);
+    static const char suffix[] = "rotary_emb.inv_freq";
+    return n >= sizeof suffix - 1 && !strcmp(name + n - (sizeof suffix - 1), suffix);
+}
+
+static int parse_out_type(const char *s, int *out) {
+    if (!s) { *out = -1; return 1; }
+    if (!strcmp(s, "f32")) *out = GGUF_TT_F32;
+    else if (!strcmp(s, "f16")) *out = GGUF_TT_F16;
+    else if (!strcmp(s, "bf16")) *out = GGUF_TT_BF16;
+    else if (!strcmp(s, "q8_0")) *out = GGUF_TT_Q8_0;
+    else return 0;
+    return 1;
+}
+
+static int add_tensors(cv_state *s, gguf_writer *w, int out_type, cm_err *err) {
+    expect *ex = NULL;
+    int n_ex = 0, rc = build_expect(&s->c, &ex, &n_ex, err);
+    if (rc) return rc;
+    /* every tensor present must be expected (or ignorable), so that nothing is dropped silently */
+    for (int i = 0; i < s->n_shards && !rc; i++) {
+        for (uint64_t j = 0; j < s->shards[i].n_tensors && !rc; j++) {
+            const char *nm = s->shards[i].tensors[j].name;
+            int known = is_ignored(nm);
+            for (int k = 0; k < n_ex && !known; k++) known = !strcmp(ex[k].hf, nm);
+            if (!known)
+                rc = cm_err_set(err, CM_E_UNSUPPORTED, "convert: %s: unexpected tensor '%s' (not part of a %s model we can convert)",
+                                s->shard_names[i], nm, s->c.arch);
+        }
+    }
+    if (!rc && s->weight_map) {
+        const char *k;
+        json_t *v;
+        json_object_foreach(s->weight_map, k, v) {
+            const st_tensor *t = find_st(s, k, err, &rc);
+            if (rc) break;
+            (void)t;
+        }
+    }
+    s->file_type = -1;
+    for (int k = 0; k < n_ex && !rc; k++) {
+        const expect *e = &ex[k];
+        const st_tensor *t = find_st(s, e->hf, err, &rc);
+        if (rc) break;
+        if (!t) {
+            if (e->optional) continue;
+            rc = cm_err_set(err, CM_E_FORMAT, "convert: missing tensor '%s'%s", e->hf,
+                            !strcmp(e->hf, "lm_head.weight") ? " (and tie_word_embeddings is false)" : "");
+            break;
+        }
+        if (!strcmp(e->hf, "lm_head.weight") && s->c.tied) continue; /* tied: the loader reuses token_embd */
+        int src = st_to_gguf_type(t->dtype);
+        if (src < 0) {
+            rc = cm_err_set(err, CM_E_UNSUPPORTED, "convert: tensor '%s': dtype %s is not supported (F32, F16, BF16)",
+                            e->hf, t->dtype_name);
+            break;
+        }
+        int shape_ok = e->cols ? (t->n_dims == 2 && t->shape[0] == e->rows && t->shape[1] == e->cols)
+                               : (t->n_dims == 1 && t->shape[0] == e->rows);
+        if (!shape_ok) {
+            char got[96] = "";
+            size_t off = 0;
+            for (int d = 0; d < t->n_dims && off < sizeof got - 24; d++)
+                off += (size_t)snprintf(got + off, sizeof got - off, "%s%lld", d ? ", " : "", (long long)t->shape[d]);
+            if (e->cols)
+                rc = cm_err_set(err, CM_E_FORMAT, "convert: tensor '%s': shape [%s], expected [%lld, %lld]", e->hf, got,
+                                (long long)e->rows, (long long)e->cols);
+            else
+                rc = cm_err_set(err, CM_E_FORMAT, "convert: tensor '%s': shape [%s], expected [%lld]", e->hf, got,
+                                (long long)e->rows);
+            break;
+        }
+        int dst = GGUF_TT_F32;
+        if (e->kind == KIND_MATRIX) {
+            dst = out_type >= 0 ? out_type : src;
+            if (dst == GGUF_TT_Q8_0 && e->cols % 32) dst = GGUF_TT_F16;
+            if (s->file_type < 0) s->file_type = file_type_of(dst);
+        }
+        const void *data = t->data;
+        if (e->perm != PERM_NONE && !strcmp(s->c.arch, "llama")) {
+            void *p = malloc(t->nbytes ? (size_t)t->nbytes : 1);
+            void **o = realloc(s->owned, (size_t)(s->n_owned + 1) * sizeof *o);
+            if (o) s->owned = o;
+            if (!p || !o) {
+                free(p);
+                rc = cm_err_set(err, CM_E_NOMEM, "convert: out of memory");
+                break;
+            }
+            s->owned[s->n_owned++] = p;
+            int n_h = e->perm == PERM_Q ? s->c.n_head : s->c.n_head_kv;
+            permute_rows(t->data, p, n_h, s->c.head_dim, e->cols ? e->cols : 1, src == GGUF_TT_F32 ? 4 : 2);
+            data = p;
+        }
+        /* GGUF dims are innermost first: ne[0] = HF's last dimension */
+        int64_t ne[2] = {e->cols ? e->cols : e->rows, e->rows};
+        rc = gguf_writer_add_tensor_ref(w, e->gguf, dst, e->cols ? 2 : 1, ne, src, data, err);
+    }
+    free(ex);
+    if (s->file_type < 0) s->file_type = 0;
+    return rc;
+}
+
+/* ------------------------------------------------------------ metadata */
+
+static int set_hparams(gguf_writer *w, const hf_config *c, int file_type) {
+    char k[96];
+    int bad = 0;
+#define KEY(suffix) (snprintf(k, sizeof k, "%s.%s", c->arch, suffix), k)
+    bad |= gguf_writer_set_u32(w, "general.file_type", (uint32_t)file_type);
+    bad |= gguf_writer_set_u32(w, KEY("context_length"), (uint32_t)c->n_ctx);
+    bad |= gguf_writer_set_u32(w, KEY("embedding_length"), (uint32_t)c->n_embd);
+    bad |= gguf_writer_set_u32(w, KEY("block_count"), (uint32_t)c->n_layer);
+    bad |= gguf_writer_set_u32(w, KEY("feed_forward_length"), (uint32_t)c->n_ff);
+    bad |= gguf_writer_set_u32(w, KEY("attention.head_count"), (uint32_t)c->n_head);
+    bad |= gguf_writer_set_u32(w, KEY("attention.head_count_kv"), (uint32_t)c->n_head_kv);
+    bad |= gguf_writer_set_f32(w, KEY("attention.layer_norm_rms_epsilon"), c->eps);
+    bad |= gguf_writer_set_f32(w, KEY("rope.freq_base"), c->theta);
+    bad |= gguf_writer_set_u32(w, KEY("rope.dimension_count"), (uint32_t)c->head_dim);
+    if (c->head_dim * c->n_head != c->n_embd) {
+        bad |= gguf_writer_set_u32(w, KEY("attention.key_length"), (uint32_t)c->head_dim);
+        bad |= gguf_writer_set_u32(w, KEY("attention.value_length"), (uint32_t)c->head_dim);
+    }
+    if (!strcmp(c->arch, "llama")) bad |= gguf_writer_set_u32(w, KEY("vocab_size"), (uint32_t)c->n_vocab);
+#undef KEY
+    return bad ? CM_E_NOMEM : CM_OK;
+}
+
+/* general.name: the directory's last component. */
+static void dir_basename(const char *dir, char *out, size_t cap) {
+    size_t n = strlen(dir);
+    while (n > 1 && dir[n - 1] == '/') n--;
+    size_t b = n;
+    while (b > 0 && dir[b - 1] != '/') b--;
+    size_t len = n - b < cap - 1 ? n - b : cap - 1;
+    memcpy(out, dir + b, len);
+    out[len] = 0;
+}
+
+/* ------------------------------------------------------------ entry point */
+
+int cm_convert_hf(const char *hf_dir, const char *out_path, const char *out_type, cm_err *err) {
+    if (!hf_dir || !out_path) return cm_err_set(err, CM_E_INVAL, "convert: missing directory or output path");
+    int otype;
+    if (!parse_out_type(out_type, &otype))
+        return cm_err_set(err, CM_E_INVAL, "convert: unknown output type \"%s\" (f32, f16, bf16, q8_0)", out_type);
+    cv_state s;
+    memset(&s, 0, sizeof s);
+    s.dir = hf_dir;
+    char cfg_path[PATH_MAX], tok_path[PATH_MAX], tcfg_path[PATH_MAX], name[128];
+    int rc;
+    if ((rc = path_join(cfg_path, sizeof cfg_path, hf_dir, "config.json", err)) ||
+        (rc = path_join(tok_path, sizeof tok_path, hf_dir, "tokenizer.json", err)) ||
+        (rc = path_join(tcfg_path, sizeof tcfg_path, hf_dir, "tokenizer_config.json", err)))
+        return rc;
+    struct stat st;
+    if (stat(hf_dir, &st) != 0 || !S_ISDIR(st.st_mode))
+        return cm_err_set(err, CM_E_IO, "convert: %s is not a directory", hf_dir);
+    int have_cfg = file_exists(cfg_path), have_tok = file_exists(tok_path);
+    if (!have_tok)
+        return cm_err_set(err, CM_E_IO, "convert: %s has no tokenizer.json%s", hf_dir,
+                          have_cfg ? "" : " (nor config.json)");
+    gguf_writer *w = gguf_writer_create(err);
+    if (!w) return CM_E_NOMEM;
+    dir_basename(hf_dir, name, sizeof name);
+    if (!have_cfg) {
+        if (gguf_writer_set_str(w, "general.architecture", "none") || gguf_writer_set_str(w, "general.name", name)) {
+            rc = cm_err_set(err, CM_E_NOMEM, "convert: out of memory");
+            goto done;
+        }
+        if ((rc = cm_convert_tokenizer_json(tok_path, file_exists(tcfg_path) ? tcfg_path : NULL, w, 0, err))) goto done;
+        rc = gguf_writer_write(w, out_path, err);
+        goto done;
+    }
+    if ((rc = load_config(&s, cfg_path, err)) || (rc = open_weights(&s, err))) goto done;
+    if (gguf_writer_set_str(w, "general.architecture", s.c.arch) || gguf_writer_set_str(w, "general.name", name)) {
+        rc = cm_err_set(err, CM_E_NOMEM, "convert: out of memory");
+        goto done;
+    }
+    if ((rc = add_tensors(&s, w, otype, err))) goto done;
+    if (set_hparams(w, &s.c, out_type ? file_type_of(otype) : s.file_type)) {
+        rc = cm_err_set(err, CM_E_NOMEM, "convert: out of memory");
+        goto done;
+    }
+    if ((rc = cm_convert_tokenizer_json(tok_path, file_exists(tcfg_path) ? tcfg_path : NULL, w, s.c.n_vocab, err)))
+        goto done;
+    rc = gguf_writer_write(w, out_path, err);
+done:
+    gguf_writer_free(w);
+    for (int i = 0; i < s.n_shards; i++) {
+        st_close(&s.shards[i]);
+        free(s.shard_names[i]);
+    }
+    free(s.shards);
+    free(s.shard_names);
+    for (int i = 0; i < s.n_owned; i++) free(s.owned[i]);
+    free(s.owned);
+    json_decref(s.index_root);
+    return rc;
+}
