@@ -61,8 +61,9 @@ class Config:
                    d.get("head_dim"), d.get("attention_bias"))
 
 
-def hf_shapes(cfg):
-    """HF state-dict names -> shapes (out, in), in the order HF's modules define them."""
+def hf_shapes(cfg, dense_ffn=True):
+    """HF state-dict names -> shapes (out, in), in the order HF's modules define them. dense_ffn=False
+    leaves out the mlp.* weights (a MoE FFN brings its own)."""
     D, F, V, E = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
     H, K = cfg.num_attention_heads, cfg.num_key_value_heads
     s = {"model.embed_tokens.weight": (V, D)}
@@ -78,9 +79,10 @@ def hf_shapes(cfg):
         if cfg.attention_bias:
             s[p + "self_attn.v_proj.bias"] = (K * E,)
         s[p + "self_attn.o_proj.weight"] = (D, H * E)
-        s[p + "mlp.gate_proj.weight"] = (F, D)
-        s[p + "mlp.up_proj.weight"] = (F, D)
-        s[p + "mlp.down_proj.weight"] = (D, F)
+        if dense_ffn:
+            s[p + "mlp.gate_proj.weight"] = (F, D)
+            s[p + "mlp.up_proj.weight"] = (F, D)
+            s[p + "mlp.down_proj.weight"] = (D, F)
         s[p + "input_layernorm.weight"] = (D,)
         s[p + "post_attention_layernorm.weight"] = (D,)
     s["model.norm.weight"] = (D,)
@@ -167,10 +169,11 @@ class Model:
         self.dtype = dtype
         self.w = {k: torch.as_tensor(np.asarray(v, dtype=np.float64) if not torch.is_tensor(v) else v)
                   .to(dtype) for k, v in state.items()}
-        missing = [k for k in hf_shapes(cfg) if k not in self.w]
+        shapes = hf_shapes(cfg, dense_ffn=ffn is None)
+        missing = [k for k in shapes if k not in self.w]
         if missing:
             raise KeyError("missing weights: %s" % missing[:4])
-        for k, shp in hf_shapes(cfg).items():
+        for k, shp in shapes.items():
             if tuple(self.w[k].shape) != shp:
                 raise ValueError("%s: shape %s, expected %s" % (k, tuple(self.w[k].shape), shp))
         # ffn(layer, x_normed (T, D), tokens) -> (T, D): the hook the MoE references replace
