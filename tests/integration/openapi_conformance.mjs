@@ -1,0 +1,415 @@
+#!/usr/bin/env node
+/*
+ * openapi_conformance.mjs - sends real requests to a running codemoe server and checks every status
+ * code, content type and body (JSON responses, each SSE event, error bodies) against openapi.yaml with
+ * ajv, plus the invariants a schema cannot express (usage sums, one finish_reason per streamed choice,
+ * streamed text == non-streamed text at temperature 0, no stop string in any output).
+ *
+ *   CM_BASE_URL=http://127.0.0.1:8080 [CM_API_KEY=key] [CM_MAX_BODY=bytes] \
+ *     node tests/integration/openapi_conformance.mjs
+ *
+ * Needs tests/js/node_modules (cd tests/js && npm ci). Exits 0 when everything conforms, 1 on any
+ * violation (each is printed), 2 on a usage error or an unreachable server.
+ */
+import { readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const here = dirname(fileURLToPath(import.meta.url));
+const root = join(here, '..', '..');
+const require = createRequire(join(root, 'tests', 'js', 'package.json'));
+const Ajv2020 = require('ajv/dist/2020').default;
+const YAML = require('yaml');
+
+const base = (process.env.CM_BASE_URL || '').replace(/\/+$/, '');
+if (!base) {
+  console.error('set CM_BASE_URL to the running server, e.g. http://127.0.0.1:8080');
+  process.exit(2);
+}
+const apiKey = process.env.CM_API_KEY || '';
+const maxBody = Number(process.env.CM_MAX_BODY || 4 * 1024 * 1024);
+
+/* ------------------------------------------------------------ the spec */
+
+const spec = YAML.parse(readFileSync(join(root, 'openapi.yaml'), 'utf8'));
+const ajv = new Ajv2020({ strict: false, allErrors: true });
+const SPEC_ID = 'https://codemoe.invalid/openapi.yaml';
+ajv.addSchema({ $id: SPEC_ID, components: { schemas: spec.components.schemas } });
+const validators = new Map();
+function validatorFor(ref) {
+  if (!validators.has(ref)) validators.set(ref, ajv.getSchema(SPEC_ID + ref));
+  return validators.get(ref);
+}
+
+/* Resolves {$ref: '#/components/...'} in the spec document (responses, schemas). */
+function deref(node) {
+  while (node && node.$ref) {
+    node = node.$ref.slice(2).split('/').reduce((o, k) => o && o[k], spec);
+  }
+  return node;
+}
+
+/* The spec's operation for a concrete path: matches templates like /v1/models/{model}. */
+function operation(method, path) {
+  const p = path.split('?')[0];
+  for (const [tmpl, item] of Object.entries(spec.paths)) {
+    const re = new RegExp('^' + tmpl.replace(/\{[^}]+\}/g, '[^/]+') + '$');
+    if (re.test(p)) return { tmpl, op: item[method.toLowerCase()] };
+  }
+  return { tmpl: null, op: null };
+}
+
+/* ------------------------------------------------------------ reporting */
+
+let checks = 0;
+const violations = [];
+function fail(where, msg) {
+  violations.push(`${where}: ${msg}`);
+  console.error(`FAIL ${where}: ${msg}`);
+}
+function expect(cond, where, msg) {
+  checks++;
+  if (!cond) fail(where, msg);
+  return !!cond;
+}
+
+/* Validates value against a schema node (a $ref into components or an inline schema). */
+function validate(schemaNode, value, where) {
+  checks++;
+  let v;
+  if (schemaNode.$ref) {
+    v = validatorFor(schemaNode.$ref);
+  } else {
+    /* inline schema (e.g. a oneOf of refs): make its refs absolute, then compile it on its own */
+    const abs = JSON.parse(JSON.stringify(schemaNode).replaceAll('"#/components/', `"${SPEC_ID}#/components/`));
+    const key = JSON.stringify(abs);
+    if (!validators.has(key)) validators.set(key, ajv.compile(abs));
+    v = validators.get(key);
+  }
+  if (!v) return fail(where, `no validator for ${JSON.stringify(schemaNode)}`);
+  if (!v(value)) {
+    const errs = v.errors.slice(0, 5).map((e) => `${e.instancePath || '/'} ${e.message}`).join('; ');
+    fail(where, `does not match ${schemaNode.$ref || 'schema'}: ${errs}; body ${JSON.stringify(value).slice(0, 300)}`);
+    return false;
+  }
+  return true;
+}
+
+/* ------------------------------------------------------------ HTTP */
+
+async function call(method, path, { body, headers = {}, auth = true, raw } = {}) {
+  const h = { ...headers };
+  if (auth && apiKey) h['Authorization'] = `Bearer ${apiKey}`;
+  let payload;
+  if (raw !== undefined) payload = raw;
+  else if (body !== undefined) payload = JSON.stringify(body);
+  if (payload !== undefined && !h['Content-Type']) h['Content-Type'] = 'application/json';
+  const res = await fetch(base + path, { method, headers: h, body: payload });
+  const text = await res.text();
+  return { status: res.status, type: (res.headers.get('content-type') || '').split(';')[0].trim(), headers: res.headers, text };
+}
+
+/* Checks a response against the spec: documented status, documented content type, body schema.
+ * Returns the parsed JSON body (or the text for non-JSON types). */
+function conform(method, path, res, where) {
+  const { tmpl, op } = operation(method, path);
+  where = where || `${method} ${path}`;
+  if (!op) {
+    /* unknown URL or method: the server must still answer with the error schema */
+    expect([404, 405].includes(res.status), where, `undocumented route answered ${res.status}`);
+    const j = parseJSON(res.text, where);
+    if (j !== undefined) validate({ $ref: '#/components/schemas/ErrorResponse' }, j, where);
+    return j;
+  }
+  const resp = deref(op.responses[String(res.status)]);
+  if (!expect(resp, where, `status ${res.status} is not documented for ${method} ${tmpl} (body ${res.text.slice(0, 200)})`))
+    return undefined;
+  if (!resp.content) {
+    return res.text;
+  }
+  const media = resp.content[res.type];
+  if (!expect(media, where, `content type '${res.type}' not documented for ${res.status} (have ${Object.keys(resp.content)})`))
+    return undefined;
+  if (res.type === 'application/json') {
+    const j = parseJSON(res.text, where);
+    if (j !== undefined) validate(media.schema, j, where);
+    return j;
+  }
+  if (res.type === 'text/event-stream') return res.text; /* events are checked by sse() */
+  return res.text;
+}
+
+function parseJSON(text, where) {
+  try {
+    return JSON.parse(text);
+  } catch (e) {
+    fail(where, `body is not JSON: ${text.slice(0, 200)}`);
+    return undefined;
+  }
+}
+
+/* Splits an SSE body into its data payloads; checks the framing. */
+function sseEvents(text, where) {
+  expect(text.endsWith('\n\n'), where, 'stream does not end with a blank line');
+  const events = [];
+  for (const block of text.split('\n\n')) {
+    if (block === '') continue;
+    const data = [];
+    for (const line of block.split('\n')) {
+      if (line.startsWith(':')) continue; /* comment / keep-alive */
+      if (line.startsWith('data: ')) data.push(line.slice(6));
+      else if (line.startsWith('data:')) data.push(line.slice(5));
+      else expect(false, where, `unexpected SSE line ${JSON.stringify(line.slice(0, 80))}`);
+    }
+    if (data.length) events.push(data.join('\n'));
+  }
+  return events;
+}
+
+/* ------------------------------------------------------------ the checks */
+
+const errorRef = { $ref: '#/components/schemas/ErrorResponse' };
+const chunkRef = { $ref: '#/components/schemas/CompletionChunk' };
+const requestRef = { $ref: '#/components/schemas/CompletionRequest' };
+
+async function waitReady() {
+  const deadline = Date.now() + 120e3;
+  for (;;) {
+    let res;
+    try {
+      res = await call('GET', '/health', { auth: false });
+    } catch (e) {
+      if (Date.now() > deadline) {
+        console.error(`server at ${base} unreachable: ${e.message}`);
+        process.exit(2);
+      }
+      await new Promise((r) => setTimeout(r, 250));
+      continue;
+    }
+    conform('GET', '/health', res);
+    if (res.status === 200) return;
+    if (Date.now() > deadline) {
+      fail('GET /health', `not ready after 120 s (status ${res.status})`);
+      return;
+    }
+    await new Promise((r) => setTimeout(r, 250));
+  }
+}
+
+function checkUsage(j, where) {
+  const u = j.usage;
+  if (!u) return;
+  expect(u.total_tokens === u.prompt_tokens + u.completion_tokens, where, `usage does not add up: ${JSON.stringify(u)}`);
+}
+
+function checkCompletion(j, req, where) {
+  if (!j || !Array.isArray(j.choices)) return;
+  const nPrompts = Array.isArray(req.prompt) && typeof req.prompt[0] !== 'number' ? req.prompt.length : 1;
+  const n = req.n || 1;
+  expect(j.choices.length === nPrompts * n, where, `${j.choices.length} choices, expected ${nPrompts * n}`);
+  const idx = j.choices.map((c) => c.index).sort((a, b) => a - b);
+  expect(idx.every((v, i) => v === i), where, `choice indices ${idx}`);
+  checkUsage(j, where);
+  const maxTokens = req.max_tokens ?? 16;
+  expect(j.usage.completion_tokens <= maxTokens * nPrompts * n, where, `completion_tokens ${j.usage.completion_tokens} > max`);
+  const stops = req.stop === undefined || req.stop === null ? [] : [].concat(req.stop);
+  for (const c of j.choices) {
+    for (const s of stops) expect(!c.text.includes(s), where, `choice ${c.index} text contains stop ${JSON.stringify(s)}`);
+    if (req.logprobs !== undefined && req.logprobs !== null) {
+      const l = c.logprobs;
+      if (!expect(l, where, 'logprobs requested but null')) continue;
+      const k = l.tokens.length;
+      expect(l.token_logprobs.length === k && l.top_logprobs.length === k && l.text_offset.length === k, where,
+        'logprobs arrays differ in length');
+      for (const t of l.top_logprobs) if (t) expect(Object.keys(t).length <= req.logprobs, where, 'too many top_logprobs');
+      for (let i = 1; i < k; i++) expect(l.text_offset[i] >= l.text_offset[i - 1], where, 'text_offset decreases');
+      if (req.echo && typeof req.prompt === 'string') expect(c.text.startsWith(req.prompt), where, 'echo text missing');
+    } else {
+      expect(c.logprobs === null, where, 'logprobs present though not requested');
+    }
+  }
+}
+
+async function completion(req, where) {
+  validate(requestRef, req, where + ' (request vs. spec)'); /* the spec must admit what the server accepts */
+  const res = await call('POST', '/v1/completions', { body: req });
+  const j = conform('POST', '/v1/completions', res, where);
+  expect(res.status === 200, where, `status ${res.status}: ${res.text.slice(0, 300)}`);
+  if (res.status === 200) checkCompletion(j, req, where);
+  return j;
+}
+
+/* A streamed completion: every event validated; returns the text per choice index. */
+async function streamed(req, where) {
+  validate(requestRef, req, where + ' (request vs. spec)');
+  const res = await call('POST', '/v1/completions', { body: req });
+  conform('POST', '/v1/completions', res, where);
+  if (!expect(res.status === 200 && res.type === 'text/event-stream', where, `status ${res.status} type ${res.type}: ${res.text.slice(0, 300)}`))
+    return null;
+  const events = sseEvents(res.text, where);
+  expect(events.length > 0 && events[events.length - 1] === '[DONE]', where, 'stream does not end with [DONE]');
+  const texts = new Map(), finished = new Map();
+  let usageChunk = null, id = null;
+  const includeUsage = !!(req.stream_options && req.stream_options.include_usage);
+  for (let e = 0; e < events.length; e++) {
+    if (events[e] === '[DONE]') {
+      expect(e === events.length - 1, where, '[DONE] is not the last event');
+      continue;
+    }
+    const j = parseJSON(events[e], where);
+    if (j === undefined) continue;
+    if (j.error) {
+      validate(errorRef, j, where + ' (error event)');
+      fail(where, `stream error event: ${events[e]}`);
+      continue;
+    }
+    validate(chunkRef, j, `${where} event ${e}`);
+    id = id || j.id;
+    expect(j.id === id, where, 'chunk ids differ within one stream');
+    if (includeUsage) expect('usage' in j, where, 'include_usage: chunk without usage key');
+    else expect(!('usage' in j), where, 'usage key without include_usage');
+    if (j.choices.length === 0) {
+      expect(includeUsage && j.usage, where, 'chunk without choices that is not the usage chunk');
+      expect(!usageChunk, where, 'two usage chunks');
+      usageChunk = j;
+      continue;
+    }
+    expect(!usageChunk, where, 'choice chunk after the usage chunk');
+    for (const c of j.choices) {
+      expect(!finished.has(c.index), where, `choice ${c.index} continues after its finish_reason`);
+      texts.set(c.index, (texts.get(c.index) || '') + c.text);
+      if (c.finish_reason) finished.set(c.index, c.finish_reason);
+      if (req.logprobs !== undefined && req.logprobs !== null) expect(c.logprobs, where, 'chunk without logprobs');
+    }
+  }
+  const nPrompts = Array.isArray(req.prompt) && typeof req.prompt[0] !== 'number' ? req.prompt.length : 1;
+  const nChoices = nPrompts * (req.n || 1);
+  for (let i = 0; i < nChoices; i++) expect(finished.has(i), where, `choice ${i} never got a finish_reason`);
+  if (includeUsage) {
+    if (expect(usageChunk, where, 'include_usage but no usage chunk')) checkUsage(usageChunk, where);
+  }
+  const stops = req.stop === undefined || req.stop === null ? [] : [].concat(req.stop);
+  for (const [i, t] of texts) for (const s of stops) expect(!t.includes(s), where, `streamed choice ${i} contains stop ${JSON.stringify(s)}`);
+  return { texts, finished, id };
+}
+
+async function expectError(method, path, opts, status, param, code, where) {
+  const res = await call(method, path, opts);
+  const j = conform(method, path, res, where);
+  expect(res.status === status, where, `status ${res.status}, expected ${status}: ${res.text.slice(0, 300)}`);
+  if (j && j.error) {
+    if (param !== undefined) expect(j.error.param === param, where, `param ${JSON.stringify(j.error.param)}, expected ${JSON.stringify(param)}`);
+    if (code !== undefined) expect(j.error.code === code, where, `code ${JSON.stringify(j.error.code)}, expected ${JSON.stringify(code)}`);
+  }
+  return { res, j };
+}
+
+async function main() {
+  await waitReady();
+
+  /* models */
+  const mres = await call('GET', '/v1/models');
+  const models = conform('GET', '/v1/models', mres);
+  expect(mres.status === 200, 'GET /v1/models', `status ${mres.status}`);
+  const model = models && models.data && models.data[0];
+  if (!expect(model, 'GET /v1/models', 'no model listed')) return;
+  const one = await call('GET', '/v1/models/' + encodeURIComponent(model.id));
+  const m1 = conform('GET', '/v1/models/{model}', one, 'GET /v1/models/{id}');
+  expect(one.status === 200 && m1 && m1.id === model.id, 'GET /v1/models/{id}', `status ${one.status}`);
+  await expectError('GET', '/v1/models/no-such-model', {}, 404, undefined, undefined, 'GET /v1/models/unknown');
+
+  /* metrics */
+  const met = await call('GET', '/metrics', { auth: false });
+  conform('GET', '/metrics', met);
+  expect(met.status === 200 && /^# (HELP|TYPE) /m.test(met.text), 'GET /metrics', 'not Prometheus text');
+
+  /* completions */
+  const mid = model.id;
+  const base1 = { model: mid, prompt: 'def add(a, b):', max_tokens: 8, temperature: 0 };
+  const plain = await completion(base1, 'completion plain');
+  if (plain && plain.id) {
+    const r = await call('GET', `/v1/completions/${encodeURIComponent(plain.id)}/routing`);
+    conform('GET', '/v1/completions/{id}/routing', r, 'GET routing (known id)');
+  }
+  await completion({ model: mid, prompt: 'x = ', max_tokens: 6, n: 2, seed: 7, temperature: 0.8, logprobs: 2, echo: true },
+    'completion n=2 logprobs echo');
+  await completion({ model: mid, prompt: ['a', 'bb'], max_tokens: 4, n: 2, seed: 1 }, 'completion prompt array');
+  await completion({ model: mid, prompt: [1, 2, 3], max_tokens: 4 }, 'completion token prompt');
+  await completion({ model: mid, prompt: [[1, 2], [3]], max_tokens: 3 }, 'completion token prompts');
+  await completion({ prompt: 'no model field', max_tokens: 2, top_k: 5, min_p: 0.05, repetition_penalty: 1.1,
+    presence_penalty: 0.5, frequency_penalty: 0.5, logit_bias: { 0: -100 }, user: 'conformance', unknown_extra: 1 },
+  'completion extensions + unknown field');
+  await completion({ model: mid, prompt: 'for i in range(', max_tokens: 0, echo: true, logprobs: 1 }, 'completion echo max_tokens 0');
+
+  /* stop strings: nothing after a stop, streamed == non-streamed at temperature 0 */
+  const greedy = { model: mid, prompt: 'import os\n', max_tokens: 24, temperature: 0 };
+  const full = await completion(greedy, 'completion greedy');
+  let stop = [' ', '\n'];
+  if (full && full.choices && full.choices[0].text.length > 3) stop = [full.choices[0].text.slice(2, 4)];
+  const withStop = await completion({ ...greedy, stop }, 'completion with stop');
+  const s1 = await streamed({ ...greedy, stream: true }, 'stream greedy');
+  if (full && s1) expect(s1.texts.get(0) === full.choices[0].text, 'stream greedy',
+    `streamed ${JSON.stringify(s1.texts.get(0))} != non-streamed ${JSON.stringify(full.choices[0].text)}`);
+  const s2 = await streamed({ ...greedy, stop, stream: true, stream_options: { include_usage: true } }, 'stream with stop');
+  if (withStop && s2) expect(s2.texts.get(0) === withStop.choices[0].text, 'stream with stop',
+    `streamed ${JSON.stringify(s2.texts.get(0))} != non-streamed ${JSON.stringify(withStop.choices[0].text)}`);
+  await streamed({ model: mid, prompt: ['p', 'q'], n: 2, max_tokens: 5, seed: 3, logprobs: 1, stream: true,
+    stream_options: { include_usage: true } }, 'stream n=2 two prompts logprobs');
+
+  /* fill in the middle */
+  const fim = { model: mid, prompt: 'def f(x):\n    return ', suffix: '\n\nprint(f(2))\n', max_tokens: 6, temperature: 0 };
+  if (model.fim === false) await expectError('POST', '/v1/completions', { body: fim }, 400, 'suffix', undefined, 'fim unsupported');
+  else await completion(fim, 'completion fim');
+
+  /* request errors */
+  const P = '/v1/completions';
+  await expectError('POST', P, { raw: '{"prompt": ' }, 400, null, undefined, 'error invalid JSON');
+  await expectError('POST', P, { body: [1, 2] }, 400, null, undefined, 'error body not an object');
+  await expectError('POST', P, { body: { prompt: 'a', temperature: 'abc' } }, 400, 'temperature', undefined, 'error type');
+  await expectError('POST', P, { body: { prompt: 'a', temperature: 3 } }, 400, 'temperature', undefined, 'error range');
+  await expectError('POST', P, { body: { prompt: 'a', top_p: 0 } }, 400, 'top_p', undefined, 'error top_p');
+  await expectError('POST', P, { body: { prompt: 'a', n: 0 } }, 400, 'n', undefined, 'error n');
+  await expectError('POST', P, { body: { prompt: 'a', best_of: 3 } }, 400, 'best_of', undefined, 'error best_of');
+  await expectError('POST', P, { body: { prompt: 'a', logprobs: 99 } }, 400, 'logprobs', undefined, 'error logprobs');
+  await expectError('POST', P, { body: { prompt: 'a', stop: ['a', 'b', 'c', 'd', 'e'] } }, 400, 'stop', undefined, 'error stop');
+  await expectError('POST', P, { body: { prompt: 'a', stream_options: { include_usage: true } } }, 400, 'stream_options',
+    undefined, 'error stream_options');
+  await expectError('POST', P, { body: { prompt: 'a', logit_bias: { abc: 1 } } }, 400, 'logit_bias', undefined, 'error logit_bias');
+  await expectError('POST', P, { body: { prompt: 5 } }, 400, 'prompt', undefined, 'error prompt type');
+  await expectError('POST', P, { body: { prompt: [-1] } }, 400, 'prompt', undefined, 'error token id');
+  await expectError('POST', P, { body: { prompt: 'a', routing: 'everything' } }, 400, 'routing', undefined, 'error routing enum');
+  await expectError('POST', P, { body: { model: 'gpt-4-does-not-exist', prompt: 'a' } }, 404, 'model', 'model_not_found',
+    'error model');
+  const ctx = model.context_length || 4096;
+  await expectError('POST', P, { body: { prompt: 'a', max_tokens: ctx + 1 } }, 400, undefined, 'context_length_exceeded',
+    'error context length');
+  await expectError('POST', P, { raw: JSON.stringify({ prompt: 'x'.repeat(maxBody + 1) }) }, 413, undefined, undefined,
+    'error body too large');
+
+  /* routes and methods */
+  await expectError('GET', '/v1/nope', {}, 404, undefined, undefined, 'error unknown URL');
+  await expectError('GET', P, {}, 405, undefined, undefined, 'error wrong method');
+  await expectError('GET', '/v1/completions/cmpl-doesnotexist/routing', {}, 404, undefined, undefined, 'error routing unknown id');
+  const pre = await call('OPTIONS', P, { auth: false, headers: { Origin: 'http://localhost', 'Access-Control-Request-Method': 'POST' } });
+  conform('OPTIONS', P, pre, 'OPTIONS preflight');
+
+  /* auth */
+  if (apiKey) {
+    const r1 = await expectError('POST', P, { body: { prompt: 'a' }, auth: false }, 401, undefined, undefined, 'auth missing key');
+    if (r1.j && r1.j.error) expect(r1.j.error.type === 'authentication_error', 'auth missing key', `type ${r1.j.error.type}`);
+    await expectError('POST', P, { body: { prompt: 'a' }, auth: false, headers: { Authorization: 'Bearer wrong-key' } }, 401,
+      undefined, undefined, 'auth wrong key');
+    await expectError('GET', '/v1/models', { auth: false }, 401, undefined, undefined, 'auth models');
+    const h = await call('GET', '/health', { auth: false });
+    expect(h.status === 200, 'auth health', '/health must not need a key');
+  }
+}
+
+try {
+  await main();
+} catch (e) {
+  fail('run', e.stack || String(e));
+}
+console.log(`openapi conformance: ${checks} checks, ${violations.length} violations`);
+process.exit(violations.length ? 1 : 0);
