@@ -1,0 +1,594 @@
+/*
+ * test_convert.c - Hugging Face directory -> GGUF against the fixtures written by tools/make_fixtures.py.
+ *
+ * Proves: (1) converting tests/fixtures/hf/<name>/ gives, tensor for tensor, exactly the bytes of
+ * tests/fixtures/models/<base>.gguf (written independently by numpy, llama q/k permutation included),
+ * with the same tensor set and the same metadata; for a bf16 source, the bf16 rounding of the f32 model;
+ * (2) --type f16/bf16/q8_0 output equals the fixture models of that type bit for bit (so our Q8_0 is
+ * numpy's/llama.cpp's reference quantiser); (3) the converted model's logits match the golden logits
+ * within the golden tolerance; (4) a tokenizer-only directory gives a vocab-only GGUF that loads;
+ * (5) broken directories (bad config values, missing/misshaped/unexpected tensors, unsafe shard names,
+ * unsupported dtype/arch/rope scaling) are refused with a message naming the problem.
+ */
+#include <dirent.h>
+#include <errno.h>
+#include <jansson.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "codemoe.h"
+#include "gguf.h"
+#include "test.h"
+#include "util.h"
+
+static char tmp_dir[256];
+
+static const char *tmp(const char *name) {
+    static char buf[4][512];
+    static int k;
+    k = (k + 1) % 4;
+    snprintf(buf[k], sizeof buf[k], "%s/%s", tmp_dir, name);
+    return buf[k];
+}
+
+static char *fixture_dup(const char *rel) {
+    return strdup(test_fixture(rel));
+}
+
+/* ------------------------------------------------------------ comparing two GGUF files */
+
+/* Does converted tensor t hold reference tensor r? r is of t's type, or F32 when t is F16/BF16, or
+ * (src_bf16: the HF source was bf16) F32 whose values t holds rounded through bf16 (norms are F32). */
+static int tensor_matches(const gguf_tensor *r, const gguf_tensor *t, int src_bf16, char *why, size_t cap) {
+    if (r->n_dims != t->n_dims) { snprintf(why, cap, "n_dims %d vs %d", t->n_dims, r->n_dims); return 0; }
+    for (int d = 0; d < GGUF_MAX_DIMS; d++)
+        if (r->ne[d] != t->ne[d]) { snprintf(why, cap, "ne[%d] %lld vs %lld", d, (long long)t->ne[d], (long long)r->ne[d]); return 0; }
+    if (src_bf16 && r->type == GGUF_TT_F32 && t->type == GGUF_TT_F32) {
+        for (uint64_t i = 0; i < r->nbytes / 4; i++) {
+            float x, y;
+            memcpy(&x, (const uint8_t *)r->data + 4 * i, 4);
+            memcpy(&y, (const uint8_t *)t->data + 4 * i, 4);
+            if (memcmp(&y, &(float){cm_bf16_to_f32(cm_f32_to_bf16(x))}, 4)) {
+                snprintf(why, cap, "element %llu: %.9g vs bf16(%.9g)", (unsigned long long)i, y, x);
+                return 0;
+            }
+        }
+        return 1;
+    }
+    if (r->type == t->type) {
+        if (r->nbytes != t->nbytes || memcmp(r->data, t->data, t->nbytes)) {
+            snprintf(why, cap, "data differs (%s)", gguf_ttype_name(t->type));
+            return 0;
+        }
+        return 1;
+    }
+    if (r->type != GGUF_TT_F32 || (t->type != GGUF_TT_BF16 && t->type != GGUF_TT_F16)) {
+        snprintf(why, cap, "type %s vs %s", gguf_ttype_name(t->type), gguf_ttype_name(r->type));
+        return 0;
+    }
+    uint64_t n = r->nbytes / 4;
+    for (uint64_t i = 0; i < n; i++) {
+        float x;
+        uint16_t h, want;
+        memcpy(&x, (const uint8_t *)r->data + 4 * i, 4);
+        memcpy(&h, (const uint8_t *)t->data + 2 * i, 2);
+        want = t->type == GGUF_TT_BF16 ? cm_f32_to_bf16(x) : cm_f32_to_fp16(x);
+        if (h != want) { snprintf(why, cap, "element %llu: 0x%04x vs 0x%04x", (unsigned long long)i, h, want); return 0; }
+    }
+    return 1;
+}
+
+/* Raw bytes of a kv value as stored (for arrays: the element bytes after type and count). */
+static int kv_equal(const gguf_kv *a, const gguf_kv *b) {
+    if (a->type != b->type || a->arr_type != b->arr_type || a->n != b->n) return 0;
+    int et = a->type == GGUF_VT_ARRAY ? a->arr_type : a->type;
+    if (et == GGUF_VT_STRING) {
+        for (uint64_t i = 0; i < a->n; i++) {
+            gguf_str x = gguf_arr_str(a, i), y = gguf_arr_str(b, i);
+            if (x.len != y.len || memcmp(x.ptr, y.ptr, x.len)) return 0;
+        }
+        return 1;
+    }
+    static const int sz[] = {1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8};
+    return memcmp(a->data, b->data, (size_t)a->n * (size_t)sz[et]) == 0;
+}
+
+/* Keys whose value legitimately differs: the name comes from the directory; file_type from the type. */
+static int kv_skipped(const gguf_kv *kv, int same_type) {
+    return gguf_str_eq(kv->key, "general.name") || (!same_type && gguf_str_eq(kv->key, "general.file_type"));
+}
+
+/* Keys the fixture writer adds that llama.cpp's converter does not (the loader infers them): they may be
+ * absent from our output, but must match when present. */
+static int kv_optional(const gguf_kv *kv) {
+    return gguf_str_eq(kv->key, "tokenizer.ggml.eot_token_id");
+}
+
+static void compare_gguf(const char *got_path, const char *ref_path, int same_type, int src_bf16) {
+    gguf_file got, ref;
+    cm_err err = {0};
+    if (gguf_open(&got, got_path, &err)) { TEST_FAIL_("%s", err.msg); return; }
+    if (gguf_open(&ref, ref_path, &err)) { TEST_FAIL_("%s", err.msg); gguf_close(&got); return; }
+    CHECK_TRUE(got.n_tensors == ref.n_tensors);
+    char why[160], name[300];
+    for (uint64_t i = 0; i < ref.n_tensors; i++) {
+        const gguf_tensor *r = &ref.tensors[i];
+        snprintf(name, sizeof name, "%.*s", (int)r->name.len, r->name.ptr);
+        const gguf_tensor *t = gguf_find_tensor(&got, name);
+        if (!t) { TEST_FAIL_("%s: tensor %s missing", got_path, name); continue; }
+        if (!tensor_matches(r, t, src_bf16, why, sizeof why)) TEST_FAIL_("%s vs %s: tensor %s: %s", got_path, ref_path, name, why);
+    }
+    for (uint64_t i = 0; i < ref.n_kv; i++) {
+        const gguf_kv *r = &ref.kv[i];
+        if (kv_skipped(r, same_type)) continue;
+        snprintf(name, sizeof name, "%.*s", (int)r->key.len, r->key.ptr);
+        const gguf_kv *k = gguf_find(&got, name);
+        if (!k && kv_optional(r)) {
+            if (getenv("TEST_VERBOSE")) fprintf(stderr, "  note: optional key %s absent\n", name);
+        } else if (!k) TEST_FAIL_("%s: key %s missing", got_path, name);
+        else if (!kv_equal(r, k)) TEST_FAIL_("%s: key %s differs from %s", got_path, name, ref_path);
+    }
+    for (uint64_t i = 0; i < got.n_kv; i++) {
+        snprintf(name, sizeof name, "%.*s", (int)got.kv[i].key.len, got.kv[i].key.ptr);
+        if (!gguf_find(&ref, name) && getenv("TEST_VERBOSE")) fprintf(stderr, "  note: extra key %s\n", name);
+    }
+    gguf_close(&got);
+    gguf_close(&ref);
+}
+
+/* ------------------------------------------------------------ golden json */
+
+static json_t *load_golden(const char *name) {
+    char rel[300];
+    snprintf(rel, sizeof rel, "golden/%s.json", name);
+    json_error_t je;
+    return json_load_file(test_fixture(rel), 0, &je);
+}
+
+/* models/<base>.gguf for hf/<name>: "<base>-hf" or "<base>-<type>-hf". */
+static int ref_model_for(const char *hf_name, char *out, size_t cap) {
+    char base[256];
+    snprintf(base, sizeof base, "%s", hf_name);
+    size_t n = strlen(base);
+    if (n > 3 && !strcmp(base + n - 3, "-hf")) base[n - 3] = 0;
+    for (int tries = 0; tries < 2; tries++) {
+        char rel[300];
+        snprintf(rel, sizeof rel, "models/%s.gguf", base);
+        struct stat st;
+        if (stat(test_fixture(rel), &st) == 0) { snprintf(out, cap, "%s", test_fixture(rel)); return 1; }
+        char *dash = strrchr(base, '-');
+        if (!dash) break;
+        *dash = 0;
+    }
+    return 0;
+}
+
+static int read_f32_file(const char *path, float **out, size_t *n) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return -1;
+    fseek(f, 0, SEEK_END);
+    long sz = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    *out = malloc((size_t)sz);
+    *n = (size_t)sz / 4;
+    int ok = *out && fread(*out, 1, (size_t)sz, f) == (size_t)sz;
+    fclose(f);
+    return ok ? 0 : -1;
+}
+
+/* Logits of the converted model vs golden, every position of every case. */
+static void check_logits(const char *gguf_path, json_t *golden) {
+    cm_err err = {0};
+    cm_model_params mp = {0};
+    cm_model *m = cm_model_load(gguf_path, &mp, &err);
+    if (!m) { TEST_FAIL_("load %s: %s", gguf_path, err.msg); return; }
+    const cm_model_info *info = cm_model_get_info(m);
+    double tol = json_number_value(json_object_get(json_object_get(golden, "tolerance"), "max_abs"));
+    json_t *cases = json_object_get(golden, "cases"), *c;
+    size_t ci;
+    json_array_foreach(cases, ci, c) {
+        json_t *toks = json_object_get(c, "tokens");
+        int n = (int)json_array_size(toks);
+        cm_ctx_params cp = {.n_threads = 1, .n_seq_max = 1, .n_ctx = 0, .n_batch_max = n, .kv_tokens = 0};
+        cm_ctx *ctx = cm_ctx_create(m, &cp, &err);
+        if (!ctx) { TEST_FAIL_("ctx: %s", err.msg); break; }
+        int seq = cm_seq_open(ctx, &err);
+        int32_t *tk = malloc((size_t)n * sizeof *tk), *sq = malloc((size_t)n * sizeof *sq);
+        int8_t *want = malloc((size_t)n);
+        for (int i = 0; i < n; i++) {
+            tk[i] = (int32_t)json_integer_value(json_array_get(toks, (size_t)i));
+            sq[i] = seq;
+            want[i] = 1;
+        }
+        cm_batch b = {n, tk, sq, want};
+        float *ref = NULL;
+        size_t nref = 0;
+        char rel[300];
+        snprintf(rel, sizeof rel, "%s", json_string_value(json_object_get(c, "logits")));
+        if (seq < 0 || cm_forward(ctx, &b, &err)) TEST_FAIL_("forward: %s", err.msg);
+        else if (read_f32_file(test_fixture(rel), &ref, &nref) || nref != (size_t)n * (size_t)info->n_vocab)
+            TEST_FAIL_("golden logits %s unreadable or wrong size", rel);
+        else {
+            double max_diff = 0;
+            for (int i = 0; i < n; i++) {
+                const float *l = cm_logits(ctx, i);
+                if (!l) { TEST_FAIL_("no logits at %d", i); break; }
+                for (int v = 0; v < info->n_vocab; v++) {
+                    double d = fabs((double)l[v] - ref[(size_t)i * (size_t)info->n_vocab + (size_t)v]);
+                    if (d > max_diff) max_diff = d;
+                }
+            }
+            if (getenv("TEST_VERBOSE")) fprintf(stderr, "  %s case %zu: max |diff| %.3g (tol %g)\n", gguf_path, ci, max_diff, tol);
+            if (!(max_diff <= tol)) TEST_FAIL_("%s case %zu: max |logit diff| %.3g > %g", gguf_path, ci, max_diff, tol);
+        }
+        free(ref); free(tk); free(sq); free(want);
+        cm_ctx_free(ctx);
+    }
+    cm_model_free(m);
+}
+
+/* ------------------------------------------------------------ tests */
+
+/* Every hf/<name>: default conversion equals models/<base>.gguf. */
+TEST(convert_matches_fixture_models) {
+    DIR *d = opendir(test_fixture("hf"));
+    ASSERT_TRUE(d != NULL);
+    struct dirent *de;
+    int n = 0;
+    while ((de = readdir(d))) {
+        if (de->d_name[0] == '.') continue;
+        char rel[300], ref[4096];
+        snprintf(rel, sizeof rel, "hf/%s", de->d_name);
+        char *dir = fixture_dup(rel);
+        if (!ref_model_for(de->d_name, ref, sizeof ref)) { TEST_FAIL_("no reference model for %s", rel); free(dir); continue; }
+        cm_err err = {0};
+        const char *out = tmp("default.gguf");
+        int rc = cm_convert_hf(dir, out, NULL, &err);
+        if (rc) { TEST_FAIL_("convert %s: %s", rel, err.msg); free(dir); continue; }
+        json_t *g = load_golden(de->d_name);
+        const char *type = g ? json_string_value(json_object_get(g, "type")) : NULL;
+        compare_gguf(out, ref, type && !strcmp(type, "f32"), type && !strcmp(type, "bf16"));
+        json_decref(g);
+        unlink(out);
+        free(dir);
+        n++;
+    }
+    closedir(d);
+    ASSERT_TRUE(n >= 2);
+}
+
+/* --type f16/bf16/q8_0 of the f32 HF dir equals the fixture model of that type, byte for byte. */
+TEST(convert_types_match_fixture_models) {
+    static const struct { const char *type, *model; } v[] = {
+        {"f32", "models/qwen2-gqa.gguf"}, {"f16", "models/qwen2-gqa-f16.gguf"},
+        {"bf16", "models/qwen2-gqa-bf16.gguf"}, {"q8_0", "models/qwen2-gqa-q8_0.gguf"},
+    };
+    char *dir = fixture_dup("hf/qwen2-gqa-hf");
+    for (size_t i = 0; i < sizeof v / sizeof v[0]; i++) {
+        cm_err err = {0};
+        const char *out = tmp("typed.gguf");
+        if (cm_convert_hf(dir, out, v[i].type, &err)) { TEST_FAIL_("--type %s: %s", v[i].type, err.msg); continue; }
+        char *ref = fixture_dup(v[i].model);
+        compare_gguf(out, ref, 1, 0);
+        free(ref);
+        unlink(out);
+    }
+    free(dir);
+    cm_err err = {0};
+    ASSERT_EQ_INT(cm_convert_hf(test_fixture("hf/qwen2-gqa-hf"), tmp("x.gguf"), "q4_0", &err), CM_E_INVAL);
+}
+
+/* The converted models compute the golden logits. */
+TEST(convert_logits_match_golden) {
+    DIR *d = opendir(test_fixture("hf"));
+    ASSERT_TRUE(d != NULL);
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        if (de->d_name[0] == '.') continue;
+        json_t *g = load_golden(de->d_name);
+        if (!g) { TEST_FAIL_("no golden/%s.json", de->d_name); continue; }
+        char rel[300];
+        snprintf(rel, sizeof rel, "hf/%s", de->d_name);
+        char *dir = fixture_dup(rel);
+        cm_err err = {0};
+        const char *out = tmp("logits.gguf");
+        if (cm_convert_hf(dir, out, NULL, &err)) TEST_FAIL_("convert %s: %s", rel, err.msg);
+        else check_logits(out, g);
+        unlink(out);
+        free(dir);
+        json_decref(g);
+    }
+    closedir(d);
+}
+
+static int copy_file(const char *from, const char *to) {
+    FILE *a = fopen(from, "rb"), *b = fopen(to, "wb");
+    int ok = a && b;
+    char buf[65536];
+    size_t n;
+    while (ok && (n = fread(buf, 1, sizeof buf, a)) > 0) ok = fwrite(buf, 1, n, b) == n;
+    if (a) fclose(a);
+    if (b && fclose(b)) ok = 0;
+    return ok ? 0 : -1;
+}
+
+/* A scratch HF dir: the given fixture dir's files copied into tmp_dir/work/ (removed first). */
+static const char *make_work_dir(const char *fixture_rel) {
+    static char work[512];
+    snprintf(work, sizeof work, "%s/work", tmp_dir);
+    DIR *d = opendir(work);
+    if (d) {
+        struct dirent *de;
+        char p[1024];
+        while ((de = readdir(d))) {
+            if (de->d_name[0] == '.') continue;
+            snprintf(p, sizeof p, "%s/%s", work, de->d_name);
+            unlink(p);
+        }
+        closedir(d);
+    } else {
+        mkdir(work, 0700);
+    }
+    char *src = fixture_dup(fixture_rel);
+    d = opendir(src);
+    if (d) {
+        struct dirent *de;
+        char a[1024], b[1024];
+        while ((de = readdir(d))) {
+            if (de->d_name[0] == '.') continue;
+            snprintf(a, sizeof a, "%s/%s", src, de->d_name);
+            snprintf(b, sizeof b, "%s/%s", work, de->d_name);
+            copy_file(a, b);
+        }
+        closedir(d);
+    }
+    free(src);
+    return work;
+}
+
+TEST(convert_vocab_only) {
+    const char *work = make_work_dir("hf/qwen2-gqa-hf");
+    char p[1024];
+    snprintf(p, sizeof p, "%s/config.json", work); unlink(p);
+    snprintf(p, sizeof p, "%s/model.safetensors", work); unlink(p);
+    cm_err err = {0};
+    const char *out = tmp("vocab.gguf");
+    int rc = cm_convert_hf(work, out, NULL, &err);
+    if (rc) fprintf(stderr, "%s\n", err.msg);
+    ASSERT_EQ_INT(rc, CM_OK);
+    gguf_file g;
+    ASSERT_EQ_INT(gguf_open(&g, out, &err), CM_OK);
+    gguf_str s;
+    CHECK_TRUE(gguf_get_str(&g, "general.architecture", &s, &err) == CM_OK && gguf_str_eq(s, "none"));
+    CHECK_TRUE(g.n_tensors == 0);
+    const gguf_kv *kv = gguf_find(&g, "tokenizer.ggml.tokens");
+    CHECK_TRUE(kv && kv->n == 300);
+    gguf_close(&g);
+    cm_model_params mp = {.vocab_only = 1};
+    cm_model *m = cm_model_load(out, &mp, &err);
+    if (!m) TEST_FAIL_("vocab-only load: %s", err.msg);
+    else {
+        int32_t ids[16];
+        int n = cm_tokenize(m, "name", 4, 0, ids, 16, &err);
+        CHECK_TRUE(n == 1 && ids[0] == 280); /* golden: "name" -> [280] */
+        cm_model_free(m);
+    }
+    mp.vocab_only = 0;
+    m = cm_model_load(out, &mp, &err);
+    CHECK_TRUE(m == NULL);
+    cm_model_free(m);
+    unlink(out);
+    /* nothing convertible at all */
+    snprintf(p, sizeof p, "%s/tokenizer.json", work); unlink(p);
+    ASSERT_EQ_INT(cm_convert_hf(work, out, NULL, &err), CM_E_IO);
+    ASSERT_EQ_INT(cm_convert_hf("/nonexistent/dir", out, NULL, &err), CM_E_IO);
+}
+
+/* Edit config.json (or index) of a scratch copy and expect rc with msg containing `needle`. */
+static void edit_json(const char *path, const char *key, json_t *val) {
+    json_error_t je;
+    json_t *root = json_load_file(path, 0, &je);
+    if (!root) return;
+    if (val) json_object_set_new(root, key, val);
+    else json_object_del(root, key);
+    json_dump_file(root, path, JSON_INDENT(1));
+    json_decref(root);
+}
+
+static void expect_fail(const char *work, int want_rc, const char *needle, const char *what) {
+    cm_err err = {0};
+    int rc = cm_convert_hf(work, tmp("bad.gguf"), NULL, &err);
+    if (rc != want_rc || !strstr(err.msg, needle))
+        TEST_FAIL_("%s: rc %d (want %d) msg '%s' (want '%s')", what, rc, want_rc, err.msg, needle);
+    else if (getenv("TEST_VERBOSE")) fprintf(stderr, "  %-22s -> %s\n", what, err.msg);
+    struct stat st;
+    if (stat(tmp("bad.gguf"), &st) == 0) TEST_FAIL_("%s: output written despite error", what);
+}
+
+TEST(convert_rejects_bad_config) {
+    static const struct { const char *key; const char *json; int rc; const char *needle; } cases[] = {
+        {"hidden_size", NULL, CM_E_FORMAT, "hidden_size"},
+        {"hidden_size", "0", CM_E_FORMAT, "hidden_size"},
+        {"hidden_size", "\"64\"", CM_E_FORMAT, "hidden_size"},
+        {"num_attention_heads", "3", CM_E_FORMAT, "not divisible"},
+        {"num_key_value_heads", "3", CM_E_FORMAT, "num_key_value_heads"},
+        {"num_key_value_heads", "8", CM_E_FORMAT, "num_key_value_heads"},
+        {"num_hidden_layers", "3", CM_E_FORMAT, "missing tensor 'model.layers.2."},
+        {"num_hidden_layers", "1", CM_E_UNSUPPORTED, "unexpected tensor 'model.layers.1."},
+        {"vocab_size", "301", CM_E_FORMAT, "model.embed_tokens.weight': shape [300, 64], expected [301, 64]"},
+        {"intermediate_size", "96", CM_E_FORMAT, "shape"},
+        {"rms_norm_eps", "-1", CM_E_FORMAT, "rms_norm_eps"},
+        {"rope_theta", "\"x\"", CM_E_FORMAT, "rope_theta"},
+        {"rope_scaling", "{\"type\": \"linear\", \"factor\": 2}", CM_E_UNSUPPORTED, "rope_scaling"},
+        {"architectures", "[\"MistralForCausalLM\"]", CM_E_UNSUPPORTED, "MistralForCausalLM"},
+        {"tie_word_embeddings", "false", CM_E_FORMAT, "lm_head.weight"},
+        {"head_dim", "15", CM_E_FORMAT, "head_dim"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        const char *work = make_work_dir("hf/qwen2-gqa-hf");
+        char p[1024];
+        snprintf(p, sizeof p, "%s/config.json", work);
+        json_error_t je;
+        edit_json(p, cases[i].key, cases[i].json ? json_loads(cases[i].json, JSON_DECODE_ANY, &je) : NULL);
+        char what[128];
+        snprintf(what, sizeof what, "%s=%s", cases[i].key, cases[i].json ? cases[i].json : "(absent)");
+        expect_fail(work, cases[i].rc, cases[i].needle, what);
+    }
+    const char *work = make_work_dir("hf/qwen2-gqa-hf");
+    char p[1024];
+    snprintf(p, sizeof p, "%s/config.json", work);
+    FILE *f = fopen(p, "w");
+    fputs("{\"architectures\": [\"Qwen2ForCausalLM\"], ", f);
+    fclose(f);
+    expect_fail(work, CM_E_FORMAT, "config.json", "truncated config.json");
+}
+
+TEST(convert_rejects_bad_shards) {
+    /* shard names escaping the directory */
+    const char *work = make_work_dir("hf/llama-mha-bf16-hf");
+    char p[1024];
+    snprintf(p, sizeof p, "%s/model.safetensors.index.json", work);
+    json_error_t je;
+    json_t *root = json_load_file(p, 0, &je);
+    ASSERT_TRUE(root != NULL);
+    json_t *wm = json_object_get(root, "weight_map");
+    json_object_set_new(wm, "model.norm.weight", json_string("../model-00001-of-00002.safetensors"));
+    json_dump_file(root, p, 0);
+    expect_fail(work, CM_E_FORMAT, "not a plain file name", "shard ../");
+    /* index names a shard that lacks the tensor */
+    json_object_set_new(wm, "model.norm.weight", json_string("model-00001-of-00002.safetensors"));
+    const char *other = "model-00002-of-00002.safetensors";
+    json_t *cur = json_object_get(wm, "model.embed_tokens.weight");
+    if (cur && !strcmp(json_string_value(cur), other)) other = "model-00001-of-00002.safetensors";
+    json_object_set_new(wm, "model.embed_tokens.weight", json_string(other));
+    json_dump_file(root, p, 0);
+    expect_fail(work, CM_E_FORMAT, "does not hold it", "index points elsewhere");
+    /* a shard that does not exist */
+    json_object_set_new(wm, "model.embed_tokens.weight", json_string("model-00009-of-00009.safetensors"));
+    json_dump_file(root, p, 0);
+    expect_fail(work, CM_E_IO, "model-00009-of-00009.safetensors", "missing shard");
+    json_decref(root);
+    /* no weights at all */
+    work = make_work_dir("hf/qwen2-gqa-hf");
+    snprintf(p, sizeof p, "%s/model.safetensors", work);
+    unlink(p);
+    expect_fail(work, CM_E_IO, "neither model.safetensors", "no weights");
+    /* a corrupt safetensors file: header length beyond the file */
+    FILE *f = fopen(p, "wb");
+    uint64_t n = 1000;
+    fwrite(&n, 8, 1, f);
+    fputs("{}", f);
+    fclose(f);
+    expect_fail(work, CM_E_FORMAT, "header length", "corrupt safetensors");
+}
+
+/* A safetensors file with one tensor replaced: wrong dtype, an extra tensor. Written by hand. */
+static void write_st(const char *path, const char *header, size_t data_len) {
+    FILE *f = fopen(path, "wb");
+    uint64_t n = strlen(header);
+    fwrite(&n, 8, 1, f);
+    fputs(header, f);
+    for (size_t i = 0; i < data_len; i++) fputc(0, f);
+    fclose(f);
+}
+
+TEST(convert_rejects_bad_tensors) {
+    /* A minimal 1-layer llama built by hand, D=32 H=2 E=16 F=32 V=8, tied; then broken variants. */
+    const char *work = make_work_dir("hf/qwen2-gqa-hf");
+    char p[1024];
+    snprintf(p, sizeof p, "%s/config.json", work);
+    FILE *f = fopen(p, "w");
+    fputs("{\"architectures\": [\"LlamaForCausalLM\"], \"hidden_size\": 32, \"num_hidden_layers\": 1,"
+          " \"intermediate_size\": 32, \"num_attention_heads\": 2, \"vocab_size\": 300, \"rms_norm_eps\": 1e-5,"
+          " \"tie_word_embeddings\": true}", f);
+    fclose(f);
+    snprintf(p, sizeof p, "%s/model.safetensors", work);
+    char hdr[4096];
+    size_t off = 0;
+    int len = 0;
+    /* name, rows, cols (0 = vector) */
+    static const struct { const char *n; int r, c; } t[] = {
+        {"model.embed_tokens.weight", 300, 32}, {"model.norm.weight", 32, 0},
+        {"model.layers.0.input_layernorm.weight", 32, 0}, {"model.layers.0.post_attention_layernorm.weight", 32, 0},
+        {"model.layers.0.self_attn.q_proj.weight", 32, 32}, {"model.layers.0.self_attn.k_proj.weight", 32, 32},
+        {"model.layers.0.self_attn.v_proj.weight", 32, 32}, {"model.layers.0.self_attn.o_proj.weight", 32, 32},
+        {"model.layers.0.mlp.gate_proj.weight", 32, 32}, {"model.layers.0.mlp.up_proj.weight", 32, 32},
+        {"model.layers.0.mlp.down_proj.weight", 32, 32},
+    };
+    for (int variant = 0; variant < 4; variant++) {
+        len = snprintf(hdr, sizeof hdr, "{");
+        off = 0;
+        for (size_t i = 0; i < sizeof t / sizeof t[0]; i++) {
+            size_t nb = (size_t)t[i].r * (size_t)(t[i].c ? t[i].c : 1) * 4;
+            const char *dtype = variant == 1 && i == 4 ? "I32" : "F32";
+            if (t[i].c)
+                len += snprintf(hdr + len, sizeof hdr - (size_t)len, "%s\"%s\": {\"dtype\": \"%s\", \"shape\": [%d, %d], \"data_offsets\": [%zu, %zu]}",
+                                i ? ", " : "", t[i].n, dtype, t[i].r, t[i].c, off, off + nb);
+            else
+                len += snprintf(hdr + len, sizeof hdr - (size_t)len, "%s\"%s\": {\"dtype\": \"%s\", \"shape\": [%d], \"data_offsets\": [%zu, %zu]}",
+                                i ? ", " : "", t[i].n, dtype, t[i].r, off, off + nb);
+            off += nb;
+        }
+        if (variant == 2)
+            len += snprintf(hdr + len, sizeof hdr - (size_t)len, ", \"model.layers.0.mlp.extra.weight\": {\"dtype\": \"F32\", \"shape\": [1], \"data_offsets\": [%zu, %zu]}", off, off + 4), off += 4;
+        if (variant == 3)
+            len += snprintf(hdr + len, sizeof hdr - (size_t)len, ", \"model.rotary_emb.inv_freq\": {\"dtype\": \"F32\", \"shape\": [8], \"data_offsets\": [%zu, %zu]}", off, off + 32), off += 32;
+        snprintf(hdr + len, sizeof hdr - (size_t)len, "}");
+        write_st(p, hdr, off);
+        cm_err err = {0};
+        int rc = cm_convert_hf(work, tmp("hand.gguf"), variant == 0 ? "q8_0" : NULL, &err);
+        if (variant == 0 || variant == 3) {
+            if (rc) TEST_FAIL_("variant %d: %s", variant, err.msg);
+            else {
+                gguf_file g;
+                CHECK_TRUE(gguf_open(&g, tmp("hand.gguf"), &err) == CM_OK);
+                const gguf_tensor *x = gguf_find_tensor(&g, "blk.0.attn_q.weight");
+                CHECK_TRUE(x && x->type == (variant == 0 ? GGUF_TT_Q8_0 : GGUF_TT_F32));
+                x = gguf_find_tensor(&g, "blk.0.attn_norm.weight");
+                CHECK_TRUE(x && x->type == GGUF_TT_F32);
+                CHECK_TRUE(gguf_find_tensor(&g, "output.weight") == NULL);
+                CHECK_TRUE(g.n_tensors == 11);
+                gguf_close(&g);
+            }
+            unlink(tmp("hand.gguf"));
+        } else if (variant == 1) {
+            CHECK_TRUE(rc == CM_E_UNSUPPORTED && strstr(err.msg, "dtype I32"));
+        } else {
+            CHECK_TRUE(rc == CM_E_UNSUPPORTED && strstr(err.msg, "unexpected tensor 'model.layers.0.mlp.extra.weight'"));
+        }
+    }
+}
+
+static void rm_tree(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return;
+    struct dirent *de;
+    char p[1024];
+    while ((de = readdir(d))) {
+        if (de->d_name[0] == '.') continue;
+        snprintf(p, sizeof p, "%s/%s", dir, de->d_name);
+        struct stat st;
+        if (stat(p, &st) == 0 && S_ISDIR(st.st_mode)) rm_tree(p);
+        else unlink(p);
+    }
+    closedir(d);
+    rmdir(dir);
+}
+
+int main(void) {
+    snprintf(tmp_dir, sizeof tmp_dir, "/tmp/cm_test_convert_%d", (int)getpid());
+    if (mkdir(tmp_dir, 0700) != 0) { perror(tmp_dir); return 1; }
+    RUN(convert_matches_fixture_models);
+    RUN(convert_types_match_fixture_models);
+    RUN(convert_logits_match_golden);
+    RUN(convert_vocab_only);
+    RUN(convert_rejects_bad_config);
+    RUN(convert_rejects_bad_shards);
+    RUN(convert_rejects_bad_tensors);
+    rm_tree(tmp_dir);
+    return test_summary();
+}
