@@ -1,0 +1,238 @@
+/*
+ * test_api_model.c - api/ against the real engine and the fixture models: prompts tokenize exactly as
+ * cm_tokenize does (BOS, special tokens, FIM built from the model's own FIM ids), token prompts echo
+ * their decoded text, logprobs render real token bytes, and a seeded generation streamed through
+ * api_stop_scan + api_render_chunk yields, concatenated, exactly the non-streamed text cut at the stop
+ * string (the server's streaming loop in miniature).
+ */
+#include <math.h>
+
+#include "../test.h"
+#include "api.h"
+
+static cm_model *load(const char *name) {
+    char path[512];
+    snprintf(path, sizeof path, "models/%s.gguf", name);
+    cm_model_params mp = {.n_threads = 1};
+    cm_err err = {0};
+    cm_model *m = cm_model_load(test_fixture(path), &mp, &err);
+    if (!m) fprintf(stderr, "load %s: %s\n", path, err.msg);
+    return m;
+}
+
+static int tokenize(const cm_model *m, const char *text, int flags, int32_t *out, int cap) {
+    return cm_tokenize(m, text, strlen(text), flags, out, cap, NULL);
+}
+
+TEST(prompts_match_engine_tokenizer) {
+    cm_model *m = load("qwen2-gqa");
+    ASSERT_TRUE(m);
+    const cm_model_info *info = cm_model_get_info(m);
+    api_model am = {.model = m, .id = "qwen2-gqa", .n_ctx = 256};
+    api_limits lim;
+    api_limits_default(&lim);
+    api_completion_req r;
+    api_error e;
+    int32_t want[128];
+
+    /* plain text with an inline control token: recognised by default */
+    const char *body = "{\"prompt\":\"def f(x):<|endoftext|>\"}";
+    ASSERT_EQ_INT(api_parse_completion(body, strlen(body), &am, &lim, &r, &e), 0);
+    int n = tokenize(m, "def f(x):<|endoftext|>", CM_TOK_ADD_BOS | CM_TOK_PARSE_SPECIAL, want, 128);
+    ASSERT_TRUE(n > 1);
+    ASSERT_EQ_INT(r.prompts[0].n_tokens, n);
+    ASSERT_TRUE(memcmp(r.prompts[0].tokens, want, (size_t)n * 4) == 0);
+    ASSERT_TRUE(info->eos >= 0);
+    ASSERT_EQ_INT(r.prompts[0].tokens[n - 1], info->eos);
+    api_completion_req_free(&r);
+
+    /* parse_special false: the same text is bytes, no EOS inside */
+    body = "{\"prompt\":\"def f(x):<|endoftext|>\",\"parse_special\":false}";
+    ASSERT_EQ_INT(api_parse_completion(body, strlen(body), &am, &lim, &r, &e), 0);
+    for (int i = 0; i < r.prompts[0].n_tokens; i++) ASSERT_TRUE(r.prompts[0].tokens[i] != info->eos);
+    api_completion_req_free(&r);
+
+    /* FIM from the model's ids; prompt and suffix as plain text */
+    ASSERT_TRUE(info->fim_pre >= 0 && info->fim_suf >= 0 && info->fim_mid >= 0);
+    body = "{\"prompt\":\"def f(x):\\n    return \",\"suffix\":\"\\nprint(f(1))<|endoftext|>\"}";
+    ASSERT_EQ_INT(api_parse_completion(body, strlen(body), &am, &lim, &r, &e), 0);
+    int np = tokenize(m, "def f(x):\n    return ", 0, want, 128);
+    int k = 0;
+    const int32_t *t = r.prompts[0].tokens;
+    if (info->add_bos && info->bos >= 0) ASSERT_EQ_INT(t[k++], info->bos);
+    ASSERT_EQ_INT(t[k++], info->fim_pre);
+    ASSERT_TRUE(memcmp(t + k, want, (size_t)np * 4) == 0);
+    k += np;
+    ASSERT_EQ_INT(t[k++], info->fim_suf);
+    int ns = tokenize(m, "\nprint(f(1))<|endoftext|>", 0, want, 128);
+    ASSERT_TRUE(memcmp(t + k, want, (size_t)ns * 4) == 0);
+    k += ns;
+    ASSERT_EQ_INT(t[k++], info->fim_mid);
+    ASSERT_EQ_INT(r.prompts[0].n_tokens, k);
+    api_completion_req_free(&r);
+
+    /* token prompt: echo text is the decoded ids */
+    n = tokenize(m, "hello world", 0, want, 128);
+    char buf[512];
+    int off = snprintf(buf, sizeof buf, "{\"prompt\":[");
+    for (int i = 0; i < n; i++) off += snprintf(buf + off, sizeof buf - (size_t)off, "%s%d", i ? "," : "", want[i]);
+    snprintf(buf + off, sizeof buf - (size_t)off, "],\"echo\":true}");
+    ASSERT_EQ_INT(api_parse_completion(buf, strlen(buf), &am, &lim, &r, &e), 0);
+    ASSERT_STREQ(r.prompts[0].text, "hello world");
+    api_completion_req_free(&r);
+
+    /* ids past the vocabulary */
+    snprintf(buf, sizeof buf, "{\"prompt\":[1,%d]}", info->n_vocab);
+    ASSERT_EQ_INT(api_parse_completion(buf, strlen(buf), &am, &lim, &r, &e), -1);
+    ASSERT_STREQ(e.param, "prompt");
+    cm_model_free(m);
+}
+
+/* Generation of a request (its sampling settings, choice 0); streams with stop handling when stream != 0. Returns the client
+ * text (concatenated chunks or the full choice) in out. */
+static int generate(const cm_model *m, const api_completion_req *r, int stream, char *out, size_t cap,
+                    api_finish *finish) {
+    cm_err err = {0};
+    cm_ctx_params cp = {.n_threads = 1, .n_seq_max = 1, .n_ctx = 256, .n_batch_max = 256};
+    cm_ctx *c = cm_ctx_create(m, &cp, &err);
+    if (!c) { fprintf(stderr, "ctx: %s\n", err.msg); return -1; }
+    int seq = cm_seq_open(c, &err);
+    cm_sampling sp;
+    api_completion_sampling(r, 0, &sp);
+    cm_sampler *s = cm_sampler_create(m, &sp, &err);
+    const api_prompt *p = &r->prompts[0];
+    int32_t seqs[256];
+    for (int i = 0; i < p->n_tokens; i++) seqs[i] = seq;
+    cm_batch b = {.n = p->n_tokens, .token = p->tokens, .seq = seqs};
+    if (!s || cm_forward(c, &b, &err)) { fprintf(stderr, "forward: %s\n", err.msg); return -1; }
+    const float *logits = cm_logits(c, p->n_tokens - 1);
+
+    char text[4096];
+    size_t len = 0, emitted = 0, got = 0;
+    cm_detok d;
+    cm_detok_init(&d, 0);
+    api_meta meta = {.id = "cmpl-t", .created = 1};
+    *finish = API_FINISH_LENGTH;
+    for (int step = 0; step < r->max_tokens; step++) {
+        float lp;
+        cm_token_logprob top[20];
+        int32_t tok = cm_sampler_sample(s, logits, &lp, top);
+        if (cm_token_is_eog(m, tok)) { *finish = API_FINISH_STOP; break; }
+        int k = cm_detok_push(&d, m, tok, text + len, sizeof text - len);
+        if (k < 0) return -1;
+        len += (size_t)k;
+        size_t safe;
+        int hit = api_stop_scan(&r->stop, text, len, emitted, &safe);
+        if (stream && safe > emitted) {
+            api_choice ch = {.index = 0, .text = text + emitted, .text_len = safe - emitted};
+            char *ev = api_render_chunk(r, &meta, &ch);
+            json_t *j = json_loads(ev + 6, 0, NULL);
+            const char *t = json_string_value(json_object_get(json_array_get(json_object_get(j, "choices"), 0), "text"));
+            size_t tl = strlen(t);
+            if (got + tl < cap) { memcpy(out + got, t, tl); got += tl; }
+            json_decref(j);
+            free(ev);
+        }
+        emitted = safe;
+        if (hit >= 0) { *finish = API_FINISH_STOP; len = safe; break; }
+        cm_batch nb = {.n = 1, .token = &tok, .seq = &seq};
+        if (cm_forward(c, &nb, &err)) return -1;
+        logits = cm_logits(c, 0);
+    }
+    if (stream) { /* the held tail, when generation ended for another reason than a stop */
+        memcpy(out + got, text + emitted, len - emitted);
+        got += len - emitted;
+    } else {
+        memcpy(out, text, len);
+        got = len;
+    }
+    out[got] = '\0';
+    cm_sampler_free(s);
+    cm_ctx_free(c);
+    return (int)got;
+}
+
+TEST(streamed_equals_full_with_stops) {
+    cm_model *m = load("qwen2-gqa");
+    ASSERT_TRUE(m);
+    api_model am = {.model = m, .id = "q", .n_ctx = 256};
+    api_limits lim;
+    api_limits_default(&lim);
+    api_completion_req r;
+    api_error e;
+    const char *body = "{\"prompt\":\"def fibonacci(n):\\n    if n\",\"max_tokens\":24,\"temperature\":1,\"seed\":5}";
+    ASSERT_EQ_INT(api_parse_completion(body, strlen(body), &am, &lim, &r, &e), 0);
+    char full[4096], streamed[4096];
+    api_finish f1, f2;
+    int n = generate(m, &r, 0, full, sizeof full, &f1);
+    ASSERT_TRUE(n > 4);
+    ASSERT_EQ_INT(generate(m, &r, 1, streamed, sizeof streamed, &f2), n);
+    ASSERT_STREQ(streamed, full);
+    api_completion_req_free(&r);
+
+    /* every 2- and 3-byte window of the output as a stop string: the streamed text is the full text
+     * cut at the first match, whichever tokens the stop spans */
+    int tried = 0;
+    for (int w = 2; w <= 3; w++) {
+        for (int at = 0; at + w <= n; at++) {
+            char stop[8];
+            memcpy(stop, full + at, (size_t)w);
+            stop[w] = '\0';
+            json_t *req = json_pack("{s:s, s:i, s:i, s:i, s:[s]}", "prompt", "def fibonacci(n):\n    if n", "max_tokens",
+                                    24, "temperature", 1, "seed", 5, "stop", stop);
+            if (!req) continue; /* the window cut a UTF-8 character: not a valid JSON string */
+            char *b = json_dumps(req, JSON_COMPACT);
+            json_decref(req);
+            ASSERT_EQ_INT(api_parse_completion(b, strlen(b), &am, &lim, &r, &e), 0);
+            free(b);
+            int k = generate(m, &r, 1, streamed, sizeof streamed, &f2);
+            tried++;
+            size_t cut = (size_t)(strstr(full, stop) - full);
+            CHECK_TRUE(k == (int)cut && memcmp(streamed, full, cut) == 0);
+            CHECK_TRUE(f2 == API_FINISH_STOP);
+            api_completion_req_free(&r);
+        }
+    }
+    fprintf(stderr, "  %d stop strings over %d bytes of seeded output \"%s\"\n", tried, n, full);
+    CHECK_TRUE(tried >= 10);
+    cm_model_free(m);
+}
+
+TEST(render_real_token_bytes) {
+    cm_model *m = load("qwen2-gqa");
+    ASSERT_TRUE(m);
+    api_model am = {.model = m, .id = "q", .n_ctx = 256};
+    api_limits lim;
+    api_limits_default(&lim);
+    api_completion_req r;
+    api_error e;
+    const char *body = "{\"prompt\":\"x\",\"logprobs\":1}";
+    ASSERT_EQ_INT(api_parse_completion(body, strlen(body), &am, &lim, &r, &e), 0);
+    /* every token renders as a JSON string: valid UTF-8 text or "bytes:\xNN" */
+    int nv = cm_model_get_info(m)->n_vocab;
+    api_token_lp *lp = calloc((size_t)nv, sizeof *lp);
+    for (int i = 0; i < nv; i++) lp[i] = (api_token_lp){.token = i, .logprob = -1.0f};
+    api_choice ch = {.index = 0, .text = "", .text_len = 0, .lp = lp, .n_lp = nv};
+    api_usage u = {0};
+    api_meta meta = {.id = "cmpl-b", .created = 0};
+    char *s = api_render_completion(&r, &meta, &ch, 1, &u, NULL);
+    json_t *j = json_loads(s, JSON_ALLOW_NUL, NULL); /* token 0 is the byte 0x00: "\u0000" is valid JSON */
+    free(s);
+    free(lp);
+    ASSERT_TRUE(j);
+    json_t *tokens = json_object_get(json_object_get(json_array_get(json_object_get(j, "choices"), 0), "logprobs"), "tokens");
+    ASSERT_EQ_INT(json_array_size(tokens), nv);
+    int n_bytes = 0;
+    for (int i = 0; i < nv; i++) n_bytes += strncmp(json_string_value(json_array_get(tokens, i)), "bytes:", 6) == 0;
+    ASSERT_TRUE(n_bytes >= 64); /* the byte tokens 0x80..0xff alone are not UTF-8 */
+    json_decref(j);
+    api_completion_req_free(&r);
+    cm_model_free(m);
+}
+
+int main(void) {
+    RUN(prompts_match_engine_tokenizer);
+    RUN(streamed_equals_full_with_stops);
+    RUN(render_real_token_bytes);
+    return test_summary();
+}
