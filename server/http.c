@@ -1,0 +1,1121 @@
+/*
+ * http.c - the HTTP front end of `codemoe serve`: libmicrohttpd driven by the libuv loop, routes,
+ * API keys, CORS, limits, completions (plain and SSE), cancellation, graceful shutdown, access log.
+ *
+ * Event loop integration: MHD runs in "external" epoll mode. Its epoll fd is watched by a uv_poll_t
+ * and MHD_get_timeout drives a uv_timer_t; MHD_run is called only from those two callbacks, so every
+ * MHD callback below runs on the loop thread and never re-enters MHD_run. No thread per connection.
+ *
+ * A completion request is parsed (api/), turned into a srv_job and handed to the engine worker; the
+ * connection is then suspended. The worker's output arrives through srv_sched's wake-up (on_wake):
+ * the loop queues the response (JSON, or a chunked SSE stream whose reader drains a bounded
+ * per-request buffer) and resumes the connection. While a request waits, a uv_poll_t on its socket
+ * watches for the client hanging up (MHD does not see disconnects of suspended connections), so a
+ * client that leaves cancels its generation at the worker's next step.
+ */
+#include <errno.h>
+#include <math.h>
+#include <netdb.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#include <arpa/inet.h>
+
+#include <microhttpd.h>
+
+#include "server.h"
+
+enum {
+    ROUTE_UNKNOWN = 0,
+    ROUTE_HEALTH,
+    ROUTE_METRICS,
+    ROUTE_MODELS,
+    ROUTE_MODEL,
+    ROUTE_COMPLETIONS,
+    ROUTE_ROUTING,
+    ROUTE_PREFLIGHT,
+};
+
+static const char *route_label[] = {"unknown", "health", "metrics", "models", "model", "completions",
+                                    "routing", "preflight"};
+
+enum { WATCH_NONE = 0, WATCH_ACTIVE, WATCH_STOPPED, WATCH_CLOSING, WATCH_CLOSED };
+
+/* Loop-side accumulation of one choice for the non-streamed response. */
+typedef struct choice_acc {
+    srv_buf text;       /* echo text + completion */
+    srv_tokvec toks;    /* echoed prompt tokens, then generated ones */
+    api_finish finish;
+    long chars;         /* characters of the completion text sent so far (stream text_offset) */
+    int started;        /* stream: the echo part went out */
+} choice_acc;
+
+typedef struct srv_req srv_req;
+struct srv_req {
+    srv_http *h;
+    struct MHD_Connection *conn;
+    srv_req *prev, *next;       /* h->reqs */
+    char id[72];                /* request id */
+    char method[12];
+    char path[160];             /* for the log, truncated */
+    int route;
+    char arg[256];              /* path parameter (model id, completion id) */
+    int seen;                   /* access handler called once */
+    int status;                 /* status sent (0: none yet) */
+    uint64_t t_start;
+    size_t bytes_in, bytes_out;
+    char origin[256];           /* CORS origin to allow in the response, "" for none */
+
+    srv_buf body;
+    int too_large;
+    size_t discarded;
+    int responded;              /* a response is queued */
+
+    /* completion */
+    api_completion_req creq;
+    int has_creq;
+    srv_job job;
+    int job_active;             /* submitted and not done */
+    int job_admitted;
+    srv_out *outs;              /* (n_choices) drained outbox */
+    choice_acc *acc;            /* (n_choices) */
+    api_token_lp *lp_scratch;   /* rendering scratch */
+    int lp_cap;
+    char cmpl_id[40];
+    int64_t created;
+    int prompt_tokens, completion_tokens;
+    int64_t t_first_token_ns;
+    uint64_t deadline;          /* uv_hrtime ns; 0: none */
+    int cancel_reason;
+    const char *outcome;        /* for the log: "ok", "error", "client_gone", "timeout", ... */
+
+    int suspended;
+    uv_poll_t watch;            /* client hang-up detection while the request is in flight */
+    int watch_state;
+    int client_gone;
+
+    /* streaming */
+    int stream;
+    int stream_started;         /* SSE response queued */
+    srv_buf sse;                /* pending SSE bytes; sse_off of them already sent */
+    size_t sse_off;
+    int sse_end;                /* nothing more will be appended */
+    int conn_done;              /* MHD's completion callback ran */
+};
+
+struct srv_http {
+    uv_loop_t *loop;
+    srv_config *cfg;
+    struct MHD_Daemon *mhd;
+    uv_poll_t poll;
+    uv_timer_t timer;           /* MHD timeouts and "run MHD soon" kicks */
+    uv_timer_t tick;            /* request timeouts, shutdown checks */
+    uv_timer_t grace;
+    int port;
+    srv_sched *sched;
+    srv_metrics metrics;
+    srv_retention *ret;
+    api_limits limits;
+    api_model model;
+    int model_state;
+    int64_t created;
+    srv_req *reqs;
+    int n_reqs;
+    int n_jobs;                 /* completions submitted and not done */
+    int draining, grace_over;
+    void (*done)(void *);
+    void *done_ud;
+    int done_called;
+    int exit_code;
+    int handles_open;
+};
+
+static void mhd_kick(srv_http *h);
+static void req_try_free(srv_req *r);
+static void check_drained(srv_http *h);
+
+/* ============================================================ responses */
+
+static void add_common_headers(srv_req *r, struct MHD_Response *resp) {
+    MHD_add_response_header(resp, "X-Request-Id", r->id);
+    if (r->origin[0]) {
+        MHD_add_response_header(resp, "Access-Control-Allow-Origin", r->origin);
+        MHD_add_response_header(resp, "Vary", "Origin");
+        MHD_add_response_header(resp, "Access-Control-Expose-Headers", "X-Request-Id, Retry-After");
+    }
+}
+
+/* Queues body (malloc'ed, taken over; NULL -> 500 with a fixed body). */
+static void respond(srv_req *r, int status, const char *ctype, char *body, size_t len) {
+    if (r->responded) { free(body); return; }
+    static const char oom[] = "{\"error\":{\"message\":\"out of memory\",\"type\":\"server_error\",\"param\":null,\"code\":null}}";
+    struct MHD_Response *resp;
+    if (!body) {
+        status = 500;
+        ctype = "application/json";
+        resp = MHD_create_response_from_buffer(sizeof oom - 1, (void *)oom, MHD_RESPMEM_PERSISTENT);
+    } else {
+        resp = MHD_create_response_from_buffer(len, body, MHD_RESPMEM_MUST_FREE);
+        if (!resp) free(body);
+    }
+    if (!resp) return;
+    MHD_add_response_header(resp, "Content-Type", ctype);
+    add_common_headers(r, resp);
+    if (status == 429 || status == 503) MHD_add_response_header(resp, "Retry-After", "1");
+    if (status == 401) MHD_add_response_header(resp, "WWW-Authenticate", "Bearer");
+    if (status == 405) {
+        const char *allow = r->route == ROUTE_COMPLETIONS ? "POST, OPTIONS" : "GET, HEAD, OPTIONS";
+        MHD_add_response_header(resp, "Allow", allow);
+    }
+    if (MHD_queue_response(r->conn, (unsigned)status, resp) == MHD_YES) {
+        r->responded = 1;
+        r->status = status;
+        r->bytes_out += body ? len : sizeof oom - 1;
+    }
+    MHD_destroy_response(resp);
+}
+
+static void respond_json(srv_req *r, int status, char *json) {
+    respond(r, status, "application/json", json, json ? strlen(json) : 0);
+}
+
+static void respond_error(srv_req *r, const api_error *e) {
+    respond_json(r, e->status, api_error_json(e));
+}
+
+static void respond_http_error(srv_req *r, int status, const char *detail) {
+    api_error e;
+    api_error_http(&e, status, detail);
+    respond_error(r, &e);
+}
+
+/* ============================================================ suspension and hang-up watch */
+
+static void on_watch_closed(uv_handle_t *hd) {
+    srv_req *r = hd->data;
+    r->watch_state = WATCH_CLOSED;
+    r->h->handles_open--;
+    req_try_free(r);
+}
+
+static void req_resume(srv_req *r) {
+    if (!r->suspended) return;
+    r->suspended = 0;
+    MHD_resume_connection(r->conn);
+    mhd_kick(r->h);
+}
+
+static void req_cancel(srv_req *r, int reason) {
+    if (!r->job_active) return;
+    if (!r->cancel_reason) r->cancel_reason = reason;
+    srv_sched_cancel(r->h->sched, &r->job, reason);
+}
+
+static void on_watch(uv_poll_t *p, int status, int events) {
+    srv_req *r = p->data;
+    (void)events;
+    /* any report is a hang-up: only UV_DISCONNECT was asked for, and errors (POLLERR/POLLHUP) also
+     * mean the peer is gone */
+    uv_poll_stop(p);
+    r->watch_state = WATCH_STOPPED;
+    r->client_gone = 1;
+    if (!r->outcome) r->outcome = "client_gone";
+    req_cancel(r, SRV_CANCEL_CLIENT);
+    /* let MHD see the closed socket and end the request (its completion callback frees us) */
+    req_resume(r);
+    (void)status;
+}
+
+static void req_watch_start(srv_req *r) {
+    if (r->watch_state != WATCH_NONE) return;
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+    if (!ci) return;
+    if (uv_poll_init(r->h->loop, &r->watch, ci->connect_fd)) return;
+    r->watch.data = r;
+    r->h->handles_open++;
+    r->watch_state = WATCH_ACTIVE;
+    if (uv_poll_start(&r->watch, UV_DISCONNECT, on_watch)) {
+        uv_poll_stop(&r->watch);
+        r->watch_state = WATCH_STOPPED;
+    }
+}
+
+static void req_watch_close(srv_req *r) {
+    if (r->watch_state == WATCH_ACTIVE || r->watch_state == WATCH_STOPPED) {
+        r->watch_state = WATCH_CLOSING;
+        uv_close((uv_handle_t *)&r->watch, on_watch_closed);
+    }
+}
+
+static void req_suspend(srv_req *r) {
+    if (r->suspended) return;
+    MHD_suspend_connection(r->conn);
+    r->suspended = 1;
+}
+
+/* ============================================================ request lifetime */
+
+static void req_free(srv_req *r) {
+    srv_http *h = r->h;
+    if (r->prev) r->prev->next = r->next;
+    else h->reqs = r->next;
+    if (r->next) r->next->prev = r->prev;
+    h->n_reqs--;
+    h->metrics.connections_active = (uint64_t)h->n_reqs;
+    srv_buf_free(&r->body);
+    srv_buf_free(&r->sse);
+    int nc = r->job.n_choices;
+    if (r->outs) for (int i = 0; i < nc; i++) srv_out_free(&r->outs[i]);
+    if (r->job.out) for (int i = 0; i < nc; i++) srv_out_free(&r->job.out[i]);
+    if (r->acc)
+        for (int i = 0; i < nc; i++) { srv_buf_free(&r->acc[i].text); srv_tokvec_free(&r->acc[i].toks); }
+    free(r->outs);
+    free(r->job.out);
+    free(r->acc);
+    free(r->lp_scratch);
+    if (r->has_creq) api_completion_req_free(&r->creq);
+    free(r);
+    check_drained(h);
+}
+
+/* Frees the request once MHD, the worker and libuv are all done with it. */
+static void req_try_free(srv_req *r) {
+    if (!r->conn_done || r->job_active) return;
+    if (r->watch_state == WATCH_ACTIVE || r->watch_state == WATCH_STOPPED) { req_watch_close(r); return; }
+    if (r->watch_state == WATCH_CLOSING) return;
+    req_free(r);
+}
+
+static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn) {
+    srv_http *h = cls;
+    srv_req *r = calloc(1, sizeof *r);
+    if (!r) return NULL;
+    r->h = h;
+    r->conn = conn;
+    r->t_start = uv_hrtime();
+    snprintf(r->path, sizeof r->path, "%s", uri ? uri : "");
+    srv_buf_init(&r->body, h->cfg->max_body);
+    srv_buf_init(&r->sse, 0);
+    r->next = h->reqs;
+    if (h->reqs) h->reqs->prev = r;
+    h->reqs = r;
+    h->n_reqs++;
+    h->metrics.connections_active = (uint64_t)h->n_reqs;
+    return r;
+}
+
+static void access_log(srv_req *r, enum MHD_RequestTerminationCode toe) {
+    srv_http *h = r->h;
+    int status = r->status ? r->status : 499; /* nginx's "client closed request" */
+    json_t *f = json_object();
+    if (!f) return;
+    json_object_set_new(f, "request_id", json_string(r->id[0] ? r->id : "-"));
+    json_object_set_new(f, "method", json_string(r->method));
+    /* the path comes from the client: json_string refuses invalid UTF-8 */
+    json_t *p = json_string(r->path);
+    json_object_set_new(f, "path", p ? p : json_string("<invalid utf-8>"));
+    json_object_set_new(f, "route", json_string(route_label[r->route]));
+    json_object_set_new(f, "status", json_integer(status));
+    json_object_set_new(f, "duration_ms", json_real((double)(uv_hrtime() - r->t_start) / 1e6));
+    json_object_set_new(f, "bytes_in", json_integer((json_int_t)r->bytes_in));
+    json_object_set_new(f, "bytes_out", json_integer((json_int_t)r->bytes_out));
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+    if (ci && ci->client_addr) {
+        char addr[INET6_ADDRSTRLEN] = "";
+        const struct sockaddr *sa = ci->client_addr;
+        if (sa->sa_family == AF_INET)
+            inet_ntop(AF_INET, &((const struct sockaddr_in *)sa)->sin_addr, addr, sizeof addr);
+        else if (sa->sa_family == AF_INET6)
+            inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, addr, sizeof addr);
+        json_object_set_new(f, "remote", json_string(addr));
+    }
+    if (r->route == ROUTE_COMPLETIONS && r->has_creq) {
+        json_object_set_new(f, "completion_id", json_string(r->cmpl_id));
+        json_object_set_new(f, "stream", json_boolean(r->stream));
+        json_object_set_new(f, "prompt_tokens", json_integer(r->prompt_tokens));
+        json_object_set_new(f, "completion_tokens", json_integer(r->completion_tokens));
+        if (r->t_first_token_ns)
+            json_object_set_new(f, "ttft_ms", json_real((double)((uint64_t)r->t_first_token_ns - r->t_start) / 1e6));
+        if (r->creq.unknown_field[0]) json_object_set_new(f, "ignored_field", json_string(r->creq.unknown_field));
+    }
+    const char *outcome = r->outcome;
+    if (!outcome) outcome = toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? "ok"
+                            : toe == MHD_REQUEST_TERMINATED_TIMEOUT_REACHED ? "idle_timeout"
+                            : toe == MHD_REQUEST_TERMINATED_DAEMON_SHUTDOWN ? "shutdown"
+                            : toe == MHD_REQUEST_TERMINATED_CLIENT_ABORT ? "client_gone" : "connection_error";
+    json_object_set_new(f, "outcome", json_string(outcome));
+    srv_log("info", "request", f);
+    json_decref(f);
+    srv_metrics_count_request(&h->metrics, route_label[r->route], status);
+}
+
+static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
+                         enum MHD_RequestTerminationCode toe) {
+    (void)cls;
+    (void)conn;
+    srv_req *r = *con_cls;
+    if (!r) return;
+    *con_cls = NULL;
+    if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK) {
+        r->client_gone = 1;
+        if (r->job_active) {
+            if (!r->outcome) r->outcome = "client_gone";
+            req_cancel(r, SRV_CANCEL_CLIENT);
+        }
+    }
+    access_log(r, toe);
+    r->conn_done = 1;
+    r->suspended = 0;
+    if (r->watch_state == WATCH_ACTIVE) { uv_poll_stop(&r->watch); r->watch_state = WATCH_STOPPED; }
+    req_try_free(r);
+}
+
+/* ============================================================ CORS, auth, routing */
+
+static int origin_allowed(const srv_config *cfg, const char *origin) {
+    for (int i = 0; i < cfg->n_cors; i++)
+        if (!strcmp(cfg->cors[i], "*") || !strcasecmp(cfg->cors[i], origin)) return 1;
+    return 0;
+}
+
+static int classify(const char *url, char *arg, size_t arg_cap) {
+    arg[0] = 0;
+    if (!strcmp(url, "/health")) return ROUTE_HEALTH;
+    if (!strcmp(url, "/metrics")) return ROUTE_METRICS;
+    if (!strcmp(url, "/v1/models")) return ROUTE_MODELS;
+    if (!strncmp(url, "/v1/models/", 11) && url[11]) {
+        snprintf(arg, arg_cap, "%s", url + 11);
+        return ROUTE_MODEL;
+    }
+    if (!strcmp(url, "/v1/completions")) return ROUTE_COMPLETIONS;
+    static const char pre[] = "/v1/completions/", suf[] = "/routing";
+    size_t n = strlen(url), np = sizeof pre - 1, ns = sizeof suf - 1;
+    if (n > np + ns && !strncmp(url, pre, np) && !strcmp(url + n - ns, suf)) {
+        size_t idlen = n - np - ns;
+        if (idlen >= arg_cap || memchr(url + np, '/', idlen)) return ROUTE_UNKNOWN;
+        memcpy(arg, url + np, idlen);
+        arg[idlen] = 0;
+        return ROUTE_ROUTING;
+    }
+    return ROUTE_UNKNOWN;
+}
+
+static void respond_preflight(srv_req *r) {
+    struct MHD_Response *resp = MHD_create_response_from_buffer(0, (void *)"", MHD_RESPMEM_PERSISTENT);
+    if (!resp) return;
+    add_common_headers(r, resp);
+    MHD_add_response_header(resp, "Allow", "GET, HEAD, POST, OPTIONS");
+    if (r->origin[0]) {
+        MHD_add_response_header(resp, "Access-Control-Allow-Methods", "GET, HEAD, POST, OPTIONS");
+        MHD_add_response_header(resp, "Access-Control-Allow-Headers",
+                                "Authorization, Content-Type, X-Request-Id, OpenAI-Organization, OpenAI-Project, "
+                                "X-Stainless-Lang, X-Stainless-Package-Version, X-Stainless-OS, X-Stainless-Arch, "
+                                "X-Stainless-Runtime, X-Stainless-Runtime-Version, X-Stainless-Retry-Count, "
+                                "X-Stainless-Timeout");
+        MHD_add_response_header(resp, "Access-Control-Max-Age", "600");
+    }
+    if (MHD_queue_response(r->conn, 204, resp) == MHD_YES) { r->responded = 1; r->status = 204; }
+    MHD_destroy_response(resp);
+}
+
+/* ============================================================ simple endpoints */
+
+static void handle_health(srv_req *r) {
+    srv_http *h = r->h;
+    const char *st = h->draining ? "shutting_down" : h->model_state == SRV_MODEL_READY ? "ok"
+                     : h->model_state == SRV_MODEL_FAILED ? "error" : "loading";
+    char *body = NULL;
+    if (asprintf(&body, "{\"status\":\"%s\"}", st) < 0) body = NULL;
+    respond_json(r, !strcmp(st, "ok") ? 200 : 503, body);
+}
+
+static void handle_metrics(srv_req *r) {
+    srv_http *h = r->h;
+    srv_gauges g;
+    srv_sched_stats(h->sched, &g, &h->metrics.ttft, &h->metrics.itl, &h->metrics.generated_tokens,
+                    &h->metrics.prompt_tokens);
+    size_t len = 0;
+    char *text = srv_metrics_render(&h->metrics, &g, &len);
+    if (!text) { respond_http_error(r, 500, "out of memory"); return; }
+    respond(r, 200, "text/plain; version=0.0.4; charset=utf-8", text, len);
+}
+
+static int require_model(srv_req *r) {
+    if (r->h->model_state == SRV_MODEL_READY) return 1;
+    respond_http_error(r, 503, r->h->model_state == SRV_MODEL_FAILED ? "The model failed to load."
+                                                                     : "The model is loading. Please retry later.");
+    return 0;
+}
+
+static void handle_models(srv_req *r) {
+    srv_http *h = r->h;
+    if (h->model_state != SRV_MODEL_READY) {
+        /* the id is known before the weights are: list it so clients can configure themselves */
+        json_t *m = json_pack("{s:s,s:s,s:I,s:s}", "id", h->cfg->model_id, "object", "model", "created",
+                              (json_int_t)h->created, "owned_by", "codemoe");
+        json_t *root = json_pack("{s:s,s:[o]}", "object", "list", "data", m);
+        char *s = root ? json_dumps(root, JSON_COMPACT) : NULL;
+        json_decref(root);
+        respond_json(r, 200, s);
+        return;
+    }
+    respond_json(r, 200, api_render_models(&h->model, 1));
+}
+
+static void handle_model(srv_req *r, const char *id) {
+    srv_http *h = r->h;
+    if (strcmp(id, h->cfg->model_id)) {
+        api_error e;
+        api_error_set(&e, 404, API_ERR_NOT_FOUND, "model", "model_not_found", "The model '%.200s' does not exist.", id);
+        respond_error(r, &e);
+        return;
+    }
+    if (!require_model(r)) return;
+    respond_json(r, 200, api_render_model(&h->model));
+}
+
+static void handle_routing(srv_req *r, const char *id) {
+    json_t *v = srv_retention_get(r->h->ret, id);
+    if (!v) {
+        api_error e;
+        api_error_set(&e, 404, API_ERR_NOT_FOUND, NULL, "completion_not_found",
+                      "No routing statistics for completion '%.64s' (unknown, or no longer retained).", id);
+        respond_error(r, &e);
+        return;
+    }
+    respond_json(r, 200, json_dumps(v, JSON_COMPACT));
+}
+
+/* ============================================================ completions: output */
+
+static long utf8_chars(const char *s, size_t n) {
+    long c = 0;
+    for (size_t i = 0; i < n; i++) c += ((unsigned char)s[i] & 0xc0) != 0x80;
+    return c;
+}
+
+static api_token_lp *lp_view(srv_req *r, const srv_tokvec *a, const srv_tokvec *b, int *n) {
+    int total = (a ? a->n : 0) + (b ? b->n : 0);
+    *n = 0;
+    if (total == 0) return NULL;
+    if (total > r->lp_cap) {
+        api_token_lp *p = realloc(r->lp_scratch, (size_t)total * sizeof *p);
+        if (!p) return NULL;
+        r->lp_scratch = p;
+        r->lp_cap = total;
+    }
+    int k = 0;
+    const srv_tokvec *v[2] = {a, b};
+    for (int s = 0; s < 2; s++)
+        for (int i = 0; v[s] && i < v[s]->n; i++) {
+            const srv_tok *t = &v[s]->v[i];
+            r->lp_scratch[k++] = (api_token_lp){t->token, t->logprob, t->n_top ? t->top : NULL, t->n_top};
+        }
+    *n = k;
+    return r->lp_scratch;
+}
+
+static void sse_append(srv_req *r, char *chunk) {
+    srv_http *h = r->h;
+    if (!chunk) return;
+    if (r->sse_end) { free(chunk); return; }
+    size_t pending = r->sse.len - r->sse_off;
+    size_t n = strlen(chunk);
+    if (pending + n > h->cfg->stream_buffer) {
+        /* a reader this far behind is stuck: end its stream rather than buffer without bound */
+        free(chunk);
+        h->metrics.slow_readers++;
+        r->outcome = "slow_reader";
+        req_cancel(r, SRV_CANCEL_SLOW);
+        api_error e;
+        api_error_set(&e, 500, API_ERR_SERVER, NULL, "slow_reader",
+                      "The client did not read the stream fast enough; it was ended.");
+        char *ev = api_sse_error(&e);
+        if (ev) { srv_buf_puts(&r->sse, ev); free(ev); }
+        r->sse_end = 1;
+        return;
+    }
+    srv_buf_append(&r->sse, chunk, n);
+    free(chunk);
+}
+
+static ssize_t sse_reader(void *cls, uint64_t pos, char *buf, size_t max) {
+    srv_req *r = cls;
+    (void)pos;
+    size_t avail = r->sse.len - r->sse_off;
+    if (avail) {
+        size_t n = avail < max ? avail : max;
+        memcpy(buf, r->sse.data + r->sse_off, n);
+        r->sse_off += n;
+        if (r->sse_off == r->sse.len) { r->sse.len = 0; r->sse_off = 0; }
+        r->bytes_out += n;
+        return (ssize_t)n;
+    }
+    if (r->client_gone) return MHD_CONTENT_READER_END_WITH_ERROR;
+    if (r->sse_end) return MHD_CONTENT_READER_END_OF_STREAM;
+    /* nothing to send yet: park the connection until the worker produces more (on_wake resumes) */
+    req_suspend(r);
+    return 0;
+}
+
+static void stream_start(srv_req *r) {
+    if (r->stream_started) return;
+    struct MHD_Response *resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16 * 1024, sse_reader, r, NULL);
+    if (!resp) return;
+    MHD_add_response_header(resp, "Content-Type", "text/event-stream");
+    MHD_add_response_header(resp, "Cache-Control", "no-cache");
+    MHD_add_response_header(resp, "X-Accel-Buffering", "no");
+    add_common_headers(r, resp);
+    if (MHD_queue_response(r->conn, 200, resp) == MHD_YES) {
+        r->responded = 1;
+        r->status = 200;
+        r->stream_started = 1;
+    }
+    MHD_destroy_response(resp);
+}
+
+static void store_routing(srv_req *r) {
+    srv_http *h = r->h;
+    /* The engine does not report expert routing yet (dense models have none): keep the record so the
+     * endpoint and its retention are in place; the MoE work fills "layers". */
+    json_t *v = json_pack("{s:s,s:s,s:I,s:s,s:i,s:i,s:[]}", "id", r->cmpl_id, "object", "completion.routing",
+                          "created", (json_int_t)r->created, "model", h->cfg->model_id, "prompt_tokens",
+                          r->prompt_tokens, "completion_tokens", r->completion_tokens, "layers");
+    if (v) srv_retention_put(h->ret, r->cmpl_id, v);
+}
+
+static void finish_plain(srv_req *r) {
+    int nc = r->job.n_choices;
+    api_choice *ch = calloc((size_t)nc, sizeof *ch);
+    api_token_lp **lps = calloc((size_t)nc, sizeof *lps);
+    if (!ch || !lps) { free(ch); free(lps); respond_http_error(r, 500, "out of memory"); return; }
+    int ok = 1;
+    for (int i = 0; i < nc; i++) {
+        choice_acc *a = &r->acc[i];
+        int p = i / (r->creq.n > 0 ? r->creq.n : 1);
+        ch[i].index = i;
+        ch[i].text = a->text.data ? a->text.data : "";
+        ch[i].text_len = a->text.len;
+        ch[i].finish = a->finish ? a->finish : API_FINISH_LENGTH;
+        ch[i].text_offset = r->creq.echo ? 0 : api_prompt_chars(&r->creq, p);
+        if (r->creq.logprobs >= 0 && a->toks.n) {
+            lps[i] = malloc((size_t)a->toks.n * sizeof **lps);
+            if (!lps[i]) { ok = 0; break; }
+            for (int k = 0; k < a->toks.n; k++) {
+                const srv_tok *t = &a->toks.v[k];
+                lps[i][k] = (api_token_lp){t->token, t->logprob, t->n_top ? t->top : NULL, t->n_top};
+            }
+            ch[i].lp = lps[i];
+            ch[i].n_lp = a->toks.n;
+        }
+    }
+    if (ok) {
+        api_meta meta = {.id = r->cmpl_id, .created = r->created, .system_fingerprint = NULL};
+        api_usage u = {r->prompt_tokens, r->completion_tokens, 0};
+        respond_json(r, 200, api_render_completion(&r->creq, &meta, ch, nc, &u, NULL));
+    } else {
+        respond_http_error(r, 500, "out of memory");
+    }
+    for (int i = 0; i < nc; i++) free(lps[i]);
+    free(lps);
+    free(ch);
+}
+
+/* New output of one choice: accumulate (plain) or render a chunk (stream). */
+static void choice_output(srv_req *r, int i, srv_out *o) {
+    choice_acc *a = &r->acc[i];
+    const api_completion_req *q = &r->creq;
+    int p = i / (q->n > 0 ? q->n : 1);
+    if (o->ended) a->finish = o->finish ? o->finish : API_FINISH_LENGTH;
+    if (!r->stream) {
+        if (!a->started) {
+            a->started = 1;
+            if (q->echo) srv_buf_append(&a->text, q->prompts[p].text, q->prompts[p].text_len);
+        }
+        for (int k = 0; k < o->prompt_toks.n; k++) srv_tokvec_push(&a->toks, &o->prompt_toks.v[k]);
+        srv_buf_append(&a->text, o->text.data ? o->text.data : "", o->text.len);
+        for (int k = 0; k < o->toks.n; k++) srv_tokvec_push(&a->toks, &o->toks.v[k]);
+        return;
+    }
+    api_meta meta = {.id = r->cmpl_id, .created = r->created, .system_fingerprint = NULL};
+    if (!a->started && q->echo && (o->prompt_toks.n || o->text.len || o->toks.n || o->ended)) {
+        /* the echoed prompt goes out as the choice's first chunk */
+        a->started = 1;
+        int n_lp = 0;
+        api_token_lp *lp = lp_view(r, &o->prompt_toks, NULL, &n_lp);
+        api_choice c = {.index = i, .text = q->prompts[p].text, .text_len = q->prompts[p].text_len,
+                        .finish = API_FINISH_NONE, .lp = lp, .n_lp = n_lp, .text_offset = 0};
+        sse_append(r, api_render_chunk(q, &meta, &c));
+        a->chars = utf8_chars(q->prompts[p].text, q->prompts[p].text_len);
+    } else if (!a->started) {
+        a->started = 1;
+        a->chars = q->echo ? 0 : api_prompt_chars(q, p);
+    }
+    if (o->text.len || o->toks.n || o->ended) {
+        int n_lp = 0;
+        api_token_lp *lp = lp_view(r, &o->toks, NULL, &n_lp);
+        api_choice c = {.index = i, .text = o->text.data ? o->text.data : "", .text_len = o->text.len,
+                        .finish = o->ended ? a->finish : API_FINISH_NONE, .lp = lp, .n_lp = n_lp,
+                        .text_offset = a->chars};
+        sse_append(r, api_render_chunk(q, &meta, &c));
+        a->chars += utf8_chars(o->text.data ? o->text.data : "", o->text.len);
+    }
+}
+
+/* The worker reported on r's job. */
+static void job_output(srv_req *r, const srv_drained *info) {
+    srv_http *h = r->h;
+    int nc = r->job.n_choices;
+    int any = 0, completion = 0;
+    for (int i = 0; i < nc; i++) {
+        srv_out *o = &r->outs[i];
+        completion += o->n_generated;
+        if (o->text.len || o->toks.n || o->prompt_toks.n || o->ended) any = 1;
+    }
+    if (completion > r->completion_tokens) r->completion_tokens = completion;
+    r->prompt_tokens = info->prompt_tokens;
+    if (info->t_first_token_ns) r->t_first_token_ns = info->t_first_token_ns;
+    r->job_admitted = info->admitted;
+    int failed = info->done && info->has_error;
+    if (r->stream && !r->client_gone) {
+        if (!r->stream_started && (any || (info->done && !failed))) stream_start(r);
+        if (r->stream_started)
+            for (int i = 0; i < nc; i++) {
+                srv_out *o = &r->outs[i];
+                if (o->text.len || o->toks.n || o->prompt_toks.n || o->ended) choice_output(r, i, o);
+            }
+    } else if (!r->client_gone) {
+        for (int i = 0; i < nc; i++) choice_output(r, i, &r->outs[i]);
+    }
+    if (info->done) {
+        r->job_active = 0;
+        h->n_jobs--;
+        srv_hist_observe(&h->metrics.e2e, (double)(uv_hrtime() - r->t_start) / 1e9);
+        if (r->cancel_reason == SRV_CANCEL_CLIENT) h->metrics.cancelled++;
+        if (r->cancel_reason == SRV_CANCEL_TIMEOUT) { h->metrics.timeouts++; r->outcome = "timeout"; }
+        if (r->cancel_reason == SRV_CANCEL_SHUTDOWN) r->outcome = "shutdown";
+        if (!r->client_gone) {
+            if (failed) {
+                if (!r->outcome) r->outcome = "error";
+                if (r->stream_started) {
+                    sse_append(r, api_sse_error(&info->err));
+                } else {
+                    respond_error(r, &info->err);
+                }
+            } else if (r->stream) {
+                if (r->creq.include_usage) {
+                    api_meta meta = {.id = r->cmpl_id, .created = r->created, .system_fingerprint = NULL};
+                    api_usage u = {r->prompt_tokens, r->completion_tokens, 0};
+                    sse_append(r, api_render_usage_chunk(&r->creq, &meta, &u, NULL));
+                }
+                char *done = strdup(API_SSE_DONE);
+                sse_append(r, done);
+            } else {
+                finish_plain(r);
+            }
+            if (!failed) store_routing(r);
+        }
+        r->sse_end = 1;
+    }
+    /* wake the connection if it is parked and has something to do: a response was just queued, or
+     * its stream has new bytes or has ended, or the client left */
+    if (r->suspended &&
+        (r->client_gone || (r->responded && (!r->stream_started || r->sse.len > r->sse_off || r->sse_end))))
+        req_resume(r);
+    if (r->conn_done) req_try_free(r);
+}
+
+static void on_wake(void *ud) {
+    srv_http *h = ud;
+    if (h->model_state == SRV_MODEL_LOADING) {
+        const cm_model *m = NULL;
+        int n_ctx = 0;
+        cm_err err = {0};
+        int st = srv_sched_model(h->sched, &m, &n_ctx, &err);
+        if (st == SRV_MODEL_READY) {
+            h->model.model = m;
+            h->model.id = h->cfg->model_id;
+            h->model.created = h->created;
+            h->model.n_ctx = n_ctx;
+            h->model.meta = NULL;
+            h->model_state = SRV_MODEL_READY;
+            const cm_model_info *info = cm_model_get_info(m);
+            json_t *f = json_pack("{s:s,s:s,s:i,s:i,s:i}", "model", h->cfg->model_id, "arch", info->arch, "n_ctx",
+                                  n_ctx, "parallel", h->cfg->parallel, "n_vocab", info->n_vocab);
+            srv_log("info", "model loaded", f);
+            json_decref(f);
+        } else if (st == SRV_MODEL_FAILED) {
+            h->model_state = SRV_MODEL_FAILED;
+            json_t *f = json_pack("{s:s,s:s}", "model", h->cfg->model_path, "error", err.msg);
+            srv_log("error", "model load failed", f);
+            json_decref(f);
+            h->exit_code = 1;
+            srv_http_shutdown(h, h->done, h->done_ud);
+        }
+    }
+    for (srv_job *j = srv_sched_take(h->sched); j;) {
+        srv_req *r = j->owner;
+        srv_drained info;
+        srv_job *next = srv_sched_drain(h->sched, j, r->outs, &info);
+        job_output(r, &info);
+        j = next;
+    }
+    mhd_kick(h);
+    check_drained(h);
+}
+
+/* ============================================================ completions: request */
+
+static void handle_completion(srv_req *r) {
+    srv_http *h = r->h;
+    if (r->too_large) { respond_http_error(r, 413, NULL); return; }
+    if (h->draining) { respond_http_error(r, 503, "The server is shutting down."); return; }
+    if (!require_model(r)) return;
+    api_error e;
+    memset(&e, 0, sizeof e);
+    if (api_parse_completion(r->body.data ? r->body.data : "", r->body.len, &h->model, &h->limits, &r->creq, &e) < 0) {
+        api_completion_req_free(&r->creq);
+        respond_error(r, &e);
+        return;
+    }
+    r->has_creq = 1;
+    int nc = api_completion_n_choices(&r->creq);
+    if (nc < 1 || nc > h->cfg->parallel) {
+        api_error_set(&e, 400, API_ERR_INVALID, "n", NULL,
+                      "This request needs %d sequences (prompts x n) but the server runs at most %d at once "
+                      "(--parallel).", nc, h->cfg->parallel);
+        respond_error(r, &e);
+        return;
+    }
+    if (h->n_jobs >= h->cfg->parallel + h->cfg->queue) {
+        h->metrics.rejected_queue_full++;
+        respond_http_error(r, 429, NULL);
+        return;
+    }
+    r->stream = r->creq.stream;
+    r->outs = calloc((size_t)nc, sizeof *r->outs);
+    r->job.out = calloc((size_t)nc, sizeof *r->job.out);
+    r->acc = calloc((size_t)nc, sizeof *r->acc);
+    if (!r->outs || !r->job.out || !r->acc) { respond_http_error(r, 500, "out of memory"); return; }
+    r->job.n_choices = nc;
+    for (int i = 0; i < nc; i++) {
+        srv_out_init(&r->outs[i]);
+        srv_out_init(&r->job.out[i]);
+        srv_buf_init(&r->acc[i].text, 0);
+    }
+    if (!r->creq.seed_set) r->creq.seed = srv_random_u64();
+    api_make_id(r->cmpl_id, sizeof r->cmpl_id, srv_random_u64());
+    r->created = (int64_t)time(NULL);
+    r->job.req = &r->creq;
+    r->job.t_arrival_ns = r->t_start;
+    r->job.owner = r;
+    atomic_init(&r->job.cancel, SRV_CANCEL_NONE);
+    if (srv_sched_submit(h->sched, &r->job) < 0) {
+        respond_http_error(r, 503, "The server is shutting down.");
+        return;
+    }
+    r->job_active = 1;
+    h->n_jobs++;
+    if (h->cfg->request_timeout > 0) r->deadline = r->t_start + (uint64_t)(h->cfg->request_timeout * 1e9);
+    req_suspend(r);
+    req_watch_start(r);
+}
+
+/* ============================================================ the access handler */
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
+                                  const char *version, const char *upload_data, size_t *upload_size,
+                                  void **con_cls) {
+    srv_http *h = cls;
+    (void)version;
+    srv_req *r = *con_cls;
+    if (!r) return MHD_NO; /* allocation failed in on_uri: drop the connection */
+    if (r->client_gone && !r->responded) return MHD_NO;
+    if (!r->seen) {
+        r->seen = 1;
+        snprintf(r->method, sizeof r->method, "%s", method);
+        const char *rid = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-Request-Id");
+        if (srv_request_id_ok(rid)) snprintf(r->id, sizeof r->id, "%s", rid);
+        else srv_request_id_new(r->id, sizeof r->id);
+        const char *origin = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Origin");
+        if (origin && strlen(origin) < sizeof r->origin && origin_allowed(h->cfg, origin)) {
+            /* with "*" configured, answer "*" (no credentials are used) */
+            int any = 0;
+            for (int i = 0; i < h->cfg->n_cors; i++) any |= !strcmp(h->cfg->cors[i], "*");
+            snprintf(r->origin, sizeof r->origin, "%s", any ? "*" : origin);
+        }
+        char arg[256];
+        r->route = classify(url, arg, sizeof arg);
+        int is_get = !strcmp(method, "GET") || !strcmp(method, "HEAD");
+        int is_post = !strcmp(method, "POST");
+        if (!strcmp(method, "OPTIONS")) {
+            r->route = r->route == ROUTE_UNKNOWN ? ROUTE_UNKNOWN : ROUTE_PREFLIGHT;
+            if (r->route == ROUTE_UNKNOWN) respond_http_error(r, 404, NULL);
+            else respond_preflight(r);
+            return MHD_YES;
+        }
+        if (r->route == ROUTE_UNKNOWN) { respond_http_error(r, 404, NULL); return MHD_YES; }
+        if (r->route == ROUTE_HEALTH) {
+            if (is_get) handle_health(r);
+            else respond_http_error(r, 405, NULL);
+            return MHD_YES;
+        }
+        if (!srv_keys_check(&h->cfg->keys, MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization"))) {
+            respond_http_error(r, 401, NULL);
+            return MHD_YES;
+        }
+        if (r->route == ROUTE_COMPLETIONS) {
+            if (!is_post) { respond_http_error(r, 405, NULL); return MHD_YES; }
+            const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Content-Length");
+            if (cl) {
+                char *end = NULL;
+                errno = 0;
+                unsigned long long v = strtoull(cl, &end, 10);
+                if (errno || end == cl || v > h->cfg->max_body) { respond_http_error(r, 413, NULL); return MHD_YES; }
+            }
+            return MHD_YES; /* the body follows */
+        }
+        if (!is_get) { respond_http_error(r, 405, NULL); return MHD_YES; }
+        snprintf(r->arg, sizeof r->arg, "%s", arg);
+        return MHD_YES; /* answered on the final call: a response queued before it ends keep-alive */
+    }
+    if (*upload_size) {
+        size_t n = *upload_size;
+        *upload_size = 0;
+        r->bytes_in += n;
+        if (r->responded) return MHD_YES;
+        if (!r->too_large && srv_buf_append(&r->body, upload_data, n) < 0) {
+            r->too_large = 1;
+            srv_buf_free(&r->body);
+        }
+        if (r->too_large) {
+            /* keep reading (so the client gets its 413) but not forever */
+            r->discarded += n;
+            if (r->discarded > 4 * h->cfg->max_body + (1u << 20)) return MHD_NO;
+        }
+        return MHD_YES;
+    }
+    if (r->responded || r->job_active) return MHD_YES;
+    switch (r->route) {
+    case ROUTE_COMPLETIONS: handle_completion(r); break;
+    case ROUTE_METRICS: handle_metrics(r); break;
+    case ROUTE_MODELS: handle_models(r); break;
+    case ROUTE_MODEL: handle_model(r, r->arg); break;
+    case ROUTE_ROUTING: handle_routing(r, r->arg); break;
+    default: respond_http_error(r, 404, NULL); break;
+    }
+    return MHD_YES;
+}
+
+/* ============================================================ MHD <-> libuv */
+
+static void on_mhd_timer(uv_timer_t *t);
+
+static void mhd_run_and_arm(srv_http *h) {
+    if (!h->mhd) return;
+    MHD_run(h->mhd);
+    MHD_UNSIGNED_LONG_LONG to = 0;
+    if (MHD_get_timeout(h->mhd, &to) == MHD_YES) {
+        if (to > 60000) to = 60000;
+        uv_timer_start(&h->timer, on_mhd_timer, (uint64_t)to, 0);
+    } else {
+        uv_timer_start(&h->timer, on_mhd_timer, 1000, 0);
+    }
+}
+
+static void on_mhd_timer(uv_timer_t *t) { mhd_run_and_arm(t->data); }
+
+static void on_mhd_poll(uv_poll_t *p, int status, int events) {
+    (void)status;
+    (void)events;
+    mhd_run_and_arm(p->data);
+}
+
+static void mhd_kick(srv_http *h) {
+    if (h->mhd) uv_timer_start(&h->timer, on_mhd_timer, 0, 0);
+}
+
+static void on_mhd_log(void *cls, const char *fmt, va_list ap) {
+    (void)cls;
+    char msg[512];
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    size_t n = strlen(msg);
+    while (n && (msg[n - 1] == '\n' || msg[n - 1] == '\r')) msg[--n] = 0;
+    json_t *f = json_pack("{s:s}", "source", "microhttpd");
+    srv_log("warn", msg, f);
+    json_decref(f);
+}
+
+/* ============================================================ timers: timeouts and shutdown */
+
+static void on_tick(uv_timer_t *t) {
+    srv_http *h = t->data;
+    uint64_t now = uv_hrtime();
+    for (srv_req *r = h->reqs; r; r = r->next)
+        if (r->job_active && r->deadline && now >= r->deadline && !r->cancel_reason) req_cancel(r, SRV_CANCEL_TIMEOUT);
+    check_drained(h);
+}
+
+static void check_drained(srv_http *h) {
+    if (!h->draining || h->done_called) return;
+    if (h->n_jobs > 0) return;
+    for (srv_req *r = h->reqs; r; r = r->next)
+        if (r->route == ROUTE_COMPLETIONS && r->job.n_choices && !r->conn_done && !r->client_gone)
+            return; /* a response still being written */
+    h->done_called = 1;
+    if (h->done) h->done(h->done_ud);
+}
+
+static void on_grace(uv_timer_t *t) {
+    srv_http *h = t->data;
+    if (!h->grace_over) {
+        /* grace is over: end what is still running (streams get an error event) and give the
+         * worker a moment to report, then stop regardless */
+        h->grace_over = 1;
+        for (srv_req *r = h->reqs; r; r = r->next) req_cancel(r, SRV_CANCEL_SHUTDOWN);
+        json_t *f = json_pack("{s:i}", "in_flight", h->n_jobs);
+        srv_log("warn", "grace period over: ending in-flight requests", f);
+        json_decref(f);
+        uv_timer_start(&h->grace, on_grace, 5000, 0);
+        return;
+    }
+    srv_log("error", "in-flight requests did not end in time; stopping anyway", NULL);
+    h->done_called = 1;
+    if (h->done) h->done(h->done_ud);
+}
+
+/* ============================================================ public */
+
+static void on_handle_closed(uv_handle_t *hd) {
+    srv_http *h = hd->data;
+    h->handles_open--;
+}
+
+srv_http *srv_http_start(uv_loop_t *loop, srv_config *cfg) {
+    srv_http *h = calloc(1, sizeof *h);
+    if (!h) return NULL;
+    h->loop = loop;
+    h->cfg = cfg;
+    srv_metrics_init(&h->metrics);
+    api_limits_default(&h->limits);
+    h->limits.max_body_bytes = cfg->max_body;
+    h->ret = srv_retention_create(cfg->routing_retention);
+    struct stat stt;
+    h->created = stat(cfg->model_path, &stt) == 0 ? (int64_t)stt.st_mtime : (int64_t)time(NULL);
+
+    /* resolve the listen address */
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
+    struct addrinfo *ai = NULL;
+    char port[16];
+    snprintf(port, sizeof port, "%d", cfg->port);
+    int gai = getaddrinfo(cfg->host, port, &hints, &ai);
+    if (gai || !ai) {
+        fprintf(stderr, "codemoe serve: cannot resolve --host %s: %s\n", cfg->host, gai_strerror(gai));
+        srv_retention_free(h->ret);
+        free(h);
+        return NULL;
+    }
+    unsigned flags = MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG;
+    if (ai->ai_family == AF_INET6) flags |= MHD_USE_IPv6;
+    h->mhd = MHD_start_daemon(flags, 0, NULL, NULL, on_request, h,
+                              MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, h,
+                              MHD_OPTION_SOCK_ADDR, ai->ai_addr,
+                              MHD_OPTION_URI_LOG_CALLBACK, on_uri, h,
+                              MHD_OPTION_NOTIFY_COMPLETED, on_completed, h,
+                              MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)cfg->idle_timeout,
+                              MHD_OPTION_CONNECTION_LIMIT, (unsigned int)cfg->max_connections,
+                              MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(64 * 1024),
+                              MHD_OPTION_END);
+    freeaddrinfo(ai);
+    if (!h->mhd) {
+        fprintf(stderr, "codemoe serve: cannot listen on %s:%d: %s\n", cfg->host, cfg->port, strerror(errno));
+        srv_retention_free(h->ret);
+        free(h);
+        return NULL;
+    }
+    const union MHD_DaemonInfo *di = MHD_get_daemon_info(h->mhd, MHD_DAEMON_INFO_BIND_PORT);
+    h->port = di ? di->port : cfg->port;
+    di = MHD_get_daemon_info(h->mhd, MHD_DAEMON_INFO_EPOLL_FD);
+    uv_timer_init(loop, &h->timer);
+    uv_timer_init(loop, &h->tick);
+    uv_timer_init(loop, &h->grace);
+    h->timer.data = h->tick.data = h->grace.data = h;
+    h->handles_open = 3;
+    if (!di || uv_poll_init(loop, &h->poll, di->epoll_fd)) {
+        fprintf(stderr, "codemoe serve: cannot watch the HTTP daemon's epoll fd\n");
+        MHD_stop_daemon(h->mhd);
+        h->mhd = NULL;
+        uv_close((uv_handle_t *)&h->timer, NULL);
+        uv_close((uv_handle_t *)&h->tick, NULL);
+        uv_close((uv_handle_t *)&h->grace, NULL);
+        uv_run(loop, UV_RUN_NOWAIT);
+        srv_retention_free(h->ret);
+        free(h);
+        return NULL;
+    }
+    h->poll.data = h;
+    h->handles_open++;
+    uv_poll_start(&h->poll, UV_READABLE, on_mhd_poll);
+    uv_timer_start(&h->tick, on_tick, 250, 250);
+    mhd_kick(h);
+    return h;
+}
+
+int srv_http_port(const srv_http *h) { return h->port; }
+
+void srv_http_set_sched(srv_http *h, srv_sched *s) { h->sched = s; }
+
+srv_sched_wake_fn srv_http_wake_fn(void) { return on_wake; }
+
+void srv_http_on_done(srv_http *h, void (*done)(void *), void *ud) {
+    h->done = done;
+    h->done_ud = ud;
+}
+
+int srv_http_exit_code(const srv_http *h) { return h->exit_code; }
+
+void srv_http_shutdown(srv_http *h, void (*done)(void *), void *ud) {
+    h->done = done;
+    h->done_ud = ud;
+    if (h->draining) return;
+    h->draining = 1;
+    /* stop accepting: the listen socket is handed back and closed; open connections go on */
+    MHD_socket ls = MHD_quiesce_daemon(h->mhd);
+    if (ls != MHD_INVALID_SOCKET) close(ls);
+    json_t *f = json_pack("{s:i,s:f}", "in_flight", h->n_jobs, "grace_s", h->cfg->grace);
+    srv_log("info", "shutting down", f);
+    json_decref(f);
+    uv_timer_start(&h->grace, on_grace, (uint64_t)(h->cfg->grace * 1000), 0);
+    check_drained(h);
+}
+
+/* After the worker has stopped (every job done and drained): closes every connection and handle.
+ * Call uv_run afterwards until the handles are closed, then srv_http_destroy. */
+void srv_http_free(srv_http *h) {
+    if (!h) return;
+    for (srv_req *r = h->reqs; r; r = r->next) r->job_active = 0; /* the worker has let go of all */
+    if (h->mhd) {
+        /* MHD must not be stopped with suspended connections */
+        for (srv_req *r = h->reqs; r; r = r->next)
+            if (r->suspended) { r->suspended = 0; MHD_resume_connection(r->conn); }
+        MHD_stop_daemon(h->mhd); /* completes every request: on_completed frees them */
+        h->mhd = NULL;
+    }
+    uv_poll_stop(&h->poll);
+    uv_close((uv_handle_t *)&h->poll, on_handle_closed);
+    uv_close((uv_handle_t *)&h->timer, on_handle_closed);
+    uv_close((uv_handle_t *)&h->tick, on_handle_closed);
+    uv_close((uv_handle_t *)&h->grace, on_handle_closed);
+}
+
+/* Frees what is left once uv_run has finished closing the handles. */
+void srv_http_destroy(srv_http *h) {
+    if (!h) return;
+    srv_retention_free(h->ret);
+    free(h);
+}

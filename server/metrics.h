@@ -1,0 +1,68 @@
+/*
+ * metrics.h - Prometheus metrics of `codemoe serve`.
+ *
+ * The struct is owned by the event-loop thread: only the loop updates and renders it (the worker's
+ * numbers arrive as a snapshot, srv_sched_stats, taken under the scheduler's lock), so no field needs
+ * a lock or an atomic.
+ */
+#ifndef CM_SRV_METRICS_H
+#define CM_SRV_METRICS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define SRV_HIST_MAX_BUCKETS 16
+
+typedef struct srv_hist {
+    int n_bounds;
+    double bounds[SRV_HIST_MAX_BUCKETS];  /* upper bounds in seconds, ascending; +Inf is implicit */
+    uint64_t counts[SRV_HIST_MAX_BUCKETS + 1]; /* non-cumulative; counts[n_bounds] is the +Inf bucket */
+    double sum;
+    uint64_t count;
+} srv_hist;
+
+void srv_hist_init(srv_hist *h, const double *bounds, int n_bounds);
+void srv_hist_observe(srv_hist *h, double v);
+
+#define SRV_METRICS_MAX_SERIES 64
+
+typedef struct srv_req_series {
+    char route[24];   /* a fixed route label ("completions", "models", ...), never the raw path */
+    int status;
+    uint64_t count;
+} srv_req_series;
+
+/* Worker-side gauges, copied from the scheduler (see srv_sched_stats in server.h). */
+typedef struct srv_gauges {
+    int model_loaded;
+    int queue_depth;        /* requests waiting for a slot */
+    int requests_running;   /* requests with sequences in the batch */
+    int seqs_running;
+    int kv_blocks_total, kv_blocks_used, kv_block_tokens;
+    uint64_t decode_steps;  /* cm_forward calls */
+    uint64_t batch_tokens;  /* tokens over all cm_forward calls */
+} srv_gauges;
+
+typedef struct srv_metrics {
+    srv_req_series series[SRV_METRICS_MAX_SERIES];
+    int n_series;
+    uint64_t series_dropped;      /* (route, status) pairs beyond the table: counted, not labelled */
+    uint64_t prompt_tokens;
+    uint64_t generated_tokens;
+    uint64_t cancelled;           /* generations ended because the client left */
+    uint64_t timeouts;            /* generations ended by --request-timeout */
+    uint64_t rejected_queue_full; /* 429s */
+    uint64_t slow_readers;        /* streams ended because the client did not read */
+    uint64_t connections_active;
+    srv_hist ttft;                /* time to first token, seconds */
+    srv_hist itl;                 /* inter-token latency, seconds */
+    srv_hist e2e;                 /* request duration of completions, seconds */
+} srv_metrics;
+
+void srv_metrics_init(srv_metrics *m);
+void srv_metrics_count_request(srv_metrics *m, const char *route, int status);
+/* Renders the Prometheus text exposition format (version 0.0.4) into a malloc'ed string that the
+ * caller frees; NULL on allocation failure. */
+char *srv_metrics_render(const srv_metrics *m, const srv_gauges *g, size_t *len);
+
+#endif

@@ -1,0 +1,820 @@
+/*
+ * scheduler.c - the engine worker thread: continuous batching of every running request into one
+ * cm_forward per step.
+ *
+ * The worker owns the model load, the cm_ctx (KV cache), the samplers and the batch. Each step:
+ *   1. take new submissions; end cancelled jobs (their sequences are closed, so their KV blocks are
+ *      free before this step's forward pass);
+ *   2. admit waiting jobs in FIFO order while free sequence slots remain (a job with n choices needs
+ *      n; a job that does not fit blocks the ones behind it, so big requests are not starved);
+ *   3. build one batch: first one decode token for every generating sequence, then prefill chunks of
+ *      admitted sequences until n_batch tokens (chunked prefill: a long prompt never stalls the
+ *      running streams for more than one bounded step);
+ *   4. cm_forward, then sample every sequence whose last token was in the batch; detokenize, apply
+ *      stop strings (api_stop_scan's holdback), max_tokens, end-of-generation and context limits;
+ *   5. publish the new text/tokens into each job's outbox under the lock and wake the loop.
+ * Choices of one request are independent sequences (the prompt is prefilled once per choice: the
+ * engine has no sequence copy).
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "server.h"
+
+/* ============================================================ small containers */
+
+int srv_tokvec_push(srv_tokvec *v, const srv_tok *t) {
+    if (v->n == v->cap) {
+        int cap = v->cap ? v->cap * 2 : 16;
+        srv_tok *p = realloc(v->v, (size_t)cap * sizeof *p);
+        if (!p) return -1;
+        v->v = p;
+        v->cap = cap;
+    }
+    v->v[v->n++] = *t;
+    return 0;
+}
+
+void srv_tokvec_free(srv_tokvec *v) {
+    free(v->v);
+    v->v = NULL;
+    v->n = v->cap = 0;
+}
+
+void srv_out_init(srv_out *o) {
+    memset(o, 0, sizeof *o);
+    srv_buf_init(&o->text, 0);
+}
+
+void srv_out_free(srv_out *o) {
+    srv_buf_free(&o->text);
+    srv_tokvec_free(&o->toks);
+    srv_tokvec_free(&o->prompt_toks);
+}
+
+void srv_out_clear(srv_out *o) {
+    o->text.len = 0;
+    o->text.failed = 0;
+    o->toks.n = 0;
+    o->prompt_toks.n = 0;
+    o->finish = API_FINISH_NONE;
+    o->ended = 0;
+    o->n_generated = 0;
+}
+
+/* ============================================================ state */
+
+enum { SEQ_PREFILL = 0, SEQ_DECODE, SEQ_ENDED };
+
+typedef struct sched_seq {
+    srv_job *job;
+    int choice;
+    const api_prompt *prompt;
+    int seq;              /* cm sequence id; -1 once closed */
+    cm_sampler *smp;
+    cm_detok dt;
+    int state;
+    int n_fed;            /* prompt tokens already in the KV cache (or in this step's batch) */
+    int32_t next_tok;     /* SEQ_DECODE: the sampled token to feed next */
+    int n_gen;            /* tokens generated */
+    int max_tokens;
+    srv_buf text;         /* completion text so far (stop strings are searched in it) */
+    size_t emitted;       /* text[0..emitted) is released to the client */
+    size_t published;     /* text[0..published) is in the outbox */
+    srv_tokvec pending;   /* tokens generated, not yet in the outbox (logprobs only) */
+    srv_tokvec prompt_lp; /* echo && logprobs: the prompt's token logprobs */
+    api_finish finish;
+    int ended_published;
+    uint64_t t_last_ns;
+} sched_seq;
+
+typedef struct sched_jobstate {
+    sched_seq *seqs;      /* (n_choices) */
+    int n_open;           /* choices not ended */
+    int dirty;            /* has something to publish */
+    int in_batch;         /* has rows in the current batch */
+    int64_t t_first_ns;   /* first token of any choice (copied to the job when published) */
+} sched_jobstate;
+
+/* What a batch row is for. */
+typedef struct sched_row {
+    sched_seq *sq;
+    int prompt_pos;       /* >= 0: prompt position of this token (prefill); -1: decode */
+    int sample;           /* sample the next token from this row's logits */
+} sched_row;
+
+struct srv_sched {
+    const srv_config *cfg;
+    uv_loop_t *loop;
+    uv_async_t async;
+    srv_sched_wake_fn wake;
+    void *wake_ud;
+    uv_thread_t thread;
+    int thread_started;
+
+    uv_mutex_t mu;        /* guards everything below up to the worker-private part */
+    uv_cond_t cv;
+    int stopping;
+    int model_state;
+    cm_err load_err;
+    srv_job *submit_head, *submit_tail;
+    srv_job *ready_head;
+    srv_gauges gauges;
+    srv_hist ttft, itl;
+    uint64_t generated, prompt;
+
+    /* ---- set once by the worker before model_state = READY (published under mu) */
+    cm_model *model;
+    int n_ctx;
+
+    /* ---- worker-private */
+    cm_ctx *ctx;
+    const cm_model_info *info;
+    srv_job *wait_head, *wait_tail;   /* submitted, not admitted */
+    srv_job **running;                /* (parallel) admitted jobs */
+    int n_running;
+    int seqs_used;
+    int32_t *b_tok, *b_seq;           /* (n_batch) */
+    int8_t *b_logits;                 /* (n_batch) */
+    sched_row *rows;                  /* (n_batch) */
+    size_t piece_cap;                 /* detokenizer scratch size */
+    char *piece;
+    cm_token_logprob top[20];
+    /* worker-local copies of the histograms, merged under the lock at publish time */
+    srv_hist l_ttft, l_itl;
+    uint64_t l_generated, l_prompt, l_steps, l_batch_tokens;
+};
+
+/* ============================================================ helpers */
+
+static int64_t sched_now(void) { return (int64_t)uv_hrtime(); }
+
+static sched_jobstate *js(srv_job *j) { return (sched_jobstate *)j->w; }
+
+/* Log-softmax of logits at `want`, and the top n alternatives, for echoed prompt tokens. (n_vocab) */
+static float logprob_of(const float *logits, int n_vocab, int32_t want, cm_token_logprob *top, int n_top) {
+    float mx = -INFINITY;
+    for (int i = 0; i < n_vocab; i++) if (logits[i] > mx) mx = logits[i];
+    double sum = 0;
+    for (int i = 0; i < n_vocab; i++) sum += exp((double)(logits[i] - mx));
+    float lse = mx + (float)log(sum);
+    int k = 0;
+    for (int i = 0; i < n_vocab && n_top > 0; i++) {
+        float lp = logits[i] - lse;
+        if (k < n_top) k++;
+        else if (lp <= top[k - 1].logprob) continue;
+        int p = k - 1;
+        while (p > 0 && top[p - 1].logprob < lp) { top[p] = top[p - 1]; p--; }
+        top[p].token = i;
+        top[p].logprob = lp;
+    }
+    return want >= 0 && want < n_vocab ? logits[want] - lse : NAN;
+}
+
+static void seq_release(srv_sched *s, sched_seq *q) {
+    if (q->seq >= 0) { cm_seq_close(s->ctx, q->seq); q->seq = -1; s->seqs_used--; }
+    cm_sampler_free(q->smp);
+    q->smp = NULL;
+}
+
+static void seq_end(srv_sched *s, sched_seq *q, api_finish finish) {
+    if (q->state == SEQ_ENDED) return;
+    if (finish != API_FINISH_STOP || q->emitted == q->text.len) {
+        /* not cut by a stop string: the held-back tail and any incomplete UTF-8 go out too */
+        char tail[16];
+        int n = cm_detok_flush(&q->dt, tail, sizeof tail);
+        if (n > 0) srv_buf_append(&q->text, tail, (size_t)n);
+        if (finish != API_FINISH_STOP || q->emitted == q->text.len) q->emitted = q->text.len;
+    }
+    q->finish = finish;
+    q->state = SEQ_ENDED;
+    seq_release(s, q);
+    sched_jobstate *st = js(q->job);
+    st->n_open--;
+    st->dirty = 1;
+}
+
+/* ============================================================ publishing (worker -> loop) */
+
+/* Moves what the worker produced into the outbox; caller holds s->mu. */
+static void publish_job(srv_sched *s, srv_job *j) {
+    sched_jobstate *st = js(j);
+    for (int i = 0; st && i < j->n_choices; i++) {
+        sched_seq *q = &st->seqs[i];
+        srv_out *o = &j->out[i];
+        if (q->prompt_lp.n) {
+            for (int k = 0; k < q->prompt_lp.n; k++) srv_tokvec_push(&o->prompt_toks, &q->prompt_lp.v[k]);
+            q->prompt_lp.n = 0;
+        }
+        if (q->emitted > q->published) {
+            srv_buf_append(&o->text, q->text.data + q->published, q->emitted - q->published);
+            q->published = q->emitted;
+        }
+        /* tokens go out with their text: while a tail is held back, so are its tokens */
+        if (q->pending.n && (q->emitted == q->text.len || q->state == SEQ_ENDED)) {
+            for (int k = 0; k < q->pending.n; k++) srv_tokvec_push(&o->toks, &q->pending.v[k]);
+            q->pending.n = 0;
+        }
+        o->n_generated = q->n_gen;
+        if (q->state == SEQ_ENDED && !q->ended_published) {
+            o->ended = 1;
+            o->finish = q->finish;
+            q->ended_published = 1;
+        }
+    }
+    if (st) j->t_first_token_ns = st->t_first_ns;
+    if (!j->in_ready) {
+        j->in_ready = 1;
+        j->next_ready = s->ready_head;
+        s->ready_head = j;
+    }
+}
+
+static void job_free_state(srv_job *j) {
+    sched_jobstate *st = js(j);
+    if (!st) return;
+    for (int i = 0; i < j->n_choices; i++) {
+        srv_buf_free(&st->seqs[i].text);
+        srv_tokvec_free(&st->seqs[i].pending);
+        srv_tokvec_free(&st->seqs[i].prompt_lp);
+    }
+    free(st->seqs);
+    free(st);
+    j->w = NULL;
+}
+
+/* Ends a whole job: closes its sequences; err (may be NULL) makes it fail. Publishes it as done;
+ * after this the worker never touches the job again (the loop may free it as soon as it sees done,
+ * so everything worker-side is released first). Caller must not hold s->mu. */
+static void job_finish(srv_sched *s, srv_job *j, const api_error *err) {
+    sched_jobstate *st = js(j);
+    if (st)
+        for (int i = 0; i < j->n_choices; i++) {
+            sched_seq *q = &st->seqs[i];
+            if (q->state != SEQ_ENDED) seq_end(s, q, API_FINISH_NONE);
+        }
+    for (int i = 0; i < s->n_running; i++)
+        if (s->running[i] == j) { s->running[i] = s->running[--s->n_running]; break; }
+    uv_mutex_lock(&s->mu);
+    publish_job(s, j);
+    if (err && !j->has_error) { j->has_error = 1; j->err = *err; }
+    uv_mutex_unlock(&s->mu);
+    job_free_state(j);
+    uv_mutex_lock(&s->mu);
+    j->done = 1;
+    if (!j->in_ready) { j->in_ready = 1; j->next_ready = s->ready_head; s->ready_head = j; }
+    uv_mutex_unlock(&s->mu);
+}
+
+static void cancel_error(int reason, api_error *e) {
+    switch (reason) {
+    case SRV_CANCEL_TIMEOUT:
+        api_error_set(e, 504, API_ERR_SERVER, NULL, "timeout", "The request timed out (--request-timeout).");
+        break;
+    case SRV_CANCEL_SHUTDOWN:
+        api_error_set(e, 503, API_ERR_SERVER, NULL, "server_shutting_down",
+                      "The server is shutting down; the request was not completed.");
+        break;
+    default:
+        api_error_set(e, 499, API_ERR_SERVER, NULL, "cancelled", "The request was cancelled.");
+        break;
+    }
+}
+
+/* ============================================================ admission */
+
+static int job_admit(srv_sched *s, srv_job *j) {
+    api_error e;
+    const api_completion_req *r = j->req;
+    sched_jobstate *st = calloc(1, sizeof *st);
+    if (st) st->seqs = calloc((size_t)j->n_choices, sizeof *st->seqs);
+    if (!st || !st->seqs) {
+        free(st);
+        api_error_http(&e, 500, "out of memory");
+        job_finish(s, j, &e);
+        return -1;
+    }
+    j->w = st;
+    s->running[s->n_running++] = j;
+    int prompt_total = 0;
+    const int per = r->n > 0 ? r->n : 1;
+    for (int i = 0; i < j->n_choices; i++) {
+        sched_seq *q = &st->seqs[i];
+        q->job = j;
+        q->choice = i;
+        q->seq = -1;
+        q->state = SEQ_PREFILL;
+        srv_buf_init(&q->text, 0);
+        st->n_open++;
+    }
+    for (int i = 0; i < j->n_choices; i++) {
+        sched_seq *q = &st->seqs[i];
+        int p = i / per;
+        if (p >= r->n_prompts) p = r->n_prompts - 1;
+        q->prompt = &r->prompts[p];
+        if (i % per == 0) prompt_total += q->prompt->n_tokens;
+        if (q->prompt->n_tokens < 1 || q->prompt->n_tokens >= s->n_ctx) {
+            api_error_set(&e, 400, API_ERR_INVALID, "prompt", "context_length_exceeded",
+                          "This model's maximum context length is %d tokens, however you requested %d tokens "
+                          "in the prompt. Please reduce the prompt.", s->n_ctx, q->prompt->n_tokens);
+            job_finish(s, j, &e);
+            return -1;
+        }
+        cm_err ce = {0};
+        q->seq = cm_seq_open(s->ctx, &ce);
+        if (q->seq < 0) {
+            api_error_set(&e, 503, API_ERR_SERVER, NULL, "overloaded", "no sequence slot: %s", ce.msg);
+            job_finish(s, j, &e);
+            return -1;
+        }
+        s->seqs_used++;
+        cm_sampling sp;
+        api_completion_sampling(r, i, &sp);
+        sp.n_logprobs = r->logprobs > 0 ? r->logprobs : 0;
+        if (sp.n_logprobs > 20) sp.n_logprobs = 20;
+        q->smp = cm_sampler_create(s->model, &sp, &ce);
+        if (!q->smp) {
+            api_error_set(&e, 500, API_ERR_SERVER, NULL, NULL, "sampler: %s", ce.msg);
+            job_finish(s, j, &e);
+            return -1;
+        }
+        for (int k = 0; k < q->prompt->n_tokens; k++) cm_sampler_accept_prompt(q->smp, q->prompt->tokens[k]);
+        cm_detok_init(&q->dt, 0);
+        q->max_tokens = r->max_tokens;
+        q->t_last_ns = 0;
+        if (r->echo && r->logprobs >= 0) {
+            /* the first echoed token has no context to be predicted from: null, like OpenAI */
+            srv_tok t = {.token = q->prompt->tokens[q->prompt->echo_from < q->prompt->n_tokens ? q->prompt->echo_from : 0],
+                         .logprob = NAN};
+            if (q->prompt->echo_from < q->prompt->n_tokens) srv_tokvec_push(&q->prompt_lp, &t);
+        }
+        if (q->max_tokens <= 0) {
+            /* max_tokens 0: echo-only (prompt logprobs), no generation; still prefill when the prompt's
+             * logprobs are wanted, else end right away */
+            if (!(r->echo && r->logprobs >= 0)) seq_end(s, q, API_FINISH_LENGTH);
+        }
+    }
+    s->l_prompt += (uint64_t)prompt_total;
+    uv_mutex_lock(&s->mu);
+    j->admitted = 1;
+    j->prompt_tokens = prompt_total;
+    publish_job(s, j);
+    uv_mutex_unlock(&s->mu);
+    if (st->n_open == 0) job_finish(s, j, NULL);
+    return 0;
+}
+
+/* ============================================================ one step */
+
+/* Handles the token sampled for q. */
+static void seq_on_token(srv_sched *s, sched_seq *q, int32_t tok, float lp, int n_top) {
+    srv_job *j = q->job;
+    const api_completion_req *r = j->req;
+    int64_t now = sched_now();
+    if (!js(j)->t_first_ns) {
+        js(j)->t_first_ns = now;
+        srv_hist_observe(&s->l_ttft, (double)(now - (int64_t)j->t_arrival_ns) / 1e9);
+    }
+    if (q->t_last_ns) srv_hist_observe(&s->l_itl, (double)(now - (int64_t)q->t_last_ns) / 1e9);
+    q->t_last_ns = (uint64_t)now;
+    js(j)->dirty = 1;
+    if (cm_token_is_eog(s->model, tok)) { seq_end(s, q, API_FINISH_STOP); return; }
+    q->n_gen++;
+    s->l_generated++;
+    if (r->logprobs >= 0) {
+        srv_tok t = {.token = tok, .logprob = lp, .n_top = n_top};
+        if (n_top) memcpy(t.top, s->top, (size_t)n_top * sizeof *t.top);
+        srv_tokvec_push(&q->pending, &t);
+    }
+    int n = cm_detok_push(&q->dt, s->model, tok, s->piece, s->piece_cap);
+    if (n > 0) srv_buf_append(&q->text, s->piece, (size_t)n);
+    size_t safe = q->emitted;
+    int hit = api_stop_scan(&r->stop, q->text.data ? q->text.data : "", q->text.len, q->emitted, &safe);
+    q->emitted = safe;
+    if (hit >= 0) {
+        q->text.len = safe; /* the stop string and what follows it are not part of the completion */
+        seq_end(s, q, API_FINISH_STOP);
+        return;
+    }
+    if (q->n_gen >= q->max_tokens || cm_seq_len(s->ctx, q->seq) + 1 >= s->n_ctx) {
+        seq_end(s, q, API_FINISH_LENGTH);
+        return;
+    }
+    q->next_tok = tok;
+    q->state = SEQ_DECODE;
+}
+
+static void step(srv_sched *s) {
+    const int n_batch = s->cfg->n_batch;
+    int nb = 0;
+    for (int i = 0; i < s->n_running; i++) js(s->running[i])->in_batch = 0;
+    /* decode rows first: every generating sequence advances by one token each step */
+    for (int i = 0; i < s->n_running; i++) {
+        sched_jobstate *st = js(s->running[i]);
+        for (int c = 0; c < s->running[i]->n_choices && nb < n_batch; c++) {
+            sched_seq *q = &st->seqs[c];
+            if (q->state != SEQ_DECODE) continue;
+            s->b_tok[nb] = q->next_tok;
+            s->b_seq[nb] = q->seq;
+            s->b_logits[nb] = 1;
+            s->rows[nb] = (sched_row){q, -1, 1};
+            st->in_batch = 1;
+            nb++;
+        }
+    }
+    /* then prefill chunks, oldest job first */
+    for (int i = 0; i < s->n_running && nb < n_batch; i++) {
+        srv_job *j = s->running[i];
+        sched_jobstate *st = js(j);
+        int want_lp = j->req->echo && j->req->logprobs >= 0;
+        for (int c = 0; c < j->n_choices && nb < n_batch; c++) {
+            sched_seq *q = &st->seqs[c];
+            if (q->state != SEQ_PREFILL) continue;
+            const api_prompt *p = q->prompt;
+            while (q->n_fed < p->n_tokens && nb < n_batch) {
+                int pos = q->n_fed++;
+                int last = pos == p->n_tokens - 1;
+                int lp = want_lp && pos >= p->echo_from && !last;
+                s->b_tok[nb] = p->tokens[pos];
+                s->b_seq[nb] = q->seq;
+                s->b_logits[nb] = (int8_t)(last || lp);
+                s->rows[nb] = (sched_row){q, pos, last && q->max_tokens > 0};
+                st->in_batch = 1;
+                nb++;
+            }
+        }
+    }
+    if (nb == 0) return;
+    cm_batch b = {.n = nb, .token = s->b_tok, .seq = s->b_seq, .logits = s->b_logits};
+    cm_err ce = {0};
+    if (cm_forward(s->ctx, &b, &ce) < 0) {
+        /* nothing was appended: fail every job that had a row in this batch */
+        api_error e;
+        api_error_set(&e, 500, API_ERR_SERVER, NULL, NULL, "inference failed: %s", ce.msg);
+        srv_log("error", "cm_forward failed", NULL);
+        for (int i = s->n_running - 1; i >= 0; i--)
+            if (js(s->running[i])->in_batch) job_finish(s, s->running[i], &e);
+        return;
+    }
+    s->l_steps++;
+    s->l_batch_tokens += (uint64_t)nb;
+    const int n_vocab = s->info->n_vocab;
+    for (int r = 0; r < nb; r++) {
+        sched_row *row = &s->rows[r];
+        sched_seq *q = row->sq;
+        if (q->state == SEQ_ENDED) continue;
+        if (row->prompt_pos >= 0 && s->b_logits[r] && q->job->req->echo && q->job->req->logprobs >= 0 &&
+            row->prompt_pos + 1 < q->prompt->n_tokens) {
+            int n_top = q->job->req->logprobs > 20 ? 20 : q->job->req->logprobs;
+            srv_tok t = {.token = q->prompt->tokens[row->prompt_pos + 1], .n_top = n_top};
+            const float *lg = cm_logits(s->ctx, r);
+            t.logprob = lg ? logprob_of(lg, n_vocab, t.token, t.top, n_top) : NAN;
+            srv_tokvec_push(&q->prompt_lp, &t);
+            js(q->job)->dirty = 1;
+        }
+        if (row->prompt_pos >= 0 && row->prompt_pos == q->prompt->n_tokens - 1 && !row->sample) {
+            seq_end(s, q, API_FINISH_LENGTH); /* max_tokens 0 with echo logprobs: prompt done */
+            continue;
+        }
+        if (!row->sample) continue;
+        const float *lg = cm_logits(s->ctx, r);
+        if (!lg) { seq_end(s, q, API_FINISH_NONE); continue; }
+        float lp = 0;
+        int want_lp = q->job->req->logprobs >= 0;
+        int n_top = q->job->req->logprobs > 0 ? q->job->req->logprobs : 0;
+        if (n_top > 20) n_top = 20;
+        int32_t tok = cm_sampler_sample(q->smp, lg, &lp, want_lp ? s->top : NULL);
+        seq_on_token(s, q, tok, lp, n_top);
+    }
+}
+
+/* ============================================================ worker thread */
+
+static void publish_stats_locked(srv_sched *s) {
+    srv_gauges *g = &s->gauges;
+    int queued = 0;
+    for (srv_job *j = s->wait_head; j; j = j->next) queued++;
+    for (srv_job *j = s->submit_head; j; j = j->next) queued++;
+    g->queue_depth = queued;
+    g->requests_running = s->n_running;
+    g->seqs_running = s->seqs_used;
+    if (s->ctx) {
+        cm_kv_stats kv;
+        cm_ctx_kv_stats(s->ctx, &kv);
+        g->kv_blocks_total = kv.blocks_total;
+        g->kv_blocks_used = kv.blocks_used;
+        g->kv_block_tokens = kv.block_tokens;
+    }
+    g->decode_steps = s->l_steps;
+    g->batch_tokens = s->l_batch_tokens;
+    s->ttft = s->l_ttft;
+    s->itl = s->l_itl;
+    s->generated = s->l_generated;
+    s->prompt = s->l_prompt;
+}
+
+static int worker_load(srv_sched *s) {
+    cm_err err = {0};
+    cm_model_params mp = {.n_threads = s->cfg->n_threads, .vocab_only = 0};
+    cm_model *m = cm_model_load(s->cfg->model_path, &mp, &err);
+    cm_ctx *ctx = NULL;
+    if (m) {
+        const cm_model_info *info = cm_model_get_info(m);
+        int n_ctx = s->cfg->n_ctx > 0 ? s->cfg->n_ctx : info->n_ctx_train;
+        if (n_ctx <= 0) n_ctx = 2048;
+        cm_ctx_params cp = {.n_threads = s->cfg->n_threads, .n_seq_max = s->cfg->parallel, .n_ctx = n_ctx,
+                            .n_batch_max = s->cfg->n_batch, .kv_tokens = 0};
+        ctx = cm_ctx_create(m, &cp, &err);
+        if (ctx) {
+            s->info = info;
+            s->n_ctx = n_ctx;
+            /* the detokenizer needs 64 + the longest token of scratch */
+            size_t longest = 0;
+            for (int32_t id = 0; id < info->n_vocab; id++) {
+                int nb = cm_token_bytes(m, id, 1, NULL, 0);
+                if (nb > 0 && (size_t)nb > longest) longest = (size_t)nb;
+            }
+            s->piece_cap = 64 + longest + 64;
+            s->piece = malloc(s->piece_cap);
+            int nb = s->cfg->n_batch;
+            s->b_tok = malloc((size_t)nb * sizeof *s->b_tok);
+            s->b_seq = malloc((size_t)nb * sizeof *s->b_seq);
+            s->b_logits = malloc((size_t)nb);
+            s->rows = malloc((size_t)nb * sizeof *s->rows);
+            s->running = calloc((size_t)s->cfg->parallel, sizeof *s->running);
+            if (!s->piece || !s->b_tok || !s->b_seq || !s->b_logits || !s->rows || !s->running) {
+                snprintf(err.msg, sizeof err.msg, "out of memory");
+                cm_ctx_free(ctx);
+                ctx = NULL;
+            }
+        }
+    }
+    uv_mutex_lock(&s->mu);
+    if (ctx) {
+        s->model = m;
+        s->ctx = ctx;
+        s->model_state = SRV_MODEL_READY;
+        s->gauges.model_loaded = 1;
+        publish_stats_locked(s);
+    } else {
+        s->model_state = SRV_MODEL_FAILED;
+        s->load_err = err;
+    }
+    uv_mutex_unlock(&s->mu);
+    if (!ctx) cm_model_free(m);
+    uv_async_send(&s->async);
+    return ctx ? 0 : -1;
+}
+
+static void worker_main(void *arg) {
+    srv_sched *s = arg;
+    if (worker_load(s) < 0) return;
+    for (;;) {
+        uv_mutex_lock(&s->mu);
+        while (!s->stopping && !s->submit_head && !s->wait_head && s->n_running == 0) uv_cond_wait(&s->cv, &s->mu);
+        /* move submissions to the worker's FIFO */
+        if (s->submit_head) {
+            if (s->wait_tail) s->wait_tail->next = s->submit_head;
+            else s->wait_head = s->submit_head;
+            s->wait_tail = s->submit_tail;
+            s->submit_head = s->submit_tail = NULL;
+        }
+        int stopping = s->stopping;
+        uv_mutex_unlock(&s->mu);
+        if (stopping) {
+            for (srv_job *j = s->wait_head; j; j = j->next) atomic_store(&j->cancel, SRV_CANCEL_SHUTDOWN);
+            for (int i = 0; i < s->n_running; i++) atomic_store(&s->running[i]->cancel, SRV_CANCEL_SHUTDOWN);
+        }
+        /* 1. cancellations */
+        for (int i = s->n_running - 1; i >= 0; i--) {
+            srv_job *j = s->running[i];
+            int why = atomic_load(&j->cancel);
+            if (why) {
+                api_error e;
+                cancel_error(why, &e);
+                job_finish(s, j, why == SRV_CANCEL_CLIENT || why == SRV_CANCEL_SLOW ? NULL : &e);
+            }
+        }
+        for (srv_job **pp = &s->wait_head, *prev = NULL; *pp;) {
+            srv_job *j = *pp;
+            int why = atomic_load(&j->cancel);
+            if (!why) { prev = j; pp = &j->next; continue; }
+            *pp = j->next;
+            if (s->wait_tail == j) s->wait_tail = prev;
+            j->next = NULL;
+            api_error e;
+            cancel_error(why, &e);
+            job_finish(s, j, why == SRV_CANCEL_CLIENT || why == SRV_CANCEL_SLOW ? NULL : &e);
+        }
+        if (stopping) break;
+        /* 2. admission, FIFO */
+        while (s->wait_head && s->n_running < s->cfg->parallel &&
+               s->cfg->parallel - s->seqs_used >= s->wait_head->n_choices) {
+            srv_job *j = s->wait_head;
+            s->wait_head = j->next;
+            if (!s->wait_head) s->wait_tail = NULL;
+            j->next = NULL;
+            job_admit(s, j);
+        }
+        if (s->wait_head && s->wait_head->n_choices > s->cfg->parallel) {
+            /* can never fit (the loop refuses these; defensive) */
+            srv_job *j = s->wait_head;
+            s->wait_head = j->next;
+            if (!s->wait_head) s->wait_tail = NULL;
+            api_error e;
+            api_error_set(&e, 400, API_ERR_INVALID, "n", NULL, "n is larger than the server's --parallel");
+            job_finish(s, j, &e);
+        }
+        /* 3-4. one batched forward pass */
+        step(s);
+        /* 5. publish */
+        uv_mutex_lock(&s->mu);
+        for (int i = s->n_running - 1; i >= 0; i--) {
+            srv_job *j = s->running[i];
+            if (js(j)->dirty) { publish_job(s, j); js(j)->dirty = 0; }
+        }
+        publish_stats_locked(s);
+        uv_mutex_unlock(&s->mu);
+        for (int i = s->n_running - 1; i >= 0; i--)
+            if (js(s->running[i])->n_open == 0) job_finish(s, s->running[i], NULL);
+        uv_mutex_lock(&s->mu);
+        publish_stats_locked(s);
+        uv_mutex_unlock(&s->mu);
+        uv_async_send(&s->async);
+    }
+    /* stopping: everything still here ends with a shutdown error */
+    api_error e;
+    cancel_error(SRV_CANCEL_SHUTDOWN, &e);
+    while (s->n_running) job_finish(s, s->running[0], &e);
+    while (s->wait_head) {
+        srv_job *j = s->wait_head;
+        s->wait_head = j->next;
+        job_finish(s, j, &e);
+    }
+    uv_mutex_lock(&s->mu);
+    publish_stats_locked(s);
+    uv_mutex_unlock(&s->mu);
+    uv_async_send(&s->async);
+}
+
+/* ============================================================ loop-side API */
+
+static void sched_on_async(uv_async_t *a) {
+    srv_sched *s = a->data;
+    s->wake(s->wake_ud);
+}
+
+srv_sched *srv_sched_create(uv_loop_t *loop, const srv_config *cfg, srv_sched_wake_fn wake, void *ud) {
+    srv_sched *s = calloc(1, sizeof *s);
+    if (!s) return NULL;
+    s->cfg = cfg;
+    s->loop = loop;
+    s->wake = wake;
+    s->wake_ud = ud;
+    srv_metrics m; /* only for the bucket layout */
+    srv_metrics_init(&m);
+    s->ttft = s->l_ttft = m.ttft;
+    s->itl = s->l_itl = m.itl;
+    if (uv_mutex_init(&s->mu)) { free(s); return NULL; }
+    if (uv_cond_init(&s->cv)) { uv_mutex_destroy(&s->mu); free(s); return NULL; }
+    if (uv_async_init(loop, &s->async, sched_on_async)) {
+        uv_cond_destroy(&s->cv);
+        uv_mutex_destroy(&s->mu);
+        free(s);
+        return NULL;
+    }
+    s->async.data = s;
+    if (uv_thread_create(&s->thread, worker_main, s)) {
+        uv_close((uv_handle_t *)&s->async, NULL);
+        s->thread_started = 0;
+        return s; /* caller sees model state FAILED */
+    }
+    s->thread_started = 1;
+    return s;
+}
+
+void srv_sched_stop(srv_sched *s) {
+    if (!s) return;
+    uv_mutex_lock(&s->mu);
+    s->stopping = 1;
+    uv_cond_signal(&s->cv);
+    uv_mutex_unlock(&s->mu);
+    if (s->thread_started) {
+        uv_thread_join(&s->thread);
+        s->thread_started = 0;
+    }
+    /* jobs submitted after the worker's last look */
+    api_error e;
+    cancel_error(SRV_CANCEL_SHUTDOWN, &e);
+    uv_mutex_lock(&s->mu);
+    while (s->submit_head) {
+        srv_job *j = s->submit_head;
+        s->submit_head = j->next;
+        j->has_error = 1;
+        j->err = e;
+        j->done = 1;
+        if (!j->in_ready) { j->in_ready = 1; j->next_ready = s->ready_head; s->ready_head = j; }
+    }
+    s->submit_tail = NULL;
+    uv_mutex_unlock(&s->mu);
+    cm_ctx_free(s->ctx);
+    s->ctx = NULL;
+    if (!uv_is_closing((uv_handle_t *)&s->async)) uv_close((uv_handle_t *)&s->async, NULL);
+}
+
+void srv_sched_free(srv_sched *s) {
+    if (!s) return;
+    cm_model_free(s->model);
+    free(s->piece);
+    free(s->b_tok);
+    free(s->b_seq);
+    free(s->b_logits);
+    free(s->rows);
+    free(s->running);
+    uv_cond_destroy(&s->cv);
+    uv_mutex_destroy(&s->mu);
+    free(s);
+}
+
+int srv_sched_model(srv_sched *s, const cm_model **model, int *n_ctx, cm_err *err) {
+    uv_mutex_lock(&s->mu);
+    int st = s->thread_started || s->model_state != SRV_MODEL_LOADING ? s->model_state : SRV_MODEL_FAILED;
+    if (st == SRV_MODEL_READY) {
+        if (model) *model = s->model;
+        if (n_ctx) *n_ctx = s->n_ctx;
+    } else if (st == SRV_MODEL_FAILED && err) {
+        *err = s->load_err;
+        if (!err->msg[0]) snprintf(err->msg, sizeof err->msg, "could not start the engine thread");
+    }
+    uv_mutex_unlock(&s->mu);
+    return st;
+}
+
+int srv_sched_submit(srv_sched *s, srv_job *job) {
+    job->next = NULL;
+    job->done = job->admitted = job->has_error = job->in_ready = 0;
+    uv_mutex_lock(&s->mu);
+    if (s->stopping || s->model_state != SRV_MODEL_READY) { uv_mutex_unlock(&s->mu); return -1; }
+    if (s->submit_tail) s->submit_tail->next = job;
+    else s->submit_head = job;
+    s->submit_tail = job;
+    s->gauges.queue_depth++;
+    uv_cond_signal(&s->cv);
+    uv_mutex_unlock(&s->mu);
+    return 0;
+}
+
+void srv_sched_cancel(srv_sched *s, srv_job *job, int reason) {
+    int none = SRV_CANCEL_NONE;
+    atomic_compare_exchange_strong(&job->cancel, &none, reason);
+    uv_mutex_lock(&s->mu);
+    uv_cond_signal(&s->cv);
+    uv_mutex_unlock(&s->mu);
+}
+
+srv_job *srv_sched_take(srv_sched *s) {
+    uv_mutex_lock(&s->mu);
+    srv_job *head = s->ready_head;
+    s->ready_head = NULL;
+    uv_mutex_unlock(&s->mu);
+    return head;
+}
+
+static void swap_out(srv_out *a, srv_out *b) {
+    srv_out t = *a;
+    *a = *b;
+    *b = t;
+}
+
+srv_job *srv_sched_drain(srv_sched *s, srv_job *job, srv_out *dst, srv_drained *info) {
+    uv_mutex_lock(&s->mu);
+    srv_job *next = NULL;
+    if (job->in_ready) { next = job->next_ready; job->in_ready = 0; job->next_ready = NULL; }
+    for (int i = 0; i < job->n_choices; i++) {
+        srv_out_clear(&dst[i]);
+        swap_out(&job->out[i], &dst[i]);
+        /* absolute counters stay with the outbox */
+        job->out[i].n_generated = dst[i].n_generated;
+    }
+    info->done = job->done;
+    info->admitted = job->admitted;
+    info->has_error = job->has_error;
+    info->err = job->err;
+    info->prompt_tokens = job->prompt_tokens;
+    info->t_first_token_ns = job->t_first_token_ns;
+    uv_mutex_unlock(&s->mu);
+    return next;
+}
+
+void srv_sched_stats(srv_sched *s, srv_gauges *g, srv_hist *ttft, srv_hist *itl, uint64_t *generated,
+                     uint64_t *prompt) {
+    uv_mutex_lock(&s->mu);
+    *g = s->gauges;
+    if (ttft) *ttft = s->ttft;
+    if (itl) *itl = s->itl;
+    if (generated) *generated = s->generated;
+    if (prompt) *prompt = s->prompt;
+    uv_mutex_unlock(&s->mu);
+}

@@ -1,0 +1,253 @@
+/*
+ * serve.c - `codemoe serve`: flags, then the event loop. The loop starts listening first (so /health
+ * answers 503 while the model loads), then starts the engine worker, which loads the model. SIGTERM
+ * and SIGINT (uv_signal_t) start a graceful shutdown: stop accepting, let in-flight requests finish
+ * within --grace seconds, end the rest with an error event, exit 0. See docs/server.md.
+ */
+#include <ctype.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cli.h"
+#include "commands.h"
+#include "server.h"
+
+static void serve_usage(FILE *f) {
+    fprintf(f,
+        "usage: codemoe serve --model M.gguf [flags]\n"
+        "\n"
+        "  --model PATH            GGUF model to serve (required)\n"
+        "  --model-id NAME         the \"model\" clients send (default: file name without .gguf)\n"
+        "  --host H                address to listen on (default 127.0.0.1)\n"
+        "  --port P                port (default 8080; 0 picks a free one, logged at start)\n"
+        "  --threads N             engine compute threads (default: CPUs, at most 16)\n"
+        "  --ctx N                 tokens per sequence, prompt + completion (default: the model's)\n"
+        "  --parallel N            sequences decoded together in one batch (default 4)\n"
+        "  --queue N               requests that may wait for a slot; beyond: 429 (default 64)\n"
+        "  --batch N               max tokens per forward pass, bounds prefill chunks (default 512)\n"
+        "  --api-key KEY           require 'Authorization: Bearer KEY' (repeatable)\n"
+        "  --api-key-file PATH     one key per line ('#' comments)\n"
+        "                          (also the CODEMOE_API_KEY environment variable)\n"
+        "  --cors-origin ORIGIN    allow browser requests from ORIGIN (repeatable; '*' for any)\n"
+        "  --max-body BYTES        largest request body (default 4194304)\n"
+        "  --request-timeout SEC   max seconds per completion, 0 = none (default 600)\n"
+        "  --idle-timeout SEC      close connections idle this long, 0 = never (default 60)\n"
+        "  --grace SEC             on SIGTERM, time in-flight requests get to finish (default 30)\n"
+        "  --routing-retention N   completions whose routing statistics are kept (default 1024)\n"
+        "  --stream-buffer BYTES   how far a slow stream reader may fall behind (default 1048576)\n"
+        "  --max-connections N     open connections (default 1024)\n");
+}
+
+void srv_config_free(srv_config *c) {
+    srv_keys_free(&c->keys);
+    for (int i = 0; i < c->n_cors; i++) free(c->cors[i]);
+    free(c->cors);
+    c->cors = NULL;
+    c->n_cors = 0;
+}
+
+static int add_cors(srv_config *c, const char *o) {
+    char **p = realloc(c->cors, (size_t)(c->n_cors + 1) * sizeof *p);
+    if (!p) return -1;
+    c->cors = p;
+    if (!(c->cors[c->n_cors] = strdup(o))) return -1;
+    c->n_cors++;
+    return 0;
+}
+
+static int parse_seconds(const char *flag, const char *v, double *out) {
+    float f;
+    if (!cli_float("serve", flag, v, 0, 1e7, &f)) return 0;
+    *out = f;
+    return 1;
+}
+
+static int parse_size(const char *flag, const char *v, size_t lo, size_t *out) {
+    unsigned long long x;
+    if (!cli_u64("serve", flag, v, &x)) return 0;
+    if (x < lo || x > (1ull << 40)) {
+        fprintf(stderr, "codemoe serve: %s must be in [%zu, 2^40]\n", flag, lo);
+        return 0;
+    }
+    *out = (size_t)x;
+    return 1;
+}
+
+/* Returns 0 ok, 2 usage error (message printed), -1 to exit 0 (--help). */
+static int parse_flags(int argc, char **argv, srv_config *c) {
+    memset(c, 0, sizeof *c);
+    srv_keys_init(&c->keys);
+    c->host = "127.0.0.1";
+    c->port = 8080;
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    c->n_threads = ncpu > 0 ? (ncpu > 16 ? 16 : (int)ncpu) : 1;
+    c->parallel = 4;
+    c->queue = 64;
+    c->n_batch = 512;
+    c->max_body = 4u << 20;
+    c->request_timeout = 600;
+    c->idle_timeout = 60;
+    c->grace = 30;
+    c->routing_retention = 1024;
+    c->stream_buffer = 1u << 20;
+    c->max_connections = 1024;
+    const char *model_id = NULL;
+    static const char *flags[] = {"--model", "--model-id", "--host", "--port", "--threads", "--ctx", "--parallel",
+                                  "--queue", "--batch", "--api-key", "--api-key-file", "--cors-origin",
+                                  "--max-body", "--request-timeout", "--idle-timeout", "--grace",
+                                  "--routing-retention", "--stream-buffer", "--max-connections"};
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) { serve_usage(stdout); return -1; }
+        const char *f = NULL, *v = NULL;
+        int m = 0;
+        for (size_t k = 0; k < sizeof flags / sizeof *flags && !m; k++)
+            if ((m = cli_flag(argc, argv, &i, flags[k], &v)) != 0) f = flags[k];
+        if (!m) { fprintf(stderr, "codemoe serve: unknown flag '%s' (try --help)\n", argv[i]); return 2; }
+        if (m < 0) { fprintf(stderr, "codemoe serve: %s needs a value\n", f); return 2; }
+        int ok = 1;
+        if (!strcmp(f, "--model")) c->model_path = v;
+        else if (!strcmp(f, "--model-id")) {
+            ok = *v && strlen(v) < sizeof c->model_id;
+            if (!ok) fprintf(stderr, "codemoe serve: bad --model-id\n");
+            model_id = v;
+        } else if (!strcmp(f, "--host")) c->host = v;
+        else if (!strcmp(f, "--port")) ok = cli_int("serve", f, v, 0, 65535, &c->port);
+        else if (!strcmp(f, "--threads")) ok = cli_int("serve", f, v, 1, 1024, &c->n_threads);
+        else if (!strcmp(f, "--ctx")) ok = cli_int("serve", f, v, 0, 1 << 24, &c->n_ctx);
+        else if (!strcmp(f, "--parallel")) ok = cli_int("serve", f, v, 1, 4096, &c->parallel);
+        else if (!strcmp(f, "--queue")) ok = cli_int("serve", f, v, 0, 1 << 20, &c->queue);
+        else if (!strcmp(f, "--batch")) ok = cli_int("serve", f, v, 1, 1 << 16, &c->n_batch);
+        else if (!strcmp(f, "--api-key")) {
+            ok = srv_keys_add(&c->keys, v) == 0;
+            if (!ok) fprintf(stderr, "codemoe serve: empty --api-key\n");
+        } else if (!strcmp(f, "--api-key-file")) {
+            ok = srv_keys_load_file(&c->keys, v) >= 0;
+            if (!ok) fprintf(stderr, "codemoe serve: cannot read --api-key-file %s: %s\n", v, strerror(errno));
+        } else if (!strcmp(f, "--cors-origin")) {
+            ok = *v && add_cors(c, v) == 0;
+            if (!ok) fprintf(stderr, "codemoe serve: bad --cors-origin\n");
+        } else if (!strcmp(f, "--max-body")) ok = parse_size(f, v, 1, &c->max_body);
+        else if (!strcmp(f, "--request-timeout")) ok = parse_seconds(f, v, &c->request_timeout);
+        else if (!strcmp(f, "--idle-timeout")) ok = cli_int("serve", f, v, 0, 86400, &c->idle_timeout);
+        else if (!strcmp(f, "--grace")) ok = parse_seconds(f, v, &c->grace);
+        else if (!strcmp(f, "--routing-retention")) ok = cli_int("serve", f, v, 0, 1 << 20, &c->routing_retention);
+        else if (!strcmp(f, "--stream-buffer")) ok = parse_size(f, v, 4096, &c->stream_buffer);
+        else if (!strcmp(f, "--max-connections")) ok = cli_int("serve", f, v, 1, 1 << 20, &c->max_connections);
+        if (!ok) return 2;
+    }
+    const char *env = getenv("CODEMOE_API_KEY");
+    if (env && *env && srv_keys_add(&c->keys, env) < 0) {
+        fprintf(stderr, "codemoe serve: CODEMOE_API_KEY is blank\n");
+        return 2;
+    }
+    if (!c->model_path) {
+        fprintf(stderr, "codemoe serve: --model is required\n");
+        serve_usage(stderr);
+        return 2;
+    }
+    if (model_id) {
+        snprintf(c->model_id, sizeof c->model_id, "%s", model_id);
+    } else {
+        const char *base = strrchr(c->model_path, '/');
+        base = base ? base + 1 : c->model_path;
+        snprintf(c->model_id, sizeof c->model_id, "%s", base);
+        size_t n = strlen(c->model_id);
+        if (n > 5 && !strcmp(c->model_id + n - 5, ".gguf")) c->model_id[n - 5] = 0;
+    }
+    return 0;
+}
+
+/* ============================================================ the process */
+
+typedef struct serve_state {
+    uv_loop_t *loop;
+    srv_config cfg;
+    srv_http *http;
+    srv_sched *sched;
+    uv_signal_t sigterm, sigint;
+    int stopped;
+} serve_state;
+
+static void on_drained(void *ud) {
+    serve_state *st = ud;
+    if (st->stopped) return;
+    st->stopped = 1;
+    /* the worker ends whatever is left (nothing, unless the grace period ran out twice) and joins;
+     * one more wake-up pass hands the last results to their connections */
+    srv_sched_stop(st->sched);
+    srv_http_wake_fn()(st->http);
+    srv_http_free(st->http);
+    uv_signal_stop(&st->sigterm);
+    uv_signal_stop(&st->sigint);
+    uv_close((uv_handle_t *)&st->sigterm, NULL);
+    uv_close((uv_handle_t *)&st->sigint, NULL);
+}
+
+static void on_signal(uv_signal_t *s, int signum) {
+    serve_state *st = s->data;
+    json_t *f = json_pack("{s:s}", "signal", signum == SIGTERM ? "SIGTERM" : "SIGINT");
+    srv_log("info", "signal received", f);
+    json_decref(f);
+    srv_http_shutdown(st->http, on_drained, st);
+}
+
+int cmd_serve(int argc, char **argv) {
+    serve_state st;
+    memset(&st, 0, sizeof st);
+    int rc = parse_flags(argc, argv, &st.cfg);
+    if (rc) {
+        srv_config_free(&st.cfg);
+        return rc < 0 ? 0 : rc;
+    }
+    /* a client that disappears mid-write must not kill the process */
+    signal(SIGPIPE, SIG_IGN);
+    uv_loop_t loop;
+    if (uv_loop_init(&loop)) {
+        fprintf(stderr, "codemoe serve: cannot create the event loop\n");
+        srv_config_free(&st.cfg);
+        return 1;
+    }
+    st.loop = &loop;
+    st.http = srv_http_start(&loop, &st.cfg);
+    if (!st.http) {
+        uv_run(&loop, UV_RUN_NOWAIT);
+        uv_loop_close(&loop);
+        srv_config_free(&st.cfg);
+        return 1;
+    }
+    srv_http_on_done(st.http, on_drained, &st);
+    json_t *f = json_pack("{s:s,s:i,s:s,s:s,s:i,s:i,s:b}", "host", st.cfg.host, "port", srv_http_port(st.http),
+                          "model", st.cfg.model_path, "model_id", st.cfg.model_id, "parallel", st.cfg.parallel,
+                          "queue", st.cfg.queue, "auth", st.cfg.keys.n > 0);
+    srv_log("info", "listening", f);
+    json_decref(f);
+    st.sched = srv_sched_create(&loop, &st.cfg, srv_http_wake_fn(), st.http);
+    if (!st.sched) {
+        fprintf(stderr, "codemoe serve: cannot start the engine worker\n");
+        srv_http_free(st.http);
+        uv_run(&loop, UV_RUN_DEFAULT);
+        srv_http_destroy(st.http);
+        uv_loop_close(&loop);
+        srv_config_free(&st.cfg);
+        return 1;
+    }
+    srv_http_set_sched(st.http, st.sched);
+    uv_signal_init(&loop, &st.sigterm);
+    uv_signal_init(&loop, &st.sigint);
+    st.sigterm.data = st.sigint.data = &st;
+    uv_signal_start(&st.sigterm, on_signal, SIGTERM);
+    uv_signal_start(&st.sigint, on_signal, SIGINT);
+
+    uv_run(&loop, UV_RUN_DEFAULT);
+
+    int code = srv_http_exit_code(st.http);
+    srv_http_destroy(st.http);
+    srv_sched_free(st.sched);
+    if (uv_loop_close(&loop)) srv_log("warn", "event loop closed with handles open", NULL);
+    srv_log("info", "stopped", NULL);
+    srv_config_free(&st.cfg);
+    return code;
+}

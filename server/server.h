@@ -1,0 +1,206 @@
+/*
+ * server.h - internal interfaces of `codemoe serve` (see docs/server.md for the architecture).
+ *
+ * Two threads, each the single owner of its state:
+ * - the event-loop thread (libuv) owns every HTTP connection (libmicrohttpd driven from the loop),
+ *   the metrics, and the loop side of every job;
+ * - the engine worker thread (srv_sched) owns the model load, the cm_ctx, the samplers and the batch.
+ * They talk only through the scheduler's submit list (loop -> worker, with a condition variable),
+ * each job's outbox (worker -> loop, announced by a uv_async_t wake-up), and the per-job cancel flag.
+ * Everything shared is behind srv_sched.mu or is an atomic.
+ */
+#ifndef CM_SRV_SERVER_H
+#define CM_SRV_SERVER_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <uv.h>
+
+#include "api.h"
+#include "auth.h"
+#include "codemoe.h"
+#include "metrics.h"
+#include "sbuf.h"
+
+/* ============================================================ configuration */
+
+typedef struct srv_config {
+    const char *model_path;
+    char model_id[256];       /* what clients send as "model" (--model-id, else the file's basename) */
+    const char *host;
+    int port;                 /* 0: any free port (the bound one is logged) */
+    int n_threads;            /* engine compute threads */
+    int n_ctx;                /* tokens per sequence (0: the model's training context) */
+    int parallel;             /* max sequences in the batch (a request with n choices takes n) */
+    int queue;                /* max requests waiting for a slot; beyond: 429 */
+    int n_batch;              /* max tokens per cm_forward (prefill chunking) */
+    srv_keys keys;            /* API keys; none: no auth */
+    char **cors;              /* allowed origins (owned); "*" allows any */
+    int n_cors;
+    size_t max_body;          /* bytes */
+    double request_timeout;   /* seconds a completion may take (0: none) */
+    int idle_timeout;         /* seconds an idle connection stays open */
+    double grace;             /* seconds in-flight requests get on SIGTERM */
+    int routing_retention;    /* completions whose routing statistics are kept */
+    size_t stream_buffer;     /* bytes a slow reader may fall behind before its stream is ended */
+    int max_connections;
+} srv_config;
+
+void srv_config_free(srv_config *c);
+
+/* ============================================================ jobs (one completion request) */
+
+enum { SRV_CANCEL_NONE = 0, SRV_CANCEL_CLIENT, SRV_CANCEL_TIMEOUT, SRV_CANCEL_SHUTDOWN, SRV_CANCEL_SLOW };
+
+/* One generated token as reported to the client (logprobs requested) or counted (not requested). */
+typedef struct srv_tok {
+    int32_t token;
+    float logprob;                           /* NAN: none (the first echoed prompt token) */
+    int n_top;
+    cm_token_logprob top[20];
+} srv_tok;
+
+typedef struct srv_tokvec {
+    srv_tok *v;
+    int n, cap;
+} srv_tokvec;
+
+/* One choice's output that the loop has not taken yet (worker -> loop, under srv_sched.mu). The loop
+ * swaps these buffers with its own empty ones, so steady-state streaming allocates nothing here. */
+typedef struct srv_out {
+    srv_buf text;            /* new completion text */
+    srv_tokvec toks;         /* new tokens (with logprobs when requested) */
+    srv_tokvec prompt_toks;  /* echo && logprobs: the prompt's tokens, once, before any output */
+    int n_generated;         /* tokens generated so far (absolute) */
+    api_finish finish;       /* set once, when the choice ends */
+    int ended;
+} srv_out;
+
+typedef struct srv_job srv_job;
+struct srv_job {
+    /* ---- set by the loop before srv_sched_submit, read-only for both threads afterwards */
+    const api_completion_req *req;
+    int n_choices;
+    uint64_t t_arrival_ns;      /* uv_hrtime() at request arrival */
+    void *owner;                /* the loop's request (never touched by the worker) */
+
+    /* ---- loop -> worker */
+    atomic_int cancel;          /* SRV_CANCEL_*; the worker ends the job at its next step */
+
+    /* ---- worker -> loop, under srv_sched.mu */
+    srv_out *out;               /* (n_choices) */
+    int admitted;               /* got its sequences */
+    int done;                   /* terminal: the worker will never touch the job again */
+    int has_error;
+    api_error err;              /* has_error: why it failed (before or during generation) */
+    int prompt_tokens;          /* usage: prompt tokens summed over choices' prompts (once per prompt) */
+    int64_t t_first_token_ns;   /* 0 until the first token */
+    int in_ready;               /* already in the ready list */
+    srv_job *next_ready;
+
+    /* ---- worker-private */
+    void *w;                    /* struct sched_seq array */
+    srv_job *next;              /* submit list / worker queue link */
+};
+
+/* ============================================================ scheduler (engine worker thread) */
+
+enum { SRV_MODEL_LOADING = 0, SRV_MODEL_READY, SRV_MODEL_FAILED };
+
+typedef struct srv_sched srv_sched;
+
+/* Called on the loop thread when the model state changed or jobs have new output. */
+typedef void (*srv_sched_wake_fn)(void *ud);
+
+/* Creates the scheduler and starts the worker thread, which loads the model (the caller's loop is
+ * already listening, so /health can answer 503 meanwhile). wake is called on the loop thread (via a
+ * uv_async_t on loop). Returns NULL on failure (nothing started). */
+srv_sched *srv_sched_create(uv_loop_t *loop, const srv_config *cfg, srv_sched_wake_fn wake, void *ud);
+/* Stops the worker: every job not done yet ends with err (shutdown), the thread is joined and the
+ * engine freed. The uv_async_t is closed; call uv_run afterwards to let it finish closing, and free the
+ * struct with srv_sched_free after that. */
+void srv_sched_stop(srv_sched *s);
+void srv_sched_free(srv_sched *s);
+
+/* SRV_MODEL_*; when READY, *model (immutable, usable from any thread) and *n_ctx are set. When FAILED,
+ * err holds the reason. */
+int srv_sched_model(srv_sched *s, const cm_model **model, int *n_ctx, cm_err *err);
+
+/* Hands a job to the worker. The job and its req must stay alive until the loop has seen job->done
+ * (srv_sched_take). Returns 0, or -1 if the worker is stopping (the job was not taken). */
+int srv_sched_submit(srv_sched *s, srv_job *job);
+/* Asks the worker to end a job (reason SRV_CANCEL_*); idempotent; its sequences are closed at the
+ * worker's next step. */
+void srv_sched_cancel(srv_sched *s, srv_job *job, int reason);
+
+/* Loop thread: takes the list of jobs with new output. Walk it only with srv_sched_drain, which must
+ * be called for every job in it (the list links stay owned by the scheduler until then). */
+srv_job *srv_sched_take(srv_sched *s);
+/* Swaps job->out[i] into dst[i] (the loop's buffers, emptied here: their storage is recycled to the
+ * worker) and copies the job's state into info. Returns the next job of the taken list. Once
+ * info->done, the worker has let go of the job and the loop may free it. */
+typedef struct srv_drained {
+    int done, admitted, has_error, prompt_tokens;
+    api_error err;
+    int64_t t_first_token_ns;
+} srv_drained;
+srv_job *srv_sched_drain(srv_sched *s, srv_job *job, srv_out *dst, srv_drained *info);
+
+/* Gauges and worker-owned histograms, copied under the lock. */
+void srv_sched_stats(srv_sched *s, srv_gauges *g, srv_hist *ttft, srv_hist *itl, uint64_t *generated,
+                     uint64_t *prompt);
+
+/* srv_out / srv_tokvec helpers */
+void srv_out_init(srv_out *o);
+void srv_out_free(srv_out *o);
+void srv_out_clear(srv_out *o);  /* empties, keeps the storage */
+int srv_tokvec_push(srv_tokvec *v, const srv_tok *t);
+void srv_tokvec_free(srv_tokvec *v);
+
+/* ============================================================ routing retention */
+
+/* A bounded store of per-completion routing statistics, keyed by completion id: the newest
+ * `capacity` entries are kept (FIFO eviction). Loop-thread only. Values are JSON objects (owned). */
+typedef struct srv_retention srv_retention;
+srv_retention *srv_retention_create(int capacity);
+void srv_retention_free(srv_retention *r);
+/* Takes ownership of value (a json_t *); replaces an entry with the same id. */
+void srv_retention_put(srv_retention *r, const char *id, json_t *value);
+/* Borrowed; NULL if unknown or evicted. */
+json_t *srv_retention_get(srv_retention *r, const char *id);
+
+/* ============================================================ HTTP front end */
+
+typedef struct srv_http srv_http;
+
+/* Starts listening on cfg->host:cfg->port (the loop thread drives libmicrohttpd). Returns NULL and
+ * writes the reason to stderr on failure. */
+srv_http *srv_http_start(uv_loop_t *loop, srv_config *cfg);
+/* Connects the scheduler (created after the listener, with srv_http_wake_fn() and h as its wake-up). */
+void srv_http_set_sched(srv_http *h, srv_sched *s);
+srv_sched_wake_fn srv_http_wake_fn(void);
+/* The bound port. */
+int srv_http_port(const srv_http *h);
+/* Sets the callback run (loop thread) when a shutdown has drained; a failed model load starts a
+ * shutdown by itself, with exit code 1. */
+void srv_http_on_done(srv_http *h, void (*done)(void *), void *ud);
+int srv_http_exit_code(const srv_http *h);
+/* Begins graceful shutdown: stop accepting, refuse new completions (503), let in-flight ones run for
+ * cfg->grace seconds, then end them (streams get an error event). `done` is called (loop thread)
+ * once nothing is in flight. Then: srv_sched_stop, one more wake-up pass (srv_http_wake_fn()(h)),
+ * srv_http_free, uv_run until the loop is empty, srv_http_destroy. */
+void srv_http_shutdown(srv_http *h, void (*done)(void *), void *ud);
+void srv_http_free(srv_http *h);
+void srv_http_destroy(srv_http *h);
+
+/* ============================================================ logging */
+
+/* One JSON line on stderr: {"ts":..., "level":..., "msg":..., <fields>}. fields is borrowed (may be
+ * NULL). Thread-safe (a single fputs of a whole line). */
+void srv_log(const char *level, const char *msg, json_t *fields);
+/* Monotonic nanoseconds (the same clock as uv_hrtime). */
+uint64_t srv_now_ns(void);
+
+#endif
