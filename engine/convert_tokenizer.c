@@ -255,7 +255,8 @@ int cm_convert_tokenizer_json(const char *tokenizer_json_path, const char *token
     ct_state s = {0};
     int rc;
     if (tokenizer_config_path) {
-        cfg = json_load_file(tokenizer_config_path, 0, &je);
+        /* only strings and booleans are read from it; model_max_length can exceed int64 */
+        cfg = json_load_file(tokenizer_config_path, JSON_DECODE_INT_AS_REAL, &je);
         if (!cfg) {
             rc = cm_err_set(err, CM_E_IO, "convert: %s: %s (line %d)", tokenizer_config_path, je.text, je.line);
             goto done;

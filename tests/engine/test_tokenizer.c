@@ -1,0 +1,578 @@
+/*
+ * test_tokenizer.c - tokenizer unit tests on tiny vocabularies written in-test with the GGUF writer:
+ * BPE merge order, special-token parsing on/off (longest match), invalid UTF-8 in and out, empty input,
+ * output-buffer sizing, a megabyte of spaces, NFC (qwen2 only), llama-bpe whole-word lookup, the
+ * streaming detokenizer's hold-back and U+FFFD rules, hostile metadata rejected at load, and the
+ * tokenizer.json converter (types, padding, pre-tokenizer detection, bad input).
+ */
+#include <stdint.h>
+#include <unistd.h>
+
+#include "codemoe.h"
+#include "convert.h"
+#include "gguf.h"
+#include "model.h"
+#include "test.h"
+
+static char tmpdir[256];
+
+/* ------------------------------------------------------------ tiny vocabulary */
+
+/* Ids 0..255: the byte-level token of byte i. Then merged tokens and specials, listed here. */
+enum { T_EOT = 256, T_FIM_PRE, T_TOOL, T_TOOLCALL, T_AB, T_BC, T_ABC, T_SP2, T_SP4, T_IM_END, T_N };
+
+static char byte_tok[256][4];
+
+static void byte_tokens_init(void) {
+    int n = 0;
+    for (int b = 0; b < 256; b++) {
+        int printable = (b >= 0x21 && b <= 0x7e) || (b >= 0xa1 && b <= 0xac) || (b >= 0xae && b <= 0xff);
+        unsigned cp = printable ? (unsigned)b : 256u + (unsigned)n++;
+        char *o = byte_tok[b];
+        if (cp < 0x80) { o[0] = (char)cp; o[1] = 0; }
+        else { o[0] = (char)(0xc0 | (cp >> 6)); o[1] = (char)(0x80 | (cp & 0x3f)); o[2] = 0; }
+    }
+}
+
+typedef struct vocab_opts {
+    const char *model, *pre;
+    const char *const *merges; /* NULL: the default list */
+    int n_merges;
+    int n_types;               /* token_type array length (0: T_N) */
+    int bad_type;              /* write a type 9 */
+    int32_t bos;               /* -1: absent */
+    int add_bos;
+    int no_tokens;
+} vocab_opts;
+
+static const char *const default_merges[] = {
+    "b c",           /* rank 0: "abc" -> a + bc */
+    "a b",
+    "\xc4\xa0 \xc4\xa0",              /* Ġ Ġ */
+    "\xc4\xa0\xc4\xa0 \xc4\xa0\xc4\xa0", /* ĠĠ ĠĠ */
+};
+
+static cm_model *vocab_load(const vocab_opts *o, cm_err *err) {
+    static int seq;
+    char path[512];
+    snprintf(path, sizeof path, "%s/v%d.gguf", tmpdir, seq++);
+    const char *tok[T_N];
+    int32_t type[T_N + 1];
+    for (int b = 0; b < 256; b++) { tok[b] = byte_tok[b]; type[b] = 1; }
+    tok[T_EOT] = "<|endoftext|>";    type[T_EOT] = 3;
+    tok[T_FIM_PRE] = "<|fim_prefix|>"; type[T_FIM_PRE] = 3;
+    tok[T_TOOL] = "<tool>";           type[T_TOOL] = 4;
+    tok[T_TOOLCALL] = "<tool>call";   type[T_TOOLCALL] = 4;
+    tok[T_AB] = "ab";                 type[T_AB] = 1;
+    tok[T_BC] = "bc";                 type[T_BC] = 1;
+    tok[T_ABC] = "abc";               type[T_ABC] = 1;
+    tok[T_SP2] = "\xc4\xa0\xc4\xa0";  type[T_SP2] = 1;
+    tok[T_SP4] = "\xc4\xa0\xc4\xa0\xc4\xa0\xc4\xa0"; type[T_SP4] = 1;
+    tok[T_IM_END] = "<|im_end|>";     type[T_IM_END] = 3;
+    if (o->bad_type) type[T_AB] = 9;
+    type[T_N] = 1;
+
+    gguf_writer *w = gguf_writer_create(err);
+    if (!w) return NULL;
+    gguf_writer_set_str(w, "general.architecture", "qwen2");
+    gguf_writer_set_str(w, "tokenizer.ggml.model", o->model ? o->model : "gpt2");
+    if (o->pre) gguf_writer_set_str(w, "tokenizer.ggml.pre", o->pre);
+    if (!o->no_tokens) gguf_writer_set_arr_str(w, "tokenizer.ggml.tokens", tok, T_N);
+    gguf_writer_set_arr_i32(w, "tokenizer.ggml.token_type", type, (uint64_t)(o->n_types ? o->n_types : T_N));
+    if (o->merges) gguf_writer_set_arr_str(w, "tokenizer.ggml.merges", o->merges, (uint64_t)o->n_merges);
+    else gguf_writer_set_arr_str(w, "tokenizer.ggml.merges", default_merges, 4);
+    gguf_writer_set_u32(w, "tokenizer.ggml.eos_token_id", T_EOT);
+    if (o->bos >= 0) gguf_writer_set_u32(w, "tokenizer.ggml.bos_token_id", (uint32_t)o->bos);
+    gguf_writer_set_bool(w, "tokenizer.ggml.add_bos_token", o->add_bos);
+    int rc = gguf_writer_write(w, path, err);
+    gguf_writer_free(w);
+    if (rc < 0) return NULL;
+
+    cm_model *m = calloc(1, sizeof *m);
+    if (gguf_open(&m->gguf, path, err) < 0 || !(m->tok = cm_tokenizer_load(&m->gguf, &m->info, err))) {
+        gguf_close(&m->gguf);
+        free(m);
+        m = NULL;
+    }
+    unlink(path);
+    return m;
+}
+
+static void vocab_free(cm_model *m) {
+    if (!m) return;
+    cm_tokenizer_free(m->tok);
+    gguf_close(&m->gguf);
+    free(m);
+}
+
+static cm_model *vocab_default(const char *pre) {
+    vocab_opts o = {.pre = pre, .bos = -1};
+    cm_err err = {0};
+    cm_model *m = vocab_load(&o, &err);
+    if (!m) fprintf(stderr, "vocab_load: %s\n", err.msg);
+    return m;
+}
+
+static int tok(const cm_model *m, const char *s, size_t n, int flags, int32_t *out, int cap) {
+    cm_err err = {0};
+    int r = cm_tokenize(m, s, n, flags, out, cap, &err);
+    if (r < 0) fprintf(stderr, "cm_tokenize: %s\n", err.msg);
+    return r;
+}
+
+#define ASSERT_IDS(got, n, ...) do { \
+    const int32_t want_[] = {__VA_ARGS__}; \
+    int nw_ = (int)(sizeof want_ / sizeof *want_); \
+    ASSERT_EQ_INT(n, nw_); \
+    for (int i_ = 0; i_ < nw_; i_++) ASSERT_EQ_INT((got)[i_], want_[i_]); } while (0)
+
+/* ------------------------------------------------------------ tests */
+
+TEST(load_fills_info) {
+    cm_model *m = vocab_default("qwen2");
+    ASSERT_TRUE(m);
+    ASSERT_EQ_INT(m->info.n_vocab, T_N);
+    ASSERT_STREQ(m->info.tok_model, "gpt2");
+    ASSERT_STREQ(m->info.tok_pre, "qwen2");
+    ASSERT_EQ_INT(m->info.eos, T_EOT);
+    ASSERT_EQ_INT(m->info.bos, -1);
+    ASSERT_EQ_INT(m->info.fim_pre, T_FIM_PRE); /* found by its text: the file has no fim key */
+    ASSERT_EQ_INT(m->info.fim_suf, -1);
+    ASSERT_TRUE(cm_token_is_eog(m, T_EOT));
+    ASSERT_TRUE(cm_token_is_eog(m, T_IM_END));
+    ASSERT_TRUE(!cm_token_is_eog(m, T_AB));
+    ASSERT_TRUE(cm_token_is_control(m, T_EOT));
+    ASSERT_TRUE(!cm_token_is_control(m, T_TOOL));
+    ASSERT_TRUE(!cm_token_is_control(m, -1) && !cm_token_is_eog(m, T_N));
+    size_t len = 0;
+    ASSERT_STREQ(cm_token_text(m, T_SP2, &len), "\xc4\xa0\xc4\xa0");
+    ASSERT_EQ_INT(len, 4);
+    ASSERT_TRUE(cm_token_text(m, T_N, &len) == NULL);
+    vocab_free(m);
+}
+
+TEST(bpe_merge_order) {
+    /* "b c" has rank 0, "a b" rank 1: "abc" is a + bc, and no merge joins those. */
+    cm_model *m = vocab_default("qwen2");
+    ASSERT_TRUE(m);
+    int32_t ids[16];
+    int n = tok(m, "abc", 3, 0, ids, 16);
+    ASSERT_IDS(ids, n, 'a', T_BC);
+    n = tok(m, "abab", 4, 0, ids, 16);
+    ASSERT_IDS(ids, n, T_AB, T_AB);
+    vocab_free(m);
+
+    /* Swapped ranks, plus "ab c": ab first, then abc. */
+    static const char *const swapped[] = {"a b", "b c", "ab c"};
+    vocab_opts o = {.pre = "qwen2", .merges = swapped, .n_merges = 3, .bos = -1};
+    cm_err err = {0};
+    m = vocab_load(&o, &err);
+    ASSERT_TRUE(m);
+    n = tok(m, "abc", 3, 0, ids, 16);
+    ASSERT_IDS(ids, n, T_ABC);
+    n = tok(m, "bcab", 4, 0, ids, 16); /* "bcab" is one regex piece: b c merge at 0, a b at 2 */
+    ASSERT_IDS(ids, n, T_BC, T_AB);
+    vocab_free(m);
+}
+
+TEST(llama_bpe_whole_word_lookup) {
+    /* llama-bpe looks the piece up first ("ignore_merges"): "abc" is in the vocabulary. */
+    cm_model *m = vocab_default("llama-bpe");
+    ASSERT_TRUE(m);
+    int32_t ids[16];
+    int n = tok(m, "abc", 3, 0, ids, 16);
+    ASSERT_IDS(ids, n, T_ABC);
+    vocab_free(m);
+}
+
+TEST(special_tokens_on_off) {
+    cm_model *m = vocab_default("qwen2");
+    ASSERT_TRUE(m);
+    const char *s = "x<|endoftext|>y";
+    int32_t ids[64];
+    int n = tok(m, s, strlen(s), CM_TOK_PARSE_SPECIAL, ids, 64);
+    ASSERT_IDS(ids, n, 'x', T_EOT, 'y');
+    /* off: the string is text, byte by byte (no merges apply): x < | endoftext | > y */
+    n = tok(m, s, strlen(s), 0, ids, 64);
+    ASSERT_EQ_INT(n, (int)strlen(s));
+    for (int i = 0; i < n; i++) ASSERT_TRUE(ids[i] < 256 && ids[i] != T_EOT);
+    /* longest match at a position: "<tool>call" beats "<tool>", user-defined tokens split too */
+    s = "<tool>call <tool>ca";
+    n = tok(m, s, strlen(s), CM_TOK_PARSE_SPECIAL, ids, 64);
+    ASSERT_IDS(ids, n, T_TOOLCALL, ' ', T_TOOL, 'c', 'a');
+    /* adjacent specials, and a special at the very end */
+    s = "<|endoftext|><|fim_prefix|>";
+    n = tok(m, s, strlen(s), CM_TOK_PARSE_SPECIAL, ids, 64);
+    ASSERT_IDS(ids, n, T_EOT, T_FIM_PRE);
+    /* a prefix of a special is plain text */
+    s = "<|endoftext|";
+    n = tok(m, s, strlen(s), CM_TOK_PARSE_SPECIAL, ids, 64);
+    ASSERT_EQ_INT(n, (int)strlen(s));
+    vocab_free(m);
+}
+
+TEST(control_tokens_render_only_when_asked) {
+    cm_model *m = vocab_default("qwen2");
+    ASSERT_TRUE(m);
+    char buf[64];
+    ASSERT_EQ_INT(cm_token_bytes(m, T_EOT, 0, buf, sizeof buf), 0);
+    ASSERT_EQ_INT(cm_token_bytes(m, T_EOT, 1, buf, sizeof buf), 13);
+    ASSERT_TRUE(memcmp(buf, "<|endoftext|>", 13) == 0);
+    ASSERT_EQ_INT(cm_token_bytes(m, T_TOOL, 0, buf, sizeof buf), 6); /* user-defined: always text */
+    ASSERT_EQ_INT(cm_token_bytes(m, T_SP4, 0, buf, sizeof buf), 4);
+    ASSERT_TRUE(memcmp(buf, "    ", 4) == 0);
+    ASSERT_EQ_INT(cm_token_bytes(m, 0x0a, 0, buf, sizeof buf), 1);
+    ASSERT_EQ_INT(buf[0], '\n');
+    ASSERT_TRUE(cm_token_bytes(m, T_N, 0, buf, sizeof buf) < 0);
+    ASSERT_TRUE(cm_token_bytes(m, -5, 0, buf, sizeof buf) < 0);
+    int32_t ids[] = {'a', T_EOT, 'b'};
+    ASSERT_EQ_INT(cm_detokenize(m, ids, 3, 0, buf, sizeof buf), 2);
+    ASSERT_EQ_INT(cm_detokenize(m, ids, 3, 1, buf, sizeof buf), 15);
+    ASSERT_TRUE(memcmp(buf, "a<|endoftext|>b", 15) == 0);
+    vocab_free(m);
+}
+
+TEST(every_byte_and_invalid_utf8) {
+    cm_model *m = vocab_default("qwen2");
+    ASSERT_TRUE(m);
+    char all[256];
+    for (int i = 0; i < 256; i++) all[i] = (char)i;
+    int32_t ids[1024];
+    int n = tok(m, all, 256, CM_TOK_PARSE_SPECIAL, ids, 1024);
+    ASSERT_TRUE(n > 0 && n <= 256);
+    /* the raw bytes of the tokens give the input back exactly */
+    char back[512];
+    size_t k = 0;
+    for (int i = 0; i < n; i++) {
+        int w = cm_token_bytes(m, ids[i], 1, back + k, sizeof back - k);
+        ASSERT_TRUE(w >= 0);
+        k += (size_t)w;
+    }
+    ASSERT_EQ_INT(k, 256);
+    ASSERT_TRUE(memcmp(back, all, 256) == 0);
+
+    /* invalid sequences decode to U+FFFD, valid text around them survives */
+    const char *bad = "ok\xff\xc3(\xe2\x82 end\xf0\x9f\x98";
+    n = tok(m, bad, strlen(bad), 0, ids, 1024);
+    ASSERT_TRUE(n > 0);
+    char out[128];
+    int dn = cm_detokenize(m, ids, n, 0, out, sizeof out);
+    const char *want = "ok\xef\xbf\xbd\xef\xbf\xbd(\xef\xbf\xbd end\xef\xbf\xbd";
+    ASSERT_EQ_INT(dn, (int)strlen(want));
+    ASSERT_TRUE(memcmp(out, want, (size_t)dn) == 0);
+    vocab_free(m);
+}
+
+TEST(empty_input_and_bos) {
+    cm_model *m = vocab_default("qwen2");
+    ASSERT_TRUE(m);
+    int32_t ids[4] = {-7};
+    ASSERT_EQ_INT(tok(m, "", 0, CM_TOK_PARSE_SPECIAL, ids, 4), 0);
+    ASSERT_EQ_INT(tok(m, NULL, 0, 0, NULL, 0), 0);
+    ASSERT_EQ_INT(tok(m, "", 0, CM_TOK_ADD_BOS, ids, 4), 0); /* no BOS in this vocabulary */
+    ASSERT_EQ_INT(cm_detokenize(m, ids, 0, 0, NULL, 0), 0);
+    vocab_free(m);
+
+    vocab_opts o = {.pre = "qwen2", .bos = T_IM_END, .add_bos = 1};
+    cm_err err = {0};
+    m = vocab_load(&o, &err);
+    ASSERT_TRUE(m);
+    ASSERT_EQ_INT(m->info.add_bos, 1);
+    int n = tok(m, "a", 1, CM_TOK_ADD_BOS, ids, 4);
+    ASSERT_IDS(ids, n, T_IM_END, 'a');
+    n = tok(m, "a", 1, 0, ids, 4);
+    ASSERT_IDS(ids, n, 'a');
+    vocab_free(m);
+}
+
+TEST(output_buffer_too_small) {
+    cm_model *m = vocab_default("qwen2");
+    ASSERT_TRUE(m);
+    int32_t ids[8] = {0};
+    const char *s = "x y z w v";
+    int need = tok(m, s, strlen(s), 0, NULL, 0);
+    ASSERT_EQ_INT(need, 9);
+    ids[3] = -99;
+    ASSERT_EQ_INT(tok(m, s, strlen(s), 0, ids, 3), 9);
+    ASSERT_EQ_INT(ids[3], -99); /* nothing written past cap */
+    cm_err err = {0};
+    ASSERT_EQ_INT(cm_tokenize(m, s, strlen(s), 0, NULL, 3, &err), CM_E_INVAL);
+    /* detokenize reports the full size and writes only cap bytes */
+    int32_t full[9];
+    ASSERT_EQ_INT(tok(m, s, strlen(s), 0, full, 9), 9);
+    char out[4] = {0, 0, 0, 'Z'};
+    ASSERT_EQ_INT(cm_detokenize(m, full, 9, 0, out, 3), 9);
+    ASSERT_TRUE(memcmp(out, "x y", 3) == 0 && out[3] == 'Z');
+    vocab_free(m);
+}
+
+TEST(megabyte_of_spaces) {
+    /* one 1 MiB regex piece through the heap BPE: merges Ġ+Ġ and ĠĠ+ĠĠ give 4-space tokens */
+    cm_model *m = vocab_default("qwen2");
+    ASSERT_TRUE(m);
+    size_t n = 1 << 20;
+    char *s = malloc(n);
+    memset(s, ' ', n);
+    int32_t *ids = malloc(n * sizeof *ids);
+    int k = tok(m, s, n, CM_TOK_PARSE_SPECIAL, ids, (int)n);
+    ASSERT_EQ_INT(k, (int)(n / 4));
+    for (int i = 0; i < k; i++) CHECK_TRUE(ids[i] == T_SP4);
+    char *back = malloc(n);
+    ASSERT_EQ_INT(cm_detokenize(m, ids, k, 0, back, n), (int)n);
+    ASSERT_TRUE(memcmp(back, s, n) == 0);
+    /* and the same with newlines and tabs mixed in, under every pre-tokenizer */
+    for (size_t i = 0; i < n; i += 7) s[i] = i % 2 ? '\n' : '\t';
+    const char *pres[] = {"qwen2", "llama-bpe", "gpt-2", "deepseek-coder"};
+    for (int p = 0; p < 4; p++) {
+        cm_model *mp = vocab_default(pres[p]);
+        ASSERT_TRUE(mp);
+        k = tok(mp, s, n, 0, ids, (int)n);
+        ASSERT_TRUE(k > 0);
+        ASSERT_EQ_INT(cm_detokenize(mp, ids, k, 0, back, n), (int)n);
+        ASSERT_TRUE(memcmp(back, s, n) == 0);
+        vocab_free(mp);
+    }
+    free(s);
+    free(ids);
+    free(back);
+    vocab_free(m);
+}
+
+TEST(nfc_only_for_qwen2) {
+    const char *s = "e\xcc\x81"; /* e + COMBINING ACUTE: NFC is U+00E9 (c3 a9) */
+    int32_t ids[8];
+    cm_model *m = vocab_default("qwen2");
+    ASSERT_TRUE(m);
+    int n = tok(m, s, 3, 0, ids, 8);
+    ASSERT_IDS(ids, n, 0xc3, 0xa9);
+    vocab_free(m);
+    m = vocab_default("gpt-2");
+    ASSERT_TRUE(m);
+    n = tok(m, s, 3, 0, ids, 8);
+    ASSERT_IDS(ids, n, 'e', 0xcc, 0x81);
+    vocab_free(m);
+}
+
+TEST(detok_streaming) {
+    cm_model *m = vocab_default("qwen2");
+    ASSERT_TRUE(m);
+    cm_detok d;
+    char out[64];
+    cm_detok_init(&d, 0);
+    /* é split across two byte tokens: nothing, then the whole character */
+    ASSERT_EQ_INT(cm_detok_push(&d, m, 0xc3, out, sizeof out), 0);
+    ASSERT_EQ_INT(cm_detok_push(&d, m, 0xa9, out, sizeof out), 2);
+    ASSERT_TRUE(memcmp(out, "\xc3\xa9", 2) == 0);
+    /* a 4-byte emoji in 4 pushes */
+    const unsigned char emoji[] = {0xf0, 0x9f, 0x98, 0x80};
+    for (int i = 0; i < 3; i++) ASSERT_EQ_INT(cm_detok_push(&d, m, emoji[i], out, sizeof out), 0);
+    ASSERT_EQ_INT(cm_detok_push(&d, m, emoji[3], out, sizeof out), 4);
+    /* a lead byte followed by ASCII: U+FFFD then the ASCII */
+    ASSERT_EQ_INT(cm_detok_push(&d, m, 0xe2, out, sizeof out), 0);
+    ASSERT_EQ_INT(cm_detok_push(&d, m, 'a', out, sizeof out), 4);
+    ASSERT_TRUE(memcmp(out, "\xef\xbf\xbd" "a", 4) == 0);
+    /* a stray continuation byte: U+FFFD at once */
+    ASSERT_EQ_INT(cm_detok_push(&d, m, 0x80, out, sizeof out), 3);
+    /* surrogate lead ED A0: invalid second byte, two replacements (ED, then A0) */
+    ASSERT_EQ_INT(cm_detok_push(&d, m, 0xed, out, sizeof out), 0);
+    ASSERT_EQ_INT(cm_detok_push(&d, m, 0xa0, out, sizeof out), 6);
+    /* incomplete at the end: flush gives one U+FFFD, then nothing */
+    ASSERT_EQ_INT(cm_detok_push(&d, m, 0xf0, out, sizeof out), 0);
+    ASSERT_EQ_INT(cm_detok_push(&d, m, 0x9f, out, sizeof out), 0);
+    ASSERT_EQ_INT(cm_detok_flush(&d, out, sizeof out), 3);
+    ASSERT_TRUE(memcmp(out, "\xef\xbf\xbd", 3) == 0);
+    ASSERT_EQ_INT(cm_detok_flush(&d, out, sizeof out), 0);
+    /* control tokens: nothing unless special; bad ids and tiny buffers are errors, state kept */
+    ASSERT_EQ_INT(cm_detok_push(&d, m, T_EOT, out, sizeof out), 0);
+    cm_detok_init(&d, 1);
+    ASSERT_EQ_INT(cm_detok_push(&d, m, T_EOT, out, sizeof out), 13);
+    ASSERT_EQ_INT(cm_detok_push(&d, m, T_EOT, out, 5), CM_E_RANGE);
+    ASSERT_EQ_INT(cm_detok_push(&d, m, T_N, out, sizeof out), CM_E_RANGE);
+    ASSERT_EQ_INT(cm_detok_push(&d, m, 0xc3, out, sizeof out), 0);
+    ASSERT_EQ_INT(d.npend, 1);
+    vocab_free(m);
+}
+
+TEST(hostile_metadata_rejected) {
+    cm_err err;
+    struct { vocab_opts o; int code; const char *what; } cases[] = {
+        {{.pre = "qwen2", .merges = (const char *const[]){"a zz"}, .n_merges = 1, .bos = -1}, CM_E_FORMAT,
+         "merge with an unknown token"},
+        {{.pre = "qwen2", .merges = (const char *const[]){"c a"}, .n_merges = 1, .bos = -1}, CM_E_FORMAT,
+         "merge whose result is not a token"},
+        {{.pre = "qwen2", .merges = (const char *const[]){"ab"}, .n_merges = 1, .bos = -1}, CM_E_FORMAT,
+         "merge without a space"},
+        {{.pre = "qwen2", .n_types = T_N + 1, .bos = -1}, CM_E_FORMAT, "token_type longer than tokens"},
+        {{.pre = "qwen2", .n_types = 10, .bos = -1}, CM_E_FORMAT, "token_type shorter than tokens"},
+        {{.pre = "qwen2", .bad_type = 1, .bos = -1}, CM_E_FORMAT, "token type 9"},
+        {{.pre = "qwen2", .bos = T_N}, CM_E_FORMAT, "bos id out of range"},
+        {{.pre = "qwen2", .bos = -1, .no_tokens = 1}, CM_E_FORMAT, "no tokens"},
+        {{.model = "llama", .pre = "default", .bos = -1}, CM_E_UNSUPPORTED, "SentencePiece"},
+        {{.pre = "falcon-9000", .bos = -1}, CM_E_UNSUPPORTED, "unknown pre-tokenizer"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        memset(&err, 0, sizeof err);
+        cm_model *m = vocab_load(&cases[i].o, &err);
+        if (m) {
+            TEST_FAIL_("%s: loaded", cases[i].what);
+            vocab_free(m);
+            continue;
+        }
+        if (err.code != cases[i].code) TEST_FAIL_("%s: code %d (%s)", cases[i].what, err.code, err.msg);
+        else fprintf(stderr, "  %s -> %s\n", cases[i].what, err.msg);
+    }
+    /* no pre key: the GPT-2 regex */
+    vocab_opts o = {.bos = -1};
+    memset(&err, 0, sizeof err);
+    cm_model *m = vocab_load(&o, &err);
+    ASSERT_TRUE(m);
+    ASSERT_STREQ(m->info.tok_pre, "default");
+    vocab_free(m);
+}
+
+TEST(public_api_rejects_bad_args) {
+    cm_err err = {0};
+    int32_t ids[4];
+    ASSERT_EQ_INT(cm_tokenize(NULL, "a", 1, 0, ids, 4, &err), CM_E_INVAL);
+    cm_model empty = {0};
+    ASSERT_EQ_INT(cm_tokenize(&empty, "a", 1, 0, ids, 4, &err), CM_E_INVAL);
+    ASSERT_TRUE(cm_token_text(&empty, 0, NULL) == NULL);
+    ASSERT_TRUE(cm_detokenize(&empty, ids, 1, 0, NULL, 0) < 0);
+}
+
+/* ------------------------------------------------------------ converter */
+
+static int write_file(const char *path, const char *text) {
+    FILE *f = fopen(path, "w");
+    if (!f) return -1;
+    fputs(text, f);
+    return fclose(f);
+}
+
+/* Converts json (+ optional config) and loads the result; NULL with err on failure. */
+static cm_model *convert_load(const char *json, const char *config, int n_vocab_model, cm_err *err) {
+    char jp[512], cp[512], gp[512];
+    snprintf(jp, sizeof jp, "%s/tokenizer.json", tmpdir);
+    snprintf(cp, sizeof cp, "%s/tokenizer_config.json", tmpdir);
+    snprintf(gp, sizeof gp, "%s/conv.gguf", tmpdir);
+    write_file(jp, json);
+    if (config) write_file(cp, config);
+    gguf_writer *w = gguf_writer_create(err);
+    int rc = cm_convert_tokenizer_json(jp, config ? cp : NULL, w, n_vocab_model, err);
+    if (rc >= 0) rc = gguf_writer_write(w, gp, err);
+    gguf_writer_free(w);
+    unlink(jp);
+    unlink(cp);
+    if (rc < 0) return NULL;
+    cm_model *m = calloc(1, sizeof *m);
+    if (gguf_open(&m->gguf, gp, err) < 0 || !(m->tok = cm_tokenizer_load(&m->gguf, &m->info, err))) {
+        gguf_close(&m->gguf);
+        free(m);
+        m = NULL;
+    }
+    unlink(gp);
+    return m;
+}
+
+/* A byte-level tokenizer.json with a 6-token vocabulary (no byte coverage: fine for conversion). */
+#define TJ_HEAD "{\"added_tokens\": [" \
+    "{\"id\": 6, \"content\": \"<|endoftext|>\", \"special\": true}," \
+    "{\"id\": 7, \"content\": \"<|fim_prefix|>\", \"special\": false}," \
+    "{\"id\": 9, \"content\": \"<tool>\", \"special\": false}]," \
+    "\"normalizer\": {\"type\": \"NFC\"},"
+#define TJ_MODEL "\"decoder\": {\"type\": \"ByteLevel\"}," \
+    "\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0, \"b\": 1, \"c\": 2, \"ab\": 3, \"abc\": 4, \"\\u0120\": 5}," \
+    "\"merges\": [[\"a\", \"b\"], \"ab c\"]}}"
+#define PRE_QWEN "\"pre_tokenizer\": {\"type\": \"Sequence\", \"pretokenizers\": [{\"type\": \"Split\", \"pattern\": " \
+    "{\"Regex\": \"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\\\r\\\\n\\\\p{L}\\\\p{N}]?\\\\p{L}+|\\\\p{N}| ?[^\\\\s\\\\p{L}\\\\p{N}]+[\\\\r\\\\n]*|\\\\s*[\\\\r\\\\n]+|\\\\s+(?!\\\\S)|\\\\s+\"}," \
+    " \"behavior\": \"Isolated\", \"invert\": false}, {\"type\": \"ByteLevel\", \"use_regex\": false}]},"
+
+TEST(convert_tokenizer_json) {
+    cm_err err = {0};
+    cm_model *m = convert_load(TJ_HEAD PRE_QWEN TJ_MODEL, "{\"eos_token\": {\"content\": \"<|endoftext|>\"},"
+                               " \"model_max_length\": 1000000000000000019884624838656}", 12, &err);
+    if (!m) fprintf(stderr, "%s\n", err.msg);
+    ASSERT_TRUE(m);
+    ASSERT_STREQ(m->info.tok_pre, "qwen2");
+    ASSERT_EQ_INT(m->info.n_vocab, 12);        /* padded to the model's rows */
+    ASSERT_EQ_INT(m->info.eos, 6);
+    ASSERT_EQ_INT(m->info.fim_pre, 7);
+    ASSERT_TRUE(cm_token_is_control(m, 6));
+    ASSERT_TRUE(cm_token_is_control(m, 7));    /* not special in HF, but looks like a control token */
+    ASSERT_TRUE(!cm_token_is_control(m, 9));   /* user-defined */
+    ASSERT_STREQ(cm_token_text(m, 8, NULL), "[PAD8]"); /* hole between added ids */
+    ASSERT_STREQ(cm_token_text(m, 11, NULL), "[PAD11]");
+    char b[8];
+    ASSERT_EQ_INT(cm_token_bytes(m, 11, 0, b, sizeof b), 0); /* unused: renders as nothing */
+    int32_t ids[8];
+    int n = tok(m, "abc", 3, 0, ids, 8);
+    ASSERT_IDS(ids, n, 4);                     /* both merge spellings understood */
+    n = tok(m, "<tool>ab", 8, CM_TOK_PARSE_SPECIAL, ids, 8);
+    ASSERT_IDS(ids, n, 9, 3);
+    vocab_free(m);
+
+    /* GPT-2 style: ByteLevel with its own regex */
+    m = convert_load(TJ_HEAD "\"pre_tokenizer\": {\"type\": \"ByteLevel\", \"add_prefix_space\": false}," TJ_MODEL,
+                     NULL, 0, &err);
+    ASSERT_TRUE(m);
+    ASSERT_STREQ(m->info.tok_pre, "gpt-2");
+    ASSERT_EQ_INT(m->info.n_vocab, 10);
+    ASSERT_EQ_INT(m->info.eos, 6);             /* <|endoftext|> without a config */
+    vocab_free(m);
+}
+
+TEST(convert_rejects) {
+    cm_err err = {0};
+    struct { const char *json; int n_model; int code; const char *what; } cases[] = {
+        {TJ_HEAD PRE_QWEN TJ_MODEL, 5, CM_E_FORMAT, "model has fewer rows than tokens"},
+        {TJ_HEAD "\"pre_tokenizer\": {\"type\": \"Split\", \"pattern\": {\"Regex\": \"\\\\w+\"}, \"behavior\": \"Isolated\"},"
+         TJ_MODEL, 0, CM_E_UNSUPPORTED, "unknown regex"},
+        {TJ_HEAD "\"pre_tokenizer\": {\"type\": \"Metaspace\"}, \"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}}}",
+         0, CM_E_UNSUPPORTED, "SentencePiece-style"},
+        {"{\"model\": {\"type\": \"Unigram\", \"vocab\": []}}", 0, CM_E_UNSUPPORTED, "unigram"},
+        {"{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": -1}}, \"decoder\": {\"type\": \"ByteLevel\"},"
+         " \"pre_tokenizer\": {\"type\": \"ByteLevel\"}}", 0, CM_E_FORMAT, "negative id"},
+        {"{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0, \"b\": 0}}, \"decoder\": {\"type\": \"ByteLevel\"},"
+         " \"pre_tokenizer\": {\"type\": \"ByteLevel\"}}", 0, CM_E_FORMAT, "duplicate id"},
+        {"{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": [5]}, \"decoder\": {\"type\": \"ByteLevel\"},"
+         " \"pre_tokenizer\": {\"type\": \"ByteLevel\"}}", 0, CM_E_FORMAT, "merge not a string"},
+        {"{\"model\": ", 0, CM_E_IO, "truncated json"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        memset(&err, 0, sizeof err);
+        cm_model *m = convert_load(cases[i].json, NULL, cases[i].n_model, &err);
+        if (m) {
+            TEST_FAIL_("%s: converted", cases[i].what);
+            vocab_free(m);
+            continue;
+        }
+        if (err.code != cases[i].code) TEST_FAIL_("%s: code %d (%s)", cases[i].what, err.code, err.msg);
+        else fprintf(stderr, "  %s -> %s\n", cases[i].what, err.msg);
+    }
+}
+
+int main(void) {
+    byte_tokens_init();
+    snprintf(tmpdir, sizeof tmpdir, "/tmp/cm_tok_XXXXXX");
+    if (!mkdtemp(tmpdir)) {
+        perror("mkdtemp");
+        return 1;
+    }
+    RUN(load_fills_info);
+    RUN(bpe_merge_order);
+    RUN(llama_bpe_whole_word_lookup);
+    RUN(special_tokens_on_off);
+    RUN(control_tokens_render_only_when_asked);
+    RUN(every_byte_and_invalid_utf8);
+    RUN(empty_input_and_bos);
+    RUN(output_buffer_too_small);
+    RUN(megabyte_of_spaces);
+    RUN(nfc_only_for_qwen2);
+    RUN(detok_streaming);
+    RUN(hostile_metadata_rejected);
+    RUN(public_api_rejects_bad_args);
+    RUN(convert_tokenizer_json);
+    RUN(convert_rejects);
+    rmdir(tmpdir);
+    return test_summary();
+}
