@@ -132,6 +132,18 @@ static int get_enum(json_t *o, const char *key, const char *const *names, int n,
     return api_error_set(e, 400, API_ERR_INVALID, key, NULL, "%s is not one of [%s] - '%s'", d, list, key);
 }
 
+/* Copies at most cap-1 bytes of src, never ending inside a UTF-8 character (messages must stay valid
+ * UTF-8 to be JSON strings). */
+static void copy_cut(char *dst, size_t cap, const char *src) {
+    size_t n = strlen(src);
+    if (n >= cap) {
+        n = cap - 1;
+        while (n > 0 && ((unsigned char)src[n] & 0xc0) == 0x80) n--;
+    }
+    memcpy(dst, src, n);
+    dst[n] = '\0';
+}
+
 static char *dup_json_string(const json_t *v, size_t *len) {
     size_t n = json_string_length(v);
     char *s = malloc(n + 1);
@@ -416,6 +428,8 @@ static int parse_logit_bias(json_t *o, const api_limits *lim, int n_vocab, api_c
     const char *key;
     json_t *x;
     json_object_foreach(v, key, x) {
+        char k[24];
+        copy_cut(k, sizeof k, key);
         /* keys are decimal token ids: digits only, no sign, no spaces */
         char *end;
         size_t klen = strlen(key);
@@ -424,8 +438,8 @@ static int parse_logit_bias(json_t *o, const api_limits *lim, int n_vocab, api_c
         else end = (char *)key;
         if (klen == 0 || *end != '\0' || id < 0)
             return api_error_set(e, 400, API_ERR_INVALID, "logit_bias", NULL,
-                                 "Invalid key in 'logit_bias': '%.40s'. Keys must be token ids (non-negative integers as strings).",
-                                 key);
+                                 "Invalid key in 'logit_bias': '%s'. Keys must be token ids (non-negative integers as strings).",
+                                 k);
         if (id >= n_vocab)
             return api_error_set(e, 400, API_ERR_INVALID, "logit_bias", NULL,
                                  "Invalid token id %lld in 'logit_bias': this model's vocabulary has %d tokens (ids 0..%d).",
@@ -434,15 +448,15 @@ static int parse_logit_bias(json_t *o, const api_limits *lim, int n_vocab, api_c
             char d[96];
             describe(x, d, sizeof d);
             return api_error_set(e, 400, API_ERR_INVALID, "logit_bias", NULL,
-                                 "%s is not of type 'number' - 'logit_bias.%.20s'", d, key);
+                                 "%s is not of type 'number' - 'logit_bias.%s'", d, k);
         }
         double b = json_number_value(x);
         if (!(b >= -100 && b <= 100)) {
             char d[96];
             describe(x, d, sizeof d);
             return api_error_set(e, 400, API_ERR_INVALID, "logit_bias", NULL,
-                                 "%s is out of range: logit_bias values must be between -100 and 100 - 'logit_bias.%.20s'",
-                                 d, key);
+                                 "%s is out of range: logit_bias values must be between -100 and 100 - 'logit_bias.%s'",
+                                 d, k);
         }
         r->logit_bias[r->n_logit_bias].token = (int32_t)id;
         r->logit_bias[r->n_logit_bias].bias = (float)b;
@@ -481,7 +495,7 @@ static int parse_fields(json_t *root, const api_model *m, const api_limits *lim,
         for (k = 0; k < sizeof known_fields / sizeof *known_fields; k++)
             if (strcmp(key, known_fields[k]) == 0) break;
         if (k == sizeof known_fields / sizeof *known_fields) {
-            snprintf(r->unknown_field, sizeof r->unknown_field, "%s", key);
+            copy_cut(r->unknown_field, sizeof r->unknown_field, key);
             break;
         }
     }

@@ -460,6 +460,17 @@ TEST(body_limit_and_model_match) {
     snprintf(big, sizeof big, "{\"temperature\":\"%0900d\"}", 0);
     ASSERT_EQ_INT(parse(big, &r, &e), -1);
     ASSERT_TRUE(strstr(e.message, "...' is not of type 'number' - 'temperature'") != NULL);
+    /* request text quoted in a message is cut on a character boundary: the error stays valid JSON */
+    const char *wide = "{\"logit_bias\":{\"a\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\":1}}";
+    ASSERT_EQ_INT(parse(wide, &r, &e), -1);
+    ASSERT_STREQ(e.param, "logit_bias");
+    char *js = api_error_json(&e);
+    json_t *j = json_loads(js, 0, NULL);
+    free(js);
+    ASSERT_TRUE(j);
+    ASSERT_TRUE(strstr(json_string_value(json_object_get(json_object_get(j, "error"), "message")),
+                       "Invalid key in 'logit_bias': 'a\xc3\xa9") != NULL);
+    json_decref(j);
 }
 
 TEST(max_tokens_resolution) {
