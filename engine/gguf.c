@@ -23,6 +23,8 @@
 #include <errno.h>
 #include <stdarg.h>
 #include <fcntl.h>
+#include <float.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -470,6 +472,14 @@ const gguf_tensor *gguf_find_tensor(const gguf_file *g, const char *name) {
     return NULL;
 }
 
+/* Float -> int64 without the undefined behaviour of an out-of-range cast: NaN 0, saturating. */
+static int64_t dbl_to_i64(double v) {
+    if (v != v) return 0;
+    if (v >= 9223372036854775807.0) return INT64_MAX;
+    if (v <= -9223372036854775808.0) return INT64_MIN;
+    return (int64_t)v;
+}
+
 /* Element i of a numeric array (or the scalar when i == 0) as int64 / double. */
 static int64_t elem_int(int type, const uint8_t *p) {
     switch (type) {
@@ -481,8 +491,8 @@ static int64_t elem_int(int type, const uint8_t *p) {
     case GGUF_VT_INT32: { int32_t v; memcpy(&v, p, 4); return v; }
     case GGUF_VT_UINT64: { uint64_t v; memcpy(&v, p, 8); return v > (uint64_t)INT64_MAX ? INT64_MAX : (int64_t)v; }
     case GGUF_VT_INT64: { int64_t v; memcpy(&v, p, 8); return v; }
-    case GGUF_VT_FLOAT32: { float v; memcpy(&v, p, 4); return (int64_t)v; }
-    case GGUF_VT_FLOAT64: { double v; memcpy(&v, p, 8); return (int64_t)v; }
+    case GGUF_VT_FLOAT32: { float v; memcpy(&v, p, 4); return dbl_to_i64(v); }
+    case GGUF_VT_FLOAT64: { double v; memcpy(&v, p, 8); return dbl_to_i64(v); }
     default: return 0;
     }
 }
@@ -569,7 +579,10 @@ int gguf_get_f32(const gguf_file *g, const char *key, float *out, cm_err *err) {
     if (!vt_is_int(kv->type) && kv->type != GGUF_VT_FLOAT32 && kv->type != GGUF_VT_FLOAT64)
         return cm_err_set(err, CM_E_FORMAT, "gguf: key '%s' has type %s, expected a number", key,
                           gguf_vtype_name(kv->type));
-    *out = (float)elem_float(kv->type, kv->data);
+    double v = elem_float(kv->type, kv->data);
+    if (v == v && (v > FLT_MAX || v < -FLT_MAX) && !isinf(v)) /* finite but no float holds it */
+        return cm_err_set(err, CM_E_FORMAT, "gguf: key '%s': value %g out of float range", key, v);
+    *out = (float)v;
     return CM_OK;
 }
 

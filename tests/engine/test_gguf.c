@@ -322,6 +322,8 @@ TEST(gguf_reads_all_value_types) {
     ASSERT_EQ_INT(gguf_get_str(&g, "u8", &s, &err), CM_E_FORMAT);
     const gguf_kv *kv = gguf_find(&g, "f64");
     ASSERT_TRUE(kv && gguf_arr_float(kv, 0) == 1e100);
+    ASSERT_EQ_INT(gguf_get_f32(&g, "f64", &f, &err), CM_E_FORMAT); /* no float holds 1e100 */
+    ASSERT_TRUE(gguf_arr_int(kv, 0) == INT64_MAX);                  /* saturates, no UB */
     kv = gguf_find(&g, "i64");
     ASSERT_TRUE(kv && gguf_arr_int(kv, 0) == -5000000000ll);
     kv = gguf_find(&g, "arr_u16");
