@@ -34,6 +34,7 @@
 #include "tokenizer.h"
 
 #include <limits.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -98,9 +99,7 @@ struct cm_tokenizer {
 static uint16_t byte_to_cp[256];
 static int16_t cp_to_byte[324];
 
-static void byte_alphabet_init(void) {
-    static int done; /* idempotent; racing threads write identical values */
-    if (done) return;
+static void byte_alphabet_build(void) {
     int n = 0;
     for (int b = 0; b < 256; b++) {
         int printable = (b >= 0x21 && b <= 0x7e) || (b >= 0xa1 && b <= 0xac) || (b >= 0xae && b <= 0xff);
@@ -108,7 +107,11 @@ static void byte_alphabet_init(void) {
     }
     for (int c = 0; c < 324; c++) cp_to_byte[c] = -1;
     for (int b = 0; b < 256; b++) cp_to_byte[byte_to_cp[b]] = (int16_t)b;
-    done = 1;
+}
+
+static void byte_alphabet_init(void) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT; /* models may be loaded from several threads */
+    pthread_once(&once, byte_alphabet_build);
 }
 
 static int utf8_put(uint32_t cp, char *out) {

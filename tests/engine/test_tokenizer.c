@@ -3,8 +3,11 @@
  * BPE merge order, special-token parsing on/off (longest match), invalid UTF-8 in and out, empty input,
  * output-buffer sizing, a megabyte of spaces, NFC (qwen2 only), llama-bpe whole-word lookup, the
  * streaming detokenizer's hold-back and U+FFFD rules, hostile metadata rejected at load, and the
- * tokenizer.json converter (types, padding, pre-tokenizer detection, bad input).
+ * tokenizer.json converter (types, padding, pre-tokenizer detection, bad input). Also the text -> ids
+ * cases that tools/make_fixtures.py (a Python BPE, independent of this code) wrote for the fixture models.
  */
+#include <glob.h>
+#include <jansson.h>
 #include <stdint.h>
 #include <unistd.h>
 
@@ -551,6 +554,79 @@ TEST(convert_rejects) {
     }
 }
 
+
+/* ------------------------------------------------------------ fixture goldens */
+
+/* ids == expected (a JSON array); prints the first difference. */
+static int ids_match(const char *what, const int32_t *ids, int n, const json_t *want) {
+    int nw = (int)json_array_size(want);
+    for (int i = 0; i < n || i < nw; i++) {
+        long long g = i < n ? ids[i] : -1, w = i < nw ? (long long)json_integer_value(json_array_get(want, (size_t)i)) : -1;
+        if (g != w) {
+            fprintf(stderr, "  %s: %d tokens, expected %d; at %d got %lld want %lld\n", what, n, nw, i, g, w);
+            return 0;
+        }
+    }
+    return 1;
+}
+
+TEST(fixture_model_goldens) {
+    char pat[4096];
+    snprintf(pat, sizeof pat, "%s", test_fixture("golden/*.json"));
+    glob_t gl;
+    ASSERT_EQ_INT(glob(pat, 0, NULL, &gl), 0);
+    int checked = 0;
+    for (size_t f = 0; f < gl.gl_pathc; f++) {
+        json_t *j = json_load_file(gl.gl_pathv[f], 0, NULL);
+        const char *model = json_string_value(json_object_get(j, "model"));
+        if (!model) { json_decref(j); continue; } /* hf_dir goldens: covered by the converter's tests */
+        int flags = json_is_false(json_object_get(j, "special_tokens_parsed")) ? 0 : CM_TOK_PARSE_SPECIAL;
+        cm_err err = {0};
+        cm_model *m = calloc(1, sizeof *m);
+        if (gguf_open(&m->gguf, test_fixture(model), &err) < 0 || !(m->tok = cm_tokenizer_load(&m->gguf, &m->info, &err))) {
+            TEST_FAIL_("%s: %s", model, err.msg);
+            gguf_close(&m->gguf);
+            free(m);
+            json_decref(j);
+            continue;
+        }
+        int32_t ids[4096];
+        char out[16384];
+        size_t i;
+        json_t *c;
+        json_array_foreach(json_object_get(j, "cases"), i, c) {
+            json_t *jt = json_object_get(c, "text");
+            if (!jt) continue;
+            const char *text = json_string_value(jt);
+            size_t len = json_string_length(jt);
+            int n = cm_tokenize(m, text, len, flags, ids, 4096, &err);
+            char what[256];
+            snprintf(what, sizeof what, "%s case %zu", gl.gl_pathv[f], i);
+            CHECK_TRUE(ids_match(what, ids, n, json_object_get(c, "tokens")));
+            int dn = cm_detokenize(m, ids, n > 0 ? n : 0, 1, out, sizeof out);
+            CHECK_TRUE(dn == (int)len && memcmp(out, text, len) == 0); /* fixture texts are NFC */
+            checked++;
+        }
+        json_t *g = json_object_get(j, "greedy");
+        if (json_object_get(g, "text")) {
+            json_t *jt = json_object_get(g, "text");
+            int n = cm_tokenize(m, json_string_value(jt), json_string_length(jt), flags, ids, 4096, &err);
+            CHECK_TRUE(ids_match(gl.gl_pathv[f], ids, n, json_object_get(g, "prompt")));
+            json_t *gt = json_object_get(g, "tokens"), *to = json_object_get(g, "text_out");
+            int ng = (int)json_array_size(gt);
+            for (int k = 0; k < ng && k < 4096; k++) ids[k] = (int32_t)json_integer_value(json_array_get(gt, (size_t)k));
+            int dn = cm_detokenize(m, ids, ng, 1, out, sizeof out);
+            CHECK_TRUE(to && dn == (int)json_string_length(to) && memcmp(out, json_string_value(to), (size_t)dn) == 0);
+            checked++;
+        }
+        vocab_free(m);
+        json_decref(j);
+    }
+    globfree(&gl);
+    fprintf(stderr, "  %d fixture cases checked\n", checked);
+    ASSERT_TRUE(checked >= 15);
+}
+
 int main(void) {
     byte_tokens_init();
     snprintf(tmpdir, sizeof tmpdir, "/tmp/cm_tok_XXXXXX");
@@ -573,6 +649,7 @@ int main(void) {
     RUN(public_api_rejects_bad_args);
     RUN(convert_tokenizer_json);
     RUN(convert_rejects);
+    RUN(fixture_model_goldens);
     rmdir(tmpdir);
     return test_summary();
 }
