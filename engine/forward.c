@@ -1,1 +1,523 @@
-/* forward.c - to be written */
+/*
+ * forward.c - inference contexts and the forward pass of a batch of tokens from several sequences.
+ *
+ * Shapes: N tokens in the batch, D n_embd, H heads, G kv heads, E head_dim, Q = H*E, C = G*E,
+ * F n_ff, V vocab, T positions of a sequence.
+ *
+ * One layer, for all N tokens at once:
+ *   xn = rmsnorm(x) * attn_norm                      (N, D)
+ *   q, k, v = xn Wq^T + bq, xn Wk^T + bk, xn Wv^T + bv (N, Q), (N, C), (N, C)
+ *   rope(q), rope(k) at each token's position; k, v appended to the token's sequence's KV blocks
+ *   att = per token and head: softmax(q k^T / sqrt(E)) v over positions 0..pos of its sequence (N, Q)
+ *   x += att Wo^T                                     (N, D)
+ *   xn = rmsnorm(x) * ffn_norm; x += (silu(xn Wg^T) * (xn Wu^T)) Wd^T
+ * then logits = rmsnorm(x) Wout^T for the requested rows only.
+ *
+ * Two ways to multiply by a weight matrix, by the number of activation rows:
+ * - decode (N < CM_GEMM_MIN_ROWS): our matvec kernels read each weight row once and dot it with every
+ *   activation row (Q8_0 weights with activations quantised to Q8_0, as llama.cpp); rows of W are split
+ *   across the pool; q/k/v and gate/up run as one pool run each.
+ * - prefill (N >= CM_GEMM_MIN_ROWS): each pool task takes a tile of W's rows, dequantises it (unless F32)
+ *   into its thread's scratch and calls single-threaded OpenBLAS sgemm: Y[:, tile] = X W[tile]^T.
+ * Every buffer is sized at cm_ctx_create; cm_forward allocates nothing.
+ */
+#include <cblas.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels.h"
+#include "kv.h"
+#include "model.h"
+#include "threadpool.h"
+#include "util.h"
+
+#define CM_GEMM_MIN_ROWS 16          /* activation rows from which sgemm beats the matvec kernels */
+#define CM_DEQ_TILE_FLOATS (1 << 20) /* per-thread dequantisation tile: 4 MiB */
+#define CM_LOGITS_BUDGET ((size_t)256 << 20) /* bytes of logits kept per context */
+#define CM_MAX_CTX (1 << 22)
+#define CM_MAX_BATCH (1 << 16)
+
+struct cm_ctx {
+    const cm_model *m;
+    cm_pool *pool;
+    cm_kv kv;
+    int n_threads, n_seq_max, n_ctx, n_batch_max, n_logits_max;
+    int64_t deq_floats;     /* per thread */
+
+    float *rope_cos, *rope_sin; /* (n_ctx, E/2) */
+
+    /* activations, B = n_batch_max */
+    float *x;       /* (B, D) residual stream */
+    float *xn;      /* (B, D) normed */
+    float *q;       /* (B, Q) */
+    float *k, *v;   /* (B, C) */
+    float *att;     /* (B, Q) */
+    float *proj;    /* (B, D) output of Wo / Wd before the residual add */
+    float *hg, *hu; /* (B, F) */
+    void *xq;       /* (B, row bytes of Q8_0 activations of max(D, Q, F)) */
+    float *outn;    /* (n_logits_max, D) final-normed rows whose logits are wanted */
+    float *logits;  /* (n_logits_max, V) */
+    float *scores;  /* (n_threads, n_ctx) attention scores */
+    float *deq;     /* (n_threads, deq_floats) dequantised weight tiles */
+
+    /* per batch */
+    int32_t *pos;       /* (B) position of each token in its sequence */
+    int32_t *logit_row; /* (B) row in logits, -1 if none */
+    int32_t *out_idx;   /* (n_logits_max) batch index of each logits row */
+    int32_t *seq_cnt;   /* (n_seq_max) tokens of each sequence in the batch */
+    int32_t *seq_rem;   /* (n_seq_max) scratch: tokens of each sequence not yet seen */
+    int n_last;         /* tokens in the last successful batch */
+    const cm_batch *batch;
+    int cur_layer;
+};
+
+/* ============================================================ create / free */
+
+static void *xmalloc(size_t n, int *fail) {
+    void *p = malloc(n ? n : 1);
+    if (!p) *fail = 1;
+    return p;
+}
+
+static void rope_tables(cm_ctx *c) {
+    const cm_model_info *in = &c->m->info;
+    int h = in->head_dim / 2;
+    /* angles in double: the goldens are computed in float64, so this keeps our error our own */
+    for (int p = 0; p < c->n_ctx; p++) {
+        for (int i = 0; i < h; i++) {
+            double inv = pow((double)in->rope_theta, -2.0 * i / (double)in->head_dim);
+            double a = (double)p * inv;
+            c->rope_cos[(size_t)p * h + i] = (float)cos(a);
+            c->rope_sin[(size_t)p * h + i] = (float)sin(a);
+        }
+    }
+}
+
+cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
+    if (!m || !p || !m->layers) {
+        cm_err_set(err, CM_E_INVAL, "ctx: %s", !m || !p ? "no model or params" : "model was loaded vocab-only");
+        return NULL;
+    }
+    const cm_model_info *in = &m->info;
+    int n_threads = p->n_threads ? p->n_threads : 1;
+    int n_seq = p->n_seq_max ? p->n_seq_max : 1;
+    int n_ctx = p->n_ctx ? p->n_ctx : in->n_ctx_train;
+    int n_batch = p->n_batch_max ? p->n_batch_max : 512;
+    if (n_threads < 1 || n_threads > CM_POOL_MAX_THREADS || n_seq < 1 || n_seq > 65536 || n_ctx < 1 ||
+        n_ctx > CM_MAX_CTX || n_batch < 1 || n_batch > CM_MAX_BATCH || p->kv_tokens < 0) {
+        cm_err_set(err, CM_E_INVAL,
+                   "ctx: bad params (threads %d, n_seq_max %d, n_ctx %d, n_batch_max %d, kv_tokens %d)",
+                   n_threads, n_seq, n_ctx, n_batch, p->kv_tokens);
+        return NULL;
+    }
+    uint64_t kv_tokens = p->kv_tokens ? (uint64_t)p->kv_tokens : (uint64_t)n_seq * (uint64_t)n_ctx;
+    uint64_t n_blocks = (kv_tokens + CM_KV_BLOCK - 1) / CM_KV_BLOCK;
+    if (n_blocks > INT32_MAX / 2) {
+        cm_err_set(err, CM_E_NOMEM, "ctx: KV pool of %llu tokens is too large", (unsigned long long)kv_tokens);
+        return NULL;
+    }
+
+    cm_ctx *c = calloc(1, sizeof *c);
+    if (!c) {
+        cm_err_set(err, CM_E_NOMEM, "ctx: out of memory");
+        return NULL;
+    }
+    c->m = m;
+    c->n_threads = n_threads;
+    c->n_seq_max = n_seq;
+    c->n_ctx = n_ctx;
+    c->n_batch_max = n_batch;
+
+    int64_t D = in->n_embd, Q = (int64_t)in->n_head * in->head_dim, C = (int64_t)in->n_head_kv * in->head_dim;
+    int64_t F = in->n_ff, V = in->n_vocab, B = n_batch;
+    int64_t kmax = D > Q ? D : Q;
+    if (F > kmax) kmax = F;
+    /* logits rows: the whole batch if that fits the budget, else what fits but at least one per sequence */
+    int64_t lrows = (int64_t)(CM_LOGITS_BUDGET / ((size_t)V * sizeof(float)));
+    if (lrows > B) lrows = B;
+    if (lrows < n_seq) lrows = n_seq < B ? n_seq : B;
+    if (lrows < 1) lrows = 1;
+    c->n_logits_max = (int)lrows;
+    c->deq_floats = CM_DEQ_TILE_FLOATS > 16 * kmax ? CM_DEQ_TILE_FLOATS : 16 * kmax;
+
+    if (cm_kv_init(&c->kv, in->n_layer, (int)C, (int)n_blocks, n_seq, n_ctx, err) < 0) {
+        free(c);
+        return NULL;
+    }
+    int fail = 0;
+    size_t f = sizeof(float);
+    c->rope_cos = xmalloc((size_t)n_ctx * (size_t)(in->head_dim / 2) * f, &fail);
+    c->rope_sin = xmalloc((size_t)n_ctx * (size_t)(in->head_dim / 2) * f, &fail);
+    c->x = xmalloc((size_t)(B * D) * f, &fail);
+    c->xn = xmalloc((size_t)(B * D) * f, &fail);
+    c->q = xmalloc((size_t)(B * Q) * f, &fail);
+    c->k = xmalloc((size_t)(B * C) * f, &fail);
+    c->v = xmalloc((size_t)(B * C) * f, &fail);
+    c->att = xmalloc((size_t)(B * Q) * f, &fail);
+    c->proj = xmalloc((size_t)(B * D) * f, &fail);
+    c->hg = xmalloc((size_t)(B * F) * f, &fail);
+    c->hu = xmalloc((size_t)(B * F) * f, &fail);
+    c->xq = xmalloc((size_t)B * cm_vec_row_bytes(GGUF_TT_Q8_0, kmax) + 64, &fail);
+    c->outn = xmalloc((size_t)(lrows * D) * f, &fail);
+    c->logits = xmalloc((size_t)lrows * (size_t)V * f, &fail);
+    c->scores = xmalloc((size_t)n_threads * (size_t)n_ctx * f, &fail);
+    c->deq = xmalloc((size_t)n_threads * (size_t)c->deq_floats * f, &fail);
+    c->pos = xmalloc((size_t)B * sizeof(int32_t), &fail);
+    c->logit_row = xmalloc((size_t)B * sizeof(int32_t), &fail);
+    c->out_idx = xmalloc((size_t)lrows * sizeof(int32_t), &fail);
+    c->seq_cnt = xmalloc((size_t)n_seq * sizeof(int32_t), &fail);
+    c->seq_rem = xmalloc((size_t)n_seq * sizeof(int32_t), &fail);
+    if (fail) {
+        cm_ctx_free(c);
+        cm_err_set(err, CM_E_NOMEM, "ctx: cannot allocate scratch for n_batch_max %d, n_ctx %d", n_batch, n_ctx);
+        return NULL;
+    }
+    c->pool = cm_pool_create(n_threads, err);
+    if (!c->pool) {
+        cm_ctx_free(c);
+        return NULL;
+    }
+    /* Our pool owns the parallelism: each task calls sgemm on its own tile, single-threaded. */
+    openblas_set_num_threads(1);
+    rope_tables(c);
+    return c;
+}
+
+void cm_ctx_free(cm_ctx *c) {
+    if (!c) return;
+    cm_pool_free(c->pool);
+    cm_kv_free(&c->kv);
+    free(c->rope_cos);
+    free(c->rope_sin);
+    free(c->x);
+    free(c->xn);
+    free(c->q);
+    free(c->k);
+    free(c->v);
+    free(c->att);
+    free(c->proj);
+    free(c->hg);
+    free(c->hu);
+    free(c->xq);
+    free(c->outn);
+    free(c->logits);
+    free(c->scores);
+    free(c->deq);
+    free(c->pos);
+    free(c->logit_row);
+    free(c->out_idx);
+    free(c->seq_cnt);
+    free(c->seq_rem);
+    free(c);
+}
+
+/* ============================================================ sequences */
+
+static int seq_valid(const cm_ctx *c, int seq) {
+    return seq >= 0 && seq < c->n_seq_max && c->kv.seqs[seq].open;
+}
+
+int cm_seq_open(cm_ctx *c, cm_err *err) {
+    if (!c) return cm_err_set(err, CM_E_INVAL, "seq: no context");
+    int s = cm_kv_seq_open(&c->kv);
+    if (s < 0) return cm_err_set(err, CM_E_NOMEM, "seq: all %d sequences are open", c->n_seq_max);
+    return s;
+}
+
+void cm_seq_close(cm_ctx *c, int seq) {
+    if (c && seq_valid(c, seq)) cm_kv_seq_close(&c->kv, seq);
+}
+
+int cm_seq_len(const cm_ctx *c, int seq) {
+    if (!c || !seq_valid(c, seq)) return CM_E_RANGE;
+    return c->kv.seqs[seq].len;
+}
+
+int cm_seq_truncate(cm_ctx *c, int seq, int n, cm_err *err) {
+    if (!c || !seq_valid(c, seq)) return cm_err_set(err, CM_E_RANGE, "seq: %d is not an open sequence", seq);
+    if (n < 0 || n > c->kv.seqs[seq].len)
+        return cm_err_set(err, CM_E_RANGE, "seq: cannot truncate to %d (length %d)", n, c->kv.seqs[seq].len);
+    cm_kv_seq_truncate(&c->kv, seq, n);
+    return CM_OK;
+}
+
+void cm_ctx_kv_stats(const cm_ctx *c, cm_kv_stats *out) {
+    if (!out) return;
+    memset(out, 0, sizeof *out);
+    if (!c) return;
+    out->blocks_total = c->kv.n_blocks;
+    out->blocks_used = c->kv.n_blocks - c->kv.n_free;
+    out->block_tokens = CM_KV_BLOCK;
+}
+
+/* ============================================================ matrix products */
+
+/* Up to three products sharing one input X (N, K): q/k/v, gate/up. */
+typedef struct mm_op {
+    const cm_tensor *w; /* (M, K) */
+    float *y;           /* (N, M) */
+} mm_op;
+
+typedef struct mm_job {
+    cm_ctx *c;
+    int n_ops;
+    mm_op ops[3];
+    const float *x;   /* (N, K) f32 */
+    const void *xv;   /* decode: activations in the weights' vec format */
+    size_t xv_stride;
+    int n;
+    int64_t k;
+    int64_t chunk;    /* rows of W per task */
+    int task0[4];     /* first task of each op; task0[n_ops] = total */
+} mm_job;
+
+static void mm_task_matvec(void *arg, int task, int thread) {
+    (void)thread;
+    const mm_job *j = arg;
+    int o = 0;
+    while (task >= j->task0[o + 1]) o++;
+    const cm_tensor *w = j->ops[o].w;
+    int64_t r0 = (int64_t)(task - j->task0[o]) * j->chunk, r1 = r0 + j->chunk;
+    if (r1 > w->ne1) r1 = w->ne1;
+    cm_matvec_rows(w->type, w->data, j->k, j->xv, j->xv_stride, j->n, j->ops[o].y, w->ne1, r0, r1);
+}
+
+static void mm_task_gemm(void *arg, int task, int thread) {
+    const mm_job *j = arg;
+    int o = 0;
+    while (task >= j->task0[o + 1]) o++;
+    const cm_tensor *w = j->ops[o].w;
+    int64_t r0 = (int64_t)(task - j->task0[o]) * j->chunk, r1 = r0 + j->chunk;
+    if (r1 > w->ne1) r1 = w->ne1;
+    const float *b;
+    if (w->type == GGUF_TT_F32) {
+        b = (const float *)w->data + r0 * j->k;
+    } else {
+        float *t = j->c->deq + (size_t)thread * (size_t)j->c->deq_floats;
+        size_t rb = gguf_row_bytes(w->type, j->k);
+        for (int64_t r = r0; r < r1; r++)
+            cm_dequantize_row(w->type, (const char *)w->data + (size_t)r * rb, t + (r - r0) * j->k, j->k);
+        b = t;
+    }
+    /* Y[:, r0:r1] (N, r1-r0) = X (N, K) B^T, B = W[r0:r1] (r1-r0, K) */
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, j->n, (int)(r1 - r0), (int)j->k, 1.0f, j->x,
+                (int)j->k, b, (int)j->k, 0.0f, j->ops[o].y + r0, (int)w->ne1);
+}
+
+/* ops[i].y (N, M_i) = X (N, K) W_i^T for every op; all W_i have row length K. */
+static void mm_run(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, int n, int64_t k) {
+    mm_job j = {.c = c, .n_ops = n_ops, .x = x, .n = n, .k = k};
+    memcpy(j.ops, ops, (size_t)n_ops * sizeof *ops);
+    int nt = c->n_threads;
+    int64_t mmax = 0;
+    for (int i = 0; i < n_ops; i++) mmax = ops[i].w->ne1 > mmax ? ops[i].w->ne1 : mmax;
+    if (n >= CM_GEMM_MIN_ROWS) {
+        /* tiles that fit the dequantisation scratch, and at least two per thread for balance */
+        int64_t tile = c->deq_floats / k;
+        int64_t bal = (mmax + 2 * nt - 1) / (2 * nt);
+        if (tile > bal) tile = bal;
+        tile = (tile + 15) & ~(int64_t)15;
+        if (tile * k > c->deq_floats) tile = c->deq_floats / k / 16 * 16;
+        if (tile < 16) tile = 16;
+        j.chunk = tile;
+    } else {
+        /* the matvec input, quantised once for all Q8_0 ops (types may differ per op) */
+        int vt = cm_vec_type(ops[0].w->type);
+        for (int i = 1; i < n_ops; i++) {
+            if (cm_vec_type(ops[i].w->type) != vt) {
+                /* Q8_0 mixed with float weights in one group: run them one by one */
+                for (int o = 0; o < n_ops; o++) mm_run(c, 1, &ops[o], x, n, k);
+                return;
+            }
+        }
+        if (vt == GGUF_TT_Q8_0) {
+            size_t rb = cm_vec_row_bytes(GGUF_TT_Q8_0, k);
+            for (int r = 0; r < n; r++)
+                cm_quantize_row_q8_0(x + (size_t)r * k, (cm_block_q8_0 *)((char *)c->xq + (size_t)r * rb), k);
+            j.xv = c->xq;
+            j.xv_stride = rb;
+        } else {
+            j.xv = x;
+            j.xv_stride = (size_t)k * sizeof(float);
+        }
+        int64_t chunk = nt == 1 ? mmax : (mmax * n_ops + nt * 4 - 1) / (nt * 4);
+        chunk = (chunk + 15) & ~(int64_t)15;
+        if (chunk < 16) chunk = 16;
+        j.chunk = chunk;
+    }
+    j.task0[0] = 0;
+    for (int i = 0; i < n_ops; i++)
+        j.task0[i + 1] = j.task0[i] + (int)((ops[i].w->ne1 + j.chunk - 1) / j.chunk);
+    cm_pool_run(c->pool, n >= CM_GEMM_MIN_ROWS ? mm_task_gemm : mm_task_matvec, &j, j.task0[n_ops]);
+}
+
+static void mm1(cm_ctx *c, const cm_tensor *w, const float *x, int n, float *y) {
+    mm_op op = {w, y};
+    mm_run(c, 1, &op, x, n, w->ne0);
+}
+
+/* ============================================================ attention */
+
+typedef struct att_job {
+    cm_ctx *c;
+    int layer, n;
+} att_job;
+
+/* task = token * H + head: att[i, head] = softmax(q_i,head K^T / sqrt(E)) V over positions 0..pos_i. */
+static void att_task(void *arg, int task, int thread) {
+    const att_job *j = arg;
+    cm_ctx *c = j->c;
+    const cm_model_info *in = &c->m->info;
+    int H = in->n_head, E = in->head_dim, G = in->n_head_kv;
+    int i = task / H, h = task % H, g = h / (H / G);
+    const cm_kv_seq *s = &c->kv.seqs[c->batch->seq[i]];
+    int T = c->pos[i] + 1;
+    const float *q = c->q + (size_t)i * H * E + (size_t)h * E;
+    float *sc = c->scores + (size_t)thread * c->n_ctx;
+    float *out = c->att + (size_t)i * H * E + (size_t)h * E;
+    const float scale = (float)(1.0 / sqrt((double)E));
+    for (int t0 = 0; t0 < T; t0 += CM_KV_BLOCK) {
+        const float *kb = cm_kv_k(&c->kv, s, j->layer, t0) + (size_t)g * E;
+        int nt = T - t0 < CM_KV_BLOCK ? T - t0 : CM_KV_BLOCK;
+        for (int t = 0; t < nt; t++) sc[t0 + t] = cm_dot_f32(q, kb + (size_t)t * c->kv.kv_dim, E) * scale;
+    }
+    cm_softmax(sc, T);
+    memset(out, 0, (size_t)E * sizeof(float));
+    for (int t0 = 0; t0 < T; t0 += CM_KV_BLOCK) {
+        const float *vb = cm_kv_v(&c->kv, s, j->layer, t0) + (size_t)g * E;
+        int nt = T - t0 < CM_KV_BLOCK ? T - t0 : CM_KV_BLOCK;
+        for (int t = 0; t < nt; t++) cm_axpy(out, sc[t0 + t], vb + (size_t)t * c->kv.kv_dim, E);
+    }
+}
+
+/* ============================================================ element-wise, parallel over rows */
+
+typedef struct silu_job {
+    float *g, *u;
+    int64_t f;
+} silu_job;
+
+static void silu_task(void *arg, int task, int thread) {
+    (void)thread;
+    const silu_job *j = arg;
+    cm_silu_mul(j->g + (size_t)task * j->f, j->u + (size_t)task * j->f, j->f);
+}
+
+/* ============================================================ forward */
+
+static void forward_layer(cm_ctx *c, int il, int n) {
+    const cm_model *m = c->m;
+    const cm_model_info *in = &m->info;
+    const cm_layer *l = &m->layers[il];
+    int64_t D = in->n_embd, E = in->head_dim, H = in->n_head, G = in->n_head_kv;
+    int64_t Q = H * E, C = G * E, F = in->n_ff;
+    int h2 = (int)E / 2;
+
+    for (int i = 0; i < n; i++)
+        cm_rmsnorm(c->xn + i * D, c->x + i * D, l->attn_norm.data, D, in->rms_eps);
+    mm_op qkv[3] = {{&l->wq, c->q}, {&l->wk, c->k}, {&l->wv, c->v}};
+    mm_run(c, 3, qkv, c->xn, n, D);
+
+    for (int i = 0; i < n; i++) {
+        float *q = c->q + i * Q, *k = c->k + i * C, *v = c->v + i * C;
+        if (in->qkv_bias) {
+            cm_add(q, l->bq.data, Q);
+            cm_add(k, l->bk.data, C);
+            cm_add(v, l->bv.data, C);
+        }
+        const float *cs = c->rope_cos + (size_t)c->pos[i] * h2, *sn = c->rope_sin + (size_t)c->pos[i] * h2;
+        for (int h = 0; h < H; h++) cm_rope(q + h * E, cs, sn, (int)E, in->rope_neox);
+        for (int h = 0; h < G; h++) cm_rope(k + h * E, cs, sn, (int)E, in->rope_neox);
+        const cm_kv_seq *s = &c->kv.seqs[c->batch->seq[i]];
+        memcpy(cm_kv_k(&c->kv, s, il, c->pos[i]), k, (size_t)C * sizeof(float));
+        memcpy(cm_kv_v(&c->kv, s, il, c->pos[i]), v, (size_t)C * sizeof(float));
+    }
+    att_job aj = {c, il, n};
+    cm_pool_run(c->pool, att_task, &aj, n * (int)H);
+
+    mm1(c, &l->wo, c->att, n, c->proj);
+    for (int i = 0; i < n; i++) cm_add(c->x + i * D, c->proj + i * D, D);
+
+    for (int i = 0; i < n; i++)
+        cm_rmsnorm(c->xn + i * D, c->x + i * D, l->ffn_norm.data, D, in->rms_eps);
+    mm_op gu[2] = {{&l->w_gate, c->hg}, {&l->w_up, c->hu}};
+    mm_run(c, 2, gu, c->xn, n, D);
+    silu_job sj = {c->hg, c->hu, F};
+    if (n == 1)
+        cm_silu_mul(c->hg, c->hu, F);
+    else
+        cm_pool_run(c->pool, silu_task, &sj, n);
+    mm1(c, &l->w_down, c->hg, n, c->proj);
+    for (int i = 0; i < n; i++) cm_add(c->x + i * D, c->proj + i * D, D);
+}
+
+int cm_forward(cm_ctx *c, const cm_batch *b, cm_err *err) {
+    if (!c || !b || !b->token || !b->seq) return cm_err_set(err, CM_E_INVAL, "forward: no context or batch");
+    const cm_model *m = c->m;
+    const cm_model_info *in = &m->info;
+    int n = b->n;
+    if (n < 1 || n > c->n_batch_max)
+        return cm_err_set(err, CM_E_INVAL, "forward: batch of %d tokens (1..%d)", n, c->n_batch_max);
+    c->n_last = 0; /* the previous batch's logits are gone whatever happens */
+
+    /* validate everything before touching any state */
+    memset(c->seq_cnt, 0, (size_t)c->n_seq_max * sizeof(int32_t));
+    for (int i = 0; i < n; i++) {
+        if (b->token[i] < 0 || b->token[i] >= in->n_vocab)
+            return cm_err_set(err, CM_E_RANGE, "forward: token %d at %d is outside the vocabulary (%d)",
+                              b->token[i], i, in->n_vocab);
+        if (!seq_valid(c, b->seq[i]))
+            return cm_err_set(err, CM_E_RANGE, "forward: sequence %d at %d is not open", b->seq[i], i);
+        c->seq_cnt[b->seq[i]]++;
+    }
+    int64_t blocks = 0;
+    for (int s = 0; s < c->n_seq_max; s++) {
+        if (!c->seq_cnt[s]) continue;
+        if (c->kv.seqs[s].len + c->seq_cnt[s] > c->n_ctx)
+            return cm_err_set(err, CM_E_RANGE, "forward: sequence %d would hold %d positions (n_ctx %d)", s,
+                              c->kv.seqs[s].len + c->seq_cnt[s], c->n_ctx);
+        blocks += cm_kv_blocks_needed(&c->kv, s, c->seq_cnt[s]);
+    }
+    if (blocks > c->kv.n_free)
+        return cm_err_set(err, CM_E_NOMEM, "forward: KV pool exhausted (need %lld blocks, %d free)",
+                          (long long)blocks, c->kv.n_free);
+    /* logits rows: as flagged, or each sequence's last token in the batch */
+    memcpy(c->seq_rem, c->seq_cnt, (size_t)c->n_seq_max * sizeof(int32_t));
+    int n_out = 0;
+    for (int i = 0; i < n; i++) {
+        int want = b->logits ? b->logits[i] != 0 : --c->seq_rem[b->seq[i]] == 0;
+        if (want && n_out >= c->n_logits_max)
+            return cm_err_set(err, CM_E_NOMEM, "forward: more than %d logits rows requested", c->n_logits_max);
+        c->logit_row[i] = want ? n_out : -1;
+        if (want) c->out_idx[n_out++] = i;
+    }
+
+    /* commit: reserve KV blocks and assign positions */
+    for (int s = 0; s < c->n_seq_max; s++)
+        if (c->seq_cnt[s]) cm_kv_seq_reserve(&c->kv, s, c->seq_cnt[s]);
+    memset(c->seq_cnt, 0, (size_t)c->n_seq_max * sizeof(int32_t));
+    for (int i = 0; i < n; i++) c->pos[i] = c->kv.seqs[b->seq[i]].len + c->seq_cnt[b->seq[i]]++;
+    c->batch = b;
+
+    int64_t D = in->n_embd;
+    size_t erb = gguf_row_bytes(m->tok_embd.type, D);
+    for (int i = 0; i < n; i++)
+        cm_dequantize_row(m->tok_embd.type, (const char *)m->tok_embd.data + (size_t)b->token[i] * erb,
+                          c->x + i * D, D);
+    for (int il = 0; il < in->n_layer; il++) forward_layer(c, il, n);
+
+    for (int r = 0; r < n_out; r++)
+        cm_rmsnorm(c->outn + r * D, c->x + (size_t)c->out_idx[r] * D, m->output_norm.data, D, in->rms_eps);
+    if (n_out) mm1(c, &m->output, c->outn, n_out, c->logits);
+
+    for (int s = 0; s < c->n_seq_max; s++) c->kv.seqs[s].len += c->seq_cnt[s];
+    c->n_last = n;
+    c->batch = NULL;
+    return CM_OK;
+}
+
+const float *cm_logits(const cm_ctx *c, int i) {
+    if (!c || i < 0 || i >= c->n_last || c->logit_row[i] < 0) return NULL;
+    return c->logits + (size_t)c->logit_row[i] * (size_t)c->m->info.n_vocab;
+}

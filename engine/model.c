@@ -1,1 +1,299 @@
-/* model.c - to be written */
+/*
+ * model.c - loads a dense Qwen2 / Llama GGUF: hyper-parameters, weight views into the mapping (every
+ * tensor checked for exact shape and a supported type) and the tokenizer. See model.h for the layout.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "model.h"
+#include "util.h"
+
+/* Caps against absurd (hostile) hyper-parameters: far beyond any model we could run. */
+#define MAX_EMBD (1 << 16)
+#define MAX_LAYER 1024
+#define MAX_HEAD 1024
+#define MAX_HEAD_DIM 1024
+#define MAX_FF (1 << 20)
+#define MAX_CTX (1 << 24)
+
+static char *dup_str(const char *p, size_t n) {
+    char *s = malloc(n + 1);
+    if (!s) return NULL;
+    memcpy(s, p, n);
+    s[n] = 0;
+    return s;
+}
+
+/* ============================================================ hyper-parameters */
+
+/* <arch>.<key> as a positive int within [1, cap]; absent -> def (def < 0: required). */
+static int get_dim(const gguf_file *g, const char *arch, const char *key, int def, int cap, int *out,
+                   cm_err *err) {
+    char full[128];
+    snprintf(full, sizeof full, "%s.%s", arch, key);
+    uint32_t v;
+    int rc = gguf_get_u32(g, full, &v, err);
+    if (rc < 0) return rc;
+    if (rc == 1) {
+        if (def < 0) return cm_err_set(err, CM_E_FORMAT, "model: missing key %s", full);
+        *out = def;
+        return CM_OK;
+    }
+    if (v < 1 || v > (uint32_t)cap)
+        return cm_err_set(err, CM_E_FORMAT, "model: %s = %u out of range [1, %d]", full, v, cap);
+    *out = (int)v;
+    return CM_OK;
+}
+
+static int get_float(const gguf_file *g, const char *arch, const char *key, float def, float *out,
+                     cm_err *err) {
+    char full[128];
+    snprintf(full, sizeof full, "%s.%s", arch, key);
+    int rc = gguf_get_f32(g, full, out, err);
+    if (rc < 0) return rc;
+    if (rc == 1) *out = def;
+    return CM_OK;
+}
+
+static int load_hparams(cm_model *m, const char *arch, cm_err *err) {
+    const gguf_file *g = &m->gguf;
+    cm_model_info *in = &m->info;
+    int rc;
+    if ((rc = get_dim(g, arch, "embedding_length", -1, MAX_EMBD, &in->n_embd, err)) ||
+        (rc = get_dim(g, arch, "block_count", -1, MAX_LAYER, &in->n_layer, err)) ||
+        (rc = get_dim(g, arch, "feed_forward_length", -1, MAX_FF, &in->n_ff, err)) ||
+        (rc = get_dim(g, arch, "attention.head_count", -1, MAX_HEAD, &in->n_head, err)) ||
+        (rc = get_dim(g, arch, "attention.head_count_kv", in->n_head, MAX_HEAD, &in->n_head_kv, err)) ||
+        (rc = get_dim(g, arch, "context_length", 4096, MAX_CTX, &in->n_ctx_train, err)))
+        return rc;
+    if (in->n_head % in->n_head_kv)
+        return cm_err_set(err, CM_E_FORMAT, "model: head_count %d is not a multiple of head_count_kv %d",
+                          in->n_head, in->n_head_kv);
+    int hd_default = in->n_embd % in->n_head == 0 ? in->n_embd / in->n_head : -1;
+    if ((rc = get_dim(g, arch, "attention.key_length", hd_default, MAX_HEAD_DIM, &in->head_dim, err)))
+        return rc == CM_E_FORMAT && hd_default < 0
+                   ? cm_err_set(err, CM_E_FORMAT, "model: embedding_length %d is not a multiple of head_count %d",
+                                in->n_embd, in->n_head)
+                   : rc;
+    int vlen = 0;
+    if ((rc = get_dim(g, arch, "attention.value_length", in->head_dim, MAX_HEAD_DIM, &vlen, err))) return rc;
+    if (vlen != in->head_dim)
+        return cm_err_set(err, CM_E_UNSUPPORTED, "model: value_length %d != key_length %d", vlen, in->head_dim);
+    if (in->head_dim % 2)
+        return cm_err_set(err, CM_E_FORMAT, "model: head_dim %d must be even for rotary embeddings", in->head_dim);
+    int rope_dim = 0;
+    if ((rc = get_dim(g, arch, "rope.dimension_count", in->head_dim, MAX_HEAD_DIM, &rope_dim, err))) return rc;
+    if (rope_dim != in->head_dim)
+        return cm_err_set(err, CM_E_UNSUPPORTED, "model: partial rotary (rope.dimension_count %d < head_dim %d)",
+                          rope_dim, in->head_dim);
+    if ((uint64_t)in->n_head * in->head_dim > MAX_EMBD * 4u)
+        return cm_err_set(err, CM_E_FORMAT, "model: n_head * head_dim = %llu is too large",
+                          (unsigned long long)in->n_head * in->head_dim);
+
+    int is_qwen2 = !strcmp(arch, "qwen2");
+    if ((rc = get_float(g, arch, "attention.layer_norm_rms_epsilon", 1e-6f, &in->rms_eps, err)) ||
+        (rc = get_float(g, arch, "rope.freq_base", is_qwen2 ? 1e6f : 10000.0f, &in->rope_theta, err)))
+        return rc;
+    if (!(in->rms_eps > 0.0f && in->rms_eps < 1.0f))
+        return cm_err_set(err, CM_E_FORMAT, "model: rms epsilon %g out of range (0, 1)", (double)in->rms_eps);
+    if (!(in->rope_theta > 1.0f && in->rope_theta < 1e12f))
+        return cm_err_set(err, CM_E_FORMAT, "model: rope.freq_base %g out of range", (double)in->rope_theta);
+
+    /* rope scaling changes positions' angles; we implement none of the schemes yet */
+    char key[128];
+    snprintf(key, sizeof key, "%s.rope.scaling.type", arch);
+    gguf_str st;
+    rc = gguf_get_str(g, key, &st, err);
+    if (rc < 0) return rc;
+    if (rc == CM_OK && !gguf_str_eq(st, "none"))
+        return cm_err_set(err, CM_E_UNSUPPORTED, "model: rope scaling \"%.*s\" is not supported",
+                          (int)(st.len > 64 ? 64 : st.len), st.ptr);
+    if (gguf_find_tensor(g, "rope_freqs.weight"))
+        return cm_err_set(err, CM_E_UNSUPPORTED, "model: rope_freqs (Llama 3 rope scaling) is not supported");
+    in->rope_neox = is_qwen2;
+    return CM_OK;
+}
+
+/* ============================================================ tensors */
+
+static int matrix_type_ok(int t) {
+    return t == GGUF_TT_F32 || t == GGUF_TT_F16 || t == GGUF_TT_BF16 || t == GGUF_TT_Q8_0;
+}
+
+/* Maps a tensor of exact shape (ne0) or (ne0, ne1); ne1 == 0 means a vector. Vectors (norms, biases)
+ * must be F32: they are tiny and the kernels read them as f32. optional: absent leaves t->data NULL. */
+static int map_tensor(cm_model *m, cm_tensor *t, const char *name, int64_t ne0, int64_t ne1, int optional,
+                      cm_err *err) {
+    const gguf_tensor *gt = gguf_find_tensor(&m->gguf, name);
+    memset(t, 0, sizeof *t);
+    if (!gt) {
+        if (optional) return CM_OK;
+        return cm_err_set(err, CM_E_FORMAT, "model: missing tensor %s", name);
+    }
+    int is_vec = ne1 == 0;
+    int shape_ok = gt->ne[0] == ne0 && gt->ne[2] == 1 && gt->ne[3] == 1 &&
+                   (is_vec ? gt->ne[1] == 1 && gt->n_dims <= 1 : gt->ne[1] == ne1 && gt->n_dims <= 2);
+    if (!shape_ok) {
+        char got[96], want[64];
+        int o = snprintf(got, sizeof got, "[");
+        for (int i = 0; i < gt->n_dims && i < GGUF_MAX_DIMS; i++)
+            o += snprintf(got + o, sizeof got - (size_t)o, "%s%lld", i ? ", " : "", (long long)gt->ne[i]);
+        snprintf(got + o, sizeof got - (size_t)o, "]");
+        if (is_vec)
+            snprintf(want, sizeof want, "[%lld]", (long long)ne0);
+        else
+            snprintf(want, sizeof want, "[%lld, %lld]", (long long)ne0, (long long)ne1);
+        return cm_err_set(err, CM_E_FORMAT, "model: tensor %s has shape %s, expected %s", name, got, want);
+    }
+    if (is_vec ? gt->type != GGUF_TT_F32 : !matrix_type_ok(gt->type))
+        return cm_err_set(err, CM_E_UNSUPPORTED, "model: tensor %s has type %s; supported: %s", name,
+                          gguf_ttype_name(gt->type), is_vec ? "F32" : "F32, F16, BF16, Q8_0");
+    t->data = gt->data;
+    t->type = gt->type;
+    t->ne0 = ne0;
+    t->ne1 = is_vec ? 1 : ne1;
+    return CM_OK;
+}
+
+static int load_tensors(cm_model *m, cm_err *err) {
+    cm_model_info *in = &m->info;
+    int64_t D = in->n_embd, V = in->n_vocab, F = in->n_ff;
+    int64_t QD = (int64_t)in->n_head * in->head_dim, KD = (int64_t)in->n_head_kv * in->head_dim;
+    int rc;
+    if ((rc = map_tensor(m, &m->tok_embd, "token_embd.weight", D, V, 0, err)) ||
+        (rc = map_tensor(m, &m->output_norm, "output_norm.weight", D, 0, 0, err)) ||
+        (rc = map_tensor(m, &m->output, "output.weight", D, V, 1, err)))
+        return rc;
+    in->tied_output = m->output.data == NULL;
+    if (in->tied_output) m->output = m->tok_embd;
+
+    m->layers = calloc((size_t)in->n_layer, sizeof *m->layers);
+    if (!m->layers) return cm_err_set(err, CM_E_NOMEM, "model: out of memory");
+    int n_bias = 0;
+    for (int i = 0; i < in->n_layer; i++) {
+        cm_layer *l = &m->layers[i];
+        char nm[96];
+#define T(field, suffix, ne0, ne1, opt)                                     \
+        snprintf(nm, sizeof nm, "blk.%d.%s", i, suffix);                    \
+        if ((rc = map_tensor(m, &l->field, nm, ne0, ne1, opt, err))) return rc;
+        T(attn_norm, "attn_norm.weight", D, 0, 0)
+        T(wq, "attn_q.weight", D, QD, 0)
+        T(wk, "attn_k.weight", D, KD, 0)
+        T(wv, "attn_v.weight", D, KD, 0)
+        T(wo, "attn_output.weight", QD, D, 0)
+        T(bq, "attn_q.bias", QD, 0, 1)
+        T(bk, "attn_k.bias", KD, 0, 1)
+        T(bv, "attn_v.bias", KD, 0, 1)
+        T(ffn_norm, "ffn_norm.weight", D, 0, 0)
+        T(w_gate, "ffn_gate.weight", D, F, 0)
+        T(w_up, "ffn_up.weight", D, F, 0)
+        T(w_down, "ffn_down.weight", F, D, 0)
+#undef T
+        int nb = !!l->bq.data + !!l->bk.data + !!l->bv.data;
+        if (nb != 0 && nb != 3)
+            return cm_err_set(err, CM_E_FORMAT, "model: blk.%d has %d of the 3 q/k/v biases", i, nb);
+        n_bias += nb ? 1 : 0;
+    }
+    /* qwen2 always has q/k/v biases; llama may (attention_bias) but then in every layer */
+    if (n_bias != 0 && n_bias != in->n_layer)
+        return cm_err_set(err, CM_E_FORMAT, "model: q/k/v biases in %d of %d layers", n_bias, in->n_layer);
+    if (!strcmp(in->arch, "qwen2") && n_bias == 0)
+        return cm_err_set(err, CM_E_FORMAT, "model: qwen2 requires blk.N.attn_q/k/v.bias");
+    in->qkv_bias = n_bias > 0;
+
+    /* parameter count over every tensor in the file; weight type = type holding most matrix elements */
+    uint64_t per_type[64] = {0};
+    in->n_params = 0;
+    for (uint64_t t = 0; t < m->gguf.n_tensors; t++) {
+        const gguf_tensor *gt = &m->gguf.tensors[t];
+        uint64_t n = 1;
+        for (int d = 0; d < GGUF_MAX_DIMS; d++) n *= (uint64_t)gt->ne[d];
+        in->n_params += n;
+        if (gt->ne[1] > 1 && gt->type >= 0 && gt->type < 64) per_type[gt->type] += n;
+    }
+    int best = m->tok_embd.type;
+    for (int t = 0; t < 64; t++)
+        if (per_type[t] > per_type[best]) best = t;
+    m->weight_type = strdup(gguf_ttype_name(best));
+    if (!m->weight_type) return cm_err_set(err, CM_E_NOMEM, "model: out of memory");
+    in->weight_type = m->weight_type;
+    return CM_OK;
+}
+
+/* ============================================================ load / free */
+
+cm_model *cm_model_load(const char *path, const cm_model_params *params, cm_err *err) {
+    cm_model_params defp = {0};
+    if (!params) params = &defp;
+    if (!path) {
+        cm_err_set(err, CM_E_INVAL, "model: no path");
+        return NULL;
+    }
+    cm_model *m = calloc(1, sizeof *m);
+    if (!m) {
+        cm_err_set(err, CM_E_NOMEM, "model: out of memory");
+        return NULL;
+    }
+    if (gguf_open(&m->gguf, path, err) < 0) {
+        free(m);
+        return NULL;
+    }
+    cm_model_info *in = &m->info;
+    in->file_bytes = m->gguf.size;
+    in->bos = in->eos = in->eot = in->pad = -1;
+    in->fim_pre = in->fim_suf = in->fim_mid = -1;
+
+    gguf_str s = {0};
+    int rc = gguf_get_str(&m->gguf, "general.architecture", &s, err);
+    if (rc == 1 && !params->vocab_only) rc = cm_err_set(err, CM_E_FORMAT, "model: missing general.architecture");
+    if (rc < 0) goto fail;
+    m->arch = rc == CM_OK ? dup_str(s.ptr, s.len > 64 ? 64 : s.len) : strdup("");
+    rc = gguf_get_str(&m->gguf, "general.name", &s, err);
+    if (rc < 0) goto fail;
+    m->name = rc == CM_OK ? dup_str(s.ptr, s.len > 256 ? 256 : s.len) : strdup("");
+    if (!m->arch || !m->name) {
+        rc = cm_err_set(err, CM_E_NOMEM, "model: out of memory");
+        goto fail;
+    }
+    in->arch = m->arch;
+    in->name = m->name;
+
+    m->tok = cm_tokenizer_load(&m->gguf, in, err);
+    if (!m->tok) {
+        rc = CM_E_FORMAT;
+        goto fail;
+    }
+    if (params->vocab_only) {
+        m->weight_type = strdup("");
+        in->weight_type = m->weight_type ? m->weight_type : "";
+        return m;
+    }
+    if (strcmp(m->arch, "qwen2") && strcmp(m->arch, "llama")) {
+        rc = cm_err_set(err, CM_E_UNSUPPORTED, "model: architecture \"%s\" is not supported (qwen2, llama)",
+                        m->arch);
+        goto fail;
+    }
+    if (in->n_vocab < 1) {
+        rc = cm_err_set(err, CM_E_FORMAT, "model: empty vocabulary");
+        goto fail;
+    }
+    if ((rc = load_hparams(m, m->arch, err)) < 0 || (rc = load_tensors(m, err)) < 0) goto fail;
+    return m;
+fail:
+    cm_model_free(m);
+    return NULL;
+}
+
+void cm_model_free(cm_model *m) {
+    if (!m) return;
+    cm_tokenizer_free(m->tok);
+    free(m->layers);
+    free(m->arch);
+    free(m->name);
+    free(m->weight_type);
+    gguf_close(&m->gguf);
+    free(m);
+}
+
+const cm_model_info *cm_model_get_info(const cm_model *m) { return m ? &m->info : NULL; }

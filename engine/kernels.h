@@ -1,0 +1,95 @@
+/*
+ * kernels.h - the numeric kernels of the forward pass. Internal to engine/.
+ *
+ * Every optimised kernel has a plain C reference `*_ref` beside it; tests/engine/test_kernels.c holds
+ * them equal. The SIMD path is chosen at compile time (-march=native): AVX-512 (F, BW, VNNI), else
+ * AVX2 (+F16C, FMA), else portable C. Letters: M output rows, K row length (input dim), N activation
+ * rows (tokens), E head_dim.
+ *
+ * Weight matrices W (M, K) are row-major as GGUF stores them; a "row" of W is K values of its type.
+ * Activations are f32, except that Q8_0 weights are multiplied with activations quantised to Q8_0
+ * blocks once per token (as llama.cpp does), so the inner product is an exact int8 dot per block.
+ */
+#ifndef CM_KERNELS_H
+#define CM_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "gguf.h"
+
+struct cm_pool;
+
+/* Q8_0: 32 values x[i] = d * qs[i], d an IEEE half. 34 bytes, the GGUF layout. */
+#define CM_QK8_0 32
+typedef struct cm_block_q8_0 {
+    uint16_t d;
+    int8_t qs[CM_QK8_0];
+} cm_block_q8_0;
+_Static_assert(sizeof(cm_block_q8_0) == 34, "Q8_0 block must be 34 bytes");
+
+/* Which SIMD path this build uses ("avx512", "avx2", "scalar"). */
+const char *cm_kernels_isa(void);
+
+/* ------------------------------------------------------------ conversion */
+
+/* x (K) -> y (K/32 blocks); K % 32 == 0. d = max|x|/127, q = round-half-even(x/d). */
+void cm_quantize_row_q8_0(const float *x, cm_block_q8_0 *y, int64_t k);
+void cm_quantize_row_q8_0_ref(const float *x, cm_block_q8_0 *y, int64_t k);
+
+/* One row of k values of `type` (F32, F16, BF16, Q8_0) -> y (k) f32. */
+void cm_dequantize_row(int type, const void *w, float *y, int64_t k);
+void cm_dequantize_row_ref(int type, const void *w, float *y, int64_t k);
+
+/* The activation format a weight type multiplies with: Q8_0 blocks for Q8_0, else f32. */
+int cm_vec_type(int wtype);
+/* Bytes of one activation row of K values in that format. */
+size_t cm_vec_row_bytes(int wtype, int64_t k);
+/* x (K) f32 -> activation row for wtype (a copy for f32, quantised for Q8_0). */
+void cm_vec_prepare(int wtype, const float *x, void *out, int64_t k);
+
+/* ------------------------------------------------------------ dot products */
+
+/* dot(w (K) of wtype, x (K) in cm_vec_type(wtype) format), accumulated in f32 (int32 per Q8_0 block). */
+float cm_vec_dot(int wtype, int64_t k, const void *w, const void *x);
+float cm_vec_dot_ref(int wtype, int64_t k, const void *w, const void *x);
+
+/* y[n*ldy + r] = dot(W row r, x_n) for n < N, r in [r0, r1). W (M, K) of wtype; x_n = x + n*x_stride
+ * bytes, each a prepared activation row. The weight row is reused from cache across the N rows. */
+void cm_matvec_rows(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n,
+                    float *y, int64_t ldy, int64_t r0, int64_t r1);
+void cm_matvec_rows_ref(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n,
+                        float *y, int64_t ldy, int64_t r0, int64_t r1);
+
+/* Threaded: y (N, ldy) [:, 0:M] = x (N, K) W (M, K)^T with x already prepared; rows of W are split
+ * across the pool's threads. */
+void cm_matvec(struct cm_pool *pool, int wtype, const void *w, int64_t m, int64_t k, const void *x,
+               size_t x_stride, int n, float *y, int64_t ldy);
+
+/* ------------------------------------------------------------ element-wise */
+
+/* y (K) = x * rsqrt(mean(x^2) + eps) * w, as HF Qwen2/Llama RMSNorm in f32. y may alias x. */
+void cm_rmsnorm(float *y, const float *x, const float *w, int64_t k, float eps);
+void cm_rmsnorm_ref(float *y, const float *x, const float *w, int64_t k, float eps);
+
+/* x (K) += b (K). */
+void cm_add(float *x, const float *b, int64_t k);
+void cm_add_ref(float *x, const float *b, int64_t k);
+
+/* g (K) = silu(g) * u. */
+void cm_silu_mul(float *g, const float *u, int64_t k);
+void cm_silu_mul_ref(float *g, const float *u, int64_t k);
+
+/* In place softmax over x (K); returns nothing. K >= 1. */
+void cm_softmax(float *x, int64_t k);
+void cm_softmax_ref(float *x, int64_t k);
+
+/* Rotary embedding of one head x (E) at one position, with that position's tables cs (E/2) cos and
+ * sn (E/2) sin. neox: pairs (i, i + E/2); normal: pairs (2i, 2i+1). */
+void cm_rope(float *x, const float *cs, const float *sn, int e, int neox);
+void cm_rope_ref(float *x, const float *cs, const float *sn, int e, int neox);
+
+/* dot of two f32 vectors (attention scores); y (K) += a * x (K) (attention values). */
+float cm_dot_f32(const float *a, const float *b, int64_t k);
+void cm_axpy(float *y, float a, const float *x, int64_t k);
+
+#endif
