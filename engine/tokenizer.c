@@ -591,6 +591,11 @@ typedef struct tok_scratch {
     int32_t *sym, *prev, *next;
     tok_heap_ent *heap;
     char *bl;              /* the piece in the byte-level alphabet (ignore_merges lookup), 2 * cap */
+    /* NFC output of the current segment, and utf8proc's code point buffer */
+    char *nfc;
+    size_t nfc_len, nfc_cap;
+    utf8proc_int32_t *u32;
+    size_t u32_cap;
     /* output */
     int32_t *out;
     int out_cap;
@@ -601,7 +606,7 @@ static void scratch_free(tok_scratch *s) {
     pcre2_match_data_free(s->md);
     pcre2_match_context_free(s->mctx);
     pcre2_jit_stack_free(s->jit);
-    free(s->sym); free(s->prev); free(s->next); free(s->heap); free(s->bl);
+    free(s->sym); free(s->prev); free(s->next); free(s->heap); free(s->bl); free(s->nfc); free(s->u32);
 }
 
 static int scratch_reserve(tok_scratch *s, size_t n) {
@@ -760,6 +765,73 @@ static int split_level(tok_scratch *s, int level, const unsigned char *p, size_t
     return CM_OK;
 }
 
+static int nfc_put(tok_scratch *s, const void *p, size_t n) {
+    if (s->nfc_len + n > s->nfc_cap) {
+        size_t c = s->nfc_cap ? s->nfc_cap : 4096;
+        while (c < s->nfc_len + n) c *= 2;
+        char *b = realloc(s->nfc, c);
+        if (!b) return CM_E_NOMEM;
+        s->nfc = b;
+        s->nfc_cap = c;
+    }
+    memcpy(s->nfc + s->nfc_len, p, n);
+    s->nfc_len += n;
+    return CM_OK;
+}
+
+/* NFC of a stretch of valid UTF-8 through utf8proc, into s->nfc, with a reused code point buffer. */
+static int nfc_valid_run(tok_scratch *s, const unsigned char *p, size_t n) {
+    const utf8proc_option_t opt = UTF8PROC_STABLE | UTF8PROC_COMPOSE;
+    int below = 1; /* nothing below U+0300 composes with anything after it but a combining mark */
+    for (size_t i = 0; i < n && below; i++) below = p[i] < 0xcc;
+    if (below) return nfc_put(s, p, n);
+    for (;;) {
+        utf8proc_ssize_t r = utf8proc_decompose(p, (utf8proc_ssize_t)n, s->u32, (utf8proc_ssize_t)s->u32_cap, opt);
+        if (r < 0) return nfc_put(s, p, n); /* cannot happen for valid input; keep the bytes */
+        if ((size_t)r > s->u32_cap) {
+            size_t c = (size_t)r + 64;
+            utf8proc_int32_t *b = realloc(s->u32, c * sizeof *b);
+            if (!b) return CM_E_NOMEM;
+            s->u32 = b;
+            s->u32_cap = c;
+            continue;
+        }
+        r = utf8proc_reencode(s->u32, r, opt); /* composes, then writes UTF-8 over the buffer */
+        if (r < 0) return nfc_put(s, p, n);
+        return nfc_put(s, s->u32, (size_t)r);
+    }
+}
+
+/* NFC of p[0..n) into s->nfc. Only the stretches around non-ASCII characters go through utf8proc:
+ * composition never crosses an ASCII character (none is the second element of a composition and all
+ * have combining class 0), so the text can be cut just before any ASCII byte. Invalid UTF-8 bytes are
+ * copied as they are (utf8proc rejects them; HF never sees any). */
+static int nfc_segment(tok_scratch *s, const unsigned char *p, size_t n) {
+    s->nfc_len = 0;
+    size_t i = 0;
+    int rc = CM_OK;
+    while (i < n && rc >= 0) {
+        size_t j = i;
+        while (j < n && p[j] < 0x80 && (j + 1 == n || p[j + 1] < 0x80)) j++;
+        if (j > i) { rc = nfc_put(s, p + i, j - i); i = j; continue; }
+        /* a chunk: an optional ASCII character, then non-ASCII bytes up to the next ASCII one */
+        j = i + 1;
+        while (j < n && p[j] >= 0x80) j++;
+        size_t k = i;
+        while (k < j && rc >= 0) {
+            size_t e = k;
+            uint32_t cp;
+            int l;
+            while (e < j && (l = utf8_get(p + e, j - e, &cp)) > 0) e += (size_t)l;
+            if (e > k) rc = nfc_valid_run(s, p + k, e - k);
+            else { rc = nfc_put(s, p + k, 1); e = k + 1; }
+            k = e;
+        }
+        i = j;
+    }
+    return rc;
+}
+
 /* One segment of text free of special tokens: normalise, pre-tokenize, BPE. */
 static int encode_segment(tok_scratch *s, const unsigned char *p, size_t n) {
     const cm_tokenizer *t = s->t;
@@ -767,39 +839,9 @@ static int encode_segment(tok_scratch *s, const unsigned char *p, size_t n) {
     if (t->nfc)
         for (size_t i = 0; i < n && ascii; i++) ascii = p[i] < 0x80;
     if (!t->nfc || ascii) return split_level(s, 0, p, n);
-
-    /* NFC over each maximal run of valid UTF-8; invalid bytes pass through as their own runs (utf8proc
-     * rejects invalid input and HF never sees any). */
-    int rc = CM_OK;
-    size_t i = 0;
-    while (i < n && rc >= 0) {
-        size_t j = i;
-        while (j < n) {
-            uint32_t cp;
-            int l = utf8_get(p + j, n - j, &cp);
-            if (!l) break;
-            j += (size_t)l;
-        }
-        if (j > i) {
-            utf8proc_uint8_t *dst = NULL;
-            utf8proc_ssize_t dl = utf8proc_map(p + i, (utf8proc_ssize_t)(j - i), &dst,
-                                               UTF8PROC_STABLE | UTF8PROC_COMPOSE);
-            if (dl < 0) rc = split_level(s, 0, p + i, j - i);
-            else rc = split_level(s, 0, dst, (size_t)dl);
-            free(dst);
-            i = j;
-        } else {
-            /* a run of invalid bytes: up to the next valid character */
-            while (j < n) {
-                uint32_t cp;
-                if (utf8_get(p + j, n - j, &cp)) break;
-                j++;
-            }
-            rc = split_level(s, 0, p + i, j - i);
-            i = j;
-        }
-    }
-    return rc;
+    int rc = nfc_segment(s, p, n);
+    if (rc < 0) return rc;
+    return split_level(s, 0, (const unsigned char *)s->nfc, s->nfc_len);
 }
 
 static int tokenize_impl(const cm_tokenizer *t, const unsigned char *p, size_t n, int flags, tok_scratch *s,
