@@ -41,19 +41,26 @@ static char *fixture_dup(const char *rel) {
 
 /* ------------------------------------------------------------ comparing two GGUF files */
 
-/* Does converted tensor t hold reference tensor r? r is of t's type, or F32 when t is F16/BF16, or
- * (src_bf16: the HF source was bf16) F32 whose values t holds rounded through bf16 (norms are F32). */
-static int tensor_matches(const gguf_tensor *r, const gguf_tensor *t, int src_bf16, char *why, size_t cap) {
+/* Round x through the HF source's dtype (GGUF_TT_F32/F16/BF16): what an F32 output tensor holds. */
+static float through(int src, float x) {
+    return src == GGUF_TT_F16 ? cm_fp16_to_f32(cm_f32_to_fp16(x)) : src == GGUF_TT_BF16 ? cm_bf16_to_f32(cm_f32_to_bf16(x)) : x;
+}
+
+/* Does converted tensor t hold reference tensor r? r is of t's type (bytes equal), or F32 when t is
+ * F16/BF16 (t = r rounded), or both F32 with an f16/bf16 HF source (t = r rounded through the source type,
+ * as the converter writes norms and biases as F32). */
+static int tensor_matches(const gguf_tensor *r, const gguf_tensor *t, int src, char *why, size_t cap) {
     if (r->n_dims != t->n_dims) { snprintf(why, cap, "n_dims %d vs %d", t->n_dims, r->n_dims); return 0; }
     for (int d = 0; d < GGUF_MAX_DIMS; d++)
         if (r->ne[d] != t->ne[d]) { snprintf(why, cap, "ne[%d] %lld vs %lld", d, (long long)t->ne[d], (long long)r->ne[d]); return 0; }
-    if (src_bf16 && r->type == GGUF_TT_F32 && t->type == GGUF_TT_F32) {
+    if (src != GGUF_TT_F32 && r->type == GGUF_TT_F32 && t->type == GGUF_TT_F32) {
         for (uint64_t i = 0; i < r->nbytes / 4; i++) {
-            float x, y;
+            float x, y, want;
             memcpy(&x, (const uint8_t *)r->data + 4 * i, 4);
             memcpy(&y, (const uint8_t *)t->data + 4 * i, 4);
-            if (memcmp(&y, &(float){cm_bf16_to_f32(cm_f32_to_bf16(x))}, 4)) {
-                snprintf(why, cap, "element %llu: %.9g vs bf16(%.9g)", (unsigned long long)i, y, x);
+            want = through(src, x);
+            if (memcmp(&y, &want, 4)) {
+                snprintf(why, cap, "element %llu: %.9g vs %.9g rounded to %s", (unsigned long long)i, y, x, gguf_ttype_name(src));
                 return 0;
             }
         }
@@ -97,9 +104,14 @@ static int kv_equal(const gguf_kv *a, const gguf_kv *b) {
     return memcmp(a->data, b->data, (size_t)a->n * (size_t)sz[et]) == 0;
 }
 
-/* Keys whose value legitimately differs: the name comes from the directory; file_type from the type. */
-static int kv_skipped(const gguf_kv *kv, int same_type) {
-    return gguf_str_eq(kv->key, "general.name") || (!same_type && gguf_str_eq(kv->key, "general.file_type"));
+/* Keys checked separately: the name comes from the directory; file_type from the output type. */
+static int kv_skipped(const gguf_kv *kv) {
+    return gguf_str_eq(kv->key, "general.name") || gguf_str_eq(kv->key, "general.file_type");
+}
+
+/* llama_ftype of an output type: ALL_F32 0, MOSTLY_F16 1, MOSTLY_Q8_0 7, MOSTLY_BF16 32. */
+static int ftype_of(int tt) {
+    return tt == GGUF_TT_F16 ? 1 : tt == GGUF_TT_Q8_0 ? 7 : tt == GGUF_TT_BF16 ? 32 : 0;
 }
 
 /* Keys the fixture writer adds that llama.cpp's converter does not (the loader infers them): they may be
@@ -108,7 +120,8 @@ static int kv_optional(const gguf_kv *kv) {
     return gguf_str_eq(kv->key, "tokenizer.ggml.eot_token_id");
 }
 
-static void compare_gguf(const char *got_path, const char *ref_path, int same_type, int src_bf16) {
+/* src: the HF source dtype (as a GGUF type); out: the output matrix type (for general.file_type). */
+static void compare_gguf(const char *got_path, const char *ref_path, int src, int out) {
     gguf_file got, ref;
     cm_err err = {0};
     if (gguf_open(&got, got_path, &err)) { TEST_FAIL_("%s", err.msg); return; }
@@ -120,11 +133,11 @@ static void compare_gguf(const char *got_path, const char *ref_path, int same_ty
         snprintf(name, sizeof name, "%.*s", (int)r->name.len, r->name.ptr);
         const gguf_tensor *t = gguf_find_tensor(&got, name);
         if (!t) { TEST_FAIL_("%s: tensor %s missing", got_path, name); continue; }
-        if (!tensor_matches(r, t, src_bf16, why, sizeof why)) TEST_FAIL_("%s vs %s: tensor %s: %s", got_path, ref_path, name, why);
+        if (!tensor_matches(r, t, src, why, sizeof why)) TEST_FAIL_("%s vs %s: tensor %s: %s", got_path, ref_path, name, why);
     }
     for (uint64_t i = 0; i < ref.n_kv; i++) {
         const gguf_kv *r = &ref.kv[i];
-        if (kv_skipped(r, same_type)) continue;
+        if (kv_skipped(r)) continue;
         snprintf(name, sizeof name, "%.*s", (int)r->key.len, r->key.ptr);
         const gguf_kv *k = gguf_find(&got, name);
         if (!k && kv_optional(r)) {
@@ -132,6 +145,9 @@ static void compare_gguf(const char *got_path, const char *ref_path, int same_ty
         } else if (!k) TEST_FAIL_("%s: key %s missing", got_path, name);
         else if (!kv_equal(r, k)) TEST_FAIL_("%s: key %s differs from %s", got_path, name, ref_path);
     }
+    uint32_t ft = 99;
+    if (gguf_get_u32(&got, "general.file_type", &ft, &err) || (int)ft != ftype_of(out))
+        TEST_FAIL_("%s: general.file_type %u, want %d", got_path, ft, ftype_of(out));
     for (uint64_t i = 0; i < got.n_kv; i++) {
         snprintf(name, sizeof name, "%.*s", (int)got.kv[i].key.len, got.kv[i].key.ptr);
         if (!gguf_find(&ref, name) && getenv("TEST_VERBOSE")) fprintf(stderr, "  note: extra key %s\n", name);
@@ -251,7 +267,10 @@ TEST(convert_matches_fixture_models) {
         if (rc) { TEST_FAIL_("convert %s: %s", rel, err.msg); free(dir); continue; }
         json_t *g = load_golden(de->d_name);
         const char *type = g ? json_string_value(json_object_get(g, "type")) : NULL;
-        compare_gguf(out, ref, type && !strcmp(type, "f32"), type && !strcmp(type, "bf16"));
+        int src = !type ? -1 : !strcmp(type, "f32") ? GGUF_TT_F32 : !strcmp(type, "f16") ? GGUF_TT_F16
+                : !strcmp(type, "bf16") ? GGUF_TT_BF16 : -1;
+        if (src < 0) TEST_FAIL_("golden/%s.json: no usable \"type\"", de->d_name);
+        else compare_gguf(out, ref, src, src);
         json_decref(g);
         unlink(out);
         free(dir);
@@ -261,25 +280,33 @@ TEST(convert_matches_fixture_models) {
     ASSERT_TRUE(n >= 2);
 }
 
-/* --type f16/bf16/q8_0 of the f32 HF dir equals the fixture model of that type, byte for byte. */
+/* --type f32/f16/bf16/q8_0 of an f32 HF dir equals the fixture model of that type, byte for byte. */
+static const char *make_f32_hf(void);
+
 TEST(convert_types_match_fixture_models) {
-    static const struct { const char *type, *model; } v[] = {
-        {"f32", "models/qwen2-gqa.gguf"}, {"f16", "models/qwen2-gqa-f16.gguf"},
-        {"bf16", "models/qwen2-gqa-bf16.gguf"}, {"q8_0", "models/qwen2-gqa-q8_0.gguf"},
+    static const struct { const char *type, *model; int tt; } v[] = {
+        {"f32", "models/qwen2-gqa.gguf", GGUF_TT_F32}, {"f16", "models/qwen2-gqa-f16.gguf", GGUF_TT_F16},
+        {"bf16", "models/qwen2-gqa-bf16.gguf", GGUF_TT_BF16}, {"q8_0", "models/qwen2-gqa-q8_0.gguf", GGUF_TT_Q8_0},
     };
-    char *dir = fixture_dup("hf/qwen2-gqa-hf");
+    const char *dir = make_f32_hf();
+    ASSERT_TRUE(dir != NULL);
     for (size_t i = 0; i < sizeof v / sizeof v[0]; i++) {
         cm_err err = {0};
         const char *out = tmp("typed.gguf");
         if (cm_convert_hf(dir, out, v[i].type, &err)) { TEST_FAIL_("--type %s: %s", v[i].type, err.msg); continue; }
         char *ref = fixture_dup(v[i].model);
-        compare_gguf(out, ref, 1, 0);
+        compare_gguf(out, ref, GGUF_TT_F32, v[i].tt);
         free(ref);
         unlink(out);
     }
-    free(dir);
+    /* no --type: the source type (f32) */
     cm_err err = {0};
-    ASSERT_EQ_INT(cm_convert_hf(test_fixture("hf/qwen2-gqa-hf"), tmp("x.gguf"), "q4_0", &err), CM_E_INVAL);
+    ASSERT_EQ_INT(cm_convert_hf(dir, tmp("typed.gguf"), NULL, &err), CM_OK);
+    char *ref = fixture_dup("models/qwen2-gqa.gguf");
+    compare_gguf(tmp("typed.gguf"), ref, GGUF_TT_F32, GGUF_TT_F32);
+    free(ref);
+    unlink(tmp("typed.gguf"));
+    ASSERT_EQ_INT(cm_convert_hf(dir, tmp("x.gguf"), "q4_0", &err), CM_E_INVAL);
 }
 
 /* The converted models compute the golden logits. */
@@ -316,8 +343,105 @@ static int copy_file(const char *from, const char *to) {
     return ok ? 0 : -1;
 }
 
+/* A fixture HF dir whose config.json names arch_class; sharded: 1 with an index, 0 without, -1 any.
+ * Returns an absolute path (static buffer) or NULL. */
+static const char *find_hf_dir(const char *arch_class, int sharded) {
+    static char found[1024];
+    char *root = fixture_dup("hf");
+    DIR *d = opendir(root);
+    const char *ret = NULL;
+    struct dirent *de;
+    while (d && !ret && (de = readdir(d))) {
+        if (de->d_name[0] == '.') continue;
+        char p[1024];
+        snprintf(p, sizeof p, "%s/%s/config.json", root, de->d_name);
+        json_error_t je;
+        json_t *c = json_load_file(p, 0, &je);
+        const char *a = json_string_value(json_array_get(json_object_get(c, "architectures"), 0));
+        snprintf(p, sizeof p, "%s/%s/model.safetensors.index.json", root, de->d_name);
+        struct stat st;
+        int has_index = stat(p, &st) == 0;
+        if (a && !strcmp(a, arch_class) && (sharded < 0 || sharded == has_index)) {
+            snprintf(found, sizeof found, "%s/%s", root, de->d_name);
+            ret = found;
+        }
+        json_decref(c);
+    }
+    if (d) closedir(d);
+    free(root);
+    return ret;
+}
+
+/* GGUF tensor name -> HF name (qwen2: no permutation, so the f32 fixture model's tensors are HF's). */
+static int hf_name_of(const char *g, char *out, size_t cap) {
+    static const char *const map[][2] = {
+        {"attn_norm.weight", "input_layernorm.weight"}, {"attn_q.weight", "self_attn.q_proj.weight"},
+        {"attn_k.weight", "self_attn.k_proj.weight"}, {"attn_v.weight", "self_attn.v_proj.weight"},
+        {"attn_q.bias", "self_attn.q_proj.bias"}, {"attn_k.bias", "self_attn.k_proj.bias"},
+        {"attn_v.bias", "self_attn.v_proj.bias"}, {"attn_output.weight", "self_attn.o_proj.weight"},
+        {"ffn_norm.weight", "post_attention_layernorm.weight"}, {"ffn_gate.weight", "mlp.gate_proj.weight"},
+        {"ffn_up.weight", "mlp.up_proj.weight"}, {"ffn_down.weight", "mlp.down_proj.weight"},
+    };
+    if (!strcmp(g, "token_embd.weight")) return snprintf(out, cap, "model.embed_tokens.weight"), 1;
+    if (!strcmp(g, "output_norm.weight")) return snprintf(out, cap, "model.norm.weight"), 1;
+    if (!strcmp(g, "output.weight")) return snprintf(out, cap, "lm_head.weight"), 1;
+    int l, n = 0;
+    if (sscanf(g, "blk.%d.%n", &l, &n) != 1 || !n) return 0;
+    for (size_t i = 0; i < sizeof map / sizeof map[0]; i++)
+        if (!strcmp(g + n, map[i][0])) return snprintf(out, cap, "model.layers.%d.%s", l, map[i][1]), 1;
+    return 0;
+}
+
+/* tmp_dir/f32hf: an f32 HF directory made from models/qwen2-gqa.gguf (weights) and the qwen2 fixture HF
+ * dir (config and tokenizer of the same model). */
+static const char *make_f32_hf(void) {
+    static char dir[512];
+    snprintf(dir, sizeof dir, "%s/f32hf", tmp_dir);
+    const char *src = find_hf_dir("Qwen2ForCausalLM", 0);
+    if (!src) { fprintf(stderr, "no single-file Qwen2 HF fixture\n"); return NULL; }
+    mkdir(dir, 0700);
+    static const char *const files[] = {"config.json", "tokenizer.json", "tokenizer_config.json"};
+    char a[1024], b[1024];
+    for (int i = 0; i < 3; i++) {
+        snprintf(a, sizeof a, "%s/%s", src, files[i]);
+        snprintf(b, sizeof b, "%s/%s", dir, files[i]);
+        if (copy_file(a, b)) return NULL;
+    }
+    gguf_file g;
+    cm_err err = {0};
+    if (gguf_open(&g, test_fixture("models/qwen2-gqa.gguf"), &err)) { fprintf(stderr, "%s\n", err.msg); return NULL; }
+    json_t *hdr = json_object();
+    uint64_t off = 0;
+    for (uint64_t i = 0; i < g.n_tensors; i++) {
+        const gguf_tensor *t = &g.tensors[i];
+        char gname[300], hname[300];
+        snprintf(gname, sizeof gname, "%.*s", (int)t->name.len, t->name.ptr);
+        if (t->type != GGUF_TT_F32 || !hf_name_of(gname, hname, sizeof hname)) { off = UINT64_MAX; break; }
+        json_t *shape = t->n_dims == 2 ? json_pack("[II]", (json_int_t)t->ne[1], (json_int_t)t->ne[0])
+                                       : json_pack("[I]", (json_int_t)t->ne[0]);
+        json_object_set_new(hdr, hname, json_pack("{s:s, s:o, s:[II]}", "dtype", "F32", "shape", shape,
+                                                  "data_offsets", (json_int_t)off, (json_int_t)(off + t->nbytes)));
+        off += t->nbytes;
+    }
+    const char *ret = NULL;
+    char *text = off == UINT64_MAX ? NULL : json_dumps(hdr, JSON_COMPACT);
+    snprintf(b, sizeof b, "%s/model.safetensors", dir);
+    FILE *f = text ? fopen(b, "wb") : NULL;
+    if (f) {
+        uint64_t n = strlen(text);
+        int ok = fwrite(&n, 8, 1, f) == 1 && fwrite(text, 1, n, f) == n;
+        for (uint64_t i = 0; ok && i < g.n_tensors; i++)
+            ok = fwrite(g.tensors[i].data, 1, g.tensors[i].nbytes, f) == g.tensors[i].nbytes;
+        if (fclose(f) == 0 && ok) ret = dir;
+    }
+    free(text);
+    json_decref(hdr);
+    gguf_close(&g);
+    return ret;
+}
+
 /* A scratch HF dir: the given fixture dir's files copied into tmp_dir/work/ (removed first). */
-static const char *make_work_dir(const char *fixture_rel) {
+static const char *make_work_dir(const char *src_dir) {
     static char work[512];
     snprintf(work, sizeof work, "%s/work", tmp_dir);
     DIR *d = opendir(work);
@@ -333,8 +457,8 @@ static const char *make_work_dir(const char *fixture_rel) {
     } else {
         mkdir(work, 0700);
     }
-    char *src = fixture_dup(fixture_rel);
-    d = opendir(src);
+    char *src = src_dir ? strdup(src_dir) : NULL;
+    d = src ? opendir(src) : NULL;
     if (d) {
         struct dirent *de;
         char a[1024], b[1024];
@@ -351,7 +475,7 @@ static const char *make_work_dir(const char *fixture_rel) {
 }
 
 TEST(convert_vocab_only) {
-    const char *work = make_work_dir("hf/qwen2-gqa-hf");
+    const char *work = make_work_dir(make_f32_hf());
     char p[1024];
     snprintf(p, sizeof p, "%s/config.json", work); unlink(p);
     snprintf(p, sizeof p, "%s/model.safetensors", work); unlink(p);
@@ -429,7 +553,7 @@ TEST(convert_rejects_bad_config) {
         {"head_dim", "15", CM_E_FORMAT, "head_dim"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        const char *work = make_work_dir("hf/qwen2-gqa-hf");
+        const char *work = make_work_dir(make_f32_hf());
         char p[1024];
         snprintf(p, sizeof p, "%s/config.json", work);
         json_error_t je;
@@ -438,7 +562,7 @@ TEST(convert_rejects_bad_config) {
         snprintf(what, sizeof what, "%s=%s", cases[i].key, cases[i].json ? cases[i].json : "(absent)");
         expect_fail(work, cases[i].rc, cases[i].needle, what);
     }
-    const char *work = make_work_dir("hf/qwen2-gqa-hf");
+    const char *work = make_work_dir(make_f32_hf());
     char p[1024];
     snprintf(p, sizeof p, "%s/config.json", work);
     FILE *f = fopen(p, "w");
@@ -449,7 +573,7 @@ TEST(convert_rejects_bad_config) {
 
 TEST(convert_rejects_bad_shards) {
     /* shard names escaping the directory */
-    const char *work = make_work_dir("hf/llama-mha-bf16-hf");
+    const char *work = make_work_dir(find_hf_dir("LlamaForCausalLM", 1));
     char p[1024];
     snprintf(p, sizeof p, "%s/model.safetensors.index.json", work);
     json_error_t je;
@@ -473,7 +597,7 @@ TEST(convert_rejects_bad_shards) {
     expect_fail(work, CM_E_IO, "model-00009-of-00009.safetensors", "missing shard");
     json_decref(root);
     /* no weights at all */
-    work = make_work_dir("hf/qwen2-gqa-hf");
+    work = make_work_dir(make_f32_hf());
     snprintf(p, sizeof p, "%s/model.safetensors", work);
     unlink(p);
     expect_fail(work, CM_E_IO, "neither model.safetensors", "no weights");
@@ -498,7 +622,7 @@ static void write_st(const char *path, const char *header, size_t data_len) {
 
 TEST(convert_rejects_bad_tensors) {
     /* A minimal 1-layer llama built by hand, D=32 H=2 E=16 F=32 V=8, tied; then broken variants. */
-    const char *work = make_work_dir("hf/qwen2-gqa-hf");
+    const char *work = make_work_dir(make_f32_hf());
     char p[1024];
     snprintf(p, sizeof p, "%s/config.json", work);
     FILE *f = fopen(p, "w");
