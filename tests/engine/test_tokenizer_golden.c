@@ -18,9 +18,6 @@
 #include <unistd.h>
 
 #include "codemoe.h"
-#include "convert.h"
-#include "gguf.h"
-#include "model.h"
 #include "test.h"
 
 static char tmpdir[256];
@@ -45,41 +42,25 @@ static const char *find_tokenizer(const char *env, const char *name, const char 
     return buf;
 }
 
-/* Converts tokenizer_json (+ tokenizer_config.json beside it) to a vocab-only GGUF with the converter's
- * tokenizer part and the GGUF writer, and loads the tokenizer from it the way model.c does.
- * TODO(tok): switch to cm_convert_hf(dir) + cm_model_load(vocab_only) once convert.c/model.c have them. */
+/* Converts the directory of tokenizer_json (tokenizer.json, maybe tokenizer_config.json, no config.json:
+ * cm_convert_hf's vocab-only mode) to a GGUF and loads it with vocab_only. */
 static cm_model *load_vocab(const char *tokenizer_json, const char *name) {
-    char cfg[1024], gguf_path[512];
-    snprintf(cfg, sizeof cfg, "%s", tokenizer_json);
-    char *slash = strrchr(cfg, '/');
-    snprintf(slash ? slash + 1 : cfg, sizeof cfg - (size_t)(slash ? slash + 1 - cfg : 0), "tokenizer_config.json");
+    char dir[1024], gguf_path[512];
+    snprintf(dir, sizeof dir, "%s", tokenizer_json);
+    char *slash = strrchr(dir, '/');
+    if (slash) *slash = 0;
+    else snprintf(dir, sizeof dir, ".");
     snprintf(gguf_path, sizeof gguf_path, "%s/%s.gguf", tmpdir, name);
     cm_err err = {0};
-    gguf_writer *w = gguf_writer_create(&err);
-    if (!w) return NULL;
-    int rc = gguf_writer_set_str(w, "general.architecture", "qwen2");
-    if (rc >= 0) rc = cm_convert_tokenizer_json(tokenizer_json, file_exists(cfg) ? cfg : NULL, w, 0, &err);
-    if (rc >= 0) rc = gguf_writer_write(w, gguf_path, &err);
-    gguf_writer_free(w);
-    if (rc < 0) {
-        fprintf(stderr, "convert %s: %s\n", tokenizer_json, err.msg);
+    if (cm_convert_hf(dir, gguf_path, NULL, &err) < 0) {
+        fprintf(stderr, "cm_convert_hf(%s): %s\n", dir, err.msg);
         return NULL;
     }
-    cm_model *m = calloc(1, sizeof *m);
-    if (gguf_open(&m->gguf, gguf_path, &err) < 0 || !(m->tok = cm_tokenizer_load(&m->gguf, &m->info, &err))) {
-        fprintf(stderr, "load %s: %s\n", gguf_path, err.msg);
-        if (m->gguf.map) gguf_close(&m->gguf);
-        free(m);
-        m = NULL;
-    }
+    cm_model_params mp = {.n_threads = 1, .vocab_only = 1};
+    cm_model *m = cm_model_load(gguf_path, &mp, &err);
+    if (!m) fprintf(stderr, "cm_model_load(%s): %s\n", gguf_path, err.msg);
     unlink(gguf_path);
     return m;
-}
-
-static void free_vocab(cm_model *m) {
-    cm_tokenizer_free(m->tok);
-    gguf_close(&m->gguf);
-    free(m);
 }
 
 static json_t *load_golden(const char *name) {
@@ -170,7 +151,7 @@ static void run_golden(const char *name, const char *env, const char *npm_rel) {
         TEST_FAIL_("could not convert/load %s", path);
         return;
     }
-    const cm_model_info *info = &m->info;
+    const cm_model_info *info = cm_model_get_info(m);
     fprintf(stderr, "%s: %d tokens, pre=%s eos=%d fim=%d/%d/%d\n", name, info->n_vocab, info->tok_pre, info->eos,
             info->fim_pre, info->fim_suf, info->fim_mid);
 
@@ -274,7 +255,7 @@ static void run_golden(const char *name, const char *env, const char *npm_rel) {
     free(ids);
     free(dec);
     free(stream);
-    free_vocab(m);
+    cm_model_free(m);
     json_decref(golden);
 }
 
