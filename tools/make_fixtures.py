@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gguf  # noqa: E402
 from gguf import GGMLType, GGUFWriter, GGUFReader, VT  # noqa: E402
 import reference as ref  # noqa: E402
+import reference_moe as moe  # noqa: E402
 
 SEED = 20261123
 N_CTX = 256
@@ -89,10 +90,10 @@ TOK_TEXTS = [
 ]
 
 # name, arch, n_head, n_head_kv, tied, rope theta, rms eps, extra GGUF keys, golden cases (size budget:
-# the ~100-token case only for the first qwen2 and llama models)
+# the ~100-token case only for the first model)
 SPECS = [
     dict(name="qwen2-gqa", arch="qwen2", H=4, K=2, tied=True, theta=1e6, eps=1e-6),
-    dict(name="llama-mha", arch="llama", H=4, K=4, tied=False, theta=1e4, eps=1e-5),
+    dict(name="llama-mha", arch="llama", H=4, K=4, tied=False, theta=1e4, eps=1e-5, n_cases=2),
     dict(name="qwen2-mha", arch="qwen2", H=4, K=4, tied=False, theta=1e6, eps=1e-6, n_cases=2),
     dict(name="llama-gqa", arch="llama", H=4, K=2, tied=True, theta=1e4, eps=1e-5, key_length=True, n_cases=2),
 ]
@@ -157,10 +158,10 @@ def add_tokenizer_kv(w, tok):
     assert n == len(set(tok.tokens))
 
 
-def gguf_tensors(cfg, weights):
+def gguf_tensors(cfg, weights, dense_ffn=True):
     """HF weights -> ordered GGUF (name, array), llama q/k permuted as llama.cpp's converter does."""
     out = []
-    names = list(ref.hf_shapes(cfg))
+    names = list(ref.hf_shapes(cfg, dense_ffn))
     # llama.cpp order: embedding, layers, output norm, output
     order = [names[0]] + [n for n in names if n.startswith("model.layers.")] + \
         [n for n in names[1:] if not n.startswith("model.layers.")]
@@ -174,26 +175,30 @@ def gguf_tensors(cfg, weights):
     return out
 
 
-def write_gguf(path, spec, cfg, weights, tok, ttype, name):
-    a = cfg.model_type
-    w = GGUFWriter(path)
+def add_base_kv(w, a, cfg, n_ff, ttype, name, key_length=False):
+    """general.* and the <arch>.* hyper-parameters shared by every architecture here."""
     w.add_string("general.architecture", a)
     w.add_string("general.name", name)
     w.add_uint32("general.file_type", FILE_TYPE[ttype])
-    w.add_uint32(a + ".context_length", N_CTX)
-    w.add_uint32(a + ".embedding_length", D)
-    w.add_uint32(a + ".block_count", N_LAYER)
-    w.add_uint32(a + ".feed_forward_length", F)
+    w.add_uint32(a + ".context_length", cfg.max_position_embeddings)
+    w.add_uint32(a + ".embedding_length", cfg.hidden_size)
+    w.add_uint32(a + ".block_count", cfg.num_hidden_layers)
+    w.add_uint32(a + ".feed_forward_length", n_ff)
     w.add_uint32(a + ".attention.head_count", cfg.num_attention_heads)
     w.add_uint32(a + ".attention.head_count_kv", cfg.num_key_value_heads)
     w.add_float32(a + ".attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
     w.add_float32(a + ".rope.freq_base", cfg.rope_theta)
-    w.add_uint32(a + ".rope.dimension_count", HEAD_DIM)
-    if spec.get("key_length"):
-        w.add_uint32(a + ".attention.key_length", HEAD_DIM)
-        w.add_uint32(a + ".attention.value_length", HEAD_DIM)
-    if a == "llama":
+    w.add_uint32(a + ".rope.dimension_count", cfg.head_dim)
+    if key_length:
+        w.add_uint32(a + ".attention.key_length", cfg.head_dim)
+        w.add_uint32(a + ".attention.value_length", cfg.head_dim)
+    if cfg.model_type == "llama":
         w.add_uint32(a + ".vocab_size", cfg.vocab_size)
+
+
+def write_gguf(path, spec, cfg, weights, tok, ttype, name):
+    w = GGUFWriter(path)
+    add_base_kv(w, cfg.model_type, cfg, cfg.intermediate_size, ttype, name, spec.get("key_length", False))
     add_tokenizer_kv(w, tok)
     for n, v in gguf_tensors(cfg, weights):
         w.add_tensor(n, v, ttype if v.ndim == 2 else GGMLType.F32)
@@ -362,7 +367,8 @@ def dump_json(obj, indent=0):
             return "{}"
         items = ["%s%s: %s" % (pad1, json.dumps(k), dump_json(v, indent + 1)) for k, v in obj.items()]
         return "{\n" + ",\n".join(items) + "\n" + pad + "}"
-    if isinstance(obj, list) and any(isinstance(v, (dict, list)) for v in obj):
+    if isinstance(obj, list) and any(isinstance(v, dict) or (isinstance(v, list) and any(
+            isinstance(u, (dict, list)) for u in v)) for v in obj):
         return "[\n" + ",\n".join(pad1 + dump_json(v, indent + 1) for v in obj) + "\n" + pad + "]"
     return json.dumps(obj, ensure_ascii=False)
 
@@ -442,6 +448,276 @@ def check_reproducible(out, only_dense):
     return 1 if bad else 0
 
 
+# ============================================================================ MoE fixtures
+
+# Hybrid (MultiPL-MoE) models: base Qwen2 (q/k/v bias, NeoX rope), D=32, 2 heads of 16, 1 kv head, tied.
+# The two differ in every hyper-parameter the C code must read: pooling, window, shared index, k, number
+# of segment experts, capacity (causal top-1 vs top-2), bucket (1 makes the greedy expert order matter),
+# gate_scale (1/w as the reference code, and 1.0 so the segment path moves the logits a lot).
+HYBRIDS = [
+    dict(name="hybrid-max", seed=SEED + 100,
+         hp=dict(n_tok=4, k_used=2, shared=3, f_exp=16, n_seg=4, window=4, pooling="max", capacity=1.0,
+                 bucket=1, gate_scale=0.25, a_tok=0.7, a_seg=0.3)),
+    dict(name="hybrid-mean", seed=SEED + 200,
+         hp=dict(n_tok=4, k_used=3, shared=0, f_exp=16, n_seg=3, window=8, pooling="mean", capacity=2.0,
+                 bucket=2, gate_scale=1.0, a_tok=0.7, a_seg=0.3)),
+]
+MOE_D, MOE_H, MOE_K, MOE_F = 32, 2, 1, 32
+HYBRID_TEXTS = [
+    "fn sum(v: &[u64]) -> u64 {\n    v.iter().sum()\n}\n",
+    "x = 1\n",
+    "def f(x):\n    return x + 1\n",
+]
+MOE_GREEDY_TEXTS = GREEDY_TEXTS
+ROUTE_MARGIN = 1e-3  # every routing decision's log-probability gap; float32 router error is ~1e-6
+
+MOLE_ADAPTERS = dict(names=["python", "rust", "shared", "other"], ranks=[4, 4, 8, 8], alphas=[4.0, 4.0, 6.0, 6.0],
+                     shared=2, fallback=3)
+MOLE_TEXTS = [
+    "Sort:\n```python\nx.sort()\n```\nRust:\n```rs\nv.sort();\n```\n",
+    "def f(x):\n    return x",
+]
+MOLE_GREEDY_TEXT = "```python\ndef fibonacci(n):\n    if n < 2:\n        return"
+
+HYBRID_GGUF = {"tok_router": "ffn_gate_inp", "tok_gate": "ffn_gate_exps", "tok_up": "ffn_up_exps",
+               "tok_down": "ffn_down_exps", "seg_router": "ffn_gate_inp_seg", "seg_gate": "ffn_gate_seg_exps",
+               "seg_up": "ffn_up_seg_exps", "seg_down": "ffn_down_seg_exps"}
+
+
+def moe_config(arch, n_vocab, n_kv, tied, theta, eps, n_ff):
+    return ref.Config(arch, n_vocab, MOE_D, n_ff, N_LAYER, MOE_H, n_kv, eps, theta, tied, N_CTX, HEAD_DIM)
+
+
+def moe_base_weights(cfg, rng, dense_ffn):
+    """Like make_weights, scaled for D=32 (std 0.3 embeddings, 0.2 q/k, 0.12 others)."""
+    out = {}
+    for name, shape in ref.hf_shapes(cfg, dense_ffn).items():
+        if "norm" in name:
+            w = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif name.endswith(".bias"):
+            w = 0.1 * rng.standard_normal(shape)
+        elif "embed_tokens" in name or "lm_head" in name:
+            w = 0.3 * rng.standard_normal(shape)
+        elif "q_proj" in name or "k_proj" in name:
+            w = 0.2 * rng.standard_normal(shape)
+        else:
+            w = 0.12 * rng.standard_normal(shape)
+        out[name] = w.astype(np.float32)
+    return out
+
+
+def greedy_traced(model, prompt, n, step):
+    """Greedy decoding with step(tokens) -> (logits, route margin). Returns tokens, logit margin, route margin."""
+    toks, out, lm, rm = list(prompt), [], float("inf"), float("inf")
+    for _ in range(n):
+        lg, r = step(toks)
+        last = lg[-1]
+        top2 = torch.topk(last, 2)
+        lm = min(lm, float(top2.values[0] - top2.values[1]))
+        rm = min(rm, r)
+        nxt = int(torch.argmax(last))
+        out.append(nxt)
+        toks.append(nxt)
+    return out, lm, rm
+
+
+def routing_json(trace, mode):
+    out = []
+    for i, tr in enumerate(trace):
+        r = {"layer": i, "token_experts": tr["token_experts"]}
+        if mode == "reference":
+            r["segment_choice"] = tr["segment_choice"]
+        else:
+            r["segment_experts"] = tr["segment_experts"]
+        out.append(r)
+    return out
+
+
+def make_hybrid(out, tok, spec):
+    hp = moe.HybridParams(**spec["hp"])
+    cfg = moe_config("qwen2", len(tok.tokens), MOE_K, True, 1e6, 1e-6, hp.f_exp)
+    name = spec["name"]
+    cases_tok = [(t, tok.encode(t)) for t in HYBRID_TEXTS]
+    # ~40 tokens causal; ~20 tokens reference (full windows + a ragged tail); 5 tokens reference (w=8: no
+    # full window at all, so no segment output; w=4: one window and a tail)
+    plan = [(0, "causal"), (2, "reference"), (1, "reference")]
+    # Weights from the first seed whose every routing decision (all cases, the greedy run) has a gap of at
+    # least ROUTE_MARGIN, so float32 rounding in C cannot flip one.
+    for attempt in range(200):
+        rng = np.random.default_rng(spec["seed"] + 1000 * attempt)
+        w = moe_base_weights(cfg, rng, dense_ffn=False)
+        for k, shp in moe.hybrid_shapes(cfg, hp).items():
+            std = 0.5 if k.endswith("router") else 0.12 if not k.endswith("down") else 0.17
+            w[k] = (std * rng.standard_normal(shp)).astype(np.float32)
+        m = moe.HybridModel(cfg, hp, w)
+        results = [m.forward_traced(cases_tok[ci][1], mode) for ci, mode in plan]
+        if min(r[2] for r in results) < ROUTE_MARGIN:
+            continue
+        g = None
+        for text in MOE_GREEDY_TEXTS:
+            p = tok.encode(text)
+            gout, lm, rm = greedy_traced(m, p, 16, lambda t: m.forward_traced(t, "causal")[0::2])
+            if lm >= 5 * TOL_F32 and rm >= ROUTE_MARGIN and all(tok.tokens[t] not in tok.specials for t in gout):
+                g = (text, p, gout, lm, rm)
+                break
+        if g is not None:
+            break
+    else:
+        raise RuntimeError("%s: no seed with unambiguous routing" % name)
+    path = os.path.join(out, "models", name + ".gguf")
+    gw = GGUFWriter(path)
+    a = "multipl_moe"
+    add_base_kv(gw, a, cfg, hp.f_exp, GGMLType.F32, name)
+    gw.add_uint32(a + ".expert_count", hp.n_tok)
+    gw.add_uint32(a + ".expert_used_count", hp.k_used)
+    gw.add_int32(a + ".expert_shared_index", hp.shared)
+    gw.add_uint32(a + ".expert_feed_forward_length", hp.f_exp)
+    gw.add_uint32(a + ".segment.expert_count", hp.n_seg)
+    gw.add_uint32(a + ".segment.window", hp.window)
+    gw.add_string(a + ".segment.pooling", hp.pooling)
+    gw.add_float32(a + ".segment.capacity", hp.capacity)
+    gw.add_uint32(a + ".segment.bucket", hp.bucket)
+    gw.add_float32(a + ".segment.gate_scale", hp.gate_scale)
+    gw.add_float32(a + ".fusion.token", hp.a_tok)
+    gw.add_float32(a + ".fusion.segment", hp.a_seg)
+    gw.add_string(a + ".segment.mode_default", hp.mode_default)
+    add_tokenizer_kv(gw, tok)
+    tensors = gguf_tensors(cfg, w, dense_ffn=False)
+    for i in range(cfg.num_hidden_layers):
+        for k, g_name in HYBRID_GGUF.items():
+            tensors.append(("blk.%d.%s.weight" % (i, g_name), w["model.layers.%d.moe.%s" % (i, k)]))
+    for n, v in tensors:
+        gw.add_tensor(n, v, GGMLType.F32)
+    gw.write()
+
+    cases = []
+    for ci, ((ti, mode), (lg, trace, rmargin)) in enumerate(zip(plan, results)):
+        fn = "golden/%s.case%d.f32" % (name, ci)
+        write_f32(os.path.join(out, fn), lg.numpy())
+        text, toks = cases_tok[ti]
+        cases.append({"text": text, "tokens": toks, "mode": mode, "logits": fn,
+                      "max_abs_logit": round(float(lg.abs().max()), 3), "min_route_margin": round(rmargin, 6),
+                      "routing": routing_json(trace, mode)})
+    text, p, gout, lm, rm = g
+    _, gtrace, _ = m.forward_traced(p + gout[:-1], "causal")
+    j = {"model": "models/%s.gguf" % name, "arch": a, "type": "f32", "tolerance": {"max_abs": TOL_F32},
+         "n_vocab": len(tok.tokens), "n_ctx": N_CTX, "special_tokens_parsed": True,
+         "hybrid": dict(spec["hp"], mode_default=hp.mode_default), "cases": cases,
+         "greedy": {"mode": "causal", "text": text, "prompt": p, "n_predict": 16, "tokens": gout,
+                    "min_margin": round(lm, 6), "min_route_margin": round(rm, 6), "text_out": tok.decode(gout),
+                    "routing": routing_json(gtrace, "causal")}}
+    write_json(os.path.join(out, "golden", name + ".json"), j)
+
+    # read back: GGUF names -> reference names, same logits
+    r = GGUFReader(path)
+    back = {ref.gguf_to_hf_name(n): t.dequantize() for n, t in r.tensors.items() if "_exps" not in n and "_inp" not in n}
+    inv = {v: k for k, v in HYBRID_GGUF.items()}
+    for n, t in r.tensors.items():
+        parts = n.split(".")
+        if parts[0] == "blk" and parts[2] in inv:
+            back["model.layers.%s.moe.%s" % (parts[1], inv[parts[2]])] = t.dequantize()
+    hp2 = moe.HybridParams(
+        r.get(a + ".expert_count"), r.get(a + ".expert_used_count"), r.get(a + ".expert_shared_index"),
+        r.get(a + ".expert_feed_forward_length"), r.get(a + ".segment.expert_count"), r.get(a + ".segment.window"),
+        r.get(a + ".segment.pooling"), r.get(a + ".segment.capacity"), r.get(a + ".segment.bucket"),
+        r.get(a + ".segment.gate_scale"), r.get(a + ".fusion.token"), r.get(a + ".fusion.segment"),
+        r.get(a + ".segment.mode_default"))
+    m2 = moe.HybridModel(cfg, hp2, back)
+    for (ti, mode), (lg, trace, _) in zip(plan, results):
+        lg2, trace2, _ = m2.forward_traced(cases_tok[ti][1], mode)
+        assert float((lg2 - lg).abs().max()) < 1e-5 and routing_json(trace2, mode) == routing_json(trace, mode), name
+    print("%-16s max|logit| %s, route margin %.4f, seed attempt %d" % (
+        name, [c["max_abs_logit"] for c in cases], min(c["min_route_margin"] for c in cases), attempt))
+
+
+def make_mole(out, tok):
+    name, a = "mole", "mole"
+    mp = moe.MoLEParams(**MOLE_ADAPTERS)
+    cfg = moe_config("llama", len(tok.tokens), MOE_H, False, 1e4, 1e-5, MOE_F)
+    c0 = tok.encode(MOLE_TEXTS[0])
+    c1 = tok.encode(MOLE_TEXTS[1])
+    sets0 = moe.mole_sets_from_fences(tok, c0, mp)
+    py = mp.names.index("python")
+    sets1 = [[py, mp.shared]] * len(c1)  # as a request field would give them
+    gp = tok.encode(MOLE_GREEDY_TEXT)
+    gsets = moe.mole_sets_from_fences(tok, gp, mp)
+    for attempt in range(50):  # first seed whose greedy run is unambiguous and has no special token
+        rng = np.random.default_rng(SEED + 300 + 1000 * attempt)
+        w = moe_base_weights(cfg, rng, dense_ffn=True)
+        for k, shp in moe.mole_shapes(cfg, mp).items():
+            w[k] = (0.15 * rng.standard_normal(shp)).astype(np.float32)
+        m = moe.MoLEModel(cfg, mp, w)
+        gout, lm = m.generate_sets(gp, gsets, [py, mp.shared], 16)
+        if lm >= 5 * TOL_F32 and all(tok.tokens[t] not in tok.specials for t in gout):
+            break
+    else:
+        raise RuntimeError("mole: no seed with an unambiguous greedy run")
+
+    path = os.path.join(out, "models", name + ".gguf")
+    gw = GGUFWriter(path)
+    add_base_kv(gw, a, cfg, cfg.intermediate_size, GGMLType.F32, name)
+    gw.add_array(a + ".adapter.names", mp.names, VT.STRING)
+    gw.add_array(a + ".adapter.ranks", mp.ranks, VT.UINT32)
+    gw.add_array(a + ".adapter.alphas", mp.alphas, VT.FLOAT32)
+    gw.add_int32(a + ".adapter.shared", mp.shared)
+    gw.add_int32(a + ".adapter.fallback", mp.fallback)
+    add_tokenizer_kv(gw, tok)
+    tensors = gguf_tensors(cfg, w)
+    for i in range(cfg.num_hidden_layers):
+        for proj in ("gate", "up", "down"):
+            for an in mp.names:
+                for ab in ("A", "B"):
+                    tensors.append(("blk.%d.ffn_%s.lora_%s.%s" % (i, proj, ab.lower(), an),
+                                    w["model.layers.%d.mlp.%s_proj.lora.%s.%s" % (i, proj, an, ab)]))
+    for n, v in tensors:
+        gw.add_tensor(n, v, GGMLType.F32)
+    gw.write()
+
+    cases = []
+    for ci, (text, toks, sets, src) in enumerate(((MOLE_TEXTS[0], c0, sets0, "fences"),
+                                                  (MOLE_TEXTS[1], c1, sets1, "request"))):
+        lg = m.forward_sets(toks, sets)
+        fn = "golden/%s.case%d.f32" % (name, ci)
+        write_f32(os.path.join(out, fn), lg.numpy())
+        cases.append({"text": text, "tokens": toks, "adapter_sets": sets, "adapter_source": src, "logits": fn,
+                      "max_abs_logit": round(float(lg.abs().max()), 3)})
+    j = {"model": "models/%s.gguf" % name, "arch": a, "type": "f32", "tolerance": {"max_abs": TOL_F32},
+         "n_vocab": len(tok.tokens), "n_ctx": N_CTX, "special_tokens_parsed": True,
+         "adapters": MOLE_ADAPTERS, "cases": cases,
+         "greedy": {"text": MOLE_GREEDY_TEXT, "prompt": gp, "prompt_adapter_sets": gsets,
+                    "generated_adapter_set": [py, mp.shared], "n_predict": 16, "tokens": gout,
+                    "min_margin": round(lm, 6), "text_out": tok.decode(gout)}}
+    write_json(os.path.join(out, "golden", name + ".json"), j)
+
+    # read back: un-permute q/k, map LoRA names back, same logits
+    r = GGUFReader(path)
+    back = {}
+    for n, t in r.tensors.items():
+        v = t.dequantize()
+        if ".lora_" in n:
+            _, i, ffn, ab, an = n.split(".")
+            back["model.layers.%s.mlp.%s_proj.lora.%s.%s" % (i, ffn[4:], an, ab[5:].upper())] = v
+            continue
+        hn = ref.gguf_to_hf_name(n)
+        if hn.endswith("q_proj.weight"):
+            v = ref.llama_unpermute(v, r.get(a + ".attention.head_count"))
+        elif hn.endswith("k_proj.weight"):
+            v = ref.llama_unpermute(v, r.get(a + ".attention.head_count_kv"))
+        back[hn] = v
+    mp2 = moe.MoLEParams(r.get(a + ".adapter.names"), [int(x) for x in r.get(a + ".adapter.ranks")],
+                         [float(x) for x in r.get(a + ".adapter.alphas")], r.get(a + ".adapter.shared"),
+                         r.get(a + ".adapter.fallback"))
+    m2 = moe.MoLEModel(cfg, mp2, back)
+    assert float((m2.forward_sets(c0, sets0) - m.forward_sets(c0, sets0)).abs().max()) < 1e-5
+    print("%-16s max|logit| %s" % (name, [c["max_abs_logit"] for c in cases]))
+
+
+def make_moe_fixtures(out, tok):
+    for spec in HYBRIDS:
+        make_hybrid(out, tok, spec)
+    make_mole(out, tok)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
@@ -494,7 +770,7 @@ def main():
                 golden(out, name, "model", "models/%s.gguf" % name, cfg.model_type, suf, tol, m, tok, cases_tok,
                        n_cases=2)
                 check_gguf(p, spec, cases_tok[0][1], m.forward(cases_tok[0][1]))
-            name = spec["name"] + "-hf"
+            name = spec["name"] + "-hf"  # the same f32 weights, one model.safetensors, the same logits files
             write_hf(os.path.join(out, "hf", name), cfg, w, tok, "float32", 1)
             golden(out, name, "hf_dir", "hf/" + name, cfg.model_type, "f32", TOL_F32, model, tok, cases_tok,
                    logits_from=spec["name"])
@@ -507,12 +783,7 @@ def main():
             check_hf(os.path.join(out, "hf", name), cfg, cases_tok[0][1], m.forward(cases_tok[0][1]))
 
     if not args.only_dense:
-        try:
-            import make_fixtures_moe
-        except ImportError:
-            make_fixtures_moe = None
-        if make_fixtures_moe is not None:
-            make_fixtures_moe.main(out, tok, cases_tok)
+        make_moe_fixtures(out, tok)
 
     total = 0
     for root, _, files in os.walk(out):

@@ -21,8 +21,8 @@ reference.Model in place of the dense SwiGLU FFN (the attention part is unchange
     The per-token adapter sets are an input (a list of adapter indices per token).
 
 Both FFNs record their routing decisions per layer in `.trace` so the C engine can be compared exactly,
-and the smallest decision margin (`.min_margin`), so a fixture can be rejected when float32 rounding in C
-could flip a decision.
+and the smallest decision margin (`.min_margin`, as a log-probability gap), so a fixture can be rejected
+when float32 rounding in C could flip a decision.
 """
 
 import math
@@ -89,8 +89,10 @@ class HybridFFN:
         self.trace = {}  # layer -> {"token_experts", "token_gates", "segment_*"}
         self.min_margin = float("inf")
 
-    def _margin(self, m):
-        self.min_margin = min(self.min_margin, float(m))
+    def _margin(self, hi, lo):
+        """Record a decision hi >= lo between two probabilities. Measured as log(hi) - log(lo): a relative
+        gap, the same as the router-logit gap within one softmax, and what float32 rounding perturbs."""
+        self.min_margin = min(self.min_margin, float(torch.log(hi) - torch.log(lo)))
 
     def token_level(self, i, x):
         hp = self.hp
@@ -102,7 +104,7 @@ class HybridFFN:
             order = [e for e in stable_desc(p[t]) if e != hp.shared]
             sel = order[:n_pick]
             if 0 < n_pick < len(order):
-                self._margin(p[t, order[n_pick - 1]] - p[t, order[n_pick]])
+                self._margin(p[t, order[n_pick - 1]], p[t, order[n_pick]])
             if hp.shared >= 0:
                 sel = sel + [hp.shared]
             g = p[t, sel] / p[t, sel].sum()
@@ -137,7 +139,7 @@ class HybridFFN:
             for s in choice[e]:
                 taken[s] += 1
             if 0 < K < len(avail):
-                self._margin(q[avail[K - 1], e] - q[avail[K], e])
+                self._margin(q[avail[K - 1], e], q[avail[K], e])
         for e in range(hp.n_seg):
             for s in choice[e]:
                 xs = x[s * w:(s + 1) * w]
@@ -157,7 +159,7 @@ class HybridFFN:
             order = stable_desc(q)
             sel = order[:c]
             if c < len(order):
-                self._margin(q[order[c - 1]] - q[order[c]])
+                self._margin(q[order[c - 1]], q[order[c]])
             for e in sel:
                 y[t] += (q[e] * hp.gate_scale) * self.expert(i, "seg", e, x[t:t + 1])[0]
             ids.append(sel)
