@@ -15,7 +15,8 @@
  *   whose row is not falls back to F16 (llama.cpp does the same).
  * - tie_word_embeddings: lm_head.weight is not written (the loader then uses token_embd). Untied with no
  *   lm_head.weight is an error.
- * - rope_scaling other than null is unsupported (the engine has no scaled rope for these archs).
+ * - rope_scaling other than null or {"rope_type": "default"} is unsupported (the engine implements no
+ *   scaled rope; Llama 3.1's "llama3" and DeepSeek-Coder's "linear" are refused rather than mis-converted).
  * - A directory with tokenizer.json but no config.json gives a vocab-only GGUF. llama.cpp's vocab-only
  *   files carry the model's real architecture because its converter always has a config.json; we have
  *   none, so general.architecture is "none" (the loader accepts any architecture with vocab_only and
@@ -166,8 +167,14 @@ static int load_config(cv_state *s, const char *path, cm_err *err) {
         goto out;
     const json_t *rs = json_object_get(cfg, "rope_scaling");
     if (rs && !json_is_null(rs)) {
-        rc = cm_err_set(err, CM_E_UNSUPPORTED, "convert: config.json: rope_scaling is not supported");
-        goto out;
+        /* {"rope_type": "default"} (newer transformers) means no scaling */
+        const char *rt = json_string_value(json_object_get(rs, "rope_type"));
+        if (!rt) rt = json_string_value(json_object_get(rs, "type"));
+        if (!rt || strcmp(rt, "default")) {
+            rc = cm_err_set(err, CM_E_UNSUPPORTED, "convert: config.json: rope_scaling \"%.32s\" is not supported",
+                            rt ? rt : "?");
+            goto out;
+        }
     }
     const json_t *tie = json_object_get(cfg, "tie_word_embeddings");
     if (tie && !json_is_boolean(tie)) {
