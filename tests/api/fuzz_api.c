@@ -1,0 +1,85 @@
+/*
+ * fuzz_api.c - libFuzzer driver for api/ (-Dfuzz=true, clang only), over the fake engine.
+ * The first input byte picks the target:
+ *   even: the rest is a /v1/completions body; whatever parses must render.
+ *   odd:  the rest is "stop1\0stop2\0...\0\0text": the text streamed byte by byte through
+ *         api_stop_scan must never emit text that a later stop match cuts, and must emit everything
+ *         up to the match (or all of it when no stop matches).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "api.h"
+#include "fake_engine.h"
+
+static void fuzz_parse(const uint8_t *data, size_t size) {
+    static cm_model *m;
+    if (!m) {
+        fake_model_opts o = {.fim = 1, .bos = 1, .add_bos = 1, .eos = 1};
+        m = fake_model_create(&o, "fuzz");
+    }
+    api_model am = {.model = m, .id = "fuzz", .n_ctx = 4096};
+    api_limits lim;
+    api_limits_default(&lim);
+    api_completion_req r;
+    api_error e;
+    if (api_parse_completion((const char *)data, size, &am, &lim, &r, &e) == 0) {
+        api_choice ch = {.index = 0, .text = (const char *)data, .text_len = size, .finish = API_FINISH_STOP};
+        api_usage u = {0};
+        api_meta meta = {.id = "cmpl-f", .created = 0};
+        free(api_render_completion(&r, &meta, &ch, 1, &u, NULL));
+        free(api_render_chunk(&r, &meta, &ch));
+        api_completion_req_free(&r);
+    } else {
+        free(api_error_json(&e));
+    }
+}
+
+static void fuzz_stop(const uint8_t *data, size_t size) {
+    api_stops st = {0};
+    size_t i = 0;
+    while (i < size && st.n < API_STOP_MAX) {
+        const uint8_t *z = memchr(data + i, 0, size - i);
+        size_t n = z ? (size_t)(z - (data + i)) : size - i;
+        if (n == 0) { i++; break; } /* empty stop: end of the list */
+        st.s[st.n] = (char *)(data + i);
+        st.len[st.n++] = n;
+        i += n + 1;
+    }
+    const char *text = (const char *)data + (i < size ? i : size);
+    size_t len = size - (size_t)(text - (const char *)data);
+    /* reference: generation stops at the first length n at which some stop is complete (the one whose
+     * first occurrence ends first); the text is cut at the earliest start among the stops complete then */
+    size_t end_min = (size_t)-1, first = len;
+    size_t pos[API_STOP_MAX];
+    for (int k = 0; k < st.n; k++) {
+        const char *p = memmem(text, len, st.s[k], st.len[k]);
+        pos[k] = p ? (size_t)(p - text) : (size_t)-1;
+        if (p && pos[k] + st.len[k] < end_min) end_min = pos[k] + st.len[k];
+    }
+    for (int k = 0; k < st.n; k++)
+        if (pos[k] != (size_t)-1 && pos[k] + st.len[k] <= end_min && pos[k] < first) first = pos[k];
+    size_t emitted = 0, n;
+    int hit = -1;
+    for (n = 1; n <= len; n++) {
+        size_t safe;
+        hit = api_stop_scan(&st, text, n, emitted, &safe);
+        if (safe < emitted || safe > n) abort();
+        emitted = safe;
+        if (hit >= 0) break;
+    }
+    if (hit >= 0) {
+        if (emitted != first) abort();
+    } else {
+        if (first != len) abort();      /* a stop existed but was never reported */
+        if (emitted > first) abort();
+    }
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+    if (size == 0) return 0;
+    if (data[0] & 1) fuzz_stop(data + 1, size - 1);
+    else fuzz_parse(data + 1, size - 1);
+    return 0;
+}
