@@ -44,6 +44,7 @@ struct cm_ctx {
     cm_kv kv;
     int n_threads, n_seq_max, n_ctx, n_batch_max, n_logits_max;
     int64_t deq_floats;     /* per thread */
+    int q8_int8;            /* decode Q8_0 with int8 activations (CODEMOE_Q8_INT8=1): faster, less exact */
 
     float *rope_cos, *rope_sin; /* (n_ctx, E/2) */
 
@@ -128,6 +129,8 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
     c->n_seq_max = n_seq;
     c->n_ctx = n_ctx;
     c->n_batch_max = n_batch;
+    const char *q8 = getenv("CODEMOE_Q8_INT8");
+    c->q8_int8 = q8 && *q8 == '1';
 
     int64_t D = in->n_embd, Q = (int64_t)in->n_head * in->head_dim, C = (int64_t)in->n_head_kv * in->head_dim;
     int64_t F = in->n_ff, V = in->n_vocab, B = n_batch;
@@ -264,7 +267,8 @@ typedef struct mm_job {
     int n_ops;
     mm_op ops[3];
     const float *x;   /* (N, K) f32 */
-    const void *xv;   /* decode: activations in the weights' vec format */
+    int xtype;        /* decode: format of xv (F32, or Q8_0 for int8 dots) */
+    const void *xv;   /* decode: the activations in xtype */
     size_t xv_stride;
     int n;
     int64_t k;
@@ -280,7 +284,7 @@ static void mm_task_matvec(void *arg, int task, int thread) {
     const cm_tensor *w = j->ops[o].w;
     int64_t r0 = (int64_t)(task - j->task0[o]) * j->chunk, r1 = r0 + j->chunk;
     if (r1 > w->ne1) r1 = w->ne1;
-    cm_matvec_rows(w->type, w->data, j->k, j->xv, j->xv_stride, j->n, j->ops[o].y, w->ne1, r0, r1);
+    cm_matvec_rows(w->type, j->xtype, w->data, j->k, j->xv, j->xv_stride, j->n, j->ops[o].y, w->ne1, r0, r1);
 }
 
 static void mm_task_gemm(void *arg, int task, int thread) {
@@ -322,22 +326,19 @@ static void mm_run(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, int n
         if (tile < 16) tile = 16;
         j.chunk = tile;
     } else {
-        /* the matvec input, quantised once for all Q8_0 ops (types may differ per op) */
-        int vt = cm_vec_type(ops[0].w->type);
-        for (int i = 1; i < n_ops; i++) {
-            if (cm_vec_type(ops[i].w->type) != vt) {
-                /* Q8_0 mixed with float weights in one group: run them one by one */
-                for (int o = 0; o < n_ops; o++) mm_run(c, 1, &ops[o], x, n, k);
-                return;
-            }
-        }
-        if (vt == GGUF_TT_Q8_0) {
+        /* Activations stay f32 (exact dequantised products) unless int8 activations were asked for
+         * and every op has Q8_0 weights: then X is quantised once for all of them. */
+        int all_q8 = 1;
+        for (int i = 0; i < n_ops; i++) all_q8 &= ops[i].w->type == GGUF_TT_Q8_0;
+        if (c->q8_int8 && all_q8) {
             size_t rb = cm_vec_row_bytes(GGUF_TT_Q8_0, k);
             for (int r = 0; r < n; r++)
                 cm_quantize_row_q8_0(x + (size_t)r * k, (cm_block_q8_0 *)((char *)c->xq + (size_t)r * rb), k);
+            j.xtype = GGUF_TT_Q8_0;
             j.xv = c->xq;
             j.xv_stride = rb;
         } else {
+            j.xtype = GGUF_TT_F32;
             j.xv = x;
             j.xv_stride = (size_t)k * sizeof(float);
         }

@@ -158,15 +158,13 @@ void cm_dequantize_row(int type, const void *w, float *y, int64_t k) {
     cm_dequantize_row_ref(type, w, y, k);
 }
 
-int cm_vec_type(int wtype) { return wtype == GGUF_TT_Q8_0 ? GGUF_TT_Q8_0 : GGUF_TT_F32; }
-
-size_t cm_vec_row_bytes(int wtype, int64_t k) {
-    if (wtype == GGUF_TT_Q8_0) return (size_t)(k / CM_QK8_0) * sizeof(cm_block_q8_0);
+size_t cm_vec_row_bytes(int xtype, int64_t k) {
+    if (xtype == GGUF_TT_Q8_0) return (size_t)(k / CM_QK8_0) * sizeof(cm_block_q8_0);
     return (size_t)k * sizeof(float);
 }
 
-void cm_vec_prepare(int wtype, const float *x, void *out, int64_t k) {
-    if (wtype == GGUF_TT_Q8_0)
+void cm_vec_prepare(int xtype, const float *x, void *out, int64_t k) {
+    if (xtype == GGUF_TT_Q8_0)
         cm_quantize_row_q8_0(x, out, k);
     else if (out != (const void *)x)
         memcpy(out, x, (size_t)k * sizeof(float));
@@ -174,7 +172,19 @@ void cm_vec_prepare(int wtype, const float *x, void *out, int64_t k) {
 
 /* ============================================================ dot products */
 
-float cm_vec_dot_ref(int wtype, int64_t k, const void *w, const void *x) {
+float cm_vec_dot_ref(int wtype, int xtype, int64_t k, const void *w, const void *x) {
+    if (wtype == GGUF_TT_Q8_0 && xtype == GGUF_TT_F32) {
+        /* per block: d * sum(q x), the dequantised product with one rounding of d per block */
+        const cm_block_q8_0 *a = w;
+        const float *xf = x;
+        float sum = 0.0f;
+        for (int64_t j = 0; j < k / CM_QK8_0; j++) {
+            float s = 0.0f;
+            for (int i = 0; i < CM_QK8_0; i++) s += (float)a[j].qs[i] * xf[j * CM_QK8_0 + i];
+            sum += s * cm_fp16_to_f32(a[j].d);
+        }
+        return sum;
+    }
     if (wtype == GGUF_TT_Q8_0) {
         const cm_block_q8_0 *a = w, *b = x;
         float sum = 0.0f;
@@ -316,7 +326,48 @@ static inline float dot_q8_0(int64_t nb, const cm_block_q8_0 *a, const cm_block_
     }
     return hsum256(acc);
 #else
-    return cm_vec_dot_ref(GGUF_TT_Q8_0, nb * CM_QK8_0, a, b);
+    return cm_vec_dot_ref(GGUF_TT_Q8_0, GGUF_TT_Q8_0, nb * CM_QK8_0, a, b);
+#endif
+}
+
+/* Q8_0 weights times f32 x: per block d * sum(q x), q converted exactly to f32. */
+static inline float dot_q8_0_f32(int64_t nb, const cm_block_q8_0 *a, const float *x) {
+#if defined(CM_AVX512)
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;
+    int64_t j = 0;
+    for (; j + 2 <= nb; j += 2) {
+        const float *xb = x + j * CM_QK8_0;
+        __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)a[j].qs)));
+        __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(a[j].qs + 16))));
+        __m512 w2 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)a[j + 1].qs)));
+        __m512 w3 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(a[j + 1].qs + 16))));
+        __m512 s0 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), _mm512_mul_ps(w0, _mm512_loadu_ps(xb)));
+        __m512 s1 = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xb + 48), _mm512_mul_ps(w2, _mm512_loadu_ps(xb + 32)));
+        acc0 = _mm512_fmadd_ps(s0, _mm512_set1_ps(fp16(a[j].d)), acc0);
+        acc1 = _mm512_fmadd_ps(s1, _mm512_set1_ps(fp16(a[j + 1].d)), acc1);
+    }
+    if (j < nb) {
+        const float *xb = x + j * CM_QK8_0;
+        __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)a[j].qs)));
+        __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(a[j].qs + 16))));
+        __m512 s0 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), _mm512_mul_ps(w0, _mm512_loadu_ps(xb)));
+        acc0 = _mm512_fmadd_ps(s0, _mm512_set1_ps(fp16(a[j].d)), acc0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+#elif defined(CM_AVX2)
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t j = 0; j < nb; j++) {
+        const float *xb = x + j * CM_QK8_0;
+        __m256 s = _mm256_setzero_ps();
+        for (int i = 0; i < 32; i += 8) {
+            __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(a[j].qs + i))));
+            s = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + i), s);
+        }
+        acc = _mm256_fmadd_ps(s, _mm256_set1_ps(fp16(a[j].d)), acc);
+    }
+    return hsum256(acc);
+#else
+    return cm_vec_dot_ref(GGUF_TT_Q8_0, GGUF_TT_F32, nb * CM_QK8_0, a, x);
 #endif
 }
 
@@ -326,14 +377,14 @@ float cm_dot_f32(const float *a, const float *b, int64_t k) {
 #elif defined(CM_AVX2)
     return dot_float_avx2(GGUF_TT_F32, k, a, b);
 #else
-    return cm_vec_dot_ref(GGUF_TT_F32, k, a, b);
+    return cm_vec_dot_ref(GGUF_TT_F32, GGUF_TT_F32, k, a, b);
 #endif
 }
 
-float cm_vec_dot(int wtype, int64_t k, const void *w, const void *x) {
+float cm_vec_dot(int wtype, int xtype, int64_t k, const void *w, const void *x) {
     switch (wtype) {
     case GGUF_TT_Q8_0:
-        return dot_q8_0(k / CM_QK8_0, w, x);
+        return xtype == GGUF_TT_Q8_0 ? dot_q8_0(k / CM_QK8_0, w, x) : dot_q8_0_f32(k / CM_QK8_0, w, x);
 #if defined(CM_AVX512)
     case GGUF_TT_F32: return dot_float_avx512(GGUF_TT_F32, k, w, x);
     case GGUF_TT_F16: return dot_float_avx512(GGUF_TT_F16, k, w, x);
@@ -344,7 +395,7 @@ float cm_vec_dot(int wtype, int64_t k, const void *w, const void *x) {
     case GGUF_TT_BF16: return dot_float_avx2(GGUF_TT_BF16, k, w, x);
 #endif
     default:
-        return cm_vec_dot_ref(wtype, k, w, x);
+        return cm_vec_dot_ref(wtype, xtype, k, w, x);
     }
 }
 
@@ -358,12 +409,12 @@ static size_t row_bytes(int wtype, int64_t k) {
     }
 }
 
-void cm_matvec_rows_ref(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n,
-                        float *y, int64_t ldy, int64_t r0, int64_t r1) {
+void cm_matvec_rows_ref(int wtype, int xtype, const void *w, int64_t k, const void *x, size_t x_stride,
+                        int n, float *y, int64_t ldy, int64_t r0, int64_t r1) {
     size_t rb = row_bytes(wtype, k);
     for (int64_t r = r0; r < r1; r++)
         for (int j = 0; j < n; j++)
-            y[j * ldy + r] = cm_vec_dot_ref(wtype, k, (const char *)w + (size_t)r * rb,
+            y[j * ldy + r] = cm_vec_dot_ref(wtype, xtype, k, (const char *)w + (size_t)r * rb,
                                             (const char *)x + (size_t)j * x_stride);
 }
 
@@ -375,15 +426,20 @@ void cm_matvec_rows_ref(int wtype, const void *w, int64_t k, const void *x, size
             y[j * ldy + r] = DOT(wr, (const void *)((const char *)x + (size_t)j * x_stride)); \
     }
 
-void cm_matvec_rows(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n,
+void cm_matvec_rows(int wtype, int xtype, const void *w, int64_t k, const void *x, size_t x_stride, int n,
                     float *y, int64_t ldy, int64_t r0, int64_t r1) {
     size_t rb = row_bytes(wtype, k);
     int64_t nb = k / CM_QK8_0;
     (void)nb;
     switch (wtype) {
     case GGUF_TT_Q8_0:
+        if (xtype == GGUF_TT_Q8_0) {
 #define DOT_Q8(wr, xr) dot_q8_0(nb, (const cm_block_q8_0 *)(wr), (const cm_block_q8_0 *)(xr))
-        MATVEC_LOOP(DOT_Q8)
+            MATVEC_LOOP(DOT_Q8)
+        } else {
+#define DOT_Q8F(wr, xr) dot_q8_0_f32(nb, (const cm_block_q8_0 *)(wr), (const float *)(xr))
+            MATVEC_LOOP(DOT_Q8F)
+        }
         return;
 #if defined(CM_AVX512)
 #define DOT_F32(wr, xr) dot_float_avx512(GGUF_TT_F32, k, wr, (const float *)(xr))
@@ -394,9 +450,9 @@ void cm_matvec_rows(int wtype, const void *w, int64_t k, const void *x, size_t x
 #define DOT_F16(wr, xr) dot_float_avx2(GGUF_TT_F16, k, wr, (const float *)(xr))
 #define DOT_BF16(wr, xr) dot_float_avx2(GGUF_TT_BF16, k, wr, (const float *)(xr))
 #else
-#define DOT_F32(wr, xr) cm_vec_dot_ref(GGUF_TT_F32, k, wr, xr)
-#define DOT_F16(wr, xr) cm_vec_dot_ref(GGUF_TT_F16, k, wr, xr)
-#define DOT_BF16(wr, xr) cm_vec_dot_ref(GGUF_TT_BF16, k, wr, xr)
+#define DOT_F32(wr, xr) cm_vec_dot_ref(GGUF_TT_F32, GGUF_TT_F32, k, wr, xr)
+#define DOT_F16(wr, xr) cm_vec_dot_ref(GGUF_TT_F16, GGUF_TT_F32, k, wr, xr)
+#define DOT_BF16(wr, xr) cm_vec_dot_ref(GGUF_TT_BF16, GGUF_TT_F32, k, wr, xr)
 #endif
     case GGUF_TT_F32:
         MATVEC_LOOP(DOT_F32)
@@ -408,12 +464,12 @@ void cm_matvec_rows(int wtype, const void *w, int64_t k, const void *x, size_t x
         MATVEC_LOOP(DOT_BF16)
         return;
     default:
-        cm_matvec_rows_ref(wtype, w, k, x, x_stride, n, y, ldy, r0, r1);
+        cm_matvec_rows_ref(wtype, xtype, w, k, x, x_stride, n, y, ldy, r0, r1);
     }
 }
 
 typedef struct matvec_job {
-    int wtype;
+    int wtype, xtype;
     const void *w;
     int64_t m, k, chunk;
     const void *x;
@@ -428,10 +484,10 @@ static void matvec_task(void *arg, int task, int thread) {
     const matvec_job *j = arg;
     int64_t r0 = (int64_t)task * j->chunk, r1 = r0 + j->chunk;
     if (r1 > j->m) r1 = j->m;
-    cm_matvec_rows(j->wtype, j->w, j->k, j->x, j->x_stride, j->n, j->y, j->ldy, r0, r1);
+    cm_matvec_rows(j->wtype, j->xtype, j->w, j->k, j->x, j->x_stride, j->n, j->y, j->ldy, r0, r1);
 }
 
-void cm_matvec(cm_pool *pool, int wtype, const void *w, int64_t m, int64_t k, const void *x,
+void cm_matvec(cm_pool *pool, int wtype, int xtype, const void *w, int64_t m, int64_t k, const void *x,
                size_t x_stride, int n, float *y, int64_t ldy) {
     int nt = cm_pool_size(pool);
     /* Several tasks per thread so a preempted thread's share is picked up by the others; rows in
@@ -439,7 +495,7 @@ void cm_matvec(cm_pool *pool, int wtype, const void *w, int64_t m, int64_t k, co
     int64_t chunk = nt == 1 ? m : (m + nt * 4 - 1) / (nt * 4);
     chunk = (chunk + 15) & ~(int64_t)15;
     if (chunk < 16) chunk = 16;
-    matvec_job j = {wtype, w, m, k, chunk, x, x_stride, n, y, ldy};
+    matvec_job j = {wtype, xtype, w, m, k, chunk, x, x_stride, n, y, ldy};
     cm_pool_run(pool, matvec_task, &j, (int)((m + chunk - 1) / chunk));
 }
 

@@ -7,8 +7,7 @@
  * rows (tokens), E head_dim.
  *
  * Weight matrices W (M, K) are row-major as GGUF stores them; a "row" of W is K values of its type.
- * Activations are f32, except that Q8_0 weights are multiplied with activations quantised to Q8_0
- * blocks once per token (as llama.cpp does), so the inner product is an exact int8 dot per block.
+ * Activations are f32; Q8_0 weights may instead meet activations quantised to Q8_0 (see xtype below).
  */
 #ifndef CM_KERNELS_H
 #define CM_KERNELS_H
@@ -40,30 +39,34 @@ void cm_quantize_row_q8_0_ref(const float *x, cm_block_q8_0 *y, int64_t k);
 void cm_dequantize_row(int type, const void *w, float *y, int64_t k);
 void cm_dequantize_row_ref(int type, const void *w, float *y, int64_t k);
 
-/* The activation format a weight type multiplies with: Q8_0 blocks for Q8_0, else f32. */
-int cm_vec_type(int wtype);
-/* Bytes of one activation row of K values in that format. */
-size_t cm_vec_row_bytes(int wtype, int64_t k);
-/* x (K) f32 -> activation row for wtype (a copy for f32, quantised for Q8_0). */
-void cm_vec_prepare(int wtype, const float *x, void *out, int64_t k);
+/* Activation rows ("x") come in one of two formats, xtype:
+ * - F32: plain floats; works with every weight type. With Q8_0 weights each block's int8 values are
+ *   converted and multiplied with f32 x, then scaled: the exact dequantised product (reference parity).
+ * - Q8_0: x quantised to Q8_0 blocks once per token; only with Q8_0 weights; an int8 dot per block
+ *   (AVX-512 VNNI), as llama.cpp does. Faster arithmetic, but adds x's quantisation error (~1e-2 on
+ *   logits of a small model). */
+/* Bytes of one activation row of K values in xtype. */
+size_t cm_vec_row_bytes(int xtype, int64_t k);
+/* x (K) f32 -> one activation row in xtype (a copy for F32). */
+void cm_vec_prepare(int xtype, const float *x, void *out, int64_t k);
 
 /* ------------------------------------------------------------ dot products */
 
-/* dot(w (K) of wtype, x (K) in cm_vec_type(wtype) format), accumulated in f32 (int32 per Q8_0 block). */
-float cm_vec_dot(int wtype, int64_t k, const void *w, const void *x);
-float cm_vec_dot_ref(int wtype, int64_t k, const void *w, const void *x);
+/* dot(w (K) of wtype, x (K) of xtype), accumulated in f32 (int32 within a block for Q8_0 x Q8_0). */
+float cm_vec_dot(int wtype, int xtype, int64_t k, const void *w, const void *x);
+float cm_vec_dot_ref(int wtype, int xtype, int64_t k, const void *w, const void *x);
 
 /* y[n*ldy + r] = dot(W row r, x_n) for n < N, r in [r0, r1). W (M, K) of wtype; x_n = x + n*x_stride
- * bytes, each a prepared activation row. The weight row is reused from cache across the N rows. */
-void cm_matvec_rows(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n,
+ * bytes, each an activation row of xtype. The weight row is reused from cache across the N rows. */
+void cm_matvec_rows(int wtype, int xtype, const void *w, int64_t k, const void *x, size_t x_stride, int n,
                     float *y, int64_t ldy, int64_t r0, int64_t r1);
-void cm_matvec_rows_ref(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n,
-                        float *y, int64_t ldy, int64_t r0, int64_t r1);
+void cm_matvec_rows_ref(int wtype, int xtype, const void *w, int64_t k, const void *x, size_t x_stride,
+                        int n, float *y, int64_t ldy, int64_t r0, int64_t r1);
 
-/* Threaded: y (N, ldy) [:, 0:M] = x (N, K) W (M, K)^T with x already prepared; rows of W are split
+/* Threaded: y (N, ldy) [:, 0:M] = x (N, K) W (M, K)^T, x already in xtype; rows of W are split
  * across the pool's threads. */
-void cm_matvec(struct cm_pool *pool, int wtype, const void *w, int64_t m, int64_t k, const void *x,
-               size_t x_stride, int n, float *y, int64_t ldy);
+void cm_matvec(struct cm_pool *pool, int wtype, int xtype, const void *w, int64_t m, int64_t k,
+               const void *x, size_t x_stride, int n, float *y, int64_t ldy);
 
 /* ------------------------------------------------------------ element-wise */
 

@@ -89,38 +89,49 @@ TEST(dequantize_equals_ref) {
     }
 }
 
+/* (weight type, activation type) pairs the kernels support */
+static const int pairs[][2] = {{GGUF_TT_F32, GGUF_TT_F32}, {GGUF_TT_F16, GGUF_TT_F32}, {GGUF_TT_BF16, GGUF_TT_F32},
+                               {GGUF_TT_Q8_0, GGUF_TT_F32}, {GGUF_TT_Q8_0, GGUF_TT_Q8_0}};
+
 /* |opt - ref| <= 1e-5 * sum|w x| + 1e-6: the only difference is summation order */
-static double dot_tol(int type, int64_t k, const void *w, const void *x) {
+static double dot_tol(int type, int xtype, int64_t k, const void *w, const void *x) {
     double s = 0;
     float *wf = malloc((size_t)k * 4), *xf = malloc((size_t)k * 4);
     cm_dequantize_row_ref(type, w, wf, k);
-    if (type == GGUF_TT_Q8_0)
-        cm_dequantize_row_ref(GGUF_TT_Q8_0, x, xf, k);
-    else
-        memcpy(xf, x, (size_t)k * 4);
+    cm_dequantize_row_ref(xtype, x, xf, k);
     for (int64_t i = 0; i < k; i++) s += fabs((double)wf[i] * xf[i]);
     free(wf), free(xf);
     return 1e-5 * s + 1e-6;
 }
 
 TEST(vec_dot_equals_ref) {
-    for (size_t t = 0; t < 4; t++) {
-        int n = t == 3 ? 6 : (int)(sizeof fsizes / sizeof *fsizes);
+    for (size_t p = 0; p < 5; p++) {
+        int type = pairs[p][0], xtype = pairs[p][1];
+        int n = type == GGUF_TT_Q8_0 ? 6 : (int)(sizeof fsizes / sizeof *fsizes);
         for (int s = 0; s < n; s++) {
-            int type = types[t];
             int64_t k = type == GGUF_TT_Q8_0 ? qsizes[s] : fsizes[s];
             void *w = malloc(rowb(type, k) + 64);
             make_row(type, k, w);
             if (type == GGUF_TT_Q8_0) ((cm_block_q8_0 *)w)[0].qs[3] = -128; /* legal in files */
             float *xf = malloc((size_t)k * 4);
             fill(xf, k, 1.0f);
-            void *x = malloc(cm_vec_row_bytes(type, k) + 64);
-            cm_vec_prepare(type, xf, x, k);
-            double a = cm_vec_dot(type, k, w, x), b = cm_vec_dot_ref(type, k, w, x);
-            double tol = dot_tol(type, k, w, x);
+            void *x = malloc(cm_vec_row_bytes(xtype, k) + 64);
+            cm_vec_prepare(xtype, xf, x, k);
+            double a = cm_vec_dot(type, xtype, k, w, x), b = cm_vec_dot_ref(type, xtype, k, w, x);
+            double tol = dot_tol(type, xtype, k, w, x);
+            /* Q8_0 x f32 equals the dot with the dequantised row, to rounding */
+            double exact = 0;
+            if (type == GGUF_TT_Q8_0 && xtype == GGUF_TT_F32) {
+                float *wf = malloc((size_t)k * 4);
+                cm_dequantize_row_ref(type, w, wf, k);
+                for (int64_t i = 0; i < k; i++) exact += (double)wf[i] * xf[i];
+                free(wf);
+            }
             free(w), free(x), free(xf);
             if (!(fabs(a - b) <= tol))
-                TEST_FAIL_("type %d k %lld: %.9g vs ref %.9g (tol %g)", type, (long long)k, a, b, tol);
+                TEST_FAIL_("type %d/%d k %lld: %.9g vs ref %.9g (tol %g)", type, xtype, (long long)k, a, b, tol);
+            if (type == GGUF_TT_Q8_0 && xtype == GGUF_TT_F32 && !(fabs(a - exact) <= tol))
+                TEST_FAIL_("q8_0 x f32 k %lld: %.9g vs dequantised %.9g", (long long)k, a, exact);
         }
     }
 }
@@ -131,8 +142,8 @@ TEST(matvec_threads_equal_ref) {
     for (int nt = 1; nt <= 4; nt++) {
         cm_pool *pool = cm_pool_create(nt, NULL);
         ASSERT_TRUE(pool);
-        for (size_t t = 0; t < 4; t++) {
-            int type = types[t];
+        for (size_t p = 0; p < 5; p++) {
+            int type = pairs[p][0], xtype = pairs[p][1];
             int64_t k = type == GGUF_TT_Q8_0 ? 96 : 77;
             for (int mi = 0; mi < 3; mi++) {
                 for (int ni = 0; ni < 2; ni++) {
@@ -143,22 +154,22 @@ TEST(matvec_threads_equal_ref) {
                     for (int64_t r = 0; r < m; r++) make_row(type, k, w + r * rb);
                     float *xf = malloc((size_t)n * k * 4);
                     fill(xf, n * k, 1.0f);
-                    size_t xs = cm_vec_row_bytes(type, k);
+                    size_t xs = cm_vec_row_bytes(xtype, k);
                     char *x = malloc((size_t)n * xs + 64);
-                    for (int j = 0; j < n; j++) cm_vec_prepare(type, xf + j * k, x + j * xs, k);
+                    for (int j = 0; j < n; j++) cm_vec_prepare(xtype, xf + j * k, x + j * xs, k);
                     float *y = malloc((size_t)n * m * 4), *yr = malloc((size_t)n * m * 4);
                     for (int64_t i = 0; i < n * m; i++) y[i] = yr[i] = NAN;
-                    cm_matvec(pool, type, w, m, k, x, xs, n, y, m);
-                    cm_matvec_rows_ref(type, w, k, x, xs, n, yr, m, 0, m);
+                    cm_matvec(pool, type, xtype, w, m, k, x, xs, n, y, m);
+                    cm_matvec_rows_ref(type, xtype, w, k, x, xs, n, yr, m, 0, m);
                     int bad = -1;
                     for (int j = 0; j < n && bad < 0; j++)
                         for (int64_t r = 0; r < m; r++) {
-                            double tol = dot_tol(type, k, w + r * rb, x + j * xs);
+                            double tol = dot_tol(type, xtype, k, w + r * rb, x + j * xs);
                             if (!(fabs((double)y[j * m + r] - yr[j * m + r]) <= tol)) { bad = (int)r; break; }
                         }
                     free(w), free(xf), free(x), free(y), free(yr);
-                    if (bad >= 0) TEST_FAIL_("threads %d type %d m %lld n %d: row %d differs", nt, type,
-                                             (long long)m, n, bad);
+                    if (bad >= 0) TEST_FAIL_("threads %d type %d/%d m %lld n %d: row %d differs", nt, type,
+                                             xtype, (long long)m, n, bad);
                 }
             }
         }
@@ -206,7 +217,7 @@ TEST(elementwise_equal_ref) {
         for (int64_t i = 0; i < k; i++) b[i] = x[i] + 0.5f * w[i];
         cm_axpy(a, 0.5f, w, k);
         int ok_axpy = close_rel(a, b, k, 1e-6f, 1e-7f);
-        double d = cm_dot_f32(x, w, k), dr = cm_vec_dot_ref(GGUF_TT_F32, k, x, w);
+        double d = cm_dot_f32(x, w, k), dr = cm_vec_dot_ref(GGUF_TT_F32, GGUF_TT_F32, k, x, w);
         free(x), free(w), free(a), free(b), free(u);
         if (!ok_norm || !ok_silu || !ok_soft || !ok_add || !ok_axpy)
             TEST_FAIL_("k %lld: rmsnorm %d silu %d softmax %d add %d axpy %d", (long long)k, ok_norm, ok_silu,
@@ -220,7 +231,7 @@ TEST(rope_equals_ref) {
     for (int neox = 0; neox <= 1; neox++) {
         for (int s = 0; s < 5; s++) {
             int e = es[s];
-            float x[128], a[128], b[128], cs[64], sn[64];
+            float x[128] = {0}, a[128], b[128], cs[64], sn[64];
             fill(x, e, 1.0f);
             for (int i = 0; i < e / 2; i++) {
                 double ang = 7.0 * pow(10000.0, -2.0 * i / e);

@@ -1,0 +1,318 @@
+/*
+ * test_forward_golden.c - the forward pass against the PyTorch reference (tools/make_fixtures.py).
+ *
+ * For every tests/fixtures/golden/<name>.json with a "model" of a dense architecture (qwen2, llama),
+ * with 1 and 3 threads:
+ *  - prefill: each case's tokens as one batch; the logits at EVERY position within the JSON's max_abs;
+ *  - decode: the same tokens one per forward; same check (the matvec path, KV reads across blocks);
+ *  - batch mixing: two cases interleaved in one batch (and continued in a second batch) equal alone;
+ *  - truncate + refeed: a sequence cut back and fed again equals the golden;
+ *  - greedy: argmax generation from greedy.prompt yields greedy.tokens exactly.
+ * The largest difference per model goes to stderr.
+ */
+#include <dirent.h>
+#include <jansson.h>
+#include <stdint.h>
+
+#include "../test.h"
+#include "codemoe.h"
+
+typedef struct gcase {
+    int n;
+    int32_t *tok;
+    float *logits; /* (n, V) */
+} gcase;
+
+typedef struct golden {
+    char name[256];
+    cm_model *m;
+    int V;
+    int n_ctx;
+    double tol;
+    int n_cases;
+    gcase cases[8];
+    int n_prompt, n_predict;
+    int32_t prompt[512], greedy[512];
+} golden;
+
+static double worst; /* max abs diff seen for the current model */
+
+static float *read_f32(const char *path, size_t n) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    float *p = malloc(n * sizeof(float));
+    size_t got = p ? fread(p, sizeof(float), n, f) : 0;
+    int extra = fgetc(f) != EOF;
+    fclose(f);
+    if (got != n || extra) {
+        free(p);
+        return NULL;
+    }
+    return p;
+}
+
+static int ids(json_t *a, int32_t *out, int cap) {
+    if (!json_is_array(a) || (int)json_array_size(a) > cap) return -1;
+    for (size_t i = 0; i < json_array_size(a); i++) out[i] = (int32_t)json_integer_value(json_array_get(a, i));
+    return (int)json_array_size(a);
+}
+
+/* 1 loaded, 0 skipped (not a dense-model golden), -1 error */
+static int golden_load(const char *file, golden *g) {
+    memset(g, 0, sizeof *g);
+    json_error_t je;
+    json_t *j = json_load_file(file, 0, &je);
+    if (!j) {
+        fprintf(stderr, "%s: %s\n", file, je.text);
+        return -1;
+    }
+    const char *model = json_string_value(json_object_get(j, "model"));
+    const char *arch = json_string_value(json_object_get(j, "arch"));
+    json_t *cases = json_object_get(j, "cases");
+    if (!model || !arch || (strcmp(arch, "qwen2") && strcmp(arch, "llama")) || !json_is_array(cases)) {
+        json_decref(j);
+        return 0;
+    }
+    snprintf(g->name, sizeof g->name, "%s", model);
+    cm_err err = {0};
+    cm_model_params mp = {0};
+    g->m = cm_model_load(test_fixture(model), &mp, &err);
+    if (!g->m) {
+        fprintf(stderr, "%s: %s\n", model, err.msg);
+        json_decref(j);
+        return -1;
+    }
+    g->V = cm_model_get_info(g->m)->n_vocab;
+    g->tol = json_number_value(json_object_get(json_object_get(j, "tolerance"), "max_abs"));
+    g->n_ctx = (int)json_integer_value(json_object_get(j, "n_ctx"));
+    if (g->n_ctx <= 0) g->n_ctx = 256;
+    for (size_t i = 0; i < json_array_size(cases) && i < 8; i++) {
+        json_t *c = json_array_get(cases, i);
+        gcase *gc = &g->cases[g->n_cases];
+        gc->tok = malloc(4096 * sizeof(int32_t));
+        gc->n = ids(json_object_get(c, "tokens"), gc->tok, 4096);
+        const char *lf = json_string_value(json_object_get(c, "logits"));
+        if (gc->n <= 0 || !lf || !(gc->logits = read_f32(test_fixture(lf), (size_t)gc->n * g->V))) {
+            fprintf(stderr, "%s: case %zu unreadable\n", file, i);
+            free(gc->tok);
+            json_decref(j);
+            return -1;
+        }
+        g->n_cases++;
+    }
+    json_t *gr = json_object_get(j, "greedy");
+    if (gr) {
+        g->n_prompt = ids(json_object_get(gr, "prompt"), g->prompt, 512);
+        g->n_predict = ids(json_object_get(gr, "tokens"), g->greedy, 512);
+    }
+    json_decref(j);
+    return 1;
+}
+
+static void golden_free(golden *g) {
+    for (int i = 0; i < g->n_cases; i++) free(g->cases[i].tok), free(g->cases[i].logits);
+    cm_model_free(g->m);
+}
+
+/* max |got - want| over V logits, folded into `worst` */
+static double diff(const float *got, const float *want, int V) {
+    double d = 0;
+    for (int i = 0; i < V; i++) {
+        double e = fabs((double)got[i] - want[i]);
+        if (!(e <= d)) d = e; /* NaN propagates */
+    }
+    if (!(d <= worst)) worst = d;
+    return d;
+}
+
+static cm_ctx *ctx_new(const golden *g, int threads) {
+    cm_ctx_params p = {.n_threads = threads, .n_seq_max = 4, .n_ctx = g->n_ctx, .n_batch_max = 256};
+    cm_err err = {0};
+    cm_ctx *c = cm_ctx_create(g->m, &p, &err);
+    if (!c) fprintf(stderr, "ctx: %s\n", err.msg);
+    return c;
+}
+
+/* Runs one batch; every token gets logits. Returns 0 on success. */
+static int run(cm_ctx *c, int n, const int32_t *tok, const int32_t *seq) {
+    int8_t want[512];
+    for (int i = 0; i < n; i++) want[i] = 1;
+    cm_batch b = {n, tok, seq, want};
+    cm_err err = {0};
+    int rc = cm_forward(c, &b, &err);
+    if (rc) fprintf(stderr, "forward: %s\n", err.msg);
+    return rc;
+}
+
+static int check_prefill(const golden *g, int threads) {
+    cm_ctx *c = ctx_new(g, threads);
+    if (!c) return 0;
+    int ok = 1;
+    for (int k = 0; k < g->n_cases && ok; k++) {
+        const gcase *gc = &g->cases[k];
+        int s = cm_seq_open(c, NULL);
+        int32_t seq[512];
+        for (int i = 0; i < gc->n; i++) seq[i] = s;
+        ok = run(c, gc->n, gc->tok, seq) == 0 && cm_seq_len(c, s) == gc->n;
+        for (int i = 0; ok && i < gc->n; i++) {
+            double d = diff(cm_logits(c, i), gc->logits + (size_t)i * g->V, g->V);
+            if (!(d <= g->tol)) {
+                fprintf(stderr, "%s prefill case %d pos %d: max diff %g > %g\n", g->name, k, i, d, g->tol);
+                ok = 0;
+            }
+        }
+        cm_seq_close(c, s);
+    }
+    cm_ctx_free(c);
+    return ok;
+}
+
+static int check_decode(const golden *g, int threads) {
+    cm_ctx *c = ctx_new(g, threads);
+    if (!c) return 0;
+    int ok = 1;
+    for (int k = 0; k < g->n_cases && ok; k++) {
+        const gcase *gc = &g->cases[k];
+        int s = cm_seq_open(c, NULL);
+        for (int i = 0; ok && i < gc->n; i++) {
+            ok = run(c, 1, &gc->tok[i], &s) == 0;
+            double d = ok ? diff(cm_logits(c, 0), gc->logits + (size_t)i * g->V, g->V) : 1e9;
+            if (!(d <= g->tol)) {
+                fprintf(stderr, "%s decode case %d pos %d: max diff %g > %g\n", g->name, k, i, d, g->tol);
+                ok = 0;
+            }
+        }
+        cm_seq_close(c, s);
+    }
+    cm_ctx_free(c);
+    return ok;
+}
+
+/* Cases a and b interleaved in one batch (a's first half with all of b's first half), then the rest
+ * in a second batch: each position must equal the golden, i.e. what the case gives alone. */
+static int check_mixed(const golden *g, int threads) {
+    if (g->n_cases < 2) return 1;
+    const gcase *ga = &g->cases[0], *gb = &g->cases[1];
+    for (int k = 2; k < g->n_cases; k++) if (g->cases[k].n > gb->n && g->cases[k].n < 200) gb = &g->cases[k];
+    cm_ctx *c = ctx_new(g, threads);
+    if (!c) return 0;
+    int sa = cm_seq_open(c, NULL), sb = cm_seq_open(c, NULL);
+    int ok = 1;
+    int split_a = ga->n / 2, split_b = gb->n / 2;
+    for (int part = 0; part < 2 && ok; part++) {
+        int a0 = part ? split_a : 0, a1 = part ? ga->n : split_a;
+        int b0 = part ? split_b : 0, b1 = part ? gb->n : split_b;
+        int32_t tok[512], seq[512], src[512]; /* src: position in its case, negative for b */
+        int n = 0, ia = a0, ib = b0;
+        while (ia < a1 || ib < b1) {
+            if (ib < b1) tok[n] = gb->tok[ib], seq[n] = sb, src[n++] = -1 - ib++;
+            if (ia < a1) tok[n] = ga->tok[ia], seq[n] = sa, src[n++] = ia++;
+        }
+        if (n == 0) continue;
+        ok = run(c, n, tok, seq) == 0;
+        for (int i = 0; ok && i < n; i++) {
+            const float *want = src[i] >= 0 ? ga->logits + (size_t)src[i] * g->V
+                                            : gb->logits + (size_t)(-1 - src[i]) * g->V;
+            double d = diff(cm_logits(c, i), want, g->V);
+            if (!(d <= g->tol)) {
+                fprintf(stderr, "%s mixed batch %d row %d: max diff %g > %g\n", g->name, part, i, d, g->tol);
+                ok = 0;
+            }
+        }
+    }
+    ok = ok && cm_seq_len(c, sa) == ga->n && cm_seq_len(c, sb) == gb->n;
+    cm_ctx_free(c);
+    return ok;
+}
+
+/* Prefill the longest case, truncate to a third (inside an earlier KV block), feed the rest again. */
+static int check_truncate(const golden *g, int threads) {
+    const gcase *gc = &g->cases[0];
+    for (int k = 1; k < g->n_cases; k++) if (g->cases[k].n > gc->n) gc = &g->cases[k];
+    cm_ctx *c = ctx_new(g, threads);
+    if (!c) return 0;
+    int s = cm_seq_open(c, NULL);
+    int32_t seq[512];
+    for (int i = 0; i < gc->n; i++) seq[i] = s;
+    int ok = run(c, gc->n, gc->tok, seq) == 0;
+    int cut = gc->n / 3;
+    ok = ok && cm_seq_truncate(c, s, cut, NULL) == CM_OK && cm_seq_len(c, s) == cut;
+    ok = ok && cm_seq_truncate(c, s, gc->n, NULL) == CM_E_RANGE; /* cannot grow */
+    ok = ok && run(c, gc->n - cut, gc->tok + cut, seq) == 0;
+    for (int i = 0; ok && i < gc->n - cut; i++) {
+        double d = diff(cm_logits(c, i), gc->logits + (size_t)(cut + i) * g->V, g->V);
+        if (!(d <= g->tol)) {
+            fprintf(stderr, "%s after truncate pos %d: max diff %g\n", g->name, cut + i, d);
+            ok = 0;
+        }
+    }
+    cm_ctx_free(c);
+    return ok;
+}
+
+static int check_greedy(const golden *g, int threads) {
+    if (g->n_prompt <= 0 || g->n_predict <= 0) return 1;
+    cm_ctx *c = ctx_new(g, threads);
+    if (!c) return 0;
+    int s = cm_seq_open(c, NULL);
+    int32_t seq[512];
+    for (int i = 0; i < g->n_prompt; i++) seq[i] = s;
+    cm_batch b = {g->n_prompt, g->prompt, seq, NULL}; /* NULL: logits of the last token only */
+    int ok = cm_forward(c, &b, NULL) == 0 && cm_logits(c, 0) == NULL;
+    const float *lg = ok ? cm_logits(c, g->n_prompt - 1) : NULL;
+    for (int t = 0; ok && t < g->n_predict; t++) {
+        int best = 0;
+        for (int v = 1; v < g->V; v++) if (lg[v] > lg[best]) best = v;
+        if (best != g->greedy[t]) {
+            fprintf(stderr, "%s greedy step %d: got %d, want %d\n", g->name, t, best, g->greedy[t]);
+            ok = 0;
+            break;
+        }
+        int32_t tok = best;
+        cm_batch b1 = {1, &tok, &s, NULL};
+        ok = cm_forward(c, &b1, NULL) == 0;
+        lg = cm_logits(c, 0);
+    }
+    cm_ctx_free(c);
+    return ok;
+}
+
+TEST(golden_models) {
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s", test_fixture("golden"));
+    DIR *d = opendir(dir);
+    ASSERT_TRUE(d);
+    int n_models = 0;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        size_t L = strlen(e->d_name);
+        if (L < 6 || strcmp(e->d_name + L - 5, ".json")) continue;
+        char path[8192];
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        golden g;
+        int rc = golden_load(path, &g);
+        if (rc == 0) continue;
+        if (rc < 0) {
+            TEST_FAIL_("cannot load golden %s", e->d_name);
+            continue;
+        }
+        worst = 0;
+        for (int threads = 1; threads <= 3; threads += 2) {
+            CHECK_TRUE(check_prefill(&g, threads));
+            CHECK_TRUE(check_decode(&g, threads));
+            CHECK_TRUE(check_mixed(&g, threads));
+            CHECK_TRUE(check_truncate(&g, threads));
+            CHECK_TRUE(check_greedy(&g, threads));
+        }
+        fprintf(stderr, "  %-36s max abs diff %.3g (tolerance %g)\n", g.name, worst, g.tol);
+        golden_free(&g);
+        n_models++;
+    }
+    closedir(d);
+    ASSERT_TRUE(n_models >= 1); /* an empty fixture dir must not pass silently */
+}
+
+int main(void) {
+    RUN(golden_models);
+    return test_summary();
+}
