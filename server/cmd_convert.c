@@ -45,7 +45,7 @@ int cmd_convert(int argc, char **argv) {
     cm_err err = {0};
     int rc = cm_convert_hf(pos[0], pos[1], type, &err);
     if (rc != CM_OK) {
-        fprintf(stderr, "codemoe convert: %s\n", err.msg);
+        fprintf(stderr, "codemoe: %s\n", err.msg);
         return 1;
     }
     fprintf(stderr, "wrote %s\n", pos[1]);
