@@ -380,8 +380,6 @@ static int parse_stop(json_t *o, const api_limits *lim, api_stops *st, api_error
     char d[96];
     if (!v || json_is_null(v)) return 0;
     int max_stop = lim->max_stop < API_STOP_MAX ? lim->max_stop : API_STOP_MAX;
-    json_t *one[1] = {v};
-    json_t **items = one;
     size_t n = 1;
     if (json_is_array(v)) {
         n = json_array_size(v);
@@ -390,14 +388,13 @@ static int parse_stop(json_t *o, const api_limits *lim, api_stops *st, api_error
             return api_error_set(e, 400, API_ERR_INVALID, "stop", NULL,
                                  "%s is too long: at most %d stop sequences - 'stop'", d, max_stop);
         }
-        items = NULL;
     } else if (!json_is_string(v)) {
         describe(v, d, sizeof d);
         return api_error_set(e, 400, API_ERR_INVALID, "stop", NULL,
                              "%s is not valid under any of the given schemas - 'stop'", d);
     }
     for (size_t i = 0; i < n; i++) {
-        json_t *x = items ? items[i] : json_array_get(v, i);
+        json_t *x = json_is_array(v) ? json_array_get(v, i) : v;
         if (!json_is_string(x)) return err_type(e, "stop", x, "string");
         size_t len = json_string_length(x);
         if (len == 0) return api_error_set(e, 400, API_ERR_INVALID, "stop", NULL, "'' is too short - 'stop'");

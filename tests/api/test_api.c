@@ -460,6 +460,16 @@ TEST(body_limit_and_model_match) {
     snprintf(big, sizeof big, "{\"temperature\":\"%0900d\"}", 0);
     ASSERT_EQ_INT(parse(big, &r, &e), -1);
     ASSERT_TRUE(strstr(e.message, "...' is not of type 'number' - 'temperature'") != NULL);
+    /* stop strings are bounded in bytes (512 accepted, 513 not) */
+    char stop[700];
+    snprintf(stop, sizeof stop, "{\"stop\":\"%0512d\"}", 0);
+    ASSERT_EQ_INT(parse(stop, &r, &e), 0);
+    ASSERT_EQ_INT(r.stop.len[0], 512);
+    api_completion_req_free(&r);
+    snprintf(stop, sizeof stop, "{\"stop\":[\"%0513d\"]}", 0);
+    ASSERT_EQ_INT(parse(stop, &r, &e), -1);
+    ASSERT_STREQ(e.param, "stop");
+    ASSERT_TRUE(strstr(e.message, "limited to 512 bytes") != NULL);
     /* request text quoted in a message is cut on a character boundary: the error stays valid JSON */
     const char *wide = "{\"logit_bias\":{\"a\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\":1}}";
     ASSERT_EQ_INT(parse(wide, &r, &e), -1);
