@@ -8,6 +8,7 @@
  */
 #include <glob.h>
 #include <jansson.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <unistd.h>
 
@@ -443,6 +444,107 @@ TEST(public_api_rejects_bad_args) {
     ASSERT_TRUE(cm_detokenize(&empty, ids, 1, 0, NULL, 0) < 0);
 }
 
+/* ------------------------------------------------------------ properties */
+
+static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
+static uint32_t rnd(void) {
+    rng_state ^= rng_state << 13; rng_state ^= rng_state >> 7; rng_state ^= rng_state << 17;
+    return (uint32_t)(rng_state >> 16);
+}
+
+/* Random byte strings drawn from pieces that stress the regexes and the specials: every pre-tokenizer
+ * must give tokens whose bytes are the input exactly (qwen2 too when the text is ASCII, which NFC
+ * leaves alone), and whose decode is valid UTF-8 of the expected length class. */
+TEST(random_roundtrip) {
+    static const char *const parts[] = {
+        " ", "  ", "\t", "\n", "\r\n", "a", "b", "c", "abc", "Z", "7", "42", "'s", "'LL", "_", "(", "){", ";",
+        "<|endoftext|>", "<|end", "<tool>", "call", "\xc3\xa9", "\xe4\xb8\xad", "\xf0\x9f\x98\x80", "\xcc\x81",
+        "\x80", "\xff", "\xc3", "\xed\xa0\x80", "\xef\xbb\xbf", "\xe2\x80\xa8", "\x00",
+    };
+    const int n_parts = (int)(sizeof parts / sizeof *parts);
+    const char *pres[] = {"gpt-2", "llama-bpe", "deepseek-coder", "qwen2"};
+    char text[512], back[1024];
+    int32_t ids[512];
+    for (int p = 0; p < 4; p++) {
+        cm_model *m = vocab_default(pres[p]);
+        ASSERT_TRUE(m);
+        for (int it = 0; it < 3000; it++) {
+            size_t len = 0;
+            int ascii = 1, k = (int)(rnd() % 24);
+            for (int j = 0; j < k; j++) {
+                const char *q = parts[rnd() % (uint32_t)n_parts];
+                size_t ql = q[0] ? strlen(q) : 1; /* "\x00" is one NUL byte */
+                memcpy(text + len, q, ql);
+                for (size_t x = 0; x < ql; x++) ascii &= (unsigned char)q[x] < 0x80;
+                len += ql;
+            }
+            int flags = rnd() % 2 ? CM_TOK_PARSE_SPECIAL : 0;
+            int n = tok(m, text, len, flags, ids, 512);
+            ASSERT_TRUE(n >= 0 && n <= (int)len);
+            if (p < 3 || ascii) {
+                size_t bl = 0;
+                for (int i = 0; i < n; i++) bl += (size_t)cm_token_bytes(m, ids[i], 1, back + bl, sizeof back - bl);
+                if (bl != len || memcmp(back, text, len) != 0) {
+                    TEST_FAIL_("%s: round trip of %zu bytes gave %zu (iteration %d, flags %d)", pres[p], len, bl, it,
+                               flags);
+                    break;
+                }
+            }
+            int dn = cm_detokenize(m, ids, n, 1, back, sizeof back);
+            ASSERT_TRUE(dn >= 0 && (size_t)dn <= 3 * len + 3);
+        }
+        vocab_free(m);
+    }
+}
+
+typedef struct thread_job {
+    const cm_model *m;
+    const char *text;
+    size_t len;
+    const int32_t *want;
+    int n_want;
+    int bad;
+} thread_job;
+
+static void *thread_main(void *arg) {
+    thread_job *j = arg;
+    int32_t ids[4096];
+    for (int it = 0; it < 50; it++) {
+        int n = cm_tokenize(j->m, j->text, j->len, CM_TOK_PARSE_SPECIAL, ids, 4096, NULL);
+        if (n != j->n_want || memcmp(ids, j->want, (size_t)n * sizeof *ids) != 0) j->bad++;
+    }
+    return NULL;
+}
+
+TEST(shared_between_threads) {
+    /* one tokenizer, four threads: results identical to a single-threaded run (scratch is per call) */
+    cm_model *m = vocab_default("qwen2");
+    ASSERT_TRUE(m);
+    char text[2048];
+    size_t len = 0;
+    static const char unit[] = "abc  ab<|endoftext|>\tcaf\xc3\xa9 e\xcc\x81 42\n";
+    while (len + sizeof unit < sizeof text) {
+        memcpy(text + len, unit, sizeof unit - 1);
+        len += sizeof unit - 1;
+    }
+    int32_t want[4096];
+    int n = tok(m, text, len, CM_TOK_PARSE_SPECIAL, want, 4096);
+    ASSERT_TRUE(n > 0);
+    pthread_t th[4];
+    thread_job jobs[4];
+    for (int i = 0; i < 4; i++) {
+        jobs[i] = (thread_job){m, text, len, want, n, 0};
+        ASSERT_EQ_INT(pthread_create(&th[i], NULL, thread_main, &jobs[i]), 0);
+    }
+    int bad = 0;
+    for (int i = 0; i < 4; i++) {
+        pthread_join(th[i], NULL);
+        bad += jobs[i].bad;
+    }
+    ASSERT_EQ_INT(bad, 0);
+    vocab_free(m);
+}
+
 /* ------------------------------------------------------------ converter */
 
 static int write_file(const char *path, const char *text) {
@@ -647,6 +749,8 @@ int main(void) {
     RUN(detok_streaming);
     RUN(hostile_metadata_rejected);
     RUN(public_api_rejects_bad_args);
+    RUN(random_roundtrip);
+    RUN(shared_between_threads);
     RUN(convert_tokenizer_json);
     RUN(convert_rejects);
     RUN(fixture_model_goldens);
