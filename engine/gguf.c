@@ -293,6 +293,18 @@ static int parse_tensor_info(rd *r, gguf_tensor *t, uint64_t idx) {
     return CM_OK;
 }
 
+/* Grows *arr (cap elements) to min(2 * cap, max) elements, at least 16, zeroing the new ones. */
+static int grow(void **arr, uint64_t *cap, uint64_t max, size_t elem) {
+    uint64_t n = *cap ? 2 * *cap : 16;
+    if (n > max) n = max;
+    void *p = realloc(*arr, (size_t)n * elem);
+    if (!p) return 0;
+    memset((char *)p + (size_t)*cap * elem, 0, (size_t)(n - *cap) * elem);
+    *arr = p;
+    *cap = n;
+    return 1;
+}
+
 static int cmp_tensor_off(const void *a, const void *b) {
     const gguf_tensor *x = *(const gguf_tensor *const *)a, *y = *(const gguf_tensor *const *)b;
     return x->offset < y->offset ? -1 : x->offset > y->offset;
@@ -317,11 +329,14 @@ static int parse(gguf_file *g, cm_err *err) {
     if (g->n_tensors > rd_left(&r) / GGUF_MIN_TENSOR_BYTES)
         return cm_err_set(err, CM_E_FORMAT, "gguf: tensor count %llu cannot fit in a %llu-byte file",
                           (unsigned long long)g->n_tensors, (unsigned long long)g->size);
-    g->kv = calloc(g->n_kv ? g->n_kv : 1, sizeof *g->kv);
-    g->tensors = calloc(g->n_tensors ? g->n_tensors : 1, sizeof *g->tensors);
-    if (!g->kv || !g->tensors) return cm_err_set(err, CM_E_NOMEM, "gguf: out of memory");
-
+    /* The arrays grow as entries actually parse, so memory follows the bytes really present rather
+     * than the counts the header claims (a 10 GB file could otherwise ask for a 40 GB table). */
+    uint64_t cap_kv = 0, cap_t = 0;
     for (uint64_t i = 0; i < g->n_kv; i++) {
+        if (i == cap_kv && !grow((void **)&g->kv, &cap_kv, g->n_kv, sizeof *g->kv)) {
+            g->n_kv = i;
+            return cm_err_set(err, CM_E_NOMEM, "gguf: out of memory");
+        }
         if ((rc = parse_kv(&r, &g->kv[i], i))) {
             g->n_kv = i + 1; /* so that close frees what this kv allocated */
             return rc;
@@ -347,8 +362,11 @@ static int parse(gguf_file *g, cm_err *err) {
         g->alignment = a;
     }
 
-    for (uint64_t i = 0; i < g->n_tensors; i++)
+    for (uint64_t i = 0; i < g->n_tensors; i++) {
+        if (i == cap_t && !grow((void **)&g->tensors, &cap_t, g->n_tensors, sizeof *g->tensors))
+            return cm_err_set(err, CM_E_NOMEM, "gguf: out of memory");
         if ((rc = parse_tensor_info(&r, &g->tensors[i], i))) return rc;
+    }
     found = find_duplicate(tensor_name_at, g->tensors, g->n_tensors, &dup, err, &rc);
     if (rc) return rc;
     if (found >= 0)
