@@ -581,6 +581,19 @@ typedef struct tok_heap_ent {
     int32_t rank, pos;
 } tok_heap_ent;
 
+/* Per-call cache of BPE results for short pieces: source code repeats its words and indents, and a hit
+ * skips every merge lookup. Direct-mapped and bounded; only allocated for texts long enough to pay. */
+#define TOK_CACHE_SLOTS 4096
+#define TOK_CACHE_KEY 22
+#define TOK_CACHE_IDS 8
+#define TOK_CACHE_MIN_TEXT 4096
+
+typedef struct tok_cache_ent {
+    uint8_t len, n_ids; /* len 0: empty */
+    char key[TOK_CACHE_KEY];
+    int32_t ids[TOK_CACHE_IDS];
+} tok_cache_ent;
+
 typedef struct tok_scratch {
     const cm_tokenizer *t;
     pcre2_match_data *md;
@@ -596,6 +609,7 @@ typedef struct tok_scratch {
     size_t nfc_len, nfc_cap;
     utf8proc_int32_t *u32;
     size_t u32_cap;
+    tok_cache_ent *cache;  /* (TOK_CACHE_SLOTS) or NULL */
     /* output */
     int32_t *out;
     int out_cap;
@@ -607,6 +621,7 @@ static void scratch_free(tok_scratch *s) {
     pcre2_match_context_free(s->mctx);
     pcre2_jit_stack_free(s->jit);
     free(s->sym); free(s->prev); free(s->next); free(s->heap); free(s->bl); free(s->nfc); free(s->u32);
+    free(s->cache);
 }
 
 static int scratch_reserve(tok_scratch *s, size_t n) {
@@ -678,13 +693,26 @@ static int bpe_piece(tok_scratch *s, const unsigned char *p, size_t n) {
         if (t->byte_tok[p[0]] >= 0) emit(s, t->byte_tok[p[0]]);
         return CM_OK;
     }
+    tok_cache_ent *ce = NULL;
+    if (s->cache && n <= TOK_CACHE_KEY) {
+        ce = &s->cache[hash_bytes(p, n) & (TOK_CACHE_SLOTS - 1)];
+        if (ce->len == n && memcmp(ce->key, p, n) == 0) {
+            for (int i = 0; i < ce->n_ids; i++) emit(s, ce->ids[i]);
+            return CM_OK;
+        }
+        ce->len = 0; /* refilled below if the result fits */
+    }
     if (n > INT32_MAX / 4) return CM_E_RANGE;
     if (scratch_reserve(s, n) < 0) return CM_E_NOMEM;
     if (t->ignore_merges) {
         size_t l = 0;
         for (size_t i = 0; i < n; i++) l += (size_t)utf8_put(byte_to_cp[p[i]], s->bl + l);
         int32_t id = vocab_find(t, s->bl, l);
-        if (id >= 0) { emit(s, id); return CM_OK; }
+        if (id >= 0) {
+            emit(s, id);
+            if (ce) { memcpy(ce->key, p, n); ce->len = (uint8_t)n; ce->n_ids = 1; ce->ids[0] = id; }
+            return CM_OK;
+        }
     }
     /* Symbols: one per byte that has a token (others dropped), doubly linked. */
     int32_t first = -1, last = -1;
@@ -717,7 +745,12 @@ static int bpe_piece(tok_scratch *s, const unsigned char *p, size_t n) {
         if (s->prev[l] >= 0) push_pair(t, s, &nh, s->prev[l]);
         push_pair(t, s, &nh, l);
     }
-    for (int32_t k = first; k >= 0; k = s->next[k]) emit(s, s->sym[k]);
+    int cnt = 0;
+    for (int32_t k = first; k >= 0; k = s->next[k], cnt++) {
+        emit(s, s->sym[k]);
+        if (ce && cnt < TOK_CACHE_IDS) ce->ids[cnt] = s->sym[k];
+    }
+    if (ce && cnt <= TOK_CACHE_IDS) { memcpy(ce->key, p, n); ce->len = (uint8_t)n; ce->n_ids = (uint8_t)cnt; }
     return CM_OK;
 }
 
@@ -880,6 +913,7 @@ int cm_tokenize(const cm_model *m, const char *text, size_t len, int flags, int3
     s.md = pcre2_match_data_create(4, NULL);
     s.mctx = pcre2_match_context_create(NULL);
     s.jit = pcre2_jit_stack_create(32 * 1024, 1024 * 1024, NULL);
+    if (len >= TOK_CACHE_MIN_TEXT) s.cache = calloc(TOK_CACHE_SLOTS, sizeof *s.cache); /* optional */
     int rc = CM_E_NOMEM;
     if (s.md && s.mctx && s.jit) {
         pcre2_set_match_limit(s.mctx, TOK_MATCH_LIMIT);
