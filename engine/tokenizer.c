@@ -24,12 +24,16 @@
  * - A token's bytes: its text mapped back through the byte-level alphabet; if any character is outside
  *   that alphabet the token's text is taken as raw bytes (HF's ByteLevel decoder does the same, which is
  *   what makes added tokens such as "<|endoftext|>" decode to themselves).
- * - Control (3) and unused (5) tokens render as nothing unless `special` is asked for.
+ * - Control (3) and unused (5) tokens render as nothing unless `special` is asked for. EOG: the EOS and
+ *   EOT ids, plus control/user tokens spelled like a turn or file end (<|im_end|>, <|fim_pad|>, ...).
+ * - The streaming detokenizer replaces each maximal invalid subsequence by U+FFFD, as WHATWG's
+ *   TextDecoder does; a token of L bytes can thus produce up to 3 L + 3 bytes (only for hostile vocabs).
  * - If PCRE2 gives up on a piece (match limit) the next character becomes a piece of its own: output
  *   stays a valid, decodable tokenization of the input, though not the canonical one.
  *
  * The tokenizer is immutable after load and shared by threads: per-call scratch lives in tok_scratch,
- * allocated once per cm_tokenize call and reused for every piece.
+ * allocated once per cm_tokenize call and reused for every piece (PCRE2 match data and JIT stack, BPE
+ * symbol/heap arrays, the NFC buffer and, for long texts, a small cache of piece -> ids).
  */
 #include "tokenizer.h"
 
