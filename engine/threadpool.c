@@ -1,11 +1,18 @@
 /*
- * threadpool.c - persistent compute threads: a generation counter publishes each run, an atomic task
- * counter shares its tasks out, a done counter ends it. Spin first (runs come in quick succession
- * during a forward pass), then sleep on a condvar (an idle server must not burn cores).
+ * threadpool.c - persistent compute threads sharing a run's tasks through one atomic ticket.
+ *
+ * The ticket packs (generation << 32 | next task). The caller publishes a run by writing its job into
+ * slot generation & 1 and storing a new ticket; a thread claims a task with a CAS that succeeds only
+ * while the ticket still has the generation it read, so a thread that wakes late can never run a task
+ * of a finished run. The caller waits for the run's tasks to be done, not for every thread to check
+ * in: on a busy machine a descheduled worker costs the run nothing unless it holds a task.
+ * Workers spin briefly between runs (a decode step issues hundreds of runs back to back), then sleep
+ * on a condition variable, so an idle engine costs no CPU.
  */
 #include "threadpool.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #if defined(__x86_64__) || defined(__i386__)
@@ -20,6 +27,12 @@
 /* Spin iterations before sleeping: with PAUSE ~ tens of ns each, a few hundred microseconds. */
 #define POOL_SPIN 20000
 
+typedef struct pool_job {
+    cm_task_fn fn;
+    void *ctx;
+    atomic_int n_tasks; /* atomic: a late thread may read it while the caller refills the slot */
+} pool_job;
+
 typedef struct pool_worker {
     cm_pool *pool;
     int index;
@@ -30,58 +43,53 @@ struct cm_pool {
     int n_threads;
     pool_worker *workers;     /* (n_threads - 1) */
     int n_started;
-
-    /* the current run; written by the caller before the generation is bumped */
-    cm_task_fn fn;
-    void *ctx;
-    int n_tasks;
-    atomic_int next_task;
-    atomic_int n_done;        /* workers finished with this run */
-    atomic_uint generation;
+    uint32_t generation;      /* caller's copy of the current generation */
+    pool_job job[2];          /* slot generation & 1 */
+    _Atomic uint64_t ticket;  /* generation << 32 | next task */
+    atomic_int n_done;        /* tasks of the current run finished */
     atomic_int stop;
-
     pthread_mutex_t mu;
-    pthread_cond_t wake;      /* generation changed or stop */
-    pthread_cond_t done;      /* n_done reached n_threads - 1 */
+    pthread_cond_t wake;      /* a new generation or stop */
 };
 
-static void pool_work(cm_pool *p, int thread) {
-    cm_task_fn fn = p->fn;
-    void *ctx = p->ctx;
-    int n = p->n_tasks;
+/* Claims and runs tasks of generation g until none is left. */
+static void pool_drain(cm_pool *p, uint32_t g, int thread) {
+    uint64_t t = atomic_load_explicit(&p->ticket, memory_order_acquire);
     for (;;) {
-        int t = atomic_fetch_add_explicit(&p->next_task, 1, memory_order_relaxed);
-        if (t >= n) break;
-        fn(ctx, t, thread);
+        if ((uint32_t)(t >> 32) != g) return;
+        const pool_job *j = &p->job[g & 1];
+        uint32_t idx = (uint32_t)t;
+        if (idx >= (uint32_t)atomic_load_explicit(&j->n_tasks, memory_order_relaxed)) return;
+        if (!atomic_compare_exchange_weak_explicit(&p->ticket, &t, t + 1, memory_order_acq_rel,
+                                                   memory_order_acquire))
+            continue; /* t reloaded */
+        j->fn(j->ctx, (int)idx, thread); /* the CAS proved generation g still runs: the slot is g's */
+        atomic_fetch_add_explicit(&p->n_done, 1, memory_order_release);
+        t = atomic_load_explicit(&p->ticket, memory_order_acquire);
     }
 }
 
 static void *pool_main(void *arg) {
     pool_worker *w = arg;
     cm_pool *p = w->pool;
-    unsigned seen = 0; /* the generation at create: a worker that starts late must not skip run 1 */
+    uint32_t seen = 0; /* generation already drained; 0 is the state at create */
     for (;;) {
-        unsigned g;
+        uint32_t g;
         int spins = 0;
-        while ((g = atomic_load_explicit(&p->generation, memory_order_acquire)) == seen &&
+        while ((g = (uint32_t)(atomic_load_explicit(&p->ticket, memory_order_acquire) >> 32)) == seen &&
                !atomic_load_explicit(&p->stop, memory_order_relaxed) && spins < POOL_SPIN) {
             CM_PAUSE();
             spins++;
         }
         if (g == seen && !atomic_load(&p->stop)) {
             pthread_mutex_lock(&p->mu);
-            while ((g = atomic_load(&p->generation)) == seen && !atomic_load(&p->stop))
+            while ((g = (uint32_t)(atomic_load(&p->ticket) >> 32)) == seen && !atomic_load(&p->stop))
                 pthread_cond_wait(&p->wake, &p->mu);
             pthread_mutex_unlock(&p->mu);
         }
         if (atomic_load(&p->stop)) break;
+        pool_drain(p, g, w->index);
         seen = g;
-        pool_work(p, w->index);
-        if (atomic_fetch_add_explicit(&p->n_done, 1, memory_order_acq_rel) + 1 == p->n_threads - 1) {
-            pthread_mutex_lock(&p->mu);
-            pthread_cond_signal(&p->done);
-            pthread_mutex_unlock(&p->mu);
-        }
     }
     return NULL;
 }
@@ -98,13 +106,11 @@ cm_pool *cm_pool_create(int n_threads, cm_err *err) {
         return NULL;
     }
     p->n_threads = n_threads;
-    atomic_init(&p->next_task, 0);
+    atomic_init(&p->ticket, 0);
     atomic_init(&p->n_done, 0);
-    atomic_init(&p->generation, 0);
     atomic_init(&p->stop, 0);
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->wake, NULL);
-    pthread_cond_init(&p->done, NULL);
     if (n_threads > 1) {
         p->workers = calloc((size_t)n_threads - 1, sizeof *p->workers);
         if (!p->workers) {
@@ -134,7 +140,6 @@ void cm_pool_free(cm_pool *p) {
     pthread_mutex_unlock(&p->mu);
     for (int i = 0; i < p->n_started; i++) pthread_join(p->workers[i].tid, NULL);
     pthread_cond_destroy(&p->wake);
-    pthread_cond_destroy(&p->done);
     pthread_mutex_destroy(&p->mu);
     free(p->workers);
     free(p);
@@ -148,27 +153,27 @@ void cm_pool_run(cm_pool *p, cm_task_fn fn, void *ctx, int n_tasks) {
         for (int t = 0; t < n_tasks; t++) fn(ctx, t, 0);
         return;
     }
-    p->fn = fn;
-    p->ctx = ctx;
-    p->n_tasks = n_tasks;
-    atomic_store_explicit(&p->next_task, 0, memory_order_relaxed);
+    uint32_t g = ++p->generation;
+    if (g == 0) g = ++p->generation; /* 0 means "nothing yet" to a fresh worker */
+    p->job[g & 1].fn = fn;
+    p->job[g & 1].ctx = ctx;
+    atomic_store_explicit(&p->job[g & 1].n_tasks, n_tasks, memory_order_relaxed);
     atomic_store_explicit(&p->n_done, 0, memory_order_relaxed);
-    /* release: workers that see the new generation also see the job fields above */
-    atomic_fetch_add_explicit(&p->generation, 1, memory_order_release);
+    /* release: a thread that reads this ticket also sees the job slot written above */
+    atomic_store_explicit(&p->ticket, (uint64_t)g << 32, memory_order_release);
     pthread_mutex_lock(&p->mu);
     pthread_cond_broadcast(&p->wake);
     pthread_mutex_unlock(&p->mu);
 
-    pool_work(p, 0);
+    pool_drain(p, g, 0);
 
-    int want = p->n_threads - 1, spins = 0;
-    while (atomic_load_explicit(&p->n_done, memory_order_acquire) < want && spins < POOL_SPIN) {
-        CM_PAUSE();
-        spins++;
-    }
-    if (atomic_load_explicit(&p->n_done, memory_order_acquire) < want) {
-        pthread_mutex_lock(&p->mu);
-        while (atomic_load(&p->n_done) < want) pthread_cond_wait(&p->done, &p->mu);
-        pthread_mutex_unlock(&p->mu);
+    /* Only tasks other threads are running remain. Yield rather than sleep: they end within a task's
+     * time, and if a worker was preempted mid-task, yielding lets it run on this core. */
+    int spins = 0;
+    while (atomic_load_explicit(&p->n_done, memory_order_acquire) < n_tasks) {
+        if (++spins < 2000)
+            CM_PAUSE();
+        else
+            sched_yield();
     }
 }

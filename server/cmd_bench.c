@@ -1,1 +1,200 @@
-/* cmd_bench.c - to be written */
+/*
+ * cmd_bench.c - `codemoe bench`: prefill and decode speed of a model, printed as a table in the style of
+ * llama-bench so the two can be set side by side.
+ *
+ *   codemoe bench --model M [-p 512] [-n 128] [-t 1,2] [-r 3]
+ *
+ * ppN: one N-token forward on a fresh sequence (logits of the last token only), tokens/s = N / time.
+ * tgN: after a 1-token prompt, N single-token forwards with logits, tokens/s = N / time.
+ * Each test runs once unmeasured (warm-up: page in the weights), then REPS times; mean ± sample std.
+ * t/cpu-s divides tokens by the CPU time of all threads: the efficiency on a machine shared with others.
+ */
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "codemoe.h"
+#include "commands.h"
+
+static double clock_s(clockid_t id) {
+    struct timespec ts;
+    clock_gettime(id, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+static double now_s(void) { return clock_s(CLOCK_MONOTONIC); }
+static double cpu_s(void) { return clock_s(CLOCK_PROCESS_CPUTIME_ID); }
+
+static int parse_int(const char *s, int lo, int hi, int *out) {
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || end == s || *end || v < lo || v > hi) return -1;
+    *out = (int)v;
+    return 0;
+}
+
+static void usage(void) {
+    fprintf(stderr,
+            "usage: codemoe bench --model FILE [-p N] [-n N] [-t T[,T...]] [-r REPS]\n"
+            "  -m, --model FILE   GGUF model\n"
+            "  -p, --n-prompt N   prefill test size (default 512; 0 skips)\n"
+            "  -n, --n-gen N      decode test size (default 128; 0 skips)\n"
+            "  -t, --threads LIST thread counts, comma separated (default 1)\n"
+            "  -r, --repetitions  measured runs per test (default 3)\n");
+}
+
+/* One run of a test on a fresh context; returns wall seconds (CPU seconds of all threads in *cpu) or
+ * < 0 on error. */
+static double run_once(const cm_model *m, int threads, int pp, int tg, const int32_t *toks, int32_t *seqs,
+                       int8_t *want, double *cpu) {
+    cm_ctx_params cp = {.n_threads = threads, .n_seq_max = 1, .n_ctx = (pp > tg + 1 ? pp : tg + 1),
+                        .n_batch_max = pp > 1 ? pp : 1};
+    cm_err err = {0};
+    cm_ctx *c = cm_ctx_create(m, &cp, &err);
+    if (!c) {
+        fprintf(stderr, "bench: %s\n", err.msg);
+        return -1;
+    }
+    int s = cm_seq_open(c, &err);
+    double t = -1;
+    if (pp > 0) {
+        for (int i = 0; i < pp; i++) seqs[i] = s;
+        cm_batch b = {pp, toks, seqs, NULL};
+        double t0 = now_s(), c0 = cpu_s();
+        if (cm_forward(c, &b, &err) == 0) t = now_s() - t0, *cpu = cpu_s() - c0;
+    } else {
+        want[0] = 1;
+        cm_batch b = {1, toks, &s, want};
+        if (cm_forward(c, &b, &err) == 0) {
+            double t0 = now_s(), c0 = cpu_s();
+            int i;
+            for (i = 0; i < tg; i++) {
+                cm_batch bi = {1, &toks[1 + i], &s, want};
+                if (cm_forward(c, &bi, &err)) break;
+            }
+            if (i == tg) t = now_s() - t0, *cpu = cpu_s() - c0;
+        }
+    }
+    if (t < 0) fprintf(stderr, "bench: %s\n", err.msg);
+    cm_ctx_free(c);
+    return t;
+}
+
+int cmd_bench(int argc, char **argv) {
+    const char *model = NULL;
+    int pp = 512, tg = 128, reps = 3, n_thr = 0, thr[16];
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            usage();
+            return 0;
+        }
+        if (!v) {
+            fprintf(stderr, "bench: %s needs a value\n", a);
+            usage();
+            return 2;
+        }
+        i++;
+        if (!strcmp(a, "-m") || !strcmp(a, "--model")) {
+            model = v;
+        } else if (!strcmp(a, "-p") || !strcmp(a, "--n-prompt")) {
+            if (parse_int(v, 0, 1 << 16, &pp)) goto bad;
+        } else if (!strcmp(a, "-n") || !strcmp(a, "--n-gen")) {
+            if (parse_int(v, 0, 1 << 16, &tg)) goto bad;
+        } else if (!strcmp(a, "-r") || !strcmp(a, "--repetitions")) {
+            if (parse_int(v, 1, 1000, &reps)) goto bad;
+        } else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) {
+            char buf[256];
+            snprintf(buf, sizeof buf, "%s", v);
+            n_thr = 0;
+            for (char *save = NULL, *tok = strtok_r(buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+                if (n_thr == 16 || parse_int(tok, 1, 256, &thr[n_thr])) goto bad;
+                n_thr++;
+            }
+        } else {
+            fprintf(stderr, "bench: unknown option %s\n", a);
+            usage();
+            return 2;
+        }
+        continue;
+    bad:
+        fprintf(stderr, "bench: bad value for %s: %s\n", a, v);
+        return 2;
+    }
+    if (!model) {
+        usage();
+        return 2;
+    }
+    if (n_thr == 0) thr[n_thr++] = 1;
+
+    cm_err err = {0};
+    cm_model_params mp = {0};
+    cm_model *m = cm_model_load(model, &mp, &err);
+    if (!m) {
+        fprintf(stderr, "bench: %s\n", err.msg);
+        return 1;
+    }
+    const cm_model_info *in = cm_model_get_info(m);
+    int ntok = (pp > tg + 1 ? pp : tg + 1) + 1;
+    int32_t *toks = malloc((size_t)ntok * sizeof *toks), *seqs = malloc((size_t)ntok * sizeof *seqs);
+    int8_t *want = malloc((size_t)ntok);
+    if (!toks || !seqs || !want) {
+        fprintf(stderr, "bench: out of memory\n");
+        cm_model_free(m);
+        return 1;
+    }
+    uint64_t r = 42;
+    for (int i = 0; i < ntok; i++) { /* fixed pseudo-random ids: runs are comparable */
+        r = r * 6364136223846793005ull + 1442695040888963407ull;
+        toks[i] = (int32_t)((r >> 33) % (uint64_t)in->n_vocab);
+    }
+
+    char mname[64];
+    snprintf(mname, sizeof mname, "%s %s", in->arch, in->name && *in->name ? in->name : "");
+    /* t/cpu-s: tokens per CPU-second of all threads; on a shared machine the wall-clock t/s depends on
+     * the neighbours, this column much less */
+    printf("| %-28s | %6s | %10s | %9s | %7s | %6s | %18s | %9s |\n", "model", "type", "size", "params",
+           "threads", "test", "t/s", "t/cpu-s");
+    printf("| %.28s | -----: | ---------: | --------: | ------: | -----: | -----------------: | --------: |\n",
+           "----------------------------------");
+    int rc = 0;
+    for (int ti = 0; ti < n_thr && !rc; ti++) {
+        for (int test = 0; test < 2 && !rc; test++) {
+            int n = test == 0 ? pp : tg;
+            if (n == 0) continue;
+            double sum = 0, sum2 = 0, csum = 0;
+            for (int k = -1; k < reps; k++) {
+                double cpu = 0;
+                double t = test == 0 ? run_once(m, thr[ti], pp, 0, toks, seqs, want, &cpu)
+                                     : run_once(m, thr[ti], 0, tg, toks, seqs, want, &cpu);
+                if (t <= 0) {
+                    rc = 1;
+                    break;
+                }
+                if (k < 0) continue; /* warm-up */
+                double tps = n / t;
+                csum += cpu;
+                sum += tps;
+                sum2 += tps * tps;
+            }
+            if (rc) break;
+            double mean = sum / reps, sd = reps > 1 ? sqrt(fmax(0, (sum2 - sum * sum / reps) / (reps - 1))) : 0;
+            char tname[16], tps[32];
+            snprintf(tname, sizeof tname, "%s%d", test == 0 ? "pp" : "tg", n);
+            snprintf(tps, sizeof tps, "%.2f ± %.2f", mean, sd);
+            printf("| %-28.28s | %6s | %6.2f MiB | %7.2f M | %7d | %6s | %19s | %9.2f |\n", mname,
+                   in->weight_type, (double)in->file_bytes / (1024.0 * 1024.0), (double)in->n_params / 1e6,
+                   thr[ti], tname, tps, n * reps / csum);
+            fflush(stdout);
+        }
+    }
+    free(toks);
+    free(seqs);
+    free(want);
+    cm_model_free(m);
+    return rc;
+}
