@@ -517,6 +517,9 @@ static void publish_stats_locked(srv_sched *s) {
 
 static int worker_load(srv_sched *s) {
     cm_err err = {0};
+    /* test hook: stretch the load so tests can observe /health 503 while loading */
+    const char *delay = getenv("CODEMOE_SERVE_LOAD_DELAY_MS");
+    if (delay && atoi(delay) > 0) uv_sleep((unsigned)atoi(delay));
     cm_model_params mp = {.n_threads = s->cfg->n_threads, .vocab_only = 0};
     cm_model *m = cm_model_load(s->cfg->model_path, &mp, &err);
     cm_ctx *ctx = NULL;
