@@ -15,8 +15,10 @@
  *   whose row is not falls back to F16 (llama.cpp does the same).
  * - tie_word_embeddings: lm_head.weight is not written (the loader then uses token_embd). Untied with no
  *   lm_head.weight is an error.
- * - rope_scaling other than null or {"rope_type": "default"} is unsupported (the engine implements no
- *   scaled rope; Llama 3.1's "llama3" and DeepSeek-Coder's "linear" are refused rather than mis-converted).
+ * - rope_scaling: "linear" (DeepSeek-Coder) and "yarn" (long-context Qwen2.5) are written as llama.cpp
+ *   writes them (<arch>.rope.scaling.type / .factor / .original_context_length) and the loader decides
+ *   whether it implements them; "default" means none; anything else (Llama 3.1's "llama3", which llama.cpp
+ *   turns into a rope_freqs tensor, "dynamic", ...) is refused rather than silently mis-converted.
  * - A directory with tokenizer.json but no config.json gives a vocab-only GGUF. llama.cpp's vocab-only
  *   files carry the model's real architecture because its converter always has a config.json; we have
  *   none, so general.architecture is "none" (the loader accepts any architecture with vocab_only and
@@ -46,6 +48,9 @@ typedef struct hf_config {
     int head_dim_explicit;
     float eps, theta;
     int tied;
+    const char *rope_scaling; /* NULL, "linear" or "yarn" */
+    float rope_factor;
+    int rope_orig_ctx;        /* yarn: original_max_position_embeddings (0: absent) */
 } hf_config;
 
 typedef struct cv_state {
@@ -167,10 +172,17 @@ static int load_config(cv_state *s, const char *path, cm_err *err) {
         goto out;
     const json_t *rs = json_object_get(cfg, "rope_scaling");
     if (rs && !json_is_null(rs)) {
-        /* {"rope_type": "default"} (newer transformers) means no scaling */
+        /* transformers spells the kind "rope_type" (new) or "type" (old) */
         const char *rt = json_string_value(json_object_get(rs, "rope_type"));
         if (!rt) rt = json_string_value(json_object_get(rs, "type"));
-        if (!rt || strcmp(rt, "default")) {
+        if (rt && (!strcmp(rt, "linear") || !strcmp(rt, "yarn"))) {
+            c->rope_scaling = !strcmp(rt, "linear") ? "linear" : "yarn";
+            if ((rc = cfg_float(rs, "factor", 0, 0, 1e6, &c->rope_factor, err))) goto out;
+            c->rope_orig_ctx = 0;
+            if (!strcmp(rt, "yarn") &&
+                (rc = cfg_int(rs, "original_max_position_embeddings", 0, 0, 1 << 24, &c->rope_orig_ctx, err)))
+                goto out;
+        } else if (!rt || strcmp(rt, "default")) {
             rc = cm_err_set(err, CM_E_UNSUPPORTED, "convert: config.json: rope_scaling \"%.32s\" is not supported",
                             rt ? rt : "?");
             goto out;
@@ -465,6 +477,12 @@ static int set_hparams(gguf_writer *w, const hf_config *c, int file_type) {
         bad |= gguf_writer_set_u32(w, KEY("attention.value_length"), (uint32_t)c->head_dim);
     }
     if (!strcmp(c->arch, "llama")) bad |= gguf_writer_set_u32(w, KEY("vocab_size"), (uint32_t)c->n_vocab);
+    if (c->rope_scaling) {
+        bad |= gguf_writer_set_str(w, KEY("rope.scaling.type"), c->rope_scaling);
+        bad |= gguf_writer_set_f32(w, KEY("rope.scaling.factor"), c->rope_factor);
+        if (c->rope_orig_ctx)
+            bad |= gguf_writer_set_u32(w, KEY("rope.scaling.original_context_length"), (uint32_t)c->rope_orig_ctx);
+    }
 #undef KEY
     return bad ? CM_E_NOMEM : CM_OK;
 }

@@ -547,7 +547,8 @@ TEST(convert_rejects_bad_config) {
         {"intermediate_size", "96", CM_E_FORMAT, "shape"},
         {"rms_norm_eps", "-1", CM_E_FORMAT, "rms_norm_eps"},
         {"rope_theta", "\"x\"", CM_E_FORMAT, "rope_theta"},
-        {"rope_scaling", "{\"type\": \"linear\", \"factor\": 2}", CM_E_UNSUPPORTED, "rope_scaling \"linear\""},
+        {"rope_scaling", "{\"type\": \"dynamic\", \"factor\": 2}", CM_E_UNSUPPORTED, "rope_scaling \"dynamic\""},
+        {"rope_scaling", "{\"type\": \"linear\"}", CM_E_FORMAT, "factor"},
         {"rope_scaling", "{\"rope_type\": \"llama3\", \"factor\": 8}", CM_E_UNSUPPORTED, "rope_scaling \"llama3\""},
         {"architectures", "[\"MistralForCausalLM\"]", CM_E_UNSUPPORTED, "MistralForCausalLM"},
         {"tie_word_embeddings", "false", CM_E_FORMAT, "lm_head.weight"},
@@ -570,6 +571,40 @@ TEST(convert_rejects_bad_config) {
     fputs("{\"architectures\": [\"Qwen2ForCausalLM\"], ", f);
     fclose(f);
     expect_fail(work, CM_E_FORMAT, "config.json", "truncated config.json");
+}
+
+/* Linear and YaRN rope scaling are carried into the GGUF as llama.cpp writes them. */
+TEST(convert_rope_scaling_metadata) {
+    static const struct { const char *json, *type; float factor; int orig; } v[] = {
+        {"{\"type\": \"linear\", \"factor\": 4.0}", "linear", 4.0f, 0},
+        {"{\"rope_type\": \"yarn\", \"factor\": 4.0, \"original_max_position_embeddings\": 32768}", "yarn", 4.0f, 32768},
+        {"{\"rope_type\": \"default\"}", NULL, 0, 0},
+    };
+    for (size_t i = 0; i < sizeof v / sizeof v[0]; i++) {
+        const char *work = make_work_dir(make_f32_hf());
+        char p[1024];
+        snprintf(p, sizeof p, "%s/config.json", work);
+        json_error_t je;
+        edit_json(p, "rope_scaling", json_loads(v[i].json, 0, &je));
+        cm_err err = {0};
+        const char *out = tmp("rope.gguf");
+        if (cm_convert_hf(work, out, NULL, &err)) { TEST_FAIL_("%s: %s", v[i].json, err.msg); continue; }
+        gguf_file g;
+        if (gguf_open(&g, out, &err)) { TEST_FAIL_("%s", err.msg); continue; }
+        gguf_str st;
+        float f = 0;
+        uint32_t u = 0;
+        int rc = gguf_get_str(&g, "qwen2.rope.scaling.type", &st, &err);
+        if (!v[i].type) CHECK_TRUE(rc == 1);
+        else {
+            CHECK_TRUE(rc == CM_OK && gguf_str_eq(st, v[i].type));
+            CHECK_TRUE(gguf_get_f32(&g, "qwen2.rope.scaling.factor", &f, &err) == CM_OK && f == v[i].factor);
+            rc = gguf_get_u32(&g, "qwen2.rope.scaling.original_context_length", &u, &err);
+            CHECK_TRUE(v[i].orig ? rc == CM_OK && u == (uint32_t)v[i].orig : rc == 1);
+        }
+        gguf_close(&g);
+        unlink(out);
+    }
 }
 
 TEST(convert_rejects_bad_shards) {
@@ -712,6 +747,7 @@ int main(void) {
     RUN(convert_logits_match_golden);
     RUN(convert_vocab_only);
     RUN(convert_rejects_bad_config);
+    RUN(convert_rope_scaling_metadata);
     RUN(convert_rejects_bad_shards);
     RUN(convert_rejects_bad_tensors);
     rm_tree(tmp_dir);
