@@ -252,9 +252,12 @@ static int open_weights(cv_state *s, cm_err *err) {
         return CM_OK;
     }
     if ((rc = path_join(path, sizeof path, s->dir, "model.safetensors", err))) return rc;
-    if (!file_exists(path))
-        return cm_err_set(err, CM_E_IO, "convert: %s has neither model.safetensors nor model.safetensors.index.json",
-                          s->dir);
+    if (!file_exists(path)) {
+        char bin[PATH_MAX];
+        int has_bin = path_join(bin, sizeof bin, s->dir, "pytorch_model.bin", NULL) == CM_OK && file_exists(bin);
+        return cm_err_set(err, CM_E_IO, "convert: %s has neither model.safetensors nor model.safetensors.index.json%s",
+                          s->dir, has_bin ? " (pytorch_model.bin is not supported: re-save with safetensors)" : "");
+    }
     return add_shard(s, "model.safetensors", err);
 }
 
