@@ -623,6 +623,24 @@ TEST(convert_tokenizer_json) {
     ASSERT_STREQ(m->info.tok_pre, "gpt-2");
     ASSERT_EQ_INT(m->info.n_vocab, 10);
     ASSERT_EQ_INT(m->info.eos, 6);             /* <|endoftext|> without a config */
+    ASSERT_EQ_INT(m->info.add_bos, 0);
+    vocab_free(m);
+
+    /* BOS added when the post-processor template inserts it (Llama-3), unless the config says no */
+#define TJ_TEMPLATE "\"post_processor\": {\"type\": \"TemplateProcessing\", \"single\": [{\"SpecialToken\": " \
+    "{\"id\": \"<|endoftext|>\", \"type_id\": 0}}, {\"Sequence\": {\"id\": \"A\", \"type_id\": 0}}]},"
+    m = convert_load(TJ_HEAD TJ_TEMPLATE PRE_QWEN TJ_MODEL, "{\"bos_token\": \"<|endoftext|>\"}", 0, &err);
+    ASSERT_TRUE(m);
+    ASSERT_EQ_INT(m->info.bos, 6);
+    ASSERT_EQ_INT(m->info.add_bos, 1);
+    int32_t bids[4];
+    n = tok(m, "ab", 2, CM_TOK_ADD_BOS, bids, 4);
+    ASSERT_IDS(bids, n, 6, 3);
+    vocab_free(m);
+    m = convert_load(TJ_HEAD TJ_TEMPLATE PRE_QWEN TJ_MODEL,
+                     "{\"bos_token\": \"<|endoftext|>\", \"add_bos_token\": false}", 0, &err);
+    ASSERT_TRUE(m);
+    ASSERT_EQ_INT(m->info.add_bos, 0);
     vocab_free(m);
 }
 

@@ -238,14 +238,25 @@ static void run_golden(const char *name, const char *env, const char *npm_rel) {
             if (data && fread(data, 1, (size_t)sz, f) == (size_t)sz) {
                 int bcap = (int)sz + 16;
                 int32_t *bids = malloc((size_t)bcap * sizeof *bids);
-                struct timespec t0, t1;
-                clock_gettime(CLOCK_MONOTONIC, &t0);
-                int nt = cm_tokenize(m, data, (size_t)sz, 0, bids, bcap, NULL);
-                clock_gettime(CLOCK_MONOTONIC, &t1);
-                double s = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+                /* best of 3; wall and process CPU time (the machine may be shared) */
+                double best_wall = 1e9, best_cpu = 1e9;
+                int nt = 0;
+                for (int rep = 0; rep < 3; rep++) {
+                    struct timespec w0, w1, c0, c1;
+                    clock_gettime(CLOCK_MONOTONIC, &w0);
+                    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c0);
+                    nt = cm_tokenize(m, data, (size_t)sz, 0, bids, bcap, NULL);
+                    clock_gettime(CLOCK_MONOTONIC, &w1);
+                    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c1);
+                    double w = (double)(w1.tv_sec - w0.tv_sec) + 1e-9 * (double)(w1.tv_nsec - w0.tv_nsec);
+                    double c = (double)(c1.tv_sec - c0.tv_sec) + 1e-9 * (double)(c1.tv_nsec - c0.tv_nsec);
+                    if (w < best_wall) best_wall = w;
+                    if (c < best_cpu) best_cpu = c;
+                }
                 int dn = cm_detokenize(m, bids, nt > 0 ? nt : 0, 0, NULL, 0);
-                fprintf(stderr, "%s bench: %ld bytes -> %d tokens in %.3f s: %.2f MB/s (%.0f tokens/s); "
-                        "decode %d bytes\n", name, sz, nt, s, (double)sz / s / 1e6, nt / s, dn);
+                fprintf(stderr, "%s bench: %ld bytes -> %d tokens; wall %.3f s = %.1f MB/s, cpu %.3f s = %.1f MB/s "
+                        "(%.2f M tokens/s); decode gives %d bytes\n", name, sz, nt, best_wall, (double)sz / best_wall / 1e6,
+                        best_cpu, (double)sz / best_cpu / 1e6, nt / best_cpu / 1e6, dn);
                 free(bids);
             }
             free(data);
