@@ -384,18 +384,38 @@ int32_t cm_sampler_sample(cm_sampler *s, const float *logits, float *chosen_lp, 
     }
 
     int sorted = 0;
+    if (p->min_p > 0.0f && p->top_p >= 1.0f && !(p->top_k > 0 && p->top_k < n)) {
+        /* min-p alone: drop in logit space what softmax would put below min_p * p_max, before paying
+         * for V exponentials (p_i >= min_p * p_max <=> l_i >= l_max + T log min_p) */
+        const float lmin = c[best].v + p->temperature * logf(p->min_p);
+        int k = 0;
+        for (int i = 0; i < n; i++)
+            if (c[i].v >= lmin) c[k++] = c[i];
+        n = k;
+        best = 0;
+        for (int i = 1; i < n; i++) /* the best moved; find it again (ids stay ascending) */
+            if (c[i].v > c[best].v) best = i;
+    }
     if (p->top_k > 0 && p->top_k < n) {
         cand_select_top(c, n, p->top_k);
         n = p->top_k;
         sorted = 1;
     }
     /* temperature + softmax; values become probabilities relative to the best (which gets exactly 1) */
-    const float mx = sorted ? c[0].v : c[best].v, T = p->temperature;
+    const float mx = sorted ? c[0].v : c[best].v, inv_t = 1.0f / p->temperature;
     double sum = 0.0;
-    for (int i = 0; i < n; i++) {
-        c[i].v = expf((c[i].v - mx) / T);
-        sum += c[i].v;
+    if (isfinite(inv_t)) {
+        for (int i = 0; i < n; i++) {
+            c[i].v = expf((c[i].v - mx) * inv_t);
+            sum += c[i].v;
+        }
+    } else { /* a temperature so small its inverse overflows: divide (0 / T stays 0 for the best) */
+        for (int i = 0; i < n; i++) {
+            c[i].v = expf((c[i].v - mx) / p->temperature);
+            sum += c[i].v;
+        }
     }
+    const int n_soft = n;
     if (p->top_p < 1.0f) {
         const double target = (double)p->top_p * sum;
         int m = sorted ? n : 64, cut = n;
@@ -423,8 +443,10 @@ int32_t cm_sampler_sample(cm_sampler *s, const float *logits, float *chosen_lp, 
             if (c[i].v >= p->min_p) c[k++] = c[i];
         n = k; /* the best token always survives */
     }
-    sum = 0.0;
-    for (int i = 0; i < n; i++) sum += c[i].v;
+    if (n != n_soft) { /* renormalise over what top-p / min-p kept */
+        sum = 0.0;
+        for (int i = 0; i < n; i++) sum += c[i].v;
+    }
     double r = rng_uniform(s->rng) * sum, acc = 0.0;
     chosen = c[0].id;
     for (int i = 0; i < n; i++) {

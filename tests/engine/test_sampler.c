@@ -200,7 +200,7 @@ TEST(top_p_keeps_smallest_set_reaching_p) {
 /* top-p over a large flat-ish vocabulary exercises the growing-prefix selection (more than 64 and 512
  * tokens needed). */
 TEST(top_p_large_vocab_prefix_growth) {
-    enum { V = 5000, N = 3000 };
+    enum { V = 5000, N = 1000 };
     static float l[V];
     static double freq[V];
     for (int i = 0; i < V; i++) l[i] = (float)((i * 7919) % V) * 1e-4f; /* nearly flat, distinct */
@@ -447,16 +447,21 @@ TEST(everything_banned_or_nan_does_not_crash) {
     cm_sampler_free(s);
 }
 
+/* CPU time of this process: the CI machine is shared, wall time would measure the neighbours */
 static double now_s(void) {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
 /* Not a pass/fail speed bar (CI machines vary): reports microseconds per sample at V = 151936 for the
  * usual settings, and checks the results are sane. */
 TEST(speed_at_qwen_vocab) {
+#ifdef __OPTIMIZE__
     enum { V = 151936, N = 200 };
+#else
+    enum { V = 151936, N = 10 }; /* sanitizer/debug builds: only the sanity checks matter */
+#endif
     float *l = malloc(sizeof(float) * V);
     ASSERT_TRUE(l);
     uint64_t x = 42;
@@ -488,7 +493,7 @@ TEST(speed_at_qwen_vocab) {
             CHECK_TRUE(t >= 0 && t < V);
         }
         double us = (now_s() - t0) / N * 1e6;
-        fprintf(stderr, "  sampler V=%d %-28s %8.1f us/sample\n", V, cfg[c].name, us);
+        fprintf(stderr, "  sampler V=%d %-28s %8.1f us/sample (CPU time)\n", V, cfg[c].name, us);
         cm_sampler_free(s);
     }
     free(l);
