@@ -17,7 +17,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "codemoe.h"
@@ -723,6 +725,50 @@ TEST(convert_rejects_bad_tensors) {
     }
 }
 
+/* Runs $CM_BINARY with args (stdout/stderr to /dev/null); returns its exit status or -1. */
+static int run_binary(const char *const *args) {
+    const char *bin = getenv("CM_BINARY");
+    if (!bin) return -1;
+    pid_t pid = fork();
+    if (pid < 0) return -1;
+    if (pid == 0) {
+        const char *argv[16];
+        int n = 0;
+        argv[n++] = bin;
+        for (int i = 0; args[i] && n < 15; i++) argv[n++] = args[i];
+        argv[n] = NULL;
+        int fd = open("/dev/null", O_WRONLY);
+        if (fd >= 0) { dup2(fd, 1); dup2(fd, 2); }
+        execv(bin, (char *const *)argv);
+        _exit(127);
+    }
+    int st;
+    if (waitpid(pid, &st, 0) != pid || !WIFEXITED(st)) return -1;
+    return WEXITSTATUS(st);
+}
+
+/* `codemoe convert`: exit codes 0 / 1 (conversion error) / 2 (usage), and the file it writes. */
+TEST(convert_cli) {
+    if (!getenv("CM_BINARY")) { TEST_FAIL_("CM_BINARY not set (run through meson test)"); return; }
+    const char *dir = make_f32_hf();
+    ASSERT_TRUE(dir != NULL);
+    const char *out = tmp("cli.gguf");
+    const char *ok[] = {"convert", dir, out, "--type", "q8_0", NULL};
+    ASSERT_EQ_INT(run_binary(ok), 0);
+    char *ref = fixture_dup("models/qwen2-gqa-q8_0.gguf");
+    compare_gguf(out, ref, GGUF_TT_F32, GGUF_TT_Q8_0);
+    free(ref);
+    unlink(out);
+    const char *bad_type[] = {"convert", dir, out, "--type", "q4_0", NULL};
+    ASSERT_EQ_INT(run_binary(bad_type), 2);
+    const char *no_args[] = {"convert", NULL};
+    ASSERT_EQ_INT(run_binary(no_args), 2);
+    const char *missing[] = {"convert", "/nonexistent/hf", out, NULL};
+    ASSERT_EQ_INT(run_binary(missing), 1);
+    struct stat st;
+    ASSERT_TRUE(stat(out, &st) != 0);
+}
+
 static void rm_tree(const char *dir) {
     DIR *d = opendir(dir);
     if (!d) return;
@@ -750,6 +796,7 @@ int main(void) {
     RUN(convert_rope_scaling_metadata);
     RUN(convert_rejects_bad_shards);
     RUN(convert_rejects_bad_tensors);
+    RUN(convert_cli);
     rm_tree(tmp_dir);
     return test_summary();
 }
