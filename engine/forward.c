@@ -112,10 +112,12 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
                    n_threads, n_seq, n_ctx, n_batch, p->kv_tokens);
         return NULL;
     }
-    uint64_t kv_tokens = p->kv_tokens ? (uint64_t)p->kv_tokens : (uint64_t)n_seq * (uint64_t)n_ctx;
-    uint64_t n_blocks = (kv_tokens + CM_KV_BLOCK - 1) / CM_KV_BLOCK;
+    /* default: every sequence can reach n_ctx at once */
+    uint64_t per_seq = ((uint64_t)n_ctx + CM_KV_BLOCK - 1) / CM_KV_BLOCK;
+    uint64_t n_blocks = p->kv_tokens ? ((uint64_t)p->kv_tokens + CM_KV_BLOCK - 1) / CM_KV_BLOCK
+                                     : (uint64_t)n_seq * per_seq;
     if (n_blocks > INT32_MAX / 2) {
-        cm_err_set(err, CM_E_NOMEM, "ctx: KV pool of %llu tokens is too large", (unsigned long long)kv_tokens);
+        cm_err_set(err, CM_E_NOMEM, "ctx: KV pool of %llu blocks is too large", (unsigned long long)n_blocks);
         return NULL;
     }
 

@@ -62,17 +62,17 @@ static double run_once(const cm_model *m, int threads, int pp, int tg, const int
     double t = -1;
     if (pp > 0) {
         for (int i = 0; i < pp; i++) seqs[i] = s;
-        cm_batch b = {pp, toks, seqs, NULL};
+        cm_batch b = {.n = pp, .token = toks, .seq = seqs, .logits = NULL};
         double t0 = now_s(), c0 = cpu_s();
         if (cm_forward(c, &b, &err) == 0) t = now_s() - t0, *cpu = cpu_s() - c0;
     } else {
         want[0] = 1;
-        cm_batch b = {1, toks, &s, want};
+        cm_batch b = {.n = 1, .token = toks, .seq = &s, .logits = want};
         if (cm_forward(c, &b, &err) == 0) {
             double t0 = now_s(), c0 = cpu_s();
             int i;
             for (i = 0; i < tg; i++) {
-                cm_batch bi = {1, &toks[1 + i], &s, want};
+                cm_batch bi = {.n = 1, .token = &toks[1 + i], .seq = &s, .logits = want};
                 if (cm_forward(c, &bi, &err)) break;
             }
             if (i == tg) t = now_s() - t0, *cpu = cpu_s() - c0;

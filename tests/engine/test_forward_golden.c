@@ -137,7 +137,7 @@ static cm_ctx *ctx_new(const golden *g, int threads) {
 static int run(cm_ctx *c, int n, const int32_t *tok, const int32_t *seq) {
     int8_t want[512];
     for (int i = 0; i < n; i++) want[i] = 1;
-    cm_batch b = {n, tok, seq, want};
+    cm_batch b = {.n = n, .token = tok, .seq = seq, .logits = want};
     cm_err err = {0};
     int rc = cm_forward(c, &b, &err);
     if (rc) fprintf(stderr, "forward: %s\n", err.msg);
@@ -257,7 +257,7 @@ static int check_greedy(const golden *g, int threads) {
     int s = cm_seq_open(c, NULL);
     int32_t seq[512];
     for (int i = 0; i < g->n_prompt; i++) seq[i] = s;
-    cm_batch b = {g->n_prompt, g->prompt, seq, NULL}; /* NULL: logits of the last token only */
+    cm_batch b = {.n = g->n_prompt, .token = g->prompt, .seq = seq, .logits = NULL}; /* NULL: logits of the last token only */
     int ok = cm_forward(c, &b, NULL) == 0 && cm_logits(c, 0) == NULL;
     const float *lg = ok ? cm_logits(c, g->n_prompt - 1) : NULL;
     for (int t = 0; ok && t < g->n_predict; t++) {
@@ -269,7 +269,7 @@ static int check_greedy(const golden *g, int threads) {
             break;
         }
         int32_t tok = best;
-        cm_batch b1 = {1, &tok, &s, NULL};
+        cm_batch b1 = {.n = 1, .token = &tok, .seq = &s, .logits = NULL};
         ok = cm_forward(c, &b1, NULL) == 0;
         lg = cm_logits(c, 0);
     }

@@ -1,0 +1,392 @@
+/*
+ * test_model.c - model loading validation and the context/sequence/batch contract.
+ *
+ * Loader: a valid fixture model (tests/fixtures/models/qwen2-gqa.gguf) is rewritten with one defect at a
+ * time (wrong shape, missing tensor, bad head counts, absurd sizes, unsupported types or rope scaling,
+ * partial biases, wrong architecture) and each must fail with the right code and a message naming the
+ * culprit; benign variants (absent defaults, llama without biases, untied output, mixed types) load.
+ * Context: KV exhaustion returns CM_E_NOMEM and changes nothing; bad tokens, sequences, lengths and
+ * batch sizes are rejected before any state changes; logits exist exactly for requested rows.
+ */
+#include <unistd.h>
+
+#include "../test.h"
+#include "codemoe.h"
+#include "gguf.h"
+#include "util.h"
+
+static char tmp_path[256];
+
+/* One defect (or variant) applied while copying the fixture. */
+typedef struct mut {
+    const char *drop_key;
+    const char *u32_key; uint32_t u32;       /* set (replacing or adding) a u32 */
+    const char *str_key; const char *str;    /* set (replacing or adding) a string */
+    const char *arch_to;                      /* rename general.architecture and the qwen2.* keys */
+    const char *drop_tensor;                  /* omit tensors whose name contains this */
+    const char *reshape; int64_t ne0, ne1;    /* replace a tensor by zeros of this shape (ne1 0: vector) */
+    const char *retype; int type;             /* store a tensor converted to this type */
+    const char *add_tensor; int64_t add_ne0, add_ne1; /* add a zero F32 tensor */
+} mut;
+
+static int contains(const char *name, const char *pat) { return pat && strstr(name, pat) != NULL; }
+
+/* Writes the fixture with `mu` applied to tmp_path. */
+static int build(const mut *mu) {
+    cm_err err = {0};
+    gguf_file g;
+    if (gguf_open(&g, test_fixture("models/qwen2-gqa.gguf"), &err)) {
+        fprintf(stderr, "%s\n", err.msg);
+        return -1;
+    }
+    gguf_writer *w = gguf_writer_create(&err);
+    int rc = 0;
+    int u32_done = 0, str_done = 0;
+    for (uint64_t i = 0; i < g.n_kv && !rc; i++) {
+        const gguf_kv *kv = &g.kv[i];
+        char key[256], orig[256]; /* key as written; orig to look the value up in g */
+        snprintf(orig, sizeof orig, "%.*s", (int)kv->key.len, kv->key.ptr);
+        snprintf(key, sizeof key, "%s", orig);
+        if (mu->drop_key && !strcmp(key, mu->drop_key)) continue;
+        if (mu->arch_to && !strncmp(key, "qwen2.", 6)) {
+            char k2[256];
+            snprintf(k2, sizeof k2, "%s.%s", mu->arch_to, key + 6);
+            snprintf(key, sizeof key, "%s", k2);
+        }
+        if (mu->u32_key && !strcmp(key, mu->u32_key)) {
+            rc = gguf_writer_set_u32(w, key, mu->u32);
+            u32_done = 1;
+            continue;
+        }
+        if (mu->str_key && !strcmp(key, mu->str_key)) {
+            rc = gguf_writer_set_str(w, key, mu->str);
+            str_done = 1;
+            continue;
+        }
+        if (mu->arch_to && !strcmp(key, "general.architecture")) {
+            rc = gguf_writer_set_str(w, key, mu->arch_to);
+            continue;
+        }
+        if (kv->type == GGUF_VT_STRING) {
+            gguf_str s;
+            gguf_get_str(&g, orig, &s, NULL);
+            char *v = strndup(s.ptr, s.len);
+            rc = gguf_writer_set_str(w, key, v);
+            free(v);
+        } else if (kv->type == GGUF_VT_UINT32) {
+            uint32_t v;
+            gguf_get_u32(&g, orig, &v, NULL);
+            rc = gguf_writer_set_u32(w, key, v);
+        } else if (kv->type == GGUF_VT_FLOAT32) {
+            float v;
+            gguf_get_f32(&g, orig, &v, NULL);
+            rc = gguf_writer_set_f32(w, key, v);
+        } else if (kv->type == GGUF_VT_BOOL) {
+            int v;
+            gguf_get_bool(&g, orig, &v, NULL);
+            rc = gguf_writer_set_bool(w, key, v);
+        } else if (kv->type == GGUF_VT_ARRAY && kv->arr_type == GGUF_VT_STRING) {
+            char **v = calloc(kv->n, sizeof *v);
+            for (uint64_t j = 0; j < kv->n; j++) {
+                gguf_str s = gguf_arr_str(kv, j);
+                v[j] = strndup(s.ptr, s.len);
+            }
+            rc = gguf_writer_set_arr_str(w, key, (const char *const *)v, kv->n);
+            for (uint64_t j = 0; j < kv->n; j++) free(v[j]);
+            free(v);
+        } else if (kv->type == GGUF_VT_ARRAY && kv->arr_type == GGUF_VT_INT32) {
+            int32_t *v = calloc(kv->n, sizeof *v);
+            for (uint64_t j = 0; j < kv->n; j++) v[j] = (int32_t)gguf_arr_int(kv, j);
+            rc = gguf_writer_set_arr_i32(w, key, v, kv->n);
+            free(v);
+        } else {
+            fprintf(stderr, "build: key %s of type %d not copied\n", key, kv->type);
+            rc = -1;
+        }
+    }
+    if (!rc && mu->u32_key && !u32_done) rc = gguf_writer_set_u32(w, mu->u32_key, mu->u32);
+    if (!rc && mu->str_key && !str_done) rc = gguf_writer_set_str(w, mu->str_key, mu->str);
+    for (uint64_t i = 0; i < g.n_tensors && !rc; i++) {
+        const gguf_tensor *t = &g.tensors[i];
+        char name[256];
+        snprintf(name, sizeof name, "%.*s", (int)t->name.len, t->name.ptr);
+        if (contains(name, mu->drop_tensor)) continue;
+        if (mu->reshape && !strcmp(name, mu->reshape)) {
+            int64_t ne[2] = {mu->ne0, mu->ne1 ? mu->ne1 : 1};
+            float *z = calloc((size_t)(ne[0] * ne[1]), sizeof(float));
+            rc = gguf_writer_add_tensor(w, name, GGUF_TT_F32, mu->ne1 ? 2 : 1, ne, GGUF_TT_F32, z, &err);
+            free(z);
+            continue;
+        }
+        int type = mu->retype && !strcmp(name, mu->retype) ? mu->type : t->type;
+        rc = gguf_writer_add_tensor(w, name, type, t->n_dims, t->ne, t->type, t->data, &err);
+    }
+    if (!rc && mu->add_tensor) {
+        int64_t ne[2] = {mu->add_ne0, mu->add_ne1};
+        float *z = calloc((size_t)(ne[0] * ne[1]), sizeof(float));
+        rc = gguf_writer_add_tensor(w, mu->add_tensor, GGUF_TT_F32, 2, ne, GGUF_TT_F32, z, &err);
+        free(z);
+    }
+    if (!rc) rc = gguf_writer_write(w, tmp_path, &err);
+    if (rc) fprintf(stderr, "build: %s\n", err.msg);
+    gguf_writer_free(w);
+    gguf_close(&g);
+    return rc;
+}
+
+/* Builds with mu, loads; expects code (CM_OK: loads) and, on failure, msg containing `want`. */
+static int expect(const mut *mu, int code, const char *want) {
+    if (build(mu)) return 0;
+    cm_err err = {0};
+    cm_model_params p = {0};
+    cm_model *m = cm_model_load(tmp_path, &p, &err);
+    int ok;
+    if (code == CM_OK) {
+        ok = m != NULL;
+        if (!ok) fprintf(stderr, "  unexpected error: %s\n", err.msg);
+    } else {
+        ok = !m && err.code == code && want && strstr(err.msg, want);
+        if (!ok) fprintf(stderr, "  got code %d \"%s\", want %d \"%s\"\n", m ? 0 : err.code, err.msg, code, want);
+    }
+    cm_model_free(m);
+    return ok;
+}
+
+TEST(valid_model_info) {
+    cm_err err = {0};
+    cm_model *m = cm_model_load(test_fixture("models/qwen2-gqa.gguf"), NULL, &err);
+    ASSERT_TRUE(m);
+    const cm_model_info *in = cm_model_get_info(m);
+    ASSERT_STREQ(in->arch, "qwen2");
+    ASSERT_STREQ(in->name, "qwen2-gqa");
+    ASSERT_EQ_INT(in->n_embd, 64);
+    ASSERT_EQ_INT(in->n_layer, 2);
+    ASSERT_EQ_INT(in->n_head, 4);
+    ASSERT_EQ_INT(in->n_head_kv, 2);
+    ASSERT_EQ_INT(in->head_dim, 16);
+    ASSERT_EQ_INT(in->n_ff, 128);
+    ASSERT_EQ_INT(in->n_vocab, 300);
+    ASSERT_EQ_INT(in->n_ctx_train, 256);
+    ASSERT_EQ_INT(in->rope_neox, 1);
+    ASSERT_EQ_INT(in->qkv_bias, 1);
+    ASSERT_EQ_INT(in->tied_output, 1);
+    ASSERT_EQ_INT(in->n_params, 93504);
+    ASSERT_STREQ(in->weight_type, "F32");
+    ASSERT_NEAR(in->rope_theta, 1e6, 1);
+    ASSERT_NEAR(in->rms_eps, 1e-6, 1e-12);
+    FILE *f = fopen(test_fixture("models/qwen2-gqa.gguf"), "rb");
+    ASSERT_TRUE(f);
+    fseek(f, 0, SEEK_END);
+    ASSERT_EQ_INT(in->file_bytes, ftell(f));
+    fclose(f);
+    cm_model_free(m);
+    cm_model_free(NULL);
+    ASSERT_TRUE(cm_model_get_info(NULL) == NULL);
+}
+
+TEST(shape_errors) {
+    ASSERT_TRUE(expect(&(mut){.reshape = "blk.0.attn_q.weight", .ne0 = 64, .ne1 = 32}, CM_E_FORMAT,
+                       "model: tensor blk.0.attn_q.weight has shape [64, 32], expected [64, 64]"));
+    ASSERT_TRUE(expect(&(mut){.reshape = "blk.1.ffn_down.weight", .ne0 = 64, .ne1 = 128}, CM_E_FORMAT,
+                       "blk.1.ffn_down.weight has shape [64, 128], expected [128, 64]"));
+    ASSERT_TRUE(expect(&(mut){.reshape = "blk.0.attn_norm.weight", .ne0 = 63}, CM_E_FORMAT,
+                       "blk.0.attn_norm.weight has shape [63], expected [64]"));
+    ASSERT_TRUE(expect(&(mut){.reshape = "token_embd.weight", .ne0 = 64, .ne1 = 299}, CM_E_FORMAT,
+                       "token_embd.weight has shape [64, 299], expected [64, 300]"));
+    ASSERT_TRUE(expect(&(mut){.drop_tensor = "blk.1.ffn_down.weight"}, CM_E_FORMAT,
+                       "missing tensor blk.1.ffn_down.weight"));
+    ASSERT_TRUE(expect(&(mut){.drop_tensor = "output_norm"}, CM_E_FORMAT, "missing tensor output_norm.weight"));
+}
+
+TEST(hparam_errors) {
+    ASSERT_TRUE(expect(&(mut){.u32_key = "qwen2.attention.head_count_kv", .u32 = 3}, CM_E_FORMAT,
+                       "head_count 4 is not a multiple of head_count_kv 3"));
+    ASSERT_TRUE(expect(&(mut){.u32_key = "qwen2.attention.head_count", .u32 = 0}, CM_E_FORMAT,
+                       "qwen2.attention.head_count = 0 out of range"));
+    ASSERT_TRUE(expect(&(mut){.u32_key = "qwen2.embedding_length", .u32 = 1u << 20}, CM_E_FORMAT,
+                       "qwen2.embedding_length = 1048576 out of range"));
+    ASSERT_TRUE(expect(&(mut){.u32_key = "qwen2.block_count", .u32 = 4000000000u}, CM_E_FORMAT,
+                       "qwen2.block_count"));
+    ASSERT_TRUE(expect(&(mut){.drop_key = "qwen2.block_count"}, CM_E_FORMAT, "missing key qwen2.block_count"));
+    /* 3 layers declared, 2 in the file */
+    ASSERT_TRUE(expect(&(mut){.u32_key = "qwen2.block_count", .u32 = 3}, CM_E_FORMAT,
+                       "missing tensor blk.2.attn_norm.weight"));
+    ASSERT_TRUE(expect(&(mut){.u32_key = "qwen2.attention.key_length", .u32 = 15}, CM_E_FORMAT, "even"));
+    ASSERT_TRUE(expect(&(mut){.u32_key = "qwen2.rope.dimension_count", .u32 = 8}, CM_E_UNSUPPORTED,
+                       "partial rotary"));
+    ASSERT_TRUE(expect(&(mut){.str_key = "qwen2.rope.scaling.type", .str = "yarn"}, CM_E_UNSUPPORTED,
+                       "rope scaling \"yarn\""));
+    ASSERT_TRUE(expect(&(mut){.str_key = "general.architecture", .str = "gpt2"}, CM_E_UNSUPPORTED,
+                       "architecture \"gpt2\""));
+    ASSERT_TRUE(expect(&(mut){.drop_key = "general.architecture"}, CM_E_FORMAT, "general.architecture"));
+}
+
+TEST(type_and_bias_rules) {
+    ASSERT_TRUE(expect(&(mut){.retype = "blk.0.attn_norm.weight", .type = GGUF_TT_F16}, CM_E_UNSUPPORTED,
+                       "blk.0.attn_norm.weight has type F16"));
+    ASSERT_TRUE(expect(&(mut){.drop_tensor = "blk.0.attn_k.bias"}, CM_E_FORMAT, "blk.0 has 2 of the 3"));
+    ASSERT_TRUE(expect(&(mut){.drop_tensor = "blk.1.attn_q.w"}, CM_E_FORMAT, "missing tensor blk.1.attn_q.weight"));
+    ASSERT_TRUE(expect(&(mut){.drop_tensor = ".bias"}, CM_E_FORMAT, "qwen2 requires"));
+    /* benign: a matrix of another type, absent defaults, llama without biases, untied output */
+    ASSERT_TRUE(expect(&(mut){.retype = "blk.0.ffn_up.weight", .type = GGUF_TT_Q8_0}, CM_OK, NULL));
+    ASSERT_TRUE(expect(&(mut){.retype = "blk.1.attn_v.weight", .type = GGUF_TT_BF16}, CM_OK, NULL));
+    ASSERT_TRUE(expect(&(mut){.drop_key = "qwen2.rope.freq_base"}, CM_OK, NULL));
+    cm_model *m = cm_model_load(tmp_path, NULL, NULL);
+    ASSERT_TRUE(m);
+    ASSERT_NEAR(cm_model_get_info(m)->rope_theta, 1e6, 1); /* qwen2's default */
+    cm_model_free(m);
+    ASSERT_TRUE(expect(&(mut){.arch_to = "llama", .drop_tensor = ".bias", .drop_key = "qwen2.rope.freq_base"},
+                       CM_OK, NULL));
+    m = cm_model_load(tmp_path, NULL, NULL);
+    ASSERT_TRUE(m);
+    ASSERT_EQ_INT(cm_model_get_info(m)->qkv_bias, 0);
+    ASSERT_EQ_INT(cm_model_get_info(m)->rope_neox, 0);
+    ASSERT_NEAR(cm_model_get_info(m)->rope_theta, 10000, 1e-3); /* llama's default */
+    cm_model_free(m);
+    ASSERT_TRUE(expect(&(mut){.add_tensor = "output.weight", .add_ne0 = 64, .add_ne1 = 300}, CM_OK, NULL));
+    m = cm_model_load(tmp_path, NULL, NULL);
+    ASSERT_TRUE(m);
+    ASSERT_EQ_INT(cm_model_get_info(m)->tied_output, 0);
+    ASSERT_EQ_INT(cm_model_get_info(m)->n_params, 93504 + 64 * 300);
+    cm_model_free(m);
+    ASSERT_TRUE(expect(&(mut){.add_tensor = "output.weight", .add_ne0 = 64, .add_ne1 = 301}, CM_E_FORMAT,
+                       "output.weight has shape [64, 301], expected [64, 300]"));
+}
+
+TEST(vocab_only) {
+    /* tensors are not looked at: a broken one does not matter, but no context can be made */
+    ASSERT_TRUE(build(&(mut){.drop_tensor = "blk.0."}) == 0);
+    cm_model_params p = {.vocab_only = 1};
+    cm_err err = {0};
+    cm_model *m = cm_model_load(tmp_path, &p, &err);
+    ASSERT_TRUE(m);
+    ASSERT_EQ_INT(cm_model_get_info(m)->n_vocab, 300);
+    cm_ctx_params cp = {.n_ctx = 16, .n_batch_max = 4};
+    ASSERT_TRUE(cm_ctx_create(m, &cp, &err) == NULL);
+    ASSERT_EQ_INT(err.code, CM_E_INVAL);
+    cm_model_free(m);
+}
+
+/* ------------------------------------------------------------ context contract */
+
+static cm_model *fixture(void) { return cm_model_load(test_fixture("models/qwen2-gqa.gguf"), NULL, NULL); }
+
+static int fwd(cm_ctx *c, int n, const int32_t *tok, const int32_t *seq, cm_err *err) {
+    cm_batch b = {.n = n, .token = tok, .seq = seq, .logits = NULL};
+    return cm_forward(c, &b, err);
+}
+
+TEST(kv_exhaustion_changes_nothing) {
+    cm_model *m = fixture();
+    ASSERT_TRUE(m);
+    /* 2 blocks of 32 tokens for everyone */
+    cm_ctx_params p = {.n_threads = 2, .n_seq_max = 2, .n_ctx = 128, .n_batch_max = 64, .kv_tokens = 64};
+    cm_err err = {0};
+    cm_ctx *c = cm_ctx_create(m, &p, &err);
+    ASSERT_TRUE(c);
+    cm_kv_stats st;
+    cm_ctx_kv_stats(c, &st);
+    ASSERT_EQ_INT(st.blocks_total, 2);
+    ASSERT_EQ_INT(st.block_tokens, 32);
+    int32_t tok[64], seq[64];
+    for (int i = 0; i < 64; i++) tok[i] = (i * 7) % 300;
+    int a = cm_seq_open(c, NULL), b = cm_seq_open(c, NULL);
+    ASSERT_TRUE(a >= 0 && b >= 0 && a != b);
+    ASSERT_EQ_INT(cm_seq_open(c, &err), CM_E_NOMEM); /* n_seq_max */
+    for (int i = 0; i < 64; i++) seq[i] = a;
+    ASSERT_EQ_INT(fwd(c, 40, tok, seq, &err), CM_OK);
+    cm_ctx_kv_stats(c, &st);
+    ASSERT_EQ_INT(st.blocks_used, 2);
+    float keep[300];
+    memcpy(keep, cm_logits(c, 39), sizeof keep);
+    /* b needs a block: none left; a batch mixing a (fits in its block) and b fails as a whole */
+    int32_t mix_seq[2] = {a, b}, mix_tok[2] = {5, 6};
+    ASSERT_EQ_INT(fwd(c, 2, mix_tok, mix_seq, &err), CM_E_NOMEM);
+    ASSERT_TRUE(strstr(err.msg, "KV pool exhausted"));
+    ASSERT_EQ_INT(cm_seq_len(c, a), 40);
+    ASSERT_EQ_INT(cm_seq_len(c, b), 0);
+    ASSERT_TRUE(cm_logits(c, 0) == NULL); /* the old batch's logits are gone after any forward */
+    /* a alone fits in its second block, and equals what it would have been */
+    ASSERT_EQ_INT(fwd(c, 1, &mix_tok[0], &a, &err), CM_OK);
+    ASSERT_EQ_INT(cm_seq_len(c, a), 41);
+    /* shrinking a frees its second block for b */
+    ASSERT_EQ_INT(cm_seq_truncate(c, a, 20, &err), CM_OK);
+    cm_ctx_kv_stats(c, &st);
+    ASSERT_EQ_INT(st.blocks_used, 1);
+    ASSERT_EQ_INT(fwd(c, 1, &mix_tok[1], &b, &err), CM_OK);
+    cm_seq_close(c, a);
+    cm_seq_close(c, b);
+    cm_ctx_kv_stats(c, &st);
+    ASSERT_EQ_INT(st.blocks_used, 0);
+    /* the same 40 tokens again give the same logits */
+    a = cm_seq_open(c, NULL);
+    for (int i = 0; i < 40; i++) seq[i] = a;
+    ASSERT_EQ_INT(fwd(c, 40, tok, seq, &err), CM_OK);
+    ASSERT_TRUE(!memcmp(keep, cm_logits(c, 39), sizeof keep));
+    cm_ctx_free(c);
+    cm_model_free(m);
+}
+
+TEST(batch_validation) {
+    cm_model *m = fixture();
+    ASSERT_TRUE(m);
+    cm_ctx_params p = {.n_threads = 1, .n_seq_max = 2, .n_ctx = 8, .n_batch_max = 16};
+    cm_err err = {0};
+    cm_ctx *c = cm_ctx_create(m, &p, &err);
+    ASSERT_TRUE(c);
+    int s = cm_seq_open(c, NULL);
+    int32_t tok[20] = {0}, seq[20];
+    for (int i = 0; i < 20; i++) seq[i] = s;
+    ASSERT_EQ_INT(fwd(c, 0, tok, seq, &err), CM_E_INVAL);
+    ASSERT_EQ_INT(fwd(c, 17, tok, seq, &err), CM_E_INVAL);       /* > n_batch_max */
+    ASSERT_EQ_INT(fwd(c, 9, tok, seq, &err), CM_E_RANGE);        /* > n_ctx */
+    tok[3] = 300;
+    ASSERT_EQ_INT(fwd(c, 4, tok, seq, &err), CM_E_RANGE);        /* token outside the vocabulary */
+    tok[3] = -1;
+    ASSERT_EQ_INT(fwd(c, 4, tok, seq, &err), CM_E_RANGE);
+    tok[3] = 0;
+    seq[2] = 1;                                                  /* not open */
+    ASSERT_EQ_INT(fwd(c, 4, tok, seq, &err), CM_E_RANGE);
+    seq[2] = 7;                                                  /* no such slot */
+    ASSERT_EQ_INT(fwd(c, 4, tok, seq, &err), CM_E_RANGE);
+    seq[2] = s;
+    ASSERT_EQ_INT(cm_seq_len(c, s), 0);
+    ASSERT_EQ_INT(cm_seq_len(c, 1), CM_E_RANGE);
+    /* logits NULL: only the last token of each sequence */
+    ASSERT_EQ_INT(fwd(c, 8, tok, seq, &err), CM_OK);
+    ASSERT_TRUE(cm_logits(c, 7) != NULL);
+    for (int i = 0; i < 7; i++) ASSERT_TRUE(cm_logits(c, i) == NULL);
+    ASSERT_TRUE(cm_logits(c, 8) == NULL && cm_logits(c, -1) == NULL);
+    ASSERT_EQ_INT(fwd(c, 1, tok, seq, &err), CM_E_RANGE);        /* the sequence is full */
+    ASSERT_EQ_INT(cm_seq_truncate(c, s, 9, &err), CM_E_RANGE);
+    ASSERT_EQ_INT(cm_seq_truncate(c, s, 0, &err), CM_OK);
+    /* explicit flags, two sequences interleaved */
+    int s2 = cm_seq_open(c, NULL);
+    int32_t seq2[4] = {s, s2, s, s2};
+    int8_t want[4] = {1, 0, 0, 1};
+    cm_batch b = {.n = 4, .token = tok, .seq = seq2, .logits = want};
+    ASSERT_EQ_INT(cm_forward(c, &b, &err), CM_OK);
+    ASSERT_TRUE(cm_logits(c, 0) && !cm_logits(c, 1) && !cm_logits(c, 2) && cm_logits(c, 3));
+    ASSERT_EQ_INT(cm_seq_len(c, s), 2);
+    ASSERT_EQ_INT(cm_seq_len(c, s2), 2);
+    cm_seq_close(c, 5); /* no-op */
+    cm_ctx_free(c);
+    cm_ctx_free(NULL);
+    cm_ctx_params bad = {.n_threads = -1};
+    ASSERT_TRUE(cm_ctx_create(m, &bad, &err) == NULL && err.code == CM_E_INVAL);
+    cm_model_free(m);
+}
+
+int main(void) {
+    snprintf(tmp_path, sizeof tmp_path, "%s/cm_test_model_%d.gguf", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp",
+             (int)getpid());
+    RUN(valid_model_info);
+    RUN(shape_errors);
+    RUN(hparam_errors);
+    RUN(type_and_bias_rules);
+    RUN(vocab_only);
+    RUN(kv_exhaustion_changes_nothing);
+    RUN(batch_validation);
+    unlink(tmp_path);
+    return test_summary();
+}
