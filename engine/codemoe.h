@@ -163,6 +163,11 @@ typedef struct cm_batch {
     const int32_t *seq;    /* (n) sequence ids from cm_seq_open */
     const int8_t *logits;  /* (n) nonzero: compute logits for this token; NULL: only each sequence's
                               last token in the batch */
+    /* Optional, for mixture-of-experts models (ignored by dense models; may be NULL): */
+    const uint64_t *adapters; /* (n) MoLE: bit a set = adapter a applies to this token; read only for
+                                 sequences whose adapter routing is CM_ADAPTERS_BATCH */
+    const int8_t *generated;  /* (n) nonzero: a token the caller generated (routing statistics count
+                                 prompt and generated tokens apart); NULL: all are prompt tokens */
 } cm_batch;
 
 /* Runs the forward pass. On error nothing is appended to any sequence. */
@@ -170,6 +175,110 @@ int cm_forward(cm_ctx *c, const cm_batch *b, cm_err *err);
 /* Logits (n_vocab floats) of batch token i from the last cm_forward; NULL if not requested.
  * Valid until the next cm_forward on this context. */
 const float *cm_logits(const cm_ctx *c, int i);
+
+/* ------------------------------------------------------------ mixture-of-experts options
+ *
+ * Hybrid MoE (arch "multipl_moe") has a token level and a segment level; the segment level routes
+ * windows of `window` tokens in one of two modes:
+ * - CM_SEGMENT_CAUSAL (the default for generation): a token's window descriptor pools only the window's
+ *   positions up to and including it, kept as per-sequence state in the context (O(1) per decoded token).
+ *   Outputs depend on nothing later in the sequence nor on other sequences in the batch, so prefill
+ *   equals token-by-token decoding and the KV cache stays valid.
+ * - CM_SEGMENT_REFERENCE (the paper's non-causal expert choice, for scoring complete text): experts
+ *   choose among the windows of the WHOLE request. Only valid when the sequence is empty and all its
+ *   tokens come in ONE cm_forward; afterwards the sequence accepts no more tokens (CM_E_INVAL) until
+ *   it is truncated to 0 or closed.
+ * MoLE (arch "mole") applies low-rank adapters per token. Where a token's adapter set comes from:
+ * - CM_ADAPTERS_AUTO: a fence tracker over the sequence's own tokens (prompt and generated alike, in
+ *   order): inside a Markdown code block of a language with an adapter -> {language, shared}; fence
+ *   lines, prose and unknown languages -> {fallback}. With `language` >= 0, text outside any fenced
+ *   block counts as code of that language ({language, shared}).
+ * - CM_ADAPTERS_BATCH: the caller gives each token's set in cm_batch.adapters.
+ * - CM_ADAPTERS_NONE: the base model only. */
+enum { CM_SEGMENT_DEFAULT = 0, CM_SEGMENT_CAUSAL = 1, CM_SEGMENT_REFERENCE = 2 };
+enum { CM_ADAPTERS_AUTO = 0, CM_ADAPTERS_BATCH = 1, CM_ADAPTERS_NONE = 2 };
+
+typedef struct cm_seq_options {
+    int segment_mode;     /* CM_SEGMENT_*; DEFAULT = the model's multipl_moe.segment.mode_default */
+    int adapter_routing;  /* CM_ADAPTERS_* */
+    int language;         /* adapter id (cm_model_adapter_id) of the request's language, -1: none */
+} cm_seq_options;
+
+/* A newly opened sequence has {DEFAULT, AUTO, -1}. Options may change only while the sequence is empty
+ * (length 0): CM_E_INVAL otherwise. Dense models accept and ignore them. */
+void cm_seq_options_default(cm_seq_options *o);
+int cm_seq_set_options(cm_ctx *c, int seq, const cm_seq_options *o, cm_err *err);
+
+/* MoLE adapters of a model: count (0 for other architectures), name of id i (NULL if out of range),
+ * and the id of a name or common alias ("py", "rs", "c++", "js", "golang", ...), -1 if none. */
+int cm_model_n_adapters(const cm_model *m);
+const char *cm_model_adapter_name(const cm_model *m, int i);
+int cm_model_adapter_id(const cm_model *m, const char *name);
+
+/* ------------------------------------------------------------ routing statistics
+ *
+ * Per sequence, gathered during cm_forward when enabled (the default). Prompt and generated tokens
+ * (cm_batch.generated) are counted apart: index [0] prompt, [1] generated. Counts start at zero when
+ * the sequence is opened and on cm_seq_routing_reset. */
+typedef struct cm_route_count {
+    uint32_t tokens[2];   /* tokens routed here */
+    double gate_sum[2];   /* sum of their gates (mean gate = gate_sum / tokens) */
+} cm_route_count;
+
+typedef struct cm_routing {
+    int n_layer;
+    int n_tok_experts;    /* token-level experts (0 when not a hybrid model) */
+    int shared_expert;    /* index of the shared token expert, -1 none */
+    int n_seg_experts;    /* segment-level experts */
+    int window;           /* tokens per segment window */
+    int n_windows;        /* windows covered by seg_windows: ceil(n_ctx / window) */
+    int n_adapters;       /* MoLE adapters (0 when not a MoLE model) */
+    const cm_route_count *tok;     /* (n_layer, n_tok_experts) */
+    const cm_route_count *seg;     /* (n_layer, n_seg_experts); gate = q * gate_scale as applied */
+    const uint32_t *seg_windows;   /* (n_layer, n_seg_experts, n_windows): tokens of window w routed to
+                                      segment expert e (reference mode: the windows the expert chose) */
+    const cm_route_count *adapter; /* (n_adapters): tokens per adapter (gate_sum = tokens x scale) */
+} cm_routing;
+
+/* The sequence's statistics (arrays owned by the context), or NULL for a dense model or a bad sequence.
+ * Valid until the next cm_forward, reset, cm_seq_close or cm_ctx_free on c: copy what you keep. */
+const cm_routing *cm_seq_routing(const cm_ctx *c, int seq);
+void cm_seq_routing_reset(cm_ctx *c, int seq);
+/* Turn statistics gathering on (default) or off for the whole context. */
+void cm_ctx_set_routing_stats(cm_ctx *c, int on);
+
+/* ------------------------------------------------------------ languages (pure functions, no model)
+ *
+ * A fence tracker follows Markdown code fences through a byte stream, fed piece by piece (token
+ * texts): a line whose text starts (after spaces) with ``` is a fence line; an opening fence names the
+ * block's language (```python, ```rs: aliases are normalised), the next fence line closes it. Plain
+ * struct: copy it to checkpoint. */
+#define CM_LANG_NAME_MAX 24
+typedef struct cm_fence {
+    int in_block;             /* inside a fenced block */
+    int lead_ws;              /* the current line began with whitespace other than spaces */
+    int line_len;             /* bytes of the current line seen so far */
+    char line[40];            /* first bytes of the current line (enough to parse ```lang) */
+    char lang[CM_LANG_NAME_MAX + 1]; /* normalised language of the open block, "" if none/unnamed */
+} cm_fence;
+
+void cm_fence_init(cm_fence *f);
+/* Where the piece starting here belongs, decided by the line so far and the piece: CM_FENCE_CODE inside
+ * a block (*lang points at f->lang; "" if the block named no language or an unreadable one),
+ * CM_FENCE_LINE on a fence line, CM_FENCE_TEXT outside any block. Call before cm_fence_push with the
+ * same piece. lang may be NULL. */
+enum { CM_FENCE_TEXT = 0, CM_FENCE_CODE = 1, CM_FENCE_LINE = 2 };
+int cm_fence_classify(const cm_fence *f, const char *piece, size_t len, const char **lang);
+/* Consume the piece's bytes, updating the block state at each newline. */
+void cm_fence_push(cm_fence *f, const char *piece, size_t len);
+
+/* Normalise a language name or alias ("py" -> "python", "C++" -> "cpp", "rs" -> "rust", ...) into out
+ * (lower case, at most CM_LANG_NAME_MAX bytes). Returns out's length, 0 if empty/too long/invalid. */
+int cm_lang_normalize(const char *name, size_t len, char out[CM_LANG_NAME_MAX + 1]);
+/* Guess the programming language of a prompt: the first fence's language; else a file name or
+ * extension hint ("# file: x.py", "<filename>main.rs", a FIM path line); else keyword statistics.
+ * Returns a normalised name (static string) or NULL when nothing is convincing. */
+const char *cm_lang_detect(const char *text, size_t len);
 
 /* KV pool usage, for metrics. */
 typedef struct cm_kv_stats {

@@ -854,15 +854,13 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         int is_get = !strcmp(method, "GET") || !strcmp(method, "HEAD");
         int is_post = !strcmp(method, "POST");
         if (!strcmp(method, "OPTIONS")) {
-            r->route = r->route == ROUTE_UNKNOWN ? ROUTE_UNKNOWN : ROUTE_PREFLIGHT;
             if (r->route == ROUTE_UNKNOWN) respond_http_error(r, 404, NULL);
-            else respond_preflight(r);
+            else r->route = ROUTE_PREFLIGHT; /* answered on the final call */
             return MHD_YES;
         }
         if (r->route == ROUTE_UNKNOWN) { respond_http_error(r, 404, NULL); return MHD_YES; }
         if (r->route == ROUTE_HEALTH) {
-            if (is_get) handle_health(r);
-            else respond_http_error(r, 405, NULL);
+            if (!is_get) respond_http_error(r, 405, NULL);
             return MHD_YES;
         }
         if (!srv_keys_check(&h->cfg->keys, MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization"))) {
@@ -902,6 +900,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     }
     if (r->responded || r->job_active) return MHD_YES;
     switch (r->route) {
+    case ROUTE_PREFLIGHT: respond_preflight(r); break;
+    case ROUTE_HEALTH: handle_health(r); break;
     case ROUTE_COMPLETIONS: handle_completion(r); break;
     case ROUTE_METRICS: handle_metrics(r); break;
     case ROUTE_MODELS: handle_models(r); break;

@@ -209,9 +209,10 @@ test('CORS: allowed origins, preflight, wildcard', async () => {
 });
 
 test('bounded queue: 429 with Retry-After when full', async () => {
-  const srv = await startServer({ args: ['--parallel', '1', '--queue', '1'] });
+  const srv = await startServer({ args: ['--parallel', '1', '--queue', '1', '--ctx', '16384'] });
   try {
-    const long = { prompt: 'for i in range(', max_tokens: 200, temperature: 0, stream: true };
+    /* long enough (16k tokens) to still be running while we look, even on a fast machine */
+    const long = { prompt: 'for i in range(', max_tokens: 16000, temperature: 0, stream: true };
     const a = await openStream(srv, long);  /* running (headers come with its first token) */
     const bP = openStream(srv, long);       /* queued */
     await waitMetrics(srv, (m) => m['codemoe_queue_depth'] === 1);
@@ -232,12 +233,12 @@ test('bounded queue: 429 with Retry-After when full', async () => {
 });
 
 test('request timeout ends a generation (JSON error, or an error event in a stream)', async () => {
-  const srv = await startServer({ args: ['--request-timeout', '0.2', '--ctx', '4096'] });
+  const srv = await startServer({ args: ['--request-timeout', '0.2', '--ctx', '16384'] });
   try {
-    const r = await postJSON(srv, '/v1/completions', { prompt: 'x', max_tokens: 4000, temperature: 0, logit_bias: {} });
+    const r = await postJSON(srv, '/v1/completions', { prompt: 'x', max_tokens: 16000, temperature: 0 });
     const e = assertErrorShape(r, 504, 'timeout');
     assert.equal(e.code, 'timeout');
-    const res = await fetch(srv.base + '/v1/completions', { method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify({ prompt: 'x', max_tokens: 4000, stream: true }) });
+    const res = await fetch(srv.base + '/v1/completions', { method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify({ prompt: 'x', max_tokens: 16000, stream: true }) });
     assert.equal(res.status, 200);
     const events = await readSSE(res);
     const last = events[events.length - 1];

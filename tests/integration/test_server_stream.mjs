@@ -42,9 +42,9 @@ async function streamText(srv, body) {
 }
 
 test('disconnecting mid-stream cancels the generation and frees its KV blocks', async () => {
-  const srv = await startServer({ args: ['--ctx', '2048'] });
+  const srv = await startServer({ args: ['--ctx', '16384'] });
   try {
-    const { req, res } = await rawStream(srv, { prompt: 'def main():', max_tokens: 2000, temperature: 0.8, seed: 1, stream: true });
+    const { req, res } = await rawStream(srv, { prompt: 'def main():', max_tokens: 16000, temperature: 0.8, seed: 1, stream: true });
     assert.equal(res.statusCode, 200);
     const d = await firstData(res);
     assert.match(d, /^data: /);
@@ -54,12 +54,12 @@ test('disconnecting mid-stream cancels the generation and frees its KV blocks', 
     req.destroy();
     m = await waitMetrics(srv, (x) => x['codemoe_requests_cancelled_total'] === 1 && x['codemoe_sequences_running'] === 0 &&
       x['codemoe_kv_blocks_used'] === 0, 5000);
-    assert.ok(m['codemoe_generated_tokens_total'] < 2000);
+    assert.ok(m['codemoe_generated_tokens_total'] < 16000);
 
     /* a plain (non-streamed) request whose client leaves while it is generating */
     const plain = http.request(srv.base + '/v1/completions', { method: 'POST', headers: { 'Content-Type': 'application/json' }, agent: false });
     plain.on('error', () => {});
-    plain.end(JSON.stringify({ prompt: 'class A:', max_tokens: 2000, temperature: 0.8, seed: 2 }));
+    plain.end(JSON.stringify({ prompt: 'class A:', max_tokens: 16000, temperature: 0.8, seed: 2 }));
     await waitMetrics(srv, (x) => x['codemoe_sequences_running'] === 1, 5000);
     plain.destroy();
     await waitMetrics(srv, (x) => x['codemoe_requests_cancelled_total'] === 2 && x['codemoe_sequences_running'] === 0 &&
@@ -111,8 +111,8 @@ test('SIGTERM mid-stream: the stream finishes within --grace, exit 0', async () 
 });
 
 test('SIGTERM with a short grace: the stream ends with an error event, new connections refused, exit 0', async () => {
-  const srv = await startServer({ args: ['--grace', '0.3', '--ctx', '8192'] });
-  const res = await fetch(srv.base + '/v1/completions', { method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify({ prompt: 'x', max_tokens: 8000, temperature: 0.7, seed: 4, stream: true }) });
+  const srv = await startServer({ args: ['--grace', '0.3', '--ctx', '16384'] });
+  const res = await fetch(srv.base + '/v1/completions', { method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify({ prompt: 'x', max_tokens: 16000, temperature: 0.7, seed: 4, stream: true }) });
   assert.equal(res.status, 200);
   let signalled = false;
   let refused = null;
@@ -134,6 +134,25 @@ test('SIGTERM with a short grace: the stream ends with an error event, new conne
   assert.equal(ex.code, 0);
   await sleep(50);
   assert.equal(refused, true, 'listener closed after SIGTERM');
+});
+
+test('a reader that falls --stream-buffer behind gets an error event; its generation is cancelled', async () => {
+  /* 4 choices with 5 logprobs each produce more than 4 KiB per step, so the stream's buffer
+   * overflows before the client could drain it: the path a stuck reader takes once the kernel's
+   * socket buffers are full */
+  const srv = await startServer({ args: ['--stream-buffer', '4096', '--ctx', '4096'] });
+  try {
+    const res = await fetch(srv.base + '/v1/completions', { method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify({ prompt: 'x', max_tokens: 4000, n: 4, logprobs: 5, stream: true }) });
+    assert.equal(res.status, 200);
+    const events = await readSSE(res);
+    const last = events[events.length - 1];
+    assert.ok(last && last.error, JSON.stringify(last));
+    assert.equal(last.error.code, 'slow_reader');
+    await waitMetrics(srv, (m) => m['codemoe_slow_reader_streams_total'] === 1 && m['codemoe_sequences_running'] === 0 &&
+      m['codemoe_kv_blocks_used'] === 0 && m['codemoe_generated_tokens_total'] < 4 * 4000, 5000);
+  } finally {
+    assert.equal((await srv.stop()).code, 0);
+  }
 });
 
 await run();

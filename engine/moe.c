@@ -1,0 +1,763 @@
+/*
+ * moe.c - the mixture-of-experts FFNs at run time: routing, grouped expert products, MoLE adapters,
+ * per-sequence state (causal window pooling, fence trackers, options) and routing statistics.
+ *
+ * Hybrid layer, for N batch tokens (see moe.h for the call order):
+ *   1. route: per token, p = softmax(W_tok x) -> k experts and gates (a_tok folded in); segment level
+ *      causal: the sequence's running window pool (max, or sum in double for mean) -> q -> top-c
+ *      experts; reference: per sequence, windows -> q (P, N_seg) -> greedy expert choice. Every routed
+ *      (token, expert, gate) is a "slot".
+ *   2. group: slots sorted by expert (counting sort; tokens keep batch order inside a group), the
+ *      tokens' rows gathered into xg (R, D).
+ *   3. one pool run for every group's gate and up products, silu*up, one pool run for every down
+ *      product: only selected experts are computed, each on exactly its tokens.
+ *   4. scatter: y[t] = sum over t's slots, in expert order, of gate * out_row. The order is per token,
+ *      so a token's result does not depend on what else is in the batch.
+ * Products with >= MM_GEMM_ROWS rows go through OpenBLAS sgemm on dequantised tiles, smaller ones through
+ * the matvec kernels: decode touches each active expert's weights once.
+ * MoLE: the base projections are forward.c's (once for the batch); each adapter with tokens gathers
+ * them, runs T = X A^T (n_a, r), Y = T B^T, and adds scale * Y back, in adapter order per token.
+ * Everything is allocated at cm_moe_ctx_create.
+ */
+#include <cblas.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels.h"
+#include "moe.h"
+#include "threadpool.h"
+#include "util.h"
+
+#define MM_GEMM_ROWS 16
+#define MM_DEQ_FLOATS (1 << 19) /* per-thread dequantisation tile */
+#define MM_MAX_OPS (4 * CM_MOE_MAX_EXPERTS + 8)
+
+typedef struct moe_seq {
+    cm_seq_options opt;
+    int sealed;          /* reference mode: scored; no more tokens */
+    cm_fence fence;
+    /* causal segment state per layer: positions of the current window seen so far and their pool */
+    int *win_n;          /* (n_layer) */
+    float *pool_max;     /* (n_layer, D) */
+    double *pool_sum;    /* (n_layer, D) */
+    cm_routing r;
+    cm_route_count *tok, *seg, *adapter;
+    uint32_t *seg_windows;
+} moe_seq;
+
+typedef struct mm_op {
+    const void *w;
+    int wtype;
+    int64_t m, k;  /* W (m, k) */
+    const float *x;/* (n, k) */
+    int n;
+    float *y;      /* (n, m) */
+    int task0;
+} mm_op;
+
+struct cm_moe_ctx {
+    const cm_model *m;
+    const cm_moe_model *mm;
+    cm_pool *pool;
+    int n_threads, n_seq_max, n_ctx, B, D, n_layer, stats_on, n_win;
+    moe_seq *seqs;
+    /* batch */
+    const cm_batch *b;
+    const int32_t *pos;
+    int n;
+    uint64_t *sets;       /* (B) MoLE adapter mask per token */
+    int8_t *gen;          /* (B) 1: generated token */
+    /* routing slots: S per token */
+    int S;
+    int *n_slot;          /* (B) */
+    int16_t *slot_e;      /* (B, S) global expert index: token experts 0..n_tok-1, then segment experts */
+    float *slot_g;        /* (B, S) gate with the fusion weight folded in */
+    float *rlog;          /* (B, max(n_tok, n_seg)) router outputs */
+    float *desc;          /* (max(B, P), D) window descriptors */
+    int32_t *ref_idx;     /* (B) batch indices of one reference-mode sequence */
+    /* grouping */
+    int rows_max;
+    int32_t *g_start;     /* (n_tok + n_seg + 1) */
+    int32_t *g_tok;       /* (rows_max) token of each row */
+    float *xg;            /* (rows_max, max(D, F)) gathered inputs */
+    float *hg, *hu;       /* (rows_max, F) */
+    float *yd;            /* (rows_max, D) */
+    int32_t *row_of_slot; /* (B, S) */
+    float *lt;            /* (B, 2 * max_rank) LoRA low-rank activations */
+    float *deq;           /* (n_threads, MM_DEQ_FLOATS) */
+    char *tokbuf;         /* the longest token's bytes (fence tracking) */
+    int tokbuf_cap;
+    /* one grouped product run */
+    int n_ops;
+    mm_op ops[MM_MAX_OPS];
+    int64_t chunk;
+};
+
+/* ============================================================ grouped products */
+
+static void mm_task(void *arg, int task, int thread) {
+    cm_moe_ctx *mc = arg;
+    int o = 0;
+    while (o + 1 < mc->n_ops && task >= mc->ops[o + 1].task0) o++;
+    const mm_op *op = &mc->ops[o];
+    int64_t r0 = (int64_t)(task - op->task0) * mc->chunk, r1 = r0 + mc->chunk;
+    if (r1 > op->m) r1 = op->m;
+    if (op->n < MM_GEMM_ROWS) {
+        cm_matvec_rows(op->wtype, GGUF_TT_F32, op->w, op->k, op->x, (size_t)op->k * sizeof(float), op->n, op->y,
+                       op->m, r0, r1);
+        return;
+    }
+    size_t rb = gguf_row_bytes(op->wtype, op->k);
+    float *t = mc->deq + (size_t)thread * MM_DEQ_FLOATS;
+    /* tiles of W rows that fit the scratch */
+    int64_t tile = MM_DEQ_FLOATS / op->k;
+    if (tile < 1) tile = 1;
+    for (int64_t a = r0; a < r1; a += tile) {
+        int64_t e = a + tile < r1 ? a + tile : r1;
+        const float *bw;
+        if (op->wtype == GGUF_TT_F32) {
+            bw = (const float *)op->w + a * op->k;
+        } else {
+            for (int64_t r = a; r < e; r++)
+                cm_dequantize_row(op->wtype, (const char *)op->w + (size_t)r * rb, t + (r - a) * op->k, op->k);
+            bw = t;
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, op->n, (int)(e - a), (int)op->k, 1.0f, op->x,
+                    (int)op->k, bw, (int)op->k, 0.0f, op->y + a, (int)op->m);
+    }
+}
+
+static void mm_begin(cm_moe_ctx *mc) { mc->n_ops = 0; }
+
+static void mm_add(cm_moe_ctx *mc, const void *w, int wtype, int64_t m, int64_t k, const float *x, int n, float *y) {
+    if (n <= 0) return;
+    mm_op *op = &mc->ops[mc->n_ops++];
+    *op = (mm_op){w, wtype, m, k, x, n, y, 0};
+}
+
+static void mm_go(cm_moe_ctx *mc) {
+    if (!mc->n_ops) return;
+    int64_t rows = 0, mmax = 0;
+    for (int i = 0; i < mc->n_ops; i++) {
+        rows += mc->ops[i].m;
+        if (mc->ops[i].m > mmax) mmax = mc->ops[i].m;
+    }
+    int nt = mc->n_threads;
+    int64_t chunk = nt == 1 ? mmax : (rows + 4 * nt - 1) / (4 * nt);
+    chunk = (chunk + 15) & ~(int64_t)15;
+    if (chunk < 16) chunk = 16;
+    mc->chunk = chunk;
+    int t = 0;
+    for (int i = 0; i < mc->n_ops; i++) {
+        mc->ops[i].task0 = t;
+        t += (int)((mc->ops[i].m + chunk - 1) / chunk);
+    }
+    cm_pool_run(mc->pool, mm_task, mc, t);
+}
+
+/* ============================================================ create / free */
+
+static int max_token_bytes(const cm_model *m) {
+    int mx = 16;
+    for (int i = 0; i < cm_model_get_info(m)->n_vocab; i++) {
+        int n = cm_token_bytes(m, i, 0, NULL, 0);
+        if (n > mx) mx = n;
+    }
+    return mx;
+}
+
+cm_moe_ctx *cm_moe_ctx_create(const cm_model *m, const cm_moe_model *mm, cm_pool *pool, int n_threads,
+                              int n_seq_max, int n_ctx, int n_batch_max, cm_err *err) {
+    cm_moe_ctx *mc = calloc(1, sizeof *mc);
+    if (!mc) {
+        cm_err_set(err, CM_E_NOMEM, "ctx: out of memory");
+        return NULL;
+    }
+    mc->m = m;
+    mc->mm = mm;
+    mc->pool = pool;
+    mc->n_threads = n_threads;
+    mc->n_seq_max = n_seq_max;
+    mc->n_ctx = n_ctx;
+    mc->B = n_batch_max;
+    mc->D = mm->d;
+    mc->n_layer = mm->n_layer;
+    mc->stats_on = 1;
+    size_t B = (size_t)n_batch_max, D = (size_t)mm->d, L = (size_t)mm->n_layer;
+    int fail = 0;
+#define ALLOC(p, n) do { size_t n_ = (n); (p) = calloc(n_ + 1, sizeof *(p)); fail |= !(p); } while (0)
+    ALLOC(mc->seqs, (size_t)n_seq_max);
+    ALLOC(mc->sets, B);
+    ALLOC(mc->gen, B);
+    if (mm->kind == CM_MOE_HYBRID) {
+        int segs = mm->n_seg ? (mm->seg_causal_top > mm->bucket ? mm->seg_causal_top : mm->bucket) : 0;
+        if (segs > mm->n_seg) segs = mm->n_seg;
+        mc->S = mm->k_used + segs;
+        int nr = mm->n_tok > mm->n_seg ? mm->n_tok : mm->n_seg;
+        mc->rows_max = (int)B * mc->S;
+        mc->n_win = mm->n_seg ? (n_ctx + mm->window - 1) / mm->window : 0;
+        size_t F = (size_t)mm->f_exp, R = (size_t)mc->rows_max;
+        ALLOC(mc->n_slot, B);
+        ALLOC(mc->slot_e, B * (size_t)mc->S);
+        ALLOC(mc->slot_g, B * (size_t)mc->S);
+        ALLOC(mc->row_of_slot, B * (size_t)mc->S);
+        ALLOC(mc->rlog, B * (size_t)nr);
+        ALLOC(mc->desc, B * D);
+        ALLOC(mc->ref_idx, B);
+        ALLOC(mc->g_start, (size_t)(mm->n_tok + mm->n_seg + 1));
+        ALLOC(mc->g_tok, R);
+        ALLOC(mc->xg, R * D);
+        ALLOC(mc->hg, R * F);
+        ALLOC(mc->hu, R * F);
+        ALLOC(mc->yd, R * D);
+    } else {
+        size_t F = (size_t)mm->n_ff, K = D > F ? D : F;
+        mc->rows_max = (int)B;
+        ALLOC(mc->g_tok, B);
+        ALLOC(mc->xg, B * K);
+        ALLOC(mc->hg, B * K);
+        ALLOC(mc->hu, B * K);
+        ALLOC(mc->lt, B * 2 * (size_t)mm->max_rank);
+    }
+    ALLOC(mc->deq, (size_t)n_threads * MM_DEQ_FLOATS);
+    for (int s = 0; s < n_seq_max && !fail; s++) {
+        moe_seq *q = &mc->seqs[s];
+        cm_routing *r = &q->r;
+        r->n_layer = mm->n_layer;
+        if (mm->kind == CM_MOE_HYBRID) {
+            r->n_tok_experts = mm->n_tok;
+            r->shared_expert = mm->shared;
+            r->n_seg_experts = mm->n_seg;
+            r->window = mm->window;
+            r->n_windows = mc->n_win;
+            ALLOC(q->tok, L * (size_t)mm->n_tok);
+            ALLOC(q->seg, L * (size_t)mm->n_seg);
+            ALLOC(q->seg_windows, L * (size_t)mm->n_seg * (size_t)mc->n_win);
+            ALLOC(q->win_n, L);
+            if (mm->pooling == CM_POOL_MAX) ALLOC(q->pool_max, L * D);
+            else ALLOC(q->pool_sum, L * D);
+        } else {
+            r->n_adapters = mm->n_adapters;
+            ALLOC(q->adapter, (size_t)mm->n_adapters);
+        }
+        r->tok = q->tok;
+        r->seg = q->seg;
+        r->seg_windows = q->seg_windows;
+        r->adapter = q->adapter;
+        cm_seq_options_default(&q->opt);
+    }
+#undef ALLOC
+    if (fail) {
+        cm_moe_ctx_free(mc);
+        cm_err_set(err, CM_E_NOMEM, "ctx: cannot allocate mixture-of-experts state");
+        return NULL;
+    }
+    if (mm->kind == CM_MOE_MOLE) {
+        /* fence tracking reads each token's bytes: a buffer for the longest */
+        int mx = max_token_bytes(m);
+        mc->tokbuf = malloc((size_t)mx + 1);
+        mc->tokbuf_cap = mx + 1;
+        if (!mc->tokbuf) {
+            cm_moe_ctx_free(mc);
+            cm_err_set(err, CM_E_NOMEM, "ctx: out of memory");
+            return NULL;
+        }
+    }
+    return mc;
+}
+
+void cm_moe_ctx_free(cm_moe_ctx *mc) {
+    if (!mc) return;
+    for (int s = 0; mc->seqs && s < mc->n_seq_max; s++) {
+        moe_seq *q = &mc->seqs[s];
+        free(q->tok);
+        free(q->seg);
+        free(q->seg_windows);
+        free(q->adapter);
+        free(q->win_n);
+        free(q->pool_max);
+        free(q->pool_sum);
+    }
+    free(mc->seqs);
+    free(mc->sets);
+    free(mc->gen);
+    free(mc->n_slot);
+    free(mc->slot_e);
+    free(mc->slot_g);
+    free(mc->row_of_slot);
+    free(mc->rlog);
+    free(mc->desc);
+    free(mc->ref_idx);
+    free(mc->g_start);
+    free(mc->g_tok);
+    free(mc->xg);
+    free(mc->hg);
+    free(mc->hu);
+    free(mc->yd);
+    free(mc->lt);
+    free(mc->deq);
+    free(mc->tokbuf);
+    free(mc);
+}
+
+/* ============================================================ sequences and options */
+
+void cm_seq_options_default(cm_seq_options *o) {
+    if (!o) return;
+    o->segment_mode = CM_SEGMENT_DEFAULT;
+    o->adapter_routing = CM_ADAPTERS_AUTO;
+    o->language = -1;
+}
+
+void cm_moe_routing_reset(cm_moe_ctx *mc, int seq) {
+    moe_seq *q = &mc->seqs[seq];
+    const cm_moe_model *mm = mc->mm;
+    size_t L = (size_t)mm->n_layer;
+    if (q->tok) memset(q->tok, 0, L * (size_t)mm->n_tok * sizeof *q->tok);
+    if (q->seg) memset(q->seg, 0, L * (size_t)mm->n_seg * sizeof *q->seg);
+    if (q->seg_windows) memset(q->seg_windows, 0, L * (size_t)mm->n_seg * (size_t)mc->n_win * sizeof *q->seg_windows);
+    if (q->adapter) memset(q->adapter, 0, (size_t)mm->n_adapters * sizeof *q->adapter);
+}
+
+static void seq_state_reset(cm_moe_ctx *mc, moe_seq *q) {
+    q->sealed = 0;
+    if (q->win_n) memset(q->win_n, 0, (size_t)mc->n_layer * sizeof *q->win_n);
+    cm_fence_init(&q->fence);
+}
+
+void cm_moe_seq_open(cm_moe_ctx *mc, int seq) {
+    moe_seq *q = &mc->seqs[seq];
+    cm_seq_options_default(&q->opt);
+    seq_state_reset(mc, q);
+    cm_moe_routing_reset(mc, seq);
+}
+
+/* The causal pool of the current window cannot be rebuilt from the KV cache (it holds attention keys
+ * and values, not FFN inputs), and the fence tracker cannot be rewound: so a sequence can only be cut
+ * back to empty or to a window boundary with nothing after it to forget... in practice: to 0, or to
+ * its own length. */
+int cm_moe_seq_truncate_check(const cm_moe_ctx *mc, int seq, int len, int n, cm_err *err) {
+    (void)mc;
+    (void)seq;
+    if (n == 0 || n == len) return CM_OK;
+    return cm_err_set(err, CM_E_UNSUPPORTED,
+                      "seq: a %s sequence can be truncated only to 0 or its length (%d -> %d): its routing state "
+                      "(window pool, code fences) cannot be rewound; re-prefill instead",
+                      mc->mm->kind == CM_MOE_HYBRID ? "hybrid-MoE" : "MoLE", len, n);
+}
+
+void cm_moe_seq_truncate(cm_moe_ctx *mc, int seq, int n) {
+    if (n == 0) seq_state_reset(mc, &mc->seqs[seq]);
+}
+
+int cm_moe_seq_set_options(cm_moe_ctx *mc, int seq, int len, const cm_seq_options *o, cm_err *err) {
+    if (!o) return cm_err_set(err, CM_E_INVAL, "seq: no options");
+    if (len != 0) return cm_err_set(err, CM_E_INVAL, "seq: options can change only while sequence %d is empty", seq);
+    if (o->segment_mode < CM_SEGMENT_DEFAULT || o->segment_mode > CM_SEGMENT_REFERENCE)
+        return cm_err_set(err, CM_E_INVAL, "seq: segment_mode %d (0 default, 1 causal, 2 reference)", o->segment_mode);
+    if (o->adapter_routing < CM_ADAPTERS_AUTO || o->adapter_routing > CM_ADAPTERS_NONE)
+        return cm_err_set(err, CM_E_INVAL, "seq: adapter_routing %d (0 auto, 1 batch, 2 none)", o->adapter_routing);
+    int na = mc->mm->kind == CM_MOE_MOLE ? mc->mm->n_adapters : 0;
+    if (o->language < -1 || (o->language >= 0 && o->language >= na))
+        return cm_err_set(err, CM_E_RANGE, "seq: language adapter %d out of range (%d adapters)", o->language, na);
+    mc->seqs[seq].opt = *o;
+    return CM_OK;
+}
+
+static int seg_mode(const cm_moe_ctx *mc, const moe_seq *q) {
+    return q->opt.segment_mode == CM_SEGMENT_DEFAULT ? mc->mm->mode_default : q->opt.segment_mode;
+}
+
+/* ============================================================ batch */
+
+int cm_moe_batch_check(const cm_moe_ctx *mc, const cm_batch *b, const int32_t *seq_len, const int32_t *seq_cnt,
+                       cm_err *err) {
+    const cm_moe_model *mm = mc->mm;
+    for (int s = 0; s < mc->n_seq_max; s++) {
+        if (!seq_cnt[s]) continue;
+        const moe_seq *q = &mc->seqs[s];
+        if (mm->kind == CM_MOE_HYBRID && mm->n_seg && seg_mode(mc, q) == CM_SEGMENT_REFERENCE && seq_len[s] != 0)
+            return cm_err_set(err, CM_E_INVAL,
+                              "forward: sequence %d is in reference segment mode, which scores a whole request in "
+                              "ONE forward from an empty sequence (it holds %d positions); use causal mode to "
+                              "decode", s, seq_len[s]);
+        if (mm->kind == CM_MOE_MOLE && q->opt.adapter_routing == CM_ADAPTERS_BATCH && !b->adapters)
+            return cm_err_set(err, CM_E_INVAL, "forward: sequence %d takes adapter sets from the batch, which has none", s);
+    }
+    if (mm->kind == CM_MOE_MOLE && b->adapters) {
+        uint64_t ok = mm->n_adapters >= 64 ? ~0ull : (1ull << mm->n_adapters) - 1;
+        for (int i = 0; i < b->n; i++)
+            if (mc->seqs[b->seq[i]].opt.adapter_routing == CM_ADAPTERS_BATCH && (b->adapters[i] & ~ok))
+                return cm_err_set(err, CM_E_RANGE, "forward: adapter set 0x%llx of token %d names adapters beyond "
+                                  "the model's %d", (unsigned long long)b->adapters[i], i, mm->n_adapters);
+    }
+    return CM_OK;
+}
+
+static int adapter_id_of(const cm_moe_model *mm, const char *lang) {
+    if (!lang || !*lang) return -1;
+    for (int a = 0; a < mm->n_adapters; a++)
+        if (!strcmp(mm->names[a], lang)) return a;
+    return -1;
+}
+
+/* The adapter set of a code token of language adapter `id`: {id, shared}. */
+static uint64_t code_set(const cm_moe_model *mm, int id) {
+    uint64_t s = 1ull << id;
+    if (mm->ad_shared >= 0) s |= 1ull << mm->ad_shared;
+    return s;
+}
+
+static uint64_t auto_set(cm_moe_ctx *mc, moe_seq *q, int32_t tok) {
+    const cm_moe_model *mm = mc->mm;
+    int nb = cm_token_bytes(mc->m, tok, 0, mc->tokbuf, (size_t)mc->tokbuf_cap);
+    if (nb < 0) nb = 0;
+    if (nb > mc->tokbuf_cap) nb = mc->tokbuf_cap;
+    const char *lang = NULL;
+    int where = cm_fence_classify(&q->fence, mc->tokbuf, (size_t)nb, &lang);
+    cm_fence_push(&q->fence, mc->tokbuf, (size_t)nb);
+    uint64_t fb = mm->ad_fallback >= 0 ? 1ull << mm->ad_fallback : 0;
+    if (where == CM_FENCE_CODE) {
+        int id = adapter_id_of(mm, lang);
+        return id >= 0 ? code_set(mm, id) : fb;
+    }
+    if (where == CM_FENCE_TEXT && q->opt.language >= 0) return code_set(mm, q->opt.language);
+    return fb;
+}
+
+void cm_moe_batch_begin(cm_moe_ctx *mc, const cm_batch *b, const int32_t *pos) {
+    const cm_moe_model *mm = mc->mm;
+    mc->b = b;
+    mc->pos = pos;
+    mc->n = b->n;
+    for (int i = 0; i < b->n; i++) {
+        mc->gen[i] = b->generated && b->generated[i] ? 1 : 0;
+        if (mm->kind != CM_MOE_MOLE) continue;
+        moe_seq *q = &mc->seqs[b->seq[i]];
+        uint64_t set = 0;
+        switch (q->opt.adapter_routing) {
+        case CM_ADAPTERS_BATCH: set = b->adapters[i]; break;
+        case CM_ADAPTERS_NONE: set = 0; break;
+        default: set = auto_set(mc, q, b->token[i]); break;
+        }
+        mc->sets[i] = set;
+        if (mc->stats_on)
+            for (int a = 0; a < mm->n_adapters; a++)
+                if (set >> a & 1) {
+                    q->adapter[a].tokens[mc->gen[i]]++;
+                    q->adapter[a].gate_sum[mc->gen[i]] += mm->scales[a];
+                }
+    }
+}
+
+void cm_moe_batch_end(cm_moe_ctx *mc) {
+    const cm_moe_model *mm = mc->mm;
+    if (mm->kind == CM_MOE_HYBRID && mm->n_seg)
+        for (int i = 0; i < mc->n; i++) {
+            moe_seq *q = &mc->seqs[mc->b->seq[i]];
+            if (seg_mode(mc, q) == CM_SEGMENT_REFERENCE) q->sealed = 1;
+        }
+    mc->b = NULL;
+}
+
+/* ============================================================ hybrid routing */
+
+/* y (n_out) = W (n_out, D) x: a router's logits, as f32 dots (the routers are tiny). */
+static void router(const void *w, int wtype, int n_out, int64_t d, const float *x, float *y) {
+    size_t rb = gguf_row_bytes(wtype, d);
+    for (int e = 0; e < n_out; e++) y[e] = cm_vec_dot(wtype, GGUF_TT_F32, d, (const char *)w + (size_t)e * rb, x);
+}
+
+/* p (n) = softmax(l) in double: routing decisions compare these */
+static void softmax_d(const float *l, int n, double *p) {
+    double mx = l[0], s = 0;
+    for (int i = 1; i < n; i++) mx = l[i] > mx ? l[i] : mx;
+    for (int i = 0; i < n; i++) s += p[i] = exp((double)l[i] - mx);
+    for (int i = 0; i < n; i++) p[i] /= s;
+}
+
+/* Indices of the k largest of p[0..n) not equal to skip, highest first, ties to the lower index. */
+static int top_k(const double *p, int n, int k, int skip, int *out) {
+    int m = 0;
+    for (int j = 0; j < k; j++) {
+        int best = -1;
+        for (int e = 0; e < n; e++) {
+            if (e == skip) continue;
+            int used = 0;
+            for (int u = 0; u < m; u++) used |= out[u] == e;
+            if (used) continue;
+            if (best < 0 || p[e] > p[best]) best = e;
+        }
+        if (best < 0) break;
+        out[m++] = best;
+    }
+    return m;
+}
+
+static void add_slot(cm_moe_ctx *mc, int i, int e, float g) {
+    int k = mc->n_slot[i]++;
+    mc->slot_e[(size_t)i * mc->S + k] = (int16_t)e;
+    mc->slot_g[(size_t)i * mc->S + k] = g;
+}
+
+static void route_token_level(cm_moe_ctx *mc, int il, const float *x) {
+    const cm_moe_model *mm = mc->mm;
+    const cm_moe_layer *l = &mm->layers[il];
+    int N = mm->n_tok, D = mc->D;
+    double p[CM_MOE_MAX_EXPERTS];
+    int sel[CM_MOE_MAX_EXPERTS];
+    for (int i = 0; i < mc->n; i++) {
+        float *lg = mc->rlog + (size_t)i * N;
+        router(l->tok_router, mm->router_type, N, D, x + (size_t)i * D, lg);
+        softmax_d(lg, N, p);
+        int k = mm->shared >= 0 ? mm->k_used - 1 : mm->k_used;
+        int m = top_k(p, N, k, mm->shared, sel);
+        if (mm->shared >= 0) sel[m++] = mm->shared;
+        double sum = 0;
+        for (int j = 0; j < m; j++) sum += p[sel[j]];
+        moe_seq *q = &mc->seqs[mc->b->seq[i]];
+        cm_route_count *st = q->tok + (size_t)il * N;
+        for (int j = 0; j < m; j++) {
+            double g = p[sel[j]] / sum;
+            add_slot(mc, i, sel[j], (float)(mm->a_tok * g));
+            if (mc->stats_on) {
+                st[sel[j]].tokens[mc->gen[i]]++;
+                st[sel[j]].gate_sum[mc->gen[i]] += g;
+            }
+        }
+    }
+}
+
+static void seg_stat(cm_moe_ctx *mc, moe_seq *q, int il, int e, int gen, double g, int pos) {
+    const cm_moe_model *mm = mc->mm;
+    cm_route_count *st = q->seg + (size_t)il * mm->n_seg + e;
+    st->tokens[gen]++;
+    st->gate_sum[gen] += g;
+    int w = pos / mm->window;
+    if (w < mc->n_win) q->seg_windows[((size_t)il * mm->n_seg + e) * (size_t)mc->n_win + w]++;
+}
+
+/* causal: token t of window s pools its sequence's x over s*w .. t (state kept per sequence/layer) */
+static void route_seg_causal(cm_moe_ctx *mc, int il, const float *x, int i) {
+    const cm_moe_model *mm = mc->mm;
+    int D = mc->D, N = mm->n_seg;
+    moe_seq *q = &mc->seqs[mc->b->seq[i]];
+    const float *xi = x + (size_t)i * D;
+    if (mc->pos[i] % mm->window == 0) q->win_n[il] = 0; /* a new window starts here */
+    int cnt = ++q->win_n[il];
+    float *desc = mc->desc + (size_t)i * D;
+    if (mm->pooling == CM_POOL_MAX) {
+        float *pm = q->pool_max + (size_t)il * D;
+        for (int d = 0; d < D; d++) desc[d] = pm[d] = cnt == 1 || xi[d] > pm[d] ? xi[d] : pm[d];
+    } else {
+        double *ps = q->pool_sum + (size_t)il * D;
+        for (int d = 0; d < D; d++) {
+            ps[d] = (cnt == 1 ? 0.0 : ps[d]) + xi[d];
+            desc[d] = (float)(ps[d] / cnt);
+        }
+    }
+    float *lg = mc->rlog + (size_t)i * N;
+    double p[CM_MOE_MAX_EXPERTS];
+    int sel[CM_MOE_MAX_EXPERTS];
+    router(mm->layers[il].seg_router, mm->router_type, N, D, desc, lg);
+    softmax_d(lg, N, p);
+    int m = top_k(p, N, mm->seg_causal_top, -1, sel);
+    for (int j = 0; j < m; j++) {
+        double g = p[sel[j]] * mm->gate_scale;
+        add_slot(mc, i, mm->n_tok + sel[j], (float)(mm->a_seg * g));
+        if (mc->stats_on) seg_stat(mc, q, il, sel[j], mc->gen[i], g, mc->pos[i]);
+    }
+}
+
+/* reference: the sequence's whole request is in this batch (checked): windows from position 0, experts
+ * in index order each take their top-K windows among those fewer than `bucket` experts hold */
+static void route_seg_reference(cm_moe_ctx *mc, int il, const float *x, int seq) {
+    const cm_moe_model *mm = mc->mm;
+    int D = mc->D, N = mm->n_seg, w = mm->window;
+    int T = 0;
+    for (int i = 0; i < mc->n; i++)
+        if (mc->b->seq[i] == seq) mc->ref_idx[T++] = i; /* batch order == position order */
+    int P = T / w;
+    if (P == 0) return;
+    /* descriptors (P, D) in desc, q (P, N) in rlog as doubles would need more room: keep q in a
+     * stack-free way: recompute per window into qbuf */
+    double *qb = (double *)mc->hg; /* hg is free until the experts run: (rows_max, F) floats >= P*N doubles */
+    for (int s = 0; s < P; s++) {
+        float *dsc = mc->desc + (size_t)s * D;
+        for (int d = 0; d < D; d++) {
+            double acc = mm->pooling == CM_POOL_MAX ? -INFINITY : 0.0;
+            for (int t = s * w; t < (s + 1) * w; t++) {
+                double v = x[(size_t)mc->ref_idx[t] * D + d];
+                acc = mm->pooling == CM_POOL_MAX ? (v > acc ? v : acc) : acc + v;
+            }
+            dsc[d] = (float)(mm->pooling == CM_POOL_MAX ? acc : acc / w);
+        }
+        float lg[CM_MOE_MAX_EXPERTS];
+        router(mm->layers[il].seg_router, mm->router_type, N, D, dsc, lg);
+        softmax_d(lg, N, qb + (size_t)s * N);
+    }
+    int K = (int)floor((double)P * (double)mm->capacity / (double)N);
+    uint8_t *taken = (uint8_t *)mc->yd; /* (P) counts; yd is free until the experts run */
+    memset(taken, 0, (size_t)P);
+    moe_seq *q = &mc->seqs[seq];
+    for (int e = 0; e < N && K > 0; e++) {
+        for (int got = 0; got < K;) {
+            int best = -1;
+            for (int s = 0; s < P; s++) {
+                if (taken[s] >= mm->bucket || (taken[s] & 0x80)) continue;
+                if (best < 0 || qb[(size_t)s * N + e] > qb[(size_t)best * N + e]) best = s;
+            }
+            if (best < 0) break;
+            taken[best] |= 0x80; /* taken by this expert; cleared below */
+            got++;
+            double g = qb[(size_t)best * N + e] * mm->gate_scale;
+            for (int t = best * w; t < (best + 1) * w; t++) {
+                int i = mc->ref_idx[t];
+                add_slot(mc, i, mm->n_tok + e, (float)(mm->a_seg * g));
+                if (mc->stats_on) seg_stat(mc, q, il, e, mc->gen[i], g, mc->pos[i]);
+            }
+        }
+        for (int s = 0; s < P; s++)
+            if (taken[s] & 0x80) taken[s] = (uint8_t)((taken[s] & 0x7f) + 1);
+    }
+}
+
+/* ============================================================ hybrid FFN */
+
+void cm_moe_ffn(cm_moe_ctx *mc, int il, int n, const float *x, float *y) {
+    const cm_moe_model *mm = mc->mm;
+    const cm_moe_layer *l = &mm->layers[il];
+    int D = mc->D, F = mm->f_exp, NE = mm->n_tok + mm->n_seg;
+    memset(mc->n_slot, 0, (size_t)n * sizeof *mc->n_slot);
+
+    /* 1. route */
+    route_token_level(mc, il, x);
+    if (mm->n_seg) {
+        for (int i = 0; i < n; i++) {
+            moe_seq *q = &mc->seqs[mc->b->seq[i]];
+            if (seg_mode(mc, q) == CM_SEGMENT_CAUSAL) route_seg_causal(mc, il, x, i);
+        }
+        for (int i = 0; i < n; i++) {
+            int s = mc->b->seq[i];
+            if (seg_mode(mc, &mc->seqs[s]) != CM_SEGMENT_REFERENCE) continue;
+            int first = 1;
+            for (int j = 0; j < i && first; j++) first = mc->b->seq[j] != s;
+            if (first) route_seg_reference(mc, il, x, s);
+        }
+    }
+
+    /* 2. group slots by expert: counting sort; rows of one expert in batch order */
+    int32_t *gs = mc->g_start;
+    memset(gs, 0, (size_t)(NE + 1) * sizeof *gs);
+    for (int i = 0; i < n; i++)
+        for (int k = 0; k < mc->n_slot[i]; k++) {
+            int e = mc->slot_e[(size_t)i * mc->S + k];
+            /* a zero fusion weight removes the level: skip its experts' work entirely */
+            if (mc->slot_g[(size_t)i * mc->S + k] == 0.0f) continue;
+            gs[e + 1]++;
+        }
+    for (int e = 0; e < NE; e++) gs[e + 1] += gs[e];
+    int32_t fill[2 * CM_MOE_MAX_EXPERTS];
+    memcpy(fill, gs, (size_t)NE * sizeof *fill);
+    for (int i = 0; i < n; i++)
+        for (int k = 0; k < mc->n_slot[i]; k++) {
+            size_t si = (size_t)i * mc->S + k;
+            if (mc->slot_g[si] == 0.0f) {
+                mc->row_of_slot[si] = -1;
+                continue;
+            }
+            int r = fill[mc->slot_e[si]]++;
+            mc->g_tok[r] = i;
+            mc->row_of_slot[si] = r;
+            memcpy(mc->xg + (size_t)r * D, x + (size_t)i * D, (size_t)D * sizeof(float));
+        }
+
+    /* 3. expert products, only on routed rows */
+    size_t rbg = gguf_row_bytes(mm->exp_type, D) * (size_t)F, rbd = gguf_row_bytes(mm->exp_type, F) * (size_t)D;
+    (void)rbg;
+    (void)rbd;
+    mm_begin(mc);
+    for (int e = 0; e < NE; e++) {
+        int r0 = gs[e], nr = gs[e + 1] - gs[e];
+        if (!nr) continue;
+        const cm_moe_expert *ex = e < mm->n_tok ? &l->tok[e] : &l->seg[e - mm->n_tok];
+        mm_add(mc, ex->gate, mm->exp_type, F, D, mc->xg + (size_t)r0 * D, nr, mc->hg + (size_t)r0 * F);
+        mm_add(mc, ex->up, mm->exp_type, F, D, mc->xg + (size_t)r0 * D, nr, mc->hu + (size_t)r0 * F);
+    }
+    mm_go(mc);
+    int rows = gs[NE];
+    for (int r = 0; r < rows; r++) cm_silu_mul(mc->hg + (size_t)r * F, mc->hu + (size_t)r * F, F);
+    mm_begin(mc);
+    for (int e = 0; e < NE; e++) {
+        int r0 = gs[e], nr = gs[e + 1] - gs[e];
+        if (!nr) continue;
+        const cm_moe_expert *ex = e < mm->n_tok ? &l->tok[e] : &l->seg[e - mm->n_tok];
+        mm_add(mc, ex->down, mm->exp_type, D, F, mc->hg + (size_t)r0 * F, nr, mc->yd + (size_t)r0 * D);
+    }
+    mm_go(mc);
+
+    /* 4. scatter in expert order per token */
+    for (int i = 0; i < n; i++) {
+        float *yi = y + (size_t)i * D;
+        memset(yi, 0, (size_t)D * sizeof(float));
+        for (int e = 0; e < NE; e++)
+            for (int k = 0; k < mc->n_slot[i]; k++) {
+                size_t si = (size_t)i * mc->S + k;
+                if (mc->slot_e[si] != e || mc->row_of_slot[si] < 0) continue;
+                cm_axpy(yi, mc->slot_g[si], mc->yd + (size_t)mc->row_of_slot[si] * D, D);
+            }
+    }
+}
+
+/* ============================================================ MoLE */
+
+/* For every adapter with tokens: out[t] (n, M) += scale * B (A x_t); x (n, K). proj: 0 gate, 1 up, 2 down.
+ * Two products share x for gate and up (out2 != NULL). */
+static void mole_apply(cm_moe_ctx *mc, int il, int proj, int n, const float *x, int64_t K, float *out, int64_t M,
+                       float *out2, int proj2) {
+    const cm_moe_model *mm = mc->mm;
+    int na = mm->n_adapters;
+    for (int a = 0; a < na; a++) {
+        int cnt = 0;
+        for (int i = 0; i < n; i++)
+            if (mc->sets[i] >> a & 1) {
+                mc->g_tok[cnt] = i;
+                memcpy(mc->xg + (size_t)cnt * K, x + (size_t)i * K, (size_t)K * sizeof(float));
+                cnt++;
+            }
+        if (!cnt) continue;
+        int r = mm->ranks[a];
+        const cm_lora *lo = &mm->lora[((size_t)il * 3 + (size_t)proj) * (size_t)na + (size_t)a];
+        const cm_lora *lo2 = out2 ? &mm->lora[((size_t)il * 3 + (size_t)proj2) * (size_t)na + (size_t)a] : NULL;
+        float *t1 = mc->lt, *t2 = mc->lt + (size_t)mc->B * (size_t)mm->max_rank;
+        mm_begin(mc);
+        mm_add(mc, lo->a, lo->a_type, r, K, mc->xg, cnt, t1);
+        if (lo2) mm_add(mc, lo2->a, lo2->a_type, r, K, mc->xg, cnt, t2);
+        mm_go(mc);
+        mm_begin(mc);
+        mm_add(mc, lo->b, lo->b_type, M, r, t1, cnt, mc->hg);
+        if (lo2) mm_add(mc, lo2->b, lo2->b_type, M, r, t2, cnt, mc->hu);
+        mm_go(mc);
+        float sc = mm->scales[a];
+        for (int j = 0; j < cnt; j++) {
+            int i = mc->g_tok[j];
+            cm_axpy(out + (size_t)i * M, sc, mc->hg + (size_t)j * M, M);
+            if (lo2) cm_axpy(out2 + (size_t)i * M, sc, mc->hu + (size_t)j * M, M);
+        }
+    }
+}
+
+void cm_mole_gate_up(cm_moe_ctx *mc, int il, int n, const float *x, float *hg, float *hu) {
+    mole_apply(mc, il, 0, n, x, mc->D, hg, mc->mm->n_ff, hu, 1);
+}
+
+void cm_mole_down(cm_moe_ctx *mc, int il, int n, const float *h, float *proj) {
+    mole_apply(mc, il, 2, n, h, mc->mm->n_ff, proj, mc->D, NULL, 0);
+}
+
+/* ============================================================ statistics */
+
+const cm_routing *cm_moe_routing(cm_moe_ctx *mc, int seq) { return &mc->seqs[seq].r; }
+
+void cm_moe_set_stats(cm_moe_ctx *mc, int on) { mc->stats_on = on != 0; }

@@ -1,0 +1,111 @@
+/*
+ * moe.h - mixture-of-experts FFNs: the MultiPL-MoE hybrid (token + segment level) and MoLE (LoRA
+ * language experts), their weights, per-context state and routing statistics. Internal to engine/.
+ * Semantics and file layout: docs/model-format.md; the PyTorch reference: tools/reference_moe.py.
+ *
+ * Shapes: N batch tokens, D n_embd, F expert FFN width (hybrid) or n_ff (MoLE), r a LoRA rank.
+ * model.c calls cm_moe_load() for the two architectures; forward.c creates a cm_moe_ctx beside its own
+ * scratch and calls:
+ *   cm_moe_batch_check()  while validating a batch (before any state changes);
+ *   cm_moe_batch_begin()  once positions are assigned (per-token adapter sets, fence trackers);
+ *   cm_moe_ffn()          hybrid: the whole FFN of one layer, y (N, D) from the normed input;
+ *   cm_mole_gate_up()     MoLE: after the base gate/up products, adds the adapters' deltas;
+ *   cm_mole_down()        MoLE: after the base down product, adds the adapters' deltas;
+ *   cm_moe_batch_end()    after the last layer (reference-mode sequences become closed for input).
+ */
+#ifndef CM_MOE_H
+#define CM_MOE_H
+
+#include "codemoe.h"
+#include "gguf.h"
+
+struct cm_model;
+struct cm_tensor;
+struct cm_pool;
+
+#define CM_MOE_MAX_EXPERTS 64  /* per level; routing bitmasks and stack arrays are sized by it */
+#define CM_MOLE_MAX_ADAPTERS 64 /* cm_batch.adapters is a 64-bit mask */
+
+enum { CM_MOE_NONE = 0, CM_MOE_HYBRID = 1, CM_MOE_MOLE = 2 };
+enum { CM_POOL_MAX = 0, CM_POOL_MEAN = 1 };
+
+typedef struct cm_moe_expert {
+    /* views into the stacked tensors: gate, up (F, D); down (D, F) */
+    const void *gate, *up, *down;
+} cm_moe_expert;
+
+typedef struct cm_moe_layer {
+    const void *tok_router; /* (N_tok, D) */
+    const void *seg_router; /* (N_seg, D) */
+    cm_moe_expert *tok;     /* (N_tok) */
+    cm_moe_expert *seg;     /* (N_seg) */
+} cm_moe_layer;
+
+typedef struct cm_lora {
+    const void *a; /* (r, in) */
+    const void *b; /* (out, r) */
+    int a_type, b_type;
+} cm_lora;
+
+typedef struct cm_moe_model {
+    int kind; /* CM_MOE_HYBRID or CM_MOE_MOLE */
+    int n_layer, d;
+    /* hybrid */
+    int n_tok, k_used, shared, f_exp;
+    int n_seg, window, pooling, bucket;
+    float capacity, gate_scale, a_tok, a_seg;
+    int mode_default;   /* CM_SEGMENT_CAUSAL or CM_SEGMENT_REFERENCE */
+    int seg_causal_top; /* max(1, floor(capacity)), capped at n_seg */
+    int router_type;    /* type of both routers (F32, F16, BF16, Q8_0) */
+    int exp_type;       /* type of every expert matrix */
+    cm_moe_layer *layers; /* (n_layer) */
+    cm_moe_expert *experts_mem;
+    /* MoLE */
+    int n_ff;
+    int n_adapters;
+    char (*names)[CM_LANG_NAME_MAX + 1]; /* (n_adapters) */
+    int *ranks;                          /* (n_adapters) */
+    float *alphas, *scales;              /* (n_adapters); scale = alpha / sqrt(rank) */
+    int ad_shared, ad_fallback;          /* -1: none */
+    int max_rank;
+    cm_lora *lora;                       /* (n_layer, 3 projections gate/up/down, n_adapters) */
+} cm_moe_model;
+
+/* Reads <arch>.* keys and the MoE tensors for arch "multipl_moe" or "mole" (base tensors are model.c's).
+ * in: the base hyper-parameters already loaded. Returns NULL with err set on any inconsistency. */
+cm_moe_model *cm_moe_load(const gguf_file *g, const char *arch, const cm_model_info *in, cm_err *err);
+void cm_moe_model_free(cm_moe_model *mm);
+/* Architectures this file handles, and their base attention defaults. */
+int cm_moe_arch(const char *arch); /* CM_MOE_* */
+/* Default rope style: multipl_moe as qwen2 (NeoX), mole as llama; <arch>.rope.type overrides. */
+int cm_moe_rope_neox_default(const char *arch);
+
+typedef struct cm_moe_ctx cm_moe_ctx;
+
+cm_moe_ctx *cm_moe_ctx_create(const struct cm_model *m, const cm_moe_model *mm, struct cm_pool *pool,
+                              int n_threads, int n_seq_max, int n_ctx, int n_batch_max, cm_err *err);
+void cm_moe_ctx_free(cm_moe_ctx *mc);
+void cm_moe_seq_open(cm_moe_ctx *mc, int seq);
+/* After the KV cache dropped positions >= n. Fails (nothing changed) when the causal window state can
+ * not be rebuilt (n inside an earlier window than the current one). */
+int cm_moe_seq_truncate_check(const cm_moe_ctx *mc, int seq, int len, int n, cm_err *err);
+void cm_moe_seq_truncate(cm_moe_ctx *mc, int seq, int n);
+int cm_moe_seq_set_options(cm_moe_ctx *mc, int seq, int len, const cm_seq_options *o, cm_err *err);
+
+/* seq_len: each sequence's length before this batch; seq_cnt: its tokens in this batch. */
+int cm_moe_batch_check(const cm_moe_ctx *mc, const cm_batch *b, const int32_t *seq_len, const int32_t *seq_cnt,
+                       cm_err *err);
+void cm_moe_batch_begin(cm_moe_ctx *mc, const cm_batch *b, const int32_t *pos);
+void cm_moe_batch_end(cm_moe_ctx *mc);
+
+/* Hybrid FFN of layer il: y (N, D) = a_tok y_tok + a_seg y_seg from x (N, D), the ffn-normed input. */
+void cm_moe_ffn(cm_moe_ctx *mc, int il, int n, const float *x, float *y);
+/* MoLE: hg, hu (N, F) += adapter deltas of x (N, D); proj (N, D) += adapter deltas of h (N, F). */
+void cm_mole_gate_up(cm_moe_ctx *mc, int il, int n, const float *x, float *hg, float *hu);
+void cm_mole_down(cm_moe_ctx *mc, int il, int n, const float *h, float *proj);
+
+const cm_routing *cm_moe_routing(cm_moe_ctx *mc, int seq);
+void cm_moe_routing_reset(cm_moe_ctx *mc, int seq);
+void cm_moe_set_stats(cm_moe_ctx *mc, int on);
+
+#endif

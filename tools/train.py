@@ -1,0 +1,805 @@
+"""train.py - train the codemoe models on CPU: dense Qwen2 base, then MultiPL-MoE upcycling and the
+baselines of the paper's experiment, at small scale. PyTorch (Debian's python3-torch), 2 threads.
+
+    /usr/bin/python3 tools/train.py tokenize              # corpus jsonl -> /work/train/tokens/*.u16
+    /usr/bin/python3 tools/train.py train --stage base    # resumes from /work/train/ckpt/base/latest.pt
+    /usr/bin/python3 tools/train.py export --stage base --out models/x.gguf
+    /usr/bin/python3 tools/train.py eval --stage base     # held-out loss per language
+    /usr/bin/python3 tools/train.py speed                 # tokens/s of a config (forward+backward+step)
+
+Stages (see docs/training.md): every stage but `base` starts from base's final checkpoint and trains on the
+same post-pretraining mix (9:1 low:high resource) for the same token budget:
+    base          dense Qwen2, all weights, high-resource-dominated mix
+    moe           MultiPL-MoE upcycled: token + segment experts, only experts and routers train
+    moe_noseg     ablation: token level only (a_seg = 0, no segment experts)
+    moe_noshared  ablation: no shared token expert (top-2 of the routed experts)
+    dense_cont    baseline: continued pre-training of every weight
+    lora          baseline: LoRA rank 8 on every linear layer (merged into a dense model at export)
+    mole          baseline: MoLE, LoRA experts on the FFN per language + shared (+ other, unused here)
+
+Model code mirrors tools/reference.py (HF Qwen2 semantics; the state-dict names ARE the HF names, so
+reference.Model can run a checkpoint) and tools/reference_moe.py (the hybrid FFN in "causal" segment mode,
+the mode codemoe generates in; names as reference_moe.hybrid_shapes / mole_shapes). Those files stay the
+oracle: `train.py check` compares this module's logits with theirs.
+
+Training objective: next-token cross-entropy; a fraction of the sequences (--fim, 0.5) are put in FIM
+PSM order at token granularity: <|fim_prefix|> pre <|fim_suffix|> suf <|fim_middle|> mid. MoE stages add
+alpha * N * sum_i f_i P_i over the routed (non-shared) token experts (alpha = 0.01).
+Checkpoints: <ckpt>/<stage>/latest.pt every --ckpt-min minutes and at the end (atomic rename); a run
+resumes from it automatically (model, optimiser, step, data RNG).
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as Fn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import reference as ref  # noqa: E402
+
+ROOT = "/work/train"
+LANGS = ["python", "java", "cpp", "rust", "go", "ruby", "c", "js"]
+HIGH, LOW = ["python", "java", "cpp"], ["rust", "go", "ruby"]
+# base: high-resource dominated (80% Python/Java/C++, 20% Rust/Go/Ruby); C and JS are left out of the
+# experiment's mixes (they are in the corpus and the tokenizer)
+MIX_BASE = {"python": 0.28, "java": 0.26, "cpp": 0.26, "rust": 0.0667, "go": 0.0667, "ruby": 0.0666}
+MIX_POST = {"python": 0.0333, "java": 0.0333, "cpp": 0.0334, "rust": 0.3, "go": 0.3, "ruby": 0.3}
+SPECIALS = ["<|endoftext|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>"]
+
+DEFAULT_ARCH = dict(vocab_size=8192, hidden_size=256, intermediate_size=704, num_hidden_layers=6,
+                    num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
+                    tie_word_embeddings=True, max_position_embeddings=2048)
+DEFAULT_MOE = dict(n_tok=6, k_used=2, shared=5, n_seg=6, pooling="max", capacity=1.0, bucket=4,
+                   a_tok=0.7, a_seg=0.3)  # window = ctx / 8, gate_scale = 1 / window (set from ctx)
+
+
+# ============================================================================ model
+
+class RMSNorm(nn.Module):
+    def __init__(self, d, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x):
+        return ref.rms_norm(x, self.weight, self.eps)
+
+
+class LoRALinear(nn.Module):
+    """y = W x (+ b) + sum over active adapters a of (alpha_a / sqrt(r_a)) * B_a (A_a x)  (rsLoRA, as
+    MoLE). Adapters live in self.lora[name] with params A (r, in) and B (out, r); B starts at 0.
+    `active` is set by the model before a forward: None (no adapter), a list of names for the whole batch,
+    or a (B, T, n_adapters) float mask (per-token sets, MoLE)."""
+
+    def __init__(self, din, dout, bias=False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dout, din))
+        self.bias = nn.Parameter(torch.zeros(dout)) if bias else None
+        self.lora = nn.ModuleDict()
+        self.scales = {}
+        self.active = None
+
+    def add_adapter(self, name, r, alpha):
+        m = nn.Module()
+        m.A = nn.Parameter(torch.randn(r, self.weight.shape[1]) / math.sqrt(self.weight.shape[1]))
+        m.B = nn.Parameter(torch.zeros(self.weight.shape[0], r))
+        self.lora[name] = m
+        self.scales[name] = alpha / math.sqrt(r)
+
+    def forward(self, x):
+        y = Fn.linear(x, self.weight, self.bias)
+        if self.active is None:
+            return y
+        if isinstance(self.active, list):
+            for n in self.active:
+                y = y + self.scales[n] * ((x @ self.lora[n].A.T) @ self.lora[n].B.T)
+            return y
+        for k, n in enumerate(self.lora):  # per-token mask (B, T, n_adapters)
+            m = self.active[..., k:k + 1]
+            y = y + m * (self.scales[n] * ((x @ self.lora[n].A.T) @ self.lora[n].B.T))
+        return y
+
+    def merged(self, names):
+        w = self.weight.detach().clone()
+        for n in names:
+            w += self.scales[n] * (self.lora[n].B @ self.lora[n].A).detach()
+        return w
+
+
+class Attention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        D, H, K, E = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.H, self.K, self.E = H, K, E
+        self.q_proj = LoRALinear(D, H * E, bias=True)
+        self.k_proj = LoRALinear(D, K * E, bias=True)
+        self.v_proj = LoRALinear(D, K * E, bias=True)
+        self.o_proj = LoRALinear(H * E, D)
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.H, self.E).transpose(1, 2)  # (B, H, T, E)
+        k = self.k_proj(x).view(B, T, self.K, self.E).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.K, self.E).transpose(1, 2)
+        q, k = ref.apply_rope(q, cos, sin), ref.apply_rope(k, cos, sin)
+        k = k.repeat_interleave(self.H // self.K, dim=1)
+        v = v.repeat_interleave(self.H // self.K, dim=1)
+        # (torch 1.13 here has no scaled_dot_product_attention)
+        s = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(self.E))  # (B, H, T, T)
+        s = s.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
+        a = torch.softmax(s, dim=-1) @ v  # (B, H, T, E)
+        return self.o_proj(a.transpose(1, 2).reshape(B, T, self.H * self.E))
+
+
+class MLP(nn.Module):
+    def __init__(self, D, F):
+        super().__init__()
+        self.gate_proj = LoRALinear(D, F)
+        self.up_proj = LoRALinear(D, F)
+        self.down_proj = LoRALinear(F, D)
+
+    def forward(self, x):
+        return self.down_proj(Fn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def swiglu(x, g, u, d):
+    return (Fn.silu(x @ g.T) * (x @ u.T)) @ d.T
+
+
+class HybridMoE(nn.Module):
+    """MultiPL-MoE FFN (reference_moe.HybridFFN semantics), segment level in causal mode, batched.
+    Parameters named as reference_moe.hybrid_shapes: tok_router (N, D), tok_gate/up (N, F, D), tok_down
+    (N, D, F), seg_* likewise. n_seg = 0 drops the segment level; shared = -1 drops the shared expert."""
+
+    def __init__(self, D, F, hp):
+        super().__init__()
+        self.hp = hp
+        N, S = hp["n_tok"], hp["n_seg"]
+        self.tok_router = nn.Parameter(torch.randn(N, D) * 0.02)
+        self.tok_gate = nn.Parameter(torch.empty(N, F, D))
+        self.tok_up = nn.Parameter(torch.empty(N, F, D))
+        self.tok_down = nn.Parameter(torch.empty(N, D, F))
+        if S:
+            self.seg_router = nn.Parameter(torch.randn(S, D) * 0.02)
+            self.seg_gate = nn.Parameter(torch.empty(S, F, D))
+            self.seg_up = nn.Parameter(torch.empty(S, F, D))
+            self.seg_down = nn.Parameter(torch.empty(S, D, F))
+        self.aux = None
+
+    def upcycle(self, mlp):
+        with torch.no_grad():
+            for kind in ("tok", "seg") if self.hp["n_seg"] else ("tok",):
+                for p, src in (("gate", mlp.gate_proj), ("up", mlp.up_proj), ("down", mlp.down_proj)):
+                    getattr(self, "%s_%s" % (kind, p)).copy_(src.weight.detach().unsqueeze(0).expand_as(
+                        getattr(self, "%s_%s" % (kind, p))))
+
+    def experts(self, kind, x, idx, gate, out):
+        """out[t] += gate[t] * E_idx[t](x[t]) for every expert; x (n, D), idx/gate (n,)."""
+        g, u, d = getattr(self, kind + "_gate"), getattr(self, kind + "_up"), getattr(self, kind + "_down")
+        for e in range(g.shape[0]):
+            sel = (idx == e).nonzero(as_tuple=True)[0]
+            if sel.numel():
+                out.index_add_(0, sel, gate[sel, None] * swiglu(x[sel], g[e], u[e], d[e]))
+
+    def forward(self, x):
+        hp = self.hp
+        B, T, D = x.shape
+        xf = x.reshape(B * T, D)
+        N, sh = hp["n_tok"], hp["shared"]
+        p = torch.softmax(xf @ self.tok_router.T, dim=-1)  # (BT, N)
+        routed = [e for e in range(N) if e != sh]
+        n_pick = hp["k_used"] - 1 if sh >= 0 else hp["k_used"]
+        pr = p[:, routed]
+        top_p, top_i = pr.topk(n_pick, dim=-1)  # ties: torch.topk order; lower index in practice
+        top_e = torch.as_tensor(routed)[top_i]
+        denom = top_p.sum(-1) + (p[:, sh] if sh >= 0 else 0)
+        y_tok = torch.zeros_like(xf)
+        for j in range(n_pick):
+            self.experts("tok", xf, top_e[:, j], top_p[:, j] / denom, y_tok)
+        if sh >= 0:
+            y_tok = y_tok + (p[:, sh] / denom)[:, None] * swiglu(xf, self.tok_gate[sh], self.tok_up[sh],
+                                                                  self.tok_down[sh])
+        # load balancing over the routed experts: f = share of top-k slots, P = mean routed probability
+        f = torch.zeros(len(routed)).index_add_(0, top_i.reshape(-1), torch.ones(top_i.numel())) / top_i.numel()
+        self.aux = len(routed) * (f.detach() * pr.mean(0)).sum()
+        self.route_counts = f.detach()
+        y = hp["a_tok"] * y_tok
+        if hp["n_seg"]:
+            w = hp["window"]
+            assert T % w == 0, "context must be a multiple of the window"
+            xs = x.reshape(B, T // w, w, D)
+            if hp["pooling"] == "max":
+                desc = xs.cummax(dim=2).values
+            else:
+                desc = xs.cumsum(dim=2) / torch.arange(1, w + 1, dtype=x.dtype)[:, None]
+            q = torch.softmax(desc.reshape(B * T, D) @ self.seg_router.T, dim=-1)  # (BT, S)
+            qv, qi = q.max(dim=-1)  # capacity 1: top-1 expert per token
+            y_seg = torch.zeros_like(xf)
+            self.experts("seg", xf, qi, qv * hp["gate_scale"], y_seg)
+            y = y + hp["a_seg"] * y_seg
+        return y.reshape(B, T, D)
+
+
+class Layer(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.self_attn = Attention(c)
+        self.mlp = MLP(c.hidden_size, c.intermediate_size)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def forward(self, x, cos, sin):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        n = self.post_attention_layernorm(x)
+        return x + (self.moe(n) if hasattr(self, "moe") else self.mlp(n))
+
+
+class Body(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(Layer(c) for _ in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+
+class LM(nn.Module):
+    """Qwen2 causal LM; state_dict keys are the HF names (plus .moe.* / .lora.* for the variants)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.cfg = c
+        self.model = Body(c)
+        if not c.tie_word_embeddings:
+            self.lm_head = LoRALinear(c.hidden_size, c.vocab_size)
+        self._rope = {}
+        self.init_weights()
+
+    def init_weights(self):
+        std = 0.02
+        for n, p in self.named_parameters():
+            if n.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif n.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif ".lora." not in n and ".moe." not in n:
+                # scaled init of the residual projections (GPT-2): std / sqrt(2 L)
+                s = std / math.sqrt(2 * self.cfg.num_hidden_layers) if n.endswith(("o_proj.weight",
+                                                                                    "down_proj.weight")) else std
+                nn.init.normal_(p, 0.0, s)
+
+    def rope(self, T, dtype):
+        if (T, dtype) not in self._rope:
+            self._rope[(T, dtype)] = ref.rope_cos_sin(T, self.cfg.head_dim, self.cfg.rope_theta, dtype)
+        return self._rope[(T, dtype)]
+
+    def linears(self):
+        return [m for m in self.modules() if isinstance(m, LoRALinear)]
+
+    def forward(self, tokens):
+        x = self.model.embed_tokens(tokens)
+        cos, sin = self.rope(tokens.shape[1], x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin)
+        h = self.model.norm(x)
+        w = self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
+        return h @ w.T
+
+    def aux_loss(self):
+        return sum(l.moe.aux for l in self.model.layers if hasattr(l, "moe"))
+
+
+def make_config(d):
+    return ref.Config("qwen2", d["vocab_size"], d["hidden_size"], d["intermediate_size"], d["num_hidden_layers"],
+                      d["num_attention_heads"], d["num_key_value_heads"], d["rms_norm_eps"], d["rope_theta"],
+                      d["tie_word_embeddings"], d["max_position_embeddings"])
+
+
+def n_params(m, trainable=False):
+    return sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable)
+
+
+# ============================================================================ variants
+
+def moe_params(stage, ctx):
+    hp = dict(DEFAULT_MOE, window=ctx // 8)
+    hp["gate_scale"] = 1.0 / hp["window"]
+    if stage == "moe_noseg":
+        hp.update(n_seg=0, a_tok=1.0, a_seg=0.0)
+    if stage == "moe_noshared":
+        hp.update(shared=-1)
+    return hp
+
+
+MOLE_NAMES = ["python", "java", "cpp", "rust", "go", "ruby", "shared", "other"]
+
+
+def build_variant(model, stage, ctx, args):
+    """Turn a dense base model into the stage's model; set requires_grad. Returns meta for the ckpt."""
+    meta = {}
+    for p in model.parameters():
+        p.requires_grad = stage in ("base", "dense_cont")
+    if stage.startswith("moe"):
+        hp = moe_params(stage, ctx)
+        meta["moe"] = hp
+        for layer in model.model.layers:
+            layer.moe = HybridMoE(model.cfg.hidden_size, model.cfg.intermediate_size, hp)
+            layer.moe.upcycle(layer.mlp)
+            del layer.mlp
+            for n, p in layer.moe.named_parameters():
+                # the shared expert is frozen (reference code); every other expert and the routers train
+                p.requires_grad = True
+    elif stage == "lora":
+        meta["lora"] = {"rank": 8, "alpha": 8}
+        for m in model.linears():
+            m.add_adapter("all", 8, 8.0)
+            m.active = ["all"]
+    elif stage == "mole":
+        ranks = [8] * 6 + [16, 16]
+        meta["mole"] = {"names": MOLE_NAMES, "ranks": ranks, "alphas": [8.0] * 6 + [16.0, 16.0],
+                        "shared": 6, "fallback": 7}
+        for layer in model.model.layers:
+            for m in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                for n, r, a in zip(MOLE_NAMES, ranks, meta["mole"]["alphas"]):
+                    m.add_adapter(n, r, a)
+    for m in model.linears():
+        for ad in m.lora.values():
+            for p in ad.parameters():
+                p.requires_grad = True
+    return meta
+
+
+def freeze_shared_grad(model):
+    """Zero the shared token expert's gradient (it stays the dense FFN copy)."""
+    for layer in model.model.layers:
+        sh = getattr(layer, "moe", None) and layer.moe.hp["shared"]
+        if hasattr(layer, "moe") and sh is not None and sh >= 0:
+            for n in ("tok_gate", "tok_up", "tok_down"):
+                g = getattr(layer.moe, n).grad
+                if g is not None:
+                    g[sh] = 0
+
+
+def set_mole_sets(model, langs_per_row, T):
+    """Every token of a row in language L gets {L, shared} (our samples are whole files of one language)."""
+    mask = torch.zeros(len(langs_per_row), T, len(MOLE_NAMES))
+    for b, l in enumerate(langs_per_row):
+        mask[b, :, MOLE_NAMES.index(l) if l in MOLE_NAMES else 7] = 1
+        if l in MOLE_NAMES:
+            mask[b, :, 6] = 1
+    for layer in model.model.layers:
+        for m in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            m.active = mask
+
+
+# ============================================================================ data
+
+def tok_path(lang, split):
+    return os.path.join(ROOT, "tokens", "%s.%s.u16" % (lang, split))
+
+
+def cmd_tokenize(args):
+    import train_tokenizer as tt
+    enc = tt.Encoder.load(os.path.join(args.tokenizer, "tokenizer.json"))
+    eot = enc.tok.ids["<|endoftext|>"]
+    os.makedirs(os.path.join(ROOT, "tokens"), exist_ok=True)
+    info = {}
+    for lang in LANGS:
+        for split, mb in (("train", args.train_mb), ("heldout", args.heldout_mb)):
+            src = os.path.join(args.corpus, lang, split + ".jsonl")
+            dst = tok_path(lang, split)
+            if not os.path.exists(src):
+                continue
+            if os.path.exists(dst) and not args.force:
+                info["%s.%s" % (lang, split)] = os.path.getsize(dst) // 2
+                continue
+            ids, nb, t0 = [], 0, time.time()
+            for text in tt.read_texts(src, int(mb * 2**20)):
+                ids.extend(enc.encode(text))
+                ids.append(eot)
+                nb += len(text.encode())
+            np.asarray(ids, dtype=np.uint16).tofile(dst + ".tmp")
+            os.replace(dst + ".tmp", dst)
+            info["%s.%s" % (lang, split)] = len(ids)
+            print("tokenize %s %s: %.1f MB -> %d tokens (%.2f B/tok, %.0fs)" % (
+                lang, split, nb / 1e6, len(ids), nb / max(1, len(ids)), time.time() - t0), file=sys.stderr)
+    with open(os.path.join(ROOT, "tokens", "info.json"), "w") as fh:
+        json.dump(info, fh, indent=1)
+
+
+class Data:
+    """Random windows of ctx+1 tokens from per-language token streams, languages drawn by the mix."""
+
+    def __init__(self, mix, split, ctx, fim, seed, specials):
+        self.mix = {l: w for l, w in mix.items() if w > 0}
+        self.streams = {l: np.fromfile(tok_path(l, split), dtype=np.uint16) for l in self.mix}
+        self.langs = list(self.mix)
+        self.w = np.array([self.mix[l] for l in self.langs], dtype=np.float64)
+        self.w /= self.w.sum()
+        self.ctx, self.fim = ctx, fim
+        self.rng = np.random.default_rng(seed)
+        self.eot, self.pre, self.mid, self.suf = specials
+
+    def sample(self, lang):
+        s = self.streams[lang]
+        i = int(self.rng.integers(0, len(s) - self.ctx - 1))
+        seq = s[i:i + self.ctx + 1].astype(np.int64)
+        if self.fim and self.rng.random() < self.fim:
+            # PSM at token granularity, same length: 3 FIM tokens replace the window's last 3 tokens
+            body = seq[:self.ctx + 1 - 3]
+            a, b = sorted(self.rng.integers(0, len(body) + 1, 2))
+            seq = np.concatenate([[self.pre], body[:a], [self.suf], body[b:], [self.mid], body[a:b]])
+        return seq
+
+    def batch(self, B):
+        langs = [self.langs[k] for k in self.rng.choice(len(self.langs), B, p=self.w)]
+        x = torch.as_tensor(np.stack([self.sample(l) for l in langs]))
+        return x[:, :-1], x[:, 1:], langs
+
+
+def heldout_batches(langs, ctx, n, seed=7):
+    """Fixed held-out windows per language (no FIM): n sequences of ctx+1 tokens, evenly spaced."""
+    out = {}
+    for l in langs:
+        p = tok_path(l, "heldout")
+        if not os.path.exists(p):
+            continue
+        s = np.fromfile(p, dtype=np.uint16).astype(np.int64)
+        k = min(n, max(1, (len(s) - 1) // (ctx + 1)))
+        starts = np.linspace(0, len(s) - ctx - 2, k).astype(np.int64)
+        x = torch.as_tensor(np.stack([s[i:i + ctx + 1] for i in starts]))
+        out[l] = (x[:, :-1], x[:, 1:])
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, hb, stage, bs=8):
+    model.eval()
+    res = {}
+    for l, (x, y) in hb.items():
+        tot, n = 0.0, 0
+        for i in range(0, len(x), bs):
+            if stage == "mole":
+                set_mole_sets(model, [l] * len(x[i:i + bs]), x.shape[1])
+            lg = model(x[i:i + bs])
+            tot += float(Fn.cross_entropy(lg.reshape(-1, lg.shape[-1]), y[i:i + bs].reshape(-1), reduction="sum"))
+            n += y[i:i + bs].numel()
+        res[l] = round(tot / n, 4)
+    model.train()
+    return res
+
+
+# ============================================================================ checkpoints
+
+def ckpt_dir(stage):
+    return os.path.join(ROOT, "ckpt", stage)
+
+
+def save_ckpt(path, model, opt, step, data, meta, extra=None):
+    tmp = path + ".tmp"
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict() if opt else None, "step": step,
+                "rng": data.rng.bit_generator.state if data else None, "meta": meta, "extra": extra or {}}, tmp)
+    os.replace(tmp, path)
+
+
+def load_model(stage, path=None):
+    """Rebuild a stage's model from its checkpoint (latest.pt or final.pt)."""
+    d = ckpt_dir(stage)
+    path = path or next(p for p in (os.path.join(d, "final.pt"), os.path.join(d, "latest.pt")) if os.path.exists(p))
+    ck = torch.load(path)
+    meta = ck["meta"]
+    model = LM(make_config(meta["arch"]))
+    if stage != "base":
+        build_variant(model, stage, meta["ctx"], None)
+    model.load_state_dict(ck["model"])
+    return model, ck
+
+
+# ============================================================================ training
+
+def cmd_train(args):
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    stage = args.stage
+    d = ckpt_dir(stage)
+    os.makedirs(d, exist_ok=True)
+    os.makedirs(os.path.join(ROOT, "logs"), exist_ok=True)
+    latest, final = os.path.join(d, "latest.pt"), os.path.join(d, "final.pt")
+    if os.path.exists(final):
+        print("%s: %s exists, nothing to do" % (stage, final), file=sys.stderr)
+        return
+    arch = dict(DEFAULT_ARCH)
+    for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "vocab_size"):
+        v = getattr(args, k, None)
+        if v:
+            arch[k] = v
+    ctx = args.ctx
+    if stage == "base":
+        model = LM(make_config(arch))
+        meta = {"stage": stage, "arch": arch, "ctx": ctx}
+    else:
+        base, bck = load_model("base")
+        arch, ctx = bck["meta"]["arch"], bck["meta"]["ctx"]
+        model = base
+        meta = {"stage": stage, "arch": arch, "ctx": ctx}
+        meta.update(build_variant(model, stage, ctx, args))
+    mix = MIX_BASE if stage == "base" else MIX_POST
+    meta.update(mix=mix, fim=args.fim, batch=args.batch, tokens=args.tokens, lr=args.lr)
+    with open(os.path.join(args.tokenizer, "tokenizer.json"), encoding="utf-8") as fh:
+        added = {t["content"]: t["id"] for t in json.load(fh)["added_tokens"]}
+    specials = [added[s] for s in ("<|endoftext|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>")]
+    data = Data(mix, "train", ctx, args.fim, args.seed, specials)
+    hb = heldout_batches(LANGS[:6], ctx, args.eval_seqs)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    nodecay = [p for p in params if p.dim() < 2]
+    # weight decay only in pre-training: the post-pretraining stages compare equal set-ups, and decay would
+    # move the frozen shared expert (its gradient is zeroed, AdamW's decoupled decay is not)
+    wd = 0.1 if stage == "base" else 0.0
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": nodecay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    total = max(1, args.tokens // (args.batch * ctx))
+    step = 0
+    if os.path.exists(latest):
+        ck = torch.load(latest)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        step = ck["step"]
+        data.rng.bit_generator.state = ck["rng"]
+        print("%s: resumed from %s at step %d" % (stage, latest, step), file=sys.stderr)
+    print("%s: %d params (%d trainable), ctx %d, batch %d, %d steps (%d tokens)" % (
+        stage, n_params(model), n_params(model, True), ctx, args.batch, total, total * args.batch * ctx),
+        file=sys.stderr)
+    log = open(os.path.join(ROOT, "logs", "%s.jsonl" % stage), "a")
+    warm = max(1, min(200, total // 20))
+    t_ck = t_log = time.time()
+    toks_since, t_since = 0, time.time()
+    while step < total:
+        lr = args.lr * (step + 1) / warm if step < warm else \
+            args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm))))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, y, langs = data.batch(args.batch)
+        if stage == "mole":
+            set_mole_sets(model, langs, ctx)
+        lg = model(x)
+        loss = Fn.cross_entropy(lg.reshape(-1, lg.shape[-1]), y.reshape(-1))
+        aux = model.aux_loss() if stage.startswith("moe") else torch.zeros(())
+        opt.zero_grad(set_to_none=True)
+        (loss + args.alpha * aux).backward()
+        if stage.startswith("moe"):
+            freeze_shared_grad(model)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        toks_since += x.numel()
+        now = time.time()
+        if step % args.log_every == 0 or step == total:
+            rec = {"step": step, "loss": round(float(loss), 4), "aux": round(float(aux), 4), "lr": lr,
+                   "tok_s": round(toks_since / (now - t_since), 1), "time": int(now)}
+            toks_since, t_since = 0, now
+            if step % args.eval_every == 0 or step == total:
+                rec["heldout"] = evaluate(model, hb, stage)
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            print(json.dumps(rec), file=sys.stderr)
+        if now - t_ck > args.ckpt_min * 60 or step == total:
+            save_ckpt(latest, model, opt, step, data, meta)
+            t_ck = now
+    save_ckpt(final, model, None, step, None, meta, {"heldout": evaluate(model, hb, stage)})
+    print("%s: done, %s" % (stage, final), file=sys.stderr)
+
+
+def cmd_speed(args):
+    torch.set_num_threads(args.threads)
+    arch = dict(DEFAULT_ARCH)
+    for k in ("hidden_size", "intermediate_size", "num_hidden_layers"):
+        if getattr(args, k):
+            arch[k] = getattr(args, k)
+    model = LM(make_config(arch))
+    if args.stage != "base":
+        build_variant(model, args.stage, args.ctx, args)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    x = torch.randint(0, arch["vocab_size"], (args.batch, args.ctx + 1))
+    ts = []
+    for i in range(args.steps):
+        t0 = time.time()
+        if args.stage == "mole":
+            set_mole_sets(model, ["python"] * args.batch, args.ctx)
+        lg = model(x[:, :-1])
+        loss = Fn.cross_entropy(lg.reshape(-1, lg.shape[-1]), x[:, 1:].reshape(-1))
+        if args.stage.startswith("moe"):
+            loss = loss + 0.01 * model.aux_loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ts.append(time.time() - t0)
+    t = float(np.median(ts[1:])) if len(ts) > 1 else ts[0]
+    print(json.dumps({"stage": args.stage, "arch": arch, "params": n_params(model),
+                      "trainable": n_params(model, True), "batch": args.batch, "ctx": args.ctx,
+                      "s_per_step": round(t, 3), "tok_s": round(args.batch * args.ctx / t, 1)}))
+
+
+# ============================================================================ check / eval / export
+
+def cmd_check(args):
+    """This module's forward == reference.Model / reference_moe.HybridModel (float64) on random weights."""
+    import reference_moe as rm
+    torch.manual_seed(0)
+    arch = dict(DEFAULT_ARCH, vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2)
+    m = LM(make_config(arch)).double()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            p.add_(0.05 * torch.randn_like(p))  # non-trivial norms and biases
+    toks = torch.randint(0, 300, (1, 32))
+    sd = {k: v.detach() for k, v in m.state_dict().items()}
+    want = ref.Model(m.cfg, sd).forward(toks[0].tolist())
+    got = m(toks)[0]
+    e1 = float((got - want).abs().max())
+    build_variant(m, "moe", 32, None)
+    m.double()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if ".moe." in n:
+                p.add_(0.05 * torch.randn_like(p))
+    hpd = m.model.layers[0].moe.hp
+    hp = rm.HybridParams(hpd["n_tok"], hpd["k_used"], hpd["shared"], arch["intermediate_size"], hpd["n_seg"],
+                         hpd["window"], hpd["pooling"], hpd["capacity"], hpd["bucket"], hpd["gate_scale"],
+                         hpd["a_tok"], hpd["a_seg"])
+    sd = {k: v.detach() for k, v in m.state_dict().items()}
+    hm = rm.HybridModel(m.cfg, hp, sd)
+    want = hm.forward_traced(toks[0].tolist(), "causal")[0]
+    e2 = float((m(toks)[0] - want).abs().max())
+    print("check: dense max|diff| %.2e, hybrid (causal) max|diff| %.2e" % (e1, e2))
+    assert e1 < 1e-12 and e2 < 1e-12
+
+
+def cmd_eval(args):
+    torch.set_num_threads(args.threads)
+    model, ck = load_model(args.stage)
+    hb = heldout_batches(LANGS, ck["meta"]["ctx"], args.eval_seqs)
+    print(json.dumps({"stage": args.stage, "step": ck["step"], "heldout_loss": evaluate(model, hb, args.stage)}))
+
+
+def tokenizer_kv(w, tok_dir):
+    """Tokenizer metadata as `codemoe convert` writes it (qwen2 pre-tokenizer, specials as control)."""
+    import gguf
+    with open(os.path.join(tok_dir, "tokenizer.json"), encoding="utf-8") as fh:
+        j = json.load(fh)
+    n = len(j["model"]["vocab"]) + len(j["added_tokens"])
+    toks, types = [None] * n, [1] * n
+    for t, i in j["model"]["vocab"].items():
+        toks[i] = t
+    for t in j["added_tokens"]:
+        toks[t["id"]], types[t["id"]] = t["content"], 3
+    ids = {t: i for i, t in enumerate(toks)}
+    w.add_string("tokenizer.ggml.model", "gpt2")
+    w.add_string("tokenizer.ggml.pre", "qwen2")
+    w.add_array("tokenizer.ggml.tokens", toks, gguf.VT.STRING)
+    w.add_array("tokenizer.ggml.token_type", types, gguf.VT.INT32)
+    w.add_array("tokenizer.ggml.merges", j["model"]["merges"], gguf.VT.STRING)
+    w.add_uint32("tokenizer.ggml.eos_token_id", ids["<|endoftext|>"])
+    w.add_uint32("tokenizer.ggml.padding_token_id", ids["<|fim_pad|>"])
+    w.add_uint32("tokenizer.ggml.fim_pre_token_id", ids["<|fim_prefix|>"])
+    w.add_uint32("tokenizer.ggml.fim_suf_token_id", ids["<|fim_suffix|>"])
+    w.add_uint32("tokenizer.ggml.fim_mid_token_id", ids["<|fim_middle|>"])
+    w.add_bool("tokenizer.ggml.add_bos_token", False)
+    return n
+
+
+def cmd_export(args):
+    """Checkpoint -> GGUF: qwen2 (dense, lora merged, dense_cont) or multipl_moe (docs/model-format.md);
+    mole export is left for the next session (the format's base is llama, ours is qwen2)."""
+    import gguf
+    model, ck = load_model(args.stage, args.ckpt)
+    meta, c = ck["meta"], model.cfg
+    stage = args.stage
+    arch = "multipl_moe" if stage.startswith("moe") else "qwen2"
+    if stage == "mole":
+        raise SystemExit("export: mole not implemented yet")
+    ttype = {"f32": gguf.GGMLType.F32, "f16": gguf.GGMLType.F16, "q8_0": gguf.GGMLType.Q8_0}[args.type]
+    w = gguf.GGUFWriter(args.out)
+    w.add_string("general.architecture", arch)
+    w.add_string("general.name", "codemoe-%s" % stage)
+    w.add_uint32(arch + ".context_length", meta["ctx"] * 8)
+    w.add_uint32(arch + ".embedding_length", c.hidden_size)
+    w.add_uint32(arch + ".block_count", c.num_hidden_layers)
+    w.add_uint32(arch + ".feed_forward_length", c.intermediate_size)
+    w.add_uint32(arch + ".attention.head_count", c.num_attention_heads)
+    w.add_uint32(arch + ".attention.head_count_kv", c.num_key_value_heads)
+    w.add_float32(arch + ".attention.layer_norm_rms_epsilon", c.rms_norm_eps)
+    w.add_float32(arch + ".rope.freq_base", c.rope_theta)
+    w.add_uint32(arch + ".rope.dimension_count", c.head_dim)
+    if arch == "multipl_moe":
+        hp = meta["moe"]
+        w.add_uint32(arch + ".expert_count", hp["n_tok"])
+        w.add_uint32(arch + ".expert_used_count", hp["k_used"])
+        w.add_int32(arch + ".expert_shared_index", hp["shared"])
+        w.add_uint32(arch + ".expert_feed_forward_length", c.intermediate_size)
+        w.add_uint32(arch + ".segment.expert_count", hp["n_seg"])
+        w.add_uint32(arch + ".segment.window", hp["window"])
+        w.add_string(arch + ".segment.pooling", hp["pooling"])
+        w.add_float32(arch + ".segment.capacity", hp["capacity"])
+        w.add_uint32(arch + ".segment.bucket", hp["bucket"])
+        w.add_float32(arch + ".segment.gate_scale", hp["gate_scale"])
+        w.add_float32(arch + ".fusion.token", hp["a_tok"])
+        w.add_float32(arch + ".fusion.segment", hp["a_seg"])
+        w.add_string(arch + ".segment.mode_default", "causal")
+    tokenizer_kv(w, args.tokenizer)
+    sd = {k: v.detach().float() for k, v in model.state_dict().items() if ".lora." not in k}
+    if stage == "lora":
+        for name, m in model.named_modules():
+            if isinstance(m, LoRALinear) and "all" in m.lora:
+                sd[name + ".weight"] = m.merged(["all"]).float()
+    for k in list(sd):
+        v = sd[k].numpy()
+        if ".moe." in k:
+            i, what = k.split(".")[2], k.split(".")[-1]
+            kind, proj = what.split("_")
+            names = {("tok", "router"): "ffn_gate_inp", ("seg", "router"): "ffn_gate_inp_seg",
+                     ("tok", "gate"): "ffn_gate_exps", ("tok", "up"): "ffn_up_exps", ("tok", "down"): "ffn_down_exps",
+                     ("seg", "gate"): "ffn_gate_seg_exps", ("seg", "up"): "ffn_up_seg_exps",
+                     ("seg", "down"): "ffn_down_seg_exps"}
+            g = "blk.%s.%s.weight" % (i, names[(kind, proj)])
+            tt = gguf.GGMLType.F32 if proj == "router" else ttype
+        else:
+            g = ref.hf_to_gguf_name(k)
+            tt = gguf.GGMLType.F32 if v.ndim == 1 else ttype
+        if tt == gguf.GGMLType.Q8_0 and v.shape[-1] % 32:
+            tt = gguf.GGMLType.F16
+        w.add_tensor(g, np.ascontiguousarray(v, dtype=np.float32), tt)
+    w.write()
+    print("wrote %s (%s, %s, %.1f MiB)" % (args.out, arch, args.type, os.path.getsize(args.out) / 2**20),
+          file=sys.stderr)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("tokenize", "train", "export", "eval", "speed", "check"):
+        p = sub.add_parser(name)
+        p.add_argument("--stage", default="base")
+        p.add_argument("--threads", type=int, default=2)
+        p.add_argument("--tokenizer", default=os.path.join(ROOT, "tokenizer"))
+        p.add_argument("--corpus", default=os.path.join(ROOT, "corpus"))
+        p.add_argument("--ctx", type=int, default=256)
+        p.add_argument("--batch", type=int, default=16)
+        p.add_argument("--eval-seqs", type=int, default=16)
+        for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "vocab_size"):
+            p.add_argument("--" + k.replace("_", "-"), dest=k, type=int, default=None)
+        if name == "tokenize":
+            p.add_argument("--train-mb", type=float, default=8.0)
+            p.add_argument("--heldout-mb", type=float, default=0.5)
+            p.add_argument("--force", action="store_true")
+        if name == "train":
+            p.add_argument("--tokens", type=int, default=6_000_000)
+            p.add_argument("--lr", type=float, default=2e-3)
+            p.add_argument("--fim", type=float, default=0.5)
+            p.add_argument("--alpha", type=float, default=0.01)
+            p.add_argument("--seed", type=int, default=1234)
+            p.add_argument("--ckpt-min", type=float, default=10.0)
+            p.add_argument("--log-every", type=int, default=10)
+            p.add_argument("--eval-every", type=int, default=100)
+        if name == "export":
+            p.add_argument("--out", required=True)
+            p.add_argument("--type", default="f16", choices=["f32", "f16", "q8_0"])
+            p.add_argument("--ckpt", default=None)
+        if name == "speed":
+            p.add_argument("--steps", type=int, default=4)
+    args = ap.parse_args()
+    {"tokenize": cmd_tokenize, "train": cmd_train, "export": cmd_export, "eval": cmd_eval,
+     "speed": cmd_speed, "check": cmd_check}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
