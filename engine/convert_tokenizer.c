@@ -230,6 +230,10 @@ static int build_merges(ct_state *s, const json_t *root, cm_err *err) {
             /* newer tokenizer.json: ["a", "b"] -> "a b" */
             const char *a = json_string_value(json_array_get(v, 0)), *b = json_string_value(json_array_get(v, 1));
             size_t la = strlen(a), lb = strlen(b);
+            /* GGUF joins the parts with a space and splits at the first one after the first byte */
+            if (la == 0 || lb == 0 || strchr(a + 1, ' '))
+                return cm_err_set(err, CM_E_UNSUPPORTED, "convert: model.merges[%zu] [\"%.40s\", \"%.40s\"] cannot "
+                                  "be written as \"a b\"", i, a, b);
             char *m = malloc(la + lb + 2);
             if (m) {
                 memcpy(m, a, la);

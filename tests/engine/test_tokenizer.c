@@ -659,6 +659,8 @@ TEST(convert_rejects) {
          " \"pre_tokenizer\": {\"type\": \"ByteLevel\"}}", 0, CM_E_FORMAT, "duplicate id"},
         {"{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": [5]}, \"decoder\": {\"type\": \"ByteLevel\"},"
          " \"pre_tokenizer\": {\"type\": \"ByteLevel\"}}", 0, CM_E_FORMAT, "merge not a string"},
+        {"{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": [[\"a b\", \"c\"]]}, \"decoder\": "
+         "{\"type\": \"ByteLevel\"}, \"pre_tokenizer\": {\"type\": \"ByteLevel\"}}", 0, CM_E_UNSUPPORTED, "merge part with a space"},
         {"{\"model\": ", 0, CM_E_IO, "truncated json"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
