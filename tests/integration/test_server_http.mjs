@@ -235,10 +235,10 @@ test('bounded queue: 429 with Retry-After when full', async () => {
 test('request timeout ends a generation (JSON error, or an error event in a stream)', async () => {
   const srv = await startServer({ args: ['--request-timeout', '0.2', '--ctx', '16384'] });
   try {
-    const r = await postJSON(srv, '/v1/completions', { prompt: 'x', max_tokens: 16000, temperature: 0 });
+    const r = await postJSON(srv, '/v1/completions', { prompt: 'for i in range(', max_tokens: 16000, temperature: 0 });
     const e = assertErrorShape(r, 504, 'timeout');
     assert.equal(e.code, 'timeout');
-    const res = await fetch(srv.base + '/v1/completions', { method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify({ prompt: 'x', max_tokens: 16000, stream: true }) });
+    const res = await fetch(srv.base + '/v1/completions', { method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify({ prompt: 'for i in range(', max_tokens: 16000, temperature: 0, stream: true }) });
     assert.equal(res.status, 200);
     const events = await readSSE(res);
     const last = events[events.length - 1];
