@@ -10,7 +10,7 @@ Sources (language: Debian package -> files taken):
     java:   openjdk-17-source              /usr/lib/jvm/openjdk-17/lib/src.zip: **/*.java
     cpp:    libboost1.74-dev               /usr/include/boost/**/*.{hpp,ipp}
     ruby:   libruby3.1                     /usr/lib/ruby/3.1.0/**/*.rb
-    c:      libc6-dev, linux-libc-dev      /usr/include/**/*.h (not boost/, c++/)
+    c:      libc6-dev, linux-libc-dev      the *.h files these two packages install (dpkg -L)
     js:     nodejs (npm and its bundled modules)  /usr/lib/node_modules/**/*.js
 --install runs apt-get for the packages that are missing (needs root).
 
@@ -57,10 +57,8 @@ SOURCES = {
     "java": [("openjdk-17-source", "/usr/lib/jvm/openjdk-17/lib/src.zip", lambda p: p.endswith(".java"))],
     "cpp": [("libboost1.74-dev", "/usr/include/boost", lambda p: p.endswith((".hpp", ".ipp")))],
     "ruby": [("libruby3.1", "/usr/lib/ruby/3.1.0", lambda p: p.endswith(".rb"))],
-    "c": [("libc6-dev", "/usr/include",
-           lambda p: p.endswith(".h") and "/include/boost/" not in p and "/c++/" not in p
-           and "/include/linux/" not in p and "/include/asm" not in p),
-          ("linux-libc-dev", "/usr/include/linux", lambda p: p.endswith(".h"))],
+    "c": [("libc6-dev", "dpkg:libc6-dev", lambda p: p.endswith(".h")),
+          ("linux-libc-dev", "dpkg:linux-libc-dev", lambda p: p.endswith(".h"))],
     "js": [("nodejs", "/usr/lib/node_modules", lambda p: p.endswith(".js") and not p.endswith(".min.js"))],
 }
 APT_PACKAGES = ["golang-src", "rust-src", "openjdk-17-source", "libboost-dev", "libruby3.1"]
@@ -76,7 +74,15 @@ def sha(b):
 
 
 def iter_files(root, keep):
-    """(path, bytes) of the files under root (a directory or a zip) that keep() accepts, sorted by path."""
+    """(path, bytes) of the files under root (a directory, a zip, or "dpkg:<package>" for the files that
+    package installed) that keep() accepts, sorted by path."""
+    if root.startswith("dpkg:"):
+        r = subprocess.run(["dpkg", "-L", root[5:]], capture_output=True, text=True, check=True)
+        for p in sorted(set(r.stdout.split("\n"))):
+            if p and keep(p) and os.path.isfile(p) and not os.path.islink(p):
+                with open(p, "rb") as fh:
+                    yield p, fh.read()
+        return
     if root.endswith(".zip"):
         with zipfile.ZipFile(root) as z:
             for name in sorted(z.namelist()):
@@ -143,8 +149,17 @@ def leaks(text, sols_by_key):
     return any(WS.sub(" ", s) in flat for s in hits)
 
 
+# packages whose copyright file is not machine-readable (DEP-5): the licence as that file states it
+KNOWN_LICENCES = {
+    "libpython3.11-stdlib": ["PSF-2.0 (Python Software Foundation License Version 2)"],
+    "libc6-dev": ["LGPL-2.1+ (GNU C Library)"],
+    "nodejs": ["Expat (Node.js)", "Artistic-2.0 (npm)", "bundled npm modules: mostly ISC / Expat"],
+}
+
+
 def licences(pkg):
-    """Licence names listed in the package's machine-readable copyright file (DEP-5 'License:' lines)."""
+    """Licence names listed in the package's machine-readable copyright file (DEP-5 'License:' lines;
+    free-text files: KNOWN_LICENCES)."""
     path = "/usr/share/doc/%s/copyright" % pkg
     if not os.path.exists(path):
         return {"copyright": None, "licenses": []}
@@ -153,9 +168,9 @@ def licences(pkg):
         for line in fh:
             if line.startswith("License:"):
                 n = line.split(":", 1)[1].strip()
-                if n and n not in names:
+                if n and len(n) <= 48 and n not in names:
                     names.append(n)
-    return {"copyright": path, "licenses": names}
+    return {"copyright": path, "licenses": KNOWN_LICENCES.get(pkg, names)}
 
 
 def pkg_version(pkg):
@@ -197,7 +212,7 @@ def main():
     for lang in args.langs.split(","):
         kept, dropped, pkgs = [], {}, {}
         for pkg, root, keep in SOURCES[lang]:
-            if not os.path.exists(root):
+            if not root.startswith("dpkg:") and not os.path.exists(root):
                 print("corpus: %s: %s missing (package %s not installed?)" % (lang, root, pkg), file=sys.stderr)
                 continue
             pkgs[pkg] = dict(version=pkg_version(pkg), root=root, **licences(pkg))
