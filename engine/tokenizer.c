@@ -458,7 +458,8 @@ static int load_merges(cm_tokenizer *t, const gguf_file *g, cm_err *err) {
 static const char *const eog_texts[] = {
     "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|end|>",
     "<|fim_pad|>", "<|file_sep|>", "<|repo_name|>", "<EOT>", "<|EOT|>",
-    ("<\xef\xbd\x9c" "end\xe2\x96\x81of\xe2\x96\x81sentence\xef\xbd\x9c>"), /* <｜end▁of▁sentence｜>; split: \x9ce would be one escape */
+    /* <｜end▁of▁sentence｜>, split because \x9ce would be one escape */
+    ("<\xef\xbd\x9c" "end\xe2\x96\x81of\xe2\x96\x81sentence\xef\xbd\x9c>"),
 };
 
 static int cmp_spec(const void *pa, const void *pb, void *ud) {
