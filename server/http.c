@@ -116,6 +116,7 @@ struct srv_http {
     uv_timer_t timer;           /* MHD timeouts and "run MHD soon" kicks */
     uv_timer_t tick;            /* request timeouts, shutdown checks */
     uv_timer_t grace;
+    uv_timer_t finish;          /* runs `done` from a clean stack (never inside an MHD callback) */
     int port;
     srv_sched *sched;
     srv_metrics metrics;
@@ -961,6 +962,11 @@ static void on_tick(uv_timer_t *t) {
     check_drained(h);
 }
 
+static void on_finish(uv_timer_t *t) {
+    srv_http *h = t->data;
+    if (h->done) h->done(h->done_ud);
+}
+
 static void check_drained(srv_http *h) {
     if (!h->draining || h->done_called) return;
     if (h->n_jobs > 0) return;
@@ -968,7 +974,7 @@ static void check_drained(srv_http *h) {
         if (r->route == ROUTE_COMPLETIONS && r->job.n_choices && !r->conn_done && !r->client_gone)
             return; /* a response still being written */
     h->done_called = 1;
-    if (h->done) h->done(h->done_ud);
+    uv_timer_start(&h->finish, on_finish, 0, 0);
 }
 
 static void on_grace(uv_timer_t *t) {
@@ -986,7 +992,7 @@ static void on_grace(uv_timer_t *t) {
     }
     srv_log("error", "in-flight requests did not end in time; stopping anyway", NULL);
     h->done_called = 1;
-    if (h->done) h->done(h->done_ud);
+    uv_timer_start(&h->finish, on_finish, 0, 0);
 }
 
 /* ============================================================ public */
@@ -1044,8 +1050,9 @@ srv_http *srv_http_start(uv_loop_t *loop, srv_config *cfg) {
     uv_timer_init(loop, &h->timer);
     uv_timer_init(loop, &h->tick);
     uv_timer_init(loop, &h->grace);
-    h->timer.data = h->tick.data = h->grace.data = h;
-    h->handles_open = 3;
+    uv_timer_init(loop, &h->finish);
+    h->timer.data = h->tick.data = h->grace.data = h->finish.data = h;
+    h->handles_open = 4;
     if (!di || uv_poll_init(loop, &h->poll, di->epoll_fd)) {
         fprintf(stderr, "codemoe serve: cannot watch the HTTP daemon's epoll fd\n");
         MHD_stop_daemon(h->mhd);
@@ -1053,6 +1060,7 @@ srv_http *srv_http_start(uv_loop_t *loop, srv_config *cfg) {
         uv_close((uv_handle_t *)&h->timer, NULL);
         uv_close((uv_handle_t *)&h->tick, NULL);
         uv_close((uv_handle_t *)&h->grace, NULL);
+        uv_close((uv_handle_t *)&h->finish, NULL);
         uv_run(loop, UV_RUN_NOWAIT);
         srv_retention_free(h->ret);
         free(h);
@@ -1111,6 +1119,7 @@ void srv_http_free(srv_http *h) {
     uv_close((uv_handle_t *)&h->timer, on_handle_closed);
     uv_close((uv_handle_t *)&h->tick, on_handle_closed);
     uv_close((uv_handle_t *)&h->grace, on_handle_closed);
+    uv_close((uv_handle_t *)&h->finish, on_handle_closed);
 }
 
 /* Frees what is left once uv_run has finished closing the handles. */
