@@ -116,7 +116,8 @@ int cmd_inspect(int argc, char **argv) {
     printf("summary:\n");
     printf("  arch          %s%s\n", in->arch && in->arch[0] ? in->arch : "(none)",
            vocab_only ? "  (tokenizer only)" : "");
-    if (vocab_only) printf("  not loadable  %s\n", err_full.msg);
+    if (vocab_only && st.n_tensors == 0) printf("  contents      vocabulary only (no tensors)\n");
+    else if (vocab_only) printf("  not loadable  %s\n", err_full.msg);
     if (in->name && in->name[0]) printf("  name          %s\n", in->name);
     printf("  params        %s (%" PRIu64 ")\n", human(st.n_elems, b1, sizeof b1), st.n_elems);
     printf("  tensor bytes  %s\n", human(st.n_bytes, b2, sizeof b2));

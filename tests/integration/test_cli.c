@@ -388,6 +388,53 @@ TEST(inspect_lists_tensors_and_summary) {
     }
 }
 
+/* A vocab-only GGUF (codemoe convert on a tokenizer-only directory): inspect and tokenize work on it,
+ * complete refuses it with a message. */
+TEST(vocab_only_file) {
+    ASSERT_TRUE(n_goldens > 0);
+    golden *G = primary();
+    char src[1200], dir[400], out[450], cmd[3000];
+    snprintf(src, sizeof src, "%s", test_fixture("hf/qwen2-gqa-hf/tokenizer.json"));
+    ASSERT_TRUE(access(src, R_OK) == 0);
+    snprintf(dir, sizeof dir, "%s/vocab", tmp_dir);
+    ASSERT_TRUE(mkdir(dir, 0700) == 0 || errno == EEXIST);
+    size_t tlen;
+    char *tj = slurp(src, &tlen);
+    ASSERT_TRUE(tj != NULL);
+    snprintf(cmd, sizeof cmd, "%s/tokenizer.json", dir);
+    FILE *f = fopen(cmd, "wb");
+    size_t wrote = f ? fwrite(tj, 1, tlen, f) : 0;
+    if (f) fclose(f);
+    free(tj);
+    ASSERT_EQ_INT(wrote, tlen);
+    snprintf(out, sizeof out, "%s/vocab.gguf", tmp_dir);
+    run_result r;
+    RUN_OK(&r, "convert", dir, out);
+    if (r.code != 0) fprintf(stderr, "convert: %s\n", r.err);
+    ASSERT_EQ_INT(r.code, 0);
+    run_free(&r);
+    RUN_OK(&r, "inspect", out);
+    ASSERT_EQ_INT(r.code, 0);
+    ASSERT_TRUE(strstr(r.out, "tokenizer.ggml.tokens") && strstr(r.out, "vocabulary only"));
+    ASSERT_TRUE(strstr(r.out, "token_embd.weight") == NULL);
+    run_free(&r);
+    RUN_OK(&r, "tokenize", "--model", out, "--prompt", G->text);
+    ASSERT_EQ_INT(r.code, 0);
+    char want[8192];
+    int o = 0;
+    for (int i = 0; i < G->n_prompt && o < (int)sizeof want - 16; i++)
+        o += snprintf(want + o, sizeof want - (size_t)o, i ? " %d" : "%d", (int)G->prompt[i]);
+    snprintf(want + o, sizeof want - (size_t)o, "\n");
+    ASSERT_STREQ(r.out, want);
+    run_free(&r);
+    ASSERT_FAILS_WITH(&r, 1, "complete", "--model", out, "--prompt", "x");
+    run_free(&r);
+    unlink(out);
+    snprintf(cmd, sizeof cmd, "%s/tokenizer.json", dir);
+    unlink(cmd);
+    rmdir(dir);
+}
+
 TEST(missing_and_truncated_files_fail_cleanly) {
     ASSERT_TRUE(n_goldens > 0);
     run_result r;
@@ -512,6 +559,7 @@ int main(void) {
     RUN(complete_fim_and_special);
     RUN(tokenize_matches_golden_and_round_trips);
     RUN(inspect_lists_tensors_and_summary);
+    RUN(vocab_only_file);
     RUN(missing_and_truncated_files_fail_cleanly);
     RUN(hostile_files_fail_cleanly);
     RUN(bad_flags_are_usage_errors);
