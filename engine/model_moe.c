@@ -21,7 +21,22 @@ int cm_moe_arch(const char *arch) {
     return CM_MOE_NONE;
 }
 
-int cm_moe_rope_neox_default(const char *arch) { return cm_moe_arch(arch) == CM_MOE_HYBRID; }
+int cm_moe_hparams(const gguf_file *g, const char *arch, cm_model_info *in, cm_err *err) {
+    in->rope_neox = cm_moe_arch(arch) == CM_MOE_HYBRID;
+    char key[160];
+    snprintf(key, sizeof key, "%s.rope.type", arch);
+    gguf_str s;
+    int rc = gguf_get_str(g, key, &s, err);
+    if (rc < 0) return rc;
+    if (rc == CM_OK) {
+        if (gguf_str_eq(s, "neox")) in->rope_neox = 1;
+        else if (gguf_str_eq(s, "normal")) in->rope_neox = 0;
+        else
+            return cm_err_set(err, CM_E_FORMAT, "model: %s = \"%.*s\" (expected \"neox\" or \"normal\")", key,
+                              (int)(s.len > 32 ? 32 : s.len), s.ptr);
+    }
+    return CM_OK;
+}
 
 static int matrix_type_ok(int t) {
     return t == GGUF_TT_F32 || t == GGUF_TT_F16 || t == GGUF_TT_BF16 || t == GGUF_TT_Q8_0;

@@ -86,6 +86,8 @@ struct cm_moe_ctx {
     int32_t *row_of_slot; /* (B, S) */
     float *lt;            /* (B, 2 * max_rank) LoRA low-rank activations */
     float *deq;           /* (n_threads, MM_DEQ_FLOATS) */
+    cm_moe_trace_fn trace;
+    void *trace_ud;
     char *tokbuf;         /* the longest token's bytes (fence tracking) */
     int tokbuf_cap;
     /* one grouped product run */
@@ -647,6 +649,17 @@ void cm_moe_ffn(cm_moe_ctx *mc, int il, int n, const float *x, float *y) {
         }
     }
 
+    if (mc->trace)
+        for (int i = 0; i < n; i++) {
+            int te[2 * CM_MOE_MAX_EXPERTS], se[2 * CM_MOE_MAX_EXPERTS], nt = 0, ns = 0;
+            for (int k = 0; k < mc->n_slot[i]; k++) {
+                int e = mc->slot_e[(size_t)i * mc->S + k];
+                if (e < mm->n_tok) te[nt++] = e;
+                else se[ns++] = e - mm->n_tok;
+            }
+            mc->trace(mc->trace_ud, il, i, nt, te, ns, se);
+        }
+
     /* 2. group slots by expert: counting sort; rows of one expert in batch order */
     int32_t *gs = mc->g_start;
     memset(gs, 0, (size_t)(NE + 1) * sizeof *gs);
@@ -761,3 +774,8 @@ void cm_mole_down(cm_moe_ctx *mc, int il, int n, const float *h, float *proj) {
 const cm_routing *cm_moe_routing(cm_moe_ctx *mc, int seq) { return &mc->seqs[seq].r; }
 
 void cm_moe_set_stats(cm_moe_ctx *mc, int on) { mc->stats_on = on != 0; }
+
+void cm_moe_set_trace(cm_moe_ctx *mc, cm_moe_trace_fn fn, void *ud) {
+    mc->trace = fn;
+    mc->trace_ud = ud;
+}

@@ -22,6 +22,7 @@
 struct cm_model;
 struct cm_tensor;
 struct cm_pool;
+typedef struct cm_moe_ctx cm_moe_ctx;
 
 #define CM_MOE_MAX_EXPERTS 64  /* per level; routing bitmasks and stack arrays are sized by it */
 #define CM_MOLE_MAX_ADAPTERS 64 /* cm_batch.adapters is a 64-bit mask */
@@ -77,10 +78,13 @@ cm_moe_model *cm_moe_load(const gguf_file *g, const char *arch, const cm_model_i
 void cm_moe_model_free(cm_moe_model *mm);
 /* Architectures this file handles, and their base attention defaults. */
 int cm_moe_arch(const char *arch); /* CM_MOE_* */
-/* Default rope style: multipl_moe as qwen2 (NeoX), mole as llama; <arch>.rope.type overrides. */
-int cm_moe_rope_neox_default(const char *arch);
+/* Base-attention hyper-parameters of the MoE architectures, after model.c's common ones: the rope
+ * style is multipl_moe's NeoX (as qwen2) and mole's "normal" (as llama), or <arch>.rope.type
+ * ("neox" / "normal") when present. q/k/v biases are expressed by their tensors' presence. */
+int cm_moe_hparams(const gguf_file *g, const char *arch, cm_model_info *in, cm_err *err);
 
-typedef struct cm_moe_ctx cm_moe_ctx;
+/* forward.c: the context's MoE state (NULL for dense models). */
+cm_moe_ctx *cm_ctx_moe(const cm_ctx *c);
 
 cm_moe_ctx *cm_moe_ctx_create(const struct cm_model *m, const cm_moe_model *mm, struct cm_pool *pool,
                               int n_threads, int n_seq_max, int n_ctx, int n_batch_max, cm_err *err);
@@ -103,6 +107,12 @@ void cm_moe_ffn(cm_moe_ctx *mc, int il, int n, const float *x, float *y);
 /* MoLE: hg, hu (N, F) += adapter deltas of x (N, D); proj (N, D) += adapter deltas of h (N, F). */
 void cm_mole_gate_up(cm_moe_ctx *mc, int il, int n, const float *x, float *hg, float *hu);
 void cm_mole_down(cm_moe_ctx *mc, int il, int n, const float *h, float *proj);
+
+/* Tests: called after routing each layer, once per batch token, with its token experts (selection
+ * order: the top non-shared by p, then the shared one) and segment experts (by q, highest first;
+ * reference mode: the experts whose chosen windows hold the token, in expert order). */
+typedef void (*cm_moe_trace_fn)(void *ud, int layer, int i, int n_tok, const int *tok, int n_seg, const int *seg);
+void cm_moe_set_trace(cm_moe_ctx *mc, cm_moe_trace_fn fn, void *ud);
 
 const cm_routing *cm_moe_routing(cm_moe_ctx *mc, int seq);
 void cm_moe_routing_reset(cm_moe_ctx *mc, int seq);

@@ -1,0 +1,50 @@
+/*
+ * moe_api.c - the public (codemoe.h) face of the mixture-of-experts code: sequence options, routing
+ * statistics and adapter names. Dense models accept options and report no statistics.
+ */
+#include <string.h>
+
+#include "model.h"
+#include "moe.h"
+#include "util.h"
+
+int cm_seq_set_options(cm_ctx *c, int seq, const cm_seq_options *o, cm_err *err) {
+    if (!c || !o) return cm_err_set(err, CM_E_INVAL, "seq: no context or options");
+    int len = cm_seq_len(c, seq);
+    if (len < 0) return cm_err_set(err, CM_E_RANGE, "seq: %d is not an open sequence", seq);
+    cm_moe_ctx *mc = cm_ctx_moe(c);
+    if (!mc) return len == 0 ? CM_OK : cm_err_set(err, CM_E_INVAL, "seq: options can change only while sequence %d is empty", seq);
+    return cm_moe_seq_set_options(mc, seq, len, o, err);
+}
+
+const cm_routing *cm_seq_routing(const cm_ctx *c, int seq) {
+    cm_moe_ctx *mc = cm_ctx_moe(c);
+    if (!mc || cm_seq_len(c, seq) < 0) return NULL;
+    return cm_moe_routing(mc, seq);
+}
+
+void cm_seq_routing_reset(cm_ctx *c, int seq) {
+    cm_moe_ctx *mc = cm_ctx_moe(c);
+    if (mc && cm_seq_len(c, seq) >= 0) cm_moe_routing_reset(mc, seq);
+}
+
+void cm_ctx_set_routing_stats(cm_ctx *c, int on) {
+    cm_moe_ctx *mc = cm_ctx_moe(c);
+    if (mc) cm_moe_set_stats(mc, on);
+}
+
+int cm_model_n_adapters(const cm_model *m) {
+    return m && m->moe && m->moe->kind == CM_MOE_MOLE ? m->moe->n_adapters : 0;
+}
+
+const char *cm_model_adapter_name(const cm_model *m, int i) {
+    return i >= 0 && i < cm_model_n_adapters(m) ? m->moe->names[i] : NULL;
+}
+
+int cm_model_adapter_id(const cm_model *m, const char *name) {
+    char norm[CM_LANG_NAME_MAX + 1];
+    if (!name || !cm_lang_normalize(name, strlen(name), norm)) return -1;
+    for (int i = 0; i < cm_model_n_adapters(m); i++)
+        if (!strcmp(m->moe->names[i], norm)) return i;
+    return -1;
+}

@@ -1,0 +1,659 @@
+/*
+ * test_moe.c - the mixture-of-experts engine against tools/reference_moe.py's goldens
+ * (tests/fixtures/golden/{hybrid-max,hybrid-mean,mole}.json), and its invariants:
+ *  - hybrid: every case in its segment mode (causal, reference), logits within the JSON's max_abs,
+ *    routing ids (token experts, causal segment experts, reference expert choice) compared EXACTLY;
+ *    1 and 3 threads;
+ *  - causal prefill == token-by-token decode (logits and routing), greedy run == golden tokens and
+ *    routing, statistics consistent with the trace (prompt / generated apart);
+ *  - a request alone == the same request batched with others of other lengths, modes and languages;
+ *  - reference mode refuses decoding; bad option values are refused;
+ *  - MoLE: fence-routed, batch-routed and language-routed cases, greedy with per-token sets;
+ *  - hostile / inconsistent model files are refused with messages naming the problem;
+ *  - upcycling: every dense fixture upcycled (hybrid with fusion 1/0, MoLE with B = 0) gives the dense
+ *    logits.
+ */
+#include <jansson.h>
+#include <stdint.h>
+#include <unistd.h>
+
+#include "../test.h"
+#include "codemoe.h"
+#include "moe.h"
+
+#define MAXT 512
+#define MAXL 4
+
+/* ------------------------------------------------------------ trace capture */
+
+typedef struct trace {
+    int seq_of[MAXT], pos_of[MAXT]; /* per batch index */
+    int want_seq;
+    int nt[MAXL][MAXT], ns[MAXL][MAXT];
+    int tok[MAXL][MAXT][8], seg[MAXL][MAXT][8];
+} trace;
+
+static trace tr;
+
+static void on_trace(void *ud, int layer, int i, int n_tok, const int *tok, int n_seg, const int *seg) {
+    (void)ud;
+    if (layer >= MAXL || i >= MAXT || tr.seq_of[i] != tr.want_seq) return;
+    int p = tr.pos_of[i];
+    if (p < 0 || p >= MAXT) return;
+    tr.nt[layer][p] = n_tok;
+    tr.ns[layer][p] = n_seg;
+    for (int k = 0; k < n_tok && k < 8; k++) tr.tok[layer][p][k] = tok[k];
+    for (int k = 0; k < n_seg && k < 8; k++) tr.seg[layer][p][k] = seg[k];
+}
+
+/* ------------------------------------------------------------ fixtures */
+
+static json_t *load_golden(const char *name) {
+    char p[512];
+    snprintf(p, sizeof p, "golden/%s.json", name);
+    json_error_t je;
+    json_t *j = json_load_file(test_fixture(p), 0, &je);
+    if (!j) fprintf(stderr, "%s: %s\n", p, je.text);
+    return j;
+}
+
+static float *read_f32(const char *rel, size_t n) {
+    FILE *f = fopen(test_fixture(rel), "rb");
+    if (!f) return NULL;
+    float *p = malloc(n * sizeof(float));
+    size_t got = p ? fread(p, sizeof(float), n, f) : 0;
+    fclose(f);
+    if (got != n) {
+        free(p);
+        return NULL;
+    }
+    return p;
+}
+
+static int ids(json_t *a, int32_t *out, int cap) {
+    if (!json_is_array(a) || (int)json_array_size(a) > cap) return -1;
+    for (size_t i = 0; i < json_array_size(a); i++) out[i] = (int32_t)json_integer_value(json_array_get(a, i));
+    return (int)json_array_size(a);
+}
+
+static uint64_t set_mask(json_t *a) {
+    uint64_t m = 0;
+    for (size_t i = 0; i < json_array_size(a); i++) m |= 1ull << json_integer_value(json_array_get(a, i));
+    return m;
+}
+
+static cm_model *load_model(const char *rel) {
+    cm_err err = {0};
+    cm_model_params mp = {0};
+    cm_model *m = cm_model_load(test_fixture(rel), &mp, &err);
+    if (!m) fprintf(stderr, "%s: %s\n", rel, err.msg);
+    return m;
+}
+
+static cm_ctx *new_ctx(const cm_model *m, int threads, int n_seq) {
+    cm_ctx_params cp = {.n_threads = threads, .n_seq_max = n_seq, .n_ctx = 256, .n_batch_max = 256};
+    cm_err err = {0};
+    cm_ctx *c = cm_ctx_create(m, &cp, &err);
+    if (!c) fprintf(stderr, "ctx: %s\n", err.msg);
+    else cm_moe_set_trace(cm_ctx_moe(c), on_trace, NULL);
+    return c;
+}
+
+static double max_diff(const float *a, const float *b, size_t n) {
+    double d = 0;
+    for (size_t i = 0; i < n; i++) {
+        double x = fabs((double)a[i] - (double)b[i]);
+        if (!(x <= d)) d = x; /* NaN counts as infinitely wrong */
+    }
+    return d;
+}
+
+/* Runs tokens of one sequence (new, with opts) in batches of `step` tokens (0: all at once); logits of
+ * every position into out (n, V). Returns 0 or the failing rc. */
+static int run_seq(cm_ctx *c, const cm_model *m, const int32_t *tok, int n, int step, const cm_seq_options *o,
+                   const uint64_t *sets, float *out) {
+    cm_err err = {0};
+    int V = cm_model_get_info(m)->n_vocab;
+    int s = cm_seq_open(c, &err);
+    if (s < 0) return s;
+    if (o && cm_seq_set_options(c, s, o, &err)) {
+        fprintf(stderr, "options: %s\n", err.msg);
+        return -100;
+    }
+    tr.want_seq = s;
+    if (step <= 0) step = n;
+    int32_t seqs[MAXT];
+    int8_t want[MAXT];
+    for (int i = 0; i < n; i++) seqs[i] = s, want[i] = 1;
+    for (int i0 = 0; i0 < n; i0 += step) {
+        int k = n - i0 < step ? n - i0 : step;
+        for (int i = 0; i < k; i++) tr.seq_of[i] = s, tr.pos_of[i] = i0 + i;
+        cm_batch b = {.n = k, .token = tok + i0, .seq = seqs, .logits = want, .adapters = sets ? sets + i0 : NULL};
+        int rc = cm_forward(c, &b, &err);
+        if (rc) {
+            fprintf(stderr, "forward: %s\n", err.msg);
+            cm_seq_close(c, s);
+            return rc;
+        }
+        for (int i = 0; i < k; i++) memcpy(out + (size_t)(i0 + i) * V, cm_logits(c, i), (size_t)V * sizeof(float));
+    }
+    cm_seq_close(c, s);
+    return 0;
+}
+
+/* routing of the trace vs a golden "routing" array; returns mismatches */
+static int check_routing(json_t *routing, int n, const char *mode, int window) {
+    int bad = 0;
+    for (size_t l = 0; l < json_array_size(routing); l++) {
+        json_t *r = json_array_get(routing, l);
+        json_t *te = json_object_get(r, "token_experts");
+        for (int t = 0; t < n; t++) {
+            json_t *e = json_array_get(te, (size_t)t);
+            int ok = (int)json_array_size(e) == tr.nt[l][t];
+            for (int k = 0; ok && k < tr.nt[l][t]; k++) ok = json_integer_value(json_array_get(e, (size_t)k)) == tr.tok[l][t][k];
+            if (!ok && bad++ < 5) fprintf(stderr, "layer %zu token %d: token experts differ\n", l, t);
+        }
+        if (!strcmp(mode, "causal")) {
+            json_t *se = json_object_get(r, "segment_experts");
+            for (int t = 0; t < n; t++) {
+                json_t *e = json_array_get(se, (size_t)t);
+                int ok = (int)json_array_size(e) == tr.ns[l][t];
+                for (int k = 0; ok && k < tr.ns[l][t]; k++)
+                    ok = json_integer_value(json_array_get(e, (size_t)k)) == tr.seg[l][t][k];
+                if (!ok && bad++ < 5) fprintf(stderr, "layer %zu token %d: segment experts differ\n", l, t);
+            }
+        } else {
+            /* expert e chose window s <=> the window's first token is routed to e; every token of a
+             * chosen window must carry it, and tokens of other windows must not */
+            json_t *ch = json_object_get(r, "segment_choice");
+            for (size_t e = 0; e < json_array_size(ch); e++) {
+                int chosen[MAXT] = {0};
+                json_t *lst = json_array_get(ch, e);
+                for (size_t k = 0; k < json_array_size(lst); k++) chosen[json_integer_value(json_array_get(lst, k))] = 1;
+                for (int t = 0; t < n; t++) {
+                    int has = 0;
+                    for (int k = 0; k < tr.ns[l][t]; k++) has |= tr.seg[l][t][k] == (int)e;
+                    int want = t / window < MAXT && (t / window + 1) * window <= n && chosen[t / window];
+                    if (has != want && bad++ < 5)
+                        fprintf(stderr, "layer %zu expert %zu token %d: chosen %d, engine %d\n", l, e, t, want, has);
+                }
+            }
+        }
+    }
+    return bad;
+}
+
+static double worst;
+
+/* ------------------------------------------------------------ hybrid */
+
+static void hybrid_model_cases(const char *name, int threads) {
+    json_t *j = load_golden(name);
+    ASSERT_TRUE(j);
+    cm_model *m = load_model(json_string_value(json_object_get(j, "model")));
+    ASSERT_TRUE(m);
+    int V = cm_model_get_info(m)->n_vocab;
+    double tol = json_real_value(json_object_get(json_object_get(j, "tolerance"), "max_abs"));
+    int window = (int)json_integer_value(json_object_get(json_object_get(j, "hybrid"), "window"));
+    cm_ctx *c = new_ctx(m, threads, 4);
+    ASSERT_TRUE(c);
+    json_t *cases = json_object_get(j, "cases");
+    float *out = malloc((size_t)MAXT * V * sizeof(float));
+    for (size_t ci = 0; ci < json_array_size(cases); ci++) {
+        json_t *cs = json_array_get(cases, ci);
+        int32_t tok[MAXT];
+        int n = ids(json_object_get(cs, "tokens"), tok, MAXT);
+        const char *mode = json_string_value(json_object_get(cs, "mode"));
+        float *gold = read_f32(json_string_value(json_object_get(cs, "logits")), (size_t)n * V);
+        CHECK_TRUE(gold);
+        if (!gold) continue;
+        cm_seq_options o;
+        cm_seq_options_default(&o);
+        o.segment_mode = !strcmp(mode, "reference") ? CM_SEGMENT_REFERENCE : CM_SEGMENT_CAUSAL;
+        /* prefill; causal also one token at a time and in uneven chunks */
+        int steps[3] = {0, 1, 7};
+        for (int si = 0; si < (o.segment_mode == CM_SEGMENT_CAUSAL ? 3 : 1); si++) {
+            memset(&tr.nt, 0, sizeof tr.nt);
+            memset(&tr.ns, 0, sizeof tr.ns);
+            int rc = run_seq(c, m, tok, n, steps[si], &o, NULL, out);
+            CHECK_TRUE(rc == 0);
+            double d = max_diff(out, gold, (size_t)n * V);
+            if (d > worst) worst = d;
+            if (!(d <= tol)) {
+                TEST_FAIL_("%s case %zu (%s, step %d, %d threads): max diff %g > %g", name, ci, mode, steps[si], threads, d, tol);
+            }
+            int bad = check_routing(json_object_get(cs, "routing"), n, mode, window);
+            if (bad) TEST_FAIL_("%s case %zu (%s, step %d): %d routing differences", name, ci, mode, steps[si], bad);
+        }
+        free(gold);
+    }
+    free(out);
+    cm_ctx_free(c);
+    cm_model_free(m);
+    json_decref(j);
+}
+
+TEST(hybrid_goldens) {
+    hybrid_model_cases("hybrid-max", 1);
+    hybrid_model_cases("hybrid-max", 3);
+    hybrid_model_cases("hybrid-mean", 1);
+    hybrid_model_cases("hybrid-mean", 3);
+    fprintf(stderr, "  hybrid: worst |logit diff| %.3g\n", worst);
+}
+
+static void hybrid_greedy(const char *name) {
+    json_t *j = load_golden(name);
+    ASSERT_TRUE(j);
+    cm_model *m = load_model(json_string_value(json_object_get(j, "model")));
+    ASSERT_TRUE(m);
+    const cm_model_info *in = cm_model_get_info(m);
+    json_t *g = json_object_get(j, "greedy");
+    int32_t prompt[MAXT], want[64], toks[MAXT];
+    int np = ids(json_object_get(g, "prompt"), prompt, MAXT);
+    int ng = ids(json_object_get(g, "tokens"), want, 64);
+    cm_ctx *c = new_ctx(m, 2, 2);
+    ASSERT_TRUE(c);
+    cm_err err = {0};
+    int s = cm_seq_open(c, &err);
+    tr.want_seq = s;
+    memset(&tr.nt, 0, sizeof tr.nt);
+    int32_t seqs[MAXT];
+    for (int i = 0; i < np; i++) seqs[i] = s, tr.seq_of[i] = s, tr.pos_of[i] = i;
+    cm_batch b = {.n = np, .token = prompt, .seq = seqs};
+    ASSERT_EQ_INT(cm_forward(c, &b, &err), 0);
+    memcpy(toks, prompt, (size_t)np * sizeof *toks);
+    int n = np;
+    int8_t gen = 1;
+    for (int k = 0; k < ng; k++) {
+        const float *lg = cm_logits(c, np > 0 && k == 0 ? np - 1 : 0);
+        ASSERT_TRUE(lg);
+        int best = 0;
+        for (int v = 1; v < in->n_vocab; v++)
+            if (lg[v] > lg[best]) best = v;
+        CHECK_TRUE(best == want[k]);
+        if (best != want[k]) fprintf(stderr, "%s greedy step %d: %d, want %d\n", name, k, best, want[k]);
+        toks[n] = best;
+        if (k + 1 == ng) break;
+        tr.seq_of[0] = s;
+        tr.pos_of[0] = n;
+        cm_batch one = {.n = 1, .token = &toks[n], .seq = &s, .generated = &gen};
+        ASSERT_EQ_INT(cm_forward(c, &one, &err), 0);
+        n++;
+    }
+    int bad = check_routing(json_object_get(g, "routing"), n, "causal", 0);
+    CHECK_TRUE(bad == 0);
+    /* statistics vs the trace: per layer and expert, prompt and generated tokens apart */
+    const cm_routing *r = cm_seq_routing(c, s);
+    ASSERT_TRUE(r);
+    ASSERT_EQ_INT(r->n_layer, in->n_layer);
+    for (int l = 0; l < r->n_layer; l++) {
+        for (int e = 0; e < r->n_tok_experts; e++) {
+            uint32_t cnt[2] = {0, 0};
+            for (int t = 0; t < n; t++)
+                for (int k = 0; k < tr.nt[l][t]; k++) cnt[t >= np] += tr.tok[l][t][k] == e;
+            const cm_route_count *rc = &r->tok[l * r->n_tok_experts + e];
+            CHECK_TRUE(rc->tokens[0] == cnt[0] && rc->tokens[1] == cnt[1]);
+            CHECK_TRUE(rc->gate_sum[0] <= rc->tokens[0] + 1e-9 && rc->gate_sum[0] >= 0);
+            if (e == r->shared_expert) CHECK_TRUE(rc->tokens[0] == (uint32_t)np && rc->tokens[1] == (uint32_t)(n - np));
+        }
+        for (int e = 0; e < r->n_seg_experts; e++) {
+            uint32_t cnt = 0, win = 0;
+            for (int t = 0; t < n; t++)
+                for (int k = 0; k < tr.ns[l][t]; k++) cnt += tr.seg[l][t][k] == e;
+            for (int w = 0; w < r->n_windows; w++) win += r->seg_windows[(l * r->n_seg_experts + e) * r->n_windows + w];
+            const cm_route_count *rc = &r->seg[l * r->n_seg_experts + e];
+            CHECK_TRUE(rc->tokens[0] + rc->tokens[1] == cnt && win == cnt);
+        }
+    }
+    cm_seq_routing_reset(c, s);
+    CHECK_TRUE(r->tok[0].tokens[0] == 0 && r->tok[0].tokens[1] == 0);
+    cm_ctx_free(c);
+    cm_model_free(m);
+    json_decref(j);
+}
+
+TEST(hybrid_greedy_and_stats) {
+    hybrid_greedy("hybrid-max");
+    hybrid_greedy("hybrid-mean");
+}
+
+/* Three requests interleaved in one batch (causal 41 tokens, causal 5, reference 18), continued by a
+ * second batch: each equals its golden / its run alone. */
+TEST(hybrid_batch_invariance) {
+    json_t *j = load_golden("hybrid-max");
+    ASSERT_TRUE(j);
+    cm_model *m = load_model(json_string_value(json_object_get(j, "model")));
+    ASSERT_TRUE(m);
+    int V = cm_model_get_info(m)->n_vocab;
+    json_t *cases = json_object_get(j, "cases");
+    int32_t ta[MAXT], tb[MAXT], tc[MAXT];
+    int na = ids(json_object_get(json_array_get(cases, 0), "tokens"), ta, MAXT);
+    int nc = ids(json_object_get(json_array_get(cases, 1), "tokens"), tc, MAXT);
+    int nb = ids(json_object_get(json_array_get(cases, 2), "tokens"), tb, MAXT);
+    float *ga = read_f32(json_string_value(json_object_get(json_array_get(cases, 0), "logits")), (size_t)na * V);
+    float *gc = read_f32(json_string_value(json_object_get(json_array_get(cases, 1), "logits")), (size_t)nc * V);
+    ASSERT_TRUE(ga && gc);
+    cm_ctx *c = new_ctx(m, 3, 4);
+    ASSERT_TRUE(c);
+    float *alone_b = malloc((size_t)nb * V * sizeof(float));
+    ASSERT_EQ_INT(run_seq(c, m, tb, nb, 0, NULL, NULL, alone_b), 0);
+    cm_err err = {0};
+    int sa = cm_seq_open(c, &err), sb = cm_seq_open(c, &err), sc = cm_seq_open(c, &err);
+    cm_seq_options o;
+    cm_seq_options_default(&o);
+    o.segment_mode = CM_SEGMENT_REFERENCE;
+    ASSERT_EQ_INT(cm_seq_set_options(c, sc, &o, &err), 0);
+    /* batch 1: a[0..29], all of b, all of c, interleaved round robin */
+    int32_t btok[MAXT], bseq[MAXT], bpos[MAXT];
+    int8_t want[MAXT];
+    int n = 0, ia = 0, ib = 0, ic = 0;
+    while (ia < 30 || ib < nb || ic < nc) {
+        if (ia < 30) btok[n] = ta[ia], bseq[n] = sa, bpos[n++] = ia++;
+        if (ib < nb) btok[n] = tb[ib], bseq[n] = sb, bpos[n++] = ib++;
+        if (ic < nc) btok[n] = tc[ic], bseq[n] = sc, bpos[n++] = ic++;
+    }
+    for (int i = 0; i < n; i++) want[i] = 1;
+    tr.want_seq = sa;
+    for (int i = 0; i < n; i++) tr.seq_of[i] = bseq[i], tr.pos_of[i] = bpos[i];
+    cm_batch b = {.n = n, .token = btok, .seq = bseq, .logits = want};
+    ASSERT_EQ_INT(cm_forward(c, &b, &err), 0);
+    double da = 0, db = 0, dc = 0;
+    for (int i = 0; i < n; i++) {
+        const float *lg = cm_logits(c, i);
+        double d;
+        if (bseq[i] == sa) d = max_diff(lg, ga + (size_t)bpos[i] * V, (size_t)V), da = d > da ? d : da;
+        else if (bseq[i] == sb) d = max_diff(lg, alone_b + (size_t)bpos[i] * V, (size_t)V), db = d > db ? d : db;
+        else d = max_diff(lg, gc + (size_t)bpos[i] * V, (size_t)V), dc = d > dc ? d : dc;
+    }
+    /* batch 2: the rest of a, with b decoding one more token */
+    n = 0;
+    for (int i = 30; i < na; i++) btok[n] = ta[i], bseq[n] = sa, bpos[n] = i, tr.seq_of[n] = sa, tr.pos_of[n] = i, n++;
+    btok[n] = tb[0], bseq[n] = sb, tr.seq_of[n] = sb, n++;
+    cm_batch b2 = {.n = n, .token = btok, .seq = bseq, .logits = want};
+    ASSERT_EQ_INT(cm_forward(c, &b2, &err), 0);
+    for (int i = 0; i + 1 < n; i++) {
+        double d = max_diff(cm_logits(c, i), ga + (size_t)bpos[i] * V, (size_t)V);
+        da = d > da ? d : da;
+    }
+    fprintf(stderr, "  batched vs alone/golden: %.3g %.3g %.3g\n", da, db, dc);
+    CHECK_TRUE(da <= 1e-4 && db <= 1e-5 && dc <= 1e-4);
+    CHECK_TRUE(check_routing(json_object_get(json_array_get(cases, 0), "routing"), na, "causal", 4) == 0);
+    /* the reference-mode sequence was scored: it takes no more tokens (nothing appended on error) */
+    cm_batch b3 = {.n = 1, .token = tc, .seq = &sc};
+    ASSERT_EQ_INT(cm_forward(c, &b3, &err), CM_E_INVAL);
+    CHECK_TRUE(strstr(err.msg, "reference") != NULL);
+    ASSERT_EQ_INT(cm_seq_len(c, sc), nc);
+    /* options only while empty; bad values refused */
+    ASSERT_EQ_INT(cm_seq_set_options(c, sa, &o, &err), CM_E_INVAL);
+    ASSERT_EQ_INT(cm_seq_truncate(c, sc, 0, &err), 0);
+    o.segment_mode = 7;
+    ASSERT_EQ_INT(cm_seq_set_options(c, sc, &o, &err), CM_E_INVAL);
+    ASSERT_EQ_INT(cm_seq_truncate(c, sa, 5, &err), CM_E_UNSUPPORTED);
+    free(alone_b);
+    free(ga);
+    free(gc);
+    cm_ctx_free(c);
+    cm_model_free(m);
+    json_decref(j);
+}
+
+/* ------------------------------------------------------------ MoLE */
+
+TEST(mole_goldens) {
+    json_t *j = load_golden("mole");
+    ASSERT_TRUE(j);
+    cm_model *m = load_model(json_string_value(json_object_get(j, "model")));
+    ASSERT_TRUE(m);
+    int V = cm_model_get_info(m)->n_vocab;
+    double tol = json_real_value(json_object_get(json_object_get(j, "tolerance"), "max_abs"));
+    ASSERT_EQ_INT(cm_model_n_adapters(m), 4);
+    ASSERT_STREQ(cm_model_adapter_name(m, 1), "rust");
+    ASSERT_EQ_INT(cm_model_adapter_id(m, "py"), 0);
+    ASSERT_EQ_INT(cm_model_adapter_id(m, "RS"), 1);
+    ASSERT_EQ_INT(cm_model_adapter_id(m, "cobol"), -1);
+    json_t *cases = json_object_get(j, "cases");
+    float *out = malloc((size_t)MAXT * V * sizeof(float));
+    for (int threads = 1; threads <= 3; threads += 2) {
+        cm_ctx *c = new_ctx(m, threads, 3);
+        ASSERT_TRUE(c);
+        for (size_t ci = 0; ci < json_array_size(cases); ci++) {
+            json_t *cs = json_array_get(cases, ci);
+            int32_t tok[MAXT];
+            uint64_t sets[MAXT];
+            int n = ids(json_object_get(cs, "tokens"), tok, MAXT);
+            json_t *as = json_object_get(cs, "adapter_sets");
+            for (int i = 0; i < n; i++) sets[i] = set_mask(json_array_get(as, (size_t)i));
+            float *gold = read_f32(json_string_value(json_object_get(cs, "logits")), (size_t)n * V);
+            ASSERT_TRUE(gold);
+            const char *src = json_string_value(json_object_get(cs, "adapter_source"));
+            cm_seq_options o;
+            /* 1. the sets given per token */
+            cm_seq_options_default(&o);
+            o.adapter_routing = CM_ADAPTERS_BATCH;
+            ASSERT_EQ_INT(run_seq(c, m, tok, n, 0, &o, sets, out), 0);
+            double d1 = max_diff(out, gold, (size_t)n * V);
+            /* 2. the engine's own routing: fences, or the request's language */
+            cm_seq_options_default(&o);
+            if (!strcmp(src, "request")) o.language = cm_model_adapter_id(m, "python");
+            ASSERT_EQ_INT(run_seq(c, m, tok, n, ci == 0 ? 1 : 0, &o, NULL, out), 0);
+            double d2 = max_diff(out, gold, (size_t)n * V);
+            if (d1 > worst) worst = d1;
+            if (d2 > worst) worst = d2;
+            if (!(d1 <= tol && d2 <= tol)) TEST_FAIL_("mole case %zu: diff %g (batch sets), %g (%s)", ci, d1, d2, src);
+            free(gold);
+        }
+        cm_ctx_free(c);
+    }
+    /* greedy: prompt routed by fences, generated tokens by the given set */
+    json_t *g = json_object_get(j, "greedy");
+    int32_t prompt[MAXT], want[64], toks[MAXT];
+    uint64_t sets[MAXT];
+    int np = ids(json_object_get(g, "prompt"), prompt, MAXT);
+    int ng = ids(json_object_get(g, "tokens"), want, 64);
+    json_t *ps = json_object_get(g, "prompt_adapter_sets");
+    for (int i = 0; i < np; i++) sets[i] = set_mask(json_array_get(ps, (size_t)i));
+    uint64_t gset = set_mask(json_object_get(g, "generated_adapter_set"));
+    cm_ctx *c = new_ctx(m, 2, 2);
+    ASSERT_TRUE(c);
+    cm_err err = {0};
+    int s = cm_seq_open(c, &err);
+    cm_seq_options o;
+    cm_seq_options_default(&o);
+    o.adapter_routing = CM_ADAPTERS_BATCH;
+    ASSERT_EQ_INT(cm_seq_set_options(c, s, &o, &err), 0);
+    int32_t seqs[MAXT];
+    for (int i = 0; i < np; i++) seqs[i] = s;
+    cm_batch b = {.n = np, .token = prompt, .seq = seqs, .adapters = sets};
+    ASSERT_EQ_INT(cm_forward(c, &b, &err), 0);
+    int8_t gen = 1;
+    for (int k = 0; k < ng; k++) {
+        const float *lg = cm_logits(c, k == 0 ? np - 1 : 0);
+        int best = 0;
+        for (int v = 1; v < V; v++)
+            if (lg[v] > lg[best]) best = v;
+        CHECK_TRUE(best == want[k]);
+        toks[k] = best;
+        cm_batch one = {.n = 1, .token = &toks[k], .seq = &s, .adapters = &gset, .generated = &gen};
+        ASSERT_EQ_INT(cm_forward(c, &one, &err), 0);
+    }
+    /* adapter statistics: prompt tokens per adapter as the sets say, generated ones apart */
+    const cm_routing *r = cm_seq_routing(c, s);
+    ASSERT_TRUE(r && r->n_adapters == 4);
+    for (int a = 0; a < 4; a++) {
+        uint32_t cnt = 0;
+        for (int i = 0; i < np; i++) cnt += (uint32_t)(sets[i] >> a & 1);
+        CHECK_TRUE(r->adapter[a].tokens[0] == cnt);
+        CHECK_TRUE(r->adapter[a].tokens[1] == (uint32_t)((gset >> a & 1) ? ng : 0));
+    }
+    /* a set naming an adapter the model lacks is refused */
+    uint64_t badset = 1ull << 9;
+    cm_batch bad = {.n = 1, .token = toks, .seq = &s, .adapters = &badset};
+    ASSERT_EQ_INT(cm_forward(c, &bad, &err), CM_E_RANGE);
+    cm_ctx_free(c);
+    free(out);
+    cm_model_free(m);
+    json_decref(j);
+}
+
+/* The fence tracker (through the engine's token bytes) reproduces the goldens' adapter sets. */
+TEST(mole_fence_sets_match_reference) {
+    json_t *j = load_golden("mole");
+    ASSERT_TRUE(j);
+    cm_model *m = load_model(json_string_value(json_object_get(j, "model")));
+    ASSERT_TRUE(m);
+    json_t *cs = json_array_get(json_object_get(j, "cases"), 0);
+    int32_t tok[MAXT];
+    int n = ids(json_object_get(cs, "tokens"), tok, MAXT);
+    json_t *as = json_object_get(cs, "adapter_sets");
+    cm_fence f;
+    cm_fence_init(&f);
+    for (int i = 0; i < n; i++) {
+        char buf[256];
+        int nb = cm_token_bytes(m, tok[i], 0, buf, sizeof buf);
+        const char *lang;
+        int w = cm_fence_classify(&f, buf, (size_t)nb, &lang);
+        cm_fence_push(&f, buf, (size_t)nb);
+        uint64_t want = set_mask(json_array_get(as, (size_t)i));
+        uint64_t got = w == CM_FENCE_CODE && cm_model_adapter_id(m, lang) >= 0
+                           ? (1ull << cm_model_adapter_id(m, lang)) | (1ull << 2)
+                           : 1ull << 3;
+        if (got != want) TEST_FAIL_("token %d (%.*s): set 0x%llx, want 0x%llx", i, nb, buf, (unsigned long long)got,
+                                    (unsigned long long)want);
+    }
+    cm_model_free(m);
+    json_decref(j);
+}
+
+/* Two MoLE requests of other languages and lengths in one batch equal their goldens. */
+TEST(mole_batch_mixed_languages) {
+    json_t *j = load_golden("mole");
+    ASSERT_TRUE(j);
+    cm_model *m = load_model(json_string_value(json_object_get(j, "model")));
+    ASSERT_TRUE(m);
+    int V = cm_model_get_info(m)->n_vocab;
+    json_t *cases = json_object_get(j, "cases");
+    int32_t t0[MAXT], t1[MAXT];
+    int n0 = ids(json_object_get(json_array_get(cases, 0), "tokens"), t0, MAXT);
+    int n1 = ids(json_object_get(json_array_get(cases, 1), "tokens"), t1, MAXT);
+    float *g0 = read_f32(json_string_value(json_object_get(json_array_get(cases, 0), "logits")), (size_t)n0 * V);
+    float *g1 = read_f32(json_string_value(json_object_get(json_array_get(cases, 1), "logits")), (size_t)n1 * V);
+    ASSERT_TRUE(g0 && g1);
+    cm_ctx *c = new_ctx(m, 3, 2);
+    ASSERT_TRUE(c);
+    cm_err err = {0};
+    int s0 = cm_seq_open(c, &err), s1 = cm_seq_open(c, &err);
+    cm_seq_options o;
+    cm_seq_options_default(&o);
+    o.language = cm_model_adapter_id(m, "python");
+    ASSERT_EQ_INT(cm_seq_set_options(c, s1, &o, &err), 0);
+    int32_t bt[MAXT], bs[MAXT], bp[MAXT];
+    int8_t want[MAXT];
+    int n = 0;
+    for (int i = 0; i < n0 || i < n1; i++) {
+        if (i < n0) bt[n] = t0[i], bs[n] = s0, bp[n++] = i;
+        if (i < n1) bt[n] = t1[i], bs[n] = s1, bp[n++] = i;
+    }
+    for (int i = 0; i < n; i++) want[i] = 1;
+    cm_batch b = {.n = n, .token = bt, .seq = bs, .logits = want};
+    ASSERT_EQ_INT(cm_forward(c, &b, &err), 0);
+    double d = 0;
+    for (int i = 0; i < n; i++) {
+        double x = max_diff(cm_logits(c, i), (bs[i] == s0 ? g0 : g1) + (size_t)bp[i] * V, (size_t)V);
+        d = x > d ? x : d;
+    }
+    CHECK_TRUE(d <= 1e-4);
+    free(g0);
+    free(g1);
+    cm_ctx_free(c);
+    cm_model_free(m);
+    json_decref(j);
+}
+
+/* ------------------------------------------------------------ hostile files */
+
+/* Copy of a fixture with the value of one key patched: the value follows key, u32 type (and for arrays
+ * u32 element type + u64 count); elem picks an array element. */
+static int patch_key(const char *src, const char *dst, const char *key, int elem, const void *val, size_t vlen) {
+    FILE *f = fopen(test_fixture(src), "rb");
+    if (!f) return -1;
+    fseek(f, 0, SEEK_END);
+    long sz = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    unsigned char *buf = malloc((size_t)sz);
+    if (!buf || fread(buf, 1, (size_t)sz, f) != (size_t)sz) {
+        fclose(f);
+        free(buf);
+        return -1;
+    }
+    fclose(f);
+    size_t kl = strlen(key);
+    long at = -1;
+    for (long i = 8; i + (long)kl + 4 < sz; i++) {
+        uint64_t len;
+        memcpy(&len, buf + i - 8, 8);
+        if (len == kl && !memcmp(buf + i, key, kl)) {
+            at = i + (long)kl;
+            break;
+        }
+    }
+    if (at < 0) {
+        free(buf);
+        return -1;
+    }
+    uint32_t type;
+    memcpy(&type, buf + at, 4);
+    long v = at + 4;
+    if (type == 9) v += 4 + 8 + (long)elem * (long)vlen; /* arrays of fixed-size elements */
+    memcpy(buf + v, val, vlen);
+    f = fopen(dst, "wb");
+    fwrite(buf, 1, (size_t)sz, f);
+    fclose(f);
+    free(buf);
+    return 0;
+}
+
+static void expect_refused(const char *src, const char *key, int elem, uint32_t val, const char *msg_part) {
+    char dst[256];
+    snprintf(dst, sizeof dst, "/tmp/cm_test_moe_bad_%d.gguf", (int)getpid());
+    ASSERT_EQ_INT(patch_key(src, dst, key, elem, &val, 4), 0);
+    cm_err err = {0};
+    cm_model_params mp = {0};
+    cm_model *m = cm_model_load(dst, &mp, &err);
+    unlink(dst);
+    if (m) {
+        cm_model_free(m);
+        TEST_FAIL_("%s with %s = %u was accepted", src, key, val);
+        return;
+    }
+    if (!strstr(err.msg, msg_part)) TEST_FAIL_("%s = %u: message \"%s\" lacks \"%s\"", key, val, err.msg, msg_part);
+}
+
+TEST(bad_models_refused) {
+    expect_refused("models/hybrid-max.gguf", "multipl_moe.expert_count", 0, 5, "ffn_gate_inp.weight has shape");
+    expect_refused("models/hybrid-max.gguf", "multipl_moe.segment.expert_count", 0, 3, "_seg");
+    expect_refused("models/hybrid-max.gguf", "multipl_moe.segment.window", 0, 0, "segment.window = 0");
+    expect_refused("models/hybrid-max.gguf", "multipl_moe.expert_shared_index", 0, 4, "expert_shared_index = 4");
+    expect_refused("models/hybrid-max.gguf", "multipl_moe.expert_used_count", 0, 5, "top-k");
+    expect_refused("models/hybrid-max.gguf", "multipl_moe.expert_count", 0, 1000, "expert_count = 1000");
+    expect_refused("models/hybrid-max.gguf", "multipl_moe.expert_feed_forward_length", 0, 17, "has shape");
+    expect_refused("models/mole.gguf", "mole.adapter.ranks", 1, 5, "lora_a.rust has shape");
+    expect_refused("models/mole.gguf", "mole.adapter.ranks", 2, 0, "rank 0");
+    expect_refused("models/mole.gguf", "mole.adapter.shared", 0, 4, "adapter.shared = 4");
+    float nan = NAN;
+    uint32_t nb;
+    memcpy(&nb, &nan, 4);
+    expect_refused("models/mole.gguf", "mole.adapter.alphas", 0, nb, "alpha");
+    expect_refused("models/hybrid-max.gguf", "multipl_moe.segment.capacity", 0, nb, "capacity");
+}
+
+int main(void) {
+    RUN(hybrid_goldens);
+    RUN(hybrid_greedy_and_stats);
+    RUN(hybrid_batch_invariance);
+    RUN(mole_goldens);
+    RUN(mole_fence_sets_match_reference);
+    RUN(mole_batch_mixed_languages);
+    RUN(bad_models_refused);
+    fprintf(stderr, "worst |logit diff| vs goldens: %.3g\n", worst);
+    return test_summary();
+}
