@@ -312,7 +312,9 @@ static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn) {
 
 static void access_log(srv_req *r, enum MHD_RequestTerminationCode toe) {
     srv_http *h = r->h;
-    int status = r->status ? r->status : 499; /* nginx's "client closed request" */
+    /* no status of ours: the client left first (nginx's 499), or libmicrohttpd refused the request
+     * itself before our handler saw it (bad headers, too large: it answers 400/413/431) */
+    int status = r->status ? r->status : r->seen ? 499 : 400;
     json_t *f = json_object();
     if (!f) return;
     json_object_set_new(f, "request_id", json_string(r->id[0] ? r->id : "-"));
@@ -345,6 +347,7 @@ static void access_log(srv_req *r, enum MHD_RequestTerminationCode toe) {
         if (r->creq.unknown_field[0]) json_object_set_new(f, "ignored_field", json_string(r->creq.unknown_field));
     }
     const char *outcome = r->outcome;
+    if (!outcome && !r->seen) outcome = "rejected_by_http_parser";
     if (!outcome) outcome = toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? "ok"
                             : toe == MHD_REQUEST_TERMINATED_TIMEOUT_REACHED ? "idle_timeout"
                             : toe == MHD_REQUEST_TERMINATED_DAEMON_SHUTDOWN ? "shutdown"
