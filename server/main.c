@@ -35,6 +35,7 @@ static void usage(FILE *f) {
         "  inspect    print a GGUF file's metadata, tensors and a summary\n"
         "  bench      measure prefill and decode speed\n"
         "  convert    convert a Hugging Face model directory to GGUF\n"
+        "  upcycle    turn a dense GGUF into a hybrid MoE or MoLE GGUF\n"
         "\n"
         "  --help, -h      this text\n"
         "  --version, -V   print the version\n");
@@ -48,6 +49,7 @@ int main(int argc, char **argv) {
         {"inspect", cmd_inspect},
         {"bench", cmd_bench},
         {"convert", cmd_convert},
+        {"upcycle", cmd_upcycle},
     };
     if (argc < 2) {
         usage(stderr);
