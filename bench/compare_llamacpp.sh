@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# compare_llamacpp.sh - prefill and decode speed of codemoe and llama.cpp on the same GGUF files.
+#
+#   bench/compare_llamacpp.sh [-t "1 2"] [-r 3] [-p 512] [-n 128] [-l LOGDIR] CODEMOE LLAMA_BENCH MODEL...
+#
+# For every model and thread count it runs `codemoe bench` and then `llama-bench` with the same
+# -p/-n/-t/-r (interleaved, so that a neighbour's load on a shared machine hits both alike rather than one
+# whole column), then prints one table: tokens/s of both (mean ± sample std over the reps) and the ratio
+# ours/theirs. Both tools measure ppN as one N-token batch with logits for the last token only, and tgN as
+# N single-token decodes, each after an unmeasured warm-up run. "load" is the 1-minute load average just
+# before the pair ran: a value above the core count means the pair shared the CPU with other work.
+# The raw outputs of both tools go to LOGDIR (default: a fresh directory under /tmp).
+set -u
+
+threads="1 2" reps=3 pp=512 tg=128 logdir=""
+usage() {
+    sed -n '3p' "$0" | sed 's/^# *//' >&2
+    exit 2
+}
+while getopts "t:r:p:n:l:h" o; do
+    case $o in
+    t) threads=${OPTARG//,/ } ;;
+    r) reps=$OPTARG ;;
+    p) pp=$OPTARG ;;
+    n) tg=$OPTARG ;;
+    l) logdir=$OPTARG ;;
+    *) usage ;;
+    esac
+done
+shift $((OPTIND - 1))
+[ $# -ge 3 ] || usage
+codemoe=$1 lbench=$2
+shift 2
+for x in "$codemoe" "$lbench"; do
+    [ -x "$x" ] || { echo "compare_llamacpp: $x is not an executable" >&2; exit 2; }
+done
+for m in "$@"; do
+    [ -r "$m" ] || { echo "compare_llamacpp: cannot read $m" >&2; exit 2; }
+done
+[ -n "$logdir" ] || logdir=$(mktemp -d /tmp/compare_llamacpp.XXXXXX)
+mkdir -p "$logdir"
+
+# md_get FILE TEST COLUMN: the COLUMN cell of the markdown row whose "test" cell is TEST. Columns are
+# found by their header names, so the two tools' different column sets parse alike. Prints "-" if absent.
+md_get() {
+    awk -F'|' -v want="$2" -v col="$3" '
+        function trim(s) { gsub(/^[ \t]+|[ \t]+$/, "", s); return s }
+        /^\|/ {
+            if (!hdr) { for (i = 2; i < NF; i++) h[trim($i)] = i; hdr = 1; next }
+            if ($0 ~ /^\| *-/ || !("test" in h) || !(col in h)) next
+            if (trim($h["test"]) == want) { print trim($h[col]); found = 1; exit }
+        }
+        END { if (!found) print "-" }' "$1"
+}
+
+# mean of a "12.34 ± 0.56" cell, or "-"
+mean_of() { awk '{ print ($1 ~ /^[0-9.]+$/) ? $1 : "-" }' <<<"$1"; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b + 0 == 0) print "-"; else printf "%.2f", a / b }'; }
+short() { awk '{ if ($1 ~ /^[0-9.]+$/ && $3 ~ /^[0-9.]+$/) printf "%.2f±%.2f", $1, $3; else print "-" }' <<<"$1"; }
+
+rows=()
+for m in "$@"; do
+    base=$(basename "$m" .gguf)
+    for t in $threads; do
+        load=$(cut -d' ' -f1 /proc/loadavg)
+        ours="$logdir/$base-t$t-codemoe.md" theirs="$logdir/$base-t$t-llamacpp.md"
+        echo "== $base threads=$t (load $load): codemoe" >&2
+        "$codemoe" bench --model "$m" -p "$pp" -n "$tg" -t "$t" -r "$reps" >"$ours" 2>"$ours.err" ||
+            echo "   codemoe bench failed, see $ours.err" >&2
+        echo "== $base threads=$t: llama-bench" >&2
+        "$lbench" -m "$m" -p "$pp" -n "$tg" -t "$t" -r "$reps" -o md >"$theirs" 2>"$theirs.err" ||
+            echo "   llama-bench failed, see $theirs.err" >&2
+        type=$(md_get "$ours" "pp$pp" type)
+        [ "$type" != "-" ] || type=$(md_get "$ours" "tg$tg" type)
+        cells=()
+        for test in "pp$pp" "tg$tg"; do
+            o=$(md_get "$ours" "$test" "t/s") l=$(md_get "$theirs" "$test" "t/s")
+            cells+=("$(short "$o")" "$(short "$l")" "$(ratio "$(mean_of "$o")" "$(mean_of "$l")")")
+        done
+        rows+=("$(printf '| %-22s | %-5s | %7s | %14s | %14s | %5s | %14s | %14s | %5s | %5s |' \
+            "$base" "$type" "$t" "${cells[@]}" "$load")")
+    done
+done
+
+lbuild=$(cat "$logdir"/*-llamacpp.md 2>/dev/null | grep -m1 '^build:' || echo 'build: ?')
+echo "codemoe: $codemoe; llama.cpp: $lbench ($lbuild); reps $reps; raw: $logdir"
+printf '| %-22s | %-5s | %7s | %14s | %14s | %5s | %14s | %14s | %5s | %5s |\n' model type threads \
+    "pp$pp ours" "pp$pp llama" ratio "tg$tg ours" "tg$tg llama" ratio load
+echo "| ---------------------- | ----- | ------: | -------------: | -------------: | ----: | -------------: | -------------: | ----: | ----: |"
+printf '%s\n' "${rows[@]}"
