@@ -276,7 +276,7 @@ int cmd_complete(int argc, char **argv) {
             goto out;
         }
         float lp = 0;
-        int32_t tok = cm_sampler_sample(smp, logits, &lp, top);
+        int32_t tok = cm_sampler_sample(smp, logits, top ? &lp : NULL, top); /* logprobs cost a pass over V */
         if (sp.n_logprobs > 0) {
             fprintf(stderr, "logprobs: %d ", (int)tok);
             print_piece(m, tok);
