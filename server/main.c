@@ -11,12 +11,6 @@
 #define CM_VERSION "0.1.0" /* keep in step with project() in meson.build */
 #endif
 
-/* Subcommands whose files other parts of the tree provide may be absent from a partial build; a weak
- * reference lets the binary link and say so instead of failing to build. */
-#pragma weak cmd_serve
-#pragma weak cmd_bench
-#pragma weak cmd_convert
-
 typedef struct cm_command {
     const char *name;
     int (*fn)(int, char **);
@@ -66,10 +60,6 @@ int main(int argc, char **argv) {
     }
     for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++) {
         if (strcmp(cmd, cmds[i].name) != 0) continue;
-        if (!cmds[i].fn) {
-            fprintf(stderr, "codemoe: '%s' is not available in this build\n", cmd);
-            return 1;
-        }
         return cmds[i].fn(argc - 1, argv + 1);
     }
     fprintf(stderr, "codemoe: unknown command '%s' (try 'codemoe --help')\n", cmd);
