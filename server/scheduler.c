@@ -179,14 +179,16 @@ static void seq_release(srv_sched *s, sched_seq *q) {
     q->smp = NULL;
 }
 
-static void seq_end(srv_sched *s, sched_seq *q, api_finish finish) {
+/* Ends one choice. cut: a stop string matched (the text was already truncated at it, and what the
+ * detokenizer still holds came after it); otherwise the held-back tail and any incomplete UTF-8
+ * (as U+FFFD) go out too. */
+static void seq_end(srv_sched *s, sched_seq *q, api_finish finish, int cut) {
     if (q->state == SEQ_ENDED) return;
-    if (finish != API_FINISH_STOP || q->emitted == q->text.len) {
-        /* not cut by a stop string: the held-back tail and any incomplete UTF-8 go out too */
+    if (!cut) {
         char tail[16];
         int n = cm_detok_flush(&q->dt, tail, sizeof tail);
         if (n > 0) srv_buf_append(&q->text, tail, (size_t)n);
-        if (finish != API_FINISH_STOP || q->emitted == q->text.len) q->emitted = q->text.len;
+        q->emitted = q->text.len;
     }
     q->finish = finish;
     q->state = SEQ_ENDED;
@@ -253,7 +255,7 @@ static void job_finish(srv_sched *s, srv_job *j, const api_error *err) {
     if (st)
         for (int i = 0; i < j->n_choices; i++) {
             sched_seq *q = &st->seqs[i];
-            if (q->state != SEQ_ENDED) seq_end(s, q, API_FINISH_NONE);
+            if (q->state != SEQ_ENDED) seq_end(s, q, API_FINISH_NONE, 0);
         }
     for (int i = 0; i < s->n_running; i++)
         if (s->running[i] == j) { s->running[i] = s->running[--s->n_running]; break; }
@@ -353,7 +355,7 @@ static int job_admit(srv_sched *s, srv_job *j) {
         if (q->max_tokens <= 0) {
             /* max_tokens 0: echo-only (prompt logprobs), no generation; still prefill when the prompt's
              * logprobs are wanted, else end right away */
-            if (!(r->echo && r->logprobs >= 0)) seq_end(s, q, API_FINISH_LENGTH);
+            if (!(r->echo && r->logprobs >= 0)) seq_end(s, q, API_FINISH_LENGTH, 0);
         }
     }
     s->l_prompt += (uint64_t)prompt_total;
@@ -380,7 +382,7 @@ static void seq_on_token(srv_sched *s, sched_seq *q, int32_t tok, float lp, int 
     if (q->t_last_ns) srv_hist_observe(&s->l_itl, (double)(now - (int64_t)q->t_last_ns) / 1e9);
     q->t_last_ns = (uint64_t)now;
     js(j)->dirty = 1;
-    if (cm_token_is_eog(s->model, tok)) { seq_end(s, q, API_FINISH_STOP); return; }
+    if (cm_token_is_eog(s->model, tok)) { seq_end(s, q, API_FINISH_STOP, 0); return; }
     q->n_gen++;
     s->l_generated++;
     if (r->logprobs >= 0) {
@@ -395,11 +397,11 @@ static void seq_on_token(srv_sched *s, sched_seq *q, int32_t tok, float lp, int 
     q->emitted = safe;
     if (hit >= 0) {
         q->text.len = safe; /* the stop string and what follows it are not part of the completion */
-        seq_end(s, q, API_FINISH_STOP);
+        seq_end(s, q, API_FINISH_STOP, 1);
         return;
     }
     if (q->n_gen >= q->max_tokens || cm_seq_len(s->ctx, q->seq) + 1 >= s->n_ctx) {
-        seq_end(s, q, API_FINISH_LENGTH);
+        seq_end(s, q, API_FINISH_LENGTH, 0);
         return;
     }
     q->next_tok = tok;
@@ -475,12 +477,12 @@ static void step(srv_sched *s) {
             js(q->job)->dirty = 1;
         }
         if (row->prompt_pos >= 0 && row->prompt_pos == q->prompt->n_tokens - 1 && !row->sample) {
-            seq_end(s, q, API_FINISH_LENGTH); /* max_tokens 0 with echo logprobs: prompt done */
+            seq_end(s, q, API_FINISH_LENGTH, 0); /* max_tokens 0 with echo logprobs: prompt done */
             continue;
         }
         if (!row->sample) continue;
         const float *lg = cm_logits(s->ctx, r);
-        if (!lg) { seq_end(s, q, API_FINISH_NONE); continue; }
+        if (!lg) { seq_end(s, q, API_FINISH_NONE, 0); continue; }
         float lp = 0;
         int want_lp = q->job->req->logprobs >= 0;
         int n_top = q->job->req->logprobs > 0 ? q->job->req->logprobs : 0;
