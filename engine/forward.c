@@ -344,7 +344,10 @@ static void mm_run(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, int n
             j.xv = x;
             j.xv_stride = (size_t)k * sizeof(float);
         }
-        int64_t chunk = nt == 1 ? mmax : (mmax * n_ops + nt * 4 - 1) / (nt * 4);
+        /* about four tasks per thread over all ops' rows together (q is 7x larger than k and v) */
+        int64_t rows = 0;
+        for (int i = 0; i < n_ops; i++) rows += ops[i].w->ne1;
+        int64_t chunk = nt == 1 ? mmax : (rows + nt * 4 - 1) / (nt * 4);
         chunk = (chunk + 15) & ~(int64_t)15;
         if (chunk < 16) chunk = 16;
         j.chunk = chunk;
