@@ -44,7 +44,8 @@ import torch.nn.functional as Fn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reference as ref  # noqa: E402
 
-ROOT = "/work/train"
+ROOT = os.environ.get("CM_TRAIN", "/work/train")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LANGS = ["python", "java", "cpp", "rust", "go", "ruby", "c", "js"]
 HIGH, LOW = ["python", "java", "cpp"], ["rust", "go", "ruby"]
 # base: high-resource dominated (80% Python/Java/C++, 20% Rust/Go/Ruby); C and JS are left out of the
@@ -213,13 +214,14 @@ class HybridMoE(nn.Module):
         y = hp["a_tok"] * y_tok
         if hp["n_seg"]:
             w = hp["window"]
-            assert T % w == 0, "context must be a multiple of the window"
-            xs = x.reshape(B, T // w, w, D)
+            Tp = -(-T // w) * w  # pad to whole windows: prefix pooling never sees the padding
+            xs = Fn.pad(x, (0, 0, 0, Tp - T)).reshape(B, Tp // w, w, D)
             if hp["pooling"] == "max":
                 desc = xs.cummax(dim=2).values
             else:
                 desc = xs.cumsum(dim=2) / torch.arange(1, w + 1, dtype=x.dtype)[:, None]
-            q = torch.softmax(desc.reshape(B * T, D) @ self.seg_router.T, dim=-1)  # (BT, S)
+            desc = desc.reshape(B, Tp, D)[:, :T].reshape(B * T, D)
+            q = torch.softmax(desc @ self.seg_router.T, dim=-1)  # (BT, S)
             qv, qi = q.max(dim=-1)  # capacity 1: top-1 expert per token
             y_seg = torch.zeros_like(xf)
             self.experts("seg", xf, qi, qv * hp["gate_scale"], y_seg)
@@ -521,6 +523,11 @@ def cmd_train(args):
         if v:
             arch[k] = v
     ctx = args.ctx
+    snap = args.init or os.path.join(REPO, "models", "checkpoints", "%s.pt" % stage)
+    prev = latest if os.path.exists(latest) else snap if os.path.exists(snap) else None
+    if stage == "base" and prev:  # a resumed run keeps the architecture it started with
+        pm = torch.load(prev)["meta"]
+        arch, ctx = pm["arch"], pm["ctx"]
     if stage == "base":
         model = LM(make_config(arch))
         meta = {"stage": stage, "arch": arch, "ctx": ctx}
@@ -546,7 +553,15 @@ def cmd_train(args):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": nodecay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     total = max(1, args.tokens // (args.batch * ctx))
-    step = 0
+    step, rewarm = 0, None
+    if not os.path.exists(latest) and os.path.exists(snap):
+        # a weights-only snapshot (tools/train.py snapshot): fresh optimiser moments, so the learning rate
+        # is warmed up again over 50 steps
+        ck = torch.load(snap)
+        model.load_state_dict({k: v.float() for k, v in ck["model"].items()})
+        step, rewarm = ck["step"], ck["step"]
+        data.rng.bit_generator.state = ck["rng"]
+        print("%s: started from snapshot %s at step %d" % (stage, snap, step), file=sys.stderr)
     if os.path.exists(latest):
         ck = torch.load(latest)
         model.load_state_dict(ck["model"])
@@ -564,6 +579,8 @@ def cmd_train(args):
     while step < total:
         lr = args.lr * (step + 1) / warm if step < warm else \
             args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm))))
+        if rewarm is not None:
+            lr *= min(1.0, (step - rewarm + 1) / 50)
         for g in opt.param_groups:
             g["lr"] = lr
         x, y, langs = data.batch(args.batch)
@@ -630,6 +647,20 @@ def cmd_speed(args):
 
 # ============================================================================ check / eval / export
 
+def cmd_snapshot(args):
+    """latest.pt (model + optimiser, f32) -> a weights-only float16 file small enough to commit
+    (models/checkpoints/<stage>.pt); `train` starts from it when <ckpt>/<stage>/latest.pt is missing."""
+    d = ckpt_dir(args.stage)
+    src = next(p for p in (os.path.join(d, "latest.pt"), os.path.join(d, "final.pt")) if os.path.exists(p))
+    ck = torch.load(src)
+    out = args.out or os.path.join(REPO, "models", "checkpoints", "%s.pt" % args.stage)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    torch.save({"model": {k: v.half() for k, v in ck["model"].items()}, "step": ck["step"], "rng": ck["rng"],
+                "meta": ck["meta"]}, out + ".tmp")
+    os.replace(out + ".tmp", out)
+    print("snapshot %s: step %d -> %s (%.1f MB)" % (src, ck["step"], out, os.path.getsize(out) / 1e6))
+
+
 def cmd_check(args):
     """This module's forward == reference.Model / reference_moe.HybridModel (float64) on random weights."""
     import reference_moe as rm
@@ -640,7 +671,7 @@ def cmd_check(args):
     with torch.no_grad():
         for n, p in m.named_parameters():
             p.add_(0.05 * torch.randn_like(p))  # non-trivial norms and biases
-    toks = torch.randint(0, 300, (1, 32))
+    toks = torch.randint(0, 300, (1, 30))  # not a multiple of the window (4): the padded last window
     sd = {k: v.detach() for k, v in m.state_dict().items()}
     want = ref.Model(m.cfg, sd).forward(toks[0].tolist())
     got = m(toks)[0]
@@ -762,18 +793,48 @@ def cmd_export(args):
           file=sys.stderr)
 
 
+def cmd_verify(args):
+    """The exported GGUF, run by the engine (`codemoe complete`, greedy), continues a prompt exactly like
+    this module's model in float64 (dense stages; multipl_moe when the engine has it)."""
+    import subprocess
+    import train_tokenizer as tt
+    model, ck = load_model(args.stage)
+    model = model.double().eval()
+    enc = tt.Encoder.load(os.path.join(args.tokenizer, "tokenizer.json"))
+    eot = enc.tok.ids["<|endoftext|>"]
+    bad = 0
+    for prompt in ("def fibonacci(n):\n    ", "fn main() {\n    let ", "public static void main(String[] args) {\n",
+                   "func (s *Server) ", "#include <vector>\n\nint main() {\n"):
+        toks = enc.encode(prompt)
+        with torch.no_grad():
+            for _ in range(args.n_predict):
+                nxt = int(torch.argmax(model(torch.as_tensor([toks]))[0, -1]))
+                if nxt == eot:
+                    break
+                toks.append(nxt)
+        want = enc.decode(toks[len(enc.encode(prompt)):])
+        r = subprocess.run([args.codemoe, "complete", "--model", args.gguf, "--prompt", prompt, "--temperature", "0",
+                            "-n", str(args.n_predict), "--threads", "1"], capture_output=True, text=True)
+        got = r.stdout
+        ok = r.returncode == 0 and got == want
+        bad += not ok
+        print("%s %r\n   python %r\n   engine %r%s" % ("ok  " if ok else "DIFF", prompt, want, got,
+              "" if r.returncode == 0 else " (rc %d: %s)" % (r.returncode, r.stderr.strip()[-200:])))
+    sys.exit(1 if bad else 0)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("tokenize", "train", "export", "eval", "speed", "check"):
+    for name in ("tokenize", "train", "export", "eval", "speed", "check", "verify", "snapshot"):
         p = sub.add_parser(name)
         p.add_argument("--stage", default="base")
         p.add_argument("--threads", type=int, default=2)
         p.add_argument("--tokenizer", default=os.path.join(ROOT, "tokenizer"))
         p.add_argument("--corpus", default=os.path.join(ROOT, "corpus"))
         p.add_argument("--ctx", type=int, default=256)
-        p.add_argument("--batch", type=int, default=16)
-        p.add_argument("--eval-seqs", type=int, default=16)
+        p.add_argument("--batch", type=int, default=8)
+        p.add_argument("--eval-seqs", type=int, default=8)
         for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "vocab_size"):
             p.add_argument("--" + k.replace("_", "-"), dest=k, type=int, default=None)
@@ -783,22 +844,31 @@ def main():
             p.add_argument("--force", action="store_true")
         if name == "train":
             p.add_argument("--tokens", type=int, default=6_000_000)
-            p.add_argument("--lr", type=float, default=2e-3)
+            p.add_argument("--lr", type=float, default=1.5e-3)
             p.add_argument("--fim", type=float, default=0.5)
             p.add_argument("--alpha", type=float, default=0.01)
             p.add_argument("--seed", type=int, default=1234)
             p.add_argument("--ckpt-min", type=float, default=10.0)
             p.add_argument("--log-every", type=int, default=10)
-            p.add_argument("--eval-every", type=int, default=100)
+            p.add_argument("--eval-every", type=int, default=200)
+            p.add_argument("--init", default=None, help="weights-only snapshot to start from when there is "
+                           "no latest.pt (default models/checkpoints/<stage>.pt if it exists)")
         if name == "export":
             p.add_argument("--out", required=True)
             p.add_argument("--type", default="f16", choices=["f32", "f16", "q8_0"])
             p.add_argument("--ckpt", default=None)
+        if name == "verify":
+            p.add_argument("--gguf", required=True)
+            p.add_argument("--n-predict", type=int, default=24)
+            p.add_argument("--codemoe", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                                             "build-data", "server", "codemoe"))
+        if name == "snapshot":
+            p.add_argument("--out", default=None)
         if name == "speed":
             p.add_argument("--steps", type=int, default=4)
     args = ap.parse_args()
     {"tokenize": cmd_tokenize, "train": cmd_train, "export": cmd_export, "eval": cmd_eval,
-     "speed": cmd_speed, "check": cmd_check}[args.cmd](args)
+     "speed": cmd_speed, "check": cmd_check, "verify": cmd_verify, "snapshot": cmd_snapshot}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,59 @@
+#!/bin/sh
+# pipeline.sh - the whole training pipeline, one command; every step is skipped when its output exists,
+# and every training stage resumes from its latest checkpoint, so re-running after an interruption
+# continues where it stopped. Runs at the lowest CPU priority (the machine is shared).
+#
+#   tools/pipeline.sh [stage ...]     # default: corpus tokenizer check tokens base export-base
+#                                     #   then moe moe_noseg moe_noshared dense_cont lora mole + exports
+#   CM_TRAIN=/work/train  CM_BUILD=build-data  CM_BASE_TOKENS=6000000  CM_POST_TOKENS=1500000
+set -eu
+cd "$(dirname "$0")/.."
+T=${CM_TRAIN:-/work/train}
+B=${CM_BUILD:-build-data}
+PY="nice -n 19 /usr/bin/python3"
+BASE_TOKENS=${CM_BASE_TOKENS:-6000000}
+POST_TOKENS=${CM_POST_TOKENS:-1500000}
+mkdir -p "$T/logs" "$T/gguf"
+
+step() { echo "== $1 ($(date -u +%H:%M:%S))" >&2; }
+
+run_stage() {
+    case "$1" in
+    corpus)
+        [ -f "$T/corpus/manifest.json" ] && return 0
+        step corpus
+        $PY tools/corpus.py --install --out "$T/corpus" ;;
+    tokenizer)
+        [ -f "$T/tokenizer/tokenizer.json" ] && return 0
+        step tokenizer
+        $PY tools/train_tokenizer.py --corpus "$T/corpus" --out "$T/tokenizer" --vocab 8192 --sample-mb 1.0 ;;
+    check)
+        [ -x "$B/server/codemoe" ] || { meson setup "$B" . >/dev/null && nice -n 19 ninja -j1 -C "$B" server/codemoe; }
+        step check
+        $PY tools/check_tokenizer.py --tokenizer "$T/tokenizer" --corpus "$T/corpus" --codemoe "$B/server/codemoe"
+        $PY tools/train.py check ;;
+    tokens)
+        [ -f "$T/tokens/info.json" ] && return 0
+        step tokens
+        $PY tools/train.py tokenize --tokenizer "$T/tokenizer" --corpus "$T/corpus" ;;
+    base)
+        step base
+        $PY tools/train.py train --stage base --tokens "$BASE_TOKENS" ;;
+    moe|moe_noseg|moe_noshared|dense_cont|lora|mole)
+        step "$1"
+        $PY tools/train.py train --stage "$1" --tokens "$POST_TOKENS" --lr 5e-4 ;;
+    export-*)
+        s=${1#export-}
+        [ -f "$T/gguf/$s.gguf" ] && return 0
+        step "$1"
+        $PY tools/train.py export --stage "$s" --type q8_0 --out "$T/gguf/$s.gguf" ;;
+    *)
+        echo "pipeline.sh: unknown stage $1" >&2; exit 2 ;;
+    esac
+}
+
+if [ $# -eq 0 ]; then
+    set -- corpus tokenizer check tokens base export-base moe export-moe moe_noseg moe_noshared dense_cont \
+        export-dense_cont lora export-lora mole
+fi
+for s in "$@"; do run_stage "$s"; done
