@@ -601,6 +601,8 @@ int api_parse_completion(const char *body, size_t len, const api_model *m, const
     r->sampling.repetition_penalty = 1.0f;
     r->sampling.presence_penalty = 0.0f;
     r->sampling.frequency_penalty = 0.0f;
+    /* OpenAI's presence/frequency penalties count every generated token, not a recent window. */
+    r->sampling.penalty_last_n = 0;
     r->sampling.n_logprobs = 0;
     r->sampling.logit_bias = NULL;
     r->sampling.n_logit_bias = 0;
