@@ -134,7 +134,7 @@ TEST(parse_defaults) {
     ASSERT_NEAR(r.sampling.temperature, 1.0, 0); /* OpenAI's default, not the engine's */
     ASSERT_NEAR(r.sampling.top_p, 1.0, 0);
     ASSERT_EQ_INT(r.sampling.top_k, 0);
-    ASSERT_EQ_INT(r.sampling.penalty_last_n, 0); /* engine default kept for what the API does not set */
+    ASSERT_EQ_INT(r.sampling.penalty_last_n, 0); /* OpenAI: penalties count all generated tokens */
     ASSERT_EQ_INT(r.routing, API_ROUTING_NONE);
     ASSERT_EQ_INT(r.segment_routing, API_SEGMENT_CAUSAL);
     ASSERT_STREQ(r.unknown_field, "");
