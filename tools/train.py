@@ -54,7 +54,8 @@ MIX_BASE = {"python": 0.28, "java": 0.26, "cpp": 0.26, "rust": 0.0667, "go": 0.0
 MIX_POST = {"python": 0.0333, "java": 0.0333, "cpp": 0.0334, "rust": 0.3, "go": 0.3, "ruby": 0.3}
 SPECIALS = ["<|endoftext|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>"]
 
-DEFAULT_ARCH = dict(vocab_size=8192, hidden_size=256, intermediate_size=704, num_hidden_layers=6,
+# sized for the measured CPU speed (docs/training.md): ~3.2M parameters, ~3.6M multiply-adds per token
+DEFAULT_ARCH = dict(vocab_size=8192, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
                     num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
                     tie_word_embeddings=True, max_position_embeddings=2048)
 DEFAULT_MOE = dict(n_tok=6, k_used=2, shared=5, n_seg=6, pooling="max", capacity=1.0, bucket=4,
@@ -734,13 +735,12 @@ def cmd_export(args):
     model, ck = load_model(args.stage, args.ckpt)
     meta, c = ck["meta"], model.cfg
     stage = args.stage
-    arch = "multipl_moe" if stage.startswith("moe") else "qwen2"
-    if stage == "mole":
-        raise SystemExit("export: mole not implemented yet")
+    arch = "multipl_moe" if stage.startswith("moe") else "mole" if stage == "mole" else "qwen2"
     ttype = {"f32": gguf.GGMLType.F32, "f16": gguf.GGMLType.F16, "q8_0": gguf.GGMLType.Q8_0}[args.type]
     w = gguf.GGUFWriter(args.out)
     w.add_string("general.architecture", arch)
     w.add_string("general.name", "codemoe-%s" % stage)
+    w.add_uint32("general.file_type", {gguf.GGMLType.F32: 0, gguf.GGMLType.F16: 1, gguf.GGMLType.Q8_0: 7}[ttype])
     w.add_uint32(arch + ".context_length", meta["ctx"] * 8)
     w.add_uint32(arch + ".embedding_length", c.hidden_size)
     w.add_uint32(arch + ".block_count", c.num_hidden_layers)
@@ -765,8 +765,22 @@ def cmd_export(args):
         w.add_float32(arch + ".fusion.token", hp["a_tok"])
         w.add_float32(arch + ".fusion.segment", hp["a_seg"])
         w.add_string(arch + ".segment.mode_default", "causal")
+    if arch == "mole":
+        mo = meta["mole"]
+        w.add_uint32(arch + ".vocab_size", c.vocab_size)
+        w.add_array(arch + ".adapter.names", mo["names"], gguf.VT.STRING)
+        w.add_array(arch + ".adapter.ranks", mo["ranks"], gguf.VT.UINT32)
+        w.add_array(arch + ".adapter.alphas", mo["alphas"], gguf.VT.FLOAT32)
+        w.add_int32(arch + ".adapter.shared", mo["shared"])
+        w.add_int32(arch + ".adapter.fallback", mo["fallback"])
     tokenizer_kv(w, args.tokenizer)
     sd = {k: v.detach().float() for k, v in model.state_dict().items() if ".lora." not in k}
+    lora = {}
+    if arch == "mole":  # LoRA tensors (F32: rows of length r are not Q8_0 blocks), names per model-format.md
+        for k, v in model.state_dict().items():
+            if ".lora." in k:
+                _, _, i, _, proj, _, name, ab = k.split(".")  # model.layers.i.mlp.gate_proj.lora.<name>.A
+                lora["blk.%s.ffn_%s.lora_%s.%s" % (i, proj[:-5], ab.lower(), name)] = v.detach().float().numpy()
     if stage == "lora":
         for name, m in model.named_modules():
             if isinstance(m, LoRALinear) and "all" in m.lora:
@@ -785,9 +799,15 @@ def cmd_export(args):
         else:
             g = ref.hf_to_gguf_name(k)
             tt = gguf.GGMLType.F32 if v.ndim == 1 else ttype
+            if arch == "mole" and (".q_proj." in k or ".k_proj." in k):
+                # mole's base is llama: q/k rows (and biases) permuted as llama.cpp converts llama, so the
+                # engine's adjacent-pair rope equals the NeoX rope this model was trained with
+                v = ref.llama_permute(v, c.num_attention_heads if ".q_proj." in k else c.num_key_value_heads)
         if tt == gguf.GGMLType.Q8_0 and v.shape[-1] % 32:
             tt = gguf.GGMLType.F16
         w.add_tensor(g, np.ascontiguousarray(v, dtype=np.float32), tt)
+    for g, v in lora.items():
+        w.add_tensor(g, np.ascontiguousarray(v, dtype=np.float32), gguf.GGMLType.F32)
     w.write()
     print("wrote %s (%s, %s, %.1f MiB)" % (args.out, arch, args.type, os.path.getsize(args.out) / 2**20),
           file=sys.stderr)
@@ -823,10 +843,68 @@ def cmd_verify(args):
     sys.exit(1 if bad else 0)
 
 
+def cmd_readback(args):
+    """Read an exported GGUF back, map it to the references' names (undo the llama permutation for mole)
+    and compare reference.Model / reference_moe.HybridModel (causal) / reference_moe.MoLEModel logits on
+    held-out tokens with this module's model (float64). Checks the file layout without the engine."""
+    import gguf
+    import reference_moe as rm
+    model, ck = load_model(args.stage)
+    model = model.double().eval()
+    r = gguf.GGUFReader(args.gguf)
+    a = r.get("general.architecture")
+    c = model.cfg
+    back, moe, lora = {}, {}, {}
+    inv = {"ffn_gate_inp": ("tok", "router"), "ffn_gate_inp_seg": ("seg", "router"), "ffn_gate_exps": ("tok", "gate"),
+           "ffn_up_exps": ("tok", "up"), "ffn_down_exps": ("tok", "down"), "ffn_gate_seg_exps": ("seg", "gate"),
+           "ffn_up_seg_exps": ("seg", "up"), "ffn_down_seg_exps": ("seg", "down")}
+    for n, t in r.tensors.items():
+        v = t.dequantize().astype(np.float64)
+        parts = n.split(".")
+        if ".lora_" in n:
+            _, i, ffn, ab, an = parts
+            back["model.layers.%s.mlp.%s_proj.lora.%s.%s" % (i, ffn[4:], an, ab[5:].upper())] = v
+        elif len(parts) == 4 and parts[2] in inv:
+            kind, proj = inv[parts[2]]
+            back["model.layers.%s.moe.%s_%s" % (parts[1], kind, proj)] = v
+        else:
+            hn = ref.gguf_to_hf_name(n)
+            if a == "mole" and (".q_proj." in hn or ".k_proj." in hn):
+                v = ref.llama_unpermute(v, c.num_attention_heads if ".q_proj." in hn else c.num_key_value_heads)
+            back[hn] = v
+    s = np.fromfile(tok_path("python", "heldout"), dtype=np.uint16)[:args.n_tokens].astype(np.int64).tolist()
+    with torch.no_grad():
+        if args.stage == "mole":
+            set_mole_sets(model, ["python"], len(s))
+        want = model(torch.as_tensor([s]))[0]
+    if a == "qwen2":
+        got = ref.Model(c, back).forward(s)
+    elif a == "multipl_moe":
+        hp = rm.HybridParams(r.get(a + ".expert_count"), r.get(a + ".expert_used_count"),
+                             r.get(a + ".expert_shared_index"), r.get(a + ".expert_feed_forward_length"),
+                             r.get(a + ".segment.expert_count"), r.get(a + ".segment.window"),
+                             r.get(a + ".segment.pooling"), r.get(a + ".segment.capacity"), r.get(a + ".segment.bucket"),
+                             r.get(a + ".segment.gate_scale"), r.get(a + ".fusion.token"), r.get(a + ".fusion.segment"))
+        got = rm.HybridModel(c, hp, back).forward_traced(s, "causal")[0]
+    else:
+        mp = rm.MoLEParams(r.get(a + ".adapter.names"), [int(x) for x in r.get(a + ".adapter.ranks")],
+                           [float(x) for x in r.get(a + ".adapter.alphas")], r.get(a + ".adapter.shared"),
+                           r.get(a + ".adapter.fallback"))
+        lcfg = ref.Config("llama", c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers,
+                          c.num_attention_heads, c.num_key_value_heads, c.rms_norm_eps, c.rope_theta,
+                          c.tie_word_embeddings, c.max_position_embeddings, attention_bias=True)
+        py = mp.names.index("python")
+        got = rm.MoLEModel(lcfg, mp, back).forward_sets(s, [[py, mp.shared]] * len(s))
+    d = float((got - want).abs().max())
+    print("readback %s (%s): max|logit diff| %.3g over %d tokens" % (args.gguf, a, d, len(s)))
+    if d > args.tol:
+        sys.exit(1)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("tokenize", "train", "export", "eval", "speed", "check", "verify", "snapshot"):
+    for name in ("tokenize", "train", "export", "eval", "speed", "check", "verify", "snapshot", "readback"):
         p = sub.add_parser(name)
         p.add_argument("--stage", default="base")
         p.add_argument("--threads", type=int, default=2)
@@ -843,7 +921,7 @@ def main():
             p.add_argument("--heldout-mb", type=float, default=0.5)
             p.add_argument("--force", action="store_true")
         if name == "train":
-            p.add_argument("--tokens", type=int, default=6_000_000)
+            p.add_argument("--tokens", type=int, default=4_000_000)
             p.add_argument("--lr", type=float, default=1.5e-3)
             p.add_argument("--fim", type=float, default=0.5)
             p.add_argument("--alpha", type=float, default=0.01)
@@ -862,13 +940,18 @@ def main():
             p.add_argument("--n-predict", type=int, default=24)
             p.add_argument("--codemoe", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
                                                              "build-data", "server", "codemoe"))
+        if name == "readback":
+            p.add_argument("--gguf", required=True)
+            p.add_argument("--n-tokens", type=int, default=40)
+            p.add_argument("--tol", type=float, default=1e-4, help="1e-4 for f32 files; ~0.5 for q8_0")
         if name == "snapshot":
             p.add_argument("--out", default=None)
         if name == "speed":
             p.add_argument("--steps", type=int, default=4)
     args = ap.parse_args()
     {"tokenize": cmd_tokenize, "train": cmd_train, "export": cmd_export, "eval": cmd_eval,
-     "speed": cmd_speed, "check": cmd_check, "verify": cmd_verify, "snapshot": cmd_snapshot}[args.cmd](args)
+     "speed": cmd_speed, "check": cmd_check, "verify": cmd_verify, "snapshot": cmd_snapshot,
+     "readback": cmd_readback}[args.cmd](args)
 
 
 if __name__ == "__main__":
