@@ -34,6 +34,7 @@
 #include <sys/stat.h>
 
 #include "convert.h"
+#include "moe.h"
 #include "gguf.h"
 #include "safetensors.h"
 #include "util.h"
@@ -524,6 +525,8 @@ int cm_convert_hf(const char *hf_dir, const char *out_path, const char *out_type
     if (!have_tok)
         return cm_err_set(err, CM_E_IO, "convert: %s has no tokenizer.json%s", hf_dir,
                           have_cfg ? "" : " (nor config.json)");
+    if (have_cfg && cm_convert_is_mole(cfg_path)) /* uw-swag/mole checkpoint: convert_mole.c */
+        return cm_convert_mole_hf(hf_dir, out_path, otype, err);
     gguf_writer *w = gguf_writer_create(err);
     if (!w) return CM_E_NOMEM;
     dir_basename(hf_dir, name, sizeof name);
