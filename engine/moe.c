@@ -76,6 +76,7 @@ struct cm_moe_ctx {
     float *rlog;          /* (B, max(n_tok, n_seg)) router outputs */
     float *desc;          /* (max(B, P), D) window descriptors */
     int32_t *ref_idx;     /* (B) batch indices of one reference-mode sequence */
+    double *ref_q;        /* (B, N_seg) reference mode: q of each window */
     /* grouping */
     int rows_max;
     int32_t *g_start;     /* (n_tok + n_seg + 1) */
@@ -207,6 +208,7 @@ cm_moe_ctx *cm_moe_ctx_create(const cm_model *m, const cm_moe_model *mm, cm_pool
         ALLOC(mc->rlog, B * (size_t)nr);
         ALLOC(mc->desc, B * D);
         ALLOC(mc->ref_idx, B);
+        ALLOC(mc->ref_q, B * (size_t)mm->n_seg);
         ALLOC(mc->g_start, (size_t)(mm->n_tok + mm->n_seg + 1));
         ALLOC(mc->g_tok, R);
         ALLOC(mc->xg, R * D);
@@ -291,6 +293,7 @@ void cm_moe_ctx_free(cm_moe_ctx *mc) {
     free(mc->rlog);
     free(mc->desc);
     free(mc->ref_idx);
+    free(mc->ref_q);
     free(mc->g_start);
     free(mc->g_tok);
     free(mc->xg);
@@ -582,9 +585,7 @@ static void route_seg_reference(cm_moe_ctx *mc, int il, const float *x, int seq)
         if (mc->b->seq[i] == seq) mc->ref_idx[T++] = i; /* batch order == position order */
     int P = T / w;
     if (P == 0) return;
-    /* descriptors (P, D) in desc, q (P, N) in rlog as doubles would need more room: keep q in a
-     * stack-free way: recompute per window into qbuf */
-    double *qb = (double *)mc->hg; /* hg is free until the experts run: (rows_max, F) floats >= P*N doubles */
+    double *qb = mc->ref_q; /* (P, N) */
     for (int s = 0; s < P; s++) {
         float *dsc = mc->desc + (size_t)s * D;
         for (int d = 0; d < D; d++) {
