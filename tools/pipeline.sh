@@ -4,16 +4,17 @@
 # continues where it stopped. Runs at the lowest CPU priority (the machine is shared).
 #
 #   tools/pipeline.sh [stage ...]     # default: corpus tokenizer check tokens base export-base
-#                                     #   then moe moe_noseg moe_noshared dense_cont lora mole + exports
-#   CM_TRAIN=/work/train  CM_BUILD=build-data  CM_BASE_TOKENS=6000000  CM_POST_TOKENS=1500000
+#                                     #   then moe moe_noseg moe_noshared dense_cont lora mole + exports,
+#                                     #   results (held-out loss + HumanEval-X solution NLL per language)
+#   CM_TRAIN=/work/train  CM_BUILD=build-data  CM_BASE_TOKENS=4000000  CM_POST_TOKENS=1000000
 set -eu
 cd "$(dirname "$0")/.."
 T=${CM_TRAIN:-/work/train}
 B=${CM_BUILD:-build-data}
 PY="nice -n 19 /usr/bin/python3"
-BASE_TOKENS=${CM_BASE_TOKENS:-6000000}
-POST_TOKENS=${CM_POST_TOKENS:-1500000}
-mkdir -p "$T/logs" "$T/gguf"
+BASE_TOKENS=${CM_BASE_TOKENS:-4000000}
+POST_TOKENS=${CM_POST_TOKENS:-1000000}
+mkdir -p "$T/logs" "$T/gguf" "$T/results"
 
 step() { echo "== $1 ($(date -u +%H:%M:%S))" >&2; }
 
@@ -46,7 +47,12 @@ run_stage() {
         s=${1#export-}
         [ -f "$T/gguf/$s.gguf" ] && return 0
         step "$1"
+        $PY tools/train.py export --stage "$s" --type f32 --out "$T/gguf/$s.f32.gguf"
+        $PY tools/train.py readback --stage "$s" --gguf "$T/gguf/$s.f32.gguf"
         $PY tools/train.py export --stage "$s" --type q8_0 --out "$T/gguf/$s.gguf" ;;
+    results)
+        step results
+        $PY tools/train.py results | tee "$T/results/table.md" ;;
     *)
         echo "pipeline.sh: unknown stage $1" >&2; exit 2 ;;
     esac
@@ -54,6 +60,6 @@ run_stage() {
 
 if [ $# -eq 0 ]; then
     set -- corpus tokenizer check tokens base export-base moe export-moe moe_noseg moe_noshared dense_cont \
-        export-dense_cont lora export-lora mole
+        export-dense_cont lora export-lora mole export-mole results
 fi
 for s in "$@"; do run_stage "$s"; done

@@ -702,6 +702,64 @@ def cmd_eval(args):
     print(json.dumps({"stage": args.stage, "step": ck["step"], "heldout_loss": evaluate(model, hb, args.stage)}))
 
 
+HEX_LANGS = ["python", "java", "cpp", "rust", "go", "js"]  # HumanEval-X has no Ruby
+
+
+def humaneval_x(lang):
+    import gzip
+    with gzip.open("/work/shared/data/humaneval-x/humaneval_%s.jsonl.gz" % lang, "rt", encoding="utf-8") as fh:
+        return [json.loads(l) for l in fh]
+
+
+@torch.no_grad()
+def solution_nll(model, enc, stage, lang, ctx, n):
+    """Mean NLL per token of HumanEval-X canonical solutions given their prompts (the last ctx tokens of
+    prompt + solution; loss on the solution's tokens only). The paper's pass@1 at this scale would be ~0
+    everywhere; this is the per-language number that still moves. Solutions are evaluation data only."""
+    tot, cnt = 0.0, 0
+    for ex in humaneval_x(lang)[:n]:
+        p, sol = enc.encode(ex["prompt"]), enc.encode(ex["canonical_solution"])
+        seq = (p + sol)[-(ctx + 1):]
+        k = min(len(sol), len(seq) - 1)
+        x = torch.as_tensor([seq[:-1]])
+        if stage == "mole":
+            set_mole_sets(model, [lang], x.shape[1])
+        lp = torch.log_softmax(model(x)[0].double(), -1)
+        tgt = torch.as_tensor(seq[1:])
+        nll = -lp[torch.arange(len(tgt)), tgt]
+        tot += float(nll[-k:].sum())
+        cnt += k
+    return round(tot / max(cnt, 1), 4)
+
+
+def cmd_results(args):
+    """Per stage: held-out loss per language and HumanEval-X solution NLL per language, into
+    <root>/results/<stage>.json and one table on stdout (markdown)."""
+    import train_tokenizer as tt
+    torch.set_num_threads(args.threads)
+    enc = tt.Encoder.load(os.path.join(args.tokenizer, "tokenizer.json"))
+    os.makedirs(os.path.join(ROOT, "results"), exist_ok=True)
+    rows = []
+    for stage in args.stages.split(","):
+        try:
+            model, ck = load_model(stage)
+        except StopIteration:
+            continue
+        model.eval()
+        ctx = ck["meta"]["ctx"]
+        hb = heldout_batches(LANGS[:6], ctx, args.eval_seqs)
+        res = {"stage": stage, "step": ck["step"], "heldout": evaluate(model, hb, stage),
+               "humaneval_x_nll": {l: solution_nll(model, enc, stage, l, ctx, args.n) for l in HEX_LANGS}}
+        with open(os.path.join(ROOT, "results", stage + ".json"), "w") as fh:
+            json.dump(res, fh, indent=1)
+        rows.append(res)
+    print("| stage | step | " + " | ".join("held-out %s" % l for l in LANGS[:6]) + " | " +
+          " | ".join("HEX %s" % l for l in HEX_LANGS) + " |")
+    for r in rows:
+        print("| %s | %d | " % (r["stage"], r["step"]) + " | ".join("%.3f" % r["heldout"][l] for l in LANGS[:6]) +
+              " | " + " | ".join("%.3f" % r["humaneval_x_nll"][l] for l in HEX_LANGS) + " |")
+
+
 def tokenizer_kv(w, tok_dir):
     """Tokenizer metadata as `codemoe convert` writes it (qwen2 pre-tokenizer, specials as control)."""
     import gguf
@@ -904,7 +962,8 @@ def cmd_readback(args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("tokenize", "train", "export", "eval", "speed", "check", "verify", "snapshot", "readback"):
+    for name in ("tokenize", "train", "export", "eval", "speed", "check", "verify", "snapshot", "readback",
+                 "results"):
         p = sub.add_parser(name)
         p.add_argument("--stage", default="base")
         p.add_argument("--threads", type=int, default=2)
@@ -944,6 +1003,9 @@ def main():
             p.add_argument("--gguf", required=True)
             p.add_argument("--n-tokens", type=int, default=40)
             p.add_argument("--tol", type=float, default=1e-4, help="1e-4 for f32 files; ~0.5 for q8_0")
+        if name == "results":
+            p.add_argument("--stages", default="base,moe,moe_noseg,moe_noshared,dense_cont,lora,mole")
+            p.add_argument("--n", type=int, default=164, help="HumanEval-X problems per language")
         if name == "snapshot":
             p.add_argument("--out", default=None)
         if name == "speed":
@@ -951,7 +1013,7 @@ def main():
     args = ap.parse_args()
     {"tokenize": cmd_tokenize, "train": cmd_train, "export": cmd_export, "eval": cmd_eval,
      "speed": cmd_speed, "check": cmd_check, "verify": cmd_verify, "snapshot": cmd_snapshot,
-     "readback": cmd_readback}[args.cmd](args)
+     "readback": cmd_readback, "results": cmd_results}[args.cmd](args)
 
 
 if __name__ == "__main__":
