@@ -88,6 +88,7 @@ struct srv_req {
     int lp_cap;
     char cmpl_id[40];
     int64_t created;
+    json_t *routing;            /* the routing record once done (a reference is in the retention store) */
     int prompt_tokens, completion_tokens;
     int64_t t_first_token_ns;
     uint64_t deadline;          /* uv_hrtime ns; 0: none */
@@ -280,6 +281,7 @@ static void req_free(srv_req *r) {
     free(r->acc);
     free(r->lp_scratch);
     if (r->has_creq) api_completion_req_free(&r->creq);
+    json_decref(r->routing);
     free(r);
     check_drained(h);
 }
@@ -445,7 +447,13 @@ static void handle_metrics(srv_req *r) {
                     &h->metrics.prompt_tokens);
     size_t len = 0;
     char *text = srv_metrics_render(&h->metrics, &g, &len);
-    if (!text) { respond_http_error(r, 500, "out of memory"); return; }
+    srv_buf b;
+    srv_buf_init(&b, 0);
+    if (text) srv_buf_append(&b, text, len);
+    free(text);
+    srv_sched_render_experts(h->sched, &b);
+    if (!text || b.failed) { srv_buf_free(&b); respond_http_error(r, 500, "out of memory"); return; }
+    text = srv_buf_take(&b, &len);
     respond(r, 200, "text/plain; version=0.0.4; charset=utf-8", text, len);
 }
 
@@ -583,17 +591,25 @@ static void stream_start(srv_req *r) {
     MHD_destroy_response(resp);
 }
 
-static void store_routing(srv_req *r) {
+/* Completes the worker's routing report (taken over) into the record GET .../routing serves, keeps it
+ * in the retention store, and returns it borrowed (valid until the request is freed) or NULL. */
+static json_t *store_routing(srv_req *r, json_t *report) {
     srv_http *h = r->h;
-    /* The engine does not report expert routing yet (dense models have none): keep the record so the
-     * endpoint and its retention are in place; the MoE work fills "layers". */
-    json_t *v = json_pack("{s:s,s:s,s:I,s:s,s:i,s:i,s:[]}", "id", r->cmpl_id, "object", "completion.routing",
-                          "created", (json_int_t)r->created, "model", h->cfg->model_id, "prompt_tokens",
-                          r->prompt_tokens, "completion_tokens", r->completion_tokens, "layers");
-    if (v) srv_retention_put(h->ret, r->cmpl_id, v);
+    json_t *v = report ? report : json_pack("{s:[]}", "layers");
+    if (!v) return NULL;
+    json_object_set_new(v, "id", json_string(r->cmpl_id));
+    json_object_set_new(v, "object", json_string("completion.routing"));
+    json_object_set_new(v, "created", json_integer((json_int_t)r->created));
+    json_object_set_new(v, "model", json_string(h->cfg->model_id));
+    json_object_set_new(v, "prompt_tokens", json_integer(r->prompt_tokens));
+    json_object_set_new(v, "completion_tokens", json_integer(r->completion_tokens));
+    json_decref(r->routing);
+    r->routing = v;
+    srv_retention_put(h->ret, r->cmpl_id, json_incref(v));
+    return v;
 }
 
-static void finish_plain(srv_req *r) {
+static void finish_plain(srv_req *r, json_t *routing) {
     int nc = r->job.n_choices;
     api_choice *ch = calloc((size_t)nc, sizeof *ch);
     api_token_lp **lps = calloc((size_t)nc, sizeof *lps);
@@ -621,7 +637,7 @@ static void finish_plain(srv_req *r) {
     if (ok) {
         api_meta meta = {.id = r->cmpl_id, .created = r->created, .system_fingerprint = NULL};
         api_usage u = {r->prompt_tokens, r->completion_tokens, 0};
-        respond_json(r, 200, api_render_completion(&r->creq, &meta, ch, nc, &u, NULL));
+        respond_json(r, 200, api_render_completion(&r->creq, &meta, ch, nc, &u, routing));
     } else {
         respond_http_error(r, 500, "out of memory");
     }
@@ -703,6 +719,13 @@ static void job_output(srv_req *r, const srv_drained *info) {
         if (r->cancel_reason == SRV_CANCEL_CLIENT) h->metrics.cancelled++;
         if (r->cancel_reason == SRV_CANCEL_TIMEOUT) { h->metrics.timeouts++; r->outcome = "timeout"; }
         if (r->cancel_reason == SRV_CANCEL_SHUTDOWN) r->outcome = "shutdown";
+        json_t *routing = NULL; /* borrowed: the record, when the client asked for it in the response */
+        if (!failed && !r->client_gone) {
+            json_t *rec = store_routing(r, info->routing);
+            if (r->creq.routing != API_ROUTING_NONE) routing = rec;
+        } else {
+            json_decref(info->routing);
+        }
         if (!r->client_gone) {
             if (failed) {
                 if (!r->outcome) r->outcome = "error";
@@ -715,14 +738,13 @@ static void job_output(srv_req *r, const srv_drained *info) {
                 if (r->creq.include_usage) {
                     api_meta meta = {.id = r->cmpl_id, .created = r->created, .system_fingerprint = NULL};
                     api_usage u = {r->prompt_tokens, r->completion_tokens, 0};
-                    sse_append(r, api_render_usage_chunk(&r->creq, &meta, &u, NULL));
+                    sse_append(r, api_render_usage_chunk(&r->creq, &meta, &u, routing));
                 }
                 char *done = strdup(API_SSE_DONE);
                 sse_append(r, done);
             } else {
-                finish_plain(r);
+                finish_plain(r, routing);
             }
-            if (!failed) store_routing(r);
         }
         r->sse_end = 1;
     }
@@ -795,6 +817,20 @@ static void handle_completion(srv_req *r) {
                       "(--parallel).", nc, h->cfg->parallel);
         respond_error(r, &e);
         return;
+    }
+    if (r->creq.segment_routing == API_SEGMENT_REFERENCE && !strcmp(cm_model_get_info(h->model.model)->arch, "multipl_moe")) {
+        /* the engine routes reference segments over the whole text in one forward pass, after which
+         * the sequence takes no more tokens: scoring only, and each prompt must fit one batch */
+        int longest = 0;
+        for (int i = 0; i < r->creq.n_prompts; i++)
+            if (r->creq.prompts[i].n_tokens > longest) longest = r->creq.prompts[i].n_tokens;
+        if (r->creq.max_tokens > 0 || longest > h->cfg->n_batch) {
+            api_error_set(&e, 400, API_ERR_INVALID, "segment_routing", NULL,
+                          "segment_routing 'reference' scores a complete text: it needs max_tokens 0 and a prompt "
+                          "of at most %d tokens (--batch).", h->cfg->n_batch);
+            respond_error(r, &e);
+            return;
+        }
     }
     if (h->n_jobs >= h->cfg->parallel + h->cfg->queue) {
         h->metrics.rejected_queue_full++;

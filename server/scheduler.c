@@ -23,6 +23,13 @@
 
 #include "server.h"
 
+/* The engine's mixture-of-experts entry points (engine/moe_api.c) are not linked into every build of
+ * the tree yet: weak references let the server link without them and then behave as with a dense
+ * model (no sequence options, no routing statistics). */
+#pragma weak cm_seq_routing
+#pragma weak cm_seq_set_options
+#pragma weak cm_model_adapter_id
+
 /* ============================================================ small containers */
 
 int srv_tokvec_push(srv_tokvec *v, const srv_tok *t) {
@@ -96,6 +103,7 @@ typedef struct sched_jobstate {
     int dirty;            /* has something to publish */
     int in_batch;         /* has rows in the current batch */
     int64_t t_first_ns;   /* first token of any choice (copied to the job when published) */
+    srv_route_agg agg;    /* routing statistics of the job's finished sequences */
 } sched_jobstate;
 
 /* What a batch row is for. */
@@ -122,6 +130,7 @@ struct srv_sched {
     srv_job *submit_head, *submit_tail;
     srv_job *ready_head;
     srv_gauges gauges;
+    srv_route_agg load_pub;           /* copy of `load` for /metrics */
     srv_hist ttft, itl;
     uint64_t generated, prompt;
 
@@ -138,6 +147,7 @@ struct srv_sched {
     int seqs_used;
     int32_t *b_tok, *b_seq;           /* (n_batch) */
     int8_t *b_logits;                 /* (n_batch) */
+    int8_t *b_gen;                    /* (n_batch) 1: a generated token (routing statistics) */
     sched_row *rows;                  /* (n_batch) */
     size_t piece_cap;                 /* detokenizer scratch size */
     char *piece;
@@ -145,6 +155,8 @@ struct srv_sched {
     /* worker-local copies of the histograms, merged under the lock at publish time */
     srv_hist l_ttft, l_itl;
     uint64_t l_generated, l_prompt, l_steps, l_batch_tokens;
+    srv_route_agg load;               /* expert load over every finished sequence */
+    int load_dirty;
 };
 
 /* ============================================================ helpers */
@@ -174,7 +186,18 @@ static float logprob_of(const float *logits, int n_vocab, int32_t want, cm_token
 }
 
 static void seq_release(srv_sched *s, sched_seq *q) {
-    if (q->seq >= 0) { cm_seq_close(s->ctx, q->seq); q->seq = -1; s->seqs_used--; }
+    if (q->seq >= 0) {
+        /* the engine's report lives until the close: fold it into the job's and the server's sums */
+        const cm_routing *rt = cm_seq_routing ? cm_seq_routing(s->ctx, q->seq) : NULL;
+        if (rt) {
+            srv_route_agg_add(&js(q->job)->agg, rt);
+            srv_route_agg_add(&s->load, rt);
+            s->load_dirty = 1;
+        }
+        cm_seq_close(s->ctx, q->seq);
+        q->seq = -1;
+        s->seqs_used--;
+    }
     cm_sampler_free(q->smp);
     q->smp = NULL;
 }
@@ -243,6 +266,7 @@ static void job_free_state(srv_job *j) {
         srv_tokvec_free(&st->seqs[i].prompt_lp);
     }
     free(st->seqs);
+    srv_route_agg_free(&st->agg);
     free(st);
     j->w = NULL;
 }
@@ -259,9 +283,12 @@ static void job_finish(srv_sched *s, srv_job *j, const api_error *err) {
         }
     for (int i = 0; i < s->n_running; i++)
         if (s->running[i] == j) { s->running[i] = s->running[--s->n_running]; break; }
+    json_t *routing = NULL;
+    if (st && !err) routing = srv_route_agg_json(&st->agg, s->model, j->req->routing == API_ROUTING_FULL);
     uv_mutex_lock(&s->mu);
     publish_job(s, j);
     if (err && !j->has_error) { j->has_error = 1; j->err = *err; }
+    j->routing = routing;
     uv_mutex_unlock(&s->mu);
     job_free_state(j);
     uv_mutex_lock(&s->mu);
@@ -317,7 +344,7 @@ static int job_admit(srv_sched *s, srv_job *j) {
         if (p >= r->n_prompts) p = r->n_prompts - 1;
         q->prompt = &r->prompts[p];
         if (i % per == 0) prompt_total += q->prompt->n_tokens;
-        if (q->prompt->n_tokens < 1 || q->prompt->n_tokens >= s->n_ctx) {
+        if (q->prompt->n_tokens < 1 || q->prompt->n_tokens > s->n_ctx) {
             api_error_set(&e, 400, API_ERR_INVALID, "prompt", "context_length_exceeded",
                           "This model's maximum context length is %d tokens, however you requested %d tokens "
                           "in the prompt. Please reduce the prompt.", s->n_ctx, q->prompt->n_tokens);
@@ -332,6 +359,16 @@ static int job_admit(srv_sched *s, srv_job *j) {
             return -1;
         }
         s->seqs_used++;
+        /* mixture-of-experts options (dense models ignore them) */
+        cm_seq_options so;
+        cm_seq_options_default(&so);
+        if (r->segment_routing == API_SEGMENT_REFERENCE) so.segment_mode = CM_SEGMENT_REFERENCE;
+        if (r->language && cm_model_adapter_id) so.language = cm_model_adapter_id(s->model, r->language);
+        if (cm_seq_set_options && cm_seq_set_options(s->ctx, q->seq, &so, &ce) < 0) {
+            api_error_set(&e, 400, API_ERR_INVALID, "segment_routing", NULL, "%s", ce.msg);
+            job_finish(s, j, &e);
+            return -1;
+        }
         cm_sampling sp;
         api_completion_sampling(r, i, &sp);
         sp.n_logprobs = r->logprobs > 0 ? r->logprobs : 0;
@@ -353,9 +390,9 @@ static int job_admit(srv_sched *s, srv_job *j) {
             if (q->prompt->echo_from < q->prompt->n_tokens) srv_tokvec_push(&q->prompt_lp, &t);
         }
         if (q->max_tokens <= 0) {
-            /* max_tokens 0: echo-only (prompt logprobs), no generation; still prefill when the prompt's
-             * logprobs are wanted, else end right away */
-            if (!(r->echo && r->logprobs >= 0)) seq_end(s, q, API_FINISH_LENGTH, 0);
+            /* max_tokens 0: no generation; still prefill when the prompt's logprobs or its routing
+             * statistics are wanted (scoring), else end right away */
+            if (!(r->echo && r->logprobs >= 0) && r->routing == API_ROUTING_NONE) seq_end(s, q, API_FINISH_LENGTH, 0);
         }
     }
     s->l_prompt += (uint64_t)prompt_total;
@@ -421,6 +458,7 @@ static void step(srv_sched *s) {
             s->b_tok[nb] = q->next_tok;
             s->b_seq[nb] = q->seq;
             s->b_logits[nb] = 1;
+            s->b_gen[nb] = 1;
             s->rows[nb] = (sched_row){q, -1, 1};
             st->in_batch = 1;
             nb++;
@@ -435,6 +473,10 @@ static void step(srv_sched *s) {
             sched_seq *q = &st->seqs[c];
             if (q->state != SEQ_PREFILL) continue;
             const api_prompt *p = q->prompt;
+            /* reference segment routing sees the whole text at once: its prompt goes into one batch
+             * or waits for a step with room (the loop checked that it fits in --batch) */
+            if (j->req->segment_routing == API_SEGMENT_REFERENCE && q->n_fed == 0 && nb + p->n_tokens > n_batch)
+                continue;
             while (q->n_fed < p->n_tokens && nb < n_batch) {
                 int pos = q->n_fed++;
                 int last = pos == p->n_tokens - 1;
@@ -442,6 +484,7 @@ static void step(srv_sched *s) {
                 s->b_tok[nb] = p->tokens[pos];
                 s->b_seq[nb] = q->seq;
                 s->b_logits[nb] = (int8_t)(last || lp);
+                s->b_gen[nb] = 0;
                 s->rows[nb] = (sched_row){q, pos, last && q->max_tokens > 0};
                 st->in_batch = 1;
                 nb++;
@@ -449,7 +492,7 @@ static void step(srv_sched *s) {
         }
     }
     if (nb == 0) return;
-    cm_batch b = {.n = nb, .token = s->b_tok, .seq = s->b_seq, .logits = s->b_logits};
+    cm_batch b = {.n = nb, .token = s->b_tok, .seq = s->b_seq, .logits = s->b_logits, .generated = s->b_gen};
     cm_err ce = {0};
     if (cm_forward(s->ctx, &b, &ce) < 0) {
         /* nothing was appended: fail every job that had a row in this batch */
@@ -509,6 +552,10 @@ static void publish_stats_locked(srv_sched *s) {
         g->kv_blocks_used = kv.blocks_used;
         g->kv_block_tokens = kv.block_tokens;
     }
+    if (s->load_dirty) {
+        srv_route_agg_copy(&s->load_pub, &s->load);
+        s->load_dirty = 0;
+    }
     g->decode_steps = s->l_steps;
     g->batch_tokens = s->l_batch_tokens;
     s->ttft = s->l_ttft;
@@ -547,9 +594,10 @@ static int worker_load(srv_sched *s) {
             s->b_tok = malloc((size_t)nb * sizeof *s->b_tok);
             s->b_seq = malloc((size_t)nb * sizeof *s->b_seq);
             s->b_logits = malloc((size_t)nb);
+            s->b_gen = malloc((size_t)nb);
             s->rows = malloc((size_t)nb * sizeof *s->rows);
             s->running = calloc((size_t)s->cfg->parallel, sizeof *s->running);
-            if (!s->piece || !s->b_tok || !s->b_seq || !s->b_logits || !s->rows || !s->running) {
+            if (!s->piece || !s->b_tok || !s->b_seq || !s->b_logits || !s->b_gen || !s->rows || !s->running) {
                 snprintf(err.msg, sizeof err.msg, "out of memory");
                 cm_ctx_free(ctx);
                 ctx = NULL;
@@ -736,7 +784,10 @@ void srv_sched_free(srv_sched *s) {
     free(s->b_tok);
     free(s->b_seq);
     free(s->b_logits);
+    free(s->b_gen);
     free(s->rows);
+    srv_route_agg_free(&s->load);
+    srv_route_agg_free(&s->load_pub);
     free(s->running);
     uv_cond_destroy(&s->cv);
     uv_mutex_destroy(&s->mu);
@@ -809,8 +860,16 @@ srv_job *srv_sched_drain(srv_sched *s, srv_job *job, srv_out *dst, srv_drained *
     info->err = job->err;
     info->prompt_tokens = job->prompt_tokens;
     info->t_first_token_ns = job->t_first_token_ns;
+    info->routing = NULL;
+    if (job->done) { info->routing = job->routing; job->routing = NULL; }
     uv_mutex_unlock(&s->mu);
     return next;
+}
+
+void srv_sched_render_experts(srv_sched *s, srv_buf *b) {
+    uv_mutex_lock(&s->mu);
+    srv_route_agg_prometheus(&s->load_pub, s->model, b);
+    uv_mutex_unlock(&s->mu);
 }
 
 void srv_sched_stats(srv_sched *s, srv_gauges *g, srv_hist *ttft, srv_hist *itl, uint64_t *generated,

@@ -50,6 +50,30 @@ typedef struct srv_config {
 
 void srv_config_free(srv_config *c);
 
+/* ============================================================ routing statistics (routing.c) */
+
+/* A sum of cm_routing reports of one model (counts only; the shape comes from the first report). */
+typedef struct srv_route_agg {
+    int has;                       /* a report was added */
+    int n_layer, n_tok, n_seg, n_windows, n_adapters, shared, window;
+    cm_route_count *tok;           /* (n_layer, n_tok) */
+    cm_route_count *seg;           /* (n_layer, n_seg) */
+    cm_route_count *adapter;       /* (n_adapters) */
+    uint32_t *seg_windows;         /* (n_layer, n_seg, n_windows) */
+} srv_route_agg;
+
+/* Adds a report (NULL, as dense models give, adds nothing). -1 on allocation failure or a report of
+ * another shape (then nothing is added). */
+int srv_route_agg_add(srv_route_agg *a, const cm_routing *r);
+int srv_route_agg_copy(srv_route_agg *dst, const srv_route_agg *src);
+void srv_route_agg_free(srv_route_agg *a);
+/* {"layers":[{layer, token:[{expert, prompt_tokens, generated_tokens, prompt_mean_gate,
+ * generated_mean_gate}], segment:[...], segment_windows (full)}], n_layer, token_experts, ...,
+ * adapters:[...]}; only "layers": [] for a dense model. New reference; NULL on allocation failure. */
+json_t *srv_route_agg_json(const srv_route_agg *a, const cm_model *m, int full);
+/* codemoe_expert_tokens_total{level,layer,expert,phase} (and adapters) in Prometheus text. */
+void srv_route_agg_prometheus(const srv_route_agg *a, const cm_model *m, srv_buf *b);
+
 /* ============================================================ jobs (one completion request) */
 
 enum { SRV_CANCEL_NONE = 0, SRV_CANCEL_CLIENT, SRV_CANCEL_TIMEOUT, SRV_CANCEL_SHUTDOWN, SRV_CANCEL_SLOW };
@@ -97,6 +121,8 @@ struct srv_job {
     api_error err;              /* has_error: why it failed (before or during generation) */
     int prompt_tokens;          /* usage: prompt tokens summed over choices' prompts (once per prompt) */
     int64_t t_first_token_ns;   /* 0 until the first token */
+    json_t *routing;            /* set with done: the request's routing statistics (srv_route_agg_json),
+                                   handed to the loop by srv_sched_drain */
     int in_ready;               /* already in the ready list */
     srv_job *next_ready;
 
@@ -145,12 +171,16 @@ typedef struct srv_drained {
     int done, admitted, has_error, prompt_tokens;
     api_error err;
     int64_t t_first_token_ns;
+    json_t *routing;            /* new reference the caller owns (once, with done), or NULL */
 } srv_drained;
 srv_job *srv_sched_drain(srv_sched *s, srv_job *job, srv_out *dst, srv_drained *info);
 
 /* Gauges and worker-owned histograms, copied under the lock. */
 void srv_sched_stats(srv_sched *s, srv_gauges *g, srv_hist *ttft, srv_hist *itl, uint64_t *generated,
                      uint64_t *prompt);
+
+/* Appends the per-layer expert load (summed over every finished sequence) to b. */
+void srv_sched_render_experts(srv_sched *s, srv_buf *b);
 
 /* srv_out / srv_tokvec helpers */
 void srv_out_init(srv_out *o);

@@ -322,6 +322,63 @@ test('metrics: names and counts after traffic', async () => {
   }
 });
 
+test('routing statistics: retained by completion id, and in the response on request', async () => {
+  const srv = await startServer({ args: ['--routing-retention', '2'] });
+  try {
+    const ids = [];
+    for (let i = 0; i < 3; i++) {
+      const r = await postJSON(srv, '/v1/completions', { prompt: 'a' + i, max_tokens: 2, routing: 'summary' });
+      assert.equal(r.status, 200, r.text);
+      /* the "routing" extension carries the same record the endpoint serves */
+      assert.equal(r.json.routing.id, r.json.id);
+      assert.equal(r.json.routing.object, 'completion.routing');
+      assert.deepEqual(r.json.routing.layers, []); /* a dense model routes nothing */
+      ids.push(r.json.id);
+    }
+    assertErrorShape(await get(srv, `/v1/completions/${ids[0]}/routing`), 404, 'evicted (retention 2)');
+    for (const id of ids.slice(1)) {
+      const g = await get(srv, `/v1/completions/${id}/routing`);
+      assert.equal(g.status, 200);
+      assert.equal(g.json.completion_tokens <= 2, true);
+    }
+    const res = await fetch(srv.base + '/v1/completions', { method: 'POST', headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify({ prompt: 'x', max_tokens: 2, stream: true, stream_options: { include_usage: true }, routing: 'summary' }) });
+    const events = await readSSE(res);
+    const usage = events.find((e) => e !== '[DONE]' && e.usage);
+    assert.equal(usage.routing.object, 'completion.routing');
+  } finally {
+    assert.equal((await srv.stop()).code, 0);
+  }
+  /* a hybrid mixture-of-experts model reports per-layer expert counts, once the engine loads it */
+  const moe = await startServer({ model: 'hybrid-max', healthy: false });
+  try {
+    let h;
+    for (let i = 0; i < 100; i++) {
+      h = await get(moe, '/health').catch(() => ({ status: 0 }));
+      if (h.status !== 503 || (h.json && h.json.status !== 'loading')) break;
+      await sleep(30);
+    }
+    if (h.status !== 200) {
+      const why = moe.logs.find((l) => l.msg === 'model load failed');
+      console.error('SKIP hybrid routing: ' + (why ? why.error : 'status ' + h.status));
+      assert.match(why.error, /not supported/); /* only an unsupported architecture may skip this */
+      return;
+    }
+    const r = await postJSON(moe, '/v1/completions', { prompt: 'def f(x):\n    return x', max_tokens: 4, routing: 'full', temperature: 0 });
+    assert.equal(r.status, 200, r.text);
+    const rt = r.json.routing;
+    assert.ok(rt.layers.length > 0, JSON.stringify(rt));
+    const l0 = rt.layers[0];
+    const tokSum = (arr, k) => arr.reduce((a, x) => a + x[k], 0);
+    if (l0.token) assert.ok(tokSum(l0.token, 'prompt_tokens') >= r.json.usage.prompt_tokens);
+    if (l0.token) assert.ok(tokSum(l0.token, 'generated_tokens') >= 1);
+    const m = await metrics(moe);
+    assert.ok(Object.keys(m).some((k) => k.startsWith('codemoe_expert_tokens_total{')), 'expert load series');
+  } finally {
+    await moe.stop();
+  }
+});
+
 test('access log: one JSON line per request with the request id', async () => {
   const srv = await startServer();
   try {

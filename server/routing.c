@@ -1,0 +1,183 @@
+/*
+ * routing.c - expert-routing statistics of mixture-of-experts models: sums of the engine's
+ * per-sequence reports (cm_seq_routing) over a request's sequences (for GET
+ * /v1/completions/{id}/routing and the "routing" response extension) and over the server's lifetime
+ * (per-layer expert load in /metrics). Dense models report nothing: empty layers, no series.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "server.h"
+
+/* see scheduler.c: engine/moe_api.c may be absent from a partial build */
+#pragma weak cm_model_adapter_name
+
+void srv_route_agg_free(srv_route_agg *a) {
+    free(a->tok);
+    free(a->seg);
+    free(a->adapter);
+    free(a->seg_windows);
+    memset(a, 0, sizeof *a);
+}
+
+static int shape_same(const srv_route_agg *a, const cm_routing *r) {
+    return a->n_layer == r->n_layer && a->n_tok == r->n_tok_experts && a->n_seg == r->n_seg_experts &&
+           a->n_windows == r->n_windows && a->n_adapters == r->n_adapters;
+}
+
+static void add_counts(cm_route_count *dst, const cm_route_count *src, size_t n) {
+    for (size_t i = 0; src && i < n; i++)
+        for (int k = 0; k < 2; k++) {
+            dst[i].tokens[k] += src[i].tokens[k];
+            dst[i].gate_sum[k] += src[i].gate_sum[k];
+        }
+}
+
+int srv_route_agg_add(srv_route_agg *a, const cm_routing *r) {
+    if (!r || r->n_layer <= 0) return 0;
+    if (!a->has) {
+        if (r->n_tok_experts < 0 || r->n_seg_experts < 0 || r->n_adapters < 0 || r->n_windows < 0) return -1;
+        a->n_layer = r->n_layer;
+        a->n_tok = r->n_tok_experts;
+        a->n_seg = r->n_seg_experts;
+        a->n_windows = r->n_windows;
+        a->n_adapters = r->n_adapters;
+        a->shared = r->shared_expert;
+        a->window = r->window;
+        size_t nt = (size_t)a->n_layer * (size_t)a->n_tok, ns = (size_t)a->n_layer * (size_t)a->n_seg;
+        a->tok = nt ? calloc(nt, sizeof *a->tok) : NULL;
+        a->seg = ns ? calloc(ns, sizeof *a->seg) : NULL;
+        a->adapter = a->n_adapters ? calloc((size_t)a->n_adapters, sizeof *a->adapter) : NULL;
+        a->seg_windows = ns && a->n_windows ? calloc(ns * (size_t)a->n_windows, sizeof *a->seg_windows) : NULL;
+        if ((nt && !a->tok) || (ns && !a->seg) || (a->n_adapters && !a->adapter) ||
+            (ns && a->n_windows && !a->seg_windows)) {
+            srv_route_agg_free(a);
+            return -1;
+        }
+        a->has = 1;
+    } else if (!shape_same(a, r)) {
+        return -1; /* a different model cannot report into the same sum */
+    }
+    size_t nt = (size_t)a->n_layer * (size_t)a->n_tok, ns = (size_t)a->n_layer * (size_t)a->n_seg;
+    add_counts(a->tok, r->tok, nt);
+    add_counts(a->seg, r->seg, ns);
+    add_counts(a->adapter, r->adapter, (size_t)a->n_adapters);
+    if (a->seg_windows && r->seg_windows)
+        for (size_t i = 0; i < ns * (size_t)a->n_windows; i++) a->seg_windows[i] += r->seg_windows[i];
+    return 0;
+}
+
+int srv_route_agg_copy(srv_route_agg *dst, const srv_route_agg *src) {
+    srv_route_agg_free(dst);
+    if (!src->has) return 0;
+    *dst = *src;
+    dst->tok = dst->seg = dst->adapter = NULL;
+    dst->seg_windows = NULL;
+    size_t nt = (size_t)src->n_layer * (size_t)src->n_tok, ns = (size_t)src->n_layer * (size_t)src->n_seg;
+    size_t nw = ns * (size_t)src->n_windows;
+    if ((nt && !(dst->tok = malloc(nt * sizeof *dst->tok))) || (ns && !(dst->seg = malloc(ns * sizeof *dst->seg))) ||
+        (src->n_adapters && !(dst->adapter = malloc((size_t)src->n_adapters * sizeof *dst->adapter))) ||
+        (src->seg_windows && nw && !(dst->seg_windows = malloc(nw * sizeof *dst->seg_windows)))) {
+        srv_route_agg_free(dst);
+        return -1;
+    }
+    if (nt) memcpy(dst->tok, src->tok, nt * sizeof *dst->tok);
+    if (ns) memcpy(dst->seg, src->seg, ns * sizeof *dst->seg);
+    if (src->n_adapters) memcpy(dst->adapter, src->adapter, (size_t)src->n_adapters * sizeof *dst->adapter);
+    if (dst->seg_windows) memcpy(dst->seg_windows, src->seg_windows, nw * sizeof *dst->seg_windows);
+    return 0;
+}
+
+static json_t *counts_json(const cm_route_count *c, int n, const char *key) {
+    json_t *arr = json_array();
+    for (int e = 0; arr && e < n; e++) {
+        const cm_route_count *x = &c[e];
+        json_t *o = json_pack("{s:i,s:I,s:I,s:f,s:f}", key, e, "prompt_tokens", (json_int_t)x->tokens[0],
+                              "generated_tokens", (json_int_t)x->tokens[1], "prompt_mean_gate",
+                              x->tokens[0] ? x->gate_sum[0] / x->tokens[0] : 0.0, "generated_mean_gate",
+                              x->tokens[1] ? x->gate_sum[1] / x->tokens[1] : 0.0);
+        if (o) json_array_append_new(arr, o);
+    }
+    return arr;
+}
+
+json_t *srv_route_agg_json(const srv_route_agg *a, const cm_model *m, int full) {
+    json_t *o = json_object();
+    json_t *layers = json_array();
+    if (!o || !layers) { json_decref(o); json_decref(layers); return NULL; }
+    json_object_set_new(o, "layers", layers);
+    if (!a->has) return o;
+    json_object_set_new(o, "n_layer", json_integer(a->n_layer));
+    json_object_set_new(o, "token_experts", json_integer(a->n_tok));
+    json_object_set_new(o, "shared_expert", json_integer(a->shared));
+    json_object_set_new(o, "segment_experts", json_integer(a->n_seg));
+    json_object_set_new(o, "window", json_integer(a->window));
+    for (int l = 0; l < a->n_layer; l++) {
+        json_t *lo = json_pack("{s:i}", "layer", l);
+        if (!lo) continue;
+        if (a->n_tok) json_object_set_new(lo, "token", counts_json(a->tok + (size_t)l * a->n_tok, a->n_tok, "expert"));
+        if (a->n_seg) {
+            json_object_set_new(lo, "segment", counts_json(a->seg + (size_t)l * a->n_seg, a->n_seg, "expert"));
+            if (full && a->seg_windows) {
+                /* (n_seg, n_windows): tokens of window w routed to segment expert e */
+                json_t *w = json_array();
+                for (int e = 0; w && e < a->n_seg; e++) {
+                    json_t *row = json_array();
+                    const uint32_t *src = a->seg_windows + ((size_t)l * a->n_seg + e) * a->n_windows;
+                    int last = a->n_windows; /* trailing windows the sequence never reached are dropped */
+                    while (last > 0 && !src[last - 1]) last--;
+                    for (int k = 0; row && k < last; k++) json_array_append_new(row, json_integer(src[k]));
+                    if (row) json_array_append_new(w, row);
+                }
+                if (w) json_object_set_new(lo, "segment_windows", w);
+            }
+        }
+        json_array_append_new(layers, lo);
+    }
+    if (a->n_adapters) {
+        json_t *ad = counts_json(a->adapter, a->n_adapters, "adapter");
+        for (int i = 0; ad && i < a->n_adapters; i++) {
+            const char *name = cm_model_adapter_name ? cm_model_adapter_name(m, i) : NULL;
+            if (name) json_object_set_new(json_array_get(ad, (size_t)i), "name", json_string(name));
+        }
+        json_object_set_new(o, "adapters", ad);
+    }
+    return o;
+}
+
+void srv_route_agg_prometheus(const srv_route_agg *a, const cm_model *m, srv_buf *b) {
+    srv_buf_puts(b, "# HELP codemoe_expert_tokens_total Tokens routed to each expert, by level, layer and phase.\n"
+                    "# TYPE codemoe_expert_tokens_total counter\n");
+    if (!a->has) return;
+    static const char *phase[2] = {"prompt", "generated"};
+    for (int l = 0; l < a->n_layer; l++) {
+        for (int e = 0; e < a->n_tok; e++)
+            for (int k = 0; k < 2; k++)
+                srv_buf_printf(b, "codemoe_expert_tokens_total{level=\"token\",layer=\"%d\",expert=\"%d\",phase=\"%s\"} %u\n",
+                               l, e, phase[k], a->tok[(size_t)l * a->n_tok + e].tokens[k]);
+        for (int e = 0; e < a->n_seg; e++)
+            for (int k = 0; k < 2; k++)
+                srv_buf_printf(b, "codemoe_expert_tokens_total{level=\"segment\",layer=\"%d\",expert=\"%d\",phase=\"%s\"} %u\n",
+                               l, e, phase[k], a->seg[(size_t)l * a->n_seg + e].tokens[k]);
+    }
+    if (a->n_adapters) {
+        srv_buf_puts(b, "# HELP codemoe_adapter_tokens_total Tokens each MoLE adapter applied to, by phase.\n"
+                        "# TYPE codemoe_adapter_tokens_total counter\n");
+        for (int i = 0; i < a->n_adapters; i++) {
+            const char *name = cm_model_adapter_name ? cm_model_adapter_name(m, i) : NULL;
+            char safe[64];
+            /* label values come from the model file: keep [A-Za-z0-9_+.-] only */
+            size_t n = 0;
+            for (const char *p = name ? name : ""; *p && n < sizeof safe - 1; p++) {
+                char c = *p;
+                if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
+                    c == '+' || c == '.' || c == '-')
+                    safe[n++] = c;
+            }
+            safe[n] = 0;
+            for (int k = 0; k < 2; k++)
+                srv_buf_printf(b, "codemoe_adapter_tokens_total{adapter=\"%d\",name=\"%s\",phase=\"%s\"} %u\n", i, safe,
+                               phase[k], a->adapter[i].tokens[k]);
+        }
+    }
+}
