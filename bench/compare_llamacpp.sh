@@ -9,6 +9,9 @@
 # ours/theirs. Both tools measure ppN as one N-token batch with logits for the last token only, and tgN as
 # N single-token decodes, each after an unmeasured warm-up run. "load" is the 1-minute load average just
 # before the pair ran: a value above the core count means the pair shared the CPU with other work.
+# A second table gives tokens per CPU-second of all threads, which depends much less on other processes
+# sharing the machine: codemoe prints it; for llama.cpp (which does not) the script runs the pp and tg tests
+# as separate llama-bench processes under time(1) and subtracts the CPU cost of loading the model.
 # The raw outputs of both tools go to LOGDIR (default: a fresh directory under /tmp).
 set -u
 
@@ -58,33 +61,67 @@ mean_of() { awk '{ print ($1 ~ /^[0-9.]+$/) ? $1 : "-" }' <<<"$1"; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b + 0 == 0) print "-"; else printf "%.2f", a / b }'; }
 short() { awk '{ if ($1 ~ /^[0-9.]+$/ && $3 ~ /^[0-9.]+$/) printf "%.2f±%.2f", $1, $3; else print "-" }' <<<"$1"; }
 
-rows=()
+# cpu_run OUT CMD...: run CMD with stdout to OUT, stderr to OUT.err; CPU seconds (user + sys) to OUT.cpu
+cpu_run() {
+    local out=$1
+    shift
+    /usr/bin/time -f '%U %S' -o "$out.time" "$@" >"$out" 2>"$out.err"
+    local rc=$?
+    awk '{ s = $1 + $2 } END { print s + 0 }' "$out.time" >"$out.cpu"
+    return $rc
+}
+# tokens per CPU-second from a token count and CPU seconds net of the model-loading cost
+per_cpu() { awk -v n="$1" -v c="$2" -v b="$3" 'BEGIN { c -= b; if (c > 0) printf "%.2f", n / c; else print "-" }'; }
+
+rows=() crows=()
 for m in "$@"; do
     base=$(basename "$m" .gguf)
+    # llama-bench reports no CPU time: run pp and tg as separate processes under time(1), and subtract what
+    # loading the model and a 1-token test cost (measured here), to get tokens per CPU-second like ours
+    lb0="$logdir/$base-llamacpp-load.md"
+    cpu_run "$lb0" "$lbench" -m "$m" -p 1 -n 0 -t 1 -r 1 -o md || echo "   llama-bench failed, see $lb0.err" >&2
+    cpu0=$(cat "$lb0.cpu")
     for t in $threads; do
         load=$(cut -d' ' -f1 /proc/loadavg)
-        ours="$logdir/$base-t$t-codemoe.md" theirs="$logdir/$base-t$t-llamacpp.md"
+        ours="$logdir/$base-t$t-codemoe.md" theirs="$logdir/$base-t$t-llamacpp"
         echo "== $base threads=$t (load $load): codemoe" >&2
         "$codemoe" bench --model "$m" -p "$pp" -n "$tg" -t "$t" -r "$reps" >"$ours" 2>"$ours.err" ||
             echo "   codemoe bench failed, see $ours.err" >&2
         echo "== $base threads=$t: llama-bench" >&2
-        "$lbench" -m "$m" -p "$pp" -n "$tg" -t "$t" -r "$reps" -o md >"$theirs" 2>"$theirs.err" ||
-            echo "   llama-bench failed, see $theirs.err" >&2
+        cpu_run "$theirs-pp.md" "$lbench" -m "$m" -p "$pp" -n 0 -t "$t" -r "$reps" -o md ||
+            echo "   llama-bench failed, see $theirs-pp.md.err" >&2
+        cpu_run "$theirs-tg.md" "$lbench" -m "$m" -p 0 -n "$tg" -t "$t" -r "$reps" -o md ||
+            echo "   llama-bench failed, see $theirs-tg.md.err" >&2
+        cat "$theirs-pp.md" "$theirs-tg.md" >"$theirs.md"
         type=$(md_get "$ours" "pp$pp" type)
         [ "$type" != "-" ] || type=$(md_get "$ours" "tg$tg" type)
-        cells=()
+        cells=() ccells=()
         for test in "pp$pp" "tg$tg"; do
-            o=$(md_get "$ours" "$test" "t/s") l=$(md_get "$theirs" "$test" "t/s")
+            o=$(md_get "$ours" "$test" "t/s") l=$(md_get "$theirs.md" "$test" "t/s")
             cells+=("$(short "$o")" "$(short "$l")" "$(ratio "$(mean_of "$o")" "$(mean_of "$l")")")
+            # tokens llama-bench processed: the warm-up is a full ppN, or a 1-token decode
+            if [ "$test" = "pp$pp" ]; then n=$((pp * (reps + 1))) f="$theirs-pp.md.cpu"; else n=$((tg * reps + 1)) f="$theirs-tg.md.cpu"; fi
+            oc=$(md_get "$ours" "$test" "t/cpu-s") lc=$(per_cpu "$n" "$(cat "$f")" "$cpu0")
+            ccells+=("$oc" "$lc" "$(ratio "$oc" "$lc")")
         done
         rows+=("$(printf '| %-22s | %-5s | %7s | %14s | %14s | %5s | %14s | %14s | %5s | %5s |' \
             "$base" "$type" "$t" "${cells[@]}" "$load")")
+        crows+=("$(printf '| %-22s | %-5s | %7s | %10s | %10s | %5s | %10s | %10s | %5s |' \
+            "$base" "$type" "$t" "${ccells[@]}")")
     done
 done
 
 lbuild=$(cat "$logdir"/*-llamacpp.md 2>/dev/null | grep -m1 '^build:' || echo 'build: ?')
 echo "codemoe: $codemoe; llama.cpp: $lbench ($lbuild); reps $reps; raw: $logdir"
+echo
+echo "tokens/s (wall clock), mean ± std over $reps runs; ratio = ours / llama.cpp"
 printf '| %-22s | %-5s | %7s | %14s | %14s | %5s | %14s | %14s | %5s | %5s |\n' model type threads \
     "pp$pp ours" "pp$pp llama" ratio "tg$tg ours" "tg$tg llama" ratio load
 echo "| ---------------------- | ----- | ------: | -------------: | -------------: | ----: | -------------: | -------------: | ----: | ----: |"
 printf '%s\n' "${rows[@]}"
+echo
+echo "tokens per CPU-second of all threads (less sensitive to other load; llama.cpp's net of model loading)"
+printf '| %-22s | %-5s | %7s | %10s | %10s | %5s | %10s | %10s | %5s |\n' model type threads \
+    "pp$pp ours" "pp$pp llama" ratio "tg$tg ours" "tg$tg llama" ratio
+echo "| ---------------------- | ----- | ------: | ---------: | ---------: | ----: | ---------: | ---------: | ----: |"
+printf '%s\n' "${crows[@]}"
