@@ -464,7 +464,7 @@ static void step(srv_sched *s) {
             nb++;
         }
     }
-    /* then prefill chunks, oldest job first */
+    /* then prefill chunks of admitted sequences, until the batch is full */
     for (int i = 0; i < s->n_running && nb < n_batch; i++) {
         srv_job *j = s->running[i];
         sched_jobstate *st = js(j);
