@@ -732,6 +732,29 @@ def solution_nll(model, enc, stage, lang, ctx, n):
     return round(tot / max(cnt, 1), 4)
 
 
+@torch.no_grad()
+def reference_mode_loss(model, hb, n):
+    """Held-out loss with the segment level in `reference` mode (non-causal expert choice within one
+    sequence, hybrid-moe.md 2.2), run by reference_moe.HybridModel itself (float32): the gap to the causal
+    loss on the same weights is the number hybrid-moe.md asks to publish. n sequences per language."""
+    import reference_moe as rm
+    hpd = model.model.layers[0].moe.hp
+    hp = rm.HybridParams(hpd["n_tok"], hpd["k_used"], hpd["shared"], model.cfg.intermediate_size, hpd["n_seg"],
+                         hpd["window"], hpd["pooling"], hpd["capacity"], hpd["bucket"], hpd["gate_scale"],
+                         hpd["a_tok"], hpd["a_seg"])
+    hm = rm.HybridModel(model.cfg, hp, {k: v.detach().float() for k, v in model.state_dict().items()},
+                        dtype=torch.float32)
+    res = {}
+    for l, (x, y) in hb.items():
+        tot, cnt = 0.0, 0
+        for i in range(min(n, len(x))):
+            lg = hm.forward_traced(x[i].tolist(), "reference")[0]
+            tot += float(Fn.cross_entropy(lg, y[i], reduction="sum"))
+            cnt += y[i].numel()
+        res[l] = round(tot / cnt, 4)
+    return res
+
+
 def cmd_results(args):
     """Per stage: held-out loss per language and HumanEval-X solution NLL per language, into
     <root>/results/<stage>.json and one table on stdout (markdown)."""
@@ -750,6 +773,8 @@ def cmd_results(args):
         hb = heldout_batches(LANGS[:6], ctx, args.eval_seqs)
         res = {"stage": stage, "step": ck["step"], "heldout": evaluate(model, hb, stage),
                "humaneval_x_nll": {l: solution_nll(model, enc, stage, l, ctx, args.n) for l in HEX_LANGS}}
+        if stage in ("moe", "moe_noshared"):
+            res["heldout_reference_mode"] = reference_mode_loss(model, hb, args.ref_seqs)
         with open(os.path.join(ROOT, "results", stage + ".json"), "w") as fh:
             json.dump(res, fh, indent=1)
         rows.append(res)
@@ -1006,6 +1031,7 @@ def main():
         if name == "results":
             p.add_argument("--stages", default="base,moe,moe_noseg,moe_noshared,dense_cont,lora,mole")
             p.add_argument("--n", type=int, default=164, help="HumanEval-X problems per language")
+            p.add_argument("--ref-seqs", type=int, default=4, help="sequences per language, reference mode")
         if name == "snapshot":
             p.add_argument("--out", default=None)
         if name == "speed":
