@@ -878,6 +878,33 @@ TEST(convert_mole_checkpoint) {
     json_decref(j);
 }
 
+/* Dense models take the options (and ignore them) and have no routing statistics. */
+TEST(dense_model_options) {
+    cm_model *m = load_model("models/qwen2-gqa.gguf");
+    ASSERT_TRUE(m);
+    ASSERT_EQ_INT(cm_model_n_adapters(m), 0);
+    ASSERT_TRUE(cm_model_adapter_name(m, 0) == NULL);
+    ASSERT_EQ_INT(cm_model_adapter_id(m, "python"), -1);
+    cm_ctx_params cp = {.n_threads = 1, .n_seq_max = 1, .n_ctx = 16, .n_batch_max = 4};
+    cm_err err = {0};
+    cm_ctx *c = cm_ctx_create(m, &cp, &err);
+    ASSERT_TRUE(c);
+    int s = cm_seq_open(c, &err);
+    cm_seq_options o;
+    cm_seq_options_default(&o);
+    ASSERT_EQ_INT(cm_seq_set_options(c, s, &o, &err), 0);
+    ASSERT_EQ_INT(cm_seq_set_options(c, s + 1, &o, &err), CM_E_RANGE);
+    ASSERT_TRUE(cm_seq_routing(c, s) == NULL);
+    cm_ctx_set_routing_stats(c, 0);
+    cm_seq_routing_reset(c, s);
+    int32_t t = 5;
+    cm_batch b = {.n = 1, .token = &t, .seq = &s};
+    ASSERT_EQ_INT(cm_forward(c, &b, &err), 0);
+    ASSERT_EQ_INT(cm_seq_set_options(c, s, &o, &err), CM_E_INVAL);
+    cm_ctx_free(c);
+    cm_model_free(m);
+}
+
 int main(void) {
     RUN(hybrid_goldens);
     RUN(hybrid_greedy_and_stats);
@@ -889,6 +916,7 @@ int main(void) {
     RUN(upcycle_invariant_every_arch);
     RUN(upcycle_bad_params);
     RUN(convert_mole_checkpoint);
+    RUN(dense_model_options);
     fprintf(stderr, "worst |logit diff| vs goldens: %.3g\n", worst);
     return test_summary();
 }
