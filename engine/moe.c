@@ -32,6 +32,7 @@
 #define MM_GEMM_ROWS 16
 #define MM_DEQ_FLOATS (1 << 19) /* per-thread dequantisation tile */
 #define MM_MAX_OPS (4 * CM_MOE_MAX_EXPERTS + 8)
+#define MOLE_GROUP 2 /* MoLE: adapters whose rows share one pool run (scratch: MOLE_GROUP x batch rows) */
 
 typedef struct moe_seq {
     cm_seq_options opt;
@@ -217,12 +218,13 @@ cm_moe_ctx *cm_moe_ctx_create(const cm_model *m, const cm_moe_model *mm, cm_pool
         ALLOC(mc->yd, R * D);
     } else {
         size_t F = (size_t)mm->n_ff, K = D > F ? D : F;
-        mc->rows_max = (int)B;
-        ALLOC(mc->g_tok, B);
-        ALLOC(mc->xg, B * K);
-        ALLOC(mc->hg, B * K);
-        ALLOC(mc->hu, B * K);
-        ALLOC(mc->lt, B * 2 * (size_t)mm->max_rank);
+        size_t R = B * (size_t)(mm->n_adapters < MOLE_GROUP ? (mm->n_adapters ? mm->n_adapters : 1) : MOLE_GROUP);
+        mc->rows_max = (int)R;
+        ALLOC(mc->g_tok, R);
+        ALLOC(mc->xg, R * K);
+        ALLOC(mc->hg, R * K);
+        ALLOC(mc->hu, R * K);
+        ALLOC(mc->lt, R * 2 * (size_t)mm->max_rank);
     }
     ALLOC(mc->deq, (size_t)n_threads * MM_DEQ_FLOATS);
     for (int s = 0; s < n_seq_max && !fail; s++) {
@@ -726,39 +728,68 @@ void cm_moe_ffn(cm_moe_ctx *mc, int il, int n, const float *x, float *y) {
 
 /* ============================================================ MoLE */
 
-/* For every adapter with tokens: out[t] (n, M) += scale * B (A x_t); x (n, K). proj: 0 gate, 1 up, 2 down.
- * Two products share x for gate and up (out2 != NULL). */
+/* For every adapter with tokens: out[t] (n, M) += scale * B (A x_t); x (n, K). proj: 0 gate, 1 up, 2 down;
+ * with out2, a second projection proj2 shares the gathered x (gate and up). Adapters are taken in groups
+ * whose rows fit the scratch (MOLE_GROUP x n_batch_max rows: the usual {language, shared} pair is one
+ * group), so a decode step costs two pool runs per call, whatever the number of adapters per token.
+ * Each token's deltas are added in adapter order, whatever else is in the batch. */
 static void mole_apply(cm_moe_ctx *mc, int il, int proj, int n, const float *x, int64_t K, float *out, int64_t M,
                        float *out2, int proj2) {
     const cm_moe_model *mm = mc->mm;
-    int na = mm->n_adapters;
+    int na = mm->n_adapters, cap = mc->rows_max, rmax = mm->max_rank;
+    int cnt[CM_MOLE_MAX_ADAPTERS], off[CM_MOLE_MAX_ADAPTERS];
     for (int a = 0; a < na; a++) {
-        int cnt = 0;
-        for (int i = 0; i < n; i++)
-            if (mc->sets[i] >> a & 1) {
-                mc->g_tok[cnt] = i;
-                memcpy(mc->xg + (size_t)cnt * K, x + (size_t)i * K, (size_t)K * sizeof(float));
-                cnt++;
-            }
-        if (!cnt) continue;
-        int r = mm->ranks[a];
-        const cm_lora *lo = &mm->lora[((size_t)il * 3 + (size_t)proj) * (size_t)na + (size_t)a];
-        const cm_lora *lo2 = out2 ? &mm->lora[((size_t)il * 3 + (size_t)proj2) * (size_t)na + (size_t)a] : NULL;
-        float *t1 = mc->lt, *t2 = mc->lt + (size_t)mc->B * (size_t)mm->max_rank;
-        mm_begin(mc);
-        mm_add(mc, lo->a, lo->a_type, r, K, mc->xg, cnt, t1);
-        if (lo2) mm_add(mc, lo2->a, lo2->a_type, r, K, mc->xg, cnt, t2);
-        mm_go(mc);
-        mm_begin(mc);
-        mm_add(mc, lo->b, lo->b_type, M, r, t1, cnt, mc->hg);
-        if (lo2) mm_add(mc, lo2->b, lo2->b_type, M, r, t2, cnt, mc->hu);
-        mm_go(mc);
-        float sc = mm->scales[a];
-        for (int j = 0; j < cnt; j++) {
-            int i = mc->g_tok[j];
-            cm_axpy(out + (size_t)i * M, sc, mc->hg + (size_t)j * M, M);
-            if (lo2) cm_axpy(out2 + (size_t)i * M, sc, mc->hu + (size_t)j * M, M);
+        cnt[a] = 0;
+        for (int i = 0; i < n; i++) cnt[a] += (int)(mc->sets[i] >> a & 1);
+    }
+    for (int a0 = 0; a0 < na;) {
+        /* a group [a0, a1): adapters whose rows fit together (one adapter always fits: n <= B) */
+        int a1 = a0, rows = 0;
+        while (a1 < na && rows + cnt[a1] <= cap) rows += cnt[a1++];
+        rows = 0;
+        for (int a = a0; a < a1; a++) {
+            off[a] = rows;
+            for (int i = 0; i < n && cnt[a]; i++)
+                if (mc->sets[i] >> a & 1) {
+                    mc->g_tok[rows] = i;
+                    memcpy(mc->xg + (size_t)rows * K, x + (size_t)i * K, (size_t)K * sizeof(float));
+                    rows++;
+                }
         }
+        float *t1 = mc->lt, *t2 = mc->lt + (size_t)cap * (size_t)rmax;
+        mm_begin(mc);
+        for (int a = a0; a < a1; a++) {
+            if (!cnt[a]) continue;
+            const cm_lora *lo = &mm->lora[((size_t)il * 3 + (size_t)proj) * (size_t)na + (size_t)a];
+            mm_add(mc, lo->a, lo->a_type, mm->ranks[a], K, mc->xg + (size_t)off[a] * K, cnt[a], t1 + (size_t)off[a] * rmax);
+            if (out2) {
+                const cm_lora *l2 = &mm->lora[((size_t)il * 3 + (size_t)proj2) * (size_t)na + (size_t)a];
+                mm_add(mc, l2->a, l2->a_type, mm->ranks[a], K, mc->xg + (size_t)off[a] * K, cnt[a], t2 + (size_t)off[a] * rmax);
+            }
+        }
+        mm_go(mc);
+        /* the low-rank rows were written with stride r_a inside each adapter's rmax-strided block:
+         * mm_add's y is (n, M) with M = r_a, contiguous from t + off * rmax */
+        mm_begin(mc);
+        for (int a = a0; a < a1; a++) {
+            if (!cnt[a]) continue;
+            const cm_lora *lo = &mm->lora[((size_t)il * 3 + (size_t)proj) * (size_t)na + (size_t)a];
+            mm_add(mc, lo->b, lo->b_type, M, mm->ranks[a], t1 + (size_t)off[a] * rmax, cnt[a], mc->hg + (size_t)off[a] * M);
+            if (out2) {
+                const cm_lora *l2 = &mm->lora[((size_t)il * 3 + (size_t)proj2) * (size_t)na + (size_t)a];
+                mm_add(mc, l2->b, l2->b_type, M, mm->ranks[a], t2 + (size_t)off[a] * rmax, cnt[a], mc->hu + (size_t)off[a] * M);
+            }
+        }
+        mm_go(mc);
+        for (int a = a0; a < a1; a++) {
+            float sc = mm->scales[a];
+            for (int j = off[a]; j < off[a] + cnt[a]; j++) {
+                int i = mc->g_tok[j];
+                cm_axpy(out + (size_t)i * M, sc, mc->hg + (size_t)j * M, M);
+                if (out2) cm_axpy(out2 + (size_t)i * M, sc, mc->hu + (size_t)j * M, M);
+            }
+        }
+        a0 = a1;
     }
 }
 
