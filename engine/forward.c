@@ -29,6 +29,7 @@
 #include "kernels.h"
 #include "kv.h"
 #include "model.h"
+#include "moe.h"
 #include "threadpool.h"
 #include "util.h"
 
@@ -71,6 +72,7 @@ struct cm_ctx {
     int n_last;         /* tokens in the last successful batch */
     const cm_batch *batch;
     int cur_layer;
+    cm_moe_ctx *moe;    /* mixture-of-experts state (moe.h); NULL for dense models */
 };
 
 /* ============================================================ create / free */
@@ -186,11 +188,16 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
     /* Our pool owns the parallelism: each task calls sgemm on its own tile, single-threaded. */
     openblas_set_num_threads(1);
     rope_tables(c);
+    if (m->moe && !(c->moe = cm_moe_ctx_create(m, m->moe, c->pool, n_threads, n_seq, n_ctx, n_batch, err))) {
+        cm_ctx_free(c);
+        return NULL;
+    }
     return c;
 }
 
 void cm_ctx_free(cm_ctx *c) {
     if (!c) return;
+    cm_moe_ctx_free(c->moe);
     cm_pool_free(c->pool);
     cm_kv_free(&c->kv);
     free(c->rope_cos);
@@ -227,6 +234,7 @@ int cm_seq_open(cm_ctx *c, cm_err *err) {
     if (!c) return cm_err_set(err, CM_E_INVAL, "seq: no context");
     int s = cm_kv_seq_open(&c->kv);
     if (s < 0) return cm_err_set(err, CM_E_NOMEM, "seq: all %d sequences are open", c->n_seq_max);
+    if (c->moe) cm_moe_seq_open(c->moe, s);
     return s;
 }
 
@@ -243,6 +251,11 @@ int cm_seq_truncate(cm_ctx *c, int seq, int n, cm_err *err) {
     if (!c || !seq_valid(c, seq)) return cm_err_set(err, CM_E_RANGE, "seq: %d is not an open sequence", seq);
     if (n < 0 || n > c->kv.seqs[seq].len)
         return cm_err_set(err, CM_E_RANGE, "seq: cannot truncate to %d (length %d)", n, c->kv.seqs[seq].len);
+    if (c->moe) {
+        int rc = cm_moe_seq_truncate_check(c->moe, seq, c->kv.seqs[seq].len, n, err);
+        if (rc < 0) return rc;
+        cm_moe_seq_truncate(c->moe, seq, n);
+    }
     cm_kv_seq_truncate(&c->kv, seq, n);
     return CM_OK;
 }
@@ -447,14 +460,21 @@ static void forward_layer(cm_ctx *c, int il, int n) {
 
     for (int i = 0; i < n; i++)
         cm_rmsnorm(c->xn + i * D, c->x + i * D, l->ffn_norm.data, D, in->rms_eps);
+    if (c->moe && !l->w_gate.data) { /* hybrid MoE: the experts replace the FFN */
+        cm_moe_ffn(c->moe, il, n, c->xn, c->proj);
+        for (int i = 0; i < n; i++) cm_add(c->x + i * D, c->proj + i * D, D);
+        return;
+    }
     mm_op gu[2] = {{&l->w_gate, c->hg}, {&l->w_up, c->hu}};
     mm_run(c, 2, gu, c->xn, n, D);
+    if (c->moe) cm_mole_gate_up(c->moe, il, n, c->xn, c->hg, c->hu); /* MoLE adapters on their tokens */
     silu_job sj = {c->hg, c->hu, F};
     if (n == 1)
         cm_silu_mul(c->hg, c->hu, F);
     else
         cm_pool_run(c->pool, silu_task, &sj, n);
     mm1(c, &l->w_down, c->hg, n, c->proj);
+    if (c->moe) cm_mole_down(c->moe, il, n, c->hg, c->proj);
     for (int i = 0; i < n; i++) cm_add(c->x + i * D, c->proj + i * D, D);
 }
 
@@ -488,6 +508,11 @@ int cm_forward(cm_ctx *c, const cm_batch *b, cm_err *err) {
     if (blocks > c->kv.n_free)
         return cm_err_set(err, CM_E_NOMEM, "forward: KV pool exhausted (need %lld blocks, %d free)",
                           (long long)blocks, c->kv.n_free);
+    if (c->moe) { /* segment mode and adapter sets; seq_rem is free scratch until below */
+        for (int s = 0; s < c->n_seq_max; s++) c->seq_rem[s] = c->kv.seqs[s].len;
+        int rc = cm_moe_batch_check(c->moe, b, c->seq_rem, c->seq_cnt, err);
+        if (rc < 0) return rc;
+    }
     /* logits rows: as flagged, or each sequence's last token in the batch */
     memcpy(c->seq_rem, c->seq_cnt, (size_t)c->n_seq_max * sizeof(int32_t));
     int n_out = 0;
@@ -505,6 +530,7 @@ int cm_forward(cm_ctx *c, const cm_batch *b, cm_err *err) {
     memset(c->seq_cnt, 0, (size_t)c->n_seq_max * sizeof(int32_t));
     for (int i = 0; i < n; i++) c->pos[i] = c->kv.seqs[b->seq[i]].len + c->seq_cnt[b->seq[i]]++;
     c->batch = b;
+    if (c->moe) cm_moe_batch_begin(c->moe, b, c->pos);
 
     int64_t D = in->n_embd;
     size_t erb = gguf_row_bytes(m->tok_embd.type, D);
@@ -518,10 +544,13 @@ int cm_forward(cm_ctx *c, const cm_batch *b, cm_err *err) {
     if (n_out) mm1(c, &m->output, c->outn, n_out, c->logits);
 
     for (int s = 0; s < c->n_seq_max; s++) c->kv.seqs[s].len += c->seq_cnt[s];
+    if (c->moe) cm_moe_batch_end(c->moe);
     c->n_last = n;
     c->batch = NULL;
     return CM_OK;
 }
+
+cm_moe_ctx *cm_ctx_moe(const cm_ctx *c) { return c ? c->moe : NULL; }
 
 const float *cm_logits(const cm_ctx *c, int i) {
     if (!c || i < 0 || i >= c->n_last || c->logit_row[i] < 0) return NULL;

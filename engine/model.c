@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "model.h"
+#include "moe.h"
 #include "util.h"
 
 /* Caps against absurd (hostile) hyper-parameters: far beyond any model we could run. */
@@ -112,6 +113,7 @@ static int load_hparams(cm_model *m, const char *arch, cm_err *err) {
     if (gguf_find_tensor(g, "rope_freqs.weight"))
         return cm_err_set(err, CM_E_UNSUPPORTED, "model: rope_freqs (Llama 3 rope scaling) is not supported");
     in->rope_neox = is_qwen2;
+    if (cm_moe_arch(arch)) return cm_moe_hparams(g, arch, in, err);
     return CM_OK;
 }
 
@@ -186,9 +188,10 @@ static int load_tensors(cm_model *m, cm_err *err) {
         T(bk, "attn_k.bias", KD, 0, 1)
         T(bv, "attn_v.bias", KD, 0, 1)
         T(ffn_norm, "ffn_norm.weight", D, 0, 0)
-        T(w_gate, "ffn_gate.weight", D, F, 0)
-        T(w_up, "ffn_up.weight", D, F, 0)
-        T(w_down, "ffn_down.weight", F, D, 0)
+        int no_ffn = cm_moe_arch(in->arch) == CM_MOE_HYBRID; /* experts replace the dense FFN */
+        T(w_gate, "ffn_gate.weight", D, F, no_ffn)
+        T(w_up, "ffn_up.weight", D, F, no_ffn)
+        T(w_down, "ffn_down.weight", F, D, no_ffn)
 #undef T
         int nb = !!l->bq.data + !!l->bk.data + !!l->bv.data;
         if (nb != 0 && nb != 3)
@@ -201,6 +204,7 @@ static int load_tensors(cm_model *m, cm_err *err) {
     if (!strcmp(in->arch, "qwen2") && n_bias == 0)
         return cm_err_set(err, CM_E_FORMAT, "model: qwen2 requires blk.N.attn_q/k/v.bias");
     in->qkv_bias = n_bias > 0;
+    if (cm_moe_arch(in->arch) && !(m->moe = cm_moe_load(&m->gguf, in->arch, in, err))) return CM_E_FORMAT;
 
     /* parameter count over every tensor in the file; weight type = type holding most matrix elements */
     uint64_t per_type[64] = {0};
@@ -269,8 +273,9 @@ cm_model *cm_model_load(const char *path, const cm_model_params *params, cm_err 
         in->weight_type = m->weight_type ? m->weight_type : "";
         return m;
     }
-    if (strcmp(m->arch, "qwen2") && strcmp(m->arch, "llama")) {
-        rc = cm_err_set(err, CM_E_UNSUPPORTED, "model: architecture \"%s\" is not supported (qwen2, llama)",
+    if (strcmp(m->arch, "qwen2") && strcmp(m->arch, "llama") && !cm_moe_arch(m->arch)) {
+        rc = cm_err_set(err, CM_E_UNSUPPORTED,
+                        "model: architecture \"%s\" is not supported (qwen2, llama, multipl_moe, mole)",
                         m->arch);
         goto fail;
     }
@@ -289,6 +294,7 @@ void cm_model_free(cm_model *m) {
     if (!m) return;
     cm_tokenizer_free(m->tok);
     free(m->layers);
+    cm_moe_model_free(m->moe);
     free(m->arch);
     free(m->name);
     free(m->weight_type);

@@ -38,6 +38,7 @@ struct cm_model {
     cm_tensor output_norm; /* (D) f32 */
     cm_tensor output;      /* (V, D); == tok_embd when tied */
     cm_layer *layers;      /* (n_layer) */
+    struct cm_moe_model *moe; /* mixture-of-experts part (moe.h), NULL for dense architectures */
     char *arch, *name, *weight_type; /* owned copies backing info's strings */
 };
 
