@@ -36,6 +36,8 @@ static int parse_int(const char *s, int lo, int hi, int *out) {
     return 0;
 }
 
+static int g_routing_stats = 1; /* --routing-stats 0|1: MoE routing statistics off/on (their cost) */
+
 static void usage(void) {
     fprintf(stderr,
             "usage: codemoe bench --model FILE [-p N] [-n N] [-t T[,T...]] [-r REPS]\n"
@@ -43,7 +45,8 @@ static void usage(void) {
             "  -p, --n-prompt N   prefill test size (default 512; 0 skips)\n"
             "  -n, --n-gen N      decode test size (default 128; 0 skips)\n"
             "  -t, --threads LIST thread counts, comma separated (default 1)\n"
-            "  -r, --repetitions  measured runs per test (default 3)\n");
+            "  -r, --repetitions  measured runs per test (default 3)\n"
+            "  --routing-stats 0|1  gather MoE routing statistics (default 1)\n");
 }
 
 /* One run of a test on a fresh context; returns wall seconds (CPU seconds of all threads in *cpu) or
@@ -58,6 +61,7 @@ static double run_once(const cm_model *m, int threads, int pp, int tg, const int
         fprintf(stderr, "bench: %s\n", err.msg);
         return -1;
     }
+    cm_ctx_set_routing_stats(c, g_routing_stats);
     int s = cm_seq_open(c, &err);
     double t = -1;
     if (pp > 0) {
@@ -105,6 +109,8 @@ int cmd_bench(int argc, char **argv) {
             if (parse_int(v, 0, 1 << 16, &pp)) goto bad;
         } else if (!strcmp(a, "-n") || !strcmp(a, "--n-gen")) {
             if (parse_int(v, 0, 1 << 16, &tg)) goto bad;
+        } else if (!strcmp(a, "--routing-stats")) {
+            if (parse_int(v, 0, 1, &g_routing_stats)) goto bad;
         } else if (!strcmp(a, "-r") || !strcmp(a, "--repetitions")) {
             if (parse_int(v, 1, 1000, &reps)) goto bad;
         } else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) {

@@ -13,6 +13,7 @@
 
 #include "cli.h"
 #include "codemoe.h"
+#include "routing_print.h"
 #include "commands.h"
 
 #define COMPLETE_MAX_PROMPT_BYTES (64u << 20)
@@ -37,7 +38,9 @@ static void complete_usage(FILE *f) {
         "  --threads T             compute threads (default: online CPUs)\n"
         "  --ctx N                 context length in tokens (default: min(model's, %d))\n"
         "  --special               recognise special-token strings (<|fim_prefix|>, ...) in the prompt\n"
-        "  --logprobs N            print the chosen token's and the top N log-probabilities to stderr\n",
+        "  --logprobs N            print the chosen token's and the top N log-probabilities to stderr\n"
+        "  --routing               print the MoE routing statistics per layer to stderr afterwards\n"
+        "  --language L            MoLE: the prompt's language (default: fences, else detected)\n",
         COMPLETE_DEFAULT_CTX);
 }
 
@@ -92,7 +95,8 @@ static void print_piece(const cm_model *m, int32_t id) {
 
 int cmd_complete(int argc, char **argv) {
     const char *model = NULL, *prompt = NULL, *file = NULL, *suffix = NULL, *v = NULL;
-    int n_predict = 128, n_ctx = 0, special = 0;
+    int n_predict = 128, n_ctx = 0, special = 0, routing = 0;
+    const char *language = NULL;
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     int n_threads = ncpu > 0 ? (ncpu > 256 ? 256 : (int)ncpu) : 1;
     unsigned long long seed = 0;
@@ -142,6 +146,10 @@ int cmd_complete(int argc, char **argv) {
             ok = r < 0 || cli_int("complete", f, v, 0, 20, &sp.n_logprobs);
         } else if (cli_flag(argc, argv, &i, "--special", NULL)) {
             special = 1;
+        } else if (cli_flag(argc, argv, &i, "--routing", NULL)) {
+            routing = 1;
+        } else if (VALUE_FLAG("--language")) {
+            language = v;
         } else {
             fprintf(stderr, "codemoe complete: unknown flag '%s' (see codemoe complete --help)\n", f);
             return 2;
@@ -247,6 +255,17 @@ int cmd_complete(int argc, char **argv) {
         goto out;
     }
     for (int i = 0; i < n_prompt; i++) cm_sampler_accept_prompt(smp, ids[i]);
+    if (cm_model_n_adapters(m) > 0) { /* MoLE: the language of text outside fences */
+        cm_seq_options so;
+        cm_seq_options_default(&so);
+        const char *lang = language ? language : cm_lang_detect(prompt, plen);
+        so.language = lang ? cm_model_adapter_id(m, lang) : -1;
+        if (language && so.language < 0) fprintf(stderr, "codemoe complete: no adapter for language %s\n", language);
+        if (cm_seq_set_options(ctx, seq, &so, &err) < 0) {
+            fprintf(stderr, "codemoe complete: %s\n", err.msg);
+            goto out;
+        }
+    }
 
     /* prefill: the whole prompt in one batch, logits for the last token only */
     int32_t *seqs = malloc((size_t)n_prompt * sizeof *seqs);
@@ -301,7 +320,8 @@ int cmd_complete(int argc, char **argv) {
         }
         if (n_gen == n_predict) break;
         int32_t s32 = seq;
-        cm_batch one = {.n = 1, .token = &tok, .seq = &s32, .logits = NULL};
+        const int8_t gen = 1;
+        cm_batch one = {.n = 1, .token = &tok, .seq = &s32, .logits = NULL, .generated = &gen};
         if (cm_forward(ctx, &one, &err) < 0) {
             fprintf(stderr, "\ncodemoe complete: decode: %s\n", err.msg);
             goto out;
@@ -320,6 +340,7 @@ int cmd_complete(int argc, char **argv) {
                     "%.1f ms (%.1f tok/s); stop: %s\n",
             n_prompt, t_pre * 1e3, t_pre > 0 ? n_prompt / t_pre : 0.0, n_gen, t_dec * 1e3,
             t_dec > 0 ? n_gen / t_dec : 0.0, stop);
+    if (routing) cm_print_routing(stderr, m, cm_seq_routing(ctx, seq));
     rc = 0;
     goto out;
 oom:

@@ -9,9 +9,6 @@
 
 #include "server.h"
 
-/* see scheduler.c: engine/moe_api.c may be absent from a partial build */
-#pragma weak cm_model_adapter_name
-
 void srv_route_agg_free(srv_route_agg *a) {
     free(a->tok);
     free(a->seg);
@@ -137,7 +134,7 @@ json_t *srv_route_agg_json(const srv_route_agg *a, const cm_model *m, int full) 
     if (a->n_adapters) {
         json_t *ad = counts_json(a->adapter, a->n_adapters, "adapter");
         for (int i = 0; ad && i < a->n_adapters; i++) {
-            const char *name = cm_model_adapter_name ? cm_model_adapter_name(m, i) : NULL;
+            const char *name = cm_model_adapter_name(m, i);
             if (name) json_object_set_new(json_array_get(ad, (size_t)i), "name", json_string(name));
         }
         json_object_set_new(o, "adapters", ad);
@@ -164,7 +161,7 @@ void srv_route_agg_prometheus(const srv_route_agg *a, const cm_model *m, srv_buf
         srv_buf_puts(b, "# HELP codemoe_adapter_tokens_total Tokens each MoLE adapter applied to, by phase.\n"
                         "# TYPE codemoe_adapter_tokens_total counter\n");
         for (int i = 0; i < a->n_adapters; i++) {
-            const char *name = cm_model_adapter_name ? cm_model_adapter_name(m, i) : NULL;
+            const char *name = cm_model_adapter_name(m, i);
             char safe[64];
             /* label values come from the model file: keep [A-Za-z0-9_+.-] only */
             size_t n = 0;

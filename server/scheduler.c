@@ -23,13 +23,6 @@
 
 #include "server.h"
 
-/* The engine's mixture-of-experts entry points (engine/moe_api.c) are not linked into every build of
- * the tree yet: weak references let the server link without them and then behave as with a dense
- * model (no sequence options, no routing statistics). */
-#pragma weak cm_seq_routing
-#pragma weak cm_seq_set_options
-#pragma weak cm_model_adapter_id
-
 /* ============================================================ small containers */
 
 int srv_tokvec_push(srv_tokvec *v, const srv_tok *t) {
@@ -188,7 +181,7 @@ static float logprob_of(const float *logits, int n_vocab, int32_t want, cm_token
 static void seq_release(srv_sched *s, sched_seq *q) {
     if (q->seq >= 0) {
         /* the engine's report lives until the close: fold it into the job's and the server's sums */
-        const cm_routing *rt = cm_seq_routing ? cm_seq_routing(s->ctx, q->seq) : NULL;
+        const cm_routing *rt = cm_seq_routing(s->ctx, q->seq);
         if (rt) {
             srv_route_agg_add(&js(q->job)->agg, rt);
             srv_route_agg_add(&s->load, rt);
@@ -363,8 +356,8 @@ static int job_admit(srv_sched *s, srv_job *j) {
         cm_seq_options so;
         cm_seq_options_default(&so);
         if (r->segment_routing == API_SEGMENT_REFERENCE) so.segment_mode = CM_SEGMENT_REFERENCE;
-        if (r->language && cm_model_adapter_id) so.language = cm_model_adapter_id(s->model, r->language);
-        if (cm_seq_set_options && cm_seq_set_options(s->ctx, q->seq, &so, &ce) < 0) {
+        if (r->language) so.language = cm_model_adapter_id(s->model, r->language);
+        if (cm_seq_set_options(s->ctx, q->seq, &so, &ce) < 0) {
             api_error_set(&e, 400, API_ERR_INVALID, "segment_routing", NULL, "%s", ce.msg);
             job_finish(s, j, &e);
             return -1;
