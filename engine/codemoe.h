@@ -279,6 +279,10 @@ int cm_lang_normalize(const char *name, size_t len, char out[CM_LANG_NAME_MAX + 
  * extension hint ("# file: x.py", "<filename>main.rs", a FIM path line); else keyword statistics.
  * Returns a normalised name (static string) or NULL when nothing is convincing. */
 const char *cm_lang_detect(const char *text, size_t len);
+/* The MoLE language a request runs with: `explicit_lang` when given (as is); else NULL when the text has
+ * Markdown fences (the per-token fence tracker then decides each token's adapter set); else
+ * cm_lang_detect's guess (NULL: none). One rule for the CLI and the server. */
+const char *cm_lang_for_request(const char *explicit_lang, const char *text, size_t len);
 
 /* KV pool usage, for metrics. */
 typedef struct cm_kv_stats {

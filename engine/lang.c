@@ -232,3 +232,9 @@ const char *cm_lang_detect(const char *text, size_t len) {
     if (score[best] >= 4 && score[best] * 3 >= score[second] * 4 + 1) return kw_langs[best];
     return NULL;
 }
+
+const char *cm_lang_for_request(const char *explicit_lang, const char *text, size_t len) {
+    if (explicit_lang) return explicit_lang;
+    if (!text || memmem(text, len, "```", 3)) return NULL;
+    return cm_lang_detect(text, len);
+}

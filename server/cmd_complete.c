@@ -258,7 +258,7 @@ int cmd_complete(int argc, char **argv) {
     if (cm_model_n_adapters(m) > 0) { /* MoLE: --language, else the prompt's fences, else a guess */
         cm_seq_options so;
         cm_seq_options_default(&so);
-        const char *lang = language ? language : memmem(prompt, plen, "```", 3) ? NULL : cm_lang_detect(prompt, plen);
+        const char *lang = cm_lang_for_request(language, prompt, plen);
         so.language = lang ? cm_model_adapter_id(m, lang) : -1;
         if (language && so.language < 0) fprintf(stderr, "codemoe complete: no adapter for language %s\n", language);
         if (cm_seq_set_options(ctx, seq, &so, &err) < 0) {

@@ -356,7 +356,16 @@ static int job_admit(srv_sched *s, srv_job *j) {
         cm_seq_options so;
         cm_seq_options_default(&so);
         if (r->segment_routing == API_SEGMENT_REFERENCE) so.segment_mode = CM_SEGMENT_REFERENCE;
-        if (r->language) so.language = cm_model_adapter_id(s->model, r->language);
+        if (cm_model_n_adapters(s->model) > 0) { /* MoLE: the field, else the prompt's fences, else a guess */
+            const char *lang = cm_lang_for_request(r->language, q->prompt->text, q->prompt->text_len);
+            so.language = lang ? cm_model_adapter_id(s->model, lang) : -1;
+            if (r->language && so.language < 0) {
+                api_error_set(&e, 400, API_ERR_INVALID, "language", NULL,
+                              "This model has no adapter for language '%s'.", r->language);
+                job_finish(s, j, &e);
+                return -1;
+            }
+        }
         if (cm_seq_set_options(s->ctx, q->seq, &so, &ce) < 0) {
             api_error_set(&e, 400, API_ERR_INVALID, "segment_routing", NULL, "%s", ce.msg);
             job_finish(s, j, &e);

@@ -101,6 +101,16 @@ TEST(normalize_names) {
 
 static const char *det(const char *s) { return cm_lang_detect(s, strlen(s)); }
 
+TEST(lang_for_request) {
+    /* the field wins; fences leave the choice to the per-token tracker; else the detector */
+    ASSERT_STREQ(cm_lang_for_request("go", "def f(x):\n    return x\n", 24), "go");
+    const char *fenced = "see\n```python\nx = 1\n```\n";
+    ASSERT_TRUE(cm_lang_for_request(NULL, fenced, strlen(fenced)) == NULL);
+    const char *py = "import os\ndef f(x):\n    return os.path.join(x)\n";
+    ASSERT_STREQ(cm_lang_for_request(NULL, py, strlen(py)), "python");
+    ASSERT_TRUE(cm_lang_for_request(NULL, NULL, 0) == NULL);
+}
+
 TEST(detector) {
     ASSERT_STREQ(det("Please fix:\n```rust\nfn main() {}\n```\n"), "rust");
     ASSERT_STREQ(det("<filename>src/app/main.go\npackage main\n"), "go");
@@ -126,5 +136,6 @@ int main(void) {
     RUN(fence_edge_cases);
     RUN(normalize_names);
     RUN(detector);
+    RUN(lang_for_request);
     return test_summary();
 }

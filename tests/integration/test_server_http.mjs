@@ -379,6 +379,33 @@ test('routing statistics: retained by completion id, and in the response on requ
   }
 });
 
+test('MoLE language: the request field, else the prompt\'s fences, else the detector; unknown is a 400', async () => {
+  const srv = await startServer({ model: 'mole' });
+  try {
+    const adapters = async (body) => {
+      const r = await postJSON(srv, '/v1/completions', { max_tokens: 2, temperature: 0, routing: 'summary', ...body });
+      assert.equal(r.status, 200, r.text);
+      const by = {};
+      for (const a of r.json.routing.adapters) by[a.name] = a.prompt_tokens;
+      return by;
+    };
+    const bad = await postJSON(srv, '/v1/completions', { prompt: 'x', language: 'cobol' });
+    assert.equal(bad.status, 400, bad.text);
+    assert.equal(bad.json.error.param, 'language');
+    /* explicit: every prompt token runs {rust, shared}, none {other} */
+    let by = await adapters({ prompt: 'def f(x):\n    return x\n', language: 'rust' });
+    assert.ok(by.rust > 0 && by.shared > 0 && by.other === 0 && by.python === 0, JSON.stringify(by));
+    /* no field, no fences: the detector reads Python */
+    by = await adapters({ prompt: 'import os\ndef f(x):\n    return x\n' });
+    assert.ok(by.python > 0 && by.other === 0 && by.rust === 0, JSON.stringify(by));
+    /* no field, fences: prose is {other}, the fenced code {rust, shared} */
+    by = await adapters({ prompt: 'Here is code:\n```rust\nfn main() {}\n' });
+    assert.ok(by.other > 0 && by.rust > 0 && by.python === 0, JSON.stringify(by));
+  } finally {
+    assert.equal((await srv.stop()).code, 0);
+  }
+});
+
 test('access log: one JSON line per request with the request id', async () => {
   const srv = await startServer();
   try {
