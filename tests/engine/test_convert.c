@@ -222,7 +222,7 @@ static void check_logits(const char *gguf_path, json_t *golden) {
             sq[i] = seq;
             want[i] = 1;
         }
-        cm_batch b = {n, tk, sq, want};
+        cm_batch b = {.n = n, .token = tk, .seq = sq, .logits = want};
         float *ref = NULL;
         size_t nref = 0;
         char rel[300];
