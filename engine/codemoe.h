@@ -120,9 +120,12 @@ typedef struct cm_detok {
     int special; /* render control tokens as text */
 } cm_detok;
 void cm_detok_init(cm_detok *d, int special);
-/* Appends the text of `id` to out (at most cap bytes; the caller gives cap >= 64 + longest token).
- * Returns bytes written, <0 on error. */
+/* Appends the text of `id` to out (at most cap bytes). Returns bytes written, <0 on error; with
+ * cap >= cm_detok_max_bytes(m) it never fails for a valid id (CM_E_RANGE otherwise, state unchanged). */
 int cm_detok_push(cm_detok *d, const cm_model *m, int32_t id, char *out, size_t cap);
+/* The output buffer one cm_detok_push (or flush) may need for this vocabulary: held-back bytes plus the
+ * longest token, each byte possibly rendered as U+FFFD (3 bytes). */
+size_t cm_detok_max_bytes(const cm_model *m);
 /* End of stream: flushes held bytes (as U+FFFD). Returns bytes written. */
 int cm_detok_flush(cm_detok *d, char *out, size_t cap);
 

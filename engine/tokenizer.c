@@ -1047,6 +1047,11 @@ int cm_detok_push(cm_detok *d, const cm_model *m, int32_t id, char *out, size_t 
     return (int)k.n;
 }
 
+size_t cm_detok_max_bytes(const cm_model *m) {
+    if (!m || !m->tok) return 0;
+    return 3 * ((size_t)m->tok->max_token_bytes + 8);
+}
+
 int cm_detok_flush(cm_detok *d, char *out, size_t cap) {
     if (!d) return CM_E_INVAL;
     if (d->npend == 0) return 0;
@@ -1058,10 +1063,9 @@ int cm_detok_flush(cm_detok *d, char *out, size_t cap) {
 
 int cm_detokenize(const cm_model *m, const int32_t *ids, int n, int special, char *out, size_t cap) {
     if (!m || !m->tok || n < 0 || (n > 0 && !ids)) return CM_E_INVAL;
-    const cm_tokenizer *t = m->tok;
     /* Decode into a per-token buffer (worst case 3 bytes out per byte in, plus the held-back tail) and
      * copy what fits, so that the returned size is exact even when cap is too small. */
-    size_t tcap = 3 * ((size_t)t->max_token_bytes + 8);
+    size_t tcap = cm_detok_max_bytes(m);
     char small[1024];
     char *tmp = tcap <= sizeof small ? small : malloc(tcap);
     if (!tmp) return CM_E_NOMEM;

@@ -18,7 +18,6 @@
 
 #define COMPLETE_MAX_PROMPT_BYTES (64u << 20)
 #define COMPLETE_DEFAULT_CTX 4096
-#define COMPLETE_TEXT_CAP 8192 /* detokenizer output buffer: >= 64 + the longest token */
 
 static void complete_usage(FILE *f) {
     fprintf(f,
@@ -170,6 +169,7 @@ int cmd_complete(int argc, char **argv) {
 
     int rc = 1;
     char *file_text = NULL;
+    char *text = NULL; /* detokenizer output, cm_detok_max_bytes */
     int32_t *ids = NULL;
     int n_prompt = 0, cap = 0;
     cm_model *m = NULL;
@@ -283,7 +283,8 @@ int cmd_complete(int argc, char **argv) {
     const float *logits = cm_logits(ctx, n_prompt - 1);
 
     /* decode */
-    static char text[COMPLETE_TEXT_CAP];
+    size_t text_cap = cm_detok_max_bytes(m);
+    if (!(text = malloc(text_cap))) goto oom;
     cm_detok dt;
     cm_detok_init(&dt, 0);
     int n_gen = 0;
@@ -313,9 +314,9 @@ int cmd_complete(int argc, char **argv) {
             break;
         }
         n_gen++;
-        int nt = cm_detok_push(&dt, m, tok, text, sizeof text);
+        int nt = cm_detok_push(&dt, m, tok, text, text_cap);
         if (nt > 0) {
-            fwrite(text, 1, (size_t)(nt < (int)sizeof text ? nt : (int)sizeof text), stdout);
+            fwrite(text, 1, (size_t)nt, stdout);
             fflush(stdout);
         }
         if (n_gen == n_predict) break;
@@ -329,8 +330,8 @@ int cmd_complete(int argc, char **argv) {
         logits = cm_logits(ctx, 0);
     }
     t_dec = now_s() - t_dec;
-    int nt = cm_detok_flush(&dt, text, sizeof text);
-    if (nt > 0) fwrite(text, 1, (size_t)(nt < (int)sizeof text ? nt : (int)sizeof text), stdout);
+    int nt = cm_detok_flush(&dt, text, text_cap);
+    if (nt > 0) fwrite(text, 1, (size_t)nt, stdout);
     if (isatty(STDOUT_FILENO)) fputc('\n', stdout);
     if (fflush(stdout) != 0) {
         fprintf(stderr, "codemoe complete: error writing the output\n");
@@ -346,6 +347,7 @@ int cmd_complete(int argc, char **argv) {
 oom:
     fprintf(stderr, "codemoe complete: out of memory\n");
 out:
+    free(text);
     free(top);
     cm_sampler_free(smp);
     cm_ctx_free(ctx);

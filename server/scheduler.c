@@ -584,13 +584,7 @@ static int worker_load(srv_sched *s) {
         if (ctx) {
             s->info = info;
             s->n_ctx = n_ctx;
-            /* the detokenizer needs 64 + the longest token of scratch */
-            size_t longest = 0;
-            for (int32_t id = 0; id < info->n_vocab; id++) {
-                int nb = cm_token_bytes(m, id, 1, NULL, 0);
-                if (nb > 0 && (size_t)nb > longest) longest = (size_t)nb;
-            }
-            s->piece_cap = 64 + longest + 64;
+            s->piece_cap = cm_detok_max_bytes(m);
             s->piece = malloc(s->piece_cap);
             int nb = s->cfg->n_batch;
             s->b_tok = malloc((size_t)nb * sizeof *s->b_tok);
