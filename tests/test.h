@@ -8,6 +8,7 @@
 #ifndef CM_TEST_H
 #define CM_TEST_H
 
+#include <dirent.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -47,6 +48,29 @@ static inline const char *test_fixture(const char *name) {
     const char *dir = getenv("CM_FIXTURES");
     snprintf(buf, sizeof buf, "%s/%s", dir ? dir : "tests/fixtures", name);
     return buf;
+}
+
+/* Calls fn(path, name, ud) for every file of $CM_FIXTURES/subdir whose name ends in suffix. Returns how
+ * many files it visited, or -1 when the directory cannot be opened. */
+static inline int test_foreach_fixture(const char *subdir, const char *suffix,
+                                       void (*fn)(const char *path, const char *name, void *ud), void *ud) {
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s", test_fixture(subdir));
+    DIR *d = opendir(dir);
+    if (!d) return -1;
+    size_t ls = strlen(suffix);
+    int n = 0;
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        size_t l = strlen(de->d_name);
+        if (l < ls || strcmp(de->d_name + l - ls, suffix)) continue;
+        char path[8192];
+        snprintf(path, sizeof path, "%s/%s", dir, de->d_name);
+        fn(path, de->d_name, ud);
+        n++;
+    }
+    closedir(d);
+    return n;
 }
 
 #endif

@@ -480,29 +480,18 @@ TEST(gguf_open_errors_on_missing_and_tiny_files) {
 }
 
 /* Every file in fixtures/bad/ named *.gguf is malformed by construction and must be rejected. */
+static void gguf_expect_rejected(const char *path, const char *name, void *ud) {
+    gguf_file g;
+    cm_err err = {0};
+    int rc = gguf_open(&g, path, &err);
+    if (rc != CM_E_FORMAT && rc != CM_E_UNSUPPORTED) {
+        TEST_FAIL_("%s: rc %d", name, rc);
+        if (rc == CM_OK) gguf_close(&g);
+    } else if (getenv("TEST_VERBOSE")) fprintf(stderr, "  %s\n", err.msg);
+}
+
 TEST(gguf_rejects_fixture_corpus) {
-    char dir[4096];
-    snprintf(dir, sizeof dir, "%s", test_fixture("bad"));
-    DIR *d = opendir(dir);
-    ASSERT_TRUE(d != NULL);
-    struct dirent *de;
-    int n = 0;
-    while ((de = readdir(d))) {
-        size_t l = strlen(de->d_name);
-        if (l < 5 || strcmp(de->d_name + l - 5, ".gguf")) continue;
-        char path[8192];
-        snprintf(path, sizeof path, "%s/%s", dir, de->d_name);
-        gguf_file g;
-        cm_err err = {0};
-        int rc = gguf_open(&g, path, &err);
-        if (rc != CM_E_FORMAT && rc != CM_E_UNSUPPORTED) {
-            TEST_FAIL_("%s: rc %d", de->d_name, rc);
-            if (rc == CM_OK) gguf_close(&g);
-        } else if (getenv("TEST_VERBOSE")) fprintf(stderr, "  %s\n", err.msg);
-        n++;
-    }
-    closedir(d);
-    ASSERT_TRUE(n >= 5);
+    ASSERT_TRUE(test_foreach_fixture("bad", ".gguf", gguf_expect_rejected, NULL) >= 5);
 }
 
 TEST(gguf_writer_rejects_bad_input) {

@@ -165,29 +165,18 @@ TEST(st_header_cap) {
     ASSERT_EQ_INT(st_open(&f, "/nonexistent.safetensors", &err), CM_E_IO);
 }
 
+static void st_expect_rejected(const char *path, const char *name, void *ud) {
+    st_file f;
+    cm_err err = {0};
+    int rc = st_open(&f, path, &err);
+    if (rc != CM_E_FORMAT && rc != CM_E_UNSUPPORTED) {
+        TEST_FAIL_("%s: rc %d", name, rc);
+        if (rc == CM_OK) st_close(&f);
+    } else if (getenv("TEST_VERBOSE")) fprintf(stderr, "  %s\n", err.msg);
+}
+
 TEST(st_rejects_fixture_corpus) {
-    char dir[4096];
-    snprintf(dir, sizeof dir, "%s", test_fixture("bad"));
-    DIR *d = opendir(dir);
-    ASSERT_TRUE(d != NULL);
-    struct dirent *de;
-    int n = 0;
-    while ((de = readdir(d))) {
-        size_t l = strlen(de->d_name);
-        if (l < 12 || strcmp(de->d_name + l - 12, ".safetensors")) continue;
-        char path[8192];
-        snprintf(path, sizeof path, "%s/%s", dir, de->d_name);
-        st_file f;
-        cm_err err = {0};
-        int rc = st_open(&f, path, &err);
-        if (rc != CM_E_FORMAT && rc != CM_E_UNSUPPORTED) {
-            TEST_FAIL_("%s: rc %d", de->d_name, rc);
-            if (rc == CM_OK) st_close(&f);
-        } else if (getenv("TEST_VERBOSE")) fprintf(stderr, "  %s\n", err.msg);
-        n++;
-    }
-    closedir(d);
-    ASSERT_TRUE(n >= 5);
+    ASSERT_TRUE(test_foreach_fixture("bad", ".safetensors", st_expect_rejected, NULL) >= 5);
 }
 
 int main(void) {
