@@ -142,6 +142,7 @@ typedef struct cm_ctx_params {
     int n_ctx;        /* max tokens per sequence (0 = model's n_ctx_train) */
     int n_batch_max;  /* max tokens in one cm_forward call */
     int kv_tokens;    /* KV pool size in tokens shared by all sequences (0 = n_seq_max * n_ctx) */
+    int prefix_cache; /* nonzero: keep full KV blocks of computed prefixes for reuse (see below) */
 } cm_ctx_params;
 
 cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err);
@@ -156,6 +157,39 @@ void cm_seq_close(cm_ctx *c, int seq);
 int cm_seq_len(const cm_ctx *c, int seq);
 /* Forget positions >= n (n <= current length). */
 int cm_seq_truncate(cm_ctx *c, int seq, int n, cm_err *err);
+
+/* ------------------------------------------------------------ prefix cache and forks
+ *
+ * KV memory is a pool of blocks of CM_KV_BLOCK_TOKENS positions. With cm_ctx_params.prefix_cache set,
+ * every FULL block a sequence computes is registered under its content: the model (the context's),
+ * the tokens of the whole prefix up to the block's end, and the sequence's options (resolved segment
+ * mode, adapter routing, language). Reference-mode hybrid sequences and CM_ADAPTERS_BATCH MoLE
+ * sequences are never registered (their blocks depend on more than the prefix). A registered block
+ * outlives its sequences: once no sequence holds it, it stays in the cache, evictable in
+ * least-recently-used order, and is reused by any later sequence whose prompt starts with the same
+ * prefix. Blocks hold, beside K and V, the sequence's routing state at their last position (causal
+ * window pools, the MoLE fence tracker), so a hybrid or MoLE sequence resumes exactly like a dense one.
+ * Allocation takes free blocks first, then evicts the least recently used cached block. */
+#define CM_KV_BLOCK_TOKENS 32
+
+/* On an EMPTY sequence whose options are set: maps the longest cached prefix of tokens[0..n) into the
+ * sequence (whole blocks only, and always fewer than n tokens, so the caller still feeds at least the
+ * last token and gets its logits). Returns the number of positions reused (a multiple of
+ * CM_KV_BLOCK_TOKENS, possibly 0; the sequence's length becomes that), or a negative CM_E* code.
+ * Routing statistics do not count reused positions (no expert ran for them). */
+int cm_seq_attach_prefix(cm_ctx *c, int seq, const int32_t *tokens, int n, cm_err *err);
+
+/* Opens a new sequence that continues `src` exactly: it shares src's full blocks (reference counts),
+ * copies the partial last block, and copies src's options and routing state (statistics start at
+ * zero). Returns the new id, CM_E_NOMEM when no sequence slot or block is left. Needs one free or
+ * evictable block at most. */
+int cm_seq_fork(cm_ctx *c, int src, cm_err *err);
+
+/* Blocks that appending `extra` positions to seq will take from the pool (0.. ; CM_E_RANGE for a bad
+ * sequence). Blocks shared with another sequence or the cache are never written: a sequence only
+ * appends into blocks it holds alone (a shared partial block does not occur: only full blocks are
+ * shared, and forks copy the partial one). */
+int cm_seq_blocks_needed(const cm_ctx *c, int seq, int extra);
 
 /* A batch: n tokens, each appended to the end of its sequence in the order given (tokens of one
  * sequence keep their relative order; sequences may be interleaved). Several sequences of different
@@ -287,11 +321,22 @@ const char *cm_lang_detect(const char *text, size_t len);
  * cm_lang_detect's guess (NULL: none). One rule for the CLI and the server. */
 const char *cm_lang_for_request(const char *explicit_lang, const char *text, size_t len);
 
-/* KV pool usage, for metrics. */
+/* KV pool usage, for metrics. Every block is exactly one of: held by sequences (used), cached and idle
+ * (evictable; counted in available), free. */
 typedef struct cm_kv_stats {
     int blocks_total, blocks_used, block_tokens;
+    int blocks_cached;      /* registered in the prefix cache and held by no sequence */
+    int blocks_available;   /* free + cached: what new positions can take */
+    int blocks_shared;      /* held by more than one sequence */
+    uint64_t prefix_query_tokens; /* tokens offered to cm_seq_attach_prefix (minus the last of each) */
+    uint64_t prefix_hit_tokens;   /* of those, reused from the cache */
+    uint64_t evictions;           /* cached blocks taken back for new positions */
 } cm_kv_stats;
 void cm_ctx_kv_stats(const cm_ctx *c, cm_kv_stats *out);
+/* Checks the pool's bookkeeping (reference counts equal table references, every block in exactly one
+ * state, cache index consistent). Returns the number of inconsistent blocks (0 = sound) and describes
+ * the first in why (may be NULL). For tests and --kv-check; O(blocks + sequences x blocks per seq). */
+int cm_ctx_kv_check(const cm_ctx *c, char *why, size_t cap);
 
 /* ============================================================ sampler */
 

@@ -260,6 +260,28 @@ int cm_seq_truncate(cm_ctx *c, int seq, int n, cm_err *err) {
     return CM_OK;
 }
 
+/* TEMPORARY stubs (lead is implementing the prefix cache in kv.c) */
+int cm_seq_attach_prefix(cm_ctx *c, int seq, const int32_t *tokens, int n, cm_err *err) {
+    (void)tokens; (void)n;
+    if (!c || !seq_valid(c, seq)) return cm_err_set(err, CM_E_RANGE, "seq: %d is not an open sequence", seq);
+    return 0;
+}
+
+int cm_seq_fork(cm_ctx *c, int src, cm_err *err) {
+    (void)c; (void)src;
+    return cm_err_set(err, CM_E_UNSUPPORTED, "seq: fork not implemented yet");
+}
+
+int cm_seq_blocks_needed(const cm_ctx *c, int seq, int extra) {
+    if (!c || !seq_valid(c, seq) || extra < 0) return CM_E_RANGE;
+    return cm_kv_blocks_needed(&c->kv, seq, extra);
+}
+
+int cm_ctx_kv_check(const cm_ctx *c, char *why, size_t cap) {
+    (void)c; (void)why; (void)cap;
+    return 0;
+}
+
 void cm_ctx_kv_stats(const cm_ctx *c, cm_kv_stats *out) {
     if (!out) return;
     memset(out, 0, sizeof *out);
@@ -267,6 +289,7 @@ void cm_ctx_kv_stats(const cm_ctx *c, cm_kv_stats *out) {
     out->blocks_total = c->kv.n_blocks;
     out->blocks_used = c->kv.n_blocks - c->kv.n_free;
     out->block_tokens = CM_KV_BLOCK;
+    out->blocks_available = c->kv.n_free;
 }
 
 /* ============================================================ matrix products */
