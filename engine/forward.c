@@ -69,6 +69,7 @@ struct cm_ctx {
     int32_t *out_idx;   /* (n_logits_max) batch index of each logits row */
     int32_t *seq_cnt;   /* (n_seq_max) tokens of each sequence in the batch */
     int32_t *seq_rem;   /* (n_seq_max) scratch: tokens of each sequence not yet seen */
+    unsigned char **snap; /* (B) MoE: the KV block extra to store routing state in after token i, or NULL */
     int n_last;         /* tokens in the last successful batch */
     const cm_batch *batch;
     int cur_layer;
@@ -148,7 +149,8 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
     c->n_logits_max = (int)lrows;
     c->deq_floats = CM_DEQ_TILE_FLOATS > 16 * kmax ? CM_DEQ_TILE_FLOATS : 16 * kmax;
 
-    if (cm_kv_init(&c->kv, in->n_layer, (int)C, (int)n_blocks, n_seq, n_ctx, err) < 0) {
+    size_t extra = m->moe ? cm_moe_snapshot_bytes(m->moe) : 0;
+    if (cm_kv_init(&c->kv, in->n_layer, (int)C, (int)n_blocks, n_seq, n_ctx, extra, p->prefix_cache, err) < 0) {
         free(c);
         return NULL;
     }
@@ -175,6 +177,7 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
     c->out_idx = xmalloc((size_t)lrows * sizeof(int32_t), &fail);
     c->seq_cnt = xmalloc((size_t)n_seq * sizeof(int32_t), &fail);
     c->seq_rem = xmalloc((size_t)n_seq * sizeof(int32_t), &fail);
+    c->snap = xmalloc((size_t)B * sizeof *c->snap, &fail);
     if (fail) {
         cm_ctx_free(c);
         cm_err_set(err, CM_E_NOMEM, "ctx: cannot allocate scratch for n_batch_max %d, n_ctx %d", n_batch, n_ctx);
@@ -221,6 +224,7 @@ void cm_ctx_free(cm_ctx *c) {
     free(c->out_idx);
     free(c->seq_cnt);
     free(c->seq_rem);
+    free(c->snap);
     free(c);
 }
 
@@ -251,25 +255,52 @@ int cm_seq_truncate(cm_ctx *c, int seq, int n, cm_err *err) {
     if (!c || !seq_valid(c, seq)) return cm_err_set(err, CM_E_RANGE, "seq: %d is not an open sequence", seq);
     if (n < 0 || n > c->kv.seqs[seq].len)
         return cm_err_set(err, CM_E_RANGE, "seq: cannot truncate to %d (length %d)", n, c->kv.seqs[seq].len);
+    cm_kv_seq *s = &c->kv.seqs[seq];
+    int len = s->len;
     if (c->moe) {
-        int rc = cm_moe_seq_truncate_check(c->moe, seq, c->kv.seqs[seq].len, n, err);
+        int rc = cm_moe_seq_truncate_check(c->moe, seq, len, n, err);
         if (rc < 0) return rc;
-        cm_moe_seq_truncate(c->moe, seq, n);
     }
-    cm_kv_seq_truncate(&c->kv, seq, n);
+    if (cm_kv_seq_truncate(&c->kv, seq, n) < 0)
+        return cm_err_set(err, CM_E_NOMEM, "seq: truncating %d into a shared block needs a free KV block", seq);
+    if (c->moe) /* a block end: the state stored in the (kept) block that ends at n */
+        cm_moe_seq_truncate(c->moe, seq, len, n, n > 0 ? cm_kv_block_extra(&c->kv, s->blocks[n / CM_KV_BLOCK - 1]) : NULL);
     return CM_OK;
 }
 
-/* TEMPORARY stubs (lead is implementing the prefix cache in kv.c) */
+/* The salt a sequence's blocks are registered under; 0 if they must stay private. */
+static int seq_salt(const cm_ctx *c, int seq, uint64_t *salt) {
+    *salt = 0;
+    return c->moe ? cm_moe_seq_cache_salt(c->moe, seq, salt) : 1;
+}
+
 int cm_seq_attach_prefix(cm_ctx *c, int seq, const int32_t *tokens, int n, cm_err *err) {
-    (void)tokens; (void)n;
     if (!c || !seq_valid(c, seq)) return cm_err_set(err, CM_E_RANGE, "seq: %d is not an open sequence", seq);
-    return 0;
+    if (n < 0 || (n > 0 && !tokens)) return cm_err_set(err, CM_E_INVAL, "seq: bad prefix (%d tokens)", n);
+    if (c->kv.seqs[seq].len != 0)
+        return cm_err_set(err, CM_E_INVAL, "seq: a prefix can be attached only to an empty sequence (%d holds %d)",
+                          seq, c->kv.seqs[seq].len);
+    uint64_t salt;
+    if (!c->kv.cache_on || n < 2 || !seq_salt(c, seq, &salt)) return 0;
+    int got = cm_kv_seq_attach(&c->kv, seq, tokens, n, n - 1, salt);
+    if (got > 0 && c->moe)
+        cm_moe_seq_restore(c->moe, seq, cm_kv_block_extra(&c->kv, c->kv.seqs[seq].blocks[got / CM_KV_BLOCK - 1]));
+    return got;
 }
 
 int cm_seq_fork(cm_ctx *c, int src, cm_err *err) {
-    (void)c; (void)src;
-    return cm_err_set(err, CM_E_UNSUPPORTED, "seq: fork not implemented yet");
+    if (!c || !seq_valid(c, src)) return cm_err_set(err, CM_E_RANGE, "seq: %d is not an open sequence", src);
+    int d = cm_kv_seq_open(&c->kv);
+    if (d < 0) return cm_err_set(err, CM_E_NOMEM, "seq: all %d sequences are open", c->n_seq_max);
+    if (cm_kv_seq_fork(&c->kv, d, src) < 0) {
+        cm_kv_seq_close(&c->kv, d);
+        return cm_err_set(err, CM_E_NOMEM, "seq: no KV block left to copy sequence %d's last block", src);
+    }
+    if (c->moe) {
+        cm_moe_seq_open(c->moe, d);
+        cm_moe_seq_copy(c->moe, d, src);
+    }
+    return d;
 }
 
 int cm_seq_blocks_needed(const cm_ctx *c, int seq, int extra) {
@@ -278,8 +309,8 @@ int cm_seq_blocks_needed(const cm_ctx *c, int seq, int extra) {
 }
 
 int cm_ctx_kv_check(const cm_ctx *c, char *why, size_t cap) {
-    (void)c; (void)why; (void)cap;
-    return 0;
+    if (!c) return 0;
+    return cm_kv_check(&c->kv, why, cap);
 }
 
 void cm_ctx_kv_stats(const cm_ctx *c, cm_kv_stats *out) {
@@ -287,9 +318,14 @@ void cm_ctx_kv_stats(const cm_ctx *c, cm_kv_stats *out) {
     memset(out, 0, sizeof *out);
     if (!c) return;
     out->blocks_total = c->kv.n_blocks;
-    out->blocks_used = c->kv.n_blocks - c->kv.n_free;
+    out->blocks_used = c->kv.n_blocks - c->kv.n_free - c->kv.n_lru;
     out->block_tokens = CM_KV_BLOCK;
-    out->blocks_available = c->kv.n_free;
+    out->blocks_cached = c->kv.n_lru;
+    out->blocks_available = cm_kv_available(&c->kv);
+    for (int b = 0; b < c->kv.n_blocks; b++) out->blocks_shared += c->kv.refcount[b] > 1;
+    out->prefix_query_tokens = c->kv.query_tokens;
+    out->prefix_hit_tokens = c->kv.hit_tokens;
+    out->evictions = c->kv.evictions;
 }
 
 /* ============================================================ matrix products */
@@ -528,9 +564,9 @@ int cm_forward(cm_ctx *c, const cm_batch *b, cm_err *err) {
                               c->kv.seqs[s].len + c->seq_cnt[s], c->n_ctx);
         blocks += cm_kv_blocks_needed(&c->kv, s, c->seq_cnt[s]);
     }
-    if (blocks > c->kv.n_free)
-        return cm_err_set(err, CM_E_NOMEM, "forward: KV pool exhausted (need %lld blocks, %d free)",
-                          (long long)blocks, c->kv.n_free);
+    if (blocks > cm_kv_available(&c->kv))
+        return cm_err_set(err, CM_E_NOMEM, "forward: KV pool exhausted (need %lld blocks, %d free or cached)",
+                          (long long)blocks, cm_kv_available(&c->kv));
     if (c->moe) { /* segment mode and adapter sets; seq_rem is free scratch until below */
         for (int s = 0; s < c->n_seq_max; s++) c->seq_rem[s] = c->kv.seqs[s].len;
         int rc = cm_moe_batch_check(c->moe, b, c->seq_rem, c->seq_cnt, err);
@@ -551,9 +587,14 @@ int cm_forward(cm_ctx *c, const cm_batch *b, cm_err *err) {
     for (int s = 0; s < c->n_seq_max; s++)
         if (c->seq_cnt[s]) cm_kv_seq_reserve(&c->kv, s, c->seq_cnt[s]);
     memset(c->seq_cnt, 0, (size_t)c->n_seq_max * sizeof(int32_t));
-    for (int i = 0; i < n; i++) c->pos[i] = c->kv.seqs[b->seq[i]].len + c->seq_cnt[b->seq[i]]++;
+    for (int i = 0; i < n; i++) {
+        cm_kv_seq *s = &c->kv.seqs[b->seq[i]];
+        int p = c->pos[i] = s->len + c->seq_cnt[b->seq[i]]++;
+        if (s->toks) s->toks[p] = b->token[i];
+        c->snap[i] = c->moe && (p + 1) % CM_KV_BLOCK == 0 ? cm_kv_block_extra(&c->kv, s->blocks[p / CM_KV_BLOCK]) : NULL;
+    }
     c->batch = b;
-    if (c->moe) cm_moe_batch_begin(c->moe, b, c->pos);
+    if (c->moe) cm_moe_batch_begin(c->moe, b, c->pos, c->snap);
 
     int64_t D = in->n_embd;
     size_t erb = gguf_row_bytes(m->tok_embd.type, D);
@@ -568,6 +609,13 @@ int cm_forward(cm_ctx *c, const cm_batch *b, cm_err *err) {
 
     for (int s = 0; s < c->n_seq_max; s++) c->kv.seqs[s].len += c->seq_cnt[s];
     if (c->moe) cm_moe_batch_end(c->moe);
+    if (c->kv.cache_on) /* completed blocks join the prefix cache */
+        for (int s = 0; s < c->n_seq_max; s++) {
+            uint64_t salt;
+            if (!c->seq_cnt[s]) continue;
+            if (seq_salt(c, s, &salt)) cm_kv_seq_publish(&c->kv, s, salt);
+            else cm_kv_seq_no_cache(&c->kv, s);
+        }
     c->n_last = n;
     c->batch = NULL;
     return CM_OK;

@@ -1,22 +1,27 @@
 /*
- * kv.c - the paged KV pool: a free stack of blocks and a block table per sequence (see kv.h).
+ * kv.c - the paged KV pool: a free stack of blocks, a block table per sequence, and the prefix cache
+ * (an exact-key index over full blocks plus an LRU list of idle cached blocks). See kv.h.
  */
 #include "kv.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "util.h"
 
-int cm_kv_init(cm_kv *kv, int n_layer, int kv_dim, int n_blocks, int n_seq, int n_ctx, cm_err *err) {
+int cm_kv_init(cm_kv *kv, int n_layer, int kv_dim, int n_blocks, int n_seq, int n_ctx, size_t extra_bytes,
+               int prefix_cache, cm_err *err) {
     memset(kv, 0, sizeof *kv);
-    if (n_layer < 1 || kv_dim < 1 || n_blocks < 1 || n_seq < 1 || n_ctx < 1)
+    if (n_layer < 1 || kv_dim < 1 || n_blocks < 1 || n_seq < 1 || n_ctx < 1 || extra_bytes > ((size_t)1 << 30))
         return cm_err_set(err, CM_E_INVAL, "kv: bad sizes (layers %d, dim %d, blocks %d, seqs %d, ctx %d)",
                           n_layer, kv_dim, n_blocks, n_seq, n_ctx);
-    uint64_t block_floats, total, tab;
-    if (!cm_mul_u64((uint64_t)n_layer * 2 * CM_KV_BLOCK, (uint64_t)kv_dim, &block_floats) ||
-        !cm_mul_u64(block_floats, (uint64_t)n_blocks, &total) || !cm_mul_u64(total, sizeof(float), &total) ||
-        total > (uint64_t)SIZE_MAX / 2)
+    uint64_t block_floats, bytes, total, tab;
+    if (!cm_mul_u64((uint64_t)n_layer * 2 * CM_KV_BLOCK, (uint64_t)kv_dim, &block_floats))
+        return cm_err_set(err, CM_E_NOMEM, "kv: blocks too large");
+    /* blocks start on 64-byte boundaries: the kernels' vector loads never straddle two blocks' lines */
+    bytes = (block_floats * sizeof(float) + extra_bytes + 63) / 64 * 64;
+    if (!cm_mul_u64(bytes, (uint64_t)n_blocks, &total) || total > (uint64_t)SIZE_MAX / 2)
         return cm_err_set(err, CM_E_NOMEM, "kv: pool of %d blocks is too large", n_blocks);
     kv->n_layer = n_layer;
     kv->kv_dim = kv_dim;
@@ -24,7 +29,10 @@ int cm_kv_init(cm_kv *kv, int n_layer, int kv_dim, int n_blocks, int n_seq, int 
     kv->n_ctx = n_ctx;
     kv->max_blocks = (n_ctx + CM_KV_BLOCK - 1) / CM_KV_BLOCK;
     kv->n_seq = n_seq;
+    kv->cache_on = prefix_cache != 0;
     kv->block_floats = (size_t)block_floats;
+    kv->extra_bytes = extra_bytes;
+    kv->block_bytes = (size_t)bytes;
     if (!cm_mul_u64((uint64_t)n_seq, (uint64_t)kv->max_blocks, &tab) || tab > (uint64_t)SIZE_MAX / 8)
         return cm_err_set(err, CM_E_NOMEM, "kv: block tables too large");
     /* malloc, not calloc: a large pool is mapped lazily and only blocks in use become resident */
@@ -33,7 +41,31 @@ int cm_kv_init(cm_kv *kv, int n_layer, int kv_dim, int n_blocks, int n_seq, int 
     kv->free_ids = malloc((size_t)n_blocks * sizeof *kv->free_ids);
     kv->tables = malloc((size_t)tab * sizeof *kv->tables);
     kv->seqs = calloc((size_t)n_seq, sizeof *kv->seqs);
-    if (!kv->data || !kv->refcount || !kv->free_ids || !kv->tables || !kv->seqs) {
+    int fail = !kv->data || !kv->refcount || !kv->free_ids || !kv->tables || !kv->seqs;
+    if (!fail && kv->cache_on) {
+        uint64_t st;
+        uint32_t nb = 16;
+        while (nb < (uint32_t)n_blocks * 2u && nb < (1u << 30)) nb <<= 1;
+        kv->n_buckets = nb;
+        fail = !cm_mul_u64((uint64_t)n_seq, (uint64_t)n_ctx, &st) || st > (uint64_t)SIZE_MAX / 8;
+        if (!fail) {
+            kv->seq_toks = malloc((size_t)st * sizeof *kv->seq_toks);
+            kv->reg = calloc((size_t)n_blocks, 1);
+            kv->gen = calloc((size_t)n_blocks, sizeof *kv->gen);
+            kv->parent = malloc((size_t)n_blocks * sizeof *kv->parent);
+            kv->parent_gen = malloc((size_t)n_blocks * sizeof *kv->parent_gen);
+            kv->salt = malloc((size_t)n_blocks * sizeof *kv->salt);
+            kv->hash = malloc((size_t)n_blocks * sizeof *kv->hash);
+            kv->btoks = malloc((size_t)n_blocks * CM_KV_BLOCK * sizeof *kv->btoks);
+            kv->hnext = malloc((size_t)n_blocks * sizeof *kv->hnext);
+            kv->buckets = malloc((size_t)nb * sizeof *kv->buckets);
+            kv->lru_prev = malloc((size_t)n_blocks * sizeof *kv->lru_prev);
+            kv->lru_next = malloc((size_t)n_blocks * sizeof *kv->lru_next);
+            fail = !kv->seq_toks || !kv->reg || !kv->gen || !kv->parent || !kv->parent_gen || !kv->salt ||
+                   !kv->hash || !kv->btoks || !kv->hnext || !kv->buckets || !kv->lru_prev || !kv->lru_next;
+        }
+    }
+    if (fail) {
         cm_kv_free(kv);
         return cm_err_set(err, CM_E_NOMEM, "kv: cannot allocate %llu bytes for %d blocks",
                           (unsigned long long)total, n_blocks);
@@ -41,7 +73,14 @@ int cm_kv_init(cm_kv *kv, int n_layer, int kv_dim, int n_blocks, int n_seq, int 
     /* low ids on top of the stack: a fresh context touches the start of the pool first */
     for (int i = 0; i < n_blocks; i++) kv->free_ids[i] = n_blocks - 1 - i;
     kv->n_free = n_blocks;
-    for (int s = 0; s < n_seq; s++) kv->seqs[s].blocks = kv->tables + (size_t)s * kv->max_blocks;
+    for (int s = 0; s < n_seq; s++) {
+        kv->seqs[s].blocks = kv->tables + (size_t)s * kv->max_blocks;
+        if (kv->cache_on) kv->seqs[s].toks = kv->seq_toks + (size_t)s * (size_t)n_ctx;
+    }
+    if (kv->cache_on) {
+        for (uint32_t i = 0; i < kv->n_buckets; i++) kv->buckets[i] = -1;
+        kv->lru_head = kv->lru_tail = -1;
+    }
     return CM_OK;
 }
 
@@ -51,40 +90,138 @@ void cm_kv_free(cm_kv *kv) {
     free(kv->refcount);
     free(kv->free_ids);
     free(kv->tables);
+    free(kv->seq_toks);
     free(kv->seqs);
+    free(kv->reg);
+    free(kv->gen);
+    free(kv->parent);
+    free(kv->parent_gen);
+    free(kv->salt);
+    free(kv->hash);
+    free(kv->btoks);
+    free(kv->hnext);
+    free(kv->buckets);
+    free(kv->lru_prev);
+    free(kv->lru_next);
     memset(kv, 0, sizeof *kv);
+}
+
+/* ============================================================ index and LRU */
+
+static uint64_t mix64(uint64_t x) {
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ull;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+static uint64_t key_hash(int32_t parent, uint32_t pgen, uint64_t salt, const int32_t *toks) {
+    uint64_t h = mix64(((uint64_t)(uint32_t)parent << 32 | pgen) ^ 0x9e3779b97f4a7c15ull);
+    h = mix64(h ^ salt);
+    for (int i = 0; i < CM_KV_BLOCK; i++) h = mix64(h ^ (uint32_t)toks[i]) + (uint64_t)i;
+    return h;
+}
+
+static int32_t index_find(const cm_kv *kv, uint64_t h, int32_t parent, uint32_t pgen, uint64_t salt,
+                          const int32_t *toks) {
+    for (int32_t b = kv->buckets[h & (kv->n_buckets - 1)]; b >= 0; b = kv->hnext[b])
+        if (kv->hash[b] == h && kv->parent[b] == parent && kv->parent_gen[b] == pgen && kv->salt[b] == salt &&
+            !memcmp(kv->btoks + (size_t)b * CM_KV_BLOCK, toks, CM_KV_BLOCK * sizeof *toks))
+            return b;
+    return -1;
+}
+
+static void index_remove(cm_kv *kv, int32_t b) {
+    int32_t *pp = &kv->buckets[kv->hash[b] & (kv->n_buckets - 1)];
+    while (*pp >= 0 && *pp != b) pp = &kv->hnext[*pp];
+    if (*pp == b) *pp = kv->hnext[b];
+    kv->reg[b] = 0;
+    kv->gen[b]++; /* its children's keys name the old generation: they can never match again */
+}
+
+static void lru_append(cm_kv *kv, int32_t b) {
+    kv->lru_prev[b] = kv->lru_tail;
+    kv->lru_next[b] = -1;
+    if (kv->lru_tail >= 0) kv->lru_next[kv->lru_tail] = b;
+    else kv->lru_head = b;
+    kv->lru_tail = b;
+    kv->n_lru++;
+}
+
+static void lru_remove(cm_kv *kv, int32_t b) {
+    if (kv->lru_prev[b] >= 0) kv->lru_next[kv->lru_prev[b]] = kv->lru_next[b];
+    else kv->lru_head = kv->lru_next[b];
+    if (kv->lru_next[b] >= 0) kv->lru_prev[kv->lru_next[b]] = kv->lru_prev[b];
+    else kv->lru_tail = kv->lru_prev[b];
+    kv->n_lru--;
+}
+
+/* ============================================================ blocks */
+
+/* A free block, else the least recently used cached one (evicted); -1 if neither. refcount becomes 1. */
+static int32_t kv_take(cm_kv *kv) {
+    int32_t b = -1;
+    if (kv->n_free > 0) b = kv->free_ids[--kv->n_free];
+    else if (kv->cache_on && kv->lru_head >= 0) {
+        b = kv->lru_head;
+        lru_remove(kv, b);
+        index_remove(kv, b);
+        kv->evictions++;
+    }
+    if (b >= 0) kv->refcount[b] = 1;
+    return b;
+}
+
+static void kv_release(cm_kv *kv, int32_t b) {
+    if (kv->refcount[b] == 0 || --kv->refcount[b] > 0) return;
+    if (kv->cache_on && kv->reg[b]) lru_append(kv, b);
+    else kv->free_ids[kv->n_free++] = b;
 }
 
 int cm_kv_seq_open(cm_kv *kv) {
     for (int s = 0; s < kv->n_seq; s++) {
-        if (!kv->seqs[s].open) {
-            kv->seqs[s].open = 1;
-            kv->seqs[s].len = 0;
-            kv->seqs[s].n_blocks = 0;
+        cm_kv_seq *q = &kv->seqs[s];
+        if (!q->open) {
+            q->open = 1;
+            q->len = q->n_blocks = q->n_reg = q->no_reg = 0;
             return s;
         }
     }
     return -1;
 }
 
-static void kv_release(cm_kv *kv, int32_t b) {
-    if (kv->refcount[b] > 0 && --kv->refcount[b] == 0) kv->free_ids[kv->n_free++] = b;
+void cm_kv_seq_close(cm_kv *kv, int seq) {
+    cm_kv_seq *s = &kv->seqs[seq];
+    /* last block first: a prefix's deeper blocks become older in the LRU than its first ones, so
+     * eviction eats a chain from its end and the shared beginnings survive longest */
+    while (s->n_blocks > 0) kv_release(kv, s->blocks[--s->n_blocks]);
+    s->len = s->n_reg = s->no_reg = 0;
+    s->open = 0;
 }
 
-void cm_kv_seq_truncate(cm_kv *kv, int seq, int n) {
+int cm_kv_seq_truncate(cm_kv *kv, int seq, int n) {
     cm_kv_seq *s = &kv->seqs[seq];
     if (n < 0) n = 0;
     if (n > s->len) n = s->len;
     int keep = (n + CM_KV_BLOCK - 1) / CM_KV_BLOCK;
+    if (n % CM_KV_BLOCK && keep <= s->n_blocks) {
+        /* the kept partial block will be written again: it must be this sequence's alone */
+        int32_t b = s->blocks[keep - 1];
+        if (kv->refcount[b] > 1) {
+            int32_t nb = kv_take(kv);
+            if (nb < 0) return CM_E_NOMEM;
+            memcpy(kv->data + (size_t)nb * kv->block_bytes, kv->data + (size_t)b * kv->block_bytes, kv->block_bytes);
+            kv_release(kv, b);
+            s->blocks[keep - 1] = nb;
+        } else if (kv->cache_on && kv->reg[b]) {
+            index_remove(kv, b);
+        }
+    }
     while (s->n_blocks > keep) kv_release(kv, s->blocks[--s->n_blocks]);
+    if (s->n_reg > n / CM_KV_BLOCK) s->n_reg = n / CM_KV_BLOCK;
     s->len = n;
-}
-
-void cm_kv_seq_close(cm_kv *kv, int seq) {
-    cm_kv_seq *s = &kv->seqs[seq];
-    while (s->n_blocks > 0) kv_release(kv, s->blocks[--s->n_blocks]);
-    s->len = 0;
-    s->open = 0;
+    return CM_OK;
 }
 
 int cm_kv_blocks_needed(const cm_kv *kv, int seq, int extra) {
@@ -96,9 +233,156 @@ int cm_kv_blocks_needed(const cm_kv *kv, int seq, int extra) {
 void cm_kv_seq_reserve(cm_kv *kv, int seq, int extra) {
     cm_kv_seq *s = &kv->seqs[seq];
     int need = (s->len + extra + CM_KV_BLOCK - 1) / CM_KV_BLOCK;
-    while (s->n_blocks < need && kv->n_free > 0) {
-        int32_t b = kv->free_ids[--kv->n_free];
-        kv->refcount[b] = 1;
+    while (s->n_blocks < need) {
+        int32_t b = kv_take(kv);
+        if (b < 0) break; /* callers checked availability: not reached */
         s->blocks[s->n_blocks++] = b;
     }
+}
+
+/* ============================================================ prefix cache */
+
+void cm_kv_seq_no_cache(cm_kv *kv, int seq) { kv->seqs[seq].no_reg = 1; }
+
+void cm_kv_seq_publish(cm_kv *kv, int seq, uint64_t salt) {
+    cm_kv_seq *s = &kv->seqs[seq];
+    if (!kv->cache_on || s->no_reg) return;
+    int full = s->len / CM_KV_BLOCK;
+    while (s->n_reg < full) {
+        int bi = s->n_reg;
+        int32_t b = s->blocks[bi];
+        if (kv->reg[b]) { s->n_reg++; continue; } /* mapped from the cache */
+        int32_t parent = bi ? s->blocks[bi - 1] : -1;
+        uint32_t pgen = parent >= 0 ? kv->gen[parent] : 0;
+        const int32_t *toks = s->toks + (size_t)bi * CM_KV_BLOCK;
+        uint64_t h = key_hash(parent, pgen, salt, toks);
+        if (index_find(kv, h, parent, pgen, salt, toks) >= 0) {
+            /* another sequence computed the same prefix meanwhile: keep ours private (its children
+             * could not be reached through it) */
+            s->no_reg = 1;
+            return;
+        }
+        kv->reg[b] = 1;
+        kv->parent[b] = parent;
+        kv->parent_gen[b] = pgen;
+        kv->salt[b] = salt;
+        kv->hash[b] = h;
+        memcpy(kv->btoks + (size_t)b * CM_KV_BLOCK, toks, CM_KV_BLOCK * sizeof *toks);
+        uint32_t k = (uint32_t)(h & (kv->n_buckets - 1));
+        kv->hnext[b] = kv->buckets[k];
+        kv->buckets[k] = b;
+        s->n_reg++;
+    }
+}
+
+int cm_kv_seq_attach(cm_kv *kv, int seq, const int32_t *tokens, int n, int max_tokens, uint64_t salt) {
+    cm_kv_seq *s = &kv->seqs[seq];
+    if (!kv->cache_on || s->len != 0 || s->no_reg) return 0;
+    if (max_tokens > n) max_tokens = n;
+    if (max_tokens > kv->n_ctx) max_tokens = kv->n_ctx;
+    if (max_tokens < 0) max_tokens = 0;
+    kv->query_tokens += (uint64_t)max_tokens;
+    int32_t parent = -1;
+    uint32_t pgen = 0;
+    while ((s->n_blocks + 1) * CM_KV_BLOCK <= max_tokens) {
+        const int32_t *toks = tokens + (size_t)s->n_blocks * CM_KV_BLOCK;
+        int32_t b = index_find(kv, key_hash(parent, pgen, salt, toks), parent, pgen, salt, toks);
+        if (b < 0) break;
+        if (kv->refcount[b] == 0) lru_remove(kv, b);
+        kv->refcount[b]++;
+        s->blocks[s->n_blocks++] = b;
+        parent = b;
+        pgen = kv->gen[b];
+    }
+    s->len = s->n_blocks * CM_KV_BLOCK;
+    s->n_reg = s->n_blocks;
+    memcpy(s->toks, tokens, (size_t)s->len * sizeof *tokens);
+    kv->hit_tokens += (uint64_t)s->len;
+    return s->len;
+}
+
+int cm_kv_seq_fork(cm_kv *kv, int dst, int src) {
+    cm_kv_seq *d = &kv->seqs[dst], *s = &kv->seqs[src];
+    int full = s->len / CM_KV_BLOCK;
+    int32_t part = -1;
+    if (s->n_blocks > full) { /* the partial last block is copied: both will write their own rows */
+        part = kv_take(kv);
+        if (part < 0) return CM_E_NOMEM;
+        memcpy(kv->data + (size_t)part * kv->block_bytes,
+               kv->data + (size_t)s->blocks[full] * kv->block_bytes, kv->block_bytes);
+    }
+    for (int i = 0; i < full; i++) {
+        kv->refcount[s->blocks[i]]++;
+        d->blocks[i] = s->blocks[i];
+    }
+    d->n_blocks = full;
+    if (part >= 0) d->blocks[d->n_blocks++] = part;
+    d->len = s->len;
+    d->n_reg = s->n_reg;
+    d->no_reg = s->no_reg;
+    if (kv->cache_on) memcpy(d->toks, s->toks, (size_t)s->len * sizeof *s->toks);
+    return CM_OK;
+}
+
+/* ============================================================ consistency */
+
+int cm_kv_check(const cm_kv *kv, char *why, size_t cap) {
+    int bad = 0;
+    uint32_t *refs = calloc((size_t)kv->n_blocks, sizeof *refs);
+    uint8_t *where = calloc((size_t)kv->n_blocks, 1); /* bit 1 free stack, bit 2 LRU, bit 4 index */
+    if (!refs || !where) {
+        free(refs);
+        free(where);
+        if (why && cap) snprintf(why, cap, "kv check: out of memory");
+        return -1;
+    }
+#define KV_BAD(...)                                                    \
+    do {                                                               \
+        if (!bad++ && why && cap) snprintf(why, cap, __VA_ARGS__);     \
+    } while (0)
+    for (int s = 0; s < kv->n_seq; s++) {
+        const cm_kv_seq *q = &kv->seqs[s];
+        if (!q->open) {
+            if (q->n_blocks) KV_BAD("closed sequence %d holds %d blocks", s, q->n_blocks);
+            continue;
+        }
+        if (q->n_blocks < (q->len + CM_KV_BLOCK - 1) / CM_KV_BLOCK || q->n_blocks > kv->max_blocks)
+            KV_BAD("sequence %d: %d blocks for %d positions", s, q->n_blocks, q->len);
+        for (int i = 0; i < q->n_blocks && i < kv->max_blocks; i++) {
+            int32_t b = q->blocks[i];
+            if (b < 0 || b >= kv->n_blocks) KV_BAD("sequence %d: block id %d", s, b);
+            else refs[b]++;
+        }
+    }
+    for (int i = 0; i < kv->n_free; i++) {
+        int32_t b = kv->free_ids[i];
+        if (b < 0 || b >= kv->n_blocks || where[b] & 1) { KV_BAD("free stack entry %d: block %d", i, b); continue; }
+        where[b] |= 1;
+    }
+    if (kv->cache_on) {
+        int n = 0;
+        for (int32_t b = kv->lru_head; b >= 0 && n <= kv->n_blocks; b = kv->lru_next[b], n++) where[b] |= 2;
+        if (n != kv->n_lru) KV_BAD("LRU list has %d blocks, count says %d", n, kv->n_lru);
+        for (uint32_t k = 0; k < kv->n_buckets; k++)
+            for (int32_t b = kv->buckets[k], m = 0; b >= 0 && m <= kv->n_blocks; b = kv->hnext[b], m++) {
+                if (where[b] & 4 || (kv->hash[b] & (kv->n_buckets - 1)) != k || !kv->reg[b])
+                    KV_BAD("index: block %d misfiled", b);
+                where[b] |= 4;
+            }
+    }
+    for (int32_t b = 0; b < kv->n_blocks; b++) {
+        int in_free = where[b] & 1, in_lru = where[b] & 2, in_index = where[b] & 4;
+        int reg = kv->cache_on && kv->reg[b];
+        if (refs[b] != kv->refcount[b])
+            KV_BAD("block %d: refcount %u, held by %u tables", b, kv->refcount[b], refs[b]);
+        if (reg != (in_index != 0)) KV_BAD("block %d: registered %d, in index %d", b, reg, in_index != 0);
+        if (kv->refcount[b] > 0 && (in_free || in_lru)) KV_BAD("block %d: held and also free or cached", b);
+        if (kv->refcount[b] == 0 && (in_free != 0) + (in_lru != 0) != 1)
+            KV_BAD("block %d: unheld, on free stack %d, on LRU %d (leaked if neither)", b, in_free != 0, in_lru != 0);
+        if (in_lru && !reg) KV_BAD("block %d: cached but not registered", b);
+    }
+#undef KV_BAD
+    free(refs);
+    free(where);
+    return bad;
 }

@@ -1,15 +1,28 @@
 /*
- * kv.h - paged KV memory. Internal to engine/.
+ * kv.h - paged KV memory and the prefix cache. Internal to engine/.
  *
- * A fixed pool of blocks, each holding CM_KV_BLOCK consecutive positions of one sequence for every
- * layer: block b, layer l is K (CM_KV_BLOCK, C) then V (CM_KV_BLOCK, C), C = n_head_kv * head_dim, f32.
- * A block's bytes are contiguous, so a block can later be shared (prefix cache), copied or swapped as a
- * unit. Each sequence owns a block table: position p lives in block table[p / CM_KV_BLOCK] at row
- * p % CM_KV_BLOCK. Blocks carry a reference count so that a future prefix cache can map one block
- * read-only into several tables; today every count is 0 (free) or 1.
+ * A fixed pool of blocks, each holding CM_KV_BLOCK consecutive positions of one prefix for every
+ * layer: block b, layer l is K (CM_KV_BLOCK, C) then V (CM_KV_BLOCK, C), C = n_head_kv * head_dim, f32,
+ * followed by `extra_bytes` of state the owner stores per block (the MoE routing state at the block's
+ * last position). Each sequence owns a block table: position p lives in block table[p / CM_KV_BLOCK]
+ * at row p % CM_KV_BLOCK.
  *
- * Allocation is all-or-nothing: cm_kv_seq_reserve() either grows a sequence's table to hold n more
- * positions or changes nothing, so a forward pass fails before touching any state.
+ * Every block is in exactly one state:
+ *   free      refcount 0, on the free stack;
+ *   used      refcount > 0: in that many sequence tables (full blocks may be shared; a sequence only
+ *             ever writes into a block it holds alone and that is not in the cache);
+ *   cached    refcount 0, registered in the prefix index and on the LRU list: evictable.
+ * A used block may also be registered (it is then shared with future sequences).
+ *
+ * Prefix index: a full block is registered under (parent block, parent generation, salt, its tokens),
+ * so a key names the whole prefix up to the block's end without hashing it again: the parent's key
+ * names everything before. A block's generation changes whenever it leaves the index, so children of an
+ * evicted (and possibly reused) block can never be found through it again. Lookups compare keys
+ * exactly; the hash only picks the bucket.
+ *
+ * Allocation is all-or-nothing: callers check cm_kv_blocks_needed() against cm_kv_available() for a
+ * whole batch before cm_kv_seq_reserve(), which then cannot fail. Allocation takes a free block, else
+ * evicts the least recently released cached block.
  */
 #ifndef CM_KV_H
 #define CM_KV_H
@@ -18,13 +31,16 @@
 #include <stdint.h>
 #include "codemoe.h"
 
-#define CM_KV_BLOCK 32
+#define CM_KV_BLOCK CM_KV_BLOCK_TOKENS
 
 typedef struct cm_kv_seq {
     int open;
     int len;            /* positions stored */
     int n_blocks;       /* entries used in blocks[] */
+    int n_reg;          /* blocks[0..n_reg) are registered (or came from the cache) */
+    int no_reg;         /* never register more of this sequence (uncacheable, or a duplicate met) */
     int32_t *blocks;    /* (max_blocks) block ids; a slice of cm_kv.tables */
+    int32_t *toks;      /* (n_ctx) tokens at each position (prefix cache only; else NULL) */
 } cm_kv_seq;
 
 typedef struct cm_kv {
@@ -34,36 +50,80 @@ typedef struct cm_kv {
     int n_ctx;          /* max positions per sequence */
     int max_blocks;     /* per sequence: ceil(n_ctx / CM_KV_BLOCK) */
     int n_seq;
+    int cache_on;       /* prefix cache enabled */
     size_t block_floats;/* n_layer * 2 * CM_KV_BLOCK * C */
-    float *data;        /* (n_blocks, n_layer, 2, CM_KV_BLOCK, C) */
+    size_t extra_bytes; /* per block, after its floats (a multiple of 8) */
+    size_t block_bytes; /* block_floats * 4 + extra_bytes */
+    unsigned char *data;/* (n_blocks, block_bytes) */
     uint16_t *refcount; /* (n_blocks) */
     int32_t *free_ids;  /* (n_blocks) stack of free block ids */
     int n_free;
     int32_t *tables;    /* (n_seq, max_blocks) */
+    int32_t *seq_toks;  /* (n_seq, n_ctx) when cache_on */
     cm_kv_seq *seqs;    /* (n_seq) */
+    /* prefix index (cache_on) */
+    uint8_t *reg;       /* (n_blocks) registered */
+    uint32_t *gen;      /* (n_blocks) bumped when a block leaves the index */
+    int32_t *parent;    /* (n_blocks) parent block id, -1 for a first block */
+    uint32_t *parent_gen;
+    uint64_t *salt;     /* (n_blocks) options the block was computed under */
+    uint64_t *hash;     /* (n_blocks) */
+    int32_t *btoks;     /* (n_blocks, CM_KV_BLOCK) tokens of the block */
+    int32_t *hnext;     /* (n_blocks) bucket chains */
+    int32_t *buckets;   /* (n_buckets) */
+    uint32_t n_buckets; /* a power of two */
+    int32_t *lru_prev, *lru_next; /* (n_blocks) cached blocks, oldest at lru_head */
+    int32_t lru_head, lru_tail;
+    int n_lru;
+    uint64_t query_tokens, hit_tokens, evictions;
 } cm_kv;
 
 /* Sizes the pool; returns CM_OK or CM_E_NOMEM / CM_E_INVAL with err set. */
-int cm_kv_init(cm_kv *kv, int n_layer, int kv_dim, int n_blocks, int n_seq, int n_ctx, cm_err *err);
+int cm_kv_init(cm_kv *kv, int n_layer, int kv_dim, int n_blocks, int n_seq, int n_ctx, size_t extra_bytes,
+               int prefix_cache, cm_err *err);
 void cm_kv_free(cm_kv *kv);
 
 /* Opens a free sequence slot: its id, or -1 if all are open. */
 int cm_kv_seq_open(cm_kv *kv);
-/* Releases all its blocks. */
+/* Releases all its blocks (registered ones stay cached). */
 void cm_kv_seq_close(cm_kv *kv, int seq);
-/* Drops positions >= n; blocks no longer needed go back to the pool. */
-void cm_kv_seq_truncate(cm_kv *kv, int seq, int n);
+/* Drops positions >= n; blocks no longer needed go back to the pool. A partial last block that is
+ * shared or registered is first made private (copied, or taken out of the index): CM_E_NOMEM, nothing
+ * changed, when a copy is needed and no block is available. */
+int cm_kv_seq_truncate(cm_kv *kv, int seq, int n);
 /* Blocks a sequence needs beyond what it holds to store `extra` more positions. */
 int cm_kv_blocks_needed(const cm_kv *kv, int seq, int extra);
+/* Free + evictable blocks. */
+static inline int cm_kv_available(const cm_kv *kv) { return kv->n_free + kv->n_lru; }
 /* Grows the table so that len + extra positions fit. Only call after checking blocks_needed against
- * n_free for all sequences of a batch: this never fails then. Does not change len. */
+ * cm_kv_available for all sequences of a batch: this never fails then. Does not change len. */
 void cm_kv_seq_reserve(cm_kv *kv, int seq, int extra);
+
+/* Prefix cache. After positions were appended: registers the sequence's newly completed blocks under
+ * salt (uncacheable sequences: call cm_kv_seq_no_cache once instead). */
+void cm_kv_seq_publish(cm_kv *kv, int seq, uint64_t salt);
+void cm_kv_seq_no_cache(cm_kv *kv, int seq);
+/* On an empty sequence: maps the longest registered prefix of tokens[0..n) in whole blocks, at most
+ * max_tokens positions. Returns the positions mapped (the sequence's new length). */
+int cm_kv_seq_attach(cm_kv *kv, int seq, const int32_t *tokens, int n, int max_tokens, uint64_t salt);
+/* dst (open, empty) becomes a copy of src: full blocks shared, the partial one copied. CM_E_NOMEM
+ * (nothing changed) when the copy has no block. */
+int cm_kv_seq_fork(cm_kv *kv, int dst, int src);
+/* See cm_ctx_kv_check. */
+int cm_kv_check(const cm_kv *kv, char *why, size_t cap);
+
+static inline float *cm_kv_block_floats(const cm_kv *kv, int32_t b) {
+    return (float *)(kv->data + (size_t)b * kv->block_bytes);
+}
+/* The block's extra bytes (extra_bytes of them). */
+static inline unsigned char *cm_kv_block_extra(const cm_kv *kv, int32_t b) {
+    return kv->data + (size_t)b * kv->block_bytes + kv->block_floats * sizeof(float);
+}
 
 /* K and V rows of position pos of a sequence in a layer: (C) each. pos < n_blocks * CM_KV_BLOCK. */
 static inline float *cm_kv_k(const cm_kv *kv, const cm_kv_seq *s, int layer, int pos) {
-    size_t b = (size_t)s->blocks[pos / CM_KV_BLOCK];
-    return kv->data + b * kv->block_floats + (size_t)layer * 2 * CM_KV_BLOCK * kv->kv_dim +
-           (size_t)(pos % CM_KV_BLOCK) * kv->kv_dim;
+    return cm_kv_block_floats(kv, s->blocks[pos / CM_KV_BLOCK]) +
+           (size_t)layer * 2 * CM_KV_BLOCK * kv->kv_dim + (size_t)(pos % CM_KV_BLOCK) * kv->kv_dim;
 }
 static inline float *cm_kv_v(const cm_kv *kv, const cm_kv_seq *s, int layer, int pos) {
     return cm_kv_k(kv, s, layer, pos) + (size_t)CM_KV_BLOCK * kv->kv_dim;

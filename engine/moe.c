@@ -66,6 +66,7 @@ struct cm_moe_ctx {
     /* batch */
     const cm_batch *b;
     const int32_t *pos;
+    unsigned char *const *snap; /* (n) where to store the sequence's state after this token, or NULL */
     int n;
     uint64_t *sets;       /* (B) MoLE adapter mask per token */
     int8_t *gen;          /* (B) 1: generated token */
@@ -340,22 +341,101 @@ void cm_moe_seq_open(cm_moe_ctx *mc, int seq) {
     cm_moe_routing_reset(mc, seq);
 }
 
-/* The causal pool of the current window cannot be rebuilt from the KV cache (it holds attention keys
- * and values, not FFN inputs), and the fence tracker cannot be rewound: so a sequence can only be cut
- * back to empty or to a window boundary with nothing after it to forget... in practice: to 0, or to
- * its own length. */
-int cm_moe_seq_truncate_check(const cm_moe_ctx *mc, int seq, int len, int n, cm_err *err) {
-    (void)mc;
-    (void)seq;
-    if (n == 0 || n == len) return CM_OK;
-    return cm_err_set(err, CM_E_UNSUPPORTED,
-                      "seq: a %s sequence can be truncated only to 0 or its length (%d -> %d): its routing state "
-                      "(window pool, code fences) cannot be rewound; re-prefill instead",
-                      mc->mm->kind == CM_MOE_HYBRID ? "hybrid-MoE" : "MoLE", len, n);
+static int seg_mode(const cm_moe_ctx *mc, const moe_seq *q) {
+    return q->opt.segment_mode == CM_SEGMENT_DEFAULT ? mc->mm->mode_default : q->opt.segment_mode;
 }
 
-void cm_moe_seq_truncate(cm_moe_ctx *mc, int seq, int n) {
-    if (n == 0) seq_state_reset(mc, &mc->seqs[seq]);
+/* ------------------------------------------------------------ snapshots
+ *
+ * A sequence's routing state after a position, as stored at the end of each KV block (kv.h "extra"):
+ *   cm_fence | win_n (n_layer ints) | pool (n_layer, D) floats (max pooling) or doubles (mean)
+ * each part 8-byte aligned. It is all the state a causal hybrid or AUTO MoLE sequence carries beyond
+ * its KV rows, so a sequence restored from a block's snapshot continues exactly as the one that
+ * wrote it. */
+#define SNAP_ALIGN(x) (((x) + 7) & ~(size_t)7)
+
+static size_t snap_win_off(void) { return SNAP_ALIGN(sizeof(cm_fence)); }
+static size_t snap_pool_off(const cm_moe_model *mm) {
+    return snap_win_off() + SNAP_ALIGN((size_t)mm->n_layer * sizeof(int));
+}
+
+size_t cm_moe_snapshot_bytes(const cm_moe_model *mm) {
+    size_t el = mm->kind == CM_MOE_HYBRID ? (mm->pooling == CM_POOL_MAX ? sizeof(float) : sizeof(double)) : 0;
+    return snap_pool_off(mm) + SNAP_ALIGN((size_t)mm->n_layer * (size_t)mm->d * el);
+}
+
+/* Layer il's causal window state of q into a snapshot. */
+static void snap_put_layer(const cm_moe_ctx *mc, const moe_seq *q, int il, unsigned char *snap) {
+    const cm_moe_model *mm = mc->mm;
+    size_t D = (size_t)mc->D;
+    memcpy(snap + snap_win_off() + (size_t)il * sizeof(int), &q->win_n[il], sizeof(int));
+    if (mm->pooling == CM_POOL_MAX)
+        memcpy(snap + snap_pool_off(mm) + (size_t)il * D * sizeof(float), q->pool_max + il * D, D * sizeof(float));
+    else
+        memcpy(snap + snap_pool_off(mm) + (size_t)il * D * sizeof(double), q->pool_sum + il * D, D * sizeof(double));
+}
+
+static void snap_get(cm_moe_ctx *mc, moe_seq *q, const unsigned char *snap) {
+    const cm_moe_model *mm = mc->mm;
+    size_t L = (size_t)mc->n_layer, D = (size_t)mc->D;
+    if (mm->kind == CM_MOE_MOLE) memcpy(&q->fence, snap, sizeof q->fence);
+    if (mm->kind != CM_MOE_HYBRID || !mm->n_seg) return;
+    memcpy(q->win_n, snap + snap_win_off(), L * sizeof(int));
+    if (mm->pooling == CM_POOL_MAX) memcpy(q->pool_max, snap + snap_pool_off(mm), L * D * sizeof(float));
+    else memcpy(q->pool_sum, snap + snap_pool_off(mm), L * D * sizeof(double));
+}
+
+void cm_moe_seq_restore(cm_moe_ctx *mc, int seq, const unsigned char *snap) {
+    moe_seq *q = &mc->seqs[seq];
+    seq_state_reset(mc, q);
+    if (snap) snap_get(mc, q, snap);
+}
+
+void cm_moe_seq_copy(cm_moe_ctx *mc, int dst, int src) {
+    moe_seq *d = &mc->seqs[dst];
+    const moe_seq *s = &mc->seqs[src];
+    size_t L = (size_t)mc->n_layer, D = (size_t)mc->D;
+    d->opt = s->opt;
+    d->sealed = s->sealed;
+    d->fence = s->fence;
+    if (s->win_n) memcpy(d->win_n, s->win_n, L * sizeof *s->win_n);
+    if (s->pool_max) memcpy(d->pool_max, s->pool_max, L * D * sizeof *s->pool_max);
+    if (s->pool_sum) memcpy(d->pool_sum, s->pool_sum, L * D * sizeof *s->pool_sum);
+    cm_moe_routing_reset(mc, dst);
+}
+
+int cm_moe_seq_cache_salt(const cm_moe_ctx *mc, int seq, uint64_t *salt) {
+    const cm_moe_model *mm = mc->mm;
+    const moe_seq *q = &mc->seqs[seq];
+    if (mm->kind == CM_MOE_HYBRID) {
+        if (mm->n_seg && seg_mode(mc, q) == CM_SEGMENT_REFERENCE) return 0; /* depends on the whole request */
+        *salt = 1;
+        return 1;
+    }
+    if (q->opt.adapter_routing == CM_ADAPTERS_BATCH) return 0; /* sets come from the caller */
+    /* AUTO: each token's set follows from the tokens before it and the request language */
+    *salt = 2 + (uint64_t)q->opt.adapter_routing + ((uint64_t)(q->opt.language + 1) << 8);
+    return 1;
+}
+
+/* Positions of an earlier block end can be restored from the block's snapshot (the caller passes it);
+ * reference-mode sequences were scored whole and only go back to 0. */
+int cm_moe_seq_truncate_check(const cm_moe_ctx *mc, int seq, int len, int n, cm_err *err) {
+    const moe_seq *q = &mc->seqs[seq];
+    if (n == 0 || n == len) return CM_OK;
+    if (q->sealed)
+        return cm_err_set(err, CM_E_UNSUPPORTED, "seq: a reference-mode sequence can be truncated only to 0 or its "
+                          "length (%d -> %d)", len, n);
+    if (n % CM_KV_BLOCK_TOKENS == 0) return CM_OK;
+    return cm_err_set(err, CM_E_UNSUPPORTED,
+                      "seq: a %s sequence can be truncated only to 0, its length, or a multiple of %d (%d -> %d): its "
+                      "routing state (window pool, code fences) is kept at block ends only; re-prefill instead",
+                      mc->mm->kind == CM_MOE_HYBRID ? "hybrid-MoE" : "MoLE", CM_KV_BLOCK_TOKENS, len, n);
+}
+
+void cm_moe_seq_truncate(cm_moe_ctx *mc, int seq, int len, int n, const unsigned char *snap) {
+    if (n == len) return;
+    cm_moe_seq_restore(mc, seq, n == 0 ? NULL : snap);
 }
 
 int cm_moe_seq_set_options(cm_moe_ctx *mc, int seq, int len, const cm_seq_options *o, cm_err *err) {
@@ -372,9 +452,6 @@ int cm_moe_seq_set_options(cm_moe_ctx *mc, int seq, int len, const cm_seq_option
     return CM_OK;
 }
 
-static int seg_mode(const cm_moe_ctx *mc, const moe_seq *q) {
-    return q->opt.segment_mode == CM_SEGMENT_DEFAULT ? mc->mm->mode_default : q->opt.segment_mode;
-}
 
 /* ============================================================ batch */
 
@@ -433,10 +510,11 @@ static uint64_t auto_set(cm_moe_ctx *mc, moe_seq *q, int32_t tok) {
     return fb;
 }
 
-void cm_moe_batch_begin(cm_moe_ctx *mc, const cm_batch *b, const int32_t *pos) {
+void cm_moe_batch_begin(cm_moe_ctx *mc, const cm_batch *b, const int32_t *pos, unsigned char *const *snap) {
     const cm_moe_model *mm = mc->mm;
     mc->b = b;
     mc->pos = pos;
+    mc->snap = snap;
     mc->n = b->n;
     for (int i = 0; i < b->n; i++) {
         mc->gen[i] = b->generated && b->generated[i] ? 1 : 0;
@@ -448,6 +526,7 @@ void cm_moe_batch_begin(cm_moe_ctx *mc, const cm_batch *b, const int32_t *pos) {
         case CM_ADAPTERS_NONE: set = 0; break;
         default: set = auto_set(mc, q, b->token[i]); break;
         }
+        if (snap && snap[i]) memcpy(snap[i], &q->fence, sizeof q->fence);
         mc->sets[i] = set;
         if (mc->stats_on)
             for (int a = 0; a < mm->n_adapters; a++)
@@ -564,6 +643,7 @@ static void route_seg_causal(cm_moe_ctx *mc, int il, const float *x, int i) {
             desc[d] = (float)(ps[d] / cnt);
         }
     }
+    if (mc->snap && mc->snap[i]) snap_put_layer(mc, q, il, mc->snap[i]);
     float *lg = mc->rlog + (size_t)i * N;
     double p[CM_MOE_MAX_EXPERTS];
     int sel[CM_MOE_MAX_EXPERTS];

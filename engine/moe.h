@@ -95,16 +95,28 @@ cm_moe_ctx *cm_moe_ctx_create(const struct cm_model *m, const cm_moe_model *mm, 
                               int n_threads, int n_seq_max, int n_ctx, int n_batch_max, cm_err *err);
 void cm_moe_ctx_free(cm_moe_ctx *mc);
 void cm_moe_seq_open(cm_moe_ctx *mc, int seq);
-/* After the KV cache dropped positions >= n. Fails (nothing changed) when the causal window state can
- * not be rebuilt (n inside an earlier window than the current one). */
+/* Truncation to n < len: allowed to 0, and to block ends (n a multiple of CM_KV_BLOCK_TOKENS) whose
+ * snapshot the caller passes to cm_moe_seq_truncate; reference-mode sequences only to 0. */
 int cm_moe_seq_truncate_check(const cm_moe_ctx *mc, int seq, int len, int n, cm_err *err);
-void cm_moe_seq_truncate(cm_moe_ctx *mc, int seq, int n);
+void cm_moe_seq_truncate(cm_moe_ctx *mc, int seq, int len, int n, const unsigned char *snap);
+
+/* Prefix cache and forks. The state after a block's last position is written into the block's extra
+ * bytes (cm_moe_snapshot_bytes of them) during cm_forward; a sequence mapped onto cached blocks restores
+ * the last one's (NULL: the empty state). */
+size_t cm_moe_snapshot_bytes(const cm_moe_model *mm);
+void cm_moe_seq_restore(cm_moe_ctx *mc, int seq, const unsigned char *snap);
+/* dst continues src: options and routing state copied, statistics zero. */
+void cm_moe_seq_copy(cm_moe_ctx *mc, int dst, int src);
+/* The sequence's options as a prefix-cache salt; 0 when its blocks must not be shared (reference
+ * segment mode, adapter sets from the batch). */
+int cm_moe_seq_cache_salt(const cm_moe_ctx *mc, int seq, uint64_t *salt);
 int cm_moe_seq_set_options(cm_moe_ctx *mc, int seq, int len, const cm_seq_options *o, cm_err *err);
 
 /* seq_len: each sequence's length before this batch; seq_cnt: its tokens in this batch. */
 int cm_moe_batch_check(const cm_moe_ctx *mc, const cm_batch *b, const int32_t *seq_len, const int32_t *seq_cnt,
                        cm_err *err);
-void cm_moe_batch_begin(cm_moe_ctx *mc, const cm_batch *b, const int32_t *pos);
+/* snap: (n) per token, the snapshot area to fill after it (the token ends a KV block), or NULL. */
+void cm_moe_batch_begin(cm_moe_ctx *mc, const cm_batch *b, const int32_t *pos, unsigned char *const *snap);
 void cm_moe_batch_end(cm_moe_ctx *mc);
 
 /* Hybrid FFN of layer il: y (N, D) = a_tok y_tok + a_seg y_seg from x (N, D), the ffn-normed input. */

@@ -9,6 +9,7 @@
 #define CM_TEST_H
 
 #include <dirent.h>
+#include <stdint.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -72,5 +73,47 @@ static inline int test_foreach_fixture(const char *subdir, const char *suffix,
     closedir(d);
     return n;
 }
+
+/* Copies fixture src to dst with the value of metadata key `key` overwritten by vlen bytes of val (for
+ * an array key: element elem of fixed size vlen). Returns 0, or -1 if src or the key is missing. */
+static inline int test_patch_gguf_key(const char *src, const char *dst, const char *key, int elem, const void *val, size_t vlen) {
+    FILE *f = fopen(test_fixture(src), "rb");
+    if (!f) return -1;
+    fseek(f, 0, SEEK_END);
+    long sz = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    unsigned char *buf = malloc((size_t)sz);
+    if (!buf || fread(buf, 1, (size_t)sz, f) != (size_t)sz) {
+        fclose(f);
+        free(buf);
+        return -1;
+    }
+    fclose(f);
+    size_t kl = strlen(key);
+    long at = -1;
+    for (long i = 8; i + (long)kl + 4 < sz; i++) {
+        uint64_t len;
+        memcpy(&len, buf + i - 8, 8);
+        if (len == kl && !memcmp(buf + i, key, kl)) {
+            at = i + (long)kl;
+            break;
+        }
+    }
+    if (at < 0) {
+        free(buf);
+        return -1;
+    }
+    uint32_t type;
+    memcpy(&type, buf + at, 4);
+    long v = at + 4;
+    if (type == 9) v += 4 + 8 + (long)elem * (long)vlen; /* arrays of fixed-size elements */
+    memcpy(buf + v, val, vlen);
+    f = fopen(dst, "wb");
+    fwrite(buf, 1, (size_t)sz, f);
+    fclose(f);
+    free(buf);
+    return 0;
+}
+
 
 #endif

@@ -575,49 +575,10 @@ TEST(mole_batch_mixed_languages) {
 
 /* Copy of a fixture with the value of one key patched: the value follows key, u32 type (and for arrays
  * u32 element type + u64 count); elem picks an array element. */
-static int patch_key(const char *src, const char *dst, const char *key, int elem, const void *val, size_t vlen) {
-    FILE *f = fopen(test_fixture(src), "rb");
-    if (!f) return -1;
-    fseek(f, 0, SEEK_END);
-    long sz = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    unsigned char *buf = malloc((size_t)sz);
-    if (!buf || fread(buf, 1, (size_t)sz, f) != (size_t)sz) {
-        fclose(f);
-        free(buf);
-        return -1;
-    }
-    fclose(f);
-    size_t kl = strlen(key);
-    long at = -1;
-    for (long i = 8; i + (long)kl + 4 < sz; i++) {
-        uint64_t len;
-        memcpy(&len, buf + i - 8, 8);
-        if (len == kl && !memcmp(buf + i, key, kl)) {
-            at = i + (long)kl;
-            break;
-        }
-    }
-    if (at < 0) {
-        free(buf);
-        return -1;
-    }
-    uint32_t type;
-    memcpy(&type, buf + at, 4);
-    long v = at + 4;
-    if (type == 9) v += 4 + 8 + (long)elem * (long)vlen; /* arrays of fixed-size elements */
-    memcpy(buf + v, val, vlen);
-    f = fopen(dst, "wb");
-    fwrite(buf, 1, (size_t)sz, f);
-    fclose(f);
-    free(buf);
-    return 0;
-}
-
 static void expect_refused(const char *src, const char *key, int elem, uint32_t val, const char *msg_part) {
     char dst[256];
     snprintf(dst, sizeof dst, "/tmp/cm_test_moe_bad_%d.gguf", (int)getpid());
-    ASSERT_EQ_INT(patch_key(src, dst, key, elem, &val, 4), 0);
+    ASSERT_EQ_INT(test_patch_gguf_key(src, dst, key, elem, &val, 4), 0);
     cm_err err = {0};
     cm_model_params mp = {0};
     cm_model *m = cm_model_load(dst, &mp, &err);
