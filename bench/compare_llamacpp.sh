@@ -14,6 +14,9 @@
 # as separate llama-bench processes under time(1) and subtracts the CPU cost of loading the model.
 # The raw outputs of both tools go to LOGDIR (default: a fresh directory under /tmp).
 set -u
+# OpenBLAS picks its kernels from OPENBLAS_CORETYPE when set: the build machine forces Haswell (AVX2)
+# globally, which a stock install does not; let it detect the CPU (AVX-512 here) unless asked to keep it.
+[ "${CM_KEEP_OPENBLAS_CORETYPE:-0}" = 1 ] || unset OPENBLAS_CORETYPE
 
 threads="1 2" reps=3 pp=512 tg=128 logdir=""
 usage() {

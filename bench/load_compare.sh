@@ -19,6 +19,9 @@
 # the generated section of DOC for this thread count (between the load_compare markers for -t THREADS) is
 # replaced by this run's commands and tables, or appended; the rest of DOC is left alone.
 set -u
+# OpenBLAS picks its kernels from OPENBLAS_CORETYPE when set: the build machine forces Haswell (AVX2)
+# globally, which a stock install does not; let it detect the CPU (AVX-512 here) unless asked to keep it.
+[ "${CM_KEEP_OPENBLAS_CORETYPE:-0}" = 1 ] || unset OPENBLAS_CORETYPE
 
 here=$(cd "$(dirname "$0")" && pwd)
 model=/work/benchmodels/qwen45m-q8_0.gguf threads=2 concs="1 4 16" workloads="humaneval fim typing"

@@ -420,6 +420,14 @@ typedef struct cm_upcycle_params {
 void cm_upcycle_default(cm_upcycle_params *p);
 int cm_upcycle(const char *dense_path, const char *out_path, const cm_upcycle_params *p, cm_err *err);
 
+/* ============================================================ BLAS (prefill products)
+ *
+ * The OpenBLAS kernel family this process runs ("Haswell", "Cooperlake", ...), and, when that is an
+ * AVX2 family on a CPU with AVX-512 F/CD/BW/DQ/VL, the AVX-512 family to use instead (else NULL).
+ * OpenBLAS picks the family once, at library load, from OPENBLAS_CORETYPE or its own detection. */
+const char *cm_blas_core(void);
+const char *cm_blas_better_core(void);
+
 #ifdef __cplusplus
 }
 #endif
