@@ -49,6 +49,8 @@ typedef struct cm_model_params {
     int vocab_only;  /* load the tokenizer only; no tensors required */
 } cm_model_params;
 
+enum { CM_ROPE_SCALING_NONE = 0, CM_ROPE_SCALING_LINEAR = 1, CM_ROPE_SCALING_YARN = 2 };
+
 typedef struct cm_model_info {
     const char *arch;        /* "qwen2", "llama", ... (owned by the model) */
     const char *name;        /* general.name or "" */
@@ -63,6 +65,12 @@ typedef struct cm_model_info {
     float rope_theta;
     float rms_eps;
     int rope_neox;           /* 1: rotate halves (qwen2), 0: rotate adjacent pairs (llama as converted) */
+    /* rope scaling (<arch>.rope.scaling.*, see docs/model-format.md); NONE: factor 1, attn factor 1 */
+    int rope_scaling;        /* CM_ROPE_SCALING_NONE, _LINEAR (positions / factor) or _YARN */
+    float rope_factor;       /* context extension factor (>= 1) */
+    int rope_orig_ctx;       /* YaRN: context length the model was trained at (correction dims) */
+    float rope_attn_factor;  /* multiplies cos and sin (YaRN: on top of 0.1 ln(factor) + 1) */
+    float rope_beta_fast, rope_beta_slow; /* YaRN: rotations bounding the ramp (32, 1) */
     int qkv_bias;
     int tied_output;         /* output.weight absent: lm_head = token_embd */
     uint64_t n_params;       /* total parameters */

@@ -16,8 +16,9 @@
  * - tie_word_embeddings: lm_head.weight is not written (the loader then uses token_embd). Untied with no
  *   lm_head.weight is an error.
  * - rope_scaling: "linear" (DeepSeek-Coder) and "yarn" (long-context Qwen2.5) are written as llama.cpp
- *   writes them (<arch>.rope.scaling.type / .factor / .original_context_length) and the loader decides
- *   whether it implements them; "default" means none; anything else (Llama 3.1's "llama3", which llama.cpp
+ *   writes them (<arch>.rope.scaling.type / .factor / .original_context_length, and .yarn_beta_fast /
+ *   .yarn_beta_slow when given); HF's attention_factor becomes .attn_factor rescaled to llama.cpp's meaning
+ *   (rope_yarn_config); "default" or null means none; anything else (Llama 3.1's "llama3", which llama.cpp
  *   turns into a rope_freqs tensor, "dynamic", ...) is refused rather than silently mis-converted.
  * - A directory with tokenizer.json but no config.json gives a vocab-only GGUF. llama.cpp's vocab-only
  *   files carry the model's real architecture because its converter always has a config.json; we have
@@ -52,6 +53,8 @@ typedef struct hf_config {
     const char *rope_scaling; /* NULL, "linear" or "yarn" */
     float rope_factor;
     int rope_orig_ctx;        /* yarn: original_max_position_embeddings (0: absent) */
+    float rope_attn_factor;   /* yarn: GGUF attn_factor from HF attention_factor (0: absent) */
+    float rope_beta_fast, rope_beta_slow; /* yarn: beta_fast / beta_slow (0: absent) */
 } hf_config;
 
 typedef struct cv_state {
@@ -128,6 +131,42 @@ static int cfg_float(const json_t *cfg, const char *key, double def, double lo, 
     return CM_OK;
 }
 
+/* YaRN's optional fields. HF's attention_factor REPLACES the cos/sin multiplier 0.1 ln(factor) + 1, while
+ * llama.cpp's <arch>.rope.scaling.attn_factor multiplies it: we write attention_factor / (0.1 ln f + 1) so
+ * that the GGUF computes what transformers does. DeepSeek's mscale / mscale_all_dim and truncate=false
+ * change the formula itself: refused. */
+static int rope_yarn_config(const json_t *rs, hf_config *c, cm_err *err) {
+    int rc;
+    c->rope_orig_ctx = 0;
+    c->rope_attn_factor = c->rope_beta_fast = c->rope_beta_slow = 0;
+    static const char *const odd[] = {"mscale", "mscale_all_dim"};
+    for (int i = 0; i < 2; i++) {
+        const json_t *v = json_object_get(rs, odd[i]);
+        if (v && !json_is_null(v))
+            return cm_err_set(err, CM_E_UNSUPPORTED, "convert: config.json: rope_scaling \"%s\" is not supported", odd[i]);
+    }
+    if (json_is_false(json_object_get(rs, "truncate")))
+        return cm_err_set(err, CM_E_UNSUPPORTED, "convert: config.json: rope_scaling \"truncate\": false is not supported");
+    const json_t *o = json_object_get(rs, "original_max_position_embeddings");
+    if (o && !json_is_null(o) && (rc = cfg_int(rs, "original_max_position_embeddings", 0, 1, 1 << 24, &c->rope_orig_ctx, err)))
+        return rc;
+    const json_t *a = json_object_get(rs, "attention_factor");
+    if (a && !json_is_null(a)) {
+        float af = 0;
+        if ((rc = cfg_float(rs, "attention_factor", 0, 0, 1e3, &af, err))) return rc;
+        c->rope_attn_factor = (float)(af / (0.1 * log(c->rope_factor) + 1.0));
+    }
+    /* HF reads these with `or`: 0 or null mean the default (32, 1) */
+    const json_t *bf = json_object_get(rs, "beta_fast"), *bs = json_object_get(rs, "beta_slow");
+    if (bf && !json_is_null(bf) && (rc = cfg_float(rs, "beta_fast", 0, 0, 1e4, &c->rope_beta_fast, err))) return rc;
+    if (bs && !json_is_null(bs) && (rc = cfg_float(rs, "beta_slow", 0, 0, 1e4, &c->rope_beta_slow, err))) return rc;
+    float fast = c->rope_beta_fast > 0 ? c->rope_beta_fast : 32, slow = c->rope_beta_slow > 0 ? c->rope_beta_slow : 1;
+    if (!(fast > slow))
+        return cm_err_set(err, CM_E_FORMAT, "convert: config.json: rope_scaling beta_fast %g must exceed beta_slow %g",
+                          (double)fast, (double)slow);
+    return CM_OK;
+}
+
 static int load_config(cv_state *s, const char *path, cm_err *err) {
     json_t *cfg;
     int rc = load_json(path, CV_MAX_CONFIG, &cfg, err);
@@ -178,11 +217,14 @@ static int load_config(cv_state *s, const char *path, cm_err *err) {
         if (!rt) rt = json_string_value(json_object_get(rs, "type"));
         if (rt && (!strcmp(rt, "linear") || !strcmp(rt, "yarn"))) {
             c->rope_scaling = !strcmp(rt, "linear") ? "linear" : "yarn";
-            if ((rc = cfg_float(rs, "factor", 0, 0, 1e6, &c->rope_factor, err))) goto out;
-            c->rope_orig_ctx = 0;
-            if (!strcmp(rt, "yarn") &&
-                (rc = cfg_int(rs, "original_max_position_embeddings", 0, 0, 1 << 24, &c->rope_orig_ctx, err)))
+            /* the loader's range: a factor below 1 would compress positions, which no model we know does */
+            if ((rc = cfg_float(rs, "factor", 0, 0, 1024, &c->rope_factor, err))) goto out;
+            if (!(c->rope_factor >= 1.0f)) {
+                rc = cm_err_set(err, CM_E_FORMAT, "convert: config.json: rope_scaling \"factor\" = %g not in [1, 1024]",
+                                (double)c->rope_factor);
                 goto out;
+            }
+            if (!strcmp(rt, "yarn") && (rc = rope_yarn_config(rs, c, err))) goto out;
         } else if (!rt || strcmp(rt, "default")) {
             rc = cm_err_set(err, CM_E_UNSUPPORTED, "convert: config.json: rope_scaling \"%.32s\" is not supported",
                             rt ? rt : "?");
@@ -486,6 +528,9 @@ static int set_hparams(gguf_writer *w, const hf_config *c, int file_type) {
         bad |= gguf_writer_set_f32(w, KEY("rope.scaling.factor"), c->rope_factor);
         if (c->rope_orig_ctx)
             bad |= gguf_writer_set_u32(w, KEY("rope.scaling.original_context_length"), (uint32_t)c->rope_orig_ctx);
+        if (c->rope_attn_factor > 0) bad |= gguf_writer_set_f32(w, KEY("rope.scaling.attn_factor"), c->rope_attn_factor);
+        if (c->rope_beta_fast > 0) bad |= gguf_writer_set_f32(w, KEY("rope.scaling.yarn_beta_fast"), c->rope_beta_fast);
+        if (c->rope_beta_slow > 0) bad |= gguf_writer_set_f32(w, KEY("rope.scaling.yarn_beta_slow"), c->rope_beta_slow);
     }
 #undef KEY
     return bad ? CM_E_NOMEM : CM_OK;

@@ -84,16 +84,44 @@ static void *xmalloc(size_t n, int *fail) {
     return p;
 }
 
+/* cos/sin of every position's angles, (n_ctx, E/2): angle(p, i) = p * inv_freq[i], i < E/2.
+ * inv_freq[i] = theta^(-2i/E), then rope scaling (the same as llama.cpp's rope_yarn and HF's
+ * _compute_{linear_scaling,yarn}_rope_parameters; docs/engine.md says where those two differ):
+ * - linear: inv_freq / factor (positions interpolated), cos and sin times attn_factor;
+ * - YaRN: dims rotating fewer than beta_slow times over the original context are interpolated
+ *   (inv_freq / factor), those rotating more than beta_fast times are kept, a linear ramp blends the
+ *   dims between; cos and sin times (0.1 ln(factor) + 1) * attn_factor. */
+#define CM_PI 3.14159265358979323846
+
 static void rope_tables(cm_ctx *c) {
     const cm_model_info *in = &c->m->info;
     int h = in->head_dim / 2;
-    /* angles in double: the goldens are computed in float64, so this keeps our error our own */
-    for (int p = 0; p < c->n_ctx; p++) {
-        for (int i = 0; i < h; i++) {
-            double inv = pow((double)in->rope_theta, -2.0 * i / (double)in->head_dim);
+    /* in double: the goldens are computed in float64, so this keeps our error our own */
+    double E = in->head_dim, base = in->rope_theta, factor = in->rope_factor, mscale = in->rope_attn_factor;
+    double low = 0, high = 0; /* YaRN ramp over the pair index i: 0 at or below low, 1 at or above high */
+    if (in->rope_scaling == CM_ROPE_SCALING_YARN) {
+        /* the (fractional) dim whose pair turns n times over the original context: orig / (2 pi theta_i) = n */
+        double lb = 2.0 * log(base), orig = in->rope_orig_ctx;
+        double c_fast = E * log(orig / (in->rope_beta_fast * 2.0 * CM_PI)) / lb;
+        double c_slow = E * log(orig / (in->rope_beta_slow * 2.0 * CM_PI)) / lb;
+        low = floor(c_fast) > 0 ? floor(c_fast) : 0;
+        high = ceil(c_slow) < E - 1 ? ceil(c_slow) : E - 1;
+        mscale *= 0.1 * log(factor) + 1.0;
+    }
+    for (int i = 0; i < h; i++) {
+        double inv = pow(base, -2.0 * i / E);
+        if (in->rope_scaling == CM_ROPE_SCALING_LINEAR) {
+            inv /= factor;
+        } else if (in->rope_scaling == CM_ROPE_SCALING_YARN) {
+            double span = high - low > 0.001 ? high - low : 0.001; /* llama.cpp's guard, not HF's */
+            double r = (i - low) / span;
+            r = r < 0 ? 0 : r > 1 ? 1 : r; /* 0: extrapolate (keep), 1: interpolate */
+            inv = inv / factor * r + inv * (1.0 - r);
+        }
+        for (int p = 0; p < c->n_ctx; p++) {
             double a = (double)p * inv;
-            c->rope_cos[(size_t)p * h + i] = (float)cos(a);
-            c->rope_sin[(size_t)p * h + i] = (float)sin(a);
+            c->rope_cos[(size_t)p * h + i] = (float)(cos(a) * mscale);
+            c->rope_sin[(size_t)p * h + i] = (float)(sin(a) * mscale);
         }
     }
 }

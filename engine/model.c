@@ -57,6 +57,86 @@ static int get_float(const gguf_file *g, const char *arch, const char *key, floa
     return CM_OK;
 }
 
+/* Rope scaling as llama.cpp reads it (<arch>.rope.scaling.*). Linear divides every angle by the factor;
+ * YaRN interpolates the low frequencies, keeps the high ones and scales cos/sin (forward.c rope_tables).
+ * Values that no sane model has are refused rather than clamped: a wrong rope is a silently wrong model. */
+#define MAX_ROPE_FACTOR 1024.0f
+
+static int rope_key_f32(const gguf_file *g, const char *arch, const char *key, float def, float lo, float hi,
+                        float *out, cm_err *err) {
+    char full[128];
+    snprintf(full, sizeof full, "%s.%s", arch, key);
+    int rc = get_float(g, arch, key, def, out, err);
+    if (rc) return rc;
+    if (!(*out >= lo && *out <= hi)) /* NaN fails too */
+        return cm_err_set(err, CM_E_FORMAT, "model: %s = %g out of range [%g, %g]", full, (double)*out, (double)lo,
+                          (double)hi);
+    return CM_OK;
+}
+
+static int load_rope_scaling(const gguf_file *g, const char *arch, cm_model_info *in, cm_err *err) {
+    char key[128];
+    gguf_str st;
+    in->rope_scaling = CM_ROPE_SCALING_NONE;
+    in->rope_factor = in->rope_attn_factor = 1.0f;
+    in->rope_orig_ctx = in->n_ctx_train;
+    in->rope_beta_fast = 32.0f;
+    in->rope_beta_slow = 1.0f;
+    if (gguf_find_tensor(g, "rope_freqs.weight"))
+        return cm_err_set(err, CM_E_UNSUPPORTED, "model: rope_freqs (Llama 3 rope scaling) is not supported");
+    snprintf(key, sizeof key, "%s.rope.scaling.type", arch);
+    int rc = gguf_get_str(g, key, &st, err), has_type = rc == CM_OK;
+    if (rc < 0) return rc;
+    if (has_type) {
+        if (gguf_str_eq(st, "none")) in->rope_scaling = CM_ROPE_SCALING_NONE;
+        else if (gguf_str_eq(st, "linear")) in->rope_scaling = CM_ROPE_SCALING_LINEAR;
+        else if (gguf_str_eq(st, "yarn")) in->rope_scaling = CM_ROPE_SCALING_YARN;
+        else
+            return cm_err_set(err, CM_E_UNSUPPORTED, "model: rope scaling \"%.*s\" is not supported (none, linear, yarn)",
+                              (int)(st.len > 64 ? 64 : st.len), st.ptr);
+    }
+    /* the factor: .rope.scaling.factor, else the legacy .rope.scale_linear; with no type key llama.cpp takes
+     * either as a linear factor (its default type is linear, a factor of 1 being no scaling) */
+    const char *fkey = "rope.scaling.factor";
+    snprintf(key, sizeof key, "%s.%s", arch, fkey);
+    if (!gguf_find(g, key)) {
+        fkey = "rope.scale_linear";
+        snprintf(key, sizeof key, "%s.%s", arch, fkey);
+        if (!gguf_find(g, key)) fkey = NULL;
+    }
+    if (has_type && in->rope_scaling == CM_ROPE_SCALING_NONE) {
+        return CM_OK; /* llama.cpp ignores every other scaling key when the type says none */
+    } else if (fkey) {
+        if ((rc = rope_key_f32(g, arch, fkey, 1.0f, 1.0f, MAX_ROPE_FACTOR, &in->rope_factor, err))) return rc;
+        if (!has_type && in->rope_factor > 1.0f) in->rope_scaling = CM_ROPE_SCALING_LINEAR;
+    } else if (has_type) {
+        return cm_err_set(err, CM_E_FORMAT, "model: rope scaling \"%.*s\" without %s.rope.scaling.factor",
+                          (int)(st.len > 64 ? 64 : st.len), st.ptr, arch);
+    }
+    if (in->rope_scaling == CM_ROPE_SCALING_NONE) return CM_OK;
+    if ((rc = rope_key_f32(g, arch, "rope.scaling.attn_factor", 1.0f, 1e-3f, 1e3f, &in->rope_attn_factor, err)))
+        return rc;
+    if (in->rope_scaling == CM_ROPE_SCALING_YARN) {
+        /* absent: llama.cpp takes the training context (n_ctx_orig_yarn falls back to n_ctx_train) */
+        if ((rc = get_dim(g, arch, "rope.scaling.original_context_length", in->n_ctx_train, MAX_CTX, &in->rope_orig_ctx,
+                          err)) ||
+            (rc = rope_key_f32(g, arch, "rope.scaling.yarn_beta_fast", 32.0f, 1e-3f, 1e4f, &in->rope_beta_fast, err)) ||
+            (rc = rope_key_f32(g, arch, "rope.scaling.yarn_beta_slow", 1.0f, 1e-3f, 1e4f, &in->rope_beta_slow, err)))
+            return rc;
+        if (!(in->rope_beta_fast > in->rope_beta_slow))
+            return cm_err_set(err, CM_E_FORMAT, "model: yarn_beta_fast %g must exceed yarn_beta_slow %g",
+                              (double)in->rope_beta_fast, (double)in->rope_beta_slow);
+        /* keys whose meaning is DeepSeek-specific or differs between llama.cpp versions: refuse, not guess */
+        static const char *const odd[] = {"rope.scaling.yarn_log_multiplier", "rope.scaling.yarn_attn_factor",
+                                          "rope.scaling.yarn_ext_factor"};
+        for (size_t i = 0; i < sizeof odd / sizeof odd[0]; i++) {
+            snprintf(key, sizeof key, "%s.%s", arch, odd[i]);
+            if (gguf_find(g, key)) return cm_err_set(err, CM_E_UNSUPPORTED, "model: %s is not supported", key);
+        }
+    }
+    return CM_OK;
+}
+
 static int load_hparams(cm_model *m, const char *arch, cm_err *err) {
     const gguf_file *g = &m->gguf;
     cm_model_info *in = &m->info;
@@ -101,17 +181,7 @@ static int load_hparams(cm_model *m, const char *arch, cm_err *err) {
     if (!(in->rope_theta > 1.0f && in->rope_theta < 1e12f))
         return cm_err_set(err, CM_E_FORMAT, "model: rope.freq_base %g out of range", (double)in->rope_theta);
 
-    /* rope scaling changes positions' angles; we implement none of the schemes yet */
-    char key[128];
-    snprintf(key, sizeof key, "%s.rope.scaling.type", arch);
-    gguf_str st;
-    rc = gguf_get_str(g, key, &st, err);
-    if (rc < 0) return rc;
-    if (rc == CM_OK && !gguf_str_eq(st, "none"))
-        return cm_err_set(err, CM_E_UNSUPPORTED, "model: rope scaling \"%.*s\" is not supported",
-                          (int)(st.len > 64 ? 64 : st.len), st.ptr);
-    if (gguf_find_tensor(g, "rope_freqs.weight"))
-        return cm_err_set(err, CM_E_UNSUPPORTED, "model: rope_freqs (Llama 3 rope scaling) is not supported");
+    if ((rc = load_rope_scaling(g, arch, in, err))) return rc;
     in->rope_neox = is_qwen2;
     if (cm_moe_arch(arch)) return cm_moe_hparams(g, arch, in, err);
     return CM_OK;

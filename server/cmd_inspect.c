@@ -129,6 +129,13 @@ int cmd_inspect(int argc, char **argv) {
         printf("  rope theta %g (%s), rms eps %g, qkv bias %s, output %s\n", in->rope_theta,
                in->rope_neox ? "neox" : "normal", in->rms_eps, in->qkv_bias ? "yes" : "no",
                in->tied_output ? "tied to token_embd" : "separate");
+        if (in->rope_scaling == CM_ROPE_SCALING_LINEAR)
+            printf("  rope scaling  linear, factor %g, attn factor %g\n", in->rope_factor, in->rope_attn_factor);
+        else if (in->rope_scaling == CM_ROPE_SCALING_YARN)
+            printf("  rope scaling  yarn, factor %g, original ctx %d, attn factor %g, beta fast %g, slow %g\n",
+                   in->rope_factor, in->rope_orig_ctx, in->rope_attn_factor, in->rope_beta_fast, in->rope_beta_slow);
+        else
+            printf("  rope scaling  none\n");
     }
     printf("  vocab         %d (%s / %s)\n", in->n_vocab, in->tok_model ? in->tok_model : "?",
            in->tok_pre ? in->tok_pre : "?");

@@ -96,6 +96,15 @@ SPECS = [
     dict(name="llama-mha", arch="llama", H=4, K=4, tied=False, theta=1e4, eps=1e-5, n_cases=2),
     dict(name="qwen2-mha", arch="qwen2", H=4, K=4, tied=False, theta=1e6, eps=1e-6, n_cases=2),
     dict(name="llama-gqa", arch="llama", H=4, K=2, tied=True, theta=1e4, eps=1e-5, key_length=True, n_cases=2),
+    # rope scaling (HF rope_scaling as config.json has it; the GGUF keys follow as llama.cpp writes them):
+    # DeepSeek-Coder's linear 4, and YaRN as Qwen2.5-Coder's long-context config but with an original length
+    # of 32 so that the cases (~40 and ~100 tokens) run past it, and theta 100 so that the ramp between
+    # interpolated and kept dims covers several pairs (0, 1/3, 2/3, 1) instead of one. D=32 and F=64 (two
+    # heads of 16) keep the size budget: the rope is what they test.
+    dict(name="llama-linear", arch="llama", H=2, K=2, tied=False, theta=1e4, eps=1e-5, n_cases=2, hf_dir=True,
+         D=32, F=64, rope_scaling={"factor": 4.0, "type": "linear"}),
+    dict(name="qwen2-yarn", arch="qwen2", H=2, K=1, tied=True, theta=100.0, eps=1e-6, n_cases=3, hf_dir=True,
+         D=32, F=64, rope_scaling={"factor": 4.0, "original_max_position_embeddings": 32, "rope_type": "yarn"}),
 ]
 # type variants of the first model: (suffix, GGML type, tolerance)
 VARIANTS = [("f16", GGMLType.F16, 2e-4), ("bf16", GGMLType.BF16, 2e-4), ("q8_0", GGMLType.Q8_0, 1e-2)]
@@ -107,8 +116,9 @@ TYPE_NAME = {GGMLType.F32: "f32", GGMLType.F16: "f16", GGMLType.Q8_0: "q8_0", GG
 # ============================================================================ weights
 
 def make_config(spec, n_vocab):
-    return ref.Config(spec["arch"], n_vocab, D, F, N_LAYER, spec["H"], spec["K"], spec["eps"], spec["theta"],
-                      spec["tied"], N_CTX, HEAD_DIM)
+    return ref.Config(spec["arch"], n_vocab, spec.get("D", D), spec.get("F", F), N_LAYER, spec["H"], spec["K"],
+                      spec["eps"], spec["theta"],
+                      spec["tied"], N_CTX, HEAD_DIM, rope_scaling=spec.get("rope_scaling"))
 
 
 def make_weights(cfg, seed):
@@ -194,6 +204,24 @@ def add_base_kv(w, a, cfg, n_ff, ttype, name, key_length=False):
         w.add_uint32(a + ".attention.value_length", cfg.head_dim)
     if cfg.model_type == "llama":
         w.add_uint32(a + ".vocab_size", cfg.vocab_size)
+    rs = cfg.rope_scaling
+    if rs:  # as llama.cpp's converter (and codemoe convert) writes rope_scaling
+        w.add_string(a + ".rope.scaling.type", rs.get("rope_type", rs.get("type")))
+        w.add_float32(a + ".rope.scaling.factor", rs["factor"])
+        if "original_max_position_embeddings" in rs:
+            w.add_uint32(a + ".rope.scaling.original_context_length", rs["original_max_position_embeddings"])
+
+
+def gguf_rope(r, a):
+    """The rope scaling keys of a GGUF as reference.gguf_rope_angles takes them (None: no scaling)."""
+    kind = r.get(a + ".rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    rope = {"type": kind, "factor": float(r.get(a + ".rope.scaling.factor")),
+            "orig_ctx": r.get(a + ".rope.scaling.original_context_length") or r.get(a + ".context_length")}
+    if r.get(a + ".rope.scaling.attn_factor") is not None:
+        rope["attn_factor"] = float(r.get(a + ".rope.scaling.attn_factor"))
+    return rope
 
 
 def write_gguf(path, spec, cfg, weights, tok, ttype, name):
@@ -212,7 +240,7 @@ def check_gguf(path, spec, tokens, want):
     t = {n: x.dequantize() for n, x in r.tensors.items()}
     got = ref.gguf_forward(t, a, r.get(a + ".attention.head_count"), r.get(a + ".attention.head_count_kv"),
                            float(r.get(a + ".attention.layer_norm_rms_epsilon")),
-                           float(r.get(a + ".rope.freq_base")), tokens)
+                           float(r.get(a + ".rope.freq_base")), tokens, gguf_rope(r, a))
     err = float((got - torch.as_tensor(want, dtype=torch.float64)).abs().max())
     # eps and theta went through float32 in the file: allow that, nothing more
     assert err < 1e-5, "%s: read-back forward differs by %g" % (path, err)
@@ -264,7 +292,7 @@ def hf_config(cfg, tok, dtype):
         "intermediate_size": cfg.intermediate_size, "max_position_embeddings": cfg.max_position_embeddings,
         "model_type": cfg.model_type, "num_attention_heads": cfg.num_attention_heads,
         "num_hidden_layers": cfg.num_hidden_layers, "num_key_value_heads": cfg.num_key_value_heads,
-        "rms_norm_eps": cfg.rms_norm_eps, "rope_scaling": None, "rope_theta": float(cfg.rope_theta),
+        "rms_norm_eps": cfg.rms_norm_eps, "rope_scaling": cfg.rope_scaling, "rope_theta": float(cfg.rope_theta),
         "tie_word_embeddings": cfg.tie_word_embeddings, "torch_dtype": dtype,
         "transformers_version": "4.46.3", "use_cache": True, "vocab_size": cfg.vocab_size,
     }
@@ -774,6 +802,12 @@ def main():
             write_hf(os.path.join(out, "hf", name), cfg, w, tok, "float32", 1)
             golden(out, name, "hf_dir", "hf/" + name, cfg.model_type, "f32", TOL_F32, model, tok, cases_tok,
                    logits_from=spec["name"])
+            check_hf(os.path.join(out, "hf", name), cfg, cases_tok[0][1], model.forward(cases_tok[0][1]))
+        if spec.get("hf_dir"):  # the same f32 weights as an HF directory (rope_scaling in config.json)
+            name = spec["name"] + "-hf"
+            write_hf(os.path.join(out, "hf", name), cfg, w, tok, "float32", 1)
+            golden(out, name, "hf_dir", "hf/" + name, cfg.model_type, "f32", TOL_F32, model, tok, cases_tok,
+                   logits_from=spec["name"], n_cases=spec.get("n_cases", 3))
             check_hf(os.path.join(out, "hf", name), cfg, cases_tok[0][1], model.forward(cases_tok[0][1]))
         if spec["name"] == "llama-mha":  # bf16, sharded HF directory
             name = spec["name"] + "-bf16-hf"

@@ -34,7 +34,7 @@ class Config:
 
     def __init__(self, model_type, vocab_size, hidden_size, intermediate_size, num_hidden_layers,
                  num_attention_heads, num_key_value_heads, rms_norm_eps, rope_theta, tie_word_embeddings,
-                 max_position_embeddings, head_dim=None, attention_bias=None):
+                 max_position_embeddings, head_dim=None, attention_bias=None, rope_scaling=None):
         assert model_type in HF_ARCH
         self.model_type = model_type
         self.vocab_size = vocab_size
@@ -50,6 +50,8 @@ class Config:
         self.head_dim = head_dim or hidden_size // num_attention_heads
         # Qwen2 always has q/k/v biases; Llama has them only with attention_bias=true
         self.attention_bias = (model_type == "qwen2") if attention_bias is None else attention_bias
+        # HF rope_scaling dict ({"type" or "rope_type": "linear" | "yarn", "factor", ...}) or None
+        self.rope_scaling = rope_scaling
         assert num_attention_heads % num_key_value_heads == 0
 
     @classmethod
@@ -58,7 +60,7 @@ class Config:
                    d["num_hidden_layers"], d["num_attention_heads"], d.get("num_key_value_heads",
                    d["num_attention_heads"]), d["rms_norm_eps"], d.get("rope_theta", 10000.0),
                    d.get("tie_word_embeddings", False), d.get("max_position_embeddings", 2048),
-                   d.get("head_dim"), d.get("attention_bias"))
+                   d.get("head_dim"), d.get("attention_bias"), d.get("rope_scaling"))
 
 
 def hf_shapes(cfg, dense_ffn=True):
@@ -142,13 +144,48 @@ def rms_norm(x, w, eps):
     return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
-def rope_cos_sin(n_pos, head_dim, theta, dtype, pos0=0):
-    """(T, E) cos and sin, HF layout: the E/2 frequencies repeated twice (cat(freqs, freqs))."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+def rope_inv_freq(head_dim, theta, scaling=None, max_position_embeddings=None):
+    """(E/2,) inverse frequencies and the cos/sin multiplier, as HF's modeling_rope_utils computes them
+    (_compute_default / _compute_linear_scaling / _compute_yarn_rope_parameters), in float64.
+    YaRN: original_max_position_embeddings (else max_position_embeddings) sets the correction range, and
+    `factor` is used as given (transformers 4.5x replaced it by max_position_embeddings / original when
+    both exist; llama.cpp never does, and neither do we: see docs/engine.md)."""
+    E = head_dim
+    pos_freqs = theta ** (torch.arange(0, E, 2, dtype=torch.float64) / E)
+    inv_freq = 1.0 / pos_freqs
+    kind = None if not scaling else scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        return inv_freq, 1.0
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    assert kind == "yarn", kind
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+    orig = scaling.get("original_max_position_embeddings") or max_position_embeddings
+
+    def corr_dim(n_rot):  # the dim whose frequency turns n_rot times over the original context
+        return E * math.log(orig / (n_rot * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = max(math.floor(corr_dim(beta_fast)), 0), min(math.ceil(corr_dim(beta_slow)), E - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(E // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    extrapolate = 1 - ramp  # weight of the unscaled frequency
+    inv_freq = (inv_freq / factor) * (1 - extrapolate) + inv_freq * extrapolate
+    return inv_freq, float(attention)
+
+
+def rope_cos_sin(n_pos, head_dim, theta, dtype, pos0=0, scaling=None, max_position_embeddings=None):
+    """(T, E) cos and sin, HF layout: the E/2 frequencies repeated twice (cat(freqs, freqs)), times the
+    scaling's attention factor (YaRN) as HF's rotary embedding applies it."""
+    inv_freq, mscale = rope_inv_freq(head_dim, theta, scaling, max_position_embeddings)
     pos = torch.arange(pos0, pos0 + n_pos, dtype=torch.float64)
     freqs = torch.outer(pos, inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return (emb.cos() * mscale).to(dtype), (emb.sin() * mscale).to(dtype)
 
 
 def rotate_half(x):
@@ -213,7 +250,8 @@ class Model:
         if tokens.numel() == 0 or int(tokens.max()) >= cfg.vocab_size or int(tokens.min()) < 0:
             raise ValueError("bad tokens")
         x = self.w["model.embed_tokens.weight"][tokens]
-        cos, sin = rope_cos_sin(len(tokens), cfg.head_dim, cfg.rope_theta, self.dtype)
+        cos, sin = rope_cos_sin(len(tokens), cfg.head_dim, cfg.rope_theta, self.dtype, scaling=cfg.rope_scaling,
+                                max_position_embeddings=cfg.max_position_embeddings)
         for i in range(cfg.num_hidden_layers):
             p = "model.layers.%d." % i
             x = x + self.attention(i, rms_norm(x, self.w[p + "input_layernorm.weight"], cfg.rms_norm_eps), cos, sin)
@@ -239,19 +277,43 @@ class Model:
 
 # ============================================================================ GGUF-side check
 
-def gguf_forward(tensors, arch, n_head, n_head_kv, eps, theta, tokens):
+def gguf_rope_angles(E, theta, T, rope=None):
+    """(T, E/2) cos and sin with llama.cpp's conventions, from GGUF keys: rope = None or {"type": "none" |
+    "linear" | "yarn", "factor", "orig_ctx", "attn_factor", "beta_fast", "beta_slow"} (defaults as llama.cpp:
+    attn_factor 1, betas 32 / 1). Written after ggml's rope_yarn / rope_yarn_corr_dims (pair index i0/2,
+    ramp guard max(0.001, high - low), mscale = attn_factor * (1 + 0.1 ln(factor)) for YaRN), not after HF,
+    so that the two references check each other."""
+    rope = rope or {}
+    kind = rope.get("type", "none")
+    freq_scale = 1.0 / float(rope.get("factor", 1.0)) if kind != "none" else 1.0
+    mscale = float(rope.get("attn_factor", 1.0)) if kind != "none" else 1.0
+    theta_extrap = torch.tensor([theta ** (-i0 / E) for i0 in range(0, E, 2)], dtype=torch.float64)
+    theta_scaled = theta_extrap * freq_scale
+    if kind == "yarn":
+        n_orig = rope["orig_ctx"]
+        fast, slow = rope.get("beta_fast", 32.0), rope.get("beta_slow", 1.0)
+        corr = [E * math.log(n_orig / (b * 2 * math.pi)) / (2 * math.log(theta)) for b in (fast, slow)]
+        lo, hi = max(0.0, math.floor(corr[0])), min(E - 1.0, math.ceil(corr[1]))
+        y = torch.tensor([(i0 // 2 - lo) / max(0.001, hi - lo) for i0 in range(0, E, 2)], dtype=torch.float64)
+        mix = 1 - y.clamp(0, 1)  # 1: keep the unscaled angle
+        theta_scaled = theta_scaled * (1 - mix) + theta_extrap * mix
+        mscale *= 1.0 + 0.1 * math.log(1.0 / freq_scale)
+    ang = torch.outer(torch.arange(T, dtype=torch.float64), theta_scaled)
+    return ang.cos() * mscale, ang.sin() * mscale
+
+
+def gguf_forward(tensors, arch, n_head, n_head_kv, eps, theta, tokens, rope=None):
     """An independent forward over GGUF-named float tensors with llama.cpp's rope conventions: NeoX
-    (halves) for qwen2, "normal" (adjacent pairs) for llama, whose q/k rows were permuted at conversion.
-    Used by make_fixtures.py to prove that what it wrote (names, permutation) gives the HF logits."""
+    (halves) for qwen2, "normal" (adjacent pairs) for llama, whose q/k rows were permuted at conversion;
+    rope scaling from the GGUF keys (gguf_rope_angles).
+    Used by make_fixtures.py to prove that what it wrote (names, permutation, keys) gives the HF logits."""
     t = {k: torch.as_tensor(np.asarray(v, dtype=np.float64)) for k, v in tensors.items()}
     T = len(tokens)
     x = t["token_embd.weight"][torch.as_tensor(tokens)]
     D = x.shape[1]
     H, K = n_head, n_head_kv
     E = t["blk.0.attn_q.weight"].shape[0] // H
-    inv = 1.0 / (theta ** (torch.arange(0, E, 2, dtype=torch.float64) / E))
-    ang = torch.outer(torch.arange(T, dtype=torch.float64), inv)  # (T, E/2)
-    c, s = ang.cos(), ang.sin()
+    c, s = gguf_rope_angles(E, theta, T, rope)
 
     def rope(z):  # z: (T, heads, E)
         if arch == "llama":
@@ -523,6 +585,22 @@ def _selftest():
     # permutation round trip
     w = np.arange(8 * 3).reshape(8, 3)
     assert np.array_equal(llama_unpermute(llama_permute(w, 2), 2), w)
+    # rope scaling: the HF-style and the llama.cpp-style computations agree (Qwen2.5-Coder's YaRN, a ramp
+    # that starts above 0, a custom attention factor, DeepSeek-Coder's linear 4)
+    for E, theta, T, hf, gg in (
+            (128, 1e6, 300, {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+             {"type": "yarn", "factor": 4.0, "orig_ctx": 32768}),
+            (64, 1e4, 300, {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 4096,
+                            "attention_factor": 1.2},
+             {"type": "yarn", "factor": 8.0, "orig_ctx": 4096, "attn_factor": 1.2 / (1 + 0.1 * math.log(8.0))}),
+            (128, 1e5, 300, {"type": "linear", "factor": 4.0}, {"type": "linear", "factor": 4.0}),
+            (16, 100.0, 64, {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+             {"type": "yarn", "factor": 4.0, "orig_ctx": 32})):
+        c1, s1 = rope_cos_sin(T, E, theta, torch.float64, scaling=hf)
+        c2, s2 = gguf_rope_angles(E, theta, T, gg)
+        assert float((c1[:, :E // 2] - c2).abs().max()) < 1e-9 and float((s1[:, E // 2:] - s2).abs().max()) < 1e-9, hf
+        inv, _ = rope_inv_freq(E, theta, hf)
+        assert not torch.allclose(inv, rope_inv_freq(E, theta)[0])  # the scaling changed something
     print("reference.py selftest ok")
 
 

@@ -345,7 +345,8 @@ static int copy_file(const char *from, const char *to) {
     return ok ? 0 : -1;
 }
 
-/* A fixture HF dir whose config.json names arch_class; sharded: 1 with an index, 0 without, -1 any.
+/* A fixture HF dir whose config.json names arch_class and has no rope_scaling (the plain model the
+ * derived directories below are built from); sharded: 1 with an index, 0 without, -1 any.
  * Returns an absolute path (static buffer) or NULL. */
 static const char *find_hf_dir(const char *arch_class, int sharded) {
     static char found[1024];
@@ -363,7 +364,8 @@ static const char *find_hf_dir(const char *arch_class, int sharded) {
         snprintf(p, sizeof p, "%s/%s/model.safetensors.index.json", root, de->d_name);
         struct stat st;
         int has_index = stat(p, &st) == 0;
-        if (a && !strcmp(a, arch_class) && (sharded < 0 || sharded == has_index)) {
+        const json_t *rs = json_object_get(c, "rope_scaling");
+        if (a && !strcmp(a, arch_class) && (sharded < 0 || sharded == has_index) && (!rs || json_is_null(rs))) {
             snprintf(found, sizeof found, "%s/%s", root, de->d_name);
             ret = found;
         }
@@ -552,6 +554,18 @@ TEST(convert_rejects_bad_config) {
         {"rope_scaling", "{\"type\": \"dynamic\", \"factor\": 2}", CM_E_UNSUPPORTED, "rope_scaling \"dynamic\""},
         {"rope_scaling", "{\"type\": \"linear\"}", CM_E_FORMAT, "factor"},
         {"rope_scaling", "{\"rope_type\": \"llama3\", \"factor\": 8}", CM_E_UNSUPPORTED, "rope_scaling \"llama3\""},
+        {"rope_scaling", "{\"type\": \"linear\", \"factor\": 0.5}", CM_E_FORMAT, "\"factor\" = 0.5 not in [1, 1024]"},
+        {"rope_scaling", "{\"type\": \"yarn\", \"factor\": 4096}", CM_E_FORMAT, "factor"},
+        {"rope_scaling", "{\"type\": \"yarn\", \"factor\": \"4\"}", CM_E_FORMAT, "factor"},
+        {"rope_scaling", "{\"type\": \"yarn\", \"factor\": 4, \"original_max_position_embeddings\": 0}", CM_E_FORMAT,
+         "original_max_position_embeddings"},
+        {"rope_scaling", "{\"type\": \"yarn\", \"factor\": 4, \"attention_factor\": -1}", CM_E_FORMAT, "attention_factor"},
+        {"rope_scaling", "{\"type\": \"yarn\", \"factor\": 4, \"beta_fast\": 1, \"beta_slow\": 2}", CM_E_FORMAT,
+         "beta_fast 1 must exceed beta_slow 2"},
+        {"rope_scaling", "{\"type\": \"yarn\", \"factor\": 40, \"mscale\": 0.707, \"mscale_all_dim\": 0.707}",
+         CM_E_UNSUPPORTED, "rope_scaling \"mscale\" is not supported"},
+        {"rope_scaling", "{\"rope_type\": \"yarn\", \"factor\": 4, \"truncate\": false}", CM_E_UNSUPPORTED, "truncate"},
+        {"rope_scaling", "\"linear\"", CM_E_UNSUPPORTED, "rope_scaling \"?\""},
         {"architectures", "[\"MistralForCausalLM\"]", CM_E_UNSUPPORTED, "MistralForCausalLM"},
         {"tie_word_embeddings", "false", CM_E_FORMAT, "lm_head.weight"},
         {"head_dim", "15", CM_E_FORMAT, "head_dim"},
@@ -575,19 +589,23 @@ TEST(convert_rejects_bad_config) {
     expect_fail(work, CM_E_FORMAT, "config.json", "truncated config.json");
 }
 
-/* Linear and YaRN rope scaling are carried into the GGUF as llama.cpp writes them. */
+/* Linear and YaRN rope scaling are carried into the GGUF as llama.cpp writes them; HF's attention_factor
+ * (the whole cos/sin multiplier) becomes llama.cpp's attn_factor (a multiplier on top of 0.1 ln f + 1). */
 TEST(convert_rope_scaling_metadata) {
-    static const struct { const char *json, *type; float factor; int orig; } v[] = {
-        {"{\"type\": \"linear\", \"factor\": 4.0}", "linear", 4.0f, 0},
-        {"{\"rope_type\": \"yarn\", \"factor\": 4.0, \"original_max_position_embeddings\": 32768}", "yarn", 4.0f, 32768},
-        {"{\"rope_type\": \"default\"}", NULL, 0, 0},
+    static const struct { const char *json, *type; float factor; int orig; float attn, fast, slow; } v[] = {
+        {"{\"type\": \"linear\", \"factor\": 4.0}", "linear", 4.0f, 0, 0, 0, 0},
+        {"{\"rope_type\": \"yarn\", \"factor\": 4.0, \"original_max_position_embeddings\": 32768}", "yarn", 4.0f, 32768, 0, 0, 0},
+        {"{\"type\": \"yarn\", \"factor\": 8.0, \"attention_factor\": 1.2, \"beta_fast\": 16, \"beta_slow\": 2}", "yarn", 8.0f, 0,
+         (float)(1.2 / (0.1 * log(8.0) + 1.0)), 16, 2},
+        {"{\"rope_type\": \"default\"}", NULL, 0, 0, 0, 0, 0},
+        {"null", NULL, 0, 0, 0, 0, 0},
     };
     for (size_t i = 0; i < sizeof v / sizeof v[0]; i++) {
         const char *work = make_work_dir(make_f32_hf());
         char p[1024];
         snprintf(p, sizeof p, "%s/config.json", work);
         json_error_t je;
-        edit_json(p, "rope_scaling", json_loads(v[i].json, 0, &je));
+        edit_json(p, "rope_scaling", json_loads(v[i].json, JSON_DECODE_ANY, &je));
         cm_err err = {0};
         const char *out = tmp("rope.gguf");
         if (cm_convert_hf(work, out, NULL, &err)) { TEST_FAIL_("%s: %s", v[i].json, err.msg); continue; }
@@ -603,9 +621,52 @@ TEST(convert_rope_scaling_metadata) {
             CHECK_TRUE(gguf_get_f32(&g, "qwen2.rope.scaling.factor", &f, &err) == CM_OK && f == v[i].factor);
             rc = gguf_get_u32(&g, "qwen2.rope.scaling.original_context_length", &u, &err);
             CHECK_TRUE(v[i].orig ? rc == CM_OK && u == (uint32_t)v[i].orig : rc == 1);
+            static const char *const fk[] = {"qwen2.rope.scaling.attn_factor", "qwen2.rope.scaling.yarn_beta_fast",
+                                             "qwen2.rope.scaling.yarn_beta_slow"};
+            const float want[] = {v[i].attn, v[i].fast, v[i].slow};
+            for (int k = 0; k < 3; k++) {
+                f = 0;
+                rc = gguf_get_f32(&g, fk[k], &f, &err);
+                if (want[k] ? rc != CM_OK || fabsf(f - want[k]) > 1e-6f : rc != 1)
+                    TEST_FAIL_("%s: %s = %g (rc %d), want %g", v[i].json, fk[k], (double)f, rc, (double)want[k]);
+            }
+            /* and the loader takes what was written */
+            cm_model *m = cm_model_load(out, NULL, &err);
+            if (!m) TEST_FAIL_("%s: load: %s", v[i].json, err.msg);
+            else CHECK_TRUE(cm_model_get_info(m)->rope_scaling ==
+                            (!strcmp(v[i].type, "linear") ? CM_ROPE_SCALING_LINEAR : CM_ROPE_SCALING_YARN));
+            cm_model_free(m);
         }
         gguf_close(&g);
         unlink(out);
+    }
+}
+
+/* The rope-scaled HF fixtures (DeepSeek-Coder-style linear 4, Qwen2.5-style YaRN with cases past the
+ * original length) convert to models that compute their golden logits. convert_logits_match_golden walks
+ * every hf/ directory too; this names them so that losing them fails. */
+TEST(convert_rope_scaling_fixtures) {
+    static const struct { const char *name; int kind; } v[] = {
+        {"llama-linear-hf", CM_ROPE_SCALING_LINEAR}, {"qwen2-yarn-hf", CM_ROPE_SCALING_YARN},
+    };
+    for (size_t i = 0; i < sizeof v / sizeof v[0]; i++) {
+        char rel[300];
+        snprintf(rel, sizeof rel, "hf/%s", v[i].name);
+        char *dir = fixture_dup(rel);
+        json_t *g = load_golden(v[i].name);
+        cm_err err = {0};
+        const char *out = tmp("rope_fixture.gguf");
+        if (!g) TEST_FAIL_("no golden/%s.json", v[i].name);
+        else if (cm_convert_hf(dir, out, NULL, &err)) TEST_FAIL_("convert %s: %s", rel, err.msg);
+        else {
+            cm_model *m = cm_model_load(out, NULL, &err);
+            CHECK_TRUE(m && cm_model_get_info(m)->rope_scaling == v[i].kind && cm_model_get_info(m)->rope_factor == 4.0f);
+            cm_model_free(m);
+            check_logits(out, g);
+        }
+        unlink(out);
+        json_decref(g);
+        free(dir);
     }
 }
 
@@ -794,6 +855,7 @@ int main(void) {
     RUN(convert_vocab_only);
     RUN(convert_rejects_bad_config);
     RUN(convert_rope_scaling_metadata);
+    RUN(convert_rope_scaling_fixtures);
     RUN(convert_rejects_bad_shards);
     RUN(convert_rejects_bad_tensors);
     RUN(convert_cli);

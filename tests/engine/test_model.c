@@ -22,6 +22,7 @@ typedef struct mut {
     const char *drop_key;
     const char *u32_key; uint32_t u32;       /* set (replacing or adding) a u32 */
     const char *str_key; const char *str;    /* set (replacing or adding) a string */
+    const char *f32_key[3]; float f32[3];     /* set (replacing or adding) up to three f32 */
     const char *arch_to;                      /* rename general.architecture and the qwen2.* keys */
     const char *drop_tensor;                  /* omit tensors whose name contains this */
     const char *reshape; int64_t ne0, ne1;    /* replace a tensor by zeros of this shape (ne1 0: vector) */
@@ -41,7 +42,7 @@ static int build(const mut *mu) {
     }
     gguf_writer *w = gguf_writer_create(&err);
     int rc = 0;
-    int u32_done = 0, str_done = 0;
+    int u32_done = 0, str_done = 0, f32_done[3] = {0};
     for (uint64_t i = 0; i < g.n_kv && !rc; i++) {
         const gguf_kv *kv = &g.kv[i];
         char key[256], orig[256]; /* key as written; orig to look the value up in g */
@@ -56,6 +57,14 @@ static int build(const mut *mu) {
         if (mu->u32_key && !strcmp(key, mu->u32_key)) {
             rc = gguf_writer_set_u32(w, key, mu->u32);
             u32_done = 1;
+            continue;
+        }
+        int fi = -1;
+        for (int j = 0; j < 3; j++)
+            if (mu->f32_key[j] && !strcmp(key, mu->f32_key[j])) fi = j;
+        if (fi >= 0) {
+            rc = gguf_writer_set_f32(w, key, mu->f32[fi]);
+            f32_done[fi] = 1;
             continue;
         }
         if (mu->str_key && !strcmp(key, mu->str_key)) {
@@ -106,6 +115,8 @@ static int build(const mut *mu) {
     }
     if (!rc && mu->u32_key && !u32_done) rc = gguf_writer_set_u32(w, mu->u32_key, mu->u32);
     if (!rc && mu->str_key && !str_done) rc = gguf_writer_set_str(w, mu->str_key, mu->str);
+    for (int j = 0; j < 3 && !rc; j++)
+        if (mu->f32_key[j] && !f32_done[j]) rc = gguf_writer_set_f32(w, mu->f32_key[j], mu->f32[j]);
     for (uint64_t i = 0; i < g.n_tensors && !rc; i++) {
         const gguf_tensor *t = &g.tensors[i];
         char name[256];
@@ -133,6 +144,8 @@ static int build(const mut *mu) {
     gguf_close(&g);
     return rc;
 }
+
+static cm_model *fixture_model(void) { return cm_model_load(test_fixture("models/qwen2-gqa.gguf"), NULL, NULL); }
 
 /* Builds with mu, loads; expects code (CM_OK: loads) and, on failure, msg containing `want`. */
 static int expect(const mut *mu, int code, const char *want) {
@@ -214,12 +227,94 @@ TEST(hparam_errors) {
     ASSERT_TRUE(expect(&(mut){.u32_key = "qwen2.attention.key_length", .u32 = 15}, CM_E_FORMAT, "even"));
     ASSERT_TRUE(expect(&(mut){.u32_key = "qwen2.rope.dimension_count", .u32 = 8}, CM_E_UNSUPPORTED,
                        "partial rotary"));
-    ASSERT_TRUE(expect(&(mut){.str_key = "qwen2.rope.scaling.type", .str = "yarn"}, CM_E_UNSUPPORTED,
-                       "rope scaling \"yarn\""));
     ASSERT_TRUE(expect(&(mut){.str_key = "general.architecture", .str = "gpt2"}, CM_E_UNSUPPORTED,
                        "architecture \"gpt2\""));
     ASSERT_TRUE(expect(&(mut){.drop_key = "general.architecture"}, CM_E_FORMAT, "general.architecture"));
 }
+
+/* Rope scaling keys on the qwen2 fixture: what loads (and into which cm_model_info values), what is refused. */
+#define RS "qwen2.rope.scaling."
+TEST(rope_scaling_keys) {
+    /* the fixtures as llama.cpp writes them */
+    cm_model *m = cm_model_load(test_fixture("models/llama-linear.gguf"), NULL, NULL);
+    ASSERT_TRUE(m);
+    const cm_model_info *in = cm_model_get_info(m);
+    ASSERT_EQ_INT(in->rope_scaling, CM_ROPE_SCALING_LINEAR);
+    ASSERT_NEAR(in->rope_factor, 4, 0);
+    ASSERT_NEAR(in->rope_attn_factor, 1, 0);
+    cm_model_free(m);
+    m = cm_model_load(test_fixture("models/qwen2-yarn.gguf"), NULL, NULL);
+    ASSERT_TRUE(m);
+    in = cm_model_get_info(m);
+    ASSERT_EQ_INT(in->rope_scaling, CM_ROPE_SCALING_YARN);
+    ASSERT_NEAR(in->rope_factor, 4, 0);
+    ASSERT_EQ_INT(in->rope_orig_ctx, 32);
+    ASSERT_NEAR(in->rope_beta_fast, 32, 0);
+    ASSERT_NEAR(in->rope_beta_slow, 1, 0);
+    cm_model_free(m);
+    m = fixture_model();
+    ASSERT_TRUE(m);
+    ASSERT_EQ_INT(cm_model_get_info(m)->rope_scaling, CM_ROPE_SCALING_NONE);
+    ASSERT_NEAR(cm_model_get_info(m)->rope_factor, 1, 0);
+    cm_model_free(m);
+
+    /* benign: YaRN without an original length takes context_length; the legacy linear key; "none" ignores
+     * the rest (llama.cpp does) */
+    ASSERT_TRUE(expect(&(mut){.str_key = RS "type", .str = "yarn", .f32_key = {RS "factor", RS "attn_factor"},
+                              .f32 = {8, 0.5f}}, CM_OK, NULL));
+    m = cm_model_load(tmp_path, NULL, NULL);
+    ASSERT_TRUE(m);
+    ASSERT_EQ_INT(cm_model_get_info(m)->rope_orig_ctx, 256);
+    ASSERT_NEAR(cm_model_get_info(m)->rope_attn_factor, 0.5, 0);
+    cm_model_free(m);
+    ASSERT_TRUE(expect(&(mut){.f32_key = {"qwen2.rope.scale_linear"}, .f32 = {2}}, CM_OK, NULL));
+    m = cm_model_load(tmp_path, NULL, NULL);
+    ASSERT_TRUE(m);
+    ASSERT_EQ_INT(cm_model_get_info(m)->rope_scaling, CM_ROPE_SCALING_LINEAR);
+    ASSERT_NEAR(cm_model_get_info(m)->rope_factor, 2, 0);
+    cm_model_free(m);
+    ASSERT_TRUE(expect(&(mut){.f32_key = {RS "factor"}, .f32 = {3}}, CM_OK, NULL)); /* no type: linear */
+    m = cm_model_load(tmp_path, NULL, NULL);
+    ASSERT_TRUE(m);
+    ASSERT_EQ_INT(cm_model_get_info(m)->rope_scaling, CM_ROPE_SCALING_LINEAR);
+    cm_model_free(m);
+    ASSERT_TRUE(expect(&(mut){.str_key = RS "type", .str = "none", .f32_key = {RS "factor"}, .f32 = {0}}, CM_OK, NULL));
+    m = cm_model_load(tmp_path, NULL, NULL);
+    ASSERT_TRUE(m);
+    ASSERT_EQ_INT(cm_model_get_info(m)->rope_scaling, CM_ROPE_SCALING_NONE);
+    ASSERT_NEAR(cm_model_get_info(m)->rope_factor, 1, 0);
+    cm_model_free(m);
+
+    /* refused: unknown types, missing or out-of-range values, keys we do not implement */
+    ASSERT_TRUE(expect(&(mut){.str_key = RS "type", .str = "dynamic", .f32_key = {RS "factor"}, .f32 = {2}},
+                       CM_E_UNSUPPORTED, "rope scaling \"dynamic\" is not supported (none, linear, yarn)"));
+    ASSERT_TRUE(expect(&(mut){.str_key = RS "type", .str = "yarn"}, CM_E_FORMAT,
+                       "rope scaling \"yarn\" without qwen2.rope.scaling.factor"));
+    ASSERT_TRUE(expect(&(mut){.str_key = RS "type", .str = "linear", .f32_key = {RS "factor"}, .f32 = {0.5f}},
+                       CM_E_FORMAT, "qwen2.rope.scaling.factor = 0.5 out of range [1, 1024]"));
+    ASSERT_TRUE(expect(&(mut){.str_key = RS "type", .str = "linear", .f32_key = {RS "factor"}, .f32 = {NAN}},
+                       CM_E_FORMAT, "qwen2.rope.scaling.factor = nan out of range"));
+    ASSERT_TRUE(expect(&(mut){.str_key = RS "type", .str = "yarn", .f32_key = {RS "factor"}, .f32 = {INFINITY}},
+                       CM_E_FORMAT, "qwen2.rope.scaling.factor = inf out of range"));
+    ASSERT_TRUE(expect(&(mut){.str_key = RS "type", .str = "linear", .f32_key = {RS "factor"}, .f32 = {2048}},
+                       CM_E_FORMAT, "out of range [1, 1024]"));
+    ASSERT_TRUE(expect(&(mut){.f32_key = {"qwen2.rope.scale_linear"}, .f32 = {-1}}, CM_E_FORMAT,
+                       "qwen2.rope.scale_linear = -1 out of range"));
+    ASSERT_TRUE(expect(&(mut){.str_key = RS "type", .str = "yarn", .f32_key = {RS "factor"}, .f32 = {4},
+                              .u32_key = RS "original_context_length", .u32 = 0},
+                       CM_E_FORMAT, "qwen2.rope.scaling.original_context_length = 0 out of range"));
+    ASSERT_TRUE(expect(&(mut){.str_key = RS "type", .str = "yarn", .f32_key = {RS "factor", RS "attn_factor"},
+                              .f32 = {4, 0}}, CM_E_FORMAT, "qwen2.rope.scaling.attn_factor = 0 out of range"));
+    ASSERT_TRUE(expect(&(mut){.str_key = RS "type", .str = "yarn",
+                              .f32_key = {RS "factor", RS "yarn_beta_fast", RS "yarn_beta_slow"}, .f32 = {4, 1, 2}},
+                       CM_E_FORMAT, "yarn_beta_fast 1 must exceed yarn_beta_slow 2"));
+    ASSERT_TRUE(expect(&(mut){.str_key = RS "type", .str = "yarn",
+                              .f32_key = {RS "factor", RS "yarn_log_multiplier"}, .f32 = {4, 0.1f}},
+                       CM_E_UNSUPPORTED, "qwen2.rope.scaling.yarn_log_multiplier is not supported"));
+    ASSERT_TRUE(expect(&(mut){.add_tensor = "rope_freqs.weight", .add_ne0 = 8, .add_ne1 = 1}, CM_E_UNSUPPORTED,
+                       "rope_freqs"));
+}
+#undef RS
 
 TEST(type_and_bias_rules) {
     ASSERT_TRUE(expect(&(mut){.retype = "blk.0.attn_norm.weight", .type = GGUF_TT_F16}, CM_E_UNSUPPORTED,
@@ -383,6 +478,7 @@ int main(void) {
     RUN(valid_model_info);
     RUN(shape_errors);
     RUN(hparam_errors);
+    RUN(rope_scaling_keys);
     RUN(type_and_bias_rules);
     RUN(vocab_only);
     RUN(kv_exhaustion_changes_nothing);
