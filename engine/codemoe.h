@@ -71,6 +71,7 @@ typedef struct cm_model_info {
     int rope_orig_ctx;       /* YaRN: context length the model was trained at (correction dims) */
     float rope_attn_factor;  /* multiplies cos and sin (YaRN: on top of 0.1 ln(factor) + 1) */
     float rope_beta_fast, rope_beta_slow; /* YaRN: rotations bounding the ramp (32, 1) */
+    int rope_freqs;          /* 1: rope_freqs.weight divides each pair's frequency (Llama 3.1 scaling) */
     int qkv_bias;
     int tied_output;         /* output.weight absent: lm_head = token_embd */
     uint64_t n_params;       /* total parameters */

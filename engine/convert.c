@@ -18,8 +18,9 @@
  * - rope_scaling: "linear" (DeepSeek-Coder) and "yarn" (long-context Qwen2.5) are written as llama.cpp
  *   writes them (<arch>.rope.scaling.type / .factor / .original_context_length, and .yarn_beta_fast /
  *   .yarn_beta_slow when given); HF's attention_factor becomes .attn_factor rescaled to llama.cpp's meaning
- *   (rope_yarn_config); "default" or null means none; anything else (Llama 3.1's "llama3", which llama.cpp
- *   turns into a rope_freqs tensor, "dynamic", ...) is refused rather than silently mis-converted.
+ *   (rope_yarn_config); Llama 3.1's "llama3" becomes a rope_freqs.weight tensor as llama.cpp makes it;
+ *   "default" or null means none; anything else ("dynamic", "longrope", ...) is refused rather than
+ *   silently mis-converted.
  * - A directory with tokenizer.json but no config.json gives a vocab-only GGUF. llama.cpp's vocab-only
  *   files carry the model's real architecture because its converter always has a config.json; we have
  *   none, so general.architecture is "none" (the loader accepts any architecture with vocab_only and
@@ -43,6 +44,7 @@
 #define CV_MAX_CONFIG (1u << 20)   /* config.json */
 #define CV_MAX_INDEX (64u << 20)   /* model.safetensors.index.json */
 #define CV_MAX_SHARDS 4096
+#define CV_PI 3.14159265358979323846
 
 typedef struct hf_config {
     const char *arch;    /* "qwen2" or "llama" (static) */
@@ -55,6 +57,7 @@ typedef struct hf_config {
     int rope_orig_ctx;        /* yarn: original_max_position_embeddings (0: absent) */
     float rope_attn_factor;   /* yarn: GGUF attn_factor from HF attention_factor (0: absent) */
     float rope_beta_fast, rope_beta_slow; /* yarn: beta_fast / beta_slow (0: absent) */
+    double l3_factor, l3_low, l3_high, l3_orig; /* llama3: factor, low/high_freq_factor, original length */
 } hf_config;
 
 typedef struct cv_state {
@@ -167,6 +170,41 @@ static int rope_yarn_config(const json_t *rs, hf_config *c, cm_err *err) {
     return CM_OK;
 }
 
+/* Llama 3.1's rope_type "llama3": llama.cpp turns it into a rope_freqs.weight tensor (no scaling keys). */
+static int rope_llama3_config(const json_t *rs, hf_config *c, cm_err *err) {
+    static const char *const k[] = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"};
+    double *v[] = {&c->l3_factor, &c->l3_low, &c->l3_high, &c->l3_orig};
+    for (int i = 0; i < 4; i++) {
+        const json_t *x = json_object_get(rs, k[i]);
+        int hi = i == 3 ? 1 << 24 : 1024;
+        if (!json_is_number(x) || !(json_number_value(x) > 0 && json_number_value(x) <= hi))
+            return cm_err_set(err, CM_E_FORMAT, "convert: config.json: rope_scaling \"llama3\" needs \"%s\" in (0, %d]",
+                              k[i], hi);
+        *v[i] = json_number_value(x);
+    }
+    if (!(c->l3_factor >= 1 && c->l3_high > c->l3_low))
+        return cm_err_set(err, CM_E_FORMAT,
+                          "convert: config.json: rope_scaling \"llama3\": factor %g must be >= 1 and high_freq_factor %g "
+                          "above low_freq_factor %g", c->l3_factor, c->l3_high, c->l3_low);
+    return CM_OK;
+}
+
+/* rope_freqs (E/2) as llama.cpp's converter computes them: per pair, with wavelength 2 pi / inv_freq,
+ * 1 below original / high_freq_factor, factor above original / low_freq_factor, and 1 / ((1 - s) / factor
+ * + s) between, s = (original / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor). */
+static void llama3_rope_freqs(const hf_config *c, float *out) {
+    for (int i0 = 0; i0 < c->head_dim; i0 += 2) {
+        double wavelen = 2 * CV_PI / (1.0 / pow((double)c->theta, (double)i0 / c->head_dim)), f;
+        if (wavelen < c->l3_orig / c->l3_high) f = 1.0;
+        else if (wavelen > c->l3_orig / c->l3_low) f = c->l3_factor;
+        else {
+            double sm = (c->l3_orig / wavelen - c->l3_low) / (c->l3_high - c->l3_low);
+            f = 1.0 / ((1 - sm) / c->l3_factor + sm);
+        }
+        out[i0 / 2] = (float)f;
+    }
+}
+
 static int load_config(cv_state *s, const char *path, cm_err *err) {
     json_t *cfg;
     int rc = load_json(path, CV_MAX_CONFIG, &cfg, err);
@@ -225,6 +263,9 @@ static int load_config(cv_state *s, const char *path, cm_err *err) {
                 goto out;
             }
             if (!strcmp(rt, "yarn") && (rc = rope_yarn_config(rs, c, err))) goto out;
+        } else if (rt && !strcmp(rt, "llama3")) {
+            c->rope_scaling = "llama3";
+            if ((rc = rope_llama3_config(rs, c, err))) goto out;
         } else if (!rt || strcmp(rt, "default")) {
             rc = cm_err_set(err, CM_E_UNSUPPORTED, "convert: config.json: rope_scaling \"%.32s\" is not supported",
                             rt ? rt : "?");
@@ -499,6 +540,19 @@ static int add_tensors(cv_state *s, gguf_writer *w, int out_type, cm_err *err) {
     }
     free(ex);
     if (s->file_type < 0) s->file_type = 0;
+    if (!rc && s->c.rope_scaling && !strcmp(s->c.rope_scaling, "llama3")) {
+        float *ff = malloc((size_t)s->c.head_dim / 2 * sizeof *ff);
+        void **o = realloc(s->owned, (size_t)(s->n_owned + 1) * sizeof *o);
+        if (o) s->owned = o;
+        if (!ff || !o) {
+            free(ff);
+            return cm_err_set(err, CM_E_NOMEM, "convert: out of memory");
+        }
+        s->owned[s->n_owned++] = ff;
+        llama3_rope_freqs(&s->c, ff);
+        int64_t ne[1] = {s->c.head_dim / 2};
+        rc = gguf_writer_add_tensor_ref(w, "rope_freqs.weight", GGUF_TT_F32, 1, ne, GGUF_TT_F32, ff, err);
+    }
     return rc;
 }
 
@@ -523,7 +577,7 @@ static int set_hparams(gguf_writer *w, const hf_config *c, int file_type) {
         bad |= gguf_writer_set_u32(w, KEY("attention.value_length"), (uint32_t)c->head_dim);
     }
     if (!strcmp(c->arch, "llama")) bad |= gguf_writer_set_u32(w, KEY("vocab_size"), (uint32_t)c->n_vocab);
-    if (c->rope_scaling) {
+    if (c->rope_scaling && strcmp(c->rope_scaling, "llama3")) { /* llama3: the rope_freqs tensor only */
         bad |= gguf_writer_set_str(w, KEY("rope.scaling.type"), c->rope_scaling);
         bad |= gguf_writer_set_f32(w, KEY("rope.scaling.factor"), c->rope_factor);
         if (c->rope_orig_ctx)

@@ -85,8 +85,9 @@ static void *xmalloc(size_t n, int *fail) {
 }
 
 /* cos/sin of every position's angles, (n_ctx, E/2): angle(p, i) = p * inv_freq[i], i < E/2.
- * inv_freq[i] = theta^(-2i/E), then rope scaling (the same as llama.cpp's rope_yarn and HF's
- * _compute_{linear_scaling,yarn}_rope_parameters; docs/engine.md says where those two differ):
+ * inv_freq[i] = theta^(-2i/E), divided by rope_freqs[i] if the model has them (Llama 3.1), then rope
+ * scaling (the same as llama.cpp's rope_yarn and HF's _compute_{linear_scaling,yarn}_rope_parameters;
+ * docs/engine.md says where those two differ):
  * - linear: inv_freq / factor (positions interpolated), cos and sin times attn_factor;
  * - YaRN: dims rotating fewer than beta_slow times over the original context are interpolated
  *   (inv_freq / factor), those rotating more than beta_fast times are kept, a linear ramp blends the
@@ -108,8 +109,14 @@ static void rope_tables(cm_ctx *c) {
         high = ceil(c_slow) < E - 1 ? ceil(c_slow) : E - 1;
         mscale *= 0.1 * log(factor) + 1.0;
     }
+    const gguf_tensor *ff = in->rope_freqs ? gguf_find_tensor(&c->m->gguf, "rope_freqs.weight") : NULL; /* (E/2) */
     for (int i = 0; i < h; i++) {
         double inv = pow(base, -2.0 * i / E);
+        if (ff) { /* checked by the loader: F32, E/2 values in [0.001, 10000] */
+            float f;
+            memcpy(&f, (const char *)ff->data + 4 * (size_t)i, 4);
+            inv /= f;
+        }
         if (in->rope_scaling == CM_ROPE_SCALING_LINEAR) {
             inv /= factor;
         } else if (in->rope_scaling == CM_ROPE_SCALING_YARN) {

@@ -82,8 +82,22 @@ static int load_rope_scaling(const gguf_file *g, const char *arch, cm_model_info
     in->rope_orig_ctx = in->n_ctx_train;
     in->rope_beta_fast = 32.0f;
     in->rope_beta_slow = 1.0f;
-    if (gguf_find_tensor(g, "rope_freqs.weight"))
-        return cm_err_set(err, CM_E_UNSUPPORTED, "model: rope_freqs (Llama 3 rope scaling) is not supported");
+    /* Llama 3.1's scaling as llama.cpp converts it: a factor per pair dividing its frequency, (E/2) F32,
+     * applied before linear / YaRN scaling as ggml does */
+    const gguf_tensor *ft = gguf_find_tensor(g, "rope_freqs.weight");
+    in->rope_freqs = ft != NULL;
+    if (ft) {
+        if (ft->type != GGUF_TT_F32 || ft->n_dims != 1 || ft->ne[0] != in->head_dim / 2)
+            return cm_err_set(err, CM_E_FORMAT, "model: rope_freqs.weight must be F32 of shape [%d] (head_dim / 2)",
+                              in->head_dim / 2);
+        for (int i = 0; i < in->head_dim / 2; i++) {
+            float f;
+            memcpy(&f, (const char *)ft->data + 4 * (size_t)i, 4);
+            if (!(f >= 1e-3f && f <= 1e4f))
+                return cm_err_set(err, CM_E_FORMAT, "model: rope_freqs.weight[%d] = %g out of range [0.001, 10000]", i,
+                                  (double)f);
+        }
+    }
     snprintf(key, sizeof key, "%s.rope.scaling.type", arch);
     int rc = gguf_get_str(g, key, &st, err), has_type = rc == CM_OK;
     if (rc < 0) return rc;

@@ -136,6 +136,7 @@ int cmd_inspect(int argc, char **argv) {
                    in->rope_factor, in->rope_orig_ctx, in->rope_attn_factor, in->rope_beta_fast, in->rope_beta_slow);
         else
             printf("  rope scaling  none\n");
+        if (in->rope_freqs) printf("  rope freqs    per-pair factors from rope_freqs.weight (Llama 3.1 scaling)\n");
     }
     printf("  vocab         %d (%s / %s)\n", in->n_vocab, in->tok_model ? in->tok_model : "?",
            in->tok_pre ? in->tok_pre : "?");

@@ -105,6 +105,11 @@ SPECS = [
          D=32, F=64, rope_scaling={"factor": 4.0, "type": "linear"}),
     dict(name="qwen2-yarn", arch="qwen2", H=2, K=1, tied=True, theta=100.0, eps=1e-6, n_cases=3, hf_dir=True,
          D=32, F=64, rope_scaling={"factor": 4.0, "original_max_position_embeddings": 32, "rope_type": "yarn"}),
+    # Llama 3.1's scaling with an original length of 32: pair 0 kept, pair 1 blended (factor 3.3), the rest
+    # divided by 8; in the GGUF as llama.cpp converts it, a rope_freqs.weight tensor and no scaling keys
+    dict(name="llama-freqs", arch="llama", H=2, K=1, tied=True, theta=1e4, eps=1e-5, n_cases=2, hf_dir=True,
+         D=32, F=64, rope_scaling={"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                   "original_max_position_embeddings": 32, "rope_type": "llama3"}),
 ]
 # type variants of the first model: (suffix, GGML type, tolerance)
 VARIANTS = [("f16", GGMLType.F16, 2e-4), ("bf16", GGMLType.BF16, 2e-4), ("q8_0", GGMLType.Q8_0, 1e-2)]
@@ -205,7 +210,7 @@ def add_base_kv(w, a, cfg, n_ff, ttype, name, key_length=False):
     if cfg.model_type == "llama":
         w.add_uint32(a + ".vocab_size", cfg.vocab_size)
     rs = cfg.rope_scaling
-    if rs:  # as llama.cpp's converter (and codemoe convert) writes rope_scaling
+    if rs and rs.get("rope_type") != "llama3":  # as llama.cpp's converter (and codemoe convert) writes them
         w.add_string(a + ".rope.scaling.type", rs.get("rope_type", rs.get("type")))
         w.add_float32(a + ".rope.scaling.factor", rs["factor"])
         if "original_max_position_embeddings" in rs:
@@ -228,6 +233,9 @@ def write_gguf(path, spec, cfg, weights, tok, ttype, name):
     w = GGUFWriter(path)
     add_base_kv(w, cfg.model_type, cfg, cfg.intermediate_size, ttype, name, spec.get("key_length", False))
     add_tokenizer_kv(w, tok)
+    if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") == "llama3":  # llama.cpp: a tensor, no keys
+        w.add_tensor("rope_freqs.weight", ref.llama3_rope_freqs(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
+                     GGMLType.F32)
     for n, v in gguf_tensors(cfg, weights):
         w.add_tensor(n, v, ttype if v.ndim == 2 else GGMLType.F32)
     w.write()

@@ -159,6 +159,15 @@ def rope_inv_freq(head_dim, theta, scaling=None, max_position_embeddings=None):
     factor = float(scaling["factor"])
     if kind == "linear":
         return inv_freq / factor, 1.0
+    if kind == "llama3":  # Llama 3.1: long wavelengths interpolated, short kept, a smooth blend between
+        lo_f, hi_f = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old / lo_f, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - lo_f) / (hi_f - lo_f)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / hi_f) & (wavelen <= old / lo_f)
+        return torch.where(medium, blended, scaled), 1.0
     assert kind == "yarn", kind
     attention = scaling.get("attention_factor")
     if attention is None:
@@ -279,7 +288,8 @@ class Model:
 
 def gguf_rope_angles(E, theta, T, rope=None):
     """(T, E/2) cos and sin with llama.cpp's conventions, from GGUF keys: rope = None or {"type": "none" |
-    "linear" | "yarn", "factor", "orig_ctx", "attn_factor", "beta_fast", "beta_slow"} (defaults as llama.cpp:
+    "linear" | "yarn", "factor", "orig_ctx", "attn_factor", "beta_fast", "beta_slow", "freqs" (the
+    rope_freqs.weight values)} (defaults as llama.cpp:
     attn_factor 1, betas 32 / 1). Written after ggml's rope_yarn / rope_yarn_corr_dims (pair index i0/2,
     ramp guard max(0.001, high - low), mscale = attn_factor * (1 + 0.1 ln(factor)) for YaRN), not after HF,
     so that the two references check each other."""
@@ -288,6 +298,8 @@ def gguf_rope_angles(E, theta, T, rope=None):
     freq_scale = 1.0 / float(rope.get("factor", 1.0)) if kind != "none" else 1.0
     mscale = float(rope.get("attn_factor", 1.0)) if kind != "none" else 1.0
     theta_extrap = torch.tensor([theta ** (-i0 / E) for i0 in range(0, E, 2)], dtype=torch.float64)
+    if rope.get("freqs") is not None:  # rope_freqs.weight (Llama 3.1): divides each pair's frequency
+        theta_extrap = theta_extrap / torch.as_tensor(np.asarray(rope["freqs"], dtype=np.float64))
     theta_scaled = theta_extrap * freq_scale
     if kind == "yarn":
         n_orig = rope["orig_ctx"]
@@ -302,6 +314,26 @@ def gguf_rope_angles(E, theta, T, rope=None):
     return ang.cos() * mscale, ang.sin() * mscale
 
 
+def llama3_rope_freqs(head_dim, theta, scaling):
+    """rope_freqs.weight (E/2,) float32 for an HF "llama3" rope_scaling, as llama.cpp's converter makes it:
+    per frequency, 1 for short wavelengths, `factor` for long ones, 1 / ((1 - s) / factor + s) between,
+    s = (original / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)."""
+    factor = float(scaling["factor"])
+    lo_f, hi_f = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old = float(scaling["original_max_position_embeddings"])
+    out = []
+    for i0 in range(0, head_dim, 2):
+        wavelen = 2 * math.pi / (1.0 / theta ** (i0 / head_dim))
+        if wavelen < old / hi_f:
+            out.append(1.0)
+        elif wavelen > old / lo_f:
+            out.append(factor)
+        else:
+            s = (old / wavelen - lo_f) / (hi_f - lo_f)
+            out.append(1.0 / ((1 - s) / factor + s))
+    return np.array(out, dtype=np.float32)
+
+
 def gguf_forward(tensors, arch, n_head, n_head_kv, eps, theta, tokens, rope=None):
     """An independent forward over GGUF-named float tensors with llama.cpp's rope conventions: NeoX
     (halves) for qwen2, "normal" (adjacent pairs) for llama, whose q/k rows were permuted at conversion;
@@ -313,6 +345,8 @@ def gguf_forward(tensors, arch, n_head, n_head_kv, eps, theta, tokens, rope=None
     D = x.shape[1]
     H, K = n_head, n_head_kv
     E = t["blk.0.attn_q.weight"].shape[0] // H
+    if "rope_freqs.weight" in t:
+        rope = dict(rope or {}, freqs=t["rope_freqs.weight"])
     c, s = gguf_rope_angles(E, theta, T, rope)
 
     def rope(z):  # z: (T, heads, E)
@@ -572,6 +606,11 @@ class Tokenizer:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
 
+# Llama 3.1's rope_scaling (config.json of Llama-3.1-8B)
+LLAMA31 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+           "rope_type": "llama3"}
+
+
 def _selftest():
     # pre-tokenizer cases worked out from the regex by hand
     assert pretokenize("Hello world") == ["Hello", " world"]
@@ -595,10 +634,12 @@ def _selftest():
              {"type": "yarn", "factor": 8.0, "orig_ctx": 4096, "attn_factor": 1.2 / (1 + 0.1 * math.log(8.0))}),
             (128, 1e5, 300, {"type": "linear", "factor": 4.0}, {"type": "linear", "factor": 4.0}),
             (16, 100.0, 64, {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
-             {"type": "yarn", "factor": 4.0, "orig_ctx": 32})):
+             {"type": "yarn", "factor": 4.0, "orig_ctx": 32}),
+            (128, 5e5, 300, LLAMA31, {"freqs": llama3_rope_freqs(128, 5e5, LLAMA31)})):
         c1, s1 = rope_cos_sin(T, E, theta, torch.float64, scaling=hf)
         c2, s2 = gguf_rope_angles(E, theta, T, gg)
-        assert float((c1[:, :E // 2] - c2).abs().max()) < 1e-9 and float((s1[:, E // 2:] - s2).abs().max()) < 1e-9, hf
+        tol = 1e-9 if "freqs" not in gg else 1e-4  # rope_freqs are float32, as llama.cpp stores them
+        assert float((c1[:, :E // 2] - c2).abs().max()) < tol and float((s1[:, E // 2:] - s2).abs().max()) < tol, hf
         inv, _ = rope_inv_freq(E, theta, hf)
         assert not torch.allclose(inv, rope_inv_freq(E, theta)[0])  # the scaling changed something
     print("reference.py selftest ok")

@@ -8,7 +8,8 @@
  * numpy's/llama.cpp's reference quantiser); (3) the converted model's logits match the golden logits
  * within the golden tolerance; (4) a tokenizer-only directory gives a vocab-only GGUF that loads;
  * (5) broken directories (bad config values, missing/misshaped/unexpected tensors, unsafe shard names,
- * unsupported dtype/arch/rope scaling) are refused with a message naming the problem.
+ * unsupported dtype/arch/rope scaling) are refused with a message naming the problem; (6) rope scaling
+ * (linear, YaRN, llama3) becomes llama.cpp's keys / rope_freqs tensor and the golden logits.
  */
 #include <dirent.h>
 #include <errno.h>
@@ -553,7 +554,10 @@ TEST(convert_rejects_bad_config) {
         {"rope_theta", "\"x\"", CM_E_FORMAT, "rope_theta"},
         {"rope_scaling", "{\"type\": \"dynamic\", \"factor\": 2}", CM_E_UNSUPPORTED, "rope_scaling \"dynamic\""},
         {"rope_scaling", "{\"type\": \"linear\"}", CM_E_FORMAT, "factor"},
-        {"rope_scaling", "{\"rope_type\": \"llama3\", \"factor\": 8}", CM_E_UNSUPPORTED, "rope_scaling \"llama3\""},
+        {"rope_scaling", "{\"rope_type\": \"llama3\", \"factor\": 8}", CM_E_FORMAT, "needs \"low_freq_factor\""},
+        {"rope_scaling", "{\"rope_type\": \"llama3\", \"factor\": 8, \"low_freq_factor\": 4, \"high_freq_factor\": 1, "
+                         "\"original_max_position_embeddings\": 8192}", CM_E_FORMAT, "above low_freq_factor"},
+        {"rope_scaling", "{\"rope_type\": \"longrope\", \"factor\": 8}", CM_E_UNSUPPORTED, "rope_scaling \"longrope\""},
         {"rope_scaling", "{\"type\": \"linear\", \"factor\": 0.5}", CM_E_FORMAT, "\"factor\" = 0.5 not in [1, 1024]"},
         {"rope_scaling", "{\"type\": \"yarn\", \"factor\": 4096}", CM_E_FORMAT, "factor"},
         {"rope_scaling", "{\"type\": \"yarn\", \"factor\": \"4\"}", CM_E_FORMAT, "factor"},
@@ -643,11 +647,12 @@ TEST(convert_rope_scaling_metadata) {
 }
 
 /* The rope-scaled HF fixtures (DeepSeek-Coder-style linear 4, Qwen2.5-style YaRN with cases past the
- * original length) convert to models that compute their golden logits. convert_logits_match_golden walks
+ * original length, Llama 3.1-style "llama3") convert to models that compute their golden logits. convert_logits_match_golden walks
  * every hf/ directory too; this names them so that losing them fails. */
 TEST(convert_rope_scaling_fixtures) {
-    static const struct { const char *name; int kind; } v[] = {
-        {"llama-linear-hf", CM_ROPE_SCALING_LINEAR}, {"qwen2-yarn-hf", CM_ROPE_SCALING_YARN},
+    static const struct { const char *name; int kind; float factor; int freqs; } v[] = {
+        {"llama-linear-hf", CM_ROPE_SCALING_LINEAR, 4, 0}, {"qwen2-yarn-hf", CM_ROPE_SCALING_YARN, 4, 0},
+        {"llama-freqs-hf", CM_ROPE_SCALING_NONE, 1, 1}, /* Llama 3.1's "llama3": a rope_freqs tensor */
     };
     for (size_t i = 0; i < sizeof v / sizeof v[0]; i++) {
         char rel[300];
@@ -660,7 +665,8 @@ TEST(convert_rope_scaling_fixtures) {
         else if (cm_convert_hf(dir, out, NULL, &err)) TEST_FAIL_("convert %s: %s", rel, err.msg);
         else {
             cm_model *m = cm_model_load(out, NULL, &err);
-            CHECK_TRUE(m && cm_model_get_info(m)->rope_scaling == v[i].kind && cm_model_get_info(m)->rope_factor == 4.0f);
+            const cm_model_info *in = m ? cm_model_get_info(m) : NULL;
+            CHECK_TRUE(in && in->rope_scaling == v[i].kind && in->rope_factor == v[i].factor && in->rope_freqs == v[i].freqs);
             cm_model_free(m);
             check_logits(out, g);
         }

@@ -27,7 +27,8 @@ typedef struct mut {
     const char *drop_tensor;                  /* omit tensors whose name contains this */
     const char *reshape; int64_t ne0, ne1;    /* replace a tensor by zeros of this shape (ne1 0: vector) */
     const char *retype; int type;             /* store a tensor converted to this type */
-    const char *add_tensor; int64_t add_ne0, add_ne1; /* add a zero F32 tensor */
+    const char *add_tensor; int64_t add_ne0, add_ne1; /* add an F32 tensor (ne1 0: a vector) of add_fill */
+    float add_fill;
 } mut;
 
 static int contains(const char *name, const char *pat) { return pat && strstr(name, pat) != NULL; }
@@ -133,9 +134,10 @@ static int build(const mut *mu) {
         rc = gguf_writer_add_tensor(w, name, type, t->n_dims, t->ne, t->type, t->data, &err);
     }
     if (!rc && mu->add_tensor) {
-        int64_t ne[2] = {mu->add_ne0, mu->add_ne1};
+        int64_t ne[2] = {mu->add_ne0, mu->add_ne1 ? mu->add_ne1 : 1};
         float *z = calloc((size_t)(ne[0] * ne[1]), sizeof(float));
-        rc = gguf_writer_add_tensor(w, mu->add_tensor, GGUF_TT_F32, 2, ne, GGUF_TT_F32, z, &err);
+        for (int64_t i = 0; i < ne[0] * ne[1]; i++) z[i] = mu->add_fill;
+        rc = gguf_writer_add_tensor(w, mu->add_tensor, GGUF_TT_F32, mu->add_ne1 ? 2 : 1, ne, GGUF_TT_F32, z, &err);
         free(z);
     }
     if (!rc) rc = gguf_writer_write(w, tmp_path, &err);
@@ -311,8 +313,61 @@ TEST(rope_scaling_keys) {
     ASSERT_TRUE(expect(&(mut){.str_key = RS "type", .str = "yarn",
                               .f32_key = {RS "factor", RS "yarn_log_multiplier"}, .f32 = {4, 0.1f}},
                        CM_E_UNSUPPORTED, "qwen2.rope.scaling.yarn_log_multiplier is not supported"));
-    ASSERT_TRUE(expect(&(mut){.add_tensor = "rope_freqs.weight", .add_ne0 = 8, .add_ne1 = 1}, CM_E_UNSUPPORTED,
-                       "rope_freqs"));
+    /* rope_freqs.weight (Llama 3.1, as llama.cpp converts it): F32 (E/2), every factor in range */
+    ASSERT_TRUE(expect(&(mut){.add_tensor = "rope_freqs.weight", .add_ne0 = 8, .add_ne1 = 2, .add_fill = 1},
+                       CM_E_FORMAT, "rope_freqs.weight must be F32 of shape [8]"));
+    ASSERT_TRUE(expect(&(mut){.add_tensor = "rope_freqs.weight", .add_ne0 = 7, .add_fill = 1}, CM_E_FORMAT,
+                       "rope_freqs.weight must be F32 of shape [8]"));
+    ASSERT_TRUE(expect(&(mut){.add_tensor = "rope_freqs.weight", .add_ne0 = 8}, CM_E_FORMAT,
+                       "rope_freqs.weight[0] = 0 out of range [0.001, 10000]"));
+    ASSERT_TRUE(expect(&(mut){.add_tensor = "rope_freqs.weight", .add_ne0 = 8, .add_fill = NAN}, CM_E_FORMAT,
+                       "rope_freqs.weight[0] = nan"));
+    m = cm_model_load(test_fixture("models/llama-freqs.gguf"), NULL, NULL);
+    ASSERT_TRUE(m);
+    ASSERT_EQ_INT(cm_model_get_info(m)->rope_freqs, 1);
+    ASSERT_EQ_INT(cm_model_get_info(m)->rope_scaling, CM_ROPE_SCALING_NONE);
+    cm_model_free(m);
+}
+
+/* Logits of the fixture prompt [5, 17, 42, ..] (40 tokens) under the mutation mu, into out (40 x 300). */
+static int logits_with(const mut *mu, float *out) {
+    if (build(mu)) return 0;
+    cm_model *m = cm_model_load(tmp_path, NULL, NULL);
+    cm_ctx_params cp = {.n_threads = 1, .n_seq_max = 1, .n_ctx = 64, .n_batch_max = 64};
+    cm_ctx *c = m ? cm_ctx_create(m, &cp, NULL) : NULL;
+    int32_t tok[40], seq[40];
+    int8_t want[40];
+    int s = c ? cm_seq_open(c, NULL) : -1;
+    for (int i = 0; i < 40; i++) tok[i] = (i * 37 + 5) % 300, seq[i] = s, want[i] = 1;
+    cm_batch b = {.n = 40, .token = tok, .seq = seq, .logits = want};
+    int ok = s >= 0 && cm_forward(c, &b, NULL) == CM_OK;
+    for (int i = 0; ok && i < 40; i++) memcpy(out + (size_t)i * 300, cm_logits(c, i), 300 * sizeof(float));
+    cm_ctx_free(c);
+    cm_model_free(m);
+    return ok;
+}
+
+/* Scaling changes the logits, and the ways of saying the same scaling agree bit for bit: rope_freqs all 4
+ * = linear 4 = the legacy scale_linear 4; YaRN with factor 1 is no scaling. */
+TEST(rope_scaling_equivalences) {
+    static float base[40 * 300], lin[40 * 300], freqs[40 * 300], legacy[40 * 300], yarn1[40 * 300];
+    ASSERT_TRUE(logits_with(&(mut){.drop_key = "none"}, base));
+    ASSERT_TRUE(logits_with(&(mut){.str_key = "qwen2.rope.scaling.type", .str = "linear",
+                                   .f32_key = {"qwen2.rope.scaling.factor"}, .f32 = {4}}, lin));
+    ASSERT_TRUE(logits_with(&(mut){.add_tensor = "rope_freqs.weight", .add_ne0 = 8, .add_fill = 4}, freqs));
+    ASSERT_TRUE(logits_with(&(mut){.f32_key = {"qwen2.rope.scale_linear"}, .f32 = {4}}, legacy));
+    /* YaRN with factor 1 is no scaling at all (mscale 1, interpolation = extrapolation) */
+    ASSERT_TRUE(logits_with(&(mut){.str_key = "qwen2.rope.scaling.type", .str = "yarn",
+                                   .f32_key = {"qwen2.rope.scaling.factor"}, .f32 = {1}}, yarn1));
+    double d = 0;
+    for (int i = 300; i < 40 * 300; i++) d = fmax(d, fabs((double)lin[i] - base[i]));
+    ASSERT_TRUE(d > 1e-2); /* the scaling matters from position 1 on */
+    for (int i = 0; i < 300; i++) ASSERT_TRUE(lin[i] == base[i]); /* but not at position 0 */
+    ASSERT_TRUE(!memcmp(lin, freqs, sizeof lin));
+    ASSERT_TRUE(!memcmp(lin, legacy, sizeof lin));
+    d = 0; /* r * inv + (1 - r) * inv may round differently from inv: equal to float precision */
+    for (int i = 0; i < 40 * 300; i++) d = fmax(d, fabs((double)yarn1[i] - base[i]));
+    ASSERT_TRUE(d < 1e-5);
 }
 #undef RS
 
@@ -479,6 +534,7 @@ int main(void) {
     RUN(shape_errors);
     RUN(hparam_errors);
     RUN(rope_scaling_keys);
+    RUN(rope_scaling_equivalences);
     RUN(type_and_bias_rules);
     RUN(vocab_only);
     RUN(kv_exhaustion_changes_nothing);
