@@ -5,7 +5,8 @@
 #
 #   tools/pipeline.sh [stage ...]     # default: corpus tokenizer check tokens base export-base
 #                                     #   then moe moe_noseg moe_noshared dense_cont lora mole + exports,
-#                                     #   results (held-out loss + HumanEval-X solution NLL per language)
+#                                     #   results (held-out loss + HumanEval-X solution NLL per language),
+#                                     #   report (tools/results.sh: docs/results.md, models/README.md numbers)
 #   CM_TRAIN=/work/train  CM_BUILD=build-data  CM_BASE_TOKENS=4000000  CM_POST_TOKENS=1000000
 set -eu
 cd "$(dirname "$0")/.."
@@ -53,6 +54,10 @@ run_stage() {
     results)
         step results
         $PY tools/train.py results | tee "$T/results/table.md" ;;
+    report)
+        # docs/results.md, docs/results-routing.png, models/README.md's numbers (tools/results.sh)
+        step report
+        CM_TRAIN="$T" CM_BUILD="$B" tools/results.sh ;;
     *)
         echo "pipeline.sh: unknown stage $1" >&2; exit 2 ;;
     esac
@@ -60,6 +65,6 @@ run_stage() {
 
 if [ $# -eq 0 ]; then
     set -- corpus tokenizer check tokens base export-base moe export-moe moe_noseg moe_noshared dense_cont \
-        export-dense_cont lora export-lora mole export-mole results
+        export-dense_cont lora export-lora mole export-mole results report
 fi
 for s in "$@"; do run_stage "$s"; done
