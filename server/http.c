@@ -89,7 +89,7 @@ struct srv_req {
     char cmpl_id[40];
     int64_t created;
     json_t *routing;            /* the routing record once done (a reference is in the retention store) */
-    int prompt_tokens, completion_tokens;
+    int prompt_tokens, completion_tokens, cached_tokens;
     int64_t t_first_token_ns;
     uint64_t deadline;          /* uv_hrtime ns; 0: none */
     int cancel_reason;
@@ -636,7 +636,7 @@ static void finish_plain(srv_req *r, json_t *routing) {
     }
     if (ok) {
         api_meta meta = {.id = r->cmpl_id, .created = r->created, .system_fingerprint = NULL};
-        api_usage u = {r->prompt_tokens, r->completion_tokens, 0};
+        api_usage u = {r->prompt_tokens, r->completion_tokens, r->cached_tokens};
         respond_json(r, 200, api_render_completion(&r->creq, &meta, ch, nc, &u, routing));
     } else {
         respond_http_error(r, 500, "out of memory");
@@ -699,6 +699,7 @@ static void job_output(srv_req *r, const srv_drained *info) {
     }
     if (completion > r->completion_tokens) r->completion_tokens = completion;
     r->prompt_tokens = info->prompt_tokens;
+    r->cached_tokens = info->cached_tokens;
     if (info->t_first_token_ns) r->t_first_token_ns = info->t_first_token_ns;
     r->job_admitted = info->admitted;
     int failed = info->done && info->has_error;
@@ -737,7 +738,7 @@ static void job_output(srv_req *r, const srv_drained *info) {
             } else if (r->stream) {
                 if (r->creq.include_usage) {
                     api_meta meta = {.id = r->cmpl_id, .created = r->created, .system_fingerprint = NULL};
-                    api_usage u = {r->prompt_tokens, r->completion_tokens, 0};
+                    api_usage u = {r->prompt_tokens, r->completion_tokens, r->cached_tokens};
                     sse_append(r, api_render_usage_chunk(&r->creq, &meta, &u, routing));
                 }
                 char *done = strdup(API_SSE_DONE);

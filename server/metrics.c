@@ -29,10 +29,12 @@ void srv_metrics_init(srv_metrics *m) {
     static const double ttft[] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60};
     static const double itl[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5};
     static const double e2e[] = {0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300};
+    static const double step[] = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096};
     memset(m, 0, sizeof *m);
     srv_hist_init(&m->ttft, ttft, (int)(sizeof ttft / sizeof *ttft));
     srv_hist_init(&m->itl, itl, (int)(sizeof itl / sizeof *itl));
     srv_hist_init(&m->e2e, e2e, (int)(sizeof e2e / sizeof *e2e));
+    srv_hist_init(&m->step_tokens, step, (int)(sizeof step / sizeof *step));
 }
 
 void srv_metrics_count_request(srv_metrics *m, const char *route, int status) {
@@ -105,6 +107,31 @@ char *srv_metrics_render(const srv_metrics *m, const srv_gauges *g, size_t *len)
     render_scalar(&b, "codemoe_kv_blocks_total", "gauge", "KV cache blocks in the pool.", (double)g->kv_blocks_total);
     render_scalar(&b, "codemoe_kv_blocks_used", "gauge", "KV cache blocks in use.", (double)g->kv_blocks_used);
     render_scalar(&b, "codemoe_kv_block_tokens", "gauge", "Tokens per KV cache block.", (double)g->kv_block_tokens);
+    render_scalar(&b, "codemoe_kv_blocks_cached", "gauge",
+                  "KV cache blocks kept in the prefix cache and held by no request (evictable).",
+                  (double)g->kv_blocks_cached);
+    render_scalar(&b, "codemoe_kv_blocks_available", "gauge",
+                  "KV cache blocks new positions can take (free + cached).", (double)g->kv_blocks_available);
+    render_scalar(&b, "codemoe_kv_evictions_total", "counter",
+                  "Cached KV blocks evicted to make room for new positions.", (double)g->kv_evictions);
+    render_scalar(&b, "codemoe_prefix_cache_query_tokens_total", "counter",
+                  "Prompt tokens looked up in the prefix cache (each prompt but its last token).",
+                  (double)g->prefix_query_tokens);
+    render_scalar(&b, "codemoe_prefix_cache_hit_tokens_total", "counter",
+                  "Prompt tokens reused from the prefix cache instead of computed.", (double)g->prefix_hit_tokens);
+    render_scalar(&b, "codemoe_prefix_cache_hit_ratio", "gauge",
+                  "Prefix cache hit tokens / query tokens since start (0 before any query).",
+                  g->prefix_query_tokens ? (double)g->prefix_hit_tokens / (double)g->prefix_query_tokens : 0.0);
+    render_scalar(&b, "codemoe_prompt_tokens_computed_total", "counter",
+                  "Prompt tokens run through the model (cache hits and forked choices are not recomputed).",
+                  (double)g->prompt_tokens_computed);
+    if (g->kv_check)
+        render_scalar(&b, "codemoe_kv_check_errors", "gauge",
+                      "Inconsistent KV blocks found by the per-step pool check (--kv-check); must stay 0.",
+                      (double)g->kv_check_errors);
+    if (g->step_tokens.n_bounds)
+        render_hist(&b, "codemoe_step_tokens", "Tokens per batched forward pass (decode and prefill).",
+                    &g->step_tokens);
     render_scalar(&b, "codemoe_decode_steps_total", "counter", "Batched forward passes run.",
                   (double)g->decode_steps);
     render_scalar(&b, "codemoe_batch_tokens_total", "counter", "Tokens processed over all forward passes.",

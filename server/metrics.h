@@ -39,8 +39,17 @@ typedef struct srv_gauges {
     int requests_running;   /* requests with sequences in the batch */
     int seqs_running;
     int kv_blocks_total, kv_blocks_used, kv_block_tokens;
+    int kv_blocks_cached;   /* in the prefix cache, held by no sequence (evictable) */
+    int kv_blocks_available;/* free + cached */
+    uint64_t kv_evictions;  /* cached blocks taken back for new positions */
+    uint64_t prefix_query_tokens; /* prompt tokens of admitted prompts offered to the cache (all but the last) */
+    uint64_t prefix_hit_tokens;   /* of those, reused */
+    uint64_t prompt_tokens_computed; /* prompt tokens run through the model */
     uint64_t decode_steps;  /* cm_forward calls */
     uint64_t batch_tokens;  /* tokens over all cm_forward calls */
+    int kv_check;           /* --kv-check is on: kv_check_errors is rendered */
+    uint64_t kv_check_errors; /* inconsistent blocks found by cm_ctx_kv_check, summed over steps */
+    srv_hist step_tokens;   /* tokens per forward pass (rendered when it has bounds) */
 } srv_gauges;
 
 typedef struct srv_metrics {
@@ -57,6 +66,7 @@ typedef struct srv_metrics {
     srv_hist ttft;                /* time to first token, seconds */
     srv_hist itl;                 /* inter-token latency, seconds */
     srv_hist e2e;                 /* request duration of completions, seconds */
+    srv_hist step_tokens;         /* bucket layout only: the worker keeps the counts (srv_gauges) */
 } srv_metrics;
 
 void srv_metrics_init(srv_metrics *m);

@@ -1,20 +1,27 @@
 /*
  * scheduler.c - the engine worker thread: continuous batching of every running request into one
- * cm_forward per step.
+ * cm_forward per step, over a fixed budget of KV blocks shared with a prefix cache.
  *
  * The worker owns the model load, the cm_ctx (KV cache), the samplers and the batch. Each step:
  *   1. take new submissions; end cancelled jobs (their sequences are closed, so their KV blocks are
  *      free before this step's forward pass);
- *   2. admit waiting jobs in FIFO order while free sequence slots remain (a job with n choices needs
- *      n; a job that does not fit blocks the ones behind it, so big requests are not starved);
+ *   2. admit waiting jobs in FIFO order while sequence slots AND KV blocks remain. Admission reserves:
+ *      a job's prompt leaders are opened and mapped onto the longest cached prefix
+ *      (cm_seq_attach_prefix), then the blocks every sequence still needs to reach prompt + max_tokens
+ *      must be covered by the pool's available blocks minus what running sequences have reserved
+ *      but not taken yet. A job that does not fit is undone and waits at the head of the queue (so
+ *      big requests are not starved); one that could not fit into an empty pool fails at once. So
+ *      cm_forward never runs out of blocks, and nothing is ever preempted;
  *   3. build one batch: first one decode token for every generating sequence, then prefill chunks of
- *      admitted sequences until n_batch tokens (chunked prefill: a long prompt never stalls the
- *      running streams for more than one bounded step);
+ *      admitted sequences until n_batch tokens, fewer while sequences decode and --max-itl-ms bounds
+ *      the step's predicted time (chunked prefill: a long prompt never stalls the running streams);
  *   4. cm_forward, then sample every sequence whose last token was in the batch; detokenize, apply
  *      stop strings (api_stop_scan's holdback), max_tokens, end-of-generation and context limits;
  *   5. publish the new text/tokens into each job's outbox under the lock and wake the loop.
- * Choices of one request are independent sequences (the prompt is prefilled once per choice: the
- * engine has no sequence copy).
+ * Choices of one prompt (n > 1): the first (the leader) prefills; the others wait without a sequence
+ * and, when the leader's last prompt token has its logits, fork it (cm_seq_fork shares its blocks)
+ * and sample from the same logits row with their own samplers. An engine without forks
+ * (CM_E_UNSUPPORTED, probed at load) makes every choice prefill its own copy instead.
  */
 #include <math.h>
 #include <stdio.h>
@@ -66,13 +73,18 @@ void srv_out_clear(srv_out *o) {
 
 /* ============================================================ state */
 
-enum { SEQ_PREFILL = 0, SEQ_DECODE, SEQ_ENDED };
+/* SEQ_FORK: a choice waiting (without a sequence) for its prompt leader's last prompt token */
+enum { SEQ_PREFILL = 0, SEQ_DECODE, SEQ_ENDED, SEQ_FORK };
 
 typedef struct sched_seq {
     srv_job *job;
     int choice;
     const api_prompt *prompt;
-    int seq;              /* cm sequence id; -1 once closed */
+    int seq;              /* cm sequence id; -1 before it is opened (or forked) and once closed */
+    int slot;             /* holds one of the --parallel sequence slots (a waiting fork holds one too) */
+    int n_follow;         /* prompt leader: choices after it that fork it (SEQ_FORK) */
+    int target;           /* positions the sequence may reach: prompt + max_tokens (<= n_ctx) */
+    int fork_blocks;      /* SEQ_FORK: blocks its fork and growth will take (reserved at admission) */
     cm_sampler *smp;
     cm_detok dt;
     int state;
@@ -97,6 +109,8 @@ typedef struct sched_jobstate {
     int in_batch;         /* has rows in the current batch */
     int64_t t_first_ns;   /* first token of any choice (copied to the job when published) */
     srv_route_agg agg;    /* routing statistics of the job's finished sequences */
+    int failed;           /* fail_err ends the job after this step's sampling */
+    api_error fail_err;
 } sched_jobstate;
 
 /* What a batch row is for. */
@@ -148,8 +162,17 @@ struct srv_sched {
     /* worker-local copies of the histograms, merged under the lock at publish time */
     srv_hist l_ttft, l_itl;
     uint64_t l_generated, l_prompt, l_steps, l_batch_tokens;
+    uint64_t l_prompt_computed, l_prefix_query, l_prefix_hit, l_kv_check_errors;
     srv_route_agg load;               /* expert load over every finished sequence */
     int load_dirty;
+    int fork_ok;                      /* the engine forks sequences (else each choice prefills itself) */
+    int blocks_total;                 /* KV pool size in blocks */
+    /* --max-itl-ms: a step's time is predicted as base + prefill tokens x per_tok (EWMAs, ns; 0 until
+     * measured): base from steps without prefill, per_tok from the rest */
+    double base_ns, per_tok_ns;
+    int kv_check;                     /* run cm_ctx_kv_check after every step */
+    int step_delay_ms;                /* CODEMOE_SERVE_STEP_DELAY_MS (tests): sleep before each forward */
+    srv_hist l_step_tokens;           /* tokens per forward pass */
 };
 
 /* ============================================================ helpers */
@@ -189,6 +212,9 @@ static void seq_release(srv_sched *s, sched_seq *q) {
         }
         cm_seq_close(s->ctx, q->seq);
         q->seq = -1;
+    }
+    if (q->slot) {
+        q->slot = 0;
         s->seqs_used--;
     }
     cm_sampler_free(q->smp);
@@ -307,52 +333,118 @@ static void cancel_error(int reason, api_error *e) {
 
 /* ============================================================ admission */
 
+static int prompt_of(const api_completion_req *r, int choice) {
+    int p = choice / (r->n > 0 ? r->n : 1);
+    return p < r->n_prompts ? p : r->n_prompts - 1;
+}
+
+/* Positions a choice's sequence may reach: its prompt and max_tokens (the API keeps that <= n_ctx). */
+static int choice_target(const srv_sched *s, const api_completion_req *r, const api_prompt *p) {
+    long long t = (long long)p->n_tokens + (r->max_tokens > 0 ? r->max_tokens : 0);
+    return t > s->n_ctx ? s->n_ctx : (int)t;
+}
+
+static int blocks_for(int positions) { return (positions + CM_KV_BLOCK_TOKENS - 1) / CM_KV_BLOCK_TOKENS; }
+
+/* Blocks a fork of a leader holding `prompt` positions takes until it reaches target: a copy of the
+ * partial last block (full blocks are shared), then its own growth. */
+static int fork_blocks(int prompt, int target) { return blocks_for(target) - prompt / CM_KV_BLOCK_TOKENS; }
+
+/* Blocks that running sequences have reserved and not taken yet: what each still needs to reach its
+ * target, and the whole reservation of each choice waiting to fork. */
+static int blocks_reserved(srv_sched *s) {
+    int sum = 0;
+    for (int i = 0; i < s->n_running; i++) {
+        srv_job *j = s->running[i];
+        sched_jobstate *st = js(j);
+        for (int c = 0; c < j->n_choices; c++) {
+            sched_seq *q = &st->seqs[c];
+            if (q->state == SEQ_FORK) {
+                sum += q->fork_blocks;
+            } else if (q->state != SEQ_ENDED && q->seq >= 0) {
+                int len = cm_seq_len(s->ctx, q->seq);
+                int need = cm_seq_blocks_needed(s->ctx, q->seq, q->target > len ? q->target - len : 0);
+                if (need > 0) sum += need;
+            }
+        }
+    }
+    return sum;
+}
+
+/* Takes the job at the head of the queue into the batch if the KV pool can hold it to the end.
+ * Returns 1 when the job left the queue (admitted, or finished with an error), 0 when it must wait
+ * for blocks (then nothing of it is left in the engine: its sequences were closed, and the cached
+ * blocks it had attached are back in the cache). */
 static int job_admit(srv_sched *s, srv_job *j) {
     api_error e;
     const api_completion_req *r = j->req;
+    const int per = r->n > 0 ? r->n : 1;
+    /* what cannot run at all fails now instead of waiting forever */
+    int cold = 0; /* blocks the job takes from an empty pool with an empty cache */
+    for (int i = 0; i < j->n_choices; i++) {
+        const api_prompt *p = &r->prompts[prompt_of(r, i)];
+        if (p->n_tokens < 1 || p->n_tokens > s->n_ctx) {
+            api_error_set(&e, 400, API_ERR_INVALID, "prompt", "context_length_exceeded",
+                          "This model's maximum context length is %d tokens, however you requested %d tokens "
+                          "in the prompt. Please reduce the prompt.", s->n_ctx, p->n_tokens);
+            job_finish(s, j, &e);
+            return 1;
+        }
+        int t = choice_target(s, r, p);
+        cold += s->fork_ok && i % per ? fork_blocks(p->n_tokens, t) : blocks_for(t);
+    }
+    if (cold > s->blocks_total) {
+        api_error_set(&e, 400, API_ERR_INVALID, "max_tokens", "kv_budget_exceeded",
+                      "This request needs %d KV blocks of %d tokens (prompt + max_tokens of each of its %d "
+                      "choices), but the server's whole KV pool (--kv-size) is %d blocks. Reduce max_tokens, "
+                      "n or the prompt.", cold, CM_KV_BLOCK_TOKENS, j->n_choices, s->blocks_total);
+        job_finish(s, j, &e);
+        return 1;
+    }
     sched_jobstate *st = calloc(1, sizeof *st);
     if (st) st->seqs = calloc((size_t)j->n_choices, sizeof *st->seqs);
     if (!st || !st->seqs) {
         free(st);
         api_error_http(&e, 500, "out of memory");
         job_finish(s, j, &e);
-        return -1;
+        return 1;
     }
     j->w = st;
-    s->running[s->n_running++] = j;
-    int prompt_total = 0;
-    const int per = r->n > 0 ? r->n : 1;
     for (int i = 0; i < j->n_choices; i++) {
         sched_seq *q = &st->seqs[i];
         q->job = j;
         q->choice = i;
         q->seq = -1;
         q->state = SEQ_PREFILL;
+        q->prompt = &r->prompts[prompt_of(r, i)];
+        q->target = choice_target(s, r, q->prompt);
         srv_buf_init(&q->text, 0);
         st->n_open++;
     }
+    /* open the sequences and map them onto the cache; count what they still need */
+    int prompt_total = 0, cached = 0, query = 0, need = 0;
     for (int i = 0; i < j->n_choices; i++) {
         sched_seq *q = &st->seqs[i];
-        int p = i / per;
-        if (p >= r->n_prompts) p = r->n_prompts - 1;
-        q->prompt = &r->prompts[p];
-        if (i % per == 0) prompt_total += q->prompt->n_tokens;
-        if (q->prompt->n_tokens < 1 || q->prompt->n_tokens > s->n_ctx) {
-            api_error_set(&e, 400, API_ERR_INVALID, "prompt", "context_length_exceeded",
-                          "This model's maximum context length is %d tokens, however you requested %d tokens "
-                          "in the prompt. Please reduce the prompt.", s->n_ctx, q->prompt->n_tokens);
-            job_finish(s, j, &e);
-            return -1;
+        int lead = i % per == 0;
+        q->slot = 1;
+        s->seqs_used++;
+        if (lead) prompt_total += q->prompt->n_tokens;
+        if (s->fork_ok && !lead) {
+            q->state = SEQ_FORK;
+            q->fork_blocks = fork_blocks(q->prompt->n_tokens, q->target);
+            st->seqs[i - i % per].n_follow++;
+            need += q->fork_blocks;
+            continue;
         }
         cm_err ce = {0};
         q->seq = cm_seq_open(s->ctx, &ce);
         if (q->seq < 0) {
             api_error_set(&e, 503, API_ERR_SERVER, NULL, "overloaded", "no sequence slot: %s", ce.msg);
             job_finish(s, j, &e);
-            return -1;
+            return 1;
         }
-        s->seqs_used++;
-        /* mixture-of-experts options (dense models ignore them) */
+        /* mixture-of-experts options (dense models ignore them); set before the cache lookup, whose
+         * key includes them */
         cm_seq_options so;
         cm_seq_options_default(&so);
         if (r->segment_routing == API_SEGMENT_REFERENCE) so.segment_mode = CM_SEGMENT_REFERENCE;
@@ -363,14 +455,50 @@ static int job_admit(srv_sched *s, srv_job *j) {
                 api_error_set(&e, 400, API_ERR_INVALID, "language", NULL,
                               "This model has no adapter for language '%s'.", r->language);
                 job_finish(s, j, &e);
-                return -1;
+                return 1;
             }
         }
         if (cm_seq_set_options(s->ctx, q->seq, &so, &ce) < 0) {
             api_error_set(&e, 400, API_ERR_INVALID, "segment_routing", NULL, "%s", ce.msg);
             job_finish(s, j, &e);
-            return -1;
+            return 1;
         }
+        /* echoed prompt logprobs need the logits of every echoed position: reuse only what precedes */
+        int n_key = q->prompt->n_tokens;
+        if (r->echo && r->logprobs >= 0 && n_key > q->prompt->echo_from + 1) n_key = q->prompt->echo_from + 1;
+        int got = cm_seq_attach_prefix(s->ctx, q->seq, q->prompt->tokens, n_key, &ce);
+        if (got < 0) {
+            api_error_set(&e, 500, API_ERR_SERVER, NULL, NULL, "prefix cache: %s", ce.msg);
+            job_finish(s, j, &e);
+            return 1;
+        }
+        q->n_fed = got;
+        if (lead) {
+            cached += got;
+            query += q->prompt->n_tokens - 1;
+        }
+        int nd = cm_seq_blocks_needed(s->ctx, q->seq, q->target - got);
+        if (nd > 0) need += nd;
+    }
+    /* availability after attaching: attached blocks left the evictable set */
+    cm_kv_stats kv;
+    cm_ctx_kv_stats(s->ctx, &kv);
+    if (need > kv.blocks_available - blocks_reserved(s)) {
+        for (int i = 0; i < j->n_choices; i++) {
+            sched_seq *q = &st->seqs[i];
+            if (q->seq >= 0) cm_seq_close(s->ctx, q->seq);
+            if (q->slot) s->seqs_used--;
+            srv_buf_free(&q->text);
+        }
+        free(st->seqs);
+        free(st);
+        j->w = NULL;
+        return 0;
+    }
+    s->running[s->n_running++] = j;
+    for (int i = 0; i < j->n_choices; i++) {
+        sched_seq *q = &st->seqs[i];
+        cm_err ce = {0};
         cm_sampling sp;
         api_completion_sampling(r, i, &sp);
         sp.n_logprobs = r->logprobs > 0 ? r->logprobs : 0;
@@ -379,7 +507,7 @@ static int job_admit(srv_sched *s, srv_job *j) {
         if (!q->smp) {
             api_error_set(&e, 500, API_ERR_SERVER, NULL, NULL, "sampler: %s", ce.msg);
             job_finish(s, j, &e);
-            return -1;
+            return 1;
         }
         for (int k = 0; k < q->prompt->n_tokens; k++) cm_sampler_accept_prompt(q->smp, q->prompt->tokens[k]);
         cm_detok_init(&q->dt, 0);
@@ -398,13 +526,16 @@ static int job_admit(srv_sched *s, srv_job *j) {
         }
     }
     s->l_prompt += (uint64_t)prompt_total;
+    s->l_prefix_query += (uint64_t)query;
+    s->l_prefix_hit += (uint64_t)cached;
     uv_mutex_lock(&s->mu);
     j->admitted = 1;
     j->prompt_tokens = prompt_total;
+    j->cached_tokens = cached;
     publish_job(s, j);
     uv_mutex_unlock(&s->mu);
     if (st->n_open == 0) job_finish(s, j, NULL);
-    return 0;
+    return 1;
 }
 
 /* ============================================================ one step */
@@ -447,6 +578,26 @@ static void seq_on_token(srv_sched *s, sched_seq *q, int32_t tok, float lp, int 
     q->state = SEQ_DECODE;
 }
 
+/* Ends the choices waiting to fork leader q (its prompt ended without a token to continue from). */
+static void followers_end(srv_sched *s, sched_seq *q, api_finish finish) {
+    sched_seq *seqs = js(q->job)->seqs;
+    for (int k = 1; k <= q->n_follow; k++)
+        if (seqs[q->choice + k].state == SEQ_FORK) seq_end(s, &seqs[q->choice + k], finish, 0);
+}
+
+/* Prefill tokens the step may add to n_decode decode tokens (at most n_batch in all). While sequences
+ * decode and --max-itl-ms is set, as many as keep the step's predicted time within the bound, but at
+ * least one block, so every prompt progresses. */
+static int prefill_budget(const srv_sched *s, int n_decode) {
+    int room = s->cfg->n_batch - n_decode;
+    if (n_decode == 0 || s->cfg->max_itl_ms <= 0 || s->per_tok_ns <= 0) return room;
+    double fit = (s->cfg->max_itl_ms * 1e6 - s->base_ns) / s->per_tok_ns;
+    int cap = fit < CM_KV_BLOCK_TOKENS ? CM_KV_BLOCK_TOKENS : fit > room ? room : (int)fit;
+    return cap < room ? cap : room;
+}
+
+static void ewma(double *avg, double x) { *avg = *avg > 0 ? 0.8 * *avg + 0.2 * x : x; }
+
 static void step(srv_sched *s) {
     const int n_batch = s->cfg->n_batch;
     int nb = 0;
@@ -466,20 +617,26 @@ static void step(srv_sched *s) {
             nb++;
         }
     }
-    /* then prefill chunks of admitted sequences, until the batch is full */
-    for (int i = 0; i < s->n_running && nb < n_batch; i++) {
+    const int n_decode = nb;
+    const int limit = n_decode + prefill_budget(s, n_decode);
+    /* then prefill chunks of admitted sequences, until the batch (or the latency budget) is full */
+    for (int i = 0; i < s->n_running && nb < limit; i++) {
         srv_job *j = s->running[i];
         sched_jobstate *st = js(j);
         int want_lp = j->req->echo && j->req->logprobs >= 0;
-        for (int c = 0; c < j->n_choices && nb < n_batch; c++) {
+        for (int c = 0; c < j->n_choices && nb < limit; c++) {
             sched_seq *q = &st->seqs[c];
             if (q->state != SEQ_PREFILL) continue;
             const api_prompt *p = q->prompt;
             /* reference segment routing sees the whole text at once: its prompt goes into one batch
-             * or waits for a step with room (the loop checked that it fits in --batch) */
-            if (j->req->segment_routing == API_SEGMENT_REFERENCE && q->n_fed == 0 && nb + p->n_tokens > n_batch)
-                continue;
-            while (q->n_fed < p->n_tokens && nb < n_batch) {
+             * or waits for a step with room (the loop checked that it fits in --batch); the latency
+             * budget cannot split it */
+            int lim = limit;
+            if (j->req->segment_routing == API_SEGMENT_REFERENCE && q->n_fed == 0) {
+                if (nb + p->n_tokens > n_batch) continue;
+                lim = n_batch;
+            }
+            while (q->n_fed < p->n_tokens && nb < lim) {
                 int pos = q->n_fed++;
                 int last = pos == p->n_tokens - 1;
                 int lp = want_lp && pos >= p->echo_from && !last;
@@ -494,19 +651,26 @@ static void step(srv_sched *s) {
         }
     }
     if (nb == 0) return;
+    if (s->step_delay_ms > 0) uv_sleep((unsigned)s->step_delay_ms); /* test hook, see worker_load */
+    srv_hist_observe(&s->l_step_tokens, nb);
+    uint64_t t0 = uv_hrtime();
     cm_batch b = {.n = nb, .token = s->b_tok, .seq = s->b_seq, .logits = s->b_logits, .generated = s->b_gen};
     cm_err ce = {0};
     if (cm_forward(s->ctx, &b, &ce) < 0) {
-        /* nothing was appended: fail every job that had a row in this batch */
+        /* nothing was appended: fail every job that had a row in this batch (admission reserves the
+         * blocks every sequence can take, so running out of them here is a bug, not load) */
         api_error e;
         api_error_set(&e, 500, API_ERR_SERVER, NULL, NULL, "inference failed: %s", ce.msg);
-        srv_log("error", "cm_forward failed", NULL);
+        json_t *f = json_pack("{s:i,s:s}", "code", ce.code, "error", ce.msg);
+        srv_log("error", "cm_forward failed", f);
+        json_decref(f);
         for (int i = s->n_running - 1; i >= 0; i--)
             if (js(s->running[i])->in_batch) job_finish(s, s->running[i], &e);
         return;
     }
     s->l_steps++;
     s->l_batch_tokens += (uint64_t)nb;
+    s->l_prompt_computed += (uint64_t)(nb - n_decode);
     const int n_vocab = s->info->n_vocab;
     for (int r = 0; r < nb; r++) {
         sched_row *row = &s->rows[r];
@@ -519,21 +683,63 @@ static void step(srv_sched *s) {
             const float *lg = cm_logits(s->ctx, r);
             t.logprob = lg ? logprob_of(lg, n_vocab, t.token, t.top, n_top) : NAN;
             srv_tokvec_push(&q->prompt_lp, &t);
+            /* choices waiting to fork this prompt echo the same logprobs */
+            for (int k = 1; k <= q->n_follow; k++) srv_tokvec_push(&js(q->job)->seqs[q->choice + k].prompt_lp, &t);
             js(q->job)->dirty = 1;
         }
-        if (row->prompt_pos >= 0 && row->prompt_pos == q->prompt->n_tokens - 1 && !row->sample) {
+        int last_prompt = row->prompt_pos >= 0 && row->prompt_pos == q->prompt->n_tokens - 1;
+        if (last_prompt && !row->sample) {
             seq_end(s, q, API_FINISH_LENGTH, 0); /* max_tokens 0 with echo logprobs: prompt done */
+            followers_end(s, q, API_FINISH_LENGTH);
             continue;
         }
         if (!row->sample) continue;
         const float *lg = cm_logits(s->ctx, r);
-        if (!lg) { seq_end(s, q, API_FINISH_NONE, 0); continue; }
+        if (!lg) {
+            seq_end(s, q, API_FINISH_NONE, 0);
+            if (last_prompt) followers_end(s, q, API_FINISH_NONE);
+            continue;
+        }
+        /* the choices waiting for this prompt continue the leader (sharing its blocks) before the
+         * leader's first token, and sample from the same logits with their own samplers */
+        int n_forked = 0;
+        for (int k = 1; last_prompt && k <= q->n_follow; k++) {
+            sched_seq *f = &js(q->job)->seqs[q->choice + k];
+            if (f->state != SEQ_FORK) continue;
+            cm_err fe = {0};
+            f->seq = cm_seq_fork(s->ctx, q->seq, &fe);
+            if (f->seq < 0) {
+                sched_jobstate *st = js(q->job);
+                if (!st->failed) api_error_set(&st->fail_err, 500, API_ERR_SERVER, NULL, NULL, "fork: %s", fe.msg);
+                st->failed = 1;
+                seq_end(s, f, API_FINISH_NONE, 0);
+                continue;
+            }
+            f->n_fed = f->prompt->n_tokens;
+            f->state = SEQ_DECODE;
+            n_forked++;
+        }
         float lp = 0;
         int want_lp = q->job->req->logprobs >= 0;
         int n_top = q->job->req->logprobs > 0 ? q->job->req->logprobs : 0;
         if (n_top > 20) n_top = 20;
         int32_t tok = cm_sampler_sample(q->smp, lg, &lp, want_lp ? s->top : NULL);
         seq_on_token(s, q, tok, lp, n_top);
+        for (int k = 1; n_forked && k <= q->n_follow; k++) {
+            sched_seq *f = &js(q->job)->seqs[q->choice + k];
+            if (f->state != SEQ_DECODE || f->n_gen) continue;
+            tok = cm_sampler_sample(f->smp, lg, &lp, want_lp ? s->top : NULL);
+            seq_on_token(s, f, tok, lp, n_top);
+        }
+    }
+    for (int i = s->n_running - 1; i >= 0; i--)
+        if (js(s->running[i])->failed) job_finish(s, s->running[i], &js(s->running[i])->fail_err);
+    /* the latency model: steps without prefill give the base, the others the cost per prefill token */
+    double dt = (double)(uv_hrtime() - t0);
+    if (nb == n_decode) ewma(&s->base_ns, dt);
+    else {
+        double pf = dt - s->base_ns; /* timing noise must not make prefill look free */
+        ewma(&s->per_tok_ns, (pf > dt * 0.25 ? pf : dt * 0.25) / (nb - n_decode));
     }
 }
 
@@ -553,7 +759,16 @@ static void publish_stats_locked(srv_sched *s) {
         g->kv_blocks_total = kv.blocks_total;
         g->kv_blocks_used = kv.blocks_used;
         g->kv_block_tokens = kv.block_tokens;
+        g->kv_blocks_cached = kv.blocks_cached;
+        g->kv_blocks_available = kv.blocks_available;
+        g->kv_evictions = kv.evictions;
     }
+    g->prefix_query_tokens = s->l_prefix_query;
+    g->prefix_hit_tokens = s->l_prefix_hit;
+    g->prompt_tokens_computed = s->l_prompt_computed;
+    g->kv_check = s->kv_check;
+    g->kv_check_errors = s->l_kv_check_errors;
+    g->step_tokens = s->l_step_tokens;
     if (s->load_dirty) {
         srv_route_agg_copy(&s->load_pub, &s->load);
         s->load_dirty = 0;
@@ -578,10 +793,41 @@ static int worker_load(srv_sched *s) {
         const cm_model_info *info = cm_model_get_info(m);
         int n_ctx = s->cfg->n_ctx > 0 ? s->cfg->n_ctx : info->n_ctx_train;
         if (n_ctx <= 0) n_ctx = 2048;
-        cm_ctx_params cp = {.n_threads = s->cfg->n_threads, .n_seq_max = s->cfg->parallel, .n_ctx = n_ctx,
-                            .n_batch_max = s->cfg->n_batch, .kv_tokens = 0};
-        ctx = cm_ctx_create(m, &cp, &err);
+        /* --kv-size: tokens, or bytes at n_layer x (K + V) x n_head_kv x head_dim floats per position */
+        long long kv_tokens = s->cfg->kv_size;
+        double tok_bytes = (double)info->n_layer * 2.0 * info->n_head_kv * info->head_dim * sizeof(float);
+        if (s->cfg->kv_size_bytes) kv_tokens = (long long)((double)s->cfg->kv_size / tok_bytes);
+        if (s->cfg->kv_size && (kv_tokens < 1 || kv_tokens > (1ll << 30))) {
+            snprintf(err.msg, sizeof err.msg, "--kv-size %lld%s is %lld tokens of %.0f bytes: outside [1, 2^30]",
+                     s->cfg->kv_size, s->cfg->kv_size_bytes ? " bytes" : "", kv_tokens, tok_bytes);
+        } else {
+            cm_ctx_params cp = {.n_threads = s->cfg->n_threads, .n_seq_max = s->cfg->parallel, .n_ctx = n_ctx,
+                                .n_batch_max = s->cfg->n_batch, .kv_tokens = (int)kv_tokens,
+                                .prefix_cache = s->cfg->prefix_cache};
+            ctx = cm_ctx_create(m, &cp, &err);
+        }
         if (ctx) {
+            /* forks (n > 1 prefills a prompt once) unless the engine says it has none */
+            int a = cm_seq_open(ctx, NULL);
+            int b = a >= 0 ? cm_seq_fork(ctx, a, NULL) : CM_E_UNSUPPORTED;
+            s->fork_ok = b != CM_E_UNSUPPORTED;
+            if (b >= 0) cm_seq_close(ctx, b);
+            if (a >= 0) cm_seq_close(ctx, a);
+            cm_kv_stats kv;
+            cm_ctx_kv_stats(ctx, &kv);
+            s->blocks_total = kv.blocks_total;
+            const char *env = getenv("CODEMOE_KV_CHECK");
+            s->kv_check = s->cfg->kv_check || (env && !strcmp(env, "1"));
+            /* test hook: slow every step down so tests can act in the middle of a prefill */
+            env = getenv("CODEMOE_SERVE_STEP_DELAY_MS");
+            s->step_delay_ms = env ? atoi(env) : 0;
+            json_t *f = json_pack("{s:i,s:i,s:i,s:f,s:b,s:b,s:f,s:b}", "blocks", kv.blocks_total, "block_tokens",
+                                  kv.block_tokens, "tokens", kv.blocks_total * kv.block_tokens, "mib",
+                                  (double)kv.blocks_total * kv.block_tokens * tok_bytes / (1 << 20), "prefix_cache",
+                                  s->cfg->prefix_cache != 0, "fork", s->fork_ok, "max_itl_ms", s->cfg->max_itl_ms,
+                                  "kv_check", s->kv_check);
+            srv_log("info", "kv pool", f);
+            json_decref(f);
             s->info = info;
             s->n_ctx = n_ctx;
             s->piece_cap = cm_detok_max_bytes(m);
@@ -665,7 +911,12 @@ static void worker_main(void *arg) {
             s->wait_head = j->next;
             if (!s->wait_head) s->wait_tail = NULL;
             j->next = NULL;
-            job_admit(s, j);
+            if (!job_admit(s, j)) { /* not enough KV blocks yet: it stays first */
+                j->next = s->wait_head;
+                s->wait_head = j;
+                if (!s->wait_tail) s->wait_tail = j;
+                break;
+            }
         }
         if (s->wait_head && s->wait_head->n_choices > s->cfg->parallel) {
             /* can never fit (the loop refuses these; defensive) */
@@ -678,6 +929,18 @@ static void worker_main(void *arg) {
         }
         /* 3-4. one batched forward pass */
         step(s);
+        if (s->kv_check) {
+            char why[256] = "";
+            int bad = cm_ctx_kv_check(s->ctx, why, sizeof why);
+            if (bad > 0) {
+                if (!s->l_kv_check_errors) {
+                    json_t *f = json_pack("{s:i,s:s}", "blocks", bad, "first", why);
+                    srv_log("error", "kv check failed", f);
+                    json_decref(f);
+                }
+                s->l_kv_check_errors += (uint64_t)bad;
+            }
+        }
         /* 5. publish */
         uv_mutex_lock(&s->mu);
         for (int i = s->n_running - 1; i >= 0; i--) {
@@ -726,6 +989,7 @@ srv_sched *srv_sched_create(uv_loop_t *loop, const srv_config *cfg, srv_sched_wa
     srv_metrics_init(&m);
     s->ttft = s->l_ttft = m.ttft;
     s->itl = s->l_itl = m.itl;
+    s->l_step_tokens = m.step_tokens;
     if (uv_mutex_init(&s->mu)) { free(s); return NULL; }
     if (uv_cond_init(&s->cv)) { uv_mutex_destroy(&s->mu); free(s); return NULL; }
     if (uv_async_init(loop, &s->async, sched_on_async)) {
@@ -807,6 +1071,7 @@ int srv_sched_model(srv_sched *s, const cm_model **model, int *n_ctx, cm_err *er
 int srv_sched_submit(srv_sched *s, srv_job *job) {
     job->next = NULL;
     job->done = job->admitted = job->has_error = job->in_ready = 0;
+    job->prompt_tokens = job->cached_tokens = 0;
     uv_mutex_lock(&s->mu);
     if (s->stopping || s->model_state != SRV_MODEL_READY) { uv_mutex_unlock(&s->mu); return -1; }
     if (s->submit_tail) s->submit_tail->next = job;
@@ -855,6 +1120,7 @@ srv_job *srv_sched_drain(srv_sched *s, srv_job *job, srv_out *dst, srv_drained *
     info->has_error = job->has_error;
     info->err = job->err;
     info->prompt_tokens = job->prompt_tokens;
+    info->cached_tokens = job->cached_tokens;
     info->t_first_token_ns = job->t_first_token_ns;
     info->routing = NULL;
     if (job->done) { info->routing = job->routing; job->routing = NULL; }

@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 #include "cli.h"
@@ -28,6 +29,12 @@ static void serve_usage(FILE *f) {
         "  --parallel N            sequences decoded together in one batch (default 4)\n"
         "  --queue N               requests that may wait for a slot; beyond: 429 (default 64)\n"
         "  --batch N               max tokens per forward pass, bounds prefill chunks (default 512)\n"
+        "  --kv-size N[KiB|MiB|GiB] KV memory shared by all sequences: tokens, or bytes with a suffix\n"
+        "                          (default: parallel x ctx tokens); requests wait for room in it\n"
+        "  --no-prefix-cache       do not reuse the KV blocks of earlier prompts' common prefixes\n"
+        "  --max-itl-ms MS         while sequences decode, limit each step's prefill so the step stays\n"
+        "                          under MS milliseconds (soft; at least 32 tokens; 0 = off, default)\n"
+        "  --kv-check              check the KV pool's bookkeeping after every step (tests; slow)\n"
         "  --api-key KEY           require 'Authorization: Bearer KEY' (repeatable)\n"
         "  --api-key-file PATH     one key per line ('#' comments)\n"
         "                          (also the CODEMOE_API_KEY environment variable)\n"
@@ -65,6 +72,27 @@ static int parse_seconds(const char *flag, const char *v, double *out) {
     return 1;
 }
 
+/* --kv-size: "N" tokens, or "N" with KiB, MiB or GiB (bytes, converted once the model is known). */
+static int parse_kv_size(const char *v, srv_config *c) {
+    char *end;
+    errno = 0;
+    unsigned long long x = strtoull(v, &end, 10);
+    int shift = -1;
+    if (!*end) shift = 0;
+    else if (!strcasecmp(end, "KiB")) shift = 10;
+    else if (!strcasecmp(end, "MiB")) shift = 20;
+    else if (!strcasecmp(end, "GiB")) shift = 30;
+    if (errno || end == v || *v == '-' || shift < 0 || x > (1ull << 40) >> shift ||
+        (shift == 0 && x > (1ull << 30))) {
+        fprintf(stderr, "codemoe serve: --kv-size expects tokens (at most 2^30) or a size with KiB, MiB or GiB "
+                        "(at most 1 TiB), got '%s'\n", v);
+        return 0;
+    }
+    c->kv_size = (long long)(x << shift);
+    c->kv_size_bytes = shift > 0;
+    return 1;
+}
+
 static int parse_size(const char *flag, const char *v, size_t lo, size_t *out) {
     unsigned long long x;
     if (!cli_u64("serve", flag, v, &x)) return 0;
@@ -94,13 +122,17 @@ static int parse_flags(int argc, char **argv, srv_config *c) {
     c->routing_retention = 1024;
     c->stream_buffer = 1u << 20;
     c->max_connections = 1024;
+    c->prefix_cache = 1;
     const char *model_id = NULL;
     static const char *flags[] = {"--model", "--model-id", "--host", "--port", "--threads", "--ctx", "--parallel",
                                   "--queue", "--batch", "--api-key", "--api-key-file", "--cors-origin",
                                   "--max-body", "--request-timeout", "--idle-timeout", "--grace",
-                                  "--routing-retention", "--stream-buffer", "--max-connections"};
+                                  "--routing-retention", "--stream-buffer", "--max-connections", "--kv-size",
+                                  "--max-itl-ms"};
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) { serve_usage(stdout); return -1; }
+        if (!strcmp(argv[i], "--no-prefix-cache")) { c->prefix_cache = 0; continue; }
+        if (!strcmp(argv[i], "--kv-check")) { c->kv_check = 1; continue; }
         const char *f = NULL, *v = NULL;
         int m = 0;
         for (size_t k = 0; k < sizeof flags / sizeof *flags && !m; k++)
@@ -136,6 +168,12 @@ static int parse_flags(int argc, char **argv, srv_config *c) {
         else if (!strcmp(f, "--routing-retention")) ok = cli_int("serve", f, v, 0, 1 << 20, &c->routing_retention);
         else if (!strcmp(f, "--stream-buffer")) ok = parse_size(f, v, 4096, &c->stream_buffer);
         else if (!strcmp(f, "--max-connections")) ok = cli_int("serve", f, v, 1, 1 << 20, &c->max_connections);
+        else if (!strcmp(f, "--kv-size")) ok = parse_kv_size(v, c);
+        else if (!strcmp(f, "--max-itl-ms")) {
+            float ms;
+            ok = cli_float("serve", f, v, 0, 1e6, &ms);
+            c->max_itl_ms = ms;
+        }
         if (!ok) return 2;
     }
     const char *env = getenv("CODEMOE_API_KEY");

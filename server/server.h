@@ -36,6 +36,12 @@ typedef struct srv_config {
     int parallel;             /* max sequences in the batch (a request with n choices takes n) */
     int queue;                /* max requests waiting for a slot; beyond: 429 */
     int n_batch;              /* max tokens per cm_forward (prefill chunking) */
+    long long kv_size;        /* KV pool: tokens (kv_size_bytes 0) or bytes (kv_size_bytes 1); 0: the default,
+                                 parallel x ctx */
+    int kv_size_bytes;
+    int prefix_cache;         /* share computed prompt blocks across requests (--no-prefix-cache: 0) */
+    double max_itl_ms;        /* soft inter-token latency bound that limits prefill per step (0: off) */
+    int kv_check;             /* run cm_ctx_kv_check after every step (--kv-check, CODEMOE_KV_CHECK=1) */
     srv_keys keys;            /* API keys; none: no auth */
     char **cors;              /* allowed origins (owned); "*" allows any */
     int n_cors;
@@ -120,6 +126,7 @@ struct srv_job {
     int has_error;
     api_error err;              /* has_error: why it failed (before or during generation) */
     int prompt_tokens;          /* usage: prompt tokens summed over choices' prompts (once per prompt) */
+    int cached_tokens;          /* usage: of those, reused from the prefix cache */
     int64_t t_first_token_ns;   /* 0 until the first token */
     json_t *routing;            /* set with done: the request's routing statistics (srv_route_agg_json),
                                    handed to the loop by srv_sched_drain */
@@ -168,7 +175,7 @@ srv_job *srv_sched_take(srv_sched *s);
  * worker) and copies the job's state into info. Returns the next job of the taken list. Once
  * info->done, the worker has let go of the job and the loop may free it. */
 typedef struct srv_drained {
-    int done, admitted, has_error, prompt_tokens;
+    int done, admitted, has_error, prompt_tokens, cached_tokens;
     api_error err;
     int64_t t_first_token_ns;
     json_t *routing;            /* new reference the caller owns (once, with done), or NULL */

@@ -93,7 +93,12 @@ TEST(metrics_render) {
     srv_hist_observe(&m.ttft, 0.003); /* first bucket (0.005) */
     srv_hist_observe(&m.ttft, 0.2);   /* 0.25 bucket */
     srv_hist_observe(&m.ttft, 1000);  /* +Inf only */
-    srv_gauges g = {.model_loaded = 1, .kv_blocks_total = 64, .kv_blocks_used = 3};
+    srv_gauges g = {.model_loaded = 1, .kv_blocks_total = 64, .kv_blocks_used = 3, .kv_blocks_cached = 5,
+                    .kv_blocks_available = 61, .kv_evictions = 7, .prefix_query_tokens = 400,
+                    .prefix_hit_tokens = 96, .prompt_tokens_computed = 304};
+    g.step_tokens = m.step_tokens;
+    srv_hist_observe(&g.step_tokens, 1);
+    srv_hist_observe(&g.step_tokens, 33);
     size_t len = 0;
     char *t = srv_metrics_render(&m, &g, &len);
     ASSERT_TRUE(t != NULL);
@@ -108,6 +113,25 @@ TEST(metrics_render) {
     ASSERT_TRUE(strstr(t, "codemoe_time_to_first_token_seconds_count 3\n"));
     ASSERT_TRUE(strstr(t, "codemoe_kv_blocks_used 3\n"));
     ASSERT_TRUE(strstr(t, "# TYPE codemoe_inter_token_latency_seconds histogram\n"));
+    /* KV pool and prefix cache */
+    ASSERT_TRUE(strstr(t, "# TYPE codemoe_kv_blocks_cached gauge\ncodemoe_kv_blocks_cached 5\n"));
+    ASSERT_TRUE(strstr(t, "codemoe_kv_blocks_available 61\n"));
+    ASSERT_TRUE(strstr(t, "# TYPE codemoe_kv_evictions_total counter\ncodemoe_kv_evictions_total 7\n"));
+    ASSERT_TRUE(strstr(t, "codemoe_prefix_cache_query_tokens_total 400\n"));
+    ASSERT_TRUE(strstr(t, "codemoe_prefix_cache_hit_tokens_total 96\n"));
+    ASSERT_TRUE(strstr(t, "# TYPE codemoe_prefix_cache_hit_ratio gauge\ncodemoe_prefix_cache_hit_ratio 0.23999999999999999\n"));
+    ASSERT_TRUE(strstr(t, "codemoe_prompt_tokens_computed_total 304\n"));
+    ASSERT_TRUE(strstr(t, "codemoe_step_tokens_bucket{le=\"32\"} 1\n"));
+    ASSERT_TRUE(strstr(t, "codemoe_step_tokens_bucket{le=\"64\"} 2\n"));
+    ASSERT_TRUE(!strstr(t, "codemoe_kv_check_errors")); /* only with --kv-check */
+    free(t);
+    g.kv_check = 1;
+    g.kv_check_errors = 0;
+    g.prefix_query_tokens = 0; /* no query yet: the ratio is 0, not NaN */
+    t = srv_metrics_render(&m, &g, &len);
+    ASSERT_TRUE(t != NULL);
+    ASSERT_TRUE(strstr(t, "# TYPE codemoe_kv_check_errors gauge\ncodemoe_kv_check_errors 0\n"));
+    ASSERT_TRUE(strstr(t, "codemoe_prefix_cache_hit_ratio 0\n"));
     free(t);
     /* the series table is bounded: overflow is counted, not labelled */
     for (int s = 0; s < SRV_METRICS_MAX_SERIES + 5; s++) srv_metrics_count_request(&m, "x", 1000 + s);
