@@ -173,6 +173,7 @@ struct srv_sched {
     int kv_check;                     /* run cm_ctx_kv_check after every step */
     int step_delay_ms;                /* CODEMOE_SERVE_STEP_DELAY_MS (tests): sleep before each forward */
     srv_hist l_step_tokens;           /* tokens per forward pass */
+    int *a_seq, *a_got;               /* (parallel) job_admit scratch: sequence ids, positions reused */
 };
 
 /* ============================================================ helpers */
@@ -371,77 +372,70 @@ static int blocks_reserved(srv_sched *s) {
     return sum;
 }
 
-/* Takes the job at the head of the queue into the batch if the KV pool can hold it to the end.
- * Returns 1 when the job left the queue (admitted, or finished with an error), 0 when it must wait
- * for blocks (then nothing of it is left in the engine: its sequences were closed, and the cached
- * blocks it had attached are back in the cache). */
-static int job_admit(srv_sched *s, srv_job *j) {
-    api_error e;
+/* Whether the job can ever run: 0, or -1 with the reason in e (a prompt longer than the context, or
+ * more KV blocks than the whole pool: such a job would wait forever). */
+static int job_check(const srv_sched *s, const srv_job *j, api_error *e) {
     const api_completion_req *r = j->req;
     const int per = r->n > 0 ? r->n : 1;
-    /* what cannot run at all fails now instead of waiting forever */
     int cold = 0; /* blocks the job takes from an empty pool with an empty cache */
     for (int i = 0; i < j->n_choices; i++) {
         const api_prompt *p = &r->prompts[prompt_of(r, i)];
         if (p->n_tokens < 1 || p->n_tokens > s->n_ctx) {
-            api_error_set(&e, 400, API_ERR_INVALID, "prompt", "context_length_exceeded",
+            api_error_set(e, 400, API_ERR_INVALID, "prompt", "context_length_exceeded",
                           "This model's maximum context length is %d tokens, however you requested %d tokens "
                           "in the prompt. Please reduce the prompt.", s->n_ctx, p->n_tokens);
-            job_finish(s, j, &e);
-            return 1;
+            return -1;
         }
         int t = choice_target(s, r, p);
         cold += s->fork_ok && i % per ? fork_blocks(p->n_tokens, t) : blocks_for(t);
     }
     if (cold > s->blocks_total) {
-        api_error_set(&e, 400, API_ERR_INVALID, "max_tokens", "kv_budget_exceeded",
+        api_error_set(e, 400, API_ERR_INVALID, "max_tokens", "kv_budget_exceeded",
                       "This request needs %d KV blocks of %d tokens (prompt + max_tokens of each of its %d "
                       "choices), but the server's whole KV pool (--kv-size) is %d blocks. Reduce max_tokens, "
                       "n or the prompt.", cold, CM_KV_BLOCK_TOKENS, j->n_choices, s->blocks_total);
+        return -1;
+    }
+    return 0;
+}
+
+/* Closes the sequences job_admit opened for a job that does not run (yet). */
+static void admit_undo(srv_sched *s, int n) {
+    for (int i = 0; i < n; i++)
+        if (s->a_seq[i] >= 0) cm_seq_close(s->ctx, s->a_seq[i]);
+}
+
+/* Takes the job at the head of the queue into the batch if the KV pool can hold it to the end.
+ * Returns 1 when the job left the queue (admitted, or finished with an error), 0 when it must wait
+ * for blocks (then nothing of it is left in the engine: its sequences were closed, and the cached
+ * blocks it had attached are back in the cache). The fit is decided before anything is allocated:
+ * a job waiting for room is retried every step. */
+static int job_admit(srv_sched *s, srv_job *j) {
+    api_error e;
+    const api_completion_req *r = j->req;
+    const int per = r->n > 0 ? r->n : 1;
+    const int nc = j->n_choices; /* <= parallel, the size of a_seq and a_got */
+    if (job_check(s, j, &e) < 0) {
         job_finish(s, j, &e);
         return 1;
     }
-    sched_jobstate *st = calloc(1, sizeof *st);
-    if (st) st->seqs = calloc((size_t)j->n_choices, sizeof *st->seqs);
-    if (!st || !st->seqs) {
-        free(st);
-        api_error_http(&e, 500, "out of memory");
-        job_finish(s, j, &e);
-        return 1;
-    }
-    j->w = st;
-    for (int i = 0; i < j->n_choices; i++) {
-        sched_seq *q = &st->seqs[i];
-        q->job = j;
-        q->choice = i;
-        q->seq = -1;
-        q->state = SEQ_PREFILL;
-        q->prompt = &r->prompts[prompt_of(r, i)];
-        q->target = choice_target(s, r, q->prompt);
-        srv_buf_init(&q->text, 0);
-        st->n_open++;
-    }
-    /* open the sequences and map them onto the cache; count what they still need */
-    int prompt_total = 0, cached = 0, query = 0, need = 0;
-    for (int i = 0; i < j->n_choices; i++) {
-        sched_seq *q = &st->seqs[i];
-        int lead = i % per == 0;
-        q->slot = 1;
-        s->seqs_used++;
-        if (lead) prompt_total += q->prompt->n_tokens;
-        if (s->fork_ok && !lead) {
-            q->state = SEQ_FORK;
-            q->fork_blocks = fork_blocks(q->prompt->n_tokens, q->target);
-            st->seqs[i - i % per].n_follow++;
-            need += q->fork_blocks;
+    /* open the sequences, map them onto the cache, and count the blocks they still need */
+    int need = 0, err_at = -1;
+    for (int i = 0; i < nc; i++) s->a_seq[i] = -1;
+    for (int i = 0; i < nc && err_at < 0; i++) {
+        const api_prompt *p = &r->prompts[prompt_of(r, i)];
+        int target = choice_target(s, r, p);
+        s->a_got[i] = 0;
+        if (s->fork_ok && i % per) { /* forks its prompt's first choice later */
+            need += fork_blocks(p->n_tokens, target);
             continue;
         }
         cm_err ce = {0};
-        q->seq = cm_seq_open(s->ctx, &ce);
-        if (q->seq < 0) {
+        int seq = s->a_seq[i] = cm_seq_open(s->ctx, &ce);
+        if (seq < 0) {
             api_error_set(&e, 503, API_ERR_SERVER, NULL, "overloaded", "no sequence slot: %s", ce.msg);
-            job_finish(s, j, &e);
-            return 1;
+            err_at = i;
+            break;
         }
         /* mixture-of-experts options (dense models ignore them); set before the cache lookup, whose
          * key includes them */
@@ -449,51 +443,80 @@ static int job_admit(srv_sched *s, srv_job *j) {
         cm_seq_options_default(&so);
         if (r->segment_routing == API_SEGMENT_REFERENCE) so.segment_mode = CM_SEGMENT_REFERENCE;
         if (cm_model_n_adapters(s->model) > 0) { /* MoLE: the field, else the prompt's fences, else a guess */
-            const char *lang = cm_lang_for_request(r->language, q->prompt->text, q->prompt->text_len);
+            const char *lang = cm_lang_for_request(r->language, p->text, p->text_len);
             so.language = lang ? cm_model_adapter_id(s->model, lang) : -1;
             if (r->language && so.language < 0) {
                 api_error_set(&e, 400, API_ERR_INVALID, "language", NULL,
                               "This model has no adapter for language '%s'.", r->language);
-                job_finish(s, j, &e);
-                return 1;
+                err_at = i;
+                break;
             }
         }
-        if (cm_seq_set_options(s->ctx, q->seq, &so, &ce) < 0) {
+        if (cm_seq_set_options(s->ctx, seq, &so, &ce) < 0) {
             api_error_set(&e, 400, API_ERR_INVALID, "segment_routing", NULL, "%s", ce.msg);
-            job_finish(s, j, &e);
-            return 1;
+            err_at = i;
+            break;
         }
         /* echoed prompt logprobs need the logits of every echoed position: reuse only what precedes */
-        int n_key = q->prompt->n_tokens;
-        if (r->echo && r->logprobs >= 0 && n_key > q->prompt->echo_from + 1) n_key = q->prompt->echo_from + 1;
-        int got = cm_seq_attach_prefix(s->ctx, q->seq, q->prompt->tokens, n_key, &ce);
+        int n_key = p->n_tokens;
+        if (r->echo && r->logprobs >= 0 && n_key > p->echo_from + 1) n_key = p->echo_from + 1;
+        int got = cm_seq_attach_prefix(s->ctx, seq, p->tokens, n_key, &ce);
         if (got < 0) {
             api_error_set(&e, 500, API_ERR_SERVER, NULL, NULL, "prefix cache: %s", ce.msg);
-            job_finish(s, j, &e);
-            return 1;
+            err_at = i;
+            break;
         }
-        q->n_fed = got;
-        if (lead) {
-            cached += got;
-            query += q->prompt->n_tokens - 1;
-        }
-        int nd = cm_seq_blocks_needed(s->ctx, q->seq, q->target - got);
+        s->a_got[i] = got;
+        int nd = cm_seq_blocks_needed(s->ctx, seq, target - got);
         if (nd > 0) need += nd;
+    }
+    if (err_at >= 0) {
+        admit_undo(s, nc);
+        job_finish(s, j, &e);
+        return 1;
     }
     /* availability after attaching: attached blocks left the evictable set */
     cm_kv_stats kv;
     cm_ctx_kv_stats(s->ctx, &kv);
     if (need > kv.blocks_available - blocks_reserved(s)) {
-        for (int i = 0; i < j->n_choices; i++) {
-            sched_seq *q = &st->seqs[i];
-            if (q->seq >= 0) cm_seq_close(s->ctx, q->seq);
-            if (q->slot) s->seqs_used--;
-            srv_buf_free(&q->text);
-        }
-        free(st->seqs);
-        free(st);
-        j->w = NULL;
+        admit_undo(s, nc);
         return 0;
+    }
+    /* it fits: the job's state */
+    sched_jobstate *st = calloc(1, sizeof *st);
+    if (st) st->seqs = calloc((size_t)nc, sizeof *st->seqs);
+    if (!st || !st->seqs) {
+        free(st);
+        admit_undo(s, nc);
+        api_error_http(&e, 500, "out of memory");
+        job_finish(s, j, &e);
+        return 1;
+    }
+    j->w = st;
+    int prompt_total = 0, cached = 0, query = 0;
+    for (int i = 0; i < nc; i++) {
+        sched_seq *q = &st->seqs[i];
+        q->job = j;
+        q->choice = i;
+        q->prompt = &r->prompts[prompt_of(r, i)];
+        q->target = choice_target(s, r, q->prompt);
+        q->seq = s->a_seq[i];
+        q->n_fed = s->a_got[i];
+        q->slot = 1;
+        s->seqs_used++;
+        q->state = SEQ_PREFILL;
+        if (s->fork_ok && i % per) {
+            q->state = SEQ_FORK;
+            q->fork_blocks = fork_blocks(q->prompt->n_tokens, q->target);
+            st->seqs[i - i % per].n_follow++;
+        }
+        if (i % per == 0) {
+            prompt_total += q->prompt->n_tokens;
+            query += q->prompt->n_tokens - 1;
+            cached += q->n_fed;
+        }
+        srv_buf_init(&q->text, 0);
+        st->n_open++;
     }
     s->running[s->n_running++] = j;
     for (int i = 0; i < j->n_choices; i++) {
@@ -839,7 +862,10 @@ static int worker_load(srv_sched *s) {
             s->b_gen = malloc((size_t)nb);
             s->rows = malloc((size_t)nb * sizeof *s->rows);
             s->running = calloc((size_t)s->cfg->parallel, sizeof *s->running);
-            if (!s->piece || !s->b_tok || !s->b_seq || !s->b_logits || !s->b_gen || !s->rows || !s->running) {
+            s->a_seq = malloc((size_t)s->cfg->parallel * sizeof *s->a_seq);
+            s->a_got = malloc((size_t)s->cfg->parallel * sizeof *s->a_got);
+            if (!s->piece || !s->b_tok || !s->b_seq || !s->b_logits || !s->b_gen || !s->rows || !s->running ||
+                !s->a_seq || !s->a_got) {
                 snprintf(err.msg, sizeof err.msg, "out of memory");
                 cm_ctx_free(ctx);
                 ctx = NULL;
@@ -895,12 +921,15 @@ static void worker_main(void *arg) {
         for (srv_job **pp = &s->wait_head, *prev = NULL; *pp;) {
             srv_job *j = *pp;
             int why = atomic_load(&j->cancel);
-            if (!why) { prev = j; pp = &j->next; continue; }
+            api_error e;
+            /* a job that could never fit fails now, not when it reaches the head of the queue */
+            int never = !why && !j->checked && job_check(s, j, &e) < 0;
+            j->checked = 1;
+            if (!why && !never) { prev = j; pp = &j->next; continue; }
             *pp = j->next;
             if (s->wait_tail == j) s->wait_tail = prev;
             j->next = NULL;
-            api_error e;
-            cancel_error(why, &e);
+            if (why) cancel_error(why, &e);
             job_finish(s, j, why == SRV_CANCEL_CLIENT || why == SRV_CANCEL_SLOW ? NULL : &e);
         }
         if (stopping) break;
@@ -1049,6 +1078,8 @@ void srv_sched_free(srv_sched *s) {
     srv_route_agg_free(&s->load);
     srv_route_agg_free(&s->load_pub);
     free(s->running);
+    free(s->a_seq);
+    free(s->a_got);
     uv_cond_destroy(&s->cv);
     uv_mutex_destroy(&s->mu);
     free(s);
@@ -1071,7 +1102,7 @@ int srv_sched_model(srv_sched *s, const cm_model **model, int *n_ctx, cm_err *er
 int srv_sched_submit(srv_sched *s, srv_job *job) {
     job->next = NULL;
     job->done = job->admitted = job->has_error = job->in_ready = 0;
-    job->prompt_tokens = job->cached_tokens = 0;
+    job->prompt_tokens = job->cached_tokens = job->checked = 0;
     uv_mutex_lock(&s->mu);
     if (s->stopping || s->model_state != SRV_MODEL_READY) { uv_mutex_unlock(&s->mu); return -1; }
     if (s->submit_tail) s->submit_tail->next = job;

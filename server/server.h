@@ -135,6 +135,7 @@ struct srv_job {
 
     /* ---- worker-private */
     void *w;                    /* struct sched_seq array */
+    int checked;                /* job_check passed (it can run once there is room) */
     srv_job *next;              /* submit list / worker queue link */
 };
 

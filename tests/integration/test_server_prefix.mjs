@@ -159,8 +159,11 @@ test('a small --kv-size: eviction keeps outputs equal to cold runs, requests wai
     assert.ok(cached > 0 && m['codemoe_prefix_cache_hit_tokens_total'] === cached, 'hits ' + cached);
     assert.equal(m['codemoe_kv_blocks_used'], 0);
     assert.equal(m['codemoe_kv_check_errors'], 0);
-    /* 8 choices of prompt + 150 tokens cannot fit 16 blocks even alone: refused at once */
+    /* 8 choices of prompt + 150 tokens cannot fit 16 blocks even alone: refused at once, also when
+     * it arrives behind requests that wait for blocks */
+    const crowd = [0, 1, 2, 3, 4, 5].map((i) => complete(srv, bodies[i]));
     const big = await postJSON(srv, '/v1/completions', { prompt: prompts[0], max_tokens: 150, n: 8 });
+    await Promise.all(crowd);
     assert.equal(big.status, 400, big.text);
     assert.equal(big.json.error.code, 'kv_budget_exceeded');
     assert.equal(big.json.error.param, 'max_tokens');
