@@ -7,14 +7,14 @@
 #                                     #   then moe moe_noseg moe_noshared dense_cont lora mole + exports,
 #                                     #   results (held-out loss + HumanEval-X solution NLL per language),
 #                                     #   report (tools/results.sh: docs/results.md, models/README.md numbers)
-#   CM_TRAIN=/work/train  CM_BUILD=build-data  CM_BASE_TOKENS=4000000  CM_POST_TOKENS=1000000
+#   CM_TRAIN=/work/train  CM_BUILD=build-data  CM_BASE_TOKENS=3000000  CM_POST_TOKENS=500000 (the shipped run)
 set -eu
 cd "$(dirname "$0")/.."
 T=${CM_TRAIN:-/work/train}
 B=${CM_BUILD:-build-data}
 PY="nice -n 19 /usr/bin/python3"
-BASE_TOKENS=${CM_BASE_TOKENS:-4000000}
-POST_TOKENS=${CM_POST_TOKENS:-1000000}
+BASE_TOKENS=${CM_BASE_TOKENS:-3000000}
+POST_TOKENS=${CM_POST_TOKENS:-500000}
 mkdir -p "$T/logs" "$T/gguf" "$T/results"
 
 step() { echo "== $1 ($(date -u +%H:%M:%S))" >&2; }
@@ -40,10 +40,10 @@ run_stage() {
         $PY tools/train.py tokenize --tokenizer "$T/tokenizer" --corpus "$T/corpus" ;;
     base)
         step base
-        $PY tools/train.py train --stage base --tokens "$BASE_TOKENS" ;;
+        $PY tools/train.py train --stage base --tokens "$BASE_TOKENS" --threads 1 ;;
     moe|moe_noseg|moe_noshared|dense_cont|lora|mole)
         step "$1"
-        $PY tools/train.py train --stage "$1" --tokens "$POST_TOKENS" --lr 5e-4 ;;
+        $PY tools/train.py train --stage "$1" --tokens "$POST_TOKENS" --lr 5e-4 --threads 1 ;;
     export-*)
         s=${1#export-}
         [ -f "$T/gguf/$s.gguf" ] && return 0
