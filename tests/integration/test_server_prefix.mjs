@@ -16,7 +16,7 @@
  */
 import assert from 'node:assert/strict';
 import http from 'node:http';
-import { startServer, postJSON, metrics, waitMetrics, sanitizerReport, sleep, test, run } from './server_harness.mjs';
+import { startServer, postJSON, metrics, waitMetrics, readSSE, sanitizerReport, test, run } from './server_harness.mjs';
 
 const THREADS = ['--threads', '1'];
 
@@ -91,6 +91,14 @@ for (const model of ['qwen2-gqa', 'hybrid-max', 'mole']) {
       assert.ok(m1['codemoe_prefix_cache_hit_ratio'] > 0 && m1['codemoe_prefix_cache_hit_ratio'] < 1);
       assert.equal(m1['codemoe_kv_blocks_used'], 0);
       assert.ok(m1['codemoe_kv_blocks_cached'] >= 2);
+      /* a stream's final usage chunk reports the reuse too */
+      const sres = await fetch(srv.base + '/v1/completions', { method: 'POST', headers: { 'Content-Type': 'application/json' },
+        body: JSON.stringify({ ...body, stream: true, stream_options: { include_usage: true } }) });
+      const events = await readSSE(sres);
+      const usage = events.filter((e) => e !== '[DONE]' && e.usage).pop().usage;
+      assert.equal(usage.prompt_tokens_details.cached_tokens, cached);
+      assert.equal(events.filter((e) => e !== '[DONE]').map((e) => e.choices.map((c) => c.text).join('')).join(''),
+        cold.choices[0].text);
       /* a prompt that shares only the first blocks reuses those, and is right too */
       const fork = { ...body, prompt: prompt.slice(0, 150) + 'while True: pass' };
       const a = await complete(srv, fork);
