@@ -277,8 +277,19 @@ int cm_seq_open(cm_ctx *c, cm_err *err) {
     return s;
 }
 
+static int seq_salt(const cm_ctx *c, int seq, uint64_t *salt);
+
 void cm_seq_close(cm_ctx *c, int seq) {
-    if (c && seq_valid(c, seq)) cm_kv_seq_close(&c->kv, seq);
+    if (!c || !seq_valid(c, seq)) return;
+    uint64_t salt;
+    int32_t tail = c->kv.cache_on && seq_salt(c, seq, &salt) ? cm_kv_seq_tail_block(&c->kv, seq) : -1;
+    if (tail < 0) {
+        cm_kv_seq_close(&c->kv, seq);
+        return;
+    }
+    /* the partial last block stays as a tail; a MoE sequence's state at its last position goes with it */
+    if (c->moe) cm_moe_seq_snapshot(c->moe, seq, cm_kv_block_extra(&c->kv, tail));
+    cm_kv_seq_close_tail(&c->kv, seq, salt);
 }
 
 int cm_seq_len(const cm_ctx *c, int seq) {
@@ -317,9 +328,12 @@ int cm_seq_attach_prefix(cm_ctx *c, int seq, const int32_t *tokens, int n, cm_er
                           seq, c->kv.seqs[seq].len);
     uint64_t salt;
     if (!c->kv.cache_on || n < 2 || !seq_salt(c, seq, &salt)) return 0;
-    int got = cm_kv_seq_attach(&c->kv, seq, tokens, n, n - 1, salt);
+    int32_t tail;
+    /* MoE state is stored only at block ends and at a tail's end: partial tails only for dense models */
+    int got = cm_kv_seq_attach(&c->kv, seq, tokens, n, n - 1, salt, c->moe != NULL, &tail);
     if (got > 0 && c->moe)
-        cm_moe_seq_restore(c->moe, seq, cm_kv_block_extra(&c->kv, c->kv.seqs[seq].blocks[got / CM_KV_BLOCK - 1]));
+        cm_moe_seq_restore(c->moe, seq, cm_kv_block_extra(&c->kv, tail >= 0 ? tail
+                                                                 : c->kv.seqs[seq].blocks[got / CM_KV_BLOCK - 1]));
     return got;
 }
 

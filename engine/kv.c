@@ -57,12 +57,13 @@ int cm_kv_init(cm_kv *kv, int n_layer, int kv_dim, int n_blocks, int n_seq, int 
             kv->salt = malloc((size_t)n_blocks * sizeof *kv->salt);
             kv->hash = malloc((size_t)n_blocks * sizeof *kv->hash);
             kv->btoks = malloc((size_t)n_blocks * CM_KV_BLOCK * sizeof *kv->btoks);
+            kv->tail_n = calloc((size_t)n_blocks, 1);
             kv->hnext = malloc((size_t)n_blocks * sizeof *kv->hnext);
             kv->buckets = malloc((size_t)nb * sizeof *kv->buckets);
             kv->lru_prev = malloc((size_t)n_blocks * sizeof *kv->lru_prev);
             kv->lru_next = malloc((size_t)n_blocks * sizeof *kv->lru_next);
             fail = !kv->seq_toks || !kv->reg || !kv->gen || !kv->parent || !kv->parent_gen || !kv->salt ||
-                   !kv->hash || !kv->btoks || !kv->hnext || !kv->buckets || !kv->lru_prev || !kv->lru_next;
+                   !kv->hash || !kv->btoks || !kv->tail_n || !kv->hnext || !kv->buckets || !kv->lru_prev || !kv->lru_next;
         }
     }
     if (fail) {
@@ -99,6 +100,7 @@ void cm_kv_free(cm_kv *kv) {
     free(kv->salt);
     free(kv->hash);
     free(kv->btoks);
+    free(kv->tail_n);
     free(kv->hnext);
     free(kv->buckets);
     free(kv->lru_prev);
@@ -123,10 +125,15 @@ static uint64_t key_hash(int32_t parent, uint32_t pgen, uint64_t salt, const int
     return h;
 }
 
+/* A tail's key has no tokens (it is looked up by how many of them match). */
+static uint64_t tail_hash(int32_t parent, uint32_t pgen, uint64_t salt) {
+    return mix64(mix64(((uint64_t)(uint32_t)parent << 32 | pgen) ^ 0x7a11u) ^ salt);
+}
+
 static int32_t index_find(const cm_kv *kv, uint64_t h, int32_t parent, uint32_t pgen, uint64_t salt,
                           const int32_t *toks) {
     for (int32_t b = kv->buckets[h & (kv->n_buckets - 1)]; b >= 0; b = kv->hnext[b])
-        if (kv->hash[b] == h && kv->parent[b] == parent && kv->parent_gen[b] == pgen && kv->salt[b] == salt &&
+        if (kv->hash[b] == h && !kv->tail_n[b] && kv->parent[b] == parent && kv->parent_gen[b] == pgen && kv->salt[b] == salt &&
             !memcmp(kv->btoks + (size_t)b * CM_KV_BLOCK, toks, CM_KV_BLOCK * sizeof *toks))
             return b;
     return -1;
@@ -137,6 +144,7 @@ static void index_remove(cm_kv *kv, int32_t b) {
     while (*pp >= 0 && *pp != b) pp = &kv->hnext[*pp];
     if (*pp == b) *pp = kv->hnext[b];
     kv->reg[b] = 0;
+    kv->tail_n[b] = 0;
     kv->gen[b]++; /* its children's keys name the old generation: they can never match again */
 }
 
@@ -244,6 +252,62 @@ void cm_kv_seq_reserve(cm_kv *kv, int seq, int extra) {
 
 void cm_kv_seq_no_cache(cm_kv *kv, int seq) { kv->seqs[seq].no_reg = 1; }
 
+static void index_insert(cm_kv *kv, int32_t b, uint64_t h, int32_t parent, uint32_t pgen, uint64_t salt,
+                         const int32_t *toks, int n) {
+    kv->reg[b] = 1;
+    kv->parent[b] = parent;
+    kv->parent_gen[b] = pgen;
+    kv->salt[b] = salt;
+    kv->hash[b] = h;
+    memcpy(kv->btoks + (size_t)b * CM_KV_BLOCK, toks, (size_t)n * sizeof *toks);
+    uint32_t k = (uint32_t)(h & (kv->n_buckets - 1));
+    kv->hnext[b] = kv->buckets[k];
+    kv->buckets[k] = b;
+}
+
+int32_t cm_kv_seq_tail_block(const cm_kv *kv, int seq) {
+    const cm_kv_seq *s = &kv->seqs[seq];
+    int full = s->len / CM_KV_BLOCK;
+    if (!kv->cache_on || s->no_reg || s->len % CM_KV_BLOCK == 0 || s->n_reg != full || s->n_blocks != full + 1)
+        return -1;
+    int32_t b = s->blocks[full];
+    return kv->refcount[b] == 1 && !kv->reg[b] ? b : -1;
+}
+
+void cm_kv_seq_close_tail(cm_kv *kv, int seq, uint64_t salt) {
+    cm_kv_seq *s = &kv->seqs[seq];
+    int32_t b = cm_kv_seq_tail_block(kv, seq);
+    if (b >= 0) {
+        int full = s->len / CM_KV_BLOCK;
+        int32_t parent = full ? s->blocks[full - 1] : -1;
+        uint32_t pgen = parent >= 0 ? kv->gen[parent] : 0;
+        index_insert(kv, b, tail_hash(parent, pgen, salt), parent, pgen, salt, s->toks + (size_t)full * CM_KV_BLOCK,
+                     s->len - full * CM_KV_BLOCK);
+        kv->tail_n[b] = (uint8_t)(s->len - full * CM_KV_BLOCK);
+    }
+    cm_kv_seq_close(kv, seq); /* the registered tail goes to the LRU like any cached block */
+}
+
+/* The tail under (parent, salt) sharing the most leading tokens with toks[0..n) (whole tails only if
+ * asked); its count in *m. -1 if none shares any. */
+static int32_t tail_find(const cm_kv *kv, int32_t parent, uint32_t pgen, uint64_t salt, const int32_t *toks,
+                         int n, int whole, int *m) {
+    uint64_t h = tail_hash(parent, pgen, salt);
+    int32_t best = -1;
+    *m = 0;
+    for (int32_t b = kv->buckets[h & (kv->n_buckets - 1)]; b >= 0; b = kv->hnext[b]) {
+        if (!kv->tail_n[b] || kv->hash[b] != h || kv->parent[b] != parent || kv->parent_gen[b] != pgen ||
+            kv->salt[b] != salt)
+            continue;
+        const int32_t *bt = kv->btoks + (size_t)b * CM_KV_BLOCK;
+        int k = 0, lim = kv->tail_n[b] < n ? kv->tail_n[b] : n;
+        while (k < lim && bt[k] == toks[k]) k++;
+        if (whole && k != kv->tail_n[b]) continue;
+        if (k > *m) { *m = k; best = b; }
+    }
+    return best;
+}
+
 void cm_kv_seq_publish(cm_kv *kv, int seq, uint64_t salt) {
     cm_kv_seq *s = &kv->seqs[seq];
     if (!kv->cache_on || s->no_reg) return;
@@ -262,21 +326,15 @@ void cm_kv_seq_publish(cm_kv *kv, int seq, uint64_t salt) {
             s->no_reg = 1;
             return;
         }
-        kv->reg[b] = 1;
-        kv->parent[b] = parent;
-        kv->parent_gen[b] = pgen;
-        kv->salt[b] = salt;
-        kv->hash[b] = h;
-        memcpy(kv->btoks + (size_t)b * CM_KV_BLOCK, toks, CM_KV_BLOCK * sizeof *toks);
-        uint32_t k = (uint32_t)(h & (kv->n_buckets - 1));
-        kv->hnext[b] = kv->buckets[k];
-        kv->buckets[k] = b;
+        index_insert(kv, b, h, parent, pgen, salt, toks, CM_KV_BLOCK);
         s->n_reg++;
     }
 }
 
-int cm_kv_seq_attach(cm_kv *kv, int seq, const int32_t *tokens, int n, int max_tokens, uint64_t salt) {
+int cm_kv_seq_attach(cm_kv *kv, int seq, const int32_t *tokens, int n, int max_tokens, uint64_t salt,
+                     int whole_tails_only, int32_t *tail_src) {
     cm_kv_seq *s = &kv->seqs[seq];
+    *tail_src = -1;
     if (!kv->cache_on || s->len != 0 || s->no_reg) return 0;
     if (max_tokens > n) max_tokens = n;
     if (max_tokens > kv->n_ctx) max_tokens = kv->n_ctx;
@@ -296,6 +354,19 @@ int cm_kv_seq_attach(cm_kv *kv, int seq, const int32_t *tokens, int n, int max_t
     }
     s->len = s->n_blocks * CM_KV_BLOCK;
     s->n_reg = s->n_blocks;
+    int m, room = max_tokens - s->len;
+    int32_t t = room > 0 ? tail_find(kv, parent, pgen, salt, tokens + s->len, room, whole_tails_only, &m) : -1;
+    if (t >= 0) {
+        /* copy it: the tail stays for others. If no block is free, the LRU's oldest cached block is
+         * evicted, and that may be this very tail: then its rows are simply ours (nothing overwrote them) */
+        int32_t b = kv_take(kv);
+        if (b >= 0) {
+            if (b != t) memcpy(kv->data + (size_t)b * kv->block_bytes, kv->data + (size_t)t * kv->block_bytes, kv->block_bytes);
+            s->blocks[s->n_blocks++] = b;
+            s->len += m;
+            *tail_src = b; /* the copy holds the tail's extra bytes too */
+        }
+    }
     memcpy(s->toks, tokens, (size_t)s->len * sizeof *tokens);
     kv->hit_tokens += (uint64_t)s->len;
     return s->len;
@@ -380,6 +451,7 @@ int cm_kv_check(const cm_kv *kv, char *why, size_t cap) {
         if (kv->refcount[b] == 0 && (in_free != 0) + (in_lru != 0) != 1)
             KV_BAD("block %d: unheld, on free stack %d, on LRU %d (leaked if neither)", b, in_free != 0, in_lru != 0);
         if (in_lru && !reg) KV_BAD("block %d: cached but not registered", b);
+        if (kv->cache_on && kv->tail_n[b] && (!reg || kv->refcount[b])) KV_BAD("block %d: a tail, held or unregistered", b);
     }
 #undef KV_BAD
     free(refs);

@@ -69,6 +69,8 @@ typedef struct cm_kv {
     uint64_t *salt;     /* (n_blocks) options the block was computed under */
     uint64_t *hash;     /* (n_blocks) */
     int32_t *btoks;     /* (n_blocks, CM_KV_BLOCK) tokens of the block */
+    uint8_t *tail_n;    /* (n_blocks) >0: a registered TAIL, the partial last block of a closed sequence
+                           holding this many positions (keyed without tokens; see cm_kv_seq_close_tail) */
     int32_t *hnext;     /* (n_blocks) bucket chains */
     int32_t *buckets;   /* (n_buckets) */
     uint32_t n_buckets; /* a power of two */
@@ -87,6 +89,14 @@ void cm_kv_free(cm_kv *kv);
 int cm_kv_seq_open(cm_kv *kv);
 /* Releases all its blocks (registered ones stay cached). */
 void cm_kv_seq_close(cm_kv *kv, int seq);
+/* Tails: token-level reuse. The block a closing sequence would keep as a tail (its partial last block,
+ * when every full block before it is registered), or -1; the caller may store the sequence's state in
+ * its extra bytes, then closes with cm_kv_seq_close_tail, which registers the tail under (parent, salt)
+ * and its positions' tokens. A later attach that ends on the same parent copies the tail with the
+ * most positions in common with its next tokens (MoE callers: only whole tails, whose end state is
+ * the one stored) into a private block. */
+int32_t cm_kv_seq_tail_block(const cm_kv *kv, int seq);
+void cm_kv_seq_close_tail(cm_kv *kv, int seq, uint64_t salt);
 /* Drops positions >= n; blocks no longer needed go back to the pool. A partial last block that is
  * shared or registered is first made private (copied, or taken out of the index): CM_E_NOMEM, nothing
  * changed, when a copy is needed and no block is available. */
@@ -103,9 +113,12 @@ void cm_kv_seq_reserve(cm_kv *kv, int seq, int extra);
  * salt (uncacheable sequences: call cm_kv_seq_no_cache once instead). */
 void cm_kv_seq_publish(cm_kv *kv, int seq, uint64_t salt);
 void cm_kv_seq_no_cache(cm_kv *kv, int seq);
-/* On an empty sequence: maps the longest registered prefix of tokens[0..n) in whole blocks, at most
- * max_tokens positions. Returns the positions mapped (the sequence's new length). */
-int cm_kv_seq_attach(cm_kv *kv, int seq, const int32_t *tokens, int n, int max_tokens, uint64_t salt);
+/* On an empty sequence: maps the longest registered prefix of tokens[0..n) in whole blocks, then the
+ * best tail after them (copied), at most max_tokens positions in all. Returns the positions mapped (the
+ * sequence's new length); *tail_src = the tail block copied, or -1 (its extra bytes hold the state at
+ * the new length's last position). */
+int cm_kv_seq_attach(cm_kv *kv, int seq, const int32_t *tokens, int n, int max_tokens, uint64_t salt,
+                     int whole_tails_only, int32_t *tail_src);
 /* dst (open, empty) becomes a copy of src: full blocks shared, the partial one copied. CM_E_NOMEM
  * (nothing changed) when the copy has no block. */
 int cm_kv_seq_fork(cm_kv *kv, int dst, int src);

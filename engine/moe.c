@@ -385,6 +385,13 @@ static void snap_get(cm_moe_ctx *mc, moe_seq *q, const unsigned char *snap) {
     else memcpy(q->pool_sum, snap + snap_pool_off(mm), L * D * sizeof(double));
 }
 
+void cm_moe_seq_snapshot(const cm_moe_ctx *mc, int seq, unsigned char *snap) {
+    const moe_seq *q = &mc->seqs[seq];
+    memcpy(snap, &q->fence, sizeof q->fence);
+    if (mc->mm->kind == CM_MOE_HYBRID)
+        for (int il = 0; il < mc->n_layer; il++) snap_put_layer(mc, q, il, snap);
+}
+
 void cm_moe_seq_restore(cm_moe_ctx *mc, int seq, const unsigned char *snap) {
     moe_seq *q = &mc->seqs[seq];
     seq_state_reset(mc, q);

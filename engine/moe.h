@@ -105,6 +105,8 @@ void cm_moe_seq_truncate(cm_moe_ctx *mc, int seq, int len, int n, const unsigned
  * the last one's (NULL: the empty state). */
 size_t cm_moe_snapshot_bytes(const cm_moe_model *mm);
 void cm_moe_seq_restore(cm_moe_ctx *mc, int seq, const unsigned char *snap);
+/* The sequence's current state (after its last position) into snap. */
+void cm_moe_seq_snapshot(const cm_moe_ctx *mc, int seq, unsigned char *snap);
 /* dst continues src: options and routing state copied, statistics zero. */
 void cm_moe_seq_copy(cm_moe_ctx *mc, int dst, int src);
 /* The sequence's options as a prefix-cache salt; 0 when its blocks must not be shared (reference
