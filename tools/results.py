@@ -290,7 +290,7 @@ def cut_tokens(enc, text, n, tail):
 # ============================================================================ routing (engine)
 
 ROUTE_TOK = re.compile(r"\be(\d+)(\(shared\))? (\d+)\+(\d+) g")
-ROUTE_SEG = re.compile(r"\bs(\d+) (\d+)\+(\d+) g")
+ROUTE_SEG = re.compile(r"\bs(\d+) (\d+)\+(\d+) g([0-9.]+)")
 
 
 def parse_routing(err):
@@ -300,14 +300,15 @@ def parse_routing(err):
     for line in err.splitlines():
         m = re.match(r"layer\s+(\d+)\s+token:", line)
         if m:
-            cur = layers.setdefault(int(m.group(1)), {"tok": {}, "seg": {}, "shared": -1})
+            cur = layers.setdefault(int(m.group(1)), {"tok": {}, "seg": {}, "shared": -1, "seg_gate": 0.0})
             for e, sh, a, b in ROUTE_TOK.findall(line):
                 cur["tok"][int(e)] = int(a) + int(b)
                 if sh:
                     cur["shared"] = int(e)
         elif cur is not None and line.strip().startswith("segment"):
-            for e, a, b in ROUTE_SEG.findall(line):
+            for e, a, b, g in ROUTE_SEG.findall(line):
                 cur["seg"][int(e)] = int(a) + int(b)
+                cur["seg_gate"] += (int(a) + int(b)) * float(g)  # mean gate x tokens = gate sum
     return layers
 
 
@@ -360,16 +361,26 @@ def routing_chunks(args, enc):
 def routing_counts(codemoe, gguf_path, chunks, n_tokens):
     counts = {}  # lang -> layer -> kind -> expert -> n
     shared = -1
+    gate = {}  # layer -> [segment gate sum, segment selections]
     for lang, texts in chunks.items():
         for t in texts:
             _, err = run_engine(codemoe, gguf_path, t, 0, routing=True)
-            for l, d in parse_routing(err).items():
+            parsed = parse_routing(err)
+            if not parsed or not any(d["tok"] for d in parsed.values()):
+                raise RuntimeError("no token-expert counts in `codemoe complete --routing` output (has "
+                                   "server/routing_print.c's format changed?):\n" + err[-500:])
+            for l, d in parsed.items():
                 shared = d["shared"]
+                gs = gate.setdefault(l, [0.0, 0])
+                gs[0] += d["seg_gate"]
+                gs[1] += sum(d["seg"].values())
                 for kind in ("tok", "seg"):
                     c = counts.setdefault(lang, {}).setdefault(l, {}).setdefault(kind, {})
                     for e, n in d[kind].items():
                         c[e] = c.get(e, 0) + n
-    return routing_freq(counts, n_tokens, shared)
+    res = routing_freq(counts, n_tokens, shared)
+    res["seg_gate_mean"] = {str(l): g / n for l, (g, n) in gate.items() if n}
+    return res
 
 
 def routing_freq(counts, n_tokens, shared):
@@ -400,8 +411,11 @@ def cmd_routing(args):
     enc = encoder(args.tokenizer)
     chunks, n_tokens = routing_chunks(args, enc)
     res = routing_counts(args.codemoe, args.gguf, chunks, n_tokens)
+    import gguf
+    rd = gguf.GGUFReader(args.gguf)
     res.update(command=" ".join(sys.argv), gguf=args.gguf, chunks_per_lang=args.chunks,
-               max_tokens_per_chunk=args.tokens)
+               max_tokens_per_chunk=args.tokens, fusion=[rd.get("multipl_moe.fusion.token"),
+                                                         rd.get("multipl_moe.fusion.segment")])
     if args.init_from:
         g = init_like(args.codemoe, args.gguf, args.init_from, os.path.splitext(args.out)[0] + "-init.gguf")
         b = routing_counts(args.codemoe, g, chunks, n_tokens)
@@ -825,6 +839,21 @@ def cmd_report(args):
                 txt += "; training raised it over the untrained routing in %d of %d layers (mean %.3f vs %.3f bit)" % (
                     up, len(tr_), np.mean(tr_), np.mean(list(ini["mi_" + kind].values())))
             o.append("- " + txt + ".")
+        top = {int(k): max(np.mean(d["freq"], axis=0)) for k, d in R["segment"].items()}
+        if top:
+            lo_, hi_ = min(top.values()), max(top.values())
+            o.append("- Segment level: the most used segment expert takes %.0f-%.0f%% of all segment selections "
+                     "per layer (a uniform router: %.0f%%)%s." % (
+                         100 * lo_, 100 * hi_, 100.0 / len(R["segment"][str(min(top))]["experts"]),
+                         "; the segment routers have collapsed onto one expert per layer (training's "
+                         "load-balancing loss covers only the routed token experts)" if lo_ > 0.8 else ""))
+        if R.get("seg_gate_mean") and R.get("fusion"):
+            g = np.mean(list(R["seg_gate_mean"].values()))
+            o.append("- The segment level's weight in the FFN output: mean segment gate (q x gate_scale) %.4f, "
+                     "times a_seg %.2f = %.4f, against a_tok %.2f for the token level (whose gates sum to 1): "
+                     "the segment experts contribute ~%.1f%% of the layer's expert output." % (
+                         g, R["fusion"][1], g * R["fusion"][1], R["fusion"][0],
+                         100 * g * R["fusion"][1] / (g * R["fusion"][1] + R["fusion"][0])))
         o.append("")
     if C:
         names = list(C["models"])
@@ -916,8 +945,8 @@ def main():
         if name in ("losses", "selfcheck"):
             p.add_argument("--stages", default=",".join(STAGES))
         if name == "losses":
-            p.add_argument("--windows", type=int, default=48, help="held-out windows of ctx tokens per language")
-            p.add_argument("--hex", type=int, default=40, help="HumanEval-X problems per language (0: none)")
+            p.add_argument("--windows", type=int, default=40, help="held-out windows of ctx tokens per language")
+            p.add_argument("--hex", type=int, default=32, help="HumanEval-X problems per language (0: none)")
             p.add_argument("--batch", type=int, default=8)
         if name == "routing":
             p.add_argument("--gguf", required=True)
