@@ -381,6 +381,10 @@ typedef struct cm_token_logprob {
 /* All buffers are allocated here, sized by the vocabulary: sampling allocates nothing. */
 cm_sampler *cm_sampler_create(const cm_model *m, const cm_sampling *s, cm_err *err);
 void cm_sampler_free(cm_sampler *s);
+/* Reuse: new parameters (checked as by create; on error the sampler is unchanged), counts and window
+ * cleared, RNG reseeded: afterwards it behaves exactly like a fresh cm_sampler_create. Costs O(tokens
+ * it had seen), where create costs O(vocabulary) in memory to clear (servers keep a pool). */
+int cm_sampler_reset(cm_sampler *s, const cm_sampling *p, cm_err *err);
 /* Record a prompt token (counted by repetition_penalty only). */
 void cm_sampler_accept_prompt(cm_sampler *s, int32_t tok);
 /* Sample the next token from logits (n_vocab floats, not modified). The chosen token is recorded as

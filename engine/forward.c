@@ -329,11 +329,14 @@ int cm_seq_attach_prefix(cm_ctx *c, int seq, const int32_t *tokens, int n, cm_er
     uint64_t salt;
     if (!c->kv.cache_on || n < 2 || !seq_salt(c, seq, &salt)) return 0;
     int32_t tail;
-    /* MoE state is stored only at block ends and at a tail's end: partial tails only for dense models */
-    int got = cm_kv_seq_attach(&c->kv, seq, tokens, n, n - 1, salt, c->moe != NULL, &tail);
-    if (got > 0 && c->moe)
-        cm_moe_seq_restore(c->moe, seq, cm_kv_block_extra(&c->kv, tail >= 0 ? tail
-                                                                 : c->kv.seqs[seq].blocks[got / CM_KV_BLOCK - 1]));
+    int live;
+    /* MoE state is known only at block ends and at a tail's end: partial tails only for dense models */
+    int got = cm_kv_seq_attach(&c->kv, seq, tokens, n, n - 1, salt, c->moe != NULL, &tail, &live);
+    if (got > 0 && c->moe) {
+        unsigned char *snap = cm_kv_block_extra(&c->kv, tail >= 0 ? tail : c->kv.seqs[seq].blocks[got / CM_KV_BLOCK - 1]);
+        if (live >= 0) cm_moe_seq_snapshot(c->moe, live, snap); /* the live sequence is exactly at got */
+        cm_moe_seq_restore(c->moe, seq, snap);
+    }
     return got;
 }
 

@@ -60,10 +60,12 @@ int cm_kv_init(cm_kv *kv, int n_layer, int kv_dim, int n_blocks, int n_seq, int 
             kv->tail_n = calloc((size_t)n_blocks, 1);
             kv->hnext = malloc((size_t)n_blocks * sizeof *kv->hnext);
             kv->buckets = malloc((size_t)nb * sizeof *kv->buckets);
+            kv->pnext = malloc((size_t)n_blocks * sizeof *kv->pnext);
+            kv->pbuckets = malloc((size_t)nb * sizeof *kv->pbuckets);
             kv->lru_prev = malloc((size_t)n_blocks * sizeof *kv->lru_prev);
             kv->lru_next = malloc((size_t)n_blocks * sizeof *kv->lru_next);
             fail = !kv->seq_toks || !kv->reg || !kv->gen || !kv->parent || !kv->parent_gen || !kv->salt ||
-                   !kv->hash || !kv->btoks || !kv->tail_n || !kv->hnext || !kv->buckets || !kv->lru_prev || !kv->lru_next;
+                   !kv->hash || !kv->btoks || !kv->tail_n || !kv->hnext || !kv->buckets || !kv->pnext || !kv->pbuckets || !kv->lru_prev || !kv->lru_next;
         }
     }
     if (fail) {
@@ -79,7 +81,7 @@ int cm_kv_init(cm_kv *kv, int n_layer, int kv_dim, int n_blocks, int n_seq, int 
         if (kv->cache_on) kv->seqs[s].toks = kv->seq_toks + (size_t)s * (size_t)n_ctx;
     }
     if (kv->cache_on) {
-        for (uint32_t i = 0; i < kv->n_buckets; i++) kv->buckets[i] = -1;
+        for (uint32_t i = 0; i < kv->n_buckets; i++) kv->buckets[i] = kv->pbuckets[i] = -1;
         kv->lru_head = kv->lru_tail = -1;
     }
     return CM_OK;
@@ -103,6 +105,8 @@ void cm_kv_free(cm_kv *kv) {
     free(kv->tail_n);
     free(kv->hnext);
     free(kv->buckets);
+    free(kv->pnext);
+    free(kv->pbuckets);
     free(kv->lru_prev);
     free(kv->lru_next);
     memset(kv, 0, sizeof *kv);
@@ -139,10 +143,18 @@ static int32_t index_find(const cm_kv *kv, uint64_t h, int32_t parent, uint32_t 
     return -1;
 }
 
+static uint32_t parent_bucket(const cm_kv *kv, int32_t b) {
+    return (uint32_t)(tail_hash(kv->parent[b], kv->parent_gen[b], kv->salt[b]) & (kv->n_buckets - 1));
+}
+
+static void unlink_from(int32_t *head, int32_t *next, int32_t b) {
+    while (*head >= 0 && *head != b) head = &next[*head];
+    if (*head == b) *head = next[b];
+}
+
 static void index_remove(cm_kv *kv, int32_t b) {
-    int32_t *pp = &kv->buckets[kv->hash[b] & (kv->n_buckets - 1)];
-    while (*pp >= 0 && *pp != b) pp = &kv->hnext[*pp];
-    if (*pp == b) *pp = kv->hnext[b];
+    if (!kv->tail_n[b]) unlink_from(&kv->buckets[kv->hash[b] & (kv->n_buckets - 1)], kv->hnext, b);
+    unlink_from(&kv->pbuckets[parent_bucket(kv, b)], kv->pnext, b);
     kv->reg[b] = 0;
     kv->tail_n[b] = 0;
     kv->gen[b]++; /* its children's keys name the old generation: they can never match again */
@@ -192,7 +204,7 @@ int cm_kv_seq_open(cm_kv *kv) {
         cm_kv_seq *q = &kv->seqs[s];
         if (!q->open) {
             q->open = 1;
-            q->len = q->n_blocks = q->n_reg = q->no_reg = 0;
+            q->len = q->n_blocks = q->n_reg = q->no_reg = q->salted = 0;
             return s;
         }
     }
@@ -204,7 +216,7 @@ void cm_kv_seq_close(cm_kv *kv, int seq) {
     /* last block first: a prefix's deeper blocks become older in the LRU than its first ones, so
      * eviction eats a chain from its end and the shared beginnings survive longest */
     while (s->n_blocks > 0) kv_release(kv, s->blocks[--s->n_blocks]);
-    s->len = s->n_reg = s->no_reg = 0;
+    s->len = s->n_reg = s->no_reg = s->salted = 0;
     s->open = 0;
 }
 
@@ -260,9 +272,15 @@ static void index_insert(cm_kv *kv, int32_t b, uint64_t h, int32_t parent, uint3
     kv->salt[b] = salt;
     kv->hash[b] = h;
     memcpy(kv->btoks + (size_t)b * CM_KV_BLOCK, toks, (size_t)n * sizeof *toks);
-    uint32_t k = (uint32_t)(h & (kv->n_buckets - 1));
-    kv->hnext[b] = kv->buckets[k];
-    kv->buckets[k] = b;
+    kv->tail_n[b] = (uint8_t)(n < CM_KV_BLOCK ? n : 0);
+    if (n == CM_KV_BLOCK) { /* full blocks are found by exact key; tails only by their parent */
+        uint32_t k = (uint32_t)(h & (kv->n_buckets - 1));
+        kv->hnext[b] = kv->buckets[k];
+        kv->buckets[k] = b;
+    }
+    uint32_t k = parent_bucket(kv, b);
+    kv->pnext[b] = kv->pbuckets[k];
+    kv->pbuckets[k] = b;
 }
 
 int32_t cm_kv_seq_tail_block(const cm_kv *kv, int seq) {
@@ -283,26 +301,26 @@ void cm_kv_seq_close_tail(cm_kv *kv, int seq, uint64_t salt) {
         uint32_t pgen = parent >= 0 ? kv->gen[parent] : 0;
         index_insert(kv, b, tail_hash(parent, pgen, salt), parent, pgen, salt, s->toks + (size_t)full * CM_KV_BLOCK,
                      s->len - full * CM_KV_BLOCK);
-        kv->tail_n[b] = (uint8_t)(s->len - full * CM_KV_BLOCK);
     }
     cm_kv_seq_close(kv, seq); /* the registered tail goes to the LRU like any cached block */
 }
 
-/* The tail under (parent, salt) sharing the most leading tokens with toks[0..n) (whole tails only if
- * asked); its count in *m. -1 if none shares any. */
+/* The registered block under (parent, salt) sharing the most leading tokens with toks[0..n): tails, and
+ * full blocks that continue differently (a full block matching all 32 was taken by the chain). With
+ * `whole`, only tails matching entirely (their end state is stored; nothing inside a block is). Its
+ * count in *m; -1 if none shares any. */
 static int32_t tail_find(const cm_kv *kv, int32_t parent, uint32_t pgen, uint64_t salt, const int32_t *toks,
                          int n, int whole, int *m) {
-    uint64_t h = tail_hash(parent, pgen, salt);
     int32_t best = -1;
     *m = 0;
-    for (int32_t b = kv->buckets[h & (kv->n_buckets - 1)]; b >= 0; b = kv->hnext[b]) {
-        if (!kv->tail_n[b] || kv->hash[b] != h || kv->parent[b] != parent || kv->parent_gen[b] != pgen ||
-            kv->salt[b] != salt)
-            continue;
+    for (int32_t b = kv->pbuckets[tail_hash(parent, pgen, salt) & (kv->n_buckets - 1)]; b >= 0; b = kv->pnext[b]) {
+        if (kv->parent[b] != parent || kv->parent_gen[b] != pgen || kv->salt[b] != salt) continue;
+        int have = kv->tail_n[b] ? kv->tail_n[b] : CM_KV_BLOCK;
+        if (whole && !kv->tail_n[b]) continue;
         const int32_t *bt = kv->btoks + (size_t)b * CM_KV_BLOCK;
-        int k = 0, lim = kv->tail_n[b] < n ? kv->tail_n[b] : n;
+        int k = 0, lim = have < n ? have : n;
         while (k < lim && bt[k] == toks[k]) k++;
-        if (whole && k != kv->tail_n[b]) continue;
+        if (whole && k != have) continue;
         if (k > *m) { *m = k; best = b; }
     }
     return best;
@@ -311,6 +329,8 @@ static int32_t tail_find(const cm_kv *kv, int32_t parent, uint32_t pgen, uint64_
 void cm_kv_seq_publish(cm_kv *kv, int seq, uint64_t salt) {
     cm_kv_seq *s = &kv->seqs[seq];
     if (!kv->cache_on || s->no_reg) return;
+    s->salt = salt;
+    s->salted = 1;
     int full = s->len / CM_KV_BLOCK;
     while (s->n_reg < full) {
         int bi = s->n_reg;
@@ -331,10 +351,31 @@ void cm_kv_seq_publish(cm_kv *kv, int seq, uint64_t salt) {
     }
 }
 
+/* The live sequence (not seq) whose registered chain ends on parent and whose partial last block shares
+ * the most leading tokens with toks[0..n) (whole partial blocks only if asked); its count in *m. */
+static int live_find(const cm_kv *kv, int seq, int full, int32_t parent, uint64_t salt, const int32_t *toks,
+                     int n, int whole, int *m) {
+    int best = -1;
+    *m = 0;
+    for (int q = 0; q < kv->n_seq; q++) {
+        const cm_kv_seq *o = &kv->seqs[q];
+        if (q == seq || !o->open || !o->salted || o->salt != salt || o->no_reg || o->len / CM_KV_BLOCK != full ||
+            o->n_reg != full || o->len % CM_KV_BLOCK == 0 || (full && o->blocks[full - 1] != parent))
+            continue;
+        const int32_t *ot = o->toks + (size_t)full * CM_KV_BLOCK;
+        int have = o->len - full * CM_KV_BLOCK, k = 0, lim = have < n ? have : n;
+        while (k < lim && ot[k] == toks[k]) k++;
+        if (whole && k != have) continue;
+        if (k > *m) { *m = k; best = q; }
+    }
+    return best;
+}
+
 int cm_kv_seq_attach(cm_kv *kv, int seq, const int32_t *tokens, int n, int max_tokens, uint64_t salt,
-                     int whole_tails_only, int32_t *tail_src) {
+                     int whole_tails_only, int32_t *tail_src, int *live_src) {
     cm_kv_seq *s = &kv->seqs[seq];
     *tail_src = -1;
+    *live_src = -1;
     if (!kv->cache_on || s->len != 0 || s->no_reg) return 0;
     if (max_tokens > n) max_tokens = n;
     if (max_tokens > kv->n_ctx) max_tokens = kv->n_ctx;
@@ -354,8 +395,22 @@ int cm_kv_seq_attach(cm_kv *kv, int seq, const int32_t *tokens, int n, int max_t
     }
     s->len = s->n_blocks * CM_KV_BLOCK;
     s->n_reg = s->n_blocks;
-    int m, room = max_tokens - s->len;
+    int m = 0, lm = 0, room = max_tokens - s->len;
     int32_t t = room > 0 ? tail_find(kv, parent, pgen, salt, tokens + s->len, room, whole_tails_only, &m) : -1;
+    int live = room > 0 ? live_find(kv, seq, s->n_blocks, parent, salt, tokens + s->len, room, whole_tails_only, &lm) : -1;
+    if (live >= 0 && lm > m) { /* a running sequence is further along: copy its partial block */
+        const cm_kv_seq *o = &kv->seqs[live];
+        int32_t src = o->blocks[o->n_blocks - 1];
+        int32_t b = kv_take(kv);
+        if (b >= 0) {
+            memcpy(kv->data + (size_t)b * kv->block_bytes, kv->data + (size_t)src * kv->block_bytes, kv->block_bytes);
+            s->blocks[s->n_blocks++] = b;
+            s->len += lm;
+            *tail_src = b;
+            *live_src = live;
+        }
+        t = -1;
+    }
     if (t >= 0) {
         /* copy it: the tail stays for others. If no block is free, the LRU's oldest cached block is
          * evicted, and that may be this very tail: then its rows are simply ours (nothing overwrote them) */
@@ -435,6 +490,11 @@ int cm_kv_check(const cm_kv *kv, char *why, size_t cap) {
         for (int32_t b = kv->lru_head; b >= 0 && n <= kv->n_blocks; b = kv->lru_next[b], n++) where[b] |= 2;
         if (n != kv->n_lru) KV_BAD("LRU list has %d blocks, count says %d", n, kv->n_lru);
         for (uint32_t k = 0; k < kv->n_buckets; k++)
+            for (int32_t b = kv->pbuckets[k], m = 0; b >= 0 && m <= kv->n_blocks; b = kv->pnext[b], m++) {
+                if (where[b] & 8 || parent_bucket(kv, b) != k || !kv->reg[b]) KV_BAD("parent index: block %d misfiled", b);
+                where[b] |= 8;
+            }
+        for (uint32_t k = 0; k < kv->n_buckets; k++)
             for (int32_t b = kv->buckets[k], m = 0; b >= 0 && m <= kv->n_blocks; b = kv->hnext[b], m++) {
                 if (where[b] & 4 || (kv->hash[b] & (kv->n_buckets - 1)) != k || !kv->reg[b])
                     KV_BAD("index: block %d misfiled", b);
@@ -442,7 +502,7 @@ int cm_kv_check(const cm_kv *kv, char *why, size_t cap) {
             }
     }
     for (int32_t b = 0; b < kv->n_blocks; b++) {
-        int in_free = where[b] & 1, in_lru = where[b] & 2, in_index = where[b] & 4;
+        int in_free = where[b] & 1, in_lru = where[b] & 2, in_index = (where[b] & 8) && ((where[b] & 4) || kv->tail_n[b]);
         int reg = kv->cache_on && kv->reg[b];
         if (refs[b] != kv->refcount[b])
             KV_BAD("block %d: refcount %u, held by %u tables", b, kv->refcount[b], refs[b]);

@@ -39,6 +39,8 @@ typedef struct cm_kv_seq {
     int n_blocks;       /* entries used in blocks[] */
     int n_reg;          /* blocks[0..n_reg) are registered (or came from the cache) */
     int no_reg;         /* never register more of this sequence (uncacheable, or a duplicate met) */
+    int salted;         /* salt is known (set by the first publish) */
+    uint64_t salt;
     int32_t *blocks;    /* (max_blocks) block ids; a slice of cm_kv.tables */
     int32_t *toks;      /* (n_ctx) tokens at each position (prefix cache only; else NULL) */
 } cm_kv_seq;
@@ -71,8 +73,10 @@ typedef struct cm_kv {
     int32_t *btoks;     /* (n_blocks, CM_KV_BLOCK) tokens of the block */
     uint8_t *tail_n;    /* (n_blocks) >0: a registered TAIL, the partial last block of a closed sequence
                            holding this many positions (keyed without tokens; see cm_kv_seq_close_tail) */
-    int32_t *hnext;     /* (n_blocks) bucket chains */
+    int32_t *hnext;     /* (n_blocks) bucket chains of full blocks, by their exact key */
     int32_t *buckets;   /* (n_buckets) */
+    int32_t *pnext;     /* (n_blocks) bucket chains of every registered block (full and tails) by */
+    int32_t *pbuckets;  /* (n_buckets)   (parent, generation, salt): the candidates for a partial match */
     uint32_t n_buckets; /* a power of two */
     int32_t *lru_prev, *lru_next; /* (n_blocks) cached blocks, oldest at lru_head */
     int32_t lru_head, lru_tail;
@@ -114,11 +118,13 @@ void cm_kv_seq_reserve(cm_kv *kv, int seq, int extra);
 void cm_kv_seq_publish(cm_kv *kv, int seq, uint64_t salt);
 void cm_kv_seq_no_cache(cm_kv *kv, int seq);
 /* On an empty sequence: maps the longest registered prefix of tokens[0..n) in whole blocks, then the
- * best tail after them (copied), at most max_tokens positions in all. Returns the positions mapped (the
- * sequence's new length); *tail_src = the tail block copied, or -1 (its extra bytes hold the state at
- * the new length's last position). */
+ * best tail after them (copied), at most max_tokens positions in all. Tails are the registered ones of
+ * closed sequences and the partial last blocks of LIVE sequences on the same chain (their rows are
+ * final: sequences only append). Returns the positions mapped (the sequence's new length); *tail_src =
+ * the private copy of a tail, or -1; *live_src = the live sequence it came from, or -1 (a registered
+ * tail's extra bytes hold the state at its end; a live one's state is the live sequence's own). */
 int cm_kv_seq_attach(cm_kv *kv, int seq, const int32_t *tokens, int n, int max_tokens, uint64_t salt,
-                     int whole_tails_only, int32_t *tail_src);
+                     int whole_tails_only, int32_t *tail_src, int *live_src);
 /* dst (open, empty) becomes a copy of src: full blocks shared, the partial one copied. CM_E_NOMEM
  * (nothing changed) when the copy has no block. */
 int cm_kv_seq_fork(cm_kv *kv, int dst, int src);

@@ -175,68 +175,70 @@ void cm_sampling_default(cm_sampling *s) {
     s->n_logprobs = 0;
 }
 
-cm_sampler *cm_sampler_create_n(int n_vocab, const cm_sampling *p, cm_err *err) {
-    if (n_vocab <= 0 || n_vocab > (1 << 30)) {
-        cm_err_set(err, CM_E_INVAL, "sampler: bad vocabulary size %d", n_vocab);
-        return NULL;
-    }
-    if (!p) {
-        cm_err_set(err, CM_E_INVAL, "sampler: no sampling parameters");
-        return NULL;
-    }
-    if (!(p->temperature >= 0.0f) || !isfinite(p->temperature)) {
-        cm_err_set(err, CM_E_RANGE, "temperature must be a finite number >= 0 (got %g)", p->temperature);
-        return NULL;
-    }
-    if (p->top_k < 0) {
-        cm_err_set(err, CM_E_RANGE, "top_k must be >= 0 (got %d)", p->top_k);
-        return NULL;
-    }
-    if (!(p->top_p >= 0.0f && p->top_p <= 1.0f)) {
-        cm_err_set(err, CM_E_RANGE, "top_p must be in [0, 1] (got %g)", p->top_p);
-        return NULL;
-    }
-    if (!(p->min_p >= 0.0f && p->min_p <= 1.0f)) {
-        cm_err_set(err, CM_E_RANGE, "min_p must be in [0, 1] (got %g)", p->min_p);
-        return NULL;
-    }
-    if (!(p->repetition_penalty > 0.0f) || !isfinite(p->repetition_penalty)) {
-        cm_err_set(err, CM_E_RANGE, "repetition_penalty must be a finite number > 0 (got %g)",
-                   p->repetition_penalty);
-        return NULL;
-    }
-    if (!isfinite(p->presence_penalty) || !isfinite(p->frequency_penalty)) {
-        cm_err_set(err, CM_E_RANGE, "presence/frequency penalties must be finite");
-        return NULL;
-    }
-    if (p->penalty_last_n < 0) {
-        cm_err_set(err, CM_E_RANGE, "penalty_last_n must be >= 0 (got %d)", p->penalty_last_n);
-        return NULL;
-    }
-    if (p->n_logprobs < 0 || p->n_logprobs > CM_LOGPROBS_MAX) {
-        cm_err_set(err, CM_E_RANGE, "logprobs must be in [0, %d] (got %d)", CM_LOGPROBS_MAX, p->n_logprobs);
-        return NULL;
-    }
-    if (p->n_logit_bias < 0 || (p->n_logit_bias > 0 && !p->logit_bias)) {
-        cm_err_set(err, CM_E_INVAL, "logit_bias: bad count %d", p->n_logit_bias);
-        return NULL;
-    }
+/* Every parameter checked against a vocabulary of n_vocab: CM_OK or the error. */
+static int sampling_check(int n_vocab, const cm_sampling *p, cm_err *err) {
+    if (n_vocab <= 0 || n_vocab > (1 << 30))
+        return cm_err_set(err, CM_E_INVAL, "sampler: bad vocabulary size %d", n_vocab);
+    if (!p)
+        return cm_err_set(err, CM_E_INVAL, "sampler: no sampling parameters");
+    if (!(p->temperature >= 0.0f) || !isfinite(p->temperature))
+        return cm_err_set(err, CM_E_RANGE, "temperature must be a finite number >= 0 (got %g)", p->temperature);
+    if (p->top_k < 0)
+        return cm_err_set(err, CM_E_RANGE, "top_k must be >= 0 (got %d)", p->top_k);
+    if (!(p->top_p >= 0.0f && p->top_p <= 1.0f))
+        return cm_err_set(err, CM_E_RANGE, "top_p must be in [0, 1] (got %g)", p->top_p);
+    if (!(p->min_p >= 0.0f && p->min_p <= 1.0f))
+        return cm_err_set(err, CM_E_RANGE, "min_p must be in [0, 1] (got %g)", p->min_p);
+    if (!(p->repetition_penalty > 0.0f) || !isfinite(p->repetition_penalty))
+        return cm_err_set(err, CM_E_RANGE, "repetition_penalty must be a finite number > 0 (got %g)",
+                          p->repetition_penalty);
+    if (!isfinite(p->presence_penalty) || !isfinite(p->frequency_penalty))
+        return cm_err_set(err, CM_E_RANGE, "presence/frequency penalties must be finite");
+    if (p->penalty_last_n < 0)
+        return cm_err_set(err, CM_E_RANGE, "penalty_last_n must be >= 0 (got %d)", p->penalty_last_n);
+    if (p->n_logprobs < 0 || p->n_logprobs > CM_LOGPROBS_MAX)
+        return cm_err_set(err, CM_E_RANGE, "logprobs must be in [0, %d] (got %d)", CM_LOGPROBS_MAX, p->n_logprobs);
+    if (p->n_logit_bias < 0 || (p->n_logit_bias > 0 && !p->logit_bias))
+        return cm_err_set(err, CM_E_INVAL, "logit_bias: bad count %d", p->n_logit_bias);
     for (int i = 0; i < p->n_logit_bias; i++) {
         const cm_logit_bias *b = &p->logit_bias[i];
-        if (b->token < 0 || b->token >= n_vocab) {
-            cm_err_set(err, CM_E_RANGE, "logit_bias: token id %d out of range [0, %d)", (int)b->token, n_vocab);
-            return NULL;
-        }
-        if (isnan(b->bias)) {
-            cm_err_set(err, CM_E_RANGE, "logit_bias: bias for token %d is not a number", (int)b->token);
-            return NULL;
-        }
+        if (b->token < 0 || b->token >= n_vocab)
+            return cm_err_set(err, CM_E_RANGE, "logit_bias: token id %d out of range [0, %d)", (int)b->token, n_vocab);
+        if (isnan(b->bias))
+            return cm_err_set(err, CM_E_RANGE, "logit_bias: bias for token %d is not a number", (int)b->token);
     }
+    return CM_OK;
+}
 
+/* Parameters, penalty window and seed onto allocated buffers (create and reset). */
+static int sampler_configure(cm_sampler *s, const cm_sampling *p) {
+    free(s->bias);
+    s->bias = NULL;
+    if (p->n_logit_bias > 0) {
+        s->bias = malloc((size_t)p->n_logit_bias * sizeof *s->bias);
+        if (!s->bias) return CM_E_NOMEM;
+        memcpy(s->bias, p->logit_bias, (size_t)p->n_logit_bias * sizeof *s->bias);
+    }
+    s->p = *p;
+    s->p.logit_bias = s->bias;
+    int cap = p->penalty_last_n > 0 && p->penalty_last_n <= CM_PENALTY_WINDOW_MAX ? p->penalty_last_n : 0;
+    if (cap != s->ring_cap) {
+        free(s->ring);
+        s->ring = cap ? malloc((size_t)cap * sizeof *s->ring) : NULL;
+        if (cap && !s->ring) { s->ring_cap = 0; return CM_E_NOMEM; }
+        s->ring_cap = cap;
+    }
+    s->ring_head = s->ring_n = 0;
+    uint64_t x = p->seed;
+    for (int i = 0; i < 4; i++) s->rng[i] = splitmix64(&x);
+    return CM_OK;
+}
+
+cm_sampler *cm_sampler_create_n(int n_vocab, const cm_sampling *p, cm_err *err) {
+    if (sampling_check(n_vocab, p, err) < 0) return NULL;
     cm_sampler *s = calloc(1, sizeof *s);
     if (!s) goto nomem;
     s->n_vocab = n_vocab;
-    s->p = *p;
     size_t V = (size_t)n_vocab;
     s->cand = malloc(V * sizeof *s->cand);
     s->cnt_all = calloc(V, sizeof *s->cnt_all);
@@ -245,19 +247,7 @@ cm_sampler *cm_sampler_create_n(int n_vocab, const cm_sampling *p, cm_err *err) 
     s->active_pos = malloc(V * sizeof *s->active_pos);
     if (!s->cand || !s->cnt_all || !s->cnt_gen || !s->active || !s->active_pos) goto nomem;
     for (size_t i = 0; i < V; i++) s->active_pos[i] = -1;
-    if (p->n_logit_bias > 0) {
-        s->bias = malloc((size_t)p->n_logit_bias * sizeof *s->bias);
-        if (!s->bias) goto nomem;
-        memcpy(s->bias, p->logit_bias, (size_t)p->n_logit_bias * sizeof *s->bias);
-    }
-    s->p.logit_bias = s->bias;
-    if (p->penalty_last_n > 0 && p->penalty_last_n <= CM_PENALTY_WINDOW_MAX) {
-        s->ring_cap = p->penalty_last_n;
-        s->ring = malloc((size_t)s->ring_cap * sizeof *s->ring);
-        if (!s->ring) goto nomem;
-    }
-    uint64_t x = p->seed;
-    for (int i = 0; i < 4; i++) s->rng[i] = splitmix64(&x);
+    if (sampler_configure(s, p) < 0) goto nomem;
     return s;
 nomem:
     cm_sampler_free(s);
@@ -271,6 +261,22 @@ cm_sampler *cm_sampler_create(const cm_model *m, const cm_sampling *s, cm_err *e
         return NULL;
     }
     return cm_sampler_create_n(m->info.n_vocab, s, err);
+}
+
+int cm_sampler_reset(cm_sampler *s, const cm_sampling *p, cm_err *err) {
+    if (!s) return cm_err_set(err, CM_E_INVAL, "sampler: none");
+    int rc = sampling_check(s->n_vocab, p, err);
+    if (rc < 0) return rc;
+    /* the counts are nonzero only at the active ids: clearing costs O(distinct tokens seen), not O(V) */
+    for (int i = 0; i < s->n_active; i++) {
+        int32_t t = s->active[i];
+        s->cnt_all[t] = s->cnt_gen[t] = 0;
+        s->active_pos[t] = -1;
+    }
+    s->n_active = 0;
+    if (sampler_configure(s, p) < 0)
+        return cm_err_set(err, CM_E_NOMEM, "sampler: out of memory");
+    return CM_OK;
 }
 
 void cm_sampler_free(cm_sampler *s) {
@@ -372,8 +378,19 @@ int32_t cm_sampler_sample(cm_sampler *s, const float *logits, float *chosen_lp, 
     const int V = s->n_vocab;
     cm_cand *c = s->cand;
 
-    sampler_prepare(s, logits);
     int32_t chosen;
+    if (p->temperature == 0.0f && p->n_logit_bias == 0 && p->repetition_penalty == 1.0f &&
+        p->presence_penalty == 0.0f && p->frequency_penalty == 0.0f) {
+        /* plain greedy: the argmax of the raw logits, without copying V candidates (NaN never wins: it
+         * compares false; ties go to the lowest id) */
+        int b = 0;
+        float bv = isnan(logits[0]) ? -INFINITY : logits[0];
+        for (int i = 1; i < V; i++)
+            if (logits[i] > bv) bv = logits[b = i];
+        chosen = b;
+        goto done;
+    }
+    sampler_prepare(s, logits);
     int n = V;
     int best = 0;
     for (int i = 1; i < V; i++) /* strict >: ties go to the lowest id */

@@ -158,6 +158,9 @@ struct srv_sched {
     sched_row *rows;                  /* (n_batch) */
     size_t piece_cap;                 /* detokenizer scratch size */
     char *piece;
+    cm_sampler **smp_free;            /* (parallel) idle samplers: a vocabulary-sized sampler costs more to
+                                         create (clearing its arrays) than a short request's prefill */
+    int n_smp_free;
     cm_token_logprob top[20];
     /* worker-local copies of the histograms, merged under the lock at publish time */
     srv_hist l_ttft, l_itl;
@@ -202,6 +205,21 @@ static float logprob_of(const float *logits, int n_vocab, int32_t want, cm_token
     return want >= 0 && want < n_vocab ? logits[want] - lse : NAN;
 }
 
+/* A sampler for a new sequence: an idle one reset to sp, else a new one. */
+static cm_sampler *sampler_take(srv_sched *s, const cm_sampling *sp, cm_err *ce) {
+    if (s->n_smp_free == 0) return cm_sampler_create(s->model, sp, ce);
+    cm_sampler *smp = s->smp_free[--s->n_smp_free];
+    if (cm_sampler_reset(smp, sp, ce) == CM_OK) return smp;
+    s->smp_free[s->n_smp_free++] = smp;
+    return NULL;
+}
+
+static void sampler_give(srv_sched *s, cm_sampler *smp) {
+    if (!smp) return;
+    if (s->smp_free && s->n_smp_free < s->cfg->parallel) s->smp_free[s->n_smp_free++] = smp;
+    else cm_sampler_free(smp);
+}
+
 static void seq_release(srv_sched *s, sched_seq *q) {
     if (q->seq >= 0) {
         /* the engine's report lives until the close: fold it into the job's and the server's sums */
@@ -218,7 +236,7 @@ static void seq_release(srv_sched *s, sched_seq *q) {
         q->slot = 0;
         s->seqs_used--;
     }
-    cm_sampler_free(q->smp);
+    sampler_give(s, q->smp);
     q->smp = NULL;
 }
 
@@ -526,7 +544,7 @@ static int job_admit(srv_sched *s, srv_job *j) {
         api_completion_sampling(r, i, &sp);
         sp.n_logprobs = r->logprobs > 0 ? r->logprobs : 0;
         if (sp.n_logprobs > 20) sp.n_logprobs = 20;
-        q->smp = cm_sampler_create(s->model, &sp, &ce);
+        q->smp = sampler_take(s, &sp, &ce);
         if (!q->smp) {
             api_error_set(&e, 500, API_ERR_SERVER, NULL, NULL, "sampler: %s", ce.msg);
             job_finish(s, j, &e);
@@ -862,9 +880,10 @@ static int worker_load(srv_sched *s) {
             s->b_gen = malloc((size_t)nb);
             s->rows = malloc((size_t)nb * sizeof *s->rows);
             s->running = calloc((size_t)s->cfg->parallel, sizeof *s->running);
+            s->smp_free = calloc((size_t)s->cfg->parallel, sizeof *s->smp_free);
             s->a_seq = malloc((size_t)s->cfg->parallel * sizeof *s->a_seq);
             s->a_got = malloc((size_t)s->cfg->parallel * sizeof *s->a_got);
-            if (!s->piece || !s->b_tok || !s->b_seq || !s->b_logits || !s->b_gen || !s->rows || !s->running ||
+            if (!s->piece || !s->b_tok || !s->b_seq || !s->b_logits || !s->b_gen || !s->rows || !s->running || !s->smp_free ||
                 !s->a_seq || !s->a_got) {
                 snprintf(err.msg, sizeof err.msg, "out of memory");
                 cm_ctx_free(ctx);
@@ -1068,6 +1087,8 @@ void srv_sched_stop(srv_sched *s) {
 
 void srv_sched_free(srv_sched *s) {
     if (!s) return;
+    while (s->n_smp_free > 0) cm_sampler_free(s->smp_free[--s->n_smp_free]);
+    free(s->smp_free);
     cm_model_free(s->model);
     free(s->piece);
     free(s->b_tok);

@@ -499,6 +499,56 @@ TEST(speed_at_qwen_vocab) {
     free(l);
 }
 
+/* A reused sampler (cm_sampler_reset) behaves exactly like a new one: same tokens and logprobs, with
+ * penalties (whose counts the reset must clear), a window, bias and a seed all changed. A refused reset
+ * leaves the sampler as it was. */
+TEST(reset_equals_fresh) {
+    enum { V = 300, N = 120 };
+    static float l[V];
+    cm_sampling p1, p2;
+    cm_sampling_default(&p1);
+    p1.seed = 7;
+    p1.repetition_penalty = 1.3f;
+    p1.frequency_penalty = 0.5f;
+    p1.penalty_last_n = 0; /* all tokens */
+    cm_logit_bias b1[] = {{3, 5.0f}}, b2[] = {{11, 2.0f}, {12, -INFINITY}};
+    p1.logit_bias = b1;
+    p1.n_logit_bias = 1;
+    p2 = p1;
+    p2.seed = 99;
+    p2.presence_penalty = 0.7f;
+    p2.penalty_last_n = 16;
+    p2.logit_bias = b2;
+    p2.n_logit_bias = 2;
+    p2.n_logprobs = 3;
+    cm_sampler *used = mk(V, &p1), *fresh = mk(V, &p2);
+    ASSERT_TRUE(used && fresh);
+    for (int i = 0; i < 40; i++) cm_sampler_accept_prompt(used, i % 17);
+    for (int i = 0; i < N; i++) {
+        step_logits(l, V, i);
+        cm_sampler_sample(used, l, NULL, NULL);
+    }
+    cm_err err = {0};
+    cm_sampling bad = p2;
+    bad.top_p = 2.0f;
+    ASSERT_EQ_INT(cm_sampler_reset(used, &bad, &err), CM_E_RANGE);
+    ASSERT_EQ_INT(cm_sampler_reset(used, &p2, &err), CM_OK);
+    for (int i = 0; i < 30; i++) {
+        cm_sampler_accept_prompt(used, i % 5);
+        cm_sampler_accept_prompt(fresh, i % 5);
+    }
+    for (int i = 0; i < N; i++) {
+        step_logits(l, V, i + 1000);
+        float la, lb;
+        cm_token_logprob ta[20], tb[20];
+        int32_t a = cm_sampler_sample(used, l, &la, ta), b = cm_sampler_sample(fresh, l, &lb, tb);
+        ASSERT_EQ_INT(a, b);
+        ASSERT_TRUE(la == lb && ta[2].token == tb[2].token);
+    }
+    cm_sampler_free(used);
+    cm_sampler_free(fresh);
+}
+
 int main(void) {
     RUN(defaults_are_off);
     RUN(greedy_picks_argmax_lowest_id_on_ties);
@@ -516,6 +566,7 @@ int main(void) {
     RUN(logprobs_are_raw_log_softmax);
     RUN(invalid_parameters_rejected);
     RUN(everything_banned_or_nan_does_not_crash);
+    RUN(reset_equals_fresh);
     RUN(speed_at_qwen_vocab);
     return test_summary();
 }
