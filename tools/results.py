@@ -842,9 +842,10 @@ def cmd_report(args):
         top = {int(k): max(np.mean(d["freq"], axis=0)) for k, d in R["segment"].items()}
         if top:
             lo_, hi_ = min(top.values()), max(top.values())
-            o.append("- Segment level: the most used segment expert takes %.0f-%.0f%% of all segment selections "
-                     "per layer (a uniform router: %.0f%%)%s." % (
-                         100 * lo_, 100 * hi_, 100.0 / len(R["segment"][str(min(top))]["experts"]),
+            rng_ = "%.0f%%" % (100 * lo_) if round(100 * lo_) == round(100 * hi_) else "%.0f-%.0f%%" % (100 * lo_, 100 * hi_)
+            o.append("- Segment level: the most used segment expert takes %s of all segment selections in each "
+                     "layer (a uniform router: %.0f%%)%s." % (
+                         rng_, 100.0 / len(R["segment"][str(min(top))]["experts"]),
                          "; the segment routers have collapsed onto one expert per layer (training's "
                          "load-balancing loss covers only the routed token experts)" if lo_ > 0.8 else ""))
         if R.get("seg_gate_mean") and R.get("fusion"):
@@ -863,8 +864,10 @@ def cmd_report(args):
               "characters), prompt = the text before the line, its last <= %d tokens from a line start; the "
               "model (q8_0 GGUF, `codemoe complete --temperature 0 -n %d`, MoLE with `--language`) completes "
               "and its output is cut at the first newline. EM = exact match, ES = edit similarity "
-              "1 - Levenshtein / max length, both on the lines with surrounding whitespace stripped." % (
-                  C["n_per_lang"], C["seed"], C["prompt_tokens"], C["max_new_tokens"]), "",
+              "1 - Levenshtein / max length, both on the lines with surrounding whitespace stripped. With %d "
+              "lines one line is %.3f of a language's EM: differences between models here are mostly noise." % (
+                  C["n_per_lang"], C["seed"], C["prompt_tokens"], C["max_new_tokens"], C["n_per_lang"],
+                  1.0 / C["n_per_lang"]), "",
               "| Model | " + " | ".join("%s EM / ES" % LANG_TITLE.get(l, l) for l in langs) +
               " | Avg EM | Avg ES |", "|---|" + "---|" * (len(langs) + 2)]
         for n in names:
