@@ -764,12 +764,12 @@ static void step(srv_sched *s) {
         int want_lp = q->job->req->logprobs >= 0;
         int n_top = q->job->req->logprobs > 0 ? q->job->req->logprobs : 0;
         if (n_top > 20) n_top = 20;
-        int32_t tok = cm_sampler_sample(q->smp, lg, &lp, want_lp ? s->top : NULL);
+        int32_t tok = cm_sampler_sample(q->smp, lg, want_lp ? &lp : NULL, want_lp ? s->top : NULL);
         seq_on_token(s, q, tok, lp, n_top);
         for (int k = 1; n_forked && k <= q->n_follow; k++) {
             sched_seq *f = &js(q->job)->seqs[q->choice + k];
             if (f->state != SEQ_DECODE || f->n_gen) continue;
-            tok = cm_sampler_sample(f->smp, lg, &lp, want_lp ? s->top : NULL);
+            tok = cm_sampler_sample(f->smp, lg, want_lp ? &lp : NULL, want_lp ? s->top : NULL);
             seq_on_token(s, f, tok, lp, n_top);
         }
     }
