@@ -41,7 +41,7 @@ run_stage() {
     base)
         step base
         $PY tools/train.py train --stage base --tokens "$BASE_TOKENS" --threads 1 ;;
-    moe|moe_noseg|moe_noshared|dense_cont|lora|mole)
+    moe|moe_noseg|moe_noshared|moe_segbal|dense_cont|lora|mole)
         step "$1"
         $PY tools/train.py train --stage "$1" --tokens "$POST_TOKENS" --lr 5e-4 --threads 1 ;;
     export-*)
@@ -64,7 +64,7 @@ run_stage() {
 }
 
 if [ $# -eq 0 ]; then
-    set -- corpus tokenizer check tokens base export-base moe export-moe moe_noseg moe_noshared dense_cont \
+    set -- corpus tokenizer check tokens base export-base moe export-moe moe_noseg moe_noshared moe_segbal dense_cont \
         export-dense_cont lora export-lora mole export-mole results report
 fi
 for s in "$@"; do run_stage "$s"; done

@@ -6,7 +6,7 @@
 #
 #   tools/results.sh
 #   CM_TRAIN=/work/train  CM_EVAL=$CM_TRAIN/eval  CM_BUILD=build-eval  CM_SHIP=moe  CM_LATEST=0
-#   CM_STAGES="base dense_cont lora mole moe moe_noseg moe_noshared"
+#   CM_STAGES="base dense_cont lora mole moe moe_noseg moe_noshared moe_segbal"
 #   CM_LOSSES_ARGS, CM_ROUTING_ARGS, CM_COMPLETE_ARGS: extra flags for `results.py losses|routing|complete`
 #   (a quick trial: CM_LOSSES_ARGS="--windows 8 --hex 8" CM_ROUTING_ARGS="--chunks 5" CM_COMPLETE_ARGS="--n 5")
 set -eu
@@ -15,7 +15,7 @@ T=${CM_TRAIN:-/work/train}
 E=${CM_EVAL:-$T/eval}
 B=${CM_BUILD:-build-eval}
 SHIP=${CM_SHIP:-moe}
-STAGES=${CM_STAGES:-base dense_cont lora mole moe moe_noseg moe_noshared}
+STAGES=${CM_STAGES:-base dense_cont lora mole moe moe_noseg moe_noshared moe_segbal}
 LATEST=${CM_LATEST:-0}
 export CM_TRAIN="$T" CM_BUILD="$B" OMP_NUM_THREADS=1
 PY="nice -n 19 /usr/bin/python3"

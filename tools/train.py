@@ -13,6 +13,7 @@ same post-pretraining mix (9:1 low:high resource) for the same token budget:
     moe           MultiPL-MoE upcycled: token + segment experts, only experts and routers train
     moe_noseg     ablation: token level only (a_seg = 0, no segment experts)
     moe_noshared  ablation: no shared token expert (top-2 of the routed experts)
+    moe_segbal    variant: moe with the load-balancing loss on the segment routers too (training only)
     dense_cont    baseline: continued pre-training of every weight
     lora          baseline: LoRA rank 8 on every linear layer (merged into a dense model at export)
     mole          baseline: MoLE, LoRA experts on the FFN per language + shared (+ other, unused here)
@@ -224,6 +225,12 @@ class HybridMoE(nn.Module):
             desc = desc.reshape(B, Tp, D)[:, :T].reshape(B * T, D)
             q = torch.softmax(desc @ self.seg_router.T, dim=-1)  # (BT, S)
             qv, qi = q.max(dim=-1)  # capacity 1: top-1 expert per token
+            if hp.get("seg_balance"):
+                # the same Switch-style loss over the segment experts' top-1 choices: without it one
+                # segment expert takes ~98% of the tokens (docs/results.md)
+                S = hp["n_seg"]
+                fs = torch.zeros(S).index_add_(0, qi, torch.ones(qi.numel())) / qi.numel()
+                self.aux = self.aux + S * (fs.detach() * q.mean(0)).sum()
             y_seg = torch.zeros_like(xf)
             self.experts("seg", xf, qi, qv * hp["gate_scale"], y_seg)
             y = y + hp["a_seg"] * y_seg
@@ -317,6 +324,8 @@ def moe_params(stage, ctx):
         hp.update(n_seg=0, a_tok=1.0, a_seg=0.0)
     if stage == "moe_noshared":
         hp.update(shared=-1)
+    if stage == "moe_segbal":  # training only: the segment routers get the load-balancing loss too
+        hp.update(seg_balance=1)
     return hp
 
 
