@@ -277,7 +277,11 @@ int cm_seq_open(cm_ctx *c, cm_err *err) {
     return s;
 }
 
-static int seq_salt(const cm_ctx *c, int seq, uint64_t *salt);
+/* The salt a sequence's blocks are registered under; 0 if they must stay private. */
+static int seq_salt(const cm_ctx *c, int seq, uint64_t *salt) {
+    *salt = 0;
+    return c->moe ? cm_moe_seq_cache_salt(c->moe, seq, salt) : 1;
+}
 
 void cm_seq_close(cm_ctx *c, int seq) {
     if (!c || !seq_valid(c, seq)) return;
@@ -312,12 +316,6 @@ int cm_seq_truncate(cm_ctx *c, int seq, int n, cm_err *err) {
     if (c->moe) /* a block end: the state stored in the (kept) block that ends at n */
         cm_moe_seq_truncate(c->moe, seq, len, n, n > 0 ? cm_kv_block_extra(&c->kv, s->blocks[n / CM_KV_BLOCK - 1]) : NULL);
     return CM_OK;
-}
-
-/* The salt a sequence's blocks are registered under; 0 if they must stay private. */
-static int seq_salt(const cm_ctx *c, int seq, uint64_t *salt) {
-    *salt = 0;
-    return c->moe ? cm_moe_seq_cache_salt(c->moe, seq, salt) : 1;
 }
 
 int cm_seq_attach_prefix(cm_ctx *c, int seq, const int32_t *tokens, int n, cm_err *err) {
@@ -374,7 +372,7 @@ void cm_ctx_kv_stats(const cm_ctx *c, cm_kv_stats *out) {
     out->block_tokens = CM_KV_BLOCK;
     out->blocks_cached = c->kv.n_lru;
     out->blocks_available = cm_kv_available(&c->kv);
-    for (int b = 0; b < c->kv.n_blocks; b++) out->blocks_shared += c->kv.refcount[b] > 1;
+    out->blocks_shared = c->kv.n_shared;
     out->prefix_query_tokens = c->kv.query_tokens;
     out->prefix_hit_tokens = c->kv.hit_tokens;
     out->evictions = c->kv.evictions;

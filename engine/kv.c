@@ -134,10 +134,18 @@ static uint64_t tail_hash(int32_t parent, uint32_t pgen, uint64_t salt) {
     return mix64(mix64(((uint64_t)(uint32_t)parent << 32 | pgen) ^ 0x7a11u) ^ salt);
 }
 
+/* Leading tokens a and b share, at most n. */
+static int common_prefix(const int32_t *a, const int32_t *b, int n) {
+    int k = 0;
+    while (k < n && a[k] == b[k]) k++;
+    return k;
+}
+
+/* index_find: full blocks only (tails are never in the exact-key chains). */
 static int32_t index_find(const cm_kv *kv, uint64_t h, int32_t parent, uint32_t pgen, uint64_t salt,
                           const int32_t *toks) {
     for (int32_t b = kv->buckets[h & (kv->n_buckets - 1)]; b >= 0; b = kv->hnext[b])
-        if (kv->hash[b] == h && !kv->tail_n[b] && kv->parent[b] == parent && kv->parent_gen[b] == pgen && kv->salt[b] == salt &&
+        if (kv->hash[b] == h && kv->parent[b] == parent && kv->parent_gen[b] == pgen && kv->salt[b] == salt &&
             !memcmp(kv->btoks + (size_t)b * CM_KV_BLOCK, toks, CM_KV_BLOCK * sizeof *toks))
             return b;
     return -1;
@@ -193,8 +201,19 @@ static int32_t kv_take(cm_kv *kv) {
     return b;
 }
 
+/* One more table holds b (n_shared counts blocks held by more than one). */
+static void kv_hold(cm_kv *kv, int32_t b) {
+    if (kv->refcount[b]++ == 1) kv->n_shared++;
+}
+
+static void block_copy(cm_kv *kv, int32_t dst, int32_t src) {
+    memcpy(kv->data + (size_t)dst * kv->block_bytes, kv->data + (size_t)src * kv->block_bytes, kv->block_bytes);
+}
+
 static void kv_release(cm_kv *kv, int32_t b) {
-    if (kv->refcount[b] == 0 || --kv->refcount[b] > 0) return;
+    if (kv->refcount[b] == 0) return;
+    if (kv->refcount[b]-- == 2) kv->n_shared--;
+    if (kv->refcount[b] > 0) return;
     if (kv->cache_on && kv->reg[b]) lru_append(kv, b);
     else kv->free_ids[kv->n_free++] = b;
 }
@@ -231,7 +250,7 @@ int cm_kv_seq_truncate(cm_kv *kv, int seq, int n) {
         if (kv->refcount[b] > 1) {
             int32_t nb = kv_take(kv);
             if (nb < 0) return CM_E_NOMEM;
-            memcpy(kv->data + (size_t)nb * kv->block_bytes, kv->data + (size_t)b * kv->block_bytes, kv->block_bytes);
+            block_copy(kv, nb, b);
             kv_release(kv, b);
             s->blocks[keep - 1] = nb;
         } else if (kv->cache_on && kv->reg[b]) {
@@ -315,11 +334,9 @@ static int32_t tail_find(const cm_kv *kv, int32_t parent, uint32_t pgen, uint64_
     *m = 0;
     for (int32_t b = kv->pbuckets[tail_hash(parent, pgen, salt) & (kv->n_buckets - 1)]; b >= 0; b = kv->pnext[b]) {
         if (kv->parent[b] != parent || kv->parent_gen[b] != pgen || kv->salt[b] != salt) continue;
-        int have = kv->tail_n[b] ? kv->tail_n[b] : CM_KV_BLOCK;
         if (whole && !kv->tail_n[b]) continue;
-        const int32_t *bt = kv->btoks + (size_t)b * CM_KV_BLOCK;
-        int k = 0, lim = have < n ? have : n;
-        while (k < lim && bt[k] == toks[k]) k++;
+        int have = kv->tail_n[b] ? kv->tail_n[b] : CM_KV_BLOCK;
+        int k = common_prefix(kv->btoks + (size_t)b * CM_KV_BLOCK, toks, have < n ? have : n);
         if (whole && k != have) continue;
         if (k > *m) { *m = k; best = b; }
     }
@@ -362,9 +379,8 @@ static int live_find(const cm_kv *kv, int seq, int full, int32_t parent, uint64_
         if (q == seq || !o->open || !o->salted || o->salt != salt || o->no_reg || o->len / CM_KV_BLOCK != full ||
             o->n_reg != full || o->len % CM_KV_BLOCK == 0 || (full && o->blocks[full - 1] != parent))
             continue;
-        const int32_t *ot = o->toks + (size_t)full * CM_KV_BLOCK;
-        int have = o->len - full * CM_KV_BLOCK, k = 0, lim = have < n ? have : n;
-        while (k < lim && ot[k] == toks[k]) k++;
+        int have = o->len - full * CM_KV_BLOCK;
+        int k = common_prefix(o->toks + (size_t)full * CM_KV_BLOCK, toks, have < n ? have : n);
         if (whole && k != have) continue;
         if (k > *m) { *m = k; best = q; }
     }
@@ -388,7 +404,7 @@ int cm_kv_seq_attach(cm_kv *kv, int seq, const int32_t *tokens, int n, int max_t
         int32_t b = index_find(kv, key_hash(parent, pgen, salt, toks), parent, pgen, salt, toks);
         if (b < 0) break;
         if (kv->refcount[b] == 0) lru_remove(kv, b);
-        kv->refcount[b]++;
+        kv_hold(kv, b);
         s->blocks[s->n_blocks++] = b;
         parent = b;
         pgen = kv->gen[b];
@@ -403,7 +419,7 @@ int cm_kv_seq_attach(cm_kv *kv, int seq, const int32_t *tokens, int n, int max_t
         int32_t src = o->blocks[o->n_blocks - 1];
         int32_t b = kv_take(kv);
         if (b >= 0) {
-            memcpy(kv->data + (size_t)b * kv->block_bytes, kv->data + (size_t)src * kv->block_bytes, kv->block_bytes);
+            block_copy(kv, b, src);
             s->blocks[s->n_blocks++] = b;
             s->len += lm;
             *tail_src = b;
@@ -416,7 +432,7 @@ int cm_kv_seq_attach(cm_kv *kv, int seq, const int32_t *tokens, int n, int max_t
          * evicted, and that may be this very tail: then its rows are simply ours (nothing overwrote them) */
         int32_t b = kv_take(kv);
         if (b >= 0) {
-            if (b != t) memcpy(kv->data + (size_t)b * kv->block_bytes, kv->data + (size_t)t * kv->block_bytes, kv->block_bytes);
+            if (b != t) block_copy(kv, b, t);
             s->blocks[s->n_blocks++] = b;
             s->len += m;
             *tail_src = b; /* the copy holds the tail's extra bytes too */
@@ -434,11 +450,10 @@ int cm_kv_seq_fork(cm_kv *kv, int dst, int src) {
     if (s->n_blocks > full) { /* the partial last block is copied: both will write their own rows */
         part = kv_take(kv);
         if (part < 0) return CM_E_NOMEM;
-        memcpy(kv->data + (size_t)part * kv->block_bytes,
-               kv->data + (size_t)s->blocks[full] * kv->block_bytes, kv->block_bytes);
+        block_copy(kv, part, s->blocks[full]);
     }
     for (int i = 0; i < full; i++) {
-        kv->refcount[s->blocks[i]]++;
+        kv_hold(kv, s->blocks[i]);
         d->blocks[i] = s->blocks[i];
     }
     d->n_blocks = full;
@@ -501,6 +516,7 @@ int cm_kv_check(const cm_kv *kv, char *why, size_t cap) {
                 where[b] |= 4;
             }
     }
+    int shared = 0;
     for (int32_t b = 0; b < kv->n_blocks; b++) {
         int in_free = where[b] & 1, in_lru = where[b] & 2, in_index = (where[b] & 8) && ((where[b] & 4) || kv->tail_n[b]);
         int reg = kv->cache_on && kv->reg[b];
@@ -512,7 +528,9 @@ int cm_kv_check(const cm_kv *kv, char *why, size_t cap) {
             KV_BAD("block %d: unheld, on free stack %d, on LRU %d (leaked if neither)", b, in_free != 0, in_lru != 0);
         if (in_lru && !reg) KV_BAD("block %d: cached but not registered", b);
         if (kv->cache_on && kv->tail_n[b] && (!reg || kv->refcount[b])) KV_BAD("block %d: a tail, held or unregistered", b);
+        shared += kv->refcount[b] > 1;
     }
+    if (shared != kv->n_shared) KV_BAD("%d blocks are shared, the counter says %d", shared, kv->n_shared);
 #undef KV_BAD
     free(refs);
     free(where);

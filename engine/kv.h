@@ -60,6 +60,7 @@ typedef struct cm_kv {
     uint16_t *refcount; /* (n_blocks) */
     int32_t *free_ids;  /* (n_blocks) stack of free block ids */
     int n_free;
+    int n_shared;       /* blocks with refcount > 1 (kept as they change: stats read it every step) */
     int32_t *tables;    /* (n_seq, max_blocks) */
     int32_t *seq_toks;  /* (n_seq, n_ctx) when cache_on */
     cm_kv_seq *seqs;    /* (n_seq) */
