@@ -141,8 +141,9 @@ function loopbackTarget(url) {
 
 // ------------------------------------------------------------------------------------------ data
 
-// mulberry32: small seeded PRNG, so both servers get the same prompts, cuts and keystroke rhythm.
-function rng(seed) {
+// mulberry32: small seeded PRNG, so both servers get the same prompts, cuts and keystroke rhythm (also
+// used by tests/integration/test_server_prefix.mjs for its replayable soak).
+export function rng(seed) {
     let a = seed >>> 0;
     return () => {
         a = (a + 0x6d2b79f5) >>> 0;

@@ -17,20 +17,10 @@
 import assert from 'node:assert/strict';
 import http from 'node:http';
 import { startServer, postJSON, metrics, waitMetrics, readSSE, sanitizerReport, test, run } from './server_harness.mjs';
+// deterministic numbers (mulberry32), so a failing soak can be replayed
+import { rng } from '../../bench/loadgen.mjs';
 
 const THREADS = ['--threads', '1'];
-
-/* Deterministic pseudo-random numbers (mulberry32), so a failing soak can be replayed. */
-function rng(seed) {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 const WORDS = ['def', 'return', 'for', 'in', 'range', 'if', 'else', 'print', 'self', 'value', 'index', 'list',
   'while', 'import', 'class', 'None', 'True', 'yield', 'lambda', 'x', 'y', 'n', '+', '-', '(', ')', ':', '=', '\n    '];
