@@ -1,5 +1,6 @@
 /*
- * gguf.h - GGUF (v2, v3) reader over an mmapped file, and a writer. Internal to engine/.
+ * gguf.h - GGUF (v2, v3) reader over an mmapped file. Internal to engine/ (the writer is
+ * modelfile/gguf_writer.h).
  *
  * The reader validates the whole header at open: magic, version, every count against the file size,
  * every string length, every value type, tensor dimension products (no overflow), tensor types and
@@ -93,25 +94,5 @@ const char *gguf_vtype_name(int type);
 /* Bytes for n elements of a row of this type (n must be a multiple of the block size); 0 if unknown. */
 uint64_t gguf_row_bytes(int type, int64_t n);
 int gguf_block_size(int type);
-
-/* ------------------------------------------------------------ writer */
-
-typedef struct gguf_writer gguf_writer;
-
-gguf_writer *gguf_writer_create(cm_err *err);
-void gguf_writer_free(gguf_writer *w);
-int gguf_writer_set_u32(gguf_writer *w, const char *key, uint32_t v);
-int gguf_writer_set_i32(gguf_writer *w, const char *key, int32_t v);
-int gguf_writer_set_f32(gguf_writer *w, const char *key, float v);
-int gguf_writer_set_bool(gguf_writer *w, const char *key, int v);
-int gguf_writer_set_str(gguf_writer *w, const char *key, const char *v);
-int gguf_writer_set_arr_str(gguf_writer *w, const char *key, const char *const *v, uint64_t n);
-int gguf_writer_set_arr_i32(gguf_writer *w, const char *key, const int32_t *v, uint64_t n);
-int gguf_writer_set_arr_f32(gguf_writer *w, const char *key, const float *v, uint64_t n);
-/* Adds a tensor; data is copied (or converted from f32 when src is F32 and type differs: F16, BF16,
- * Q8_0). ne[0] is the row length. */
-int gguf_writer_add_tensor(gguf_writer *w, const char *name, int type, int n_dims, const int64_t *ne,
-                           int src_type, const void *data, cm_err *err);
-int gguf_writer_write(gguf_writer *w, const char *path, cm_err *err);
 
 #endif

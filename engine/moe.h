@@ -83,11 +83,6 @@ int cm_moe_arch(const char *arch); /* CM_MOE_* */
  * ("neox" / "normal") when present. q/k/v biases are expressed by their tensors' presence. */
 int cm_moe_hparams(const gguf_file *g, const char *arch, cm_model_info *in, cm_err *err);
 
-/* convert_mole.c: a uw-swag/mole checkpoint directory (config.json model_type "MoE") -> "mole" GGUF;
- * out_type a GGUF type or -1 (keep the source's). convert.c hands such directories over. */
-int cm_convert_is_mole(const char *config_path);
-int cm_convert_mole_hf(const char *dir, const char *out_path, int out_type, cm_err *err);
-
 /* forward.c: the context's MoE state (NULL for dense models). */
 cm_moe_ctx *cm_ctx_moe(const cm_ctx *c);
 

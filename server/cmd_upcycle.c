@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "codemoe.h"
+#include "codemoe_modelfile.h"
 #include "commands.h"
 
 static int usage(FILE *f) {

@@ -12,7 +12,7 @@
 
 #include "../test.h"
 #include "codemoe.h"
-#include "gguf.h"
+#include "gguf_writer.h"
 #include "util.h"
 
 static char tmp_path[256];

@@ -22,6 +22,7 @@
 #include "codemoe.h"
 #include "gguf.h"
 #include "moe.h"
+#include "codemoe_modelfile.h"
 
 #define MAXT 512
 #define MAXL 4

@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "codemoe.h"
+#include "codemoe_modelfile.h"
 #include "test.h"
 
 static char tmpdir[256];

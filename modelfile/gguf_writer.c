@@ -7,7 +7,7 @@
  * Q8_0 matches ggml's reference quantiser (quantize_row_q8_0_ref): per block of 32, d = max|x| / 127,
  * q = roundf(x * (1/d)), d stored as fp16.
  */
-#include "gguf.h"
+#include "gguf_writer.h"
 
 #include <errno.h>
 #include <math.h>
@@ -16,7 +16,6 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "convert.h"
 #include "util.h"
 
 typedef struct wkv {

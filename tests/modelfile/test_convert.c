@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include "codemoe.h"
+#include "codemoe_modelfile.h"
 #include "gguf.h"
 #include "test.h"
 #include "util.h"

@@ -3,7 +3,8 @@
  *
  * The engine loads a model (GGUF), tokenizes, runs the forward pass of a batch of sequences over a KV
  * cache, and samples. It knows nothing about HTTP; api/ and server/ use this header and nothing else
- * from engine/.
+ * from engine/ (the build exports only engine/include/). Writing model files (conversion, upcycling)
+ * is the offline library modelfile/, whose header is codemoe_modelfile.h.
  *
  * Conventions
  * - Every object has a create/free pair. free(NULL) is a no-op.
@@ -391,47 +392,6 @@ void cm_sampler_accept_prompt(cm_sampler *s, int32_t tok);
  * generated. If top != NULL, writes the chosen token's logprob to *chosen_lp and the top
  * n_logprobs alternatives to top[] (log-softmax of the raw logits, before bias/penalties/temperature). */
 int32_t cm_sampler_sample(cm_sampler *s, const float *logits, float *chosen_lp, cm_token_logprob *top);
-
-/* ============================================================ conversion */
-
-/* Convert a Hugging Face model directory (config.json, model.safetensors or
- * model.safetensors.index.json with shards, tokenizer.json) to GGUF. out_type: "f32", "f16", "bf16",
- * "q8_0" or NULL (keep source type). If the directory holds only tokenizer.json (and optionally
- * tokenizer_config.json), writes a vocab-only GGUF. */
-int cm_convert_hf(const char *hf_dir, const char *out_path, const char *out_type, cm_err *err);
-
-/* ============================================================ upcycling */
-
-/* Build a mixture-of-experts model from a dense qwen2/llama GGUF. Every expert is a copy of the dense
- * FFN (tensor types kept), so with a_tok = 1, a_seg = 0 the hybrid computes the dense model's function,
- * and a MoLE model with its B = 0 adapters does too. Routers: zeros, or seeded N(0, router_std).
- * MoLE adapters: A seeded N(0, 1/sqrt(in)), B = 0 (F32). The base's rope style and q/k/v biases carry
- * over (<arch>.rope.type). Everything is validated as the loader would before anything is written. */
-#define CM_UPCYCLE_SHARED_LAST (-2)
-typedef struct cm_upcycle_params {
-    /* hybrid ("multipl_moe") */
-    int n_experts;          /* token experts (6) */
-    int top_k;              /* experts per token, the shared one included (2) */
-    int shared;             /* shared expert index, -1 none, CM_UPCYCLE_SHARED_LAST (default): the last */
-    int n_seg_experts;      /* segment experts (6); 0: no segment level */
-    int window;             /* tokens per segment (64) */
-    const char *pooling;    /* "max" (default) or "mean" */
-    float capacity;         /* 1.0 */
-    int bucket;             /* 4 */
-    float gate_scale;       /* 0: 1 / window */
-    float a_tok, a_seg;     /* fusion weights (0.7, 0.3) */
-    const char *mode_default; /* "causal" (default) or "reference" */
-    float router_std;       /* 0: zero routers; else seeded normal noise of this deviation */
-    uint64_t seed;
-    /* MoLE ("mole") instead, when mole_langs is set: comma-separated adapter languages; "shared" and
-     * "other" adapters are added after them */
-    const char *mole_langs;
-    int rank_lang, rank_shared, rank_other;        /* 16, 48, 64 */
-    float alpha_lang, alpha_shared, alpha_other;   /* 16, 32, 32 */
-} cm_upcycle_params;
-
-void cm_upcycle_default(cm_upcycle_params *p);
-int cm_upcycle(const char *dense_path, const char *out_path, const cm_upcycle_params *p, cm_err *err);
 
 /* ============================================================ BLAS (prefill products)
  *

@@ -1,21 +1,14 @@
 /*
- * convert.h - internals shared by the Hugging Face -> GGUF converter (convert.c) and the tokenizer part
- * of it (convert_tokenizer.c). Internal to engine/; the public entry point is cm_convert_hf in codemoe.h.
+ * convert.h - internals shared by the Hugging Face -> GGUF converter (convert.c), its tokenizer part
+ * (convert_tokenizer.c) and its MoLE part (convert_mole.c). Internal to modelfile/; the public entry
+ * point is cm_convert_hf in codemoe_modelfile.h.
  */
 #ifndef CM_CONVERT_H
 #define CM_CONVERT_H
 
 #include "codemoe.h"
-#include "gguf.h"
-
-/* Writer extras (gguf_writer.c) not in gguf.h's public-to-engine contract:
- * gguf_writer_add_tensor_ref is gguf_writer_add_tensor without the copy: data must stay valid and
- * unchanged until gguf_writer_write returns (the converter passes views into mmapped safetensors).
- * Conversion (F32/F16/BF16 -> F32/F16/BF16/Q8_0) happens row by row while writing. */
-int gguf_writer_add_tensor_ref(gguf_writer *w, const char *name, int type, int n_dims, const int64_t *ne,
-                               int src_type, const void *data, cm_err *err);
-/* ggml's reference Q8_0 quantiser: x (n), n % 32 == 0 -> y (n/32 blocks of fp16 d + 32 int8). */
-void gguf_quantize_q8_0(const float *x, uint8_t *y, int64_t n);
+#include "codemoe_modelfile.h"
+#include "gguf_writer.h"
 
 /* Reads a Hugging Face tokenizer.json (and, when tokenizer_config_path is not NULL, tokenizer_config.json
  * for add_bos_token / bos / eos / pad) and writes every tokenizer.ggml.* key to w: model, pre, tokens,
@@ -28,5 +21,10 @@ void gguf_quantize_q8_0(const float *x, uint8_t *y, int64_t n);
  * (the caller discards w). */
 int cm_convert_tokenizer_json(const char *tokenizer_json_path, const char *tokenizer_config_path,
                               gguf_writer *w, int n_vocab_model, cm_err *err);
+
+/* convert_mole.c: a uw-swag/mole checkpoint directory (config.json model_type "MoE") -> "mole" GGUF;
+ * out_type a GGUF type or -1 (keep the source's). convert.c hands such directories over. */
+int cm_convert_is_mole(const char *config_path);
+int cm_convert_mole_hf(const char *dir, const char *out_path, int out_type, cm_err *err);
 
 #endif

@@ -1,5 +1,5 @@
 /*
- * safetensors.h - reader for Hugging Face .safetensors files over an mmapped file. Internal to engine/
+ * safetensors.h - reader for Hugging Face .safetensors files over an mmapped file. Internal to modelfile/
  * (used by the converter).
  *
  * Layout: u64 little-endian N, N bytes of JSON header {"name": {"dtype": "F32", "shape": [..],
