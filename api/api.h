@@ -77,7 +77,7 @@ typedef struct api_limits {
     size_t max_body_bytes;  /* larger bodies: 413 */
     int max_tokens_cap;     /* 0: no cap beyond the context */
     int n_max;              /* max "n" (and "best_of") */
-    int logprobs_max;       /* max "logprobs" (OpenAI's legacy API: 5; engine supports up to 20) */
+    int logprobs_max;       /* max "logprobs" (OpenAI's legacy API: 5; at most CM_LOGPROBS_MAX) */
     int max_stop;           /* max stop strings (OpenAI: 4) */
     int max_prompts;        /* max prompts in one request (array prompt forms) */
     int max_logit_bias;     /* max logit_bias entries */

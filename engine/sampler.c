@@ -30,7 +30,6 @@
 /* A penalty window larger than this is treated as "all tokens" (no ring): no real context is longer, and
  * it keeps a hostile penalty_last_n from sizing an allocation. */
 #define CM_PENALTY_WINDOW_MAX (1 << 22)
-#define CM_LOGPROBS_MAX 20
 
 typedef struct cm_cand {
     float v;     /* logit, then (after softmax) unnormalised probability */
@@ -295,51 +294,59 @@ void cm_sampler_accept_prompt(cm_sampler *s, int32_t tok) { sampler_accept(s, to
 
 /* ------------------------------------------------------------ sampling */
 
-/* log-softmax of the raw logits: the chosen token's value and the top n alternatives (best first). */
-static void sampler_logprobs(const cm_sampler *s, const float *logits, int32_t chosen, float *chosen_lp,
-                             cm_token_logprob *top) {
-    const int V = s->n_vocab;
+/* log(softmax) of one logit given the maximum and log-sum-exp: -inf stays -inf even when every logit
+ * is -inf (no probability anywhere), and n_inf > 0 logits of +inf share all the mass equally */
+static inline float lsm(float v, float mx, double lse, int n_inf) {
+    if (v == -INFINITY) return -INFINITY;
+    if (mx == INFINITY) return v == INFINITY ? (float)-log((double)n_inf) : -INFINITY;
+    return (float)((double)v - lse);
+}
+
+float cm_logprobs(int n_vocab, const float *logits, int32_t want, cm_token_logprob *top, int n_top) {
+    const int V = n_vocab > 0 ? n_vocab : 0;
     float mx = -INFINITY;
-    for (int i = 0; i < V; i++)
+    int n_inf = 0;
+    for (int i = 0; i < V; i++) {
         if (logits[i] > mx) mx = logits[i];
+        n_inf += logits[i] == INFINITY;
+    }
     double sum = 0.0;
     if (mx > -INFINITY)
         for (int i = 0; i < V; i++)
             if (logits[i] > -INFINITY) sum += exp((double)logits[i] - mx); /* NaN fails the test too */
     double lse = mx > -INFINITY && isfinite(mx) ? mx + log(sum) : mx;
-    if (chosen_lp) {
-        float l = logits[chosen];
-        *chosen_lp = isnan(l) ? -INFINITY : (float)((double)l - lse);
-    }
-    int n = s->p.n_logprobs;
-    if (!top || n <= 0) return;
-    cm_cand h[CM_LOGPROBS_MAX]; /* bounded heap, worst at the root */
-    int k = 0;
-    for (int i = 0; i < V; i++) {
-        cm_cand c = {isnan(logits[i]) ? -INFINITY : logits[i], i};
-        if (k < n) {
-            h[k++] = c;
-            if (k == n)
-                for (int j = n / 2 - 1; j >= 0; j--) heap_sift_down(h, n, j);
-        } else if (cand_better(&c, &h[0])) {
-            h[0] = c;
-            heap_sift_down(h, n, 0);
+    int n = n_top < 0 ? 0 : n_top > CM_LOGPROBS_MAX ? CM_LOGPROBS_MAX : n_top;
+    if (top && n > 0) {
+        cm_cand h[CM_LOGPROBS_MAX]; /* bounded heap, worst at the root */
+        int k = 0;
+        for (int i = 0; i < V; i++) {
+            cm_cand c = {isnan(logits[i]) ? -INFINITY : logits[i], i};
+            if (k < n) {
+                h[k++] = c;
+                if (k == n)
+                    for (int j = n / 2 - 1; j >= 0; j--) heap_sift_down(h, n, j);
+            } else if (cand_better(&c, &h[0])) {
+                h[0] = c;
+                heap_sift_down(h, n, 0);
+            }
+        }
+        if (k < n) /* vocabulary smaller than n: heapify what there is */
+            for (int j = k / 2 - 1; j >= 0; j--) heap_sift_down(h, k, j);
+        for (int i = k - 1; i > 0; i--) {
+            cand_swap(&h[0], &h[i]);
+            heap_sift_down(h, i, 0);
+        }
+        for (int i = 0; i < k; i++) {
+            top[i].token = h[i].id;
+            top[i].logprob = lsm(h[i].v, mx, lse, n_inf);
+        }
+        for (int i = k; i < n; i++) { /* V < n: pad so the caller never reads garbage */
+            top[i].token = -1;
+            top[i].logprob = -INFINITY;
         }
     }
-    if (k < n) /* vocabulary smaller than n: heapify what there is */
-        for (int j = k / 2 - 1; j >= 0; j--) heap_sift_down(h, k, j);
-    for (int i = k - 1; i > 0; i--) {
-        cand_swap(&h[0], &h[i]);
-        heap_sift_down(h, i, 0);
-    }
-    for (int i = 0; i < k; i++) {
-        top[i].token = h[i].id;
-        top[i].logprob = (float)((double)h[i].v - lse);
-    }
-    for (int i = k; i < n; i++) { /* V < n: pad so the caller never reads garbage */
-        top[i].token = -1;
-        top[i].logprob = -INFINITY;
-    }
+    if (want < 0 || want >= V) return NAN;
+    return lsm(isnan(logits[want]) ? -INFINITY : logits[want], mx, lse, n_inf);
 }
 
 /* Fills c[] (indexed by id) with the logits after bias and penalties. */
@@ -474,7 +481,10 @@ int32_t cm_sampler_sample(cm_sampler *s, const float *logits, float *chosen_lp, 
     }
 
 done:
-    if (chosen_lp || top) sampler_logprobs(s, logits, chosen, chosen_lp, top);
+    if (chosen_lp || top) {
+        float lp = cm_logprobs(V, logits, chosen, top, top ? p->n_logprobs : 0);
+        if (chosen_lp) *chosen_lp = lp;
+    }
     sampler_accept(s, chosen, 1);
     return chosen;
 }

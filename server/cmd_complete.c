@@ -142,7 +142,7 @@ int cmd_complete(int argc, char **argv) {
         } else if (VALUE_FLAG("--ctx")) {
             ok = r < 0 || cli_int("complete", f, v, 1, 1 << 24, &n_ctx);
         } else if (VALUE_FLAG("--logprobs")) {
-            ok = r < 0 || cli_int("complete", f, v, 0, 20, &sp.n_logprobs);
+            ok = r < 0 || cli_int("complete", f, v, 0, CM_LOGPROBS_MAX, &sp.n_logprobs);
         } else if (cli_flag(argc, argv, &i, "--special", NULL)) {
             special = 1;
         } else if (cli_flag(argc, argv, &i, "--routing", NULL)) {

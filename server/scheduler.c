@@ -161,7 +161,7 @@ struct srv_sched {
     cm_sampler **smp_free;            /* (parallel) idle samplers: a vocabulary-sized sampler costs more to
                                          create (clearing its arrays) than a short request's prefill */
     int n_smp_free;
-    cm_token_logprob top[20];
+    cm_token_logprob top[CM_LOGPROBS_MAX];
     /* worker-local copies of the histograms, merged under the lock at publish time */
     srv_hist l_ttft, l_itl;
     uint64_t l_generated, l_prompt, l_steps, l_batch_tokens;
@@ -184,26 +184,6 @@ struct srv_sched {
 static int64_t sched_now(void) { return (int64_t)uv_hrtime(); }
 
 static sched_jobstate *js(srv_job *j) { return (sched_jobstate *)j->w; }
-
-/* Log-softmax of logits at `want`, and the top n alternatives, for echoed prompt tokens. (n_vocab) */
-static float logprob_of(const float *logits, int n_vocab, int32_t want, cm_token_logprob *top, int n_top) {
-    float mx = -INFINITY;
-    for (int i = 0; i < n_vocab; i++) if (logits[i] > mx) mx = logits[i];
-    double sum = 0;
-    for (int i = 0; i < n_vocab; i++) sum += exp((double)(logits[i] - mx));
-    float lse = mx + (float)log(sum);
-    int k = 0;
-    for (int i = 0; i < n_vocab && n_top > 0; i++) {
-        float lp = logits[i] - lse;
-        if (k < n_top) k++;
-        else if (lp <= top[k - 1].logprob) continue;
-        int p = k - 1;
-        while (p > 0 && top[p - 1].logprob < lp) { top[p] = top[p - 1]; p--; }
-        top[p].token = i;
-        top[p].logprob = lp;
-    }
-    return want >= 0 && want < n_vocab ? logits[want] - lse : NAN;
-}
 
 /* A sampler for a new sequence: an idle one reset to sp, else a new one. */
 static cm_sampler *sampler_take(srv_sched *s, const cm_sampling *sp, cm_err *ce) {
@@ -543,7 +523,7 @@ static int job_admit(srv_sched *s, srv_job *j) {
         cm_sampling sp;
         api_completion_sampling(r, i, &sp);
         sp.n_logprobs = r->logprobs > 0 ? r->logprobs : 0;
-        if (sp.n_logprobs > 20) sp.n_logprobs = 20;
+        if (sp.n_logprobs > CM_LOGPROBS_MAX) sp.n_logprobs = CM_LOGPROBS_MAX;
         q->smp = sampler_take(s, &sp, &ce);
         if (!q->smp) {
             api_error_set(&e, 500, API_ERR_SERVER, NULL, NULL, "sampler: %s", ce.msg);
@@ -719,10 +699,10 @@ static void step(srv_sched *s) {
         if (q->state == SEQ_ENDED) continue;
         if (row->prompt_pos >= 0 && s->b_logits[r] && q->job->req->echo && q->job->req->logprobs >= 0 &&
             row->prompt_pos + 1 < q->prompt->n_tokens) {
-            int n_top = q->job->req->logprobs > 20 ? 20 : q->job->req->logprobs;
+            int n_top = q->job->req->logprobs > CM_LOGPROBS_MAX ? CM_LOGPROBS_MAX : q->job->req->logprobs;
             srv_tok t = {.token = q->prompt->tokens[row->prompt_pos + 1], .n_top = n_top};
             const float *lg = cm_logits(s->ctx, r);
-            t.logprob = lg ? logprob_of(lg, n_vocab, t.token, t.top, n_top) : NAN;
+            t.logprob = lg ? cm_logprobs(n_vocab, lg, t.token, t.top, n_top) : NAN;
             srv_tokvec_push(&q->prompt_lp, &t);
             /* choices waiting to fork this prompt echo the same logprobs */
             for (int k = 1; k <= q->n_follow; k++) srv_tokvec_push(&js(q->job)->seqs[q->choice + k].prompt_lp, &t);
@@ -763,7 +743,7 @@ static void step(srv_sched *s) {
         float lp = 0;
         int want_lp = q->job->req->logprobs >= 0;
         int n_top = q->job->req->logprobs > 0 ? q->job->req->logprobs : 0;
-        if (n_top > 20) n_top = 20;
+        if (n_top > CM_LOGPROBS_MAX) n_top = CM_LOGPROBS_MAX;
         int32_t tok = cm_sampler_sample(q->smp, lg, want_lp ? &lp : NULL, want_lp ? s->top : NULL);
         seq_on_token(s, q, tok, lp, n_top);
         for (int k = 1; n_forked && k <= q->n_follow; k++) {

@@ -89,7 +89,7 @@ typedef struct srv_tok {
     int32_t token;
     float logprob;                           /* NAN: none (the first echoed prompt token) */
     int n_top;
-    cm_token_logprob top[20];
+    cm_token_logprob top[CM_LOGPROBS_MAX];
 } srv_tok;
 
 typedef struct srv_tokvec {

@@ -367,7 +367,7 @@ typedef struct cm_sampling {
     uint64_t seed;
     const cm_logit_bias *logit_bias; /* copied at create */
     int n_logit_bias;
-    int n_logprobs;           /* top-N log-probabilities to report per step (0..20) */
+    int n_logprobs;           /* top-N log-probabilities to report per step (0..CM_LOGPROBS_MAX) */
 } cm_sampling;
 
 void cm_sampling_default(cm_sampling *s);
@@ -378,6 +378,18 @@ typedef struct cm_token_logprob {
     int32_t token;
     float logprob;
 } cm_token_logprob;
+
+/* The most alternatives any logprobs report carries (cm_sampling.n_logprobs, cm_logprobs's n_top). */
+#define CM_LOGPROBS_MAX 20
+
+/* Log-softmax of the raw logits (n_vocab floats, not modified), the one definition of a token's
+ * log-probability that sampling and prompt echo share. Returns the log-probability of `want`, NAN when
+ * want is not in [0, n_vocab). When top != NULL, writes min(n_top, CM_LOGPROBS_MAX) entries (n_top < 0
+ * counts as 0): the most likely tokens, best first, ties broken by the lower id; when the vocabulary
+ * is smaller, the tail is padded with {-1, -inf}. NaN logits count as -inf; a -inf logit has
+ * log-probability -inf (also when every logit is -inf); k logits of +inf share all the mass (each
+ * reports -log k, the others -inf). Allocates nothing. */
+float cm_logprobs(int n_vocab, const float *logits, int32_t want, cm_token_logprob *top, int n_top);
 
 /* All buffers are allocated here, sized by the vocabulary: sampling allocates nothing. */
 cm_sampler *cm_sampler_create(const cm_model *m, const cm_sampling *s, cm_err *err);

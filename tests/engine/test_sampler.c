@@ -1,7 +1,8 @@
 /*
  * test_sampler.c - the sampler on hand-made logits: greedy and ties, seeded determinism, the sets that
  * top-k / top-p / min-p keep (checked empirically over many fixed-seed draws against the exact
- * renormalised distribution), penalty arithmetic, logit bias, logprobs, parameter validation, and the
+ * renormalised distribution), penalty arithmetic, logit bias, logprobs (cm_logprobs against a plain
+ * reference: ranking, ties, -inf / NaN / +inf logits, clamping), parameter validation, and the
  * time per sample at a real vocabulary size (151936, Qwen2's).
  */
 #include <stdint.h>
@@ -398,6 +399,117 @@ TEST(logprobs_are_raw_log_softmax) {
     cm_sampler_free(s);
 }
 
+/* ------------------------------------------------------------ cm_logprobs against a plain reference */
+
+/* The reference: every token's log-probability by the textbook formula over the finite logits, and
+ * the ranking by a full sort (higher logit first, lower id on ties), NaN counted as -inf. */
+typedef struct ref_lp {
+    int32_t token;
+    double v;
+} ref_lp;
+
+static int ref_cmp(const void *a, const void *b) {
+    const ref_lp *x = a, *y = b;
+    if (x->v != y->v) return x->v > y->v ? -1 : 1;
+    return x->token < y->token ? -1 : 1;
+}
+
+static double ref_logprob(const float *l, int V, int i) {
+    double z = 0;
+    for (int k = 0; k < V; k++)
+        if (!isnan(l[k]) && l[k] > -INFINITY) z += exp((double)l[k]);
+    if (isnan(l[i]) || l[i] == -INFINITY || z == 0) return -INFINITY;
+    return (double)l[i] - log(z);
+}
+
+/* Compares cm_logprobs(V, l, want, top, n) with the reference; returns 0 when equal. */
+static int check_logprobs(const float *l, int V, int n) {
+    ref_lp ref[64];
+    for (int i = 0; i < V; i++) ref[i] = (ref_lp){i, isnan(l[i]) ? -INFINITY : (double)l[i]};
+    qsort(ref, (size_t)V, sizeof ref[0], ref_cmp);
+    cm_token_logprob top[CM_LOGPROBS_MAX + 1];
+    for (int i = 0; i <= CM_LOGPROBS_MAX; i++) top[i] = (cm_token_logprob){-7, 7.0f}; /* canary */
+    for (int want = 0; want < V; want++) {
+        float lp = cm_logprobs(V, l, want, top, n);
+        double r = ref_logprob(l, V, want);
+        if (!(r == -INFINITY ? lp == -INFINITY : fabs(lp - r) <= 1e-5)) {
+            TEST_FAIL_("V %d: logprob of %d = %g, reference %g", V, want, lp, r);
+            return -1;
+        }
+    }
+    int m = n > CM_LOGPROBS_MAX ? CM_LOGPROBS_MAX : n;
+    for (int i = 0; i < m; i++) {
+        int32_t want_tok = i < V ? ref[i].token : -1;
+        double want_lp = i < V ? ref_logprob(l, V, want_tok) : -INFINITY;
+        int lp_ok = want_lp == -INFINITY ? top[i].logprob == -INFINITY : fabs(top[i].logprob - want_lp) <= 1e-5;
+        if (top[i].token != want_tok || !lp_ok) {
+            TEST_FAIL_("V %d n %d: top[%d] = {%d, %g}, reference {%d, %g}", V, n, i, top[i].token,
+                       top[i].logprob, want_tok, want_lp);
+            return -1;
+        }
+    }
+    if (top[m].token != -7) { /* nothing written beyond min(n, CM_LOGPROBS_MAX) */
+        TEST_FAIL_("V %d n %d: wrote top[%d]", V, n, m);
+        return -1;
+    }
+    return 0;
+}
+
+TEST(logprobs_match_reference) {
+    /* ties (the lower id first), -inf and NaN logits inside the top list, a ranking that is not the
+     * id order */
+    float a[12] = {0.5f, 2.0f, -INFINITY, 2.0f, NAN, -1.0f, 2.0f, 3.5f, -INFINITY, 0.5f, -3.0f, 1.0f};
+    for (int n = 0; n <= 12; n++) ASSERT_EQ_INT(check_logprobs(a, 12, n), 0);
+    /* more tokens than CM_LOGPROBS_MAX and n beyond it: clamped */
+    float b[50];
+    uint32_t st = 9;
+    for (int i = 0; i < 50; i++) {
+        st = st * 1664525u + 1013904223u;
+        b[i] = (float)(st >> 24) / 16.0f - 8.0f; /* coarse steps: many ties */
+    }
+    b[3] = b[17] = b[40] = -INFINITY;
+    ASSERT_EQ_INT(check_logprobs(b, 50, CM_LOGPROBS_MAX), 0);
+    ASSERT_EQ_INT(check_logprobs(b, 50, CM_LOGPROBS_MAX + 5), 0);
+    ASSERT_EQ_INT(check_logprobs(b, 50, 7), 0);
+    /* vocabulary smaller than n: padded with {-1, -inf} */
+    ASSERT_EQ_INT(check_logprobs(a, 5, 9), 0);
+    /* every logit -inf or NaN: every log-probability is -inf, none NaN */
+    float c[4] = {-INFINITY, NAN, -INFINITY, -INFINITY};
+    ASSERT_EQ_INT(check_logprobs(c, 4, 3), 0);
+    /* +inf logits share the mass */
+    float d[4] = {INFINITY, 1.0f, INFINITY, -INFINITY};
+    ASSERT_NEAR(cm_logprobs(4, d, 0, NULL, 0), -log(2.0), 1e-6);
+    ASSERT_TRUE(cm_logprobs(4, d, 1, NULL, 0) == -INFINITY);
+    /* want out of range: NAN; top still written */
+    cm_token_logprob top[2];
+    ASSERT_TRUE(isnan(cm_logprobs(12, a, 12, top, 2)));
+    ASSERT_TRUE(isnan(cm_logprobs(12, a, -1, top, 2)));
+    ASSERT_EQ_INT(top[0].token, 7);
+    ASSERT_EQ_INT(top[1].token, 1);
+}
+
+/* The sampler reports exactly what cm_logprobs computes (one implementation behind both). */
+TEST(sampler_logprobs_are_cm_logprobs) {
+    enum { V = 12 };
+    float l[V] = {0.5f, 2.0f, -INFINITY, 2.0f, NAN, -1.0f, 2.0f, 3.5f, -INFINITY, 0.5f, -3.0f, 1.0f};
+    cm_sampling p;
+    cm_sampling_default(&p);
+    p.n_logprobs = 5;
+    p.seed = 11;
+    cm_sampler *s = mk(V, &p);
+    ASSERT_TRUE(s);
+    for (int k = 0; k < 20; k++) {
+        float lp = 0;
+        cm_token_logprob got[5], want[5];
+        int32_t t = cm_sampler_sample(s, l, &lp, got);
+        ASSERT_TRUE(t >= 0 && t < V);
+        float wl = cm_logprobs(V, l, t, want, 5);
+        ASSERT_TRUE(lp == wl);
+        ASSERT_TRUE(memcmp(got, want, sizeof got) == 0);
+    }
+    cm_sampler_free(s);
+}
+
 TEST(invalid_parameters_rejected) {
     cm_sampling p;
     cm_err err = {0};
@@ -564,6 +676,8 @@ int main(void) {
     RUN(penalty_window_forgets_old_tokens);
     RUN(logit_bias_forces_and_bans);
     RUN(logprobs_are_raw_log_softmax);
+    RUN(logprobs_match_reference);
+    RUN(sampler_logprobs_are_cm_logprobs);
     RUN(invalid_parameters_rejected);
     RUN(everything_banned_or_nan_does_not_crash);
     RUN(reset_equals_fresh);
