@@ -133,6 +133,15 @@ static void rope_tables(cm_ctx *c) {
     }
 }
 
+/* What each KV block carries beyond K and V: the MoE routing state at its last position. */
+static size_t kv_extra_bytes(const cm_model *m) { return m->moe ? cm_moe_snapshot_bytes(m->moe) : 0; }
+
+size_t cm_ctx_kv_block_bytes(const cm_model *m) {
+    if (!m) return 0;
+    const cm_model_info *in = &m->info;
+    return cm_kv_block_bytes(in->n_layer, in->n_head_kv * in->head_dim, kv_extra_bytes(m));
+}
+
 cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
     if (!m || !p || !m->layers) {
         cm_err_set(err, CM_E_INVAL, "ctx: %s", !m || !p ? "no model or params" : "model was loaded vocab-only");
@@ -184,8 +193,8 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
     c->n_logits_max = (int)lrows;
     c->deq_floats = CM_DEQ_TILE_FLOATS > 16 * kmax ? CM_DEQ_TILE_FLOATS : 16 * kmax;
 
-    size_t extra = m->moe ? cm_moe_snapshot_bytes(m->moe) : 0;
-    if (cm_kv_init(&c->kv, in->n_layer, (int)C, (int)n_blocks, n_seq, n_ctx, extra, p->prefix_cache, err) < 0) {
+    if (cm_kv_init(&c->kv, in->n_layer, (int)C, (int)n_blocks, n_seq, n_ctx, kv_extra_bytes(m), p->prefix_cache,
+                   err) < 0) {
         free(c);
         return NULL;
     }
@@ -362,6 +371,8 @@ int cm_ctx_kv_check(const cm_ctx *c, char *why, size_t cap) {
     if (!c) return 0;
     return cm_kv_check(&c->kv, why, cap);
 }
+
+const cm_kv *cm_ctx_kv(const cm_ctx *c) { return c ? &c->kv : NULL; }
 
 void cm_ctx_kv_stats(const cm_ctx *c, cm_kv_stats *out) {
     if (!out) return;

@@ -10,17 +10,25 @@
 
 #include "util.h"
 
+size_t cm_kv_block_bytes(int n_layer, int kv_dim, size_t extra_bytes) {
+    uint64_t block_floats;
+    if (n_layer < 1 || kv_dim < 1 || extra_bytes > ((size_t)1 << 30) ||
+        !cm_mul_u64((uint64_t)n_layer * 2 * CM_KV_BLOCK, (uint64_t)kv_dim, &block_floats) ||
+        block_floats > (uint64_t)SIZE_MAX / 8)
+        return 0;
+    /* blocks start on 64-byte boundaries: the kernels' vector loads never straddle two blocks' lines */
+    return (size_t)((block_floats * sizeof(float) + extra_bytes + 63) / 64 * 64);
+}
+
 int cm_kv_init(cm_kv *kv, int n_layer, int kv_dim, int n_blocks, int n_seq, int n_ctx, size_t extra_bytes,
                int prefix_cache, cm_err *err) {
     memset(kv, 0, sizeof *kv);
     if (n_layer < 1 || kv_dim < 1 || n_blocks < 1 || n_seq < 1 || n_ctx < 1 || extra_bytes > ((size_t)1 << 30))
         return cm_err_set(err, CM_E_INVAL, "kv: bad sizes (layers %d, dim %d, blocks %d, seqs %d, ctx %d)",
                           n_layer, kv_dim, n_blocks, n_seq, n_ctx);
-    uint64_t block_floats, bytes, total, tab;
-    if (!cm_mul_u64((uint64_t)n_layer * 2 * CM_KV_BLOCK, (uint64_t)kv_dim, &block_floats))
-        return cm_err_set(err, CM_E_NOMEM, "kv: blocks too large");
-    /* blocks start on 64-byte boundaries: the kernels' vector loads never straddle two blocks' lines */
-    bytes = (block_floats * sizeof(float) + extra_bytes + 63) / 64 * 64;
+    uint64_t block_floats = (uint64_t)n_layer * 2 * CM_KV_BLOCK * (uint64_t)kv_dim, bytes, total, tab;
+    bytes = cm_kv_block_bytes(n_layer, kv_dim, extra_bytes);
+    if (bytes == 0) return cm_err_set(err, CM_E_NOMEM, "kv: blocks too large");
     if (!cm_mul_u64(bytes, (uint64_t)n_blocks, &total) || total > (uint64_t)SIZE_MAX / 2)
         return cm_err_set(err, CM_E_NOMEM, "kv: pool of %d blocks is too large", n_blocks);
     kv->n_layer = n_layer;

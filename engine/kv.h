@@ -85,6 +85,10 @@ typedef struct cm_kv {
     uint64_t query_tokens, hit_tokens, evictions;
 } cm_kv;
 
+/* Bytes of one block: its K and V floats plus extra_bytes, rounded up to 64 (blocks start on 64-byte
+ * boundaries). 0 when the sizes are invalid or overflow. The one formula behind cm_kv_init and
+ * cm_ctx_kv_block_bytes. */
+size_t cm_kv_block_bytes(int n_layer, int kv_dim, size_t extra_bytes);
 /* Sizes the pool; returns CM_OK or CM_E_NOMEM / CM_E_INVAL with err set. */
 int cm_kv_init(cm_kv *kv, int n_layer, int kv_dim, int n_blocks, int n_seq, int n_ctx, size_t extra_bytes,
                int prefix_cache, cm_err *err);
@@ -131,6 +135,9 @@ int cm_kv_seq_attach(cm_kv *kv, int seq, const int32_t *tokens, int n, int max_t
 int cm_kv_seq_fork(cm_kv *kv, int dst, int src);
 /* See cm_ctx_kv_check. */
 int cm_kv_check(const cm_kv *kv, char *why, size_t cap);
+
+/* forward.c: the context's pool (for tests of its layout). */
+const cm_kv *cm_ctx_kv(const cm_ctx *c);
 
 static inline float *cm_kv_block_floats(const cm_kv *kv, int32_t b) {
     return (float *)(kv->data + (size_t)b * kv->block_bytes);

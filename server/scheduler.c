@@ -814,10 +814,11 @@ static int worker_load(srv_sched *s) {
         const cm_model_info *info = cm_model_get_info(m);
         int n_ctx = s->cfg->n_ctx > 0 ? s->cfg->n_ctx : info->n_ctx_train;
         if (n_ctx <= 0) n_ctx = 2048;
-        /* --kv-size: tokens, or bytes at n_layer x (K + V) x n_head_kv x head_dim floats per position */
+        /* --kv-size: tokens, or bytes: the whole blocks that fit, at the engine's bytes per block */
         long long kv_tokens = s->cfg->kv_size;
-        double tok_bytes = (double)info->n_layer * 2.0 * info->n_head_kv * info->head_dim * sizeof(float);
-        if (s->cfg->kv_size_bytes) kv_tokens = (long long)((double)s->cfg->kv_size / tok_bytes);
+        double block_bytes = (double)cm_ctx_kv_block_bytes(m), tok_bytes = block_bytes / CM_KV_BLOCK_TOKENS;
+        if (s->cfg->kv_size_bytes)
+            kv_tokens = (long long)((double)s->cfg->kv_size / block_bytes) * CM_KV_BLOCK_TOKENS;
         if (s->cfg->kv_size && (kv_tokens < 1 || kv_tokens > (1ll << 30))) {
             snprintf(err.msg, sizeof err.msg, "--kv-size %lld%s is %lld tokens of %.0f bytes: outside [1, 2^30]",
                      s->cfg->kv_size, s->cfg->kv_size_bytes ? " bytes" : "", kv_tokens, tok_bytes);
@@ -844,7 +845,7 @@ static int worker_load(srv_sched *s) {
             s->step_delay_ms = env ? atoi(env) : 0;
             json_t *f = json_pack("{s:i,s:i,s:i,s:f,s:b,s:b,s:f,s:b}", "blocks", kv.blocks_total, "block_tokens",
                                   kv.block_tokens, "tokens", kv.blocks_total * kv.block_tokens, "mib",
-                                  (double)kv.blocks_total * kv.block_tokens * tok_bytes / (1 << 20), "prefix_cache",
+                                  (double)kv.blocks_total * block_bytes / (1 << 20), "prefix_cache",
                                   s->cfg->prefix_cache != 0, "fork", s->fork_ok, "max_itl_ms", s->cfg->max_itl_ms,
                                   "kv_check", s->kv_check);
             srv_log("info", "kv pool", f);

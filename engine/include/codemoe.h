@@ -343,6 +343,14 @@ typedef struct cm_kv_stats {
     uint64_t evictions;           /* cached blocks taken back for new positions */
 } cm_kv_stats;
 void cm_ctx_kv_stats(const cm_ctx *c, cm_kv_stats *out);
+/* Bytes of KV memory one pool block (CM_KV_BLOCK_TOKENS positions) takes in any context of this model:
+ * K and V of every layer (n_layer x 2 x n_head_kv x head_dim floats per position), plus, for
+ * mixture-of-experts models, the routing state each block keeps at its last position (causal window
+ * pools, the MoLE fence tracker), rounded up to 64 bytes. A pool of kv_tokens positions allocates
+ * ceil(kv_tokens / CM_KV_BLOCK_TOKENS) such blocks; per-block bookkeeping (reference counts, the
+ * prefix index, a few dozen bytes) is not included. Divide by CM_KV_BLOCK_TOKENS for a per-token
+ * figure. 0 for NULL. */
+size_t cm_ctx_kv_block_bytes(const cm_model *m);
 /* Checks the pool's bookkeeping (reference counts equal table references, every block in exactly one
  * state, cache index consistent). Returns the number of inconsistent blocks (0 = sound) and describes
  * the first in why (may be NULL). For tests and --kv-check; O(blocks + sequences x blocks per seq). */

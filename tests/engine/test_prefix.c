@@ -14,6 +14,8 @@
  *   eviction_under_pressure   a pool far smaller than the traffic: results stay exact, LRU evicts
  *   random_soak               random opens/attaches/forwards/forks/truncates/closes; bookkeeping sound
  *                             after every operation, no block leaked at the end
+ *   kv_block_bytes_is_the_allocation  cm_ctx_kv_block_bytes equals the block size the context allocates
+ *                             and a plain count of what a block holds (K, V, the MoE routing state)
  */
 #include <math.h>
 #include <stdio.h>
@@ -22,6 +24,7 @@
 #include <unistd.h>
 
 #include "codemoe.h"
+#include "kv.h"
 #include "test.h"
 
 #define MAXT 256
@@ -618,6 +621,55 @@ TEST(random_soak) {
     cm_ctx_free(c);
 }
 
+/* What a block holds, counted plainly: K and V of 32 positions for every layer, then (MoE models) the
+ * routing state at its last position: the fence tracker, each layer's window fill count and causal
+ * window pool (hybrid: D floats for max pooling, D doubles for mean; MoLE: none), each part 8-aligned;
+ * the block rounded up to 64 bytes. */
+static size_t a8(size_t x) { return (x + 7) / 8 * 8; }
+static size_t ref_block_bytes(const cm_model *m, int moe, size_t pool_elem) {
+    const cm_model_info *in = cm_model_get_info(m);
+    size_t kv = (size_t)in->n_layer * 2 * CM_KV_BLOCK_TOKENS * in->n_head_kv * in->head_dim * sizeof(float);
+    size_t extra = moe ? a8(sizeof(cm_fence)) + a8((size_t)in->n_layer * sizeof(int)) +
+                         a8((size_t)in->n_layer * in->n_embd * pool_elem) : 0;
+    return (kv + extra + 63) / 64 * 64;
+}
+
+TEST(kv_block_bytes_is_the_allocation) {
+    static const struct { const char *fixture; int moe; size_t pool_elem; } cases[] = {
+        {"models/qwen2-gqa.gguf", 0, 0},
+        {"models/llama-mha.gguf", 0, 0},
+        {"models/hybrid-max.gguf", 1, sizeof(float)},
+        {"models/hybrid-mean.gguf", 1, sizeof(double)},
+        {"models/mole.gguf", 1, 0},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        cm_model *m = load_path(test_fixture(cases[i].fixture));
+        ASSERT_TRUE(m != NULL);
+        size_t bb = cm_ctx_kv_block_bytes(m);
+        size_t ref = ref_block_bytes(m, cases[i].moe, cases[i].pool_elem);
+        if (bb != ref) TEST_FAIL_("%s: cm_ctx_kv_block_bytes %zu, plain count %zu", cases[i].fixture, bb, ref);
+        /* the routing state is really there: an MoE block is larger than its K and V */
+        const cm_model_info *in = cm_model_get_info(m);
+        size_t kv_only = (size_t)in->n_layer * 2 * CM_KV_BLOCK_TOKENS * in->n_head_kv * in->head_dim * 4;
+        if (cases[i].moe) CHECK_TRUE(bb >= kv_only + sizeof(cm_fence));
+        /* the context's pool: blocks of exactly that size, ceil(kv_tokens / 32) of them */
+        for (int cache = 0; cache <= 1; cache++) {
+            cm_ctx *c = new_ctx(m, 2, 100, cache);
+            ASSERT_TRUE(c != NULL);
+            const cm_kv *kv = cm_ctx_kv(c);
+            CHECK_TRUE(kv->block_bytes == bb);
+            cm_kv_stats st;
+            cm_ctx_kv_stats(c, &st);
+            CHECK_TRUE(st.blocks_total == 4);
+            /* consecutive blocks are block_bytes apart in the pool */
+            CHECK_TRUE((size_t)((unsigned char *)cm_kv_block_floats(kv, 1) - (unsigned char *)cm_kv_block_floats(kv, 0)) == bb);
+            cm_ctx_free(c);
+        }
+        cm_model_free(m);
+    }
+    ASSERT_TRUE(cm_ctx_kv_block_bytes(NULL) == 0);
+}
+
 int main(void) {
     snprintf(tmpdir, sizeof tmpdir, "/tmp/cm_prefix_%d", (int)getpid());
     char cmd[300];
@@ -631,6 +683,7 @@ int main(void) {
     RUN(truncate_at_block_ends);
     RUN(eviction_under_pressure);
     RUN(random_soak);
+    RUN(kv_block_bytes_is_the_allocation);
     for (int i = 0; i < n_cases; i++) cm_model_free(cases[i].m);
     snprintf(cmd, sizeof cmd, "rm -rf %s", tmpdir);
     if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", tmpdir);

@@ -178,7 +178,8 @@ test('a small --kv-size: eviction keeps outputs equal to cold runs, requests wai
 });
 
 test('--kv-size with a unit is converted with the model\'s bytes per position; bad values are refused', async () => {
-  /* qwen2-gqa: 2 layers x (K + V) x 2 kv heads x 16 dims x 4 bytes = 512 bytes per position */
+  /* qwen2-gqa: 2 layers x (K + V) x 2 kv heads x 16 dims x 4 bytes = 512 bytes per position, 16 KiB
+   * per block (dense: no routing state) */
   const srv = await startServer({ args: [...THREADS, '--kv-size', '64KiB'] });
   try {
     const m = await metrics(srv);
