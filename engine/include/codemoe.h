@@ -152,7 +152,7 @@ typedef struct cm_ctx_params {
     int n_ctx;        /* max tokens per sequence (0 = model's n_ctx_train) */
     int n_batch_max;  /* max tokens in one cm_forward call */
     int kv_tokens;    /* KV pool size in tokens shared by all sequences (0 = n_seq_max * n_ctx) */
-    int prefix_cache; /* nonzero: keep full KV blocks of computed prefixes for reuse (see below) */
+    int prefix_cache; /* nonzero: keep KV blocks of computed prefixes for reuse (see below) */
 } cm_ctx_params;
 
 cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err);
@@ -173,20 +173,33 @@ int cm_seq_truncate(cm_ctx *c, int seq, int n, cm_err *err);
  * KV memory is a pool of blocks of CM_KV_BLOCK_TOKENS positions. With cm_ctx_params.prefix_cache set,
  * every FULL block a sequence computes is registered under its content: the model (the context's),
  * the tokens of the whole prefix up to the block's end, and the sequence's options (resolved segment
- * mode, adapter routing, language). Reference-mode hybrid sequences and CM_ADAPTERS_BATCH MoLE
- * sequences are never registered (their blocks depend on more than the prefix). A registered block
- * outlives its sequences: once no sequence holds it, it stays in the cache, evictable in
- * least-recently-used order, and is reused by any later sequence whose prompt starts with the same
- * prefix. Blocks hold, beside K and V, the sequence's routing state at their last position (causal
- * window pools, the MoLE fence tracker), so a hybrid or MoLE sequence resumes exactly like a dense one.
- * Allocation takes free blocks first, then evicts the least recently used cached block. */
+ * mode, adapter routing, language). When a sequence closes, its partial last block (if it holds that
+ * block alone and every full block before it is registered) is kept as well, as a TAIL registered under the same key plus the
+ * positions it holds. Reference-mode hybrid sequences and CM_ADAPTERS_BATCH MoLE sequences are never
+ * registered (their blocks depend on more than the prefix). A registered block outlives its
+ * sequences: once no sequence holds it, it stays in the cache, evictable in least-recently-used
+ * order, and is reused by any later sequence whose prompt starts with the same prefix. Blocks hold,
+ * beside K and V, the sequence's routing state at their last position (causal window pools, the MoLE
+ * fence tracker), so a hybrid or MoLE sequence resumes exactly like a dense one. Allocation takes
+ * free blocks first, then evicts the least recently used cached block. */
 #define CM_KV_BLOCK_TOKENS 32
 
 /* On an EMPTY sequence whose options are set: maps the longest cached prefix of tokens[0..n) into the
- * sequence (whole blocks only, and always fewer than n tokens, so the caller still feeds at least the
- * last token and gets its logits). Returns the number of positions reused (a multiple of
- * CM_KV_BLOCK_TOKENS, possibly 0; the sequence's length becomes that), or a negative CM_E* code.
- * Routing statistics do not count reused positions (no expert ran for them). */
+ * sequence, always fewer than n tokens (and at most the context's n_ctx), so the caller still feeds
+ * at least the last token and gets its logits. First whole blocks, shared with the cache (reference
+ * counts); then, after them, the best partial block on the same prefix, COPIED into a block of the
+ * sequence's own (the copy needs a free or evictable block; without one the attach stops at the
+ * whole blocks). That partial block is a registered tail, a registered full block whose tokens
+ * continue differently, or the partial last block of a live sequence with the same prefix and
+ * options. Dense models reuse any number of its leading tokens that match (token-level); hybrid and
+ * MoLE models only a tail or a live sequence's partial block that matches entirely, since their
+ * routing state is known only at the end of what a block holds. Returns the number of positions
+ * reused (0..n-1, not necessarily a multiple of CM_KV_BLOCK_TOKENS; the sequence's length becomes
+ * that): 0 without prefix_cache, for n < 2 and for an uncacheable sequence. Errors: CM_E_RANGE for a
+ * sequence that is not open, CM_E_INVAL for a non-empty one or bad tokens/n. When the cache is
+ * consulted, cm_kv_stats counts it (prefix_query_tokens += the tokens it may reuse, prefix_hit_tokens
+ * += the result). Routing
+ * statistics do not count reused positions (no expert ran for them). */
 int cm_seq_attach_prefix(cm_ctx *c, int seq, const int32_t *tokens, int n, cm_err *err);
 
 /* Opens a new sequence that continues `src` exactly: it shares src's full blocks (reference counts),
