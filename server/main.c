@@ -9,8 +9,9 @@
 #include "codemoe.h"
 #include "commands.h"
 
+/* the version is project(version:) in meson.build, passed by server/meson.build */
 #ifndef CM_VERSION
-#define CM_VERSION "0.1.0" /* keep in step with project() in meson.build */
+#error "CM_VERSION is not defined (build with meson)"
 #endif
 
 typedef struct cm_command {
