@@ -1,19 +1,21 @@
 /*
  * test_forward_golden.c - the forward pass against the PyTorch reference (tools/make_fixtures.py).
  *
- * For every tests/fixtures/golden/<name>.json with a "model" of a dense architecture (qwen2, llama),
- * with 1 and 3 threads:
+ * For every dense golden (GOLDEN_DENSE in tests/golden.h: exactly ten, qwen2 and llama), with 1 and
+ * 3 threads:
  *  - prefill: each case's tokens as one batch; the logits at EVERY position within the JSON's max_abs;
  *  - decode: the same tokens one per forward; same check (the matvec path, KV reads across blocks);
  *  - batch mixing: two cases interleaved in one batch (and continued in a second batch) equal alone;
  *  - truncate + refeed: a sequence cut back and fed again equals the golden;
  *  - greedy: argmax generation from greedy.prompt yields greedy.tokens exactly.
- * The largest difference per model goes to stderr.
+ * The largest difference per model goes to stderr. And the golden directory holds exactly the
+ * inventory of tests/golden.h, so no golden goes unchecked.
  */
 #include <dirent.h>
 #include <jansson.h>
 #include <stdint.h>
 
+#include "../golden.h"
 #include "../test.h"
 #include "codemoe.h"
 
@@ -37,41 +39,18 @@ typedef struct golden {
 
 static double worst; /* max abs diff seen for the current model */
 
-static float *read_f32(const char *path, size_t n) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    float *p = malloc(n * sizeof(float));
-    size_t got = p ? fread(p, sizeof(float), n, f) : 0;
-    int extra = fgetc(f) != EOF;
-    fclose(f);
-    if (got != n || extra) {
-        free(p);
-        return NULL;
-    }
-    return p;
-}
-
-static int ids(json_t *a, int32_t *out, int cap) {
-    if (!json_is_array(a) || (int)json_array_size(a) > cap) return -1;
-    for (size_t i = 0; i < json_array_size(a); i++) out[i] = (int32_t)json_integer_value(json_array_get(a, i));
-    return (int)json_array_size(a);
-}
-
-/* 1 loaded, 0 skipped (not a dense-model golden), -1 error */
-static int golden_load(const char *file, golden *g) {
+/* Loads golden/<name>.json (a GOLDEN_DENSE entry) and its model. 0, or -1 with the reason on stderr. */
+static int golden_load(const char *name, golden *g) {
     memset(g, 0, sizeof *g);
-    json_error_t je;
-    json_t *j = json_load_file(file, 0, &je);
-    if (!j) {
-        fprintf(stderr, "%s: %s\n", file, je.text);
-        return -1;
-    }
+    json_t *j = golden_json(name);
+    if (!j) return -1;
     const char *model = json_string_value(json_object_get(j, "model"));
     const char *arch = json_string_value(json_object_get(j, "arch"));
     json_t *cases = json_object_get(j, "cases");
     if (!model || !arch || (strcmp(arch, "qwen2") && strcmp(arch, "llama")) || !json_is_array(cases)) {
+        fprintf(stderr, "golden/%s.json: not a dense-model golden (model, arch qwen2/llama, cases)\n", name);
         json_decref(j);
-        return 0;
+        return -1;
     }
     snprintf(g->name, sizeof g->name, "%s", model);
     cm_err err = {0};
@@ -90,10 +69,10 @@ static int golden_load(const char *file, golden *g) {
         json_t *c = json_array_get(cases, i);
         gcase *gc = &g->cases[g->n_cases];
         gc->tok = malloc(4096 * sizeof(int32_t));
-        gc->n = ids(json_object_get(c, "tokens"), gc->tok, 4096);
+        gc->n = golden_ids(json_object_get(c, "tokens"), gc->tok, 4096);
         const char *lf = json_string_value(json_object_get(c, "logits"));
-        if (gc->n <= 0 || !lf || !(gc->logits = read_f32(test_fixture(lf), (size_t)gc->n * g->V))) {
-            fprintf(stderr, "%s: case %zu unreadable\n", file, i);
+        if (gc->n <= 0 || !lf || !(gc->logits = golden_f32(lf, (size_t)gc->n * g->V))) {
+            fprintf(stderr, "golden/%s.json: case %zu unreadable\n", name, i);
             free(gc->tok);
             json_decref(j);
             return -1;
@@ -102,8 +81,8 @@ static int golden_load(const char *file, golden *g) {
     }
     json_t *gr = json_object_get(j, "greedy");
     if (gr) {
-        g->n_prompt = ids(json_object_get(gr, "prompt"), g->prompt, 512);
-        g->n_predict = ids(json_object_get(gr, "tokens"), g->greedy, 512);
+        g->n_prompt = golden_ids(json_object_get(gr, "prompt"), g->prompt, 512);
+        g->n_predict = golden_ids(json_object_get(gr, "tokens"), g->greedy, 512);
     }
     json_decref(j);
     return 1;
@@ -116,11 +95,7 @@ static void golden_free(golden *g) {
 
 /* max |got - want| over V logits, folded into `worst` */
 static double diff(const float *got, const float *want, int V) {
-    double d = 0;
-    for (int i = 0; i < V; i++) {
-        double e = fabs((double)got[i] - want[i]);
-        if (!(e <= d)) d = e; /* NaN propagates */
-    }
+    double d = golden_max_diff(got, want, (size_t)V);
     if (!(d <= worst)) worst = d;
     return d;
 }
@@ -278,22 +253,13 @@ static int check_greedy(const golden *g, int threads) {
 }
 
 TEST(golden_models) {
-    char dir[4096];
-    snprintf(dir, sizeof dir, "%s", test_fixture("golden"));
-    DIR *d = opendir(dir);
-    ASSERT_TRUE(d);
-    int n_models = 0;
-    struct dirent *e;
-    while ((e = readdir(d))) {
-        size_t L = strlen(e->d_name);
-        if (L < 6 || strcmp(e->d_name + L - 5, ".json")) continue;
-        char path[8192];
-        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+    int n_inv, n_models = 0;
+    const golden_entry *inv = golden_inventory(&n_inv);
+    for (int k = 0; k < n_inv; k++) {
+        if (inv[k].kind != GOLDEN_DENSE) continue;
         golden g;
-        int rc = golden_load(path, &g);
-        if (rc == 0) continue;
-        if (rc < 0) {
-            TEST_FAIL_("cannot load golden %s", e->d_name);
+        if (golden_load(inv[k].name, &g) < 0) {
+            TEST_FAIL_("cannot load golden %s", inv[k].name);
             continue;
         }
         worst = 0;
@@ -308,11 +274,33 @@ TEST(golden_models) {
         golden_free(&g);
         n_models++;
     }
+    ASSERT_EQ_INT(n_models, 10); /* the dense fixtures of tools/make_fixtures.py */
+}
+
+/* tests/fixtures/golden/ holds exactly the inventory's json files: a new golden that no test selects,
+ * or a listed one that went missing, fails here rather than going unchecked. */
+TEST(golden_dir_is_the_inventory) {
+    int n_inv;
+    const golden_entry *inv = golden_inventory(&n_inv);
+    DIR *d = opendir(test_fixture("golden"));
+    ASSERT_TRUE(d != NULL);
+    int n_json = 0;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        size_t L = strlen(e->d_name);
+        if (L < 6 || strcmp(e->d_name + L - 5, ".json")) continue;
+        n_json++;
+        int listed = 0;
+        for (int k = 0; k < n_inv; k++)
+            listed |= strlen(inv[k].name) == L - 5 && !strncmp(inv[k].name, e->d_name, L - 5);
+        if (!listed) TEST_FAIL_("golden/%s is in no test's list (tests/golden.h)", e->d_name);
+    }
     closedir(d);
-    ASSERT_TRUE(n_models >= 1); /* an empty fixture dir must not pass silently */
+    ASSERT_EQ_INT(n_json, n_inv);
 }
 
 int main(void) {
+    RUN(golden_dir_is_the_inventory);
     RUN(golden_models);
     return test_summary();
 }

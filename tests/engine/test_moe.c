@@ -9,20 +9,19 @@
  *  - a request alone == the same request batched with others of other lengths, modes and languages;
  *  - reference mode refuses decoding; bad option values are refused;
  *  - MoLE: fence-routed, batch-routed and language-routed cases, greedy with per-token sets;
- *  - hostile / inconsistent model files are refused with messages naming the problem;
- *  - upcycling: every dense fixture upcycled (hybrid with fusion 1/0, MoLE with B = 0) gives the dense
- *    logits.
+ *  - hostile / inconsistent model files are refused with messages naming the problem.
+ * (Upcycling and the MoLE checkpoint converter are tested in tests/modelfile/.)
  */
 #include <jansson.h>
 #include <stdint.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "../golden.h"
 #include "../test.h"
 #include "codemoe.h"
 #include "gguf.h"
 #include "moe.h"
-#include "codemoe_modelfile.h"
 
 #define MAXT 512
 #define MAXL 4
@@ -51,48 +50,6 @@ static void on_trace(void *ud, int layer, int i, int n_tok, const int *tok, int 
 
 /* ------------------------------------------------------------ fixtures */
 
-static json_t *load_golden(const char *name) {
-    char p[512];
-    snprintf(p, sizeof p, "golden/%s.json", name);
-    json_error_t je;
-    json_t *j = json_load_file(test_fixture(p), 0, &je);
-    if (!j) fprintf(stderr, "%s: %s\n", p, je.text);
-    return j;
-}
-
-static float *read_f32(const char *rel, size_t n) {
-    FILE *f = fopen(test_fixture(rel), "rb");
-    if (!f) return NULL;
-    float *p = malloc(n * sizeof(float));
-    size_t got = p ? fread(p, sizeof(float), n, f) : 0;
-    fclose(f);
-    if (got != n) {
-        free(p);
-        return NULL;
-    }
-    return p;
-}
-
-static int ids(json_t *a, int32_t *out, int cap) {
-    if (!json_is_array(a) || (int)json_array_size(a) > cap) return -1;
-    for (size_t i = 0; i < json_array_size(a); i++) out[i] = (int32_t)json_integer_value(json_array_get(a, i));
-    return (int)json_array_size(a);
-}
-
-static uint64_t set_mask(json_t *a) {
-    uint64_t m = 0;
-    for (size_t i = 0; i < json_array_size(a); i++) m |= 1ull << json_integer_value(json_array_get(a, i));
-    return m;
-}
-
-static cm_model *load_model(const char *rel) {
-    cm_err err = {0};
-    cm_model_params mp = {0};
-    cm_model *m = cm_model_load(test_fixture(rel), &mp, &err);
-    if (!m) fprintf(stderr, "%s: %s\n", rel, err.msg);
-    return m;
-}
-
 static cm_ctx *new_ctx(const cm_model *m, int threads, int n_seq) {
     cm_ctx_params cp = {.n_threads = threads, .n_seq_max = n_seq, .n_ctx = 256, .n_batch_max = 256};
     cm_err err = {0};
@@ -102,46 +59,16 @@ static cm_ctx *new_ctx(const cm_model *m, int threads, int n_seq) {
     return c;
 }
 
-static double max_diff(const float *a, const float *b, size_t n) {
-    double d = 0;
-    for (size_t i = 0; i < n; i++) {
-        double x = fabs((double)a[i] - (double)b[i]);
-        if (!(x <= d)) d = x; /* NaN counts as infinitely wrong */
-    }
-    return d;
+/* golden_run_seq with the trace attributed to the sequence's positions. */
+static void trace_batch(void *ud, int seq, int pos0, int k) {
+    (void)ud;
+    tr.want_seq = seq;
+    for (int i = 0; i < k; i++) tr.seq_of[i] = seq, tr.pos_of[i] = pos0 + i;
 }
 
-/* Runs tokens of one sequence (new, with opts) in batches of `step` tokens (0: all at once); logits of
- * every position into out (n, V). Returns 0 or the failing rc. */
 static int run_seq(cm_ctx *c, const cm_model *m, const int32_t *tok, int n, int step, const cm_seq_options *o,
                    const uint64_t *sets, float *out) {
-    cm_err err = {0};
-    int V = cm_model_get_info(m)->n_vocab;
-    int s = cm_seq_open(c, &err);
-    if (s < 0) return s;
-    if (o && cm_seq_set_options(c, s, o, &err)) {
-        fprintf(stderr, "options: %s\n", err.msg);
-        return -100;
-    }
-    tr.want_seq = s;
-    if (step <= 0) step = n;
-    int32_t seqs[MAXT];
-    int8_t want[MAXT];
-    for (int i = 0; i < n; i++) seqs[i] = s, want[i] = 1;
-    for (int i0 = 0; i0 < n; i0 += step) {
-        int k = n - i0 < step ? n - i0 : step;
-        for (int i = 0; i < k; i++) tr.seq_of[i] = s, tr.pos_of[i] = i0 + i;
-        cm_batch b = {.n = k, .token = tok + i0, .seq = seqs, .logits = want, .adapters = sets ? sets + i0 : NULL};
-        int rc = cm_forward(c, &b, &err);
-        if (rc) {
-            fprintf(stderr, "forward: %s\n", err.msg);
-            cm_seq_close(c, s);
-            return rc;
-        }
-        for (int i = 0; i < k; i++) memcpy(out + (size_t)(i0 + i) * V, cm_logits(c, i), (size_t)V * sizeof(float));
-    }
-    cm_seq_close(c, s);
-    return 0;
+    return golden_run_seq(c, cm_model_get_info(m)->n_vocab, tok, n, step, o, sets, out, trace_batch, NULL);
 }
 
 /* routing of the trace vs a golden "routing" array; returns mismatches */
@@ -191,9 +118,9 @@ static double worst;
 /* ------------------------------------------------------------ hybrid */
 
 static void hybrid_model_cases(const char *name, int threads) {
-    json_t *j = load_golden(name);
+    json_t *j = golden_json(name);
     ASSERT_TRUE(j);
-    cm_model *m = load_model(json_string_value(json_object_get(j, "model")));
+    cm_model *m = golden_load_model(json_string_value(json_object_get(j, "model")));
     ASSERT_TRUE(m);
     int V = cm_model_get_info(m)->n_vocab;
     double tol = json_real_value(json_object_get(json_object_get(j, "tolerance"), "max_abs"));
@@ -205,9 +132,9 @@ static void hybrid_model_cases(const char *name, int threads) {
     for (size_t ci = 0; ci < json_array_size(cases); ci++) {
         json_t *cs = json_array_get(cases, ci);
         int32_t tok[MAXT];
-        int n = ids(json_object_get(cs, "tokens"), tok, MAXT);
+        int n = golden_ids(json_object_get(cs, "tokens"), tok, MAXT);
         const char *mode = json_string_value(json_object_get(cs, "mode"));
-        float *gold = read_f32(json_string_value(json_object_get(cs, "logits")), (size_t)n * V);
+        float *gold = golden_f32(json_string_value(json_object_get(cs, "logits")), (size_t)n * V);
         CHECK_TRUE(gold);
         if (!gold) continue;
         cm_seq_options o;
@@ -220,7 +147,7 @@ static void hybrid_model_cases(const char *name, int threads) {
             memset(&tr.ns, 0, sizeof tr.ns);
             int rc = run_seq(c, m, tok, n, steps[si], &o, NULL, out);
             CHECK_TRUE(rc == 0);
-            double d = max_diff(out, gold, (size_t)n * V);
+            double d = golden_max_diff(out, gold, (size_t)n * V);
             if (d > worst) worst = d;
             if (!(d <= tol)) {
                 TEST_FAIL_("%s case %zu (%s, step %d, %d threads): max diff %g > %g", name, ci, mode, steps[si], threads, d, tol);
@@ -245,15 +172,15 @@ TEST(hybrid_goldens) {
 }
 
 static void hybrid_greedy(const char *name) {
-    json_t *j = load_golden(name);
+    json_t *j = golden_json(name);
     ASSERT_TRUE(j);
-    cm_model *m = load_model(json_string_value(json_object_get(j, "model")));
+    cm_model *m = golden_load_model(json_string_value(json_object_get(j, "model")));
     ASSERT_TRUE(m);
     const cm_model_info *in = cm_model_get_info(m);
     json_t *g = json_object_get(j, "greedy");
     int32_t prompt[MAXT], want[64], toks[MAXT];
-    int np = ids(json_object_get(g, "prompt"), prompt, MAXT);
-    int ng = ids(json_object_get(g, "tokens"), want, 64);
+    int np = golden_ids(json_object_get(g, "prompt"), prompt, MAXT);
+    int ng = golden_ids(json_object_get(g, "tokens"), want, 64);
     cm_ctx *c = new_ctx(m, 2, 2);
     ASSERT_TRUE(c);
     cm_err err = {0};
@@ -323,18 +250,18 @@ TEST(hybrid_greedy_and_stats) {
 /* Three requests interleaved in one batch (causal 41 tokens, causal 5, reference 18), continued by a
  * second batch: each equals its golden / its run alone. */
 TEST(hybrid_batch_invariance) {
-    json_t *j = load_golden("hybrid-max");
+    json_t *j = golden_json("hybrid-max");
     ASSERT_TRUE(j);
-    cm_model *m = load_model(json_string_value(json_object_get(j, "model")));
+    cm_model *m = golden_load_model(json_string_value(json_object_get(j, "model")));
     ASSERT_TRUE(m);
     int V = cm_model_get_info(m)->n_vocab;
     json_t *cases = json_object_get(j, "cases");
     int32_t ta[MAXT], tb[MAXT], tc[MAXT];
-    int na = ids(json_object_get(json_array_get(cases, 0), "tokens"), ta, MAXT);
-    int nc = ids(json_object_get(json_array_get(cases, 1), "tokens"), tc, MAXT);
-    int nb = ids(json_object_get(json_array_get(cases, 2), "tokens"), tb, MAXT);
-    float *ga = read_f32(json_string_value(json_object_get(json_array_get(cases, 0), "logits")), (size_t)na * V);
-    float *gc = read_f32(json_string_value(json_object_get(json_array_get(cases, 1), "logits")), (size_t)nc * V);
+    int na = golden_ids(json_object_get(json_array_get(cases, 0), "tokens"), ta, MAXT);
+    int nc = golden_ids(json_object_get(json_array_get(cases, 1), "tokens"), tc, MAXT);
+    int nb = golden_ids(json_object_get(json_array_get(cases, 2), "tokens"), tb, MAXT);
+    float *ga = golden_f32(json_string_value(json_object_get(json_array_get(cases, 0), "logits")), (size_t)na * V);
+    float *gc = golden_f32(json_string_value(json_object_get(json_array_get(cases, 1), "logits")), (size_t)nc * V);
     ASSERT_TRUE(ga && gc);
     cm_ctx *c = new_ctx(m, 3, 4);
     ASSERT_TRUE(c);
@@ -364,9 +291,9 @@ TEST(hybrid_batch_invariance) {
     for (int i = 0; i < n; i++) {
         const float *lg = cm_logits(c, i);
         double d;
-        if (bseq[i] == sa) d = max_diff(lg, ga + (size_t)bpos[i] * V, (size_t)V), da = d > da ? d : da;
-        else if (bseq[i] == sb) d = max_diff(lg, alone_b + (size_t)bpos[i] * V, (size_t)V), db = d > db ? d : db;
-        else d = max_diff(lg, gc + (size_t)bpos[i] * V, (size_t)V), dc = d > dc ? d : dc;
+        if (bseq[i] == sa) d = golden_max_diff(lg, ga + (size_t)bpos[i] * V, (size_t)V), da = d > da ? d : da;
+        else if (bseq[i] == sb) d = golden_max_diff(lg, alone_b + (size_t)bpos[i] * V, (size_t)V), db = d > db ? d : db;
+        else d = golden_max_diff(lg, gc + (size_t)bpos[i] * V, (size_t)V), dc = d > dc ? d : dc;
     }
     /* batch 2: the rest of a, with b decoding one more token */
     n = 0;
@@ -375,7 +302,7 @@ TEST(hybrid_batch_invariance) {
     cm_batch b2 = {.n = n, .token = btok, .seq = bseq, .logits = want};
     ASSERT_EQ_INT(cm_forward(c, &b2, &err), 0);
     for (int i = 0; i + 1 < n; i++) {
-        double d = max_diff(cm_logits(c, i), ga + (size_t)bpos[i] * V, (size_t)V);
+        double d = golden_max_diff(cm_logits(c, i), ga + (size_t)bpos[i] * V, (size_t)V);
         da = d > da ? d : da;
     }
     fprintf(stderr, "  batched vs alone/golden: %.3g %.3g %.3g\n", da, db, dc);
@@ -403,9 +330,9 @@ TEST(hybrid_batch_invariance) {
 /* ------------------------------------------------------------ MoLE */
 
 TEST(mole_goldens) {
-    json_t *j = load_golden("mole");
+    json_t *j = golden_json("mole");
     ASSERT_TRUE(j);
-    cm_model *m = load_model(json_string_value(json_object_get(j, "model")));
+    cm_model *m = golden_load_model(json_string_value(json_object_get(j, "model")));
     ASSERT_TRUE(m);
     int V = cm_model_get_info(m)->n_vocab;
     double tol = json_real_value(json_object_get(json_object_get(j, "tolerance"), "max_abs"));
@@ -423,10 +350,10 @@ TEST(mole_goldens) {
             json_t *cs = json_array_get(cases, ci);
             int32_t tok[MAXT];
             uint64_t sets[MAXT];
-            int n = ids(json_object_get(cs, "tokens"), tok, MAXT);
+            int n = golden_ids(json_object_get(cs, "tokens"), tok, MAXT);
             json_t *as = json_object_get(cs, "adapter_sets");
-            for (int i = 0; i < n; i++) sets[i] = set_mask(json_array_get(as, (size_t)i));
-            float *gold = read_f32(json_string_value(json_object_get(cs, "logits")), (size_t)n * V);
+            for (int i = 0; i < n; i++) sets[i] = golden_set_mask(json_array_get(as, (size_t)i));
+            float *gold = golden_f32(json_string_value(json_object_get(cs, "logits")), (size_t)n * V);
             ASSERT_TRUE(gold);
             const char *src = json_string_value(json_object_get(cs, "adapter_source"));
             cm_seq_options o;
@@ -434,12 +361,12 @@ TEST(mole_goldens) {
             cm_seq_options_default(&o);
             o.adapter_routing = CM_ADAPTERS_BATCH;
             ASSERT_EQ_INT(run_seq(c, m, tok, n, 0, &o, sets, out), 0);
-            double d1 = max_diff(out, gold, (size_t)n * V);
+            double d1 = golden_max_diff(out, gold, (size_t)n * V);
             /* 2. the engine's own routing: fences, or the request's language */
             cm_seq_options_default(&o);
             if (!strcmp(src, "request")) o.language = cm_model_adapter_id(m, "python");
             ASSERT_EQ_INT(run_seq(c, m, tok, n, ci == 0 ? 1 : 0, &o, NULL, out), 0);
-            double d2 = max_diff(out, gold, (size_t)n * V);
+            double d2 = golden_max_diff(out, gold, (size_t)n * V);
             if (d1 > worst) worst = d1;
             if (d2 > worst) worst = d2;
             if (!(d1 <= tol && d2 <= tol)) TEST_FAIL_("mole case %zu: diff %g (batch sets), %g (%s)", ci, d1, d2, src);
@@ -451,11 +378,11 @@ TEST(mole_goldens) {
     json_t *g = json_object_get(j, "greedy");
     int32_t prompt[MAXT], want[64], toks[MAXT];
     uint64_t sets[MAXT];
-    int np = ids(json_object_get(g, "prompt"), prompt, MAXT);
-    int ng = ids(json_object_get(g, "tokens"), want, 64);
+    int np = golden_ids(json_object_get(g, "prompt"), prompt, MAXT);
+    int ng = golden_ids(json_object_get(g, "tokens"), want, 64);
     json_t *ps = json_object_get(g, "prompt_adapter_sets");
-    for (int i = 0; i < np; i++) sets[i] = set_mask(json_array_get(ps, (size_t)i));
-    uint64_t gset = set_mask(json_object_get(g, "generated_adapter_set"));
+    for (int i = 0; i < np; i++) sets[i] = golden_set_mask(json_array_get(ps, (size_t)i));
+    uint64_t gset = golden_set_mask(json_object_get(g, "generated_adapter_set"));
     cm_ctx *c = new_ctx(m, 2, 2);
     ASSERT_TRUE(c);
     cm_err err = {0};
@@ -500,13 +427,13 @@ TEST(mole_goldens) {
 
 /* The fence tracker (through the engine's token bytes) reproduces the goldens' adapter sets. */
 TEST(mole_fence_sets_match_reference) {
-    json_t *j = load_golden("mole");
+    json_t *j = golden_json("mole");
     ASSERT_TRUE(j);
-    cm_model *m = load_model(json_string_value(json_object_get(j, "model")));
+    cm_model *m = golden_load_model(json_string_value(json_object_get(j, "model")));
     ASSERT_TRUE(m);
     json_t *cs = json_array_get(json_object_get(j, "cases"), 0);
     int32_t tok[MAXT];
-    int n = ids(json_object_get(cs, "tokens"), tok, MAXT);
+    int n = golden_ids(json_object_get(cs, "tokens"), tok, MAXT);
     json_t *as = json_object_get(cs, "adapter_sets");
     cm_fence f;
     cm_fence_init(&f);
@@ -516,7 +443,7 @@ TEST(mole_fence_sets_match_reference) {
         const char *lang;
         int w = cm_fence_classify(&f, buf, (size_t)nb, &lang);
         cm_fence_push(&f, buf, (size_t)nb);
-        uint64_t want = set_mask(json_array_get(as, (size_t)i));
+        uint64_t want = golden_set_mask(json_array_get(as, (size_t)i));
         uint64_t got = w == CM_FENCE_CODE && cm_model_adapter_id(m, lang) >= 0
                            ? (1ull << cm_model_adapter_id(m, lang)) | (1ull << 2)
                            : 1ull << 3;
@@ -529,17 +456,17 @@ TEST(mole_fence_sets_match_reference) {
 
 /* Two MoLE requests of other languages and lengths in one batch equal their goldens. */
 TEST(mole_batch_mixed_languages) {
-    json_t *j = load_golden("mole");
+    json_t *j = golden_json("mole");
     ASSERT_TRUE(j);
-    cm_model *m = load_model(json_string_value(json_object_get(j, "model")));
+    cm_model *m = golden_load_model(json_string_value(json_object_get(j, "model")));
     ASSERT_TRUE(m);
     int V = cm_model_get_info(m)->n_vocab;
     json_t *cases = json_object_get(j, "cases");
     int32_t t0[MAXT], t1[MAXT];
-    int n0 = ids(json_object_get(json_array_get(cases, 0), "tokens"), t0, MAXT);
-    int n1 = ids(json_object_get(json_array_get(cases, 1), "tokens"), t1, MAXT);
-    float *g0 = read_f32(json_string_value(json_object_get(json_array_get(cases, 0), "logits")), (size_t)n0 * V);
-    float *g1 = read_f32(json_string_value(json_object_get(json_array_get(cases, 1), "logits")), (size_t)n1 * V);
+    int n0 = golden_ids(json_object_get(json_array_get(cases, 0), "tokens"), t0, MAXT);
+    int n1 = golden_ids(json_object_get(json_array_get(cases, 1), "tokens"), t1, MAXT);
+    float *g0 = golden_f32(json_string_value(json_object_get(json_array_get(cases, 0), "logits")), (size_t)n0 * V);
+    float *g1 = golden_f32(json_string_value(json_object_get(json_array_get(cases, 1), "logits")), (size_t)n1 * V);
     ASSERT_TRUE(g0 && g1);
     cm_ctx *c = new_ctx(m, 3, 2);
     ASSERT_TRUE(c);
@@ -561,7 +488,7 @@ TEST(mole_batch_mixed_languages) {
     ASSERT_EQ_INT(cm_forward(c, &b, &err), 0);
     double d = 0;
     for (int i = 0; i < n; i++) {
-        double x = max_diff(cm_logits(c, i), (bs[i] == s0 ? g0 : g1) + (size_t)bp[i] * V, (size_t)V);
+        double x = golden_max_diff(cm_logits(c, i), (bs[i] == s0 ? g0 : g1) + (size_t)bp[i] * V, (size_t)V);
         d = x > d ? x : d;
     }
     CHECK_TRUE(d <= 1e-4);
@@ -610,239 +537,9 @@ TEST(bad_models_refused) {
     expect_refused("models/hybrid-max.gguf", "multipl_moe.segment.capacity", 0, nb, "capacity");
 }
 
-/* ------------------------------------------------------------ upcycling */
-
-static void upcycle_check(const char *dense, int mole, int threads) {
-    char out[256], rel[256];
-    snprintf(out, sizeof out, "/tmp/cm_test_upcycle_%d.gguf", (int)getpid());
-    snprintf(rel, sizeof rel, "models/%s.gguf", dense);
-    cm_upcycle_params p;
-    cm_upcycle_default(&p);
-    p.a_tok = 1.0f;
-    p.a_seg = 0.0f;
-    p.n_experts = 4;
-    p.top_k = 2;
-    p.n_seg_experts = 3;
-    p.window = 4;
-    p.router_std = 0.5f; /* routing varies per token: the invariant must not depend on it */
-    p.seed = 7;
-    if (mole) p.mole_langs = "python,rs,c++";
-    cm_err err = {0};
-    ASSERT_EQ_INT(cm_upcycle(test_fixture(rel), out, &p, &err), 0);
-    cm_model *md = load_model(rel);
-    cm_model_params mp = {0};
-    cm_model *mu = cm_model_load(out, &mp, &err);
-    unlink(out);
-    if (!mu) TEST_FAIL_("%s upcycled: %s", dense, err.msg);
-    ASSERT_TRUE(md && mu);
-    ASSERT_STREQ(cm_model_get_info(mu)->arch, mole ? "mole" : "multipl_moe");
-    ASSERT_EQ_INT(cm_model_get_info(mu)->rope_neox, cm_model_get_info(md)->rope_neox);
-    ASSERT_EQ_INT(cm_model_get_info(mu)->qkv_bias, cm_model_get_info(md)->qkv_bias);
-    if (mole) ASSERT_EQ_INT(cm_model_n_adapters(mu), 5);
-    int V = cm_model_get_info(md)->n_vocab;
-    int32_t tok[40];
-    for (int i = 0; i < 40; i++) tok[i] = (int32_t)((i * 37 + 11) % V);
-    float *a = malloc((size_t)40 * V * sizeof(float)), *b = malloc((size_t)40 * V * sizeof(float));
-    cm_ctx_params cp = {.n_threads = threads, .n_seq_max = 1, .n_ctx = 64, .n_batch_max = 64};
-    cm_ctx *cd = cm_ctx_create(md, &cp, &err), *cu = cm_ctx_create(mu, &cp, &err);
-    ASSERT_TRUE(cd && cu);
-    cm_seq_options o;
-    cm_seq_options_default(&o);
-    if (mole) o.language = 0; /* every token through {python, shared}: B = 0 adds nothing */
-    ASSERT_EQ_INT(run_seq(cd, md, tok, 40, 0, NULL, NULL, a), 0);
-    ASSERT_EQ_INT(run_seq(cu, mu, tok, 40, 0, &o, NULL, b), 0);
-    double d = max_diff(a, b, (size_t)40 * V);
-    /* decode path too */
-    ASSERT_EQ_INT(run_seq(cu, mu, tok, 40, 1, &o, NULL, b), 0);
-    double d1 = max_diff(a, b, (size_t)40 * V);
-    if (!(d <= 2e-5 && d1 <= 2e-5)) TEST_FAIL_("%s -> %s: logits differ from the dense model by %g / %g", dense,
-                                               mole ? "mole" : "hybrid", d, d1);
-    if (!mole) {
-        const cm_routing *r = cm_seq_routing(cu, 0);
-        CHECK_TRUE(r == NULL || r->n_tok_experts == 4);
-    }
-    free(a);
-    free(b);
-    cm_ctx_free(cd);
-    cm_ctx_free(cu);
-    cm_model_free(md);
-    cm_model_free(mu);
-}
-
-TEST(upcycle_invariant_every_arch) {
-    const char *dense[] = {"qwen2-gqa", "llama-mha", "qwen2-mha", "llama-gqa", "qwen2-gqa-f16", "qwen2-gqa-bf16",
-                           "qwen2-gqa-q8_0"};
-    for (size_t i = 0; i < sizeof dense / sizeof dense[0]; i++) {
-        upcycle_check(dense[i], 0, i % 2 ? 3 : 1);
-        upcycle_check(dense[i], 1, i % 2 ? 1 : 3);
-    }
-}
-
-TEST(upcycle_bad_params) {
-    cm_upcycle_params p;
-    cm_err err = {0};
-    cm_upcycle_default(&p);
-    p.top_k = 7;
-    ASSERT_EQ_INT(cm_upcycle(test_fixture("models/qwen2-gqa.gguf"), "/tmp/never.gguf", &p, &err), CM_E_INVAL);
-    CHECK_TRUE(strstr(err.msg, "top-k") != NULL);
-    cm_upcycle_default(&p);
-    p.window = 0;
-    ASSERT_EQ_INT(cm_upcycle(test_fixture("models/qwen2-gqa.gguf"), "/tmp/never.gguf", &p, &err), CM_E_INVAL);
-    cm_upcycle_default(&p);
-    ASSERT_TRUE(cm_upcycle(test_fixture("models/hybrid-max.gguf"), "/tmp/never.gguf", &p, &err) < 0);
-    CHECK_TRUE(strstr(err.msg, "dense") != NULL);
-}
-
-/* ------------------------------------------------------------ uw-swag/mole checkpoint conversion */
-
-/* Writes the mole fixture as a uw-swag/mole HF directory (F32 safetensors, HF q/k order, mlp_moe
- * names), converts it back with cm_convert_hf and checks the logits against the golden. */
-static int write_st(const char *path, const gguf_file *g, int n_head, int n_head_kv, int head_dim,
-                    const char *const *ad_names) {
-    /* header: every tensor under its HF name; q/k un-permuted (inverse of llama.cpp's permutation) */
-    size_t cap = 1 << 20, hl = 0;
-    char *hdr = malloc(cap);
-    uint64_t off = 0;
-    hl += (size_t)snprintf(hdr + hl, cap - hl, "{");
-    char (*hfn)[160] = calloc(g->n_tensors, sizeof *hfn);
-    for (uint64_t t = 0; t < g->n_tensors; t++) {
-        const gguf_tensor *gt = &g->tensors[t];
-        char nm[160], *hf = hfn[t];
-        snprintf(nm, sizeof nm, "%.*s", (int)gt->name.len, gt->name.ptr);
-        int l = -1;
-        char rest[128] = "", p[16] = "", ab = 0, an[32] = "";
-        if (sscanf(nm, "blk.%d.%127s", &l, rest) == 2) {
-            if (sscanf(rest, "ffn_%15[a-z].lora_%c.%31s", p, &ab, an) == 3) {
-                int j = 0;
-                while (strcmp(ad_names[j], an)) j++;
-                snprintf(hf, 160, "model.layers.%d.mlp_moe.%s_proj.experts.%d.lora_%c.weight", l, p, j, ab == 'a' ? 'A' : 'B');
-            } else if (sscanf(rest, "ffn_%15[a-z].weight", p) == 1 && strcmp(p, "norm")) {
-                snprintf(hf, 160, "model.layers.%d.mlp_moe.%s_proj.shared_linear.weight", l, p);
-            } else {
-                static const char *map[][2] = {{"attn_norm.weight", "input_layernorm.weight"},
-                    {"attn_q.weight", "self_attn.q_proj.weight"}, {"attn_k.weight", "self_attn.k_proj.weight"},
-                    {"attn_v.weight", "self_attn.v_proj.weight"}, {"attn_output.weight", "self_attn.o_proj.weight"},
-                    {"ffn_norm.weight", "post_attention_layernorm.weight"}};
-                for (int k = 0; k < 6; k++)
-                    if (!strcmp(rest, map[k][0])) snprintf(hf, 160, "model.layers.%d.%s", l, map[k][1]);
-            }
-        } else if (!strcmp(nm, "token_embd.weight")) snprintf(hf, 160, "model.embed_tokens.weight");
-        else if (!strcmp(nm, "output_norm.weight")) snprintf(hf, 160, "model.norm.weight");
-        else if (!strcmp(nm, "output.weight")) snprintf(hf, 160, "lm_head.weight");
-        if (!hf[0] || gt->type != GGUF_TT_F32) {
-            free(hdr);
-            free(hfn);
-            return -1;
-        }
-        uint64_t nb = gt->nbytes;
-        if (gt->n_dims == 1)
-            hl += (size_t)snprintf(hdr + hl, cap - hl, "%s\"%s\":{\"dtype\":\"F32\",\"shape\":[%lld],\"data_offsets\":[%llu,%llu]}",
-                                   t ? "," : "", hf, (long long)gt->ne[0], (unsigned long long)off, (unsigned long long)(off + nb));
-        else
-            hl += (size_t)snprintf(hdr + hl, cap - hl, "%s\"%s\":{\"dtype\":\"F32\",\"shape\":[%lld,%lld],\"data_offsets\":[%llu,%llu]}",
-                                   t ? "," : "", hf, (long long)gt->ne[1], (long long)gt->ne[0], (unsigned long long)off,
-                                   (unsigned long long)(off + nb));
-        off += nb;
-    }
-    hl += (size_t)snprintf(hdr + hl, cap - hl, "}");
-    FILE *f = fopen(path, "wb");
-    uint64_t n = hl;
-    fwrite(&n, 8, 1, f);
-    fwrite(hdr, 1, hl, f);
-    for (uint64_t t = 0; t < g->n_tensors; t++) {
-        const gguf_tensor *gt = &g->tensors[t];
-        int heads = strstr(hfn[t], "q_proj") ? n_head : strstr(hfn[t], "k_proj") ? n_head_kv : 0;
-        if (!heads) {
-            fwrite(gt->data, 1, gt->nbytes, f);
-            continue;
-        }
-        size_t row = (size_t)gt->ne[0] * 4;
-        char *buf = malloc(gt->nbytes);
-        for (int h = 0; h < heads; h++)
-            for (int i = 0; i < head_dim / 2; i++)
-                for (int j = 0; j < 2; j++)
-                    memcpy(buf + (size_t)(h * head_dim + j * (head_dim / 2) + i) * row,
-                           (const char *)gt->data + (size_t)(h * head_dim + 2 * i + j) * row, row);
-        fwrite(buf, 1, gt->nbytes, f);
-        free(buf);
-    }
-    fclose(f);
-    free(hdr);
-    free(hfn);
-    return 0;
-}
-
-TEST(convert_mole_checkpoint) {
-    json_t *j = load_golden("mole");
-    ASSERT_TRUE(j);
-    const char *model = json_string_value(json_object_get(j, "model"));
-    cm_model *m = load_model(model);
-    ASSERT_TRUE(m);
-    const cm_model_info *in = cm_model_get_info(m);
-    gguf_file g;
-    cm_err err = {0};
-    ASSERT_EQ_INT(gguf_open(&g, test_fixture(model), &err), 0);
-    char dir[256], p[512];
-    snprintf(dir, sizeof dir, "/tmp/cm_test_mole_hf_%d", (int)getpid());
-    mkdir(dir, 0755);
-    const char *names[4] = {"python", "rust", "shared", "other"};
-    snprintf(p, sizeof p, "%s/model.safetensors", dir);
-    ASSERT_EQ_INT(write_st(p, &g, in->n_head, in->n_head_kv, in->head_dim, names), 0);
-    gguf_close(&g);
-    snprintf(p, sizeof p, "%s/config.json", dir);
-    FILE *f = fopen(p, "w");
-    fprintf(f, "{\"model_type\": \"MoE\", \"architectures\": [\"MoLEForCausalLM\"], \"hidden_size\": %d, "
-               "\"num_hidden_layers\": %d, \"intermediate_size\": %d, \"num_attention_heads\": %d, "
-               "\"num_key_value_heads\": %d, \"vocab_size\": %d, \"rms_norm_eps\": %g, \"rope_theta\": %g, "
-               "\"max_position_embeddings\": %d, \"tie_word_embeddings\": false, "
-               "\"adapter_names\": [\"python\", \"rust\", \"shared\", \"other\"], \"lora_alphas\": [4, 4, 6, 6]}\n",
-            in->n_embd, in->n_layer, in->n_ff, in->n_head, in->n_head_kv, in->n_vocab, (double)in->rms_eps,
-            (double)in->rope_theta, in->n_ctx_train);
-    fclose(f);
-    char cmd[1024];
-    snprintf(cmd, sizeof cmd, "cp %s %s/tokenizer.json", test_fixture("hf/qwen2-gqa-hf/tokenizer.json"), dir);
-    ASSERT_EQ_INT(system(cmd), 0);
-    char out[300];
-    snprintf(out, sizeof out, "%s/out.gguf", dir);
-    int rc = cm_convert_hf(dir, out, NULL, &err);
-    if (rc) fprintf(stderr, "convert: %s\n", err.msg);
-    ASSERT_EQ_INT(rc, 0);
-    cm_model_params mp = {0};
-    cm_model *mc = cm_model_load(out, &mp, &err);
-    if (!mc) fprintf(stderr, "load: %s\n", err.msg);
-    ASSERT_TRUE(mc);
-    ASSERT_EQ_INT(cm_model_n_adapters(mc), 4);
-    ASSERT_EQ_INT(cm_model_get_info(mc)->rope_neox, 0);
-    /* golden case 1 with the request's sets */
-    json_t *cs = json_array_get(json_object_get(j, "cases"), 1);
-    int32_t tok[MAXT];
-    uint64_t sets[MAXT];
-    int n = ids(json_object_get(cs, "tokens"), tok, MAXT);
-    for (int i = 0; i < n; i++) sets[i] = set_mask(json_array_get(json_object_get(cs, "adapter_sets"), (size_t)i));
-    int V = in->n_vocab;
-    float *gold = read_f32(json_string_value(json_object_get(cs, "logits")), (size_t)n * V);
-    float *lg = malloc((size_t)n * V * sizeof(float));
-    cm_ctx *c = new_ctx(mc, 1, 1);
-    cm_seq_options o;
-    cm_seq_options_default(&o);
-    o.adapter_routing = CM_ADAPTERS_BATCH;
-    ASSERT_EQ_INT(run_seq(c, mc, tok, n, 0, &o, sets, lg), 0);
-    double d = max_diff(lg, gold, (size_t)n * V);
-    fprintf(stderr, "  converted mole checkpoint vs golden: %.3g\n", d);
-    CHECK_TRUE(d <= 1e-4);
-    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
-    CHECK_TRUE(system(cmd) == 0);
-    free(gold);
-    free(lg);
-    cm_ctx_free(c);
-    cm_model_free(mc);
-    cm_model_free(m);
-    json_decref(j);
-}
-
 /* Dense models take the options (and ignore them) and have no routing statistics. */
 TEST(dense_model_options) {
-    cm_model *m = load_model("models/qwen2-gqa.gguf");
+    cm_model *m = golden_load_model("models/qwen2-gqa.gguf");
     ASSERT_TRUE(m);
     ASSERT_EQ_INT(cm_model_n_adapters(m), 0);
     ASSERT_TRUE(cm_model_adapter_name(m, 0) == NULL);
@@ -875,9 +572,6 @@ int main(void) {
     RUN(mole_fence_sets_match_reference);
     RUN(mole_batch_mixed_languages);
     RUN(bad_models_refused);
-    RUN(upcycle_invariant_every_arch);
-    RUN(upcycle_bad_params);
-    RUN(convert_mole_checkpoint);
     RUN(dense_model_options);
     fprintf(stderr, "worst |logit diff| vs goldens: %.3g\n", worst);
     return test_summary();

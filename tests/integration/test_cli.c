@@ -1,6 +1,6 @@
 /*
  * test_cli.c - the real `codemoe` binary ($CM_BINARY) on the committed fixture models: greedy
- * `complete` reproduces the pinned token ids of every golden file (as text), sampling is repeatable by
+ * `complete` reproduces the pinned token ids of every GGUF-fixture golden (dense and MoE, as text), sampling is repeatable by
  * seed, `tokenize` agrees with the golden prompt ids and round-trips, `inspect` lists the expected
  * tensors, and every error path (missing/truncated/hostile file, bad flags, prompt longer than the
  * context) exits non-zero with a message on stderr and without a crash.
@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "codemoe.h"
+#include "golden.h"
 #include "test.h"
 
 extern char **environ;
@@ -110,7 +111,7 @@ typedef struct golden {
     char name[128];
     char model[1024];
     char arch[64];
-    int runnable;          /* this build can run the model (qwen2/llama always must) */
+    int kind;              /* GOLDEN_DENSE or GOLDEN_MOE */
     char *text;            /* greedy prompt text */
     int32_t prompt[512];
     int n_prompt;
@@ -126,54 +127,35 @@ static int golden_cmp(const void *a, const void *b) {
     return strcmp(((const golden *)a)->name, ((const golden *)b)->name);
 }
 
+/* Every GGUF-fixture golden (dense and MoE in tests/golden.h's inventory): each must load and run. */
 static int load_goldens(void) {
-    char dir[1024];
-    snprintf(dir, sizeof dir, "%s", test_fixture("golden"));
-    DIR *d = opendir(dir);
-    if (!d) return 0;
-    struct dirent *e;
-    while ((e = readdir(d)) && n_goldens < (int)(sizeof goldens / sizeof goldens[0])) {
-        size_t l = strlen(e->d_name);
-        if (l < 6 || strcmp(e->d_name + l - 5, ".json") != 0) continue;
-        char path[1400];
-        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
-        json_t *j = json_load_file(path, 0, NULL);
+    int n_inv;
+    const golden_entry *inv = golden_inventory(&n_inv);
+    for (int k = 0; k < n_inv && n_goldens < (int)(sizeof goldens / sizeof goldens[0]); k++) {
+        if (inv[k].kind != GOLDEN_DENSE && inv[k].kind != GOLDEN_MOE) continue;
+        json_t *j = golden_json(inv[k].name);
         if (!j) continue;
         json_t *model = json_object_get(j, "model"), *g = json_object_get(j, "greedy");
         json_t *text = g ? json_object_get(g, "text") : NULL;
         json_t *pr = g ? json_object_get(g, "prompt") : NULL, *tk = g ? json_object_get(g, "tokens") : NULL;
-        if (json_is_string(model) && json_is_string(text) && json_is_array(pr) && json_is_array(tk) &&
-            json_array_size(pr) <= 512 && json_array_size(tk) <= 256) {
-            golden *G = &goldens[n_goldens++];
-            snprintf(G->name, sizeof G->name, "%.*s", (int)(l - 5), e->d_name);
+        golden *G = &goldens[n_goldens];
+        if (json_is_string(model) && json_is_string(text) &&
+            (G->n_prompt = golden_ids(pr, G->prompt, 512)) >= 0 && (G->n_tokens = golden_ids(tk, G->tokens, 256)) >= 0) {
+            n_goldens++;
+            snprintf(G->name, sizeof G->name, "%s", inv[k].name);
+            G->kind = inv[k].kind;
             snprintf(G->model, sizeof G->model, "%s", test_fixture(json_string_value(model)));
             G->text = strdup(json_string_value(text));
-            G->n_prompt = (int)json_array_size(pr);
-            for (int i = 0; i < G->n_prompt; i++) G->prompt[i] = (int32_t)json_integer_value(json_array_get(pr, i));
-            G->n_tokens = (int)json_array_size(tk);
-            for (int i = 0; i < G->n_tokens; i++) G->tokens[i] = (int32_t)json_integer_value(json_array_get(tk, i));
             json_t *arch = json_object_get(j, "arch");
             snprintf(G->arch, sizeof G->arch, "%s", json_is_string(arch) ? json_string_value(arch) : "?");
             json_t *np = json_object_get(g, "n_predict");
             G->n_predict = json_is_integer(np) ? (int)json_integer_value(np) : G->n_tokens;
+        } else {
+            fprintf(stderr, "golden/%s.json: no model or greedy prompt/tokens/text\n", inv[k].name);
         }
         json_decref(j);
     }
-    closedir(d);
     qsort(goldens, (size_t)n_goldens, sizeof goldens[0], golden_cmp);
-    /* Fixtures of architectures still being built (hybrid MoE, ...) may be committed before the engine
-     * runs them: those are skipped with a note while the engine reports them unsupported. The dense
-     * architectures are never skipped. */
-    for (int i = 0; i < n_goldens; i++) {
-        golden *G = &goldens[i];
-        cm_err err = {0};
-        cm_model_params mp = {.n_threads = 1, .vocab_only = 0};
-        cm_model *m = cm_model_load(G->model, &mp, &err);
-        G->runnable = m != NULL || strcmp(G->arch, "qwen2") == 0 || strcmp(G->arch, "llama") == 0 ||
-                      err.code != CM_E_UNSUPPORTED;
-        if (!G->runnable) fprintf(stderr, "note: skipping %s (%s): %s\n", G->name, G->arch, err.msg);
-        cm_model_free(m);
-    }
     return n_goldens;
 }
 
@@ -232,10 +214,9 @@ TEST(help_version_and_usage_errors) {
 }
 
 TEST(complete_greedy_reproduces_pinned_tokens) {
-    ASSERT_TRUE(n_goldens > 0);
+    ASSERT_EQ_INT(n_goldens, 13); /* golden.h: 10 dense + 3 MoE fixtures, every one runs */
     for (int gi = 0; gi < n_goldens; gi++) {
         golden *G = &goldens[gi];
-        if (!G->runnable) continue;
         cm_model *m = load_vocab(G->model);
         ASSERT_TRUE(m);
         /* expected text: the pinned tokens up to the first end-of-generation token, detokenised */
@@ -380,7 +361,7 @@ TEST(inspect_lists_tensors_and_summary) {
     ASSERT_TRUE(n_goldens > 0);
     for (int gi = 0; gi < n_goldens; gi++) {
         golden *G = &goldens[gi];
-        if (strcmp(G->arch, "qwen2") != 0 && strcmp(G->arch, "llama") != 0) continue; /* other tensor names */
+        if (G->kind != GOLDEN_DENSE) continue; /* MoE fixtures name their FFN tensors differently */
         run_result r;
         RUN_OK(&r, "inspect", G->model);
         ASSERT_EQ_INT(r.code, 0);
@@ -482,7 +463,7 @@ TEST(hostile_files_fail_cleanly) {
     char dir[1024];
     snprintf(dir, sizeof dir, "%s", test_fixture("bad"));
     DIR *d = opendir(dir);
-    if (!d) return; /* the hostile corpus is optional here; test_gguf owns it */
+    ASSERT_TRUE(d != NULL); /* the hostile corpus (tests/fixtures/bad/) is committed */
     struct dirent *e;
     int n = 0;
     while ((e = readdir(d))) {

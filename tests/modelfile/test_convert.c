@@ -26,6 +26,7 @@
 #include "codemoe.h"
 #include "codemoe_modelfile.h"
 #include "gguf.h"
+#include "golden.h"
 #include "test.h"
 #include "util.h"
 
@@ -162,13 +163,6 @@ static void compare_gguf(const char *got_path, const char *ref_path, int src, in
 
 /* ------------------------------------------------------------ golden json */
 
-static json_t *load_golden(const char *name) {
-    char rel[300];
-    snprintf(rel, sizeof rel, "golden/%s.json", name);
-    json_error_t je;
-    return json_load_file(test_fixture(rel), 0, &je);
-}
-
 /* models/<base>.gguf for hf/<name>: "<base>-hf" or "<base>-<type>-hf". */
 static int ref_model_for(const char *hf_name, char *out, size_t cap) {
     char base[256];
@@ -185,19 +179,6 @@ static int ref_model_for(const char *hf_name, char *out, size_t cap) {
         *dash = 0;
     }
     return 0;
-}
-
-static int read_f32_file(const char *path, float **out, size_t *n) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return -1;
-    fseek(f, 0, SEEK_END);
-    long sz = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    *out = malloc((size_t)sz);
-    *n = (size_t)sz / 4;
-    int ok = *out && fread(*out, 1, (size_t)sz, f) == (size_t)sz;
-    fclose(f);
-    return ok ? 0 : -1;
 }
 
 /* Logits of the converted model vs golden, every position of every case. */
@@ -226,21 +207,17 @@ static void check_logits(const char *gguf_path, json_t *golden) {
         }
         cm_batch b = {.n = n, .token = tk, .seq = sq, .logits = want};
         float *ref = NULL;
-        size_t nref = 0;
-        char rel[300];
-        snprintf(rel, sizeof rel, "%s", json_string_value(json_object_get(c, "logits")));
+        const char *rel = json_string_value(json_object_get(c, "logits"));
         if (seq < 0 || cm_forward(ctx, &b, &err)) TEST_FAIL_("forward: %s", err.msg);
-        else if (read_f32_file(test_fixture(rel), &ref, &nref) || nref != (size_t)n * (size_t)info->n_vocab)
-            TEST_FAIL_("golden logits %s unreadable or wrong size", rel);
+        else if (!rel || !(ref = golden_f32(rel, (size_t)n * (size_t)info->n_vocab)))
+            TEST_FAIL_("golden logits %s unreadable or wrong size", rel ? rel : "(none)");
         else {
             double max_diff = 0;
             for (int i = 0; i < n; i++) {
                 const float *l = cm_logits(ctx, i);
                 if (!l) { TEST_FAIL_("no logits at %d", i); break; }
-                for (int v = 0; v < info->n_vocab; v++) {
-                    double d = fabs((double)l[v] - ref[(size_t)i * (size_t)info->n_vocab + (size_t)v]);
-                    if (d > max_diff) max_diff = d;
-                }
+                double d = golden_max_diff(l, ref + (size_t)i * (size_t)info->n_vocab, (size_t)info->n_vocab);
+                if (!(d <= max_diff)) max_diff = d;
             }
             if (getenv("TEST_VERBOSE")) fprintf(stderr, "  %s case %zu: max |diff| %.3g (tol %g)\n", gguf_path, ci, max_diff, tol);
             if (!(max_diff <= tol)) TEST_FAIL_("%s case %zu: max |logit diff| %.3g > %g", gguf_path, ci, max_diff, tol);
@@ -269,7 +246,7 @@ TEST(convert_matches_fixture_models) {
         const char *out = tmp("default.gguf");
         int rc = cm_convert_hf(dir, out, NULL, &err);
         if (rc) { TEST_FAIL_("convert %s: %s", rel, err.msg); free(dir); continue; }
-        json_t *g = load_golden(de->d_name);
+        json_t *g = golden_json(de->d_name);
         const char *type = g ? json_string_value(json_object_get(g, "type")) : NULL;
         int src = !type ? -1 : !strcmp(type, "f32") ? GGUF_TT_F32 : !strcmp(type, "f16") ? GGUF_TT_F16
                 : !strcmp(type, "bf16") ? GGUF_TT_BF16 : -1;
@@ -313,14 +290,22 @@ TEST(convert_types_match_fixture_models) {
     ASSERT_EQ_INT(cm_convert_hf(dir, tmp("x.gguf"), "q4_0", &err), CM_E_INVAL);
 }
 
-/* The converted models compute the golden logits. */
+/* The converted models compute the golden logits: every hf/ directory, and they are exactly the
+ * GOLDEN_HF entries of golden.h's inventory (none missing, none unlisted). */
 TEST(convert_logits_match_golden) {
     DIR *d = opendir(test_fixture("hf"));
     ASSERT_TRUE(d != NULL);
+    int n_inv, n_hf = 0, n_dirs = 0;
+    const golden_entry *inv = golden_inventory(&n_inv);
+    for (int i = 0; i < n_inv; i++) n_hf += inv[i].kind == GOLDEN_HF;
     struct dirent *de;
     while ((de = readdir(d))) {
         if (de->d_name[0] == '.') continue;
-        json_t *g = load_golden(de->d_name);
+        n_dirs++;
+        int listed = 0;
+        for (int i = 0; i < n_inv; i++) listed |= inv[i].kind == GOLDEN_HF && !strcmp(inv[i].name, de->d_name);
+        if (!listed) TEST_FAIL_("hf/%s is not a GOLDEN_HF entry of tests/golden.h", de->d_name);
+        json_t *g = golden_json(de->d_name);
         if (!g) { TEST_FAIL_("no golden/%s.json", de->d_name); continue; }
         char rel[300];
         snprintf(rel, sizeof rel, "hf/%s", de->d_name);
@@ -334,6 +319,7 @@ TEST(convert_logits_match_golden) {
         json_decref(g);
     }
     closedir(d);
+    ASSERT_EQ_INT(n_dirs, n_hf);
 }
 
 static int copy_file(const char *from, const char *to) {
@@ -659,7 +645,7 @@ TEST(convert_rope_scaling_fixtures) {
         char rel[300];
         snprintf(rel, sizeof rel, "hf/%s", v[i].name);
         char *dir = fixture_dup(rel);
-        json_t *g = load_golden(v[i].name);
+        json_t *g = golden_json(v[i].name);
         cm_err err = {0};
         const char *out = tmp("rope_fixture.gguf");
         if (!g) TEST_FAIL_("no golden/%s.json", v[i].name);
