@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # tests/run.sh - the one test command (README, CI): installs what the build needs (Debian 12, as root),
-# runs the tokenizer fixture fetch, builds a release tree and an ASan+UBSan debug tree, runs
-# `meson test` (all suites on release; unit + golden under the sanitizers), and ends with exactly one
-# line "N passed, N failed" summed over both trees. Exits non-zero if any test or any step failed.
+# runs the tokenizer fixture fetch, builds a release tree, a clang tree (-Werror) and an ASan+UBSan
+# debug tree, runs `meson test` (all suites on release; the C unit tests on clang; unit + golden under
+# the sanitizers), and ends with exactly one line "N passed, N failed" summed over the trees. Exits
+# non-zero if any test or any step failed.
 #
 # Environment: CM_SKIP_ASAN=1 skips the sanitizer tree (local quick runs); JOBS (default 2) for ninja.
 set -uo pipefail
@@ -21,7 +22,7 @@ finish() {
 }
 
 # ---------------------------------------------------------------- dependencies
-PKGS=(meson ninja-build pkg-config gcc libc6-dev libmicrohttpd-dev libuv1-dev libjansson-dev
+PKGS=(meson ninja-build pkg-config gcc clang libc6-dev libmicrohttpd-dev libuv1-dev libjansson-dev
       libopenblas-dev libopenblas0-pthread libpcre2-dev libutf8proc-dev
       python3 python3-numpy python3-torch) # the last three: self-tests of tools/ (unit suite, py_*)
 command -v node >/dev/null 2>&1 || PKGS+=(nodejs)
@@ -117,6 +118,9 @@ run_tree() {
 }
 
 run_tree build-ci --buildtype=release -- --timeout-multiplier 2
+# the same C built by clang with warnings as errors (portable C11, not GCC's dialect); only the C unit
+# tests run in it, everything else already ran in the release tree
+CC=clang run_tree build-ci-clang --buildtype=release -Dwerror=true -- --no-python --suite unit --timeout-multiplier 2
 if [ "${CM_SKIP_ASAN:-0}" != 1 ]; then
     export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0
     export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1

@@ -583,7 +583,8 @@ TEST(convert_rejects_bad_config) {
 /* Linear and YaRN rope scaling are carried into the GGUF as llama.cpp writes them; HF's attention_factor
  * (the whole cos/sin multiplier) becomes llama.cpp's attn_factor (a multiplier on top of 0.1 ln f + 1). */
 TEST(convert_rope_scaling_metadata) {
-    static const struct { const char *json, *type; float factor; int orig; float attn, fast, slow; } v[] = {
+    /* automatic, not static: the attn_factor entry calls log(), which is no constant expression */
+    const struct { const char *json, *type; float factor; int orig; float attn, fast, slow; } v[] = {
         {"{\"type\": \"linear\", \"factor\": 4.0}", "linear", 4.0f, 0, 0, 0, 0},
         {"{\"rope_type\": \"yarn\", \"factor\": 4.0, \"original_max_position_embeddings\": 32768}", "yarn", 4.0f, 32768, 0, 0, 0},
         {"{\"type\": \"yarn\", \"factor\": 8.0, \"attention_factor\": 1.2, \"beta_fast\": 16, \"beta_slow\": 2}", "yarn", 8.0f, 0,
