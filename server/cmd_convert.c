@@ -1,6 +1,6 @@
 /*
  * cmd_convert.c - `codemoe convert HF_DIR OUT.gguf [--type f32|f16|bf16|q8_0]`: Hugging Face directory to
- * GGUF (engine/convert.c does the work). Without --type each matrix keeps its source type.
+ * GGUF (modelfile/convert.c does the work). Without --type each matrix keeps its source type.
  */
 #include <stdio.h>
 #include <string.h>

@@ -1,7 +1,7 @@
 /*
  * cmd_upcycle.c - `codemoe upcycle DENSE.gguf OUT.gguf [flags]`: a dense qwen2/llama model to a hybrid
  * MoE ("multipl_moe", every expert a copy of the dense FFN) or, with --mole, to a MoLE model with
- * zero-initialised LoRA adapters. engine/upcycle.c does the work.
+ * zero-initialised LoRA adapters. modelfile/upcycle.c does the work.
  */
 #include <errno.h>
 #include <stdio.h>
