@@ -35,6 +35,13 @@ static int test__failed_checks, test__tests_run, test__tests_failed, test__cur_f
     if (!a_ || !b_ || strcmp(a_, b_)) { TEST_FAIL_("%s == %s: \"%s\" != \"%s\"", #a, #b, a_ ? a_ : "(null)", b_ ? b_ : "(null)"); return; } } while (0)
 #define ASSERT_NEAR(a, b, tol) do { double a_ = (a), b_ = (b); \
     if (!(fabs(a_ - b_) <= (tol))) { TEST_FAIL_("%s ~ %s: %.9g vs %.9g (tol %g)", #a, #b, a_, b_, (double)(tol)); return; } } while (0)
+/* got[0..n) equals the listed token ids. */
+#define ASSERT_IDS(got, n, ...) do { \
+    const int32_t want_[] = {__VA_ARGS__}; \
+    int nw_ = (int)(sizeof want_ / sizeof *want_); \
+    ASSERT_EQ_INT(n, nw_); \
+    for (int i_ = 0; i_ < nw_; i_++) ASSERT_EQ_INT((got)[i_], want_[i_]); } while (0)
+
 /* Non-fatal variant for loops that should report every mismatch up to a limit. */
 #define CHECK_TRUE(c) do { if (!(c)) TEST_FAIL_("expected true: %s", #c); } while (0)
 

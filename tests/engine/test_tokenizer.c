@@ -2,9 +2,8 @@
  * test_tokenizer.c - tokenizer unit tests on tiny vocabularies written in-test with the GGUF writer:
  * BPE merge order, special-token parsing on/off (longest match), invalid UTF-8 in and out, empty input,
  * output-buffer sizing, a megabyte of spaces, NFC (qwen2 only), llama-bpe whole-word lookup, the
- * streaming detokenizer's hold-back and U+FFFD rules, hostile metadata rejected at load, and the
- * tokenizer.json converter (types, padding, pre-tokenizer detection, bad input). Also the text -> ids
- * cases that tools/make_fixtures.py (a Python BPE, independent of this code) wrote for the fixture models.
+ * streaming detokenizer's hold-back and U+FFFD rules, hostile metadata rejected at load (the
+ * tokenizer.json converter is tests/modelfile/test_convert_tokenizer.c). Also the text -> ids cases that tools/make_fixtures.py (a Python BPE, independent of this code) wrote for the fixture models.
  */
 #include <glob.h>
 #include <jansson.h>
@@ -13,8 +12,8 @@
 #include <unistd.h>
 
 #include "codemoe.h"
-#include "convert.h"
 #include "gguf.h"
+#include "gguf_writer.h"
 #include "model.h"
 #include "test.h"
 
@@ -123,12 +122,6 @@ static int tok(const cm_model *m, const char *s, size_t n, int flags, int32_t *o
     if (r < 0) fprintf(stderr, "cm_tokenize: %s\n", err.msg);
     return r;
 }
-
-#define ASSERT_IDS(got, n, ...) do { \
-    const int32_t want_[] = {__VA_ARGS__}; \
-    int nw_ = (int)(sizeof want_ / sizeof *want_); \
-    ASSERT_EQ_INT(n, nw_); \
-    for (int i_ = 0; i_ < nw_; i_++) ASSERT_EQ_INT((got)[i_], want_[i_]); } while (0)
 
 /* ------------------------------------------------------------ tests */
 
@@ -545,138 +538,6 @@ TEST(shared_between_threads) {
     vocab_free(m);
 }
 
-/* ------------------------------------------------------------ converter */
-
-static int write_file(const char *path, const char *text) {
-    FILE *f = fopen(path, "w");
-    if (!f) return -1;
-    fputs(text, f);
-    return fclose(f);
-}
-
-/* Converts json (+ optional config) and loads the result; NULL with err on failure. */
-static cm_model *convert_load(const char *json, const char *config, int n_vocab_model, cm_err *err) {
-    char jp[512], cp[512], gp[512];
-    snprintf(jp, sizeof jp, "%s/tokenizer.json", tmpdir);
-    snprintf(cp, sizeof cp, "%s/tokenizer_config.json", tmpdir);
-    snprintf(gp, sizeof gp, "%s/conv.gguf", tmpdir);
-    write_file(jp, json);
-    if (config) write_file(cp, config);
-    gguf_writer *w = gguf_writer_create(err);
-    int rc = cm_convert_tokenizer_json(jp, config ? cp : NULL, w, n_vocab_model, err);
-    if (rc >= 0) rc = gguf_writer_write(w, gp, err);
-    gguf_writer_free(w);
-    unlink(jp);
-    unlink(cp);
-    if (rc < 0) return NULL;
-    cm_model *m = calloc(1, sizeof *m);
-    if (gguf_open(&m->gguf, gp, err) < 0 || !(m->tok = cm_tokenizer_load(&m->gguf, &m->info, err))) {
-        gguf_close(&m->gguf);
-        free(m);
-        m = NULL;
-    }
-    unlink(gp);
-    return m;
-}
-
-/* A byte-level tokenizer.json with a 6-token vocabulary (no byte coverage: fine for conversion). */
-#define TJ_HEAD "{\"added_tokens\": [" \
-    "{\"id\": 6, \"content\": \"<|endoftext|>\", \"special\": true}," \
-    "{\"id\": 7, \"content\": \"<|fim_prefix|>\", \"special\": false}," \
-    "{\"id\": 9, \"content\": \"<tool>\", \"special\": false}]," \
-    "\"normalizer\": {\"type\": \"NFC\"},"
-#define TJ_MODEL "\"decoder\": {\"type\": \"ByteLevel\"}," \
-    "\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0, \"b\": 1, \"c\": 2, \"ab\": 3, \"abc\": 4, \"\\u0120\": 5}," \
-    "\"merges\": [[\"a\", \"b\"], \"ab c\"]}}"
-#define PRE_QWEN "\"pre_tokenizer\": {\"type\": \"Sequence\", \"pretokenizers\": [{\"type\": \"Split\", \"pattern\": " \
-    "{\"Regex\": \"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\\\r\\\\n\\\\p{L}\\\\p{N}]?\\\\p{L}+|\\\\p{N}| ?[^\\\\s\\\\p{L}\\\\p{N}]+[\\\\r\\\\n]*|\\\\s*[\\\\r\\\\n]+|\\\\s+(?!\\\\S)|\\\\s+\"}," \
-    " \"behavior\": \"Isolated\", \"invert\": false}, {\"type\": \"ByteLevel\", \"use_regex\": false}]},"
-
-TEST(convert_tokenizer_json) {
-    cm_err err = {0};
-    cm_model *m = convert_load(TJ_HEAD PRE_QWEN TJ_MODEL, "{\"eos_token\": {\"content\": \"<|endoftext|>\"},"
-                               " \"model_max_length\": 1000000000000000019884624838656}", 12, &err);
-    if (!m) fprintf(stderr, "%s\n", err.msg);
-    ASSERT_TRUE(m);
-    ASSERT_STREQ(m->info.tok_pre, "qwen2");
-    ASSERT_EQ_INT(m->info.n_vocab, 12);        /* padded to the model's rows */
-    ASSERT_EQ_INT(m->info.eos, 6);
-    ASSERT_EQ_INT(m->info.fim_pre, 7);
-    ASSERT_TRUE(cm_token_is_control(m, 6));
-    ASSERT_TRUE(cm_token_is_control(m, 7));    /* not special in HF, but looks like a control token */
-    ASSERT_TRUE(!cm_token_is_control(m, 9));   /* user-defined */
-    ASSERT_STREQ(cm_token_text(m, 8, NULL), "[PAD8]"); /* hole between added ids */
-    ASSERT_STREQ(cm_token_text(m, 11, NULL), "[PAD11]");
-    char b[8];
-    ASSERT_EQ_INT(cm_token_bytes(m, 11, 0, b, sizeof b), 0); /* unused: renders as nothing */
-    int32_t ids[8];
-    int n = tok(m, "abc", 3, 0, ids, 8);
-    ASSERT_IDS(ids, n, 4);                     /* both merge spellings understood */
-    n = tok(m, "<tool>ab", 8, CM_TOK_PARSE_SPECIAL, ids, 8);
-    ASSERT_IDS(ids, n, 9, 3);
-    vocab_free(m);
-
-    /* GPT-2 style: ByteLevel with its own regex */
-    m = convert_load(TJ_HEAD "\"pre_tokenizer\": {\"type\": \"ByteLevel\", \"add_prefix_space\": false}," TJ_MODEL,
-                     NULL, 0, &err);
-    ASSERT_TRUE(m);
-    ASSERT_STREQ(m->info.tok_pre, "gpt-2");
-    ASSERT_EQ_INT(m->info.n_vocab, 10);
-    ASSERT_EQ_INT(m->info.eos, 6);             /* <|endoftext|> without a config */
-    ASSERT_EQ_INT(m->info.add_bos, 0);
-    vocab_free(m);
-
-    /* BOS added when the post-processor template inserts it (Llama-3), unless the config says no */
-#define TJ_TEMPLATE "\"post_processor\": {\"type\": \"TemplateProcessing\", \"single\": [{\"SpecialToken\": " \
-    "{\"id\": \"<|endoftext|>\", \"type_id\": 0}}, {\"Sequence\": {\"id\": \"A\", \"type_id\": 0}}]},"
-    m = convert_load(TJ_HEAD TJ_TEMPLATE PRE_QWEN TJ_MODEL, "{\"bos_token\": \"<|endoftext|>\"}", 0, &err);
-    ASSERT_TRUE(m);
-    ASSERT_EQ_INT(m->info.bos, 6);
-    ASSERT_EQ_INT(m->info.add_bos, 1);
-    int32_t bids[4];
-    n = tok(m, "ab", 2, CM_TOK_ADD_BOS, bids, 4);
-    ASSERT_IDS(bids, n, 6, 3);
-    vocab_free(m);
-    m = convert_load(TJ_HEAD TJ_TEMPLATE PRE_QWEN TJ_MODEL,
-                     "{\"bos_token\": \"<|endoftext|>\", \"add_bos_token\": false}", 0, &err);
-    ASSERT_TRUE(m);
-    ASSERT_EQ_INT(m->info.add_bos, 0);
-    vocab_free(m);
-}
-
-TEST(convert_rejects) {
-    cm_err err = {0};
-    struct { const char *json; int n_model; int code; const char *what; } cases[] = {
-        {TJ_HEAD PRE_QWEN TJ_MODEL, 5, CM_E_FORMAT, "model has fewer rows than tokens"},
-        {TJ_HEAD "\"pre_tokenizer\": {\"type\": \"Split\", \"pattern\": {\"Regex\": \"\\\\w+\"}, \"behavior\": \"Isolated\"},"
-         TJ_MODEL, 0, CM_E_UNSUPPORTED, "unknown regex"},
-        {TJ_HEAD "\"pre_tokenizer\": {\"type\": \"Metaspace\"}, \"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}}}",
-         0, CM_E_UNSUPPORTED, "SentencePiece-style"},
-        {"{\"model\": {\"type\": \"Unigram\", \"vocab\": []}}", 0, CM_E_UNSUPPORTED, "unigram"},
-        {"{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": -1}}, \"decoder\": {\"type\": \"ByteLevel\"},"
-         " \"pre_tokenizer\": {\"type\": \"ByteLevel\"}}", 0, CM_E_FORMAT, "negative id"},
-        {"{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0, \"b\": 0}}, \"decoder\": {\"type\": \"ByteLevel\"},"
-         " \"pre_tokenizer\": {\"type\": \"ByteLevel\"}}", 0, CM_E_FORMAT, "duplicate id"},
-        {"{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": [5]}, \"decoder\": {\"type\": \"ByteLevel\"},"
-         " \"pre_tokenizer\": {\"type\": \"ByteLevel\"}}", 0, CM_E_FORMAT, "merge not a string"},
-        {"{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": [[\"a b\", \"c\"]]}, \"decoder\": "
-         "{\"type\": \"ByteLevel\"}, \"pre_tokenizer\": {\"type\": \"ByteLevel\"}}", 0, CM_E_UNSUPPORTED, "merge part with a space"},
-        {"{\"model\": ", 0, CM_E_IO, "truncated json"},
-    };
-    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
-        memset(&err, 0, sizeof err);
-        cm_model *m = convert_load(cases[i].json, NULL, cases[i].n_model, &err);
-        if (m) {
-            TEST_FAIL_("%s: converted", cases[i].what);
-            vocab_free(m);
-            continue;
-        }
-        if (err.code != cases[i].code) TEST_FAIL_("%s: code %d (%s)", cases[i].what, err.code, err.msg);
-        else fprintf(stderr, "  %s -> %s\n", cases[i].what, err.msg);
-    }
-}
-
-
 /* ------------------------------------------------------------ fixture goldens */
 
 /* ids == expected (a JSON array); prints the first difference. */
@@ -771,8 +632,6 @@ int main(void) {
     RUN(public_api_rejects_bad_args);
     RUN(random_roundtrip);
     RUN(shared_between_threads);
-    RUN(convert_tokenizer_json);
-    RUN(convert_rejects);
     RUN(fixture_model_goldens);
     rmdir(tmpdir);
     return test_summary();
