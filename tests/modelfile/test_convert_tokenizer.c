@@ -46,13 +46,6 @@ static cm_model *convert_load(const char *json, const char *config, int n_vocab_
     return m;
 }
 
-static int tok(const cm_model *m, const char *s, size_t n, int flags, int32_t *out, int cap) {
-    cm_err err = {0};
-    int r = cm_tokenize(m, s, n, flags, out, cap, &err);
-    if (r < 0) fprintf(stderr, "cm_tokenize: %s\n", err.msg);
-    return r;
-}
-
 /* A byte-level tokenizer.json with a 6-token vocabulary (no byte coverage: fine for conversion). */
 #define TJ_HEAD "{\"added_tokens\": [" \
     "{\"id\": 6, \"content\": \"<|endoftext|>\", \"special\": true}," \
@@ -84,9 +77,9 @@ TEST(convert_tokenizer_json) {
     char b[8];
     ASSERT_EQ_INT(cm_token_bytes(m, 11, 0, b, sizeof b), 0); /* unused: renders as nothing */
     int32_t ids[8];
-    int n = tok(m, "abc", 3, 0, ids, 8);
+    int n = cm_tokenize(m, "abc", 3, 0, ids, 8, NULL);
     ASSERT_IDS(ids, n, 4);                     /* both merge spellings understood */
-    n = tok(m, "<tool>ab", 8, CM_TOK_PARSE_SPECIAL, ids, 8);
+    n = cm_tokenize(m, "<tool>ab", 8, CM_TOK_PARSE_SPECIAL, ids, 8, NULL);
     ASSERT_IDS(ids, n, 9, 3);
     cm_model_free(m);
 
@@ -108,7 +101,7 @@ TEST(convert_tokenizer_json) {
     ASSERT_EQ_INT(cm_model_get_info(m)->bos, 6);
     ASSERT_EQ_INT(cm_model_get_info(m)->add_bos, 1);
     int32_t bids[4];
-    n = tok(m, "ab", 2, CM_TOK_ADD_BOS, bids, 4);
+    n = cm_tokenize(m, "ab", 2, CM_TOK_ADD_BOS, bids, 4, NULL);
     ASSERT_IDS(bids, n, 6, 3);
     cm_model_free(m);
     m = convert_load(TJ_HEAD TJ_TEMPLATE PRE_QWEN TJ_MODEL,
