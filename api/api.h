@@ -225,6 +225,46 @@ char *api_sse_data(const char *json);
 /* "data: {"error":{...}}\n\n": a failure after the stream has started (HTTP status already sent). */
 char *api_sse_error(const api_error *e);
 
+/* ============================================================ routing statistics */
+
+/* A sum of the engine's cm_routing reports of one model: a request's sequences (the "routing" record)
+ * or the server's lifetime (expert load metrics). Counts only; the shape comes from the first report.
+ * Zero-initialise it ({0}); release with api_route_agg_free. */
+typedef struct api_route_agg {
+    int has;                       /* a report was added (a dense model never adds one) */
+    int n_layer, n_tok, n_seg, n_windows, n_adapters, shared, window;
+    cm_route_count *tok;           /* (n_layer, n_tok) */
+    cm_route_count *seg;           /* (n_layer, n_seg) */
+    cm_route_count *adapter;       /* (n_adapters) */
+    uint32_t *seg_windows;         /* (n_layer, n_seg, n_windows) */
+} api_route_agg;
+
+/* Adds a report (NULL, as dense models give, adds nothing). -1 on allocation failure or a report of
+ * another shape (then nothing is added). */
+int api_route_agg_add(api_route_agg *a, const cm_routing *r);
+/* dst (freed first) becomes a copy of src. -1 on allocation failure (dst is then empty). */
+int api_route_agg_copy(api_route_agg *dst, const api_route_agg *src);
+void api_route_agg_free(api_route_agg *a);
+
+/* What identifies a completion's routing record. Strings are borrowed. */
+typedef struct api_routing_info {
+    const char *id;               /* the completion id ("cmpl-...") */
+    int64_t created;              /* unix seconds */
+    const char *model;            /* the served model's id */
+    int prompt_tokens, completion_tokens;
+    int full;                     /* "routing": "full": per-window segment detail */
+} api_routing_info;
+
+/* The record GET /v1/completions/{id}/routing serves and the "routing" response extension carries:
+ * {id, object:"completion.routing", created, model, prompt_tokens, completion_tokens,
+ *  layers:[{layer, token:[{expert, prompt_tokens, generated_tokens, prompt_mean_gate,
+ *  generated_mean_gate}], segment:[...same...], segment_windows:[[tokens per window] per segment expert]
+ *  (full only; trailing empty windows dropped)}], n_layer, token_experts, shared_expert,
+ *  segment_experts, window, adapters:[{adapter, name, ...counts}] (MoLE)}. A dense model (an empty
+ * aggregate) has only "layers": [] beside the identity. m names the adapters (may be NULL). New
+ * reference; NULL on allocation failure. */
+json_t *api_routing_json(const api_route_agg *a, const cm_model *m, const api_routing_info *info);
+
 /* ============================================================ models */
 
 /* GET /v1/models: {"object":"list","data":[model, ...]}. */

@@ -108,7 +108,7 @@ typedef struct sched_jobstate {
     int dirty;            /* has something to publish */
     int in_batch;         /* has rows in the current batch */
     int64_t t_first_ns;   /* first token of any choice (copied to the job when published) */
-    srv_route_agg agg;    /* routing statistics of the job's finished sequences */
+    api_route_agg agg;    /* routing statistics of the job's finished sequences */
     int failed;           /* fail_err ends the job after this step's sampling */
     api_error fail_err;
 } sched_jobstate;
@@ -137,7 +137,7 @@ struct srv_sched {
     srv_job *submit_head, *submit_tail;
     srv_job *ready_head;
     srv_gauges gauges;
-    srv_route_agg load_pub;           /* copy of `load` for /metrics */
+    api_route_agg load_pub;           /* copy of `load` for /metrics */
     srv_hist ttft, itl;
     uint64_t generated, prompt;
 
@@ -166,7 +166,7 @@ struct srv_sched {
     srv_hist l_ttft, l_itl;
     uint64_t l_generated, l_prompt, l_steps, l_batch_tokens;
     uint64_t l_prompt_computed, l_prefix_query, l_prefix_hit, l_kv_check_errors;
-    srv_route_agg load;               /* expert load over every finished sequence */
+    api_route_agg load;               /* expert load over every finished sequence */
     int load_dirty;
     int fork_ok;                      /* the engine forks sequences (else each choice prefills itself) */
     int blocks_total;                 /* KV pool size in blocks */
@@ -225,8 +225,8 @@ static void seq_release(srv_sched *s, sched_seq *q) {
         /* the engine's report lives until the close: fold it into the job's and the server's sums */
         const cm_routing *rt = cm_seq_routing(s->ctx, q->seq);
         if (rt) {
-            srv_route_agg_add(&js(q->job)->agg, rt);
-            srv_route_agg_add(&s->load, rt);
+            api_route_agg_add(&js(q->job)->agg, rt);
+            api_route_agg_add(&s->load, rt);
             s->load_dirty = 1;
         }
         cm_seq_close(s->ctx, q->seq);
@@ -304,7 +304,7 @@ static void job_free_state(srv_job *j) {
         srv_tokvec_free(&st->seqs[i].prompt_lp);
     }
     free(st->seqs);
-    srv_route_agg_free(&st->agg);
+    api_route_agg_free(&st->agg);
     free(st);
     j->w = NULL;
 }
@@ -321,8 +321,11 @@ static void job_finish(srv_sched *s, srv_job *j, const api_error *err) {
         }
     for (int i = 0; i < s->n_running; i++)
         if (s->running[i] == j) { s->running[i] = s->running[--s->n_running]; break; }
-    json_t *routing = NULL;
-    if (st && !err) routing = srv_route_agg_json(&st->agg, s->model, j->req->routing == API_ROUTING_FULL);
+    api_route_agg routing = {0};
+    if (st && !err) { /* the sums move to the loop, which renders the record (api_routing_json) */
+        routing = st->agg;
+        memset(&st->agg, 0, sizeof st->agg);
+    }
     uv_mutex_lock(&s->mu);
     publish_job(s, j);
     if (err && !j->has_error) { j->has_error = 1; j->err = *err; }
@@ -811,7 +814,7 @@ static void publish_stats_locked(srv_sched *s) {
     g->kv_check_errors = s->l_kv_check_errors;
     g->step_tokens = s->l_step_tokens;
     if (s->load_dirty) {
-        srv_route_agg_copy(&s->load_pub, &s->load);
+        api_route_agg_copy(&s->load_pub, &s->load);
         s->load_dirty = 0;
     }
     g->decode_steps = s->l_steps;
@@ -1096,8 +1099,8 @@ void srv_sched_free(srv_sched *s) {
     free(s->b_logits);
     free(s->b_gen);
     free(s->rows);
-    srv_route_agg_free(&s->load);
-    srv_route_agg_free(&s->load_pub);
+    api_route_agg_free(&s->load);
+    api_route_agg_free(&s->load_pub);
     free(s->running);
     free(s->a_seq);
     free(s->a_got);
@@ -1174,15 +1177,15 @@ srv_job *srv_sched_drain(srv_sched *s, srv_job *job, srv_out *dst, srv_drained *
     info->prompt_tokens = job->prompt_tokens;
     info->cached_tokens = job->cached_tokens;
     info->t_first_token_ns = job->t_first_token_ns;
-    info->routing = NULL;
-    if (job->done) { info->routing = job->routing; job->routing = NULL; }
+    memset(&info->routing, 0, sizeof info->routing);
+    if (job->done) { info->routing = job->routing; memset(&job->routing, 0, sizeof job->routing); }
     uv_mutex_unlock(&s->mu);
     return next;
 }
 
 void srv_sched_render_experts(srv_sched *s, srv_buf *b) {
     uv_mutex_lock(&s->mu);
-    srv_route_agg_prometheus(&s->load_pub, s->model, b);
+    srv_expert_metrics_render(&s->load_pub, s->model, b);
     uv_mutex_unlock(&s->mu);
 }
 
