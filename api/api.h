@@ -71,6 +71,8 @@ typedef struct api_model {
     int n_ctx;              /* tokens per sequence the server runs with (prompt + completion) */
     json_t *meta;           /* extra fields merged into the /v1/models entry (MoE experts, adapters,
                                languages when the engine reports them); may be NULL; borrowed */
+    int n_batch;            /* tokens per forward pass the server runs (--batch): a reference-mode
+                               segment_routing prompt must fit one; 0: no such bound */
 } api_model;
 
 typedef struct api_limits {
@@ -104,6 +106,10 @@ typedef struct api_prompt {
                               tokens whose logprobs echo reports */
     char *text;            /* the prompt as the client gave it (ids: decoded), for echo; owned */
     size_t text_len;
+    cm_seq_options opts;   /* engine options for this prompt's sequences (cm_seq_set_options): segment
+                              mode from segment_routing; MoLE language from "language", else the
+                              text's Markdown fences (-1, the engine's fence tracker decides), else
+                              cm_lang_detect's guess (cm_lang_for_request) */
 } api_prompt;
 
 typedef enum { API_ROUTING_NONE = 0, API_ROUTING_SUMMARY, API_ROUTING_FULL } api_routing_mode;
@@ -135,8 +141,11 @@ typedef struct api_completion_req {
 } api_completion_req;
 
 /* Parses and validates a POST /v1/completions body of len bytes (need not be NUL-terminated) against
- * the model and limits, tokenizing every prompt. On success returns 0 and out owns its allocations
- * (free with api_completion_req_free). On failure returns -1, err describes it (status 400/404/413, or
+ * the model and limits, tokenizing every prompt and resolving its engine options, so that every rule of
+ * a request is checked here, before it waits for the engine: a "language" a MoLE model has no adapter
+ * for (400, param "language"), segment_routing "reference" on a hybrid model with max_tokens > 0 or a
+ * prompt longer than m->n_batch (400, param "segment_routing"). On success returns 0 and out owns its
+ * allocations (free with api_completion_req_free). On failure returns -1, err describes it (status 400/404/413, or
  * 500 if the tokenizer failed) and out holds nothing to free (freeing it anyway is safe). */
 int api_parse_completion(const char *body, size_t len, const api_model *m, const api_limits *lim,
                          api_completion_req *out, api_error *err);

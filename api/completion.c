@@ -462,6 +462,34 @@ static int parse_logit_bias(json_t *o, const api_limits *lim, int n_vocab, api_c
     return 0;
 }
 
+/* ------------------------------------------------------------ engine options */
+
+/* The engine options of one prompt's sequences (see api_prompt.opts). */
+static void resolve_options(const api_model *am, const api_completion_req *r, const api_prompt *p,
+                            cm_seq_options *o) {
+    cm_seq_options_default(o);
+    if (r->segment_routing == API_SEGMENT_REFERENCE) o->segment_mode = CM_SEGMENT_REFERENCE;
+    if (cm_model_n_adapters(am->model) > 0) {
+        const char *lang = cm_lang_for_request(r->language, p->text, p->text_len);
+        o->language = lang ? cm_model_adapter_id(am->model, lang) : -1;
+    }
+}
+
+/* The engine routes reference segments over the whole text in one forward pass, after which the
+ * sequence takes no more tokens: scoring only, and each prompt must fit one batch. */
+static int check_reference_segments(const api_model *am, const api_completion_req *r, int longest, api_error *e) {
+    cm_moe_info mi;
+    cm_model_moe_info(am->model, &mi);
+    if (r->segment_routing != API_SEGMENT_REFERENCE || mi.kind != CM_MOE_KIND_HYBRID) return 0;
+    if (r->max_tokens == 0 && (am->n_batch <= 0 || longest <= am->n_batch)) return 0;
+    if (am->n_batch > 0)
+        return api_error_set(e, 400, API_ERR_INVALID, "segment_routing", NULL,
+                             "segment_routing 'reference' scores a complete text: it needs max_tokens 0 and a prompt "
+                             "of at most %d tokens (--batch).", am->n_batch);
+    return api_error_set(e, 400, API_ERR_INVALID, "segment_routing", NULL,
+                         "segment_routing 'reference' scores a complete text: it needs max_tokens 0.");
+}
+
 /* ------------------------------------------------------------ the request */
 
 const api_model *api_find_model(const api_model *models, int n, const char *name) {
@@ -553,6 +581,13 @@ static int parse_fields(json_t *root, const api_model *m, const api_limits *lim,
     if (rc && !(r->user = dup_json_string(s, NULL))) goto oom;
     if ((rc = get_string(root, "language", &s, e)) < 0) return -1;
     if (rc && !(r->language = dup_json_string(s, NULL))) goto oom;
+    /* only MoLE models have adapters; the others ignore the field */
+    if (r->language && cm_model_n_adapters(m->model) > 0 && cm_model_adapter_id(m->model, r->language) < 0) {
+        char d[96];
+        describe(s, d, sizeof d);
+        return api_error_set(e, 400, API_ERR_INVALID, "language", NULL,
+                             "This model has no adapter for language %s.", d);
+    }
 
     static const char *const seg_names[] = {"causal", "reference"};
     static const char *const routing_names[] = {"none", "summary", "full"};
@@ -643,6 +678,7 @@ int api_parse_completion(const char *body, size_t len, const api_model *m, const
     for (int i = 0; i < n_src; i++) {
         if (build_prompt(m, &srcs[i], suffix, parse_special, &r->prompts[i], e)) goto fail;
         r->n_prompts++;
+        resolve_options(m, r, &r->prompts[i], &r->prompts[i].opts);
         if (r->prompts[i].n_tokens > longest) longest = r->prompts[i].n_tokens;
     }
 
@@ -668,6 +704,7 @@ int api_parse_completion(const char *body, size_t len, const api_model *m, const
         goto fail;
     }
     r->max_tokens = (int)max_tokens;
+    if (check_reference_segments(m, r, longest, e)) goto fail;
     free(srcs);
     json_decref(root);
     return 0;

@@ -769,6 +769,7 @@ static void on_wake(void *ud) {
             h->model.created = h->created;
             h->model.n_ctx = n_ctx;
             h->model.meta = NULL;
+            h->model.n_batch = h->cfg->n_batch;
             h->model_state = SRV_MODEL_READY;
             const cm_model_info *info = cm_model_get_info(m);
             json_t *f = json_pack("{s:s,s:s,s:i,s:i,s:i}", "model", h->cfg->model_id, "arch", info->arch, "n_ctx",
@@ -818,20 +819,6 @@ static void handle_completion(srv_req *r) {
                       "(--parallel).", nc, h->cfg->parallel);
         respond_error(r, &e);
         return;
-    }
-    if (r->creq.segment_routing == API_SEGMENT_REFERENCE && !strcmp(cm_model_get_info(h->model.model)->arch, "multipl_moe")) {
-        /* the engine routes reference segments over the whole text in one forward pass, after which
-         * the sequence takes no more tokens: scoring only, and each prompt must fit one batch */
-        int longest = 0;
-        for (int i = 0; i < r->creq.n_prompts; i++)
-            if (r->creq.prompts[i].n_tokens > longest) longest = r->creq.prompts[i].n_tokens;
-        if (r->creq.max_tokens > 0 || longest > h->cfg->n_batch) {
-            api_error_set(&e, 400, API_ERR_INVALID, "segment_routing", NULL,
-                          "segment_routing 'reference' scores a complete text: it needs max_tokens 0 and a prompt "
-                          "of at most %d tokens (--batch).", h->cfg->n_batch);
-            respond_error(r, &e);
-            return;
-        }
     }
     if (h->n_jobs >= h->cfg->parallel + h->cfg->queue) {
         h->metrics.rejected_queue_full++;

@@ -458,23 +458,10 @@ static int job_admit(srv_sched *s, srv_job *j) {
             err_at = i;
             break;
         }
-        /* mixture-of-experts options (dense models ignore them); set before the cache lookup, whose
-         * key includes them */
-        cm_seq_options so;
-        cm_seq_options_default(&so);
-        if (r->segment_routing == API_SEGMENT_REFERENCE) so.segment_mode = CM_SEGMENT_REFERENCE;
-        if (cm_model_n_adapters(s->model) > 0) { /* MoLE: the field, else the prompt's fences, else a guess */
-            const char *lang = cm_lang_for_request(r->language, p->text, p->text_len);
-            so.language = lang ? cm_model_adapter_id(s->model, lang) : -1;
-            if (r->language && so.language < 0) {
-                api_error_set(&e, 400, API_ERR_INVALID, "language", NULL,
-                              "This model has no adapter for language '%s'.", r->language);
-                err_at = i;
-                break;
-            }
-        }
-        if (cm_seq_set_options(s->ctx, seq, &so, &ce) < 0) {
-            api_error_set(&e, 400, API_ERR_INVALID, "segment_routing", NULL, "%s", ce.msg);
+        /* the options api/ resolved (dense models ignore them); set before the cache lookup, whose
+         * key includes them. The sequence is empty, so the engine has no reason to refuse them. */
+        if (cm_seq_set_options(s->ctx, seq, &p->opts, &ce) < 0) {
+            api_error_set(&e, 500, API_ERR_SERVER, NULL, NULL, "sequence options: %s", ce.msg);
             err_at = i;
             break;
         }

@@ -1,7 +1,7 @@
 /*
  * test_api.c - unit tests of api/: request validation (every rule: status, param, message), all prompt
- * forms, FIM, sampling mapping, stop-string holdback, response/chunk/model/routing shapes (parsed back
- * with jansson), SSE framing, and random mutations of valid bodies (run it under ASan).
+ * forms, FIM, engine options and MoE rules, sampling mapping, stop-string holdback,
+ * response/chunk/model/routing shapes (parsed back with jansson), SSE framing, and random mutations of valid bodies (run it under ASan).
  * Linked against tests/api/fake_engine.c, a byte-per-token stand-in, so token ids are exact.
  */
 #include <math.h>
@@ -894,7 +894,7 @@ static void setup_moe(int kind) {
     fake_model_opts o = {.fim = 1, .bos = 1, .eos = 1, .moe = kind == CM_MOE_KIND_HYBRID ? &hyb : &mole,
                          .adapters = mole_names};
     g_model = fake_model_create(&o, "Fake MoE");
-    g_am = (api_model){.model = g_model, .id = "fake-moe", .created = 1700000000, .n_ctx = 64};
+    g_am = (api_model){.model = g_model, .id = "fake-moe", .created = 1700000000, .n_ctx = 64, .n_batch = 16};
     api_limits_default(&g_lim);
 }
 
@@ -930,6 +930,76 @@ TEST(render_models) {
     ASSERT_STREQ(json_string_value(json_object_get(j, "id")), "second");
     json_decref(j);
     json_decref(meta);
+}
+
+/* ============================================================ engine options and MoE request rules */
+
+/* Every prompt carries the engine options its sequences run with; the MoLE language is resolved (and
+ * an unknown one refused) when the body is parsed. */
+TEST(seq_options_resolved) {
+    api_completion_req r;
+    api_error e;
+    setup(1, 1, 0);
+    ASSERT_EQ_INT(parse("{\"prompt\":[\"a\",\"b\"],\"language\":\"cobol\"}", &r, &e), 0); /* dense: ignored */
+    ASSERT_EQ_INT(r.n_prompts, 2);
+    for (int i = 0; i < 2; i++) {
+        ASSERT_EQ_INT(r.prompts[i].opts.segment_mode, CM_SEGMENT_DEFAULT);
+        ASSERT_EQ_INT(r.prompts[i].opts.adapter_routing, CM_ADAPTERS_AUTO);
+        ASSERT_EQ_INT(r.prompts[i].opts.language, -1);
+    }
+    api_completion_req_free(&r);
+
+    setup_moe(CM_MOE_KIND_MOLE);
+    ASSERT_EQ_INT(parse("{\"prompt\":[\"a\",\"b\"],\"language\":\"rust\"}", &r, &e), 0);
+    ASSERT_EQ_INT(r.prompts[0].opts.language, 1);
+    ASSERT_EQ_INT(r.prompts[1].opts.language, 1);
+    api_completion_req_free(&r);
+    ASSERT_EQ_INT(parse("{\"prompt\":\"a\"}", &r, &e), 0);
+    ASSERT_EQ_INT(r.prompts[0].opts.language, -1); /* no field: the fence tracker decides */
+    api_completion_req_free(&r);
+    ASSERT_EQ_INT(parse("{\"prompt\":\"a\",\"language\":\"cobol\"}", &r, &e), -1);
+    ASSERT_EQ_INT(e.status, 400);
+    ASSERT_STREQ(e.param, "language");
+    ASSERT_TRUE(strstr(e.message, "'cobol'") != NULL);
+
+    setup_moe(CM_MOE_KIND_HYBRID);
+    ASSERT_EQ_INT(parse("{\"prompt\":\"abc\",\"max_tokens\":0,\"segment_routing\":\"reference\"}", &r, &e), 0);
+    ASSERT_EQ_INT(r.prompts[0].opts.segment_mode, CM_SEGMENT_REFERENCE);
+    api_completion_req_free(&r);
+    ASSERT_EQ_INT(parse("{\"prompt\":\"abc\",\"segment_routing\":\"causal\"}", &r, &e), 0);
+    ASSERT_EQ_INT(r.prompts[0].opts.segment_mode, CM_SEGMENT_DEFAULT);
+    api_completion_req_free(&r);
+}
+
+/* Reference segment routing scores a complete text in one forward pass: max_tokens 0 and every prompt
+ * within the server's batch, checked at parse time, on hybrid models only. */
+TEST(reference_segments_rule) {
+    api_completion_req r;
+    api_error e;
+    setup_moe(CM_MOE_KIND_HYBRID); /* n_batch 16 */
+    const char *bad[] = {
+        "{\"prompt\":\"abc\",\"segment_routing\":\"reference\"}",                  /* max_tokens 16 */
+        "{\"prompt\":\"abc\",\"max_tokens\":null,\"segment_routing\":\"reference\"}",
+        "{\"prompt\":\"0123456789abcdefg\",\"max_tokens\":0,\"segment_routing\":\"reference\"}", /* 17 */
+        "{\"prompt\":[\"a\",\"0123456789abcdefg\"],\"max_tokens\":0,\"segment_routing\":\"reference\"}",
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        ASSERT_EQ_INT(parse(bad[i], &r, &e), -1);
+        ASSERT_EQ_INT(e.status, 400);
+        ASSERT_STREQ(e.param, "segment_routing");
+        ASSERT_TRUE(strstr(e.message, "at most 16 tokens") != NULL);
+    }
+    ASSERT_EQ_INT(parse("{\"prompt\":\"0123456789abcdef\",\"max_tokens\":0,\"segment_routing\":\"reference\"}", &r, &e), 0);
+    api_completion_req_free(&r);
+    /* causal has no such rule, and dense models ignore the field */
+    ASSERT_EQ_INT(parse("{\"prompt\":\"0123456789abcdefg\",\"segment_routing\":\"causal\"}", &r, &e), 0);
+    api_completion_req_free(&r);
+    setup_moe(CM_MOE_KIND_MOLE);
+    ASSERT_EQ_INT(parse("{\"prompt\":\"abc\",\"segment_routing\":\"reference\"}", &r, &e), 0);
+    api_completion_req_free(&r);
+    setup(1, 1, 0);
+    ASSERT_EQ_INT(parse("{\"prompt\":\"abc\",\"segment_routing\":\"reference\"}", &r, &e), 0);
+    api_completion_req_free(&r);
 }
 
 /* ============================================================ routing statistics */
@@ -1135,6 +1205,8 @@ int main(void) {
     RUN(render_logprobs);
     RUN(render_chunks);
     RUN(render_models);
+    RUN(seq_options_resolved);
+    RUN(reference_segments_rule);
     RUN(routing_json_dense);
     RUN(routing_json_hybrid);
     RUN(routing_json_mole);
