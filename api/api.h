@@ -151,6 +151,15 @@ int api_parse_completion(const char *body, size_t len, const api_model *m, const
                          api_completion_req *out, api_error *err);
 void api_completion_req_free(api_completion_req *r);
 
+/* The fill-in-the-middle prompt, one rule for the API's "suffix" and `codemoe complete --suffix`:
+ * [BOS if add_bos] <fim_prefix> prefix <fim_suffix> suffix <fim_middle>, prefix and suffix tokenized as
+ * plain text (user code: a control-token string in it is text, never a token), the FIM tokens inserted by
+ * id. On success returns 0 and *tokens (malloc'd, caller frees) holds *n_tokens ids. On failure returns
+ * -1 with e set (400 param "suffix": the model has no FIM tokens; 500: the tokenizer failed or out of
+ * memory) and *tokens NULL. */
+int api_fim_tokens(const cm_model *m, const char *prefix, size_t prefix_len, const char *suffix,
+                   size_t suffix_len, int32_t **tokens, int *n_tokens, api_error *e);
+
 /* Total choices (n_prompts * n); choice i belongs to prompt i / n. */
 static inline int api_completion_n_choices(const api_completion_req *r) { return r->n_prompts * r->n; }
 

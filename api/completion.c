@@ -229,6 +229,62 @@ typedef struct prompt_src {
     const json_t *ids;   /* a JSON array of integers, or neither: the default prompt */
 } prompt_src;
 
+/* 0 when the model has the three FIM tokens, else -1 with the 400 a "suffix" gets. */
+static int fim_check(const cm_model *m, const char *model_id, api_error *e) {
+    const cm_model_info *info = cm_model_get_info(m);
+    if (info->fim_pre >= 0 && info->fim_suf >= 0 && info->fim_mid >= 0) return 0;
+    return api_error_set(e, 400, API_ERR_INVALID, "suffix", NULL,
+                         "The model '%s' does not support 'suffix': it has no fill-in-the-middle tokens.",
+                         model_id ? model_id : "");
+}
+
+/* Appends the FIM arrangement (see api_fim_tokens) to b. The prefix is text (prefix non-NULL), token ids
+ * used as given (prefix_ids: no BOS, as for every token prompt), or absent. *echo_from: the index of the
+ * prefix's first token. The model has FIM tokens (fim_check). */
+static int fim_into(const cm_model *m, const char *prefix, size_t prefix_len, const json_t *prefix_ids,
+                    const char *suffix, size_t suffix_len, tokbuf *b, int *echo_from, api_error *e) {
+    const cm_model_info *info = cm_model_get_info(m);
+    /* the user's code is text, never control tokens, so a file containing "<|endoftext|>" cannot end
+     * the prompt early */
+    *echo_from = 0;
+    if (prefix && info->add_bos && info->bos >= 0) {
+        if (tokbuf_push(b, info->bos)) goto oom;
+        *echo_from = 1;
+    }
+    if (tokbuf_push(b, info->fim_pre)) goto oom;
+    if (prefix) {
+        if (tokenize_into(m, prefix, prefix_len, 0, b, e)) return -1;
+    } else if (prefix_ids) {
+        size_t i;
+        json_t *x;
+        json_array_foreach(prefix_ids, i, x) if (tokbuf_push(b, (int32_t)json_integer_value(x))) goto oom;
+    }
+    if (tokbuf_push(b, info->fim_suf)) goto oom;
+    if (tokenize_into(m, suffix, suffix_len, 0, b, e)) return -1;
+    if (tokbuf_push(b, info->fim_mid)) goto oom;
+    return 0;
+oom:
+    return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
+}
+
+int api_fim_tokens(const cm_model *m, const char *prefix, size_t prefix_len, const char *suffix,
+                   size_t suffix_len, int32_t **tokens, int *n_tokens, api_error *e) {
+    *tokens = NULL;
+    *n_tokens = 0;
+    const cm_model_info *info = cm_model_get_info(m);
+    if (fim_check(m, info->name, e)) return -1;
+    tokbuf b = {0};
+    int echo_from;
+    if (fim_into(m, prefix ? prefix : "", prefix ? prefix_len : 0, NULL, suffix ? suffix : "",
+                 suffix ? suffix_len : 0, &b, &echo_from, e)) {
+        free(b.v);
+        return -1;
+    }
+    *tokens = b.v;
+    *n_tokens = b.n;
+    return 0;
+}
+
 /* Builds one prompt's token sequence (plain or FIM) and its echo text. */
 static int build_prompt(const api_model *am, const prompt_src *src, const json_t *suffix, int parse_special,
                         api_prompt *out, api_error *e) {
@@ -238,23 +294,9 @@ static int build_prompt(const api_model *am, const prompt_src *src, const json_t
     int rc = -1;
     out->echo_from = 0;
     if (suffix) {
-        /* [BOS] <fim_prefix> prompt <fim_suffix> suffix <fim_middle>: the user's code is text, never
-         * control tokens, so a file containing "<|endoftext|>" cannot end the prompt early */
-        if (src->text && info->add_bos && info->bos >= 0) {
-            if (tokbuf_push(&b, info->bos)) goto oom;
-            out->echo_from = 1;
-        }
-        if (tokbuf_push(&b, info->fim_pre)) goto oom;
-        if (src->text) {
-            if (tokenize_into(m, json_string_value(src->text), json_string_length(src->text), 0, &b, e)) goto fail;
-        } else if (src->ids) {
-            size_t i;
-            json_t *x;
-            json_array_foreach(src->ids, i, x) if (tokbuf_push(&b, (int32_t)json_integer_value(x))) goto oom;
-        }
-        if (tokbuf_push(&b, info->fim_suf)) goto oom;
-        if (tokenize_into(m, json_string_value(suffix), json_string_length(suffix), 0, &b, e)) goto fail;
-        if (tokbuf_push(&b, info->fim_mid)) goto oom;
+        if (fim_into(m, src->text ? json_string_value(src->text) : NULL, src->text ? json_string_length(src->text) : 0,
+                     src->ids, json_string_value(suffix), json_string_length(suffix), &b, &out->echo_from, e))
+            goto fail;
     } else if (src->text) {
         int flags = CM_TOK_ADD_BOS | (parse_special ? CM_TOK_PARSE_SPECIAL : 0);
         if (tokenize_into(m, json_string_value(src->text), json_string_length(src->text), flags, &b, e)) goto fail;
@@ -599,10 +641,7 @@ static int parse_fields(json_t *root, const api_model *m, const api_limits *lim,
 
     if ((rc = get_string(root, "suffix", suffix, e)) < 0) return -1;
     if (rc) {
-        if (info->fim_pre < 0 || info->fim_suf < 0 || info->fim_mid < 0)
-            return api_error_set(e, 400, API_ERR_INVALID, "suffix", NULL,
-                                 "The model '%s' does not support 'suffix': it has no fill-in-the-middle tokens.",
-                                 m->id ? m->id : "");
+        if (fim_check(m->model, m->id, e)) return -1;
         if (r->echo)
             return api_error_set(e, 400, API_ERR_INVALID, "echo", NULL,
                                  "'echo' cannot be used together with 'suffix'.");

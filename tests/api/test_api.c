@@ -1,7 +1,7 @@
 /*
  * test_api.c - unit tests of api/: request validation (every rule: status, param, message), all prompt
- * forms, FIM, engine options and MoE rules, sampling mapping, stop-string holdback,
- * response/chunk/model/routing shapes (parsed back with jansson), SSE framing, and random mutations of valid bodies (run it under ASan).
+ * forms, FIM (shared with the CLI), engine options and MoE rules, sampling mapping, stop-string
+ * holdback, response/chunk/model/routing shapes (parsed back with jansson), SSE framing, and random mutations of valid bodies (run it under ASan).
  * Linked against tests/api/fake_engine.c, a byte-per-token stand-in, so token ids are exact.
  */
 #include <math.h>
@@ -317,6 +317,33 @@ TEST(fim_suffix) {
     ASSERT_TRUE(strstr(e.message, "fill-in-the-middle") != NULL);
     ASSERT_EQ_INT(parse("{\"prompt\":\"a\",\"suffix\":null}", &r, &e), 0); /* null suffix is fine */
     api_completion_req_free(&r);
+}
+
+/* api_fim_tokens (codemoe complete --suffix) gives exactly the ids of a "suffix" request, control-token
+ * strings in prompt and suffix staying text; without FIM tokens it fails like the request does. */
+TEST(fim_tokens_shared_with_requests) {
+    api_completion_req r;
+    api_error e;
+    for (int add_bos = 0; add_bos < 2; add_bos++) {
+        setup(1, 1, add_bos);
+        ASSERT_EQ_INT(parse("{\"prompt\":\"x<s>\",\"suffix\":\"<|endoftext|>y\"}", &r, &e), 0);
+        int32_t *ids = NULL;
+        int n = 0;
+        ASSERT_EQ_INT(api_fim_tokens(g_model, "x<s>", 4, "<|endoftext|>y", 14, &ids, &n, &e), 0);
+        ASSERT_EQ_INT(n, 3 + add_bos + 4 + 14);
+        ASSERT_TRUE(tokens_are(&r, 0, ids, n));
+        free(ids);
+        api_completion_req_free(&r);
+    }
+    setup(0, 1, 0);
+    static int32_t stale[1];
+    int32_t *ids = stale; /* reset on failure */
+    int n = 7;
+    ASSERT_EQ_INT(api_fim_tokens(g_model, "a", 1, "b", 1, &ids, &n, &e), -1);
+    ASSERT_TRUE(ids == NULL && n == 0);
+    ASSERT_EQ_INT(e.status, 400);
+    ASSERT_STREQ(e.param, "suffix");
+    ASSERT_TRUE(strstr(e.message, "fill-in-the-middle") != NULL);
 }
 
 /* ============================================================ parsing: every rejection */
@@ -1193,6 +1220,7 @@ int main(void) {
     RUN(prompt_default_and_empty);
     RUN(prompt_special_tokens);
     RUN(fim_suffix);
+    RUN(fim_tokens_shared_with_requests);
     RUN(rejections);
     RUN(body_limit_and_model_match);
     RUN(max_tokens_resolution);
