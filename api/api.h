@@ -69,8 +69,6 @@ typedef struct api_model {
     const char *id;         /* the "model" value clients send and /v1/models lists */
     int64_t created;        /* unix time for /v1/models (e.g. file mtime) */
     int n_ctx;              /* tokens per sequence the server runs with (prompt + completion) */
-    json_t *meta;           /* extra fields merged into the /v1/models entry (MoE experts, adapters,
-                               languages when the engine reports them); may be NULL; borrowed */
     int n_batch;            /* tokens per forward pass the server runs (--batch): a reference-mode
                                segment_routing prompt must fit one; 0: no such bound */
 } api_model;
@@ -288,7 +286,11 @@ json_t *api_routing_json(const api_route_agg *a, const cm_model *m, const api_ro
 /* GET /v1/models: {"object":"list","data":[model, ...]}. */
 char *api_render_models(const api_model *models, int n);
 /* GET /v1/models/{id}: {id, object:"model", created, owned_by:"codemoe", architecture,
- * context_length, n_vocab, n_params, weight_type, fim, ...meta}. */
+ * context_length, n_vocab, n_params, weight_type, fim, [moe]}; moe (mixture-of-experts models only,
+ * from cm_model_moe_info): hybrid {kind:"hybrid", experts, top_k, shared_expert (null: none),
+ * segment_experts, window, segment_routing_default:"causal"|"reference"}, MoLE {kind:"mole",
+ * adapters:[names by id], languages:[the adapters a request's "language" selects: all but the shared
+ * and fallback ones]}. */
 char *api_render_model(const api_model *m);
 /* The model whose id (or general.name) equals name, or NULL. */
 const api_model *api_find_model(const api_model *models, int n, const char *name);

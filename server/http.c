@@ -768,7 +768,6 @@ static void on_wake(void *ud) {
             h->model.id = h->cfg->model_id;
             h->model.created = h->created;
             h->model.n_ctx = n_ctx;
-            h->model.meta = NULL;
             h->model.n_batch = h->cfg->n_batch;
             h->model_state = SRV_MODEL_READY;
             const cm_model_info *info = cm_model_get_info(m);

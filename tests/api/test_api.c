@@ -925,20 +925,17 @@ static void setup_moe(int kind) {
     api_limits_default(&g_lim);
 }
 
+/* Dense models have no "moe" object; hybrid and MoLE models describe their experts with typed fields. */
 TEST(render_models) {
     setup(1, 1, 0);
-    json_t *meta = json_pack("{s:i,s:[s,s]}", "n_experts", 8, "languages", "python", "c");
-    api_model ms[2] = {g_am, g_am};
-    ms[1].id = "second";
-    ms[1].meta = meta;
-    char *s = api_render_models(ms, 2);
+    char *s = api_render_models(&g_am, 1);
     json_t *j = load(s);
     free(s);
     ASSERT_TRUE(j);
     ASSERT_STREQ(json_string_value(json_object_get(j, "object")), "list");
     json_t *d = json_object_get(j, "data");
-    ASSERT_EQ_INT(json_array_size(d), 2);
-    json_t *m0 = json_array_get(d, 0), *m1 = json_array_get(d, 1);
+    ASSERT_EQ_INT(json_array_size(d), 1);
+    json_t *m0 = json_array_get(d, 0);
     ASSERT_STREQ(json_string_value(json_object_get(m0, "id")), "fake-coder");
     ASSERT_STREQ(json_string_value(json_object_get(m0, "object")), "model");
     ASSERT_EQ_INT(json_integer_value(json_object_get(m0, "created")), 1700000000);
@@ -947,16 +944,39 @@ TEST(render_models) {
     ASSERT_EQ_INT(json_integer_value(json_object_get(m0, "context_length")), 64);
     ASSERT_EQ_INT(json_integer_value(json_object_get(m0, "n_vocab")), FAKE_VOCAB);
     ASSERT_TRUE(json_is_true(json_object_get(m0, "fim")));
-    ASSERT_TRUE(json_object_get(m0, "n_experts") == NULL);
-    ASSERT_EQ_INT(json_integer_value(json_object_get(m1, "n_experts")), 8);
-    ASSERT_EQ_INT(json_array_size(json_object_get(m1, "languages")), 2);
+    ASSERT_TRUE(json_object_get(m0, "moe") == NULL);
     json_decref(j);
-    s = api_render_model(&ms[1]);
+
+    setup_moe(CM_MOE_KIND_HYBRID);
+    s = api_render_model(&g_am);
     j = load(s);
     free(s);
-    ASSERT_STREQ(json_string_value(json_object_get(j, "id")), "second");
+    ASSERT_STREQ(json_string_value(json_object_get(j, "id")), "fake-moe");
+    json_t *moe = json_object_get(j, "moe");
+    ASSERT_STREQ(json_string_value(json_object_get(moe, "kind")), "hybrid");
+    ASSERT_EQ_INT(json_integer_value(json_object_get(moe, "experts")), 6);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(moe, "top_k")), 2);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(moe, "shared_expert")), 5);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(moe, "segment_experts")), 4);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(moe, "window")), 8);
+    ASSERT_STREQ(json_string_value(json_object_get(moe, "segment_routing_default")), "causal");
+    ASSERT_TRUE(json_object_get(moe, "adapters") == NULL);
     json_decref(j);
-    json_decref(meta);
+
+    setup_moe(CM_MOE_KIND_MOLE);
+    s = api_render_model(&g_am);
+    j = load(s);
+    free(s);
+    moe = json_object_get(j, "moe");
+    ASSERT_STREQ(json_string_value(json_object_get(moe, "kind")), "mole");
+    json_t *ad = json_object_get(moe, "adapters"), *langs = json_object_get(moe, "languages");
+    ASSERT_EQ_INT(json_array_size(ad), 4);
+    ASSERT_STREQ(json_string_value(json_array_get(ad, 2)), "shared");
+    ASSERT_EQ_INT(json_array_size(langs), 2); /* shared and fallback are not languages */
+    ASSERT_STREQ(json_string_value(json_array_get(langs, 0)), "python");
+    ASSERT_STREQ(json_string_value(json_array_get(langs, 1)), "rust");
+    ASSERT_TRUE(json_object_get(moe, "experts") == NULL);
+    json_decref(j);
 }
 
 /* ============================================================ engine options and MoE request rules */
