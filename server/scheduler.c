@@ -20,8 +20,7 @@
  *   5. publish the new text/tokens into each job's outbox under the lock and wake the loop.
  * Choices of one prompt (n > 1): the first (the leader) prefills; the others wait without a sequence
  * and, when the leader's last prompt token has its logits, fork it (cm_seq_fork shares its blocks)
- * and sample from the same logits row with their own samplers. An engine without forks
- * (CM_E_UNSUPPORTED, probed at load) makes every choice prefill its own copy instead.
+ * and sample from the same logits row with their own samplers.
  */
 #include <math.h>
 #include <stdio.h>
@@ -168,7 +167,6 @@ struct srv_sched {
     uint64_t l_prompt_computed, l_prefix_query, l_prefix_hit, l_kv_check_errors;
     api_route_agg load;               /* expert load over every finished sequence */
     int load_dirty;
-    int fork_ok;                      /* the engine forks sequences (else each choice prefills itself) */
     int blocks_total;                 /* KV pool size in blocks */
     /* --max-itl-ms: a step's time is predicted as base + prefill tokens x per_tok (EWMAs, ns; 0 until
      * measured): base from steps without prefill, per_tok from the rest */
@@ -408,7 +406,7 @@ static int job_check(const srv_sched *s, const srv_job *j, api_error *e) {
             return -1;
         }
         int t = choice_target(s, r, p);
-        cold += s->fork_ok && i % per ? fork_blocks(p->n_tokens, t) : blocks_for(t);
+        cold += i % per ? fork_blocks(p->n_tokens, t) : blocks_for(t);
     }
     if (cold > s->blocks_total) {
         api_error_set(e, 400, API_ERR_INVALID, "max_tokens", "kv_budget_exceeded",
@@ -447,7 +445,7 @@ static int job_admit(srv_sched *s, srv_job *j) {
         const api_prompt *p = &r->prompts[prompt_of(r, i)];
         int target = choice_target(s, r, p);
         s->a_got[i] = 0;
-        if (s->fork_ok && i % per) { /* forks its prompt's first choice later */
+        if (i % per) { /* forks its prompt's first choice later */
             need += fork_blocks(p->n_tokens, target);
             continue;
         }
@@ -513,7 +511,7 @@ static int job_admit(srv_sched *s, srv_job *j) {
         q->slot = 1;
         s->seqs_used++;
         q->state = SEQ_PREFILL;
-        if (s->fork_ok && i % per) {
+        if (i % per) {
             q->state = SEQ_FORK;
             q->fork_blocks = fork_blocks(q->prompt->n_tokens, q->target);
             st->seqs[i - i % per].n_follow++;
@@ -838,12 +836,6 @@ static int worker_load(srv_sched *s) {
             ctx = cm_ctx_create(m, &cp, &err);
         }
         if (ctx) {
-            /* forks (n > 1 prefills a prompt once) unless the engine says it has none */
-            int a = cm_seq_open(ctx, NULL);
-            int b = a >= 0 ? cm_seq_fork(ctx, a, NULL) : CM_E_UNSUPPORTED;
-            s->fork_ok = b != CM_E_UNSUPPORTED;
-            if (b >= 0) cm_seq_close(ctx, b);
-            if (a >= 0) cm_seq_close(ctx, a);
             cm_kv_stats kv;
             cm_ctx_kv_stats(ctx, &kv);
             s->blocks_total = kv.blocks_total;
@@ -852,10 +844,10 @@ static int worker_load(srv_sched *s) {
             /* test hook: slow every step down so tests can act in the middle of a prefill */
             env = getenv("CODEMOE_SERVE_STEP_DELAY_MS");
             s->step_delay_ms = env ? atoi(env) : 0;
-            json_t *f = json_pack("{s:i,s:i,s:i,s:f,s:b,s:b,s:f,s:b}", "blocks", kv.blocks_total, "block_tokens",
+            json_t *f = json_pack("{s:i,s:i,s:i,s:f,s:b,s:f,s:b}", "blocks", kv.blocks_total, "block_tokens",
                                   kv.block_tokens, "tokens", kv.blocks_total * kv.block_tokens, "mib",
                                   (double)kv.blocks_total * kv.block_tokens * tok_bytes / (1 << 20), "prefix_cache",
-                                  s->cfg->prefix_cache != 0, "fork", s->fork_ok, "max_itl_ms", s->cfg->max_itl_ms,
+                                  s->cfg->prefix_cache != 0, "max_itl_ms", s->cfg->max_itl_ms,
                                   "kv_check", s->kv_check);
             srv_log("info", "kv pool", f);
             json_decref(f);

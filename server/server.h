@@ -117,7 +117,9 @@ struct srv_job {
     srv_job *next_ready;
 
     /* ---- worker-private */
-    void *w;                    /* struct sched_seq array */
+    void *w;                    /* the scheduler's state of an admitted job (scheduler.c's
+                                   sched_jobstate: its sequences, routing sums); NULL before admission
+                                   and once the job is done */
     int checked;                /* job_check passed (it can run once there is room) */
     srv_job *next;              /* submit list / worker queue link */
 };
