@@ -13,7 +13,8 @@
  *   as control tokens, because editor plugins that do their own FIM templating send them inline
  *   (llama.cpp does the same). Extension "parse_special": false treats them as text. With `suffix`,
  *   prompt and suffix are user code and always tokenized as plain text; the FIM tokens are inserted
- *   by id: [BOS if add_bos] <fim_prefix> prompt <fim_suffix> suffix <fim_middle>.
+ *   by id: [BOS if add_bos] <fim_prefix> prompt <fim_suffix> suffix <fim_middle> (api_fim_tokens, which
+ *   `codemoe complete --suffix` uses too).
  * - Token-array prompts are used exactly as given (no BOS added); every id is checked against the vocab.
  * - A missing "prompt" or one that tokenizes to nothing becomes [BOS] (or [EOS] if the model has no
  *   BOS), like OpenAI's "<|endoftext|>" default: generation as from the start of a document.

@@ -284,6 +284,7 @@ static void req_free(srv_req *r) {
     free(r->acc);
     free(r->lp_scratch);
     if (r->has_creq) api_completion_req_free(&r->creq);
+    api_route_agg_free(&r->job.routing); /* empty unless the job ended without being drained */
     json_decref(r->routing);
     free(r);
     check_drained(h);
