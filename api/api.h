@@ -13,7 +13,8 @@
  *   as control tokens, because editor plugins that do their own FIM templating send them inline
  *   (llama.cpp does the same). Extension "parse_special": false treats them as text. With `suffix`,
  *   prompt and suffix are user code and always tokenized as plain text; the FIM tokens are inserted
- *   by id: [BOS if add_bos] <fim_prefix> prompt <fim_suffix> suffix <fim_middle>.
+ *   by id: [BOS if add_bos] <fim_prefix> prompt <fim_suffix> suffix <fim_middle> (api_fim_tokens, which
+ *   `codemoe complete --suffix` uses too).
  * - Token-array prompts are used exactly as given (no BOS added); every id is checked against the vocab.
  * - A missing "prompt" or one that tokenizes to nothing becomes [BOS] (or [EOS] if the model has no
  *   BOS), like OpenAI's "<|endoftext|>" default: generation as from the start of a document.
@@ -69,8 +70,8 @@ typedef struct api_model {
     const char *id;         /* the "model" value clients send and /v1/models lists */
     int64_t created;        /* unix time for /v1/models (e.g. file mtime) */
     int n_ctx;              /* tokens per sequence the server runs with (prompt + completion) */
-    json_t *meta;           /* extra fields merged into the /v1/models entry (MoE experts, adapters,
-                               languages when the engine reports them); may be NULL; borrowed */
+    int n_batch;            /* tokens per forward pass the server runs (--batch): a reference-mode
+                               segment_routing prompt must fit one; 0: no such bound */
 } api_model;
 
 typedef struct api_limits {
@@ -104,6 +105,10 @@ typedef struct api_prompt {
                               tokens whose logprobs echo reports */
     char *text;            /* the prompt as the client gave it (ids: decoded), for echo; owned */
     size_t text_len;
+    cm_seq_options opts;   /* engine options for this prompt's sequences (cm_seq_set_options): segment
+                              mode from segment_routing; MoLE language from "language", else the
+                              text's Markdown fences (-1, the engine's fence tracker decides), else
+                              cm_lang_detect's guess (cm_lang_for_request) */
 } api_prompt;
 
 typedef enum { API_ROUTING_NONE = 0, API_ROUTING_SUMMARY, API_ROUTING_FULL } api_routing_mode;
@@ -135,12 +140,24 @@ typedef struct api_completion_req {
 } api_completion_req;
 
 /* Parses and validates a POST /v1/completions body of len bytes (need not be NUL-terminated) against
- * the model and limits, tokenizing every prompt. On success returns 0 and out owns its allocations
- * (free with api_completion_req_free). On failure returns -1, err describes it (status 400/404/413, or
+ * the model and limits, tokenizing every prompt and resolving its engine options, so that every rule of
+ * a request is checked here, before it waits for the engine: a "language" a MoLE model has no adapter
+ * for (400, param "language"), segment_routing "reference" on a hybrid model with max_tokens > 0 or a
+ * prompt longer than m->n_batch (400, param "segment_routing"). On success returns 0 and out owns its
+ * allocations (free with api_completion_req_free). On failure returns -1, err describes it (status 400/404/413, or
  * 500 if the tokenizer failed) and out holds nothing to free (freeing it anyway is safe). */
 int api_parse_completion(const char *body, size_t len, const api_model *m, const api_limits *lim,
                          api_completion_req *out, api_error *err);
 void api_completion_req_free(api_completion_req *r);
+
+/* The fill-in-the-middle prompt, one rule for the API's "suffix" and `codemoe complete --suffix`:
+ * [BOS if add_bos] <fim_prefix> prefix <fim_suffix> suffix <fim_middle>, prefix and suffix tokenized as
+ * plain text (user code: a control-token string in it is text, never a token), the FIM tokens inserted by
+ * id. On success returns 0 and *tokens (malloc'd, caller frees) holds *n_tokens ids. On failure returns
+ * -1 with e set (400 param "suffix": the model has no FIM tokens; 500: the tokenizer failed or out of
+ * memory) and *tokens NULL. */
+int api_fim_tokens(const cm_model *m, const char *prefix, size_t prefix_len, const char *suffix,
+                   size_t suffix_len, int32_t **tokens, int *n_tokens, api_error *e);
 
 /* Total choices (n_prompts * n); choice i belongs to prompt i / n. */
 static inline int api_completion_n_choices(const api_completion_req *r) { return r->n_prompts * r->n; }
@@ -225,12 +242,56 @@ char *api_sse_data(const char *json);
 /* "data: {"error":{...}}\n\n": a failure after the stream has started (HTTP status already sent). */
 char *api_sse_error(const api_error *e);
 
+/* ============================================================ routing statistics */
+
+/* A sum of the engine's cm_routing reports of one model: a request's sequences (the "routing" record)
+ * or the server's lifetime (expert load metrics). Counts only; the shape comes from the first report.
+ * Zero-initialise it ({0}); release with api_route_agg_free. */
+typedef struct api_route_agg {
+    int has;                       /* a report was added (a dense model never adds one) */
+    int n_layer, n_tok, n_seg, n_windows, n_adapters, shared, window;
+    cm_route_count *tok;           /* (n_layer, n_tok) */
+    cm_route_count *seg;           /* (n_layer, n_seg) */
+    cm_route_count *adapter;       /* (n_adapters) */
+    uint32_t *seg_windows;         /* (n_layer, n_seg, n_windows) */
+} api_route_agg;
+
+/* Adds a report (NULL, as dense models give, adds nothing). -1 on allocation failure or a report of
+ * another shape (then nothing is added). */
+int api_route_agg_add(api_route_agg *a, const cm_routing *r);
+/* dst (freed first) becomes a copy of src. -1 on allocation failure (dst is then empty). */
+int api_route_agg_copy(api_route_agg *dst, const api_route_agg *src);
+void api_route_agg_free(api_route_agg *a);
+
+/* What identifies a completion's routing record. Strings are borrowed. */
+typedef struct api_routing_info {
+    const char *id;               /* the completion id ("cmpl-...") */
+    int64_t created;              /* unix seconds */
+    const char *model;            /* the served model's id */
+    int prompt_tokens, completion_tokens;
+    int full;                     /* "routing": "full": per-window segment detail */
+} api_routing_info;
+
+/* The record GET /v1/completions/{id}/routing serves and the "routing" response extension carries:
+ * {id, object:"completion.routing", created, model, prompt_tokens, completion_tokens,
+ *  layers:[{layer, token:[{expert, prompt_tokens, generated_tokens, prompt_mean_gate,
+ *  generated_mean_gate}], segment:[...same...], segment_windows:[[tokens per window] per segment expert]
+ *  (full only; trailing empty windows dropped)}], n_layer, token_experts, shared_expert,
+ *  segment_experts, window, adapters:[{adapter, name, ...counts}] (MoLE)}. A dense model (an empty
+ * aggregate) has only "layers": [] beside the identity. m names the adapters (may be NULL). New
+ * reference; NULL on allocation failure. */
+json_t *api_routing_json(const api_route_agg *a, const cm_model *m, const api_routing_info *info);
+
 /* ============================================================ models */
 
 /* GET /v1/models: {"object":"list","data":[model, ...]}. */
 char *api_render_models(const api_model *models, int n);
 /* GET /v1/models/{id}: {id, object:"model", created, owned_by:"codemoe", architecture,
- * context_length, n_vocab, n_params, weight_type, fim, ...meta}. */
+ * context_length, n_vocab, n_params, weight_type, fim, [moe]}; moe (mixture-of-experts models only,
+ * from cm_model_moe_info): hybrid {kind:"hybrid", experts, top_k, shared_expert (null: none),
+ * segment_experts, window, segment_routing_default:"causal"|"reference"}, MoLE {kind:"mole",
+ * adapters:[names by id], languages:[the adapters a request's "language" selects: all but the shared
+ * and fallback ones]}. */
 char *api_render_model(const api_model *m);
 /* The model whose id (or general.name) equals name, or NULL. */
 const api_model *api_find_model(const api_model *models, int n, const char *name);

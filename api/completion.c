@@ -229,6 +229,62 @@ typedef struct prompt_src {
     const json_t *ids;   /* a JSON array of integers, or neither: the default prompt */
 } prompt_src;
 
+/* 0 when the model has the three FIM tokens, else -1 with the 400 a "suffix" gets. */
+static int fim_check(const cm_model *m, const char *model_id, api_error *e) {
+    const cm_model_info *info = cm_model_get_info(m);
+    if (info->fim_pre >= 0 && info->fim_suf >= 0 && info->fim_mid >= 0) return 0;
+    return api_error_set(e, 400, API_ERR_INVALID, "suffix", NULL,
+                         "The model '%s' does not support 'suffix': it has no fill-in-the-middle tokens.",
+                         model_id ? model_id : "");
+}
+
+/* Appends the FIM arrangement (see api_fim_tokens) to b. The prefix is text (prefix non-NULL), token ids
+ * used as given (prefix_ids: no BOS, as for every token prompt), or absent. *echo_from: the index of the
+ * prefix's first token. The model has FIM tokens (fim_check). */
+static int fim_into(const cm_model *m, const char *prefix, size_t prefix_len, const json_t *prefix_ids,
+                    const char *suffix, size_t suffix_len, tokbuf *b, int *echo_from, api_error *e) {
+    const cm_model_info *info = cm_model_get_info(m);
+    /* the user's code is text, never control tokens, so a file containing "<|endoftext|>" cannot end
+     * the prompt early */
+    *echo_from = 0;
+    if (prefix && info->add_bos && info->bos >= 0) {
+        if (tokbuf_push(b, info->bos)) goto oom;
+        *echo_from = 1;
+    }
+    if (tokbuf_push(b, info->fim_pre)) goto oom;
+    if (prefix) {
+        if (tokenize_into(m, prefix, prefix_len, 0, b, e)) return -1;
+    } else if (prefix_ids) {
+        size_t i;
+        json_t *x;
+        json_array_foreach(prefix_ids, i, x) if (tokbuf_push(b, (int32_t)json_integer_value(x))) goto oom;
+    }
+    if (tokbuf_push(b, info->fim_suf)) goto oom;
+    if (tokenize_into(m, suffix, suffix_len, 0, b, e)) return -1;
+    if (tokbuf_push(b, info->fim_mid)) goto oom;
+    return 0;
+oom:
+    return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
+}
+
+int api_fim_tokens(const cm_model *m, const char *prefix, size_t prefix_len, const char *suffix,
+                   size_t suffix_len, int32_t **tokens, int *n_tokens, api_error *e) {
+    *tokens = NULL;
+    *n_tokens = 0;
+    const cm_model_info *info = cm_model_get_info(m);
+    if (fim_check(m, info->name, e)) return -1;
+    tokbuf b = {0};
+    int echo_from;
+    if (fim_into(m, prefix ? prefix : "", prefix ? prefix_len : 0, NULL, suffix ? suffix : "",
+                 suffix ? suffix_len : 0, &b, &echo_from, e)) {
+        free(b.v);
+        return -1;
+    }
+    *tokens = b.v;
+    *n_tokens = b.n;
+    return 0;
+}
+
 /* Builds one prompt's token sequence (plain or FIM) and its echo text. */
 static int build_prompt(const api_model *am, const prompt_src *src, const json_t *suffix, int parse_special,
                         api_prompt *out, api_error *e) {
@@ -238,23 +294,9 @@ static int build_prompt(const api_model *am, const prompt_src *src, const json_t
     int rc = -1;
     out->echo_from = 0;
     if (suffix) {
-        /* [BOS] <fim_prefix> prompt <fim_suffix> suffix <fim_middle>: the user's code is text, never
-         * control tokens, so a file containing "<|endoftext|>" cannot end the prompt early */
-        if (src->text && info->add_bos && info->bos >= 0) {
-            if (tokbuf_push(&b, info->bos)) goto oom;
-            out->echo_from = 1;
-        }
-        if (tokbuf_push(&b, info->fim_pre)) goto oom;
-        if (src->text) {
-            if (tokenize_into(m, json_string_value(src->text), json_string_length(src->text), 0, &b, e)) goto fail;
-        } else if (src->ids) {
-            size_t i;
-            json_t *x;
-            json_array_foreach(src->ids, i, x) if (tokbuf_push(&b, (int32_t)json_integer_value(x))) goto oom;
-        }
-        if (tokbuf_push(&b, info->fim_suf)) goto oom;
-        if (tokenize_into(m, json_string_value(suffix), json_string_length(suffix), 0, &b, e)) goto fail;
-        if (tokbuf_push(&b, info->fim_mid)) goto oom;
+        if (fim_into(m, src->text ? json_string_value(src->text) : NULL, src->text ? json_string_length(src->text) : 0,
+                     src->ids, json_string_value(suffix), json_string_length(suffix), &b, &out->echo_from, e))
+            goto fail;
     } else if (src->text) {
         int flags = CM_TOK_ADD_BOS | (parse_special ? CM_TOK_PARSE_SPECIAL : 0);
         if (tokenize_into(m, json_string_value(src->text), json_string_length(src->text), flags, &b, e)) goto fail;
@@ -462,6 +504,34 @@ static int parse_logit_bias(json_t *o, const api_limits *lim, int n_vocab, api_c
     return 0;
 }
 
+/* ------------------------------------------------------------ engine options */
+
+/* The engine options of one prompt's sequences (see api_prompt.opts). */
+static void resolve_options(const api_model *am, const api_completion_req *r, const api_prompt *p,
+                            cm_seq_options *o) {
+    cm_seq_options_default(o);
+    if (r->segment_routing == API_SEGMENT_REFERENCE) o->segment_mode = CM_SEGMENT_REFERENCE;
+    if (cm_model_n_adapters(am->model) > 0) {
+        const char *lang = cm_lang_for_request(r->language, p->text, p->text_len);
+        o->language = lang ? cm_model_adapter_id(am->model, lang) : -1;
+    }
+}
+
+/* The engine routes reference segments over the whole text in one forward pass, after which the
+ * sequence takes no more tokens: scoring only, and each prompt must fit one batch. */
+static int check_reference_segments(const api_model *am, const api_completion_req *r, int longest, api_error *e) {
+    cm_moe_info mi;
+    cm_model_moe_info(am->model, &mi);
+    if (r->segment_routing != API_SEGMENT_REFERENCE || mi.kind != CM_MOE_KIND_HYBRID) return 0;
+    if (r->max_tokens == 0 && (am->n_batch <= 0 || longest <= am->n_batch)) return 0;
+    if (am->n_batch > 0)
+        return api_error_set(e, 400, API_ERR_INVALID, "segment_routing", NULL,
+                             "segment_routing 'reference' scores a complete text: it needs max_tokens 0 and a prompt "
+                             "of at most %d tokens (--batch).", am->n_batch);
+    return api_error_set(e, 400, API_ERR_INVALID, "segment_routing", NULL,
+                         "segment_routing 'reference' scores a complete text: it needs max_tokens 0.");
+}
+
 /* ------------------------------------------------------------ the request */
 
 const api_model *api_find_model(const api_model *models, int n, const char *name) {
@@ -553,6 +623,13 @@ static int parse_fields(json_t *root, const api_model *m, const api_limits *lim,
     if (rc && !(r->user = dup_json_string(s, NULL))) goto oom;
     if ((rc = get_string(root, "language", &s, e)) < 0) return -1;
     if (rc && !(r->language = dup_json_string(s, NULL))) goto oom;
+    /* only MoLE models have adapters; the others ignore the field */
+    if (r->language && cm_model_n_adapters(m->model) > 0 && cm_model_adapter_id(m->model, r->language) < 0) {
+        char d[96];
+        describe(s, d, sizeof d);
+        return api_error_set(e, 400, API_ERR_INVALID, "language", NULL,
+                             "This model has no adapter for language %s.", d);
+    }
 
     static const char *const seg_names[] = {"causal", "reference"};
     static const char *const routing_names[] = {"none", "summary", "full"};
@@ -564,10 +641,7 @@ static int parse_fields(json_t *root, const api_model *m, const api_limits *lim,
 
     if ((rc = get_string(root, "suffix", suffix, e)) < 0) return -1;
     if (rc) {
-        if (info->fim_pre < 0 || info->fim_suf < 0 || info->fim_mid < 0)
-            return api_error_set(e, 400, API_ERR_INVALID, "suffix", NULL,
-                                 "The model '%s' does not support 'suffix': it has no fill-in-the-middle tokens.",
-                                 m->id ? m->id : "");
+        if (fim_check(m->model, m->id, e)) return -1;
         if (r->echo)
             return api_error_set(e, 400, API_ERR_INVALID, "echo", NULL,
                                  "'echo' cannot be used together with 'suffix'.");
@@ -643,6 +717,7 @@ int api_parse_completion(const char *body, size_t len, const api_model *m, const
     for (int i = 0; i < n_src; i++) {
         if (build_prompt(m, &srcs[i], suffix, parse_special, &r->prompts[i], e)) goto fail;
         r->n_prompts++;
+        resolve_options(m, r, &r->prompts[i], &r->prompts[i].opts);
         if (r->prompts[i].n_tokens > longest) longest = r->prompts[i].n_tokens;
     }
 
@@ -668,6 +743,7 @@ int api_parse_completion(const char *body, size_t len, const api_model *m, const
         goto fail;
     }
     r->max_tokens = (int)max_tokens;
+    if (check_reference_segments(m, r, longest, e)) goto fail;
     free(srcs);
     json_decref(root);
     return 0;

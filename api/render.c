@@ -227,6 +227,29 @@ char *api_render_usage_chunk(const api_completion_req *r, const api_meta *meta, 
 
 /* ------------------------------------------------------------ models */
 
+/* The "moe" object of a model entry (see api_render_model), NULL for a dense model. */
+static json_t *moe_json(const cm_model *m) {
+    cm_moe_info mi;
+    cm_model_moe_info(m, &mi);
+    if (mi.kind == CM_MOE_KIND_HYBRID) {
+        return json_pack("{s:s,s:i,s:i,s:o,s:i,s:i,s:s}", "kind", "hybrid", "experts", mi.n_experts, "top_k",
+                         mi.top_k, "shared_expert", mi.shared_expert >= 0 ? json_integer(mi.shared_expert) : json_null(),
+                         "segment_experts", mi.n_seg_experts, "window", mi.window, "segment_routing_default",
+                         mi.segment_mode_default == CM_SEGMENT_REFERENCE ? "reference" : "causal");
+    }
+    if (mi.kind != CM_MOE_KIND_MOLE) return NULL;
+    json_t *o = json_pack("{s:s,s:[],s:[]}", "kind", "mole", "adapters", "languages");
+    json_t *ad = json_object_get(o, "adapters"), *langs = json_object_get(o, "languages");
+    for (int i = 0; o && i < mi.n_adapters; i++) {
+        /* names come from the model file: jstr keeps the JSON valid whatever their bytes */
+        const char *name = cm_model_adapter_name(m, i);
+        if (!name) continue;
+        json_array_append_new(ad, jstr(name, strlen(name)));
+        if (i != mi.shared_adapter && i != mi.fallback_adapter) json_array_append_new(langs, jstr(name, strlen(name)));
+    }
+    return o;
+}
+
 static json_t *model_json(const api_model *am) {
     const cm_model_info *info = am->model ? cm_model_get_info(am->model) : NULL;
     json_t *o = json_object();
@@ -246,8 +269,8 @@ static json_t *model_json(const api_model *am) {
         if (info->weight_type) json_object_set_new(o, "weight_type", jstr(info->weight_type, strlen(info->weight_type)));
         json_object_set_new(o, "fim", json_boolean(info->fim_pre >= 0 && info->fim_suf >= 0 && info->fim_mid >= 0));
     }
-    /* MoE experts, adapters, languages: whatever the server knows beyond cm_model_info */
-    if (am->meta && json_is_object(am->meta)) json_object_update(o, am->meta);
+    json_t *moe = am->model ? moe_json(am->model) : NULL;
+    if (moe) json_object_set_new(o, "moe", moe);
     return o;
 }
 

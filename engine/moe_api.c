@@ -1,6 +1,6 @@
 /*
  * moe_api.c - the public (codemoe.h) face of the mixture-of-experts code: sequence options, routing
- * statistics and adapter names. Dense models accept options and report no statistics.
+ * statistics, the model's expert shape and adapter names. Dense models accept options and report no statistics.
  */
 #include <string.h>
 
@@ -31,6 +31,27 @@ void cm_seq_routing_reset(cm_ctx *c, int seq) {
 void cm_ctx_set_routing_stats(cm_ctx *c, int on) {
     cm_moe_ctx *mc = cm_ctx_moe(c);
     if (mc) cm_moe_set_stats(mc, on);
+}
+
+void cm_model_moe_info(const cm_model *m, cm_moe_info *out) {
+    memset(out, 0, sizeof *out);
+    out->shared_expert = out->shared_adapter = out->fallback_adapter = -1;
+    const cm_moe_model *mm = m ? m->moe : NULL;
+    if (!mm) return;
+    if (mm->kind == CM_MOE_HYBRID) {
+        out->kind = CM_MOE_KIND_HYBRID;
+        out->n_experts = mm->n_tok;
+        out->top_k = mm->k_used;
+        out->shared_expert = mm->shared;
+        out->n_seg_experts = mm->n_seg;
+        out->window = mm->window;
+        out->segment_mode_default = mm->mode_default;
+    } else if (mm->kind == CM_MOE_MOLE) {
+        out->kind = CM_MOE_KIND_MOLE;
+        out->n_adapters = mm->n_adapters;
+        out->shared_adapter = mm->ad_shared;
+        out->fallback_adapter = mm->ad_fallback;
+    }
 }
 
 int cm_model_n_adapters(const cm_model *m) {

@@ -1,6 +1,7 @@
 /*
  * cmd_complete.c - `codemoe complete`: one completion from the command line. The prompt (or the FIM
- * prefix/suffix pair) is tokenized and prefilled in one batch, then tokens are sampled one at a time and
+ * prefix/suffix pair, arranged by api/'s api_fim_tokens as for the server) is tokenized and prefilled in
+ * one batch, then tokens are sampled one at a time and
  * their text streamed to stdout as soon as it forms complete UTF-8 (flushed after every token). Logs,
  * timings and optional logprobs go to stderr, so stdout is exactly the generated text.
  */
@@ -11,6 +12,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "api.h"
 #include "cli.h"
 #include "codemoe.h"
 #include "routing_print.h"
@@ -24,7 +26,8 @@ static void complete_usage(FILE *f) {
         "usage: codemoe complete --model M (--prompt S | --file F) [flags]\n"
         "  --model M               GGUF model file\n"
         "  --prompt S              prompt text          --file F   read the prompt from a file ('-': stdin)\n"
-        "  --suffix S              fill-in-the-middle: <fim_prefix>prompt<fim_suffix>S<fim_middle>\n"
+        "  --suffix S              fill-in-the-middle: [BOS] <fim_prefix>prompt<fim_suffix>S<fim_middle>, as the\n"
+        "                          server builds it (prompt and S are plain text: --special does not apply)\n"
         "  -n, --n-predict N       tokens to generate (default 128); stops earlier at end-of-generation\n"
         "  --temperature T         0 = greedy (default 1)\n"
         "  --top-k K               0 = off (default)\n"
@@ -37,6 +40,7 @@ static void complete_usage(FILE *f) {
         "  --threads T             compute threads (default: online CPUs)\n"
         "  --ctx N                 context length in tokens (default: min(model's, %d))\n"
         "  --special               recognise special-token strings (<|fim_prefix|>, ...) in the prompt\n"
+        "                          (without --suffix)\n"
         "  --logprobs N            print the chosen token's and the top N log-probabilities to stderr\n"
         "  --routing               print the MoE routing statistics per layer to stderr afterwards\n"
         "  --language L            MoLE: the prompt's language (default: fences, else detected)\n",
@@ -198,22 +202,19 @@ int cmd_complete(int argc, char **argv) {
     fprintf(stderr, "codemoe complete: loaded %s (%s, %s, %.1fM params) in %.0f ms\n", model, info->arch,
             info->weight_type ? info->weight_type : "?", (double)info->n_params / 1e6, (now_s() - t0) * 1e3);
 
-    /* prompt tokens: BOS (if the model wants it) + text, or the FIM arrangement */
-    const int pflags = special ? CM_TOK_PARSE_SPECIAL : 0;
-    if (info->add_bos && info->bos >= 0 && complete_push(&ids, &n_prompt, &cap, info->bos) < 0) goto oom;
+    /* prompt tokens: the FIM arrangement exactly as the server builds it for "suffix" (prompt and
+     * suffix as plain text), or BOS (if the model wants it) + text */
     if (suffix) {
-        if (info->fim_pre < 0 || info->fim_suf < 0 || info->fim_mid < 0) {
-            fprintf(stderr, "codemoe complete: --suffix needs fill-in-the-middle tokens, and this model has "
-                            "none (tokenizer.ggml.fim_pre/suf/mid_token_id)\n");
+        api_error ae;
+        if (api_fim_tokens(m, prompt, plen, suffix, strlen(suffix), &ids, &n_prompt, &ae) < 0) {
+            fprintf(stderr, "codemoe complete: --suffix: %s\n", ae.message);
             goto out;
         }
-        if (complete_push(&ids, &n_prompt, &cap, info->fim_pre) < 0) goto oom;
+        cap = n_prompt;
+    } else {
+        const int pflags = special ? CM_TOK_PARSE_SPECIAL : 0;
+        if (info->add_bos && info->bos >= 0 && complete_push(&ids, &n_prompt, &cap, info->bos) < 0) goto oom;
         if (complete_tokenize(m, prompt, plen, pflags, &ids, &n_prompt, &cap) < 0) goto out;
-        if (complete_push(&ids, &n_prompt, &cap, info->fim_suf) < 0) goto oom;
-        if (complete_tokenize(m, suffix, strlen(suffix), pflags, &ids, &n_prompt, &cap) < 0) goto out;
-        if (complete_push(&ids, &n_prompt, &cap, info->fim_mid) < 0) goto oom;
-    } else if (complete_tokenize(m, prompt, plen, pflags, &ids, &n_prompt, &cap) < 0) {
-        goto out;
     }
     if (n_prompt == 0) {
         fprintf(stderr, "codemoe complete: the prompt is empty (and the model adds no BOS token)\n");

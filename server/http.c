@@ -30,19 +30,22 @@
 
 #include "server.h"
 
+/* The endpoints (URL routes) the server answers; expert "routing" is a different thing (api/routing.c). */
 enum {
-    ROUTE_UNKNOWN = 0,
-    ROUTE_HEALTH,
-    ROUTE_METRICS,
-    ROUTE_MODELS,
-    ROUTE_MODEL,
-    ROUTE_COMPLETIONS,
-    ROUTE_ROUTING,
-    ROUTE_PREFLIGHT,
+    ENDPOINT_UNKNOWN = 0,
+    ENDPOINT_HEALTH,
+    ENDPOINT_METRICS,
+    ENDPOINT_MODELS,
+    ENDPOINT_MODEL,
+    ENDPOINT_COMPLETIONS,
+    ENDPOINT_COMPLETION_ROUTING,
+    ENDPOINT_PREFLIGHT,
 };
 
-static const char *route_label[] = {"unknown", "health", "metrics", "models", "model", "completions",
-                                    "routing", "preflight"};
+/* the "route" label of the access log and the request metrics: a fixed name per endpoint, never the
+ * raw path */
+static const char *endpoint_label[] = {"unknown", "health", "metrics", "models", "model", "completions",
+                                       "routing", "preflight"};
 
 enum { WATCH_NONE = 0, WATCH_ACTIVE, WATCH_STOPPED, WATCH_CLOSING, WATCH_CLOSED };
 
@@ -63,7 +66,7 @@ struct srv_req {
     char id[72];                /* request id */
     char method[12];
     char path[160];             /* for the log, truncated */
-    int route;
+    int endpoint;               /* ENDPOINT_*: what the URL names */
     char arg[256];              /* path parameter (model id, completion id) */
     int seen;                   /* access handler called once */
     int status;                 /* status sent (0: none yet) */
@@ -171,7 +174,7 @@ static void respond(srv_req *r, int status, const char *ctype, char *body, size_
     if (status == 429 || status == 503) MHD_add_response_header(resp, "Retry-After", "1");
     if (status == 401) MHD_add_response_header(resp, "WWW-Authenticate", "Bearer");
     if (status == 405) {
-        const char *allow = r->route == ROUTE_COMPLETIONS ? "POST, OPTIONS" : "GET, HEAD, OPTIONS";
+        const char *allow = r->endpoint == ENDPOINT_COMPLETIONS ? "POST, OPTIONS" : "GET, HEAD, OPTIONS";
         MHD_add_response_header(resp, "Allow", allow);
     }
     if (MHD_queue_response(r->conn, (unsigned)status, resp) == MHD_YES) {
@@ -281,6 +284,7 @@ static void req_free(srv_req *r) {
     free(r->acc);
     free(r->lp_scratch);
     if (r->has_creq) api_completion_req_free(&r->creq);
+    api_route_agg_free(&r->job.routing); /* empty unless the job ended without being drained */
     json_decref(r->routing);
     free(r);
     check_drained(h);
@@ -324,7 +328,7 @@ static void access_log(srv_req *r, enum MHD_RequestTerminationCode toe) {
     /* the path comes from the client: json_string refuses invalid UTF-8 */
     json_t *p = json_string(r->path);
     json_object_set_new(f, "path", p ? p : json_string("<invalid utf-8>"));
-    json_object_set_new(f, "route", json_string(route_label[r->route]));
+    json_object_set_new(f, "route", json_string(endpoint_label[r->endpoint]));
     json_object_set_new(f, "status", json_integer(status));
     json_object_set_new(f, "duration_ms", json_real((double)(uv_hrtime() - r->t_start) / 1e6));
     json_object_set_new(f, "bytes_in", json_integer((json_int_t)r->bytes_in));
@@ -339,7 +343,7 @@ static void access_log(srv_req *r, enum MHD_RequestTerminationCode toe) {
             inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, addr, sizeof addr);
         json_object_set_new(f, "remote", json_string(addr));
     }
-    if (r->route == ROUTE_COMPLETIONS && r->has_creq) {
+    if (r->endpoint == ENDPOINT_COMPLETIONS && r->has_creq) {
         json_object_set_new(f, "completion_id", json_string(r->cmpl_id));
         json_object_set_new(f, "stream", json_boolean(r->stream));
         json_object_set_new(f, "prompt_tokens", json_integer(r->prompt_tokens));
@@ -357,7 +361,7 @@ static void access_log(srv_req *r, enum MHD_RequestTerminationCode toe) {
     json_object_set_new(f, "outcome", json_string(outcome));
     srv_log("info", "request", f);
     json_decref(f);
-    srv_metrics_count_request(&h->metrics, route_label[r->route], status);
+    srv_metrics_count_request(&h->metrics, endpoint_label[r->endpoint], status);
 }
 
 static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
@@ -381,7 +385,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     req_try_free(r);
 }
 
-/* ============================================================ CORS, auth, routing */
+/* ============================================================ CORS, auth, endpoints */
 
 static int origin_allowed(const srv_config *cfg, const char *origin) {
     for (int i = 0; i < cfg->n_cors; i++)
@@ -389,26 +393,27 @@ static int origin_allowed(const srv_config *cfg, const char *origin) {
     return 0;
 }
 
-static int classify(const char *url, char *arg, size_t arg_cap) {
+/* The endpoint a URL names (ENDPOINT_*); a path parameter (model id, completion id) goes into arg. */
+static int endpoint_of(const char *url, char *arg, size_t arg_cap) {
     arg[0] = 0;
-    if (!strcmp(url, "/health")) return ROUTE_HEALTH;
-    if (!strcmp(url, "/metrics")) return ROUTE_METRICS;
-    if (!strcmp(url, "/v1/models")) return ROUTE_MODELS;
+    if (!strcmp(url, "/health")) return ENDPOINT_HEALTH;
+    if (!strcmp(url, "/metrics")) return ENDPOINT_METRICS;
+    if (!strcmp(url, "/v1/models")) return ENDPOINT_MODELS;
     if (!strncmp(url, "/v1/models/", 11) && url[11]) {
         snprintf(arg, arg_cap, "%s", url + 11);
-        return ROUTE_MODEL;
+        return ENDPOINT_MODEL;
     }
-    if (!strcmp(url, "/v1/completions")) return ROUTE_COMPLETIONS;
+    if (!strcmp(url, "/v1/completions")) return ENDPOINT_COMPLETIONS;
     static const char pre[] = "/v1/completions/", suf[] = "/routing";
     size_t n = strlen(url), np = sizeof pre - 1, ns = sizeof suf - 1;
     if (n > np + ns && !strncmp(url, pre, np) && !strcmp(url + n - ns, suf)) {
         size_t idlen = n - np - ns;
-        if (idlen >= arg_cap || memchr(url + np, '/', idlen)) return ROUTE_UNKNOWN;
+        if (idlen >= arg_cap || memchr(url + np, '/', idlen)) return ENDPOINT_UNKNOWN;
         memcpy(arg, url + np, idlen);
         arg[idlen] = 0;
-        return ROUTE_ROUTING;
+        return ENDPOINT_COMPLETION_ROUTING;
     }
-    return ROUTE_UNKNOWN;
+    return ENDPOINT_UNKNOWN;
 }
 
 static void respond_preflight(srv_req *r) {
@@ -591,18 +596,15 @@ static void stream_start(srv_req *r) {
     MHD_destroy_response(resp);
 }
 
-/* Completes the worker's routing report (taken over) into the record GET .../routing serves, keeps it
- * in the retention store, and returns it borrowed (valid until the request is freed) or NULL. */
-static json_t *store_routing(srv_req *r, json_t *report) {
+/* Renders the job's routing statistics into the record GET .../routing serves, keeps it in the
+ * retention store, and returns it borrowed (valid until the request is freed) or NULL. */
+static json_t *store_routing(srv_req *r, const api_route_agg *agg) {
     srv_http *h = r->h;
-    json_t *v = report ? report : json_pack("{s:[]}", "layers");
+    api_routing_info info = {.id = r->cmpl_id, .created = r->created, .model = h->cfg->model_id,
+                             .prompt_tokens = r->prompt_tokens, .completion_tokens = r->completion_tokens,
+                             .full = r->creq.routing == API_ROUTING_FULL};
+    json_t *v = api_routing_json(agg, h->model.model, &info);
     if (!v) return NULL;
-    json_object_set_new(v, "id", json_string(r->cmpl_id));
-    json_object_set_new(v, "object", json_string("completion.routing"));
-    json_object_set_new(v, "created", json_integer((json_int_t)r->created));
-    json_object_set_new(v, "model", json_string(h->cfg->model_id));
-    json_object_set_new(v, "prompt_tokens", json_integer(r->prompt_tokens));
-    json_object_set_new(v, "completion_tokens", json_integer(r->completion_tokens));
     json_decref(r->routing);
     r->routing = v;
     srv_retention_put(h->ret, r->cmpl_id, json_incref(v));
@@ -688,7 +690,7 @@ static void choice_output(srv_req *r, int i, srv_out *o) {
 }
 
 /* The worker reported on r's job. */
-static void job_output(srv_req *r, const srv_drained *info) {
+static void job_output(srv_req *r, srv_drained *info) {
     srv_http *h = r->h;
     int nc = r->job.n_choices;
     int any = 0, completion = 0;
@@ -722,10 +724,8 @@ static void job_output(srv_req *r, const srv_drained *info) {
         if (r->cancel_reason == SRV_CANCEL_SHUTDOWN) r->outcome = "shutdown";
         json_t *routing = NULL; /* borrowed: the record, when the client asked for it in the response */
         if (!failed && !r->client_gone) {
-            json_t *rec = store_routing(r, info->routing);
+            json_t *rec = store_routing(r, &info->routing);
             if (r->creq.routing != API_ROUTING_NONE) routing = rec;
-        } else {
-            json_decref(info->routing);
         }
         if (!r->client_gone) {
             if (failed) {
@@ -769,7 +769,7 @@ static void on_wake(void *ud) {
             h->model.id = h->cfg->model_id;
             h->model.created = h->created;
             h->model.n_ctx = n_ctx;
-            h->model.meta = NULL;
+            h->model.n_batch = h->cfg->n_batch;
             h->model_state = SRV_MODEL_READY;
             const cm_model_info *info = cm_model_get_info(m);
             json_t *f = json_pack("{s:s,s:s,s:i,s:i,s:i}", "model", h->cfg->model_id, "arch", info->arch, "n_ctx",
@@ -790,6 +790,7 @@ static void on_wake(void *ud) {
         srv_drained info;
         srv_job *next = srv_sched_drain(h->sched, j, r->outs, &info);
         job_output(r, &info);
+        api_route_agg_free(&info.routing);
         j = next;
     }
     mhd_kick(h);
@@ -818,20 +819,6 @@ static void handle_completion(srv_req *r) {
                       "(--parallel).", nc, h->cfg->parallel);
         respond_error(r, &e);
         return;
-    }
-    if (r->creq.segment_routing == API_SEGMENT_REFERENCE && !strcmp(cm_model_get_info(h->model.model)->arch, "multipl_moe")) {
-        /* the engine routes reference segments over the whole text in one forward pass, after which
-         * the sequence takes no more tokens: scoring only, and each prompt must fit one batch */
-        int longest = 0;
-        for (int i = 0; i < r->creq.n_prompts; i++)
-            if (r->creq.prompts[i].n_tokens > longest) longest = r->creq.prompts[i].n_tokens;
-        if (r->creq.max_tokens > 0 || longest > h->cfg->n_batch) {
-            api_error_set(&e, 400, API_ERR_INVALID, "segment_routing", NULL,
-                          "segment_routing 'reference' scores a complete text: it needs max_tokens 0 and a prompt "
-                          "of at most %d tokens (--batch).", h->cfg->n_batch);
-            respond_error(r, &e);
-            return;
-        }
     }
     if (h->n_jobs >= h->cfg->parallel + h->cfg->queue) {
         h->metrics.rejected_queue_full++;
@@ -891,16 +878,16 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             snprintf(r->origin, sizeof r->origin, "%s", any ? "*" : origin);
         }
         char arg[256];
-        r->route = classify(url, arg, sizeof arg);
+        r->endpoint = endpoint_of(url, arg, sizeof arg);
         int is_get = !strcmp(method, "GET") || !strcmp(method, "HEAD");
         int is_post = !strcmp(method, "POST");
         if (!strcmp(method, "OPTIONS")) {
-            if (r->route == ROUTE_UNKNOWN) respond_http_error(r, 404, NULL);
-            else r->route = ROUTE_PREFLIGHT; /* answered on the final call */
+            if (r->endpoint == ENDPOINT_UNKNOWN) respond_http_error(r, 404, NULL);
+            else r->endpoint = ENDPOINT_PREFLIGHT; /* answered on the final call */
             return MHD_YES;
         }
-        if (r->route == ROUTE_UNKNOWN) { respond_http_error(r, 404, NULL); return MHD_YES; }
-        if (r->route == ROUTE_HEALTH) {
+        if (r->endpoint == ENDPOINT_UNKNOWN) { respond_http_error(r, 404, NULL); return MHD_YES; }
+        if (r->endpoint == ENDPOINT_HEALTH) {
             if (!is_get) respond_http_error(r, 405, NULL);
             return MHD_YES;
         }
@@ -908,7 +895,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             respond_http_error(r, 401, NULL);
             return MHD_YES;
         }
-        if (r->route == ROUTE_COMPLETIONS) {
+        if (r->endpoint == ENDPOINT_COMPLETIONS) {
             if (!is_post) { respond_http_error(r, 405, NULL); return MHD_YES; }
             const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Content-Length");
             if (cl) {
@@ -940,14 +927,14 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         return MHD_YES;
     }
     if (r->responded || r->job_active) return MHD_YES;
-    switch (r->route) {
-    case ROUTE_PREFLIGHT: respond_preflight(r); break;
-    case ROUTE_HEALTH: handle_health(r); break;
-    case ROUTE_COMPLETIONS: handle_completion(r); break;
-    case ROUTE_METRICS: handle_metrics(r); break;
-    case ROUTE_MODELS: handle_models(r); break;
-    case ROUTE_MODEL: handle_model(r, r->arg); break;
-    case ROUTE_ROUTING: handle_routing(r, r->arg); break;
+    switch (r->endpoint) {
+    case ENDPOINT_PREFLIGHT: respond_preflight(r); break;
+    case ENDPOINT_HEALTH: handle_health(r); break;
+    case ENDPOINT_COMPLETIONS: handle_completion(r); break;
+    case ENDPOINT_METRICS: handle_metrics(r); break;
+    case ENDPOINT_MODELS: handle_models(r); break;
+    case ENDPOINT_MODEL: handle_model(r, r->arg); break;
+    case ENDPOINT_COMPLETION_ROUTING: handle_routing(r, r->arg); break;
     default: respond_http_error(r, 404, NULL); break;
     }
     return MHD_YES;
@@ -1011,7 +998,7 @@ static void check_drained(srv_http *h) {
     if (!h->draining || h->done_called) return;
     if (h->n_jobs > 0) return;
     for (srv_req *r = h->reqs; r; r = r->next)
-        if (r->route == ROUTE_COMPLETIONS && r->job.n_choices && !r->conn_done && !r->client_gone)
+        if (r->endpoint == ENDPOINT_COMPLETIONS && r->job.n_choices && !r->conn_done && !r->client_gone)
             return; /* a response still being written */
     h->done_called = 1;
     uv_timer_start(&h->finish, on_finish, 0, 0);

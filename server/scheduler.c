@@ -20,8 +20,7 @@
  *   5. publish the new text/tokens into each job's outbox under the lock and wake the loop.
  * Choices of one prompt (n > 1): the first (the leader) prefills; the others wait without a sequence
  * and, when the leader's last prompt token has its logits, fork it (cm_seq_fork shares its blocks)
- * and sample from the same logits row with their own samplers. An engine without forks
- * (CM_E_UNSUPPORTED, probed at load) makes every choice prefill its own copy instead.
+ * and sample from the same logits row with their own samplers.
  */
 #include <math.h>
 #include <stdio.h>
@@ -108,7 +107,7 @@ typedef struct sched_jobstate {
     int dirty;            /* has something to publish */
     int in_batch;         /* has rows in the current batch */
     int64_t t_first_ns;   /* first token of any choice (copied to the job when published) */
-    srv_route_agg agg;    /* routing statistics of the job's finished sequences */
+    api_route_agg agg;    /* routing statistics of the job's finished sequences */
     int failed;           /* fail_err ends the job after this step's sampling */
     api_error fail_err;
 } sched_jobstate;
@@ -137,7 +136,7 @@ struct srv_sched {
     srv_job *submit_head, *submit_tail;
     srv_job *ready_head;
     srv_gauges gauges;
-    srv_route_agg load_pub;           /* copy of `load` for /metrics */
+    api_route_agg load_pub;           /* copy of `load` for /metrics */
     srv_hist ttft, itl;
     uint64_t generated, prompt;
 
@@ -166,9 +165,8 @@ struct srv_sched {
     srv_hist l_ttft, l_itl;
     uint64_t l_generated, l_prompt, l_steps, l_batch_tokens;
     uint64_t l_prompt_computed, l_prefix_query, l_prefix_hit, l_kv_check_errors;
-    srv_route_agg load;               /* expert load over every finished sequence */
+    api_route_agg load;               /* expert load over every finished sequence */
     int load_dirty;
-    int fork_ok;                      /* the engine forks sequences (else each choice prefills itself) */
     int blocks_total;                 /* KV pool size in blocks */
     /* --max-itl-ms: a step's time is predicted as base + prefill tokens x per_tok (EWMAs, ns; 0 until
      * measured): base from steps without prefill, per_tok from the rest */
@@ -205,8 +203,8 @@ static void seq_release(srv_sched *s, sched_seq *q) {
         /* the engine's report lives until the close: fold it into the job's and the server's sums */
         const cm_routing *rt = cm_seq_routing(s->ctx, q->seq);
         if (rt) {
-            srv_route_agg_add(&js(q->job)->agg, rt);
-            srv_route_agg_add(&s->load, rt);
+            api_route_agg_add(&js(q->job)->agg, rt);
+            api_route_agg_add(&s->load, rt);
             s->load_dirty = 1;
         }
         cm_seq_close(s->ctx, q->seq);
@@ -284,7 +282,7 @@ static void job_free_state(srv_job *j) {
         srv_tokvec_free(&st->seqs[i].prompt_lp);
     }
     free(st->seqs);
-    srv_route_agg_free(&st->agg);
+    api_route_agg_free(&st->agg);
     free(st);
     j->w = NULL;
 }
@@ -301,8 +299,11 @@ static void job_finish(srv_sched *s, srv_job *j, const api_error *err) {
         }
     for (int i = 0; i < s->n_running; i++)
         if (s->running[i] == j) { s->running[i] = s->running[--s->n_running]; break; }
-    json_t *routing = NULL;
-    if (st && !err) routing = srv_route_agg_json(&st->agg, s->model, j->req->routing == API_ROUTING_FULL);
+    api_route_agg routing = {0};
+    if (st && !err) { /* the sums move to the loop, which renders the record (api_routing_json) */
+        routing = st->agg;
+        memset(&st->agg, 0, sizeof st->agg);
+    }
     uv_mutex_lock(&s->mu);
     publish_job(s, j);
     if (err && !j->has_error) { j->has_error = 1; j->err = *err; }
@@ -385,7 +386,7 @@ static int job_check(const srv_sched *s, const srv_job *j, api_error *e) {
             return -1;
         }
         int t = choice_target(s, r, p);
-        cold += s->fork_ok && i % per ? fork_blocks(p->n_tokens, t) : blocks_for(t);
+        cold += i % per ? fork_blocks(p->n_tokens, t) : blocks_for(t);
     }
     if (cold > s->blocks_total) {
         api_error_set(e, 400, API_ERR_INVALID, "max_tokens", "kv_budget_exceeded",
@@ -424,7 +425,7 @@ static int job_admit(srv_sched *s, srv_job *j) {
         const api_prompt *p = &r->prompts[prompt_of(r, i)];
         int target = choice_target(s, r, p);
         s->a_got[i] = 0;
-        if (s->fork_ok && i % per) { /* forks its prompt's first choice later */
+        if (i % per) { /* forks its prompt's first choice later */
             need += fork_blocks(p->n_tokens, target);
             continue;
         }
@@ -435,23 +436,10 @@ static int job_admit(srv_sched *s, srv_job *j) {
             err_at = i;
             break;
         }
-        /* mixture-of-experts options (dense models ignore them); set before the cache lookup, whose
-         * key includes them */
-        cm_seq_options so;
-        cm_seq_options_default(&so);
-        if (r->segment_routing == API_SEGMENT_REFERENCE) so.segment_mode = CM_SEGMENT_REFERENCE;
-        if (cm_model_n_adapters(s->model) > 0) { /* MoLE: the field, else the prompt's fences, else a guess */
-            const char *lang = cm_lang_for_request(r->language, p->text, p->text_len);
-            so.language = lang ? cm_model_adapter_id(s->model, lang) : -1;
-            if (r->language && so.language < 0) {
-                api_error_set(&e, 400, API_ERR_INVALID, "language", NULL,
-                              "This model has no adapter for language '%s'.", r->language);
-                err_at = i;
-                break;
-            }
-        }
-        if (cm_seq_set_options(s->ctx, seq, &so, &ce) < 0) {
-            api_error_set(&e, 400, API_ERR_INVALID, "segment_routing", NULL, "%s", ce.msg);
+        /* the options api/ resolved (dense models ignore them); set before the cache lookup, whose
+         * key includes them. The sequence is empty, so the engine has no reason to refuse them. */
+        if (cm_seq_set_options(s->ctx, seq, &p->opts, &ce) < 0) {
+            api_error_set(&e, 500, API_ERR_SERVER, NULL, NULL, "sequence options: %s", ce.msg);
             err_at = i;
             break;
         }
@@ -503,7 +491,7 @@ static int job_admit(srv_sched *s, srv_job *j) {
         q->slot = 1;
         s->seqs_used++;
         q->state = SEQ_PREFILL;
-        if (s->fork_ok && i % per) {
+        if (i % per) {
             q->state = SEQ_FORK;
             q->fork_blocks = fork_blocks(q->prompt->n_tokens, q->target);
             st->seqs[i - i % per].n_follow++;
@@ -791,7 +779,7 @@ static void publish_stats_locked(srv_sched *s) {
     g->kv_check_errors = s->l_kv_check_errors;
     g->step_tokens = s->l_step_tokens;
     if (s->load_dirty) {
-        srv_route_agg_copy(&s->load_pub, &s->load);
+        api_route_agg_copy(&s->load_pub, &s->load);
         s->load_dirty = 0;
     }
     g->decode_steps = s->l_steps;
@@ -829,12 +817,6 @@ static int worker_load(srv_sched *s) {
             ctx = cm_ctx_create(m, &cp, &err);
         }
         if (ctx) {
-            /* forks (n > 1 prefills a prompt once) unless the engine says it has none */
-            int a = cm_seq_open(ctx, NULL);
-            int b = a >= 0 ? cm_seq_fork(ctx, a, NULL) : CM_E_UNSUPPORTED;
-            s->fork_ok = b != CM_E_UNSUPPORTED;
-            if (b >= 0) cm_seq_close(ctx, b);
-            if (a >= 0) cm_seq_close(ctx, a);
             cm_kv_stats kv;
             cm_ctx_kv_stats(ctx, &kv);
             s->blocks_total = kv.blocks_total;
@@ -843,10 +825,10 @@ static int worker_load(srv_sched *s) {
             /* test hook: slow every step down so tests can act in the middle of a prefill */
             env = getenv("CODEMOE_SERVE_STEP_DELAY_MS");
             s->step_delay_ms = env ? atoi(env) : 0;
-            json_t *f = json_pack("{s:i,s:i,s:i,s:f,s:b,s:b,s:f,s:b}", "blocks", kv.blocks_total, "block_tokens",
+            json_t *f = json_pack("{s:i,s:i,s:i,s:f,s:b,s:f,s:b}", "blocks", kv.blocks_total, "block_tokens",
                                   kv.block_tokens, "tokens", kv.blocks_total * kv.block_tokens, "mib",
                                   (double)kv.blocks_total * block_bytes / (1 << 20), "prefix_cache",
-                                  s->cfg->prefix_cache != 0, "fork", s->fork_ok, "max_itl_ms", s->cfg->max_itl_ms,
+                                  s->cfg->prefix_cache != 0, "max_itl_ms", s->cfg->max_itl_ms,
                                   "kv_check", s->kv_check);
             srv_log("info", "kv pool", f);
             json_decref(f);
@@ -1077,8 +1059,8 @@ void srv_sched_free(srv_sched *s) {
     free(s->b_logits);
     free(s->b_gen);
     free(s->rows);
-    srv_route_agg_free(&s->load);
-    srv_route_agg_free(&s->load_pub);
+    api_route_agg_free(&s->load);
+    api_route_agg_free(&s->load_pub);
     free(s->running);
     free(s->a_seq);
     free(s->a_got);
@@ -1155,15 +1137,15 @@ srv_job *srv_sched_drain(srv_sched *s, srv_job *job, srv_out *dst, srv_drained *
     info->prompt_tokens = job->prompt_tokens;
     info->cached_tokens = job->cached_tokens;
     info->t_first_token_ns = job->t_first_token_ns;
-    info->routing = NULL;
-    if (job->done) { info->routing = job->routing; job->routing = NULL; }
+    memset(&info->routing, 0, sizeof info->routing);
+    if (job->done) { info->routing = job->routing; memset(&job->routing, 0, sizeof job->routing); }
     uv_mutex_unlock(&s->mu);
     return next;
 }
 
 void srv_sched_render_experts(srv_sched *s, srv_buf *b) {
     uv_mutex_lock(&s->mu);
-    srv_route_agg_prometheus(&s->load_pub, s->model, b);
+    srv_expert_metrics_render(&s->load_pub, s->model, b);
     uv_mutex_unlock(&s->mu);
 }
 

@@ -56,29 +56,12 @@ typedef struct srv_config {
 
 void srv_config_free(srv_config *c);
 
-/* ============================================================ routing statistics (routing.c) */
+/* ============================================================ expert load metrics (expert_metrics.c) */
 
-/* A sum of cm_routing reports of one model (counts only; the shape comes from the first report). */
-typedef struct srv_route_agg {
-    int has;                       /* a report was added */
-    int n_layer, n_tok, n_seg, n_windows, n_adapters, shared, window;
-    cm_route_count *tok;           /* (n_layer, n_tok) */
-    cm_route_count *seg;           /* (n_layer, n_seg) */
-    cm_route_count *adapter;       /* (n_adapters) */
-    uint32_t *seg_windows;         /* (n_layer, n_seg, n_windows) */
-} srv_route_agg;
-
-/* Adds a report (NULL, as dense models give, adds nothing). -1 on allocation failure or a report of
- * another shape (then nothing is added). */
-int srv_route_agg_add(srv_route_agg *a, const cm_routing *r);
-int srv_route_agg_copy(srv_route_agg *dst, const srv_route_agg *src);
-void srv_route_agg_free(srv_route_agg *a);
-/* {"layers":[{layer, token:[{expert, prompt_tokens, generated_tokens, prompt_mean_gate,
- * generated_mean_gate}], segment:[...], segment_windows (full)}], n_layer, token_experts, ...,
- * adapters:[...]}; only "layers": [] for a dense model. New reference; NULL on allocation failure. */
-json_t *srv_route_agg_json(const srv_route_agg *a, const cm_model *m, int full);
-/* codemoe_expert_tokens_total{level,layer,expert,phase} (and adapters) in Prometheus text. */
-void srv_route_agg_prometheus(const srv_route_agg *a, const cm_model *m, srv_buf *b);
+/* codemoe_expert_tokens_total{level,layer,expert,phase} (and codemoe_adapter_tokens_total) of the
+ * aggregate, in Prometheus text; only the HELP/TYPE lines for an empty (dense) one. m names the MoLE
+ * adapters (may be NULL). */
+void srv_expert_metrics_render(const api_route_agg *a, const cm_model *m, srv_buf *b);
 
 /* ============================================================ jobs (one completion request) */
 
@@ -128,13 +111,15 @@ struct srv_job {
     int prompt_tokens;          /* usage: prompt tokens summed over choices' prompts (once per prompt) */
     int cached_tokens;          /* usage: of those, reused from the prefix cache */
     int64_t t_first_token_ns;   /* 0 until the first token */
-    json_t *routing;            /* set with done: the request's routing statistics (srv_route_agg_json),
-                                   handed to the loop by srv_sched_drain */
+    api_route_agg routing;      /* set with done: the routing statistics summed over the job's
+                                   sequences, moved to the loop by srv_sched_drain */
     int in_ready;               /* already in the ready list */
     srv_job *next_ready;
 
     /* ---- worker-private */
-    void *w;                    /* struct sched_seq array */
+    void *w;                    /* the scheduler's state of an admitted job (scheduler.c's
+                                   sched_jobstate: its sequences, routing sums); NULL before admission
+                                   and once the job is done */
     int checked;                /* job_check passed (it can run once there is room) */
     srv_job *next;              /* submit list / worker queue link */
 };
@@ -179,7 +164,8 @@ typedef struct srv_drained {
     int done, admitted, has_error, prompt_tokens, cached_tokens;
     api_error err;
     int64_t t_first_token_ns;
-    json_t *routing;            /* new reference the caller owns (once, with done), or NULL */
+    api_route_agg routing;      /* once, with done: the job's routing statistics, moved to the
+                                   caller (free with api_route_agg_free); else empty */
 } srv_drained;
 srv_job *srv_sched_drain(srv_sched *s, srv_job *job, srv_out *dst, srv_drained *info);
 

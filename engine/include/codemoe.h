@@ -269,6 +269,26 @@ typedef struct cm_seq_options {
 void cm_seq_options_default(cm_seq_options *o);
 int cm_seq_set_options(cm_ctx *c, int seq, const cm_seq_options *o, cm_err *err);
 
+/* What kind of mixture of experts a model is, and its shape (for /v1/models and tools). Fields that do
+ * not apply to the model's kind are 0 (or -1 for indices). */
+enum { CM_MOE_KIND_DENSE = 0, CM_MOE_KIND_HYBRID = 1, CM_MOE_KIND_MOLE = 2 };
+typedef struct cm_moe_info {
+    int kind;                 /* CM_MOE_KIND_*: dense, "multipl_moe" or "mole" */
+    /* hybrid */
+    int n_experts;            /* token-level experts */
+    int top_k;                /* token experts per token, the shared one included */
+    int shared_expert;        /* index of the shared token expert, -1 none */
+    int n_seg_experts;        /* segment-level experts (0: no segment level) */
+    int window;               /* tokens per segment window */
+    int segment_mode_default; /* CM_SEGMENT_CAUSAL or CM_SEGMENT_REFERENCE (what DEFAULT means) */
+    /* MoLE (names: cm_model_adapter_name) */
+    int n_adapters;
+    int shared_adapter;       /* id of the adapter every code token runs, -1 none */
+    int fallback_adapter;     /* id of the adapter of prose and unknown languages, -1 none */
+} cm_moe_info;
+/* Fills out for any model (a dense one: kind DENSE, counts 0, indices -1). Never fails. */
+void cm_model_moe_info(const cm_model *m, cm_moe_info *out);
+
 /* MoLE adapters of a model: count (0 for other architectures), name of id i (NULL if out of range),
  * and the id of a name or common alias ("py", "rs", "c++", "js", "golang", ...), -1 if none. */
 int cm_model_n_adapters(const cm_model *m);

@@ -10,6 +10,8 @@
 struct cm_model {
     cm_model_info info;
     char name[64];
+    cm_moe_info moe;
+    const char *const *adapters;
 };
 
 static const char *const specials[] = {"<|endoftext|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<s>"};
@@ -35,7 +37,42 @@ cm_model *fake_model_create(const fake_model_opts *o, const char *name) {
     i->fim_suf = o->fim ? FAKE_FIM_SUF : -1;
     i->fim_mid = o->fim ? FAKE_FIM_MID : -1;
     i->add_bos = o->add_bos;
+    if (o->moe) {
+        m->moe = *o->moe;
+        m->adapters = o->adapters;
+    } else {
+        m->moe = (cm_moe_info){.kind = CM_MOE_KIND_DENSE, .shared_expert = -1, .shared_adapter = -1,
+                               .fallback_adapter = -1};
+    }
     return m;
+}
+
+void cm_model_moe_info(const cm_model *m, cm_moe_info *out) { *out = m->moe; }
+
+int cm_model_n_adapters(const cm_model *m) {
+    return m && m->moe.kind == CM_MOE_KIND_MOLE ? m->moe.n_adapters : 0;
+}
+
+const char *cm_model_adapter_name(const cm_model *m, int i) {
+    return i >= 0 && i < cm_model_n_adapters(m) ? m->adapters[i] : NULL;
+}
+
+int cm_model_adapter_id(const cm_model *m, const char *name) {
+    for (int i = 0; name && i < cm_model_n_adapters(m); i++)
+        if (!strcmp(m->adapters[i], name)) return i;
+    return -1;
+}
+
+const char *cm_lang_for_request(const char *explicit_lang, const char *text, size_t len) {
+    (void)text;
+    (void)len;
+    return explicit_lang;
+}
+
+void cm_seq_options_default(cm_seq_options *o) {
+    o->segment_mode = CM_SEGMENT_DEFAULT;
+    o->adapter_routing = CM_ADAPTERS_AUTO;
+    o->language = -1;
 }
 
 void fake_model_free(cm_model *m) { free(m); }

@@ -1,7 +1,7 @@
 /*
  * test_api.c - unit tests of api/: request validation (every rule: status, param, message), all prompt
- * forms, FIM, sampling mapping, stop-string holdback, response/chunk/model shapes (parsed back with
- * jansson), SSE framing, and random mutations of valid bodies (run it under ASan).
+ * forms, FIM (shared with the CLI), engine options and MoE rules, sampling mapping, stop-string
+ * holdback, response/chunk/model/routing shapes (parsed back with jansson), SSE framing, and random mutations of valid bodies (run it under ASan).
  * Linked against tests/api/fake_engine.c, a byte-per-token stand-in, so token ids are exact.
  */
 #include <math.h>
@@ -317,6 +317,33 @@ TEST(fim_suffix) {
     ASSERT_TRUE(strstr(e.message, "fill-in-the-middle") != NULL);
     ASSERT_EQ_INT(parse("{\"prompt\":\"a\",\"suffix\":null}", &r, &e), 0); /* null suffix is fine */
     api_completion_req_free(&r);
+}
+
+/* api_fim_tokens (codemoe complete --suffix) gives exactly the ids of a "suffix" request, control-token
+ * strings in prompt and suffix staying text; without FIM tokens it fails like the request does. */
+TEST(fim_tokens_shared_with_requests) {
+    api_completion_req r;
+    api_error e;
+    for (int add_bos = 0; add_bos < 2; add_bos++) {
+        setup(1, 1, add_bos);
+        ASSERT_EQ_INT(parse("{\"prompt\":\"x<s>\",\"suffix\":\"<|endoftext|>y\"}", &r, &e), 0);
+        int32_t *ids = NULL;
+        int n = 0;
+        ASSERT_EQ_INT(api_fim_tokens(g_model, "x<s>", 4, "<|endoftext|>y", 14, &ids, &n, &e), 0);
+        ASSERT_EQ_INT(n, 3 + add_bos + 4 + 14);
+        ASSERT_TRUE(tokens_are(&r, 0, ids, n));
+        free(ids);
+        api_completion_req_free(&r);
+    }
+    setup(0, 1, 0);
+    static int32_t stale[1];
+    int32_t *ids = stale; /* reset on failure */
+    int n = 7;
+    ASSERT_EQ_INT(api_fim_tokens(g_model, "a", 1, "b", 1, &ids, &n, &e), -1);
+    ASSERT_TRUE(ids == NULL && n == 0);
+    ASSERT_EQ_INT(e.status, 400);
+    ASSERT_STREQ(e.param, "suffix");
+    ASSERT_TRUE(strstr(e.message, "fill-in-the-middle") != NULL);
 }
 
 /* ============================================================ parsing: every rejection */
@@ -880,20 +907,35 @@ TEST(render_chunks) {
     api_completion_req_free(&r);
 }
 
+static const char *const mole_names[] = {"python", "rust", "shared", "other"};
+
+/* A hybrid (6 token experts, top-2, shared 5, 4 segment experts of window 8) or a MoLE model (python,
+ * rust, shared, other) on the fake vocabulary, as g_model. */
+static void setup_moe(int kind) {
+    fake_model_free(g_model);
+    static cm_moe_info hyb = {.kind = CM_MOE_KIND_HYBRID, .n_experts = 6, .top_k = 2, .shared_expert = 5,
+                              .n_seg_experts = 4, .window = 8, .segment_mode_default = CM_SEGMENT_CAUSAL,
+                              .shared_adapter = -1, .fallback_adapter = -1};
+    static cm_moe_info mole = {.kind = CM_MOE_KIND_MOLE, .shared_expert = -1, .n_adapters = 4,
+                               .shared_adapter = 2, .fallback_adapter = 3};
+    fake_model_opts o = {.fim = 1, .bos = 1, .eos = 1, .moe = kind == CM_MOE_KIND_HYBRID ? &hyb : &mole,
+                         .adapters = mole_names};
+    g_model = fake_model_create(&o, "Fake MoE");
+    g_am = (api_model){.model = g_model, .id = "fake-moe", .created = 1700000000, .n_ctx = 64, .n_batch = 16};
+    api_limits_default(&g_lim);
+}
+
+/* Dense models have no "moe" object; hybrid and MoLE models describe their experts with typed fields. */
 TEST(render_models) {
     setup(1, 1, 0);
-    json_t *meta = json_pack("{s:i,s:[s,s]}", "n_experts", 8, "languages", "python", "c");
-    api_model ms[2] = {g_am, g_am};
-    ms[1].id = "second";
-    ms[1].meta = meta;
-    char *s = api_render_models(ms, 2);
+    char *s = api_render_models(&g_am, 1);
     json_t *j = load(s);
     free(s);
     ASSERT_TRUE(j);
     ASSERT_STREQ(json_string_value(json_object_get(j, "object")), "list");
     json_t *d = json_object_get(j, "data");
-    ASSERT_EQ_INT(json_array_size(d), 2);
-    json_t *m0 = json_array_get(d, 0), *m1 = json_array_get(d, 1);
+    ASSERT_EQ_INT(json_array_size(d), 1);
+    json_t *m0 = json_array_get(d, 0);
     ASSERT_STREQ(json_string_value(json_object_get(m0, "id")), "fake-coder");
     ASSERT_STREQ(json_string_value(json_object_get(m0, "object")), "model");
     ASSERT_EQ_INT(json_integer_value(json_object_get(m0, "created")), 1700000000);
@@ -902,16 +944,220 @@ TEST(render_models) {
     ASSERT_EQ_INT(json_integer_value(json_object_get(m0, "context_length")), 64);
     ASSERT_EQ_INT(json_integer_value(json_object_get(m0, "n_vocab")), FAKE_VOCAB);
     ASSERT_TRUE(json_is_true(json_object_get(m0, "fim")));
-    ASSERT_TRUE(json_object_get(m0, "n_experts") == NULL);
-    ASSERT_EQ_INT(json_integer_value(json_object_get(m1, "n_experts")), 8);
-    ASSERT_EQ_INT(json_array_size(json_object_get(m1, "languages")), 2);
+    ASSERT_TRUE(json_object_get(m0, "moe") == NULL);
     json_decref(j);
-    s = api_render_model(&ms[1]);
+
+    setup_moe(CM_MOE_KIND_HYBRID);
+    s = api_render_model(&g_am);
     j = load(s);
     free(s);
-    ASSERT_STREQ(json_string_value(json_object_get(j, "id")), "second");
+    ASSERT_STREQ(json_string_value(json_object_get(j, "id")), "fake-moe");
+    json_t *moe = json_object_get(j, "moe");
+    ASSERT_STREQ(json_string_value(json_object_get(moe, "kind")), "hybrid");
+    ASSERT_EQ_INT(json_integer_value(json_object_get(moe, "experts")), 6);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(moe, "top_k")), 2);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(moe, "shared_expert")), 5);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(moe, "segment_experts")), 4);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(moe, "window")), 8);
+    ASSERT_STREQ(json_string_value(json_object_get(moe, "segment_routing_default")), "causal");
+    ASSERT_TRUE(json_object_get(moe, "adapters") == NULL);
     json_decref(j);
-    json_decref(meta);
+
+    setup_moe(CM_MOE_KIND_MOLE);
+    s = api_render_model(&g_am);
+    j = load(s);
+    free(s);
+    moe = json_object_get(j, "moe");
+    ASSERT_STREQ(json_string_value(json_object_get(moe, "kind")), "mole");
+    json_t *ad = json_object_get(moe, "adapters"), *langs = json_object_get(moe, "languages");
+    ASSERT_EQ_INT(json_array_size(ad), 4);
+    ASSERT_STREQ(json_string_value(json_array_get(ad, 2)), "shared");
+    ASSERT_EQ_INT(json_array_size(langs), 2); /* shared and fallback are not languages */
+    ASSERT_STREQ(json_string_value(json_array_get(langs, 0)), "python");
+    ASSERT_STREQ(json_string_value(json_array_get(langs, 1)), "rust");
+    ASSERT_TRUE(json_object_get(moe, "experts") == NULL);
+    json_decref(j);
+}
+
+/* ============================================================ engine options and MoE request rules */
+
+/* Every prompt carries the engine options its sequences run with; the MoLE language is resolved (and
+ * an unknown one refused) when the body is parsed. */
+TEST(seq_options_resolved) {
+    api_completion_req r;
+    api_error e;
+    setup(1, 1, 0);
+    ASSERT_EQ_INT(parse("{\"prompt\":[\"a\",\"b\"],\"language\":\"cobol\"}", &r, &e), 0); /* dense: ignored */
+    ASSERT_EQ_INT(r.n_prompts, 2);
+    for (int i = 0; i < 2; i++) {
+        ASSERT_EQ_INT(r.prompts[i].opts.segment_mode, CM_SEGMENT_DEFAULT);
+        ASSERT_EQ_INT(r.prompts[i].opts.adapter_routing, CM_ADAPTERS_AUTO);
+        ASSERT_EQ_INT(r.prompts[i].opts.language, -1);
+    }
+    api_completion_req_free(&r);
+
+    setup_moe(CM_MOE_KIND_MOLE);
+    ASSERT_EQ_INT(parse("{\"prompt\":[\"a\",\"b\"],\"language\":\"rust\"}", &r, &e), 0);
+    ASSERT_EQ_INT(r.prompts[0].opts.language, 1);
+    ASSERT_EQ_INT(r.prompts[1].opts.language, 1);
+    api_completion_req_free(&r);
+    ASSERT_EQ_INT(parse("{\"prompt\":\"a\"}", &r, &e), 0);
+    ASSERT_EQ_INT(r.prompts[0].opts.language, -1); /* no field: the fence tracker decides */
+    api_completion_req_free(&r);
+    ASSERT_EQ_INT(parse("{\"prompt\":\"a\",\"language\":\"cobol\"}", &r, &e), -1);
+    ASSERT_EQ_INT(e.status, 400);
+    ASSERT_STREQ(e.param, "language");
+    ASSERT_TRUE(strstr(e.message, "'cobol'") != NULL);
+
+    setup_moe(CM_MOE_KIND_HYBRID);
+    ASSERT_EQ_INT(parse("{\"prompt\":\"abc\",\"max_tokens\":0,\"segment_routing\":\"reference\"}", &r, &e), 0);
+    ASSERT_EQ_INT(r.prompts[0].opts.segment_mode, CM_SEGMENT_REFERENCE);
+    api_completion_req_free(&r);
+    ASSERT_EQ_INT(parse("{\"prompt\":\"abc\",\"segment_routing\":\"causal\"}", &r, &e), 0);
+    ASSERT_EQ_INT(r.prompts[0].opts.segment_mode, CM_SEGMENT_DEFAULT);
+    api_completion_req_free(&r);
+}
+
+/* Reference segment routing scores a complete text in one forward pass: max_tokens 0 and every prompt
+ * within the server's batch, checked at parse time, on hybrid models only. */
+TEST(reference_segments_rule) {
+    api_completion_req r;
+    api_error e;
+    setup_moe(CM_MOE_KIND_HYBRID); /* n_batch 16 */
+    const char *bad[] = {
+        "{\"prompt\":\"abc\",\"segment_routing\":\"reference\"}",                  /* max_tokens 16 */
+        "{\"prompt\":\"abc\",\"max_tokens\":null,\"segment_routing\":\"reference\"}",
+        "{\"prompt\":\"0123456789abcdefg\",\"max_tokens\":0,\"segment_routing\":\"reference\"}", /* 17 */
+        "{\"prompt\":[\"a\",\"0123456789abcdefg\"],\"max_tokens\":0,\"segment_routing\":\"reference\"}",
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        ASSERT_EQ_INT(parse(bad[i], &r, &e), -1);
+        ASSERT_EQ_INT(e.status, 400);
+        ASSERT_STREQ(e.param, "segment_routing");
+        ASSERT_TRUE(strstr(e.message, "at most 16 tokens") != NULL);
+    }
+    ASSERT_EQ_INT(parse("{\"prompt\":\"0123456789abcdef\",\"max_tokens\":0,\"segment_routing\":\"reference\"}", &r, &e), 0);
+    api_completion_req_free(&r);
+    /* causal has no such rule, and dense models ignore the field */
+    ASSERT_EQ_INT(parse("{\"prompt\":\"0123456789abcdefg\",\"segment_routing\":\"causal\"}", &r, &e), 0);
+    api_completion_req_free(&r);
+    setup_moe(CM_MOE_KIND_MOLE);
+    ASSERT_EQ_INT(parse("{\"prompt\":\"abc\",\"segment_routing\":\"reference\"}", &r, &e), 0);
+    api_completion_req_free(&r);
+    setup(1, 1, 0);
+    ASSERT_EQ_INT(parse("{\"prompt\":\"abc\",\"segment_routing\":\"reference\"}", &r, &e), 0);
+    api_completion_req_free(&r);
+}
+
+/* ============================================================ routing statistics */
+
+static const api_routing_info rinfo = {.id = "cmpl-x", .created = 1700000001, .model = "fake-moe",
+                                       .prompt_tokens = 5, .completion_tokens = 2, .full = 1};
+
+/* A dense model's record: the identity and "layers": [], nothing else. */
+TEST(routing_json_dense) {
+    setup(1, 1, 0);
+    api_route_agg a = {0};
+    ASSERT_EQ_INT(api_route_agg_add(&a, NULL), 0);
+    ASSERT_EQ_INT(a.has, 0);
+    json_t *j = api_routing_json(&a, g_model, &rinfo);
+    ASSERT_TRUE(j);
+    ASSERT_EQ_INT(json_object_size(j), 7);
+    ASSERT_STREQ(json_string_value(json_object_get(j, "id")), "cmpl-x");
+    ASSERT_STREQ(json_string_value(json_object_get(j, "object")), "completion.routing");
+    ASSERT_EQ_INT(json_integer_value(json_object_get(j, "created")), 1700000001);
+    ASSERT_STREQ(json_string_value(json_object_get(j, "model")), "fake-moe");
+    ASSERT_EQ_INT(json_integer_value(json_object_get(j, "prompt_tokens")), 5);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(j, "completion_tokens")), 2);
+    ASSERT_TRUE(json_is_array(json_object_get(j, "layers")));
+    ASSERT_EQ_INT(json_array_size(json_object_get(j, "layers")), 0);
+    json_decref(j);
+    api_route_agg_free(&a);
+}
+
+/* Two sequences' reports of a 2-layer hybrid (3 token experts, shared 0, 2 segment experts, 3 windows)
+ * sum into one record: counts, mean gates, the shared expert, and segment windows in "full" mode only;
+ * a report of another shape is refused. */
+TEST(routing_json_hybrid) {
+    setup_moe(CM_MOE_KIND_HYBRID);
+    cm_route_count tok[2 * 3] = {{{1, 2}, {0.5, 1.0}}}, seg[2 * 2] = {{{0, 0}, {0, 0}}, {{4, 0}, {2.0, 0}}};
+    uint32_t win[2 * 2 * 3] = {0};
+    win[3 * 1 + 0] = 4; /* layer 0, segment expert 1, window 0 */
+    tok[3 * 1 + 2] = (cm_route_count){{3, 1}, {1.5, 0.25}}; /* layer 1, expert 2 */
+    cm_routing r = {.n_layer = 2, .n_tok_experts = 3, .shared_expert = 0, .n_seg_experts = 2, .window = 8,
+                    .n_windows = 3, .n_adapters = 0, .tok = tok, .seg = seg, .seg_windows = win, .adapter = NULL};
+    api_route_agg a = {0};
+    ASSERT_EQ_INT(api_route_agg_add(&a, &r), 0);
+    ASSERT_EQ_INT(api_route_agg_add(&a, &r), 0);
+    cm_routing other = r;
+    other.n_tok_experts = 4;
+    ASSERT_EQ_INT(api_route_agg_add(&a, &other), -1);
+    json_t *j = api_routing_json(&a, g_model, &rinfo);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(j, "n_layer")), 2);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(j, "token_experts")), 3);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(j, "shared_expert")), 0);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(j, "segment_experts")), 2);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(j, "window")), 8);
+    ASSERT_TRUE(json_object_get(j, "adapters") == NULL);
+    json_t *layers = json_object_get(j, "layers");
+    ASSERT_EQ_INT(json_array_size(layers), 2);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(json_array_get(layers, 1), "layer")), 1);
+    json_t *e = json_array_get(json_object_get(json_array_get(layers, 1), "token"), 2);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(e, "expert")), 2);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(e, "prompt_tokens")), 6);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(e, "generated_tokens")), 2);
+    ASSERT_NEAR(json_real_value(json_object_get(e, "prompt_mean_gate")), 0.5, 1e-12);
+    ASSERT_NEAR(json_real_value(json_object_get(e, "generated_mean_gate")), 0.25, 1e-12);
+    e = json_array_get(json_object_get(json_array_get(layers, 0), "token"), 0);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(e, "prompt_tokens")), 2);
+    ASSERT_NEAR(json_real_value(json_object_get(e, "generated_mean_gate")), 0.5, 1e-12);
+    e = json_array_get(json_object_get(json_array_get(layers, 0), "segment"), 1);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(e, "prompt_tokens")), 8);
+    ASSERT_NEAR(json_real_value(json_object_get(e, "prompt_mean_gate")), 0.5, 1e-12);
+    ASSERT_NEAR(json_real_value(json_object_get(e, "generated_mean_gate")), 0.0, 0); /* no tokens: 0 */
+    json_t *w = json_object_get(json_array_get(layers, 0), "segment_windows");
+    ASSERT_EQ_INT(json_array_size(w), 2);
+    ASSERT_EQ_INT(json_integer_value(json_array_get(json_array_get(w, 1), 0)), 8);
+    ASSERT_EQ_INT(json_array_size(json_array_get(w, 1)), 1); /* trailing empty windows dropped */
+    ASSERT_EQ_INT(json_array_size(json_array_get(w, 0)), 0);
+    json_decref(j);
+    api_routing_info summary = rinfo;
+    summary.full = 0;
+    j = api_routing_json(&a, g_model, &summary);
+    ASSERT_TRUE(json_object_get(json_array_get(json_object_get(j, "layers"), 0), "segment_windows") == NULL);
+    ASSERT_TRUE(json_object_get(json_array_get(json_object_get(j, "layers"), 0), "segment") != NULL);
+    json_decref(j);
+    api_route_agg cp = {0};
+    ASSERT_EQ_INT(api_route_agg_copy(&cp, &a), 0);
+    ASSERT_EQ_INT(cp.tok[3 * 1 + 2].tokens[0], 6);
+    ASSERT_TRUE(cp.tok != a.tok);
+    api_route_agg_free(&cp);
+    api_route_agg_free(&a);
+    ASSERT_EQ_INT(a.has, 0);
+}
+
+/* A MoLE report: no layers of experts, tokens per adapter with the adapters' names from the model. */
+TEST(routing_json_mole) {
+    setup_moe(CM_MOE_KIND_MOLE);
+    cm_route_count ad[4] = {{{3, 1}, {3.0, 1.0}}, {{0, 0}, {0, 0}}, {{3, 1}, {6.0, 2.0}}, {{2, 0}, {1.0, 0}}};
+    cm_routing r = {.n_layer = 2, .shared_expert = -1, .n_adapters = 4, .adapter = ad};
+    api_route_agg a = {0};
+    ASSERT_EQ_INT(api_route_agg_add(&a, &r), 0);
+    json_t *j = api_routing_json(&a, g_model, &rinfo);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(j, "token_experts")), 0);
+    json_t *l0 = json_array_get(json_object_get(j, "layers"), 0);
+    ASSERT_TRUE(json_object_get(l0, "token") == NULL && json_object_get(l0, "segment") == NULL);
+    json_t *ads = json_object_get(j, "adapters");
+    ASSERT_EQ_INT(json_array_size(ads), 4);
+    json_t *x = json_array_get(ads, 2);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(x, "adapter")), 2);
+    ASSERT_STREQ(json_string_value(json_object_get(x, "name")), "shared");
+    ASSERT_EQ_INT(json_integer_value(json_object_get(x, "prompt_tokens")), 3);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(x, "generated_tokens")), 1);
+    ASSERT_NEAR(json_real_value(json_object_get(x, "prompt_mean_gate")), 2.0, 1e-12);
+    ASSERT_STREQ(json_string_value(json_object_get(json_array_get(ads, 3), "name")), "other");
+    json_decref(j);
+    api_route_agg_free(&a);
 }
 
 /* ============================================================ robustness */
@@ -994,6 +1240,7 @@ int main(void) {
     RUN(prompt_default_and_empty);
     RUN(prompt_special_tokens);
     RUN(fim_suffix);
+    RUN(fim_tokens_shared_with_requests);
     RUN(rejections);
     RUN(body_limit_and_model_match);
     RUN(max_tokens_resolution);
@@ -1006,6 +1253,11 @@ int main(void) {
     RUN(render_logprobs);
     RUN(render_chunks);
     RUN(render_models);
+    RUN(seq_options_resolved);
+    RUN(reference_segments_rule);
+    RUN(routing_json_dense);
+    RUN(routing_json_hybrid);
+    RUN(routing_json_mole);
     RUN(fuzz_mutations);
     fake_model_free(g_model);
     return test_summary();

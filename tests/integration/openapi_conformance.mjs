@@ -350,6 +350,9 @@ async function main() {
   const m1 = conform('GET', '/v1/models/{model}', one, 'GET /v1/models/{id}');
   expect(one.status === 200 && m1 && m1.id === model.id, 'GET /v1/models/{id}', `status ${one.status}`);
   await expectError('GET', '/v1/models/no-such-model', {}, 404, undefined, undefined, 'GET /v1/models/unknown');
+  const moeKind = { multipl_moe: 'hybrid', mole: 'mole' }[model.architecture];
+  expect(moeKind ? model.moe && model.moe.kind === moeKind : model.moe === undefined, 'GET /v1/models',
+    `architecture ${model.architecture} with moe ${JSON.stringify(model.moe)}`);
 
   /* metrics */
   const met = await call('GET', '/metrics');
@@ -363,6 +366,13 @@ async function main() {
   if (plain && plain.id) {
     const r = await call('GET', `/v1/completions/${encodeURIComponent(plain.id)}/routing`);
     conform('GET', '/v1/completions/{id}/routing', r, 'GET routing (known id)');
+  }
+  /* the routing extension in full detail (segment windows on hybrid models) */
+  const routed = await completion({ ...base1, routing: 'full' }, 'completion routing full');
+  if (routed && routed.id) {
+    expect(routed.routing && routed.routing.id === routed.id, 'completion routing full', 'no routing record');
+    expect(moeKind ? routed.routing.layers.length > 0 : routed.routing.layers.length === 0,
+      'completion routing full', `layers ${JSON.stringify(routed.routing.layers).slice(0, 200)}`);
   }
   await completion({ model: mid, prompt: 'x = ', max_tokens: 6, n: 2, seed: 7, temperature: 0.8, logprobs: 2, echo: true },
     'completion n=2 logprobs echo');

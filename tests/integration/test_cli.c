@@ -1,9 +1,10 @@
 /*
  * test_cli.c - the real `codemoe` binary ($CM_BINARY) on the committed fixture models: greedy
- * `complete` reproduces the pinned token ids of every GGUF-fixture golden (dense and MoE, as text), sampling is repeatable by
- * seed, `tokenize` agrees with the golden prompt ids and round-trips, `inspect` lists the expected
- * tensors, and every error path (missing/truncated/hostile file, bad flags, prompt longer than the
- * context) exits non-zero with a message on stderr and without a crash.
+ * `complete` reproduces the pinned token ids of every GGUF-fixture golden (dense and MoE, as text),
+ * sampling is repeatable by seed, `complete --suffix` builds the API's FIM prompt (api/), `tokenize`
+ * agrees with the golden prompt ids and round-trips, `inspect` lists the expected tensors, and every
+ * error path (missing/truncated/hostile file, bad flags, prompt longer than the context) exits non-zero
+ * with a message on stderr and without a crash.
  *
  * Each command runs in a child (posix_spawn) with stdout and stderr captured to temporary files.
  */
@@ -18,6 +19,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "api.h"
 #include "codemoe.h"
 #include "golden.h"
 #include "test.h"
@@ -297,6 +299,91 @@ TEST(complete_fim_and_special) {
     run_free(&r);
 }
 
+/* The text greedy decoding of ids[0..n) yields (at most n_predict tokens, as `complete` prints it). */
+static char *greedy_text(const cm_model *m, const int32_t *ids, int n, int n_predict) {
+    cm_err err = {0};
+    cm_ctx_params cp = {.n_threads = 1, .n_seq_max = 1, .n_ctx = n + n_predict + 1, .n_batch_max = n,
+                        .kv_tokens = n + n_predict + 1};
+    cm_ctx *ctx = cm_ctx_create(m, &cp, &err);
+    cm_sampling sp;
+    cm_sampling_default(&sp);
+    sp.temperature = 0;
+    cm_sampler *smp = ctx ? cm_sampler_create(m, &sp, &err) : NULL;
+    int seq = ctx ? cm_seq_open(ctx, &err) : -1;
+    size_t cap = 4096, len = 0, piece_cap = cm_detok_max_bytes(m);
+    char *out = calloc(1, cap + piece_cap + 1);
+    int32_t *seqs = calloc((size_t)n, sizeof *seqs);
+    int ok = ctx && smp && seq >= 0 && out && seqs;
+    for (int i = 0; ok && i < n; i++) { seqs[i] = seq; cm_sampler_accept_prompt(smp, ids[i]); }
+    cm_batch b = {.n = n, .token = ids, .seq = seqs};
+    ok = ok && cm_forward(ctx, &b, &err) == 0;
+    const float *lg = ok ? cm_logits(ctx, n - 1) : NULL;
+    cm_detok dt;
+    cm_detok_init(&dt, 0);
+    for (int k = 0; lg && k < n_predict && len < cap; k++) {
+        int32_t tok = cm_sampler_sample(smp, lg, NULL, NULL);
+        if (cm_token_is_eog(m, tok)) break;
+        int w = cm_detok_push(&dt, m, tok, out + len, piece_cap);
+        if (w > 0) len += (size_t)w;
+        cm_batch one = {.n = 1, .token = &tok, .seq = &seq};
+        lg = k + 1 < n_predict && cm_forward(ctx, &one, &err) == 0 ? cm_logits(ctx, 0) : NULL;
+    }
+    if (ok) {
+        int w = cm_detok_flush(&dt, out + len, piece_cap);
+        if (w > 0) len += (size_t)w;
+        out[len] = 0;
+    } else {
+        fprintf(stderr, "greedy_text: %s\n", err.msg);
+        free(out);
+        out = NULL;
+    }
+    free(seqs);
+    cm_sampler_free(smp);
+    cm_ctx_free(ctx);
+    return out;
+}
+
+/* `complete --suffix` builds the prompt the server builds for a "suffix" request (api_parse_completion):
+ * the same number of prompt tokens and, greedily, the same text, even with --special and control-token
+ * strings in the prefix and the suffix (user code is plain text in FIM). */
+TEST(complete_fim_prompt_is_the_apis) {
+    ASSERT_TRUE(n_goldens > 0);
+    golden *G = primary();
+    const char *prefix = "def f(x):<|endoftext|>\n    return ", *suffix = "\n<|fim_middle|>print(f(1))\n";
+    cm_err err = {0};
+    cm_model_params mp = {.n_threads = 1};
+    cm_model *m = cm_model_load(G->model, &mp, &err);
+    ASSERT_TRUE(m);
+    api_model am = {.model = m, .id = "m", .n_ctx = 512};
+    api_limits lim;
+    api_limits_default(&lim);
+    json_t *body = json_pack("{s:s,s:s}", "prompt", prefix, "suffix", suffix);
+    char *bs = json_dumps(body, JSON_COMPACT);
+    json_decref(body);
+    api_completion_req req;
+    api_error e;
+    int prc = api_parse_completion(bs, strlen(bs), &am, &lim, &req, &e);
+    free(bs);
+    if (prc) fprintf(stderr, "parse: %s\n", e.message);
+    ASSERT_EQ_INT(prc, 0);
+    char *want = greedy_text(m, req.prompts[0].tokens, req.prompts[0].n_tokens, 6);
+    char want_count[64];
+    snprintf(want_count, sizeof want_count, "prompt %d tokens", req.prompts[0].n_tokens);
+    api_completion_req_free(&req);
+    cm_model_free(m);
+    ASSERT_TRUE(want);
+    run_result r;
+    RUN_OK(&r, "complete", "--model", G->model, "--special", "--prompt", prefix, "--suffix", suffix, "-n", "6",
+           "--temperature", "0");
+    if (r.code || !strstr(r.err, want_count) || strcmp(r.out, want))
+        fprintf(stderr, "want %s, text '%s'; stderr: %s\nstdout '%s'\n", want_count, want, r.err, r.out);
+    CHECK_TRUE(r.code == 0);
+    CHECK_TRUE(strstr(r.err, want_count) != NULL);
+    CHECK_TRUE(strcmp(r.out, want) == 0);
+    free(want);
+    run_free(&r);
+}
+
 TEST(tokenize_matches_golden_and_round_trips) {
     ASSERT_TRUE(n_goldens > 0);
     for (int gi = 0; gi < n_goldens; gi++) {
@@ -545,6 +632,7 @@ int main(void) {
     RUN(complete_from_file_equals_prompt);
     RUN(complete_sampling_is_repeatable_by_seed);
     RUN(complete_fim_and_special);
+    RUN(complete_fim_prompt_is_the_apis);
     RUN(tokenize_matches_golden_and_round_trips);
     RUN(inspect_lists_tensors_and_summary);
     RUN(vocab_only_file);

@@ -64,6 +64,7 @@ test('routes, models, health, request ids', async () => {
     r = await get(srv, '/v1/models/qwen2-gqa');
     assert.equal(r.status, 200);
     assert.equal(r.json.id, 'qwen2-gqa');
+    assert.equal(r.json.moe, undefined); /* a dense model has no experts to describe */
     assertErrorShape(await get(srv, '/v1/models/gpt-4'), 404, 'unknown model id');
 
     assertErrorShape(await get(srv, '/nope'), 404, 'unknown path');
@@ -349,21 +350,25 @@ test('routing statistics: retained by completion id, and in the response on requ
   } finally {
     assert.equal((await srv.stop()).code, 0);
   }
-  /* a hybrid mixture-of-experts model reports per-layer expert counts, once the engine loads it */
-  const moe = await startServer({ model: 'hybrid-max', healthy: false });
+  /* a hybrid mixture-of-experts model describes its experts and reports per-layer expert counts */
+  const moe = await startServer({ model: 'hybrid-max', args: ['--batch', '64'] });
   try {
-    let h;
-    for (let i = 0; i < 100; i++) {
-      h = await get(moe, '/health').catch(() => ({ status: 0 }));
-      if (h.status !== 503 || (h.json && h.json.status !== 'loading')) break;
-      await sleep(30);
+    const mj = (await get(moe, '/v1/models/hybrid-max')).json;
+    assert.equal(mj.moe.kind, 'hybrid', JSON.stringify(mj));
+    for (const k of ['experts', 'top_k', 'segment_experts', 'window']) assert.ok(Number.isInteger(mj.moe[k]) && mj.moe[k] > 0, k);
+    assert.ok(mj.moe.top_k <= mj.moe.experts);
+    assert.ok(mj.moe.shared_expert === null || (mj.moe.shared_expert >= 0 && mj.moe.shared_expert < mj.moe.experts));
+    assert.ok(['causal', 'reference'].includes(mj.moe.segment_routing_default));
+    /* reference segments score a complete text: refused when the body is parsed, not after queueing */
+    for (const body of [{ prompt: 'x', segment_routing: 'reference' }, { prompt: 'x '.repeat(100), max_tokens: 0, segment_routing: 'reference' }]) {
+      const bad = await postJSON(moe, '/v1/completions', body);
+      assert.equal(bad.status, 400, bad.text);
+      assert.equal(bad.json.error.param, 'segment_routing');
+      assert.match(bad.json.error.message, /at most 64 tokens/);
     }
-    if (h.status !== 200) {
-      const why = moe.logs.find((l) => l.msg === 'model load failed');
-      console.error('SKIP hybrid routing: ' + (why ? why.error : 'status ' + h.status));
-      assert.match(why.error, /not supported/); /* only an unsupported architecture may skip this */
-      return;
-    }
+    const ok = await postJSON(moe, '/v1/completions', { prompt: 'def f(x):', max_tokens: 0, segment_routing: 'reference', routing: 'summary' });
+    assert.equal(ok.status, 200, ok.text);
+    assert.ok(ok.json.routing.layers.length > 0);
     const r = await postJSON(moe, '/v1/completions', { prompt: 'def f(x):\n    return x', max_tokens: 4, routing: 'full', temperature: 0 });
     assert.equal(r.status, 200, r.text);
     const rt = r.json.routing;
@@ -389,6 +394,10 @@ test('MoLE language: the request field, else the prompt\'s fences, else the dete
       for (const a of r.json.routing.adapters) by[a.name] = a.prompt_tokens;
       return by;
     };
+    const mj = (await get(srv, '/v1/models/mole')).json;
+    assert.equal(mj.moe.kind, 'mole', JSON.stringify(mj));
+    for (const l of ['python', 'rust']) assert.ok(mj.moe.languages.includes(l) && mj.moe.adapters.includes(l), l);
+    for (const a of ['shared', 'other']) assert.ok(mj.moe.adapters.includes(a) && !mj.moe.languages.includes(a), a);
     const bad = await postJSON(srv, '/v1/completions', { prompt: 'x', language: 'cobol' });
     assert.equal(bad.status, 400, bad.text);
     assert.equal(bad.json.error.param, 'language');

@@ -4,7 +4,9 @@
  * loopback port), passing its address as CM_BASE_URL (and CM_PORT); the server is then stopped with
  * SIGTERM and must exit 0 with no sanitizer report. Exit status: the command's, or 1.
  *
- *   node with_server.mjs [server flags...] -- command [args...]
+ *   node with_server.mjs [--fixture NAME] [server flags...] -- command [args...]
+ *
+ * --fixture serves tests/fixtures/models/NAME.gguf instead of the default dense model.
  */
 import { spawn } from 'node:child_process';
 import { startServer, sanitizerReport } from './server_harness.mjs';
@@ -12,12 +14,17 @@ import { startServer, sanitizerReport } from './server_harness.mjs';
 const argv = process.argv.slice(2);
 const sep = argv.indexOf('--');
 if (sep < 0 || sep === argv.length - 1) {
-  console.error('usage: with_server.mjs [server flags...] -- command [args...]');
+  console.error('usage: with_server.mjs [--fixture NAME] [server flags...] -- command [args...]');
   process.exit(2);
 }
-const serverArgs = argv.slice(0, sep);
+let serverArgs = argv.slice(0, sep);
+let model;
+if (serverArgs[0] === '--fixture' && serverArgs.length > 1) {
+  model = serverArgs[1];
+  serverArgs = serverArgs.slice(2);
+}
 const [cmd, ...cmdArgs] = argv.slice(sep + 1);
-const srv = await startServer({ args: serverArgs });
+const srv = await startServer({ model, args: serverArgs });
 const child = spawn(cmd, cmdArgs, { stdio: 'inherit', env: { ...process.env, CM_BASE_URL: srv.base, CM_PORT: String(srv.port) } });
 const code = await new Promise((resolve) => child.on('exit', (c, s) => resolve(c ?? (s ? 1 : 0))));
 const ex = await srv.stop();

@@ -1,7 +1,8 @@
 /*
  * test_server_units.c - the server's self-contained modules: API key checks (constant-time compare,
  * Bearer parsing, key files), request ids, the Prometheus rendering (cumulative buckets, series
- * table), the routing retention ring (FIFO eviction), and the bounded byte buffer.
+ * table, the expert load series), the routing retention ring (FIFO eviction), and the bounded byte
+ * buffer.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -162,50 +163,30 @@ TEST(retention_evicts_oldest) {
     srv_retention_free(z);
 }
 
-/* Two sequences' reports of a 2-layer model with 3 token and 2 segment experts sum into one request
- * report; the JSON and Prometheus views show the sums and mean gates; other shapes are refused. */
-TEST(routing_aggregates_reports) {
+/* The server's expert load (an api_route_agg, api/routing.c) as Prometheus series: one per level,
+ * layer, expert and phase with the summed counts, and nothing but the HELP/TYPE lines for a dense model. */
+TEST(expert_metrics_render) {
     cm_route_count tok[2 * 3] = {{{1, 2}, {0.5, 1.0}}}, seg[2 * 2] = {{{0, 0}, {0, 0}}, {{4, 0}, {2.0, 0}}};
-    uint32_t win[2 * 2 * 3] = {0};
-    win[3 * 1 + 0] = 4; /* layer 0, segment expert 1, window 0 */
     tok[3 * 1 + 2] = (cm_route_count){{3, 1}, {1.5, 0.25}}; /* layer 1, expert 2 */
     cm_routing r = {.n_layer = 2, .n_tok_experts = 3, .shared_expert = 0, .n_seg_experts = 2, .window = 8,
-                    .n_windows = 3, .n_adapters = 0, .tok = tok, .seg = seg, .seg_windows = win, .adapter = NULL};
-    srv_route_agg a;
-    memset(&a, 0, sizeof a);
-    ASSERT_EQ_INT(srv_route_agg_add(&a, NULL), 0); /* dense: nothing */
-    ASSERT_EQ_INT(a.has, 0);
-    json_t *j = srv_route_agg_json(&a, NULL, 1);
-    ASSERT_EQ_INT(json_array_size(json_object_get(j, "layers")), 0);
-    json_decref(j);
-    ASSERT_EQ_INT(srv_route_agg_add(&a, &r), 0);
-    ASSERT_EQ_INT(srv_route_agg_add(&a, &r), 0);
-    cm_routing other = r;
-    other.n_tok_experts = 4;
-    ASSERT_EQ_INT(srv_route_agg_add(&a, &other), -1);
-    j = srv_route_agg_json(&a, NULL, 1);
-    json_t *layers = json_object_get(j, "layers");
-    ASSERT_EQ_INT(json_array_size(layers), 2);
-    json_t *e = json_array_get(json_object_get(json_array_get(layers, 1), "token"), 2);
-    ASSERT_EQ_INT(json_integer_value(json_object_get(e, "prompt_tokens")), 6);
-    ASSERT_EQ_INT(json_integer_value(json_object_get(e, "generated_tokens")), 2);
-    ASSERT_NEAR(json_real_value(json_object_get(e, "prompt_mean_gate")), 0.5, 1e-12);
-    ASSERT_NEAR(json_real_value(json_object_get(e, "generated_mean_gate")), 0.25, 1e-12);
-    json_t *w = json_object_get(json_array_get(layers, 0), "segment_windows");
-    ASSERT_EQ_INT(json_integer_value(json_array_get(json_array_get(w, 1), 0)), 8);
-    ASSERT_EQ_INT(json_array_size(json_array_get(w, 0)), 0); /* trailing empty windows dropped */
-    json_decref(j);
-    srv_route_agg cp;
-    memset(&cp, 0, sizeof cp);
-    ASSERT_EQ_INT(srv_route_agg_copy(&cp, &a), 0);
+                    .n_windows = 0, .n_adapters = 0, .tok = tok, .seg = seg};
+    api_route_agg a = {0};
     srv_buf b;
     srv_buf_init(&b, 0);
-    srv_route_agg_prometheus(&cp, NULL, &b);
-    ASSERT_TRUE(strstr(b.data, "codemoe_expert_tokens_total{level=\"token\",layer=\"1\",expert=\"2\",phase=\"prompt\"} 6\n"));
-    ASSERT_TRUE(strstr(b.data, "codemoe_expert_tokens_total{level=\"segment\",layer=\"0\",expert=\"1\",phase=\"prompt\"} 8\n"));
+    srv_expert_metrics_render(&a, NULL, &b);
+    ASSERT_TRUE(strstr(b.data, "# TYPE codemoe_expert_tokens_total counter\n"));
+    ASSERT_TRUE(strstr(b.data, "codemoe_expert_tokens_total{") == NULL);
     srv_buf_free(&b);
-    srv_route_agg_free(&cp);
-    srv_route_agg_free(&a);
+    ASSERT_EQ_INT(api_route_agg_add(&a, &r), 0);
+    ASSERT_EQ_INT(api_route_agg_add(&a, &r), 0);
+    srv_buf_init(&b, 0);
+    srv_expert_metrics_render(&a, NULL, &b);
+    ASSERT_TRUE(strstr(b.data, "codemoe_expert_tokens_total{level=\"token\",layer=\"1\",expert=\"2\",phase=\"prompt\"} 6\n"));
+    ASSERT_TRUE(strstr(b.data, "codemoe_expert_tokens_total{level=\"token\",layer=\"1\",expert=\"2\",phase=\"generated\"} 2\n"));
+    ASSERT_TRUE(strstr(b.data, "codemoe_expert_tokens_total{level=\"segment\",layer=\"0\",expert=\"1\",phase=\"prompt\"} 8\n"));
+    ASSERT_TRUE(strstr(b.data, "codemoe_adapter_tokens_total") == NULL);
+    srv_buf_free(&b);
+    api_route_agg_free(&a);
 }
 
 TEST(buf_limit) {
@@ -238,7 +219,7 @@ int main(void) {
     RUN(request_ids);
     RUN(metrics_render);
     RUN(retention_evicts_oldest);
-    RUN(routing_aggregates_reports);
+    RUN(expert_metrics_render);
     RUN(buf_limit);
     return test_summary();
 }

@@ -1,15 +1,15 @@
 /*
  * routing.c - expert-routing statistics of mixture-of-experts models: sums of the engine's
- * per-sequence reports (cm_seq_routing) over a request's sequences (for GET
- * /v1/completions/{id}/routing and the "routing" response extension) and over the server's lifetime
- * (per-layer expert load in /metrics). Dense models report nothing: empty layers, no series.
+ * per-sequence reports (cm_seq_routing) over a request's sequences or the server's lifetime, and the
+ * JSON record of a completion's routing (GET /v1/completions/{id}/routing and the "routing" response
+ * extension). Dense models report nothing: the record has empty layers.
  */
 #include <stdlib.h>
 #include <string.h>
 
-#include "server.h"
+#include "api.h"
 
-void srv_route_agg_free(srv_route_agg *a) {
+void api_route_agg_free(api_route_agg *a) {
     free(a->tok);
     free(a->seg);
     free(a->adapter);
@@ -17,7 +17,7 @@ void srv_route_agg_free(srv_route_agg *a) {
     memset(a, 0, sizeof *a);
 }
 
-static int shape_same(const srv_route_agg *a, const cm_routing *r) {
+static int shape_same(const api_route_agg *a, const cm_routing *r) {
     return a->n_layer == r->n_layer && a->n_tok == r->n_tok_experts && a->n_seg == r->n_seg_experts &&
            a->n_windows == r->n_windows && a->n_adapters == r->n_adapters;
 }
@@ -30,7 +30,7 @@ static void add_counts(cm_route_count *dst, const cm_route_count *src, size_t n)
         }
 }
 
-int srv_route_agg_add(srv_route_agg *a, const cm_routing *r) {
+int api_route_agg_add(api_route_agg *a, const cm_routing *r) {
     if (!r || r->n_layer <= 0) return 0;
     if (!a->has) {
         if (r->n_tok_experts < 0 || r->n_seg_experts < 0 || r->n_adapters < 0 || r->n_windows < 0) return -1;
@@ -48,7 +48,7 @@ int srv_route_agg_add(srv_route_agg *a, const cm_routing *r) {
         a->seg_windows = ns && a->n_windows ? calloc(ns * (size_t)a->n_windows, sizeof *a->seg_windows) : NULL;
         if ((nt && !a->tok) || (ns && !a->seg) || (a->n_adapters && !a->adapter) ||
             (ns && a->n_windows && !a->seg_windows)) {
-            srv_route_agg_free(a);
+            api_route_agg_free(a);
             return -1;
         }
         a->has = 1;
@@ -64,8 +64,8 @@ int srv_route_agg_add(srv_route_agg *a, const cm_routing *r) {
     return 0;
 }
 
-int srv_route_agg_copy(srv_route_agg *dst, const srv_route_agg *src) {
-    srv_route_agg_free(dst);
+int api_route_agg_copy(api_route_agg *dst, const api_route_agg *src) {
+    api_route_agg_free(dst);
     if (!src->has) return 0;
     *dst = *src;
     dst->tok = dst->seg = dst->adapter = NULL;
@@ -75,7 +75,7 @@ int srv_route_agg_copy(srv_route_agg *dst, const srv_route_agg *src) {
     if ((nt && !(dst->tok = malloc(nt * sizeof *dst->tok))) || (ns && !(dst->seg = malloc(ns * sizeof *dst->seg))) ||
         (src->n_adapters && !(dst->adapter = malloc((size_t)src->n_adapters * sizeof *dst->adapter))) ||
         (src->seg_windows && nw && !(dst->seg_windows = malloc(nw * sizeof *dst->seg_windows)))) {
-        srv_route_agg_free(dst);
+        api_route_agg_free(dst);
         return -1;
     }
     if (nt) memcpy(dst->tok, src->tok, nt * sizeof *dst->tok);
@@ -98,12 +98,20 @@ static json_t *counts_json(const cm_route_count *c, int n, const char *key) {
     return arr;
 }
 
-json_t *srv_route_agg_json(const srv_route_agg *a, const cm_model *m, int full) {
+json_t *api_routing_json(const api_route_agg *a, const cm_model *m, const api_routing_info *info) {
     json_t *o = json_object();
     json_t *layers = json_array();
     if (!o || !layers) { json_decref(o); json_decref(layers); return NULL; }
+    const char *id = info->id ? info->id : "", *model = info->model ? info->model : "";
+    json_object_set_new(o, "id", json_string(id));
+    json_object_set_new(o, "object", json_string("completion.routing"));
+    json_object_set_new(o, "created", json_integer((json_int_t)info->created));
+    json_object_set_new(o, "model", json_string(model));
+    json_object_set_new(o, "prompt_tokens", json_integer(info->prompt_tokens));
+    json_object_set_new(o, "completion_tokens", json_integer(info->completion_tokens));
     json_object_set_new(o, "layers", layers);
     if (!a->has) return o;
+    const int full = info->full;
     json_object_set_new(o, "n_layer", json_integer(a->n_layer));
     json_object_set_new(o, "token_experts", json_integer(a->n_tok));
     json_object_set_new(o, "shared_expert", json_integer(a->shared));
@@ -140,41 +148,4 @@ json_t *srv_route_agg_json(const srv_route_agg *a, const cm_model *m, int full) 
         json_object_set_new(o, "adapters", ad);
     }
     return o;
-}
-
-void srv_route_agg_prometheus(const srv_route_agg *a, const cm_model *m, srv_buf *b) {
-    srv_buf_puts(b, "# HELP codemoe_expert_tokens_total Tokens routed to each expert, by level, layer and phase.\n"
-                    "# TYPE codemoe_expert_tokens_total counter\n");
-    if (!a->has) return;
-    static const char *phase[2] = {"prompt", "generated"};
-    for (int l = 0; l < a->n_layer; l++) {
-        for (int e = 0; e < a->n_tok; e++)
-            for (int k = 0; k < 2; k++)
-                srv_buf_printf(b, "codemoe_expert_tokens_total{level=\"token\",layer=\"%d\",expert=\"%d\",phase=\"%s\"} %u\n",
-                               l, e, phase[k], a->tok[(size_t)l * a->n_tok + e].tokens[k]);
-        for (int e = 0; e < a->n_seg; e++)
-            for (int k = 0; k < 2; k++)
-                srv_buf_printf(b, "codemoe_expert_tokens_total{level=\"segment\",layer=\"%d\",expert=\"%d\",phase=\"%s\"} %u\n",
-                               l, e, phase[k], a->seg[(size_t)l * a->n_seg + e].tokens[k]);
-    }
-    if (a->n_adapters) {
-        srv_buf_puts(b, "# HELP codemoe_adapter_tokens_total Tokens each MoLE adapter applied to, by phase.\n"
-                        "# TYPE codemoe_adapter_tokens_total counter\n");
-        for (int i = 0; i < a->n_adapters; i++) {
-            const char *name = cm_model_adapter_name(m, i);
-            char safe[64];
-            /* label values come from the model file: keep [A-Za-z0-9_+.-] only */
-            size_t n = 0;
-            for (const char *p = name ? name : ""; *p && n < sizeof safe - 1; p++) {
-                char c = *p;
-                if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
-                    c == '+' || c == '.' || c == '-')
-                    safe[n++] = c;
-            }
-            safe[n] = 0;
-            for (int k = 0; k < 2; k++)
-                srv_buf_printf(b, "codemoe_adapter_tokens_total{adapter=\"%d\",name=\"%s\",phase=\"%s\"} %u\n", i, safe,
-                               phase[k], a->adapter[i].tokens[k]);
-        }
-    }
 }
