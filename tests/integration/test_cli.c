@@ -1,7 +1,8 @@
 /*
  * test_cli.c - the real `codemoe` binary ($CM_BINARY) on the committed fixture models: greedy
  * `complete` reproduces the pinned token ids of every golden file (as text), sampling is repeatable by
- * seed, `tokenize` agrees with the golden prompt ids and round-trips, `inspect` lists the expected
+ * seed, `--stop` ends the output before the earliest stop string, `tokenize` agrees with the golden
+ * prompt ids and round-trips, `inspect` lists the expected
  * tensors, and every error path (missing/truncated/hostile file, bad flags, prompt longer than the
  * context) exits non-zero with a message on stderr and without a crash.
  *
@@ -309,6 +310,84 @@ TEST(complete_fim_and_special) {
     run_free(&r);
 }
 
+/* Byte offset of character c of s[0..n) (n when s has fewer characters). */
+static size_t char_offset(const char *s, size_t n, int c) {
+    size_t i = 0;
+    for (; i < n && c > 0; c--)
+        for (i++; i < n && ((unsigned char)s[i] & 0xc0) == 0x80;) i++;
+    return i;
+}
+
+/* Where the first of the stop strings occurs in out[0..n), or n. */
+static size_t first_stop(const char *out, size_t n, const char *const *stops, int n_stops) {
+    size_t best = n;
+    for (int i = 0; i < n_stops; i++) {
+        const char *p = memmem(out, n, stops[i], strlen(stops[i]));
+        if (p && (size_t)(p - out) < best) best = (size_t)(p - out);
+    }
+    return best;
+}
+
+TEST(complete_stop_strings) {
+    ASSERT_TRUE(n_goldens > 0);
+    golden *G = primary();
+    run_result full, r;
+    RUN_OK(&full, "complete", "--model", G->model, "--prompt", G->text, "-n", "24", "--temperature", "0");
+    ASSERT_EQ_INT(full.code, 0);
+    /* stop strings taken from the greedy output itself: characters 1-2 and character 4 */
+    size_t a = char_offset(full.out, full.nout, 1), b = char_offset(full.out, full.nout, 3);
+    size_t c = char_offset(full.out, full.nout, 4), d = char_offset(full.out, full.nout, 5);
+    ASSERT_TRUE(d < full.nout && a > 0);
+    char early[16], late[16];
+    snprintf(early, sizeof early, "%.*s", (int)(b - a), full.out + a);
+    snprintf(late, sizeof late, "%.*s", (int)(d - c), full.out + c);
+
+    /* one stop string: the output is the greedy output up to its first occurrence, without it */
+    const char *one[] = {late};
+    size_t cut = first_stop(full.out, full.nout, one, 1);
+    ASSERT_TRUE(cut > 0 && cut < full.nout);
+    RUN_OK(&r, "complete", "--model", G->model, "--prompt", G->text, "-n", "24", "--temperature", "0", "--stop", late);
+    if (r.code != 0 || r.nout != cut || memcmp(r.out, full.out, cut) != 0)
+        fprintf(stderr, "--stop '%s': want %zu bytes of \"%s\", got \"%s\" (exit %d)\n", late, cut, full.out, r.out, r.code);
+    CHECK_TRUE(r.code == 0 && r.nout == cut && memcmp(r.out, full.out, cut) == 0);
+    CHECK_TRUE(strstr(r.err, "stop: stop string") != NULL);
+    run_free(&r);
+
+    /* several: the earliest occurrence of any of them ends it, whatever their order on the line */
+    const char *several[] = {late, "\x01never", early};
+    cut = first_stop(full.out, full.nout, several, 3);
+    ASSERT_TRUE(cut < first_stop(full.out, full.nout, one, 1));
+    RUN_OK(&r, "complete", "--model", G->model, "--prompt", G->text, "-n", "24", "--temperature", "0", "--stop", late,
+           "--stop", "\x01never", "--stop", early);
+    CHECK_TRUE(r.code == 0 && r.nout == cut && memcmp(r.out, full.out, cut) == 0);
+    CHECK_TRUE(strstr(r.err, "stop: stop string") != NULL);
+    run_free(&r);
+
+    /* a stop string that never occurs changes nothing */
+    RUN_OK(&r, "complete", "--model", G->model, "--prompt", G->text, "-n", "24", "--temperature", "0", "--stop",
+           "\x01never");
+    CHECK_TRUE(r.code == 0 && r.nout == full.nout && memcmp(r.out, full.out, full.nout) == 0);
+    CHECK_TRUE(strstr(r.err, "stop: stop string") == NULL);
+    run_free(&r);
+    run_free(&full);
+
+    /* the API's limits: at most 4 strings of 1..512 bytes */
+    ASSERT_FAILS_WITH(&r, 2, "complete", "--model", G->model, "--prompt", "x", "--stop", "a", "--stop", "b", "--stop",
+                      "c", "--stop", "d", "--stop", "e");
+    CHECK_TRUE(strstr(r.err, "at most 4") != NULL);
+    run_free(&r);
+    ASSERT_FAILS_WITH(&r, 2, "complete", "--model", G->model, "--prompt", "x", "--stop", "");
+    run_free(&r);
+    char big[514];
+    memset(big, 'x', 513);
+    big[513] = '\0';
+    ASSERT_FAILS_WITH(&r, 2, "complete", "--model", G->model, "--prompt", "x", "--stop", big);
+    CHECK_TRUE(strstr(r.err, "512 bytes") != NULL);
+    run_free(&r);
+    ASSERT_FAILS_WITH(&r, 2, "complete", "--model", G->model, "--prompt", "x", "--stop");
+    run_free(&r);
+}
+
 TEST(tokenize_matches_golden_and_round_trips) {
     ASSERT_TRUE(n_goldens > 0);
     for (int gi = 0; gi < n_goldens; gi++) {
@@ -557,6 +636,7 @@ int main(void) {
     RUN(complete_from_file_equals_prompt);
     RUN(complete_sampling_is_repeatable_by_seed);
     RUN(complete_fim_and_special);
+    RUN(complete_stop_strings);
     RUN(tokenize_matches_golden_and_round_trips);
     RUN(inspect_lists_tensors_and_summary);
     RUN(vocab_only_file);
