@@ -113,7 +113,9 @@ int cm_token_is_eog(const cm_model *m, int32_t id) { return m->info.eos >= 0 && 
  * as many bytes as it announces; a byte that cannot start or continue a character, and a sequence cut
  * short at the end, become U+FFFD. (No overlong or surrogate checks: tests feed well-formed text or
  * plainly broken bytes.) */
-static int fake_utf8_len(unsigned c) { return c < 0x80 ? 1 : c >= 0xf0 && c < 0xf8 ? 4 : c >= 0xe0 ? 3 : c >= 0xc0 ? 2 : 0; }
+static int fake_utf8_len(unsigned c) {
+    return c < 0x80 ? 1 : c < 0xc0 ? 0 : c < 0xe0 ? 2 : c < 0xf0 ? 3 : c < 0xf8 ? 4 : 0;
+}
 
 void cm_detok_init(cm_detok *d, int special) {
     memset(d, 0, sizeof *d);
@@ -127,7 +129,7 @@ int cm_detok_push(cm_detok *d, const cm_model *m, int32_t id, char *out, size_t 
     char buf[32];
     int k = token_bytes(id, d->special, buf);
     if (k < 0) return CM_E_RANGE;
-    if (cap < cm_detok_max_bytes(m)) return CM_E_RANGE;
+    if (cap < cm_detok_max_bytes(m)) return CM_E_RANGE; /* stricter than the engine: callers must leave room */
     size_t o = 0;
     for (int i = 0; i < k; i++) {
         unsigned c = (unsigned char)buf[i];
