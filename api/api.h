@@ -1,6 +1,7 @@
 /*
  * api.h - the OpenAI-compatible HTTP API as pure translation: request JSON -> validated engine request
- * (or an OpenAI-shaped error naming the parameter), engine results -> response JSON and SSE chunks.
+ * (or an OpenAI-shaped error naming the parameter), a choice's sampled tokens -> its text and finish
+ * reason (api_choice_state), engine results -> response JSON and SSE chunks.
  * No I/O, no clocks, no randomness: the server supplies ids, timestamps and seeds.
  *
  * Ownership: every `char *` returned here is malloc'd and freed by the caller with free(). Functions
@@ -162,6 +163,19 @@ int api_fim_tokens(const cm_model *m, const char *prefix, size_t prefix_len, con
 /* Total choices (n_prompts * n); choice i belongs to prompt i / n. */
 static inline int api_completion_n_choices(const api_completion_req *r) { return r->n_prompts * r->n; }
 
+static inline int api__choices_per_prompt(const api_completion_req *r) { return r->n > 0 ? r->n : 1; }
+/* The prompt that choice i (0 <= i < api_completion_n_choices) belongs to: i / n, OpenAI's order.
+ * Never past the last prompt, so the result always indexes r->prompts of a parsed request. */
+static inline int api_completion_prompt_of(const api_completion_req *r, int choice) {
+    int p = choice / api__choices_per_prompt(r);
+    return p < r->n_prompts ? p : r->n_prompts - 1;
+}
+/* The first choice of choice i's prompt (prompt * n): the one a server prefills the prompt for, which
+ * the prompt's other choices may continue from. */
+static inline int api_completion_first_choice(const api_completion_req *r, int choice) {
+    return api_completion_prompt_of(r, choice) * api__choices_per_prompt(r);
+}
+
 /* The sampler settings for choice i: r->sampling with seed = r->seed + i and logit_bias pointing into
  * r (valid while r lives; cm_sampler_create copies it). */
 void api_completion_sampling(const api_completion_req *r, int choice, cm_sampling *out);
@@ -172,6 +186,16 @@ long api_prompt_chars(const api_completion_req *r, int prompt);
 
 /* ============================================================ stop strings */
 
+/* The rules of a request's "stop" (and of `codemoe complete --stop`). `shown` is the offending value
+ * as the error message should quote it (the caller's rendering, e.g. "'abc'").
+ * api_stops_check_count: whether n stop strings are allowed (at most lim->max_stop, never more than
+ * API_STOP_MAX). api_stops_add: appends a copy of s[0..len) (1..API_STOP_MAX_BYTES bytes; NULs
+ * allowed) to st. Both return 0, or -1 with err set (400, param "stop"; api_stops_add: 500 when out
+ * of memory) and st unchanged. api_stops_free releases the copies and empties st. */
+int api_stops_check_count(size_t n, const api_limits *lim, const char *shown, api_error *err);
+int api_stops_add(api_stops *st, const char *s, size_t len, const char *shown, api_error *err);
+void api_stops_free(api_stops *st);
+
 /* Looks for stop strings in text[0..len), the choice's completion text so far (excluding echo), of
  * which text[0..emitted) has already been sent. Returns the index of the stop string that matches
  * earliest (generation must end; *safe = the match position: send text[emitted..*safe), drop the rest),
@@ -180,9 +204,75 @@ long api_prompt_chars(const api_completion_req *r, int prompt);
  * When generation ends for another reason, the caller sends the whole remaining text. */
 int api_stop_scan(const api_stops *st, const char *text, size_t len, size_t emitted, size_t *safe);
 
-/* ============================================================ responses */
+/* ============================================================ one choice, token by token */
 
+/* Why a choice ended: finish_reason null, "stop", "length". */
 typedef enum { API_FINISH_NONE = 0, API_FINISH_STOP, API_FINISH_LENGTH } api_finish;
+
+/*
+ * The state of one choice while its tokens are sampled: the only place that turns sampled ids into
+ * the text a client may see and decides when the choice ends. For each token, in this order:
+ *   1. end-of-generation (cm_token_is_eog) ends the choice, finish "stop"; the token is not counted
+ *      and adds no text;
+ *   2. otherwise it counts (n_gen) and its text is detokenized; bytes of a character split across
+ *      tokens wait for the rest;
+ *   3. stop strings (api_stop_scan): a match ends the choice, finish "stop", and cuts the text at the
+ *      match (what the detokenizer still holds came after it and is dropped); a tail that could still
+ *      grow into a stop string is held back;
+ *   4. n_gen >= max_tokens, or a sequence that the token would fill (seq_len + 1 >= n_ctx), ends it,
+ *      finish "length".
+ * A choice that ends for any reason but a stop string releases all its text: the held-back tail and
+ * an incomplete character (as U+FFFD). Text once released is final.
+ *
+ * Use: init once (allocates), push every sampled token until push returns 1, take the released text
+ * after each push; end a choice that stops for an outside reason (cancelled, nothing to generate,
+ * failed); reset to start another choice with the same buffer. After init nothing allocates unless a
+ * choice's text outgrows every earlier one (the buffer doubles), so per-token work is allocation-free.
+ */
+typedef struct api_choice_state {
+    /* read-only for the caller */
+    char *text;             /* (len) the completion text so far; not NUL-terminated, may hold NULs */
+    size_t len;
+    size_t emitted;         /* text[0..emitted) is released: final, may be sent */
+    size_t taken;           /* text[0..taken) was handed out by api_choice_state_take */
+    int n_gen;              /* tokens generated (end-of-generation not counted) */
+    int ended;
+    api_finish finish;      /* why it ended; API_FINISH_NONE while running or when ended from outside */
+    int stop_hit;           /* index of the stop string that ended it, -1 if none */
+    /* private */
+    const cm_model *model;
+    const api_stops *stop;
+    int max_tokens, n_ctx;
+    size_t cap;             /* allocated bytes of text: before each token >= len + piece_max */
+    size_t piece_max;       /* cm_detok_max_bytes: the most one token (and the final flush) adds */
+    cm_detok dt;
+} api_choice_state;
+
+/* Binds c to model m (borrowed), allocates its text buffer and starts a choice as reset does.
+ * Returns 0, or -1 when out of memory (then c owns nothing; ending and freeing it are still safe). */
+int api_choice_state_init(api_choice_state *c, const cm_model *m, const api_stops *stop, int max_tokens,
+                          int n_ctx);
+/* Starts a new choice in c, keeping its buffer. stop (borrowed, must outlive the choice; NULL: none);
+ * max_tokens: tokens the choice may generate; n_ctx: positions its sequence may hold (prompt
+ * included). */
+void api_choice_state_reset(api_choice_state *c, const api_stops *stop, int max_tokens, int n_ctx);
+/* Releases the buffer; c is zeroed (a zeroed state is safe to free again). */
+void api_choice_state_free(api_choice_state *c);
+
+/* Feeds the token sampled for the choice. seq_len: positions already in the choice's sequence, this
+ * token not included. Returns 0 when the choice goes on (the caller feeds tok to the model next), 1
+ * when it has ended (finish and stop_hit say why; every byte of text that will ever be released is),
+ * -1 when tok is outside the vocabulary or the buffer could not grow (nothing changed; the caller
+ * ends the choice). On an ended choice returns 1 and changes nothing. */
+int api_choice_state_push(api_choice_state *c, int32_t tok, int seq_len);
+/* Ends the choice for a reason outside its text (finish may be API_FINISH_NONE: cancelled, failed),
+ * releasing all its text. Does nothing to an ended choice. */
+void api_choice_state_end(api_choice_state *c, api_finish finish);
+/* The text released since the last call: text[taken..emitted), its length in *len (0: nothing new);
+ * marks it taken. The pointer is valid until the next push, end, reset or free. */
+const char *api_choice_state_take(api_choice_state *c, size_t *len);
+
+/* ============================================================ responses */
 
 /* One token's log-probability entry, as the sampler reports it. */
 typedef struct api_token_lp {

@@ -421,14 +421,12 @@ static int parse_stop(json_t *o, const api_limits *lim, api_stops *st, api_error
     json_t *v = json_object_get(o, "stop");
     char d[96];
     if (!v || json_is_null(v)) return 0;
-    int max_stop = lim->max_stop < API_STOP_MAX ? lim->max_stop : API_STOP_MAX;
     size_t n = 1;
     if (json_is_array(v)) {
         n = json_array_size(v);
-        if (n > (size_t)max_stop) {
+        if (api_stops_check_count(n, lim, "", e)) { /* render the (maybe large) array only to report it */
             describe(v, d, sizeof d);
-            return api_error_set(e, 400, API_ERR_INVALID, "stop", NULL,
-                                 "%s is too long: at most %d stop sequences - 'stop'", d, max_stop);
+            return api_stops_check_count(n, lim, d, e);
         }
     } else if (!json_is_string(v)) {
         describe(v, d, sizeof d);
@@ -438,17 +436,8 @@ static int parse_stop(json_t *o, const api_limits *lim, api_stops *st, api_error
     for (size_t i = 0; i < n; i++) {
         json_t *x = json_is_array(v) ? json_array_get(v, i) : v;
         if (!json_is_string(x)) return err_type(e, "stop", x, "string");
-        size_t len = json_string_length(x);
-        if (len == 0) return api_error_set(e, 400, API_ERR_INVALID, "stop", NULL, "'' is too short - 'stop'");
-        if (len > API_STOP_MAX_BYTES) {
-            describe(x, d, sizeof d);
-            return api_error_set(e, 400, API_ERR_INVALID, "stop", NULL,
-                                 "%s is too long: stop sequences are limited to %d bytes - 'stop'", d,
-                                 API_STOP_MAX_BYTES);
-        }
-        st->s[st->n] = dup_json_string(x, &st->len[st->n]);
-        if (!st->s[st->n]) return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
-        st->n++;
+        describe(x, d, sizeof d);
+        if (api_stops_add(st, json_string_value(x), json_string_length(x), d, e)) return -1;
     }
     return 0;
 }
@@ -761,7 +750,7 @@ void api_completion_req_free(api_completion_req *r) {
         free(r->prompts[i].text);
     }
     free(r->prompts);
-    for (int i = 0; i < r->stop.n; i++) free(r->stop.s[i]);
+    api_stops_free(&r->stop);
     free(r->logit_bias);
     free(r->user);
     free(r->language);

@@ -1,8 +1,10 @@
 /*
  * stop.c - stop strings over streamed text. A stop string may be split across any number of tokens,
  * so a stream must hold back the tail of the text that could still grow into a stop string: text
- * once sent can never be taken back.
+ * once sent can never be taken back. Also the rules a stop string list follows (count, length), shared
+ * by the request parser and `codemoe complete --stop`.
  */
+#include <stdlib.h>
 #include <string.h>
 
 #include "api.h"
@@ -55,4 +57,34 @@ int api_stop_scan(const api_stops *st, const char *text, size_t len, size_t emit
     s -= utf8_incomplete_tail(text, s);
     *safe = s < emitted ? emitted : s;
     return -1;
+}
+
+int api_stops_check_count(size_t n, const api_limits *lim, const char *shown, api_error *err) {
+    int max_stop = lim->max_stop < API_STOP_MAX ? lim->max_stop : API_STOP_MAX;
+    if (n <= (size_t)max_stop) return 0;
+    return api_error_set(err, 400, API_ERR_INVALID, "stop", NULL, "%s is too long: at most %d stop sequences - 'stop'",
+                         shown, max_stop);
+}
+
+int api_stops_add(api_stops *st, const char *s, size_t len, const char *shown, api_error *err) {
+    if (st->n >= API_STOP_MAX)
+        return api_error_set(err, 400, API_ERR_INVALID, "stop", NULL, "%s is too long: at most %d stop sequences - 'stop'",
+                             shown, API_STOP_MAX);
+    if (len == 0) return api_error_set(err, 400, API_ERR_INVALID, "stop", NULL, "%s is too short - 'stop'", shown);
+    if (len > API_STOP_MAX_BYTES)
+        return api_error_set(err, 400, API_ERR_INVALID, "stop", NULL,
+                             "%s is too long: stop sequences are limited to %d bytes - 'stop'", shown, API_STOP_MAX_BYTES);
+    char *copy = malloc(len + 1);
+    if (!copy) return api_error_set(err, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
+    memcpy(copy, s, len);
+    copy[len] = '\0';
+    st->s[st->n] = copy;
+    st->len[st->n] = len;
+    st->n++;
+    return 0;
+}
+
+void api_stops_free(api_stops *st) {
+    for (int i = 0; i < st->n; i++) free(st->s[i]);
+    memset(st, 0, sizeof *st);
 }

@@ -1,9 +1,10 @@
 /*
  * cmd_complete.c - `codemoe complete`: one completion from the command line. The prompt (or the FIM
  * prefix/suffix pair, arranged by api/'s api_fim_tokens as for the server) is tokenized and prefilled in
- * one batch, then tokens are sampled one at a time and
- * their text streamed to stdout as soon as it forms complete UTF-8 (flushed after every token). Logs,
- * timings and optional logprobs go to stderr, so stdout is exactly the generated text.
+ * one batch, then tokens are sampled one at a time and their text streamed to stdout as soon as it
+ * forms complete UTF-8 and can no longer turn into a --stop string (flushed after every token). The
+ * choice's text and its end (end-of-generation, -n, --stop) are api_choice_state's, as in the server.
+ * Logs, timings and optional logprobs go to stderr, so stdout is exactly the generated text.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -22,6 +23,8 @@
 #define COMPLETE_DEFAULT_CTX 4096
 
 static void complete_usage(FILE *f) {
+    api_limits lim; /* --stop follows the API's rules under its default limits */
+    api_limits_default(&lim);
     fprintf(f,
         "usage: codemoe complete --model M (--prompt S | --file F) [flags]\n"
         "  --model M               GGUF model file\n"
@@ -29,6 +32,8 @@ static void complete_usage(FILE *f) {
         "  --suffix S              fill-in-the-middle: [BOS] <fim_prefix>prompt<fim_suffix>S<fim_middle>, as the\n"
         "                          server builds it (prompt and S are plain text: --special does not apply)\n"
         "  -n, --n-predict N       tokens to generate (default 128); stops earlier at end-of-generation\n"
+        "  --stop S                end before the first occurrence of S (not printed); repeatable, at most\n"
+        "                          %d strings of 1..%d bytes, as the API's \"stop\"\n"
         "  --temperature T         0 = greedy (default 1)\n"
         "  --top-k K               0 = off (default)\n"
         "  --top-p P               1 = off (default)\n"
@@ -44,7 +49,7 @@ static void complete_usage(FILE *f) {
         "  --logprobs N            print the chosen token's and the top N log-probabilities to stderr\n"
         "  --routing               print the MoE routing statistics per layer to stderr afterwards\n"
         "  --language L            MoLE: the prompt's language (default: fences, else detected)\n",
-        COMPLETE_DEFAULT_CTX);
+        lim.max_stop, API_STOP_MAX_BYTES, COMPLETE_DEFAULT_CTX);
 }
 
 static double now_s(void) {
@@ -96,10 +101,37 @@ static void print_piece(const cm_model *m, int32_t id) {
     cli_json_string(stderr, buf, nb < 0 ? 0 : (size_t)nb > sizeof buf ? sizeof buf : (size_t)nb);
 }
 
+/* The --stop values as an api_stops, under the API's rules and default limits. Returns 0, or -1 with
+ * the reason on stderr (st then holds nothing). */
+static int complete_stops(const char *const *arg, int n, api_stops *st) {
+    api_limits lim;
+    api_limits_default(&lim);
+    api_error e;
+    char shown[96];
+    if (api_stops_check_count((size_t)n, &lim, "", &e) < 0) {
+        snprintf(shown, sizeof shown, "%d --stop strings", n);
+        api_stops_check_count((size_t)n, &lim, shown, &e);
+        fprintf(stderr, "codemoe complete: %s\n", e.message);
+        return -1;
+    }
+    for (int i = 0; i < n; i++) {
+        size_t len = strlen(arg[i]);
+        snprintf(shown, sizeof shown, "'%.60s%s'", arg[i], len > 60 ? "..." : "");
+        if (api_stops_add(st, arg[i], len, shown, &e) < 0) {
+            fprintf(stderr, "codemoe complete: --stop %s\n", e.message);
+            api_stops_free(st);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 int cmd_complete(int argc, char **argv) {
     const char *model = NULL, *prompt = NULL, *file = NULL, *suffix = NULL, *v = NULL;
     int n_predict = 128, n_ctx = 0, special = 0, routing = 0;
     const char *language = NULL;
+    const char *stop_arg[API_STOP_MAX + 1]; /* enough to tell that there are too many */
+    int n_stop_arg = 0;
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     int n_threads = ncpu > 0 ? (ncpu > 256 ? 256 : (int)ncpu) : 1;
     unsigned long long seed = 0;
@@ -153,6 +185,9 @@ int cmd_complete(int argc, char **argv) {
             routing = 1;
         } else if (VALUE_FLAG("--language")) {
             language = v;
+        } else if (VALUE_FLAG("--stop")) {
+            if (r > 0 && n_stop_arg <= API_STOP_MAX) stop_arg[n_stop_arg] = v;
+            if (r > 0) n_stop_arg++;
         } else {
             fprintf(stderr, "codemoe complete: unknown flag '%s' (see codemoe complete --help)\n", f);
             return 2;
@@ -170,10 +205,12 @@ int cmd_complete(int argc, char **argv) {
                         "(see codemoe complete --help)\n");
         return 2;
     }
+    api_stops stops = {0};
+    if (complete_stops(stop_arg, n_stop_arg, &stops) < 0) return 2;
 
     int rc = 1;
     char *file_text = NULL;
-    char *text = NULL; /* detokenizer output, cm_detok_max_bytes */
+    api_choice_state ch = {0};
     int32_t *ids = NULL;
     int n_prompt = 0, cap = 0;
     cm_model *m = NULL;
@@ -185,7 +222,10 @@ int cmd_complete(int argc, char **argv) {
     if (file) {
         file_text = cli_read_file("complete", !strcmp(file, "-") ? "/dev/stdin" : file,
                                   COMPLETE_MAX_PROMPT_BYTES, &plen);
-        if (!file_text) return 1;
+        if (!file_text) {
+            api_stops_free(&stops);
+            return 1;
+        }
         prompt = file_text;
     } else {
         plen = strlen(prompt);
@@ -283,15 +323,11 @@ int cmd_complete(int argc, char **argv) {
     t_pre = now_s() - t_pre;
     const float *logits = cm_logits(ctx, n_prompt - 1);
 
-    /* decode */
-    size_t text_cap = cm_detok_max_bytes(m);
-    if (!(text = malloc(text_cap))) goto oom;
-    cm_detok dt;
-    cm_detok_init(&dt, 0);
-    int n_gen = 0;
-    const char *stop = "length";
+    /* decode: the choice's state machine decides what text is final and when it ends */
+    if (api_choice_state_init(&ch, m, &stops, n_predict, n_ctx) < 0) goto oom;
+    if (n_predict == 0) api_choice_state_end(&ch, API_FINISH_LENGTH);
     double t_dec = now_s();
-    while (n_gen < n_predict) {
+    while (!ch.ended) {
         if (!logits) {
             fprintf(stderr, "codemoe complete: the engine returned no logits\n");
             goto out;
@@ -310,17 +346,15 @@ int cmd_complete(int argc, char **argv) {
             }
             fputc('\n', stderr);
         }
-        if (cm_token_is_eog(m, tok)) {
-            stop = "end of generation";
-            break;
-        }
-        n_gen++;
-        int nt = cm_detok_push(&dt, m, tok, text, text_cap);
+        int cr = api_choice_state_push(&ch, tok, cm_seq_len(ctx, seq));
+        if (cr < 0) goto oom; /* the sampler returns only valid ids */
+        size_t nt;
+        const char *piece = api_choice_state_take(&ch, &nt);
         if (nt > 0) {
-            fwrite(text, 1, (size_t)nt, stdout);
+            fwrite(piece, 1, nt, stdout);
             fflush(stdout);
         }
-        if (n_gen == n_predict) break;
+        if (cr > 0) break;
         int32_t s32 = seq;
         const int8_t gen = 1;
         cm_batch one = {.n = 1, .token = &tok, .seq = &s32, .logits = NULL, .generated = &gen};
@@ -331,24 +365,29 @@ int cmd_complete(int argc, char **argv) {
         logits = cm_logits(ctx, 0);
     }
     t_dec = now_s() - t_dec;
-    int nt = cm_detok_flush(&dt, text, text_cap);
-    if (nt > 0) fwrite(text, 1, (size_t)nt, stdout);
+    size_t nt;
+    const char *tail = api_choice_state_take(&ch, &nt);
+    if (nt > 0) fwrite(tail, 1, nt, stdout);
     if (isatty(STDOUT_FILENO)) fputc('\n', stdout);
     if (fflush(stdout) != 0) {
         fprintf(stderr, "codemoe complete: error writing the output\n");
         goto out;
     }
+    const char *stop = ch.finish == API_FINISH_LENGTH ? "length"
+                       : ch.stop_hit >= 0              ? "stop string"
+                                                       : "end of generation";
     fprintf(stderr, "codemoe complete: prompt %d tokens, prefill %.1f ms (%.1f tok/s); generated %d tokens, "
                     "%.1f ms (%.1f tok/s); stop: %s\n",
-            n_prompt, t_pre * 1e3, t_pre > 0 ? n_prompt / t_pre : 0.0, n_gen, t_dec * 1e3,
-            t_dec > 0 ? n_gen / t_dec : 0.0, stop);
+            n_prompt, t_pre * 1e3, t_pre > 0 ? n_prompt / t_pre : 0.0, ch.n_gen, t_dec * 1e3,
+            t_dec > 0 ? ch.n_gen / t_dec : 0.0, stop);
     if (routing) cm_print_routing(stderr, m, cm_seq_routing(ctx, seq));
     rc = 0;
     goto out;
 oom:
     fprintf(stderr, "codemoe complete: out of memory\n");
 out:
-    free(text);
+    api_choice_state_free(&ch);
+    api_stops_free(&stops);
     free(top);
     cm_sampler_free(smp);
     cm_ctx_free(ctx);

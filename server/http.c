@@ -619,7 +619,7 @@ static void finish_plain(srv_req *r, json_t *routing) {
     int ok = 1;
     for (int i = 0; i < nc; i++) {
         choice_acc *a = &r->acc[i];
-        int p = i / (r->creq.n > 0 ? r->creq.n : 1);
+        int p = api_completion_prompt_of(&r->creq, i);
         ch[i].index = i;
         ch[i].text = a->text.data ? a->text.data : "";
         ch[i].text_len = a->text.len;
@@ -652,7 +652,7 @@ static void finish_plain(srv_req *r, json_t *routing) {
 static void choice_output(srv_req *r, int i, srv_out *o) {
     choice_acc *a = &r->acc[i];
     const api_completion_req *q = &r->creq;
-    int p = i / (q->n > 0 ? q->n : 1);
+    int p = api_completion_prompt_of(q, i);
     if (o->ended) a->finish = o->finish ? o->finish : API_FINISH_LENGTH;
     if (!r->stream) {
         if (!a->started) {

@@ -15,8 +15,9 @@
  *   3. build one batch: first one decode token for every generating sequence, then prefill chunks of
  *      admitted sequences until n_batch tokens, fewer while sequences decode and --max-itl-ms bounds
  *      the step's predicted time (chunked prefill: a long prompt never stalls the running streams);
- *   4. cm_forward, then sample every sequence whose last token was in the batch; detokenize, apply
- *      stop strings (api_stop_scan's holdback), max_tokens, end-of-generation and context limits;
+ *   4. cm_forward, then sample every sequence whose last token was in the batch and hand the token to
+ *      its choice's api_choice_state (text, stop strings, end-of-generation, max_tokens, context
+ *      limit, finish reason all live there);
  *   5. publish the new text/tokens into each job's outbox under the lock and wake the loop.
  * Choices of one prompt (n > 1): the first (the leader) prefills; the others wait without a sequence
  * and, when the leader's last prompt token has its logits, fork it (cm_seq_fork shares its blocks)
@@ -85,18 +86,12 @@ typedef struct sched_seq {
     int target;           /* positions the sequence may reach: prompt + max_tokens (<= n_ctx) */
     int fork_blocks;      /* SEQ_FORK: blocks its fork and growth will take (reserved at admission) */
     cm_sampler *smp;
-    cm_detok dt;
     int state;
     int n_fed;            /* prompt tokens already in the KV cache (or in this step's batch) */
     int32_t next_tok;     /* SEQ_DECODE: the sampled token to feed next */
-    int n_gen;            /* tokens generated */
-    int max_tokens;
-    srv_buf text;         /* completion text so far (stop strings are searched in it) */
-    size_t emitted;       /* text[0..emitted) is released to the client */
-    size_t published;     /* text[0..published) is in the outbox */
+    api_choice_state ch;  /* the choice's text and finish; what it has taken is in the outbox */
     srv_tokvec pending;   /* tokens generated, not yet in the outbox (logprobs only) */
     srv_tokvec prompt_lp; /* echo && logprobs: the prompt's token logprobs */
-    api_finish finish;
     int ended_published;
     uint64_t t_last_ns;
 } sched_seq;
@@ -155,8 +150,6 @@ struct srv_sched {
     int8_t *b_logits;                 /* (n_batch) */
     int8_t *b_gen;                    /* (n_batch) 1: a generated token (routing statistics) */
     sched_row *rows;                  /* (n_batch) */
-    size_t piece_cap;                 /* detokenizer scratch size */
-    char *piece;
     cm_sampler **smp_free;            /* (parallel) idle samplers: a vocabulary-sized sampler costs more to
                                          create (clearing its arrays) than a short request's prefill */
     int n_smp_free;
@@ -218,18 +211,11 @@ static void seq_release(srv_sched *s, sched_seq *q) {
     q->smp = NULL;
 }
 
-/* Ends one choice. cut: a stop string matched (the text was already truncated at it, and what the
- * detokenizer still holds came after it); otherwise the held-back tail and any incomplete UTF-8
- * (as U+FFFD) go out too. */
-static void seq_end(srv_sched *s, sched_seq *q, api_finish finish, int cut) {
+/* Ends one choice: its text ends with finish unless it has ended already (then its own finish stays),
+ * and its sequence is released. */
+static void seq_end(srv_sched *s, sched_seq *q, api_finish finish) {
     if (q->state == SEQ_ENDED) return;
-    if (!cut) {
-        char tail[16];
-        int n = cm_detok_flush(&q->dt, tail, sizeof tail);
-        if (n > 0) srv_buf_append(&q->text, tail, (size_t)n);
-        q->emitted = q->text.len;
-    }
-    q->finish = finish;
+    api_choice_state_end(&q->ch, finish);
     q->state = SEQ_ENDED;
     seq_release(s, q);
     sched_jobstate *st = js(q->job);
@@ -249,19 +235,18 @@ static void publish_job(srv_sched *s, srv_job *j) {
             for (int k = 0; k < q->prompt_lp.n; k++) srv_tokvec_push(&o->prompt_toks, &q->prompt_lp.v[k]);
             q->prompt_lp.n = 0;
         }
-        if (q->emitted > q->published) {
-            srv_buf_append(&o->text, q->text.data + q->published, q->emitted - q->published);
-            q->published = q->emitted;
-        }
+        size_t n;
+        const char *text = api_choice_state_take(&q->ch, &n);
+        if (n) srv_buf_append(&o->text, text, n);
         /* tokens go out with their text: while a tail is held back, so are its tokens */
-        if (q->pending.n && (q->emitted == q->text.len || q->state == SEQ_ENDED)) {
+        if (q->pending.n && (q->ch.emitted == q->ch.len || q->state == SEQ_ENDED)) {
             for (int k = 0; k < q->pending.n; k++) srv_tokvec_push(&o->toks, &q->pending.v[k]);
             q->pending.n = 0;
         }
-        o->n_generated = q->n_gen;
+        o->n_generated = q->ch.n_gen;
         if (q->state == SEQ_ENDED && !q->ended_published) {
             o->ended = 1;
-            o->finish = q->finish;
+            o->finish = q->ch.finish;
             q->ended_published = 1;
         }
     }
@@ -277,7 +262,7 @@ static void job_free_state(srv_job *j) {
     sched_jobstate *st = js(j);
     if (!st) return;
     for (int i = 0; i < j->n_choices; i++) {
-        srv_buf_free(&st->seqs[i].text);
+        api_choice_state_free(&st->seqs[i].ch);
         srv_tokvec_free(&st->seqs[i].pending);
         srv_tokvec_free(&st->seqs[i].prompt_lp);
     }
@@ -295,7 +280,7 @@ static void job_finish(srv_sched *s, srv_job *j, const api_error *err) {
     if (st)
         for (int i = 0; i < j->n_choices; i++) {
             sched_seq *q = &st->seqs[i];
-            if (q->state != SEQ_ENDED) seq_end(s, q, API_FINISH_NONE, 0);
+            if (q->state != SEQ_ENDED) seq_end(s, q, API_FINISH_NONE);
         }
     for (int i = 0; i < s->n_running; i++)
         if (s->running[i] == j) { s->running[i] = s->running[--s->n_running]; break; }
@@ -332,11 +317,6 @@ static void cancel_error(int reason, api_error *e) {
 }
 
 /* ============================================================ admission */
-
-static int prompt_of(const api_completion_req *r, int choice) {
-    int p = choice / (r->n > 0 ? r->n : 1);
-    return p < r->n_prompts ? p : r->n_prompts - 1;
-}
 
 /* Positions a choice's sequence may reach: its prompt and max_tokens (the API keeps that <= n_ctx). */
 static int choice_target(const srv_sched *s, const api_completion_req *r, const api_prompt *p) {
@@ -375,10 +355,9 @@ static int blocks_reserved(srv_sched *s) {
  * more KV blocks than the whole pool: such a job would wait forever). */
 static int job_check(const srv_sched *s, const srv_job *j, api_error *e) {
     const api_completion_req *r = j->req;
-    const int per = r->n > 0 ? r->n : 1;
     int cold = 0; /* blocks the job takes from an empty pool with an empty cache */
     for (int i = 0; i < j->n_choices; i++) {
-        const api_prompt *p = &r->prompts[prompt_of(r, i)];
+        const api_prompt *p = &r->prompts[api_completion_prompt_of(r, i)];
         if (p->n_tokens < 1 || p->n_tokens > s->n_ctx) {
             api_error_set(e, 400, API_ERR_INVALID, "prompt", "context_length_exceeded",
                           "This model's maximum context length is %d tokens, however you requested %d tokens "
@@ -386,7 +365,8 @@ static int job_check(const srv_sched *s, const srv_job *j, api_error *e) {
             return -1;
         }
         int t = choice_target(s, r, p);
-        cold += i % per ? fork_blocks(p->n_tokens, t) : blocks_for(t);
+        int follows = i != api_completion_first_choice(r, i);
+        cold += follows ? fork_blocks(p->n_tokens, t) : blocks_for(t);
     }
     if (cold > s->blocks_total) {
         api_error_set(e, 400, API_ERR_INVALID, "max_tokens", "kv_budget_exceeded",
@@ -412,7 +392,6 @@ static void admit_undo(srv_sched *s, int n) {
 static int job_admit(srv_sched *s, srv_job *j) {
     api_error e;
     const api_completion_req *r = j->req;
-    const int per = r->n > 0 ? r->n : 1;
     const int nc = j->n_choices; /* <= parallel, the size of a_seq and a_got */
     if (job_check(s, j, &e) < 0) {
         job_finish(s, j, &e);
@@ -422,10 +401,10 @@ static int job_admit(srv_sched *s, srv_job *j) {
     int need = 0, err_at = -1;
     for (int i = 0; i < nc; i++) s->a_seq[i] = -1;
     for (int i = 0; i < nc && err_at < 0; i++) {
-        const api_prompt *p = &r->prompts[prompt_of(r, i)];
+        const api_prompt *p = &r->prompts[api_completion_prompt_of(r, i)];
         int target = choice_target(s, r, p);
         s->a_got[i] = 0;
-        if (i % per) { /* forks its prompt's first choice later */
+        if (i != api_completion_first_choice(r, i)) { /* forks its prompt's first choice later */
             need += fork_blocks(p->n_tokens, target);
             continue;
         }
@@ -484,30 +463,35 @@ static int job_admit(srv_sched *s, srv_job *j) {
         sched_seq *q = &st->seqs[i];
         q->job = j;
         q->choice = i;
-        q->prompt = &r->prompts[prompt_of(r, i)];
+        q->prompt = &r->prompts[api_completion_prompt_of(r, i)];
         q->target = choice_target(s, r, q->prompt);
         q->seq = s->a_seq[i];
         q->n_fed = s->a_got[i];
         q->slot = 1;
         s->seqs_used++;
         q->state = SEQ_PREFILL;
-        if (i % per) {
+        const int first = api_completion_first_choice(r, i);
+        if (i != first) {
             q->state = SEQ_FORK;
             q->fork_blocks = fork_blocks(q->prompt->n_tokens, q->target);
-            st->seqs[i - i % per].n_follow++;
+            st->seqs[first].n_follow++;
         }
-        if (i % per == 0) {
+        if (i == first) {
             prompt_total += q->prompt->n_tokens;
             query += q->prompt->n_tokens - 1;
             cached += q->n_fed;
         }
-        srv_buf_init(&q->text, 0);
         st->n_open++;
     }
     s->running[s->n_running++] = j;
     for (int i = 0; i < j->n_choices; i++) {
         sched_seq *q = &st->seqs[i];
         cm_err ce = {0};
+        if (api_choice_state_init(&q->ch, s->model, &r->stop, r->max_tokens, s->n_ctx) < 0) {
+            api_error_http(&e, 500, "out of memory");
+            job_finish(s, j, &e);
+            return 1;
+        }
         cm_sampling sp;
         api_completion_sampling(r, i, &sp);
         sp.n_logprobs = r->logprobs > 0 ? r->logprobs : 0;
@@ -519,8 +503,6 @@ static int job_admit(srv_sched *s, srv_job *j) {
             return 1;
         }
         for (int k = 0; k < q->prompt->n_tokens; k++) cm_sampler_accept_prompt(q->smp, q->prompt->tokens[k]);
-        cm_detok_init(&q->dt, 0);
-        q->max_tokens = r->max_tokens;
         q->t_last_ns = 0;
         if (r->echo && r->logprobs >= 0) {
             /* the first echoed token has no context to be predicted from: null, like OpenAI */
@@ -528,10 +510,10 @@ static int job_admit(srv_sched *s, srv_job *j) {
                          .logprob = NAN};
             if (q->prompt->echo_from < q->prompt->n_tokens) srv_tokvec_push(&q->prompt_lp, &t);
         }
-        if (q->max_tokens <= 0) {
+        if (r->max_tokens <= 0) {
             /* max_tokens 0: no generation; still prefill when the prompt's logprobs or its routing
              * statistics are wanted (scoring), else end right away */
-            if (!(r->echo && r->logprobs >= 0) && r->routing == API_ROUTING_NONE) seq_end(s, q, API_FINISH_LENGTH, 0);
+            if (!(r->echo && r->logprobs >= 0) && r->routing == API_ROUTING_NONE) seq_end(s, q, API_FINISH_LENGTH);
         }
     }
     s->l_prompt += (uint64_t)prompt_total;
@@ -549,7 +531,8 @@ static int job_admit(srv_sched *s, srv_job *j) {
 
 /* ============================================================ one step */
 
-/* Handles the token sampled for q. */
+/* Handles the token sampled for q: the server's bookkeeping (latency histograms, generated-token
+ * count, logprobs) around the choice's own state machine. */
 static void seq_on_token(srv_sched *s, sched_seq *q, int32_t tok, float lp, int n_top) {
     srv_job *j = q->job;
     const api_completion_req *r = j->req;
@@ -561,26 +544,25 @@ static void seq_on_token(srv_sched *s, sched_seq *q, int32_t tok, float lp, int 
     if (q->t_last_ns) srv_hist_observe(&s->l_itl, (double)(now - (int64_t)q->t_last_ns) / 1e9);
     q->t_last_ns = (uint64_t)now;
     js(j)->dirty = 1;
-    if (cm_token_is_eog(s->model, tok)) { seq_end(s, q, API_FINISH_STOP, 0); return; }
-    q->n_gen++;
-    s->l_generated++;
-    if (r->logprobs >= 0) {
-        srv_tok t = {.token = tok, .logprob = lp, .n_top = n_top};
-        if (n_top) memcpy(t.top, s->top, (size_t)n_top * sizeof *t.top);
-        srv_tokvec_push(&q->pending, &t);
+    const int n_gen = q->ch.n_gen;
+    int rc = api_choice_state_push(&q->ch, tok, cm_seq_len(s->ctx, q->seq));
+    if (q->ch.n_gen > n_gen) { /* a generated token (end-of-generation is not one) */
+        s->l_generated++;
+        if (r->logprobs >= 0) {
+            srv_tok t = {.token = tok, .logprob = lp, .n_top = n_top};
+            if (n_top) memcpy(t.top, s->top, (size_t)n_top * sizeof *t.top);
+            srv_tokvec_push(&q->pending, &t);
+        }
     }
-    int n = cm_detok_push(&q->dt, s->model, tok, s->piece, s->piece_cap);
-    if (n > 0) srv_buf_append(&q->text, s->piece, (size_t)n);
-    size_t safe = q->emitted;
-    int hit = api_stop_scan(&r->stop, q->text.data ? q->text.data : "", q->text.len, q->emitted, &safe);
-    q->emitted = safe;
-    if (hit >= 0) {
-        q->text.len = safe; /* the stop string and what follows it are not part of the completion */
-        seq_end(s, q, API_FINISH_STOP, 1);
+    if (rc < 0) { /* out of memory growing the text (the sampler only returns valid ids) */
+        sched_jobstate *st = js(j);
+        if (!st->failed) api_error_http(&st->fail_err, 500, "out of memory");
+        st->failed = 1;
+        seq_end(s, q, API_FINISH_NONE);
         return;
     }
-    if (q->n_gen >= q->max_tokens || cm_seq_len(s->ctx, q->seq) + 1 >= s->n_ctx) {
-        seq_end(s, q, API_FINISH_LENGTH, 0);
+    if (rc > 0) {
+        seq_end(s, q, q->ch.finish);
         return;
     }
     q->next_tok = tok;
@@ -591,7 +573,7 @@ static void seq_on_token(srv_sched *s, sched_seq *q, int32_t tok, float lp, int 
 static void followers_end(srv_sched *s, sched_seq *q, api_finish finish) {
     sched_seq *seqs = js(q->job)->seqs;
     for (int k = 1; k <= q->n_follow; k++)
-        if (seqs[q->choice + k].state == SEQ_FORK) seq_end(s, &seqs[q->choice + k], finish, 0);
+        if (seqs[q->choice + k].state == SEQ_FORK) seq_end(s, &seqs[q->choice + k], finish);
 }
 
 /* Prefill tokens the step may add to n_decode decode tokens (at most n_batch in all). While sequences
@@ -653,7 +635,7 @@ static void step(srv_sched *s) {
                 s->b_seq[nb] = q->seq;
                 s->b_logits[nb] = (int8_t)(last || lp);
                 s->b_gen[nb] = 0;
-                s->rows[nb] = (sched_row){q, pos, last && q->max_tokens > 0};
+                s->rows[nb] = (sched_row){q, pos, last && j->req->max_tokens > 0};
                 st->in_batch = 1;
                 nb++;
             }
@@ -698,14 +680,14 @@ static void step(srv_sched *s) {
         }
         int last_prompt = row->prompt_pos >= 0 && row->prompt_pos == q->prompt->n_tokens - 1;
         if (last_prompt && !row->sample) {
-            seq_end(s, q, API_FINISH_LENGTH, 0); /* max_tokens 0 with echo logprobs: prompt done */
+            seq_end(s, q, API_FINISH_LENGTH); /* max_tokens 0 with echo logprobs: prompt done */
             followers_end(s, q, API_FINISH_LENGTH);
             continue;
         }
         if (!row->sample) continue;
         const float *lg = cm_logits(s->ctx, r);
         if (!lg) {
-            seq_end(s, q, API_FINISH_NONE, 0);
+            seq_end(s, q, API_FINISH_NONE);
             if (last_prompt) followers_end(s, q, API_FINISH_NONE);
             continue;
         }
@@ -721,7 +703,7 @@ static void step(srv_sched *s) {
                 sched_jobstate *st = js(q->job);
                 if (!st->failed) api_error_set(&st->fail_err, 500, API_ERR_SERVER, NULL, NULL, "fork: %s", fe.msg);
                 st->failed = 1;
-                seq_end(s, f, API_FINISH_NONE, 0);
+                seq_end(s, f, API_FINISH_NONE);
                 continue;
             }
             f->n_fed = f->prompt->n_tokens;
@@ -736,7 +718,7 @@ static void step(srv_sched *s) {
         seq_on_token(s, q, tok, lp, n_top);
         for (int k = 1; n_forked && k <= q->n_follow; k++) {
             sched_seq *f = &js(q->job)->seqs[q->choice + k];
-            if (f->state != SEQ_DECODE || f->n_gen) continue;
+            if (f->state != SEQ_DECODE || f->ch.n_gen) continue;
             tok = cm_sampler_sample(f->smp, lg, want_lp ? &lp : NULL, want_lp ? s->top : NULL);
             seq_on_token(s, f, tok, lp, n_top);
         }
@@ -834,8 +816,6 @@ static int worker_load(srv_sched *s) {
             json_decref(f);
             s->info = info;
             s->n_ctx = n_ctx;
-            s->piece_cap = cm_detok_max_bytes(m);
-            s->piece = malloc(s->piece_cap);
             int nb = s->cfg->n_batch;
             s->b_tok = malloc((size_t)nb * sizeof *s->b_tok);
             s->b_seq = malloc((size_t)nb * sizeof *s->b_seq);
@@ -846,7 +826,7 @@ static int worker_load(srv_sched *s) {
             s->smp_free = calloc((size_t)s->cfg->parallel, sizeof *s->smp_free);
             s->a_seq = malloc((size_t)s->cfg->parallel * sizeof *s->a_seq);
             s->a_got = malloc((size_t)s->cfg->parallel * sizeof *s->a_got);
-            if (!s->piece || !s->b_tok || !s->b_seq || !s->b_logits || !s->b_gen || !s->rows || !s->running || !s->smp_free ||
+            if (!s->b_tok || !s->b_seq || !s->b_logits || !s->b_gen || !s->rows || !s->running || !s->smp_free ||
                 !s->a_seq || !s->a_got) {
                 snprintf(err.msg, sizeof err.msg, "out of memory");
                 cm_ctx_free(ctx);
@@ -1053,7 +1033,6 @@ void srv_sched_free(srv_sched *s) {
     while (s->n_smp_free > 0) cm_sampler_free(s->smp_free[--s->n_smp_free]);
     free(s->smp_free);
     cm_model_free(s->model);
-    free(s->piece);
     free(s->b_tok);
     free(s->b_seq);
     free(s->b_logits);

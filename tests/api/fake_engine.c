@@ -1,5 +1,6 @@
 /*
- * fake_engine.c - see fake_engine.h. Linked into test_api instead of the engine library.
+ * fake_engine.c - see fake_engine.h. Linked into test_api, test_api_choice and fuzz_api instead of the
+ * engine library.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -111,6 +112,7 @@ static int token_bytes(int32_t id, int special, char *buf) {
         return (int)k;
     }
     if (id == FAKE_WORLD) { memcpy(buf, " world", 6); return 6; }
+    if (id == FAKE_CUT) { memcpy(buf, "x\xc3", 2); return 2; }
     return snprintf(buf, 16, "tok%d", (int)id);
 }
 
@@ -140,4 +142,60 @@ void cm_sampling_default(cm_sampling *s) {
     s->top_p = 0.95f;
     s->repetition_penalty = 1.0f;
     s->penalty_last_n = 64;
+}
+
+int cm_token_is_eog(const cm_model *m, int32_t id) { return m->info.eos >= 0 && id == m->info.eos; }
+
+/* The streaming detokenizer, reduced to what a byte-per-token vocabulary needs: a lead byte waits for
+ * as many bytes as it announces; a byte that cannot start or continue a character, and a sequence cut
+ * short at the end, become U+FFFD. (No overlong or surrogate checks: tests feed well-formed text or
+ * plainly broken bytes.) */
+static int fake_utf8_len(unsigned c) {
+    return c < 0x80 ? 1 : c < 0xc0 ? 0 : c < 0xe0 ? 2 : c < 0xf0 ? 3 : c < 0xf8 ? 4 : 0;
+}
+
+void cm_detok_init(cm_detok *d, int special) {
+    memset(d, 0, sizeof *d);
+    d->special = special;
+}
+
+size_t cm_detok_max_bytes(const cm_model *m) { (void)m; return 3 * (16 + 8); }
+
+int cm_detok_push(cm_detok *d, const cm_model *m, int32_t id, char *out, size_t cap) {
+    (void)m;
+    char buf[32];
+    int k = token_bytes(id, d->special, buf);
+    if (k < 0) return CM_E_RANGE;
+    if (cap < cm_detok_max_bytes(m)) return CM_E_RANGE; /* stricter than the engine: callers must leave room */
+    size_t o = 0;
+    for (int i = 0; i < k; i++) {
+        unsigned c = (unsigned char)buf[i];
+        if (d->npend > 0) {
+            if ((c & 0xc0) == 0x80) {
+                d->pend[d->npend++] = (unsigned char)c;
+                if (d->npend == fake_utf8_len(d->pend[0])) {
+                    memcpy(out + o, d->pend, (size_t)d->npend);
+                    o += (size_t)d->npend;
+                    d->npend = 0;
+                }
+                continue;
+            }
+            memcpy(out + o, "\xef\xbf\xbd", 3);
+            o += 3;
+            d->npend = 0;
+        }
+        int l = fake_utf8_len(c);
+        if (l == 1) out[o++] = (char)c;
+        else if (l == 0) { memcpy(out + o, "\xef\xbf\xbd", 3); o += 3; }
+        else d->pend[d->npend++] = (unsigned char)c;
+    }
+    return (int)o;
+}
+
+int cm_detok_flush(cm_detok *d, char *out, size_t cap) {
+    if (d->npend == 0) return 0;
+    if (cap < 3) return CM_E_RANGE;
+    memcpy(out, "\xef\xbf\xbd", 3);
+    d->npend = 0;
+    return 3;
 }

@@ -4,7 +4,8 @@
  *   even: the rest is a /v1/completions body; whatever parses must render.
  *   odd:  the rest is "stop1\0stop2\0...\0\0text": the text streamed byte by byte through
  *         api_stop_scan must never emit text that a later stop match cuts, and must emit everything
- *         up to the match (or all of it when no stop matches).
+ *         up to the match (or all of it when no stop matches). ASCII text is also fed as byte tokens
+ *         to an api_choice_state (max_tokens = its length): it must release exactly the same text.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -34,6 +35,33 @@ static void fuzz_parse(const uint8_t *data, size_t size) {
     } else {
         free(api_error_json(&e));
     }
+}
+
+/* The choice state machine over the same stops and text, one byte token at a time (ASCII only: there
+ * the detokenizer passes bytes through, so the text it releases must be exactly text[0..want)). */
+static void fuzz_choice(const api_stops *st, const char *text, size_t len, size_t want) {
+    static cm_model *m;
+    if (!m) {
+        fake_model_opts o = {.eos = 1};
+        m = fake_model_create(&o, "fuzz");
+    }
+    if (len == 0 || len > 1 << 16) return;
+    for (size_t i = 0; i < len; i++)
+        if ((unsigned char)text[i] >= 0x80) return;
+    api_choice_state c;
+    if (api_choice_state_init(&c, m, st, (int)len, 1 << 20) < 0) return;
+    size_t got = 0;
+    int rc = 0;
+    for (size_t i = 0; i < len && rc == 0; i++) {
+        rc = api_choice_state_push(&c, (unsigned char)text[i], (int)i);
+        size_t n;
+        const char *p = api_choice_state_take(&c, &n);
+        if (rc < 0 || got + n > want || memcmp(p, text + got, n) != 0) abort();
+        got += n;
+    }
+    if (rc != 1 || got != want || c.len != want) abort();
+    if (c.finish != (want < len ? API_FINISH_STOP : API_FINISH_LENGTH) || (c.stop_hit >= 0) != (want < len)) abort();
+    api_choice_state_free(&c);
 }
 
 static void fuzz_stop(const uint8_t *data, size_t size) {
@@ -75,6 +103,7 @@ static void fuzz_stop(const uint8_t *data, size_t size) {
         if (first != len) abort();      /* a stop existed but was never reported */
         if (emitted > first) abort();
     }
+    fuzz_choice(&st, text, len, hit >= 0 ? first : len);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {

@@ -1,9 +1,9 @@
 /*
  * test_api_model.c - api/ against the real engine and the fixture models: prompts tokenize exactly as
  * cm_tokenize does (BOS, special tokens, FIM built from the model's own FIM ids), token prompts echo
- * their decoded text, logprobs render real token bytes, and a seeded generation streamed through
- * api_stop_scan + api_render_chunk yields, concatenated, exactly the non-streamed text cut at the stop
- * string (the server's streaming loop in miniature).
+ * their decoded text, logprobs render real token bytes, and a seeded generation run through
+ * api_choice_state + api_render_chunk yields, concatenated, exactly the non-streamed text cut at the
+ * stop string (the server's streaming loop in miniature, on the engine's real detokenizer).
  */
 #include <math.h>
 
@@ -88,8 +88,9 @@ TEST(prompts_match_engine_tokenizer) {
     cm_model_free(m);
 }
 
-/* Generation of a request (its sampling settings, choice 0); streams with stop handling when stream != 0. Returns the client
- * text (concatenated chunks or the full choice) in out. */
+/* Generation of a request (its sampling settings, choice 0) through api_choice_state, as the server runs
+ * it. stream != 0: the client text is the concatenation of rendered chunks of each released piece (parsed
+ * back from the SSE JSON); else the choice's whole text at the end. Returns its length (out holds it). */
 static int generate(const cm_model *m, const api_completion_req *r, int stream, char *out, size_t cap,
                     api_finish *finish) {
     cm_err err = {0};
@@ -107,25 +108,21 @@ static int generate(const cm_model *m, const api_completion_req *r, int stream, 
     if (!s || cm_forward(c, &b, &err)) { fprintf(stderr, "forward: %s\n", err.msg); return -1; }
     const float *logits = cm_logits(c, p->n_tokens - 1);
 
-    char text[4096];
-    size_t len = 0, emitted = 0, got = 0;
-    cm_detok d;
-    cm_detok_init(&d, 0);
+    api_choice_state ch;
+    if (api_choice_state_init(&ch, m, &r->stop, r->max_tokens, cp.n_ctx) < 0) return -1;
     api_meta meta = {.id = "cmpl-t", .created = 1};
-    *finish = API_FINISH_LENGTH;
-    for (int step = 0; step < r->max_tokens; step++) {
+    size_t got = 0;
+    for (int rc = 0; rc == 0;) {
         float lp;
         cm_token_logprob top[20];
         int32_t tok = cm_sampler_sample(s, logits, &lp, top);
-        if (cm_token_is_eog(m, tok)) { *finish = API_FINISH_STOP; break; }
-        int k = cm_detok_push(&d, m, tok, text + len, sizeof text - len);
-        if (k < 0) return -1;
-        len += (size_t)k;
-        size_t safe;
-        int hit = api_stop_scan(&r->stop, text, len, emitted, &safe);
-        if (stream && safe > emitted) {
-            api_choice ch = {.index = 0, .text = text + emitted, .text_len = safe - emitted};
-            char *ev = api_render_chunk(r, &meta, &ch);
+        rc = api_choice_state_push(&ch, tok, cm_seq_len(c, seq));
+        if (rc < 0) return -1;
+        size_t n;
+        const char *piece = api_choice_state_take(&ch, &n);
+        if (stream && n > 0) {
+            api_choice chunk = {.index = 0, .text = piece, .text_len = n};
+            char *ev = api_render_chunk(r, &meta, &chunk);
             json_t *j = json_loads(ev + 6, 0, NULL);
             const char *t = json_string_value(json_object_get(json_array_get(json_object_get(j, "choices"), 0), "text"));
             size_t tl = strlen(t);
@@ -133,20 +130,18 @@ static int generate(const cm_model *m, const api_completion_req *r, int stream, 
             json_decref(j);
             free(ev);
         }
-        emitted = safe;
-        if (hit >= 0) { *finish = API_FINISH_STOP; len = safe; break; }
+        if (rc) break;
         cm_batch nb = {.n = 1, .token = &tok, .seq = &seq};
         if (cm_forward(c, &nb, &err)) return -1;
         logits = cm_logits(c, 0);
     }
-    if (stream) { /* the held tail, when generation ended for another reason than a stop */
-        memcpy(out + got, text + emitted, len - emitted);
-        got += len - emitted;
-    } else {
-        memcpy(out, text, len);
-        got = len;
+    if (!stream) {
+        got = ch.len < cap ? ch.len : cap - 1;
+        memcpy(out, ch.text, got);
     }
     out[got] = '\0';
+    *finish = ch.finish;
+    api_choice_state_free(&ch);
     cm_sampler_free(s);
     cm_ctx_free(c);
     return (int)got;

@@ -1,10 +1,11 @@
 /*
  * test_cli.c - the real `codemoe` binary ($CM_BINARY) on the committed fixture models: greedy
  * `complete` reproduces the pinned token ids of every GGUF-fixture golden (dense and MoE, as text),
- * sampling is repeatable by seed, `complete --suffix` builds the API's FIM prompt (api/), `tokenize`
- * agrees with the golden prompt ids and round-trips, `inspect` lists the expected tensors, and every
- * error path (missing/truncated/hostile file, bad flags, prompt longer than the context) exits non-zero
- * with a message on stderr and without a crash.
+ * sampling is repeatable by seed, `complete --suffix` builds the API's FIM prompt (api/), `--stop`
+ * ends the output before the earliest stop string, `tokenize` agrees with the golden prompt ids and
+ * round-trips, `inspect` lists the expected tensors, and every error path (missing/truncated/hostile
+ * file, bad flags, prompt longer than the context) exits non-zero with a message on stderr and
+ * without a crash.
  *
  * Each command runs in a child (posix_spawn) with stdout and stderr captured to temporary files.
  */
@@ -299,44 +300,45 @@ TEST(complete_fim_and_special) {
     run_free(&r);
 }
 
-/* The text greedy decoding of ids[0..n) yields (at most n_predict tokens, as `complete` prints it). */
+/* The text greedy decoding of ids[0..n) yields (at most n_predict tokens), its choice run by the same
+ * api_choice_state as `complete` and the server. */
 static char *greedy_text(const cm_model *m, const int32_t *ids, int n, int n_predict) {
     cm_err err = {0};
-    cm_ctx_params cp = {.n_threads = 1, .n_seq_max = 1, .n_ctx = n + n_predict + 1, .n_batch_max = n,
-                        .kv_tokens = n + n_predict + 1};
+    const int n_ctx = n + n_predict + 1;
+    cm_ctx_params cp = {.n_threads = 1, .n_seq_max = 1, .n_ctx = n_ctx, .n_batch_max = n, .kv_tokens = n_ctx};
     cm_ctx *ctx = cm_ctx_create(m, &cp, &err);
     cm_sampling sp;
     cm_sampling_default(&sp);
     sp.temperature = 0;
     cm_sampler *smp = ctx ? cm_sampler_create(m, &sp, &err) : NULL;
     int seq = ctx ? cm_seq_open(ctx, &err) : -1;
-    size_t cap = 4096, len = 0, piece_cap = cm_detok_max_bytes(m);
-    char *out = calloc(1, cap + piece_cap + 1);
+    api_choice_state ch;
+    int ok = api_choice_state_init(&ch, m, NULL, n_predict, n_ctx) == 0;
     int32_t *seqs = calloc((size_t)n, sizeof *seqs);
-    int ok = ctx && smp && seq >= 0 && out && seqs;
+    ok = ok && ctx && smp && seq >= 0 && seqs;
     for (int i = 0; ok && i < n; i++) { seqs[i] = seq; cm_sampler_accept_prompt(smp, ids[i]); }
     cm_batch b = {.n = n, .token = ids, .seq = seqs};
     ok = ok && cm_forward(ctx, &b, &err) == 0;
-    const float *lg = ok ? cm_logits(ctx, n - 1) : NULL;
-    cm_detok dt;
-    cm_detok_init(&dt, 0);
-    for (int k = 0; lg && k < n_predict && len < cap; k++) {
-        int32_t tok = cm_sampler_sample(smp, lg, NULL, NULL);
-        if (cm_token_is_eog(m, tok)) break;
-        int w = cm_detok_push(&dt, m, tok, out + len, piece_cap);
-        if (w > 0) len += (size_t)w;
+    while (ok && !ch.ended) {
+        int32_t tok = cm_sampler_sample(smp, cm_logits(ctx, cm_seq_len(ctx, seq) == n ? n - 1 : 0), NULL, NULL);
+        int rc = api_choice_state_push(&ch, tok, cm_seq_len(ctx, seq));
+        if (rc < 0) ok = 0;
+        if (rc != 0) break;
         cm_batch one = {.n = 1, .token = &tok, .seq = &seq};
-        lg = k + 1 < n_predict && cm_forward(ctx, &one, &err) == 0 ? cm_logits(ctx, 0) : NULL;
+        ok = cm_forward(ctx, &one, &err) == 0;
     }
+    char *out = NULL;
     if (ok) {
-        int w = cm_detok_flush(&dt, out + len, piece_cap);
-        if (w > 0) len += (size_t)w;
-        out[len] = 0;
+        api_choice_state_end(&ch, API_FINISH_NONE);
+        out = malloc(ch.len + 1);
+        if (out) {
+            memcpy(out, ch.text, ch.len);
+            out[ch.len] = 0;
+        }
     } else {
         fprintf(stderr, "greedy_text: %s\n", err.msg);
-        free(out);
-        out = NULL;
     }
+    api_choice_state_free(&ch);
     free(seqs);
     cm_sampler_free(smp);
     cm_ctx_free(ctx);
@@ -381,6 +383,84 @@ TEST(complete_fim_prompt_is_the_apis) {
     CHECK_TRUE(strstr(r.err, want_count) != NULL);
     CHECK_TRUE(strcmp(r.out, want) == 0);
     free(want);
+    run_free(&r);
+}
+
+/* Byte offset of character c of s[0..n) (n when s has fewer characters). */
+static size_t char_offset(const char *s, size_t n, int c) {
+    size_t i = 0;
+    for (; i < n && c > 0; c--)
+        for (i++; i < n && ((unsigned char)s[i] & 0xc0) == 0x80;) i++;
+    return i;
+}
+
+/* Where the first of the stop strings occurs in out[0..n), or n. */
+static size_t first_stop(const char *out, size_t n, const char *const *stops, int n_stops) {
+    size_t best = n;
+    for (int i = 0; i < n_stops; i++) {
+        const char *p = memmem(out, n, stops[i], strlen(stops[i]));
+        if (p && (size_t)(p - out) < best) best = (size_t)(p - out);
+    }
+    return best;
+}
+
+TEST(complete_stop_strings) {
+    ASSERT_TRUE(n_goldens > 0);
+    golden *G = primary();
+    run_result full, r;
+    RUN_OK(&full, "complete", "--model", G->model, "--prompt", G->text, "-n", "24", "--temperature", "0");
+    ASSERT_EQ_INT(full.code, 0);
+    /* stop strings taken from the greedy output itself: characters 1-2 and character 4 */
+    size_t a = char_offset(full.out, full.nout, 1), b = char_offset(full.out, full.nout, 3);
+    size_t c = char_offset(full.out, full.nout, 4), d = char_offset(full.out, full.nout, 5);
+    ASSERT_TRUE(d < full.nout && a > 0);
+    char early[16], late[16];
+    snprintf(early, sizeof early, "%.*s", (int)(b - a), full.out + a);
+    snprintf(late, sizeof late, "%.*s", (int)(d - c), full.out + c);
+
+    /* one stop string: the output is the greedy output up to its first occurrence, without it */
+    const char *one[] = {late};
+    size_t cut = first_stop(full.out, full.nout, one, 1);
+    ASSERT_TRUE(cut > 0 && cut < full.nout);
+    RUN_OK(&r, "complete", "--model", G->model, "--prompt", G->text, "-n", "24", "--temperature", "0", "--stop", late);
+    if (r.code != 0 || r.nout != cut || memcmp(r.out, full.out, cut) != 0)
+        fprintf(stderr, "--stop '%s': want %zu bytes of \"%s\", got \"%s\" (exit %d)\n", late, cut, full.out, r.out, r.code);
+    CHECK_TRUE(r.code == 0 && r.nout == cut && memcmp(r.out, full.out, cut) == 0);
+    CHECK_TRUE(strstr(r.err, "stop: stop string") != NULL);
+    run_free(&r);
+
+    /* several: the earliest occurrence of any of them ends it, whatever their order on the line */
+    const char *several[] = {late, "\x01never", early};
+    cut = first_stop(full.out, full.nout, several, 3);
+    ASSERT_TRUE(cut < first_stop(full.out, full.nout, one, 1));
+    RUN_OK(&r, "complete", "--model", G->model, "--prompt", G->text, "-n", "24", "--temperature", "0", "--stop", late,
+           "--stop", "\x01never", "--stop", early);
+    CHECK_TRUE(r.code == 0 && r.nout == cut && memcmp(r.out, full.out, cut) == 0);
+    CHECK_TRUE(strstr(r.err, "stop: stop string") != NULL);
+    run_free(&r);
+
+    /* a stop string that never occurs changes nothing */
+    RUN_OK(&r, "complete", "--model", G->model, "--prompt", G->text, "-n", "24", "--temperature", "0", "--stop",
+           "\x01never");
+    CHECK_TRUE(r.code == 0 && r.nout == full.nout && memcmp(r.out, full.out, full.nout) == 0);
+    CHECK_TRUE(strstr(r.err, "stop: stop string") == NULL);
+    run_free(&r);
+    run_free(&full);
+
+    /* the API's limits: at most 4 strings of 1..512 bytes */
+    ASSERT_FAILS_WITH(&r, 2, "complete", "--model", G->model, "--prompt", "x", "--stop", "a", "--stop", "b", "--stop",
+                      "c", "--stop", "d", "--stop", "e");
+    CHECK_TRUE(strstr(r.err, "at most 4") != NULL);
+    run_free(&r);
+    ASSERT_FAILS_WITH(&r, 2, "complete", "--model", G->model, "--prompt", "x", "--stop", "");
+    run_free(&r);
+    char big[514];
+    memset(big, 'x', 513);
+    big[513] = '\0';
+    ASSERT_FAILS_WITH(&r, 2, "complete", "--model", G->model, "--prompt", "x", "--stop", big);
+    CHECK_TRUE(strstr(r.err, "512 bytes") != NULL);
+    run_free(&r);
+    ASSERT_FAILS_WITH(&r, 2, "complete", "--model", G->model, "--prompt", "x", "--stop");
     run_free(&r);
 }
 
@@ -633,6 +713,7 @@ int main(void) {
     RUN(complete_sampling_is_repeatable_by_seed);
     RUN(complete_fim_and_special);
     RUN(complete_fim_prompt_is_the_apis);
+    RUN(complete_stop_strings);
     RUN(tokenize_matches_golden_and_round_trips);
     RUN(inspect_lists_tensors_and_summary);
     RUN(vocab_only_file);
