@@ -110,7 +110,7 @@ def param_counts(model, stage):
 # ============================================================================ reference segment mode
 
 def _segment_reference(self, x):
-    """HybridMoE.forward with the segment level in `reference` mode (hybrid-moe.md 2.2, reference_moe's
+    """HybridMoE.forward with the segment level in `reference` mode (docs/model-format.md, reference_moe's
     segment_reference): per sequence, P = T // w windows pooled, experts in index order take their top
     K = floor(P c / N_seg) windows not yet taken by `bucket` experts; the ragged tail gets no segment
     expert. Batched over rows; checked against reference_moe by `selfcheck`."""
