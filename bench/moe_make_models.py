@@ -35,7 +35,9 @@ def make(path, F, D=768, L=6, H=12):
         w.add_tensor(p+'ffn_gate.weight', r(F, D), T, shape=(F, D)); w.add_tensor(p+'ffn_up.weight', r(F, D), T, shape=(F, D))
         w.add_tensor(p+'ffn_down.weight', r(D, F), T, shape=(D, F))
     w.write()
-out = sys.argv[1] if len(sys.argv) > 1 else '/tmp/codemoe-moe-bench'
+if len(sys.argv) != 2:
+    sys.exit('usage: moe_make_models.py OUTDIR')
+out = sys.argv[1]
 os.makedirs(out, exist_ok=True)
 make(os.path.join(out, 'dense-768.gguf'), 768)
 make(os.path.join(out, 'dense-2304.gguf'), 2304)

@@ -5,7 +5,7 @@
 # Usage: bench/moe_stats_cost.sh [OUTDIR]   (needs valgrind, /usr/bin/python3 with numpy)
 set -e
 R=$(cd "$(dirname "$0")/.." && pwd)
-O=${1:-/tmp/codemoe-moe-stats}
+O=${1:-$("$R/bench/inputs.sh" dir)/moe-stats}  # default: the benchmark cache (bench/inputs.sh)
 mkdir -p "$O"
 [ -d "$O/build-v3" ] || meson setup "$O/build-v3" "$R" -Dnative=false -Dc_args=-march=x86-64-v3 >/dev/null
 ninja -C "$O/build-v3" server/codemoe >/dev/null

@@ -1,6 +1,6 @@
 """check_tokenizer.py - the engine tokenizes like our Python encoder.
 
-    /usr/bin/python3 tools/check_tokenizer.py [--tokenizer /work/train/tokenizer]
+    /usr/bin/python3 tools/check_tokenizer.py [--tokenizer DIR]
                                               [--codemoe build-data/server/codemoe] [--n 40]
 
 Converts the trained tokenizer.json to a vocab-only GGUF with `codemoe convert` (the path users take),

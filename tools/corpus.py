@@ -1,6 +1,6 @@
 """corpus.py - build the training corpus from source code that Debian packages ship.
 
-    /usr/bin/python3 tools/corpus.py [--out /work/train/corpus] [--install] [--cap-mb 32] [--seed 1234]
+    /usr/bin/python3 tools/corpus.py [--out DIR] [--install] [--cap-mb 32] [--seed 1234]
 
 Sources (language: Debian package -> files taken):
     python: libpython3.11-stdlib/-minimal  /usr/lib/python3.11/**/*.py   (no site-/dist-packages)

@@ -1,13 +1,13 @@
 #!/bin/sh
 # pipeline.sh - the whole training pipeline, one command; every step is skipped when its output exists,
 # and every training stage resumes from its latest checkpoint, so re-running after an interruption
-# continues where it stopped. Runs at the lowest CPU priority (the machine is shared).
+# continues where it stopped. Runs at the lowest CPU priority, so the machine stays usable.
 #
 #   tools/pipeline.sh [stage ...]     # default: corpus tokenizer check tokens base export-base
 #                                     #   then moe moe_noseg moe_noshared dense_cont lora mole + exports,
 #                                     #   results (held-out loss + HumanEval-X solution NLL per language),
 #                                     #   report (tools/results.sh: docs/results.md, models/README.md numbers)
-#   CM_TRAIN=/work/train  CM_BUILD=build-data  CM_BASE_TOKENS=3000000  CM_POST_TOKENS=500000 (the shipped run)
+#   CM_TRAIN=DIR (working files, outside the repository)  CM_BUILD=build-data  CM_BASE_TOKENS=3000000  CM_POST_TOKENS=500000 (the shipped run)
 set -eu
 cd "$(dirname "$0")/.."
 T=${CM_TRAIN:-/work/train}

@@ -2,7 +2,7 @@
 reference.Model in place of the dense SwiGLU FFN (the attention part is unchanged):
 
 (a) MultiPL-MoE hybrid FFN (arch "multipl_moe", base Qwen2: NeoX rope, q/k/v bias), exactly as
-    /work/shared/docs/hybrid-moe.md section 2 fixes it:
+    docs/model-format.md (multipl_moe) fixes it:
       y = a_tok * y_tok + a_seg * y_seg
     token level: p = softmax(W_tok x) over ALL N_tok experts; the top-(k-1) non-shared experts by p plus
       the shared one; gates p_i / sum(p over the selected); y_tok = sum g_i E_i(x).

@@ -1,16 +1,21 @@
 #!/bin/sh
-# results.sh - issue 6's results, end to end, from the stage checkpoints: q8_0 exports where needed, held-out
-# bits per byte (PyTorch), expert routing statistics and line completion (the C engine), samples, then
-# docs/results.md, docs/results-routing.png and the numbers block of models/README.md. One thread for
-# torch and codemoe, lowest priority; ~15 min on the shared 2-core machine.
+# results.sh - the experiment's results, end to end, from the stage checkpoints: q8_0 exports where needed,
+# held-out bits per byte (PyTorch), expert routing statistics and line completion (the C engine), samples,
+# then docs/results.md, its numbers docs/results.json, docs/results-routing.png and the numbers block of
+# models/README.md. One thread for torch and codemoe, lowest priority; ~15 min on 2 shared cores.
 #
 #   tools/results.sh
-#   CM_TRAIN=/work/train  CM_EVAL=$CM_TRAIN/eval  CM_BUILD=build-eval  CM_SHIP=moe  CM_LATEST=0
+#   tools/results.sh --render-only    only rebuild docs/results.md and the model card's block from the
+#                                     committed docs/results.json (seconds; no checkpoints or corpus needed)
+#   CM_TRAIN=DIR (training directory)  CM_EVAL=$CM_TRAIN/eval  CM_BUILD=build-eval  CM_SHIP=moe  CM_LATEST=0
 #   CM_STAGES="base dense_cont lora mole moe moe_noseg moe_noshared moe_segbal"
 #   CM_LOSSES_ARGS, CM_ROUTING_ARGS, CM_COMPLETE_ARGS: extra flags for `results.py losses|routing|complete`
 #   (a quick trial: CM_LOSSES_ARGS="--windows 8 --hex 8" CM_ROUTING_ARGS="--chunks 5" CM_COMPLETE_ARGS="--n 5")
 set -eu
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = --render-only ]; then
+    exec /usr/bin/python3 tools/results.py render --numbers docs/results.json --out docs/results.md --card models/README.md
+fi
 T=${CM_TRAIN:-/work/train}
 E=${CM_EVAL:-$T/eval}
 B=${CM_BUILD:-build-eval}
@@ -32,7 +37,9 @@ timed() {
     echo "== $name ($(date -u +%H:%M:%S))" >&2
     t0=$(date +%s)
     "$@"
-    printf '%s\t%d\t%s\n' "$name" $(($(date +%s) - t0)) "$*" | sed "s|nice -n 19 /usr/bin/python3 ||" >>"$E/timings.tsv"
+    # the report shows the command with the training directory as $CM_TRAIN, not this machine's path
+    printf '%s\t%d\t%s\n' "$name" $(($(date +%s) - t0)) "$*" |
+        sed -e "s|nice -n 19 /usr/bin/python3 ||" -e "s|$T/|\$CM_TRAIN/|g" >>"$E/timings.tsv"
 }
 
 if [ ! -x "$CODEMOE" ]; then

@@ -1,8 +1,8 @@
 """train.py - train the codemoe models on CPU: dense Qwen2 base, then MultiPL-MoE upcycling and the
 baselines of the paper's experiment, at small scale. PyTorch (Debian's python3-torch), 2 threads.
 
-    /usr/bin/python3 tools/train.py tokenize              # corpus jsonl -> /work/train/tokens/*.u16
-    /usr/bin/python3 tools/train.py train --stage base    # resumes from /work/train/ckpt/base/latest.pt
+    /usr/bin/python3 tools/train.py tokenize              # corpus jsonl -> $CM_TRAIN/tokens/*.u16
+    /usr/bin/python3 tools/train.py train --stage base    # resumes from $CM_TRAIN/ckpt/base/latest.pt
     /usr/bin/python3 tools/train.py export --stage base --out models/x.gguf
     /usr/bin/python3 tools/train.py eval --stage base     # held-out loss per language
     /usr/bin/python3 tools/train.py speed                 # tokens/s of a config (forward+backward+step)
@@ -744,8 +744,8 @@ def solution_nll(model, enc, stage, lang, ctx, n):
 @torch.no_grad()
 def reference_mode_loss(model, hb, n):
     """Held-out loss with the segment level in `reference` mode (non-causal expert choice within one
-    sequence, hybrid-moe.md 2.2), run by reference_moe.HybridModel itself (float32): the gap to the causal
-    loss on the same weights is the number hybrid-moe.md asks to publish. n sequences per language."""
+    sequence, docs/model-format.md), run by reference_moe.HybridModel itself (float32): the gap to the causal
+    loss on the same weights is the number worth publishing beside it. n sequences per language."""
     import reference_moe as rm
     hpd = model.model.layers[0].moe.hp
     hp = rm.HybridParams(hpd["n_tok"], hpd["k_used"], hpd["shared"], model.cfg.intermediate_size, hpd["n_seg"],
@@ -821,8 +821,8 @@ def tokenizer_kv(w, tok_dir):
 
 
 def cmd_export(args):
-    """Checkpoint -> GGUF: qwen2 (dense, lora merged, dense_cont) or multipl_moe (docs/model-format.md);
-    mole export is left for the next session (the format's base is llama, ours is qwen2)."""
+    """Checkpoint -> GGUF: qwen2 (dense, lora merged, dense_cont), multipl_moe or mole (docs/model-format.md;
+    mole's base is llama, so q/k are permuted on the way out)."""
     import gguf
     model, ck = load_model(args.stage, args.ckpt)
     meta, c = ck["meta"], model.cfg

