@@ -29,6 +29,8 @@ enum gguf_ttype {
     GGUF_TT_Q5_0 = 6, GGUF_TT_Q5_1 = 7, GGUF_TT_Q8_0 = 8,
     GGUF_TT_Q2_K = 10, GGUF_TT_Q3_K = 11, GGUF_TT_Q4_K = 12, GGUF_TT_Q5_K = 13, GGUF_TT_Q6_K = 14,
     GGUF_TT_BF16 = 30,
+    /* activation formats of the int8 dot products (engine/quants.h); never accepted in a file */
+    GGUF_TT_Q8_1 = 9, GGUF_TT_Q8_K = 15,
 };
 
 #define GGUF_MAX_DIMS 4

@@ -7,6 +7,7 @@ Writes (see docs/reference.md for the contract and the tolerances):
   golden/<name>.json + .f32   logits of the PyTorch reference at every position, greedy continuation
   hf/<name>/                  Hugging Face directories (config.json, safetensors, tokenizer.json)
   golden/tokenizer.json       text -> ids cases of the fixture tokenizer
+  golden/quants.gguf          rows of every block type and what gguf.py dequantises them to
 Every file is checked after writing by reading it back with an independent path (GGUF: gguf.py reader +
 llama.cpp-convention forward; safetensors: a separate parser) and comparing the logits.
 """
@@ -457,6 +458,43 @@ def golden(out, name, src_key, src, arch, tname, tol, model, tok, cases_tok, log
     return cases
 
 
+# ============================================================================ block formats
+
+# f16 scale fields (byte offsets in a block) of each block type: random bytes there would be NaN or huge
+QUANT_SCALE_OFFSETS = {GGMLType.Q4_0: (0,), GGMLType.Q4_1: (0, 2), GGMLType.Q5_0: (0,), GGMLType.Q5_1: (0, 2),
+                       GGMLType.Q2_K: (80, 82), GGMLType.Q3_K: (108,), GGMLType.Q4_K: (0, 2),
+                       GGMLType.Q5_K: (0, 2), GGMLType.Q6_K: (208,)}
+
+
+def make_quant_golden(out):
+    """golden/quants.gguf: for every block type T a tensor "T" of 4 rows x 512 values stored as T, and
+    "T.f32" with gguf.py's dequantisation of it (the C dequantisers must give the same bits). Rows 0-1:
+    random values through gguf.py's quantiser (magnitudes from 1e-3 to 1e3 block by block; row 1 starts
+    with an all-zero block). Rows 2-3: random bytes, so every bit of the packed scales and quants is
+    read, with finite f16 scales; row 3's first blocks have the largest f16 (65504) and a subnormal."""
+    rng = np.random.default_rng(SEED + 7)
+    w = GGUFWriter(os.path.join(out, "golden", "quants.gguf"))
+    w.add_string("general.architecture", "quants")
+    K = 512
+    for t in gguf.BLOCK_TYPES:
+        bs, bb = gguf.GGML_BLOCK[t]
+        nb = K // bs
+        x = rng.standard_normal((2, K)).astype(np.float32)
+        x *= (10.0 ** rng.uniform(-3, 3, size=(2, nb, 1))).astype(np.float32).repeat(bs, axis=2).reshape(2, K)
+        x[1, :bs] = 0
+        q = gguf.quantize(x, t)
+        r = rng.integers(0, 256, size=(2, nb, bb), dtype=np.uint8)
+        for off in QUANT_SCALE_OFFSETS[t]:
+            sc = (rng.standard_normal((2, nb)) * 0.01).astype("<f2")
+            sc[1, 0], sc[1, 1] = np.float16(65504), np.float16(3e-7)
+            r[:, :, off:off + 2] = sc.view(np.uint8).reshape(2, nb, 2)
+        raw = np.concatenate([q, r.reshape(2, nb * bb)])
+        name = gguf.GGML_TYPE_NAME[t]
+        w.add_tensor(name, raw, t, shape=(4, K), raw=True)
+        w.add_tensor(name + ".f32", gguf.dequantize(raw, t, (4, K)), GGMLType.F32)
+    w.write()
+
+
 OWNED = ("models", "golden", "hf")  # tests/fixtures/ subdirectories this script writes
 
 
@@ -784,6 +822,7 @@ def main():
         tcases.append({"text": t, "tokens": ids})
     write_json(os.path.join(out, "golden", "tokenizer.json"),
                {"model": "models/qwen2-gqa.gguf", "special_tokens_parsed": True, "cases": tcases})
+    make_quant_golden(out)
 
     for si, spec in enumerate(SPECS):
         cfg = make_config(spec, V)
