@@ -522,18 +522,15 @@ TEST(gguf_rejects_fixture_corpus) {
 /* The block-type entries of the corpus fail for the reason their name gives, and the message says so. */
 TEST(gguf_fixture_corpus_block_types) {
     static const struct { const char *file, *msg; } cases[] = {
-        {"tensor_type_iq2xxs.gguf", "tensor 'blk.0.ffn_up.weight': type 16 (IQ2_XXS) is not supported"},
-        {"row_not_block_multiple.gguf",
+        {"bad/tensor_type_iq2xxs.gguf", "tensor 'blk.0.ffn_up.weight': type 16 (IQ2_XXS) is not supported"},
+        {"bad/row_not_block_multiple.gguf",
          "tensor 'blk.0.ffn_gate.weight': row length 128 not a multiple of Q4_K block size 256"},
-        {"tensor_q6k_truncated.gguf", "tensor 'blk.0.ffn_down.weight': data [0, 0+420) beyond end of file"},
+        {"bad/tensor_q6k_truncated.gguf", "tensor 'blk.0.ffn_down.weight': data [0, 0+420) beyond end of file"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        char path[4096];
-        snprintf(path, sizeof path, "bad/%s", cases[i].file);
-        snprintf(path, sizeof path, "%s", test_fixture(path));
         gguf_file g;
         cm_err err = {0};
-        int rc = gguf_open(&g, path, &err);
+        int rc = gguf_open(&g, test_fixture(cases[i].file), &err);
         ASSERT_TRUE(rc == CM_E_FORMAT || rc == CM_E_UNSUPPORTED);
         if (!strstr(err.msg, cases[i].msg)) TEST_FAIL_("%s: '%s' lacks '%s'", cases[i].file, err.msg, cases[i].msg);
     }
