@@ -603,6 +603,149 @@ static float dot_q2_k_avx2(int64_t nb, const cm_block_q2_k *w, const cm_block_q8
     return sum;
 }
 
+/* ------------------------------------------------------------ AVX2 dequantisation */
+
+/* y[0..32) = q * d + off for 32 int8 q, (d, off) = (d0, off0) for the first 16 and (d1, off1) for the
+ * rest: the reference's d * q - m with off = -m (a - b is a + -b in IEEE arithmetic), or + m for
+ * Q4_1/Q5_1, or -0.0 where there is no offset (x + -0.0 is x, signed zeros included). */
+static inline void deq32(float *y, __m256i q, float d0, float off0, float d1, float off1) {
+    __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+    __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+    __m256 f1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
+    __m256 f2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+    __m256 f3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
+    __m256 vd0 = _mm256_set1_ps(d0), vo0 = _mm256_set1_ps(off0);
+    __m256 vd1 = _mm256_set1_ps(d1), vo1 = _mm256_set1_ps(off1);
+    _mm256_storeu_ps(y, _mm256_add_ps(_mm256_mul_ps(f0, vd0), vo0));
+    _mm256_storeu_ps(y + 8, _mm256_add_ps(_mm256_mul_ps(f1, vd0), vo0));
+    _mm256_storeu_ps(y + 16, _mm256_add_ps(_mm256_mul_ps(f2, vd1), vo1));
+    _mm256_storeu_ps(y + 24, _mm256_add_ps(_mm256_mul_ps(f3, vd1), vo1));
+}
+
+static void dequant_legacy_avx2(int type, const void *w, float *y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, y += 32) {
+        switch (type) {
+        case GGUF_TT_Q4_0: {
+            const cm_block_q4_0 *b = (const cm_block_q4_0 *)w + i;
+            float d = fp16(b->d);
+            deq32(y, _mm256_sub_epi8(legacy_nibbles(b->qs), _mm256_set1_epi8(8)), d, -0.0f, d, -0.0f);
+            break;
+        }
+        case GGUF_TT_Q4_1: {
+            const cm_block_q4_1 *b = (const cm_block_q4_1 *)w + i;
+            float d = fp16(b->d), m = fp16(b->m);
+            deq32(y, legacy_nibbles(b->qs), d, m, d, m);
+            break;
+        }
+        case GGUF_TT_Q5_0: {
+            const cm_block_q5_0 *b = (const cm_block_q5_0 *)w + i;
+            float d = fp16(b->d);
+            __m256i u = _mm256_or_si256(legacy_nibbles(b->qs), legacy_fifth_bits(b->qh));
+            deq32(y, _mm256_sub_epi8(u, _mm256_set1_epi8(16)), d, -0.0f, d, -0.0f);
+            break;
+        }
+        default: {
+            const cm_block_q5_1 *b = (const cm_block_q5_1 *)w + i;
+            float d = fp16(b->d), m = fp16(b->m);
+            deq32(y, _mm256_or_si256(legacy_nibbles(b->qs), legacy_fifth_bits(b->qh)), d, m, d, m);
+            break;
+        }
+        }
+    }
+}
+
+static void dequant_q2_k_avx2(const cm_block_q2_k *w, float *y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, y += CM_QK_K) {
+        const cm_block_q2_k *a = w + i;
+        float d = fp16(a->d), dmin = fp16(a->dmin), dl[16], off[16];
+        for (int j = 0; j < 16; j++) {
+            dl[j] = d * (float)(a->scales[j] & 0xF);
+            off[j] = -(dmin * (float)(a->scales[j] >> 4));
+        }
+        for (int h = 0; h < 2; h++) {
+            __m256i q = _mm256_loadu_si256((const __m256i *)(a->qs + 32 * h));
+            for (int s = 0; s < 4; s++) {
+                int j = 8 * h + 2 * s;
+                deq32(y + 128 * h + 32 * s, bits_at(q, 2 * s, 3), dl[j], off[j], dl[j + 1], off[j + 1]);
+            }
+        }
+    }
+}
+
+static void dequant_q3_k_avx2(const cm_block_q3_k *w, float *y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, y += CM_QK_K) {
+        const cm_block_q3_k *a = w + i;
+        float d = fp16(a->d), dl[16];
+        for (int j = 0; j < 16; j++) {
+            int lo = j < 8 ? a->scales[j] & 0xF : a->scales[j - 8] >> 4;
+            int hi = (a->scales[8 + j % 4] >> (2 * (j / 4))) & 3;
+            dl[j] = d * (float)((lo | hi << 4) - 32);
+        }
+        __m256i hm = _mm256_loadu_si256((const __m256i *)a->hmask);
+        for (int h = 0; h < 2; h++) {
+            __m256i q = _mm256_loadu_si256((const __m256i *)(a->qs + 32 * h));
+            for (int s = 0; s < 4; s++) {
+                __m256i u = _mm256_or_si256(bits_at(q, 2 * s, 3), _mm256_slli_epi16(bits_at(hm, 4 * h + s, 1), 2));
+                int j = 8 * h + 2 * s;
+                deq32(y + 128 * h + 32 * s, _mm256_sub_epi8(u, _mm256_set1_epi8(4)), dl[j], -0.0f, dl[j + 1], -0.0f);
+            }
+        }
+    }
+}
+
+/* Q4_K and Q5_K (qh NULL for Q4_K). */
+static void dequant_q45_k_avx2(int type, const void *w, float *y, int64_t nb) {
+    size_t bb = type == GGUF_TT_Q4_K ? sizeof(cm_block_q4_k) : sizeof(cm_block_q5_k);
+    for (int64_t i = 0; i < nb; i++, y += CM_QK_K) {
+        const uint8_t *scales, *qs, *qh = NULL;
+        uint16_t hd, hdmin;
+        if (type == GGUF_TT_Q4_K) {
+            const cm_block_q4_k *a = (const void *)((const char *)w + (size_t)i * bb);
+            scales = a->scales; qs = a->qs; hd = a->d; hdmin = a->dmin;
+        } else {
+            const cm_block_q5_k *a = (const void *)((const char *)w + (size_t)i * bb);
+            scales = a->scales; qs = a->qs; qh = a->qh; hd = a->d; hdmin = a->dmin;
+        }
+        float d = fp16(hd), dmin = fp16(hdmin), dl[8], off[8];
+        for (int j = 0; j < 8; j++) {
+            uint8_t sc, m;
+            cm_q4k_scale_min(j, scales, &sc, &m);
+            dl[j] = d * (float)sc;
+            off[j] = -(dmin * (float)m);
+        }
+        __m256i vh = qh ? _mm256_loadu_si256((const __m256i *)qh) : _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {
+            __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+            __m256i lo = bits_at(q, 0, 0xF), hi = bits_at(q, 4, 0xF);
+            if (qh) {
+                lo = _mm256_or_si256(lo, _mm256_slli_epi16(bits_at(vh, 2 * c, 1), 4));
+                hi = _mm256_or_si256(hi, _mm256_slli_epi16(bits_at(vh, 2 * c + 1, 1), 4));
+            }
+            deq32(y + 64 * c, lo, dl[2 * c], off[2 * c], dl[2 * c], off[2 * c]);
+            deq32(y + 64 * c + 32, hi, dl[2 * c + 1], off[2 * c + 1], dl[2 * c + 1], off[2 * c + 1]);
+        }
+    }
+}
+
+static void dequant_q6_k_avx2(const cm_block_q6_k *w, float *y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, y += CM_QK_K) {
+        const cm_block_q6_k *a = w + i;
+        float d = fp16(a->d);
+        for (int h = 0; h < 2; h++) {
+            __m256i l0 = _mm256_loadu_si256((const __m256i *)(a->ql + 64 * h));
+            __m256i l1 = _mm256_loadu_si256((const __m256i *)(a->ql + 64 * h + 32));
+            __m256i qh = _mm256_loadu_si256((const __m256i *)(a->qh + 32 * h));
+            for (int s = 0; s < 4; s++) {
+                __m256i low = bits_at(s & 1 ? l1 : l0, s < 2 ? 0 : 4, 0xF);
+                __m256i u = _mm256_or_si256(low, _mm256_slli_epi16(bits_at(qh, 2 * s, 3), 4));
+                const int8_t *sc = a->scales + 8 * h + 2 * s;
+                deq32(y + 128 * h + 32 * s, _mm256_sub_epi8(u, _mm256_set1_epi8(32)), d * (float)sc[0], -0.0f,
+                      d * (float)sc[1], -0.0f);
+            }
+        }
+    }
+}
+
 /* sum y[i] x[i] over len values (a multiple of 32), in an order fixed by len alone. */
 static inline float dot_chunk_f32(const float *y, const float *x, int len) {
     __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
@@ -625,6 +768,18 @@ static inline float dot_chunk_f32(const float *y, const float *x, int len) {
 /* ============================================================ dispatch */
 
 void cm_quant_dequantize(int type, const void *w, float *y, int64_t k) {
+#if defined(CM_Q_AVX2)
+    switch (type) {
+    case GGUF_TT_Q4_0: case GGUF_TT_Q4_1: case GGUF_TT_Q5_0: case GGUF_TT_Q5_1:
+        dequant_legacy_avx2(type, w, y, k / CM_QK4);
+        return;
+    case GGUF_TT_Q2_K: dequant_q2_k_avx2(w, y, k / CM_QK_K); return;
+    case GGUF_TT_Q3_K: dequant_q3_k_avx2(w, y, k / CM_QK_K); return;
+    case GGUF_TT_Q4_K: case GGUF_TT_Q5_K: dequant_q45_k_avx2(type, w, y, k / CM_QK_K); return;
+    case GGUF_TT_Q6_K: dequant_q6_k_avx2(w, y, k / CM_QK_K); return;
+    default: break;
+    }
+#endif
     cm_quant_dequantize_ref(type, w, y, k);
 }
 
