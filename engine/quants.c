@@ -4,8 +4,9 @@
  *
  * The references read every format through one unpacking step per type (integers per value, integer
  * scale and min per sub-block), so the bit layout of each type is written exactly once for them; the
- * fast kernels decode the same layouts with SIMD shuffles and are held equal to the references by
- * tests/engine/test_quants.c. A block's integer dot product is exact in int32 either way, and both
+ * fast kernels decode the same layouts with SIMD shifts and masks, one group unpacker per type shared by
+ * the AVX2 dots and dequantisers, and are held equal to the references by tests/engine/test_quants.c
+ * (and the references to tools/gguf.py's independent reading by a golden file). A block's integer dot product is exact in int32 either way, and both
  * sides turn it into a float through the same combine_* function, which is what makes the int8 paths
  * bit-exact.
  *
@@ -97,6 +98,17 @@ static inline float combine_k(float sum, int32_t isum, int32_t imin, float d, fl
     return sum + ((dx * d) * (float)isum - (dx * dmin) * (float)imin);
 }
 
+/* ============================================================ scales shared by every path */
+
+/* Q3_K's sixteen 6-bit scales (layout in quants.h), minus their offset 32. */
+static inline void q3k_scales(const uint8_t *s, int sc[16]) {
+    for (int j = 0; j < 16; j++) {
+        int lo = j < 8 ? s[j] & 0xF : s[j - 8] >> 4;
+        int hi = (s[8 + j % 4] >> (2 * (j / 4))) & 3;
+        sc[j] = (lo | hi << 4) - 32;
+    }
+}
+
 /* ============================================================ reference unpacking */
 
 /* A legacy block as integers: x_i = d * q[i] + m. */
@@ -173,11 +185,9 @@ static void unpack_k(int type, const void *blk, k_unpacked *u) {
         const cm_block_q3_k *b = blk;
         u->sub = 16;
         u->d = cm_fp16_to_f32(b->d);
-        for (int j = 0; j < 16; j++) {
-            int lo = j < 8 ? b->scales[j] & 0xF : b->scales[j - 8] >> 4;
-            int hi = (b->scales[8 + j % 4] >> (2 * (j / 4))) & 3;
-            u->sc[j] = (int16_t)((lo | hi << 4) - 32);
-        }
+        int sc[16];
+        q3k_scales(b->scales, sc);
+        for (int j = 0; j < 16; j++) u->sc[j] = (int16_t)sc[j];
         for (int h = 0; h < 2; h++)
             for (int s = 0; s < 4; s++)
                 for (int l = 0; l < 32; l++) {
@@ -476,129 +486,144 @@ static inline __m256i bits_at(__m256i v, int shift, int mask) {
     return _mm256_and_si256(_mm256_srli_epi16(v, shift), _mm256_set1_epi8((char)mask));
 }
 
-static float dot_q4_k_avx2(int64_t nb, const cm_block_q4_k *w, const cm_block_q8_k *x) {
+/* The 32-value groups of each K-quant, as unsigned bytes (what the dots multiply; the dequantisers
+ * subtract the type's offset). Value 128h + 32s + l for Q2_K/Q3_K/Q6_K, 64c + 32half + l for Q4_K/Q5_K. */
+
+/* Q3_K: q + 4 in 0..7 from qs[32h..] (q) and hmask (hm). */
+static inline __m256i q3k_group(__m256i q, __m256i hm, int h, int s) {
+    return _mm256_or_si256(bits_at(q, 2 * s, 3), _mm256_slli_epi16(bits_at(hm, 4 * h + s, 1), 2));
+}
+
+/* Q4_K / Q5_K: q in 0..15 / 0..31 of half `half` of chunk c from qs[32c..] (q) and, for Q5_K, qh. */
+static inline __m256i q45k_group(__m256i q, const __m256i *qh, int c, int half) {
+    __m256i u = bits_at(q, 4 * half, 0xF);
+    return qh ? _mm256_or_si256(u, _mm256_slli_epi16(bits_at(*qh, 2 * c + half, 1), 4)) : u;
+}
+
+/* Q6_K: q + 32 in 0..63 from ql[64h..] (l0), ql[64h + 32..] (l1) and qh[32h..] (qh). */
+static inline __m256i q6k_group(__m256i l0, __m256i l1, __m256i qh, int s) {
+    __m256i low = bits_at(s & 1 ? l1 : l0, s < 2 ? 0 : 4, 0xF);
+    return _mm256_or_si256(low, _mm256_slli_epi16(bits_at(qh, 2 * s, 3), 4));
+}
+
+/* The fields of a Q4_K or Q5_K block (qh NULL for Q4_K). */
+typedef struct q45k_view {
+    const uint8_t *scales, *qs, *qh;
+    uint16_t d, dmin;
+} q45k_view;
+
+static inline q45k_view q45k_at(int type, const void *w, int64_t i) {
+    q45k_view v;
+    if (type == GGUF_TT_Q4_K) {
+        const cm_block_q4_k *a = (const cm_block_q4_k *)w + i;
+        v.scales = a->scales; v.qs = a->qs; v.qh = NULL; v.d = a->d; v.dmin = a->dmin;
+    } else {
+        const cm_block_q5_k *a = (const cm_block_q5_k *)w + i;
+        v.scales = a->scales; v.qs = a->qs; v.qh = a->qh; v.d = a->d; v.dmin = a->dmin;
+    }
+    return v;
+}
+
+static float dot_q45_k_avx2(int type, int64_t nb, const void *w, const cm_block_q8_k *x) {
     float sum = 0.0f;
     for (int64_t i = 0; i < nb; i++) {
-        const cm_block_q4_k *a = w + i;
+        q45k_view a = q45k_at(type, w, i);
         const cm_block_q8_k *b = x + i;
         uint8_t sc[8], mn[8];
         int32_t imin = 0;
         for (int j = 0; j < 8; j++) {
-            cm_q4k_scale_min(j, a->scales, &sc[j], &mn[j]);
+            cm_q4k_scale_min(j, a.scales, &sc[j], &mn[j]);
             imin += mn[j] * (b->bsums[2 * j] + b->bsums[2 * j + 1]);
         }
+        __m256i qh = a.qh ? _mm256_loadu_si256((const __m256i *)a.qh) : _mm256_setzero_si256();
         __m256i acc = _mm256_setzero_si256();
         for (int c = 0; c < 4; c++) {
-            __m256i q = _mm256_loadu_si256((const __m256i *)(a->qs + 32 * c));
-            __m256i x0 = _mm256_loadu_si256((const __m256i *)(b->qs + 64 * c));
-            __m256i x1 = _mm256_loadu_si256((const __m256i *)(b->qs + 64 * c + 32));
-            acc = _mm256_add_epi32(acc, dot_u8s8_scaled(bits_at(q, 0, 0xF), x0, sc[2 * c], sc[2 * c]));
-            acc = _mm256_add_epi32(acc, dot_u8s8_scaled(bits_at(q, 4, 0xF), x1, sc[2 * c + 1], sc[2 * c + 1]));
-        }
-        sum = combine_k(sum, hsum_i32(acc), imin, fp16(a->d), fp16(a->dmin), b->d);
-    }
-    return sum;
-}
-
-static float dot_q5_k_avx2(int64_t nb, const cm_block_q5_k *w, const cm_block_q8_k *x) {
-    float sum = 0.0f;
-    for (int64_t i = 0; i < nb; i++) {
-        const cm_block_q5_k *a = w + i;
-        const cm_block_q8_k *b = x + i;
-        uint8_t sc[8], mn[8];
-        int32_t imin = 0;
-        for (int j = 0; j < 8; j++) {
-            cm_q4k_scale_min(j, a->scales, &sc[j], &mn[j]);
-            imin += mn[j] * (b->bsums[2 * j] + b->bsums[2 * j + 1]);
-        }
-        __m256i qh = _mm256_loadu_si256((const __m256i *)a->qh);
-        __m256i acc = _mm256_setzero_si256();
-        for (int c = 0; c < 4; c++) {
-            __m256i q = _mm256_loadu_si256((const __m256i *)(a->qs + 32 * c));
-            __m256i lo = _mm256_or_si256(bits_at(q, 0, 0xF), _mm256_slli_epi16(bits_at(qh, 2 * c, 1), 4));
-            __m256i hi = _mm256_or_si256(bits_at(q, 4, 0xF), _mm256_slli_epi16(bits_at(qh, 2 * c + 1, 1), 4));
-            __m256i x0 = _mm256_loadu_si256((const __m256i *)(b->qs + 64 * c));
-            __m256i x1 = _mm256_loadu_si256((const __m256i *)(b->qs + 64 * c + 32));
-            acc = _mm256_add_epi32(acc, dot_u8s8_scaled(lo, x0, sc[2 * c], sc[2 * c]));
-            acc = _mm256_add_epi32(acc, dot_u8s8_scaled(hi, x1, sc[2 * c + 1], sc[2 * c + 1]));
-        }
-        sum = combine_k(sum, hsum_i32(acc), imin, fp16(a->d), fp16(a->dmin), b->d);
-    }
-    return sum;
-}
-
-/* Q6_K: q - 32 as (unsigned q) x minus 32 x; the 32 x part per sub-block comes from bsums. */
-static float dot_q6_k_avx2(int64_t nb, const cm_block_q6_k *w, const cm_block_q8_k *x) {
-    float sum = 0.0f;
-    for (int64_t i = 0; i < nb; i++) {
-        const cm_block_q6_k *a = w + i;
-        const cm_block_q8_k *b = x + i;
-        int32_t bias = 0;
-        for (int j = 0; j < 16; j++) bias += a->scales[j] * b->bsums[j];
-        __m256i acc = _mm256_setzero_si256();
-        for (int h = 0; h < 2; h++) {
-            __m256i l0 = _mm256_loadu_si256((const __m256i *)(a->ql + 64 * h));
-            __m256i l1 = _mm256_loadu_si256((const __m256i *)(a->ql + 64 * h + 32));
-            __m256i qh = _mm256_loadu_si256((const __m256i *)(a->qh + 32 * h));
-            for (int s = 0; s < 4; s++) {
-                __m256i low = bits_at(s & 1 ? l1 : l0, s < 2 ? 0 : 4, 0xF);
-                __m256i u = _mm256_or_si256(low, _mm256_slli_epi16(bits_at(qh, 2 * s, 3), 4));
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(b->qs + 128 * h + 32 * s));
-                const int8_t *sc = a->scales + 8 * h + 2 * s;
-                acc = _mm256_add_epi32(acc, dot_u8s8_scaled(u, xv, sc[0], sc[1]));
+            __m256i q = _mm256_loadu_si256((const __m256i *)(a.qs + 32 * c));
+            for (int half = 0; half < 2; half++) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(b->qs + 64 * c + 32 * half));
+                int j = 2 * c + half;
+                acc = _mm256_add_epi32(acc, dot_u8s8_scaled(q45k_group(q, a.qh ? &qh : NULL, c, half), xv, sc[j], sc[j]));
             }
         }
-        sum = combine_k(sum, hsum_i32(acc) - 32 * bias, 0, fp16(a->d), 0.0f, b->d);
+        sum = combine_k(sum, hsum_i32(acc), imin, fp16(a.d), fp16(a.dmin), b->d);
     }
     return sum;
 }
 
-/* Q3_K: q = u - 4 with u = low 2 bits | high bit << 2 in 0..7; the 4 x part from bsums. */
-static float dot_q3_k_avx2(int64_t nb, const cm_block_q3_k *w, const cm_block_q8_k *x) {
+/* Q2_K, Q3_K and Q6_K share a shape: 16 sub-blocks of 16, values in 8 groups of 32 (h = g / 4,
+ * s = g % 4 in the layouts). A block's integer scales, mins and the offset that turns the unsigned group
+ * bytes into q (q = u - offset). */
+typedef struct k16_view {
+    const void *blk;
+    int sc[16], mn[16], offset;
+    float d, dmin;
+} k16_view;
+
+static inline void k16_at(int type, const void *w, int64_t i, k16_view *v) {
+    memset(v->mn, 0, sizeof v->mn);
+    v->dmin = 0.0f;
+    switch (type) {
+    case GGUF_TT_Q2_K: {
+        const cm_block_q2_k *a = (const cm_block_q2_k *)w + i;
+        for (int j = 0; j < 16; j++) { v->sc[j] = a->scales[j] & 0xF; v->mn[j] = a->scales[j] >> 4; }
+        v->blk = a; v->offset = 0; v->d = fp16(a->d); v->dmin = fp16(a->dmin);
+        break;
+    }
+    case GGUF_TT_Q3_K: {
+        const cm_block_q3_k *a = (const cm_block_q3_k *)w + i;
+        q3k_scales(a->scales, v->sc);
+        v->blk = a; v->offset = 4; v->d = fp16(a->d);
+        break;
+    }
+    default: {
+        const cm_block_q6_k *a = (const cm_block_q6_k *)w + i;
+        for (int j = 0; j < 16; j++) v->sc[j] = a->scales[j];
+        v->blk = a; v->offset = 32; v->d = fp16(a->d);
+        break;
+    }
+    }
+}
+
+/* Group g of the block as unsigned bytes u = q + offset. */
+static inline __m256i k16_group(int type, const void *blk, int g) {
+    int h = g / 4, s = g % 4;
+    switch (type) {
+    case GGUF_TT_Q2_K: {
+        const cm_block_q2_k *a = blk;
+        return bits_at(_mm256_loadu_si256((const __m256i *)(a->qs + 32 * h)), 2 * s, 3);
+    }
+    case GGUF_TT_Q3_K: {
+        const cm_block_q3_k *a = blk;
+        return q3k_group(_mm256_loadu_si256((const __m256i *)(a->qs + 32 * h)),
+                         _mm256_loadu_si256((const __m256i *)a->hmask), h, s);
+    }
+    default: {
+        const cm_block_q6_k *a = blk;
+        return q6k_group(_mm256_loadu_si256((const __m256i *)(a->ql + 64 * h)),
+                         _mm256_loadu_si256((const __m256i *)(a->ql + 64 * h + 32)),
+                         _mm256_loadu_si256((const __m256i *)(a->qh + 32 * h)), s);
+    }
+    }
+}
+
+/* sum sc (q x) = sum sc (u x) - offset * sum sc (sum of x per sub-block, from bsums); mins likewise. */
+static float dot_k16_avx2(int type, int64_t nb, const void *w, const cm_block_q8_k *x) {
     float sum = 0.0f;
     for (int64_t i = 0; i < nb; i++) {
-        const cm_block_q3_k *a = w + i;
+        k16_view v;
+        k16_at(type, w, i, &v);
         const cm_block_q8_k *b = x + i;
-        int sc[16];
-        int32_t bias = 0;
+        int32_t bias = 0, imin = 0;
         for (int j = 0; j < 16; j++) {
-            int lo = j < 8 ? a->scales[j] & 0xF : a->scales[j - 8] >> 4;
-            int hi = (a->scales[8 + j % 4] >> (2 * (j / 4))) & 3;
-            sc[j] = (lo | hi << 4) - 32;
-            bias += sc[j] * b->bsums[j];
+            bias += v.sc[j] * b->bsums[j];
+            imin += v.mn[j] * b->bsums[j];
         }
-        __m256i hm = _mm256_loadu_si256((const __m256i *)a->hmask);
         __m256i acc = _mm256_setzero_si256();
-        for (int h = 0; h < 2; h++) {
-            __m256i q = _mm256_loadu_si256((const __m256i *)(a->qs + 32 * h));
-            for (int s = 0; s < 4; s++) {
-                __m256i u = _mm256_or_si256(bits_at(q, 2 * s, 3), _mm256_slli_epi16(bits_at(hm, 4 * h + s, 1), 2));
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(b->qs + 128 * h + 32 * s));
-                acc = _mm256_add_epi32(acc, dot_u8s8_scaled(u, xv, sc[8 * h + 2 * s], sc[8 * h + 2 * s + 1]));
-            }
+        for (int g = 0; g < 8; g++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(b->qs + 32 * g));
+            acc = _mm256_add_epi32(acc, dot_u8s8_scaled(k16_group(type, v.blk, g), xv, v.sc[2 * g], v.sc[2 * g + 1]));
         }
-        sum = combine_k(sum, hsum_i32(acc) - 4 * bias, 0, fp16(a->d), 0.0f, b->d);
-    }
-    return sum;
-}
-
-static float dot_q2_k_avx2(int64_t nb, const cm_block_q2_k *w, const cm_block_q8_k *x) {
-    float sum = 0.0f;
-    for (int64_t i = 0; i < nb; i++) {
-        const cm_block_q2_k *a = w + i;
-        const cm_block_q8_k *b = x + i;
-        int32_t imin = 0;
-        for (int j = 0; j < 16; j++) imin += (a->scales[j] >> 4) * b->bsums[j];
-        __m256i acc = _mm256_setzero_si256();
-        for (int h = 0; h < 2; h++) {
-            __m256i q = _mm256_loadu_si256((const __m256i *)(a->qs + 32 * h));
-            for (int s = 0; s < 4; s++) {
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(b->qs + 128 * h + 32 * s));
-                const uint8_t *sc = a->scales + 8 * h + 2 * s;
-                acc = _mm256_add_epi32(acc, dot_u8s8_scaled(bits_at(q, 2 * s, 3), xv, sc[0] & 0xF, sc[1] & 0xF));
-            }
-        }
-        sum = combine_k(sum, hsum_i32(acc), imin, fp16(a->d), fp16(a->dmin), b->d);
+        sum = combine_k(sum, hsum_i32(acc) - v.offset * bias, imin, v.d, v.dmin, b->d);
     }
     return sum;
 }
@@ -654,93 +679,38 @@ static void dequant_legacy_avx2(int type, const void *w, float *y, int64_t nb) {
     }
 }
 
-static void dequant_q2_k_avx2(const cm_block_q2_k *w, float *y, int64_t nb) {
+static void dequant_k16_avx2(int type, const void *w, float *y, int64_t nb) {
     for (int64_t i = 0; i < nb; i++, y += CM_QK_K) {
-        const cm_block_q2_k *a = w + i;
-        float d = fp16(a->d), dmin = fp16(a->dmin), dl[16], off[16];
+        k16_view v;
+        k16_at(type, w, i, &v);
+        float dl[16], off[16];
         for (int j = 0; j < 16; j++) {
-            dl[j] = d * (float)(a->scales[j] & 0xF);
-            off[j] = -(dmin * (float)(a->scales[j] >> 4));
+            dl[j] = v.d * (float)v.sc[j];
+            off[j] = -(v.dmin * (float)v.mn[j]); /* -0.0 where there is no min: see deq32 */
         }
-        for (int h = 0; h < 2; h++) {
-            __m256i q = _mm256_loadu_si256((const __m256i *)(a->qs + 32 * h));
-            for (int s = 0; s < 4; s++) {
-                int j = 8 * h + 2 * s;
-                deq32(y + 128 * h + 32 * s, bits_at(q, 2 * s, 3), dl[j], off[j], dl[j + 1], off[j + 1]);
-            }
-        }
+        const __m256i bias = _mm256_set1_epi8((char)v.offset);
+        for (int g = 0; g < 8; g++)
+            deq32(y + 32 * g, _mm256_sub_epi8(k16_group(type, v.blk, g), bias), dl[2 * g], off[2 * g], dl[2 * g + 1],
+                  off[2 * g + 1]);
     }
 }
 
-static void dequant_q3_k_avx2(const cm_block_q3_k *w, float *y, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, y += CM_QK_K) {
-        const cm_block_q3_k *a = w + i;
-        float d = fp16(a->d), dl[16];
-        for (int j = 0; j < 16; j++) {
-            int lo = j < 8 ? a->scales[j] & 0xF : a->scales[j - 8] >> 4;
-            int hi = (a->scales[8 + j % 4] >> (2 * (j / 4))) & 3;
-            dl[j] = d * (float)((lo | hi << 4) - 32);
-        }
-        __m256i hm = _mm256_loadu_si256((const __m256i *)a->hmask);
-        for (int h = 0; h < 2; h++) {
-            __m256i q = _mm256_loadu_si256((const __m256i *)(a->qs + 32 * h));
-            for (int s = 0; s < 4; s++) {
-                __m256i u = _mm256_or_si256(bits_at(q, 2 * s, 3), _mm256_slli_epi16(bits_at(hm, 4 * h + s, 1), 2));
-                int j = 8 * h + 2 * s;
-                deq32(y + 128 * h + 32 * s, _mm256_sub_epi8(u, _mm256_set1_epi8(4)), dl[j], -0.0f, dl[j + 1], -0.0f);
-            }
-        }
-    }
-}
-
-/* Q4_K and Q5_K (qh NULL for Q4_K). */
 static void dequant_q45_k_avx2(int type, const void *w, float *y, int64_t nb) {
-    size_t bb = type == GGUF_TT_Q4_K ? sizeof(cm_block_q4_k) : sizeof(cm_block_q5_k);
     for (int64_t i = 0; i < nb; i++, y += CM_QK_K) {
-        const uint8_t *scales, *qs, *qh = NULL;
-        uint16_t hd, hdmin;
-        if (type == GGUF_TT_Q4_K) {
-            const cm_block_q4_k *a = (const void *)((const char *)w + (size_t)i * bb);
-            scales = a->scales; qs = a->qs; hd = a->d; hdmin = a->dmin;
-        } else {
-            const cm_block_q5_k *a = (const void *)((const char *)w + (size_t)i * bb);
-            scales = a->scales; qs = a->qs; qh = a->qh; hd = a->d; hdmin = a->dmin;
-        }
-        float d = fp16(hd), dmin = fp16(hdmin), dl[8], off[8];
+        q45k_view a = q45k_at(type, w, i);
+        float d = fp16(a.d), dmin = fp16(a.dmin), dl[8], off[8];
         for (int j = 0; j < 8; j++) {
             uint8_t sc, m;
-            cm_q4k_scale_min(j, scales, &sc, &m);
+            cm_q4k_scale_min(j, a.scales, &sc, &m);
             dl[j] = d * (float)sc;
             off[j] = -(dmin * (float)m);
         }
-        __m256i vh = qh ? _mm256_loadu_si256((const __m256i *)qh) : _mm256_setzero_si256();
+        __m256i qh = a.qh ? _mm256_loadu_si256((const __m256i *)a.qh) : _mm256_setzero_si256();
         for (int c = 0; c < 4; c++) {
-            __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
-            __m256i lo = bits_at(q, 0, 0xF), hi = bits_at(q, 4, 0xF);
-            if (qh) {
-                lo = _mm256_or_si256(lo, _mm256_slli_epi16(bits_at(vh, 2 * c, 1), 4));
-                hi = _mm256_or_si256(hi, _mm256_slli_epi16(bits_at(vh, 2 * c + 1, 1), 4));
-            }
-            deq32(y + 64 * c, lo, dl[2 * c], off[2 * c], dl[2 * c], off[2 * c]);
-            deq32(y + 64 * c + 32, hi, dl[2 * c + 1], off[2 * c + 1], dl[2 * c + 1], off[2 * c + 1]);
-        }
-    }
-}
-
-static void dequant_q6_k_avx2(const cm_block_q6_k *w, float *y, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, y += CM_QK_K) {
-        const cm_block_q6_k *a = w + i;
-        float d = fp16(a->d);
-        for (int h = 0; h < 2; h++) {
-            __m256i l0 = _mm256_loadu_si256((const __m256i *)(a->ql + 64 * h));
-            __m256i l1 = _mm256_loadu_si256((const __m256i *)(a->ql + 64 * h + 32));
-            __m256i qh = _mm256_loadu_si256((const __m256i *)(a->qh + 32 * h));
-            for (int s = 0; s < 4; s++) {
-                __m256i low = bits_at(s & 1 ? l1 : l0, s < 2 ? 0 : 4, 0xF);
-                __m256i u = _mm256_or_si256(low, _mm256_slli_epi16(bits_at(qh, 2 * s, 3), 4));
-                const int8_t *sc = a->scales + 8 * h + 2 * s;
-                deq32(y + 128 * h + 32 * s, _mm256_sub_epi8(u, _mm256_set1_epi8(32)), d * (float)sc[0], -0.0f,
-                      d * (float)sc[1], -0.0f);
+            __m256i q = _mm256_loadu_si256((const __m256i *)(a.qs + 32 * c));
+            for (int half = 0; half < 2; half++) {
+                int j = 2 * c + half;
+                deq32(y + 64 * c + 32 * half, q45k_group(q, a.qh ? &qh : NULL, c, half), dl[j], off[j], dl[j], off[j]);
             }
         }
     }
@@ -773,10 +743,8 @@ void cm_quant_dequantize(int type, const void *w, float *y, int64_t k) {
     case GGUF_TT_Q4_0: case GGUF_TT_Q4_1: case GGUF_TT_Q5_0: case GGUF_TT_Q5_1:
         dequant_legacy_avx2(type, w, y, k / CM_QK4);
         return;
-    case GGUF_TT_Q2_K: dequant_q2_k_avx2(w, y, k / CM_QK_K); return;
-    case GGUF_TT_Q3_K: dequant_q3_k_avx2(w, y, k / CM_QK_K); return;
+    case GGUF_TT_Q2_K: case GGUF_TT_Q3_K: case GGUF_TT_Q6_K: dequant_k16_avx2(type, w, y, k / CM_QK_K); return;
     case GGUF_TT_Q4_K: case GGUF_TT_Q5_K: dequant_q45_k_avx2(type, w, y, k / CM_QK_K); return;
-    case GGUF_TT_Q6_K: dequant_q6_k_avx2(w, y, k / CM_QK_K); return;
     default: break;
     }
 #endif
@@ -788,11 +756,8 @@ float cm_quant_dot_q(int wtype, int64_t k, const void *w, const void *x) {
     switch (wtype) {
     case GGUF_TT_Q4_0: case GGUF_TT_Q4_1: case GGUF_TT_Q5_0: case GGUF_TT_Q5_1:
         return dot_legacy_avx2(wtype, k / CM_QK4, w, x);
-    case GGUF_TT_Q2_K: return dot_q2_k_avx2(k / CM_QK_K, w, x);
-    case GGUF_TT_Q3_K: return dot_q3_k_avx2(k / CM_QK_K, w, x);
-    case GGUF_TT_Q4_K: return dot_q4_k_avx2(k / CM_QK_K, w, x);
-    case GGUF_TT_Q5_K: return dot_q5_k_avx2(k / CM_QK_K, w, x);
-    case GGUF_TT_Q6_K: return dot_q6_k_avx2(k / CM_QK_K, w, x);
+    case GGUF_TT_Q2_K: case GGUF_TT_Q3_K: case GGUF_TT_Q6_K: return dot_k16_avx2(wtype, k / CM_QK_K, w, x);
+    case GGUF_TT_Q4_K: case GGUF_TT_Q5_K: return dot_q45_k_avx2(wtype, k / CM_QK_K, w, x);
     default: break;
     }
 #endif

@@ -351,6 +351,14 @@ def _dequant_blocks(blk, ttype):
     raise ValueError("not a block type: %r" % ttype)
 
 
+def _put_legacy_q(out, o, q, five):
+    """Legacy quants q (nb, 32) into the blocks from byte o: the u32 of fifth bits (Q5_*), then nibbles."""
+    if five:
+        out[:, o:o + 4] = _pack_bits32(q >> 4)
+        o += 4
+    out[:, o:o + 16] = _pack_nibbles32(q & 0xF)
+
+
 def _safe_inv(d):
     with np.errstate(divide="ignore"):
         return np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0)).astype(F32)
@@ -375,11 +383,7 @@ def _quant_blocks(x, ttype):
         d = (big / F32(-n)).astype("<f2").astype(F32)
         q = _round_clip(x * _safe_inv(d)[:, None], -n, n - 1) + n
         _put_f16(out, 0, d)
-        if ttype == T.Q4_0:
-            out[:, 2:18] = _pack_nibbles32(q)
-        else:
-            out[:, 2:6] = _pack_bits32(q >> 4)
-            out[:, 6:22] = _pack_nibbles32(q & 0xF)
+        _put_legacy_q(out, 2, q, ttype == T.Q5_0)
         return out
     if ttype in (T.Q4_1, T.Q5_1):
         n = 15 if ttype == T.Q4_1 else 31
@@ -389,11 +393,7 @@ def _quant_blocks(x, ttype):
         q = _round_clip((x - m[:, None]) * _safe_inv(d)[:, None], 0, n)
         _put_f16(out, 0, d)
         _put_f16(out, 2, m)
-        if ttype == T.Q4_1:
-            out[:, 4:20] = _pack_nibbles32(q)
-        else:
-            out[:, 4:8] = _pack_bits32(q >> 4)
-            out[:, 8:24] = _pack_nibbles32(q & 0xF)
+        _put_legacy_q(out, 4, q, ttype == T.Q5_1)
         return out
     sub = 32 if ttype in (T.Q4_K, T.Q5_K) else 16
     xs = x.reshape(nb, -1, sub)
