@@ -21,8 +21,8 @@
 #include "gguf.h"
 #include "util.h"
 
-/* The references and the Python golden round after every multiply: no fused multiply-adds (GCC in
- * C11 mode does not contract; clang would, within an expression, without this). */
+/* The references and the Python golden round after every multiply: no fused multiply-adds. GCC in C11
+ * mode does not contract; the pragma keeps clang, whose default has changed between versions, from it. */
 #if defined(__clang__)
 #pragma STDC FP_CONTRACT OFF
 #endif
