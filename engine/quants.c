@@ -6,9 +6,9 @@
  * scale and min per sub-block), so the bit layout of each type is written exactly once for them; the
  * fast kernels decode the same layouts with SIMD shifts and masks, one group unpacker per type shared by
  * the AVX2 dots and dequantisers, and are held equal to the references by tests/engine/test_quants.c
- * (and the references to tools/gguf.py's independent reading by a golden file). A block's integer dot product is exact in int32 either way, and both
- * sides turn it into a float through the same combine_* function, which is what makes the int8 paths
- * bit-exact.
+ * (the references are held to tools/gguf.py's independent reading by a golden file). A block's integer
+ * dot product is exact in int32 either way, and both sides turn it into a float through the same
+ * combine_* function, which is what makes the int8 paths bit-exact.
  *
  * SIMD is chosen at compile time like kernels.c: AVX2 (with FMA, F16C) when present, and the VNNI
  * byte dot (AVX-512 VL + VNNI) for the legacy types' inner product where the build has it.
@@ -64,24 +64,14 @@ int cm_quant_vec_dot_type(int wtype) {
     }
 }
 
-/* Values per block and bytes per block of a block type. */
-static int qk_of(int type) {
-    return type == GGUF_TT_Q4_0 || type == GGUF_TT_Q4_1 || type == GGUF_TT_Q5_0 || type == GGUF_TT_Q5_1
-               ? CM_QK4 : CM_QK_K;
+/* Values and bytes per block: gguf.c's type table is their one home (the structs' sizes are asserted
+ * in quants.h and compared with it in tests/engine/test_quants.c). */
+static inline int qk_of(int type) {
+    return gguf_block_size(type);
 }
 
-static size_t block_bytes(int type) {
-    switch (type) {
-    case GGUF_TT_Q4_0: return sizeof(cm_block_q4_0);
-    case GGUF_TT_Q4_1: return sizeof(cm_block_q4_1);
-    case GGUF_TT_Q5_0: return sizeof(cm_block_q5_0);
-    case GGUF_TT_Q5_1: return sizeof(cm_block_q5_1);
-    case GGUF_TT_Q2_K: return sizeof(cm_block_q2_k);
-    case GGUF_TT_Q3_K: return sizeof(cm_block_q3_k);
-    case GGUF_TT_Q4_K: return sizeof(cm_block_q4_k);
-    case GGUF_TT_Q5_K: return sizeof(cm_block_q5_k);
-    default: return sizeof(cm_block_q6_k);
-    }
+static inline size_t block_bytes(int type) {
+    return (size_t)gguf_row_bytes(type, gguf_block_size(type));
 }
 
 /* ============================================================ the shared float step */

@@ -1,6 +1,7 @@
 /*
  * test_quants.c - the block formats of engine/quants.c.
  *
+ * (0) The block structs, the GGUF type table and the activation row sizes agree.
  * (1) The reference dequantisers match tests/fixtures/golden/quants.gguf bit for bit: rows quantised and
  *     dequantised by tools/gguf.py, an independent implementation written from the format description.
  * (2) Every fast kernel equals its reference: dequantisation and the int8 dot products (weights x
@@ -90,6 +91,28 @@ static int64_t ksizes_for(int type, int64_t *ks) {
     static const int64_t kq[] = {256, 512, 768, 1280, 4864 - 4864 % 256};
     memcpy(ks, kq, sizeof kq);
     return 5;
+}
+
+/* The block structs and the GGUF reader's type table agree on every size. */
+TEST(block_sizes_match_gguf_table) {
+    static const struct { int type; size_t bytes; } sz[] = {
+        {GGUF_TT_Q4_0, sizeof(cm_block_q4_0)}, {GGUF_TT_Q4_1, sizeof(cm_block_q4_1)},
+        {GGUF_TT_Q5_0, sizeof(cm_block_q5_0)}, {GGUF_TT_Q5_1, sizeof(cm_block_q5_1)},
+        {GGUF_TT_Q8_0, sizeof(cm_block_q8_0)}, {GGUF_TT_Q2_K, sizeof(cm_block_q2_k)},
+        {GGUF_TT_Q3_K, sizeof(cm_block_q3_k)}, {GGUF_TT_Q4_K, sizeof(cm_block_q4_k)},
+        {GGUF_TT_Q5_K, sizeof(cm_block_q5_k)}, {GGUF_TT_Q6_K, sizeof(cm_block_q6_k)},
+    };
+    for (size_t i = 0; i < sizeof sz / sizeof sz[0]; i++) {
+        int bs = gguf_block_size(sz[i].type);
+        ASSERT_EQ_INT(bs, sz[i].type == GGUF_TT_Q4_0 || sz[i].type == GGUF_TT_Q4_1 || sz[i].type == GGUF_TT_Q5_0 ||
+                                  sz[i].type == GGUF_TT_Q5_1 || sz[i].type == GGUF_TT_Q8_0 ? 32 : 256);
+        ASSERT_EQ_INT((int)gguf_row_bytes(sz[i].type, bs), (int)sz[i].bytes);
+        ASSERT_EQ_INT(cm_weight_type_ok(sz[i].type), 1);
+    }
+    ASSERT_EQ_INT(cm_vec_row_bytes(GGUF_TT_Q8_1, 64), 2 * sizeof(cm_block_q8_1));
+    ASSERT_EQ_INT(cm_vec_row_bytes(GGUF_TT_Q8_K, 512), 2 * sizeof(cm_block_q8_k));
+    ASSERT_EQ_INT(cm_weight_type_ok(GGUF_TT_Q8_K), 0); /* activation formats are no weight types */
+    ASSERT_EQ_INT(cm_weight_type_ok(16), 0);
 }
 
 TEST(dequantize_matches_python_golden) {
@@ -273,6 +296,7 @@ TEST(activation_quantisers) {
 }
 
 int main(void) {
+    RUN(block_sizes_match_gguf_table);
     RUN(dequantize_matches_python_golden);
     RUN(fast_kernels_equal_ref);
     RUN(int8_dot_tracks_exact_product);
