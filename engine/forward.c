@@ -45,7 +45,7 @@ struct cm_ctx {
     cm_kv kv;
     int n_threads, n_seq_max, n_ctx, n_batch_max, n_logits_max;
     int64_t deq_floats;     /* per thread */
-    int q8_int8;            /* decode Q8_0 with int8 activations (CODEMOE_Q8_INT8=1): faster, less exact */
+    int q8_int8;            /* decode quantised weights with int8 activations (CODEMOE_Q8_INT8=1): less exact */
 
     float *rope_cos, *rope_sin; /* (n_ctx, E/2) */
 
@@ -211,7 +211,10 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
     c->proj = xmalloc((size_t)(B * D) * f, &fail);
     c->hg = xmalloc((size_t)(B * F) * f, &fail);
     c->hu = xmalloc((size_t)(B * F) * f, &fail);
-    c->xq = xmalloc((size_t)B * cm_vec_row_bytes(GGUF_TT_Q8_0, kmax) + 64, &fail);
+    size_t xq_row = cm_vec_row_bytes(GGUF_TT_Q8_0, kmax); /* the largest of the int8 activation formats */
+    if (cm_vec_row_bytes(GGUF_TT_Q8_1, kmax) > xq_row) xq_row = cm_vec_row_bytes(GGUF_TT_Q8_1, kmax);
+    if (cm_vec_row_bytes(GGUF_TT_Q8_K, kmax) > xq_row) xq_row = cm_vec_row_bytes(GGUF_TT_Q8_K, kmax);
+    c->xq = xmalloc((size_t)B * xq_row + 64, &fail);
     c->outn = xmalloc((size_t)(lrows * D) * f, &fail);
     c->logits = xmalloc((size_t)lrows * (size_t)V * f, &fail);
     c->scores = xmalloc((size_t)n_threads * (size_t)n_ctx * f, &fail);
@@ -402,7 +405,7 @@ typedef struct mm_job {
     int n_ops;
     mm_op ops[3];
     const float *x;   /* (N, K) f32 */
-    int xtype;        /* decode: format of xv (F32, or Q8_0 for int8 dots) */
+    int xtype;        /* decode: format of xv (F32, or Q8_0 / Q8_1 / Q8_K for int8 dots) */
     const void *xv;   /* decode: the activations in xtype */
     size_t xv_stride;
     int n;
@@ -462,14 +465,15 @@ static void mm_run(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, int n
         j.chunk = tile;
     } else {
         /* Activations stay f32 (exact dequantised products) unless int8 activations were asked for
-         * and every op has Q8_0 weights: then X is quantised once for all of them. */
-        int all_q8 = 1;
-        for (int i = 0; i < n_ops; i++) all_q8 &= ops[i].w->type == GGUF_TT_Q8_0;
-        if (c->q8_int8 && all_q8) {
-            size_t rb = cm_vec_row_bytes(GGUF_TT_Q8_0, k);
-            for (int r = 0; r < n; r++)
-                cm_quantize_row_q8_0(x + (size_t)r * k, (cm_block_q8_0 *)((char *)c->xq + (size_t)r * rb), k);
-            j.xtype = GGUF_TT_Q8_0;
+         * and every op's weights pair with the same int8 format (Q8_0, Q8_1 or Q8_K, as
+         * cm_quant_vec_dot_type says): then X is quantised once for all of them. */
+        int xt = c->q8_int8 ? cm_quant_vec_dot_type(ops[0].w->type) : -1;
+        for (int i = 1; i < n_ops; i++)
+            if (cm_quant_vec_dot_type(ops[i].w->type) != xt) xt = -1;
+        if (xt >= 0) {
+            size_t rb = cm_vec_row_bytes(xt, k);
+            for (int r = 0; r < n; r++) cm_vec_prepare(xt, x + (size_t)r * k, (char *)c->xq + (size_t)r * rb, k);
+            j.xtype = xt;
             j.xv = c->xq;
             j.xv_stride = rb;
         } else {

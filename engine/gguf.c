@@ -47,14 +47,16 @@ static const struct { int block, bytes; const char *name; } tt_info[] = {
     [GGUF_TT_F32] = {1, 4, "F32"},      [GGUF_TT_F16] = {1, 2, "F16"},
     [GGUF_TT_Q4_0] = {32, 18, "Q4_0"},  [GGUF_TT_Q4_1] = {32, 20, "Q4_1"},
     [GGUF_TT_Q5_0] = {32, 22, "Q5_0"},  [GGUF_TT_Q5_1] = {32, 24, "Q5_1"},
-    [GGUF_TT_Q8_0] = {32, 34, "Q8_0"},  [GGUF_TT_BF16] = {1, 2, "BF16"},
+    [GGUF_TT_Q8_0] = {32, 34, "Q8_0"},  [GGUF_TT_Q2_K] = {256, 84, "Q2_K"},
+    [GGUF_TT_Q3_K] = {256, 110, "Q3_K"}, [GGUF_TT_Q4_K] = {256, 144, "Q4_K"},
+    [GGUF_TT_Q5_K] = {256, 176, "Q5_K"}, [GGUF_TT_Q6_K] = {256, 210, "Q6_K"},
+    [GGUF_TT_BF16] = {1, 2, "BF16"},
 };
 #define TT_N ((int)(sizeof tt_info / sizeof tt_info[0]))
 
 /* ggml type names we do not support, only so that the error message can say what the file holds. */
 static const char *const tt_other_names[] = {
-    [4] = "Q4_2", [5] = "Q4_3", [9] = "Q8_1", [10] = "Q2_K", [11] = "Q3_K", [12] = "Q4_K",
-    [13] = "Q5_K", [14] = "Q6_K", [15] = "Q8_K", [16] = "IQ2_XXS", [17] = "IQ2_XS", [18] = "IQ3_XXS",
+    [4] = "Q4_2", [5] = "Q4_3", [9] = "Q8_1", [15] = "Q8_K", [16] = "IQ2_XXS", [17] = "IQ2_XS", [18] = "IQ3_XXS",
     [19] = "IQ1_S", [20] = "IQ4_NL", [21] = "IQ3_S", [22] = "IQ2_S", [23] = "IQ4_XS", [24] = "I8",
     [25] = "I16", [26] = "I32", [27] = "I64", [28] = "F64", [29] = "IQ1_M",
 };

@@ -22,10 +22,16 @@ enum gguf_vtype {
     GGUF_VT_FLOAT64 = 12, GGUF_VT_COUNT
 };
 
-/* ggml tensor types we know the layout of (others are rejected as unsupported at load). */
+/* ggml tensor types we know the layout of (others are rejected as unsupported at load): the float types
+ * and every block type llama-quantize writes for its presets Q2_K .. Q8_0. Legacy blocks hold 32 values,
+ * K-quant super-blocks 256; engine/quants.h has their byte layouts. */
 enum gguf_ttype {
     GGUF_TT_F32 = 0, GGUF_TT_F16 = 1, GGUF_TT_Q4_0 = 2, GGUF_TT_Q4_1 = 3,
-    GGUF_TT_Q5_0 = 6, GGUF_TT_Q5_1 = 7, GGUF_TT_Q8_0 = 8, GGUF_TT_BF16 = 30,
+    GGUF_TT_Q5_0 = 6, GGUF_TT_Q5_1 = 7, GGUF_TT_Q8_0 = 8,
+    GGUF_TT_Q2_K = 10, GGUF_TT_Q3_K = 11, GGUF_TT_Q4_K = 12, GGUF_TT_Q5_K = 13, GGUF_TT_Q6_K = 14,
+    GGUF_TT_BF16 = 30,
+    /* activation formats of the int8 dot products (engine/quants.h); never accepted in a file */
+    GGUF_TT_Q8_1 = 9, GGUF_TT_Q8_K = 15,
 };
 
 #define GGUF_MAX_DIMS 4

@@ -25,6 +25,11 @@
 #include <immintrin.h>
 #endif
 
+int cm_weight_type_ok(int type) {
+    return type == GGUF_TT_F32 || type == GGUF_TT_F16 || type == GGUF_TT_BF16 || type == GGUF_TT_Q8_0 ||
+           cm_quant_is_block_type(type);
+}
+
 const char *cm_kernels_isa(void) {
 #if defined(CM_AVX512VNNI)
     return "avx512vnni";
@@ -116,7 +121,10 @@ void cm_dequantize_row_ref(int type, const void *w, float *y, int64_t k) {
         break;
     }
     default:
-        memset(y, 0, (size_t)k * sizeof(float)); /* unreachable: the loader admits only the above */
+        if (cm_quant_is_block_type(type))
+            cm_quant_dequantize_ref(type, w, y, k);
+        else
+            memset(y, 0, (size_t)k * sizeof(float)); /* unreachable: the loader admits only weight types */
     }
 }
 
@@ -155,17 +163,28 @@ void cm_dequantize_row(int type, const void *w, float *y, int64_t k) {
         break;
     }
 #endif
-    cm_dequantize_row_ref(type, w, y, k);
+    if (cm_quant_is_block_type(type))
+        cm_quant_dequantize(type, w, y, k);
+    else
+        cm_dequantize_row_ref(type, w, y, k);
 }
 
 size_t cm_vec_row_bytes(int xtype, int64_t k) {
-    if (xtype == GGUF_TT_Q8_0) return (size_t)(k / CM_QK8_0) * sizeof(cm_block_q8_0);
-    return (size_t)k * sizeof(float);
+    switch (xtype) {
+    case GGUF_TT_Q8_0: return (size_t)(k / CM_QK8_0) * sizeof(cm_block_q8_0);
+    case GGUF_TT_Q8_1: return (size_t)(k / 32) * sizeof(cm_block_q8_1);
+    case GGUF_TT_Q8_K: return (size_t)(k / CM_QK_K) * sizeof(cm_block_q8_k);
+    default: return (size_t)k * sizeof(float);
+    }
 }
 
 void cm_vec_prepare(int xtype, const float *x, void *out, int64_t k) {
     if (xtype == GGUF_TT_Q8_0)
         cm_quantize_row_q8_0(x, out, k);
+    else if (xtype == GGUF_TT_Q8_1)
+        cm_quantize_row_q8_1_ref(x, out, k);
+    else if (xtype == GGUF_TT_Q8_K)
+        cm_quantize_row_q8_k_ref(x, out, k);
     else if (out != (const void *)x)
         memcpy(out, x, (size_t)k * sizeof(float));
 }
@@ -173,6 +192,8 @@ void cm_vec_prepare(int xtype, const float *x, void *out, int64_t k) {
 /* ============================================================ dot products */
 
 float cm_vec_dot_ref(int wtype, int xtype, int64_t k, const void *w, const void *x) {
+    if (cm_quant_is_block_type(wtype))
+        return xtype == GGUF_TT_F32 ? cm_quant_dot_f32_ref(wtype, k, w, x) : cm_quant_dot_q_ref(wtype, k, w, x);
     if (wtype == GGUF_TT_Q8_0 && xtype == GGUF_TT_F32) {
         /* per block: d * sum(q x), the dequantised product with one rounding of d per block */
         const cm_block_q8_0 *a = w;
@@ -382,6 +403,8 @@ float cm_dot_f32(const float *a, const float *b, int64_t k) {
 }
 
 float cm_vec_dot(int wtype, int xtype, int64_t k, const void *w, const void *x) {
+    if (cm_quant_is_block_type(wtype))
+        return xtype == GGUF_TT_F32 ? cm_quant_dot_f32(wtype, k, w, x) : cm_quant_dot_q(wtype, k, w, x);
     switch (wtype) {
     case GGUF_TT_Q8_0:
         return xtype == GGUF_TT_Q8_0 ? dot_q8_0(k / CM_QK8_0, w, x) : dot_q8_0_f32(k / CM_QK8_0, w, x);
@@ -401,17 +424,9 @@ float cm_vec_dot(int wtype, int xtype, int64_t k, const void *w, const void *x) 
 
 /* ============================================================ matrix x vectors */
 
-static size_t row_bytes(int wtype, int64_t k) {
-    switch (wtype) {
-    case GGUF_TT_Q8_0: return (size_t)(k / CM_QK8_0) * sizeof(cm_block_q8_0);
-    case GGUF_TT_F16: case GGUF_TT_BF16: return (size_t)k * 2;
-    default: return (size_t)k * 4;
-    }
-}
-
 void cm_matvec_rows_ref(int wtype, int xtype, const void *w, int64_t k, const void *x, size_t x_stride,
                         int n, float *y, int64_t ldy, int64_t r0, int64_t r1) {
-    size_t rb = row_bytes(wtype, k);
+    size_t rb = (size_t)gguf_row_bytes(wtype, k);
     for (int64_t r = r0; r < r1; r++)
         for (int j = 0; j < n; j++)
             y[j * ldy + r] = cm_vec_dot_ref(wtype, xtype, k, (const char *)w + (size_t)r * rb,
@@ -428,9 +443,18 @@ void cm_matvec_rows_ref(int wtype, int xtype, const void *w, int64_t k, const vo
 
 void cm_matvec_rows(int wtype, int xtype, const void *w, int64_t k, const void *x, size_t x_stride, int n,
                     float *y, int64_t ldy, int64_t r0, int64_t r1) {
-    size_t rb = row_bytes(wtype, k);
+    size_t rb = (size_t)gguf_row_bytes(wtype, k);
     int64_t nb = k / CM_QK8_0;
     (void)nb;
+    if (cm_quant_is_block_type(wtype)) {
+        if (xtype == GGUF_TT_F32) {
+            cm_quant_matvec_f32(wtype, w, k, x, x_stride, n, y, ldy, r0, r1);
+        } else {
+#define DOT_Q(wr, xr) cm_quant_dot_q(wtype, k, wr, xr)
+            MATVEC_LOOP(DOT_Q)
+        }
+        return;
+    }
     switch (wtype) {
     case GGUF_TT_Q8_0:
         if (xtype == GGUF_TT_Q8_0) {

@@ -6,8 +6,11 @@
  * AVX2 (+F16C, FMA), else portable C. Letters: M output rows, K row length (input dim), N activation
  * rows (tokens), E head_dim.
  *
- * Weight matrices W (M, K) are row-major as GGUF stores them; a "row" of W is K values of its type.
- * Activations are f32; Q8_0 weights may instead meet activations quantised to Q8_0 (see xtype below).
+ * Weight matrices W (M, K) are row-major as GGUF stores them; a "row" of W is K values of its type:
+ * F32, F16, BF16, Q8_0 (kernels here) or one of the block types of quants.h (Q4_0, Q4_1, Q5_0, Q5_1,
+ * Q2_K .. Q6_K; their kernels live in quants.c and are reached through the dispatchers below).
+ * Activations are f32; quantised weights may instead meet activations quantised to their paired int8
+ * format (see xtype below).
  */
 #ifndef CM_KERNELS_H
 #define CM_KERNELS_H
@@ -15,16 +18,13 @@
 #include <stddef.h>
 #include <stdint.h>
 #include "gguf.h"
+#include "quants.h"
 
 struct cm_pool;
 
-/* Q8_0: 32 values x[i] = d * qs[i], d an IEEE half. 34 bytes, the GGUF layout. */
-#define CM_QK8_0 32
-typedef struct cm_block_q8_0 {
-    uint16_t d;
-    int8_t qs[CM_QK8_0];
-} cm_block_q8_0;
-_Static_assert(sizeof(cm_block_q8_0) == 34, "Q8_0 block must be 34 bytes");
+/* Weight types the matrix kernels multiply (any mix per tensor), and their names for messages. */
+int cm_weight_type_ok(int type);
+#define CM_WEIGHT_TYPES "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K"
 
 /* Which SIMD path this build uses ("avx512", "avx2", "scalar"). */
 const char *cm_kernels_isa(void);
@@ -35,16 +35,18 @@ const char *cm_kernels_isa(void);
 void cm_quantize_row_q8_0(const float *x, cm_block_q8_0 *y, int64_t k);
 void cm_quantize_row_q8_0_ref(const float *x, cm_block_q8_0 *y, int64_t k);
 
-/* One row of k values of `type` (F32, F16, BF16, Q8_0) -> y (k) f32. */
+/* One row of k values of `type` (any weight type) -> y (k) f32. */
 void cm_dequantize_row(int type, const void *w, float *y, int64_t k);
 void cm_dequantize_row_ref(int type, const void *w, float *y, int64_t k);
 
-/* Activation rows ("x") come in one of two formats, xtype:
- * - F32: plain floats; works with every weight type. With Q8_0 weights each block's int8 values are
- *   converted and multiplied with f32 x, then scaled: the exact dequantised product (reference parity).
- * - Q8_0: x quantised to Q8_0 blocks once per token; only with Q8_0 weights; an int8 dot per block
- *   (AVX-512 VNNI), as llama.cpp does. Faster arithmetic, but adds x's quantisation error (~1e-2 on
- *   logits of a small model). */
+/* Activation rows ("x") come in one of these formats, xtype:
+ * - F32: plain floats; works with every weight type. Quantised weights give the exact dequantised
+ *   product (Q8_0: each block's int8 values converted, multiplied with f32 x, then scaled; block types:
+ *   quants.h), so logits match a float reference.
+ * - Q8_0, Q8_1, Q8_K: x quantised once per token to cm_quant_vec_dot_type(wtype), for the weight types
+ *   that pair with it (Q8_0, Q4_0, Q5_0 with Q8_0; Q4_1, Q5_1 with Q8_1; K-quants with Q8_K); an
+ *   int8 dot per block, as llama.cpp does. Faster arithmetic, but adds x's quantisation error (~1e-2
+ *   on logits of a small model). */
 /* Bytes of one activation row of K values in xtype. */
 size_t cm_vec_row_bytes(int xtype, int64_t k);
 /* x (K) f32 -> one activation row in xtype (a copy for F32). */
@@ -52,7 +54,7 @@ void cm_vec_prepare(int xtype, const float *x, void *out, int64_t k);
 
 /* ------------------------------------------------------------ dot products */
 
-/* dot(w (K) of wtype, x (K) of xtype), accumulated in f32 (int32 within a block for Q8_0 x Q8_0). */
+/* dot(w (K) of wtype, x (K) of xtype), accumulated in f32 (int32 within a block for int8 x). */
 float cm_vec_dot(int wtype, int xtype, int64_t k, const void *w, const void *x);
 float cm_vec_dot_ref(int wtype, int xtype, int64_t k, const void *w, const void *x);
 

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels.h"
 #include "model.h"
 #include "moe.h"
 #include "util.h"
@@ -203,10 +204,6 @@ static int load_hparams(cm_model *m, const char *arch, cm_err *err) {
 
 /* ============================================================ tensors */
 
-static int matrix_type_ok(int t) {
-    return t == GGUF_TT_F32 || t == GGUF_TT_F16 || t == GGUF_TT_BF16 || t == GGUF_TT_Q8_0;
-}
-
 /* Maps a tensor of exact shape (ne0) or (ne0, ne1); ne1 == 0 means a vector. Vectors (norms, biases)
  * must be F32: they are tiny and the kernels read them as f32. optional: absent leaves t->data NULL. */
 static int map_tensor(cm_model *m, cm_tensor *t, const char *name, int64_t ne0, int64_t ne1, int optional,
@@ -232,9 +229,9 @@ static int map_tensor(cm_model *m, cm_tensor *t, const char *name, int64_t ne0, 
             snprintf(want, sizeof want, "[%lld, %lld]", (long long)ne0, (long long)ne1);
         return cm_err_set(err, CM_E_FORMAT, "model: tensor %s has shape %s, expected %s", name, got, want);
     }
-    if (is_vec ? gt->type != GGUF_TT_F32 : !matrix_type_ok(gt->type))
+    if (is_vec ? gt->type != GGUF_TT_F32 : !cm_weight_type_ok(gt->type))
         return cm_err_set(err, CM_E_UNSUPPORTED, "model: tensor %s has type %s; supported: %s", name,
-                          gguf_ttype_name(gt->type), is_vec ? "F32" : "F32, F16, BF16, Q8_0");
+                          gguf_ttype_name(gt->type), is_vec ? "F32" : CM_WEIGHT_TYPES);
     t->data = gt->data;
     t->type = gt->type;
     t->ne0 = ne0;

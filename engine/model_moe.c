@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels.h"
 #include "moe.h"
 #include "util.h"
 
@@ -36,10 +37,6 @@ int cm_moe_hparams(const gguf_file *g, const char *arch, cm_model_info *in, cm_e
                               (int)(s.len > 32 ? 32 : s.len), s.ptr);
     }
     return CM_OK;
-}
-
-static int matrix_type_ok(int t) {
-    return t == GGUF_TT_F32 || t == GGUF_TT_F16 || t == GGUF_TT_BF16 || t == GGUF_TT_Q8_0;
 }
 
 static int key_u32(const gguf_file *g, const char *arch, const char *key, int lo, int hi, int def, int *out,
@@ -110,8 +107,8 @@ static const gguf_tensor *want_tensor(const gguf_file *g, const char *name, int 
         *rc = cm_err_set(err, CM_E_FORMAT, "model: tensor %s has shape [%s], expected [%s]", name, got, want);
         return NULL;
     }
-    if (!matrix_type_ok(t->type)) {
-        *rc = cm_err_set(err, CM_E_UNSUPPORTED, "model: tensor %s has type %s; supported: F32, F16, BF16, Q8_0",
+    if (!cm_weight_type_ok(t->type)) {
+        *rc = cm_err_set(err, CM_E_UNSUPPORTED, "model: tensor %s has type %s; supported: " CM_WEIGHT_TYPES,
                          name, gguf_ttype_name(t->type));
         return NULL;
     }

@@ -57,7 +57,7 @@ typedef struct cm_moe_model {
     float capacity, gate_scale, a_tok, a_seg;
     int mode_default;   /* CM_SEGMENT_CAUSAL or CM_SEGMENT_REFERENCE */
     int seg_causal_top; /* max(1, floor(capacity)), capped at n_seg */
-    int router_type;    /* type of both routers (F32, F16, BF16, Q8_0) */
+    int router_type;    /* type of both routers (any weight type, cm_weight_type_ok) */
     int exp_type;       /* type of every expert matrix */
     cm_moe_layer *layers; /* (n_layer) */
     cm_moe_expert *experts_mem;

@@ -9,7 +9,8 @@ Layout of a GGUF file (all little-endian):
 A string is u64 length + bytes (no NUL). An array is u32 element type + u64 count + elements.
 ne[0] is the innermost (row) dimension, so a numpy array of shape (rows, cols) has ne = (cols, rows).
 
-Tensor types handled: F32, F16, BF16 and Q8_0 (blocks of 32 values: f16 scale d, then 32 int8 q; x = d*q).
+Tensor types handled: F32, F16, BF16, Q8_0 (blocks of 32 values: f16 scale d, then 32 int8 q; x = d*q), and
+the block types llama-quantize writes, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K .. Q6_K (see "block quants" below).
 
 Writing streams: tensors may be given as callables that produce the array when it is written, so a model
 larger than RAM/3 can be written one tensor at a time (the header only needs shapes and types).
@@ -77,6 +78,11 @@ class GGMLType:
     Q5_0 = 6
     Q5_1 = 7
     Q8_0 = 8
+    Q2_K = 10
+    Q3_K = 11
+    Q4_K = 12
+    Q5_K = 13
+    Q6_K = 14
     BF16 = 30
 
 
@@ -84,6 +90,8 @@ class GGMLType:
 GGML_BLOCK = {
     GGMLType.F32: (1, 4), GGMLType.F16: (1, 2), GGMLType.BF16: (1, 2), GGMLType.Q8_0: (32, 34),
     GGMLType.Q4_0: (32, 18), GGMLType.Q4_1: (32, 20), GGMLType.Q5_0: (32, 22), GGMLType.Q5_1: (32, 24),
+    GGMLType.Q2_K: (256, 84), GGMLType.Q3_K: (256, 110), GGMLType.Q4_K: (256, 144), GGMLType.Q5_K: (256, 176),
+    GGMLType.Q6_K: (256, 210),
 }
 GGML_TYPE_NAME = {v: k for k, v in vars(GGMLType).items() if not k.startswith("_")}
 QK8_0 = 32
@@ -143,6 +151,325 @@ def dequantize_q8_0(b, n):
     return (d * q).astype(np.float32).reshape(lead + (n,))
 
 
+# ---------------------------------------------------------------------------------- block quants
+#
+# The block formats llama-quantize writes (besides Q8_0), written from their description: every value is
+# a small integer q times a scale (plus an offset), packed in fixed-size blocks.
+#   legacy, 32 values:  Q4_0 {f16 d, 16 B nibbles}               x = d * (q - 8)
+#                       Q4_1 {f16 d, f16 m, 16 B nibbles}        x = d * q + m
+#                       Q5_0 {f16 d, u32 qh, 16 B nibbles}       x = d * (q - 16)
+#                       Q5_1 {f16 d, f16 m, u32 qh, 16 B}        x = d * q + m
+#     byte j of the nibbles holds value j (low) and j + 16 (high); bit j of qh is value j's fifth bit.
+#   K-quants, 256 values in sub-blocks, each sub-block with an integer scale sc (and min mn):
+#     Q2_K {16 B sc|mn<<4, 64 B 2-bit q, f16 d, f16 dmin}        x = (d*sc) * q - dmin*mn, 16 per sub
+#     Q3_K {32 B hmask, 64 B 2-bit q, 12 B 6-bit sc, f16 d}      x = (d*(sc-32)) * (q - 4), 16 per sub
+#     Q4_K {f16 d, f16 dmin, 12 B 6-bit sc/mn, 128 B nibbles}    x = (d*sc) * q - dmin*mn, 32 per sub
+#     Q5_K {f16 d, f16 dmin, 12 B, 32 B qh, 128 B nibbles}       same with a fifth bit
+#     Q6_K {128 B low nibbles, 64 B 2-bit highs, 16 int8 sc, f16 d}  x = (d*sc) * (q - 32), 16 per sub
+#   2-bit fields (Q2_K, Q3_K low bits, Q6_K highs): value 128h + 32s + l sits at bits 2s of byte 32h + l.
+#   Q3_K's third bit of value v is bit v // 32 of hmask[v % 32]. Q4_K/Q5_K: value 64c + 32h + l is
+#   nibble h of byte 32c + l, its fifth bit (Q5_K) bit 2c + h of qh[l]. Q6_K: value 128h + 32s + l
+#   has its low nibble in byte 64h + 32(s & 1) + l (low nibble for s < 2, high for s >= 2).
+#   Q3_K scales: sub-block j's low 4 bits are byte j & 0xF (j < 8) or byte j-8 >> 4, its top 2 bits
+#   are bits 2(j // 4) of byte 8 + j % 4. Q4_K/Q5_K scales (8 sub-blocks, 6-bit sc and mn): j < 4 in
+#   the low 6 bits of bytes j (sc) and j + 4 (mn); j >= 4: low nibbles in byte j + 4 (sc low, mn high),
+#   top 2 bits in the top bits of bytes j - 4 (sc) and j (mn).
+# Every float step is a float32 operation in the order written above, so a C dequantiser that does the
+# same gives the same bits (tests/fixtures/golden/quants.gguf).
+
+F32 = np.float32
+
+
+def _f16(blk, off):
+    """(nb, 1) float32 from the f16 at byte off of each block."""
+    return blk[:, off:off + 2].copy().view("<f2").astype(F32)
+
+
+def _put_f16(blk, off, v):
+    blk[:, off:off + 2] = np.asarray(v, dtype=F32).astype("<f2").reshape(-1, 1).view(np.uint8)
+
+
+def _nibbles32(qs):
+    """(nb, 16) bytes -> (nb, 32) values: low nibbles then high nibbles."""
+    return np.concatenate([qs & 0xF, qs >> 4], axis=1).astype(np.int32)
+
+
+def _pack_nibbles32(q):
+    q = q.astype(np.uint8)
+    return (q[:, :16] | (q[:, 16:] << 4)).astype(np.uint8)
+
+
+def _bits32(qh):
+    """(nb, 4) bytes -> (nb, 32) bits, bit j of the little-endian u32."""
+    u = qh.copy().view("<u4").astype(np.uint64)  # (nb, 1)
+    return ((u >> np.arange(32, dtype=np.uint64)) & 1).astype(np.int32)
+
+
+def _pack_bits32(b):
+    u = (b.astype(np.uint64) << np.arange(32, dtype=np.uint64)).sum(axis=1).astype("<u4")
+    return u.reshape(-1, 1).view(np.uint8)
+
+
+_HS = (np.arange(2).reshape(1, 2, 1, 1), np.arange(4).reshape(1, 1, 4, 1))  # h, s of value 128h + 32s + l
+
+
+def _crumbs(qs):
+    """(nb, 64) bytes -> (nb, 256) 2-bit fields in value order."""
+    h, s = _HS
+    return ((qs.reshape(-1, 2, 1, 32) >> (2 * s)) & 3).reshape(-1, 256).astype(np.int32)
+
+
+def _pack_crumbs(q):
+    h, s = _HS
+    return (q.reshape(-1, 2, 4, 32).astype(np.uint8) << (2 * s).astype(np.uint8)).sum(axis=2, dtype=np.uint8) \
+        .reshape(-1, 64)
+
+
+def _q3k_scales(s):
+    j = np.arange(16)
+    low = np.where(j < 8, s[:, j % 8] & 0xF, s[:, j % 8] >> 4)
+    top = (s[:, 8 + j % 4] >> (2 * (j // 4))) & 3
+    return (low | (top << 4)).astype(np.int32) - 32
+
+
+def _pack_q3k_scales(sc):
+    u = (sc + 32).astype(np.uint8)
+    out = np.zeros((sc.shape[0], 12), dtype=np.uint8)
+    out[:, :8] = (u[:, :8] & 0xF) | ((u[:, 8:] & 0xF) << 4)
+    for j in range(16):
+        out[:, 8 + j % 4] |= ((u[:, j] >> 4) & 3) << (2 * (j // 4))
+    return out
+
+
+def _q4k_scales(s):
+    sc = np.empty((s.shape[0], 8), dtype=np.int32)
+    mn = np.empty_like(sc)
+    for j in range(8):
+        if j < 4:
+            sc[:, j] = s[:, j] & 63
+            mn[:, j] = s[:, j + 4] & 63
+        else:
+            sc[:, j] = (s[:, j + 4] & 0xF) | ((s[:, j - 4] >> 6) << 4)
+            mn[:, j] = (s[:, j + 4] >> 4) | ((s[:, j] >> 6) << 4)
+    return sc, mn
+
+
+def _pack_q4k_scales(sc, mn):
+    sc, mn = sc.astype(np.uint8), mn.astype(np.uint8)
+    out = np.zeros((sc.shape[0], 12), dtype=np.uint8)
+    for j in range(8):
+        if j < 4:
+            out[:, j] |= sc[:, j] & 63
+            out[:, j + 4] |= mn[:, j] & 63
+        else:
+            out[:, j + 4] = (sc[:, j] & 0xF) | ((mn[:, j] & 0xF) << 4)
+            out[:, j - 4] |= (sc[:, j] >> 4) << 6
+            out[:, j] |= (mn[:, j] >> 4) << 6
+    return out
+
+
+def _q45k_values(qs, qh=None):
+    """Q4_K/Q5_K quants: (nb, 128) nibble bytes (+ (nb, 32) qh) -> (nb, 256)."""
+    b = qs.reshape(-1, 4, 1, 32)
+    half = np.arange(2).reshape(1, 1, 2, 1)
+    q = ((b >> (4 * half)) & 0xF).astype(np.int32)
+    if qh is not None:
+        c = np.arange(4).reshape(1, 4, 1, 1)
+        q |= (((qh.reshape(-1, 1, 1, 32) >> (2 * c + half)) & 1) << 4).astype(np.int32)
+    return q.reshape(-1, 256)
+
+
+def _pack_q45k_values(q):
+    q = q.reshape(-1, 4, 2, 32).astype(np.uint8)
+    qs = ((q[:, :, 0] & 0xF) | ((q[:, :, 1] & 0xF) << 4)).reshape(-1, 128)
+    c = np.arange(4).reshape(1, 4, 1, 1).astype(np.uint8)
+    half = np.arange(2).reshape(1, 1, 2, 1).astype(np.uint8)
+    qh = (((q >> 4) & 1) << (2 * c + half)).sum(axis=(1, 2), dtype=np.uint8)
+    return qs, qh
+
+
+def _q6k_values(ql, qh):
+    """(nb, 128) low-nibble bytes, (nb, 64) high-crumb bytes -> (nb, 256) values q - 32."""
+    q = np.empty((ql.shape[0], 2, 4, 32), dtype=np.int32)
+    for h in range(2):
+        for s in range(4):
+            lb = ql[:, 64 * h + 32 * (s & 1):64 * h + 32 * (s & 1) + 32]
+            low = lb & 0xF if s < 2 else lb >> 4
+            q[:, h, s] = low | (((qh[:, 32 * h:32 * h + 32] >> (2 * s)) & 3) << 4)
+    return q.reshape(-1, 256) - 32
+
+
+def _pack_q6k_values(q):
+    u = (q + 32).astype(np.uint8).reshape(-1, 2, 4, 32)
+    ql = np.zeros((u.shape[0], 2, 2, 32), dtype=np.uint8)
+    for s in range(4):
+        ql[:, :, s & 1] |= (u[:, :, s] & 0xF) << (0 if s < 2 else 4)
+    qh = np.zeros((u.shape[0], 2, 32), dtype=np.uint8)
+    for s in range(4):
+        qh |= ((u[:, :, s] >> 4) & 3) << (2 * s)
+    return ql.reshape(-1, 128), qh.reshape(-1, 64)
+
+
+def _deq_sub(d, sc, q, sub, dmin=None, mn=None):
+    """(d*sc) * q [- dmin*mn] per sub-block, all float32 steps."""
+    nb = q.shape[0]
+    dl = (d * sc.astype(F32)).astype(F32)[:, :, None]
+    y = (dl * q.reshape(nb, -1, sub).astype(F32)).astype(F32)
+    if dmin is not None:
+        y = (y - (dmin * mn.astype(F32)).astype(F32)[:, :, None]).astype(F32)
+    return y.reshape(nb, 256)
+
+
+def _dequant_blocks(blk, ttype):
+    """(nb, bytes) uint8 blocks -> (nb, values) float32."""
+    T = GGMLType
+    if ttype in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1):
+        has_m = ttype in (T.Q4_1, T.Q5_1)
+        d = _f16(blk, 0)
+        o = 4 if has_m else 2
+        if ttype in (T.Q5_0, T.Q5_1):
+            q = _nibbles32(blk[:, o + 4:o + 20]) | (_bits32(blk[:, o:o + 4]) << 4)
+        else:
+            q = _nibbles32(blk[:, o:o + 16])
+        if has_m:
+            return (d * q.astype(F32) + _f16(blk, 2)).astype(F32)
+        return (d * (q - (16 if ttype == T.Q5_0 else 8)).astype(F32)).astype(F32)
+    if ttype == T.Q2_K:
+        s = blk[:, 0:16]
+        return _deq_sub(_f16(blk, 80), s & 0xF, _crumbs(blk[:, 16:80]), 16, _f16(blk, 82), s >> 4)
+    if ttype == T.Q3_K:
+        h, s = _HS
+        hb = (blk[:, 0:32].reshape(-1, 1, 1, 32) >> (4 * h + s)) & 1
+        q = _crumbs(blk[:, 32:96]) - 4 * (1 - hb.reshape(-1, 256).astype(np.int32))
+        return _deq_sub(_f16(blk, 108), _q3k_scales(blk[:, 96:108]), q, 16)
+    if ttype in (T.Q4_K, T.Q5_K):
+        sc, mn = _q4k_scales(blk[:, 4:16])
+        q = _q45k_values(blk[:, 16:144]) if ttype == T.Q4_K else _q45k_values(blk[:, 48:176], blk[:, 16:48])
+        return _deq_sub(_f16(blk, 0), sc, q, 32, _f16(blk, 2), mn)
+    if ttype == T.Q6_K:
+        return _deq_sub(_f16(blk, 208), blk[:, 192:208].view(np.int8), _q6k_values(blk[:, 0:128], blk[:, 128:192]), 16)
+    raise ValueError("not a block type: %r" % ttype)
+
+
+def _put_legacy_q(out, o, q, five):
+    """Legacy quants q (nb, 32) into the blocks from byte o: the u32 of fifth bits (Q5_*), then nibbles."""
+    if five:
+        out[:, o:o + 4] = _pack_bits32(q >> 4)
+        o += 4
+    out[:, o:o + 16] = _pack_nibbles32(q & 0xF)
+
+
+def _safe_inv(d):
+    with np.errstate(divide="ignore"):
+        return np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0)).astype(F32)
+
+
+def _round_clip(v, lo, hi):
+    return np.clip(np.rint(v.astype(np.float64)), lo, hi).astype(np.int32)
+
+
+def _quant_blocks(x, ttype):
+    """float32 (nb, values) -> (nb, bytes) uint8. A plain quantiser: per-(sub-)block range -> scale,
+    nearest integer; the K-quants' sub-block scales are themselves rounded to their few bits first and
+    the values quantised with the rounded scales. Good enough to store tensors; not llama.cpp's
+    error-minimising search."""
+    T = GGMLType
+    nb = x.shape[0]
+    out = np.zeros((nb, GGML_BLOCK[ttype][1]), dtype=np.uint8)
+    if ttype in (T.Q4_0, T.Q5_0):
+        n = 8 if ttype == T.Q4_0 else 16
+        # the value of largest magnitude maps to -n, the one end of the range that is exactly reachable
+        big = x[np.arange(nb), np.abs(x).argmax(axis=1)]
+        d = (big / F32(-n)).astype("<f2").astype(F32)
+        q = _round_clip(x * _safe_inv(d)[:, None], -n, n - 1) + n
+        _put_f16(out, 0, d)
+        _put_legacy_q(out, 2, q, ttype == T.Q5_0)
+        return out
+    if ttype in (T.Q4_1, T.Q5_1):
+        n = 15 if ttype == T.Q4_1 else 31
+        lo, hi = x.min(axis=1), x.max(axis=1)
+        d = ((hi - lo) / F32(n)).astype("<f2").astype(F32)
+        m = lo.astype("<f2").astype(F32)
+        q = _round_clip((x - m[:, None]) * _safe_inv(d)[:, None], 0, n)
+        _put_f16(out, 0, d)
+        _put_f16(out, 2, m)
+        _put_legacy_q(out, 4, q, ttype == T.Q5_1)
+        return out
+    sub = 32 if ttype in (T.Q4_K, T.Q5_K) else 16
+    xs = x.reshape(nb, -1, sub)
+    if ttype in (T.Q2_K, T.Q4_K, T.Q5_K):
+        nq, nsc = {T.Q2_K: (3, 15), T.Q4_K: (15, 63), T.Q5_K: (31, 63)}[ttype]
+        mn_f = np.maximum(-xs.min(axis=2), F32(0)).astype(F32)          # x >= -mn
+        sc_f = ((xs.max(axis=2) + mn_f) / F32(nq)).astype(F32)          # step of q
+        d = (sc_f.max(axis=1) / F32(nsc)).astype("<f2").astype(F32)
+        dmin = (mn_f.max(axis=1) / F32(nsc)).astype("<f2").astype(F32)
+        sc = _round_clip(sc_f * _safe_inv(d)[:, None], 0, nsc)
+        mn = _round_clip(mn_f * _safe_inv(dmin)[:, None], 0, nsc)
+        step = (d[:, None] * sc.astype(F32)).astype(F32)
+        off = (dmin[:, None] * mn.astype(F32)).astype(F32)
+        q = _round_clip((xs + off[:, :, None]) * _safe_inv(step)[:, :, None], 0, nq).reshape(nb, 256)
+        if ttype == T.Q2_K:
+            out[:, 0:16] = (sc | (mn << 4)).astype(np.uint8)
+            out[:, 16:80] = _pack_crumbs(q)
+            _put_f16(out, 80, d)
+            _put_f16(out, 82, dmin)
+        else:
+            _put_f16(out, 0, d)
+            _put_f16(out, 2, dmin)
+            out[:, 4:16] = _pack_q4k_scales(sc, mn)
+            qs, qh = _pack_q45k_values(q)
+            if ttype == T.Q4_K:
+                out[:, 16:144] = qs
+            else:
+                out[:, 16:48] = qh
+                out[:, 48:176] = qs
+        return out
+    # symmetric: Q3_K (q in -4..3, scales -32..31), Q6_K (q in -32..31, scales -128..127)
+    nq, nsc = (4, 31) if ttype == T.Q3_K else (32, 127)
+    sc_f = (np.abs(xs).max(axis=2) / F32(nq)).astype(F32)
+    d = (sc_f.max(axis=1) / F32(nsc)).astype("<f2").astype(F32)
+    sc = _round_clip(sc_f * _safe_inv(d)[:, None], 0, nsc)
+    step = (d[:, None] * sc.astype(F32)).astype(F32)
+    q = _round_clip(xs * _safe_inv(step)[:, :, None], -nq, nq - 1).reshape(nb, 256)
+    if ttype == T.Q3_K:
+        h, s = _HS
+        u = (q + 4).reshape(-1, 2, 4, 32)
+        hm = ((u >> 2).astype(np.uint8) << (4 * h + s).astype(np.uint8)).sum(axis=(1, 2), dtype=np.uint8)
+        out[:, 0:32] = hm
+        out[:, 32:96] = _pack_crumbs((u & 3).reshape(-1, 256))
+        out[:, 96:108] = _pack_q3k_scales(sc)
+        _put_f16(out, 108, d)
+    else:
+        ql, qh = _pack_q6k_values(q)
+        out[:, 0:128] = ql
+        out[:, 128:192] = qh
+        out[:, 192:208] = sc.astype(np.int8).view(np.uint8)
+        _put_f16(out, 208, d)
+    return out
+
+
+BLOCK_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q2_K, GGMLType.Q3_K,
+               GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K)
+
+
+def quantize_blocks(x, ttype):
+    """float32 (..., n), n a multiple of the block -> uint8 (..., n/block*bytes)."""
+    x = np.ascontiguousarray(x, dtype=F32)
+    bs, bb = GGML_BLOCK[ttype]
+    if x.shape[-1] % bs:
+        raise ValueError("%s row length %d not a multiple of %d" % (GGML_TYPE_NAME[ttype], x.shape[-1], bs))
+    lead = x.shape[:-1]
+    return _quant_blocks(x.reshape(-1, bs), ttype).reshape(lead + (x.shape[-1] // bs * bb,))
+
+
+def dequantize_blocks(b, ttype, n):
+    """uint8 (..., n/block*bytes) -> float32 (..., n)."""
+    bs, bb = GGML_BLOCK[ttype]
+    b = np.ascontiguousarray(b, dtype=np.uint8)
+    lead = b.shape[:-1]
+    return _dequant_blocks(b.reshape(-1, bb), ttype).reshape(lead + (n,))
+
+
 def quantize(x, ttype):
     """float32 array (numpy shape, last dim = row) -> array of the on-disk element type."""
     if ttype == GGMLType.F32:
@@ -153,6 +480,8 @@ def quantize(x, ttype):
         return f32_to_bf16(x)
     if ttype == GGMLType.Q8_0:
         return quantize_q8_0(x)
+    if ttype in BLOCK_TYPES:
+        return quantize_blocks(x, ttype)
     raise ValueError("cannot quantize to type %s" % GGML_TYPE_NAME.get(ttype, ttype))
 
 
@@ -168,6 +497,10 @@ def dequantize(raw, ttype, shape):
     if ttype == GGMLType.Q8_0:
         rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
         return dequantize_q8_0(np.asarray(raw).view(np.uint8).reshape(rows, n // 32 * 34), n).reshape(shape)
+    if ttype in BLOCK_TYPES:
+        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        bs, bb = GGML_BLOCK[ttype]
+        return dequantize_blocks(np.asarray(raw).view(np.uint8).reshape(rows, n // bs * bb), ttype, n).reshape(shape)
     raise ValueError("cannot dequantize type %s" % GGML_TYPE_NAME.get(ttype, ttype))
 
 
@@ -509,6 +842,56 @@ def _dump(path):
         print("  %-45s %-5s %-18s off %d" % (t.name, GGML_TYPE_NAME[t.ttype], t.shape, t.offset))
 
 
+def _scalar_block(b, tt):
+    """One block decoded value by value with plain Python integers (a second reading of the layouts
+    described under "block quants", for the self-test)."""
+    b = bytes(bytearray(b))
+    f16 = lambda o: np.float32(np.frombuffer(b[o:o + 2], "<f2")[0])  # noqa: E731
+    T = GGMLType
+    out = []
+    if tt in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1):
+        m = f16(2) if tt in (T.Q4_1, T.Q5_1) else None
+        o = 2 if m is None else 4
+        qh = struct.unpack("<I", b[o:o + 4])[0] if tt in (T.Q5_0, T.Q5_1) else 0
+        qs = b[o + 4:] if tt in (T.Q5_0, T.Q5_1) else b[o:]
+        for v in range(32):
+            q = (qs[v % 16] >> (4 * (v // 16))) & 0xF | (((qh >> v) & 1) << 4)
+            if m is None:
+                out.append(f16(0) * np.float32(q - (16 if tt == T.Q5_0 else 8)))
+            else:
+                out.append(f16(0) * np.float32(q) + m)
+        return out
+    for v in range(256):
+        h, s, l = v // 128, (v % 128) // 32, v % 32
+        c, half = v // 64, (v % 64) // 32
+        if tt == T.Q2_K:
+            sc = b[v // 16]
+            q = (b[16 + 32 * h + l] >> (2 * s)) & 3
+            out.append(f16(80) * np.float32(sc & 0xF) * np.float32(q) - f16(82) * np.float32(sc >> 4))
+        elif tt == T.Q3_K:
+            j = v // 16
+            sc = ((b[96 + j] & 0xF) if j < 8 else (b[96 + j - 8] >> 4)) | (((b[104 + j % 4] >> (2 * (j // 4))) & 3) << 4)
+            q = ((b[32 + 32 * h + l] >> (2 * s)) & 3) - (0 if (b[v % 32] >> (v // 32)) & 1 else 4)
+            out.append(f16(108) * np.float32(sc - 32) * np.float32(q))
+        elif tt in (T.Q4_K, T.Q5_K):
+            j, sb = v // 32, b[4:16]
+            if j < 4:
+                sc, mn = sb[j] & 63, sb[j + 4] & 63
+            else:
+                sc, mn = (sb[j + 4] & 0xF) | ((sb[j - 4] >> 6) << 4), (sb[j + 4] >> 4) | ((sb[j] >> 6) << 4)
+            qs = b[16:] if tt == T.Q4_K else b[48:]
+            q = (qs[32 * c + l] >> (4 * half)) & 0xF
+            if tt == T.Q5_K:
+                q |= ((b[16 + l] >> (2 * c + half)) & 1) << 4
+            out.append(f16(0) * np.float32(sc) * np.float32(q) - f16(2) * np.float32(mn))
+        else:
+            lo = (b[64 * h + 32 * (s & 1) + l] >> (4 * (s // 2))) & 0xF
+            q = lo | (((b[128 + 32 * h + l] >> (2 * s)) & 3) << 4)
+            sc = struct.unpack("<b", b[192 + v // 16:193 + v // 16])[0]
+            out.append(f16(208) * np.float32(sc) * np.float32(q - 32))
+    return out
+
+
 def _selftest():
     import tempfile
     rng = np.random.default_rng(0)
@@ -550,6 +933,29 @@ def _selftest():
     q = [int(np.sign(v) * np.floor(abs(float(np.float32(v) * (np.float32(1) / dd))) + 0.5)) for v in blk]
     b = quantize_q8_0(blk)
     assert list(b[2:].view(np.int8)) == q and b[:2].view("<f2")[0] == np.float16(dd)
+    # block types: through a file and back unchanged, within each format's step of the original, and an
+    # all-zero row stays zero; then one block of each decoded by a plain per-value loop over the layout
+    xb = rng.standard_normal((3, 512)).astype(np.float32)
+    xb[2] = 0
+    # worst error relative to the row's max |x| of this quantiser on normal data (q levels per sign)
+    btol = {GGMLType.Q4_0: 0.13, GGMLType.Q4_1: 0.07, GGMLType.Q5_0: 0.07, GGMLType.Q5_1: 0.035,
+            GGMLType.Q2_K: 0.35, GGMLType.Q3_K: 0.3, GGMLType.Q4_K: 0.07, GGMLType.Q5_K: 0.035,
+            GGMLType.Q6_K: 0.04}
+    p2 = os.path.join(d, "q.gguf")
+    w = GGUFWriter(p2)
+    for tt in BLOCK_TYPES:
+        w.add_tensor("q%d" % tt, xb, tt)
+    w.write()
+    r2 = GGUFReader(p2)
+    for tt in BLOCK_TYPES:
+        t = r2.tensors["q%d" % tt]
+        assert t.nbytes == 3 * 512 // GGML_BLOCK[tt][0] * GGML_BLOCK[tt][1]
+        y = t.dequantize()
+        assert np.array_equal(y, roundtrip(xb, tt)) and y.dtype == np.float32
+        err = np.abs(y[:2] - xb[:2]).max() / np.abs(xb[:2]).max()
+        assert err <= btol[tt], (GGML_TYPE_NAME[tt], err)
+        assert not y[2].any()
+        assert _scalar_block(np.asarray(t.raw).reshape(3, -1)[0, :GGML_BLOCK[tt][1]], tt) == list(y[0, :GGML_BLOCK[tt][0]])
     # BF16 rounding: 1 + 2^-8 is a tie -> even (1.0); 1 + 3*2^-9 rounds up
     assert bf16_to_f32(f32_to_bf16(np.float32([1 + 2**-8, 1 + 3 * 2**-9])))[0] == 1.0
     assert bf16_to_f32(f32_to_bf16(np.float32([1 + 3 * 2**-9])))[0] == 1 + 2**-7

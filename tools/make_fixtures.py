@@ -7,6 +7,7 @@ Writes (see docs/reference.md for the contract and the tolerances):
   golden/<name>.json + .f32   logits of the PyTorch reference at every position, greedy continuation
   hf/<name>/                  Hugging Face directories (config.json, safetensors, tokenizer.json)
   golden/tokenizer.json       text -> ids cases of the fixture tokenizer
+  golden/quants.gguf          rows of every block type and what gguf.py dequantises them to
 Every file is checked after writing by reading it back with an independent path (GGUF: gguf.py reader +
 llama.cpp-convention forward; safetensors: a separate parser) and comparing the logits.
 """
@@ -112,10 +113,48 @@ SPECS = [
                                    "original_max_position_embeddings": 32, "rope_type": "llama3"}),
 ]
 # type variants of the first model: (suffix, GGML type, tolerance)
-VARIANTS = [("f16", GGMLType.F16, 2e-4), ("bf16", GGMLType.BF16, 2e-4), ("q8_0", GGMLType.Q8_0, 1e-2)]
+VARIANTS = [("f16", GGMLType.F16, 2e-4), ("bf16", GGMLType.BF16, 2e-4), ("q8_0", GGMLType.Q8_0, 1e-2),
+            ("q4_0", GGMLType.Q4_0, 1e-3)]
 TOL_F32 = 1e-4
-FILE_TYPE = {GGMLType.F32: 0, GGMLType.F16: 1, GGMLType.Q8_0: 7, GGMLType.BF16: 32}  # llama_ftype
+FILE_TYPE = {GGMLType.F32: 0, GGMLType.F16: 1, GGMLType.Q4_0: 2, GGMLType.Q8_0: 7, GGMLType.Q6_K: 18,
+             GGMLType.BF16: 32}  # llama_ftype
 TYPE_NAME = {GGMLType.F32: "f32", GGMLType.F16: "f16", GGMLType.Q8_0: "q8_0", GGMLType.BF16: "bf16"}
+
+
+class Mix:
+    """Per-tensor matrix types, as llama-quantize's presets choose them: fn(gguf tensor name) -> GGML type;
+    file_type is the preset's llama_ftype. Anywhere a ttype is taken, a Mix may stand instead."""
+
+    def __init__(self, file_type, fn):
+        self.file_type, self.fn = file_type, fn
+
+
+def tensor_type(ttype, gguf_name):
+    return ttype.fn(gguf_name) if isinstance(ttype, Mix) else ttype
+
+
+def file_type(ttype):
+    return ttype.file_type if isinstance(ttype, Mix) else FILE_TYPE[ttype]
+
+
+def q4_k_m_type(name):
+    """Q4_K_M-style: Q6_K for the output and for attn_v / ffn_down of the first layer (llama-quantize gives
+    those more bits), Q4_K elsewhere; plus the legacy fallbacks it uses where a row does not fit a
+    256-value super-block (Q5_0 for Q4_K, Q8_0 for Q6_K), here on two tensors of layer 1 so that every
+    kind of block meets in one forward pass."""
+    if name == "output.weight" or name in ("blk.0.attn_v.weight", "blk.0.ffn_down.weight"):
+        return GGMLType.Q6_K
+    if name == "blk.1.ffn_up.weight":
+        return GGMLType.Q5_0
+    if name == "blk.1.attn_v.weight":
+        return GGMLType.Q8_0
+    return GGMLType.Q4_K
+
+
+# K-quant models need rows that are multiples of 256: D = F = 256 (16 heads of 16, 4 kv heads), untied so
+# that the embedding and the output carry different types. (name, ttype, tolerance)
+KQUANT_SPEC = dict(name="qwen2-k", arch="qwen2", H=16, K=4, tied=False, theta=1e6, eps=1e-6, D=256, F=256)
+KQUANT_VARIANTS = [("q4_k_m", Mix(15, q4_k_m_type), 1e-3), ("q6_k", GGMLType.Q6_K, 1e-3)]
 
 
 # ============================================================================ weights
@@ -150,7 +189,8 @@ def make_weights(cfg, seed):
 def stored_weights(weights, ttype):
     """What the engine will see after dequantising: matrices in ttype, 1-D tensors (norms, biases) kept
     F32 as llama.cpp does."""
-    return {k: (gguf.roundtrip(v, ttype) if v.ndim == 2 else v) for k, v in weights.items()}
+    return {k: (gguf.roundtrip(v, tensor_type(ttype, ref.hf_to_gguf_name(k))) if v.ndim == 2 else v)
+            for k, v in weights.items()}
 
 
 # ============================================================================ GGUF
@@ -194,7 +234,7 @@ def add_base_kv(w, a, cfg, n_ff, ttype, name, key_length=False):
     """general.* and the <arch>.* hyper-parameters shared by every architecture here."""
     w.add_string("general.architecture", a)
     w.add_string("general.name", name)
-    w.add_uint32("general.file_type", FILE_TYPE[ttype])
+    w.add_uint32("general.file_type", file_type(ttype))
     w.add_uint32(a + ".context_length", cfg.max_position_embeddings)
     w.add_uint32(a + ".embedding_length", cfg.hidden_size)
     w.add_uint32(a + ".block_count", cfg.num_hidden_layers)
@@ -237,7 +277,7 @@ def write_gguf(path, spec, cfg, weights, tok, ttype, name):
         w.add_tensor("rope_freqs.weight", ref.llama3_rope_freqs(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
                      GGMLType.F32)
     for n, v in gguf_tensors(cfg, weights):
-        w.add_tensor(n, v, ttype if v.ndim == 2 else GGMLType.F32)
+        w.add_tensor(n, v, tensor_type(ttype, n) if v.ndim == 2 else GGMLType.F32)
     w.write()
 
 
@@ -455,6 +495,43 @@ def golden(out, name, src_key, src, arch, tname, tol, model, tok, cases_tok, log
                     "min_margin": round(margin, 6), "text_out": tok.decode(gout)}}
     write_json(os.path.join(gdir, name + ".json"), j)
     return cases
+
+
+# ============================================================================ block formats
+
+# f16 scale fields (byte offsets in a block) of each block type: random bytes there would be NaN or huge
+QUANT_SCALE_OFFSETS = {GGMLType.Q4_0: (0,), GGMLType.Q4_1: (0, 2), GGMLType.Q5_0: (0,), GGMLType.Q5_1: (0, 2),
+                       GGMLType.Q2_K: (80, 82), GGMLType.Q3_K: (108,), GGMLType.Q4_K: (0, 2),
+                       GGMLType.Q5_K: (0, 2), GGMLType.Q6_K: (208,)}
+
+
+def make_quant_golden(out):
+    """golden/quants.gguf: for every block type T a tensor "T" of 4 rows x 512 values stored as T, and
+    "T.f32" with gguf.py's dequantisation of it (the C dequantisers must give the same bits). Rows 0-1:
+    random values through gguf.py's quantiser (magnitudes from 1e-3 to 1e3 block by block; row 1 starts
+    with an all-zero block). Rows 2-3: random bytes, so every bit of the packed scales and quants is
+    read, with finite f16 scales; row 3's first blocks have the largest f16 (65504) and a subnormal."""
+    rng = np.random.default_rng(SEED + 7)
+    w = GGUFWriter(os.path.join(out, "golden", "quants.gguf"))
+    w.add_string("general.architecture", "quants")
+    K = 512
+    for t in gguf.BLOCK_TYPES:
+        bs, bb = gguf.GGML_BLOCK[t]
+        nb = K // bs
+        x = rng.standard_normal((2, K)).astype(np.float32)
+        x *= (10.0 ** rng.uniform(-3, 3, size=(2, nb, 1))).astype(np.float32).repeat(bs, axis=2).reshape(2, K)
+        x[1, :bs] = 0
+        q = gguf.quantize(x, t)
+        r = rng.integers(0, 256, size=(2, nb, bb), dtype=np.uint8)
+        for off in QUANT_SCALE_OFFSETS[t]:
+            sc = (rng.standard_normal((2, nb)) * 0.01).astype("<f2")
+            sc[1, 0], sc[1, 1] = np.float16(65504), np.float16(3e-7)
+            r[:, :, off:off + 2] = sc.view(np.uint8).reshape(2, nb, 2)
+        raw = np.concatenate([q, r.reshape(2, nb * bb)])
+        name = gguf.GGML_TYPE_NAME[t]
+        w.add_tensor(name, raw, t, shape=(4, K), raw=True)
+        w.add_tensor(name + ".f32", gguf.dequantize(raw, t, (4, K)), GGMLType.F32)
+    w.write()
 
 
 OWNED = ("models", "golden", "hf")  # tests/fixtures/ subdirectories this script writes
@@ -784,6 +861,7 @@ def main():
         tcases.append({"text": t, "tokens": ids})
     write_json(os.path.join(out, "golden", "tokenizer.json"),
                {"model": "models/qwen2-gqa.gguf", "special_tokens_parsed": True, "cases": tcases})
+    make_quant_golden(out)
 
     for si, spec in enumerate(SPECS):
         cfg = make_config(spec, V)
@@ -823,6 +901,19 @@ def main():
             m = ref.Model(cfg, sw)
             golden(out, name, "hf_dir", "hf/" + name, cfg.model_type, "bf16", 2e-4, m, tok, cases_tok, n_cases=2)
             check_hf(os.path.join(out, "hf", name), cfg, cases_tok[0][1], m.forward(cases_tok[0][1]))
+
+    # K-quants: only the quantised files (their f32 twin would be 3 MB of fixture for nothing new)
+    spec = KQUANT_SPEC
+    cfg = make_config(spec, V)
+    w = make_weights(cfg, SEED + 50)
+    for suf, tt, tol in KQUANT_VARIANTS:
+        name = "%s-%s" % (spec["name"], suf)
+        m = ref.Model(cfg, stored_weights(w, tt))
+        p = os.path.join(out, "models", name + ".gguf")
+        write_gguf(p, spec, cfg, w, tok, tt, name)
+        golden(out, name, "model", "models/%s.gguf" % name, cfg.model_type, suf, tol, m, tok, cases_tok, n_cases=2)
+        check_gguf(p, spec, cases_tok[0][1], m.forward(cases_tok[0][1]))
+        print("%-16s written" % name)
 
     if not args.only_dense:
         make_moe_fixtures(out, tok)

@@ -423,10 +423,18 @@ TEST(gguf_rejects_hostile_headers) {
     EXPECT_REJECT(&b, "dims product overflow");
     { uint64_t ne[2] = {1ull << 31, 1ull << 31}; hdr(&b, 3, 1, 0); tinfo(&b, "t", 2, ne, 0, 0); DATA(256); }
     EXPECT_REJECT(&b, "bytes overflow (2^62 f32)");
-    hdr(&b, 3, 1, 0); tinfo(&b, "t", 2, ne2, 12, 0); DATA(256); EXPECT_REJECT(&b, "type Q4_K");
+    hdr(&b, 3, 1, 0); tinfo(&b, "t", 2, ne2, 16, 0); DATA(256); EXPECT_REJECT(&b, "type IQ2_XXS");
     hdr(&b, 3, 1, 0); tinfo(&b, "t", 2, ne2, 0xffffffffu, 0); DATA(256); EXPECT_REJECT(&b, "type 2^32-1");
     { uint64_t ne[1] = {33}; hdr(&b, 3, 1, 0); tinfo(&b, "t", 1, ne, GGUF_TT_Q8_0, 0); DATA(256); }
     EXPECT_REJECT(&b, "Q8_0 row 33");
+    { uint64_t ne[2] = {128, 2}; hdr(&b, 3, 1, 0); tinfo(&b, "t", 2, ne, GGUF_TT_Q4_K, 0); DATA(512); }
+    EXPECT_REJECT(&b, "Q4_K row 128");
+    { uint64_t ne[1] = {288}; hdr(&b, 3, 1, 0); tinfo(&b, "t", 1, ne, GGUF_TT_Q2_K, 0); DATA(512); }
+    EXPECT_REJECT(&b, "Q2_K row 288");
+    { uint64_t ne[2] = {256, 2}; hdr(&b, 3, 1, 0); tinfo(&b, "t", 2, ne, GGUF_TT_Q6_K, 0); DATA(419); }
+    EXPECT_REJECT(&b, "Q6_K data one byte short");
+    { uint64_t ne[1] = {48}; hdr(&b, 3, 1, 0); tinfo(&b, "t", 1, ne, GGUF_TT_Q5_1, 0); DATA(512); }
+    EXPECT_REJECT(&b, "Q5_1 row 48");
     hdr(&b, 3, 1, 0); tinfo(&b, "t", 2, ne2, 0, 16); DATA(512); EXPECT_REJECT(&b, "misaligned offset");
     hdr(&b, 3, 1, 0); tinfo(&b, "t", 2, ne2, 0, 0); DATA(255); EXPECT_REJECT(&b, "data one byte short");
     hdr(&b, 3, 1, 0); tinfo(&b, "t", 2, ne2, 0, 1ull << 40); DATA(256); EXPECT_REJECT(&b, "offset past end");
@@ -450,6 +458,23 @@ TEST(gguf_rejects_hostile_headers) {
     hdr(&b, 3, 1, 1); str_(&b, "general.alignment"); u32_(&b, GGUF_VT_UINT32); u32_(&b, 64);
     tinfo(&b, "t", 2, ne2, GGUF_TT_Q8_0, 64); pad_to(&b, 64); for (int k = 0; k < 64 + 68; k++) u8_(&b, 0);
     ASSERT_EQ_INT(open_copy(b.p, b.len, &err), CM_OK); free(b.p); memset(&b, 0, sizeof b);
+    /* every block type at its exact byte size: (256, 2) of each needs 2 rows x (256 / block) x bytes */
+    {
+        static const struct { int type, bytes; } sizes[] = {
+            {GGUF_TT_Q4_0, 8 * 18},  {GGUF_TT_Q4_1, 8 * 20},  {GGUF_TT_Q5_0, 8 * 22}, {GGUF_TT_Q5_1, 8 * 24},
+            {GGUF_TT_Q8_0, 8 * 34},  {GGUF_TT_Q2_K, 84},      {GGUF_TT_Q3_K, 110},    {GGUF_TT_Q4_K, 144},
+            {GGUF_TT_Q5_K, 176},     {GGUF_TT_Q6_K, 210},
+        };
+        for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+            uint64_t ne[2] = {256, 2};
+            gguf_file g;
+            ASSERT_EQ_INT((int)gguf_row_bytes(sizes[i].type, 256), sizes[i].bytes);
+            hdr(&b, 3, 1, 0); tinfo(&b, "t", 2, ne, (uint32_t)sizes[i].type, 0); DATA(2 * sizes[i].bytes);
+            ASSERT_EQ_INT(gguf_open_mem(&g, b.p, b.len, &err), CM_OK);
+            ASSERT_TRUE(g.tensors[0].nbytes == (uint64_t)(2 * sizes[i].bytes));
+            gguf_close(&g); free(b.p); memset(&b, 0, sizeof b);
+        }
+    }
     hdr(&b, 3, 0, 0); /* empty file body: fine (vocab-only style, no data section needed) */
     ASSERT_EQ_INT(open_copy(b.p, b.len, &err), CM_OK); free(b.p);
 #undef DATA
@@ -495,6 +520,23 @@ TEST(gguf_rejects_fixture_corpus) {
     ASSERT_TRUE(test_foreach_fixture("bad", ".gguf", gguf_expect_rejected, NULL) >= 5);
 }
 
+/* The block-type entries of the corpus fail for the reason their name gives, and the message says so. */
+TEST(gguf_fixture_corpus_block_types) {
+    static const struct { const char *file, *msg; } cases[] = {
+        {"bad/tensor_type_iq2xxs.gguf", "tensor 'blk.0.ffn_up.weight': type 16 (IQ2_XXS) is not supported"},
+        {"bad/row_not_block_multiple.gguf",
+         "tensor 'blk.0.ffn_gate.weight': row length 128 not a multiple of Q4_K block size 256"},
+        {"bad/tensor_q6k_truncated.gguf", "tensor 'blk.0.ffn_down.weight': data [0, 0+420) beyond end of file"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        gguf_file g;
+        cm_err err = {0};
+        int rc = gguf_open(&g, test_fixture(cases[i].file), &err);
+        ASSERT_TRUE(rc == CM_E_FORMAT || rc == CM_E_UNSUPPORTED);
+        if (!strstr(err.msg, cases[i].msg)) TEST_FAIL_("%s: '%s' lacks '%s'", cases[i].file, err.msg, cases[i].msg);
+    }
+}
+
 int main(void) {
     RUN(gguf_writer_reader_roundtrip);
     RUN(gguf_rejects_truncation_at_every_byte);
@@ -504,5 +546,6 @@ int main(void) {
     RUN(gguf_error_names_the_tensor);
     RUN(gguf_open_errors_on_missing_and_tiny_files);
     RUN(gguf_rejects_fixture_corpus);
+    RUN(gguf_fixture_corpus_block_types);
     return test_summary();
 }

@@ -371,6 +371,28 @@ TEST(rope_scaling_equivalences) {
 }
 #undef RS
 
+/* Block-quantised files load, each tensor keeping its own type; weight_type names the majority type. */
+TEST(block_type_models) {
+    static const struct { const char *file, *wtype, *embd, *out, *v0; } cases[] = {
+        {"models/qwen2-gqa-q4_0.gguf", "Q4_0", "Q4_0", NULL, "Q4_0"},
+        {"models/qwen2-k-q4_k_m.gguf", "Q4_K", "Q4_K", "Q6_K", "Q6_K"},
+        {"models/qwen2-k-q6_k.gguf", "Q6_K", "Q6_K", "Q6_K", "Q6_K"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        cm_err err = {0};
+        cm_model *m = cm_model_load(test_fixture(cases[i].file), NULL, &err);
+        if (!m) { TEST_FAIL_("%s: %s", cases[i].file, err.msg); continue; }
+        ASSERT_STREQ(cm_model_get_info(m)->weight_type, cases[i].wtype);
+        gguf_file g;
+        ASSERT_EQ_INT(gguf_open(&g, test_fixture(cases[i].file), &err), CM_OK);
+        ASSERT_STREQ(gguf_ttype_name(gguf_find_tensor(&g, "token_embd.weight")->type), cases[i].embd);
+        if (cases[i].out) ASSERT_STREQ(gguf_ttype_name(gguf_find_tensor(&g, "output.weight")->type), cases[i].out);
+        ASSERT_STREQ(gguf_ttype_name(gguf_find_tensor(&g, "blk.0.attn_v.weight")->type), cases[i].v0);
+        gguf_close(&g);
+        cm_model_free(m);
+    }
+}
+
 TEST(type_and_bias_rules) {
     ASSERT_TRUE(expect(&(mut){.retype = "blk.0.attn_norm.weight", .type = GGUF_TT_F16}, CM_E_UNSUPPORTED,
                        "blk.0.attn_norm.weight has type F16"));
@@ -536,6 +558,7 @@ int main(void) {
     RUN(rope_scaling_keys);
     RUN(rope_scaling_equivalences);
     RUN(type_and_bias_rules);
+    RUN(block_type_models);
     RUN(vocab_only);
     RUN(kv_exhaustion_changes_nothing);
     RUN(batch_validation);

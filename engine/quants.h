@@ -1,0 +1,191 @@
+/*
+ * quants.h - GGML's block-quantised weight formats: their byte layouts, a plain reference dequantiser
+ * per type, and dot products of a quantised weight row with activations. Internal to engine/.
+ *
+ * Weight types (GGUF ids in gguf.h): legacy blocks of 32 values Q4_0, Q4_1, Q5_0, Q5_1 (Q8_0 lives in
+ * kernels.h with its own kernels), and K-quant super-blocks of 256 values Q2_K, Q3_K, Q4_K, Q5_K, Q6_K.
+ * Each layout below is the one llama.cpp writes; sizes are asserted because files are read in place.
+ *
+ * Activations meet a weight row in one of two formats (kernels.h, xtype):
+ * - F32: the exact dequantised product, sum_i deq(w)_i * x_i (reference parity with a float model);
+ * - the weight type's paired int8 format, as llama.cpp pairs them (cm_quant_vec_dot_type):
+ *   Q4_0, Q5_0 x Q8_0; Q4_1, Q5_1 x Q8_1; K-quants x Q8_K. Integer sums per block are exact; each
+ *   block's integer sum is turned into a float by one shared expression, so every fast kernel is
+ *   bit-exact with its reference.
+ * Letters: K row length (a multiple of the type's block), QK values per block.
+ */
+#ifndef CM_QUANTS_H
+#define CM_QUANTS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* ------------------------------------------------------------ block layouts (all little-endian) */
+
+/* Q8_0: x[i] = d * qs[i]. */
+#define CM_QK8_0 32
+typedef struct cm_block_q8_0 {
+    uint16_t d; /* fp16 */
+    int8_t qs[CM_QK8_0];
+} cm_block_q8_0;
+_Static_assert(sizeof(cm_block_q8_0) == 34, "Q8_0 block must be 34 bytes");
+
+/* Legacy 4/5-bit blocks of 32. Nibbles: byte j holds value j (low nibble) and value j + 16 (high).
+ * Q5: bit j of qh (read as a little-endian u32) is the fifth bit of value j.
+ * Q4_0: x = d * (q - 8); Q4_1: x = d * q + m; Q5_0: x = d * (q - 16); Q5_1: x = d * q + m. */
+#define CM_QK4 32
+typedef struct cm_block_q4_0 {
+    uint16_t d;
+    uint8_t qs[CM_QK4 / 2];
+} cm_block_q4_0;
+typedef struct cm_block_q4_1 {
+    uint16_t d, m;
+    uint8_t qs[CM_QK4 / 2];
+} cm_block_q4_1;
+typedef struct cm_block_q5_0 {
+    uint16_t d;
+    uint8_t qh[4];
+    uint8_t qs[CM_QK4 / 2];
+} cm_block_q5_0;
+typedef struct cm_block_q5_1 {
+    uint16_t d, m;
+    uint8_t qh[4];
+    uint8_t qs[CM_QK4 / 2];
+} cm_block_q5_1;
+_Static_assert(sizeof(cm_block_q4_0) == 18, "Q4_0 block must be 18 bytes");
+_Static_assert(sizeof(cm_block_q4_1) == 20, "Q4_1 block must be 20 bytes");
+_Static_assert(sizeof(cm_block_q5_0) == 22, "Q5_0 block must be 22 bytes");
+_Static_assert(sizeof(cm_block_q5_1) == 24, "Q5_1 block must be 24 bytes");
+
+/* Q8_1 (activations only): Q8_0 plus s = d * sum(qs), stored fp16, which carries Q4_1/Q5_1's m. */
+typedef struct cm_block_q8_1 {
+    uint16_t d, s;
+    int8_t qs[32];
+} cm_block_q8_1;
+_Static_assert(sizeof(cm_block_q8_1) == 36, "Q8_1 block must be 36 bytes");
+
+/* K-quants: super-blocks of 256 values in sub-blocks of 16 or 32, each with its own small integer scale
+ * (and min), the scales themselves scaled by the fp16 d (and dmin). */
+#define CM_QK_K 256
+
+/* Q2_K: 16 sub-blocks of 16. scales[j]: low nibble scale, high nibble min; x = d*sc*q - dmin*m.
+ * q (2 bits): value 128*h + 32*s + l (h < 2, s < 4, l < 32) is bits 2s..2s+1 of qs[32*h + l]; its
+ * sub-block is (128*h + 32*s + l) / 16. */
+typedef struct cm_block_q2_k {
+    uint8_t scales[CM_QK_K / 16];
+    uint8_t qs[CM_QK_K / 4];
+    uint16_t d, dmin;
+} cm_block_q2_k;
+
+/* Q3_K: 16 sub-blocks of 16, x = d * (sc - 32) * (q - 4). q's low 2 bits are placed as in Q2_K; its
+ * third bit, for value 128*h + 32*s + l, is bit 4*h + s of hmask[l]. The sixteen 6-bit sc: low 4 bits
+ * in scales[j] (j < 8) or scales[j - 8] >> 4, high 2 bits at bit 2*(j / 4) of scales[8 + j % 4]. */
+typedef struct cm_block_q3_k {
+    uint8_t hmask[CM_QK_K / 8];
+    uint8_t qs[CM_QK_K / 4];
+    uint8_t scales[12];
+    uint16_t d;
+} cm_block_q3_k;
+
+/* Q4_K: 8 sub-blocks of 32, x = d*sc*q - dmin*m with 6-bit sc, m (cm_q4k_scale_min). Value 64*c + l
+ * (l < 32) is the low nibble of qs[32*c + l], value 64*c + 32 + l its high nibble. */
+typedef struct cm_block_q4_k {
+    uint16_t d, dmin;
+    uint8_t scales[12];
+    uint8_t qs[CM_QK_K / 2];
+} cm_block_q4_k;
+
+/* Q5_K: Q4_K plus a fifth bit: for value 64*c + 32*half + l it is bit 2*c + half of qh[l]. */
+typedef struct cm_block_q5_k {
+    uint16_t d, dmin;
+    uint8_t scales[12];
+    uint8_t qh[CM_QK_K / 8];
+    uint8_t qs[CM_QK_K / 2];
+} cm_block_q5_k;
+
+/* Q6_K: 16 sub-blocks of 16, x = d * scales[j] * (q - 32), q 6 bits. Value 128*h + 32*s + l (l < 32)
+ * takes its low 4 bits from the low nibble of ql[64*h + l] (s = 0), of ql[64*h + 32 + l] (s = 1), or
+ * the high nibble of those (s = 2, 3), and its top 2 bits from bits 2s..2s+1 of qh[32*h + l]. */
+typedef struct cm_block_q6_k {
+    uint8_t ql[CM_QK_K / 2];
+    uint8_t qh[CM_QK_K / 4];
+    int8_t scales[CM_QK_K / 16];
+    uint16_t d;
+} cm_block_q6_k;
+
+/* Q8_K (activations only): f32 d, x = d * qs, and the sum of each 16 qs (for the mins). */
+typedef struct cm_block_q8_k {
+    float d;
+    int8_t qs[CM_QK_K];
+    int16_t bsums[CM_QK_K / 16];
+} cm_block_q8_k;
+
+_Static_assert(sizeof(cm_block_q2_k) == 84, "Q2_K block must be 84 bytes");
+_Static_assert(sizeof(cm_block_q3_k) == 110, "Q3_K block must be 110 bytes");
+_Static_assert(sizeof(cm_block_q4_k) == 144, "Q4_K block must be 144 bytes");
+_Static_assert(sizeof(cm_block_q5_k) == 176, "Q5_K block must be 176 bytes");
+_Static_assert(sizeof(cm_block_q6_k) == 210, "Q6_K block must be 210 bytes");
+_Static_assert(sizeof(cm_block_q8_k) == 292, "Q8_K block must be 292 bytes");
+
+/* Sub-block j (< 8) of Q4_K/Q5_K's 12 packed bytes: j < 4 keeps sc, m in the low 6 bits of bytes j,
+ * j + 4; j >= 4 has its low 4 bits in byte j + 4 (sc low nibble, m high) and its top 2 bits in the
+ * spare top bits of bytes j - 4 (sc) and j (m). */
+static inline void cm_q4k_scale_min(int j, const uint8_t *s, uint8_t *sc, uint8_t *m) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *m = s[j + 4] & 63;
+    } else {
+        *sc = (uint8_t)((s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4));
+        *m = (uint8_t)((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
+    }
+}
+
+/* ------------------------------------------------------------ per type */
+
+/* Is `type` one of the block types above (weights, not Q8_0)? */
+int cm_quant_is_block_type(int type);
+
+/* The activation format that `wtype` pairs with for int8 dots (GGUF_TT_Q8_0, GGUF_TT_Q8_1 or
+ * GGUF_TT_Q8_K), or -1 when wtype has none (float types). Q8_0 weights pair with Q8_0. */
+int cm_quant_vec_dot_type(int wtype);
+
+/* Dequantise one row: w (K/QK blocks of the type) -> y (K) f32. K a multiple of the block. The
+ * references are the definition of each format; tests/fixtures/golden/quants.gguf (made by
+ * tools/gguf.py's independent implementation) holds them to it bit for bit. */
+void cm_dequantize_row_q4_0_ref(const cm_block_q4_0 *w, float *y, int64_t k);
+void cm_dequantize_row_q4_1_ref(const cm_block_q4_1 *w, float *y, int64_t k);
+void cm_dequantize_row_q5_0_ref(const cm_block_q5_0 *w, float *y, int64_t k);
+void cm_dequantize_row_q5_1_ref(const cm_block_q5_1 *w, float *y, int64_t k);
+void cm_dequantize_row_q2_k_ref(const cm_block_q2_k *w, float *y, int64_t k);
+void cm_dequantize_row_q3_k_ref(const cm_block_q3_k *w, float *y, int64_t k);
+void cm_dequantize_row_q4_k_ref(const cm_block_q4_k *w, float *y, int64_t k);
+void cm_dequantize_row_q5_k_ref(const cm_block_q5_k *w, float *y, int64_t k);
+void cm_dequantize_row_q6_k_ref(const cm_block_q6_k *w, float *y, int64_t k);
+
+/* Either by type (a block type above); the fast one is bit-exact with the reference. */
+void cm_quant_dequantize_ref(int type, const void *w, float *y, int64_t k);
+void cm_quant_dequantize(int type, const void *w, float *y, int64_t k);
+
+/* Activations x (K) f32 -> one row of Q8_1 (K % 32 == 0) or Q8_K (K % 256 == 0) blocks:
+ * d = max|x| / 127, q = round-half-even(x / d) (Q8_K: clamped to +-127 and bsums filled). Run once
+ * per token per matrix group, so only a reference exists. */
+void cm_quantize_row_q8_1_ref(const float *x, cm_block_q8_1 *y, int64_t k);
+void cm_quantize_row_q8_k_ref(const float *x, cm_block_q8_k *y, int64_t k);
+
+/* dot(w (K) of block type wtype, x (K) f32): the exact dequantised product, sum deq(w)_i x_i. The
+ * reference sums in index order; the fast one dequantises 256 values at a time and sums them with
+ * SIMD, in an order that depends only on K (never on how many rows a matvec call covers). */
+float cm_quant_dot_f32_ref(int wtype, int64_t k, const void *w, const float *x);
+float cm_quant_dot_f32(int wtype, int64_t k, const void *w, const float *x);
+
+/* dot(w (K) of block type wtype, x (K) in cm_quant_vec_dot_type(wtype)). Bit-exact pair. */
+float cm_quant_dot_q_ref(int wtype, int64_t k, const void *w, const void *x);
+float cm_quant_dot_q(int wtype, int64_t k, const void *w, const void *x);
+
+/* y[n*ldy + r] = cm_quant_dot_f32(W row r, x_n) for n < N, r in [r0, r1): each weight chunk is
+ * dequantised once for all N rows, and every y is the same number cm_quant_dot_f32 returns.
+ * x_n = x + n * x_stride bytes. */
+void cm_quant_matvec_f32(int wtype, const void *w, int64_t k, const float *x, size_t x_stride, int n,
+                         float *y, int64_t ldy, int64_t r0, int64_t r1);
+
+#endif

@@ -1,0 +1,306 @@
+/*
+ * test_quants.c - the block formats of engine/quants.c.
+ *
+ * (0) The block structs, the GGUF type table and the activation row sizes agree.
+ * (1) The reference dequantisers match tests/fixtures/golden/quants.gguf bit for bit: rows quantised and
+ *     dequantised by tools/gguf.py, an independent implementation written from the format description.
+ * (2) Every fast kernel equals its reference: dequantisation and the int8 dot products (weights x
+ *     Q8_0 / Q8_1 / Q8_K activations) bit-exactly; the f32 dot within 1e-5 of sum |w x| (summation
+ *     order only). Blocks are random bytes (every bit pattern of quants and packed scales) with scales
+ *     set to random, extreme (65504, the largest half) or tiny (subnormal) values, plus all-zero blocks;
+ *     row lengths are multiples of the block but not of the 256-value chunk where the type allows.
+ * (3) The matvec gives every row exactly what cm_vec_dot gives it, whatever the number of activation
+ *     rows (a token's logits do not depend on its batch), and agrees with the reference matvec.
+ * (4) The activation quantisers: |q| <= 127, bsums and s are what they claim, error <= d/2.
+ */
+#include <math.h>
+#include <stdint.h>
+
+#include "../test.h"
+#include "gguf.h"
+#include "kernels.h"
+#include "quants.h"
+#include "util.h"
+
+static uint64_t rng = 0x2545f4914f6cdd1dull;
+static uint32_t urand(void) {
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return (uint32_t)(rng >> 32);
+}
+static float frand(void) { return (float)(urand() >> 8) * (1.0f / 8388608.0f) - 1.0f; } /* [-1, 1) */
+
+static const int qtypes[] = {GGUF_TT_Q4_0, GGUF_TT_Q4_1, GGUF_TT_Q5_0, GGUF_TT_Q5_1, GGUF_TT_Q2_K,
+                             GGUF_TT_Q3_K, GGUF_TT_Q4_K, GGUF_TT_Q5_K, GGUF_TT_Q6_K};
+#define N_QTYPES (int)(sizeof qtypes / sizeof qtypes[0])
+
+/* Byte offsets of the fp16 scales in a block of each type (d, and dmin / m where the type has one). */
+static void scale_offsets(int type, int *od, int *om) {
+    *om = -1;
+    switch (type) {
+    case GGUF_TT_Q4_1: case GGUF_TT_Q5_1: case GGUF_TT_Q4_K: case GGUF_TT_Q5_K: *od = 0; *om = 2; break;
+    case GGUF_TT_Q2_K: *od = 80; *om = 82; break;
+    case GGUF_TT_Q3_K: *od = 108; break;
+    case GGUF_TT_Q6_K: *od = 208; break;
+    default: *od = 0; break;
+    }
+}
+
+static uint16_t random_scale(int mode) {
+    switch (mode) {
+    case 1: return 0x7bff;                       /* 65504 */
+    case 2: return (uint16_t)(1 + urand() % 1023); /* subnormal */
+    default: return cm_f32_to_fp16(frand() * 0.05f);
+    }
+}
+
+/* nb random blocks of `type` in buf (bb bytes each). Block 1 (when there is one) is all zero; the scale
+ * mode cycles per row so every row sees normal, extreme and tiny scales. */
+static void random_blocks(int type, uint8_t *buf, int64_t nb, int row) {
+    size_t bb = (size_t)gguf_row_bytes(type, gguf_block_size(type));
+    int od, om;
+    scale_offsets(type, &od, &om);
+    for (int64_t b = 0; b < nb; b++) {
+        uint8_t *p = buf + (size_t)b * bb;
+        for (size_t i = 0; i < bb; i++) p[i] = (uint8_t)urand();
+        int mode = (int)((b + row) % 5 == 3 ? 1 : (b + row) % 5 == 4 ? 2 : 0);
+        uint16_t d = random_scale(mode), m = random_scale(mode);
+        memcpy(p + od, &d, 2);
+        if (om >= 0) memcpy(p + om, &m, 2);
+        if (b == 1) memset(p, 0, bb);
+    }
+}
+
+static void random_acts(float *x, int64_t k, int row) {
+    for (int64_t i = 0; i < k; i++) x[i] = frand() * (row % 3 == 2 ? 1000.0f : 1.0f);
+    if (k >= 64) memset(x + 32, 0, 32 * sizeof(float)); /* an all-zero activation block: d = 0 */
+    x[0] = row % 2 ? -8.0f : 0.0f;
+}
+
+static int same_bits(float a, float b) {
+    return !memcmp(&a, &b, sizeof a);
+}
+
+static int64_t ksizes_for(int type, int64_t *ks) {
+    if (gguf_block_size(type) == 32) {
+        static const int64_t l[] = {32, 64, 96, 160, 288, 896, 4864};
+        memcpy(ks, l, sizeof l);
+        return 7;
+    }
+    static const int64_t kq[] = {256, 512, 768, 1280, 4864 - 4864 % 256};
+    memcpy(ks, kq, sizeof kq);
+    return 5;
+}
+
+/* The block structs and the GGUF reader's type table agree on every size. */
+TEST(block_sizes_match_gguf_table) {
+    static const struct { int type; size_t bytes; } sz[] = {
+        {GGUF_TT_Q4_0, sizeof(cm_block_q4_0)}, {GGUF_TT_Q4_1, sizeof(cm_block_q4_1)},
+        {GGUF_TT_Q5_0, sizeof(cm_block_q5_0)}, {GGUF_TT_Q5_1, sizeof(cm_block_q5_1)},
+        {GGUF_TT_Q8_0, sizeof(cm_block_q8_0)}, {GGUF_TT_Q2_K, sizeof(cm_block_q2_k)},
+        {GGUF_TT_Q3_K, sizeof(cm_block_q3_k)}, {GGUF_TT_Q4_K, sizeof(cm_block_q4_k)},
+        {GGUF_TT_Q5_K, sizeof(cm_block_q5_k)}, {GGUF_TT_Q6_K, sizeof(cm_block_q6_k)},
+    };
+    for (size_t i = 0; i < sizeof sz / sizeof sz[0]; i++) {
+        int bs = gguf_block_size(sz[i].type);
+        ASSERT_EQ_INT(bs, sz[i].type == GGUF_TT_Q4_0 || sz[i].type == GGUF_TT_Q4_1 || sz[i].type == GGUF_TT_Q5_0 ||
+                                  sz[i].type == GGUF_TT_Q5_1 || sz[i].type == GGUF_TT_Q8_0 ? 32 : 256);
+        ASSERT_EQ_INT((int)gguf_row_bytes(sz[i].type, bs), (int)sz[i].bytes);
+        ASSERT_EQ_INT(cm_weight_type_ok(sz[i].type), 1);
+    }
+    ASSERT_EQ_INT(cm_vec_row_bytes(GGUF_TT_Q8_1, 64), 2 * sizeof(cm_block_q8_1));
+    ASSERT_EQ_INT(cm_vec_row_bytes(GGUF_TT_Q8_K, 512), 2 * sizeof(cm_block_q8_k));
+    ASSERT_EQ_INT(cm_weight_type_ok(GGUF_TT_Q8_K), 0); /* activation formats are no weight types */
+    ASSERT_EQ_INT(cm_weight_type_ok(16), 0);
+}
+
+TEST(dequantize_matches_python_golden) {
+    gguf_file g;
+    cm_err err = {0};
+    ASSERT_EQ_INT(gguf_open(&g, test_fixture("golden/quants.gguf"), &err), CM_OK);
+    int checked = 0;
+    for (int t = 0; t < N_QTYPES; t++) {
+        char name[64];
+        snprintf(name, sizeof name, "%s", gguf_ttype_name(qtypes[t]));
+        const gguf_tensor *q = gguf_find_tensor(&g, name);
+        snprintf(name, sizeof name, "%s.f32", gguf_ttype_name(qtypes[t]));
+        const gguf_tensor *f = gguf_find_tensor(&g, name);
+        if (!q || !f) { TEST_FAIL_("golden lacks %s", gguf_ttype_name(qtypes[t])); continue; }
+        ASSERT_TRUE(q->type == qtypes[t] && f->type == GGUF_TT_F32);
+        ASSERT_TRUE(q->ne[0] == f->ne[0] && q->ne[1] == f->ne[1]);
+        int64_t k = q->ne[0], rows = q->ne[1];
+        size_t rb = (size_t)gguf_row_bytes(q->type, k);
+        float *y = malloc((size_t)k * sizeof(float)), *z = malloc((size_t)k * sizeof(float));
+        for (int64_t r = 0; r < rows; r++) {
+            const float *want = (const float *)f->data + r * k;
+            cm_quant_dequantize_ref(q->type, (const char *)q->data + (size_t)r * rb, y, k);
+            cm_dequantize_row(q->type, (const char *)q->data + (size_t)r * rb, z, k);
+            for (int64_t i = 0; i < k; i++)
+                if (!same_bits(y[i], want[i]) || !same_bits(z[i], want[i])) {
+                    TEST_FAIL_("%s row %lld value %lld: ref %.9g fast %.9g, python %.9g", gguf_ttype_name(q->type),
+                               (long long)r, (long long)i, y[i], z[i], want[i]);
+                    break;
+                }
+        }
+        free(y);
+        free(z);
+        checked++;
+    }
+    ASSERT_EQ_INT(checked, N_QTYPES);
+    gguf_close(&g);
+}
+
+TEST(fast_kernels_equal_ref) {
+    for (int t = 0; t < N_QTYPES; t++) {
+        int type = qtypes[t], xt = cm_quant_vec_dot_type(type);
+        int64_t ks[8];
+        int nk = (int)ksizes_for(type, ks);
+        for (int s = 0; s < nk; s++) {
+            int64_t k = ks[s], nb = k / gguf_block_size(type);
+            for (int row = 0; row < 6; row++) {
+                uint8_t *w = malloc((size_t)gguf_row_bytes(type, k));
+                float *x = malloc((size_t)k * 4), *y0 = malloc((size_t)k * 4), *y1 = malloc((size_t)k * 4);
+                void *xq = malloc(cm_vec_row_bytes(xt, k));
+                random_blocks(type, w, nb, row);
+                random_acts(x, k, row);
+                cm_vec_prepare(xt, x, xq, k);
+
+                cm_dequantize_row_ref(type, w, y0, k);
+                cm_dequantize_row(type, w, y1, k);
+                if (memcmp(y0, y1, (size_t)k * 4))
+                    TEST_FAIL_("%s k=%lld row %d: dequantise differs", gguf_ttype_name(type), (long long)k, row);
+
+                float a = cm_vec_dot(type, xt, k, w, xq), b = cm_vec_dot_ref(type, xt, k, w, xq);
+                if (!same_bits(a, b))
+                    TEST_FAIL_("%s x %s k=%lld row %d: %.9g vs ref %.9g", gguf_ttype_name(type), gguf_ttype_name(xt),
+                               (long long)k, row, a, b);
+
+                float c = cm_vec_dot(type, GGUF_TT_F32, k, w, x), e = cm_vec_dot_ref(type, GGUF_TT_F32, k, w, x);
+                double mag = 0;
+                for (int64_t i = 0; i < k; i++) mag += fabs((double)y0[i] * x[i]);
+                if (!(fabs((double)c - e) <= 1e-5 * mag + 1e-30))
+                    TEST_FAIL_("%s x F32 k=%lld row %d: %.9g vs ref %.9g (sum|wx| %g)", gguf_ttype_name(type),
+                               (long long)k, row, c, e, mag);
+                free(w); free(x); free(y0); free(y1); free(xq);
+            }
+        }
+    }
+}
+
+/* The int8 dot against the f32 product of the dequantised rows: they differ only by x's quantisation. */
+TEST(int8_dot_tracks_exact_product) {
+    for (int t = 0; t < N_QTYPES; t++) {
+        int type = qtypes[t], xt = cm_quant_vec_dot_type(type);
+        int64_t k = 1024, nb = k / gguf_block_size(type);
+        uint8_t *w = malloc((size_t)gguf_row_bytes(type, k));
+        float *x = malloc((size_t)k * 4), *y = malloc((size_t)k * 4);
+        void *xq = malloc(cm_vec_row_bytes(xt, k));
+        for (int64_t b = 0; b < nb; b++) random_blocks(type, w + (size_t)b * gguf_row_bytes(type, gguf_block_size(type)), 1, 0);
+        for (int64_t i = 0; i < k; i++) x[i] = frand();
+        cm_vec_prepare(xt, x, xq, k);
+        cm_dequantize_row_ref(type, w, y, k);
+        double exact = 0, mag = 0;
+        for (int64_t i = 0; i < k; i++) { exact += (double)y[i] * x[i]; mag += fabs((double)y[i] * x[i]); }
+        double got = cm_vec_dot(type, xt, k, w, xq);
+        /* x's error is <= d/2 = max|x|/254 per value, plus the fp16 rounding of d (and s) */
+        double ymag = 0;
+        for (int64_t i = 0; i < k; i++) ymag += fabs((double)y[i]);
+        if (!(fabs(got - exact) <= ymag / 254.0 * 1.01 + 2e-3 * (mag + ymag)))
+            TEST_FAIL_("%s: int8 dot %.6g, exact %.6g (sum|w| %g)", gguf_ttype_name(type), got, exact, ymag);
+        free(w); free(x); free(y); free(xq);
+    }
+}
+
+TEST(matvec_rows_equal_vec_dot_and_ref) {
+    for (int t = 0; t < N_QTYPES; t++) {
+        int type = qtypes[t];
+        int64_t k = gguf_block_size(type) == 32 ? 352 : 768, m = 37;
+        size_t rb = (size_t)gguf_row_bytes(type, k);
+        uint8_t *w = malloc(rb * (size_t)m);
+        for (int64_t r = 0; r < m; r++) random_blocks(type, w + (size_t)r * rb, k / gguf_block_size(type), (int)r);
+        for (int xi = 0; xi < 2; xi++) {
+            int xt = xi ? cm_quant_vec_dot_type(type) : GGUF_TT_F32;
+            size_t xb = cm_vec_row_bytes(xt, k);
+            for (int n = 1; n <= 19; n += 6) {
+                float *x = malloc((size_t)(n * k) * 4), *deq = malloc((size_t)k * 4);
+                uint8_t *xv = malloc(xb * (size_t)n);
+                for (int j = 0; j < n; j++) {
+                    random_acts(x + j * k, k, j);
+                    cm_vec_prepare(xt, x + j * k, xv + (size_t)j * xb, k);
+                }
+                float *y = malloc((size_t)(n * m) * 4), *yr = malloc((size_t)(n * m) * 4);
+                cm_matvec_rows(type, xt, w, k, xv, xb, n, y, m, 0, m);
+                cm_matvec_rows_ref(type, xt, w, k, xv, xb, n, yr, m, 0, m);
+                for (int64_t r = 0; r < m; r++) {
+                    cm_dequantize_row_ref(type, w + (size_t)r * rb, deq, k);
+                    for (int j = 0; j < n; j++) {
+                        float one = cm_vec_dot(type, xt, k, w + (size_t)r * rb, xv + (size_t)j * xb);
+                        float got = y[j * m + r], want = yr[j * m + r];
+                        double mag = 0;
+                        for (int64_t i = 0; i < k; i++) mag += fabs((double)deq[i] * x[j * k + i]);
+                        if (!same_bits(got, one))
+                            TEST_FAIL_("%s x %s n=%d: row %lld token %d: matvec %.9g, vec_dot %.9g",
+                                       gguf_ttype_name(type), gguf_ttype_name(xt), n, (long long)r, j, got, one);
+                        else if (xi ? !same_bits(got, want) : !(fabs((double)got - want) <= 1e-5 * mag + 1e-30))
+                            TEST_FAIL_("%s x %s n=%d: row %lld token %d: matvec %.9g, ref %.9g",
+                                       gguf_ttype_name(type), gguf_ttype_name(xt), n, (long long)r, j, got, want);
+                    }
+                }
+                free(deq);
+                free(x); free(xv); free(y); free(yr);
+            }
+        }
+        free(w);
+    }
+}
+
+TEST(activation_quantisers) {
+    int64_t k = 768;
+    float *x = malloc((size_t)k * 4);
+    cm_block_q8_1 *q1 = malloc((size_t)k / 32 * sizeof *q1);
+    cm_block_q8_k *qk = malloc((size_t)k / 256 * sizeof *qk);
+    for (int round = 0; round < 3; round++) {
+        random_acts(x, k, round);
+        if (round == 2) for (int64_t i = 0; i < 256; i++) x[i] = 0.0f; /* a zero super-block */
+        cm_quantize_row_q8_1_ref(x, q1, k);
+        cm_quantize_row_q8_k_ref(x, qk, k);
+        for (int64_t b = 0; b < k / 32; b++) {
+            float d = cm_fp16_to_f32(q1[b].d);
+            int sum = 0;
+            for (int i = 0; i < 32; i++) {
+                sum += q1[b].qs[i];
+                ASSERT_TRUE(q1[b].qs[i] >= -127 && q1[b].qs[i] <= 127);
+                /* d is stored as fp16: q was made with the unrounded d (off by <= 127 * 2^-11 d) */
+                ASSERT_TRUE(fabsf(x[b * 32 + i] - d * q1[b].qs[i]) <= d * 0.57f + 1e-30f);
+            }
+            float amax = 0.0f;
+            for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(x[b * 32 + i]));
+            ASSERT_TRUE(q1[b].s == cm_f32_to_fp16(amax / 127.0f * (float)sum)); /* s from the unrounded d */
+        }
+        for (int64_t b = 0; b < k / 256; b++) {
+            for (int j = 0; j < 16; j++) {
+                int sum = 0;
+                for (int i = 0; i < 16; i++) {
+                    int v = qk[b].qs[16 * j + i];
+                    sum += v;
+                    ASSERT_TRUE(v >= -127 && v <= 127);
+                    ASSERT_TRUE(fabsf(x[b * 256 + 16 * j + i] - qk[b].d * (float)v) <= qk[b].d * 0.502f + 1e-30f);
+                }
+                ASSERT_EQ_INT(qk[b].bsums[j], sum);
+            }
+        }
+    }
+    ASSERT_TRUE(qk[0].d == 0.0f); /* the zero super-block of the last round */
+    free(x); free(q1); free(qk);
+}
+
+int main(void) {
+    RUN(block_sizes_match_gguf_table);
+    RUN(dequantize_matches_python_golden);
+    RUN(fast_kernels_equal_ref);
+    RUN(int8_dot_tracks_exact_product);
+    RUN(matvec_rows_equal_vec_dot_and_ref);
+    RUN(activation_quantisers);
+    return test_summary();
+}
