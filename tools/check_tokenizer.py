@@ -18,6 +18,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import corpus  # noqa: E402
 import train_tokenizer as tt  # noqa: E402
 
 EDGE = ["", "x", "  \n\n\t  x = 1  \r\n", "naïve café ñ 日本語 ١٢٣ ½ x²", "it's I'LL they'd ’s",
@@ -37,8 +38,8 @@ def engine_ids(binary, gguf, text, tmp):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tokenizer", default="/work/train/tokenizer")
-    ap.add_argument("--corpus", default="/work/train/corpus")
+    ap.add_argument("--tokenizer", default=os.path.join(corpus.TRAIN_DIR, "tokenizer"))
+    ap.add_argument("--corpus", default=os.path.join(corpus.TRAIN_DIR, "corpus"))
     ap.add_argument("--codemoe", default=os.path.join(os.path.dirname(__file__), "..", "build-data", "server",
                                                       "codemoe"))
     ap.add_argument("--n", type=int, default=40)

@@ -42,7 +42,12 @@ import subprocess
 import sys
 import zipfile
 
-HUMANEVAL_X = "/work/shared/data/humaneval-x"
+# HumanEval-X (held out of training): $CODEMOE_HUMANEVAL_X, else the shared data folder beside the repository
+HUMANEVAL_X = os.environ.get("CODEMOE_HUMANEVAL_X") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data", "humaneval-x")
+# working files of the training pipeline: $CM_TRAIN, else a cache folder
+TRAIN_DIR = os.environ.get("CM_TRAIN") or os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "codemoe", "train")
 
 # lang -> list of (package, root, path filter); roots are globbed for versioned directories
 SOURCES = {
@@ -190,7 +195,7 @@ def install():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="/work/train/corpus")
+    ap.add_argument("--out", default=os.path.join(TRAIN_DIR, "corpus"))
     ap.add_argument("--install", action="store_true")
     ap.add_argument("--cap-mb", type=float, default=32.0, help="train bytes per language")
     ap.add_argument("--heldout", type=float, default=0.05)

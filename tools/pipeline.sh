@@ -10,7 +10,7 @@
 #   CM_TRAIN=DIR (working files, outside the repository)  CM_BUILD=build-data  CM_BASE_TOKENS=3000000  CM_POST_TOKENS=500000 (the shipped run)
 set -eu
 cd "$(dirname "$0")/.."
-T=${CM_TRAIN:-/work/train}
+T=${CM_TRAIN:-${XDG_CACHE_HOME:-$HOME/.cache}/codemoe/train}
 B=${CM_BUILD:-build-data}
 PY="nice -n 19 /usr/bin/python3"
 BASE_TOKENS=${CM_BASE_TOKENS:-3000000}

@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 if [ "${1:-}" = --render-only ]; then
     exec /usr/bin/python3 tools/results.py render --numbers docs/results.json --out docs/results.md --card models/README.md
 fi
-T=${CM_TRAIN:-/work/train}
+T=${CM_TRAIN:-${XDG_CACHE_HOME:-$HOME/.cache}/codemoe/train}
 E=${CM_EVAL:-$T/eval}
 B=${CM_BUILD:-build-eval}
 SHIP=${CM_SHIP:-moe}

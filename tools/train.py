@@ -43,9 +43,10 @@ import torch.nn as nn
 import torch.nn.functional as Fn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import corpus  # noqa: E402
 import reference as ref  # noqa: E402
 
-ROOT = os.environ.get("CM_TRAIN", "/work/train")
+ROOT = corpus.TRAIN_DIR
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LANGS = ["python", "java", "cpp", "rust", "go", "ruby", "c", "js"]
 HIGH, LOW = ["python", "java", "cpp"], ["rust", "go", "ruby"]
@@ -716,7 +717,7 @@ HEX_LANGS = ["python", "java", "cpp", "rust", "go", "js"]  # HumanEval-X has no 
 
 def humaneval_x(lang):
     import gzip
-    with gzip.open("/work/shared/data/humaneval-x/humaneval_%s.jsonl.gz" % lang, "rt", encoding="utf-8") as fh:
+    with gzip.open(os.path.join(corpus.HUMANEVAL_X, "humaneval_%s.jsonl.gz" % lang), "rt", encoding="utf-8") as fh:
         return [json.loads(l) for l in fh]
 
 

@@ -31,6 +31,7 @@ import time
 import unicodedata
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import corpus  # noqa: E402
 import reference as ref  # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>"]
@@ -219,8 +220,8 @@ def read_texts(path, max_bytes=None, max_files=None):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--corpus", default="/work/train/corpus")
-    ap.add_argument("--out", default="/work/train/tokenizer")
+    ap.add_argument("--corpus", default=os.path.join(corpus.TRAIN_DIR, "corpus"))
+    ap.add_argument("--out", default=os.path.join(corpus.TRAIN_DIR, "tokenizer"))
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--sample-mb", type=float, default=1.5, help="training text per language")
     ap.add_argument("--eval-mb", type=float, default=0.3, help="held-out text per language for the stats")
