@@ -1,5 +1,5 @@
 /*
- * test_prefix.c - the prefix cache, forks and block-boundary truncation (engine/kv.c, forward.c, moe.c).
+ * test_kv.c - KV memory: block bytes, the prefix cache, forks and block-boundary truncation (engine/kv.c, forward.c, moe.c).
  *
  * The reference for every check is a COLD run: the same tokens in a fresh context without the cache.
  * Models: dense qwen2 and llama fixtures; the hybrid fixtures with their segment window patched to 12
