@@ -34,6 +34,11 @@ const maxBody = Number(process.env.CM_MAX_BODY || 4 * 1024 * 1024);
 /* ------------------------------------------------------------ the spec */
 
 const spec = YAML.parse(readFileSync(process.env.CM_OPENAPI || join(root, 'openapi.yaml'), 'utf8'));
+// the spec documents this release: its version is meson's project version (what `codemoe --version` prints)
+if (process.env.CM_VERSION && spec.info.version !== process.env.CM_VERSION) {
+  console.error(`openapi.yaml info.version ${spec.info.version} != the project version ${process.env.CM_VERSION} (meson.build)`);
+  process.exit(1);
+}
 const ajv = new Ajv2020({ strict: false, allErrors: true });
 const SPEC_ID = 'https://codemoe.invalid/openapi.yaml';
 ajv.addSchema({ $id: SPEC_ID, components: { schemas: spec.components.schemas } });
