@@ -809,12 +809,14 @@ static node *parse_member(parser *P, node *obj) {
 
 static node *parse_call(parser *P, node *callee) {
     size_t pos = ps_pos(P);
+    if (++P->depth > TPL_MAX_PARSE_DEPTH) return ps_fail(P, pos, "expression nested too deeply");
     node *c = nd_new(P, N_CALL, pos);
     if (!c) return NULL;
     c->a = callee;
     if (parse_args(P, 0, &c->l1)) return NULL;
     node *e = parse_member(P, c);
-    if (e && ps_is(P, T_LPAREN)) return parse_call(P, e);
+    if (e && ps_is(P, T_LPAREN)) e = parse_call(P, e);
+    P->depth--;
     return e;
 }
 
@@ -2191,7 +2193,7 @@ static val *eval_member(rctx *R, env *e, const node *x) {
         if (prop->t == V_INT) {  /* Array.prototype.at: negative counts from the end */
             double len = (double)(o->t == V_STR ? cp_count(o->str.s, o->str.n) : o->arr.n), i = prop->num;
             if (i < 0) i += len;
-            if (i < 0 || i >= len) return UNDEF;
+            if (!(i >= 0 && i < len)) return UNDEF;  /* NaN (0 // 0) included */
             if (is_array(o)) return o->arr.it[(size_t)i];
             size_t off = cp_offset(o->str.s, o->str.n, (size_t)i);
             uint32_t cp;
@@ -2564,7 +2566,7 @@ static val *filter_call(rctx *R, env *e, val *v, const node *f, const node *at) 
         if (asc && asc->t != V_BOOL) return rfail(R, at, "If set, ensure_ascii must be a boolean");
         if (srt && srt->t != V_BOOL) return rfail(R, at, "If set, sort_keys must be a boolean");
         if (ind && ind->t == V_INT) {
-            if (ind->num < 0) return rfail(R, at, "Invalid count value: %g", ind->num);
+            if (!(ind->num >= 0)) return rfail(R, at, "Invalid count value: %g", ind->num);
             if (ind->num > 64) return rfail(R, at, "tojson indent %g is larger than 64", ind->num);
             o.indent = (int)ind->num;
         }
