@@ -328,7 +328,9 @@ typedef struct api_template_impl_lexer {
     const char *orig;  /* the template as given, for error positions */
 } lexer;
 
-static void set_err_at(api_template_error *err, const char *orig, size_t off, const char *fmt, ...) {
+/* Fills err: the message, and the 1-based line and byte column of source offset `off` in orig (0/0
+ * without orig). */
+static void set_err_v(api_template_error *err, const char *orig, size_t off, const char *fmt, va_list ap) {
     if (!err) return;
     err->line = 0, err->col = 0;
     if (orig) {
@@ -339,9 +341,13 @@ static void set_err_at(api_template_error *err, const char *orig, size_t off, co
         }
         err->line = line, err->col = col;
     }
+    vsnprintf(err->message, sizeof err->message, fmt, ap);
+}
+
+static void set_err_at(api_template_error *err, const char *orig, size_t off, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(err->message, sizeof err->message, fmt, ap);
+    set_err_v(err, orig, off, fmt, ap);
     va_end(ap);
 }
 
@@ -606,14 +612,10 @@ static size_t ps_orig(const parser *P, size_t pos) { return P->src->map[pos < P-
 static node *ps_fail(parser *P, size_t pos, const char *fmt, ...) {
     if (P->failed) return NULL;
     P->failed = 1;
-    if (P->err) {
-        char msg[200];
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(msg, sizeof msg, fmt, ap);
-        va_end(ap);
-        set_err_at(P->err, P->orig, ps_orig(P, pos), "%s", msg);
-    }
+    va_list ap;
+    va_start(ap, fmt);
+    set_err_v(P->err, P->orig, ps_orig(P, pos), fmt, ap);
+    va_end(ap);
     return NULL;
 }
 
@@ -1015,25 +1017,18 @@ static node *parse_not(parser *P) {
     return r ? r : parse_cmp(P);
 }
 
-static node *parse_and(parser *P) {
-    node *x = parse_not(P);
-    while (x && ps_word(P, "and")) {
+/* left-associative `operand (word operand)*` for the word operators and/or */
+static node *parse_word_op(parser *P, const char *word, int op, node *(*operand)(parser *)) {
+    node *x = operand(P);
+    while (x && ps_word(P, word)) {
         size_t pos = ps_pos(P);
         P->i++;
-        x = nd_binary(P, pos, OP_AND, x, parse_not(P));
+        x = nd_binary(P, pos, op, x, operand(P));
     }
     return x;
 }
-
-static node *parse_or(parser *P) {
-    node *x = parse_and(P);
-    while (x && ps_word(P, "or")) {
-        size_t pos = ps_pos(P);
-        P->i++;
-        x = nd_binary(P, pos, OP_OR, x, parse_and(P));
-    }
-    return x;
-}
+static node *parse_and(parser *P) { return parse_word_op(P, "and", OP_AND, parse_not); }
+static node *parse_or(parser *P) { return parse_word_op(P, "or", OP_OR, parse_and); }
 
 /* a if b else c, and `a if b` (undefined when b is false) */
 static node *parse_expr(parser *P) {
@@ -1255,14 +1250,10 @@ struct api_template {
 static val *rfail(rctx *R, const node *at, const char *fmt, ...) {
     if (R->failed) return NULL;
     R->failed = 1;
-    if (R->err) {
-        char msg[220];
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(msg, sizeof msg, fmt, ap);
-        va_end(ap);
-        set_err_at(R->err, at ? R->t->orig : NULL, at ? at->pos : 0, "%s", msg);
-    }
+    va_list ap;
+    va_start(ap, fmt);
+    set_err_v(R->err, at ? R->t->orig : NULL, at ? at->pos : 0, fmt, ap);
+    va_end(ap);
     return NULL;
 }
 
