@@ -25,6 +25,7 @@
 
 #define TPL_MAX_SOURCE ((size_t)1 << 20)
 #define TPL_MAX_PARSE_DEPTH 128
+#define TPL_MAX_EVAL_DEPTH 1024
 
 /* ============================================================================ memory and text helpers */
 
@@ -3079,6 +3080,7 @@ char *api_template_render(const api_template *t, const json_t *context, const ap
     if (opts) R.o = *opts;
     else api_template_opts_default(&R.o);
     R.t = t, R.err = err, R.mem.cap = R.o.max_memory;
+    if (R.o.max_depth > TPL_MAX_EVAL_DEPTH) R.o.max_depth = TPL_MAX_EVAL_DEPTH;  /* the C stack is the real bound */
     if (R.o.max_depth <= 0 || R.o.max_steps <= 0) {
         set_err_at(err, NULL, 0, "invalid render options");
         return NULL;

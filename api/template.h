@@ -38,7 +38,8 @@ typedef struct api_template_opts {
     size_t max_memory;   /* bytes one render may allocate for values and intermediate strings */
     long max_steps;      /* evaluation steps (expression nodes, statements, loop iterations, and one
                             step per 64 bytes copied or compared) */
-    int max_depth;       /* nesting of evaluation: macro calls, nested blocks and expressions */
+    int max_depth;       /* nesting of evaluation: macro calls, nested blocks and expressions, and of
+                            the context's JSON (at most 1024, the C stack's share) */
     const api_template_time *now;  /* NULL: strftime_now() is defined but calling it is an error */
 } api_template_opts;
 

@@ -184,6 +184,13 @@ TEST(deep_nesting_is_an_error) {
     ASSERT_SRC_FAILS(in_tag("1", " + 1", 100000, ""), "nested too deeply");
     ASSERT_SRC_FAILS(in_tag("'x'", " | trim", 100000, ""), "nested too deeply");
     ASSERT_FAILS("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", NULL, "nested too deeply");
+    api_template_opts o;  /* a caller's huge depth is clamped: still an error, not a stack overflow */
+    api_template_opts_default(&o);
+    o.max_depth = 1 << 30;
+    api_template_error e;
+    char *out = render_with("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", NULL, &o, &e);
+    ASSERT_TRUE(out == NULL);
+    ASSERT_TRUE(strstr(e.message, "max_depth 1024") != NULL);
     ASSERT_FAILS("{% set ns = namespace() %}{% set ns.me = ns %}{{ ns }}", NULL, "nested too deeply");
     char *deep = repeat("{\"x\": ", 1, "", "[", 300);  /* a context deeper than max_depth */
     char *deep2 = repeat(deep, 1, "", "]", 300);
