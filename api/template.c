@@ -196,7 +196,11 @@ static void js_num(double x, char *o, size_t cap) {
     int n = atoi(s + 1) + 1;
     char *w = o;
     size_t left = cap;
-#define EMIT(...) do { int r_ = snprintf(w, left, __VA_ARGS__); if (r_ < 0 || (size_t)r_ >= left) return; w += r_, left -= (size_t)r_; } while (0)
+#define EMIT(...) do { \
+        int r_ = snprintf(w, left, __VA_ARGS__); \
+        if (r_ < 0 || (size_t)r_ >= left) return; \
+        w += r_, left -= (size_t)r_; \
+    } while (0)
     if (neg) EMIT("-");
     if (k <= n && n <= 21) {
         EMIT("%s", dig);
@@ -281,8 +285,7 @@ static void pass_generation(srcbuf *o, const srcbuf *in) {
         int lstrip = j < in->n && in->s[j] == '-';
         j += (size_t)lstrip;
         j += ws_span(in->s + j, in->n - j);
-        if (in->n - j >= 3 && !memcmp(in->s + j, "end", 3) && in->n - j >= 13 && !memcmp(in->s + j + 3, "generation", 10))
-            j += 3;
+        if (in->n - j >= 13 && !memcmp(in->s + j, "endgeneration", 13)) j += 3;
         if (in->n - j < 10 || memcmp(in->s + j, "generation", 10)) continue;
         j += 10;
         j += ws_span(in->s + j, in->n - j);
@@ -320,7 +323,7 @@ typedef struct token {
     size_t pos;     /* offset in the preprocessed source */
 } token;
 
-typedef struct api_template_impl_lexer {
+typedef struct lexer {
     const srcbuf *src;
     token *toks;
     size_t n, cap;
@@ -367,6 +370,9 @@ static int lx_push(lexer *L, tok_type t, const char *s, size_t n, size_t pos) {
 }
 
 static int is_word(int c) { return isalnum(c) || c == '_'; }
+static uint32_t hex_val(char c) {  /* c is a hex digit */
+    return (uint32_t)(isdigit((unsigned char)c) ? c - '0' : tolower((unsigned char)c) - 'a' + 10);
+}
 
 /* A quoted string from src[*i] (just after the quote); escapes as the reference lexer knows them. */
 static int lx_string(lexer *L, size_t *i, char quote) {
@@ -387,7 +393,7 @@ static int lx_string(lexer *L, size_t *i, char quote) {
             for (size_t h = 0; h < hl; h++) {
                 if (p + h >= j || !isxdigit((unsigned char)s[p + h]))
                     return LX_ERR(p - 2, "invalid hexadecimal escape sequence in string");
-                cp = cp * 16 + (uint32_t)(isdigit((unsigned char)s[p + h]) ? s[p + h] - '0' : (tolower((unsigned char)s[p + h]) - 'a' + 10));
+                cp = cp * 16 + hex_val(s[p + h]);
             }
             p += hl;
             /* a surrogate pair written as two \u escapes is one character */
@@ -396,7 +402,7 @@ static int lx_string(lexer *L, size_t *i, char quote) {
                 int ok = 1;
                 for (size_t h = 0; h < 4; h++) {
                     if (!isxdigit((unsigned char)s[p + 2 + h])) { ok = 0; break; }
-                    lo = lo * 16 + (uint32_t)(isdigit((unsigned char)s[p + 2 + h]) ? s[p + 2 + h] - '0' : (tolower((unsigned char)s[p + 2 + h]) - 'a' + 10));
+                    lo = lo * 16 + hex_val(s[p + 2 + h]);
                 }
                 if (ok && lo >= 0xdc00 && lo < 0xe000) cp = 0x10000 + ((cp - 0xd800) << 10) + (lo - 0xdc00), p += 6;
             }
@@ -1096,7 +1102,8 @@ static node *parse_stmt(parser *P) {
                 if ((x->b = parse_seq(P, 0)) && !ps_expect(P, T_CLOSE_STMT, "'%}'")) x = NULL;
                 else if (!x->b) x = NULL;
             } else if (!ps_expect(P, T_CLOSE_STMT, "'%}'") ||
-                       parse_until(P, (const char *const[]){"endset", NULL}, "endset", &x->l1) || parse_end(P, "endset")) {
+                       parse_until(P, (const char *const[]){"endset", NULL}, "endset", &x->l1) ||
+                       parse_end(P, "endset")) {
                 x = NULL;
             }
         } else {
@@ -1121,7 +1128,8 @@ static node *parse_stmt(parser *P) {
         }
         if (x && ps_stmt(P, (const char *const[]){"else", NULL})) {
             P->i += 2;
-            if (!ps_expect(P, T_CLOSE_STMT, "'%}'") || parse_until(P, (const char *const[]){"endfor", NULL}, "endfor", &x->l2))
+            if (!ps_expect(P, T_CLOSE_STMT, "'%}'") ||
+                parse_until(P, (const char *const[]){"endfor", NULL}, "endfor", &x->l2))
                 x = NULL;
         }
         if (x && parse_end(P, "endfor")) x = NULL;
@@ -1418,7 +1426,8 @@ static int json_quote(strbuf *b, const char *s, size_t n, int ascii) {
         else if (c < 0x20) snprintf(tmp, sizeof tmp, "\\u%04x", c), esc = tmp;
         else if (ascii && cp >= 0x7f) {
             if (cp >= 0x10000)
-                snprintf(tmp, sizeof tmp, "\\u%04x\\u%04x", 0xd800 + ((cp - 0x10000) >> 10), 0xdc00 + ((cp - 0x10000) & 0x3ff));
+                snprintf(tmp, sizeof tmp, "\\u%04x\\u%04x", 0xd800 + ((cp - 0x10000) >> 10),
+                         0xdc00 + ((cp - 0x10000) & 0x3ff));
             else
                 snprintf(tmp, sizeof tmp, "\\u%04x", cp);
             esc = tmp;
@@ -1562,6 +1571,16 @@ static val *sb_val(rctx *R, strbuf *b, const node *at) {
 }
 #define SB_INIT(R) ((strbuf){NULL, 0, 0, (R)->o.max_output, 0})
 
+/* to_json as a string value */
+static val *json_val(rctx *R, const val *v, const json_opts *o, int undef_null, const node *at) {
+    strbuf b = SB_INIT(R);
+    if (to_json(R, v, o, 0, undef_null, &b) && R->failed) {
+        free(b.p);
+        return NULL;
+    }
+    return sb_val(R, &b, at);  /* a buffer that overflowed becomes the output-size error */
+}
+
 /* ---------------------------------------------------------------------------- comparisons */
 
 /* JavaScript's ToNumber for a string. */
@@ -1578,7 +1597,7 @@ static double js_str_num(const char *s, size_t n) {
         int base = p[1] == 'x' || p[1] == 'X' ? 16 : p[1] == 'o' || p[1] == 'O' ? 8 : 2;
         double x = 0;
         for (p += 2; *p; p++) {
-            int d = isdigit((unsigned char)*p) ? *p - '0' : isxdigit((unsigned char)*p) ? tolower((unsigned char)*p) - 'a' + 10 : 99;
+            int d = isxdigit((unsigned char)*p) ? (int)hex_val(*p) : 99;
             if (d >= base) return NAN;
             x = x * base + d;
         }
@@ -1630,8 +1649,7 @@ static int loose_eq(rctx *R, const val *a, const val *b) {
 static int strict_eq(const val *a, const val *b) {
     if (is_num(a) && is_num(b)) return a->num == b->num;
     if (a->t != b->t) {
-        int ao = a->t == V_OBJECT || a->t == V_KWARGS || a->t == V_LOOP, bo = b->t == V_OBJECT || b->t == V_KWARGS || b->t == V_LOOP;
-        return ao && bo ? a == b : is_array(a) && is_array(b) ? a == b : 0;
+        return (is_object(a) && is_object(b)) || (is_array(a) && is_array(b)) ? a == b : 0;
     }
     switch (a->t) {
     case V_UNDEF: case V_NULL: return 1;
@@ -1697,7 +1715,8 @@ static int eval_args(rctx *R, env *e, const nlist *l, args *a) {
             if (!k) return -1;
             a->kw = k->obj;
         }
-        if (omap_get(a->kw, x->s, x->sn)) return rfail(R, x, "Got multiple values for keyword argument '%.*s'", (int)x->sn, x->s), -1;
+        if (omap_get(a->kw, x->s, x->sn))
+            return rfail(R, x, "Got multiple values for keyword argument '%.*s'", (int)x->sn, x->s), -1;
         val *v = ev(R, e, x->a);
         if (!v || omap_set(R, a->kw, x->s, x->sn, v)) return -1;
     }
@@ -1841,7 +1860,8 @@ static val *str_replace(rctx *R, const val *s, val **a, size_t n, const node *at
             count = a[2];
         }
     }
-    if (count->t != V_INT && count->t != V_NULL) return rfail(R, at, "replace() count argument must be a number or null");
+    if (count->t != V_INT && count->t != V_NULL)
+        return rfail(R, at, "replace() count argument must be a number or null");
     double left = count->t == V_NULL || count->num < 0 ? INFINITY : count->num;
     if (left == 0) return (val *)s;
     const char *p = s->str.s, *o = a[0]->str.s, *w = a[1]->str.s;
@@ -1902,7 +1922,8 @@ static int fmt_date(rctx *R, const char *f, size_t n, strbuf *b, const node *at)
 
 static val *call_macro(rctx *R, const val *fn, val **a, size_t n, const node *at) {
     const node *m = fn->fn.macro;
-    if (++R->depth > R->o.max_depth) return rfail(R, at, "macro calls nested too deeply (max_depth %d)", R->o.max_depth);
+    if (++R->depth > R->o.max_depth)
+        return rfail(R, at, "macro calls nested too deeply (max_depth %d)", R->o.max_depth);
     env *scope = env_new(R, fn->fn.scope);
     if (!scope) return NULL;
     omap *kw = NULL;
@@ -1932,7 +1953,8 @@ static val *call_macro(rctx *R, const val *fn, val **a, size_t n, const node *at
         if (omap_set(R, &scope->vars, p->s, p->sn, v ? v : UNDEF)) return NULL;
     }
     if (kw && kw->n)
-        return rfail(R, at, "macro '%.*s' takes no keyword argument '%.*s'", (int)m->sn, m->s, (int)kw->e[0].kn, kw->e[0].k);
+        return rfail(R, at, "macro '%.*s' takes no keyword argument '%.*s'", (int)m->sn, m->s, (int)kw->e[0].kn,
+                     kw->e[0].k);
     if (n > m->l1.n) return rfail(R, at, "macro '%.*s' takes not more than %zu argument(s)", (int)m->sn, m->s, m->l1.n);
     for (size_t i = 0; i < m->l1.n; i++) {
         if (!pending[i]) continue;
@@ -2033,7 +2055,8 @@ static val *call_fn(rctx *R, const val *fn, val **a, size_t n, const node *at) {
     case F_SPLIT: return str_split(R, s, a, n, at);
     case F_REPLACE: return str_replace(R, s, a, n, at);
     case F_GET: {
-        if (n < 1 || a[0]->t != V_STR) return rfail(R, at, "Object key must be a string: got %s", n ? vt_names[a[0]->t] : "UndefinedValue");
+        if (n < 1 || a[0]->t != V_STR)
+            return rfail(R, at, "Object key must be a string: got %s", n ? vt_names[a[0]->t] : "UndefinedValue");
         omap *m = obj_map(R, s);
         if (!m) return NULL;
         val *v = omap_get(m, a[0]->str.s, a[0]->str.n);
@@ -2459,9 +2482,7 @@ static val *filter_plain(rctx *R, val *v, const char *name, size_t n, const node
     if (IS("safe")) return v;
     if (IS("tojson")) {
         json_opts o = {0};
-        strbuf b = SB_INIT(R);
-        if (to_json(R, v, &o, 0, 1, &b)) { free(b.p); return R->failed ? NULL : rfail(R, at, "template output exceeds %zu bytes", R->o.max_output); }
-        return sb_val(R, &b, at);
+        return json_val(R, v, &o, 1, at);
     }
     if (is_array(v)) {
         if (IS("list")) return v;
@@ -2494,9 +2515,7 @@ static val *filter_plain(rctx *R, val *v, const char *name, size_t n, const node
         if (IS("join")) return join_values(R, v, "", 0, at);
         if (IS("string")) {
             json_opts o = {0};
-            strbuf b = SB_INIT(R);
-            if (to_json(R, v, &o, 0, 0, &b)) { free(b.p); return NULL; }
-            return sb_val(R, &b, at);
+            return json_val(R, v, &o, 0, at);
         }
         return rfail(R, at, "Unknown ArrayValue filter: %.*s", (int)n, name);
     }
@@ -2571,15 +2590,14 @@ static val *filter_call(rctx *R, env *e, val *v, const node *f, const node *at) 
         } else if (sep && sep->t != V_NULL) {
             return rfail(R, at, "If set, separators must be a tuple of two strings");
         }
-        strbuf b = SB_INIT(R);
-        if (to_json(R, v, &o, 0, 1, &b)) { free(b.p); return R->failed ? NULL : rfail(R, at, "template output exceeds %zu bytes", R->o.max_output); }
-        return sb_val(R, &b, at);
+        return json_val(R, v, &o, 1, at);
     }
     if (IS("join")) {
         val *sep = arg_or(&a, 0, "separator");
         if (!sep) sep = mkstr(R, "", 0, 0);
         if (!sep) return NULL;
-        if (v->t != V_STR && !is_array(v)) return rfail(R, at, "Cannot apply filter \"join\" to type: %s", vt_names[v->t]);
+        if (v->t != V_STR && !is_array(v))
+            return rfail(R, at, "Cannot apply filter \"join\" to type: %s", vt_names[v->t]);
         if (sep->t != V_STR) return rfail(R, at, "separator must be a string");
         if (is_array(v)) return join_values(R, v, sep->str.s, sep->str.n, at);
         strbuf b = SB_INIT(R);
@@ -2614,7 +2632,8 @@ static val *filter_call(rctx *R, env *e, val *v, const node *f, const node *at) 
     }
     if (is_array(v)) {
         if (IS("sort")) {
-            val *rev = arg_or(&a, 0, "reverse"), *cs = arg_or(&a, 1, "case_sensitive"), *attr = arg_or(&a, 2, "attribute");
+            val *rev = arg_or(&a, 0, "reverse"), *cs = arg_or(&a, 1, "case_sensitive");
+            val *attr = arg_or(&a, 2, "attribute");
             if (rev && rev->t != V_BOOL) return rfail(R, at, "reverse must be a boolean");
             if (cs && cs->t != V_BOOL) return rfail(R, at, "case_sensitive must be a boolean");
             if (attr && attr->t != V_STR && attr->t != V_INT && attr->t != V_NULL)
@@ -2633,7 +2652,8 @@ static val *filter_call(rctx *R, env *e, val *v, const node *f, const node *at) 
         if (IS("selectattr") || IS("rejectattr")) {
             int select = IS("selectattr");
             for (size_t i = 0; i < v->arr.n; i++)
-                if (!is_container(v->arr.it[i])) return rfail(R, at, "`%.*s` can only be applied to array of objects", (int)n, name);
+                if (!is_container(v->arr.it[i]))
+                    return rfail(R, at, "`%.*s` can only be applied to array of objects", (int)n, name);
             for (size_t i = 0; i < f->l1.n; i++)
                 if (f->l1.v[i]->k != N_STR) return rfail(R, at, "arguments of `%.*s` must be strings", (int)n, name);
             if (a.np < 1) return rfail(R, at, "`%.*s` needs an attribute name", (int)n, name);
@@ -2645,7 +2665,8 @@ static val *filter_call(rctx *R, env *e, val *v, const node *f, const node *at) 
             if (!out) return NULL;
             for (size_t i = 0; i < v->arr.n; i++) {
                 val *it = v->arr.it[i];
-                val *x = it->t == V_LOOP ? loop_get(R, it, attr->str.s, attr->str.n) : omap_get(it->obj, attr->str.s, attr->str.n);
+                val *x = it->t == V_LOOP ? loop_get(R, it, attr->str.s, attr->str.n)
+                                         : omap_get(it->obj, attr->str.s, attr->str.n);
                 int r = 0;
                 if (x) r = test ? run_test(R, test->str.s, test->str.n, x, cmp, at) : truthy(x);
                 if (r < 0) return NULL;
@@ -2756,7 +2777,8 @@ static val *ev_(rctx *R, env *e, const node *x) {
         if (eval_args(R, e, &x->l1, &a)) return NULL;
         val *fn = ev(R, e, x->a);
         if (!fn) return NULL;
-        if (fn->t != V_FUNC) return rfail(R, x, "Cannot call something that is not a function: got %s", vt_names[fn->t]);
+        if (fn->t != V_FUNC)
+            return rfail(R, x, "Cannot call something that is not a function: got %s", vt_names[fn->t]);
         size_t n;
         val **flat = args_flat(R, &a, &n);
         return flat ? call_fn(R, fn, flat, n, x) : NULL;
@@ -2831,7 +2853,8 @@ static int render_for(rctx *R, env *e, const node *x, strbuf *out) {
         for (size_t i = 0; i < n; i++) {
             val *cur = it->arr.it[i];
             if (var->k == N_TUPLE) {
-                if (cur->t != V_ARRAY) return rfail(R, x, "Cannot unpack non-iterable type: %s", vt_names[cur->t]), RC_ERR;
+                if (cur->t != V_ARRAY)
+                    return rfail(R, x, "Cannot unpack non-iterable type: %s", vt_names[cur->t]), RC_ERR;
                 if (cur->arr.n != var->l1.n)
                     return rfail(R, x, "Too %s items to unpack", var->l1.n > cur->arr.n ? "few" : "many"), RC_ERR;
             }
@@ -2902,7 +2925,8 @@ static int exec_set(rctx *R, env *e, const node *x) {
 
 /* Renders a block into out. RC_BREAK/RC_CONTINUE travel up to the enclosing for loop. */
 static int render(rctx *R, env *e, const nlist *body, strbuf *out) {
-    if (++R->depth > R->o.max_depth) return rfail(R, NULL, "blocks nested too deeply (max_depth %d)", R->o.max_depth), RC_ERR;
+    if (++R->depth > R->o.max_depth)
+        return rfail(R, NULL, "blocks nested too deeply (max_depth %d)", R->o.max_depth), RC_ERR;
     int rc = RC_OK;
     for (size_t i = 0; i < body->n && rc == RC_OK; i++) {
         const node *x = body->v[i];
@@ -2957,8 +2981,14 @@ void api_template_opts_default(api_template_opts *o) {
 api_template *api_template_compile(const char *src, size_t len, api_template_error *err) {
     if (err) memset(err, 0, sizeof *err);
     if (!src && len) { set_err_at(err, NULL, 0, "no template"); return NULL; }
-    if (len > TPL_MAX_SOURCE) { set_err_at(err, NULL, 0, "template larger than %zu bytes", TPL_MAX_SOURCE); return NULL; }
-    if (!u8_valid((const unsigned char *)src, len)) { set_err_at(err, NULL, 0, "template is not valid UTF-8"); return NULL; }
+    if (len > TPL_MAX_SOURCE) {
+        set_err_at(err, NULL, 0, "template larger than %zu bytes", TPL_MAX_SOURCE);
+        return NULL;
+    }
+    if (!u8_valid((const unsigned char *)src, len)) {
+        set_err_at(err, NULL, 0, "template is not valid UTF-8");
+        return NULL;
+    }
     api_template *t = calloc(1, sizeof *t);
     srcbuf a = {0}, b = {0};
     lexer L = {0};
@@ -3061,8 +3091,11 @@ static val *from_json(rctx *R, const json_t *j, int depth) {
                     double ti = 0;
                     index_key(t.k, t.kn, &ti);
                     size_t b = a;
-                    for (double bi = 0; b > first && (index_key(out->obj->e[b - 1].k, out->obj->e[b - 1].kn, &bi), bi > ti); b--)
+                    for (double bi = 0; b > first; b--) {
+                        index_key(out->obj->e[b - 1].k, out->obj->e[b - 1].kn, &bi);
+                        if (bi <= ti) break;
                         out->obj->e[b] = out->obj->e[b - 1];
+                    }
                     out->obj->e[b] = t;
                 }
         }
@@ -3105,7 +3138,10 @@ char *api_template_render(const api_template *t, const json_t *context, const ap
         if (!ctx) goto done;
         for (size_t i = 0; i < ctx->obj->n; i++) {
             oent *e = &ctx->obj->e[i];
-            if (omap_get(&g->vars, e->k, e->kn)) { rfail(&R, NULL, "Variable already declared: %.*s", (int)e->kn, e->k); goto done; }
+            if (omap_get(&g->vars, e->k, e->kn)) {
+                rfail(&R, NULL, "Variable already declared: %.*s", (int)e->kn, e->k);
+                goto done;
+            }
             if (omap_set(&R, &g->vars, e->k, e->kn, e->v)) goto done;
         }
     }

@@ -24,8 +24,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (z) ctx = json_loadb((const char *)z + 1, size - tlen - 1, 0, NULL);
     if (!json_is_object(ctx)) {
         json_decref(ctx);
-        ctx = json_loads("{\"messages\": [{\"role\": \"system\", \"content\": \"s\"}, {\"role\": \"user\", \"content\": \" hi \"}, "
-                         "{\"role\": \"assistant\", \"content\": \"<think>r</think>a\", \"tool_calls\": [{\"function\": "
+        ctx = json_loads("{\"messages\": [{\"role\": \"system\", \"content\": \"s\"}, "
+                         "{\"role\": \"user\", \"content\": \" hi \"}, {\"role\": \"assistant\", "
+                         "\"content\": \"<think>r</think>a\", \"tool_calls\": [{\"function\": "
                          "{\"name\": \"f\", \"arguments\": {\"x\": 1}}}]}], \"tools\": [{\"type\": \"function\"}], "
                          "\"add_generation_prompt\": true, \"bos_token\": \"<s>\"}", 0, NULL);
     }

@@ -28,14 +28,23 @@ static char *render(const char *src, const char *ctx_json) {
     return out;
 }
 
-#define ASSERT_RENDERS(src, ctx, want) do { char *out_ = render(src, ctx); \
-    if (!out_ || strcmp(out_, want)) { TEST_FAIL_("%s: \"%s\" != \"%s\"", src, out_ ? out_ : "(error)", want); free(out_); return; } \
-    free(out_); } while (0)
+#define ASSERT_RENDERS(src, ctx, want) do { \
+        char *out_ = render(src, ctx); \
+        if (!out_ || strcmp(out_, want)) { \
+            TEST_FAIL_("%s: \"%s\" != \"%s\"", src, out_ ? out_ : "(error)", want); \
+            free(out_); \
+            return; \
+        } \
+        free(out_); \
+    } while (0)
 
 /* The template fails (at compile or render time) with a message containing `part`. */
-#define ASSERT_FAILS(src, ctx, part) do { api_template_error e_; char *out_ = render_with(src, ctx, NULL, &e_); \
-    if (out_) { TEST_FAIL_("%s: rendered \"%s\", expected an error", src, out_); free(out_); return; } \
-    if (!strstr(e_.message, part)) { TEST_FAIL_("%s: error \"%s\" lacks \"%s\"", src, e_.message, part); return; } } while (0)
+#define ASSERT_FAILS(src, ctx, part) do { \
+        api_template_error e_; \
+        char *out_ = render_with(src, ctx, NULL, &e_); \
+        if (out_) { TEST_FAIL_("%s: rendered \"%s\", expected an error", src, out_); free(out_); return; } \
+        if (!strstr(e_.message, part)) { TEST_FAIL_("%s: error \"%s\" lacks \"%s\"", src, e_.message, part); return; } \
+    } while (0)
 
 /* ============================================================ pieces */
 
@@ -43,7 +52,8 @@ TEST(lexer_text_tags_and_whitespace) {
     ASSERT_RENDERS("a { b } c {x", NULL, "a { b } c {x");
     ASSERT_RENDERS("{{ '}}' }}|{{ {'a': {'b': 1}} }}", NULL, "}}|{\"a\": {\"b\": 1}}");
     ASSERT_RENDERS("x  {{- 1 -}}  y", NULL, "x1y");
-    ASSERT_RENDERS("x\n{% if true %}\ny\n{% endif %}\nz\n", NULL, "x\ny\nz");       /* trim_blocks, one final \n dropped */
+    /* trim_blocks, and one final newline dropped */
+    ASSERT_RENDERS("x\n{% if true %}\ny\n{% endif %}\nz\n", NULL, "x\ny\nz");
     ASSERT_RENDERS("x\n   {% if true %}y{% endif %}", NULL, "x\ny");              /* lstrip_blocks */
     ASSERT_RENDERS("x\n   {{ 'y' }}", NULL, "x\n   y");                           /* ... not before {{ */
     ASSERT_RENDERS("a\u00a0{#- c -#}\u3000b", NULL, "ab");                        /* Unicode white space */
@@ -58,9 +68,10 @@ TEST(parser_precedence) {
 }
 
 TEST(context_values) {
-    const char *ctx = "{\"s\": \"x\", \"i\": 3, \"r\": 2.0, \"h\": 2.5, \"b\": false, \"n\": null, \"a\": [1, \"two\"], "
-                      "\"o\": {\"z\": 1, \"1\": 2}}";
-    ASSERT_RENDERS("{{ s }}{{ i }}{{ r }}{{ h }}{{ b }}[{{ n }}]{{ a }}{{ o }}", ctx, "x322.5false[][1, \"two\"]{\"1\": 2, \"z\": 1}");
+    const char *ctx = "{\"s\": \"x\", \"i\": 3, \"r\": 2.0, \"h\": 2.5, \"b\": false, \"n\": null, "
+                      "\"a\": [1, \"two\"], \"o\": {\"z\": 1, \"1\": 2}}";
+    ASSERT_RENDERS("{{ s }}{{ i }}{{ r }}{{ h }}{{ b }}[{{ n }}]{{ a }}{{ o }}", ctx,
+                   "x322.5false[][1, \"two\"]{\"1\": 2, \"z\": 1}");
     ASSERT_RENDERS("{{ missing }}|{{ missing is defined }}|{{ o.nope.deeper is defined }}", ctx, "|false|false");
 }
 
@@ -167,9 +178,15 @@ static char *in_tag(const char *head, const char *unit, int n, const char *tail)
     return s;
 }
 
-#define ASSERT_SRC_FAILS(src, part) do { char *s_ = (src); api_template_error e_; char *o_ = render_with(s_, NULL, NULL, &e_); \
-    free(s_); if (o_) { free(o_); TEST_FAIL_("rendered, expected an error with \"%s\"", part); return; } \
-    if (!strstr(e_.message, part)) { TEST_FAIL_("error \"%s\" lacks \"%s\"", e_.message, part); return; } } while (0)
+/* like ASSERT_FAILS for a malloc'd source, which it frees */
+#define ASSERT_SRC_FAILS(src, part) do { \
+        char *s_ = (src); \
+        api_template_error e_; \
+        char *o_ = render_with(s_, NULL, NULL, &e_); \
+        free(s_); \
+        if (o_) { free(o_); TEST_FAIL_("rendered, expected an error with \"%s\"", part); return; } \
+        if (!strstr(e_.message, part)) { TEST_FAIL_("error \"%s\" lacks \"%s\"", e_.message, part); return; } \
+    } while (0)
 
 TEST(deep_nesting_is_an_error) {
     ASSERT_SRC_FAILS(in_tag("", "(", 100000, "1"), "nested too deeply");
