@@ -2981,6 +2981,7 @@ void api_template_opts_default(api_template_opts *o) {
 api_template *api_template_compile(const char *src, size_t len, api_template_error *err) {
     if (err) memset(err, 0, sizeof *err);
     if (!src && len) { set_err_at(err, NULL, 0, "no template"); return NULL; }
+    if (!src) src = "";
     if (len > TPL_MAX_SOURCE) {
         set_err_at(err, NULL, 0, "template larger than %zu bytes", TPL_MAX_SOURCE);
         return NULL;
@@ -3114,8 +3115,8 @@ char *api_template_render(const api_template *t, const json_t *context, const ap
     else api_template_opts_default(&R.o);
     R.t = t, R.err = err, R.mem.cap = R.o.max_memory;
     if (R.o.max_depth > TPL_MAX_EVAL_DEPTH) R.o.max_depth = TPL_MAX_EVAL_DEPTH;  /* the C stack is the real bound */
-    if (R.o.max_depth <= 0 || R.o.max_steps <= 0) {
-        set_err_at(err, NULL, 0, "invalid render options");
+    if (!t || R.o.max_depth <= 0 || R.o.max_steps <= 0 || R.o.max_memory == 0 || R.o.max_output == 0) {
+        set_err_at(err, NULL, 0, t ? "invalid render options (a bound is zero)" : "no template");
         return NULL;
     }
     strbuf out = {NULL, 0, 0, R.o.max_output, 0};

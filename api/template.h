@@ -43,7 +43,7 @@ typedef struct api_template_opts {
     const api_template_time *now;  /* NULL: strftime_now() is defined but calling it is an error */
 } api_template_opts;
 
-/* Defaults: 8 MiB output, 64 MiB memory, 10M steps, depth 256, no clock. */
+/* Defaults: 8 MiB output, 64 MiB memory, 10M steps, depth 256, no clock. Every bound must be > 0. */
 void api_template_opts_default(api_template_opts *o);
 
 /* Compiles src[0..len) (UTF-8; at most 1 MiB). Returns a template freed with api_template_free, or

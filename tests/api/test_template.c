@@ -241,6 +241,18 @@ TEST(work_and_size_are_bounded) {
     out = render_with("{% for i in range(10) %}{{ i }}{% endfor %}", NULL, &o, &e);
     ASSERT_TRUE(out == NULL);
     ASSERT_TRUE(strstr(e.message, "50 steps") != NULL);
+    api_template_opts_default(&o);
+    o.max_memory = 0;
+    out = render_with("x", NULL, &o, &e);
+    ASSERT_TRUE(out == NULL);
+    ASSERT_TRUE(strstr(e.message, "invalid render options") != NULL);
+    ASSERT_TRUE(api_template_render(NULL, NULL, NULL, NULL, &e) == NULL);
+    api_template *empty = api_template_compile(NULL, 0, &e);
+    ASSERT_TRUE(empty != NULL);
+    out = api_template_render(empty, NULL, NULL, NULL, &e);
+    ASSERT_STREQ(out, "");
+    free(out);
+    api_template_free(empty);
     char *big = malloc((1u << 20) + 2);
     memset(big, 'x', (1u << 20) + 1);
     big[(1u << 20) + 1] = 0;
