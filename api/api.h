@@ -32,6 +32,7 @@
 #include <stdint.h>
 #include <jansson.h>
 #include "codemoe.h"
+#include "template.h"  /* chat templates (Jinja subset) */
 
 /* ============================================================ errors */
 

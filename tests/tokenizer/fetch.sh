@@ -27,7 +27,7 @@ declare -A SHA=(
 )
 
 need_install=0
-for f in "${!SHA[@]}" "$NM/@huggingface/tokenizers/package.json"; do
+for f in "${!SHA[@]}" "$NM/@huggingface/tokenizers/package.json" "$NM/@huggingface/jinja/package.json"; do
     [ -f "$f" ] || need_install=1
 done
 if [ $need_install = 1 ]; then
