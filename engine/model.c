@@ -384,3 +384,12 @@ void cm_model_free(cm_model *m) {
 }
 
 const cm_model_info *cm_model_get_info(const cm_model *m) { return m ? &m->info : NULL; }
+
+const char *cm_model_chat_template(const cm_model *m, size_t *len) {
+    *len = 0;
+    gguf_str s = {0};
+    cm_err err = {0};
+    if (!m || gguf_get_str(&m->gguf, "tokenizer.chat_template", &s, &err) != CM_OK) return NULL;
+    *len = (size_t)s.len;
+    return s.ptr;
+}

@@ -91,6 +91,10 @@ typedef struct cm_model_info {
 cm_model *cm_model_load(const char *path, const cm_model_params *params, cm_err *err);
 void cm_model_free(cm_model *m);
 const cm_model_info *cm_model_get_info(const cm_model *m);
+/* The model's chat template (GGUF tokenizer.chat_template, a Jinja source), borrowed from the mapped file
+ * and valid while m lives; NOT NUL-terminated: *len gets its length. NULL (and *len 0) when the file has
+ * none or the key is not a string. */
+const char *cm_model_chat_template(const cm_model *m, size_t *len);
 
 /* Metadata and tensor listing for `codemoe inspect`: calls fn once per key (value rendered as text,
  * arrays abbreviated) and once per tensor. */
