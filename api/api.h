@@ -74,6 +74,9 @@ typedef struct api_model {
     int n_ctx;              /* tokens per sequence the server runs with (prompt + completion) */
     int n_batch;            /* tokens per forward pass the server runs (--batch): a reference-mode
                                segment_routing prompt must fit one; 0: no such bound */
+    const api_template *chat_template; /* compiled once at load (api_chat_template_load); NULL: chat
+                                          requests are refused with chat_template_error */
+    const char *chat_template_error;   /* why there is no template ("" or NULL: the model has none) */
 } api_model;
 
 typedef struct api_limits {
@@ -297,6 +300,8 @@ typedef struct api_choice {
 
 typedef struct api_usage {
     int prompt_tokens, completion_tokens, cached_tokens;
+    int64_t prompt_ns;     /* arrival to the first token (queue + prefill); 0: unknown */
+    int64_t gen_ns;        /* first token to the end; 0: unknown */
 } api_usage;
 
 /* Identity of one response (the same for all chunks of a stream). */

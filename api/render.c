@@ -1,7 +1,8 @@
 /*
- * render.c - engine results -> OpenAI's response shapes: the text_completion object, its streamed
- * chunks, and the model list. Field names and nesting follow OpenAI's legacy completions API so that
- * existing clients (openai-python, editor plugins) parse them unchanged; extensions are extra fields.
+ * render.c - engine results -> OpenAI's response shapes: the text_completion object and its streamed
+ * chunks, the chat.completion object and its chunks, and the model list. Field names and nesting follow
+ * OpenAI's APIs so that existing clients (openai-python, editor plugins, chat tools) parse them
+ * unchanged; extensions are extra fields.
  */
 #include <math.h>
 #include <stdio.h>
@@ -9,6 +10,7 @@
 #include <string.h>
 
 #include "api.h"
+#include "format.h"
 
 /* 9 significant digits round-trip a float; more would only print noise of the float->double cast */
 #define DUMP_FLAGS (JSON_COMPACT | JSON_REAL_PRECISION(9))
@@ -218,6 +220,116 @@ char *api_render_chunk(const api_completion_req *r, const api_meta *meta, const 
 char *api_render_usage_chunk(const api_completion_req *r, const api_meta *meta, const api_usage *usage,
                              json_t *routing) {
     json_t *o = head_json(r, meta), *arr = json_array(), *u = usage_json(usage);
+    if (!o || !arr || !u) { json_decref(o); json_decref(arr); json_decref(u); return NULL; }
+    json_object_set_new(o, "choices", arr);
+    json_object_set_new(o, "usage", u);
+    if (routing) json_object_set(o, "routing", routing);
+    return sse_free(o);
+}
+
+/* ------------------------------------------------------------ chat completions */
+
+/* A token's raw bytes as chat logprobs show them: {token, logprob, bytes:[...]} (bytes: the UTF-8
+ * bytes, so a client can join tokens that split a character). */
+static json_t *chat_token_json(const cm_model *m, int32_t id, float logprob) {
+    char small[256];
+    int n = cm_token_bytes(m, id, 1, small, sizeof small);
+    if (n < 0 || (size_t)n > sizeof small) n = n < 0 ? 0 : (int)sizeof small; /* longer tokens: cut */
+    long ignore = 0;
+    json_t *t = token_json(m, id, &ignore), *bytes = json_array(), *o = json_object();
+    if (!t || !bytes || !o) { json_decref(t); json_decref(bytes); json_decref(o); return NULL; }
+    for (int i = 0; i < n; i++) json_array_append_new(bytes, json_integer((unsigned char)small[i]));
+    json_object_set_new(o, "token", t);
+    json_object_set_new(o, "logprob", jreal(logprob));
+    json_object_set_new(o, "bytes", bytes);
+    return o;
+}
+
+/* {content:[{token, logprob, bytes, top_logprobs:[{token, logprob, bytes}]}]} for lp[0..n). */
+static json_t *chat_logprobs_json(const api_completion_req *r, const api_token_lp *lp, int n) {
+    const cm_model *m = r->model->model;
+    json_t *arr = json_array(), *o = json_object();
+    if (!arr || !o) { json_decref(arr); json_decref(o); return NULL; }
+    json_object_set_new(o, "content", arr);
+    json_object_set_new(o, "refusal", json_null());
+    for (int i = 0; i < n; i++) {
+        json_t *e = chat_token_json(m, lp[i].token, lp[i].logprob), *top = json_array();
+        if (!e || !top) { json_decref(e); json_decref(top); json_decref(o); return NULL; }
+        int k = lp[i].n_top < r->logprobs ? lp[i].n_top : r->logprobs;
+        for (int j = 0; j < k && lp[i].top; j++) {
+            json_t *t = chat_token_json(m, lp[i].top[j].token, lp[i].top[j].logprob);
+            if (!t) { json_decref(top); json_decref(e); json_decref(o); return NULL; }
+            json_array_append_new(top, t);
+        }
+        json_object_set_new(e, "top_logprobs", top);
+        json_array_append_new(arr, e);
+    }
+    return o;
+}
+
+static json_t *chat_head_json(const api_completion_req *r, const api_meta *meta, const char *object) {
+    json_t *o = head_json(r, meta);
+    if (!o) return NULL;
+    char id[96];
+    snprintf(id, sizeof id, "chat%s", meta->id ? meta->id : ""); /* "chatcmpl-...", as OpenAI's */
+    json_object_set_new(o, "id", json_string(id));
+    json_object_set_new(o, "object", json_string(object));
+    return o;
+}
+
+/* A choice (full) or a delta (chunk): message or delta {role, content}, logprobs, finish_reason. */
+static json_t *chat_choice_json(const api_completion_req *r, const api_choice *c, int chunk, int first) {
+    json_t *o = json_object(), *msg = json_object();
+    if (!o || !msg) { json_decref(o); json_decref(msg); return NULL; }
+    json_object_set_new(o, "index", json_integer(c->index));
+    if (!chunk || first) json_object_set_new(msg, "role", json_string("assistant"));
+    if (!chunk || c->text_len || first) {
+        json_t *t = jstr(c->text ? c->text : "", c->text ? c->text_len : 0);
+        if (!t) { json_decref(o); json_decref(msg); return NULL; }
+        json_object_set_new(msg, "content", t);
+    }
+    if (!chunk) json_object_set_new(msg, "refusal", json_null());
+    json_object_set_new(o, chunk ? "delta" : "message", msg);
+    json_t *lp = r->logprobs >= 0 ? chat_logprobs_json(r, c->lp, c->lp ? c->n_lp : 0) : json_null();
+    if (!lp) { json_decref(o); return NULL; }
+    json_object_set_new(o, "logprobs", lp);
+    const char *f = finish_str(c->finish);
+    json_object_set_new(o, "finish_reason", f ? json_string(f) : json_null());
+    return o;
+}
+
+char *api_render_chat(const api_completion_req *r, const api_meta *meta, const api_choice *choices, int n,
+                      const api_usage *usage, json_t *routing) {
+    json_t *o = chat_head_json(r, meta, "chat.completion"), *arr = json_array();
+    if (!o || !arr) { json_decref(o); json_decref(arr); return NULL; }
+    json_object_set_new(o, "choices", arr);
+    for (int i = 0; i < n; i++) {
+        json_t *c = chat_choice_json(r, &choices[i], 0, 0);
+        if (!c) { json_decref(o); return NULL; }
+        json_array_append_new(arr, c);
+    }
+    json_t *u = usage_json(usage);
+    if (!u) { json_decref(o); return NULL; }
+    json_object_set_new(o, "usage", u);
+    if (routing) json_object_set(o, "routing", routing);
+    return dump_free(o);
+}
+
+char *api_render_chat_chunk(const api_completion_req *r, const api_meta *meta, const api_choice *delta,
+                            int first) {
+    json_t *o = chat_head_json(r, meta, "chat.completion.chunk"), *arr = json_array();
+    if (!o || !arr) { json_decref(o); json_decref(arr); return NULL; }
+    json_object_set_new(o, "choices", arr);
+    json_t *c = chat_choice_json(r, delta, 1, first);
+    if (!c) { json_decref(o); return NULL; }
+    json_array_append_new(arr, c);
+    if (r->include_usage) json_object_set_new(o, "usage", json_null());
+    return sse_free(o);
+}
+
+char *api_render_chat_usage_chunk(const api_completion_req *r, const api_meta *meta, const api_usage *usage,
+                                  json_t *routing) {
+    json_t *o = chat_head_json(r, meta, "chat.completion.chunk"), *arr = json_array(), *u = usage_json(usage);
     if (!o || !arr || !u) { json_decref(o); json_decref(arr); json_decref(u); return NULL; }
     json_object_set_new(o, "choices", arr);
     json_object_set_new(o, "usage", u);

@@ -29,6 +29,7 @@
 #include <microhttpd.h>
 
 #include "server.h"
+#include "format.h"
 
 /* The endpoints (URL routes) the server answers; expert "routing" is a different thing (api/routing.c). */
 enum {
@@ -40,12 +41,22 @@ enum {
     ENDPOINT_COMPLETIONS,
     ENDPOINT_COMPLETION_ROUTING,
     ENDPOINT_PREFLIGHT,
+    ENDPOINT_CHAT,
 };
 
 /* the "route" label of the access log and the request metrics: a fixed name per endpoint, never the
  * raw path */
 static const char *endpoint_label[] = {"unknown", "health", "metrics", "models", "model", "completions",
-                                       "routing", "preflight"};
+                                       "routing", "preflight", "chat"};
+
+/* The dialect of an endpoint that runs a completion job (its parser and renderers), NULL for the others. */
+static const api_format *endpoint_format(int endpoint) {
+    switch (endpoint) {
+    case ENDPOINT_COMPLETIONS: return &api_format_completions;
+    case ENDPOINT_CHAT: return &api_format_chat;
+    default: return NULL;
+    }
+}
 
 enum { WATCH_NONE = 0, WATCH_ACTIVE, WATCH_STOPPED, WATCH_CLOSING, WATCH_CLOSED };
 
@@ -56,6 +67,7 @@ typedef struct choice_acc {
     api_finish finish;
     long chars;         /* characters of the completion text sent so far (stream text_offset) */
     int started;        /* stream: the echo part went out */
+    int chunks;         /* stream: deltas rendered */
 } choice_acc;
 
 typedef struct srv_req srv_req;
@@ -80,6 +92,7 @@ struct srv_req {
     int responded;              /* a response is queued */
 
     /* completion */
+    const api_format *fmt;      /* the endpoint's dialect: parser and renderers */
     api_completion_req creq;
     int has_creq;
     srv_job job;
@@ -127,6 +140,8 @@ struct srv_http {
     srv_retention *ret;
     api_limits limits;
     api_model model;
+    api_template *chat_template;  /* the model's, compiled at load; NULL: none or unusable */
+    char chat_template_error[256];
     int model_state;
     int64_t created;
     srv_req *reqs;
@@ -174,7 +189,7 @@ static void respond(srv_req *r, int status, const char *ctype, char *body, size_
     if (status == 429 || status == 503) MHD_add_response_header(resp, "Retry-After", "1");
     if (status == 401) MHD_add_response_header(resp, "WWW-Authenticate", "Bearer");
     if (status == 405) {
-        const char *allow = r->endpoint == ENDPOINT_COMPLETIONS ? "POST, OPTIONS" : "GET, HEAD, OPTIONS";
+        const char *allow = endpoint_format(r->endpoint) ? "POST, OPTIONS" : "GET, HEAD, OPTIONS";
         MHD_add_response_header(resp, "Allow", allow);
     }
     if (MHD_queue_response(r->conn, (unsigned)status, resp) == MHD_YES) {
@@ -190,7 +205,7 @@ static void respond_json(srv_req *r, int status, char *json) {
 }
 
 static void respond_error(srv_req *r, const api_error *e) {
-    respond_json(r, e->status, api_error_json(e));
+    respond_json(r, e->status, r->fmt ? r->fmt->error(e, 0) : api_error_json(e));
 }
 
 static void respond_http_error(srv_req *r, int status, const char *detail) {
@@ -343,7 +358,7 @@ static void access_log(srv_req *r, enum MHD_RequestTerminationCode toe) {
             inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, addr, sizeof addr);
         json_object_set_new(f, "remote", json_string(addr));
     }
-    if (r->endpoint == ENDPOINT_COMPLETIONS && r->has_creq) {
+    if (r->has_creq) {
         json_object_set_new(f, "completion_id", json_string(r->cmpl_id));
         json_object_set_new(f, "stream", json_boolean(r->stream));
         json_object_set_new(f, "prompt_tokens", json_integer(r->prompt_tokens));
@@ -404,6 +419,7 @@ static int endpoint_of(const char *url, char *arg, size_t arg_cap) {
         return ENDPOINT_MODEL;
     }
     if (!strcmp(url, "/v1/completions")) return ENDPOINT_COMPLETIONS;
+    if (!strcmp(url, "/v1/chat/completions")) return ENDPOINT_CHAT;
     static const char pre[] = "/v1/completions/", suf[] = "/routing";
     size_t n = strlen(url), np = sizeof pre - 1, ns = sizeof suf - 1;
     if (n > np + ns && !strncmp(url, pre, np) && !strcmp(url + n - ns, suf)) {
@@ -584,7 +600,7 @@ static void stream_start(srv_req *r) {
     if (r->stream_started) return;
     struct MHD_Response *resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16 * 1024, sse_reader, r, NULL);
     if (!resp) return;
-    MHD_add_response_header(resp, "Content-Type", "text/event-stream");
+    MHD_add_response_header(resp, "Content-Type", api_format_stream_type(r->fmt));
     MHD_add_response_header(resp, "Cache-Control", "no-cache");
     MHD_add_response_header(resp, "X-Accel-Buffering", "no");
     add_common_headers(r, resp);
@@ -609,6 +625,29 @@ static json_t *store_routing(srv_req *r, const api_route_agg *agg) {
     r->routing = v;
     srv_retention_put(h->ret, r->cmpl_id, json_incref(v));
     return v;
+}
+
+static api_usage req_usage(const srv_req *r) {
+    api_usage u = {.prompt_tokens = r->prompt_tokens, .completion_tokens = r->completion_tokens,
+                   .cached_tokens = r->cached_tokens};
+    if (r->t_first_token_ns) {
+        u.prompt_ns = (int64_t)((uint64_t)r->t_first_token_ns - r->t_start);
+        u.gen_ns = (int64_t)(uv_hrtime() - (uint64_t)r->t_first_token_ns);
+    }
+    return u;
+}
+
+/* The end of a stream: the format's trailer, given every choice's finish reason. */
+static void stream_end(srv_req *r, json_t *routing) {
+    int nc = r->job.n_choices;
+    api_choice *ch = calloc((size_t)nc, sizeof *ch);
+    if (!ch) { sse_append(r, NULL); return; }
+    for (int i = 0; i < nc; i++)
+        ch[i] = (api_choice){.index = i, .text = "", .finish = r->acc[i].finish ? r->acc[i].finish : API_FINISH_LENGTH};
+    api_meta meta = {.id = r->cmpl_id, .created = r->created, .system_fingerprint = NULL};
+    api_usage u = req_usage(r);
+    sse_append(r, r->fmt->stream_end(&r->creq, &meta, ch, nc, &u, routing));
+    free(ch);
 }
 
 static void finish_plain(srv_req *r, json_t *routing) {
@@ -638,8 +677,8 @@ static void finish_plain(srv_req *r, json_t *routing) {
     }
     if (ok) {
         api_meta meta = {.id = r->cmpl_id, .created = r->created, .system_fingerprint = NULL};
-        api_usage u = {r->prompt_tokens, r->completion_tokens, r->cached_tokens};
-        respond_json(r, 200, api_render_completion(&r->creq, &meta, ch, nc, &u, routing));
+        api_usage u = req_usage(r);
+        respond_json(r, 200, r->fmt->response(&r->creq, &meta, ch, nc, &u, routing));
     } else {
         respond_http_error(r, 500, "out of memory");
     }
@@ -672,7 +711,7 @@ static void choice_output(srv_req *r, int i, srv_out *o) {
         api_token_lp *lp = lp_view(r, &o->prompt_toks, NULL, &n_lp);
         api_choice c = {.index = i, .text = q->prompts[p].text, .text_len = q->prompts[p].text_len,
                         .finish = API_FINISH_NONE, .lp = lp, .n_lp = n_lp, .text_offset = 0};
-        sse_append(r, api_render_chunk(q, &meta, &c));
+        sse_append(r, r->fmt->chunk(q, &meta, &c, a->chunks++ == 0));
         a->chars = utf8_chars(q->prompts[p].text, q->prompts[p].text_len);
     } else if (!a->started) {
         a->started = 1;
@@ -684,7 +723,7 @@ static void choice_output(srv_req *r, int i, srv_out *o) {
         api_choice c = {.index = i, .text = o->text.data ? o->text.data : "", .text_len = o->text.len,
                         .finish = o->ended ? a->finish : API_FINISH_NONE, .lp = lp, .n_lp = n_lp,
                         .text_offset = a->chars};
-        sse_append(r, api_render_chunk(q, &meta, &c));
+        sse_append(r, r->fmt->chunk(q, &meta, &c, a->chunks++ == 0));
         a->chars += utf8_chars(o->text.data ? o->text.data : "", o->text.len);
     }
 }
@@ -731,18 +770,12 @@ static void job_output(srv_req *r, srv_drained *info) {
             if (failed) {
                 if (!r->outcome) r->outcome = "error";
                 if (r->stream_started) {
-                    sse_append(r, api_sse_error(&info->err));
+                    sse_append(r, r->fmt->error(&info->err, 1));
                 } else {
                     respond_error(r, &info->err);
                 }
             } else if (r->stream) {
-                if (r->creq.include_usage) {
-                    api_meta meta = {.id = r->cmpl_id, .created = r->created, .system_fingerprint = NULL};
-                    api_usage u = {r->prompt_tokens, r->completion_tokens, r->cached_tokens};
-                    sse_append(r, api_render_usage_chunk(&r->creq, &meta, &u, routing));
-                }
-                char *done = strdup(API_SSE_DONE);
-                sse_append(r, done);
+                stream_end(r, routing);
             } else {
                 finish_plain(r, routing);
             }
@@ -770,10 +803,17 @@ static void on_wake(void *ud) {
             h->model.created = h->created;
             h->model.n_ctx = n_ctx;
             h->model.n_batch = h->cfg->n_batch;
+            api_template_error te;
+            h->chat_template = api_chat_template_load(m, &te);
+            snprintf(h->chat_template_error, sizeof h->chat_template_error, "%s", h->chat_template ? "" : te.message);
+            h->model.chat_template = h->chat_template;
+            h->model.chat_template_error = h->chat_template_error;
             h->model_state = SRV_MODEL_READY;
             const cm_model_info *info = cm_model_get_info(m);
             json_t *f = json_pack("{s:s,s:s,s:i,s:i,s:i}", "model", h->cfg->model_id, "arch", info->arch, "n_ctx",
                                   n_ctx, "parallel", h->cfg->parallel, "n_vocab", info->n_vocab);
+            json_object_set_new(f, "chat_template", json_string(h->chat_template ? "yes"
+                                                                : h->chat_template_error[0] ? h->chat_template_error : "none"));
             srv_log("info", "model loaded", f);
             json_decref(f);
         } else if (st == SRV_MODEL_FAILED) {
@@ -806,7 +846,8 @@ static void handle_completion(srv_req *r) {
     if (!require_model(r)) return;
     api_error e;
     memset(&e, 0, sizeof e);
-    if (api_parse_completion(r->body.data ? r->body.data : "", r->body.len, &h->model, &h->limits, &r->creq, &e) < 0) {
+    r->fmt = endpoint_format(r->endpoint);
+    if (r->fmt->parse(r->body.data ? r->body.data : "", r->body.len, &h->model, &h->limits, &r->creq, &e) < 0) {
         api_completion_req_free(&r->creq);
         respond_error(r, &e);
         return;
@@ -895,7 +936,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             respond_http_error(r, 401, NULL);
             return MHD_YES;
         }
-        if (r->endpoint == ENDPOINT_COMPLETIONS) {
+        if (endpoint_format(r->endpoint)) {
             if (!is_post) { respond_http_error(r, 405, NULL); return MHD_YES; }
             const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Content-Length");
             if (cl) {
@@ -930,7 +971,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     switch (r->endpoint) {
     case ENDPOINT_PREFLIGHT: respond_preflight(r); break;
     case ENDPOINT_HEALTH: handle_health(r); break;
-    case ENDPOINT_COMPLETIONS: handle_completion(r); break;
+    case ENDPOINT_COMPLETIONS:
+    case ENDPOINT_CHAT: handle_completion(r); break;
     case ENDPOINT_METRICS: handle_metrics(r); break;
     case ENDPOINT_MODELS: handle_models(r); break;
     case ENDPOINT_MODEL: handle_model(r, r->arg); break;
@@ -998,7 +1040,7 @@ static void check_drained(srv_http *h) {
     if (!h->draining || h->done_called) return;
     if (h->n_jobs > 0) return;
     for (srv_req *r = h->reqs; r; r = r->next)
-        if (r->endpoint == ENDPOINT_COMPLETIONS && r->job.n_choices && !r->conn_done && !r->client_gone)
+        if (r->job.n_choices && !r->conn_done && !r->client_gone)
             return; /* a response still being written */
     h->done_called = 1;
     uv_timer_start(&h->finish, on_finish, 0, 0);
@@ -1153,5 +1195,6 @@ void srv_http_free(srv_http *h) {
 void srv_http_destroy(srv_http *h) {
     if (!h) return;
     srv_retention_free(h->ret);
+    api_template_free(h->chat_template);
     free(h);
 }

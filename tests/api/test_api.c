@@ -796,7 +796,7 @@ TEST(render_logprobs) {
     };
     api_choice ch = {.index = 0, .text = "hi world", .text_len = 8, .finish = API_FINISH_LENGTH, .lp = lp,
                      .n_lp = 4, .text_offset = 0};
-    api_usage u = {2, 2, 0};
+    api_usage u = {.prompt_tokens = 2, .completion_tokens = 2};
     api_meta meta = {.id = "cmpl-x", .created = 1};
     char *s = api_render_completion(&r, &meta, &ch, 1, &u, NULL);
     json_t *j = load(s);
@@ -882,7 +882,7 @@ TEST(render_chunks) {
     ASSERT_STREQ(json_string_value(json_object_get(c, "text")), "");
     json_decref(j);
     /* the usage event: no choices */
-    api_usage u = {1, 7, 0};
+    api_usage u = {.prompt_tokens = 1, .completion_tokens = 7};
     s = api_render_usage_chunk(&r, &meta, &u, NULL);
     ASSERT_TRUE(strncmp(s, "data: ", 6) == 0);
     j = load(s + 6);

@@ -1,0 +1,84 @@
+/*
+ * format.h - the HTTP dialects one job pipeline answers: OpenAI completions and chat completions,
+ * Ollama's /api/generate and /api/chat, llama.cpp's /completion and /infill. Each dialect reads its
+ * request body into the one engine request (api_completion_req) and renders the pipeline's results in
+ * its own shapes and framing, so the server's HTTP layer stays generic: it picks a format by route,
+ * calls parse, and hands every streamed delta, the stream's end and the non-streamed result to the
+ * format's renderers.
+ *
+ * Framing: API_FRAMING_SSE streams server-sent events ("data: {json}\n\n", OpenAI's and llama.cpp's
+ * streams); API_FRAMING_NDJSON streams one JSON object per line (Ollama's streams). A renderer returns
+ * the framed bytes, ready to send: malloc'd, NUL-terminated, freed by the caller; "" (still malloc'd)
+ * when it has nothing to send; NULL only when out of memory.
+ */
+#ifndef CM_API_FORMAT_H
+#define CM_API_FORMAT_H
+
+#include "api.h"
+
+typedef enum { API_FRAMING_SSE = 0, API_FRAMING_NDJSON } api_framing;
+
+typedef struct api_format {
+    const char *name;          /* the route's label in logs and metrics, e.g. "completions", "chat" */
+    api_framing framing;       /* of a streamed response */
+    /* The request body -> the engine request, with every rule checked; the contract of
+     * api_parse_completion (0, or -1 with err set and nothing in out to free). */
+    int (*parse)(const char *body, size_t len, const api_model *m, const api_limits *lim,
+                 api_completion_req *out, api_error *err);
+    /* One choice's new text (and its tokens' logprobs) while streaming; delta->finish is set on the
+     * choice's last delta. first: the choice's first delta of the stream. */
+    char *(*chunk)(const api_completion_req *r, const api_meta *meta, const api_choice *delta, int first);
+    /* After every choice of a stream ended: what the stream ends with (a usage chunk when asked for,
+     * "data: [DONE]", a final "done" object). choices: (n) the choices' final state, text empty.
+     * routing (extension) is borrowed; NULL omits it. */
+    char *(*stream_end)(const api_completion_req *r, const api_meta *meta, const api_choice *choices, int n,
+                        const api_usage *usage, json_t *routing);
+    /* The non-streamed response body (JSON). choices: (n) with their whole text. */
+    char *(*response)(const api_completion_req *r, const api_meta *meta, const api_choice *choices, int n,
+                      const api_usage *usage, json_t *routing);
+    /* An error: as the response body (streamed 0) or as the stream's last event (streamed 1, the status
+     * already sent). */
+    char *(*error)(const api_error *e, int streamed);
+} api_format;
+
+/* POST /v1/completions: OpenAI's text_completion (api_render_completion and friends). */
+extern const api_format api_format_completions;
+/* POST /v1/chat/completions: OpenAI's chat.completion (api_parse_chat). */
+extern const api_format api_format_chat;
+
+/* The Content-Type of a streamed response in this framing. */
+const char *api_format_stream_type(const api_format *f);
+
+/* ============================================================ chat */
+
+/* The model's chat template, compiled once when the model is loaded (api_model.chat_template).
+ * Returns NULL when the model has none (err->message "") or when it does not compile (err says why;
+ * chat requests are then refused with that reason). */
+api_template *api_chat_template_load(const cm_model *m, api_template_error *err);
+
+/* Parses a POST /v1/chat/completions body: the messages are rendered through the model's chat template
+ * (messages, add_generation_prompt true, bos_token, eos_token, tools when given) and the text is
+ * tokenized with its special tokens recognised (the template writes them as text); the sampling
+ * fields, stop, n, seed, user, logprobs/top_logprobs, max_tokens/max_completion_tokens (default: the
+ * rest of the context) and the routing extensions follow api_parse_completion's rules. A model
+ * without a template is a 400 with code "model_not_chat_capable". Contract of api_parse_completion. */
+int api_parse_chat(const char *body, size_t len, const api_model *m, const api_limits *lim,
+                   api_completion_req *out, api_error *err);
+
+/* The messages -> prompt text step of api_parse_chat on its own (ollama's /api/chat uses it too):
+ * messages is the request's array (borrowed), tools its "tools" (NULL: none). On success returns the
+ * malloc'd text (*len its length) with a BOS the tokenizer adds anyway removed; on failure NULL with e
+ * set (400 naming "messages", or "model_not_chat_capable"). */
+char *api_chat_prompt(const api_model *m, const json_t *messages, const json_t *tools, size_t *len,
+                      api_error *e);
+
+/* OpenAI chat shapes (render.c): the chat.completion object, a chat.completion.chunk event with
+ * delta {role (first), content} and finish_reason, and the include_usage chunk. */
+char *api_render_chat(const api_completion_req *r, const api_meta *meta, const api_choice *choices, int n,
+                      const api_usage *usage, json_t *routing);
+char *api_render_chat_chunk(const api_completion_req *r, const api_meta *meta, const api_choice *delta,
+                            int first);
+char *api_render_chat_usage_chunk(const api_completion_req *r, const api_meta *meta, const api_usage *usage,
+                                  json_t *routing);
+
+#endif /* CM_API_FORMAT_H */
