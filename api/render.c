@@ -381,6 +381,7 @@ static json_t *model_json(const api_model *am) {
         if (info->weight_type) json_object_set_new(o, "weight_type", jstr(info->weight_type, strlen(info->weight_type)));
         json_object_set_new(o, "fim", json_boolean(info->fim_pre >= 0 && info->fim_suf >= 0 && info->fim_mid >= 0));
     }
+    json_object_set_new(o, "chat", json_boolean(am->chat_template != NULL));
     json_t *moe = am->model ? moe_json(am->model) : NULL;
     if (moe) json_object_set_new(o, "moe", moe);
     return o;

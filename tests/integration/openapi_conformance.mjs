@@ -300,6 +300,42 @@ async function streamed(req, where) {
   return { texts, finished, id };
 }
 
+/* Chat completions: the plain object and every streamed event against the spec; streamed text ==
+ * non-streamed text at temperature 0; a choice's first delta carries the role. */
+async function chat(mid, where) {
+  const CP = '/v1/chat/completions';
+  const req = { model: mid, messages: [{ role: 'system', content: 'Be brief.' }, { role: 'user', content: [{ type: 'text', text: 'def add(a, b):' }] }],
+    max_completion_tokens: 6, temperature: 0 };
+  validate({ $ref: '#/components/schemas/ChatCompletionRequest' }, req, where + ' (request vs. spec)');
+  const res = await call('POST', CP, { body: req });
+  const j = conform('POST', CP, res, where);
+  if (!expect(res.status === 200 && j, where, `status ${res.status}: ${res.text.slice(0, 300)}`)) return;
+  checkUsage(j, where);
+  const lp = await call('POST', CP, { body: { ...req, n: 2, seed: 3, temperature: 0.8, logprobs: true, top_logprobs: 2 } });
+  const jl = conform('POST', CP, lp, where + ' n=2 logprobs');
+  if (jl && jl.choices) expect(jl.choices.length === 2 && jl.choices.every((c) => c.logprobs && c.logprobs.content.length > 0),
+    where + ' n=2 logprobs', 'two choices with logprobs expected');
+  const sres = await call('POST', CP, { body: { ...req, stream: true, stream_options: { include_usage: true } } });
+  conform('POST', CP, sres, where + ' stream');
+  if (!expect(sres.status === 200 && sres.type === 'text/event-stream', where + ' stream', `status ${sres.status}`)) return;
+  const events = sseEvents(sres.text, where + ' stream');
+  expect(events[events.length - 1] === '[DONE]', where + ' stream', 'stream does not end with [DONE]');
+  let text = '', first = true, usage = null;
+  for (const ev of events.slice(0, -1)) {
+    const c = parseJSON(ev, where + ' stream');
+    if (!c) continue;
+    validate({ $ref: '#/components/schemas/ChatCompletionChunk' }, c, where + ' stream event');
+    if (c.choices.length === 0) { usage = c.usage; continue; }
+    const d = c.choices[0].delta;
+    expect(first ? d.role === 'assistant' : d.role === undefined, where + ' stream', `role in ${ev.slice(0, 200)}`);
+    first = false;
+    text += d.content || '';
+  }
+  expect(usage && usage.completion_tokens === j.usage.completion_tokens, where + ' stream', 'usage chunk');
+  expect(text === j.choices[0].message.content, where + ' stream', `streamed ${JSON.stringify(text)} != ${JSON.stringify(j.choices[0].message.content)}`);
+  await expectError('POST', CP, { body: { model: mid, messages: [] } }, 400, 'messages', undefined, where + ' error messages');
+}
+
 async function expectError(method, path, opts, status, param, code, where) {
   const res = await call(method, path, opts);
   const j = conform(method, path, res, where);
@@ -408,6 +444,11 @@ async function main() {
   const fim = { model: mid, prompt: 'def f(x):\n    return ', suffix: '\n\nprint(f(2))\n', max_tokens: 6, temperature: 0 };
   if (model.fim === false) await expectError('POST', '/v1/completions', { body: fim }, 400, 'suffix', undefined, 'fim unsupported');
   else await completion(fim, 'completion fim');
+
+  /* chat completions: answered when the model has a chat template, else refused by name */
+  if (model.chat) await chat(mid, 'chat');
+  else await expectError('POST', '/v1/chat/completions', { body: { messages: [{ role: 'user', content: 'hi' }] } }, 400,
+    'messages', 'model_not_chat_capable', 'chat without a template');
 
   /* request errors */
   const P = '/v1/completions';
