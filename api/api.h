@@ -311,6 +311,10 @@ typedef struct api_meta {
     const char *system_fingerprint;  /* NULL: omitted */
 } api_meta;
 
+/* A JSON string from bytes that should be UTF-8 (model output, names from model files): invalid bytes
+ * become U+FFFD instead of failing the response. New reference; NULL only when out of memory. */
+json_t *api_json_text(const char *s, size_t n);
+
 /* Writes "cmpl-" + 24 characters derived from rnd into buf (>= 32 bytes). */
 void api_make_id(char *buf, size_t cap, uint64_t rnd);
 

@@ -81,4 +81,30 @@ char *api_render_chat_chunk(const api_completion_req *r, const api_meta *meta, c
 char *api_render_chat_usage_chunk(const api_completion_req *r, const api_meta *meta, const api_usage *usage,
                                   json_t *routing);
 
+/* ============================================================ Ollama (ollama.c) */
+
+/* POST /api/generate and POST /api/chat: NDJSON streams (stream defaults to true) of
+ * {model, created_at, response | message:{role, content}, done:false}, ended by
+ * {..., done:true, done_reason, [context:[]], total_duration, load_duration, prompt_eval_count,
+ * prompt_eval_duration, eval_count, eval_duration} (durations in ns); not streamed: the final object with
+ * the whole text. Errors: {"error": "message"}. */
+extern const api_format api_format_ollama_generate;
+extern const api_format api_format_ollama_chat;
+/* {"error": "message"}, Ollama's error body. NULL only when out of memory. */
+char *api_ollama_error_json(const api_error *e);
+/* GET /api/tags (running 0) and GET /api/ps (running 1: with expires_at, size_vram, context_length):
+ * {models:[{name, model, modified_at, size, digest, details:{format, family, families,
+ * parameter_size, quantization_level}}]}. */
+char *api_render_ollama_tags(const api_model *models, int n, int running);
+/* The model a POST /api/show body names ("model", or the older "name"): 0 with *out set, or -1 with e
+ * set (400 no name, 404 unknown). */
+int api_ollama_show_model(const char *body, size_t len, const api_model *models, int n, const api_model **out,
+                          api_error *e);
+/* POST /api/show: {license, modelfile, parameters, template (the chat template source, or
+ * "{{ .Prompt }}"), details, model_info, capabilities ["completion", "insert" (FIM), "chat"],
+ * modified_at}. */
+char *api_render_ollama_show(const api_model *m);
+/* GET /api/version: {"version": the Ollama release whose API this follows}. */
+char *api_render_ollama_version(void);
+
 #endif /* CM_API_FORMAT_H */

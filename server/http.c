@@ -42,20 +42,34 @@ enum {
     ENDPOINT_COMPLETION_ROUTING,
     ENDPOINT_PREFLIGHT,
     ENDPOINT_CHAT,
+    ENDPOINT_OLLAMA_GENERATE,
+    ENDPOINT_OLLAMA_CHAT,
+    ENDPOINT_OLLAMA_TAGS,
+    ENDPOINT_OLLAMA_PS,
+    ENDPOINT_OLLAMA_SHOW,
+    ENDPOINT_OLLAMA_VERSION,
 };
 
 /* the "route" label of the access log and the request metrics: a fixed name per endpoint, never the
  * raw path */
 static const char *endpoint_label[] = {"unknown", "health", "metrics", "models", "model", "completions",
-                                       "routing", "preflight", "chat"};
+                                       "routing", "preflight", "chat", "ollama_generate", "ollama_chat",
+                                       "ollama_tags", "ollama_ps", "ollama_show", "ollama_version"};
 
 /* The dialect of an endpoint that runs a completion job (its parser and renderers), NULL for the others. */
 static const api_format *endpoint_format(int endpoint) {
     switch (endpoint) {
     case ENDPOINT_COMPLETIONS: return &api_format_completions;
     case ENDPOINT_CHAT: return &api_format_chat;
+    case ENDPOINT_OLLAMA_GENERATE: return &api_format_ollama_generate;
+    case ENDPOINT_OLLAMA_CHAT: return &api_format_ollama_chat;
     default: return NULL;
     }
+}
+
+/* Endpoints answered to POST with a JSON body: the completion dialects and Ollama's /api/show. */
+static int endpoint_is_post(int endpoint) {
+    return endpoint_format(endpoint) || endpoint == ENDPOINT_OLLAMA_SHOW;
 }
 
 enum { WATCH_NONE = 0, WATCH_ACTIVE, WATCH_STOPPED, WATCH_CLOSING, WATCH_CLOSED };
@@ -189,7 +203,7 @@ static void respond(srv_req *r, int status, const char *ctype, char *body, size_
     if (status == 429 || status == 503) MHD_add_response_header(resp, "Retry-After", "1");
     if (status == 401) MHD_add_response_header(resp, "WWW-Authenticate", "Bearer");
     if (status == 405) {
-        const char *allow = endpoint_format(r->endpoint) ? "POST, OPTIONS" : "GET, HEAD, OPTIONS";
+        const char *allow = endpoint_is_post(r->endpoint) ? "POST, OPTIONS" : "GET, HEAD, OPTIONS";
         MHD_add_response_header(resp, "Allow", allow);
     }
     if (MHD_queue_response(r->conn, (unsigned)status, resp) == MHD_YES) {
@@ -420,6 +434,12 @@ static int endpoint_of(const char *url, char *arg, size_t arg_cap) {
     }
     if (!strcmp(url, "/v1/completions")) return ENDPOINT_COMPLETIONS;
     if (!strcmp(url, "/v1/chat/completions")) return ENDPOINT_CHAT;
+    if (!strcmp(url, "/api/generate")) return ENDPOINT_OLLAMA_GENERATE;
+    if (!strcmp(url, "/api/chat")) return ENDPOINT_OLLAMA_CHAT;
+    if (!strcmp(url, "/api/tags")) return ENDPOINT_OLLAMA_TAGS;
+    if (!strcmp(url, "/api/ps")) return ENDPOINT_OLLAMA_PS;
+    if (!strcmp(url, "/api/show")) return ENDPOINT_OLLAMA_SHOW;
+    if (!strcmp(url, "/api/version")) return ENDPOINT_OLLAMA_VERSION;
     static const char pre[] = "/v1/completions/", suf[] = "/routing";
     size_t n = strlen(url), np = sizeof pre - 1, ns = sizeof suf - 1;
     if (n > np + ns && !strncmp(url, pre, np) && !strcmp(url + n - ns, suf)) {
@@ -510,6 +530,25 @@ static void handle_model(srv_req *r, const char *id) {
     }
     if (!require_model(r)) return;
     respond_json(r, 200, api_render_model(&h->model));
+}
+
+/* Ollama's listings: /api/tags, /api/ps (the one loaded model), /api/show, /api/version. */
+static void handle_ollama(srv_req *r) {
+    srv_http *h = r->h;
+    if (r->endpoint == ENDPOINT_OLLAMA_VERSION) { respond_json(r, 200, api_render_ollama_version()); return; }
+    if (r->too_large) { respond_http_error(r, 413, NULL); return; }
+    if (!require_model(r)) return;
+    if (r->endpoint != ENDPOINT_OLLAMA_SHOW) {
+        respond_json(r, 200, api_render_ollama_tags(&h->model, 1, r->endpoint == ENDPOINT_OLLAMA_PS));
+        return;
+    }
+    api_error e;
+    const api_model *m = NULL;
+    if (api_ollama_show_model(r->body.data ? r->body.data : "", r->body.len, &h->model, 1, &m, &e)) {
+        respond_json(r, e.status, api_ollama_error_json(&e));
+        return;
+    }
+    respond_json(r, 200, api_render_ollama_show(m));
 }
 
 static void handle_routing(srv_req *r, const char *id) {
@@ -841,12 +880,12 @@ static void on_wake(void *ud) {
 
 static void handle_completion(srv_req *r) {
     srv_http *h = r->h;
+    r->fmt = endpoint_format(r->endpoint); /* errors from here on take the dialect's shape too */
     if (r->too_large) { respond_http_error(r, 413, NULL); return; }
     if (h->draining) { respond_http_error(r, 503, "The server is shutting down."); return; }
     if (!require_model(r)) return;
     api_error e;
     memset(&e, 0, sizeof e);
-    r->fmt = endpoint_format(r->endpoint);
     if (r->fmt->parse(r->body.data ? r->body.data : "", r->body.len, &h->model, &h->limits, &r->creq, &e) < 0) {
         api_completion_req_free(&r->creq);
         respond_error(r, &e);
@@ -936,7 +975,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             respond_http_error(r, 401, NULL);
             return MHD_YES;
         }
-        if (endpoint_format(r->endpoint)) {
+        if (endpoint_is_post(r->endpoint)) {
             if (!is_post) { respond_http_error(r, 405, NULL); return MHD_YES; }
             const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Content-Length");
             if (cl) {
@@ -972,7 +1011,13 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     case ENDPOINT_PREFLIGHT: respond_preflight(r); break;
     case ENDPOINT_HEALTH: handle_health(r); break;
     case ENDPOINT_COMPLETIONS:
-    case ENDPOINT_CHAT: handle_completion(r); break;
+    case ENDPOINT_CHAT:
+    case ENDPOINT_OLLAMA_GENERATE:
+    case ENDPOINT_OLLAMA_CHAT: handle_completion(r); break;
+    case ENDPOINT_OLLAMA_TAGS:
+    case ENDPOINT_OLLAMA_PS:
+    case ENDPOINT_OLLAMA_SHOW:
+    case ENDPOINT_OLLAMA_VERSION: handle_ollama(r); break;
     case ENDPOINT_METRICS: handle_metrics(r); break;
     case ENDPOINT_MODELS: handle_models(r); break;
     case ENDPOINT_MODEL: handle_model(r, r->arg); break;
