@@ -142,6 +142,8 @@ typedef struct api_completion_req {
     api_segment_routing segment_routing; /* extension */
     api_routing_mode routing;            /* extension: routing stats in the response */
     char unknown_field[64];              /* first ignored field, "" if none (for a log line) */
+    json_t *dialect;                     /* what a dialect's renderer needs from its request (llama.cpp's
+                                            response_fields, truncated), set by its parser; owned, or NULL */
 } api_completion_req;
 
 /* Parses and validates a POST /v1/completions body of len bytes (need not be NUL-terminated) against
@@ -163,6 +165,30 @@ void api_completion_req_free(api_completion_req *r);
  * memory) and *tokens NULL. */
 int api_fim_tokens(const cm_model *m, const char *prefix, size_t prefix_len, const char *suffix,
                    size_t suffix_len, int32_t **tokens, int *n_tokens, api_error *e);
+
+/* Repository-level fill in the middle (llama.cpp's /infill): the FIM prompt of api_fim_tokens preceded by
+ * other files of the project, in the model's own repository format where it has one:
+ *   [BOS if add_bos] [<repo_name> "project\n"] {<file_sep> name "\n" text}... [<file_sep> "file\n"]
+ *   <fim_prefix> prefix middle <fim_suffix> suffix <fim_middle>
+ * (without a file separator each file is the text "--- name ---\n" text "\n"; without a repo-name
+ * token there is no header). Every text is tokenized as plain text. The result fits `budget` tokens:
+ * the prefix keeps its end (up to 3/4 of the room), the suffix its start, and the files, newest (last)
+ * first, only whole; *truncated says whether anything was cut. Same return contract as api_fim_tokens
+ * (400 "context_length_exceeded" when middle alone does not fit). */
+typedef struct api_fim_file {
+    const char *name;    /* (name_len) file name as the client gave it */
+    size_t name_len;
+    const char *text;    /* (text_len) */
+    size_t text_len;
+} api_fim_file;
+typedef struct api_fim_context {
+    const char *prefix, *middle, *suffix;  /* middle: the text typed after prefix, before the cursor */
+    size_t prefix_len, middle_len, suffix_len;
+    const api_fim_file *files;             /* (n_files) borrowed, oldest first */
+    int n_files;
+} api_fim_context;
+int api_fim_context_tokens(const cm_model *m, const api_fim_context *c, int budget, int32_t **tokens,
+                           int *n_tokens, int *truncated, api_error *e);
 
 /* Total choices (n_prompts * n); choice i belongs to prompt i / n. */
 static inline int api_completion_n_choices(const api_completion_req *r) { return r->n_prompts * r->n; }

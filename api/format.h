@@ -107,4 +107,15 @@ char *api_render_ollama_show(const api_model *m);
 /* GET /api/version: {"version": the Ollama release whose API this follows}. */
 char *api_render_ollama_version(void);
 
+/* ============================================================ llama.cpp (llamacpp.c) */
+
+/* POST /completion (prompt string or token ids) and POST /infill (input_prefix, input_suffix,
+ * input_extra, prompt: api_fim_context_tokens): llama.cpp server's shapes, {content, stop,
+ * tokens_predicted, tokens_evaluated, tokens_cached, truncated, stop_type ("eos" | "limit"),
+ * generation_settings, timings{prompt_n, prompt_ms, prompt_per_token_ms, prompt_per_second, predicted_n,
+ * predicted_ms, predicted_per_token_ms, predicted_per_second, cache_n}}, projected onto response_fields
+ * when the request names them; streams are SSE {content, stop:false}... then the final object. */
+extern const api_format api_format_llama_completion;
+extern const api_format api_format_llama_infill;
+
 #endif /* CM_API_FORMAT_H */

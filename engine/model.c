@@ -327,7 +327,7 @@ cm_model *cm_model_load(const char *path, const cm_model_params *params, cm_err 
     cm_model_info *in = &m->info;
     in->file_bytes = m->gguf.size;
     in->bos = in->eos = in->eot = in->pad = -1;
-    in->fim_pre = in->fim_suf = in->fim_mid = -1;
+    in->fim_pre = in->fim_suf = in->fim_mid = in->fim_rep = in->fim_sep = -1;
 
     gguf_str s = {0};
     int rc = gguf_get_str(&m->gguf, "general.architecture", &s, err);

@@ -48,13 +48,16 @@ enum {
     ENDPOINT_OLLAMA_PS,
     ENDPOINT_OLLAMA_SHOW,
     ENDPOINT_OLLAMA_VERSION,
+    ENDPOINT_LLAMA_COMPLETION,
+    ENDPOINT_LLAMA_INFILL,
 };
 
 /* the "route" label of the access log and the request metrics: a fixed name per endpoint, never the
  * raw path */
 static const char *endpoint_label[] = {"unknown", "health", "metrics", "models", "model", "completions",
                                        "routing", "preflight", "chat", "ollama_generate", "ollama_chat",
-                                       "ollama_tags", "ollama_ps", "ollama_show", "ollama_version"};
+                                       "ollama_tags", "ollama_ps", "ollama_show", "ollama_version",
+                                       "llama_completion", "llama_infill"};
 
 /* The dialect of an endpoint that runs a completion job (its parser and renderers), NULL for the others. */
 static const api_format *endpoint_format(int endpoint) {
@@ -63,6 +66,8 @@ static const api_format *endpoint_format(int endpoint) {
     case ENDPOINT_CHAT: return &api_format_chat;
     case ENDPOINT_OLLAMA_GENERATE: return &api_format_ollama_generate;
     case ENDPOINT_OLLAMA_CHAT: return &api_format_ollama_chat;
+    case ENDPOINT_LLAMA_COMPLETION: return &api_format_llama_completion;
+    case ENDPOINT_LLAMA_INFILL: return &api_format_llama_infill;
     default: return NULL;
     }
 }
@@ -440,6 +445,8 @@ static int endpoint_of(const char *url, char *arg, size_t arg_cap) {
     if (!strcmp(url, "/api/ps")) return ENDPOINT_OLLAMA_PS;
     if (!strcmp(url, "/api/show")) return ENDPOINT_OLLAMA_SHOW;
     if (!strcmp(url, "/api/version")) return ENDPOINT_OLLAMA_VERSION;
+    if (!strcmp(url, "/completion")) return ENDPOINT_LLAMA_COMPLETION;
+    if (!strcmp(url, "/infill")) return ENDPOINT_LLAMA_INFILL;
     static const char pre[] = "/v1/completions/", suf[] = "/routing";
     size_t n = strlen(url), np = sizeof pre - 1, ns = sizeof suf - 1;
     if (n > np + ns && !strncmp(url, pre, np) && !strcmp(url + n - ns, suf)) {
@@ -1013,7 +1020,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     case ENDPOINT_COMPLETIONS:
     case ENDPOINT_CHAT:
     case ENDPOINT_OLLAMA_GENERATE:
-    case ENDPOINT_OLLAMA_CHAT: handle_completion(r); break;
+    case ENDPOINT_OLLAMA_CHAT:
+    case ENDPOINT_LLAMA_COMPLETION:
+    case ENDPOINT_LLAMA_INFILL: handle_completion(r); break;
     case ENDPOINT_OLLAMA_TAGS:
     case ENDPOINT_OLLAMA_PS:
     case ENDPOINT_OLLAMA_SHOW:

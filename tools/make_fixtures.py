@@ -563,15 +563,16 @@ def check_reproducible(out, only_dense):
 
 # ============================================================================ chat fixture
 
-CHAT_SPECIALS = ["<|im_start|>", "<|im_end|>"]
+CHAT_SPECIALS = ["<|repo_name|>", "<|file_sep|>", "<|im_start|>", "<|im_end|>"]  # <|im_end|> last
 CHAT_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "template",
                              "qwen2.5.json")
 
 
 def make_chat_fixture(out):
-    """models/qwen2-chat.gguf: qwen2-gqa with Qwen2.5's real chat template (tokenizer.chat_template) and
-    the control tokens it writes (<|im_start|>, <|im_end|>) appended to the vocabulary; their embedding
-    rows (tied output) copy <|endoftext|>'s, so the other tokens' logits are those of qwen2-gqa."""
+    """models/qwen2-chat.gguf: qwen2-gqa with Qwen2.5's real chat template (tokenizer.chat_template), the
+    control tokens it writes (<|im_start|>, <|im_end|>) and Qwen2.5-Coder's repository-level FIM tokens
+    (<|repo_name|>, <|file_sep|>) appended to the vocabulary; their embedding rows (tied output) copy
+    <|endoftext|>'s, so the other tokens' logits are those of qwen2-gqa."""
     src = GGUFReader(os.path.join(out, "models", "qwen2-gqa.gguf"))
     tokens = list(src.get("tokenizer.ggml.tokens"))
     eot = tokens.index("<|endoftext|>")

@@ -83,6 +83,8 @@ typedef struct cm_model_info {
     const char *tok_pre;     /* tokenizer.ggml.pre, e.g. "qwen2", "llama-bpe", "deepseek-coder", "gpt-2" */
     int32_t bos, eos, eot, pad;          /* -1 when absent */
     int32_t fim_pre, fim_suf, fim_mid;   /* -1 when absent */
+    int32_t fim_rep, fim_sep;            /* repository-level FIM: repo-name and file-separator ids
+                                            (Qwen2.5-Coder's <|repo_name|>, <|file_sep|>); -1 when absent */
     int add_bos;                         /* tokenizer.ggml.add_bos_token */
 } cm_model_info;
 

@@ -38,6 +38,7 @@ cm_model *fake_model_create(const fake_model_opts *o, const char *name) {
     i->fim_pre = o->fim ? FAKE_FIM_PRE : -1;
     i->fim_suf = o->fim ? FAKE_FIM_SUF : -1;
     i->fim_mid = o->fim ? FAKE_FIM_MID : -1;
+    i->fim_rep = i->fim_sep = -1;
     i->add_bos = o->add_bos;
     m->chat_template = o->chat_template;
     if (o->moe) {
