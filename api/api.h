@@ -142,6 +142,8 @@ typedef struct api_completion_req {
     api_segment_routing segment_routing; /* extension */
     api_routing_mode routing;            /* extension: routing stats in the response */
     char unknown_field[64];              /* first ignored field, "" if none (for a log line) */
+    int prefill;                         /* max_tokens 0: still compute the prompt, so that its KV enters
+                                            the prefix cache (llama.cpp's n_predict 0 cache warm-up) */
     json_t *dialect;                     /* what a dialect's renderer needs from its request (llama.cpp's
                                             response_fields, truncated), set by its parser; owned, or NULL */
 } api_completion_req;

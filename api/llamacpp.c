@@ -78,6 +78,7 @@ static int finish_parse(json_t *root, json_t *c, int truncated, const api_model 
         if (!strcmp(e->param, "repetition_penalty")) snprintf(e->param, sizeof e->param, "repeat_penalty");
         return rc;
     }
+    out->prefill = out->max_tokens == 0; /* n_predict 0: the plugins' cache warm-up */
     json_t *rf = json_object_get(root, "response_fields");
     out->dialect = json_pack("{s:b,s:O?}", "truncated", truncated, "response_fields", json_is_array(rf) ? rf : NULL);
     if (!out->dialect) {
