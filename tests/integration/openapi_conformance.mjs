@@ -143,6 +143,7 @@ function conform(method, path, res, where) {
     return j;
   }
   if (res.type === 'text/event-stream') return res.text; /* events are checked by sse() */
+  if (res.type === 'application/x-ndjson') return res.text; /* lines are checked by ndjsonLines() */
   return res.text;
 }
 
@@ -336,6 +337,103 @@ async function chat(mid, where) {
   await expectError('POST', CP, { body: { model: mid, messages: [] } }, 400, 'messages', undefined, where + ' error messages');
 }
 
+/* A streamed response's events (SSE data payloads or NDJSON lines), each validated against the
+ * operation's x-event-schema; returns the parsed events. */
+function streamEvents(method, path, res, where) {
+  const { op } = operation(method, path);
+  const media = op && deref(op.responses['200']).content[res.type];
+  if (!expect(media && media['x-event-schema'], where, `no event schema for ${res.type}`)) return [];
+  let raw;
+  if (res.type === 'application/x-ndjson') {
+    expect(res.text.endsWith('\n'), where, 'NDJSON does not end with a newline');
+    raw = res.text.split('\n').filter((l) => l !== '');
+  } else {
+    raw = sseEvents(res.text, where);
+  }
+  const out = [];
+  for (const [i, t] of raw.entries()) {
+    const j = parseJSON(t, where);
+    if (j === undefined) continue;
+    validate(media['x-event-schema'], j, `${where} event ${i}`);
+    out.push(j);
+  }
+  return out;
+}
+
+/* Ollama's API: listings, generate (plain, streamed, FIM when the model has FIM tokens), chat when the
+ * model can chat, and its error shape. */
+async function ollama(model) {
+  for (const p of ['/api/version', '/api/tags', '/api/ps']) {
+    const r = await call('GET', p);
+    conform('GET', p, r);
+    expect(r.status === 200, p, `status ${r.status}`);
+  }
+  const show = await call('POST', '/api/show', { body: { model: model.id } });
+  conform('POST', '/api/show', show);
+  await expectError('POST', '/api/show', { body: { model: 'no-such-model' } }, 404, undefined, undefined, 'ollama show unknown');
+  const G = '/api/generate';
+  const req = { model: model.id, prompt: 'def add(a, b):', raw: true, options: { num_predict: 5, temperature: 0 } };
+  const full = await call('POST', G, { body: { ...req, stream: false } });
+  const fj = conform('POST', G, full, 'ollama generate');
+  expect(full.status === 200 && fj && fj.eval_count <= 5, 'ollama generate', `status ${full.status}: ${full.text.slice(0, 200)}`);
+  const st = await call('POST', G, { body: req });
+  conform('POST', G, st, 'ollama generate stream');
+  if (expect(st.status === 200 && st.type === 'application/x-ndjson', 'ollama generate stream', `status ${st.status} type ${st.type}`)) {
+    const ev = streamEvents('POST', G, st, 'ollama generate stream');
+    const last = ev[ev.length - 1];
+    expect(last && last.done === true && ev.slice(0, -1).every((e) => e.done === false), 'ollama generate stream', 'done only last');
+    if (fj) expect(ev.map((e) => e.response).join('') === fj.response, 'ollama generate stream', 'streamed text != not streamed');
+  }
+  if (model.fim) {
+    const fim = await call('POST', G, { body: { ...req, suffix: '\n    return a + b\n', stream: false } });
+    conform('POST', G, fim, 'ollama generate suffix');
+    expect(fim.status === 200, 'ollama generate suffix', `status ${fim.status}`);
+  }
+  const C = '/api/chat';
+  const chatReq = { model: model.id, messages: [{ role: 'user', content: 'hi' }], options: { num_predict: 4 } };
+  if (model.chat) {
+    const c1 = await call('POST', C, { body: { ...chatReq, stream: false } });
+    conform('POST', C, c1, 'ollama chat');
+    const c2 = await call('POST', C, { body: chatReq });
+    conform('POST', C, c2, 'ollama chat stream');
+    if (c2.status === 200) streamEvents('POST', C, c2, 'ollama chat stream');
+  } else {
+    await expectError('POST', C, { body: chatReq }, 400, undefined, undefined, 'ollama chat without a template');
+  }
+  await expectError('POST', G, { body: { model: 'no-such-model', prompt: 'x' } }, 404, undefined, undefined, 'ollama generate unknown model');
+}
+
+/* llama.cpp's /completion (plain, streamed, response_fields) and /infill. */
+async function llamacpp(model) {
+  const P = '/completion';
+  const req = { prompt: 'import os\n', n_predict: 6, temperature: 0 };
+  const full = await call('POST', P, { body: req });
+  const fj = conform('POST', P, full, 'llama completion');
+  expect(full.status === 200 && fj && fj.stop === true, 'llama completion', `status ${full.status}: ${full.text.slice(0, 200)}`);
+  const st = await call('POST', P, { body: { ...req, stream: true } });
+  conform('POST', P, st, 'llama completion stream');
+  if (st.status === 200) {
+    const ev = streamEvents('POST', P, st, 'llama completion stream');
+    const last = ev[ev.length - 1];
+    expect(last && last.stop === true, 'llama completion stream', 'no final stop:true event');
+    if (fj) expect(ev.slice(0, -1).map((e) => e.content).join('') === fj.content, 'llama completion stream', 'streamed text != not streamed');
+  }
+  const proj = await call('POST', P, { body: { ...req, response_fields: ['content', 'timings/prompt_n'] } });
+  const pj = conform('POST', P, proj, 'llama completion response_fields');
+  if (pj) expect(Object.keys(pj).sort().join() === 'content,timings/prompt_n', 'llama completion response_fields', JSON.stringify(pj));
+  await expectError('POST', P, { body: { prompt: 'x', temperature: 'hot' } }, 400, 'temperature', undefined, 'llama completion error');
+  const I = '/infill';
+  const inf = { input_prefix: 'def add(a, b):\n', input_suffix: '\n', prompt: '    return ',
+    input_extra: [{ filename: 'util.py', text: 'def sub(a, b):\n    return a - b\n' }], n_predict: 4, temperature: 0 };
+  if (model.fim) {
+    const r = await call('POST', I, { body: inf });
+    const j = conform('POST', I, r, 'llama infill');
+    expect(r.status === 200 && j && j.truncated === false, 'llama infill', `status ${r.status}: ${r.text.slice(0, 200)}`);
+  } else {
+    await expectError('POST', I, { body: inf }, 400, 'input_suffix', undefined, 'llama infill without FIM');
+  }
+}
+
 async function expectError(method, path, opts, status, param, code, where) {
   const res = await call(method, path, opts);
   const j = conform(method, path, res, where);
@@ -449,6 +547,10 @@ async function main() {
   if (model.chat) await chat(mid, 'chat');
   else await expectError('POST', '/v1/chat/completions', { body: { messages: [{ role: 'user', content: 'hi' }] } }, 400,
     'messages', 'model_not_chat_capable', 'chat without a template');
+
+  /* the other dialects */
+  await ollama(model);
+  await llamacpp(model);
 
   /* request errors */
   const P = '/v1/completions';
