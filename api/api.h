@@ -1,7 +1,8 @@
 /*
  * api.h - the OpenAI-compatible HTTP API as pure translation: request JSON -> validated engine request
  * (or an OpenAI-shaped error naming the parameter), a choice's sampled tokens -> its text and finish
- * reason (api_choice_state), engine results -> response JSON and SSE chunks.
+ * reason (api_choice_state), engine results -> response JSON and SSE chunks. The other dialects (chat
+ * completions, Ollama, llama.cpp) are api_formats over the same request (format.h).
  * No I/O, no clocks, no randomness: the server supplies ids, timestamps and seeds.
  *
  * Ownership: every `char *` returned here is malloc'd and freed by the caller with free(). Functions

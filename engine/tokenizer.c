@@ -26,6 +26,9 @@
  *   what makes added tokens such as "<|endoftext|>" decode to themselves).
  * - Control (3) and unused (5) tokens render as nothing unless `special` is asked for. EOG: the EOS and
  *   EOT ids, plus control/user tokens spelled like a turn or file end (<|im_end|>, <|fim_pad|>, ...).
+ * - FIM ids: tokenizer.ggml.fim_{pre,suf,mid,rep,sep}_token_id, else the tokens spelled <|fim_prefix|>,
+ *   <|fim_suffix|>, <|fim_middle|>, <|repo_name|>, <|file_sep|> (DeepSeek's spellings for the first
+ *   three), as older converters do not name them.
  * - The streaming detokenizer replaces each maximal invalid subsequence by U+FFFD, as WHATWG's
  *   TextDecoder does; a token of L bytes can thus produce up to 3 L + 3 bytes (only for hostile vocabs).
  * - If PCRE2 gives up on a piece (match limit) the next character becomes a piece of its own: output

@@ -6,10 +6,11 @@
  * and MHD_get_timeout drives a uv_timer_t; MHD_run is called only from those two callbacks, so every
  * MHD callback below runs on the loop thread and never re-enters MHD_run. No thread per connection.
  *
- * A completion request is parsed (api/), turned into a srv_job and handed to the engine worker; the
+ * A completion request (any endpoint with an api_format: OpenAI completions and chat, Ollama, llama.cpp)
+ * is parsed by its format (api/), turned into a srv_job and handed to the engine worker; the
  * connection is then suspended. The worker's output arrives through srv_sched's wake-up (on_wake):
- * the loop queues the response (JSON, or a chunked SSE stream whose reader drains a bounded
- * per-request buffer) and resumes the connection. While a request waits, a uv_poll_t on its socket
+ * the loop renders it through the format and queues the response (JSON, or a chunked SSE / NDJSON
+ * stream whose reader drains a bounded per-request buffer) and resumes the connection. While a request waits, a uv_poll_t on its socket
  * watches for the client hanging up (MHD does not see disconnects of suspended connections), so a
  * client that leaves cancels its generation at the worker's next step.
  */
