@@ -155,21 +155,10 @@ static void chat_param(api_error *e, int max_completion) {
 
 int api_parse_chat(const char *body, size_t len, const api_model *m, const api_limits *lim,
                    api_completion_req *out, api_error *e) {
-    memset(out, 0, sizeof *out);
-    out->model = m;
-    out->logprobs = -1;
-    if (len > lim->max_body_bytes)
-        return api_error_set(e, 413, API_ERR_INVALID, NULL, "request_too_large",
-                             "The request body is %zu bytes; this server accepts at most %zu.", len,
-                             lim->max_body_bytes);
-    json_error_t je;
-    json_t *root = json_loadb(body, len, JSON_ALLOW_NUL, &je);
-    if (!root)
-        return api_error_set(e, 400, API_ERR_INVALID, NULL, NULL,
-                             "We could not parse the JSON body of your request: %s (line %d, column %d).",
-                             je.text, je.line, je.column);
+    json_t *root = api_format_load_body(body, len, m, lim, out, e);
+    if (!root) return -1;
     int rc = -1, max_completion = 0;
-    char *prompt = NULL, *canon = NULL;
+    char *prompt = NULL;
     json_t *c = json_object();
     if (!c) { api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory"); goto done; }
     for (size_t i = 0; i < sizeof shared_fields / sizeof *shared_fields; i++) {
@@ -201,15 +190,10 @@ int api_parse_chat(const char *body, size_t len, const api_model *m, const api_l
     if (!prompt) goto done;
     json_object_set_new(c, "prompt", json_stringn(prompt, plen));
     json_object_set_new(c, "parse_special", json_true()); /* the template writes its special tokens as text */
-    canon = json_dumps(c, JSON_COMPACT);
-    if (!canon) { api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory"); goto done; }
-    api_limits l = *lim;
-    l.max_body_bytes = SIZE_MAX; /* the client's body was measured above; the rendered prompt may be longer */
-    rc = api_parse_completion(canon, strlen(canon), m, &l, out, e);
+    rc = api_format_parse_translated(c, m, lim, 0, out, e);
     if (rc) chat_param(e, max_completion);
 done:
     free(prompt);
-    free(canon);
     json_decref(c);
     json_decref(root);
     return rc;

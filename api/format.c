@@ -1,8 +1,10 @@
 /*
- * format.c - the OpenAI dialects as api_format tables: which parser reads a route's body and which
- * renderers (render.c) write its responses, with the stream's OpenAI ending (the include_usage chunk,
- * then "data: [DONE]").
+ * format.c - what every dialect shares (reading its body, the translated request's rules, framing), and
+ * the OpenAI dialects as api_format tables: which parser reads a route's body and which renderers
+ * (render.c) write its responses, with the stream's OpenAI ending (the include_usage chunk, then
+ * "data: [DONE]").
  */
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -10,6 +12,68 @@
 
 const char *api_format_stream_type(const api_format *f) {
     return f->framing == API_FRAMING_NDJSON ? "application/x-ndjson" : "text/event-stream";
+}
+
+json_t *api_format_load_body(const char *body, size_t len, const api_model *m, const api_limits *lim,
+                             api_completion_req *out, api_error *e) {
+    memset(out, 0, sizeof *out);
+    out->model = m;
+    out->logprobs = -1;
+    if (len > lim->max_body_bytes) {
+        api_error_set(e, 413, API_ERR_INVALID, NULL, "request_too_large",
+                      "The request body is %zu bytes; this server accepts at most %zu.", len, lim->max_body_bytes);
+        return NULL;
+    }
+    json_error_t je;
+    json_t *root = json_loadb(body, len, JSON_ALLOW_NUL, &je);
+    if (!root) {
+        api_error_set(e, 400, API_ERR_INVALID, NULL, NULL,
+                      "We could not parse the JSON body of your request: %s (line %d, column %d).", je.text,
+                      je.line, je.column);
+        return NULL;
+    }
+    if (!json_is_object(root)) {
+        json_decref(root);
+        api_error_set(e, 400, API_ERR_INVALID, NULL, NULL, "The request body must be a JSON object.");
+        return NULL;
+    }
+    return root;
+}
+
+int api_format_parse_translated(const json_t *c, const api_model *m, const api_limits *lim, int max_stop,
+                                api_completion_req *out, api_error *e) {
+    char *canon = json_dumps(c, JSON_COMPACT);
+    if (!canon) {
+        memset(out, 0, sizeof *out);
+        out->model = m;
+        out->logprobs = -1;
+        return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
+    }
+    api_limits l = *lim;
+    l.max_body_bytes = SIZE_MAX;
+    if (max_stop > 0) l.max_stop = max_stop < API_STOP_MAX ? max_stop : API_STOP_MAX;
+    int rc = api_parse_completion(canon, strlen(canon), m, &l, out, e);
+    free(canon);
+    return rc;
+}
+
+char *api_format_dump(json_t *o, api_framing framing, int event) {
+    if (!o) return NULL;
+    /* 9 significant digits round-trip a float; more would only print the float->double cast's noise */
+    char *j = json_dumps(o, JSON_COMPACT | JSON_REAL_PRECISION(9));
+    json_decref(o);
+    if (!j || !event) return j;
+    if (framing == API_FRAMING_SSE) {
+        char *s = api_sse_data(j);
+        free(j);
+        return s;
+    }
+    size_t n = strlen(j);
+    char *s = realloc(j, n + 2);
+    if (!s) { free(j); return NULL; }
+    s[n] = '\n';
+    s[n + 1] = 0;
+    return s;
 }
 
 /* The usage event (when stream_options.include_usage) followed by [DONE]. */

@@ -49,6 +49,24 @@ extern const api_format api_format_chat;
 /* The Content-Type of a streamed response in this framing. */
 const char *api_format_stream_type(const api_format *f);
 
+/* ------------------------------------------------------------ what the dialects share */
+
+/* A dialect parser's first step: empties out (bound to m, holding nothing to free) and reads the body
+ * as a JSON object: 413 past lim->max_body_bytes, 400 when it is not a JSON object. New reference, or
+ * NULL with e set. */
+json_t *api_format_load_body(const char *body, size_t len, const api_model *m, const api_limits *lim,
+                             api_completion_req *out, api_error *e);
+/* Reads c, a dialect's request translated into a /v1/completions body, with api_parse_completion's rules
+ * (the client's body was measured already, so the translation's size is not limited; max_stop > 0
+ * raises the stop-string limit for clients that send more than OpenAI's 4, up to API_STOP_MAX). The
+ * contract of api_parse_completion. */
+int api_format_parse_translated(const json_t *c, const api_model *m, const api_limits *lim, int max_stop,
+                                api_completion_req *out, api_error *e);
+/* o (taken) as compact JSON: the body (API_FRAMING_SSE with event 0, or no framing), an SSE event
+ * "data: ...\n\n" (SSE, event 1) or an NDJSON line "...\n" (NDJSON, event 1). NULL when o is NULL or
+ * out of memory. */
+char *api_format_dump(json_t *o, api_framing framing, int event);
+
 /* ============================================================ chat */
 
 /* The model's chat template, compiled once when the model is loaded (api_model.chat_template).

@@ -27,24 +27,6 @@ static const struct { const char *from, *to; } option_map[] = {
     {"frequency_penalty", "frequency_penalty"}, {"stop", "stop"}, {"stream", "stream"},
 };
 
-/* Reads the body; NULL with e set when it is too large or not JSON. */
-static json_t *load_object(const char *body, size_t len, const api_limits *lim, api_error *e) {
-    if (len > lim->max_body_bytes) {
-        api_error_set(e, 413, API_ERR_INVALID, NULL, "request_too_large",
-                      "The request body is %zu bytes; this server accepts at most %zu.", len, lim->max_body_bytes);
-        return NULL;
-    }
-    json_error_t je;
-    json_t *root = json_loadb(body, len, JSON_ALLOW_NUL, &je);
-    if (!json_is_object(root)) {
-        json_decref(root);
-        api_error_set(e, 400, API_ERR_INVALID, NULL, NULL, "The body must be a JSON object (%s, line %d, column %d).",
-                      root ? "not an object" : je.text, je.line, je.column);
-        return NULL;
-    }
-    return root;
-}
-
 /* The completion body c gets llama.cpp's defaults and the request's options. */
 static void map_options(json_t *root, json_t *c) {
     json_object_set_new(c, "temperature", json_real(0.8));
@@ -66,13 +48,8 @@ static void map_options(json_t *root, json_t *c) {
 /* The completion rules over c; errors name llama.cpp's parameters. */
 static int finish_parse(json_t *root, json_t *c, int truncated, const api_model *m, const api_limits *lim,
                         api_completion_req *out, api_error *e) {
-    char *canon = json_dumps(c, JSON_COMPACT);
-    if (!canon) return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
-    api_limits l = *lim;
-    l.max_body_bytes = SIZE_MAX;  /* the client's body was measured before */
-    l.max_stop = API_STOP_MAX;    /* editor plugins send more stop strings than OpenAI's 4 */
-    int rc = api_parse_completion(canon, strlen(canon), m, &l, out, e);
-    free(canon);
+    /* editor plugins send more stop strings than OpenAI's 4 */
+    int rc = api_format_parse_translated(c, m, lim, API_STOP_MAX, out, e);
     if (rc) {
         if (!strcmp(e->param, "max_tokens")) snprintf(e->param, sizeof e->param, "n_predict");
         if (!strcmp(e->param, "repetition_penalty")) snprintf(e->param, sizeof e->param, "repeat_penalty");
@@ -90,10 +67,7 @@ static int finish_parse(json_t *root, json_t *c, int truncated, const api_model 
 
 static int parse_completion(const char *body, size_t len, const api_model *m, const api_limits *lim,
                             api_completion_req *out, api_error *e) {
-    memset(out, 0, sizeof *out);
-    out->model = m;
-    out->logprobs = -1;
-    json_t *root = load_object(body, len, lim, e), *c = json_object();
+    json_t *root = api_format_load_body(body, len, m, lim, out, e), *c = json_object();
     int rc = -1;
     if (root && c) {
         json_t *p = json_object_get(root, "prompt");
@@ -122,10 +96,7 @@ static int text_field(json_t *root, const char *key, const char **s, size_t *n, 
 
 static int parse_infill(const char *body, size_t len, const api_model *m, const api_limits *lim,
                         api_completion_req *out, api_error *e) {
-    memset(out, 0, sizeof *out);
-    out->model = m;
-    out->logprobs = -1;
-    json_t *root = load_object(body, len, lim, e), *c = json_object(), *ids = NULL;
+    json_t *root = api_format_load_body(body, len, m, lim, out, e), *c = json_object(), *ids = NULL;
     api_fim_file *files = NULL;
     int32_t *toks = NULL;
     int rc = -1;
@@ -241,41 +212,28 @@ static json_t *project(const api_completion_req *r, json_t *o) {
     return p;
 }
 
-static char *dump_free(json_t *o) {
-    /* 9 significant digits: milliseconds and sampling settings without the float's noise */
-    char *s = o ? json_dumps(o, JSON_COMPACT | JSON_REAL_PRECISION(9)) : NULL;
-    json_decref(o);
-    return s;
-}
-
-static char *sse_free(json_t *o) {
-    char *j = dump_free(o);
-    char *s = j ? api_sse_data(j) : NULL;
-    free(j);
-    return s;
-}
-
 static char *lc_chunk(const api_completion_req *r, const api_meta *meta, const api_choice *d, int first) {
     (void)r;
     (void)meta;
     (void)first;
     if (!d->text_len) return strdup(""); /* the stop goes out with the final object */
-    return sse_free(json_pack("{s:i,s:o,s:[],s:b,s:i}", "index", 0, "content", api_json_text(d->text, d->text_len),
-                              "tokens", "stop", 0, "id_slot", 0));
+    json_t *o = json_pack("{s:i,s:o,s:[],s:b,s:i}", "index", 0, "content", api_json_text(d->text, d->text_len),
+                          "tokens", "stop", 0, "id_slot", 0);
+    return api_format_dump(o, API_FRAMING_SSE, 1);
 }
 
 static char *lc_stream_end(const api_completion_req *r, const api_meta *meta, const api_choice *c, int n,
                            const api_usage *u, json_t *routing) {
     (void)meta;
     (void)routing;
-    return sse_free(project(r, final_json(r, n > 0 ? c : NULL, u)));
+    return api_format_dump(project(r, final_json(r, n > 0 ? c : NULL, u)), API_FRAMING_SSE, 1);
 }
 
 static char *lc_response(const api_completion_req *r, const api_meta *meta, const api_choice *c, int n,
                          const api_usage *u, json_t *routing) {
     (void)meta;
     (void)routing;
-    return dump_free(project(r, final_json(r, n > 0 ? c : NULL, u)));
+    return api_format_dump(project(r, final_json(r, n > 0 ? c : NULL, u)), API_FRAMING_SSE, 0);
 }
 
 static char *lc_error(const api_error *e, int streamed) {

@@ -43,40 +43,13 @@ static int map_options(const json_t *root, json_t *c, api_error *e) {
     return 0;
 }
 
-/* The shared part of both requests: model, stream (default true), options; then the completion rules.
- * c holds the dialect's prompt fields already. */
-static int parse_common(json_t *root, json_t *c, const api_model *m, const api_limits *lim,
-                        api_completion_req *out, api_error *e) {
+/* Fills c (the translated body) from an Ollama request: model, stream (default true), options. */
+static int common_fields(json_t *root, json_t *c, api_error *e) {
     json_t *v = json_object_get(root, "model");
     if (v) json_object_set(c, "model", v);
     v = json_object_get(root, "stream");
     json_object_set(c, "stream", v && !json_is_null(v) ? v : json_true());
-    if (map_options(root, c, e)) return -1;
-    char *canon = json_dumps(c, JSON_COMPACT);
-    if (!canon) return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
-    api_limits l = *lim;
-    l.max_body_bytes = SIZE_MAX;  /* the client's body was measured before */
-    l.max_stop = API_STOP_MAX;    /* Ollama clients send more stop strings than OpenAI's 4 */
-    int rc = api_parse_completion(canon, strlen(canon), m, &l, out, e);
-    free(canon);
-    if (rc && !strcmp(e->param, "max_tokens")) snprintf(e->param, sizeof e->param, "num_predict");
-    return rc;
-}
-
-static json_t *load_object(const char *body, size_t len, const api_limits *lim, api_error *e) {
-    if (len > lim->max_body_bytes) {
-        api_error_set(e, 413, API_ERR_INVALID, NULL, "request_too_large",
-                      "The request body is %zu bytes; this server accepts at most %zu.", len, lim->max_body_bytes);
-        return NULL;
-    }
-    json_error_t je;
-    json_t *root = json_loadb(body, len, JSON_ALLOW_NUL, &je);
-    if (!root) {
-        api_error_set(e, 400, API_ERR_INVALID, NULL, NULL, "invalid JSON body: %s (line %d, column %d)", je.text,
-                      je.line, je.column);
-        return NULL;
-    }
-    return root;
+    return map_options(root, c, e);
 }
 
 /* A string field or absent/null; anything else is a 400 naming it. */
@@ -89,72 +62,75 @@ static int opt_string(const json_t *root, const char *key, const json_t **out, a
     return 0;
 }
 
-static int parse_generate(const char *body, size_t len, const api_model *m, const api_limits *lim,
-                          api_completion_req *out, api_error *e) {
-    memset(out, 0, sizeof *out);
-    out->model = m;
-    out->logprobs = -1;
-    json_t *root = load_object(body, len, lim, e), *c = json_object();
-    int rc = -1;
-    char *text = NULL;
-    if (!root || !c) {
-        if (root && !c) api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
-        goto done;
-    }
+/* The prompt fields of /api/generate into c. */
+static int generate_prompt(const json_t *root, json_t *c, const api_model *m, api_error *e) {
     const json_t *prompt, *suffix, *system;
     if (opt_string(root, "prompt", &prompt, e) || opt_string(root, "suffix", &suffix, e) ||
         opt_string(root, "system", &system, e))
-        goto done;
-    json_t *raw = json_object_get(root, "raw");
+        return -1;
     const char *ptext = prompt ? json_string_value(prompt) : "";
     size_t plen = prompt ? json_string_length(prompt) : 0;
     if (suffix && json_string_length(suffix) > 0) {
         /* fill in the middle: the model's FIM tokens around the user's code */
         json_object_set_new(c, "prompt", json_stringn(ptext, plen));
         json_object_set(c, "suffix", (json_t *)suffix);
-    } else if (json_is_true(raw) || !m->chat_template) {
+        return 0;
+    }
+    if (json_is_true(json_object_get(root, "raw")) || !m->chat_template) {
         /* raw, or a base model whose Ollama template would be "{{ .Prompt }}" */
         json_object_set_new(c, "prompt", json_stringn(ptext, plen));
-    } else {
-        json_t *msgs = json_array();
-        if (system) json_array_append_new(msgs, json_pack("{s:s,s:O}", "role", "system", "content", system));
-        json_array_append_new(msgs, json_pack("{s:s,s:s%}", "role", "user", "content", ptext, plen));
-        size_t n = 0;
-        text = api_chat_prompt(m, msgs, NULL, &n, e);
-        json_decref(msgs);
-        if (!text) goto done;
-        json_object_set_new(c, "prompt", json_stringn(text, n));
+        return 0;
     }
-    rc = parse_common(root, c, m, lim, out, e);
-done:
+    json_t *msgs = json_array();
+    if (system) json_array_append_new(msgs, json_pack("{s:s,s:O}", "role", "system", "content", system));
+    json_array_append_new(msgs, json_pack("{s:s,s:s%}", "role", "user", "content", ptext, plen));
+    size_t n = 0;
+    char *text = api_chat_prompt(m, msgs, NULL, &n, e);
+    json_decref(msgs);
+    if (!text) return -1;
+    json_object_set_new(c, "prompt", json_stringn(text, n));
     free(text);
+    return 0;
+}
+
+/* The messages of /api/chat into c. */
+static int chat_prompt(const json_t *root, json_t *c, const api_model *m, api_error *e) {
+    size_t n = 0;
+    char *text = api_chat_prompt(m, json_object_get(root, "messages"), json_object_get(root, "tools"), &n, e);
+    if (!text) return -1;
+    json_object_set_new(c, "prompt", json_stringn(text, n));
+    free(text);
+    return 0;
+}
+
+/* Either request: body -> translated body (prompt by the dialect's function, then the common fields)
+ * -> the completion rules. */
+static int parse_request(const char *body, size_t len, const api_model *m, const api_limits *lim,
+                         int (*prompt)(const json_t *, json_t *, const api_model *, api_error *),
+                         api_completion_req *out, api_error *e) {
+    json_t *root = api_format_load_body(body, len, m, lim, out, e);
+    if (!root) return -1;
+    json_t *c = json_object();
+    int rc = -1;
+    if (!c) api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
+    else if (!prompt(root, c, m, e) && !common_fields(root, c, e)) {
+        /* Ollama clients send more stop strings than OpenAI's 4 */
+        rc = api_format_parse_translated(c, m, lim, API_STOP_MAX, out, e);
+        if (rc && !strcmp(e->param, "max_tokens")) snprintf(e->param, sizeof e->param, "num_predict");
+    }
     json_decref(c);
     json_decref(root);
     return rc;
 }
 
+static int parse_generate(const char *body, size_t len, const api_model *m, const api_limits *lim,
+                          api_completion_req *out, api_error *e) {
+    return parse_request(body, len, m, lim, generate_prompt, out, e);
+}
+
 static int parse_chat(const char *body, size_t len, const api_model *m, const api_limits *lim,
                       api_completion_req *out, api_error *e) {
-    memset(out, 0, sizeof *out);
-    out->model = m;
-    out->logprobs = -1;
-    json_t *root = load_object(body, len, lim, e), *c = json_object();
-    int rc = -1;
-    char *text = NULL;
-    if (!root || !c) {
-        if (root && !c) api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
-        goto done;
-    }
-    size_t n = 0;
-    text = api_chat_prompt(m, json_object_get(root, "messages"), json_object_get(root, "tools"), &n, e);
-    if (!text) goto done;
-    json_object_set_new(c, "prompt", json_stringn(text, n));
-    rc = parse_common(root, c, m, lim, out, e);
-done:
-    free(text);
-    json_decref(c);
-    json_decref(root);
-    return rc;
+    return parse_request(body, len, m, lim, chat_prompt, out, e);
 }
 
 /* ------------------------------------------------------------ responses */
@@ -171,20 +147,6 @@ static json_t *head(const api_completion_req *r, const api_meta *meta) {
     iso_time(meta->created, ts, sizeof ts);
     const char *id = r->model->id ? r->model->id : "";
     return json_pack("{s:o,s:s}", "model", api_json_text(id, strlen(id)), "created_at", ts);
-}
-
-/* One NDJSON line. */
-static char *line_free(json_t *o) {
-    if (!o) return NULL;
-    char *j = json_dumps(o, JSON_COMPACT);
-    json_decref(o);
-    if (!j) return NULL;
-    size_t n = strlen(j);
-    char *s = realloc(j, n + 2);
-    if (!s) { free(j); return NULL; }
-    s[n] = '\n';
-    s[n + 1] = 0;
-    return s;
 }
 
 /* The text as /api/generate ("response") or /api/chat (message) carries it. */
@@ -209,10 +171,7 @@ static char *final_line(const api_completion_req *r, const api_meta *meta, int c
     json_object_set_new(o, "prompt_eval_duration", json_integer(u->prompt_ns));
     json_object_set_new(o, "eval_count", json_integer(u->completion_tokens));
     json_object_set_new(o, "eval_duration", json_integer(u->gen_ns));
-    if (ndjson) return line_free(o);
-    char *s = json_dumps(o, JSON_COMPACT);
-    json_decref(o);
-    return s;
+    return api_format_dump(o, API_FRAMING_NDJSON, ndjson);
 }
 
 static char *chunk(const api_completion_req *r, const api_meta *meta, const api_choice *d, int chat) {
@@ -221,7 +180,7 @@ static char *chunk(const api_completion_req *r, const api_meta *meta, const api_
     if (!o) return NULL;
     set_text(o, chat, d->text, d->text_len);
     json_object_set_new(o, "done", json_false());
-    return line_free(o);
+    return api_format_dump(o, API_FRAMING_NDJSON, 1);
 }
 
 static char *gen_chunk(const api_completion_req *r, const api_meta *meta, const api_choice *d, int first) {
@@ -260,10 +219,7 @@ static char *chat_response(const api_completion_req *r, const api_meta *meta, co
 
 static char *ollama_error(const api_error *e, int streamed) {
     json_t *o = json_pack("{s:o}", "error", api_json_text(e->message, strlen(e->message)));
-    if (streamed) return line_free(o);
-    char *s = o ? json_dumps(o, JSON_COMPACT) : NULL;
-    json_decref(o);
-    return s;
+    return api_format_dump(o, API_FRAMING_NDJSON, streamed);
 }
 
 char *api_ollama_error_json(const api_error *e) { return ollama_error(e, 0); }
@@ -318,12 +274,6 @@ static json_t *entry_json(const api_model *m) {
                      "details", details_json(m));
 }
 
-static char *dump_free(json_t *o) {
-    char *s = o ? json_dumps(o, JSON_COMPACT) : NULL;
-    json_decref(o);
-    return s;
-}
-
 char *api_render_ollama_tags(const api_model *models, int n, int running) {
     json_t *arr = json_array();
     for (int i = 0; arr && i < n; i++) {
@@ -335,7 +285,7 @@ char *api_render_ollama_tags(const api_model *models, int n, int running) {
         }
         json_array_append_new(arr, e);
     }
-    return dump_free(json_pack("{s:o}", "models", arr));
+    return api_format_dump(json_pack("{s:o}", "models", arr), API_FRAMING_NDJSON, 0);
 }
 
 int api_ollama_show_model(const char *body, size_t len, const api_model *models, int n, const api_model **out,
@@ -371,9 +321,10 @@ char *api_render_ollama_show(const api_model *m) {
     if (caps && m->chat_template) json_array_append_new(caps, json_string("chat"));
     char ts[32];
     iso_time(m->created, ts, sizeof ts);
-    return dump_free(json_pack("{s:s,s:s,s:s,s:o,s:o,s:o,s:o,s:s}", "license", "", "modelfile", "", "parameters", "",
-                               "template", tpl ? api_json_text(tpl, tlen) : json_string("{{ .Prompt }}"), "details",
-                               details_json(m), "model_info", info, "capabilities", caps, "modified_at", ts));
+    json_t *o = json_pack("{s:s,s:s,s:s,s:o,s:o,s:o,s:o,s:s}", "license", "", "modelfile", "", "parameters", "",
+                          "template", tpl ? api_json_text(tpl, tlen) : json_string("{{ .Prompt }}"), "details",
+                          details_json(m), "model_info", info, "capabilities", caps, "modified_at", ts);
+    return api_format_dump(o, API_FRAMING_NDJSON, 0);
 }
 
 /* The Ollama release whose API this layer follows (suffix, done_reason, capabilities in /api/show):
@@ -381,5 +332,5 @@ char *api_render_ollama_show(const api_model *m) {
 #define OLLAMA_API_VERSION "0.9.0"
 
 char *api_render_ollama_version(void) {
-    return dump_free(json_pack("{s:s}", "version", OLLAMA_API_VERSION));
+    return api_format_dump(json_pack("{s:s}", "version", OLLAMA_API_VERSION), API_FRAMING_NDJSON, 0);
 }

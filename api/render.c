@@ -219,14 +219,19 @@ char *api_render_chunk(const api_completion_req *r, const api_meta *meta, const 
     return sse_free(o);
 }
 
-char *api_render_usage_chunk(const api_completion_req *r, const api_meta *meta, const api_usage *usage,
-                             json_t *routing) {
-    json_t *o = head_json(r, meta), *arr = json_array(), *u = usage_json(usage);
+/* The include_usage event: head (taken) with choices [], usage and routing. */
+static char *usage_chunk(json_t *o, const api_usage *usage, json_t *routing) {
+    json_t *arr = json_array(), *u = usage_json(usage);
     if (!o || !arr || !u) { json_decref(o); json_decref(arr); json_decref(u); return NULL; }
     json_object_set_new(o, "choices", arr);
     json_object_set_new(o, "usage", u);
     if (routing) json_object_set(o, "routing", routing);
     return sse_free(o);
+}
+
+char *api_render_usage_chunk(const api_completion_req *r, const api_meta *meta, const api_usage *usage,
+                             json_t *routing) {
+    return usage_chunk(head_json(r, meta), usage, routing);
 }
 
 /* ------------------------------------------------------------ chat completions */
@@ -331,12 +336,7 @@ char *api_render_chat_chunk(const api_completion_req *r, const api_meta *meta, c
 
 char *api_render_chat_usage_chunk(const api_completion_req *r, const api_meta *meta, const api_usage *usage,
                                   json_t *routing) {
-    json_t *o = chat_head_json(r, meta, "chat.completion.chunk"), *arr = json_array(), *u = usage_json(usage);
-    if (!o || !arr || !u) { json_decref(o); json_decref(arr); json_decref(u); return NULL; }
-    json_object_set_new(o, "choices", arr);
-    json_object_set_new(o, "usage", u);
-    if (routing) json_object_set(o, "routing", routing);
-    return sse_free(o);
+    return usage_chunk(chat_head_json(r, meta, "chat.completion.chunk"), usage, routing);
 }
 
 /* ------------------------------------------------------------ models */

@@ -10,9 +10,10 @@
  * is parsed by its format (api/), turned into a srv_job and handed to the engine worker; the
  * connection is then suspended. The worker's output arrives through srv_sched's wake-up (on_wake):
  * the loop renders it through the format and queues the response (JSON, or a chunked SSE / NDJSON
- * stream whose reader drains a bounded per-request buffer) and resumes the connection. While a request waits, a uv_poll_t on its socket
- * watches for the client hanging up (MHD does not see disconnects of suspended connections), so a
- * client that leaves cancels its generation at the worker's next step.
+ * stream whose reader drains a bounded per-request buffer) and resumes the connection. While a
+ * request waits, a uv_poll_t on its socket watches for the client hanging up (MHD does not see
+ * disconnects of suspended connections), so a client that leaves cancels its generation at the
+ * worker's next step.
  */
 #include <errno.h>
 #include <math.h>
