@@ -289,6 +289,15 @@ int api_fim_tokens(const cm_model *m, const char *prefix, size_t prefix_len, con
 #define FIM_REPO_NAME "project"
 #define FIM_CURRENT_FILE "file"
 
+/* Appends v[0..n) to b (n may be 0 with v NULL). */
+static int tokbuf_append(tokbuf *b, const int32_t *v, int n) {
+    if (n <= 0) return 0;
+    if (tokbuf_reserve(b, n)) return -1;
+    memcpy(b->v + b->n, v, (size_t)n * sizeof *v);
+    b->n += n;
+    return 0;
+}
+
 /* Tokenizes text (plain, never control tokens) into a new buffer. */
 static int plain_tokens(const cm_model *m, const char *text, size_t len, tokbuf *b, api_error *e) {
     return len ? tokenize_into(m, text, len, 0, b, e) : 0;
@@ -377,28 +386,16 @@ int api_fim_context_tokens(const cm_model *m, const api_fim_context *c, int budg
 
     if (bos && tokbuf_push(&out, info->bos)) goto oom;
     if (keep_files) {
-        if (tokbuf_reserve(&out, head.n)) goto oom;
-        memcpy(out.v + out.n, head.v, (size_t)head.n * sizeof *out.v);
-        out.n += head.n;
-        for (int i = first; i < c->n_files; i++) {
-            if (tokbuf_reserve(&out, files[i].n)) goto oom;
-            memcpy(out.v + out.n, files[i].v, (size_t)files[i].n * sizeof *out.v);
-            out.n += files[i].n;
-        }
-        if (tokbuf_reserve(&out, cur.n)) goto oom;
-        memcpy(out.v + out.n, cur.v, (size_t)cur.n * sizeof *out.v);
-        out.n += cur.n;
+        if (tokbuf_append(&out, head.v, head.n)) goto oom;
+        for (int i = first; i < c->n_files; i++)
+            if (tokbuf_append(&out, files[i].v, files[i].n)) goto oom;
+        if (tokbuf_append(&out, cur.v, cur.n)) goto oom;
     }
-    if (tokbuf_reserve(&out, (int)(take_pre + mid.n + take_suf) + 3)) goto oom;
-    out.v[out.n++] = info->fim_pre;
-    memcpy(out.v + out.n, pre.v + (pre.n - take_pre), (size_t)take_pre * sizeof *out.v);
-    out.n += (int)take_pre;
-    memcpy(out.v + out.n, mid.v, (size_t)mid.n * sizeof *out.v);
-    out.n += mid.n;
-    out.v[out.n++] = info->fim_suf;
-    memcpy(out.v + out.n, suf.v, (size_t)take_suf * sizeof *out.v);
-    out.n += (int)take_suf;
-    out.v[out.n++] = info->fim_mid;
+    const int32_t *pre_tail = take_pre ? pre.v + (pre.n - take_pre) : NULL;
+    if (tokbuf_push(&out, info->fim_pre) || tokbuf_append(&out, pre_tail, (int)take_pre) ||
+        tokbuf_append(&out, mid.v, mid.n) || tokbuf_push(&out, info->fim_suf) ||
+        tokbuf_append(&out, suf.v, (int)take_suf) || tokbuf_push(&out, info->fim_mid))
+        goto oom;
     *tokens = out.v;
     *n_tokens = out.n;
     out.v = NULL;

@@ -3,8 +3,8 @@
  * test_server_chat.mjs - POST /v1/chat/completions against the real server with the chat fixture
  * (qwen2-gqa plus Qwen2.5's chat template and its <|im_start|>/<|im_end|> tokens), through the clients
  * chat tools use: the official `openai` client (streamed and not, logprobs, n, seed, stop,
- * max_completion_tokens, include_usage, typed errors), LangChain's ChatOpenAI, and the AI SDK's
- * OpenAI provider (generateText, streamText). It proves that the prompt is the template's rendering
+ * max_completion_tokens, include_usage, typed errors), LangChain's ChatOpenAI, the AI SDK's OpenAI
+ * provider (generateText, streamText) and Continue's @continuedev/openai-adapters. It proves that the prompt is the template's rendering
  * (the same text sent to /v1/completions, rendered here by @huggingface/jinja, generates the same
  * tokens), that the template's end-of-turn token ends a choice with finish "stop", and that a model
  * without a template is refused with code model_not_chat_capable.
@@ -157,6 +157,22 @@ test('AI SDK (@ai-sdk/openai chat model): generateText and streamText', async ()
   let text = '';
   for await (const part of s.textStream) text += part;
   assert.equal(text, want);
+});
+
+test('Continue (@continuedev/openai-adapters, provider openai): chat streamed and not, completion', async () => {
+  const { constructLlmApi } = await import(require.resolve('@continuedev/openai-adapters'));
+  const api = constructLlmApi({ provider: 'openai', apiBase: srv.base + '/v1', apiKey: KEY });
+  const req = { model: MODEL, messages, max_tokens: 6, temperature: 0 };
+  const want = (await client().chat.completions.create(req)).choices[0].message.content;
+  const r = await api.chatCompletionNonStream(req, AbortSignal.timeout(30000));
+  assert.equal(r.choices[0].message.content, want);
+  let text = '';
+  for await (const c of api.chatCompletionStream({ ...req, stream: true }, AbortSignal.timeout(30000)))
+    text += c.choices[0]?.delta?.content ?? '';
+  assert.equal(text, want);
+  const c = await api.completionNonStream({ model: MODEL, prompt: 'def f(', max_tokens: 4, temperature: 0 },
+    AbortSignal.timeout(30000));
+  assert.equal(c.usage.completion_tokens, 4);
 });
 
 test('stop', async () => {
