@@ -990,7 +990,7 @@ TEST(seq_options_resolved) {
     ASSERT_EQ_INT(parse("{\"prompt\":[\"a\",\"b\"],\"language\":\"cobol\"}", &r, &e), 0); /* dense: ignored */
     ASSERT_EQ_INT(r.n_prompts, 2);
     for (int i = 0; i < 2; i++) {
-        ASSERT_EQ_INT(r.prompts[i].opts.segment_mode, CM_SEGMENT_DEFAULT);
+        ASSERT_EQ_INT(r.prompts[i].opts.segment_mode, CM_SEGMENT_CAUSAL);
         ASSERT_EQ_INT(r.prompts[i].opts.adapter_routing, CM_ADAPTERS_AUTO);
         ASSERT_EQ_INT(r.prompts[i].opts.language, -1);
     }
@@ -1014,7 +1014,7 @@ TEST(seq_options_resolved) {
     ASSERT_EQ_INT(r.prompts[0].opts.segment_mode, CM_SEGMENT_REFERENCE);
     api_completion_req_free(&r);
     ASSERT_EQ_INT(parse("{\"prompt\":\"abc\",\"segment_routing\":\"causal\"}", &r, &e), 0);
-    ASSERT_EQ_INT(r.prompts[0].opts.segment_mode, CM_SEGMENT_DEFAULT);
+    ASSERT_EQ_INT(r.prompts[0].opts.segment_mode, CM_SEGMENT_CAUSAL); /* never the model's own default */
     api_completion_req_free(&r);
 }
 

@@ -670,6 +670,15 @@ TEST(bad_flags_are_usage_errors) {
     run_free(&r);
     ASSERT_FAILS_WITH(&r, 2, "complete", "--model", M, "--prompt", "x", "--logprobs", "99");
     run_free(&r);
+    /* the API's language rule: a MoLE model refuses a language it has no adapter for; others ignore it */
+    char mole[512];
+    snprintf(mole, sizeof mole, "%s", test_fixture("models/mole.gguf"));
+    ASSERT_FAILS_WITH(&r, 2, "complete", "--model", mole, "--prompt", "x", "-n", "1", "--language", "cobol");
+    CHECK_TRUE(strstr(r.err, "no adapter for language 'cobol'") != NULL);
+    run_free(&r);
+    RUN_OK(&r, "complete", "--model", M, "--prompt", "x", "-n", "1", "--language", "cobol");
+    CHECK_TRUE(r.code == 0);
+    run_free(&r);
     ASSERT_FAILS_WITH(&r, 2, "complete", "--model", M, "--prompt");
     run_free(&r);
     ASSERT_FAILS_WITH(&r, 2, "complete", "--prompt", "x");
