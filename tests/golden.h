@@ -47,7 +47,8 @@ static inline const golden_entry *golden_inventory(int *n) {
         {"hybrid-max", GOLDEN_MOE},     {"hybrid-mean", GOLDEN_MOE},       {"mole", GOLDEN_MOE},
         {"qwen3moe", GOLDEN_MOE},       {"qwen3moe-q8_0", GOLDEN_MOE},     {"qwen3moe-k-q4_k_m", GOLDEN_MOE},
         {"llama-freqs-hf", GOLDEN_HF},  {"llama-linear-hf", GOLDEN_HF},    {"llama-mha-bf16-hf", GOLDEN_HF},
-        {"qwen2-gqa-hf", GOLDEN_HF},    {"qwen2-yarn-hf", GOLDEN_HF},
+        {"qwen2-gqa-hf", GOLDEN_HF},    {"qwen2-yarn-hf", GOLDEN_HF},      {"qwen3-gqa-hf", GOLDEN_HF},
+        {"qwen3moe-hf", GOLDEN_HF},
         {"tokenizer", GOLDEN_TOKENIZER},
     };
     *n = (int)(sizeof t / sizeof t[0]);

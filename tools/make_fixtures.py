@@ -115,7 +115,7 @@ SPECS = [
     # Qwen3: per-head q/k norms, head_dim 32 != D / H = 16 (so Q = 128 != D, written as key_length /
     # value_length as llama.cpp's converter does), no q/k/v bias; and its Q8_0 twin
     dict(name="qwen3-gqa", arch="qwen3", H=4, K=2, tied=True, theta=1e6, eps=1e-6, key_length=True, head_dim=32,
-         n_cases=2, variants=[("q8_0", GGMLType.Q8_0, 1e-2)]),
+         n_cases=2, variants=[("q8_0", GGMLType.Q8_0, 1e-2)], hf_dir=True),
 ]
 # type variants of the first model: (suffix, GGML type, tolerance)
 VARIANTS = [("f16", GGMLType.F16, 2e-4), ("bf16", GGMLType.BF16, 2e-4), ("q8_0", GGMLType.Q8_0, 1e-2),
@@ -341,7 +341,7 @@ def read_safetensors(path):
     return out
 
 
-def hf_config(cfg, tok, dtype):
+def hf_config(cfg, tok, dtype, extra=None):
     eot = tok.ids["<|endoftext|>"]
     c = {
         "architectures": [ref.HF_ARCH[cfg.model_type]], "attention_dropout": 0.0, "bos_token_id": eot,
@@ -353,11 +353,17 @@ def hf_config(cfg, tok, dtype):
         "tie_word_embeddings": cfg.tie_word_embeddings, "torch_dtype": dtype,
         "transformers_version": "4.46.3", "use_cache": True, "vocab_size": cfg.vocab_size,
     }
+    if cfg.model_type in ref.QK_NORM:
+        c["transformers_version"] = "4.51.0"  # the first with Qwen3 and Qwen3-MoE
     if cfg.model_type == "qwen2":
         c.update({"max_window_layers": cfg.num_hidden_layers, "sliding_window": None,
                   "use_sliding_window": False})
+    elif cfg.model_type in ref.QK_NORM:  # Qwen3Config / Qwen3MoeConfig
+        c.update({"attention_bias": False, "head_dim": cfg.head_dim, "max_window_layers": cfg.num_hidden_layers,
+                  "sliding_window": None, "use_sliding_window": False})
     else:
         c.update({"attention_bias": False, "head_dim": cfg.head_dim, "mlp_bias": False, "pretraining_tp": 1})
+    c.update(extra or {})
     return json.dumps(c, indent=2, sort_keys=True) + "\n"
 
 
@@ -391,19 +397,20 @@ def hf_tokenizer_config(tok, arch):
          "added_tokens_decoder": dec, "bos_token": None, "clean_up_tokenization_spaces": False,
          "eos_token": "<|endoftext|>", "errors": "replace", "model_max_length": N_CTX,
          "pad_token": "<|endoftext|>", "split_special_tokens": False,
-         "tokenizer_class": "Qwen2Tokenizer" if arch == "qwen2" else "PreTrainedTokenizerFast",
+         "tokenizer_class": "Qwen2Tokenizer" if arch in ("qwen2", "qwen3", "qwen3_moe") else "PreTrainedTokenizerFast",
          "unk_token": None}
     return json.dumps(c, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-def write_hf(dirpath, cfg, weights, tok, dtype, n_shards):
+def write_hf(dirpath, cfg, weights, tok, dtype, n_shards, names=None, extra=None):
     """HF directory. dtype 'float32' or 'bfloat16'. Tied models omit lm_head.weight (as save_pretrained
-    does). Returns the weights as stored (float32 values)."""
+    does). names: the state dict's tensors (default: the dense model's); extra: more config.json fields.
+    Returns the weights as stored (float32 values)."""
     os.makedirs(dirpath, exist_ok=True)
     for f in os.listdir(dirpath):
         os.remove(os.path.join(dirpath, f))
     st = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[dtype]
-    names = sorted(ref.hf_shapes(cfg))
+    names = sorted(names or ref.hf_shapes(cfg))
     items, stored = [], {}
     for n in names:
         v = weights[n]
@@ -424,7 +431,7 @@ def write_hf(dirpath, cfg, weights, tok, dtype, n_shards):
         idx = {"metadata": {"total_size": total}, "weight_map": dict(sorted(wmap.items()))}
         with open(os.path.join(dirpath, "model.safetensors.index.json"), "w") as f:
             f.write(json.dumps(idx, indent=2) + "\n")
-    for fn, text in (("config.json", hf_config(cfg, tok, dtype)), ("tokenizer.json", hf_tokenizer_json(tok)),
+    for fn, text in (("config.json", hf_config(cfg, tok, dtype, extra)), ("tokenizer.json", hf_tokenizer_json(tok)),
                      ("tokenizer_config.json", hf_tokenizer_config(tok, cfg.model_type))):
         with open(os.path.join(dirpath, fn), "w", encoding="utf-8") as f:
             f.write(text)
@@ -861,7 +868,7 @@ def q8_0_router_f32(name):
 # E != D / H), 8 experts top-2 with the top-k weights renormalised, no shared expert. The small model in F32
 # and Q8_0 (routers F32); a D=256 one for the K-quant mix. (name suffix, per-tensor type, llama_ftype, tol)
 SPARSES = [
-    dict(name="qwen3moe", seed=SEED + 400, D=32, H=2, K=1, E=32, n_ff=64, tied=True,
+    dict(name="qwen3moe", seed=SEED + 400, D=32, H=2, K=1, E=32, n_ff=64, tied=True, hf_dir=True,
          sp=dict(n_experts=8, k_used=2, f_exp=32),
          variants=[("", lambda n: GGMLType.F32, 0, TOL_F32), ("-q8_0", q8_0_router_f32, 7, 1e-2)]),
     dict(name="qwen3moe-k", seed=SEED + 500, D=256, H=2, K=1, E=64, n_ff=64, tied=False,
@@ -984,6 +991,25 @@ def make_sparse(out, tok, spec):
             assert float((got - lg).abs().max()) < 1e-5, name
         print("%-16s max|logit| %s, route margin %.4f, seed attempt %d" % (
             name, [c["max_abs_logit"] for c in cases], min(c["min_route_margin"] for c in cases), attempt))
+
+        if spec.get("hf_dir") and not suf:  # the f32 weights as a Qwen3MoeForCausalLM directory
+            hname = name + "-hf"
+            extra = {"num_experts": sp.n_experts, "num_experts_per_tok": sp.k_used, "moe_intermediate_size": sp.f_exp,
+                     "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                     "output_router_logits": False, "router_aux_loss_coef": 0.001}
+            hdir = os.path.join(out, "hf", hname)
+            write_hf(hdir, cfg, w, tok, "float32", 1, names=list(w), extra=extra)
+            golden(out, hname, "hf_dir", "hf/" + hname, a, "f32", tol, m, tok, cases_tok, logits_from=name,
+                   n_cases=len(cases_tok))
+            # read back with the separate safetensors parser and the config as written
+            st = {}
+            for f in sorted(x for x in os.listdir(hdir) if x.endswith(".safetensors")):
+                st.update(read_safetensors(os.path.join(hdir, f)))
+            hc = json.load(open(os.path.join(hdir, "config.json")))
+            sp2 = moe.SparseParams(hc["num_experts"], hc["num_experts_per_tok"], hc["moe_intermediate_size"],
+                                   hc["norm_topk_prob"])
+            got = moe.SparseModel(ref.Config.from_hf(hc), sp2, st).forward(cases_tok[0][1])
+            assert float((got - res[0][0]).abs().max()) < 1e-6, hname
 
 
 def make_moe_fixtures(out, tok):
