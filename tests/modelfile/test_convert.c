@@ -525,6 +525,19 @@ static void expect_fail(const char *work, int want_rc, const char *needle, const
     if (stat(tmp("bad.gguf"), &st) == 0) TEST_FAIL_("%s: output written despite error", what);
 }
 
+/* A scratch copy of src_dir whose config.json has key set to json (NULL: removed) must fail with rc and a
+ * message containing needle. */
+static void expect_config_fails(const char *src_dir, const char *key, const char *json, int rc, const char *needle) {
+    const char *work = make_work_dir(src_dir);
+    char p[1024];
+    snprintf(p, sizeof p, "%s/config.json", work);
+    json_error_t je;
+    edit_json(p, key, json ? json_loads(json, JSON_DECODE_ANY, &je) : NULL);
+    char what[128];
+    snprintf(what, sizeof what, "%s=%s", key, json ? json : "(absent)");
+    expect_fail(work, rc, needle, what);
+}
+
 TEST(convert_rejects_bad_config) {
     static const struct { const char *key; const char *json; int rc; const char *needle; } cases[] = {
         {"hidden_size", NULL, CM_E_FORMAT, "hidden_size"},
@@ -561,16 +574,8 @@ TEST(convert_rejects_bad_config) {
         {"tie_word_embeddings", "false", CM_E_FORMAT, "lm_head.weight"},
         {"head_dim", "15", CM_E_FORMAT, "head_dim"},
     };
-    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        const char *work = make_work_dir(make_f32_hf());
-        char p[1024];
-        snprintf(p, sizeof p, "%s/config.json", work);
-        json_error_t je;
-        edit_json(p, cases[i].key, cases[i].json ? json_loads(cases[i].json, JSON_DECODE_ANY, &je) : NULL);
-        char what[128];
-        snprintf(what, sizeof what, "%s=%s", cases[i].key, cases[i].json ? cases[i].json : "(absent)");
-        expect_fail(work, cases[i].rc, cases[i].needle, what);
-    }
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        expect_config_fails(make_f32_hf(), cases[i].key, cases[i].json, cases[i].rc, cases[i].needle);
     const char *work = make_work_dir(make_f32_hf());
     char p[1024];
     snprintf(p, sizeof p, "%s/config.json", work);
@@ -607,16 +612,8 @@ TEST(convert_qwen3moe) {
         {"num_experts", "9", CM_E_FORMAT, "'model.layers.0.mlp.gate.weight': shape [8, 32], expected [9, 32]"},
         {"moe_intermediate_size", "16", CM_E_FORMAT, "experts.0.gate_proj.weight': shape [32, 32], expected [16, 32]"},
     };
-    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        const char *work = make_work_dir(src);
-        char p[1024];
-        snprintf(p, sizeof p, "%s/config.json", work);
-        json_error_t je;
-        edit_json(p, cases[i].key, cases[i].json ? json_loads(cases[i].json, JSON_DECODE_ANY, &je) : NULL);
-        char what[128];
-        snprintf(what, sizeof what, "%s=%s", cases[i].key, cases[i].json ? cases[i].json : "(absent)");
-        expect_fail(work, cases[i].rc, cases[i].needle, what);
-    }
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        expect_config_fails(src, cases[i].key, cases[i].json, cases[i].rc, cases[i].needle);
 }
 
 /* Linear and YaRN rope scaling are carried into the GGUF as llama.cpp writes them; HF's attention_factor
