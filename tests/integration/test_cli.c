@@ -217,7 +217,7 @@ TEST(help_version_and_usage_errors) {
 }
 
 TEST(complete_greedy_reproduces_pinned_tokens) {
-    ASSERT_EQ_INT(n_goldens, 16); /* golden.h: 13 dense + 3 MoE fixtures, every one runs */
+    ASSERT_EQ_INT(n_goldens, 23); /* golden.h: 17 dense + 6 MoE fixtures, every one runs */
     for (int gi = 0; gi < n_goldens; gi++) {
         golden *G = &goldens[gi];
         cm_model *m = load_vocab(G->model);
