@@ -454,6 +454,14 @@ int32_t cm_sampler_sample(cm_sampler *s, const float *logits, float *chosen_lp, 
 const char *cm_blas_core(void);
 const char *cm_blas_better_core(void);
 
+/* ============================================================ kernels (decode products, attention)
+ *
+ * The engine's own SIMD kernel family in use: "avx512vnni", "avx512", "avx2" or "scalar". The portable
+ * build compiles them all and picks the best one the CPU runs when the process starts; the environment
+ * variable CODEMOE_ISA names a lower one instead (ignored when this CPU or build cannot run it). A
+ * -Dnative=true build has only the family -march=native allows. The string is static. */
+const char *cm_kernels_isa(void);
+
 #ifdef __cplusplus
 }
 #endif

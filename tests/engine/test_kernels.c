@@ -1,14 +1,16 @@
 /*
  * test_kernels.c - every optimised kernel equals its plain reference on random data, at sizes that are
  * and are not multiples of the SIMD width (where the type allows), and the threaded matvec equals the
- * reference with 1..4 threads. Tolerances: exact for conversions and quantisation; 1e-5 relative to
- * sum |w x| for dot products (only summation order differs); 4 ulp-ish (2e-6 relative) for exp-based
- * kernels; the thread pool runs every task exactly once.
+ * reference with 1..4 threads; all of it for every kernel family this CPU runs. Tolerances: exact for
+ * conversions and quantisation; 1e-5 relative to sum |w x| for dot products (only summation order
+ * differs); 4 ulp-ish (2e-6 relative) for exp-based kernels; the thread pool runs every task exactly
+ * once, and the process starts on the best family it runs.
  */
 #include <stdatomic.h>
 #include <stdint.h>
 
 #include "../test.h"
+#include "kernel_families.h"
 #include "kernels.h"
 #include "threadpool.h"
 #include "util.h"
@@ -297,14 +299,32 @@ TEST(pool_runs_every_task_once) {
     cm_pool_free(NULL);
 }
 
-int main(void) {
-    fprintf(stderr, "kernels: %s\n", cm_kernels_isa());
+/* Without CODEMOE_ISA (the test environment sets none) the process starts on the best family it runs;
+ * a name the build lacks changes nothing. */
+TEST(best_family_chosen_at_start) {
+    ASSERT_TRUE(getenv("CODEMOE_ISA") == NULL);
+    int best = -1;
+    for (int i = 0; i < cm_kernels_family_count() && best < 0; i++)
+        if (cm_kernels_family_runs(i)) best = i;
+    ASSERT_TRUE(best >= 0);
+    ASSERT_STREQ(cm_kernels_isa(), cm_kernels_family_name(best));
+    ASSERT_EQ_INT(cm_kernels_use("no-such-family"), -1);
+    ASSERT_STREQ(cm_kernels_isa(), cm_kernels_family_name(best));
+    ASSERT_TRUE(cm_kernels_family_name(cm_kernels_family_count()) == NULL);
+}
+
+static void kernel_tests(void) {
     RUN(quantize_q8_0_equals_ref);
     RUN(dequantize_equals_ref);
     RUN(vec_dot_equals_ref);
     RUN(matvec_threads_equal_ref);
     RUN(elementwise_equal_ref);
     RUN(rope_equals_ref);
+}
+
+int main(void) {
+    RUN(best_family_chosen_at_start);
+    test_each_family(kernel_tests);
     RUN(pool_runs_every_task_once);
     return test_summary();
 }
