@@ -198,6 +198,14 @@ void cm_add_ref(float *x, const float *b, int64_t k) {
     for (int64_t i = 0; i < k; i++) x[i] += b[i];
 }
 
+void cm_f32_to_f16_row_ref(const float *x, uint16_t *y, int64_t k) {
+    for (int64_t i = 0; i < k; i++) y[i] = cm_f32_to_fp16(x[i]);
+}
+
+void cm_axpy_f16_ref(float *y, float a, const uint16_t *x, int64_t k) {
+    for (int64_t i = 0; i < k; i++) y[i] += a * cm_fp16_to_f32(x[i]);
+}
+
 void cm_silu_mul_ref(float *g, const float *u, int64_t k) {
     for (int64_t i = 0; i < k; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
@@ -342,3 +350,9 @@ void cm_rope(float *x, const float *cs, const float *sn, int e, int neox) { cm__
 float cm_dot_f32(const float *a, const float *b, int64_t k) { return cm__kops->dot_f32(a, b, k); }
 
 void cm_axpy(float *y, float a, const float *x, int64_t k) { cm__kops->axpy(y, a, x, k); }
+
+void cm_f32_to_f16_row(const float *x, uint16_t *y, int64_t k) { cm__kops->f32_to_f16_row(x, y, k); }
+
+float cm_dot_f16(const uint16_t *a, const float *b, int64_t k) { return cm__kops->dot_f16(a, b, k); }
+
+void cm_axpy_f16(float *y, float a, const uint16_t *x, int64_t k) { cm__kops->axpy_f16(y, a, x, k); }

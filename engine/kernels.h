@@ -104,4 +104,17 @@ void cm_rope_ref(float *x, const float *cs, const float *sn, int e, int neox);
 float cm_dot_f32(const float *a, const float *b, int64_t k);
 void cm_axpy(float *y, float a, const float *x, int64_t k);
 
+/* ------------------------------------------------------------ f16 KV rows (CM_KV_F16) */
+
+/* y (K) f16 = x (K) rounded to nearest even, as cm_f32_to_fp16 (F16C vcvtps2ph); bit-exact with the
+ * reference for every input but NaN (both give a NaN). */
+void cm_f32_to_f16_row(const float *x, uint16_t *y, int64_t k);
+void cm_f32_to_f16_row_ref(const float *x, uint16_t *y, int64_t k);
+
+/* Attention over f16 K and V: dot(a (K) f16, b (K) f32), each element converted exactly, accumulated in
+ * f32 (reference: cm_vec_dot_ref(GGUF_TT_F16, GGUF_TT_F32, ...)); y (K) += a * x (K) f16. */
+float cm_dot_f16(const uint16_t *a, const float *b, int64_t k);
+void cm_axpy_f16(float *y, float a, const uint16_t *x, int64_t k);
+void cm_axpy_f16_ref(float *y, float a, const uint16_t *x, int64_t k);
+
 #endif

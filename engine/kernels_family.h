@@ -48,6 +48,9 @@ typedef struct cm_kernel_ops {
     void (*rope)(float *x, const float *cs, const float *sn, int e, int neox);
     float (*dot_f32)(const float *a, const float *b, int64_t k);
     void (*axpy)(float *y, float a, const float *x, int64_t k);
+    void (*f32_to_f16_row)(const float *x, uint16_t *y, int64_t k);
+    float (*dot_f16)(const uint16_t *a, const float *b, int64_t k);
+    void (*axpy_f16)(float *y, float a, const uint16_t *x, int64_t k);
     void (*quant_dequantize)(int type, const void *w, float *y, int64_t k);
     float (*quant_dot_q)(int wtype, int64_t k, const void *w, const void *x);
     void (*quant_matvec_f32)(int wtype, const void *w, int64_t k, const float *x, size_t x_stride, int n,

@@ -421,6 +421,48 @@ static inline __m512 exp16(__m512 x) {
 }
 #endif
 
+static void f32_to_f16_row(const float *x, uint16_t *y, int64_t k) {
+    int64_t i = 0;
+#if defined(CM_AVX512)
+    for (; i + 16 <= k; i += 16)
+        _mm256_storeu_si256((__m256i *)(y + i), _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+#if defined(CM_AVX2) || defined(CM_AVX512)
+    for (; i + 8 <= k; i += 8)
+        _mm_storeu_si128((__m128i *)(y + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    cm_f32_to_f16_row_ref(x + i, y + i, k - i);
+}
+
+static float dot_f16(const uint16_t *a, const float *b, int64_t k) {
+#if defined(CM_AVX512)
+    return dot_float_avx512(GGUF_TT_F16, k, a, b);
+#elif defined(CM_AVX2)
+    return dot_float_avx2(GGUF_TT_F16, k, a, b);
+#else
+    return cm_vec_dot_ref(GGUF_TT_F16, GGUF_TT_F32, k, a, b);
+#endif
+}
+
+static void axpy_f16(float *y, float a, const uint16_t *x, int64_t k) {
+    int64_t i = 0;
+#if defined(CM_AVX512)
+    __m512 va = _mm512_set1_ps(a);
+    for (; i + 16 <= k; i += 16) {
+        __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(x + i)));
+        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, v, _mm512_loadu_ps(y + i)));
+    }
+#endif
+#if defined(CM_AVX2) || defined(CM_AVX512)
+    __m256 va8 = _mm256_set1_ps(a);
+    for (; i + 8 <= k; i += 8) {
+        __m256 v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i)));
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va8, v, _mm256_loadu_ps(y + i)));
+    }
+#endif
+    cm_axpy_f16_ref(y + i, a, x + i, k - i);
+}
+
 static void silu_mul(float *g, const float *u, int64_t k) {
 #if defined(CM_AVX512)
     const __m512 one = _mm512_set1_ps(1.0f);
@@ -513,6 +555,9 @@ const cm_kernel_ops CM_FAMILY_FN(cm_kernels) = {
     .rope = rope,
     .dot_f32 = dot_f32,
     .axpy = axpy,
+    .f32_to_f16_row = f32_to_f16_row,
+    .dot_f16 = dot_f16,
+    .axpy_f16 = axpy_f16,
     .quant_dequantize = CM_FAMILY_FN(cm_quant_dequantize),
     .quant_dot_q = CM_FAMILY_FN(cm_quant_dot_q),
     .quant_matvec_f32 = CM_FAMILY_FN(cm_quant_matvec_f32),

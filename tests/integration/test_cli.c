@@ -216,8 +216,9 @@ TEST(help_version_and_usage_errors) {
     run_free(&r);
 }
 
-/* Every golden's greedy completion, through the binary as the environment now configures it. */
-static void greedy_goldens(const char *family) {
+/* Every golden's greedy completion, through the binary as the environment now configures it, with K/V
+ * of kv_type (f16, the default, or f32). */
+static void greedy_goldens(const char *family, const char *kv_type) {
     ASSERT_EQ_INT(n_goldens, 16); /* golden.h: 13 dense + 3 MoE fixtures, every one runs */
     for (int gi = 0; gi < n_goldens; gi++) {
         golden *G = &goldens[gi];
@@ -234,10 +235,10 @@ static void greedy_goldens(const char *family) {
         snprintf(np, sizeof np, "%d", G->n_predict);
         run_result r;
         RUN_OK(&r, "complete", "--model", G->model, "--prompt", G->text, "-n", np, "--temperature", "0",
-               "--threads", "2");
+               "--threads", "2", "--kv-type", kv_type);
         if (r.code != 0 || r.nout != (size_t)nw || memcmp(r.out, want, (size_t)nw) != 0)
-            fprintf(stderr, "%s [%s]: want \"%.*s\"\n  got \"%s\" (exit %d)\n  stderr: %s\n", G->name, family, nw,
-                    want, r.out, r.code, r.err);
+            fprintf(stderr, "%s [%s, KV %s]: want \"%.*s\"\n  got \"%s\" (exit %d)\n  stderr: %s\n", G->name, family,
+                    kv_type, nw, want, r.out, r.code, r.err);
         CHECK_TRUE(r.code == 0);
         CHECK_TRUE(r.nout == (size_t)nw && memcmp(r.out, want, (size_t)nw) == 0);
         CHECK_TRUE(strstr(r.err, "prefill") != NULL); /* timings go to stderr */
@@ -264,7 +265,7 @@ static int binary_runs_family(const char *name) {
 }
 
 /* The pinned tokens do not depend on the kernel family: every family the machine runs (scalar always)
- * reproduces them. */
+ * reproduces them, with f16 K/V (the default) and, on the best family, with f32. */
 TEST(complete_greedy_reproduces_pinned_tokens) {
     int ran = 0;
     for (size_t f = 0; f < sizeof all_families / sizeof all_families[0]; f++) {
@@ -275,10 +276,11 @@ TEST(complete_greedy_reproduces_pinned_tokens) {
         }
         fprintf(stderr, "-- kernel family %s\n", name);
         setenv("CODEMOE_ISA", name, 1);
-        greedy_goldens(name);
+        greedy_goldens(name, "f16");
         unsetenv("CODEMOE_ISA");
         ran++;
     }
+    greedy_goldens("best", "f32");
     ASSERT_TRUE(binary_runs_family("scalar"));
     ASSERT_TRUE(ran >= 1);
 }
@@ -707,6 +709,8 @@ TEST(bad_flags_are_usage_errors) {
     ASSERT_FAILS_WITH(&r, 2, "complete", "--model", M, "--prompt", "x", "--top-p", "1.5");
     run_free(&r);
     ASSERT_FAILS_WITH(&r, 2, "complete", "--model", M, "--prompt", "x", "--logprobs", "99");
+    run_free(&r);
+    ASSERT_FAILS_WITH(&r, 2, "complete", "--model", M, "--prompt", "x", "--kv-type", "f8");
     run_free(&r);
     ASSERT_FAILS_WITH(&r, 2, "complete", "--model", M, "--prompt");
     run_free(&r);
