@@ -2,7 +2,7 @@
  * test_forward_golden.c - the forward pass against the PyTorch reference (tools/make_fixtures.py).
  *
  * For every dense golden (GOLDEN_DENSE in tests/golden.h: exactly ten, qwen2 and llama), with 1 and
- * 3 threads, and with f32 and f16 K/V (the latter within a wider stated tolerance, KV_F16_TOL):
+ * 3 threads, and with f32 and f16 K/V (the latter within a wider stated tolerance, GOLDEN_KV_F16_TOL):
  *  - prefill: each case's tokens as one batch; the logits at EVERY position within the JSON's max_abs;
  *  - decode: the same tokens one per forward; same check (the matvec path, KV reads across blocks);
  *  - batch mixing: two cases interleaved in one batch (and continued in a second batch) equal alone;
@@ -37,12 +37,6 @@ typedef struct golden {
     int32_t prompt[512], greedy[512];
 } golden;
 
-/* With f16 K/V (CM_KV_F16) every check runs again, its tolerance raised by KV_F16_TOL: K and V rounded
- * to half floats (relative 2^-11) move logits by up to 3.9e-3 on the D=64 fixtures and 2.5e-2 on the
- * D=256 K-quant ones (measured, prefill/decode/mixed, 1 and 3 threads). Errors f16 storage alone could
- * make (a wrong stride, head or conversion) move them by 1e-1 and more; the greedy tokens must still
- * match exactly. */
-#define KV_F16_TOL 5e-2
 static double worst; /* max abs diff seen for the current model */
 static int kv_type;  /* CM_KV_F32 or CM_KV_F16: the K/V element type of every context */
 
@@ -272,7 +266,7 @@ TEST(golden_models) {
         }
         double tol = g.tol;
         for (kv_type = CM_KV_F32; kv_type <= CM_KV_F16; kv_type++) {
-            g.tol = tol + (kv_type == CM_KV_F16 ? KV_F16_TOL : 0.0);
+            g.tol = tol + (kv_type == CM_KV_F16 ? GOLDEN_KV_F16_TOL : 0.0);
             worst = 0;
             for (int threads = 1; threads <= 3; threads += 2) {
                 CHECK_TRUE(check_prefill(&g, threads));

@@ -10,7 +10,7 @@
  *  - reference mode refuses decoding; bad option values are refused;
  *  - MoLE: fence-routed, batch-routed and language-routed cases, greedy with per-token sets;
  *  - hostile / inconsistent model files are refused with messages naming the problem.
- * Everything but the refusals runs with f32 and with f16 K/V (KV_F16_TOL below).
+ * Everything but the refusals runs with f32 and with f16 K/V (GOLDEN_KV_F16_TOL).
  * (Upcycling and the MoLE checkpoint converter are tested in tests/modelfile/.)
  */
 #include <jansson.h>
@@ -28,10 +28,9 @@
 #define MAXL 4
 
 /* The goldens and invariants hold with f32 and with f16 K/V (CM_KV_F16); against the goldens the f16
- * runs get KV_F16_TOL more (see test_forward_golden.c: K and V rounded to half floats). */
-#define KV_F16_TOL 5e-2
+ * runs get GOLDEN_KV_F16_TOL more (golden.h). */
 static int kv_type; /* CM_KV_F32 or CM_KV_F16: the K/V element type of every context */
-static double kv_tol(double golden_tol) { return golden_tol + (kv_type == CM_KV_F16 ? KV_F16_TOL : 0.0); }
+static double kv_tol(double golden_tol) { return golden_tol + (kv_type == CM_KV_F16 ? GOLDEN_KV_F16_TOL : 0.0); }
 /* Two runs of the same engine (batched vs alone): 1e-5 with f32 K/V; with f16 a 1e-7 difference between
  * chunkings can round an element to the neighbouring half float: 1e-3 (as in test_kv.c). */
 static double kv_same_tol(void) { return kv_type == CM_KV_F16 ? 1e-3 : 1e-5; }
