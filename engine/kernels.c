@@ -256,7 +256,12 @@ static const cm_kernel_ops *const families[] = {
 };
 #define N_FAMILIES ((int)(sizeof families / sizeof families[0]))
 
-const cm_kernel_ops *cm__kops = families[N_FAMILIES - 1];
+/* Until kernels_choose runs: the family every CPU the build targets runs (the last of the list). */
+#if defined(CM_HAVE_KERNELS_scalar)
+const cm_kernel_ops *cm__kops = &cm_kernels_scalar;
+#else
+const cm_kernel_ops *cm__kops = &cm_kernels_native;
+#endif
 
 /* CM_CPU_* bits of this CPU; a vector extension counts only when the OS saves its registers (XCR0). */
 static unsigned cpu_features(void) {

@@ -31,15 +31,9 @@
 #include <immintrin.h>
 #endif
 
-static inline float fp16(uint16_t h) {
 #if defined(CM_AVX2) || defined(CM_AVX512)
-    return _cvtsh_ss(h);
-#else
-    return cm_fp16_to_f32(h);
-#endif
-}
+static inline float fp16(uint16_t h) { return _cvtsh_ss(h); } /* exact, like cm_fp16_to_f32 */
 
-#if defined(CM_AVX2) || defined(CM_AVX512)
 static inline float hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

@@ -35,17 +35,11 @@
 #define CM_Q_VNNI 1
 #endif
 
-static inline float fp16(uint16_t h) {
-#if defined(CM_Q_AVX2)
-    return _cvtsh_ss(h); /* exact, like cm_fp16_to_f32 */
-#else
-    return cm_fp16_to_f32(h);
-#endif
-}
-
 /* ============================================================ AVX2 */
 
 #if defined(CM_Q_AVX2)
+static inline float fp16(uint16_t h) { return _cvtsh_ss(h); } /* exact, like cm_fp16_to_f32 */
+
 static inline int32_t hsum_i32(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
