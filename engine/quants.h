@@ -159,12 +159,18 @@ static inline size_t cm_quant_block_bytes(int type) {
 /* Legacy block: isum = sum q x over the block (q as in the format: Q4_0 q - 8, Q4_1 q), d, dx the two
  * scales; m * sx carries Q4_1/Q5_1's offset (0 for the others). */
 static inline float cm_quant_combine_legacy(float sum, int32_t isum, float d, float dx, float m, float sx) {
+#if defined(__clang__) /* round after every multiply, as the references (quants.c) do */
+#pragma STDC FP_CONTRACT OFF
+#endif
     return sum + ((float)isum * (d * dx) + m * sx);
 }
 
 /* K-quant super-block: isum = sum over sub-blocks of sc * sum q x, imin = sum of m * sum x (0 for
  * the types without mins). */
 static inline float cm_quant_combine_k(float sum, int32_t isum, int32_t imin, float d, float dmin, float dx) {
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#endif
     return sum + ((dx * d) * (float)isum - (dx * dmin) * (float)imin);
 }
 
