@@ -174,7 +174,7 @@ static inline float cm_quant_combine_k(float sum, int32_t isum, int32_t imin, fl
     return sum + ((dx * d) * (float)isum - (dx * dmin) * (float)imin);
 }
 
-/* Q3_K's sixteen 6-bit scales (layout in quants.h), minus their offset 32. */
+/* Q3_K's sixteen 6-bit scales (layout above), minus their offset 32. */
 static inline void cm_q3k_scales(const uint8_t *s, int sc[16]) {
     for (int j = 0; j < 16; j++) {
         int lo = j < 8 ? s[j] & 0xF : s[j - 8] >> 4;
