@@ -31,6 +31,8 @@ static void serve_usage(FILE *f) {
         "  --batch N               max tokens per forward pass, bounds prefill chunks (default 512)\n"
         "  --kv-size N[KiB|MiB|GiB] KV memory shared by all sequences: tokens, or bytes with a suffix\n"
         "                          (default: parallel x ctx tokens); requests wait for room in it\n"
+        CLI_KV_TYPE_HELP
+        "                          (--kv-size in bytes holds twice the tokens with f16)\n"
         "  --no-prefix-cache       do not reuse the KV blocks of earlier prompts' common prefixes\n"
         "  --max-itl-ms MS         while sequences decode, limit each step's prefill so the step stays\n"
         "                          under MS milliseconds (soft; at least 32 tokens; 0 = off, default)\n"
@@ -123,12 +125,13 @@ static int parse_flags(int argc, char **argv, srv_config *c) {
     c->stream_buffer = 1u << 20;
     c->max_connections = 1024;
     c->prefix_cache = 1;
+    c->kv_type = CLI_KV_TYPE_DEFAULT;
     const char *model_id = NULL;
     static const char *flags[] = {"--model", "--model-id", "--host", "--port", "--threads", "--ctx", "--parallel",
                                   "--queue", "--batch", "--api-key", "--api-key-file", "--cors-origin",
                                   "--max-body", "--request-timeout", "--idle-timeout", "--grace",
                                   "--routing-retention", "--stream-buffer", "--max-connections", "--kv-size",
-                                  "--max-itl-ms"};
+                                  "--max-itl-ms", "--kv-type"};
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) { serve_usage(stdout); return -1; }
         if (!strcmp(argv[i], "--no-prefix-cache")) { c->prefix_cache = 0; continue; }
@@ -169,6 +172,7 @@ static int parse_flags(int argc, char **argv, srv_config *c) {
         else if (!strcmp(f, "--stream-buffer")) ok = parse_size(f, v, 4096, &c->stream_buffer);
         else if (!strcmp(f, "--max-connections")) ok = cli_int("serve", f, v, 1, 1 << 20, &c->max_connections);
         else if (!strcmp(f, "--kv-size")) ok = parse_kv_size(v, c);
+        else if (!strcmp(f, "--kv-type")) ok = cli_kv_type("serve", f, v, &c->kv_type);
         else if (!strcmp(f, "--max-itl-ms")) {
             float ms;
             ok = cli_float("serve", f, v, 0, 1e6, &ms);

@@ -39,6 +39,7 @@ typedef struct srv_config {
     long long kv_size;        /* KV pool: tokens (kv_size_bytes 0) or bytes (kv_size_bytes 1); 0: the default,
                                  parallel x ctx */
     int kv_size_bytes;
+    int kv_type;              /* CM_KV_F32 or CM_KV_F16 (--kv-type) */
     int prefix_cache;         /* share computed prompt blocks across requests (--no-prefix-cache: 0) */
     double max_itl_ms;        /* soft inter-token latency bound that limits prefill per step (0: off) */
     int kv_check;             /* run cm_ctx_kv_check after every step (--kv-check, CODEMOE_KV_CHECK=1) */
