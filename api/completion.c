@@ -650,8 +650,78 @@ oom:
     return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
 }
 
-int api_parse_completion(const char *body, size_t len, const api_model *m, const api_limits *lim,
-                         api_completion_req *r, api_error *e) {
+/* What api_completion_validate leaves for api_completion_tokenize: the parsed body (whose strings the
+ * prompt sources point into) and the settings that need the prompts' token counts. */
+struct api__pending {
+    json_t *root;            /* owned reference */
+    prompt_src *srcs;        /* (n_prompts) into root */
+    const json_t *suffix;    /* into root, or NULL */
+    int parse_special;
+    int max_tokens_null;     /* "max_tokens": null: the context the longest prompt leaves */
+    int explicit_max;        /* "max_tokens" was a number */
+    long long max_tokens;    /* explicit value or 16 */
+    api_limits lim;          /* a copy: the caller's may be gone when the prompts are tokenized */
+};
+
+static void pending_free(api__pending *p) {
+    if (!p) return;
+    json_decref(p->root);
+    free(p->srcs);
+    free(p);
+}
+
+/* Tokens a prompt needs at least: exact for token ids, cm_tokenize_min_tokens for text; plus the BOS and
+ * FIM tokens build_prompt adds. */
+static long long prompt_min_tokens(const api_model *am, const api__pending *p, const prompt_src *src) {
+    const cm_model_info *info = cm_model_get_info(am->model);
+    long long n = 0;
+    if (src->ids) n = (long long)json_array_size(src->ids);
+    else if (src->text) n = (long long)cm_tokenize_min_tokens(am->model, json_string_length(src->text));
+    if (p->suffix) {
+        n += 3 + (long long)cm_tokenize_min_tokens(am->model, json_string_length(p->suffix));
+        if (src->text && info->add_bos && info->bos >= 0) n++;
+    } else if (src->text && info->add_bos && info->bos >= 0) {
+        n++;
+    }
+    return n > 0 ? n : 1; /* an empty prompt becomes [BOS] */
+}
+
+/* The one rule of prompt + max_tokens against the context (OpenAI counts both). longest: the longest
+ * prompt's tokens, exact, or (exact 0) a lower bound that already shows the request cannot fit.
+ * Sets *max_tokens (resolved for "max_tokens": null). 0, or -1 with the 400 context_length_exceeded
+ * (or max_tokens above the server's cap). */
+static int check_context(const api_model *am, const api_limits *lim, const api__pending *p, long long longest,
+                         int exact, long long *max_tokens, api_error *e) {
+    int n_ctx = am->n_ctx;
+    long long mt = p->max_tokens;
+    if (p->max_tokens_null) {
+        mt = (long long)n_ctx - longest;
+        if (lim->max_tokens_cap > 0 && mt > lim->max_tokens_cap) mt = lim->max_tokens_cap;
+    } else if (lim->max_tokens_cap > 0 && mt > lim->max_tokens_cap) {
+        return api_error_set(e, 400, API_ERR_INVALID, "max_tokens", NULL,
+                             "max_tokens is too large: %lld. This server generates at most %d tokens per completion.",
+                             mt, lim->max_tokens_cap);
+    }
+    *max_tokens = mt;
+    if (longest > n_ctx || mt < 0 || (p->max_tokens_null && mt < 1) || longest + mt > n_ctx) {
+        long long want = longest + (mt > 0 ? mt : 0);
+        const char *param = longest < n_ctx && p->explicit_max ? "max_tokens" : "prompt";
+        if (!exact)
+            return api_error_set(e, 400, API_ERR_INVALID, param, "context_length_exceeded",
+                                 "This model's maximum context length is %d tokens, however you requested at least "
+                                 "%lld tokens (at least %lld in your prompt; %lld for the completion). Please reduce "
+                                 "your prompt; or completion length.",
+                                 n_ctx, want, longest, mt > 0 ? mt : 0);
+        return api_error_set(e, 400, API_ERR_INVALID, param, "context_length_exceeded",
+                             "This model's maximum context length is %d tokens, however you requested %lld tokens "
+                             "(%lld in your prompt; %lld for the completion). Please reduce your prompt; or completion length.",
+                             n_ctx, want, longest, mt > 0 ? mt : 0);
+    }
+    return 0;
+}
+
+int api_completion_validate(const char *body, size_t len, const api_model *m, const api_limits *lim,
+                            api_completion_req *r, api_error *e) {
     memset(r, 0, sizeof *r);
     r->model = m;
     r->n = 1;
@@ -689,62 +759,77 @@ int api_parse_completion(const char *body, size_t len, const api_model *m, const
     }
 
     const cm_model_info *info = cm_model_get_info(m->model);
-    int parse_special = 1, max_tokens_null = 0, n_src = 0;
-    long long max_tokens = 16;
+    int n_src = 0;
     json_t *suffix = NULL;
-    prompt_src *srcs = NULL;
-    if (parse_fields(root, m, lim, r, &parse_special, &suffix, &max_tokens_null, &max_tokens, e)) goto fail;
+    api__pending *p = calloc(1, sizeof *p);
+    if (!p) { json_decref(root); return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory"); }
+    r->pending = p;
+    p->root = root;
+    p->parse_special = 1;
+    p->max_tokens = 16;
+    p->lim = *lim;
+    if (parse_fields(root, m, lim, r, &p->parse_special, &suffix, &p->max_tokens_null, &p->max_tokens, e)) goto fail;
+    p->suffix = suffix;
+    p->explicit_max = json_is_number(json_object_get(root, "max_tokens"));
 
-    srcs = calloc((size_t)(lim->max_prompts > 0 ? lim->max_prompts : 1) + 1, sizeof *srcs);
-    if (!srcs) { api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory"); goto fail; }
+    p->srcs = calloc((size_t)(lim->max_prompts > 0 ? lim->max_prompts : 1) + 1, sizeof *p->srcs);
+    if (!p->srcs) { api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory"); goto fail; }
     if (classify_prompt(json_object_get(root, "prompt"), info->n_vocab, lim->max_prompts > 0 ? lim->max_prompts : 1,
-                        srcs, &n_src, e))
+                        p->srcs, &n_src, e))
         goto fail;
     r->prompts = calloc((size_t)n_src, sizeof *r->prompts);
     if (!r->prompts) { api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory"); goto fail; }
-    int longest = 0;
-    for (int i = 0; i < n_src; i++) {
-        if (build_prompt(m, &srcs[i], suffix, parse_special, &r->prompts[i], e)) goto fail;
-        r->n_prompts++;
-        resolve_options(m, r, &r->prompts[i], &r->prompts[i].opts);
-        if (r->prompts[i].n_tokens > longest) longest = r->prompts[i].n_tokens;
-    }
+    r->n_prompts = n_src;
 
-    /* context: OpenAI counts prompt + max_tokens against the model's context */
-    int n_ctx = m->n_ctx;
-    if (max_tokens_null) {
-        max_tokens = (long long)n_ctx - longest;
-        if (lim->max_tokens_cap > 0 && max_tokens > lim->max_tokens_cap) max_tokens = lim->max_tokens_cap;
-    } else if (lim->max_tokens_cap > 0 && max_tokens > lim->max_tokens_cap) {
-        api_error_set(e, 400, API_ERR_INVALID, "max_tokens", NULL,
-                      "max_tokens is too large: %lld. This server generates at most %d tokens per completion.",
-                      max_tokens, lim->max_tokens_cap);
-        goto fail;
+    /* what can be decided before tokenizing: a prompt that cannot fit whatever its tokens, and the
+     * reference-segment rules on that lower bound */
+    long long longest = 0, mt = 0;
+    int exact = !suffix; /* token ids and the default prompt are counted exactly, text only bounded */
+    for (int i = 0; i < n_src; i++) {
+        long long k = prompt_min_tokens(m, p, &p->srcs[i]);
+        if (k > longest) longest = k;
+        if (p->srcs[i].text) exact = 0;
     }
-    if (longest > n_ctx || max_tokens < 0 || (max_tokens_null && max_tokens < 1) || (long long)longest + max_tokens > n_ctx) {
-        long long want = (long long)longest + (max_tokens > 0 ? max_tokens : 0);
-        int explicit_max = json_is_number(json_object_get(root, "max_tokens"));
-        api_error_set(e, 400, API_ERR_INVALID, longest < n_ctx && explicit_max ? "max_tokens" : "prompt",
-                      "context_length_exceeded",
-                      "This model's maximum context length is %d tokens, however you requested %lld tokens "
-                      "(%d in your prompt; %lld for the completion). Please reduce your prompt; or completion length.",
-                      n_ctx, want, longest, max_tokens > 0 ? max_tokens : 0);
-        goto fail;
-    }
-    r->max_tokens = (int)max_tokens;
-    if (check_reference_segments(m, r, longest, e)) goto fail;
-    free(srcs);
-    json_decref(root);
+    if (check_context(m, &p->lim, p, longest, exact, &mt, e)) goto fail;
+    r->max_tokens = (int)mt;
+    if (check_reference_segments(m, r, longest > INT_MAX ? INT_MAX : (int)longest, e)) goto fail;
     return 0;
 fail:
-    free(srcs);
-    json_decref(root);
     api_completion_req_free(r);
     return -1;
 }
 
+int api_completion_tokenize(api_completion_req *r, api_error *e) {
+    api__pending *p = r->pending;
+    const api_model *m = r->model;
+    if (!p) return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "the request was not validated");
+    long long longest = 0;
+    for (int i = 0; i < r->n_prompts; i++) {
+        if (build_prompt(m, &p->srcs[i], p->suffix, p->parse_special, &r->prompts[i], e)) goto fail;
+        resolve_options(m, r, &r->prompts[i], &r->prompts[i].opts);
+        if (r->prompts[i].n_tokens > longest) longest = r->prompts[i].n_tokens;
+    }
+    long long mt = 0;
+    if (check_context(m, &p->lim, p, longest, 1, &mt, e)) goto fail;
+    r->max_tokens = (int)mt;
+    if (check_reference_segments(m, r, (int)longest, e)) goto fail;
+    pending_free(p);
+    r->pending = NULL;
+    return 0;
+fail:
+    api_completion_req_free(r);
+    return -1;
+}
+
+int api_parse_completion(const char *body, size_t len, const api_model *m, const api_limits *lim,
+                         api_completion_req *r, api_error *e) {
+    if (api_completion_validate(body, len, m, lim, r, e)) return -1;
+    return api_completion_tokenize(r, e);
+}
+
 void api_completion_req_free(api_completion_req *r) {
     if (!r) return;
+    pending_free(r->pending);
     for (int i = 0; i < r->n_prompts; i++) {
         free(r->prompts[i].tokens);
         free(r->prompts[i].text);
