@@ -22,6 +22,11 @@
  * - A missing "model" means the loaded model; a wrong one is 404 code "model_not_found".
  * - "max_tokens" defaults to 16 (OpenAI); null means "until the context is full" (capped by
  *   max_tokens_cap when set).
+ * - Numbers: every numeric field is checked against what its conversion holds, at parse time. A float
+ *   parameter (sampling, logit_bias values) nonzero but below FLT_MIN in magnitude (1e-300: it would
+ *   become 0 or a subnormal) is a 400; -0 is 0. An integer field given as an integral real outside
+ *   64 bits is a range error. A number jansson cannot hold at all (1e400, 99999999999999999999999)
+ *   is a 400 whose param and message name the top-level field it appears in.
  * - Choice i (i = prompt_index * n + j, OpenAI's order) samples with seed + i, so n > 1 choices differ
  *   yet a request with a seed is reproducible. Without "seed" the server draws one (seed_set == 0).
  */

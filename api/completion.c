@@ -5,6 +5,7 @@
  * "'abc' is not of type 'number' - 'temperature'", always with the offending parameter in "param",
  * so a client can point at the field. Every length and count from the body is bounded by api_limits.
  */
+#include <float.h>
 #include <limits.h>
 #include <math.h>
 #include <stdio.h>
@@ -66,11 +67,65 @@ static int err_range(api_error *e, const char *param, const json_t *v, const cha
     return api_error_set(e, 400, API_ERR_INVALID, param, NULL, "%s is %s %g - '%s'", d, what, bound, param);
 }
 
+/* A number jansson cannot hold (1e400, an integer beyond 64 bits) fails the whole parse, at the byte
+ * just past it. The body up to there is valid JSON, so a small scan finds the top-level field it
+ * belongs to (counting brackets, skipping strings), and the 400 names that field like a range error. */
+static int err_overflow(const char *body, size_t len, const json_error_t *je, api_error *e) {
+    size_t end = je->position > 0 && (size_t)je->position <= len ? (size_t)je->position : 0;
+    char key[64] = "";
+    int depth = 0, want_key = 0;
+    for (size_t i = 0; i < end; i++) {
+        char c = body[i];
+        if (c == '"') {
+            size_t j = i + 1;
+            while (j < end && body[j] != '"') j += body[j] == '\\' ? 2 : 1;
+            if (depth == 1 && want_key) {
+                size_t n = j - i - 1 < sizeof key - 1 ? j - i - 1 : sizeof key - 1;
+                while (n > 0 && n < j - i - 1 && ((unsigned char)body[i + 1 + n] & 0xc0) == 0x80) n--;
+                memcpy(key, body + i + 1, n);
+                key[n] = '\0';
+                want_key = 0;
+            }
+            i = j;
+        } else if (c == '{' || c == '[') {
+            if (++depth == 1) want_key = c == '{';
+        } else if (c == '}' || c == ']') {
+            depth--;
+        } else if (c == ',' && depth == 1) {
+            want_key = 1;
+        }
+    }
+    size_t start = end;
+    while (start > 0 && end - start < 40 && body[start - 1] && strchr("0123456789+-.eE", body[start - 1])) start--;
+    if (depth < 1 || !key[0])
+        return api_error_set(e, 400, API_ERR_INVALID, NULL, NULL,
+                             "We could not parse the JSON body of your request: the number %.*s is too large "
+                             "(line %d, column %d).", (int)(end - start), body + start, je->line, je->column);
+    return api_error_set(e, 400, API_ERR_INVALID, key, NULL, "%.*s is too large to be represented - '%s'",
+                         (int)(end - start), body + start, key);
+}
+
 /* ------------------------------------------------------------ typed field readers */
 /* Each returns 0 when the field is absent or null (output untouched), 1 when set, -1 on error. */
 
-static int get_number(json_t *o, const char *key, double lo, int lo_excl, double hi, double *out,
-                      api_error *e) {
+/* The float a sampling parameter becomes. Ranges are checked on the double first (get_number); the bounds
+ * are exact floats, so rounding keeps a value inside them. What a float cannot hold is a nonzero value
+ * below its smallest normal magnitude: it would become 0 (which an exclusive minimum, or the sampler,
+ * refuses: a 500 after the request was accepted) or a subnormal (a divisor that overflows to inf).
+ * Such values are a 400 naming the parameter. Negative zero becomes zero. */
+static int to_float(double x, const json_t *v, const char *param, const char *shown, float *out, api_error *e) {
+    if (x != 0 && fabs(x) < FLT_MIN) {
+        char d[96];
+        describe(v, d, sizeof d);
+        return api_error_set(e, 400, API_ERR_INVALID, param, NULL,
+                             "%s is too small: the smallest nonzero magnitude accepted is %g - '%s'", d,
+                             (double)FLT_MIN, shown);
+    }
+    *out = x == 0 ? 0.0f : (float)x;
+    return 0;
+}
+
+static int get_number(json_t *o, const char *key, double lo, int lo_excl, double hi, float *out, api_error *e) {
     json_t *v = json_object_get(o, key);
     if (!v || json_is_null(v)) return 0;
     if (!json_is_number(v)) return err_type(e, key, v, "number");
@@ -78,7 +133,7 @@ static int get_number(json_t *o, const char *key, double lo, int lo_excl, double
     if (lo_excl ? !(x > lo) : !(x >= lo))
         return err_range(e, key, v, lo_excl ? "less than or equal to the minimum of" : "less than the minimum of", lo);
     if (!(x <= hi)) return err_range(e, key, v, "greater than the maximum of", hi);
-    *out = x;
+    if (to_float(x, v, key, key, out, e)) return -1;
     return 1;
 }
 
@@ -88,9 +143,13 @@ static int get_int(json_t *o, const char *key, long long lo, long long hi, long 
     long long x;
     if (json_is_integer(v)) {
         x = json_integer_value(v);
-    } else if (json_is_real(v) && json_real_value(v) == floor(json_real_value(v)) &&
-               fabs(json_real_value(v)) < 9.2e18) {
-        x = (long long)json_real_value(v); /* 2.0 is an integer to JSON schema */
+    } else if (json_is_real(v) && json_real_value(v) == floor(json_real_value(v))) {
+        /* 2.0 is an integer to JSON schema; one outside long long (from -2^63 to 2^63, exclusive above)
+         * cannot be converted, and is outside every bound */
+        double d = json_real_value(v);
+        if (d >= 9223372036854775808.0) return err_range(e, key, v, "greater than the maximum of", (double)hi);
+        if (d < -9223372036854775808.0) return err_range(e, key, v, "less than the minimum of", (double)lo);
+        x = (long long)d;
     } else {
         return err_type(e, key, v, "integer");
     }
@@ -486,8 +545,10 @@ static int parse_logit_bias(json_t *o, const api_limits *lim, int n_vocab, api_c
                                  "%s is out of range: logit_bias values must be between -100 and 100 - 'logit_bias.%s'",
                                  d, k);
         }
+        char shown[40];
+        snprintf(shown, sizeof shown, "logit_bias.%s", k);
+        if (to_float(b, x, "logit_bias", shown, &r->logit_bias[r->n_logit_bias].bias, e)) return -1;
         r->logit_bias[r->n_logit_bias].token = (int32_t)id;
-        r->logit_bias[r->n_logit_bias].bias = (float)b;
         r->n_logit_bias++;
     }
     return 0;
@@ -538,7 +599,6 @@ static int parse_fields(json_t *root, const api_model *m, const api_limits *lim,
                         int *parse_special, json_t **suffix, int *max_tokens_null, long long *max_tokens,
                         api_error *e) {
     const cm_model_info *info = cm_model_get_info(m->model);
-    double x = 0;
     long long i64 = 0;
     int rc, b = 0;
     json_t *s = NULL;
@@ -556,18 +616,12 @@ static int parse_fields(json_t *root, const api_model *m, const api_limits *lim,
         }
     }
 
-    if ((rc = get_number(root, "temperature", 0, 0, 2, &x, e)) < 0) return -1;
-    if (rc) r->sampling.temperature = (float)x;
-    if ((rc = get_number(root, "top_p", 0, 1, 1, &x, e)) < 0) return -1;
-    if (rc) r->sampling.top_p = (float)x;
-    if ((rc = get_number(root, "presence_penalty", -2, 0, 2, &x, e)) < 0) return -1;
-    if (rc) r->sampling.presence_penalty = (float)x;
-    if ((rc = get_number(root, "frequency_penalty", -2, 0, 2, &x, e)) < 0) return -1;
-    if (rc) r->sampling.frequency_penalty = (float)x;
-    if ((rc = get_number(root, "min_p", 0, 0, 1, &x, e)) < 0) return -1;
-    if (rc) r->sampling.min_p = (float)x;
-    if ((rc = get_number(root, "repetition_penalty", 0, 1, 1e6, &x, e)) < 0) return -1;
-    if (rc) r->sampling.repetition_penalty = (float)x;
+    if (get_number(root, "temperature", 0, 0, 2, &r->sampling.temperature, e) < 0) return -1;
+    if (get_number(root, "top_p", 0, 1, 1, &r->sampling.top_p, e) < 0) return -1;
+    if (get_number(root, "presence_penalty", -2, 0, 2, &r->sampling.presence_penalty, e) < 0) return -1;
+    if (get_number(root, "frequency_penalty", -2, 0, 2, &r->sampling.frequency_penalty, e) < 0) return -1;
+    if (get_number(root, "min_p", 0, 0, 1, &r->sampling.min_p, e) < 0) return -1;
+    if (get_number(root, "repetition_penalty", 0, 1, 1e6, &r->sampling.repetition_penalty, e) < 0) return -1;
     if ((rc = get_int(root, "top_k", 0, INT_MAX, &i64, e)) < 0) return -1;
     if (rc) r->sampling.top_k = (int)i64;
 
@@ -746,10 +800,12 @@ int api_completion_validate(const char *body, size_t len, const api_model *m, co
                              lim->max_body_bytes);
     json_error_t je;
     json_t *root = json_loadb(body, len, JSON_ALLOW_NUL | JSON_DECODE_ANY, &je);
-    if (!root)
+    if (!root) {
+        if (json_error_code(&je) == json_error_numeric_overflow) return err_overflow(body, len, &je, e);
         return api_error_set(e, 400, API_ERR_INVALID, NULL, NULL,
                              "We could not parse the JSON body of your request: %s (line %d, column %d).",
                              je.text, je.line, je.column);
+    }
     if (!json_is_object(root)) {
         char d[96];
         describe(root, d, sizeof d);
