@@ -75,6 +75,7 @@ struct srv_req {
     uint64_t t_start;
     size_t bytes_in, bytes_out;
     char origin[256];           /* CORS origin to allow in the response, "" for none */
+    int key;                    /* who asked: srv_keys_find's result (owner of what it creates) */
 
     srv_buf body;
     int too_large;
@@ -510,16 +511,22 @@ static void handle_model(srv_req *r, const char *id) {
     respond_json(r, 200, api_render_model(&h->model));
 }
 
+/* A record is served only to the key that created its completion (or an admin key); to anyone else it
+ * does not exist: the same 404 as an unknown id, so ids cannot be probed. */
 static void handle_routing(srv_req *r, const char *id) {
-    json_t *v = srv_retention_get(r->h->ret, id);
-    if (!v) {
+    int owner = SRV_KEY_NONE;
+    size_t len = 0;
+    const char *v = srv_retention_get(r->h->ret, id, &owner, &len);
+    if (!v || !srv_keys_may_read(&r->h->cfg->keys, r->key, owner)) {
         api_error e;
         api_error_set(&e, 404, API_ERR_NOT_FOUND, NULL, "completion_not_found",
                       "No routing statistics for completion '%.64s' (unknown, or no longer retained).", id);
         respond_error(r, &e);
         return;
     }
-    respond_json(r, 200, json_dumps(v, JSON_COMPACT));
+    char *body = malloc(len + 1);
+    if (body) memcpy(body, v, len + 1);
+    respond(r, 200, "application/json", body, len);
 }
 
 /* ============================================================ completions: output */
@@ -621,7 +628,9 @@ static json_t *store_routing(srv_req *r, const api_route_agg *agg) {
     if (!v) return NULL;
     json_decref(r->routing);
     r->routing = v;
-    srv_retention_put(h->ret, r->cmpl_id, json_incref(v));
+    srv_retention_put(h->ret, r->cmpl_id, r->key, v);
+    h->metrics.routing_store_bytes = srv_retention_bytes(h->ret);
+    h->metrics.routing_store_records = (uint64_t)srv_retention_count(h->ret);
     return v;
 }
 
@@ -951,7 +960,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             if (!is_get) respond_http_error(r, 405, NULL);
             return MHD_YES;
         }
-        if (!srv_keys_check(&h->cfg->keys, MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization"))) {
+        r->key = srv_keys_find(&h->cfg->keys, MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization"));
+        if (r->key == SRV_KEY_NONE) {
             respond_http_error(r, 401, NULL);
             return MHD_YES;
         }
@@ -1097,7 +1107,7 @@ srv_http *srv_http_start(uv_loop_t *loop, srv_config *cfg) {
     srv_metrics_init(&h->metrics);
     api_limits_default(&h->limits);
     h->limits.max_body_bytes = cfg->max_body;
-    h->ret = srv_retention_create(cfg->routing_retention);
+    h->ret = srv_retention_create(cfg->routing_retention, cfg->routing_retention_bytes);
     struct stat stt;
     h->created = stat(cfg->model_path, &stt) == 0 ? (int64_t)stt.st_mtime : (int64_t)time(NULL);
 
