@@ -320,6 +320,7 @@ static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn) {
     r->h = h;
     r->conn = conn;
     r->t_start = uv_hrtime();
+    r->key = SRV_KEY_NONE;
     snprintf(r->path, sizeof r->path, "%s", uri ? uri : "");
     srv_buf_init(&r->body, h->cfg->max_body);
     srv_buf_init(&r->sse, 0);
@@ -872,6 +873,7 @@ static void tokenize_done(uv_work_t *w, int status) {
     if (status == UV_ECANCELED || r->cancel_reason == SRV_CANCEL_SHUTDOWN || h->grace_over) {
         respond_http_error(r, 503, "The server is shutting down.");
     } else if (r->tok_rc < 0) {
+        r->has_creq = 0; /* api_completion_tokenize emptied it: logged like any request refused by api/ */
         respond_error(r, &r->tok_err);
     } else {
         submit_completion(r);

@@ -1,24 +1,29 @@
 #!/usr/bin/env node
 /*
  * test_server_tokenize.mjs - a request's prompt is tokenized off the event loop:
- * - while two connections send ~4 MB prompts back to back (each takes the tokenizer seconds), a
- *   running stream keeps its pace (the longest gap between its chunks stays under a second) and
- *   /health keeps answering at once; the long prompts still get their exact 400
- *   context_length_exceeded;
+ * - while two connections send ~4 MB prompts back to back (each takes the tokenizer about a second,
+ *   more on a loaded machine), a running stream keeps its pace and /health keeps answering: both stay
+ *   under a second at worst (what is left on the loop is parsing each 4 MB body's JSON, tens to a few
+ *   hundred ms; tokenizing there made gaps of seconds per prompt); the
+ *   long prompts still get their exact 400 context_length_exceeded;
  * - a prompt that cannot fit whatever its tokens is refused before tokenization;
  * - a client that hangs up while its prompt is being tokenized leaves nothing behind (run it in an
  *   ASan/UBSan build, where a leak or error report at exit fails it).
+ * CM_TOKENIZE_PROMPT_BYTES sets the long prompts' size (default 4000000; an unoptimised ASan build
+ * tokenizes some 40 times slower, so 200000 keeps such a run in minutes; the latency bounds are meant
+ * for the optimised build).
  */
 import assert from 'node:assert/strict';
 import http from 'node:http';
 import { startServer, postJSON, metrics, waitMetrics, sanitizerReport, sleep, test, run } from './server_harness.mjs';
 
-const BIG = 4_000_000; // bytes of spaces: 1 M tokens, more than the 512 K context below
+const BIG = Number(process.env.CM_TOKENIZE_PROMPT_BYTES || 4_000_000); // bytes of spaces: BIG / 4 tokens
 const bigBody = JSON.stringify({ prompt: ' '.repeat(BIG), max_tokens: 1 });
 
-// A context so large that the long prompts pass the cheap length bound and must be tokenized; a small KV
-// pool, since nothing long ever runs. Steps are paced so the stream below outlives the long prompts.
-const serverArgs = ['--ctx', String(1 << 19), '--kv-size', '4096', '--parallel', '4', '--threads', '1',
+// A context of BIG / 8 tokens: the long prompts pass the cheap length bound (BIG / 39 tokens at least)
+// and must be tokenized to find that they do not fit; a small KV pool, since nothing long ever runs.
+// Steps are paced so the stream below outlives the long prompts.
+const serverArgs = ['--ctx', String(Math.floor(BIG / 8)), '--kv-size', '4096', '--parallel', '4', '--threads', '1',
   '--max-body', String(8 << 20)];
 
 test('long prompts do not stall running streams or /health', async () => {
@@ -79,7 +84,7 @@ test('long prompts do not stall running streams or /health', async () => {
     console.error(`  4 prompts of ${BIG} bytes in ${tEnd - tStart} ms: longest stream gap ${gap} ms, ` +
       `slowest /health ${healthMax} ms over ${healthN} probes`);
     assert.ok(gap < 1000, `longest gap between stream chunks ${gap} ms`);
-    assert.ok(healthMax < 500, `slowest /health ${healthMax} ms`);
+    assert.ok(healthMax < 1000, `slowest /health ${healthMax} ms`);
   } finally {
     await srv.stop();
   }
@@ -105,25 +110,25 @@ test('a prompt that cannot fit is refused before tokenization', async () => {
 test('hanging up while the prompt is tokenized frees the request', async () => {
   const srv = await startServer({ args: serverArgs });
   try {
-    for (let i = 0; i < 3; i++) {
-      await new Promise((resolve) => {
-        const req = http.request(srv.base + '/v1/completions', { method: 'POST', agent: false,
-          headers: { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(bigBody) } });
-        req.on('error', () => resolve());
-        req.on('response', () => { resolve(); }); // should not happen before the hang-up
-        // the body is sent, then the client leaves while the pool tokenizes it
-        req.end(bigBody, () => setTimeout(() => { req.destroy(); resolve(); }, 150 * (i + 1)));
-      });
-    }
+    // more at once than libuv's pool has threads (4): some hang up while running, the others while
+    // still queued (their work is cancelled before it starts)
+    const n = 7;
+    await Promise.all(Array.from({ length: n }, (_, i) => new Promise((resolve) => {
+      const req = http.request(srv.base + '/v1/completions', { method: 'POST', agent: false,
+        headers: { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(bigBody) } });
+      req.on('error', () => resolve());
+      req.on('response', () => resolve()); // too late: the hang-up below comes first
+      req.end(bigBody, () => setTimeout(() => { req.destroy(); resolve(); }, 100 + 20 * i));
+    })));
     // the server serves on, and every connection is gone once the tokenizations finished
-    await waitMetrics(srv, (m) => m['codemoe_http_connections'] === 1, 20000);
+    await waitMetrics(srv, (m) => m['codemoe_http_connections'] === 1, 120000);
     const r = await postJSON(srv, '/v1/completions', { prompt: 'x', max_tokens: 2 });
     assert.equal(r.status, 200);
     const m = await metrics(srv);
     assert.equal(m['codemoe_requests_running'], 0);
     await sleep(100);
     const gone = srv.logs.filter((l) => l.msg === 'request' && l.route === 'completions' && l.outcome === 'client_gone');
-    assert.equal(gone.length, 3, JSON.stringify(srv.logs.filter((l) => l.msg === 'request')));
+    assert.equal(gone.length, n, JSON.stringify(srv.logs.filter((l) => l.msg === 'request')));
   } finally {
     await srv.stop();
   }
