@@ -111,6 +111,12 @@ enum {
  * call again with a larger buffer), or a negative CM_E* code. */
 int cm_tokenize(const cm_model *m, const char *text, size_t len, int flags, int32_t *out, int cap,
                 cm_err *err);
+/* A lower bound, in O(1) after load, on the tokens cm_tokenize produces for ANY text of len bytes (with
+ * or without CM_TOK_PARSE_SPECIAL; the BOS that CM_TOK_ADD_BOS adds not counted): ceil(len / the most
+ * input bytes one token can stand for). Lets a caller refuse a text that cannot fit a context before
+ * paying for its tokenization. 0 when len is 0 or the vocabulary gives no bound (a byte with no token
+ * of its own is dropped from the output). */
+size_t cm_tokenize_min_tokens(const cm_model *m, size_t len);
 
 /* The vocabulary string of a token as stored (byte-level BPE alphabet), NULL if out of range. */
 const char *cm_token_text(const cm_model *m, int32_t id, size_t *len);
