@@ -23,6 +23,11 @@
  * - A missing "model" means the loaded model; a wrong one is 404 code "model_not_found".
  * - "max_tokens" defaults to 16 (OpenAI); null means "until the context is full" (capped by
  *   max_tokens_cap when set).
+ * - Numbers: every numeric field is checked against what its conversion holds, at parse time. A float
+ *   parameter (sampling, logit_bias values) nonzero but below FLT_MIN in magnitude (1e-300: it would
+ *   become 0 or a subnormal) is a 400; -0 is 0. An integer field given as an integral real outside
+ *   64 bits is a range error. A number jansson cannot hold at all (1e400, 99999999999999999999999)
+ *   is a 400 whose param and message name the top-level field it appears in.
  * - Choice i (i = prompt_index * n + j, OpenAI's order) samples with seed + i, so n > 1 choices differ
  *   yet a request with a seed is reproducible. Without "seed" the server draws one (seed_set == 0).
  */
@@ -120,13 +125,15 @@ typedef struct api_prompt {
 typedef enum { API_ROUTING_NONE = 0, API_ROUTING_SUMMARY, API_ROUTING_FULL } api_routing_mode;
 typedef enum { API_SEGMENT_CAUSAL = 0, API_SEGMENT_REFERENCE } api_segment_routing;
 
+typedef struct api__pending api__pending;
+
 typedef struct api_completion_req {
     const api_model *model;
-    api_prompt *prompts;   /* (n_prompts) */
+    api_prompt *prompts;   /* (n_prompts) built by api_completion_tokenize (zeroed before) */
     int n_prompts;
     int n;                 /* choices per prompt; total choices = n_prompts * n */
-    int max_tokens;        /* resolved: explicit value, 16, or (null) the context left by the longest
-                              prompt, capped by max_tokens_cap */
+    int max_tokens;        /* resolved (final after api_completion_tokenize): explicit value, 16, or
+                              (null) the context left by the longest prompt, capped by max_tokens_cap */
     int stream;
     int include_usage;     /* stream_options.include_usage */
     int logprobs;          /* -1: none (JSON null); else top alternatives per token (0..logprobs_max) */
@@ -147,18 +154,48 @@ typedef struct api_completion_req {
                                             the prefix cache (llama.cpp's n_predict 0 cache warm-up) */
     json_t *dialect;                     /* what a dialect's renderer needs from its request (llama.cpp's
                                             response_fields, truncated), set by its parser; owned, or NULL */
+    api__pending *pending;               /* private: the parsed body between api_completion_validate and
+                                            api_completion_tokenize; NULL once the prompts are built */
 } api_completion_req;
 
-/* Parses and validates a POST /v1/completions body of len bytes (need not be NUL-terminated) against
- * the model and limits, tokenizing every prompt and resolving its engine options, so that every rule of
- * a request is checked here, before it waits for the engine: a "language" a MoLE model has no adapter
- * for (400, param "language"), segment_routing "reference" on a hybrid model with max_tokens > 0 or a
- * prompt longer than m->n_batch (400, param "segment_routing"). On success returns 0 and out owns its
- * allocations (free with api_completion_req_free). On failure returns -1, err describes it (status 400/404/413, or
- * 500 if the tokenizer failed) and out holds nothing to free (freeing it anyway is safe). */
+/* A POST /v1/completions body becomes a request in two steps, so that a server can keep the second,
+ * whose cost grows with the prompts, off its event loop:
+ *
+ * api_completion_validate: parses the body of len bytes (need not be NUL-terminated) and checks every
+ * rule that needs no tokens, against the model and limits: JSON, field types and ranges, counts, token
+ * ids, "language" a MoLE model has no adapter for (400, param "language"), and whether a prompt can fit
+ * the context at all (cm_tokenize_min_tokens: 400 context_length_exceeded when even the fewest tokens
+ * its text could give do not fit). Its cost is the JSON parse and a walk over token-id arrays. On
+ * success returns 0; out->n_prompts is known (so api_completion_n_choices works) but the prompts are
+ * not built yet: out keeps the parsed body privately until api_completion_tokenize. On failure returns
+ * -1, err describes it (status 400/404/413, 500 out of memory) and out holds nothing to free (freeing it
+ * anyway is safe).
+ *
+ * api_completion_tokenize: builds every prompt (tokenization, FIM layout, echo text) and resolves its
+ * engine options, then the rules that need token counts: the context (400 context_length_exceeded) and
+ * segment_routing "reference" on a hybrid model with max_tokens > 0 or a prompt longer than m->n_batch
+ * (400, param "segment_routing"). No I/O and no shared state but the immutable model: it may run on any
+ * thread, as long as nothing else touches out meanwhile. On success returns 0 and out owns its
+ * allocations (free with api_completion_req_free). On failure returns -1, err describes it (400, or 500
+ * if the tokenizer failed) and out holds nothing to free.
+ *
+ * api_parse_completion: both in one call, for callers without an event loop to protect (the CLI, tests). */
+int api_completion_validate(const char *body, size_t len, const api_model *m, const api_limits *lim,
+                            api_completion_req *out, api_error *err);
+int api_completion_tokenize(api_completion_req *out, api_error *err);
 int api_parse_completion(const char *body, size_t len, const api_model *m, const api_limits *lim,
                          api_completion_req *out, api_error *err);
 void api_completion_req_free(api_completion_req *r);
+
+/* The engine options a prompt runs with: one rule for the server and `codemoe complete`. Segment mode:
+ * CM_SEGMENT_CAUSAL, or CM_SEGMENT_REFERENCE when asked (never the model's own default, so a request
+ * means the same on every model). For a model with MoLE adapters, the language: `language` when given
+ * (an adapter name or alias; one the model has no adapter for is a 400 naming "language"), else the
+ * text's Markdown fences decide per token, else cm_lang_detect's guess (cm_lang_for_request). Models
+ * without adapters ignore `language`. text may be NULL (only `language` is checked then). Returns 0, or
+ * -1 with e set and *out unspecified. */
+int api_seq_options(const cm_model *m, const char *language, api_segment_routing seg, const char *text,
+                    size_t len, cm_seq_options *out, api_error *e);
 
 /* The fill-in-the-middle prompt, one rule for the API's "suffix" and `codemoe complete --suffix`:
  * [BOS if add_bos] <fim_prefix> prefix <fim_suffix> suffix <fim_middle>, prefix and suffix tokenized as

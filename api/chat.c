@@ -4,8 +4,9 @@
  *
  * The chat fields are translated into a /v1/completions body (prompt = the rendered text with its
  * special tokens recognised, max_completion_tokens -> max_tokens, logprobs + top_logprobs ->
- * logprobs) and read by api_parse_completion, so the sampling, stop, n, seed, limit and context rules
- * have one owner; its errors name the chat parameter the client sent.
+ * logprobs) and read by api_completion_validate (then tokenized as any request), so the sampling,
+ * stop, n, seed, limit and context rules have one owner; its errors name the chat parameter the client
+ * sent.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -144,15 +145,6 @@ static const char *const shared_fields[] = {
     "segment_routing", "routing",
 };
 
-/* Renames a completions parameter in err to the chat parameter the client sent. */
-static void chat_param(api_error *e, int max_completion) {
-    static const struct { const char *from, *to; } map[] = {{"prompt", "messages"}, {"logprobs", "top_logprobs"}};
-    for (size_t i = 0; i < sizeof map / sizeof *map; i++)
-        if (!strcmp(e->param, map[i].from)) snprintf(e->param, sizeof e->param, "%s", map[i].to);
-    if (max_completion && !strcmp(e->param, "max_tokens"))
-        snprintf(e->param, sizeof e->param, "max_completion_tokens");
-}
-
 int api_parse_chat(const char *body, size_t len, const api_model *m, const api_limits *lim,
                    api_completion_req *out, api_error *e) {
     json_t *root = api_format_load_body(body, len, m, lim, out, e);
@@ -190,8 +182,11 @@ int api_parse_chat(const char *body, size_t len, const api_model *m, const api_l
     if (!prompt) goto done;
     json_object_set_new(c, "prompt", json_stringn(prompt, plen));
     json_object_set_new(c, "parse_special", json_true()); /* the template writes its special tokens as text */
-    rc = api_format_parse_translated(c, m, lim, 0, out, e);
-    if (rc) chat_param(e, max_completion);
+    /* errors name the chat parameters the client sent */
+    json_t *d = json_pack("{s:{s:s,s:s,s:s}}", "params", "prompt", "messages", "logprobs", "top_logprobs",
+                          "max_tokens", max_completion ? "max_completion_tokens" : "max_tokens");
+    if (!d) { api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory"); goto done; }
+    rc = api_format_parse_translated(c, d, m, lim, 0, out, e);
 done:
     free(prompt);
     json_decref(c);

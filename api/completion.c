@@ -5,6 +5,7 @@
  * "'abc' is not of type 'number' - 'temperature'", always with the offending parameter in "param",
  * so a client can point at the field. Every length and count from the body is bounded by api_limits.
  */
+#include <float.h>
 #include <limits.h>
 #include <math.h>
 #include <stdio.h>
@@ -66,11 +67,65 @@ static int err_range(api_error *e, const char *param, const json_t *v, const cha
     return api_error_set(e, 400, API_ERR_INVALID, param, NULL, "%s is %s %g - '%s'", d, what, bound, param);
 }
 
+/* A number jansson cannot hold (1e400, an integer beyond 64 bits) fails the whole parse, at the byte
+ * just past it. The body up to there is valid JSON, so a small scan finds the top-level field it
+ * belongs to (counting brackets, skipping strings), and the 400 names that field like a range error. */
+static int err_overflow(const char *body, size_t len, const json_error_t *je, api_error *e) {
+    size_t end = je->position > 0 && (size_t)je->position <= len ? (size_t)je->position : 0;
+    char key[64] = "";
+    int depth = 0, want_key = 0;
+    for (size_t i = 0; i < end; i++) {
+        char c = body[i];
+        if (c == '"') {
+            size_t j = i + 1;
+            while (j < end && body[j] != '"') j += body[j] == '\\' ? 2 : 1;
+            if (depth == 1 && want_key) {
+                size_t n = j - i - 1 < sizeof key - 1 ? j - i - 1 : sizeof key - 1;
+                while (n > 0 && n < j - i - 1 && ((unsigned char)body[i + 1 + n] & 0xc0) == 0x80) n--;
+                memcpy(key, body + i + 1, n);
+                key[n] = '\0';
+                want_key = 0;
+            }
+            i = j;
+        } else if (c == '{' || c == '[') {
+            if (++depth == 1) want_key = c == '{';
+        } else if (c == '}' || c == ']') {
+            depth--;
+        } else if (c == ',' && depth == 1) {
+            want_key = 1;
+        }
+    }
+    size_t start = end;
+    while (start > 0 && end - start < 40 && body[start - 1] && strchr("0123456789+-.eE", body[start - 1])) start--;
+    if (depth < 1 || !key[0])
+        return api_error_set(e, 400, API_ERR_INVALID, NULL, NULL,
+                             "We could not parse the JSON body of your request: the number %.*s is too large "
+                             "(line %d, column %d).", (int)(end - start), body + start, je->line, je->column);
+    return api_error_set(e, 400, API_ERR_INVALID, key, NULL, "%.*s is too large to be represented - '%s'",
+                         (int)(end - start), body + start, key);
+}
+
 /* ------------------------------------------------------------ typed field readers */
 /* Each returns 0 when the field is absent or null (output untouched), 1 when set, -1 on error. */
 
-static int get_number(json_t *o, const char *key, double lo, int lo_excl, double hi, double *out,
-                      api_error *e) {
+/* The float a sampling parameter becomes. Ranges are checked on the double first (get_number); the bounds
+ * are exact floats, so rounding keeps a value inside them. What a float cannot hold is a nonzero value
+ * below its smallest normal magnitude: it would become 0 (which an exclusive minimum, or the sampler,
+ * refuses: a 500 after the request was accepted) or a subnormal (a divisor that overflows to inf).
+ * Such values are a 400 naming the parameter. Negative zero becomes zero. */
+static int to_float(double x, const json_t *v, const char *param, const char *shown, float *out, api_error *e) {
+    if (x != 0 && fabs(x) < FLT_MIN) {
+        char d[96];
+        describe(v, d, sizeof d);
+        return api_error_set(e, 400, API_ERR_INVALID, param, NULL,
+                             "%s is too small: the smallest nonzero magnitude accepted is %g - '%s'", d,
+                             (double)FLT_MIN, shown);
+    }
+    *out = x == 0 ? 0.0f : (float)x;
+    return 0;
+}
+
+static int get_number(json_t *o, const char *key, double lo, int lo_excl, double hi, float *out, api_error *e) {
     json_t *v = json_object_get(o, key);
     if (!v || json_is_null(v)) return 0;
     if (!json_is_number(v)) return err_type(e, key, v, "number");
@@ -78,7 +133,7 @@ static int get_number(json_t *o, const char *key, double lo, int lo_excl, double
     if (lo_excl ? !(x > lo) : !(x >= lo))
         return err_range(e, key, v, lo_excl ? "less than or equal to the minimum of" : "less than the minimum of", lo);
     if (!(x <= hi)) return err_range(e, key, v, "greater than the maximum of", hi);
-    *out = x;
+    if (to_float(x, v, key, key, out, e)) return -1;
     return 1;
 }
 
@@ -88,9 +143,13 @@ static int get_int(json_t *o, const char *key, long long lo, long long hi, long 
     long long x;
     if (json_is_integer(v)) {
         x = json_integer_value(v);
-    } else if (json_is_real(v) && json_real_value(v) == floor(json_real_value(v)) &&
-               fabs(json_real_value(v)) < 9.2e18) {
-        x = (long long)json_real_value(v); /* 2.0 is an integer to JSON schema */
+    } else if (json_is_real(v) && json_real_value(v) == floor(json_real_value(v))) {
+        /* 2.0 is an integer to JSON schema; one outside long long (from -2^63 to 2^63, exclusive above)
+         * cannot be converted, and is outside every bound */
+        double d = json_real_value(v);
+        if (d >= 9223372036854775808.0) return err_range(e, key, v, "greater than the maximum of", (double)hi);
+        if (d < -9223372036854775808.0) return err_range(e, key, v, "less than the minimum of", (double)lo);
+        x = (long long)d;
     } else {
         return err_type(e, key, v, "integer");
     }
@@ -611,8 +670,10 @@ static int parse_logit_bias(json_t *o, const api_limits *lim, int n_vocab, api_c
                                  "%s is out of range: logit_bias values must be between -100 and 100 - 'logit_bias.%s'",
                                  d, k);
         }
+        char shown[40];
+        snprintf(shown, sizeof shown, "logit_bias.%s", k);
+        if (to_float(b, x, "logit_bias", shown, &r->logit_bias[r->n_logit_bias].bias, e)) return -1;
         r->logit_bias[r->n_logit_bias].token = (int32_t)id;
-        r->logit_bias[r->n_logit_bias].bias = (float)b;
         r->n_logit_bias++;
     }
     return 0;
@@ -621,14 +682,17 @@ static int parse_logit_bias(json_t *o, const api_limits *lim, int n_vocab, api_c
 /* ------------------------------------------------------------ engine options */
 
 /* The engine options of one prompt's sequences (see api_prompt.opts). */
-static void resolve_options(const api_model *am, const api_completion_req *r, const api_prompt *p,
-                            cm_seq_options *o) {
-    cm_seq_options_default(o);
-    if (r->segment_routing == API_SEGMENT_REFERENCE) o->segment_mode = CM_SEGMENT_REFERENCE;
-    if (cm_model_n_adapters(am->model) > 0) {
-        const char *lang = cm_lang_for_request(r->language, p->text, p->text_len);
-        o->language = lang ? cm_model_adapter_id(am->model, lang) : -1;
-    }
+int api_seq_options(const cm_model *m, const char *language, api_segment_routing seg, const char *text,
+                    size_t len, cm_seq_options *out, api_error *e) {
+    cm_seq_options_default(out);
+    out->segment_mode = seg == API_SEGMENT_REFERENCE ? CM_SEGMENT_REFERENCE : CM_SEGMENT_CAUSAL;
+    if (cm_model_n_adapters(m) <= 0) return 0; /* only MoLE models have adapters; the others ignore it */
+    if (language && cm_model_adapter_id(m, language) < 0)
+        return api_error_set(e, 400, API_ERR_INVALID, "language", NULL,
+                             "This model has no adapter for language '%.64s'.", language);
+    const char *lang = cm_lang_for_request(language, text ? text : "", text ? len : 0);
+    out->language = lang ? cm_model_adapter_id(m, lang) : -1;
+    return 0;
 }
 
 /* The engine routes reference segments over the whole text in one forward pass, after which the
@@ -663,7 +727,6 @@ static int parse_fields(json_t *root, const api_model *m, const api_limits *lim,
                         int *parse_special, json_t **suffix, int *max_tokens_null, long long *max_tokens,
                         api_error *e) {
     const cm_model_info *info = cm_model_get_info(m->model);
-    double x = 0;
     long long i64 = 0;
     int rc, b = 0;
     json_t *s = NULL;
@@ -681,18 +744,12 @@ static int parse_fields(json_t *root, const api_model *m, const api_limits *lim,
         }
     }
 
-    if ((rc = get_number(root, "temperature", 0, 0, 2, &x, e)) < 0) return -1;
-    if (rc) r->sampling.temperature = (float)x;
-    if ((rc = get_number(root, "top_p", 0, 1, 1, &x, e)) < 0) return -1;
-    if (rc) r->sampling.top_p = (float)x;
-    if ((rc = get_number(root, "presence_penalty", -2, 0, 2, &x, e)) < 0) return -1;
-    if (rc) r->sampling.presence_penalty = (float)x;
-    if ((rc = get_number(root, "frequency_penalty", -2, 0, 2, &x, e)) < 0) return -1;
-    if (rc) r->sampling.frequency_penalty = (float)x;
-    if ((rc = get_number(root, "min_p", 0, 0, 1, &x, e)) < 0) return -1;
-    if (rc) r->sampling.min_p = (float)x;
-    if ((rc = get_number(root, "repetition_penalty", 0, 1, 1e6, &x, e)) < 0) return -1;
-    if (rc) r->sampling.repetition_penalty = (float)x;
+    if (get_number(root, "temperature", 0, 0, 2, &r->sampling.temperature, e) < 0) return -1;
+    if (get_number(root, "top_p", 0, 1, 1, &r->sampling.top_p, e) < 0) return -1;
+    if (get_number(root, "presence_penalty", -2, 0, 2, &r->sampling.presence_penalty, e) < 0) return -1;
+    if (get_number(root, "frequency_penalty", -2, 0, 2, &r->sampling.frequency_penalty, e) < 0) return -1;
+    if (get_number(root, "min_p", 0, 0, 1, &r->sampling.min_p, e) < 0) return -1;
+    if (get_number(root, "repetition_penalty", 0, 1, 1e6, &r->sampling.repetition_penalty, e) < 0) return -1;
     if ((rc = get_int(root, "top_k", 0, INT_MAX, &i64, e)) < 0) return -1;
     if (rc) r->sampling.top_k = (int)i64;
 
@@ -737,13 +794,8 @@ static int parse_fields(json_t *root, const api_model *m, const api_limits *lim,
     if (rc && !(r->user = dup_json_string(s, NULL))) goto oom;
     if ((rc = get_string(root, "language", &s, e)) < 0) return -1;
     if (rc && !(r->language = dup_json_string(s, NULL))) goto oom;
-    /* only MoLE models have adapters; the others ignore the field */
-    if (r->language && cm_model_n_adapters(m->model) > 0 && cm_model_adapter_id(m->model, r->language) < 0) {
-        char d[96];
-        describe(s, d, sizeof d);
-        return api_error_set(e, 400, API_ERR_INVALID, "language", NULL,
-                             "This model has no adapter for language %s.", d);
-    }
+    cm_seq_options lso;
+    if (r->language && api_seq_options(m->model, r->language, API_SEGMENT_CAUSAL, NULL, 0, &lso, e) < 0) return -1;
 
     static const char *const seg_names[] = {"causal", "reference"};
     static const char *const routing_names[] = {"none", "summary", "full"};
@@ -775,8 +827,78 @@ oom:
     return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
 }
 
-int api_parse_completion(const char *body, size_t len, const api_model *m, const api_limits *lim,
-                         api_completion_req *r, api_error *e) {
+/* What api_completion_validate leaves for api_completion_tokenize: the parsed body (whose strings the
+ * prompt sources point into) and the settings that need the prompts' token counts. */
+struct api__pending {
+    json_t *root;            /* owned reference */
+    prompt_src *srcs;        /* (n_prompts) into root */
+    const json_t *suffix;    /* into root, or NULL */
+    int parse_special;
+    int max_tokens_null;     /* "max_tokens": null: the context the longest prompt leaves */
+    int explicit_max;        /* "max_tokens" was a number */
+    long long max_tokens;    /* explicit value or 16 */
+    api_limits lim;          /* a copy: the caller's may be gone when the prompts are tokenized */
+};
+
+static void pending_free(api__pending *p) {
+    if (!p) return;
+    json_decref(p->root);
+    free(p->srcs);
+    free(p);
+}
+
+/* Tokens a prompt needs at least: exact for token ids, cm_tokenize_min_tokens for text; plus the BOS and
+ * FIM tokens build_prompt adds. */
+static long long prompt_min_tokens(const api_model *am, const api__pending *p, const prompt_src *src) {
+    const cm_model_info *info = cm_model_get_info(am->model);
+    long long n = 0;
+    if (src->ids) n = (long long)json_array_size(src->ids);
+    else if (src->text) n = (long long)cm_tokenize_min_tokens(am->model, json_string_length(src->text));
+    if (p->suffix) {
+        n += 3 + (long long)cm_tokenize_min_tokens(am->model, json_string_length(p->suffix));
+        if (src->text && info->add_bos && info->bos >= 0) n++;
+    } else if (src->text && info->add_bos && info->bos >= 0) {
+        n++;
+    }
+    return n > 0 ? n : 1; /* an empty prompt becomes [BOS] */
+}
+
+/* The one rule of prompt + max_tokens against the context (OpenAI counts both). longest: the longest
+ * prompt's tokens, exact, or (exact 0) a lower bound that already shows the request cannot fit.
+ * Sets *max_tokens (resolved for "max_tokens": null). 0, or -1 with the 400 context_length_exceeded
+ * (or max_tokens above the server's cap). */
+static int check_context(const api_model *am, const api_limits *lim, const api__pending *p, long long longest,
+                         int exact, long long *max_tokens, api_error *e) {
+    int n_ctx = am->n_ctx;
+    long long mt = p->max_tokens;
+    if (p->max_tokens_null) {
+        mt = (long long)n_ctx - longest;
+        if (lim->max_tokens_cap > 0 && mt > lim->max_tokens_cap) mt = lim->max_tokens_cap;
+    } else if (lim->max_tokens_cap > 0 && mt > lim->max_tokens_cap) {
+        return api_error_set(e, 400, API_ERR_INVALID, "max_tokens", NULL,
+                             "max_tokens is too large: %lld. This server generates at most %d tokens per completion.",
+                             mt, lim->max_tokens_cap);
+    }
+    *max_tokens = mt;
+    if (longest > n_ctx || mt < 0 || (p->max_tokens_null && mt < 1) || longest + mt > n_ctx) {
+        long long want = longest + (mt > 0 ? mt : 0);
+        const char *param = longest < n_ctx && p->explicit_max ? "max_tokens" : "prompt";
+        if (!exact)
+            return api_error_set(e, 400, API_ERR_INVALID, param, "context_length_exceeded",
+                                 "This model's maximum context length is %d tokens, however you requested at least "
+                                 "%lld tokens (at least %lld in your prompt; %lld for the completion). Please reduce "
+                                 "your prompt; or completion length.",
+                                 n_ctx, want, longest, mt > 0 ? mt : 0);
+        return api_error_set(e, 400, API_ERR_INVALID, param, "context_length_exceeded",
+                             "This model's maximum context length is %d tokens, however you requested %lld tokens "
+                             "(%lld in your prompt; %lld for the completion). Please reduce your prompt; or completion length.",
+                             n_ctx, want, longest, mt > 0 ? mt : 0);
+    }
+    return 0;
+}
+
+int api_completion_validate(const char *body, size_t len, const api_model *m, const api_limits *lim,
+                            api_completion_req *r, api_error *e) {
     memset(r, 0, sizeof *r);
     r->model = m;
     r->n = 1;
@@ -801,10 +923,12 @@ int api_parse_completion(const char *body, size_t len, const api_model *m, const
                              lim->max_body_bytes);
     json_error_t je;
     json_t *root = json_loadb(body, len, JSON_ALLOW_NUL | JSON_DECODE_ANY, &je);
-    if (!root)
+    if (!root) {
+        if (json_error_code(&je) == json_error_numeric_overflow) return err_overflow(body, len, &je, e);
         return api_error_set(e, 400, API_ERR_INVALID, NULL, NULL,
                              "We could not parse the JSON body of your request: %s (line %d, column %d).",
                              je.text, je.line, je.column);
+    }
     if (!json_is_object(root)) {
         char d[96];
         describe(root, d, sizeof d);
@@ -814,62 +938,79 @@ int api_parse_completion(const char *body, size_t len, const api_model *m, const
     }
 
     const cm_model_info *info = cm_model_get_info(m->model);
-    int parse_special = 1, max_tokens_null = 0, n_src = 0;
-    long long max_tokens = 16;
+    int n_src = 0;
     json_t *suffix = NULL;
-    prompt_src *srcs = NULL;
-    if (parse_fields(root, m, lim, r, &parse_special, &suffix, &max_tokens_null, &max_tokens, e)) goto fail;
+    api__pending *p = calloc(1, sizeof *p);
+    if (!p) { json_decref(root); return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory"); }
+    r->pending = p;
+    p->root = root;
+    p->parse_special = 1;
+    p->max_tokens = 16;
+    p->lim = *lim;
+    if (parse_fields(root, m, lim, r, &p->parse_special, &suffix, &p->max_tokens_null, &p->max_tokens, e)) goto fail;
+    p->suffix = suffix;
+    p->explicit_max = json_is_number(json_object_get(root, "max_tokens"));
 
-    srcs = calloc((size_t)(lim->max_prompts > 0 ? lim->max_prompts : 1) + 1, sizeof *srcs);
-    if (!srcs) { api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory"); goto fail; }
+    p->srcs = calloc((size_t)(lim->max_prompts > 0 ? lim->max_prompts : 1) + 1, sizeof *p->srcs);
+    if (!p->srcs) { api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory"); goto fail; }
     if (classify_prompt(json_object_get(root, "prompt"), info->n_vocab, lim->max_prompts > 0 ? lim->max_prompts : 1,
-                        srcs, &n_src, e))
+                        p->srcs, &n_src, e))
         goto fail;
     r->prompts = calloc((size_t)n_src, sizeof *r->prompts);
     if (!r->prompts) { api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory"); goto fail; }
-    int longest = 0;
-    for (int i = 0; i < n_src; i++) {
-        if (build_prompt(m, &srcs[i], suffix, parse_special, &r->prompts[i], e)) goto fail;
-        r->n_prompts++;
-        resolve_options(m, r, &r->prompts[i], &r->prompts[i].opts);
-        if (r->prompts[i].n_tokens > longest) longest = r->prompts[i].n_tokens;
-    }
+    r->n_prompts = n_src;
 
-    /* context: OpenAI counts prompt + max_tokens against the model's context */
-    int n_ctx = m->n_ctx;
-    if (max_tokens_null) {
-        max_tokens = (long long)n_ctx - longest;
-        if (lim->max_tokens_cap > 0 && max_tokens > lim->max_tokens_cap) max_tokens = lim->max_tokens_cap;
-    } else if (lim->max_tokens_cap > 0 && max_tokens > lim->max_tokens_cap) {
-        api_error_set(e, 400, API_ERR_INVALID, "max_tokens", NULL,
-                      "max_tokens is too large: %lld. This server generates at most %d tokens per completion.",
-                      max_tokens, lim->max_tokens_cap);
-        goto fail;
+    /* what can be decided before tokenizing: a prompt that cannot fit whatever its tokens, and the
+     * reference-segment rules on that lower bound */
+    long long longest = 0, mt = 0;
+    int exact = !suffix; /* token ids and the default prompt are counted exactly, text only bounded */
+    for (int i = 0; i < n_src; i++) {
+        long long k = prompt_min_tokens(m, p, &p->srcs[i]);
+        if (k > longest) longest = k;
+        if (p->srcs[i].text) exact = 0;
     }
-    if (longest > n_ctx || max_tokens < 0 || (max_tokens_null && max_tokens < 1) || (long long)longest + max_tokens > n_ctx) {
-        long long want = (long long)longest + (max_tokens > 0 ? max_tokens : 0);
-        int explicit_max = json_is_number(json_object_get(root, "max_tokens"));
-        api_error_set(e, 400, API_ERR_INVALID, longest < n_ctx && explicit_max ? "max_tokens" : "prompt",
-                      "context_length_exceeded",
-                      "This model's maximum context length is %d tokens, however you requested %lld tokens "
-                      "(%d in your prompt; %lld for the completion). Please reduce your prompt; or completion length.",
-                      n_ctx, want, longest, max_tokens > 0 ? max_tokens : 0);
-        goto fail;
-    }
-    r->max_tokens = (int)max_tokens;
-    if (check_reference_segments(m, r, longest, e)) goto fail;
-    free(srcs);
-    json_decref(root);
+    if (check_context(m, &p->lim, p, longest, exact, &mt, e)) goto fail;
+    r->max_tokens = (int)mt;
+    if (check_reference_segments(m, r, longest > INT_MAX ? INT_MAX : (int)longest, e)) goto fail;
     return 0;
 fail:
-    free(srcs);
-    json_decref(root);
     api_completion_req_free(r);
     return -1;
 }
 
+int api_completion_tokenize(api_completion_req *r, api_error *e) {
+    api__pending *p = r->pending;
+    const api_model *m = r->model;
+    if (!p) return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "the request was not validated");
+    long long longest = 0;
+    for (int i = 0; i < r->n_prompts; i++) {
+        if (build_prompt(m, &p->srcs[i], p->suffix, p->parse_special, &r->prompts[i], e)) goto fail;
+        if (api_seq_options(m->model, r->language, r->segment_routing, r->prompts[i].text, r->prompts[i].text_len,
+                            &r->prompts[i].opts, e) < 0)
+            goto fail;
+        if (r->prompts[i].n_tokens > longest) longest = r->prompts[i].n_tokens;
+    }
+    long long mt = 0;
+    if (check_context(m, &p->lim, p, longest, 1, &mt, e)) goto fail;
+    r->max_tokens = (int)mt;
+    if (check_reference_segments(m, r, (int)longest, e)) goto fail;
+    pending_free(p);
+    r->pending = NULL;
+    return 0;
+fail:
+    api_completion_req_free(r);
+    return -1;
+}
+
+int api_parse_completion(const char *body, size_t len, const api_model *m, const api_limits *lim,
+                         api_completion_req *r, api_error *e) {
+    if (api_completion_validate(body, len, m, lim, r, e)) return -1;
+    return api_completion_tokenize(r, e);
+}
+
 void api_completion_req_free(api_completion_req *r) {
     if (!r) return;
+    pending_free(r->pending);
     for (int i = 0; i < r->n_prompts; i++) {
         free(r->prompts[i].tokens);
         free(r->prompts[i].text);

@@ -5,6 +5,7 @@
  * "data: [DONE]").
  */
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -40,10 +41,11 @@ json_t *api_format_load_body(const char *body, size_t len, const api_model *m, c
     return root;
 }
 
-int api_format_parse_translated(const json_t *c, const api_model *m, const api_limits *lim, int max_stop,
-                                api_completion_req *out, api_error *e) {
+int api_format_parse_translated(const json_t *c, json_t *dialect, const api_model *m, const api_limits *lim,
+                                int max_stop, api_completion_req *out, api_error *e) {
     char *canon = json_dumps(c, JSON_COMPACT);
     if (!canon) {
+        json_decref(dialect);
         memset(out, 0, sizeof *out);
         out->model = m;
         out->logprobs = -1;
@@ -52,9 +54,34 @@ int api_format_parse_translated(const json_t *c, const api_model *m, const api_l
     api_limits l = *lim;
     l.max_body_bytes = SIZE_MAX;
     if (max_stop > 0) l.max_stop = max_stop < API_STOP_MAX ? max_stop : API_STOP_MAX;
-    int rc = api_parse_completion(canon, strlen(canon), m, &l, out, e);
+    int rc = api_completion_validate(canon, strlen(canon), m, &l, out, e);
     free(canon);
+    if (rc) {
+        api_format_name_params(dialect, e);
+        json_decref(dialect);
+        return rc;
+    }
+    out->dialect = dialect;
+    return 0;
+}
+
+void api_format_name_params(const json_t *dialect, api_error *e) {
+    json_t *to = json_object_get(json_object_get(dialect, "params"), e->param);
+    if (json_is_string(to)) snprintf(e->param, sizeof e->param, "%s", json_string_value(to));
+}
+
+int api_format_tokenize(api_completion_req *r, api_error *e) {
+    json_t *dialect = json_incref(r->dialect); /* a failed tokenization empties r */
+    int rc = api_completion_tokenize(r, e);
+    if (rc) api_format_name_params(dialect, e);
+    json_decref(dialect);
     return rc;
+}
+
+int api_format_parse_all(const api_format *f, const char *body, size_t len, const api_model *m,
+                         const api_limits *lim, api_completion_req *out, api_error *e) {
+    if (f->parse(body, len, m, lim, out, e)) return -1;
+    return api_format_tokenize(out, e);
 }
 
 char *api_format_dump(json_t *o, api_framing framing, int event) {
@@ -111,7 +138,7 @@ static char *cmpl_stream_end(const api_completion_req *r, const api_meta *meta, 
 const api_format api_format_completions = {
     .name = "completions",
     .framing = API_FRAMING_SSE,
-    .parse = api_parse_completion,
+    .parse = api_completion_validate,
     .chunk = cmpl_chunk,
     .stream_end = cmpl_stream_end,
     .response = api_render_completion,

@@ -21,8 +21,10 @@ typedef enum { API_FRAMING_SSE = 0, API_FRAMING_NDJSON } api_framing;
 typedef struct api_format {
     const char *name;          /* the route's label in logs and metrics, e.g. "completions", "chat" */
     api_framing framing;       /* of a streamed response */
-    /* The request body -> the engine request, with every rule checked; the contract of
-     * api_parse_completion (0, or -1 with err set and nothing in out to free). */
+    /* The request body -> the engine request, validated but not tokenized yet: the contract of
+     * api_completion_validate (0, or -1 with err set and nothing in out to free); the caller then runs
+     * api_completion_tokenize (off its event loop) and names the parameters of its errors with
+     * api_format_name_params. */
     int (*parse)(const char *body, size_t len, const api_model *m, const api_limits *lim,
                  api_completion_req *out, api_error *err);
     /* One choice's new text (and its tokens' logprobs) while streaming; delta->finish is set on the
@@ -56,12 +58,24 @@ const char *api_format_stream_type(const api_format *f);
  * NULL with e set. */
 json_t *api_format_load_body(const char *body, size_t len, const api_model *m, const api_limits *lim,
                              api_completion_req *out, api_error *e);
-/* Reads c, a dialect's request translated into a /v1/completions body, with api_parse_completion's rules
- * (the client's body was measured already, so the translation's size is not limited; max_stop > 0
- * raises the stop-string limit for clients that send more than OpenAI's 4, up to API_STOP_MAX). The
- * contract of api_parse_completion. */
-int api_format_parse_translated(const json_t *c, const api_model *m, const api_limits *lim, int max_stop,
-                                api_completion_req *out, api_error *e);
+/* Validates c, a dialect's request translated into a /v1/completions body, with
+ * api_completion_validate's rules (the client's body was measured already, so the translation's size is
+ * not limited; max_stop > 0 raises the stop-string limit for clients that send more than OpenAI's 4, up
+ * to API_STOP_MAX). dialect (taken, may be NULL) becomes out->dialect: what the dialect's renderers read,
+ * and under "params" how its parameters are named ({"max_tokens": "n_predict", ...}), which names the
+ * parameter of a validation error here. The contract of api_completion_validate. */
+int api_format_parse_translated(const json_t *c, json_t *dialect, const api_model *m, const api_limits *lim,
+                                int max_stop, api_completion_req *out, api_error *e);
+/* Renames e->param by dialect's "params" map (dialect: a request's api_completion_req.dialect, may be
+ * NULL), so that an error names the parameter the client sent. */
+void api_format_name_params(const json_t *dialect, api_error *e);
+/* A parsed request's second step: api_completion_tokenize (same contract, any thread), its error named
+ * in the request's dialect. */
+int api_format_tokenize(api_completion_req *r, api_error *e);
+/* Both steps in one call (f->parse, then api_format_tokenize), for callers without an event loop to
+ * protect (tests). The contract of api_parse_completion. */
+int api_format_parse_all(const api_format *f, const char *body, size_t len, const api_model *m,
+                         const api_limits *lim, api_completion_req *out, api_error *e);
 /* o (taken) as compact JSON: the body (API_FRAMING_SSE with event 0, or no framing), an SSE event
  * "data: ...\n\n" (SSE, event 1) or an NDJSON line "...\n" (NDJSON, event 1). NULL when o is NULL or
  * out of memory. */
@@ -78,8 +92,9 @@ api_template *api_chat_template_load(const cm_model *m, api_template_error *err)
  * (messages, add_generation_prompt true, bos_token, eos_token, tools when given) and the text is
  * tokenized with its special tokens recognised (the template writes them as text); the sampling
  * fields, stop, n, seed, user, logprobs/top_logprobs, max_tokens/max_completion_tokens (default: the
- * rest of the context) and the routing extensions follow api_parse_completion's rules. A model
- * without a template is a 400 with code "model_not_chat_capable". Contract of api_parse_completion. */
+ * rest of the context) and the routing extensions follow /v1/completions' rules. A model without a
+ * template is a 400 with code "model_not_chat_capable". The api_format parse contract (validation; the
+ * prompt is tokenized by api_format_tokenize). */
 int api_parse_chat(const char *body, size_t len, const api_model *m, const api_limits *lim,
                    api_completion_req *out, api_error *err);
 

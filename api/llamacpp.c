@@ -5,7 +5,7 @@
  *
  * A request is translated into a /v1/completions body (llama.cpp's sampling defaults: temperature 0.8,
  * top_k 40, top_p 0.95, min_p 0.05; n_predict -> max_tokens, negative: until the context is full;
- * repeat_penalty -> repetition_penalty; seed -1: random) and read by api_parse_completion. "model",
+ * repeat_penalty -> repetition_penalty; seed -1: random) and read by api_completion_validate. "model",
  * cache_prompt (the prefix cache is always on), samplers, n_indent, t_max_prompt_ms, t_max_predict_ms,
  * id_slot and the other llama.cpp options are accepted and ignored. The response is llama.cpp's
  * {content, stop, tokens_predicted, tokens_evaluated, tokens_cached, truncated, stop_type,
@@ -48,20 +48,16 @@ static void map_options(json_t *root, json_t *c) {
 /* The completion rules over c; errors name llama.cpp's parameters. */
 static int finish_parse(json_t *root, json_t *c, int truncated, const api_model *m, const api_limits *lim,
                         api_completion_req *out, api_error *e) {
-    /* editor plugins send more stop strings than OpenAI's 4 */
-    int rc = api_format_parse_translated(c, m, lim, API_STOP_MAX, out, e);
-    if (rc) {
-        if (!strcmp(e->param, "max_tokens")) snprintf(e->param, sizeof e->param, "n_predict");
-        if (!strcmp(e->param, "repetition_penalty")) snprintf(e->param, sizeof e->param, "repeat_penalty");
-        return rc;
-    }
-    out->prefill = out->max_tokens == 0; /* n_predict 0: the plugins' cache warm-up */
     json_t *rf = json_object_get(root, "response_fields");
-    out->dialect = json_pack("{s:b,s:O?}", "truncated", truncated, "response_fields", json_is_array(rf) ? rf : NULL);
-    if (!out->dialect) {
-        api_completion_req_free(out);
-        return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
-    }
+    json_t *d = json_pack("{s:b,s:O?,s:{s:s,s:s,s:s}}", "truncated", truncated, "response_fields",
+                          json_is_array(rf) ? rf : NULL, "params", "max_tokens", "n_predict", "repetition_penalty",
+                          "repeat_penalty", "suffix", "input_suffix");
+    if (!d) return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
+    /* editor plugins send more stop strings than OpenAI's 4 */
+    if (api_format_parse_translated(c, d, m, lim, API_STOP_MAX, out, e)) return -1;
+    /* n_predict 0: the plugins' cache warm-up */
+    json_t *mt = json_object_get(c, "max_tokens");
+    out->prefill = json_is_integer(mt) && json_integer_value(mt) == 0;
     return 0;
 }
 

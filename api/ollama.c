@@ -4,7 +4,7 @@
  * chat template), both streamed by default as newline-delimited JSON, plus the model listings
  * /api/tags, /api/show, /api/ps and /api/version.
  *
- * A request is translated into a /v1/completions body and read by api_parse_completion (one owner of
+ * A request is translated into a /v1/completions body and read by api_completion_validate (one owner of
  * the sampling, stop and context rules); Ollama's options map onto it: num_predict -> max_tokens
  * (negative: until the context is full), repeat_penalty -> repetition_penalty, temperature, top_k,
  * top_p, min_p, seed, stop, presence/frequency_penalty. num_ctx, keep_alive, format, images and
@@ -114,9 +114,11 @@ static int parse_request(const char *body, size_t len, const api_model *m, const
     int rc = -1;
     if (!c) api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
     else if (!prompt(root, c, m, e) && !common_fields(root, c, e)) {
-        /* Ollama clients send more stop strings than OpenAI's 4 */
-        rc = api_format_parse_translated(c, m, lim, API_STOP_MAX, out, e);
-        if (rc && !strcmp(e->param, "max_tokens")) snprintf(e->param, sizeof e->param, "num_predict");
+        /* Ollama clients send more stop strings than OpenAI's 4; errors name Ollama's options */
+        json_t *d = json_pack("{s:{s:s,s:s}}", "params", "max_tokens", "num_predict", "repetition_penalty",
+                              "repeat_penalty");
+        if (!d) api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
+        else rc = api_format_parse_translated(c, d, m, lim, API_STOP_MAX, out, e);
     }
     json_decref(c);
     json_decref(root);

@@ -7,10 +7,12 @@
  * One layer, for all N tokens at once:
  *   xn = rmsnorm(x) * attn_norm                      (N, D)
  *   q, k, v = xn Wq^T + bq, xn Wk^T + bk, xn Wv^T + bv (N, Q), (N, C), (N, C)
+ *   qwen3: q, k = rmsnorm(q_h) * q_norm, rmsnorm(k_h) * k_norm per head h    (E) weights
  *   rope(q), rope(k) at each token's position; k, v appended to the token's sequence's KV blocks
  *   att = per token and head: softmax(q k^T / sqrt(E)) v over positions 0..pos of its sequence (N, Q)
  *   x += att Wo^T                                     (N, D)
  *   xn = rmsnorm(x) * ffn_norm; x += (silu(xn Wg^T) * (xn Wu^T)) Wd^T
+ *     (MoE architectures without a dense FFN: x += the routed experts' sum, moe.c)
  * then logits = rmsnorm(x) Wout^T for the requested rows only.
  *
  * Two ways to multiply by a weight matrix, by the number of activation rows:
@@ -136,10 +138,10 @@ static void rope_tables(cm_ctx *c) {
 /* What each KV block carries beyond K and V: the MoE routing state at its last position. */
 static size_t kv_extra_bytes(const cm_model *m) { return m->moe ? cm_moe_snapshot_bytes(m->moe) : 0; }
 
-size_t cm_ctx_kv_block_bytes(const cm_model *m) {
+size_t cm_ctx_kv_block_bytes(const cm_model *m, int kv_type) {
     if (!m) return 0;
     const cm_model_info *in = &m->info;
-    return cm_kv_block_bytes(in->n_layer, in->n_head_kv * in->head_dim, kv_extra_bytes(m));
+    return cm_kv_block_bytes(in->n_layer, in->n_head_kv * in->head_dim, kv_type, kv_extra_bytes(m));
 }
 
 cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
@@ -153,10 +155,11 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
     int n_ctx = p->n_ctx ? p->n_ctx : in->n_ctx_train;
     int n_batch = p->n_batch_max ? p->n_batch_max : 512;
     if (n_threads < 1 || n_threads > CM_POOL_MAX_THREADS || n_seq < 1 || n_seq > 65536 || n_ctx < 1 ||
-        n_ctx > CM_MAX_CTX || n_batch < 1 || n_batch > CM_MAX_BATCH || p->kv_tokens < 0) {
+        n_ctx > CM_MAX_CTX || n_batch < 1 || n_batch > CM_MAX_BATCH || p->kv_tokens < 0 ||
+        (p->kv_type != CM_KV_F32 && p->kv_type != CM_KV_F16)) {
         cm_err_set(err, CM_E_INVAL,
-                   "ctx: bad params (threads %d, n_seq_max %d, n_ctx %d, n_batch_max %d, kv_tokens %d)",
-                   n_threads, n_seq, n_ctx, n_batch, p->kv_tokens);
+                   "ctx: bad params (threads %d, n_seq_max %d, n_ctx %d, n_batch_max %d, kv_tokens %d, kv_type %d)",
+                   n_threads, n_seq, n_ctx, n_batch, p->kv_tokens, p->kv_type);
         return NULL;
     }
     /* default: every sequence can reach n_ctx at once */
@@ -193,8 +196,8 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
     c->n_logits_max = (int)lrows;
     c->deq_floats = CM_DEQ_TILE_FLOATS > 16 * kmax ? CM_DEQ_TILE_FLOATS : 16 * kmax;
 
-    if (cm_kv_init(&c->kv, in->n_layer, (int)C, (int)n_blocks, n_seq, n_ctx, kv_extra_bytes(m), p->prefix_cache,
-                   err) < 0) {
+    if (cm_kv_init(&c->kv, in->n_layer, (int)C, p->kv_type, (int)n_blocks, n_seq, n_ctx, kv_extra_bytes(m),
+                   p->prefix_cache, err) < 0) {
         free(c);
         return NULL;
     }
@@ -325,8 +328,10 @@ int cm_seq_truncate(cm_ctx *c, int seq, int n, cm_err *err) {
     }
     if (cm_kv_seq_truncate(&c->kv, seq, n) < 0)
         return cm_err_set(err, CM_E_NOMEM, "seq: truncating %d into a shared block needs a free KV block", seq);
-    if (c->moe) /* a block end: the state stored in the (kept) block that ends at n */
-        cm_moe_seq_truncate(c->moe, seq, len, n, n > 0 ? cm_kv_block_extra(&c->kv, s->blocks[n / CM_KV_BLOCK - 1]) : NULL);
+    if (c->moe) /* a block end: the state stored in the (kept) block that ends at n; a sparse MoE keeps no state */
+        cm_moe_seq_truncate(c->moe, seq, len, n,
+                            n > 0 && n % CM_KV_BLOCK == 0 ? cm_kv_block_extra(&c->kv, s->blocks[n / CM_KV_BLOCK - 1])
+                                                          : NULL);
     return CM_OK;
 }
 
@@ -520,17 +525,27 @@ static void att_task(void *arg, int task, int thread) {
     float *sc = c->scores + (size_t)thread * c->n_ctx;
     float *out = c->att + (size_t)i * H * E + (size_t)h * E;
     const float scale = (float)(1.0 / sqrt((double)E));
+    /* K and V rows of one kv head within a block: E elements every C, in the pool's type */
+    const int f16 = c->kv.kv_type == CM_KV_F16;
+    const size_t row = (size_t)c->kv.kv_dim * c->kv.elt_bytes, head = (size_t)g * E * c->kv.elt_bytes;
     for (int t0 = 0; t0 < T; t0 += CM_KV_BLOCK) {
-        const float *kb = cm_kv_k(&c->kv, s, j->layer, t0) + (size_t)g * E;
+        const unsigned char *kb = (const unsigned char *)cm_kv_k(&c->kv, s, j->layer, t0) + head;
         int nt = T - t0 < CM_KV_BLOCK ? T - t0 : CM_KV_BLOCK;
-        for (int t = 0; t < nt; t++) sc[t0 + t] = cm_dot_f32(q, kb + (size_t)t * c->kv.kv_dim, E) * scale;
+        for (int t = 0; t < nt; t++) {
+            const void *kr = kb + (size_t)t * row;
+            sc[t0 + t] = (f16 ? cm_dot_f16(kr, q, E) : cm_dot_f32(q, kr, E)) * scale;
+        }
     }
     cm_softmax(sc, T);
     memset(out, 0, (size_t)E * sizeof(float));
     for (int t0 = 0; t0 < T; t0 += CM_KV_BLOCK) {
-        const float *vb = cm_kv_v(&c->kv, s, j->layer, t0) + (size_t)g * E;
+        const unsigned char *vb = (const unsigned char *)cm_kv_v(&c->kv, s, j->layer, t0) + head;
         int nt = T - t0 < CM_KV_BLOCK ? T - t0 : CM_KV_BLOCK;
-        for (int t = 0; t < nt; t++) cm_axpy(out, sc[t0 + t], vb + (size_t)t * c->kv.kv_dim, E);
+        for (int t = 0; t < nt; t++) {
+            const void *vr = vb + (size_t)t * row;
+            if (f16) cm_axpy_f16(out, sc[t0 + t], vr, E);
+            else cm_axpy(out, sc[t0 + t], vr, E);
+        }
     }
 }
 
@@ -569,12 +584,21 @@ static void forward_layer(cm_ctx *c, int il, int n) {
             cm_add(k, l->bk.data, C);
             cm_add(v, l->bv.data, C);
         }
+        if (l->q_norm.data) { /* qwen3: every head normalised on its own, before rope */
+            for (int h = 0; h < H; h++) cm_rmsnorm(q + h * E, q + h * E, l->q_norm.data, E, in->rms_eps);
+            for (int h = 0; h < G; h++) cm_rmsnorm(k + h * E, k + h * E, l->k_norm.data, E, in->rms_eps);
+        }
         const float *cs = c->rope_cos + (size_t)c->pos[i] * h2, *sn = c->rope_sin + (size_t)c->pos[i] * h2;
         for (int h = 0; h < H; h++) cm_rope(q + h * E, cs, sn, (int)E, in->rope_neox);
         for (int h = 0; h < G; h++) cm_rope(k + h * E, cs, sn, (int)E, in->rope_neox);
         const cm_kv_seq *s = &c->kv.seqs[c->batch->seq[i]];
-        memcpy(cm_kv_k(&c->kv, s, il, c->pos[i]), k, (size_t)C * sizeof(float));
-        memcpy(cm_kv_v(&c->kv, s, il, c->pos[i]), v, (size_t)C * sizeof(float));
+        if (c->kv.kv_type == CM_KV_F16) {
+            cm_f32_to_f16_row(k, cm_kv_k(&c->kv, s, il, c->pos[i]), C);
+            cm_f32_to_f16_row(v, cm_kv_v(&c->kv, s, il, c->pos[i]), C);
+        } else {
+            memcpy(cm_kv_k(&c->kv, s, il, c->pos[i]), k, (size_t)C * sizeof(float));
+            memcpy(cm_kv_v(&c->kv, s, il, c->pos[i]), v, (size_t)C * sizeof(float));
+        }
     }
     att_job aj = {c, il, n};
     cm_pool_run(c->pool, att_task, &aj, n * (int)H);
@@ -584,7 +608,7 @@ static void forward_layer(cm_ctx *c, int il, int n) {
 
     for (int i = 0; i < n; i++)
         cm_rmsnorm(c->xn + i * D, c->x + i * D, l->ffn_norm.data, D, in->rms_eps);
-    if (c->moe && !l->w_gate.data) { /* hybrid MoE: the experts replace the FFN */
+    if (c->moe && !l->w_gate.data) { /* hybrid and sparse MoE: the experts replace the FFN */
         cm_moe_ffn(c->moe, il, n, c->xn, c->proj);
         for (int i = 0; i < n; i++) cm_add(c->x + i * D, c->proj + i * D, D);
         return;

@@ -44,6 +44,7 @@ static void complete_usage(FILE *f) {
         "  --seed S                random seed (default 0)\n"
         "  --threads T             compute threads (default: online CPUs)\n"
         "  --ctx N                 context length in tokens (default: min(model's, %d))\n"
+        CLI_KV_TYPE_HELP
         "  --special               recognise special-token strings (<|fim_prefix|>, ...) in the prompt\n"
         "                          (without --suffix)\n"
         "  --logprobs N            print the chosen token's and the top N log-probabilities to stderr\n"
@@ -128,7 +129,7 @@ static int complete_stops(const char *const *arg, int n, api_stops *st) {
 
 int cmd_complete(int argc, char **argv) {
     const char *model = NULL, *prompt = NULL, *file = NULL, *suffix = NULL, *v = NULL;
-    int n_predict = 128, n_ctx = 0, special = 0, routing = 0;
+    int n_predict = 128, n_ctx = 0, special = 0, routing = 0, kv_type = CLI_KV_TYPE_DEFAULT;
     const char *language = NULL;
     const char *stop_arg[API_STOP_MAX + 1]; /* enough to tell that there are too many */
     int n_stop_arg = 0;
@@ -177,6 +178,8 @@ int cmd_complete(int argc, char **argv) {
             ok = r < 0 || cli_int("complete", f, v, 1, 1024, &n_threads);
         } else if (VALUE_FLAG("--ctx")) {
             ok = r < 0 || cli_int("complete", f, v, 1, 1 << 24, &n_ctx);
+        } else if (VALUE_FLAG("--kv-type")) {
+            ok = r < 0 || cli_kv_type("complete", f, v, &kv_type);
         } else if (VALUE_FLAG("--logprobs")) {
             ok = r < 0 || cli_int("complete", f, v, 0, CM_LOGPROBS_MAX, &sp.n_logprobs);
         } else if (cli_flag(argc, argv, &i, "--special", NULL)) {
@@ -277,7 +280,7 @@ int cmd_complete(int argc, char **argv) {
     }
 
     cm_ctx_params cp = {.n_threads = n_threads, .n_seq_max = 1, .n_ctx = n_ctx, .n_batch_max = n_prompt,
-                        .kv_tokens = n_ctx};
+                        .kv_tokens = n_ctx, .kv_type = kv_type};
     ctx = cm_ctx_create(m, &cp, &err);
     if (!ctx) {
         fprintf(stderr, "codemoe complete: %s\n", err.msg);
@@ -296,16 +299,17 @@ int cmd_complete(int argc, char **argv) {
         goto out;
     }
     for (int i = 0; i < n_prompt; i++) cm_sampler_accept_prompt(smp, ids[i]);
-    if (cm_model_n_adapters(m) > 0) { /* MoLE: --language, else the prompt's fences, else a guess */
-        cm_seq_options so;
-        cm_seq_options_default(&so);
-        const char *lang = cm_lang_for_request(language, prompt, plen);
-        so.language = lang ? cm_model_adapter_id(m, lang) : -1;
-        if (language && so.language < 0) fprintf(stderr, "codemoe complete: no adapter for language %s\n", language);
-        if (cm_seq_set_options(ctx, seq, &so, &err) < 0) {
-            fprintf(stderr, "codemoe complete: %s\n", err.msg);
-            goto out;
-        }
+    /* the sequence's options by the API's rule (MoLE: --language, else the prompt's fences, else a guess) */
+    cm_seq_options so;
+    api_error ae;
+    if (api_seq_options(m, language, API_SEGMENT_CAUSAL, prompt, plen, &so, &ae) < 0) {
+        fprintf(stderr, "codemoe complete: %s\n", ae.message);
+        rc = 2;
+        goto out;
+    }
+    if (cm_seq_set_options(ctx, seq, &so, &err) < 0) {
+        fprintf(stderr, "codemoe complete: %s\n", err.msg);
+        goto out;
     }
 
     /* prefill: the whole prompt in one batch, logits for the last token only */

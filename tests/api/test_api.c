@@ -510,6 +510,57 @@ TEST(body_limit_and_model_match) {
     json_decref(j);
 }
 
+/* api_completion_validate tokenizes nothing (a server runs it on its event loop) yet refuses a text
+ * that cannot fit whatever its tokens; api_completion_tokenize builds the prompts and applies the exact
+ * context rule, with today's message. The fake vocabulary's longest token is "<|fim_prefix|>" (14
+ * bytes), so 63 * 14 bytes after the BOS may still fit a 64-token context and one byte more cannot. */
+TEST(validate_then_tokenize) {
+    setup(1, 1, 1);
+    api_completion_req r;
+    api_error e;
+    const char *body = "{\"prompt\":[\"abc\",\"de\"],\"n\":2}";
+    ASSERT_EQ_INT(api_completion_validate(body, strlen(body), &g_am, &g_lim, &r, &e), 0);
+    ASSERT_EQ_INT(r.n_prompts, 2);
+    ASSERT_EQ_INT(api_completion_n_choices(&r), 4);
+    ASSERT_TRUE(r.prompts[0].tokens == NULL && r.prompts[1].tokens == NULL);
+    ASSERT_EQ_INT(api_completion_tokenize(&r, &e), 0);
+    const int32_t want[] = {FAKE_BOS, 'a', 'b', 'c'};
+    ASSERT_TRUE(tokens_are(&r, 0, want, 4));
+    ASSERT_EQ_INT(r.prompts[1].n_tokens, 3);
+    ASSERT_TRUE(r.pending == NULL);
+    api_completion_req_free(&r);
+    /* validated, never tokenized (a client that left): freeing releases the parsed body */
+    ASSERT_EQ_INT(api_completion_validate(body, strlen(body), &g_am, &g_lim, &r, &e), 0);
+    api_completion_req_free(&r);
+
+    size_t fit = 63 * 14; /* + BOS: the bound is exactly 64 */
+    char *b = malloc(fit + 64);
+    ASSERT_TRUE(b);
+    for (int over = 0; over < 2; over++) {
+        size_t n = fit + (size_t)over;
+        int k = snprintf(b, 32, "{\"prompt\":\"");
+        memset(b + k, 'x', n);
+        snprintf(b + k + n, 32, "\",\"max_tokens\":0}");
+        int rc = api_completion_validate(b, strlen(b), &g_am, &g_lim, &r, &e);
+        if (over) {
+            ASSERT_EQ_INT(rc, -1);
+            ASSERT_EQ_INT(e.status, 400);
+            ASSERT_STREQ(e.code, "context_length_exceeded");
+            ASSERT_STREQ(e.param, "prompt");
+            ASSERT_TRUE(strstr(e.message, "at least 65 in your prompt") != NULL);
+            continue;
+        }
+        ASSERT_EQ_INT(rc, 0);
+        /* it fits the bound but not the context: the exact count decides after tokenization */
+        ASSERT_EQ_INT(api_completion_tokenize(&r, &e), -1);
+        ASSERT_EQ_INT(e.status, 400);
+        ASSERT_STREQ(e.code, "context_length_exceeded");
+        ASSERT_TRUE(strstr(e.message, "(883 in your prompt; 0 for the completion)") != NULL);
+        api_completion_req_free(&r); /* safe, holds nothing */
+    }
+    free(b);
+}
+
 TEST(max_tokens_resolution) {
     setup(1, 1, 0);
     api_completion_req r;
@@ -909,8 +960,9 @@ TEST(render_chunks) {
 
 static const char *const mole_names[] = {"python", "rust", "shared", "other"};
 
-/* A hybrid (6 token experts, top-2, shared 5, 4 segment experts of window 8) or a MoLE model (python,
- * rust, shared, other) on the fake vocabulary, as g_model. */
+/* A hybrid (6 token experts, top-2, shared 5, 4 segment experts of window 8), a sparse MoE (128 experts,
+ * top-8, as Qwen3-Coder-30B-A3B) or a MoLE model (python, rust, shared, other) on the fake vocabulary,
+ * as g_model. */
 static void setup_moe(int kind) {
     fake_model_free(g_model);
     static cm_moe_info hyb = {.kind = CM_MOE_KIND_HYBRID, .n_experts = 6, .top_k = 2, .shared_expert = 5,
@@ -918,14 +970,17 @@ static void setup_moe(int kind) {
                               .shared_adapter = -1, .fallback_adapter = -1};
     static cm_moe_info mole = {.kind = CM_MOE_KIND_MOLE, .shared_expert = -1, .n_adapters = 4,
                                .shared_adapter = 2, .fallback_adapter = 3};
-    fake_model_opts o = {.fim = 1, .bos = 1, .eos = 1, .moe = kind == CM_MOE_KIND_HYBRID ? &hyb : &mole,
+    static cm_moe_info sparse = {.kind = CM_MOE_KIND_SPARSE, .n_experts = 128, .top_k = 8, .shared_expert = -1,
+                                 .shared_adapter = -1, .fallback_adapter = -1};
+    fake_model_opts o = {.fim = 1, .bos = 1, .eos = 1,
+                         .moe = kind == CM_MOE_KIND_HYBRID ? &hyb : kind == CM_MOE_KIND_SPARSE ? &sparse : &mole,
                          .adapters = mole_names};
     g_model = fake_model_create(&o, "Fake MoE");
     g_am = (api_model){.model = g_model, .id = "fake-moe", .created = 1700000000, .n_ctx = 64, .n_batch = 16};
     api_limits_default(&g_lim);
 }
 
-/* Dense models have no "moe" object; hybrid and MoLE models describe their experts with typed fields. */
+/* Dense models have no "moe" object; hybrid, sparse and MoLE models describe their experts with typed fields. */
 TEST(render_models) {
     setup(1, 1, 0);
     char *s = api_render_models(&g_am, 1);
@@ -963,6 +1018,17 @@ TEST(render_models) {
     ASSERT_TRUE(json_object_get(moe, "adapters") == NULL);
     json_decref(j);
 
+    setup_moe(CM_MOE_KIND_SPARSE);
+    s = api_render_model(&g_am);
+    j = load(s);
+    free(s);
+    moe = json_object_get(j, "moe");
+    ASSERT_STREQ(json_string_value(json_object_get(moe, "kind")), "sparse");
+    ASSERT_EQ_INT(json_integer_value(json_object_get(moe, "experts")), 128);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(moe, "top_k")), 8);
+    ASSERT_EQ_INT(json_object_size(moe), 3); /* no shared expert, segment or adapter fields */
+    json_decref(j);
+
     setup_moe(CM_MOE_KIND_MOLE);
     s = api_render_model(&g_am);
     j = load(s);
@@ -990,7 +1056,7 @@ TEST(seq_options_resolved) {
     ASSERT_EQ_INT(parse("{\"prompt\":[\"a\",\"b\"],\"language\":\"cobol\"}", &r, &e), 0); /* dense: ignored */
     ASSERT_EQ_INT(r.n_prompts, 2);
     for (int i = 0; i < 2; i++) {
-        ASSERT_EQ_INT(r.prompts[i].opts.segment_mode, CM_SEGMENT_DEFAULT);
+        ASSERT_EQ_INT(r.prompts[i].opts.segment_mode, CM_SEGMENT_CAUSAL);
         ASSERT_EQ_INT(r.prompts[i].opts.adapter_routing, CM_ADAPTERS_AUTO);
         ASSERT_EQ_INT(r.prompts[i].opts.language, -1);
     }
@@ -1014,7 +1080,7 @@ TEST(seq_options_resolved) {
     ASSERT_EQ_INT(r.prompts[0].opts.segment_mode, CM_SEGMENT_REFERENCE);
     api_completion_req_free(&r);
     ASSERT_EQ_INT(parse("{\"prompt\":\"abc\",\"segment_routing\":\"causal\"}", &r, &e), 0);
-    ASSERT_EQ_INT(r.prompts[0].opts.segment_mode, CM_SEGMENT_DEFAULT);
+    ASSERT_EQ_INT(r.prompts[0].opts.segment_mode, CM_SEGMENT_CAUSAL); /* never the model's own default */
     api_completion_req_free(&r);
 }
 
@@ -1136,6 +1202,32 @@ TEST(routing_json_hybrid) {
     ASSERT_EQ_INT(a.has, 0);
 }
 
+/* A sparse MoE's record (Qwen3-Coder-30B-A3B's shape: 128 experts, top-8, one layer here): every expert's
+ * token counts, shared_expert -1, no segment level. */
+TEST(routing_json_sparse) {
+    setup_moe(CM_MOE_KIND_SPARSE);
+    cm_route_count tok[128] = {{{0, 0}, {0, 0}}};
+    tok[127] = (cm_route_count){{5, 2}, {2.5, 0.5}};
+    cm_routing r = {.n_layer = 1, .n_tok_experts = 128, .shared_expert = -1, .tok = tok};
+    api_route_agg a = {0};
+    ASSERT_EQ_INT(api_route_agg_add(&a, &r), 0);
+    json_t *j = api_routing_json(&a, g_model, &rinfo);
+    ASSERT_TRUE(j);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(j, "token_experts")), 128);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(j, "shared_expert")), -1);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(j, "segment_experts")), 0);
+    json_t *l0 = json_array_get(json_object_get(j, "layers"), 0);
+    ASSERT_TRUE(json_object_get(l0, "segment") == NULL);
+    json_t *t = json_object_get(l0, "token");
+    ASSERT_EQ_INT(json_array_size(t), 128);
+    json_t *e = json_array_get(t, 127);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(e, "expert")), 127);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(e, "prompt_tokens")), 5);
+    ASSERT_NEAR(json_real_value(json_object_get(e, "generated_mean_gate")), 0.25, 1e-12);
+    json_decref(j);
+    api_route_agg_free(&a);
+}
+
 /* A MoLE report: no layers of experts, tokens per adapter with the adapters' names from the model. */
 TEST(routing_json_mole) {
     setup_moe(CM_MOE_KIND_MOLE);
@@ -1243,6 +1335,7 @@ int main(void) {
     RUN(fim_tokens_shared_with_requests);
     RUN(rejections);
     RUN(body_limit_and_model_match);
+    RUN(validate_then_tokenize);
     RUN(max_tokens_resolution);
     RUN(sampling_per_choice);
     RUN(stop_basic);
@@ -1257,6 +1350,7 @@ int main(void) {
     RUN(reference_segments_rule);
     RUN(routing_json_dense);
     RUN(routing_json_hybrid);
+    RUN(routing_json_sparse);
     RUN(routing_json_mole);
     RUN(fuzz_mutations);
     fake_model_free(g_model);

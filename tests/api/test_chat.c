@@ -40,7 +40,7 @@ static void setup(const char *tpl, int add_bos) {
 }
 
 static int parse(const char *body, api_completion_req *r, api_error *e) {
-    return api_parse_chat(body, strlen(body), &g_am, &g_lim, r, e);
+    return api_format_parse_all(&api_format_chat, body, strlen(body), &g_am, &g_lim, r, e);
 }
 
 TEST(chat_prompt_tokens) {

@@ -29,7 +29,7 @@ static void setup(void) {
 }
 
 static int parse(const api_format *f, const char *body, api_completion_req *r, api_error *e) {
-    return f->parse(body, strlen(body), &g_am, &g_lim, r, e);
+    return api_format_parse_all(f, body, strlen(body), &g_am, &g_lim, r, e);
 }
 
 static json_t *load(const char *s) { return json_loads(s, 0, NULL); }

@@ -1,6 +1,7 @@
 /*
  * test_moe.c - the mixture-of-experts engine against tools/reference_moe.py's goldens
- * (tests/fixtures/golden/{hybrid-max,hybrid-mean,mole}.json), and its invariants:
+ * (tests/fixtures/golden/{hybrid-max,hybrid-mean,mole,qwen3moe,qwen3moe-q8_0,qwen3moe-k-q4_k_m}.json), and
+ * its invariants:
  *  - hybrid: every case in its segment mode (causal, reference), logits within the JSON's max_abs,
  *    routing ids (token experts, causal segment experts, reference expert choice) compared EXACTLY;
  *    1 and 3 threads;
@@ -9,7 +10,11 @@
  *  - a request alone == the same request batched with others of other lengths, modes and languages;
  *  - reference mode refuses decoding; bad option values are refused;
  *  - MoLE: fence-routed, batch-routed and language-routed cases, greedy with per-token sets;
+ *  - sparse (qwen3moe, F32 / Q8_0 / Q4_K_M-style): the hybrid's checks without segments (cases at 1 and 3
+ *    threads, prefill == decode, greedy and statistics: k experts per token, gates summing to 1), two
+ *    requests in one batch, truncation to any length;
  *  - hostile / inconsistent model files are refused with messages naming the problem.
+ * Everything but the refusals runs with f32 and with f16 K/V (GOLDEN_KV_F16_TOL).
  * (Upcycling and the MoLE checkpoint converter are tested in tests/modelfile/.)
  */
 #include <jansson.h>
@@ -25,6 +30,18 @@
 
 #define MAXT 512
 #define MAXL 4
+
+/* The goldens and invariants hold with f32 and with f16 K/V (CM_KV_F16); against the goldens the f16
+ * runs get GOLDEN_KV_F16_TOL more (golden.h). */
+static int kv_type; /* CM_KV_F32 or CM_KV_F16: the K/V element type of every context */
+static double kv_tol(double golden_tol) { return golden_tol + (kv_type == CM_KV_F16 ? GOLDEN_KV_F16_TOL : 0.0); }
+/* Two runs of the same engine (batched vs alone): 1e-5 with f32 K/V; with f16 a 1e-7 difference between
+ * chunkings can round an element to the neighbouring half float: 1e-3 (as in test_kv.c). */
+static double kv_same_tol(void) { return kv_type == CM_KV_F16 ? 1e-3 : 1e-5; }
+/* Routing differences from the golden a case may have over `decisions` routing decisions: none with
+ * f32 K/V; with f16, a router choice that the golden has near a tie can flip (measured: one token's
+ * experts in hybrid-mean case 0), so 1 + 1% (a wrong router differs in most of them). */
+static int routing_allowed(int decisions) { return kv_type == CM_KV_F16 ? 1 + decisions / 100 : 0; }
 
 /* ------------------------------------------------------------ trace capture */
 
@@ -51,7 +68,8 @@ static void on_trace(void *ud, int layer, int i, int n_tok, const int *tok, int 
 /* ------------------------------------------------------------ fixtures */
 
 static cm_ctx *new_ctx(const cm_model *m, int threads, int n_seq) {
-    cm_ctx_params cp = {.n_threads = threads, .n_seq_max = n_seq, .n_ctx = 256, .n_batch_max = 256};
+    cm_ctx_params cp = {.n_threads = threads, .n_seq_max = n_seq, .n_ctx = 256, .n_batch_max = 256,
+                        .kv_type = kv_type};
     cm_err err = {0};
     cm_ctx *c = cm_ctx_create(m, &cp, &err);
     if (!c) fprintf(stderr, "ctx: %s\n", err.msg);
@@ -123,7 +141,7 @@ static void hybrid_model_cases(const char *name, int threads) {
     cm_model *m = golden_load_model(json_string_value(json_object_get(j, "model")));
     ASSERT_TRUE(m);
     int V = cm_model_get_info(m)->n_vocab;
-    double tol = json_real_value(json_object_get(json_object_get(j, "tolerance"), "max_abs"));
+    double tol = kv_tol(json_real_value(json_object_get(json_object_get(j, "tolerance"), "max_abs")));
     int window = (int)json_integer_value(json_object_get(json_object_get(j, "hybrid"), "window"));
     cm_ctx *c = new_ctx(m, threads, 4);
     ASSERT_TRUE(c);
@@ -134,6 +152,7 @@ static void hybrid_model_cases(const char *name, int threads) {
         int32_t tok[MAXT];
         int n = golden_ids(json_object_get(cs, "tokens"), tok, MAXT);
         const char *mode = json_string_value(json_object_get(cs, "mode"));
+        if (!mode) mode = "causal"; /* sparse: token level only, every token routed on its own */
         float *gold = golden_f32(json_string_value(json_object_get(cs, "logits")), (size_t)n * V);
         CHECK_TRUE(gold);
         if (!gold) continue;
@@ -152,8 +171,9 @@ static void hybrid_model_cases(const char *name, int threads) {
             if (!(d <= tol)) {
                 TEST_FAIL_("%s case %zu (%s, step %d, %d threads): max diff %g > %g", name, ci, mode, steps[si], threads, d, tol);
             }
-            int bad = check_routing(json_object_get(cs, "routing"), n, mode, window);
-            if (bad) TEST_FAIL_("%s case %zu (%s, step %d): %d routing differences", name, ci, mode, steps[si], bad);
+            json_t *routing = json_object_get(cs, "routing");
+            int bad = check_routing(routing, n, mode, window);
+            if (bad > routing_allowed(2 * n * (int)json_array_size(routing))) TEST_FAIL_("%s case %zu (%s, step %d): %d routing differences", name, ci, mode, steps[si], bad);
         }
         free(gold);
     }
@@ -247,6 +267,116 @@ TEST(hybrid_greedy_and_stats) {
     hybrid_greedy("hybrid-mean");
 }
 
+/* ------------------------------------------------------------ sparse (qwen3moe) */
+
+static const char *const sparse_goldens_names[] = {"qwen3moe", "qwen3moe-q8_0", "qwen3moe-k-q4_k_m"};
+
+TEST(sparse_goldens) {
+    for (size_t i = 0; i < sizeof sparse_goldens_names / sizeof *sparse_goldens_names; i++) {
+        hybrid_model_cases(sparse_goldens_names[i], 1);
+        hybrid_model_cases(sparse_goldens_names[i], 3);
+    }
+    fprintf(stderr, "  sparse: worst |logit diff| %.3g\n", worst);
+}
+
+/* Greedy run and statistics as for the hybrid (hybrid_greedy checks counts against the trace), plus what
+ * a sparse model's report must say: no shared expert, no segment level, exactly k experts per token
+ * and layer, and per token gates summing to 1 (the top-k weights renormalised). */
+TEST(sparse_greedy_and_stats) {
+    for (size_t i = 0; i < sizeof sparse_goldens_names / sizeof *sparse_goldens_names; i++)
+        hybrid_greedy(sparse_goldens_names[i]);
+    cm_model *m = golden_load_model("models/qwen3moe.gguf");
+    ASSERT_TRUE(m);
+    cm_ctx *c = new_ctx(m, 2, 1);
+    ASSERT_TRUE(c);
+    cm_err err = {0};
+    int s = cm_seq_open(c, &err);
+    int32_t tok[10] = {5, 80, 17, 200, 3, 99, 42, 7, 150, 64}, seqs[10];
+    int8_t gen[10] = {0, 0, 0, 0, 0, 0, 1, 1, 1, 1};
+    for (int i = 0; i < 10; i++) seqs[i] = s, tr.seq_of[i] = -1;
+    cm_batch b = {.n = 10, .token = tok, .seq = seqs, .generated = gen};
+    ASSERT_EQ_INT(cm_forward(c, &b, &err), 0);
+    const cm_routing *r = cm_seq_routing(c, s);
+    ASSERT_TRUE(r);
+    ASSERT_EQ_INT(r->n_tok_experts, 8);
+    ASSERT_EQ_INT(r->shared_expert, -1);
+    ASSERT_EQ_INT(r->n_seg_experts, 0);
+    ASSERT_EQ_INT(r->n_adapters, 0);
+    for (int l = 0; l < r->n_layer; l++)
+        for (int k = 0; k < 2; k++) {
+            uint32_t n = 0;
+            double g = 0;
+            for (int e = 0; e < r->n_tok_experts; e++) {
+                n += r->tok[l * r->n_tok_experts + e].tokens[k];
+                g += r->tok[l * r->n_tok_experts + e].gate_sum[k];
+            }
+            CHECK_TRUE(n == (k ? 4u : 6u) * 2);
+            CHECK_TRUE(fabs(g - (k ? 4.0 : 6.0)) < 1e-9);
+        }
+    cm_ctx_free(c);
+    cm_model_free(m);
+}
+
+/* Two requests in one batch equal their goldens; a sparse sequence keeps no state beyond its K/V, so
+ * it can be truncated to any length (not only block ends) and refed. */
+TEST(sparse_batch_and_truncate) {
+    json_t *j = golden_json("qwen3moe");
+    ASSERT_TRUE(j);
+    cm_model *m = golden_load_model(json_string_value(json_object_get(j, "model")));
+    ASSERT_TRUE(m);
+    int V = cm_model_get_info(m)->n_vocab;
+    double tol = kv_tol(json_real_value(json_object_get(json_object_get(j, "tolerance"), "max_abs")));
+    json_t *cases = json_object_get(j, "cases");
+    int32_t ta[MAXT], tb[MAXT], tok[2 * MAXT], seqs[2 * MAXT];
+    int na = golden_ids(json_object_get(json_array_get(cases, 0), "tokens"), ta, MAXT);
+    int nb = golden_ids(json_object_get(json_array_get(cases, 1), "tokens"), tb, MAXT);
+    ASSERT_TRUE(na > 20 && nb > 0);
+    float *ga = golden_f32(json_string_value(json_object_get(json_array_get(cases, 0), "logits")), (size_t)na * V);
+    float *gb = golden_f32(json_string_value(json_object_get(json_array_get(cases, 1), "logits")), (size_t)nb * V);
+    ASSERT_TRUE(ga && gb);
+    cm_ctx *c = new_ctx(m, 3, 2);
+    ASSERT_TRUE(c);
+    cm_err err = {0};
+    int sa = cm_seq_open(c, &err), sb = cm_seq_open(c, &err);
+    int n = 0, ia = 0, ib = 0, row_a[MAXT], row_b[MAXT];
+    while (ia < na || ib < nb) { /* b's tokens spread among a's */
+        if (ib < nb && (ia >= na || ia % 4 == 3)) row_b[ib] = n, tok[n] = tb[ib++], seqs[n++] = sb;
+        else row_a[ia] = n, tok[n] = ta[ia++], seqs[n++] = sa;
+    }
+    int8_t want[2 * MAXT];
+    memset(want, 1, sizeof want);
+    for (int i = 0; i < n; i++) tr.seq_of[i] = -1;
+    cm_batch b = {.n = n, .token = tok, .seq = seqs, .logits = want};
+    ASSERT_EQ_INT(cm_forward(c, &b, &err), 0);
+    double d = 0;
+    for (int i = 0; i < na; i++) {
+        double x = golden_max_diff(cm_logits(c, row_a[i]), ga + (size_t)i * V, (size_t)V);
+        d = x > d ? x : d;
+    }
+    for (int i = 0; i < nb; i++) {
+        double x = golden_max_diff(cm_logits(c, row_b[i]), gb + (size_t)i * V, (size_t)V);
+        d = x > d ? x : d;
+    }
+    CHECK_TRUE(d <= tol);
+    /* cut a back to 17 positions (inside its first KV block) and feed the rest again */
+    ASSERT_EQ_INT(cm_seq_truncate(c, sa, 17, &err), 0);
+    ASSERT_EQ_INT(cm_seq_len(c, sa), 17);
+    for (int i = 17; i < na; i++) seqs[i - 17] = sa;
+    cm_batch b2 = {.n = na - 17, .token = ta + 17, .seq = seqs, .logits = want};
+    ASSERT_EQ_INT(cm_forward(c, &b2, &err), 0);
+    d = 0;
+    for (int i = 17; i < na; i++) {
+        double x = golden_max_diff(cm_logits(c, i - 17), ga + (size_t)i * V, (size_t)V);
+        d = x > d ? x : d;
+    }
+    CHECK_TRUE(d <= tol);
+    free(ga);
+    free(gb);
+    cm_ctx_free(c);
+    cm_model_free(m);
+    json_decref(j);
+}
+
 /* Three requests interleaved in one batch (causal 41 tokens, causal 5, reference 18), continued by a
  * second batch: each equals its golden / its run alone. */
 TEST(hybrid_batch_invariance) {
@@ -306,8 +436,9 @@ TEST(hybrid_batch_invariance) {
         da = d > da ? d : da;
     }
     fprintf(stderr, "  batched vs alone/golden: %.3g %.3g %.3g\n", da, db, dc);
-    CHECK_TRUE(da <= 1e-4 && db <= 1e-5 && dc <= 1e-4);
-    CHECK_TRUE(check_routing(json_object_get(json_array_get(cases, 0), "routing"), na, "causal", 4) == 0);
+    CHECK_TRUE(da <= kv_tol(1e-4) && db <= kv_same_tol() && dc <= kv_tol(1e-4));
+    json_t *routing = json_object_get(json_array_get(cases, 0), "routing");
+    CHECK_TRUE(check_routing(routing, na, "causal", 4) <= routing_allowed(2 * na * (int)json_array_size(routing)));
     /* the reference-mode sequence was scored: it takes no more tokens (nothing appended on error) */
     cm_batch b3 = {.n = 1, .token = tc, .seq = &sc};
     ASSERT_EQ_INT(cm_forward(c, &b3, &err), CM_E_INVAL);
@@ -335,7 +466,7 @@ TEST(mole_goldens) {
     cm_model *m = golden_load_model(json_string_value(json_object_get(j, "model")));
     ASSERT_TRUE(m);
     int V = cm_model_get_info(m)->n_vocab;
-    double tol = json_real_value(json_object_get(json_object_get(j, "tolerance"), "max_abs"));
+    double tol = kv_tol(json_real_value(json_object_get(json_object_get(j, "tolerance"), "max_abs")));
     ASSERT_EQ_INT(cm_model_n_adapters(m), 4);
     ASSERT_STREQ(cm_model_adapter_name(m, 1), "rust");
     ASSERT_EQ_INT(cm_model_adapter_id(m, "py"), 0);
@@ -491,7 +622,7 @@ TEST(mole_batch_mixed_languages) {
         double x = golden_max_diff(cm_logits(c, i), (bs[i] == s0 ? g0 : g1) + (size_t)bp[i] * V, (size_t)V);
         d = x > d ? x : d;
     }
-    CHECK_TRUE(d <= 1e-4);
+    CHECK_TRUE(d <= kv_tol(1e-4));
     free(g0);
     free(g1);
     cm_ctx_free(c);
@@ -535,6 +666,13 @@ TEST(bad_models_refused) {
     memcpy(&nb, &nan, 4);
     expect_refused("models/mole.gguf", "mole.adapter.alphas", 0, nb, "alpha");
     expect_refused("models/hybrid-max.gguf", "multipl_moe.segment.capacity", 0, nb, "capacity");
+    /* qwen3moe: the expert count against the tensors, top-k against the count, the expert width */
+    expect_refused("models/qwen3moe.gguf", "qwen3moe.expert_count", 0, 9, "blk.0.ffn_gate_inp.weight has shape");
+    expect_refused("models/qwen3moe.gguf", "qwen3moe.expert_count", 0, 200, "expert_count = 200");
+    expect_refused("models/qwen3moe.gguf", "qwen3moe.expert_used_count", 0, 9, "top-k");
+    expect_refused("models/qwen3moe.gguf", "qwen3moe.expert_used_count", 0, 0, "top-k");
+    expect_refused("models/qwen3moe.gguf", "qwen3moe.expert_feed_forward_length", 0, 31,
+                   "blk.0.ffn_gate_exps.weight has shape");
 }
 
 /* Dense models take the options (and ignore them) and have no routing statistics. */
@@ -565,12 +703,19 @@ TEST(dense_model_options) {
 }
 
 int main(void) {
-    RUN(hybrid_goldens);
-    RUN(hybrid_greedy_and_stats);
-    RUN(hybrid_batch_invariance);
-    RUN(mole_goldens);
-    RUN(mole_fence_sets_match_reference);
-    RUN(mole_batch_mixed_languages);
+    for (kv_type = CM_KV_F32; kv_type <= CM_KV_F16; kv_type++) {
+        fprintf(stderr, "-- KV %s\n", kv_type == CM_KV_F16 ? "f16" : "f32");
+        RUN(hybrid_goldens);
+        RUN(hybrid_greedy_and_stats);
+        RUN(hybrid_batch_invariance);
+        RUN(sparse_goldens);
+        RUN(sparse_greedy_and_stats);
+        RUN(sparse_batch_and_truncate);
+        RUN(mole_goldens);
+        RUN(mole_fence_sets_match_reference);
+        RUN(mole_batch_mixed_languages);
+    }
+    kv_type = CM_KV_F32;
     RUN(bad_models_refused);
     RUN(dense_model_options);
     fprintf(stderr, "worst |logit diff| vs goldens: %.3g\n", worst);
