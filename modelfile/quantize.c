@@ -81,10 +81,11 @@ void cm_quant_sort(cm_quant_tensor *t, size_t n) { qsort(t, n, sizeof *t, cmp_te
 static int contains(const char *s, const char *sub) { return strstr(s, sub) != NULL; }
 
 /* llama-quantize quantises only 2-D and 3-D "...weight" tensors, and among those not norms, routers,
- * positional tables and a list of small special tensors of other architectures. */
+ * positional tables and a list of small special tensors of other architectures. The hybrid's segment
+ * router (ffn_gate_inp_seg, a name llama.cpp does not know) stays unquantised like the token router. */
 static int allows_quantization(const cm_quant_tensor *t) {
     static const char *const keep[] = {
-        "_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup", "laurel",
+        "_norm.weight", "ffn_gate_inp.weight", "ffn_gate_inp_seg.weight", "ffn_gate_tid2eid.weight", "altup", "laurel",
         "per_layer_model_proj", "ssm_conv1d", "shortconv.conv.weight", "indexer.k_proj.weight",
         "indexer.q_proj.weight", "time_mix_first.weight", "time_mix_w0.weight", "time_mix_w1.weight",
         "time_mix_w2.weight", "time_mix_v0.weight", "time_mix_v1.weight", "time_mix_v2.weight",
