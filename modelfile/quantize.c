@@ -280,9 +280,10 @@ static inline int imax(int a, int b) { return a > b ? a : b; }
 
 static void put_f16(uint16_t *dst, float f) { *dst = cm_f32_to_fp16(f); }
 
-/* Symmetric n values -> L in [0, 2*nmax), weights x^2, with ggml's search over 19 scales around
- * -nmax/max (make_qx_quants, rmse_type 1, no importance). Returns the scale. */
-static float qx_quants(int n, int nmax, const float *x, int8_t *L) {
+/* The start of both symmetric searches: the values at -nmax/max (max: the largest-magnitude value, its
+ * sign kept), clamped to [-nmax, nmax) into L, and their x^2-weighted sums. Returns 0 (L zeroed) for a
+ * group of zeros. */
+static int sym_start(int n, int nmax, const float *x, int8_t *L, float *max_out, float *sumlx, float *suml2) {
     float max = 0, amax = 0;
     for (int i = 0; i < n; i++) {
         float ax = fabsf(x[i]);
@@ -290,22 +291,32 @@ static float qx_quants(int n, int nmax, const float *x, int8_t *L) {
     }
     if (amax < GROUP_MAX_EPS) {
         for (int i = 0; i < n; i++) L[i] = 0;
-        return 0.f;
+        return 0;
     }
     float iscale = -nmax / max;
-    float sumlx = 0, suml2 = 0;
+    *sumlx = *suml2 = 0;
     for (int i = 0; i < n; i++) {
         int l = imax(-nmax, imin(nmax - 1, nearest_int(iscale * x[i])));
-        L[i] = (int8_t)(l + nmax);
+        L[i] = (int8_t)l;
         float w = x[i] * x[i];
-        sumlx += w * x[i] * l;
-        suml2 += w * l * l;
+        *sumlx += w * x[i] * l;
+        *suml2 += w * l * l;
     }
+    *max_out = max;
+    return 1;
+}
+
+/* Symmetric n values -> L in [0, 2*nmax), weights x^2, with ggml's search over 19 scales around
+ * -nmax/max (make_qx_quants, rmse_type 1, no importance). Returns the scale. */
+static float qx_quants(int n, int nmax, const float *x, int8_t *L) {
+    float max, sumlx, suml2;
+    if (!sym_start(n, nmax, x, L, &max, &sumlx, &suml2)) return 0.f;
+    for (int i = 0; i < n; i++) L[i] = (int8_t)(L[i] + nmax);
     float scale = suml2 ? sumlx / suml2 : 0.0f;
     float best = scale * sumlx;
     for (int is = -9; is <= 9; is++) {
         if (is == 0) continue;
-        iscale = -(nmax + 0.1f * is) / max;
+        float iscale = -(nmax + 0.1f * is) / max;
         sumlx = suml2 = 0;
         for (int i = 0; i < n; i++) {
             int l = imax(-nmax, imin(nmax - 1, nearest_int(iscale * x[i])));
@@ -326,24 +337,8 @@ static float qx_quants(int n, int nmax, const float *x, int8_t *L) {
 /* Q3_K's sub-block search (make_q3_quants with rmse): start from -nmax/max, then up to 5 passes that move
  * single values when that raises sumlx^2/suml2 (weights x^2). L in [0, 2*nmax). Returns the scale. */
 static float q3_quants(int n, int nmax, const float *x, int8_t *L) {
-    float max = 0, amax = 0;
-    for (int i = 0; i < n; i++) {
-        float ax = fabsf(x[i]);
-        if (ax > amax) { amax = ax; max = x[i]; }
-    }
-    if (amax < GROUP_MAX_EPS) {
-        for (int i = 0; i < n; i++) L[i] = 0;
-        return 0.f;
-    }
-    float iscale = -nmax / max;
-    float sumlx = 0, suml2 = 0;
-    for (int i = 0; i < n; i++) {
-        int l = imax(-nmax, imin(nmax - 1, nearest_int(iscale * x[i])));
-        L[i] = (int8_t)l;
-        float w = x[i] * x[i];
-        sumlx += w * x[i] * l;
-        suml2 += w * l * l;
-    }
+    float max, sumlx, suml2;
+    if (!sym_start(n, nmax, x, L, &max, &sumlx, &suml2)) return 0.f;
     for (int pass = 0; pass < 5; pass++) {
         int changed = 0;
         for (int i = 0; i < n; i++) {
