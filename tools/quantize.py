@@ -28,6 +28,8 @@ What llama-quantize writes for an F32/F16/BF16 GGUF and a preset, without an imp
 
     python3 tools/quantize.py IN.gguf OUT.gguf PRESET [--allow-requantize]
     python3 tools/quantize.py check --codemoe BIN --fixtures DIR    (byte equality with the C code)
+    python3 tools/quantize.py inputs DIR                           (test models for the next one)
+    python3 tools/quantize.py compare --llama-quantize LQ --codemoe BIN IN.gguf...  (docs/quantize.md)
 """
 
 import os
@@ -713,10 +715,113 @@ def check(codemoe, fixtures):
     return 1 if failed else 0
 
 
+# ---------------------------------------------------------------------------------- against llama-quantize
+
+def _test_weights(rng, shape):
+    """Random weights with per-row scales, sprinkled outliers, a zero and a constant stretch, a one-signed
+    row: every branch of the quantisers gets data."""
+    x = rng.standard_normal(shape).astype(F32)
+    x *= (np.exp(rng.standard_normal(shape[:-1] + (1,)) * 0.7) * 0.05).astype(F32)
+    flat = x.reshape(-1)
+    flat[rng.integers(0, flat.size, size=max(1, flat.size // 500))] *= F32(20)
+    rows = x.reshape(-1, shape[-1])
+    if rows.shape[0] > 3:
+        rows[1, :64] = 0
+        rows[2, :32] = F32(0.0123)
+        rows[3, :] = np.abs(rows[3, :])
+    return x
+
+
+def _test_model(path, arch, D, F, L, H, KV, vocab, tied, tt, n_exp=0, seed=0, every_type=False):
+    rng = np.random.default_rng(seed)
+    VT = gguf.GGUFValueType
+    w = gguf.GGUFWriter(path)
+    w.add_string("general.architecture", arch)
+    w.add_string("general.name", os.path.basename(path)[:-5])
+    w.add_uint32("general.file_type", {T.F32: 0, T.F16: 1, T.BF16: 32}[tt])
+    for k, v in (("context_length", 256), ("embedding_length", D), ("block_count", L), ("feed_forward_length", F),
+                 ("attention.head_count", H), ("attention.head_count_kv", KV)):
+        w.add_uint32(arch + "." + k, v)
+    w.add_float32(arch + ".attention.layer_norm_rms_epsilon", 1e-6)
+    w.add_float32(arch + ".rope.freq_base", 10000.0)
+    if n_exp:
+        w.add_uint32(arch + ".expert_count", n_exp)
+        w.add_uint32(arch + ".expert_used_count", 2)
+    if every_type:  # one key of every value type, arrays of several
+        w.add_uint8("test.u8", 7), w.add_int8("test.i8", -3), w.add_uint16("test.u16", 65535)
+        w.add_int16("test.i16", -2), w.add_uint64("test.u64", 1 << 40), w.add_int64("test.i64", -(1 << 40))
+        w.add_float64("test.f64", 0.1), w.add_bool("test.bool", True), w.add_string("test.str", "a\tb")
+        w.add_array("test.arr_i32", [1, -2, 3], VT.INT32), w.add_array("test.arr_f32", [0.5, 1.5], VT.FLOAT32)
+        w.add_array("test.arr_str", ["a", "", "\u00fc"], VT.STRING), w.add_array("test.arr_bool", [True, False], VT.BOOL)
+
+    def t(name, shape):
+        w.add_tensor(name, _test_weights(rng, shape), tt if len(shape) > 1 else T.F32)
+
+    hd = D // H
+    t("token_embd.weight", (vocab, D))
+    for i in range(L):
+        p = "blk.%d." % i
+        t(p + "attn_norm.weight", (D,))
+        t(p + "attn_q.weight", (H * hd, D)), t(p + "attn_k.weight", (KV * hd, D)), t(p + "attn_v.weight", (KV * hd, D))
+        if arch == "qwen2":
+            t(p + "attn_q.bias", (H * hd,)), t(p + "attn_k.bias", (KV * hd,)), t(p + "attn_v.bias", (KV * hd,))
+        t(p + "attn_output.weight", (D, H * hd))
+        t(p + "ffn_norm.weight", (D,))
+        if n_exp:
+            w.add_tensor(p + "ffn_gate_inp.weight", rng.standard_normal((n_exp, D)).astype(F32), T.F32)
+            t(p + "ffn_gate_exps.weight", (n_exp, F, D)), t(p + "ffn_up_exps.weight", (n_exp, F, D))
+            t(p + "ffn_down_exps.weight", (n_exp, D, F))
+        else:
+            t(p + "ffn_gate.weight", (F, D)), t(p + "ffn_up.weight", (F, D)), t(p + "ffn_down.weight", (D, F))
+    t("output_norm.weight", (D,))
+    if not tied:
+        t("output.weight", (vocab, D))
+    w.write()
+
+
+def write_inputs(out):
+    """The models docs/quantize.md compares on (about 75 MB)."""
+    _test_model(out + "/qwen2-big.gguf", "qwen2", 256, 512, 16, 8, 2, 512, False, T.F32, seed=1, every_type=True)
+    _test_model(out + "/qwen2-tied-f16.gguf", "qwen2", 256, 384, 8, 4, 4, 320, True, T.F16, seed=2)
+    _test_model(out + "/llama-odd-bf16.gguf", "llama", 96, 160, 4, 4, 2, 300, False, T.BF16, seed=3)
+    _test_model(out + "/llama-moe8.gguf", "llama", 256, 256, 4, 8, 2, 300, False, T.F32, n_exp=8, seed=4)
+
+
+def compare(llama_quantize, codemoe, inputs):
+    """Both tools on every input and preset: a markdown table of = (identical), DIFF, or refusals."""
+    print("| input | " + " | ".join(PRESETS) + " |")
+    print("|---|" + "---|" * len(PRESETS))
+    bad = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        ref, out = os.path.join(tmp, "ref.gguf"), os.path.join(tmp, "out.gguf")
+        for src in inputs:
+            cells = []
+            for preset in PRESETS:
+                for p in (ref, out):
+                    if os.path.exists(p):
+                        os.unlink(p)
+                a = subprocess.run([llama_quantize, src, ref, preset, "2"], capture_output=True).returncode
+                b = subprocess.run([codemoe, "quantize", src, out, preset], capture_output=True).returncode
+                if a and b:
+                    cells.append("both refuse")
+                elif a or b:
+                    cells.append("rc %d/%d" % (a, b))
+                else:
+                    cells.append("=" if open(ref, "rb").read() == open(out, "rb").read() else "DIFF")
+                bad += cells[-1] not in ("=", "both refuse")
+            print("| %s | %s |" % (os.path.basename(src)[:-5], " | ".join(cells)))
+    return 1 if bad else 0
+
+
 def main(argv):
     if len(argv) >= 2 and argv[1] == "check":
         args = dict(zip(argv[2::2], argv[3::2]))
         return check(args["--codemoe"], args["--fixtures"])
+    if len(argv) == 3 and argv[1] == "inputs":
+        write_inputs(argv[2])
+        return 0
+    if len(argv) >= 6 and argv[1] == "compare" and argv[2] == "--llama-quantize" and argv[4] == "--codemoe":
+        return compare(argv[3], argv[5], argv[6:])
     pos = [a for a in argv[1:] if not a.startswith("--")]
     if len(pos) != 3:
         print(__doc__.split("\n\n")[-1], file=sys.stderr)
