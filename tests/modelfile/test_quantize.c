@@ -5,7 +5,7 @@
  * embeddings, 8-expert models, row-length fallbacks); cm_quantize keeps every key in order and sets
  * general.quantization_version / general.file_type last, sorts tensors, and refuses unknown presets,
  * requantisation without allow_requantize and rows no type fits, creating nothing then. Byte equality
- * with llama-quantize is held by tools/quantize.py (py_quantize) and docs/quantize.md.
+ * is held elsewhere: with tools/quantize.py by py_quantize, with llama-quantize in docs/quantize.md.
  */
 #include <math.h>
 #include <stdint.h>
