@@ -456,24 +456,25 @@ static void q4_0_row(const float *x, cm_block_q4_0 *y, int64_t k) {
     }
 }
 
-/* min/max of a block, for the offset formats Q4_1/Q5_1 */
-static void block_range(const float *x, int n, float *mn, float *mx) {
-    *mn = FLT_MAX;
-    *mx = -FLT_MAX;
-    for (int j = 0; j < n; j++) {
-        if (x[j] < *mn) *mn = x[j];
-        if (x[j] > *mx) *mx = x[j];
+/* The start of an offset block (Q4_1, Q5_1): d = (max - min) / levels and m = min, both stored as fp16.
+ * Returns 1/d (0 for a flat block); *mn receives the unrounded min the values are measured from. */
+static float offset_block(const float *x, float levels, uint16_t *d_out, uint16_t *m_out, float *mn) {
+    float lo = FLT_MAX, hi = -FLT_MAX;
+    for (int j = 0; j < CM_QK4; j++) {
+        if (x[j] < lo) lo = x[j];
+        if (x[j] > hi) hi = x[j];
     }
+    const float d = (hi - lo) / levels;
+    put_f16(d_out, d);
+    put_f16(m_out, lo);
+    *mn = lo;
+    return d ? 1.0f / d : 0.0f;
 }
 
 static void q4_1_row(const float *x, cm_block_q4_1 *y, int64_t k) {
     for (int64_t b = 0; b < k / CM_QK4; b++, x += CM_QK4) {
-        float mn, mx;
-        block_range(x, CM_QK4, &mn, &mx);
-        const float d = (mx - mn) / 15;
-        const float id = d ? 1.0f / d : 0.0f;
-        put_f16(&y[b].d, d);
-        put_f16(&y[b].m, mn);
+        float mn;
+        const float id = offset_block(x, 15, &y[b].d, &y[b].m, &mn);
         for (int j = 0; j < CM_QK4 / 2; j++) {
             int lo = imin(15, (int)((x[j] - mn) * id + 0.5f)), hi = imin(15, (int)((x[j + 16] - mn) * id + 0.5f));
             y[b].qs[j] = (uint8_t)(lo | hi << 4);
@@ -505,12 +506,8 @@ static void q5_0_row(const float *x, cm_block_q5_0 *y, int64_t k) {
 
 static void q5_1_row(const float *x, cm_block_q5_1 *y, int64_t k) {
     for (int64_t b = 0; b < k / CM_QK4; b++, x += CM_QK4) {
-        float mn, mx;
-        block_range(x, CM_QK4, &mn, &mx);
-        const float d = (mx - mn) / 31;
-        const float id = d ? 1.0f / d : 0.0f;
-        put_f16(&y[b].d, d);
-        put_f16(&y[b].m, mn);
+        float mn;
+        const float id = offset_block(x, 31, &y[b].d, &y[b].m, &mn);
         int q[CM_QK4];
         for (int j = 0; j < CM_QK4; j++) q[j] = (int)((x[j] - mn) * id + 0.5f);
         pack_q5(q, y[b].qs, y[b].qh);
