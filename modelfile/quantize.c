@@ -436,7 +436,8 @@ static float qkx2_quants(int n, int nmax, const float *x, const float *weights, 
 
 /* ------------------------------------------------------------ legacy blocks of 32 */
 
-/* Largest-magnitude value (its sign kept): Q4_0/Q5_0 map it to -8/-16, the end with one more level. */
+/* Largest-magnitude value, its sign kept (the first of equals; 0 when all are 0): Q4_0/Q5_0 map it to
+ * -8/-16, the end with one more level; Q3_K/Q6_K scale their sub-block scales by it. */
 static float signed_absmax(const float *x, int n) {
     float amax = 0.0f, max = 0.0f;
     for (int j = 0; j < n; j++)
@@ -580,11 +581,8 @@ static void q3_k_row(const float *x, cm_block_q3_k *y, int64_t k) {
     int8_t L[CM_QK_K];
     float scales[16];
     for (int64_t b = 0; b < k / CM_QK_K; b++, x += CM_QK_K) {
-        float max_scale = 0, amax = 0;
-        for (int j = 0; j < 16; j++) {
-            scales[j] = q3_quants(16, 4, x + 16 * j, L + 16 * j);
-            if (fabsf(scales[j]) > amax) { amax = fabsf(scales[j]); max_scale = scales[j]; }
-        }
+        for (int j = 0; j < 16; j++) scales[j] = q3_quants(16, 4, x + 16 * j, L + 16 * j);
+        const float max_scale = signed_absmax(scales, 16);
         memset(y[b].scales, 0, 12);
         if (max_scale) {
             /* 6-bit signed scales, the largest-magnitude one at -32 */
@@ -691,12 +689,9 @@ static void q6_k_row(const float *x, cm_block_q6_k *y, int64_t k) {
     int8_t L[CM_QK_K];
     float scales[16];
     for (int64_t b = 0; b < k / CM_QK_K; b++, x += CM_QK_K) {
-        float max_scale = 0, max_abs_scale = 0;
-        for (int j = 0; j < 16; j++) {
-            scales[j] = qx_quants(16, 32, x + 16 * j, L + 16 * j);
-            if (fabsf(scales[j]) > max_abs_scale) { max_abs_scale = fabsf(scales[j]); max_scale = scales[j]; }
-        }
-        if (max_abs_scale < GROUP_MAX_EPS) {
+        for (int j = 0; j < 16; j++) scales[j] = qx_quants(16, 32, x + 16 * j, L + 16 * j);
+        const float max_scale = signed_absmax(scales, 16);
+        if (fabsf(max_scale) < GROUP_MAX_EPS) {
             memset(&y[b], 0, sizeof y[b]);
             continue;
         }
