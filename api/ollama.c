@@ -103,20 +103,36 @@ static int chat_prompt(const json_t *root, json_t *c, const api_model *m, api_er
     return 0;
 }
 
+/* Ollama's "load the model" request: /api/generate with no prompt, suffix or system, /api/chat with no
+ * messages. Clients send it to preload a model; it generates nothing and ends with done_reason "load". */
+static int is_load(const json_t *root, int chat) {
+    if (chat) {
+        json_t *msgs = json_object_get(root, "messages");
+        return json_is_array(msgs) && json_array_size(msgs) == 0;
+    }
+    static const char *const keys[] = {"prompt", "suffix", "system"};
+    for (size_t i = 0; i < sizeof keys / sizeof *keys; i++) {
+        json_t *v = json_object_get(root, keys[i]);
+        if (v && !json_is_null(v) && !(json_is_string(v) && json_string_length(v) == 0)) return 0;
+    }
+    return 1;
+}
+
 /* Either request: body -> translated body (prompt by the dialect's function, then the common fields)
  * -> the completion rules. */
 static int parse_request(const char *body, size_t len, const api_model *m, const api_limits *lim,
-                         int (*prompt)(const json_t *, json_t *, const api_model *, api_error *),
+                         int (*prompt)(const json_t *, json_t *, const api_model *, api_error *), int chat,
                          api_completion_req *out, api_error *e) {
     json_t *root = api_format_load_body(body, len, m, lim, out, e);
     if (!root) return -1;
     json_t *c = json_object();
-    int rc = -1;
+    int rc = -1, load = is_load(root, chat);
     if (!c) api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
-    else if (!prompt(root, c, m, e) && !common_fields(root, c, e)) {
+    else if ((load || !prompt(root, c, m, e)) && !common_fields(root, c, e)) {
+        if (load) json_object_set_new(c, "max_tokens", json_integer(0)); /* the default prompt, nothing generated */
         /* Ollama clients send more stop strings than OpenAI's 4; errors name Ollama's options */
-        json_t *d = json_pack("{s:{s:s,s:s}}", "params", "max_tokens", "num_predict", "repetition_penalty",
-                              "repeat_penalty");
+        json_t *d = json_pack("{s:b,s:{s:s,s:s}}", "load", load, "params", "max_tokens", "num_predict",
+                              "repetition_penalty", "repeat_penalty");
         if (!d) api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
         else rc = api_format_parse_translated(c, d, m, lim, API_STOP_MAX, out, e);
     }
@@ -127,12 +143,12 @@ static int parse_request(const char *body, size_t len, const api_model *m, const
 
 static int parse_generate(const char *body, size_t len, const api_model *m, const api_limits *lim,
                           api_completion_req *out, api_error *e) {
-    return parse_request(body, len, m, lim, generate_prompt, out, e);
+    return parse_request(body, len, m, lim, generate_prompt, 0, out, e);
 }
 
 static int parse_chat(const char *body, size_t len, const api_model *m, const api_limits *lim,
                       api_completion_req *out, api_error *e) {
-    return parse_request(body, len, m, lim, chat_prompt, out, e);
+    return parse_request(body, len, m, lim, chat_prompt, 1, out, e);
 }
 
 /* ------------------------------------------------------------ responses */
@@ -165,7 +181,9 @@ static char *final_line(const api_completion_req *r, const api_meta *meta, int c
     if (!o) return NULL;
     set_text(o, chat, c ? c->text : "", c ? c->text_len : 0);
     json_object_set_new(o, "done", json_true());
-    json_object_set_new(o, "done_reason", json_string(c && c->finish == API_FINISH_STOP ? "stop" : "length"));
+    const char *reason = json_is_true(json_object_get(r->dialect, "load")) ? "load"
+                         : c && c->finish == API_FINISH_STOP ? "stop" : "length";
+    json_object_set_new(o, "done_reason", json_string(reason));
     if (!chat) json_object_set_new(o, "context", json_array());
     json_object_set_new(o, "total_duration", json_integer(u->prompt_ns + u->gen_ns));
     json_object_set_new(o, "load_duration", json_integer(0));

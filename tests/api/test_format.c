@@ -78,6 +78,28 @@ TEST(ollama_generate_mapping) {
     free(s);
 }
 
+TEST(ollama_load_request) {
+    api_completion_req r;
+    api_error e;
+    /* no prompt, suffix or system: Ollama's "load the model", nothing generated */
+    ASSERT_EQ_INT(parse(&api_format_ollama_generate, "{\"model\":\"fake\",\"prompt\":\"\"}", &r, &e), 0);
+    ASSERT_EQ_INT(r.max_tokens, 0);
+    api_meta meta = {.id = "cmpl-x"};
+    api_choice c = {.text = "", .finish = API_FINISH_LENGTH};
+    api_usage u = {0};
+    char *s = api_format_ollama_generate.response(&r, &meta, &c, 1, &u, NULL);
+    ASSERT_TRUE(s && strstr(s, "\"done_reason\":\"load\""));
+    free(s);
+    api_completion_req_free(&r);
+    ASSERT_EQ_INT(parse(&api_format_ollama_chat, "{\"messages\":[]}", &r, &e), 0);
+    ASSERT_EQ_INT(r.max_tokens, 0);
+    api_completion_req_free(&r);
+    /* a system prompt alone is a generation */
+    ASSERT_EQ_INT(parse(&api_format_ollama_generate, "{\"system\":\"s\",\"options\":{\"num_predict\":2}}", &r, &e), 0);
+    ASSERT_EQ_INT(r.max_tokens, 2);
+    api_completion_req_free(&r);
+}
+
 TEST(ollama_shapes) {
     api_completion_req r;
     api_error e;
@@ -232,6 +254,7 @@ TEST(llama_infill_prompt) {
 int main(void) {
     setup();
     RUN(ollama_generate_mapping);
+    RUN(ollama_load_request);
     RUN(ollama_shapes);
     RUN(llama_completion_mapping_and_shapes);
     RUN(llama_infill_prompt);

@@ -4,7 +4,8 @@
  * client: generate with suffix (fill in the middle: the same tokens as /v1/completions with suffix),
  * raw generate, generate through the chat template, chat streamed and not (NDJSON; the streamed text
  * equals the non-streamed one, the last object carries done, done_reason and the counts), options
- * (num_predict, temperature, seed, stop), list (tags), ps, show and version, and Ollama-shaped errors.
+ * (num_predict, temperature, seed, stop), load requests, list (tags), ps, show and version, and
+ * Ollama-shaped errors.
  */
 import assert from 'node:assert/strict';
 import { createRequire } from 'node:module';
@@ -115,9 +116,20 @@ test('chat: streamed == not streamed, as /v1/chat/completions', async () => {
   assert.equal(last.done_reason, 'length');
 });
 
+test('load requests (no prompt, no messages) generate nothing: done_reason load', async () => {
+  const g = await ollama.generate({ model: MODEL, prompt: '', stream: false });
+  assert.equal(g.done, true);
+  assert.equal(g.done_reason, 'load');
+  assert.equal(g.eval_count, 0);
+  assert.equal(g.response, '');
+  const c = await ollama.chat({ model: MODEL, messages: [], stream: false });
+  assert.equal(c.done_reason, 'load');
+  assert.equal(c.eval_count, 0);
+});
+
 test('errors are {"error": "..."}', async () => {
   await assert.rejects(ollama.generate({ model: 'nope', prompt: 'x', stream: false }), (e) => e.status_code === 404 && /nope/.test(e.error));
-  await assert.rejects(ollama.chat({ model: MODEL, messages: [], stream: false }), (e) => e.status_code === 400 && /too short/.test(e.error));
+  await assert.rejects(ollama.chat({ model: MODEL, messages: 'hi', stream: false }), (e) => e.status_code === 400 && /messages/.test(e.error));
   await assert.rejects(ollama.generate({ model: MODEL, prompt: 'x', stream: false, options: { temperature: 'hot' } }),
     (e) => e.status_code === 400 && /temperature/.test(e.error));
 });
