@@ -81,10 +81,11 @@ test('slowloris: 1100 dripping connections do not keep a normal client out', asy
     for (let i = 0; i < 1100; i++) drips.push(dripper(srv.port, `127.0.1.${1 + (i % 20)}`, 2500));
     await within(Promise.all(drips.map((d) => d.connected)), 10000, 'drippers connected');
     await sleep(300);
-    const h = await timed(fetch(srv.base + '/health', { signal: AbortSignal.timeout(3000) }));
+    const h = await timed(within(fetch(srv.base + '/health'), 3000, '/health while connections drip'));
     assert.equal(h.v.status, 200);
     assert.ok(h.ms < 1500, `/health took ${h.ms} ms while connections drip`);
-    const c = await timed(postJSON(srv, '/v1/completions', { prompt: 'def f(', max_tokens: 4 }));
+    const c = await timed(within(postJSON(srv, '/v1/completions', { prompt: 'def f(', max_tokens: 4 }), 5000,
+      'a completion while connections drip'));
     assert.equal(c.v.status, 200, c.v.text);
     assert.ok(c.ms < 3000, `completion took ${c.ms} ms while connections drip`);
     const m = await metrics(srv);
