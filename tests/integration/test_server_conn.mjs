@@ -226,7 +226,7 @@ function abortedRequest(port, rnd) {
 }
 
 test('200 requests aborted at random points are all noticed within about a step; no KV left', async () => {
-  const stepMs = 10;
+  const stepMs = 40;
   const srv = await startServer({ args: ['--parallel', '32', '--queue', '512', '--ctx', '4096', '--kv-check'],
     env: { CODEMOE_SERVE_STEP_DELAY_MS: String(stepMs) } });
   let seed = 12345;
@@ -245,11 +245,11 @@ test('200 requests aborted at random points are all noticed within about a step;
       slow.push({ ac, pump });
     }
     await waitMetrics(srv, (x) => x['codemoe_sequences_running'] === 6, 5000);
-    for (let wave = 0; wave < 10; wave++) {
-      const batch = [];
-      for (let i = 0; i < 20; i++) batch.push(abortedRequest(srv.port, rnd));
-      await Promise.all(batch);
-    }
+    /* 20 clients, each opening its next request as soon as it dropped the previous one: descriptor
+     * numbers are reused while the cancelled generations are still ending */
+    await Promise.all(Array.from({ length: 20 }, async () => {
+      for (let i = 0; i < 10; i++) await abortedRequest(srv.port, rnd);
+    }));
     /* every aborted generation ends within a few steps of the last abort: only the slow streams run */
     const t0 = Date.now();
     const m = await waitMetrics(srv, (x) => x['codemoe_sequences_running'] === 6 && x['codemoe_queue_depth'] === 0, 3000);
