@@ -5,13 +5,16 @@
  * Event loop integration: MHD runs in "external" epoll mode. Its epoll fd is watched by a uv_poll_t
  * and MHD_get_timeout drives a uv_timer_t; MHD_run is called only from those two callbacks, so every
  * MHD callback below runs on the loop thread and never re-enters MHD_run. No thread per connection.
+ * MHD has no listen socket: conn.c accepts, refuses what is over the connection limits and enforces
+ * the header/body deadlines; the connections it admits are handed to MHD here (add_connection).
  *
  * A completion request is parsed (api/), turned into a srv_job and handed to the engine worker; the
  * connection is then suspended. The worker's output arrives through srv_sched's wake-up (on_wake):
  * the loop queues the response (JSON, or a chunked SSE stream whose reader drains a bounded
  * per-request buffer) and resumes the connection. While a request waits, a uv_poll_t on its socket
  * watches for the client hanging up (MHD does not see disconnects of suspended connections), so a
- * client that leaves cancels its generation at the worker's next step.
+ * client that leaves cancels its generation at the worker's next step. The watch is closed in MHD's
+ * completion callback, before MHD closes the descriptor, never later (see on_completed).
  */
 #include <errno.h>
 #include <math.h>
@@ -395,8 +398,9 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
             if (!r->outcome) r->outcome = "client_gone";
             req_cancel(r, SRV_CANCEL_CLIENT);
         }
+    } else {
+        srv_conn_request_done(r->sconn, uv_hrtime()); /* kept alive: the next request's deadline */
     }
-    else srv_conn_request_done(r->sconn, uv_hrtime()); /* kept alive: the next request's deadline */
     access_log(r, toe);
     r->conn_done = 1;
     r->suspended = 0;
