@@ -18,7 +18,7 @@
  */
 import assert from 'node:assert/strict';
 import net from 'node:net';
-import { startServer, postJSON, rawRequest, metrics, waitMetrics, sleep, test, run } from './server_harness.mjs';
+import { startServer, postJSON, rawRequest, metrics, waitMetrics, sanitizerReport, sleep, test, run } from './server_harness.mjs';
 
 const LOOP_PROMPT = 'for i in range('; /* greedy never ends this one (see test_server_stream.mjs) */
 
@@ -110,8 +110,9 @@ test('slowloris: 1100 dripping connections do not keep a normal client out', asy
     assert.ok(m2['codemoe_connections_timed_out_total{phase="headers"}'] >= 800);
   } finally {
     drips.forEach((d) => d.stop());
-    await srv.stop();
+    assert.equal((await srv.stop()).code, 0);
   }
+  assert.equal(sanitizerReport(srv), null, sanitizerReport(srv));
 });
 
 test('beyond --max-connections a client gets an immediate JSON 503', async () => {
@@ -264,6 +265,7 @@ test('200 requests aborted at random points are all noticed within about a step;
     const ex = await srv.stop('SIGTERM', 20000);
     assert.equal(ex.code, 0);
     assert.ok(Date.now() - t1 < 5000, 'SIGTERM is not delayed by orphaned generations');
+    assert.equal(sanitizerReport(srv), null, sanitizerReport(srv)); /* ASan/UBSan builds: no leak or error */
   } finally {
     for (const s of slow) s.ac.abort();
     if (!srv.exited) await srv.stop('SIGKILL');
