@@ -1,5 +1,6 @@
 /*
- * completion.c - POST /v1/completions: JSON body -> validated, tokenized api_completion_req.
+ * completion.c - POST /v1/completions (and its FIM and Tabby forms: POST /v1/fim/completions, Tabby's
+ * "segments"): JSON body -> validated, tokenized api_completion_req.
  *
  * Validation errors follow OpenAI's wording (which comes from JSON-schema messages), e.g.
  * "'abc' is not of type 'number' - 'temperature'", always with the offending parameter in "param",
@@ -18,9 +19,10 @@ void api_limits_default(api_limits *l) {
     l->max_tokens_cap = 0;
     l->n_max = 8;
     l->logprobs_max = 5;
-    l->max_stop = 4;
+    l->max_stop = 32;
     l->max_prompts = 16;
     l->max_logit_bias = 1024;
+    l->strict_context = 0;
 }
 
 /* ------------------------------------------------------------ value rendering for messages */
@@ -160,7 +162,7 @@ static const char *const known_fields[] = {
     "model", "prompt", "suffix", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options",
     "logprobs", "echo", "stop", "presence_penalty", "frequency_penalty", "best_of", "logit_bias", "user",
     "seed", "top_k", "min_p", "repetition_penalty", "language", "segment_routing", "routing",
-    "parse_special",
+    "parse_special", "n_predict", "cache_prompt", "segments", "random_seed", "min_tokens",
 };
 
 /* Appends to a growing token buffer. */
@@ -226,7 +228,7 @@ static int is_int_array(const json_t *v) {
 
 typedef struct prompt_src {
     const json_t *text;  /* a JSON string, or */
-    const json_t *ids;   /* a JSON array of integers, or neither: the default prompt */
+    const json_t *ids;   /* a JSON array of integers (exactly one of the two is set) */
 } prompt_src;
 
 /* 0 when the model has the three FIM tokens, else -1 with the 400 a "suffix" gets. */
@@ -364,11 +366,7 @@ fail:
 static int classify_prompt(json_t *p, int n_vocab, int max_prompts, prompt_src *srcs, int *n_src, api_error *e) {
     char d[96];
     *n_src = 0;
-    if (!p || json_is_null(p)) {
-        srcs[0] = (prompt_src){0};
-        *n_src = 1;
-        return 0;
-    }
+    if (!p || json_is_null(p)) return api_error_set(e, 400, API_ERR_INVALID, "prompt", NULL, "'prompt' is a required property");
     if (json_is_string(p)) {
         srcs[0] = (prompt_src){.text = p};
         *n_src = 1;
@@ -523,20 +521,85 @@ static int check_reference_segments(const api_model *am, const api_completion_re
 
 /* ------------------------------------------------------------ the request */
 
+int api_model_named(const api_model *m, const char *name) {
+    if (m->id && strcmp(m->id, name) == 0) return 1;
+    for (int i = 0; i < m->n_aliases; i++)
+        if (m->aliases[i] && strcmp(m->aliases[i], name) == 0) return 1;
+    const cm_model_info *info = m->model ? cm_model_get_info(m->model) : NULL;
+    return info && info->name && info->name[0] && strcmp(info->name, name) == 0;
+}
+
 const api_model *api_find_model(const api_model *models, int n, const char *name) {
-    for (int i = 0; i < n; i++) {
-        if (models[i].id && strcmp(models[i].id, name) == 0) return &models[i];
-    }
-    for (int i = 0; i < n; i++) {
-        const cm_model_info *info = models[i].model ? cm_model_get_info(models[i].model) : NULL;
-        if (info && info->name && info->name[0] && strcmp(info->name, name) == 0) return &models[i];
-    }
+    for (int i = 0; i < n; i++)
+        if (api_model_named(&models[i], name)) return &models[i];
+    /* with one model there is nothing to choose: clients that cannot be told its name still work */
+    if (n == 1 && !models[0].strict_name) return &models[0];
     return NULL;
 }
 
+/* What parse_fields settles besides r's own fields. */
+typedef struct parse_ctx {
+    api_shape shape;
+    json_t *prompt;        /* the prompt value ("prompt", or Tabby's segments.prefix); NULL: none */
+    json_t *suffix;        /* FIM suffix, borrowed from the body or empty_suffix; NULL: no FIM */
+    json_t *empty_suffix;  /* owned "" for a FIM request without a suffix */
+    int parse_special, max_tokens_null, max_tokens_given;
+    long long max_tokens;
+} parse_ctx;
+
+/* The FIM suffix of a request: "suffix" (/v1/fim/completions: "" when absent), or Tabby's
+ * segments.suffix. Sets c->suffix (NULL: not a FIM request). */
+static int parse_suffix(json_t *root, const api_model *m, api_completion_req *r, parse_ctx *c, api_error *e) {
+    json_t *s = NULL;
+    if (r->tabby) {
+        json_t *seg = json_object_get(root, "segments");
+        json_t *pre = json_object_get(seg, "prefix");
+        if (!pre || json_is_null(pre))
+            return api_error_set(e, 400, API_ERR_INVALID, "prompt", NULL, "'prefix' is a required property - 'segments'");
+        if (!json_is_string(pre)) return err_type(e, "segments.prefix", pre, "string");
+        c->prompt = pre;
+        s = json_object_get(seg, "suffix");
+        if (s && json_is_null(s)) s = NULL;
+        if (s && !json_is_string(s)) return err_type(e, "segments.suffix", s, "string");
+        const cm_model_info *info = cm_model_get_info(m->model);
+        int has_fim = info->fim_pre >= 0 && info->fim_suf >= 0 && info->fim_mid >= 0;
+        /* a model without FIM tokens can still continue the code before the cursor */
+        if (!has_fim && (!s || json_string_length(s) == 0)) return 0;
+    } else if (get_string(root, "suffix", &s, e) < 0) {
+        return -1;
+    }
+    if (!s && (c->shape == API_SHAPE_FIM_CHAT || r->tabby) && !(s = c->empty_suffix = json_string("")))
+        return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
+    if (!s) return 0;
+    if (fim_check(m->model, m->id, e)) return -1;
+    if (r->echo)
+        return api_error_set(e, 400, API_ERR_INVALID, "echo", NULL, "'echo' cannot be used together with 'suffix'.");
+    c->suffix = s;
+    r->has_suffix = 1;
+    return 0;
+}
+
+/* "max_tokens", or llama.cpp's "n_predict" in its place (-1: as max_tokens null). */
+static int parse_max_tokens(json_t *root, parse_ctx *c, api_error *e) {
+    long long i64 = 0;
+    int rc = get_int(root, "max_tokens", 0, INT_MAX, &i64, e);
+    if (rc < 0) return -1;
+    if (rc) { c->max_tokens = i64; c->max_tokens_given = 1; }
+    else c->max_tokens_null = json_is_null(json_object_get(root, "max_tokens"));
+    json_t *np = json_object_get(root, "n_predict");
+    if (!np || json_is_null(np)) return 0;
+    if (rc || c->max_tokens_null)
+        return api_error_set(e, 400, API_ERR_INVALID, "n_predict", NULL,
+                             "'n_predict' and 'max_tokens' both set the completion length; send one of them.");
+    if ((rc = get_int(root, "n_predict", -1, INT_MAX, &i64, e)) < 0) return -1;
+    if (i64 < 0) { c->max_tokens_null = 1; return 0; }
+    c->max_tokens = i64;
+    c->max_tokens_given = 1;
+    return 0;
+}
+
 static int parse_fields(json_t *root, const api_model *m, const api_limits *lim, api_completion_req *r,
-                        int *parse_special, json_t **suffix, int *max_tokens_null, long long *max_tokens,
-                        api_error *e) {
+                        parse_ctx *c, api_error *e) {
     const cm_model_info *info = cm_model_get_info(m->model);
     double x = 0;
     long long i64 = 0;
@@ -579,9 +642,9 @@ static int parse_fields(json_t *root, const api_model *m, const api_limits *lim,
                              "best_of (%lld) must equal n (%d): ranking extra candidates server-side is not supported.",
                              i64, r->n);
 
-    if ((rc = get_int(root, "max_tokens", 0, INT_MAX, &i64, e)) < 0) return -1;
-    if (rc) *max_tokens = i64;
-    else *max_tokens_null = json_is_null(json_object_get(root, "max_tokens"));
+    if (parse_max_tokens(root, c, e)) return -1;
+    /* llama.cpp's flag; the prefix cache is always on, so there is nothing to switch */
+    if (get_bool(root, "cache_prompt", &b, e) < 0) return -1;
 
     if (get_bool(root, "stream", &r->stream, e) < 0) return -1;
     json_t *so = json_object_get(root, "stream_options");
@@ -607,12 +670,32 @@ static int parse_fields(json_t *root, const api_model *m, const api_limits *lim,
 
     if ((rc = get_int(root, "seed", LLONG_MIN, LLONG_MAX, &i64, e)) < 0) return -1;
     if (rc) { r->seed = (uint64_t)i64; r->seed_set = 1; }
+    if (c->shape == API_SHAPE_FIM_CHAT) {
+        /* Mistral's names; the completion shape has no place for echo or logprobs */
+        if ((rc = get_int(root, "random_seed", LLONG_MIN, LLONG_MAX, &i64, e)) < 0) return -1;
+        if (rc && r->seed_set)
+            return api_error_set(e, 400, API_ERR_INVALID, "random_seed", NULL,
+                                 "'random_seed' and 'seed' both set the seed; send one of them.");
+        if (rc) { r->seed = (uint64_t)i64; r->seed_set = 1; }
+        if ((rc = get_int(root, "min_tokens", 0, 0, &i64, e)) < 0) return -1;
+        if (r->echo)
+            return api_error_set(e, 400, API_ERR_INVALID, "echo", NULL, "'echo' is not supported on /v1/fim/completions.");
+        if (r->logprobs >= 0)
+            return api_error_set(e, 400, API_ERR_INVALID, "logprobs", NULL,
+                                 "'logprobs' is not supported on /v1/fim/completions.");
+    }
 
     if ((rc = get_string(root, "user", &s, e)) < 0) return -1;
     if (rc && !(r->user = dup_json_string(s, NULL))) goto oom;
     if ((rc = get_string(root, "language", &s, e)) < 0) return -1;
     if (rc && !(r->language = dup_json_string(s, NULL))) goto oom;
-    /* only MoLE models have adapters; the others ignore the field */
+    /* only MoLE models have adapters; the others ignore the field. Tabby sends its editor's language
+     * id whatever the model: one without an adapter is left to detection. */
+    if (r->language && r->tabby && cm_model_n_adapters(m->model) > 0 &&
+        cm_model_adapter_id(m->model, r->language) < 0) {
+        free(r->language);
+        r->language = NULL;
+    }
     if (r->language && cm_model_n_adapters(m->model) > 0 && cm_model_adapter_id(m->model, r->language) < 0) {
         char d[96];
         describe(s, d, sizeof d);
@@ -626,16 +709,8 @@ static int parse_fields(json_t *root, const api_model *m, const api_limits *lim,
     if (rc) r->segment_routing = (api_segment_routing)b;
     if ((rc = get_enum(root, "routing", routing_names, 3, &b, e)) < 0) return -1;
     if (rc) r->routing = (api_routing_mode)b;
-    if (get_bool(root, "parse_special", parse_special, e) < 0) return -1;
-
-    if ((rc = get_string(root, "suffix", suffix, e)) < 0) return -1;
-    if (rc) {
-        if (fim_check(m->model, m->id, e)) return -1;
-        if (r->echo)
-            return api_error_set(e, 400, API_ERR_INVALID, "echo", NULL,
-                                 "'echo' cannot be used together with 'suffix'.");
-        r->has_suffix = 1;
-    }
+    if (get_bool(root, "parse_special", &c->parse_special, e) < 0) return -1;
+    if (parse_suffix(root, m, r, c, e)) return -1;
 
     if ((rc = get_string(root, "model", &s, e)) < 0) return -1;
     if (rc && !api_find_model(m, 1, json_string_value(s))) {
@@ -650,10 +725,11 @@ oom:
     return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
 }
 
-int api_parse_completion(const char *body, size_t len, const api_model *m, const api_limits *lim,
-                         api_completion_req *r, api_error *e) {
+static int parse_request(const char *body, size_t len, const api_model *m, const api_limits *lim,
+                         api_shape shape, api_completion_req *r, api_error *e) {
     memset(r, 0, sizeof *r);
     r->model = m;
+    r->shape = shape;
     r->n = 1;
     r->logprobs = -1;
     cm_sampling_default(&r->sampling);
@@ -689,22 +765,34 @@ int api_parse_completion(const char *body, size_t len, const api_model *m, const
     }
 
     const cm_model_info *info = cm_model_get_info(m->model);
-    int parse_special = 1, max_tokens_null = 0, n_src = 0;
-    long long max_tokens = 16;
-    json_t *suffix = NULL;
+    int n_src = 0;
+    parse_ctx c = {.shape = shape, .parse_special = 1, .max_tokens = 16};
     prompt_src *srcs = NULL;
-    if (parse_fields(root, m, lim, r, &parse_special, &suffix, &max_tokens_null, &max_tokens, e)) goto fail;
+    c.prompt = json_object_get(root, "prompt");
+    if (json_is_null(c.prompt)) c.prompt = NULL;
+    json_t *segments = json_object_get(root, "segments");
+    if (!c.prompt && shape == API_SHAPE_TEXT && segments && !json_is_null(segments)) {
+        if (!json_is_object(segments)) { err_type(e, "segments", segments, "object"); goto fail; }
+        r->tabby = 1;
+        c.max_tokens = 64; /* Tabby's default completion length; its agent sends none */
+    }
+    if (shape == API_SHAPE_FIM_CHAT && c.prompt && !json_is_string(c.prompt)) {
+        err_type(e, "prompt", c.prompt, "string");
+        goto fail;
+    }
+    if (parse_fields(root, m, lim, r, &c, e)) goto fail;
+    long long max_tokens = c.max_tokens;
+    int max_tokens_null = c.max_tokens_null;
 
     srcs = calloc((size_t)(lim->max_prompts > 0 ? lim->max_prompts : 1) + 1, sizeof *srcs);
     if (!srcs) { api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory"); goto fail; }
-    if (classify_prompt(json_object_get(root, "prompt"), info->n_vocab, lim->max_prompts > 0 ? lim->max_prompts : 1,
-                        srcs, &n_src, e))
+    if (classify_prompt(c.prompt, info->n_vocab, lim->max_prompts > 0 ? lim->max_prompts : 1, srcs, &n_src, e))
         goto fail;
     r->prompts = calloc((size_t)n_src, sizeof *r->prompts);
     if (!r->prompts) { api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory"); goto fail; }
     int longest = 0;
     for (int i = 0; i < n_src; i++) {
-        if (build_prompt(m, &srcs[i], suffix, parse_special, &r->prompts[i], e)) goto fail;
+        if (build_prompt(m, &srcs[i], c.suffix, c.parse_special, &r->prompts[i], e)) goto fail;
         r->n_prompts++;
         resolve_options(m, r, &r->prompts[i], &r->prompts[i].opts);
         if (r->prompts[i].n_tokens > longest) longest = r->prompts[i].n_tokens;
@@ -716,14 +804,19 @@ int api_parse_completion(const char *body, size_t len, const api_model *m, const
         max_tokens = (long long)n_ctx - longest;
         if (lim->max_tokens_cap > 0 && max_tokens > lim->max_tokens_cap) max_tokens = lim->max_tokens_cap;
     } else if (lim->max_tokens_cap > 0 && max_tokens > lim->max_tokens_cap) {
-        api_error_set(e, 400, API_ERR_INVALID, "max_tokens", NULL,
+        api_error_set(e, 400, API_ERR_INVALID, c.max_tokens_given ? "max_tokens" : "n_predict", NULL,
                       "max_tokens is too large: %lld. This server generates at most %d tokens per completion.",
                       max_tokens, lim->max_tokens_cap);
         goto fail;
     }
+    /* Editor plugins ask for more than a small local context holds (Continue: 4096): the completion
+     * gets what is left and ends with "length" there, unless the server keeps OpenAI's rule. A prompt
+     * that leaves no room for a wanted token is an error either way. */
+    if (!lim->strict_context && longest < n_ctx && (long long)longest + max_tokens > n_ctx)
+        max_tokens = (long long)n_ctx - longest;
     if (longest > n_ctx || max_tokens < 0 || (max_tokens_null && max_tokens < 1) || (long long)longest + max_tokens > n_ctx) {
         long long want = (long long)longest + (max_tokens > 0 ? max_tokens : 0);
-        int explicit_max = json_is_number(json_object_get(root, "max_tokens"));
+        int explicit_max = c.max_tokens_given;
         api_error_set(e, 400, API_ERR_INVALID, longest < n_ctx && explicit_max ? "max_tokens" : "prompt",
                       "context_length_exceeded",
                       "This model's maximum context length is %d tokens, however you requested %lld tokens "
@@ -734,13 +827,25 @@ int api_parse_completion(const char *body, size_t len, const api_model *m, const
     r->max_tokens = (int)max_tokens;
     if (check_reference_segments(m, r, longest, e)) goto fail;
     free(srcs);
+    json_decref(c.empty_suffix);
     json_decref(root);
     return 0;
 fail:
     free(srcs);
+    json_decref(c.empty_suffix);
     json_decref(root);
     api_completion_req_free(r);
     return -1;
+}
+
+int api_parse_completion(const char *body, size_t len, const api_model *m, const api_limits *lim,
+                         api_completion_req *r, api_error *e) {
+    return parse_request(body, len, m, lim, API_SHAPE_TEXT, r, e);
+}
+
+int api_parse_fim_completion(const char *body, size_t len, const api_model *m, const api_limits *lim,
+                             api_completion_req *r, api_error *e) {
+    return parse_request(body, len, m, lim, API_SHAPE_FIM_CHAT, r, e);
 }
 
 void api_completion_req_free(api_completion_req *r) {

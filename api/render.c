@@ -2,6 +2,8 @@
  * render.c - engine results -> OpenAI's response shapes: the text_completion object, its streamed
  * chunks, and the model list. Field names and nesting follow OpenAI's legacy completions API so that
  * existing clients (openai-python, editor plugins) parse them unchanged; extensions are extra fields.
+ * A /v1/fim/completions request gets the same response in the chat-completion shape its clients read
+ * (api_shape).
  */
 #include <math.h>
 #include <stdio.h>
@@ -135,7 +137,23 @@ static const char *finish_str(api_finish f) {
     return f == API_FINISH_STOP ? "stop" : f == API_FINISH_LENGTH ? "length" : NULL;
 }
 
-static json_t *choice_json(const api_completion_req *r, const api_choice *c) {
+/* A FIM-chat choice: {index, message:{role, content}, finish_reason}, or as a chunk {index,
+ * delta:{content}, finish_reason}. */
+static json_t *chat_choice_json(const api_choice *c, int chunk) {
+    json_t *o = json_object(), *msg = json_object();
+    json_t *content = jstr(c->text ? c->text : "", c->text ? c->text_len : 0);
+    if (!o || !msg || !content) { json_decref(o); json_decref(msg); json_decref(content); return NULL; }
+    json_object_set_new(o, "index", json_integer(c->index));
+    if (!chunk) json_object_set_new(msg, "role", json_string("assistant"));
+    json_object_set_new(msg, "content", content);
+    json_object_set_new(o, chunk ? "delta" : "message", msg);
+    const char *f = finish_str(c->finish);
+    json_object_set_new(o, "finish_reason", f ? json_string(f) : json_null());
+    return o;
+}
+
+static json_t *choice_json(const api_completion_req *r, const api_choice *c, int chunk) {
+    if (r->shape == API_SHAPE_FIM_CHAT) return chat_choice_json(c, chunk);
     json_t *o = json_object();
     if (!o) return NULL;
     json_object_set_new(o, "text", jstr(c->text ? c->text : "", c->text ? c->text_len : 0));
@@ -149,11 +167,13 @@ static json_t *choice_json(const api_completion_req *r, const api_choice *c) {
     return o;
 }
 
-static json_t *head_json(const api_completion_req *r, const api_meta *meta) {
+static json_t *head_json(const api_completion_req *r, const api_meta *meta, int chunk) {
     json_t *o = json_object();
     if (!o) return NULL;
+    const char *object = r->shape != API_SHAPE_FIM_CHAT ? "text_completion"
+                         : chunk ? "chat.completion.chunk" : "chat.completion";
     json_object_set_new(o, "id", json_string(meta->id ? meta->id : ""));
-    json_object_set_new(o, "object", json_string("text_completion"));
+    json_object_set_new(o, "object", json_string(object));
     json_object_set_new(o, "created", json_integer(meta->created));
     json_object_set_new(o, "model", jstr(r->model->id ? r->model->id : "", r->model->id ? strlen(r->model->id) : 0));
     if (meta->system_fingerprint) json_object_set_new(o, "system_fingerprint", json_string(meta->system_fingerprint));
@@ -180,11 +200,11 @@ static char *dump_free(json_t *o) {
 
 char *api_render_completion(const api_completion_req *r, const api_meta *meta, const api_choice *choices,
                             int n_choices, const api_usage *usage, json_t *routing) {
-    json_t *o = head_json(r, meta), *arr = json_array();
+    json_t *o = head_json(r, meta, 0), *arr = json_array();
     if (!o || !arr) { json_decref(o); json_decref(arr); return NULL; }
     json_object_set_new(o, "choices", arr);
     for (int i = 0; i < n_choices; i++) {
-        json_t *c = choice_json(r, &choices[i]);
+        json_t *c = choice_json(r, &choices[i], 0);
         if (!c) { json_decref(o); return NULL; }
         json_array_append_new(arr, c);
     }
@@ -205,10 +225,10 @@ static char *sse_free(json_t *o) {
 }
 
 char *api_render_chunk(const api_completion_req *r, const api_meta *meta, const api_choice *delta) {
-    json_t *o = head_json(r, meta), *arr = json_array();
+    json_t *o = head_json(r, meta, 1), *arr = json_array();
     if (!o || !arr) { json_decref(o); json_decref(arr); return NULL; }
     json_object_set_new(o, "choices", arr);
-    json_t *c = choice_json(r, delta);
+    json_t *c = choice_json(r, delta, 1);
     if (!c) { json_decref(o); return NULL; }
     json_array_append_new(arr, c);
     if (r->include_usage) json_object_set_new(o, "usage", json_null());
@@ -217,7 +237,7 @@ char *api_render_chunk(const api_completion_req *r, const api_meta *meta, const 
 
 char *api_render_usage_chunk(const api_completion_req *r, const api_meta *meta, const api_usage *usage,
                              json_t *routing) {
-    json_t *o = head_json(r, meta), *arr = json_array(), *u = usage_json(usage);
+    json_t *o = head_json(r, meta, 1), *arr = json_array(), *u = usage_json(usage);
     if (!o || !arr || !u) { json_decref(o); json_decref(arr); json_decref(u); return NULL; }
     json_object_set_new(o, "choices", arr);
     json_object_set_new(o, "usage", u);
@@ -259,6 +279,12 @@ static json_t *model_json(const api_model *am) {
     json_object_set_new(o, "object", json_string("model"));
     json_object_set_new(o, "created", json_integer(am->created));
     json_object_set_new(o, "owned_by", json_string("codemoe"));
+    if (am->n_aliases > 0) {
+        json_t *al = json_array();
+        for (int i = 0; al && i < am->n_aliases; i++)
+            if (am->aliases[i]) json_array_append_new(al, jstr(am->aliases[i], strlen(am->aliases[i])));
+        if (al) json_object_set_new(o, "aliases", al);
+    }
     json_object_set_new(o, "context_length", json_integer(am->n_ctx));
     if (info) {
         if (info->arch) json_object_set_new(o, "architecture", jstr(info->arch, strlen(info->arch)));
