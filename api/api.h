@@ -240,6 +240,18 @@ void api_stops_free(api_stops *st);
  * When generation ends for another reason, the caller sends the whole remaining text. */
 int api_stop_scan(const api_stops *st, const char *text, size_t len, size_t emitted, size_t *safe);
 
+/* ============================================================ tokenizer endpoints (llama.cpp's) */
+
+/* POST /tokenize: {content, add_special (default false: no BOS), parse_special (default true: control
+ * token strings are tokens), with_pieces (default false)} -> {"tokens":[id, ...]}, or with_pieces
+ * {"tokens":[{"id":..,"piece":..}, ...]} where a piece is the token's text, or its bytes as an array of
+ * numbers when they are not valid UTF-8 on their own. POST /detokenize: {tokens:[id, ...]} ->
+ * {"content": text} (control tokens shown as their text; bytes of an unfinished character as U+FFFD).
+ * Both return the response (malloc'd), or NULL with e set: 400 naming the field, 413 (a body over
+ * lim->max_body_bytes), 500 (the tokenizer failed, out of memory). */
+char *api_tokenize(const char *body, size_t len, const api_model *m, const api_limits *lim, api_error *e);
+char *api_detokenize(const char *body, size_t len, const api_model *m, const api_limits *lim, api_error *e);
+
 /* ============================================================ one choice, token by token */
 
 /* Why a choice ended: finish_reason null, "stop", "length". */

@@ -1,6 +1,8 @@
 /*
  * http.c - the HTTP front end of `codemoe serve`: libmicrohttpd driven by the libuv loop, routes,
  * API keys, CORS, limits, completions (plain and SSE), cancellation, graceful shutdown, access log.
+ * Besides OpenAI's routes it answers the ones editor plugins call on other servers: Mistral's FIM
+ * route, Tabby's health, llama.cpp's tokenizer routes and /props (see docs/server.md).
  *
  * Event loop integration: MHD runs in "external" epoll mode. Its epoll fd is watched by a uv_poll_t
  * and MHD_get_timeout drives a uv_timer_t; MHD_run is called only from those two callbacks, so every
@@ -22,6 +24,7 @@
 #include <strings.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/utsname.h>
 #include <time.h>
 #include <unistd.h>
 #include <arpa/inet.h>
@@ -40,12 +43,25 @@ enum {
     ENDPOINT_COMPLETIONS,
     ENDPOINT_COMPLETION_ROUTING,
     ENDPOINT_PREFLIGHT,
+    ENDPOINT_FIM_COMPLETIONS,   /* POST /v1/fim/completions (Mistral, DeepSeek; Continue's fimStream) */
+    ENDPOINT_TABBY_HEALTH,      /* GET /v1/health (Tabby) */
+    ENDPOINT_TOKENIZE,          /* POST /tokenize (llama.cpp) */
+    ENDPOINT_DETOKENIZE,        /* POST /detokenize (llama.cpp) */
+    ENDPOINT_PROPS,             /* GET /props (llama.cpp) */
 };
 
 /* the "route" label of the access log and the request metrics: a fixed name per endpoint, never the
  * raw path */
 static const char *endpoint_label[] = {"unknown", "health", "metrics", "models", "model", "completions",
-                                       "routing", "preflight"};
+                                       "routing", "preflight", "fim_completions", "tabby_health", "tokenize",
+                                       "detokenize", "props"};
+
+/* Endpoints that generate (a job for the engine worker). */
+static int endpoint_generates(int ep) { return ep == ENDPOINT_COMPLETIONS || ep == ENDPOINT_FIM_COMPLETIONS; }
+/* Endpoints answered to a POST with a JSON body. */
+static int endpoint_is_post(int ep) {
+    return endpoint_generates(ep) || ep == ENDPOINT_TOKENIZE || ep == ENDPOINT_DETOKENIZE;
+}
 
 enum { WATCH_NONE = 0, WATCH_ACTIVE, WATCH_STOPPED, WATCH_CLOSING, WATCH_CLOSED };
 
@@ -174,7 +190,7 @@ static void respond(srv_req *r, int status, const char *ctype, char *body, size_
     if (status == 429 || status == 503) MHD_add_response_header(resp, "Retry-After", "1");
     if (status == 401) MHD_add_response_header(resp, "WWW-Authenticate", "Bearer");
     if (status == 405) {
-        const char *allow = r->endpoint == ENDPOINT_COMPLETIONS ? "POST, OPTIONS" : "GET, HEAD, OPTIONS";
+        const char *allow = endpoint_is_post(r->endpoint) ? "POST, OPTIONS" : "GET, HEAD, OPTIONS";
         MHD_add_response_header(resp, "Allow", allow);
     }
     if (MHD_queue_response(r->conn, (unsigned)status, resp) == MHD_YES) {
@@ -343,7 +359,7 @@ static void access_log(srv_req *r, enum MHD_RequestTerminationCode toe) {
             inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, addr, sizeof addr);
         json_object_set_new(f, "remote", json_string(addr));
     }
-    if (r->endpoint == ENDPOINT_COMPLETIONS && r->has_creq) {
+    if (endpoint_generates(r->endpoint) && r->has_creq) {
         json_object_set_new(f, "completion_id", json_string(r->cmpl_id));
         json_object_set_new(f, "stream", json_boolean(r->stream));
         json_object_set_new(f, "prompt_tokens", json_integer(r->prompt_tokens));
@@ -404,6 +420,11 @@ static int endpoint_of(const char *url, char *arg, size_t arg_cap) {
         return ENDPOINT_MODEL;
     }
     if (!strcmp(url, "/v1/completions")) return ENDPOINT_COMPLETIONS;
+    if (!strcmp(url, "/v1/fim/completions")) return ENDPOINT_FIM_COMPLETIONS;
+    if (!strcmp(url, "/v1/health")) return ENDPOINT_TABBY_HEALTH;
+    if (!strcmp(url, "/tokenize")) return ENDPOINT_TOKENIZE;
+    if (!strcmp(url, "/detokenize")) return ENDPOINT_DETOKENIZE;
+    if (!strcmp(url, "/props")) return ENDPOINT_PROPS;
     static const char pre[] = "/v1/completions/", suf[] = "/routing";
     size_t n = strlen(url), np = sizeof pre - 1, ns = sizeof suf - 1;
     if (n > np + ns && !strncmp(url, pre, np) && !strcmp(url + n - ns, suf)) {
@@ -416,6 +437,20 @@ static int endpoint_of(const char *url, char *arg, size_t arg_cap) {
     return ENDPOINT_UNKNOWN;
 }
 
+/* Whether a preflight's Access-Control-Request-Headers may be echoed as the allowed headers: a short
+ * comma-separated list of header names (RFC 9110 token characters), nothing a response header could
+ * not carry. */
+static int request_headers_ok(const char *v) {
+    size_t n = strlen(v);
+    if (n == 0 || n > 1024) return 0;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)v[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || strchr("!#$%&'*+-.^_`|~, ", c)))
+            return 0;
+    }
+    return 1;
+}
+
 static void respond_preflight(srv_req *r) {
     struct MHD_Response *resp = MHD_create_response_from_buffer(0, (void *)"", MHD_RESPMEM_PERSISTENT);
     if (!resp) return;
@@ -423,12 +458,18 @@ static void respond_preflight(srv_req *r) {
     MHD_add_response_header(resp, "Allow", "GET, HEAD, POST, OPTIONS");
     if (r->origin[0]) {
         MHD_add_response_header(resp, "Access-Control-Allow-Methods", "GET, HEAD, POST, OPTIONS");
+        /* an allowed origin may send any header (SDKs add their own: x-stainless-*, x-api-key, api-key,
+         * ...): answer the ones the browser asks about; the list is for a preflight without the
+         * request header */
+        const char *asked = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Access-Control-Request-Headers");
         MHD_add_response_header(resp, "Access-Control-Allow-Headers",
-                                "Authorization, Content-Type, X-Request-Id, OpenAI-Organization, OpenAI-Project, "
-                                "X-Stainless-Lang, X-Stainless-Package-Version, X-Stainless-OS, X-Stainless-Arch, "
-                                "X-Stainless-Runtime, X-Stainless-Runtime-Version, X-Stainless-Retry-Count, "
-                                "X-Stainless-Timeout");
+                                asked && request_headers_ok(asked) ? asked
+                                : "Authorization, Content-Type, X-Request-Id, X-Api-Key, Api-Key, OpenAI-Organization, "
+                                  "OpenAI-Project, X-Stainless-Lang, X-Stainless-Package-Version, X-Stainless-OS, "
+                                  "X-Stainless-Arch, X-Stainless-Runtime, X-Stainless-Runtime-Version, "
+                                  "X-Stainless-Retry-Count, X-Stainless-Timeout");
         MHD_add_response_header(resp, "Access-Control-Max-Age", "600");
+        MHD_add_response_header(resp, "Vary", "Access-Control-Request-Headers");
     }
     if (MHD_queue_response(r->conn, 204, resp) == MHD_YES) { r->responded = 1; r->status = 204; }
     MHD_destroy_response(resp);
@@ -486,7 +527,8 @@ static void handle_models(srv_req *r) {
 
 static void handle_model(srv_req *r, const char *id) {
     srv_http *h = r->h;
-    if (strcmp(id, h->cfg->model_id)) {
+    /* a lookup by name (id, alias, general.name once loaded), never "any name" as a request's model */
+    if (!api_model_named(&h->model, id)) {
         api_error e;
         api_error_set(&e, 404, API_ERR_NOT_FOUND, "model", "model_not_found", "The model '%.200s' does not exist.", id);
         respond_error(r, &e);
@@ -506,6 +548,88 @@ static void handle_routing(srv_req *r, const char *id) {
         return;
     }
     respond_json(r, 200, json_dumps(v, JSON_COMPACT));
+}
+
+/* POST /tokenize, POST /detokenize (llama.cpp). */
+static void handle_tokens(srv_req *r) {
+    srv_http *h = r->h;
+    if (r->too_large) { respond_http_error(r, 413, NULL); return; }
+    if (!require_model(r)) return;
+    api_error e;
+    memset(&e, 0, sizeof e);
+    const char *body = r->body.data ? r->body.data : "";
+    char *out = r->endpoint == ENDPOINT_TOKENIZE ? api_tokenize(body, r->body.len, &h->model, &h->limits, &e)
+                                                 : api_detokenize(body, r->body.len, &h->model, &h->limits, &e);
+    if (!out) { respond_error(r, &e); return; }
+    respond_json(r, 200, out);
+}
+
+/* The CPU's model name (/proc/cpuinfo), "" where unknown. */
+static void cpu_model_name(char *buf, size_t cap) {
+    buf[0] = 0;
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    if (!f) return;
+    char line[512];
+    while (fgets(line, sizeof line, f)) {
+        char *colon = strchr(line, ':');
+        if (strncmp(line, "model name", 10) || !colon) continue;
+        colon++;
+        while (*colon == ' ' || *colon == '\t') colon++;
+        colon[strcspn(colon, "\n")] = 0;
+        snprintf(buf, cap, "%s", colon);
+        break;
+    }
+    fclose(f);
+}
+
+/* GET /v1/health in Tabby's shape (its agent checks it before completing, and shows model and device):
+ * {model, device, arch, cpu_info, cpu_count, cuda_devices, accelerators, version{build_date,
+ * build_timestamp, git_sha, git_describe}}. 503 (OpenAI-shaped) until the model is loaded. */
+static void handle_tabby_health(srv_req *r) {
+    srv_http *h = r->h;
+    if (!require_model(r)) return;
+    char cpu[256];
+    cpu_model_name(cpu, sizeof cpu);
+    struct utsname u;
+    const char *arch = uname(&u) == 0 ? u.machine : "";
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    json_t *o = json_pack("{s:s,s:s,s:s,s:s,s:I,s:[],s:[],s:{s:s,s:s,s:s,s:s}}", "model", h->cfg->model_id, "device",
+                          "cpu", "arch", arch, "cpu_info", cpu, "cpu_count", (json_int_t)(ncpu > 0 ? ncpu : 1),
+                          "cuda_devices", "accelerators", "version", "build_date", "", "build_timestamp", "",
+                          "git_sha", "", "git_describe", CM_VERSION);
+    char *body = o ? json_dumps(o, JSON_COMPACT) : NULL;
+    json_decref(o);
+    respond_json(r, 200, body);
+}
+
+/* GET /props in llama.cpp's shape, the fields editor plugins read: the context size, the generation
+ * defaults, the slots and the model. */
+static void handle_props(srv_req *r) {
+    srv_http *h = r->h;
+    if (!require_model(r)) return;
+    /* the defaults are those of a request that sets nothing: api/ owns them */
+    api_completion_req d;
+    api_error e;
+    static const char minimal[] = "{\"prompt\":\"\"}";
+    if (api_parse_completion(minimal, sizeof minimal - 1, &h->model, &h->limits, &d, &e) < 0) {
+        respond_error(r, &e);
+        return;
+    }
+    json_t *params = json_pack("{s:i,s:f,s:f,s:i,s:f,s:f,s:f,s:f,s:[]}", "n_predict", d.max_tokens, "temperature",
+                               (double)d.sampling.temperature, "top_p", (double)d.sampling.top_p, "top_k",
+                               d.sampling.top_k, "min_p", (double)d.sampling.min_p, "repeat_penalty",
+                               (double)d.sampling.repetition_penalty, "presence_penalty",
+                               (double)d.sampling.presence_penalty, "frequency_penalty",
+                               (double)d.sampling.frequency_penalty, "stop");
+    api_completion_req_free(&d);
+    json_t *o = params ? json_pack("{s:{s:i,s:o},s:i,s:s,s:s,s:s,s:i,s:s}", "default_generation_settings", "n_ctx",
+                                   h->model.n_ctx, "params", params, "total_slots", h->cfg->parallel, "model_path",
+                                   h->cfg->model_path, "model_alias", h->cfg->model_id, "chat_template", "", "n_ctx",
+                                   h->model.n_ctx, "build_info", CM_VERSION)
+                       : NULL;
+    char *body = o ? json_dumps(o, JSON_COMPACT) : NULL;
+    json_decref(o);
+    respond_json(r, 200, body);
 }
 
 /* ============================================================ completions: output */
@@ -766,7 +890,6 @@ static void on_wake(void *ud) {
         int st = srv_sched_model(h->sched, &m, &n_ctx, &err);
         if (st == SRV_MODEL_READY) {
             h->model.model = m;
-            h->model.id = h->cfg->model_id;
             h->model.created = h->created;
             h->model.n_ctx = n_ctx;
             h->model.n_batch = h->cfg->n_batch;
@@ -806,7 +929,9 @@ static void handle_completion(srv_req *r) {
     if (!require_model(r)) return;
     api_error e;
     memset(&e, 0, sizeof e);
-    if (api_parse_completion(r->body.data ? r->body.data : "", r->body.len, &h->model, &h->limits, &r->creq, &e) < 0) {
+    int (*parse)(const char *, size_t, const api_model *, const api_limits *, api_completion_req *, api_error *) =
+        r->endpoint == ENDPOINT_FIM_COMPLETIONS ? api_parse_fim_completion : api_parse_completion;
+    if (parse(r->body.data ? r->body.data : "", r->body.len, &h->model, &h->limits, &r->creq, &e) < 0) {
         api_completion_req_free(&r->creq);
         respond_error(r, &e);
         return;
@@ -895,7 +1020,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             respond_http_error(r, 401, NULL);
             return MHD_YES;
         }
-        if (r->endpoint == ENDPOINT_COMPLETIONS) {
+        if (endpoint_is_post(r->endpoint)) {
             if (!is_post) { respond_http_error(r, 405, NULL); return MHD_YES; }
             const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Content-Length");
             if (cl) {
@@ -930,7 +1055,12 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     switch (r->endpoint) {
     case ENDPOINT_PREFLIGHT: respond_preflight(r); break;
     case ENDPOINT_HEALTH: handle_health(r); break;
-    case ENDPOINT_COMPLETIONS: handle_completion(r); break;
+    case ENDPOINT_COMPLETIONS:
+    case ENDPOINT_FIM_COMPLETIONS: handle_completion(r); break;
+    case ENDPOINT_TOKENIZE:
+    case ENDPOINT_DETOKENIZE: handle_tokens(r); break;
+    case ENDPOINT_TABBY_HEALTH: handle_tabby_health(r); break;
+    case ENDPOINT_PROPS: handle_props(r); break;
     case ENDPOINT_METRICS: handle_metrics(r); break;
     case ENDPOINT_MODELS: handle_models(r); break;
     case ENDPOINT_MODEL: handle_model(r, r->arg); break;
@@ -998,7 +1128,7 @@ static void check_drained(srv_http *h) {
     if (!h->draining || h->done_called) return;
     if (h->n_jobs > 0) return;
     for (srv_req *r = h->reqs; r; r = r->next)
-        if (r->endpoint == ENDPOINT_COMPLETIONS && r->job.n_choices && !r->conn_done && !r->client_gone)
+        if (endpoint_generates(r->endpoint) && r->job.n_choices && !r->conn_done && !r->client_gone)
             return; /* a response still being written */
     h->done_called = 1;
     uv_timer_start(&h->finish, on_finish, 0, 0);
@@ -1037,6 +1167,12 @@ srv_http *srv_http_start(uv_loop_t *loop, srv_config *cfg) {
     srv_metrics_init(&h->metrics);
     api_limits_default(&h->limits);
     h->limits.max_body_bytes = cfg->max_body;
+    h->limits.strict_context = cfg->strict_context;
+    /* the names are known before the weights: /v1/models/{id} answers while the model loads */
+    h->model.id = cfg->model_id;
+    h->model.aliases = (const char *const *)cfg->aliases;
+    h->model.n_aliases = cfg->n_aliases;
+    h->model.strict_name = cfg->strict_model;
     h->ret = srv_retention_create(cfg->routing_retention);
     struct stat stt;
     h->created = stat(cfg->model_path, &stt) == 0 ? (int64_t)stt.st_mtime : (int64_t)time(NULL);
