@@ -26,7 +26,8 @@
  *   start of a document.
  * - "model": see api_find_model (absent or null: the served model).
  * - "max_tokens" defaults to 16 (OpenAI; 64 for a Tabby request, Tabby's own default); llama.cpp's
- *   "n_predict" stands for it when it is absent (both given: 400; n_predict -1 is null); null means
+ *   "n_predict" and OpenAI's newer "max_completion_tokens" stand for it when it is absent (two of
+ *   them given: 400; n_predict -1 is null); null means
  *   "until the context is full" (capped by max_tokens_cap when set). A max_tokens beyond what the
  *   context leaves after the prompt is clamped to it (the choice then ends with finish_reason
  *   "length"), unless api_limits.strict_context asks for OpenAI's 400 context_length_exceeded. A

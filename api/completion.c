@@ -162,7 +162,8 @@ static const char *const known_fields[] = {
     "model", "prompt", "suffix", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options",
     "logprobs", "echo", "stop", "presence_penalty", "frequency_penalty", "best_of", "logit_bias", "user",
     "seed", "top_k", "min_p", "repetition_penalty", "language", "segment_routing", "routing",
-    "parse_special", "n_predict", "cache_prompt", "segments", "random_seed", "min_tokens",
+    "parse_special", "n_predict", "max_completion_tokens", "cache_prompt", "segments", "random_seed", "min_tokens",
+    "mode",
 };
 
 /* Appends to a growing token buffer. */
@@ -579,22 +580,28 @@ static int parse_suffix(json_t *root, const api_model *m, api_completion_req *r,
     return 0;
 }
 
-/* "max_tokens", or llama.cpp's "n_predict" in its place (-1: as max_tokens null). */
+/* "max_tokens", or another client's name for it: llama.cpp's "n_predict" (-1: as max_tokens null),
+ * OpenAI's newer "max_completion_tokens" (Continue's fimStream sends it). At most one may be given. */
 static int parse_max_tokens(json_t *root, parse_ctx *c, api_error *e) {
-    long long i64 = 0;
-    int rc = get_int(root, "max_tokens", 0, INT_MAX, &i64, e);
-    if (rc < 0) return -1;
-    if (rc) { c->max_tokens = i64; c->max_tokens_given = 1; }
-    else c->max_tokens_null = json_is_null(json_object_get(root, "max_tokens"));
-    json_t *np = json_object_get(root, "n_predict");
-    if (!np || json_is_null(np)) return 0;
-    if (rc || c->max_tokens_null)
-        return api_error_set(e, 400, API_ERR_INVALID, "n_predict", NULL,
-                             "'n_predict' and 'max_tokens' both set the completion length; send one of them.");
-    if ((rc = get_int(root, "n_predict", -1, INT_MAX, &i64, e)) < 0) return -1;
-    if (i64 < 0) { c->max_tokens_null = 1; return 0; }
-    c->max_tokens = i64;
-    c->max_tokens_given = 1;
+    static const struct { const char *key; long long lo; } names[] = {
+        {"max_tokens", 0}, {"n_predict", -1}, {"max_completion_tokens", 0}};
+    const char *given = NULL;
+    for (size_t k = 0; k < sizeof names / sizeof *names; k++) {
+        json_t *v = json_object_get(root, names[k].key);
+        if (!v) continue;
+        if (json_is_null(v) && k > 0) continue; /* an alias set to null says nothing */
+        if (given)
+            return api_error_set(e, 400, API_ERR_INVALID, names[k].key, NULL,
+                                 "'%s' and '%s' both set the completion length; send one of them.", names[k].key,
+                                 given);
+        given = names[k].key;
+        long long i64 = 0;
+        int rc = get_int(root, names[k].key, names[k].lo, INT_MAX, &i64, e);
+        if (rc < 0) return -1;
+        if (!rc || i64 < 0) { c->max_tokens_null = 1; continue; }
+        c->max_tokens = i64;
+        c->max_tokens_given = 1;
+    }
     return 0;
 }
 
@@ -709,6 +716,9 @@ static int parse_fields(json_t *root, const api_model *m, const api_limits *lim,
     if (rc) r->segment_routing = (api_segment_routing)b;
     if ((rc = get_enum(root, "routing", routing_names, 3, &b, e)) < 0) return -1;
     if (rc) r->routing = (api_routing_mode)b;
+    /* Tabby's mode: its "next_edit_suggestion" needs an edit history this server does not read */
+    static const char *const mode_names[] = {"standard"};
+    if (get_enum(root, "mode", mode_names, 1, &b, e) < 0) return -1;
     if (get_bool(root, "parse_special", &c->parse_special, e) < 0) return -1;
     if (parse_suffix(root, m, r, c, e)) return -1;
 

@@ -425,6 +425,8 @@ static const bad_case bad_cases[] = {
     {"{}", 400, "prompt", "'prompt' is a required property", NULL},
     {"{\"max_tokens\":4}", 400, "prompt", "'prompt' is a required property", NULL},
     {"{\"segments\":[]}", 400, "segments", "[] is not of type 'object' - 'segments'", NULL},
+    {"{\"segments\":{\"prefix\":\"a\"},\"mode\":\"next_edit_suggestion\"}", 400, "mode",
+     "'next_edit_suggestion' is not one of ['standard'] - 'mode'", NULL},
     {"{\"segments\":{}}", 400, "prompt", "'prefix' is a required property - 'segments'", NULL},
     {"{\"segments\":{\"prefix\":1}}", 400, "segments.prefix", "1 is not of type 'string'", NULL},
     {"{\"segments\":{\"prefix\":\"a\",\"suffix\":[]}}", 400, "segments.suffix", "is not of type 'string'", NULL},
@@ -666,6 +668,14 @@ TEST(n_predict) {
     api_completion_req_free(&r);
     ASSERT_EQ_INT(parse("{\"prompt\":\"ab\",\"n_predict\":5,\"max_tokens\":null}", &r, &e), -1);
     ASSERT_STREQ(e.param, "n_predict");
+    /* OpenAI's newer name, which Continue's fimStream sends */
+    ASSERT_EQ_INT(parse("{\"prompt\":\"ab\",\"max_completion_tokens\":6,\"n_predict\":null}", &r, &e), 0);
+    ASSERT_EQ_INT(r.max_tokens, 6);
+    api_completion_req_free(&r);
+    ASSERT_EQ_INT(parse("{\"prompt\":\"ab\",\"max_tokens\":6,\"max_completion_tokens\":6}", &r, &e), -1);
+    ASSERT_STREQ(e.param, "max_completion_tokens");
+    ASSERT_EQ_INT(parse("{\"prompt\":\"ab\",\"max_completion_tokens\":-1}", &r, &e), -1);
+    ASSERT_STREQ(e.param, "max_completion_tokens");
     g_lim.max_tokens_cap = 8;
     ASSERT_EQ_INT(parse("{\"prompt\":\"ab\",\"n_predict\":9}", &r, &e), -1);
     ASSERT_STREQ(e.param, "max_tokens"); /* the cap speaks of max_tokens; n_predict stood for it */
