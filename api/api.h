@@ -253,6 +253,10 @@ int api_stop_scan(const api_stops *st, const char *text, size_t len, size_t emit
 char *api_tokenize(const char *body, size_t len, const api_model *m, const api_limits *lim, api_error *e);
 char *api_detokenize(const char *body, size_t len, const api_model *m, const api_limits *lim, api_error *e);
 
+/* A JSON string of text that should be UTF-8, invalid bytes shown as U+FFFD (api/ internal: the one
+ * place response text becomes JSON). New reference; NULL when out of memory. */
+json_t *api__json_text(const char *s, size_t n);
+
 /* ============================================================ one choice, token by token */
 
 /* Why a choice ended: finish_reason null, "stop", "length". */

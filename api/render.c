@@ -61,6 +61,8 @@ static json_t *jstr(const char *s, size_t n) {
     return j;
 }
 
+json_t *api__json_text(const char *s, size_t n) { return jstr(s, n); }
+
 static json_t *jreal(float x) {
     return isfinite(x) ? json_real((double)x) : json_null();
 }

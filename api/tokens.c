@@ -142,8 +142,7 @@ char *api_detokenize(const char *body, size_t len, const api_model *am, const ap
     if (need < 0 || !(text = malloc((size_t)need + 1))) goto oom;
     int got = cm_detokenize(am->model, ids, (int)n, 1, text, (size_t)need + 1);
     if (got < 0 || got > need) goto oom;
-    json_t *s = json_stringn(text, (size_t)got);
-    if (!s) s = json_string("\xef\xbf\xbd"); /* cannot happen: the decoder emits valid UTF-8 */
+    json_t *s = api__json_text(text, (size_t)got);
     json_t *res = s ? json_pack("{s:o}", "content", s) : NULL;
     if (!res) goto oom;
     out = json_dumps(res, JSON_COMPACT);

@@ -25,16 +25,26 @@ static void fuzz_parse(const uint8_t *data, size_t size) {
     api_limits_default(&lim);
     api_completion_req r;
     api_error e;
-    if (api_parse_completion((const char *)data, size, &am, &lim, &r, &e) == 0) {
-        api_choice ch = {.index = 0, .text = (const char *)data, .text_len = size, .finish = API_FINISH_STOP};
-        api_usage u = {0};
-        api_meta meta = {.id = "cmpl-f", .created = 0};
-        free(api_render_completion(&r, &meta, &ch, 1, &u, NULL));
-        free(api_render_chunk(&r, &meta, &ch));
-        api_completion_req_free(&r);
-    } else {
-        free(api_error_json(&e));
+    /* the same body through each parser: /v1/completions, /v1/fim/completions */
+    for (int fim = 0; fim < 2; fim++) {
+        int rc = fim ? api_parse_fim_completion((const char *)data, size, &am, &lim, &r, &e)
+                     : api_parse_completion((const char *)data, size, &am, &lim, &r, &e);
+        if (rc == 0) {
+            api_choice ch = {.index = 0, .text = (const char *)data, .text_len = size, .finish = API_FINISH_STOP};
+            api_usage u = {0};
+            api_meta meta = {.id = "cmpl-f", .created = 0};
+            free(api_render_completion(&r, &meta, &ch, 1, &u, NULL));
+            free(api_render_chunk(&r, &meta, &ch));
+            api_completion_req_free(&r);
+        } else {
+            free(api_error_json(&e));
+        }
     }
+    /* and the tokenizer routes */
+    char *t = api_tokenize((const char *)data, size, &am, &lim, &e);
+    free(t ? t : api_error_json(&e));
+    t = api_detokenize((const char *)data, size, &am, &lim, &e);
+    free(t ? t : api_error_json(&e));
 }
 
 /* The choice state machine over the same stops and text, one byte token at a time (ASCII only: there

@@ -791,6 +791,50 @@ TEST(fim_chat_shape) {
     ASSERT_STREQ(e.param, "suffix");
 }
 
+/* POST /tokenize and /detokenize (llama.cpp's fields and defaults) */
+TEST(tokenize_routes) {
+    setup(1, 1, 1);
+    api_error e;
+    const char *b = "{\"content\":\"a<|endoftext|>\"}";
+    char *s = api_tokenize(b, strlen(b), &g_am, &g_lim, &e);
+    ASSERT_STREQ(s, "{\"tokens\":[97,256]}"); /* parse_special on, no BOS by default */
+    free(s);
+    b = "{\"content\":\"a<|endoftext|>\",\"add_special\":true,\"parse_special\":false}";
+    s = api_tokenize(b, strlen(b), &g_am, &g_lim, &e);
+    ASSERT_TRUE(s && !strncmp(s, "{\"tokens\":[260,97,60,124,", 25)); /* BOS, then the control string as bytes */
+    free(s);
+    /* pieces: text, or the bytes of a cut character as numbers */
+    b = "{\"content\":\"a\\u00e9\",\"with_pieces\":true}";
+    s = api_tokenize(b, strlen(b), &g_am, &g_lim, &e);
+    ASSERT_STREQ(s, "{\"tokens\":[{\"id\":97,\"piece\":\"a\"},{\"id\":195,\"piece\":[195]},{\"id\":169,\"piece\":[169]}]}");
+    free(s);
+    b = "{\"tokens\":[97,261,256,262]}";
+    s = api_detokenize(b, strlen(b), &g_am, &g_lim, &e);
+    ASSERT_STREQ(s, "{\"content\":\"a world<|endoftext|>x\xef\xbf\xbd\"}"); /* control text shown; a cut character as U+FFFD */
+    free(s);
+    b = "{\"tokens\":[]}";
+    s = api_detokenize(b, strlen(b), &g_am, &g_lim, &e);
+    ASSERT_STREQ(s, "{\"content\":\"\"}");
+    free(s);
+    static const struct { const char *body; int tok; const char *param; } bad[] = {
+        {"{}", 1, "content"}, {"{\"content\":5}", 1, "content"}, {"{\"content\":\"a\",\"with_pieces\":1}", 1, "with_pieces"},
+        {"[1]", 1, ""}, {"{\"content\":", 1, ""}, {"{}", 0, "tokens"}, {"{\"tokens\":[300]}", 0, "tokens"},
+        {"{\"tokens\":[-1]}", 0, "tokens"}, {"{\"tokens\":[\"a\"]}", 0, "tokens"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        memset(&e, 0, sizeof e);
+        s = bad[i].tok ? api_tokenize(bad[i].body, strlen(bad[i].body), &g_am, &g_lim, &e)
+                       : api_detokenize(bad[i].body, strlen(bad[i].body), &g_am, &g_lim, &e);
+        CHECK_TRUE(s == NULL && e.status == 400 && strcmp(e.param, bad[i].param) == 0);
+        free(s);
+    }
+    g_lim.max_body_bytes = 4;
+    b = "{\"content\":\"a\"}";
+    ASSERT_TRUE(api_tokenize(b, strlen(b), &g_am, &g_lim, &e) == NULL);
+    ASSERT_EQ_INT(e.status, 413);
+    api_limits_default(&g_lim);
+}
+
 TEST(sampling_per_choice) {
     setup(1, 1, 0);
     api_completion_req r;
@@ -1495,6 +1539,7 @@ int main(void) {
     RUN(n_predict);
     RUN(tabby_segments);
     RUN(fim_chat_shape);
+    RUN(tokenize_routes);
     RUN(sampling_per_choice);
     RUN(stop_basic);
     RUN(stop_overlapping_prefixes);
