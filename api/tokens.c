@@ -31,6 +31,15 @@ static json_t *load_object(const char *body, size_t len, const api_limits *lim, 
     return root;
 }
 
+/* The response body: res dumped and released; NULL with e set (500) when out of memory (res NULL
+ * included: it could not be built). */
+static char *dump_body(json_t *res, api_error *e) {
+    char *out = res ? json_dumps(res, JSON_COMPACT) : NULL;
+    json_decref(res);
+    if (!out) api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
+    return out;
+}
+
 /* An optional boolean field: 0 when absent or null (*out untouched), -1 with e set on a wrong type. */
 static int opt_bool(json_t *o, const char *key, int *out, api_error *e) {
     json_t *v = json_object_get(o, key);
@@ -60,12 +69,26 @@ static json_t *piece_json(const cm_model *m, int32_t id) {
     return j;
 }
 
+/* {"tokens": [...]} for ids[0..n): ids, or {id, piece} objects. NULL when out of memory. */
+static json_t *tokens_json(const cm_model *m, const int32_t *ids, int n, int with_pieces) {
+    json_t *arr = json_array();
+    json_t *res = arr ? json_pack("{s:o}", "tokens", arr) : NULL;
+    for (int i = 0; res && i < n; i++) {
+        json_t *t = json_integer(ids[i]);
+        if (t && with_pieces) {
+            json_t *p = piece_json(m, ids[i]);
+            t = p ? json_pack("{s:o,s:o}", "id", t, "piece", p) : (json_decref(t), NULL);
+        }
+        if (!t || json_array_append_new(arr, t)) { json_decref(res); res = NULL; }
+    }
+    return res;
+}
+
 char *api_tokenize(const char *body, size_t len, const api_model *am, const api_limits *lim, api_error *e) {
     json_t *root = load_object(body, len, lim, e);
     if (!root) return NULL;
     char *out = NULL;
     int32_t *ids = NULL;
-    json_t *res = NULL;
     int add_special = 0, parse_special = 1, with_pieces = 0;
     json_t *content = json_object_get(root, "content");
     if (!content || json_is_null(content)) {
@@ -84,31 +107,15 @@ char *api_tokenize(const char *body, size_t len, const api_model *am, const api_
     size_t n_text = json_string_length(content);
     cm_err ce = {0};
     int n = cm_tokenize(am->model, text, n_text, flags, NULL, 0, &ce); /* how many: then exactly that */
-    if (n >= 0 && !(ids = malloc(((size_t)n + 1) * sizeof *ids))) goto oom;
-    if (n >= 0 && cm_tokenize(am->model, text, n_text, flags, ids, n, &ce) != n) n = -1;
-    if (n < 0) {
-        api_error_set(e, 500, API_ERR_SERVER, "content", NULL, "tokenizer failed: %s", ce.msg);
+    if (n >= 0 && !(ids = malloc(((size_t)n + 1) * sizeof *ids))) {
+        out = dump_body(NULL, e);
         goto done;
     }
-    json_t *arr = json_array();
-    if (!arr || !(res = json_pack("{s:o}", "tokens", arr))) goto oom;
-    for (int i = 0; i < n; i++) {
-        json_t *t = json_integer(ids[i]), *p = NULL;
-        if (t && with_pieces) {
-            p = piece_json(am->model, ids[i]);
-            json_t *o = p ? json_pack("{s:o,s:o}", "id", t, "piece", p) : NULL;
-            if (!o) goto oom;
-            t = o;
-        }
-        if (!t || json_array_append_new(arr, t)) goto oom;
-    }
-    if (!(out = json_dumps(res, JSON_COMPACT))) goto oom;
-    goto done;
-oom:
-    api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
+    if (n >= 0 && cm_tokenize(am->model, text, n_text, flags, ids, n, &ce) != n) n = -1;
+    if (n < 0) api_error_set(e, 500, API_ERR_SERVER, "content", NULL, "tokenizer failed: %s", ce.msg);
+    else out = dump_body(tokens_json(am->model, ids, n, with_pieces), e);
 done:
     free(ids);
-    json_decref(res);
     json_decref(root);
     return out;
 }
@@ -117,16 +124,15 @@ char *api_detokenize(const char *body, size_t len, const api_model *am, const ap
     json_t *root = load_object(body, len, lim, e);
     if (!root) return NULL;
     char *out = NULL, *text = NULL;
-    int32_t *ids = NULL;
     const cm_model_info *info = cm_model_get_info(am->model);
     json_t *tokens = json_object_get(root, "tokens");
     size_t n = json_is_array(tokens) ? json_array_size(tokens) : 0;
+    int32_t *ids = malloc((n + 1) * sizeof *ids);
     if (!json_is_array(tokens)) {
         api_error_set(e, 400, API_ERR_INVALID, "tokens", NULL, "'tokens' is a required property (an array of token ids)");
         goto done;
     }
-    if (!(ids = malloc((n + 1) * sizeof *ids))) goto oom;
-    for (size_t i = 0; i < n; i++) {
+    for (size_t i = 0; ids && i < n; i++) {
         json_t *x = json_array_get(tokens, i);
         json_int_t t = json_is_integer(x) ? json_integer_value(x) : -1;
         if (t < 0 || t >= info->n_vocab) {
@@ -138,19 +144,14 @@ char *api_detokenize(const char *body, size_t len, const api_model *am, const ap
         ids[i] = (int32_t)t;
     }
     /* control tokens are shown as their text, as llama.cpp does */
-    int need = cm_detokenize(am->model, ids, (int)n, 1, NULL, 0);
-    if (need < 0 || !(text = malloc((size_t)need + 1))) goto oom;
-    int got = cm_detokenize(am->model, ids, (int)n, 1, text, (size_t)need + 1);
-    if (got < 0 || got > need) goto oom;
-    json_t *s = api__json_text(text, (size_t)got);
-    json_t *res = s ? json_pack("{s:o}", "content", s) : NULL;
-    if (!res) goto oom;
-    out = json_dumps(res, JSON_COMPACT);
-    json_decref(res);
-    if (!out) goto oom;
-    goto done;
-oom:
-    api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
+    int need = ids ? cm_detokenize(am->model, ids, (int)n, 1, NULL, 0) : -1;
+    if (need >= 0 && (text = malloc((size_t)need + 1)) &&
+        cm_detokenize(am->model, ids, (int)n, 1, text, (size_t)need + 1) == need) {
+        json_t *s = api__json_text(text, (size_t)need);
+        out = dump_body(s ? json_pack("{s:o}", "content", s) : NULL, e);
+    } else {
+        out = dump_body(NULL, e); /* out of memory: cm_detokenize fails on nothing else for valid ids */
+    }
 done:
     free(text);
     free(ids);
