@@ -188,6 +188,16 @@ void api_completion_req_free(api_completion_req *r);
 int api_parse_fim_completion(const char *body, size_t len, const api_model *m, const api_limits *lim,
                              api_completion_req *out, api_error *err);
 
+/* The engine options a prompt runs with: one rule for the server and `codemoe complete`. Segment mode:
+ * CM_SEGMENT_CAUSAL, or CM_SEGMENT_REFERENCE when asked (never the model's own default, so a request
+ * means the same on every model). For a model with MoLE adapters, the language: `language` when given
+ * (an adapter name or alias; one the model has no adapter for is a 400 naming "language"), else the
+ * text's Markdown fences decide per token, else cm_lang_detect's guess (cm_lang_for_request). Models
+ * without adapters ignore `language`. text may be NULL (only `language` is checked then). Returns 0, or
+ * -1 with e set and *out unspecified. */
+int api_seq_options(const cm_model *m, const char *language, api_segment_routing seg, const char *text,
+                    size_t len, cm_seq_options *out, api_error *e);
+
 /* The fill-in-the-middle prompt, one rule for the API's "suffix" and `codemoe complete --suffix`:
  * [BOS if add_bos] <fim_prefix> prefix <fim_suffix> suffix <fim_middle>, prefix and suffix tokenized as
  * plain text (user code: a control-token string in it is text, never a token), the FIM tokens inserted by

@@ -495,14 +495,17 @@ static int parse_logit_bias(json_t *o, const api_limits *lim, int n_vocab, api_c
 /* ------------------------------------------------------------ engine options */
 
 /* The engine options of one prompt's sequences (see api_prompt.opts). */
-static void resolve_options(const api_model *am, const api_completion_req *r, const api_prompt *p,
-                            cm_seq_options *o) {
-    cm_seq_options_default(o);
-    if (r->segment_routing == API_SEGMENT_REFERENCE) o->segment_mode = CM_SEGMENT_REFERENCE;
-    if (cm_model_n_adapters(am->model) > 0) {
-        const char *lang = cm_lang_for_request(r->language, p->text, p->text_len);
-        o->language = lang ? cm_model_adapter_id(am->model, lang) : -1;
-    }
+int api_seq_options(const cm_model *m, const char *language, api_segment_routing seg, const char *text,
+                    size_t len, cm_seq_options *out, api_error *e) {
+    cm_seq_options_default(out);
+    out->segment_mode = seg == API_SEGMENT_REFERENCE ? CM_SEGMENT_REFERENCE : CM_SEGMENT_CAUSAL;
+    if (cm_model_n_adapters(m) <= 0) return 0; /* only MoLE models have adapters; the others ignore it */
+    if (language && cm_model_adapter_id(m, language) < 0)
+        return api_error_set(e, 400, API_ERR_INVALID, "language", NULL,
+                             "This model has no adapter for language '%.64s'.", language);
+    const char *lang = cm_lang_for_request(language, text ? text : "", text ? len : 0);
+    out->language = lang ? cm_model_adapter_id(m, lang) : -1;
+    return 0;
 }
 
 /* The engine routes reference segments over the whole text in one forward pass, after which the
@@ -696,18 +699,13 @@ static int parse_fields(json_t *root, const api_model *m, const api_limits *lim,
     if (rc && !(r->user = dup_json_string(s, NULL))) goto oom;
     if ((rc = get_string(root, "language", &s, e)) < 0) return -1;
     if (rc && !(r->language = dup_json_string(s, NULL))) goto oom;
-    /* only MoLE models have adapters; the others ignore the field. Tabby sends its editor's language
-     * id whatever the model: one without an adapter is left to detection. */
-    if (r->language && r->tabby && cm_model_n_adapters(m->model) > 0 &&
-        cm_model_adapter_id(m->model, r->language) < 0) {
+    /* Tabby sends its editor's language id whatever the model: one the model has no adapter for is
+     * left to detection rather than refused */
+    cm_seq_options lso;
+    if (r->language && api_seq_options(m->model, r->language, API_SEGMENT_CAUSAL, NULL, 0, &lso, e) < 0) {
+        if (!r->tabby) return -1;
         free(r->language);
         r->language = NULL;
-    }
-    if (r->language && cm_model_n_adapters(m->model) > 0 && cm_model_adapter_id(m->model, r->language) < 0) {
-        char d[96];
-        describe(s, d, sizeof d);
-        return api_error_set(e, 400, API_ERR_INVALID, "language", NULL,
-                             "This model has no adapter for language %s.", d);
     }
 
     static const char *const seg_names[] = {"causal", "reference"};
@@ -804,7 +802,9 @@ static int parse_request(const char *body, size_t len, const api_model *m, const
     for (int i = 0; i < n_src; i++) {
         if (build_prompt(m, &srcs[i], c.suffix, c.parse_special, &r->prompts[i], e)) goto fail;
         r->n_prompts++;
-        resolve_options(m, r, &r->prompts[i], &r->prompts[i].opts);
+        if (api_seq_options(m->model, r->language, r->segment_routing, r->prompts[i].text, r->prompts[i].text_len,
+                            &r->prompts[i].opts, e) < 0)
+            goto fail;
         if (r->prompts[i].n_tokens > longest) longest = r->prompts[i].n_tokens;
     }
 

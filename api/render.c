@@ -259,6 +259,8 @@ static json_t *moe_json(const cm_model *m) {
                          "segment_experts", mi.n_seg_experts, "window", mi.window, "segment_routing_default",
                          mi.segment_mode_default == CM_SEGMENT_REFERENCE ? "reference" : "causal");
     }
+    if (mi.kind == CM_MOE_KIND_SPARSE) /* qwen3moe: token-level experts only */
+        return json_pack("{s:s,s:i,s:i}", "kind", "sparse", "experts", mi.n_experts, "top_k", mi.top_k);
     if (mi.kind != CM_MOE_KIND_MOLE) return NULL;
     json_t *o = json_pack("{s:s,s:[],s:[]}", "kind", "mole", "adapters", "languages");
     json_t *ad = json_object_get(o, "adapters"), *langs = json_object_get(o, "languages");

@@ -7,10 +7,12 @@
  * One layer, for all N tokens at once:
  *   xn = rmsnorm(x) * attn_norm                      (N, D)
  *   q, k, v = xn Wq^T + bq, xn Wk^T + bk, xn Wv^T + bv (N, Q), (N, C), (N, C)
+ *   qwen3: q, k = rmsnorm(q_h) * q_norm, rmsnorm(k_h) * k_norm per head h    (E) weights
  *   rope(q), rope(k) at each token's position; k, v appended to the token's sequence's KV blocks
  *   att = per token and head: softmax(q k^T / sqrt(E)) v over positions 0..pos of its sequence (N, Q)
  *   x += att Wo^T                                     (N, D)
  *   xn = rmsnorm(x) * ffn_norm; x += (silu(xn Wg^T) * (xn Wu^T)) Wd^T
+ *     (MoE architectures without a dense FFN: x += the routed experts' sum, moe.c)
  * then logits = rmsnorm(x) Wout^T for the requested rows only.
  *
  * Two ways to multiply by a weight matrix, by the number of activation rows:
@@ -325,8 +327,10 @@ int cm_seq_truncate(cm_ctx *c, int seq, int n, cm_err *err) {
     }
     if (cm_kv_seq_truncate(&c->kv, seq, n) < 0)
         return cm_err_set(err, CM_E_NOMEM, "seq: truncating %d into a shared block needs a free KV block", seq);
-    if (c->moe) /* a block end: the state stored in the (kept) block that ends at n */
-        cm_moe_seq_truncate(c->moe, seq, len, n, n > 0 ? cm_kv_block_extra(&c->kv, s->blocks[n / CM_KV_BLOCK - 1]) : NULL);
+    if (c->moe) /* a block end: the state stored in the (kept) block that ends at n; a sparse MoE keeps no state */
+        cm_moe_seq_truncate(c->moe, seq, len, n,
+                            n > 0 && n % CM_KV_BLOCK == 0 ? cm_kv_block_extra(&c->kv, s->blocks[n / CM_KV_BLOCK - 1])
+                                                          : NULL);
     return CM_OK;
 }
 
@@ -569,6 +573,10 @@ static void forward_layer(cm_ctx *c, int il, int n) {
             cm_add(k, l->bk.data, C);
             cm_add(v, l->bv.data, C);
         }
+        if (l->q_norm.data) { /* qwen3: every head normalised on its own, before rope */
+            for (int h = 0; h < H; h++) cm_rmsnorm(q + h * E, q + h * E, l->q_norm.data, E, in->rms_eps);
+            for (int h = 0; h < G; h++) cm_rmsnorm(k + h * E, k + h * E, l->k_norm.data, E, in->rms_eps);
+        }
         const float *cs = c->rope_cos + (size_t)c->pos[i] * h2, *sn = c->rope_sin + (size_t)c->pos[i] * h2;
         for (int h = 0; h < H; h++) cm_rope(q + h * E, cs, sn, (int)E, in->rope_neox);
         for (int h = 0; h < G; h++) cm_rope(k + h * E, cs, sn, (int)E, in->rope_neox);
@@ -584,7 +592,7 @@ static void forward_layer(cm_ctx *c, int il, int n) {
 
     for (int i = 0; i < n; i++)
         cm_rmsnorm(c->xn + i * D, c->x + i * D, l->ffn_norm.data, D, in->rms_eps);
-    if (c->moe && !l->w_gate.data) { /* hybrid MoE: the experts replace the FFN */
+    if (c->moe && !l->w_gate.data) { /* hybrid and sparse MoE: the experts replace the FFN */
         cm_moe_ffn(c->moe, il, n, c->xn, c->proj);
         for (int i = 0; i < n; i++) cm_add(c->x + i * D, c->proj + i * D, D);
         return;

@@ -1,6 +1,7 @@
 /*
- * model.c - loads a dense Qwen2 / Llama GGUF: hyper-parameters, weight views into the mapping (every
- * tensor checked for exact shape and a supported type) and the tokenizer. See model.h for the layout.
+ * model.c - loads a Qwen2 / Qwen3 / Llama GGUF (and the attention part of the MoE architectures, whose
+ * experts model_moe.c loads): hyper-parameters, weight views into the mapping (every tensor checked for
+ * exact shape and a supported type) and the tokenizer. See model.h for the layout.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -28,6 +29,9 @@ static char *dup_str(const char *p, size_t n) {
 }
 
 /* ============================================================ hyper-parameters */
+
+/* Qwen3 and Qwen3-MoE RMS-normalise every q and k head before rope (blk.N.attn_{q,k}_norm.weight). */
+static int has_qk_norm(const char *arch) { return !strcmp(arch, "qwen3") || !strcmp(arch, "qwen3moe"); }
 
 /* <arch>.<key> as a positive int within [1, cap]; absent -> def (def < 0: required). */
 static int get_dim(const gguf_file *g, const char *arch, const char *key, int def, int cap, int *out,
@@ -187,9 +191,10 @@ static int load_hparams(cm_model *m, const char *arch, cm_err *err) {
         return cm_err_set(err, CM_E_FORMAT, "model: n_head * head_dim = %llu is too large",
                           (unsigned long long)in->n_head * in->head_dim);
 
-    int is_qwen2 = !strcmp(arch, "qwen2");
+    /* the Qwen family (qwen2, qwen3, qwen3moe): NeoX rope, theta 1e6 unless the file says otherwise */
+    int is_qwen = !strcmp(arch, "qwen2") || has_qk_norm(arch);
     if ((rc = get_float(g, arch, "attention.layer_norm_rms_epsilon", 1e-6f, &in->rms_eps, err)) ||
-        (rc = get_float(g, arch, "rope.freq_base", is_qwen2 ? 1e6f : 10000.0f, &in->rope_theta, err)))
+        (rc = get_float(g, arch, "rope.freq_base", is_qwen ? 1e6f : 10000.0f, &in->rope_theta, err)))
         return rc;
     if (!(in->rms_eps > 0.0f && in->rms_eps < 1.0f))
         return cm_err_set(err, CM_E_FORMAT, "model: rms epsilon %g out of range (0, 1)", (double)in->rms_eps);
@@ -197,7 +202,7 @@ static int load_hparams(cm_model *m, const char *arch, cm_err *err) {
         return cm_err_set(err, CM_E_FORMAT, "model: rope.freq_base %g out of range", (double)in->rope_theta);
 
     if ((rc = load_rope_scaling(g, arch, in, err))) return rc;
-    in->rope_neox = is_qwen2;
+    in->rope_neox = is_qwen;
     if (cm_moe_arch(arch)) return cm_moe_hparams(g, arch, in, err);
     return CM_OK;
 }
@@ -268,8 +273,13 @@ static int load_tensors(cm_model *m, cm_err *err) {
         T(bq, "attn_q.bias", QD, 0, 1)
         T(bk, "attn_k.bias", KD, 0, 1)
         T(bv, "attn_v.bias", KD, 0, 1)
+        if (has_qk_norm(in->arch)) { /* other architectures do not have them (and do not read them) */
+            T(q_norm, "attn_q_norm.weight", in->head_dim, 0, 0)
+            T(k_norm, "attn_k_norm.weight", in->head_dim, 0, 0)
+        }
         T(ffn_norm, "ffn_norm.weight", D, 0, 0)
-        int no_ffn = cm_moe_arch(in->arch) == CM_MOE_HYBRID; /* experts replace the dense FFN */
+        int kind = cm_moe_arch(in->arch);
+        int no_ffn = kind == CM_MOE_HYBRID || kind == CM_MOE_SPARSE; /* experts replace the dense FFN */
         T(w_gate, "ffn_gate.weight", D, F, no_ffn)
         T(w_up, "ffn_up.weight", D, F, no_ffn)
         T(w_down, "ffn_down.weight", F, D, no_ffn)
@@ -354,9 +364,9 @@ cm_model *cm_model_load(const char *path, const cm_model_params *params, cm_err 
         in->weight_type = m->weight_type ? m->weight_type : "";
         return m;
     }
-    if (strcmp(m->arch, "qwen2") && strcmp(m->arch, "llama") && !cm_moe_arch(m->arch)) {
+    if (strcmp(m->arch, "qwen2") && strcmp(m->arch, "llama") && strcmp(m->arch, "qwen3") && !cm_moe_arch(m->arch)) {
         rc = cm_err_set(err, CM_E_UNSUPPORTED,
-                        "model: architecture \"%s\" is not supported (qwen2, llama, multipl_moe, mole)",
+                        "model: architecture \"%s\" is not supported (qwen2, qwen3, llama, qwen3moe, multipl_moe, mole)",
                         m->arch);
         goto fail;
     }

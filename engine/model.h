@@ -24,6 +24,8 @@ typedef struct cm_layer {
     cm_tensor wv;        /* (K*E, D) */
     cm_tensor wo;        /* (D, H*E) */
     cm_tensor bq, bk, bv;/* (H*E), (K*E), (K*E) f32; absent unless qkv_bias */
+    cm_tensor q_norm;    /* (E) f32: RMS norm of each q head before rope (qwen3, qwen3moe); else absent */
+    cm_tensor k_norm;    /* (E) f32: the same for each k head */
     cm_tensor ffn_norm;  /* (D) f32 */
     cm_tensor w_gate;    /* (F, D) */
     cm_tensor w_up;      /* (F, D) */

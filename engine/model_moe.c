@@ -1,5 +1,5 @@
 /*
- * model_moe.c - loads the mixture-of-experts part of "multipl_moe" and "mole" GGUF files: the
+ * model_moe.c - loads the mixture-of-experts part of "multipl_moe", "qwen3moe" and "mole" GGUF files: the
  * <arch>.* hyper-parameters and the expert / router / LoRA tensors (docs/model-format.md). The base
  * attention tensors and keys are model.c's. Every count is range-checked and every tensor must have
  * exactly the shape the hyper-parameters imply, so the forward pass needs no checks of its own.
@@ -19,10 +19,12 @@ int cm_moe_arch(const char *arch) {
     if (!arch) return CM_MOE_NONE;
     if (!strcmp(arch, "multipl_moe")) return CM_MOE_HYBRID;
     if (!strcmp(arch, "mole")) return CM_MOE_MOLE;
+    if (!strcmp(arch, "qwen3moe")) return CM_MOE_SPARSE;
     return CM_MOE_NONE;
 }
 
 int cm_moe_hparams(const gguf_file *g, const char *arch, cm_model_info *in, cm_err *err) {
+    if (cm_moe_arch(arch) == CM_MOE_SPARSE) return CM_OK; /* llama.cpp's qwen3moe: model.c's NeoX rope */
     in->rope_neox = cm_moe_arch(arch) == CM_MOE_HYBRID;
     char key[160];
     snprintf(key, sizeof key, "%s.rope.type", arch);
@@ -117,23 +119,77 @@ static const gguf_tensor *want_tensor(const gguf_file *g, const char *name, int 
 
 /* ============================================================ multipl_moe */
 
-static int load_hybrid(cm_moe_model *mm, const gguf_file *g, const char *a, const cm_model_info *in, cm_err *err) {
-    int rc;
-    if ((rc = key_u32(g, a, "expert_count", 1, CM_MOE_MAX_EXPERTS, INT32_MIN, &mm->n_tok, err)) ||
-        (rc = key_i32(g, a, "expert_shared_index", INT32_MIN, INT32_MAX, -1, &mm->shared, err)) ||
-        (rc = key_u32(g, a, "expert_feed_forward_length", 1, 1 << 20, in->n_ff, &mm->f_exp, err)) ||
-        (rc = key_u32(g, a, "segment.expert_count", 0, CM_MOE_MAX_EXPERTS, INT32_MIN, &mm->n_seg, err)))
-        return rc;
-    /* k and the shared index are checked against the count with messages naming both */
+/* <a>.expert_used_count, checked against the expert count with a message naming both. */
+static int load_top_k(cm_moe_model *mm, const gguf_file *g, const char *a, cm_err *err) {
     char full[160];
     snprintf(full, sizeof full, "%s.expert_used_count", a);
     uint32_t k;
-    if ((rc = gguf_get_u32(g, full, &k, err)) < 0) return rc;
+    int rc = gguf_get_u32(g, full, &k, err);
+    if (rc < 0) return rc;
     if (rc == 1) return cm_err_set(err, CM_E_FORMAT, "model: missing key %s", full);
     if (k < 1 || k > (uint32_t)mm->n_tok)
         return cm_err_set(err, CM_E_FORMAT, "model: %s = %u (top-k) must be in [1, expert_count %d]", full, k,
                           mm->n_tok);
     mm->k_used = (int)k;
+    return CM_OK;
+}
+
+/* The routers and stacked experts of every layer, token level and (n_seg > 0) segment level, with
+ * exactly the counts and widths already read into mm. */
+static int load_experts(cm_moe_model *mm, const gguf_file *g, const cm_model_info *in, cm_err *err) {
+    int rc;
+    int64_t D = in->n_embd, F = mm->f_exp;
+    mm->layers = calloc((size_t)in->n_layer, sizeof *mm->layers);
+    mm->experts_mem = calloc((size_t)in->n_layer * (size_t)(mm->n_tok + mm->n_seg), sizeof *mm->experts_mem);
+    if (!mm->layers || !mm->experts_mem) return cm_err_set(err, CM_E_NOMEM, "model: out of memory");
+    mm->router_type = -1;
+    for (int il = 0; il < in->n_layer; il++) {
+        cm_moe_layer *l = &mm->layers[il];
+        l->tok = mm->experts_mem + (size_t)il * (size_t)(mm->n_tok + mm->n_seg);
+        l->seg = l->tok + mm->n_tok;
+        for (int lv = 0; lv < (mm->n_seg ? 2 : 1); lv++) {
+            int ne = lv ? mm->n_seg : mm->n_tok;
+            const char *sfx = lv ? "_seg" : "";
+            char nm[96];
+            int64_t rs[2] = {D, ne};
+            snprintf(nm, sizeof nm, "blk.%d.ffn_gate_inp%s.weight", il, sfx);
+            const gguf_tensor *r = want_tensor(g, nm, 2, rs, err, &rc);
+            if (!r) return rc;
+            if (mm->router_type >= 0 && r->type != mm->router_type)
+                return cm_err_set(err, CM_E_UNSUPPORTED, "model: routers of different types (%s)", nm);
+            mm->router_type = r->type;
+            if (lv) l->seg_router = r->data;
+            else l->tok_router = r->data;
+            static const char *proj[3] = {"gate", "up", "down"};
+            for (int p = 0; p < 3; p++) {
+                int64_t es[3] = {p == 2 ? F : D, p == 2 ? D : F, ne};
+                snprintf(nm, sizeof nm, "blk.%d.ffn_%s%s_exps.weight", il, proj[p], sfx);
+                const gguf_tensor *t = want_tensor(g, nm, 3, es, err, &rc);
+                if (!t) return rc;
+                size_t eb = (size_t)gguf_row_bytes(t->type, es[0]) * (size_t)es[1];
+                for (int e = 0; e < ne; e++) {
+                    cm_moe_expert *x = lv ? &l->seg[e] : &l->tok[e];
+                    const void *ptr = (const char *)t->data + (size_t)e * eb;
+                    if (p == 0) x->gate = ptr, x->gate_type = t->type;
+                    else if (p == 1) x->up = ptr, x->up_type = t->type;
+                    else x->down = ptr, x->down_type = t->type;
+                }
+            }
+        }
+    }
+    return CM_OK;
+}
+
+static int load_hybrid(cm_moe_model *mm, const gguf_file *g, const char *a, const cm_model_info *in, cm_err *err) {
+    int rc;
+    if ((rc = key_u32(g, a, "expert_count", 1, CM_HYBRID_MAX_EXPERTS, INT32_MIN, &mm->n_tok, err)) ||
+        (rc = key_i32(g, a, "expert_shared_index", INT32_MIN, INT32_MAX, -1, &mm->shared, err)) ||
+        (rc = key_u32(g, a, "expert_feed_forward_length", 1, 1 << 20, in->n_ff, &mm->f_exp, err)) ||
+        (rc = key_u32(g, a, "segment.expert_count", 0, CM_HYBRID_MAX_EXPERTS, INT32_MIN, &mm->n_seg, err)) ||
+        (rc = load_top_k(mm, g, a, err)))
+        return rc;
+    char full[160];
+    /* the shared index is checked against the count with a message naming both */
     if (mm->shared < -1 || mm->shared >= mm->n_tok)
         return cm_err_set(err, CM_E_FORMAT, "model: %s.expert_shared_index = %d out of range [-1, %d)", a, mm->shared,
                           mm->n_tok);
@@ -141,7 +197,7 @@ static int load_hybrid(cm_moe_model *mm, const gguf_file *g, const char *a, cons
     mm->mode_default = CM_SEGMENT_CAUSAL;
     if (mm->n_seg > 0) {
         if ((rc = key_u32(g, a, "segment.window", 1, 1 << 20, INT32_MIN, &mm->window, err)) ||
-            (rc = key_u32(g, a, "segment.bucket", 1, CM_MOE_MAX_EXPERTS, mm->n_seg, &mm->bucket, err)) ||
+            (rc = key_u32(g, a, "segment.bucket", 1, CM_HYBRID_MAX_EXPERTS, mm->n_seg, &mm->bucket, err)) ||
             (rc = key_f32(g, a, "segment.capacity", 1e-6f, 1e6f, 1.0f, &mm->capacity, err)) ||
             (rc = key_f32(g, a, "segment.gate_scale", -1e6f, 1e6f, 1.0f / (float)mm->window, &mm->gate_scale, err)))
             return rc;
@@ -167,52 +223,30 @@ static int load_hybrid(cm_moe_model *mm, const gguf_file *g, const char *a, cons
     if ((rc = key_f32(g, a, "fusion.token", -1e6f, 1e6f, 1.0f, &mm->a_tok, err)) ||
         (rc = key_f32(g, a, "fusion.segment", -1e6f, 1e6f, mm->n_seg ? 1.0f : 0.0f, &mm->a_seg, err)))
         return rc;
+    return load_experts(mm, g, in, err);
+}
 
-    int64_t D = in->n_embd, F = mm->f_exp;
-    mm->layers = calloc((size_t)in->n_layer, sizeof *mm->layers);
-    mm->experts_mem = calloc((size_t)in->n_layer * (size_t)(mm->n_tok + mm->n_seg), sizeof *mm->experts_mem);
-    if (!mm->layers || !mm->experts_mem) return cm_err_set(err, CM_E_NOMEM, "model: out of memory");
-    mm->router_type = mm->exp_type = -1;
-    for (int il = 0; il < in->n_layer; il++) {
-        cm_moe_layer *l = &mm->layers[il];
-        l->tok = mm->experts_mem + (size_t)il * (size_t)(mm->n_tok + mm->n_seg);
-        l->seg = l->tok + mm->n_tok;
-        for (int lv = 0; lv < (mm->n_seg ? 2 : 1); lv++) {
-            int ne = lv ? mm->n_seg : mm->n_tok;
-            const char *sfx = lv ? "_seg" : "";
-            char nm[96];
-            int64_t rs[2] = {D, ne};
-            snprintf(nm, sizeof nm, "blk.%d.ffn_gate_inp%s.weight", il, sfx);
-            const gguf_tensor *r = want_tensor(g, nm, 2, rs, err, &rc);
-            if (!r) return rc;
-            if (mm->router_type >= 0 && r->type != mm->router_type)
-                return cm_err_set(err, CM_E_UNSUPPORTED, "model: routers of different types (%s)", nm);
-            mm->router_type = r->type;
-            if (lv) l->seg_router = r->data;
-            else l->tok_router = r->data;
-            static const char *proj[3] = {"gate", "up", "down"};
-            for (int p = 0; p < 3; p++) {
-                int64_t es[3] = {p == 2 ? F : D, p == 2 ? D : F, ne};
-                snprintf(nm, sizeof nm, "blk.%d.ffn_%s%s_exps.weight", il, proj[p], sfx);
-                const gguf_tensor *t = want_tensor(g, nm, 3, es, err, &rc);
-                if (!t) return rc;
-                /* one type for every expert matrix keeps the grouped products simple */
-                if (mm->exp_type >= 0 && t->type != mm->exp_type)
-                    return cm_err_set(err, CM_E_UNSUPPORTED, "model: expert tensors of different types (%s is %s, "
-                                      "others %s)", nm, gguf_ttype_name(t->type), gguf_ttype_name(mm->exp_type));
-                mm->exp_type = t->type;
-                size_t eb = (size_t)gguf_row_bytes(t->type, es[0]) * (size_t)es[1];
-                for (int e = 0; e < ne; e++) {
-                    cm_moe_expert *x = lv ? &l->seg[e] : &l->tok[e];
-                    const void *ptr = (const char *)t->data + (size_t)e * eb;
-                    if (p == 0) x->gate = ptr;
-                    else if (p == 1) x->up = ptr;
-                    else x->down = ptr;
-                }
-            }
-        }
-    }
-    return CM_OK;
+/* ============================================================ qwen3moe
+ *
+ * As llama.cpp reads it: expert_count and expert_used_count required, expert_feed_forward_length
+ * optional (default feed_forward_length / expert_used_count, llama.cpp's fallback); softmax over every
+ * expert, the top k renormalised to sum 1 (llama.cpp's qwen3moe graph always normalises; HF's
+ * norm_topk_prob), no shared expert, no segment level. */
+
+static int load_sparse(cm_moe_model *mm, const gguf_file *g, const char *a, const cm_model_info *in, cm_err *err) {
+    int rc;
+    if ((rc = key_u32(g, a, "expert_count", 1, CM_MOE_MAX_EXPERTS, INT32_MIN, &mm->n_tok, err)) ||
+        (rc = load_top_k(mm, g, a, err)))
+        return rc;
+    int f_def = in->n_ff / mm->k_used > 0 ? in->n_ff / mm->k_used : 1;
+    if ((rc = key_u32(g, a, "expert_feed_forward_length", 1, 1 << 20, f_def, &mm->f_exp, err))) return rc;
+    mm->shared = -1;
+    mm->n_seg = 0;
+    mm->a_tok = 1.0f;
+    mm->a_seg = 0.0f;
+    mm->pooling = CM_POOL_MAX;
+    mm->mode_default = CM_SEGMENT_CAUSAL;
+    return load_experts(mm, g, in, err);
 }
 
 /* ============================================================ mole */
@@ -325,7 +359,9 @@ cm_moe_model *cm_moe_load(const gguf_file *g, const char *arch, const cm_model_i
     mm->n_layer = in->n_layer;
     mm->d = in->n_embd;
     mm->shared = mm->ad_shared = mm->ad_fallback = -1;
-    int rc = kind == CM_MOE_HYBRID ? load_hybrid(mm, g, arch, in, err) : load_mole(mm, g, arch, in, err);
+    int rc = kind == CM_MOE_HYBRID   ? load_hybrid(mm, g, arch, in, err)
+             : kind == CM_MOE_SPARSE ? load_sparse(mm, g, arch, in, err)
+                                     : load_mole(mm, g, arch, in, err);
     if (rc < 0) {
         cm_moe_model_free(mm);
         return NULL;

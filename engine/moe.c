@@ -2,7 +2,8 @@
  * moe.c - the mixture-of-experts FFNs at run time: routing, grouped expert products, MoLE adapters,
  * per-sequence state (causal window pooling, fence trackers, options) and routing statistics.
  *
- * Hybrid layer, for N batch tokens (see moe.h for the call order):
+ * Hybrid layer, for N batch tokens (see moe.h for the call order; a sparse qwen3moe layer is the same
+ * without segment level, shared expert or fusion weights):
  *   1. route: per token, p = softmax(W_tok x) -> k experts and gates (a_tok folded in); segment level
  *      causal: the sequence's running window pool (max, or sum in double for mean) -> q -> top-c
  *      experts; reference: per sequence, windows -> q (P, N_seg) -> greedy expert choice. Every routed
@@ -195,7 +196,7 @@ cm_moe_ctx *cm_moe_ctx_create(const cm_model *m, const cm_moe_model *mm, cm_pool
     ALLOC(mc->seqs, (size_t)n_seq_max);
     ALLOC(mc->sets, B);
     ALLOC(mc->gen, B);
-    if (mm->kind == CM_MOE_HYBRID) {
+    if (mm->kind != CM_MOE_MOLE) { /* hybrid and sparse */
         int segs = mm->n_seg ? (mm->seg_causal_top > mm->bucket ? mm->seg_causal_top : mm->bucket) : 0;
         if (segs > mm->n_seg) segs = mm->n_seg;
         mc->S = mm->k_used + segs;
@@ -232,18 +233,20 @@ cm_moe_ctx *cm_moe_ctx_create(const cm_model *m, const cm_moe_model *mm, cm_pool
         moe_seq *q = &mc->seqs[s];
         cm_routing *r = &q->r;
         r->n_layer = mm->n_layer;
-        if (mm->kind == CM_MOE_HYBRID) {
+        if (mm->kind != CM_MOE_MOLE) {
             r->n_tok_experts = mm->n_tok;
             r->shared_expert = mm->shared;
             r->n_seg_experts = mm->n_seg;
             r->window = mm->window;
             r->n_windows = mc->n_win;
             ALLOC(q->tok, L * (size_t)mm->n_tok);
-            ALLOC(q->seg, L * (size_t)mm->n_seg);
-            ALLOC(q->seg_windows, L * (size_t)mm->n_seg * (size_t)mc->n_win);
-            ALLOC(q->win_n, L);
-            if (mm->pooling == CM_POOL_MAX) ALLOC(q->pool_max, L * D);
-            else ALLOC(q->pool_sum, L * D);
+            if (mm->kind == CM_MOE_HYBRID) { /* a sparse MoE has no segment level and no window state */
+                ALLOC(q->seg, L * (size_t)mm->n_seg);
+                ALLOC(q->seg_windows, L * (size_t)mm->n_seg * (size_t)mc->n_win);
+                ALLOC(q->win_n, L);
+                if (mm->pooling == CM_POOL_MAX) ALLOC(q->pool_max, L * D);
+                else ALLOC(q->pool_sum, L * D);
+            }
         } else {
             r->n_adapters = mm->n_adapters;
             ALLOC(q->adapter, (size_t)mm->n_adapters);
@@ -414,7 +417,7 @@ void cm_moe_seq_copy(cm_moe_ctx *mc, int dst, int src) {
 int cm_moe_seq_cache_salt(const cm_moe_ctx *mc, int seq, uint64_t *salt) {
     const cm_moe_model *mm = mc->mm;
     const moe_seq *q = &mc->seqs[seq];
-    if (mm->kind == CM_MOE_HYBRID) {
+    if (mm->kind != CM_MOE_MOLE) {
         if (mm->n_seg && seg_mode(mc, q) == CM_SEGMENT_REFERENCE) return 0; /* depends on the whole request */
         *salt = 1;
         return 1;
@@ -429,7 +432,7 @@ int cm_moe_seq_cache_salt(const cm_moe_ctx *mc, int seq, uint64_t *salt) {
  * reference-mode sequences were scored whole and only go back to 0. */
 int cm_moe_seq_truncate_check(const cm_moe_ctx *mc, int seq, int len, int n, cm_err *err) {
     const moe_seq *q = &mc->seqs[seq];
-    if (n == 0 || n == len) return CM_OK;
+    if (n == 0 || n == len || mc->mm->kind == CM_MOE_SPARSE) return CM_OK; /* sparse: no state beyond K/V */
     if (q->sealed)
         return cm_err_set(err, CM_E_UNSUPPORTED, "seq: a reference-mode sequence can be truncated only to 0 or its "
                           "length (%d -> %d)", len, n);
@@ -777,16 +780,13 @@ void cm_moe_ffn(cm_moe_ctx *mc, int il, int n, const float *x, float *y) {
         }
 
     /* 3. expert products, only on routed rows */
-    size_t rbg = gguf_row_bytes(mm->exp_type, D) * (size_t)F, rbd = gguf_row_bytes(mm->exp_type, F) * (size_t)D;
-    (void)rbg;
-    (void)rbd;
     mm_begin(mc);
     for (int e = 0; e < NE; e++) {
         int r0 = gs[e], nr = gs[e + 1] - gs[e];
         if (!nr) continue;
         const cm_moe_expert *ex = e < mm->n_tok ? &l->tok[e] : &l->seg[e - mm->n_tok];
-        mm_add(mc, ex->gate, mm->exp_type, F, D, mc->xg + (size_t)r0 * D, nr, mc->hg + (size_t)r0 * F);
-        mm_add(mc, ex->up, mm->exp_type, F, D, mc->xg + (size_t)r0 * D, nr, mc->hu + (size_t)r0 * F);
+        mm_add(mc, ex->gate, ex->gate_type, F, D, mc->xg + (size_t)r0 * D, nr, mc->hg + (size_t)r0 * F);
+        mm_add(mc, ex->up, ex->up_type, F, D, mc->xg + (size_t)r0 * D, nr, mc->hu + (size_t)r0 * F);
     }
     mm_go(mc);
     int rows = gs[NE];
@@ -796,7 +796,7 @@ void cm_moe_ffn(cm_moe_ctx *mc, int il, int n, const float *x, float *y) {
         int r0 = gs[e], nr = gs[e + 1] - gs[e];
         if (!nr) continue;
         const cm_moe_expert *ex = e < mm->n_tok ? &l->tok[e] : &l->seg[e - mm->n_tok];
-        mm_add(mc, ex->down, mm->exp_type, D, F, mc->hg + (size_t)r0 * F, nr, mc->yd + (size_t)r0 * D);
+        mm_add(mc, ex->down, ex->down_type, D, F, mc->hg + (size_t)r0 * F, nr, mc->yd + (size_t)r0 * D);
     }
     mm_go(mc);
 

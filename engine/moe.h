@@ -1,14 +1,15 @@
 /*
- * moe.h - mixture-of-experts FFNs: the MultiPL-MoE hybrid (token + segment level) and MoLE (LoRA
- * language experts), their weights, per-context state and routing statistics. Internal to engine/.
+ * moe.h - mixture-of-experts FFNs: the MultiPL-MoE hybrid (token + segment level), the sparse MoE of
+ * Qwen3-MoE (token level only: the hybrid's path without segments, shared expert or fusion weights) and
+ * MoLE (LoRA language experts), their weights, per-context state and routing statistics. Internal to engine/.
  * Semantics and file layout: docs/model-format.md; the PyTorch reference: tools/reference_moe.py.
  *
  * Shapes: N batch tokens, D n_embd, F expert FFN width (hybrid) or n_ff (MoLE), r a LoRA rank.
- * model.c calls cm_moe_load() for the two architectures; forward.c creates a cm_moe_ctx beside its own
+ * model.c calls cm_moe_load() for the three architectures; forward.c creates a cm_moe_ctx beside its own
  * scratch and calls:
  *   cm_moe_batch_check()  while validating a batch (before any state changes);
  *   cm_moe_batch_begin()  once positions are assigned (per-token adapter sets, fence trackers);
- *   cm_moe_ffn()          hybrid: the whole FFN of one layer, y (N, D) from the normed input;
+ *   cm_moe_ffn()          hybrid and sparse: the whole FFN of one layer, y (N, D) from the normed input;
  *   cm_mole_gate_up()     MoLE: after the base gate/up products, adds the adapters' deltas;
  *   cm_mole_down()        MoLE: after the base down product, adds the adapters' deltas;
  *   cm_moe_batch_end()    after the last layer (reference-mode sequences become closed for input).
@@ -24,15 +25,21 @@ struct cm_tensor;
 struct cm_pool;
 typedef struct cm_moe_ctx cm_moe_ctx;
 
-#define CM_MOE_MAX_EXPERTS 64  /* per level; routing bitmasks and stack arrays are sized by it */
+#define CM_MOE_MAX_EXPERTS 128   /* per level: stack arrays and the op list are sized by it (Qwen3-MoE: 128) */
+#define CM_HYBRID_MAX_EXPERTS 64 /* multipl_moe's limit per level (docs/model-format.md) */
 #define CM_MOLE_MAX_ADAPTERS 64 /* cm_batch.adapters is a 64-bit mask */
 
-enum { CM_MOE_NONE = 0, CM_MOE_HYBRID = 1, CM_MOE_MOLE = 2 };
+/* SPARSE (qwen3moe) is stored as a hybrid without segment level, shared expert or fusion weights
+ * (n_seg 0, shared -1, a_tok 1, a_seg 0), so it runs on the hybrid's grouped-by-expert path. */
+enum { CM_MOE_NONE = 0, CM_MOE_HYBRID = 1, CM_MOE_MOLE = 2, CM_MOE_SPARSE = 3 };
 enum { CM_POOL_MAX = 0, CM_POOL_MEAN = 1 };
 
 typedef struct cm_moe_expert {
     /* views into the stacked tensors: gate, up (F, D); down (D, F) */
     const void *gate, *up, *down;
+    /* their weight types: each stacked tensor has its own (llama-quantize's Q4_K_M gives ffn_down_exps
+     * more bits in some layers, and falls back to a 32-value block type where F does not fill 256) */
+    int gate_type, up_type, down_type;
 } cm_moe_expert;
 
 typedef struct cm_moe_layer {
@@ -49,16 +56,15 @@ typedef struct cm_lora {
 } cm_lora;
 
 typedef struct cm_moe_model {
-    int kind; /* CM_MOE_HYBRID or CM_MOE_MOLE */
+    int kind; /* CM_MOE_HYBRID, CM_MOE_SPARSE or CM_MOE_MOLE */
     int n_layer, d;
-    /* hybrid */
+    /* hybrid and sparse */
     int n_tok, k_used, shared, f_exp;
     int n_seg, window, pooling, bucket;
     float capacity, gate_scale, a_tok, a_seg;
     int mode_default;   /* CM_SEGMENT_CAUSAL or CM_SEGMENT_REFERENCE */
     int seg_causal_top; /* max(1, floor(capacity)), capped at n_seg */
     int router_type;    /* type of both routers (any weight type, cm_weight_type_ok) */
-    int exp_type;       /* type of every expert matrix */
     cm_moe_layer *layers; /* (n_layer) */
     cm_moe_expert *experts_mem;
     /* MoLE */
@@ -72,7 +78,7 @@ typedef struct cm_moe_model {
     cm_lora *lora;                       /* (n_layer, 3 projections gate/up/down, n_adapters) */
 } cm_moe_model;
 
-/* Reads <arch>.* keys and the MoE tensors for arch "multipl_moe" or "mole" (base tensors are model.c's).
+/* Reads <arch>.* keys and the MoE tensors for arch "multipl_moe", "qwen3moe" or "mole" (base tensors are model.c's).
  * in: the base hyper-parameters already loaded. Returns NULL with err set on any inconsistency. */
 cm_moe_model *cm_moe_load(const gguf_file *g, const char *arch, const cm_model_info *in, cm_err *err);
 void cm_moe_model_free(cm_moe_model *mm);
@@ -80,7 +86,8 @@ void cm_moe_model_free(cm_moe_model *mm);
 int cm_moe_arch(const char *arch); /* CM_MOE_* */
 /* Base-attention hyper-parameters of the MoE architectures, after model.c's common ones: the rope
  * style is multipl_moe's NeoX (as qwen2) and mole's "normal" (as llama), or <arch>.rope.type
- * ("neox" / "normal") when present. q/k/v biases are expressed by their tensors' presence. */
+ * ("neox" / "normal") when present. q/k/v biases are expressed by their tensors' presence. qwen3moe
+ * is llama.cpp's architecture: model.c's settings (NeoX) stand and no rope.type key is read. */
 int cm_moe_hparams(const gguf_file *g, const char *arch, cm_model_info *in, cm_err *err);
 
 /* forward.c: the context's MoE state (NULL for dense models). */
@@ -116,7 +123,8 @@ int cm_moe_batch_check(const cm_moe_ctx *mc, const cm_batch *b, const int32_t *s
 void cm_moe_batch_begin(cm_moe_ctx *mc, const cm_batch *b, const int32_t *pos, unsigned char *const *snap);
 void cm_moe_batch_end(cm_moe_ctx *mc);
 
-/* Hybrid FFN of layer il: y (N, D) = a_tok y_tok + a_seg y_seg from x (N, D), the ffn-normed input. */
+/* Hybrid FFN of layer il: y (N, D) = a_tok y_tok + a_seg y_seg from x (N, D), the ffn-normed input;
+ * sparse: y = y_tok. */
 void cm_moe_ffn(cm_moe_ctx *mc, int il, int n, const float *x, float *y);
 /* MoLE: hg, hu (N, F) += adapter deltas of x (N, D); proj (N, D) += adapter deltas of h (N, F). */
 void cm_mole_gate_up(cm_moe_ctx *mc, int il, int n, const float *x, float *hg, float *hu);

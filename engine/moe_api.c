@@ -46,6 +46,10 @@ void cm_model_moe_info(const cm_model *m, cm_moe_info *out) {
         out->n_seg_experts = mm->n_seg;
         out->window = mm->window;
         out->segment_mode_default = mm->mode_default;
+    } else if (mm->kind == CM_MOE_SPARSE) {
+        out->kind = CM_MOE_KIND_SPARSE;
+        out->n_experts = mm->n_tok;
+        out->top_k = mm->k_used;
     } else if (mm->kind == CM_MOE_MOLE) {
         out->kind = CM_MOE_KIND_MOLE;
         out->n_adapters = mm->n_adapters;

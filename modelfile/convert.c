@@ -1,6 +1,7 @@
 /*
  * convert.c - Hugging Face model directory -> GGUF, the way llama.cpp's convert_hf_to_gguf.py does it for
- * Qwen2ForCausalLM and LlamaForCausalLM, so that our GGUFs and llama.cpp's are interchangeable.
+ * Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM and LlamaForCausalLM, so that our GGUFs and
+ * llama.cpp's are interchangeable.
  *
  * Steps: read and validate config.json; open model.safetensors, or every shard named by
  * model.safetensors.index.json; check that every expected tensor exists with the expected shape and that
@@ -21,6 +22,12 @@
  *   (rope_yarn_config); Llama 3.1's "llama3" becomes a rope_freqs.weight tensor as llama.cpp makes it;
  *   "default" or null means none; anything else ("dynamic", "longrope", ...) is refused rather than
  *   silently mis-converted.
+ * - Qwen3: q_norm / k_norm per layer (attn_q_norm / attn_k_norm); key_length / value_length whenever
+ *   head_dim * heads != hidden_size. Qwen3-MoE: mlp.gate -> ffn_gate_inp (always F32, as llama.cpp keeps
+ *   routers), mlp.experts.<e>.{gate,up,down}_proj stacked into ffn_{gate,up,down}_exps (the writer takes
+ *   the per-expert views as parts: no copy); expert_count, expert_used_count, expert_feed_forward_length.
+ *   llama.cpp's qwen3moe always renormalises the top-k weights, so norm_topk_prob false is refused, as are
+ *   dense layers among the sparse ones (decoder_sparse_step != 1, mlp_only_layers).
  * - A directory with tokenizer.json but no config.json gives a vocab-only GGUF. llama.cpp's vocab-only
  *   files carry the model's real architecture because its converter always has a config.json; we have
  *   none, so general.architecture is "none" (the loader accepts any architecture with vocab_only and
@@ -47,7 +54,7 @@
 #define CV_PI 3.14159265358979323846
 
 typedef struct hf_config {
-    const char *arch;    /* "qwen2" or "llama" (static) */
+    const char *arch;    /* "qwen2", "qwen3", "qwen3moe" or "llama" (static) */
     int n_embd, n_layer, n_ff, n_head, n_head_kv, head_dim, n_ctx, n_vocab;
     int head_dim_explicit;
     float eps, theta;
@@ -58,6 +65,8 @@ typedef struct hf_config {
     float rope_attn_factor;   /* yarn: GGUF attn_factor from HF attention_factor (0: absent) */
     float rope_beta_fast, rope_beta_slow; /* yarn: beta_fast / beta_slow (0: absent) */
     double l3_factor, l3_low, l3_high, l3_orig; /* llama3: factor, low/high_freq_factor, original length */
+    int qk_norm;                         /* qwen3, qwen3moe: q_norm / k_norm per layer */
+    int n_expert, n_expert_used, n_ff_exp; /* qwen3moe (0: dense) */
 } hf_config;
 
 typedef struct cv_state {
@@ -205,6 +214,25 @@ static void llama3_rope_freqs(const hf_config *c, float *out) {
     }
 }
 
+/* Qwen3-MoE's expert fields: every layer sparse, softmax top-k renormalised (what llama.cpp's qwen3moe
+ * computes); anything else would convert into a different model, so it is refused. */
+static int moe_config(const json_t *cfg, hf_config *c, cm_err *err) {
+    int rc, step = 1;
+    if ((rc = cfg_int(cfg, "num_experts", 0, 1, CM_MOE_MAX_EXPERTS, &c->n_expert, err)) ||
+        (rc = cfg_int(cfg, "num_experts_per_tok", 0, 1, c->n_expert, &c->n_expert_used, err)) ||
+        (rc = cfg_int(cfg, "moe_intermediate_size", 0, 1, 1 << 20, &c->n_ff_exp, err)) ||
+        (rc = cfg_int(cfg, "decoder_sparse_step", 1, 1, 1 << 16, &step, err)))
+        return rc;
+    if (!json_is_true(json_object_get(cfg, "norm_topk_prob")))
+        return cm_err_set(err, CM_E_UNSUPPORTED, "convert: config.json: norm_topk_prob must be true (llama.cpp's "
+                          "qwen3moe renormalises the top-k expert weights)");
+    const json_t *dense = json_object_get(cfg, "mlp_only_layers");
+    if (step != 1 || (dense && !(json_is_array(dense) && json_array_size(dense) == 0)))
+        return cm_err_set(err, CM_E_UNSUPPORTED, "convert: config.json: dense layers among the sparse ones "
+                          "(decoder_sparse_step %d, mlp_only_layers) are not supported", step);
+    return CM_OK;
+}
+
 static int load_config(cv_state *s, const char *path, cm_err *err) {
     json_t *cfg;
     int rc = load_json(path, CV_MAX_CONFIG, &cfg, err);
@@ -213,13 +241,18 @@ static int load_config(cv_state *s, const char *path, cm_err *err) {
     const char *a = json_string_value(json_array_get(json_object_get(cfg, "architectures"), 0));
     const char *mt = json_string_value(json_object_get(cfg, "model_type"));
     if (a ? !strcmp(a, "Qwen2ForCausalLM") : (mt && !strcmp(mt, "qwen2"))) c->arch = "qwen2";
+    else if (a ? !strcmp(a, "Qwen3ForCausalLM") : (mt && !strcmp(mt, "qwen3"))) c->arch = "qwen3";
+    else if (a ? !strcmp(a, "Qwen3MoeForCausalLM") : (mt && !strcmp(mt, "qwen3_moe"))) c->arch = "qwen3moe";
     else if (a ? !strcmp(a, "LlamaForCausalLM") : (mt && !strcmp(mt, "llama"))) c->arch = "llama";
     else {
         rc = cm_err_set(err, CM_E_UNSUPPORTED,
-                        "convert: architecture \"%.64s\" is not supported (Qwen2ForCausalLM, LlamaForCausalLM)",
+                        "convert: architecture \"%.64s\" is not supported (Qwen2ForCausalLM, Qwen3ForCausalLM, "
+                        "Qwen3MoeForCausalLM, LlamaForCausalLM)",
                         a ? a : mt ? mt : "(none)");
         goto out;
     }
+    c->qk_norm = !strcmp(c->arch, "qwen3") || !strcmp(c->arch, "qwen3moe");
+    if (!strcmp(c->arch, "qwen3moe") && (rc = moe_config(cfg, c, err))) goto out;
     if ((rc = cfg_int(cfg, "hidden_size", 0, 1, 1 << 16, &c->n_embd, err)) ||
         (rc = cfg_int(cfg, "num_hidden_layers", 0, 1, 4096, &c->n_layer, err)) ||
         (rc = cfg_int(cfg, "intermediate_size", 0, 1, 1 << 20, &c->n_ff, err)) ||
@@ -362,12 +395,14 @@ static const st_tensor *find_st(const cv_state *s, const char *name, cm_err *err
 
 /* ------------------------------------------------------------ tensor mapping */
 
-enum { KIND_MATRIX, KIND_VECTOR }; /* vectors (norms, biases) are always written as F32 */
+/* vectors (norms, biases) and routers are always written as F32; an expert matrix is one part of its
+ * stacked GGUF tensor (expert index `expert` of n_expert, written when the last part is seen) */
+enum { KIND_MATRIX, KIND_VECTOR, KIND_ROUTER, KIND_EXPERT };
 enum { PERM_NONE, PERM_Q, PERM_K };
 
 typedef struct expect {
     char hf[128], gguf[64];
-    int kind, perm, optional;
+    int kind, perm, optional, expert;
     int64_t rows, cols; /* HF shape (rows, cols); vectors: (rows) with cols = 0 */
 } expect;
 
@@ -392,13 +427,13 @@ static void permute_rows(const uint8_t *in, uint8_t *out, int n_h, int64_t E, in
 
 static int build_expect(const hf_config *c, expect **out, int *n_out, cm_err *err) {
     int per_layer = 12, n = 0;
-    expect *e = calloc((size_t)c->n_layer * per_layer + 3, sizeof *e);
+    expect *e = calloc((size_t)c->n_layer * (size_t)(per_layer + 3 + 3 * c->n_expert) + 3, sizeof *e);
     if (!e) return cm_err_set(err, CM_E_NOMEM, "convert: out of memory");
     const int64_t D = c->n_embd, QE = (int64_t)c->n_head * c->head_dim, KE = (int64_t)c->n_head_kv * c->head_dim;
     const int qwen2 = !strcmp(c->arch, "qwen2");
 #define ADD(hf_, gg_, kind_, perm_, opt_, r_, c_) do { expect *x_ = &e[n++]; \
         snprintf(x_->hf, sizeof x_->hf, "%s", hf_); snprintf(x_->gguf, sizeof x_->gguf, "%s", gg_); \
-        x_->kind = kind_; x_->perm = perm_; x_->optional = opt_; x_->rows = r_; x_->cols = c_; } while (0)
+        x_->kind = kind_; x_->perm = perm_; x_->optional = opt_; x_->rows = r_; x_->cols = c_; x_->expert = -1; } while (0)
     ADD("model.embed_tokens.weight", "token_embd.weight", KIND_MATRIX, PERM_NONE, 0, c->n_vocab, D);
     char hf[128], gg[64];
     static const struct { const char *hf, *gg; int kind, perm, bias; } lt[] = {
@@ -417,6 +452,7 @@ static int build_expect(const hf_config *c, expect **out, int *n_out, cm_err *er
     };
     for (int l = 0; l < c->n_layer; l++) {
         for (int k = 0; k < per_layer; k++) {
+            if (c->n_expert && !strncmp(lt[k].hf, "mlp.", 4)) continue; /* the experts replace the dense FFN */
             int64_t rows, cols;
             const char *g = lt[k].gg;
             if (!strncmp(g, "attn_q", 6)) rows = QE, cols = D;
@@ -430,6 +466,27 @@ static int build_expect(const hf_config *c, expect **out, int *n_out, cm_err *er
             snprintf(gg, sizeof gg, "blk.%d.%s", l, g);
             /* biases: required for qwen2, optional (attention_bias) for llama */
             ADD(hf, gg, lt[k].kind, qwen2 ? PERM_NONE : lt[k].perm, lt[k].bias && !qwen2, rows, cols);
+        }
+        if (c->qk_norm) { /* qwen3: one RMS norm weight per head dimension, for q and for k */
+            snprintf(hf, sizeof hf, "model.layers.%d.self_attn.q_norm.weight", l);
+            snprintf(gg, sizeof gg, "blk.%d.attn_q_norm.weight", l);
+            ADD(hf, gg, KIND_VECTOR, PERM_NONE, 0, c->head_dim, 0);
+            snprintf(hf, sizeof hf, "model.layers.%d.self_attn.k_norm.weight", l);
+            snprintf(gg, sizeof gg, "blk.%d.attn_k_norm.weight", l);
+            ADD(hf, gg, KIND_VECTOR, PERM_NONE, 0, c->head_dim, 0);
+        }
+        if (c->n_expert) {
+            snprintf(hf, sizeof hf, "model.layers.%d.mlp.gate.weight", l);
+            snprintf(gg, sizeof gg, "blk.%d.ffn_gate_inp.weight", l);
+            ADD(hf, gg, KIND_ROUTER, PERM_NONE, 0, c->n_expert, D);
+            static const char *const proj[3] = {"gate", "up", "down"};
+            for (int p = 0; p < 3; p++)
+                for (int x = 0; x < c->n_expert; x++) {
+                    snprintf(hf, sizeof hf, "model.layers.%d.mlp.experts.%d.%s_proj.weight", l, x, proj[p]);
+                    snprintf(gg, sizeof gg, "blk.%d.ffn_%s_exps.weight", l, proj[p]);
+                    ADD(hf, gg, KIND_EXPERT, PERM_NONE, 0, p == 2 ? D : c->n_ff_exp, p == 2 ? c->n_ff_exp : D);
+                    e[n - 1].expert = x;
+                }
         }
     }
     ADD("model.norm.weight", "output_norm.weight", KIND_VECTOR, PERM_NONE, 0, D, 0);
@@ -460,6 +517,13 @@ static int add_tensors(cv_state *s, gguf_writer *w, int out_type, cm_err *err) {
     expect *ex = NULL;
     int n_ex = 0, rc = build_expect(&s->c, &ex, &n_ex, err);
     if (rc) return rc;
+    /* one stacked expert tensor's parts (views into the shards), gathered until its last expert */
+    const void **parts = s->c.n_expert ? calloc((size_t)s->c.n_expert, sizeof *parts) : NULL;
+    int parts_src = -1;
+    if (s->c.n_expert && !parts) {
+        free(ex);
+        return cm_err_set(err, CM_E_NOMEM, "convert: out of memory");
+    }
     /* every tensor present must be expected (or ignorable), so that nothing is dropped silently */
     for (int i = 0; i < s->n_shards && !rc; i++) {
         for (uint64_t j = 0; j < s->shards[i].n_tensors && !rc; j++) {
@@ -514,10 +578,24 @@ static int add_tensors(cv_state *s, gguf_writer *w, int out_type, cm_err *err) {
             break;
         }
         int dst = GGUF_TT_F32;
-        if (e->kind == KIND_MATRIX) {
+        if (e->kind == KIND_MATRIX || e->kind == KIND_EXPERT) {
             dst = out_type >= 0 ? out_type : src;
             if (dst == GGUF_TT_Q8_0 && e->cols % 32) dst = GGUF_TT_F16;
             if (s->file_type < 0) s->file_type = file_type_of(dst);
+        }
+        if (e->kind == KIND_EXPERT) {
+            if (e->expert == 0) parts_src = src;
+            if (src != parts_src) {
+                rc = cm_err_set(err, CM_E_UNSUPPORTED, "convert: tensor '%s': dtype %s differs from expert 0's", e->hf,
+                                t->dtype_name);
+                break;
+            }
+            parts[e->expert] = t->data;
+            if (e->expert + 1 < s->c.n_expert) continue;
+            /* all experts seen: (n_expert, rows, cols) */
+            int64_t ne3[3] = {e->cols, e->rows, s->c.n_expert};
+            rc = gguf_writer_add_tensor_parts(w, e->gguf, dst, 3, ne3, src, parts, s->c.n_expert, err);
+            continue;
         }
         const void *data = t->data;
         if (e->perm != PERM_NONE && !strcmp(s->c.arch, "llama")) {
@@ -539,6 +617,7 @@ static int add_tensors(cv_state *s, gguf_writer *w, int out_type, cm_err *err) {
         rc = gguf_writer_add_tensor_ref(w, e->gguf, dst, e->cols ? 2 : 1, ne, src, data, err);
     }
     free(ex);
+    free(parts);
     if (s->file_type < 0) s->file_type = 0;
     if (!rc && s->c.rope_scaling && !strcmp(s->c.rope_scaling, "llama3")) {
         float *ff = malloc((size_t)s->c.head_dim / 2 * sizeof *ff);
@@ -577,6 +656,11 @@ static int set_hparams(gguf_writer *w, const hf_config *c, int file_type) {
         bad |= gguf_writer_set_u32(w, KEY("attention.value_length"), (uint32_t)c->head_dim);
     }
     if (!strcmp(c->arch, "llama")) bad |= gguf_writer_set_u32(w, KEY("vocab_size"), (uint32_t)c->n_vocab);
+    if (c->n_expert) {
+        bad |= gguf_writer_set_u32(w, KEY("expert_count"), (uint32_t)c->n_expert);
+        bad |= gguf_writer_set_u32(w, KEY("expert_used_count"), (uint32_t)c->n_expert_used);
+        bad |= gguf_writer_set_u32(w, KEY("expert_feed_forward_length"), (uint32_t)c->n_ff_exp);
+    }
     if (c->rope_scaling && strcmp(c->rope_scaling, "llama3")) { /* llama3: the rope_freqs tensor only */
         bad |= gguf_writer_set_str(w, KEY("rope.scaling.type"), c->rope_scaling);
         bad |= gguf_writer_set_f32(w, KEY("rope.scaling.factor"), c->rope_factor);

@@ -28,8 +28,10 @@ typedef struct wtensor {
     char *name;
     int type, src_type, n_dims;
     int64_t ne[GGUF_MAX_DIMS];
-    const void *src; /* the source data (== owned when copied) */
+    const void *src; /* the source data (== owned when copied); NULL when in parts */
     void *owned;
+    const void **parts; /* (n_parts) owned array: equal slices along the outermost dimension, in order */
+    int n_parts;
     uint64_t nbytes, offset; /* in the output */
 } wtensor;
 
@@ -50,7 +52,7 @@ gguf_writer *gguf_writer_create(cm_err *err) {
 void gguf_writer_free(gguf_writer *w) {
     if (!w) return;
     for (size_t i = 0; i < w->n_kv; i++) { free(w->kv[i].key); free(w->kv[i].val); }
-    for (size_t i = 0; i < w->n_t; i++) { free(w->t[i].name); free(w->t[i].owned); }
+    for (size_t i = 0; i < w->n_t; i++) { free(w->t[i].name); free(w->t[i].owned); free(w->t[i].parts); }
     free(w->kv);
     free(w->t);
     free(w);
@@ -163,7 +165,7 @@ static int src_ok(int t) { return t == GGUF_TT_F32 || t == GGUF_TT_F16 || t == G
 static int dst_ok(int t) { return src_ok(t) || t == GGUF_TT_Q8_0; }
 
 static int add_tensor(gguf_writer *w, const char *name, int type, int n_dims, const int64_t *ne, int src_type,
-                      const void *data, int copy, cm_err *err) {
+                      const void *data, const void *const *parts, int n_parts, int copy, cm_err *err) {
     if (!name || !*name || strlen(name) > 256)
         return cm_err_set(err, CM_E_INVAL, "gguf writer: bad tensor name");
     if (n_dims < 1 || n_dims > GGUF_MAX_DIMS)
@@ -190,6 +192,9 @@ static int add_tensor(gguf_writer *w, const char *name, int type, int n_dims, co
                           name, (long long)t.ne[0], gguf_ttype_name(row ? src_type : type));
     if (!cm_mul_u64(row, nrows, &t.nbytes) || !cm_mul_u64(srow, nrows, &src_bytes) || src_bytes > SIZE_MAX)
         return cm_err_set(err, CM_E_INVAL, "gguf writer: tensor '%s': too large", name);
+    if (parts && (n_parts < 1 || (uint64_t)t.ne[n_dims - 1] % (uint64_t)n_parts))
+        return cm_err_set(err, CM_E_INVAL, "gguf writer: tensor '%s': %d parts do not split dimension %d (%lld)", name,
+                          n_parts, n_dims - 1, (long long)t.ne[n_dims - 1]);
     if (w->n_t == w->cap_t) {
         size_t cap = w->cap_t ? 2 * w->cap_t : 64;
         wtensor *p = realloc(w->t, cap * sizeof *p);
@@ -199,7 +204,15 @@ static int add_tensor(gguf_writer *w, const char *name, int type, int n_dims, co
     }
     t.name = strdup(name);
     if (!t.name) return cm_err_set(err, CM_E_NOMEM, "gguf writer: out of memory");
-    if (copy) {
+    if (parts) {
+        t.parts = malloc((size_t)n_parts * sizeof *t.parts);
+        if (!t.parts) {
+            free(t.name);
+            return cm_err_set(err, CM_E_NOMEM, "gguf writer: out of memory");
+        }
+        memcpy(t.parts, parts, (size_t)n_parts * sizeof *t.parts);
+        t.n_parts = n_parts;
+    } else if (copy) {
         t.owned = malloc(src_bytes ? (size_t)src_bytes : 1);
         if (!t.owned) {
             free(t.name);
@@ -217,12 +230,18 @@ static int add_tensor(gguf_writer *w, const char *name, int type, int n_dims, co
 
 int gguf_writer_add_tensor(gguf_writer *w, const char *name, int type, int n_dims, const int64_t *ne,
                            int src_type, const void *data, cm_err *err) {
-    return add_tensor(w, name, type, n_dims, ne, src_type, data, 1, err);
+    return add_tensor(w, name, type, n_dims, ne, src_type, data, NULL, 0, 1, err);
 }
 
 int gguf_writer_add_tensor_ref(gguf_writer *w, const char *name, int type, int n_dims, const int64_t *ne,
                                int src_type, const void *data, cm_err *err) {
-    return add_tensor(w, name, type, n_dims, ne, src_type, data, 0, err);
+    return add_tensor(w, name, type, n_dims, ne, src_type, data, NULL, 0, 0, err);
+}
+
+int gguf_writer_add_tensor_parts(gguf_writer *w, const char *name, int type, int n_dims, const int64_t *ne,
+                                 int src_type, const void *const *parts, int n_parts, cm_err *err) {
+    if (!parts) return cm_err_set(err, CM_E_INVAL, "gguf writer: tensor '%s': no parts", name ? name : "");
+    return add_tensor(w, name, type, n_dims, ne, src_type, NULL, parts, n_parts, 0, err);
 }
 
 /* ------------------------------------------------------------ conversion */
@@ -272,20 +291,23 @@ static int write_pad(FILE *f, uint64_t pos, uint64_t align) {
 }
 
 static int write_tensor_data(FILE *f, const wtensor *t, float *tmp, uint8_t *out, size_t out_cap) {
+    int np = t->parts ? t->n_parts : 1;
     if (t->type == t->src_type) {
-        const uint8_t *p = t->src;
-        return fwrite(p, 1, (size_t)t->nbytes, f) == (size_t)t->nbytes ? 0 : -1;
+        size_t each = (size_t)(t->nbytes / (uint64_t)np);
+        for (int i = 0; i < np; i++)
+            if (fwrite(t->parts ? t->parts[i] : t->src, 1, each, f) != each) return -1;
+        return 0;
     }
-    uint64_t nrows = t->nbytes / gguf_row_bytes(t->type, t->ne[0]);
+    uint64_t nrows = t->nbytes / gguf_row_bytes(t->type, t->ne[0]), per_part = nrows / (uint64_t)np;
     uint64_t srow = gguf_row_bytes(t->src_type, t->ne[0]), drow = gguf_row_bytes(t->type, t->ne[0]);
-    const uint8_t *src = t->src;
     size_t used = 0;
     for (uint64_t r = 0; r < nrows; r++) {
         if (used + drow > out_cap) {
             if (fwrite(out, 1, used, f) != used) return -1;
             used = 0;
         }
-        row_to_f32(t->src_type, src + r * srow, tmp, t->ne[0]);
+        const uint8_t *src = t->parts ? t->parts[r / per_part] : t->src;
+        row_to_f32(t->src_type, src + (t->parts ? r % per_part : r) * srow, tmp, t->ne[0]);
         row_from_f32(t->type, tmp, out + used, t->ne[0]);
         used += (size_t)drow;
     }

@@ -36,6 +36,12 @@ int gguf_writer_add_tensor(gguf_writer *w, const char *name, int type, int n_dim
  * F32/F16/BF16/Q8_0) happens row by row while writing. */
 int gguf_writer_add_tensor_ref(gguf_writer *w, const char *name, int type, int n_dims, const int64_t *ne,
                                int src_type, const void *data, cm_err *err);
+/* gguf_writer_add_tensor_ref of a tensor held in n_parts equal pieces, concatenated along its outermost
+ * dimension (ne[n_dims - 1], which n_parts must divide): the converter stacks per-expert matrices into
+ * one (n_expert, rows, cols) tensor without copying them. The pointer array is copied; the pieces must
+ * stay valid until gguf_writer_write returns. */
+int gguf_writer_add_tensor_parts(gguf_writer *w, const char *name, int type, int n_dims, const int64_t *ne,
+                                 int src_type, const void *const *parts, int n_parts, cm_err *err);
 int gguf_writer_write(gguf_writer *w, const char *path, cm_err *err);
 
 /* ggml's reference Q8_0 quantiser: x (n), n % 32 == 0 -> y (n/32 blocks of fp16 d + 32 int8). */

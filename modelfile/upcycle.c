@@ -111,18 +111,18 @@ static int copy_kv(gguf_writer *w, const gguf_kv *kv, const char *from, const ch
 
 static int check_params(const cm_upcycle_params *p, cm_err *err) {
     if (p->mole_langs) return CM_OK;
-    if (p->n_experts < 1 || p->n_experts > CM_MOE_MAX_EXPERTS)
-        return cm_err_set(err, CM_E_INVAL, "upcycle: --experts %d out of range [1, %d]", p->n_experts, CM_MOE_MAX_EXPERTS);
+    if (p->n_experts < 1 || p->n_experts > CM_HYBRID_MAX_EXPERTS)
+        return cm_err_set(err, CM_E_INVAL, "upcycle: --experts %d out of range [1, %d]", p->n_experts, CM_HYBRID_MAX_EXPERTS);
     if (p->top_k < 1 || p->top_k > p->n_experts)
         return cm_err_set(err, CM_E_INVAL, "upcycle: --top-k %d must be in [1, experts %d]", p->top_k, p->n_experts);
     if (p->shared < CM_UPCYCLE_SHARED_LAST || p->shared >= p->n_experts)
         return cm_err_set(err, CM_E_INVAL, "upcycle: --shared %d out of range [-1, %d)", p->shared, p->n_experts);
-    if (p->n_seg_experts < 0 || p->n_seg_experts > CM_MOE_MAX_EXPERTS)
+    if (p->n_seg_experts < 0 || p->n_seg_experts > CM_HYBRID_MAX_EXPERTS)
         return cm_err_set(err, CM_E_INVAL, "upcycle: --segment-experts %d out of range [0, %d]", p->n_seg_experts,
-                          CM_MOE_MAX_EXPERTS);
+                          CM_HYBRID_MAX_EXPERTS);
     if (p->window < 1) return cm_err_set(err, CM_E_INVAL, "upcycle: --window %d must be >= 1", p->window);
-    if (p->bucket < 1 || p->bucket > CM_MOE_MAX_EXPERTS)
-        return cm_err_set(err, CM_E_INVAL, "upcycle: --bucket %d out of range [1, %d]", p->bucket, CM_MOE_MAX_EXPERTS);
+    if (p->bucket < 1 || p->bucket > CM_HYBRID_MAX_EXPERTS)
+        return cm_err_set(err, CM_E_INVAL, "upcycle: --bucket %d out of range [1, %d]", p->bucket, CM_HYBRID_MAX_EXPERTS);
     if (!(p->capacity > 0 && p->capacity <= 1e6f)) return cm_err_set(err, CM_E_INVAL, "upcycle: --capacity must be > 0");
     if (!p->pooling || (strcmp(p->pooling, "max") && strcmp(p->pooling, "mean")))
         return cm_err_set(err, CM_E_INVAL, "upcycle: --pooling must be max or mean");

@@ -296,16 +296,17 @@ int cmd_complete(int argc, char **argv) {
         goto out;
     }
     for (int i = 0; i < n_prompt; i++) cm_sampler_accept_prompt(smp, ids[i]);
-    if (cm_model_n_adapters(m) > 0) { /* MoLE: --language, else the prompt's fences, else a guess */
-        cm_seq_options so;
-        cm_seq_options_default(&so);
-        const char *lang = cm_lang_for_request(language, prompt, plen);
-        so.language = lang ? cm_model_adapter_id(m, lang) : -1;
-        if (language && so.language < 0) fprintf(stderr, "codemoe complete: no adapter for language %s\n", language);
-        if (cm_seq_set_options(ctx, seq, &so, &err) < 0) {
-            fprintf(stderr, "codemoe complete: %s\n", err.msg);
-            goto out;
-        }
+    /* the sequence's options by the API's rule (MoLE: --language, else the prompt's fences, else a guess) */
+    cm_seq_options so;
+    api_error ae;
+    if (api_seq_options(m, language, API_SEGMENT_CAUSAL, prompt, plen, &so, &ae) < 0) {
+        fprintf(stderr, "codemoe complete: %s\n", ae.message);
+        rc = 2;
+        goto out;
+    }
+    if (cm_seq_set_options(ctx, seq, &so, &err) < 0) {
+        fprintf(stderr, "codemoe complete: %s\n", err.msg);
+        goto out;
     }
 
     /* prefill: the whole prompt in one batch, logits for the last token only */

@@ -24,7 +24,7 @@
 
 enum {
     GOLDEN_DENSE,     /* a dense GGUF fixture: tests/engine/test_forward_golden.c, tests/integration/test_cli.c */
-    GOLDEN_MOE,       /* a hybrid or MoLE GGUF fixture: tests/engine/test_moe.c, tests/integration/test_cli.c */
+    GOLDEN_MOE,       /* a hybrid, sparse or MoLE GGUF fixture: tests/engine/test_moe.c, tests/integration/test_cli.c */
     GOLDEN_HF,        /* a Hugging Face directory's logits (fixtures/hf/): tests/modelfile/test_convert.c */
     GOLDEN_TOKENIZER, /* tokenizer cases: tests/engine/test_tokenizer.c */
 };
@@ -42,9 +42,13 @@ static inline const golden_entry *golden_inventory(int *n) {
         {"qwen2-gqa-f16", GOLDEN_DENSE}, {"qwen2-gqa-q8_0", GOLDEN_DENSE}, {"qwen2-mha", GOLDEN_DENSE},
         {"qwen2-yarn", GOLDEN_DENSE},   {"qwen2-gqa-q4_0", GOLDEN_DENSE},  {"qwen2-k-q4_k_m", GOLDEN_DENSE},
         {"qwen2-k-q6_k", GOLDEN_DENSE},
+        {"qwen3-gqa", GOLDEN_DENSE},    {"qwen3-gqa-q8_0", GOLDEN_DENSE},  {"qwen3-k-q4_k_m", GOLDEN_DENSE},
+        {"qwen3-k-q6_k", GOLDEN_DENSE},
         {"hybrid-max", GOLDEN_MOE},     {"hybrid-mean", GOLDEN_MOE},       {"mole", GOLDEN_MOE},
+        {"qwen3moe", GOLDEN_MOE},       {"qwen3moe-q8_0", GOLDEN_MOE},     {"qwen3moe-k-q4_k_m", GOLDEN_MOE},
         {"llama-freqs-hf", GOLDEN_HF},  {"llama-linear-hf", GOLDEN_HF},    {"llama-mha-bf16-hf", GOLDEN_HF},
-        {"qwen2-gqa-hf", GOLDEN_HF},    {"qwen2-yarn-hf", GOLDEN_HF},
+        {"qwen2-gqa-hf", GOLDEN_HF},    {"qwen2-yarn-hf", GOLDEN_HF},      {"qwen3-gqa-hf", GOLDEN_HF},
+        {"qwen3moe-hf", GOLDEN_HF},
         {"tokenizer", GOLDEN_TOKENIZER},
     };
     *n = (int)(sizeof t / sizeof t[0]);

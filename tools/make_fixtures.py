@@ -3,7 +3,7 @@
     /usr/bin/python3 tools/make_fixtures.py [--out tests/fixtures] [--check]
 
 Writes (see docs/reference.md for the contract and the tolerances):
-  models/<name>.gguf          tiny random Qwen2/Llama models with a tiny byte-level BPE tokenizer
+  models/<name>.gguf          tiny random Qwen2/Qwen3/Llama/Qwen3-MoE models with a tiny byte-level BPE tokenizer
   golden/<name>.json + .f32   logits of the PyTorch reference at every position, greedy continuation
   hf/<name>/                  Hugging Face directories (config.json, safetensors, tokenizer.json)
   golden/tokenizer.json       text -> ids cases of the fixture tokenizer
@@ -15,6 +15,7 @@ llama.cpp-convention forward; safetensors: a separate parser) and comparing the 
 import argparse
 import hashlib
 import json
+import math
 import os
 import struct
 import sys
@@ -111,6 +112,10 @@ SPECS = [
     dict(name="llama-freqs", arch="llama", H=2, K=1, tied=True, theta=1e4, eps=1e-5, n_cases=2, hf_dir=True,
          D=32, F=64, rope_scaling={"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
                                    "original_max_position_embeddings": 32, "rope_type": "llama3"}),
+    # Qwen3: per-head q/k norms, head_dim 32 != D / H = 16 (so Q = 128 != D, written as key_length /
+    # value_length as llama.cpp's converter does), no q/k/v bias; and its Q8_0 twin
+    dict(name="qwen3-gqa", arch="qwen3", H=4, K=2, tied=True, theta=1e6, eps=1e-6, key_length=True, head_dim=32,
+         n_cases=2, variants=[("q8_0", GGMLType.Q8_0, 1e-2)], hf_dir=True),
 ]
 # type variants of the first model: (suffix, GGML type, tolerance)
 VARIANTS = [("f16", GGMLType.F16, 2e-4), ("bf16", GGMLType.BF16, 2e-4), ("q8_0", GGMLType.Q8_0, 1e-2),
@@ -155,6 +160,10 @@ def q4_k_m_type(name):
 # that the embedding and the output carry different types. (name, ttype, tolerance)
 KQUANT_SPEC = dict(name="qwen2-k", arch="qwen2", H=16, K=4, tied=False, theta=1e6, eps=1e-6, D=256, F=256)
 KQUANT_VARIANTS = [("q4_k_m", Mix(15, q4_k_m_type), 1e-3), ("q6_k", GGMLType.Q6_K, 1e-3)]
+# Qwen3 in the same types: head_dim 128 != D / H = 64, so Q = 512 rows of attn_output still fill super-blocks
+QWEN3_K_SPEC = dict(name="qwen3-k", arch="qwen3", H=4, K=1, tied=False, theta=1e6, eps=1e-6, D=256, F=256,
+                    key_length=True, head_dim=128)
+KQUANT_MODELS = [(KQUANT_SPEC, SEED + 50), (QWEN3_K_SPEC, SEED + 60)]
 
 
 # ============================================================================ weights
@@ -162,7 +171,7 @@ KQUANT_VARIANTS = [("q4_k_m", Mix(15, q4_k_m_type), 1e-3), ("q6_k", GGMLType.Q6_
 def make_config(spec, n_vocab):
     return ref.Config(spec["arch"], n_vocab, spec.get("D", D), spec.get("F", F), N_LAYER, spec["H"], spec["K"],
                       spec["eps"], spec["theta"],
-                      spec["tied"], N_CTX, HEAD_DIM, rope_scaling=spec.get("rope_scaling"))
+                      spec["tied"], N_CTX, spec.get("head_dim", HEAD_DIM), rope_scaling=spec.get("rope_scaling"))
 
 
 def make_weights(cfg, seed):
@@ -332,7 +341,7 @@ def read_safetensors(path):
     return out
 
 
-def hf_config(cfg, tok, dtype):
+def hf_config(cfg, tok, dtype, extra=None):
     eot = tok.ids["<|endoftext|>"]
     c = {
         "architectures": [ref.HF_ARCH[cfg.model_type]], "attention_dropout": 0.0, "bos_token_id": eot,
@@ -344,11 +353,17 @@ def hf_config(cfg, tok, dtype):
         "tie_word_embeddings": cfg.tie_word_embeddings, "torch_dtype": dtype,
         "transformers_version": "4.46.3", "use_cache": True, "vocab_size": cfg.vocab_size,
     }
+    if cfg.model_type in ref.QK_NORM:
+        c["transformers_version"] = "4.51.0"  # the first with Qwen3 and Qwen3-MoE
     if cfg.model_type == "qwen2":
         c.update({"max_window_layers": cfg.num_hidden_layers, "sliding_window": None,
                   "use_sliding_window": False})
+    elif cfg.model_type in ref.QK_NORM:  # Qwen3Config / Qwen3MoeConfig
+        c.update({"attention_bias": False, "head_dim": cfg.head_dim, "max_window_layers": cfg.num_hidden_layers,
+                  "sliding_window": None, "use_sliding_window": False})
     else:
         c.update({"attention_bias": False, "head_dim": cfg.head_dim, "mlp_bias": False, "pretraining_tp": 1})
+    c.update(extra or {})
     return json.dumps(c, indent=2, sort_keys=True) + "\n"
 
 
@@ -382,19 +397,20 @@ def hf_tokenizer_config(tok, arch):
          "added_tokens_decoder": dec, "bos_token": None, "clean_up_tokenization_spaces": False,
          "eos_token": "<|endoftext|>", "errors": "replace", "model_max_length": N_CTX,
          "pad_token": "<|endoftext|>", "split_special_tokens": False,
-         "tokenizer_class": "Qwen2Tokenizer" if arch == "qwen2" else "PreTrainedTokenizerFast",
+         "tokenizer_class": "Qwen2Tokenizer" if arch in ("qwen2", "qwen3", "qwen3_moe") else "PreTrainedTokenizerFast",
          "unk_token": None}
     return json.dumps(c, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-def write_hf(dirpath, cfg, weights, tok, dtype, n_shards):
+def write_hf(dirpath, cfg, weights, tok, dtype, n_shards, names=None, extra=None):
     """HF directory. dtype 'float32' or 'bfloat16'. Tied models omit lm_head.weight (as save_pretrained
-    does). Returns the weights as stored (float32 values)."""
+    does). names: the state dict's tensors (default: the dense model's); extra: more config.json fields.
+    Returns the weights as stored (float32 values)."""
     os.makedirs(dirpath, exist_ok=True)
     for f in os.listdir(dirpath):
         os.remove(os.path.join(dirpath, f))
     st = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[dtype]
-    names = sorted(ref.hf_shapes(cfg))
+    names = sorted(names or ref.hf_shapes(cfg))
     items, stored = [], {}
     for n in names:
         v = weights[n]
@@ -415,7 +431,7 @@ def write_hf(dirpath, cfg, weights, tok, dtype, n_shards):
         idx = {"metadata": {"total_size": total}, "weight_map": dict(sorted(wmap.items()))}
         with open(os.path.join(dirpath, "model.safetensors.index.json"), "w") as f:
             f.write(json.dumps(idx, indent=2) + "\n")
-    for fn, text in (("config.json", hf_config(cfg, tok, dtype)), ("tokenizer.json", hf_tokenizer_json(tok)),
+    for fn, text in (("config.json", hf_config(cfg, tok, dtype, extra)), ("tokenizer.json", hf_tokenizer_json(tok)),
                      ("tokenizer_config.json", hf_tokenizer_config(tok, cfg.model_type))):
         with open(os.path.join(dirpath, fn), "w", encoding="utf-8") as f:
             f.write(text)
@@ -825,10 +841,183 @@ def make_mole(out, tok):
     print("%-16s max|logit| %s" % (name, [c["max_abs_logit"] for c in cases]))
 
 
+def qwen3moe_q4_k_m_type(name):
+    """Q4_K_M-style for the sparse K-quant fixture, as llama-quantize treats a Qwen3-MoE file: Q4_K, with
+    Q6_K for the output and layer 0's attn_v; where a row does not fill a 256-value super-block its
+    fallbacks (Q5_0 for Q4_K, Q8_0 for Q6_K): attn_output (rows of H*E = 128) and ffn_down_exps (rows of
+    F = 32, the more-bits Q6_K -> Q8_0 in layer 0, Q4_K -> Q5_0 in layer 1), so the expert tensors of one
+    layer have different types; routers stay F32 (llama-quantize never quantises ffn_gate_inp)."""
+    if name == "output.weight" or name == "blk.0.attn_v.weight":
+        return GGMLType.Q6_K
+    if name.endswith("ffn_gate_inp.weight"):
+        return GGMLType.F32
+    if name.endswith("attn_output.weight"):
+        return GGMLType.Q5_0
+    if name == "blk.0.ffn_down_exps.weight":
+        return GGMLType.Q8_0
+    if name.endswith("ffn_down_exps.weight"):
+        return GGMLType.Q5_0
+    return GGMLType.Q4_K
+
+
+def q8_0_router_f32(name):
+    return GGMLType.F32 if name.endswith("ffn_gate_inp.weight") else GGMLType.Q8_0
+
+
+# Sparse MoE (qwen3moe: Qwen3-Coder-30B-A3B's architecture): Qwen3 attention (per-head q/k norms, head_dim
+# E != D / H), 8 experts top-2 with the top-k weights renormalised, no shared expert. The small model in F32
+# and Q8_0 (routers F32); a D=256 one for the K-quant mix. (name suffix, per-tensor type, llama_ftype, tol)
+SPARSES = [
+    dict(name="qwen3moe", seed=SEED + 400, D=32, H=2, K=1, E=32, n_ff=64, tied=True, hf_dir=True,
+         sp=dict(n_experts=8, k_used=2, f_exp=32),
+         variants=[("", lambda n: GGMLType.F32, 0, TOL_F32), ("-q8_0", q8_0_router_f32, 7, 1e-2)]),
+    dict(name="qwen3moe-k", seed=SEED + 500, D=256, H=2, K=1, E=64, n_ff=64, tied=False,
+         sp=dict(n_experts=8, k_used=2, f_exp=32),
+         variants=[("-q4_k_m", qwen3moe_q4_k_m_type, 15, 1e-3)]),
+]
+SPARSE_GGUF = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
+
+
+def sparse_gguf_tensors(cfg, sp, w):
+    """HF-named Qwen3-MoE weights -> ordered GGUF (name, array): the base tensors, then per layer the router
+    and the experts stacked (E, F, D) / (E, D, F) as llama.cpp's converter writes them."""
+    out = gguf_tensors(cfg, w, dense_ffn=False)
+    for i in range(cfg.num_hidden_layers):
+        p = "model.layers.%d.mlp." % i
+        out.append(("blk.%d.ffn_gate_inp.weight" % i, w[p + "gate.weight"]))
+        for hf, gg in SPARSE_GGUF.items():
+            out.append(("blk.%d.%s.weight" % (i, gg), np.ascontiguousarray(
+                np.stack([w[p + "experts.%d.%s.weight" % (e, hf)] for e in range(sp.n_experts)]))))
+    return out
+
+
+def sparse_stored(cfg, sp, w, tfn):
+    """The HF-named weights as the engine sees them after dequantising each GGUF tensor's type."""
+    st = {k: v for k, v in w.items()}
+    for n, v in gguf_tensors(cfg, w, dense_ffn=False):
+        if v.ndim >= 2:
+            st[ref.gguf_to_hf_name(n)] = gguf.roundtrip(v, tfn(n))
+    for i in range(cfg.num_hidden_layers):
+        p = "model.layers.%d.mlp." % i
+        st[p + "gate.weight"] = gguf.roundtrip(w[p + "gate.weight"], tfn("blk.%d.ffn_gate_inp.weight" % i))
+        for hf, gg in SPARSE_GGUF.items():
+            stack = np.stack([w[p + "experts.%d.%s.weight" % (e, hf)] for e in range(sp.n_experts)])
+            back = gguf.roundtrip(stack, tfn("blk.%d.%s.weight" % (i, gg)))
+            for e in range(sp.n_experts):
+                st[p + "experts.%d.%s.weight" % (e, hf)] = back[e]
+    return st
+
+
+def make_sparse(out, tok, spec):
+    sp = moe.SparseParams(**spec["sp"])
+    D = spec["D"]
+    cfg = ref.Config("qwen3_moe", len(tok.tokens), D, spec["n_ff"], N_LAYER, spec["H"], spec["K"], 1e-6, 1e6,
+                     spec["tied"], N_CTX, spec["E"])
+    cases_tok = [(t, tok.encode(t)) for t in HYBRID_TEXTS[:2]]
+    sc = math.sqrt(MOE_D / D)  # projections from D scaled so activations match the D=32 fixtures
+    # the first seed whose every routing decision, in every type variant, has a gap of at least
+    # ROUTE_MARGIN (float32 rounding in C cannot flip one), with an unambiguous greedy run
+    for attempt in range(200):
+        rng = np.random.default_rng(spec["seed"] + 1000 * attempt)
+        w = moe_base_weights(cfg, rng, dense_ffn=False)
+        for k in w:
+            if any(p in k for p in ("q_proj", "k_proj", "v_proj")):
+                w[k] = (w[k] * sc).astype(np.float32)
+        for k, shp in moe.sparse_shapes(cfg, sp).items():
+            std = 0.5 * sc if k.endswith("gate.weight") else 0.17 if "down_proj" in k else 0.12 * sc
+            w[k] = (std * rng.standard_normal(shp)).astype(np.float32)
+        runs = []
+        for suf, tfn, ft, tol in spec["variants"]:
+            m = moe.SparseModel(cfg, sp, sparse_stored(cfg, sp, w, tfn))
+            res = [m.forward_traced(toks) for _, toks in cases_tok]
+            if min(r[2] for r in res) < ROUTE_MARGIN:
+                break
+            g = None
+            for text in MOE_GREEDY_TEXTS:
+                p = tok.encode(text)
+                gout, lm, rm = greedy_traced(m, p, 16, lambda t: m.forward_traced(t)[0::2])
+                if lm >= 5 * tol and rm >= ROUTE_MARGIN and all(tok.tokens[t] not in tok.specials for t in gout):
+                    g = (text, p, gout, lm, rm)
+                    break
+            if g is None:
+                break
+            runs.append((m, res, g))
+        if len(runs) == len(spec["variants"]):
+            break
+    else:
+        raise RuntimeError("%s: no seed with unambiguous routing" % spec["name"])
+
+    a = "qwen3moe"
+    for (suf, tfn, ft, tol), (m, res, g) in zip(spec["variants"], runs):
+        name = spec["name"] + suf
+        path = os.path.join(out, "models", name + ".gguf")
+        gw = GGUFWriter(path)
+        add_base_kv(gw, a, cfg, cfg.intermediate_size, Mix(ft, tfn), name, key_length=True)
+        gw.add_uint32(a + ".expert_count", sp.n_experts)
+        gw.add_uint32(a + ".expert_used_count", sp.k_used)
+        gw.add_uint32(a + ".expert_feed_forward_length", sp.f_exp)
+        add_tokenizer_kv(gw, tok)
+        for n, v in sparse_gguf_tensors(cfg, sp, w):
+            gw.add_tensor(n, v, tfn(n) if v.ndim >= 2 else GGMLType.F32)
+        gw.write()
+
+        cases = []
+        for ci, ((text, toks), (lg, trace, rmargin)) in enumerate(zip(cases_tok, res)):
+            fn = "golden/%s.case%d.f32" % (name, ci)
+            write_f32(os.path.join(out, fn), lg.numpy())
+            cases.append({"text": text, "tokens": toks, "logits": fn, "max_abs_logit": round(float(lg.abs().max()), 3),
+                          "min_route_margin": round(rmargin, 6),
+                          "routing": [{"layer": i, "token_experts": tr["token_experts"]} for i, tr in enumerate(trace)]})
+        text, p, gout, lm, rm = g
+        _, gtrace, _ = m.forward_traced(p + gout[:-1])
+        tname = suf[1:] if suf else "f32"
+        j = {"model": "models/%s.gguf" % name, "arch": a, "type": tname, "tolerance": {"max_abs": tol},
+             "n_vocab": len(tok.tokens), "n_ctx": N_CTX, "special_tokens_parsed": True, "sparse": spec["sp"],
+             "cases": cases,
+             "greedy": {"text": text, "prompt": p, "n_predict": 16, "tokens": gout, "min_margin": round(lm, 6),
+                        "min_route_margin": round(rm, 6), "text_out": tok.decode(gout),
+                        "routing": [{"layer": i, "token_experts": tr["token_experts"]} for i, tr in enumerate(gtrace)]}}
+        write_json(os.path.join(out, "golden", name + ".json"), j)
+
+        # read back with the GGUF-side forward and the vectorised GGUF-layout FFN: the same logits
+        r = GGUFReader(path)
+        t = {n: x.dequantize() for n, x in r.tensors.items()}
+        for text_toks, (lg, _, _) in zip(cases_tok, res):
+            got = ref.gguf_forward(t, r.get("general.architecture"), r.get(a + ".attention.head_count"),
+                                   r.get(a + ".attention.head_count_kv"),
+                                   float(r.get(a + ".attention.layer_norm_rms_epsilon")),
+                                   float(r.get(a + ".rope.freq_base")), text_toks[1],
+                                   ffn=moe.gguf_sparse_ffn(t, r.get(a + ".expert_used_count")))
+            assert float((got - lg).abs().max()) < 1e-5, name
+        print("%-16s max|logit| %s, route margin %.4f, seed attempt %d" % (
+            name, [c["max_abs_logit"] for c in cases], min(c["min_route_margin"] for c in cases), attempt))
+
+        if spec.get("hf_dir") and not suf:  # the f32 weights as a Qwen3MoeForCausalLM directory
+            hname = name + "-hf"
+            extra = {"num_experts": sp.n_experts, "num_experts_per_tok": sp.k_used, "moe_intermediate_size": sp.f_exp,
+                     "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                     "output_router_logits": False, "router_aux_loss_coef": 0.001}
+            hdir = os.path.join(out, "hf", hname)
+            write_hf(hdir, cfg, w, tok, "float32", 1, names=list(w), extra=extra)
+            golden(out, hname, "hf_dir", "hf/" + hname, a, "f32", tol, m, tok, cases_tok, logits_from=name,
+                   n_cases=len(cases_tok))
+            # read back with the separate safetensors parser and the config as written
+            st = {}
+            for f in sorted(x for x in os.listdir(hdir) if x.endswith(".safetensors")):
+                st.update(read_safetensors(os.path.join(hdir, f)))
+            hc = json.load(open(os.path.join(hdir, "config.json")))
+            sp2 = moe.SparseParams(hc["num_experts"], hc["num_experts_per_tok"], hc["moe_intermediate_size"],
+                                   hc["norm_topk_prob"])
+            got = moe.SparseModel(ref.Config.from_hf(hc), sp2, st).forward(cases_tok[0][1])
+            assert float((got - res[0][0]).abs().max()) < 1e-6, hname
+
+
 def make_moe_fixtures(out, tok):
     for spec in HYBRIDS:
         make_hybrid(out, tok, spec)
     make_mole(out, tok)
+    for spec in SPARSES:
+        make_sparse(out, tok, spec)
 
 
 def main():
@@ -874,16 +1063,17 @@ def main():
         check_gguf(path, spec, cases_tok[0][1], model.forward(cases_tok[0][1]))
         print("%-16s max|logit| %s" % (spec["name"], [c["max_abs_logit"] for c in cases]))
 
-        if si == 0:  # type variants and the f32 HF directory of the first model
-            for suf, tt, tol in VARIANTS:
-                name = "%s-%s" % (spec["name"], suf)
-                sw = stored_weights(w, tt)
-                m = ref.Model(cfg, sw)
-                p = os.path.join(out, "models", name + ".gguf")
-                write_gguf(p, spec, cfg, w, tok, tt, name)
-                golden(out, name, "model", "models/%s.gguf" % name, cfg.model_type, suf, tol, m, tok, cases_tok,
-                       n_cases=2)
-                check_gguf(p, spec, cases_tok[0][1], m.forward(cases_tok[0][1]))
+        # type variants: every type for the first model, those the spec names for the others
+        for suf, tt, tol in VARIANTS if si == 0 else spec.get("variants", []):
+            name = "%s-%s" % (spec["name"], suf)
+            sw = stored_weights(w, tt)
+            m = ref.Model(cfg, sw)
+            p = os.path.join(out, "models", name + ".gguf")
+            write_gguf(p, spec, cfg, w, tok, tt, name)
+            golden(out, name, "model", "models/%s.gguf" % name, cfg.model_type, suf, tol, m, tok, cases_tok,
+                   n_cases=2)
+            check_gguf(p, spec, cases_tok[0][1], m.forward(cases_tok[0][1]))
+        if si == 0:  # the f32 HF directory of the first model
             name = spec["name"] + "-hf"  # the same f32 weights, one model.safetensors, the same logits files
             write_hf(os.path.join(out, "hf", name), cfg, w, tok, "float32", 1)
             golden(out, name, "hf_dir", "hf/" + name, cfg.model_type, "f32", TOL_F32, model, tok, cases_tok,
@@ -903,17 +1093,18 @@ def main():
             check_hf(os.path.join(out, "hf", name), cfg, cases_tok[0][1], m.forward(cases_tok[0][1]))
 
     # K-quants: only the quantised files (their f32 twin would be 3 MB of fixture for nothing new)
-    spec = KQUANT_SPEC
-    cfg = make_config(spec, V)
-    w = make_weights(cfg, SEED + 50)
-    for suf, tt, tol in KQUANT_VARIANTS:
-        name = "%s-%s" % (spec["name"], suf)
-        m = ref.Model(cfg, stored_weights(w, tt))
-        p = os.path.join(out, "models", name + ".gguf")
-        write_gguf(p, spec, cfg, w, tok, tt, name)
-        golden(out, name, "model", "models/%s.gguf" % name, cfg.model_type, suf, tol, m, tok, cases_tok, n_cases=2)
-        check_gguf(p, spec, cases_tok[0][1], m.forward(cases_tok[0][1]))
-        print("%-16s written" % name)
+    for spec, seed in KQUANT_MODELS:
+        cfg = make_config(spec, V)
+        w = make_weights(cfg, seed)
+        for suf, tt, tol in KQUANT_VARIANTS:
+            name = "%s-%s" % (spec["name"], suf)
+            m = ref.Model(cfg, stored_weights(w, tt))
+            p = os.path.join(out, "models", name + ".gguf")
+            write_gguf(p, spec, cfg, w, tok, tt, name)
+            golden(out, name, "model", "models/%s.gguf" % name, cfg.model_type, suf, tol, m, tok, cases_tok,
+                   n_cases=2)
+            check_gguf(p, spec, cases_tok[0][1], m.forward(cases_tok[0][1]))
+            print("%-16s written" % name)
 
     if not args.only_dense:
         make_moe_fixtures(out, tok)

@@ -1,5 +1,6 @@
-"""reference.py - from-scratch PyTorch reference of the dense Qwen2 / Llama decoders, as Hugging Face
-defines them (Qwen2ForCausalLM, LlamaForCausalLM), plus the tiny byte-level BPE tokenizer used by the
+"""reference.py - from-scratch PyTorch reference of the dense Qwen2 / Qwen3 / Llama decoders, as Hugging
+Face defines them (Qwen2ForCausalLM, Qwen3ForCausalLM, LlamaForCausalLM; Qwen3-MoE's attention too, whose
+FFN reference_moe.py plugs in), plus the tiny byte-level BPE tokenizer used by the
 fixtures (trainer, encoder, decoder; GPT-2 byte<->unicode mapping; Qwen2 pre-tokenizer rules).
 
 No transformers / tokenizers / safetensors packages: everything is written here so the C engine is
@@ -12,6 +13,8 @@ Model (HF semantics; shapes: T tokens, D hidden, H heads, K kv heads, E head_dim
     logits = lm_head(rmsnorm(x))                        (T, V); lm_head = embed when tied
     rmsnorm(x) = w * (x * rsqrt(mean(x^2) + eps))       (in float32 in HF; here in `dtype`)
     rope: NeoX halves: q*cos + rotate_half(q)*sin, inv_freq = theta^(-2i/E)
+    Qwen3: q and k RMS-normed per head (weights (E,), the layer's eps) before rope; E from head_dim, so
+           H*E need not equal D; no q/k/v bias unless attention_bias
     attention: causal softmax(q k^T / sqrt(E)) v, k/v heads shared by H/K query heads (GQA)
 
 The model can run in float32 (what HF does for an f32 checkpoint) or float64 (used for the goldens, so
@@ -26,7 +29,9 @@ import torch
 
 # ============================================================================ config / weights
 
-HF_ARCH = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+HF_ARCH = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM",
+           "qwen3_moe": "Qwen3MoeForCausalLM"}
+QK_NORM = ("qwen3", "qwen3_moe")  # model types with per-head q/k RMS norms
 
 
 class Config:
@@ -81,6 +86,9 @@ def hf_shapes(cfg, dense_ffn=True):
         if cfg.attention_bias:
             s[p + "self_attn.v_proj.bias"] = (K * E,)
         s[p + "self_attn.o_proj.weight"] = (D, H * E)
+        if cfg.model_type in QK_NORM:
+            s[p + "self_attn.q_norm.weight"] = (E,)
+            s[p + "self_attn.k_norm.weight"] = (E,)
         if dense_ffn:
             s[p + "mlp.gate_proj.weight"] = (F, D)
             s[p + "mlp.up_proj.weight"] = (F, D)
@@ -100,6 +108,7 @@ HF_TO_GGUF_LAYER = {
     "self_attn.k_proj.weight": "attn_k.weight", "self_attn.k_proj.bias": "attn_k.bias",
     "self_attn.v_proj.weight": "attn_v.weight", "self_attn.v_proj.bias": "attn_v.bias",
     "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
     "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
@@ -240,8 +249,12 @@ class Model:
         T = x.shape[0]
         H, K, E = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         p = "model.layers.%d.self_attn." % i
-        q = self.lin(x, p + "q_proj").view(T, H, E).transpose(0, 1)  # (H, T, E)
-        k = self.lin(x, p + "k_proj").view(T, K, E).transpose(0, 1)  # (K, T, E)
+        q = self.lin(x, p + "q_proj").view(T, H, E)
+        k = self.lin(x, p + "k_proj").view(T, K, E)
+        if cfg.model_type in QK_NORM:  # Qwen3: each head normalised over its E values
+            q = rms_norm(q, self.w[p + "q_norm.weight"], cfg.rms_norm_eps)
+            k = rms_norm(k, self.w[p + "k_norm.weight"], cfg.rms_norm_eps)
+        q, k = q.transpose(0, 1), k.transpose(0, 1)  # (H, T, E), (K, T, E)
         v = self.lin(x, p + "v_proj").view(T, K, E).transpose(0, 1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k = k.repeat_interleave(H // K, dim=0)  # query head h uses kv head h // (H/K)
@@ -334,10 +347,11 @@ def llama3_rope_freqs(head_dim, theta, scaling):
     return np.array(out, dtype=np.float32)
 
 
-def gguf_forward(tensors, arch, n_head, n_head_kv, eps, theta, tokens, rope=None):
+def gguf_forward(tensors, arch, n_head, n_head_kv, eps, theta, tokens, rope=None, ffn=None):
     """An independent forward over GGUF-named float tensors with llama.cpp's rope conventions: NeoX
-    (halves) for qwen2, "normal" (adjacent pairs) for llama, whose q/k rows were permuted at conversion;
-    rope scaling from the GGUF keys (gguf_rope_angles).
+    (halves) for qwen2 / qwen3 / qwen3moe, "normal" (adjacent pairs) for llama, whose q/k rows were permuted
+    at conversion; attn_q_norm / attn_k_norm per head when the file has them (qwen3); rope scaling from the
+    GGUF keys (gguf_rope_angles). ffn(layer, x normed) replaces the dense FFN (a MoE's, from its tensors).
     Used by make_fixtures.py to prove that what it wrote (names, permutation, keys) gives the HF logits."""
     t = {k: torch.as_tensor(np.asarray(v, dtype=np.float64)) for k, v in tensors.items()}
     T = len(tokens)
@@ -367,8 +381,11 @@ def gguf_forward(tensors, arch, n_head, n_head_kv, eps, theta, tokens, rope=None
     for i in range(nl):
         b = "blk.%d." % i
         n = norm(x, t[b + "attn_norm.weight"])
-        q = rope(mm(n, b + "attn_q").view(T, H, E))
-        k = rope(mm(n, b + "attn_k").view(T, K, E))
+        q = mm(n, b + "attn_q").view(T, H, E)
+        k = mm(n, b + "attn_k").view(T, K, E)
+        if b + "attn_q_norm.weight" in t:
+            q, k = norm(q, t[b + "attn_q_norm.weight"]), norm(k, t[b + "attn_k_norm.weight"])
+        q, k = rope(q), rope(k)
         v = mm(n, b + "attn_v").view(T, K, E)
         out = torch.zeros(T, H, E, dtype=torch.float64)
         for h in range(H):
@@ -378,6 +395,9 @@ def gguf_forward(tensors, arch, n_head, n_head_kv, eps, theta, tokens, rope=None
             out[:, h] = torch.softmax(sc, -1) @ v[:, kh]
         x = x + mm(out.reshape(T, H * E), b + "attn_output")
         n = norm(x, t[b + "ffn_norm.weight"])
+        if ffn is not None:
+            x = x + ffn(i, n)
+            continue
         x = x + mm(torch.nn.functional.silu(mm(n, b + "ffn_gate")) * mm(n, b + "ffn_up"), b + "ffn_down")
     h = norm(x, t["output_norm.weight"])
     return h @ t.get("output.weight", t["token_embd.weight"]).T
@@ -642,6 +662,19 @@ def _selftest():
         assert float((c1[:, :E // 2] - c2).abs().max()) < tol and float((s1[:, E // 2:] - s2).abs().max()) < tol, hf
         inv, _ = rope_inv_freq(E, theta, hf)
         assert not torch.allclose(inv, rope_inv_freq(E, theta)[0])  # the scaling changed something
+    # Qwen3 (head_dim 24 != 32 / 2, per-head q/k norms): the HF-style model and the GGUF-side forward agree,
+    # and the q/k norm weights matter
+    rng = np.random.default_rng(3)
+    cfg = Config("qwen3", 40, 32, 48, 2, 2, 1, 1e-6, 1e6, False, 64, 24)
+    st = {k: (1 + 0.3 * rng.standard_normal(sh) if "norm" in k else 0.2 * rng.standard_normal(sh))
+          for k, sh in hf_shapes(cfg).items()}
+    assert "model.layers.0.self_attn.q_norm.weight" in st and "model.layers.0.self_attn.q_proj.bias" not in st
+    toks = list(rng.integers(0, 40, 13))
+    want = Model(cfg, st).forward(toks)
+    got = gguf_forward({hf_to_gguf_name(k): v for k, v in st.items()}, "qwen3", 2, 1, 1e-6, 1e6, toks)
+    assert float((got - want).abs().max()) < 1e-10
+    st2 = dict(st, **{"model.layers.1.self_attn.k_norm.weight": st["model.layers.1.self_attn.k_norm.weight"] * 2})
+    assert float((Model(cfg, st2).forward(toks) - want).abs().max()) > 1e-3
     print("reference.py selftest ok")
 
 

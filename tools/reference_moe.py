@@ -1,4 +1,4 @@
-"""reference_moe.py - PyTorch references of the two mixture-of-experts FFNs codemoe serves, plugged into
+"""reference_moe.py - PyTorch references of the three mixture-of-experts FFNs codemoe serves, plugged into
 reference.Model in place of the dense SwiGLU FFN (the attention part is unchanged):
 
 (a) MultiPL-MoE hybrid FFN (arch "multipl_moe", base Qwen2: NeoX rope, q/k/v bias), exactly as
@@ -19,8 +19,12 @@ reference.Model in place of the dense SwiGLU FFN (the attention part is unchange
 (b) MoLE (arch "mole", base Llama): LoRA experts on gate/up/down only:
       W' x = W x + sum over the token's adapter set a of (alpha_a / sqrt(r_a)) * B_a (A_a x)
     The per-token adapter sets are an input (a list of adapter indices per token).
+(c) sparse MoE (arch "qwen3moe", HF Qwen3MoeForCausalLM as its modelling defines it; Qwen3 attention with
+    per-head q/k norms): p = softmax(router x) over ALL experts; the top k by p (ties: lower index); with
+    norm_topk_prob (every Qwen3-MoE config; llama.cpp's qwen3moe always) their weights p_i / sum(p over the
+    k); y = sum w_i E_i(x), E_i a SwiGLU of width moe_intermediate_size. No shared expert, no segments.
 
-Both FFNs record their routing decisions per layer in `.trace` so the C engine can be compared exactly,
+The FFNs record their routing decisions per layer in `.trace` so the C engine can be compared exactly,
 and the smallest decision margin (`.min_margin`, as a log-probability gap), so a fixture can be rejected
 when float32 rounding in C could flip a decision.
 """
@@ -198,6 +202,108 @@ class HybridModel(ref.Model):
         self.moe.reset()
         lg = self.forward(tokens)
         return lg, [self.moe.trace[i] for i in range(self.cfg.num_hidden_layers)], self.moe.min_margin
+
+
+# ============================================================================ sparse (Qwen3-MoE)
+
+class SparseParams:
+    """The qwen3moe.* hyper-parameters: expert_count, expert_used_count, expert_feed_forward_length."""
+
+    def __init__(self, n_experts, k_used, f_exp, norm_topk_prob=True):
+        assert 1 <= k_used <= n_experts
+        self.n_experts, self.k_used, self.f_exp, self.norm_topk_prob = n_experts, k_used, f_exp, norm_topk_prob
+
+
+def sparse_shapes(cfg, sp):
+    """Per-layer MoE weights with HF's names (Qwen3MoeSparseMoeBlock: mlp.gate, mlp.experts.<e>.*) -> shapes."""
+    D, Fe = cfg.hidden_size, sp.f_exp
+    s = {}
+    for i in range(cfg.num_hidden_layers):
+        p = "model.layers.%d.mlp." % i
+        s[p + "gate.weight"] = (sp.n_experts, D)
+        for e in range(sp.n_experts):
+            q = p + "experts.%d." % e
+            s[q + "gate_proj.weight"] = (Fe, D)
+            s[q + "up_proj.weight"] = (Fe, D)
+            s[q + "down_proj.weight"] = (D, Fe)
+    return s
+
+
+class SparseFFN:
+    """ffn(layer, x (T, D), tokens) -> (T, D); records token_experts per layer in .trace and the smallest
+    top-k decision gap (log p_k - log p_k+1) in .min_margin."""
+
+    def __init__(self, sp, weights, dtype=torch.float64):
+        self.sp = sp
+        self.w = {k: torch.as_tensor(v).to(dtype) for k, v in weights.items()}
+        self.reset()
+
+    def reset(self):
+        self.trace = {}
+        self.min_margin = float("inf")
+
+    def __call__(self, i, x, tokens=None):
+        sp = self.sp
+        p = "model.layers.%d.mlp." % i
+        probs = torch.softmax(x @ self.w[p + "gate.weight"].T, dim=-1)  # (T, E)
+        y = torch.zeros_like(x)
+        ids = []
+        for t in range(x.shape[0]):
+            order = stable_desc(probs[t])
+            sel = order[:sp.k_used]
+            if sp.k_used < len(order):
+                hi, lo = probs[t, order[sp.k_used - 1]], probs[t, order[sp.k_used]]
+                self.min_margin = min(self.min_margin, float(torch.log(hi) - torch.log(lo)))
+            wts = probs[t, sel]
+            if sp.norm_topk_prob:
+                wts = wts / wts.sum()
+            for e, we in zip(sel, wts):
+                q = p + "experts.%d." % e
+                y[t] += we * swiglu(x[t:t + 1], self.w[q + "gate_proj.weight"], self.w[q + "up_proj.weight"],
+                                    self.w[q + "down_proj.weight"])[0]
+            ids.append(sel)
+        self.trace[i] = {"token_experts": ids}
+        return y
+
+
+class SparseModel(ref.Model):
+    """reference.Model (model_type "qwen3_moe") with the sparse FFN in every layer. state: HF-named base
+    weights without the dense mlp.*, plus the sparse_shapes() weights."""
+
+    def __init__(self, cfg, sp, state, dtype=torch.float64):
+        moe = {k: v for k, v in state.items() if ".mlp." in k}
+        for k, shp in sparse_shapes(cfg, sp).items():
+            if tuple(moe[k].shape) != shp:
+                raise ValueError("%s: shape %s, expected %s" % (k, tuple(moe[k].shape), shp))
+        self.moe = SparseFFN(sp, moe, dtype)
+        super().__init__(cfg, {k: v for k, v in state.items() if ".mlp." not in k}, dtype, ffn=self.moe)
+
+    def forward_traced(self, tokens):
+        """(logits, routing per layer, min decision margin)."""
+        self.moe.reset()
+        lg = self.forward(tokens)
+        return lg, [self.moe.trace[i] for i in range(self.cfg.num_hidden_layers)], self.moe.min_margin
+
+
+def gguf_sparse_ffn(tensors, k_used):
+    """The qwen3moe FFN over GGUF-named tensors as llama.cpp stores them (ffn_gate_inp (E, D), stacked
+    ffn_{gate,up}_exps (E, F, D), ffn_down_exps (E, D, F)), vectorised and written apart from SparseFFN,
+    for reference.gguf_forward's ffn hook: the read-back check of a written file."""
+    t = {k: torch.as_tensor(v).to(torch.float64) for k, v in tensors.items()}
+
+    def ffn(i, x):
+        b = "blk.%d." % i
+        p = torch.softmax(x @ t[b + "ffn_gate_inp.weight"].T, -1)  # (T, E)
+        top_w, top_i = torch.topk(p, k_used, dim=-1)
+        top_w = top_w / top_w.sum(-1, keepdim=True)
+        g, u, d = t[b + "ffn_gate_exps.weight"], t[b + "ffn_up_exps.weight"], t[b + "ffn_down_exps.weight"]
+        y = torch.zeros_like(x)
+        for j in range(k_used):
+            e = top_i[:, j]
+            h = silu(torch.einsum("tfd,td->tf", g[e], x)) * torch.einsum("tfd,td->tf", u[e], x)
+            y = y + top_w[:, j:j + 1] * torch.einsum("tdf,tf->td", d[e], h)
+        return y
+    return ffn
 
 
 # ============================================================================ MoLE
@@ -380,6 +486,38 @@ def _selftest():
                 merged[p + "weight"] = merged[p + "weight"] + mp.scale(a) * (lst[q + "B"] @ lst[q + "A"])
     got = mm.forward_sets(toks, [[0, 1]] * len(toks))
     assert float((got - ref.Model(lcfg, merged).forward(toks)).abs().max()) < 1e-10
+    # 4. sparse (Qwen3-MoE): every expert a copy of one FFN -> the dense model whatever the routing (the
+    #    k weights sum to 1); routing as the vectorised GGUF-side FFN computes it; 8 experts, top 2
+    qcfg = ref.Config("qwen3_moe", 40, 32, 48, 2, 2, 1, 1e-6, 1e6, False, 64, 24)
+    qb = {k: (1 + 0.1 * rng.standard_normal(s) if "norm" in k else 0.15 * rng.standard_normal(s))
+          for k, s in ref.hf_shapes(qcfg).items()}
+    sp = SparseParams(8, 2, 48)
+    qst = {k: v for k, v in qb.items() if ".mlp." not in k}
+    for i in range(2):
+        qst["model.layers.%d.mlp.gate.weight" % i] = rng.standard_normal((8, 32))
+        for e in range(8):
+            for proj in ("gate", "up", "down"):
+                qst["model.layers.%d.mlp.experts.%d.%s_proj.weight" % (i, e, proj)] = \
+                    qb["model.layers.%d.mlp.%s_proj.weight" % (i, proj)]
+    sm = SparseModel(qcfg, sp, qst)
+    lg, tr, _ = sm.forward_traced(toks)
+    assert float((lg - ref.Model(qcfg, qb).forward(toks)).abs().max()) < 1e-12
+    assert all(len(e) == 2 for e in tr[0]["token_experts"]) and len({e[0] for e in tr[0]["token_experts"]}) > 1
+    sp2 = SparseParams(8, 2, 24)
+    for i in range(2):
+        for e in range(8):
+            for proj, shp in (("gate", (24, 32)), ("up", (24, 32)), ("down", (32, 24))):
+                qst["model.layers.%d.mlp.experts.%d.%s_proj.weight" % (i, e, proj)] = 0.2 * rng.standard_normal(shp)
+    sm2 = SparseModel(qcfg, sp2, qst)
+    g = {ref.hf_to_gguf_name(k): v for k, v in qst.items() if ".mlp." not in k}
+    for i in range(2):
+        p = "model.layers.%d.mlp." % i
+        g["blk.%d.ffn_gate_inp.weight" % i] = qst[p + "gate.weight"]
+        for proj in ("gate", "up", "down"):
+            g["blk.%d.ffn_%s_exps.weight" % (i, proj)] = np.stack(
+                [qst[p + "experts.%d.%s_proj.weight" % (e, proj)] for e in range(8)])
+    got = ref.gguf_forward(g, "qwen3moe", 2, 1, 1e-6, 1e6, toks, ffn=gguf_sparse_ffn(g, 2))
+    assert float((got - sm2.forward(toks)).abs().max()) < 1e-10
     print("reference_moe.py selftest ok")
 
 

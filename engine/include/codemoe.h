@@ -271,10 +271,10 @@ int cm_seq_set_options(cm_ctx *c, int seq, const cm_seq_options *o, cm_err *err)
 
 /* What kind of mixture of experts a model is, and its shape (for /v1/models and tools). Fields that do
  * not apply to the model's kind are 0 (or -1 for indices). */
-enum { CM_MOE_KIND_DENSE = 0, CM_MOE_KIND_HYBRID = 1, CM_MOE_KIND_MOLE = 2 };
+enum { CM_MOE_KIND_DENSE = 0, CM_MOE_KIND_HYBRID = 1, CM_MOE_KIND_MOLE = 2, CM_MOE_KIND_SPARSE = 3 };
 typedef struct cm_moe_info {
-    int kind;                 /* CM_MOE_KIND_*: dense, "multipl_moe" or "mole" */
-    /* hybrid */
+    int kind;                 /* CM_MOE_KIND_*: dense, "multipl_moe", "mole" or "qwen3moe" (sparse) */
+    /* hybrid and sparse (a sparse MoE has token-level experts only: no shared one, no segment level) */
     int n_experts;            /* token-level experts */
     int top_k;                /* token experts per token, the shared one included */
     int shared_expert;        /* index of the shared token expert, -1 none */
@@ -307,7 +307,7 @@ typedef struct cm_route_count {
 
 typedef struct cm_routing {
     int n_layer;
-    int n_tok_experts;    /* token-level experts (0 when not a hybrid model) */
+    int n_tok_experts;    /* token-level experts (0 unless a hybrid or sparse MoE model) */
     int shared_expert;    /* index of the shared token expert, -1 none */
     int n_seg_experts;    /* segment-level experts */
     int window;           /* tokens per segment window */

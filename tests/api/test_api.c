@@ -1199,8 +1199,9 @@ TEST(render_chunks) {
 
 static const char *const mole_names[] = {"python", "rust", "shared", "other"};
 
-/* A hybrid (6 token experts, top-2, shared 5, 4 segment experts of window 8) or a MoLE model (python,
- * rust, shared, other) on the fake vocabulary, as g_model. */
+/* A hybrid (6 token experts, top-2, shared 5, 4 segment experts of window 8), a sparse MoE (128 experts,
+ * top-8, as Qwen3-Coder-30B-A3B) or a MoLE model (python, rust, shared, other) on the fake vocabulary,
+ * as g_model. */
 static void setup_moe(int kind) {
     fake_model_free(g_model);
     static cm_moe_info hyb = {.kind = CM_MOE_KIND_HYBRID, .n_experts = 6, .top_k = 2, .shared_expert = 5,
@@ -1208,14 +1209,17 @@ static void setup_moe(int kind) {
                               .shared_adapter = -1, .fallback_adapter = -1};
     static cm_moe_info mole = {.kind = CM_MOE_KIND_MOLE, .shared_expert = -1, .n_adapters = 4,
                                .shared_adapter = 2, .fallback_adapter = 3};
-    fake_model_opts o = {.fim = 1, .bos = 1, .eos = 1, .moe = kind == CM_MOE_KIND_HYBRID ? &hyb : &mole,
+    static cm_moe_info sparse = {.kind = CM_MOE_KIND_SPARSE, .n_experts = 128, .top_k = 8, .shared_expert = -1,
+                                 .shared_adapter = -1, .fallback_adapter = -1};
+    fake_model_opts o = {.fim = 1, .bos = 1, .eos = 1,
+                         .moe = kind == CM_MOE_KIND_HYBRID ? &hyb : kind == CM_MOE_KIND_SPARSE ? &sparse : &mole,
                          .adapters = mole_names};
     g_model = fake_model_create(&o, "Fake MoE");
     g_am = (api_model){.model = g_model, .id = "fake-moe", .created = 1700000000, .n_ctx = 64, .n_batch = 16};
     api_limits_default(&g_lim);
 }
 
-/* Dense models have no "moe" object; hybrid and MoLE models describe their experts with typed fields. */
+/* Dense models have no "moe" object; hybrid, sparse and MoLE models describe their experts with typed fields. */
 TEST(render_models) {
     setup(1, 1, 0);
     char *s = api_render_models(&g_am, 1);
@@ -1253,6 +1257,17 @@ TEST(render_models) {
     ASSERT_TRUE(json_object_get(moe, "adapters") == NULL);
     json_decref(j);
 
+    setup_moe(CM_MOE_KIND_SPARSE);
+    s = api_render_model(&g_am);
+    j = load(s);
+    free(s);
+    moe = json_object_get(j, "moe");
+    ASSERT_STREQ(json_string_value(json_object_get(moe, "kind")), "sparse");
+    ASSERT_EQ_INT(json_integer_value(json_object_get(moe, "experts")), 128);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(moe, "top_k")), 8);
+    ASSERT_EQ_INT(json_object_size(moe), 3); /* no shared expert, segment or adapter fields */
+    json_decref(j);
+
     setup_moe(CM_MOE_KIND_MOLE);
     s = api_render_model(&g_am);
     j = load(s);
@@ -1280,7 +1295,7 @@ TEST(seq_options_resolved) {
     ASSERT_EQ_INT(parse("{\"prompt\":[\"a\",\"b\"],\"language\":\"cobol\"}", &r, &e), 0); /* dense: ignored */
     ASSERT_EQ_INT(r.n_prompts, 2);
     for (int i = 0; i < 2; i++) {
-        ASSERT_EQ_INT(r.prompts[i].opts.segment_mode, CM_SEGMENT_DEFAULT);
+        ASSERT_EQ_INT(r.prompts[i].opts.segment_mode, CM_SEGMENT_CAUSAL);
         ASSERT_EQ_INT(r.prompts[i].opts.adapter_routing, CM_ADAPTERS_AUTO);
         ASSERT_EQ_INT(r.prompts[i].opts.language, -1);
     }
@@ -1304,7 +1319,7 @@ TEST(seq_options_resolved) {
     ASSERT_EQ_INT(r.prompts[0].opts.segment_mode, CM_SEGMENT_REFERENCE);
     api_completion_req_free(&r);
     ASSERT_EQ_INT(parse("{\"prompt\":\"abc\",\"segment_routing\":\"causal\"}", &r, &e), 0);
-    ASSERT_EQ_INT(r.prompts[0].opts.segment_mode, CM_SEGMENT_DEFAULT);
+    ASSERT_EQ_INT(r.prompts[0].opts.segment_mode, CM_SEGMENT_CAUSAL); /* never the model's own default */
     api_completion_req_free(&r);
 }
 
@@ -1424,6 +1439,32 @@ TEST(routing_json_hybrid) {
     api_route_agg_free(&cp);
     api_route_agg_free(&a);
     ASSERT_EQ_INT(a.has, 0);
+}
+
+/* A sparse MoE's record (Qwen3-Coder-30B-A3B's shape: 128 experts, top-8, one layer here): every expert's
+ * token counts, shared_expert -1, no segment level. */
+TEST(routing_json_sparse) {
+    setup_moe(CM_MOE_KIND_SPARSE);
+    cm_route_count tok[128] = {{{0, 0}, {0, 0}}};
+    tok[127] = (cm_route_count){{5, 2}, {2.5, 0.5}};
+    cm_routing r = {.n_layer = 1, .n_tok_experts = 128, .shared_expert = -1, .tok = tok};
+    api_route_agg a = {0};
+    ASSERT_EQ_INT(api_route_agg_add(&a, &r), 0);
+    json_t *j = api_routing_json(&a, g_model, &rinfo);
+    ASSERT_TRUE(j);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(j, "token_experts")), 128);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(j, "shared_expert")), -1);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(j, "segment_experts")), 0);
+    json_t *l0 = json_array_get(json_object_get(j, "layers"), 0);
+    ASSERT_TRUE(json_object_get(l0, "segment") == NULL);
+    json_t *t = json_object_get(l0, "token");
+    ASSERT_EQ_INT(json_array_size(t), 128);
+    json_t *e = json_array_get(t, 127);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(e, "expert")), 127);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(e, "prompt_tokens")), 5);
+    ASSERT_NEAR(json_real_value(json_object_get(e, "generated_mean_gate")), 0.25, 1e-12);
+    json_decref(j);
+    api_route_agg_free(&a);
 }
 
 /* A MoLE report: no layers of experts, tokens per adapter with the adapters' names from the model. */
@@ -1553,6 +1594,7 @@ int main(void) {
     RUN(reference_segments_rule);
     RUN(routing_json_dense);
     RUN(routing_json_hybrid);
+    RUN(routing_json_sparse);
     RUN(routing_json_mole);
     RUN(fuzz_mutations);
     fake_model_free(g_model);

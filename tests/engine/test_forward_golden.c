@@ -1,7 +1,7 @@
 /*
  * test_forward_golden.c - the forward pass against the PyTorch reference (tools/make_fixtures.py).
  *
- * For every dense golden (GOLDEN_DENSE in tests/golden.h: exactly ten, qwen2 and llama), with 1 and
+ * For every dense golden (GOLDEN_DENSE in tests/golden.h: seventeen: qwen2, qwen3 and llama), with 1 and
  * 3 threads:
  *  - prefill: each case's tokens as one batch; the logits at EVERY position within the JSON's max_abs;
  *  - decode: the same tokens one per forward; same check (the matvec path, KV reads across blocks);
@@ -47,8 +47,9 @@ static int golden_load(const char *name, golden *g) {
     const char *model = json_string_value(json_object_get(j, "model"));
     const char *arch = json_string_value(json_object_get(j, "arch"));
     json_t *cases = json_object_get(j, "cases");
-    if (!model || !arch || (strcmp(arch, "qwen2") && strcmp(arch, "llama")) || !json_is_array(cases)) {
-        fprintf(stderr, "golden/%s.json: not a dense-model golden (model, arch qwen2/llama, cases)\n", name);
+    if (!model || !arch || (strcmp(arch, "qwen2") && strcmp(arch, "llama") && strcmp(arch, "qwen3")) ||
+        !json_is_array(cases)) {
+        fprintf(stderr, "golden/%s.json: not a dense-model golden (model, arch qwen2/qwen3/llama, cases)\n", name);
         json_decref(j);
         return -1;
     }
@@ -274,7 +275,7 @@ TEST(golden_models) {
         golden_free(&g);
         n_models++;
     }
-    ASSERT_EQ_INT(n_models, 13); /* the dense fixtures of tools/make_fixtures.py */
+    ASSERT_EQ_INT(n_models, 17); /* the dense fixtures of tools/make_fixtures.py */
 }
 
 /* tests/fixtures/golden/ holds exactly the inventory's json files: a new golden that no test selects,

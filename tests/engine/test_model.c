@@ -5,6 +5,10 @@
  * time (wrong shape, missing tensor, bad head counts, absurd sizes, unsupported types or rope scaling,
  * partial biases, wrong architecture) and each must fail with the right code and a message naming the
  * culprit; benign variants (absent defaults, llama without biases, untied output, mixed types) load.
+ * The model-level hostile corpus (tests/fixtures/bad/model/: valid GGUF, inconsistent qwen3 / qwen3moe models)
+ * is refused file by file with the message its README names.
+ * Qwen3-family loading: q/k norms mapped for qwen3 and qwen3moe only, head_dim from key_length, NeoX rope,
+ * the sparse MoE's shape in cm_model_moe_info.
  * Context: KV exhaustion returns CM_E_NOMEM and changes nothing; bad tokens, sequences, lengths and
  * batch sizes are rejected before any state changes; logits exist exactly for requested rows.
  */
@@ -549,6 +553,82 @@ TEST(batch_validation) {
     cm_model_free(m);
 }
 
+/* Every file of tests/fixtures/bad/model/ is refused by cm_model_load for the reason its name gives. */
+static const struct { const char *file, *msg; } bad_models[] = {
+    {"qwen3moe_expert_count_mismatch.gguf", "tensor blk.0.ffn_gate_inp.weight has shape [16, 4], expected [16, 5]"},
+    {"qwen3moe_top_k_above_count.gguf", "qwen3moe.expert_used_count = 5 (top-k) must be in [1, expert_count 4]"},
+    {"qwen3moe_top_k_zero.gguf", "qwen3moe.expert_used_count = 0 (top-k) must be in [1, expert_count 4]"},
+    {"qwen3moe_missing_down_exps.gguf", "missing tensor blk.0.ffn_down_exps.weight"},
+    {"qwen3moe_up_exps_shape.gguf", "tensor blk.0.ffn_up_exps.weight has shape [16, 8, 3], expected [16, 8, 4]"},
+    {"qwen3_missing_k_norm.gguf", "missing tensor blk.0.attn_k_norm.weight"},
+};
+
+static void bad_model_refused(const char *path, const char *name, void *ud) {
+    int *seen = ud;
+    size_t i = 0, n = sizeof bad_models / sizeof bad_models[0];
+    while (i < n && strcmp(bad_models[i].file, name)) i++;
+    if (i == n) {
+        TEST_FAIL_("bad/model/%s is not in test_model.c's table", name);
+        return;
+    }
+    (*seen)++;
+    cm_err err = {0};
+    cm_model *m = cm_model_load(path, NULL, &err);
+    if (m) {
+        TEST_FAIL_("bad/model/%s was loaded", name);
+        cm_model_free(m);
+    } else if (!strstr(err.msg, bad_models[i].msg)) {
+        TEST_FAIL_("bad/model/%s: \"%s\" lacks \"%s\"", name, err.msg, bad_models[i].msg);
+    }
+}
+
+TEST(bad_model_corpus) {
+    int seen = 0;
+    ASSERT_EQ_INT(test_foreach_fixture("bad/model", ".gguf", bad_model_refused, &seen),
+                  (int)(sizeof bad_models / sizeof bad_models[0]));
+    ASSERT_EQ_INT(seen, (int)(sizeof bad_models / sizeof bad_models[0]));
+}
+
+/* The Qwen3 family as llama.cpp writes it: q/k norms, head_dim (key_length) != D / H, NeoX rope, theta
+ * 1e6 by default; the sparse MoE reports its experts and top-k and no shared expert or segment level. */
+TEST(qwen3_models) {
+    cm_err err = {0};
+    cm_model *m = cm_model_load(test_fixture("models/qwen3-gqa.gguf"), NULL, &err);
+    ASSERT_TRUE(m);
+    const cm_model_info *in = cm_model_get_info(m);
+    ASSERT_STREQ(in->arch, "qwen3");
+    ASSERT_EQ_INT(in->head_dim, 32);
+    ASSERT_TRUE(in->head_dim != in->n_embd / in->n_head);
+    ASSERT_EQ_INT(in->rope_neox, 1);
+    ASSERT_EQ_INT(in->qkv_bias, 0);
+    cm_moe_info mi;
+    cm_model_moe_info(m, &mi);
+    ASSERT_EQ_INT(mi.kind, CM_MOE_KIND_DENSE);
+    cm_model_free(m);
+    m = cm_model_load(test_fixture("models/qwen3moe.gguf"), NULL, &err);
+    ASSERT_TRUE(m);
+    in = cm_model_get_info(m);
+    ASSERT_STREQ(in->arch, "qwen3moe");
+    ASSERT_EQ_INT(in->rope_neox, 1);
+    ASSERT_TRUE(in->head_dim != in->n_embd / in->n_head);
+    cm_model_moe_info(m, &mi);
+    ASSERT_EQ_INT(mi.kind, CM_MOE_KIND_SPARSE);
+    ASSERT_EQ_INT(mi.n_experts, 8);
+    ASSERT_EQ_INT(mi.top_k, 2);
+    ASSERT_EQ_INT(mi.shared_expert, -1);
+    ASSERT_EQ_INT(mi.n_seg_experts, 0);
+    cm_model_free(m);
+    /* a Q4_K_M-style file: expert tensors of one layer in different types (Q4_K, Q5_0 / Q8_0 down) */
+    m = cm_model_load(test_fixture("models/qwen3moe-k-q4_k_m.gguf"), NULL, &err);
+    ASSERT_TRUE(m);
+    ASSERT_STREQ(cm_model_get_info(m)->weight_type, "Q4_K");
+    cm_model_free(m);
+    /* the q/k norms belong to the Qwen3 family only: a qwen2 file does not read them */
+    ASSERT_TRUE(expect(&(mut){.add_tensor = "blk.0.attn_q_norm.weight", .add_ne0 = 7, .add_ne1 = 0}, CM_OK, NULL));
+    /* ... and a qwen3 file must have them */
+    ASSERT_TRUE(expect(&(mut){.arch_to = "qwen3"}, CM_E_FORMAT, "missing tensor blk.0.attn_q_norm.weight"));
+}
+
 int main(void) {
     snprintf(tmp_path, sizeof tmp_path, "%s/cm_test_model_%d.gguf", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp",
              (int)getpid());
@@ -562,6 +642,8 @@ int main(void) {
     RUN(vocab_only);
     RUN(kv_exhaustion_changes_nothing);
     RUN(batch_validation);
+    RUN(bad_model_corpus);
+    RUN(qwen3_models);
     unlink(tmp_path);
     return test_summary();
 }

@@ -1,6 +1,7 @@
 /*
  * test_moe.c - the mixture-of-experts engine against tools/reference_moe.py's goldens
- * (tests/fixtures/golden/{hybrid-max,hybrid-mean,mole}.json), and its invariants:
+ * (tests/fixtures/golden/{hybrid-max,hybrid-mean,mole,qwen3moe,qwen3moe-q8_0,qwen3moe-k-q4_k_m}.json), and
+ * its invariants:
  *  - hybrid: every case in its segment mode (causal, reference), logits within the JSON's max_abs,
  *    routing ids (token experts, causal segment experts, reference expert choice) compared EXACTLY;
  *    1 and 3 threads;
@@ -9,6 +10,9 @@
  *  - a request alone == the same request batched with others of other lengths, modes and languages;
  *  - reference mode refuses decoding; bad option values are refused;
  *  - MoLE: fence-routed, batch-routed and language-routed cases, greedy with per-token sets;
+ *  - sparse (qwen3moe, F32 / Q8_0 / Q4_K_M-style): the hybrid's checks without segments (cases at 1 and 3
+ *    threads, prefill == decode, greedy and statistics: k experts per token, gates summing to 1), two
+ *    requests in one batch, truncation to any length;
  *  - hostile / inconsistent model files are refused with messages naming the problem.
  * (Upcycling and the MoLE checkpoint converter are tested in tests/modelfile/.)
  */
@@ -134,6 +138,7 @@ static void hybrid_model_cases(const char *name, int threads) {
         int32_t tok[MAXT];
         int n = golden_ids(json_object_get(cs, "tokens"), tok, MAXT);
         const char *mode = json_string_value(json_object_get(cs, "mode"));
+        if (!mode) mode = "causal"; /* sparse: token level only, every token routed on its own */
         float *gold = golden_f32(json_string_value(json_object_get(cs, "logits")), (size_t)n * V);
         CHECK_TRUE(gold);
         if (!gold) continue;
@@ -245,6 +250,116 @@ static void hybrid_greedy(const char *name) {
 TEST(hybrid_greedy_and_stats) {
     hybrid_greedy("hybrid-max");
     hybrid_greedy("hybrid-mean");
+}
+
+/* ------------------------------------------------------------ sparse (qwen3moe) */
+
+static const char *const sparse_goldens_names[] = {"qwen3moe", "qwen3moe-q8_0", "qwen3moe-k-q4_k_m"};
+
+TEST(sparse_goldens) {
+    for (size_t i = 0; i < sizeof sparse_goldens_names / sizeof *sparse_goldens_names; i++) {
+        hybrid_model_cases(sparse_goldens_names[i], 1);
+        hybrid_model_cases(sparse_goldens_names[i], 3);
+    }
+    fprintf(stderr, "  sparse: worst |logit diff| %.3g\n", worst);
+}
+
+/* Greedy run and statistics as for the hybrid (hybrid_greedy checks counts against the trace), plus what
+ * a sparse model's report must say: no shared expert, no segment level, exactly k experts per token
+ * and layer, and per token gates summing to 1 (the top-k weights renormalised). */
+TEST(sparse_greedy_and_stats) {
+    for (size_t i = 0; i < sizeof sparse_goldens_names / sizeof *sparse_goldens_names; i++)
+        hybrid_greedy(sparse_goldens_names[i]);
+    cm_model *m = golden_load_model("models/qwen3moe.gguf");
+    ASSERT_TRUE(m);
+    cm_ctx *c = new_ctx(m, 2, 1);
+    ASSERT_TRUE(c);
+    cm_err err = {0};
+    int s = cm_seq_open(c, &err);
+    int32_t tok[10] = {5, 80, 17, 200, 3, 99, 42, 7, 150, 64}, seqs[10];
+    int8_t gen[10] = {0, 0, 0, 0, 0, 0, 1, 1, 1, 1};
+    for (int i = 0; i < 10; i++) seqs[i] = s, tr.seq_of[i] = -1;
+    cm_batch b = {.n = 10, .token = tok, .seq = seqs, .generated = gen};
+    ASSERT_EQ_INT(cm_forward(c, &b, &err), 0);
+    const cm_routing *r = cm_seq_routing(c, s);
+    ASSERT_TRUE(r);
+    ASSERT_EQ_INT(r->n_tok_experts, 8);
+    ASSERT_EQ_INT(r->shared_expert, -1);
+    ASSERT_EQ_INT(r->n_seg_experts, 0);
+    ASSERT_EQ_INT(r->n_adapters, 0);
+    for (int l = 0; l < r->n_layer; l++)
+        for (int k = 0; k < 2; k++) {
+            uint32_t n = 0;
+            double g = 0;
+            for (int e = 0; e < r->n_tok_experts; e++) {
+                n += r->tok[l * r->n_tok_experts + e].tokens[k];
+                g += r->tok[l * r->n_tok_experts + e].gate_sum[k];
+            }
+            CHECK_TRUE(n == (k ? 4u : 6u) * 2);
+            CHECK_TRUE(fabs(g - (k ? 4.0 : 6.0)) < 1e-9);
+        }
+    cm_ctx_free(c);
+    cm_model_free(m);
+}
+
+/* Two requests in one batch equal their goldens; a sparse sequence keeps no state beyond its K/V, so
+ * it can be truncated to any length (not only block ends) and refed. */
+TEST(sparse_batch_and_truncate) {
+    json_t *j = golden_json("qwen3moe");
+    ASSERT_TRUE(j);
+    cm_model *m = golden_load_model(json_string_value(json_object_get(j, "model")));
+    ASSERT_TRUE(m);
+    int V = cm_model_get_info(m)->n_vocab;
+    double tol = json_real_value(json_object_get(json_object_get(j, "tolerance"), "max_abs"));
+    json_t *cases = json_object_get(j, "cases");
+    int32_t ta[MAXT], tb[MAXT], tok[2 * MAXT], seqs[2 * MAXT];
+    int na = golden_ids(json_object_get(json_array_get(cases, 0), "tokens"), ta, MAXT);
+    int nb = golden_ids(json_object_get(json_array_get(cases, 1), "tokens"), tb, MAXT);
+    ASSERT_TRUE(na > 20 && nb > 0);
+    float *ga = golden_f32(json_string_value(json_object_get(json_array_get(cases, 0), "logits")), (size_t)na * V);
+    float *gb = golden_f32(json_string_value(json_object_get(json_array_get(cases, 1), "logits")), (size_t)nb * V);
+    ASSERT_TRUE(ga && gb);
+    cm_ctx *c = new_ctx(m, 3, 2);
+    ASSERT_TRUE(c);
+    cm_err err = {0};
+    int sa = cm_seq_open(c, &err), sb = cm_seq_open(c, &err);
+    int n = 0, ia = 0, ib = 0, row_a[MAXT], row_b[MAXT];
+    while (ia < na || ib < nb) { /* b's tokens spread among a's */
+        if (ib < nb && (ia >= na || ia % 4 == 3)) row_b[ib] = n, tok[n] = tb[ib++], seqs[n++] = sb;
+        else row_a[ia] = n, tok[n] = ta[ia++], seqs[n++] = sa;
+    }
+    int8_t want[2 * MAXT];
+    memset(want, 1, sizeof want);
+    for (int i = 0; i < n; i++) tr.seq_of[i] = -1;
+    cm_batch b = {.n = n, .token = tok, .seq = seqs, .logits = want};
+    ASSERT_EQ_INT(cm_forward(c, &b, &err), 0);
+    double d = 0;
+    for (int i = 0; i < na; i++) {
+        double x = golden_max_diff(cm_logits(c, row_a[i]), ga + (size_t)i * V, (size_t)V);
+        d = x > d ? x : d;
+    }
+    for (int i = 0; i < nb; i++) {
+        double x = golden_max_diff(cm_logits(c, row_b[i]), gb + (size_t)i * V, (size_t)V);
+        d = x > d ? x : d;
+    }
+    CHECK_TRUE(d <= tol);
+    /* cut a back to 17 positions (inside its first KV block) and feed the rest again */
+    ASSERT_EQ_INT(cm_seq_truncate(c, sa, 17, &err), 0);
+    ASSERT_EQ_INT(cm_seq_len(c, sa), 17);
+    for (int i = 17; i < na; i++) seqs[i - 17] = sa;
+    cm_batch b2 = {.n = na - 17, .token = ta + 17, .seq = seqs, .logits = want};
+    ASSERT_EQ_INT(cm_forward(c, &b2, &err), 0);
+    d = 0;
+    for (int i = 17; i < na; i++) {
+        double x = golden_max_diff(cm_logits(c, i - 17), ga + (size_t)i * V, (size_t)V);
+        d = x > d ? x : d;
+    }
+    CHECK_TRUE(d <= tol);
+    free(ga);
+    free(gb);
+    cm_ctx_free(c);
+    cm_model_free(m);
+    json_decref(j);
 }
 
 /* Three requests interleaved in one batch (causal 41 tokens, causal 5, reference 18), continued by a
@@ -535,6 +650,13 @@ TEST(bad_models_refused) {
     memcpy(&nb, &nan, 4);
     expect_refused("models/mole.gguf", "mole.adapter.alphas", 0, nb, "alpha");
     expect_refused("models/hybrid-max.gguf", "multipl_moe.segment.capacity", 0, nb, "capacity");
+    /* qwen3moe: the expert count against the tensors, top-k against the count, the expert width */
+    expect_refused("models/qwen3moe.gguf", "qwen3moe.expert_count", 0, 9, "blk.0.ffn_gate_inp.weight has shape");
+    expect_refused("models/qwen3moe.gguf", "qwen3moe.expert_count", 0, 200, "expert_count = 200");
+    expect_refused("models/qwen3moe.gguf", "qwen3moe.expert_used_count", 0, 9, "top-k");
+    expect_refused("models/qwen3moe.gguf", "qwen3moe.expert_used_count", 0, 0, "top-k");
+    expect_refused("models/qwen3moe.gguf", "qwen3moe.expert_feed_forward_length", 0, 31,
+                   "blk.0.ffn_gate_exps.weight has shape");
 }
 
 /* Dense models take the options (and ignore them) and have no routing statistics. */
@@ -568,6 +690,9 @@ int main(void) {
     RUN(hybrid_goldens);
     RUN(hybrid_greedy_and_stats);
     RUN(hybrid_batch_invariance);
+    RUN(sparse_goldens);
+    RUN(sparse_greedy_and_stats);
+    RUN(sparse_batch_and_truncate);
     RUN(mole_goldens);
     RUN(mole_fence_sets_match_reference);
     RUN(mole_batch_mixed_languages);

@@ -355,7 +355,7 @@ async function main() {
   const m1 = conform('GET', '/v1/models/{model}', one, 'GET /v1/models/{id}');
   expect(one.status === 200 && m1 && m1.id === model.id, 'GET /v1/models/{id}', `status ${one.status}`);
   await expectError('GET', '/v1/models/no-such-model', {}, 404, undefined, undefined, 'GET /v1/models/unknown');
-  const moeKind = { multipl_moe: 'hybrid', mole: 'mole' }[model.architecture];
+  const moeKind = { multipl_moe: 'hybrid', mole: 'mole', qwen3moe: 'sparse' }[model.architecture];
   expect(moeKind ? model.moe && model.moe.kind === moeKind : model.moe === undefined, 'GET /v1/models',
     `architecture ${model.architecture} with moe ${JSON.stringify(model.moe)}`);
 

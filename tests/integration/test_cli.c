@@ -217,7 +217,7 @@ TEST(help_version_and_usage_errors) {
 }
 
 TEST(complete_greedy_reproduces_pinned_tokens) {
-    ASSERT_EQ_INT(n_goldens, 16); /* golden.h: 13 dense + 3 MoE fixtures, every one runs */
+    ASSERT_EQ_INT(n_goldens, 23); /* golden.h: 17 dense + 6 MoE fixtures, every one runs */
     for (int gi = 0; gi < n_goldens; gi++) {
         golden *G = &goldens[gi];
         cm_model *m = load_vocab(G->model);
@@ -677,6 +677,15 @@ TEST(bad_flags_are_usage_errors) {
     ASSERT_FAILS_WITH(&r, 2, "complete", "--model", M, "--prompt", "x", "--top-p", "1.5");
     run_free(&r);
     ASSERT_FAILS_WITH(&r, 2, "complete", "--model", M, "--prompt", "x", "--logprobs", "99");
+    run_free(&r);
+    /* the API's language rule: a MoLE model refuses a language it has no adapter for; others ignore it */
+    char mole[512];
+    snprintf(mole, sizeof mole, "%s", test_fixture("models/mole.gguf"));
+    ASSERT_FAILS_WITH(&r, 2, "complete", "--model", mole, "--prompt", "x", "-n", "1", "--language", "cobol");
+    CHECK_TRUE(strstr(r.err, "no adapter for language 'cobol'") != NULL);
+    run_free(&r);
+    RUN_OK(&r, "complete", "--model", M, "--prompt", "x", "-n", "1", "--language", "cobol");
+    CHECK_TRUE(r.code == 0);
     run_free(&r);
     ASSERT_FAILS_WITH(&r, 2, "complete", "--model", M, "--prompt");
     run_free(&r);

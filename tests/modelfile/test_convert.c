@@ -525,6 +525,19 @@ static void expect_fail(const char *work, int want_rc, const char *needle, const
     if (stat(tmp("bad.gguf"), &st) == 0) TEST_FAIL_("%s: output written despite error", what);
 }
 
+/* A scratch copy of src_dir whose config.json has key set to json (NULL: removed) must fail with rc and a
+ * message containing needle. */
+static void expect_config_fails(const char *src_dir, const char *key, const char *json, int rc, const char *needle) {
+    const char *work = make_work_dir(src_dir);
+    char p[1024];
+    snprintf(p, sizeof p, "%s/config.json", work);
+    json_error_t je;
+    edit_json(p, key, json ? json_loads(json, JSON_DECODE_ANY, &je) : NULL);
+    char what[128];
+    snprintf(what, sizeof what, "%s=%s", key, json ? json : "(absent)");
+    expect_fail(work, rc, needle, what);
+}
+
 TEST(convert_rejects_bad_config) {
     static const struct { const char *key; const char *json; int rc; const char *needle; } cases[] = {
         {"hidden_size", NULL, CM_E_FORMAT, "hidden_size"},
@@ -561,16 +574,8 @@ TEST(convert_rejects_bad_config) {
         {"tie_word_embeddings", "false", CM_E_FORMAT, "lm_head.weight"},
         {"head_dim", "15", CM_E_FORMAT, "head_dim"},
     };
-    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        const char *work = make_work_dir(make_f32_hf());
-        char p[1024];
-        snprintf(p, sizeof p, "%s/config.json", work);
-        json_error_t je;
-        edit_json(p, cases[i].key, cases[i].json ? json_loads(cases[i].json, JSON_DECODE_ANY, &je) : NULL);
-        char what[128];
-        snprintf(what, sizeof what, "%s=%s", cases[i].key, cases[i].json ? cases[i].json : "(absent)");
-        expect_fail(work, cases[i].rc, cases[i].needle, what);
-    }
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        expect_config_fails(make_f32_hf(), cases[i].key, cases[i].json, cases[i].rc, cases[i].needle);
     const char *work = make_work_dir(make_f32_hf());
     char p[1024];
     snprintf(p, sizeof p, "%s/config.json", work);
@@ -578,6 +583,37 @@ TEST(convert_rejects_bad_config) {
     fputs("{\"architectures\": [\"Qwen2ForCausalLM\"], ", f);
     fclose(f);
     expect_fail(work, CM_E_FORMAT, "config.json", "truncated config.json");
+}
+
+/* Qwen3-MoE: --type q8_0 equals the Q8_0 fixture byte for byte (routers stay F32, the stacked experts
+ * are converted row by row from the per-expert views); configs that would convert into another model
+ * are refused. (The F32 conversion and its logits are checked with every hf/ directory above.) */
+TEST(convert_qwen3moe) {
+    const char *src = find_hf_dir("Qwen3MoeForCausalLM", 0);
+    ASSERT_TRUE(src != NULL);
+    cm_err err = {0};
+    ASSERT_EQ_INT(cm_convert_hf(src, tmp("moe.gguf"), "q8_0", &err), CM_OK);
+    char *ref = fixture_dup("models/qwen3moe-q8_0.gguf");
+    compare_gguf(tmp("moe.gguf"), ref, GGUF_TT_F32, GGUF_TT_Q8_0);
+    free(ref);
+    gguf_file g;
+    ASSERT_EQ_INT(gguf_open(&g, tmp("moe.gguf"), &err), CM_OK);
+    CHECK_TRUE(gguf_find_tensor(&g, "blk.1.ffn_gate_inp.weight")->type == GGUF_TT_F32);
+    CHECK_TRUE(gguf_find_tensor(&g, "blk.1.ffn_down_exps.weight")->type == GGUF_TT_Q8_0);
+    gguf_close(&g);
+    unlink(tmp("moe.gguf"));
+    static const struct { const char *key, *json; int rc; const char *needle; } cases[] = {
+        {"norm_topk_prob", "false", CM_E_UNSUPPORTED, "norm_topk_prob must be true"},
+        {"norm_topk_prob", NULL, CM_E_UNSUPPORTED, "norm_topk_prob must be true"},
+        {"mlp_only_layers", "[1]", CM_E_UNSUPPORTED, "dense layers"},
+        {"decoder_sparse_step", "2", CM_E_UNSUPPORTED, "dense layers"},
+        {"num_experts_per_tok", "9", CM_E_FORMAT, "num_experts_per_tok"},
+        {"num_experts", "7", CM_E_UNSUPPORTED, "unexpected tensor 'model.layers.0.mlp.experts.7."},
+        {"num_experts", "9", CM_E_FORMAT, "'model.layers.0.mlp.gate.weight': shape [8, 32], expected [9, 32]"},
+        {"moe_intermediate_size", "16", CM_E_FORMAT, "experts.0.gate_proj.weight': shape [32, 32], expected [16, 32]"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        expect_config_fails(src, cases[i].key, cases[i].json, cases[i].rc, cases[i].needle);
 }
 
 /* Linear and YaRN rope scaling are carried into the GGUF as llama.cpp writes them; HF's attention_factor
@@ -848,6 +884,7 @@ int main(void) {
     RUN(convert_logits_match_golden);
     RUN(convert_vocab_only);
     RUN(convert_rejects_bad_config);
+    RUN(convert_qwen3moe);
     RUN(convert_rope_scaling_metadata);
     RUN(convert_rope_scaling_fixtures);
     RUN(convert_rejects_bad_shards);

@@ -196,6 +196,23 @@ TEST(expert_metrics_render) {
     api_route_agg_free(&a);
 }
 
+/* A sparse MoE (128 experts, no shared one, no segment level): a series for every expert, none for segments. */
+TEST(expert_metrics_sparse) {
+    cm_route_count tok[128] = {{{0, 0}, {0, 0}}};
+    tok[127] = (cm_route_count){{7, 3}, {3.5, 1.5}};
+    cm_routing r = {.n_layer = 1, .n_tok_experts = 128, .shared_expert = -1, .tok = tok};
+    api_route_agg a = {0};
+    ASSERT_EQ_INT(api_route_agg_add(&a, &r), 0);
+    srv_buf b;
+    srv_buf_init(&b, 0);
+    srv_expert_metrics_render(&a, NULL, &b);
+    ASSERT_TRUE(strstr(b.data, "codemoe_expert_tokens_total{level=\"token\",layer=\"0\",expert=\"127\",phase=\"prompt\"} 7\n"));
+    ASSERT_TRUE(strstr(b.data, "codemoe_expert_tokens_total{level=\"token\",layer=\"0\",expert=\"0\",phase=\"generated\"} 0\n"));
+    ASSERT_TRUE(strstr(b.data, "level=\"segment\"") == NULL);
+    srv_buf_free(&b);
+    api_route_agg_free(&a);
+}
+
 TEST(buf_limit) {
     srv_buf b;
     srv_buf_init(&b, 10);
@@ -227,6 +244,7 @@ int main(void) {
     RUN(metrics_render);
     RUN(retention_evicts_oldest);
     RUN(expert_metrics_render);
+    RUN(expert_metrics_sparse);
     RUN(buf_limit);
     return test_summary();
 }
