@@ -549,6 +549,7 @@ typedef struct parse_ctx {
     json_t *empty_suffix;  /* owned "" for a FIM request without a suffix */
     int parse_special, max_tokens_null, max_tokens_given;
     long long max_tokens;
+    const char *max_tokens_key; /* the field that gave max_tokens (errors name it), "max_tokens" if none */
 } parse_ctx;
 
 /* The FIM suffix of a request: "suffix" (/v1/fim/completions: "" when absent), or Tabby's
@@ -604,6 +605,7 @@ static int parse_max_tokens(json_t *root, parse_ctx *c, api_error *e) {
         if (!rc || i64 < 0) { c->max_tokens_null = 1; continue; }
         c->max_tokens = i64;
         c->max_tokens_given = 1;
+        c->max_tokens_key = names[k].key;
     }
     return 0;
 }
@@ -774,7 +776,7 @@ static int parse_request(const char *body, size_t len, const api_model *m, const
 
     const cm_model_info *info = cm_model_get_info(m->model);
     int n_src = 0;
-    parse_ctx c = {.shape = shape, .parse_special = 1, .max_tokens = 16};
+    parse_ctx c = {.shape = shape, .parse_special = 1, .max_tokens = 16, .max_tokens_key = "max_tokens"};
     prompt_src *srcs = NULL;
     c.prompt = json_object_get(root, "prompt");
     if (json_is_null(c.prompt)) c.prompt = NULL;
@@ -814,9 +816,9 @@ static int parse_request(const char *body, size_t len, const api_model *m, const
         max_tokens = (long long)n_ctx - longest;
         if (lim->max_tokens_cap > 0 && max_tokens > lim->max_tokens_cap) max_tokens = lim->max_tokens_cap;
     } else if (lim->max_tokens_cap > 0 && max_tokens > lim->max_tokens_cap) {
-        api_error_set(e, 400, API_ERR_INVALID, c.max_tokens_given ? "max_tokens" : "n_predict", NULL,
-                      "max_tokens is too large: %lld. This server generates at most %d tokens per completion.",
-                      max_tokens, lim->max_tokens_cap);
+        api_error_set(e, 400, API_ERR_INVALID, c.max_tokens_key, NULL,
+                      "%s is too large: %lld. This server generates at most %d tokens per completion.",
+                      c.max_tokens_key, max_tokens, lim->max_tokens_cap);
         goto fail;
     }
     /* Editor plugins ask for more than a small local context holds (Continue: 4096): the completion
@@ -826,8 +828,7 @@ static int parse_request(const char *body, size_t len, const api_model *m, const
         max_tokens = (long long)n_ctx - longest;
     if (longest > n_ctx || max_tokens < 0 || (max_tokens_null && max_tokens < 1) || (long long)longest + max_tokens > n_ctx) {
         long long want = (long long)longest + (max_tokens > 0 ? max_tokens : 0);
-        int explicit_max = c.max_tokens_given;
-        api_error_set(e, 400, API_ERR_INVALID, longest < n_ctx && explicit_max ? "max_tokens" : "prompt",
+        api_error_set(e, 400, API_ERR_INVALID, longest < n_ctx && c.max_tokens_given ? c.max_tokens_key : "prompt",
                       "context_length_exceeded",
                       "This model's maximum context length is %d tokens, however you requested %lld tokens "
                       "(%d in your prompt; %lld for the completion). Please reduce your prompt; or completion length.",

@@ -678,7 +678,8 @@ TEST(n_predict) {
     ASSERT_STREQ(e.param, "max_completion_tokens");
     g_lim.max_tokens_cap = 8;
     ASSERT_EQ_INT(parse("{\"prompt\":\"ab\",\"n_predict\":9}", &r, &e), -1);
-    ASSERT_STREQ(e.param, "max_tokens"); /* the cap speaks of max_tokens; n_predict stood for it */
+    ASSERT_STREQ(e.param, "n_predict"); /* the error names the field the client sent */
+    ASSERT_TRUE(strstr(e.message, "n_predict is too large: 9") != NULL);
     g_lim.max_tokens_cap = 0;
 }
 
