@@ -38,6 +38,11 @@
  *   that name and is otherwise left to detection (Tabby sends its editor's language ids). The other
  *   segments (filepath, git_url, declarations, relevant snippets, clipboard) are context this server
  *   does not use.
+ * - Numbers: every numeric field is checked against what its conversion holds, at parse time. A float
+ *   parameter (sampling, logit_bias values) nonzero but below FLT_MIN in magnitude (1e-300: it would
+ *   become 0 or a subnormal) is a 400; -0 is 0. An integer field given as an integral real outside
+ *   64 bits is a range error. A number jansson cannot hold at all (1e400, 99999999999999999999999)
+ *   is a 400 whose param and message name the top-level field it appears in.
  * - Choice i (i = prompt_index * n + j, OpenAI's order) samples with seed + i, so n > 1 choices differ
  *   yet a request with a seed is reproducible. Without "seed" the server draws one (seed_set == 0).
  */
@@ -142,13 +147,15 @@ typedef enum { API_SEGMENT_CAUSAL = 0, API_SEGMENT_REFERENCE } api_segment_routi
  * /v1/fim/completions: choices[].message.content, streamed as choices[].delta.content). */
 typedef enum { API_SHAPE_TEXT = 0, API_SHAPE_FIM_CHAT } api_shape;
 
+typedef struct api__pending api__pending;
+
 typedef struct api_completion_req {
     const api_model *model;
-    api_prompt *prompts;   /* (n_prompts) */
+    api_prompt *prompts;   /* (n_prompts) built by api_completion_tokenize (zeroed before) */
     int n_prompts;
     int n;                 /* choices per prompt; total choices = n_prompts * n */
-    int max_tokens;        /* resolved: explicit value, 16, or (null) the context left by the longest
-                              prompt, capped by max_tokens_cap */
+    int max_tokens;        /* resolved (final after api_completion_tokenize): explicit value, 16, or
+                              (null) the context left by the longest prompt, capped by max_tokens_cap */
     int stream;
     int include_usage;     /* stream_options.include_usage */
     int logprobs;          /* -1: none (JSON null); else top alternatives per token (0..logprobs_max) */
@@ -167,24 +174,48 @@ typedef struct api_completion_req {
     api_segment_routing segment_routing; /* extension */
     api_routing_mode routing;            /* extension: routing stats in the response */
     char unknown_field[64];              /* first ignored field, "" if none (for a log line) */
+    api__pending *pending;               /* private: the parsed body between api_completion_validate and
+                                            api_completion_tokenize; NULL once the prompts are built */
 } api_completion_req;
 
-/* Parses and validates a POST /v1/completions body of len bytes (need not be NUL-terminated) against
- * the model and limits, tokenizing every prompt and resolving its engine options, so that every rule of
- * a request is checked here, before it waits for the engine: a "language" a MoLE model has no adapter
- * for (400, param "language"), segment_routing "reference" on a hybrid model with max_tokens > 0 or a
- * prompt longer than m->n_batch (400, param "segment_routing"). On success returns 0 and out owns its
- * allocations (free with api_completion_req_free). On failure returns -1, err describes it (status 400/404/413, or
- * 500 if the tokenizer failed) and out holds nothing to free (freeing it anyway is safe). */
+/* A POST /v1/completions body becomes a request in two steps, so that a server can keep the second,
+ * whose cost grows with the prompts, off its event loop:
+ *
+ * api_completion_validate: parses the body of len bytes (need not be NUL-terminated) and checks every
+ * rule that needs no tokens, against the model and limits: JSON, field types and ranges, counts, token
+ * ids, "language" a MoLE model has no adapter for (400, param "language"), and whether a prompt can fit
+ * the context at all (cm_tokenize_min_tokens: 400 context_length_exceeded when even the fewest tokens
+ * its text could give do not fit). Its cost is the JSON parse and a walk over token-id arrays. On
+ * success returns 0; out->n_prompts is known (so api_completion_n_choices works) but the prompts are
+ * not built yet: out keeps the parsed body privately until api_completion_tokenize. On failure returns
+ * -1, err describes it (status 400/404/413, 500 out of memory) and out holds nothing to free (freeing it
+ * anyway is safe).
+ *
+ * api_completion_tokenize: builds every prompt (tokenization, FIM layout, echo text) and resolves its
+ * engine options, then the rules that need token counts: the context (400 context_length_exceeded) and
+ * segment_routing "reference" on a hybrid model with max_tokens > 0 or a prompt longer than m->n_batch
+ * (400, param "segment_routing"). No I/O and no shared state but the immutable model: it may run on any
+ * thread, as long as nothing else touches out meanwhile. On success returns 0 and out owns its
+ * allocations (free with api_completion_req_free). On failure returns -1, err describes it (400, or 500
+ * if the tokenizer failed) and out holds nothing to free.
+ *
+ * api_parse_completion: both in one call, for callers without an event loop to protect (the CLI, tests). */
+int api_completion_validate(const char *body, size_t len, const api_model *m, const api_limits *lim,
+                            api_completion_req *out, api_error *err);
+int api_completion_tokenize(api_completion_req *out, api_error *err);
 int api_parse_completion(const char *body, size_t len, const api_model *m, const api_limits *lim,
                          api_completion_req *out, api_error *err);
 void api_completion_req_free(api_completion_req *r);
 
 /* POST /v1/fim/completions (Mistral's and DeepSeek's FIM request, which Continue's fimStream posts):
  * "prompt" (a string, required) is the code before the cursor, "suffix" (default "") the code after
- * it; the other fields and every rule are those of api_parse_completion, except that "echo" and
- * "logprobs" are not offered (400), "random_seed" (Mistral) stands for "seed" and "min_tokens" may
- * only be 0. The request renders in API_SHAPE_FIM_CHAT. Returns and owns as api_parse_completion. */
+ * it; the other fields and every rule are those of /v1/completions, except that "echo" and "logprobs"
+ * are not offered (400), "random_seed" (Mistral) stands for "seed" and "min_tokens" may only be 0. The
+ * request renders in API_SHAPE_FIM_CHAT. api_fim_completion_validate is api_completion_validate for this
+ * body (api_completion_tokenize then builds its prompts); api_parse_fim_completion is both in one call.
+ * Return values and ownership as theirs. */
+int api_fim_completion_validate(const char *body, size_t len, const api_model *m, const api_limits *lim,
+                                api_completion_req *out, api_error *err);
 int api_parse_fim_completion(const char *body, size_t len, const api_model *m, const api_limits *lim,
                              api_completion_req *out, api_error *err);
 

@@ -6,6 +6,7 @@
  * "'abc' is not of type 'number' - 'temperature'", always with the offending parameter in "param",
  * so a client can point at the field. Every length and count from the body is bounded by api_limits.
  */
+#include <float.h>
 #include <limits.h>
 #include <math.h>
 #include <stdio.h>
@@ -68,11 +69,65 @@ static int err_range(api_error *e, const char *param, const json_t *v, const cha
     return api_error_set(e, 400, API_ERR_INVALID, param, NULL, "%s is %s %g - '%s'", d, what, bound, param);
 }
 
+/* A number jansson cannot hold (1e400, an integer beyond 64 bits) fails the whole parse, at the byte
+ * just past it. The body up to there is valid JSON, so a small scan finds the top-level field it
+ * belongs to (counting brackets, skipping strings), and the 400 names that field like a range error. */
+static int err_overflow(const char *body, size_t len, const json_error_t *je, api_error *e) {
+    size_t end = je->position > 0 && (size_t)je->position <= len ? (size_t)je->position : 0;
+    char key[64] = "";
+    int depth = 0, want_key = 0;
+    for (size_t i = 0; i < end; i++) {
+        char c = body[i];
+        if (c == '"') {
+            size_t j = i + 1;
+            while (j < end && body[j] != '"') j += body[j] == '\\' ? 2 : 1;
+            if (depth == 1 && want_key) {
+                size_t n = j - i - 1 < sizeof key - 1 ? j - i - 1 : sizeof key - 1;
+                while (n > 0 && n < j - i - 1 && ((unsigned char)body[i + 1 + n] & 0xc0) == 0x80) n--;
+                memcpy(key, body + i + 1, n);
+                key[n] = '\0';
+                want_key = 0;
+            }
+            i = j;
+        } else if (c == '{' || c == '[') {
+            if (++depth == 1) want_key = c == '{';
+        } else if (c == '}' || c == ']') {
+            depth--;
+        } else if (c == ',' && depth == 1) {
+            want_key = 1;
+        }
+    }
+    size_t start = end;
+    while (start > 0 && end - start < 40 && body[start - 1] && strchr("0123456789+-.eE", body[start - 1])) start--;
+    if (depth < 1 || !key[0])
+        return api_error_set(e, 400, API_ERR_INVALID, NULL, NULL,
+                             "We could not parse the JSON body of your request: the number %.*s is too large "
+                             "(line %d, column %d).", (int)(end - start), body + start, je->line, je->column);
+    return api_error_set(e, 400, API_ERR_INVALID, key, NULL, "%.*s is too large to be represented - '%s'",
+                         (int)(end - start), body + start, key);
+}
+
 /* ------------------------------------------------------------ typed field readers */
 /* Each returns 0 when the field is absent or null (output untouched), 1 when set, -1 on error. */
 
-static int get_number(json_t *o, const char *key, double lo, int lo_excl, double hi, double *out,
-                      api_error *e) {
+/* The float a sampling parameter becomes. Ranges are checked on the double first (get_number); the bounds
+ * are exact floats, so rounding keeps a value inside them. What a float cannot hold is a nonzero value
+ * below its smallest normal magnitude: it would become 0 (which an exclusive minimum, or the sampler,
+ * refuses: a 500 after the request was accepted) or a subnormal (a divisor that overflows to inf).
+ * Such values are a 400 naming the parameter. Negative zero becomes zero. */
+static int to_float(double x, const json_t *v, const char *param, const char *shown, float *out, api_error *e) {
+    if (x != 0 && fabs(x) < FLT_MIN) {
+        char d[96];
+        describe(v, d, sizeof d);
+        return api_error_set(e, 400, API_ERR_INVALID, param, NULL,
+                             "%s is too small: the smallest nonzero magnitude accepted is %g - '%s'", d,
+                             (double)FLT_MIN, shown);
+    }
+    *out = x == 0 ? 0.0f : (float)x;
+    return 0;
+}
+
+static int get_number(json_t *o, const char *key, double lo, int lo_excl, double hi, float *out, api_error *e) {
     json_t *v = json_object_get(o, key);
     if (!v || json_is_null(v)) return 0;
     if (!json_is_number(v)) return err_type(e, key, v, "number");
@@ -80,7 +135,7 @@ static int get_number(json_t *o, const char *key, double lo, int lo_excl, double
     if (lo_excl ? !(x > lo) : !(x >= lo))
         return err_range(e, key, v, lo_excl ? "less than or equal to the minimum of" : "less than the minimum of", lo);
     if (!(x <= hi)) return err_range(e, key, v, "greater than the maximum of", hi);
-    *out = x;
+    if (to_float(x, v, key, key, out, e)) return -1;
     return 1;
 }
 
@@ -90,9 +145,13 @@ static int get_int(json_t *o, const char *key, long long lo, long long hi, long 
     long long x;
     if (json_is_integer(v)) {
         x = json_integer_value(v);
-    } else if (json_is_real(v) && json_real_value(v) == floor(json_real_value(v)) &&
-               fabs(json_real_value(v)) < 9.2e18) {
-        x = (long long)json_real_value(v); /* 2.0 is an integer to JSON schema */
+    } else if (json_is_real(v) && json_real_value(v) == floor(json_real_value(v))) {
+        /* 2.0 is an integer to JSON schema; one outside long long (from -2^63 to 2^63, exclusive above)
+         * cannot be converted, and is outside every bound */
+        double d = json_real_value(v);
+        if (d >= 9223372036854775808.0) return err_range(e, key, v, "greater than the maximum of", (double)hi);
+        if (d < -9223372036854775808.0) return err_range(e, key, v, "less than the minimum of", (double)lo);
+        x = (long long)d;
     } else {
         return err_type(e, key, v, "integer");
     }
@@ -485,8 +544,10 @@ static int parse_logit_bias(json_t *o, const api_limits *lim, int n_vocab, api_c
                                  "%s is out of range: logit_bias values must be between -100 and 100 - 'logit_bias.%s'",
                                  d, k);
         }
+        char shown[40];
+        snprintf(shown, sizeof shown, "logit_bias.%s", k);
+        if (to_float(b, x, "logit_bias", shown, &r->logit_bias[r->n_logit_bias].bias, e)) return -1;
         r->logit_bias[r->n_logit_bias].token = (int32_t)id;
-        r->logit_bias[r->n_logit_bias].bias = (float)b;
         r->n_logit_bias++;
     }
     return 0;
@@ -541,20 +602,25 @@ const api_model *api_find_model(const api_model *models, int n, const char *name
     return NULL;
 }
 
-/* What parse_fields settles besides r's own fields. */
-typedef struct parse_ctx {
-    api_shape shape;
-    json_t *prompt;        /* the prompt value ("prompt", or Tabby's segments.prefix); NULL: none */
-    json_t *suffix;        /* FIM suffix, borrowed from the body or empty_suffix; NULL: no FIM */
-    json_t *empty_suffix;  /* owned "" for a FIM request without a suffix */
-    int parse_special, max_tokens_null, max_tokens_given;
-    long long max_tokens;
-    const char *max_tokens_key; /* the field that gave max_tokens (errors name it), "max_tokens" if none */
-} parse_ctx;
+/* What api_completion_validate leaves for api_completion_tokenize: the parsed body (whose strings the
+ * prompt sources point into) and the settings that need the prompts' token counts. */
+struct api__pending {
+    json_t *root;            /* owned reference */
+    prompt_src *srcs;        /* (n_prompts) into root */
+    json_t *prompt;          /* the prompt value: "prompt", or Tabby's segments.prefix; into root, or NULL */
+    const json_t *suffix;    /* FIM suffix: into root, or empty_suffix, or NULL (no FIM) */
+    json_t *empty_suffix;    /* owned "" for a FIM request without a suffix */
+    int parse_special;
+    int max_tokens_null;     /* "max_tokens": null: the context the longest prompt leaves */
+    int explicit_max;        /* a length was given as a number */
+    const char *max_tokens_key; /* the field that gave it (errors name it): "max_tokens" or an alias */
+    long long max_tokens;    /* explicit value or the default (16; Tabby's 64) */
+    api_limits lim;          /* a copy: the caller's may be gone when the prompts are tokenized */
+};
 
 /* The FIM suffix of a request: "suffix" (/v1/fim/completions: "" when absent), or Tabby's
- * segments.suffix. Sets c->suffix (NULL: not a FIM request). */
-static int parse_suffix(json_t *root, const api_model *m, api_completion_req *r, parse_ctx *c, api_error *e) {
+ * segments.suffix (with its prefix as the prompt). Sets p->suffix (NULL: not a FIM request). */
+static int parse_suffix(json_t *root, const api_model *m, api_completion_req *r, api__pending *p, api_error *e) {
     json_t *s = NULL;
     if (r->tabby) {
         json_t *seg = json_object_get(root, "segments");
@@ -562,7 +628,7 @@ static int parse_suffix(json_t *root, const api_model *m, api_completion_req *r,
         if (!pre || json_is_null(pre))
             return api_error_set(e, 400, API_ERR_INVALID, "prompt", NULL, "'prefix' is a required property - 'segments'");
         if (!json_is_string(pre)) return err_type(e, "segments.prefix", pre, "string");
-        c->prompt = pre;
+        p->prompt = pre;
         s = json_object_get(seg, "suffix");
         if (s && json_is_null(s)) s = NULL;
         if (s && !json_is_string(s)) return err_type(e, "segments.suffix", s, "string");
@@ -573,20 +639,20 @@ static int parse_suffix(json_t *root, const api_model *m, api_completion_req *r,
     } else if (get_string(root, "suffix", &s, e) < 0) {
         return -1;
     }
-    if (!s && (c->shape == API_SHAPE_FIM_CHAT || r->tabby) && !(s = c->empty_suffix = json_string("")))
+    if (!s && (r->shape == API_SHAPE_FIM_CHAT || r->tabby) && !(s = p->empty_suffix = json_string("")))
         return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
     if (!s) return 0;
     if (fim_check(m->model, m->id, e)) return -1;
     if (r->echo)
         return api_error_set(e, 400, API_ERR_INVALID, "echo", NULL, "'echo' cannot be used together with 'suffix'.");
-    c->suffix = s;
+    p->suffix = s;
     r->has_suffix = 1;
     return 0;
 }
 
 /* "max_tokens", or another client's name for it: llama.cpp's "n_predict" (-1: as max_tokens null),
  * OpenAI's newer "max_completion_tokens" (Continue's fimStream sends it). At most one may be given. */
-static int parse_max_tokens(json_t *root, parse_ctx *c, api_error *e) {
+static int parse_max_tokens(json_t *root, api__pending *p, api_error *e) {
     static const struct { const char *key; long long lo; } names[] = {
         {"max_tokens", 0}, {"n_predict", -1}, {"max_completion_tokens", 0}};
     const char *given = NULL;
@@ -602,18 +668,17 @@ static int parse_max_tokens(json_t *root, parse_ctx *c, api_error *e) {
         long long i64 = 0;
         int rc = get_int(root, names[k].key, names[k].lo, INT_MAX, &i64, e);
         if (rc < 0) return -1;
-        if (!rc || i64 < 0) { c->max_tokens_null = 1; continue; }
-        c->max_tokens = i64;
-        c->max_tokens_given = 1;
-        c->max_tokens_key = names[k].key;
+        if (!rc || i64 < 0) { p->max_tokens_null = 1; continue; }
+        p->max_tokens = i64;
+        p->explicit_max = 1;
+        p->max_tokens_key = names[k].key;
     }
     return 0;
 }
 
 static int parse_fields(json_t *root, const api_model *m, const api_limits *lim, api_completion_req *r,
-                        parse_ctx *c, api_error *e) {
+                        api__pending *p, api_error *e) {
     const cm_model_info *info = cm_model_get_info(m->model);
-    double x = 0;
     long long i64 = 0;
     int rc, b = 0;
     json_t *s = NULL;
@@ -631,18 +696,12 @@ static int parse_fields(json_t *root, const api_model *m, const api_limits *lim,
         }
     }
 
-    if ((rc = get_number(root, "temperature", 0, 0, 2, &x, e)) < 0) return -1;
-    if (rc) r->sampling.temperature = (float)x;
-    if ((rc = get_number(root, "top_p", 0, 1, 1, &x, e)) < 0) return -1;
-    if (rc) r->sampling.top_p = (float)x;
-    if ((rc = get_number(root, "presence_penalty", -2, 0, 2, &x, e)) < 0) return -1;
-    if (rc) r->sampling.presence_penalty = (float)x;
-    if ((rc = get_number(root, "frequency_penalty", -2, 0, 2, &x, e)) < 0) return -1;
-    if (rc) r->sampling.frequency_penalty = (float)x;
-    if ((rc = get_number(root, "min_p", 0, 0, 1, &x, e)) < 0) return -1;
-    if (rc) r->sampling.min_p = (float)x;
-    if ((rc = get_number(root, "repetition_penalty", 0, 1, 1e6, &x, e)) < 0) return -1;
-    if (rc) r->sampling.repetition_penalty = (float)x;
+    if (get_number(root, "temperature", 0, 0, 2, &r->sampling.temperature, e) < 0) return -1;
+    if (get_number(root, "top_p", 0, 1, 1, &r->sampling.top_p, e) < 0) return -1;
+    if (get_number(root, "presence_penalty", -2, 0, 2, &r->sampling.presence_penalty, e) < 0) return -1;
+    if (get_number(root, "frequency_penalty", -2, 0, 2, &r->sampling.frequency_penalty, e) < 0) return -1;
+    if (get_number(root, "min_p", 0, 0, 1, &r->sampling.min_p, e) < 0) return -1;
+    if (get_number(root, "repetition_penalty", 0, 1, 1e6, &r->sampling.repetition_penalty, e) < 0) return -1;
     if ((rc = get_int(root, "top_k", 0, INT_MAX, &i64, e)) < 0) return -1;
     if (rc) r->sampling.top_k = (int)i64;
 
@@ -654,7 +713,7 @@ static int parse_fields(json_t *root, const api_model *m, const api_limits *lim,
                              "best_of (%lld) must equal n (%d): ranking extra candidates server-side is not supported.",
                              i64, r->n);
 
-    if (parse_max_tokens(root, c, e)) return -1;
+    if (parse_max_tokens(root, p, e)) return -1;
     /* llama.cpp's flag; the prefix cache is always on, so there is nothing to switch */
     if (get_bool(root, "cache_prompt", &b, e) < 0) return -1;
 
@@ -682,7 +741,7 @@ static int parse_fields(json_t *root, const api_model *m, const api_limits *lim,
 
     if ((rc = get_int(root, "seed", LLONG_MIN, LLONG_MAX, &i64, e)) < 0) return -1;
     if (rc) { r->seed = (uint64_t)i64; r->seed_set = 1; }
-    if (c->shape == API_SHAPE_FIM_CHAT) {
+    if (r->shape == API_SHAPE_FIM_CHAT) {
         /* Mistral's names; the completion shape has no place for echo or logprobs */
         if ((rc = get_int(root, "random_seed", LLONG_MIN, LLONG_MAX, &i64, e)) < 0) return -1;
         if (rc && r->seed_set)
@@ -719,8 +778,8 @@ static int parse_fields(json_t *root, const api_model *m, const api_limits *lim,
     /* Tabby's mode: its "next_edit_suggestion" needs an edit history this server does not read */
     static const char *const mode_names[] = {"standard"};
     if (get_enum(root, "mode", mode_names, 1, &b, e) < 0) return -1;
-    if (get_bool(root, "parse_special", &c->parse_special, e) < 0) return -1;
-    if (parse_suffix(root, m, r, c, e)) return -1;
+    if (get_bool(root, "parse_special", &p->parse_special, e) < 0) return -1;
+    if (parse_suffix(root, m, r, p, e)) return -1;
 
     if ((rc = get_string(root, "model", &s, e)) < 0) return -1;
     if (rc && !api_find_model(m, 1, json_string_value(s))) {
@@ -735,8 +794,70 @@ oom:
     return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
 }
 
-static int parse_request(const char *body, size_t len, const api_model *m, const api_limits *lim,
-                         api_shape shape, api_completion_req *r, api_error *e) {
+static void pending_free(api__pending *p) {
+    if (!p) return;
+    json_decref(p->root);
+    json_decref(p->empty_suffix);
+    free(p->srcs);
+    free(p);
+}
+
+/* Tokens a prompt needs at least: exact for token ids, cm_tokenize_min_tokens for text; plus the BOS and
+ * FIM tokens build_prompt adds. */
+static long long prompt_min_tokens(const api_model *am, const api__pending *p, const prompt_src *src) {
+    const cm_model_info *info = cm_model_get_info(am->model);
+    long long n = 0;
+    if (src->ids) n = (long long)json_array_size(src->ids);
+    else if (src->text) n = (long long)cm_tokenize_min_tokens(am->model, json_string_length(src->text));
+    if (p->suffix) {
+        n += 3 + (long long)cm_tokenize_min_tokens(am->model, json_string_length(p->suffix));
+        if (src->text && info->add_bos && info->bos >= 0) n++;
+    } else if (src->text && info->add_bos && info->bos >= 0) {
+        n++;
+    }
+    return n > 0 ? n : 1; /* an empty prompt becomes [BOS] */
+}
+
+/* The one rule of prompt + max_tokens against the context (OpenAI counts both). longest: the longest
+ * prompt's tokens, exact, or (exact 0) a lower bound that already shows the request cannot fit.
+ * Sets *max_tokens (resolved for "max_tokens": null). 0, or -1 with the 400 context_length_exceeded
+ * (or max_tokens above the server's cap). */
+static int check_context(const api_model *am, const api_limits *lim, const api__pending *p, long long longest,
+                         int exact, long long *max_tokens, api_error *e) {
+    int n_ctx = am->n_ctx;
+    long long mt = p->max_tokens;
+    if (p->max_tokens_null) {
+        mt = (long long)n_ctx - longest;
+        if (lim->max_tokens_cap > 0 && mt > lim->max_tokens_cap) mt = lim->max_tokens_cap;
+    } else if (lim->max_tokens_cap > 0 && mt > lim->max_tokens_cap) {
+        return api_error_set(e, 400, API_ERR_INVALID, p->max_tokens_key, NULL,
+                             "%s is too large: %lld. This server generates at most %d tokens per completion.",
+                             p->max_tokens_key, mt, lim->max_tokens_cap);
+    }
+    /* Editor plugins ask for more than a small local context holds (Continue: 4096): the completion
+     * gets what is left and ends with "length" there, unless the server keeps OpenAI's rule. A prompt
+     * that leaves no room for a wanted token is an error either way. */
+    if (!lim->strict_context && longest < n_ctx && longest + mt > n_ctx) mt = (long long)n_ctx - longest;
+    *max_tokens = mt;
+    if (longest > n_ctx || mt < 0 || (p->max_tokens_null && mt < 1) || longest + mt > n_ctx) {
+        long long want = longest + (mt > 0 ? mt : 0);
+        const char *param = longest < n_ctx && p->explicit_max ? p->max_tokens_key : "prompt";
+        if (!exact)
+            return api_error_set(e, 400, API_ERR_INVALID, param, "context_length_exceeded",
+                                 "This model's maximum context length is %d tokens, however you requested at least "
+                                 "%lld tokens (at least %lld in your prompt; %lld for the completion). Please reduce "
+                                 "your prompt; or completion length.",
+                                 n_ctx, want, longest, mt > 0 ? mt : 0);
+        return api_error_set(e, 400, API_ERR_INVALID, param, "context_length_exceeded",
+                             "This model's maximum context length is %d tokens, however you requested %lld tokens "
+                             "(%lld in your prompt; %lld for the completion). Please reduce your prompt; or completion length.",
+                             n_ctx, want, longest, mt > 0 ? mt : 0);
+    }
+    return 0;
+}
+
+static int validate(const char *body, size_t len, const api_model *m, const api_limits *lim, api_shape shape,
+                    api_completion_req *r, api_error *e) {
     memset(r, 0, sizeof *r);
     r->model = m;
     r->shape = shape;
@@ -762,10 +883,12 @@ static int parse_request(const char *body, size_t len, const api_model *m, const
                              lim->max_body_bytes);
     json_error_t je;
     json_t *root = json_loadb(body, len, JSON_ALLOW_NUL | JSON_DECODE_ANY, &je);
-    if (!root)
+    if (!root) {
+        if (json_error_code(&je) == json_error_numeric_overflow) return err_overflow(body, len, &je, e);
         return api_error_set(e, 400, API_ERR_INVALID, NULL, NULL,
                              "We could not parse the JSON body of your request: %s (line %d, column %d).",
                              je.text, je.line, je.column);
+    }
     if (!json_is_object(root)) {
         char d[96];
         describe(root, d, sizeof d);
@@ -776,91 +899,105 @@ static int parse_request(const char *body, size_t len, const api_model *m, const
 
     const cm_model_info *info = cm_model_get_info(m->model);
     int n_src = 0;
-    parse_ctx c = {.shape = shape, .parse_special = 1, .max_tokens = 16, .max_tokens_key = "max_tokens"};
-    prompt_src *srcs = NULL;
-    c.prompt = json_object_get(root, "prompt");
-    if (json_is_null(c.prompt)) c.prompt = NULL;
+    api__pending *p = calloc(1, sizeof *p);
+    if (!p) { json_decref(root); return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory"); }
+    r->pending = p;
+    p->root = root;
+    p->parse_special = 1;
+    p->max_tokens = 16;
+    p->max_tokens_key = "max_tokens";
+    p->lim = *lim;
+    p->prompt = json_object_get(root, "prompt");
+    if (json_is_null(p->prompt)) p->prompt = NULL;
     json_t *segments = json_object_get(root, "segments");
-    if (!c.prompt && shape == API_SHAPE_TEXT && segments && !json_is_null(segments)) {
+    if (!p->prompt && shape == API_SHAPE_TEXT && segments && !json_is_null(segments)) {
         if (!json_is_object(segments)) { err_type(e, "segments", segments, "object"); goto fail; }
         r->tabby = 1;
-        c.max_tokens = 64; /* Tabby's default completion length; its agent sends none */
+        p->max_tokens = 64; /* Tabby's default completion length; its agent sends none */
     }
-    if (shape == API_SHAPE_FIM_CHAT && c.prompt && !json_is_string(c.prompt)) {
-        err_type(e, "prompt", c.prompt, "string");
+    if (shape == API_SHAPE_FIM_CHAT && p->prompt && !json_is_string(p->prompt)) {
+        err_type(e, "prompt", p->prompt, "string");
         goto fail;
     }
-    if (parse_fields(root, m, lim, r, &c, e)) goto fail;
-    long long max_tokens = c.max_tokens;
-    int max_tokens_null = c.max_tokens_null;
+    if (parse_fields(root, m, lim, r, p, e)) goto fail;
+    const json_t *suffix = p->suffix;
 
-    srcs = calloc((size_t)(lim->max_prompts > 0 ? lim->max_prompts : 1) + 1, sizeof *srcs);
-    if (!srcs) { api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory"); goto fail; }
-    if (classify_prompt(c.prompt, info->n_vocab, lim->max_prompts > 0 ? lim->max_prompts : 1, srcs, &n_src, e))
+    p->srcs = calloc((size_t)(lim->max_prompts > 0 ? lim->max_prompts : 1) + 1, sizeof *p->srcs);
+    if (!p->srcs) { api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory"); goto fail; }
+    if (classify_prompt(p->prompt, info->n_vocab, lim->max_prompts > 0 ? lim->max_prompts : 1, p->srcs,
+                        &n_src, e))
         goto fail;
     r->prompts = calloc((size_t)n_src, sizeof *r->prompts);
     if (!r->prompts) { api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory"); goto fail; }
-    int longest = 0;
+    r->n_prompts = n_src;
+
+    /* what can be decided before tokenizing: a prompt that cannot fit whatever its tokens, and the
+     * reference-segment rules on that lower bound */
+    long long longest = 0, mt = 0;
+    int exact = !suffix; /* token ids are counted exactly, text only bounded */
     for (int i = 0; i < n_src; i++) {
-        if (build_prompt(m, &srcs[i], c.suffix, c.parse_special, &r->prompts[i], e)) goto fail;
-        r->n_prompts++;
+        long long k = prompt_min_tokens(m, p, &p->srcs[i]);
+        if (k > longest) longest = k;
+        if (p->srcs[i].text) exact = 0;
+    }
+    if (check_context(m, &p->lim, p, longest, exact, &mt, e)) goto fail;
+    r->max_tokens = (int)mt;
+    if (check_reference_segments(m, r, longest > INT_MAX ? INT_MAX : (int)longest, e)) goto fail;
+    return 0;
+fail:
+    api_completion_req_free(r);
+    return -1;
+}
+
+int api_completion_tokenize(api_completion_req *r, api_error *e) {
+    api__pending *p = r->pending;
+    const api_model *m = r->model;
+    if (!p) return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "the request was not validated");
+    long long longest = 0;
+    for (int i = 0; i < r->n_prompts; i++) {
+        if (build_prompt(m, &p->srcs[i], p->suffix, p->parse_special, &r->prompts[i], e)) goto fail;
         if (api_seq_options(m->model, r->language, r->segment_routing, r->prompts[i].text, r->prompts[i].text_len,
                             &r->prompts[i].opts, e) < 0)
             goto fail;
         if (r->prompts[i].n_tokens > longest) longest = r->prompts[i].n_tokens;
     }
-
-    /* context: OpenAI counts prompt + max_tokens against the model's context */
-    int n_ctx = m->n_ctx;
-    if (max_tokens_null) {
-        max_tokens = (long long)n_ctx - longest;
-        if (lim->max_tokens_cap > 0 && max_tokens > lim->max_tokens_cap) max_tokens = lim->max_tokens_cap;
-    } else if (lim->max_tokens_cap > 0 && max_tokens > lim->max_tokens_cap) {
-        api_error_set(e, 400, API_ERR_INVALID, c.max_tokens_key, NULL,
-                      "%s is too large: %lld. This server generates at most %d tokens per completion.",
-                      c.max_tokens_key, max_tokens, lim->max_tokens_cap);
-        goto fail;
-    }
-    /* Editor plugins ask for more than a small local context holds (Continue: 4096): the completion
-     * gets what is left and ends with "length" there, unless the server keeps OpenAI's rule. A prompt
-     * that leaves no room for a wanted token is an error either way. */
-    if (!lim->strict_context && longest < n_ctx && (long long)longest + max_tokens > n_ctx)
-        max_tokens = (long long)n_ctx - longest;
-    if (longest > n_ctx || max_tokens < 0 || (max_tokens_null && max_tokens < 1) || (long long)longest + max_tokens > n_ctx) {
-        long long want = (long long)longest + (max_tokens > 0 ? max_tokens : 0);
-        api_error_set(e, 400, API_ERR_INVALID, longest < n_ctx && c.max_tokens_given ? c.max_tokens_key : "prompt",
-                      "context_length_exceeded",
-                      "This model's maximum context length is %d tokens, however you requested %lld tokens "
-                      "(%d in your prompt; %lld for the completion). Please reduce your prompt; or completion length.",
-                      n_ctx, want, longest, max_tokens > 0 ? max_tokens : 0);
-        goto fail;
-    }
-    r->max_tokens = (int)max_tokens;
-    if (check_reference_segments(m, r, longest, e)) goto fail;
-    free(srcs);
-    json_decref(c.empty_suffix);
-    json_decref(root);
+    long long mt = 0;
+    if (check_context(m, &p->lim, p, longest, 1, &mt, e)) goto fail;
+    r->max_tokens = (int)mt;
+    if (check_reference_segments(m, r, (int)longest, e)) goto fail;
+    pending_free(p);
+    r->pending = NULL;
     return 0;
 fail:
-    free(srcs);
-    json_decref(c.empty_suffix);
-    json_decref(root);
     api_completion_req_free(r);
     return -1;
 }
 
+int api_completion_validate(const char *body, size_t len, const api_model *m, const api_limits *lim,
+                            api_completion_req *r, api_error *e) {
+    return validate(body, len, m, lim, API_SHAPE_TEXT, r, e);
+}
+
+int api_fim_completion_validate(const char *body, size_t len, const api_model *m, const api_limits *lim,
+                                api_completion_req *r, api_error *e) {
+    return validate(body, len, m, lim, API_SHAPE_FIM_CHAT, r, e);
+}
+
 int api_parse_completion(const char *body, size_t len, const api_model *m, const api_limits *lim,
                          api_completion_req *r, api_error *e) {
-    return parse_request(body, len, m, lim, API_SHAPE_TEXT, r, e);
+    if (api_completion_validate(body, len, m, lim, r, e)) return -1;
+    return api_completion_tokenize(r, e);
 }
 
 int api_parse_fim_completion(const char *body, size_t len, const api_model *m, const api_limits *lim,
                              api_completion_req *r, api_error *e) {
-    return parse_request(body, len, m, lim, API_SHAPE_FIM_CHAT, r, e);
+    if (api_fim_completion_validate(body, len, m, lim, r, e)) return -1;
+    return api_completion_tokenize(r, e);
 }
 
 void api_completion_req_free(api_completion_req *r) {
     if (!r) return;
+    pending_free(r->pending);
     for (int i = 0; i < r->n_prompts; i++) {
         free(r->prompts[i].tokens);
         free(r->prompts[i].text);

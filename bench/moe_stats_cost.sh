@@ -1,15 +1,16 @@
 #!/bin/sh
 # moe_stats_cost.sh - the decode cost of routing statistics, in instructions (callgrind), which a busy
 # shared machine cannot disturb. Per-token cost = (Ir at n=40 - Ir at n=8) / 32, with statistics off and
-# on. valgrind cannot run AVX-512 code, so this builds an AVX2 (x86-64-v3) tree of its own.
+# on. valgrind cannot run AVX-512 code; its emulated cpuid hides AVX-512, so the portable binary picks
+# its AVX2 kernels under it (docs/engine.md, Kernels).
 # Usage: bench/moe_stats_cost.sh [OUTDIR]   (needs valgrind, /usr/bin/python3 with numpy)
 set -e
 R=$(cd "$(dirname "$0")/.." && pwd)
 O=${1:-$("$R/bench/inputs.sh" dir)/moe-stats}  # default: the benchmark cache (bench/inputs.sh)
 mkdir -p "$O"
-[ -d "$O/build-v3" ] || meson setup "$O/build-v3" "$R" -Dnative=false -Dc_args=-march=x86-64-v3 >/dev/null
-ninja -C "$O/build-v3" server/codemoe >/dev/null
-B="$O/build-v3/server/codemoe"
+[ -d "$O/build-portable" ] || meson setup "$O/build-portable" "$R" -Dnative=false >/dev/null
+ninja -C "$O/build-portable" server/codemoe >/dev/null
+B="$O/build-portable/server/codemoe"
 [ -f "$O/dense-768.gguf" ] || /usr/bin/python3 "$R/bench/moe_make_models.py" "$O" >/dev/null
 [ -f "$O/hybrid.gguf" ] || "$B" upcycle "$O/dense-768.gguf" "$O/hybrid.gguf" --experts 6 --top-k 2 \
     --segment-experts 6 --window 64 --router-init noise --router-std 0.05 >/dev/null

@@ -138,10 +138,10 @@ static void rope_tables(cm_ctx *c) {
 /* What each KV block carries beyond K and V: the MoE routing state at its last position. */
 static size_t kv_extra_bytes(const cm_model *m) { return m->moe ? cm_moe_snapshot_bytes(m->moe) : 0; }
 
-size_t cm_ctx_kv_block_bytes(const cm_model *m) {
+size_t cm_ctx_kv_block_bytes(const cm_model *m, int kv_type) {
     if (!m) return 0;
     const cm_model_info *in = &m->info;
-    return cm_kv_block_bytes(in->n_layer, in->n_head_kv * in->head_dim, kv_extra_bytes(m));
+    return cm_kv_block_bytes(in->n_layer, in->n_head_kv * in->head_dim, kv_type, kv_extra_bytes(m));
 }
 
 cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
@@ -155,10 +155,11 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
     int n_ctx = p->n_ctx ? p->n_ctx : in->n_ctx_train;
     int n_batch = p->n_batch_max ? p->n_batch_max : 512;
     if (n_threads < 1 || n_threads > CM_POOL_MAX_THREADS || n_seq < 1 || n_seq > 65536 || n_ctx < 1 ||
-        n_ctx > CM_MAX_CTX || n_batch < 1 || n_batch > CM_MAX_BATCH || p->kv_tokens < 0) {
+        n_ctx > CM_MAX_CTX || n_batch < 1 || n_batch > CM_MAX_BATCH || p->kv_tokens < 0 ||
+        (p->kv_type != CM_KV_F32 && p->kv_type != CM_KV_F16)) {
         cm_err_set(err, CM_E_INVAL,
-                   "ctx: bad params (threads %d, n_seq_max %d, n_ctx %d, n_batch_max %d, kv_tokens %d)",
-                   n_threads, n_seq, n_ctx, n_batch, p->kv_tokens);
+                   "ctx: bad params (threads %d, n_seq_max %d, n_ctx %d, n_batch_max %d, kv_tokens %d, kv_type %d)",
+                   n_threads, n_seq, n_ctx, n_batch, p->kv_tokens, p->kv_type);
         return NULL;
     }
     /* default: every sequence can reach n_ctx at once */
@@ -195,8 +196,8 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
     c->n_logits_max = (int)lrows;
     c->deq_floats = CM_DEQ_TILE_FLOATS > 16 * kmax ? CM_DEQ_TILE_FLOATS : 16 * kmax;
 
-    if (cm_kv_init(&c->kv, in->n_layer, (int)C, (int)n_blocks, n_seq, n_ctx, kv_extra_bytes(m), p->prefix_cache,
-                   err) < 0) {
+    if (cm_kv_init(&c->kv, in->n_layer, (int)C, p->kv_type, (int)n_blocks, n_seq, n_ctx, kv_extra_bytes(m),
+                   p->prefix_cache, err) < 0) {
         free(c);
         return NULL;
     }
@@ -524,17 +525,27 @@ static void att_task(void *arg, int task, int thread) {
     float *sc = c->scores + (size_t)thread * c->n_ctx;
     float *out = c->att + (size_t)i * H * E + (size_t)h * E;
     const float scale = (float)(1.0 / sqrt((double)E));
+    /* K and V rows of one kv head within a block: E elements every C, in the pool's type */
+    const int f16 = c->kv.kv_type == CM_KV_F16;
+    const size_t row = (size_t)c->kv.kv_dim * c->kv.elt_bytes, head = (size_t)g * E * c->kv.elt_bytes;
     for (int t0 = 0; t0 < T; t0 += CM_KV_BLOCK) {
-        const float *kb = cm_kv_k(&c->kv, s, j->layer, t0) + (size_t)g * E;
+        const unsigned char *kb = (const unsigned char *)cm_kv_k(&c->kv, s, j->layer, t0) + head;
         int nt = T - t0 < CM_KV_BLOCK ? T - t0 : CM_KV_BLOCK;
-        for (int t = 0; t < nt; t++) sc[t0 + t] = cm_dot_f32(q, kb + (size_t)t * c->kv.kv_dim, E) * scale;
+        for (int t = 0; t < nt; t++) {
+            const void *kr = kb + (size_t)t * row;
+            sc[t0 + t] = (f16 ? cm_dot_f16(kr, q, E) : cm_dot_f32(q, kr, E)) * scale;
+        }
     }
     cm_softmax(sc, T);
     memset(out, 0, (size_t)E * sizeof(float));
     for (int t0 = 0; t0 < T; t0 += CM_KV_BLOCK) {
-        const float *vb = cm_kv_v(&c->kv, s, j->layer, t0) + (size_t)g * E;
+        const unsigned char *vb = (const unsigned char *)cm_kv_v(&c->kv, s, j->layer, t0) + head;
         int nt = T - t0 < CM_KV_BLOCK ? T - t0 : CM_KV_BLOCK;
-        for (int t = 0; t < nt; t++) cm_axpy(out, sc[t0 + t], vb + (size_t)t * c->kv.kv_dim, E);
+        for (int t = 0; t < nt; t++) {
+            const void *vr = vb + (size_t)t * row;
+            if (f16) cm_axpy_f16(out, sc[t0 + t], vr, E);
+            else cm_axpy(out, sc[t0 + t], vr, E);
+        }
     }
 }
 
@@ -581,8 +592,13 @@ static void forward_layer(cm_ctx *c, int il, int n) {
         for (int h = 0; h < H; h++) cm_rope(q + h * E, cs, sn, (int)E, in->rope_neox);
         for (int h = 0; h < G; h++) cm_rope(k + h * E, cs, sn, (int)E, in->rope_neox);
         const cm_kv_seq *s = &c->kv.seqs[c->batch->seq[i]];
-        memcpy(cm_kv_k(&c->kv, s, il, c->pos[i]), k, (size_t)C * sizeof(float));
-        memcpy(cm_kv_v(&c->kv, s, il, c->pos[i]), v, (size_t)C * sizeof(float));
+        if (c->kv.kv_type == CM_KV_F16) {
+            cm_f32_to_f16_row(k, cm_kv_k(&c->kv, s, il, c->pos[i]), C);
+            cm_f32_to_f16_row(v, cm_kv_v(&c->kv, s, il, c->pos[i]), C);
+        } else {
+            memcpy(cm_kv_k(&c->kv, s, il, c->pos[i]), k, (size_t)C * sizeof(float));
+            memcpy(cm_kv_v(&c->kv, s, il, c->pos[i]), v, (size_t)C * sizeof(float));
+        }
     }
     att_job aj = {c, il, n};
     cm_pool_run(c->pool, att_task, &aj, n * (int)H);

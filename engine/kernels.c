@@ -1,63 +1,29 @@
 /*
- * kernels.c - numeric kernels: a plain reference and an optimised version of each (see kernels.h).
+ * kernels.c - the plain reference of every numeric kernel (see kernels.h), the parts that have no SIMD
+ * twin, and the run-time choice of the kernel family whose fast versions the cm_* entry points call.
  *
- * SIMD paths are selected at compile time. AVX-512 needs F+BW+VL (+VNNI for the int8 dot, else the
- * AVX2 int8 dot is used); AVX2 needs FMA and F16C. Anything else uses the references.
+ * The fast kernels live in kernels_simd.c and quants_simd.c, compiled once per family (kernels_family.h).
+ * At startup the best family this CPU runs is chosen (cpuid), or the one CODEMOE_ISA names when the CPU
+ * runs it; from then on each fast entry point is one indirect call through that family's table.
  */
 #include "kernels.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
+#include "kernels_family.h"
 #include "threadpool.h"
 #include "util.h"
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define CM_AVX512 1
-#endif
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define CM_AVX2 1
-#endif
-#if defined(CM_AVX512) && defined(__AVX512VNNI__)
-#define CM_AVX512VNNI 1
-#endif
-#if defined(CM_AVX512) || defined(CM_AVX2)
-#include <immintrin.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
 #endif
 
 int cm_weight_type_ok(int type) {
     return type == GGUF_TT_F32 || type == GGUF_TT_F16 || type == GGUF_TT_BF16 || type == GGUF_TT_Q8_0 ||
            cm_quant_is_block_type(type);
 }
-
-const char *cm_kernels_isa(void) {
-#if defined(CM_AVX512VNNI)
-    return "avx512vnni";
-#elif defined(CM_AVX512)
-    return "avx512";
-#elif defined(CM_AVX2)
-    return "avx2";
-#else
-    return "scalar";
-#endif
-}
-
-static inline float fp16(uint16_t h) {
-#if defined(CM_AVX2) || defined(CM_AVX512)
-    return _cvtsh_ss(h);
-#else
-    return cm_fp16_to_f32(h);
-#endif
-}
-
-#if defined(CM_AVX2) || defined(CM_AVX512)
-static inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-#endif
 
 /* ============================================================ Q8_0 quantisation */
 
@@ -71,28 +37,6 @@ void cm_quantize_row_q8_0_ref(const float *x, cm_block_q8_0 *y, int64_t k) {
         y[b].d = cm_f32_to_fp16(d);
         for (int i = 0; i < CM_QK8_0; i++) y[b].qs[i] = (int8_t)nearbyintf(xb[i] * id);
     }
-}
-
-void cm_quantize_row_q8_0(const float *x, cm_block_q8_0 *y, int64_t k) {
-#if defined(CM_AVX512)
-    const __m512 sign = _mm512_set1_ps(-0.0f);
-    for (int64_t b = 0; b < k / CM_QK8_0; b++) {
-        __m512 v0 = _mm512_loadu_ps(x + b * 32), v1 = _mm512_loadu_ps(x + b * 32 + 16);
-        __m512 a = _mm512_max_ps(_mm512_andnot_ps(sign, v0), _mm512_andnot_ps(sign, v1));
-        float amax = _mm512_reduce_max_ps(a);
-        float d = amax / 127.0f;
-        float id = d != 0.0f ? 1.0f / d : 0.0f;
-        y[b].d = cm_f32_to_fp16(d);
-        __m512 s = _mm512_set1_ps(id);
-        /* cvtps rounds with MXCSR's default round-half-even, the same as nearbyintf */
-        __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, s));
-        __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, s));
-        _mm_storeu_si128((__m128i *)y[b].qs, _mm512_cvtsepi32_epi8(q0));
-        _mm_storeu_si128((__m128i *)(y[b].qs + 16), _mm512_cvtsepi32_epi8(q1));
-    }
-#else
-    cm_quantize_row_q8_0_ref(x, y, k);
-#endif
 }
 
 /* ============================================================ dequantisation */
@@ -126,47 +70,6 @@ void cm_dequantize_row_ref(int type, const void *w, float *y, int64_t k) {
         else
             memset(y, 0, (size_t)k * sizeof(float)); /* unreachable: the loader admits only weight types */
     }
-}
-
-void cm_dequantize_row(int type, const void *w, float *y, int64_t k) {
-#if defined(CM_AVX512)
-    int64_t i = 0;
-    switch (type) {
-    case GGUF_TT_F16: {
-        const uint16_t *h = w;
-        for (; i + 16 <= k; i += 16)
-            _mm512_storeu_ps(y + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + i))));
-        for (; i < k; i++) y[i] = fp16(h[i]);
-        return;
-    }
-    case GGUF_TT_BF16: {
-        const uint16_t *h = w;
-        for (; i + 16 <= k; i += 16) {
-            __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(h + i)));
-            _mm512_storeu_ps(y + i, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
-        }
-        for (; i < k; i++) y[i] = cm_bf16_to_f32(h[i]);
-        return;
-    }
-    case GGUF_TT_Q8_0: {
-        const cm_block_q8_0 *b = w;
-        for (int64_t j = 0; j < k / CM_QK8_0; j++) {
-            __m512 d = _mm512_set1_ps(fp16(b[j].d));
-            __m512i q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)b[j].qs));
-            __m512i q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b[j].qs + 16)));
-            _mm512_storeu_ps(y + j * 32, _mm512_mul_ps(d, _mm512_cvtepi32_ps(q0)));
-            _mm512_storeu_ps(y + j * 32 + 16, _mm512_mul_ps(d, _mm512_cvtepi32_ps(q1)));
-        }
-        return;
-    }
-    default:
-        break;
-    }
-#endif
-    if (cm_quant_is_block_type(type))
-        cm_quant_dequantize(type, w, y, k);
-    else
-        cm_dequantize_row_ref(type, w, y, k);
 }
 
 size_t cm_vec_row_bytes(int xtype, int64_t k) {
@@ -240,188 +143,6 @@ float cm_vec_dot_ref(int wtype, int xtype, int64_t k, const void *w, const void 
     return sum;
 }
 
-#if defined(CM_AVX512)
-/* Loads 16 weights of type t as f32; `m` masks a tail (all-ones for a full vector). */
-static inline __m512 load16(int t, const void *w, int64_t i, __mmask16 m) {
-    switch (t) {
-    case GGUF_TT_F16:
-        return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)w + i));
-    case GGUF_TT_BF16:
-        return _mm512_castsi512_ps(
-            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)w + i)), 16));
-    default:
-        return _mm512_maskz_loadu_ps(m, (const float *)w + i);
-    }
-}
-
-/* One dot of K values; t is a compile-time constant at each call site, so the switch folds away. */
-static inline float dot_float_avx512(int t, int64_t k, const void *w, const float *x) {
-    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-    int64_t i = 0;
-    for (; i + 64 <= k; i += 64) {
-        s0 = _mm512_fmadd_ps(load16(t, w, i, 0xffff), _mm512_loadu_ps(x + i), s0);
-        s1 = _mm512_fmadd_ps(load16(t, w, i + 16, 0xffff), _mm512_loadu_ps(x + i + 16), s1);
-        s2 = _mm512_fmadd_ps(load16(t, w, i + 32, 0xffff), _mm512_loadu_ps(x + i + 32), s2);
-        s3 = _mm512_fmadd_ps(load16(t, w, i + 48, 0xffff), _mm512_loadu_ps(x + i + 48), s3);
-    }
-    for (; i + 16 <= k; i += 16) s0 = _mm512_fmadd_ps(load16(t, w, i, 0xffff), _mm512_loadu_ps(x + i), s0);
-    if (i < k) {
-        __mmask16 m = (__mmask16)((1u << (k - i)) - 1);
-        s1 = _mm512_fmadd_ps(load16(t, w, i, m), _mm512_maskz_loadu_ps(m, x + i), s1);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
-}
-#elif defined(CM_AVX2)
-static inline __m256 load8(int t, const void *w, int64_t i) {
-    switch (t) {
-    case GGUF_TT_F16:
-        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i)));
-    case GGUF_TT_BF16:
-        return _mm256_castsi256_ps(_mm256_slli_epi32(
-            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i))), 16));
-    default:
-        return _mm256_loadu_ps((const float *)w + i);
-    }
-}
-
-static inline float dot_float_avx2(int t, int64_t k, const void *w, const float *x) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-    int64_t i = 0;
-    for (; i + 32 <= k; i += 32) {
-        s0 = _mm256_fmadd_ps(load8(t, w, i), _mm256_loadu_ps(x + i), s0);
-        s1 = _mm256_fmadd_ps(load8(t, w, i + 8), _mm256_loadu_ps(x + i + 8), s1);
-        s2 = _mm256_fmadd_ps(load8(t, w, i + 16), _mm256_loadu_ps(x + i + 16), s2);
-        s3 = _mm256_fmadd_ps(load8(t, w, i + 24), _mm256_loadu_ps(x + i + 24), s3);
-    }
-    for (; i + 8 <= k; i += 8) s0 = _mm256_fmadd_ps(load8(t, w, i), _mm256_loadu_ps(x + i), s0);
-    float sum = hsum256(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
-    for (; i < k; i++) {
-        float wi = t == GGUF_TT_F32 ? ((const float *)w)[i]
-                 : t == GGUF_TT_F16 ? fp16(((const uint16_t *)w)[i])
-                                    : cm_bf16_to_f32(((const uint16_t *)w)[i]);
-        sum += wi * x[i];
-    }
-    return sum;
-}
-#endif
-
-/* int8 dot of nb Q8_0 blocks. */
-static inline float dot_q8_0(int64_t nb, const cm_block_q8_0 *a, const cm_block_q8_0 *b) {
-#if defined(CM_AVX512VNNI)
-    /* Two blocks per 512-bit step. dpbusd multiplies unsigned by signed bytes, so feed it |a| and
-     * b * sign(a) (a = -128 gives |a| = 128 read as unsigned: still exact). */
-    __m512 acc = _mm512_setzero_ps();
-    const __m512i zero = _mm512_setzero_si512();
-    int64_t j = 0;
-    for (; j + 2 <= nb; j += 2) {
-        __m512i av = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a[j].qs)),
-                                        _mm256_loadu_si256((const __m256i *)a[j + 1].qs), 1);
-        __m512i bv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)b[j].qs)),
-                                        _mm256_loadu_si256((const __m256i *)b[j + 1].qs), 1);
-        __m512i ua = _mm512_abs_epi8(av);
-        __m512i sb = _mm512_mask_sub_epi8(bv, _mm512_movepi8_mask(av), zero, bv);
-        __m512i dot = _mm512_dpbusd_epi32(zero, ua, sb);
-        __m512 d = _mm512_insertf32x8(_mm512_set1_ps(fp16(a[j].d) * fp16(b[j].d)),
-                                      _mm256_set1_ps(fp16(a[j + 1].d) * fp16(b[j + 1].d)), 1);
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), d, acc);
-    }
-    float sum = _mm512_reduce_add_ps(acc);
-    if (j < nb) {
-        __m256i av = _mm256_loadu_si256((const __m256i *)a[j].qs);
-        __m256i bv = _mm256_loadu_si256((const __m256i *)b[j].qs);
-        __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(av, av),
-                                          _mm256_sign_epi8(bv, av));
-        sum += hsum256(_mm256_cvtepi32_ps(dot)) * (fp16(a[j].d) * fp16(b[j].d));
-    }
-    return sum;
-#elif defined(CM_AVX2) || defined(CM_AVX512)
-    __m256 acc = _mm256_setzero_ps();
-    const __m256i ones = _mm256_set1_epi16(1);
-    for (int64_t j = 0; j < nb; j++) {
-        __m256i av = _mm256_loadu_si256((const __m256i *)a[j].qs);
-        __m256i bv = _mm256_loadu_si256((const __m256i *)b[j].qs);
-        /* |a| * (b sign a): pairs of u8*s8 fit int16 (2 * 128 * 127 < 32768) */
-        __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(av, av), _mm256_sign_epi8(bv, av));
-        __m256i p32 = _mm256_madd_epi16(p16, ones);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), _mm256_set1_ps(fp16(a[j].d) * fp16(b[j].d)), acc);
-    }
-    return hsum256(acc);
-#else
-    return cm_vec_dot_ref(GGUF_TT_Q8_0, GGUF_TT_Q8_0, nb * CM_QK8_0, a, b);
-#endif
-}
-
-/* Q8_0 weights times f32 x: per block d * sum(q x), q converted exactly to f32. */
-static inline float dot_q8_0_f32(int64_t nb, const cm_block_q8_0 *a, const float *x) {
-#if defined(CM_AVX512)
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;
-    int64_t j = 0;
-    for (; j + 2 <= nb; j += 2) {
-        const float *xb = x + j * CM_QK8_0;
-        __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)a[j].qs)));
-        __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(a[j].qs + 16))));
-        __m512 w2 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)a[j + 1].qs)));
-        __m512 w3 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(a[j + 1].qs + 16))));
-        __m512 s0 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), _mm512_mul_ps(w0, _mm512_loadu_ps(xb)));
-        __m512 s1 = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xb + 48), _mm512_mul_ps(w2, _mm512_loadu_ps(xb + 32)));
-        acc0 = _mm512_fmadd_ps(s0, _mm512_set1_ps(fp16(a[j].d)), acc0);
-        acc1 = _mm512_fmadd_ps(s1, _mm512_set1_ps(fp16(a[j + 1].d)), acc1);
-    }
-    if (j < nb) {
-        const float *xb = x + j * CM_QK8_0;
-        __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)a[j].qs)));
-        __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(a[j].qs + 16))));
-        __m512 s0 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), _mm512_mul_ps(w0, _mm512_loadu_ps(xb)));
-        acc0 = _mm512_fmadd_ps(s0, _mm512_set1_ps(fp16(a[j].d)), acc0);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-#elif defined(CM_AVX2)
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t j = 0; j < nb; j++) {
-        const float *xb = x + j * CM_QK8_0;
-        __m256 s = _mm256_setzero_ps();
-        for (int i = 0; i < 32; i += 8) {
-            __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(a[j].qs + i))));
-            s = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + i), s);
-        }
-        acc = _mm256_fmadd_ps(s, _mm256_set1_ps(fp16(a[j].d)), acc);
-    }
-    return hsum256(acc);
-#else
-    return cm_vec_dot_ref(GGUF_TT_Q8_0, GGUF_TT_F32, nb * CM_QK8_0, a, x);
-#endif
-}
-
-float cm_dot_f32(const float *a, const float *b, int64_t k) {
-#if defined(CM_AVX512)
-    return dot_float_avx512(GGUF_TT_F32, k, a, b);
-#elif defined(CM_AVX2)
-    return dot_float_avx2(GGUF_TT_F32, k, a, b);
-#else
-    return cm_vec_dot_ref(GGUF_TT_F32, GGUF_TT_F32, k, a, b);
-#endif
-}
-
-float cm_vec_dot(int wtype, int xtype, int64_t k, const void *w, const void *x) {
-    if (cm_quant_is_block_type(wtype))
-        return xtype == GGUF_TT_F32 ? cm_quant_dot_f32(wtype, k, w, x) : cm_quant_dot_q(wtype, k, w, x);
-    switch (wtype) {
-    case GGUF_TT_Q8_0:
-        return xtype == GGUF_TT_Q8_0 ? dot_q8_0(k / CM_QK8_0, w, x) : dot_q8_0_f32(k / CM_QK8_0, w, x);
-#if defined(CM_AVX512)
-    case GGUF_TT_F32: return dot_float_avx512(GGUF_TT_F32, k, w, x);
-    case GGUF_TT_F16: return dot_float_avx512(GGUF_TT_F16, k, w, x);
-    case GGUF_TT_BF16: return dot_float_avx512(GGUF_TT_BF16, k, w, x);
-#elif defined(CM_AVX2)
-    case GGUF_TT_F32: return dot_float_avx2(GGUF_TT_F32, k, w, x);
-    case GGUF_TT_F16: return dot_float_avx2(GGUF_TT_F16, k, w, x);
-    case GGUF_TT_BF16: return dot_float_avx2(GGUF_TT_BF16, k, w, x);
-#endif
-    default:
-        return cm_vec_dot_ref(wtype, xtype, k, w, x);
-    }
-}
-
 /* ============================================================ matrix x vectors */
 
 void cm_matvec_rows_ref(int wtype, int xtype, const void *w, int64_t k, const void *x, size_t x_stride,
@@ -431,65 +152,6 @@ void cm_matvec_rows_ref(int wtype, int xtype, const void *w, int64_t k, const vo
         for (int j = 0; j < n; j++)
             y[j * ldy + r] = cm_vec_dot_ref(wtype, xtype, k, (const char *)w + (size_t)r * rb,
                                             (const char *)x + (size_t)j * x_stride);
-}
-
-/* The type is a template parameter in spirit: each case below inlines its own dot loop. */
-#define MATVEC_LOOP(DOT)                                                                \
-    for (int64_t r = r0; r < r1; r++) {                                                 \
-        const void *wr = (const char *)w + (size_t)r * rb;                              \
-        for (int j = 0; j < n; j++)                                                     \
-            y[j * ldy + r] = DOT(wr, (const void *)((const char *)x + (size_t)j * x_stride)); \
-    }
-
-void cm_matvec_rows(int wtype, int xtype, const void *w, int64_t k, const void *x, size_t x_stride, int n,
-                    float *y, int64_t ldy, int64_t r0, int64_t r1) {
-    size_t rb = (size_t)gguf_row_bytes(wtype, k);
-    int64_t nb = k / CM_QK8_0;
-    (void)nb;
-    if (cm_quant_is_block_type(wtype)) {
-        if (xtype == GGUF_TT_F32) {
-            cm_quant_matvec_f32(wtype, w, k, x, x_stride, n, y, ldy, r0, r1);
-        } else {
-#define DOT_Q(wr, xr) cm_quant_dot_q(wtype, k, wr, xr)
-            MATVEC_LOOP(DOT_Q)
-        }
-        return;
-    }
-    switch (wtype) {
-    case GGUF_TT_Q8_0:
-        if (xtype == GGUF_TT_Q8_0) {
-#define DOT_Q8(wr, xr) dot_q8_0(nb, (const cm_block_q8_0 *)(wr), (const cm_block_q8_0 *)(xr))
-            MATVEC_LOOP(DOT_Q8)
-        } else {
-#define DOT_Q8F(wr, xr) dot_q8_0_f32(nb, (const cm_block_q8_0 *)(wr), (const float *)(xr))
-            MATVEC_LOOP(DOT_Q8F)
-        }
-        return;
-#if defined(CM_AVX512)
-#define DOT_F32(wr, xr) dot_float_avx512(GGUF_TT_F32, k, wr, (const float *)(xr))
-#define DOT_F16(wr, xr) dot_float_avx512(GGUF_TT_F16, k, wr, (const float *)(xr))
-#define DOT_BF16(wr, xr) dot_float_avx512(GGUF_TT_BF16, k, wr, (const float *)(xr))
-#elif defined(CM_AVX2)
-#define DOT_F32(wr, xr) dot_float_avx2(GGUF_TT_F32, k, wr, (const float *)(xr))
-#define DOT_F16(wr, xr) dot_float_avx2(GGUF_TT_F16, k, wr, (const float *)(xr))
-#define DOT_BF16(wr, xr) dot_float_avx2(GGUF_TT_BF16, k, wr, (const float *)(xr))
-#else
-#define DOT_F32(wr, xr) cm_vec_dot_ref(GGUF_TT_F32, GGUF_TT_F32, k, wr, xr)
-#define DOT_F16(wr, xr) cm_vec_dot_ref(GGUF_TT_F16, GGUF_TT_F32, k, wr, xr)
-#define DOT_BF16(wr, xr) cm_vec_dot_ref(GGUF_TT_BF16, GGUF_TT_F32, k, wr, xr)
-#endif
-    case GGUF_TT_F32:
-        MATVEC_LOOP(DOT_F32)
-        return;
-    case GGUF_TT_F16:
-        MATVEC_LOOP(DOT_F16)
-        return;
-    case GGUF_TT_BF16:
-        MATVEC_LOOP(DOT_BF16)
-        return;
-    default:
-        cm_matvec_rows_ref(wtype, xtype, w, k, x, x_stride, n, y, ldy, r0, r1);
-    }
 }
 
 typedef struct matvec_job {
@@ -532,80 +194,20 @@ void cm_rmsnorm_ref(float *y, const float *x, const float *w, int64_t k, float e
     for (int64_t i = 0; i < k; i++) y[i] = w[i] * (x[i] * s);
 }
 
-void cm_rmsnorm(float *y, const float *x, const float *w, int64_t k, float eps) {
-#if defined(CM_AVX512)
-    float ss = cm_dot_f32(x, x, k);
-    float s = 1.0f / sqrtf(ss / (float)k + eps);
-    __m512 vs = _mm512_set1_ps(s);
-    int64_t i = 0;
-    for (; i + 16 <= k; i += 16)
-        _mm512_storeu_ps(y + i, _mm512_mul_ps(_mm512_loadu_ps(w + i), _mm512_mul_ps(_mm512_loadu_ps(x + i), vs)));
-    for (; i < k; i++) y[i] = w[i] * (x[i] * s);
-#else
-    cm_rmsnorm_ref(y, x, w, k, eps);
-#endif
-}
-
 void cm_add_ref(float *x, const float *b, int64_t k) {
     for (int64_t i = 0; i < k; i++) x[i] += b[i];
 }
 
-void cm_add(float *x, const float *b, int64_t k) {
-    /* the compiler vectorises this loop at -O2 -march=native; the reference is already optimal */
-    for (int64_t i = 0; i < k; i++) x[i] += b[i];
+void cm_f32_to_f16_row_ref(const float *x, uint16_t *y, int64_t k) {
+    for (int64_t i = 0; i < k; i++) y[i] = cm_f32_to_fp16(x[i]);
 }
 
-void cm_axpy(float *y, float a, const float *x, int64_t k) {
-#if defined(CM_AVX512)
-    __m512 va = _mm512_set1_ps(a);
-    int64_t i = 0;
-    for (; i + 16 <= k; i += 16)
-        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
-    for (; i < k; i++) y[i] += a * x[i];
-#else
-    for (int64_t i = 0; i < k; i++) y[i] += a * x[i];
-#endif
+void cm_axpy_f16_ref(float *y, float a, const uint16_t *x, int64_t k) {
+    for (int64_t i = 0; i < k; i++) y[i] += a * cm_fp16_to_f32(x[i]);
 }
 
 void cm_silu_mul_ref(float *g, const float *u, int64_t k) {
     for (int64_t i = 0; i < k; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-}
-
-#if defined(CM_AVX512)
-/* e^x for 16 lanes, within ~2 ulp of expf over the float range: x = n ln2 + r, |r| <= ln2/2,
- * e^r by a degree-6 polynomial, 2^n built in the exponent field (split in two for the extremes). */
-static inline __m512 exp16(__m512 x) {
-    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
-    const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7228f)), _mm512_set1_ps(-103.97f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
-    r = _mm512_fnmadd_ps(n, ln2_lo, r);
-    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    /* scalef computes p * 2^n exactly, including subnormal results */
-    return _mm512_scalef_ps(p, n);
-}
-#endif
-
-void cm_silu_mul(float *g, const float *u, int64_t k) {
-#if defined(CM_AVX512)
-    const __m512 one = _mm512_set1_ps(1.0f);
-    int64_t i = 0;
-    for (; i + 16 <= k; i += 16) {
-        __m512 x = _mm512_loadu_ps(g + i);
-        __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
-        _mm512_storeu_ps(g + i, _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + i)));
-    }
-    for (; i < k; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-#else
-    cm_silu_mul_ref(g, u, k);
-#endif
 }
 
 void cm_softmax_ref(float *x, int64_t k) {
@@ -619,33 +221,6 @@ void cm_softmax_ref(float *x, int64_t k) {
     for (int64_t i = 0; i < k; i++) x[i] /= sum;
 }
 
-void cm_softmax(float *x, int64_t k) {
-#if defined(CM_AVX512)
-    __m512 vm = _mm512_set1_ps(-INFINITY);
-    int64_t i = 0;
-    for (; i + 16 <= k; i += 16) vm = _mm512_max_ps(vm, _mm512_loadu_ps(x + i));
-    float mx = _mm512_reduce_max_ps(vm);
-    for (; i < k; i++) mx = fmaxf(mx, x[i]);
-    __m512 vmx = _mm512_set1_ps(mx), vs = _mm512_setzero_ps();
-    float sum = 0.0f;
-    for (i = 0; i + 16 <= k; i += 16) {
-        __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), vmx));
-        _mm512_storeu_ps(x + i, e);
-        vs = _mm512_add_ps(vs, e);
-    }
-    for (; i < k; i++) {
-        x[i] = expf(x[i] - mx);
-        sum += x[i];
-    }
-    sum += _mm512_reduce_add_ps(vs);
-    __m512 vsum = _mm512_set1_ps(sum);
-    for (i = 0; i + 16 <= k; i += 16) _mm512_storeu_ps(x + i, _mm512_div_ps(_mm512_loadu_ps(x + i), vsum));
-    for (; i < k; i++) x[i] /= sum;
-#else
-    cm_softmax_ref(x, k);
-#endif
-}
-
 void cm_rope_ref(float *x, const float *cs, const float *sn, int e, int neox) {
     int h = e / 2;
     for (int i = 0; i < h; i++) {
@@ -656,19 +231,133 @@ void cm_rope_ref(float *x, const float *cs, const float *sn, int e, int neox) {
     }
 }
 
-void cm_rope(float *x, const float *cs, const float *sn, int e, int neox) {
-#if defined(CM_AVX512)
-    int h = e / 2;
-    if (neox && h % 16 == 0) {
-        for (int i = 0; i < h; i += 16) {
-            __m512 x0 = _mm512_loadu_ps(x + i), x1 = _mm512_loadu_ps(x + h + i);
-            __m512 c = _mm512_loadu_ps(cs + i), s = _mm512_loadu_ps(sn + i);
-            /* same operation order as the reference: (x0*c) - (x1*s), no fused rounding */
-            _mm512_storeu_ps(x + i, _mm512_sub_ps(_mm512_mul_ps(x0, c), _mm512_mul_ps(x1, s)));
-            _mm512_storeu_ps(x + h + i, _mm512_add_ps(_mm512_mul_ps(x1, c), _mm512_mul_ps(x0, s)));
-        }
-        return;
+/* ============================================================ kernel families */
+
+/* The families this build compiled (engine/meson.build defines CM_HAVE_KERNELS_<suffix>), best first;
+ * the last one runs on any CPU the build targets. */
+extern const cm_kernel_ops cm_kernels_avx512vnni, cm_kernels_avx512, cm_kernels_avx2, cm_kernels_scalar,
+    cm_kernels_native;
+static const cm_kernel_ops *const families[] = {
+#if defined(CM_HAVE_KERNELS_avx512vnni)
+    &cm_kernels_avx512vnni,
+#endif
+#if defined(CM_HAVE_KERNELS_avx512)
+    &cm_kernels_avx512,
+#endif
+#if defined(CM_HAVE_KERNELS_avx2)
+    &cm_kernels_avx2,
+#endif
+#if defined(CM_HAVE_KERNELS_native)
+    &cm_kernels_native,
+#endif
+#if defined(CM_HAVE_KERNELS_scalar)
+    &cm_kernels_scalar,
+#endif
+};
+#define N_FAMILIES ((int)(sizeof families / sizeof families[0]))
+
+/* Until kernels_choose runs: the family every CPU the build targets runs (the last of the list). */
+#if defined(CM_HAVE_KERNELS_scalar)
+const cm_kernel_ops *cm__kops = &cm_kernels_scalar;
+#else
+const cm_kernel_ops *cm__kops = &cm_kernels_native;
+#endif
+
+/* CM_CPU_* bits of this CPU; a vector extension counts only when the OS saves its registers (XCR0). */
+static unsigned cpu_features(void) {
+    unsigned f = 0;
+#if defined(__x86_64__) || defined(__i386__)
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & bit_OSXSAVE)) return 0;
+    unsigned xlo, xhi;
+    __asm__ volatile("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0));
+    int ymm = (xlo & 0x6) == 0x6, zmm = ymm && (xlo & 0xe0) == 0xe0;
+    if (!ymm || !(c & bit_AVX)) return 0;
+    if (c & bit_FMA) f |= CM_CPU_FMA;
+    if (c & bit_F16C) f |= CM_CPU_F16C;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return f;
+    if (b & bit_AVX2) f |= CM_CPU_AVX2;
+    if (zmm) {
+        if (b & bit_AVX512F) f |= CM_CPU_AVX512F;
+        if (b & bit_AVX512BW) f |= CM_CPU_AVX512BW;
+        if (b & bit_AVX512VL) f |= CM_CPU_AVX512VL;
+        if (b & bit_AVX512DQ) f |= CM_CPU_AVX512DQ;
+        if (c & (1u << 11)) f |= CM_CPU_AVX512VNNI; /* cpuid.h of older compilers lacks bit_AVX512VNNI */
     }
 #endif
-    cm_rope_ref(x, cs, sn, e, neox);
+    return f;
 }
+
+static int family_runs(const cm_kernel_ops *k) {
+    static unsigned have;
+    static int known;
+    if (!known) {
+        have = cpu_features();
+        known = 1;
+    }
+    return (k->needs & ~have) == 0;
+}
+
+int cm_kernels_family_count(void) { return N_FAMILIES; }
+
+const char *cm_kernels_family_name(int i) { return i >= 0 && i < N_FAMILIES ? families[i]->name : NULL; }
+
+int cm_kernels_family_runs(int i) { return i >= 0 && i < N_FAMILIES && family_runs(families[i]); }
+
+int cm_kernels_use(const char *name) {
+    for (int i = 0; i < N_FAMILIES; i++)
+        if (name && !strcmp(families[i]->name, name) && family_runs(families[i])) {
+            cm__kops = families[i];
+            return 0;
+        }
+    return -1;
+}
+
+const char *cm_kernels_isa(void) { return cm__kops->name; }
+
+/* Before main: the best family the CPU runs, unless CODEMOE_ISA names another one it runs. Done once,
+ * so no kernel call pays for the choice. */
+__attribute__((constructor)) static void kernels_choose(void) {
+    const char *want = getenv("CODEMOE_ISA");
+    if (want && *want && cm_kernels_use(want) == 0) return;
+    for (int i = 0; i < N_FAMILIES; i++)
+        if (family_runs(families[i])) {
+            cm__kops = families[i];
+            return;
+        }
+}
+
+/* ------------------------------------------------------------ the fast entry points */
+
+void cm_quantize_row_q8_0(const float *x, cm_block_q8_0 *y, int64_t k) { cm__kops->quantize_row_q8_0(x, y, k); }
+
+void cm_dequantize_row(int type, const void *w, float *y, int64_t k) { cm__kops->dequantize_row(type, w, y, k); }
+
+float cm_vec_dot(int wtype, int xtype, int64_t k, const void *w, const void *x) {
+    return cm__kops->vec_dot(wtype, xtype, k, w, x);
+}
+
+void cm_matvec_rows(int wtype, int xtype, const void *w, int64_t k, const void *x, size_t x_stride, int n,
+                    float *y, int64_t ldy, int64_t r0, int64_t r1) {
+    cm__kops->matvec_rows(wtype, xtype, w, k, x, x_stride, n, y, ldy, r0, r1);
+}
+
+void cm_rmsnorm(float *y, const float *x, const float *w, int64_t k, float eps) { cm__kops->rmsnorm(y, x, w, k, eps); }
+
+void cm_add(float *x, const float *b, int64_t k) { cm__kops->add(x, b, k); }
+
+void cm_silu_mul(float *g, const float *u, int64_t k) { cm__kops->silu_mul(g, u, k); }
+
+void cm_softmax(float *x, int64_t k) { cm__kops->softmax(x, k); }
+
+void cm_rope(float *x, const float *cs, const float *sn, int e, int neox) { cm__kops->rope(x, cs, sn, e, neox); }
+
+float cm_dot_f32(const float *a, const float *b, int64_t k) { return cm__kops->dot_f32(a, b, k); }
+
+void cm_axpy(float *y, float a, const float *x, int64_t k) { cm__kops->axpy(y, a, x, k); }
+
+void cm_f32_to_f16_row(const float *x, uint16_t *y, int64_t k) { cm__kops->f32_to_f16_row(x, y, k); }
+
+float cm_dot_f16(const uint16_t *a, const float *b, int64_t k) { return cm__kops->dot_f16(a, b, k); }
+
+void cm_axpy_f16(float *y, float a, const uint16_t *x, int64_t k) { cm__kops->axpy_f16(y, a, x, k); }

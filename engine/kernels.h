@@ -2,9 +2,10 @@
  * kernels.h - the numeric kernels of the forward pass. Internal to engine/.
  *
  * Every optimised kernel has a plain C reference `*_ref` beside it; tests/engine/test_kernels.c holds
- * them equal. The SIMD path is chosen at compile time (-march=native): AVX-512 (F, BW, VNNI), else
- * AVX2 (+F16C, FMA), else portable C. Letters: M output rows, K row length (input dim), N activation
- * rows (tokens), E head_dim.
+ * them equal, for every kernel family the machine runs. The optimised kernels come in families
+ * (kernels_family.h): AVX-512 (F, BW, VL, DQ, with or without VNNI), AVX2 (+FMA, F16C) and scalar,
+ * compiled side by side; the best one the CPU runs is chosen at startup (CODEMOE_ISA may name a lower
+ * one). Letters: M output rows, K row length (input dim), N activation rows (tokens), E head_dim.
  *
  * Weight matrices W (M, K) are row-major as GGUF stores them; a "row" of W is K values of its type:
  * F32, F16, BF16, Q8_0 (kernels here) or one of the block types of quants.h (Q4_0, Q4_1, Q5_0, Q5_1,
@@ -26,8 +27,14 @@ struct cm_pool;
 int cm_weight_type_ok(int type);
 #define CM_WEIGHT_TYPES "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K"
 
-/* Which SIMD path this build uses ("avx512", "avx2", "scalar"). */
-const char *cm_kernels_isa(void);
+/* Kernel families (cm_kernels_isa, in codemoe.h, names the one in use). The build's families, best
+ * first: i in [0, cm_kernels_family_count()); the name, or NULL out of range; whether this CPU runs it.
+ * cm_kernels_use switches to a family by name: 0, or -1 (nothing changed) for a name this build lacks or
+ * this CPU cannot run. For tests and startup only: not while kernels run on other threads. */
+int cm_kernels_family_count(void);
+const char *cm_kernels_family_name(int i);
+int cm_kernels_family_runs(int i);
+int cm_kernels_use(const char *name);
 
 /* ------------------------------------------------------------ conversion */
 
@@ -96,5 +103,18 @@ void cm_rope_ref(float *x, const float *cs, const float *sn, int e, int neox);
 /* dot of two f32 vectors (attention scores); y (K) += a * x (K) (attention values). */
 float cm_dot_f32(const float *a, const float *b, int64_t k);
 void cm_axpy(float *y, float a, const float *x, int64_t k);
+
+/* ------------------------------------------------------------ f16 KV rows (CM_KV_F16) */
+
+/* y (K) f16 = x (K) rounded to nearest even, as cm_f32_to_fp16 (F16C vcvtps2ph); bit-exact with the
+ * reference for every input but NaN (both give a NaN). */
+void cm_f32_to_f16_row(const float *x, uint16_t *y, int64_t k);
+void cm_f32_to_f16_row_ref(const float *x, uint16_t *y, int64_t k);
+
+/* Attention over f16 K and V: dot(a (K) f16, b (K) f32), each element converted exactly, accumulated in
+ * f32 (reference: cm_vec_dot_ref(GGUF_TT_F16, GGUF_TT_F32, ...)); y (K) += a * x (K) f16. */
+float cm_dot_f16(const uint16_t *a, const float *b, int64_t k);
+void cm_axpy_f16(float *y, float a, const uint16_t *x, int64_t k);
+void cm_axpy_f16_ref(float *y, float a, const uint16_t *x, int64_t k);
 
 #endif

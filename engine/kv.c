@@ -10,24 +10,29 @@
 
 #include "util.h"
 
-size_t cm_kv_block_bytes(int n_layer, int kv_dim, size_t extra_bytes) {
-    uint64_t block_floats;
-    if (n_layer < 1 || kv_dim < 1 || extra_bytes > ((size_t)1 << 30) ||
-        !cm_mul_u64((uint64_t)n_layer * 2 * CM_KV_BLOCK, (uint64_t)kv_dim, &block_floats) ||
-        block_floats > (uint64_t)SIZE_MAX / 8)
-        return 0;
-    /* blocks start on 64-byte boundaries: the kernels' vector loads never straddle two blocks' lines */
-    return (size_t)((block_floats * sizeof(float) + extra_bytes + 63) / 64 * 64);
+size_t cm_kv_elt_bytes(int kv_type) {
+    return kv_type == CM_KV_F32 ? sizeof(float) : kv_type == CM_KV_F16 ? sizeof(uint16_t) : 0;
 }
 
-int cm_kv_init(cm_kv *kv, int n_layer, int kv_dim, int n_blocks, int n_seq, int n_ctx, size_t extra_bytes,
-               int prefix_cache, cm_err *err) {
+size_t cm_kv_block_bytes(int n_layer, int kv_dim, int kv_type, size_t extra_bytes) {
+    uint64_t block_elems;
+    if (n_layer < 1 || kv_dim < 1 || !cm_kv_elt_bytes(kv_type) || extra_bytes > ((size_t)1 << 30) ||
+        !cm_mul_u64((uint64_t)n_layer * 2 * CM_KV_BLOCK, (uint64_t)kv_dim, &block_elems) ||
+        block_elems > (uint64_t)SIZE_MAX / 8)
+        return 0;
+    /* blocks start on 64-byte boundaries: the kernels' vector loads never straddle two blocks' lines */
+    return (size_t)((block_elems * cm_kv_elt_bytes(kv_type) + extra_bytes + 63) / 64 * 64);
+}
+
+int cm_kv_init(cm_kv *kv, int n_layer, int kv_dim, int kv_type, int n_blocks, int n_seq, int n_ctx,
+               size_t extra_bytes, int prefix_cache, cm_err *err) {
     memset(kv, 0, sizeof *kv);
-    if (n_layer < 1 || kv_dim < 1 || n_blocks < 1 || n_seq < 1 || n_ctx < 1 || extra_bytes > ((size_t)1 << 30))
-        return cm_err_set(err, CM_E_INVAL, "kv: bad sizes (layers %d, dim %d, blocks %d, seqs %d, ctx %d)",
-                          n_layer, kv_dim, n_blocks, n_seq, n_ctx);
-    uint64_t block_floats = (uint64_t)n_layer * 2 * CM_KV_BLOCK * (uint64_t)kv_dim, bytes, total, tab;
-    bytes = cm_kv_block_bytes(n_layer, kv_dim, extra_bytes);
+    if (n_layer < 1 || kv_dim < 1 || !cm_kv_elt_bytes(kv_type) || n_blocks < 1 || n_seq < 1 || n_ctx < 1 ||
+        extra_bytes > ((size_t)1 << 30))
+        return cm_err_set(err, CM_E_INVAL, "kv: bad sizes (layers %d, dim %d, type %d, blocks %d, seqs %d, ctx %d)",
+                          n_layer, kv_dim, kv_type, n_blocks, n_seq, n_ctx);
+    uint64_t block_elems = (uint64_t)n_layer * 2 * CM_KV_BLOCK * (uint64_t)kv_dim, bytes, total, tab;
+    bytes = cm_kv_block_bytes(n_layer, kv_dim, kv_type, extra_bytes);
     if (bytes == 0) return cm_err_set(err, CM_E_NOMEM, "kv: blocks too large");
     if (!cm_mul_u64(bytes, (uint64_t)n_blocks, &total) || total > (uint64_t)SIZE_MAX / 2)
         return cm_err_set(err, CM_E_NOMEM, "kv: pool of %d blocks is too large", n_blocks);
@@ -38,7 +43,9 @@ int cm_kv_init(cm_kv *kv, int n_layer, int kv_dim, int n_blocks, int n_seq, int 
     kv->max_blocks = (n_ctx + CM_KV_BLOCK - 1) / CM_KV_BLOCK;
     kv->n_seq = n_seq;
     kv->cache_on = prefix_cache != 0;
-    kv->block_floats = (size_t)block_floats;
+    kv->kv_type = kv_type;
+    kv->elt_bytes = cm_kv_elt_bytes(kv_type);
+    kv->block_elems = (size_t)block_elems;
     kv->extra_bytes = extra_bytes;
     kv->block_bytes = (size_t)bytes;
     if (!cm_mul_u64((uint64_t)n_seq, (uint64_t)kv->max_blocks, &tab) || tab > (uint64_t)SIZE_MAX / 8)

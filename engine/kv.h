@@ -2,8 +2,8 @@
  * kv.h - paged KV memory and the prefix cache. Internal to engine/.
  *
  * A fixed pool of blocks, each holding CM_KV_BLOCK consecutive positions of one prefix for every
- * layer: block b, layer l is K (CM_KV_BLOCK, C) then V (CM_KV_BLOCK, C), C = n_head_kv * head_dim, f32,
- * followed by `extra_bytes` of state the owner stores per block (the MoE routing state at the block's
+ * layer: block b, layer l is K (CM_KV_BLOCK, C) then V (CM_KV_BLOCK, C), C = n_head_kv * head_dim, in
+ * the pool's element type (CM_KV_F32 or CM_KV_F16, codemoe.h), followed by `extra_bytes` of state the owner stores per block (the MoE routing state at the block's
  * last position). Each sequence owns a block table: position p lives in block table[p / CM_KV_BLOCK]
  * at row p % CM_KV_BLOCK.
  *
@@ -53,9 +53,11 @@ typedef struct cm_kv {
     int max_blocks;     /* per sequence: ceil(n_ctx / CM_KV_BLOCK) */
     int n_seq;
     int cache_on;       /* prefix cache enabled */
-    size_t block_floats;/* n_layer * 2 * CM_KV_BLOCK * C */
-    size_t extra_bytes; /* per block, after its floats (a multiple of 8) */
-    size_t block_bytes; /* block_floats * 4 + extra_bytes */
+    int kv_type;        /* CM_KV_F32 or CM_KV_F16: the type of every K and V element */
+    size_t elt_bytes;   /* bytes per element: 4 or 2 */
+    size_t block_elems; /* n_layer * 2 * CM_KV_BLOCK * C */
+    size_t extra_bytes; /* per block, after its elements (a multiple of 8) */
+    size_t block_bytes; /* block_elems * elt_bytes + extra_bytes, rounded up to 64 */
     unsigned char *data;/* (n_blocks, block_bytes) */
     uint16_t *refcount; /* (n_blocks) */
     int32_t *free_ids;  /* (n_blocks) stack of free block ids */
@@ -85,13 +87,15 @@ typedef struct cm_kv {
     uint64_t query_tokens, hit_tokens, evictions;
 } cm_kv;
 
-/* Bytes of one block: its K and V floats plus extra_bytes, rounded up to 64 (blocks start on 64-byte
- * boundaries). 0 when the sizes are invalid or overflow. The one formula behind cm_kv_init and
- * cm_ctx_kv_block_bytes. */
-size_t cm_kv_block_bytes(int n_layer, int kv_dim, size_t extra_bytes);
+/* Bytes of one K or V element of kv_type (CM_KV_F32: 4, CM_KV_F16: 2); 0 for another value. */
+size_t cm_kv_elt_bytes(int kv_type);
+/* Bytes of one block: its K and V elements of kv_type plus extra_bytes, rounded up to 64 (blocks start
+ * on 64-byte boundaries). 0 when the sizes or the type are invalid or overflow. The one formula behind
+ * cm_kv_init and cm_ctx_kv_block_bytes. */
+size_t cm_kv_block_bytes(int n_layer, int kv_dim, int kv_type, size_t extra_bytes);
 /* Sizes the pool; returns CM_OK or CM_E_NOMEM / CM_E_INVAL with err set. */
-int cm_kv_init(cm_kv *kv, int n_layer, int kv_dim, int n_blocks, int n_seq, int n_ctx, size_t extra_bytes,
-               int prefix_cache, cm_err *err);
+int cm_kv_init(cm_kv *kv, int n_layer, int kv_dim, int kv_type, int n_blocks, int n_seq, int n_ctx,
+               size_t extra_bytes, int prefix_cache, cm_err *err);
 void cm_kv_free(cm_kv *kv);
 
 /* Opens a free sequence slot: its id, or -1 if all are open. */
@@ -139,21 +143,24 @@ int cm_kv_check(const cm_kv *kv, char *why, size_t cap);
 /* forward.c: the context's pool (for tests of its layout). */
 const cm_kv *cm_ctx_kv(const cm_ctx *c);
 
-static inline float *cm_kv_block_floats(const cm_kv *kv, int32_t b) {
-    return (float *)(kv->data + (size_t)b * kv->block_bytes);
+/* The block's first byte (its K and V elements start there). */
+static inline unsigned char *cm_kv_block_data(const cm_kv *kv, int32_t b) {
+    return kv->data + (size_t)b * kv->block_bytes;
 }
 /* The block's extra bytes (extra_bytes of them). */
 static inline unsigned char *cm_kv_block_extra(const cm_kv *kv, int32_t b) {
-    return kv->data + (size_t)b * kv->block_bytes + kv->block_floats * sizeof(float);
+    return cm_kv_block_data(kv, b) + kv->block_elems * kv->elt_bytes;
 }
 
-/* K and V rows of position pos of a sequence in a layer: (C) each. pos < n_blocks * CM_KV_BLOCK. */
-static inline float *cm_kv_k(const cm_kv *kv, const cm_kv_seq *s, int layer, int pos) {
-    return cm_kv_block_floats(kv, s->blocks[pos / CM_KV_BLOCK]) +
-           (size_t)layer * 2 * CM_KV_BLOCK * kv->kv_dim + (size_t)(pos % CM_KV_BLOCK) * kv->kv_dim;
+/* K and V rows of position pos of a sequence in a layer: (C) elements of kv_type each (float or
+ * uint16_t f16); the next position's row follows C elements later within a block. pos < n_blocks *
+ * CM_KV_BLOCK. */
+static inline void *cm_kv_k(const cm_kv *kv, const cm_kv_seq *s, int layer, int pos) {
+    size_t e = (size_t)layer * 2 * CM_KV_BLOCK * kv->kv_dim + (size_t)(pos % CM_KV_BLOCK) * kv->kv_dim;
+    return cm_kv_block_data(kv, s->blocks[pos / CM_KV_BLOCK]) + e * kv->elt_bytes;
 }
-static inline float *cm_kv_v(const cm_kv *kv, const cm_kv_seq *s, int layer, int pos) {
-    return cm_kv_k(kv, s, layer, pos) + (size_t)CM_KV_BLOCK * kv->kv_dim;
+static inline void *cm_kv_v(const cm_kv *kv, const cm_kv_seq *s, int layer, int pos) {
+    return (unsigned char *)cm_kv_k(kv, s, layer, pos) + (size_t)CM_KV_BLOCK * kv->kv_dim * kv->elt_bytes;
 }
 
 #endif

@@ -19,6 +19,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include "gguf.h"
 
 /* ------------------------------------------------------------ block layouts (all little-endian) */
 
@@ -137,6 +138,48 @@ static inline void cm_q4k_scale_min(int j, const uint8_t *s, uint8_t *sc, uint8_
     } else {
         *sc = (uint8_t)((s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4));
         *m = (uint8_t)((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
+    }
+}
+
+/* ------------------------------------------------------------ shared by quants.c and quants_simd.c */
+
+/* Values and bytes per block: gguf.c's type table is their one home (the structs' sizes are asserted
+ * in quants.h and compared with it in tests/engine/test_quants.c). */
+static inline int cm_quant_block_values(int type) {
+    return gguf_block_size(type);
+}
+
+static inline size_t cm_quant_block_bytes(int type) {
+    return (size_t)gguf_row_bytes(type, gguf_block_size(type));
+}
+
+/* The step that turns a block's exact integer sums into a float, shared by the references and the fast
+ * kernels: one expression on both sides is what makes them bit-exact. */
+
+/* Legacy block: isum = sum q x over the block (q as in the format: Q4_0 q - 8, Q4_1 q), d, dx the two
+ * scales; m * sx carries Q4_1/Q5_1's offset (0 for the others). */
+static inline float cm_quant_combine_legacy(float sum, int32_t isum, float d, float dx, float m, float sx) {
+#if defined(__clang__) /* round after every multiply, as the references (quants.c) do */
+#pragma STDC FP_CONTRACT OFF
+#endif
+    return sum + ((float)isum * (d * dx) + m * sx);
+}
+
+/* K-quant super-block: isum = sum over sub-blocks of sc * sum q x, imin = sum of m * sum x (0 for
+ * the types without mins). */
+static inline float cm_quant_combine_k(float sum, int32_t isum, int32_t imin, float d, float dmin, float dx) {
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#endif
+    return sum + ((dx * d) * (float)isum - (dx * dmin) * (float)imin);
+}
+
+/* Q3_K's sixteen 6-bit scales (layout above), minus their offset 32. */
+static inline void cm_q3k_scales(const uint8_t *s, int sc[16]) {
+    for (int j = 0; j < 16; j++) {
+        int lo = j < 8 ? s[j] & 0xF : s[j - 8] >> 4;
+        int hi = (s[8 + j % 4] >> (2 * (j / 4))) & 3;
+        sc[j] = (lo | hi << 4) - 32;
     }
 }
 

@@ -77,6 +77,7 @@ struct cm_tokenizer {
     uint8_t *type;         /* (n_vocab) tokenizer.ggml.token_type, 1 when absent */
     uint8_t *flags;        /* (n_vocab) TOKF_* */
     int max_token_bytes;
+    int max_special_text;  /* longest text of a TOKF_SPLIT token: what one match covers in the input */
 
     int32_t *vocab_ht;     /* open addressing, token text -> id; -1 empty */
     uint32_t vocab_mask;
@@ -480,6 +481,7 @@ static int build_specials(cm_tokenizer *t, cm_err *err) {
         const char *s = tok_text(t, i, &len);
         if ((t->type[i] == TOK_TYPE_CONTROL || t->type[i] == TOK_TYPE_USER) && len > 0) {
             t->flags[i] |= TOKF_SPLIT;
+            if ((int)len > t->max_special_text) t->max_special_text = (int)len;
             n++;
         }
         if (t->type[i] == TOK_TYPE_CONTROL || t->type[i] == TOK_TYPE_USER)
@@ -1045,6 +1047,22 @@ int cm_detok_push(cm_detok *d, const cm_model *m, int32_t id, char *out, size_t 
     detok_feed(d, (const unsigned char *)t->bytes + t->bytes_off[id], t->bytes_off[id + 1] - t->bytes_off[id], &k);
     if (k.overflow) { *d = save; return CM_E_RANGE; }
     return (int)k.n;
+}
+
+size_t cm_tokenize_min_tokens(const cm_model *m, size_t len) {
+    if (!m || !m->tok || len == 0) return 0;
+    const cm_tokenizer *t = m->tok;
+    /* a byte without a token of its own is dropped: such text yields no tokens at all */
+    for (int b = 0; b < 256; b++)
+        if (t->byte_tok[b] < 0) return 0;
+    /* Every token covers at most `per` input bytes: a special-token match its text, a BPE token its
+     * raw bytes. NFC (qwen2) can shrink a text before BPE, at most 3 to 1 (Hangul L+V+T jamo, 9 bytes,
+     * compose into one 3-byte syllable; a base with combining marks shrinks less), so a token then
+     * stands for up to 3x its bytes of the original. */
+    size_t per = (size_t)(t->max_token_bytes > t->max_special_text ? t->max_token_bytes : t->max_special_text);
+    if (t->nfc) per *= 3;
+    if (per == 0) return 0;
+    return len / per + (len % per != 0);
 }
 
 size_t cm_detok_max_bytes(const cm_model *m) {

@@ -11,7 +11,7 @@
 #include <sys/random.h>
 #include <time.h>
 
-void srv_keys_init(srv_keys *k) { k->keys = NULL; k->n = 0; }
+void srv_keys_init(srv_keys *k) { k->keys = NULL; k->admin = NULL; k->n = 0; }
 
 void srv_keys_free(srv_keys *k) {
     for (int i = 0; i < k->n; i++) {
@@ -21,11 +21,13 @@ void srv_keys_free(srv_keys *k) {
         free(k->keys[i]);
     }
     free(k->keys);
+    free(k->admin);
     k->keys = NULL;
+    k->admin = NULL;
     k->n = 0;
 }
 
-int srv_keys_add(srv_keys *k, const char *key) {
+static int keys_add(srv_keys *k, const char *key, int admin) {
     while (*key && isspace((unsigned char)*key)) key++;
     size_t n = strlen(key);
     while (n && isspace((unsigned char)key[n - 1])) n--;
@@ -33,13 +35,21 @@ int srv_keys_add(srv_keys *k, const char *key) {
     char **keys = realloc(k->keys, (size_t)(k->n + 1) * sizeof *keys);
     if (!keys) return -1;
     k->keys = keys;
+    unsigned char *adm = realloc(k->admin, (size_t)(k->n + 1));
+    if (!adm) return -1;
+    k->admin = adm;
     char *c = malloc(n + 1);
     if (!c) return -1;
     memcpy(c, key, n);
     c[n] = 0;
+    k->admin[k->n] = (unsigned char)(admin != 0);
     k->keys[k->n++] = c;
     return 0;
 }
+
+int srv_keys_add(srv_keys *k, const char *key) { return keys_add(k, key, 0); }
+
+int srv_keys_add_admin(srv_keys *k, const char *key) { return keys_add(k, key, 1); }
 
 int srv_keys_load_file(srv_keys *k, const char *path) {
     FILE *f = fopen(path, "r");
@@ -68,18 +78,32 @@ int srv_ct_equal(const char *a, size_t alen, const char *b, size_t blen) {
     return diff == 0;
 }
 
-int srv_keys_check(const srv_keys *k, const char *authorization) {
-    if (k->n == 0) return 1;
-    if (!authorization) return 0;
+int srv_keys_find(const srv_keys *k, const char *authorization) {
+    if (k->n == 0) return SRV_KEY_OPEN;
+    if (!authorization) return SRV_KEY_NONE;
     /* "Bearer" is case-insensitive per RFC 6750's use of the auth-scheme token */
-    if (strncasecmp(authorization, "Bearer ", 7)) return 0;
+    if (strncasecmp(authorization, "Bearer ", 7)) return SRV_KEY_NONE;
     const char *tok = authorization + 7;
     while (*tok == ' ') tok++;
     size_t tlen = strlen(tok);
     while (tlen && (tok[tlen - 1] == ' ' || tok[tlen - 1] == '\t')) tlen--;
-    int ok = 0;
-    for (int i = 0; i < k->n; i++) ok |= srv_ct_equal(tok, tlen, k->keys[i], strlen(k->keys[i]));
-    return ok;
+    /* every key is compared and the index selected with a mask, never a branch on the comparison */
+    unsigned found = (unsigned)SRV_KEY_NONE;
+    for (int i = 0; i < k->n; i++) {
+        unsigned mask = 0u - (unsigned)srv_ct_equal(tok, tlen, k->keys[i], strlen(k->keys[i]));
+        found = (mask & (unsigned)i) | (~mask & found);
+    }
+    return (int)found;
+}
+
+int srv_keys_check(const srv_keys *k, const char *authorization) {
+    return srv_keys_find(k, authorization) != SRV_KEY_NONE;
+}
+
+int srv_keys_may_read(const srv_keys *k, int reader, int owner) {
+    if (k->n == 0) return 1;
+    if (reader < 0 || reader >= k->n) return 0;
+    return reader == owner || k->admin[reader];
 }
 
 int srv_request_id_ok(const char *s) {

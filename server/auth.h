@@ -9,7 +9,8 @@
 #include <stdint.h>
 
 typedef struct srv_keys {
-    char **keys;  /* owned */
+    char **keys;            /* (n) owned */
+    unsigned char *admin;   /* (n) 1: an admin key, which may also read what other keys created */
     int n;
 } srv_keys;
 
@@ -17,6 +18,8 @@ void srv_keys_init(srv_keys *k);
 void srv_keys_free(srv_keys *k);
 /* Adds a copy of key (surrounding whitespace trimmed). Empty keys are refused (-1). */
 int srv_keys_add(srv_keys *k, const char *key);
+/* The same for an admin key (--admin-key). */
+int srv_keys_add_admin(srv_keys *k, const char *key);
 /* Adds one key per non-empty line of the file; lines starting with '#' are comments.
  * Returns the number added, or -1 if the file cannot be read (errno set). */
 int srv_keys_load_file(srv_keys *k, const char *path);
@@ -25,6 +28,15 @@ int srv_keys_load_file(srv_keys *k, const char *path);
  * every key regardless of where a mismatch is, so timing reveals neither key contents nor which
  * key matched (it does reveal the number of keys and is linear in the header length). */
 int srv_keys_check(const srv_keys *k, const char *authorization);
+
+/* Who a request is, for what it may read back (routing records): the index of the key an
+ * Authorization header carries (found in constant time, as srv_keys_check), SRV_KEY_OPEN when no keys
+ * are configured (everyone is the same client), SRV_KEY_NONE when it carries no configured key. */
+enum { SRV_KEY_NONE = -1, SRV_KEY_OPEN = -2 };
+int srv_keys_find(const srv_keys *k, const char *authorization);
+/* Whether the caller `reader` (an srv_keys_find result) may read what `owner` created: the same key,
+ * an admin key, or no keys configured. */
+int srv_keys_may_read(const srv_keys *k, int reader, int owner);
 
 /* Constant-time equality of two byte strings of possibly different lengths (time depends only on
  * the lengths). */

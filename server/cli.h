@@ -15,6 +15,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "codemoe.h"
+
 /* Does argv[*i] name flag `name`? If it takes a value, *val gets it (from "=..." or the next argument,
  * advancing *i). Returns 1 matched, 0 not this flag, -1 matched but the value is missing. */
 static inline int cli_flag(int argc, char **argv, int *i, const char *name, const char **val) {
@@ -67,6 +69,20 @@ static inline int cli_float(const char *cmd, const char *flag, const char *s, do
     }
     *out = (float)v;
     return 1;
+}
+
+/* --kv-type f16|f32: the KV cache's element type (cm_ctx_params.kv_type). CLI_KV_TYPE_DEFAULT is what
+ * serve, complete and bench use without the flag: f16, which halves KV memory at no speed cost that
+ * could be measured (docs/engine.md has the numbers). The library's own default stays f32. */
+#define CLI_KV_TYPE_DEFAULT CM_KV_F16
+#define CLI_KV_TYPE_HELP "  --kv-type f16|f32       KV cache element type; f16 (default) halves KV memory\n"
+static inline int cli_kv_type(const char *cmd, const char *flag, const char *s, int *out) {
+    if (!strcmp(s, "f32") || !strcmp(s, "f16")) {
+        *out = s[1] == '1' ? CM_KV_F16 : CM_KV_F32;
+        return 1;
+    }
+    fprintf(stderr, "codemoe %s: %s expects f16 or f32, got '%s'\n", cmd, flag, s);
+    return 0;
 }
 
 /* Reads a whole file (at most max bytes) into a NUL-terminated malloc'd buffer. NULL + message on error. */

@@ -2,12 +2,14 @@
  * cmd_bench.c - `codemoe bench`: prefill and decode speed of a model, printed as a table in the style of
  * llama-bench so the two can be set side by side.
  *
- *   codemoe bench --model M [-p 512] [-n 128] [-t 1,2] [-r 3]
+ *   codemoe bench --model M [-p 512] [-n 128] [-t 1,2] [-r 3] [--kv-type f32,f16]
  *
  * ppN: one N-token forward on a fresh sequence (logits of the last token only), tokens/s = N / time.
  * tgN: after a 1-token prompt, N single-token forwards with logits, tokens/s = N / time.
  * Each test runs once unmeasured (warm-up: page in the weights), then REPS times; mean ± sample std.
  * t/cpu-s divides tokens by the CPU time of all threads: the efficiency on a machine shared with others.
+ * Several thread counts or KV types are measured in the same run, one row each, so they can be compared
+ * under the same conditions.
  */
 #include <errno.h>
 #include <math.h>
@@ -16,6 +18,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "cli.h"
 #include "codemoe.h"
 #include "commands.h"
 
@@ -40,21 +43,23 @@ static int g_routing_stats = 1; /* --routing-stats 0|1: MoE routing statistics o
 
 static void usage(void) {
     fprintf(stderr,
-            "usage: codemoe bench --model FILE [-p N] [-n N] [-t T[,T...]] [-r REPS]\n"
+            "usage: codemoe bench --model FILE [-p N] [-n N] [-t T[,T...]] [-r REPS] [--kv-type T[,T]]\n"
             "  -m, --model FILE   GGUF model\n"
             "  -p, --n-prompt N   prefill test size (default 512; 0 skips)\n"
             "  -n, --n-gen N      decode test size (default 128; 0 skips)\n"
             "  -t, --threads LIST thread counts, comma separated (default 1)\n"
             "  -r, --repetitions  measured runs per test (default 3)\n"
+            "  --kv-type LIST     KV cache element types, f16 and/or f32, comma separated (default: the\n"
+            "                     other commands' default)\n"
             "  --routing-stats 0|1  gather MoE routing statistics (default 1)\n");
 }
 
 /* One run of a test on a fresh context; returns wall seconds (CPU seconds of all threads in *cpu) or
  * < 0 on error. */
-static double run_once(const cm_model *m, int threads, int pp, int tg, const int32_t *toks, int32_t *seqs,
-                       int8_t *want, double *cpu) {
+static double run_once(const cm_model *m, int threads, int kv_type, int pp, int tg, const int32_t *toks,
+                       int32_t *seqs, int8_t *want, double *cpu) {
     cm_ctx_params cp = {.n_threads = threads, .n_seq_max = 1, .n_ctx = (pp > tg + 1 ? pp : tg + 1),
-                        .n_batch_max = pp > 1 ? pp : 1};
+                        .n_batch_max = pp > 1 ? pp : 1, .kv_type = kv_type};
     cm_err err = {0};
     cm_ctx *c = cm_ctx_create(m, &cp, &err);
     if (!c) {
@@ -89,7 +94,7 @@ static double run_once(const cm_model *m, int threads, int pp, int tg, const int
 
 int cmd_bench(int argc, char **argv) {
     const char *model = NULL;
-    int pp = 512, tg = 128, reps = 3, n_thr = 0, thr[16];
+    int pp = 512, tg = 128, reps = 3, n_thr = 0, thr[16], n_kv = 0, kv[2];
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -121,6 +126,15 @@ int cmd_bench(int argc, char **argv) {
                 if (n_thr == 16 || parse_int(tok, 1, 256, &thr[n_thr])) goto bad;
                 n_thr++;
             }
+        } else if (!strcmp(a, "--kv-type")) {
+            char buf[64];
+            snprintf(buf, sizeof buf, "%s", v);
+            n_kv = 0;
+            for (char *save = NULL, *tok = strtok_r(buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+                if (n_kv == 2 || !cli_kv_type("bench", a, tok, &kv[n_kv])) return 2;
+                n_kv++;
+            }
+            if (n_kv == 0) goto bad;
         } else {
             fprintf(stderr, "bench: unknown option %s\n", a);
             usage();
@@ -136,6 +150,7 @@ int cmd_bench(int argc, char **argv) {
         return 2;
     }
     if (n_thr == 0) thr[n_thr++] = 1;
+    if (n_kv == 0) kv[n_kv++] = CLI_KV_TYPE_DEFAULT;
 
     cm_err err = {0};
     cm_model_params mp = {0};
@@ -163,39 +178,41 @@ int cmd_bench(int argc, char **argv) {
     snprintf(mname, sizeof mname, "%s %s", in->arch, in->name && *in->name ? in->name : "");
     /* t/cpu-s: tokens per CPU-second of all threads; on a shared machine the wall-clock t/s depends on
      * the neighbours, this column much less */
-    printf("| %-28s | %6s | %10s | %9s | %7s | %6s | %18s | %9s |\n", "model", "type", "size", "params",
-           "threads", "test", "t/s", "t/cpu-s");
-    printf("| %.28s | -----: | ---------: | --------: | ------: | -----: | -----------------: | --------: |\n",
+    printf("| %-28s | %6s | %10s | %9s | %7s | %3s | %6s | %18s | %9s |\n", "model", "type", "size", "params",
+           "threads", "kv", "test", "t/s", "t/cpu-s");
+    printf("| %.28s | -----: | ---------: | --------: | ------: | --: | -----: | -----------------: | --------: |\n",
            "----------------------------------");
     int rc = 0;
     for (int ti = 0; ti < n_thr && !rc; ti++) {
         for (int test = 0; test < 2 && !rc; test++) {
-            int n = test == 0 ? pp : tg;
-            if (n == 0) continue;
-            double sum = 0, sum2 = 0, csum = 0;
-            for (int k = -1; k < reps; k++) {
-                double cpu = 0;
-                double t = test == 0 ? run_once(m, thr[ti], pp, 0, toks, seqs, want, &cpu)
-                                     : run_once(m, thr[ti], 0, tg, toks, seqs, want, &cpu);
-                if (t <= 0) {
-                    rc = 1;
-                    break;
+            for (int ki = 0; ki < n_kv && !rc; ki++) {
+                int n = test == 0 ? pp : tg;
+                if (n == 0) continue;
+                double sum = 0, sum2 = 0, csum = 0;
+                for (int k = -1; k < reps; k++) {
+                    double cpu = 0;
+                    double t = test == 0 ? run_once(m, thr[ti], kv[ki], pp, 0, toks, seqs, want, &cpu)
+                                         : run_once(m, thr[ti], kv[ki], 0, tg, toks, seqs, want, &cpu);
+                    if (t <= 0) {
+                        rc = 1;
+                        break;
+                    }
+                    if (k < 0) continue; /* warm-up */
+                    double tps = n / t;
+                    csum += cpu;
+                    sum += tps;
+                    sum2 += tps * tps;
                 }
-                if (k < 0) continue; /* warm-up */
-                double tps = n / t;
-                csum += cpu;
-                sum += tps;
-                sum2 += tps * tps;
+                if (rc) break;
+                double mean = sum / reps, sd = reps > 1 ? sqrt(fmax(0, (sum2 - sum * sum / reps) / (reps - 1))) : 0;
+                char tname[16], tps[32];
+                snprintf(tname, sizeof tname, "%s%d", test == 0 ? "pp" : "tg", n);
+                snprintf(tps, sizeof tps, "%.2f ± %.2f", mean, sd);
+                printf("| %-28.28s | %6s | %6.2f MiB | %7.2f M | %7d | %3s | %6s | %19s | %9.2f |\n", mname,
+                       in->weight_type, (double)in->file_bytes / (1024.0 * 1024.0), (double)in->n_params / 1e6,
+                       thr[ti], kv[ki] == CM_KV_F16 ? "f16" : "f32", tname, tps, n * reps / csum);
+                fflush(stdout);
             }
-            if (rc) break;
-            double mean = sum / reps, sd = reps > 1 ? sqrt(fmax(0, (sum2 - sum * sum / reps) / (reps - 1))) : 0;
-            char tname[16], tps[32];
-            snprintf(tname, sizeof tname, "%s%d", test == 0 ? "pp" : "tg", n);
-            snprintf(tps, sizeof tps, "%.2f ± %.2f", mean, sd);
-            printf("| %-28.28s | %6s | %6.2f MiB | %7.2f M | %7d | %6s | %19s | %9.2f |\n", mname,
-                   in->weight_type, (double)in->file_bytes / (1024.0 * 1024.0), (double)in->n_params / 1e6,
-                   thr[ti], tname, tps, n * reps / csum);
-            fflush(stdout);
         }
     }
     free(toks);

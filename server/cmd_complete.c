@@ -44,6 +44,7 @@ static void complete_usage(FILE *f) {
         "  --seed S                random seed (default 0)\n"
         "  --threads T             compute threads (default: online CPUs)\n"
         "  --ctx N                 context length in tokens (default: min(model's, %d))\n"
+        CLI_KV_TYPE_HELP
         "  --special               recognise special-token strings (<|fim_prefix|>, ...) in the prompt\n"
         "                          (without --suffix)\n"
         "  --logprobs N            print the chosen token's and the top N log-probabilities to stderr\n"
@@ -128,7 +129,7 @@ static int complete_stops(const char *const *arg, int n, api_stops *st) {
 
 int cmd_complete(int argc, char **argv) {
     const char *model = NULL, *prompt = NULL, *file = NULL, *suffix = NULL, *v = NULL;
-    int n_predict = 128, n_ctx = 0, special = 0, routing = 0;
+    int n_predict = 128, n_ctx = 0, special = 0, routing = 0, kv_type = CLI_KV_TYPE_DEFAULT;
     const char *language = NULL;
     const char *stop_arg[API_STOP_MAX + 1]; /* enough to tell that there are too many */
     int n_stop_arg = 0;
@@ -177,6 +178,8 @@ int cmd_complete(int argc, char **argv) {
             ok = r < 0 || cli_int("complete", f, v, 1, 1024, &n_threads);
         } else if (VALUE_FLAG("--ctx")) {
             ok = r < 0 || cli_int("complete", f, v, 1, 1 << 24, &n_ctx);
+        } else if (VALUE_FLAG("--kv-type")) {
+            ok = r < 0 || cli_kv_type("complete", f, v, &kv_type);
         } else if (VALUE_FLAG("--logprobs")) {
             ok = r < 0 || cli_int("complete", f, v, 0, CM_LOGPROBS_MAX, &sp.n_logprobs);
         } else if (cli_flag(argc, argv, &i, "--special", NULL)) {
@@ -277,7 +280,7 @@ int cmd_complete(int argc, char **argv) {
     }
 
     cm_ctx_params cp = {.n_threads = n_threads, .n_seq_max = 1, .n_ctx = n_ctx, .n_batch_max = n_prompt,
-                        .kv_tokens = n_ctx};
+                        .kv_tokens = n_ctx, .kv_type = kv_type};
     ctx = cm_ctx_create(m, &cp, &err);
     if (!ctx) {
         fprintf(stderr, "codemoe complete: %s\n", err.msg);

@@ -8,10 +8,12 @@
  * and MHD_get_timeout drives a uv_timer_t; MHD_run is called only from those two callbacks, so every
  * MHD callback below runs on the loop thread and never re-enters MHD_run. No thread per connection.
  *
- * A completion request is parsed (api/), turned into a srv_job and handed to the engine worker; the
- * connection is then suspended. The worker's output arrives through srv_sched's wake-up (on_wake):
- * the loop queues the response (JSON, or a chunked SSE stream whose reader drains a bounded
- * per-request buffer) and resumes the connection. While a request waits, a uv_poll_t on its socket
+ * A completion request is validated (api/) on the loop, its prompts are tokenized on libuv's thread
+ * pool (never on the loop: a long prompt would stall every connection), then it is turned into a srv_job
+ * and handed to the engine worker; the connection is suspended from the thread pool step on. The
+ * worker's output arrives through srv_sched's wake-up (on_wake): the loop queues the response (JSON,
+ * or a chunked SSE stream whose reader drains a bounded per-request buffer) and resumes the
+ * connection. While a request waits (thread pool or worker), a uv_poll_t on its socket
  * watches for the client hanging up (MHD does not see disconnects of suspended connections), so a
  * client that leaves cancels its generation at the worker's next step.
  */
@@ -89,6 +91,7 @@ struct srv_req {
     uint64_t t_start;
     size_t bytes_in, bytes_out;
     char origin[256];           /* CORS origin to allow in the response, "" for none */
+    int key;                    /* who asked: srv_keys_find's result (owner of what it creates) */
 
     srv_buf body;
     int too_large;
@@ -96,8 +99,12 @@ struct srv_req {
     int responded;              /* a response is queued */
 
     /* completion */
-    api_completion_req creq;
+    api_completion_req creq;    /* while tokenizing, only the pool thread touches it */
     int has_creq;
+    uv_work_t tok_work;         /* api_completion_tokenize on libuv's thread pool */
+    int tokenizing;             /* tok_work queued and its after-work callback not run yet */
+    int tok_rc;                 /* its result (pool thread -> loop, ordered by uv_queue_work) */
+    api_error tok_err;
     srv_job job;
     int job_active;             /* submitted and not done */
     int job_admitted;
@@ -148,6 +155,7 @@ struct srv_http {
     srv_req *reqs;
     int n_reqs;
     int n_jobs;                 /* completions submitted and not done */
+    int n_tokenizing;           /* completions whose prompts are being tokenized off the loop */
     int draining, grace_over;
     void (*done)(void *);
     void *done_ud;
@@ -232,6 +240,13 @@ static void req_resume(srv_req *r) {
 }
 
 static void req_cancel(srv_req *r, int reason) {
+    if (r->tokenizing) {
+        /* still in libuv's pool: dropped from its queue if it has not started; a running tokenization
+         * cannot be interrupted and is let finish, then tokenize_done sees the reason and submits nothing */
+        if (!r->cancel_reason) r->cancel_reason = reason;
+        uv_cancel((uv_req_t *)&r->tok_work);
+        return;
+    }
     if (!r->job_active) return;
     if (!r->cancel_reason) r->cancel_reason = reason;
     srv_sched_cancel(r->h->sched, &r->job, reason);
@@ -308,7 +323,7 @@ static void req_free(srv_req *r) {
 
 /* Frees the request once MHD, the worker and libuv are all done with it. */
 static void req_try_free(srv_req *r) {
-    if (!r->conn_done || r->job_active) return;
+    if (!r->conn_done || r->job_active || r->tokenizing) return;
     if (r->watch_state == WATCH_ACTIVE || r->watch_state == WATCH_STOPPED) { req_watch_close(r); return; }
     if (r->watch_state == WATCH_CLOSING) return;
     req_free(r);
@@ -321,6 +336,7 @@ static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn) {
     r->h = h;
     r->conn = conn;
     r->t_start = uv_hrtime();
+    r->key = SRV_KEY_NONE;
     snprintf(r->path, sizeof r->path, "%s", uri ? uri : "");
     srv_buf_init(&r->body, h->cfg->max_body);
     srv_buf_init(&r->sse, 0);
@@ -389,7 +405,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     *con_cls = NULL;
     if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK) {
         r->client_gone = 1;
-        if (r->job_active) {
+        if (r->job_active || r->tokenizing) {
             if (!r->outcome) r->outcome = "client_gone";
             req_cancel(r, SRV_CANCEL_CLIENT);
         }
@@ -538,16 +554,22 @@ static void handle_model(srv_req *r, const char *id) {
     respond_json(r, 200, api_render_model(&h->model));
 }
 
+/* A record is served only to the key that created its completion (or an admin key); to anyone else it
+ * does not exist: the same 404 as an unknown id, so ids cannot be probed. */
 static void handle_routing(srv_req *r, const char *id) {
-    json_t *v = srv_retention_get(r->h->ret, id);
-    if (!v) {
+    int owner = SRV_KEY_NONE;
+    size_t len = 0;
+    const char *v = srv_retention_get(r->h->ret, id, &owner, &len);
+    if (!v || !srv_keys_may_read(&r->h->cfg->keys, r->key, owner)) {
         api_error e;
         api_error_set(&e, 404, API_ERR_NOT_FOUND, NULL, "completion_not_found",
                       "No routing statistics for completion '%.64s' (unknown, or no longer retained).", id);
         respond_error(r, &e);
         return;
     }
-    respond_json(r, 200, json_dumps(v, JSON_COMPACT));
+    char *body = malloc(len + 1);
+    if (body) memcpy(body, v, len + 1);
+    respond(r, 200, "application/json", body, len);
 }
 
 /* POST /tokenize, POST /detokenize (llama.cpp). */
@@ -731,7 +753,9 @@ static json_t *store_routing(srv_req *r, const api_route_agg *agg) {
     if (!v) return NULL;
     json_decref(r->routing);
     r->routing = v;
-    srv_retention_put(h->ret, r->cmpl_id, json_incref(v));
+    srv_retention_put(h->ret, r->cmpl_id, r->key, v);
+    h->metrics.routing_store_bytes = srv_retention_bytes(h->ret);
+    h->metrics.routing_store_records = (uint64_t)srv_retention_count(h->ret);
     return v;
 }
 
@@ -922,34 +946,10 @@ static void on_wake(void *ud) {
 
 /* ============================================================ completions: request */
 
-static void handle_completion(srv_req *r) {
+/* The prompts are built: hand the request to the worker. */
+static void submit_completion(srv_req *r) {
     srv_http *h = r->h;
-    if (r->too_large) { respond_http_error(r, 413, NULL); return; }
-    if (h->draining) { respond_http_error(r, 503, "The server is shutting down."); return; }
-    if (!require_model(r)) return;
-    api_error e;
-    memset(&e, 0, sizeof e);
-    int (*parse)(const char *, size_t, const api_model *, const api_limits *, api_completion_req *, api_error *) =
-        r->endpoint == ENDPOINT_FIM_COMPLETIONS ? api_parse_fim_completion : api_parse_completion;
-    if (parse(r->body.data ? r->body.data : "", r->body.len, &h->model, &h->limits, &r->creq, &e) < 0) {
-        api_completion_req_free(&r->creq);
-        respond_error(r, &e);
-        return;
-    }
-    r->has_creq = 1;
     int nc = api_completion_n_choices(&r->creq);
-    if (nc < 1 || nc > h->cfg->parallel) {
-        api_error_set(&e, 400, API_ERR_INVALID, "n", NULL,
-                      "This request needs %d sequences (prompts x n) but the server runs at most %d at once "
-                      "(--parallel).", nc, h->cfg->parallel);
-        respond_error(r, &e);
-        return;
-    }
-    if (h->n_jobs >= h->cfg->parallel + h->cfg->queue) {
-        h->metrics.rejected_queue_full++;
-        respond_http_error(r, 429, NULL);
-        return;
-    }
     r->stream = r->creq.stream;
     r->outs = calloc((size_t)nc, sizeof *r->outs);
     r->job.out = calloc((size_t)nc, sizeof *r->job.out);
@@ -974,6 +974,77 @@ static void handle_completion(srv_req *r) {
     }
     r->job_active = 1;
     h->n_jobs++;
+}
+
+/* libuv's pool thread: the only code that touches r->creq until tokenize_done. */
+static void tokenize_work(uv_work_t *w) {
+    srv_req *r = w->data;
+    r->tok_rc = api_completion_tokenize(&r->creq, &r->tok_err);
+}
+
+/* Loop thread, after tokenize_work ran (status 0) or was taken off the pool's queue (UV_ECANCELED). */
+static void tokenize_done(uv_work_t *w, int status) {
+    srv_req *r = w->data;
+    srv_http *h = r->h;
+    r->tokenizing = 0;
+    h->n_tokenizing--;
+    if (r->client_gone || r->conn_done) {
+        req_try_free(r);
+        check_drained(h);
+        return;
+    }
+    if (status == UV_ECANCELED || r->cancel_reason == SRV_CANCEL_SHUTDOWN || h->grace_over) {
+        respond_http_error(r, 503, "The server is shutting down.");
+    } else if (r->tok_rc < 0) {
+        r->has_creq = 0; /* api_completion_tokenize emptied it: logged like any request refused by api/ */
+        respond_error(r, &r->tok_err);
+    } else {
+        submit_completion(r);
+    }
+    if (!r->job_active) req_resume(r); /* a response is queued */
+    check_drained(h);
+}
+
+/* Validates the body here (a bad field is a 400 at once), then tokenizes its prompts on libuv's thread
+ * pool with the connection suspended, so that a long prompt never stalls the loop: the other
+ * connections and the running streams go on meanwhile. */
+static void handle_completion(srv_req *r) {
+    srv_http *h = r->h;
+    if (r->too_large) { respond_http_error(r, 413, NULL); return; }
+    if (h->draining) { respond_http_error(r, 503, "The server is shutting down."); return; }
+    if (!require_model(r)) return;
+    api_error e;
+    memset(&e, 0, sizeof e);
+    int (*validate)(const char *, size_t, const api_model *, const api_limits *, api_completion_req *, api_error *) =
+        r->endpoint == ENDPOINT_FIM_COMPLETIONS ? api_fim_completion_validate : api_completion_validate;
+    if (validate(r->body.data ? r->body.data : "", r->body.len, &h->model, &h->limits, &r->creq, &e) < 0) {
+        respond_error(r, &e);
+        return;
+    }
+    r->has_creq = 1;
+    srv_buf_free(&r->body); /* the request keeps what it needs */
+    int nc = api_completion_n_choices(&r->creq);
+    if (nc < 1 || nc > h->cfg->parallel) {
+        api_error_set(&e, 400, API_ERR_INVALID, "n", NULL,
+                      "This request needs %d sequences (prompts x n) but the server runs at most %d at once "
+                      "(--parallel).", nc, h->cfg->parallel);
+        respond_error(r, &e);
+        return;
+    }
+    /* requests still tokenizing count against the queue, or a flood of long prompts would wait unbounded
+     * in the thread pool */
+    if (h->n_jobs + h->n_tokenizing >= h->cfg->parallel + h->cfg->queue) {
+        h->metrics.rejected_queue_full++;
+        respond_http_error(r, 429, NULL);
+        return;
+    }
+    r->tok_work.data = r;
+    if (uv_queue_work(h->loop, &r->tok_work, tokenize_work, tokenize_done) < 0) {
+        respond_http_error(r, 500, "could not queue the request");
+        return;
+    }
+    r->tokenizing = 1;
+    h->n_tokenizing++;
     if (h->cfg->request_timeout > 0) r->deadline = r->t_start + (uint64_t)(h->cfg->request_timeout * 1e9);
     req_suspend(r);
     req_watch_start(r);
@@ -1016,7 +1087,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             if (!is_get) respond_http_error(r, 405, NULL);
             return MHD_YES;
         }
-        if (!srv_keys_check(&h->cfg->keys, MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization"))) {
+        r->key = srv_keys_find(&h->cfg->keys, MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization"));
+        if (r->key == SRV_KEY_NONE) {
             respond_http_error(r, 401, NULL);
             return MHD_YES;
         }
@@ -1126,7 +1198,7 @@ static void on_finish(uv_timer_t *t) {
 
 static void check_drained(srv_http *h) {
     if (!h->draining || h->done_called) return;
-    if (h->n_jobs > 0) return;
+    if (h->n_jobs > 0 || h->n_tokenizing > 0) return;
     for (srv_req *r = h->reqs; r; r = r->next)
         if (endpoint_generates(r->endpoint) && r->job.n_choices && !r->conn_done && !r->client_gone)
             return; /* a response still being written */
@@ -1173,7 +1245,7 @@ srv_http *srv_http_start(uv_loop_t *loop, srv_config *cfg) {
     h->model.aliases = (const char *const *)cfg->aliases;
     h->model.n_aliases = cfg->n_aliases;
     h->model.strict_name = cfg->strict_model;
-    h->ret = srv_retention_create(cfg->routing_retention);
+    h->ret = srv_retention_create(cfg->routing_retention, cfg->routing_retention_bytes);
     struct stat stt;
     h->created = stat(cfg->model_path, &stt) == 0 ? (int64_t)stt.st_mtime : (int64_t)time(NULL);
 

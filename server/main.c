@@ -71,7 +71,7 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (!strcmp(cmd, "--version") || !strcmp(cmd, "-V") || !strcmp(cmd, "version")) {
-        printf("codemoe %s (OpenBLAS kernels: %s)\n", CM_VERSION, cm_blas_core());
+        printf("codemoe %s (kernels: %s, OpenBLAS kernels: %s)\n", CM_VERSION, cm_kernels_isa(), cm_blas_core());
         return 0;
     }
     for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++) {

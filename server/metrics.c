@@ -96,6 +96,11 @@ char *srv_metrics_render(const srv_metrics *m, const srv_gauges *g, size_t *len)
     render_hist(&b, "codemoe_request_duration_seconds", "Duration of completion requests.", &m->e2e);
     render_scalar(&b, "codemoe_http_connections", "gauge", "Open HTTP requests being handled.",
                   (double)m->connections_active);
+    render_scalar(&b, "codemoe_routing_store_bytes", "gauge",
+                  "Serialized bytes of the routing records kept for GET /v1/completions/{id}/routing.",
+                  (double)m->routing_store_bytes);
+    render_scalar(&b, "codemoe_routing_store_records", "gauge", "Routing records kept.",
+                  (double)m->routing_store_records);
     render_scalar(&b, "codemoe_model_loaded", "gauge", "1 when the model is loaded and serving.",
                   (double)g->model_loaded);
     render_scalar(&b, "codemoe_queue_depth", "gauge", "Completion requests waiting for a batch slot.",

@@ -63,6 +63,8 @@ typedef struct srv_metrics {
     uint64_t rejected_queue_full; /* 429s */
     uint64_t slow_readers;        /* streams ended because the client did not read */
     uint64_t connections_active;
+    uint64_t routing_store_bytes;   /* the routing record store: serialized bytes held */
+    uint64_t routing_store_records; /* and records */
     srv_hist ttft;                /* time to first token, seconds */
     srv_hist itl;                 /* inter-token latency, seconds */
     srv_hist e2e;                 /* request duration of completions, seconds */

@@ -786,7 +786,7 @@ static int worker_load(srv_sched *s) {
         if (n_ctx <= 0) n_ctx = 2048;
         /* --kv-size: tokens, or bytes: the whole blocks that fit, at the engine's bytes per block */
         long long kv_tokens = s->cfg->kv_size;
-        double block_bytes = (double)cm_ctx_kv_block_bytes(m), tok_bytes = block_bytes / CM_KV_BLOCK_TOKENS;
+        double block_bytes = (double)cm_ctx_kv_block_bytes(m, s->cfg->kv_type), tok_bytes = block_bytes / CM_KV_BLOCK_TOKENS;
         if (s->cfg->kv_size_bytes)
             kv_tokens = (long long)((double)s->cfg->kv_size / block_bytes) * CM_KV_BLOCK_TOKENS;
         if (s->cfg->kv_size && (kv_tokens < 1 || kv_tokens > (1ll << 30))) {
@@ -795,7 +795,7 @@ static int worker_load(srv_sched *s) {
         } else {
             cm_ctx_params cp = {.n_threads = s->cfg->n_threads, .n_seq_max = s->cfg->parallel, .n_ctx = n_ctx,
                                 .n_batch_max = s->cfg->n_batch, .kv_tokens = (int)kv_tokens,
-                                .prefix_cache = s->cfg->prefix_cache};
+                                .prefix_cache = s->cfg->prefix_cache, .kv_type = s->cfg->kv_type};
             ctx = cm_ctx_create(m, &cp, &err);
         }
         if (ctx) {
@@ -807,8 +807,9 @@ static int worker_load(srv_sched *s) {
             /* test hook: slow every step down so tests can act in the middle of a prefill */
             env = getenv("CODEMOE_SERVE_STEP_DELAY_MS");
             s->step_delay_ms = env ? atoi(env) : 0;
-            json_t *f = json_pack("{s:i,s:i,s:i,s:f,s:b,s:f,s:b}", "blocks", kv.blocks_total, "block_tokens",
-                                  kv.block_tokens, "tokens", kv.blocks_total * kv.block_tokens, "mib",
+            json_t *f = json_pack("{s:i,s:i,s:i,s:s,s:f,s:b,s:f,s:b}", "blocks", kv.blocks_total, "block_tokens",
+                                  kv.block_tokens, "tokens", kv.blocks_total * kv.block_tokens, "type",
+                                  s->cfg->kv_type == CM_KV_F16 ? "f16" : "f32", "mib",
                                   (double)kv.blocks_total * block_bytes / (1 << 20), "prefix_cache",
                                   s->cfg->prefix_cache != 0, "max_itl_ms", s->cfg->max_itl_ms,
                                   "kv_check", s->kv_check);

@@ -36,6 +36,8 @@ static void serve_usage(FILE *f) {
         "  --batch N               max tokens per forward pass, bounds prefill chunks (default 512)\n"
         "  --kv-size N[KiB|MiB|GiB] KV memory shared by all sequences: tokens, or bytes with a suffix\n"
         "                          (default: parallel x ctx tokens); requests wait for room in it\n"
+        CLI_KV_TYPE_HELP
+        "                          (--kv-size in bytes holds twice the tokens with f16)\n"
         "  --no-prefix-cache       do not reuse the KV blocks of earlier prompts' common prefixes\n"
         "  --max-itl-ms MS         while sequences decode, limit each step's prefill so the step stays\n"
         "                          under MS milliseconds (soft; at least 32 tokens; 0 = off, default)\n"
@@ -43,12 +45,15 @@ static void serve_usage(FILE *f) {
         "  --api-key KEY           require 'Authorization: Bearer KEY' (repeatable)\n"
         "  --api-key-file PATH     one key per line ('#' comments)\n"
         "                          (also the CODEMOE_API_KEY environment variable)\n"
+        "  --admin-key KEY         a key that may also read every completion's routing record\n"
+        "                          (repeatable; others read only their own)\n"
         "  --cors-origin ORIGIN    allow browser requests from ORIGIN (repeatable; '*' for any)\n"
         "  --max-body BYTES        largest request body (default 4194304)\n"
         "  --request-timeout SEC   max seconds per completion, 0 = none (default 600)\n"
         "  --idle-timeout SEC      close connections idle this long, 0 = never (default 60)\n"
         "  --grace SEC             on SIGTERM, time in-flight requests get to finish (default 30)\n"
-        "  --routing-retention N   completions whose routing statistics are kept (default 1024)\n"
+        "  --routing-retention N   completions whose routing records are kept (default 1024)\n"
+        "  --routing-retention-bytes BYTES  and at most this many bytes of them (default 16777216)\n"
         "  --stream-buffer BYTES   how far a slow stream reader may fall behind (default 1048576)\n"
         "  --max-connections N     open connections (default 1024)\n");
 }
@@ -130,15 +135,18 @@ static int parse_flags(int argc, char **argv, srv_config *c) {
     c->idle_timeout = 60;
     c->grace = 30;
     c->routing_retention = 1024;
+    c->routing_retention_bytes = 16u << 20;
     c->stream_buffer = 1u << 20;
     c->max_connections = 1024;
     c->prefix_cache = 1;
+    c->kv_type = CLI_KV_TYPE_DEFAULT;
     const char *model_id = NULL;
     static const char *flags[] = {"--model", "--model-id", "--host", "--port", "--threads", "--ctx", "--parallel",
                                   "--queue", "--batch", "--api-key", "--api-key-file", "--cors-origin",
                                   "--max-body", "--request-timeout", "--idle-timeout", "--grace",
                                   "--routing-retention", "--stream-buffer", "--max-connections", "--kv-size",
-                                  "--max-itl-ms", "--alias"};
+                                  "--max-itl-ms", "--kv-type", "--admin-key", "--routing-retention-bytes",
+                                  "--alias"};
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) { serve_usage(stdout); return -1; }
         if (!strcmp(argv[i], "--no-prefix-cache")) { c->prefix_cache = 0; continue; }
@@ -167,6 +175,9 @@ static int parse_flags(int argc, char **argv, srv_config *c) {
         else if (!strcmp(f, "--api-key")) {
             ok = srv_keys_add(&c->keys, v) == 0;
             if (!ok) fprintf(stderr, "codemoe serve: empty --api-key\n");
+        } else if (!strcmp(f, "--admin-key")) {
+            ok = srv_keys_add_admin(&c->keys, v) == 0;
+            if (!ok) fprintf(stderr, "codemoe serve: empty --admin-key\n");
         } else if (!strcmp(f, "--api-key-file")) {
             ok = srv_keys_load_file(&c->keys, v) >= 0;
             if (!ok) fprintf(stderr, "codemoe serve: cannot read --api-key-file %s: %s\n", v, strerror(errno));
@@ -181,9 +192,11 @@ static int parse_flags(int argc, char **argv, srv_config *c) {
         else if (!strcmp(f, "--idle-timeout")) ok = cli_int("serve", f, v, 0, 86400, &c->idle_timeout);
         else if (!strcmp(f, "--grace")) ok = parse_seconds(f, v, &c->grace);
         else if (!strcmp(f, "--routing-retention")) ok = cli_int("serve", f, v, 0, 1 << 20, &c->routing_retention);
+        else if (!strcmp(f, "--routing-retention-bytes")) ok = parse_size(f, v, 0, &c->routing_retention_bytes);
         else if (!strcmp(f, "--stream-buffer")) ok = parse_size(f, v, 4096, &c->stream_buffer);
         else if (!strcmp(f, "--max-connections")) ok = cli_int("serve", f, v, 1, 1 << 20, &c->max_connections);
         else if (!strcmp(f, "--kv-size")) ok = parse_kv_size(v, c);
+        else if (!strcmp(f, "--kv-type")) ok = cli_kv_type("serve", f, v, &c->kv_type);
         else if (!strcmp(f, "--max-itl-ms")) {
             float ms;
             ok = cli_float("serve", f, v, 0, 1e6, &ms);

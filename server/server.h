@@ -43,6 +43,7 @@ typedef struct srv_config {
     long long kv_size;        /* KV pool: tokens (kv_size_bytes 0) or bytes (kv_size_bytes 1); 0: the default,
                                  parallel x ctx */
     int kv_size_bytes;
+    int kv_type;              /* CM_KV_F32 or CM_KV_F16 (--kv-type) */
     int prefix_cache;         /* share computed prompt blocks across requests (--no-prefix-cache: 0) */
     double max_itl_ms;        /* soft inter-token latency bound that limits prefill per step (0: off) */
     int kv_check;             /* run cm_ctx_kv_check after every step (--kv-check, CODEMOE_KV_CHECK=1) */
@@ -53,7 +54,8 @@ typedef struct srv_config {
     double request_timeout;   /* seconds a completion may take (0: none) */
     int idle_timeout;         /* seconds an idle connection stays open */
     double grace;             /* seconds in-flight requests get on SIGTERM */
-    int routing_retention;    /* completions whose routing statistics are kept */
+    int routing_retention;    /* completions whose routing records are kept, at most */
+    size_t routing_retention_bytes; /* and at most this many bytes of them (serialized) */
     size_t stream_buffer;     /* bytes a slow reader may fall behind before its stream is ended */
     int max_connections;
 } srv_config;
@@ -189,15 +191,24 @@ void srv_tokvec_free(srv_tokvec *v);
 
 /* ============================================================ routing retention */
 
-/* A bounded store of per-completion routing statistics, keyed by completion id: the newest
- * `capacity` entries are kept (FIFO eviction). Loop-thread only. Values are JSON objects (owned). */
+/* A bounded store of per-completion routing records, keyed by completion id, each with the API key
+ * that created it. Records are kept serialized (compact JSON: what GET /v1/completions/{id}/routing
+ * serves); a record's size is its serialized length. The newest records are kept while there are at
+ * most max_records of them and their sizes sum to at most max_bytes: a put evicts the oldest first.
+ * Loop-thread only. Create returns NULL when out of memory; max_records or max_bytes 0 keeps nothing. */
 typedef struct srv_retention srv_retention;
-srv_retention *srv_retention_create(int capacity);
+srv_retention *srv_retention_create(int max_records, size_t max_bytes);
 void srv_retention_free(srv_retention *r);
-/* Takes ownership of value (a json_t *); replaces an entry with the same id. */
-void srv_retention_put(srv_retention *r, const char *id, json_t *value);
-/* Borrowed; NULL if unknown or evicted. */
-json_t *srv_retention_get(srv_retention *r, const char *id);
+/* Stores value's serialization (value is borrowed) under id for owner (an srv_keys_find result),
+ * replacing a record with the same id. Returns 0, or -1 with nothing stored (and nothing evicted) when
+ * the record alone is over max_bytes, the store keeps nothing, or out of memory. */
+int srv_retention_put(srv_retention *r, const char *id, int owner, const json_t *value);
+/* The record's JSON (borrowed: valid until the next put or free; *len bytes, NUL-terminated) and
+ * owner; NULL if unknown or evicted. owner and len may be NULL. */
+const char *srv_retention_get(srv_retention *r, const char *id, int *owner, size_t *len);
+/* What the store holds now: the records' summed sizes, and their number. */
+size_t srv_retention_bytes(const srv_retention *r);
+int srv_retention_count(const srv_retention *r);
 
 /* ============================================================ HTTP front end */
 

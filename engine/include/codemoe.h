@@ -111,6 +111,12 @@ enum {
  * call again with a larger buffer), or a negative CM_E* code. */
 int cm_tokenize(const cm_model *m, const char *text, size_t len, int flags, int32_t *out, int cap,
                 cm_err *err);
+/* A lower bound, in O(1) after load, on the tokens cm_tokenize produces for ANY text of len bytes (with
+ * or without CM_TOK_PARSE_SPECIAL; the BOS that CM_TOK_ADD_BOS adds not counted): ceil(len / the most
+ * input bytes one token can stand for). Lets a caller refuse a text that cannot fit a context before
+ * paying for its tokenization. 0 when len is 0 or the vocabulary gives no bound (a byte with no token
+ * of its own is dropped from the output). */
+size_t cm_tokenize_min_tokens(const cm_model *m, size_t len);
 
 /* The vocabulary string of a token as stored (byte-level BPE alphabet), NULL if out of range. */
 const char *cm_token_text(const cm_model *m, int32_t id, size_t *len);
@@ -146,6 +152,13 @@ int cm_detokenize(const cm_model *m, const int32_t *ids, int n, int special, cha
 
 typedef struct cm_ctx cm_ctx;
 
+/* The element type of the KV cache's K and V (cm_ctx_params.kv_type). CM_KV_F16 stores them as IEEE
+ * half floats (rounded to nearest even when written; attention converts them back exactly and
+ * accumulates in f32): half the memory of CM_KV_F32, so a pool of the same bytes holds twice the
+ * positions, at a logit difference of ~1e-3 on the fixture models (docs/engine.md). Every guarantee
+ * below (prefix reuse equals a cold run, batch invariance) holds for either type. */
+enum { CM_KV_F32 = 0, CM_KV_F16 = 1 };
+
 typedef struct cm_ctx_params {
     int n_threads;    /* compute threads for the forward pass (0 = 1) */
     int n_seq_max;    /* sequences that may be open at once */
@@ -153,6 +166,7 @@ typedef struct cm_ctx_params {
     int n_batch_max;  /* max tokens in one cm_forward call */
     int kv_tokens;    /* KV pool size in tokens shared by all sequences (0 = n_seq_max * n_ctx) */
     int prefix_cache; /* nonzero: keep KV blocks of computed prefixes for reuse (see below) */
+    int kv_type;      /* CM_KV_F32 (0, the default) or CM_KV_F16; another value is CM_E_INVAL */
 } cm_ctx_params;
 
 cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err);
@@ -376,14 +390,15 @@ typedef struct cm_kv_stats {
     uint64_t evictions;           /* cached blocks taken back for new positions */
 } cm_kv_stats;
 void cm_ctx_kv_stats(const cm_ctx *c, cm_kv_stats *out);
-/* Bytes of KV memory one pool block (CM_KV_BLOCK_TOKENS positions) takes in any context of this model:
- * K and V of every layer (n_layer x 2 x n_head_kv x head_dim floats per position), plus, for
- * mixture-of-experts models, the routing state each block keeps at its last position (causal window
- * pools, the MoLE fence tracker), rounded up to 64 bytes. A pool of kv_tokens positions allocates
+/* Bytes of KV memory one pool block (CM_KV_BLOCK_TOKENS positions) takes in any context of this model
+ * whose cm_ctx_params.kv_type is kv_type: K and V of every layer (n_layer x 2 x n_head_kv x head_dim
+ * elements per position, 4 bytes each for CM_KV_F32, 2 for CM_KV_F16), plus, for mixture-of-experts
+ * models, the routing state each block keeps at its last position (causal window pools, the MoLE fence
+ * tracker), rounded up to 64 bytes. A pool of kv_tokens positions allocates
  * ceil(kv_tokens / CM_KV_BLOCK_TOKENS) such blocks; per-block bookkeeping (reference counts, the
  * prefix index, a few dozen bytes) is not included. Divide by CM_KV_BLOCK_TOKENS for a per-token
- * figure. 0 for NULL. */
-size_t cm_ctx_kv_block_bytes(const cm_model *m);
+ * figure. 0 for NULL or an unknown kv_type. */
+size_t cm_ctx_kv_block_bytes(const cm_model *m, int kv_type);
 /* Checks the pool's bookkeeping (reference counts equal table references, every block in exactly one
  * state, cache index consistent). Returns the number of inconsistent blocks (0 = sound) and describes
  * the first in why (may be NULL). For tests and --kv-check; O(blocks + sequences x blocks per seq). */
@@ -453,6 +468,14 @@ int32_t cm_sampler_sample(cm_sampler *s, const float *logits, float *chosen_lp, 
  * OpenBLAS picks the family once, at library load, from OPENBLAS_CORETYPE or its own detection. */
 const char *cm_blas_core(void);
 const char *cm_blas_better_core(void);
+
+/* ============================================================ kernels (decode products, attention)
+ *
+ * The engine's own SIMD kernel family in use: "avx512vnni", "avx512", "avx2" or "scalar". The portable
+ * build compiles them all and picks the best one the CPU runs when the process starts; the environment
+ * variable CODEMOE_ISA names a lower one instead (ignored when this CPU or build cannot run it). A
+ * -Dnative=true build has only the family -march=native allows. The string is static. */
+const char *cm_kernels_isa(void);
 
 #ifdef __cplusplus
 }

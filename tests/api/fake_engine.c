@@ -101,6 +101,15 @@ int cm_tokenize(const cm_model *m, const char *text, size_t len, int flags, int3
     return n;
 }
 
+/* A special string is the most bytes one token covers. */
+size_t cm_tokenize_min_tokens(const cm_model *m, size_t len) {
+    (void)m;
+    size_t per = 1;
+    for (int s = 0; s < 5; s++)
+        if (strlen(specials[s]) > per) per = strlen(specials[s]);
+    return len / per + (len % per != 0);
+}
+
 /* The bytes of one token into buf (>= 16 bytes). */
 static int token_bytes(int32_t id, int special, char *buf) {
     if (id < 0 || id >= FAKE_VOCAB) return -1;

@@ -527,6 +527,57 @@ TEST(body_limit_and_model_match) {
     json_decref(j);
 }
 
+/* api_completion_validate tokenizes nothing (a server runs it on its event loop) yet refuses a text
+ * that cannot fit whatever its tokens; api_completion_tokenize builds the prompts and applies the exact
+ * context rule, with today's message. The fake vocabulary's longest token is "<|fim_prefix|>" (14
+ * bytes), so 63 * 14 bytes after the BOS may still fit a 64-token context and one byte more cannot. */
+TEST(validate_then_tokenize) {
+    setup(1, 1, 1);
+    api_completion_req r;
+    api_error e;
+    const char *body = "{\"prompt\":[\"abc\",\"de\"],\"n\":2}";
+    ASSERT_EQ_INT(api_completion_validate(body, strlen(body), &g_am, &g_lim, &r, &e), 0);
+    ASSERT_EQ_INT(r.n_prompts, 2);
+    ASSERT_EQ_INT(api_completion_n_choices(&r), 4);
+    ASSERT_TRUE(r.prompts[0].tokens == NULL && r.prompts[1].tokens == NULL);
+    ASSERT_EQ_INT(api_completion_tokenize(&r, &e), 0);
+    const int32_t want[] = {FAKE_BOS, 'a', 'b', 'c'};
+    ASSERT_TRUE(tokens_are(&r, 0, want, 4));
+    ASSERT_EQ_INT(r.prompts[1].n_tokens, 3);
+    ASSERT_TRUE(r.pending == NULL);
+    api_completion_req_free(&r);
+    /* validated, never tokenized (a client that left): freeing releases the parsed body */
+    ASSERT_EQ_INT(api_completion_validate(body, strlen(body), &g_am, &g_lim, &r, &e), 0);
+    api_completion_req_free(&r);
+
+    size_t fit = 63 * 14; /* + BOS: the bound is exactly 64 */
+    char *b = malloc(fit + 64);
+    ASSERT_TRUE(b);
+    for (int over = 0; over < 2; over++) {
+        size_t n = fit + (size_t)over;
+        int k = snprintf(b, 32, "{\"prompt\":\"");
+        memset(b + k, 'x', n);
+        snprintf(b + k + n, 32, "\",\"max_tokens\":0}");
+        int rc = api_completion_validate(b, strlen(b), &g_am, &g_lim, &r, &e);
+        if (over) {
+            ASSERT_EQ_INT(rc, -1);
+            ASSERT_EQ_INT(e.status, 400);
+            ASSERT_STREQ(e.code, "context_length_exceeded");
+            ASSERT_STREQ(e.param, "prompt");
+            ASSERT_TRUE(strstr(e.message, "at least 65 in your prompt") != NULL);
+            continue;
+        }
+        ASSERT_EQ_INT(rc, 0);
+        /* it fits the bound but not the context: the exact count decides after tokenization */
+        ASSERT_EQ_INT(api_completion_tokenize(&r, &e), -1);
+        ASSERT_EQ_INT(e.status, 400);
+        ASSERT_STREQ(e.code, "context_length_exceeded");
+        ASSERT_TRUE(strstr(e.message, "(883 in your prompt; 0 for the completion)") != NULL);
+        api_completion_req_free(&r); /* safe, holds nothing */
+    }
+    free(b);
+}
+
 TEST(max_tokens_resolution) {
     setup(1, 1, 0);
     api_completion_req r;
@@ -1575,6 +1626,7 @@ int main(void) {
     RUN(fim_tokens_shared_with_requests);
     RUN(rejections);
     RUN(body_limit_and_model_match);
+    RUN(validate_then_tokenize);
     RUN(max_tokens_resolution);
     RUN(model_names);
     RUN(context_clamp_and_strict);

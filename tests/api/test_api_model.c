@@ -3,7 +3,8 @@
  * cm_tokenize does (BOS, special tokens, FIM built from the model's own FIM ids), token prompts echo
  * their decoded text, logprobs render real token bytes, and a seeded generation run through
  * api_choice_state + api_render_chunk yields, concatenated, exactly the non-streamed text cut at the
- * stop string (the server's streaming loop in miniature, on the engine's real detokenizer).
+ * stop string (the server's streaming loop in miniature, on the engine's real detokenizer); and every
+ * numeric field at extreme values is either a 400 naming it or parameters the real sampler accepts.
  */
 #include <math.h>
 
@@ -225,9 +226,95 @@ TEST(render_real_token_bytes) {
     cm_model_free(m);
 }
 
+/* Every numeric field of a request against the values a float or an integer conversion cannot hold
+ * (denormals, values that round to 0 or overflow, +-1e308, 2^53, 2^63, negative zero) and numbers
+ * jansson itself cannot hold (1e400, an integer beyond 64 bits): each is either accepted, and then the
+ * engine's sampler accepts the parameters it became (never a 500 after a 200), or a 400 that names the
+ * field. */
+TEST(numeric_extremes_accepted_or_named) {
+    cm_model *m = load("qwen2-gqa");
+    ASSERT_TRUE(m);
+    api_model am = {.model = m, .id = "qwen2-gqa", .n_ctx = 256};
+    api_limits lim;
+    api_limits_default(&lim);
+    static const char *const fields[] = {"temperature", "top_p", "presence_penalty", "frequency_penalty",
+                                         "min_p", "repetition_penalty", "top_k", "n", "best_of",
+                                         "max_tokens", "logprobs", "seed", "logit_bias"};
+    static const char *const values[] = {
+        "0", "-0", "-0.0", "0.0", "1e-300", "-1e-300", "1e-45", "-1e-45", "4e-39", "1.1754942e-38",
+        "1.1754944e-38", "1e-38", "0.5", "1", "1.0", "2", "-2", "1e6", "1000000.0000001", "3.4028235e38",
+        "3.5e38", "1e308", "-1e308", "1.7976931348623157e308", "9007199254740992", "9007199254740993",
+        "9007199254740992.0", "9223372036854775807", "-9223372036854775808", "9223372036854775808",
+        "9223372036854775808.0", "-9223372036854775809", "1.8446744073709552e19", "1e400", "-1e400",
+        "99999999999999999999999", "-99999999999999999999999", "1e-400",
+    };
+    int accepted = 0, refused = 0;
+    for (size_t f = 0; f < sizeof fields / sizeof *fields; f++) {
+        for (size_t v = 0; v < sizeof values / sizeof *values; v++) {
+            char body[256];
+            if (!strcmp(fields[f], "logit_bias"))
+                snprintf(body, sizeof body, "{\"prompt\":\"x\",\"max_tokens\":1,\"logit_bias\":{\"5\":%s}}", values[v]);
+            else if (!strcmp(fields[f], "max_tokens"))
+                snprintf(body, sizeof body, "{\"prompt\":\"x\",\"max_tokens\":%s}", values[v]);
+            else
+                snprintf(body, sizeof body, "{\"prompt\":\"x\",\"max_tokens\":1,\"%s\":%s}", fields[f], values[v]);
+            api_completion_req r;
+            api_error e;
+            memset(&e, 0, sizeof e);
+            if (api_parse_completion(body, strlen(body), &am, &lim, &r, &e) == 0) {
+                for (int c = 0; c < api_completion_n_choices(&r); c++) {
+                    cm_sampling sp;
+                    api_completion_sampling(&r, c, &sp);
+                    cm_err err = {0};
+                    cm_sampler *smp = cm_sampler_create(m, &sp, &err);
+                    if (!smp) {
+                        TEST_FAIL_("%s: accepted, but the sampler refuses it: %s", body, err.msg);
+                        api_completion_req_free(&r);
+                        return;
+                    }
+                    cm_sampler_free(smp);
+                }
+                api_completion_req_free(&r);
+                accepted++;
+            } else if (e.status != 400 || strcmp(e.param, fields[f]) ||
+                       (!strstr(e.message, fields[f]) && !(e.code && !strcmp(e.code, "context_length_exceeded")))) {
+                TEST_FAIL_("%s: %d param '%s': %s", body, e.status, e.param, e.message);
+                return;
+            } else {
+                refused++;
+            }
+        }
+    }
+    fprintf(stderr, "  %d accepted, %d refused with the field named\n", accepted, refused);
+    /* a few pinned outcomes */
+    api_completion_req r;
+    api_error e;
+    const char *b = "{\"prompt\":\"x\",\"repetition_penalty\":1e-300}";
+    ASSERT_EQ_INT(api_parse_completion(b, strlen(b), &am, &lim, &r, &e), -1);
+    ASSERT_STREQ(e.param, "repetition_penalty");
+    b = "{\"prompt\":\"x\",\"temperature\":-0.0,\"frequency_penalty\":-0.0}";
+    ASSERT_EQ_INT(api_parse_completion(b, strlen(b), &am, &lim, &r, &e), 0);
+    ASSERT_TRUE(r.sampling.temperature == 0 && !signbit(r.sampling.temperature));
+    ASSERT_TRUE(r.sampling.frequency_penalty == 0 && !signbit(r.sampling.frequency_penalty));
+    api_completion_req_free(&r);
+    b = "{\"prompt\":[1, 2, 99999999999999999999999]}";
+    ASSERT_EQ_INT(api_parse_completion(b, strlen(b), &am, &lim, &r, &e), -1);
+    ASSERT_STREQ(e.param, "prompt");
+    ASSERT_TRUE(strstr(e.message, "99999999999999999999999 is too large") != NULL);
+    b = "{\"seed\":9223372036854775807,\"top_p\":1e400}";
+    ASSERT_EQ_INT(api_parse_completion(b, strlen(b), &am, &lim, &r, &e), -1);
+    ASSERT_STREQ(e.param, "top_p");
+    b = "[1e400]";
+    ASSERT_EQ_INT(api_parse_completion(b, strlen(b), &am, &lim, &r, &e), -1);
+    ASSERT_EQ_INT(e.status, 400);
+    ASSERT_STREQ(e.param, "");
+    cm_model_free(m);
+}
+
 int main(void) {
     RUN(prompts_match_engine_tokenizer);
     RUN(streamed_equals_full_with_stops);
     RUN(render_real_token_bytes);
+    RUN(numeric_extremes_accepted_or_named);
     return test_summary();
 }

@@ -2,7 +2,7 @@
  * test_forward_golden.c - the forward pass against the PyTorch reference (tools/make_fixtures.py).
  *
  * For every dense golden (GOLDEN_DENSE in tests/golden.h: seventeen: qwen2, qwen3 and llama), with 1 and
- * 3 threads:
+ * 3 threads, and with f32 and f16 K/V (the latter within a wider stated tolerance, GOLDEN_KV_F16_TOL):
  *  - prefill: each case's tokens as one batch; the logits at EVERY position within the JSON's max_abs;
  *  - decode: the same tokens one per forward; same check (the matvec path, KV reads across blocks);
  *  - batch mixing: two cases interleaved in one batch (and continued in a second batch) equal alone;
@@ -38,6 +38,7 @@ typedef struct golden {
 } golden;
 
 static double worst; /* max abs diff seen for the current model */
+static int kv_type;  /* CM_KV_F32 or CM_KV_F16: the K/V element type of every context */
 
 /* Loads golden/<name>.json (a GOLDEN_DENSE entry) and its model. 0, or -1 with the reason on stderr. */
 static int golden_load(const char *name, golden *g) {
@@ -102,7 +103,8 @@ static double diff(const float *got, const float *want, int V) {
 }
 
 static cm_ctx *ctx_new(const golden *g, int threads) {
-    cm_ctx_params p = {.n_threads = threads, .n_seq_max = 4, .n_ctx = g->n_ctx, .n_batch_max = 256};
+    cm_ctx_params p = {.n_threads = threads, .n_seq_max = 4, .n_ctx = g->n_ctx, .n_batch_max = 256,
+                       .kv_type = kv_type};
     cm_err err = {0};
     cm_ctx *c = cm_ctx_create(g->m, &p, &err);
     if (!c) fprintf(stderr, "ctx: %s\n", err.msg);
@@ -263,15 +265,20 @@ TEST(golden_models) {
             TEST_FAIL_("cannot load golden %s", inv[k].name);
             continue;
         }
-        worst = 0;
-        for (int threads = 1; threads <= 3; threads += 2) {
-            CHECK_TRUE(check_prefill(&g, threads));
-            CHECK_TRUE(check_decode(&g, threads));
-            CHECK_TRUE(check_mixed(&g, threads));
-            CHECK_TRUE(check_truncate(&g, threads));
-            CHECK_TRUE(check_greedy(&g, threads));
+        double tol = g.tol;
+        for (kv_type = CM_KV_F32; kv_type <= CM_KV_F16; kv_type++) {
+            g.tol = tol + (kv_type == CM_KV_F16 ? GOLDEN_KV_F16_TOL : 0.0);
+            worst = 0;
+            for (int threads = 1; threads <= 3; threads += 2) {
+                CHECK_TRUE(check_prefill(&g, threads));
+                CHECK_TRUE(check_decode(&g, threads));
+                CHECK_TRUE(check_mixed(&g, threads));
+                CHECK_TRUE(check_truncate(&g, threads));
+                CHECK_TRUE(check_greedy(&g, threads));
+            }
+            fprintf(stderr, "  %-36s KV %s max abs diff %.3g (tolerance %g)\n", g.name,
+                    kv_type == CM_KV_F16 ? "f16" : "f32", worst, g.tol);
         }
-        fprintf(stderr, "  %-36s max abs diff %.3g (tolerance %g)\n", g.name, worst, g.tol);
         golden_free(&g);
         n_models++;
     }

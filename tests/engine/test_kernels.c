@@ -1,14 +1,16 @@
 /*
  * test_kernels.c - every optimised kernel equals its plain reference on random data, at sizes that are
  * and are not multiples of the SIMD width (where the type allows), and the threaded matvec equals the
- * reference with 1..4 threads. Tolerances: exact for conversions and quantisation; 1e-5 relative to
- * sum |w x| for dot products (only summation order differs); 4 ulp-ish (2e-6 relative) for exp-based
- * kernels; the thread pool runs every task exactly once.
+ * reference with 1..4 threads; all of it for every kernel family this CPU runs. Tolerances: exact for
+ * conversions and quantisation; 1e-5 relative to sum |w x| for dot products (only summation order
+ * differs); 4 ulp-ish (2e-6 relative) for exp-based kernels; the thread pool runs every task exactly
+ * once, and the process starts on the best family it runs.
  */
 #include <stdatomic.h>
 #include <stdint.h>
 
 #include "../test.h"
+#include "kernel_families.h"
 #include "kernels.h"
 #include "threadpool.h"
 #include "util.h"
@@ -226,6 +228,36 @@ TEST(elementwise_equal_ref) {
     }
 }
 
+/* The f16 KV kernels: storing rounds exactly as cm_f32_to_fp16 (ties to even, overflow to inf,
+ * subnormals), scores and value sums match their references. */
+TEST(f16_kv_rows_equal_ref) {
+    for (size_t s = 0; s < sizeof fsizes / sizeof *fsizes; s++) {
+        int64_t k = fsizes[s];
+        float *x = malloc((size_t)k * 4), *a = malloc((size_t)k * 4), *b = malloc((size_t)k * 4);
+        uint16_t *h = malloc((size_t)k * 2), *hr = malloc((size_t)k * 2);
+        fill(x, k, 8.0f);
+        /* values that exercise the rounding: halfway between two halves, beyond 65504, subnormal */
+        static const float edge[] = {1.0f + 0x1p-11f, 1.0f + 3 * 0x1p-11f, 65520.0f, 65519.0f, -70000.0f,
+                                     0x1p-25f, 3 * 0x1p-26f, 1e-8f, -0.0f, 2049.0f, INFINITY};
+        for (int64_t i = 0; i < k && i < (int64_t)(sizeof edge / sizeof *edge); i++) x[k - 1 - i] = edge[i];
+        cm_f32_to_f16_row(x, h, k);
+        cm_f32_to_f16_row_ref(x, hr, k);
+        if (memcmp(h, hr, (size_t)k * 2) != 0) TEST_FAIL_("k %lld: f32 -> f16 row differs", (long long)k);
+        fill(x, k, 4.0f);
+        for (int64_t i = 0; i < k; i++) hr[i] = cm_f32_to_fp16(x[i]); /* a K or V row */
+        fill(x, k, 1.0f);
+        double d = cm_dot_f16(hr, x, k), dr = cm_vec_dot_ref(GGUF_TT_F16, GGUF_TT_F32, k, hr, x);
+        ASSERT_NEAR(d, dr, 1e-5 * (double)k);
+        fill(a, k, 1.0f);
+        memcpy(b, a, (size_t)k * 4);
+        cm_axpy_f16(a, 0.75f, hr, k);
+        cm_axpy_f16_ref(b, 0.75f, hr, k);
+        int ok = close_rel(a, b, k, 1e-6f, 1e-7f);
+        free(x), free(a), free(b), free(h), free(hr);
+        if (!ok) TEST_FAIL_("k %lld: axpy_f16 differs from its reference", (long long)k);
+    }
+}
+
 TEST(rope_equals_ref) {
     const int es[] = {2, 6, 32, 64, 128};
     for (int neox = 0; neox <= 1; neox++) {
@@ -297,14 +329,33 @@ TEST(pool_runs_every_task_once) {
     cm_pool_free(NULL);
 }
 
-int main(void) {
-    fprintf(stderr, "kernels: %s\n", cm_kernels_isa());
+/* Without CODEMOE_ISA (the test environment sets none) the process starts on the best family it runs;
+ * a name the build lacks changes nothing. */
+TEST(best_family_chosen_at_start) {
+    ASSERT_TRUE(getenv("CODEMOE_ISA") == NULL);
+    int best = -1;
+    for (int i = 0; i < cm_kernels_family_count() && best < 0; i++)
+        if (cm_kernels_family_runs(i)) best = i;
+    ASSERT_TRUE(best >= 0);
+    ASSERT_STREQ(cm_kernels_isa(), cm_kernels_family_name(best));
+    ASSERT_EQ_INT(cm_kernels_use("no-such-family"), -1);
+    ASSERT_STREQ(cm_kernels_isa(), cm_kernels_family_name(best));
+    ASSERT_TRUE(cm_kernels_family_name(cm_kernels_family_count()) == NULL);
+}
+
+static void kernel_tests(void) {
     RUN(quantize_q8_0_equals_ref);
     RUN(dequantize_equals_ref);
     RUN(vec_dot_equals_ref);
     RUN(matvec_threads_equal_ref);
     RUN(elementwise_equal_ref);
+    RUN(f16_kv_rows_equal_ref);
     RUN(rope_equals_ref);
+}
+
+int main(void) {
+    RUN(best_family_chosen_at_start);
+    test_each_family(kernel_tests);
     RUN(pool_runs_every_task_once);
     return test_summary();
 }

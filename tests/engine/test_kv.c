@@ -2,6 +2,8 @@
  * test_kv.c - KV memory: block bytes, the prefix cache, forks and block-boundary truncation (engine/kv.c, forward.c, moe.c).
  *
  * The reference for every check is a COLD run: the same tokens in a fresh context without the cache.
+ * Every test runs twice, with f32 and with f16 K/V (cm_ctx_params.kv_type): the invariants are the same
+ * for both, and a cold run is the reference in the same type.
  * Models: dense qwen2 and llama fixtures; the hybrid fixtures with their segment window patched to 12
  * and 24 (so a KV block boundary falls inside a window and the pooled window state must travel with
  * the block); the MoLE fixture with AUTO adapter routing (the fence tracker state travels too); the
@@ -17,7 +19,8 @@
  *   random_soak               random opens/attaches/forwards/forks/truncates/closes; bookkeeping sound
  *                             after every operation, no block leaked at the end
  *   kv_block_bytes_is_the_allocation  cm_ctx_kv_block_bytes equals the block size the context allocates
- *                             and a plain count of what a block holds (K, V, the MoE routing state)
+ *                             and a plain count of what a block holds (K, V, the MoE routing state);
+ *                             f16 K and V take half the bytes of f32
  */
 #include <math.h>
 #include <stdio.h>
@@ -30,9 +33,14 @@
 #include "test.h"
 
 #define MAXT 256
-#define TOL 2e-5 /* prefill in other chunkings is not bit-identical (sgemm vs matvec), but close */
+/* Prefill in other chunkings is not bit-identical (sgemm vs matvec), but close: 2e-5. With f16 K/V such
+ * a 1e-7 difference can round a K or V element to the neighbouring half float (a relative step of up to
+ * 2^-11), so the same comparison differs by up to ~3e-4 (measured on these fixtures): 1e-3. A wrong or
+ * stale block moves logits by 1e-1 and more. */
+#define TOL (kv_type == CM_KV_F16 ? 1e-3 : 2e-5)
 
 static char tmpdir[256];
+static int kv_type; /* CM_KV_F32 or CM_KV_F16: the type of every context the tests make */
 
 typedef struct model_case {
     const char *name;   /* for messages */
@@ -60,7 +68,7 @@ static cm_model *load_hybrid_window(const char *fixture, uint32_t window) {
 
 static cm_ctx *new_ctx(const cm_model *m, int n_seq, int kv_tokens, int cache) {
     cm_ctx_params cp = {.n_threads = 1, .n_seq_max = n_seq, .n_ctx = MAXT, .n_batch_max = MAXT,
-                        .kv_tokens = kv_tokens, .prefix_cache = cache};
+                        .kv_tokens = kv_tokens, .prefix_cache = cache, .kv_type = kv_type};
     cm_err err = {0};
     cm_ctx *c = cm_ctx_create(m, &cp, &err);
     if (!c) fprintf(stderr, "ctx: %s\n", err.msg);
@@ -635,7 +643,8 @@ TEST(random_soak) {
 static size_t a8(size_t x) { return (x + 7) / 8 * 8; }
 static size_t ref_block_bytes(const cm_model *m, int moe, size_t pool_elem) {
     const cm_model_info *in = cm_model_get_info(m);
-    size_t kv = (size_t)in->n_layer * 2 * CM_KV_BLOCK_TOKENS * in->n_head_kv * in->head_dim * sizeof(float);
+    size_t elt = kv_type == CM_KV_F16 ? 2 : 4;
+    size_t kv = (size_t)in->n_layer * 2 * CM_KV_BLOCK_TOKENS * in->n_head_kv * in->head_dim * elt;
     size_t extra = moe ? a8(sizeof(cm_fence)) + a8((size_t)in->n_layer * sizeof(int)) +
                          a8((size_t)in->n_layer * in->n_embd * pool_elem) : 0;
     return (kv + extra + 63) / 64 * 64;
@@ -653,29 +662,44 @@ TEST(kv_block_bytes_is_the_allocation) {
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         cm_model *m = load_path(test_fixture(cases[i].fixture));
         ASSERT_TRUE(m != NULL);
-        size_t bb = cm_ctx_kv_block_bytes(m);
+        size_t bb = cm_ctx_kv_block_bytes(m, kv_type);
         size_t ref = ref_block_bytes(m, cases[i].moe, cases[i].pool_elem);
         if (bb != ref) TEST_FAIL_("%s: cm_ctx_kv_block_bytes %zu, plain count %zu", cases[i].fixture, bb, ref);
         /* the routing state is really there: an MoE block is larger than its K and V */
         const cm_model_info *in = cm_model_get_info(m);
-        size_t kv_only = (size_t)in->n_layer * 2 * CM_KV_BLOCK_TOKENS * in->n_head_kv * in->head_dim * 4;
+        size_t kv_f32 = (size_t)in->n_layer * 2 * CM_KV_BLOCK_TOKENS * in->n_head_kv * in->head_dim * 4;
+        size_t kv_only = kv_type == CM_KV_F16 ? kv_f32 / 2 : kv_f32;
         if (cases[i].moe) CHECK_TRUE(bb >= kv_only + sizeof(cm_fence));
+        /* f16 saves exactly half of K and V (up to the 64-byte rounding) */
+        if (kv_type == CM_KV_F16) CHECK_TRUE(cm_ctx_kv_block_bytes(m, CM_KV_F32) - bb + 64 > kv_f32 / 2);
         /* the context's pool: blocks of exactly that size, ceil(kv_tokens / 32) of them */
         for (int cache = 0; cache <= 1; cache++) {
             cm_ctx *c = new_ctx(m, 2, 100, cache);
             ASSERT_TRUE(c != NULL);
             const cm_kv *kv = cm_ctx_kv(c);
             CHECK_TRUE(kv->block_bytes == bb);
+            CHECK_TRUE(kv->kv_type == kv_type);
             cm_kv_stats st;
             cm_ctx_kv_stats(c, &st);
             CHECK_TRUE(st.blocks_total == 4);
             /* consecutive blocks are block_bytes apart in the pool */
-            CHECK_TRUE((size_t)((unsigned char *)cm_kv_block_floats(kv, 1) - (unsigned char *)cm_kv_block_floats(kv, 0)) == bb);
+            CHECK_TRUE((size_t)(cm_kv_block_data(kv, 1) - cm_kv_block_data(kv, 0)) == bb);
             cm_ctx_free(c);
         }
         cm_model_free(m);
     }
-    ASSERT_TRUE(cm_ctx_kv_block_bytes(NULL) == 0);
+    ASSERT_TRUE(cm_ctx_kv_block_bytes(NULL, kv_type) == 0);
+}
+
+/* An unknown KV type is refused, not guessed. */
+TEST(unknown_kv_type_refused) {
+    const cm_model *m = cases[0].m;
+    ASSERT_TRUE(m != NULL);
+    ASSERT_TRUE(cm_ctx_kv_block_bytes(m, 7) == 0);
+    cm_ctx_params cp = {.n_threads = 1, .n_seq_max = 1, .n_ctx = 64, .n_batch_max = 64, .kv_type = 7};
+    cm_err err = {0};
+    ASSERT_TRUE(cm_ctx_create(m, &cp, &err) == NULL);
+    ASSERT_EQ_INT(err.code, CM_E_INVAL);
 }
 
 int main(void) {
@@ -684,14 +708,18 @@ int main(void) {
     snprintf(cmd, sizeof cmd, "mkdir -p %s", tmpdir);
     if (system(cmd) != 0) return 1;
     load_cases();
-    RUN(cache_hit_equals_cold);
-    RUN(options_and_modes_isolate);
-    RUN(evicted_parent_invalidates_children);
-    RUN(fork_equals_cold);
-    RUN(truncate_at_block_ends);
-    RUN(eviction_under_pressure);
-    RUN(random_soak);
-    RUN(kv_block_bytes_is_the_allocation);
+    for (kv_type = CM_KV_F32; kv_type <= CM_KV_F16; kv_type++) {
+        fprintf(stderr, "-- KV %s\n", kv_type == CM_KV_F16 ? "f16" : "f32");
+        RUN(cache_hit_equals_cold);
+        RUN(options_and_modes_isolate);
+        RUN(evicted_parent_invalidates_children);
+        RUN(fork_equals_cold);
+        RUN(truncate_at_block_ends);
+        RUN(eviction_under_pressure);
+        RUN(random_soak);
+        RUN(kv_block_bytes_is_the_allocation);
+    }
+    RUN(unknown_kv_type_refused);
     for (int i = 0; i < n_cases; i++) cm_model_free(cases[i].m);
     snprintf(cmd, sizeof cmd, "rm -rf %s", tmpdir);
     if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", tmpdir);

@@ -14,6 +14,7 @@
  *    threads, prefill == decode, greedy and statistics: k experts per token, gates summing to 1), two
  *    requests in one batch, truncation to any length;
  *  - hostile / inconsistent model files are refused with messages naming the problem.
+ * Everything but the refusals runs with f32 and with f16 K/V (GOLDEN_KV_F16_TOL).
  * (Upcycling and the MoLE checkpoint converter are tested in tests/modelfile/.)
  */
 #include <jansson.h>
@@ -29,6 +30,18 @@
 
 #define MAXT 512
 #define MAXL 4
+
+/* The goldens and invariants hold with f32 and with f16 K/V (CM_KV_F16); against the goldens the f16
+ * runs get GOLDEN_KV_F16_TOL more (golden.h). */
+static int kv_type; /* CM_KV_F32 or CM_KV_F16: the K/V element type of every context */
+static double kv_tol(double golden_tol) { return golden_tol + (kv_type == CM_KV_F16 ? GOLDEN_KV_F16_TOL : 0.0); }
+/* Two runs of the same engine (batched vs alone): 1e-5 with f32 K/V; with f16 a 1e-7 difference between
+ * chunkings can round an element to the neighbouring half float: 1e-3 (as in test_kv.c). */
+static double kv_same_tol(void) { return kv_type == CM_KV_F16 ? 1e-3 : 1e-5; }
+/* Routing differences from the golden a case may have over `decisions` routing decisions: none with
+ * f32 K/V; with f16, a router choice that the golden has near a tie can flip (measured: one token's
+ * experts in hybrid-mean case 0), so 1 + 1% (a wrong router differs in most of them). */
+static int routing_allowed(int decisions) { return kv_type == CM_KV_F16 ? 1 + decisions / 100 : 0; }
 
 /* ------------------------------------------------------------ trace capture */
 
@@ -55,7 +68,8 @@ static void on_trace(void *ud, int layer, int i, int n_tok, const int *tok, int 
 /* ------------------------------------------------------------ fixtures */
 
 static cm_ctx *new_ctx(const cm_model *m, int threads, int n_seq) {
-    cm_ctx_params cp = {.n_threads = threads, .n_seq_max = n_seq, .n_ctx = 256, .n_batch_max = 256};
+    cm_ctx_params cp = {.n_threads = threads, .n_seq_max = n_seq, .n_ctx = 256, .n_batch_max = 256,
+                        .kv_type = kv_type};
     cm_err err = {0};
     cm_ctx *c = cm_ctx_create(m, &cp, &err);
     if (!c) fprintf(stderr, "ctx: %s\n", err.msg);
@@ -127,7 +141,7 @@ static void hybrid_model_cases(const char *name, int threads) {
     cm_model *m = golden_load_model(json_string_value(json_object_get(j, "model")));
     ASSERT_TRUE(m);
     int V = cm_model_get_info(m)->n_vocab;
-    double tol = json_real_value(json_object_get(json_object_get(j, "tolerance"), "max_abs"));
+    double tol = kv_tol(json_real_value(json_object_get(json_object_get(j, "tolerance"), "max_abs")));
     int window = (int)json_integer_value(json_object_get(json_object_get(j, "hybrid"), "window"));
     cm_ctx *c = new_ctx(m, threads, 4);
     ASSERT_TRUE(c);
@@ -157,8 +171,9 @@ static void hybrid_model_cases(const char *name, int threads) {
             if (!(d <= tol)) {
                 TEST_FAIL_("%s case %zu (%s, step %d, %d threads): max diff %g > %g", name, ci, mode, steps[si], threads, d, tol);
             }
-            int bad = check_routing(json_object_get(cs, "routing"), n, mode, window);
-            if (bad) TEST_FAIL_("%s case %zu (%s, step %d): %d routing differences", name, ci, mode, steps[si], bad);
+            json_t *routing = json_object_get(cs, "routing");
+            int bad = check_routing(routing, n, mode, window);
+            if (bad > routing_allowed(2 * n * (int)json_array_size(routing))) TEST_FAIL_("%s case %zu (%s, step %d): %d routing differences", name, ci, mode, steps[si], bad);
         }
         free(gold);
     }
@@ -310,7 +325,7 @@ TEST(sparse_batch_and_truncate) {
     cm_model *m = golden_load_model(json_string_value(json_object_get(j, "model")));
     ASSERT_TRUE(m);
     int V = cm_model_get_info(m)->n_vocab;
-    double tol = json_real_value(json_object_get(json_object_get(j, "tolerance"), "max_abs"));
+    double tol = kv_tol(json_real_value(json_object_get(json_object_get(j, "tolerance"), "max_abs")));
     json_t *cases = json_object_get(j, "cases");
     int32_t ta[MAXT], tb[MAXT], tok[2 * MAXT], seqs[2 * MAXT];
     int na = golden_ids(json_object_get(json_array_get(cases, 0), "tokens"), ta, MAXT);
@@ -421,8 +436,9 @@ TEST(hybrid_batch_invariance) {
         da = d > da ? d : da;
     }
     fprintf(stderr, "  batched vs alone/golden: %.3g %.3g %.3g\n", da, db, dc);
-    CHECK_TRUE(da <= 1e-4 && db <= 1e-5 && dc <= 1e-4);
-    CHECK_TRUE(check_routing(json_object_get(json_array_get(cases, 0), "routing"), na, "causal", 4) == 0);
+    CHECK_TRUE(da <= kv_tol(1e-4) && db <= kv_same_tol() && dc <= kv_tol(1e-4));
+    json_t *routing = json_object_get(json_array_get(cases, 0), "routing");
+    CHECK_TRUE(check_routing(routing, na, "causal", 4) <= routing_allowed(2 * na * (int)json_array_size(routing)));
     /* the reference-mode sequence was scored: it takes no more tokens (nothing appended on error) */
     cm_batch b3 = {.n = 1, .token = tc, .seq = &sc};
     ASSERT_EQ_INT(cm_forward(c, &b3, &err), CM_E_INVAL);
@@ -450,7 +466,7 @@ TEST(mole_goldens) {
     cm_model *m = golden_load_model(json_string_value(json_object_get(j, "model")));
     ASSERT_TRUE(m);
     int V = cm_model_get_info(m)->n_vocab;
-    double tol = json_real_value(json_object_get(json_object_get(j, "tolerance"), "max_abs"));
+    double tol = kv_tol(json_real_value(json_object_get(json_object_get(j, "tolerance"), "max_abs")));
     ASSERT_EQ_INT(cm_model_n_adapters(m), 4);
     ASSERT_STREQ(cm_model_adapter_name(m, 1), "rust");
     ASSERT_EQ_INT(cm_model_adapter_id(m, "py"), 0);
@@ -606,7 +622,7 @@ TEST(mole_batch_mixed_languages) {
         double x = golden_max_diff(cm_logits(c, i), (bs[i] == s0 ? g0 : g1) + (size_t)bp[i] * V, (size_t)V);
         d = x > d ? x : d;
     }
-    CHECK_TRUE(d <= 1e-4);
+    CHECK_TRUE(d <= kv_tol(1e-4));
     free(g0);
     free(g1);
     cm_ctx_free(c);
@@ -687,15 +703,19 @@ TEST(dense_model_options) {
 }
 
 int main(void) {
-    RUN(hybrid_goldens);
-    RUN(hybrid_greedy_and_stats);
-    RUN(hybrid_batch_invariance);
-    RUN(sparse_goldens);
-    RUN(sparse_greedy_and_stats);
-    RUN(sparse_batch_and_truncate);
-    RUN(mole_goldens);
-    RUN(mole_fence_sets_match_reference);
-    RUN(mole_batch_mixed_languages);
+    for (kv_type = CM_KV_F32; kv_type <= CM_KV_F16; kv_type++) {
+        fprintf(stderr, "-- KV %s\n", kv_type == CM_KV_F16 ? "f16" : "f32");
+        RUN(hybrid_goldens);
+        RUN(hybrid_greedy_and_stats);
+        RUN(hybrid_batch_invariance);
+        RUN(sparse_goldens);
+        RUN(sparse_greedy_and_stats);
+        RUN(sparse_batch_and_truncate);
+        RUN(mole_goldens);
+        RUN(mole_fence_sets_match_reference);
+        RUN(mole_batch_mixed_languages);
+    }
+    kv_type = CM_KV_F32;
     RUN(bad_models_refused);
     RUN(dense_model_options);
     fprintf(stderr, "worst |logit diff| vs goldens: %.3g\n", worst);

@@ -4,7 +4,7 @@
  * (0) The block structs, the GGUF type table and the activation row sizes agree.
  * (1) The reference dequantisers match tests/fixtures/golden/quants.gguf bit for bit: rows quantised and
  *     dequantised by tools/gguf.py, an independent implementation written from the format description.
- * (2) Every fast kernel equals its reference: dequantisation and the int8 dot products (weights x
+ * (2) Every fast kernel, of every kernel family this CPU runs, equals its reference: dequantisation and the int8 dot products (weights x
  *     Q8_0 / Q8_1 / Q8_K activations) bit-exactly; the f32 dot within 1e-5 of sum |w x| (summation
  *     order only). Blocks are random bytes (every bit pattern of quants and packed scales) with scales
  *     set to random, extreme (65504, the largest half) or tiny (subnormal) values, plus all-zero blocks;
@@ -18,6 +18,7 @@
 
 #include "../test.h"
 #include "gguf.h"
+#include "kernel_families.h"
 #include "kernels.h"
 #include "quants.h"
 #include "util.h"
@@ -295,12 +296,16 @@ TEST(activation_quantisers) {
     free(x); free(q1); free(qk);
 }
 
-int main(void) {
-    RUN(block_sizes_match_gguf_table);
-    RUN(dequantize_matches_python_golden);
+static void family_tests(void) {
     RUN(fast_kernels_equal_ref);
     RUN(int8_dot_tracks_exact_product);
     RUN(matvec_rows_equal_vec_dot_and_ref);
+}
+
+int main(void) {
+    RUN(block_sizes_match_gguf_table);
+    RUN(dequantize_matches_python_golden);
+    test_each_family(family_tests);
     RUN(activation_quantisers);
     return test_summary();
 }

@@ -350,6 +350,53 @@ TEST(nfc_only_for_qwen2) {
     vocab_free(m);
 }
 
+/* cm_tokenize_min_tokens never exceeds what cm_tokenize produces, under every pre-tokenizer (qwen2's NFC
+ * included: Hangul jamo L+V+T compose 9 bytes into 3), and is exact for a text of the longest special
+ * token repeated. */
+TEST(min_tokens_is_a_lower_bound) {
+    static const char *const texts[] = {
+        "", " ", "abc", "<|fim_prefix|><|fim_prefix|><|fim_prefix|>", "\xe1\x84\x80\xe1\x85\xa1\xe1\x86\xa8",
+        "e\xcc\x81" "e\xcc\x81" "e\xcc\x81", "\xce\xb1\xcc\x93\xcc\x80\xcd\x85", "\xff\xfe\x80",
+    };
+    const char *pres[] = {"gpt-2", "llama-bpe", "deepseek-coder", "qwen2"};
+    size_t n = 1 << 16;
+    char *s = malloc(n);
+    int32_t *ids = malloc(n * sizeof *ids);
+    ASSERT_TRUE(s && ids);
+    for (int p = 0; p < 4; p++) {
+        cm_model *m = vocab_default(pres[p]);
+        ASSERT_TRUE(m);
+        ASSERT_EQ_INT(cm_tokenize_min_tokens(m, 0), 0);
+        for (size_t t = 0; t < sizeof texts / sizeof *texts; t++) {
+            /* each text repeated to fill the buffer, so the bound is far from 0 */
+            size_t tl = strlen(texts[t]), len = 0;
+            if (!tl) continue;
+            while (len + tl <= n) { memcpy(s + len, texts[t], tl); len += tl; }
+            for (int flags = 0; flags <= CM_TOK_PARSE_SPECIAL; flags += CM_TOK_PARSE_SPECIAL) {
+                int k = tok(m, s, len, flags, ids, (int)n);
+                ASSERT_TRUE(k >= 0);
+                size_t lb = cm_tokenize_min_tokens(m, len);
+                if ((size_t)k < lb) {
+                    TEST_FAIL_("%s: text %zu (flags %d): %d tokens < bound %zu", pres[p], t, flags, k, lb);
+                    return;
+                }
+            }
+        }
+        vocab_free(m);
+    }
+    /* 14-byte "<|fim_prefix|>" is the longest token: without NFC the bound is reached */
+    cm_model *m = vocab_default("gpt-2");
+    ASSERT_TRUE(m);
+    size_t len = 0;
+    for (int i = 0; i < 100; i++) { memcpy(s + len, "<|fim_prefix|>", 14); len += 14; }
+    ASSERT_EQ_INT(tok(m, s, len, CM_TOK_PARSE_SPECIAL, ids, (int)n), 100);
+    ASSERT_EQ_INT(cm_tokenize_min_tokens(m, len), 100);
+    ASSERT_EQ_INT(cm_tokenize_min_tokens(m, len + 1), 101);
+    vocab_free(m);
+    free(s);
+    free(ids);
+}
+
 TEST(detok_streaming) {
     cm_model *m = vocab_default("qwen2");
     ASSERT_TRUE(m);
@@ -627,6 +674,7 @@ int main(void) {
     RUN(output_buffer_too_small);
     RUN(megabyte_of_spaces);
     RUN(nfc_only_for_qwen2);
+    RUN(min_tokens_is_a_lower_bound);
     RUN(detok_streaming);
     RUN(hostile_metadata_rejected);
     RUN(public_api_rejects_bad_args);

@@ -1,11 +1,11 @@
 /*
  * test_cli.c - the real `codemoe` binary ($CM_BINARY) on the committed fixture models: greedy
- * `complete` reproduces the pinned token ids of every GGUF-fixture golden (dense and MoE, as text),
- * sampling is repeatable by seed, `complete --suffix` builds the API's FIM prompt (api/), `--stop`
- * ends the output before the earliest stop string, `tokenize` agrees with the golden prompt ids and
- * round-trips, `inspect` lists the expected tensors, and every error path (missing/truncated/hostile
- * file, bad flags, prompt longer than the context) exits non-zero with a message on stderr and
- * without a crash.
+ * `complete` reproduces the pinned token ids of every GGUF-fixture golden (dense and MoE, as text) under
+ * every kernel family the machine runs (CODEMOE_ISA), sampling is repeatable by seed, `complete
+ * --suffix` builds the API's FIM prompt (api/), `--stop` ends the output before the earliest stop
+ * string, `tokenize` agrees with the golden prompt ids and round-trips, `inspect` lists the expected
+ * tensors, and every error path (missing/truncated/hostile file, bad flags, prompt longer than the
+ * context) exits non-zero with a message on stderr and without a crash.
  *
  * Each command runs in a child (posix_spawn) with stdout and stderr captured to temporary files.
  */
@@ -216,7 +216,9 @@ TEST(help_version_and_usage_errors) {
     run_free(&r);
 }
 
-TEST(complete_greedy_reproduces_pinned_tokens) {
+/* Every golden's greedy completion, through the binary as the environment now configures it, with K/V
+ * of kv_type (f16, the default, or f32). */
+static void greedy_goldens(const char *family, const char *kv_type) {
     ASSERT_EQ_INT(n_goldens, 23); /* golden.h: 17 dense + 6 MoE fixtures, every one runs */
     for (int gi = 0; gi < n_goldens; gi++) {
         golden *G = &goldens[gi];
@@ -233,16 +235,54 @@ TEST(complete_greedy_reproduces_pinned_tokens) {
         snprintf(np, sizeof np, "%d", G->n_predict);
         run_result r;
         RUN_OK(&r, "complete", "--model", G->model, "--prompt", G->text, "-n", np, "--temperature", "0",
-               "--threads", "2");
+               "--threads", "2", "--kv-type", kv_type);
         if (r.code != 0 || r.nout != (size_t)nw || memcmp(r.out, want, (size_t)nw) != 0)
-            fprintf(stderr, "%s: want \"%.*s\"\n  got \"%s\" (exit %d)\n  stderr: %s\n", G->name, nw, want, r.out,
-                    r.code, r.err);
+            fprintf(stderr, "%s [%s, KV %s]: want \"%.*s\"\n  got \"%s\" (exit %d)\n  stderr: %s\n", G->name, family,
+                    kv_type, nw, want, r.out, r.code, r.err);
         CHECK_TRUE(r.code == 0);
         CHECK_TRUE(r.nout == (size_t)nw && memcmp(r.out, want, (size_t)nw) == 0);
         CHECK_TRUE(strstr(r.err, "prefill") != NULL); /* timings go to stderr */
         run_free(&r);
         free(want);
     }
+}
+
+/* The kernel families the binary runs here: CODEMOE_ISA=name takes effect only for those, and
+ * --version names the family in use. */
+static const char *const all_families[] = {"avx512vnni", "avx512", "avx2", "scalar"};
+
+static int binary_runs_family(const char *name) {
+    setenv("CODEMOE_ISA", name, 1);
+    run_result r;
+    const char *argv[] = {"--version", NULL};
+    int ok = run(&r, argv) == 0 && r.code == 0;
+    char want[64];
+    snprintf(want, sizeof want, "(kernels: %s,", name);
+    ok = ok && strstr(r.out, want) != NULL;
+    run_free(&r);
+    unsetenv("CODEMOE_ISA");
+    return ok;
+}
+
+/* The pinned tokens do not depend on the kernel family: every family the machine runs (scalar always)
+ * reproduces them, with f16 K/V (the default) and, on the best family, with f32. */
+TEST(complete_greedy_reproduces_pinned_tokens) {
+    int ran = 0;
+    for (size_t f = 0; f < sizeof all_families / sizeof all_families[0]; f++) {
+        const char *name = all_families[f];
+        if (!binary_runs_family(name)) {
+            fprintf(stderr, "-- kernel family %s: not run by this CPU or build\n", name);
+            continue;
+        }
+        fprintf(stderr, "-- kernel family %s\n", name);
+        setenv("CODEMOE_ISA", name, 1);
+        greedy_goldens(name, "f16");
+        unsetenv("CODEMOE_ISA");
+        ran++;
+    }
+    greedy_goldens("best", "f32");
+    ASSERT_TRUE(binary_runs_family("scalar"));
+    ASSERT_TRUE(ran >= 1);
 }
 
 TEST(complete_from_file_equals_prompt) {
@@ -686,6 +726,8 @@ TEST(bad_flags_are_usage_errors) {
     run_free(&r);
     RUN_OK(&r, "complete", "--model", M, "--prompt", "x", "-n", "1", "--language", "cobol");
     CHECK_TRUE(r.code == 0);
+    run_free(&r);
+    ASSERT_FAILS_WITH(&r, 2, "complete", "--model", M, "--prompt", "x", "--kv-type", "f8");
     run_free(&r);
     ASSERT_FAILS_WITH(&r, 2, "complete", "--model", M, "--prompt");
     run_free(&r);

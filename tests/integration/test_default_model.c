@@ -2,7 +2,7 @@
  * test_default_model.c - the model codemoe ships (models/, see models/README.md): its metadata and
  * architecture are what the model card says, and greedy completions of a Python, a Rust and a Go prompt
  * give exactly the pinned tokens (taken from this engine when the model was trained; the PyTorch side
- * is checked by `tools/train.py verify` at export time).
+ * is checked by `tools/train.py verify` at export time), whichever kernel family runs them.
  *
  * CM_PIN=1 prints the current tokens in the form of the table below instead of checking them (use it
  * only when a new model is shipped, and say so in the commit).
@@ -137,11 +137,20 @@ TEST(greedy_completions_pinned) {
     }
 }
 
+/* meson also runs this test with CODEMOE_ISA=scalar: the pins hold whatever kernel family runs, and a
+ * family asked for must be the one that ran (else that run would repeat the default one). */
+TEST(kernel_family_is_the_one_asked) {
+    const char *want = getenv("CODEMOE_ISA");
+    fprintf(stderr, "-- kernel family %s\n", cm_kernels_isa());
+    if (want && *want) ASSERT_STREQ(cm_kernels_isa(), want);
+}
+
 int main(void) {
     cm_err err = {0};
     cm_model_params mp = {0};
     model = cm_model_load(model_path(), &mp, &err);
     if (!model) fprintf(stderr, "%s: %s\n", model_path(), err.msg);
+    RUN(kernel_family_is_the_one_asked);
     RUN(metadata_and_architecture);
     RUN(greedy_completions_pinned);
     cm_model_free(model);

@@ -179,14 +179,18 @@ test('a small --kv-size: eviction keeps outputs equal to cold runs, requests wai
 
 test('--kv-size with a unit is converted with the model\'s bytes per position; bad values are refused', async () => {
   /* qwen2-gqa: 2 layers x (K + V) x 2 kv heads x 16 dims x 4 bytes = 512 bytes per position, 16 KiB
-   * per block (dense: no routing state) */
-  const srv = await startServer({ args: [...THREADS, '--kv-size', '64KiB'] });
-  try {
-    const m = await metrics(srv);
-    assert.equal(m['codemoe_kv_blocks'], 4);
-  } finally {
-    await stopClean(srv);
+   * per block with f32 K/V (dense: no routing state); f16 (the default) halves that: 8 KiB */
+  for (const [kvType, blocks] of [['f32', 4], ['f16', 8], [null, 8]]) {
+    const typeArgs = kvType ? ['--kv-type', kvType] : [];
+    const srv = await startServer({ args: [...THREADS, '--kv-size', '64KiB', ...typeArgs] });
+    try {
+      const m = await metrics(srv);
+      assert.equal(m['codemoe_kv_blocks'], blocks, `--kv-type ${kvType ?? '(default)'}`);
+    } finally {
+      await stopClean(srv);
+    }
   }
+  await assert.rejects(startServer({ args: ['--kv-type', 'f8'] }), /did not start/, 'f8');
   for (const bad of ['12MB', '-1', 'x', '2000000000000']) {
     await assert.rejects(startServer({ args: ['--kv-size', bad] }), /did not start/, bad);
   }

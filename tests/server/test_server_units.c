@@ -1,8 +1,8 @@
 /*
  * test_server_units.c - the server's self-contained modules: API key checks (constant-time compare,
  * Bearer parsing, key files), request ids, the Prometheus rendering (cumulative buckets, series
- * table, the expert load series), the routing retention ring (FIFO eviction), and the bounded byte
- * buffer.
+ * table, the expert load series), the routing record store (FIFO eviction by count and by
+ * serialized bytes, owners), who may read a record, and the bounded byte buffer.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,6 +22,32 @@ TEST(ct_equal_matches_memcmp) {
     ASSERT_TRUE(!srv_ct_equal("abcabc", 6, "abc", 3));
     ASSERT_TRUE(!srv_ct_equal("", 0, "a", 1));
     ASSERT_TRUE(srv_ct_equal("", 0, "", 0));
+}
+
+/* srv_keys_find names the key a header carries; what a completion's creator may read back is
+ * readable by that key and admin keys only (and by everyone when no keys are configured). */
+TEST(keys_owner_and_admin) {
+    srv_keys k;
+    srv_keys_init(&k);
+    ASSERT_EQ_INT(srv_keys_find(&k, NULL), SRV_KEY_OPEN);
+    ASSERT_EQ_INT(srv_keys_may_read(&k, SRV_KEY_OPEN, SRV_KEY_OPEN), 1);
+    ASSERT_EQ_INT(srv_keys_add(&k, "sk-a"), 0);
+    ASSERT_EQ_INT(srv_keys_add(&k, "sk-b"), 0);
+    ASSERT_EQ_INT(srv_keys_add_admin(&k, "sk-admin"), 0);
+    ASSERT_EQ_INT(srv_keys_find(&k, "Bearer sk-a"), 0);
+    ASSERT_EQ_INT(srv_keys_find(&k, "Bearer sk-b"), 1);
+    ASSERT_EQ_INT(srv_keys_find(&k, "Bearer sk-admin"), 2);
+    ASSERT_EQ_INT(srv_keys_find(&k, "Bearer sk-c"), SRV_KEY_NONE);
+    ASSERT_EQ_INT(srv_keys_find(&k, NULL), SRV_KEY_NONE);
+    ASSERT_EQ_INT(srv_keys_check(&k, "Bearer sk-admin"), 1); /* an admin key is a key */
+    ASSERT_EQ_INT(srv_keys_may_read(&k, 0, 0), 1);
+    ASSERT_EQ_INT(srv_keys_may_read(&k, 1, 0), 0);
+    ASSERT_EQ_INT(srv_keys_may_read(&k, 0, 1), 0);
+    ASSERT_EQ_INT(srv_keys_may_read(&k, 2, 0), 1);
+    ASSERT_EQ_INT(srv_keys_may_read(&k, 2, 1), 1);
+    ASSERT_EQ_INT(srv_keys_may_read(&k, SRV_KEY_NONE, SRV_KEY_NONE), 0);
+    ASSERT_EQ_INT(srv_keys_may_read(&k, SRV_KEY_OPEN, 0), 0); /* keys came later: no open reader */
+    srv_keys_free(&k);
 }
 
 TEST(keys_check_bearer) {
@@ -147,27 +173,103 @@ TEST(metrics_render) {
     ASSERT_EQ_INT(m.series_dropped, 7);
 }
 
+/* A record's JSON as the store keeps it, compared with the expected text. */
+static int ret_is(srv_retention *r, const char *id, const char *want) {
+    const char *v = srv_retention_get(r, id, NULL, NULL);
+    return v && !strcmp(v, want);
+}
+
 TEST(retention_evicts_oldest) {
-    srv_retention *r = srv_retention_create(3);
+    srv_retention *r = srv_retention_create(3, 1 << 20);
     ASSERT_TRUE(r != NULL);
     char id[16];
     for (int i = 0; i < 5; i++) {
         snprintf(id, sizeof id, "cmpl-%d", i);
-        srv_retention_put(r, id, json_integer(i));
+        json_t *v = json_integer(i);
+        ASSERT_EQ_INT(srv_retention_put(r, id, i, v), 0);
+        json_decref(v); /* borrowed */
     }
-    ASSERT_TRUE(srv_retention_get(r, "cmpl-0") == NULL);
-    ASSERT_TRUE(srv_retention_get(r, "cmpl-1") == NULL);
-    ASSERT_EQ_INT(json_integer_value(srv_retention_get(r, "cmpl-2")), 2);
-    ASSERT_EQ_INT(json_integer_value(srv_retention_get(r, "cmpl-4")), 4);
-    srv_retention_put(r, "cmpl-4", json_integer(44)); /* replace in place, evicts nothing */
-    ASSERT_EQ_INT(json_integer_value(srv_retention_get(r, "cmpl-4")), 44);
-    ASSERT_EQ_INT(json_integer_value(srv_retention_get(r, "cmpl-2")), 2);
-    ASSERT_TRUE(srv_retention_get(r, "nope") == NULL);
+    ASSERT_TRUE(srv_retention_get(r, "cmpl-0", NULL, NULL) == NULL);
+    ASSERT_TRUE(srv_retention_get(r, "cmpl-1", NULL, NULL) == NULL);
+    ASSERT_TRUE(ret_is(r, "cmpl-2", "2"));
+    ASSERT_TRUE(ret_is(r, "cmpl-4", "4"));
+    json_t *v = json_integer(44);
+    srv_retention_put(r, "cmpl-4", 7, v); /* replaces, evicts nothing */
+    json_decref(v);
+    int owner = -9;
+    size_t len = 0;
+    ASSERT_STREQ(srv_retention_get(r, "cmpl-4", &owner, &len), "44");
+    ASSERT_EQ_INT(owner, 7);
+    ASSERT_EQ_INT(len, 2);
+    ASSERT_TRUE(ret_is(r, "cmpl-2", "2"));
+    ASSERT_TRUE(ret_is(r, "cmpl-3", "3"));
+    ASSERT_EQ_INT(srv_retention_count(r), 3);
+    ASSERT_EQ_INT(srv_retention_bytes(r), 4);
+    ASSERT_TRUE(srv_retention_get(r, "nope", NULL, NULL) == NULL);
+    /* a replaced record became the newest: cmpl-2 goes next */
+    v = json_integer(5);
+    srv_retention_put(r, "cmpl-5", 0, v);
+    json_decref(v);
+    ASSERT_TRUE(srv_retention_get(r, "cmpl-2", NULL, NULL) == NULL);
+    ASSERT_TRUE(ret_is(r, "cmpl-3", "3") && ret_is(r, "cmpl-4", "44") && ret_is(r, "cmpl-5", "5"));
     srv_retention_free(r);
-    srv_retention *z = srv_retention_create(0); /* retention off */
-    srv_retention_put(z, "a", json_integer(1));
-    ASSERT_TRUE(srv_retention_get(z, "a") == NULL);
+    srv_retention *z = srv_retention_create(0, 1 << 20); /* retention off */
+    v = json_integer(1);
+    ASSERT_EQ_INT(srv_retention_put(z, "a", 0, v), -1);
+    ASSERT_TRUE(srv_retention_get(z, "a", NULL, NULL) == NULL);
+    json_decref(v);
     srv_retention_free(z);
+}
+
+/* The byte bound: records are measured serialized, the oldest go first until the new one fits, the
+ * total never passes the cap, and a record larger than the cap alone is refused without evicting. */
+TEST(retention_bounded_in_bytes) {
+    const size_t cap = 1000;
+    srv_retention *r = srv_retention_create(1024, cap);
+    ASSERT_TRUE(r != NULL);
+    char id[16], pad[400];
+    size_t total = 0;
+    int first_kept = 0;
+    size_t sizes[64];
+    for (int i = 0; i < 64; i++) {
+        /* {"p":"xxx..."}: 8 bytes of framing + a payload of 50..349 bytes */
+        size_t n = 50 + (size_t)(i * 37) % 300;
+        memset(pad, 'x', n);
+        pad[n] = 0;
+        json_t *v = json_pack("{s:s}", "p", pad);
+        snprintf(id, sizeof id, "cmpl-%d", i);
+        ASSERT_EQ_INT(srv_retention_put(r, id, 0, v), 0);
+        json_decref(v);
+        sizes[i] = n + 8;
+        total += sizes[i];
+        while (total > cap) total -= sizes[first_kept++];
+        ASSERT_EQ_INT(srv_retention_bytes(r), total);
+        ASSERT_TRUE(srv_retention_bytes(r) <= cap);
+        ASSERT_EQ_INT(srv_retention_count(r), i + 1 - first_kept);
+        for (int k = 0; k <= i; k++) {
+            snprintf(id, sizeof id, "cmpl-%d", k);
+            size_t len = 0;
+            const char *got = srv_retention_get(r, id, NULL, &len);
+            if ((got != NULL) != (k >= first_kept)) {
+                TEST_FAIL_("after put %d: record %d %s (oldest kept should be %d)", i, k, got ? "kept" : "gone",
+                           first_kept);
+                return;
+            }
+            if (got) ASSERT_EQ_INT(len, sizes[k]);
+        }
+    }
+    /* too large alone: refused, nothing evicted */
+    size_t before = srv_retention_bytes(r);
+    char *big = malloc(cap + 1);
+    memset(big, 'y', cap);
+    big[cap] = 0;
+    json_t *v = json_pack("{s:s}", "p", big);
+    ASSERT_EQ_INT(srv_retention_put(r, "cmpl-big", 0, v), -1);
+    json_decref(v);
+    free(big);
+    ASSERT_EQ_INT(srv_retention_bytes(r), before);
+    ASSERT_TRUE(srv_retention_get(r, "cmpl-big", NULL, NULL) == NULL);
+    srv_retention_free(r);
 }
 
 /* The server's expert load (an api_route_agg, api/routing.c) as Prometheus series: one per level,
@@ -243,6 +345,8 @@ int main(void) {
     RUN(request_ids);
     RUN(metrics_render);
     RUN(retention_evicts_oldest);
+    RUN(retention_bounded_in_bytes);
+    RUN(keys_owner_and_admin);
     RUN(expert_metrics_render);
     RUN(expert_metrics_sparse);
     RUN(buf_limit);

@@ -1,0 +1,76 @@
+/*
+ * kernels_family.h - one SIMD family of the fast kernels, and the table through which kernels.c calls
+ * it. Internal to engine/.
+ *
+ * kernels_simd.c and quants_simd.c are compiled once per family, each time with that family's compiler
+ * flags and CM_FAMILY set to a suffix (engine/meson.build); each build exports one table,
+ * cm_kernels_<suffix>. The ISA paths a build contains follow from the compiler's own macros (__AVX2__,
+ * __AVX512F__, ...), so the same sources give the scalar, AVX2 and AVX-512 tables of the portable build,
+ * or the single table `-Dnative=true` (-march=native) allows. A table names itself and the CPU features
+ * it needs from those same macros, so what it runs on and what it was compiled for cannot disagree.
+ *
+ * kernels.c picks one table at startup (the best one the CPU runs, or CODEMOE_ISA's choice) and the
+ * fast entry points of kernels.h and quants.h call through it: one indirect call per kernel call,
+ * never per element. The references are not in the table: they are plain C in kernels.c and quants.c.
+ */
+#ifndef CM_KERNELS_FAMILY_H
+#define CM_KERNELS_FAMILY_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "quants.h"
+
+/* CPU features a family may need (cm_kernel_ops.needs); kernels.c detects them with cpuid. */
+enum {
+    CM_CPU_AVX2 = 1 << 0,
+    CM_CPU_FMA = 1 << 1,
+    CM_CPU_F16C = 1 << 2,
+    CM_CPU_AVX512F = 1 << 3,
+    CM_CPU_AVX512BW = 1 << 4,
+    CM_CPU_AVX512VL = 1 << 5,
+    CM_CPU_AVX512DQ = 1 << 6,
+    CM_CPU_AVX512VNNI = 1 << 7,
+};
+
+/* Each entry has the contract of the kernels.h / quants.h function of the same name. */
+typedef struct cm_kernel_ops {
+    const char *name; /* "avx512vnni", "avx512", "avx2" or "scalar" */
+    unsigned needs;   /* CM_CPU_* bits the code was compiled to use */
+    void (*quantize_row_q8_0)(const float *x, cm_block_q8_0 *y, int64_t k);
+    void (*dequantize_row)(int type, const void *w, float *y, int64_t k);
+    float (*vec_dot)(int wtype, int xtype, int64_t k, const void *w, const void *x);
+    void (*matvec_rows)(int wtype, int xtype, const void *w, int64_t k, const void *x, size_t x_stride, int n,
+                        float *y, int64_t ldy, int64_t r0, int64_t r1);
+    void (*rmsnorm)(float *y, const float *x, const float *w, int64_t k, float eps);
+    void (*add)(float *x, const float *b, int64_t k);
+    void (*silu_mul)(float *g, const float *u, int64_t k);
+    void (*softmax)(float *x, int64_t k);
+    void (*rope)(float *x, const float *cs, const float *sn, int e, int neox);
+    float (*dot_f32)(const float *a, const float *b, int64_t k);
+    void (*axpy)(float *y, float a, const float *x, int64_t k);
+    void (*f32_to_f16_row)(const float *x, uint16_t *y, int64_t k);
+    float (*dot_f16)(const uint16_t *a, const float *b, int64_t k);
+    void (*axpy_f16)(float *y, float a, const uint16_t *x, int64_t k);
+    void (*quant_dequantize)(int type, const void *w, float *y, int64_t k);
+    float (*quant_dot_q)(int wtype, int64_t k, const void *w, const void *x);
+    void (*quant_matvec_f32)(int wtype, const void *w, int64_t k, const float *x, size_t x_stride, int n,
+                             float *y, int64_t ldy, int64_t r0, int64_t r1);
+} cm_kernel_ops;
+
+/* The table in use (kernels.c sets it before main runs; cm_kernels_use changes it). */
+extern const cm_kernel_ops *cm__kops;
+
+#ifdef CM_FAMILY
+/* Names inside one family's build: cm_quant_dot_q -> cm_quant_dot_q_avx2, ... */
+#define CM_FAMILY_CAT2(a, b) a##_##b
+#define CM_FAMILY_CAT(a, b) CM_FAMILY_CAT2(a, b)
+#define CM_FAMILY_FN(name) CM_FAMILY_CAT(name, CM_FAMILY)
+
+/* quants_simd.c's kernels, which kernels_simd.c of the same family calls and puts in the table. */
+void CM_FAMILY_FN(cm_quant_dequantize)(int type, const void *w, float *y, int64_t k);
+float CM_FAMILY_FN(cm_quant_dot_q)(int wtype, int64_t k, const void *w, const void *x);
+void CM_FAMILY_FN(cm_quant_matvec_f32)(int wtype, const void *w, int64_t k, const float *x, size_t x_stride,
+                                       int n, float *y, int64_t ldy, int64_t r0, int64_t r1);
+#endif
+
+#endif

@@ -1,0 +1,447 @@
+/*
+ * quants_simd.c - the fast block-format kernels of quants.h for one SIMD family (see kernels_family.h),
+ * built once per family with its compiler flags; kernels_simd.c of the same build puts them in the
+ * family's table.
+ *
+ * AVX2 (with FMA, F16C) decodes each layout with SIMD shifts and masks, one group unpacker per type
+ * shared by the dots and the dequantisers; the VNNI byte dot (AVX-512 VL + VNNI) replaces the int8
+ * inner product where the family has it. Every result goes through the references' own
+ * cm_quant_combine_* step (quants.h), so the int8 dots and the dequantisers are bit-exact with
+ * quants.c. A family without AVX2 calls the references.
+ */
+#include "quants.h"
+
+#include <math.h>
+#include <string.h>
+
+#include "gguf.h"
+#include "kernels_family.h"
+#include "util.h"
+
+#ifndef CM_FAMILY
+#error "quants_simd.c is built once per kernel family with -DCM_FAMILY=<name> (engine/meson.build)"
+#endif
+
+/* Bit-exactness with the references needs every multiply rounded: no contraction (see quants.c). */
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define CM_Q_AVX2 1
+#include <immintrin.h>
+#endif
+#if defined(CM_Q_AVX2) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define CM_Q_VNNI 1
+#endif
+
+/* ============================================================ AVX2 */
+
+#if defined(CM_Q_AVX2)
+static inline float fp16(uint16_t h) { return _cvtsh_ss(h); } /* exact, like cm_fp16_to_f32 */
+
+static inline int32_t hsum_i32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm_cvtsi128_si32(s);
+}
+
+static inline float hsum_f32(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* 8 int32 lanes whose total is sum u[i] * s[i] over 32 bytes, u unsigned, s signed. maddubs's int16
+ * pair sums cannot saturate here: every u this file passes is < 128 and |s| <= 127. */
+static inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if defined(CM_Q_VNNI)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+/* The same with signed a: |a| * (s with a's sign). */
+static inline __m256i dot_s8s8(__m256i a, __m256i s) {
+    return dot_u8s8(_mm256_sign_epi8(a, a), _mm256_sign_epi8(s, a));
+}
+
+/* Sum u * s, each half of the 32 bytes (16 values) weighted by its int16 scale lo / hi. */
+static inline __m256i dot_u8s8_scaled(__m256i u, __m256i s, int lo, int hi) {
+    __m256i sc = _mm256_set_m128i(_mm_set1_epi16((short)hi), _mm_set1_epi16((short)lo));
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), sc);
+}
+
+/* 32 nibbles of a legacy block: byte j low nibble -> value j, high nibble -> value j + 16. */
+static inline __m256i legacy_nibbles(const uint8_t *qs) {
+    __m128i q = _mm_loadu_si128((const __m128i *)qs);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0F));
+}
+
+/* 0x10 in byte j where bit j of the 32-bit qh is set. */
+static inline __m256i legacy_fifth_bits(const uint8_t *qh) {
+    uint32_t bits;
+    memcpy(&bits, qh, 4);
+    const __m256i which = _mm256_set_epi64x(0x0303030303030303ll, 0x0202020202020202ll, 0x0101010101010101ll, 0);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), which);
+    v = _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
+    return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
+}
+
+static float dot_legacy_avx2(int wtype, int64_t nb, const void *w, const void *x) {
+    float sum = 0.0f;
+    for (int64_t i = 0; i < nb; i++) {
+        __m256i p;
+        float d, m = 0.0f, dx, sx = 0.0f;
+        const int8_t *xq;
+        if (wtype == GGUF_TT_Q4_1 || wtype == GGUF_TT_Q5_1) {
+            const cm_block_q8_1 *xb = (const cm_block_q8_1 *)x + i;
+            xq = xb->qs; dx = fp16(xb->d); sx = fp16(xb->s);
+        } else {
+            const cm_block_q8_0 *xb = (const cm_block_q8_0 *)x + i;
+            xq = xb->qs; dx = fp16(xb->d);
+        }
+        __m256i xv = _mm256_loadu_si256((const __m256i *)xq);
+        switch (wtype) {
+        case GGUF_TT_Q4_0: {
+            const cm_block_q4_0 *b = (const cm_block_q4_0 *)w + i;
+            d = fp16(b->d);
+            p = dot_s8s8(_mm256_sub_epi8(legacy_nibbles(b->qs), _mm256_set1_epi8(8)), xv);
+            break;
+        }
+        case GGUF_TT_Q4_1: {
+            const cm_block_q4_1 *b = (const cm_block_q4_1 *)w + i;
+            d = fp16(b->d); m = fp16(b->m);
+            p = dot_u8s8(legacy_nibbles(b->qs), xv);
+            break;
+        }
+        case GGUF_TT_Q5_0: {
+            const cm_block_q5_0 *b = (const cm_block_q5_0 *)w + i;
+            d = fp16(b->d);
+            __m256i u = _mm256_or_si256(legacy_nibbles(b->qs), legacy_fifth_bits(b->qh));
+            p = dot_s8s8(_mm256_sub_epi8(u, _mm256_set1_epi8(16)), xv);
+            break;
+        }
+        default: {
+            const cm_block_q5_1 *b = (const cm_block_q5_1 *)w + i;
+            d = fp16(b->d); m = fp16(b->m);
+            p = dot_u8s8(_mm256_or_si256(legacy_nibbles(b->qs), legacy_fifth_bits(b->qh)), xv);
+            break;
+        }
+        }
+        sum = cm_quant_combine_legacy(sum, hsum_i32(p), d, dx, m, sx);
+    }
+    return sum;
+}
+
+/* (bytes >> shift) & mask per byte; the 16-bit shift's spill into the next byte is masked away. */
+static inline __m256i bits_at(__m256i v, int shift, int mask) {
+    return _mm256_and_si256(_mm256_srli_epi16(v, shift), _mm256_set1_epi8((char)mask));
+}
+
+/* The 32-value groups of each K-quant, as unsigned bytes (what the dots multiply; the dequantisers
+ * subtract the type's offset). Value 128h + 32s + l for Q2_K/Q3_K/Q6_K, 64c + 32half + l for Q4_K/Q5_K. */
+
+/* Q3_K: q + 4 in 0..7 from qs[32h..] (q) and hmask (hm). */
+static inline __m256i q3k_group(__m256i q, __m256i hm, int h, int s) {
+    return _mm256_or_si256(bits_at(q, 2 * s, 3), _mm256_slli_epi16(bits_at(hm, 4 * h + s, 1), 2));
+}
+
+/* Q4_K / Q5_K: q in 0..15 / 0..31 of half `half` of chunk c from qs[32c..] (q) and, for Q5_K, qh. */
+static inline __m256i q45k_group(__m256i q, const __m256i *qh, int c, int half) {
+    __m256i u = bits_at(q, 4 * half, 0xF);
+    return qh ? _mm256_or_si256(u, _mm256_slli_epi16(bits_at(*qh, 2 * c + half, 1), 4)) : u;
+}
+
+/* Q6_K: q + 32 in 0..63 from ql[64h..] (l0), ql[64h + 32..] (l1) and qh[32h..] (qh). */
+static inline __m256i q6k_group(__m256i l0, __m256i l1, __m256i qh, int s) {
+    __m256i low = bits_at(s & 1 ? l1 : l0, s < 2 ? 0 : 4, 0xF);
+    return _mm256_or_si256(low, _mm256_slli_epi16(bits_at(qh, 2 * s, 3), 4));
+}
+
+/* The fields of a Q4_K or Q5_K block (qh NULL for Q4_K). */
+typedef struct q45k_view {
+    const uint8_t *scales, *qs, *qh;
+    uint16_t d, dmin;
+} q45k_view;
+
+static inline q45k_view q45k_at(int type, const void *w, int64_t i) {
+    q45k_view v;
+    if (type == GGUF_TT_Q4_K) {
+        const cm_block_q4_k *a = (const cm_block_q4_k *)w + i;
+        v.scales = a->scales; v.qs = a->qs; v.qh = NULL; v.d = a->d; v.dmin = a->dmin;
+    } else {
+        const cm_block_q5_k *a = (const cm_block_q5_k *)w + i;
+        v.scales = a->scales; v.qs = a->qs; v.qh = a->qh; v.d = a->d; v.dmin = a->dmin;
+    }
+    return v;
+}
+
+static float dot_q45_k_avx2(int type, int64_t nb, const void *w, const cm_block_q8_k *x) {
+    float sum = 0.0f;
+    for (int64_t i = 0; i < nb; i++) {
+        q45k_view a = q45k_at(type, w, i);
+        const cm_block_q8_k *b = x + i;
+        uint8_t sc[8], mn[8];
+        int32_t imin = 0;
+        for (int j = 0; j < 8; j++) {
+            cm_q4k_scale_min(j, a.scales, &sc[j], &mn[j]);
+            imin += mn[j] * (b->bsums[2 * j] + b->bsums[2 * j + 1]);
+        }
+        __m256i qh = a.qh ? _mm256_loadu_si256((const __m256i *)a.qh) : _mm256_setzero_si256();
+        __m256i acc = _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {
+            __m256i q = _mm256_loadu_si256((const __m256i *)(a.qs + 32 * c));
+            for (int half = 0; half < 2; half++) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(b->qs + 64 * c + 32 * half));
+                int j = 2 * c + half;
+                acc = _mm256_add_epi32(acc, dot_u8s8_scaled(q45k_group(q, a.qh ? &qh : NULL, c, half), xv, sc[j], sc[j]));
+            }
+        }
+        sum = cm_quant_combine_k(sum, hsum_i32(acc), imin, fp16(a.d), fp16(a.dmin), b->d);
+    }
+    return sum;
+}
+
+/* Q2_K, Q3_K and Q6_K share a shape: 16 sub-blocks of 16, values in 8 groups of 32 (h = g / 4,
+ * s = g % 4 in the layouts). A block's integer scales, mins and the offset that turns the unsigned group
+ * bytes into q (q = u - offset). */
+typedef struct k16_view {
+    const void *blk;
+    int sc[16], mn[16], offset;
+    float d, dmin;
+} k16_view;
+
+static inline void k16_at(int type, const void *w, int64_t i, k16_view *v) {
+    memset(v->mn, 0, sizeof v->mn);
+    v->dmin = 0.0f;
+    switch (type) {
+    case GGUF_TT_Q2_K: {
+        const cm_block_q2_k *a = (const cm_block_q2_k *)w + i;
+        for (int j = 0; j < 16; j++) { v->sc[j] = a->scales[j] & 0xF; v->mn[j] = a->scales[j] >> 4; }
+        v->blk = a; v->offset = 0; v->d = fp16(a->d); v->dmin = fp16(a->dmin);
+        break;
+    }
+    case GGUF_TT_Q3_K: {
+        const cm_block_q3_k *a = (const cm_block_q3_k *)w + i;
+        cm_q3k_scales(a->scales, v->sc);
+        v->blk = a; v->offset = 4; v->d = fp16(a->d);
+        break;
+    }
+    default: {
+        const cm_block_q6_k *a = (const cm_block_q6_k *)w + i;
+        for (int j = 0; j < 16; j++) v->sc[j] = a->scales[j];
+        v->blk = a; v->offset = 32; v->d = fp16(a->d);
+        break;
+    }
+    }
+}
+
+/* Group g of the block as unsigned bytes u = q + offset. */
+static inline __m256i k16_group(int type, const void *blk, int g) {
+    int h = g / 4, s = g % 4;
+    switch (type) {
+    case GGUF_TT_Q2_K: {
+        const cm_block_q2_k *a = blk;
+        return bits_at(_mm256_loadu_si256((const __m256i *)(a->qs + 32 * h)), 2 * s, 3);
+    }
+    case GGUF_TT_Q3_K: {
+        const cm_block_q3_k *a = blk;
+        return q3k_group(_mm256_loadu_si256((const __m256i *)(a->qs + 32 * h)),
+                         _mm256_loadu_si256((const __m256i *)a->hmask), h, s);
+    }
+    default: {
+        const cm_block_q6_k *a = blk;
+        return q6k_group(_mm256_loadu_si256((const __m256i *)(a->ql + 64 * h)),
+                         _mm256_loadu_si256((const __m256i *)(a->ql + 64 * h + 32)),
+                         _mm256_loadu_si256((const __m256i *)(a->qh + 32 * h)), s);
+    }
+    }
+}
+
+/* sum sc (q x) = sum sc (u x) - offset * sum sc (sum of x per sub-block, from bsums); mins likewise. */
+static float dot_k16_avx2(int type, int64_t nb, const void *w, const cm_block_q8_k *x) {
+    float sum = 0.0f;
+    for (int64_t i = 0; i < nb; i++) {
+        k16_view v;
+        k16_at(type, w, i, &v);
+        const cm_block_q8_k *b = x + i;
+        int32_t bias = 0, imin = 0;
+        for (int j = 0; j < 16; j++) {
+            bias += v.sc[j] * b->bsums[j];
+            imin += v.mn[j] * b->bsums[j];
+        }
+        __m256i acc = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(b->qs + 32 * g));
+            acc = _mm256_add_epi32(acc, dot_u8s8_scaled(k16_group(type, v.blk, g), xv, v.sc[2 * g], v.sc[2 * g + 1]));
+        }
+        sum = cm_quant_combine_k(sum, hsum_i32(acc) - v.offset * bias, imin, v.d, v.dmin, b->d);
+    }
+    return sum;
+}
+
+/* ------------------------------------------------------------ AVX2 dequantisation */
+
+/* y[0..32) = q * d + off for 32 int8 q, (d, off) = (d0, off0) for the first 16 and (d1, off1) for the
+ * rest: the reference's d * q - m with off = -m (a - b is a + -b in IEEE arithmetic), or + m for
+ * Q4_1/Q5_1, or -0.0 where there is no offset (x + -0.0 is x, signed zeros included). */
+static inline void deq32(float *y, __m256i q, float d0, float off0, float d1, float off1) {
+    __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+    __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+    __m256 f1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
+    __m256 f2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+    __m256 f3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
+    __m256 vd0 = _mm256_set1_ps(d0), vo0 = _mm256_set1_ps(off0);
+    __m256 vd1 = _mm256_set1_ps(d1), vo1 = _mm256_set1_ps(off1);
+    _mm256_storeu_ps(y, _mm256_add_ps(_mm256_mul_ps(f0, vd0), vo0));
+    _mm256_storeu_ps(y + 8, _mm256_add_ps(_mm256_mul_ps(f1, vd0), vo0));
+    _mm256_storeu_ps(y + 16, _mm256_add_ps(_mm256_mul_ps(f2, vd1), vo1));
+    _mm256_storeu_ps(y + 24, _mm256_add_ps(_mm256_mul_ps(f3, vd1), vo1));
+}
+
+static void dequant_legacy_avx2(int type, const void *w, float *y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, y += 32) {
+        switch (type) {
+        case GGUF_TT_Q4_0: {
+            const cm_block_q4_0 *b = (const cm_block_q4_0 *)w + i;
+            float d = fp16(b->d);
+            deq32(y, _mm256_sub_epi8(legacy_nibbles(b->qs), _mm256_set1_epi8(8)), d, -0.0f, d, -0.0f);
+            break;
+        }
+        case GGUF_TT_Q4_1: {
+            const cm_block_q4_1 *b = (const cm_block_q4_1 *)w + i;
+            float d = fp16(b->d), m = fp16(b->m);
+            deq32(y, legacy_nibbles(b->qs), d, m, d, m);
+            break;
+        }
+        case GGUF_TT_Q5_0: {
+            const cm_block_q5_0 *b = (const cm_block_q5_0 *)w + i;
+            float d = fp16(b->d);
+            __m256i u = _mm256_or_si256(legacy_nibbles(b->qs), legacy_fifth_bits(b->qh));
+            deq32(y, _mm256_sub_epi8(u, _mm256_set1_epi8(16)), d, -0.0f, d, -0.0f);
+            break;
+        }
+        default: {
+            const cm_block_q5_1 *b = (const cm_block_q5_1 *)w + i;
+            float d = fp16(b->d), m = fp16(b->m);
+            deq32(y, _mm256_or_si256(legacy_nibbles(b->qs), legacy_fifth_bits(b->qh)), d, m, d, m);
+            break;
+        }
+        }
+    }
+}
+
+static void dequant_k16_avx2(int type, const void *w, float *y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, y += CM_QK_K) {
+        k16_view v;
+        k16_at(type, w, i, &v);
+        float dl[16], off[16];
+        for (int j = 0; j < 16; j++) {
+            dl[j] = v.d * (float)v.sc[j];
+            off[j] = -(v.dmin * (float)v.mn[j]); /* -0.0 where there is no min: see deq32 */
+        }
+        const __m256i bias = _mm256_set1_epi8((char)v.offset);
+        for (int g = 0; g < 8; g++)
+            deq32(y + 32 * g, _mm256_sub_epi8(k16_group(type, v.blk, g), bias), dl[2 * g], off[2 * g], dl[2 * g + 1],
+                  off[2 * g + 1]);
+    }
+}
+
+static void dequant_q45_k_avx2(int type, const void *w, float *y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, y += CM_QK_K) {
+        q45k_view a = q45k_at(type, w, i);
+        float d = fp16(a.d), dmin = fp16(a.dmin), dl[8], off[8];
+        for (int j = 0; j < 8; j++) {
+            uint8_t sc, m;
+            cm_q4k_scale_min(j, a.scales, &sc, &m);
+            dl[j] = d * (float)sc;
+            off[j] = -(dmin * (float)m);
+        }
+        __m256i qh = a.qh ? _mm256_loadu_si256((const __m256i *)a.qh) : _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {
+            __m256i q = _mm256_loadu_si256((const __m256i *)(a.qs + 32 * c));
+            for (int half = 0; half < 2; half++) {
+                int j = 2 * c + half;
+                deq32(y + 64 * c + 32 * half, q45k_group(q, a.qh ? &qh : NULL, c, half), dl[j], off[j], dl[j], off[j]);
+            }
+        }
+    }
+}
+
+/* sum y[i] x[i] over len values (a multiple of 32), in an order fixed by len alone. */
+static inline float dot_chunk_f32(const float *y, const float *x, int len) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    for (int i = 0; i < len; i += 32) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(y + i), _mm256_loadu_ps(x + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(y + i + 8), _mm256_loadu_ps(x + i + 8), s1);
+        s2 = _mm256_fmadd_ps(_mm256_loadu_ps(y + i + 16), _mm256_loadu_ps(x + i + 16), s2);
+        s3 = _mm256_fmadd_ps(_mm256_loadu_ps(y + i + 24), _mm256_loadu_ps(x + i + 24), s3);
+    }
+    return hsum_f32(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+}
+#else
+static inline float dot_chunk_f32(const float *y, const float *x, int len) {
+    float s = 0.0f;
+    for (int i = 0; i < len; i++) s += y[i] * x[i];
+    return s;
+}
+#endif
+/* ============================================================ dispatch */
+
+void CM_FAMILY_FN(cm_quant_dequantize)(int type, const void *w, float *y, int64_t k) {
+#if defined(CM_Q_AVX2)
+    switch (type) {
+    case GGUF_TT_Q4_0: case GGUF_TT_Q4_1: case GGUF_TT_Q5_0: case GGUF_TT_Q5_1:
+        dequant_legacy_avx2(type, w, y, k / CM_QK4);
+        return;
+    case GGUF_TT_Q2_K: case GGUF_TT_Q3_K: case GGUF_TT_Q6_K: dequant_k16_avx2(type, w, y, k / CM_QK_K); return;
+    case GGUF_TT_Q4_K: case GGUF_TT_Q5_K: dequant_q45_k_avx2(type, w, y, k / CM_QK_K); return;
+    default: break;
+    }
+#endif
+    cm_quant_dequantize_ref(type, w, y, k);
+}
+
+float CM_FAMILY_FN(cm_quant_dot_q)(int wtype, int64_t k, const void *w, const void *x) {
+#if defined(CM_Q_AVX2)
+    switch (wtype) {
+    case GGUF_TT_Q4_0: case GGUF_TT_Q4_1: case GGUF_TT_Q5_0: case GGUF_TT_Q5_1:
+        return dot_legacy_avx2(wtype, k / CM_QK4, w, x);
+    case GGUF_TT_Q2_K: case GGUF_TT_Q3_K: case GGUF_TT_Q6_K: return dot_k16_avx2(wtype, k / CM_QK_K, w, x);
+    case GGUF_TT_Q4_K: case GGUF_TT_Q5_K: return dot_q45_k_avx2(wtype, k / CM_QK_K, w, x);
+    default: break;
+    }
+#endif
+    return cm_quant_dot_q_ref(wtype, k, w, x);
+}
+
+/* The f32 path works in chunks of up to 256 values (whole blocks): dequantise, then one SIMD dot. */
+#define CHUNK CM_QK_K
+
+void CM_FAMILY_FN(cm_quant_matvec_f32)(int wtype, const void *w, int64_t k, const float *x, size_t x_stride,
+                                       int n, float *y, int64_t ldy, int64_t r0, int64_t r1) {
+    int qk = cm_quant_block_values(wtype);
+    size_t bb = cm_quant_block_bytes(wtype), rb = (size_t)(k / qk) * bb;
+    float t[CHUNK], acc[16];
+    for (int j0 = 0; j0 < n; j0 += 16) {
+        int nn = n - j0 < 16 ? n - j0 : 16;
+        for (int64_t r = r0; r < r1; r++) {
+            const char *wr = (const char *)w + (size_t)r * rb;
+            for (int j = 0; j < nn; j++) acc[j] = 0.0f;
+            for (int64_t c = 0; c < k; c += CHUNK) {
+                int len = k - c < CHUNK ? (int)(k - c) : CHUNK;
+                CM_FAMILY_FN(cm_quant_dequantize)(wtype, wr + (size_t)(c / qk) * bb, t, len);
+                for (int j = 0; j < nn; j++) {
+                    const float *xj = (const float *)((const char *)x + (size_t)(j0 + j) * x_stride);
+                    acc[j] += dot_chunk_f32(t, xj + c, len);
+                }
+            }
+            for (int j = 0; j < nn; j++) y[(int64_t)(j0 + j) * ldy + r] = acc[j];
+        }
+    }
+}

@@ -1,0 +1,138 @@
+#!/usr/bin/env node
+/*
+ * test_server_tokenize.mjs - a request's prompt is tokenized off the event loop:
+ * - while two connections send ~4 MB prompts back to back (each takes the tokenizer about a second,
+ *   more on a loaded machine), a running stream keeps its pace and /health keeps answering: both stay
+ *   under a second at worst (what is left on the loop is parsing each 4 MB body's JSON, tens to a few
+ *   hundred ms; tokenizing there made gaps of seconds per prompt); the
+ *   long prompts still get their exact 400 context_length_exceeded;
+ * - a prompt that cannot fit whatever its tokens is refused before tokenization;
+ * - a client that hangs up while its prompt is being tokenized leaves nothing behind (run it in an
+ *   ASan/UBSan build, where a leak or error report at exit fails it).
+ * CM_TOKENIZE_PROMPT_BYTES sets the long prompts' size (default 4000000; an unoptimised ASan build
+ * tokenizes some 40 times slower, so 200000 keeps such a run in minutes; the latency bounds are meant
+ * for the optimised build).
+ */
+import assert from 'node:assert/strict';
+import http from 'node:http';
+import { startServer, postJSON, metrics, waitMetrics, sanitizerReport, sleep, test, run } from './server_harness.mjs';
+
+const BIG = Number(process.env.CM_TOKENIZE_PROMPT_BYTES || 4_000_000); // bytes of spaces: BIG / 4 tokens
+const bigBody = JSON.stringify({ prompt: ' '.repeat(BIG), max_tokens: 1 });
+
+// A context of BIG / 8 tokens: the long prompts pass the cheap length bound (BIG / 39 tokens at least)
+// and must be tokenized to find that they do not fit; a small KV pool, since nothing long ever runs.
+// Steps are paced so the stream below outlives the long prompts.
+const serverArgs = ['--ctx', String(Math.floor(BIG / 8)), '--kv-size', '4096', '--parallel', '4', '--threads', '1',
+  '--max-body', String(8 << 20)];
+
+test('long prompts do not stall running streams or /health', async () => {
+  const srv = await startServer({ args: serverArgs, env: { CODEMOE_SERVE_STEP_DELAY_MS: '5' } });
+  try {
+    // the stream: greedy on this prompt never ends by itself; it is aborted at the end
+    const ac = new AbortController();
+    const res = await fetch(srv.base + '/v1/completions', {
+      method: 'POST', headers: { 'Content-Type': 'application/json' }, signal: ac.signal,
+      body: JSON.stringify({ prompt: 'for i in range(', max_tokens: 3000, temperature: 0, stream: true }),
+    });
+    assert.equal(res.status, 200);
+    const arrivals = [];
+    const reading = (async () => {
+      try { for await (const _ of res.body) arrivals.push(Date.now()); } catch { /* aborted */ }
+    })();
+    while (arrivals.length < 5) await sleep(10);
+
+    // /health every 50 ms, timed
+    let healthMax = 0, healthN = 0, probing = true;
+    const prober = (async () => {
+      while (probing) {
+        const t0 = Date.now();
+        const r = await fetch(srv.base + '/health');
+        await r.text();
+        healthMax = Math.max(healthMax, Date.now() - t0);
+        healthN++;
+        await sleep(50);
+      }
+    })();
+
+    // two connections, each sending two long prompts back to back
+    const tStart = Date.now();
+    const sender = async () => {
+      const out = [];
+      for (let i = 0; i < 2; i++) out.push(await postJSON(srv, '/v1/completions', bigBody));
+      return out;
+    };
+    const results = (await Promise.all([sender(), sender()])).flat();
+    const tEnd = Date.now();
+    probing = false;
+    await prober;
+    ac.abort();
+    await reading;
+
+    for (const r of results) {
+      assert.equal(r.status, 400, r.text.slice(0, 300));
+      assert.equal(r.json.error.code, 'context_length_exceeded');
+      assert.equal(r.json.error.param, 'prompt');
+      // counted exactly after tokenization, not the early bound
+      assert.match(r.json.error.message, /however you requested \d+ tokens \(\d+ in your prompt/);
+    }
+    const during = arrivals.filter((t) => t >= tStart && t <= tEnd);
+    assert.ok(during.length > 10, `the stream went on while the prompts were tokenized (${during.length} chunks in ${tEnd - tStart} ms)`);
+    let gap = 0;
+    for (let i = 1; i < arrivals.length; i++)
+      if (arrivals[i] >= tStart && arrivals[i - 1] <= tEnd) gap = Math.max(gap, arrivals[i] - arrivals[i - 1]);
+    console.error(`  4 prompts of ${BIG} bytes in ${tEnd - tStart} ms: longest stream gap ${gap} ms, ` +
+      `slowest /health ${healthMax} ms over ${healthN} probes`);
+    assert.ok(gap < 1000, `longest gap between stream chunks ${gap} ms`);
+    assert.ok(healthMax < 1000, `slowest /health ${healthMax} ms`);
+  } finally {
+    await srv.stop();
+  }
+  assert.equal(sanitizerReport(srv), null, sanitizerReport(srv));
+});
+
+test('a prompt that cannot fit is refused before tokenization', async () => {
+  const srv = await startServer({ args: ['--max-body', String(8 << 20)] }); // the model's 256-token context
+  try {
+    const t0 = Date.now();
+    const r = await postJSON(srv, '/v1/completions', bigBody);
+    assert.equal(r.status, 400);
+    assert.equal(r.json.error.code, 'context_length_exceeded');
+    assert.equal(r.json.error.param, 'prompt');
+    assert.match(r.json.error.message, /at least \d+ in your prompt/);
+    console.error(`  refused in ${Date.now() - t0} ms`);
+  } finally {
+    await srv.stop();
+  }
+  assert.equal(sanitizerReport(srv), null, sanitizerReport(srv));
+});
+
+test('hanging up while the prompt is tokenized frees the request', async () => {
+  const srv = await startServer({ args: serverArgs });
+  try {
+    // more at once than libuv's pool has threads (4): some hang up while running, the others while
+    // still queued (their work is cancelled before it starts)
+    const n = 7;
+    await Promise.all(Array.from({ length: n }, (_, i) => new Promise((resolve) => {
+      const req = http.request(srv.base + '/v1/completions', { method: 'POST', agent: false,
+        headers: { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(bigBody) } });
+      req.on('error', () => resolve());
+      req.on('response', () => resolve()); // too late: the hang-up below comes first
+      req.end(bigBody, () => setTimeout(() => { req.destroy(); resolve(); }, 100 + 20 * i));
+    })));
+    // the server serves on, and every connection is gone once the tokenizations finished
+    await waitMetrics(srv, (m) => m['codemoe_http_connections'] === 1, 120000);
+    const r = await postJSON(srv, '/v1/completions', { prompt: 'x', max_tokens: 2 });
+    assert.equal(r.status, 200);
+    const m = await metrics(srv);
+    assert.equal(m['codemoe_requests_running'], 0);
+    await sleep(100);
+    const gone = srv.logs.filter((l) => l.msg === 'request' && l.route === 'completions' && l.outcome === 'client_gone');
+    assert.equal(gone.length, n, JSON.stringify(srv.logs.filter((l) => l.msg === 'request')));
+  } finally {
+    await srv.stop();
+  }
+  assert.equal(sanitizerReport(srv), null, sanitizerReport(srv));
+});
+
+await run();
