@@ -101,10 +101,11 @@ struct srv_req {
     /* completion */
     api_completion_req creq;    /* while tokenizing, only the pool thread touches it */
     int has_creq;
-    uv_work_t tok_work;         /* api_completion_tokenize on libuv's thread pool */
+    uv_work_t tok_work;         /* api_completion_tokenize (or /tokenize, /detokenize) on libuv's thread pool */
     int tokenizing;             /* tok_work queued and its after-work callback not run yet */
     int tok_rc;                 /* its result (pool thread -> loop, ordered by uv_queue_work) */
     api_error tok_err;
+    char *tok_out;              /* /tokenize, /detokenize: the response body (owned until queued) */
     srv_job job;
     int job_active;             /* submitted and not done */
     int job_admitted;
@@ -305,6 +306,7 @@ static void req_free(srv_req *r) {
     h->metrics.connections_active = (uint64_t)h->n_reqs;
     srv_buf_free(&r->body);
     srv_buf_free(&r->sse);
+    free(r->tok_out);
     int nc = r->job.n_choices;
     if (r->outs) for (int i = 0; i < nc; i++) srv_out_free(&r->outs[i]);
     if (r->job.out) for (int i = 0; i < nc; i++) srv_out_free(&r->job.out[i]);
@@ -570,20 +572,6 @@ static void handle_routing(srv_req *r, const char *id) {
     char *body = malloc(len + 1);
     if (body) memcpy(body, v, len + 1);
     respond(r, 200, "application/json", body, len);
-}
-
-/* POST /tokenize, POST /detokenize (llama.cpp). */
-static void handle_tokens(srv_req *r) {
-    srv_http *h = r->h;
-    if (r->too_large) { respond_http_error(r, 413, NULL); return; }
-    if (!require_model(r)) return;
-    api_error e;
-    memset(&e, 0, sizeof e);
-    const char *body = r->body.data ? r->body.data : "";
-    char *out = r->endpoint == ENDPOINT_TOKENIZE ? api_tokenize(body, r->body.len, &h->model, &h->limits, &e)
-                                                 : api_detokenize(body, r->body.len, &h->model, &h->limits, &e);
-    if (!out) { respond_error(r, &e); return; }
-    respond_json(r, 200, out);
 }
 
 /* The CPU's model name (/proc/cpuinfo), "" where unknown. */
@@ -976,10 +964,19 @@ static void submit_completion(srv_req *r) {
     h->n_jobs++;
 }
 
-/* libuv's pool thread: the only code that touches r->creq until tokenize_done. */
+/* libuv's pool thread: the only code that touches r->creq (or, for /tokenize and /detokenize, r->body)
+ * until tokenize_done. */
 static void tokenize_work(uv_work_t *w) {
     srv_req *r = w->data;
-    r->tok_rc = api_completion_tokenize(&r->creq, &r->tok_err);
+    if (endpoint_generates(r->endpoint)) {
+        r->tok_rc = api_completion_tokenize(&r->creq, &r->tok_err);
+        return;
+    }
+    const srv_http *h = r->h;
+    const char *body = r->body.data ? r->body.data : "";
+    r->tok_out = r->endpoint == ENDPOINT_TOKENIZE ? api_tokenize(body, r->body.len, &h->model, &h->limits, &r->tok_err)
+                                                  : api_detokenize(body, r->body.len, &h->model, &h->limits, &r->tok_err);
+    r->tok_rc = r->tok_out ? 0 : -1;
 }
 
 /* Loop thread, after tokenize_work ran (status 0) or was taken off the pool's queue (UV_ECANCELED). */
@@ -998,11 +995,37 @@ static void tokenize_done(uv_work_t *w, int status) {
     } else if (r->tok_rc < 0) {
         r->has_creq = 0; /* api_completion_tokenize emptied it: logged like any request refused by api/ */
         respond_error(r, &r->tok_err);
+    } else if (!endpoint_generates(r->endpoint)) {
+        respond_json(r, 200, r->tok_out);
+        r->tok_out = NULL;
     } else {
         submit_completion(r);
     }
     if (!r->job_active) req_resume(r); /* a response is queued */
     check_drained(h);
+}
+
+/* Queues r's tokenize_work on libuv's thread pool and suspends the connection until tokenize_done.
+ * Returns 0, or -1 when a response was queued instead (429: the queue is full; 500). */
+static int tokenize_queue(srv_req *r) {
+    srv_http *h = r->h;
+    /* requests still tokenizing count against the queue, or a flood of long prompts would wait unbounded
+     * in the thread pool */
+    if (h->n_jobs + h->n_tokenizing >= h->cfg->parallel + h->cfg->queue) {
+        h->metrics.rejected_queue_full++;
+        respond_http_error(r, 429, NULL);
+        return -1;
+    }
+    r->tok_work.data = r;
+    if (uv_queue_work(h->loop, &r->tok_work, tokenize_work, tokenize_done) < 0) {
+        respond_http_error(r, 500, "could not queue the request");
+        return -1;
+    }
+    r->tokenizing = 1;
+    h->n_tokenizing++;
+    req_suspend(r);
+    req_watch_start(r);
+    return 0;
 }
 
 /* Validates the body here (a bad field is a 400 at once), then tokenizes its prompts on libuv's thread
@@ -1031,23 +1054,19 @@ static void handle_completion(srv_req *r) {
         respond_error(r, &e);
         return;
     }
-    /* requests still tokenizing count against the queue, or a flood of long prompts would wait unbounded
-     * in the thread pool */
-    if (h->n_jobs + h->n_tokenizing >= h->cfg->parallel + h->cfg->queue) {
-        h->metrics.rejected_queue_full++;
-        respond_http_error(r, 429, NULL);
-        return;
-    }
-    r->tok_work.data = r;
-    if (uv_queue_work(h->loop, &r->tok_work, tokenize_work, tokenize_done) < 0) {
-        respond_http_error(r, 500, "could not queue the request");
-        return;
-    }
-    r->tokenizing = 1;
-    h->n_tokenizing++;
+    if (tokenize_queue(r) < 0) return;
     if (h->cfg->request_timeout > 0) r->deadline = r->t_start + (uint64_t)(h->cfg->request_timeout * 1e9);
-    req_suspend(r);
-    req_watch_start(r);
+}
+
+/* POST /tokenize, POST /detokenize (llama.cpp): like a completion's prompts, tokenized on libuv's thread
+ * pool with the connection suspended (a 4 MiB body must not stall the loop), and counted against the
+ * same queue bound. */
+static void handle_tokens(srv_req *r) {
+    srv_http *h = r->h;
+    if (r->too_large) { respond_http_error(r, 413, NULL); return; }
+    if (h->draining) { respond_http_error(r, 503, "The server is shutting down."); return; }
+    if (!require_model(r)) return;
+    tokenize_queue(r);
 }
 
 /* ============================================================ the access handler */
