@@ -171,6 +171,20 @@ test('llama.cpp: /tokenize, /detokenize, /props', async () => {
   assert.equal(typeof p.chat_template, 'string');
 });
 
+test('llama.cpp: /tokenize of a large body (on the thread pool); a client leaving mid-way is harmless', async () => {
+  const content = 'def f(x):\n    return x\n'.repeat(40000); /* ~1 MB */
+  const r = await postJSON(srv, '/tokenize', { content });
+  assert.equal(r.status, 200);
+  assert.ok(r.json.tokens.length > 40000);
+  const ac = new AbortController();
+  const gone = fetch(srv.base + '/detokenize', { method: 'POST', body: JSON.stringify({ tokens: r.json.tokens }),
+    headers: { 'Content-Type': 'application/json' }, signal: ac.signal }).catch(() => null);
+  ac.abort();
+  await gone;
+  const again = await postJSON(srv, '/detokenize', { tokens: r.json.tokens.slice(0, 7) });
+  assert.equal(again.json.content, 'def f(x):'); /* d, ef, ' f', (, x, ), : */
+});
+
 test('CORS: a preflight is answered with the headers it asks for', async () => {
   const asked = 'authorization, content-type, x-api-key, api-key, x-stainless-os, x-stainless-retry-count';
   let r = await get(srv, '/v1/fim/completions', { Origin: 'http://editor.example', 'Access-Control-Request-Method': 'POST',
