@@ -3,9 +3,9 @@
  * is converted row by row while writing, straight into the file, so a model never needs a second
  * serialised copy in memory. Output goes to "<path>.tmp" and is renamed into place only when complete.
  *
- * Conversions: a source of type F32, F16 or BF16 can be written as F32, F16, BF16 or Q8_0 (through f32).
- * Q8_0 matches ggml's reference quantiser (quantize_row_q8_0_ref): per block of 32, d = max|x| / 127,
- * q = roundf(x * (1/d)), d stored as fp16.
+ * Conversions go through f32 one row at a time: a source of type F32, F16, BF16, Q8_0 or a block type
+ * can be written as F32, F16, BF16, Q8_0 or a block type. Quantised types are made by quantize.c's
+ * reference quantisers (ggml's, bit for bit).
  */
 #include "gguf_writer.h"
 
@@ -16,6 +16,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "quantize.h"
+#include "quants.h"
 #include "util.h"
 
 typedef struct wkv {
@@ -150,6 +152,32 @@ int gguf_writer_set_arr_f32(gguf_writer *w, const char *key, const float *v, uin
     return set_arr(w, key, GGUF_VT_FLOAT32, v, n, 4);
 }
 
+static const int vt_bytes[GGUF_VT_COUNT] = {1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8};
+
+static int fixed_size(int vt) { return vt >= 0 && vt < GGUF_VT_COUNT ? vt_bytes[vt] : 0; }
+
+int gguf_writer_set_scalar(gguf_writer *w, const char *key, int vtype, const void *v) {
+    if (!fixed_size(vtype)) return CM_E_INVAL;
+    return set_scalar(w, key, vtype, v, (size_t)fixed_size(vtype));
+}
+
+int gguf_writer_set_arr(gguf_writer *w, const char *key, int elem_vtype, const void *v, uint64_t n) {
+    if (!fixed_size(elem_vtype)) return CM_E_INVAL;
+    return set_arr(w, key, elem_vtype, v, n, (size_t)fixed_size(elem_vtype));
+}
+
+void gguf_writer_remove(gguf_writer *w, const char *key) {
+    for (size_t i = 0; i < w->n_kv; i++) {
+        if (!strcmp(w->kv[i].key, key)) {
+            free(w->kv[i].key);
+            free(w->kv[i].val);
+            memmove(&w->kv[i], &w->kv[i + 1], (w->n_kv - i - 1) * sizeof *w->kv);
+            w->n_kv--;
+            return;
+        }
+    }
+}
+
 int gguf_writer_set_arr_str(gguf_writer *w, const char *key, const char *const *v, uint64_t n) {
     bbuf b = {0};
     bb_u32(&b, GGUF_VT_ARRAY);
@@ -161,8 +189,9 @@ int gguf_writer_set_arr_str(gguf_writer *w, const char *key, const char *const *
 
 /* ------------------------------------------------------------ tensors */
 
-static int src_ok(int t) { return t == GGUF_TT_F32 || t == GGUF_TT_F16 || t == GGUF_TT_BF16; }
-static int dst_ok(int t) { return src_ok(t) || t == GGUF_TT_Q8_0; }
+static int float_type(int t) { return t == GGUF_TT_F32 || t == GGUF_TT_F16 || t == GGUF_TT_BF16; }
+static int src_ok(int t) { return float_type(t) || cm_quantize_type_ok(t); }
+static int dst_ok(int t) { return float_type(t) || cm_quantize_type_ok(t); }
 
 static int add_tensor(gguf_writer *w, const char *name, int type, int n_dims, const int64_t *ne, int src_type,
                       const void *data, const void *const *parts, int n_parts, int copy, cm_err *err) {
@@ -246,26 +275,21 @@ int gguf_writer_add_tensor_parts(gguf_writer *w, const char *name, int type, int
 
 /* ------------------------------------------------------------ conversion */
 
-/* src may be unaligned (safetensors does not promise alignment): read 16-bit values with memcpy. */
+/* src may be unaligned (safetensors does not promise alignment): read 16-bit values with memcpy. Block
+ * sources come from GGUF data, which is aligned. */
 static void row_to_f32(int type, const void *src, float *dst, int64_t n) {
     const uint8_t *p = src;
     uint16_t h;
     if (type == GGUF_TT_F32) memcpy(dst, src, (size_t)n * 4);
     else if (type == GGUF_TT_F16) for (int64_t i = 0; i < n; i++) { memcpy(&h, p + 2 * i, 2); dst[i] = cm_fp16_to_f32(h); }
-    else for (int64_t i = 0; i < n; i++) { memcpy(&h, p + 2 * i, 2); dst[i] = cm_bf16_to_f32(h); }
-}
-
-/* ggml's quantize_row_q8_0_ref. x: (n), n % 32 == 0; y: n/32 blocks of {fp16 d, int8 q[32]}. */
-void gguf_quantize_q8_0(const float *x, uint8_t *y, int64_t n) {
-    for (int64_t b = 0; b < n / 32; b++, x += 32, y += 34) {
-        float amax = 0;
-        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(x[i]));
-        const float d = amax / 127.0f;
-        const float id = d ? 1.0f / d : 0.0f;
-        uint16_t hd = cm_f32_to_fp16(d);
-        memcpy(y, &hd, 2);
-        for (int i = 0; i < 32; i++) y[2 + i] = (uint8_t)(int8_t)roundf(x[i] * id);
-    }
+    else if (type == GGUF_TT_BF16) for (int64_t i = 0; i < n; i++) { memcpy(&h, p + 2 * i, 2); dst[i] = cm_bf16_to_f32(h); }
+    else if (type == GGUF_TT_Q8_0)
+        for (int64_t b = 0; b < n / CM_QK8_0; b++) {
+            const cm_block_q8_0 *q = (const cm_block_q8_0 *)p + b;
+            const float d = cm_fp16_to_f32(q->d);
+            for (int i = 0; i < CM_QK8_0; i++) dst[b * CM_QK8_0 + i] = q->qs[i] * d;
+        }
+    else cm_quant_dequantize_ref(type, src, dst, n);
 }
 
 static void row_from_f32(int type, const float *src, void *dst, int64_t n) {
@@ -273,7 +297,7 @@ static void row_from_f32(int type, const float *src, void *dst, int64_t n) {
     if (type == GGUF_TT_F32) memcpy(dst, src, (size_t)n * 4);
     else if (type == GGUF_TT_F16) for (int64_t i = 0; i < n; i++) h[i] = cm_f32_to_fp16(src[i]);
     else if (type == GGUF_TT_BF16) for (int64_t i = 0; i < n; i++) h[i] = cm_f32_to_bf16(src[i]);
-    else gguf_quantize_q8_0(src, dst, n);
+    else cm_quantize_row(type, src, dst, n);
 }
 
 /* ------------------------------------------------------------ output */

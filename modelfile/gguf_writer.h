@@ -27,13 +27,20 @@ int gguf_writer_set_str(gguf_writer *w, const char *key, const char *v);
 int gguf_writer_set_arr_str(gguf_writer *w, const char *key, const char *const *v, uint64_t n);
 int gguf_writer_set_arr_i32(gguf_writer *w, const char *key, const int32_t *v, uint64_t n);
 int gguf_writer_set_arr_f32(gguf_writer *w, const char *key, const float *v, uint64_t n);
-/* Adds a tensor; data is copied (or converted from f32 when src is F32 and type differs: F16, BF16,
- * Q8_0). ne[0] is the row length. */
+/* Any fixed-size value type (every gguf_vtype but STRING and ARRAY): a scalar from the bytes at v, or
+ * an array of n such elements; CM_E_INVAL for other types. The quantiser copies keys through these. */
+int gguf_writer_set_scalar(gguf_writer *w, const char *key, int vtype, const void *v);
+int gguf_writer_set_arr(gguf_writer *w, const char *key, int elem_vtype, const void *v, uint64_t n);
+/* Drops key if it is set; a later setter appends it at the end. */
+void gguf_writer_remove(gguf_writer *w, const char *key);
+/* Adds a tensor; data is copied, or converted when type differs from src_type: a source of F32, F16,
+ * BF16, Q8_0 or a block type (engine/quants.h) is read as f32 and written as F32, F16, BF16, Q8_0 or a
+ * block type (quantize.h's ggml reference quantisers). ne[0] is the row length. */
 int gguf_writer_add_tensor(gguf_writer *w, const char *name, int type, int n_dims, const int64_t *ne,
                            int src_type, const void *data, cm_err *err);
 /* gguf_writer_add_tensor without the copy: data must stay valid and unchanged until gguf_writer_write
- * returns (the converter passes views into mmapped safetensors). Conversion (F32/F16/BF16 ->
- * F32/F16/BF16/Q8_0) happens row by row while writing. */
+ * returns (the converter passes views into mmapped safetensors, the quantiser into the mmapped input).
+ * Conversion happens row by row while writing. */
 int gguf_writer_add_tensor_ref(gguf_writer *w, const char *name, int type, int n_dims, const int64_t *ne,
                                int src_type, const void *data, cm_err *err);
 /* gguf_writer_add_tensor_ref of a tensor held in n_parts equal pieces, concatenated along its outermost
@@ -43,8 +50,5 @@ int gguf_writer_add_tensor_ref(gguf_writer *w, const char *name, int type, int n
 int gguf_writer_add_tensor_parts(gguf_writer *w, const char *name, int type, int n_dims, const int64_t *ne,
                                  int src_type, const void *const *parts, int n_parts, cm_err *err);
 int gguf_writer_write(gguf_writer *w, const char *path, cm_err *err);
-
-/* ggml's reference Q8_0 quantiser: x (n), n % 32 == 0 -> y (n/32 blocks of fp16 d + 32 int8). */
-void gguf_quantize_q8_0(const float *x, uint8_t *y, int64_t n);
 
 #endif

@@ -13,5 +13,6 @@ int cmd_inspect(int argc, char **argv);
 int cmd_tokenize(int argc, char **argv);
 int cmd_serve(int argc, char **argv);   /* server/serve.c */
 int cmd_upcycle(int argc, char **argv); /* server/cmd_upcycle.c */
+int cmd_quantize(int argc, char **argv); /* server/cmd_quantize.c */
 
 #endif

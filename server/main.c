@@ -33,6 +33,7 @@ static void usage(FILE *f) {
         "  bench      measure prefill and decode speed\n"
         "  convert    convert a Hugging Face model directory to GGUF\n"
         "  upcycle    turn a dense GGUF into a hybrid MoE or MoLE GGUF\n"
+        "  quantize   quantise a GGUF to a llama-quantize preset (Q4_K_M, Q8_0, ...)\n"
         "\n"
         "  --help, -h      this text\n"
         "  --version, -V   print the version\n");
@@ -60,6 +61,7 @@ int main(int argc, char **argv) {
         {"bench", cmd_bench},
         {"convert", cmd_convert},
         {"upcycle", cmd_upcycle},
+        {"quantize", cmd_quantize},
     };
     if (argc < 2) {
         usage(stderr);

@@ -1,7 +1,8 @@
 /*
  * codemoe_modelfile.h - writing model files: the public interface of modelfile/, the offline library
- * beside the engine (Hugging Face -> GGUF conversion, dense -> mixture-of-experts upcycling). The
- * `codemoe convert` and `codemoe upcycle` subcommands use it; serving never does. It builds on the
+ * beside the engine (Hugging Face -> GGUF conversion, dense -> mixture-of-experts upcycling, quantisation
+ * to llama-quantize's presets). The `codemoe convert`, `upcycle` and `quantize` subcommands use it;
+ * serving never does. It builds on the
  * engine (cm_err, the CM_E* codes) and never the other way round.
  *
  * Conventions as in codemoe.h: functions take a `cm_err *` (may be NULL) and return CM_OK or a
@@ -58,6 +59,29 @@ typedef struct cm_upcycle_params {
 
 void cm_upcycle_default(cm_upcycle_params *p);
 int cm_upcycle(const char *dense_path, const char *out_path, const cm_upcycle_params *p, cm_err *err);
+
+/* ============================================================ quantisation */
+
+/* Quantise a GGUF model to one of llama-quantize's presets, writing byte for byte the file llama-quantize
+ * writes for the same input without an importance matrix: the same type for every tensor (the preset's
+ * type for 2-D and 3-D weights, more bits for the output, token embedding, attn_v, ffn_down and
+ * attn_output by layer position, fallbacks for row lengths the type's block does not divide; norms,
+ * biases and routers keep their type), ggml's reference quantisers, every input key kept in order with
+ * general.quantization_version and general.file_type set last, and the same tensor order (non-layer
+ * tensors first, then by layer, by name within each).
+ * Sources may be F32, F16 or BF16; an already quantised tensor that would change type is refused
+ * (CM_E_UNSUPPORTED) unless allow_requantize. Errors: CM_E_INVAL (unknown preset), CM_E_FORMAT (no
+ * general.architecture or <arch>.block_count, an expert tensor without a layer), CM_E_UNSUPPORTED (a row
+ * length no type of the preset fits, a general.alignment other than 32), CM_E_IO / CM_E_NOMEM. */
+typedef struct cm_quantize_params {
+    const char *preset;       /* "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K_S", "Q3_K_M",
+                                 "Q3_K_L", "Q4_K_S", "Q4_K_M" (default), "Q5_K_S", "Q5_K_M", "Q6_K";
+                                 case-insensitive; "Q3_K", "Q4_K", "Q5_K" mean their _M presets */
+    int allow_requantize;     /* 0 (default): refuse quantised inputs that would change type */
+} cm_quantize_params;
+
+void cm_quantize_default(cm_quantize_params *p);
+int cm_quantize(const char *in_path, const char *out_path, const cm_quantize_params *p, cm_err *err);
 
 #ifdef __cplusplus
 }

@@ -4,8 +4,9 @@
  * every kernel family the machine runs (CODEMOE_ISA), sampling is repeatable by seed, `complete
  * --suffix` builds the API's FIM prompt (api/), `--stop` ends the output before the earliest stop
  * string, `tokenize` agrees with the golden prompt ids and round-trips, `inspect` lists the expected
- * tensors, and every error path (missing/truncated/hostile file, bad flags, prompt longer than the
- * context) exits non-zero with a message on stderr and without a crash.
+ * tensors, `quantize` output loads and generates (its Q8_0 tensors are `convert --type q8_0`'s), and
+ * every error path (missing/truncated/hostile file, bad flags, prompt longer than the context) exits
+ * non-zero with a message on stderr and without a crash.
  *
  * Each command runs in a child (posix_spawn) with stdout and stderr captured to temporary files.
  */
@@ -638,6 +639,117 @@ TEST(vocab_only_file) {
     rmdir(dir);
 }
 
+/* The tensor table `codemoe inspect` prints for file: name, type, offset, bytes per tensor; *data_start
+ * receives where the data section begins (the file ends at the last tensor, padded to 32). */
+typedef struct itensor {
+    char name[96], type[16];
+    long long off, bytes;
+} itensor;
+
+static int inspect_tensors(const char *file, itensor *t, int cap, long long *data_start) {
+    run_result r;
+    const char *argv[] = {"inspect", file, NULL};
+    if (run(&r, argv) != 0 || r.code != 0) { run_free(&r); return -1; }
+    int n = 0;
+    long long end = 0;
+    const char *p = strstr(r.out, "\ntensors:");
+    for (p = p ? strchr(p + 1, '\n') : NULL; p && n < cap; p = strchr(p + 1, '\n')) {
+        /* name type [ne0, ne1, ...] offset bytes */
+        const char *eol = strchr(p + 1, '\n'), *q = strchr(p + 1, ']');
+        if (sscanf(p + 1, " %95s %15s", t[n].name, t[n].type) != 2 || !q || (eol && q > eol) ||
+            sscanf(q + 1, " %lld %lld", &t[n].off, &t[n].bytes) != 2)
+            continue;
+        if (t[n].off + t[n].bytes > end) end = t[n].off + t[n].bytes;
+        n++;
+    }
+    run_free(&r);
+    struct stat st;
+    if (stat(file, &st) != 0) return -1;
+    *data_start = (long long)st.st_size - (end + 31) / 32 * 32;
+    return n;
+}
+
+/* `codemoe quantize`: a fixture's F32 conversion quantised to Q8_0 holds exactly the tensors `convert
+ * --type q8_0` writes (one quantiser serves both), and the Q8_0 and Q4_K_M results (the latter also from
+ * the 256-row K-quant fixture, requantised) load and generate; bad calls are usage errors. */
+TEST(quantize_loads_generates_and_matches_convert) {
+    char f32[400], c8[400], q8[400], q4[400], qk[400];
+    snprintf(f32, sizeof f32, "%s/qz-f32.gguf", tmp_dir);
+    snprintf(c8, sizeof c8, "%s/qz-convert-q8_0.gguf", tmp_dir);
+    snprintf(q8, sizeof q8, "%s/qz-q8_0.gguf", tmp_dir);
+    snprintf(q4, sizeof q4, "%s/qz-q4_k_m.gguf", tmp_dir);
+    snprintf(qk, sizeof qk, "%s/qz-k-q4_k_m.gguf", tmp_dir);
+    char hf[1200], kq[1200];
+    snprintf(hf, sizeof hf, "%s", test_fixture("hf/qwen2-gqa-hf"));
+    snprintf(kq, sizeof kq, "%s", test_fixture("models/qwen2-k-q6_k.gguf"));
+    run_result r;
+    RUN_OK(&r, "convert", hf, f32);
+    ASSERT_EQ_INT(r.code, 0);
+    run_free(&r);
+    RUN_OK(&r, "convert", hf, c8, "--type", "q8_0");
+    ASSERT_EQ_INT(r.code, 0);
+    run_free(&r);
+    RUN_OK(&r, "quantize", f32, q8, "Q8_0");
+    ASSERT_EQ_INT(r.code, 0);
+    run_free(&r);
+    RUN_OK(&r, "quantize", f32, q4, "q4_k_m");
+    ASSERT_EQ_INT(r.code, 0);
+    run_free(&r);
+    ASSERT_FAILS_WITH(&r, 1, "quantize", kq, qk, "Q4_K_M");
+    ASSERT_TRUE(strstr(r.err, "--allow-requantize") != NULL);
+    run_free(&r);
+    RUN_OK(&r, "quantize", "--allow-requantize", kq, qk, "Q4_K_M");
+    ASSERT_EQ_INT(r.code, 0);
+    run_free(&r);
+
+    static itensor a[64], b[64];
+    long long da, db;
+    int na = inspect_tensors(c8, a, 64, &da), nb = inspect_tensors(q8, b, 64, &db);
+    ASSERT_TRUE(na > 10);
+    ASSERT_EQ_INT(na, nb);
+    size_t la, lb;
+    char *fa = slurp(c8, &la), *fb = slurp(q8, &lb);
+    ASSERT_TRUE(fa && fb);
+    int n_q8 = 0;
+    for (int i = 0; i < na; i++) {
+        int j = 0;
+        while (j < nb && strcmp(a[i].name, b[j].name)) j++;
+        if (j == nb) { TEST_FAIL_("%s missing from the quantized file", a[i].name); continue; }
+        CHECK_TRUE(!strcmp(a[i].type, b[j].type) && a[i].bytes == b[j].bytes);
+        if (a[i].bytes == b[j].bytes && da + a[i].off + a[i].bytes <= (long long)la &&
+            db + b[j].off + b[j].bytes <= (long long)lb &&
+            memcmp(fa + da + a[i].off, fb + db + b[j].off, (size_t)a[i].bytes) != 0)
+            TEST_FAIL_("%s: data differs between convert --type q8_0 and quantize Q8_0", a[i].name);
+        n_q8 += !strcmp(a[i].type, "Q8_0");
+    }
+    free(fa);
+    free(fb);
+    ASSERT_TRUE(n_q8 >= 15);
+
+    const char *files[] = {c8, q8, q4, qk};
+    char first[4][256];
+    for (int k = 0; k < 4; k++) {
+        RUN_OK(&r, "complete", "--model", files[k], "--prompt", "def add(a, b):", "-n", "8", "--temperature", "0");
+        if (r.code != 0) fprintf(stderr, "%s: %s\n", files[k], r.err);
+        ASSERT_EQ_INT(r.code, 0);
+        ASSERT_TRUE(r.nout > 0);
+        snprintf(first[k], sizeof first[k], "%s", r.out);
+        run_free(&r);
+    }
+    ASSERT_STREQ(first[0], first[1]); /* the same weights generate the same text */
+
+    ASSERT_FAILS_WITH(&r, 2, "quantize", f32, q8, "IQ2_XXS");
+    run_free(&r);
+    ASSERT_FAILS_WITH(&r, 2, "quantize", f32, q8);
+    run_free(&r);
+    RUN_OK(&r, "quantize", "--help");
+    ASSERT_EQ_INT(r.code, 0);
+    ASSERT_TRUE(strstr(r.err, "Q4_K_M") != NULL);
+    run_free(&r);
+    const char *rm[] = {f32, c8, q8, q4, qk};
+    for (int k = 0; k < 5; k++) unlink(rm[k]);
+}
+
 TEST(missing_and_truncated_files_fail_cleanly) {
     ASSERT_TRUE(n_goldens > 0);
     run_result r;
@@ -776,6 +888,7 @@ int main(void) {
     RUN(tokenize_matches_golden_and_round_trips);
     RUN(inspect_lists_tensors_and_summary);
     RUN(vocab_only_file);
+    RUN(quantize_loads_generates_and_matches_convert);
     RUN(missing_and_truncated_files_fail_cleanly);
     RUN(hostile_files_fail_cleanly);
     RUN(bad_flags_are_usage_errors);

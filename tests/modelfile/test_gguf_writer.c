@@ -22,7 +22,8 @@ TEST(gguf_writer_rejects_bad_input) {
     ASSERT_EQ_INT(gguf_writer_add_tensor(w, "a", GGUF_TT_Q8_0, 1, ne33, GGUF_TT_F32, x, &err), CM_E_INVAL);
     ASSERT_EQ_INT(gguf_writer_add_tensor(w, "a", GGUF_TT_F32, 2, ne0, GGUF_TT_F32, x, &err), CM_E_INVAL);
     ASSERT_EQ_INT(gguf_writer_add_tensor(w, "a", GGUF_TT_F32, 5, ne32, GGUF_TT_F32, x, &err), CM_E_INVAL);
-    ASSERT_EQ_INT(gguf_writer_add_tensor(w, "a", GGUF_TT_Q4_0, 1, ne32, GGUF_TT_F32, x, &err), CM_E_UNSUPPORTED);
+    ASSERT_EQ_INT(gguf_writer_add_tensor(w, "a", GGUF_TT_Q8_K, 1, ne32, GGUF_TT_F32, x, &err), CM_E_UNSUPPORTED);
+    ASSERT_EQ_INT(gguf_writer_add_tensor(w, "a", GGUF_TT_F32, 1, ne32, GGUF_TT_Q8_1, x, &err), CM_E_UNSUPPORTED);
     ASSERT_EQ_INT(gguf_writer_add_tensor(w, "a", GGUF_TT_F32, 1, ne32, GGUF_TT_F32, x, &err), CM_OK);
     ASSERT_EQ_INT(gguf_writer_add_tensor(w, "a", GGUF_TT_F32, 1, ne32, GGUF_TT_F32, x, &err), CM_E_INVAL);
     ASSERT_EQ_INT(gguf_writer_write(w, "/nonexistent/dir/out.gguf", &err), CM_E_IO);
