@@ -290,7 +290,8 @@ int api_stop_scan(const api_stops *st, const char *text, size_t len, size_t emit
  * numbers when they are not valid UTF-8 on their own. POST /detokenize: {tokens:[id, ...]} ->
  * {"content": text} (control tokens shown as their text; bytes of an unfinished character as U+FFFD).
  * Both return the response (malloc'd), or NULL with e set: 400 naming the field, 413 (a body over
- * lim->max_body_bytes), 500 (the tokenizer failed, out of memory). */
+ * lim->max_body_bytes), 500 (the tokenizer failed, out of memory). No shared state but the immutable
+ * model: they may run on any thread (the server runs them on libuv's pool). */
 char *api_tokenize(const char *body, size_t len, const api_model *m, const api_limits *lim, api_error *e);
 char *api_detokenize(const char *body, size_t len, const api_model *m, const api_limits *lim, api_error *e);
 
