@@ -64,7 +64,7 @@
 #define API_ERR_SERVER "server_error"
 
 typedef struct api_error {
-    int status;         /* HTTP status: 400, 401, 404, 405, 413, 429, 500, 503 */
+    int status;         /* HTTP status: 400, 401, 404, 405, 413, 414, 431, 429, 500, 503 */
     const char *type;   /* one of API_ERR_* (static string) */
     const char *code;   /* static string or NULL (JSON null), e.g. "model_not_found",
                            "context_length_exceeded", "invalid_api_key" */

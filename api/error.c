@@ -34,6 +34,8 @@ void api_error_http(api_error *e, int status, const char *detail) {
     case 404: type = API_ERR_NOT_FOUND; msg = "Unknown request URL. Please check the URL for typos."; break;
     case 405: code = "method_not_allowed"; msg = "Method not allowed for this URL."; break;
     case 413: code = "request_too_large"; msg = "The request body is too large."; break;
+    case 414: code = "uri_too_long"; msg = "The request URL is too long."; break;
+    case 431: code = "header_fields_too_large"; msg = "The request's header fields are too large."; break;
     case 429:
         type = API_ERR_RATE_LIMIT; code = "rate_limit_exceeded";
         msg = "Too many requests: the server's queue is full. Please retry later.";

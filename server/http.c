@@ -7,6 +7,8 @@
  * Event loop integration: MHD runs in "external" epoll mode. Its epoll fd is watched by a uv_poll_t
  * and MHD_get_timeout drives a uv_timer_t; MHD_run is called only from those two callbacks, so every
  * MHD callback below runs on the loop thread and never re-enters MHD_run. No thread per connection.
+ * MHD has no listen socket: conn.c accepts, refuses what is over the connection limits and enforces
+ * the header/body deadlines; the connections it admits are handed to MHD here (add_connection).
  *
  * A completion request is validated (api/) on the loop, its prompts are tokenized on libuv's thread
  * pool (never on the loop: a long prompt would stall every connection), then it is turned into a srv_job
@@ -15,7 +17,8 @@
  * or a chunked SSE stream whose reader drains a bounded per-request buffer) and resumes the
  * connection. While a request waits (thread pool or worker), a uv_poll_t on its socket
  * watches for the client hanging up (MHD does not see disconnects of suspended connections), so a
- * client that leaves cancels its generation at the worker's next step.
+ * client that leaves cancels its generation at the worker's next step. The watch is closed in MHD's
+ * completion callback, before MHD closes the descriptor, never later (see on_completed).
  */
 #include <errno.h>
 #include <math.h>
@@ -33,6 +36,7 @@
 
 #include <microhttpd.h>
 
+#include "conn.h"
 #include "server.h"
 
 /* The endpoints (URL routes) the server answers; expert "routing" is a different thing (api/routing.c). */
@@ -81,6 +85,7 @@ struct srv_req {
     srv_http *h;
     struct MHD_Connection *conn;
     srv_req *prev, *next;       /* h->reqs */
+    srv_conn *sconn;            /* the connection's admission record (conn.c), NULL if none */
     char id[72];                /* request id */
     char method[12];
     char path[160];             /* for the log, truncated */
@@ -97,6 +102,7 @@ struct srv_req {
     int too_large;
     size_t discarded;
     int responded;              /* a response is queued */
+    int close;                  /* the response ends the connection (the request's framing is unsafe) */
 
     /* completion */
     api_completion_req creq;    /* while tokenizing, only the pool thread touches it */
@@ -140,6 +146,8 @@ struct srv_http {
     uv_loop_t *loop;
     srv_config *cfg;
     struct MHD_Daemon *mhd;
+    srv_conns *conns;           /* the listener: admission and deadlines of connections */
+    srv_conn *adding;           /* the connection being handed to MHD (its STARTED notification) */
     uv_poll_t poll;
     uv_timer_t timer;           /* MHD timeouts and "run MHD soon" kicks */
     uv_timer_t tick;            /* request timeouts, shutdown checks */
@@ -163,6 +171,8 @@ struct srv_http {
     int done_called;
     int exit_code;
     int handles_open;
+    int abort_quiet;            /* a stream reader just ended a stream whose client left: MHD's
+                                   report of that close is expected, not a warning */
 };
 
 static void mhd_kick(srv_http *h);
@@ -198,6 +208,7 @@ static void respond(srv_req *r, int status, const char *ctype, char *body, size_
     add_common_headers(r, resp);
     if (status == 429 || status == 503) MHD_add_response_header(resp, "Retry-After", "1");
     if (status == 401) MHD_add_response_header(resp, "WWW-Authenticate", "Bearer");
+    if (r->close) MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
     if (status == 405) {
         const char *allow = endpoint_is_post(r->endpoint) ? "POST, OPTIONS" : "GET, HEAD, OPTIONS";
         MHD_add_response_header(resp, "Allow", allow);
@@ -339,6 +350,9 @@ static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn) {
     r->conn = conn;
     r->t_start = uv_hrtime();
     r->key = SRV_KEY_NONE;
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+    r->sconn = ci ? ci->socket_context : NULL;
+    srv_conn_request_line(r->sconn, r->t_start);
     snprintf(r->path, sizeof r->path, "%s", uri ? uri : "");
     srv_buf_init(&r->body, h->cfg->max_body);
     srv_buf_init(&r->sse, 0);
@@ -355,6 +369,13 @@ static void access_log(srv_req *r, enum MHD_RequestTerminationCode toe) {
     /* no status of ours: the client left first (nginx's 499), or libmicrohttpd refused the request
      * itself before our handler saw it (bad headers, too large: it answers 400/413/431) */
     int status = r->status ? r->status : r->seen ? 499 : 400;
+    const char *outcome = r->outcome;
+    if (r->stream_started && (toe == MHD_REQUEST_TERMINATED_WITH_ERROR || toe == MHD_REQUEST_TERMINATED_CLIENT_ABORT ||
+                              toe == MHD_REQUEST_TERMINATED_READ_ERROR)) {
+        /* a stream that started (200 sent) and then lost its client: logged as the client's close */
+        status = 499;
+        if (!outcome) outcome = "client_gone";
+    }
     json_t *f = json_object();
     if (!f) return;
     json_object_set_new(f, "request_id", json_string(r->id[0] ? r->id : "-"));
@@ -386,7 +407,6 @@ static void access_log(srv_req *r, enum MHD_RequestTerminationCode toe) {
             json_object_set_new(f, "ttft_ms", json_real((double)((uint64_t)r->t_first_token_ns - r->t_start) / 1e6));
         if (r->creq.unknown_field[0]) json_object_set_new(f, "ignored_field", json_string(r->creq.unknown_field));
     }
-    const char *outcome = r->outcome;
     if (!outcome && !r->seen) outcome = "rejected_by_http_parser";
     if (!outcome) outcome = toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? "ok"
                             : toe == MHD_REQUEST_TERMINATED_TIMEOUT_REACHED ? "idle_timeout"
@@ -400,9 +420,10 @@ static void access_log(srv_req *r, enum MHD_RequestTerminationCode toe) {
 
 static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
                          enum MHD_RequestTerminationCode toe) {
-    (void)cls;
+    srv_http *h = cls;
     (void)conn;
     srv_req *r = *con_cls;
+    h->abort_quiet = 0; /* MHD reports a close before it completes the request */
     if (!r) return;
     *con_cls = NULL;
     if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK) {
@@ -411,11 +432,16 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
             if (!r->outcome) r->outcome = "client_gone";
             req_cancel(r, SRV_CANCEL_CLIENT);
         }
+    } else {
+        srv_conn_request_done(r->sconn, uv_hrtime()); /* kept alive: the next request's deadline */
     }
     access_log(r, toe);
     r->conn_done = 1;
     r->suspended = 0;
-    if (r->watch_state == WATCH_ACTIVE) { uv_poll_stop(&r->watch); r->watch_state = WATCH_STOPPED; }
+    /* the watch goes now, while its descriptor is still this connection's: MHD closes the fd after
+     * this callback and the number can be reused by the next accept at once; a poll handle stopped or
+     * closed after that would take the new connection's registration out of the loop */
+    req_watch_close(r);
     req_try_free(r);
 }
 
@@ -707,7 +733,10 @@ static ssize_t sse_reader(void *cls, uint64_t pos, char *buf, size_t max) {
         r->bytes_out += n;
         return (ssize_t)n;
     }
-    if (r->client_gone) return MHD_CONTENT_READER_END_WITH_ERROR;
+    if (r->client_gone) {
+        r->h->abort_quiet = 1;
+        return MHD_CONTENT_READER_END_WITH_ERROR;
+    }
     if (r->sse_end) return MHD_CONTENT_READER_END_OF_STREAM;
     /* nothing to send yet: park the connection until the worker produces more (on_wake resumes) */
     req_suspend(r);
@@ -1071,6 +1100,49 @@ static void handle_tokens(srv_req *r) {
 
 /* ============================================================ the access handler */
 
+/* Limits of our own below MHD's memory pool (MHD_OPTION_CONNECTION_MEMORY_LIMIT): a request over
+ * them gets the JSON error here instead of MHD's HTML page, which it sends only when the pool
+ * itself overflows. */
+enum { MAX_URI_BYTES = 8 * 1024, MAX_HEADER_BYTES = 24 * 1024 };
+
+typedef struct framing {
+    int n_cl, cl_differ, te;
+    const char *cl;
+    size_t header_bytes;
+} framing;
+
+static enum MHD_Result framing_header(void *cls, enum MHD_ValueKind kind, const char *key, const char *value) {
+    framing *f = cls;
+    (void)kind;
+    f->header_bytes += strlen(key) + (value ? strlen(value) : 0) + 4;
+    if (!strcasecmp(key, "Content-Length")) {
+        if (f->n_cl++ == 0) f->cl = value;
+        else if (!value || !f->cl || strcmp(value, f->cl)) f->cl_differ = 1;
+    } else if (!strcasecmp(key, "Transfer-Encoding")) {
+        f->te = 1;
+    }
+    return MHD_YES;
+}
+
+/* Rejects what MHD would accept but must not be (400/414/431 with Connection: close); returns 1 if
+ * it answered. Conflicting framing (RFC 9112 section 6.3: Content-Length with Transfer-Encoding, or
+ * Content-Length values that differ) is the request-smuggling shape: the two ends of a proxy chain
+ * could split the bytes into different requests, so the connection is not reused. */
+static int reject_unsafe(srv_req *r, const char *url) {
+    framing f = {0};
+    MHD_get_connection_values(r->conn, MHD_HEADER_KIND, framing_header, &f);
+    int status = 0;
+    const char *why = NULL;
+    if (f.te && f.n_cl) status = 400, why = "Content-Length and Transfer-Encoding together are not allowed.";
+    else if (f.cl_differ) status = 400, why = "Conflicting Content-Length headers.";
+    else if (strlen(url) > MAX_URI_BYTES) status = 414;
+    else if (f.header_bytes > MAX_HEADER_BYTES) status = 431;
+    if (!status) return 0;
+    r->close = 1;
+    respond_http_error(r, status, why);
+    return 1;
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
                                   const char *version, const char *upload_data, size_t *upload_size,
                                   void **con_cls) {
@@ -1081,6 +1153,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     if (r->client_gone && !r->responded) return MHD_NO;
     if (!r->seen) {
         r->seen = 1;
+        srv_conn_headers_done(r->sconn, uv_hrtime());
         snprintf(r->method, sizeof r->method, "%s", method);
         const char *rid = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-Request-Id");
         if (srv_request_id_ok(rid)) snprintf(r->id, sizeof r->id, "%s", rid);
@@ -1092,6 +1165,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             for (int i = 0; i < h->cfg->n_cors; i++) any |= !strcmp(h->cfg->cors[i], "*");
             snprintf(r->origin, sizeof r->origin, "%s", any ? "*" : origin);
         }
+        if (reject_unsafe(r, url)) return MHD_YES;
         char arg[256];
         r->endpoint = endpoint_of(url, arg, sizeof arg);
         int is_get = !strcmp(method, "GET") || !strcmp(method, "HEAD");
@@ -1130,6 +1204,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         size_t n = *upload_size;
         *upload_size = 0;
         r->bytes_in += n;
+        srv_conn_body(r->sconn, n);
         if (r->responded) return MHD_YES;
         if (!r->too_large && srv_buf_append(&r->body, upload_data, n) < 0) {
             r->too_large = 1;
@@ -1142,6 +1217,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         }
         return MHD_YES;
     }
+    srv_conn_busy(r->sconn); /* the request is read: the deadlines are over */
     if (r->responded || r->job_active) return MHD_YES;
     switch (r->endpoint) {
     case ENDPOINT_PREFLIGHT: respond_preflight(r); break;
@@ -1190,9 +1266,14 @@ static void mhd_kick(srv_http *h) {
 }
 
 static void on_mhd_log(void *cls, const char *fmt, va_list ap) {
-    (void)cls;
+    srv_http *h = cls;
     char msg[512];
     vsnprintf(msg, sizeof msg, fmt, ap);
+    if (h->abort_quiet && !strncmp(msg, "Closing connection (application", 31)) {
+        /* the close sse_reader asked for: the access log records it as the client's (499) */
+        h->abort_quiet = 0;
+        return;
+    }
     size_t n = strlen(msg);
     while (n && (msg[n - 1] == '\n' || msg[n - 1] == '\r')) msg[--n] = 0;
     json_t *f = json_pack("{s:s}", "source", "microhttpd");
@@ -1207,6 +1288,7 @@ static void on_tick(uv_timer_t *t) {
     uint64_t now = uv_hrtime();
     for (srv_req *r = h->reqs; r; r = r->next)
         if (r->job_active && r->deadline && now >= r->deadline && !r->cancel_reason) req_cancel(r, SRV_CANCEL_TIMEOUT);
+    if (h->conns && srv_conns_check(h->conns, now)) mhd_kick(h);
     check_drained(h);
 }
 
@@ -1250,6 +1332,35 @@ static void on_handle_closed(uv_handle_t *hd) {
     h->handles_open--;
 }
 
+/* conn.c admitted a connection: MHD takes the socket over (and closes it, also on failure). */
+static int add_connection(void *ud, int fd, const struct sockaddr *addr, socklen_t addrlen, srv_conn *c) {
+    srv_http *h = ud;
+    h->adding = c;
+    enum MHD_Result ok = MHD_add_connection(h->mhd, fd, addr, addrlen);
+    int started = h->adding == NULL; /* on_connection took c */
+    h->adding = NULL;
+    if (ok != MHD_YES) {
+        /* MHD closed the socket; if it had announced the connection, its CLOSED notice frees c */
+        return started ? 0 : -1;
+    }
+    if (!started) return -1; /* not expected: the connection runs without deadlines */
+    mhd_kick(h);
+    return 0;
+}
+
+static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
+                          enum MHD_ConnectionNotificationCode code) {
+    srv_http *h = cls;
+    (void)conn;
+    if (code == MHD_CONNECTION_NOTIFY_STARTED) {
+        *socket_context = h->adding;
+        h->adding = NULL;
+    } else if (code == MHD_CONNECTION_NOTIFY_CLOSED) {
+        srv_conn_closed(*socket_context);
+        *socket_context = NULL;
+    }
+}
+
 srv_http *srv_http_start(uv_loop_t *loop, srv_config *cfg) {
     srv_http *h = calloc(1, sizeof *h);
     if (!h) return NULL;
@@ -1280,27 +1391,39 @@ srv_http *srv_http_start(uv_loop_t *loop, srv_config *cfg) {
         free(h);
         return NULL;
     }
-    unsigned flags = MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG;
-    if (ai->ai_family == AF_INET6) flags |= MHD_USE_IPv6;
+    /* MHD gets no listen socket: conn.c accepts and hands it the admitted connections; MHD's own
+     * limit sits above conn.c's so that conn.c's count (and its 503) always decides */
+    unsigned flags = MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG | MHD_USE_NO_LISTEN_SOCKET;
     h->mhd = MHD_start_daemon(flags, 0, NULL, NULL, on_request, h,
                               MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, h,
-                              MHD_OPTION_SOCK_ADDR, ai->ai_addr,
                               MHD_OPTION_URI_LOG_CALLBACK, on_uri, h,
                               MHD_OPTION_NOTIFY_COMPLETED, on_completed, h,
+                              MHD_OPTION_NOTIFY_CONNECTION, on_connection, h,
                               MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)cfg->idle_timeout,
-                              MHD_OPTION_CONNECTION_LIMIT, (unsigned int)cfg->max_connections,
+                              MHD_OPTION_CONNECTION_LIMIT, (unsigned int)cfg->max_connections + 64,
                               MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(64 * 1024),
                               MHD_OPTION_END);
-    freeaddrinfo(ai);
     if (!h->mhd) {
-        fprintf(stderr, "codemoe serve: cannot listen on %s:%d: %s\n", cfg->host, cfg->port, strerror(errno));
+        fprintf(stderr, "codemoe serve: cannot start the HTTP daemon: %s\n", strerror(errno));
+        freeaddrinfo(ai);
         srv_retention_free(h->ret);
         free(h);
         return NULL;
     }
-    const union MHD_DaemonInfo *di = MHD_get_daemon_info(h->mhd, MHD_DAEMON_INFO_BIND_PORT);
-    h->port = di ? di->port : cfg->port;
-    di = MHD_get_daemon_info(h->mhd, MHD_DAEMON_INFO_EPOLL_FD);
+    srv_conn_limits lim = {.max_connections = cfg->max_connections, .max_per_ip = cfg->max_conn_per_ip,
+                           .header_timeout = cfg->header_timeout, .idle_timeout = cfg->idle_timeout,
+                           .min_body_rate = cfg->min_body_rate};
+    h->conns = srv_conns_create(loop, ai->ai_addr, ai->ai_addrlen, &lim, &h->metrics, add_connection, h);
+    freeaddrinfo(ai);
+    if (!h->conns) {
+        fprintf(stderr, "codemoe serve: cannot listen on %s:%d\n", cfg->host, cfg->port);
+        MHD_stop_daemon(h->mhd);
+        srv_retention_free(h->ret);
+        free(h);
+        return NULL;
+    }
+    h->port = srv_conns_port(h->conns);
+    const union MHD_DaemonInfo *di = MHD_get_daemon_info(h->mhd, MHD_DAEMON_INFO_EPOLL_FD);
     uv_timer_init(loop, &h->timer);
     uv_timer_init(loop, &h->tick);
     uv_timer_init(loop, &h->grace);
@@ -1311,11 +1434,13 @@ srv_http *srv_http_start(uv_loop_t *loop, srv_config *cfg) {
         fprintf(stderr, "codemoe serve: cannot watch the HTTP daemon's epoll fd\n");
         MHD_stop_daemon(h->mhd);
         h->mhd = NULL;
+        srv_conns_close(h->conns);
         uv_close((uv_handle_t *)&h->timer, NULL);
         uv_close((uv_handle_t *)&h->tick, NULL);
         uv_close((uv_handle_t *)&h->grace, NULL);
         uv_close((uv_handle_t *)&h->finish, NULL);
         uv_run(loop, UV_RUN_NOWAIT);
+        srv_conns_free(h->conns);
         srv_retention_free(h->ret);
         free(h);
         return NULL;
@@ -1346,9 +1471,8 @@ void srv_http_shutdown(srv_http *h, void (*done)(void *), void *ud) {
     h->done_ud = ud;
     if (h->draining) return;
     h->draining = 1;
-    /* stop accepting: the listen socket is handed back and closed; open connections go on */
-    MHD_socket ls = MHD_quiesce_daemon(h->mhd);
-    if (ls != MHD_INVALID_SOCKET) close(ls);
+    /* stop accepting; open connections go on */
+    srv_conns_stop_listening(h->conns);
     json_t *f = json_pack("{s:i,s:f}", "in_flight", h->n_jobs, "grace_s", h->cfg->grace);
     srv_log("info", "shutting down", f);
     json_decref(f);
@@ -1368,6 +1492,7 @@ void srv_http_free(srv_http *h) {
         MHD_stop_daemon(h->mhd); /* completes every request: on_completed frees them */
         h->mhd = NULL;
     }
+    srv_conns_close(h->conns); /* every connection is closed by now */
     uv_poll_stop(&h->poll);
     uv_close((uv_handle_t *)&h->poll, on_handle_closed);
     uv_close((uv_handle_t *)&h->timer, on_handle_closed);
@@ -1379,6 +1504,7 @@ void srv_http_free(srv_http *h) {
 /* Frees what is left once uv_run has finished closing the handles. */
 void srv_http_destroy(srv_http *h) {
     if (!h) return;
+    srv_conns_free(h->conns);
     srv_retention_free(h->ret);
     free(h);
 }

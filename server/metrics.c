@@ -101,6 +101,17 @@ char *srv_metrics_render(const srv_metrics *m, const srv_gauges *g, size_t *len)
                   (double)m->routing_store_bytes);
     render_scalar(&b, "codemoe_routing_store_records", "gauge", "Routing records kept.",
                   (double)m->routing_store_records);
+    render_scalar(&b, "codemoe_tcp_connections", "gauge", "Open client TCP connections.", (double)m->conn_open);
+    srv_buf_printf(&b, "# HELP codemoe_connections_rejected_total Connections answered 503 and closed at accept.\n"
+                       "# TYPE codemoe_connections_rejected_total counter\n"
+                       "codemoe_connections_rejected_total{reason=\"max_connections\"} %llu\n"
+                       "codemoe_connections_rejected_total{reason=\"max_conn_per_ip\"} %llu\n",
+                   (unsigned long long)m->conn_rejected_limit, (unsigned long long)m->conn_rejected_per_ip);
+    srv_buf_printf(&b, "# HELP codemoe_connections_timed_out_total Connections shut down for slow headers or a slow body.\n"
+                       "# TYPE codemoe_connections_timed_out_total counter\n"
+                       "codemoe_connections_timed_out_total{phase=\"headers\"} %llu\n"
+                       "codemoe_connections_timed_out_total{phase=\"body\"} %llu\n",
+                   (unsigned long long)m->conn_header_timeouts, (unsigned long long)m->conn_body_timeouts);
     render_scalar(&b, "codemoe_model_loaded", "gauge", "1 when the model is loaded and serving.",
                   (double)g->model_loaded);
     render_scalar(&b, "codemoe_queue_depth", "gauge", "Completion requests waiting for a batch slot.",

@@ -65,6 +65,11 @@ typedef struct srv_metrics {
     uint64_t connections_active;
     uint64_t routing_store_bytes;   /* the routing record store: serialized bytes held */
     uint64_t routing_store_records; /* and records */
+    uint64_t conn_open;           /* TCP connections admitted and not closed yet (conn.c) */
+    uint64_t conn_rejected_limit; /* refused with 503: --max-connections reached */
+    uint64_t conn_rejected_per_ip;/* refused with 503: --max-conn-per-ip reached */
+    uint64_t conn_header_timeouts;/* shut down: headers not complete within --header-timeout */
+    uint64_t conn_body_timeouts;  /* shut down: body slower than --min-body-rate */
     srv_hist ttft;                /* time to first token, seconds */
     srv_hist itl;                 /* inter-token latency, seconds */
     srv_hist e2e;                 /* request duration of completions, seconds */

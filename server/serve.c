@@ -11,6 +11,7 @@
 #include <string.h>
 #include <strings.h>
 #include <unistd.h>
+#include <sys/resource.h>
 
 #include "cli.h"
 #include "commands.h"
@@ -51,11 +52,17 @@ static void serve_usage(FILE *f) {
         "  --max-body BYTES        largest request body (default 4194304)\n"
         "  --request-timeout SEC   max seconds per completion, 0 = none (default 600)\n"
         "  --idle-timeout SEC      close connections idle this long, 0 = never (default 60)\n"
+        "  --header-timeout SEC    a request's headers must be complete this long after the\n"
+        "                          connection (or its request line) began, 0 = no limit (default 10)\n"
+        "  --min-body-rate B/S     after --header-timeout seconds a body must average this many\n"
+        "                          bytes per second, 0 = no limit (default 1024)\n"
         "  --grace SEC             on SIGTERM, time in-flight requests get to finish (default 30)\n"
         "  --routing-retention N   completions whose routing records are kept (default 1024)\n"
         "  --routing-retention-bytes BYTES  and at most this many bytes of them (default 16777216)\n"
         "  --stream-buffer BYTES   how far a slow stream reader may fall behind (default 1048576)\n"
-        "  --max-connections N     open connections (default 1024)\n");
+        "  --max-connections N     open connections; beyond: an immediate 503 (default 1024)\n"
+        "  --max-conn-per-ip N     open connections from one client address; beyond: 503,\n"
+        "                          0 = no cap (default 128; behind a proxy every client has its address)\n");
 }
 
 void srv_config_free(srv_config *c) {
@@ -138,6 +145,9 @@ static int parse_flags(int argc, char **argv, srv_config *c) {
     c->routing_retention_bytes = 16u << 20;
     c->stream_buffer = 1u << 20;
     c->max_connections = 1024;
+    c->max_conn_per_ip = 128;
+    c->header_timeout = 10;
+    c->min_body_rate = 1024;
     c->prefix_cache = 1;
     c->kv_type = CLI_KV_TYPE_DEFAULT;
     const char *model_id = NULL;
@@ -146,7 +156,7 @@ static int parse_flags(int argc, char **argv, srv_config *c) {
                                   "--max-body", "--request-timeout", "--idle-timeout", "--grace",
                                   "--routing-retention", "--stream-buffer", "--max-connections", "--kv-size",
                                   "--max-itl-ms", "--kv-type", "--admin-key", "--routing-retention-bytes",
-                                  "--alias"};
+                                  "--header-timeout", "--min-body-rate", "--max-conn-per-ip", "--alias"};
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) { serve_usage(stdout); return -1; }
         if (!strcmp(argv[i], "--no-prefix-cache")) { c->prefix_cache = 0; continue; }
@@ -195,6 +205,13 @@ static int parse_flags(int argc, char **argv, srv_config *c) {
         else if (!strcmp(f, "--routing-retention-bytes")) ok = parse_size(f, v, 0, &c->routing_retention_bytes);
         else if (!strcmp(f, "--stream-buffer")) ok = parse_size(f, v, 4096, &c->stream_buffer);
         else if (!strcmp(f, "--max-connections")) ok = cli_int("serve", f, v, 1, 1 << 20, &c->max_connections);
+        else if (!strcmp(f, "--max-conn-per-ip")) ok = cli_int("serve", f, v, 0, 1 << 20, &c->max_conn_per_ip);
+        else if (!strcmp(f, "--header-timeout")) ok = parse_seconds(f, v, &c->header_timeout);
+        else if (!strcmp(f, "--min-body-rate")) {
+            float r;
+            ok = cli_float("serve", f, v, 0, 1e12, &r);
+            c->min_body_rate = r;
+        }
         else if (!strcmp(f, "--kv-size")) ok = parse_kv_size(v, c);
         else if (!strcmp(f, "--kv-type")) ok = cli_kv_type("serve", f, v, &c->kv_type);
         else if (!strcmp(f, "--max-itl-ms")) {
@@ -270,6 +287,12 @@ int cmd_serve(int argc, char **argv) {
     }
     /* a client that disappears mid-write must not kill the process */
     signal(SIGPIPE, SIG_IGN);
+    /* every connection holds a descriptor: allow as many as the hard limit lets --max-connections use */
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
     uv_loop_t loop;
     if (uv_loop_init(&loop)) {
         fprintf(stderr, "codemoe serve: cannot create the event loop\n");

@@ -53,11 +53,14 @@ typedef struct srv_config {
     size_t max_body;          /* bytes */
     double request_timeout;   /* seconds a completion may take (0: none) */
     int idle_timeout;         /* seconds an idle connection stays open */
+    double header_timeout;    /* seconds to complete a request's headers (0: none); see conn.h */
+    double min_body_rate;     /* bytes/s a body must average after header_timeout (0: off) */
+    int max_conn_per_ip;      /* open connections from one address; beyond: 503 (0: no cap) */
     double grace;             /* seconds in-flight requests get on SIGTERM */
     int routing_retention;    /* completions whose routing records are kept, at most */
     size_t routing_retention_bytes; /* and at most this many bytes of them (serialized) */
     size_t stream_buffer;     /* bytes a slow reader may fall behind before its stream is ended */
-    int max_connections;
+    int max_connections;      /* open connections; beyond: 503 at accept */
 } srv_config;
 
 void srv_config_free(srv_config *c);

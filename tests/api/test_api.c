@@ -64,6 +64,7 @@ TEST(error_http_defaults) {
     static const struct { int status; const char *type; const char *code; } cases[] = {
         {401, "authentication_error", "invalid_api_key"}, {404, "not_found_error", NULL},
         {405, "invalid_request_error", "method_not_allowed"}, {413, "invalid_request_error", "request_too_large"},
+        {414, "invalid_request_error", "uri_too_long"}, {431, "invalid_request_error", "header_fields_too_large"},
         {429, "rate_limit_error", "rate_limit_exceeded"}, {500, "server_error", NULL},
         {503, "server_error", "overloaded"},
     };

@@ -2,14 +2,19 @@
  * test_server_units.c - the server's self-contained modules: API key checks (constant-time compare,
  * Bearer parsing, key files), request ids, the Prometheus rendering (cumulative buckets, series
  * table, the expert load series), the routing record store (FIFO eviction by count and by
- * serialized bytes, owners), who may read a record, and the bounded byte buffer.
+ * serialized bytes, owners), who may read a record, the bounded byte buffer, and connection admission
+ * and deadlines (conn.c, on a real loopback listener).
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 
 #include "auth.h"
+#include "conn.h"
 #include "metrics.h"
 #include "sbuf.h"
 #include "server.h"
@@ -338,6 +343,105 @@ TEST(buf_limit) {
     free(s);
 }
 
+/* ------------------------------------------------------------ conn.c */
+
+typedef struct added {
+    int n;
+    int fd[4];
+    srv_conn *c[4];
+} added;
+
+static int record_add(void *ud, int fd, const struct sockaddr *addr, socklen_t len, srv_conn *c) {
+    added *a = ud;
+    (void)addr;
+    (void)len;
+    if (a->n == 4) return -1;
+    a->fd[a->n] = fd;
+    a->c[a->n++] = c;
+    return 0;
+}
+
+static int connect_to(int port) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (fd >= 0 && connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) { close(fd); return -1; }
+    return fd;
+}
+
+/* Reads until EOF (the server closed or shut down its side) into buf; returns the bytes read. */
+static size_t read_all(int fd, char *buf, size_t cap) {
+    struct timeval tv = {.tv_sec = 2};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    size_t n = 0;
+    ssize_t k;
+    while (n + 1 < cap && (k = recv(fd, buf + n, cap - 1 - n, 0)) > 0) n += (size_t)k;
+    buf[n] = 0;
+    return n;
+}
+
+TEST(conns_admission_and_deadlines) {
+    uv_loop_t loop;
+    ASSERT_EQ_INT(uv_loop_init(&loop), 0);
+    srv_metrics m;
+    srv_metrics_init(&m);
+    struct sockaddr_in sa = {.sin_family = AF_INET};
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    srv_conn_limits lim = {.max_connections = 3, .max_per_ip = 2, .header_timeout = 1, .idle_timeout = 5,
+                           .min_body_rate = 100};
+    added a = {0};
+    srv_conns *cs = srv_conns_create(&loop, (struct sockaddr *)&sa, sizeof sa, &lim, &m, record_add, &a);
+    ASSERT_TRUE(cs != NULL);
+    int port = srv_conns_port(cs);
+    ASSERT_TRUE(port > 0);
+    /* the per-address cap (2) admits two; the third gets the canned 503 and EOF */
+    int cl[3];
+    for (int i = 0; i < 3; i++) ASSERT_TRUE((cl[i] = connect_to(port)) >= 0);
+    for (int k = 0; k < 200 && a.n + (int)m.conn_rejected_per_ip < 3; k++) {
+        uv_run(&loop, UV_RUN_NOWAIT);
+        usleep(1000);
+    }
+    ASSERT_EQ_INT(a.n, 2);
+    ASSERT_EQ_INT(m.conn_rejected_per_ip, 1);
+    ASSERT_EQ_INT(srv_conns_count(cs), 2);
+    ASSERT_EQ_INT(m.conn_open, 2);
+    char buf[2048];
+    read_all(cl[2], buf, sizeof buf);
+    ASSERT_TRUE(!strncmp(buf, "HTTP/1.1 503 ", 13));
+    ASSERT_TRUE(strstr(buf, "\r\nRetry-After: 1\r\n") != NULL);
+    ASSERT_TRUE(strstr(buf, "\r\n\r\n{\"error\":{\"message\":") != NULL);
+    /* body rate: after the header timeout's grace, 50 bytes in 2 s is under 100 B/s, 1000 is not */
+    uint64_t t = uv_hrtime();
+    srv_conn_headers_done(a.c[0], t);
+    srv_conn_body(a.c[0], 50);
+    srv_conn_headers_done(a.c[1], t);
+    srv_conn_body(a.c[1], 1000);
+    ASSERT_EQ_INT(srv_conns_check(cs, t + 500000000ull), 0);
+    ASSERT_EQ_INT(srv_conns_check(cs, t + 2000000000ull), 1);
+    ASSERT_EQ_INT(m.conn_body_timeouts, 1);
+    ASSERT_EQ_INT(read_all(cl[0], buf, sizeof buf), 0); /* shut down: the client reads EOF */
+    /* a request being handled has no deadline; kept alive, it has idle + header timeout */
+    srv_conn_busy(a.c[1]);
+    ASSERT_EQ_INT(srv_conns_check(cs, t + 100000000000ull), 0);
+    srv_conn_request_done(a.c[1], t);
+    ASSERT_EQ_INT(srv_conns_check(cs, t + 5900000000ull), 0);
+    srv_conn_request_line(a.c[1], t + 5000000000ull); /* a request line: at most header timeout more */
+    ASSERT_EQ_INT(srv_conns_check(cs, t + 5900000000ull), 0);
+    ASSERT_EQ_INT(srv_conns_check(cs, t + 6100000000ull), 1);
+    ASSERT_EQ_INT(m.conn_header_timeouts, 1);
+    /* the front end reports the closes; the listener goes */
+    for (int i = 0; i < a.n; i++) {
+        srv_conn_closed(a.c[i]);
+        close(a.fd[i]);
+    }
+    ASSERT_EQ_INT(srv_conns_count(cs), 0);
+    for (int i = 0; i < 3; i++) close(cl[i]);
+    srv_conns_close(cs);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    srv_conns_free(cs);
+    ASSERT_EQ_INT(uv_loop_close(&loop), 0);
+}
+
 int main(void) {
     RUN(ct_equal_matches_memcmp);
     RUN(keys_check_bearer);
@@ -350,5 +454,6 @@ int main(void) {
     RUN(expert_metrics_render);
     RUN(expert_metrics_sparse);
     RUN(buf_limit);
+    RUN(conns_admission_and_deadlines);
     return test_summary();
 }
