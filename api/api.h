@@ -1,7 +1,8 @@
 /*
  * api.h - the OpenAI-compatible HTTP API as pure translation: request JSON -> validated engine request
  * (or an OpenAI-shaped error naming the parameter), a choice's sampled tokens -> its text and finish
- * reason (api_choice_state), engine results -> response JSON and SSE chunks.
+ * reason (api_choice_state), engine results -> response JSON and SSE chunks. The other dialects (chat
+ * completions, Ollama, llama.cpp) are api_formats over the same request (format.h).
  * No I/O, no clocks, no randomness: the server supplies ids, timestamps and seeds.
  *
  * Ownership: every `char *` returned here is malloc'd and freed by the caller with free(). Functions
@@ -98,6 +99,9 @@ typedef struct api_model {
     const char *const *aliases; /* (n_aliases) more names clients may send (--alias); borrowed */
     int n_aliases;
     int strict_name;        /* only the model's names select it (--strict-model); see api_find_model */
+    const api_template *chat_template; /* compiled once at load (api_chat_template_load); NULL: chat
+                                          requests are refused with chat_template_error */
+    const char *chat_template_error;   /* why there is no template ("" or NULL: the model has none) */
 } api_model;
 
 typedef struct api_limits {
@@ -142,9 +146,9 @@ typedef struct api_prompt {
 
 typedef enum { API_ROUTING_NONE = 0, API_ROUTING_SUMMARY, API_ROUTING_FULL } api_routing_mode;
 typedef enum { API_SEGMENT_CAUSAL = 0, API_SEGMENT_REFERENCE } api_segment_routing;
-/* The response shape a request is answered in: OpenAI's text_completion (POST /v1/completions, which
- * Tabby reads too), or the chat-completion shape of the Mistral / DeepSeek FIM endpoint (POST
- * /v1/fim/completions: choices[].message.content, streamed as choices[].delta.content). */
+/* Which request form a body was read as: POST /v1/completions (with Tabby's form), or the Mistral /
+ * DeepSeek FIM route (POST /v1/fim/completions, whose own rules api_fim_completion_validate applies and
+ * whose responses api_format_fim renders in the chat-completion shape those clients read). */
 typedef enum { API_SHAPE_TEXT = 0, API_SHAPE_FIM_CHAT } api_shape;
 
 typedef struct api__pending api__pending;
@@ -161,7 +165,7 @@ typedef struct api_completion_req {
     int logprobs;          /* -1: none (JSON null); else top alternatives per token (0..logprobs_max) */
     int echo;
     int has_suffix;        /* FIM request: prompts are FIM sequences */
-    api_shape shape;       /* how responses are rendered */
+    api_shape shape;       /* the request form (its route) */
     int tabby;             /* the prompt came from Tabby's "segments" */
     api_stops stop;
     cm_sampling sampling;  /* everything except seed and logit_bias pointers: see api_completion_sampling */
@@ -174,6 +178,10 @@ typedef struct api_completion_req {
     api_segment_routing segment_routing; /* extension */
     api_routing_mode routing;            /* extension: routing stats in the response */
     char unknown_field[64];              /* first ignored field, "" if none (for a log line) */
+    int prefill;                         /* max_tokens 0: still compute the prompt, so that its KV enters
+                                            the prefix cache (llama.cpp's n_predict 0 cache warm-up) */
+    json_t *dialect;                     /* what a dialect's renderer needs from its request (llama.cpp's
+                                            response_fields, truncated), set by its parser; owned, or NULL */
     api__pending *pending;               /* private: the parsed body between api_completion_validate and
                                             api_completion_tokenize; NULL once the prompts are built */
 } api_completion_req;
@@ -211,7 +219,7 @@ void api_completion_req_free(api_completion_req *r);
  * "prompt" (a string, required) is the code before the cursor, "suffix" (default "") the code after
  * it; the other fields and every rule are those of /v1/completions, except that "echo" and "logprobs"
  * are not offered (400), "random_seed" (Mistral) stands for "seed" and "min_tokens" may only be 0. The
- * request renders in API_SHAPE_FIM_CHAT. api_fim_completion_validate is api_completion_validate for this
+ * request is rendered by api_format_fim (format.h). api_fim_completion_validate is api_completion_validate for this
  * body (api_completion_tokenize then builds its prompts); api_parse_fim_completion is both in one call.
  * Return values and ownership as theirs. */
 int api_fim_completion_validate(const char *body, size_t len, const api_model *m, const api_limits *lim,
@@ -237,6 +245,30 @@ int api_seq_options(const cm_model *m, const char *language, api_segment_routing
  * memory) and *tokens NULL. */
 int api_fim_tokens(const cm_model *m, const char *prefix, size_t prefix_len, const char *suffix,
                    size_t suffix_len, int32_t **tokens, int *n_tokens, api_error *e);
+
+/* Repository-level fill in the middle (llama.cpp's /infill): the FIM prompt of api_fim_tokens preceded by
+ * other files of the project, in the model's own repository format where it has one:
+ *   [BOS if add_bos] [<repo_name> "project\n"] {<file_sep> name "\n" text}... [<file_sep> "file\n"]
+ *   <fim_prefix> prefix middle <fim_suffix> suffix <fim_middle>
+ * (without a file separator each file is the text "--- name ---\n" text "\n"; without a repo-name
+ * token there is no header). Every text is tokenized as plain text. The result fits `budget` tokens:
+ * the prefix keeps its end (up to 3/4 of the room), the suffix its start, and the files, newest (last)
+ * first, only whole; *truncated says whether anything was cut. Same return contract as api_fim_tokens
+ * (400 "context_length_exceeded" when middle alone does not fit). */
+typedef struct api_fim_file {
+    const char *name;    /* (name_len) file name as the client gave it */
+    size_t name_len;
+    const char *text;    /* (text_len) */
+    size_t text_len;
+} api_fim_file;
+typedef struct api_fim_context {
+    const char *prefix, *middle, *suffix;  /* middle: the text typed after prefix, before the cursor */
+    size_t prefix_len, middle_len, suffix_len;
+    const api_fim_file *files;             /* (n_files) borrowed, oldest first */
+    int n_files;
+} api_fim_context;
+int api_fim_context_tokens(const cm_model *m, const api_fim_context *c, int budget, int32_t **tokens,
+                           int *n_tokens, int *truncated, api_error *e);
 
 /* Total choices (n_prompts * n); choice i belongs to prompt i / n. */
 static inline int api_completion_n_choices(const api_completion_req *r) { return r->n_prompts * r->n; }
@@ -294,10 +326,6 @@ int api_stop_scan(const api_stops *st, const char *text, size_t len, size_t emit
  * model: they may run on any thread (the server runs them on libuv's pool). */
 char *api_tokenize(const char *body, size_t len, const api_model *m, const api_limits *lim, api_error *e);
 char *api_detokenize(const char *body, size_t len, const api_model *m, const api_limits *lim, api_error *e);
-
-/* A JSON string of text that should be UTF-8, invalid bytes shown as U+FFFD (api/ internal: the one
- * place response text becomes JSON). New reference; NULL when out of memory. */
-json_t *api__json_text(const char *s, size_t n);
 
 /* ============================================================ one choice, token by token */
 
@@ -391,6 +419,8 @@ typedef struct api_choice {
 
 typedef struct api_usage {
     int prompt_tokens, completion_tokens, cached_tokens;
+    int64_t prompt_ns;     /* arrival to the first token (queue + prefill); 0: unknown */
+    int64_t gen_ns;        /* first token to the end; 0: unknown */
 } api_usage;
 
 /* Identity of one response (the same for all chunks of a stream). */
@@ -400,6 +430,10 @@ typedef struct api_meta {
     const char *system_fingerprint;  /* NULL: omitted */
 } api_meta;
 
+/* A JSON string from bytes that should be UTF-8 (model output, names from model files): invalid bytes
+ * become U+FFFD instead of failing the response. New reference; NULL only when out of memory. */
+json_t *api_json_text(const char *s, size_t n);
+
 /* Writes "cmpl-" + 24 characters derived from rnd into buf (>= 32 bytes). */
 void api_make_id(char *buf, size_t cap, uint64_t rnd);
 
@@ -407,9 +441,6 @@ void api_make_id(char *buf, size_t cap, uint64_t rnd);
  * choices:[{text, index, logprobs:{tokens, token_logprobs, top_logprobs, text_offset}|null,
  * finish_reason}], usage:{prompt_tokens, completion_tokens, total_tokens,
  * prompt_tokens_details:{cached_tokens}}, [routing]}. routing (extension) is borrowed; NULL omits it.
- * In API_SHAPE_FIM_CHAT: object "chat.completion" and choices:[{index, message:{role:"assistant",
- * content}, finish_reason}]; its chunks are "chat.completion.chunk" with choices:[{index,
- * delta:{content}, finish_reason}].
  * Returns NULL only on out-of-memory. */
 char *api_render_completion(const api_completion_req *r, const api_meta *meta, const api_choice *choices,
                             int n_choices, const api_usage *usage, json_t *routing);

@@ -347,6 +347,131 @@ int api_fim_tokens(const cm_model *m, const char *prefix, size_t prefix_len, con
     return 0;
 }
 
+/* Repository-level context names: the request gives file names of the context files only. */
+#define FIM_REPO_NAME "project"
+#define FIM_CURRENT_FILE "file"
+
+/* Appends v[0..n) to b (n may be 0 with v NULL). */
+static int tokbuf_append(tokbuf *b, const int32_t *v, int n) {
+    if (n <= 0) return 0;
+    if (tokbuf_reserve(b, n)) return -1;
+    memcpy(b->v + b->n, v, (size_t)n * sizeof *v);
+    b->n += n;
+    return 0;
+}
+
+/* Tokenizes text (plain, never control tokens) into a new buffer. */
+static int plain_tokens(const cm_model *m, const char *text, size_t len, tokbuf *b, api_error *e) {
+    return len ? tokenize_into(m, text, len, 0, b, e) : 0;
+}
+
+/* One context file's tokens: <file_sep> name "\n" text, or "--- name ---\n" text "\n" as text when the
+ * model has no file separator. */
+static int fim_file_tokens(const cm_model *m, const api_fim_file *f, tokbuf *b, api_error *e) {
+    const cm_model_info *info = cm_model_get_info(m);
+    size_t n = f->name_len + f->text_len + 16;
+    char *s = malloc(n);
+    if (!s) return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
+    size_t o = 0;
+    if (info->fim_sep >= 0) {
+        if (tokbuf_push(b, info->fim_sep)) { free(s); return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory"); }
+        memcpy(s, f->name, f->name_len);
+        o = f->name_len;
+        s[o++] = '\n';
+        memcpy(s + o, f->text, f->text_len);
+        o += f->text_len;
+    } else {
+        memcpy(s, "--- ", 4);
+        o = 4;
+        memcpy(s + o, f->name, f->name_len);
+        o += f->name_len;
+        memcpy(s + o, " ---\n", 5);
+        o += 5;
+        memcpy(s + o, f->text, f->text_len);
+        o += f->text_len;
+        s[o++] = '\n';
+    }
+    int rc = plain_tokens(m, s, o, b, e);
+    free(s);
+    return rc;
+}
+
+int api_fim_context_tokens(const cm_model *m, const api_fim_context *c, int budget, int32_t **tokens,
+                           int *n_tokens, int *truncated, api_error *e) {
+    const cm_model_info *info = cm_model_get_info(m);
+    *tokens = NULL;
+    *n_tokens = 0;
+    *truncated = 0;
+    if (fim_check(m, info->name, e)) return -1;
+    tokbuf pre = {0}, mid = {0}, suf = {0}, head = {0}, cur = {0}, out = {0};
+    tokbuf *files = calloc((size_t)(c->n_files > 0 ? c->n_files : 1), sizeof *files);
+    int rc = -1;
+    if (!files) { api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory"); goto done; }
+    if (plain_tokens(m, c->prefix, c->prefix_len, &pre, e) || plain_tokens(m, c->middle, c->middle_len, &mid, e) ||
+        plain_tokens(m, c->suffix, c->suffix_len, &suf, e))
+        goto done;
+    for (int i = 0; i < c->n_files; i++)
+        if (fim_file_tokens(m, &c->files[i], &files[i], e)) goto done;
+    /* the repository header before the files, the current file's header after them */
+    if (info->fim_rep >= 0) {
+        if (tokbuf_push(&head, info->fim_rep)) goto oom;
+        if (plain_tokens(m, FIM_REPO_NAME "\n", sizeof FIM_REPO_NAME, &head, e)) goto done;
+    }
+    if (info->fim_sep >= 0) {
+        if (tokbuf_push(&cur, info->fim_sep)) goto oom;
+        if (plain_tokens(m, FIM_CURRENT_FILE "\n", sizeof FIM_CURRENT_FILE, &cur, e)) goto done;
+    }
+
+    /* what must fit: BOS, the three FIM tokens and the text at the cursor; then the prefix (its end)
+     * gets up to 3/4 of the rest, the suffix (its start) what the prefix leaves, and the files, newest
+     * (last) first, what is left, each whole */
+    int bos = info->add_bos && info->bos >= 0;
+    long avail = (long)budget - bos - 3 - mid.n;
+    if (avail < 0) {
+        api_error_set(e, 400, API_ERR_INVALID, "prompt", "context_length_exceeded",
+                      "The text at the cursor needs %d tokens; with the completion it does not fit this model's "
+                      "context of %d tokens.", mid.n, budget);
+        goto done;
+    }
+    long take_pre = pre.n, take_suf = suf.n;
+    if (take_pre + take_suf > avail) {
+        long want_pre = avail - (take_suf < avail / 4 ? take_suf : avail / 4);
+        take_pre = pre.n < want_pre ? pre.n : want_pre;
+        take_suf = avail - take_pre < suf.n ? avail - take_pre : suf.n;
+        *truncated = 1;
+    }
+    long left = avail - take_pre - take_suf - head.n - cur.n;
+    int first = c->n_files; /* files[first..n_files) are kept */
+    while (first > 0 && left >= files[first - 1].n) left -= files[--first].n;
+    if (first > 0) *truncated = 1;
+    int keep_files = first < c->n_files;
+
+    if (bos && tokbuf_push(&out, info->bos)) goto oom;
+    if (keep_files) {
+        if (tokbuf_append(&out, head.v, head.n)) goto oom;
+        for (int i = first; i < c->n_files; i++)
+            if (tokbuf_append(&out, files[i].v, files[i].n)) goto oom;
+        if (tokbuf_append(&out, cur.v, cur.n)) goto oom;
+    }
+    const int32_t *pre_tail = take_pre ? pre.v + (pre.n - take_pre) : NULL;
+    if (tokbuf_push(&out, info->fim_pre) || tokbuf_append(&out, pre_tail, (int)take_pre) ||
+        tokbuf_append(&out, mid.v, mid.n) || tokbuf_push(&out, info->fim_suf) ||
+        tokbuf_append(&out, suf.v, (int)take_suf) || tokbuf_push(&out, info->fim_mid))
+        goto oom;
+    *tokens = out.v;
+    *n_tokens = out.n;
+    out.v = NULL;
+    rc = 0;
+    goto done;
+oom:
+    api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
+done:
+    for (int i = 0; files && i < c->n_files; i++) free(files[i].v);
+    free(files);
+    free(pre.v); free(mid.v); free(suf.v); free(head.v); free(cur.v); free(out.v);
+    return rc;
+}
+
 /* Builds one prompt's token sequence (plain or FIM) and its echo text. */
 static int build_prompt(const api_model *am, const prompt_src *src, const json_t *suffix, int parse_special,
                         api_prompt *out, api_error *e) {
@@ -1007,6 +1132,7 @@ void api_completion_req_free(api_completion_req *r) {
     free(r->logit_bias);
     free(r->user);
     free(r->language);
+    json_decref(r->dialect);
     const api_model *m = r->model;
     memset(r, 0, sizeof *r);
     r->model = m;

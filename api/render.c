@@ -1,9 +1,8 @@
 /*
- * render.c - engine results -> OpenAI's response shapes: the text_completion object, its streamed
- * chunks, and the model list. Field names and nesting follow OpenAI's legacy completions API so that
- * existing clients (openai-python, editor plugins) parse them unchanged; extensions are extra fields.
- * A /v1/fim/completions request gets the same response in the chat-completion shape its clients read
- * (api_shape).
+ * render.c - engine results -> OpenAI's response shapes: the text_completion object and its streamed
+ * chunks, the chat.completion object and its chunks, and the model list. Field names and nesting follow
+ * OpenAI's APIs so that existing clients (openai-python, editor plugins, chat tools) parse them
+ * unchanged; extensions are extra fields.
  */
 #include <math.h>
 #include <stdio.h>
@@ -11,6 +10,7 @@
 #include <string.h>
 
 #include "api.h"
+#include "format.h"
 
 /* 9 significant digits round-trip a float; more would only print noise of the float->double cast */
 #define DUMP_FLAGS (JSON_COMPACT | JSON_REAL_PRECISION(9))
@@ -61,7 +61,7 @@ static json_t *jstr(const char *s, size_t n) {
     return j;
 }
 
-json_t *api__json_text(const char *s, size_t n) { return jstr(s, n); }
+json_t *api_json_text(const char *s, size_t n) { return jstr(s, n); }
 
 static json_t *jreal(float x) {
     return isfinite(x) ? json_real((double)x) : json_null();
@@ -139,23 +139,7 @@ static const char *finish_str(api_finish f) {
     return f == API_FINISH_STOP ? "stop" : f == API_FINISH_LENGTH ? "length" : NULL;
 }
 
-/* A FIM-chat choice: {index, message:{role, content}, finish_reason}, or as a chunk {index,
- * delta:{content}, finish_reason}. */
-static json_t *chat_choice_json(const api_choice *c, int chunk) {
-    json_t *o = json_object(), *msg = json_object();
-    json_t *content = jstr(c->text ? c->text : "", c->text ? c->text_len : 0);
-    if (!o || !msg || !content) { json_decref(o); json_decref(msg); json_decref(content); return NULL; }
-    json_object_set_new(o, "index", json_integer(c->index));
-    if (!chunk) json_object_set_new(msg, "role", json_string("assistant"));
-    json_object_set_new(msg, "content", content);
-    json_object_set_new(o, chunk ? "delta" : "message", msg);
-    const char *f = finish_str(c->finish);
-    json_object_set_new(o, "finish_reason", f ? json_string(f) : json_null());
-    return o;
-}
-
-static json_t *choice_json(const api_completion_req *r, const api_choice *c, int chunk) {
-    if (r->shape == API_SHAPE_FIM_CHAT) return chat_choice_json(c, chunk);
+static json_t *choice_json(const api_completion_req *r, const api_choice *c) {
     json_t *o = json_object();
     if (!o) return NULL;
     json_object_set_new(o, "text", jstr(c->text ? c->text : "", c->text ? c->text_len : 0));
@@ -169,13 +153,11 @@ static json_t *choice_json(const api_completion_req *r, const api_choice *c, int
     return o;
 }
 
-static json_t *head_json(const api_completion_req *r, const api_meta *meta, int chunk) {
+static json_t *head_json(const api_completion_req *r, const api_meta *meta) {
     json_t *o = json_object();
     if (!o) return NULL;
-    const char *object = r->shape != API_SHAPE_FIM_CHAT ? "text_completion"
-                         : chunk ? "chat.completion.chunk" : "chat.completion";
     json_object_set_new(o, "id", json_string(meta->id ? meta->id : ""));
-    json_object_set_new(o, "object", json_string(object));
+    json_object_set_new(o, "object", json_string("text_completion"));
     json_object_set_new(o, "created", json_integer(meta->created));
     json_object_set_new(o, "model", jstr(r->model->id ? r->model->id : "", r->model->id ? strlen(r->model->id) : 0));
     if (meta->system_fingerprint) json_object_set_new(o, "system_fingerprint", json_string(meta->system_fingerprint));
@@ -202,11 +184,11 @@ static char *dump_free(json_t *o) {
 
 char *api_render_completion(const api_completion_req *r, const api_meta *meta, const api_choice *choices,
                             int n_choices, const api_usage *usage, json_t *routing) {
-    json_t *o = head_json(r, meta, 0), *arr = json_array();
+    json_t *o = head_json(r, meta), *arr = json_array();
     if (!o || !arr) { json_decref(o); json_decref(arr); return NULL; }
     json_object_set_new(o, "choices", arr);
     for (int i = 0; i < n_choices; i++) {
-        json_t *c = choice_json(r, &choices[i], 0);
+        json_t *c = choice_json(r, &choices[i]);
         if (!c) { json_decref(o); return NULL; }
         json_array_append_new(arr, c);
     }
@@ -227,24 +209,134 @@ static char *sse_free(json_t *o) {
 }
 
 char *api_render_chunk(const api_completion_req *r, const api_meta *meta, const api_choice *delta) {
-    json_t *o = head_json(r, meta, 1), *arr = json_array();
+    json_t *o = head_json(r, meta), *arr = json_array();
     if (!o || !arr) { json_decref(o); json_decref(arr); return NULL; }
     json_object_set_new(o, "choices", arr);
-    json_t *c = choice_json(r, delta, 1);
+    json_t *c = choice_json(r, delta);
     if (!c) { json_decref(o); return NULL; }
     json_array_append_new(arr, c);
     if (r->include_usage) json_object_set_new(o, "usage", json_null());
     return sse_free(o);
 }
 
-char *api_render_usage_chunk(const api_completion_req *r, const api_meta *meta, const api_usage *usage,
-                             json_t *routing) {
-    json_t *o = head_json(r, meta, 1), *arr = json_array(), *u = usage_json(usage);
+/* The include_usage event: head (taken) with choices [], usage and routing. */
+static char *usage_chunk(json_t *o, const api_usage *usage, json_t *routing) {
+    json_t *arr = json_array(), *u = usage_json(usage);
     if (!o || !arr || !u) { json_decref(o); json_decref(arr); json_decref(u); return NULL; }
     json_object_set_new(o, "choices", arr);
     json_object_set_new(o, "usage", u);
     if (routing) json_object_set(o, "routing", routing);
     return sse_free(o);
+}
+
+char *api_render_usage_chunk(const api_completion_req *r, const api_meta *meta, const api_usage *usage,
+                             json_t *routing) {
+    return usage_chunk(head_json(r, meta), usage, routing);
+}
+
+/* ------------------------------------------------------------ chat completions */
+
+/* A token's raw bytes as chat logprobs show them: {token, logprob, bytes:[...]} (bytes: the UTF-8
+ * bytes, so a client can join tokens that split a character). */
+static json_t *chat_token_json(const cm_model *m, int32_t id, float logprob) {
+    char small[256];
+    int n = cm_token_bytes(m, id, 1, small, sizeof small);
+    if (n < 0 || (size_t)n > sizeof small) n = n < 0 ? 0 : (int)sizeof small; /* longer tokens: cut */
+    long ignore = 0;
+    json_t *t = token_json(m, id, &ignore), *bytes = json_array(), *o = json_object();
+    if (!t || !bytes || !o) { json_decref(t); json_decref(bytes); json_decref(o); return NULL; }
+    for (int i = 0; i < n; i++) json_array_append_new(bytes, json_integer((unsigned char)small[i]));
+    json_object_set_new(o, "token", t);
+    json_object_set_new(o, "logprob", jreal(logprob));
+    json_object_set_new(o, "bytes", bytes);
+    return o;
+}
+
+/* {content:[{token, logprob, bytes, top_logprobs:[{token, logprob, bytes}]}]} for lp[0..n). */
+static json_t *chat_logprobs_json(const api_completion_req *r, const api_token_lp *lp, int n) {
+    const cm_model *m = r->model->model;
+    json_t *arr = json_array(), *o = json_object();
+    if (!arr || !o) { json_decref(arr); json_decref(o); return NULL; }
+    json_object_set_new(o, "content", arr);
+    json_object_set_new(o, "refusal", json_null());
+    for (int i = 0; i < n; i++) {
+        json_t *e = chat_token_json(m, lp[i].token, lp[i].logprob), *top = json_array();
+        if (!e || !top) { json_decref(e); json_decref(top); json_decref(o); return NULL; }
+        int k = lp[i].n_top < r->logprobs ? lp[i].n_top : r->logprobs;
+        for (int j = 0; j < k && lp[i].top; j++) {
+            json_t *t = chat_token_json(m, lp[i].top[j].token, lp[i].top[j].logprob);
+            if (!t) { json_decref(top); json_decref(e); json_decref(o); return NULL; }
+            json_array_append_new(top, t);
+        }
+        json_object_set_new(e, "top_logprobs", top);
+        json_array_append_new(arr, e);
+    }
+    return o;
+}
+
+static json_t *chat_head_json(const api_completion_req *r, const api_meta *meta, const char *object) {
+    json_t *o = head_json(r, meta);
+    if (!o) return NULL;
+    char id[96];
+    snprintf(id, sizeof id, "chat%s", meta->id ? meta->id : ""); /* "chatcmpl-...", as OpenAI's */
+    json_object_set_new(o, "id", json_string(id));
+    json_object_set_new(o, "object", json_string(object));
+    return o;
+}
+
+/* A choice (full) or a delta (chunk): message or delta {role, content}, logprobs, finish_reason. */
+static json_t *chat_choice_json(const api_completion_req *r, const api_choice *c, int chunk, int first) {
+    json_t *o = json_object(), *msg = json_object();
+    if (!o || !msg) { json_decref(o); json_decref(msg); return NULL; }
+    json_object_set_new(o, "index", json_integer(c->index));
+    if (!chunk || first) json_object_set_new(msg, "role", json_string("assistant"));
+    if (!chunk || c->text_len || first) {
+        json_t *t = jstr(c->text ? c->text : "", c->text ? c->text_len : 0);
+        if (!t) { json_decref(o); json_decref(msg); return NULL; }
+        json_object_set_new(msg, "content", t);
+    }
+    if (!chunk) json_object_set_new(msg, "refusal", json_null());
+    json_object_set_new(o, chunk ? "delta" : "message", msg);
+    json_t *lp = r->logprobs >= 0 ? chat_logprobs_json(r, c->lp, c->lp ? c->n_lp : 0) : json_null();
+    if (!lp) { json_decref(o); return NULL; }
+    json_object_set_new(o, "logprobs", lp);
+    const char *f = finish_str(c->finish);
+    json_object_set_new(o, "finish_reason", f ? json_string(f) : json_null());
+    return o;
+}
+
+char *api_render_chat(const api_completion_req *r, const api_meta *meta, const api_choice *choices, int n,
+                      const api_usage *usage, json_t *routing) {
+    json_t *o = chat_head_json(r, meta, "chat.completion"), *arr = json_array();
+    if (!o || !arr) { json_decref(o); json_decref(arr); return NULL; }
+    json_object_set_new(o, "choices", arr);
+    for (int i = 0; i < n; i++) {
+        json_t *c = chat_choice_json(r, &choices[i], 0, 0);
+        if (!c) { json_decref(o); return NULL; }
+        json_array_append_new(arr, c);
+    }
+    json_t *u = usage_json(usage);
+    if (!u) { json_decref(o); return NULL; }
+    json_object_set_new(o, "usage", u);
+    if (routing) json_object_set(o, "routing", routing);
+    return dump_free(o);
+}
+
+char *api_render_chat_chunk(const api_completion_req *r, const api_meta *meta, const api_choice *delta,
+                            int first) {
+    json_t *o = chat_head_json(r, meta, "chat.completion.chunk"), *arr = json_array();
+    if (!o || !arr) { json_decref(o); json_decref(arr); return NULL; }
+    json_object_set_new(o, "choices", arr);
+    json_t *c = chat_choice_json(r, delta, 1, first);
+    if (!c) { json_decref(o); return NULL; }
+    json_array_append_new(arr, c);
+    if (r->include_usage) json_object_set_new(o, "usage", json_null());
+    return sse_free(o);
+}
+
+char *api_render_chat_usage_chunk(const api_completion_req *r, const api_meta *meta, const api_usage *usage,
+                                  json_t *routing) {
+    return usage_chunk(chat_head_json(r, meta, "chat.completion.chunk"), usage, routing);
 }
 
 /* ------------------------------------------------------------ models */
@@ -299,6 +391,7 @@ static json_t *model_json(const api_model *am) {
         if (info->weight_type) json_object_set_new(o, "weight_type", jstr(info->weight_type, strlen(info->weight_type)));
         json_object_set_new(o, "fim", json_boolean(info->fim_pre >= 0 && info->fim_suf >= 0 && info->fim_mid >= 0));
     }
+    json_object_set_new(o, "chat", json_boolean(am->chat_template != NULL));
     json_t *moe = am->model ? moe_json(am->model) : NULL;
     if (moe) json_object_set_new(o, "moe", moe);
     return o;

@@ -147,7 +147,7 @@ char *api_detokenize(const char *body, size_t len, const api_model *am, const ap
     int need = ids ? cm_detokenize(am->model, ids, (int)n, 1, NULL, 0) : -1;
     if (need >= 0 && (text = malloc((size_t)need + 1)) &&
         cm_detokenize(am->model, ids, (int)n, 1, text, (size_t)need + 1) == need) {
-        json_t *s = api__json_text(text, (size_t)need);
+        json_t *s = api_json_text(text, (size_t)need);
         out = dump_body(s ? json_pack("{s:o}", "content", s) : NULL, e);
     } else {
         out = dump_body(NULL, e); /* out of memory: cm_detokenize fails on nothing else for valid ids */

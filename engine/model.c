@@ -337,7 +337,7 @@ cm_model *cm_model_load(const char *path, const cm_model_params *params, cm_err 
     cm_model_info *in = &m->info;
     in->file_bytes = m->gguf.size;
     in->bos = in->eos = in->eot = in->pad = -1;
-    in->fim_pre = in->fim_suf = in->fim_mid = -1;
+    in->fim_pre = in->fim_suf = in->fim_mid = in->fim_rep = in->fim_sep = -1;
 
     gguf_str s = {0};
     int rc = gguf_get_str(&m->gguf, "general.architecture", &s, err);
@@ -394,3 +394,12 @@ void cm_model_free(cm_model *m) {
 }
 
 const cm_model_info *cm_model_get_info(const cm_model *m) { return m ? &m->info : NULL; }
+
+const char *cm_model_chat_template(const cm_model *m, size_t *len) {
+    *len = 0;
+    gguf_str s = {0};
+    cm_err err = {0};
+    if (!m || gguf_get_str(&m->gguf, "tokenizer.chat_template", &s, &err) != CM_OK) return NULL;
+    *len = (size_t)s.len;
+    return s.ptr;
+}

@@ -26,6 +26,9 @@
  *   what makes added tokens such as "<|endoftext|>" decode to themselves).
  * - Control (3) and unused (5) tokens render as nothing unless `special` is asked for. EOG: the EOS and
  *   EOT ids, plus control/user tokens spelled like a turn or file end (<|im_end|>, <|fim_pad|>, ...).
+ * - FIM ids: tokenizer.ggml.fim_{pre,suf,mid,rep,sep}_token_id, else the tokens spelled <|fim_prefix|>,
+ *   <|fim_suffix|>, <|fim_middle|>, <|repo_name|>, <|file_sep|> (DeepSeek's spellings for the first
+ *   three), as older converters do not name them.
  * - The streaming detokenizer replaces each maximal invalid subsequence by U+FFFD, as WHATWG's
  *   TextDecoder does; a token of L bytes can thus produce up to 3 L + 3 bytes (only for hostile vocabs).
  * - If PCRE2 gives up on a piece (match limit) the next character becomes a piece of its own: output
@@ -547,7 +550,7 @@ cm_tokenizer *cm_tokenizer_load(const gguf_file *g, cm_model_info *info, cm_err 
     if ((rc = build_specials(t, err)) < 0) goto fail;
 
     int n = t->n_vocab;
-    int32_t bos = -1, eos = -1, eot = -1, pad = -1, fp = -1, fs = -1, fm = -1;
+    int32_t bos = -1, eos = -1, eot = -1, pad = -1, fp = -1, fs = -1, fm = -1, fr = -1, fsep = -1;
     if ((rc = load_id(g, "tokenizer.ggml.bos_token_id", n, &bos, err)) < 0) goto fail;
     if ((rc = load_id(g, "tokenizer.ggml.eos_token_id", n, &eos, err)) < 0) goto fail;
     if ((rc = load_id(g, "tokenizer.ggml.eot_token_id", n, &eot, err)) < 0) goto fail;
@@ -555,6 +558,8 @@ cm_tokenizer *cm_tokenizer_load(const gguf_file *g, cm_model_info *info, cm_err 
     if ((rc = load_id(g, "tokenizer.ggml.fim_pre_token_id", n, &fp, err)) < 0) goto fail;
     if ((rc = load_id(g, "tokenizer.ggml.fim_suf_token_id", n, &fs, err)) < 0) goto fail;
     if ((rc = load_id(g, "tokenizer.ggml.fim_mid_token_id", n, &fm, err)) < 0) goto fail;
+    if ((rc = load_id(g, "tokenizer.ggml.fim_rep_token_id", n, &fr, err)) < 0) goto fail;
+    if ((rc = load_id(g, "tokenizer.ggml.fim_sep_token_id", n, &fsep, err)) < 0) goto fail;
     /* FIM ids by their well-known texts when the file does not name them (older converters). */
     if (fp < 0) fp = find_text(t, "<|fim_prefix|>");
     if (fs < 0) fs = find_text(t, "<|fim_suffix|>");
@@ -562,6 +567,8 @@ cm_tokenizer *cm_tokenizer_load(const gguf_file *g, cm_model_info *info, cm_err 
     if (fp < 0) fp = find_text(t, "<\xef\xbd\x9c" "fim\xe2\x96\x81" "begin\xef\xbd\x9c>"); /* deepseek */
     if (fs < 0) fs = find_text(t, "<\xef\xbd\x9c" "fim\xe2\x96\x81" "hole\xef\xbd\x9c>");
     if (fm < 0) fm = find_text(t, "<\xef\xbd\x9c" "fim\xe2\x96\x81" "end\xef\xbd\x9c>");
+    if (fr < 0) fr = find_text(t, "<|repo_name|>");
+    if (fsep < 0) fsep = find_text(t, "<|file_sep|>");
     int add_bos = 0;
     rc = gguf_get_bool(g, "tokenizer.ggml.add_bos_token", &add_bos, err);
     if (rc < 0) goto fail;
@@ -574,6 +581,7 @@ cm_tokenizer *cm_tokenizer_load(const gguf_file *g, cm_model_info *info, cm_err 
     info->n_vocab = n;
     info->bos = bos; info->eos = eos; info->eot = eot; info->pad = pad;
     info->fim_pre = fp; info->fim_suf = fs; info->fim_mid = fm;
+    info->fim_rep = fr; info->fim_sep = fsep;
     info->add_bos = add_bos && bos >= 0;
     return t;
 fail:

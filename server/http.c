@@ -10,15 +10,16 @@
  * MHD has no listen socket: conn.c accepts, refuses what is over the connection limits and enforces
  * the header/body deadlines; the connections it admits are handed to MHD here (add_connection).
  *
- * A completion request is validated (api/) on the loop, its prompts are tokenized on libuv's thread
- * pool (never on the loop: a long prompt would stall every connection), then it is turned into a srv_job
+ * A completion request (any endpoint with an api_format: OpenAI completions and chat, Ollama, llama.cpp)
+ * is validated by its format (api/) on the loop, its prompts are tokenized on libuv's thread pool
+ * (never on the loop: a long prompt would stall every connection), then it is turned into a srv_job
  * and handed to the engine worker; the connection is suspended from the thread pool step on. The
- * worker's output arrives through srv_sched's wake-up (on_wake): the loop queues the response (JSON,
- * or a chunked SSE stream whose reader drains a bounded per-request buffer) and resumes the
- * connection. While a request waits (thread pool or worker), a uv_poll_t on its socket
- * watches for the client hanging up (MHD does not see disconnects of suspended connections), so a
- * client that leaves cancels its generation at the worker's next step. The watch is closed in MHD's
- * completion callback, before MHD closes the descriptor, never later (see on_completed).
+ * worker's output arrives through srv_sched's wake-up (on_wake): the loop renders it through the
+ * format and queues the response (JSON, or a chunked SSE / NDJSON stream whose reader drains a bounded
+ * per-request buffer) and resumes the connection. While a request waits (thread pool or worker), a
+ * uv_poll_t on its socket watches for the client hanging up (MHD does not see disconnects of suspended
+ * connections), so a client that leaves cancels its generation at the worker's next step. The watch is
+ * closed in MHD's completion callback, before MHD closes the descriptor, never later (see on_completed).
  */
 #include <errno.h>
 #include <math.h>
@@ -38,6 +39,7 @@
 
 #include "conn.h"
 #include "server.h"
+#include "format.h"
 
 /* The endpoints (URL routes) the server answers; expert "routing" is a different thing (api/routing.c). */
 enum {
@@ -49,6 +51,15 @@ enum {
     ENDPOINT_COMPLETIONS,
     ENDPOINT_COMPLETION_ROUTING,
     ENDPOINT_PREFLIGHT,
+    ENDPOINT_CHAT,
+    ENDPOINT_OLLAMA_GENERATE,
+    ENDPOINT_OLLAMA_CHAT,
+    ENDPOINT_OLLAMA_TAGS,
+    ENDPOINT_OLLAMA_PS,
+    ENDPOINT_OLLAMA_SHOW,
+    ENDPOINT_OLLAMA_VERSION,
+    ENDPOINT_LLAMA_COMPLETION,
+    ENDPOINT_LLAMA_INFILL,
     ENDPOINT_FIM_COMPLETIONS,   /* POST /v1/fim/completions (Mistral, DeepSeek; Continue's fimStream) */
     ENDPOINT_TABBY_HEALTH,      /* GET /v1/health (Tabby) */
     ENDPOINT_TOKENIZE,          /* POST /tokenize (llama.cpp) */
@@ -59,14 +70,30 @@ enum {
 /* the "route" label of the access log and the request metrics: a fixed name per endpoint, never the
  * raw path */
 static const char *endpoint_label[] = {"unknown", "health", "metrics", "models", "model", "completions",
-                                       "routing", "preflight", "fim_completions", "tabby_health", "tokenize",
-                                       "detokenize", "props"};
+                                       "routing", "preflight", "chat", "ollama_generate", "ollama_chat",
+                                       "ollama_tags", "ollama_ps", "ollama_show", "ollama_version",
+                                       "llama_completion", "llama_infill", "fim_completions", "tabby_health",
+                                       "tokenize", "detokenize", "props"};
 
-/* Endpoints that generate (a job for the engine worker). */
-static int endpoint_generates(int ep) { return ep == ENDPOINT_COMPLETIONS || ep == ENDPOINT_FIM_COMPLETIONS; }
-/* Endpoints answered to a POST with a JSON body. */
-static int endpoint_is_post(int ep) {
-    return endpoint_generates(ep) || ep == ENDPOINT_TOKENIZE || ep == ENDPOINT_DETOKENIZE;
+/* The dialect of an endpoint that runs a completion job (its parser and renderers), NULL for the others. */
+static const api_format *endpoint_format(int endpoint) {
+    switch (endpoint) {
+    case ENDPOINT_COMPLETIONS: return &api_format_completions;
+    case ENDPOINT_CHAT: return &api_format_chat;
+    case ENDPOINT_OLLAMA_GENERATE: return &api_format_ollama_generate;
+    case ENDPOINT_OLLAMA_CHAT: return &api_format_ollama_chat;
+    case ENDPOINT_LLAMA_COMPLETION: return &api_format_llama_completion;
+    case ENDPOINT_LLAMA_INFILL: return &api_format_llama_infill;
+    case ENDPOINT_FIM_COMPLETIONS: return &api_format_fim;
+    default: return NULL;
+    }
+}
+
+/* Endpoints answered to POST with a JSON body: the completion dialects, Ollama's /api/show and
+ * llama.cpp's /tokenize and /detokenize. */
+static int endpoint_is_post(int endpoint) {
+    return endpoint_format(endpoint) || endpoint == ENDPOINT_OLLAMA_SHOW || endpoint == ENDPOINT_TOKENIZE ||
+           endpoint == ENDPOINT_DETOKENIZE;
 }
 
 enum { WATCH_NONE = 0, WATCH_ACTIVE, WATCH_STOPPED, WATCH_CLOSING, WATCH_CLOSED };
@@ -78,6 +105,7 @@ typedef struct choice_acc {
     api_finish finish;
     long chars;         /* characters of the completion text sent so far (stream text_offset) */
     int started;        /* stream: the echo part went out */
+    int chunks;         /* stream: deltas rendered */
 } choice_acc;
 
 typedef struct srv_req srv_req;
@@ -105,6 +133,7 @@ struct srv_req {
     int close;                  /* the response ends the connection (the request's framing is unsafe) */
 
     /* completion */
+    const api_format *fmt;      /* the endpoint's dialect: parser and renderers */
     api_completion_req creq;    /* while tokenizing, only the pool thread touches it */
     int has_creq;
     uv_work_t tok_work;         /* api_completion_tokenize (or /tokenize, /detokenize) on libuv's thread pool */
@@ -159,6 +188,8 @@ struct srv_http {
     srv_retention *ret;
     api_limits limits;
     api_model model;
+    api_template *chat_template;  /* the model's, compiled at load; NULL: none or unusable */
+    char chat_template_error[256];
     int model_state;
     int64_t created;
     srv_req *reqs;
@@ -226,7 +257,7 @@ static void respond_json(srv_req *r, int status, char *json) {
 }
 
 static void respond_error(srv_req *r, const api_error *e) {
-    respond_json(r, e->status, api_error_json(e));
+    respond_json(r, e->status, r->fmt ? r->fmt->error(e, 0) : api_error_json(e));
 }
 
 static void respond_http_error(srv_req *r, int status, const char *detail) {
@@ -398,7 +429,7 @@ static void access_log(srv_req *r, enum MHD_RequestTerminationCode toe) {
             inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, addr, sizeof addr);
         json_object_set_new(f, "remote", json_string(addr));
     }
-    if (endpoint_generates(r->endpoint) && r->has_creq) {
+    if (r->has_creq) {
         json_object_set_new(f, "completion_id", json_string(r->cmpl_id));
         json_object_set_new(f, "stream", json_boolean(r->stream));
         json_object_set_new(f, "prompt_tokens", json_integer(r->prompt_tokens));
@@ -464,6 +495,15 @@ static int endpoint_of(const char *url, char *arg, size_t arg_cap) {
         return ENDPOINT_MODEL;
     }
     if (!strcmp(url, "/v1/completions")) return ENDPOINT_COMPLETIONS;
+    if (!strcmp(url, "/v1/chat/completions")) return ENDPOINT_CHAT;
+    if (!strcmp(url, "/api/generate")) return ENDPOINT_OLLAMA_GENERATE;
+    if (!strcmp(url, "/api/chat")) return ENDPOINT_OLLAMA_CHAT;
+    if (!strcmp(url, "/api/tags")) return ENDPOINT_OLLAMA_TAGS;
+    if (!strcmp(url, "/api/ps")) return ENDPOINT_OLLAMA_PS;
+    if (!strcmp(url, "/api/show")) return ENDPOINT_OLLAMA_SHOW;
+    if (!strcmp(url, "/api/version")) return ENDPOINT_OLLAMA_VERSION;
+    if (!strcmp(url, "/completion")) return ENDPOINT_LLAMA_COMPLETION;
+    if (!strcmp(url, "/infill")) return ENDPOINT_LLAMA_INFILL;
     if (!strcmp(url, "/v1/fim/completions")) return ENDPOINT_FIM_COMPLETIONS;
     if (!strcmp(url, "/v1/health")) return ENDPOINT_TABBY_HEALTH;
     if (!strcmp(url, "/tokenize")) return ENDPOINT_TOKENIZE;
@@ -580,6 +620,25 @@ static void handle_model(srv_req *r, const char *id) {
     }
     if (!require_model(r)) return;
     respond_json(r, 200, api_render_model(&h->model));
+}
+
+/* Ollama's listings: /api/tags, /api/ps (the one loaded model), /api/show, /api/version. */
+static void handle_ollama(srv_req *r) {
+    srv_http *h = r->h;
+    if (r->endpoint == ENDPOINT_OLLAMA_VERSION) { respond_json(r, 200, api_render_ollama_version()); return; }
+    if (r->too_large) { respond_http_error(r, 413, NULL); return; }
+    if (!require_model(r)) return;
+    if (r->endpoint != ENDPOINT_OLLAMA_SHOW) {
+        respond_json(r, 200, api_render_ollama_tags(&h->model, 1, r->endpoint == ENDPOINT_OLLAMA_PS));
+        return;
+    }
+    api_error e;
+    const api_model *m = NULL;
+    if (api_ollama_show_model(r->body.data ? r->body.data : "", r->body.len, &h->model, 1, &m, &e)) {
+        respond_json(r, e.status, api_ollama_error_json(&e));
+        return;
+    }
+    respond_json(r, 200, api_render_ollama_show(m));
 }
 
 /* A record is served only to the key that created its completion (or an admin key); to anyone else it
@@ -712,7 +771,7 @@ static void sse_append(srv_req *r, char *chunk) {
         api_error e;
         api_error_set(&e, 500, API_ERR_SERVER, NULL, "slow_reader",
                       "The client did not read the stream fast enough; it was ended.");
-        char *ev = api_sse_error(&e);
+        char *ev = r->fmt->error(&e, 1); /* the stream's own framing */
         if (ev) { srv_buf_puts(&r->sse, ev); free(ev); }
         r->sse_end = 1;
         return;
@@ -747,7 +806,7 @@ static void stream_start(srv_req *r) {
     if (r->stream_started) return;
     struct MHD_Response *resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16 * 1024, sse_reader, r, NULL);
     if (!resp) return;
-    MHD_add_response_header(resp, "Content-Type", "text/event-stream");
+    MHD_add_response_header(resp, "Content-Type", api_format_stream_type(r->fmt));
     MHD_add_response_header(resp, "Cache-Control", "no-cache");
     MHD_add_response_header(resp, "X-Accel-Buffering", "no");
     add_common_headers(r, resp);
@@ -774,6 +833,29 @@ static json_t *store_routing(srv_req *r, const api_route_agg *agg) {
     h->metrics.routing_store_bytes = srv_retention_bytes(h->ret);
     h->metrics.routing_store_records = (uint64_t)srv_retention_count(h->ret);
     return v;
+}
+
+static api_usage req_usage(const srv_req *r) {
+    api_usage u = {.prompt_tokens = r->prompt_tokens, .completion_tokens = r->completion_tokens,
+                   .cached_tokens = r->cached_tokens};
+    if (r->t_first_token_ns) {
+        u.prompt_ns = (int64_t)((uint64_t)r->t_first_token_ns - r->t_start);
+        u.gen_ns = (int64_t)(uv_hrtime() - (uint64_t)r->t_first_token_ns);
+    }
+    return u;
+}
+
+/* The end of a stream: the format's trailer, given every choice's finish reason. */
+static void stream_end(srv_req *r, json_t *routing) {
+    int nc = r->job.n_choices;
+    api_choice *ch = calloc((size_t)nc, sizeof *ch);
+    if (!ch) { sse_append(r, NULL); return; }
+    for (int i = 0; i < nc; i++)
+        ch[i] = (api_choice){.index = i, .text = "", .finish = r->acc[i].finish ? r->acc[i].finish : API_FINISH_LENGTH};
+    api_meta meta = {.id = r->cmpl_id, .created = r->created, .system_fingerprint = NULL};
+    api_usage u = req_usage(r);
+    sse_append(r, r->fmt->stream_end(&r->creq, &meta, ch, nc, &u, routing));
+    free(ch);
 }
 
 static void finish_plain(srv_req *r, json_t *routing) {
@@ -803,8 +885,8 @@ static void finish_plain(srv_req *r, json_t *routing) {
     }
     if (ok) {
         api_meta meta = {.id = r->cmpl_id, .created = r->created, .system_fingerprint = NULL};
-        api_usage u = {r->prompt_tokens, r->completion_tokens, r->cached_tokens};
-        respond_json(r, 200, api_render_completion(&r->creq, &meta, ch, nc, &u, routing));
+        api_usage u = req_usage(r);
+        respond_json(r, 200, r->fmt->response(&r->creq, &meta, ch, nc, &u, routing));
     } else {
         respond_http_error(r, 500, "out of memory");
     }
@@ -837,7 +919,7 @@ static void choice_output(srv_req *r, int i, srv_out *o) {
         api_token_lp *lp = lp_view(r, &o->prompt_toks, NULL, &n_lp);
         api_choice c = {.index = i, .text = q->prompts[p].text, .text_len = q->prompts[p].text_len,
                         .finish = API_FINISH_NONE, .lp = lp, .n_lp = n_lp, .text_offset = 0};
-        sse_append(r, api_render_chunk(q, &meta, &c));
+        sse_append(r, r->fmt->chunk(q, &meta, &c, a->chunks++ == 0));
         a->chars = utf8_chars(q->prompts[p].text, q->prompts[p].text_len);
     } else if (!a->started) {
         a->started = 1;
@@ -849,7 +931,7 @@ static void choice_output(srv_req *r, int i, srv_out *o) {
         api_choice c = {.index = i, .text = o->text.data ? o->text.data : "", .text_len = o->text.len,
                         .finish = o->ended ? a->finish : API_FINISH_NONE, .lp = lp, .n_lp = n_lp,
                         .text_offset = a->chars};
-        sse_append(r, api_render_chunk(q, &meta, &c));
+        sse_append(r, r->fmt->chunk(q, &meta, &c, a->chunks++ == 0));
         a->chars += utf8_chars(o->text.data ? o->text.data : "", o->text.len);
     }
 }
@@ -896,18 +978,12 @@ static void job_output(srv_req *r, srv_drained *info) {
             if (failed) {
                 if (!r->outcome) r->outcome = "error";
                 if (r->stream_started) {
-                    sse_append(r, api_sse_error(&info->err));
+                    sse_append(r, r->fmt->error(&info->err, 1));
                 } else {
                     respond_error(r, &info->err);
                 }
             } else if (r->stream) {
-                if (r->creq.include_usage) {
-                    api_meta meta = {.id = r->cmpl_id, .created = r->created, .system_fingerprint = NULL};
-                    api_usage u = {r->prompt_tokens, r->completion_tokens, r->cached_tokens};
-                    sse_append(r, api_render_usage_chunk(&r->creq, &meta, &u, routing));
-                }
-                char *done = strdup(API_SSE_DONE);
-                sse_append(r, done);
+                stream_end(r, routing);
             } else {
                 finish_plain(r, routing);
             }
@@ -934,10 +1010,17 @@ static void on_wake(void *ud) {
             h->model.created = h->created;
             h->model.n_ctx = n_ctx;
             h->model.n_batch = h->cfg->n_batch;
+            api_template_error te;
+            h->chat_template = api_chat_template_load(m, &te);
+            snprintf(h->chat_template_error, sizeof h->chat_template_error, "%s", h->chat_template ? "" : te.message);
+            h->model.chat_template = h->chat_template;
+            h->model.chat_template_error = h->chat_template_error;
             h->model_state = SRV_MODEL_READY;
             const cm_model_info *info = cm_model_get_info(m);
             json_t *f = json_pack("{s:s,s:s,s:i,s:i,s:i}", "model", h->cfg->model_id, "arch", info->arch, "n_ctx",
                                   n_ctx, "parallel", h->cfg->parallel, "n_vocab", info->n_vocab);
+            json_object_set_new(f, "chat_template", json_string(h->chat_template ? "yes"
+                                                                : h->chat_template_error[0] ? h->chat_template_error : "none"));
             srv_log("info", "model loaded", f);
             json_decref(f);
         } else if (st == SRV_MODEL_FAILED) {
@@ -997,8 +1080,8 @@ static void submit_completion(srv_req *r) {
  * until tokenize_done. */
 static void tokenize_work(uv_work_t *w) {
     srv_req *r = w->data;
-    if (endpoint_generates(r->endpoint)) {
-        r->tok_rc = api_completion_tokenize(&r->creq, &r->tok_err);
+    if (r->fmt) {
+        r->tok_rc = api_format_tokenize(&r->creq, &r->tok_err);
         return;
     }
     const srv_http *h = r->h;
@@ -1024,7 +1107,7 @@ static void tokenize_done(uv_work_t *w, int status) {
     } else if (r->tok_rc < 0) {
         r->has_creq = 0; /* api_completion_tokenize emptied it: logged like any request refused by api/ */
         respond_error(r, &r->tok_err);
-    } else if (!endpoint_generates(r->endpoint)) {
+    } else if (!r->fmt) { /* /tokenize, /detokenize */
         respond_json(r, 200, r->tok_out);
         r->tok_out = NULL;
     } else {
@@ -1062,14 +1145,13 @@ static int tokenize_queue(srv_req *r) {
  * connections and the running streams go on meanwhile. */
 static void handle_completion(srv_req *r) {
     srv_http *h = r->h;
+    r->fmt = endpoint_format(r->endpoint); /* errors from here on take the dialect's shape too */
     if (r->too_large) { respond_http_error(r, 413, NULL); return; }
     if (h->draining) { respond_http_error(r, 503, "The server is shutting down."); return; }
     if (!require_model(r)) return;
     api_error e;
     memset(&e, 0, sizeof e);
-    int (*validate)(const char *, size_t, const api_model *, const api_limits *, api_completion_req *, api_error *) =
-        r->endpoint == ENDPOINT_FIM_COMPLETIONS ? api_fim_completion_validate : api_completion_validate;
-    if (validate(r->body.data ? r->body.data : "", r->body.len, &h->model, &h->limits, &r->creq, &e) < 0) {
+    if (r->fmt->parse(r->body.data ? r->body.data : "", r->body.len, &h->model, &h->limits, &r->creq, &e) < 0) {
         respond_error(r, &e);
         return;
     }
@@ -1223,11 +1305,20 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     case ENDPOINT_PREFLIGHT: respond_preflight(r); break;
     case ENDPOINT_HEALTH: handle_health(r); break;
     case ENDPOINT_COMPLETIONS:
+    case ENDPOINT_CHAT:
+    case ENDPOINT_OLLAMA_GENERATE:
+    case ENDPOINT_OLLAMA_CHAT:
+    case ENDPOINT_LLAMA_COMPLETION:
+    case ENDPOINT_LLAMA_INFILL:
     case ENDPOINT_FIM_COMPLETIONS: handle_completion(r); break;
     case ENDPOINT_TOKENIZE:
     case ENDPOINT_DETOKENIZE: handle_tokens(r); break;
     case ENDPOINT_TABBY_HEALTH: handle_tabby_health(r); break;
     case ENDPOINT_PROPS: handle_props(r); break;
+    case ENDPOINT_OLLAMA_TAGS:
+    case ENDPOINT_OLLAMA_PS:
+    case ENDPOINT_OLLAMA_SHOW:
+    case ENDPOINT_OLLAMA_VERSION: handle_ollama(r); break;
     case ENDPOINT_METRICS: handle_metrics(r); break;
     case ENDPOINT_MODELS: handle_models(r); break;
     case ENDPOINT_MODEL: handle_model(r, r->arg); break;
@@ -1301,7 +1392,7 @@ static void check_drained(srv_http *h) {
     if (!h->draining || h->done_called) return;
     if (h->n_jobs > 0 || h->n_tokenizing > 0) return;
     for (srv_req *r = h->reqs; r; r = r->next)
-        if (endpoint_generates(r->endpoint) && r->job.n_choices && !r->conn_done && !r->client_gone)
+        if (r->job.n_choices && !r->conn_done && !r->client_gone)
             return; /* a response still being written */
     h->done_called = 1;
     uv_timer_start(&h->finish, on_finish, 0, 0);
@@ -1506,5 +1597,6 @@ void srv_http_destroy(srv_http *h) {
     if (!h) return;
     srv_conns_free(h->conns);
     srv_retention_free(h->ret);
+    api_template_free(h->chat_template);
     free(h);
 }

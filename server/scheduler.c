@@ -512,8 +512,10 @@ static int job_admit(srv_sched *s, srv_job *j) {
         }
         if (r->max_tokens <= 0) {
             /* max_tokens 0: no generation; still prefill when the prompt's logprobs or its routing
-             * statistics are wanted (scoring), else end right away */
-            if (!(r->echo && r->logprobs >= 0) && r->routing == API_ROUTING_NONE) seq_end(s, q, API_FINISH_LENGTH);
+             * statistics are wanted (scoring) or the prompt is to be cached (warm-up), else end right
+             * away */
+            if (!(r->echo && r->logprobs >= 0) && r->routing == API_ROUTING_NONE && !r->prefill)
+                seq_end(s, q, API_FINISH_LENGTH);
         }
     }
     s->l_prompt += (uint64_t)prompt_total;

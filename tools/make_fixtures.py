@@ -577,6 +577,42 @@ def check_reproducible(out, only_dense):
     return 1 if bad else 0
 
 
+# ============================================================================ chat fixture
+
+CHAT_SPECIALS = ["<|repo_name|>", "<|file_sep|>", "<|im_start|>", "<|im_end|>"]  # <|im_end|> last
+CHAT_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "template",
+                             "qwen2.5.json")
+
+
+def make_chat_fixture(out):
+    """models/qwen2-chat.gguf: qwen2-gqa with Qwen2.5's real chat template (tokenizer.chat_template), the
+    control tokens it writes (<|im_start|>, <|im_end|>) and Qwen2.5-Coder's repository-level FIM tokens
+    (<|repo_name|>, <|file_sep|>) appended to the vocabulary; their embedding rows (tied output) copy
+    <|endoftext|>'s, so the other tokens' logits are those of qwen2-gqa."""
+    src = GGUFReader(os.path.join(out, "models", "qwen2-gqa.gguf"))
+    tokens = list(src.get("tokenizer.ggml.tokens"))
+    eot = tokens.index("<|endoftext|>")
+    w = GGUFWriter(os.path.join(out, "models", "qwen2-chat.gguf"))
+    for k, f in src.fields.items():
+        v = f.value
+        if k == "general.name":
+            v = "qwen2-chat"
+        elif k == "tokenizer.ggml.tokens":
+            v = tokens + CHAT_SPECIALS
+        elif k == "tokenizer.ggml.token_type":
+            v = np.concatenate([v, np.full(len(CHAT_SPECIALS), 3, dtype=v.dtype)])
+        w.add_kv(k, v, f.vtype, f.elem_type)
+    with open(CHAT_TEMPLATE, encoding="utf-8") as fh:
+        w.add_string("tokenizer.chat_template", json.load(fh)["template"])
+    assert "output.weight" not in src.tensors, "qwen2-gqa is tied"
+    for n, t in src.tensors.items():
+        x = t.dequantize()
+        if n == "token_embd.weight":
+            x = np.concatenate([x, np.repeat(x[eot:eot + 1], len(CHAT_SPECIALS), axis=0)])
+        w.add_tensor(n, np.ascontiguousarray(x), t.ttype)
+    w.write()
+
+
 # ============================================================================ MoE fixtures
 
 # Hybrid (MultiPL-MoE) models: base Qwen2 (q/k/v bias, NeoX rope), D=32, 2 heads of 16, 1 kv head, tied.
@@ -1091,6 +1127,8 @@ def main():
             m = ref.Model(cfg, sw)
             golden(out, name, "hf_dir", "hf/" + name, cfg.model_type, "bf16", 2e-4, m, tok, cases_tok, n_cases=2)
             check_hf(os.path.join(out, "hf", name), cfg, cases_tok[0][1], m.forward(cases_tok[0][1]))
+
+    make_chat_fixture(out)
 
     # K-quants: only the quantised files (their f32 twin would be 3 MB of fixture for nothing new)
     for spec, seed in KQUANT_MODELS:

@@ -83,6 +83,8 @@ typedef struct cm_model_info {
     const char *tok_pre;     /* tokenizer.ggml.pre, e.g. "qwen2", "llama-bpe", "deepseek-coder", "gpt-2" */
     int32_t bos, eos, eot, pad;          /* -1 when absent */
     int32_t fim_pre, fim_suf, fim_mid;   /* -1 when absent */
+    int32_t fim_rep, fim_sep;            /* repository-level FIM: repo-name and file-separator ids
+                                            (Qwen2.5-Coder's <|repo_name|>, <|file_sep|>); -1 when absent */
     int add_bos;                         /* tokenizer.ggml.add_bos_token */
 } cm_model_info;
 
@@ -91,6 +93,10 @@ typedef struct cm_model_info {
 cm_model *cm_model_load(const char *path, const cm_model_params *params, cm_err *err);
 void cm_model_free(cm_model *m);
 const cm_model_info *cm_model_get_info(const cm_model *m);
+/* The model's chat template (GGUF tokenizer.chat_template, a Jinja source), borrowed from the mapped file
+ * and valid while m lives; NOT NUL-terminated: *len gets its length. NULL (and *len 0) when the file has
+ * none or the key is not a string. */
+const char *cm_model_chat_template(const cm_model *m, size_t *len);
 
 /* Metadata and tensor listing for `codemoe inspect`: calls fn once per key (value rendered as text,
  * arrays abbreviated) and once per tensor. */

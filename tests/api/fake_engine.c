@@ -13,6 +13,7 @@ struct cm_model {
     char name[64];
     cm_moe_info moe;
     const char *const *adapters;
+    const char *chat_template;
 };
 
 static const char *const specials[] = {"<|endoftext|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<s>"};
@@ -37,7 +38,9 @@ cm_model *fake_model_create(const fake_model_opts *o, const char *name) {
     i->fim_pre = o->fim ? FAKE_FIM_PRE : -1;
     i->fim_suf = o->fim ? FAKE_FIM_SUF : -1;
     i->fim_mid = o->fim ? FAKE_FIM_MID : -1;
+    i->fim_rep = i->fim_sep = -1;
     i->add_bos = o->add_bos;
+    m->chat_template = o->chat_template;
     if (o->moe) {
         m->moe = *o->moe;
         m->adapters = o->adapters;
@@ -79,6 +82,11 @@ void cm_seq_options_default(cm_seq_options *o) {
 void fake_model_free(cm_model *m) { free(m); }
 
 const cm_model_info *cm_model_get_info(const cm_model *m) { return &m->info; }
+
+const char *cm_model_chat_template(const cm_model *m, size_t *len) {
+    *len = m->chat_template ? strlen(m->chat_template) : 0;
+    return m->chat_template;
+}
 
 int cm_tokenize(const cm_model *m, const char *text, size_t len, int flags, int32_t *out, int cap,
                 cm_err *err) {

@@ -26,6 +26,7 @@ typedef struct fake_model_opts {
     int eos;      /* has an EOS token */
     const cm_moe_info *moe;       /* NULL: dense */
     const char *const *adapters;  /* (moe->n_adapters) MoLE adapter names, borrowed */
+    const char *chat_template;    /* tokenizer.chat_template, borrowed; NULL: none */
 } fake_model_opts;
 
 cm_model *fake_model_create(const fake_model_opts *o, const char *name);

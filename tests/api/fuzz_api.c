@@ -1,7 +1,9 @@
 /*
  * fuzz_api.c - libFuzzer driver for api/ (-Dfuzz=true, clang only), over the fake engine.
  * The first input byte picks the target:
- *   even: the rest is a /v1/completions body; whatever parses must render.
+ *   even: the rest is a request body of the dialect (byte >> 1) % 6 picks (0: /v1/completions, then
+ *         chat, Ollama generate and chat, llama.cpp completion and infill); whatever parses must render
+ *         in every shape of its dialect, and every error must render too.
  *   odd:  the rest is "stop1\0stop2\0...\0\0text": the text streamed byte by byte through
  *         api_stop_scan must never emit text that a later stop match cuts, and must emit everything
  *         up to the match (or all of it when no stop matches). ASCII text is also fed as byte tokens
@@ -12,44 +14,47 @@
 #include <string.h>
 
 #include "api.h"
+#include "format.h"
 #include "fake_engine.h"
 
-static void fuzz_parse(const uint8_t *data, size_t size) {
+static void fuzz_parse(const api_format *f, const uint8_t *data, size_t size) {
     static cm_model *m;
+    static api_template *tpl;
     if (!m) {
-        fake_model_opts o = {.fim = 1, .bos = 1, .add_bos = 1, .eos = 1};
+        /* a chat template that reads every message field the dialects pass */
+        fake_model_opts o = {.fim = 1, .bos = 1, .add_bos = 1, .eos = 1,
+                             .chat_template = "{{ bos_token }}{% for m in messages %}<|fim_prefix|>{{ m.role }}:"
+                                              "{{ m.content }}{% endfor %}{% if tools %}{{ tools | tojson }}{% endif %}"
+                                              "{% if add_generation_prompt %}<|fim_middle|>{% endif %}"};
         m = fake_model_create(&o, "fuzz");
+        api_template_error te;
+        tpl = api_chat_template_load(m, &te);
     }
-    api_model am = {.model = m, .id = "fuzz", .n_ctx = 4096};
+    api_model am = {.model = m, .id = "fuzz", .n_ctx = 4096, .chat_template = tpl};
     api_limits lim;
     api_limits_default(&lim);
     api_completion_req r;
     api_error e;
-    /* a request validated and then dropped before tokenization (its client left) owns the parsed body */
-    if (size % 3 == 1 && api_completion_validate((const char *)data, size, &am, &lim, &r, &e) == 0) {
+    /* the dialect's validation step; a request dropped before tokenization (its client left) owns the
+     * parsed body */
+    int rc = f->parse((const char *)data, size, &am, &lim, &r, &e);
+    if (rc == 0 && size % 3 == 1) {
         api_completion_req_free(&r);
         return;
     }
-    /* the same body through each parser: /v1/completions, /v1/fim/completions */
-    for (int fim = 0; fim < 2; fim++) {
-        int rc = fim ? api_parse_fim_completion((const char *)data, size, &am, &lim, &r, &e)
-                     : api_parse_completion((const char *)data, size, &am, &lim, &r, &e);
-        if (rc == 0) {
-            api_choice ch = {.index = 0, .text = (const char *)data, .text_len = size, .finish = API_FINISH_STOP};
-            api_usage u = {0};
-            api_meta meta = {.id = "cmpl-f", .created = 0};
-            free(api_render_completion(&r, &meta, &ch, 1, &u, NULL));
-            free(api_render_chunk(&r, &meta, &ch));
-            api_completion_req_free(&r);
-        } else {
-            free(api_error_json(&e));
-        }
+    if (rc == 0) rc = api_format_tokenize(&r, &e);
+    if (rc == 0) {
+        api_choice ch = {.index = 0, .text = (const char *)data, .text_len = size, .finish = API_FINISH_STOP};
+        api_usage u = {0};
+        api_meta meta = {.id = "cmpl-f", .created = 0};
+        free(f->response(&r, &meta, &ch, 1, &u, NULL));
+        free(f->chunk(&r, &meta, &ch, 1));
+        free(f->stream_end(&r, &meta, &ch, 1, &u, NULL));
+        api_completion_req_free(&r);
+    } else {
+        free(f->error(&e, 0));
+        free(f->error(&e, 1));
     }
-    /* and the tokenizer routes */
-    char *t = api_tokenize((const char *)data, size, &am, &lim, &e);
-    free(t ? t : api_error_json(&e));
-    t = api_detokenize((const char *)data, size, &am, &lim, &e);
-    free(t ? t : api_error_json(&e));
 }
 
 /* The choice state machine over the same stops and text, one byte token at a time (ASCII only: there
@@ -124,6 +129,11 @@ static void fuzz_stop(const uint8_t *data, size_t size) {
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (size == 0) return 0;
     if (data[0] & 1) fuzz_stop(data + 1, size - 1);
-    else fuzz_parse(data + 1, size - 1);
+    else {
+        static const api_format *const formats[] = {&api_format_completions, &api_format_chat,
+                                                    &api_format_ollama_generate, &api_format_ollama_chat,
+                                                    &api_format_llama_completion, &api_format_llama_infill};
+        fuzz_parse(formats[(data[0] >> 1) % 6], data + 1, size - 1);
+    }
     return 0;
 }

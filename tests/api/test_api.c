@@ -9,6 +9,7 @@
 
 #include "../test.h"
 #include "api.h"
+#include "format.h"
 #include "fake_engine.h"
 
 static cm_model *g_model;
@@ -796,7 +797,8 @@ TEST(fim_chat_shape) {
     ASSERT_EQ_INT(r.stop.n, 1);
     api_meta meta = {.id = "cmpl-x", .created = 1};
     api_choice c = {.index = 0, .text = "de", .text_len = 2, .finish = API_FINISH_NONE};
-    char *ev = api_render_chunk(&r, &meta, &c);
+    const api_format *f = &api_format_fim; /* the route's renderers: the chat shapes */
+    char *ev = f->chunk(&r, &meta, &c, 0);
     ASSERT_TRUE(ev && !strncmp(ev, "data: ", 6));
     json_t *j = json_loads(ev + 6, JSON_DISABLE_EOF_CHECK, NULL);
     free(ev);
@@ -812,8 +814,8 @@ TEST(fim_chat_shape) {
     int32_t want2[] = {FAKE_FIM_PRE, 'a', 'b', FAKE_FIM_SUF, FAKE_FIM_MID};
     ASSERT_TRUE(tokens_are(&r, 0, want2, 5));
     api_choice full = {.index = 0, .text = "x", .text_len = 1, .finish = API_FINISH_LENGTH};
-    api_usage u = {5, 1, 0};
-    char *s = api_render_completion(&r, &meta, &full, 1, &u, NULL);
+    api_usage u = {.prompt_tokens = 5, .completion_tokens = 1};
+    char *s = f->response(&r, &meta, &full, 1, &u, NULL);
     j = json_loads(s, 0, NULL);
     free(s);
     ASSERT_STREQ(json_string_value(json_object_get(j, "object")), "chat.completion");
@@ -1139,7 +1141,7 @@ TEST(render_logprobs) {
     };
     api_choice ch = {.index = 0, .text = "hi world", .text_len = 8, .finish = API_FINISH_LENGTH, .lp = lp,
                      .n_lp = 4, .text_offset = 0};
-    api_usage u = {2, 2, 0};
+    api_usage u = {.prompt_tokens = 2, .completion_tokens = 2};
     api_meta meta = {.id = "cmpl-x", .created = 1};
     char *s = api_render_completion(&r, &meta, &ch, 1, &u, NULL);
     json_t *j = load(s);
@@ -1225,7 +1227,7 @@ TEST(render_chunks) {
     ASSERT_STREQ(json_string_value(json_object_get(c, "text")), "");
     json_decref(j);
     /* the usage event: no choices */
-    api_usage u = {1, 7, 0};
+    api_usage u = {.prompt_tokens = 1, .completion_tokens = 7};
     s = api_render_usage_chunk(&r, &meta, &u, NULL);
     ASSERT_TRUE(strncmp(s, "data: ", 6) == 0);
     j = load(s + 6);

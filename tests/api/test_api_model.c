@@ -3,8 +3,9 @@
  * cm_tokenize does (BOS, special tokens, FIM built from the model's own FIM ids), token prompts echo
  * their decoded text, logprobs render real token bytes, and a seeded generation run through
  * api_choice_state + api_render_chunk yields, concatenated, exactly the non-streamed text cut at the
- * stop string (the server's streaming loop in miniature, on the engine's real detokenizer); and every
- * numeric field at extreme values is either a 400 naming it or parameters the real sampler accepts.
+ * stop string (the server's streaming loop in miniature, on the engine's real detokenizer); every
+ * numeric field at extreme values is either a 400 naming it or parameters the real sampler accepts; and
+ * the repository-level FIM prompt in the model's own format and its trimming to a budget.
  */
 #include <math.h>
 
@@ -226,6 +227,91 @@ TEST(render_real_token_bytes) {
     cm_model_free(m);
 }
 
+/* Appends the plain-text tokens of s to want at *k. */
+static void push_text(const cm_model *m, const char *s, int32_t *want, int *k) {
+    *k += tokenize(m, s, 0, want + *k, 1024 - *k);
+}
+
+TEST(fim_context_layout_and_trimming) {
+    /* qwen2-chat has Qwen2.5-Coder's <|repo_name|> and <|file_sep|>: the repository format */
+    cm_model *m = load("qwen2-chat");
+    ASSERT_TRUE(m);
+    const cm_model_info *info = cm_model_get_info(m);
+    ASSERT_TRUE(info->fim_rep >= 0 && info->fim_sep >= 0);
+    api_fim_file files[2] = {{"a.py", 4, "x = 1\n", 6}, {"b.py", 4, "y = 2\n", 6}};
+    api_fim_context c = {.prefix = "def f(x):\n", .prefix_len = 10, .middle = "    ", .middle_len = 4,
+                         .suffix = "\nprint(f(1))\n", .suffix_len = 13, .files = files, .n_files = 2};
+    int32_t *toks = NULL, want[1024];
+    int n = 0, trunc = -1, k = 0;
+    api_error e;
+    ASSERT_EQ_INT(api_fim_context_tokens(m, &c, 256, &toks, &n, &trunc, &e), 0);
+    want[k++] = info->fim_rep;
+    push_text(m, "project\n", want, &k);
+    want[k++] = info->fim_sep;
+    push_text(m, "a.py\nx = 1\n", want, &k);
+    want[k++] = info->fim_sep;
+    push_text(m, "b.py\ny = 2\n", want, &k);
+    want[k++] = info->fim_sep;
+    push_text(m, "file\n", want, &k);
+    want[k++] = info->fim_pre;
+    push_text(m, "def f(x):\n", want, &k);
+    push_text(m, "    ", want, &k);
+    want[k++] = info->fim_suf;
+    push_text(m, "\nprint(f(1))\n", want, &k);
+    want[k++] = info->fim_mid;
+    ASSERT_EQ_INT(trunc, 0);
+    ASSERT_EQ_INT(n, k);
+    ASSERT_TRUE(memcmp(toks, want, (size_t)n * sizeof *toks) == 0);
+    free(toks);
+
+    /* a budget for one file: the newest stays whole, the older is dropped */
+    int one_file = n - (1 + tokenize(m, "a.py\nx = 1\n", 0, want, 1024));
+    ASSERT_EQ_INT(api_fim_context_tokens(m, &c, one_file, &toks, &n, &trunc, &e), 0);
+    ASSERT_EQ_INT(trunc, 1);
+    ASSERT_EQ_INT(n, one_file);
+    ASSERT_EQ_INT(toks[0], info->fim_rep);
+    k = 0;
+    push_text(m, "project\n", want, &k);
+    ASSERT_EQ_INT(toks[1 + k], info->fim_sep);
+    int nb = tokenize(m, "b.py\ny = 2\n", 0, want, 1024);
+    int32_t got_b[64];
+    memcpy(got_b, toks + 2 + k, (size_t)nb * sizeof *toks);
+    ASSERT_TRUE(memcmp(got_b, want, (size_t)nb * sizeof *toks) == 0);
+    free(toks);
+
+    /* a tight budget: no files, the prefix keeps its end, the suffix its start */
+    ASSERT_EQ_INT(api_fim_context_tokens(m, &c, 12, &toks, &n, &trunc, &e), 0);
+    ASSERT_EQ_INT(trunc, 1);
+    ASSERT_EQ_INT(n, 12);
+    ASSERT_EQ_INT(toks[0], info->fim_pre);
+    ASSERT_EQ_INT(toks[n - 1], info->fim_mid);
+    int np = tokenize(m, "def f(x):\n", 0, want, 1024);
+    int nm = tokenize(m, "    ", 0, want + np, 1024 - np);
+    int at = 1; /* toks[1..) ends with the prefix's last tokens, then the middle */
+    while (at + 1 < n && toks[at + 1] != info->fim_suf) at++;
+    ASSERT_EQ_INT(toks[at], want[np + nm - 1]);
+    free(toks);
+    /* too small for the text at the cursor */
+    ASSERT_EQ_INT(api_fim_context_tokens(m, &c, 3, &toks, &n, &trunc, &e), -1);
+    ASSERT_STREQ(e.code, "context_length_exceeded");
+    cm_model_free(m);
+
+    /* qwen2-gqa has no repository tokens: files are text sections, no header */
+    m = load("qwen2-gqa");
+    ASSERT_TRUE(m);
+    info = cm_model_get_info(m);
+    ASSERT_TRUE(info->fim_rep < 0 && info->fim_sep < 0);
+    c.n_files = 1;
+    ASSERT_EQ_INT(api_fim_context_tokens(m, &c, 256, &toks, &n, &trunc, &e), 0);
+    k = 0;
+    push_text(m, "--- a.py ---\nx = 1\n\n", want, &k);
+    want[k++] = info->fim_pre;
+    ASSERT_TRUE(n > k);
+    ASSERT_TRUE(memcmp(toks, want, (size_t)k * sizeof *toks) == 0);
+    free(toks);
+    cm_model_free(m);
+}
+
 /* Every numeric field of a request against the values a float or an integer conversion cannot hold
  * (denormals, values that round to 0 or overflow, +-1e308, 2^53, 2^63, negative zero) and numbers
  * jansson itself cannot hold (1e400, an integer beyond 64 bits): each is either accepted, and then the
@@ -315,6 +401,7 @@ int main(void) {
     RUN(prompts_match_engine_tokenizer);
     RUN(streamed_equals_full_with_stops);
     RUN(render_real_token_bytes);
+    RUN(fim_context_layout_and_trimming);
     RUN(numeric_extremes_accepted_or_named);
     return test_summary();
 }

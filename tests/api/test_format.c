@@ -1,0 +1,264 @@
+/*
+ * test_format.c - unit tests of the non-OpenAI dialects (api/ollama.c, api/llamacpp.c) and the helpers
+ * they share (api/format.c) over the byte-per-token fake engine: how each request maps onto the one
+ * completion request (options, defaults, FIM, the chat template, llama.cpp's warm-up), the errors naming
+ * the dialect's own parameters, and the exact shapes and framing of their responses (NDJSON lines, SSE
+ * events, response_fields projection).
+ */
+#include <stdint.h>
+
+#include "../test.h"
+#include "api.h"
+#include "format.h"
+#include "fake_engine.h"
+
+static cm_model *g_model;
+static api_template *g_tpl;
+static api_model g_am;
+static api_limits g_lim;
+
+static void setup(void) {
+    fake_model_opts o = {.fim = 1, .bos = 1, .eos = 1,
+                         .chat_template = "{% for m in messages %}<|fim_prefix|>{{ m.role[0] }}:{{ m.content }}{% endfor %}"
+                                          "<|fim_middle|>"};
+    g_model = fake_model_create(&o, "Fake");
+    api_template_error te;
+    g_tpl = api_chat_template_load(g_model, &te);
+    g_am = (api_model){.model = g_model, .id = "fake", .n_ctx = 64, .chat_template = g_tpl};
+    api_limits_default(&g_lim);
+}
+
+static int parse(const api_format *f, const char *body, api_completion_req *r, api_error *e) {
+    return api_format_parse_all(f, body, strlen(body), &g_am, &g_lim, r, e);
+}
+
+static json_t *load(const char *s) { return json_loads(s, 0, NULL); }
+
+TEST(ollama_generate_mapping) {
+    api_completion_req r;
+    api_error e;
+    ASSERT_EQ_INT(parse(&api_format_ollama_generate,
+                        "{\"model\":\"fake\",\"prompt\":\"ab\",\"raw\":true,\"options\":{\"num_predict\":5,\"temperature\":0.2,"
+                        "\"top_k\":7,\"repeat_penalty\":1.3,\"seed\":9,\"stop\":[\"1\",\"2\",\"3\",\"4\",\"5\",\"6\"],"
+                        "\"num_ctx\":99999}}", &r, &e), 0);
+    ASSERT_EQ_INT(r.stream, 1); /* Ollama streams by default */
+    ASSERT_EQ_INT(r.max_tokens, 5);
+    ASSERT_EQ_INT(r.sampling.top_k, 7);
+    ASSERT_NEAR(r.sampling.repetition_penalty, 1.3, 1e-6);
+    ASSERT_NEAR(r.sampling.temperature, 0.2, 1e-6);
+    ASSERT_EQ_INT(r.seed_set, 1);
+    ASSERT_EQ_INT(r.stop.n, 6); /* more than OpenAI's 4 */
+    ASSERT_IDS(r.prompts[0].tokens, r.prompts[0].n_tokens, 'a', 'b');
+    api_completion_req_free(&r);
+    /* num_predict -1: the rest of the context; not raw: system + prompt through the chat template */
+    ASSERT_EQ_INT(parse(&api_format_ollama_generate, "{\"prompt\":\"x\",\"system\":\"s\",\"stream\":false,"
+                        "\"options\":{\"num_predict\":-1}}", &r, &e), 0);
+    ASSERT_EQ_INT(r.stream, 0);
+    ASSERT_IDS(r.prompts[0].tokens, r.prompts[0].n_tokens, FAKE_FIM_PRE, 's', ':', 's', FAKE_FIM_PRE, 'u', ':', 'x',
+               FAKE_FIM_MID);
+    ASSERT_EQ_INT(r.max_tokens, 64 - 9);
+    api_completion_req_free(&r);
+    /* suffix: fill in the middle */
+    ASSERT_EQ_INT(parse(&api_format_ollama_generate, "{\"prompt\":\"p\",\"suffix\":\"s\"}", &r, &e), 0);
+    ASSERT_IDS(r.prompts[0].tokens, r.prompts[0].n_tokens, FAKE_FIM_PRE, 'p', FAKE_FIM_SUF, 's', FAKE_FIM_MID);
+    api_completion_req_free(&r);
+    /* errors name Ollama's parameters */
+    ASSERT_EQ_INT(parse(&api_format_ollama_generate, "{\"prompt\":\"p\",\"options\":{\"num_predict\":1000}}", &r, &e), -1);
+    ASSERT_STREQ(e.param, "num_predict");
+    ASSERT_EQ_INT(parse(&api_format_ollama_generate, "{\"prompt\":5}", &r, &e), -1);
+    ASSERT_STREQ(e.param, "prompt");
+    ASSERT_EQ_INT(parse(&api_format_ollama_generate, "{\"prompt\":\"p\",\"options\":3}", &r, &e), -1);
+    ASSERT_STREQ(e.param, "options");
+    ASSERT_EQ_INT(parse(&api_format_ollama_generate, "[1]", &r, &e), -1);
+    ASSERT_EQ_INT(e.status, 400);
+    char *s = api_format_ollama_generate.error(&e, 1);
+    json_t *j = load(s);
+    ASSERT_TRUE(j && json_is_string(json_object_get(j, "error")) && s[strlen(s) - 1] == '\n');
+    json_decref(j);
+    free(s);
+}
+
+TEST(ollama_load_request) {
+    api_completion_req r;
+    api_error e;
+    /* no prompt, suffix or system: Ollama's "load the model", nothing generated */
+    ASSERT_EQ_INT(parse(&api_format_ollama_generate, "{\"model\":\"fake\",\"prompt\":\"\"}", &r, &e), 0);
+    ASSERT_EQ_INT(r.max_tokens, 0);
+    api_meta meta = {.id = "cmpl-x"};
+    api_choice c = {.text = "", .finish = API_FINISH_LENGTH};
+    api_usage u = {0};
+    char *s = api_format_ollama_generate.response(&r, &meta, &c, 1, &u, NULL);
+    ASSERT_TRUE(s && strstr(s, "\"done_reason\":\"load\""));
+    free(s);
+    api_completion_req_free(&r);
+    ASSERT_EQ_INT(parse(&api_format_ollama_chat, "{\"messages\":[]}", &r, &e), 0);
+    ASSERT_EQ_INT(r.max_tokens, 0);
+    api_completion_req_free(&r);
+    /* a system prompt alone is a generation */
+    ASSERT_EQ_INT(parse(&api_format_ollama_generate, "{\"system\":\"s\",\"options\":{\"num_predict\":2}}", &r, &e), 0);
+    ASSERT_EQ_INT(r.max_tokens, 2);
+    api_completion_req_free(&r);
+}
+
+TEST(ollama_shapes) {
+    api_completion_req r;
+    api_error e;
+    ASSERT_EQ_INT(parse(&api_format_ollama_chat, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}", &r, &e), 0);
+    ASSERT_IDS(r.prompts[0].tokens, r.prompts[0].n_tokens, FAKE_FIM_PRE, 'u', ':', 'x', FAKE_FIM_MID);
+    api_meta meta = {.id = "cmpl-x", .created = 86400};
+    api_choice d = {.text = "hi", .text_len = 2};
+    char *s = api_format_ollama_chat.chunk(&r, &meta, &d, 1);
+    ASSERT_STREQ(s, "{\"model\":\"fake\",\"created_at\":\"1970-01-02T00:00:00Z\",\"message\":{\"role\":\"assistant\","
+                    "\"content\":\"hi\"},\"done\":false}\n");
+    free(s);
+    d.text_len = 0;
+    s = api_format_ollama_chat.chunk(&r, &meta, &d, 0);
+    ASSERT_STREQ(s, ""); /* nothing to say: the finish goes out with the final object */
+    free(s);
+    api_usage u = {.prompt_tokens = 5, .completion_tokens = 2, .prompt_ns = 1000, .gen_ns = 500};
+    d.finish = API_FINISH_STOP;
+    s = api_format_ollama_chat.stream_end(&r, &meta, &d, 1, &u, NULL);
+    json_t *j = load(s);
+    ASSERT_TRUE(j && s[strlen(s) - 1] == '\n');
+    ASSERT_TRUE(json_is_true(json_object_get(j, "done")));
+    ASSERT_STREQ(json_string_value(json_object_get(j, "done_reason")), "stop");
+    ASSERT_EQ_INT(json_integer_value(json_object_get(j, "total_duration")), 1500);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(j, "eval_count")), 2);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(j, "prompt_eval_duration")), 1000);
+    ASSERT_TRUE(!json_object_get(j, "context")); /* chat has no context field */
+    json_decref(j);
+    free(s);
+    api_completion_req_free(&r);
+
+    ASSERT_EQ_INT(parse(&api_format_ollama_generate, "{\"prompt\":\"x\",\"raw\":true}", &r, &e), 0);
+    api_choice c = {.text = "abc", .text_len = 3, .finish = API_FINISH_LENGTH};
+    s = api_format_ollama_generate.response(&r, &meta, &c, 1, &u, NULL);
+    j = load(s);
+    ASSERT_STREQ(json_string_value(json_object_get(j, "response")), "abc");
+    ASSERT_STREQ(json_string_value(json_object_get(j, "done_reason")), "length");
+    ASSERT_EQ_INT(json_array_size(json_object_get(j, "context")), 0);
+    ASSERT_TRUE(s[strlen(s) - 1] == '}'); /* a body, not a line */
+    json_decref(j);
+    free(s);
+    api_completion_req_free(&r);
+
+    /* the listings */
+    s = api_render_ollama_tags(&g_am, 1, 1);
+    j = load(s);
+    json_t *m0 = json_array_get(json_object_get(j, "models"), 0);
+    ASSERT_STREQ(json_string_value(json_object_get(m0, "name")), "fake");
+    ASSERT_EQ_INT(json_integer_value(json_object_get(m0, "context_length")), 64);
+    json_decref(j);
+    free(s);
+    const api_model *found = NULL;
+    ASSERT_EQ_INT(api_ollama_show_model("{\"name\":\"fake\"}", 15, &g_am, 1, &found, &e), 0);
+    ASSERT_TRUE(found == &g_am);
+    ASSERT_EQ_INT(api_ollama_show_model("{\"model\":\"nope\"}", 16, &g_am, 1, &found, &e), -1);
+    ASSERT_EQ_INT(e.status, 404);
+    s = api_render_ollama_show(&g_am);
+    j = load(s);
+    json_t *caps = json_object_get(j, "capabilities");
+    ASSERT_EQ_INT(json_array_size(caps), 3);
+    ASSERT_STREQ(json_string_value(json_array_get(caps, 2)), "chat");
+    json_decref(j);
+    free(s);
+}
+
+TEST(llama_completion_mapping_and_shapes) {
+    api_completion_req r;
+    api_error e;
+    ASSERT_EQ_INT(parse(&api_format_llama_completion, "{\"prompt\":\"ab\",\"seed\":-1,\"model\":\"anything\"}", &r, &e), 0);
+    /* llama.cpp's defaults; n_predict absent: the rest of the context; seed -1: random; model ignored */
+    ASSERT_NEAR(r.sampling.temperature, 0.8, 1e-6);
+    ASSERT_EQ_INT(r.sampling.top_k, 40);
+    ASSERT_NEAR(r.sampling.top_p, 0.95, 1e-6);
+    ASSERT_NEAR(r.sampling.min_p, 0.05, 1e-6);
+    ASSERT_EQ_INT(r.seed_set, 0);
+    ASSERT_EQ_INT(r.stream, 0);
+    ASSERT_EQ_INT(r.max_tokens, 64 - 2);
+    ASSERT_EQ_INT(r.prefill, 0);
+    api_meta meta = {.id = "cmpl-x"};
+    api_choice d = {.text = "z", .text_len = 1};
+    char *s = api_format_llama_completion.chunk(&r, &meta, &d, 1);
+    ASSERT_STREQ(s, "data: {\"index\":0,\"content\":\"z\",\"tokens\":[],\"stop\":false,\"id_slot\":0}\n\n");
+    free(s);
+    api_usage u = {.prompt_tokens = 10, .completion_tokens = 4, .cached_tokens = 6, .prompt_ns = 2000000,
+                   .gen_ns = 4000000};
+    api_choice c = {.text = "done", .text_len = 4, .finish = API_FINISH_LENGTH};
+    s = api_format_llama_completion.response(&r, &meta, &c, 1, &u, NULL);
+    json_t *j = load(s);
+    ASSERT_STREQ(json_string_value(json_object_get(j, "content")), "done");
+    ASSERT_TRUE(json_is_true(json_object_get(j, "stop")));
+    ASSERT_STREQ(json_string_value(json_object_get(j, "stop_type")), "limit");
+    ASSERT_EQ_INT(json_integer_value(json_object_get(j, "tokens_cached")), 6);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(j, "tokens_evaluated")), 10);
+    json_t *t = json_object_get(j, "timings");
+    ASSERT_EQ_INT(json_integer_value(json_object_get(t, "prompt_n")), 4); /* computed, not reused */
+    ASSERT_NEAR(json_number_value(json_object_get(t, "prompt_ms")), 2.0, 1e-9);
+    ASSERT_NEAR(json_number_value(json_object_get(t, "predicted_per_second")), 1000.0, 1e-6);
+    json_decref(j);
+    free(s);
+    s = api_format_llama_completion.stream_end(&r, &meta, &c, 1, &u, NULL);
+    ASSERT_TRUE(!strncmp(s, "data: {", 7) && strstr(s, "\"stop\":true") && !strstr(s, "[DONE]"));
+    free(s);
+    api_completion_req_free(&r);
+
+    /* response_fields: only the named paths, each under its path; [""] is an empty object */
+    ASSERT_EQ_INT(parse(&api_format_llama_completion, "{\"prompt\":\"ab\",\"n_predict\":0,\"response_fields\":"
+                        "[\"content\",\"timings/prompt_n\",\"timings/nope\",\"tokens_cached\"]}", &r, &e), 0);
+    ASSERT_EQ_INT(r.prefill, 1); /* n_predict 0: compute the prompt into the cache */
+    s = api_format_llama_completion.response(&r, &meta, &c, 1, &u, NULL);
+    ASSERT_STREQ(s, "{\"content\":\"done\",\"timings/prompt_n\":4,\"tokens_cached\":6}");
+    free(s);
+    api_completion_req_free(&r);
+    ASSERT_EQ_INT(parse(&api_format_llama_completion, "{\"prompt\":\"ab\",\"response_fields\":[\"\"]}", &r, &e), 0);
+    s = api_format_llama_completion.response(&r, &meta, &c, 1, &u, NULL);
+    ASSERT_STREQ(s, "{}");
+    free(s);
+    api_completion_req_free(&r);
+    /* errors name llama.cpp's parameters */
+    ASSERT_EQ_INT(parse(&api_format_llama_completion, "{\"prompt\":\"ab\",\"n_predict\":100}", &r, &e), -1);
+    ASSERT_STREQ(e.param, "n_predict");
+    ASSERT_EQ_INT(parse(&api_format_llama_completion, "{\"prompt\":\"ab\",\"repeat_penalty\":0}", &r, &e), -1);
+    ASSERT_STREQ(e.param, "repeat_penalty");
+}
+
+TEST(llama_infill_prompt) {
+    api_completion_req r;
+    api_error e;
+    /* the fake model has no repository tokens: a file is a text section before the FIM prompt */
+    ASSERT_EQ_INT(parse(&api_format_llama_infill, "{\"input_prefix\":\"P\",\"input_suffix\":\"S\",\"prompt\":\"m\","
+                        "\"input_extra\":[{\"filename\":\"f\",\"text\":\"t\"}],\"n_predict\":4}", &r, &e), 0);
+    ASSERT_IDS(r.prompts[0].tokens, r.prompts[0].n_tokens, '-', '-', '-', ' ', 'f', ' ', '-', '-', '-', '\n', 't', '\n',
+               FAKE_FIM_PRE, 'P', 'm', FAKE_FIM_SUF, 'S', FAKE_FIM_MID);
+    ASSERT_EQ_INT(r.max_tokens, 4);
+    ASSERT_TRUE(json_is_false(json_object_get(r.dialect, "truncated")));
+    api_completion_req_free(&r);
+    /* a prefix longer than the context keeps its end and says so */
+    char body[512];
+    char pre[201];
+    memset(pre, 'a', 200);
+    pre[200] = 0;
+    snprintf(body, sizeof body, "{\"input_prefix\":\"%sZ\",\"n_predict\":4}", pre);
+    ASSERT_EQ_INT(parse(&api_format_llama_infill, body, &r, &e), 0);
+    ASSERT_TRUE(json_is_true(json_object_get(r.dialect, "truncated")));
+    ASSERT_EQ_INT(r.prompts[0].n_tokens, 64 - 4);
+    ASSERT_EQ_INT(r.prompts[0].tokens[r.prompts[0].n_tokens - 3], 'Z');
+    api_completion_req_free(&r);
+    ASSERT_EQ_INT(parse(&api_format_llama_infill, "{\"input_extra\":[{\"text\":5}]}", &r, &e), -1);
+    ASSERT_STREQ(e.param, "input_extra");
+    ASSERT_EQ_INT(parse(&api_format_llama_infill, "{\"input_prefix\":[1]}", &r, &e), -1);
+    ASSERT_STREQ(e.param, "input_prefix");
+}
+
+int main(void) {
+    setup();
+    RUN(ollama_generate_mapping);
+    RUN(ollama_load_request);
+    RUN(ollama_shapes);
+    RUN(llama_completion_mapping_and_shapes);
+    RUN(llama_infill_prompt);
+    fake_model_free(g_model);
+    api_template_free(g_tpl);
+    return test_summary();
+}
