@@ -9,8 +9,11 @@
  * that take a json_t * borrow it (they take their own reference when they keep it).
  *
  * Decisions (documented in openapi.yaml too):
- * - Unknown request fields are ignored (SDKs and editor plugins send extras such as llama.cpp's
- *   "cache_prompt"); the first one is reported in api_completion_req.unknown_field for logging.
+ * - Unknown request fields are ignored (SDKs and editor plugins send extras); the first one is
+ *   reported in api_completion_req.unknown_field for logging. Fields known to be sent by clients and
+ *   ignored on purpose are type-checked but have no effect: "cache_prompt" (llama.cpp; the prefix
+ *   cache is always on). A known field with a value this server cannot honour is a 400 naming it
+ *   (e.g. best_of != n, min_tokens > 0); none is silently dropped.
  * - Special tokens in a prompt string: without `suffix`, strings like "<|fim_prefix|>" ARE recognised
  *   as control tokens, because editor plugins that do their own FIM templating send them inline
  *   (llama.cpp does the same). Extension "parse_special": false treats them as text. With `suffix`,
@@ -18,11 +21,24 @@
  *   by id: [BOS if add_bos] <fim_prefix> prompt <fim_suffix> suffix <fim_middle> (api_fim_tokens, which
  *   `codemoe complete --suffix` uses too).
  * - Token-array prompts are used exactly as given (no BOS added); every id is checked against the vocab.
- * - A missing "prompt" or one that tokenizes to nothing becomes [BOS] (or [EOS] if the model has no
- *   BOS), like OpenAI's "<|endoftext|>" default: generation as from the start of a document.
- * - A missing "model" means the loaded model; a wrong one is 404 code "model_not_found".
- * - "max_tokens" defaults to 16 (OpenAI); null means "until the context is full" (capped by
- *   max_tokens_cap when set).
+ * - A request without a prompt in any form ("prompt", or Tabby's "segments") is a 400 naming
+ *   "prompt" (OpenAI's reference marks it required). A prompt that tokenizes to nothing ("") becomes
+ *   [BOS] (or [EOS] if the model has no BOS), like OpenAI's "<|endoftext|>": generation as from the
+ *   start of a document.
+ * - "model": see api_find_model (absent or null: the served model).
+ * - "max_tokens" defaults to 16 (OpenAI; 64 for a Tabby request, Tabby's own default); llama.cpp's
+ *   "n_predict" and OpenAI's newer "max_completion_tokens" stand for it when it is absent (two of
+ *   them given: 400; n_predict -1 is null); null means
+ *   "until the context is full" (capped by max_tokens_cap when set). A max_tokens beyond what the
+ *   context leaves after the prompt is clamped to it (the choice then ends with finish_reason
+ *   "length"), unless api_limits.strict_context asks for OpenAI's 400 context_length_exceeded. A
+ *   prompt that alone fills the context is a 400 either way.
+ * - Tabby's request ({language, segments: {prefix, suffix, filepath, ...}}, no "prompt") is a FIM
+ *   request: prefix and suffix as "prompt" and "suffix" (a model without FIM tokens completes the
+ *   prefix when the suffix is empty); its "language" picks the MoLE adapter when the model has one by
+ *   that name and is otherwise left to detection (Tabby sends its editor's language ids). The other
+ *   segments (filepath, git_url, declarations, relevant snippets, clipboard) are context this server
+ *   does not use.
  * - Numbers: every numeric field is checked against what its conversion holds, at parse time. A float
  *   parameter (sampling, logit_bias values) nonzero but below FLT_MIN in magnitude (1e-300: it would
  *   become 0 or a subnormal) is a 400; -0 is 0. An integer field given as an integral real outside
@@ -80,6 +96,9 @@ typedef struct api_model {
     int n_ctx;              /* tokens per sequence the server runs with (prompt + completion) */
     int n_batch;            /* tokens per forward pass the server runs (--batch): a reference-mode
                                segment_routing prompt must fit one; 0: no such bound */
+    const char *const *aliases; /* (n_aliases) more names clients may send (--alias); borrowed */
+    int n_aliases;
+    int strict_name;        /* only the model's names select it (--strict-model); see api_find_model */
     const api_template *chat_template; /* compiled once at load (api_chat_template_load); NULL: chat
                                           requests are refused with chat_template_error */
     const char *chat_template_error;   /* why there is no template ("" or NULL: the model has none) */
@@ -90,17 +109,20 @@ typedef struct api_limits {
     int max_tokens_cap;     /* 0: no cap beyond the context */
     int n_max;              /* max "n" (and "best_of") */
     int logprobs_max;       /* max "logprobs" (OpenAI's legacy API: 5; at most CM_LOGPROBS_MAX) */
-    int max_stop;           /* max stop strings (OpenAI: 4) */
+    int max_stop;           /* max stop strings (OpenAI: 4; editor plugins send a dozen or more) */
     int max_prompts;        /* max prompts in one request (array prompt forms) */
     int max_logit_bias;     /* max logit_bias entries */
+    int strict_context;     /* 1: prompt + max_tokens beyond the context is a 400 (OpenAI); 0: max_tokens
+                               is clamped to what the context leaves (--strict-context) */
 } api_limits;
 
-/* 4 MiB body, no max_tokens cap, n <= 8, logprobs <= 5, 4 stops, 16 prompts, 1024 bias entries. */
+/* 4 MiB body, no max_tokens cap, n <= 8, logprobs <= 5, 32 stops, 16 prompts, 1024 bias entries,
+ * max_tokens clamped to the context. */
 void api_limits_default(api_limits *l);
 
 /* ============================================================ completion request */
 
-#define API_STOP_MAX 16          /* hard bound on api_limits.max_stop */
+#define API_STOP_MAX 64          /* hard bound on api_limits.max_stop */
 #define API_STOP_MAX_BYTES 512   /* longest accepted stop string */
 
 typedef struct api_stops {
@@ -124,6 +146,10 @@ typedef struct api_prompt {
 
 typedef enum { API_ROUTING_NONE = 0, API_ROUTING_SUMMARY, API_ROUTING_FULL } api_routing_mode;
 typedef enum { API_SEGMENT_CAUSAL = 0, API_SEGMENT_REFERENCE } api_segment_routing;
+/* Which request form a body was read as: POST /v1/completions (with Tabby's form), or the Mistral /
+ * DeepSeek FIM route (POST /v1/fim/completions, whose own rules api_fim_completion_validate applies and
+ * whose responses api_format_fim renders in the chat-completion shape those clients read). */
+typedef enum { API_SHAPE_TEXT = 0, API_SHAPE_FIM_CHAT } api_shape;
 
 typedef struct api__pending api__pending;
 
@@ -139,6 +165,8 @@ typedef struct api_completion_req {
     int logprobs;          /* -1: none (JSON null); else top alternatives per token (0..logprobs_max) */
     int echo;
     int has_suffix;        /* FIM request: prompts are FIM sequences */
+    api_shape shape;       /* the request form (its route) */
+    int tabby;             /* the prompt came from Tabby's "segments" */
     api_stops stop;
     cm_sampling sampling;  /* everything except seed and logit_bias pointers: see api_completion_sampling */
     cm_logit_bias *logit_bias; /* (n_logit_bias) owned */
@@ -186,6 +214,18 @@ int api_completion_tokenize(api_completion_req *out, api_error *err);
 int api_parse_completion(const char *body, size_t len, const api_model *m, const api_limits *lim,
                          api_completion_req *out, api_error *err);
 void api_completion_req_free(api_completion_req *r);
+
+/* POST /v1/fim/completions (Mistral's and DeepSeek's FIM request, which Continue's fimStream posts):
+ * "prompt" (a string, required) is the code before the cursor, "suffix" (default "") the code after
+ * it; the other fields and every rule are those of /v1/completions, except that "echo" and "logprobs"
+ * are not offered (400), "random_seed" (Mistral) stands for "seed" and "min_tokens" may only be 0. The
+ * request is rendered by api_format_fim (format.h). api_fim_completion_validate is api_completion_validate for this
+ * body (api_completion_tokenize then builds its prompts); api_parse_fim_completion is both in one call.
+ * Return values and ownership as theirs. */
+int api_fim_completion_validate(const char *body, size_t len, const api_model *m, const api_limits *lim,
+                                api_completion_req *out, api_error *err);
+int api_parse_fim_completion(const char *body, size_t len, const api_model *m, const api_limits *lim,
+                             api_completion_req *out, api_error *err);
 
 /* The engine options a prompt runs with: one rule for the server and `codemoe complete`. Segment mode:
  * CM_SEGMENT_CAUSAL, or CM_SEGMENT_REFERENCE when asked (never the model's own default, so a request
@@ -273,6 +313,19 @@ void api_stops_free(api_stops *st);
  * stop string, and never ending inside an incomplete UTF-8 sequence. *safe >= emitted always.
  * When generation ends for another reason, the caller sends the whole remaining text. */
 int api_stop_scan(const api_stops *st, const char *text, size_t len, size_t emitted, size_t *safe);
+
+/* ============================================================ tokenizer endpoints (llama.cpp's) */
+
+/* POST /tokenize: {content, add_special (default false: no BOS), parse_special (default true: control
+ * token strings are tokens), with_pieces (default false)} -> {"tokens":[id, ...]}, or with_pieces
+ * {"tokens":[{"id":..,"piece":..}, ...]} where a piece is the token's text, or its bytes as an array of
+ * numbers when they are not valid UTF-8 on their own. POST /detokenize: {tokens:[id, ...]} ->
+ * {"content": text} (control tokens shown as their text; bytes of an unfinished character as U+FFFD).
+ * Both return the response (malloc'd), or NULL with e set: 400 naming the field, 413 (a body over
+ * lim->max_body_bytes), 500 (the tokenizer failed, out of memory). No shared state but the immutable
+ * model: they may run on any thread (the server runs them on libuv's pool). */
+char *api_tokenize(const char *body, size_t len, const api_model *m, const api_limits *lim, api_error *e);
+char *api_detokenize(const char *body, size_t len, const api_model *m, const api_limits *lim, api_error *e);
 
 /* ============================================================ one choice, token by token */
 
@@ -452,14 +505,19 @@ json_t *api_routing_json(const api_route_agg *a, const cm_model *m, const api_ro
 
 /* GET /v1/models: {"object":"list","data":[model, ...]}. */
 char *api_render_models(const api_model *models, int n);
-/* GET /v1/models/{id}: {id, object:"model", created, owned_by:"codemoe", architecture,
+/* GET /v1/models/{id}: {id, object:"model", created, owned_by:"codemoe", [aliases], architecture,
  * context_length, n_vocab, n_params, weight_type, fim, [moe]}; moe (mixture-of-experts models only,
  * from cm_model_moe_info): hybrid {kind:"hybrid", experts, top_k, shared_expert (null: none),
  * segment_experts, window, segment_routing_default:"causal"|"reference"}, MoLE {kind:"mole",
  * adapters:[names by id], languages:[the adapters a request's "language" selects: all but the shared
  * and fallback ones]}. */
 char *api_render_model(const api_model *m);
-/* The model whose id (or general.name) equals name, or NULL. */
+/* Whether name is one of m's names: its id, an alias, or the model file's general.name. */
+int api_model_named(const api_model *m, const char *name);
+/* The model a request's "model" value selects: the one named so (api_model_named); otherwise, while a
+ * single model is served and it is not strict_name, that model, whatever the name (editor plugins send
+ * "" and SDKs their own defaults such as "gpt-3.5-turbo-instruct"). NULL: no such model (404
+ * model_not_found). */
 const api_model *api_find_model(const api_model *models, int n, const char *name);
 
 #endif /* CM_API_H */

@@ -1,5 +1,6 @@
 /*
- * completion.c - POST /v1/completions: JSON body -> validated, tokenized api_completion_req.
+ * completion.c - POST /v1/completions (and its FIM and Tabby forms: POST /v1/fim/completions, Tabby's
+ * "segments"): JSON body -> validated, tokenized api_completion_req.
  *
  * Validation errors follow OpenAI's wording (which comes from JSON-schema messages), e.g.
  * "'abc' is not of type 'number' - 'temperature'", always with the offending parameter in "param",
@@ -19,9 +20,10 @@ void api_limits_default(api_limits *l) {
     l->max_tokens_cap = 0;
     l->n_max = 8;
     l->logprobs_max = 5;
-    l->max_stop = 4;
+    l->max_stop = 32;
     l->max_prompts = 16;
     l->max_logit_bias = 1024;
+    l->strict_context = 0;
 }
 
 /* ------------------------------------------------------------ value rendering for messages */
@@ -219,7 +221,8 @@ static const char *const known_fields[] = {
     "model", "prompt", "suffix", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options",
     "logprobs", "echo", "stop", "presence_penalty", "frequency_penalty", "best_of", "logit_bias", "user",
     "seed", "top_k", "min_p", "repetition_penalty", "language", "segment_routing", "routing",
-    "parse_special",
+    "parse_special", "n_predict", "max_completion_tokens", "cache_prompt", "segments", "random_seed", "min_tokens",
+    "mode",
 };
 
 /* Appends to a growing token buffer. */
@@ -285,7 +288,7 @@ static int is_int_array(const json_t *v) {
 
 typedef struct prompt_src {
     const json_t *text;  /* a JSON string, or */
-    const json_t *ids;   /* a JSON array of integers, or neither: the default prompt */
+    const json_t *ids;   /* a JSON array of integers (exactly one of the two is set) */
 } prompt_src;
 
 /* 0 when the model has the three FIM tokens, else -1 with the 400 a "suffix" gets. */
@@ -548,11 +551,7 @@ fail:
 static int classify_prompt(json_t *p, int n_vocab, int max_prompts, prompt_src *srcs, int *n_src, api_error *e) {
     char d[96];
     *n_src = 0;
-    if (!p || json_is_null(p)) {
-        srcs[0] = (prompt_src){0};
-        *n_src = 1;
-        return 0;
-    }
+    if (!p || json_is_null(p)) return api_error_set(e, 400, API_ERR_INVALID, "prompt", NULL, "'prompt' is a required property");
     if (json_is_string(p)) {
         srcs[0] = (prompt_src){.text = p};
         *n_src = 1;
@@ -712,20 +711,98 @@ static int check_reference_segments(const api_model *am, const api_completion_re
 
 /* ------------------------------------------------------------ the request */
 
+int api_model_named(const api_model *m, const char *name) {
+    if (m->id && strcmp(m->id, name) == 0) return 1;
+    for (int i = 0; i < m->n_aliases; i++)
+        if (m->aliases[i] && strcmp(m->aliases[i], name) == 0) return 1;
+    const cm_model_info *info = m->model ? cm_model_get_info(m->model) : NULL;
+    return info && info->name && info->name[0] && strcmp(info->name, name) == 0;
+}
+
 const api_model *api_find_model(const api_model *models, int n, const char *name) {
-    for (int i = 0; i < n; i++) {
-        if (models[i].id && strcmp(models[i].id, name) == 0) return &models[i];
-    }
-    for (int i = 0; i < n; i++) {
-        const cm_model_info *info = models[i].model ? cm_model_get_info(models[i].model) : NULL;
-        if (info && info->name && info->name[0] && strcmp(info->name, name) == 0) return &models[i];
-    }
+    for (int i = 0; i < n; i++)
+        if (api_model_named(&models[i], name)) return &models[i];
+    /* with one model there is nothing to choose: clients that cannot be told its name still work */
+    if (n == 1 && !models[0].strict_name) return &models[0];
     return NULL;
 }
 
+/* What api_completion_validate leaves for api_completion_tokenize: the parsed body (whose strings the
+ * prompt sources point into) and the settings that need the prompts' token counts. */
+struct api__pending {
+    json_t *root;            /* owned reference */
+    prompt_src *srcs;        /* (n_prompts) into root */
+    json_t *prompt;          /* the prompt value: "prompt", or Tabby's segments.prefix; into root, or NULL */
+    const json_t *suffix;    /* FIM suffix: into root, or empty_suffix, or NULL (no FIM) */
+    json_t *empty_suffix;    /* owned "" for a FIM request without a suffix */
+    int parse_special;
+    int max_tokens_null;     /* "max_tokens": null: the context the longest prompt leaves */
+    int explicit_max;        /* a length was given as a number */
+    const char *max_tokens_key; /* the field that gave it (errors name it): "max_tokens" or an alias */
+    long long max_tokens;    /* explicit value or the default (16; Tabby's 64) */
+    api_limits lim;          /* a copy: the caller's may be gone when the prompts are tokenized */
+};
+
+/* The FIM suffix of a request: "suffix" (/v1/fim/completions: "" when absent), or Tabby's
+ * segments.suffix (with its prefix as the prompt). Sets p->suffix (NULL: not a FIM request). */
+static int parse_suffix(json_t *root, const api_model *m, api_completion_req *r, api__pending *p, api_error *e) {
+    json_t *s = NULL;
+    if (r->tabby) {
+        json_t *seg = json_object_get(root, "segments");
+        json_t *pre = json_object_get(seg, "prefix");
+        if (!pre || json_is_null(pre))
+            return api_error_set(e, 400, API_ERR_INVALID, "prompt", NULL, "'prefix' is a required property - 'segments'");
+        if (!json_is_string(pre)) return err_type(e, "segments.prefix", pre, "string");
+        p->prompt = pre;
+        s = json_object_get(seg, "suffix");
+        if (s && json_is_null(s)) s = NULL;
+        if (s && !json_is_string(s)) return err_type(e, "segments.suffix", s, "string");
+        const cm_model_info *info = cm_model_get_info(m->model);
+        int has_fim = info->fim_pre >= 0 && info->fim_suf >= 0 && info->fim_mid >= 0;
+        /* a model without FIM tokens can still continue the code before the cursor */
+        if (!has_fim && (!s || json_string_length(s) == 0)) return 0;
+    } else if (get_string(root, "suffix", &s, e) < 0) {
+        return -1;
+    }
+    if (!s && (r->shape == API_SHAPE_FIM_CHAT || r->tabby) && !(s = p->empty_suffix = json_string("")))
+        return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
+    if (!s) return 0;
+    if (fim_check(m->model, m->id, e)) return -1;
+    if (r->echo)
+        return api_error_set(e, 400, API_ERR_INVALID, "echo", NULL, "'echo' cannot be used together with 'suffix'.");
+    p->suffix = s;
+    r->has_suffix = 1;
+    return 0;
+}
+
+/* "max_tokens", or another client's name for it: llama.cpp's "n_predict" (-1: as max_tokens null),
+ * OpenAI's newer "max_completion_tokens" (Continue's fimStream sends it). At most one may be given. */
+static int parse_max_tokens(json_t *root, api__pending *p, api_error *e) {
+    static const struct { const char *key; long long lo; } names[] = {
+        {"max_tokens", 0}, {"n_predict", -1}, {"max_completion_tokens", 0}};
+    const char *given = NULL;
+    for (size_t k = 0; k < sizeof names / sizeof *names; k++) {
+        json_t *v = json_object_get(root, names[k].key);
+        if (!v) continue;
+        if (json_is_null(v) && k > 0) continue; /* an alias set to null says nothing */
+        if (given)
+            return api_error_set(e, 400, API_ERR_INVALID, names[k].key, NULL,
+                                 "'%s' and '%s' both set the completion length; send one of them.", names[k].key,
+                                 given);
+        given = names[k].key;
+        long long i64 = 0;
+        int rc = get_int(root, names[k].key, names[k].lo, INT_MAX, &i64, e);
+        if (rc < 0) return -1;
+        if (!rc || i64 < 0) { p->max_tokens_null = 1; continue; }
+        p->max_tokens = i64;
+        p->explicit_max = 1;
+        p->max_tokens_key = names[k].key;
+    }
+    return 0;
+}
+
 static int parse_fields(json_t *root, const api_model *m, const api_limits *lim, api_completion_req *r,
-                        int *parse_special, json_t **suffix, int *max_tokens_null, long long *max_tokens,
-                        api_error *e) {
+                        api__pending *p, api_error *e) {
     const cm_model_info *info = cm_model_get_info(m->model);
     long long i64 = 0;
     int rc, b = 0;
@@ -761,9 +838,9 @@ static int parse_fields(json_t *root, const api_model *m, const api_limits *lim,
                              "best_of (%lld) must equal n (%d): ranking extra candidates server-side is not supported.",
                              i64, r->n);
 
-    if ((rc = get_int(root, "max_tokens", 0, INT_MAX, &i64, e)) < 0) return -1;
-    if (rc) *max_tokens = i64;
-    else *max_tokens_null = json_is_null(json_object_get(root, "max_tokens"));
+    if (parse_max_tokens(root, p, e)) return -1;
+    /* llama.cpp's flag; the prefix cache is always on, so there is nothing to switch */
+    if (get_bool(root, "cache_prompt", &b, e) < 0) return -1;
 
     if (get_bool(root, "stream", &r->stream, e) < 0) return -1;
     json_t *so = json_object_get(root, "stream_options");
@@ -789,13 +866,33 @@ static int parse_fields(json_t *root, const api_model *m, const api_limits *lim,
 
     if ((rc = get_int(root, "seed", LLONG_MIN, LLONG_MAX, &i64, e)) < 0) return -1;
     if (rc) { r->seed = (uint64_t)i64; r->seed_set = 1; }
+    if (r->shape == API_SHAPE_FIM_CHAT) {
+        /* Mistral's names; the completion shape has no place for echo or logprobs */
+        if ((rc = get_int(root, "random_seed", LLONG_MIN, LLONG_MAX, &i64, e)) < 0) return -1;
+        if (rc && r->seed_set)
+            return api_error_set(e, 400, API_ERR_INVALID, "random_seed", NULL,
+                                 "'random_seed' and 'seed' both set the seed; send one of them.");
+        if (rc) { r->seed = (uint64_t)i64; r->seed_set = 1; }
+        if ((rc = get_int(root, "min_tokens", 0, 0, &i64, e)) < 0) return -1;
+        if (r->echo)
+            return api_error_set(e, 400, API_ERR_INVALID, "echo", NULL, "'echo' is not supported on /v1/fim/completions.");
+        if (r->logprobs >= 0)
+            return api_error_set(e, 400, API_ERR_INVALID, "logprobs", NULL,
+                                 "'logprobs' is not supported on /v1/fim/completions.");
+    }
 
     if ((rc = get_string(root, "user", &s, e)) < 0) return -1;
     if (rc && !(r->user = dup_json_string(s, NULL))) goto oom;
     if ((rc = get_string(root, "language", &s, e)) < 0) return -1;
     if (rc && !(r->language = dup_json_string(s, NULL))) goto oom;
+    /* Tabby sends its editor's language id whatever the model: one the model has no adapter for is
+     * left to detection rather than refused */
     cm_seq_options lso;
-    if (r->language && api_seq_options(m->model, r->language, API_SEGMENT_CAUSAL, NULL, 0, &lso, e) < 0) return -1;
+    if (r->language && api_seq_options(m->model, r->language, API_SEGMENT_CAUSAL, NULL, 0, &lso, e) < 0) {
+        if (!r->tabby) return -1;
+        free(r->language);
+        r->language = NULL;
+    }
 
     static const char *const seg_names[] = {"causal", "reference"};
     static const char *const routing_names[] = {"none", "summary", "full"};
@@ -803,16 +900,11 @@ static int parse_fields(json_t *root, const api_model *m, const api_limits *lim,
     if (rc) r->segment_routing = (api_segment_routing)b;
     if ((rc = get_enum(root, "routing", routing_names, 3, &b, e)) < 0) return -1;
     if (rc) r->routing = (api_routing_mode)b;
-    if (get_bool(root, "parse_special", parse_special, e) < 0) return -1;
-
-    if ((rc = get_string(root, "suffix", suffix, e)) < 0) return -1;
-    if (rc) {
-        if (fim_check(m->model, m->id, e)) return -1;
-        if (r->echo)
-            return api_error_set(e, 400, API_ERR_INVALID, "echo", NULL,
-                                 "'echo' cannot be used together with 'suffix'.");
-        r->has_suffix = 1;
-    }
+    /* Tabby's mode: its "next_edit_suggestion" needs an edit history this server does not read */
+    static const char *const mode_names[] = {"standard"};
+    if (get_enum(root, "mode", mode_names, 1, &b, e) < 0) return -1;
+    if (get_bool(root, "parse_special", &p->parse_special, e) < 0) return -1;
+    if (parse_suffix(root, m, r, p, e)) return -1;
 
     if ((rc = get_string(root, "model", &s, e)) < 0) return -1;
     if (rc && !api_find_model(m, 1, json_string_value(s))) {
@@ -827,22 +919,10 @@ oom:
     return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
 }
 
-/* What api_completion_validate leaves for api_completion_tokenize: the parsed body (whose strings the
- * prompt sources point into) and the settings that need the prompts' token counts. */
-struct api__pending {
-    json_t *root;            /* owned reference */
-    prompt_src *srcs;        /* (n_prompts) into root */
-    const json_t *suffix;    /* into root, or NULL */
-    int parse_special;
-    int max_tokens_null;     /* "max_tokens": null: the context the longest prompt leaves */
-    int explicit_max;        /* "max_tokens" was a number */
-    long long max_tokens;    /* explicit value or 16 */
-    api_limits lim;          /* a copy: the caller's may be gone when the prompts are tokenized */
-};
-
 static void pending_free(api__pending *p) {
     if (!p) return;
     json_decref(p->root);
+    json_decref(p->empty_suffix);
     free(p->srcs);
     free(p);
 }
@@ -875,14 +955,18 @@ static int check_context(const api_model *am, const api_limits *lim, const api__
         mt = (long long)n_ctx - longest;
         if (lim->max_tokens_cap > 0 && mt > lim->max_tokens_cap) mt = lim->max_tokens_cap;
     } else if (lim->max_tokens_cap > 0 && mt > lim->max_tokens_cap) {
-        return api_error_set(e, 400, API_ERR_INVALID, "max_tokens", NULL,
-                             "max_tokens is too large: %lld. This server generates at most %d tokens per completion.",
-                             mt, lim->max_tokens_cap);
+        return api_error_set(e, 400, API_ERR_INVALID, p->max_tokens_key, NULL,
+                             "%s is too large: %lld. This server generates at most %d tokens per completion.",
+                             p->max_tokens_key, mt, lim->max_tokens_cap);
     }
+    /* Editor plugins ask for more than a small local context holds (Continue: 4096): the completion
+     * gets what is left and ends with "length" there, unless the server keeps OpenAI's rule. A prompt
+     * that leaves no room for a wanted token is an error either way. */
+    if (!lim->strict_context && longest < n_ctx && longest + mt > n_ctx) mt = (long long)n_ctx - longest;
     *max_tokens = mt;
     if (longest > n_ctx || mt < 0 || (p->max_tokens_null && mt < 1) || longest + mt > n_ctx) {
         long long want = longest + (mt > 0 ? mt : 0);
-        const char *param = longest < n_ctx && p->explicit_max ? "max_tokens" : "prompt";
+        const char *param = longest < n_ctx && p->explicit_max ? p->max_tokens_key : "prompt";
         if (!exact)
             return api_error_set(e, 400, API_ERR_INVALID, param, "context_length_exceeded",
                                  "This model's maximum context length is %d tokens, however you requested at least "
@@ -897,10 +981,11 @@ static int check_context(const api_model *am, const api_limits *lim, const api__
     return 0;
 }
 
-int api_completion_validate(const char *body, size_t len, const api_model *m, const api_limits *lim,
-                            api_completion_req *r, api_error *e) {
+static int validate(const char *body, size_t len, const api_model *m, const api_limits *lim, api_shape shape,
+                    api_completion_req *r, api_error *e) {
     memset(r, 0, sizeof *r);
     r->model = m;
+    r->shape = shape;
     r->n = 1;
     r->logprobs = -1;
     cm_sampling_default(&r->sampling);
@@ -939,22 +1024,33 @@ int api_completion_validate(const char *body, size_t len, const api_model *m, co
 
     const cm_model_info *info = cm_model_get_info(m->model);
     int n_src = 0;
-    json_t *suffix = NULL;
     api__pending *p = calloc(1, sizeof *p);
     if (!p) { json_decref(root); return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory"); }
     r->pending = p;
     p->root = root;
     p->parse_special = 1;
     p->max_tokens = 16;
+    p->max_tokens_key = "max_tokens";
     p->lim = *lim;
-    if (parse_fields(root, m, lim, r, &p->parse_special, &suffix, &p->max_tokens_null, &p->max_tokens, e)) goto fail;
-    p->suffix = suffix;
-    p->explicit_max = json_is_number(json_object_get(root, "max_tokens"));
+    p->prompt = json_object_get(root, "prompt");
+    if (json_is_null(p->prompt)) p->prompt = NULL;
+    json_t *segments = json_object_get(root, "segments");
+    if (!p->prompt && shape == API_SHAPE_TEXT && segments && !json_is_null(segments)) {
+        if (!json_is_object(segments)) { err_type(e, "segments", segments, "object"); goto fail; }
+        r->tabby = 1;
+        p->max_tokens = 64; /* Tabby's default completion length; its agent sends none */
+    }
+    if (shape == API_SHAPE_FIM_CHAT && p->prompt && !json_is_string(p->prompt)) {
+        err_type(e, "prompt", p->prompt, "string");
+        goto fail;
+    }
+    if (parse_fields(root, m, lim, r, p, e)) goto fail;
+    const json_t *suffix = p->suffix;
 
     p->srcs = calloc((size_t)(lim->max_prompts > 0 ? lim->max_prompts : 1) + 1, sizeof *p->srcs);
     if (!p->srcs) { api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory"); goto fail; }
-    if (classify_prompt(json_object_get(root, "prompt"), info->n_vocab, lim->max_prompts > 0 ? lim->max_prompts : 1,
-                        p->srcs, &n_src, e))
+    if (classify_prompt(p->prompt, info->n_vocab, lim->max_prompts > 0 ? lim->max_prompts : 1, p->srcs,
+                        &n_src, e))
         goto fail;
     r->prompts = calloc((size_t)n_src, sizeof *r->prompts);
     if (!r->prompts) { api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory"); goto fail; }
@@ -963,7 +1059,7 @@ int api_completion_validate(const char *body, size_t len, const api_model *m, co
     /* what can be decided before tokenizing: a prompt that cannot fit whatever its tokens, and the
      * reference-segment rules on that lower bound */
     long long longest = 0, mt = 0;
-    int exact = !suffix; /* token ids and the default prompt are counted exactly, text only bounded */
+    int exact = !suffix; /* token ids are counted exactly, text only bounded */
     for (int i = 0; i < n_src; i++) {
         long long k = prompt_min_tokens(m, p, &p->srcs[i]);
         if (k > longest) longest = k;
@@ -1002,9 +1098,25 @@ fail:
     return -1;
 }
 
+int api_completion_validate(const char *body, size_t len, const api_model *m, const api_limits *lim,
+                            api_completion_req *r, api_error *e) {
+    return validate(body, len, m, lim, API_SHAPE_TEXT, r, e);
+}
+
+int api_fim_completion_validate(const char *body, size_t len, const api_model *m, const api_limits *lim,
+                                api_completion_req *r, api_error *e) {
+    return validate(body, len, m, lim, API_SHAPE_FIM_CHAT, r, e);
+}
+
 int api_parse_completion(const char *body, size_t len, const api_model *m, const api_limits *lim,
                          api_completion_req *r, api_error *e) {
     if (api_completion_validate(body, len, m, lim, r, e)) return -1;
+    return api_completion_tokenize(r, e);
+}
+
+int api_parse_fim_completion(const char *body, size_t len, const api_model *m, const api_limits *lim,
+                             api_completion_req *r, api_error *e) {
+    if (api_fim_completion_validate(body, len, m, lim, r, e)) return -1;
     return api_completion_tokenize(r, e);
 }
 

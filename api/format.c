@@ -165,3 +165,15 @@ const api_format api_format_chat = {
     .response = api_render_chat,
     .error = openai_error,
 };
+
+/* ------------------------------------------------------------ /v1/fim/completions */
+
+const api_format api_format_fim = {
+    .name = "fim_completions",
+    .framing = API_FRAMING_SSE,
+    .parse = api_fim_completion_validate,
+    .chunk = api_render_chat_chunk,
+    .stream_end = chat_stream_end,
+    .response = api_render_chat,
+    .error = openai_error,
+};

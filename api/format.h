@@ -47,6 +47,10 @@ typedef struct api_format {
 extern const api_format api_format_completions;
 /* POST /v1/chat/completions: OpenAI's chat.completion (api_parse_chat). */
 extern const api_format api_format_chat;
+/* POST /v1/fim/completions (Mistral's and DeepSeek's FIM route, Continue's fimStream): a FIM request
+ * (api_fim_completion_validate) answered in the chat.completion shapes those clients read
+ * (choices[].message.content, streamed as choices[].delta.content). */
+extern const api_format api_format_fim;
 
 /* The Content-Type of a streamed response in this framing. */
 const char *api_format_stream_type(const api_format *f);

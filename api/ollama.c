@@ -129,7 +129,10 @@ static int parse_request(const char *body, size_t len, const api_model *m, const
     int rc = -1, load = is_load(root, chat);
     if (!c) api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
     else if ((load || !prompt(root, c, m, e)) && !common_fields(root, c, e)) {
-        if (load) json_object_set_new(c, "max_tokens", json_integer(0)); /* the default prompt, nothing generated */
+        if (load) { /* the completion rules require a prompt: the empty text, and nothing generated */
+            json_object_set_new(c, "prompt", json_string(""));
+            json_object_set_new(c, "max_tokens", json_integer(0));
+        }
         /* Ollama clients send more stop strings than OpenAI's 4; errors name Ollama's options */
         json_t *d = json_pack("{s:b,s:{s:s,s:s}}", "load", load, "params", "max_tokens", "num_predict",
                               "repetition_penalty", "repeat_penalty");

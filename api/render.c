@@ -375,6 +375,12 @@ static json_t *model_json(const api_model *am) {
     json_object_set_new(o, "object", json_string("model"));
     json_object_set_new(o, "created", json_integer(am->created));
     json_object_set_new(o, "owned_by", json_string("codemoe"));
+    if (am->n_aliases > 0) {
+        json_t *al = json_array();
+        for (int i = 0; al && i < am->n_aliases; i++)
+            if (am->aliases[i]) json_array_append_new(al, jstr(am->aliases[i], strlen(am->aliases[i])));
+        if (al) json_object_set_new(o, "aliases", al);
+    }
     json_object_set_new(o, "context_length", json_integer(am->n_ctx));
     if (info) {
         if (info->arch) json_object_set_new(o, "architecture", jstr(info->arch, strlen(info->arch)));

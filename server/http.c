@@ -1,6 +1,8 @@
 /*
  * http.c - the HTTP front end of `codemoe serve`: libmicrohttpd driven by the libuv loop, routes,
  * API keys, CORS, limits, completions (plain and SSE), cancellation, graceful shutdown, access log.
+ * Besides OpenAI's routes it answers the ones editor plugins call on other servers: Mistral's FIM
+ * route, Tabby's health, llama.cpp's tokenizer routes and /props (see docs/server.md).
  *
  * Event loop integration: MHD runs in "external" epoll mode. Its epoll fd is watched by a uv_poll_t
  * and MHD_get_timeout drives a uv_timer_t; MHD_run is called only from those two callbacks, so every
@@ -28,6 +30,7 @@
 #include <strings.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/utsname.h>
 #include <time.h>
 #include <unistd.h>
 #include <arpa/inet.h>
@@ -57,6 +60,11 @@ enum {
     ENDPOINT_OLLAMA_VERSION,
     ENDPOINT_LLAMA_COMPLETION,
     ENDPOINT_LLAMA_INFILL,
+    ENDPOINT_FIM_COMPLETIONS,   /* POST /v1/fim/completions (Mistral, DeepSeek; Continue's fimStream) */
+    ENDPOINT_TABBY_HEALTH,      /* GET /v1/health (Tabby) */
+    ENDPOINT_TOKENIZE,          /* POST /tokenize (llama.cpp) */
+    ENDPOINT_DETOKENIZE,        /* POST /detokenize (llama.cpp) */
+    ENDPOINT_PROPS,             /* GET /props (llama.cpp) */
 };
 
 /* the "route" label of the access log and the request metrics: a fixed name per endpoint, never the
@@ -64,7 +72,8 @@ enum {
 static const char *endpoint_label[] = {"unknown", "health", "metrics", "models", "model", "completions",
                                        "routing", "preflight", "chat", "ollama_generate", "ollama_chat",
                                        "ollama_tags", "ollama_ps", "ollama_show", "ollama_version",
-                                       "llama_completion", "llama_infill"};
+                                       "llama_completion", "llama_infill", "fim_completions", "tabby_health",
+                                       "tokenize", "detokenize", "props"};
 
 /* The dialect of an endpoint that runs a completion job (its parser and renderers), NULL for the others. */
 static const api_format *endpoint_format(int endpoint) {
@@ -75,13 +84,16 @@ static const api_format *endpoint_format(int endpoint) {
     case ENDPOINT_OLLAMA_CHAT: return &api_format_ollama_chat;
     case ENDPOINT_LLAMA_COMPLETION: return &api_format_llama_completion;
     case ENDPOINT_LLAMA_INFILL: return &api_format_llama_infill;
+    case ENDPOINT_FIM_COMPLETIONS: return &api_format_fim;
     default: return NULL;
     }
 }
 
-/* Endpoints answered to POST with a JSON body: the completion dialects and Ollama's /api/show. */
+/* Endpoints answered to POST with a JSON body: the completion dialects, Ollama's /api/show and
+ * llama.cpp's /tokenize and /detokenize. */
 static int endpoint_is_post(int endpoint) {
-    return endpoint_format(endpoint) || endpoint == ENDPOINT_OLLAMA_SHOW;
+    return endpoint_format(endpoint) || endpoint == ENDPOINT_OLLAMA_SHOW || endpoint == ENDPOINT_TOKENIZE ||
+           endpoint == ENDPOINT_DETOKENIZE;
 }
 
 enum { WATCH_NONE = 0, WATCH_ACTIVE, WATCH_STOPPED, WATCH_CLOSING, WATCH_CLOSED };
@@ -124,10 +136,11 @@ struct srv_req {
     const api_format *fmt;      /* the endpoint's dialect: parser and renderers */
     api_completion_req creq;    /* while tokenizing, only the pool thread touches it */
     int has_creq;
-    uv_work_t tok_work;         /* api_completion_tokenize on libuv's thread pool */
+    uv_work_t tok_work;         /* api_completion_tokenize (or /tokenize, /detokenize) on libuv's thread pool */
     int tokenizing;             /* tok_work queued and its after-work callback not run yet */
     int tok_rc;                 /* its result (pool thread -> loop, ordered by uv_queue_work) */
     api_error tok_err;
+    char *tok_out;              /* /tokenize, /detokenize: the response body (owned until queued) */
     srv_job job;
     int job_active;             /* submitted and not done */
     int job_admitted;
@@ -335,6 +348,7 @@ static void req_free(srv_req *r) {
     h->metrics.connections_active = (uint64_t)h->n_reqs;
     srv_buf_free(&r->body);
     srv_buf_free(&r->sse);
+    free(r->tok_out);
     int nc = r->job.n_choices;
     if (r->outs) for (int i = 0; i < nc; i++) srv_out_free(&r->outs[i]);
     if (r->job.out) for (int i = 0; i < nc; i++) srv_out_free(&r->job.out[i]);
@@ -490,6 +504,11 @@ static int endpoint_of(const char *url, char *arg, size_t arg_cap) {
     if (!strcmp(url, "/api/version")) return ENDPOINT_OLLAMA_VERSION;
     if (!strcmp(url, "/completion")) return ENDPOINT_LLAMA_COMPLETION;
     if (!strcmp(url, "/infill")) return ENDPOINT_LLAMA_INFILL;
+    if (!strcmp(url, "/v1/fim/completions")) return ENDPOINT_FIM_COMPLETIONS;
+    if (!strcmp(url, "/v1/health")) return ENDPOINT_TABBY_HEALTH;
+    if (!strcmp(url, "/tokenize")) return ENDPOINT_TOKENIZE;
+    if (!strcmp(url, "/detokenize")) return ENDPOINT_DETOKENIZE;
+    if (!strcmp(url, "/props")) return ENDPOINT_PROPS;
     static const char pre[] = "/v1/completions/", suf[] = "/routing";
     size_t n = strlen(url), np = sizeof pre - 1, ns = sizeof suf - 1;
     if (n > np + ns && !strncmp(url, pre, np) && !strcmp(url + n - ns, suf)) {
@@ -502,6 +521,20 @@ static int endpoint_of(const char *url, char *arg, size_t arg_cap) {
     return ENDPOINT_UNKNOWN;
 }
 
+/* Whether a preflight's Access-Control-Request-Headers may be echoed as the allowed headers: a short
+ * comma-separated list of header names (RFC 9110 token characters), nothing a response header could
+ * not carry. */
+static int request_headers_ok(const char *v) {
+    size_t n = strlen(v);
+    if (n == 0 || n > 1024) return 0;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)v[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || strchr("!#$%&'*+-.^_`|~, ", c)))
+            return 0;
+    }
+    return 1;
+}
+
 static void respond_preflight(srv_req *r) {
     struct MHD_Response *resp = MHD_create_response_from_buffer(0, (void *)"", MHD_RESPMEM_PERSISTENT);
     if (!resp) return;
@@ -509,12 +542,18 @@ static void respond_preflight(srv_req *r) {
     MHD_add_response_header(resp, "Allow", "GET, HEAD, POST, OPTIONS");
     if (r->origin[0]) {
         MHD_add_response_header(resp, "Access-Control-Allow-Methods", "GET, HEAD, POST, OPTIONS");
+        /* an allowed origin may send any header (SDKs add their own: x-stainless-*, x-api-key, api-key,
+         * ...): answer the ones the browser asks about; the list is for a preflight without the
+         * request header */
+        const char *asked = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Access-Control-Request-Headers");
         MHD_add_response_header(resp, "Access-Control-Allow-Headers",
-                                "Authorization, Content-Type, X-Request-Id, OpenAI-Organization, OpenAI-Project, "
-                                "X-Stainless-Lang, X-Stainless-Package-Version, X-Stainless-OS, X-Stainless-Arch, "
-                                "X-Stainless-Runtime, X-Stainless-Runtime-Version, X-Stainless-Retry-Count, "
-                                "X-Stainless-Timeout");
+                                asked && request_headers_ok(asked) ? asked
+                                : "Authorization, Content-Type, X-Request-Id, X-Api-Key, Api-Key, OpenAI-Organization, "
+                                  "OpenAI-Project, X-Stainless-Lang, X-Stainless-Package-Version, X-Stainless-OS, "
+                                  "X-Stainless-Arch, X-Stainless-Runtime, X-Stainless-Runtime-Version, "
+                                  "X-Stainless-Retry-Count, X-Stainless-Timeout");
         MHD_add_response_header(resp, "Access-Control-Max-Age", "600");
+        MHD_add_response_header(resp, "Vary", "Access-Control-Request-Headers");
     }
     if (MHD_queue_response(r->conn, 204, resp) == MHD_YES) { r->responded = 1; r->status = 204; }
     MHD_destroy_response(resp);
@@ -572,7 +611,8 @@ static void handle_models(srv_req *r) {
 
 static void handle_model(srv_req *r, const char *id) {
     srv_http *h = r->h;
-    if (strcmp(id, h->cfg->model_id)) {
+    /* a lookup by name (id, alias, general.name once loaded), never "any name" as a request's model */
+    if (!api_model_named(&h->model, id)) {
         api_error e;
         api_error_set(&e, 404, API_ERR_NOT_FOUND, "model", "model_not_found", "The model '%.200s' does not exist.", id);
         respond_error(r, &e);
@@ -617,6 +657,74 @@ static void handle_routing(srv_req *r, const char *id) {
     char *body = malloc(len + 1);
     if (body) memcpy(body, v, len + 1);
     respond(r, 200, "application/json", body, len);
+}
+
+/* The CPU's model name (/proc/cpuinfo), "" where unknown. */
+static void cpu_model_name(char *buf, size_t cap) {
+    buf[0] = 0;
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    if (!f) return;
+    char line[512];
+    while (fgets(line, sizeof line, f)) {
+        char *colon = strchr(line, ':');
+        if (strncmp(line, "model name", 10) || !colon) continue;
+        colon++;
+        while (*colon == ' ' || *colon == '\t') colon++;
+        colon[strcspn(colon, "\n")] = 0;
+        snprintf(buf, cap, "%s", colon);
+        break;
+    }
+    fclose(f);
+}
+
+/* GET /v1/health in Tabby's shape (its agent checks it before completing, and shows model and device):
+ * {model, device, arch, cpu_info, cpu_count, cuda_devices, accelerators, version{build_date,
+ * build_timestamp, git_sha, git_describe}}. 503 (OpenAI-shaped) until the model is loaded. */
+static void handle_tabby_health(srv_req *r) {
+    srv_http *h = r->h;
+    if (!require_model(r)) return;
+    char cpu[256];
+    cpu_model_name(cpu, sizeof cpu);
+    struct utsname u;
+    const char *arch = uname(&u) == 0 ? u.machine : "";
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    json_t *o = json_pack("{s:s,s:s,s:s,s:s,s:I,s:[],s:[],s:{s:s,s:s,s:s,s:s}}", "model", h->cfg->model_id, "device",
+                          "cpu", "arch", arch, "cpu_info", cpu, "cpu_count", (json_int_t)(ncpu > 0 ? ncpu : 1),
+                          "cuda_devices", "accelerators", "version", "build_date", "", "build_timestamp", "",
+                          "git_sha", "", "git_describe", CM_VERSION);
+    char *body = o ? json_dumps(o, JSON_COMPACT) : NULL;
+    json_decref(o);
+    respond_json(r, 200, body);
+}
+
+/* GET /props in llama.cpp's shape, the fields editor plugins read: the context size, the generation
+ * defaults, the slots and the model. */
+static void handle_props(srv_req *r) {
+    srv_http *h = r->h;
+    if (!require_model(r)) return;
+    /* the defaults are those of a request that sets nothing: api/ owns them */
+    api_completion_req d;
+    api_error e;
+    static const char minimal[] = "{\"prompt\":\"\"}";
+    if (api_parse_completion(minimal, sizeof minimal - 1, &h->model, &h->limits, &d, &e) < 0) {
+        respond_error(r, &e);
+        return;
+    }
+    json_t *params = json_pack("{s:i,s:f,s:f,s:i,s:f,s:f,s:f,s:f,s:[]}", "n_predict", d.max_tokens, "temperature",
+                               (double)d.sampling.temperature, "top_p", (double)d.sampling.top_p, "top_k",
+                               d.sampling.top_k, "min_p", (double)d.sampling.min_p, "repeat_penalty",
+                               (double)d.sampling.repetition_penalty, "presence_penalty",
+                               (double)d.sampling.presence_penalty, "frequency_penalty",
+                               (double)d.sampling.frequency_penalty, "stop");
+    api_completion_req_free(&d);
+    json_t *o = params ? json_pack("{s:{s:i,s:o},s:i,s:s,s:s,s:s,s:i,s:s}", "default_generation_settings", "n_ctx",
+                                   h->model.n_ctx, "params", params, "total_slots", h->cfg->parallel, "model_path",
+                                   h->cfg->model_path, "model_alias", h->cfg->model_id, "chat_template", "", "n_ctx",
+                                   h->model.n_ctx, "build_info", CM_VERSION)
+                       : NULL;
+    char *body = o ? json_dumps(o, JSON_COMPACT) : NULL;
+    json_decref(o);
+    respond_json(r, 200, body);
 }
 
 /* ============================================================ completions: output */
@@ -899,7 +1007,6 @@ static void on_wake(void *ud) {
         int st = srv_sched_model(h->sched, &m, &n_ctx, &err);
         if (st == SRV_MODEL_READY) {
             h->model.model = m;
-            h->model.id = h->cfg->model_id;
             h->model.created = h->created;
             h->model.n_ctx = n_ctx;
             h->model.n_batch = h->cfg->n_batch;
@@ -969,10 +1076,19 @@ static void submit_completion(srv_req *r) {
     h->n_jobs++;
 }
 
-/* libuv's pool thread: the only code that touches r->creq until tokenize_done. */
+/* libuv's pool thread: the only code that touches r->creq (or, for /tokenize and /detokenize, r->body)
+ * until tokenize_done. */
 static void tokenize_work(uv_work_t *w) {
     srv_req *r = w->data;
-    r->tok_rc = api_format_tokenize(&r->creq, &r->tok_err);
+    if (r->fmt) {
+        r->tok_rc = api_format_tokenize(&r->creq, &r->tok_err);
+        return;
+    }
+    const srv_http *h = r->h;
+    const char *body = r->body.data ? r->body.data : "";
+    r->tok_out = r->endpoint == ENDPOINT_TOKENIZE ? api_tokenize(body, r->body.len, &h->model, &h->limits, &r->tok_err)
+                                                  : api_detokenize(body, r->body.len, &h->model, &h->limits, &r->tok_err);
+    r->tok_rc = r->tok_out ? 0 : -1;
 }
 
 /* Loop thread, after tokenize_work ran (status 0) or was taken off the pool's queue (UV_ECANCELED). */
@@ -991,11 +1107,37 @@ static void tokenize_done(uv_work_t *w, int status) {
     } else if (r->tok_rc < 0) {
         r->has_creq = 0; /* api_completion_tokenize emptied it: logged like any request refused by api/ */
         respond_error(r, &r->tok_err);
+    } else if (!r->fmt) { /* /tokenize, /detokenize */
+        respond_json(r, 200, r->tok_out);
+        r->tok_out = NULL;
     } else {
         submit_completion(r);
     }
     if (!r->job_active) req_resume(r); /* a response is queued */
     check_drained(h);
+}
+
+/* Queues r's tokenize_work on libuv's thread pool and suspends the connection until tokenize_done.
+ * Returns 0, or -1 when a response was queued instead (429: the queue is full; 500). */
+static int tokenize_queue(srv_req *r) {
+    srv_http *h = r->h;
+    /* requests still tokenizing count against the queue, or a flood of long prompts would wait unbounded
+     * in the thread pool */
+    if (h->n_jobs + h->n_tokenizing >= h->cfg->parallel + h->cfg->queue) {
+        h->metrics.rejected_queue_full++;
+        respond_http_error(r, 429, NULL);
+        return -1;
+    }
+    r->tok_work.data = r;
+    if (uv_queue_work(h->loop, &r->tok_work, tokenize_work, tokenize_done) < 0) {
+        respond_http_error(r, 500, "could not queue the request");
+        return -1;
+    }
+    r->tokenizing = 1;
+    h->n_tokenizing++;
+    req_suspend(r);
+    req_watch_start(r);
+    return 0;
 }
 
 /* Validates the body here (a bad field is a 400 at once), then tokenizes its prompts on libuv's thread
@@ -1023,23 +1165,19 @@ static void handle_completion(srv_req *r) {
         respond_error(r, &e);
         return;
     }
-    /* requests still tokenizing count against the queue, or a flood of long prompts would wait unbounded
-     * in the thread pool */
-    if (h->n_jobs + h->n_tokenizing >= h->cfg->parallel + h->cfg->queue) {
-        h->metrics.rejected_queue_full++;
-        respond_http_error(r, 429, NULL);
-        return;
-    }
-    r->tok_work.data = r;
-    if (uv_queue_work(h->loop, &r->tok_work, tokenize_work, tokenize_done) < 0) {
-        respond_http_error(r, 500, "could not queue the request");
-        return;
-    }
-    r->tokenizing = 1;
-    h->n_tokenizing++;
+    if (tokenize_queue(r) < 0) return;
     if (h->cfg->request_timeout > 0) r->deadline = r->t_start + (uint64_t)(h->cfg->request_timeout * 1e9);
-    req_suspend(r);
-    req_watch_start(r);
+}
+
+/* POST /tokenize, POST /detokenize (llama.cpp): like a completion's prompts, tokenized on libuv's thread
+ * pool with the connection suspended (a 4 MiB body must not stall the loop), and counted against the
+ * same queue bound. */
+static void handle_tokens(srv_req *r) {
+    srv_http *h = r->h;
+    if (r->too_large) { respond_http_error(r, 413, NULL); return; }
+    if (h->draining) { respond_http_error(r, 503, "The server is shutting down."); return; }
+    if (!require_model(r)) return;
+    tokenize_queue(r);
 }
 
 /* ============================================================ the access handler */
@@ -1171,7 +1309,12 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     case ENDPOINT_OLLAMA_GENERATE:
     case ENDPOINT_OLLAMA_CHAT:
     case ENDPOINT_LLAMA_COMPLETION:
-    case ENDPOINT_LLAMA_INFILL: handle_completion(r); break;
+    case ENDPOINT_LLAMA_INFILL:
+    case ENDPOINT_FIM_COMPLETIONS: handle_completion(r); break;
+    case ENDPOINT_TOKENIZE:
+    case ENDPOINT_DETOKENIZE: handle_tokens(r); break;
+    case ENDPOINT_TABBY_HEALTH: handle_tabby_health(r); break;
+    case ENDPOINT_PROPS: handle_props(r); break;
     case ENDPOINT_OLLAMA_TAGS:
     case ENDPOINT_OLLAMA_PS:
     case ENDPOINT_OLLAMA_SHOW:
@@ -1317,6 +1460,12 @@ srv_http *srv_http_start(uv_loop_t *loop, srv_config *cfg) {
     srv_metrics_init(&h->metrics);
     api_limits_default(&h->limits);
     h->limits.max_body_bytes = cfg->max_body;
+    h->limits.strict_context = cfg->strict_context;
+    /* the names are known before the weights: /v1/models/{id} answers while the model loads */
+    h->model.id = cfg->model_id;
+    h->model.aliases = (const char *const *)cfg->aliases;
+    h->model.n_aliases = cfg->n_aliases;
+    h->model.strict_name = cfg->strict_model;
     h->ret = srv_retention_create(cfg->routing_retention, cfg->routing_retention_bytes);
     struct stat stt;
     h->created = stat(cfg->model_path, &stt) == 0 ? (int64_t)stt.st_mtime : (int64_t)time(NULL);

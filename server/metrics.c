@@ -120,7 +120,7 @@ char *srv_metrics_render(const srv_metrics *m, const srv_gauges *g, size_t *len)
                   (double)g->requests_running);
     render_scalar(&b, "codemoe_sequences_running", "gauge", "Sequences (choices) in the batch.",
                   (double)g->seqs_running);
-    render_scalar(&b, "codemoe_kv_blocks_total", "gauge", "KV cache blocks in the pool.", (double)g->kv_blocks_total);
+    render_scalar(&b, "codemoe_kv_blocks", "gauge", "KV cache blocks in the pool.", (double)g->kv_blocks_total);
     render_scalar(&b, "codemoe_kv_blocks_used", "gauge", "KV cache blocks in use.", (double)g->kv_blocks_used);
     render_scalar(&b, "codemoe_kv_block_tokens", "gauge", "Tokens per KV cache block.", (double)g->kv_block_tokens);
     render_scalar(&b, "codemoe_kv_blocks_cached", "gauge",

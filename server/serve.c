@@ -23,6 +23,11 @@ static void serve_usage(FILE *f) {
         "\n"
         "  --model PATH            GGUF model to serve (required)\n"
         "  --model-id NAME         the \"model\" clients send (default: file name without .gguf)\n"
+        "  --alias NAME            one more name of the model (repeatable; listed in /v1/models)\n"
+        "  --strict-model          a request's \"model\" must be the id, an alias or the file's\n"
+        "                          general.name (else 404); by default any name selects the model\n"
+        "  --strict-context        prompt + max_tokens beyond --ctx is a 400 (OpenAI) instead of\n"
+        "                          max_tokens clamped to what the context leaves\n"
         "  --host H                address to listen on (default 127.0.0.1)\n"
         "  --port P                port (default 8080; 0 picks a free one, logged at start)\n"
         "  --threads N             engine compute threads (default: CPUs, at most 16)\n"
@@ -66,14 +71,19 @@ void srv_config_free(srv_config *c) {
     free(c->cors);
     c->cors = NULL;
     c->n_cors = 0;
+    for (int i = 0; i < c->n_aliases; i++) free(c->aliases[i]);
+    free(c->aliases);
+    c->aliases = NULL;
+    c->n_aliases = 0;
 }
 
-static int add_cors(srv_config *c, const char *o) {
-    char **p = realloc(c->cors, (size_t)(c->n_cors + 1) * sizeof *p);
+/* Appends a copy of s to the list (*v, *n). -1 when out of memory (the list is unchanged). */
+static int add_string(char ***v, int *n, const char *s) {
+    char **p = realloc(*v, (size_t)(*n + 1) * sizeof *p);
     if (!p) return -1;
-    c->cors = p;
-    if (!(c->cors[c->n_cors] = strdup(o))) return -1;
-    c->n_cors++;
+    *v = p;
+    if (!(p[*n] = strdup(s))) return -1;
+    (*n)++;
     return 0;
 }
 
@@ -146,11 +156,13 @@ static int parse_flags(int argc, char **argv, srv_config *c) {
                                   "--max-body", "--request-timeout", "--idle-timeout", "--grace",
                                   "--routing-retention", "--stream-buffer", "--max-connections", "--kv-size",
                                   "--max-itl-ms", "--kv-type", "--admin-key", "--routing-retention-bytes",
-                                  "--header-timeout", "--min-body-rate", "--max-conn-per-ip"};
+                                  "--header-timeout", "--min-body-rate", "--max-conn-per-ip", "--alias"};
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) { serve_usage(stdout); return -1; }
         if (!strcmp(argv[i], "--no-prefix-cache")) { c->prefix_cache = 0; continue; }
         if (!strcmp(argv[i], "--kv-check")) { c->kv_check = 1; continue; }
+        if (!strcmp(argv[i], "--strict-model")) { c->strict_model = 1; continue; }
+        if (!strcmp(argv[i], "--strict-context")) { c->strict_context = 1; continue; }
         const char *f = NULL, *v = NULL;
         int m = 0;
         for (size_t k = 0; k < sizeof flags / sizeof *flags && !m; k++)
@@ -180,8 +192,11 @@ static int parse_flags(int argc, char **argv, srv_config *c) {
             ok = srv_keys_load_file(&c->keys, v) >= 0;
             if (!ok) fprintf(stderr, "codemoe serve: cannot read --api-key-file %s: %s\n", v, strerror(errno));
         } else if (!strcmp(f, "--cors-origin")) {
-            ok = *v && add_cors(c, v) == 0;
+            ok = *v && add_string(&c->cors, &c->n_cors, v) == 0;
             if (!ok) fprintf(stderr, "codemoe serve: bad --cors-origin\n");
+        } else if (!strcmp(f, "--alias")) {
+            ok = *v && add_string(&c->aliases, &c->n_aliases, v) == 0;
+            if (!ok) fprintf(stderr, "codemoe serve: bad --alias\n");
         } else if (!strcmp(f, "--max-body")) ok = parse_size(f, v, 1, &c->max_body);
         else if (!strcmp(f, "--request-timeout")) ok = parse_seconds(f, v, &c->request_timeout);
         else if (!strcmp(f, "--idle-timeout")) ok = cli_int("serve", f, v, 0, 86400, &c->idle_timeout);

@@ -29,6 +29,10 @@
 typedef struct srv_config {
     const char *model_path;
     char model_id[256];       /* what clients send as "model" (--model-id, else the file's basename) */
+    char **aliases;           /* more names of the model (--alias, owned); see api_find_model */
+    int n_aliases;
+    int strict_model;         /* only the model's names select it (--strict-model) */
+    int strict_context;       /* prompt + max_tokens beyond --ctx is a 400, not clamped (--strict-context) */
     const char *host;
     int port;                 /* 0: any free port (the bound one is logged) */
     int n_threads;            /* engine compute threads */

@@ -9,6 +9,7 @@
 
 #include "../test.h"
 #include "api.h"
+#include "format.h"
 #include "fake_engine.h"
 
 static cm_model *g_model;
@@ -153,7 +154,7 @@ TEST(parse_all_fields) {
         "\"stop\":[\"\\n\\n\",\"END\"],\"presence_penalty\":-1.5,\"frequency_penalty\":2,"
         "\"logit_bias\":{\"50\":-100,\"261\":3.5},\"seed\":-7,\"user\":\"u1\",\"top_k\":40,\"min_p\":0.05,"
         "\"repetition_penalty\":1.1,\"language\":\"python\",\"segment_routing\":\"reference\",\"routing\":\"full\","
-        "\"cache_prompt\":true}";
+        "\"cache_prompt\":true,\"mirostat\":0}";
     ASSERT_EQ_INT(parse(body, &r, &e), 0);
     ASSERT_EQ_INT(r.max_tokens, 5);
     ASSERT_NEAR(r.sampling.temperature, 0.5, 1e-7);
@@ -183,7 +184,7 @@ TEST(parse_all_fields) {
     ASSERT_STREQ(r.language, "python");
     ASSERT_EQ_INT(r.segment_routing, API_SEGMENT_REFERENCE);
     ASSERT_EQ_INT(r.routing, API_ROUTING_FULL);
-    ASSERT_STREQ(r.unknown_field, "cache_prompt");
+    ASSERT_STREQ(r.unknown_field, "mirostat"); /* cache_prompt is known: accepted and ignored on purpose */
     ASSERT_EQ_INT(api_completion_n_choices(&r), 3);
     api_completion_req_free(&r);
 
@@ -193,7 +194,8 @@ TEST(parse_all_fields) {
         "\"stream_options\":null,\"logprobs\":null,\"echo\":null,\"stop\":null,\"presence_penalty\":null,"
         "\"frequency_penalty\":null,\"best_of\":null,\"logit_bias\":null,\"user\":null,\"seed\":null,"
         "\"model\":null,\"top_k\":null,\"min_p\":null,\"repetition_penalty\":null,\"language\":null,"
-        "\"segment_routing\":null,\"routing\":null,\"parse_special\":null}";
+        "\"segment_routing\":null,\"routing\":null,\"parse_special\":null,\"n_predict\":null,"
+        "\"cache_prompt\":null,\"segments\":null}";
     ASSERT_EQ_INT(parse(nulls, &r, &e), 0);
     ASSERT_EQ_INT(r.n, 1);
     ASSERT_EQ_INT(r.logprobs, -1);
@@ -243,8 +245,17 @@ TEST(prompt_forms) {
 TEST(prompt_default_and_empty) {
     api_completion_req r;
     api_error e;
-    setup(0, 1, 0); /* BOS exists but is not added: the default is still BOS */
-    ASSERT_EQ_INT(parse("{}", &r, &e), 0);
+    setup(0, 1, 0);
+    /* no prompt in any form: OpenAI's reference marks it required, and a completion of nothing is
+     * never what a client meant */
+    ASSERT_EQ_INT(parse("{}", &r, &e), -1);
+    ASSERT_EQ_INT(e.status, 400);
+    ASSERT_STREQ(e.param, "prompt");
+    ASSERT_STREQ(e.message, "'prompt' is a required property");
+    ASSERT_EQ_INT(parse("{\"prompt\":null,\"max_tokens\":3}", &r, &e), -1);
+    ASSERT_STREQ(e.param, "prompt");
+    /* "" is a prompt: BOS exists but is not added, the start is still BOS */
+    ASSERT_EQ_INT(parse("{\"prompt\":\"\"}", &r, &e), 0);
     int32_t wb[] = {FAKE_BOS};
     ASSERT_TRUE(tokens_are(&r, 0, wb, 1));
     ASSERT_EQ_INT(r.prompts[0].echo_from, 1);
@@ -391,7 +402,9 @@ static const bad_case bad_cases[] = {
     {"{\"stop\":\"\"}", 400, "stop", "'' is too short - 'stop'", NULL},
     {"{\"stop\":[\"a\",\"\"]}", 400, "stop", "'' is too short", NULL},
     {"{\"stop\":[\"a\",3]}", 400, "stop", "3 is not of type 'string' - 'stop'", NULL},
-    {"{\"stop\":[\"a\",\"b\",\"c\",\"d\",\"e\"]}", 400, "stop", "is too long: at most 4 stop sequences", NULL},
+    {"{\"stop\":[\"1\",\"2\",\"3\",\"4\",\"5\",\"6\",\"7\",\"8\",\"9\",\"10\",\"11\",\"12\",\"13\",\"14\",\"15\",\"16\","
+     "\"17\",\"18\",\"19\",\"20\",\"21\",\"22\",\"23\",\"24\",\"25\",\"26\",\"27\",\"28\",\"29\",\"30\",\"31\",\"32\",\"33\"]}",
+     400, "stop", "is too long: at most 32 stop sequences", NULL},
     {"{\"presence_penalty\":-2.01}", 400, "presence_penalty", "less than the minimum of -2", NULL},
     {"{\"frequency_penalty\":3}", 400, "frequency_penalty", "greater than the maximum of 2", NULL},
     {"{\"frequency_penalty\":null,\"presence_penalty\":{}}", 400, "presence_penalty", "{} is not of type 'number'", NULL},
@@ -407,7 +420,18 @@ static const bad_case bad_cases[] = {
     {"{\"seed\":\"1\"}", 400, "seed", "is not of type 'integer'", NULL},
     {"{\"user\":5}", 400, "user", "5 is not of type 'string' - 'user'", NULL},
     {"{\"model\":5}", 400, "model", "5 is not of type 'string' - 'model'", NULL},
-    {"{\"model\":\"gpt-4\"}", 404, "model", "The model 'gpt-4' does not exist", "model_not_found"},
+    {"{\"prompt\":\"a\",\"n_predict\":4,\"max_tokens\":4}", 400, "n_predict", "'n_predict' and 'max_tokens' both set", NULL},
+    {"{\"prompt\":\"a\",\"n_predict\":-2}", 400, "n_predict", "less than the minimum of -1 - 'n_predict'", NULL},
+    {"{\"prompt\":\"a\",\"n_predict\":\"8\"}", 400, "n_predict", "is not of type 'integer'", NULL},
+    {"{\"prompt\":\"a\",\"cache_prompt\":1}", 400, "cache_prompt", "1 is not of type 'boolean' - 'cache_prompt'", NULL},
+    {"{}", 400, "prompt", "'prompt' is a required property", NULL},
+    {"{\"max_tokens\":4}", 400, "prompt", "'prompt' is a required property", NULL},
+    {"{\"segments\":[]}", 400, "segments", "[] is not of type 'object' - 'segments'", NULL},
+    {"{\"segments\":{\"prefix\":\"a\"},\"mode\":\"next_edit_suggestion\"}", 400, "mode",
+     "'next_edit_suggestion' is not one of ['standard'] - 'mode'", NULL},
+    {"{\"segments\":{}}", 400, "prompt", "'prefix' is a required property - 'segments'", NULL},
+    {"{\"segments\":{\"prefix\":1}}", 400, "segments.prefix", "1 is not of type 'string'", NULL},
+    {"{\"segments\":{\"prefix\":\"a\",\"suffix\":[]}}", 400, "segments.suffix", "is not of type 'string'", NULL},
     {"{\"top_k\":-1}", 400, "top_k", "less than the minimum of 0 - 'top_k'", NULL},
     {"{\"top_k\":0.5}", 400, "top_k", "is not of type 'integer'", NULL},
     {"{\"min_p\":1.5}", 400, "min_p", "greater than the maximum of 1", NULL},
@@ -431,13 +455,8 @@ static const bad_case bad_cases[] = {
     {"{\"prompt\":[\"1\",\"2\",\"3\",\"4\",\"5\",\"6\",\"7\",\"8\",\"9\",\"10\",\"11\",\"12\",\"13\",\"14\",\"15\",\"16\",\"17\"]}",
      400, "prompt", "at most 16 per request", NULL},
     /* context: n_ctx is 64 in these tests */
-    {"{\"prompt\":[1,2,3,4,5,6,7,8,9,10],\"max_tokens\":60}", 400, "max_tokens",
-     "This model's maximum context length is 64 tokens, however you requested 70 tokens (10 in your prompt; 60 for "
-     "the completion). Please reduce your prompt; or completion length.", "context_length_exceeded"},
     {"{\"prompt\":\"0123456789012345678901234567890123456789012345678901234567890123456789\",\"max_tokens\":0}", 400,
      "prompt", "(70 in your prompt; 0 for the completion)", "context_length_exceeded"},
-    {"{\"prompt\":\"01234567890123456789012345678901234567890123456789\"}", 400, "prompt",
-     "you requested 66 tokens (50 in your prompt; 16 for the completion)", "context_length_exceeded"},
 };
 
 TEST(rejections) {
@@ -473,10 +492,9 @@ TEST(body_limit_and_model_match) {
     ASSERT_STREQ(e.code, "request_too_large");
     g_lim.max_body_bytes = 1 << 20;
     /* general.name matches too; the id is what /v1/models lists */
-    ASSERT_EQ_INT(parse("{\"model\":\"Fake Coder\"}", &r, &e), 0);
+    ASSERT_EQ_INT(parse("{\"model\":\"Fake Coder\",\"prompt\":\"a\"}", &r, &e), 0);
     api_completion_req_free(&r);
     ASSERT_TRUE(api_find_model(&g_am, 1, "fake-coder") == &g_am);
-    ASSERT_TRUE(api_find_model(&g_am, 1, "fake") == NULL);
     /* a body need not be NUL-terminated, and may hold NUL inside strings */
     const char body[] = "{\"prompt\":\"a\\u0000b\"}XXXX";
     ASSERT_EQ_INT(api_parse_completion(body, sizeof body - 5, &g_am, &g_lim, &r, &e), 0);
@@ -490,7 +508,7 @@ TEST(body_limit_and_model_match) {
     ASSERT_TRUE(strstr(e.message, "...' is not of type 'number' - 'temperature'") != NULL);
     /* stop strings are bounded in bytes (512 accepted, 513 not) */
     char stop[700];
-    snprintf(stop, sizeof stop, "{\"stop\":\"%0512d\"}", 0);
+    snprintf(stop, sizeof stop, "{\"prompt\":\"a\",\"stop\":\"%0512d\"}", 0);
     ASSERT_EQ_INT(parse(stop, &r, &e), 0);
     ASSERT_EQ_INT(r.stop.len[0], 512);
     api_completion_req_free(&r);
@@ -593,8 +611,283 @@ TEST(max_tokens_resolution) {
     ASSERT_STREQ(e.param, "prompt");
     /* limits are the server's: raise logprobs_max to the engine's 20 */
     g_lim.logprobs_max = 20;
-    ASSERT_EQ_INT(parse("{\"logprobs\":20}", &r, &e), 0);
+    ASSERT_EQ_INT(parse("{\"prompt\":\"a\",\"logprobs\":20}", &r, &e), 0);
     api_completion_req_free(&r);
+}
+
+TEST(model_names) {
+    setup(1, 1, 0);
+    api_completion_req r;
+    api_error e;
+    /* one model served: any name selects it (llama.vscode sends "", LangChain its own default) */
+    const char *names[] = {"\"\"", "\"gpt-3.5-turbo-instruct\"", "\"fake-coder\"", "null"};
+    for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
+        char body[128];
+        snprintf(body, sizeof body, "{\"model\":%s,\"prompt\":\"a\"}", names[i]);
+        ASSERT_EQ_INT(parse(body, &r, &e), 0);
+        ASSERT_TRUE(r.model == &g_am);
+        api_completion_req_free(&r);
+    }
+    ASSERT_TRUE(api_find_model(&g_am, 1, "anything") == &g_am);
+    /* --strict-model: only the id, an alias or general.name */
+    static const char *const aliases[] = {"coder", "starcoder"};
+    g_am.aliases = aliases;
+    g_am.n_aliases = 2;
+    g_am.strict_name = 1;
+    ASSERT_TRUE(api_find_model(&g_am, 1, "fake-coder") == &g_am);
+    ASSERT_TRUE(api_find_model(&g_am, 1, "starcoder") == &g_am);
+    ASSERT_TRUE(api_find_model(&g_am, 1, "Fake Coder") == &g_am);
+    ASSERT_TRUE(api_find_model(&g_am, 1, "") == NULL);
+    ASSERT_TRUE(api_find_model(&g_am, 1, "fake") == NULL);
+    ASSERT_EQ_INT(parse("{\"model\":\"coder\",\"prompt\":\"a\"}", &r, &e), 0);
+    api_completion_req_free(&r);
+    ASSERT_EQ_INT(parse("{\"model\":\"gpt-4\",\"prompt\":\"a\"}", &r, &e), -1);
+    ASSERT_EQ_INT(e.status, 404);
+    ASSERT_STREQ(e.param, "model");
+    ASSERT_STREQ(e.code, "model_not_found");
+    ASSERT_TRUE(strstr(e.message, "The model 'gpt-4' does not exist") != NULL);
+    ASSERT_EQ_INT(parse("{\"prompt\":\"a\"}", &r, &e), 0); /* absent: the served model, strict or not */
+    api_completion_req_free(&r);
+    /* several models served: strict whatever the flag */
+    api_model two[2] = {g_am, g_am};
+    two[0].strict_name = two[1].strict_name = 0;
+    two[1].id = "other";
+    two[1].n_aliases = 0;
+    ASSERT_TRUE(api_find_model(two, 2, "other") == &two[1]);
+    ASSERT_TRUE(api_find_model(two, 2, "gpt-4") == NULL);
+    /* the model list shows the aliases */
+    char *js = api_render_model(&g_am);
+    json_t *j = json_loads(js, 0, NULL);
+    free(js);
+    ASSERT_EQ_INT(json_array_size(json_object_get(j, "aliases")), 2);
+    ASSERT_STREQ(json_string_value(json_array_get(json_object_get(j, "aliases"), 1)), "starcoder");
+    json_decref(j);
+    g_am.aliases = NULL;
+    g_am.n_aliases = 0;
+    g_am.strict_name = 0;
+}
+
+TEST(context_clamp_and_strict) {
+    setup(1, 1, 0);
+    api_completion_req r;
+    api_error e;
+    /* Continue asks for 4096 tokens: what the 64-token context leaves after the prompt */
+    ASSERT_EQ_INT(parse("{\"prompt\":[1,2,3,4,5,6,7,8,9,10],\"max_tokens\":4096}", &r, &e), 0);
+    ASSERT_EQ_INT(r.max_tokens, 54);
+    api_completion_req_free(&r);
+    ASSERT_EQ_INT(parse("{\"prompt\":\"01234567890123456789012345678901234567890123456789\"}", &r, &e), 0);
+    ASSERT_EQ_INT(r.max_tokens, 14); /* the default 16, clamped */
+    api_completion_req_free(&r);
+    ASSERT_EQ_INT(parse("{\"prompt\":\"0123\",\"n_predict\":100}", &r, &e), 0);
+    ASSERT_EQ_INT(r.max_tokens, 60);
+    api_completion_req_free(&r);
+    /* a prompt that alone fills the context is still an error */
+    char body[200];
+    snprintf(body, sizeof body, "{\"prompt\":\"%064d\",\"max_tokens\":1}", 0);
+    ASSERT_EQ_INT(parse(body, &r, &e), -1);
+    ASSERT_STREQ(e.code, "context_length_exceeded");
+    ASSERT_STREQ(e.param, "prompt");
+    snprintf(body, sizeof body, "{\"prompt\":\"%070d\",\"max_tokens\":0}", 0);
+    ASSERT_EQ_INT(parse(body, &r, &e), -1);
+    ASSERT_STREQ(e.param, "prompt");
+    /* --strict-context: OpenAI's 400 */
+    g_lim.strict_context = 1;
+    ASSERT_EQ_INT(parse("{\"prompt\":[1,2,3,4,5,6,7,8,9,10],\"max_tokens\":60}", &r, &e), -1);
+    ASSERT_EQ_INT(e.status, 400);
+    ASSERT_STREQ(e.param, "max_tokens");
+    ASSERT_STREQ(e.code, "context_length_exceeded");
+    ASSERT_STREQ(e.message, "This model's maximum context length is 64 tokens, however you requested 70 tokens (10 in "
+                            "your prompt; 60 for the completion). Please reduce your prompt; or completion length.");
+    ASSERT_EQ_INT(parse("{\"prompt\":\"01234567890123456789012345678901234567890123456789\"}", &r, &e), -1);
+    ASSERT_STREQ(e.param, "prompt");
+    ASSERT_TRUE(strstr(e.message, "you requested 66 tokens (50 in your prompt; 16 for the completion)") != NULL);
+    ASSERT_EQ_INT(parse("{\"prompt\":\"0123\",\"max_tokens\":60}", &r, &e), 0); /* exactly full */
+    api_completion_req_free(&r);
+    g_lim.strict_context = 0;
+}
+
+TEST(n_predict) {
+    setup(1, 1, 0);
+    api_completion_req r;
+    api_error e;
+    ASSERT_EQ_INT(parse("{\"prompt\":\"ab\",\"n_predict\":7}", &r, &e), 0);
+    ASSERT_EQ_INT(r.max_tokens, 7);
+    api_completion_req_free(&r);
+    ASSERT_EQ_INT(parse("{\"prompt\":\"ab\",\"n_predict\":-1}", &r, &e), 0); /* llama.cpp: until the context is full */
+    ASSERT_EQ_INT(r.max_tokens, 62);
+    api_completion_req_free(&r);
+    ASSERT_EQ_INT(parse("{\"prompt\":\"ab\",\"n_predict\":0}", &r, &e), 0);
+    ASSERT_EQ_INT(r.max_tokens, 0);
+    api_completion_req_free(&r);
+    ASSERT_EQ_INT(parse("{\"prompt\":\"ab\",\"n_predict\":5,\"max_tokens\":null}", &r, &e), -1);
+    ASSERT_STREQ(e.param, "n_predict");
+    /* OpenAI's newer name, which Continue's fimStream sends */
+    ASSERT_EQ_INT(parse("{\"prompt\":\"ab\",\"max_completion_tokens\":6,\"n_predict\":null}", &r, &e), 0);
+    ASSERT_EQ_INT(r.max_tokens, 6);
+    api_completion_req_free(&r);
+    ASSERT_EQ_INT(parse("{\"prompt\":\"ab\",\"max_tokens\":6,\"max_completion_tokens\":6}", &r, &e), -1);
+    ASSERT_STREQ(e.param, "max_completion_tokens");
+    ASSERT_EQ_INT(parse("{\"prompt\":\"ab\",\"max_completion_tokens\":-1}", &r, &e), -1);
+    ASSERT_STREQ(e.param, "max_completion_tokens");
+    g_lim.max_tokens_cap = 8;
+    ASSERT_EQ_INT(parse("{\"prompt\":\"ab\",\"n_predict\":9}", &r, &e), -1);
+    ASSERT_STREQ(e.param, "n_predict"); /* the error names the field the client sent */
+    ASSERT_TRUE(strstr(e.message, "n_predict is too large: 9") != NULL);
+    g_lim.max_tokens_cap = 0;
+}
+
+/* Tabby's agent: {language, segments: {prefix, suffix, filepath, git_url, declarations, ...}} */
+TEST(tabby_segments) {
+    setup(1, 1, 0);
+    api_completion_req r;
+    api_error e;
+    const char *body =
+        "{\"language\":\"python\",\"segments\":{\"prefix\":\"ab\",\"suffix\":\"c\",\"filepath\":\"x.py\","
+        "\"git_url\":\"https://example.invalid/r.git\",\"declarations\":[{\"filepath\":\"y.py\",\"text\":\"def y(): pass\"}],"
+        "\"relevant_snippets_from_changed_files\":[],\"clipboard\":\"\"},\"temperature\":0.1,\"mode\":\"standard\"}";
+    g_am.n_ctx = 256;
+    ASSERT_EQ_INT(parse(body, &r, &e), 0);
+    g_am.n_ctx = 64;
+    int32_t want[] = {FAKE_FIM_PRE, 'a', 'b', FAKE_FIM_SUF, 'c', FAKE_FIM_MID};
+    ASSERT_TRUE(tokens_are(&r, 0, want, 6));
+    ASSERT_EQ_INT(r.tabby, 1);
+    ASSERT_EQ_INT(r.has_suffix, 1);
+    ASSERT_EQ_INT(r.max_tokens, 64); /* Tabby's default */
+    ASSERT_STREQ(r.language, "python");
+    ASSERT_STREQ(r.prompts[0].text, "ab");
+    api_completion_req_free(&r);
+    /* no suffix: FIM at the end of the file */
+    ASSERT_EQ_INT(parse("{\"segments\":{\"prefix\":\"ab\"},\"max_tokens\":3}", &r, &e), 0);
+    int32_t want2[] = {FAKE_FIM_PRE, 'a', 'b', FAKE_FIM_SUF, FAKE_FIM_MID};
+    ASSERT_TRUE(tokens_are(&r, 0, want2, 5));
+    ASSERT_EQ_INT(r.max_tokens, 3);
+    api_completion_req_free(&r);
+    /* "prompt" wins over segments */
+    ASSERT_EQ_INT(parse("{\"prompt\":\"x\",\"segments\":{\"prefix\":\"ab\"}}", &r, &e), 0);
+    ASSERT_EQ_INT(r.tabby, 0);
+    ASSERT_EQ_INT(r.max_tokens, 16);
+    api_completion_req_free(&r);
+    /* a model without FIM tokens completes the prefix, unless there is a suffix to fill before */
+    setup(0, 1, 0);
+    ASSERT_EQ_INT(parse("{\"segments\":{\"prefix\":\"ab\",\"suffix\":\"\"}}", &r, &e), 0);
+    int32_t want3[] = {'a', 'b'};
+    ASSERT_TRUE(tokens_are(&r, 0, want3, 2));
+    ASSERT_EQ_INT(r.has_suffix, 0);
+    api_completion_req_free(&r);
+    ASSERT_EQ_INT(parse("{\"segments\":{\"prefix\":\"ab\",\"suffix\":\"c\"}}", &r, &e), -1);
+    ASSERT_STREQ(e.param, "suffix");
+}
+
+static int parse_fim(const char *body, api_completion_req *r, api_error *e) {
+    return api_parse_fim_completion(body, strlen(body), &g_am, &g_lim, r, e);
+}
+
+/* POST /v1/fim/completions: Mistral's / DeepSeek's request, answered in the chat shape */
+TEST(fim_chat_shape) {
+    setup(1, 1, 0);
+    api_completion_req r;
+    api_error e;
+    ASSERT_EQ_INT(parse_fim("{\"model\":\"codestral-latest\",\"prompt\":\"ab\",\"suffix\":\"c\",\"max_tokens\":4,"
+                            "\"stop\":[\"\\n\"],\"stream\":true,\"random_seed\":5,\"min_tokens\":0}", &r, &e), 0);
+    int32_t want[] = {FAKE_FIM_PRE, 'a', 'b', FAKE_FIM_SUF, 'c', FAKE_FIM_MID};
+    ASSERT_TRUE(tokens_are(&r, 0, want, 6));
+    ASSERT_EQ_INT(r.shape, API_SHAPE_FIM_CHAT);
+    ASSERT_EQ_INT(r.seed_set, 1);
+    ASSERT_TRUE(r.seed == 5);
+    ASSERT_EQ_INT(r.stop.n, 1);
+    api_meta meta = {.id = "cmpl-x", .created = 1};
+    api_choice c = {.index = 0, .text = "de", .text_len = 2, .finish = API_FINISH_NONE};
+    const api_format *f = &api_format_fim; /* the route's renderers: the chat shapes */
+    char *ev = f->chunk(&r, &meta, &c, 0);
+    ASSERT_TRUE(ev && !strncmp(ev, "data: ", 6));
+    json_t *j = json_loads(ev + 6, JSON_DISABLE_EOF_CHECK, NULL);
+    free(ev);
+    ASSERT_STREQ(json_string_value(json_object_get(j, "object")), "chat.completion.chunk");
+    json_t *c0 = json_array_get(json_object_get(j, "choices"), 0);
+    ASSERT_STREQ(json_string_value(json_object_get(json_object_get(c0, "delta"), "content")), "de");
+    ASSERT_TRUE(json_is_null(json_object_get(c0, "finish_reason")));
+    ASSERT_TRUE(json_object_get(c0, "text") == NULL);
+    json_decref(j);
+    api_completion_req_free(&r);
+    /* suffix defaults to "": FIM at the end of the file */
+    ASSERT_EQ_INT(parse_fim("{\"prompt\":\"ab\",\"max_tokens\":2}", &r, &e), 0);
+    int32_t want2[] = {FAKE_FIM_PRE, 'a', 'b', FAKE_FIM_SUF, FAKE_FIM_MID};
+    ASSERT_TRUE(tokens_are(&r, 0, want2, 5));
+    api_choice full = {.index = 0, .text = "x", .text_len = 1, .finish = API_FINISH_LENGTH};
+    api_usage u = {.prompt_tokens = 5, .completion_tokens = 1};
+    char *s = f->response(&r, &meta, &full, 1, &u, NULL);
+    j = json_loads(s, 0, NULL);
+    free(s);
+    ASSERT_STREQ(json_string_value(json_object_get(j, "object")), "chat.completion");
+    c0 = json_array_get(json_object_get(j, "choices"), 0);
+    ASSERT_STREQ(json_string_value(json_object_get(json_object_get(c0, "message"), "role")), "assistant");
+    ASSERT_STREQ(json_string_value(json_object_get(json_object_get(c0, "message"), "content")), "x");
+    ASSERT_STREQ(json_string_value(json_object_get(c0, "finish_reason")), "length");
+    ASSERT_EQ_INT(json_integer_value(json_object_get(json_object_get(j, "usage"), "total_tokens")), 6);
+    json_decref(j);
+    api_completion_req_free(&r);
+    /* what the shape cannot carry, and Mistral's fields this server cannot honour, are 400s */
+    static const struct { const char *body, *param; } bad[] = {
+        {"{\"suffix\":\"c\"}", "prompt"},
+        {"{\"prompt\":[1,2]}", "prompt"},
+        {"{\"prompt\":\"a\",\"echo\":true}", "echo"},
+        {"{\"prompt\":\"a\",\"logprobs\":1}", "logprobs"},
+        {"{\"prompt\":\"a\",\"min_tokens\":3}", "min_tokens"},
+        {"{\"prompt\":\"a\",\"seed\":1,\"random_seed\":2}", "random_seed"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        memset(&e, 0, sizeof e);
+        CHECK_TRUE(parse_fim(bad[i].body, &r, &e) == -1);
+        CHECK_TRUE(e.status == 400 && strcmp(e.param, bad[i].param) == 0);
+        if (strcmp(e.param, bad[i].param)) fprintf(stderr, "  %s -> param '%s': %s\n", bad[i].body, e.param, e.message);
+    }
+    setup(0, 1, 0); /* no FIM tokens: the endpoint cannot serve it */
+    ASSERT_EQ_INT(parse_fim("{\"prompt\":\"a\"}", &r, &e), -1);
+    ASSERT_STREQ(e.param, "suffix");
+}
+
+/* POST /tokenize and /detokenize (llama.cpp's fields and defaults) */
+TEST(tokenize_routes) {
+    setup(1, 1, 1);
+    api_error e;
+    const char *b = "{\"content\":\"a<|endoftext|>\"}";
+    char *s = api_tokenize(b, strlen(b), &g_am, &g_lim, &e);
+    ASSERT_STREQ(s, "{\"tokens\":[97,256]}"); /* parse_special on, no BOS by default */
+    free(s);
+    b = "{\"content\":\"a<|endoftext|>\",\"add_special\":true,\"parse_special\":false}";
+    s = api_tokenize(b, strlen(b), &g_am, &g_lim, &e);
+    ASSERT_TRUE(s && !strncmp(s, "{\"tokens\":[260,97,60,124,", 25)); /* BOS, then the control string as bytes */
+    free(s);
+    /* pieces: text, or the bytes of a cut character as numbers */
+    b = "{\"content\":\"a\\u00e9\",\"with_pieces\":true}";
+    s = api_tokenize(b, strlen(b), &g_am, &g_lim, &e);
+    ASSERT_STREQ(s, "{\"tokens\":[{\"id\":97,\"piece\":\"a\"},{\"id\":195,\"piece\":[195]},{\"id\":169,\"piece\":[169]}]}");
+    free(s);
+    b = "{\"tokens\":[97,261,256,262]}";
+    s = api_detokenize(b, strlen(b), &g_am, &g_lim, &e);
+    ASSERT_STREQ(s, "{\"content\":\"a world<|endoftext|>x\xef\xbf\xbd\"}"); /* control text shown; a cut character as U+FFFD */
+    free(s);
+    b = "{\"tokens\":[]}";
+    s = api_detokenize(b, strlen(b), &g_am, &g_lim, &e);
+    ASSERT_STREQ(s, "{\"content\":\"\"}");
+    free(s);
+    static const struct { const char *body; int tok; const char *param; } bad[] = {
+        {"{}", 1, "content"}, {"{\"content\":5}", 1, "content"}, {"{\"content\":\"a\",\"with_pieces\":1}", 1, "with_pieces"},
+        {"[1]", 1, ""}, {"{\"content\":", 1, ""}, {"{}", 0, "tokens"}, {"{\"tokens\":[300]}", 0, "tokens"},
+        {"{\"tokens\":[-1]}", 0, "tokens"}, {"{\"tokens\":[\"a\"]}", 0, "tokens"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        memset(&e, 0, sizeof e);
+        s = bad[i].tok ? api_tokenize(bad[i].body, strlen(bad[i].body), &g_am, &g_lim, &e)
+                       : api_detokenize(bad[i].body, strlen(bad[i].body), &g_am, &g_lim, &e);
+        CHECK_TRUE(s == NULL && e.status == 400 && strcmp(e.param, bad[i].param) == 0);
+        free(s);
+    }
+    g_lim.max_body_bytes = 4;
+    b = "{\"content\":\"a\"}";
+    ASSERT_TRUE(api_tokenize(b, strlen(b), &g_am, &g_lim, &e) == NULL);
+    ASSERT_EQ_INT(e.status, 413);
+    api_limits_default(&g_lim);
 }
 
 TEST(sampling_per_choice) {
@@ -1338,6 +1631,12 @@ int main(void) {
     RUN(body_limit_and_model_match);
     RUN(validate_then_tokenize);
     RUN(max_tokens_resolution);
+    RUN(model_names);
+    RUN(context_clamp_and_strict);
+    RUN(n_predict);
+    RUN(tabby_segments);
+    RUN(fim_chat_shape);
+    RUN(tokenize_routes);
     RUN(sampling_per_choice);
     RUN(stop_basic);
     RUN(stop_overlapping_prefixes);

@@ -143,14 +143,23 @@ TEST(chat_field_mapping) {
     ASSERT_EQ_INT(parse(body, &r, &e), -1);
     ASSERT_STREQ(e.param, "logprobs");
     snprintf(body, sizeof body, "{%s,\"max_completion_tokens\":1000}", m);
+    ASSERT_EQ_INT(parse(body, &r, &e), 0); /* clamped to the context */
+    api_completion_req_free(&r);
+    g_lim.strict_context = 1;
     ASSERT_EQ_INT(parse(body, &r, &e), -1);
+    g_lim.strict_context = 0;
     ASSERT_STREQ(e.code, "context_length_exceeded");
     ASSERT_STREQ(e.param, "max_completion_tokens");
     snprintf(body, sizeof body, "{%s,\"temperature\":\"hot\"}", m);
     ASSERT_EQ_INT(parse(body, &r, &e), -1);
     ASSERT_STREQ(e.param, "temperature");
+    /* one model served: any name selects it, unless strict_name */
     snprintf(body, sizeof body, "{%s,\"model\":\"other\"}", m);
+    ASSERT_EQ_INT(parse(body, &r, &e), 0);
+    api_completion_req_free(&r);
+    g_am.strict_name = 1;
     ASSERT_EQ_INT(parse(body, &r, &e), -1);
+    g_am.strict_name = 0;
     ASSERT_EQ_INT(e.status, 404);
 }
 

@@ -63,7 +63,13 @@ TEST(ollama_generate_mapping) {
     ASSERT_IDS(r.prompts[0].tokens, r.prompts[0].n_tokens, FAKE_FIM_PRE, 'p', FAKE_FIM_SUF, 's', FAKE_FIM_MID);
     api_completion_req_free(&r);
     /* errors name Ollama's parameters */
+    /* beyond the context: clamped, or with strict_context a 400 that names num_predict */
+    ASSERT_EQ_INT(parse(&api_format_ollama_generate, "{\"prompt\":\"p\",\"options\":{\"num_predict\":1000}}", &r, &e), 0);
+    ASSERT_TRUE(r.max_tokens > 0 && r.max_tokens < 64);
+    api_completion_req_free(&r);
+    g_lim.strict_context = 1;
     ASSERT_EQ_INT(parse(&api_format_ollama_generate, "{\"prompt\":\"p\",\"options\":{\"num_predict\":1000}}", &r, &e), -1);
+    g_lim.strict_context = 0;
     ASSERT_STREQ(e.param, "num_predict");
     ASSERT_EQ_INT(parse(&api_format_ollama_generate, "{\"prompt\":5}", &r, &e), -1);
     ASSERT_STREQ(e.param, "prompt");
@@ -153,7 +159,13 @@ TEST(ollama_shapes) {
     const api_model *found = NULL;
     ASSERT_EQ_INT(api_ollama_show_model("{\"name\":\"fake\"}", 15, &g_am, 1, &found, &e), 0);
     ASSERT_TRUE(found == &g_am);
+    /* one model served: any name selects it, unless strict_name */
+    found = NULL;
+    ASSERT_EQ_INT(api_ollama_show_model("{\"model\":\"nope\"}", 16, &g_am, 1, &found, &e), 0);
+    ASSERT_TRUE(found == &g_am);
+    g_am.strict_name = 1;
     ASSERT_EQ_INT(api_ollama_show_model("{\"model\":\"nope\"}", 16, &g_am, 1, &found, &e), -1);
+    g_am.strict_name = 0;
     ASSERT_EQ_INT(e.status, 404);
     s = api_render_ollama_show(&g_am);
     j = load(s);
@@ -217,7 +229,12 @@ TEST(llama_completion_mapping_and_shapes) {
     free(s);
     api_completion_req_free(&r);
     /* errors name llama.cpp's parameters */
+    ASSERT_EQ_INT(parse(&api_format_llama_completion, "{\"prompt\":\"ab\",\"n_predict\":100}", &r, &e), 0);
+    ASSERT_TRUE(r.max_tokens > 0 && r.max_tokens < 64);
+    api_completion_req_free(&r);
+    g_lim.strict_context = 1;
     ASSERT_EQ_INT(parse(&api_format_llama_completion, "{\"prompt\":\"ab\",\"n_predict\":100}", &r, &e), -1);
+    g_lim.strict_context = 0;
     ASSERT_STREQ(e.param, "n_predict");
     ASSERT_EQ_INT(parse(&api_format_llama_completion, "{\"prompt\":\"ab\",\"repeat_penalty\":0}", &r, &e), -1);
     ASSERT_STREQ(e.param, "repeat_penalty");

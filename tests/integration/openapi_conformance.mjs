@@ -370,7 +370,10 @@ async function ollama(model) {
   }
   const show = await call('POST', '/api/show', { body: { model: model.id } });
   conform('POST', '/api/show', show);
-  await expectError('POST', '/api/show', { body: { model: 'no-such-model' } }, 404, undefined, undefined, 'ollama show unknown');
+  /* one model served without --strict-model: any name selects it */
+  const showAny = await call('POST', '/api/show', { body: { model: 'no-such-model' } });
+  conform('POST', '/api/show', showAny, 'ollama show any name');
+  expect(showAny.status === 200, 'ollama show any name', `status ${showAny.status}`);
   const G = '/api/generate';
   const req = { model: model.id, prompt: 'def add(a, b):', raw: true, options: { num_predict: 5, temperature: 0 } };
   const full = await call('POST', G, { body: { ...req, stream: false } });
@@ -400,7 +403,9 @@ async function ollama(model) {
   } else {
     await expectError('POST', C, { body: chatReq }, 400, undefined, undefined, 'ollama chat without a template');
   }
-  await expectError('POST', G, { body: { model: 'no-such-model', prompt: 'x' } }, 404, undefined, undefined, 'ollama generate unknown model');
+  const genAny = await call('POST', G, { body: { model: 'no-such-model', prompt: 'x', stream: false, options: { num_predict: 1 } } });
+  conform('POST', G, genAny, 'ollama generate any name');
+  expect(genAny.status === 200, 'ollama generate any name', `status ${genAny.status}`);
 }
 
 /* llama.cpp's /completion (plain, streamed, response_fields) and /infill. */
@@ -562,19 +567,74 @@ async function main() {
   await expectError('POST', P, { body: { prompt: 'a', n: 0 } }, 400, 'n', undefined, 'error n');
   await expectError('POST', P, { body: { prompt: 'a', best_of: 3 } }, 400, 'best_of', undefined, 'error best_of');
   await expectError('POST', P, { body: { prompt: 'a', logprobs: 99 } }, 400, 'logprobs', undefined, 'error logprobs');
-  await expectError('POST', P, { body: { prompt: 'a', stop: ['a', 'b', 'c', 'd', 'e'] } }, 400, 'stop', undefined, 'error stop');
+  const stops33 = Array.from({ length: 33 }, (_, i) => 'stop' + i);
+  await expectError('POST', P, { body: { prompt: 'a', stop: stops33 } }, 400, 'stop', undefined, 'error stop');
+  await completion({ model: mid, prompt: 'a', max_tokens: 2, stop: stops33.slice(0, 32) }, 'completion 32 stops');
+  await expectError('POST', P, { body: { max_tokens: 2 } }, 400, 'prompt', undefined, 'error no prompt');
+  await expectError('POST', P, { body: { prompt: 'a', max_tokens: 2, n_predict: 2 } }, 400, 'n_predict', undefined,
+    'error n_predict with max_tokens');
   await expectError('POST', P, { body: { prompt: 'a', stream_options: { include_usage: true } } }, 400, 'stream_options',
     undefined, 'error stream_options');
   await expectError('POST', P, { body: { prompt: 'a', logit_bias: { abc: 1 } } }, 400, 'logit_bias', undefined, 'error logit_bias');
   await expectError('POST', P, { body: { prompt: 5 } }, 400, 'prompt', undefined, 'error prompt type');
   await expectError('POST', P, { body: { prompt: [-1] } }, 400, 'prompt', undefined, 'error token id');
   await expectError('POST', P, { body: { prompt: 'a', routing: 'everything' } }, 400, 'routing', undefined, 'error routing enum');
-  await expectError('POST', P, { body: { model: 'gpt-4-does-not-exist', prompt: 'a' } }, 404, 'model', 'model_not_found',
-    'error model');
+  /* one model served: any name is it (the server runs without --strict-model here) */
+  await completion({ model: 'gpt-3.5-turbo-instruct', prompt: 'a', max_tokens: 2 }, 'completion any model name');
   const ctx = model.context_length || 4096;
-  await expectError('POST', P, { body: { prompt: 'a', max_tokens: ctx + 1 } }, 400, undefined, 'context_length_exceeded',
-    'error context length');
+  /* more than the context leaves: clamped (no --strict-context here); a prompt alone over it: 400 */
+  const clampReq = { prompt: 'a', max_tokens: ctx + 1, temperature: 0 };
+  validate(requestRef, clampReq, 'completion clamped (request vs. spec)');
+  const cr = await call('POST', P, { body: clampReq });
+  const cj = conform('POST', P, cr, 'completion clamped');
+  expect(cr.status === 200 && cj && cj.usage.prompt_tokens + cj.usage.completion_tokens <= ctx, 'completion clamped',
+    `status ${cr.status}: ${cr.text.slice(0, 200)}`);
+  await expectError('POST', P, { body: { prompt: 'word '.repeat(ctx + 8), max_tokens: 1 } }, 400, 'prompt',
+    'context_length_exceeded', 'error prompt alone over the context');
   await tooLarge(P);
+
+  /* other clients' routes */
+  if (model.fim !== false) {
+    const F = '/v1/fim/completions';
+    const fimReq = { model: 'codestral-latest', prompt: 'def f(x):\n    return ', suffix: '\n', max_tokens: 6, temperature: 0 };
+    validate({ $ref: '#/components/schemas/FimCompletionRequest' }, fimReq, 'fim request vs. spec');
+    const fr = await call('POST', F, { body: fimReq });
+    const fj = conform('POST', F, fr, 'fim completion');
+    expect(fr.status === 200 && fj && fj.choices[0].message.content !== undefined, 'fim completion', fr.text.slice(0, 300));
+    const fs = await call('POST', F, { body: { ...fimReq, stream: true } });
+    conform('POST', F, fs, 'fim stream');
+    let streamedText = '';
+    for (const ev of sseEvents(fs.text, 'fim stream')) {
+      if (ev === '[DONE]') continue;
+      const j = parseJSON(ev, 'fim stream');
+      if (j) validate({ $ref: '#/components/schemas/FimCompletionChunk' }, j, 'fim stream event');
+      if (j && j.choices && j.choices[0]) streamedText += j.choices[0].delta.content;
+    }
+    if (fj && fj.choices) expect(streamedText === fj.choices[0].message.content, 'fim stream',
+      `streamed ${JSON.stringify(streamedText)} != ${JSON.stringify(fj.choices[0].message.content)}`);
+    await expectError('POST', F, { body: { suffix: 'x' } }, 400, 'prompt', undefined, 'fim error no prompt');
+    await expectError('POST', F, { body: { prompt: 'a', echo: true } }, 400, 'echo', undefined, 'fim error echo');
+    /* Tabby's request on /v1/completions */
+    await completion({ language: 'python', segments: { prefix: 'def f(x):\n    return ', suffix: '\n' }, max_tokens: 4 },
+      'completion tabby segments');
+  }
+  const th = await call('GET', '/v1/health');
+  conform('GET', '/v1/health', th, 'tabby health');
+  const tk = await call('POST', '/tokenize', { body: { content: 'def f(x):', with_pieces: true } });
+  const tj = conform('POST', '/tokenize', tk, 'tokenize');
+  const tk2 = await call('POST', '/tokenize', { body: { content: 'def f(x):' } });
+  const tj2 = conform('POST', '/tokenize', tk2, 'tokenize ids');
+  if (tj && tj2) expect(JSON.stringify(tj.tokens.map((t) => t.id)) === JSON.stringify(tj2.tokens), 'tokenize', 'pieces change ids');
+  if (tj2 && tj2.tokens) {
+    const dk = await call('POST', '/detokenize', { body: { tokens: tj2.tokens } });
+    const dj = conform('POST', '/detokenize', dk, 'detokenize');
+    expect(dj && dj.content === 'def f(x):', 'detokenize', `round trip gave ${JSON.stringify(dj)}`);
+  }
+  await expectError('POST', '/tokenize', { body: { content: 5 } }, 400, 'content', undefined, 'tokenize error');
+  await expectError('POST', '/detokenize', { body: { tokens: [-1] } }, 400, 'tokens', undefined, 'detokenize error');
+  const pr = await call('GET', '/props');
+  const pj = conform('GET', '/props', pr, 'props');
+  expect(pj && pj.default_generation_settings.n_ctx === ctx, 'props', `n_ctx ${pj && pj.default_generation_settings.n_ctx} != ${ctx}`);
 
   /* routes and methods */
   await expectError('GET', '/v1/nope', {}, 404, undefined, undefined, 'error unknown URL');

@@ -67,10 +67,10 @@ static void run_free(run_result *r) {
 /* Runs CM_BINARY with args (NULL-terminated, not including argv[0]). Returns 0 if it could be run. */
 static int run(run_result *r, const char *const *args) {
     memset(r, 0, sizeof *r);
-    const char *argv[64];
+    const char *argv[128];
     int n = 0;
     argv[n++] = binary();
-    while (*args && n < 63) argv[n++] = *args++;
+    while (*args && n < 127) argv[n++] = *args++;
     argv[n] = NULL;
     char out_path[320], err_path[320];
     snprintf(out_path, sizeof out_path, "%s/stdout", tmp_dir);
@@ -488,11 +488,19 @@ TEST(complete_stop_strings) {
     run_free(&r);
     run_free(&full);
 
-    /* the API's limits: at most 4 strings of 1..512 bytes */
-    ASSERT_FAILS_WITH(&r, 2, "complete", "--model", G->model, "--prompt", "x", "--stop", "a", "--stop", "b", "--stop",
-                      "c", "--stop", "d", "--stop", "e");
-    CHECK_TRUE(strstr(r.err, "at most 4") != NULL);
-    run_free(&r);
+    /* the API's limits: at most 32 strings of 1..512 bytes */
+    for (int n_stop = 32; n_stop <= 33; n_stop++) {
+        const char *args[2 * 33 + 8];
+        int k = 0;
+        const char *head[] = {"complete", "--model", G->model, "--prompt", "x", "-n", "1"};
+        for (size_t i = 0; i < sizeof head / sizeof *head; i++) args[k++] = head[i];
+        for (int i = 0; i < n_stop; i++) { args[k++] = "--stop"; args[k++] = "\x01never"; }
+        args[k] = NULL;
+        ASSERT_EQ_INT(run(&r, args), 0);
+        ASSERT_EQ_INT(r.code, n_stop <= 32 ? 0 : 2);
+        if (n_stop > 32) CHECK_TRUE(strstr(r.err, "at most 32") != NULL);
+        run_free(&r);
+    }
     ASSERT_FAILS_WITH(&r, 2, "complete", "--model", G->model, "--prompt", "x", "--stop", "");
     run_free(&r);
     char big[514];

@@ -36,7 +36,8 @@ function client(s = srv) {
 }
 
 test('start', async () => {
-  srv = await startServer({ model: MODEL, args: ['--api-key', KEY, '--parallel', '4'] });
+  /* OpenAI's strict rules: the typed errors below include an unknown model and max_completion_tokens over the context */
+  srv = await startServer({ model: MODEL, args: ['--api-key', KEY, '--parallel', '4', '--strict-model', '--strict-context'] });
   plain = await startServer({ args: ['--api-key', KEY] });
   const m = await client().models.retrieve(MODEL);
   imEnd = m.n_vocab - 1; /* the fixture appends <|im_start|>, <|im_end|> */

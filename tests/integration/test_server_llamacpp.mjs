@@ -99,9 +99,15 @@ test('/completion: streamed == not streamed, stop strings', async () => {
   /* token-id prompts, and errors in OpenAI's shape with llama.cpp's parameter names */
   const ids = JSON.parse((await post('/completion', { prompt: [1, 2, 3], n_predict: 2, temperature: 0 })).text);
   assert.equal(ids.tokens_evaluated, 3);
-  const bad = await post('/completion', { prompt: 'x', n_predict: 100000 });
+  /* n_predict beyond the context is clamped to what it leaves (no --strict-context here) */
+  const clamped = await post('/completion', { prompt: 'x', n_predict: 100000, temperature: 0 });
+  assert.equal(clamped.status, 200);
+  const cj = JSON.parse(clamped.text);
+  assert.equal(cj.stop, true);
+  assert.ok(cj.tokens_predicted > 0 && cj.tokens_predicted < 100000);
+  const bad = await post('/completion', { prompt: 'x', repeat_penalty: 0 });
   assert.equal(bad.status, 400);
-  assert.equal(JSON.parse(bad.text).error.param, 'n_predict');
+  assert.equal(JSON.parse(bad.text).error.param, 'repeat_penalty');
   const nofim = await post('/infill', { input_prefix: 'a', input_suffix: 'b', repeat_penalty: 0 });
   assert.equal(nofim.status, 400);
   assert.equal(JSON.parse(nofim.text).error.param, 'repeat_penalty');

@@ -25,7 +25,8 @@ async function openai(path, body) {
 }
 
 test('start', async () => {
-  srv = await startServer({ model: MODEL });
+  /* --strict-model: the unknown-model cases below test the 404 (one model served otherwise answers any name) */
+  srv = await startServer({ model: MODEL, args: ['--strict-model'] });
   ollama = new Ollama({ host: srv.base });
 });
 

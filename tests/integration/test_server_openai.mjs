@@ -22,7 +22,8 @@ function client(srv, key = KEY) {
 let srv;
 
 test('start', async () => {
-  srv = await startServer({ args: ['--api-key', KEY, '--parallel', '4'] });
+  /* --strict-model: an unknown name is the NotFoundError the client types */
+  srv = await startServer({ args: ['--api-key', KEY, '--parallel', '4', '--strict-model'] });
 });
 
 test('models.list', async () => {

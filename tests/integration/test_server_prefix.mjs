@@ -144,7 +144,7 @@ test('a small --kv-size: eviction keeps outputs equal to cold runs, requests wai
   const srv = await startServer({ args: [...THREADS, '--kv-size', '512', '--parallel', '8', '--kv-check'] });
   try {
     let m = await metrics(srv);
-    assert.equal(m['codemoe_kv_blocks_total'], 16);
+    assert.equal(m['codemoe_kv_blocks'], 16);
     /* 4 at a time */
     let cached = 0;
     for (let k = 0; k < order.length; k += 4) {
@@ -185,7 +185,7 @@ test('--kv-size with a unit is converted with the model\'s bytes per position; b
     const srv = await startServer({ args: [...THREADS, '--kv-size', '64KiB', ...typeArgs] });
     try {
       const m = await metrics(srv);
-      assert.equal(m['codemoe_kv_blocks_total'], blocks, `--kv-type ${kvType ?? '(default)'}`);
+      assert.equal(m['codemoe_kv_blocks'], blocks, `--kv-type ${kvType ?? '(default)'}`);
     } finally {
       await stopClean(srv);
     }
@@ -349,7 +349,7 @@ test('soak: random requests with shared prefixes, n = 2, cut streams; no leak, p
     assert.ok(m['codemoe_prefix_cache_hit_tokens_total'] > 0);
     assert.ok(m['codemoe_kv_evictions_total'] > 0, 'the pool was under pressure');
     assert.equal(m['codemoe_kv_blocks_cached'] + (m['codemoe_kv_blocks_available'] - m['codemoe_kv_blocks_cached']),
-      m['codemoe_kv_blocks_total']);
+      m['codemoe_kv_blocks']);
   } finally {
     await stopClean(srv);
   }

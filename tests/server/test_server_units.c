@@ -144,6 +144,13 @@ TEST(metrics_render) {
     ASSERT_TRUE(strstr(t, "codemoe_time_to_first_token_seconds_bucket{le=\"+Inf\"} 3\n"));
     ASSERT_TRUE(strstr(t, "codemoe_time_to_first_token_seconds_count 3\n"));
     ASSERT_TRUE(strstr(t, "codemoe_kv_blocks_used 3\n"));
+    ASSERT_TRUE(strstr(t, "# TYPE codemoe_kv_blocks gauge\ncodemoe_kv_blocks 64\n"));
+    /* Prometheus keeps the _total suffix for counters (promtool flags a gauge named so) */
+    for (const char *g = strstr(t, "# TYPE "); g; g = strstr(g + 1, "# TYPE ")) {
+        const char *sp = strchr(g + 7, ' ');
+        ASSERT_TRUE(sp);
+        if (!strncmp(sp, " gauge", 6)) ASSERT_TRUE(sp - (g + 7) < 6 || strncmp(sp - 6, "_total", 6) != 0);
+    }
     ASSERT_TRUE(strstr(t, "# TYPE codemoe_inter_token_latency_seconds histogram\n"));
     /* KV pool and prefix cache */
     ASSERT_TRUE(strstr(t, "# TYPE codemoe_kv_blocks_cached gauge\ncodemoe_kv_blocks_cached 5\n"));
