@@ -137,7 +137,9 @@ static int parse_flags(int argc, char **argv, srv_config *c) {
     c->parallel = 4;
     c->queue = 64;
     c->n_batch = 512;
-    c->max_body = 4u << 20;
+    api_limits lim; /* the API's default body limit has one owner */
+    api_limits_default(&lim);
+    c->max_body = lim.max_body_bytes;
     c->request_timeout = 600;
     c->idle_timeout = 60;
     c->grace = 30;
