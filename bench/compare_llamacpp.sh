@@ -18,7 +18,7 @@
 # The raw outputs of both tools go to LOGDIR (default: a fresh directory under $TMPDIR).
 set -u
 # OpenBLAS picks its kernels from OPENBLAS_CORETYPE when set: the build machine forces Haswell (AVX2)
-# globally, which a stock install does not; let it detect the CPU (AVX-512 here) unless asked to keep it.
+# globally, which a stock install does not; let it detect the CPU unless asked to keep it.
 [ "${CM_KEEP_OPENBLAS_CORETYPE:-0}" = 1 ] || unset OPENBLAS_CORETYPE
 
 threads="1 2" reps=3 pp=512 tg=128 logdir="" int8=0
