@@ -38,6 +38,7 @@
 #include <microhttpd.h>
 
 #include "conn.h"
+#include "keylimits.h"
 #include "server.h"
 #include "format.h"
 
@@ -125,6 +126,10 @@ struct srv_req {
     size_t bytes_in, bytes_out;
     char origin[256];           /* CORS origin to allow in the response, "" for none */
     int key;                    /* who asked: srv_keys_find's result (owner of what it creates) */
+    int client;                 /* completions: its srv_keylimits client */
+    int limited;                /* srv_keylimits_begin let it in and srv_keylimits_end is still due */
+    long long charged;          /* tokens charged to its client so far */
+    int retry_after;            /* seconds in a 429's Retry-After (0: 1) */
 
     srv_buf body;
     int too_large;
@@ -186,6 +191,7 @@ struct srv_http {
     srv_sched *sched;
     srv_metrics metrics;
     srv_retention *ret;
+    srv_keylimits *kl;          /* per-client limits and figures (server-wide; every model's jobs) */
     api_limits limits;
     api_model model;
     api_template *chat_template;  /* the model's, compiled at load; NULL: none or unusable */
@@ -237,7 +243,11 @@ static void respond(srv_req *r, int status, const char *ctype, char *body, size_
     if (!resp) return;
     MHD_add_response_header(resp, "Content-Type", ctype);
     add_common_headers(r, resp);
-    if (status == 429 || status == 503) MHD_add_response_header(resp, "Retry-After", "1");
+    if (status == 429 || status == 503) {
+        char ra[16];
+        snprintf(ra, sizeof ra, "%d", r->retry_after > 0 ? r->retry_after : 1);
+        MHD_add_response_header(resp, "Retry-After", ra);
+    }
     if (status == 401) MHD_add_response_header(resp, "WWW-Authenticate", "Bearer");
     if (r->close) MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
     if (status == 405) {
@@ -346,6 +356,7 @@ static void req_free(srv_req *r) {
     if (r->next) r->next->prev = r->prev;
     h->n_reqs--;
     h->metrics.connections_active = (uint64_t)h->n_reqs;
+    if (r->limited) srv_keylimits_end(h->kl, r->client);
     srv_buf_free(&r->body);
     srv_buf_free(&r->sse);
     free(r->tok_out);
@@ -582,6 +593,7 @@ static void handle_metrics(srv_req *r) {
     if (text) srv_buf_append(&b, text, len);
     free(text);
     srv_sched_render_experts(h->sched, &b);
+    srv_keylimits_render(h->kl, uv_hrtime(), &b);
     if (!text || b.failed) { srv_buf_free(&b); respond_http_error(r, 500, "out of memory"); return; }
     text = srv_buf_take(&b, &len);
     respond(r, 200, "text/plain; version=0.0.4; charset=utf-8", text, len);
@@ -948,6 +960,11 @@ static void job_output(srv_req *r, srv_drained *info) {
     }
     if (completion > r->completion_tokens) r->completion_tokens = completion;
     r->prompt_tokens = info->prompt_tokens;
+    long long used = (long long)r->prompt_tokens + r->completion_tokens;
+    if (used > r->charged) { /* the client's tokens per minute count as they are used */
+        srv_keylimits_charge(h->kl, r->client, used - r->charged, uv_hrtime());
+        r->charged = used;
+    }
     r->cached_tokens = info->cached_tokens;
     if (info->t_first_token_ns) r->t_first_token_ns = info->t_first_token_ns;
     r->job_admitted = info->admitted;
@@ -965,6 +982,7 @@ static void job_output(srv_req *r, srv_drained *info) {
     if (info->done) {
         r->job_active = 0;
         h->n_jobs--;
+        if (r->limited) { srv_keylimits_end(h->kl, r->client); r->limited = 0; }
         srv_hist_observe(&h->metrics.e2e, (double)(uv_hrtime() - r->t_start) / 1e9);
         if (r->cancel_reason == SRV_CANCEL_CLIENT) h->metrics.cancelled++;
         if (r->cancel_reason == SRV_CANCEL_TIMEOUT) { h->metrics.timeouts++; r->outcome = "timeout"; }
@@ -1066,6 +1084,7 @@ static void submit_completion(srv_req *r) {
     r->created = (int64_t)time(NULL);
     r->job.req = &r->creq;
     r->job.t_arrival_ns = r->t_start;
+    r->job.client = srv_keylimits_fair_id(h->kl, r->client);
     r->job.owner = r;
     atomic_init(&r->job.cancel, SRV_CANCEL_NONE);
     if (srv_sched_submit(h->sched, &r->job) < 0) {
@@ -1140,6 +1159,38 @@ static int tokenize_queue(srv_req *r) {
     return 0;
 }
 
+/* Finds the client a completion is for (its key, and its user when --user-header is set) and applies
+ * the per-client limits. Returns 0 (the request holds its client until it ends), or -1 when a response
+ * was queued instead (400 for an unusable user name, 429 with Retry-After for a limit). */
+static int client_admit(srv_req *r) {
+    srv_http *h = r->h;
+    const char *user = NULL;
+    if (h->cfg->user_header) {
+        user = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, h->cfg->user_header);
+        if (user && *user && !srv_user_name_ok(user)) {
+            api_error e;
+            api_error_set(&e, 400, API_ERR_INVALID, NULL, "invalid_user",
+                          "The %.64s header must be 1 to 64 characters of A-Z a-z 0-9 . _ @ : + = -.",
+                          h->cfg->user_header);
+            respond_error(r, &e);
+            return -1;
+        }
+    }
+    uint64_t now = uv_hrtime();
+    r->client = srv_keylimits_client(h->kl, r->key, user, now);
+    int lim = srv_keylimits_begin(h->kl, r->client, now, &r->retry_after);
+    if (lim == SRV_LIMIT_OK) { r->limited = 1; return 0; }
+    char detail[200];
+    if (lim == SRV_LIMIT_CONCURRENCY)
+        snprintf(detail, sizeof detail, "Too many requests: this client has %d completions in flight "
+                 "(--key-max-concurrent). Please retry later.", h->cfg->key_max_concurrent);
+    else
+        snprintf(detail, sizeof detail, "Too many tokens: this client used its %lld tokens per minute "
+                 "(--key-tokens-per-minute). Please retry in %d s.", h->cfg->key_tokens_per_minute, r->retry_after);
+    respond_http_error(r, 429, detail);
+    return -1;
+}
+
 /* Validates the body here (a bad field is a 400 at once), then tokenizes its prompts on libuv's thread
  * pool with the connection suspended, so that a long prompt never stalls the loop: the other
  * connections and the running streams go on meanwhile. */
@@ -1165,6 +1216,7 @@ static void handle_completion(srv_req *r) {
         respond_error(r, &e);
         return;
     }
+    if (client_admit(r) < 0) return;
     if (tokenize_queue(r) < 0) return;
     if (h->cfg->request_timeout > 0) r->deadline = r->t_start + (uint64_t)(h->cfg->request_timeout * 1e9);
 }
@@ -1467,6 +1519,13 @@ srv_http *srv_http_start(uv_loop_t *loop, srv_config *cfg) {
     h->model.n_aliases = cfg->n_aliases;
     h->model.strict_name = cfg->strict_model;
     h->ret = srv_retention_create(cfg->routing_retention, cfg->routing_retention_bytes);
+    h->kl = srv_keylimits_create(&cfg->keys, cfg->key_max_concurrent, cfg->key_tokens_per_minute);
+    if (!h->kl) {
+        fprintf(stderr, "codemoe serve: out of memory\n");
+        srv_retention_free(h->ret);
+        free(h);
+        return NULL;
+    }
     struct stat stt;
     h->created = stat(cfg->model_path, &stt) == 0 ? (int64_t)stt.st_mtime : (int64_t)time(NULL);
 
@@ -1479,6 +1538,7 @@ srv_http *srv_http_start(uv_loop_t *loop, srv_config *cfg) {
     if (gai || !ai) {
         fprintf(stderr, "codemoe serve: cannot resolve --host %s: %s\n", cfg->host, gai_strerror(gai));
         srv_retention_free(h->ret);
+        srv_keylimits_free(h->kl);
         free(h);
         return NULL;
     }
@@ -1498,6 +1558,7 @@ srv_http *srv_http_start(uv_loop_t *loop, srv_config *cfg) {
         fprintf(stderr, "codemoe serve: cannot start the HTTP daemon: %s\n", strerror(errno));
         freeaddrinfo(ai);
         srv_retention_free(h->ret);
+        srv_keylimits_free(h->kl);
         free(h);
         return NULL;
     }
@@ -1510,6 +1571,7 @@ srv_http *srv_http_start(uv_loop_t *loop, srv_config *cfg) {
         fprintf(stderr, "codemoe serve: cannot listen on %s:%d\n", cfg->host, cfg->port);
         MHD_stop_daemon(h->mhd);
         srv_retention_free(h->ret);
+        srv_keylimits_free(h->kl);
         free(h);
         return NULL;
     }
@@ -1533,6 +1595,7 @@ srv_http *srv_http_start(uv_loop_t *loop, srv_config *cfg) {
         uv_run(loop, UV_RUN_NOWAIT);
         srv_conns_free(h->conns);
         srv_retention_free(h->ret);
+        srv_keylimits_free(h->kl);
         free(h);
         return NULL;
     }
@@ -1597,6 +1660,7 @@ void srv_http_destroy(srv_http *h) {
     if (!h) return;
     srv_conns_free(h->conns);
     srv_retention_free(h->ret);
+    srv_keylimits_free(h->kl);
     api_template_free(h->chat_template);
     free(h);
 }

@@ -5,7 +5,9 @@
  * The worker owns the model load, the cm_ctx (KV cache), the samplers and the batch. Each step:
  *   1. take new submissions; end cancelled jobs (their sequences are closed, so their KV blocks are
  *      free before this step's forward pass);
- *   2. admit waiting jobs in FIFO order while sequence slots AND KV blocks remain. Admission reserves:
+ *   2. admit waiting jobs in fair order (fairq.h: one queue per client, served fairly by tokens, so a
+ *      client's single request waits at most one turn behind another client's burst) while sequence
+ *      slots AND KV blocks remain. Admission reserves:
  *      a job's prompt leaders are opened and mapped onto the longest cached prefix
  *      (cm_seq_attach_prefix), then the blocks every sequence still needs to reach prompt + max_tokens
  *      must be covered by the pool's available blocks minus what running sequences have reserved
@@ -142,7 +144,7 @@ struct srv_sched {
     /* ---- worker-private */
     cm_ctx *ctx;
     const cm_model_info *info;
-    srv_job *wait_head, *wait_tail;   /* submitted, not admitted */
+    srv_fairq *waitq;                 /* submitted, not admitted (created with the scheduler) */
     srv_job **running;                /* (parallel) admitted jobs */
     int n_running;
     int seqs_used;
@@ -277,6 +279,12 @@ static void job_free_state(srv_job *j) {
  * so everything worker-side is released first). Caller must not hold s->mu. */
 static void job_finish(srv_sched *s, srv_job *j, const api_error *err) {
     sched_jobstate *st = js(j);
+    if (j->charged) { /* what the fair queue charged (job_cost) and the job did not use goes back */
+        int64_t used = j->prompt_tokens;
+        for (int i = 0; st && i < j->n_choices; i++) used += st->seqs[i].ch.n_gen;
+        srv_fairq_refund(s->waitq, j->client, j->charged - used);
+        j->charged = 0;
+    }
     if (st)
         for (int i = 0; i < j->n_choices; i++) {
             sched_seq *q = &st->seqs[i];
@@ -376,6 +384,19 @@ static int job_check(const srv_sched *s, const srv_job *j, api_error *e) {
         return -1;
     }
     return 0;
+}
+
+/* What the fair queue charges a job when it is admitted: the tokens it may take, each prompt once
+ * plus max_tokens per choice (at most the context); what it does not use is refunded when it ends. */
+static int64_t job_cost(const srv_sched *s, const srv_job *j) {
+    const api_completion_req *r = j->req;
+    int64_t cost = 0;
+    for (int i = 0; i < j->n_choices; i++) {
+        const api_prompt *p = &r->prompts[api_completion_prompt_of(r, i)];
+        int t = choice_target(s, r, p);
+        cost += i == api_completion_first_choice(r, i) ? t : t - p->n_tokens;
+    }
+    return cost;
 }
 
 /* Closes the sequences job_admit opened for a job that does not run (yet). */
@@ -741,7 +762,7 @@ static void step(srv_sched *s) {
 static void publish_stats_locked(srv_sched *s) {
     srv_gauges *g = &s->gauges;
     int queued = 0;
-    for (srv_job *j = s->wait_head; j; j = j->next) queued++;
+    queued += srv_fairq_count(s->waitq);
     for (srv_job *j = s->submit_head; j; j = j->next) queued++;
     g->queue_depth = queued;
     g->requests_running = s->n_running;
@@ -859,18 +880,27 @@ static void worker_main(void *arg) {
     if (worker_load(s) < 0) return;
     for (;;) {
         uv_mutex_lock(&s->mu);
-        while (!s->stopping && !s->submit_head && !s->wait_head && s->n_running == 0) uv_cond_wait(&s->cv, &s->mu);
-        /* move submissions to the worker's FIFO */
-        if (s->submit_head) {
-            if (s->wait_tail) s->wait_tail->next = s->submit_head;
-            else s->wait_head = s->submit_head;
-            s->wait_tail = s->submit_tail;
-            s->submit_head = s->submit_tail = NULL;
-        }
+        while (!s->stopping && !s->submit_head && !srv_fairq_count(s->waitq) && s->n_running == 0)
+            uv_cond_wait(&s->cv, &s->mu);
+        /* take the submissions (in their order) into the worker's fair queue */
+        srv_job *sub = s->submit_head;
+        s->submit_head = s->submit_tail = NULL;
         int stopping = s->stopping;
         uv_mutex_unlock(&s->mu);
+        while (sub) {
+            srv_job *j = sub;
+            sub = j->next;
+            j->next = NULL;
+            j->fq = (srv_fairq_item){.client = j->client, .cost = job_cost(s, j), .data = j};
+            if (srv_fairq_push(s->waitq, &j->fq) < 0) {
+                api_error e;
+                api_error_http(&e, 500, "out of memory");
+                job_finish(s, j, &e);
+            }
+        }
         if (stopping) {
-            for (srv_job *j = s->wait_head; j; j = j->next) atomic_store(&j->cancel, SRV_CANCEL_SHUTDOWN);
+            for (srv_fairq_item *it = srv_fairq_first(s->waitq); it; it = srv_fairq_next(s->waitq, it))
+                atomic_store(&((srv_job *)it->data)->cancel, SRV_CANCEL_SHUTDOWN);
             for (int i = 0; i < s->n_running; i++) atomic_store(&s->running[i]->cancel, SRV_CANCEL_SHUTDOWN);
         }
         /* 1. cancellations */
@@ -883,40 +913,38 @@ static void worker_main(void *arg) {
                 job_finish(s, j, why == SRV_CANCEL_CLIENT || why == SRV_CANCEL_SLOW ? NULL : &e);
             }
         }
-        for (srv_job **pp = &s->wait_head, *prev = NULL; *pp;) {
-            srv_job *j = *pp;
+        for (srv_fairq_item *it = srv_fairq_first(s->waitq), *nx; it; it = nx) {
+            nx = srv_fairq_next(s->waitq, it);
+            srv_job *j = it->data;
             int why = atomic_load(&j->cancel);
             api_error e;
             /* a job that could never fit fails now, not when it reaches the head of the queue */
             int never = !why && !j->checked && job_check(s, j, &e) < 0;
             j->checked = 1;
-            if (!why && !never) { prev = j; pp = &j->next; continue; }
-            *pp = j->next;
-            if (s->wait_tail == j) s->wait_tail = prev;
-            j->next = NULL;
+            if (!why && !never) continue;
+            srv_fairq_remove(s->waitq, it);
             if (why) cancel_error(why, &e);
             job_finish(s, j, why == SRV_CANCEL_CLIENT || why == SRV_CANCEL_SLOW ? NULL : &e);
         }
         if (stopping) break;
-        /* 2. admission, FIFO */
-        while (s->wait_head && s->n_running < s->cfg->parallel &&
-               s->cfg->parallel - s->seqs_used >= s->wait_head->n_choices) {
-            srv_job *j = s->wait_head;
-            s->wait_head = j->next;
-            if (!s->wait_head) s->wait_tail = NULL;
-            j->next = NULL;
+        /* 2. admission, in the fair queue's order: the job whose turn it is goes first or nobody does */
+        srv_fairq_item *head;
+        while ((head = srv_fairq_peek(s->waitq)) && s->n_running < s->cfg->parallel &&
+               s->cfg->parallel - s->seqs_used >= ((srv_job *)head->data)->n_choices) {
+            /* popped (charged) first: job_admit may finish the job, after which it is not ours */
+            srv_job *j = head->data;
+            srv_fairq_pop(s->waitq, head);
+            j->charged = head->cost;
             if (!job_admit(s, j)) { /* not enough KV blocks yet: it stays first */
-                j->next = s->wait_head;
-                s->wait_head = j;
-                if (!s->wait_tail) s->wait_tail = j;
+                j->charged = 0;
+                srv_fairq_unpop(s->waitq, head);
                 break;
             }
         }
-        if (s->wait_head && s->wait_head->n_choices > s->cfg->parallel) {
+        if ((head = srv_fairq_peek(s->waitq)) && ((srv_job *)head->data)->n_choices > s->cfg->parallel) {
             /* can never fit (the loop refuses these; defensive) */
-            srv_job *j = s->wait_head;
-            s->wait_head = j->next;
-            if (!s->wait_head) s->wait_tail = NULL;
+            srv_job *j = head->data;
+            srv_fairq_remove(s->waitq, head);
             api_error e;
             api_error_set(&e, 400, API_ERR_INVALID, "n", NULL, "n is larger than the server's --parallel");
             job_finish(s, j, &e);
@@ -954,10 +982,9 @@ static void worker_main(void *arg) {
     api_error e;
     cancel_error(SRV_CANCEL_SHUTDOWN, &e);
     while (s->n_running) job_finish(s, s->running[0], &e);
-    while (s->wait_head) {
-        srv_job *j = s->wait_head;
-        s->wait_head = j->next;
-        job_finish(s, j, &e);
+    for (srv_fairq_item *it; (it = srv_fairq_first(s->waitq));) {
+        srv_fairq_remove(s->waitq, it);
+        job_finish(s, it->data, &e);
     }
     uv_mutex_lock(&s->mu);
     publish_stats_locked(s);
@@ -984,11 +1011,13 @@ srv_sched *srv_sched_create(uv_loop_t *loop, const srv_config *cfg, srv_sched_wa
     s->ttft = s->l_ttft = m.ttft;
     s->itl = s->l_itl = m.itl;
     s->l_step_tokens = m.step_tokens;
-    if (uv_mutex_init(&s->mu)) { free(s); return NULL; }
-    if (uv_cond_init(&s->cv)) { uv_mutex_destroy(&s->mu); free(s); return NULL; }
+    if (!(s->waitq = srv_fairq_create())) { free(s); return NULL; }
+    if (uv_mutex_init(&s->mu)) { srv_fairq_free(s->waitq); free(s); return NULL; }
+    if (uv_cond_init(&s->cv)) { uv_mutex_destroy(&s->mu); srv_fairq_free(s->waitq); free(s); return NULL; }
     if (uv_async_init(loop, &s->async, sched_on_async)) {
         uv_cond_destroy(&s->cv);
         uv_mutex_destroy(&s->mu);
+        srv_fairq_free(s->waitq);
         free(s);
         return NULL;
     }
@@ -1046,6 +1075,7 @@ void srv_sched_free(srv_sched *s) {
     free(s->running);
     free(s->a_seq);
     free(s->a_got);
+    srv_fairq_free(s->waitq);
     uv_cond_destroy(&s->cv);
     uv_mutex_destroy(&s->mu);
     free(s);
@@ -1069,6 +1099,7 @@ int srv_sched_submit(srv_sched *s, srv_job *job) {
     job->next = NULL;
     job->done = job->admitted = job->has_error = job->in_ready = 0;
     job->prompt_tokens = job->cached_tokens = job->checked = 0;
+    job->charged = 0;
     uv_mutex_lock(&s->mu);
     if (s->stopping || s->model_state != SRV_MODEL_READY) { uv_mutex_unlock(&s->mu); return -1; }
     if (s->submit_tail) s->submit_tail->next = job;

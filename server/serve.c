@@ -62,7 +62,13 @@ static void serve_usage(FILE *f) {
         "  --stream-buffer BYTES   how far a slow stream reader may fall behind (default 1048576)\n"
         "  --max-connections N     open connections; beyond: an immediate 503 (default 1024)\n"
         "  --max-conn-per-ip N     open connections from one client address; beyond: 503,\n"
-        "                          0 = no cap (default 128; behind a proxy every client has its address)\n");
+        "                          0 = no cap (default 128; behind a proxy every client has its address)\n"
+        "  --user-header NAME      trust header NAME (e.g. X-Codemoe-User) to name the user of a shared\n"
+        "                          key: each user is a client of its own for fair queuing and limits\n"
+        "  --key-max-concurrent N  completions one client (key, or user) may have in flight; beyond:\n"
+        "                          429 (default 0: no limit)\n"
+        "  --key-tokens-per-minute N  prompt + generated tokens one client may use per minute; beyond:\n"
+        "                          429 with Retry-After (default 0: no limit)\n");
 }
 
 void srv_config_free(srv_config *c) {
@@ -126,6 +132,15 @@ static int parse_size(const char *flag, const char *v, size_t lo, size_t *out) {
     return 1;
 }
 
+/* A header field name (RFC 9110 token), at most 64 characters. */
+static int header_name_ok(const char *v) {
+    size_t n = strlen(v);
+    if (n == 0 || n > 64) return 0;
+    for (size_t i = 0; i < n; i++)
+        if (!isalnum((unsigned char)v[i]) && !strchr("!#$%&'*+-.^_`|~", v[i])) return 0;
+    return 1;
+}
+
 /* Returns 0 ok, 2 usage error (message printed), -1 to exit 0 (--help). */
 static int parse_flags(int argc, char **argv, srv_config *c) {
     memset(c, 0, sizeof *c);
@@ -158,7 +173,8 @@ static int parse_flags(int argc, char **argv, srv_config *c) {
                                   "--max-body", "--request-timeout", "--idle-timeout", "--grace",
                                   "--routing-retention", "--stream-buffer", "--max-connections", "--kv-size",
                                   "--max-itl-ms", "--kv-type", "--admin-key", "--routing-retention-bytes",
-                                  "--header-timeout", "--min-body-rate", "--max-conn-per-ip", "--alias"};
+                                  "--header-timeout", "--min-body-rate", "--max-conn-per-ip", "--alias",
+                                  "--user-header", "--key-max-concurrent", "--key-tokens-per-minute"};
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) { serve_usage(stdout); return -1; }
         if (!strcmp(argv[i], "--no-prefix-cache")) { c->prefix_cache = 0; continue; }
@@ -213,6 +229,20 @@ static int parse_flags(int argc, char **argv, srv_config *c) {
             float r;
             ok = cli_float("serve", f, v, 0, 1e12, &r);
             c->min_body_rate = r;
+        }
+        else if (!strcmp(f, "--user-header")) {
+            ok = header_name_ok(v);
+            if (!ok) fprintf(stderr, "codemoe serve: bad --user-header '%s' (a header name)\n", v);
+            c->user_header = v;
+        } else if (!strcmp(f, "--key-max-concurrent")) ok = cli_int("serve", f, v, 0, 1 << 20, &c->key_max_concurrent);
+        else if (!strcmp(f, "--key-tokens-per-minute")) {
+            unsigned long long n = 0;
+            ok = cli_u64("serve", f, v, &n);
+            if (ok && n > (1ull << 40)) {
+                fprintf(stderr, "codemoe serve: --key-tokens-per-minute must be in [0, 2^40]\n");
+                ok = 0;
+            }
+            c->key_tokens_per_minute = (long long)n;
         }
         else if (!strcmp(f, "--kv-size")) ok = parse_kv_size(v, c);
         else if (!strcmp(f, "--kv-type")) ok = cli_kv_type("serve", f, v, &c->kv_type);

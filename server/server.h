@@ -21,6 +21,7 @@
 #include "api.h"
 #include "auth.h"
 #include "codemoe.h"
+#include "fairq.h"
 #include "metrics.h"
 #include "sbuf.h"
 
@@ -61,6 +62,9 @@ typedef struct srv_config {
     size_t routing_retention_bytes; /* and at most this many bytes of them (serialized) */
     size_t stream_buffer;     /* bytes a slow reader may fall behind before its stream is ended */
     int max_connections;      /* open connections; beyond: 503 at accept */
+    const char *user_header;  /* a header naming the user of a shared key, trusted (--user-header); NULL: none */
+    int key_max_concurrent;   /* completions in flight per client; beyond: 429 (0: no limit) */
+    long long key_tokens_per_minute; /* prompt + generated tokens per client per minute (0: no limit) */
 } srv_config;
 
 void srv_config_free(srv_config *c);
@@ -106,6 +110,7 @@ struct srv_job {
     const api_completion_req *req;
     int n_choices;
     uint64_t t_arrival_ns;      /* uv_hrtime() at request arrival */
+    uint64_t client;            /* who it is for: jobs of one client share a fair queue (srv_keylimits_fair_id) */
     void *owner;                /* the loop's request (never touched by the worker) */
 
     /* ---- loop -> worker */
@@ -130,7 +135,10 @@ struct srv_job {
                                    sched_jobstate: its sequences, routing sums); NULL before admission
                                    and once the job is done */
     int checked;                /* job_check passed (it can run once there is room) */
-    srv_job *next;              /* submit list / worker queue link */
+    srv_fairq_item fq;          /* its place in the worker's fair queue (client, cost in tokens) */
+    int64_t charged;            /* tokens the fair queue charged it at admission (0: not admitted);
+                                   what it did not use is refunded when it ends */
+    srv_job *next;              /* submit list link */
 };
 
 /* ============================================================ scheduler (engine worker thread) */
