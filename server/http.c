@@ -103,6 +103,7 @@ typedef struct choice_acc {
     srv_buf text;       /* echo text + completion */
     srv_tokvec toks;    /* echoed prompt tokens, then generated ones */
     api_finish finish;
+    int stop_word;      /* api_choice.stop_word of the finish */
     long chars;         /* characters of the completion text sent so far (stream text_offset) */
     int started;        /* stream: the echo part went out */
     int chunks;         /* stream: deltas rendered */
@@ -851,7 +852,8 @@ static void stream_end(srv_req *r, json_t *routing) {
     api_choice *ch = calloc((size_t)nc, sizeof *ch);
     if (!ch) { sse_append(r, NULL); return; }
     for (int i = 0; i < nc; i++)
-        ch[i] = (api_choice){.index = i, .text = "", .finish = r->acc[i].finish ? r->acc[i].finish : API_FINISH_LENGTH};
+        ch[i] = (api_choice){.index = i, .text = "", .finish = r->acc[i].finish ? r->acc[i].finish : API_FINISH_LENGTH,
+                             .stop_word = r->acc[i].stop_word};
     api_meta meta = {.id = r->cmpl_id, .created = r->created, .system_fingerprint = NULL};
     api_usage u = req_usage(r);
     sse_append(r, r->fmt->stream_end(&r->creq, &meta, ch, nc, &u, routing));
@@ -871,6 +873,7 @@ static void finish_plain(srv_req *r, json_t *routing) {
         ch[i].text = a->text.data ? a->text.data : "";
         ch[i].text_len = a->text.len;
         ch[i].finish = a->finish ? a->finish : API_FINISH_LENGTH;
+        ch[i].stop_word = a->stop_word;
         ch[i].text_offset = r->creq.echo ? 0 : api_prompt_chars(&r->creq, p);
         if (r->creq.logprobs >= 0 && a->toks.n) {
             lps[i] = malloc((size_t)a->toks.n * sizeof **lps);
@@ -900,7 +903,10 @@ static void choice_output(srv_req *r, int i, srv_out *o) {
     choice_acc *a = &r->acc[i];
     const api_completion_req *q = &r->creq;
     int p = api_completion_prompt_of(q, i);
-    if (o->ended) a->finish = o->finish ? o->finish : API_FINISH_LENGTH;
+    if (o->ended) {
+        a->finish = o->finish ? o->finish : API_FINISH_LENGTH;
+        a->stop_word = o->stop_hit + 1;
+    }
     if (!r->stream) {
         if (!a->started) {
             a->started = 1;
@@ -929,7 +935,7 @@ static void choice_output(srv_req *r, int i, srv_out *o) {
         int n_lp = 0;
         api_token_lp *lp = lp_view(r, &o->toks, NULL, &n_lp);
         api_choice c = {.index = i, .text = o->text.data ? o->text.data : "", .text_len = o->text.len,
-                        .finish = o->ended ? a->finish : API_FINISH_NONE, .lp = lp, .n_lp = n_lp,
+                        .finish = o->ended ? a->finish : API_FINISH_NONE, .stop_word = a->stop_word, .lp = lp, .n_lp = n_lp,
                         .text_offset = a->chars};
         sse_append(r, r->fmt->chunk(q, &meta, &c, a->chunks++ == 0));
         a->chars += utf8_chars(o->text.data ? o->text.data : "", o->text.len);
