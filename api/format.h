@@ -176,4 +176,16 @@ char *api_render_ollama_version(void);
 extern const api_format api_format_llama_completion;
 extern const api_format api_format_llama_infill;
 
+/* ============================================================ Tabby (tabby.c) */
+
+/* Tabby's completion telemetry, POST /v1/events. */
+typedef enum { API_TABBY_VIEW = 0, API_TABBY_SELECT, API_TABBY_DISMISS, API_TABBY_EVENT_KINDS } api_tabby_event_kind;
+/* "view", "select", "dismiss" ("" for anything else). */
+const char *api_tabby_event_name(api_tabby_event_kind k);
+/* Reads an event body ({type, completion_id, choice_index, view_id?, elapsed?}; select_kind: the query
+ * parameter, NULL when absent, else "line"). 0 with *kind set, or -1 with e set (413 past
+ * lim->max_body_bytes, 400 naming the field). Nothing is kept: the server counts the kinds. */
+int api_tabby_event(const char *body, size_t len, const api_limits *lim, const char *select_kind,
+                    api_tabby_event_kind *kind, api_error *e);
+
 #endif /* CM_API_FORMAT_H */

@@ -1,5 +1,5 @@
 /*
- * test_format.c - unit tests of the non-OpenAI dialects (api/ollama.c, api/llamacpp.c) and the helpers
+ * test_format.c - unit tests of the non-OpenAI dialects (api/ollama.c, api/llamacpp.c, api/tabby.c) and the helpers
  * they share (api/format.c) over the byte-per-token fake engine: how each request maps onto the one
  * completion request (options, defaults, FIM, the chat template, llama.cpp's warm-up), the errors naming
  * the dialect's own parameters, and the exact shapes and framing of their responses (NDJSON lines, SSE
@@ -362,6 +362,34 @@ TEST(ollama_num_ctx) {
     ASSERT_STREQ(e.param, "format");
 }
 
+/* Tabby's telemetry events: the agent's LogEventRequest shapes, and 400s naming the field. */
+TEST(tabby_events) {
+    api_error e;
+    api_tabby_event_kind k = API_TABBY_EVENT_KINDS;
+    const char *view = "{\"type\":\"view\",\"completion_id\":\"cmpl-1\",\"choice_index\":0,\"view_id\":\"v\"}";
+    ASSERT_EQ_INT(api_tabby_event(view, strlen(view), &g_lim, NULL, &k, &e), 0);
+    ASSERT_EQ_INT(k, API_TABBY_VIEW);
+    ASSERT_STREQ(api_tabby_event_name(k), "view");
+    const char *sel = "{\"type\":\"select\",\"completion_id\":\"c\",\"choice_index\":1,\"elapsed\":12,\"select_kind\":\"line\"}";
+    ASSERT_EQ_INT(api_tabby_event(sel, strlen(sel), &g_lim, "line", &k, &e), 0);
+    ASSERT_EQ_INT(k, API_TABBY_SELECT);
+    ASSERT_EQ_INT(api_tabby_event(sel, strlen(sel), &g_lim, "word", &k, &e), -1);
+    ASSERT_STREQ(e.param, "select_kind");
+    static const struct { const char *body, *param; } bad[] = {
+        {"{\"type\":\"click\",\"completion_id\":\"c\",\"choice_index\":0}", "type"},
+        {"{\"type\":\"dismiss\",\"choice_index\":0}", "completion_id"},
+        {"{\"type\":\"dismiss\",\"completion_id\":\"c\",\"choice_index\":-1}", "choice_index"},
+        {"{\"type\":\"dismiss\",\"completion_id\":\"c\",\"choice_index\":0,\"elapsed\":\"1s\"}", "elapsed"},
+        {"{\"type\":\"dismiss\",\"completion_id\":\"c\",\"choice_index\":0,\"view_id\":3}", "view_id"},
+        {"[]", ""},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        ASSERT_EQ_INT(api_tabby_event(bad[i].body, strlen(bad[i].body), &g_lim, NULL, &k, &e), -1);
+        ASSERT_EQ_INT(e.status, 400);
+        ASSERT_STREQ(e.param, bad[i].param);
+    }
+}
+
 int main(void) {
     setup();
     RUN(ollama_generate_mapping);
@@ -372,6 +400,7 @@ int main(void) {
     RUN(llama_stop_type);
     RUN(heavy_prompts_are_built_by_the_second_step);
     RUN(ollama_num_ctx);
+    RUN(tabby_events);
     fake_model_free(g_model);
     api_template_free(g_tpl);
     return test_summary();
