@@ -169,10 +169,13 @@ char *api_render_ollama_version(void);
 
 /* POST /completion (prompt string or token ids) and POST /infill (input_prefix, input_suffix,
  * input_extra, prompt: api_fim_context_tokens): llama.cpp server's shapes, {content, stop,
- * tokens_predicted, tokens_evaluated, tokens_cached, truncated, stop_type ("eos" | "limit"),
- * generation_settings, timings{prompt_n, prompt_ms, prompt_per_token_ms, prompt_per_second, predicted_n,
- * predicted_ms, predicted_per_token_ms, predicted_per_second, cache_n}}, projected onto response_fields
- * when the request names them; streams are SSE {content, stop:false}... then the final object. */
+ * tokens_predicted, tokens_evaluated, tokens_cached, truncated, stop_type ("eos" | "word" | "limit",
+ * from the choice's finish and api_choice.stop_word), stopping_word, generation_settings,
+ * timings{prompt_n, prompt_ms, prompt_per_token_ms, prompt_per_second, predicted_n, predicted_ms,
+ * predicted_per_token_ms, predicted_per_second, cache_n}}, projected onto response_fields when the
+ * request names them; streams are SSE {content, stop:false}... then the final object. n_indent and
+ * t_max_predict_ms go to api_completion_req (the server's scheduler applies them); /infill's repository
+ * context is built by api_format_tokenize (a deferred prompt). */
 extern const api_format api_format_llama_completion;
 extern const api_format api_format_llama_infill;
 
