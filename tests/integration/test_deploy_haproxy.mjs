@@ -227,6 +227,84 @@ test('request ids: kept when valid, made by the proxy otherwise, logged on both 
   }
 });
 
+/* The replica each key lands on, through the proxy (GET /health answers on every replica). */
+async function homesOf(proxy, keys, headerOf) {
+  const out = new Map();
+  for (const k of keys) {
+    const r = await fetch(proxy.base + '/health', { headers: headerOf(k) });
+    await r.text();
+    assert.equal(r.status, 200);
+    out.set(k, r.headers.get('x-codemoe-replica'));
+  }
+  return out;
+}
+
+test('affinity keys: the header, else the API key, else the address; a fourth replica moves about a quarter', async () => {
+  const reps = await startReplicas(4);
+  const three = await startProxy(reps.slice(0, 3));
+  let four = null;
+  try {
+    const keys = Array.from({ length: 200 }, (_, i) => `workspace-${i}`);
+    const h = (k) => ({ 'X-Codemoe-Affinity': k });
+    const a = await homesOf(three, keys, h);
+    assert.deepEqual(await homesOf(three, keys, h), a, 'the same key, the same replica');
+    const spread = new Set(a.values());
+    assert.equal(spread.size, 3, 'keys spread over the three replicas');
+    // without the header: the API key decides, whatever the header-less client's address
+    const auth = (k) => ({ Authorization: `Bearer ${k}` });
+    const b = await homesOf(three, keys.slice(0, 60), auth);
+    assert.deepEqual(await homesOf(three, keys.slice(0, 60), auth), b, 'the same API key, the same replica');
+    assert.ok(new Set(b.values()).size > 1, 'API keys spread over replicas');
+    // neither: every request from this one address lands on one replica
+    const c = await homesOf(three, keys.slice(0, 20), () => ({}));
+    assert.equal(new Set(c.values()).size, 1, 'one client address, one replica');
+    // an empty header counts as none
+    const d = await homesOf(three, keys.slice(0, 60), (k) => ({ ...auth(k), 'X-Codemoe-Affinity': '' }));
+    assert.deepEqual(d, b, 'an empty affinity header falls back to the API key');
+
+    four = await startProxy(reps);
+    const e = await homesOf(four, keys, h);
+    const moved = keys.filter((k) => e.get(k) !== a.get(k));
+    for (const k of moved) assert.equal(e.get(k), 'replica4', `${k} moved between old replicas (${a.get(k)} -> ${e.get(k)})`);
+    const share = moved.length / keys.length;
+    console.error(`adding a fourth replica moved ${moved.length} of ${keys.length} keys (${(100 * share).toFixed(1)}%), all to it`);
+    assert.ok(share > 0.1 && share < 0.45, `moved share ${share} (consistent hashing: about 1/4)`);
+  } finally {
+    if (four) await four.stop();
+    await three.stop();
+    await stopAll(reps);
+  }
+});
+
+test("a replica's queue never overflows into 429s: requests beyond maxconn wait in the proxy", async () => {
+  // one sequence at a time, one waiting, slow steps: 6 concurrent requests overflow it
+  const slow = await startServer({ model: 'qwen2-gqa', args: [...REPLICA_ARGS, '--parallel', '1', '--queue', '1'],
+    env: { ...process.env, CODEMOE_SERVE_STEP_DELAY_MS: '20' } });
+  slow.name = 'replica1';
+  const burst = async (proxy) => {
+    const rs = await Promise.all(Array.from({ length: 6 }, () => fetch(proxy.base + '/v1/completions', {
+      method: 'POST', headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify({ prompt: 'for (int i = 0; i < n; i++)', max_tokens: 12 }),
+    }).then(async (x) => { await x.text(); return x.status; })));
+    return rs.sort();
+  };
+  try {
+    // the replica's own limit (parallel + queue = 2) as the server's maxconn: all six complete
+    let proxy = await startProxy([slow], { serverOpts: 'maxconn 2' });
+    try {
+      assert.deepEqual(await burst(proxy), [200, 200, 200, 200, 200, 200]);
+    } finally { await proxy.stop(); }
+    // the control: a maxconn above the replica's limit lets its 429s through
+    proxy = await startProxy([slow], { serverOpts: 'maxconn 64' });
+    try {
+      const st = await burst(proxy);
+      assert.ok(st.includes(429), `control: expected 429s without the limit, got ${st}`);
+    } finally { await proxy.stop(); }
+  } finally {
+    await stopAll([slow]);
+  }
+});
+
 let rrStats = null;
 test('round robin (for comparison): the typing workload without affinity', async () => {
   const reps = await startReplicas(3);
@@ -353,12 +431,15 @@ test('503 from a full replica is retried elsewhere; a started stream is never re
     assert.ok(key, 'no key maps to replica1');
     const body = (n, stream) => JSON.stringify({ prompt: 'static int add(int a, int b) {', max_tokens: n, stream, temperature: 0 });
     const hdr = { 'Content-Type': 'application/json', 'X-Codemoe-Affinity': key };
+    const t0 = Date.now();
     const long = await fetch(proxy.base + '/v1/completions', { method: 'POST', headers: hdr, body: body(200, true) });
     assert.equal(long.status, 200);
     assert.equal(long.headers.get('x-codemoe-replica'), 'replica1');
     const reader = long.body.getReader();
     const first = await reader.read();
     assert.ok(!first.done && first.value.length > 0, 'the stream started');
+    // 200 tokens at 40 ms a step take 8 s: the first event must come through long before (no buffering)
+    assert.ok(Date.now() - t0 < 3000, `first bytes of the stream after ${Date.now() - t0} ms`);
 
     // replica1 is full: its accept answers 503; the proxy retries on replica2
     const r = await fetch(proxy.base + '/v1/completions', { method: 'POST', headers: { ...hdr, 'X-Request-Id': 'retried-1' }, body: body(4, false) });
