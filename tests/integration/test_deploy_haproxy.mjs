@@ -6,6 +6,10 @@
  * Proves:
  * - request ids: a client's valid X-Request-Id reaches the replica (its access log) and the proxy's log;
  *   a missing or invalid one is replaced by the proxy's own, the same in both logs;
+ * - the affinity key: X-Codemoe-Affinity, else the Authorization header, else the client address; a
+ *   fourth replica added takes about a quarter of the keys and no key moves between the old ones;
+ * - per-server maxconn at the replica's parallel + queue keeps its 429s from reaching clients (and a
+ *   higher maxconn lets them through, the control);
  * - the IDE typing workload of 16 users (bench/loadgen.mjs's typingUser) through the proxy with affinity:
  *   every user stays on one replica; then one replica is SIGKILLed mid-run: no request hangs (each ends
  *   before its timeout), every request completes or ends with a clean error, users of the surviving
@@ -13,6 +17,7 @@
  *   another replica from their first or second request after the kill on, with cache hits again;
  * - the same workload with `balance roundrobin` has a lower prefix-cache hit ratio than with affinity
  *   (both figures, and TTFT, are printed: docs/server.md "Scale-out" quotes a run);
+ * - streams are not buffered: the first event of a long stream arrives at once;
  * - a 503 from a full replica (its --max-connections reached) is retried on another replica, while a
  *   stream that has started is never replayed: when its replica dies the client sees it cut off.
  *
