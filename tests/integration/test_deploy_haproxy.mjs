@@ -32,7 +32,7 @@ import os from 'node:os';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import assert from 'node:assert/strict';
-import { root, startServer, modelPath, sleep, metrics, test, run } from './server_harness.mjs';
+import { root, startServer, sleep, metrics, test, run } from './server_harness.mjs';
 import { typingUser, summarize } from '../../bench/loadgen.mjs';
 
 const SECONDS = Number(process.env.CM_LB_SECONDS || 10);
@@ -155,7 +155,8 @@ function codeProblems() {
 }
 
 /* Runs the typing workload of USERS users through the proxy for `seconds`; at atMs (if given) calls
- * event(records so far). Returns the records (loadgen's, plus `user`), each with start/end in ms from the run's start. */
+ * event(records so far). Returns the records (loadgen's, plus `user`), start/end in ms from the run's
+ * start. */
 async function typing(proxy, seconds, { atMs = null, event = null, affinity = true } = {}) {
   const o = {
     concurrency: USERS, maxTokens: 8, temperature: 0, timeout: 20, seed: 1, model: null,
@@ -186,11 +187,8 @@ const stats = (label, recs) => summarize({ label, workload: 'typing', concurrenc
 // a garbled stream
 const CLEAN_ERROR = /^(HTTP 5\d\d|stream ended early|ECONNRESET|socket hang up|EPIPE)/;
 
-const hitRatio = (recs) => {
-  const ok = recs.filter((r) => r.outcome === 'ok' && r.prompt_tokens);
-  const p = ok.reduce((s, r) => s + r.prompt_tokens, 0);
-  return p ? ok.reduce((s, r) => s + r.cached_tokens, 0) / p : null;
-};
+// cached / prompt tokens of the completed requests, as loadgen reports it
+const hitRatio = (recs) => stats('', recs).cache_hit_ratio;
 
 /* ------------------------------------------------------------ tests */
 
