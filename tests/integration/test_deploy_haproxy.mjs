@@ -374,13 +374,19 @@ test('affinity: 16 typing users, one replica killed mid-run', async () => {
         const hb = hitRatio(before.filter((r) => r.user === u)), ha = hitRatio(mine);
         assert.ok(ha >= 0.6 && ha >= hb - 0.2, `user${u} on ${s}: cache hit ratio ${ha} after the kill, ${hb} before`);
       } else {
-        // the victim's users: at most their first request after the kill fails; then another replica
-        // serves them, with cache hits from the second request there on
+        // the victim's users: at most their first request after the kill fails; then other replicas
+        // serve them. A request retried before the dead replica is out of the ring goes to the ring's
+        // next replica after the dead one, which need not be the replica the key maps to once it is out
+        // (HAProxy takes the nearer ring neighbour, before or after), so a user may move twice, then
+        // settles: one change of replica at most, and cache hits on the last one
         mine.slice(1).forEach((r, i) => assert.equal(r.outcome, 'ok', `user${u}: request ${i + 2} after the kill: ${r.error}`));
         const okr = mine.filter((r) => r.outcome === 'ok');
         for (const r of okr) assert.notEqual(r.served_by, victim.name);
-        assert.equal(new Set(okr.map((r) => r.served_by)).size, 1, `user${u}: one new home`);
-        assert.ok(okr.slice(1).some((r) => r.cached_tokens > 0), `user${u}: no cache hit on the new replica`);
+        const moves = okr.filter((r, i) => i > 0 && r.served_by !== okr[i - 1].served_by).length;
+        assert.ok(moves <= 1, `user${u}: moved ${moves} times after the kill: ${okr.map((r) => r.served_by)}`);
+        const last = okr.filter((r) => r.served_by === okr[okr.length - 1].served_by);
+        assert.ok(last.slice(1).some((r) => r.cached_tokens > 0), `user${u}: no cache hit on its new replica`);
+        if (moves) console.error(`user${u}: served by ${okr[0].served_by} while ${victim.name} was still in the ring, then by ${last[0].served_by}`);
       }
     }
     const aff = stats('affinity', before);
