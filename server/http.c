@@ -824,7 +824,8 @@ static json_t *store_routing(srv_req *r, const api_route_agg *agg) {
     srv_http *h = r->h;
     api_routing_info info = {.id = r->cmpl_id, .created = r->created, .model = h->cfg->model_id,
                              .prompt_tokens = r->prompt_tokens, .completion_tokens = r->completion_tokens,
-                             .full = r->creq.routing == API_ROUTING_FULL};
+                             .full = r->creq.routing >= API_ROUTING_FULL,
+                             .tokens = r->creq.routing == API_ROUTING_TOKENS};
     json_t *v = api_routing_json(agg, h->model.model, &info);
     if (!v) return NULL;
     json_decref(r->routing);
