@@ -144,6 +144,19 @@ static void slots_json(const int16_t *ids, const float *gates, int k, json_t *id
     json_array_append_new(gate_out, g_arr);
 }
 
+/* One level (token or segment) of position p: per layer its ids under id_key and gates under gate_key;
+ * ids and gates are (n_tokens, n_layer, k). */
+static void level_json(json_t *o, const cm_route_tokens *t, int p, int k, const int16_t *ids, const float *gates,
+                       const char *id_key, const char *gate_key) {
+    json_t *ex = json_array(), *g = json_array();
+    for (int l = 0; ex && g && l < t->n_layer; l++) {
+        size_t row = ((size_t)p * t->n_layer + l) * (size_t)k;
+        slots_json(ids + row, gates + row, k, ex, g);
+    }
+    json_object_set_new(o, id_key, ex);
+    json_object_set_new(o, gate_key, g);
+}
+
 /* One object per recorded position: {position, id, text, generated, experts, gates (per layer),
  * segment_experts, segment_gates (per layer, hybrid), adapters (MoLE)}. */
 static json_t *tokens_json(const cm_route_tokens *t, const cm_model *m) {
@@ -159,24 +172,8 @@ static json_t *tokens_json(const cm_route_tokens *t, const cm_model *m) {
         json_object_set_new(o, "id", json_integer(t->token[p]));
         if (m) json_object_set_new(o, "text", api_token_json(m, t->token[p]));
         json_object_set_new(o, "generated", json_boolean(t->generated[p]));
-        if (t->k_tok) {
-            json_t *ex = json_array(), *g = json_array();
-            for (int l = 0; ex && g && l < t->n_layer; l++) {
-                size_t row = ((size_t)p * t->n_layer + l) * (size_t)t->k_tok;
-                slots_json(t->tok_expert + row, t->tok_gate + row, t->k_tok, ex, g);
-            }
-            json_object_set_new(o, "experts", ex);
-            json_object_set_new(o, "gates", g);
-        }
-        if (t->k_seg) {
-            json_t *ex = json_array(), *g = json_array();
-            for (int l = 0; ex && g && l < t->n_layer; l++) {
-                size_t row = ((size_t)p * t->n_layer + l) * (size_t)t->k_seg;
-                slots_json(t->seg_expert + row, t->seg_gate + row, t->k_seg, ex, g);
-            }
-            json_object_set_new(o, "segment_experts", ex);
-            json_object_set_new(o, "segment_gates", g);
-        }
+        if (t->k_tok) level_json(o, t, p, t->k_tok, t->tok_expert, t->tok_gate, "experts", "gates");
+        if (t->k_seg) level_json(o, t, p, t->k_seg, t->seg_expert, t->seg_gate, "segment_experts", "segment_gates");
         if (t->adapters) {
             json_t *ad = json_array();
             for (int i = 0; ad && i < 64; i++)

@@ -574,10 +574,14 @@ static void respond_preflight(srv_req *r) {
 
 /* ============================================================ simple endpoints */
 
+/* What /health and /v1/status say of the server: "ok", "loading", "error" or "shutting_down". */
+static const char *server_state(const srv_http *h) {
+    return h->draining ? "shutting_down" : h->model_state == SRV_MODEL_READY ? "ok"
+           : h->model_state == SRV_MODEL_FAILED ? "error" : "loading";
+}
+
 static void handle_health(srv_req *r) {
-    srv_http *h = r->h;
-    const char *st = h->draining ? "shutting_down" : h->model_state == SRV_MODEL_READY ? "ok"
-                     : h->model_state == SRV_MODEL_FAILED ? "error" : "loading";
+    const char *st = server_state(r->h);
     char *body = NULL;
     if (asprintf(&body, "{\"status\":\"%s\"}", st) < 0) body = NULL;
     respond_json(r, !strcmp(st, "ok") ? 200 : 503, body);
@@ -614,9 +618,7 @@ static void handle_status(srv_req *r) {
     srv_gauges g;
     srv_sched_stats(h->sched, &g, &h->metrics.ttft, &h->metrics.itl, &h->metrics.generated_tokens,
                     &h->metrics.prompt_tokens);
-    const char *st = h->draining ? "shutting_down" : h->model_state == SRV_MODEL_READY ? "ok"
-                     : h->model_state == SRV_MODEL_FAILED ? "error" : "loading";
-    respond_json(r, 200, srv_status_json(&g, h->cfg->model_id, st, h->metrics.prompt_tokens,
+    respond_json(r, 200, srv_status_json(&g, h->cfg->model_id, server_state(h), h->metrics.prompt_tokens,
                                          h->metrics.generated_tokens));
 }
 
