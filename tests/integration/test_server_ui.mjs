@@ -6,7 +6,8 @@
  *   each with as many token cells as the response has tokens (prompt + completion), the token view
  *   coloured per token, segment windows and totals; the same on the sparse (qwen3moe) and MoLE fixtures;
  * - a server error (a bad field) shows the server's message; a cancelled stream says so and the page
- *   stays usable (a next run completes);
+ *   stays usable (a next run completes, then a fill-in-the-middle split at the cursor);
+ * - a 128-expert record (a sparse model's shape) is drawn with a colour scale, not a swatch per expert;
  * - with --api-key the page asks for the key, keeps it in sessionStorage and sends it;
  * - --no-ui answers 404 at /, and /v1/status has the schema openapi.yaml gives it.
  * Screenshots go to CM_UI_SHOTS (meson sets it to a directory in the build tree), else the system temp dir.
@@ -27,6 +28,8 @@ const pageErrors = (errors) => errors.filter((e) => !/Failed to load resource/.t
 async function runCompletion(page, { prompt, maxTokens = 12 } = {}) {
   if (prompt !== undefined) await page.fill('#prompt', prompt);
   await page.fill('#max-tokens', String(maxTokens));
+  await page.evaluate(() => { document.getElementById('run-state').textContent = ''; }); // not the last run's "Done"
+
   await page.click('#run');
   await page.waitForFunction(() => /^Done/.test(document.getElementById('run-state').textContent), null, { timeout: 30000 });
 }
@@ -105,6 +108,32 @@ test('sparse (qwen3moe) and MoLE models: the same picture, experts on a scale an
       const s = await heatmapShape(page);
       assert.ok(s.rows >= 1, model);
       for (const c of s.cells) assert.equal(c, s.tokens, `${model}: a cell per token in every row`);
+      if (model === 'qwen3moe') {
+        // a 128-expert record (Qwen3-Coder-30B-A3B's shape) drawn by the same code: a colour scale, not 128 swatches
+        const drawn = await page.evaluate(() => {
+          const T = 6, L = 3, E = 128;
+          state.info = { ...state.info, moe: { kind: 'sparse', experts: E, top_k: 8 } };
+          state.nTokens = T;
+          state.record = {
+            n_layer: L, token_experts: E, shared_expert: -1, segment_experts: 0, window: 0, prompt_tokens: T, completion_tokens: 0,
+            layers: Array.from({ length: L }, (_, l) => ({ layer: l, token: Array.from({ length: E }, (_, e) => ({ expert: e, prompt_tokens: e < 8 * T ? 1 : 0, generated_tokens: 0 })) })),
+            tokens: Array.from({ length: T }, (_, p) => ({ position: p, id: p, text: 'x', generated: false,
+              experts: Array.from({ length: L }, (_, l) => Array.from({ length: 8 }, (_, k) => (p * 20 + l * 3 + k * 16) % E)),
+              gates: Array.from({ length: L }, () => Array(8).fill(0.125)) })),
+          };
+          drawRouting();
+          const cells = [...document.querySelectorAll('#heatmap .hrow')].map((r) => r.querySelectorAll('.cell').length);
+          const colours = new Set([...document.querySelectorAll('#heatmap .cell')].map((c) => c.style.background));
+          return { cells, colours: colours.size, scale: document.querySelectorAll('#legend .scale').length,
+            swatches: document.querySelectorAll('#legend .sw').length, bars: document.querySelectorAll('#totals .bar').length };
+        });
+        assert.deepEqual(drawn.cells, [6, 6, 6]);
+        assert.ok(drawn.colours > 6, 'experts apart on the scale');
+        assert.equal(drawn.scale, 1, 'one colour scale in the legend');
+        assert.ok(drawn.swatches <= 2, 'no swatch per expert');
+        assert.ok(drawn.bars <= 24, 'the totals show the busiest experts only');
+        await page.screenshot({ path: join(shots, 'playground-128-experts.png'), fullPage: true });
+      }
       if (model === 'mole') {
         assert.equal(await page.isVisible('#language-field'), true, 'MoLE: the language picker');
         assert.ok(s.coloured.some((c) => c > 0), 'tokens have adapters');
@@ -150,6 +179,20 @@ test('a server error shows its message; a cancelled stream says so and the next 
     await runCompletion(page, { maxTokens: 4 });
     const s = await heatmapShape(page);
     for (const c of s.cells) assert.equal(c, s.tokens);
+    // fill in the middle: the cursor splits the text; the fill lands between prefix and suffix
+    await page.selectOption('#mode', 'fim');
+    await page.fill('#prompt', 'def add(a, b):\n    return a + b\n');
+    await page.fill('#max-tokens', '4');
+    await page.evaluate(() => { const t = document.getElementById('prompt'); t.focus(); t.setSelectionRange(15, 15); });
+    await page.evaluate(() => { document.getElementById('run-state').textContent = ''; }); // not the last run's "Done"
+    await page.keyboard.press('Control+Enter');
+    await page.waitForFunction(() => /^Done/.test(document.getElementById('run-state').textContent), null, { timeout: 30000 });
+    const parts = await page.evaluate(() => [...document.getElementById('output').childNodes].map((n) => n.textContent));
+    assert.deepEqual([parts[0], parts[2]], ['def add(a, b):\n', '    return a + b\n']);
+    assert.equal(parts.length, 3, 'prefix, fill, suffix');
+    const f = await heatmapShape(page); // (the tiny fixture's fill may be bytes that are no text of their own)
+    assert.match(await page.textContent('#run-state'), /\+ 4 completion tokens/);
+    for (const c of f.cells) assert.equal(c, f.tokens);
     assert.deepEqual(pageErrors(errors), [], 'page errors');
   } finally {
     await b.close();
