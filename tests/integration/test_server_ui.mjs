@@ -16,11 +16,18 @@ import assert from 'node:assert/strict';
 import { mkdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { startServer, test, run } from './server_harness.mjs';
+import { startServer, sanitizerReport, test, run } from './server_harness.mjs';
 import { launchBrowser } from './browser.mjs';
 
 const shots = process.env.CM_UI_SHOTS || join(tmpdir(), 'codemoe-ui-shots');
 mkdirSync(shots, { recursive: true });
+
+/* Stops a server; in a sanitizer build its report at exit fails the test. */
+async function stop(srv) {
+  await srv.stop();
+  const rep = sanitizerReport(srv);
+  assert.equal(rep, null, rep);
+}
 
 /* Network logs of a refused request ("Failed to load resource: ... 400") are the browser's, not the page's. */
 const pageErrors = (errors) => errors.filter((e) => !/Failed to load resource/.test(e));
@@ -92,7 +99,7 @@ test('the page loads, streams a completion on a hybrid MoE and draws a cell per 
     assert.deepEqual(errors, [], 'console errors after streaming');
   } finally {
     await b.close();
-    await srv.stop();
+    await stop(srv);
   }
 });
 
@@ -142,7 +149,7 @@ test('sparse (qwen3moe) and MoLE models: the same picture, experts on a scale an
       assert.deepEqual(errors, [], `${model}: console errors`);
     } finally {
       await b.close();
-      await srv.stop();
+      await stop(srv);
     }
   }
 });
@@ -196,7 +203,7 @@ test('a server error shows its message; a cancelled stream says so and the next 
     assert.deepEqual(pageErrors(errors), [], 'page errors');
   } finally {
     await b.close();
-    await srv.stop();
+    await stop(srv);
   }
 });
 
@@ -219,7 +226,7 @@ test('with --api-key the page asks for the key, keeps it for the tab and sends i
     assert.deepEqual(pageErrors(errors), [], 'page errors');
   } finally {
     await b.close();
-    await srv.stop();
+    await stop(srv);
   }
 });
 
@@ -236,7 +243,7 @@ test('--no-ui: 404 at /; /v1/status keeps answering', async () => {
     assert.equal(typeof s.kv.blocks_total, 'number');
     assert.equal(s.prefix_cache.hit_ratio, null, 'no query yet');
   } finally {
-    await srv.stop();
+    await stop(srv);
   }
 });
 
