@@ -450,10 +450,15 @@ int cm_moe_seq_truncate_check(const cm_moe_ctx *mc, int seq, int len, int n, cm_
                       mc->mm->kind == CM_MOE_HYBRID ? "hybrid-MoE" : "MoLE", CM_KV_BLOCK_TOKENS, len, n);
 }
 
+static void det_clear(cm_moe_ctx *mc, moe_seq *q, int p0, int p1);
+
 void cm_moe_seq_truncate(cm_moe_ctx *mc, int seq, int len, int n, const unsigned char *snap) {
     if (n == len) return;
     moe_seq *q = &mc->seqs[seq];
-    if (q->det_hi > n) q->det_hi = n; /* forgotten positions leave the detail; their rows are rewritten */
+    if (q->det_hi > n) { /* forgotten positions leave the detail */
+        det_clear(mc, q, n, q->det_hi);
+        q->det_hi = n;
+    }
     cm_moe_seq_restore(mc, seq, n == 0 ? NULL : snap);
 }
 
@@ -482,6 +487,20 @@ int cm_moe_seq_set_options(cm_moe_ctx *mc, int seq, int len, const cm_seq_option
 static size_t det_row_bytes(int n_layer, int k_tok, int k_seg, int mole) {
     return sizeof(int32_t) + sizeof(int8_t) + (mole ? sizeof(uint64_t) : 0) +
            (size_t)n_layer * (size_t)(k_tok + k_seg) * (sizeof(int16_t) + sizeof(float));
+}
+
+/* Rows [p0, p1) back to "not routed": token -1, no experts (positions a prefix-cache attach maps
+ * are never fed, so their rows must not keep an earlier run's). */
+static void det_clear(cm_moe_ctx *mc, moe_seq *q, int p0, int p1) {
+    cm_route_tokens *d = &q->det;
+    if (p1 > q->det_cap) p1 = q->det_cap;
+    if (p0 >= p1) return;
+    size_t nt = (size_t)mc->n_layer * (size_t)d->k_tok, ns = (size_t)mc->n_layer * (size_t)d->k_seg, n = (size_t)(p1 - p0);
+    memset((int32_t *)d->token + p0, 0xff, n * sizeof *d->token); /* all bits set: -1 */
+    memset((int16_t *)d->tok_expert + (size_t)p0 * nt, 0xff, n * nt * sizeof *d->tok_expert);
+    memset((int16_t *)d->seg_expert + (size_t)p0 * ns, 0xff, n * ns * sizeof *d->seg_expert);
+    memset((int8_t *)d->generated + p0, 0, n);
+    if (d->adapters) memset((uint64_t *)d->adapters + p0, 0, n * sizeof *d->adapters);
 }
 
 static void det_begin(cm_moe_ctx *mc, moe_seq *q, int p, int32_t tok, int gen) {
@@ -548,6 +567,7 @@ int cm_moe_seq_tokens_enable(cm_moe_ctx *mc, int seq, int n_max, cm_err *err) {
     d->seg_expert = (const int16_t *)(mem + o_se);
     d->seg_gate = (const float *)(mem + o_sg);
     d->adapters = mole ? (const uint64_t *)(mem + o_ad) : NULL;
+    det_clear(mc, q, 0, q->det_cap);
     return (int)cap;
 }
 

@@ -718,7 +718,7 @@ static void det_check_sums(const cm_route_tokens *d, const cm_routing *r, int ki
     CHECK_TRUE(d->n_layer <= MAXL && r->n_tok_experts <= 128 && r->n_seg_experts <= 128);
     for (int p = 0; p < d->n_tokens; p++) {
         int g = d->generated[p];
-        CHECK_TRUE(d->token[p] >= 0);
+        if (d->token[p] < 0) continue; /* reused from the prefix cache: checked by the caller */
         for (int l = 0; l < d->n_layer; l++) {
             const int16_t *te = d->tok_expert + ((size_t)p * d->n_layer + l) * d->k_tok;
             const float *tg = d->tok_gate + ((size_t)p * d->n_layer + l) * d->k_tok;
@@ -859,12 +859,61 @@ static void det_case(const char *file, int segment_mode) {
     cm_model_free(m);
 }
 
+/* Positions a prefix-cache attach maps are not routed: their rows say token -1 and no experts, the
+ * rows after them are filled, and the sums still match the statistics (which skip them too). */
+static void det_attach_case(const char *file) {
+    cm_model *m = golden_load_model(file);
+    ASSERT_TRUE(m);
+    cm_moe_info mi;
+    cm_model_moe_info(m, &mi);
+    cm_ctx_params cp = {.n_threads = 1, .n_seq_max = 2, .n_ctx = 128, .n_batch_max = 64, .kv_type = kv_type,
+                        .prefix_cache = 1};
+    cm_err err = {0};
+    cm_ctx *c = cm_ctx_create(m, &cp, &err);
+    ASSERT_TRUE(c);
+    int32_t tok[40], sq[40];
+    int a = cm_seq_open(c, &err);
+    for (int i = 0; i < 40; i++) tok[i] = (int32_t)(i * 7 + 3) % 200, sq[i] = a;
+    cm_batch b = {.n = 40, .token = tok, .seq = sq};
+    ASSERT_EQ_INT(cm_forward(c, &b, &err), 0);
+    cm_seq_close(c, a); /* its full block stays in the cache */
+    int s = cm_seq_open(c, &err);
+    ASSERT_EQ_INT(cm_seq_routing_tokens_enable(c, s, 64, &err), 64);
+    int got = cm_seq_attach_prefix(c, s, tok, 40, &err);
+    ASSERT_TRUE(got >= CM_KV_BLOCK_TOKENS && got < 40);
+    for (int i = 0; i < 40 - got; i++) sq[i] = s;
+    b = (cm_batch){.n = 40 - got, .token = tok + got, .seq = sq};
+    ASSERT_EQ_INT(cm_forward(c, &b, &err), 0);
+    const cm_route_tokens *d = cm_seq_routing_tokens(c, s);
+    ASSERT_TRUE(d != NULL);
+    ASSERT_EQ_INT(d->n_tokens, 40);
+    for (int p = 0; p < 40; p++) {
+        CHECK_TRUE(d->token[p] == (p < got ? -1 : tok[p]));
+        int routed = 0;
+        for (int k = 0; k < d->n_layer * d->k_tok; k++) routed += d->tok_expert[(size_t)p * d->n_layer * d->k_tok + k] >= 0;
+        if (mi.kind == CM_MOE_KIND_MOLE) routed = d->adapters[p] != 0;
+        else if (routed) routed = routed == d->n_layer * d->k_tok; /* every slot of a routed row */
+        CHECK_TRUE(routed == (p >= got));
+    }
+    det_check_sums(d, cm_seq_routing(c, s), mi.kind);
+    /* truncation forgets the rows past the cut: they are "not routed" again */
+    ASSERT_EQ_INT(cm_seq_truncate(c, s, CM_KV_BLOCK_TOKENS, &err), 0);
+    d = cm_seq_routing_tokens(c, s);
+    ASSERT_EQ_INT(d->n_tokens, CM_KV_BLOCK_TOKENS);
+    cm_seq_close(c, s);
+    cm_ctx_free(c);
+    cm_model_free(m);
+}
+
 TEST(routing_tokens_detail) {
     det_case("models/hybrid-max.gguf", CM_SEGMENT_CAUSAL);
     det_case("models/hybrid-mean.gguf", CM_SEGMENT_CAUSAL);
     det_case("models/hybrid-max.gguf", CM_SEGMENT_REFERENCE);
     det_case("models/qwen3moe.gguf", CM_SEGMENT_DEFAULT);
     det_case("models/mole.gguf", CM_SEGMENT_DEFAULT);
+    det_attach_case("models/hybrid-max.gguf");
+    det_attach_case("models/qwen3moe.gguf");
+    det_attach_case("models/mole.gguf");
     /* a dense model records nothing */
     cm_model *m = golden_load_model("models/qwen2-gqa.gguf");
     ASSERT_TRUE(m);
