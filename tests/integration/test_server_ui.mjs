@@ -29,8 +29,11 @@ async function stop(srv) {
   assert.equal(rep, null, rep);
 }
 
-/* Network logs of a refused request ("Failed to load resource: ... 400") are the browser's, not the page's. */
-const pageErrors = (errors) => errors.filter((e) => !/Failed to load resource/.test(e));
+/* Everything the page logged as an error and every uncaught exception. */
+const allErrors = (b) => [...b.consoleErrors, ...b.pageErrors];
+/* The same without the browser's network logs of a refused request ("Failed to load resource: ... 400"),
+ * which a test that provokes one expects. */
+const pageErrors = (b) => allErrors(b).filter((e) => !/Failed to load resource/.test(e));
 
 async function runCompletion(page, { prompt, maxTokens = 12 } = {}) {
   if (prompt !== undefined) await page.fill('#prompt', prompt);
@@ -60,14 +63,14 @@ test('the page loads, streams a completion on a hybrid MoE and draws a cell per 
   const srv = await startServer({ model: 'hybrid-max' });
   const b = await launchBrowser();
   try {
-    const { page, errors } = b;
+    const { page } = b;
     const res = await page.goto(srv.base + '/');
     assert.equal(res.status(), 200);
     assert.match(res.headers()['content-security-policy'] || '', /default-src 'self'/);
     await page.waitForFunction(() => document.querySelector('#model option') !== null);
     assert.equal(await page.inputValue('#model'), 'hybrid-max');
     await page.waitForFunction(() => /Running sequences/.test(document.getElementById('status').textContent));
-    assert.deepEqual(errors, [], 'console errors on load');
+    assert.deepEqual(allErrors(b), [], 'console errors on load');
     // keyboard only: focus the editor, Ctrl+Enter runs
     await page.focus('#prompt');
     await page.keyboard.press('Control+End');
@@ -96,7 +99,7 @@ test('the page loads, streams a completion on a hybrid MoE and draws a cell per 
     const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
     assert.ok(overflow <= 1, `page wider than a narrow window by ${overflow}px`);
     await page.screenshot({ path: join(shots, 'playground-narrow.png'), fullPage: true });
-    assert.deepEqual(errors, [], 'console errors after streaming');
+    assert.deepEqual(allErrors(b), [], 'console errors after streaming');
   } finally {
     await b.close();
     await stop(srv);
@@ -108,7 +111,7 @@ test('sparse (qwen3moe) and MoLE models: the same picture, experts on a scale an
     const srv = await startServer({ model });
     const b = await launchBrowser();
     try {
-      const { page, errors } = b;
+      const { page } = b;
       await page.goto(srv.base + '/');
       await page.waitForFunction(() => document.querySelector('#model option') !== null);
       await runCompletion(page, { prompt: model === 'mole' ? '```python\ndef f(x):\n' : 'int main(void) {', maxTokens: 8 });
@@ -146,7 +149,7 @@ test('sparse (qwen3moe) and MoLE models: the same picture, experts on a scale an
         assert.ok(s.coloured.some((c) => c > 0), 'tokens have adapters');
       }
       await page.screenshot({ path: join(shots, `playground-${model}.png`), fullPage: true });
-      assert.deepEqual(errors, [], `${model}: console errors`);
+      assert.deepEqual(allErrors(b), [], `${model}: console errors`);
     } finally {
       await b.close();
       await stop(srv);
@@ -159,7 +162,7 @@ test('a server error shows its message; a cancelled stream says so and the next 
   const srv = await startServer({ model: 'hybrid-max', env: { CODEMOE_SERVE_STEP_DELAY_MS: '40' } });
   const b = await launchBrowser();
   try {
-    const { page, errors } = b;
+    const { page } = b;
     await page.goto(srv.base + '/');
     await page.waitForFunction(() => document.querySelector('#model option') !== null);
     // a bad field: the page sends what the form says; a negative temperature is the server's to refuse
@@ -200,7 +203,7 @@ test('a server error shows its message; a cancelled stream says so and the next 
     const f = await heatmapShape(page); // (the tiny fixture's fill may be bytes that are no text of their own)
     assert.match(await page.textContent('#run-state'), /\+ 4 completion tokens/);
     for (const c of f.cells) assert.equal(c, f.tokens);
-    assert.deepEqual(pageErrors(errors), [], 'page errors');
+    assert.deepEqual(pageErrors(b), [], 'page errors');
   } finally {
     await b.close();
     await stop(srv);
@@ -211,7 +214,7 @@ test('with --api-key the page asks for the key, keeps it for the tab and sends i
   const srv = await startServer({ model: 'hybrid-max', args: ['--api-key', 'sekrit-key'] });
   const b = await launchBrowser();
   try {
-    const { page, errors } = b;
+    const { page } = b;
     const res = await page.goto(srv.base + '/');
     assert.equal(res.status(), 200, 'the page itself needs no key');
     await page.waitForSelector('#key-form:not([hidden])');
@@ -223,7 +226,7 @@ test('with --api-key the page asks for the key, keeps it for the tab and sends i
     assert.equal(await page.evaluate(() => sessionStorage.getItem('codemoe-api-key')), 'sekrit-key');
     await runCompletion(page, { maxTokens: 4 });
     assert.equal(await page.isHidden('#key-form'), true);
-    assert.deepEqual(pageErrors(errors), [], 'page errors');
+    assert.deepEqual(pageErrors(b), [], 'page errors');
   } finally {
     await b.close();
     await stop(srv);
