@@ -20,7 +20,10 @@
  *   activation row (Q8_0 weights with activations quantised to Q8_0, as llama.cpp); rows of W are split
  *   across the pool; q/k/v and gate/up run as one pool run each.
  * - prefill (N >= CM_GEMM_MIN_ROWS): each pool task takes a tile of W's rows, dequantises it (unless F32)
- *   into its thread's scratch and calls single-threaded OpenBLAS sgemm: Y[:, tile] = X W[tile]^T.
+ *   into its thread's scratch and calls single-threaded OpenBLAS sgemm: Y[:, tile] = X W[tile]^T; or,
+ *   with int8 activations on and quantised weights, X is quantised once per row and the int8 GEMM
+ *   (cm_gemm_q, gemm_q8.c) takes the tile, bit-exact per row with the reference dot, so a token's
+ *   products do not depend on the rest of the batch.
  * Every buffer is sized at cm_ctx_create; cm_forward allocates nothing.
  */
 #include <cblas.h>
@@ -47,7 +50,7 @@ struct cm_ctx {
     cm_kv kv;
     int n_threads, n_seq_max, n_ctx, n_batch_max, n_logits_max;
     int64_t deq_floats;     /* per thread */
-    int q8_int8;            /* decode quantised weights with int8 activations (CODEMOE_Q8_INT8=1): less exact */
+    int q8_int8;            /* quantised weights meet int8 activations, decode and prefill (CODEMOE_Q8_INT8=1): less exact */
 
     float *rope_cos, *rope_sin; /* (n_ctx, E/2) */
 
@@ -59,11 +62,11 @@ struct cm_ctx {
     float *att;     /* (B, Q) */
     float *proj;    /* (B, D) output of Wo / Wd before the residual add */
     float *hg, *hu; /* (B, F) */
-    void *xq;       /* (B, row bytes of Q8_0 activations of max(D, Q, F)) */
+    void *xq;       /* (B, row bytes of the largest int8 activation format of max(D, Q, F)) */
     float *outn;    /* (n_logits_max, D) final-normed rows whose logits are wanted */
     float *logits;  /* (n_logits_max, V) */
     float *scores;  /* (n_threads, n_ctx) attention scores */
-    float *deq;     /* (n_threads, deq_floats) dequantised weight tiles */
+    float *deq;     /* (n_threads, deq_floats) dequantised weight tiles, or the int8 GEMM's unpacked ones */
 
     /* per batch */
     int32_t *pos;       /* (B) position of each token in its sequence */
@@ -243,7 +246,7 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
     /* Our pool owns the parallelism: each task calls sgemm on its own tile, single-threaded. */
     openblas_set_num_threads(1);
     rope_tables(c);
-    if (m->moe && !(c->moe = cm_moe_ctx_create(m, m->moe, c->pool, n_threads, n_seq, n_ctx, n_batch, err))) {
+    if (m->moe && !(c->moe = cm_moe_ctx_create(m, m->moe, c->pool, n_threads, n_seq, n_ctx, n_batch, c->q8_int8, err))) {
         cm_ctx_free(c);
         return NULL;
     }
