@@ -424,24 +424,31 @@ typedef struct mm_job {
     int task0[4];     /* first task of each op; task0[n_ops] = total */
 } mm_job;
 
+/* Task `task` of a run: op *o, rows [r0, r1) of its W; returns W. */
+static const cm_tensor *mm_task_rows(const mm_job *j, int task, int *o, int64_t *r0, int64_t *r1) {
+    int i = 0;
+    while (task >= j->task0[i + 1]) i++;
+    const cm_tensor *w = j->ops[i].w;
+    *o = i;
+    *r0 = (int64_t)(task - j->task0[i]) * j->chunk;
+    *r1 = *r0 + j->chunk < w->ne1 ? *r0 + j->chunk : w->ne1;
+    return w;
+}
+
 static void mm_task_matvec(void *arg, int task, int thread) {
     (void)thread;
     const mm_job *j = arg;
-    int o = 0;
-    while (task >= j->task0[o + 1]) o++;
-    const cm_tensor *w = j->ops[o].w;
-    int64_t r0 = (int64_t)(task - j->task0[o]) * j->chunk, r1 = r0 + j->chunk;
-    if (r1 > w->ne1) r1 = w->ne1;
+    int o;
+    int64_t r0, r1;
+    const cm_tensor *w = mm_task_rows(j, task, &o, &r0, &r1);
     cm_matvec_rows(w->type, j->xtype, w->data, j->k, j->xv, j->xv_stride, j->n, j->ops[o].y, w->ne1, r0, r1);
 }
 
 static void mm_task_gemm_q(void *arg, int task, int thread) {
     const mm_job *j = arg;
-    int o = 0;
-    while (task >= j->task0[o + 1]) o++;
-    const cm_tensor *w = j->ops[o].w;
-    int64_t r0 = (int64_t)(task - j->task0[o]) * j->chunk, r1 = r0 + j->chunk;
-    if (r1 > w->ne1) r1 = w->ne1;
+    int o;
+    int64_t r0, r1;
+    const cm_tensor *w = mm_task_rows(j, task, &o, &r0, &r1);
     cm_gemm_q(w->type, w->data, j->k, j->xv, j->xv_stride, j->n, j->ops[o].y, w->ne1, r0, r1,
               j->c->deq + (size_t)thread * (size_t)j->c->deq_floats);
 }
@@ -456,11 +463,9 @@ static void mm_task_quantize(void *arg, int task, int thread) {
 
 static void mm_task_gemm(void *arg, int task, int thread) {
     const mm_job *j = arg;
-    int o = 0;
-    while (task >= j->task0[o + 1]) o++;
-    const cm_tensor *w = j->ops[o].w;
-    int64_t r0 = (int64_t)(task - j->task0[o]) * j->chunk, r1 = r0 + j->chunk;
-    if (r1 > w->ne1) r1 = w->ne1;
+    int o;
+    int64_t r0, r1;
+    const cm_tensor *w = mm_task_rows(j, task, &o, &r0, &r1);
     const float *b;
     if (w->type == GGUF_TT_F32) {
         b = (const float *)w->data + r0 * j->k;
