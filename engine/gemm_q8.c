@@ -71,7 +71,7 @@ typedef struct tile {
     int64_t k, nb;
     int kq, offset, has_min, q8;
     int run; /* maddubs steps whose int16 pairs may be summed before widening */
-    uint8_t *q;
+    uint8_t *q, *row; /* row: (K) one row's bytes before interleaving */
     float *d, *m, *xd, *xs;
     int32_t *xsum;
     int16_t *sc, *bsc, *mn;
@@ -105,6 +105,7 @@ static void tile_layout(tile *t, int wtype, int64_t k, void *scratch) {
     size_t nb = (size_t)t->nb;
     t->sc = t->bsc = t->mn = NULL;
     t->q = carve(&p, (size_t)TR * (size_t)k);
+    t->row = carve(&p, (size_t)k);
     t->d = carve(&p, TR * nb * sizeof(float));
     t->m = carve(&p, TR * nb * sizeof(float));
     t->xd = carve(&p, NR * nb * sizeof(float));
@@ -121,7 +122,7 @@ static void tile_layout(tile *t, int wtype, int64_t k, void *scratch) {
 static void tile_row(tile *t, int wtype, const void *wr, int i) {
     size_t bb = (size_t)gguf_row_bytes(wtype, cm_quant_block_values(wtype));
     size_t g = (size_t)(i / GR), r = (size_t)(i % GR), nb = (size_t)t->nb, k = (size_t)t->k;
-    uint8_t *q = t->q + g * GR * k; /* value v of row r at (v / 4, r, v % 4) */
+    uint8_t *q = t->row;
     float *d = t->d + g * GR * nb, *m = t->m + g * GR * nb;
     for (size_t b = 0; b < nb; b++) {
         const char *blk = (const char *)wr + b * bb;
@@ -139,13 +140,12 @@ static void tile_row(tile *t, int wtype, const void *wr, int i) {
                 d[b * GR + r] = u.d;
                 m[b * GR + r] = u.m;
             }
-            for (int l = 0; l < 32; l++) q[((b * 32 + (size_t)l) / 4 * GR + r) * 4 + (size_t)l % 4] = (uint8_t)v[l];
+            memcpy(q + b * 32, v, 32);
             continue;
         }
         cm_k_unpacked u;
         cm_quant_unpack_k(wtype, blk, &u);
-        for (int l = 0; l < CM_QK_K; l++)
-            q[((b * CM_QK_K + (size_t)l) / 4 * GR + r) * 4 + (size_t)l % 4] = (uint8_t)(u.q[l] + t->offset);
+        for (int l = 0; l < CM_QK_K; l++) q[b * CM_QK_K + (size_t)l] = (uint8_t)(u.q[l] + t->offset);
         int16_t *sc = t->sc + (g * nb + b) * 16 * GR * 2, *bsc = t->bsc + (g * nb + b) * 8 * GR * 2;
         int16_t *mn = t->mn + (g * nb + b) * 8 * GR * 2;
         for (int j = 0; j < 16; j++) { /* per 16 values, whatever the type's sub-block */
@@ -157,6 +157,9 @@ static void tile_row(tile *t, int wtype, const void *wr, int i) {
         d[b * GR + r] = u.d;
         m[b * GR + r] = u.dmin;
     }
+    /* value v of row r goes to (v / 4, r, v % 4) of the group */
+    uint8_t *gq = t->q + g * GR * k;
+    for (size_t v = 0; v < k; v += 4) memcpy(gq + (v / 4 * GR + r) * 4, q + v, 4);
 }
 
 static inline __m256i bcast32(const void *p) {
