@@ -114,6 +114,9 @@ typedef struct api_limits {
     int max_logit_bias;     /* max logit_bias entries */
     int strict_context;     /* 1: prompt + max_tokens beyond the context is a 400 (OpenAI); 0: max_tokens
                                is clamped to what the context leaves (--strict-context) */
+    int n_ctx;              /* 0: the model's context (api_model.n_ctx); else a smaller one a request asks
+                               for (Ollama's num_ctx), which its prompt + completion must fit; a larger
+                               one has no effect */
 } api_limits;
 
 /* 4 MiB body, no max_tokens cap, n <= 8, logprobs <= 5, 32 stops, 16 prompts, 1024 bias entries,
@@ -178,6 +181,13 @@ typedef struct api_completion_req {
     api_segment_routing segment_routing; /* extension */
     api_routing_mode routing;            /* extension: routing stats in the response */
     char unknown_field[64];              /* first ignored field, "" if none (for a log line) */
+    int n_indent;                        /* llama.cpp's n_indent (0: off): a choice ends (finish "length")
+                                            at a line after its first whose first non-blank byte sits
+                                            at a column below it; see api_choice_state_set_indent */
+    int t_max_predict_ms;                /* llama.cpp's t_max_predict_ms (0: off): once a choice has been
+                                            generating this long (from the request's first token), it
+                                            ends (finish "length") at its next token with a newline; the
+                                            server's clock decides (api_choice_state_time_up) */
     int prefill;                         /* max_tokens 0: still compute the prompt, so that its KV enters
                                             the prefix cache (llama.cpp's n_predict 0 cache warm-up) */
     json_t *dialect;                     /* what a dialect's renderer needs from its request (llama.cpp's
@@ -199,7 +209,8 @@ typedef struct api_completion_req {
  * -1, err describes it (status 400/404/413, 500 out of memory) and out holds nothing to free (freeing it
  * anyway is safe).
  *
- * api_completion_tokenize: builds every prompt (tokenization, FIM layout, echo text) and resolves its
+ * api_completion_tokenize: builds every prompt (a dialect's deferred prompt first: a rendered chat
+ * template, /infill's repository context, format.h; then tokenization, FIM layout, echo text) and resolves its
  * engine options, then the rules that need token counts: the context (400 context_length_exceeded) and
  * segment_routing "reference" on a hybrid model with max_tokens > 0 or a prompt longer than m->n_batch
  * (400, param "segment_routing"). No I/O and no shared state but the immutable model: it may run on any
@@ -342,7 +353,13 @@ typedef enum { API_FINISH_NONE = 0, API_FINISH_STOP, API_FINISH_LENGTH } api_fin
  *   3. stop strings (api_stop_scan): a match ends the choice, finish "stop", and cuts the text at the
  *      match (what the detokenizer still holds came after it and is dropped); a tail that could still
  *      grow into a stop string is held back;
- *   4. n_gen >= max_tokens, or a sequence that the token would fill (seq_len + 1 >= n_ctx), ends it,
+ *   4. n_indent (when set): a line after the first whose first byte other than ' ' and '\t' (a
+ *      newline included: an empty line) sits at a column below n_indent ends the choice, finish
+ *      "length", the text cut before that byte (llama.cpp's rule; whether a line passes is decided
+ *      by the token that brings that byte, so nothing after the cut was released);
+ *   5. after api_choice_state_time_up: a token whose text holds a newline ends it, finish "length",
+ *      that token's text kept (llama.cpp's t_max_predict_ms);
+ *   6. n_gen >= max_tokens, or a sequence that the token would fill (seq_len + 1 >= n_ctx), ends it,
  *      finish "length".
  * A choice that ends for any reason but a stop string releases all its text: the held-back tail and
  * an incomplete character (as U+FFFD). Text once released is final.
@@ -366,6 +383,10 @@ typedef struct api_choice_state {
     const cm_model *model;
     const api_stops *stop;
     int max_tokens, n_ctx;
+    int n_indent;           /* 0: off (api_choice_state_set_indent) */
+    int line_open;          /* n_indent: text[line..) is a line whose indentation is not decided yet */
+    size_t line;            /* n_indent: where the scan for the next line (or the open line) starts */
+    int time_up;            /* api_choice_state_time_up was called */
     size_t cap;             /* allocated bytes of text: before each token >= len + piece_max */
     size_t piece_max;       /* cm_detok_max_bytes: the most one token (and the final flush) adds */
     cm_detok dt;
@@ -381,6 +402,12 @@ int api_choice_state_init(api_choice_state *c, const cm_model *m, const api_stop
 void api_choice_state_reset(api_choice_state *c, const api_stops *stop, int max_tokens, int n_ctx);
 /* Releases the buffer; c is zeroed (a zeroed state is safe to free again). */
 void api_choice_state_free(api_choice_state *c);
+/* The choice's indentation limit (rule 4; a request's n_indent, 0: off). Set after init or reset, before
+ * the first push. */
+void api_choice_state_set_indent(api_choice_state *c, int n_indent);
+/* The caller's clock says the choice's time is up (rule 5): it ends at its next token with a newline.
+ * reset clears it. */
+void api_choice_state_time_up(api_choice_state *c);
 
 /* Feeds the token sampled for the choice. seq_len: positions already in the choice's sequence, this
  * token not included. Returns 0 when the choice goes on (the caller feeds tok to the model next), 1
@@ -411,6 +438,8 @@ typedef struct api_choice {
     const char *text;           /* full: echo text + completion; chunk: the new text */
     size_t text_len;
     api_finish finish;          /* NONE renders null (chunks before the last) */
+    int stop_word;              /* finish STOP: 1 + the index in r->stop of the stop string that ended
+                                   the choice (api_choice_state.stop_hit + 1); 0: end-of-generation */
     const api_token_lp *lp;     /* (n_lp) tokens covered by this text; ignored when r->logprobs < 0 */
     int n_lp;
     long text_offset;           /* character offset of lp[0] in prompt + completion text: 0 with echo,

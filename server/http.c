@@ -65,6 +65,7 @@ enum {
     ENDPOINT_TOKENIZE,          /* POST /tokenize (llama.cpp) */
     ENDPOINT_DETOKENIZE,        /* POST /detokenize (llama.cpp) */
     ENDPOINT_PROPS,             /* GET /props (llama.cpp) */
+    ENDPOINT_TABBY_EVENTS,      /* POST /v1/events (Tabby's telemetry) */
 };
 
 /* the "route" label of the access log and the request metrics: a fixed name per endpoint, never the
@@ -73,7 +74,7 @@ static const char *endpoint_label[] = {"unknown", "health", "metrics", "models",
                                        "routing", "preflight", "chat", "ollama_generate", "ollama_chat",
                                        "ollama_tags", "ollama_ps", "ollama_show", "ollama_version",
                                        "llama_completion", "llama_infill", "fim_completions", "tabby_health",
-                                       "tokenize", "detokenize", "props"};
+                                       "tokenize", "detokenize", "props", "tabby_events"};
 
 /* The dialect of an endpoint that runs a completion job (its parser and renderers), NULL for the others. */
 static const api_format *endpoint_format(int endpoint) {
@@ -89,11 +90,11 @@ static const api_format *endpoint_format(int endpoint) {
     }
 }
 
-/* Endpoints answered to POST with a JSON body: the completion dialects, Ollama's /api/show and
- * llama.cpp's /tokenize and /detokenize. */
+/* Endpoints answered to POST with a JSON body: the completion dialects, Ollama's /api/show,
+ * llama.cpp's /tokenize and /detokenize, and Tabby's /v1/events. */
 static int endpoint_is_post(int endpoint) {
     return endpoint_format(endpoint) || endpoint == ENDPOINT_OLLAMA_SHOW || endpoint == ENDPOINT_TOKENIZE ||
-           endpoint == ENDPOINT_DETOKENIZE;
+           endpoint == ENDPOINT_DETOKENIZE || endpoint == ENDPOINT_TABBY_EVENTS;
 }
 
 enum { WATCH_NONE = 0, WATCH_ACTIVE, WATCH_STOPPED, WATCH_CLOSING, WATCH_CLOSED };
@@ -103,6 +104,7 @@ typedef struct choice_acc {
     srv_buf text;       /* echo text + completion */
     srv_tokvec toks;    /* echoed prompt tokens, then generated ones */
     api_finish finish;
+    int stop_word;      /* api_choice.stop_word of the finish */
     long chars;         /* characters of the completion text sent so far (stream text_offset) */
     int started;        /* stream: the echo part went out */
     int chunks;         /* stream: deltas rendered */
@@ -509,6 +511,7 @@ static int endpoint_of(const char *url, char *arg, size_t arg_cap) {
     if (!strcmp(url, "/tokenize")) return ENDPOINT_TOKENIZE;
     if (!strcmp(url, "/detokenize")) return ENDPOINT_DETOKENIZE;
     if (!strcmp(url, "/props")) return ENDPOINT_PROPS;
+    if (!strcmp(url, "/v1/events")) return ENDPOINT_TABBY_EVENTS;
     static const char pre[] = "/v1/completions/", suf[] = "/routing";
     size_t n = strlen(url), np = sizeof pre - 1, ns = sizeof suf - 1;
     if (n > np + ns && !strncmp(url, pre, np) && !strcmp(url + n - ns, suf)) {
@@ -680,6 +683,20 @@ static void cpu_model_name(char *buf, size_t cap) {
 /* GET /v1/health in Tabby's shape (its agent checks it before completing, and shows model and device):
  * {model, device, arch, cpu_info, cpu_count, cuda_devices, accelerators, version{build_date,
  * build_timestamp, git_sha, git_describe}}. 503 (OpenAI-shaped) until the model is loaded. */
+/* Tabby's telemetry: counted by type, answered 200 with an empty body as Tabby's server does. */
+static void handle_tabby_events(srv_req *r) {
+    if (r->too_large) { respond_http_error(r, 413, NULL); return; }
+    api_error e;
+    api_tabby_event_kind kind;
+    const char *select_kind = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "select_kind");
+    if (api_tabby_event(r->body.data ? r->body.data : "", r->body.len, &r->h->limits, select_kind, &kind, &e)) {
+        respond_error(r, &e);
+        return;
+    }
+    srv_metrics_count_tabby_event(&r->h->metrics, (int)kind, api_tabby_event_name(kind));
+    respond(r, 200, "text/plain", strdup(""), 0);
+}
+
 static void handle_tabby_health(srv_req *r) {
     srv_http *h = r->h;
     if (!require_model(r)) return;
@@ -851,7 +868,8 @@ static void stream_end(srv_req *r, json_t *routing) {
     api_choice *ch = calloc((size_t)nc, sizeof *ch);
     if (!ch) { sse_append(r, NULL); return; }
     for (int i = 0; i < nc; i++)
-        ch[i] = (api_choice){.index = i, .text = "", .finish = r->acc[i].finish ? r->acc[i].finish : API_FINISH_LENGTH};
+        ch[i] = (api_choice){.index = i, .text = "", .finish = r->acc[i].finish ? r->acc[i].finish : API_FINISH_LENGTH,
+                             .stop_word = r->acc[i].stop_word};
     api_meta meta = {.id = r->cmpl_id, .created = r->created, .system_fingerprint = NULL};
     api_usage u = req_usage(r);
     sse_append(r, r->fmt->stream_end(&r->creq, &meta, ch, nc, &u, routing));
@@ -871,6 +889,7 @@ static void finish_plain(srv_req *r, json_t *routing) {
         ch[i].text = a->text.data ? a->text.data : "";
         ch[i].text_len = a->text.len;
         ch[i].finish = a->finish ? a->finish : API_FINISH_LENGTH;
+        ch[i].stop_word = a->stop_word;
         ch[i].text_offset = r->creq.echo ? 0 : api_prompt_chars(&r->creq, p);
         if (r->creq.logprobs >= 0 && a->toks.n) {
             lps[i] = malloc((size_t)a->toks.n * sizeof **lps);
@@ -900,7 +919,10 @@ static void choice_output(srv_req *r, int i, srv_out *o) {
     choice_acc *a = &r->acc[i];
     const api_completion_req *q = &r->creq;
     int p = api_completion_prompt_of(q, i);
-    if (o->ended) a->finish = o->finish ? o->finish : API_FINISH_LENGTH;
+    if (o->ended) {
+        a->finish = o->finish ? o->finish : API_FINISH_LENGTH;
+        a->stop_word = o->stop_hit + 1;
+    }
     if (!r->stream) {
         if (!a->started) {
             a->started = 1;
@@ -929,7 +951,7 @@ static void choice_output(srv_req *r, int i, srv_out *o) {
         int n_lp = 0;
         api_token_lp *lp = lp_view(r, &o->toks, NULL, &n_lp);
         api_choice c = {.index = i, .text = o->text.data ? o->text.data : "", .text_len = o->text.len,
-                        .finish = o->ended ? a->finish : API_FINISH_NONE, .lp = lp, .n_lp = n_lp,
+                        .finish = o->ended ? a->finish : API_FINISH_NONE, .stop_word = a->stop_word, .lp = lp, .n_lp = n_lp,
                         .text_offset = a->chars};
         sse_append(r, r->fmt->chunk(q, &meta, &c, a->chunks++ == 0));
         a->chars += utf8_chars(o->text.data ? o->text.data : "", o->text.len);
@@ -1315,6 +1337,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     case ENDPOINT_DETOKENIZE: handle_tokens(r); break;
     case ENDPOINT_TABBY_HEALTH: handle_tabby_health(r); break;
     case ENDPOINT_PROPS: handle_props(r); break;
+    case ENDPOINT_TABBY_EVENTS: handle_tabby_events(r); break;
     case ENDPOINT_OLLAMA_TAGS:
     case ENDPOINT_OLLAMA_PS:
     case ENDPOINT_OLLAMA_SHOW:

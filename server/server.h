@@ -97,6 +97,7 @@ typedef struct srv_out {
     srv_tokvec prompt_toks;  /* echo && logprobs: the prompt's tokens, once, before any output */
     int n_generated;         /* tokens generated so far (absolute) */
     api_finish finish;       /* set once, when the choice ends */
+    int stop_hit;            /* with finish: the stop string that ended the choice (api_choice_state) */
     int ended;
 } srv_out;
 

@@ -426,6 +426,12 @@ async function llamacpp(model) {
   const proj = await call('POST', P, { body: { ...req, response_fields: ['content', 'timings/prompt_n'] } });
   const pj = conform('POST', P, proj, 'llama completion response_fields');
   if (pj) expect(Object.keys(pj).sort().join() === 'content,timings/prompt_n', 'llama completion response_fields', JSON.stringify(pj));
+  if (fj && fj.content) { /* a stop string: stop_type "word" with the string in stopping_word */
+    const stop = fj.content.slice(0, 1);
+    const w = await call('POST', P, { body: { ...req, stop: [stop], n_indent: 0, t_max_predict_ms: 0 } });
+    const wj = conform('POST', P, w, 'llama completion stop word');
+    expect(wj && wj.stop_type === 'word' && wj.stopping_word === stop, 'llama completion stop word', w.text.slice(0, 200));
+  }
   await expectError('POST', P, { body: { prompt: 'x', temperature: 'hot' } }, 400, 'temperature', undefined, 'llama completion error');
   const I = '/infill';
   const inf = { input_prefix: 'def add(a, b):\n', input_suffix: '\n', prompt: '    return ',
@@ -620,6 +626,12 @@ async function main() {
   }
   const th = await call('GET', '/v1/health');
   conform('GET', '/v1/health', th, 'tabby health');
+  const evReq = { type: 'select', completion_id: 'cmpl-x', choice_index: 0, view_id: 'v', elapsed: 100 };
+  validate({ $ref: '#/components/schemas/TabbyEvent' }, evReq, 'tabby event vs. spec');
+  const ev = await call('POST', '/v1/events?select_kind=line', { body: evReq });
+  conform('POST', '/v1/events', ev, 'tabby event');
+  expect(ev.status === 200 && ev.text === '', 'tabby event', `${ev.status} ${ev.text.slice(0, 200)}`);
+  await expectError('POST', '/v1/events', { body: { ...evReq, type: 'click' } }, 400, 'type', undefined, 'tabby event error');
   const tk = await call('POST', '/tokenize', { body: { content: 'def f(x):', with_pieces: true } });
   const tj = conform('POST', '/tokenize', tk, 'tokenize');
   const tk2 = await call('POST', '/tokenize', { body: { content: 'def f(x):' } });
