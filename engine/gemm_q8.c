@@ -4,7 +4,7 @@
  * already quantised row by row to the format the weight type pairs with (cm_quant_vec_dot_type).
  *
  * A decode dot unpacks every weight block it reads; a prefill batch has enough tokens to unpack each
- * weight row once and reuse it. So W is taken 16 rows at a time (a "tile"), repacked into the caller's
+ * weight row once and reuse it. So W is taken 32 rows at a time (a "tile"), repacked into the caller's
  * scratch through the references' own unpackers (cm_quant_unpack_*: one reading of each bit layout) as
  * plain bytes, 8 rows interleaved 4 values at a time, with their scales spread into the int16 vectors
  * the integer dots multiply by; then each quad of tokens meets the tile 8 rows at a time: a broadcast of
