@@ -147,7 +147,9 @@ typedef struct api_prompt {
                               cm_lang_detect's guess (cm_lang_for_request) */
 } api_prompt;
 
-typedef enum { API_ROUTING_NONE = 0, API_ROUTING_SUMMARY, API_ROUTING_FULL } api_routing_mode;
+/* "routing": none, summary, full (+ per-window segment detail), tokens (full + per-token detail; one
+ * sequence only: a single prompt and n 1, else 400 param "routing") */
+typedef enum { API_ROUTING_NONE = 0, API_ROUTING_SUMMARY, API_ROUTING_FULL, API_ROUTING_TOKENS } api_routing_mode;
 typedef enum { API_SEGMENT_CAUSAL = 0, API_SEGMENT_REFERENCE } api_segment_routing;
 /* Which request form a body was read as: POST /v1/completions (with Tabby's form), or the Mistral /
  * DeepSeek FIM route (POST /v1/fim/completions, whose own rules api_fim_completion_validate applies and
@@ -462,6 +464,9 @@ typedef struct api_meta {
 /* A JSON string from bytes that should be UTF-8 (model output, names from model files): invalid bytes
  * become U+FFFD instead of failing the response. New reference; NULL only when out of memory. */
 json_t *api_json_text(const char *s, size_t n);
+/* A token as logprobs (and the routing detail) show it: its text, or "bytes:\xNN..." when its bytes are not
+ * valid UTF-8 on their own (part of a character). New reference; NULL when out of memory. */
+json_t *api_token_json(const cm_model *m, int32_t id);
 
 /* Writes "cmpl-" + 24 characters derived from rnd into buf (>= 32 bytes). */
 void api_make_id(char *buf, size_t cap, uint64_t rnd);
@@ -502,13 +507,18 @@ typedef struct api_route_agg {
     cm_route_count *seg;           /* (n_layer, n_seg) */
     cm_route_count *adapter;       /* (n_adapters) */
     uint32_t *seg_windows;         /* (n_layer, n_seg, n_windows) */
+    cm_route_tokens *tokens;       /* a copy of one sequence's per-token detail (one allocation), or NULL */
 } api_route_agg;
 
 /* Adds a report (NULL, as dense models give, adds nothing). -1 on allocation failure or a report of
  * another shape (then nothing is added). */
 int api_route_agg_add(api_route_agg *a, const cm_routing *r);
-/* dst (freed first) becomes a copy of src. -1 on allocation failure (dst is then empty). */
+/* dst (freed first) becomes a copy of src's counts (not its per-token detail). -1 on allocation failure
+ * (dst is then empty). */
 int api_route_agg_copy(api_route_agg *dst, const api_route_agg *src);
+/* Keeps a copy of a sequence's per-token detail (cm_seq_routing_tokens; NULL adds nothing). The record
+ * holds one sequence's: -1 when a copy is there already, or on allocation failure (nothing changes). */
+int api_route_agg_add_tokens(api_route_agg *a, const cm_route_tokens *t);
 void api_route_agg_free(api_route_agg *a);
 
 /* What identifies a completion's routing record. Strings are borrowed. */
@@ -517,7 +527,8 @@ typedef struct api_routing_info {
     int64_t created;              /* unix seconds */
     const char *model;            /* the served model's id */
     int prompt_tokens, completion_tokens;
-    int full;                     /* "routing": "full": per-window segment detail */
+    int full;                     /* "routing": "full" or "tokens": per-window segment detail */
+    int tokens;                   /* "routing": "tokens": the per-token detail */
 } api_routing_info;
 
 /* The record GET /v1/completions/{id}/routing serves and the "routing" response extension carries:
@@ -525,7 +536,9 @@ typedef struct api_routing_info {
  *  layers:[{layer, token:[{expert, prompt_tokens, generated_tokens, prompt_mean_gate,
  *  generated_mean_gate}], segment:[...same...], segment_windows:[[tokens per window] per segment expert]
  *  (full only; trailing empty windows dropped)}], n_layer, token_experts, shared_expert,
- *  segment_experts, window, adapters:[{adapter, name, ...counts}] (MoLE)}. A dense model (an empty
+ *  segment_experts, window, adapters:[{adapter, name, ...counts}] (MoLE), and with info->tokens and a
+ *  detail: tokens:[{position, id, text, generated, experts:[[ids] per layer], gates, segment_experts,
+ *  segment_gates (hybrid), adapters:[ids] (MoLE)}], tokens_dropped}. A dense model (an empty
  * aggregate) has only "layers": [] beside the identity. m names the adapters (may be NULL). New
  * reference; NULL on allocation failure. */
 json_t *api_routing_json(const api_route_agg *a, const cm_model *m, const api_routing_info *info);

@@ -899,10 +899,10 @@ static int parse_fields(json_t *root, const api_model *m, const api_limits *lim,
     }
 
     static const char *const seg_names[] = {"causal", "reference"};
-    static const char *const routing_names[] = {"none", "summary", "full"};
+    static const char *const routing_names[] = {"none", "summary", "full", "tokens"};
     if ((rc = get_enum(root, "segment_routing", seg_names, 2, &b, e)) < 0) return -1;
     if (rc) r->segment_routing = (api_segment_routing)b;
-    if ((rc = get_enum(root, "routing", routing_names, 3, &b, e)) < 0) return -1;
+    if ((rc = get_enum(root, "routing", routing_names, 4, &b, e)) < 0) return -1;
     if (rc) r->routing = (api_routing_mode)b;
     /* Tabby's mode: its "next_edit_suggestion" needs an edit history this server does not read */
     static const char *const mode_names[] = {"standard"};
@@ -1061,6 +1061,12 @@ static int validate(const char *body, size_t len, const api_model *m, const api_
     r->prompts = calloc((size_t)n_src, sizeof *r->prompts);
     if (!r->prompts) { api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory"); goto fail; }
     r->n_prompts = n_src;
+    if (r->routing == API_ROUTING_TOKENS && n_src * r->n != 1) {
+        api_error_set(e, 400, API_ERR_INVALID, "routing", NULL,
+                      "routing \"tokens\" records the tokens of one sequence: it needs a single prompt and n 1 "
+                      "(this request has %d prompts and n %d).", n_src, r->n);
+        goto fail;
+    }
 
     /* what can be decided before tokenizing: a prompt that cannot fit whatever its tokens, and the
      * reference-segment rules on that lower bound */

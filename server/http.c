@@ -40,6 +40,7 @@
 #include "conn.h"
 #include "server.h"
 #include "format.h"
+#include "ui.h"
 
 /* The endpoints (URL routes) the server answers; expert "routing" is a different thing (api/routing.c). */
 enum {
@@ -66,6 +67,8 @@ enum {
     ENDPOINT_DETOKENIZE,        /* POST /detokenize (llama.cpp) */
     ENDPOINT_PROPS,             /* GET /props (llama.cpp) */
     ENDPOINT_TABBY_EVENTS,      /* POST /v1/events (Tabby's telemetry) */
+    ENDPOINT_UI,                /* GET / and /ui/...: the playground's files (ui.c), unless --no-ui */
+    ENDPOINT_STATUS,            /* GET /v1/status: the playground's live server view (ui.c) */
 };
 
 /* the "route" label of the access log and the request metrics: a fixed name per endpoint, never the
@@ -74,7 +77,7 @@ static const char *endpoint_label[] = {"unknown", "health", "metrics", "models",
                                        "routing", "preflight", "chat", "ollama_generate", "ollama_chat",
                                        "ollama_tags", "ollama_ps", "ollama_show", "ollama_version",
                                        "llama_completion", "llama_infill", "fim_completions", "tabby_health",
-                                       "tokenize", "detokenize", "props", "tabby_events"};
+                                       "tokenize", "detokenize", "props", "tabby_events", "ui", "status"};
 
 /* The dialect of an endpoint that runs a completion job (its parser and renderers), NULL for the others. */
 static const api_format *endpoint_format(int endpoint) {
@@ -241,6 +244,11 @@ static void respond(srv_req *r, int status, const char *ctype, char *body, size_
     add_common_headers(r, resp);
     if (status == 429 || status == 503) MHD_add_response_header(resp, "Retry-After", "1");
     if (status == 401) MHD_add_response_header(resp, "WWW-Authenticate", "Bearer");
+    if (r->endpoint == ENDPOINT_UI) { /* the page runs only its own files and talks only to this server */
+        MHD_add_response_header(resp, "Content-Security-Policy",
+                                "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'");
+        MHD_add_response_header(resp, "X-Content-Type-Options", "nosniff");
+    }
     if (r->close) MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
     if (status == 405) {
         const char *allow = endpoint_is_post(r->endpoint) ? "POST, OPTIONS" : "GET, HEAD, OPTIONS";
@@ -512,6 +520,11 @@ static int endpoint_of(const char *url, char *arg, size_t arg_cap) {
     if (!strcmp(url, "/detokenize")) return ENDPOINT_DETOKENIZE;
     if (!strcmp(url, "/props")) return ENDPOINT_PROPS;
     if (!strcmp(url, "/v1/events")) return ENDPOINT_TABBY_EVENTS;
+    if (!strcmp(url, "/v1/status")) return ENDPOINT_STATUS;
+    if (srv_ui_find(url)) {
+        snprintf(arg, arg_cap, "%s", url);
+        return ENDPOINT_UI;
+    }
     static const char pre[] = "/v1/completions/", suf[] = "/routing";
     size_t n = strlen(url), np = sizeof pre - 1, ns = sizeof suf - 1;
     if (n > np + ns && !strncmp(url, pre, np) && !strcmp(url + n - ns, suf)) {
@@ -564,10 +577,14 @@ static void respond_preflight(srv_req *r) {
 
 /* ============================================================ simple endpoints */
 
+/* What /health and /v1/status say of the server: "ok", "loading", "error" or "shutting_down". */
+static const char *server_state(const srv_http *h) {
+    return h->draining ? "shutting_down" : h->model_state == SRV_MODEL_READY ? "ok"
+           : h->model_state == SRV_MODEL_FAILED ? "error" : "loading";
+}
+
 static void handle_health(srv_req *r) {
-    srv_http *h = r->h;
-    const char *st = h->draining ? "shutting_down" : h->model_state == SRV_MODEL_READY ? "ok"
-                     : h->model_state == SRV_MODEL_FAILED ? "error" : "loading";
+    const char *st = server_state(r->h);
     char *body = NULL;
     if (asprintf(&body, "{\"status\":\"%s\"}", st) < 0) body = NULL;
     respond_json(r, !strcmp(st, "ok") ? 200 : 503, body);
@@ -588,6 +605,24 @@ static void handle_metrics(srv_req *r) {
     if (!text || b.failed) { srv_buf_free(&b); respond_http_error(r, 500, "out of memory"); return; }
     text = srv_buf_take(&b, &len);
     respond(r, 200, "text/plain; version=0.0.4; charset=utf-8", text, len);
+}
+
+/* The playground's files (ui.c) and its status record. */
+static void handle_ui(srv_req *r) {
+    const srv_ui_asset *a = srv_ui_find(r->arg);
+    char *body = a ? malloc(a->len + 1) : NULL;
+    if (!a) { respond_http_error(r, 404, NULL); return; }
+    if (body) memcpy(body, a->data, a->len);
+    respond(r, 200, a->ctype, body, a->len);
+}
+
+static void handle_status(srv_req *r) {
+    srv_http *h = r->h;
+    srv_gauges g;
+    srv_sched_stats(h->sched, &g, &h->metrics.ttft, &h->metrics.itl, &h->metrics.generated_tokens,
+                    &h->metrics.prompt_tokens);
+    respond_json(r, 200, srv_status_json(&g, h->cfg->model_id, server_state(h), h->metrics.prompt_tokens,
+                                         h->metrics.generated_tokens));
 }
 
 static int require_model(srv_req *r) {
@@ -841,7 +876,8 @@ static json_t *store_routing(srv_req *r, const api_route_agg *agg) {
     srv_http *h = r->h;
     api_routing_info info = {.id = r->cmpl_id, .created = r->created, .model = h->cfg->model_id,
                              .prompt_tokens = r->prompt_tokens, .completion_tokens = r->completion_tokens,
-                             .full = r->creq.routing == API_ROUTING_FULL};
+                             .full = r->creq.routing >= API_ROUTING_FULL,
+                             .tokens = r->creq.routing == API_ROUTING_TOKENS};
     json_t *v = api_routing_json(agg, h->model.model, &info);
     if (!v) return NULL;
     json_decref(r->routing);
@@ -1279,9 +1315,13 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             else r->endpoint = ENDPOINT_PREFLIGHT; /* answered on the final call */
             return MHD_YES;
         }
+        if (r->endpoint == ENDPOINT_UI && h->cfg->no_ui) r->endpoint = ENDPOINT_UNKNOWN;
         if (r->endpoint == ENDPOINT_UNKNOWN) { respond_http_error(r, 404, NULL); return MHD_YES; }
-        if (r->endpoint == ENDPOINT_HEALTH) {
+        /* health, and the playground's static files, which hold no data: the page asks for the key
+         * and sends it with its API calls */
+        if (r->endpoint == ENDPOINT_HEALTH || r->endpoint == ENDPOINT_UI) {
             if (!is_get) respond_http_error(r, 405, NULL);
+            snprintf(r->arg, sizeof r->arg, "%s", arg);
             return MHD_YES;
         }
         r->key = srv_keys_find(&h->cfg->keys, MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization"));
@@ -1338,6 +1378,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     case ENDPOINT_TABBY_HEALTH: handle_tabby_health(r); break;
     case ENDPOINT_PROPS: handle_props(r); break;
     case ENDPOINT_TABBY_EVENTS: handle_tabby_events(r); break;
+    case ENDPOINT_UI: handle_ui(r); break;
+    case ENDPOINT_STATUS: handle_status(r); break;
     case ENDPOINT_OLLAMA_TAGS:
     case ENDPOINT_OLLAMA_PS:
     case ENDPOINT_OLLAMA_SHOW:

@@ -198,6 +198,7 @@ static void seq_release(srv_sched *s, sched_seq *q) {
         const cm_routing *rt = cm_seq_routing(s->ctx, q->seq);
         if (rt) {
             api_route_agg_add(&js(q->job)->agg, rt);
+            api_route_agg_add_tokens(&js(q->job)->agg, cm_seq_routing_tokens(s->ctx, q->seq));
             api_route_agg_add(&s->load, rt);
             s->load_dirty = 1;
         }
@@ -427,6 +428,16 @@ static int job_admit(srv_sched *s, srv_job *j) {
         /* echoed prompt logprobs need the logits of every echoed position: reuse only what precedes */
         int n_key = p->n_tokens;
         if (r->echo && r->logprobs >= 0 && n_key > p->echo_from + 1) n_key = p->echo_from + 1;
+        /* per-token routing: every position must run its experts, so the prefix cache is not consulted
+         * (api/ admits it for one sequence only, never forked) */
+        if (r->routing == API_ROUTING_TOKENS) {
+            n_key = 0;
+            if (cm_seq_routing_tokens_enable(s->ctx, seq, target, &ce) < 0) {
+                api_error_set(&e, 503, API_ERR_SERVER, NULL, "overloaded", "routing detail: %s", ce.msg);
+                err_at = i;
+                break;
+            }
+        }
         int got = cm_seq_attach_prefix(s->ctx, seq, p->tokens, n_key, &ce);
         if (got < 0) {
             api_error_set(&e, 500, API_ERR_SERVER, NULL, NULL, "prefix cache: %s", ce.msg);

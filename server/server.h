@@ -33,6 +33,7 @@ typedef struct srv_config {
     int n_aliases;
     int strict_model;         /* only the model's names select it (--strict-model) */
     int strict_context;       /* prompt + max_tokens beyond --ctx is a 400, not clamped (--strict-context) */
+    int no_ui;                /* --no-ui: no playground at / (ui.c) */
     const char *host;
     int port;                 /* 0: any free port (the bound one is logged) */
     int n_threads;            /* engine compute threads */

@@ -524,6 +524,22 @@ async function main() {
     expect(moeKind ? routed.routing.layers.length > 0 : routed.routing.layers.length === 0,
       'completion routing full', `layers ${JSON.stringify(routed.routing.layers).slice(0, 200)}`);
   }
+  /* per-token routing: an entry per position but the last sampled one, each summing into the counts */
+  const perTok = await completion({ ...base1, routing: 'tokens' }, 'completion routing tokens');
+  if (perTok && perTok.routing) {
+    const rt = perTok.routing, u = perTok.usage;
+    if (moeKind) {
+      expect(rt.tokens && rt.tokens.length === u.prompt_tokens + u.completion_tokens - 1, 'completion routing tokens',
+        `${rt.tokens && rt.tokens.length} entries for ${u.prompt_tokens} + ${u.completion_tokens} tokens`);
+      if (moeKind !== 'mole' && rt.tokens) {
+        const n = rt.layers[0].token.reduce((a, c) => a + c.prompt_tokens + c.generated_tokens, 0);
+        const m = rt.tokens.reduce((a, t) => a + t.experts[0].length, 0);
+        expect(n === m, 'completion routing tokens', `layer 0: counts ${n}, per-token ids ${m}`);
+      }
+    } else {
+      expect(rt.tokens === undefined, 'completion routing tokens', 'a dense model has no per-token detail');
+    }
+  }
   await completion({ model: mid, prompt: 'x = ', max_tokens: 6, n: 2, seed: 7, temperature: 0.8, logprobs: 2, echo: true },
     'completion n=2 logprobs echo');
   await completion({ model: mid, prompt: ['a', 'bb'], max_tokens: 4, n: 2, seed: 1 }, 'completion prompt array');
@@ -644,6 +660,7 @@ async function main() {
   }
   await expectError('POST', '/tokenize', { body: { content: 5 } }, 400, 'content', undefined, 'tokenize error');
   await expectError('POST', '/detokenize', { body: { tokens: [-1] } }, 400, 'tokens', undefined, 'detokenize error');
+  conform('GET', '/v1/status', await call('GET', '/v1/status'), 'status');
   const pr = await call('GET', '/props');
   const pj = conform('GET', '/props', pr, 'props');
   expect(pj && pj.default_generation_settings.n_ctx === ctx, 'props', `n_ctx ${pj && pj.default_generation_settings.n_ctx} != ${ctx}`);
