@@ -13,8 +13,9 @@
 # sharing the machine: codemoe prints it; for llama.cpp (which does not) the script runs the pp and tg tests
 # as separate llama-bench processes under time(1) and subtracts the CPU cost of loading the model.
 # -i adds a third engine column: codemoe again with CODEMOE_Q8_INT8=1 (activations quantised to the format
-# the weight type pairs with, integer dots, as llama.cpp does), run right after the default codemoe; the
-# default column always runs with CODEMOE_Q8_INT8 unset, whatever the caller's environment says.
+# the weight type pairs with, integer dots in decode and the int8 GEMM in prefill, as llama.cpp does), run
+# right after the default codemoe; the default column always runs with CODEMOE_Q8_INT8 unset, whatever the
+# caller's environment says. -n 0 (or -p 0) leaves decode (or prefill) out.
 # The raw outputs of both tools go to LOGDIR (default: a fresh directory under $TMPDIR).
 set -u
 # OpenBLAS picks its kernels from OPENBLAS_CORETYPE when set: the build machine forces Haswell (AVX2)
@@ -87,8 +88,19 @@ if [ $int8 = 1 ]; then
     tf+=' %14s | %5s |' cf+=' %10s | %5s |' tsep+=' -------------: | ----: |' csep+=' ---------: | ----: |'
 fi
 rfmt="| %-22s | %-5s | %7s | $tf $tf %5s |" cfmt="| %-22s | %-5s | %7s | $cf $cf"
+# -n 0 (or -p 0) leaves that test out of the runs and the tables
+tests=()
+[ "$pp" = 0 ] || tests+=("pp$pp")
+[ "$tg" = 0 ] || tests+=("tg$tg")
+[ ${#tests[@]} -gt 0 ] || usage
+if [ ${#tests[@]} = 1 ]; then
+    rfmt="| %-22s | %-5s | %7s | $tf %5s |" cfmt="| %-22s | %-5s | %7s | $cf"
+    tsep2=$tsep csep2=$csep
+else
+    tsep2=$tsep$tsep csep2=$csep$csep
+fi
 hdr=()
-for test in "pp$pp" "tg$tg"; do
+for test in "${tests[@]}"; do
     hdr+=("$test ours" "$test llama" ratio)
     [ $int8 = 0 ] || hdr+=("$test int8" ratio)
 done
@@ -114,15 +126,16 @@ for m in "$@"; do
                 echo "   codemoe bench failed, see $ours8.err" >&2
         fi
         echo "== $base threads=$t: llama-bench" >&2
-        cpu_run "$theirs-pp.md" "$lbench" -m "$m" -p "$pp" -n 0 -t "$t" -r "$reps" -o md ||
+        : >"$theirs-pp.md" >"$theirs-tg.md"
+        [ "$pp" = 0 ] || cpu_run "$theirs-pp.md" "$lbench" -m "$m" -p "$pp" -n 0 -t "$t" -r "$reps" -o md ||
             echo "   llama-bench failed, see $theirs-pp.md.err" >&2
-        cpu_run "$theirs-tg.md" "$lbench" -m "$m" -p 0 -n "$tg" -t "$t" -r "$reps" -o md ||
+        [ "$tg" = 0 ] || cpu_run "$theirs-tg.md" "$lbench" -m "$m" -p 0 -n "$tg" -t "$t" -r "$reps" -o md ||
             echo "   llama-bench failed, see $theirs-tg.md.err" >&2
         cat "$theirs-pp.md" "$theirs-tg.md" >"$theirs.md"
-        type=$(md_get "$ours" "pp$pp" type)
-        [ "$type" != "-" ] || type=$(md_get "$ours" "tg$tg" type)
+        type=$(md_get "$ours" "${tests[0]}" type)
+        [ "$type" != "-" ] || type=$(md_get "$ours" "${tests[${#tests[@]} - 1]}" type)
         cells=() ccells=()
-        for test in "pp$pp" "tg$tg"; do
+        for test in "${tests[@]}"; do
             o=$(md_get "$ours" "$test" "t/s") l=$(md_get "$theirs.md" "$test" "t/s")
             cells+=("$(short "$o")" "$(short "$l")" "$(ratio "$(mean_of "$o")" "$(mean_of "$l")")")
             if [ $int8 = 1 ]; then
@@ -148,10 +161,10 @@ echo "codemoe: $codemoe; llama.cpp: $lbench ($lbuild); reps $reps; raw: $logdir"
 echo
 echo "tokens/s (wall clock), mean ± std over $reps runs; ratio = ours / llama.cpp$([ $int8 = 1 ] && echo "; int8: codemoe with CODEMOE_Q8_INT8=1")"
 printf "$rfmt\n" model type threads "${hdr[@]}" load
-echo "| ---------------------- | ----- | ------: |$tsep$tsep ----: |"
+echo "| ---------------------- | ----- | ------: |$tsep2 ----: |"
 printf '%s\n' "${rows[@]}"
 echo
 echo "tokens per CPU-second of all threads (less sensitive to other load; llama.cpp's net of model loading)"
 printf "$cfmt\n" model type threads "${hdr[@]}"
-echo "| ---------------------- | ----- | ------: |$csep$csep"
+echo "| ---------------------- | ----- | ------: |$csep2"
 printf '%s\n' "${crows[@]}"

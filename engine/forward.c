@@ -20,7 +20,10 @@
  *   activation row (Q8_0 weights with activations quantised to Q8_0, as llama.cpp); rows of W are split
  *   across the pool; q/k/v and gate/up run as one pool run each.
  * - prefill (N >= CM_GEMM_MIN_ROWS): each pool task takes a tile of W's rows, dequantises it (unless F32)
- *   into its thread's scratch and calls single-threaded OpenBLAS sgemm: Y[:, tile] = X W[tile]^T.
+ *   into its thread's scratch and calls single-threaded OpenBLAS sgemm: Y[:, tile] = X W[tile]^T; or,
+ *   with int8 activations on and quantised weights, X is quantised once per row and the int8 GEMM
+ *   (cm_gemm_q, gemm_q8.c) takes the tile, bit-exact per row with the reference dot, so a token's
+ *   products do not depend on the rest of the batch.
  * Every buffer is sized at cm_ctx_create; cm_forward allocates nothing.
  */
 #include <cblas.h>
@@ -47,7 +50,7 @@ struct cm_ctx {
     cm_kv kv;
     int n_threads, n_seq_max, n_ctx, n_batch_max, n_logits_max;
     int64_t deq_floats;     /* per thread */
-    int q8_int8;            /* decode quantised weights with int8 activations (CODEMOE_Q8_INT8=1): less exact */
+    int q8_int8;            /* quantised weights meet int8 activations, decode and prefill (CODEMOE_Q8_INT8=1): less exact */
 
     float *rope_cos, *rope_sin; /* (n_ctx, E/2) */
 
@@ -59,11 +62,11 @@ struct cm_ctx {
     float *att;     /* (B, Q) */
     float *proj;    /* (B, D) output of Wo / Wd before the residual add */
     float *hg, *hu; /* (B, F) */
-    void *xq;       /* (B, row bytes of Q8_0 activations of max(D, Q, F)) */
+    void *xq;       /* (B, row bytes of the largest int8 activation format of max(D, Q, F)) */
     float *outn;    /* (n_logits_max, D) final-normed rows whose logits are wanted */
     float *logits;  /* (n_logits_max, V) */
     float *scores;  /* (n_threads, n_ctx) attention scores */
-    float *deq;     /* (n_threads, deq_floats) dequantised weight tiles */
+    float *deq;     /* (n_threads, deq_floats) dequantised weight tiles, or the int8 GEMM's unpacked ones */
 
     /* per batch */
     int32_t *pos;       /* (B) position of each token in its sequence */
@@ -195,6 +198,8 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
     if (lrows < 1) lrows = 1;
     c->n_logits_max = (int)lrows;
     c->deq_floats = CM_DEQ_TILE_FLOATS > 16 * kmax ? CM_DEQ_TILE_FLOATS : 16 * kmax;
+    int64_t gemm_q_floats = (int64_t)(cm_gemm_q_scratch_bytes(kmax) / sizeof(float)) + 1; /* shares the scratch */
+    if (c->deq_floats < gemm_q_floats) c->deq_floats = gemm_q_floats;
 
     if (cm_kv_init(&c->kv, in->n_layer, (int)C, p->kv_type, (int)n_blocks, n_seq, n_ctx, kv_extra_bytes(m),
                    p->prefix_cache, err) < 0) {
@@ -241,7 +246,7 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
     /* Our pool owns the parallelism: each task calls sgemm on its own tile, single-threaded. */
     openblas_set_num_threads(1);
     rope_tables(c);
-    if (m->moe && !(c->moe = cm_moe_ctx_create(m, m->moe, c->pool, n_threads, n_seq, n_ctx, n_batch, err))) {
+    if (m->moe && !(c->moe = cm_moe_ctx_create(m, m->moe, c->pool, n_threads, n_seq, n_ctx, n_batch, c->q8_int8, err))) {
         cm_ctx_free(c);
         return NULL;
     }
@@ -411,8 +416,8 @@ typedef struct mm_job {
     int n_ops;
     mm_op ops[3];
     const float *x;   /* (N, K) f32 */
-    int xtype;        /* decode: format of xv (F32, or Q8_0 / Q8_1 / Q8_K for int8 dots) */
-    const void *xv;   /* decode: the activations in xtype */
+    int xtype;        /* format of xv: F32, or Q8_0 / Q8_1 / Q8_K for int8 dots (decode) or the int8 GEMM */
+    const void *xv;   /* the activations in xtype (sgemm reads x) */
     size_t xv_stride;
     int n;
     int64_t k;
@@ -420,24 +425,48 @@ typedef struct mm_job {
     int task0[4];     /* first task of each op; task0[n_ops] = total */
 } mm_job;
 
+/* Task `task` of a run: op *o, rows [r0, r1) of its W; returns W. */
+static const cm_tensor *mm_task_rows(const mm_job *j, int task, int *o, int64_t *r0, int64_t *r1) {
+    int i = 0;
+    while (task >= j->task0[i + 1]) i++;
+    const cm_tensor *w = j->ops[i].w;
+    *o = i;
+    *r0 = (int64_t)(task - j->task0[i]) * j->chunk;
+    *r1 = *r0 + j->chunk < w->ne1 ? *r0 + j->chunk : w->ne1;
+    return w;
+}
+
 static void mm_task_matvec(void *arg, int task, int thread) {
     (void)thread;
     const mm_job *j = arg;
-    int o = 0;
-    while (task >= j->task0[o + 1]) o++;
-    const cm_tensor *w = j->ops[o].w;
-    int64_t r0 = (int64_t)(task - j->task0[o]) * j->chunk, r1 = r0 + j->chunk;
-    if (r1 > w->ne1) r1 = w->ne1;
+    int o;
+    int64_t r0, r1;
+    const cm_tensor *w = mm_task_rows(j, task, &o, &r0, &r1);
     cm_matvec_rows(w->type, j->xtype, w->data, j->k, j->xv, j->xv_stride, j->n, j->ops[o].y, w->ne1, r0, r1);
+}
+
+static void mm_task_gemm_q(void *arg, int task, int thread) {
+    const mm_job *j = arg;
+    int o;
+    int64_t r0, r1;
+    const cm_tensor *w = mm_task_rows(j, task, &o, &r0, &r1);
+    cm_gemm_q(w->type, w->data, j->k, j->xv, j->xv_stride, j->n, j->ops[o].y, w->ne1, r0, r1,
+              j->c->deq + (size_t)thread * (size_t)j->c->deq_floats);
+}
+
+/* Rows [16 task, 16 task + 16) of x quantised to xtype (prefill: worth spreading over the pool). */
+static void mm_task_quantize(void *arg, int task, int thread) {
+    (void)thread;
+    const mm_job *j = arg;
+    for (int r = 16 * task; r < 16 * task + 16 && r < j->n; r++)
+        cm_vec_prepare(j->xtype, j->x + (size_t)r * j->k, (char *)j->xv + (size_t)r * j->xv_stride, j->k);
 }
 
 static void mm_task_gemm(void *arg, int task, int thread) {
     const mm_job *j = arg;
-    int o = 0;
-    while (task >= j->task0[o + 1]) o++;
-    const cm_tensor *w = j->ops[o].w;
-    int64_t r0 = (int64_t)(task - j->task0[o]) * j->chunk, r1 = r0 + j->chunk;
-    if (r1 > w->ne1) r1 = w->ne1;
+    int o;
+    int64_t r0, r1;
+    const cm_tensor *w = mm_task_rows(j, task, &o, &r0, &r1);
     const float *b;
     if (w->type == GGUF_TT_F32) {
         b = (const float *)w->data + r0 * j->k;
@@ -460,7 +489,22 @@ static void mm_run(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, int n
     int nt = c->n_threads;
     int64_t mmax = 0;
     for (int i = 0; i < n_ops; i++) mmax = ops[i].w->ne1 > mmax ? ops[i].w->ne1 : mmax;
-    if (n >= CM_GEMM_MIN_ROWS) {
+    /* Activations stay f32 (exact dequantised products) unless int8 activations were asked for and
+     * every op's weights pair with the same int8 format (Q8_0, Q8_1 or Q8_K, as cm_quant_vec_dot_type
+     * says): then X is quantised once for all of them, and decode and prefill both take int8 dots. */
+    int xt = c->q8_int8 ? cm_quant_vec_dot_type(ops[0].w->type) : -1, split = 0;
+    for (int i = 1; i < n_ops; i++) {
+        int t = cm_quant_vec_dot_type(ops[i].w->type);
+        split |= xt >= 0 && t >= 0 && t != xt;
+        if (t != xt) xt = -1;
+    }
+    if (split) { /* quantised weights of different pairings (a K-quant file's Q4_K beside Q6_K and Q8_0):
+                  * each op with its own format, so a row's product never depends on its neighbours' */
+        for (int i = 0; i < n_ops; i++) mm_run(c, 1, &ops[i], x, n, k);
+        return;
+    }
+    void (*task_fn)(void *, int, int);
+    if (n >= CM_GEMM_MIN_ROWS && xt < 0) {
         /* tiles that fit the dequantisation scratch, and at least two per thread for balance */
         int64_t tile = c->deq_floats / k;
         int64_t bal = (mmax + 2 * nt - 1) / (2 * nt);
@@ -469,36 +513,36 @@ static void mm_run(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, int n
         if (tile * k > c->deq_floats) tile = c->deq_floats / k / 16 * 16;
         if (tile < 16) tile = 16;
         j.chunk = tile;
+        task_fn = mm_task_gemm;
     } else {
-        /* Activations stay f32 (exact dequantised products) unless int8 activations were asked for
-         * and every op's weights pair with the same int8 format (Q8_0, Q8_1 or Q8_K, as
-         * cm_quant_vec_dot_type says): then X is quantised once for all of them. */
-        int xt = c->q8_int8 ? cm_quant_vec_dot_type(ops[0].w->type) : -1;
-        for (int i = 1; i < n_ops; i++)
-            if (cm_quant_vec_dot_type(ops[i].w->type) != xt) xt = -1;
         if (xt >= 0) {
-            size_t rb = cm_vec_row_bytes(xt, k);
-            for (int r = 0; r < n; r++) cm_vec_prepare(xt, x + (size_t)r * k, (char *)c->xq + (size_t)r * rb, k);
             j.xtype = xt;
             j.xv = c->xq;
-            j.xv_stride = rb;
+            j.xv_stride = cm_vec_row_bytes(xt, k);
+            if (n >= CM_GEMM_MIN_ROWS)
+                cm_pool_run(c->pool, mm_task_quantize, &j, (n + 15) / 16);
+            else
+                for (int r = 0; r < n; r++)
+                    cm_vec_prepare(xt, x + (size_t)r * k, (char *)c->xq + (size_t)r * j.xv_stride, k);
         } else {
             j.xtype = GGUF_TT_F32;
             j.xv = x;
             j.xv_stride = (size_t)k * sizeof(float);
         }
-        /* about four tasks per thread over all ops' rows together (q is 7x larger than k and v) */
+        /* about four tasks per thread over all ops' rows together (q is 7x larger than k and v); the
+         * int8 GEMM interleaves W in groups of 8 rows, so multiples of 16 suit both */
         int64_t rows = 0;
         for (int i = 0; i < n_ops; i++) rows += ops[i].w->ne1;
         int64_t chunk = nt == 1 ? mmax : (rows + nt * 4 - 1) / (nt * 4);
         chunk = (chunk + 15) & ~(int64_t)15;
         if (chunk < 16) chunk = 16;
         j.chunk = chunk;
+        task_fn = n >= CM_GEMM_MIN_ROWS ? mm_task_gemm_q : mm_task_matvec;
     }
     j.task0[0] = 0;
     for (int i = 0; i < n_ops; i++)
         j.task0[i + 1] = j.task0[i] + (int)((ops[i].w->ne1 + j.chunk - 1) / j.chunk);
-    cm_pool_run(c->pool, n >= CM_GEMM_MIN_ROWS ? mm_task_gemm : mm_task_matvec, &j, j.task0[n_ops]);
+    cm_pool_run(c->pool, task_fn, &j, j.task0[n_ops]);
 }
 
 static void mm1(cm_ctx *c, const cm_tensor *w, const float *x, int n, float *y) {

@@ -2,7 +2,8 @@
  * kernels.c - the plain reference of every numeric kernel (see kernels.h), the parts that have no SIMD
  * twin, and the run-time choice of the kernel family whose fast versions the cm_* entry points call.
  *
- * The fast kernels live in kernels_simd.c and quants_simd.c, compiled once per family (kernels_family.h).
+ * The fast kernels live in kernels_simd.c, quants_simd.c and gemm_q8.c, compiled once per family
+ * (kernels_family.h).
  * At startup the best family this CPU runs is chosen (cpuid), or the one CODEMOE_ISA names when the CPU
  * runs it; from then on each fast entry point is one indirect call through that family's table.
  */
@@ -340,6 +341,13 @@ float cm_vec_dot(int wtype, int xtype, int64_t k, const void *w, const void *x) 
 void cm_matvec_rows(int wtype, int xtype, const void *w, int64_t k, const void *x, size_t x_stride, int n,
                     float *y, int64_t ldy, int64_t r0, int64_t r1) {
     cm__kops->matvec_rows(wtype, xtype, w, k, x, x_stride, n, y, ldy, r0, r1);
+}
+
+size_t cm_gemm_q_scratch_bytes(int64_t k) { return cm__kops->gemm_q_scratch_bytes(k); }
+
+void cm_gemm_q(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y, int64_t ldy,
+               int64_t r0, int64_t r1, void *scratch) {
+    cm__kops->gemm_q(wtype, w, k, x, x_stride, n, y, ldy, r0, r1, scratch);
 }
 
 void cm_rmsnorm(float *y, const float *x, const float *w, int64_t k, float eps) { cm__kops->rmsnorm(y, x, w, k, eps); }

@@ -77,6 +77,17 @@ void cm_matvec_rows_ref(int wtype, int xtype, const void *w, int64_t k, const vo
 void cm_matvec(struct cm_pool *pool, int wtype, int xtype, const void *w, int64_t m, int64_t k,
                const void *x, size_t x_stride, int n, float *y, int64_t ldy);
 
+/* The prefill product with int8 activations (gemm_q8.c): y[n*ldy + r] = cm_vec_dot_ref(wtype, xtype, K,
+ * W row r, x_n), bit for bit, for n < N, r in [r0, r1); wtype Q8_0 or a block type of quants.h, x_n =
+ * x + n*x_stride bytes an activation row in xtype = cm_quant_vec_dot_type(wtype). Each weight row is
+ * unpacked once into `scratch` (cm_gemm_q_scratch_bytes(K) bytes, the caller's, one per concurrent call)
+ * and reused for all N activation rows, which pays from about 16 rows; no result depends on N, on
+ * [r0, r1) or on the kernel family. (The decode dots, cm_vec_dot, may sum a Q8_0 row in another order:
+ * they agree with the reference to ~1e-6 relative.) The plain reference is cm_matvec_rows_ref. */
+size_t cm_gemm_q_scratch_bytes(int64_t k);
+void cm_gemm_q(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y, int64_t ldy,
+               int64_t r0, int64_t r1, void *scratch);
+
 /* ------------------------------------------------------------ element-wise */
 
 /* y (K) = x * rsqrt(mean(x^2) + eps) * w, as HF Qwen2/Llama RMSNorm in f32. y may alias x. */

@@ -2,8 +2,8 @@
  * kernels_family.h - one SIMD family of the fast kernels, and the table through which kernels.c calls
  * it. Internal to engine/.
  *
- * kernels_simd.c and quants_simd.c are compiled once per family, each time with that family's compiler
- * flags and CM_FAMILY set to a suffix (engine/meson.build); each build exports one table,
+ * kernels_simd.c, quants_simd.c and gemm_q8.c are compiled once per family, each time with that family's
+ * compiler flags and CM_FAMILY set to a suffix (engine/meson.build); each build exports one table,
  * cm_kernels_<suffix>. The ISA paths a build contains follow from the compiler's own macros (__AVX2__,
  * __AVX512F__, ...), so the same sources give the scalar, AVX2 and AVX-512 tables of the portable build,
  * or the single table `-Dnative=true` (-march=native) allows. A table names itself and the CPU features
@@ -55,6 +55,9 @@ typedef struct cm_kernel_ops {
     float (*quant_dot_q)(int wtype, int64_t k, const void *w, const void *x);
     void (*quant_matvec_f32)(int wtype, const void *w, int64_t k, const float *x, size_t x_stride, int n,
                              float *y, int64_t ldy, int64_t r0, int64_t r1);
+    size_t (*gemm_q_scratch_bytes)(int64_t k);
+    void (*gemm_q)(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y, int64_t ldy,
+                   int64_t r0, int64_t r1, void *scratch);
 } cm_kernel_ops;
 
 /* The table in use (kernels.c sets it before main runs; cm_kernels_use changes it). */
@@ -71,6 +74,10 @@ void CM_FAMILY_FN(cm_quant_dequantize)(int type, const void *w, float *y, int64_
 float CM_FAMILY_FN(cm_quant_dot_q)(int wtype, int64_t k, const void *w, const void *x);
 void CM_FAMILY_FN(cm_quant_matvec_f32)(int wtype, const void *w, int64_t k, const float *x, size_t x_stride,
                                        int n, float *y, int64_t ldy, int64_t r0, int64_t r1);
+/* gemm_q8.c's int8 prefill product, likewise. */
+size_t CM_FAMILY_FN(cm_gemm_q_scratch_bytes)(int64_t k);
+void CM_FAMILY_FN(cm_gemm_q)(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y,
+                             int64_t ldy, int64_t r0, int64_t r1, void *scratch);
 #endif
 
 #endif

@@ -61,6 +61,28 @@ static void quantize_row_q8_0(const float *x, cm_block_q8_0 *y, int64_t k) {
         _mm_storeu_si128((__m128i *)y[b].qs, _mm512_cvtsepi32_epi8(q0));
         _mm_storeu_si128((__m128i *)(y[b].qs + 16), _mm512_cvtsepi32_epi8(q1));
     }
+#elif defined(CM_AVX2)
+    /* the same steps in 256-bit halves (prefill quantises every activation row of the batch) */
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t b = 0; b < k / CM_QK8_0; b++) {
+        __m256 v[4];
+        for (int i = 0; i < 4; i++) v[i] = _mm256_loadu_ps(x + b * 32 + 8 * i);
+        __m256 a = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                                 _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        float d = _mm_cvtss_f32(h) / 127.0f;
+        float id = d != 0.0f ? 1.0f / d : 0.0f;
+        y[b].d = cm_f32_to_fp16(d);
+        __m256 s = _mm256_set1_ps(id);
+        __m256i q[4];
+        for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], s)); /* round half even */
+        /* |q| <= 127: the saturating packs are exact; they interleave 128-bit lanes, the permute undoes it */
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)y[b].qs, p);
+    }
 #else
     cm_quantize_row_q8_0_ref(x, y, k);
 #endif
@@ -555,4 +577,6 @@ const cm_kernel_ops CM_FAMILY_FN(cm_kernels) = {
     .quant_dequantize = CM_FAMILY_FN(cm_quant_dequantize),
     .quant_dot_q = CM_FAMILY_FN(cm_quant_dot_q),
     .quant_matvec_f32 = CM_FAMILY_FN(cm_quant_matvec_f32),
+    .gemm_q_scratch_bytes = CM_FAMILY_FN(cm_gemm_q_scratch_bytes),
+    .gemm_q = CM_FAMILY_FN(cm_gemm_q),
 };

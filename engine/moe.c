@@ -15,7 +15,10 @@
  *   4. scatter: y[t] = sum over t's slots, in expert order, of gate * out_row. The order is per token,
  *      so a token's result does not depend on what else is in the batch.
  * Products with >= MM_GEMM_ROWS rows go through OpenBLAS sgemm on dequantised tiles, smaller ones through
- * the matvec kernels: decode touches each active expert's weights once.
+ * the matvec kernels: decode touches each active expert's weights once. With int8 activations on
+ * (forward.c's CODEMOE_Q8_INT8), a quantised weight's rows meet their inputs quantised to its paired
+ * format, through the int8 GEMM (gemm_q8.c) from MM_GEMM_ROWS rows and the int8 matvec below, as the
+ * dense layers do: a token's products do not depend on which other tokens its experts took.
  * MoLE: the base projections are forward.c's (once for the batch); each adapter with tokens gathers
  * them, runs T = X A^T (n_a, r), Y = T B^T, and adds scale * Y back, in adapter order per token.
  * Everything is allocated at cm_moe_ctx_create.
@@ -61,6 +64,9 @@ typedef struct mm_op {
     int n;
     float *y;      /* (n, m) */
     int task0;
+    int xt;        /* int8 activations: x's rows in format xt at xq (xq_stride bytes apart); -1: f32 x */
+    const void *xq;
+    size_t xq_stride;
 } mm_op;
 
 struct cm_moe_ctx {
@@ -94,7 +100,11 @@ struct cm_moe_ctx {
     float *yd;            /* (rows_max, D) */
     int32_t *row_of_slot; /* (B, S) */
     float *lt;            /* (B, 2 * max_rank) LoRA low-rank activations */
-    float *deq;           /* (n_threads, MM_DEQ_FLOATS) */
+    float *deq;           /* (n_threads, deq_floats) */
+    int64_t deq_floats;   /* per thread: MM_DEQ_FLOATS, or the int8 GEMM's scratch if larger */
+    int q8_int8;          /* quantised weights meet int8 activations (forward.c decides) */
+    unsigned char *xq;    /* (xq_bytes) the current run's inputs in int8 formats; NULL without q8_int8 */
+    size_t xq_bytes, xq_used;
     cm_moe_trace_fn trace;
     void *trace_ud;
     char *tokbuf;         /* the longest token's bytes (fence tracking) */
@@ -114,13 +124,21 @@ static void mm_task(void *arg, int task, int thread) {
     const mm_op *op = &mc->ops[o];
     int64_t r0 = (int64_t)(task - op->task0) * mc->chunk, r1 = r0 + mc->chunk;
     if (r1 > op->m) r1 = op->m;
-    if (op->n < MM_GEMM_ROWS) {
-        cm_matvec_rows(op->wtype, GGUF_TT_F32, op->w, op->k, op->x, (size_t)op->k * sizeof(float), op->n, op->y,
-                       op->m, r0, r1);
+    if (op->xt >= 0 && op->n >= MM_GEMM_ROWS) {
+        cm_gemm_q(op->wtype, op->w, op->k, op->xq, op->xq_stride, op->n, op->y, op->m, r0, r1,
+                  mc->deq + (size_t)thread * (size_t)mc->deq_floats);
+        return;
+    }
+    if (op->xt >= 0 || op->n < MM_GEMM_ROWS) {
+        if (op->xt >= 0)
+            cm_matvec_rows(op->wtype, op->xt, op->w, op->k, op->xq, op->xq_stride, op->n, op->y, op->m, r0, r1);
+        else
+            cm_matvec_rows(op->wtype, GGUF_TT_F32, op->w, op->k, op->x, (size_t)op->k * sizeof(float), op->n, op->y,
+                           op->m, r0, r1);
         return;
     }
     size_t rb = gguf_row_bytes(op->wtype, op->k);
-    float *t = mc->deq + (size_t)thread * MM_DEQ_FLOATS;
+    float *t = mc->deq + (size_t)thread * (size_t)mc->deq_floats;
     /* tiles of W rows that fit the scratch */
     int64_t tile = MM_DEQ_FLOATS / op->k;
     if (tile < 1) tile = 1;
@@ -139,12 +157,28 @@ static void mm_task(void *arg, int task, int thread) {
     }
 }
 
-static void mm_begin(cm_moe_ctx *mc) { mc->n_ops = 0; }
+static void mm_begin(cm_moe_ctx *mc) {
+    mc->n_ops = 0;
+    mc->xq_used = 0;
+}
 
 static void mm_add(cm_moe_ctx *mc, const void *w, int wtype, int64_t m, int64_t k, const float *x, int n, float *y) {
     if (n <= 0) return;
     mm_op *op = &mc->ops[mc->n_ops++];
-    *op = (mm_op){w, wtype, m, k, x, n, y, 0};
+    *op = (mm_op){w, wtype, m, k, x, n, y, 0, -1, NULL, 0};
+    int xt = mc->q8_int8 ? cm_quant_vec_dot_type(wtype) : -1;
+    if (xt < 0) return;
+    size_t rb = cm_vec_row_bytes(xt, k);
+    const mm_op *prev = mc->n_ops > 1 ? op - 1 : NULL;
+    if (prev && prev->xt == xt && prev->x == x && prev->k == k && prev->n == n) { /* gate and up share x */
+        op->xt = xt, op->xq = prev->xq, op->xq_stride = rb;
+        return;
+    }
+    if (mc->xq_used + (size_t)n * rb > mc->xq_bytes) return; /* cannot happen (sized at create): stays f32 */
+    unsigned char *q = mc->xq + mc->xq_used;
+    mc->xq_used += (size_t)n * rb;
+    for (int r = 0; r < n; r++) cm_vec_prepare(xt, x + (size_t)r * k, q + (size_t)r * rb, k);
+    op->xt = xt, op->xq = q, op->xq_stride = rb;
 }
 
 static void mm_go(cm_moe_ctx *mc) {
@@ -179,7 +213,7 @@ static int max_token_bytes(const cm_model *m) {
 }
 
 cm_moe_ctx *cm_moe_ctx_create(const cm_model *m, const cm_moe_model *mm, cm_pool *pool, int n_threads,
-                              int n_seq_max, int n_ctx, int n_batch_max, cm_err *err) {
+                              int n_seq_max, int n_ctx, int n_batch_max, int q8_int8, cm_err *err) {
     cm_moe_ctx *mc = calloc(1, sizeof *mc);
     if (!mc) {
         cm_err_set(err, CM_E_NOMEM, "ctx: out of memory");
@@ -233,7 +267,22 @@ cm_moe_ctx *cm_moe_ctx_create(const cm_model *m, const cm_moe_model *mm, cm_pool
         ALLOC(mc->hu, R * K);
         ALLOC(mc->lt, R * 2 * (size_t)mm->max_rank);
     }
-    ALLOC(mc->deq, (size_t)n_threads * MM_DEQ_FLOATS);
+    {
+        /* the widest input a product has (D, the expert or MoLE width) and the rows one run holds */
+        size_t F = mm->kind != CM_MOE_MOLE ? (size_t)mm->f_exp : (size_t)mm->n_ff, K = D > F ? D : F;
+        mc->deq_floats = MM_DEQ_FLOATS;
+        if ((int64_t)(cm_gemm_q_scratch_bytes((int64_t)K) / sizeof(float)) + 1 > mc->deq_floats)
+            mc->deq_floats = (int64_t)(cm_gemm_q_scratch_bytes((int64_t)K) / sizeof(float)) + 1;
+        ALLOC(mc->deq, (size_t)n_threads * (size_t)mc->deq_floats);
+        mc->q8_int8 = q8_int8;
+        if (q8_int8) { /* every op of a run its own rows, twice over if gate and up pair differently */
+            size_t rb = cm_vec_row_bytes(GGUF_TT_Q8_0, (int64_t)K);
+            if (cm_vec_row_bytes(GGUF_TT_Q8_1, (int64_t)K) > rb) rb = cm_vec_row_bytes(GGUF_TT_Q8_1, (int64_t)K);
+            if (cm_vec_row_bytes(GGUF_TT_Q8_K, (int64_t)K) > rb) rb = cm_vec_row_bytes(GGUF_TT_Q8_K, (int64_t)K);
+            mc->xq_bytes = 2 * (size_t)mc->rows_max * rb;
+            ALLOC(mc->xq, mc->xq_bytes);
+        }
+    }
     for (int s = 0; s < n_seq_max && !fail; s++) {
         moe_seq *q = &mc->seqs[s];
         cm_routing *r = &q->r;
@@ -314,6 +363,7 @@ void cm_moe_ctx_free(cm_moe_ctx *mc) {
     free(mc->yd);
     free(mc->lt);
     free(mc->deq);
+    free(mc->xq);
     free(mc->tokbuf);
     free(mc);
 }

@@ -49,13 +49,7 @@ int cm_quant_vec_dot_type(int wtype) {
 
 /* ============================================================ reference unpacking */
 
-/* A legacy block as integers: x_i = d * q[i] + m. */
-typedef struct legacy_unpacked {
-    int8_t q[32];
-    float d, m;
-} legacy_unpacked;
-
-static void unpack_legacy(int type, const void *blk, legacy_unpacked *u) {
+void cm_quant_unpack_legacy(int type, const void *blk, cm_legacy_unpacked *u) {
     const uint8_t *qs;
     uint32_t qh = 0;
     int bias = 0, bits5 = 0;
@@ -95,16 +89,7 @@ static void unpack_legacy(int type, const void *blk, legacy_unpacked *u) {
     }
 }
 
-/* A K-quant super-block as integers: x_v = (d * sc[s]) * q[v] - dmin * mn[s], s = v / sub. */
-typedef struct k_unpacked {
-    int8_t q[CM_QK_K];
-    int16_t sc[16], mn[16];
-    int sub;       /* values per sub-block: 16 or 32 */
-    int has_min;
-    float d, dmin;
-} k_unpacked;
-
-static void unpack_k(int type, const void *blk, k_unpacked *u) {
+void cm_quant_unpack_k(int type, const void *blk, cm_k_unpacked *u) {
     memset(u->mn, 0, sizeof u->mn);
     u->has_min = 0;
     u->dmin = 0.0f;
@@ -188,16 +173,16 @@ static void unpack_k(int type, const void *blk, k_unpacked *u) {
 
 static void dequant_block_ref(int type, const void *blk, float *y) {
     if (cm_quant_block_values(type) == CM_QK4) {
-        legacy_unpacked u;
-        unpack_legacy(type, blk, &u);
+        cm_legacy_unpacked u;
+        cm_quant_unpack_legacy(type, blk, &u);
         if (type == GGUF_TT_Q4_1 || type == GGUF_TT_Q5_1)
             for (int i = 0; i < 32; i++) y[i] = u.d * (float)u.q[i] + u.m;
         else
             for (int i = 0; i < 32; i++) y[i] = u.d * (float)u.q[i];
         return;
     }
-    k_unpacked u;
-    unpack_k(type, blk, &u);
+    cm_k_unpacked u;
+    cm_quant_unpack_k(type, blk, &u);
     for (int s = 0; s < CM_QK_K / u.sub; s++) {
         float dl = u.d * (float)u.sc[s], ml = u.dmin * (float)u.mn[s];
         const int8_t *q = u.q + s * u.sub;
@@ -284,8 +269,8 @@ float cm_quant_dot_q_ref(int wtype, int64_t k, const void *w, const void *x) {
     for (int64_t b = 0; b < k / qk; b++) {
         const void *blk = (const char *)w + (size_t)b * bb;
         if (qk == CM_QK4) {
-            legacy_unpacked u;
-            unpack_legacy(wtype, blk, &u);
+            cm_legacy_unpacked u;
+            cm_quant_unpack_legacy(wtype, blk, &u);
             const int8_t *xq;
             float dx, sx = 0.0f;
             if (cm_quant_vec_dot_type(wtype) == GGUF_TT_Q8_1) {
@@ -299,8 +284,8 @@ float cm_quant_dot_q_ref(int wtype, int64_t k, const void *w, const void *x) {
             for (int i = 0; i < 32; i++) isum += (int32_t)u.q[i] * xq[i];
             sum = cm_quant_combine_legacy(sum, isum, u.d, dx, u.m, sx);
         } else {
-            k_unpacked u;
-            unpack_k(wtype, blk, &u);
+            cm_k_unpacked u;
+            cm_quant_unpack_k(wtype, blk, &u);
             const cm_block_q8_k *xb = (const cm_block_q8_k *)x + b;
             int32_t isum = 0, imin = 0;
             for (int s = 0; s < CM_QK_K / u.sub; s++) {

@@ -192,6 +192,26 @@ int cm_quant_is_block_type(int type);
  * GGUF_TT_Q8_K), or -1 when wtype has none (float types). Q8_0 weights pair with Q8_0. */
 int cm_quant_vec_dot_type(int wtype);
 
+/* One block as integers, the form every reference reads a layout through (and the int8 GEMM,
+ * gemm_q8.c, repacks from), so each bit layout is decoded in one place. Legacy (Q4_0, Q4_1, Q5_0,
+ * Q5_1): x_i = d * q[i] + m (m 0 for Q4_0, Q5_0). K-quants: x_v = (d * sc[s]) * q[v] - dmin * mn[s],
+ * s = v / sub (mn 0 and dmin 0 for the types without mins). `blk` points at one block of `type`. */
+typedef struct cm_legacy_unpacked {
+    int8_t q[32];
+    float d, m;
+} cm_legacy_unpacked;
+
+typedef struct cm_k_unpacked {
+    int8_t q[CM_QK_K];
+    int16_t sc[16], mn[16];
+    int sub;       /* values per sub-block: 16 or 32 */
+    int has_min;
+    float d, dmin;
+} cm_k_unpacked;
+
+void cm_quant_unpack_legacy(int type, const void *blk, cm_legacy_unpacked *u);
+void cm_quant_unpack_k(int type, const void *blk, cm_k_unpacked *u);
+
 /* Dequantise one row: w (K/QK blocks of the type) -> y (K) f32. K a multiple of the block. The
  * references are the definition of each format; tests/fixtures/golden/quants.gguf (made by
  * tools/gguf.py's independent implementation) holds them to it bit for bit. */

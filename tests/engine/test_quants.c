@@ -12,6 +12,9 @@
  * (3) The matvec gives every row exactly what cm_vec_dot gives it, whatever the number of activation
  *     rows (a token's logits do not depend on its batch), and agrees with the reference matvec.
  * (4) The activation quantisers: |q| <= 127, bsums and s are what they claim, error <= d/2.
+ * (5) The int8 prefill GEMM (gemm_q8.c), for Q8_0 and every block type, gives every (row, token) the
+ *     reference dot bit for bit, whatever the number of tokens (odd, below and above its 4-token quad),
+ *     the rows asked for (odd counts, starting off its 16-row tile, one row) and the output stride.
  */
 #include <math.h>
 #include <stdint.h>
@@ -256,6 +259,53 @@ TEST(matvec_rows_equal_vec_dot_and_ref) {
     }
 }
 
+/* NaNs (from 65504 scales times large activations) compare equal whatever their payload. */
+static int same_or_nan(float a, float b) {
+    return same_bits(a, b) || (isnan(a) && isnan(b));
+}
+
+TEST(gemm_q_equals_ref) {
+    int types[N_QTYPES + 1];
+    types[0] = GGUF_TT_Q8_0;
+    memcpy(types + 1, qtypes, sizeof qtypes);
+    for (int t = 0; t < N_QTYPES + 1; t++) {
+        int type = types[t], xt = cm_quant_vec_dot_type(type);
+        int64_t k = gguf_block_size(type) == 32 ? 96 : 768, m = 37, ldy = m + 3;
+        size_t rb = (size_t)gguf_row_bytes(type, k), xb = cm_vec_row_bytes(xt, k);
+        int nmax = 19;
+        uint8_t *w = malloc(rb * (size_t)m), *xv = malloc(xb * (size_t)nmax);
+        float *x = malloc((size_t)k * 4), *yr = malloc((size_t)(nmax * ldy) * 4), *y = malloc((size_t)(nmax * ldy) * 4);
+        void *scratch = malloc(cm_gemm_q_scratch_bytes(k));
+        for (int64_t r = 0; r < m; r++) random_blocks(type, w + (size_t)r * rb, k / gguf_block_size(type), (int)r);
+        for (int j = 0; j < nmax; j++) {
+            random_acts(x, k, j);
+            cm_vec_prepare(xt, x, xv + (size_t)j * xb, k);
+        }
+        cm_matvec_rows_ref(type, xt, w, k, xv, xb, nmax, yr, ldy, 0, m);
+        static const int ns[] = {1, 2, 3, 4, 5, 8, 16, 19};
+        static const int64_t ranges[][2] = {{0, 37}, {3, 4}, {5, 22}, {17, 37}};
+        for (size_t a = 0; a < sizeof ns / sizeof ns[0]; a++)
+            for (size_t b = 0; b < sizeof ranges / sizeof ranges[0]; b++) {
+                int n = ns[a];
+                int64_t r0 = ranges[b][0], r1 = ranges[b][1];
+                for (int i = 0; i < nmax * ldy; i++) y[i] = -12345.0f;
+                cm_gemm_q(type, w, k, xv, xb, n, y, ldy, r0, r1, scratch);
+                int bad = 0;
+                for (int j = 0; j < nmax && !bad; j++)
+                    for (int64_t r = 0; r < ldy && !bad; r++) {
+                        float got = y[j * ldy + r], want = j < n && r >= r0 && r < r1 ? yr[j * ldy + r] : -12345.0f;
+                        if (!same_or_nan(got, want)) {
+                            TEST_FAIL_("%s n=%d rows [%lld, %lld): row %lld token %d: gemm %.9g, ref %.9g",
+                                       gguf_ttype_name(type), n, (long long)r0, (long long)r1, (long long)r, j,
+                                       got, want);
+                            bad = 1;
+                        }
+                    }
+            }
+        free(w); free(xv); free(x); free(yr); free(y); free(scratch);
+    }
+}
+
 TEST(activation_quantisers) {
     int64_t k = 768;
     float *x = malloc((size_t)k * 4);
@@ -300,6 +350,7 @@ static void family_tests(void) {
     RUN(fast_kernels_equal_ref);
     RUN(int8_dot_tracks_exact_product);
     RUN(matvec_rows_equal_vec_dot_and_ref);
+    RUN(gemm_q_equals_ref);
 }
 
 int main(void) {

@@ -1,0 +1,336 @@
+/*
+ * gemm_q8.c - the prefill product of quantised weights with int8 activations, for one kernel family
+ * (kernels_family.h; built once per family like quants_simd.c): y (N, M) = x (N, K) W (M, K)^T, x
+ * already quantised row by row to the format the weight type pairs with (cm_quant_vec_dot_type).
+ *
+ * A decode dot unpacks every weight block it reads; a prefill batch has enough tokens to unpack each
+ * weight row once and reuse it. So W is taken 32 rows at a time (a "tile"), repacked into the caller's
+ * scratch through the references' own unpackers (cm_quant_unpack_*: one reading of each bit layout) as
+ * plain bytes, 8 rows interleaved 4 values at a time, with their scales spread into the int16 vectors
+ * the integer dots multiply by; then each quad of tokens meets the tile 8 rows at a time: a broadcast of
+ * 4 activation bytes against 32 weight bytes gives every row its own int32 lane, so a block's sums come
+ * out per row with no horizontal adds. The quad's activations stay in L1 across the tile, the tile in L2
+ * across the quads.
+ *
+ * Every output is the number cm_vec_dot_ref gives for its row and token, bit for bit: each block's
+ * integer sum is exact, and it becomes a float through the references' combine expression, block by
+ * block in order, for eight (row, token) pairs per vector. A token's result therefore depends on nothing
+ * else in the batch, nor on the tile, the thread split or the kernel family (the scalar family calls the
+ * reference).
+ */
+#include <stddef.h>
+#include <string.h>
+
+#include "gguf.h"
+#include "kernels.h"
+#include "kernels_family.h"
+#include "quants.h"
+#include "util.h"
+
+#ifndef CM_FAMILY
+#error "gemm_q8.c is built once per kernel family with -DCM_FAMILY=<name> (engine/meson.build)"
+#endif
+
+/* Bit-exactness with the references needs every multiply rounded: no contraction (see quants.c). */
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define CM_G_AVX2 1
+#include <immintrin.h>
+#endif
+#if defined(CM_G_AVX2) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define CM_G_VNNI 1
+#endif
+
+#define TR 32 /* weight rows repacked at a time: four groups */
+#define GR 8  /* rows per group: one int32 lane each */
+#define NR 4  /* tokens per micro-tile */
+
+/* The scratch a tile needs, at most (K-quants: per value its byte, per 16 values and row two int16 of
+ * scale, one of bias scale and one of min; legacy types less), plus the token quad's activation scales
+ * and sums and alignment slack. */
+size_t CM_FAMILY_FN(cm_gemm_q_scratch_bytes)(int64_t k) {
+    return (size_t)k * (TR + TR / 2 + 16) + 8192;
+}
+
+#if defined(CM_G_AVX2)
+
+/* Where a tile lives in the scratch: TR / GR groups of GR rows, interleaved so that one 32-byte load
+ * holds 4 consecutive values of each of the group's 8 rows, and one activation broadcast of those 4
+ * values meets all 8 rows (maddubs + madd leave one int32 per row: no horizontal sums). Per group:
+ * q (K / 4, GR, 4) bytes: legacy q as int8 (Q8_0), or q + offset as uint8 (the others, so maddubs can
+ *   take them unsigned; the offset comes back as offset * sum(x) per block);
+ * d, m (nb, GR) f32: the rows' scales per block (K-quants: d, dmin);
+ * K-quants: sc (nb, 16, GR, 2) int16: each 16 values' scale, twice per row (madd's pairs); bsc, mn
+ *   (nb, 8, GR, 2) int16: offset * scale and the min of 16 values 2j, 2j + 1, to meet Q8_K's bsums.
+ * Per token quad: xd, xs (nb, NR) f32 the activation scale (and Q8_1's s), xsum (nb, NR) int32 the
+ * offset times the sum of each legacy block's activation bytes. */
+typedef struct tile {
+    int64_t k, nb;
+    int kq, offset, has_min, q8;
+    int run; /* maddubs steps whose int16 pairs may be summed before widening */
+    uint8_t *q, *row; /* row: (K) one row's bytes before interleaving */
+    float *d, *m, *xd, *xs;
+    int32_t *xsum;
+    int16_t *sc, *bsc, *mn;
+} tile;
+
+static void *carve(char **p, size_t bytes) {
+    void *r = *p;
+    *p += (bytes + 63) & ~(size_t)63;
+    return r;
+}
+
+static void tile_layout(tile *t, int wtype, int64_t k, void *scratch) {
+    char *p = (char *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+    t->k = k;
+    t->kq = cm_quant_block_values(wtype) == CM_QK_K;
+    t->q8 = wtype == GGUF_TT_Q8_0;
+    t->nb = k / (t->kq ? CM_QK_K : 32);
+    /* -(the type's smallest q) */
+    switch (wtype) {
+    case GGUF_TT_Q4_0: t->offset = 8; break;
+    case GGUF_TT_Q5_0: t->offset = 16; break;
+    case GGUF_TT_Q3_K: t->offset = 4; break;
+    case GGUF_TT_Q6_K: t->offset = 32; break;
+    default: t->offset = 0; break;
+    }
+    t->has_min = wtype == GGUF_TT_Q2_K || wtype == GGUF_TT_Q4_K || wtype == GGUF_TT_Q5_K ||
+                 wtype == GGUF_TT_Q4_1 || wtype == GGUF_TT_Q5_1; /* K-quants: dmin; legacy: m */
+    /* maddubs pairs are at most 2 * umax * 127: 2 * 15 * 127 (Q4_0, Q4_1) leaves room for 8 in int16,
+     * 2 * 31 * 127 (Q5, Q2_K..Q5_K) for 4, 2 * 63 * 127 (Q6_K) for 2 */
+    t->run = wtype == GGUF_TT_Q4_0 || wtype == GGUF_TT_Q4_1 ? 8 : wtype == GGUF_TT_Q6_K ? 2 : 4;
+    size_t nb = (size_t)t->nb;
+    t->sc = t->bsc = t->mn = NULL;
+    t->q = carve(&p, (size_t)TR * (size_t)k);
+    t->row = carve(&p, (size_t)k);
+    t->d = carve(&p, TR * nb * sizeof(float));
+    t->m = carve(&p, TR * nb * sizeof(float));
+    t->xd = carve(&p, NR * nb * sizeof(float));
+    t->xs = carve(&p, NR * nb * sizeof(float));
+    t->xsum = carve(&p, NR * nb * sizeof(int32_t));
+    if (t->kq) {
+        t->sc = carve(&p, TR * nb * 32 * sizeof(int16_t));
+        t->bsc = carve(&p, TR * nb * 16 * sizeof(int16_t));
+        t->mn = carve(&p, TR * nb * 16 * sizeof(int16_t));
+    }
+}
+
+/* Repack weight row `wr` into tile row i. */
+static void tile_row(tile *t, int wtype, const void *wr, int i) {
+    size_t bb = (size_t)gguf_row_bytes(wtype, cm_quant_block_values(wtype));
+    size_t g = (size_t)(i / GR), r = (size_t)(i % GR), nb = (size_t)t->nb, k = (size_t)t->k;
+    uint8_t *q = t->row;
+    float *d = t->d + g * GR * nb, *m = t->m + g * GR * nb;
+    for (size_t b = 0; b < nb; b++) {
+        const char *blk = (const char *)wr + b * bb;
+        if (!t->kq) {
+            int8_t v[32];
+            if (t->q8) {
+                const cm_block_q8_0 *a = (const cm_block_q8_0 *)blk;
+                memcpy(v, a->qs, 32);
+                d[b * GR + r] = _cvtsh_ss(a->d);
+                m[b * GR + r] = 0.0f;
+            } else {
+                cm_legacy_unpacked u;
+                cm_quant_unpack_legacy(wtype, blk, &u);
+                for (int l = 0; l < 32; l++) v[l] = (int8_t)(u.q[l] + t->offset);
+                d[b * GR + r] = u.d;
+                m[b * GR + r] = u.m;
+            }
+            memcpy(q + b * 32, v, 32);
+            continue;
+        }
+        cm_k_unpacked u;
+        cm_quant_unpack_k(wtype, blk, &u);
+        for (int l = 0; l < CM_QK_K; l++) q[b * CM_QK_K + (size_t)l] = (uint8_t)(u.q[l] + t->offset);
+        int16_t *sc = t->sc + (g * nb + b) * 16 * GR * 2, *bsc = t->bsc + (g * nb + b) * 8 * GR * 2;
+        int16_t *mn = t->mn + (g * nb + b) * 8 * GR * 2;
+        for (int j = 0; j < 16; j++) { /* per 16 values, whatever the type's sub-block */
+            int s = j * 16 / u.sub;
+            sc[((size_t)j * GR + r) * 2] = sc[((size_t)j * GR + r) * 2 + 1] = u.sc[s];
+            bsc[((size_t)(j / 2) * GR + r) * 2 + (size_t)(j % 2)] = (int16_t)(t->offset * u.sc[s]);
+            mn[((size_t)(j / 2) * GR + r) * 2 + (size_t)(j % 2)] = u.mn[s];
+        }
+        d[b * GR + r] = u.d;
+        m[b * GR + r] = u.dmin;
+    }
+    /* value v of row r goes to (v / 4, r, v % 4) of the group */
+    uint8_t *gq = t->q + g * GR * k;
+    for (size_t v = 0; v < k; v += 4) memcpy(gq + (v / 4 * GR + r) * 4, q + v, 4);
+}
+
+static inline __m256i bcast32(const void *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+/* Legacy types: group g (8 rows) x 4 tokens (xq[j]: their rows; blocks `xbytes` apart, qs at `qoff`).
+ * out[j * GR + r] = the (row r, token j) dot. */
+static void micro_legacy(const tile *t, int g, const char *const xq[NR], size_t xbytes, size_t qoff, float *out) {
+    const uint8_t *q = t->q + (size_t)g * GR * (size_t)t->k;
+    const float *dp = t->d + (size_t)g * GR * (size_t)t->nb, *mp = t->m + (size_t)g * GR * (size_t)t->nb;
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int j = 0; j < NR * GR; j++) out[j] = 0.0f; /* the sums live in out: registers go to the dots */
+    for (int64_t b = 0; b < t->nb; b++) {
+        __m256i acc[NR] = {0};
+        const uint8_t *qb = q + (size_t)b * 32 * GR;
+        if (t->q8) { /* signed weights: |w| * (x with w's sign) */
+            for (int j = 0; j < NR; j++) acc[j] = _mm256_setzero_si256();
+            for (int s = 0; s < 8; s++) {
+                __m256i w = _mm256_loadu_si256((const __m256i *)(qb + 32 * s)), aw = _mm256_sign_epi8(w, w);
+                for (int j = 0; j < NR; j++) {
+                    __m256i xv = _mm256_sign_epi8(bcast32(xq[j] + (size_t)b * xbytes + qoff + 4 * s), w);
+#if defined(CM_G_VNNI)
+                    acc[j] = _mm256_dpbusd_epi32(acc[j], aw, xv);
+#else
+                    acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xv), ones));
+#endif
+                }
+            }
+        } else { /* |x| <= 127 and u <= 15 (Q4) or 31 (Q5): 8 or 4 maddubs pairs add up within int16 */
+            for (int h = 0; h < 8 / t->run; h++) {
+                __m256i p[NR];
+                for (int j = 0; j < NR; j++) p[j] = _mm256_setzero_si256();
+                for (int s = t->run * h; s < t->run * h + t->run; s++) {
+                    __m256i w = _mm256_loadu_si256((const __m256i *)(qb + 32 * s));
+                    for (int j = 0; j < NR; j++)
+                        p[j] = _mm256_add_epi16(p[j], _mm256_maddubs_epi16(w, bcast32(xq[j] + (size_t)b * xbytes + qoff + 4 * s)));
+                }
+                for (int j = 0; j < NR; j++) {
+                    __m256i v = _mm256_madd_epi16(p[j], ones);
+                    acc[j] = h ? _mm256_add_epi32(acc[j], v) : v;
+                }
+            }
+        }
+        __m256 d = _mm256_loadu_ps(dp + GR * b), m = _mm256_loadu_ps(mp + GR * b);
+        for (int j = 0; j < NR; j++) {
+            /* cm_quant_combine_legacy: sum + ((float)isum * (d * dx) + m * sx). Without m it is
+             * sum + (p + +0.0f): p itself, as the sums start at +0 and so are never -0. */
+            __m256i is = _mm256_sub_epi32(acc[j], _mm256_set1_epi32(t->xsum[NR * b + j]));
+            __m256 dd = _mm256_mul_ps(d, _mm256_set1_ps(t->xd[NR * b + j]));
+            __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(is), dd);
+            if (t->has_min) v = _mm256_add_ps(v, _mm256_mul_ps(m, _mm256_set1_ps(t->xs[NR * b + j])));
+            _mm256_storeu_ps(out + j * GR, _mm256_add_ps(_mm256_loadu_ps(out + j * GR), v));
+        }
+    }
+}
+
+/* K-quants: the same shape over super-blocks of 256, xk[j] the tokens' Q8_K rows. */
+static void micro_k(const tile *t, int g, const cm_block_q8_k *const xk[NR], float *out) {
+    const uint8_t *q = t->q + (size_t)g * GR * (size_t)t->k;
+    size_t gb = (size_t)g * (size_t)t->nb;
+    const float *dp = t->d + gb * GR, *mp = t->m + gb * GR;
+    const int run = t->run;
+    for (int j = 0; j < NR * GR; j++) out[j] = 0.0f;
+    for (int64_t b = 0; b < t->nb; b++) {
+        __m256i acc[NR], mins[NR];
+        for (int j = 0; j < NR; j++) acc[j] = mins[j] = _mm256_setzero_si256();
+        const uint8_t *qb = q + (size_t)b * CM_QK_K * GR;
+        const int16_t *sc = t->sc + (gb + (size_t)b) * 16 * GR * 2;
+        for (int sb = 0; sb < 16; sb++) { /* 16 values: 4 steps of 4 */
+            __m256i scv = _mm256_loadu_si256((const __m256i *)(sc + sb * GR * 2));
+            for (int s0 = 0; s0 < 4; s0 += run) {
+                __m256i p[NR];
+                for (int j = 0; j < NR; j++) p[j] = _mm256_setzero_si256();
+                for (int s = s0; s < s0 + run; s++) {
+                    __m256i w = _mm256_loadu_si256((const __m256i *)(qb + (size_t)(4 * sb + s) * 32));
+                    for (int j = 0; j < NR; j++)
+                        p[j] = _mm256_add_epi16(p[j], _mm256_maddubs_epi16(w, bcast32(xk[j][b].qs + 16 * sb + 4 * s)));
+                }
+                for (int j = 0; j < NR; j++) acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(p[j], scv));
+            }
+        }
+        if (t->offset || t->has_min) { /* sum sc (q x) = sum sc (u x) - offset * sum sc bsum; mins alike */
+            const int16_t *bsc = t->bsc + (gb + (size_t)b) * 8 * GR * 2, *mn = t->mn + (gb + (size_t)b) * 8 * GR * 2;
+            for (int jj = 0; jj < 8; jj++) {
+                __m256i bc = _mm256_loadu_si256((const __m256i *)(bsc + jj * GR * 2));
+                __m256i mv = _mm256_loadu_si256((const __m256i *)(mn + jj * GR * 2));
+                for (int j = 0; j < NR; j++) {
+                    __m256i bs = bcast32(xk[j][b].bsums + 2 * jj);
+                    acc[j] = _mm256_sub_epi32(acc[j], _mm256_madd_epi16(bc, bs));
+                    mins[j] = _mm256_add_epi32(mins[j], _mm256_madd_epi16(mv, bs));
+                }
+            }
+        }
+        __m256 d = _mm256_loadu_ps(dp + GR * b), dmin = _mm256_loadu_ps(mp + GR * b);
+        for (int j = 0; j < NR; j++) {
+            /* cm_quant_combine_k: sum + ((dx * d) * (float)isum - (dx * dmin) * (float)imin) */
+            __m256 dx = _mm256_set1_ps(t->xd[NR * b + j]);
+            __m256 a = _mm256_mul_ps(_mm256_mul_ps(dx, d), _mm256_cvtepi32_ps(acc[j]));
+            __m256 c = _mm256_mul_ps(_mm256_mul_ps(dx, dmin), _mm256_cvtepi32_ps(mins[j]));
+            _mm256_storeu_ps(out + j * GR, _mm256_add_ps(_mm256_loadu_ps(out + j * GR), _mm256_sub_ps(a, c)));
+        }
+    }
+}
+
+static void gemm_avx2(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y,
+                      int64_t ldy, int64_t r0, int64_t r1, void *scratch) {
+    tile t;
+    tile_layout(&t, wtype, k, scratch);
+    size_t rb = (size_t)gguf_row_bytes(wtype, k);
+    int xt = cm_quant_vec_dot_type(wtype);
+    size_t xbytes = xt == GGUF_TT_Q8_1 ? sizeof(cm_block_q8_1) : sizeof(cm_block_q8_0);
+    size_t qoff = xt == GGUF_TT_Q8_1 ? offsetof(cm_block_q8_1, qs) : offsetof(cm_block_q8_0, qs);
+    for (int64_t a = r0; a < r1; a += TR) {
+        int rows = r1 - a < TR ? (int)(r1 - a) : TR, groups = (rows + GR - 1) / GR;
+        for (int i = 0; i < groups * GR; i++) /* a partial group repeats its last row */
+            tile_row(&t, wtype, (const char *)w + (size_t)(a + (i < rows ? i : rows - 1)) * rb, i);
+        for (int t0 = 0; t0 < n; t0 += NR) {
+            int nt = n - t0 < NR ? n - t0 : NR;
+            const char *xr[NR];
+            for (int j = 0; j < NR; j++) xr[j] = (const char *)x + (size_t)(t0 + (j < nt ? j : nt - 1)) * x_stride;
+            for (int64_t b = 0; b < t.nb; b++)
+                for (int j = 0; j < NR; j++) {
+                    float dx, sx = 0.0f;
+                    int32_t xs = 0;
+                    if (t.kq) {
+                        dx = ((const cm_block_q8_k *)xr[j])[b].d;
+                    } else {
+                        const int8_t *qs = (const int8_t *)(xr[j] + (size_t)b * xbytes + qoff);
+                        if (xt == GGUF_TT_Q8_1) {
+                            const cm_block_q8_1 *xb = (const cm_block_q8_1 *)xr[j] + b;
+                            dx = _cvtsh_ss(xb->d);
+                            sx = _cvtsh_ss(xb->s);
+                        } else {
+                            dx = _cvtsh_ss(((const cm_block_q8_0 *)xr[j])[b].d);
+                        }
+                        __m256i v = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1),
+                                                                            _mm256_loadu_si256((const __m256i *)qs)),
+                                                      _mm256_set1_epi16(1));
+                        __m128i h = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+                        h = _mm_add_epi32(h, _mm_shuffle_epi32(h, _MM_SHUFFLE(1, 0, 3, 2)));
+                        h = _mm_add_epi32(h, _mm_shuffle_epi32(h, _MM_SHUFFLE(2, 3, 0, 1)));
+                        xs = _mm_cvtsi128_si32(h);
+                    }
+                    t.xd[NR * b + j] = dx;
+                    t.xs[NR * b + j] = sx;
+                    t.xsum[NR * b + j] = t.offset * xs;
+                }
+            for (int g = 0; g < groups; g++) {
+                float out[NR * GR];
+                if (t.kq) micro_k(&t, g, (const cm_block_q8_k *const *)xr, out);
+                else micro_legacy(&t, g, xr, xbytes, qoff, out);
+                for (int j = 0; j < nt; j++)
+                    for (int r = 0; r < GR && GR * g + r < rows; r++)
+                        y[(int64_t)(t0 + j) * ldy + a + GR * g + r] = out[j * GR + r];
+            }
+        }
+    }
+}
+#endif
+
+void CM_FAMILY_FN(cm_gemm_q)(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y,
+                             int64_t ldy, int64_t r0, int64_t r1, void *scratch) {
+#if defined(CM_G_AVX2)
+    if (wtype == GGUF_TT_Q8_0 || cm_quant_is_block_type(wtype)) {
+        gemm_avx2(wtype, w, k, x, x_stride, n, y, ldy, r0, r1, scratch);
+        return;
+    }
+#endif
+    (void)scratch;
+    cm_matvec_rows_ref(wtype, cm_quant_vec_dot_type(wtype), w, k, x, x_stride, n, y, ldy, r0, r1);
+}
