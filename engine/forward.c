@@ -47,7 +47,7 @@ struct cm_ctx {
     cm_kv kv;
     int n_threads, n_seq_max, n_ctx, n_batch_max, n_logits_max;
     int64_t deq_floats;     /* per thread */
-    int q8_int8;            /* decode quantised weights with int8 activations (CODEMOE_Q8_INT8=1): less exact */
+    int exact_act;          /* decode with f32 activations, the reference (CODEMOE_EXACT_ACTIVATIONS=1) */
 
     float *rope_cos, *rope_sin; /* (n_ctx, E/2) */
 
@@ -181,8 +181,8 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
     c->n_seq_max = n_seq;
     c->n_ctx = n_ctx;
     c->n_batch_max = n_batch;
-    const char *q8 = getenv("CODEMOE_Q8_INT8");
-    c->q8_int8 = q8 && *q8 == '1';
+    const char *exact = getenv("CODEMOE_EXACT_ACTIVATIONS");
+    c->exact_act = exact && *exact == '1';
 
     int64_t D = in->n_embd, Q = (int64_t)in->n_head * in->head_dim, C = (int64_t)in->n_head_kv * in->head_dim;
     int64_t F = in->n_ff, V = in->n_vocab, B = n_batch;
@@ -469,10 +469,11 @@ static void mm_run(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, int n
         if (tile < 16) tile = 16;
         j.chunk = tile;
     } else {
-        /* Activations stay f32 (exact dequantised products) unless int8 activations were asked for
-         * and every op's weights pair with the same int8 format (Q8_0, Q8_1 or Q8_K, as
-         * cm_quant_vec_dot_type says): then X is quantised once for all of them. */
-        int xt = c->q8_int8 ? cm_quant_vec_dot_type(ops[0].w->type) : -1;
+        /* Quantised weights meet activations quantised once per token to the int8 format they pair
+         * with (Q8_0, Q8_1 or Q8_K, as cm_quant_vec_dot_type says; llama.cpp's scheme) when every op
+         * pairs with the same one. Otherwise, and when exact activations were asked for, X stays f32
+         * (the exact dequantised products). */
+        int xt = c->exact_act ? -1 : cm_quant_vec_dot_type(ops[0].w->type);
         for (int i = 1; i < n_ops; i++)
             if (cm_quant_vec_dot_type(ops[i].w->type) != xt) xt = -1;
         if (xt >= 0) {
