@@ -33,7 +33,9 @@
 
 #if defined(CM_AVX2) || defined(CM_AVX512)
 static inline float fp16(uint16_t h) { return _cvtsh_ss(h); } /* exact, like cm_fp16_to_f32 */
+#endif
 
+#if defined(CM_AVX2) && !defined(CM_AVX512) /* the AVX-512 family sums its 512-bit vectors instead */
 static inline float hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
