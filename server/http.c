@@ -40,6 +40,7 @@
 #include "conn.h"
 #include "server.h"
 #include "format.h"
+#include "ui.h"
 
 /* The endpoints (URL routes) the server answers; expert "routing" is a different thing (api/routing.c). */
 enum {
@@ -65,6 +66,9 @@ enum {
     ENDPOINT_TOKENIZE,          /* POST /tokenize (llama.cpp) */
     ENDPOINT_DETOKENIZE,        /* POST /detokenize (llama.cpp) */
     ENDPOINT_PROPS,             /* GET /props (llama.cpp) */
+    ENDPOINT_TABBY_EVENTS,      /* POST /v1/events (Tabby's telemetry) */
+    ENDPOINT_UI,                /* GET / and /ui/...: the playground's files (ui.c), unless --no-ui */
+    ENDPOINT_STATUS,            /* GET /v1/status: the playground's live server view (ui.c) */
 };
 
 /* the "route" label of the access log and the request metrics: a fixed name per endpoint, never the
@@ -73,7 +77,7 @@ static const char *endpoint_label[] = {"unknown", "health", "metrics", "models",
                                        "routing", "preflight", "chat", "ollama_generate", "ollama_chat",
                                        "ollama_tags", "ollama_ps", "ollama_show", "ollama_version",
                                        "llama_completion", "llama_infill", "fim_completions", "tabby_health",
-                                       "tokenize", "detokenize", "props"};
+                                       "tokenize", "detokenize", "props", "tabby_events", "ui", "status"};
 
 /* The dialect of an endpoint that runs a completion job (its parser and renderers), NULL for the others. */
 static const api_format *endpoint_format(int endpoint) {
@@ -89,11 +93,11 @@ static const api_format *endpoint_format(int endpoint) {
     }
 }
 
-/* Endpoints answered to POST with a JSON body: the completion dialects, Ollama's /api/show and
- * llama.cpp's /tokenize and /detokenize. */
+/* Endpoints answered to POST with a JSON body: the completion dialects, Ollama's /api/show,
+ * llama.cpp's /tokenize and /detokenize, and Tabby's /v1/events. */
 static int endpoint_is_post(int endpoint) {
     return endpoint_format(endpoint) || endpoint == ENDPOINT_OLLAMA_SHOW || endpoint == ENDPOINT_TOKENIZE ||
-           endpoint == ENDPOINT_DETOKENIZE;
+           endpoint == ENDPOINT_DETOKENIZE || endpoint == ENDPOINT_TABBY_EVENTS;
 }
 
 enum { WATCH_NONE = 0, WATCH_ACTIVE, WATCH_STOPPED, WATCH_CLOSING, WATCH_CLOSED };
@@ -103,6 +107,7 @@ typedef struct choice_acc {
     srv_buf text;       /* echo text + completion */
     srv_tokvec toks;    /* echoed prompt tokens, then generated ones */
     api_finish finish;
+    int stop_word;      /* api_choice.stop_word of the finish */
     long chars;         /* characters of the completion text sent so far (stream text_offset) */
     int started;        /* stream: the echo part went out */
     int chunks;         /* stream: deltas rendered */
@@ -239,6 +244,11 @@ static void respond(srv_req *r, int status, const char *ctype, char *body, size_
     add_common_headers(r, resp);
     if (status == 429 || status == 503) MHD_add_response_header(resp, "Retry-After", "1");
     if (status == 401) MHD_add_response_header(resp, "WWW-Authenticate", "Bearer");
+    if (r->endpoint == ENDPOINT_UI) { /* the page runs only its own files and talks only to this server */
+        MHD_add_response_header(resp, "Content-Security-Policy",
+                                "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'");
+        MHD_add_response_header(resp, "X-Content-Type-Options", "nosniff");
+    }
     if (r->close) MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
     if (status == 405) {
         const char *allow = endpoint_is_post(r->endpoint) ? "POST, OPTIONS" : "GET, HEAD, OPTIONS";
@@ -509,6 +519,12 @@ static int endpoint_of(const char *url, char *arg, size_t arg_cap) {
     if (!strcmp(url, "/tokenize")) return ENDPOINT_TOKENIZE;
     if (!strcmp(url, "/detokenize")) return ENDPOINT_DETOKENIZE;
     if (!strcmp(url, "/props")) return ENDPOINT_PROPS;
+    if (!strcmp(url, "/v1/events")) return ENDPOINT_TABBY_EVENTS;
+    if (!strcmp(url, "/v1/status")) return ENDPOINT_STATUS;
+    if (srv_ui_find(url)) {
+        snprintf(arg, arg_cap, "%s", url);
+        return ENDPOINT_UI;
+    }
     static const char pre[] = "/v1/completions/", suf[] = "/routing";
     size_t n = strlen(url), np = sizeof pre - 1, ns = sizeof suf - 1;
     if (n > np + ns && !strncmp(url, pre, np) && !strcmp(url + n - ns, suf)) {
@@ -561,10 +577,14 @@ static void respond_preflight(srv_req *r) {
 
 /* ============================================================ simple endpoints */
 
+/* What /health and /v1/status say of the server: "ok", "loading", "error" or "shutting_down". */
+static const char *server_state(const srv_http *h) {
+    return h->draining ? "shutting_down" : h->model_state == SRV_MODEL_READY ? "ok"
+           : h->model_state == SRV_MODEL_FAILED ? "error" : "loading";
+}
+
 static void handle_health(srv_req *r) {
-    srv_http *h = r->h;
-    const char *st = h->draining ? "shutting_down" : h->model_state == SRV_MODEL_READY ? "ok"
-                     : h->model_state == SRV_MODEL_FAILED ? "error" : "loading";
+    const char *st = server_state(r->h);
     char *body = NULL;
     if (asprintf(&body, "{\"status\":\"%s\"}", st) < 0) body = NULL;
     respond_json(r, !strcmp(st, "ok") ? 200 : 503, body);
@@ -585,6 +605,24 @@ static void handle_metrics(srv_req *r) {
     if (!text || b.failed) { srv_buf_free(&b); respond_http_error(r, 500, "out of memory"); return; }
     text = srv_buf_take(&b, &len);
     respond(r, 200, "text/plain; version=0.0.4; charset=utf-8", text, len);
+}
+
+/* The playground's files (ui.c) and its status record. */
+static void handle_ui(srv_req *r) {
+    const srv_ui_asset *a = srv_ui_find(r->arg);
+    char *body = a ? malloc(a->len + 1) : NULL;
+    if (!a) { respond_http_error(r, 404, NULL); return; }
+    if (body) memcpy(body, a->data, a->len);
+    respond(r, 200, a->ctype, body, a->len);
+}
+
+static void handle_status(srv_req *r) {
+    srv_http *h = r->h;
+    srv_gauges g;
+    srv_sched_stats(h->sched, &g, &h->metrics.ttft, &h->metrics.itl, &h->metrics.generated_tokens,
+                    &h->metrics.prompt_tokens);
+    respond_json(r, 200, srv_status_json(&g, h->cfg->model_id, server_state(h), h->metrics.prompt_tokens,
+                                         h->metrics.generated_tokens));
 }
 
 static int require_model(srv_req *r) {
@@ -680,6 +718,20 @@ static void cpu_model_name(char *buf, size_t cap) {
 /* GET /v1/health in Tabby's shape (its agent checks it before completing, and shows model and device):
  * {model, device, arch, cpu_info, cpu_count, cuda_devices, accelerators, version{build_date,
  * build_timestamp, git_sha, git_describe}}. 503 (OpenAI-shaped) until the model is loaded. */
+/* Tabby's telemetry: counted by type, answered 200 with an empty body as Tabby's server does. */
+static void handle_tabby_events(srv_req *r) {
+    if (r->too_large) { respond_http_error(r, 413, NULL); return; }
+    api_error e;
+    api_tabby_event_kind kind;
+    const char *select_kind = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "select_kind");
+    if (api_tabby_event(r->body.data ? r->body.data : "", r->body.len, &r->h->limits, select_kind, &kind, &e)) {
+        respond_error(r, &e);
+        return;
+    }
+    srv_metrics_count_tabby_event(&r->h->metrics, (int)kind, api_tabby_event_name(kind));
+    respond(r, 200, "text/plain", strdup(""), 0);
+}
+
 static void handle_tabby_health(srv_req *r) {
     srv_http *h = r->h;
     if (!require_model(r)) return;
@@ -824,7 +876,8 @@ static json_t *store_routing(srv_req *r, const api_route_agg *agg) {
     srv_http *h = r->h;
     api_routing_info info = {.id = r->cmpl_id, .created = r->created, .model = h->cfg->model_id,
                              .prompt_tokens = r->prompt_tokens, .completion_tokens = r->completion_tokens,
-                             .full = r->creq.routing == API_ROUTING_FULL};
+                             .full = r->creq.routing >= API_ROUTING_FULL,
+                             .tokens = r->creq.routing == API_ROUTING_TOKENS};
     json_t *v = api_routing_json(agg, h->model.model, &info);
     if (!v) return NULL;
     json_decref(r->routing);
@@ -851,7 +904,8 @@ static void stream_end(srv_req *r, json_t *routing) {
     api_choice *ch = calloc((size_t)nc, sizeof *ch);
     if (!ch) { sse_append(r, NULL); return; }
     for (int i = 0; i < nc; i++)
-        ch[i] = (api_choice){.index = i, .text = "", .finish = r->acc[i].finish ? r->acc[i].finish : API_FINISH_LENGTH};
+        ch[i] = (api_choice){.index = i, .text = "", .finish = r->acc[i].finish ? r->acc[i].finish : API_FINISH_LENGTH,
+                             .stop_word = r->acc[i].stop_word};
     api_meta meta = {.id = r->cmpl_id, .created = r->created, .system_fingerprint = NULL};
     api_usage u = req_usage(r);
     sse_append(r, r->fmt->stream_end(&r->creq, &meta, ch, nc, &u, routing));
@@ -871,6 +925,7 @@ static void finish_plain(srv_req *r, json_t *routing) {
         ch[i].text = a->text.data ? a->text.data : "";
         ch[i].text_len = a->text.len;
         ch[i].finish = a->finish ? a->finish : API_FINISH_LENGTH;
+        ch[i].stop_word = a->stop_word;
         ch[i].text_offset = r->creq.echo ? 0 : api_prompt_chars(&r->creq, p);
         if (r->creq.logprobs >= 0 && a->toks.n) {
             lps[i] = malloc((size_t)a->toks.n * sizeof **lps);
@@ -900,7 +955,10 @@ static void choice_output(srv_req *r, int i, srv_out *o) {
     choice_acc *a = &r->acc[i];
     const api_completion_req *q = &r->creq;
     int p = api_completion_prompt_of(q, i);
-    if (o->ended) a->finish = o->finish ? o->finish : API_FINISH_LENGTH;
+    if (o->ended) {
+        a->finish = o->finish ? o->finish : API_FINISH_LENGTH;
+        a->stop_word = o->stop_hit + 1;
+    }
     if (!r->stream) {
         if (!a->started) {
             a->started = 1;
@@ -929,7 +987,7 @@ static void choice_output(srv_req *r, int i, srv_out *o) {
         int n_lp = 0;
         api_token_lp *lp = lp_view(r, &o->toks, NULL, &n_lp);
         api_choice c = {.index = i, .text = o->text.data ? o->text.data : "", .text_len = o->text.len,
-                        .finish = o->ended ? a->finish : API_FINISH_NONE, .lp = lp, .n_lp = n_lp,
+                        .finish = o->ended ? a->finish : API_FINISH_NONE, .stop_word = a->stop_word, .lp = lp, .n_lp = n_lp,
                         .text_offset = a->chars};
         sse_append(r, r->fmt->chunk(q, &meta, &c, a->chunks++ == 0));
         a->chars += utf8_chars(o->text.data ? o->text.data : "", o->text.len);
@@ -1257,9 +1315,13 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             else r->endpoint = ENDPOINT_PREFLIGHT; /* answered on the final call */
             return MHD_YES;
         }
+        if (r->endpoint == ENDPOINT_UI && h->cfg->no_ui) r->endpoint = ENDPOINT_UNKNOWN;
         if (r->endpoint == ENDPOINT_UNKNOWN) { respond_http_error(r, 404, NULL); return MHD_YES; }
-        if (r->endpoint == ENDPOINT_HEALTH) {
+        /* health, and the playground's static files, which hold no data: the page asks for the key
+         * and sends it with its API calls */
+        if (r->endpoint == ENDPOINT_HEALTH || r->endpoint == ENDPOINT_UI) {
             if (!is_get) respond_http_error(r, 405, NULL);
+            snprintf(r->arg, sizeof r->arg, "%s", arg);
             return MHD_YES;
         }
         r->key = srv_keys_find(&h->cfg->keys, MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization"));
@@ -1315,6 +1377,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     case ENDPOINT_DETOKENIZE: handle_tokens(r); break;
     case ENDPOINT_TABBY_HEALTH: handle_tabby_health(r); break;
     case ENDPOINT_PROPS: handle_props(r); break;
+    case ENDPOINT_TABBY_EVENTS: handle_tabby_events(r); break;
+    case ENDPOINT_UI: handle_ui(r); break;
+    case ENDPOINT_STATUS: handle_status(r); break;
     case ENDPOINT_OLLAMA_TAGS:
     case ENDPOINT_OLLAMA_PS:
     case ENDPOINT_OLLAMA_SHOW:
