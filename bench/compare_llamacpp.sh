@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # compare_llamacpp.sh - prefill and decode speed of codemoe and llama.cpp on the same GGUF files.
 #
-#   bench/compare_llamacpp.sh [-t "1 2"] [-r 3] [-p 512] [-n 128] [-l LOGDIR] [-i] CODEMOE LLAMA_BENCH MODEL...
+#   bench/compare_llamacpp.sh [-t "1 2"] [-r 3] [-p 512] [-n 128] [-l LOGDIR] [-e] CODEMOE LLAMA_BENCH MODEL...
 #
 # For every model and thread count it runs `codemoe bench` and then `llama-bench` with the same
 # -p/-n/-t/-r (interleaved, so that a neighbour's load on a shared machine hits both alike rather than one
@@ -12,29 +12,30 @@
 # A second table gives tokens per CPU-second of all threads, which depends much less on other processes
 # sharing the machine: codemoe prints it; for llama.cpp (which does not) the script runs the pp and tg tests
 # as separate llama-bench processes under time(1) and subtracts the CPU cost of loading the model.
-# -i adds a third engine column: codemoe again with CODEMOE_Q8_INT8=1 (activations quantised to the format
-# the weight type pairs with, integer dots in decode and the int8 GEMM in prefill, as llama.cpp does), run
-# right after the default codemoe; the default column always runs with CODEMOE_Q8_INT8 unset, whatever the
-# caller's environment says. -n 0 (or -p 0) leaves decode (or prefill) out.
+# -e adds a third engine column: codemoe again with CODEMOE_EXACT_ACTIVATIONS=1 (f32 activations and sgemm,
+# the exact reference path, instead of the default int8 activations: integer dots in decode and the int8
+# GEMM in prefill, as llama.cpp does), run right after the default codemoe; the default column always runs
+# with CODEMOE_EXACT_ACTIVATIONS unset, whatever the caller's environment says. -n 0 (or -p 0) leaves
+# decode (or prefill) out.
 # The raw outputs of both tools go to LOGDIR (default: a fresh directory under $TMPDIR).
 set -u
 # OpenBLAS picks its kernels from OPENBLAS_CORETYPE when set: the build machine forces Haswell (AVX2)
 # globally, which a stock install does not; let it detect the CPU unless asked to keep it.
 [ "${CM_KEEP_OPENBLAS_CORETYPE:-0}" = 1 ] || unset OPENBLAS_CORETYPE
 
-threads="1 2" reps=3 pp=512 tg=128 logdir="" int8=0
+threads="1 2" reps=3 pp=512 tg=128 logdir="" exact=0
 usage() {
     sed -n '3p' "$0" | sed 's/^# *//' >&2
     exit 2
 }
-while getopts "t:r:p:n:l:ih" o; do
+while getopts "t:r:p:n:l:eh" o; do
     case $o in
     t) threads=${OPTARG//,/ } ;;
     r) reps=$OPTARG ;;
     p) pp=$OPTARG ;;
     n) tg=$OPTARG ;;
     l) logdir=$OPTARG ;;
-    i) int8=1 ;;
+    e) exact=1 ;;
     *) usage ;;
     esac
 done
@@ -81,10 +82,10 @@ cpu_run() {
 # tokens per CPU-second from a token count and CPU seconds net of the model-loading cost
 per_cpu() { awk -v n="$1" -v c="$2" -v b="$3" 'BEGIN { c -= b; if (c > 0) printf "%.2f", n / c; else print "-" }'; }
 
-# one test's cells: ours, llama.cpp, ratio, and with -i also the int8 run and its ratio to llama.cpp
+# one test's cells: ours, llama.cpp, ratio, and with -e also the exact run and its ratio to llama.cpp
 tf='%14s | %14s | %5s |' cf='%10s | %10s | %5s |' tsep=' -------------: | -------------: | ----: |'
 csep=' ---------: | ---------: | ----: |'
-if [ $int8 = 1 ]; then
+if [ $exact = 1 ]; then
     tf+=' %14s | %5s |' cf+=' %10s | %5s |' tsep+=' -------------: | ----: |' csep+=' ---------: | ----: |'
 fi
 rfmt="| %-22s | %-5s | %7s | $tf $tf %5s |" cfmt="| %-22s | %-5s | %7s | $cf $cf"
@@ -102,7 +103,7 @@ fi
 hdr=()
 for test in "${tests[@]}"; do
     hdr+=("$test ours" "$test llama" ratio)
-    [ $int8 = 0 ] || hdr+=("$test int8" ratio)
+    [ $exact = 0 ] || hdr+=("$test exact" ratio)
 done
 
 rows=() crows=()
@@ -117,12 +118,12 @@ for m in "$@"; do
         load=$(cut -d' ' -f1 /proc/loadavg)
         ours="$logdir/$base-t$t-codemoe.md" theirs="$logdir/$base-t$t-llamacpp"
         echo "== $base threads=$t (load $load): codemoe" >&2
-        env -u CODEMOE_Q8_INT8 "$codemoe" bench --model "$m" -p "$pp" -n "$tg" -t "$t" -r "$reps" >"$ours" 2>"$ours.err" ||
+        env -u CODEMOE_EXACT_ACTIVATIONS "$codemoe" bench --model "$m" -p "$pp" -n "$tg" -t "$t" -r "$reps" >"$ours" 2>"$ours.err" ||
             echo "   codemoe bench failed, see $ours.err" >&2
-        ours8="$logdir/$base-t$t-codemoe-int8.md"
-        if [ $int8 = 1 ]; then
-            echo "== $base threads=$t: codemoe, CODEMOE_Q8_INT8=1" >&2
-            CODEMOE_Q8_INT8=1 "$codemoe" bench --model "$m" -p "$pp" -n "$tg" -t "$t" -r "$reps" >"$ours8" 2>"$ours8.err" ||
+        ours8="$logdir/$base-t$t-codemoe-exact.md"
+        if [ $exact = 1 ]; then
+            echo "== $base threads=$t: codemoe, CODEMOE_EXACT_ACTIVATIONS=1" >&2
+            CODEMOE_EXACT_ACTIVATIONS=1 "$codemoe" bench --model "$m" -p "$pp" -n "$tg" -t "$t" -r "$reps" >"$ours8" 2>"$ours8.err" ||
                 echo "   codemoe bench failed, see $ours8.err" >&2
         fi
         echo "== $base threads=$t: llama-bench" >&2
@@ -138,7 +139,7 @@ for m in "$@"; do
         for test in "${tests[@]}"; do
             o=$(md_get "$ours" "$test" "t/s") l=$(md_get "$theirs.md" "$test" "t/s")
             cells+=("$(short "$o")" "$(short "$l")" "$(ratio "$(mean_of "$o")" "$(mean_of "$l")")")
-            if [ $int8 = 1 ]; then
+            if [ $exact = 1 ]; then
                 o8=$(md_get "$ours8" "$test" "t/s")
                 cells+=("$(short "$o8")" "$(ratio "$(mean_of "$o8")" "$(mean_of "$l")")")
             fi
@@ -146,7 +147,7 @@ for m in "$@"; do
             if [ "$test" = "pp$pp" ]; then n=$((pp * (reps + 1))) f="$theirs-pp.md.cpu"; else n=$((tg * reps + 1)) f="$theirs-tg.md.cpu"; fi
             oc=$(md_get "$ours" "$test" "t/cpu-s") lc=$(per_cpu "$n" "$(cat "$f")" "$cpu0")
             ccells+=("$oc" "$lc" "$(ratio "$oc" "$lc")")
-            if [ $int8 = 1 ]; then
+            if [ $exact = 1 ]; then
                 oc8=$(md_get "$ours8" "$test" "t/cpu-s")
                 ccells+=("$oc8" "$(ratio "$oc8" "$lc")")
             fi
@@ -159,7 +160,7 @@ done
 lbuild=$(cat "$logdir"/*-llamacpp.md 2>/dev/null | grep -m1 '^build:' || echo 'build: ?')
 echo "codemoe: $codemoe; llama.cpp: $lbench ($lbuild); reps $reps; raw: $logdir"
 echo
-echo "tokens/s (wall clock), mean ± std over $reps runs; ratio = ours / llama.cpp$([ $int8 = 1 ] && echo "; int8: codemoe with CODEMOE_Q8_INT8=1")"
+echo "tokens/s (wall clock), mean ± std over $reps runs; ratio = ours / llama.cpp$([ $exact = 1 ] && echo "; exact: codemoe with CODEMOE_EXACT_ACTIVATIONS=1")"
 printf "$rfmt\n" model type threads "${hdr[@]}" load
 echo "| ---------------------- | ----- | ------: |$tsep2 ----: |"
 printf '%s\n' "${rows[@]}"

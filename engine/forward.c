@@ -17,13 +17,13 @@
  *
  * Two ways to multiply by a weight matrix, by the number of activation rows:
  * - decode (N < CM_GEMM_MIN_ROWS): our matvec kernels read each weight row once and dot it with every
- *   activation row (Q8_0 weights with activations quantised to Q8_0, as llama.cpp); rows of W are split
- *   across the pool; q/k/v and gate/up run as one pool run each.
- * - prefill (N >= CM_GEMM_MIN_ROWS): each pool task takes a tile of W's rows, dequantises it (unless F32)
- *   into its thread's scratch and calls single-threaded OpenBLAS sgemm: Y[:, tile] = X W[tile]^T; or,
- *   with int8 activations on and quantised weights, X is quantised once per row and the int8 GEMM
- *   (cm_gemm_q, gemm_q8.c) takes the tile, bit-exact per row with the reference dot, so a token's
- *   products do not depend on the rest of the batch.
+ *   activation row (quantised weights with activations quantised once per row to their paired int8
+ *   format, as llama.cpp); rows of W are split across the pool; q/k/v and gate/up run as one pool run each.
+ * - prefill (N >= CM_GEMM_MIN_ROWS): quantised weights take the int8 GEMM (cm_gemm_q, gemm_q8.c) on a
+ *   tile of W's rows per pool task, X quantised once per row, bit-exact per row with the matvec's dot,
+ *   so a token's products do not depend on the rest of the batch. F32/F16 weights, and every weight
+ *   under CODEMOE_EXACT_ACTIVATIONS=1, go through sgemm instead: each task dequantises its tile (unless
+ *   F32) into its thread's scratch and calls single-threaded OpenBLAS: Y[:, tile] = X W[tile]^T.
  * Every buffer is sized at cm_ctx_create; cm_forward allocates nothing.
  */
 #include <cblas.h>
@@ -50,7 +50,7 @@ struct cm_ctx {
     cm_kv kv;
     int n_threads, n_seq_max, n_ctx, n_batch_max, n_logits_max;
     int64_t deq_floats;     /* per thread */
-    int q8_int8;            /* quantised weights meet int8 activations, decode and prefill (CODEMOE_Q8_INT8=1): less exact */
+    int exact_act;          /* f32 activations everywhere, the reference (CODEMOE_EXACT_ACTIVATIONS=1) */
 
     float *rope_cos, *rope_sin; /* (n_ctx, E/2) */
 
@@ -184,8 +184,8 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
     c->n_seq_max = n_seq;
     c->n_ctx = n_ctx;
     c->n_batch_max = n_batch;
-    const char *q8 = getenv("CODEMOE_Q8_INT8");
-    c->q8_int8 = q8 && *q8 == '1';
+    const char *exact = getenv("CODEMOE_EXACT_ACTIVATIONS");
+    c->exact_act = exact && *exact == '1';
 
     int64_t D = in->n_embd, Q = (int64_t)in->n_head * in->head_dim, C = (int64_t)in->n_head_kv * in->head_dim;
     int64_t F = in->n_ff, V = in->n_vocab, B = n_batch;
@@ -246,7 +246,7 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
     /* Our pool owns the parallelism: each task calls sgemm on its own tile, single-threaded. */
     openblas_set_num_threads(1);
     rope_tables(c);
-    if (m->moe && !(c->moe = cm_moe_ctx_create(m, m->moe, c->pool, n_threads, n_seq, n_ctx, n_batch, c->q8_int8, err))) {
+    if (m->moe && !(c->moe = cm_moe_ctx_create(m, m->moe, c->pool, n_threads, n_seq, n_ctx, n_batch, !c->exact_act, err))) {
         cm_ctx_free(c);
         return NULL;
     }
@@ -489,10 +489,12 @@ static void mm_run(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, int n
     int nt = c->n_threads;
     int64_t mmax = 0;
     for (int i = 0; i < n_ops; i++) mmax = ops[i].w->ne1 > mmax ? ops[i].w->ne1 : mmax;
-    /* Activations stay f32 (exact dequantised products) unless int8 activations were asked for and
-     * every op's weights pair with the same int8 format (Q8_0, Q8_1 or Q8_K, as cm_quant_vec_dot_type
-     * says): then X is quantised once for all of them, and decode and prefill both take int8 dots. */
-    int xt = c->q8_int8 ? cm_quant_vec_dot_type(ops[0].w->type) : -1, split = 0;
+    /* Quantised weights meet activations quantised once per token to the int8 format they pair with
+     * (Q8_0, Q8_1 or Q8_K, as cm_quant_vec_dot_type says; llama.cpp's scheme), X quantised once for
+     * all ops that share it; decode (matvec) and prefill (int8 GEMM) take the same cm_qacc dot, so a
+     * row's product never depends on the batch. Float weights, and every weight when exact
+     * activations were asked for, keep X in f32 (the exact dequantised products). */
+    int xt = c->exact_act ? -1 : cm_quant_vec_dot_type(ops[0].w->type), split = 0;
     for (int i = 1; i < n_ops; i++) {
         int t = cm_quant_vec_dot_type(ops[i].w->type);
         split |= xt >= 0 && t >= 0 && t != xt;

@@ -12,11 +12,11 @@
  * out per row with no horizontal adds. The quad's activations stay in L1 across the tile, the tile in L2
  * across the quads.
  *
- * Every output is the number cm_vec_dot_ref gives for its row and token, bit for bit: each block's
- * integer sum is exact, and it becomes a float through the references' combine expression, block by
- * block in order, for eight (row, token) pairs per vector. A token's result therefore depends on nothing
- * else in the batch, nor on the tile, the thread split or the kernel family (the scalar family calls the
- * reference).
+ * Every output is the number cm_vec_dot_ref gives for its row and token, bit for bit: each step of 4
+ * values is one of cm_qacc's (quants.h) exact int32 lanes, and the lanes become a float by cm_qacc's
+ * FMA sequence, block by block in order, for eight (row, token) pairs per vector. A token's result
+ * therefore depends on nothing else in the batch, nor on the tile, the thread split or the kernel
+ * family (the scalar family calls the reference), and equals the decode matvec's.
  */
 #include <stddef.h>
 #include <string.h>
@@ -49,8 +49,8 @@
 #define NR 4  /* tokens per micro-tile */
 
 /* The scratch a tile needs, at most (K-quants: per value its byte, per 16 values and row two int16 of
- * scale, one of bias scale and one of min; legacy types less), plus the token quad's activation scales
- * and sums and alignment slack. */
+ * scale and one of min; legacy types less), plus the token quad's activation scales and alignment
+ * slack. */
 size_t CM_FAMILY_FN(cm_gemm_q_scratch_bytes)(int64_t k) {
     return (size_t)k * (TR + TR / 2 + 16) + 8192;
 }
@@ -60,21 +60,18 @@ size_t CM_FAMILY_FN(cm_gemm_q_scratch_bytes)(int64_t k) {
 /* Where a tile lives in the scratch: TR / GR groups of GR rows, interleaved so that one 32-byte load
  * holds 4 consecutive values of each of the group's 8 rows, and one activation broadcast of those 4
  * values meets all 8 rows (maddubs + madd leave one int32 per row: no horizontal sums). Per group:
- * q (K / 4, GR, 4) bytes: legacy q as int8 (Q8_0), or q + offset as uint8 (the others, so maddubs can
- *   take them unsigned; the offset comes back as offset * sum(x) per block);
+ * q (K / 4, GR, 4) bytes: the unpacked q as int8, signed as the format defines it (maddubs takes
+ *   |q| unsigned and x with q's sign);
  * d, m (nb, GR) f32: the rows' scales per block (K-quants: d, dmin);
- * K-quants: sc (nb, 16, GR, 2) int16: each 16 values' scale, twice per row (madd's pairs); bsc, mn
- *   (nb, 8, GR, 2) int16: offset * scale and the min of 16 values 2j, 2j + 1, to meet Q8_K's bsums.
- * Per token quad: xd, xs (nb, NR) f32 the activation scale (and Q8_1's s), xsum (nb, NR) int32 the
- * offset times the sum of each legacy block's activation bytes. */
+ * K-quants: sc (nb, 16, GR, 2) int16: each 16 values' scale, twice per row (madd's pairs); mn
+ *   (nb, 8, GR, 2) int16: the min of 16 values 2j, 2j + 1, to meet Q8_K's bsums.
+ * Per token quad: xd, xs (nb, NR) f32 the activation scale (and Q8_1's s). */
 typedef struct tile {
     int64_t k, nb;
-    int kq, offset, has_min, q8;
-    int run; /* maddubs steps whose int16 pairs may be summed before widening */
+    int kq, has_min;
     uint8_t *q, *row; /* row: (K) one row's bytes before interleaving */
     float *d, *m, *xd, *xs;
-    int32_t *xsum;
-    int16_t *sc, *bsc, *mn;
+    int16_t *sc, *mn;
 } tile;
 
 static void *carve(char **p, size_t bytes) {
@@ -87,33 +84,19 @@ static void tile_layout(tile *t, int wtype, int64_t k, void *scratch) {
     char *p = (char *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
     t->k = k;
     t->kq = cm_quant_block_values(wtype) == CM_QK_K;
-    t->q8 = wtype == GGUF_TT_Q8_0;
     t->nb = k / (t->kq ? CM_QK_K : 32);
-    /* -(the type's smallest q) */
-    switch (wtype) {
-    case GGUF_TT_Q4_0: t->offset = 8; break;
-    case GGUF_TT_Q5_0: t->offset = 16; break;
-    case GGUF_TT_Q3_K: t->offset = 4; break;
-    case GGUF_TT_Q6_K: t->offset = 32; break;
-    default: t->offset = 0; break;
-    }
     t->has_min = wtype == GGUF_TT_Q2_K || wtype == GGUF_TT_Q4_K || wtype == GGUF_TT_Q5_K ||
                  wtype == GGUF_TT_Q4_1 || wtype == GGUF_TT_Q5_1; /* K-quants: dmin; legacy: m */
-    /* maddubs pairs are at most 2 * umax * 127: 2 * 15 * 127 (Q4_0, Q4_1) leaves room for 8 in int16,
-     * 2 * 31 * 127 (Q5, Q2_K..Q5_K) for 4, 2 * 63 * 127 (Q6_K) for 2 */
-    t->run = wtype == GGUF_TT_Q4_0 || wtype == GGUF_TT_Q4_1 ? 8 : wtype == GGUF_TT_Q6_K ? 2 : 4;
     size_t nb = (size_t)t->nb;
-    t->sc = t->bsc = t->mn = NULL;
+    t->sc = t->mn = NULL;
     t->q = carve(&p, (size_t)TR * (size_t)k);
     t->row = carve(&p, (size_t)k);
     t->d = carve(&p, TR * nb * sizeof(float));
     t->m = carve(&p, TR * nb * sizeof(float));
     t->xd = carve(&p, NR * nb * sizeof(float));
     t->xs = carve(&p, NR * nb * sizeof(float));
-    t->xsum = carve(&p, NR * nb * sizeof(int32_t));
     if (t->kq) {
         t->sc = carve(&p, TR * nb * 32 * sizeof(int16_t));
-        t->bsc = carve(&p, TR * nb * 16 * sizeof(int16_t));
         t->mn = carve(&p, TR * nb * 16 * sizeof(int16_t));
     }
 }
@@ -127,31 +110,20 @@ static void tile_row(tile *t, int wtype, const void *wr, int i) {
     for (size_t b = 0; b < nb; b++) {
         const char *blk = (const char *)wr + b * bb;
         if (!t->kq) {
-            int8_t v[32];
-            if (t->q8) {
-                const cm_block_q8_0 *a = (const cm_block_q8_0 *)blk;
-                memcpy(v, a->qs, 32);
-                d[b * GR + r] = _cvtsh_ss(a->d);
-                m[b * GR + r] = 0.0f;
-            } else {
-                cm_legacy_unpacked u;
-                cm_quant_unpack_legacy(wtype, blk, &u);
-                for (int l = 0; l < 32; l++) v[l] = (int8_t)(u.q[l] + t->offset);
-                d[b * GR + r] = u.d;
-                m[b * GR + r] = u.m;
-            }
-            memcpy(q + b * 32, v, 32);
+            cm_legacy_unpacked u;
+            cm_quant_unpack_legacy(wtype, blk, &u);
+            memcpy(q + b * 32, u.q, 32);
+            d[b * GR + r] = u.d;
+            m[b * GR + r] = u.m;
             continue;
         }
         cm_k_unpacked u;
         cm_quant_unpack_k(wtype, blk, &u);
-        for (int l = 0; l < CM_QK_K; l++) q[b * CM_QK_K + (size_t)l] = (uint8_t)(u.q[l] + t->offset);
-        int16_t *sc = t->sc + (g * nb + b) * 16 * GR * 2, *bsc = t->bsc + (g * nb + b) * 8 * GR * 2;
-        int16_t *mn = t->mn + (g * nb + b) * 8 * GR * 2;
+        memcpy(q + b * CM_QK_K, u.q, CM_QK_K);
+        int16_t *sc = t->sc + (g * nb + b) * 16 * GR * 2, *mn = t->mn + (g * nb + b) * 8 * GR * 2;
         for (int j = 0; j < 16; j++) { /* per 16 values, whatever the type's sub-block */
             int s = j * 16 / u.sub;
             sc[((size_t)j * GR + r) * 2] = sc[((size_t)j * GR + r) * 2 + 1] = u.sc[s];
-            bsc[((size_t)(j / 2) * GR + r) * 2 + (size_t)(j % 2)] = (int16_t)(t->offset * u.sc[s]);
             mn[((size_t)(j / 2) * GR + r) * 2 + (size_t)(j % 2)] = u.mn[s];
         }
         d[b * GR + r] = u.d;
@@ -168,103 +140,108 @@ static inline __m256i bcast32(const void *p) {
     return _mm256_set1_epi32(v);
 }
 
-/* Legacy types: group g (8 rows) x 4 tokens (xq[j]: their rows; blocks `xbytes` apart, qs at `qoff`).
- * out[j * GR + r] = the (row r, token j) dot. */
+/* Four weight values of 8 rows (w, signed bytes) times 4 activation bytes at x: per row the int32 sum
+ * of the four products, i.e. one cm_qacc lane of one block (|q| <= 128 and |x| <= 127 keep maddubs'
+ * pairs within int16). `mul` weights the pairs (1, or a K-quant's sub-block scale). */
+static inline __m256i lane4(__m256i w, const void *x, __m256i mul) {
+    __m256i aw = _mm256_sign_epi8(w, w), xv = _mm256_sign_epi8(bcast32(x), w);
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xv), mul);
+}
+
+/* The cm_qacc state of 8 rows x NR tokens: lane l of (row r, token j) at acc[(j * 9 + l) * GR + r],
+ * the scalar term e at l = 8. */
+#define ACC_FLOATS (NR * 9 * GR)
+
+/* out[j * GR + r] = cm_qacc_total of (row r, token j). */
+static void acc_total(const float *acc, float *out) {
+    for (int j = 0; j < NR; j++) {
+        const float *a = acc + (size_t)j * 9 * GR;
+        __m256 L[9];
+        for (int l = 0; l < 9; l++) L[l] = _mm256_loadu_ps(a + l * GR);
+        __m256 v = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(L[0], L[4]), _mm256_add_ps(L[2], L[6])),
+                                 _mm256_add_ps(_mm256_add_ps(L[1], L[5]), _mm256_add_ps(L[3], L[7])));
+        _mm256_storeu_ps(out + j * GR, _mm256_add_ps(v, L[8]));
+    }
+}
+
+/* Legacy types and Q8_0: group g (8 rows) x 4 tokens (xq[j]: their rows; blocks `xbytes` apart, qs at
+ * `qoff`). Step s of a block (values 4s..4s+3) is exactly lane s of cm_qacc. */
 static void micro_legacy(const tile *t, int g, const char *const xq[NR], size_t xbytes, size_t qoff, float *out) {
     const uint8_t *q = t->q + (size_t)g * GR * (size_t)t->k;
     const float *dp = t->d + (size_t)g * GR * (size_t)t->nb, *mp = t->m + (size_t)g * GR * (size_t)t->nb;
     const __m256i ones = _mm256_set1_epi16(1);
-    for (int j = 0; j < NR * GR; j++) out[j] = 0.0f; /* the sums live in out: registers go to the dots */
+    float acc[ACC_FLOATS];
+    for (int i = 0; i < ACC_FLOATS; i++) acc[i] = 0.0f;
     for (int64_t b = 0; b < t->nb; b++) {
-        __m256i acc[NR] = {0};
         const uint8_t *qb = q + (size_t)b * 32 * GR;
-        if (t->q8) { /* signed weights: |w| * (x with w's sign) */
-            for (int j = 0; j < NR; j++) acc[j] = _mm256_setzero_si256();
-            for (int s = 0; s < 8; s++) {
-                __m256i w = _mm256_loadu_si256((const __m256i *)(qb + 32 * s)), aw = _mm256_sign_epi8(w, w);
-                for (int j = 0; j < NR; j++) {
-                    __m256i xv = _mm256_sign_epi8(bcast32(xq[j] + (size_t)b * xbytes + qoff + 4 * s), w);
-#if defined(CM_G_VNNI)
-                    acc[j] = _mm256_dpbusd_epi32(acc[j], aw, xv);
-#else
-                    acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xv), ones));
-#endif
-                }
-            }
-        } else { /* |x| <= 127 and u <= 15 (Q4) or 31 (Q5): 8 or 4 maddubs pairs add up within int16 */
-            for (int h = 0; h < 8 / t->run; h++) {
-                __m256i p[NR];
-                for (int j = 0; j < NR; j++) p[j] = _mm256_setzero_si256();
-                for (int s = t->run * h; s < t->run * h + t->run; s++) {
-                    __m256i w = _mm256_loadu_si256((const __m256i *)(qb + 32 * s));
-                    for (int j = 0; j < NR; j++)
-                        p[j] = _mm256_add_epi16(p[j], _mm256_maddubs_epi16(w, bcast32(xq[j] + (size_t)b * xbytes + qoff + 4 * s)));
-                }
-                for (int j = 0; j < NR; j++) {
-                    __m256i v = _mm256_madd_epi16(p[j], ones);
-                    acc[j] = h ? _mm256_add_epi32(acc[j], v) : v;
-                }
+        __m256 d = _mm256_loadu_ps(dp + GR * b), sv[NR];
+        for (int j = 0; j < NR; j++) sv[j] = _mm256_mul_ps(d, _mm256_set1_ps(t->xd[NR * b + j]));
+        for (int s = 0; s < 8; s++) {
+            __m256i w = _mm256_loadu_si256((const __m256i *)(qb + 32 * s));
+            for (int j = 0; j < NR; j++) {
+                __m256i is = lane4(w, xq[j] + (size_t)b * xbytes + qoff + 4 * s, ones);
+                float *a = acc + ((size_t)j * 9 + (size_t)s) * GR;
+                _mm256_storeu_ps(a, _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), sv[j], _mm256_loadu_ps(a)));
             }
         }
-        __m256 d = _mm256_loadu_ps(dp + GR * b), m = _mm256_loadu_ps(mp + GR * b);
-        for (int j = 0; j < NR; j++) {
-            /* cm_quant_combine_legacy: sum + ((float)isum * (d * dx) + m * sx). Without m it is
-             * sum + (p + +0.0f): p itself, as the sums start at +0 and so are never -0. */
-            __m256i is = _mm256_sub_epi32(acc[j], _mm256_set1_epi32(t->xsum[NR * b + j]));
-            __m256 dd = _mm256_mul_ps(d, _mm256_set1_ps(t->xd[NR * b + j]));
-            __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(is), dd);
-            if (t->has_min) v = _mm256_add_ps(v, _mm256_mul_ps(m, _mm256_set1_ps(t->xs[NR * b + j])));
-            _mm256_storeu_ps(out + j * GR, _mm256_add_ps(_mm256_loadu_ps(out + j * GR), v));
+        if (t->has_min) { /* e = fmaf(m, s_x, e) */
+            __m256 m = _mm256_loadu_ps(mp + GR * b);
+            for (int j = 0; j < NR; j++) {
+                float *a = acc + ((size_t)j * 9 + 8) * GR;
+                _mm256_storeu_ps(a, _mm256_fmadd_ps(m, _mm256_set1_ps(t->xs[NR * b + j]), _mm256_loadu_ps(a)));
+            }
         }
     }
+    acc_total(acc, out);
 }
 
-/* K-quants: the same shape over super-blocks of 256, xk[j] the tokens' Q8_K rows. */
+/* K-quants: the same shape over super-blocks of 256, xk[j] the tokens' Q8_K rows. Values 16 sb + 4 s ..
+ * + 3 are lane 4 (sb % 2) + s of cm_qacc. */
 static void micro_k(const tile *t, int g, const cm_block_q8_k *const xk[NR], float *out) {
     const uint8_t *q = t->q + (size_t)g * GR * (size_t)t->k;
     size_t gb = (size_t)g * (size_t)t->nb;
     const float *dp = t->d + gb * GR, *mp = t->m + gb * GR;
-    const int run = t->run;
-    for (int j = 0; j < NR * GR; j++) out[j] = 0.0f;
+    const __m256 neg = _mm256_set1_ps(-0.0f);
+    float acc[ACC_FLOATS];
+    for (int i = 0; i < ACC_FLOATS; i++) acc[i] = 0.0f;
     for (int64_t b = 0; b < t->nb; b++) {
-        __m256i acc[NR], mins[NR];
-        for (int j = 0; j < NR; j++) acc[j] = mins[j] = _mm256_setzero_si256();
+        __m256i is[NR][8];
+        for (int j = 0; j < NR; j++)
+            for (int l = 0; l < 8; l++) is[j][l] = _mm256_setzero_si256();
         const uint8_t *qb = q + (size_t)b * CM_QK_K * GR;
         const int16_t *sc = t->sc + (gb + (size_t)b) * 16 * GR * 2;
-        for (int sb = 0; sb < 16; sb++) { /* 16 values: 4 steps of 4 */
+        for (int sb = 0; sb < 16; sb++) {
             __m256i scv = _mm256_loadu_si256((const __m256i *)(sc + sb * GR * 2));
-            for (int s0 = 0; s0 < 4; s0 += run) {
-                __m256i p[NR];
-                for (int j = 0; j < NR; j++) p[j] = _mm256_setzero_si256();
-                for (int s = s0; s < s0 + run; s++) {
-                    __m256i w = _mm256_loadu_si256((const __m256i *)(qb + (size_t)(4 * sb + s) * 32));
-                    for (int j = 0; j < NR; j++)
-                        p[j] = _mm256_add_epi16(p[j], _mm256_maddubs_epi16(w, bcast32(xk[j][b].qs + 16 * sb + 4 * s)));
-                }
-                for (int j = 0; j < NR; j++) acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(p[j], scv));
+            for (int s = 0; s < 4; s++) {
+                __m256i w = _mm256_loadu_si256((const __m256i *)(qb + (size_t)(4 * sb + s) * 32));
+                int l = 4 * (sb % 2) + s;
+                for (int j = 0; j < NR; j++)
+                    is[j][l] = _mm256_add_epi32(is[j][l], lane4(w, xk[j][b].qs + 16 * sb + 4 * s, scv));
             }
         }
-        if (t->offset || t->has_min) { /* sum sc (q x) = sum sc (u x) - offset * sum sc bsum; mins alike */
-            const int16_t *bsc = t->bsc + (gb + (size_t)b) * 8 * GR * 2, *mn = t->mn + (gb + (size_t)b) * 8 * GR * 2;
-            for (int jj = 0; jj < 8; jj++) {
-                __m256i bc = _mm256_loadu_si256((const __m256i *)(bsc + jj * GR * 2));
-                __m256i mv = _mm256_loadu_si256((const __m256i *)(mn + jj * GR * 2));
-                for (int j = 0; j < NR; j++) {
-                    __m256i bs = bcast32(xk[j][b].bsums + 2 * jj);
-                    acc[j] = _mm256_sub_epi32(acc[j], _mm256_madd_epi16(bc, bs));
-                    mins[j] = _mm256_add_epi32(mins[j], _mm256_madd_epi16(mv, bs));
-                }
-            }
-        }
-        __m256 d = _mm256_loadu_ps(dp + GR * b), dmin = _mm256_loadu_ps(mp + GR * b);
+        __m256 d = _mm256_loadu_ps(dp + GR * b);
         for (int j = 0; j < NR; j++) {
-            /* cm_quant_combine_k: sum + ((dx * d) * (float)isum - (dx * dmin) * (float)imin) */
-            __m256 dx = _mm256_set1_ps(t->xd[NR * b + j]);
-            __m256 a = _mm256_mul_ps(_mm256_mul_ps(dx, d), _mm256_cvtepi32_ps(acc[j]));
-            __m256 c = _mm256_mul_ps(_mm256_mul_ps(dx, dmin), _mm256_cvtepi32_ps(mins[j]));
-            _mm256_storeu_ps(out + j * GR, _mm256_add_ps(_mm256_loadu_ps(out + j * GR), _mm256_sub_ps(a, c)));
+            __m256 sv = _mm256_mul_ps(d, _mm256_set1_ps(xk[j][b].d));
+            for (int l = 0; l < 8; l++) {
+                float *a = acc + ((size_t)j * 9 + (size_t)l) * GR;
+                _mm256_storeu_ps(a, _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[j][l]), sv, _mm256_loadu_ps(a)));
+            }
+        }
+        if (t->has_min) { /* e = fmaf((float)imin, -(dmin * d_x), e), imin from Q8_K's bsums */
+            const int16_t *mn = t->mn + (gb + (size_t)b) * 8 * GR * 2;
+            __m256 dmin = _mm256_loadu_ps(mp + GR * b);
+            for (int j = 0; j < NR; j++) {
+                __m256i mins = _mm256_setzero_si256();
+                for (int jj = 0; jj < 8; jj++)
+                    mins = _mm256_add_epi32(mins, _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(mn + jj * GR * 2)),
+                                                                    bcast32(xk[j][b].bsums + 2 * jj)));
+                __m256 c = _mm256_xor_ps(_mm256_mul_ps(dmin, _mm256_set1_ps(xk[j][b].d)), neg);
+                float *a = acc + ((size_t)j * 9 + 8) * GR;
+                _mm256_storeu_ps(a, _mm256_fmadd_ps(_mm256_cvtepi32_ps(mins), c, _mm256_loadu_ps(a)));
+            }
         }
     }
+    acc_total(acc, out);
 }
 
 static void gemm_avx2(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y,
@@ -283,14 +260,10 @@ static void gemm_avx2(int wtype, const void *w, int64_t k, const void *x, size_t
             int nt = n - t0 < NR ? n - t0 : NR;
             const char *xr[NR];
             for (int j = 0; j < NR; j++) xr[j] = (const char *)x + (size_t)(t0 + (j < nt ? j : nt - 1)) * x_stride;
-            for (int64_t b = 0; b < t.nb; b++)
-                for (int j = 0; j < NR; j++) {
-                    float dx, sx = 0.0f;
-                    int32_t xs = 0;
-                    if (t.kq) {
-                        dx = ((const cm_block_q8_k *)xr[j])[b].d;
-                    } else {
-                        const int8_t *qs = (const int8_t *)(xr[j] + (size_t)b * xbytes + qoff);
+            if (!t.kq)
+                for (int64_t b = 0; b < t.nb; b++)
+                    for (int j = 0; j < NR; j++) {
+                        float sx = 0.0f, dx;
                         if (xt == GGUF_TT_Q8_1) {
                             const cm_block_q8_1 *xb = (const cm_block_q8_1 *)xr[j] + b;
                             dx = _cvtsh_ss(xb->d);
@@ -298,18 +271,9 @@ static void gemm_avx2(int wtype, const void *w, int64_t k, const void *x, size_t
                         } else {
                             dx = _cvtsh_ss(((const cm_block_q8_0 *)xr[j])[b].d);
                         }
-                        __m256i v = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1),
-                                                                            _mm256_loadu_si256((const __m256i *)qs)),
-                                                      _mm256_set1_epi16(1));
-                        __m128i h = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-                        h = _mm_add_epi32(h, _mm_shuffle_epi32(h, _MM_SHUFFLE(1, 0, 3, 2)));
-                        h = _mm_add_epi32(h, _mm_shuffle_epi32(h, _MM_SHUFFLE(2, 3, 0, 1)));
-                        xs = _mm_cvtsi128_si32(h);
+                        t.xd[NR * b + j] = dx;
+                        t.xs[NR * b + j] = sx;
                     }
-                    t.xd[NR * b + j] = dx;
-                    t.xs[NR * b + j] = sx;
-                    t.xsum[NR * b + j] = t.offset * xs;
-                }
             for (int g = 0; g < groups; g++) {
                 float out[NR * GR];
                 if (t.kq) micro_k(&t, g, (const cm_block_q8_k *const *)xr, out);

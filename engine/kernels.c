@@ -110,16 +110,7 @@ float cm_vec_dot_ref(int wtype, int xtype, int64_t k, const void *w, const void 
         }
         return sum;
     }
-    if (wtype == GGUF_TT_Q8_0) {
-        const cm_block_q8_0 *a = w, *b = x;
-        float sum = 0.0f;
-        for (int64_t j = 0; j < k / CM_QK8_0; j++) {
-            int32_t s = 0;
-            for (int i = 0; i < CM_QK8_0; i++) s += (int32_t)a[j].qs[i] * (int32_t)b[j].qs[i];
-            sum += (float)s * (cm_fp16_to_f32(a[j].d) * cm_fp16_to_f32(b[j].d));
-        }
-        return sum;
-    }
+    if (wtype == GGUF_TT_Q8_0) return cm_quant_dot_q_ref(wtype, k, w, x); /* x in Q8_0: the int8 dot */
     const float *xf = x;
     float sum = 0.0f;
     switch (wtype) {

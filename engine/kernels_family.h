@@ -53,6 +53,8 @@ typedef struct cm_kernel_ops {
     void (*axpy_f16)(float *y, float a, const uint16_t *x, int64_t k);
     void (*quant_dequantize)(int type, const void *w, float *y, int64_t k);
     float (*quant_dot_q)(int wtype, int64_t k, const void *w, const void *x);
+    void (*quant_matvec_q)(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y,
+                           int64_t ldy, int64_t r0, int64_t r1);
     void (*quant_matvec_f32)(int wtype, const void *w, int64_t k, const float *x, size_t x_stride, int n,
                              float *y, int64_t ldy, int64_t r0, int64_t r1);
     size_t (*gemm_q_scratch_bytes)(int64_t k);
@@ -72,6 +74,8 @@ extern const cm_kernel_ops *cm__kops;
 /* quants_simd.c's kernels, which kernels_simd.c of the same family calls and puts in the table. */
 void CM_FAMILY_FN(cm_quant_dequantize)(int type, const void *w, float *y, int64_t k);
 float CM_FAMILY_FN(cm_quant_dot_q)(int wtype, int64_t k, const void *w, const void *x);
+void CM_FAMILY_FN(cm_quant_matvec_q)(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n,
+                                     float *y, int64_t ldy, int64_t r0, int64_t r1);
 void CM_FAMILY_FN(cm_quant_matvec_f32)(int wtype, const void *w, int64_t k, const float *x, size_t x_stride,
                                        int n, float *y, int64_t ldy, int64_t r0, int64_t r1);
 /* gemm_q8.c's int8 prefill product, likewise. */

@@ -33,7 +33,9 @@
 
 #if defined(CM_AVX2) || defined(CM_AVX512)
 static inline float fp16(uint16_t h) { return _cvtsh_ss(h); } /* exact, like cm_fp16_to_f32 */
+#endif
 
+#if defined(CM_AVX2) && !defined(CM_AVX512) /* the AVX-512 family sums its 512-bit vectors instead */
 static inline float hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -198,52 +200,6 @@ static inline float dot_float_avx2(int t, int64_t k, const void *w, const float 
 }
 #endif
 
-/* int8 dot of nb Q8_0 blocks. */
-static inline float dot_q8_0(int64_t nb, const cm_block_q8_0 *a, const cm_block_q8_0 *b) {
-#if defined(CM_AVX512VNNI)
-    /* Two blocks per 512-bit step. dpbusd multiplies unsigned by signed bytes, so feed it |a| and
-     * b * sign(a) (a = -128 gives |a| = 128 read as unsigned: still exact). */
-    __m512 acc = _mm512_setzero_ps();
-    const __m512i zero = _mm512_setzero_si512();
-    int64_t j = 0;
-    for (; j + 2 <= nb; j += 2) {
-        __m512i av = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a[j].qs)),
-                                        _mm256_loadu_si256((const __m256i *)a[j + 1].qs), 1);
-        __m512i bv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)b[j].qs)),
-                                        _mm256_loadu_si256((const __m256i *)b[j + 1].qs), 1);
-        __m512i ua = _mm512_abs_epi8(av);
-        __m512i sb = _mm512_mask_sub_epi8(bv, _mm512_movepi8_mask(av), zero, bv);
-        __m512i dot = _mm512_dpbusd_epi32(zero, ua, sb);
-        __m512 d = _mm512_insertf32x8(_mm512_set1_ps(fp16(a[j].d) * fp16(b[j].d)),
-                                      _mm256_set1_ps(fp16(a[j + 1].d) * fp16(b[j + 1].d)), 1);
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), d, acc);
-    }
-    float sum = _mm512_reduce_add_ps(acc);
-    if (j < nb) {
-        __m256i av = _mm256_loadu_si256((const __m256i *)a[j].qs);
-        __m256i bv = _mm256_loadu_si256((const __m256i *)b[j].qs);
-        __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(av, av),
-                                          _mm256_sign_epi8(bv, av));
-        sum += hsum256(_mm256_cvtepi32_ps(dot)) * (fp16(a[j].d) * fp16(b[j].d));
-    }
-    return sum;
-#elif defined(CM_AVX2) || defined(CM_AVX512)
-    __m256 acc = _mm256_setzero_ps();
-    const __m256i ones = _mm256_set1_epi16(1);
-    for (int64_t j = 0; j < nb; j++) {
-        __m256i av = _mm256_loadu_si256((const __m256i *)a[j].qs);
-        __m256i bv = _mm256_loadu_si256((const __m256i *)b[j].qs);
-        /* |a| * (b sign a): pairs of u8*s8 fit int16 (2 * 128 * 127 < 32768) */
-        __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(av, av), _mm256_sign_epi8(bv, av));
-        __m256i p32 = _mm256_madd_epi16(p16, ones);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), _mm256_set1_ps(fp16(a[j].d) * fp16(b[j].d)), acc);
-    }
-    return hsum256(acc);
-#else
-    return cm_vec_dot_ref(GGUF_TT_Q8_0, GGUF_TT_Q8_0, nb * CM_QK8_0, a, b);
-#endif
-}
-
 /* Q8_0 weights times f32 x: per block d * sum(q x), q converted exactly to f32. */
 static inline float dot_q8_0_f32(int64_t nb, const cm_block_q8_0 *a, const float *x) {
 #if defined(CM_AVX512)
@@ -306,7 +262,7 @@ static float vec_dot(int wtype, int xtype, int64_t k, const void *w, const void 
         return xtype == GGUF_TT_F32 ? quant_dot_f32(wtype, k, w, x) : CM_FAMILY_FN(cm_quant_dot_q)(wtype, k, w, x);
     switch (wtype) {
     case GGUF_TT_Q8_0:
-        return xtype == GGUF_TT_Q8_0 ? dot_q8_0(k / CM_QK8_0, w, x) : dot_q8_0_f32(k / CM_QK8_0, w, x);
+        return xtype == GGUF_TT_Q8_0 ? CM_FAMILY_FN(cm_quant_dot_q)(wtype, k, w, x) : dot_q8_0_f32(k / CM_QK8_0, w, x);
 #if defined(CM_AVX512)
     case GGUF_TT_F32: return dot_float_avx512(GGUF_TT_F32, k, w, x);
     case GGUF_TT_F16: return dot_float_avx512(GGUF_TT_F16, k, w, x);
@@ -340,16 +296,14 @@ static void matvec_rows(int wtype, int xtype, const void *w, int64_t k, const vo
         if (xtype == GGUF_TT_F32) {
             CM_FAMILY_FN(cm_quant_matvec_f32)(wtype, w, k, x, x_stride, n, y, ldy, r0, r1);
         } else {
-#define DOT_Q(wr, xr) CM_FAMILY_FN(cm_quant_dot_q)(wtype, k, wr, xr)
-            MATVEC_LOOP(DOT_Q)
+            CM_FAMILY_FN(cm_quant_matvec_q)(wtype, w, k, x, x_stride, n, y, ldy, r0, r1);
         }
         return;
     }
     switch (wtype) {
     case GGUF_TT_Q8_0:
         if (xtype == GGUF_TT_Q8_0) {
-#define DOT_Q8(wr, xr) dot_q8_0(nb, (const cm_block_q8_0 *)(wr), (const cm_block_q8_0 *)(xr))
-            MATVEC_LOOP(DOT_Q8)
+            CM_FAMILY_FN(cm_quant_matvec_q)(wtype, w, k, x, x_stride, n, y, ldy, r0, r1);
         } else {
 #define DOT_Q8F(wr, xr) dot_q8_0_f32(nb, (const cm_block_q8_0 *)(wr), (const float *)(xr))
             MATVEC_LOOP(DOT_Q8F)
@@ -576,6 +530,7 @@ const cm_kernel_ops CM_FAMILY_FN(cm_kernels) = {
     .axpy_f16 = axpy_f16,
     .quant_dequantize = CM_FAMILY_FN(cm_quant_dequantize),
     .quant_dot_q = CM_FAMILY_FN(cm_quant_dot_q),
+    .quant_matvec_q = CM_FAMILY_FN(cm_quant_matvec_q),
     .quant_matvec_f32 = CM_FAMILY_FN(cm_quant_matvec_f32),
     .gemm_q_scratch_bytes = CM_FAMILY_FN(cm_gemm_q_scratch_bytes),
     .gemm_q = CM_FAMILY_FN(cm_gemm_q),

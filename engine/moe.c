@@ -14,11 +14,13 @@
  *      product: only selected experts are computed, each on exactly its tokens.
  *   4. scatter: y[t] = sum over t's slots, in expert order, of gate * out_row. The order is per token,
  *      so a token's result does not depend on what else is in the batch.
- * Products with >= MM_GEMM_ROWS rows go through OpenBLAS sgemm on dequantised tiles, smaller ones through
- * the matvec kernels: decode touches each active expert's weights once. With int8 activations on
- * (forward.c's CODEMOE_Q8_INT8), a quantised weight's rows meet their inputs quantised to its paired
- * format, through the int8 GEMM (gemm_q8.c) from MM_GEMM_ROWS rows and the int8 matvec below, as the
- * dense layers do: a token's products do not depend on which other tokens its experts took.
+ * Products with >= MM_GEMM_ROWS rows go through a GEMM, smaller ones through the matvec kernels: decode
+ * touches each active expert's weights once. With int8 activations on (the default; forward.c's
+ * CODEMOE_EXACT_ACTIVATIONS=1 turns them off), a quantised weight's rows meet their inputs quantised to
+ * its paired format, through the int8 GEMM (gemm_q8.c) and the int8 matvec, as the dense layers do:
+ * both take the same cm_qacc dot, so a token's products do not depend on which other tokens its experts
+ * took. Float weights, and all weights with exact activations, go through OpenBLAS sgemm on
+ * dequantised tiles and the f32 matvec.
  * MoLE: the base projections are forward.c's (once for the batch); each adapter with tokens gathers
  * them, runs T = X A^T (n_a, r), Y = T B^T, and adds scale * Y back, in adapter order per token.
  * Everything is allocated at cm_moe_ctx_create.
@@ -102,8 +104,8 @@ struct cm_moe_ctx {
     float *lt;            /* (B, 2 * max_rank) LoRA low-rank activations */
     float *deq;           /* (n_threads, deq_floats) */
     int64_t deq_floats;   /* per thread: MM_DEQ_FLOATS, or the int8 GEMM's scratch if larger */
-    int q8_int8;          /* quantised weights meet int8 activations (forward.c decides) */
-    unsigned char *xq;    /* (xq_bytes) the current run's inputs in int8 formats; NULL without q8_int8 */
+    int int8_act;         /* quantised weights meet int8 activations (forward.c decides) */
+    unsigned char *xq;    /* (xq_bytes) the current run's inputs in int8 formats; NULL without int8_act */
     size_t xq_bytes, xq_used;
     cm_moe_trace_fn trace;
     void *trace_ud;
@@ -166,7 +168,7 @@ static void mm_add(cm_moe_ctx *mc, const void *w, int wtype, int64_t m, int64_t 
     if (n <= 0) return;
     mm_op *op = &mc->ops[mc->n_ops++];
     *op = (mm_op){w, wtype, m, k, x, n, y, 0, -1, NULL, 0};
-    int xt = mc->q8_int8 ? cm_quant_vec_dot_type(wtype) : -1;
+    int xt = mc->int8_act ? cm_quant_vec_dot_type(wtype) : -1;
     if (xt < 0) return;
     size_t rb = cm_vec_row_bytes(xt, k);
     const mm_op *prev = mc->n_ops > 1 ? op - 1 : NULL;
@@ -213,7 +215,7 @@ static int max_token_bytes(const cm_model *m) {
 }
 
 cm_moe_ctx *cm_moe_ctx_create(const cm_model *m, const cm_moe_model *mm, cm_pool *pool, int n_threads,
-                              int n_seq_max, int n_ctx, int n_batch_max, int q8_int8, cm_err *err) {
+                              int n_seq_max, int n_ctx, int n_batch_max, int int8_act, cm_err *err) {
     cm_moe_ctx *mc = calloc(1, sizeof *mc);
     if (!mc) {
         cm_err_set(err, CM_E_NOMEM, "ctx: out of memory");
@@ -274,8 +276,8 @@ cm_moe_ctx *cm_moe_ctx_create(const cm_model *m, const cm_moe_model *mm, cm_pool
         if ((int64_t)(cm_gemm_q_scratch_bytes((int64_t)K) / sizeof(float)) + 1 > mc->deq_floats)
             mc->deq_floats = (int64_t)(cm_gemm_q_scratch_bytes((int64_t)K) / sizeof(float)) + 1;
         ALLOC(mc->deq, (size_t)n_threads * (size_t)mc->deq_floats);
-        mc->q8_int8 = q8_int8;
-        if (q8_int8) { /* every op of a run its own rows, twice over if gate and up pair differently */
+        mc->int8_act = int8_act;
+        if (int8_act) { /* every op of a run its own rows, twice over if gate and up pair differently */
             size_t rb = cm_vec_row_bytes(GGUF_TT_Q8_0, (int64_t)K);
             if (cm_vec_row_bytes(GGUF_TT_Q8_1, (int64_t)K) > rb) rb = cm_vec_row_bytes(GGUF_TT_Q8_1, (int64_t)K);
             if (cm_vec_row_bytes(GGUF_TT_Q8_K, (int64_t)K) > rb) rb = cm_vec_row_bytes(GGUF_TT_Q8_K, (int64_t)K);

@@ -93,9 +93,9 @@ int cm_moe_hparams(const gguf_file *g, const char *arch, cm_model_info *in, cm_e
 /* forward.c: the context's MoE state (NULL for dense models). */
 cm_moe_ctx *cm_ctx_moe(const cm_ctx *c);
 
-/* q8_int8: quantised experts (and adapters) meet int8 activations, as forward.c's dense products do. */
+/* int8_act: quantised experts (and adapters) meet int8 activations, as forward.c's dense products do. */
 cm_moe_ctx *cm_moe_ctx_create(const struct cm_model *m, const cm_moe_model *mm, struct cm_pool *pool,
-                              int n_threads, int n_seq_max, int n_ctx, int n_batch_max, int q8_int8, cm_err *err);
+                              int n_threads, int n_seq_max, int n_ctx, int n_batch_max, int int8_act, cm_err *err);
 void cm_moe_ctx_free(cm_moe_ctx *mc);
 void cm_moe_seq_open(cm_moe_ctx *mc, int seq);
 /* Truncation to n < len: allowed to 0, and to block ends (n a multiple of CM_KV_BLOCK_TOKENS) whose

@@ -7,8 +7,8 @@
  * fast kernels (quants_simd.c, one build per kernel family) decode the same layouts with SIMD shifts and
  * masks, and are held equal to the references by tests/engine/test_quants.c (the references are held to
  * tools/gguf.py's independent reading by a golden file). A block's integer dot product is exact in int32
- * either way, and both sides turn it into a float through the same cm_quant_combine_* function
- * (quants.h), which is what makes the int8 paths bit-exact.
+ * either way, and both sides turn it into a float by the same steps (cm_qacc, quants.h), which is what
+ * makes the int8 paths bit-exact.
  */
 #include "quants.h"
 
@@ -50,6 +50,13 @@ int cm_quant_vec_dot_type(int wtype) {
 /* ============================================================ reference unpacking */
 
 void cm_quant_unpack_legacy(int type, const void *blk, cm_legacy_unpacked *u) {
+    if (type == GGUF_TT_Q8_0) { /* weights of Q8_0 meet Q8_0 activations in the int8 dot */
+        const cm_block_q8_0 *b = blk;
+        u->d = cm_fp16_to_f32(b->d);
+        u->m = 0.0f;
+        memcpy(u->q, b->qs, 32);
+        return;
+    }
     const uint8_t *qs;
     uint32_t qh = 0;
     int bias = 0, bits5 = 0;
@@ -262,45 +269,46 @@ float cm_quant_dot_f32_ref(int wtype, int64_t k, const void *w, const float *x) 
     return sum;
 }
 
+/* The int8 dot as cm_qacc (quants.h) defines it: exact lane sums per block, then the float steps. */
 float cm_quant_dot_q_ref(int wtype, int64_t k, const void *w, const void *x) {
     int qk = cm_quant_block_values(wtype);
     size_t bb = cm_quant_block_bytes(wtype);
-    float sum = 0.0f;
+    cm_qacc acc = {{0}, 0.0f};
     for (int64_t b = 0; b < k / qk; b++) {
         const void *blk = (const char *)w + (size_t)b * bb;
+        int32_t isum[8] = {0};
         if (qk == CM_QK4) {
             cm_legacy_unpacked u;
             cm_quant_unpack_legacy(wtype, blk, &u);
             const int8_t *xq;
             float dx, sx = 0.0f;
-            if (cm_quant_vec_dot_type(wtype) == GGUF_TT_Q8_1) {
+            int has_m = cm_quant_vec_dot_type(wtype) == GGUF_TT_Q8_1;
+            if (has_m) {
                 const cm_block_q8_1 *xb = (const cm_block_q8_1 *)x + b;
                 xq = xb->qs; dx = cm_fp16_to_f32(xb->d); sx = cm_fp16_to_f32(xb->s);
             } else {
                 const cm_block_q8_0 *xb = (const cm_block_q8_0 *)x + b;
                 xq = xb->qs; dx = cm_fp16_to_f32(xb->d);
             }
-            int32_t isum = 0;
-            for (int i = 0; i < 32; i++) isum += (int32_t)u.q[i] * xq[i];
-            sum = cm_quant_combine_legacy(sum, isum, u.d, dx, u.m, sx);
+            for (int i = 0; i < 32; i++) isum[i / 4] += (int32_t)u.q[i] * xq[i];
+            cm_qacc_block(&acc, isum, u.d * dx);
+            if (has_m) acc.e = fmaf(u.m, sx, acc.e);
         } else {
             cm_k_unpacked u;
             cm_quant_unpack_k(wtype, blk, &u);
             const cm_block_q8_k *xb = (const cm_block_q8_k *)x + b;
-            int32_t isum = 0, imin = 0;
+            int32_t imin = 0;
+            for (int v = 0; v < CM_QK_K; v++) isum[(v % 32) / 4] += u.sc[v / u.sub] * ((int32_t)u.q[v] * xb->qs[v]);
             for (int s = 0; s < CM_QK_K / u.sub; s++) {
-                int32_t qx = 0, xs = 0;
-                for (int l = 0; l < u.sub; l++) {
-                    qx += (int32_t)u.q[s * u.sub + l] * xb->qs[s * u.sub + l];
-                    xs += xb->qs[s * u.sub + l];
-                }
-                isum += u.sc[s] * qx;
+                int32_t xs = 0;
+                for (int l = 0; l < u.sub; l++) xs += xb->qs[s * u.sub + l];
                 imin += u.mn[s] * xs;
             }
-            sum = cm_quant_combine_k(sum, isum, imin, u.d, u.dmin, xb->d);
+            cm_qacc_block(&acc, isum, u.d * xb->d);
+            if (u.has_min) acc.e = fmaf((float)imin, -(u.dmin * xb->d), acc.e);
         }
     }
-    return sum;
+    return cm_qacc_total(&acc);
 }
 
 /* ============================================================ the fast entry points */
@@ -310,6 +318,11 @@ void cm_quant_dequantize(int type, const void *w, float *y, int64_t k) { cm__kop
 
 float cm_quant_dot_q(int wtype, int64_t k, const void *w, const void *x) {
     return cm__kops->quant_dot_q(wtype, k, w, x);
+}
+
+void cm_quant_matvec_q(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y,
+                       int64_t ldy, int64_t r0, int64_t r1) {
+    cm__kops->quant_matvec_q(wtype, w, k, x, x_stride, n, y, ldy, r0, r1);
 }
 
 void cm_quant_matvec_f32(int wtype, const void *w, int64_t k, const float *x, size_t x_stride, int n,

@@ -9,16 +9,18 @@
  * Activations meet a weight row in one of two formats (kernels.h, xtype):
  * - F32: the exact dequantised product, sum_i deq(w)_i * x_i (reference parity with a float model);
  * - the weight type's paired int8 format, as llama.cpp pairs them (cm_quant_vec_dot_type):
- *   Q4_0, Q5_0 x Q8_0; Q4_1, Q5_1 x Q8_1; K-quants x Q8_K. Integer sums per block are exact; each
- *   block's integer sum is turned into a float by one shared expression, so every fast kernel is
+ *   Q4_0, Q5_0 (and Q8_0) x Q8_0; Q4_1, Q5_1 x Q8_1; K-quants x Q8_K. Integer sums per block are
+ *   exact and turned into a float by one defined sequence (cm_qacc below), so every fast kernel is
  *   bit-exact with its reference.
  * Letters: K row length (a multiple of the type's block), QK values per block.
  */
 #ifndef CM_QUANTS_H
 #define CM_QUANTS_H
 
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 #include "gguf.h"
 
 /* ------------------------------------------------------------ block layouts (all little-endian) */
@@ -153,25 +155,48 @@ static inline size_t cm_quant_block_bytes(int type) {
     return (size_t)gguf_row_bytes(type, gguf_block_size(type));
 }
 
-/* The step that turns a block's exact integer sums into a float, shared by the references and the fast
- * kernels: one expression on both sides is what makes them bit-exact. */
+/* How an int8 dot turns a row's exact integer block sums into one float. The references (quants.c) and
+ * every fast kernel (quants_simd.c) follow this definition operation for operation, which is what makes
+ * them bit-exact; it is llama.cpp's own scheme (an 8-lane float accumulator fed by FMA, one block at a
+ * time), with the lanes fixed by value index so that no instruction choice changes a result:
+ * - value v of a block (v < 32 for Q8_0 and the legacy types, v < 256 for K-quants) belongs to lane
+ *   (v % 32) / 4; a block gives eight exact int32 lane sums of q * x (K-quants: each product times its
+ *   sub-block's integer scale, q signed as the format defines it);
+ * - lane l: acc_l = fmaf((float)isum_l, s, acc_l), s = d_w * d_x rounded to float, blocks in order;
+ * - a scalar term e = fmaf(a, b, e) per block: Q4_1/Q5_1 a = m, b = s_x (their offsets); K-quants with
+ *   mins (Q2_K, Q4_K, Q5_K) a = (float)(sum over sub-blocks of min * sum of x), b = -(dmin * d_x);
+ *   none for the other types;
+ * - the result is ((acc0 + acc4) + (acc2 + acc6)) + ((acc1 + acc5) + (acc3 + acc7)) + e.
+ * The order depends on K alone, never on how many rows or tokens one call covers. */
+typedef struct cm_qacc {
+    float lane[8];
+    float e;
+} cm_qacc;
 
-/* Legacy block: isum = sum q x over the block (q as in the format: Q4_0 q - 8, Q4_1 q), d, dx the two
- * scales; m * sx carries Q4_1/Q5_1's offset (0 for the others). */
-static inline float cm_quant_combine_legacy(float sum, int32_t isum, float d, float dx, float m, float sx) {
-#if defined(__clang__) /* round after every multiply, as the references (quants.c) do */
-#pragma STDC FP_CONTRACT OFF
-#endif
-    return sum + ((float)isum * (d * dx) + m * sx);
+static inline void cm_qacc_block(cm_qacc *a, const int32_t isum[8], float s) {
+    for (int l = 0; l < 8; l++) a->lane[l] = fmaf((float)isum[l], s, a->lane[l]);
 }
 
-/* K-quant super-block: isum = sum over sub-blocks of sc * sum q x, imin = sum of m * sum x (0 for
- * the types without mins). */
-static inline float cm_quant_combine_k(float sum, int32_t isum, int32_t imin, float d, float dmin, float dx) {
-#if defined(__clang__)
+static inline float cm_qacc_total(const cm_qacc *a) {
+#if defined(__clang__) /* the additions as written, one rounding each */
 #pragma STDC FP_CONTRACT OFF
 #endif
-    return sum + ((dx * d) * (float)isum - (dx * dmin) * (float)imin);
+    const float *L = a->lane;
+    return (((L[0] + L[4]) + (L[2] + L[6])) + ((L[1] + L[5]) + (L[3] + L[7]))) + a->e;
+}
+
+/* Q4_K/Q5_K's twelve packed bytes -> sc[0..7] in bytes 0..7 and m[0..7] in bytes 8..15 of out (the
+ * layout of cm_q4k_scale_min, four sub-blocks at a time). */
+static inline void cm_q4k_scales_mins(const uint8_t *s, uint8_t out[16]) {
+    uint32_t u[4];
+    memcpy(u, s, 12);
+    const uint32_t m6 = 0x3f3f3f3f, m4 = 0x0f0f0f0f, m2 = 0x03030303;
+    u[3] = ((u[2] >> 4) & m4) | (((u[1] >> 6) & m2) << 4);
+    uint32_t mins_lo = u[1] & m6;
+    u[1] = (u[2] & m4) | (((u[0] >> 6) & m2) << 4);
+    u[2] = mins_lo;
+    u[0] &= m6;
+    memcpy(out, u, 16);
 }
 
 /* Q3_K's sixteen 6-bit scales (layout above), minus their offset 32. */
@@ -194,7 +219,7 @@ int cm_quant_vec_dot_type(int wtype);
 
 /* One block as integers, the form every reference reads a layout through (and the int8 GEMM,
  * gemm_q8.c, repacks from), so each bit layout is decoded in one place. Legacy (Q4_0, Q4_1, Q5_0,
- * Q5_1): x_i = d * q[i] + m (m 0 for Q4_0, Q5_0). K-quants: x_v = (d * sc[s]) * q[v] - dmin * mn[s],
+ * Q5_1, and Q8_0 weights): x_i = d * q[i] + m (m 0 for Q4_0, Q5_0). K-quants: x_v = (d * sc[s]) * q[v] - dmin * mn[s],
  * s = v / sub (mn 0 and dmin 0 for the types without mins). `blk` points at one block of `type`. */
 typedef struct cm_legacy_unpacked {
     int8_t q[32];
@@ -241,9 +266,16 @@ void cm_quantize_row_q8_k_ref(const float *x, cm_block_q8_k *y, int64_t k);
 float cm_quant_dot_f32_ref(int wtype, int64_t k, const void *w, const float *x);
 float cm_quant_dot_f32(int wtype, int64_t k, const void *w, const float *x);
 
-/* dot(w (K) of block type wtype, x (K) in cm_quant_vec_dot_type(wtype)). Bit-exact pair. */
+/* dot(w (K) of block type wtype or Q8_0, x (K) in cm_quant_vec_dot_type(wtype)), summed as cm_qacc
+ * defines. Bit-exact pair. */
 float cm_quant_dot_q_ref(int wtype, int64_t k, const void *w, const void *x);
 float cm_quant_dot_q(int wtype, int64_t k, const void *w, const void *x);
+
+/* y[n*ldy + r] = cm_quant_dot_q(W row r, x_n) for n < N, r in [r0, r1), bit for bit: the fast kernels
+ * run several rows of W against one quantised x at a time (x is read once for them and their
+ * accumulation chains overlap). x_n = x + n * x_stride bytes, each a row in cm_quant_vec_dot_type. */
+void cm_quant_matvec_q(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y,
+                       int64_t ldy, int64_t r0, int64_t r1);
 
 /* y[n*ldy + r] = cm_quant_dot_f32(W row r, x_n) for n < N, r in [r0, r1): each weight chunk is
  * dequantised once for all N rows, and every y is the same number cm_quant_dot_f32 returns.

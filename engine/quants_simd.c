@@ -5,9 +5,9 @@
  *
  * AVX2 (with FMA, F16C) decodes each layout with SIMD shifts and masks, one group unpacker per type
  * shared by the dots and the dequantisers; the VNNI byte dot (AVX-512 VL + VNNI) replaces the int8
- * inner product where the family has it. Every result goes through the references' own
- * cm_quant_combine_* step (quants.h), so the int8 dots and the dequantisers are bit-exact with
- * quants.c. A family without AVX2 calls the references.
+ * inner product of Q8_0 and the legacy types where the family has it. The int8 dots accumulate exactly
+ * as cm_qacc (quants.h) defines, four weight rows per pass over the quantised activations, so they and
+ * the dequantisers are bit-exact with quants.c. A family without AVX2 calls the references.
  */
 #include "quants.h"
 
@@ -69,12 +69,6 @@ static inline __m256i dot_s8s8(__m256i a, __m256i s) {
     return dot_u8s8(_mm256_sign_epi8(a, a), _mm256_sign_epi8(s, a));
 }
 
-/* Sum u * s, each half of the 32 bytes (16 values) weighted by its int16 scale lo / hi. */
-static inline __m256i dot_u8s8_scaled(__m256i u, __m256i s, int lo, int hi) {
-    __m256i sc = _mm256_set_m128i(_mm_set1_epi16((short)hi), _mm_set1_epi16((short)lo));
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), sc);
-}
-
 /* 32 nibbles of a legacy block: byte j low nibble -> value j, high nibble -> value j + 16. */
 static inline __m256i legacy_nibbles(const uint8_t *qs) {
     __m128i q = _mm_loadu_si128((const __m128i *)qs);
@@ -90,52 +84,6 @@ static inline __m256i legacy_fifth_bits(const uint8_t *qh) {
     __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), which);
     v = _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
     return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
-}
-
-static float dot_legacy_avx2(int wtype, int64_t nb, const void *w, const void *x) {
-    float sum = 0.0f;
-    for (int64_t i = 0; i < nb; i++) {
-        __m256i p;
-        float d, m = 0.0f, dx, sx = 0.0f;
-        const int8_t *xq;
-        if (wtype == GGUF_TT_Q4_1 || wtype == GGUF_TT_Q5_1) {
-            const cm_block_q8_1 *xb = (const cm_block_q8_1 *)x + i;
-            xq = xb->qs; dx = fp16(xb->d); sx = fp16(xb->s);
-        } else {
-            const cm_block_q8_0 *xb = (const cm_block_q8_0 *)x + i;
-            xq = xb->qs; dx = fp16(xb->d);
-        }
-        __m256i xv = _mm256_loadu_si256((const __m256i *)xq);
-        switch (wtype) {
-        case GGUF_TT_Q4_0: {
-            const cm_block_q4_0 *b = (const cm_block_q4_0 *)w + i;
-            d = fp16(b->d);
-            p = dot_s8s8(_mm256_sub_epi8(legacy_nibbles(b->qs), _mm256_set1_epi8(8)), xv);
-            break;
-        }
-        case GGUF_TT_Q4_1: {
-            const cm_block_q4_1 *b = (const cm_block_q4_1 *)w + i;
-            d = fp16(b->d); m = fp16(b->m);
-            p = dot_u8s8(legacy_nibbles(b->qs), xv);
-            break;
-        }
-        case GGUF_TT_Q5_0: {
-            const cm_block_q5_0 *b = (const cm_block_q5_0 *)w + i;
-            d = fp16(b->d);
-            __m256i u = _mm256_or_si256(legacy_nibbles(b->qs), legacy_fifth_bits(b->qh));
-            p = dot_s8s8(_mm256_sub_epi8(u, _mm256_set1_epi8(16)), xv);
-            break;
-        }
-        default: {
-            const cm_block_q5_1 *b = (const cm_block_q5_1 *)w + i;
-            d = fp16(b->d); m = fp16(b->m);
-            p = dot_u8s8(_mm256_or_si256(legacy_nibbles(b->qs), legacy_fifth_bits(b->qh)), xv);
-            break;
-        }
-        }
-        sum = cm_quant_combine_legacy(sum, hsum_i32(p), d, dx, m, sx);
-    }
-    return sum;
 }
 
 /* (bytes >> shift) & mask per byte; the 16-bit shift's spill into the next byte is masked away. */
@@ -179,32 +127,6 @@ static inline q45k_view q45k_at(int type, const void *w, int64_t i) {
         v.scales = a->scales; v.qs = a->qs; v.qh = a->qh; v.d = a->d; v.dmin = a->dmin;
     }
     return v;
-}
-
-static float dot_q45_k_avx2(int type, int64_t nb, const void *w, const cm_block_q8_k *x) {
-    float sum = 0.0f;
-    for (int64_t i = 0; i < nb; i++) {
-        q45k_view a = q45k_at(type, w, i);
-        const cm_block_q8_k *b = x + i;
-        uint8_t sc[8], mn[8];
-        int32_t imin = 0;
-        for (int j = 0; j < 8; j++) {
-            cm_q4k_scale_min(j, a.scales, &sc[j], &mn[j]);
-            imin += mn[j] * (b->bsums[2 * j] + b->bsums[2 * j + 1]);
-        }
-        __m256i qh = a.qh ? _mm256_loadu_si256((const __m256i *)a.qh) : _mm256_setzero_si256();
-        __m256i acc = _mm256_setzero_si256();
-        for (int c = 0; c < 4; c++) {
-            __m256i q = _mm256_loadu_si256((const __m256i *)(a.qs + 32 * c));
-            for (int half = 0; half < 2; half++) {
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(b->qs + 64 * c + 32 * half));
-                int j = 2 * c + half;
-                acc = _mm256_add_epi32(acc, dot_u8s8_scaled(q45k_group(q, a.qh ? &qh : NULL, c, half), xv, sc[j], sc[j]));
-            }
-        }
-        sum = cm_quant_combine_k(sum, hsum_i32(acc), imin, fp16(a.d), fp16(a.dmin), b->d);
-    }
-    return sum;
 }
 
 /* Q2_K, Q3_K and Q6_K share a shape: 16 sub-blocks of 16, values in 8 groups of 32 (h = g / 4,
@@ -263,26 +185,277 @@ static inline __m256i k16_group(int type, const void *blk, int g) {
     }
 }
 
-/* sum sc (q x) = sum sc (u x) - offset * sum sc (sum of x per sub-block, from bsums); mins likewise. */
-static float dot_k16_avx2(int type, int64_t nb, const void *w, const cm_block_q8_k *x) {
-    float sum = 0.0f;
-    for (int64_t i = 0; i < nb; i++) {
-        k16_view v;
-        k16_at(type, w, i, &v);
-        const cm_block_q8_k *b = x + i;
-        int32_t bias = 0, imin = 0;
-        for (int j = 0; j < 16; j++) {
-            bias += v.sc[j] * b->bsums[j];
-            imin += v.mn[j] * b->bsums[j];
-        }
-        __m256i acc = _mm256_setzero_si256();
-        for (int g = 0; g < 8; g++) {
-            __m256i xv = _mm256_loadu_si256((const __m256i *)(b->qs + 32 * g));
-            acc = _mm256_add_epi32(acc, dot_u8s8_scaled(k16_group(type, v.blk, g), xv, v.sc[2 * g], v.sc[2 * g + 1]));
-        }
-        sum = cm_quant_combine_k(sum, hsum_i32(acc) - v.offset * bias, imin, v.d, v.dmin, b->d);
+/* ------------------------------------------------------------ AVX2 int8 dots (cm_qacc, quants.h) */
+
+/* Every block below yields its eight int32 lanes exactly as cm_qacc defines them: madd/maddubs (or
+ * VNNI's dpbusd) put bytes 4l..4l+3 of each 32-byte group into lane l, and each group holds 32
+ * consecutive values of the block. The drivers take several weight rows at once and are specialised per
+ * type (always_inline with a constant type), so no type switch is left inside the block loop. */
+#define CM_ALWAYS_INLINE static inline __attribute__((always_inline))
+#define ROWS_MAX 4 /* weight rows per pass over x: four independent FMA chains */
+
+/* Q8_0 and legacy weights: block i's lanes against x's 32 int8 xv, its d (and m for Q4_1/Q5_1). */
+CM_ALWAYS_INLINE __m256i legacy_lanes(int wt, const void *w, int64_t i, __m256i xv, float *d, float *m) {
+    switch (wt) {
+    case GGUF_TT_Q8_0: {
+        const cm_block_q8_0 *b = (const cm_block_q8_0 *)w + i;
+        *d = fp16(b->d);
+        return dot_s8s8(_mm256_loadu_si256((const __m256i *)b->qs), xv);
     }
-    return sum;
+    case GGUF_TT_Q4_0: {
+        const cm_block_q4_0 *b = (const cm_block_q4_0 *)w + i;
+        *d = fp16(b->d);
+        return dot_s8s8(_mm256_sub_epi8(legacy_nibbles(b->qs), _mm256_set1_epi8(8)), xv);
+    }
+    case GGUF_TT_Q4_1: {
+        const cm_block_q4_1 *b = (const cm_block_q4_1 *)w + i;
+        *d = fp16(b->d);
+        *m = fp16(b->m);
+        return dot_u8s8(legacy_nibbles(b->qs), xv);
+    }
+    case GGUF_TT_Q5_0: {
+        const cm_block_q5_0 *b = (const cm_block_q5_0 *)w + i;
+        *d = fp16(b->d);
+        __m256i u = _mm256_or_si256(legacy_nibbles(b->qs), legacy_fifth_bits(b->qh));
+        return dot_s8s8(_mm256_sub_epi8(u, _mm256_set1_epi8(16)), xv);
+    }
+    default: {
+        const cm_block_q5_1 *b = (const cm_block_q5_1 *)w + i;
+        *d = fp16(b->d);
+        *m = fp16(b->m);
+        return dot_u8s8(_mm256_or_si256(legacy_nibbles(b->qs), legacy_fifth_bits(b->qh)), xv);
+    }
+    }
+}
+
+/* The weight rows after this call's nr rows, streamed into cache while these are computed: block i of
+ * these rows is as far into them as the same share of the next nr rows. Without it the rows' short
+ * interleaved streams leave the core waiting on memory (about 1.6x slower on a 0.5B Q4_0 model). */
+CM_ALWAYS_INLINE void prefetch_next_rows(const char *w, size_t rb, int nr, int64_t i, size_t bs) {
+    size_t step = (size_t)nr * bs;
+    const char *next = w + (size_t)nr * rb + (size_t)i * step;
+    for (size_t o = 0; o < step + 63; o += 64) _mm_prefetch(next + o, _MM_HINT_T0);
+}
+
+CM_ALWAYS_INLINE size_t legacy_block_bytes(int wt) {
+    switch (wt) {
+    case GGUF_TT_Q8_0: return sizeof(cm_block_q8_0);
+    case GGUF_TT_Q4_0: return sizeof(cm_block_q4_0);
+    case GGUF_TT_Q4_1: return sizeof(cm_block_q4_1);
+    case GGUF_TT_Q5_0: return sizeof(cm_block_q5_0);
+    default: return sizeof(cm_block_q5_1);
+    }
+}
+
+/* out[r] = dot(row r, x) for r < nr; row r at w + r * rb, nb blocks of 32. */
+CM_ALWAYS_INLINE void rows_legacy(int wt, int nr, int64_t nb, const char *w, size_t rb, const void *x, float *out) {
+    const int has_m = wt == GGUF_TT_Q4_1 || wt == GGUF_TT_Q5_1;
+    __m256 acc[ROWS_MAX];
+    float e[ROWS_MAX];
+    for (int r = 0; r < nr; r++) {
+        acc[r] = _mm256_setzero_ps();
+        e[r] = 0.0f;
+    }
+    for (int64_t i = 0; i < nb; i++) {
+        __m256i xv;
+        float dx, sx = 0.0f;
+        if (has_m) {
+            const cm_block_q8_1 *xb = (const cm_block_q8_1 *)x + i;
+            xv = _mm256_loadu_si256((const __m256i *)xb->qs);
+            dx = fp16(xb->d);
+            sx = fp16(xb->s);
+        } else {
+            const cm_block_q8_0 *xb = (const cm_block_q8_0 *)x + i;
+            xv = _mm256_loadu_si256((const __m256i *)xb->qs);
+            dx = fp16(xb->d);
+        }
+        prefetch_next_rows(w, rb, nr, i, legacy_block_bytes(wt));
+        for (int r = 0; r < nr; r++) {
+            float d, m = 0.0f;
+            __m256i p = legacy_lanes(wt, w + (size_t)r * rb, i, xv, &d, &m);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * dx), acc[r]);
+            if (has_m) e[r] = fmaf(m, sx, e[r]);
+        }
+    }
+    for (int r = 0; r < nr; r++) out[r] = hsum_f32(acc[r]) + e[r];
+}
+
+/* int16 scales of sub-blocks 2g (low 128 bits) and 2g + 1 (high) from sixteen int16 scales sc16
+ * (sc0..7 in the low 128 bits, sc8..15 in the high). */
+CM_ALWAYS_INLINE __m256i scales_pair(__m256i sc16, int g) {
+    const __m256i pick = _mm256_set_epi8(3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2,
+                                         1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0);
+    return _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(sc16, _mm256_set1_epi32(g)), pick);
+}
+
+/* Q3_K's 16 scales minus 32, as bytes (cm_q3k_scales four at a time). */
+CM_ALWAYS_INLINE __m128i q3k_scales_vec(const uint8_t *s) {
+    uint32_t a[3];
+    memcpy(a, s, 12);
+    const uint32_t m4 = 0x0f0f0f0f, m2 = 0x03030303;
+    __m128i v = _mm_set_epi32((int)(((a[1] >> 4) & m4) | (((a[2] >> 6) & m2) << 4)),
+                              (int)(((a[0] >> 4) & m4) | (((a[2] >> 4) & m2) << 4)),
+                              (int)((a[1] & m4) | (((a[2] >> 2) & m2) << 4)),
+                              (int)((a[0] & m4) | ((a[2] & m2) << 4)));
+    return _mm_sub_epi8(v, _mm_set1_epi8(32));
+}
+
+/* What a Q8_K block offers every weight row: its 8 groups of 32, and for Q3_K/Q6_K (whose unsigned
+ * group bytes u are q + offset) offset * x summed in int16 pairs, so that maddubs(u, x) - that is the
+ * exact pair sum of q * x. */
+typedef struct q8k_prep {
+    __m256i off[8];
+} q8k_prep;
+
+/* Lanes of a K-quant block (Q8_K x block b), and its d, dmin and integer min sum. */
+CM_ALWAYS_INLINE __m256i k_lanes(int wt, const void *w, int64_t i, const cm_block_q8_k *b, const q8k_prep *xp,
+                                 float *d, float *dmin, int32_t *imin) {
+    const __m256i *xq = (const __m256i *)b->qs;
+    __m256i acc = _mm256_setzero_si256();
+    if (wt == GGUF_TT_Q4_K || wt == GGUF_TT_Q5_K) {
+        q45k_view a = q45k_at(wt, w, i);
+        *d = fp16(a.d);
+        *dmin = fp16(a.dmin);
+        uint8_t sm[16];
+        cm_q4k_scales_mins(a.scales, sm);
+        __m128i smv = _mm_loadu_si128((const __m128i *)sm);
+        /* mins against the sums of x per sub-block of 32 (pairs of bsums) */
+        __m128i bs = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)b->bsums),
+                                    _mm_loadu_si128((const __m128i *)(b->bsums + 8)));
+        __m128i mp = _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_srli_si128(smv, 8)), bs);
+        mp = _mm_add_epi32(mp, _mm_shuffle_epi32(mp, _MM_SHUFFLE(1, 0, 3, 2)));
+        mp = _mm_add_epi32(mp, _mm_shuffle_epi32(mp, _MM_SHUFFLE(2, 3, 0, 1)));
+        *imin = _mm_cvtsi128_si32(mp);
+        __m256i sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(smv)); /* sc0..7 as int16, twice */
+        __m256i qh = wt == GGUF_TT_Q5_K ? _mm256_loadu_si256((const __m256i *)a.qh) : _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {
+            __m256i q = _mm256_loadu_si256((const __m256i *)(a.qs + 32 * c));
+            for (int half = 0; half < 2; half++) {
+                int j = 2 * c + half;
+                __m256i u = q45k_group(q, wt == GGUF_TT_Q5_K ? &qh : NULL, c, half);
+                __m256i scj = _mm256_shuffle_epi8(sc, _mm256_set1_epi16((short)(2 * j | (2 * j + 1) << 8)));
+                __m256i p = _mm256_maddubs_epi16(u, _mm256_loadu_si256(xq + j));
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, scj));
+            }
+        }
+        return acc;
+    }
+    __m256i sc16;
+    const uint8_t *q2 = NULL, *hm = NULL, *ql = NULL, *qh6 = NULL;
+    if (wt == GGUF_TT_Q2_K) {
+        const cm_block_q2_k *a = (const cm_block_q2_k *)w + i;
+        *d = fp16(a->d);
+        *dmin = fp16(a->dmin);
+        __m128i s = _mm_loadu_si128((const __m128i *)a->scales);
+        __m256i mn = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(s, 4), _mm_set1_epi8(0x0F)));
+        *imin = hsum_i32(_mm256_madd_epi16(mn, _mm256_loadu_si256((const __m256i *)b->bsums)));
+        sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(s, _mm_set1_epi8(0x0F)));
+        q2 = a->qs;
+    } else if (wt == GGUF_TT_Q3_K) {
+        const cm_block_q3_k *a = (const cm_block_q3_k *)w + i;
+        *d = fp16(a->d);
+        sc16 = _mm256_cvtepi8_epi16(q3k_scales_vec(a->scales));
+        q2 = a->qs;
+        hm = a->hmask;
+    } else {
+        const cm_block_q6_k *a = (const cm_block_q6_k *)w + i;
+        *d = fp16(a->d);
+        sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)a->scales));
+        ql = a->ql;
+        qh6 = a->qh;
+    }
+    __m256i hmv = hm ? _mm256_loadu_si256((const __m256i *)hm) : _mm256_setzero_si256();
+    for (int h = 0; h < 2; h++) {
+        __m256i v0, v1 = _mm256_setzero_si256(), v2 = _mm256_setzero_si256();
+        if (wt == GGUF_TT_Q6_K) {
+            v0 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h));
+            v1 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h + 32));
+            v2 = _mm256_loadu_si256((const __m256i *)(qh6 + 32 * h));
+        } else {
+            v0 = _mm256_loadu_si256((const __m256i *)(q2 + 32 * h));
+        }
+        for (int s = 0; s < 4; s++) {
+            int g = 4 * h + s;
+            __m256i u = wt == GGUF_TT_Q2_K   ? bits_at(v0, 2 * s, 3)
+                        : wt == GGUF_TT_Q3_K ? q3k_group(v0, hmv, h, s)
+                                             : q6k_group(v0, v1, v2, s);
+            __m256i p = _mm256_maddubs_epi16(u, _mm256_loadu_si256(xq + g));
+            if (wt != GGUF_TT_Q2_K) p = _mm256_sub_epi16(p, xp->off[g]);
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, scales_pair(sc16, g)));
+        }
+    }
+    return acc;
+}
+
+CM_ALWAYS_INLINE size_t k_block_bytes(int wt) {
+    switch (wt) {
+    case GGUF_TT_Q2_K: return sizeof(cm_block_q2_k);
+    case GGUF_TT_Q3_K: return sizeof(cm_block_q3_k);
+    case GGUF_TT_Q4_K: return sizeof(cm_block_q4_k);
+    case GGUF_TT_Q5_K: return sizeof(cm_block_q5_k);
+    default: return sizeof(cm_block_q6_k);
+    }
+}
+
+CM_ALWAYS_INLINE void rows_k(int wt, int nr, int64_t nb, const char *w, size_t rb, const cm_block_q8_k *x,
+                             float *out) {
+    const int has_min = wt == GGUF_TT_Q2_K || wt == GGUF_TT_Q4_K || wt == GGUF_TT_Q5_K;
+    const int offset = wt == GGUF_TT_Q3_K ? 4 : wt == GGUF_TT_Q6_K ? 32 : 0;
+    __m256 acc[ROWS_MAX];
+    float e[ROWS_MAX];
+    for (int r = 0; r < nr; r++) {
+        acc[r] = _mm256_setzero_ps();
+        e[r] = 0.0f;
+    }
+    q8k_prep xp;
+    for (int64_t i = 0; i < nb; i++) {
+        const cm_block_q8_k *b = x + i;
+        prefetch_next_rows(w, rb, nr, i, k_block_bytes(wt));
+        if (offset)
+            for (int g = 0; g < 8; g++)
+                xp.off[g] = _mm256_maddubs_epi16(_mm256_set1_epi8((char)offset),
+                                                 _mm256_loadu_si256((const __m256i *)(b->qs + 32 * g)));
+        for (int r = 0; r < nr; r++) {
+            float d, dmin = 0.0f;
+            int32_t imin = 0;
+            __m256i p = k_lanes(wt, w + (size_t)r * rb, i, b, &xp, &d, &dmin, &imin);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * b->d), acc[r]);
+            if (has_min) e[r] = fmaf((float)imin, -(dmin * b->d), e[r]);
+        }
+    }
+    for (int r = 0; r < nr; r++) out[r] = hsum_f32(acc[r]) + e[r];
+}
+
+/* One function per (type, rows) pair: the compiler specialises each. */
+typedef void (*rows_fn)(int64_t nb, const char *w, size_t rb, const void *x, float *out);
+#define ROWS_LEGACY(T, NR)                                                                  \
+    static void rows_##T##_##NR(int64_t nb, const char *w, size_t rb, const void *x, float *out) { \
+        rows_legacy(GGUF_TT_##T, NR, nb, w, rb, x, out);                                    \
+    }
+#define ROWS_K(T, NR)                                                                       \
+    static void rows_##T##_##NR(int64_t nb, const char *w, size_t rb, const void *x, float *out) { \
+        rows_k(GGUF_TT_##T, NR, nb, w, rb, (const cm_block_q8_k *)x, out);                  \
+    }
+ROWS_LEGACY(Q8_0, 1) ROWS_LEGACY(Q8_0, 4)
+ROWS_LEGACY(Q4_0, 1) ROWS_LEGACY(Q4_0, 4)
+ROWS_LEGACY(Q4_1, 1) ROWS_LEGACY(Q4_1, 4)
+ROWS_LEGACY(Q5_0, 1) ROWS_LEGACY(Q5_0, 4)
+ROWS_LEGACY(Q5_1, 1) ROWS_LEGACY(Q5_1, 4)
+ROWS_K(Q2_K, 1) ROWS_K(Q2_K, 4)
+ROWS_K(Q3_K, 1) ROWS_K(Q3_K, 4)
+ROWS_K(Q4_K, 1) ROWS_K(Q4_K, 4)
+ROWS_K(Q5_K, 1) ROWS_K(Q5_K, 4)
+ROWS_K(Q6_K, 1) ROWS_K(Q6_K, 4)
+
+/* The one- and four-row kernels of wtype; 0 when it has none (not an int8 weight type). */
+static int rows_kernels(int wtype, rows_fn *one, rows_fn *four) {
+    switch (wtype) {
+#define PICK(T) case GGUF_TT_##T: *one = rows_##T##_1; *four = rows_##T##_4; return 1;
+    PICK(Q8_0) PICK(Q4_0) PICK(Q4_1) PICK(Q5_0) PICK(Q5_1)
+    PICK(Q2_K) PICK(Q3_K) PICK(Q4_K) PICK(Q5_K) PICK(Q6_K)
+#undef PICK
+    default: return 0;
+    }
 }
 
 /* ------------------------------------------------------------ AVX2 dequantisation */
@@ -409,15 +582,41 @@ void CM_FAMILY_FN(cm_quant_dequantize)(int type, const void *w, float *y, int64_
 
 float CM_FAMILY_FN(cm_quant_dot_q)(int wtype, int64_t k, const void *w, const void *x) {
 #if defined(CM_Q_AVX2)
-    switch (wtype) {
-    case GGUF_TT_Q4_0: case GGUF_TT_Q4_1: case GGUF_TT_Q5_0: case GGUF_TT_Q5_1:
-        return dot_legacy_avx2(wtype, k / CM_QK4, w, x);
-    case GGUF_TT_Q2_K: case GGUF_TT_Q3_K: case GGUF_TT_Q6_K: return dot_k16_avx2(wtype, k / CM_QK_K, w, x);
-    case GGUF_TT_Q4_K: case GGUF_TT_Q5_K: return dot_q45_k_avx2(wtype, k / CM_QK_K, w, x);
-    default: break;
+    rows_fn one, four;
+    if (rows_kernels(wtype, &one, &four)) {
+        float y;
+        one(k / cm_quant_block_values(wtype), w, 0, x, &y);
+        return y;
     }
 #endif
     return cm_quant_dot_q_ref(wtype, k, w, x);
+}
+
+/* Rows of W in fours, each four against every token while it is in cache. */
+void CM_FAMILY_FN(cm_quant_matvec_q)(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n,
+                                     float *y, int64_t ldy, int64_t r0, int64_t r1) {
+    size_t rb = (size_t)gguf_row_bytes(wtype, k);
+#if defined(CM_Q_AVX2)
+    rows_fn one, four;
+    if (rows_kernels(wtype, &one, &four)) {
+        int64_t nb = k / cm_quant_block_values(wtype);
+        for (int64_t r = r0; r < r1;) {
+            int nr = r1 - r >= ROWS_MAX ? ROWS_MAX : 1;
+            const char *wr = (const char *)w + (size_t)r * rb;
+            for (int j = 0; j < n; j++) {
+                float o[ROWS_MAX];
+                (nr == ROWS_MAX ? four : one)(nb, wr, rb, (const char *)x + (size_t)j * x_stride, o);
+                for (int q = 0; q < nr; q++) y[(int64_t)j * ldy + r + q] = o[q];
+            }
+            r += nr;
+        }
+        return;
+    }
+#endif
+    for (int64_t r = r0; r < r1; r++)
+        for (int j = 0; j < n; j++)
+            y[(int64_t)j * ldy + r] =
+                cm_quant_dot_q_ref(wtype, k, (const char *)w + (size_t)r * rb, (const char *)x + (size_t)j * x_stride);
 }
 
 /* The f32 path works in chunks of up to 256 values (whole blocks): dequantise, then one SIMD dot. */

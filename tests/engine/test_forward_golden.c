@@ -2,7 +2,9 @@
  * test_forward_golden.c - the forward pass against the PyTorch reference (tools/make_fixtures.py).
  *
  * For every dense golden (GOLDEN_DENSE in tests/golden.h: seventeen: qwen2, qwen3 and llama), with 1 and
- * 3 threads, and with f32 and f16 K/V (the latter within a wider stated tolerance, GOLDEN_KV_F16_TOL):
+ * 3 threads, with f32 and f16 K/V (the latter within a wider stated tolerance, GOLDEN_KV_F16_TOL), and
+ * with exact (f32) activations and the default int8 decode activations (within a stated per-type
+ * tolerance, int8_tolerance; greedy tokens are pinned on the exact path only):
  *  - prefill: each case's tokens as one batch; the logits at EVERY position within the JSON's max_abs;
  *  - decode: the same tokens one per forward; same check (the matvec path, KV reads across blocks);
  *  - batch mixing: two cases interleaved in one batch (and continued in a second batch) equal alone;
@@ -10,13 +12,15 @@
  *  - greedy: argmax generation from greedy.prompt yields greedy.tokens exactly.
  * The largest difference per model goes to stderr. And the golden directory holds exactly the
  * inventory of tests/golden.h, so no golden goes unchecked.
- * With int8 activations (CODEMOE_Q8_INT8=1), on the quantised goldens: a case's prefill logits are the
- * same bits alone, interleaved with another sequence in one batch, and with 1 or 3 threads (the int8 GEMM's
- * rows depend on nothing else in the batch); decoding the case token by token gives them within 1e-4
- * (the decode dots may sum Q8_0 blocks in another order); and they stay within 1.5 of the golden
- * (int8 activations add 1e-2 to 0.8 of error there: docs/engine.md; the bound only catches garbage).
+ * With the default int8 activations, on the quantised goldens: a case's prefill logits are the same bits
+ * alone, interleaved with another sequence in one batch, with 1 or 3 threads, and decoded token by token
+ * (the int8 GEMM and the decode matvec both sum as cm_qacc, so a row depends on nothing else in the
+ * batch); and they stay within 1.5 of the golden (int8 activations add 1e-2 to 1 of error there:
+ * docs/engine.md; the bound only catches garbage).
  */
 #include <dirent.h>
+#include <math.h>
+#include <stdlib.h>
 #include <jansson.h>
 #include <stdint.h>
 
@@ -260,6 +264,24 @@ static int check_greedy(const golden *g, int threads) {
     return ok;
 }
 
+/* The int8 decode path (the default for quantised weights: activations quantised per token to
+ * Q8_0 / Q8_1 / Q8_K, as llama.cpp does) adds the activations' rounding, up to max|x| / 254 per value,
+ * to every product the goldens' float reference computes exactly. Measured worst over all checks (1 and
+ * 3 threads, f32 and f16 K/V): 0.12 (Q8_0) and 0.15 (Q4_0) on the D=64 fixtures, whose logits have a
+ * standard deviation of 1.6; 0.37 (qwen3) and 0.99 (qwen2) on the D=256 K-quant fixtures (std 3.3),
+ * where Q8_K's one scale per 256 activations is coarser. The tolerance is that with a margin, per weight
+ * type of the fixture (plus GOLDEN_KV_F16_TOL with f16 K/V). Models without quantised weights take the
+ * exact path in both passes, so they keep the golden's own tolerance. The kernels themselves are held
+ * bit-exact to their references, and those to the exact product, in test_quants. */
+static double int8_tolerance(const char *model) {
+    static const struct { const char *tag; double tol; } t[] = {
+        {"q8_0", 0.2}, {"q4_0", 0.25}, {"q4_k_m", 1.5}, {"q6_k", 1.5},
+    };
+    for (size_t i = 0; i < sizeof t / sizeof t[0]; i++)
+        if (strstr(model, t[i].tag)) return t[i].tol;
+    return 0.0;
+}
+
 /* The int8 path: see the file comment. Every token gets logits, so the output matrix runs as a GEMM in
  * prefill and as a matvec in decode too. */
 static int check_int8(const golden *g) {
@@ -299,12 +321,12 @@ static int check_int8(const golden *g) {
         for (int i = 0; ok && i < n; i++)
             if (src[i] >= 0 && memcmp(cm_logits(c, i), alone + (size_t)src[i] * V, V * sizeof(float)))
                 fprintf(stderr, "%s int8 mixed row %d (pos %d): differs from alone\n", g->name, i, src[i]), ok = 0;
-        /* token by token */
+        /* token by token: the matvec's dots sum in the GEMM's order */
         int sd = cm_seq_open(c, NULL);
         for (int i = 0; ok && i < ga->n; i++) {
             ok = run(c, 1, &ga->tok[i], &sd) == 0;
-            double d = ok ? golden_max_diff(cm_logits(c, 0), alone + (size_t)i * V, V) : 1e9;
-            if (!(d <= 1e-4)) fprintf(stderr, "%s int8 decode pos %d: %g from prefill\n", g->name, i, d), ok = 0;
+            if (ok && memcmp(cm_logits(c, 0), alone + (size_t)i * V, V * sizeof(float)))
+                fprintf(stderr, "%s int8 decode pos %d: differs from prefill\n", g->name, i), ok = 0;
         }
         cm_ctx_free(c);
     }
@@ -315,7 +337,7 @@ static int check_int8(const golden *g) {
 TEST(int8_prefill_is_batch_invariant) {
     static const char *names[] = {"qwen2-gqa-q4_0", "qwen2-gqa-q8_0", "qwen2-k-q4_k_m", "qwen2-k-q6_k",
                                   "qwen3-k-q4_k_m"};
-    setenv("CODEMOE_Q8_INT8", "1", 1); /* read by cm_ctx_create */
+    unsetenv("CODEMOE_EXACT_ACTIVATIONS"); /* the default: int8 activations */
     kv_type = CM_KV_F32;
     for (size_t k = 0; k < sizeof names / sizeof names[0]; k++) {
         golden g;
@@ -328,7 +350,6 @@ TEST(int8_prefill_is_batch_invariant) {
         fprintf(stderr, "  %-36s int8 prefill max abs diff from the golden %.3g\n", g.name, worst);
         golden_free(&g);
     }
-    unsetenv("CODEMOE_Q8_INT8");
 }
 
 TEST(golden_models) {
@@ -342,19 +363,28 @@ TEST(golden_models) {
             continue;
         }
         double tol = g.tol;
-        for (kv_type = CM_KV_F32; kv_type <= CM_KV_F16; kv_type++) {
-            g.tol = tol + (kv_type == CM_KV_F16 ? GOLDEN_KV_F16_TOL : 0.0);
-            worst = 0;
-            for (int threads = 1; threads <= 3; threads += 2) {
-                CHECK_TRUE(check_prefill(&g, threads));
-                CHECK_TRUE(check_decode(&g, threads));
-                CHECK_TRUE(check_mixed(&g, threads));
-                CHECK_TRUE(check_truncate(&g, threads));
-                CHECK_TRUE(check_greedy(&g, threads));
+        /* exact: f32 activations everywhere, the reference path (CODEMOE_EXACT_ACTIVATIONS=1); int8: the
+         * default, whose decode products use int8 activations */
+        for (int exact = 1; exact >= 0; exact--) {
+            setenv("CODEMOE_EXACT_ACTIVATIONS", exact ? "1" : "0", 1);
+            double base = exact ? tol : fmax(tol, int8_tolerance(g.name));
+            for (kv_type = CM_KV_F32; kv_type <= CM_KV_F16; kv_type++) {
+                g.tol = base + (kv_type == CM_KV_F16 ? GOLDEN_KV_F16_TOL : 0.0);
+                worst = 0;
+                for (int threads = 1; threads <= 3; threads += 2) {
+                    CHECK_TRUE(check_prefill(&g, threads));
+                    CHECK_TRUE(check_decode(&g, threads));
+                    CHECK_TRUE(check_mixed(&g, threads));
+                    CHECK_TRUE(check_truncate(&g, threads));
+                    /* PyTorch's greedy tokens pin the exact path; random-weight fixtures have near-ties
+                     * that activation rounding may flip */
+                    if (exact) CHECK_TRUE(check_greedy(&g, threads));
+                }
+                fprintf(stderr, "  %-36s %s KV %s max abs diff %.3g (tolerance %g)\n", g.name,
+                        exact ? "exact" : "int8 ", kv_type == CM_KV_F16 ? "f16" : "f32", worst, g.tol);
             }
-            fprintf(stderr, "  %-36s KV %s max abs diff %.3g (tolerance %g)\n", g.name,
-                    kv_type == CM_KV_F16 ? "f16" : "f32", worst, g.tol);
         }
+        unsetenv("CODEMOE_EXACT_ACTIVATIONS");
         golden_free(&g);
         n_models++;
     }

@@ -4,7 +4,7 @@
  * (0) The block structs, the GGUF type table and the activation row sizes agree.
  * (1) The reference dequantisers match tests/fixtures/golden/quants.gguf bit for bit: rows quantised and
  *     dequantised by tools/gguf.py, an independent implementation written from the format description.
- * (2) Every fast kernel, of every kernel family this CPU runs, equals its reference: dequantisation and the int8 dot products (weights x
+ * (2) Every fast kernel, of every kernel family this CPU runs, equals its reference: dequantisation and the int8 dot products (weights, Q8_0 included, x
  *     Q8_0 / Q8_1 / Q8_K activations) bit-exactly; the f32 dot within 1e-5 of sum |w x| (summation
  *     order only). Blocks are random bytes (every bit pattern of quants and packed scales) with scales
  *     set to random, extreme (65504, the largest half) or tiny (subnormal) values, plus all-zero blocks;
@@ -38,6 +38,11 @@ static float frand(void) { return (float)(urand() >> 8) * (1.0f / 8388608.0f) - 
 static const int qtypes[] = {GGUF_TT_Q4_0, GGUF_TT_Q4_1, GGUF_TT_Q5_0, GGUF_TT_Q5_1, GGUF_TT_Q2_K,
                              GGUF_TT_Q3_K, GGUF_TT_Q4_K, GGUF_TT_Q5_K, GGUF_TT_Q6_K};
 #define N_QTYPES (int)(sizeof qtypes / sizeof qtypes[0])
+/* The types whose kernels (2) and (3) check: the block types and Q8_0, whose int8 dot shares their
+ * accumulation (cm_qacc). */
+static const int ktypes[] = {GGUF_TT_Q8_0, GGUF_TT_Q4_0, GGUF_TT_Q4_1, GGUF_TT_Q5_0, GGUF_TT_Q5_1,
+                             GGUF_TT_Q2_K, GGUF_TT_Q3_K, GGUF_TT_Q4_K, GGUF_TT_Q5_K, GGUF_TT_Q6_K};
+#define N_KTYPES (int)(sizeof ktypes / sizeof ktypes[0])
 
 /* Byte offsets of the fp16 scales in a block of each type (d, and dmin / m where the type has one). */
 static void scale_offsets(int type, int *od, int *om) {
@@ -156,8 +161,8 @@ TEST(dequantize_matches_python_golden) {
 }
 
 TEST(fast_kernels_equal_ref) {
-    for (int t = 0; t < N_QTYPES; t++) {
-        int type = qtypes[t], xt = cm_quant_vec_dot_type(type);
+    for (int t = 0; t < N_KTYPES; t++) {
+        int type = ktypes[t], xt = cm_quant_vec_dot_type(type);
         int64_t ks[8];
         int nk = (int)ksizes_for(type, ks);
         for (int s = 0; s < nk; s++) {
@@ -194,8 +199,8 @@ TEST(fast_kernels_equal_ref) {
 
 /* The int8 dot against the f32 product of the dequantised rows: they differ only by x's quantisation. */
 TEST(int8_dot_tracks_exact_product) {
-    for (int t = 0; t < N_QTYPES; t++) {
-        int type = qtypes[t], xt = cm_quant_vec_dot_type(type);
+    for (int t = 0; t < N_KTYPES; t++) {
+        int type = ktypes[t], xt = cm_quant_vec_dot_type(type);
         int64_t k = 1024, nb = k / gguf_block_size(type);
         uint8_t *w = malloc((size_t)gguf_row_bytes(type, k));
         float *x = malloc((size_t)k * 4), *y = malloc((size_t)k * 4);
@@ -217,8 +222,8 @@ TEST(int8_dot_tracks_exact_product) {
 }
 
 TEST(matvec_rows_equal_vec_dot_and_ref) {
-    for (int t = 0; t < N_QTYPES; t++) {
-        int type = qtypes[t];
+    for (int t = 0; t < N_KTYPES; t++) {
+        int type = ktypes[t];
         int64_t k = gguf_block_size(type) == 32 ? 352 : 768, m = 37;
         size_t rb = (size_t)gguf_row_bytes(type, k);
         uint8_t *w = malloc(rb * (size_t)m);

@@ -218,7 +218,9 @@ TEST(help_version_and_usage_errors) {
 }
 
 /* Every golden's greedy completion, through the binary as the environment now configures it, with K/V
- * of kv_type (f16, the default, or f32). */
+ * of kv_type (f16, the default, or f32). PyTorch's greedy tokens pin the exact path
+ * (CODEMOE_EXACT_ACTIVATIONS=1, which the caller sets); int8_outputs_match_across_families holds the
+ * default int8 decode path to one answer whatever the kernel family. */
 static void greedy_goldens(const char *family, const char *kv_type) {
     ASSERT_EQ_INT(n_goldens, 23); /* golden.h: 17 dense + 6 MoE fixtures, every one runs */
     for (int gi = 0; gi < n_goldens; gi++) {
@@ -266,8 +268,9 @@ static int binary_runs_family(const char *name) {
 }
 
 /* The pinned tokens do not depend on the kernel family: every family the machine runs (scalar always)
- * reproduces them, with f16 K/V (the default) and, on the best family, with f32. */
+ * reproduces them on the exact path, with f16 K/V (the default) and, on the best family, with f32. */
 TEST(complete_greedy_reproduces_pinned_tokens) {
+    setenv("CODEMOE_EXACT_ACTIVATIONS", "1", 1);
     int ran = 0;
     for (size_t f = 0; f < sizeof all_families / sizeof all_families[0]; f++) {
         const char *name = all_families[f];
@@ -282,8 +285,42 @@ TEST(complete_greedy_reproduces_pinned_tokens) {
         ran++;
     }
     greedy_goldens("best", "f32");
+    unsetenv("CODEMOE_EXACT_ACTIVATIONS");
     ASSERT_TRUE(binary_runs_family("scalar"));
     ASSERT_TRUE(ran >= 1);
+}
+
+/* The default decode path (int8 activations for quantised weights) gives every golden's prompt the same
+ * greedy text under every kernel family the machine runs: the fast int8 kernels are bit-exact with the
+ * scalar references (test_quants), and this holds the whole binary to it. */
+TEST(int8_outputs_match_across_families) {
+    int compared = 0;
+    for (int gi = 0; gi < n_goldens; gi++) {
+        golden *G = &goldens[gi];
+        char np[16];
+        snprintf(np, sizeof np, "%d", G->n_predict);
+        char *first = NULL;
+        for (size_t f = 0; f < sizeof all_families / sizeof all_families[0]; f++) {
+            const char *name = all_families[f];
+            if (!binary_runs_family(name)) continue;
+            setenv("CODEMOE_ISA", name, 1);
+            run_result r;
+            RUN_OK(&r, "complete", "--model", G->model, "--prompt", G->text, "-n", np, "--temperature", "0",
+                   "--threads", "2");
+            unsetenv("CODEMOE_ISA");
+            CHECK_TRUE(r.code == 0);
+            if (!first) {
+                first = strdup(r.out);
+            } else {
+                if (strcmp(first, r.out) != 0)
+                    TEST_FAIL_("%s: family %s gives \"%s\", the best family \"%s\"", G->name, name, r.out, first);
+                compared++;
+            }
+            run_free(&r);
+        }
+        free(first);
+    }
+    ASSERT_TRUE(compared >= n_goldens); /* scalar is always there besides the best family */
 }
 
 TEST(complete_from_file_equals_prompt) {
@@ -880,6 +917,7 @@ int main(void) {
     if (load_goldens() == 0) fprintf(stderr, "no golden files with a greedy case under %s\n", test_fixture("golden"));
     RUN(help_version_and_usage_errors);
     RUN(complete_greedy_reproduces_pinned_tokens);
+    RUN(int8_outputs_match_across_families);
     RUN(complete_from_file_equals_prompt);
     RUN(complete_sampling_is_repeatable_by_seed);
     RUN(complete_fim_and_special);

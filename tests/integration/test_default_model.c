@@ -2,12 +2,15 @@
  * test_default_model.c - the model codemoe ships (models/, see models/README.md): its metadata and
  * architecture are what the model card says, and greedy completions of a Python, a Rust and a Go prompt
  * give exactly the pinned tokens (taken from this engine when the model was trained; the PyTorch side
- * is checked by `tools/train.py verify` at export time), whichever kernel family runs them.
+ * is checked by `tools/train.py verify` at export time), whichever kernel family runs them, on the exact
+ * (f32-activation) path; and the default int8 decode path gives its own pinned tokens, again whichever
+ * family runs them.
  *
  * CM_PIN=1 prints the current tokens in the form of the table below instead of checking them (use it
  * only when a new model is shipped, and say so in the commit).
  */
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "codemoe.h"
 #include "test.h"
@@ -18,16 +21,20 @@
 typedef struct pinned {
     const char *lang;
     const char *prompt;
-    int32_t tokens[N_PREDICT];
+    int32_t tokens[N_PREDICT];      /* exact activations: the engine's tokens when the model was trained */
+    int32_t tokens_int8[N_PREDICT]; /* the default int8 decode path */
 } pinned;
 
 static const pinned cases[] = {
     {"python", "def is_prime(n):\n    ",
+     {326, 1050, 299, 571, 364, 273, 571, 11, 273, 571, 656, 364, 273, 198, 257, 285, 369, 299, 656, 369, 299, 656, 369, 299},
      {326, 1050, 299, 571, 364, 273, 571, 11, 273, 571, 656, 364, 273, 198, 257, 285, 369, 299, 656, 369, 299, 656, 369, 299}},
     {"rust", "use std::collections::HashMap;\n\nfn main() {\n    let mut map = HashMap::new();\n    ",
+     {604, 1503, 357, 274, 437, 13, 672, 62, 2632, 834, 258, 604, 1503, 437, 274, 437, 13, 672, 62, 2632, 834, 258, 604, 1503},
      {604, 1503, 357, 274, 437, 13, 672, 62, 2632, 834, 258, 604, 1503, 437, 274, 437, 13, 672, 62, 2632, 834, 258, 604, 1503}},
     {"go", "func reverse(s string) string {\n\t",
-     {197, 197, 467, 197, 467, 197, 272, 2262, 82, 299, 897, 335, 197, 272, 2262, 34, 314, 82, 299, 897, 335, 197, 272, 2262}},
+     {197, 197, 467, 197, 467, 197, 272, 2262, 82, 299, 897, 335, 197, 272, 2262, 34, 314, 82, 299, 897, 335, 197, 272, 2262},
+     {197, 197, 467, 197, 467, 197, 272, 2262, 82, 299, 897, 364, 273, 198, 197, 272, 308, 299, 496, 369, 299, 496, 369, 299}},
 };
 
 static cm_model *model;
@@ -109,10 +116,10 @@ static int greedy(const char *prompt, int32_t *out) {
     return rc;
 }
 
-TEST(greedy_completions_pinned) {
-    ASSERT_TRUE(model);
+static void greedy_pinned(int exact) {
     int pin = getenv("CM_PIN") && *getenv("CM_PIN") == '1';
     for (size_t k = 0; k < sizeof cases / sizeof *cases; k++) {
+        const int32_t *want = exact ? cases[k].tokens : cases[k].tokens_int8;
         int32_t got[N_PREDICT];
         ASSERT_EQ_INT(greedy(cases[k].prompt, got), 0);
         char text[1024];
@@ -130,11 +137,24 @@ TEST(greedy_completions_pinned) {
             continue;
         }
         for (int i = 0; i < N_PREDICT; i++)
-            if (got[i] != cases[k].tokens[i]) {
-                TEST_FAIL_("%s: token %d is %d, pinned %d", cases[k].lang, i, got[i], cases[k].tokens[i]);
+            if (got[i] != want[i]) {
+                TEST_FAIL_("%s (%s): token %d is %d, pinned %d", cases[k].lang, exact ? "exact" : "int8", i, got[i],
+                           want[i]);
                 break;
             }
     }
+}
+
+/* Each path's pins: exact (f32 activations, CODEMOE_EXACT_ACTIVATIONS=1) against `tokens`, the default
+ * (the model is Q8_0, so decode quantises activations to Q8_0) against `tokens_int8`. */
+TEST(greedy_completions_pinned) {
+    ASSERT_TRUE(model);
+    for (int exact = 1; exact >= 0; exact--) {
+        setenv("CODEMOE_EXACT_ACTIVATIONS", exact ? "1" : "0", 1);
+        fprintf(stderr, "-- %s activations\n", exact ? "exact" : "int8");
+        greedy_pinned(exact);
+    }
+    unsetenv("CODEMOE_EXACT_ACTIVATIONS");
 }
 
 /* meson also runs this test with CODEMOE_ISA=scalar: the pins hold whatever kernel family runs, and a
