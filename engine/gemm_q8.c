@@ -165,34 +165,30 @@ static void acc_total(const float *acc, float *out) {
 }
 
 /* Legacy types and Q8_0: group g (8 rows) x 4 tokens (xq[j]: their rows; blocks `xbytes` apart, qs at
- * `qoff`). Step s of a block (values 4s..4s+3) is exactly lane s of cm_qacc. */
+ * `qoff`). Step s of a block (values 4s..4s+3) is exactly lane s of cm_qacc. One token at a time, so
+ * its eight lane accumulators and e stay in registers; the group's bytes stay in L1/L2 across tokens. */
 static void micro_legacy(const tile *t, int g, const char *const xq[NR], size_t xbytes, size_t qoff, float *out) {
     const uint8_t *q = t->q + (size_t)g * GR * (size_t)t->k;
     const float *dp = t->d + (size_t)g * GR * (size_t)t->nb, *mp = t->m + (size_t)g * GR * (size_t)t->nb;
     const __m256i ones = _mm256_set1_epi16(1);
-    float acc[ACC_FLOATS];
-    for (int i = 0; i < ACC_FLOATS; i++) acc[i] = 0.0f;
-    for (int64_t b = 0; b < t->nb; b++) {
-        const uint8_t *qb = q + (size_t)b * 32 * GR;
-        __m256 d = _mm256_loadu_ps(dp + GR * b), sv[NR];
-        for (int j = 0; j < NR; j++) sv[j] = _mm256_mul_ps(d, _mm256_set1_ps(t->xd[NR * b + j]));
-        for (int s = 0; s < 8; s++) {
-            __m256i w = _mm256_loadu_si256((const __m256i *)(qb + 32 * s));
-            for (int j = 0; j < NR; j++) {
-                __m256i is = lane4(w, xq[j] + (size_t)b * xbytes + qoff + 4 * s, ones);
-                float *a = acc + ((size_t)j * 9 + (size_t)s) * GR;
-                _mm256_storeu_ps(a, _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), sv[j], _mm256_loadu_ps(a)));
+    for (int j = 0; j < NR; j++) {
+        __m256 L[8], e = _mm256_setzero_ps();
+        for (int l = 0; l < 8; l++) L[l] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < t->nb; b++) {
+            const uint8_t *qb = q + (size_t)b * 32 * GR;
+            const char *xb = xq[j] + (size_t)b * xbytes + qoff;
+            __m256 sv = _mm256_mul_ps(_mm256_loadu_ps(dp + GR * b), _mm256_set1_ps(t->xd[NR * b + j]));
+            for (int s = 0; s < 8; s++) {
+                __m256i is = lane4(_mm256_loadu_si256((const __m256i *)(qb + 32 * s)), xb + 4 * s, ones);
+                L[s] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), sv, L[s]);
             }
+            if (t->has_min) /* e = fmaf(m, s_x, e) */
+                e = _mm256_fmadd_ps(_mm256_loadu_ps(mp + GR * b), _mm256_set1_ps(t->xs[NR * b + j]), e);
         }
-        if (t->has_min) { /* e = fmaf(m, s_x, e) */
-            __m256 m = _mm256_loadu_ps(mp + GR * b);
-            for (int j = 0; j < NR; j++) {
-                float *a = acc + ((size_t)j * 9 + 8) * GR;
-                _mm256_storeu_ps(a, _mm256_fmadd_ps(m, _mm256_set1_ps(t->xs[NR * b + j]), _mm256_loadu_ps(a)));
-            }
-        }
+        __m256 v = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(L[0], L[4]), _mm256_add_ps(L[2], L[6])),
+                                 _mm256_add_ps(_mm256_add_ps(L[1], L[5]), _mm256_add_ps(L[3], L[7])));
+        _mm256_storeu_ps(out + j * GR, _mm256_add_ps(v, e));
     }
-    acc_total(acc, out);
 }
 
 /* K-quants: the same shape over super-blocks of 256, xk[j] the tokens' Q8_K rows. Values 16 sb + 4 s ..
