@@ -6,6 +6,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "kernels.h"
 #include "model.h"
@@ -394,6 +396,25 @@ void cm_model_free(cm_model *m) {
 }
 
 const cm_model_info *cm_model_get_info(const cm_model *m) { return m ? &m->info : NULL; }
+
+int cm_model_residency(const cm_model *m, size_t *mapped, size_t *resident) {
+    *mapped = *resident = 0;
+    if (!m || !m->gguf.owns_map || !m->gguf.map) return 0;
+    long page = sysconf(_SC_PAGESIZE);
+    if (page <= 0) return -1;
+    size_t size = (size_t)m->gguf.size, n_pages = (size + (size_t)page - 1) / (size_t)page;
+    *mapped = size;
+    unsigned char *vec = malloc(n_pages ? n_pages : 1);
+    if (!vec) return -1;
+    /* the mapping starts page-aligned (mmap) */
+    if (mincore((void *)m->gguf.map, size, vec) != 0) { free(vec); return -1; }
+    size_t pages = 0;
+    for (size_t i = 0; i < n_pages; i++) pages += vec[i] & 1;
+    free(vec);
+    size_t bytes = pages * (size_t)page;
+    *resident = bytes > size ? size : bytes;
+    return 0;
+}
 
 const char *cm_model_chat_template(const cm_model *m, size_t *len) {
     *len = 0;
