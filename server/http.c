@@ -599,9 +599,10 @@ static void handle_metrics(srv_req *r) {
         x->threads = m->threads;
         srv_sched_stats(m->sched, &x->g, &x->ttft, &x->itl, &x->generated_tokens, &x->prompt_tokens);
         if (m->model.model) {
-            size_t mapped = 0, resident = 0;
-            cm_model_residency(m->model.model, &mapped, &resident);
+            size_t mapped = 0, cached = 0, resident = 0;
+            cm_model_residency(m->model.model, &mapped, &cached, &resident);
             x->mapped_bytes = mapped;
+            x->cached_bytes = cached;
             x->resident_bytes = resident;
         }
         who[n++] = m;

@@ -62,7 +62,8 @@ typedef struct srv_model_metrics {
     uint64_t generated_tokens;
     int threads;                  /* compute threads it holds of the budget */
     uint64_t mapped_bytes;        /* its model file's mapping (0: unknown) */
-    uint64_t resident_bytes;      /* of which pages are in memory (mincore) */
+    uint64_t cached_bytes;        /* of which pages are in the page cache (mincore) */
+    uint64_t resident_bytes;      /* of which pages the process has faulted in (its Rss) */
 } srv_model_metrics;
 
 typedef struct srv_metrics {

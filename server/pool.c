@@ -52,7 +52,7 @@ static void member_wake(void *ud) {
 /* Whether any of spec's names is a name of a live member other than `except`. */
 static const char *name_taken(srv_pool *p, const srv_model_spec *spec, const srv_member *except) {
     for (srv_member *m = p->live; m; m = m->next) {
-        if (m == except || m->replaces == except) continue;
+        if (m == except || (except && m->replaces == except)) continue;
         if (api_model_named(&m->model, spec->id)) return spec->id;
         for (int i = 0; i < spec->n_aliases; i++)
             if (api_model_named(&m->model, spec->aliases[i])) return spec->aliases[i];
