@@ -644,6 +644,13 @@ static srv_member *select_model(srv_req *r, const char *name) {
 
 /* The model a request body's "model" selects (select_model); NULL when a response was queued. */
 static srv_member *select_model_of_body(srv_req *r) {
+    /* one model: any name selects it, and the body's own parse applies --strict-model; the body is not
+     * parsed twice on the loop then */
+    srv_member *only = NULL;
+    int n = 0;
+    for (srv_member *m = srv_pool_first(r->h->pool); m; m = m->next)
+        if (!m->replaces && m->state != SRV_MODEL_FAILED) { only = m; n++; }
+    if (n == 1) return only;
     char name[256];
     int rc = api_request_model(r->body.data ? r->body.data : "", r->body.len, name, sizeof name);
     if (rc < 0) snprintf(name, sizeof name, "(a name of more than 255 bytes)");
