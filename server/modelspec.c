@@ -226,7 +226,11 @@ int srv_config_file_read(const char *path, srv_model_spec **specs, int *n, char 
     const char *key;
     json_t *v;
     json_object_foreach(root, key, v)
-        if (strcmp(key, "models")) { json_decref(root); return fail(err, cap, "%s: unknown key \"%.64s\"", path, key); }
+        if (strcmp(key, "models")) {
+            fail(err, cap, "%s: unknown key \"%.64s\"", path, key); /* key lives in root */
+            json_decref(root);
+            return -1;
+        }
     size_t cnt = json_array_size(models);
     if (!json_is_array(models) || cnt == 0 || cnt > SRV_POOL_MAX) {
         json_decref(root);

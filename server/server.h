@@ -1,10 +1,11 @@
 /*
  * server.h - internal interfaces of `codemoe serve` (see docs/server.md for the architecture).
  *
- * Two threads, each the single owner of its state:
+ * Threads, each the single owner of its state:
  * - the event-loop thread (libuv) owns every HTTP connection (libmicrohttpd driven from the loop),
- *   the metrics, and the loop side of every job;
- * - the engine worker thread (srv_sched) owns the model load, the cm_ctx, the samplers and the batch.
+ *   the metrics, the pool of models (srv_pool) and the loop side of every job;
+ * - one engine worker thread per served model (srv_sched) owns that model's load, cm_ctx, samplers and
+ *   batch.
  * They talk only through the scheduler's submit list (loop -> worker, with a condition variable),
  * each job's outbox (worker -> loop, announced by a uv_async_t wake-up), and the per-job cancel flag.
  * Everything shared is behind srv_sched.mu or is an atomic.
