@@ -126,6 +126,27 @@ test('two models: routed by model, 404 for other names, listed everywhere, metri
   }
 });
 
+test('/metrics of a pool of MoE, MoLE and dense models passes promtool check metrics', async () => {
+  const srv = await startServer({
+    modelPath: modelPath('hybrid-max'),
+    args: ['--model', modelPath('mole'), '--model', `${QWEN},id=we"ird\\id`, '--threads', '3'],
+  });
+  try {
+    for (const model of ['hybrid-max', 'mole', 'we"ird\\id'])
+      assert.equal((await postJSON(srv, '/v1/completions', { model, prompt: 'def f(x):', max_tokens: 4 })).status, 200, model);
+    const text = await (await fetch(srv.base + '/metrics')).text();
+    /* promtool from Debian's prometheus package (tests/run.sh installs it): exit 0 and no lint finding */
+    const out = execFileSync('promtool', ['check', 'metrics'], { input: text, encoding: 'utf8' });
+    assert.equal(out.trim(), '');
+    assert.ok(text.includes('codemoe_expert_tokens_total{model="hybrid-max",level="token",layer="0",expert="0",phase="prompt"}'));
+    assert.ok(text.includes('codemoe_adapter_tokens_total{model="mole",adapter="0"'));
+    assert.ok(text.includes('codemoe_model_threads{model="we\\"ird\\\\id"} 1'));
+  } finally {
+    assert.equal((await srv.stop()).code, 0);
+    assert.equal(sanitizerReport(srv), null);
+  }
+});
+
 test('thread budget: models that do not fit do not start; one model takes the whole budget', async () => {
   const out = (() => {
     try {
