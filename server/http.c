@@ -1097,7 +1097,7 @@ static void on_wake(void *ud, srv_member *mem) {
     srv_http *h = ud;
     cm_err err = {0};
     int st = srv_pool_update(mem, &err);
-    if (st == SRV_MODEL_READY) {
+    if (st == SRV_MODEL_READY && !mem->retired) {
         const cm_model_info *info = cm_model_get_info(mem->model.model);
         json_t *f = json_pack("{s:s,s:s,s:i,s:i,s:i,s:i}", "model", mem->model.id, "arch", info->arch, "n_ctx",
                               mem->model.n_ctx, "parallel", mem->cfg.parallel, "n_vocab", info->n_vocab, "threads",
@@ -1110,7 +1110,7 @@ static void on_wake(void *ud, srv_member *mem) {
         json_t *f = json_pack("{s:s,s:s}", "model", mem->cfg.model_path, "error", err.msg);
         srv_log("error", "model load failed", f);
         json_decref(f);
-        if (mem->startup) {
+        if (mem->startup && !mem->retired) {
             h->exit_code = 1;
             srv_http_shutdown(h, h->done, h->done_ud);
         } else {
@@ -1288,10 +1288,18 @@ static srv_member *member_by_id(srv_http *h, const char *id) {
     return NULL;
 }
 
+static void respond_admin_error(srv_req *r, int status, const char *code, const char *msg) {
+    api_error e;
+    api_error_set(&e, status, status == 404 ? API_ERR_NOT_FOUND : API_ERR_INVALID, NULL, code, "%s", msg);
+    respond_error(r, &e);
+}
+
 /* The load an admin request waits for ended (on_wake): 201 (POST) or 200 (PUT) with the model, or 422
  * with the reason the file did not load. */
 static void admin_loaded(srv_req *r, srv_member *m, const cm_err *err) {
-    if (m->state == SRV_MODEL_READY) {
+    if (m->retired && m->state == SRV_MODEL_READY) {
+        respond_admin_error(r, 409, "conflict", "The model was unloaded while it loaded.");
+    } else if (m->state == SRV_MODEL_READY) {
         respond_json(r, r->endpoint == ENDPOINT_ADMIN_MODELS ? 201 : 200, api_render_model(&m->model));
     } else {
         api_error e;
@@ -1302,11 +1310,6 @@ static void admin_loaded(srv_req *r, srv_member *m, const cm_err *err) {
     req_resume(r);
 }
 
-static void respond_admin_error(srv_req *r, int status, const char *code, const char *msg) {
-    api_error e;
-    api_error_set(&e, status, status == 404 ? API_ERR_NOT_FOUND : API_ERR_INVALID, NULL, code, "%s", msg);
-    respond_error(r, &e);
-}
 
 /* POST /admin/models {path, id, aliases, ctx, kv_size, threads, parallel, ...}: loads one more model;
  * PUT /admin/models/{id} {path, ...}: loads a new instance for id, which takes over once ready (the old

@@ -44,6 +44,8 @@ srv_pool *srv_pool_create(uv_loop_t *loop, const srv_config *cfg, srv_pool_wake_
     return p;
 }
 
+static void member_stop(srv_member *m);
+
 static void member_wake(void *ud) {
     srv_member *m = ud;
     m->pool->wake(m->pool->wake_ud, m);
@@ -193,12 +195,16 @@ int srv_pool_add(srv_pool *p, const srv_model_spec *spec, srv_member *replaces, 
 }
 
 int srv_pool_update(srv_member *m, cm_err *err) {
-    if (m->state != SRV_MODEL_LOADING || m->retired) return -1;
+    if (m->state != SRV_MODEL_LOADING) return -1;
     const cm_model *cm = NULL;
     int n_ctx = 0;
     int st = srv_sched_model(m->sched, &cm, &n_ctx, err);
     if (st == SRV_MODEL_LOADING) return -1;
     m->state = st;
+    if (m->retired) { /* unloaded while it loaded: it serves nothing */
+        if (m->n_refs == 0) member_stop(m);
+        return st;
+    }
     if (st == SRV_MODEL_FAILED && m->replaces) { /* the instance it was to replace keeps its threads */
         m->replaces->threads = m->threads;
         m->threads = 0;
@@ -276,20 +282,27 @@ void srv_pool_retire(srv_member *m) {
     srv_pool *p = m->pool;
     list_remove(&p->live, m);
     m->retired = 1;
-    /* a replacement of this one loses what it replaces: it serves under its own names when ready */
-    for (srv_member *o = p->live; o; o = o->next)
-        if (o->replaces == m) o->replaces = NULL;
     list_push_back(&p->retired, m);
+    /* a replacement still loading goes with it (its names are this one's) */
+    for (srv_member *o = p->live, *next; o; o = next) {
+        next = o->next;
+        if (o->replaces == m) {
+            o->replaces = NULL;
+            srv_pool_retire(o);
+        }
+    }
     json_t *f = json_pack("{s:s,s:i}", "model", m->model.id, "in_flight", m->n_refs);
     srv_log("info", "model retired", f);
     json_decref(f);
-    if (m->n_refs == 0) member_stop(m);
+    /* a worker still loading is stopped once its load ends (srv_pool_update): joining it now would
+     * block the loop for the rest of the load */
+    if (m->n_refs == 0 && m->state != SRV_MODEL_LOADING) member_stop(m);
 }
 
 void srv_member_hold(srv_member *m) { m->n_refs++; }
 
 void srv_member_release(srv_member *m) {
-    if (--m->n_refs == 0 && m->retired && m->sched && !m->stopped_at) member_stop(m);
+    if (--m->n_refs == 0 && m->retired && m->state != SRV_MODEL_LOADING && !m->stopped_at) member_stop(m);
 }
 
 void srv_pool_reap(srv_pool *p) {

@@ -297,7 +297,8 @@ int srv_pool_start(srv_pool *p, char *err, size_t err_cap);
 int srv_pool_add(srv_pool *p, const srv_model_spec *spec, srv_member *replaces, srv_member **out, char *err,
                  size_t err_cap);
 /* Takes in m's worker's model state; returns the state when it changed (SRV_MODEL_READY: m serves, and
- * the instance it replaces is retired; SRV_MODEL_FAILED: *err says why), else -1. */
+ * the instance it replaces is retired, unless m was retired while it loaded; SRV_MODEL_FAILED: *err says
+ * why), else -1. */
 int srv_pool_update(srv_member *m, cm_err *err);
 /* The live model a request's "model" names (api_find_model's rules over every ready or loading
  * model); name NULL (no "model" given): the first live model. NULL: none. */
@@ -309,7 +310,8 @@ int srv_pool_count(const srv_pool *p);
  * NULL). Returns the count. */
 int srv_pool_views(srv_pool *p, api_model *out, srv_member **who);
 /* Takes m out of service: no name finds it from now; its in-flight requests finish; once no request
- * holds it its worker stops and its memory (model mapping, KV) is freed. */
+ * holds it its worker stops and its memory (model mapping, KV) is freed. A replacement of m that is
+ * still loading is retired with it. Idempotent. */
 void srv_pool_retire(srv_member *m);
 void srv_member_hold(srv_member *m);
 void srv_member_release(srv_member *m);

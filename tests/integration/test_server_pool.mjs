@@ -292,6 +292,35 @@ test('admin: replace keeps serving; in-flight requests finish on the old instanc
   }
 });
 
+test('admin: a model unloaded while it loads is never served; a replacement loading goes with its model', async () => {
+  const srv = await startServer({
+    modelPath: `${QWEN},threads=1`, args: ['--threads', '4', '--admin-key', 'adm'],
+    env: { CODEMOE_SERVE_LOAD_DELAY_MS: '400' }, /* every load takes this long */
+  });
+  try {
+    const loading = send(srv, 'POST', '/admin/models', { path: LLAMA, id: 'late', threads: 1 });
+    await waitFor(() => srv.logs.some((l) => l.msg === 'model loading' && l.model === 'late'), 'load started');
+    assert.equal((await send(srv, 'DELETE', '/admin/models/late')).status, 200);
+    const r = await loading;
+    assert.equal(r.status, 409, r.text);
+    assert.match(r.json.error.message, /unloaded while it loaded/);
+    await waitFor(() => srv.logs.some((l) => l.msg === 'model unloaded' && l.model === 'late'), 'late unloaded');
+    /* a replacement that is loading when its model is unloaded: both go */
+    assert.equal((await send(srv, 'POST', '/admin/models', { path: LLAMA, id: 'x', threads: 1 })).status, 201);
+    const rep = send(srv, 'PUT', '/admin/models/x', { path: QWEN });
+    await waitFor(() => srv.logs.filter((l) => l.msg === 'model loading' && l.model === 'x').length === 2, 'replace started');
+    assert.equal((await send(srv, 'DELETE', '/admin/models/x')).status, 200);
+    assert.equal((await rep).status, 409);
+    const list = (await get(srv, '/v1/models', ADMIN)).json;
+    assert.deepEqual(ids(list), ['qwen2-gqa']);
+    await waitFor(() => srv.logs.filter((l) => l.msg === 'model unloaded' && l.model === 'x').length === 2, 'both unloaded');
+    assert.equal((await metrics(srv, ADMIN))['codemoe_model_threads{model="qwen2-gqa"}'], 1);
+  } finally {
+    assert.equal((await srv.stop()).code, 0);
+    assert.equal(sanitizerReport(srv), null);
+  }
+});
+
 test('SIGHUP re-reads --config: loads, replaces and unloads to match', async () => {
   const cfg = join(dir, 'pool.json');
   writeFileSync(cfg, JSON.stringify({ models: [{ path: QWEN, id: 'a', threads: 1 }, { path: LLAMA, id: 'b', threads: 1 }] }));
