@@ -22,7 +22,7 @@
 # replaced by this run's commands and tables, or appended; the rest of DOC is left alone.
 set -u
 # OpenBLAS picks its kernels from OPENBLAS_CORETYPE when set: the build machine forces Haswell (AVX2)
-# globally, which a stock install does not; let it detect the CPU (AVX-512 here) unless asked to keep it.
+# globally, which a stock install does not; let it detect the CPU unless asked to keep it.
 [ "${CM_KEEP_OPENBLAS_CORETYPE:-0}" = 1 ] || unset OPENBLAS_CORETYPE
 
 here=$(cd "$(dirname "$0")" && pwd)
