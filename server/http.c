@@ -2,7 +2,8 @@
  * http.c - the HTTP front end of `codemoe serve`: libmicrohttpd driven by the libuv loop, routes,
  * API keys, CORS, limits, completions (plain and SSE), cancellation, graceful shutdown, access log.
  * Besides OpenAI's routes it answers the ones editor plugins call on other servers: Mistral's FIM
- * route, Tabby's health, llama.cpp's tokenizer routes and /props (see docs/server.md).
+ * route, Tabby's health, llama.cpp's tokenizer routes and /props (see docs/server.md), and the admin
+ * routes that load, replace and unload models of the pool (server/pool.c).
  *
  * Event loop integration: MHD runs in "external" epoll mode. Its epoll fd is watched by a uv_poll_t
  * and MHD_get_timeout drives a uv_timer_t; MHD_run is called only from those two callbacks, so every
@@ -13,7 +14,8 @@
  * A completion request (any endpoint with an api_format: OpenAI completions and chat, Ollama, llama.cpp)
  * is validated by its format (api/) on the loop, its prompts are tokenized on libuv's thread pool
  * (never on the loop: a long prompt would stall every connection), then it is turned into a srv_job
- * and handed to the engine worker; the connection is suspended from the thread pool step on. The
+ * and handed to the engine worker of the model its body names (srv_pool_find; the request holds that
+ * model until it is freed, so an unloaded model finishes what it runs); the connection is suspended from the thread pool step on. The
  * worker's output arrives through srv_sched's wake-up (on_wake): the loop renders it through the
  * format and queues the response (JSON, or a chunked SSE / NDJSON stream whose reader drains a bounded
  * per-request buffer) and resumes the connection. While a request waits (thread pool or worker), a

@@ -1,8 +1,10 @@
 /*
- * serve.c - `codemoe serve`: flags, then the event loop. The loop starts listening first (so /health
- * answers 503 while the model loads), then starts the engine worker, which loads the model. SIGTERM
- * and SIGINT (uv_signal_t) start a graceful shutdown: stop accepting, let in-flight requests finish
- * within --grace seconds, end the rest with an error event, exit 0. See docs/server.md.
+ * serve.c - `codemoe serve`: flags (the models to serve: --model, repeatable, or --config), then the event
+ * loop. The loop starts listening first (so /health answers 503 while the models load), then starts the
+ * pool (server/pool.c): one engine worker per model, each of which loads its model. SIGTERM and SIGINT
+ * (uv_signal_t) start a graceful shutdown: stop accepting, let in-flight requests finish within --grace
+ * seconds, end the rest with an error event, exit 0. SIGHUP re-reads --config and makes the pool match
+ * it. See docs/server.md.
  */
 #include <ctype.h>
 #include <errno.h>
