@@ -434,6 +434,7 @@ static void access_log(srv_req *r, enum MHD_RequestTerminationCode toe) {
             inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, addr, sizeof addr);
         json_object_set_new(f, "remote", json_string(addr));
     }
+    if (r->mem) json_object_set_new(f, "model", json_string(r->mem->model.id));
     if (r->has_creq) {
         json_object_set_new(f, "completion_id", json_string(r->cmpl_id));
         json_object_set_new(f, "stream", json_boolean(r->stream));

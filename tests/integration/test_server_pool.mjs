@@ -61,6 +61,8 @@ test('two models: routed by model, 404 for other names, listed everywhere, metri
       assert.equal(r.status, 200, r.text);
       assert.equal(r.json.model, want);
     }
+    /* the access log names the model each request used */
+    await waitFor(() => srv.logs.some((l) => l.msg === 'request' && l.route === 'completions' && l.model === 'll'), 'log');
     /* the same prompt on the two models: each model's own output (greedy, deterministic) */
     const a = await postJSON(srv, '/v1/completions', { model: 'll', prompt: 'the cat', max_tokens: 8, temperature: 0 });
     const b = await postJSON(srv, '/v1/completions', { model: 'qwen2-gqa', prompt: 'the cat', max_tokens: 8, temperature: 0 });
