@@ -733,8 +733,7 @@ int api_request_model(const char *body, size_t len, char *name, size_t cap) {
     int rc = 0;
     if (json_is_string(v)) {
         size_t n = json_string_length(v);
-        /* a NUL inside would make a shorter name: no model is named so */
-        rc = n < cap && strlen(json_string_value(v)) == n ? 1 : -1;
+        rc = n < cap ? 1 : -1; /* (a NUL inside never gets here: json_loadb refuses \u0000) */
         if (rc > 0) memcpy(name, json_string_value(v), n + 1);
     }
     json_decref(root);
