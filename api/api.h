@@ -114,6 +114,9 @@ typedef struct api_limits {
     int max_logit_bias;     /* max logit_bias entries */
     int strict_context;     /* 1: prompt + max_tokens beyond the context is a 400 (OpenAI); 0: max_tokens
                                is clamped to what the context leaves (--strict-context) */
+    int n_ctx;              /* 0: the model's context (api_model.n_ctx); else a smaller one a request asks
+                               for (Ollama's num_ctx), which its prompt + completion must fit; a larger
+                               one has no effect */
 } api_limits;
 
 /* 4 MiB body, no max_tokens cap, n <= 8, logprobs <= 5, 32 stops, 16 prompts, 1024 bias entries,
@@ -144,7 +147,9 @@ typedef struct api_prompt {
                               cm_lang_detect's guess (cm_lang_for_request) */
 } api_prompt;
 
-typedef enum { API_ROUTING_NONE = 0, API_ROUTING_SUMMARY, API_ROUTING_FULL } api_routing_mode;
+/* "routing": none, summary, full (+ per-window segment detail), tokens (full + per-token detail; one
+ * sequence only: a single prompt and n 1, else 400 param "routing") */
+typedef enum { API_ROUTING_NONE = 0, API_ROUTING_SUMMARY, API_ROUTING_FULL, API_ROUTING_TOKENS } api_routing_mode;
 typedef enum { API_SEGMENT_CAUSAL = 0, API_SEGMENT_REFERENCE } api_segment_routing;
 /* Which request form a body was read as: POST /v1/completions (with Tabby's form), or the Mistral /
  * DeepSeek FIM route (POST /v1/fim/completions, whose own rules api_fim_completion_validate applies and
@@ -178,6 +183,13 @@ typedef struct api_completion_req {
     api_segment_routing segment_routing; /* extension */
     api_routing_mode routing;            /* extension: routing stats in the response */
     char unknown_field[64];              /* first ignored field, "" if none (for a log line) */
+    int n_indent;                        /* llama.cpp's n_indent (0: off): a choice ends (finish "length")
+                                            at a line after its first whose first non-blank byte sits
+                                            at a column below it; see api_choice_state_set_indent */
+    int t_max_predict_ms;                /* llama.cpp's t_max_predict_ms (0: off): once a choice has been
+                                            generating this long (from the request's first token), it
+                                            ends (finish "length") at its next token with a newline; the
+                                            server's clock decides (api_choice_state_time_up) */
     int prefill;                         /* max_tokens 0: still compute the prompt, so that its KV enters
                                             the prefix cache (llama.cpp's n_predict 0 cache warm-up) */
     json_t *dialect;                     /* what a dialect's renderer needs from its request (llama.cpp's
@@ -199,7 +211,8 @@ typedef struct api_completion_req {
  * -1, err describes it (status 400/404/413, 500 out of memory) and out holds nothing to free (freeing it
  * anyway is safe).
  *
- * api_completion_tokenize: builds every prompt (tokenization, FIM layout, echo text) and resolves its
+ * api_completion_tokenize: builds every prompt (a dialect's deferred prompt first: a rendered chat
+ * template, /infill's repository context, format.h; then tokenization, FIM layout, echo text) and resolves its
  * engine options, then the rules that need token counts: the context (400 context_length_exceeded) and
  * segment_routing "reference" on a hybrid model with max_tokens > 0 or a prompt longer than m->n_batch
  * (400, param "segment_routing"). No I/O and no shared state but the immutable model: it may run on any
@@ -342,7 +355,13 @@ typedef enum { API_FINISH_NONE = 0, API_FINISH_STOP, API_FINISH_LENGTH } api_fin
  *   3. stop strings (api_stop_scan): a match ends the choice, finish "stop", and cuts the text at the
  *      match (what the detokenizer still holds came after it and is dropped); a tail that could still
  *      grow into a stop string is held back;
- *   4. n_gen >= max_tokens, or a sequence that the token would fill (seq_len + 1 >= n_ctx), ends it,
+ *   4. n_indent (when set): a line after the first whose first byte other than ' ' and '\t' (a
+ *      newline included: an empty line) sits at a column below n_indent ends the choice, finish
+ *      "length", the text cut before that byte (llama.cpp's rule; whether a line passes is decided
+ *      by the token that brings that byte, so nothing after the cut was released);
+ *   5. after api_choice_state_time_up: a token whose text holds a newline ends it, finish "length",
+ *      that token's text kept (llama.cpp's t_max_predict_ms);
+ *   6. n_gen >= max_tokens, or a sequence that the token would fill (seq_len + 1 >= n_ctx), ends it,
  *      finish "length".
  * A choice that ends for any reason but a stop string releases all its text: the held-back tail and
  * an incomplete character (as U+FFFD). Text once released is final.
@@ -366,6 +385,10 @@ typedef struct api_choice_state {
     const cm_model *model;
     const api_stops *stop;
     int max_tokens, n_ctx;
+    int n_indent;           /* 0: off (api_choice_state_set_indent) */
+    int line_open;          /* n_indent: text[line..) is a line whose indentation is not decided yet */
+    size_t line;            /* n_indent: where the scan for the next line (or the open line) starts */
+    int time_up;            /* api_choice_state_time_up was called */
     size_t cap;             /* allocated bytes of text: before each token >= len + piece_max */
     size_t piece_max;       /* cm_detok_max_bytes: the most one token (and the final flush) adds */
     cm_detok dt;
@@ -381,6 +404,12 @@ int api_choice_state_init(api_choice_state *c, const cm_model *m, const api_stop
 void api_choice_state_reset(api_choice_state *c, const api_stops *stop, int max_tokens, int n_ctx);
 /* Releases the buffer; c is zeroed (a zeroed state is safe to free again). */
 void api_choice_state_free(api_choice_state *c);
+/* The choice's indentation limit (rule 4; a request's n_indent, 0: off). Set after init or reset, before
+ * the first push. */
+void api_choice_state_set_indent(api_choice_state *c, int n_indent);
+/* The caller's clock says the choice's time is up (rule 5): it ends at its next token with a newline.
+ * reset clears it. */
+void api_choice_state_time_up(api_choice_state *c);
 
 /* Feeds the token sampled for the choice. seq_len: positions already in the choice's sequence, this
  * token not included. Returns 0 when the choice goes on (the caller feeds tok to the model next), 1
@@ -411,6 +440,8 @@ typedef struct api_choice {
     const char *text;           /* full: echo text + completion; chunk: the new text */
     size_t text_len;
     api_finish finish;          /* NONE renders null (chunks before the last) */
+    int stop_word;              /* finish STOP: 1 + the index in r->stop of the stop string that ended
+                                   the choice (api_choice_state.stop_hit + 1); 0: end-of-generation */
     const api_token_lp *lp;     /* (n_lp) tokens covered by this text; ignored when r->logprobs < 0 */
     int n_lp;
     long text_offset;           /* character offset of lp[0] in prompt + completion text: 0 with echo,
@@ -433,6 +464,9 @@ typedef struct api_meta {
 /* A JSON string from bytes that should be UTF-8 (model output, names from model files): invalid bytes
  * become U+FFFD instead of failing the response. New reference; NULL only when out of memory. */
 json_t *api_json_text(const char *s, size_t n);
+/* A token as logprobs (and the routing detail) show it: its text, or "bytes:\xNN..." when its bytes are not
+ * valid UTF-8 on their own (part of a character). New reference; NULL when out of memory. */
+json_t *api_token_json(const cm_model *m, int32_t id);
 
 /* Writes "cmpl-" + 24 characters derived from rnd into buf (>= 32 bytes). */
 void api_make_id(char *buf, size_t cap, uint64_t rnd);
@@ -473,13 +507,18 @@ typedef struct api_route_agg {
     cm_route_count *seg;           /* (n_layer, n_seg) */
     cm_route_count *adapter;       /* (n_adapters) */
     uint32_t *seg_windows;         /* (n_layer, n_seg, n_windows) */
+    cm_route_tokens *tokens;       /* a copy of one sequence's per-token detail (one allocation), or NULL */
 } api_route_agg;
 
 /* Adds a report (NULL, as dense models give, adds nothing). -1 on allocation failure or a report of
  * another shape (then nothing is added). */
 int api_route_agg_add(api_route_agg *a, const cm_routing *r);
-/* dst (freed first) becomes a copy of src. -1 on allocation failure (dst is then empty). */
+/* dst (freed first) becomes a copy of src's counts (not its per-token detail). -1 on allocation failure
+ * (dst is then empty). */
 int api_route_agg_copy(api_route_agg *dst, const api_route_agg *src);
+/* Keeps a copy of a sequence's per-token detail (cm_seq_routing_tokens; NULL adds nothing). The record
+ * holds one sequence's: -1 when a copy is there already, or on allocation failure (nothing changes). */
+int api_route_agg_add_tokens(api_route_agg *a, const cm_route_tokens *t);
 void api_route_agg_free(api_route_agg *a);
 
 /* What identifies a completion's routing record. Strings are borrowed. */
@@ -488,7 +527,8 @@ typedef struct api_routing_info {
     int64_t created;              /* unix seconds */
     const char *model;            /* the served model's id */
     int prompt_tokens, completion_tokens;
-    int full;                     /* "routing": "full": per-window segment detail */
+    int full;                     /* "routing": "full" or "tokens": per-window segment detail */
+    int tokens;                   /* "routing": "tokens": the per-token detail */
 } api_routing_info;
 
 /* The record GET /v1/completions/{id}/routing serves and the "routing" response extension carries:
@@ -496,7 +536,9 @@ typedef struct api_routing_info {
  *  layers:[{layer, token:[{expert, prompt_tokens, generated_tokens, prompt_mean_gate,
  *  generated_mean_gate}], segment:[...same...], segment_windows:[[tokens per window] per segment expert]
  *  (full only; trailing empty windows dropped)}], n_layer, token_experts, shared_expert,
- *  segment_experts, window, adapters:[{adapter, name, ...counts}] (MoLE)}. A dense model (an empty
+ *  segment_experts, window, adapters:[{adapter, name, ...counts}] (MoLE), and with info->tokens and a
+ *  detail: tokens:[{position, id, text, generated, experts:[[ids] per layer], gates, segment_experts,
+ *  segment_gates (hybrid), adapters:[ids] (MoLE)}], tokens_dropped}. A dense model (an empty
  * aggregate) has only "layers": [] beside the identity. m names the adapters (may be NULL). New
  * reference; NULL on allocation failure. */
 json_t *api_routing_json(const api_route_agg *a, const cm_model *m, const api_routing_info *info);

@@ -4,9 +4,11 @@
  *
  * The chat fields are translated into a /v1/completions body (prompt = the rendered text with its
  * special tokens recognised, max_completion_tokens -> max_tokens, logprobs + top_logprobs ->
- * logprobs) and read by api_completion_validate (then tokenized as any request), so the sampling,
+ * logprobs) and read by api_completion_validate, so the sampling,
  * stop, n, seed, limit and context rules have one owner; its errors name the chat parameter the client
- * sent.
+ * sent. Only the messages' shapes are checked while the body is parsed (on the server's event loop):
+ * the template is rendered with the tokenization, off the loop (api_chat_build_prompt), because its
+ * cost grows with the conversation.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -33,7 +35,8 @@ static json_t *token_text(const cm_model *m, int32_t id) {
 }
 
 /* A message's content as the templates expect it: a string. OpenAI's content parts
- * ([{type:"text", text}]) are joined; null stays null (assistant turns with tool calls). */
+ * ([{type:"text", text}]) are joined; null stays null (assistant turns with tool calls). out NULL: only
+ * checks the messages' shapes (a walk with no copies, cheap enough for the event loop). */
 static int normalize_messages(const json_t *messages, json_t *out, api_error *e) {
     size_t i;
     json_t *msg;
@@ -45,9 +48,12 @@ static int normalize_messages(const json_t *messages, json_t *out, api_error *e)
         if (!json_is_string(role))
             return api_error_set(e, 400, API_ERR_INVALID, "messages", NULL,
                                  "messages[%zu].role is required and must be a string - 'messages'", i);
-        json_t *copy = json_copy(msg); /* shallow: the other fields (tool_calls, name) go through */
-        if (!copy) return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
-        json_array_append_new(out, copy);
+        json_t *copy = NULL;
+        if (out) {
+            copy = json_copy(msg); /* shallow: the other fields (tool_calls, name) go through */
+            if (!copy) return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
+            json_array_append_new(out, copy);
+        }
         json_t *content = json_object_get(msg, "content");
         if (!content || json_is_null(content) || json_is_string(content)) continue;
         if (!json_is_array(content))
@@ -64,6 +70,7 @@ static int normalize_messages(const json_t *messages, json_t *out, api_error *e)
                                      "are supported - 'messages'", i, k);
             total += json_string_length(text);
         }
+        if (!out) continue;
         char *buf = malloc(total + 1);
         if (!buf) return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
         size_t off = 0;
@@ -78,28 +85,29 @@ static int normalize_messages(const json_t *messages, json_t *out, api_error *e)
     return 0;
 }
 
-char *api_chat_prompt(const api_model *m, const json_t *messages, const json_t *tools, size_t *len,
-                      api_error *e) {
+int api_chat_check(const api_model *m, const json_t *messages, api_error *e) {
     if (!m->chat_template) {
         const char *why = m->chat_template_error;
         if (why && why[0])
-            api_error_set(e, 400, API_ERR_INVALID, "messages", "model_not_chat_capable",
-                          "The model '%s' has a chat template this server cannot use (%s), so it cannot answer "
-                          "chat requests; use /v1/completions.", m->id ? m->id : "", why);
-        else
-            api_error_set(e, 400, API_ERR_INVALID, "messages", "model_not_chat_capable",
-                          "The model '%s' has no chat template (tokenizer.chat_template), so it cannot answer "
-                          "chat requests; use /v1/completions.", m->id ? m->id : "");
-        return NULL;
+            return api_error_set(e, 400, API_ERR_INVALID, "messages", "model_not_chat_capable",
+                                 "The model '%s' has a chat template this server cannot use (%s), so it cannot "
+                                 "answer chat requests; use /v1/completions.", m->id ? m->id : "", why);
+        return api_error_set(e, 400, API_ERR_INVALID, "messages", "model_not_chat_capable",
+                             "The model '%s' has no chat template (tokenizer.chat_template), so it cannot answer "
+                             "chat requests; use /v1/completions.", m->id ? m->id : "");
     }
     if (!json_is_array(messages) || json_array_size(messages) == 0) {
         if (json_is_array(messages))
-            api_error_set(e, 400, API_ERR_INVALID, "messages", NULL, "[] is too short - 'messages'");
-        else
-            api_error_set(e, 400, API_ERR_INVALID, "messages", NULL,
-                          "'messages' is a required property and must be an array - 'messages'");
-        return NULL;
+            return api_error_set(e, 400, API_ERR_INVALID, "messages", NULL, "[] is too short - 'messages'");
+        return api_error_set(e, 400, API_ERR_INVALID, "messages", NULL,
+                             "'messages' is a required property and must be an array - 'messages'");
     }
+    return normalize_messages(messages, NULL, e);
+}
+
+char *api_chat_prompt(const api_model *m, const json_t *messages, const json_t *tools, size_t *len,
+                      api_error *e) {
+    if (api_chat_check(m, messages, e)) return NULL;
     const cm_model *cm = m->model;
     const cm_model_info *info = cm_model_get_info(cm);
     json_t *ctx = json_object(), *msgs = json_array();
@@ -138,6 +146,22 @@ char *api_chat_prompt(const api_model *m, const json_t *messages, const json_t *
     return text;
 }
 
+json_t *api_chat_build_prompt(api_completion_req *r, const json_t *args, api_error *e) {
+    size_t n = 0;
+    char *text = api_chat_prompt(r->model, json_object_get(args, "messages"), json_object_get(args, "tools"), &n, e);
+    if (!text) return NULL;
+    json_t *s = json_stringn(text, n);
+    free(text);
+    if (!s) api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
+    return s;
+}
+
+json_t *api_chat_defer_args(const json_t *messages, const json_t *tools) {
+    json_t *a = json_pack("{s:O}", "messages", messages);
+    if (a && tools && json_is_array(tools) && json_array_size(tools)) json_object_set(a, "tools", (json_t *)tools);
+    return a;
+}
+
 /* Fields a chat body shares with a completions body, copied as they are. */
 static const char *const shared_fields[] = {
     "model", "temperature", "top_p", "n", "stream", "stream_options", "stop", "presence_penalty",
@@ -150,7 +174,6 @@ int api_parse_chat(const char *body, size_t len, const api_model *m, const api_l
     json_t *root = api_format_load_body(body, len, m, lim, out, e);
     if (!root) return -1;
     int rc = -1, max_completion = 0;
-    char *prompt = NULL;
     json_t *c = json_object();
     if (!c) { api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory"); goto done; }
     for (size_t i = 0; i < sizeof shared_fields / sizeof *shared_fields; i++) {
@@ -177,18 +200,25 @@ int api_parse_chat(const char *body, size_t len, const api_model *m, const api_l
     } else if (json_is_true(lp)) {
         json_object_set_new(c, "logprobs", json_integer(0));
     }
-    size_t plen = 0;
-    prompt = api_chat_prompt(m, json_object_get(root, "messages"), json_object_get(root, "tools"), &plen, e);
-    if (!prompt) goto done;
-    json_object_set_new(c, "prompt", json_stringn(prompt, plen));
+    json_t *messages = json_object_get(root, "messages");
+    if (api_chat_check(m, messages, e)) goto done;
+    json_t *args = api_chat_defer_args(messages, json_object_get(root, "tools"));
+    /* the template is rendered off the loop (api_chat_build_prompt); "" holds its place meanwhile */
+    json_object_set_new(c, "prompt", json_string(""));
     json_object_set_new(c, "parse_special", json_true()); /* the template writes its special tokens as text */
     /* errors name the chat parameters the client sent */
     json_t *d = json_pack("{s:{s:s,s:s,s:s}}", "params", "prompt", "messages", "logprobs", "top_logprobs",
                           "max_tokens", max_completion ? "max_completion_tokens" : "max_tokens");
-    if (!d) { api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory"); goto done; }
+    if (!d || !args) {
+        json_decref(d);
+        json_decref(args);
+        api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
+        goto done;
+    }
     rc = api_format_parse_translated(c, d, m, lim, 0, out, e);
+    if (rc == 0) api__completion_defer_prompt(out, api_chat_build_prompt, args);
+    else json_decref(args);
 done:
-    free(prompt);
     json_decref(c);
     json_decref(root);
     return rc;

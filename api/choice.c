@@ -40,7 +40,36 @@ void api_choice_state_reset(api_choice_state *c, const api_stops *stop, int max_
     c->stop = stop;
     c->max_tokens = max_tokens;
     c->n_ctx = n_ctx;
+    c->n_indent = 0;
+    c->line_open = 0;
+    c->line = 0;
+    c->time_up = 0;
     cm_detok_init(&c->dt, 0);
+}
+
+void api_choice_state_set_indent(api_choice_state *c, int n_indent) { c->n_indent = n_indent > 0 ? n_indent : 0; }
+
+void api_choice_state_time_up(api_choice_state *c) { c->time_up = 1; }
+
+/* Rule 4: where the text must be cut (returns 1, *cut set), or 0. Each line is decided once, by the
+ * push that brings its first non-blank byte; a line of blanks so far waits for more. */
+static int indent_cut(api_choice_state *c, size_t *cut) {
+    while (c->line < c->len) {
+        if (!c->line_open) { /* the first line is never checked: the next one starts after a newline */
+            const char *nl = memchr(c->text + c->line, '\n', c->len - c->line);
+            if (!nl) { c->line = c->len; return 0; }
+            c->line = (size_t)(nl - c->text) + 1;
+            c->line_open = 1;
+            continue;
+        }
+        size_t p = c->line;
+        while (p < c->len && (c->text[p] == ' ' || c->text[p] == '\t')) p++;
+        if (p == c->len) return 0;
+        if (p - c->line < (size_t)c->n_indent) { *cut = p; return 1; }
+        c->line_open = 0;
+        c->line = p;
+    }
+    return 0;
 }
 
 void api_choice_state_free(api_choice_state *c) {
@@ -70,6 +99,7 @@ int api_choice_state_push(api_choice_state *c, int32_t tok, int seq_len) {
     if (choice_grow(c, c->len + c->piece_max) < 0) return -1;
     int n = cm_detok_push(&c->dt, c->model, tok, c->text + c->len, c->cap - c->len);
     if (n < 0) return -1;
+    int newline = n > 0 && memchr(c->text + c->len, '\n', (size_t)n) != NULL;
     c->len += (size_t)n;
     c->n_gen++;
     size_t safe = c->emitted;
@@ -80,6 +110,19 @@ int api_choice_state_push(api_choice_state *c, int32_t tok, int seq_len) {
         c->stop_hit = hit;
         c->finish = API_FINISH_STOP;
         c->ended = 1;
+        return 1;
+    }
+    size_t cut;
+    if (c->n_indent > 0 && indent_cut(c, &cut)) {
+        /* the cut byte came with this token, so nothing from it on was released; what the
+         * detokenizer still holds comes after it */
+        c->len = c->emitted = cut;
+        c->finish = API_FINISH_LENGTH;
+        c->ended = 1;
+        return 1;
+    }
+    if (c->time_up && newline) {
+        api_choice_state_end(c, API_FINISH_LENGTH);
         return 1;
     }
     if (c->n_gen >= c->max_tokens || seq_len + 1 >= c->n_ctx) {

@@ -13,7 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "api.h"
+#include "format.h"
 
 void api_limits_default(api_limits *l) {
     l->max_body_bytes = 4u << 20;
@@ -24,6 +24,7 @@ void api_limits_default(api_limits *l) {
     l->max_prompts = 16;
     l->max_logit_bias = 1024;
     l->strict_context = 0;
+    l->n_ctx = 0;
 }
 
 /* ------------------------------------------------------------ value rendering for messages */
@@ -744,7 +745,7 @@ int api_request_model(const char *body, size_t len, char *name, size_t cap) {
  * prompt sources point into) and the settings that need the prompts' token counts. */
 struct api__pending {
     json_t *root;            /* owned reference */
-    prompt_src *srcs;        /* (n_prompts) into root */
+    prompt_src *srcs;        /* (n_prompts) into root, or into built */
     json_t *prompt;          /* the prompt value: "prompt", or Tabby's segments.prefix; into root, or NULL */
     const json_t *suffix;    /* FIM suffix: into root, or empty_suffix, or NULL (no FIM) */
     json_t *empty_suffix;    /* owned "" for a FIM request without a suffix */
@@ -754,6 +755,9 @@ struct api__pending {
     const char *max_tokens_key; /* the field that gave it (errors name it): "max_tokens" or an alias */
     long long max_tokens;    /* explicit value or the default (16; Tabby's 64) */
     api_limits lim;          /* a copy: the caller's may be gone when the prompts are tokenized */
+    api_prompt_builder build; /* a dialect's prompt still to build (api__completion_defer_prompt), or NULL */
+    json_t *build_args;      /* what build reads; owned */
+    json_t *built;           /* the prompt build made (srcs point into it); owned */
 };
 
 /* The FIM suffix of a request: "suffix" (/v1/fim/completions: "" when absent), or Tabby's
@@ -908,10 +912,10 @@ static int parse_fields(json_t *root, const api_model *m, const api_limits *lim,
     }
 
     static const char *const seg_names[] = {"causal", "reference"};
-    static const char *const routing_names[] = {"none", "summary", "full"};
+    static const char *const routing_names[] = {"none", "summary", "full", "tokens"};
     if ((rc = get_enum(root, "segment_routing", seg_names, 2, &b, e)) < 0) return -1;
     if (rc) r->segment_routing = (api_segment_routing)b;
-    if ((rc = get_enum(root, "routing", routing_names, 3, &b, e)) < 0) return -1;
+    if ((rc = get_enum(root, "routing", routing_names, 4, &b, e)) < 0) return -1;
     if (rc) r->routing = (api_routing_mode)b;
     /* Tabby's mode: its "next_edit_suggestion" needs an edit history this server does not read */
     static const char *const mode_names[] = {"standard"};
@@ -935,6 +939,8 @@ oom:
 static void pending_free(api__pending *p) {
     if (!p) return;
     json_decref(p->root);
+    json_decref(p->build_args);
+    json_decref(p->built);
     json_decref(p->empty_suffix);
     free(p->srcs);
     free(p);
@@ -962,7 +968,7 @@ static long long prompt_min_tokens(const api_model *am, const api__pending *p, c
  * (or max_tokens above the server's cap). */
 static int check_context(const api_model *am, const api_limits *lim, const api__pending *p, long long longest,
                          int exact, long long *max_tokens, api_error *e) {
-    int n_ctx = am->n_ctx;
+    int n_ctx = lim->n_ctx > 0 && lim->n_ctx < am->n_ctx ? lim->n_ctx : am->n_ctx;
     long long mt = p->max_tokens;
     if (p->max_tokens_null) {
         mt = (long long)n_ctx - longest;
@@ -1068,6 +1074,12 @@ static int validate(const char *body, size_t len, const api_model *m, const api_
     r->prompts = calloc((size_t)n_src, sizeof *r->prompts);
     if (!r->prompts) { api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory"); goto fail; }
     r->n_prompts = n_src;
+    if (r->routing == API_ROUTING_TOKENS && n_src * r->n != 1) {
+        api_error_set(e, 400, API_ERR_INVALID, "routing", NULL,
+                      "routing \"tokens\" records the tokens of one sequence: it needs a single prompt and n 1 "
+                      "(this request has %d prompts and n %d).", n_src, r->n);
+        goto fail;
+    }
 
     /* what can be decided before tokenizing: a prompt that cannot fit whatever its tokens, and the
      * reference-segment rules on that lower bound */
@@ -1091,6 +1103,18 @@ int api_completion_tokenize(api_completion_req *r, api_error *e) {
     api__pending *p = r->pending;
     const api_model *m = r->model;
     if (!p) return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "the request was not validated");
+    if (p->build) {
+        /* the dialect's prompt replaces the placeholder it was validated with */
+        const cm_model_info *info = cm_model_get_info(m->model);
+        int n_src = 0;
+        if (!(p->built = p->build(r, p->build_args, e))) goto fail;
+        p->build = NULL;
+        if (classify_prompt(p->built, info->n_vocab, 1, p->srcs, &n_src, e)) goto fail;
+        if (n_src != r->n_prompts) {
+            api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "a dialect built %d prompts for %d", n_src, r->n_prompts);
+            goto fail;
+        }
+    }
     long long longest = 0;
     for (int i = 0; i < r->n_prompts; i++) {
         if (build_prompt(m, &p->srcs[i], p->suffix, p->parse_special, &r->prompts[i], e)) goto fail;
@@ -1109,6 +1133,13 @@ int api_completion_tokenize(api_completion_req *r, api_error *e) {
 fail:
     api_completion_req_free(r);
     return -1;
+}
+
+void api__completion_defer_prompt(api_completion_req *r, api_prompt_builder build, json_t *args) {
+    if (!r->pending) { json_decref(args); return; }
+    json_decref(r->pending->build_args);
+    r->pending->build = build;
+    r->pending->build_args = args;
 }
 
 int api_completion_validate(const char *body, size_t len, const api_model *m, const api_limits *lim,

@@ -70,6 +70,18 @@ json_t *api_format_load_body(const char *body, size_t len, const api_model *m, c
  * parameter of a validation error here. The contract of api_completion_validate. */
 int api_format_parse_translated(const json_t *c, json_t *dialect, const api_model *m, const api_limits *lim,
                                 int max_stop, api_completion_req *out, api_error *e);
+/* The part of a dialect's parse whose cost grows with the input (rendering a chat template over the
+ * messages, /infill's repository context), deferred so that it runs with the tokenization, off the
+ * event loop: builds the request's prompt from args (what the dialect's parse kept of the body). r is
+ * the validated request; the builder may add to r->dialect what its renderers read. Returns the prompt
+ * as a /v1/completions "prompt" value (one string, or one array of token ids; new reference), or NULL
+ * with e set (named as the client's field). Runs on any thread, like api_completion_tokenize. */
+typedef json_t *(*api_prompt_builder)(api_completion_req *r, const json_t *args, api_error *e);
+/* Leaves out's prompt to build: after a successful api_format_parse_translated of a body whose "prompt"
+ * is a placeholder (""), api_completion_tokenize (api_format_tokenize) first calls build(out, args) and
+ * tokenizes its prompt instead, with the body's other rules (the context, max_tokens null) applied to
+ * it. args is taken (freed with out). */
+void api__completion_defer_prompt(api_completion_req *out, api_prompt_builder build, json_t *args);
 /* Renames e->param by dialect's "params" map (dialect: a request's api_completion_req.dialect, may be
  * NULL), so that an error names the parameter the client sent. */
 void api_format_name_params(const json_t *dialect, api_error *e);
@@ -97,8 +109,8 @@ api_template *api_chat_template_load(const cm_model *m, api_template_error *err)
  * tokenized with its special tokens recognised (the template writes them as text); the sampling
  * fields, stop, n, seed, user, logprobs/top_logprobs, max_tokens/max_completion_tokens (default: the
  * rest of the context) and the routing extensions follow /v1/completions' rules. A model without a
- * template is a 400 with code "model_not_chat_capable". The api_format parse contract (validation; the
- * prompt is tokenized by api_format_tokenize). */
+ * template is a 400 with code "model_not_chat_capable". The api_format parse contract (validation: the
+ * messages' shapes; the template is rendered and the prompt tokenized by api_format_tokenize). */
 int api_parse_chat(const char *body, size_t len, const api_model *m, const api_limits *lim,
                    api_completion_req *out, api_error *err);
 
@@ -108,6 +120,15 @@ int api_parse_chat(const char *body, size_t len, const api_model *m, const api_l
  * set (400 naming "messages", or "model_not_chat_capable"). */
 char *api_chat_prompt(const api_model *m, const json_t *messages, const json_t *tools, size_t *len,
                       api_error *e);
+/* api_chat_prompt's cheap checks alone, for a parse on the event loop: the model has a usable template,
+ * messages is a non-empty array of {role: string, content: string | text parts | null}. 0, or -1 with e
+ * set as api_chat_prompt sets it. */
+int api_chat_check(const api_model *m, const json_t *messages, api_error *e);
+/* The deferred form (api_prompt_builder): args {"messages": [...], "tools": [...] (optional)}, made by
+ * api_chat_defer_args (messages and tools borrowed, referenced; NULL when out of memory). The prompt is
+ * api_chat_prompt's text. */
+json_t *api_chat_build_prompt(api_completion_req *r, const json_t *args, api_error *e);
+json_t *api_chat_defer_args(const json_t *messages, const json_t *tools);
 
 /* OpenAI chat shapes (render.c): the chat.completion object, a chat.completion.chunk event with
  * delta {role (first), content} and finish_reason, and the include_usage chunk. */
@@ -148,11 +169,26 @@ char *api_render_ollama_version(void);
 
 /* POST /completion (prompt string or token ids) and POST /infill (input_prefix, input_suffix,
  * input_extra, prompt: api_fim_context_tokens): llama.cpp server's shapes, {content, stop,
- * tokens_predicted, tokens_evaluated, tokens_cached, truncated, stop_type ("eos" | "limit"),
- * generation_settings, timings{prompt_n, prompt_ms, prompt_per_token_ms, prompt_per_second, predicted_n,
- * predicted_ms, predicted_per_token_ms, predicted_per_second, cache_n}}, projected onto response_fields
- * when the request names them; streams are SSE {content, stop:false}... then the final object. */
+ * tokens_predicted, tokens_evaluated, tokens_cached, truncated, stop_type ("eos" | "word" | "limit",
+ * from the choice's finish and api_choice.stop_word), stopping_word, generation_settings,
+ * timings{prompt_n, prompt_ms, prompt_per_token_ms, prompt_per_second, predicted_n, predicted_ms,
+ * predicted_per_token_ms, predicted_per_second, cache_n}}, projected onto response_fields when the
+ * request names them; streams are SSE {content, stop:false}... then the final object. n_indent and
+ * t_max_predict_ms go to api_completion_req (the server's scheduler applies them); /infill's repository
+ * context is built by api_format_tokenize (a deferred prompt). */
 extern const api_format api_format_llama_completion;
 extern const api_format api_format_llama_infill;
+
+/* ============================================================ Tabby (tabby.c) */
+
+/* Tabby's completion telemetry, POST /v1/events. */
+typedef enum { API_TABBY_VIEW = 0, API_TABBY_SELECT, API_TABBY_DISMISS, API_TABBY_EVENT_KINDS } api_tabby_event_kind;
+/* "view", "select", "dismiss" ("" for anything else). */
+const char *api_tabby_event_name(api_tabby_event_kind k);
+/* Reads an event body ({type, completion_id, choice_index, view_id?, elapsed?}; select_kind: the query
+ * parameter, NULL when absent, else "line"). 0 with *kind set, or -1 with e set (413 past
+ * lim->max_body_bytes, 400 naming the field). Nothing is kept: the server counts the kinds. */
+int api_tabby_event(const char *body, size_t len, const api_limits *lim, const char *select_kind,
+                    api_tabby_event_kind *kind, api_error *e);
 
 #endif /* CM_API_FORMAT_H */

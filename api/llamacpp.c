@@ -5,14 +5,17 @@
  *
  * A request is translated into a /v1/completions body (llama.cpp's sampling defaults: temperature 0.8,
  * top_k 40, top_p 0.95, min_p 0.05; n_predict -> max_tokens, negative: until the context is full;
- * repeat_penalty -> repetition_penalty; seed -1: random) and read by api_completion_validate. "model",
- * cache_prompt (the prefix cache is always on), samplers, n_indent, t_max_prompt_ms, t_max_predict_ms,
- * id_slot and the other llama.cpp options are accepted and ignored. The response is llama.cpp's
- * {content, stop, tokens_predicted, tokens_evaluated, tokens_cached, truncated, stop_type,
- * generation_settings, timings{...}}, projected onto "response_fields" ("timings/prompt_n" style paths)
- * when the request names them; streamed as SSE events {content, stop:false} and the final object with
- * stop:true (no [DONE]).
+ * repeat_penalty -> repetition_penalty; seed -1: random) and read by api_completion_validate.
+ * n_indent and t_max_predict_ms are honoured as llama.cpp honours them (api_completion_req). "model",
+ * cache_prompt (the prefix cache is always on), samplers, t_max_prompt_ms (llama.cpp does not implement
+ * it either), id_slot and the other llama.cpp options are accepted and ignored. /infill's repository
+ * context is checked here but built off the event loop, with the tokenization (infill_build). The
+ * response is llama.cpp's {content, stop, tokens_predicted, tokens_evaluated, tokens_cached, truncated,
+ * stop_type ("eos" | "word" | "limit"), stopping_word, generation_settings, timings{...}}, projected onto
+ * "response_fields" ("timings/prompt_n" style paths) when the request names them; streamed as SSE
+ * events {content, stop:false} and the final object with stop:true (no [DONE]).
  */
+#include <limits.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -45,16 +48,36 @@ static void map_options(json_t *root, json_t *c) {
     json_object_set(c, "max_tokens", np ? np : json_null());
 }
 
+/* llama.cpp's limits that act while a choice is generated (the server's scheduler applies them):
+ * n_indent, t_max_predict_ms. Absent, null or <= 0: off. */
+static int parse_generation_limits(json_t *root, api_completion_req *out, api_error *e) {
+    static const char *const keys[] = {"n_indent", "t_max_predict_ms"};
+    int *dst[] = {&out->n_indent, &out->t_max_predict_ms};
+    for (int k = 0; k < 2; k++) {
+        json_t *v = json_object_get(root, keys[k]);
+        if (!v || json_is_null(v)) continue;
+        if (!json_is_integer(v))
+            return api_error_set(e, 400, API_ERR_INVALID, keys[k], NULL, "'%s' must be an integer", keys[k]);
+        json_int_t x = json_integer_value(v);
+        *dst[k] = x <= 0 ? 0 : x > INT_MAX ? INT_MAX : (int)x;
+    }
+    return 0;
+}
+
 /* The completion rules over c; errors name llama.cpp's parameters. */
-static int finish_parse(json_t *root, json_t *c, int truncated, const api_model *m, const api_limits *lim,
+static int finish_parse(json_t *root, json_t *c, const api_model *m, const api_limits *lim,
                         api_completion_req *out, api_error *e) {
     json_t *rf = json_object_get(root, "response_fields");
-    json_t *d = json_pack("{s:b,s:O?,s:{s:s,s:s,s:s}}", "truncated", truncated, "response_fields",
+    json_t *d = json_pack("{s:b,s:O?,s:{s:s,s:s,s:s}}", "truncated", 0, "response_fields",
                           json_is_array(rf) ? rf : NULL, "params", "max_tokens", "n_predict", "repetition_penalty",
                           "repeat_penalty", "suffix", "input_suffix");
     if (!d) return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
     /* editor plugins send more stop strings than OpenAI's 4 */
     if (api_format_parse_translated(c, d, m, lim, API_STOP_MAX, out, e)) return -1;
+    if (parse_generation_limits(root, out, e)) {
+        api_completion_req_free(out);
+        return -1;
+    }
     /* n_predict 0: the plugins' cache warm-up */
     json_t *mt = json_object_get(c, "max_tokens");
     out->prefill = json_is_integer(mt) && json_integer_value(mt) == 0;
@@ -69,7 +92,7 @@ static int parse_completion(const char *body, size_t len, const api_model *m, co
         json_t *p = json_object_get(root, "prompt");
         if (p) json_object_set(c, "prompt", p);
         map_options(root, c);
-        rc = finish_parse(root, c, 0, m, lim, out, e);
+        rc = finish_parse(root, c, m, lim, out, e);
     } else if (root) {
         api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
     }
@@ -90,63 +113,96 @@ static int text_field(json_t *root, const char *key, const char **s, size_t *n, 
     return 0;
 }
 
-static int parse_infill(const char *body, size_t len, const api_model *m, const api_limits *lim,
-                        api_completion_req *out, api_error *e) {
-    json_t *root = api_format_load_body(body, len, m, lim, out, e), *c = json_object(), *ids = NULL;
+/* An /infill body's repository context: prefix, suffix, the text typed so far ("prompt") and the
+ * input_extra files (*files: malloc'd, caller frees; its strings point into root). 0, or -1 with e set
+ * (400 naming the field) and *files NULL. A walk over the body: the parse checks it on the loop, the
+ * builder reads it again off the loop. */
+static int infill_context(json_t *root, api_fim_context *fc, api_fim_file **files, api_error *e) {
+    memset(fc, 0, sizeof *fc);
+    *files = NULL;
+    if (text_field(root, "input_prefix", &fc->prefix, &fc->prefix_len, e) ||
+        text_field(root, "input_suffix", &fc->suffix, &fc->suffix_len, e) ||
+        text_field(root, "prompt", &fc->middle, &fc->middle_len, e))
+        return -1;
+    json_t *extra = json_object_get(root, "input_extra");
+    if (!extra || json_is_null(extra)) return 0;
+    if (!json_is_array(extra))
+        return api_error_set(e, 400, API_ERR_INVALID, "input_extra", NULL, "'input_extra' must be an array of {filename, text}");
+    api_fim_file *f = calloc(json_array_size(extra) + 1, sizeof *f);
+    if (!f) return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
+    size_t i;
+    json_t *x;
+    json_array_foreach(extra, i, x) {
+        json_t *fn = json_object_get(x, "filename"), *tx = json_object_get(x, "text");
+        if (!json_is_object(x) || !json_is_string(tx) || (fn && !json_is_null(fn) && !json_is_string(fn))) {
+            free(f);
+            return api_error_set(e, 400, API_ERR_INVALID, "input_extra", NULL,
+                                 "input_extra[%zu] must be {\"filename\": string, \"text\": string}", i);
+        }
+        api_fim_file *y = &f[fc->n_files++];
+        y->name = json_is_string(fn) ? json_string_value(fn) : "";
+        y->name_len = json_is_string(fn) ? json_string_length(fn) : 0;
+        y->text = json_string_value(tx);
+        y->text_len = json_string_length(tx);
+    }
+    fc->files = *files = f;
+    return 0;
+}
+
+/* The deferred half of /infill (api_prompt_builder): args {"body": the request, "budget": tokens}; the
+ * prompt is the repository context's token ids, and the dialect learns whether it was truncated. */
+static json_t *infill_build(api_completion_req *r, const json_t *args, api_error *e) {
+    api_fim_context fc;
     api_fim_file *files = NULL;
     int32_t *toks = NULL;
+    int n = 0, truncated = 0;
+    json_t *ids = NULL;
+    if (infill_context(json_object_get(args, "body"), &fc, &files, e) ||
+        api_fim_context_tokens(r->model->model, &fc, (int)json_integer_value(json_object_get(args, "budget")), &toks,
+                               &n, &truncated, e))
+        goto done;
+    ids = json_array();
+    for (int i = 0; ids && i < n; i++)
+        if (json_array_append_new(ids, json_integer(toks[i]))) { json_decref(ids); ids = NULL; }
+    if (!ids || (r->dialect && json_object_set_new(r->dialect, "truncated", json_boolean(truncated)))) {
+        json_decref(ids);
+        ids = NULL;
+        api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
+    }
+done:
+    free(toks);
+    free(files);
+    return ids;
+}
+
+static int parse_infill(const char *body, size_t len, const api_model *m, const api_limits *lim,
+                        api_completion_req *out, api_error *e) {
+    json_t *root = api_format_load_body(body, len, m, lim, out, e), *c = json_object(), *args = NULL;
+    api_fim_file *files = NULL;
     int rc = -1;
     if (!root) goto done;
     if (!c) { api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory"); goto done; }
-    api_fim_context fc = {0};
-    if (text_field(root, "input_prefix", &fc.prefix, &fc.prefix_len, e) ||
-        text_field(root, "input_suffix", &fc.suffix, &fc.suffix_len, e) ||
-        text_field(root, "prompt", &fc.middle, &fc.middle_len, e))
-        goto done;
-    json_t *extra = json_object_get(root, "input_extra");
-    if (extra && !json_is_null(extra)) {
-        if (!json_is_array(extra)) {
-            api_error_set(e, 400, API_ERR_INVALID, "input_extra", NULL, "'input_extra' must be an array of {filename, text}");
-            goto done;
-        }
-        files = calloc(json_array_size(extra) + 1, sizeof *files);
-        if (!files) { api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory"); goto done; }
-        size_t i;
-        json_t *x;
-        json_array_foreach(extra, i, x) {
-            json_t *fn = json_object_get(x, "filename"), *tx = json_object_get(x, "text");
-            if (!json_is_object(x) || !json_is_string(tx) || (fn && !json_is_null(fn) && !json_is_string(fn))) {
-                api_error_set(e, 400, API_ERR_INVALID, "input_extra", NULL,
-                              "input_extra[%zu] must be {\"filename\": string, \"text\": string}", i);
-                goto done;
-            }
-            api_fim_file *f = &files[fc.n_files++];
-            f->name = json_is_string(fn) ? json_string_value(fn) : "";
-            f->name_len = json_is_string(fn) ? json_string_length(fn) : 0;
-            f->text = json_string_value(tx);
-            f->text_len = json_string_length(tx);
-        }
-        fc.files = files;
-    }
+    api_fim_context fc;
+    if (infill_context(root, &fc, &files, e)) goto done; /* the shapes only: tokens are counted off the loop */
     map_options(root, c);
     /* room for the prompt: the context less what the completion may need (a quarter when unbounded) */
     json_t *mt = json_object_get(c, "max_tokens");
     long reserve = json_is_integer(mt) ? (long)json_integer_value(mt) : m->n_ctx / 4;
     int budget = reserve < m->n_ctx ? m->n_ctx - (int)reserve : 0;
-    int n = 0, truncated = 0;
-    if (api_fim_context_tokens(m->model, &fc, budget, &toks, &n, &truncated, e)) {
-        if (!strcmp(e->param, "suffix")) snprintf(e->param, sizeof e->param, "input_suffix");
+    /* the repository context is built with the tokenization (infill_build); "" holds its place */
+    json_object_set_new(c, "prompt", json_string(""));
+    if (!(args = json_pack("{s:O,s:i}", "body", root, "budget", budget))) {
+        api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
         goto done;
     }
-    ids = json_array();
-    for (int i = 0; ids && i < n; i++) json_array_append_new(ids, json_integer(toks[i]));
-    if (!ids) { api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory"); goto done; }
-    json_object_set(c, "prompt", ids);
-    rc = finish_parse(root, c, truncated, m, lim, out, e);
+    rc = finish_parse(root, c, m, lim, out, e);
+    if (rc == 0) {
+        api__completion_defer_prompt(out, infill_build, args);
+        args = NULL;
+    }
 done:
-    free(toks);
     free(files);
-    json_decref(ids);
+    json_decref(args);
     json_decref(c);
     json_decref(root);
     return rc;
@@ -160,7 +216,10 @@ static double ms(int64_t ns) { return (double)ns / 1e6; }
 static json_t *final_json(const api_completion_req *r, const api_choice *c, const api_usage *u) {
     int evaluated = u->prompt_tokens - u->cached_tokens;
     double pms = ms(u->prompt_ns), gms = ms(u->gen_ns);
-    const char *stop_type = !c || c->finish == API_FINISH_LENGTH ? "limit" : "eos";
+    int word = c && c->finish == API_FINISH_STOP && c->stop_word > 0 && c->stop_word <= r->stop.n;
+    const char *stop_type = !c || c->finish == API_FINISH_LENGTH ? "limit" : word ? "word" : "eos";
+    json_t *stopping_word = word ? api_json_text(r->stop.s[c->stop_word - 1], r->stop.len[c->stop_word - 1])
+                                 : json_string("");
     const char *id = r->model->id ? r->model->id : "";
     json_t *truncated = r->dialect ? json_object_get(r->dialect, "truncated") : NULL;
     json_t *timings = json_pack("{s:i,s:f,s:f,s:f,s:i,s:f,s:f,s:f,s:i}", "prompt_n", evaluated, "prompt_ms", pms,
@@ -173,11 +232,11 @@ static json_t *final_json(const api_completion_req *r, const api_choice *c, cons
                                  "temperature", (double)r->sampling.temperature, "top_k", r->sampling.top_k, "top_p",
                                  (double)r->sampling.top_p, "min_p", (double)r->sampling.min_p, "seed",
                                  (json_int_t)r->seed);
-    return json_pack("{s:i,s:o,s:[],s:i,s:b,s:o,s:i,s:i,s:o,s:s,s:b,s:s,s:s,s:i,s:o}", "index", 0, "content",
+    return json_pack("{s:i,s:o,s:[],s:i,s:b,s:o,s:i,s:i,s:o,s:s,s:b,s:s,s:o,s:i,s:o}", "index", 0, "content",
                      api_json_text(c && c->text ? c->text : "", c && c->text ? c->text_len : 0), "tokens", "id_slot", 0,
                      "stop", 1, "model", api_json_text(id, strlen(id)), "tokens_predicted", u->completion_tokens,
                      "tokens_evaluated", u->prompt_tokens, "generation_settings", settings, "prompt", "", "truncated",
-                     json_is_true(truncated), "stop_type", stop_type, "stopping_word", "", "tokens_cached",
+                     json_is_true(truncated), "stop_type", stop_type, "stopping_word", stopping_word, "tokens_cached",
                      u->cached_tokens, "timings", timings);
 }
 

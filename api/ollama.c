@@ -7,10 +7,13 @@
  * A request is translated into a /v1/completions body and read by api_completion_validate (one owner of
  * the sampling, stop and context rules); Ollama's options map onto it: num_predict -> max_tokens
  * (negative: until the context is full), repeat_penalty -> repetition_penalty, temperature, top_k,
- * top_p, min_p, seed, stop, presence/frequency_penalty. num_ctx, keep_alive, format, images and
- * "template" (a Go template) are accepted and ignored: the server's context and the model's own chat
- * template apply. Errors are Ollama's {"error": "message"}.
+ * top_p, min_p, seed, stop, presence/frequency_penalty; num_ctx below the served context caps this
+ * request's prompt + completion (above it, the served context applies). "template" (a Go template) and
+ * "format" (JSON / schema-constrained output) cannot be honoured: a non-empty value is a 400 naming the
+ * field, and so are "images" (text models only). keep_alive is accepted and ignored (the model stays loaded). Errors are Ollama's
+ * {"error": "message"}. The chat template is rendered off the event loop, with the tokenization.
  */
+#include <limits.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -28,9 +31,11 @@ static const struct { const char *ollama, *completion; } option_map[] = {
     {"frequency_penalty", "frequency_penalty"},
 };
 
-/* Copies root's options into c; err names the option as Ollama's clients know it. */
-static int map_options(const json_t *root, json_t *c, api_error *e) {
+/* Copies root's options into c; err names the option as Ollama's clients know it. num_ctx (a smaller
+ * context for this request) goes to *n_ctx (0: not given). */
+static int map_options(const json_t *root, json_t *c, int *n_ctx, api_error *e) {
     json_t *o = json_object_get(root, "options");
+    *n_ctx = 0;
     if (!o || json_is_null(o)) return 0;
     if (!json_is_object(o)) return api_error_set(e, 400, API_ERR_INVALID, "options", NULL, "'options' must be an object");
     for (size_t i = 0; i < sizeof option_map / sizeof *option_map; i++) {
@@ -40,16 +45,45 @@ static int map_options(const json_t *root, json_t *c, api_error *e) {
     json_t *np = json_object_get(o, "num_predict");
     if (np && json_is_integer(np) && json_integer_value(np) < 0) np = json_null(); /* -1, -2: no limit */
     json_object_set(c, "max_tokens", np ? np : json_null());
+    json_t *nc = json_object_get(o, "num_ctx");
+    if (nc && !json_is_null(nc)) {
+        if (!json_is_integer(nc) || json_integer_value(nc) < 1)
+            return api_error_set(e, 400, API_ERR_INVALID, "num_ctx", NULL, "'num_ctx' must be a positive integer");
+        /* more than the server runs with cannot be had: the served context applies (clients send their
+         * configured size whatever the server) */
+        *n_ctx = json_integer_value(nc) > INT_MAX ? INT_MAX : (int)json_integer_value(nc);
+    }
+    return 0;
+}
+
+/* Fields Ollama's clients may send that this server cannot honour: a 400 naming the field, never a
+ * silent default. "template" is a Go template (the model's own chat template applies; an empty one
+ * says nothing); "format" asks for constrained JSON output, which this server does not decode; "images"
+ * needs a vision model. */
+static int refuse_unsupported(const json_t *root, api_error *e) {
+    json_t *t = json_object_get(root, "template");
+    if (t && !json_is_null(t) && !(json_is_string(t) && json_string_length(t) == 0))
+        return api_error_set(e, 400, API_ERR_INVALID, "template", NULL,
+                             "'template' is not supported: Ollama's templates are Go templates; this server renders "
+                             "the model's own chat template (send raw: true with a prompt you formatted yourself)");
+    json_t *im = json_object_get(root, "images");
+    if (json_is_array(im) && json_array_size(im) > 0)
+        return api_error_set(e, 400, API_ERR_INVALID, "images", NULL, "'images' is not supported: this server's models read text only");
+    json_t *f = json_object_get(root, "format");
+    if (f && !json_is_null(f) && !(json_is_string(f) && json_string_length(f) == 0))
+        return api_error_set(e, 400, API_ERR_INVALID, "format", NULL,
+                             "'format' is not supported: this server has no constrained (JSON / schema) decoding");
     return 0;
 }
 
 /* Fills c (the translated body) from an Ollama request: model, stream (default true), options. */
-static int common_fields(json_t *root, json_t *c, api_error *e) {
+static int common_fields(json_t *root, json_t *c, int *n_ctx, api_error *e) {
+    if (refuse_unsupported(root, e)) return -1;
     json_t *v = json_object_get(root, "model");
     if (v) json_object_set(c, "model", v);
     v = json_object_get(root, "stream");
     json_object_set(c, "stream", v && !json_is_null(v) ? v : json_true());
-    return map_options(root, c, e);
+    return map_options(root, c, n_ctx, e);
 }
 
 /* A string field or absent/null; anything else is a 400 naming it. */
@@ -62,8 +96,9 @@ static int opt_string(const json_t *root, const char *key, const json_t **out, a
     return 0;
 }
 
-/* The prompt fields of /api/generate into c. */
-static int generate_prompt(const json_t *root, json_t *c, const api_model *m, api_error *e) {
+/* The prompt fields of /api/generate into c; a prompt that goes through the chat template is left to
+ * build off the loop: *chat gets api_chat_build_prompt's args. */
+static int generate_prompt(const json_t *root, json_t *c, const api_model *m, json_t **chat, api_error *e) {
     const json_t *prompt, *suffix, *system;
     if (opt_string(root, "prompt", &prompt, e) || opt_string(root, "suffix", &suffix, e) ||
         opt_string(root, "system", &system, e))
@@ -84,22 +119,19 @@ static int generate_prompt(const json_t *root, json_t *c, const api_model *m, ap
     json_t *msgs = json_array();
     if (system) json_array_append_new(msgs, json_pack("{s:s,s:O}", "role", "system", "content", system));
     json_array_append_new(msgs, json_pack("{s:s,s:s%}", "role", "user", "content", ptext, plen));
-    size_t n = 0;
-    char *text = api_chat_prompt(m, msgs, NULL, &n, e);
+    *chat = msgs ? api_chat_defer_args(msgs, NULL) : NULL;
     json_decref(msgs);
-    if (!text) return -1;
-    json_object_set_new(c, "prompt", json_stringn(text, n));
-    free(text);
+    if (!*chat) return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
     return 0;
 }
 
-/* The messages of /api/chat into c. */
-static int chat_prompt(const json_t *root, json_t *c, const api_model *m, api_error *e) {
-    size_t n = 0;
-    char *text = api_chat_prompt(m, json_object_get(root, "messages"), json_object_get(root, "tools"), &n, e);
-    if (!text) return -1;
-    json_object_set_new(c, "prompt", json_stringn(text, n));
-    free(text);
+/* The messages of /api/chat: checked here, rendered off the loop (*chat: api_chat_build_prompt's args). */
+static int chat_prompt(const json_t *root, json_t *c, const api_model *m, json_t **chat, api_error *e) {
+    (void)c;
+    json_t *messages = json_object_get(root, "messages");
+    if (api_chat_check(m, messages, e)) return -1;
+    if (!(*chat = api_chat_defer_args(messages, json_object_get(root, "tools"))))
+        return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
     return 0;
 }
 
@@ -119,26 +151,38 @@ static int is_load(const json_t *root, int chat) {
 }
 
 /* Either request: body -> translated body (prompt by the dialect's function, then the common fields)
- * -> the completion rules. */
+ * -> the completion rules. A prompt through the chat template is rendered later, off the loop. */
 static int parse_request(const char *body, size_t len, const api_model *m, const api_limits *lim,
-                         int (*prompt)(const json_t *, json_t *, const api_model *, api_error *), int chat,
-                         api_completion_req *out, api_error *e) {
+                         int (*prompt)(const json_t *, json_t *, const api_model *, json_t **, api_error *),
+                         int chat, api_completion_req *out, api_error *e) {
     json_t *root = api_format_load_body(body, len, m, lim, out, e);
     if (!root) return -1;
-    json_t *c = json_object();
-    int rc = -1, load = is_load(root, chat);
+    json_t *c = json_object(), *args = NULL;
+    int rc = -1, load = is_load(root, chat), n_ctx = 0;
     if (!c) api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
-    else if ((load || !prompt(root, c, m, e)) && !common_fields(root, c, e)) {
+    else if ((load || !prompt(root, c, m, &args, e)) && !common_fields(root, c, &n_ctx, e)) {
         if (load) { /* the completion rules require a prompt: the empty text, and nothing generated */
             json_object_set_new(c, "prompt", json_string(""));
             json_object_set_new(c, "max_tokens", json_integer(0));
         }
+        if (args) { /* the template's text, with its special tokens, replaces "" off the loop */
+            json_object_set_new(c, "prompt", json_string(""));
+            json_object_set_new(c, "parse_special", json_true());
+        }
+        /* num_ctx: prompt and completion must fit the smaller context this request asks for */
+        api_limits l = *lim;
+        if (n_ctx > 0) l.n_ctx = n_ctx;
         /* Ollama clients send more stop strings than OpenAI's 4; errors name Ollama's options */
         json_t *d = json_pack("{s:b,s:{s:s,s:s}}", "load", load, "params", "max_tokens", "num_predict",
                               "repetition_penalty", "repeat_penalty");
         if (!d) api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
-        else rc = api_format_parse_translated(c, d, m, lim, API_STOP_MAX, out, e);
+        else rc = api_format_parse_translated(c, d, m, &l, API_STOP_MAX, out, e);
+        if (rc == 0 && args) {
+            api__completion_defer_prompt(out, api_chat_build_prompt, args);
+            args = NULL;
+        }
     }
+    json_decref(args);
     json_decref(c);
     json_decref(root);
     return rc;

@@ -97,6 +97,11 @@ static json_t *token_json(const cm_model *m, int32_t id, long *chars) {
     return j;
 }
 
+json_t *api_token_json(const cm_model *m, int32_t id) {
+    long chars = 0;
+    return token_json(m, id, &chars);
+}
+
 /* {tokens, token_logprobs, top_logprobs, text_offset} for lp[0..n). */
 static json_t *logprobs_json(const api_completion_req *r, const api_token_lp *lp, int n, long offset) {
     const cm_model *m = r->model->model;

@@ -2,7 +2,8 @@
  * routing.c - expert-routing statistics of mixture-of-experts models: sums of the engine's
  * per-sequence reports (cm_seq_routing) over a request's sequences or the server's lifetime, and the
  * JSON record of a completion's routing (GET /v1/completions/{id}/routing and the "routing" response
- * extension). Dense models report nothing: the record has empty layers.
+ * extension), with "routing": "tokens" also each token's experts (cm_seq_routing_tokens). Dense models
+ * report nothing: the record has empty layers.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -14,7 +15,40 @@ void api_route_agg_free(api_route_agg *a) {
     free(a->seg);
     free(a->adapter);
     free(a->seg_windows);
+    free(a->tokens);
     memset(a, 0, sizeof *a);
+}
+
+int api_route_agg_add_tokens(api_route_agg *a, const cm_route_tokens *t) {
+    if (!t) return 0;
+    if (a->tokens) return -1;
+    size_t n = (size_t)t->n_tokens, nt = n * (size_t)t->n_layer * (size_t)t->k_tok,
+           ns = n * (size_t)t->n_layer * (size_t)t->k_seg, na = t->adapters ? n : 0;
+    /* one block, widest elements first so every array stays aligned */
+    size_t sz = sizeof *t + na * sizeof(uint64_t) + (nt + ns) * sizeof(float) + n * sizeof(int32_t) +
+                (nt + ns) * sizeof(int16_t) + n;
+    unsigned char *mem = malloc(sz), *p = mem + sizeof *t;
+    if (!mem) return -1;
+    cm_route_tokens *d = (cm_route_tokens *)mem;
+    *d = *t;
+#define TAKE(field, count)                                                     \
+    do {                                                                       \
+        size_t b_ = (count) * sizeof *t->field;                                \
+        if (b_) memcpy(p, t->field, b_);                                       \
+        d->field = (void *)p;                                                  \
+        p += b_;                                                               \
+    } while (0)
+    TAKE(adapters, na);
+    TAKE(tok_gate, nt);
+    TAKE(seg_gate, ns);
+    TAKE(token, n);
+    TAKE(tok_expert, nt);
+    TAKE(seg_expert, ns);
+    TAKE(generated, n);
+#undef TAKE
+    if (!t->adapters) d->adapters = NULL;
+    a->tokens = d;
+    return 0;
 }
 
 static int shape_same(const api_route_agg *a, const cm_routing *r) {
@@ -70,6 +104,7 @@ int api_route_agg_copy(api_route_agg *dst, const api_route_agg *src) {
     *dst = *src;
     dst->tok = dst->seg = dst->adapter = NULL;
     dst->seg_windows = NULL;
+    dst->tokens = NULL;
     size_t nt = (size_t)src->n_layer * (size_t)src->n_tok, ns = (size_t)src->n_layer * (size_t)src->n_seg;
     size_t nw = ns * (size_t)src->n_windows;
     if ((nt && !(dst->tok = malloc(nt * sizeof *dst->tok))) || (ns && !(dst->seg = malloc(ns * sizeof *dst->seg))) ||
@@ -94,6 +129,58 @@ static json_t *counts_json(const cm_route_count *c, int n, const char *key) {
                               x->tokens[0] ? x->gate_sum[0] / x->tokens[0] : 0.0, "generated_mean_gate",
                               x->tokens[1] ? x->gate_sum[1] / x->tokens[1] : 0.0);
         if (o) json_array_append_new(arr, o);
+    }
+    return arr;
+}
+
+/* ids[0..k) up to the first unused slot (-1), and their gates */
+static void slots_json(const int16_t *ids, const float *gates, int k, json_t *id_out, json_t *gate_out) {
+    json_t *i_arr = json_array(), *g_arr = json_array();
+    for (int j = 0; j < k && ids[j] >= 0; j++) {
+        json_array_append_new(i_arr, json_integer(ids[j]));
+        json_array_append_new(g_arr, json_real(gates[j]));
+    }
+    json_array_append_new(id_out, i_arr);
+    json_array_append_new(gate_out, g_arr);
+}
+
+/* One level (token or segment) of position p: per layer its ids under id_key and gates under gate_key;
+ * ids and gates are (n_tokens, n_layer, k). */
+static void level_json(json_t *o, const cm_route_tokens *t, int p, int k, const int16_t *ids, const float *gates,
+                       const char *id_key, const char *gate_key) {
+    json_t *ex = json_array(), *g = json_array();
+    for (int l = 0; ex && g && l < t->n_layer; l++) {
+        size_t row = ((size_t)p * t->n_layer + l) * (size_t)k;
+        slots_json(ids + row, gates + row, k, ex, g);
+    }
+    json_object_set_new(o, id_key, ex);
+    json_object_set_new(o, gate_key, g);
+}
+
+/* One object per recorded position: {position, id, text, generated, experts, gates (per layer),
+ * segment_experts, segment_gates (per layer, hybrid), adapters (MoLE)}. */
+static json_t *tokens_json(const cm_route_tokens *t, const cm_model *m) {
+    json_t *arr = json_array();
+    for (int p = 0; arr && p < t->n_tokens; p++) {
+        json_t *o = json_pack("{s:i}", "position", p);
+        if (!o) continue;
+        if (t->token[p] < 0) { /* reused from the prefix cache: no expert ran for it */
+            json_object_set_new(o, "id", json_null());
+            json_array_append_new(arr, o);
+            continue;
+        }
+        json_object_set_new(o, "id", json_integer(t->token[p]));
+        if (m) json_object_set_new(o, "text", api_token_json(m, t->token[p]));
+        json_object_set_new(o, "generated", json_boolean(t->generated[p]));
+        if (t->k_tok) level_json(o, t, p, t->k_tok, t->tok_expert, t->tok_gate, "experts", "gates");
+        if (t->k_seg) level_json(o, t, p, t->k_seg, t->seg_expert, t->seg_gate, "segment_experts", "segment_gates");
+        if (t->adapters) {
+            json_t *ad = json_array();
+            for (int i = 0; ad && i < 64; i++)
+                if (t->adapters[p] >> i & 1) json_array_append_new(ad, json_integer(i));
+            json_object_set_new(o, "adapters", ad);
+        }
+        json_array_append_new(arr, o);
     }
     return arr;
 }
@@ -138,6 +225,10 @@ json_t *api_routing_json(const api_route_agg *a, const cm_model *m, const api_ro
             }
         }
         json_array_append_new(layers, lo);
+    }
+    if (info->tokens && a->tokens) {
+        json_object_set_new(o, "tokens", tokens_json(a->tokens, m));
+        json_object_set_new(o, "tokens_dropped", json_integer(a->tokens->n_dropped));
     }
     if (a->n_adapters) {
         json_t *ad = counts_json(a->adapter, a->n_adapters, "adapter");

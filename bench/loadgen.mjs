@@ -62,6 +62,8 @@ const USAGE = `usage: node bench/loadgen.mjs --url URL --workload humaneval|fim|
   --burst A-B            keystrokes per burst (default 3-8)
   --think-ms A-B         pause after the last suggestion of a burst (default 200-600)
   --warmup N             unmeasured short requests before the run (default 1)
+  --affinity             typing: user u sends X-Codemoe-Affinity: user<u> (the key a load balancer
+                         in front of several replicas routes on, deploy/haproxy/)
   --label NAME           name of this run in tables (default: the URL)
   --json FILE            write the run (summary, per-request records, metrics) as JSON
   --quiet                no table on stdout`;
@@ -73,7 +75,7 @@ function parseArgs(argv) {
         url: "http://127.0.0.1:8080", workload: "humaneval", concurrency: 1, requests: 32, duration: 60,
         timeout: 120, maxTokens: 16, temperature: 0, fim: "inline", data: DEFAULT_DATA, langs: LANGS,
         seed: 1, model: null, typeChars: [1, 4], typeMs: [60, 160], burst: [3, 8], thinkMs: [200, 600],
-        warmup: 1, label: null, json: null, quiet: false, report: null,
+        warmup: 1, label: null, json: null, quiet: false, report: null, affinity: false, userHeaders: null,
     };
     const range = (s, k) => {
         const m = /^(\d+)(?:-(\d+))?$/.exec(s);
@@ -91,6 +93,7 @@ function parseArgs(argv) {
         const k = argv[i];
         if (k === "--report") { o.report = argv.slice(i + 1); break; }
         if (k === "--quiet") { o.quiet = true; continue; }
+        if (k === "--affinity") { o.affinity = true; o.userHeaders = (u) => ({ "x-codemoe-affinity": `user${u}` }); continue; }
         if (k === "-h" || k === "--help") { console.log(USAGE); process.exit(0); }
         const v = argv[++i];
         if (v === undefined) die(`${k}: missing value`);
@@ -219,7 +222,7 @@ function startCompletion(target, agent, o, req) {
     const payload = JSON.stringify(body);
     const rec = {
         tag: req.tag, start_ms: 0, end_ms: 0, ttft_ms: null, itl_ms: [], events: 0, tokens: 0,
-        prompt_tokens: null, cached_tokens: null, outcome: null, status: null, error: null,
+        prompt_tokens: null, cached_tokens: null, outcome: null, status: null, served_by: null, error: null,
     };
     let hreq = null, timer = null, settle;
     const done = new Promise((res) => { settle = res; });
@@ -263,10 +266,15 @@ function startCompletion(target, agent, o, req) {
 
     hreq = http.request({
         host: target.host, port: target.port, path: `${target.base}/v1/completions`, method: "POST", agent,
-        headers: { "content-type": "application/json", "content-length": Buffer.byteLength(payload), accept: "text/event-stream" },
+        headers: {
+            "content-type": "application/json", "content-length": Buffer.byteLength(payload), accept: "text/event-stream",
+            ...(req.headers || {}),
+        },
     });
     hreq.on("response", (res) => {
         rec.status = res.statusCode;
+        // which replica answered, when a load balancer says so (deploy/haproxy/haproxy.cfg does)
+        rec.served_by = res.headers["x-codemoe-replica"] || null;
         res.setEncoding("utf8");
         let buf = "";
         if (res.statusCode !== 200) {
@@ -345,6 +353,40 @@ function metricDeltas(a, b) {
 
 // ------------------------------------------------------------------------------------------ run
 
+// One user of the typing workload (user u of o.concurrency): types problems u, u+C, u+2C, ... (C =
+// o.concurrency), each from the end of its prompt, while claim() grants requests; every record goes to
+// onRecord when its request ends. o.userHeaders(u), if set, gives extra request headers of user u (an
+// affinity key behind a load balancer). Also used by tests/integration/test_deploy_haproxy.mjs.
+export async function typingUser(target, agent, o, problems, u, claim, onRecord) {
+    const r = rng(o.seed * 1000003 + u);
+    let file = u, cursor = -1, text = "", inflight = null;
+    while (true) {
+        const burst = randint(r, o.burst);
+        let stop = false;
+        for (let k = 0; k < burst; k++) {
+            if (cursor < 0 || cursor >= text.length) {
+                // next file: user u types files u, u+C, u+2C, ... starting at the prompt's end
+                const p = problems[file % problems.length];
+                file += o.concurrency;
+                text = p.prompt + p.solution;
+                cursor = p.prompt.length;
+            }
+            cursor = Math.min(text.length, cursor + randint(r, o.typeChars));
+            if (!claim()) { stop = true; break; }   // the last suggestion is still awaited below
+            if (inflight) inflight.cancel();
+            inflight = startCompletion(target, agent, o, { tag: `user${u}`, prompt: text.slice(0, cursor), headers: o.userHeaders ? o.userHeaders(u) : undefined });
+            inflight.done.then(onRecord);
+            await sleep(randint(r, o.typeMs));
+        }
+        if (inflight) {
+            await inflight.done;   // the user reads the suggestion of the burst's last keystroke
+            inflight = null;
+        }
+        if (stop) break;
+        await sleep(randint(r, o.thinkMs));
+    }
+}
+
 async function run(o) {
     const target = loopbackTarget(o.url);
     const problems = loadProblems(o.data, o.langs, o.seed);
@@ -368,35 +410,7 @@ async function run(o) {
     t0 = performance.now();
 
     if (o.workload === "typing") {
-        const user = async (u) => {
-            const r = rng(o.seed * 1000003 + u);
-            let file = u, cursor = -1, text = "", inflight = null;
-            while (true) {
-                const burst = randint(r, o.burst);
-                let stop = false;
-                for (let k = 0; k < burst; k++) {
-                    if (cursor < 0 || cursor >= text.length) {
-                        // next file: user u types files u, u+C, u+2C, ... starting at the prompt's end
-                        const p = problems[file % problems.length];
-                        file += o.concurrency;
-                        text = p.prompt + p.solution;
-                        cursor = p.prompt.length;
-                    }
-                    cursor = Math.min(text.length, cursor + randint(r, o.typeChars));
-                    if (!claim()) { stop = true; break; }   // the last suggestion is still awaited below
-                    if (inflight) inflight.cancel();
-                    inflight = startCompletion(target, agent, o, { tag: `user${u}`, prompt: text.slice(0, cursor) });
-                    inflight.done.then((rec) => records.push(rec));
-                    await sleep(randint(r, o.typeMs));
-                }
-                if (inflight) {
-                    await inflight.done;   // the user reads the suggestion of the burst's last keystroke
-                    inflight = null;
-                }
-                if (stop) break;
-                await sleep(randint(r, o.thinkMs));
-            }
-        };
+        const user = (u) => typingUser(target, agent, o, problems, u, claim, (rec) => records.push(rec));
         await Promise.all(Array.from({ length: o.concurrency }, (_, u) => user(u)));
     } else {
         const reqs = buildRequests(o, problems);
@@ -441,7 +455,7 @@ function serverTokens(d) {
     return null;
 }
 
-function summarize(o, records, wallMs, deltas, load1) {
+export function summarize(o, records, wallMs, deltas, load1) {
     const ok = records.filter((r) => r.outcome === "ok");
     const errs = records.filter((r) => r.outcome === "error");
     const tokens = records.reduce((s, r) => s + r.tokens, 0);

@@ -300,6 +300,7 @@ static int seq_salt(const cm_ctx *c, int seq, uint64_t *salt) {
 
 void cm_seq_close(cm_ctx *c, int seq) {
     if (!c || !seq_valid(c, seq)) return;
+    if (c->moe) cm_moe_seq_close(c->moe, seq); /* frees the sequence's routing detail */
     uint64_t salt;
     int32_t tail = c->kv.cache_on && seq_salt(c, seq, &salt) ? cm_kv_seq_tail_block(&c->kv, seq) : -1;
     if (tail < 0) {

@@ -46,6 +46,11 @@ typedef struct moe_seq {
     cm_routing r;
     cm_route_count *tok, *seg, *adapter;
     uint32_t *seg_windows;
+    /* per-token detail (cm_moe_seq_tokens_enable): rows for positions 0..cap-1, allocated when enabled,
+     * written in place during cm_forward; det.n_tokens and det.n_dropped follow det_hi */
+    int det_cap, det_hi;
+    void *det_mem;        /* one allocation carved into the arrays of det */
+    cm_route_tokens det;
 } moe_seq;
 
 typedef struct mm_op {
@@ -288,6 +293,7 @@ void cm_moe_ctx_free(cm_moe_ctx *mc) {
         free(q->win_n);
         free(q->pool_max);
         free(q->pool_sum);
+        free(q->det_mem);
     }
     free(mc->seqs);
     free(mc->sets);
@@ -339,6 +345,7 @@ static void seq_state_reset(cm_moe_ctx *mc, moe_seq *q) {
 
 void cm_moe_seq_open(cm_moe_ctx *mc, int seq) {
     moe_seq *q = &mc->seqs[seq];
+    cm_moe_seq_close(mc, seq);
     cm_seq_options_default(&q->opt);
     seq_state_reset(mc, q);
     cm_moe_routing_reset(mc, seq);
@@ -443,8 +450,15 @@ int cm_moe_seq_truncate_check(const cm_moe_ctx *mc, int seq, int len, int n, cm_
                       mc->mm->kind == CM_MOE_HYBRID ? "hybrid-MoE" : "MoLE", CM_KV_BLOCK_TOKENS, len, n);
 }
 
+static void det_clear(cm_moe_ctx *mc, moe_seq *q, int p0, int p1);
+
 void cm_moe_seq_truncate(cm_moe_ctx *mc, int seq, int len, int n, const unsigned char *snap) {
     if (n == len) return;
+    moe_seq *q = &mc->seqs[seq];
+    if (q->det_hi > n) { /* forgotten positions leave the detail */
+        det_clear(mc, q, n, q->det_hi);
+        q->det_hi = n;
+    }
     cm_moe_seq_restore(mc, seq, n == 0 ? NULL : snap);
 }
 
@@ -462,6 +476,116 @@ int cm_moe_seq_set_options(cm_moe_ctx *mc, int seq, int len, const cm_seq_option
     return CM_OK;
 }
 
+
+/* ------------------------------------------------------------ per-token detail
+ *
+ * Row p of a sequence's detail is position p: written when the position enters a batch (token,
+ * generated flag, MoLE set; expert slots cleared to -1), then filled slot by slot as each layer routes
+ * it. Positions are independent of batch composition, so a sequence's detail is the same batched or
+ * alone. Positions at or past det_cap are counted (det_hi) but not kept. */
+
+static size_t det_row_bytes(int n_layer, int k_tok, int k_seg, int mole) {
+    return sizeof(int32_t) + sizeof(int8_t) + (mole ? sizeof(uint64_t) : 0) +
+           (size_t)n_layer * (size_t)(k_tok + k_seg) * (sizeof(int16_t) + sizeof(float));
+}
+
+/* Rows [p0, p1) back to "not routed": token -1, no experts (positions a prefix-cache attach maps
+ * are never fed, so their rows must not keep an earlier run's). */
+static void det_clear(cm_moe_ctx *mc, moe_seq *q, int p0, int p1) {
+    cm_route_tokens *d = &q->det;
+    if (p1 > q->det_cap) p1 = q->det_cap;
+    if (p0 >= p1) return;
+    size_t nt = (size_t)mc->n_layer * (size_t)d->k_tok, ns = (size_t)mc->n_layer * (size_t)d->k_seg, n = (size_t)(p1 - p0);
+    memset((int32_t *)d->token + p0, 0xff, n * sizeof *d->token); /* all bits set: -1 */
+    memset((int16_t *)d->tok_expert + (size_t)p0 * nt, 0xff, n * nt * sizeof *d->tok_expert);
+    memset((int16_t *)d->seg_expert + (size_t)p0 * ns, 0xff, n * ns * sizeof *d->seg_expert);
+    memset((int8_t *)d->generated + p0, 0, n);
+    if (d->adapters) memset((uint64_t *)d->adapters + p0, 0, n * sizeof *d->adapters);
+}
+
+static void det_begin(cm_moe_ctx *mc, moe_seq *q, int p, int32_t tok, int gen) {
+    if (p + 1 > q->det_hi) q->det_hi = p + 1;
+    if (p >= q->det_cap) return;
+    cm_route_tokens *d = &q->det;
+    ((int32_t *)d->token)[p] = tok;
+    ((int8_t *)d->generated)[p] = (int8_t)gen;
+    size_t nt = (size_t)mc->n_layer * (size_t)d->k_tok, ns = (size_t)mc->n_layer * (size_t)d->k_seg;
+    for (size_t k = 0; k < nt; k++) ((int16_t *)d->tok_expert)[(size_t)p * nt + k] = -1;
+    for (size_t k = 0; k < ns; k++) ((int16_t *)d->seg_expert)[(size_t)p * ns + k] = -1;
+    if (d->adapters) ((uint64_t *)d->adapters)[p] = 0;
+}
+
+/* Position p of layer il went to expert e (level 0 token, 1 segment) with gate g: the next free slot. */
+static void det_put(cm_moe_ctx *mc, moe_seq *q, int il, int p, int level, int e, double g) {
+    if (p >= q->det_cap) return;
+    cm_route_tokens *d = &q->det;
+    int k = level ? d->k_seg : d->k_tok;
+    size_t row = ((size_t)p * (size_t)mc->n_layer + (size_t)il) * (size_t)k;
+    int16_t *ex = (int16_t *)(level ? d->seg_expert : d->tok_expert) + row;
+    float *gt = (float *)(level ? d->seg_gate : d->tok_gate) + row;
+    for (int j = 0; j < k; j++)
+        if (ex[j] < 0) {
+            ex[j] = (int16_t)e;
+            gt[j] = (float)g;
+            return;
+        }
+}
+
+int cm_moe_seq_tokens_enable(cm_moe_ctx *mc, int seq, int n_max, cm_err *err) {
+    const cm_moe_model *mm = mc->mm;
+    moe_seq *q = &mc->seqs[seq];
+    cm_moe_seq_close(mc, seq);
+    if (n_max <= 0) return 0;
+    int mole = mm->kind == CM_MOE_MOLE;
+    int k_tok = mole ? 0 : mm->k_used, k_seg = mole ? 0 : mc->S - mm->k_used;
+    size_t row = det_row_bytes(mc->n_layer, k_tok, k_seg, mole);
+    size_t cap = CM_ROUTE_TOKENS_MAX_BYTES / row;
+    if ((size_t)n_max < cap) cap = (size_t)n_max;
+    if (cap > (size_t)mc->n_ctx) cap = (size_t)mc->n_ctx;
+    size_t nl = (size_t)mc->n_layer * cap;
+    /* arrays by alignment, widest first: adapters (8), gates and tokens (4), expert ids (2), flags (1) */
+    size_t o_ad = 0, o_tg = o_ad + (mole ? cap * sizeof(uint64_t) : 0);
+    size_t o_sg = o_tg + nl * (size_t)k_tok * sizeof(float), o_tok = o_sg + nl * (size_t)k_seg * sizeof(float);
+    size_t o_te = o_tok + cap * sizeof(int32_t), o_se = o_te + nl * (size_t)k_tok * sizeof(int16_t);
+    size_t o_gen = o_se + nl * (size_t)k_seg * sizeof(int16_t), total = o_gen + cap;
+    unsigned char *mem = calloc(1, total);
+    if (!mem) return cm_err_set(err, CM_E_NOMEM, "seq: cannot allocate the routing detail of %zu positions", cap);
+    q->det_mem = mem;
+    q->det_cap = (int)cap;
+    q->det_hi = 0;
+    cm_route_tokens *d = &q->det;
+    memset(d, 0, sizeof *d);
+    d->n_layer = mc->n_layer;
+    d->k_tok = k_tok;
+    d->k_seg = k_seg;
+    d->shared_expert = mole ? -1 : mm->shared;
+    d->window = mole ? 0 : mm->window;
+    d->token = (const int32_t *)(mem + o_tok);
+    d->generated = (const int8_t *)(mem + o_gen);
+    d->tok_expert = (const int16_t *)(mem + o_te);
+    d->tok_gate = (const float *)(mem + o_tg);
+    d->seg_expert = (const int16_t *)(mem + o_se);
+    d->seg_gate = (const float *)(mem + o_sg);
+    d->adapters = mole ? (const uint64_t *)(mem + o_ad) : NULL;
+    det_clear(mc, q, 0, q->det_cap);
+    return (int)cap;
+}
+
+const cm_route_tokens *cm_moe_seq_tokens(cm_moe_ctx *mc, int seq) {
+    moe_seq *q = &mc->seqs[seq];
+    if (!q->det_mem) return NULL;
+    q->det.n_tokens = q->det_hi < q->det_cap ? q->det_hi : q->det_cap;
+    q->det.n_dropped = q->det_hi - q->det.n_tokens;
+    return &q->det;
+}
+
+void cm_moe_seq_close(cm_moe_ctx *mc, int seq) {
+    moe_seq *q = &mc->seqs[seq];
+    free(q->det_mem);
+    q->det_mem = NULL;
+    q->det_cap = q->det_hi = 0;
+    memset(&q->det, 0, sizeof q->det);
+}
 
 /* ============================================================ batch */
 
@@ -528,6 +652,7 @@ void cm_moe_batch_begin(cm_moe_ctx *mc, const cm_batch *b, const int32_t *pos, u
     mc->n = b->n;
     for (int i = 0; i < b->n; i++) {
         mc->gen[i] = b->generated && b->generated[i] ? 1 : 0;
+        det_begin(mc, &mc->seqs[b->seq[i]], pos[i], b->token[i], mc->gen[i]);
         if (mm->kind != CM_MOE_MOLE) continue;
         moe_seq *q = &mc->seqs[b->seq[i]];
         uint64_t set = 0;
@@ -538,6 +663,7 @@ void cm_moe_batch_begin(cm_moe_ctx *mc, const cm_batch *b, const int32_t *pos, u
         }
         if (snap && snap[i]) memcpy(snap[i], &q->fence, sizeof q->fence);
         mc->sets[i] = set;
+        if (pos[i] < q->det_cap) ((uint64_t *)q->det.adapters)[pos[i]] = set;
         if (mc->stats_on)
             for (int a = 0; a < mm->n_adapters; a++)
                 if (set >> a & 1) {
@@ -617,6 +743,7 @@ static void route_token_level(cm_moe_ctx *mc, int il, const float *x) {
         for (int j = 0; j < m; j++) {
             double g = p[sel[j]] / sum;
             add_slot(mc, i, sel[j], (float)(mm->a_tok * g));
+            det_put(mc, q, il, mc->pos[i], 0, sel[j], g);
             if (mc->stats_on) {
                 st[sel[j]].tokens[mc->gen[i]]++;
                 st[sel[j]].gate_sum[mc->gen[i]] += g;
@@ -625,8 +752,11 @@ static void route_token_level(cm_moe_ctx *mc, int il, const float *x) {
     }
 }
 
+/* A token routed to segment expert e: the statistics (when on) and the sequence's detail (when enabled). */
 static void seg_stat(cm_moe_ctx *mc, moe_seq *q, int il, int e, int gen, double g, int pos) {
     const cm_moe_model *mm = mc->mm;
+    det_put(mc, q, il, pos, 1, e, g);
+    if (!mc->stats_on) return;
     cm_route_count *st = q->seg + (size_t)il * mm->n_seg + e;
     st->tokens[gen]++;
     st->gate_sum[gen] += g;
@@ -663,7 +793,7 @@ static void route_seg_causal(cm_moe_ctx *mc, int il, const float *x, int i) {
     for (int j = 0; j < m; j++) {
         double g = p[sel[j]] * mm->gate_scale;
         add_slot(mc, i, mm->n_tok + sel[j], (float)(mm->a_seg * g));
-        if (mc->stats_on) seg_stat(mc, q, il, sel[j], mc->gen[i], g, mc->pos[i]);
+        seg_stat(mc, q, il, sel[j], mc->gen[i], g, mc->pos[i]);
     }
 }
 
@@ -710,7 +840,7 @@ static void route_seg_reference(cm_moe_ctx *mc, int il, const float *x, int seq)
             for (int t = best * w; t < (best + 1) * w; t++) {
                 int i = mc->ref_idx[t];
                 add_slot(mc, i, mm->n_tok + e, (float)(mm->a_seg * g));
-                if (mc->stats_on) seg_stat(mc, q, il, e, mc->gen[i], g, mc->pos[i]);
+                seg_stat(mc, q, il, e, mc->gen[i], g, mc->pos[i]);
             }
         }
         for (int s = 0; s < P; s++)

@@ -139,5 +139,10 @@ void cm_moe_set_trace(cm_moe_ctx *mc, cm_moe_trace_fn fn, void *ud);
 const cm_routing *cm_moe_routing(cm_moe_ctx *mc, int seq);
 void cm_moe_routing_reset(cm_moe_ctx *mc, int seq);
 void cm_moe_set_stats(cm_moe_ctx *mc, int on);
+/* Per-token detail (codemoe.h cm_seq_routing_tokens_enable): enable allocates the rows (n_max <= 0 frees
+ * them) and returns the capacity or CM_E_NOMEM; close frees them (cm_seq_close, reopen, fork). */
+int cm_moe_seq_tokens_enable(cm_moe_ctx *mc, int seq, int n_max, cm_err *err);
+const cm_route_tokens *cm_moe_seq_tokens(cm_moe_ctx *mc, int seq);
+void cm_moe_seq_close(cm_moe_ctx *mc, int seq);
 
 #endif

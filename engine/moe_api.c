@@ -1,6 +1,6 @@
 /*
  * moe_api.c - the public (codemoe.h) face of the mixture-of-experts code: sequence options, routing
- * statistics, the model's expert shape and adapter names. Dense models accept options and report no statistics.
+ * statistics and their per-token detail, the model's expert shape and adapter names. Dense models accept options and report no statistics.
  */
 #include <string.h>
 
@@ -26,6 +26,20 @@ const cm_routing *cm_seq_routing(const cm_ctx *c, int seq) {
 void cm_seq_routing_reset(cm_ctx *c, int seq) {
     cm_moe_ctx *mc = cm_ctx_moe(c);
     if (mc && cm_seq_len(c, seq) >= 0) cm_moe_routing_reset(mc, seq);
+}
+
+int cm_seq_routing_tokens_enable(cm_ctx *c, int seq, int n_max, cm_err *err) {
+    int len = cm_seq_len(c, seq);
+    if (len < 0) return cm_err_set(err, CM_E_RANGE, "seq: %d is not an open sequence", seq);
+    if (len != 0) return cm_err_set(err, CM_E_INVAL, "seq: routing detail can be enabled only while sequence %d is empty", seq);
+    cm_moe_ctx *mc = cm_ctx_moe(c);
+    return mc ? cm_moe_seq_tokens_enable(mc, seq, n_max, err) : 0;
+}
+
+const cm_route_tokens *cm_seq_routing_tokens(const cm_ctx *c, int seq) {
+    cm_moe_ctx *mc = cm_ctx_moe(c);
+    if (!mc || cm_seq_len(c, seq) < 0) return NULL;
+    return cm_moe_seq_tokens(mc, seq);
 }
 
 void cm_ctx_set_routing_stats(cm_ctx *c, int on) {

@@ -42,6 +42,7 @@
 #include "conn.h"
 #include "server.h"
 #include "format.h"
+#include "ui.h"
 
 /* The endpoints (URL routes) the server answers; expert "routing" is a different thing (api/routing.c). */
 enum {
@@ -69,6 +70,9 @@ enum {
     ENDPOINT_PROPS,             /* GET /props (llama.cpp) */
     ENDPOINT_ADMIN_MODELS,      /* POST /admin/models: load a model */
     ENDPOINT_ADMIN_MODEL,       /* PUT (replace) or DELETE (unload) /admin/models/{id} */
+    ENDPOINT_TABBY_EVENTS,      /* POST /v1/events (Tabby's telemetry) */
+    ENDPOINT_UI,                /* GET / and /ui/...: the playground's files (ui.c), unless --no-ui */
+    ENDPOINT_STATUS,            /* GET /v1/status: the playground's live server view (ui.c) */
 };
 
 /* the "route" label of the access log and the request metrics: a fixed name per endpoint, never the
@@ -77,7 +81,8 @@ static const char *endpoint_label[] = {"unknown", "health", "metrics", "models",
                                        "routing", "preflight", "chat", "ollama_generate", "ollama_chat",
                                        "ollama_tags", "ollama_ps", "ollama_show", "ollama_version",
                                        "llama_completion", "llama_infill", "fim_completions", "tabby_health",
-                                       "tokenize", "detokenize", "props", "admin_models", "admin_model"};
+                                       "tokenize", "detokenize", "props", "admin_models", "admin_model", "tabby_events",
+                                       "ui", "status"};
 
 /* The dialect of an endpoint that runs a completion job (its parser and renderers), NULL for the others. */
 static const api_format *endpoint_format(int endpoint) {
@@ -93,11 +98,11 @@ static const api_format *endpoint_format(int endpoint) {
     }
 }
 
-/* Endpoints answered to POST with a JSON body: the completion dialects, Ollama's /api/show and
- * llama.cpp's /tokenize and /detokenize. */
+/* Endpoints answered to POST with a JSON body: the completion dialects, Ollama's /api/show,
+ * llama.cpp's /tokenize and /detokenize, and Tabby's /v1/events. */
 static int endpoint_is_post(int endpoint) {
     return endpoint_format(endpoint) || endpoint == ENDPOINT_OLLAMA_SHOW || endpoint == ENDPOINT_TOKENIZE ||
-           endpoint == ENDPOINT_DETOKENIZE;
+           endpoint == ENDPOINT_DETOKENIZE || endpoint == ENDPOINT_TABBY_EVENTS;
 }
 
 enum { WATCH_NONE = 0, WATCH_ACTIVE, WATCH_STOPPED, WATCH_CLOSING, WATCH_CLOSED };
@@ -107,6 +112,7 @@ typedef struct choice_acc {
     srv_buf text;       /* echo text + completion */
     srv_tokvec toks;    /* echoed prompt tokens, then generated ones */
     api_finish finish;
+    int stop_word;      /* api_choice.stop_word of the finish */
     long chars;         /* characters of the completion text sent so far (stream text_offset) */
     int started;        /* stream: the echo part went out */
     int chunks;         /* stream: deltas rendered */
@@ -239,6 +245,11 @@ static void respond(srv_req *r, int status, const char *ctype, char *body, size_
     add_common_headers(r, resp);
     if (status == 429 || status == 503) MHD_add_response_header(resp, "Retry-After", "1");
     if (status == 401) MHD_add_response_header(resp, "WWW-Authenticate", "Bearer");
+    if (r->endpoint == ENDPOINT_UI) { /* the page runs only its own files and talks only to this server */
+        MHD_add_response_header(resp, "Content-Security-Policy",
+                                "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'");
+        MHD_add_response_header(resp, "X-Content-Type-Options", "nosniff");
+    }
     if (r->close) MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
     if (status == 405) {
         const char *allow = r->endpoint == ENDPOINT_ADMIN_MODEL ? "PUT, DELETE, OPTIONS"
@@ -520,6 +531,12 @@ static int endpoint_of(const char *url, char *arg, size_t arg_cap) {
         snprintf(arg, arg_cap, "%s", url + 14);
         return ENDPOINT_ADMIN_MODEL;
     }
+    if (!strcmp(url, "/v1/events")) return ENDPOINT_TABBY_EVENTS;
+    if (!strcmp(url, "/v1/status")) return ENDPOINT_STATUS;
+    if (srv_ui_find(url)) {
+        snprintf(arg, arg_cap, "%s", url);
+        return ENDPOINT_UI;
+    }
     static const char pre[] = "/v1/completions/", suf[] = "/routing";
     size_t n = strlen(url), np = sizeof pre - 1, ns = sizeof suf - 1;
     if (n > np + ns && !strncmp(url, pre, np) && !strcmp(url + n - ns, suf)) {
@@ -572,17 +589,21 @@ static void respond_preflight(srv_req *r) {
 
 /* ============================================================ simple endpoints */
 
-/* ok once every model the process started with is loaded ("loading" before; "error" when one failed:
- * the process is stopping then); models loaded later by the admin routes do not change it. */
-static void handle_health(srv_req *r) {
-    srv_http *h = r->h;
+/* What /health and /v1/status say of the server: "ok" once every model the process started with is
+ * loaded ("loading" before; "error" when one failed: the process is stopping then), "shutting_down";
+ * models loaded later by the admin routes do not change it. */
+static const char *server_state(const srv_http *h) {
     int loading = 0, failed = 0, ready = 0;
     for (srv_member *m = h->pool ? srv_pool_first(h->pool) : NULL; m; m = m->next) {
         if (m->state == SRV_MODEL_READY) ready++;
         else if (m->startup && m->state == SRV_MODEL_LOADING) loading++;
         else if (m->startup && m->state == SRV_MODEL_FAILED) failed++;
     }
-    const char *st = h->draining ? "shutting_down" : failed ? "error" : loading || !ready ? "loading" : "ok";
+    return h->draining ? "shutting_down" : failed ? "error" : loading || !ready ? "loading" : "ok";
+}
+
+static void handle_health(srv_req *r) {
+    const char *st = server_state(r->h);
     char *body = NULL;
     if (asprintf(&body, "{\"status\":\"%s\"}", st) < 0) body = NULL;
     respond_json(r, !strcmp(st, "ok") ? 200 : 503, body);
@@ -665,6 +686,26 @@ static void req_use_model(srv_req *r, srv_member *m) {
     if (r->mem) srv_member_release(r->mem);
     r->mem = m;
     srv_member_hold(m);
+}
+
+/* The playground's files (ui.c) and its status record. */
+static void handle_ui(srv_req *r) {
+    const srv_ui_asset *a = srv_ui_find(r->arg);
+    char *body = a ? malloc(a->len + 1) : NULL;
+    if (!a) { respond_http_error(r, 404, NULL); return; }
+    if (body) memcpy(body, a->data, a->len);
+    respond(r, 200, a->ctype, body, a->len);
+}
+
+/* The playground's view of one model: ?model= (else the first), its worker's figures. */
+static void handle_status(srv_req *r) {
+    srv_http *h = r->h;
+    srv_member *mem = select_model(r, MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "model"));
+    if (!mem) return;
+    srv_gauges g;
+    uint64_t prompt = 0, generated = 0;
+    srv_sched_stats(mem->sched, &g, NULL, NULL, &generated, &prompt);
+    respond_json(r, 200, srv_status_json(&g, mem->model.id, server_state(h), prompt, generated));
 }
 
 static int require_model(srv_req *r, const srv_member *m) {
@@ -770,6 +811,20 @@ static void cpu_model_name(char *buf, size_t cap) {
 /* GET /v1/health in Tabby's shape (its agent checks it before completing, and shows model and device):
  * {model, device, arch, cpu_info, cpu_count, cuda_devices, accelerators, version{build_date,
  * build_timestamp, git_sha, git_describe}}. 503 (OpenAI-shaped) until the model is loaded. */
+/* Tabby's telemetry: counted by type, answered 200 with an empty body as Tabby's server does. */
+static void handle_tabby_events(srv_req *r) {
+    if (r->too_large) { respond_http_error(r, 413, NULL); return; }
+    api_error e;
+    api_tabby_event_kind kind;
+    const char *select_kind = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "select_kind");
+    if (api_tabby_event(r->body.data ? r->body.data : "", r->body.len, &r->h->limits, select_kind, &kind, &e)) {
+        respond_error(r, &e);
+        return;
+    }
+    srv_metrics_count_tabby_event(&r->h->metrics, (int)kind, api_tabby_event_name(kind));
+    respond(r, 200, "text/plain", strdup(""), 0);
+}
+
 static void handle_tabby_health(srv_req *r) {
     srv_member *mem = srv_pool_first(r->h->pool); /* the default model */
     if (!require_model(r, mem)) return;
@@ -916,7 +971,8 @@ static json_t *store_routing(srv_req *r, const api_route_agg *agg) {
     srv_http *h = r->h;
     api_routing_info info = {.id = r->cmpl_id, .created = r->created, .model = r->mem->model.id,
                              .prompt_tokens = r->prompt_tokens, .completion_tokens = r->completion_tokens,
-                             .full = r->creq.routing == API_ROUTING_FULL};
+                             .full = r->creq.routing >= API_ROUTING_FULL,
+                             .tokens = r->creq.routing == API_ROUTING_TOKENS};
     json_t *v = api_routing_json(agg, r->mem->model.model, &info);
     if (!v) return NULL;
     json_decref(r->routing);
@@ -943,7 +999,8 @@ static void stream_end(srv_req *r, json_t *routing) {
     api_choice *ch = calloc((size_t)nc, sizeof *ch);
     if (!ch) { sse_append(r, NULL); return; }
     for (int i = 0; i < nc; i++)
-        ch[i] = (api_choice){.index = i, .text = "", .finish = r->acc[i].finish ? r->acc[i].finish : API_FINISH_LENGTH};
+        ch[i] = (api_choice){.index = i, .text = "", .finish = r->acc[i].finish ? r->acc[i].finish : API_FINISH_LENGTH,
+                             .stop_word = r->acc[i].stop_word};
     api_meta meta = {.id = r->cmpl_id, .created = r->created, .system_fingerprint = NULL};
     api_usage u = req_usage(r);
     sse_append(r, r->fmt->stream_end(&r->creq, &meta, ch, nc, &u, routing));
@@ -963,6 +1020,7 @@ static void finish_plain(srv_req *r, json_t *routing) {
         ch[i].text = a->text.data ? a->text.data : "";
         ch[i].text_len = a->text.len;
         ch[i].finish = a->finish ? a->finish : API_FINISH_LENGTH;
+        ch[i].stop_word = a->stop_word;
         ch[i].text_offset = r->creq.echo ? 0 : api_prompt_chars(&r->creq, p);
         if (r->creq.logprobs >= 0 && a->toks.n) {
             lps[i] = malloc((size_t)a->toks.n * sizeof **lps);
@@ -992,7 +1050,10 @@ static void choice_output(srv_req *r, int i, srv_out *o) {
     choice_acc *a = &r->acc[i];
     const api_completion_req *q = &r->creq;
     int p = api_completion_prompt_of(q, i);
-    if (o->ended) a->finish = o->finish ? o->finish : API_FINISH_LENGTH;
+    if (o->ended) {
+        a->finish = o->finish ? o->finish : API_FINISH_LENGTH;
+        a->stop_word = o->stop_hit + 1;
+    }
     if (!r->stream) {
         if (!a->started) {
             a->started = 1;
@@ -1021,7 +1082,7 @@ static void choice_output(srv_req *r, int i, srv_out *o) {
         int n_lp = 0;
         api_token_lp *lp = lp_view(r, &o->toks, NULL, &n_lp);
         api_choice c = {.index = i, .text = o->text.data ? o->text.data : "", .text_len = o->text.len,
-                        .finish = o->ended ? a->finish : API_FINISH_NONE, .lp = lp, .n_lp = n_lp,
+                        .finish = o->ended ? a->finish : API_FINISH_NONE, .stop_word = a->stop_word, .lp = lp, .n_lp = n_lp,
                         .text_offset = a->chars};
         sse_append(r, r->fmt->chunk(q, &meta, &c, a->chunks++ == 0));
         a->chars += utf8_chars(o->text.data ? o->text.data : "", o->text.len);
@@ -1467,9 +1528,13 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             else r->endpoint = ENDPOINT_PREFLIGHT; /* answered on the final call */
             return MHD_YES;
         }
+        if (r->endpoint == ENDPOINT_UI && h->cfg->no_ui) r->endpoint = ENDPOINT_UNKNOWN;
         if (r->endpoint == ENDPOINT_UNKNOWN) { respond_http_error(r, 404, NULL); return MHD_YES; }
-        if (r->endpoint == ENDPOINT_HEALTH) {
+        /* health, and the playground's static files, which hold no data: the page asks for the key
+         * and sends it with its API calls */
+        if (r->endpoint == ENDPOINT_HEALTH || r->endpoint == ENDPOINT_UI) {
             if (!is_get) respond_http_error(r, 405, NULL);
+            snprintf(r->arg, sizeof r->arg, "%s", arg);
             return MHD_YES;
         }
         r->key = srv_keys_find(&h->cfg->keys, MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization"));
@@ -1538,6 +1603,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     case ENDPOINT_DETOKENIZE: handle_tokens(r); break;
     case ENDPOINT_TABBY_HEALTH: handle_tabby_health(r); break;
     case ENDPOINT_PROPS: handle_props(r); break;
+    case ENDPOINT_TABBY_EVENTS: handle_tabby_events(r); break;
+    case ENDPOINT_UI: handle_ui(r); break;
+    case ENDPOINT_STATUS: handle_status(r); break;
     case ENDPOINT_OLLAMA_TAGS:
     case ENDPOINT_OLLAMA_PS:
     case ENDPOINT_OLLAMA_SHOW:

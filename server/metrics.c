@@ -50,6 +50,12 @@ void srv_metrics_count_request(srv_metrics *m, const char *route, int status) {
     s->count = 1;
 }
 
+void srv_metrics_count_tabby_event(srv_metrics *m, int kind, const char *type) {
+    if (kind < 0 || kind >= SRV_TABBY_EVENT_TYPES) return;
+    m->tabby_event_type[kind] = type;
+    m->tabby_events[kind]++;
+}
+
 static void render_hist(srv_buf *b, const char *name, const char *help, const srv_hist *h) {
     srv_buf_printf(b, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
     uint64_t cum = 0;
@@ -200,6 +206,12 @@ char *srv_metrics_render(const srv_metrics *m, const srv_model_metrics *models, 
     render_scalar(&b, "codemoe_requests_rejected_total", "counter",
                   "Completion requests rejected with 429 because the queue was full.",
                   (double)m->rejected_queue_full);
+    srv_buf_puts(&b, "# HELP codemoe_tabby_events_total Tabby agent completion events (POST /v1/events) by type.\n"
+                     "# TYPE codemoe_tabby_events_total counter\n");
+    for (int i = 0; i < SRV_TABBY_EVENT_TYPES; i++)
+        if (m->tabby_event_type[i])
+            srv_buf_printf(&b, "codemoe_tabby_events_total{type=\"%s\"} %llu\n", m->tabby_event_type[i],
+                           (unsigned long long)m->tabby_events[i]);
     render_scalar(&b, "codemoe_slow_reader_streams_total", "counter",
                   "Streams ended because the client did not read fast enough.", (double)m->slow_readers);
     render_hist(&b, "codemoe_request_duration_seconds", "Duration of completion requests.", &m->e2e);

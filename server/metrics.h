@@ -25,6 +25,7 @@ void srv_hist_init(srv_hist *h, const double *bounds, int n_bounds);
 void srv_hist_observe(srv_hist *h, double v);
 
 #define SRV_METRICS_MAX_SERIES 64
+#define SRV_TABBY_EVENT_TYPES 3 /* view, select, dismiss (api_tabby_event_kind) */
 
 typedef struct srv_req_series {
     char route[24];   /* a fixed route label ("completions", "models", ...), never the raw path */
@@ -82,6 +83,9 @@ typedef struct srv_metrics {
     uint64_t conn_rejected_per_ip;/* refused with 503: --max-conn-per-ip reached */
     uint64_t conn_header_timeouts;/* shut down: headers not complete within --header-timeout */
     uint64_t conn_body_timeouts;  /* shut down: body slower than --min-body-rate */
+    const char *tabby_event_type[SRV_TABBY_EVENT_TYPES]; /* Tabby's telemetry (POST /v1/events): each kind's
+                                     label (a static string from api/), NULL until one is seen */
+    uint64_t tabby_events[SRV_TABBY_EVENT_TYPES];
     srv_hist ttft, itl;           /* bucket layouts only: the workers keep the counts (srv_model_metrics) */
     srv_hist e2e;                 /* request duration of completions, seconds */
     srv_hist step_tokens;         /* bucket layout only: the worker keeps the counts (srv_gauges) */
@@ -89,6 +93,8 @@ typedef struct srv_metrics {
 
 void srv_metrics_init(srv_metrics *m);
 void srv_metrics_count_request(srv_metrics *m, const char *route, int status);
+/* One Tabby telemetry event of kind (0 <= kind < SRV_TABBY_EVENT_TYPES) labelled type (static). */
+void srv_metrics_count_tabby_event(srv_metrics *m, int kind, const char *type);
 /* Renders the Prometheus text exposition format (version 0.0.4) into a malloc'ed string that the
  * caller frees; NULL on allocation failure. The process's series, then each metric of a model once, with
  * a series per model of models (n of them; the names are unique) labelled model="id". */

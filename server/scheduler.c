@@ -67,6 +67,7 @@ void srv_out_clear(srv_out *o) {
     o->toks.n = 0;
     o->prompt_toks.n = 0;
     o->finish = API_FINISH_NONE;
+    o->stop_hit = -1;
     o->ended = 0;
     o->n_generated = 0;
 }
@@ -197,6 +198,7 @@ static void seq_release(srv_sched *s, sched_seq *q) {
         const cm_routing *rt = cm_seq_routing(s->ctx, q->seq);
         if (rt) {
             api_route_agg_add(&js(q->job)->agg, rt);
+            api_route_agg_add_tokens(&js(q->job)->agg, cm_seq_routing_tokens(s->ctx, q->seq));
             api_route_agg_add(&s->load, rt);
             s->load_dirty = 1;
         }
@@ -247,6 +249,7 @@ static void publish_job(srv_sched *s, srv_job *j) {
         if (q->state == SEQ_ENDED && !q->ended_published) {
             o->ended = 1;
             o->finish = q->ch.finish;
+            o->stop_hit = q->ch.stop_hit;
             q->ended_published = 1;
         }
     }
@@ -425,6 +428,16 @@ static int job_admit(srv_sched *s, srv_job *j) {
         /* echoed prompt logprobs need the logits of every echoed position: reuse only what precedes */
         int n_key = p->n_tokens;
         if (r->echo && r->logprobs >= 0 && n_key > p->echo_from + 1) n_key = p->echo_from + 1;
+        /* per-token routing: every position must run its experts, so the prefix cache is not consulted
+         * (api/ admits it for one sequence only, never forked) */
+        if (r->routing == API_ROUTING_TOKENS) {
+            n_key = 0;
+            if (cm_seq_routing_tokens_enable(s->ctx, seq, target, &ce) < 0) {
+                api_error_set(&e, 503, API_ERR_SERVER, NULL, "overloaded", "routing detail: %s", ce.msg);
+                err_at = i;
+                break;
+            }
+        }
         int got = cm_seq_attach_prefix(s->ctx, seq, p->tokens, n_key, &ce);
         if (got < 0) {
             api_error_set(&e, 500, API_ERR_SERVER, NULL, NULL, "prefix cache: %s", ce.msg);
@@ -492,6 +505,7 @@ static int job_admit(srv_sched *s, srv_job *j) {
             job_finish(s, j, &e);
             return 1;
         }
+        api_choice_state_set_indent(&q->ch, r->n_indent);
         cm_sampling sp;
         api_completion_sampling(r, i, &sp);
         sp.n_logprobs = r->logprobs > 0 ? r->logprobs : 0;
@@ -547,6 +561,9 @@ static void seq_on_token(srv_sched *s, sched_seq *q, int32_t tok, float lp, int 
     q->t_last_ns = (uint64_t)now;
     js(j)->dirty = 1;
     const int n_gen = q->ch.n_gen;
+    /* llama.cpp's t_max_predict_ms counts from the first token; the choice then ends at a newline */
+    if (r->t_max_predict_ms > 0 && now - js(j)->t_first_ns > (int64_t)r->t_max_predict_ms * 1000000)
+        api_choice_state_time_up(&q->ch);
     int rc = api_choice_state_push(&q->ch, tok, cm_seq_len(s->ctx, q->seq));
     if (q->ch.n_gen > n_gen) { /* a generated token (end-of-generation is not one) */
         s->l_generated++;

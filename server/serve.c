@@ -39,6 +39,7 @@ static void serve_usage(FILE *f) {
         "                          any name selects it\n"
         "  --strict-context        prompt + max_tokens beyond --ctx is a 400 (OpenAI) instead of\n"
         "                          max_tokens clamped to what the context leaves\n"
+        "  --no-ui                 no playground page at / (the API is unchanged)\n"
         "  --host H                address to listen on (default 127.0.0.1)\n"
         "  --port P                port (default 8080; 0 picks a free one, logged at start)\n"
         "  --threads N             compute threads all models' workers share (default: CPUs, at\n"
@@ -188,6 +189,7 @@ static int parse_flags(int argc, char **argv, srv_config *c) {
         if (!strcmp(argv[i], "--kv-check")) { c->kv_check = 1; continue; }
         if (!strcmp(argv[i], "--strict-model")) { c->strict_model = 1; continue; }
         if (!strcmp(argv[i], "--strict-context")) { c->strict_context = 1; continue; }
+        if (!strcmp(argv[i], "--no-ui")) { c->no_ui = 1; continue; }
         const char *f = NULL, *v = NULL;
         int m = 0;
         for (size_t k = 0; k < sizeof flags / sizeof *flags && !m; k++)

@@ -81,6 +81,7 @@ typedef struct srv_config {
     const char *config_path;  /* --config: re-read on SIGHUP; NULL: none */
     int strict_model;         /* only the model's names select it (--strict-model) */
     int strict_context;       /* prompt + max_tokens beyond --ctx is a 400, not clamped (--strict-context) */
+    int no_ui;                /* --no-ui: no playground at / (ui.c) */
     const char *host;
     int port;                 /* 0: any free port (the bound one is logged) */
     int n_threads;            /* the process: the budget of compute threads all models share (--threads);
@@ -149,6 +150,7 @@ typedef struct srv_out {
     srv_tokvec prompt_toks;  /* echo && logprobs: the prompt's tokens, once, before any output */
     int n_generated;         /* tokens generated so far (absolute) */
     api_finish finish;       /* set once, when the choice ends */
+    int stop_hit;            /* with finish: the stop string that ended the choice (api_choice_state) */
     int ended;
 } srv_out;
 

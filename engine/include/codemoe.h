@@ -355,6 +355,45 @@ void cm_seq_routing_reset(cm_ctx *c, int seq);
 /* Turn statistics gathering on (default) or off for the whole context. */
 void cm_ctx_set_routing_stats(cm_ctx *c, int on);
 
+/* Per-token routing detail, opt-in per sequence: for each position, the token, whether it was
+ * generated, and for each layer the token-level experts it went to (selection order: the top experts by
+ * router probability, then the shared one) and the segment-level experts (causal: by q, highest first;
+ * reference: the experts whose chosen windows hold it, in expert order), each with its gate as
+ * cm_route_count sums it; MoLE: each position's adapter set (no per-layer choice). Summing a sequence's
+ * detail over its positions gives exactly its cm_routing counts (positions reused from the prefix cache
+ * are in neither: their row has token -1 and no experts). Rows depend only on the sequence, never on
+ * the batch it ran in. */
+typedef struct cm_route_tokens {
+    int n_tokens;         /* positions recorded: 0 .. n_tokens-1 */
+    int n_dropped;        /* positions past the capacity, routed but not recorded */
+    int n_layer;
+    int k_tok;            /* token-expert slots per (position, layer): the model's top_k; 0 for MoLE */
+    int k_seg;            /* segment-expert slots per (position, layer); 0 without a segment level */
+    int shared_expert;    /* index of the shared token expert, -1 none */
+    int window;           /* tokens per segment window (window of position p: p / window) */
+    const int32_t *token;      /* (n_tokens) token id; -1: the position was not routed (prefix cache) */
+    const int8_t *generated;   /* (n_tokens) 1: a generated token (cm_batch.generated) */
+    const int16_t *tok_expert; /* (n_tokens, n_layer, k_tok) expert ids, -1: unused slot */
+    const float *tok_gate;     /* (n_tokens, n_layer, k_tok) gate (renormalised over the chosen) */
+    const int16_t *seg_expert; /* (n_tokens, n_layer, k_seg) segment expert ids, -1: unused slot */
+    const float *seg_gate;     /* (n_tokens, n_layer, k_seg) gate = q * gate_scale */
+    const uint64_t *adapters;  /* (n_tokens) MoLE: bit a = adapter a applied; NULL for other models */
+} cm_route_tokens;
+
+/* The detail costs a fixed size per position; a sequence's capacity is capped so that it never takes
+ * more than this many bytes (a 48-layer top-8 model: about 2.3 KB a position, so ~29k positions). */
+#define CM_ROUTE_TOKENS_MAX_BYTES ((size_t)64 << 20)
+/* On an EMPTY sequence: records the detail of its first n_max positions (capped by n_ctx and
+ * CM_ROUTE_TOKENS_MAX_BYTES); all memory is allocated here, none during cm_forward. n_max <= 0 turns it
+ * off. Returns the capacity (0 for a dense model, which has nothing to record), CM_E_RANGE for a bad
+ * sequence, CM_E_INVAL for a non-empty one, CM_E_NOMEM (then the detail is off). Closing, reopening
+ * or forking a sequence turns it off (a fork starts without detail); truncation forgets the rows of
+ * forgotten positions. */
+int cm_seq_routing_tokens_enable(cm_ctx *c, int seq, int n_max, cm_err *err);
+/* The sequence's detail (arrays owned by the context), NULL when not enabled or a bad sequence. Valid
+ * until the next cm_forward, truncate or close of the sequence, or cm_ctx_free: copy what you keep. */
+const cm_route_tokens *cm_seq_routing_tokens(const cm_ctx *c, int seq);
+
 /* ------------------------------------------------------------ languages (pure functions, no model)
  *
  * A fence tracker follows Markdown code fences through a byte stream, fed piece by piece (token

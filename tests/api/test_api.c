@@ -458,7 +458,11 @@ static const bad_case bad_cases[] = {
     {"{\"language\":[]}", 400, "language", "is not of type 'string'", NULL},
     {"{\"segment_routing\":\"random\"}", 400, "segment_routing",
      "'random' is not one of ['causal', 'reference'] - 'segment_routing'", NULL},
-    {"{\"routing\":\"all\"}", 400, "routing", "'all' is not one of ['none', 'summary', 'full'] - 'routing'", NULL},
+    {"{\"routing\":\"all\"}", 400, "routing", "'all' is not one of ['none', 'summary', 'full', 'tokens'] - 'routing'",
+     NULL},
+    {"{\"prompt\":\"a\",\"routing\":\"tokens\",\"n\":2}", 400, "routing", "a single prompt and n 1", NULL},
+    {"{\"prompt\":[\"a\",\"b\"],\"routing\":\"tokens\"}", 400, "routing", "(this request has 2 prompts and n 1)",
+     NULL},
     {"{\"routing\":1}", 400, "routing", "is not of type 'string'", NULL},
     {"{\"suffix\":1}", 400, "suffix", "1 is not of type 'string' - 'suffix'", NULL},
     {"{\"prompt\":5}", 400, "prompt", "5 is not valid under any of the given schemas - 'prompt'", NULL},
@@ -1541,6 +1545,62 @@ TEST(routing_json_sparse) {
     api_route_agg_free(&a);
 }
 
+/* "routing": "tokens": a sequence's per-token detail becomes one object per position (token text, its
+ * experts and gates per layer up to the first unused slot, segment experts); one copy per record, not
+ * carried by api_route_agg_copy, and only rendered when asked for. */
+TEST(routing_json_tokens) {
+    setup_moe(CM_MOE_KIND_HYBRID);
+    cm_route_count tok[2 * 3] = {{{0, 0}, {0, 0}}};
+    cm_routing r = {.n_layer = 2, .n_tok_experts = 3, .shared_expert = 0, .n_seg_experts = 2, .window = 8, .tok = tok};
+    /* 2 positions, 2 layers, k_tok 2, k_seg 2 (the second slot unused) */
+    int32_t ids[2] = {'a', 'b'};
+    int8_t gen[2] = {0, 1};
+    int16_t te[2 * 2 * 2] = {2, 0, 1, 0, 1, 0, 2, 0}, se[2 * 2 * 2] = {1, -1, 0, -1, 0, 1, 1, -1};
+    float tg[8] = {0.75f, 0.25f, 0.5f, 0.5f, 0.6f, 0.4f, 0.9f, 0.1f}, sg[8] = {0.125f, 0, 0.25f, 0, 0.5f, 0.25f, 1, 0};
+    cm_route_tokens t = {.n_tokens = 2, .n_dropped = 3, .n_layer = 2, .k_tok = 2, .k_seg = 2, .shared_expert = 0,
+                         .window = 8, .token = ids, .generated = gen, .tok_expert = te, .tok_gate = tg,
+                         .seg_expert = se, .seg_gate = sg};
+    api_route_agg a = {0};
+    ASSERT_EQ_INT(api_route_agg_add(&a, &r), 0);
+    ASSERT_EQ_INT(api_route_agg_add_tokens(&a, NULL), 0);
+    ASSERT_EQ_INT(api_route_agg_add_tokens(&a, &t), 0);
+    ASSERT_EQ_INT(api_route_agg_add_tokens(&a, &t), -1); /* one sequence's detail per record */
+    te[0] = 1;                                              /* the record holds a copy */
+    api_routing_info info = rinfo;
+    info.tokens = 1;
+    json_t *j = api_routing_json(&a, g_model, &info);
+    ASSERT_TRUE(j);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(j, "tokens_dropped")), 3);
+    json_t *arr = json_object_get(j, "tokens");
+    ASSERT_EQ_INT(json_array_size(arr), 2);
+    json_t *p0 = json_array_get(arr, 0), *p1 = json_array_get(arr, 1);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(p1, "position")), 1);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(p0, "id")), 'a');
+    ASSERT_STREQ(json_string_value(json_object_get(p0, "text")), "a");
+    ASSERT_TRUE(json_is_false(json_object_get(p0, "generated")));
+    ASSERT_TRUE(json_is_true(json_object_get(p1, "generated")));
+    json_t *ex = json_object_get(p0, "experts");
+    ASSERT_EQ_INT(json_array_size(ex), 2);
+    ASSERT_EQ_INT(json_integer_value(json_array_get(json_array_get(ex, 0), 0)), 2);
+    ASSERT_EQ_INT(json_integer_value(json_array_get(json_array_get(ex, 1), 0)), 1);
+    ASSERT_NEAR(json_real_value(json_array_get(json_array_get(json_object_get(p0, "gates"), 0), 0)), 0.75, 1e-7);
+    json_t *s0 = json_object_get(p0, "segment_experts"), *s1 = json_object_get(p1, "segment_experts");
+    ASSERT_EQ_INT(json_array_size(json_array_get(s0, 0)), 1); /* the unused slot is left out */
+    ASSERT_EQ_INT(json_array_size(json_array_get(s1, 0)), 2);
+    ASSERT_NEAR(json_real_value(json_array_get(json_array_get(json_object_get(p1, "segment_gates"), 1), 0)), 1.0, 1e-7);
+    ASSERT_TRUE(json_object_get(p0, "adapters") == NULL);
+    json_decref(j);
+    j = api_routing_json(&a, g_model, &rinfo); /* not asked for: not rendered */
+    ASSERT_TRUE(json_object_get(j, "tokens") == NULL);
+    json_decref(j);
+    api_route_agg cp = {0};
+    ASSERT_EQ_INT(api_route_agg_copy(&cp, &a), 0);
+    ASSERT_TRUE(cp.tokens == NULL);
+    api_route_agg_free(&cp);
+    api_route_agg_free(&a);
+    ASSERT_TRUE(a.tokens == NULL);
+}
+
 /* A MoLE report: no layers of experts, tokens per adapter with the adapters' names from the model. */
 TEST(routing_json_mole) {
     setup_moe(CM_MOE_KIND_MOLE);
@@ -1671,6 +1731,7 @@ int main(void) {
     RUN(routing_json_dense);
     RUN(routing_json_hybrid);
     RUN(routing_json_sparse);
+    RUN(routing_json_tokens);
     RUN(routing_json_mole);
     RUN(fuzz_mutations);
     fake_model_free(g_model);

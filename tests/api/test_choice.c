@@ -466,6 +466,59 @@ TEST(choice_to_prompt) {
     api_completion_req_free(&r);
 }
 
+/* llama.cpp's n_indent: the first line is free; a later line whose first non-blank byte sits below the
+ * indentation ends the choice ("length"), cut before that byte; a line is judged only once that byte
+ * has come, and whatever it is (an empty line's newline too). */
+TEST(indent_limit) {
+    api_choice_state c;
+    ASSERT_EQ_INT(api_choice_state_init(&c, g_model, NULL, 100, 1000), 0);
+    api_choice_state_set_indent(&c, 4);
+    client cl = {0};
+    int pos = 0;
+    ASSERT_EQ_INT(feed(&c, "x = 1\n    y\n\t  ", &pos, &cl), 0); /* line 1 free, line 2 at 4 */
+    ASSERT_STREQ(cl.text, "x = 1\n    y\n\t  ");                   /* line 3's blanks: undecided */
+    ASSERT_EQ_INT(feed(&c, "z", &pos, &cl), 1);                      /* 3 columns < 4 */
+    ASSERT_EQ_INT(c.finish, API_FINISH_LENGTH);
+    ASSERT_EQ_INT(c.stop_hit, -1);
+    ASSERT_TRUE(TEXT_IS(&c, "x = 1\n    y\n\t  "));
+    ASSERT_STREQ(cl.text, "x = 1\n    y\n\t  ");
+    ASSERT_EQ_INT(c.n_gen, (int)strlen("x = 1\n    y\n\t  z"));
+
+    /* an empty line ends it too (its newline is the first non-blank byte); reset clears the limit */
+    api_choice_state_reset(&c, NULL, 100, 1000);
+    api_choice_state_set_indent(&c, 2);
+    client c2 = {0};
+    ASSERT_EQ_INT(feed(&c, "a\n  b\n\n", &pos, &c2), 1);
+    ASSERT_STREQ(c2.text, "a\n  b\n");
+    api_choice_state_reset(&c, NULL, 100, 1000);
+    client c3 = {0};
+    ASSERT_EQ_INT(feed(&c, "a\nb\n\nc", &pos, &c3), 0);
+    ASSERT_STREQ(c3.text, "a\nb\n\nc");
+    api_choice_state_free(&c);
+}
+
+/* llama.cpp's t_max_predict_ms: once the caller says time is up, the next token with a newline ends
+ * the choice ("length"), its text kept; tokens without one go on. */
+TEST(time_up_ends_at_newline) {
+    const char *s[] = {"STOP"};
+    api_stops st = stops(s, 1);
+    api_choice_state c;
+    ASSERT_EQ_INT(api_choice_state_init(&c, g_model, &st, 100, 1000), 0);
+    client cl = {0};
+    int pos = 0;
+    ASSERT_EQ_INT(feed(&c, "a\nb", &pos, &cl), 0); /* a newline before the time is up: nothing */
+    api_choice_state_time_up(&c);
+    ASSERT_EQ_INT(feed(&c, "cST", &pos, &cl), 0);
+    ASSERT_EQ_INT(feed(&c, "\n", &pos, &cl), 1);
+    ASSERT_EQ_INT(c.finish, API_FINISH_LENGTH);
+    ASSERT_STREQ(cl.text, "a\nbcST\n"); /* the held-back "ST" is released with the end */
+    api_choice_state_reset(&c, &st, 100, 1000);
+    client c2 = {0};
+    ASSERT_EQ_INT(feed(&c, "x\ny\n", &pos, &c2), 0); /* reset: the time is not up any more */
+    api_choice_state_free(&c);
+    api_stops_free(&st);
+}
+
 int main(void) {
     fake_model_opts o = {.fim = 1, .bos = 1, .add_bos = 0, .eos = 1};
     g_model = fake_model_create(&o, "fake");
@@ -482,6 +535,8 @@ int main(void) {
     RUN(bad_token_changes_nothing);
     RUN(stop_list_rules);
     RUN(choice_to_prompt);
+    RUN(indent_limit);
+    RUN(time_up_ends_at_newline);
     fake_model_free(g_model);
     return test_summary();
 }

@@ -1,5 +1,5 @@
 /*
- * test_format.c - unit tests of the non-OpenAI dialects (api/ollama.c, api/llamacpp.c) and the helpers
+ * test_format.c - unit tests of the non-OpenAI dialects (api/ollama.c, api/llamacpp.c, api/tabby.c) and the helpers
  * they share (api/format.c) over the byte-per-token fake engine: how each request maps onto the one
  * completion request (options, defaults, FIM, the chat template, llama.cpp's warm-up), the errors naming
  * the dialect's own parameters, and the exact shapes and framing of their responses (NDJSON lines, SSE
@@ -268,6 +268,128 @@ TEST(llama_infill_prompt) {
     ASSERT_STREQ(e.param, "input_prefix");
 }
 
+/* llama.cpp's stop_type: "word" with the stop string that ended it, "eos", "limit". */
+TEST(llama_stop_type) {
+    api_completion_req r;
+    api_error e;
+    ASSERT_EQ_INT(parse(&api_format_llama_completion, "{\"prompt\":\"ab\",\"stop\":[\"x\",\"yz\"]}", &r, &e), 0);
+    api_meta meta = {.id = "cmpl-x"};
+    api_usage u = {.prompt_tokens = 2, .completion_tokens = 1};
+    static const struct { api_finish finish; int stop_word; const char *type, *word; } cases[] = {
+        {API_FINISH_STOP, 2, "word", "yz"}, {API_FINISH_STOP, 0, "eos", ""}, {API_FINISH_LENGTH, 0, "limit", ""},
+        {API_FINISH_STOP, 3, "eos", ""}, /* out of range: no word to name */
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        api_choice c = {.text = "a", .text_len = 1, .finish = cases[i].finish, .stop_word = cases[i].stop_word};
+        char *s = api_format_llama_completion.response(&r, &meta, &c, 1, &u, NULL);
+        json_t *j = load(s);
+        ASSERT_STREQ(json_string_value(json_object_get(j, "stop_type")), cases[i].type);
+        ASSERT_STREQ(json_string_value(json_object_get(j, "stopping_word")), cases[i].word);
+        json_decref(j);
+        free(s);
+    }
+    api_completion_req_free(&r);
+    /* n_indent and t_max_predict_ms reach the request (<= 0: off); other types are a 400 naming them */
+    ASSERT_EQ_INT(parse(&api_format_llama_infill, "{\"input_prefix\":\"P\",\"n_indent\":4,\"t_max_predict_ms\":250}", &r, &e), 0);
+    ASSERT_EQ_INT(r.n_indent, 4);
+    ASSERT_EQ_INT(r.t_max_predict_ms, 250);
+    api_completion_req_free(&r);
+    ASSERT_EQ_INT(parse(&api_format_llama_completion, "{\"prompt\":\"a\",\"n_indent\":-1,\"t_max_predict_ms\":null}", &r, &e), 0);
+    ASSERT_EQ_INT(r.n_indent, 0);
+    ASSERT_EQ_INT(r.t_max_predict_ms, 0);
+    api_completion_req_free(&r);
+    ASSERT_EQ_INT(parse(&api_format_llama_completion, "{\"prompt\":\"a\",\"t_max_predict_ms\":\"1s\"}", &r, &e), -1);
+    ASSERT_STREQ(e.param, "t_max_predict_ms");
+    ASSERT_EQ_INT(parse(&api_format_llama_completion, "{\"prompt\":\"a\",\"n_indent\":1.5}", &r, &e), -1);
+    ASSERT_STREQ(e.param, "n_indent");
+}
+
+/* What grows with the body (a chat template over the messages, /infill's repository context) is built
+ * by the second step (api_format_tokenize, off the server's loop), never by the parse: after the parse
+ * the prompt is not built, after the second step it is the one both steps in one call build. */
+TEST(heavy_prompts_are_built_by_the_second_step) {
+    static const struct { const api_format *f; const char *body; } cases[] = {
+        {&api_format_chat, "{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"max_tokens\":2}"},
+        {&api_format_ollama_chat, "{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"options\":{\"num_predict\":2}}"},
+        {&api_format_ollama_generate, "{\"prompt\":\"hi\",\"options\":{\"num_predict\":2}}"},
+        {&api_format_llama_infill, "{\"input_prefix\":\"P\",\"input_extra\":[{\"filename\":\"f\",\"text\":\"t\"}],\"n_predict\":2}"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        api_completion_req r, whole;
+        api_error e;
+        ASSERT_EQ_INT(cases[i].f->parse(cases[i].body, strlen(cases[i].body), &g_am, &g_lim, &r, &e), 0);
+        ASSERT_EQ_INT(r.n_prompts, 1);
+        ASSERT_TRUE(r.prompts[0].tokens == NULL);
+        ASSERT_EQ_INT(api_format_tokenize(&r, &e), 0);
+        ASSERT_EQ_INT(parse(cases[i].f, cases[i].body, &whole, &e), 0);
+        ASSERT_EQ_INT(r.prompts[0].n_tokens, whole.prompts[0].n_tokens);
+        for (int k = 0; k < r.prompts[0].n_tokens; k++) ASSERT_EQ_INT(r.prompts[0].tokens[k], whole.prompts[0].tokens[k]);
+        ASSERT_TRUE(r.prompts[0].n_tokens > 3);
+        ASSERT_EQ_INT(r.max_tokens, 2);
+        api_completion_req_free(&r);
+        api_completion_req_free(&whole);
+    }
+    /* the cheap rules stay with the parse: the messages' shapes, a completion length that cannot fit */
+    const char *body = "{\"messages\":[{\"role\":\"user\",\"content\":{\"a\":1}}]}";
+    api_completion_req r;
+    api_error e;
+    ASSERT_EQ_INT(api_format_chat.parse(body, strlen(body), &g_am, &g_lim, &r, &e), -1); /* shapes: on the parse */
+    ASSERT_STREQ(e.param, "messages");
+    body = "{\"input_prefix\":\"P\",\"n_predict\":70}";
+    g_lim.strict_context = 1;
+    ASSERT_EQ_INT(api_format_llama_infill.parse(body, strlen(body), &g_am, &g_lim, &r, &e), -1);
+    g_lim.strict_context = 0;
+    ASSERT_STREQ(e.param, "n_predict");
+}
+
+/* Ollama's num_ctx: a smaller context caps prompt + completion; a larger one changes nothing. */
+TEST(ollama_num_ctx) {
+    api_completion_req r;
+    api_error e;
+    ASSERT_EQ_INT(parse(&api_format_ollama_generate, "{\"prompt\":\"abc\",\"raw\":true,\"options\":{\"num_ctx\":10,\"num_predict\":50}}", &r, &e), 0);
+    ASSERT_EQ_INT(r.prompts[0].n_tokens + r.max_tokens, 10);
+    api_completion_req_free(&r);
+    ASSERT_EQ_INT(parse(&api_format_ollama_generate, "{\"prompt\":\"abc\",\"raw\":true,\"options\":{\"num_ctx\":1000,\"num_predict\":50}}", &r, &e), 0);
+    ASSERT_EQ_INT(r.max_tokens, 50);
+    api_completion_req_free(&r);
+    ASSERT_EQ_INT(parse(&api_format_ollama_generate, "{\"prompt\":\"abcdefgh\",\"raw\":true,\"options\":{\"num_ctx\":4}}", &r, &e), -1);
+    ASSERT_STREQ(e.code, "context_length_exceeded");
+    ASSERT_EQ_INT(parse(&api_format_ollama_generate, "{\"prompt\":\"a\",\"options\":{\"num_ctx\":\"big\"}}", &r, &e), -1);
+    ASSERT_STREQ(e.param, "num_ctx");
+    ASSERT_EQ_INT(parse(&api_format_ollama_generate, "{\"prompt\":\"a\",\"template\":\"{{ .Prompt }}\"}", &r, &e), -1);
+    ASSERT_STREQ(e.param, "template");
+    ASSERT_EQ_INT(parse(&api_format_ollama_chat, "{\"messages\":[{\"role\":\"user\",\"content\":\"a\"}],\"format\":\"json\"}", &r, &e), -1);
+    ASSERT_STREQ(e.param, "format");
+}
+
+/* Tabby's telemetry events: the agent's LogEventRequest shapes, and 400s naming the field. */
+TEST(tabby_events) {
+    api_error e;
+    api_tabby_event_kind k = API_TABBY_EVENT_KINDS;
+    const char *view = "{\"type\":\"view\",\"completion_id\":\"cmpl-1\",\"choice_index\":0,\"view_id\":\"v\"}";
+    ASSERT_EQ_INT(api_tabby_event(view, strlen(view), &g_lim, NULL, &k, &e), 0);
+    ASSERT_EQ_INT(k, API_TABBY_VIEW);
+    ASSERT_STREQ(api_tabby_event_name(k), "view");
+    const char *sel = "{\"type\":\"select\",\"completion_id\":\"c\",\"choice_index\":1,\"elapsed\":12,\"select_kind\":\"line\"}";
+    ASSERT_EQ_INT(api_tabby_event(sel, strlen(sel), &g_lim, "line", &k, &e), 0);
+    ASSERT_EQ_INT(k, API_TABBY_SELECT);
+    ASSERT_EQ_INT(api_tabby_event(sel, strlen(sel), &g_lim, "word", &k, &e), -1);
+    ASSERT_STREQ(e.param, "select_kind");
+    static const struct { const char *body, *param; } bad[] = {
+        {"{\"type\":\"click\",\"completion_id\":\"c\",\"choice_index\":0}", "type"},
+        {"{\"type\":\"dismiss\",\"choice_index\":0}", "completion_id"},
+        {"{\"type\":\"dismiss\",\"completion_id\":\"c\",\"choice_index\":-1}", "choice_index"},
+        {"{\"type\":\"dismiss\",\"completion_id\":\"c\",\"choice_index\":0,\"elapsed\":\"1s\"}", "elapsed"},
+        {"{\"type\":\"dismiss\",\"completion_id\":\"c\",\"choice_index\":0,\"view_id\":3}", "view_id"},
+        {"[]", ""},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        ASSERT_EQ_INT(api_tabby_event(bad[i].body, strlen(bad[i].body), &g_lim, NULL, &k, &e), -1);
+        ASSERT_EQ_INT(e.status, 400);
+        ASSERT_STREQ(e.param, bad[i].param);
+    }
+}
+
 int main(void) {
     setup();
     RUN(ollama_generate_mapping);
@@ -275,6 +397,10 @@ int main(void) {
     RUN(ollama_shapes);
     RUN(llama_completion_mapping_and_shapes);
     RUN(llama_infill_prompt);
+    RUN(llama_stop_type);
+    RUN(heavy_prompts_are_built_by_the_second_step);
+    RUN(ollama_num_ctx);
+    RUN(tabby_events);
     fake_model_free(g_model);
     api_template_free(g_tpl);
     return test_summary();

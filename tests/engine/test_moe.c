@@ -13,6 +13,9 @@
  *  - sparse (qwen3moe, F32 / Q8_0 / Q4_K_M-style): the hybrid's checks without segments (cases at 1 and 3
  *    threads, prefill == decode, greedy and statistics: k experts per token, gates summing to 1), two
  *    requests in one batch, truncation to any length;
+ *  - per-token routing detail (cm_seq_routing_tokens) on every MoE fixture: its shape, its ids and gates
+ *    summing to the aggregate statistics, rows identical batched and alone, the capacity, truncation,
+ *    forks and dense models;
  *  - hostile / inconsistent model files are refused with messages naming the problem.
  * Everything but the refusals runs with f32 and with f16 K/V (GOLDEN_KV_F16_TOL).
  * (Upcycling and the MoLE checkpoint converter are tested in tests/modelfile/.)
@@ -675,6 +678,256 @@ TEST(bad_models_refused) {
                    "blk.0.ffn_gate_exps.weight has shape");
 }
 
+/* ------------------------------------------------------------ per-token routing detail */
+
+#define DET_GEN 6
+
+/* Feeds prompt tokens (chunks of `chunk`, interleaved with a second sequence `other` when >= 0) and
+ * then DET_GEN generated tokens one at a time. */
+static int det_feed(cm_ctx *c, int seq, int other, int n_prompt, int chunk) {
+    int32_t tok[64], sq[64];
+    int8_t gen[64];
+    cm_err err = {0};
+    int total = n_prompt + DET_GEN;
+    for (int p = 0; p < total;) {
+        int k = p < n_prompt ? (n_prompt - p < chunk ? n_prompt - p : chunk) : 1, n = 0;
+        for (int j = 0; j < k; j++) {
+            if (other >= 0) { /* the other sequence's token first: batch rows differ from the run alone */
+                tok[n] = (int32_t)((p + j) * 5 + 11) % 200, sq[n] = other, gen[n++] = 0;
+            }
+            tok[n] = (int32_t)((p + j) * 7 + 3) % 200, sq[n] = seq, gen[n++] = (int8_t)(p + j >= n_prompt);
+        }
+        cm_batch b = {.n = n, .token = tok, .seq = sq, .generated = gen};
+        if (cm_forward(c, &b, &err) < 0) {
+            fprintf(stderr, "forward: %s\n", err.msg);
+            return -1;
+        }
+        p += k;
+    }
+    return 0;
+}
+
+/* The detail sums to the statistics: per (layer, expert) and per adapter, prompt and generated apart,
+ * counts exactly and gates to float rounding. Every routed (position, layer) fills all k_tok slots,
+ * the shared expert last. */
+static void det_check_sums(const cm_route_tokens *d, const cm_routing *r, int kind) {
+    static cm_route_count tok[MAXL * 128], seg[MAXL * 128], ad[64];
+    memset(tok, 0, sizeof tok);
+    memset(seg, 0, sizeof seg);
+    memset(ad, 0, sizeof ad);
+    CHECK_TRUE(d->n_layer <= MAXL && r->n_tok_experts <= 128 && r->n_seg_experts <= 128);
+    for (int p = 0; p < d->n_tokens; p++) {
+        int g = d->generated[p];
+        if (d->token[p] < 0) continue; /* reused from the prefix cache: checked by the caller */
+        for (int l = 0; l < d->n_layer; l++) {
+            const int16_t *te = d->tok_expert + ((size_t)p * d->n_layer + l) * d->k_tok;
+            const float *tg = d->tok_gate + ((size_t)p * d->n_layer + l) * d->k_tok;
+            for (int k = 0; k < d->k_tok; k++) {
+                CHECK_TRUE(te[k] >= 0 && te[k] < r->n_tok_experts);
+                if (te[k] < 0) continue;
+                tok[l * 128 + te[k]].tokens[g]++;
+                tok[l * 128 + te[k]].gate_sum[g] += tg[k];
+            }
+            if (d->shared_expert >= 0) CHECK_TRUE(te[d->k_tok - 1] == d->shared_expert);
+            const int16_t *se = d->seg_expert + ((size_t)p * d->n_layer + l) * d->k_seg;
+            const float *sg = d->seg_gate + ((size_t)p * d->n_layer + l) * d->k_seg;
+            for (int k = 0; k < d->k_seg && se[k] >= 0; k++) {
+                seg[l * 128 + se[k]].tokens[g]++;
+                seg[l * 128 + se[k]].gate_sum[g] += sg[k];
+            }
+        }
+        if (kind == CM_MOE_KIND_MOLE)
+            for (int a = 0; a < r->n_adapters; a++)
+                if (d->adapters[p] >> a & 1) ad[a].tokens[g]++;
+    }
+    for (int l = 0; l < d->n_layer; l++)
+        for (int g = 0; g < 2; g++) {
+            for (int e = 0; e < r->n_tok_experts; e++) {
+                const cm_route_count *want = &r->tok[(size_t)l * r->n_tok_experts + e];
+                CHECK_TRUE(tok[l * 128 + e].tokens[g] == want->tokens[g]);
+                CHECK_TRUE(fabs(tok[l * 128 + e].gate_sum[g] - want->gate_sum[g]) < 1e-4 * (1 + want->tokens[g]));
+            }
+            for (int e = 0; e < r->n_seg_experts; e++) {
+                const cm_route_count *want = &r->seg[(size_t)l * r->n_seg_experts + e];
+                CHECK_TRUE(seg[l * 128 + e].tokens[g] == want->tokens[g]);
+                CHECK_TRUE(fabs(seg[l * 128 + e].gate_sum[g] - want->gate_sum[g]) < 1e-4 * (1 + want->tokens[g]));
+            }
+        }
+    for (int a = 0; a < r->n_adapters; a++)
+        for (int g = 0; g < 2; g++) CHECK_TRUE(ad[a].tokens[g] == r->adapter[a].tokens[g]);
+}
+
+static void det_case(const char *file, int segment_mode) {
+    cm_model *m = golden_load_model(file);
+    ASSERT_TRUE(m);
+    cm_moe_info mi;
+    cm_model_moe_info(m, &mi);
+    cm_ctx *c = new_ctx(m, 2, 3);
+    ASSERT_TRUE(c);
+    cm_err err = {0};
+    cm_seq_options o;
+    cm_seq_options_default(&o);
+    o.segment_mode = segment_mode;
+    if (mi.kind == CM_MOE_KIND_MOLE) o.language = cm_model_adapter_id(m, "python");
+    int ref = segment_mode == CM_SEGMENT_REFERENCE;
+    int n_prompt = ref ? 24 : 21, gen = ref ? 0 : DET_GEN;
+    /* alone: the prompt in chunks (reference mode: in one batch, and no decoding) */
+    int a = cm_seq_open(c, &err);
+    ASSERT_EQ_INT(cm_seq_set_options(c, a, &o, &err), 0);
+    ASSERT_EQ_INT(cm_seq_routing_tokens_enable(c, a, 256, &err), 256);
+    if (ref) {
+        int32_t tok[24], sq[24];
+        for (int i = 0; i < 24; i++) tok[i] = (int32_t)(i * 7 + 3) % 200, sq[i] = a;
+        cm_batch b = {.n = 24, .token = tok, .seq = sq};
+        ASSERT_EQ_INT(cm_forward(c, &b, &err), 0);
+    } else {
+        ASSERT_EQ_INT(det_feed(c, a, -1, n_prompt, 5), 0);
+    }
+    const cm_route_tokens *d = cm_seq_routing_tokens(c, a);
+    ASSERT_TRUE(d != NULL);
+    ASSERT_EQ_INT(d->n_tokens, n_prompt + gen);
+    ASSERT_EQ_INT(d->n_dropped, 0);
+    ASSERT_EQ_INT(d->n_layer, cm_model_get_info(m)->n_layer);
+    ASSERT_EQ_INT(d->k_tok, mi.kind == CM_MOE_KIND_MOLE ? 0 : mi.top_k);
+    ASSERT_EQ_INT(d->shared_expert, mi.shared_expert);
+    ASSERT_TRUE((d->adapters != NULL) == (mi.kind == CM_MOE_KIND_MOLE));
+    if (mi.kind != CM_MOE_KIND_HYBRID) ASSERT_EQ_INT(d->k_seg, 0);
+    else ASSERT_TRUE(d->k_seg >= 1);
+    for (int p = 0; p < d->n_tokens; p++) {
+        CHECK_TRUE(d->token[p] == (int32_t)(p * 7 + 3) % 200);
+        CHECK_TRUE(d->generated[p] == (p >= n_prompt));
+    }
+    int seg_hits = 0;
+    for (size_t i = 0; i < (size_t)d->n_tokens * d->n_layer * d->k_seg; i++) seg_hits += d->seg_expert[i] >= 0;
+    if (mi.kind == CM_MOE_KIND_HYBRID) CHECK_TRUE(seg_hits > 0);
+    if (mi.kind == CM_MOE_KIND_MOLE) { /* with a language, every token runs {language, shared} */
+        for (int p = 0; p < d->n_tokens; p++) CHECK_TRUE(d->adapters[p] != 0);
+    }
+    det_check_sums(d, cm_seq_routing(c, a), mi.kind);
+    if (ref) { /* a fork starts without detail; closing frees it */
+        int f = cm_seq_fork(c, a, &err);
+        ASSERT_TRUE(f >= 0);
+        CHECK_TRUE(cm_seq_routing_tokens(c, f) == NULL);
+        cm_seq_close(c, f);
+        cm_seq_close(c, a);
+        cm_ctx_free(c);
+        cm_model_free(m);
+        return;
+    }
+    /* the same sequence interleaved with another one, in other chunks: the same rows */
+    int bq = cm_seq_open(c, &err), other = cm_seq_open(c, &err);
+    ASSERT_EQ_INT(cm_seq_set_options(c, bq, &o, &err), 0);
+    ASSERT_EQ_INT(cm_seq_set_options(c, other, &o, &err), 0);
+    ASSERT_EQ_INT(cm_seq_routing_tokens_enable(c, bq, 256, &err), 256);
+    ASSERT_EQ_INT(det_feed(c, bq, other, n_prompt, 8), 0);
+    CHECK_TRUE(cm_seq_routing_tokens(c, other) == NULL);
+    const cm_route_tokens *da = cm_seq_routing_tokens(c, a), *db = cm_seq_routing_tokens(c, bq);
+    ASSERT_TRUE(da && db && da->n_tokens == db->n_tokens);
+    size_t nt = (size_t)da->n_tokens * da->n_layer * da->k_tok, ns = (size_t)da->n_tokens * da->n_layer * da->k_seg;
+    int id_diff = 0;
+    double gate_diff = 0;
+    for (size_t i = 0; i < nt; i++) {
+        id_diff += da->tok_expert[i] != db->tok_expert[i];
+        gate_diff = fmax(gate_diff, fabs(da->tok_gate[i] - db->tok_gate[i]));
+    }
+    for (size_t i = 0; i < ns; i++) {
+        id_diff += da->seg_expert[i] != db->seg_expert[i];
+        gate_diff = fmax(gate_diff, fabs(da->seg_gate[i] - db->seg_gate[i]));
+    }
+    for (int p = 0; da->adapters && p < da->n_tokens; p++) id_diff += da->adapters[p] != db->adapters[p];
+    CHECK_TRUE(id_diff <= routing_allowed((int)(nt + ns)));
+    CHECK_TRUE(gate_diff < 1e-3);
+    /* capacity: 5 rows kept, the rest counted */
+    cm_seq_close(c, bq);
+    bq = cm_seq_open(c, &err);
+    ASSERT_EQ_INT(cm_seq_set_options(c, bq, &o, &err), 0);
+    ASSERT_EQ_INT(cm_seq_routing_tokens_enable(c, bq, 5, &err), 5);
+    ASSERT_EQ_INT(det_feed(c, bq, -1, 3, 3), 0);
+    db = cm_seq_routing_tokens(c, bq);
+    ASSERT_TRUE(db != NULL);
+    ASSERT_EQ_INT(db->n_tokens, 5);
+    ASSERT_EQ_INT(db->n_dropped, 3 + DET_GEN - 5);
+    /* only an empty sequence takes it; truncation to 0 forgets every row */
+    ASSERT_EQ_INT(cm_seq_routing_tokens_enable(c, bq, 5, &err), CM_E_INVAL);
+    ASSERT_EQ_INT(cm_seq_routing_tokens_enable(c, 99, 5, &err), CM_E_RANGE);
+    ASSERT_EQ_INT(cm_seq_truncate(c, bq, 0, &err), 0);
+    ASSERT_EQ_INT(cm_seq_routing_tokens(c, bq)->n_tokens, 0);
+    cm_seq_close(c, bq);
+    cm_seq_close(c, other);
+    cm_seq_close(c, a);
+    cm_ctx_free(c);
+    cm_model_free(m);
+}
+
+/* Positions a prefix-cache attach maps are not routed: their rows say token -1 and no experts, the
+ * rows after them are filled, and the sums still match the statistics (which skip them too). */
+static void det_attach_case(const char *file) {
+    cm_model *m = golden_load_model(file);
+    ASSERT_TRUE(m);
+    cm_moe_info mi;
+    cm_model_moe_info(m, &mi);
+    cm_ctx_params cp = {.n_threads = 1, .n_seq_max = 2, .n_ctx = 128, .n_batch_max = 64, .kv_type = kv_type,
+                        .prefix_cache = 1};
+    cm_err err = {0};
+    cm_ctx *c = cm_ctx_create(m, &cp, &err);
+    ASSERT_TRUE(c);
+    int32_t tok[40], sq[40];
+    int a = cm_seq_open(c, &err);
+    for (int i = 0; i < 40; i++) tok[i] = (int32_t)(i * 7 + 3) % 200, sq[i] = a;
+    cm_batch b = {.n = 40, .token = tok, .seq = sq};
+    ASSERT_EQ_INT(cm_forward(c, &b, &err), 0);
+    cm_seq_close(c, a); /* its full block stays in the cache */
+    int s = cm_seq_open(c, &err);
+    ASSERT_EQ_INT(cm_seq_routing_tokens_enable(c, s, 64, &err), 64);
+    int got = cm_seq_attach_prefix(c, s, tok, 40, &err);
+    ASSERT_TRUE(got >= CM_KV_BLOCK_TOKENS && got < 40);
+    for (int i = 0; i < 40 - got; i++) sq[i] = s;
+    b = (cm_batch){.n = 40 - got, .token = tok + got, .seq = sq};
+    ASSERT_EQ_INT(cm_forward(c, &b, &err), 0);
+    const cm_route_tokens *d = cm_seq_routing_tokens(c, s);
+    ASSERT_TRUE(d != NULL);
+    ASSERT_EQ_INT(d->n_tokens, 40);
+    for (int p = 0; p < 40; p++) {
+        CHECK_TRUE(d->token[p] == (p < got ? -1 : tok[p]));
+        int routed = 0;
+        for (int k = 0; k < d->n_layer * d->k_tok; k++) routed += d->tok_expert[(size_t)p * d->n_layer * d->k_tok + k] >= 0;
+        if (mi.kind == CM_MOE_KIND_MOLE) routed = d->adapters[p] != 0;
+        else if (routed) routed = routed == d->n_layer * d->k_tok; /* every slot of a routed row */
+        CHECK_TRUE(routed == (p >= got));
+    }
+    det_check_sums(d, cm_seq_routing(c, s), mi.kind);
+    /* truncation forgets the rows past the cut: they are "not routed" again */
+    ASSERT_EQ_INT(cm_seq_truncate(c, s, CM_KV_BLOCK_TOKENS, &err), 0);
+    d = cm_seq_routing_tokens(c, s);
+    ASSERT_EQ_INT(d->n_tokens, CM_KV_BLOCK_TOKENS);
+    cm_seq_close(c, s);
+    cm_ctx_free(c);
+    cm_model_free(m);
+}
+
+TEST(routing_tokens_detail) {
+    det_case("models/hybrid-max.gguf", CM_SEGMENT_CAUSAL);
+    det_case("models/hybrid-mean.gguf", CM_SEGMENT_CAUSAL);
+    det_case("models/hybrid-max.gguf", CM_SEGMENT_REFERENCE);
+    det_case("models/qwen3moe.gguf", CM_SEGMENT_DEFAULT);
+    det_case("models/mole.gguf", CM_SEGMENT_DEFAULT);
+    det_attach_case("models/hybrid-max.gguf");
+    det_attach_case("models/qwen3moe.gguf");
+    det_attach_case("models/mole.gguf");
+    /* a dense model records nothing */
+    cm_model *m = golden_load_model("models/qwen2-gqa.gguf");
+    ASSERT_TRUE(m);
+    cm_ctx_params cp = {.n_threads = 1, .n_seq_max = 1, .n_ctx = 16, .n_batch_max = 4};
+    cm_err err = {0};
+    cm_ctx *c = cm_ctx_create(m, &cp, &err);
+    ASSERT_TRUE(c);
+    int s = cm_seq_open(c, &err);
+    ASSERT_EQ_INT(cm_seq_routing_tokens_enable(c, s, 8, &err), 0);
+    ASSERT_TRUE(cm_seq_routing_tokens(c, s) == NULL);
+    cm_ctx_free(c);
+    cm_model_free(m);
+}
+
 /* Dense models take the options (and ignore them) and have no routing statistics. */
 TEST(dense_model_options) {
     cm_model *m = golden_load_model("models/qwen2-gqa.gguf");
@@ -714,6 +967,7 @@ int main(void) {
         RUN(mole_goldens);
         RUN(mole_fence_sets_match_reference);
         RUN(mole_batch_mixed_languages);
+        RUN(routing_tokens_detail);
     }
     kv_type = CM_KV_F32;
     RUN(bad_models_refused);

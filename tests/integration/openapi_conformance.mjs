@@ -426,6 +426,12 @@ async function llamacpp(model) {
   const proj = await call('POST', P, { body: { ...req, response_fields: ['content', 'timings/prompt_n'] } });
   const pj = conform('POST', P, proj, 'llama completion response_fields');
   if (pj) expect(Object.keys(pj).sort().join() === 'content,timings/prompt_n', 'llama completion response_fields', JSON.stringify(pj));
+  if (fj && fj.content) { /* a stop string: stop_type "word" with the string in stopping_word */
+    const stop = fj.content.slice(0, 1);
+    const w = await call('POST', P, { body: { ...req, stop: [stop], n_indent: 0, t_max_predict_ms: 0 } });
+    const wj = conform('POST', P, w, 'llama completion stop word');
+    expect(wj && wj.stop_type === 'word' && wj.stopping_word === stop, 'llama completion stop word', w.text.slice(0, 200));
+  }
   await expectError('POST', P, { body: { prompt: 'x', temperature: 'hot' } }, 400, 'temperature', undefined, 'llama completion error');
   const I = '/infill';
   const inf = { input_prefix: 'def add(a, b):\n', input_suffix: '\n', prompt: '    return ',
@@ -517,6 +523,22 @@ async function main() {
     expect(routed.routing && routed.routing.id === routed.id, 'completion routing full', 'no routing record');
     expect(moeKind ? routed.routing.layers.length > 0 : routed.routing.layers.length === 0,
       'completion routing full', `layers ${JSON.stringify(routed.routing.layers).slice(0, 200)}`);
+  }
+  /* per-token routing: an entry per position but the last sampled one, each summing into the counts */
+  const perTok = await completion({ ...base1, routing: 'tokens' }, 'completion routing tokens');
+  if (perTok && perTok.routing) {
+    const rt = perTok.routing, u = perTok.usage;
+    if (moeKind) {
+      expect(rt.tokens && rt.tokens.length === u.prompt_tokens + u.completion_tokens - 1, 'completion routing tokens',
+        `${rt.tokens && rt.tokens.length} entries for ${u.prompt_tokens} + ${u.completion_tokens} tokens`);
+      if (moeKind !== 'mole' && rt.tokens) {
+        const n = rt.layers[0].token.reduce((a, c) => a + c.prompt_tokens + c.generated_tokens, 0);
+        const m = rt.tokens.reduce((a, t) => a + t.experts[0].length, 0);
+        expect(n === m, 'completion routing tokens', `layer 0: counts ${n}, per-token ids ${m}`);
+      }
+    } else {
+      expect(rt.tokens === undefined, 'completion routing tokens', 'a dense model has no per-token detail');
+    }
   }
   await completion({ model: mid, prompt: 'x = ', max_tokens: 6, n: 2, seed: 7, temperature: 0.8, logprobs: 2, echo: true },
     'completion n=2 logprobs echo');
@@ -620,6 +642,12 @@ async function main() {
   }
   const th = await call('GET', '/v1/health');
   conform('GET', '/v1/health', th, 'tabby health');
+  const evReq = { type: 'select', completion_id: 'cmpl-x', choice_index: 0, view_id: 'v', elapsed: 100 };
+  validate({ $ref: '#/components/schemas/TabbyEvent' }, evReq, 'tabby event vs. spec');
+  const ev = await call('POST', '/v1/events?select_kind=line', { body: evReq });
+  conform('POST', '/v1/events', ev, 'tabby event');
+  expect(ev.status === 200 && ev.text === '', 'tabby event', `${ev.status} ${ev.text.slice(0, 200)}`);
+  await expectError('POST', '/v1/events', { body: { ...evReq, type: 'click' } }, 400, 'type', undefined, 'tabby event error');
   const tk = await call('POST', '/tokenize', { body: { content: 'def f(x):', with_pieces: true } });
   const tj = conform('POST', '/tokenize', tk, 'tokenize');
   const tk2 = await call('POST', '/tokenize', { body: { content: 'def f(x):' } });
@@ -632,6 +660,7 @@ async function main() {
   }
   await expectError('POST', '/tokenize', { body: { content: 5 } }, 400, 'content', undefined, 'tokenize error');
   await expectError('POST', '/detokenize', { body: { tokens: [-1] } }, 400, 'tokens', undefined, 'detokenize error');
+  conform('GET', '/v1/status', await call('GET', '/v1/status'), 'status');
   const pr = await call('GET', '/props');
   const pj = conform('GET', '/props', pr, 'props');
   expect(pj && pj.default_generation_settings.n_ctx === ctx, 'props', `n_ctx ${pj && pj.default_generation_settings.n_ctx} != ${ctx}`);

@@ -2,7 +2,7 @@
 /*
  * test_server_compat.mjs - the server against what editor plugins and SDKs other than openai's send:
  * Tabby's agent (its request shapes replayed from fixtures/tabby_agent_requests.json, its health
- * route), Continue's @continuedev/openai-adapters (completion and fimStream), the `ai` SDK with 5 stop
+ * route, its telemetry events counted in /metrics), Continue's @continuedev/openai-adapters (completion and fimStream), the `ai` SDK with 5 stop
  * strings, LangChain's OpenAI with its default model name, llama.cpp's routes (/tokenize,
  * /detokenize, /props, n_predict), the model-name and context rules (--alias, --strict-model,
  * --strict-context) and CORS preflights as browsers send them.
@@ -71,6 +71,34 @@ test('Tabby: the agent\'s request shapes complete the code at the cursor', async
   assert.equal(a.status, 200, a.text);
   assert.equal(a.json.choices[0].text, b.json.choices[0].text);
   assert.equal(a.json.usage.prompt_tokens, b.json.usage.prompt_tokens);
+});
+
+test('Tabby: the agent\'s telemetry (POST /v1/events) is accepted and counted', async () => {
+  const count = async () => {
+    const text = await (await get(srv, '/metrics')).text();
+    const out = {};
+    for (const m of text.matchAll(/^codemoe_tabby_events_total\{type="(\w+)"\} (\d+)$/gm)) out[m[1]] = Number(m[2]);
+    return out;
+  };
+  const before = await count();
+  for (const ev of tabby.events) {
+    const r = await fetch(srv.base + '/v1/events' + (ev.query ? '?' + ev.query : ''), { method: 'POST',
+      headers: { 'Content-Type': 'application/json' }, body: JSON.stringify(ev.body) });
+    assert.equal(r.status, 200); // what Tabby's server answers; the agent reads the body as text
+    assert.equal(await r.text(), '');
+  }
+  const after = await count();
+  const want = { view: 1, select: 2, dismiss: 1 };
+  for (const k of Object.keys(want)) assert.equal((after[k] || 0) - (before[k] || 0), want[k], k);
+  // not an event: 400 naming the field, counted nowhere
+  for (const [body, param, query] of [[{ ...tabby.events[0].body, type: 'click' }, 'type', ''],
+    [{ type: 'view', choice_index: 0 }, 'completion_id', ''], [{ ...tabby.events[0].body, choice_index: '0' }, 'choice_index', ''],
+    [tabby.events[1].body, 'select_kind', '?select_kind=word']]) {
+    const r = await postJSON(srv, '/v1/events' + query, body);
+    assert.equal(r.status, 400, r.text);
+    assert.equal(r.json.error.param, param);
+  }
+  assert.deepEqual(await count(), after);
 });
 
 test('Continue: @continuedev/openai-adapters completion and fimStream', async () => {

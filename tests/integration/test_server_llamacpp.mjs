@@ -7,7 +7,8 @@
  * keys) and its warm-up ([""]: an empty object); /completion streamed (SSE, final stop:true) equals
  * not streamed; and that the prefix cache survives the plugins' habit of resending the same input_extra:
  * a short llama.vscode editing trace (warm-up, then one request per typed character) reuses all but
- * the last few prompt tokens (tokens_cached, printed for docs/server.md). Runs on the chat fixture, which
+ * the last few prompt tokens (tokens_cached, printed for docs/server.md); stop_type "word" (with
+ * stopping_word) and "limit"; n_indent and t_max_predict_ms honoured with llama.cpp's rules. Runs on the chat fixture, which
  * has Qwen2.5-Coder's <|repo_name|> / <|file_sep|> tokens.
  */
 import assert from 'node:assert/strict';
@@ -127,6 +128,60 @@ test('prefix cache across a llama.vscode editing trace', async () => {
     /* only the text at the cursor and what follows it (<fim_suffix> suffix <fim_middle>) is recomputed */
     assert.ok(r.computed <= 24, `step ${r.step}: ${r.computed} of ${r.evaluated} prompt tokens recomputed`);
     assert.ok(r.cached >= r.evaluated - 24);
+  }
+});
+
+test('stop_type: word (with stopping_word), limit', async () => {
+  // greedy on this fixture writes newlines, one token each
+  const req = { prompt: 'def f(x):\n', n_predict: 12, temperature: 0 };
+  const limit = JSON.parse((await post('/completion', req)).text);
+  assert.equal(limit.stop_type, 'limit');
+  assert.equal(limit.stopping_word, '');
+  assert.equal(limit.content, '\n'.repeat(12));
+  for (const stream of [false, true]) {
+    const r = await post('/completion', { ...req, stop: ['zz', '\n\n\n'], stream });
+    const j = stream ? JSON.parse(r.text.trim().split('\n\n').pop().slice(6)) : JSON.parse(r.text);
+    assert.equal(j.stop_type, 'word', r.text);
+    assert.equal(j.stopping_word, '\n\n\n');
+    assert.equal(j.tokens_predicted, 3);
+  }
+  // "eos" (this fixture never samples its end-of-generation token greedily): tests/api/test_format.c
+});
+
+test('n_indent: a later line indented less than n_indent ends the completion', async () => {
+  const req = { prompt: 'def f(x):\n', n_predict: 12, temperature: 0 };
+  // the second line is empty: its first byte (a newline) sits at column 0; llama.cpp cuts before it
+  const j = JSON.parse((await post('/completion', { ...req, n_indent: 4 })).text);
+  assert.equal(j.content, '\n');
+  assert.equal(j.stop_type, 'limit');
+  assert.equal(j.tokens_predicted, 2);
+  const inf = JSON.parse((await post('/infill', { ...fx.llama_vscode_infill, ...req, n_indent: 4 })).text);
+  assert.ok(inf.tokens_predicted <= 12);
+  for (const v of [0, -1, null]) assert.equal(JSON.parse((await post('/completion', { ...req, n_indent: v })).text).tokens_predicted, 12);
+  const bad = await post('/completion', { ...req, n_indent: 'four' });
+  assert.equal(bad.status, 400);
+  assert.equal(JSON.parse(bad.text).error.param, 'n_indent');
+});
+
+test('t_max_predict_ms: after the time, the completion ends at the next newline', async () => {
+  // 20 ms per step, so the time limit falls in the middle of the completion
+  const slow = await startServer({ model: 'qwen2-chat', env: { CODEMOE_SERVE_STEP_DELAY_MS: '20' } });
+  try {
+    const req = { prompt: 'def f(x):\n', n_predict: 60, temperature: 0 };
+    const p = async (body) => JSON.parse(await (await fetch(slow.base + '/completion', { method: 'POST',
+      headers: { 'Content-Type': 'application/json' }, body: JSON.stringify(body) })).text());
+    const full = await p(req);
+    assert.equal(full.tokens_predicted, 60);
+    const j = await p({ ...req, t_max_predict_ms: 200 });
+    assert.equal(j.stop_type, 'limit');
+    assert.ok(j.tokens_predicted > 1 && j.tokens_predicted < 60, `${j.tokens_predicted} tokens`);
+    assert.ok(j.timings.predicted_ms >= 200, `${j.timings.predicted_ms} ms`);
+    assert.ok(j.content.endsWith('\n'));
+    assert.equal(j.content, full.content.slice(0, j.content.length));
+    const bad = await p({ ...req, t_max_predict_ms: 1.5 });
+    assert.equal(bad.error.param, 't_max_predict_ms');
+  } finally {
+    await slow.stop();
   }
 });
 

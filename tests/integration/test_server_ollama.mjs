@@ -4,8 +4,9 @@
  * client: generate with suffix (fill in the middle: the same tokens as /v1/completions with suffix),
  * raw generate, generate through the chat template, chat streamed and not (NDJSON; the streamed text
  * equals the non-streamed one, the last object carries done, done_reason and the counts), options
- * (num_predict, temperature, seed, stop), load requests, list (tags), ps, show and version, and
- * Ollama-shaped errors.
+ * (num_predict, temperature, seed, stop, num_ctx as a smaller context), load requests, list (tags), ps,
+ * show and version, Ollama-shaped errors, and the fields this server cannot honour (template, format,
+ * images) refused by name.
  */
 import assert from 'node:assert/strict';
 import { createRequire } from 'node:module';
@@ -126,6 +127,44 @@ test('load requests (no prompt, no messages) generate nothing: done_reason load'
   const c = await ollama.chat({ model: MODEL, messages: [], stream: false });
   assert.equal(c.done_reason, 'load');
   assert.equal(c.eval_count, 0);
+});
+
+test('num_ctx: a smaller context for the request; a larger one is the served context', async () => {
+  const base = { model: MODEL, prompt: 'def f(x):\n', raw: true, stream: false };
+  const full = await ollama.generate({ ...base, options: { num_predict: 100, temperature: 0 } });
+  assert.equal(full.eval_count, 100);
+  // prompt + completion within num_ctx: the completion gets what is left and ends with "length"
+  const capped = await ollama.generate({ ...base, options: { num_predict: 100, num_ctx: 20, temperature: 0 } });
+  assert.equal(capped.done_reason, 'length');
+  assert.equal(capped.prompt_eval_count + capped.eval_count, 20);
+  assert.equal(capped.response, full.response.slice(0, capped.response.length));
+  // num_predict -1 (until the context is full) stops at num_ctx too
+  const open = await ollama.generate({ ...base, options: { num_predict: -1, num_ctx: 24, temperature: 0 } });
+  assert.equal(open.prompt_eval_count + open.eval_count, 24);
+  // more than the server runs with: the served context (256) applies
+  const big = await ollama.generate({ ...base, options: { num_predict: 100, num_ctx: 1 << 20, temperature: 0 } });
+  assert.equal(big.eval_count, 100);
+  // a prompt that alone does not fit num_ctx is refused, not cut
+  await assert.rejects(ollama.generate({ ...base, prompt: 'x = 1\n'.repeat(20), options: { num_ctx: 8 } }),
+    (e) => e.status_code === 400 && /context length is 8 tokens/.test(e.error));
+  await assert.rejects(ollama.generate({ ...base, options: { num_ctx: 0 } }),
+    (e) => e.status_code === 400 && /num_ctx/.test(e.error));
+});
+
+test('template, format and images cannot be honoured: 400 naming the field', async () => {
+  await assert.rejects(ollama.generate({ model: MODEL, prompt: 'x', stream: false, template: '{{ .Prompt }}' }),
+    (e) => e.status_code === 400 && /'template' is not supported/.test(e.error));
+  await assert.rejects(ollama.generate({ model: MODEL, prompt: 'x', stream: false, format: 'json' }),
+    (e) => e.status_code === 400 && /'format' is not supported/.test(e.error));
+  await assert.rejects(ollama.chat({ model: MODEL, messages: [{ role: 'user', content: 'x' }], stream: false,
+    format: { type: 'object', properties: { a: { type: 'string' } } } }),
+  (e) => e.status_code === 400 && /'format' is not supported/.test(e.error));
+  await assert.rejects(ollama.generate({ model: MODEL, prompt: 'x', stream: false, images: ['aGk='] }),
+    (e) => e.status_code === 400 && /'images' is not supported/.test(e.error));
+  // empty values say nothing and are accepted
+  const g = await ollama.generate({ model: MODEL, prompt: 'x', stream: false, template: '', format: '', images: [],
+    options: { num_predict: 2 } });
+  assert.equal(g.done, true);
 });
 
 test('errors are {"error": "..."}', async () => {

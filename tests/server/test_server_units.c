@@ -3,8 +3,9 @@
  * Bearer parsing, key files), request ids, the Prometheus rendering (cumulative buckets, series
  * table, the expert load series), the routing record store (FIFO eviction by count and by
  * serialized bytes, owners), who may read a record, the bounded byte buffer, and connection admission
- * and deadlines (conn.c, on a real loopback listener).
+ * and deadlines (conn.c, on a real loopback listener), the playground's embedded files and status record (ui.c).
  */
+#include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,6 +20,7 @@
 #include "sbuf.h"
 #include "server.h"
 #include "test.h"
+#include "ui.h"
 
 TEST(ct_equal_matches_memcmp) {
     ASSERT_TRUE(srv_ct_equal("abc", 3, "abc", 3));
@@ -555,8 +557,48 @@ TEST(conns_admission_and_deadlines) {
     ASSERT_EQ_INT(uv_loop_close(&loop), 0);
 }
 
+/* The playground's embedded files by URL ("/" is the page), and the status record: its fields from the
+ * gauges, hit_ratio null before any prefix query. */
+TEST(ui_files_and_status) {
+    const srv_ui_asset *a = srv_ui_find("/");
+    ASSERT_TRUE(a != NULL);
+    ASSERT_STREQ(a->path, "/ui/index.html");
+    ASSERT_TRUE(strstr(a->ctype, "text/html") != NULL);
+    ASSERT_TRUE(a->len > 100 && strstr((const char *)a->data, "/ui/app.js") != NULL);
+    ASSERT_TRUE(srv_ui_find("/ui/index.html") == a);
+    a = srv_ui_find("/ui/app.js");
+    ASSERT_TRUE(a && strstr(a->ctype, "javascript") && a->data[a->len] == 0);
+    ASSERT_TRUE(srv_ui_find("/ui/style.css") != NULL);
+    ASSERT_TRUE(srv_ui_find("/ui/nope.js") == NULL);
+    ASSERT_TRUE(srv_ui_find("/index.html") == NULL);
+    ASSERT_TRUE(srv_ui_find("/ui/../ui/app.js") == NULL);
+
+    srv_gauges g = {.queue_depth = 3, .requests_running = 2, .seqs_running = 5, .kv_blocks_total = 64,
+                    .kv_blocks_used = 10, .kv_blocks_cached = 4, .kv_block_tokens = 32};
+    char *s = srv_status_json(&g, "m", "ok", 100, 7);
+    ASSERT_TRUE(s != NULL);
+    json_t *j = json_loads(s, 0, NULL);
+    free(s);
+    ASSERT_TRUE(j != NULL);
+    ASSERT_STREQ(json_string_value(json_object_get(j, "object")), "server.status");
+    ASSERT_EQ_INT(json_integer_value(json_object_get(j, "queue_length")), 3);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(j, "sequences_running")), 5);
+    ASSERT_EQ_INT(json_integer_value(json_object_get(json_object_get(j, "kv"), "blocks_cached")), 4);
+    ASSERT_TRUE(json_is_null(json_object_get(json_object_get(j, "prefix_cache"), "hit_ratio")));
+    ASSERT_EQ_INT(json_integer_value(json_object_get(j, "generated_tokens")), 7);
+    json_decref(j);
+    g.prefix_query_tokens = 200;
+    g.prefix_hit_tokens = 50;
+    s = srv_status_json(&g, "m", "ok", 0, 0);
+    j = json_loads(s, 0, NULL);
+    free(s);
+    ASSERT_NEAR(json_real_value(json_object_get(json_object_get(j, "prefix_cache"), "hit_ratio")), 0.25, 1e-12);
+    json_decref(j);
+}
+
 int main(void) {
     RUN(ct_equal_matches_memcmp);
+    RUN(ui_files_and_status);
     RUN(keys_check_bearer);
     RUN(keys_load_file);
     RUN(request_ids);
