@@ -561,5 +561,10 @@ int api_model_named(const api_model *m, const char *name);
  * "" and SDKs their own defaults such as "gpt-3.5-turbo-instruct"). NULL: no such model (404
  * model_not_found). */
 const api_model *api_find_model(const api_model *models, int n, const char *name);
+/* The "model" a request body names, for a server that picks one of several models before it parses the
+ * body against that model: 1 with a copy in name (NUL-terminated) when the body is a JSON object whose
+ * "model" is a string shorter than cap; -1 when that string is longer (no model has such a name); 0
+ * otherwise (absent, null, not a string, not JSON: the parse reports what is wrong). */
+int api_request_model(const char *body, size_t len, char *name, size_t cap);
 
 #endif /* CM_API_H */

@@ -728,6 +728,19 @@ const api_model *api_find_model(const api_model *models, int n, const char *name
     return NULL;
 }
 
+int api_request_model(const char *body, size_t len, char *name, size_t cap) {
+    json_t *root = json_loadb(body, len, 0, NULL);
+    json_t *v = json_object_get(root, "model");
+    int rc = 0;
+    if (json_is_string(v)) {
+        size_t n = json_string_length(v);
+        rc = n < cap ? 1 : -1; /* (a NUL inside never gets here: json_loadb refuses \u0000) */
+        if (rc > 0) memcpy(name, json_string_value(v), n + 1);
+    }
+    json_decref(root);
+    return rc;
+}
+
 /* What api_completion_validate leaves for api_completion_tokenize: the parsed body (whose strings the
  * prompt sources point into) and the settings that need the prompts' token counts. */
 struct api__pending {

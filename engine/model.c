@@ -3,9 +3,12 @@
  * experts model_moe.c loads): hyper-parameters, weight views into the mapping (every tensor checked for
  * exact shape and a supported type) and the tokenizer. See model.h for the layout.
  */
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "kernels.h"
 #include "model.h"
@@ -394,6 +397,46 @@ void cm_model_free(cm_model *m) {
 }
 
 const cm_model_info *cm_model_get_info(const cm_model *m) { return m ? &m->info : NULL; }
+
+/* The Rss of the mapping that starts at addr, from /proc/self/smaps (0 if not found). */
+static size_t mapping_rss(const void *addr) {
+    FILE *f = fopen("/proc/self/smaps", "r");
+    if (!f) return 0;
+    char line[512];
+    int in = 0;
+    size_t rss = 0;
+    while (fgets(line, sizeof line, f)) {
+        unsigned long lo, hi;
+        if (sscanf(line, "%lx-%lx ", &lo, &hi) == 2 && strchr(line, '-') < strchr(line, ' ')) {
+            if (in) break;
+            in = lo == (unsigned long)(uintptr_t)addr;
+        } else if (in && !strncmp(line, "Rss:", 4)) {
+            rss = (size_t)strtoull(line + 4, NULL, 10) * 1024;
+        }
+    }
+    fclose(f);
+    return rss;
+}
+
+int cm_model_residency(const cm_model *m, size_t *mapped, size_t *cached, size_t *rss) {
+    *mapped = *cached = *rss = 0;
+    if (!m || !m->gguf.owns_map || !m->gguf.map) return 0;
+    long page = sysconf(_SC_PAGESIZE);
+    if (page <= 0) return -1;
+    size_t size = (size_t)m->gguf.size, n_pages = (size + (size_t)page - 1) / (size_t)page;
+    unsigned char *vec = malloc(n_pages ? n_pages : 1);
+    if (!vec) return -1;
+    /* the mapping starts page-aligned (mmap) */
+    if (mincore((void *)m->gguf.map, size, vec) != 0) { free(vec); return -1; }
+    size_t pages = 0;
+    for (size_t i = 0; i < n_pages; i++) pages += vec[i] & 1;
+    free(vec);
+    size_t bytes = pages * (size_t)page;
+    *mapped = size;
+    *cached = bytes > size ? size : bytes;
+    *rss = mapping_rss(m->gguf.map);
+    return 0;
+}
 
 const char *cm_model_chat_template(const cm_model *m, size_t *len) {
     *len = 0;

@@ -145,3 +145,5 @@ uint64_t srv_random_u64(void) {
     x ^= x >> 31; x *= 0x9E3779B97F4A7C15ull; x ^= x >> 29;
     return x;
 }
+
+int srv_keys_is_admin(const srv_keys *k, int who) { return who >= 0 && who < k->n && k->admin[who]; }

@@ -38,6 +38,9 @@ int srv_keys_find(const srv_keys *k, const char *authorization);
  * an admin key, or no keys configured. */
 int srv_keys_may_read(const srv_keys *k, int reader, int owner);
 
+/* Whether the caller `who` (an srv_keys_find result) holds an admin key (--admin-key). */
+int srv_keys_is_admin(const srv_keys *k, int who);
+
 /* Constant-time equality of two byte strings of possibly different lengths (time depends only on
  * the lengths). */
 int srv_ct_equal(const char *a, size_t alen, const char *b, size_t blen);

@@ -2,7 +2,8 @@
  * http.c - the HTTP front end of `codemoe serve`: libmicrohttpd driven by the libuv loop, routes,
  * API keys, CORS, limits, completions (plain and SSE), cancellation, graceful shutdown, access log.
  * Besides OpenAI's routes it answers the ones editor plugins call on other servers: Mistral's FIM
- * route, Tabby's health, llama.cpp's tokenizer routes and /props (see docs/server.md).
+ * route, Tabby's health, llama.cpp's tokenizer routes and /props (see docs/server.md), and the admin
+ * routes that load, replace and unload models of the pool (server/pool.c).
  *
  * Event loop integration: MHD runs in "external" epoll mode. Its epoll fd is watched by a uv_poll_t
  * and MHD_get_timeout drives a uv_timer_t; MHD_run is called only from those two callbacks, so every
@@ -13,7 +14,8 @@
  * A completion request (any endpoint with an api_format: OpenAI completions and chat, Ollama, llama.cpp)
  * is validated by its format (api/) on the loop, its prompts are tokenized on libuv's thread pool
  * (never on the loop: a long prompt would stall every connection), then it is turned into a srv_job
- * and handed to the engine worker; the connection is suspended from the thread pool step on. The
+ * and handed to the engine worker of the model its body names (srv_pool_find; the request holds that
+ * model until it is freed, so an unloaded model finishes what it runs); the connection is suspended from the thread pool step on. The
  * worker's output arrives through srv_sched's wake-up (on_wake): the loop renders it through the
  * format and queues the response (JSON, or a chunked SSE / NDJSON stream whose reader drains a bounded
  * per-request buffer) and resumes the connection. While a request waits (thread pool or worker), a
@@ -67,6 +69,8 @@ enum {
     ENDPOINT_TOKENIZE,          /* POST /tokenize (llama.cpp) */
     ENDPOINT_DETOKENIZE,        /* POST /detokenize (llama.cpp) */
     ENDPOINT_PROPS,             /* GET /props (llama.cpp) */
+    ENDPOINT_ADMIN_MODELS,      /* POST /admin/models: load a model */
+    ENDPOINT_ADMIN_MODEL,       /* PUT (replace) or DELETE (unload) /admin/models/{id} */
     ENDPOINT_TABBY_EVENTS,      /* POST /v1/events (Tabby's telemetry) */
     ENDPOINT_UI,                /* GET / and /ui/...: the playground's files (ui.c), unless --no-ui */
     ENDPOINT_STATUS,            /* GET /v1/status: the playground's live server view (ui.c) */
@@ -78,7 +82,8 @@ static const char *endpoint_label[] = {"unknown", "health", "metrics", "models",
                                        "routing", "preflight", "chat", "ollama_generate", "ollama_chat",
                                        "ollama_tags", "ollama_ps", "ollama_show", "ollama_version",
                                        "llama_completion", "llama_infill", "fim_completions", "tabby_health",
-                                       "tokenize", "detokenize", "props", "tabby_events", "ui", "status"};
+                                       "tokenize", "detokenize", "props", "admin_models", "admin_model", "tabby_events",
+                                       "ui", "status"};
 
 /* The dialect of an endpoint that runs a completion job (its parser and renderers), NULL for the others. */
 static const api_format *endpoint_format(int endpoint) {
@@ -120,6 +125,7 @@ struct srv_req {
     struct MHD_Connection *conn;
     srv_req *prev, *next;       /* h->reqs */
     srv_conn *sconn;            /* the connection's admission record (conn.c), NULL if none */
+    srv_member *mem;            /* the model it uses (held until the request is freed), or NULL */
     char id[72];                /* request id */
     char method[12];
     char path[160];             /* for the log, truncated */
@@ -193,16 +199,11 @@ struct srv_http {
     uv_timer_t grace;
     uv_timer_t finish;          /* runs `done` from a clean stack (never inside an MHD callback) */
     int port;
-    srv_sched *sched;
+    srv_pool *pool;             /* the models */
     srv_metrics metrics;
     srv_retention *ret;
     srv_keylimits *kl;          /* per-client limits and figures (server-wide; every model's jobs) */
     api_limits limits;
-    api_model model;
-    api_template *chat_template;  /* the model's, compiled at load; NULL: none or unusable */
-    char chat_template_error[256];
-    int model_state;
-    int64_t created;
     srv_req *reqs;
     int n_reqs;
     int n_jobs;                 /* completions submitted and not done */
@@ -261,7 +262,8 @@ static void respond(srv_req *r, int status, const char *ctype, char *body, size_
     }
     if (r->close) MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
     if (status == 405) {
-        const char *allow = endpoint_is_post(r->endpoint) ? "POST, OPTIONS" : "GET, HEAD, OPTIONS";
+        const char *allow = r->endpoint == ENDPOINT_ADMIN_MODEL ? "PUT, DELETE, OPTIONS"
+                            : endpoint_is_post(r->endpoint) ? "POST, OPTIONS" : "GET, HEAD, OPTIONS";
         MHD_add_response_header(resp, "Allow", allow);
     }
     if (MHD_queue_response(r->conn, (unsigned)status, resp) == MHD_YES) {
@@ -312,7 +314,7 @@ static void req_cancel(srv_req *r, int reason) {
     }
     if (!r->job_active) return;
     if (!r->cancel_reason) r->cancel_reason = reason;
-    srv_sched_cancel(r->h->sched, &r->job, reason);
+    srv_sched_cancel(r->mem->sched, &r->job, reason);
 }
 
 static void on_watch(uv_poll_t *p, int status, int events) {
@@ -382,6 +384,10 @@ static void req_free(srv_req *r) {
     if (r->has_creq) api_completion_req_free(&r->creq);
     api_route_agg_free(&r->job.routing); /* empty unless the job ended without being drained */
     json_decref(r->routing);
+    if (r->mem) {
+        if (r->mem->waiter == r) r->mem->waiter = NULL;
+        srv_member_release(r->mem);
+    }
     free(r);
     check_drained(h);
 }
@@ -450,6 +456,7 @@ static void access_log(srv_req *r, enum MHD_RequestTerminationCode toe) {
             inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, addr, sizeof addr);
         json_object_set_new(f, "remote", json_string(addr));
     }
+    if (r->mem) json_object_set_new(f, "model", json_string(r->mem->model.id));
     if (r->has_creq) {
         json_object_set_new(f, "completion_id", json_string(r->cmpl_id));
         json_object_set_new(f, "stream", json_boolean(r->stream));
@@ -530,6 +537,11 @@ static int endpoint_of(const char *url, char *arg, size_t arg_cap) {
     if (!strcmp(url, "/tokenize")) return ENDPOINT_TOKENIZE;
     if (!strcmp(url, "/detokenize")) return ENDPOINT_DETOKENIZE;
     if (!strcmp(url, "/props")) return ENDPOINT_PROPS;
+    if (!strcmp(url, "/admin/models")) return ENDPOINT_ADMIN_MODELS;
+    if (!strncmp(url, "/admin/models/", 14) && url[14] && strlen(url + 14) < arg_cap) {
+        snprintf(arg, arg_cap, "%s", url + 14);
+        return ENDPOINT_ADMIN_MODEL;
+    }
     if (!strcmp(url, "/v1/events")) return ENDPOINT_TABBY_EVENTS;
     if (!strcmp(url, "/v1/status")) return ENDPOINT_STATUS;
     if (srv_ui_find(url)) {
@@ -588,10 +600,17 @@ static void respond_preflight(srv_req *r) {
 
 /* ============================================================ simple endpoints */
 
-/* What /health and /v1/status say of the server: "ok", "loading", "error" or "shutting_down". */
+/* What /health and /v1/status say of the server: "ok" once every model the process started with is
+ * loaded ("loading" before; "error" when one failed: the process is stopping then), "shutting_down";
+ * models loaded later by the admin routes do not change it. */
 static const char *server_state(const srv_http *h) {
-    return h->draining ? "shutting_down" : h->model_state == SRV_MODEL_READY ? "ok"
-           : h->model_state == SRV_MODEL_FAILED ? "error" : "loading";
+    int loading = 0, failed = 0, ready = 0;
+    for (srv_member *m = h->pool ? srv_pool_first(h->pool) : NULL; m; m = m->next) {
+        if (m->state == SRV_MODEL_READY) ready++;
+        else if (m->startup && m->state == SRV_MODEL_LOADING) loading++;
+        else if (m->startup && m->state == SRV_MODEL_FAILED) failed++;
+    }
+    return h->draining ? "shutting_down" : failed ? "error" : loading || !ready ? "loading" : "ok";
 }
 
 static void handle_health(srv_req *r) {
@@ -603,20 +622,82 @@ static void handle_health(srv_req *r) {
 
 static void handle_metrics(srv_req *r) {
     srv_http *h = r->h;
-    srv_gauges g;
-    srv_sched_stats(h->sched, &g, &h->metrics.ttft, &h->metrics.itl, &h->metrics.generated_tokens,
-                    &h->metrics.prompt_tokens);
+    srv_model_metrics mm[SRV_POOL_MAX];
+    srv_member *who[SRV_POOL_MAX];
+    int n = 0;
+    for (srv_member *m = srv_pool_first(h->pool); m && n < SRV_POOL_MAX; m = m->next) {
+        /* a replacement still loading has its predecessor's names: that one speaks for the model */
+        if (m->replaces) continue;
+        srv_model_metrics *x = &mm[n];
+        memset(x, 0, sizeof *x);
+        x->model = m->model.id;
+        x->threads = m->threads;
+        srv_sched_stats(m->sched, &x->g, &x->ttft, &x->itl, &x->generated_tokens, &x->prompt_tokens);
+        if (m->model.model) {
+            size_t mapped = 0, cached = 0, resident = 0;
+            cm_model_residency(m->model.model, &mapped, &cached, &resident);
+            x->mapped_bytes = mapped;
+            x->cached_bytes = cached;
+            x->resident_bytes = resident;
+        }
+        who[n++] = m;
+    }
     size_t len = 0;
-    char *text = srv_metrics_render(&h->metrics, &g, &len);
+    char *text = srv_metrics_render(&h->metrics, mm, n, &len);
     srv_buf b;
     srv_buf_init(&b, 0);
     if (text) srv_buf_append(&b, text, len);
     free(text);
-    srv_sched_render_experts(h->sched, &b);
+    /* each metric's series together (the exposition format wants them so): every model's experts, then
+     * every model's adapters */
+    for (int adapters = 0; adapters < 2; adapters++) {
+        srv_expert_metrics_header(adapters, &b);
+        for (int k = 0; k < n; k++) {
+            char lab[300];
+            srv_metrics_model_label(who[k]->model.id, lab, sizeof lab);
+            srv_sched_render_experts(who[k]->sched, lab, adapters, &b);
+        }
+    }
     srv_keylimits_render(h->kl, uv_hrtime(), &b);
     if (!text || b.failed) { srv_buf_free(&b); respond_http_error(r, 500, "out of memory"); return; }
     text = srv_buf_take(&b, &len);
     respond(r, 200, "text/plain; version=0.0.4; charset=utf-8", text, len);
+}
+
+/* The model a request names: 404 model_not_found (in the request's dialect) when no live model has the
+ * name; with one model served any name selects it (api_find_model). name NULL: the first model. */
+static srv_member *select_model(srv_req *r, const char *name) {
+    srv_member *m = srv_pool_find(r->h->pool, name);
+    if (!m) {
+        api_error e;
+        api_error_set(&e, 404, API_ERR_NOT_FOUND, "model", "model_not_found",
+                      "The model '%.200s' does not exist (see GET /v1/models).", name ? name : "");
+        e.type = API_ERR_INVALID; /* OpenAI's type for a request naming an unknown model */
+        respond_error(r, &e);
+    }
+    return m;
+}
+
+/* The model a request body's "model" selects (select_model); NULL when a response was queued. */
+static srv_member *select_model_of_body(srv_req *r) {
+    /* one model: any name selects it, and the body's own parse applies --strict-model; the body is not
+     * parsed twice on the loop then */
+    srv_member *only = NULL;
+    int n = 0;
+    for (srv_member *m = srv_pool_first(r->h->pool); m; m = m->next)
+        if (!m->replaces && m->state != SRV_MODEL_FAILED) { only = m; n++; }
+    if (n == 1) return only;
+    char name[256];
+    int rc = api_request_model(r->body.data ? r->body.data : "", r->body.len, name, sizeof name);
+    if (rc < 0) snprintf(name, sizeof name, "(a name of more than 255 bytes)");
+    return select_model(r, rc ? name : NULL);
+}
+
+/* r uses m from now until it is freed: a retired model stays until then. */
+static void req_use_model(srv_req *r, srv_member *m) {
+    if (r->mem) srv_member_release(r->mem);
+    r->mem = m;
+    srv_member_hold(m);
 }
 
 /* The playground's files (ui.c) and its status record. */
@@ -628,63 +709,75 @@ static void handle_ui(srv_req *r) {
     respond(r, 200, a->ctype, body, a->len);
 }
 
+/* The playground's view of one model: ?model= (else the first), its worker's figures. */
 static void handle_status(srv_req *r) {
     srv_http *h = r->h;
+    srv_member *mem = select_model(r, MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "model"));
+    if (!mem) return;
     srv_gauges g;
-    srv_sched_stats(h->sched, &g, &h->metrics.ttft, &h->metrics.itl, &h->metrics.generated_tokens,
-                    &h->metrics.prompt_tokens);
-    respond_json(r, 200, srv_status_json(&g, h->cfg->model_id, server_state(h), h->metrics.prompt_tokens,
-                                         h->metrics.generated_tokens));
+    uint64_t prompt = 0, generated = 0;
+    srv_sched_stats(mem->sched, &g, NULL, NULL, &generated, &prompt);
+    respond_json(r, 200, srv_status_json(&g, mem->model.id, server_state(h), prompt, generated));
 }
 
-static int require_model(srv_req *r) {
-    if (r->h->model_state == SRV_MODEL_READY) return 1;
-    respond_http_error(r, 503, r->h->model_state == SRV_MODEL_FAILED ? "The model failed to load."
-                                                                     : "The model is loading. Please retry later.");
+static int require_model(srv_req *r, const srv_member *m) {
+    if (m && m->state == SRV_MODEL_READY) return 1;
+    respond_http_error(r, 503, !m ? "No model is loaded." : m->state == SRV_MODEL_FAILED ? "The model failed to load."
+                                                            : "The model is loading. Please retry later.");
     return 0;
 }
 
 static void handle_models(srv_req *r) {
     srv_http *h = r->h;
-    if (h->model_state != SRV_MODEL_READY) {
-        /* the id is known before the weights are: list it so clients can configure themselves */
-        json_t *m = json_pack("{s:s,s:s,s:I,s:s}", "id", h->cfg->model_id, "object", "model", "created",
-                              (json_int_t)h->created, "owned_by", "codemoe");
-        json_t *root = json_pack("{s:s,s:[o]}", "object", "list", "data", m);
-        char *s = root ? json_dumps(root, JSON_COMPACT) : NULL;
-        json_decref(root);
-        respond_json(r, 200, s);
-        return;
-    }
-    respond_json(r, 200, api_render_models(&h->model, 1));
+    api_model v[SRV_POOL_MAX];
+    int n = srv_pool_views(h->pool, v, NULL);
+    json_t *root = NULL;
+    char *ready = api_render_models(v, n);
+    if (ready) root = json_loads(ready, 0, NULL);
+    free(ready);
+    json_t *data = json_object_get(root, "data");
+    /* the id of a model still loading is known before its weights: listed so clients can configure
+     * themselves */
+    for (srv_member *m = srv_pool_first(h->pool); data && m; m = m->next)
+        if (m->state == SRV_MODEL_LOADING && !m->replaces)
+            json_array_append_new(data, json_pack("{s:s,s:s,s:I,s:s}", "id", m->model.id, "object", "model",
+                                                  "created", (json_int_t)m->model.created, "owned_by", "codemoe"));
+    char *s = root ? json_dumps(root, JSON_COMPACT) : NULL;
+    json_decref(root);
+    respond_json(r, 200, s);
 }
 
 static void handle_model(srv_req *r, const char *id) {
     srv_http *h = r->h;
     /* a lookup by name (id, alias, general.name once loaded), never "any name" as a request's model */
-    if (!api_model_named(&h->model, id)) {
+    srv_member *m = srv_pool_first(h->pool);
+    for (; m; m = m->next)
+        if (!m->replaces && api_model_named(&m->model, id)) break;
+    if (!m) {
         api_error e;
         api_error_set(&e, 404, API_ERR_NOT_FOUND, "model", "model_not_found", "The model '%.200s' does not exist.", id);
         respond_error(r, &e);
         return;
     }
-    if (!require_model(r)) return;
-    respond_json(r, 200, api_render_model(&h->model));
+    if (!require_model(r, m)) return;
+    respond_json(r, 200, api_render_model(&m->model));
 }
 
-/* Ollama's listings: /api/tags, /api/ps (the one loaded model), /api/show, /api/version. */
+/* Ollama's listings: /api/tags, /api/ps (the loaded models), /api/show, /api/version. */
 static void handle_ollama(srv_req *r) {
     srv_http *h = r->h;
     if (r->endpoint == ENDPOINT_OLLAMA_VERSION) { respond_json(r, 200, api_render_ollama_version()); return; }
     if (r->too_large) { respond_http_error(r, 413, NULL); return; }
-    if (!require_model(r)) return;
+    api_model v[SRV_POOL_MAX];
+    int n = srv_pool_views(h->pool, v, NULL);
+    if (n == 0) { require_model(r, srv_pool_first(h->pool)); return; }
     if (r->endpoint != ENDPOINT_OLLAMA_SHOW) {
-        respond_json(r, 200, api_render_ollama_tags(&h->model, 1, r->endpoint == ENDPOINT_OLLAMA_PS));
+        respond_json(r, 200, api_render_ollama_tags(v, n, r->endpoint == ENDPOINT_OLLAMA_PS));
         return;
     }
     api_error e;
     const api_model *m = NULL;
-    if (api_ollama_show_model(r->body.data ? r->body.data : "", r->body.len, &h->model, 1, &m, &e)) {
+    if (api_ollama_show_model(r->body.data ? r->body.data : "", r->body.len, v, n, &m, &e)) {
         respond_json(r, e.status, api_ollama_error_json(&e));
         return;
     }
@@ -745,14 +838,14 @@ static void handle_tabby_events(srv_req *r) {
 }
 
 static void handle_tabby_health(srv_req *r) {
-    srv_http *h = r->h;
-    if (!require_model(r)) return;
+    srv_member *mem = srv_pool_first(r->h->pool); /* the default model */
+    if (!require_model(r, mem)) return;
     char cpu[256];
     cpu_model_name(cpu, sizeof cpu);
     struct utsname u;
     const char *arch = uname(&u) == 0 ? u.machine : "";
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-    json_t *o = json_pack("{s:s,s:s,s:s,s:s,s:I,s:[],s:[],s:{s:s,s:s,s:s,s:s}}", "model", h->cfg->model_id, "device",
+    json_t *o = json_pack("{s:s,s:s,s:s,s:s,s:I,s:[],s:[],s:{s:s,s:s,s:s,s:s}}", "model", mem->model.id, "device",
                           "cpu", "arch", arch, "cpu_info", cpu, "cpu_count", (json_int_t)(ncpu > 0 ? ncpu : 1),
                           "cuda_devices", "accelerators", "version", "build_date", "", "build_timestamp", "",
                           "git_sha", "", "git_describe", CM_VERSION);
@@ -762,15 +855,17 @@ static void handle_tabby_health(srv_req *r) {
 }
 
 /* GET /props in llama.cpp's shape, the fields editor plugins read: the context size, the generation
- * defaults, the slots and the model. */
+ * defaults, the slots and the model; of the model ?model= names (llama.cpp's router mode), else the
+ * first. */
 static void handle_props(srv_req *r) {
     srv_http *h = r->h;
-    if (!require_model(r)) return;
+    srv_member *mem = select_model(r, MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "model"));
+    if (!mem || !require_model(r, mem)) return;
     /* the defaults are those of a request that sets nothing: api/ owns them */
     api_completion_req d;
     api_error e;
     static const char minimal[] = "{\"prompt\":\"\"}";
-    if (api_parse_completion(minimal, sizeof minimal - 1, &h->model, &h->limits, &d, &e) < 0) {
+    if (api_parse_completion(minimal, sizeof minimal - 1, &mem->model, &h->limits, &d, &e) < 0) {
         respond_error(r, &e);
         return;
     }
@@ -782,9 +877,9 @@ static void handle_props(srv_req *r) {
                                (double)d.sampling.frequency_penalty, "stop");
     api_completion_req_free(&d);
     json_t *o = params ? json_pack("{s:{s:i,s:o},s:i,s:s,s:s,s:s,s:i,s:s}", "default_generation_settings", "n_ctx",
-                                   h->model.n_ctx, "params", params, "total_slots", h->cfg->parallel, "model_path",
-                                   h->cfg->model_path, "model_alias", h->cfg->model_id, "chat_template", "", "n_ctx",
-                                   h->model.n_ctx, "build_info", CM_VERSION)
+                                   mem->model.n_ctx, "params", params, "total_slots", mem->cfg.parallel, "model_path",
+                                   mem->cfg.model_path, "model_alias", mem->model.id, "chat_template", "", "n_ctx",
+                                   mem->model.n_ctx, "build_info", CM_VERSION)
                        : NULL;
     char *body = o ? json_dumps(o, JSON_COMPACT) : NULL;
     json_decref(o);
@@ -886,11 +981,11 @@ static void stream_start(srv_req *r) {
  * retention store, and returns it borrowed (valid until the request is freed) or NULL. */
 static json_t *store_routing(srv_req *r, const api_route_agg *agg) {
     srv_http *h = r->h;
-    api_routing_info info = {.id = r->cmpl_id, .created = r->created, .model = h->cfg->model_id,
+    api_routing_info info = {.id = r->cmpl_id, .created = r->created, .model = r->mem->model.id,
                              .prompt_tokens = r->prompt_tokens, .completion_tokens = r->completion_tokens,
                              .full = r->creq.routing >= API_ROUTING_FULL,
                              .tokens = r->creq.routing == API_ROUTING_TOKENS};
-    json_t *v = api_routing_json(agg, h->model.model, &info);
+    json_t *v = api_routing_json(agg, r->mem->model.model, &info);
     if (!v) return NULL;
     json_decref(r->routing);
     r->routing = v;
@@ -1041,6 +1136,7 @@ static void job_output(srv_req *r, srv_drained *info) {
         r->job_active = 0;
         h->n_jobs--;
         if (r->limited) { srv_keylimits_end(h->kl, r->client); r->limited = 0; }
+        r->mem->n_jobs--;
         srv_hist_observe(&h->metrics.e2e, (double)(uv_hrtime() - r->t_start) / 1e9);
         if (r->cancel_reason == SRV_CANCEL_CLIENT) h->metrics.cancelled++;
         if (r->cancel_reason == SRV_CANCEL_TIMEOUT) { h->metrics.timeouts++; r->outcome = "timeout"; }
@@ -1074,44 +1170,44 @@ static void job_output(srv_req *r, srv_drained *info) {
     if (r->conn_done) req_try_free(r);
 }
 
-static void on_wake(void *ud) {
+static void admin_loaded(srv_req *r, srv_member *m, const cm_err *err);
+
+/* A model's worker reported: its load finished (ready: it serves; failed: a model of the start stops
+ * the process with exit code 1, one loaded later is dropped and its admin request told why), or jobs
+ * have output. */
+static void on_wake(void *ud, srv_member *mem) {
     srv_http *h = ud;
-    if (h->model_state == SRV_MODEL_LOADING) {
-        const cm_model *m = NULL;
-        int n_ctx = 0;
-        cm_err err = {0};
-        int st = srv_sched_model(h->sched, &m, &n_ctx, &err);
-        if (st == SRV_MODEL_READY) {
-            h->model.model = m;
-            h->model.created = h->created;
-            h->model.n_ctx = n_ctx;
-            h->model.n_batch = h->cfg->n_batch;
-            api_template_error te;
-            h->chat_template = api_chat_template_load(m, &te);
-            snprintf(h->chat_template_error, sizeof h->chat_template_error, "%s", h->chat_template ? "" : te.message);
-            h->model.chat_template = h->chat_template;
-            h->model.chat_template_error = h->chat_template_error;
-            h->model_state = SRV_MODEL_READY;
-            const cm_model_info *info = cm_model_get_info(m);
-            json_t *f = json_pack("{s:s,s:s,s:i,s:i,s:i}", "model", h->cfg->model_id, "arch", info->arch, "n_ctx",
-                                  n_ctx, "parallel", h->cfg->parallel, "n_vocab", info->n_vocab);
-            json_object_set_new(f, "chat_template", json_string(h->chat_template ? "yes"
-                                                                : h->chat_template_error[0] ? h->chat_template_error : "none"));
-            srv_log("info", "model loaded", f);
-            json_decref(f);
-        } else if (st == SRV_MODEL_FAILED) {
-            h->model_state = SRV_MODEL_FAILED;
-            json_t *f = json_pack("{s:s,s:s}", "model", h->cfg->model_path, "error", err.msg);
-            srv_log("error", "model load failed", f);
-            json_decref(f);
+    cm_err err = {0};
+    int st = srv_pool_update(mem, &err);
+    if (st == SRV_MODEL_READY && !mem->retired) {
+        const cm_model_info *info = cm_model_get_info(mem->model.model);
+        json_t *f = json_pack("{s:s,s:s,s:i,s:i,s:i,s:i}", "model", mem->model.id, "arch", info->arch, "n_ctx",
+                              mem->model.n_ctx, "parallel", mem->cfg.parallel, "n_vocab", info->n_vocab, "threads",
+                              mem->threads);
+        json_object_set_new(f, "chat_template", json_string(mem->chat_template ? "yes"
+                                                            : mem->chat_template_error[0] ? mem->chat_template_error : "none"));
+        srv_log("info", "model loaded", f);
+        json_decref(f);
+    } else if (st == SRV_MODEL_FAILED) {
+        json_t *f = json_pack("{s:s,s:s}", "model", mem->cfg.model_path, "error", err.msg);
+        srv_log("error", "model load failed", f);
+        json_decref(f);
+        if (mem->startup && !mem->retired) {
             h->exit_code = 1;
             srv_http_shutdown(h, h->done, h->done_ud);
+        } else {
+            srv_pool_retire(mem); /* stopped once its admin request lets go */
         }
     }
-    for (srv_job *j = srv_sched_take(h->sched); j;) {
+    if (st >= 0 && mem->waiter) {
+        srv_req *r = mem->waiter;
+        mem->waiter = NULL;
+        admin_loaded(r, mem, &err);
+    }
+    for (srv_job *j = srv_sched_take(mem->sched); j;) {
         srv_req *r = j->owner;
         srv_drained info;
-        srv_job *next = srv_sched_drain(h->sched, j, r->outs, &info);
+        srv_job *next = srv_sched_drain(mem->sched, j, r->outs, &info);
         job_output(r, &info);
         api_route_agg_free(&info.routing);
         j = next;
@@ -1145,12 +1241,13 @@ static void submit_completion(srv_req *r) {
     r->job.client = srv_keylimits_fair_id(h->kl, r->client);
     r->job.owner = r;
     atomic_init(&r->job.cancel, SRV_CANCEL_NONE);
-    if (srv_sched_submit(h->sched, &r->job) < 0) {
+    if (srv_sched_submit(r->mem->sched, &r->job) < 0) {
         respond_http_error(r, 503, "The server is shutting down.");
         return;
     }
     r->job_active = 1;
     h->n_jobs++;
+    r->mem->n_jobs++;
 }
 
 /* libuv's pool thread: the only code that touches r->creq (or, for /tokenize and /detokenize, r->body)
@@ -1163,8 +1260,9 @@ static void tokenize_work(uv_work_t *w) {
     }
     const srv_http *h = r->h;
     const char *body = r->body.data ? r->body.data : "";
-    r->tok_out = r->endpoint == ENDPOINT_TOKENIZE ? api_tokenize(body, r->body.len, &h->model, &h->limits, &r->tok_err)
-                                                  : api_detokenize(body, r->body.len, &h->model, &h->limits, &r->tok_err);
+    const api_model *m = &r->mem->model;
+    r->tok_out = r->endpoint == ENDPOINT_TOKENIZE ? api_tokenize(body, r->body.len, m, &h->limits, &r->tok_err)
+                                                  : api_detokenize(body, r->body.len, m, &h->limits, &r->tok_err);
     r->tok_rc = r->tok_out ? 0 : -1;
 }
 
@@ -1174,6 +1272,7 @@ static void tokenize_done(uv_work_t *w, int status) {
     srv_http *h = r->h;
     r->tokenizing = 0;
     h->n_tokenizing--;
+    r->mem->n_tokenizing--;
     if (r->client_gone || r->conn_done) {
         req_try_free(r);
         check_drained(h);
@@ -1200,7 +1299,8 @@ static int tokenize_queue(srv_req *r) {
     srv_http *h = r->h;
     /* requests still tokenizing count against the queue, or a flood of long prompts would wait unbounded
      * in the thread pool */
-    if (h->n_jobs + h->n_tokenizing >= h->cfg->parallel + h->cfg->queue) {
+    srv_member *mem = r->mem;
+    if (mem->n_jobs + mem->n_tokenizing >= mem->cfg.parallel + mem->cfg.queue) {
         h->metrics.rejected_queue_full++;
         respond_http_error(r, 429, NULL);
         return -1;
@@ -1212,6 +1312,7 @@ static int tokenize_queue(srv_req *r) {
     }
     r->tokenizing = 1;
     h->n_tokenizing++;
+    mem->n_tokenizing++;
     req_suspend(r);
     req_watch_start(r);
     return 0;
@@ -1257,20 +1358,22 @@ static void handle_completion(srv_req *r) {
     r->fmt = endpoint_format(r->endpoint); /* errors from here on take the dialect's shape too */
     if (r->too_large) { respond_http_error(r, 413, NULL); return; }
     if (h->draining) { respond_http_error(r, 503, "The server is shutting down."); return; }
-    if (!require_model(r)) return;
+    srv_member *mem = select_model_of_body(r);
+    if (!mem || !require_model(r, mem)) return;
+    req_use_model(r, mem);
     api_error e;
     memset(&e, 0, sizeof e);
-    if (r->fmt->parse(r->body.data ? r->body.data : "", r->body.len, &h->model, &h->limits, &r->creq, &e) < 0) {
+    if (r->fmt->parse(r->body.data ? r->body.data : "", r->body.len, &mem->model, &h->limits, &r->creq, &e) < 0) {
         respond_error(r, &e);
         return;
     }
     r->has_creq = 1;
     srv_buf_free(&r->body); /* the request keeps what it needs */
     int nc = api_completion_n_choices(&r->creq);
-    if (nc < 1 || nc > h->cfg->parallel) {
+    if (nc < 1 || nc > mem->cfg.parallel) {
         api_error_set(&e, 400, API_ERR_INVALID, "n", NULL,
                       "This request needs %d sequences (prompts x n) but the server runs at most %d at once "
-                      "(--parallel).", nc, h->cfg->parallel);
+                      "(--parallel).", nc, mem->cfg.parallel);
         respond_error(r, &e);
         return;
     }
@@ -1286,8 +1389,118 @@ static void handle_tokens(srv_req *r) {
     srv_http *h = r->h;
     if (r->too_large) { respond_http_error(r, 413, NULL); return; }
     if (h->draining) { respond_http_error(r, 503, "The server is shutting down."); return; }
-    if (!require_model(r)) return;
+    srv_member *mem = select_model_of_body(r);
+    if (!mem || !require_model(r, mem)) return;
+    req_use_model(r, mem);
     tokenize_queue(r);
+}
+
+/* ============================================================ admin: load, replace, unload */
+
+/* The live instance whose id is id (not a replacement still loading), or NULL. */
+static srv_member *member_by_id(srv_http *h, const char *id) {
+    for (srv_member *m = srv_pool_first(h->pool); m; m = m->next)
+        if (!m->replaces && !strcmp(m->model.id, id)) return m;
+    return NULL;
+}
+
+static void respond_admin_error(srv_req *r, int status, const char *code, const char *msg) {
+    api_error e;
+    api_error_set(&e, status, status == 404 ? API_ERR_NOT_FOUND : API_ERR_INVALID, NULL, code, "%s", msg);
+    respond_error(r, &e);
+}
+
+/* The load an admin request waits for ended (on_wake): 201 (POST) or 200 (PUT) with the model, or 422
+ * with the reason the file did not load. */
+static void admin_loaded(srv_req *r, srv_member *m, const cm_err *err) {
+    if (m->retired && m->state == SRV_MODEL_READY) {
+        respond_admin_error(r, 409, "conflict", "The model was unloaded while it loaded.");
+    } else if (m->state == SRV_MODEL_READY) {
+        respond_json(r, r->endpoint == ENDPOINT_ADMIN_MODELS ? 201 : 200, api_render_model(&m->model));
+    } else {
+        api_error e;
+        api_error_set(&e, 422, API_ERR_INVALID, "path", "model_load_failed", "The model did not load: %.300s",
+                      err && err->msg[0] ? err->msg : "unknown error");
+        respond_error(r, &e);
+    }
+    req_resume(r);
+}
+
+
+/* POST /admin/models {path, id, aliases, ctx, kv_size, threads, parallel, ...}: loads one more model;
+ * PUT /admin/models/{id} {path, ...}: loads a new instance for id, which takes over once ready (the old
+ * one finishes what it runs, then is unloaded); DELETE /admin/models/{id}: unloads. Admin keys only
+ * (checked with the headers). A load answers once it has ended. */
+static void handle_admin(srv_req *r) {
+    srv_http *h = r->h;
+    if (r->too_large) { respond_http_error(r, 413, NULL); return; }
+    if (h->draining) { respond_http_error(r, 503, "The server is shutting down."); return; }
+    int is_delete = !strcmp(r->method, "DELETE");
+    srv_member *old = NULL;
+    if (r->endpoint == ENDPOINT_ADMIN_MODEL && !(old = member_by_id(h, r->arg))) {
+        respond_admin_error(r, 404, "model_not_found", "No served model has this id.");
+        return;
+    }
+    if (is_delete) {
+        char *body = NULL;
+        json_t *o = json_pack("{s:s,s:s,s:b}", "id", old->model.id, "object", "model", "deleted", 1);
+        if (o) body = json_dumps(o, JSON_COMPACT);
+        json_decref(o);
+        srv_pool_retire(old); /* after the id was rendered: retiring may free the instance */
+        respond_json(r, 200, body);
+        return;
+    }
+    json_error_t je;
+    json_t *root = json_loadb(r->body.data ? r->body.data : "", r->body.len, 0, &je);
+    srv_model_spec spec;
+    char err[256];
+    if (!root || srv_model_spec_from_json(root, &spec, err, sizeof err) < 0) {
+        if (!root) snprintf(err, sizeof err, "The body is not JSON: %s", je.text);
+        json_decref(root);
+        respond_admin_error(r, 400, NULL, err);
+        return;
+    }
+    json_decref(root);
+    if (old && spec.id[0] && strcmp(spec.id, old->model.id)) {
+        srv_model_spec_free(&spec);
+        respond_admin_error(r, 400, NULL, "The body's id differs from the URL's.");
+        return;
+    }
+    if (old) snprintf(spec.id, sizeof spec.id, "%s", old->model.id);
+    srv_member *m = NULL;
+    int status = srv_pool_add(h->pool, &spec, old, &m, err, sizeof err);
+    srv_model_spec_free(&spec);
+    if (status) {
+        respond_admin_error(r, status, status == 409 ? "conflict" : NULL, err);
+        return;
+    }
+    json_t *f = json_pack("{s:s,s:s,s:b,s:i}", "model", m->model.id, "path", m->cfg.model_path, "replace", old != NULL,
+                          "threads", m->threads);
+    srv_log("info", "model loading", f);
+    json_decref(f);
+    req_use_model(r, m);
+    m->waiter = r;
+    req_suspend(r);
+}
+
+void srv_http_apply_config(srv_http *h, const srv_model_spec *specs, int n) {
+    char err[256];
+    /* first what goes, so that its threads return to the budget as soon as its requests end */
+    for (srv_member *m = srv_pool_first(h->pool), *next; m; m = next) {
+        next = m->next;
+        int keep = 0;
+        for (int i = 0; i < n && !keep; i++) keep = !strcmp(specs[i].id, m->model.id);
+        if (!keep && !m->replaces) srv_pool_retire(m);
+    }
+    for (int i = 0; i < n; i++) {
+        srv_member *old = member_by_id(h, specs[i].id), *m = NULL;
+        if (old && srv_model_spec_same(&old->spec, &specs[i])) continue;
+        int status = srv_pool_add(h->pool, &specs[i], old, &m, err, sizeof err);
+        json_t *f = json_pack("{s:s,s:s,s:b}", "model", specs[i].id, "path", specs[i].path, "replace", old != NULL);
+        if (status) json_object_set_new(f, "error", json_string(err));
+        srv_log(status ? "error" : "info", status ? "SIGHUP: model not loaded" : "model loading", f);
+        json_decref(f);
+    }
 }
 
 /* ============================================================ the access handler */
@@ -1381,8 +1594,21 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             respond_http_error(r, 401, NULL);
             return MHD_YES;
         }
-        if (endpoint_is_post(r->endpoint)) {
-            if (!is_post) { respond_http_error(r, 405, NULL); return MHD_YES; }
+        int admin = r->endpoint == ENDPOINT_ADMIN_MODELS || r->endpoint == ENDPOINT_ADMIN_MODEL;
+        if (admin) {
+            int is_put = !strcmp(method, "PUT"), is_delete = !strcmp(method, "DELETE");
+            if (r->endpoint == ENDPOINT_ADMIN_MODELS ? !is_post : !(is_put || is_delete)) {
+                respond_http_error(r, 405, NULL);
+                return MHD_YES;
+            }
+            if (!srv_keys_is_admin(&h->cfg->keys, r->key)) {
+                respond_http_error(r, 403, "Loading and unloading models needs an admin key (--admin-key).");
+                return MHD_YES;
+            }
+            snprintf(r->arg, sizeof r->arg, "%s", arg);
+        }
+        if (endpoint_is_post(r->endpoint) || admin) {
+            if (!is_post && !admin) { respond_http_error(r, 405, NULL); return MHD_YES; }
             const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Content-Length");
             if (cl) {
                 char *end = NULL;
@@ -1440,6 +1666,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     case ENDPOINT_MODELS: handle_models(r); break;
     case ENDPOINT_MODEL: handle_model(r, r->arg); break;
     case ENDPOINT_COMPLETION_ROUTING: handle_routing(r, r->arg); break;
+    case ENDPOINT_ADMIN_MODELS:
+    case ENDPOINT_ADMIN_MODEL: handle_admin(r); break;
     default: respond_http_error(r, 404, NULL); break;
     }
     return MHD_YES;
@@ -1494,6 +1722,7 @@ static void on_mhd_log(void *cls, const char *fmt, va_list ap) {
 static void on_tick(uv_timer_t *t) {
     srv_http *h = t->data;
     uint64_t now = uv_hrtime();
+    if (h->pool) srv_pool_reap(h->pool);
     for (srv_req *r = h->reqs; r; r = r->next)
         if (r->job_active && r->deadline && now >= r->deadline && !r->cancel_reason) req_cancel(r, SRV_CANCEL_TIMEOUT);
     if (h->conns && srv_conns_check(h->conns, now)) mhd_kick(h);
@@ -1578,11 +1807,6 @@ srv_http *srv_http_start(uv_loop_t *loop, srv_config *cfg) {
     api_limits_default(&h->limits);
     h->limits.max_body_bytes = cfg->max_body;
     h->limits.strict_context = cfg->strict_context;
-    /* the names are known before the weights: /v1/models/{id} answers while the model loads */
-    h->model.id = cfg->model_id;
-    h->model.aliases = (const char *const *)cfg->aliases;
-    h->model.n_aliases = cfg->n_aliases;
-    h->model.strict_name = cfg->strict_model;
     h->ret = srv_retention_create(cfg->routing_retention, cfg->routing_retention_bytes);
     h->kl = srv_keylimits_create(&cfg->keys, cfg->key_max_concurrent, cfg->key_tokens_per_minute);
     if (!h->kl) {
@@ -1591,8 +1815,6 @@ srv_http *srv_http_start(uv_loop_t *loop, srv_config *cfg) {
         free(h);
         return NULL;
     }
-    struct stat stt;
-    h->created = stat(cfg->model_path, &stt) == 0 ? (int64_t)stt.st_mtime : (int64_t)time(NULL);
 
     /* resolve the listen address */
     struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
@@ -1674,9 +1896,9 @@ srv_http *srv_http_start(uv_loop_t *loop, srv_config *cfg) {
 
 int srv_http_port(const srv_http *h) { return h->port; }
 
-void srv_http_set_sched(srv_http *h, srv_sched *s) { h->sched = s; }
+void srv_http_set_pool(srv_http *h, srv_pool *p) { h->pool = p; }
 
-srv_sched_wake_fn srv_http_wake_fn(void) { return on_wake; }
+srv_pool_wake_fn srv_http_wake_fn(void) { return on_wake; }
 
 void srv_http_on_done(srv_http *h, void (*done)(void *), void *ud) {
     h->done = done;
@@ -1726,6 +1948,5 @@ void srv_http_destroy(srv_http *h) {
     srv_conns_free(h->conns);
     srv_retention_free(h->ret);
     srv_keylimits_free(h->kl);
-    api_template_free(h->chat_template);
     free(h);
 }

@@ -4,6 +4,7 @@
  */
 #include "metrics.h"
 
+#include <stddef.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -71,7 +72,123 @@ static void render_scalar(srv_buf *b, const char *name, const char *type, const 
     srv_buf_printf(b, "# HELP %s %s\n# TYPE %s %s\n%s %.17g\n", name, help, name, type, name, v);
 }
 
-char *srv_metrics_render(const srv_metrics *m, const srv_gauges *g, size_t *len) {
+void srv_metrics_model_label(const char *model, char *out, size_t cap) {
+    size_t n = 0;
+    const char pre[] = "model=\"";
+    if (cap < sizeof pre + 1) { if (cap) out[0] = 0; return; }
+    memcpy(out, pre, sizeof pre - 1);
+    n = sizeof pre - 1;
+    for (const char *p = model; *p && n + 3 < cap; p++) {
+        if (*p == '\\' || *p == '"') { out[n++] = '\\'; out[n++] = *p; }
+        else if (*p == '\n') { out[n++] = '\\'; out[n++] = 'n'; }
+        else out[n++] = *p;
+    }
+    out[n++] = '"';
+    out[n] = 0;
+}
+
+/* A histogram's series with the label set lab (e.g. model="x") before le. */
+static void render_hist_series(srv_buf *b, const char *name, const char *lab, const srv_hist *h) {
+    uint64_t cum = 0;
+    for (int i = 0; i < h->n_bounds; i++) {
+        cum += h->counts[i];
+        srv_buf_printf(b, "%s_bucket{%s,le=\"%g\"} %llu\n", name, lab, h->bounds[i], (unsigned long long)cum);
+    }
+    cum += h->counts[h->n_bounds];
+    srv_buf_printf(b, "%s_bucket{%s,le=\"+Inf\"} %llu\n", name, lab, (unsigned long long)cum);
+    srv_buf_printf(b, "%s_sum{%s} %.9g\n%s_count{%s} %llu\n", name, lab, h->sum, name, lab, (unsigned long long)h->count);
+}
+
+/* The figure of each model a metric has, read by offset (as double, int, or uint64_t). */
+enum { F_U64, F_INT, F_RATIO, F_HIST };
+typedef struct model_metric {
+    const char *name, *type, *help;
+    int kind;
+    size_t off;       /* into srv_model_metrics */
+} model_metric;
+
+#define MM(f) offsetof(srv_model_metrics, f)
+static const model_metric model_metrics[] = {
+    {"codemoe_prompt_tokens_total", "counter", "Prompt tokens processed (all choices).", F_U64, MM(prompt_tokens)},
+    {"codemoe_generated_tokens_total", "counter", "Tokens generated.", F_U64, MM(generated_tokens)},
+    {"codemoe_time_to_first_token_seconds", "histogram", "Time from request arrival to the first generated token.",
+     F_HIST, MM(ttft)},
+    {"codemoe_inter_token_latency_seconds", "histogram", "Time between consecutive generated tokens of a sequence.",
+     F_HIST, MM(itl)},
+    {"codemoe_model_loaded", "gauge", "1 when the model is loaded and serving.", F_INT, MM(g.model_loaded)},
+    {"codemoe_model_threads", "gauge", "Compute threads the model holds of the --threads budget.", F_INT, MM(threads)},
+    {"codemoe_model_mapped_bytes", "gauge", "Bytes of the model file mapped into memory.", F_U64, MM(mapped_bytes)},
+    {"codemoe_model_cached_bytes", "gauge",
+     "Bytes of the model file in the page cache (mincore over its mapping at scrape time).", F_U64, MM(cached_bytes)},
+    {"codemoe_model_resident_bytes", "gauge",
+     "Bytes of the model file's mapping this process has faulted in (its Rss at scrape time).", F_U64,
+     MM(resident_bytes)},
+    {"codemoe_queue_depth", "gauge", "Completion requests waiting for a batch slot.", F_INT, MM(g.queue_depth)},
+    {"codemoe_requests_running", "gauge", "Completion requests being generated.", F_INT, MM(g.requests_running)},
+    {"codemoe_sequences_running", "gauge", "Sequences (choices) in the batch.", F_INT, MM(g.seqs_running)},
+    {"codemoe_kv_blocks", "gauge", "KV cache blocks in the pool.", F_INT, MM(g.kv_blocks_total)},
+    {"codemoe_kv_blocks_used", "gauge", "KV cache blocks in use.", F_INT, MM(g.kv_blocks_used)},
+    {"codemoe_kv_block_tokens", "gauge", "Tokens per KV cache block.", F_INT, MM(g.kv_block_tokens)},
+    {"codemoe_kv_blocks_cached", "gauge", "KV cache blocks kept in the prefix cache and held by no request (evictable).",
+     F_INT, MM(g.kv_blocks_cached)},
+    {"codemoe_kv_blocks_available", "gauge", "KV cache blocks new positions can take (free + cached).", F_INT,
+     MM(g.kv_blocks_available)},
+    {"codemoe_kv_evictions_total", "counter", "Cached KV blocks evicted to make room for new positions.", F_U64,
+     MM(g.kv_evictions)},
+    {"codemoe_prefix_cache_query_tokens_total", "counter",
+     "Prompt tokens looked up in the prefix cache (each prompt but its last token).", F_U64, MM(g.prefix_query_tokens)},
+    {"codemoe_prefix_cache_hit_tokens_total", "counter", "Prompt tokens reused from the prefix cache instead of computed.",
+     F_U64, MM(g.prefix_hit_tokens)},
+    {"codemoe_prefix_cache_hit_ratio", "gauge", "Prefix cache hit tokens / query tokens since start (0 before any query).",
+     F_RATIO, 0},
+    {"codemoe_prompt_tokens_computed_total", "counter",
+     "Prompt tokens run through the model (cache hits and forked choices are not recomputed).", F_U64,
+     MM(g.prompt_tokens_computed)},
+    {"codemoe_kv_check_errors", "gauge",
+     "Inconsistent KV blocks found by the per-step pool check (--kv-check); must stay 0.", F_U64, MM(g.kv_check_errors)},
+    {"codemoe_step_tokens", "histogram", "Tokens per batched forward pass (decode and prefill).", F_HIST,
+     MM(g.step_tokens)},
+    {"codemoe_decode_steps_total", "counter", "Batched forward passes run.", F_U64, MM(g.decode_steps)},
+    {"codemoe_batch_tokens_total", "counter", "Tokens processed over all forward passes.", F_U64, MM(g.batch_tokens)},
+};
+#undef MM
+
+/* Whether model k has the metric: --kv-check's only with it, the step histogram once it has bounds. */
+static int model_has(const model_metric *mm, const srv_model_metrics *k) {
+    if (!strcmp(mm->name, "codemoe_kv_check_errors")) return k->g.kv_check;
+    if (!strcmp(mm->name, "codemoe_step_tokens")) return k->g.step_tokens.n_bounds > 0;
+    if (!strncmp(mm->name, "codemoe_model_", 14) && strstr(mm->name, "_bytes")) return k->mapped_bytes > 0;
+    return 1;
+}
+
+static void render_models(srv_buf *b, const srv_model_metrics *models, int n) {
+    for (size_t i = 0; i < sizeof model_metrics / sizeof *model_metrics; i++) {
+        const model_metric *mm = &model_metrics[i];
+        int any = 0;
+        for (int k = 0; k < n; k++) any |= model_has(mm, &models[k]);
+        if (!any) continue;
+        srv_buf_printf(b, "# HELP %s %s\n# TYPE %s %s\n", mm->name, mm->help, mm->name, mm->type);
+        for (int k = 0; k < n; k++) {
+            const srv_model_metrics *x = &models[k];
+            if (!model_has(mm, x)) continue;
+            char lab[300];
+            srv_metrics_model_label(x->model, lab, sizeof lab);
+            const char *base = (const char *)x + mm->off;
+            double v = 0;
+            switch (mm->kind) {
+            case F_HIST: render_hist_series(b, mm->name, lab, (const srv_hist *)base); continue;
+            case F_U64: v = (double)*(const uint64_t *)base; break;
+            case F_INT: v = (double)*(const int *)base; break;
+            case F_RATIO:
+                v = x->g.prefix_query_tokens ? (double)x->g.prefix_hit_tokens / (double)x->g.prefix_query_tokens : 0.0;
+                break;
+            }
+            srv_buf_printf(b, "%s{%s} %.17g\n", mm->name, lab, v);
+        }
+    }
+}
+
+char *srv_metrics_render(const srv_metrics *m, const srv_model_metrics *models, int n, size_t *len) {
     srv_buf b;
     srv_buf_init(&b, 0);
     srv_buf_puts(&b, "# HELP codemoe_requests_total HTTP requests by route and status code.\n"
@@ -82,10 +199,6 @@ char *srv_metrics_render(const srv_metrics *m, const srv_gauges *g, size_t *len)
     if (m->series_dropped)
         srv_buf_printf(&b, "codemoe_requests_total{route=\"other\",status=\"other\"} %llu\n",
                        (unsigned long long)m->series_dropped);
-    render_scalar(&b, "codemoe_prompt_tokens_total", "counter", "Prompt tokens processed (all choices).",
-                  (double)m->prompt_tokens);
-    render_scalar(&b, "codemoe_generated_tokens_total", "counter", "Tokens generated.",
-                  (double)m->generated_tokens);
     render_scalar(&b, "codemoe_requests_cancelled_total", "counter",
                   "Generations cancelled because the client disconnected.", (double)m->cancelled);
     render_scalar(&b, "codemoe_requests_timed_out_total", "counter",
@@ -101,10 +214,6 @@ char *srv_metrics_render(const srv_metrics *m, const srv_gauges *g, size_t *len)
                            (unsigned long long)m->tabby_events[i]);
     render_scalar(&b, "codemoe_slow_reader_streams_total", "counter",
                   "Streams ended because the client did not read fast enough.", (double)m->slow_readers);
-    render_hist(&b, "codemoe_time_to_first_token_seconds", "Time from request arrival to the first generated token.",
-                &m->ttft);
-    render_hist(&b, "codemoe_inter_token_latency_seconds", "Time between consecutive generated tokens of a sequence.",
-                &m->itl);
     render_hist(&b, "codemoe_request_duration_seconds", "Duration of completion requests.", &m->e2e);
     render_scalar(&b, "codemoe_http_connections", "gauge", "Open HTTP requests being handled.",
                   (double)m->connections_active);
@@ -124,46 +233,7 @@ char *srv_metrics_render(const srv_metrics *m, const srv_gauges *g, size_t *len)
                        "codemoe_connections_timed_out_total{phase=\"headers\"} %llu\n"
                        "codemoe_connections_timed_out_total{phase=\"body\"} %llu\n",
                    (unsigned long long)m->conn_header_timeouts, (unsigned long long)m->conn_body_timeouts);
-    render_scalar(&b, "codemoe_model_loaded", "gauge", "1 when the model is loaded and serving.",
-                  (double)g->model_loaded);
-    render_scalar(&b, "codemoe_queue_depth", "gauge", "Completion requests waiting for a batch slot.",
-                  (double)g->queue_depth);
-    render_scalar(&b, "codemoe_requests_running", "gauge", "Completion requests being generated.",
-                  (double)g->requests_running);
-    render_scalar(&b, "codemoe_sequences_running", "gauge", "Sequences (choices) in the batch.",
-                  (double)g->seqs_running);
-    render_scalar(&b, "codemoe_kv_blocks", "gauge", "KV cache blocks in the pool.", (double)g->kv_blocks_total);
-    render_scalar(&b, "codemoe_kv_blocks_used", "gauge", "KV cache blocks in use.", (double)g->kv_blocks_used);
-    render_scalar(&b, "codemoe_kv_block_tokens", "gauge", "Tokens per KV cache block.", (double)g->kv_block_tokens);
-    render_scalar(&b, "codemoe_kv_blocks_cached", "gauge",
-                  "KV cache blocks kept in the prefix cache and held by no request (evictable).",
-                  (double)g->kv_blocks_cached);
-    render_scalar(&b, "codemoe_kv_blocks_available", "gauge",
-                  "KV cache blocks new positions can take (free + cached).", (double)g->kv_blocks_available);
-    render_scalar(&b, "codemoe_kv_evictions_total", "counter",
-                  "Cached KV blocks evicted to make room for new positions.", (double)g->kv_evictions);
-    render_scalar(&b, "codemoe_prefix_cache_query_tokens_total", "counter",
-                  "Prompt tokens looked up in the prefix cache (each prompt but its last token).",
-                  (double)g->prefix_query_tokens);
-    render_scalar(&b, "codemoe_prefix_cache_hit_tokens_total", "counter",
-                  "Prompt tokens reused from the prefix cache instead of computed.", (double)g->prefix_hit_tokens);
-    render_scalar(&b, "codemoe_prefix_cache_hit_ratio", "gauge",
-                  "Prefix cache hit tokens / query tokens since start (0 before any query).",
-                  g->prefix_query_tokens ? (double)g->prefix_hit_tokens / (double)g->prefix_query_tokens : 0.0);
-    render_scalar(&b, "codemoe_prompt_tokens_computed_total", "counter",
-                  "Prompt tokens run through the model (cache hits and forked choices are not recomputed).",
-                  (double)g->prompt_tokens_computed);
-    if (g->kv_check)
-        render_scalar(&b, "codemoe_kv_check_errors", "gauge",
-                      "Inconsistent KV blocks found by the per-step pool check (--kv-check); must stay 0.",
-                      (double)g->kv_check_errors);
-    if (g->step_tokens.n_bounds)
-        render_hist(&b, "codemoe_step_tokens", "Tokens per batched forward pass (decode and prefill).",
-                    &g->step_tokens);
-    render_scalar(&b, "codemoe_decode_steps_total", "counter", "Batched forward passes run.",
-                  (double)g->decode_steps);
-    render_scalar(&b, "codemoe_batch_tokens_total", "counter", "Tokens processed over all forward passes.",
-                  (double)g->batch_tokens);
+    render_models(&b, models, n);
     if (b.failed) { srv_buf_free(&b); return NULL; }
     return srv_buf_take(&b, len);
 }

@@ -53,12 +53,24 @@ typedef struct srv_gauges {
     srv_hist step_tokens;   /* tokens per forward pass (rendered when it has bounds) */
 } srv_gauges;
 
+/* One served model's figures, rendered with a model label (the worker's: srv_sched_stats). */
+typedef struct srv_model_metrics {
+    const char *model;            /* its id: the value of the "model" label */
+    srv_gauges g;
+    srv_hist ttft;                /* time to first token, seconds */
+    srv_hist itl;                 /* inter-token latency, seconds */
+    uint64_t prompt_tokens;
+    uint64_t generated_tokens;
+    int threads;                  /* compute threads it holds of the budget */
+    uint64_t mapped_bytes;        /* its model file's mapping (0: unknown) */
+    uint64_t cached_bytes;        /* of which pages are in the page cache (mincore) */
+    uint64_t resident_bytes;      /* of which pages the process has faulted in (its Rss) */
+} srv_model_metrics;
+
 typedef struct srv_metrics {
     srv_req_series series[SRV_METRICS_MAX_SERIES];
     int n_series;
     uint64_t series_dropped;      /* (route, status) pairs beyond the table: counted, not labelled */
-    uint64_t prompt_tokens;
-    uint64_t generated_tokens;
     uint64_t cancelled;           /* generations ended because the client left */
     uint64_t timeouts;            /* generations ended by --request-timeout */
     uint64_t rejected_queue_full; /* 429s */
@@ -74,8 +86,7 @@ typedef struct srv_metrics {
     const char *tabby_event_type[SRV_TABBY_EVENT_TYPES]; /* Tabby's telemetry (POST /v1/events): each kind's
                                      label (a static string from api/), NULL until one is seen */
     uint64_t tabby_events[SRV_TABBY_EVENT_TYPES];
-    srv_hist ttft;                /* time to first token, seconds */
-    srv_hist itl;                 /* inter-token latency, seconds */
+    srv_hist ttft, itl;           /* bucket layouts only: the workers keep the counts (srv_model_metrics) */
     srv_hist e2e;                 /* request duration of completions, seconds */
     srv_hist step_tokens;         /* bucket layout only: the worker keeps the counts (srv_gauges) */
 } srv_metrics;
@@ -85,7 +96,10 @@ void srv_metrics_count_request(srv_metrics *m, const char *route, int status);
 /* One Tabby telemetry event of kind (0 <= kind < SRV_TABBY_EVENT_TYPES) labelled type (static). */
 void srv_metrics_count_tabby_event(srv_metrics *m, int kind, const char *type);
 /* Renders the Prometheus text exposition format (version 0.0.4) into a malloc'ed string that the
- * caller frees; NULL on allocation failure. */
-char *srv_metrics_render(const srv_metrics *m, const srv_gauges *g, size_t *len);
+ * caller frees; NULL on allocation failure. The process's series, then each metric of a model once, with
+ * a series per model of models (n of them; the names are unique) labelled model="id". */
+char *srv_metrics_render(const srv_metrics *m, const srv_model_metrics *models, int n, size_t *len);
+/* Writes model="value" with value escaped for the exposition format (\\, \", \n), truncated to fit cap. */
+void srv_metrics_model_label(const char *model, char *out, size_t cap);
 
 #endif

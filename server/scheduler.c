@@ -1173,9 +1173,9 @@ srv_job *srv_sched_drain(srv_sched *s, srv_job *job, srv_out *dst, srv_drained *
     return next;
 }
 
-void srv_sched_render_experts(srv_sched *s, srv_buf *b) {
+void srv_sched_render_experts(srv_sched *s, const char *label, int adapters, srv_buf *b) {
     uv_mutex_lock(&s->mu);
-    srv_expert_metrics_render(&s->load_pub, s->model, b);
+    srv_expert_metrics_render(&s->load_pub, s->model, label, adapters, b);
     uv_mutex_unlock(&s->mu);
 }
 

@@ -1,8 +1,10 @@
 /*
- * serve.c - `codemoe serve`: flags, then the event loop. The loop starts listening first (so /health
- * answers 503 while the model loads), then starts the engine worker, which loads the model. SIGTERM
- * and SIGINT (uv_signal_t) start a graceful shutdown: stop accepting, let in-flight requests finish
- * within --grace seconds, end the rest with an error event, exit 0. See docs/server.md.
+ * serve.c - `codemoe serve`: flags (the models to serve: --model, repeatable, or --config), then the event
+ * loop. The loop starts listening first (so /health answers 503 while the models load), then starts the
+ * pool (server/pool.c): one engine worker per model, each of which loads its model. SIGTERM and SIGINT
+ * (uv_signal_t) start a graceful shutdown: stop accepting, let in-flight requests finish within --grace
+ * seconds, end the rest with an error event, exit 0. SIGHUP re-reads --config and makes the pool match
+ * it. See docs/server.md.
  */
 #include <ctype.h>
 #include <errno.h>
@@ -19,19 +21,30 @@
 
 static void serve_usage(FILE *f) {
     fprintf(f,
-        "usage: codemoe serve --model M.gguf [flags]\n"
+        "usage: codemoe serve --model M.gguf [--model M2.gguf ...] [flags]\n"
+        "       codemoe serve --config POOL.json [flags]\n"
         "\n"
-        "  --model PATH            GGUF model to serve (required)\n"
-        "  --model-id NAME         the \"model\" clients send (default: file name without .gguf)\n"
-        "  --alias NAME            one more name of the model (repeatable; listed in /v1/models)\n"
+        "  --model PATH[,key=value...]  GGUF model to serve (repeatable: a pool of models, each with its\n"
+        "                          own engine worker). Settings of this model only: id=NAME, alias=NAME\n"
+        "                          (repeatable), ctx=N, kv-size=N[KiB|MiB|GiB], threads=N, parallel=N,\n"
+        "                          queue=N, batch=N, kv-type=f16|f32, prefix-cache=0|1, max-itl-ms=MS\n"
+        "  --config FILE           the models as JSON: {\"models\": [{\"path\", \"id\", \"aliases\",\n"
+        "                          \"ctx\", \"kv_size\", \"threads\", ...}]}; SIGHUP re-reads it and loads,\n"
+        "                          unloads or replaces models to match\n"
+        "  --model-id NAME         the \"model\" clients send (default: file name without .gguf;\n"
+        "                          one --model only)\n"
+        "  --alias NAME            one more name of the model (repeatable; one --model only)\n"
         "  --strict-model          a request's \"model\" must be the id, an alias or the file's\n"
-        "                          general.name (else 404); by default any name selects the model\n"
+        "                          general.name (else 404); by default, while one model is served,\n"
+        "                          any name selects it\n"
         "  --strict-context        prompt + max_tokens beyond --ctx is a 400 (OpenAI) instead of\n"
         "                          max_tokens clamped to what the context leaves\n"
         "  --no-ui                 no playground page at / (the API is unchanged)\n"
         "  --host H                address to listen on (default 127.0.0.1)\n"
         "  --port P                port (default 8080; 0 picks a free one, logged at start)\n"
-        "  --threads N             engine compute threads (default: CPUs, at most 16)\n"
+        "  --threads N             compute threads all models' workers share (default: CPUs, at\n"
+        "                          most 16): a model with threads= reserves its own, the others\n"
+        "                          split the rest (see docs/server.md)\n"
         "  --ctx N                 tokens per sequence, prompt + completion (default: the model's)\n"
         "  --parallel N            sequences decoded together in one batch (default 4)\n"
         "  --queue N               requests that may wait for a slot; beyond: 429 (default 64)\n"
@@ -47,8 +60,8 @@ static void serve_usage(FILE *f) {
         "  --api-key KEY           require 'Authorization: Bearer KEY' (repeatable)\n"
         "  --api-key-file PATH     one key per line ('#' comments)\n"
         "                          (also the CODEMOE_API_KEY environment variable)\n"
-        "  --admin-key KEY         a key that may also read every completion's routing record\n"
-        "                          (repeatable; others read only their own)\n"
+        "  --admin-key KEY         a key that may also read every completion's routing record and\n"
+        "                          load, replace and unload models (/admin/models; repeatable)\n"
         "  --cors-origin ORIGIN    allow browser requests from ORIGIN (repeatable; '*' for any)\n"
         "  --max-body BYTES        largest request body (default 4194304)\n"
         "  --request-timeout SEC   max seconds per completion, 0 = none (default 600)\n"
@@ -78,10 +91,10 @@ void srv_config_free(srv_config *c) {
     free(c->cors);
     c->cors = NULL;
     c->n_cors = 0;
-    for (int i = 0; i < c->n_aliases; i++) free(c->aliases[i]);
-    free(c->aliases);
-    c->aliases = NULL;
-    c->n_aliases = 0;
+    for (int i = 0; i < c->n_models; i++) srv_model_spec_free(&c->models[i]);
+    free(c->models);
+    c->models = NULL;
+    c->n_models = 0;
 }
 
 /* Appends a copy of s to the list (*v, *n). -1 when out of memory (the list is unchanged). */
@@ -103,22 +116,11 @@ static int parse_seconds(const char *flag, const char *v, double *out) {
 
 /* --kv-size: "N" tokens, or "N" with KiB, MiB or GiB (bytes, converted once the model is known). */
 static int parse_kv_size(const char *v, srv_config *c) {
-    char *end;
-    errno = 0;
-    unsigned long long x = strtoull(v, &end, 10);
-    int shift = -1;
-    if (!*end) shift = 0;
-    else if (!strcasecmp(end, "KiB")) shift = 10;
-    else if (!strcasecmp(end, "MiB")) shift = 20;
-    else if (!strcasecmp(end, "GiB")) shift = 30;
-    if (errno || end == v || *v == '-' || shift < 0 || x > (1ull << 40) >> shift ||
-        (shift == 0 && x > (1ull << 30))) {
+    if (srv_kv_size_parse(v, &c->kv_size, &c->kv_size_bytes) < 0) {
         fprintf(stderr, "codemoe serve: --kv-size expects tokens (at most 2^30) or a size with KiB, MiB or GiB "
                         "(at most 1 TiB), got '%s'\n", v);
         return 0;
     }
-    c->kv_size = (long long)(x << shift);
-    c->kv_size_bytes = shift > 0;
     return 1;
 }
 
@@ -139,6 +141,25 @@ static int header_name_ok(const char *v) {
     if (n == 0 || n > 64) return 0;
     for (size_t i = 0; i < n; i++)
         if (!isalnum((unsigned char)v[i]) && !strchr("!#$%&'*+-.^_`|~", v[i])) return 0;
+    return 1;
+}
+
+/* --model PATH[,key=value...]: one more model of the pool. */
+static int add_model(srv_config *c, const char *v) {
+    char err[256];
+    srv_model_spec s;
+    if (srv_model_spec_parse(v, &s, err, sizeof err) < 0) {
+        fprintf(stderr, "codemoe serve: --model %s: %s\n", v, err);
+        return 0;
+    }
+    srv_model_spec *p = c->n_models < SRV_POOL_MAX ? realloc(c->models, (size_t)(c->n_models + 1) * sizeof *p) : NULL;
+    if (!p) {
+        fprintf(stderr, "codemoe serve: at most %d models\n", SRV_POOL_MAX);
+        srv_model_spec_free(&s);
+        return 0;
+    }
+    c->models = p;
+    c->models[c->n_models++] = s;
     return 1;
 }
 
@@ -169,7 +190,9 @@ static int parse_flags(int argc, char **argv, srv_config *c) {
     c->prefix_cache = 1;
     c->kv_type = CLI_KV_TYPE_DEFAULT;
     const char *model_id = NULL;
-    static const char *flags[] = {"--model", "--model-id", "--host", "--port", "--threads", "--ctx", "--parallel",
+    char **aliases = NULL;
+    int n_aliases = 0, rc = 2;
+    static const char *flags[] = {"--config", "--model", "--model-id", "--host", "--port", "--threads", "--ctx", "--parallel",
                                   "--queue", "--batch", "--api-key", "--api-key-file", "--cors-origin",
                                   "--max-body", "--request-timeout", "--idle-timeout", "--grace",
                                   "--routing-retention", "--stream-buffer", "--max-connections", "--kv-size",
@@ -177,7 +200,7 @@ static int parse_flags(int argc, char **argv, srv_config *c) {
                                   "--header-timeout", "--min-body-rate", "--max-conn-per-ip", "--alias",
                                   "--user-header", "--key-max-concurrent", "--key-tokens-per-minute"};
     for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) { serve_usage(stdout); return -1; }
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) { rc = -1; serve_usage(stdout); goto out; }
         if (!strcmp(argv[i], "--no-prefix-cache")) { c->prefix_cache = 0; continue; }
         if (!strcmp(argv[i], "--kv-check")) { c->kv_check = 1; continue; }
         if (!strcmp(argv[i], "--strict-model")) { c->strict_model = 1; continue; }
@@ -187,10 +210,11 @@ static int parse_flags(int argc, char **argv, srv_config *c) {
         int m = 0;
         for (size_t k = 0; k < sizeof flags / sizeof *flags && !m; k++)
             if ((m = cli_flag(argc, argv, &i, flags[k], &v)) != 0) f = flags[k];
-        if (!m) { fprintf(stderr, "codemoe serve: unknown flag '%s' (try --help)\n", argv[i]); return 2; }
-        if (m < 0) { fprintf(stderr, "codemoe serve: %s needs a value\n", f); return 2; }
+        if (!m) { fprintf(stderr, "codemoe serve: unknown flag '%s' (try --help)\n", argv[i]); goto out; }
+        if (m < 0) { fprintf(stderr, "codemoe serve: %s needs a value\n", f); goto out; }
         int ok = 1;
-        if (!strcmp(f, "--model")) c->model_path = v;
+        if (!strcmp(f, "--model")) ok = add_model(c, v);
+        else if (!strcmp(f, "--config")) c->config_path = v;
         else if (!strcmp(f, "--model-id")) {
             ok = *v && strlen(v) < sizeof c->model_id;
             if (!ok) fprintf(stderr, "codemoe serve: bad --model-id\n");
@@ -215,7 +239,7 @@ static int parse_flags(int argc, char **argv, srv_config *c) {
             ok = *v && add_string(&c->cors, &c->n_cors, v) == 0;
             if (!ok) fprintf(stderr, "codemoe serve: bad --cors-origin\n");
         } else if (!strcmp(f, "--alias")) {
-            ok = *v && add_string(&c->aliases, &c->n_aliases, v) == 0;
+            ok = *v && add_string(&aliases, &n_aliases, v) == 0;
             if (!ok) fprintf(stderr, "codemoe serve: bad --alias\n");
         } else if (!strcmp(f, "--max-body")) ok = parse_size(f, v, 1, &c->max_body);
         else if (!strcmp(f, "--request-timeout")) ok = parse_seconds(f, v, &c->request_timeout);
@@ -253,28 +277,47 @@ static int parse_flags(int argc, char **argv, srv_config *c) {
             ok = cli_float("serve", f, v, 0, 1e6, &ms);
             c->max_itl_ms = ms;
         }
-        if (!ok) return 2;
+        if (!ok) goto out;
     }
     const char *env = getenv("CODEMOE_API_KEY");
     if (env && *env && srv_keys_add(&c->keys, env) < 0) {
         fprintf(stderr, "codemoe serve: CODEMOE_API_KEY is blank\n");
-        return 2;
+        goto out;
     }
-    if (!c->model_path) {
-        fprintf(stderr, "codemoe serve: --model is required\n");
+    if (c->config_path) {
+        if (c->n_models) {
+            fprintf(stderr, "codemoe serve: --config and --model exclude each other\n");
+            goto out;
+        }
+        char err[512];
+        if (srv_config_file_read(c->config_path, &c->models, &c->n_models, err, sizeof err) < 0) {
+            fprintf(stderr, "codemoe serve: %s\n", err);
+            goto out;
+        }
+    }
+    if (!c->n_models) {
+        fprintf(stderr, "codemoe serve: --model (or --config) is required\n");
         serve_usage(stderr);
-        return 2;
+        goto out;
     }
-    if (model_id) {
-        snprintf(c->model_id, sizeof c->model_id, "%s", model_id);
-    } else {
-        const char *base = strrchr(c->model_path, '/');
-        base = base ? base + 1 : c->model_path;
-        snprintf(c->model_id, sizeof c->model_id, "%s", base);
-        size_t n = strlen(c->model_id);
-        if (n > 5 && !strcmp(c->model_id + n - 5, ".gguf")) c->model_id[n - 5] = 0;
+    if ((model_id || n_aliases) && (c->n_models > 1 || c->config_path)) {
+        fprintf(stderr, "codemoe serve: --model-id and --alias name the one model; with several, use "
+                        "--model PATH,id=NAME,alias=NAME\n");
+        goto out;
     }
-    return 0;
+    srv_model_spec *s0 = &c->models[0];
+    if (model_id) snprintf(s0->id, sizeof s0->id, "%s", model_id);
+    for (int i = 0; i < n_aliases; i++)
+        if (add_string(&s0->aliases, &s0->n_aliases, aliases[i]) < 0) {
+            fprintf(stderr, "codemoe serve: out of memory\n");
+            goto out;
+        }
+    for (int i = 0; i < c->n_models; i++) srv_model_spec_finish(&c->models[i]);
+    rc = 0;
+out:
+    for (int i = 0; i < n_aliases; i++) free(aliases[i]);
+    free(aliases);
+    return rc;
 }
 
 /* ============================================================ the process */
@@ -283,8 +326,8 @@ typedef struct serve_state {
     uv_loop_t *loop;
     srv_config cfg;
     srv_http *http;
-    srv_sched *sched;
-    uv_signal_t sigterm, sigint;
+    srv_pool *pool;
+    uv_signal_t sigterm, sigint, sighup;
     int stopped;
 } serve_state;
 
@@ -292,15 +335,17 @@ static void on_drained(void *ud) {
     serve_state *st = ud;
     if (st->stopped) return;
     st->stopped = 1;
-    /* the worker ends whatever is left (nothing, unless the grace period ran out twice) and joins;
+    /* the workers end whatever is left (nothing, unless the grace period ran out twice) and join;
      * one more wake-up pass hands the last results to their connections */
-    srv_sched_stop(st->sched);
-    srv_http_wake_fn()(st->http);
+    srv_pool_stop(st->pool);
+    srv_pool_wake_all(st->pool);
     srv_http_free(st->http);
     uv_signal_stop(&st->sigterm);
     uv_signal_stop(&st->sigint);
+    uv_signal_stop(&st->sighup);
     uv_close((uv_handle_t *)&st->sigterm, NULL);
     uv_close((uv_handle_t *)&st->sigint, NULL);
+    uv_close((uv_handle_t *)&st->sighup, NULL);
 }
 
 static void on_signal(uv_signal_t *s, int signum) {
@@ -309,6 +354,28 @@ static void on_signal(uv_signal_t *s, int signum) {
     srv_log("info", "signal received", f);
     json_decref(f);
     srv_http_shutdown(st->http, on_drained, st);
+}
+
+/* SIGHUP: the pool is made to match the --config file again (srv_http_apply_config). */
+static void on_sighup(uv_signal_t *s, int signum) {
+    serve_state *st = s->data;
+    (void)signum;
+    if (!st->cfg.config_path) {
+        srv_log("warn", "SIGHUP ignored: no --config to re-read", NULL);
+        return;
+    }
+    char err[512];
+    srv_model_spec *specs = NULL;
+    int n = 0;
+    if (srv_config_file_read(st->cfg.config_path, &specs, &n, err, sizeof err) < 0) {
+        json_t *f = json_pack("{s:s}", "error", err);
+        srv_log("error", "SIGHUP: the config was not applied", f);
+        json_decref(f);
+        return;
+    }
+    srv_http_apply_config(st->http, specs, n);
+    for (int i = 0; i < n; i++) srv_model_spec_free(&specs[i]);
+    free(specs);
 }
 
 int cmd_serve(int argc, char **argv) {
@@ -342,33 +409,41 @@ int cmd_serve(int argc, char **argv) {
         return 1;
     }
     srv_http_on_done(st.http, on_drained, &st);
-    json_t *f = json_pack("{s:s,s:i,s:s,s:s,s:i,s:i,s:b}", "host", st.cfg.host, "port", srv_http_port(st.http),
-                          "model", st.cfg.model_path, "model_id", st.cfg.model_id, "parallel", st.cfg.parallel,
+    json_t *models = json_array();
+    for (int i = 0; i < st.cfg.n_models; i++)
+        json_array_append_new(models, json_pack("{s:s,s:s}", "id", st.cfg.models[i].id, "path", st.cfg.models[i].path));
+    json_t *f = json_pack("{s:s,s:i,s:o,s:i,s:i,s:i,s:b}", "host", st.cfg.host, "port", srv_http_port(st.http),
+                          "models", models, "threads", st.cfg.n_threads, "parallel", st.cfg.parallel,
                           "queue", st.cfg.queue, "auth", st.cfg.keys.n > 0);
     srv_log("info", "listening", f);
     json_decref(f);
-    st.sched = srv_sched_create(&loop, &st.cfg, srv_http_wake_fn(), st.http);
-    if (!st.sched) {
-        fprintf(stderr, "codemoe serve: cannot start the engine worker\n");
+    char err[512] = "";
+    st.pool = srv_pool_create(&loop, &st.cfg, srv_http_wake_fn(), st.http);
+    if (!st.pool || srv_pool_start(st.pool, err, sizeof err) < 0) {
+        fprintf(stderr, "codemoe serve: %s\n", st.pool ? err : "out of memory");
+        srv_pool_stop(st.pool);
         srv_http_free(st.http);
         uv_run(&loop, UV_RUN_DEFAULT);
         srv_http_destroy(st.http);
+        srv_pool_free(st.pool);
         uv_loop_close(&loop);
         srv_config_free(&st.cfg);
         return 1;
     }
-    srv_http_set_sched(st.http, st.sched);
+    srv_http_set_pool(st.http, st.pool);
     uv_signal_init(&loop, &st.sigterm);
     uv_signal_init(&loop, &st.sigint);
-    st.sigterm.data = st.sigint.data = &st;
+    uv_signal_init(&loop, &st.sighup);
+    st.sigterm.data = st.sigint.data = st.sighup.data = &st;
     uv_signal_start(&st.sigterm, on_signal, SIGTERM);
     uv_signal_start(&st.sigint, on_signal, SIGINT);
+    uv_signal_start(&st.sighup, on_sighup, SIGHUP);
 
     uv_run(&loop, UV_RUN_DEFAULT);
 
     int code = srv_http_exit_code(st.http);
     srv_http_destroy(st.http);
-    srv_sched_free(st.sched);
+    srv_pool_free(st.pool);
     if (uv_loop_close(&loop)) srv_log("warn", "event loop closed with handles open", NULL);
     srv_log("info", "stopped", NULL);
     srv_config_free(&st.cfg);

@@ -1,10 +1,11 @@
 /*
  * server.h - internal interfaces of `codemoe serve` (see docs/server.md for the architecture).
  *
- * Two threads, each the single owner of its state:
+ * Threads, each the single owner of its state:
  * - the event-loop thread (libuv) owns every HTTP connection (libmicrohttpd driven from the loop),
- *   the metrics, and the loop side of every job;
- * - the engine worker thread (srv_sched) owns the model load, the cm_ctx, the samplers and the batch.
+ *   the metrics, the pool of models (srv_pool) and the loop side of every job;
+ * - one engine worker thread per served model (srv_sched) owns that model's load, cm_ctx, samplers and
+ *   batch.
  * They talk only through the scheduler's submit list (loop -> worker, with a condition variable),
  * each job's outbox (worker -> loop, announced by a uv_async_t wake-up), and the per-job cancel flag.
  * Everything shared is behind srv_sched.mu or is an atomic.
@@ -27,17 +28,65 @@
 
 /* ============================================================ configuration */
 
-typedef struct srv_config {
-    const char *model_path;
-    char model_id[256];       /* what clients send as "model" (--model-id, else the file's basename) */
-    char **aliases;           /* more names of the model (--alias, owned); see api_find_model */
+/* One model of the pool as configured: a --model flag (path[,key=value...]) or an entry of the --config
+ * file's "models". A field left unset (-1, or 0 for n_threads) takes the process's flag. */
+typedef struct srv_model_spec {
+    char *path;               /* owned */
+    char id[256];             /* what clients send as "model" ("" until srv_model_spec_finish: the file's
+                                 basename without .gguf) */
+    char **aliases;           /* (n_aliases) owned */
     int n_aliases;
+    int n_threads;            /* compute threads reserved for it; 0: a share of the budget (docs/server.md) */
+    int n_ctx, parallel, queue, n_batch, kv_type, prefix_cache; /* -1: the process's */
+    long long kv_size;        /* -1: the process's; else as srv_config.kv_size */
+    int kv_size_bytes;
+    double max_itl_ms;        /* < 0: the process's */
+} srv_model_spec;
+
+/* A KV pool size: "N" tokens (at most 2^30), or N with KiB, MiB or GiB: bytes (at most 1 TiB), *bytes
+ * set. Returns 0, or -1 (nothing set). */
+int srv_kv_size_parse(const char *v, long long *size, int *bytes);
+/* An empty spec (everything the process's). */
+void srv_model_spec_init(srv_model_spec *s);
+void srv_model_spec_free(srv_model_spec *s);
+/* dst (initialised or freed before) becomes a deep copy of src. -1 when out of memory (dst empty). */
+int srv_model_spec_copy(srv_model_spec *dst, const srv_model_spec *src);
+/* Whether two specs make the same instance (path, aliases and every setting; the id aside). */
+int srv_model_spec_same(const srv_model_spec *a, const srv_model_spec *b);
+/* Parses a --model value: PATH, then optional ",key=value" settings: id, alias (repeatable), ctx,
+ * kv-size (tokens or N KiB|MiB|GiB), threads, parallel, queue, batch, kv-type (f16|f32), prefix-cache
+ * (0|1), max-itl-ms. A comma not followed by a known key belongs to the path. Returns 0, or -1 with a
+ * message in err (out is then empty). */
+int srv_model_spec_parse(const char *v, srv_model_spec *out, char *err, size_t err_cap);
+/* The same from a JSON object {path, id, aliases:[...], ctx, kv_size (number: tokens, or "N MiB"),
+ * threads, parallel, queue, batch, kv_type, prefix_cache (bool), max_itl_ms}; unknown keys are errors. */
+int srv_model_spec_from_json(const json_t *o, srv_model_spec *out, char *err, size_t err_cap);
+/* Fills the id from the path when none was given. */
+void srv_model_spec_finish(srv_model_spec *s);
+/* Reads a --config file: {"models": [spec, ...]} (at least one; ids unique). On success returns 0 and
+ * *specs (owned: free each with srv_model_spec_free, then the array) holds *n specs; -1 with a message
+ * in err otherwise (nothing to free). */
+int srv_config_file_read(const char *path, srv_model_spec **specs, int *n, char *err, size_t err_cap);
+
+/* The settings of the process (flags), and, in a model's own view (srv_pool: the process's settings
+ * with the model's spec applied), of one model: the model fields and the scheduler's settings
+ * (n_threads .. kv_check) are the model's there. */
+typedef struct srv_config {
+    const char *model_path;   /* a model's view only */
+    char model_id[256];       /* a model's view only: what clients send as "model" */
+    char **aliases;           /* a model's view only: more names of the model (borrowed from its spec);
+                                 see api_find_model */
+    int n_aliases;
+    srv_model_spec *models;   /* (n_models) the models to serve at start (--model, --config); owned */
+    int n_models;
+    const char *config_path;  /* --config: re-read on SIGHUP; NULL: none */
     int strict_model;         /* only the model's names select it (--strict-model) */
     int strict_context;       /* prompt + max_tokens beyond --ctx is a 400, not clamped (--strict-context) */
     int no_ui;                /* --no-ui: no playground at / (ui.c) */
     const char *host;
     int port;                 /* 0: any free port (the bound one is logged) */
-    int n_threads;            /* engine compute threads */
+    int n_threads;            /* the process: the budget of compute threads all models share (--threads);
+                                 a model's view: its reserved share */
     int n_ctx;                /* tokens per sequence (0: the model's training context) */
     int parallel;             /* max sequences in the batch (a request with n choices takes n) */
     int queue;                /* max requests waiting for a slot; beyond: 429 */
@@ -72,10 +121,13 @@ void srv_config_free(srv_config *c);
 
 /* ============================================================ expert load metrics (expert_metrics.c) */
 
-/* codemoe_expert_tokens_total{level,layer,expert,phase} (and codemoe_adapter_tokens_total) of the
- * aggregate, in Prometheus text; only the HELP/TYPE lines for an empty (dense) one. m names the MoLE
- * adapters (may be NULL). */
-void srv_expert_metrics_render(const api_route_agg *a, const cm_model *m, srv_buf *b);
+/* The HELP/TYPE lines of codemoe_expert_tokens_total (adapters 0) or codemoe_adapter_tokens_total (1). */
+void srv_expert_metrics_header(int adapters, srv_buf *b);
+/* The series of one model's aggregate, without HELP/TYPE: codemoe_expert_tokens_total{<label>,level,layer,
+ * expert,phase} (adapters 0; none for an empty, dense, aggregate) or codemoe_adapter_tokens_total{<label>,
+ * adapter,name,phase} (1; MoLE models only). label: the model's label pair (srv_metrics_model_label). m
+ * names the MoLE adapters (may be NULL). */
+void srv_expert_metrics_render(const api_route_agg *a, const cm_model *m, const char *label, int adapters, srv_buf *b);
 
 /* ============================================================ jobs (one completion request) */
 
@@ -192,8 +244,9 @@ srv_job *srv_sched_drain(srv_sched *s, srv_job *job, srv_out *dst, srv_drained *
 void srv_sched_stats(srv_sched *s, srv_gauges *g, srv_hist *ttft, srv_hist *itl, uint64_t *generated,
                      uint64_t *prompt);
 
-/* Appends the per-layer expert load (summed over every finished sequence) to b. */
-void srv_sched_render_experts(srv_sched *s, srv_buf *b);
+/* Appends the per-layer expert load (summed over every finished sequence) to b: the series of
+ * srv_expert_metrics_render with label and adapters. */
+void srv_sched_render_experts(srv_sched *s, const char *label, int adapters, srv_buf *b);
 
 /* srv_out / srv_tokvec helpers */
 void srv_out_init(srv_out *o);
@@ -201,6 +254,88 @@ void srv_out_free(srv_out *o);
 void srv_out_clear(srv_out *o);  /* empties, keeps the storage */
 int srv_tokvec_push(srv_tokvec *v, const srv_tok *t);
 void srv_tokvec_free(srv_tokvec *v);
+
+/* ============================================================ the pool of models (pool.c) */
+
+#define SRV_POOL_MAX 64   /* models served at once, at most */
+
+typedef struct srv_pool srv_pool;
+typedef struct srv_member srv_member;
+
+/* One served model instance, as the loop sees it. Loop thread only; the worker reads cfg (immutable
+ * while it runs). Created by srv_pool_add, freed by the pool once retired and released by every request
+ * and its worker has stopped. */
+struct srv_member {
+    srv_pool *pool;
+    srv_model_spec spec;        /* owned: what it was loaded from */
+    srv_config cfg;             /* its view of the settings: the process's with spec applied (see
+                                   srv_config); the key and CORS lists are the process's, borrowed */
+    srv_sched *sched;           /* its engine worker, KV pool and batch */
+    api_model model;            /* names from spec; model, n_ctx and template once READY */
+    api_template *chat_template;
+    char chat_template_error[256];
+    int state;                  /* SRV_MODEL_* as the loop last saw it (srv_pool_update) */
+    int startup;                /* one of the models the process started with */
+    int retired;                /* unloaded or replaced: no name finds it, stopped once unreferenced */
+    int n_refs;                 /* requests using it (srv_member_hold / srv_member_release) */
+    int n_jobs, n_tokenizing;   /* completions in flight, and being tokenized: its queue bound */
+    int threads;                /* compute threads it holds of the budget (cfg.n_threads until it is
+                                   replaced: its replacement holds them then) */
+    srv_member *replaces;       /* the live instance this one replaces once READY, or NULL */
+    void *waiter;               /* http.c: the admin request waiting for the load, or NULL */
+    srv_member *next;           /* live list (srv_pool_first), or retired / stopped list */
+    uint64_t stopped_at;        /* uv_now() when its worker was stopped */
+};
+
+/* Called on the loop thread when m's worker reports (model state or job output). */
+typedef void (*srv_pool_wake_fn)(void *ud, srv_member *m);
+
+/* An empty pool whose models' workers report through wake(ud, member). cfg (borrowed, must outlive
+ * the pool) gives the process's settings and the thread budget (cfg->n_threads). NULL when out of
+ * memory. */
+srv_pool *srv_pool_create(uv_loop_t *loop, const srv_config *cfg, srv_pool_wake_fn wake, void *ud);
+/* Starts the models of cfg->models: every model with threads= keeps that many, the others share the
+ * rest of the budget equally (at least one each). Returns 0, or -1 with the reason in err (the budget
+ * is too small, a name is taken twice, a worker cannot start; the models started are left to
+ * srv_pool_stop and srv_pool_free). */
+int srv_pool_start(srv_pool *p, char *err, size_t err_cap);
+/* Starts loading one more model (spec is copied). Its threads: spec->n_threads, else those of the
+ * instance it replaces, else every thread of the budget no model holds. replaces: a live member it
+ * takes over from once READY (its names may be the same; its threads count as free for this one).
+ * Returns 0 and *out, or an HTTP status with the reason in err: 409 (a name is taken, the thread budget
+ * or the pool is full), 500. */
+int srv_pool_add(srv_pool *p, const srv_model_spec *spec, srv_member *replaces, srv_member **out, char *err,
+                 size_t err_cap);
+/* Takes in m's worker's model state; returns the state when it changed (SRV_MODEL_READY: m serves, and
+ * the instance it replaces is retired, unless m was retired while it loaded; SRV_MODEL_FAILED: *err says
+ * why), else -1. */
+int srv_pool_update(srv_member *m, cm_err *err);
+/* The live model a request's "model" names (api_find_model's rules over every ready or loading
+ * model); name NULL (no "model" given): the first live model. NULL: none. */
+srv_member *srv_pool_find(srv_pool *p, const char *name);
+/* The live models in order (then ->next), NULL when none; and their number. */
+srv_member *srv_pool_first(srv_pool *p);
+int srv_pool_count(const srv_pool *p);
+/* The api_model of every READY live model into out (up to SRV_POOL_MAX), its member into who (may be
+ * NULL). Returns the count. */
+int srv_pool_views(srv_pool *p, api_model *out, srv_member **who);
+/* Takes m out of service: no name finds it from now; its in-flight requests finish; once no request
+ * holds it its worker stops and its memory (model mapping, KV) is freed. A replacement of m that is
+ * still loading is retired with it. Idempotent. */
+void srv_pool_retire(srv_member *m);
+void srv_member_hold(srv_member *m);
+void srv_member_release(srv_member *m);
+/* Threads of the budget held by models (live, or retired and not stopped yet). */
+int srv_pool_threads_used(const srv_pool *p);
+/* Frees the members whose workers stopped in an earlier loop iteration (their wake-up handles are
+ * closed by then). Call from a timer. */
+void srv_pool_reap(srv_pool *p);
+/* Shutdown: stops every worker (srv_sched_stop: jobs not done end with an error). Then one more wake-up
+ * pass for each live or retired member, uv_run until the handles are closed, srv_pool_free. */
+void srv_pool_stop(srv_pool *p);
+/* Calls wake for every member that still has a worker (the last pass of a shutdown). */
+void srv_pool_wake_all(srv_pool *p);
+void srv_pool_free(srv_pool *p);
 
 /* ============================================================ routing retention */
 
@@ -230,9 +365,13 @@ typedef struct srv_http srv_http;
 /* Starts listening on cfg->host:cfg->port (the loop thread drives libmicrohttpd). Returns NULL and
  * writes the reason to stderr on failure. */
 srv_http *srv_http_start(uv_loop_t *loop, srv_config *cfg);
-/* Connects the scheduler (created after the listener, with srv_http_wake_fn() and h as its wake-up). */
-void srv_http_set_sched(srv_http *h, srv_sched *s);
-srv_sched_wake_fn srv_http_wake_fn(void);
+/* Connects the pool (created after the listener, with srv_http_wake_fn() and h as its wake-up). */
+void srv_http_set_pool(srv_http *h, srv_pool *p);
+srv_pool_wake_fn srv_http_wake_fn(void);
+/* SIGHUP: makes the pool match specs (n of them, borrowed): a model whose id is not served is loaded,
+ * one whose path or settings changed is replaced, a served model not in specs is unloaded. What cannot
+ * be done (a name taken, the thread budget) is logged and left as it is. */
+void srv_http_apply_config(srv_http *h, const srv_model_spec *specs, int n);
 /* The bound port. */
 int srv_http_port(const srv_http *h);
 /* Sets the callback run (loop thread) when a shutdown has drained; a failed model load starts a
@@ -241,8 +380,8 @@ void srv_http_on_done(srv_http *h, void (*done)(void *), void *ud);
 int srv_http_exit_code(const srv_http *h);
 /* Begins graceful shutdown: stop accepting, refuse new completions (503), let in-flight ones run for
  * cfg->grace seconds, then end them (streams get an error event). `done` is called (loop thread)
- * once nothing is in flight. Then: srv_sched_stop, one more wake-up pass (srv_http_wake_fn()(h)),
- * srv_http_free, uv_run until the loop is empty, srv_http_destroy. */
+ * once nothing is in flight. Then: srv_pool_stop, one more wake-up pass (srv_pool_wake_all),
+ * srv_http_free, uv_run until the loop is empty, srv_http_destroy, srv_pool_free. */
 void srv_http_shutdown(srv_http *h, void (*done)(void *), void *ud);
 void srv_http_free(srv_http *h);
 void srv_http_destroy(srv_http *h);

@@ -26,7 +26,7 @@ PKGS=(meson ninja-build pkg-config gcc clang libc6-dev libmicrohttpd-dev libuv1-
       libopenblas-dev libopenblas0-pthread libpcre2-dev libutf8proc-dev
       python3 python3-numpy python3-torch   # self-tests of tools/ (unit suite, py_*)
       chromium                              # the browser the CORS and playground tests drive (tests/integration/browser.mjs)
-      haproxy prometheus)                   # deploy/: the load balancer test, promtool
+      haproxy prometheus)                   # deploy/: the load balancer test; promtool (also server_pool)
 command -v node >/dev/null 2>&1 || PKGS+=(nodejs)
 command -v npm >/dev/null 2>&1 || PKGS+=(npm)
 missing=()

@@ -93,6 +93,14 @@ typedef struct cm_model_info {
 cm_model *cm_model_load(const char *path, const cm_model_params *params, cm_err *err);
 void cm_model_free(cm_model *m);
 const cm_model_info *cm_model_get_info(const cm_model *m);
+/* How much of the model file is in memory. *mapped: the size of its read-only mapping (0 when the model
+ * was not loaded from a file). *cached: the bytes of it in the page cache (mincore; shared with every
+ * process that maps or read the file, and includes what the kernel read ahead). *rss: the bytes of it
+ * this process has faulted in (its Rss in /proc/self/smaps; 0 where that file does not exist). The weights
+ * are paged in as they are first read, so a mixture-of-experts model whose requests use few experts has
+ * less resident than its file size. Costs a mincore call, a byte per page of the file and a read of
+ * smaps: not for a hot path. Returns 0, or -1 when residency cannot be read (the counts then 0). */
+int cm_model_residency(const cm_model *m, size_t *mapped, size_t *cached, size_t *rss);
 /* The model's chat template (GGUF tokenizer.chat_template, a Jinja source), borrowed from the mapped file
  * and valid while m lives; NOT NUL-terminated: *len gets its length. NULL (and *len 0) when the file has
  * none or the key is not a string. */

@@ -36,6 +36,25 @@ static int tokens_are(const api_completion_req *r, int p, const int32_t *want, i
 
 /* ============================================================ errors */
 
+/* The name a server picks a model by before it parses the body against it: the string "model" only;
+ * absent, null, another type or a body that is not JSON (one with \u0000 in a string included) give none
+ * (0), a name longer than the buffer none that any model can have (-1). */
+TEST(request_model_name) {
+    char name[16];
+    static const char ok[] = "{\"prompt\":\"a\",\"model\":\"coder\"}";
+    ASSERT_EQ_INT(api_request_model(ok, sizeof ok - 1, name, sizeof name), 1);
+    ASSERT_STREQ(name, "coder");
+    const char *none[] = {"{\"prompt\":\"a\"}", "{\"model\":null}", "{\"model\":3}", "[\"model\"]", "{bad", ""};
+    for (size_t i = 0; i < sizeof none / sizeof *none; i++)
+        ASSERT_EQ_INT(api_request_model(none[i], strlen(none[i]), name, sizeof name), 0);
+    static const char longer[] = "{\"model\":\"0123456789abcdef\"}"; /* 16 bytes: no room for the NUL */
+    ASSERT_EQ_INT(api_request_model(longer, sizeof longer - 1, name, sizeof name), -1);
+    static const char nul[] = "{\"model\":\"co\\u0000der\"}";
+    ASSERT_EQ_INT(api_request_model(nul, sizeof nul - 1, name, sizeof name), 0);
+    /* the body need not be NUL-terminated */
+    ASSERT_EQ_INT(api_request_model(ok, 24, name, sizeof name), 0); /* cut inside: not JSON */
+}
+
 TEST(error_json_shape) {
     api_error e;
     api_error_set(&e, 400, API_ERR_INVALID, "temperature", NULL, "bad %d", 7);
@@ -1676,6 +1695,7 @@ TEST(fuzz_mutations) {
 }
 
 int main(void) {
+    RUN(request_model_name);
     RUN(error_json_shape);
     RUN(error_http_defaults);
     RUN(sse_framing);

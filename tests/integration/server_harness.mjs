@@ -23,10 +23,11 @@ export function modelPath(name = 'qwen2-gqa') {
 
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
-/* Starts a server; opts: {model, args: [...], env: {...}, healthy: true (wait for 200)}. */
+/* Starts a server; opts: {model | modelPath | configPath (--config instead of --model), args: [...],
+ * env: {...}, healthy: true (wait for 200)}. */
 export async function startServer(opts = {}) {
-  const args = ['serve', '--model', opts.modelPath || modelPath(opts.model), '--host', '127.0.0.1', '--port', '0',
-    ...(opts.args || [])];
+  const models = opts.configPath ? ['--config', opts.configPath] : ['--model', opts.modelPath || modelPath(opts.model)];
+  const args = ['serve', ...models, '--host', '127.0.0.1', '--port', '0', ...(opts.args || [])];
   const child = spawn(binary, args, {
     stdio: ['ignore', 'ignore', 'pipe'],
     env: { ...process.env, ...(opts.env || {}) },
@@ -92,16 +93,26 @@ export function sanitizerReport(srv) {
   return m ? m[0] : null;
 }
 
-/* Parses Prometheus text into {name{labels}: value}. */
+/* Parses Prometheus text into {name{labels}: value}. A model's series (labelled model="id", the first
+ * label) are also keyed without that label while only one model has the series (a server of one model
+ * reads as before); a series several models have has no such key. */
 export async function metrics(srv, headers = {}) {
   const r = await fetch(srv.base + '/metrics', { headers });
   const text = await r.text();
   const out = {};
+  const unlabelled = new Map();
   for (const line of text.split('\n')) {
     if (!line || line[0] === '#') continue;
     const sp = line.lastIndexOf(' ');
-    out[line.slice(0, sp)] = Number(line.slice(sp + 1));
+    const key = line.slice(0, sp), v = Number(line.slice(sp + 1));
+    out[key] = v;
+    const m = key.match(/^([^{]+)\{model="(?:[^"\\]|\\.)*"(,?)(.*)$/);
+    if (m) {
+      const bare = m[2] ? `${m[1]}{${m[3]}` : m[1];
+      unlabelled.set(bare, unlabelled.has(bare) ? null : v);
+    }
   }
+  for (const [k, v] of unlabelled) if (v !== null && !(k in out)) out[k] = v;
   return out;
 }
 

@@ -315,6 +315,7 @@ test('metrics: names and counts after traffic', async () => {
     assert.equal(m['codemoe_time_to_first_token_seconds_count'], 1);
     assert.ok(m['codemoe_inter_token_latency_seconds_count'] >= 1);
     assert.ok(m['codemoe_kv_blocks'] > 0);
+    assert.equal(m['codemoe_kv_blocks{model="qwen2-gqa"}'], m['codemoe_kv_blocks']); /* labelled by the model's id */
     assert.equal(m['codemoe_kv_blocks_used'], 0);
     for (const k of ['codemoe_queue_depth', 'codemoe_requests_running', 'codemoe_sequences_running', 'codemoe_model_loaded',
       'codemoe_requests_cancelled_total', 'codemoe_decode_steps_total', 'codemoe_request_duration_seconds_count'])

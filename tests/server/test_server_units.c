@@ -47,6 +47,7 @@ TEST(keys_owner_and_admin) {
     ASSERT_EQ_INT(srv_keys_find(&k, "Bearer sk-c"), SRV_KEY_NONE);
     ASSERT_EQ_INT(srv_keys_find(&k, NULL), SRV_KEY_NONE);
     ASSERT_EQ_INT(srv_keys_check(&k, "Bearer sk-admin"), 1); /* an admin key is a key */
+    ASSERT_TRUE(srv_keys_is_admin(&k, 2) && !srv_keys_is_admin(&k, 0) && !srv_keys_is_admin(&k, SRV_KEY_OPEN));
     ASSERT_EQ_INT(srv_keys_may_read(&k, 0, 0), 1);
     ASSERT_EQ_INT(srv_keys_may_read(&k, 1, 0), 0);
     ASSERT_EQ_INT(srv_keys_may_read(&k, 0, 1), 0);
@@ -124,29 +125,41 @@ TEST(metrics_render) {
     srv_metrics_count_request(&m, "completions", 200);
     srv_metrics_count_request(&m, "completions", 200);
     srv_metrics_count_request(&m, "completions", 400);
-    srv_hist_observe(&m.ttft, 0.003); /* first bucket (0.005) */
-    srv_hist_observe(&m.ttft, 0.2);   /* 0.25 bucket */
-    srv_hist_observe(&m.ttft, 1000);  /* +Inf only */
+    srv_model_metrics mm[2] = {{.model = "a"}, {.model = "b\"\\"}};
+    mm[0].ttft = mm[1].ttft = m.ttft;
+    mm[0].itl = mm[1].itl = m.itl;
+    srv_hist_observe(&mm[0].ttft, 0.003); /* first bucket (0.005) */
+    srv_hist_observe(&mm[0].ttft, 0.2);   /* 0.25 bucket */
+    srv_hist_observe(&mm[0].ttft, 1000);  /* +Inf only */
     srv_gauges g = {.model_loaded = 1, .kv_blocks_total = 64, .kv_blocks_used = 3, .kv_blocks_cached = 5,
                     .kv_blocks_available = 61, .kv_evictions = 7, .prefix_query_tokens = 400,
                     .prefix_hit_tokens = 96, .prompt_tokens_computed = 304};
     g.step_tokens = m.step_tokens;
     srv_hist_observe(&g.step_tokens, 1);
     srv_hist_observe(&g.step_tokens, 33);
+    mm[0].g = g;
+    mm[1].g.kv_blocks_total = 8;
+    mm[1].threads = 3;
     size_t len = 0;
-    char *t = srv_metrics_render(&m, &g, &len);
+    char *t = srv_metrics_render(&m, mm, 2, &len);
     ASSERT_TRUE(t != NULL);
     ASSERT_EQ_INT(strlen(t), len);
     ASSERT_TRUE(strstr(t, "codemoe_requests_total{route=\"completions\",status=\"200\"} 2\n"));
     ASSERT_TRUE(strstr(t, "codemoe_requests_total{route=\"completions\",status=\"400\"} 1\n"));
-    ASSERT_TRUE(strstr(t, "codemoe_time_to_first_token_seconds_bucket{le=\"0.005\"} 1\n"));
-    ASSERT_TRUE(strstr(t, "codemoe_time_to_first_token_seconds_bucket{le=\"0.1\"} 1\n"));
-    ASSERT_TRUE(strstr(t, "codemoe_time_to_first_token_seconds_bucket{le=\"0.25\"} 2\n"));
-    ASSERT_TRUE(strstr(t, "codemoe_time_to_first_token_seconds_bucket{le=\"60\"} 2\n"));
-    ASSERT_TRUE(strstr(t, "codemoe_time_to_first_token_seconds_bucket{le=\"+Inf\"} 3\n"));
-    ASSERT_TRUE(strstr(t, "codemoe_time_to_first_token_seconds_count 3\n"));
-    ASSERT_TRUE(strstr(t, "codemoe_kv_blocks_used 3\n"));
-    ASSERT_TRUE(strstr(t, "# TYPE codemoe_kv_blocks gauge\ncodemoe_kv_blocks 64\n"));
+    ASSERT_TRUE(strstr(t, "codemoe_time_to_first_token_seconds_bucket{model=\"a\",le=\"0.005\"} 1\n"));
+    ASSERT_TRUE(strstr(t, "codemoe_time_to_first_token_seconds_bucket{model=\"a\",le=\"0.1\"} 1\n"));
+    ASSERT_TRUE(strstr(t, "codemoe_time_to_first_token_seconds_bucket{model=\"a\",le=\"0.25\"} 2\n"));
+    ASSERT_TRUE(strstr(t, "codemoe_time_to_first_token_seconds_bucket{model=\"a\",le=\"60\"} 2\n"));
+    ASSERT_TRUE(strstr(t, "codemoe_time_to_first_token_seconds_bucket{model=\"a\",le=\"+Inf\"} 3\n"));
+    ASSERT_TRUE(strstr(t, "codemoe_time_to_first_token_seconds_count{model=\"a\"} 3\n"));
+    ASSERT_TRUE(strstr(t, "codemoe_kv_blocks_used{model=\"a\"} 3\n"));
+    /* one HELP/TYPE per metric, then a series per model; label values escaped */
+    ASSERT_TRUE(strstr(t, "# TYPE codemoe_kv_blocks gauge\ncodemoe_kv_blocks{model=\"a\"} 64\n"
+                          "codemoe_kv_blocks{model=\"b\\\"\\\\\"} 8\n"));
+    ASSERT_TRUE(strstr(t, "codemoe_model_threads{model=\"b\\\"\\\\\"} 3\n"));
+    ASSERT_TRUE(strstr(t, "codemoe_time_to_first_token_seconds_count{model=\"b\\\"\\\\\"} 0\n"));
+    for (const char *n = t; (n = strstr(n, "# TYPE codemoe_kv_blocks ")); n++) ASSERT_TRUE(n == strstr(t, "# TYPE codemoe_kv_blocks "));
+    ASSERT_TRUE(!strstr(t, "codemoe_model_resident_bytes")); /* no mapping known */
     /* Prometheus keeps the _total suffix for counters (promtool flags a gauge named so) */
     for (const char *g = strstr(t, "# TYPE "); g; g = strstr(g + 1, "# TYPE ")) {
         const char *sp = strchr(g + 7, ' ');
@@ -155,24 +168,34 @@ TEST(metrics_render) {
     }
     ASSERT_TRUE(strstr(t, "# TYPE codemoe_inter_token_latency_seconds histogram\n"));
     /* KV pool and prefix cache */
-    ASSERT_TRUE(strstr(t, "# TYPE codemoe_kv_blocks_cached gauge\ncodemoe_kv_blocks_cached 5\n"));
-    ASSERT_TRUE(strstr(t, "codemoe_kv_blocks_available 61\n"));
-    ASSERT_TRUE(strstr(t, "# TYPE codemoe_kv_evictions_total counter\ncodemoe_kv_evictions_total 7\n"));
-    ASSERT_TRUE(strstr(t, "codemoe_prefix_cache_query_tokens_total 400\n"));
-    ASSERT_TRUE(strstr(t, "codemoe_prefix_cache_hit_tokens_total 96\n"));
-    ASSERT_TRUE(strstr(t, "# TYPE codemoe_prefix_cache_hit_ratio gauge\ncodemoe_prefix_cache_hit_ratio 0.23999999999999999\n"));
-    ASSERT_TRUE(strstr(t, "codemoe_prompt_tokens_computed_total 304\n"));
-    ASSERT_TRUE(strstr(t, "codemoe_step_tokens_bucket{le=\"32\"} 1\n"));
-    ASSERT_TRUE(strstr(t, "codemoe_step_tokens_bucket{le=\"64\"} 2\n"));
+    ASSERT_TRUE(strstr(t, "# TYPE codemoe_kv_blocks_cached gauge\ncodemoe_kv_blocks_cached{model=\"a\"} 5\n"));
+    ASSERT_TRUE(strstr(t, "codemoe_kv_blocks_available{model=\"a\"} 61\n"));
+    ASSERT_TRUE(strstr(t, "# TYPE codemoe_kv_evictions_total counter\ncodemoe_kv_evictions_total{model=\"a\"} 7\n"));
+    ASSERT_TRUE(strstr(t, "codemoe_prefix_cache_query_tokens_total{model=\"a\"} 400\n"));
+    ASSERT_TRUE(strstr(t, "codemoe_prefix_cache_hit_tokens_total{model=\"a\"} 96\n"));
+    ASSERT_TRUE(strstr(t, "# TYPE codemoe_prefix_cache_hit_ratio gauge\ncodemoe_prefix_cache_hit_ratio{model=\"a\"} 0.23999999999999999\n"));
+    ASSERT_TRUE(strstr(t, "codemoe_prompt_tokens_computed_total{model=\"a\"} 304\n"));
+    ASSERT_TRUE(strstr(t, "codemoe_step_tokens_bucket{model=\"a\",le=\"32\"} 1\n"));
+    ASSERT_TRUE(strstr(t, "codemoe_step_tokens_bucket{model=\"a\",le=\"64\"} 2\n"));
+    ASSERT_TRUE(!strstr(t, "codemoe_step_tokens_bucket{model=\"b")); /* no bucket layout: not rendered */
     ASSERT_TRUE(!strstr(t, "codemoe_kv_check_errors")); /* only with --kv-check */
     free(t);
-    g.kv_check = 1;
-    g.kv_check_errors = 0;
-    g.prefix_query_tokens = 0; /* no query yet: the ratio is 0, not NaN */
-    t = srv_metrics_render(&m, &g, &len);
+    mm[0].g.kv_check = 1;
+    mm[0].g.kv_check_errors = 0;
+    mm[0].g.prefix_query_tokens = 0; /* no query yet: the ratio is 0, not NaN */
+    mm[0].mapped_bytes = 4096;
+    mm[0].resident_bytes = 1024;
+    t = srv_metrics_render(&m, mm, 1, &len);
     ASSERT_TRUE(t != NULL);
-    ASSERT_TRUE(strstr(t, "# TYPE codemoe_kv_check_errors gauge\ncodemoe_kv_check_errors 0\n"));
-    ASSERT_TRUE(strstr(t, "codemoe_prefix_cache_hit_ratio 0\n"));
+    ASSERT_TRUE(strstr(t, "# TYPE codemoe_kv_check_errors gauge\ncodemoe_kv_check_errors{model=\"a\"} 0\n"));
+    ASSERT_TRUE(strstr(t, "codemoe_prefix_cache_hit_ratio{model=\"a\"} 0\n"));
+    ASSERT_TRUE(strstr(t, "codemoe_model_mapped_bytes{model=\"a\"} 4096\n"));
+    ASSERT_TRUE(strstr(t, "codemoe_model_resident_bytes{model=\"a\"} 1024\n"));
+    ASSERT_TRUE(!strstr(t, "model=\"b")); /* one model given */
+    free(t);
+    /* no model (all unloaded): the process's series, and no per-model one */
+    t = srv_metrics_render(&m, NULL, 0, &len);
+    ASSERT_TRUE(t && strstr(t, "codemoe_requests_total{") && !strstr(t, "codemoe_kv_blocks"));
     free(t);
     /* the series table is bounded: overflow is counted, not labelled */
     for (int s = 0; s < SRV_METRICS_MAX_SERIES + 5; s++) srv_metrics_count_request(&m, "x", 1000 + s);
@@ -289,18 +312,20 @@ TEST(expert_metrics_render) {
     api_route_agg a = {0};
     srv_buf b;
     srv_buf_init(&b, 0);
-    srv_expert_metrics_render(&a, NULL, &b);
+    srv_expert_metrics_header(0, &b);
+    srv_expert_metrics_render(&a, NULL, "model=\"m\"", 0, &b);
     ASSERT_TRUE(strstr(b.data, "# TYPE codemoe_expert_tokens_total counter\n"));
     ASSERT_TRUE(strstr(b.data, "codemoe_expert_tokens_total{") == NULL);
     srv_buf_free(&b);
     ASSERT_EQ_INT(api_route_agg_add(&a, &r), 0);
     ASSERT_EQ_INT(api_route_agg_add(&a, &r), 0);
     srv_buf_init(&b, 0);
-    srv_expert_metrics_render(&a, NULL, &b);
-    ASSERT_TRUE(strstr(b.data, "codemoe_expert_tokens_total{level=\"token\",layer=\"1\",expert=\"2\",phase=\"prompt\"} 6\n"));
-    ASSERT_TRUE(strstr(b.data, "codemoe_expert_tokens_total{level=\"token\",layer=\"1\",expert=\"2\",phase=\"generated\"} 2\n"));
-    ASSERT_TRUE(strstr(b.data, "codemoe_expert_tokens_total{level=\"segment\",layer=\"0\",expert=\"1\",phase=\"prompt\"} 8\n"));
-    ASSERT_TRUE(strstr(b.data, "codemoe_adapter_tokens_total") == NULL);
+    srv_expert_metrics_render(&a, NULL, "model=\"m\"", 0, &b);
+    srv_expert_metrics_render(&a, NULL, "model=\"m\"", 1, &b);
+    ASSERT_TRUE(strstr(b.data, "codemoe_expert_tokens_total{model=\"m\",level=\"token\",layer=\"1\",expert=\"2\",phase=\"prompt\"} 6\n"));
+    ASSERT_TRUE(strstr(b.data, "codemoe_expert_tokens_total{model=\"m\",level=\"token\",layer=\"1\",expert=\"2\",phase=\"generated\"} 2\n"));
+    ASSERT_TRUE(strstr(b.data, "codemoe_expert_tokens_total{model=\"m\",level=\"segment\",layer=\"0\",expert=\"1\",phase=\"prompt\"} 8\n"));
+    ASSERT_TRUE(strstr(b.data, "codemoe_adapter_tokens_total") == NULL); /* no adapters */
     srv_buf_free(&b);
     api_route_agg_free(&a);
 }
@@ -314,12 +339,100 @@ TEST(expert_metrics_sparse) {
     ASSERT_EQ_INT(api_route_agg_add(&a, &r), 0);
     srv_buf b;
     srv_buf_init(&b, 0);
-    srv_expert_metrics_render(&a, NULL, &b);
-    ASSERT_TRUE(strstr(b.data, "codemoe_expert_tokens_total{level=\"token\",layer=\"0\",expert=\"127\",phase=\"prompt\"} 7\n"));
-    ASSERT_TRUE(strstr(b.data, "codemoe_expert_tokens_total{level=\"token\",layer=\"0\",expert=\"0\",phase=\"generated\"} 0\n"));
+    srv_expert_metrics_render(&a, NULL, "model=\"m\"", 0, &b);
+    ASSERT_TRUE(strstr(b.data, "codemoe_expert_tokens_total{model=\"m\",level=\"token\",layer=\"0\",expert=\"127\",phase=\"prompt\"} 7\n"));
+    ASSERT_TRUE(strstr(b.data, "codemoe_expert_tokens_total{model=\"m\",level=\"token\",layer=\"0\",expert=\"0\",phase=\"generated\"} 0\n"));
     ASSERT_TRUE(strstr(b.data, "level=\"segment\"") == NULL);
     srv_buf_free(&b);
     api_route_agg_free(&a);
+}
+
+/* --model PATH[,key=value...]: the path ends where a known setting starts (a path may hold commas), every
+ * setting lands in its field, bad values and unknown keys in JSON are refused, the id defaults to the
+ * file name. */
+TEST(model_spec_parse) {
+    srv_model_spec s;
+    char err[200];
+    ASSERT_EQ_INT(srv_model_spec_parse("/m/a,b.gguf,id=x,alias=y,alias=z,ctx=2048,kv-size=64MiB,threads=3,parallel=2,"
+                                       "kv-type=f32,prefix-cache=0,max-itl-ms=12.5", &s, err, sizeof err), 0);
+    ASSERT_TRUE(!strcmp(s.path, "/m/a,b.gguf"));
+    ASSERT_TRUE(!strcmp(s.id, "x"));
+    ASSERT_EQ_INT(s.n_aliases, 2);
+    ASSERT_TRUE(!strcmp(s.aliases[1], "z"));
+    ASSERT_EQ_INT(s.n_ctx, 2048);
+    ASSERT_EQ_INT(s.kv_size, 64 << 20);
+    ASSERT_EQ_INT(s.kv_size_bytes, 1);
+    ASSERT_EQ_INT(s.n_threads, 3);
+    ASSERT_EQ_INT(s.parallel, 2);
+    ASSERT_EQ_INT(s.kv_type, CM_KV_F32);
+    ASSERT_EQ_INT(s.prefix_cache, 0);
+    ASSERT_TRUE(s.max_itl_ms == 12.5);
+    ASSERT_EQ_INT(s.queue, -1); /* not given: the process's */
+    srv_model_spec c;
+    ASSERT_EQ_INT(srv_model_spec_copy(&c, &s), 0);
+    ASSERT_TRUE(srv_model_spec_same(&c, &s));
+    c.n_ctx = 1024;
+    ASSERT_TRUE(!srv_model_spec_same(&c, &s));
+    srv_model_spec_free(&c);
+    srv_model_spec_free(&s);
+    ASSERT_EQ_INT(srv_model_spec_parse("dir/tiny.gguf", &s, err, sizeof err), 0);
+    ASSERT_TRUE(!s.id[0]);
+    srv_model_spec_finish(&s);
+    ASSERT_TRUE(!strcmp(s.id, "tiny"));
+    srv_model_spec_free(&s);
+    ASSERT_EQ_INT(srv_model_spec_parse("a.gguf,ctx=x", &s, err, sizeof err), -1);
+    ASSERT_TRUE(strstr(err, "ctx=x"));
+    ASSERT_EQ_INT(srv_model_spec_parse("a.gguf,threads=0", &s, err, sizeof err), -1);
+    ASSERT_EQ_INT(srv_model_spec_parse(",id=x", &s, err, sizeof err), -1);
+    /* the JSON form */
+    json_t *o = json_loads("{\"path\":\"p.gguf\",\"aliases\":[\"q\"],\"kv_size\":\"1GiB\",\"threads\":2,"
+                           "\"prefix_cache\":false,\"max_itl_ms\":5}", 0, NULL);
+    ASSERT_EQ_INT(srv_model_spec_from_json(o, &s, err, sizeof err), 0);
+    ASSERT_TRUE(!strcmp(s.aliases[0], "q"));
+    ASSERT_EQ_INT(s.kv_size, 1 << 30);
+    ASSERT_EQ_INT(s.prefix_cache, 0);
+    ASSERT_EQ_INT(s.n_threads, 2);
+    ASSERT_TRUE(s.max_itl_ms == 5);
+    srv_model_spec_free(&s);
+    json_decref(o);
+    o = json_loads("{\"path\":\"p.gguf\",\"temprature\":1}", 0, NULL);
+    ASSERT_EQ_INT(srv_model_spec_from_json(o, &s, err, sizeof err), -1);
+    ASSERT_TRUE(strstr(err, "temprature"));
+    json_decref(o);
+    o = json_loads("{\"id\":\"x\"}", 0, NULL);
+    ASSERT_EQ_INT(srv_model_spec_from_json(o, &s, err, sizeof err), -1); /* no path */
+    json_decref(o);
+}
+
+/* The --config file: a list of models, ids unique (defaulted from the paths), nothing but "models". */
+TEST(config_file_read) {
+    char path[] = "/tmp/cm_pool_cfg_XXXXXX";
+    int fd = mkstemp(path);
+    ASSERT_TRUE(fd >= 0);
+    const char *good = "{\"models\":[{\"path\":\"a/x.gguf\"},{\"path\":\"b.gguf\",\"id\":\"y\",\"ctx\":64}]}";
+    ASSERT_EQ_INT(write(fd, good, strlen(good)), (long)strlen(good));
+    close(fd);
+    srv_model_spec *specs = NULL;
+    int n = 0;
+    char err[300];
+    ASSERT_EQ_INT(srv_config_file_read(path, &specs, &n, err, sizeof err), 0);
+    ASSERT_EQ_INT(n, 2);
+    ASSERT_TRUE(!strcmp(specs[0].id, "x"));
+    ASSERT_TRUE(!strcmp(specs[1].id, "y"));
+    ASSERT_EQ_INT(specs[1].n_ctx, 64);
+    for (int i = 0; i < n; i++) srv_model_spec_free(&specs[i]);
+    free(specs);
+    static const char *bad[] = {"{\"models\":[]}", "{\"models\":[{\"path\":\"x.gguf\"},{\"path\":\"d/x.gguf\"}]}",
+                                "{\"models\":[{\"path\":\"x.gguf\"}],\"threads\":2}", "{\"models\":[{\"ctx\":1}]}", "[1"};
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        FILE *f = fopen(path, "w");
+        ASSERT_TRUE(f != NULL);
+        fputs(bad[i], f);
+        fclose(f);
+        ASSERT_EQ_INT(srv_config_file_read(path, &specs, &n, err, sizeof err), -1);
+        ASSERT_TRUE(specs == NULL && n == 0 && err[0]);
+    }
+    unlink(path);
 }
 
 TEST(buf_limit) {
@@ -490,6 +603,8 @@ int main(void) {
     RUN(keys_load_file);
     RUN(request_ids);
     RUN(metrics_render);
+    RUN(model_spec_parse);
+    RUN(config_file_read);
     RUN(retention_evicts_oldest);
     RUN(retention_bounded_in_bytes);
     RUN(keys_owner_and_admin);
