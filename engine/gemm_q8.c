@@ -40,9 +40,6 @@
 #define CM_G_AVX2 1
 #include <immintrin.h>
 #endif
-#if defined(CM_G_AVX2) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
-#define CM_G_VNNI 1
-#endif
 
 #define TR 32 /* weight rows repacked at a time: four groups */
 #define GR 8  /* rows per group: one int32 lane each */
