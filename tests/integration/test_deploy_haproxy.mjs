@@ -439,6 +439,9 @@ test('503 from a full replica is retried elsewhere; a started stream is never re
       if (r.headers.get('x-codemoe-replica') === 'replica1') key = `k${k}`;
     }
     assert.ok(key, 'no key maps to replica1');
+    // the probe's connection to replica1 must be gone (closed, and seen closed by replica1's loop) before
+    // the stream takes its one slot
+    await sleep(1500);
     const body = (n, stream) => JSON.stringify({ prompt: 'static int add(int a, int b) {', max_tokens: n, stream, temperature: 0 });
     const hdr = { 'Content-Type': 'application/json', 'X-Codemoe-Affinity': key };
     const t0 = Date.now();
