@@ -1,5 +1,6 @@
 /*
- * cli.h - flag parsing and small output helpers shared by the cmd_*.c subcommands (header-only, static).
+ * cli.h - flag parsing and small output helpers shared by the cmd_*.c subcommands and serve's model specs
+ * (header-only, static).
  *
  * Flags are "--name VALUE" or "--name=VALUE"; a value that does not parse completely (trailing junk,
  * out of range) is a usage error. Every helper prints its own message to stderr, prefixed by the
@@ -34,15 +35,22 @@ static inline int cli_flag(int argc, char **argv, int *i, const char *name, cons
     return 1;
 }
 
-static inline int cli_int(const char *cmd, const char *flag, const char *s, long lo, long hi, int *out) {
+/* The whole of s as a base-10 integer in [lo, hi] into *out, printing nothing. Returns 0 ok, -1 not one
+ * (trailing junk, out of range); *out is untouched then. */
+static inline int cli_parse_int(const char *s, long lo, long hi, int *out) {
     char *end;
     errno = 0;
     long v = strtol(s, &end, 10);
-    if (errno || end == s || *end || v < lo || v > hi) {
+    if (errno || end == s || *end || v < lo || v > hi) return -1;
+    *out = (int)v;
+    return 0;
+}
+
+static inline int cli_int(const char *cmd, const char *flag, const char *s, long lo, long hi, int *out) {
+    if (cli_parse_int(s, lo, hi, out) < 0) {
         fprintf(stderr, "codemoe %s: %s expects an integer in [%ld, %ld], got '%s'\n", cmd, flag, lo, hi, s);
         return 0;
     }
-    *out = (int)v;
     return 1;
 }
 

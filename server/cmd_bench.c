@@ -30,15 +30,6 @@ static double clock_s(clockid_t id) {
 static double now_s(void) { return clock_s(CLOCK_MONOTONIC); }
 static double cpu_s(void) { return clock_s(CLOCK_PROCESS_CPUTIME_ID); }
 
-static int parse_int(const char *s, int lo, int hi, int *out) {
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || end == s || *end || v < lo || v > hi) return -1;
-    *out = (int)v;
-    return 0;
-}
-
 static int g_routing_stats = 1; /* --routing-stats 0|1: MoE routing statistics off/on (their cost) */
 
 static void usage(void) {
@@ -111,19 +102,19 @@ int cmd_bench(int argc, char **argv) {
         if (!strcmp(a, "-m") || !strcmp(a, "--model")) {
             model = v;
         } else if (!strcmp(a, "-p") || !strcmp(a, "--n-prompt")) {
-            if (parse_int(v, 0, 1 << 16, &pp)) goto bad;
+            if (cli_parse_int(v, 0, 1 << 16, &pp)) goto bad;
         } else if (!strcmp(a, "-n") || !strcmp(a, "--n-gen")) {
-            if (parse_int(v, 0, 1 << 16, &tg)) goto bad;
+            if (cli_parse_int(v, 0, 1 << 16, &tg)) goto bad;
         } else if (!strcmp(a, "--routing-stats")) {
-            if (parse_int(v, 0, 1, &g_routing_stats)) goto bad;
+            if (cli_parse_int(v, 0, 1, &g_routing_stats)) goto bad;
         } else if (!strcmp(a, "-r") || !strcmp(a, "--repetitions")) {
-            if (parse_int(v, 1, 1000, &reps)) goto bad;
+            if (cli_parse_int(v, 1, 1000, &reps)) goto bad;
         } else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) {
             char buf[256];
             snprintf(buf, sizeof buf, "%s", v);
             n_thr = 0;
             for (char *save = NULL, *tok = strtok_r(buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
-                if (n_thr == 16 || parse_int(tok, 1, 256, &thr[n_thr])) goto bad;
+                if (n_thr == 16 || cli_parse_int(tok, 1, 256, &thr[n_thr])) goto bad;
                 n_thr++;
             }
         } else if (!strcmp(a, "--kv-type")) {

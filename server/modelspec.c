@@ -10,6 +10,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include "cli.h"
 #include "server.h"
 
 void srv_model_spec_init(srv_model_spec *s) {
@@ -93,15 +94,6 @@ int srv_kv_size_parse(const char *v, long long *size, int *bytes) {
     return 0;
 }
 
-static int parse_int(const char *v, long lo, long hi, int *out) {
-    char *end;
-    errno = 0;
-    long x = strtol(v, &end, 10);
-    if (errno || end == v || *end || x < lo || x > hi) return -1;
-    *out = (int)x;
-    return 0;
-}
-
 /* The settings both sources share, by key (the --model spelling; the JSON one has '_' for '-'). Returns
  * 0, 1 for an unknown key, -1 for a bad value (err set). */
 static int spec_set(srv_model_spec *s, const char *key, const char *v, char *err, size_t cap) {
@@ -112,12 +104,12 @@ static int spec_set(srv_model_spec *s, const char *key, const char *v, char *err
     } else if (!strcmp(key, "alias")) {
         if (!*v) return fail(err, cap, "empty model alias");
         if (add_alias(s, v) < 0) return fail(err, cap, "out of memory");
-    } else if (!strcmp(key, "ctx")) bad = parse_int(v, 0, 1 << 24, &s->n_ctx);
-    else if (!strcmp(key, "threads")) bad = parse_int(v, 1, 1024, &s->n_threads);
-    else if (!strcmp(key, "parallel")) bad = parse_int(v, 1, 4096, &s->parallel);
-    else if (!strcmp(key, "queue")) bad = parse_int(v, 0, 1 << 20, &s->queue);
-    else if (!strcmp(key, "batch")) bad = parse_int(v, 1, 1 << 16, &s->n_batch);
-    else if (!strcmp(key, "prefix-cache")) bad = parse_int(v, 0, 1, &s->prefix_cache);
+    } else if (!strcmp(key, "ctx")) bad = cli_parse_int(v, 0, 1 << 24, &s->n_ctx);
+    else if (!strcmp(key, "threads")) bad = cli_parse_int(v, 1, 1024, &s->n_threads);
+    else if (!strcmp(key, "parallel")) bad = cli_parse_int(v, 1, 4096, &s->parallel);
+    else if (!strcmp(key, "queue")) bad = cli_parse_int(v, 0, 1 << 20, &s->queue);
+    else if (!strcmp(key, "batch")) bad = cli_parse_int(v, 1, 1 << 16, &s->n_batch);
+    else if (!strcmp(key, "prefix-cache")) bad = cli_parse_int(v, 0, 1, &s->prefix_cache);
     else if (!strcmp(key, "kv-size")) bad = srv_kv_size_parse(v, &s->kv_size, &s->kv_size_bytes);
     else if (!strcmp(key, "kv-type")) {
         if (!strcmp(v, "f16")) s->kv_type = CM_KV_F16;
