@@ -2,15 +2,19 @@
 /*
  * itl_probe.mjs - a manual probe (not a registered test): how long a decoding stream stalls while a
  * long prompt is prefilled, with and without --max-itl-ms. Starts `codemoe serve` on MODEL (default: a
- * ~45M-parameter bench model), streams 400 tokens, sends a ~3.9k-token prompt after 0.8 s, and prints
+ * ~45M-parameter bench model from bench/inputs.sh's cache), streams 400 tokens, sends a ~3.9k-token prompt after 0.8 s, and prints
  * the stream's longest and median gap between chunks during that prefill.
  *
  *   CM_BINARY=build/server/codemoe node tests/integration/itl_probe.mjs [MODEL.gguf] [serve flags...]
  */
+import os from 'node:os';
+import { join } from 'node:path';
 import { startServer, postJSON } from './server_harness.mjs';
 
 const argv = process.argv.slice(2);
-const model = argv[0] && argv[0].endsWith('.gguf') ? argv.shift() : '/work/benchmodels/qwen45m-q8_0.gguf';
+// the default is the bench model in bench/inputs.sh's cache directory (`bench/inputs.sh` makes it)
+const cache = process.env.CODEMOE_CACHE || join(process.env.XDG_CACHE_HOME || join(os.homedir(), '.cache'), 'codemoe');
+const model = argv[0] && argv[0].endsWith('.gguf') ? argv.shift() : join(cache, 'qwen45m-q8_0.gguf');
 const srv = await startServer({ modelPath: model, args: ['--threads', '1', '--ctx', '5000', '--parallel', '2', ...argv] });
 try {
   const res = await fetch(srv.base + '/v1/completions', { method: 'POST', headers: { 'Content-Type': 'application/json' },
