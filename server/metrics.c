@@ -150,6 +150,10 @@ static const model_metric model_metrics[] = {
      MM(g.step_tokens)},
     {"codemoe_decode_steps_total", "counter", "Batched forward passes run.", F_U64, MM(g.decode_steps)},
     {"codemoe_batch_tokens_total", "counter", "Tokens processed over all forward passes.", F_U64, MM(g.batch_tokens)},
+    {"codemoe_spec_draft_tokens_total", "counter",
+     "Prompt-lookup draft tokens verified in forward passes (--spec-draft).", F_U64, MM(g.spec_drafted)},
+    {"codemoe_spec_accepted_tokens_total", "counter",
+     "Draft tokens the model agreed with: generated without a forward pass of their own.", F_U64, MM(g.spec_accepted)},
 };
 #undef MM
 

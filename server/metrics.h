@@ -48,6 +48,8 @@ typedef struct srv_gauges {
     uint64_t prompt_tokens_computed; /* prompt tokens run through the model */
     uint64_t decode_steps;  /* cm_forward calls */
     uint64_t batch_tokens;  /* tokens over all cm_forward calls */
+    uint64_t spec_drafted;  /* prompt-lookup draft tokens verified (--spec-draft) */
+    uint64_t spec_accepted; /* of those, the model agreed with (kept) */
     int kv_check;           /* --kv-check is on: kv_check_errors is rendered */
     uint64_t kv_check_errors; /* inconsistent blocks found by cm_ctx_kv_check, summed over steps */
     srv_hist step_tokens;   /* tokens per forward pass (rendered when it has bounds) */

@@ -14,9 +14,12 @@
  *      but not taken yet. A job that does not fit is undone and waits at the head of the queue (so
  *      big requests are not starved); one that could not fit into an empty pool fails at once. So
  *      cm_forward never runs out of blocks, and nothing is ever preempted;
- *   3. build one batch: first one decode token for every generating sequence, then prefill chunks of
- *      admitted sequences until n_batch tokens, fewer while sequences decode and --max-itl-ms bounds
- *      the step's predicted time (chunked prefill: a long prompt never stalls the running streams);
+ *   3. build one batch: first one decode token for every generating sequence; then the extra work,
+ *      until n_batch tokens, fewer while sequences decode and --max-itl-ms bounds the step's predicted
+ *      time (chunked prefill: a long prompt never stalls the running streams), in this order:
+ *      newly admitted prompts that fit whole (prefill-first: a short request's first token does not
+ *      wait behind a long prompt's chunks or other streams' drafts), then draft tokens (below), then
+ *      the chunks of the other prompts;
  *   4. cm_forward, then sample every sequence whose last token was in the batch and hand the token to
  *      its choice's api_choice_state (text, stop strings, end-of-generation, max_tokens, context
  *      limit, finish reason all live there);
@@ -24,6 +27,18 @@
  * Choices of one prompt (n > 1): the first (the leader) prefills; the others wait without a sequence
  * and, when the leader's last prompt token has its logits, fork it (cm_seq_fork shares its blocks)
  * and sample from the same logits row with their own samplers.
+ *
+ * Prompt-lookup speculation (--spec-draft K): a greedy choice whose text repeats its context (code
+ * completion copies identifiers, lines, whole blocks) drafts up to K tokens per step: the tokens that
+ * followed the latest earlier occurrence of its last few tokens (prompt and output). They go into the
+ * batch behind its decode token, each with logits; after the forward the sampler runs on the rows in
+ * order, exactly as it would have one step at a time, and the choice keeps every draft token the
+ * sampler reproduced plus the sampler's own next token; cm_seq_truncate forgets the rest. This is
+ * exact because a row's logits do not depend on what else is in the batch (docs/engine.md, batch
+ * invariance) and the sampler sees the same logits in the same order. Only dense models speculate:
+ * a hybrid or MoLE sequence's routing state can be rolled back only to a block end, and a MoE's
+ * routing statistics (the completion's routing record, the expert load in /metrics) count every
+ * token its experts ran, so rejected drafts would show there.
  */
 #include <math.h>
 #include <stdio.h>
@@ -97,6 +112,13 @@ typedef struct sched_seq {
     srv_tokvec prompt_lp; /* echo && logprobs: the prompt's token logprobs */
     int ended_published;
     uint64_t t_last_ns;
+    /* speculation (hist != NULL: this choice speculates) */
+    int32_t *hist;        /* (hist_cap) prompt and generated tokens, the last one = next_tok */
+    int n_hist, hist_cap;
+    int prefill_started;  /* has had prompt rows in a batch (prefill-first serves the others first) */
+    int n_draft;          /* draft tokens in this step's batch (after next_tok) */
+    int draft_row;        /* batch row of the first of them */
+    int32_t draft[SRV_SPEC_DRAFT_MAX];
 } sched_seq;
 
 typedef struct sched_jobstate {
@@ -111,9 +133,10 @@ typedef struct sched_jobstate {
 } sched_jobstate;
 
 /* What a batch row is for. */
+enum { ROW_DECODE = -1, ROW_DRAFT = -2 };
 typedef struct sched_row {
     sched_seq *sq;
-    int prompt_pos;       /* >= 0: prompt position of this token (prefill); -1: decode */
+    int prompt_pos;       /* >= 0: prompt position of this token (prefill); ROW_DECODE, ROW_DRAFT */
     int sample;           /* sample the next token from this row's logits */
 } sched_row;
 
@@ -161,6 +184,8 @@ struct srv_sched {
     srv_hist l_ttft, l_itl;
     uint64_t l_generated, l_prompt, l_steps, l_batch_tokens;
     uint64_t l_prompt_computed, l_prefix_query, l_prefix_hit, l_kv_check_errors;
+    uint64_t l_spec_drafted, l_spec_accepted;
+    int spec_model;                   /* the model's kind can speculate (dense) */
     api_route_agg load;               /* expert load over every finished sequence */
     int load_dirty;
     int blocks_total;                 /* KV pool size in blocks */
@@ -270,6 +295,7 @@ static void job_free_state(srv_job *j) {
         api_choice_state_free(&st->seqs[i].ch);
         srv_tokvec_free(&st->seqs[i].pending);
         srv_tokvec_free(&st->seqs[i].prompt_lp);
+        free(st->seqs[i].hist);
     }
     free(st->seqs);
     api_route_agg_free(&st->agg);
@@ -539,6 +565,17 @@ static int job_admit(srv_sched *s, srv_job *j) {
         }
         for (int k = 0; k < q->prompt->n_tokens; k++) cm_sampler_accept_prompt(q->smp, q->prompt->tokens[k]);
         q->t_last_ns = 0;
+        /* speculation needs a deterministic choice (acceptance is the point) and changes nothing the
+         * response reports: no logprobs (rows would be skipped), no routing detail */
+        if (s->spec_model && s->cfg->spec_draft > 0 && r->max_tokens > 1 && (sp.temperature <= 0 || sp.top_k == 1) &&
+            r->logprobs < 0 && r->routing == API_ROUTING_NONE) {
+            q->hist_cap = q->target + 1;
+            q->hist = malloc((size_t)q->hist_cap * sizeof *q->hist);
+            if (q->hist) { /* without it the choice just does not speculate */
+                memcpy(q->hist, q->prompt->tokens, (size_t)q->prompt->n_tokens * sizeof *q->hist);
+                q->n_hist = q->prompt->n_tokens;
+            }
+        }
         if (r->echo && r->logprobs >= 0) {
             /* the first echoed token has no context to be predicted from: null, like OpenAI */
             srv_tok t = {.token = q->prompt->tokens[q->prompt->echo_from < q->prompt->n_tokens ? q->prompt->echo_from : 0],
@@ -569,8 +606,9 @@ static int job_admit(srv_sched *s, srv_job *j) {
 /* ============================================================ one step */
 
 /* Handles the token sampled for q: the server's bookkeeping (latency histograms, generated-token
- * count, logprobs) around the choice's own state machine. */
-static void seq_on_token(srv_sched *s, sched_seq *q, int32_t tok, float lp, int n_top) {
+ * count, logprobs) around the choice's own state machine. seq_len: positions in the sequence before
+ * this token (api_choice_state_push's; with speculation the KV cache may hold more for a moment). */
+static void seq_on_token(srv_sched *s, sched_seq *q, int32_t tok, float lp, int n_top, int seq_len) {
     srv_job *j = q->job;
     const api_completion_req *r = j->req;
     int64_t now = sched_now();
@@ -585,7 +623,8 @@ static void seq_on_token(srv_sched *s, sched_seq *q, int32_t tok, float lp, int 
     /* llama.cpp's t_max_predict_ms counts from the first token; the choice then ends at a newline */
     if (r->t_max_predict_ms > 0 && now - js(j)->t_first_ns > (int64_t)r->t_max_predict_ms * 1000000)
         api_choice_state_time_up(&q->ch);
-    int rc = api_choice_state_push(&q->ch, tok, cm_seq_len(s->ctx, q->seq));
+    int rc = api_choice_state_push(&q->ch, tok, seq_len);
+    if (q->hist && q->n_hist < q->hist_cap) q->hist[q->n_hist++] = tok;
     if (q->ch.n_gen > n_gen) { /* a generated token (end-of-generation is not one) */
         s->l_generated++;
         if (r->logprobs >= 0) {
@@ -616,9 +655,9 @@ static void followers_end(srv_sched *s, sched_seq *q, api_finish finish) {
         if (seqs[q->choice + k].state == SEQ_FORK) seq_end(s, &seqs[q->choice + k], finish);
 }
 
-/* Prefill tokens the step may add to n_decode decode tokens (at most n_batch in all). While sequences
- * decode and --max-itl-ms is set, as many as keep the step's predicted time within the bound, but at
- * least one block, so every prompt progresses. */
+/* Extra tokens (prefill and drafts) the step may add to n_decode decode tokens (at most n_batch in
+ * all). While sequences decode and --max-itl-ms is set, as many as keep the step's predicted time
+ * within the bound, but at least one block, so every prompt progresses. */
 static int prefill_budget(const srv_sched *s, int n_decode) {
     int room = s->cfg->n_batch - n_decode;
     if (n_decode == 0 || s->cfg->max_itl_ms <= 0 || s->per_tok_ns <= 0) return room;
@@ -629,6 +668,107 @@ static int prefill_budget(const srv_sched *s, int n_decode) {
 
 static void ewma(double *avg, double x) { *avg = *avg > 0 ? 0.8 * *avg + 0.2 * x : x; }
 
+/* Speculation: the n-gram lengths prompt lookup tries, longest first (a longer match predicts better;
+ * one token alone matches too often to be worth the rows). */
+enum { SPEC_NGRAM_MAX = 4, SPEC_NGRAM_MIN = 2 };
+
+/* Prompt lookup over h[0..n): finds the latest earlier occurrence of the last g tokens (g from
+ * SPEC_NGRAM_MAX down to SPEC_NGRAM_MIN) and copies at most max of the tokens that followed it into
+ * out. Returns how many (0: no occurrence, or max <= 0). */
+static int draft_lookup(const int32_t *h, int n, int max, int32_t *out) {
+    if (max <= 0) return 0;
+    for (int g = SPEC_NGRAM_MAX; g >= SPEC_NGRAM_MIN; g--) {
+        if (n < g + 1) continue;
+        const int32_t *tail = h + n - g;
+        for (int p = n - g - 1; p >= 0; p--) {
+            if (h[p] != tail[0] || memcmp(h + p, tail, (size_t)g * sizeof *h)) continue;
+            int k = n - (p + g);
+            if (k > max) k = max;
+            memcpy(out, h + p + g, (size_t)k * sizeof *h);
+            return k;
+        }
+    }
+    return 0;
+}
+
+/* Adds prefill rows of q (its next prompt tokens) to the batch while nb < lim; returns nb. */
+static int prefill_rows(srv_sched *s, sched_seq *q, int nb, int lim) {
+    srv_job *j = q->job;
+    const api_prompt *p = q->prompt;
+    int want_lp = j->req->echo && j->req->logprobs >= 0;
+    /* reference segment routing sees the whole text at once: its prompt goes into one batch or waits
+     * for a step with room (the loop checked that it fits in --batch); the latency budget cannot split
+     * it */
+    if (j->req->segment_routing == API_SEGMENT_REFERENCE && q->n_fed == 0) {
+        if (nb + p->n_tokens > s->cfg->n_batch) return nb;
+        lim = s->cfg->n_batch;
+    }
+    while (q->n_fed < p->n_tokens && nb < lim) {
+        int pos = q->n_fed++;
+        int last = pos == p->n_tokens - 1;
+        int lp = want_lp && pos >= p->echo_from && !last;
+        s->b_tok[nb] = p->tokens[pos];
+        s->b_seq[nb] = q->seq;
+        s->b_logits[nb] = (int8_t)(last || lp);
+        s->b_gen[nb] = 0;
+        s->rows[nb] = (sched_row){q, pos, last && j->req->max_tokens > 0};
+        js(j)->in_batch = 1;
+        nb++;
+    }
+    return nb;
+}
+
+/* Adds q's draft tokens (prompt lookup, at most the rows left before lim) behind its decode row. The
+ * draft stays within the positions admission reserved for q (its target), so it never takes a KV
+ * block nobody counted. Returns nb. */
+static int draft_rows(srv_sched *s, sched_seq *q, int nb, int lim) {
+    int len = cm_seq_len(s->ctx, q->seq); /* next_tok goes to position len */
+    int max = s->cfg->spec_draft;
+    if (max > q->target - len - 1) max = q->target - len - 1;
+    if (max > lim - nb) max = lim - nb;
+    q->n_draft = draft_lookup(q->hist, q->n_hist, max, q->draft);
+    q->draft_row = nb;
+    for (int k = 0; k < q->n_draft; k++, nb++) {
+        s->b_tok[nb] = q->draft[k];
+        s->b_seq[nb] = q->seq;
+        s->b_logits[nb] = 1;
+        s->b_gen[nb] = 1;
+        s->rows[nb] = (sched_row){q, ROW_DRAFT, 0};
+    }
+    return nb;
+}
+
+/* After the forward pass: q's decode row r and its draft rows. Samples them in order, as one step at a
+ * time would, while the sampler reproduces the draft; keeps those draft tokens and the sampler's next
+ * one, forgets the rest of the draft in the KV cache, then hands the tokens to the choice one by one
+ * (which may end it on any of them: stop string, end-of-generation, max_tokens). */
+static void verify_draft(srv_sched *s, sched_seq *q, int r) {
+    const int n_draft = q->n_draft;
+    q->n_draft = 0;
+    const int len0 = cm_seq_len(s->ctx, q->seq) - 1 - n_draft; /* next_tok's position */
+    int32_t toks[SRV_SPEC_DRAFT_MAX + 1];
+    int acc = 0, lg_row = r;
+    for (;;) {
+        const float *lg = cm_logits(s->ctx, lg_row);
+        if (!lg) break;
+        toks[acc] = cm_sampler_sample(q->smp, lg, NULL, NULL);
+        if (acc == n_draft || toks[acc] != q->draft[acc]) { acc++; break; }
+        lg_row = q->draft_row + acc++;
+    }
+    /* toks[0..acc): the generated tokens; the first acc - 1 of them are the draft tokens kept */
+    s->l_spec_drafted += (uint64_t)n_draft;
+    s->l_spec_accepted += (uint64_t)(acc > 0 ? acc - 1 : 0);
+    cm_err ce = {0};
+    if (acc == 0 || (acc - 1 < n_draft && cm_seq_truncate(s->ctx, q->seq, len0 + acc, &ce) < 0)) {
+        sched_jobstate *st = js(q->job);
+        if (!st->failed) api_error_set(&st->fail_err, 500, API_ERR_SERVER, NULL, NULL, "speculation: %s", ce.msg);
+        st->failed = 1;
+        seq_end(s, q, API_FINISH_NONE);
+        return;
+    }
+    for (int k = 0; k < acc && q->state == SEQ_DECODE; k++) seq_on_token(s, q, toks[k], 0, 0, len0 + 1 + k);
+}
+
 static void step(srv_sched *s) {
     const int n_batch = s->cfg->n_batch;
     int nb = 0;
@@ -638,48 +778,49 @@ static void step(srv_sched *s) {
         sched_jobstate *st = js(s->running[i]);
         for (int c = 0; c < s->running[i]->n_choices && nb < n_batch; c++) {
             sched_seq *q = &st->seqs[c];
+            q->n_draft = 0;
             if (q->state != SEQ_DECODE) continue;
             s->b_tok[nb] = q->next_tok;
             s->b_seq[nb] = q->seq;
             s->b_logits[nb] = 1;
             s->b_gen[nb] = 1;
-            s->rows[nb] = (sched_row){q, -1, 1};
+            s->rows[nb] = (sched_row){q, ROW_DECODE, 1};
             st->in_batch = 1;
             nb++;
         }
     }
     const int n_decode = nb;
     const int limit = n_decode + prefill_budget(s, n_decode);
-    /* then prefill chunks of admitted sequences, until the batch (or the latency budget) is full */
+    /* prefill-first: prompts not started yet that fit whole into what the step has left; the budget
+     * bounds them, so the running streams still get their token every step */
     for (int i = 0; i < s->n_running && nb < limit; i++) {
         srv_job *j = s->running[i];
-        sched_jobstate *st = js(j);
-        int want_lp = j->req->echo && j->req->logprobs >= 0;
         for (int c = 0; c < j->n_choices && nb < limit; c++) {
-            sched_seq *q = &st->seqs[c];
-            if (q->state != SEQ_PREFILL) continue;
-            const api_prompt *p = q->prompt;
-            /* reference segment routing sees the whole text at once: its prompt goes into one batch
-             * or waits for a step with room (the loop checked that it fits in --batch); the latency
-             * budget cannot split it */
-            int lim = limit;
-            if (j->req->segment_routing == API_SEGMENT_REFERENCE && q->n_fed == 0) {
-                if (nb + p->n_tokens > n_batch) continue;
-                lim = n_batch;
-            }
-            while (q->n_fed < p->n_tokens && nb < lim) {
-                int pos = q->n_fed++;
-                int last = pos == p->n_tokens - 1;
-                int lp = want_lp && pos >= p->echo_from && !last;
-                s->b_tok[nb] = p->tokens[pos];
-                s->b_seq[nb] = q->seq;
-                s->b_logits[nb] = (int8_t)(last || lp);
-                s->b_gen[nb] = 0;
-                s->rows[nb] = (sched_row){q, pos, last && j->req->max_tokens > 0};
-                st->in_batch = 1;
-                nb++;
-            }
+            sched_seq *q = &js(j)->seqs[c];
+            if (q->state == SEQ_PREFILL && !q->prefill_started && q->prompt->n_tokens - q->n_fed <= limit - nb)
+                nb = prefill_rows(s, q, nb, limit);
         }
+    }
+    /* then the decoding sequences' drafts */
+    for (int i = 0; i < s->n_running && nb < limit; i++) {
+        srv_job *j = s->running[i];
+        for (int c = 0; c < j->n_choices && nb < limit; c++) {
+            sched_seq *q = &js(j)->seqs[c];
+            if (q->state == SEQ_DECODE && q->hist) nb = draft_rows(s, q, nb, limit);
+        }
+    }
+    /* then the other prompts' chunks, until the batch (or the latency budget) is full */
+    for (int i = 0; i < s->n_running && nb < limit; i++) {
+        srv_job *j = s->running[i];
+        for (int c = 0; c < j->n_choices && nb < limit; c++) {
+            sched_seq *q = &js(j)->seqs[c];
+            if (q->state == SEQ_PREFILL) nb = prefill_rows(s, q, nb, limit);
+        }
+    }
+    int n_drafted = 0;
+    for (int r = n_decode; r < nb; r++) {
+        if (s->rows[r].prompt_pos >= 0) s->rows[r].sq->prefill_started = 1;
+        else n_drafted++;
     }
     if (nb == 0) return;
     if (s->step_delay_ms > 0) uv_sleep((unsigned)s->step_delay_ms); /* test hook, see worker_load */
@@ -701,12 +842,16 @@ static void step(srv_sched *s) {
     }
     s->l_steps++;
     s->l_batch_tokens += (uint64_t)nb;
-    s->l_prompt_computed += (uint64_t)(nb - n_decode);
+    s->l_prompt_computed += (uint64_t)(nb - n_decode - n_drafted);
     const int n_vocab = s->info->n_vocab;
     for (int r = 0; r < nb; r++) {
         sched_row *row = &s->rows[r];
         sched_seq *q = row->sq;
-        if (q->state == SEQ_ENDED) continue;
+        if (q->state == SEQ_ENDED || row->prompt_pos == ROW_DRAFT) continue; /* drafts: with their decode row */
+        if (row->prompt_pos == ROW_DECODE && q->n_draft > 0) {
+            verify_draft(s, q, r);
+            continue;
+        }
         if (row->prompt_pos >= 0 && s->b_logits[r] && q->job->req->echo && q->job->req->logprobs >= 0 &&
             row->prompt_pos + 1 < q->prompt->n_tokens) {
             int n_top = q->job->req->logprobs > CM_LOGPROBS_MAX ? CM_LOGPROBS_MAX : q->job->req->logprobs;
@@ -755,12 +900,12 @@ static void step(srv_sched *s) {
         int n_top = q->job->req->logprobs > 0 ? q->job->req->logprobs : 0;
         if (n_top > CM_LOGPROBS_MAX) n_top = CM_LOGPROBS_MAX;
         int32_t tok = cm_sampler_sample(q->smp, lg, want_lp ? &lp : NULL, want_lp ? s->top : NULL);
-        seq_on_token(s, q, tok, lp, n_top);
+        seq_on_token(s, q, tok, lp, n_top, cm_seq_len(s->ctx, q->seq));
         for (int k = 1; n_forked && k <= q->n_follow; k++) {
             sched_seq *f = &js(q->job)->seqs[q->choice + k];
             if (f->state != SEQ_DECODE || f->ch.n_gen) continue;
             tok = cm_sampler_sample(f->smp, lg, want_lp ? &lp : NULL, want_lp ? s->top : NULL);
-            seq_on_token(s, f, tok, lp, n_top);
+            seq_on_token(s, f, tok, lp, n_top, cm_seq_len(s->ctx, f->seq));
         }
     }
     for (int i = s->n_running - 1; i >= 0; i--)
@@ -806,6 +951,8 @@ static void publish_stats_locked(srv_sched *s) {
     }
     g->decode_steps = s->l_steps;
     g->batch_tokens = s->l_batch_tokens;
+    g->spec_drafted = s->l_spec_drafted;
+    g->spec_accepted = s->l_spec_accepted;
     s->ttft = s->l_ttft;
     s->itl = s->l_itl;
     s->generated = s->l_generated;
@@ -857,6 +1004,9 @@ static int worker_load(srv_sched *s) {
             json_decref(f);
             s->info = info;
             s->n_ctx = n_ctx;
+            cm_moe_info moe;
+            cm_model_moe_info(m, &moe);
+            s->spec_model = moe.kind == CM_MOE_KIND_DENSE; /* why only dense: the file's opening comment */
             int nb = s->cfg->n_batch;
             s->b_tok = malloc((size_t)nb * sizeof *s->b_tok);
             s->b_seq = malloc((size_t)nb * sizeof *s->b_seq);

@@ -56,6 +56,9 @@ static void serve_usage(FILE *f) {
         "  --no-prefix-cache       do not reuse the KV blocks of earlier prompts' common prefixes\n"
         "  --max-itl-ms MS         while sequences decode, limit each step's prefill so the step stays\n"
         "                          under MS milliseconds (soft; at least 32 tokens; 0 = off, default)\n"
+        "  --spec-draft N          greedy choices draft up to N tokens per step from earlier text\n"
+        "                          (prompt lookup) and verify them in the same forward pass; the\n"
+        "                          output is unchanged (default 8, 0 = off, at most 32)\n"
         "  --kv-check              check the KV pool's bookkeeping after every step (tests; slow)\n"
         "  --api-key KEY           require 'Authorization: Bearer KEY' (repeatable)\n"
         "  --api-key-file PATH     one key per line ('#' comments)\n"
@@ -174,6 +177,7 @@ static int parse_flags(int argc, char **argv, srv_config *c) {
     c->parallel = 4;
     c->queue = 64;
     c->n_batch = 512;
+    c->spec_draft = SRV_SPEC_DRAFT_DEFAULT;
     api_limits lim; /* the API's default body limit has one owner */
     api_limits_default(&lim);
     c->max_body = lim.max_body_bytes;
@@ -198,7 +202,7 @@ static int parse_flags(int argc, char **argv, srv_config *c) {
                                   "--routing-retention", "--stream-buffer", "--max-connections", "--kv-size",
                                   "--max-itl-ms", "--kv-type", "--admin-key", "--routing-retention-bytes",
                                   "--header-timeout", "--min-body-rate", "--max-conn-per-ip", "--alias",
-                                  "--user-header", "--key-max-concurrent", "--key-tokens-per-minute"};
+                                  "--user-header", "--key-max-concurrent", "--key-tokens-per-minute", "--spec-draft"};
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) { rc = -1; serve_usage(stdout); goto out; }
         if (!strcmp(argv[i], "--no-prefix-cache")) { c->prefix_cache = 0; continue; }
@@ -270,6 +274,7 @@ static int parse_flags(int argc, char **argv, srv_config *c) {
             }
             c->key_tokens_per_minute = (long long)n;
         }
+        else if (!strcmp(f, "--spec-draft")) ok = cli_int("serve", f, v, 0, SRV_SPEC_DRAFT_MAX, &c->spec_draft);
         else if (!strcmp(f, "--kv-size")) ok = parse_kv_size(v, c);
         else if (!strcmp(f, "--kv-type")) ok = cli_kv_type("serve", f, v, &c->kv_type);
         else if (!strcmp(f, "--max-itl-ms")) {

@@ -97,6 +97,8 @@ typedef struct srv_config {
     int kv_type;              /* CM_KV_F32 or CM_KV_F16 (--kv-type) */
     int prefix_cache;         /* share computed prompt blocks across requests (--no-prefix-cache: 0) */
     double max_itl_ms;        /* soft inter-token latency bound that limits prefill per step (0: off) */
+    int spec_draft;           /* prompt-lookup speculation: draft tokens per greedy sequence and step (0: off;
+                                 at most SRV_SPEC_DRAFT_MAX; see scheduler.c) */
     int kv_check;             /* run cm_ctx_kv_check after every step (--kv-check, CODEMOE_KV_CHECK=1) */
     srv_keys keys;            /* API keys; none: no auth */
     char **cors;              /* allowed origins (owned); "*" allows any */
@@ -116,6 +118,10 @@ typedef struct srv_config {
     int key_max_concurrent;   /* completions in flight per client; beyond: 429 (0: no limit) */
     long long key_tokens_per_minute; /* prompt + generated tokens per client per minute (0: no limit) */
 } srv_config;
+
+/* --spec-draft's default and bound */
+#define SRV_SPEC_DRAFT_DEFAULT 8
+#define SRV_SPEC_DRAFT_MAX 32
 
 void srv_config_free(srv_config *c);
 
