@@ -2,14 +2,18 @@
 # load_compare.sh - serving under IDE-like load: `codemoe serve` and llama.cpp's llama-server, side by side.
 #
 #   bench/load_compare.sh [-m MODEL] [-t THREADS] [-c "1 4 16"] [-w "humaneval fim typing"] [-d SEC]
-#                         [-n MAX_TOKENS] [-P PARALLEL] [-C CTX] [-l LOGDIR] [-o DOC] CODEMOE LLAMA_SERVER
+#                         [-n MAX_TOKENS] [-P PARALLEL] [-C CTX] [-s "codemoe llama.cpp"] [-l LOGDIR]
+#                         [-o DOC] CODEMOE LLAMA_SERVER
 #
+# -s names the servers each cell runs, in this order: codemoe (its defaults), codemoe-nospec (the same with
+# --spec-draft 0: no prompt-lookup speculation), llama.cpp.
 # For every workload and concurrency it starts our server, runs bench/loadgen.mjs against it, stops it,
 # then does the same with llama-server (interleaved, so that load from other processes on a shared machine
 # falls on both alike rather than on one whole column). Each run gets freshly started servers, so no run
 # inherits a prompt cache from an earlier one. Both load the same GGUF with the same compute threads, the
 # same number of parallel sequences (-P) and the same context per sequence (-C; llama-server's -c is the
-# total over its slots). Requests are streamed /v1/completions with temperature 0 and cache_prompt true;
+# total over its slots, with --no-kv-unified where the build has it so that each slot gets its share, as
+# codemoe's --ctx). llama-server runs with its defaults otherwise; its --version line goes into DOC. Requests are streamed /v1/completions with temperature 0 and cache_prompt true;
 # FIM requests carry the FIM tokens in the prompt text, identical token sequences on both servers.
 #
 # MODEL defaults to qwen45m-q8_0.gguf in the benchmark cache (bench/inputs.sh: $CODEMOE_CACHE, default
@@ -27,12 +31,12 @@ set -u
 
 here=$(cd "$(dirname "$0")" && pwd)
 model="" threads=2 concs="1 4 16" workloads="humaneval fim typing"
-dur=20 maxtok=16 parallel=16 ctx=2048 logdir="" doc="" timeout=60
+dur=20 maxtok=16 parallel=16 ctx=2048 logdir="" doc="" timeout=60 sides="codemoe llama.cpp"
 usage() {
-    sed -n '3,4p' "$0" | sed 's/^# *//' >&2
+    sed -n '3,8p' "$0" | sed 's/^# *//' >&2
     exit 2
 }
-while getopts "m:t:c:w:d:n:P:C:l:o:h" o; do
+while getopts "m:t:c:w:d:n:P:C:s:l:o:h" o; do
     case $o in
     m) model=$OPTARG ;;
     t) threads=$OPTARG ;;
@@ -42,6 +46,7 @@ while getopts "m:t:c:w:d:n:P:C:l:o:h" o; do
     n) maxtok=$OPTARG ;;
     P) parallel=$OPTARG ;;
     C) ctx=$OPTARG ;;
+    s) sides=${OPTARG//,/ } ;;
     l) logdir=$OPTARG ;;
     o) doc=$OPTARG ;;
     *) usage ;;
@@ -61,6 +66,12 @@ mkdir -p "$logdir"
 [ -r "$model" ] || { echo "load_compare: cannot read $model" >&2; exit 2; }
 data=$("$here/inputs.sh" humaneval-x) || exit 1
 
+# llama-server builds of 2025 have no --kv-unified (their slots always split -c); later ones share one
+# KV buffer among the slots unless told not to
+ll_flags=""
+"$lserver" --help 2>&1 | grep -q -- '--no-kv-unified' && ll_flags="--no-kv-unified"
+ll_version=$("$lserver" --version 2>&1 | grep -m1 '^version' || echo "?")
+
 # a free loopback port (the kernel's pick; the tiny window before the server binds it is acceptable here)
 free_port() { node -e 's=require("net").createServer().listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})'; }
 
@@ -77,13 +88,19 @@ trap 'stop_server; exit 130' INT TERM
 # start_server SIDE PORT LOG: starts one server in the background (pid in $pid); 0 once /health says ok
 start_server() {
     local side=$1 port=$2 log=$3
-    if [ "$side" = codemoe ]; then
+    case $side in
+    codemoe | codemoe-nospec)
+        local extra=()
+        [ "$side" = codemoe-nospec ] && extra=(--spec-draft 0)
         "$codemoe" serve --model "$model" --host 127.0.0.1 --port "$port" --threads "$threads" \
-            --parallel "$parallel" --ctx "$ctx" --queue 256 >"$log" 2>&1 &
-    else
+            --parallel "$parallel" --ctx "$ctx" --queue 256 "${extra[@]}" >"$log" 2>&1 &
+        ;;
+    llama.cpp)
         "$lserver" -m "$model" --host 127.0.0.1 --port "$port" -t "$threads" -np "$parallel" \
-            -c $((parallel * ctx)) --metrics >"$log" 2>&1 &
-    fi
+            -c $((parallel * ctx)) $ll_flags --metrics >"$log" 2>&1 &
+        ;;
+    *) echo "load_compare: unknown server '$side' (-s: codemoe, codemoe-nospec, llama.cpp)" >&2; return 1 ;;
+    esac
     pid=$!
     # disowned: bash still reaps it, but does not report the abort llama-server of early 2025 may hit in
     # its exit path after SIGTERM (stop_server polls with kill -0 instead of waiting)
@@ -111,7 +128,7 @@ t_start=$(date +%s)
 jsons=()
 for w in $workloads; do
     for c in $concs; do
-        for side in codemoe llama.cpp; do
+        for side in $sides; do
             port=$(free_port)
             tag="$side-$w-c$c"
             start_server "$side" "$port" "$logdir/$tag.log" || continue
@@ -133,13 +150,13 @@ echo "(per-request JSON and server logs: $logdir)"
 if [ -n "$doc" ]; then
     cache=$("$here/inputs.sh" dir)   # the commands in DOC name the cache $CACHE, not this machine's path
     cm_rev=$(git -C "$here/.." rev-parse --short HEAD 2>/dev/null || echo "?")
-    ll_rev=$(git -C "$(dirname "$lserver")/../.." rev-parse --short HEAD 2>/dev/null || echo "?")
+    ll_rev="llama-server $ll_version"
     section=$(cat <<EOF
 <!-- load_compare:begin -t $threads (generated by bench/load_compare.sh; edits here are overwritten) -->
 Run of $(date -u '+%Y-%m-%d %H:%M UTC'), codemoe $cm_rev, llama.cpp $ll_rev, $(nproc) CPUs, $(($(date +%s) - t_start)) s:
 
 \`\`\`sh
-bench/load_compare.sh -m ${model/#$cache/\$CACHE} -t $threads -c "$concs" -w "$workloads" -d $dur -n $maxtok -P $parallel -C $ctx \\
+bench/load_compare.sh -m ${model/#$cache/\$CACHE} -t $threads -c "$concs" -w "$workloads" -d $dur -n $maxtok -P $parallel -C $ctx -s "$sides" \\
     $codemoe ${lserver/#$HOME/\$HOME}
 \`\`\`
 
