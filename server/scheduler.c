@@ -671,6 +671,11 @@ static void ewma(double *avg, double x) { *avg = *avg > 0 ? 0.8 * *avg + 0.2 * x
 /* Speculation: the n-gram lengths prompt lookup tries, longest first (a longer match predicts better;
  * one token alone matches too often to be worth the rows). */
 enum { SPEC_NGRAM_MAX = 4, SPEC_NGRAM_MIN = 2 };
+/* Drafts only fill a batch up to this many rows: below 16 rows the engine's products are matrix-vector
+ * products that read each weight once for all rows (docs/engine.md), so a draft row costs little of
+ * what a step costs anyway; beyond, every row pays full price and the drafts would slow the other
+ * streams' steps down more than they save. */
+enum { SPEC_BATCH_ROWS = 16 };
 
 /* Prompt lookup over h[0..n): finds the latest earlier occurrence of the last g tokens (g from
  * SPEC_NGRAM_MAX down to SPEC_NGRAM_MIN) and copies at most max of the tokens that followed it into
@@ -721,9 +726,8 @@ static int prefill_rows(srv_sched *s, sched_seq *q, int nb, int lim) {
 /* Adds q's draft tokens (prompt lookup, at most the rows left before lim) behind its decode row. The
  * draft stays within the positions admission reserved for q (its target), so it never takes a KV
  * block nobody counted. Returns nb. */
-static int draft_rows(srv_sched *s, sched_seq *q, int nb, int lim) {
+static int draft_rows(srv_sched *s, sched_seq *q, int nb, int lim, int max) {
     int len = cm_seq_len(s->ctx, q->seq); /* next_tok goes to position len */
-    int max = s->cfg->spec_draft;
     if (max > q->target - len - 1) max = q->target - len - 1;
     if (max > lim - nb) max = lim - nb;
     q->n_draft = draft_lookup(q->hist, q->n_hist, max, q->draft);
@@ -801,12 +805,18 @@ static void step(srv_sched *s) {
                 nb = prefill_rows(s, q, nb, limit);
         }
     }
-    /* then the decoding sequences' drafts */
-    for (int i = 0; i < s->n_running && nb < limit; i++) {
+    /* then the decoding sequences' drafts, the rows below SPEC_BATCH_ROWS shared out evenly */
+    int n_spec = 0;
+    for (int i = 0; i < s->n_running; i++)
+        for (int c = 0; c < s->running[i]->n_choices; c++)
+            n_spec += js(s->running[i])->seqs[c].state == SEQ_DECODE && js(s->running[i])->seqs[c].hist;
+    int per = n_spec && nb < SPEC_BATCH_ROWS ? (SPEC_BATCH_ROWS - nb) / n_spec : 0;
+    if (per > s->cfg->spec_draft) per = s->cfg->spec_draft;
+    for (int i = 0; i < s->n_running && nb < limit && per > 0; i++) {
         srv_job *j = s->running[i];
         for (int c = 0; c < j->n_choices && nb < limit; c++) {
             sched_seq *q = &js(j)->seqs[c];
-            if (q->state == SEQ_DECODE && q->hist) nb = draft_rows(s, q, nb, limit);
+            if (q->state == SEQ_DECODE && q->hist) nb = draft_rows(s, q, nb, limit, per);
         }
     }
     /* then the other prompts' chunks, until the batch (or the latency budget) is full */

@@ -7,6 +7,7 @@
  *   on hybrid, MoLE and qwen3moe models (which do not speculate: the metrics must show no draft); in
  *   streams too, with every max_tokens from 1 to 40 and stop strings taken from the reference text
  *   (so they land inside accepted drafts), and with n = 2 (forked choices speculate on their own);
+ *   concurrent streams speculating in one step equal their runs alone (Q8_0: batch invariant);
  * - a short prompt that arrives while a long one is being prefilled in chunks gets its token first
  *   (prefill-first), checked by the order the responses complete in.
  */
@@ -111,6 +112,26 @@ test('speculation: greedy output unchanged, dense Q8_0', () => compare('qwen3-gq
 test('speculation: greedy output unchanged, hybrid MoE (does not speculate)', () => compare('hybrid-max', false));
 test('speculation: greedy output unchanged, MoLE (does not speculate)', () => compare('mole', false));
 test('speculation: greedy output unchanged, qwen3moe (does not speculate)', () => compare('qwen3moe', false));
+
+test('speculation: concurrent streams share steps and still equal their runs alone (Q8_0)', async () => {
+  /* int8 products are batch invariant at any batch size (docs/engine.md), so several speculating
+   * sequences and prefills in one step must not change a token */
+  const bodies = PROMPTS.flatMap((prompt) => [{ prompt, max_tokens: 48, temperature: 0, stream: true },
+    { prompt: prompt + ' ', max_tokens: 40, temperature: 0 }]);
+  const off = await startServer({ model: 'qwen3-gqa-q8_0', args: [...THREADS, '--spec-draft', '0', '--parallel', '16'] });
+  const ref = [];
+  try { for (const b of bodies) ref.push(await complete(off, b)); } finally { await stopClean(off); }
+  const on = await startServer({ model: 'qwen3-gqa-q8_0', args: [...THREADS, '--spec-draft', '8', '--parallel', '16', '--kv-check'] });
+  try {
+    const got = await Promise.all(bodies.map((b) => complete(on, b)));
+    for (let i = 0; i < ref.length; i++) assert.deepEqual(got[i], ref[i], `request ${i}`);
+    const m = await metrics(on);
+    assert.ok(m.codemoe_spec_accepted_tokens_total > 0, 'drafts accepted');
+    assert.equal(m.codemoe_kv_check_errors, 0, 'kv check');
+  } finally {
+    await stopClean(on);
+  }
+});
 
 test('speculation: sampled and logprobs requests do not draft', async () => {
   const srv = await startServer({ args: [...THREADS, '--spec-draft', '8'] });
