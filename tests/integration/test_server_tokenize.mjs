@@ -24,9 +24,10 @@ const bigBody = JSON.stringify({ prompt: ' '.repeat(BIG), max_tokens: 1 });
 
 // A context of BIG / 8 tokens: the long prompts pass the cheap length bound (BIG / 39 tokens at least)
 // and must be tokenized to find that they do not fit; a small KV pool, since nothing long ever runs.
-// Steps are paced so the stream below outlives the long prompts.
+// Steps are paced so the stream below outlives the long prompts: one token per step (no speculation,
+// which would let a greedy stream on a looping model take several tokens per step and end early).
 const serverArgs = ['--ctx', String(Math.floor(BIG / 8)), '--kv-size', '4096', '--parallel', '4', '--threads', '1',
-  '--max-body', String(8 << 20)];
+  '--max-body', String(8 << 20), '--spec-draft', '0'];
 
 /* While sendOne() runs on two connections, twice each, back to back, a greedy stream on srv keeps its
  * pace and /health keeps answering. streamBody: the stream's request (it must outlast the senders; it
