@@ -5,8 +5,8 @@
 #                         [-n MAX_TOKENS] [-P PARALLEL] [-C CTX] [-s "codemoe llama.cpp"] [-l LOGDIR]
 #                         [-o DOC] CODEMOE LLAMA_SERVER
 #
-# -s names the servers each cell runs, in this order: codemoe (its defaults), codemoe-nospec (the same with
-# --spec-draft 0: no prompt-lookup speculation), llama.cpp.
+# -s names the servers each cell runs, in this order: codemoe (its defaults), codemoe-spec (the same with
+# --spec-draft 8: prompt-lookup speculation), codemoe-nospec (with --spec-draft 0), llama.cpp.
 # For every workload and concurrency it starts our server, runs bench/loadgen.mjs against it, stops it,
 # then does the same with llama-server (interleaved, so that load from other processes on a shared machine
 # falls on both alike rather than on one whole column). Each run gets freshly started servers, so no run
@@ -89,8 +89,9 @@ trap 'stop_server; exit 130' INT TERM
 start_server() {
     local side=$1 port=$2 log=$3
     case $side in
-    codemoe | codemoe-nospec)
+    codemoe | codemoe-spec | codemoe-nospec)
         local extra=()
+        [ "$side" = codemoe-spec ] && extra=(--spec-draft 8)
         [ "$side" = codemoe-nospec ] && extra=(--spec-draft 0)
         "$codemoe" serve --model "$model" --host 127.0.0.1 --port "$port" --threads "$threads" \
             --parallel "$parallel" --ctx "$ctx" --queue 256 "${extra[@]}" >"$log" 2>&1 &
@@ -99,7 +100,7 @@ start_server() {
         "$lserver" -m "$model" --host 127.0.0.1 --port "$port" -t "$threads" -np "$parallel" \
             -c $((parallel * ctx)) $ll_flags --metrics >"$log" 2>&1 &
         ;;
-    *) echo "load_compare: unknown server '$side' (-s: codemoe, codemoe-nospec, llama.cpp)" >&2; return 1 ;;
+    *) echo "load_compare: unknown server '$side' (-s: codemoe, codemoe-spec, codemoe-nospec, llama.cpp)" >&2; return 1 ;;
     esac
     pid=$!
     # disowned: bash still reaps it, but does not report the abort llama-server of early 2025 may hit in

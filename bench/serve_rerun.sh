@@ -5,8 +5,8 @@
 #   bench/serve_rerun.sh [-o DOC] [-d SEC] [-l LOGDIR] CODEMOE LLAMA_SERVER
 #
 # 1. bench/load_compare.sh at 1 and 2 threads: 1, 4 and 16 users, the humaneval, fim and typing workloads,
-#    codemoe (defaults: prompt-lookup speculation and prefill-first), codemoe with --spec-draft 0, and
-#    llama-server, interleaved; with -o the generated sections of DOC are replaced (per thread count);
+#    codemoe (its defaults: prefill-first, no speculation), codemoe with --spec-draft 8, and llama-server,
+#    interleaved; with -o the generated sections of DOC are replaced (per thread count);
 # 2. bench/fair_load.mjs: one key flooding 50 concurrent requests, another typing, on a server with
 #    --threads 1 --parallel 16, with and without --key-max-concurrent 3;
 # 3. bench/lb_typing.sh: typing with 48 users on three replicas behind deploy/haproxy (1 thread each).
@@ -32,7 +32,7 @@ rc=0
 
 for t in 1 2; do
     "$here/load_compare.sh" -t "$t" -c "1 4 16" -w "humaneval fim typing" -d "$dur" \
-        -s "codemoe codemoe-nospec llama.cpp" -l "$logdir/load-t$t" ${doc:+-o "$doc"} "$codemoe" "$lserver" \
+        -s "codemoe codemoe-spec llama.cpp" -l "$logdir/load-t$t" ${doc:+-o "$doc"} "$codemoe" "$lserver" \
         | tee -a "$logdir/summary.txt" || rc=1
 done
 

@@ -58,7 +58,7 @@ static void serve_usage(FILE *f) {
         "                          under MS milliseconds (soft; at least 32 tokens; 0 = off, default)\n"
         "  --spec-draft N          greedy choices draft up to N tokens per step from earlier text\n"
         "                          (prompt lookup) and verify them in the same forward pass; the\n"
-        "                          output is unchanged (default 8, 0 = off, at most 32)\n"
+        "                          output is unchanged (default 0 = off; e.g. 8; at most 32)\n"
         "  --kv-check              check the KV pool's bookkeeping after every step (tests; slow)\n"
         "  --api-key KEY           require 'Authorization: Bearer KEY' (repeatable)\n"
         "  --api-key-file PATH     one key per line ('#' comments)\n"

@@ -120,7 +120,7 @@ typedef struct srv_config {
 } srv_config;
 
 /* --spec-draft's default and bound */
-#define SRV_SPEC_DRAFT_DEFAULT 8
+#define SRV_SPEC_DRAFT_DEFAULT 0 /* off: measured to cost other streams' latency (docs/benchmarks.md) */
 #define SRV_SPEC_DRAFT_MAX 32
 
 void srv_config_free(srv_config *c);
