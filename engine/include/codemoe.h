@@ -101,6 +101,18 @@ const cm_model_info *cm_model_get_info(const cm_model *m);
  * less resident than its file size. Costs a mincore call, a byte per page of the file and a read of
  * smaps: not for a hot path. Returns 0, or -1 when residency cannot be read (the counts then 0). */
 int cm_model_residency(const cm_model *m, size_t *mapped, size_t *cached, size_t *rss);
+/* Bytes of memory one decode step of one sequence reads, the numerator of decode's bandwidth bound
+ * (tokens/s <= memory bandwidth / these bytes): every weight tensor the token runs through, plus K and V
+ * of n_past + 1 positions (the cache before it and its own) in every layer at kv_type's element size
+ * (CM_KV_F32 4 bytes, CM_KV_F16 2). Weights counted: all matrices, norms and biases of the layers, the
+ * output norm and the whole output matrix (a tied model's embedding is that matrix, counted once); an
+ * untied embedding counts one row. Mixture of experts: each stacked expert tensor counts the share of
+ * its experts that run per token (qwen3moe and hybrid: top_k of the token experts; hybrid's segment
+ * level: its causal top of the segment experts, plus its router), and MoLE's adapters the mean share of
+ * the two adapters a code token runs (the shared one and its language's). A lower bound on traffic:
+ * activations, scratch and cache misses on re-reads are not counted. 0 for NULL, a vocab-only model, a
+ * negative n_past or an unknown kv_type. Never fails otherwise. */
+uint64_t cm_model_decode_bytes(const cm_model *m, int n_past, int kv_type);
 /* The model's chat template (GGUF tokenizer.chat_template, a Jinja source), borrowed from the mapped file
  * and valid while m lives; NOT NUL-terminated: *len gets its length. NULL (and *len 0) when the file has
  * none or the key is not a string. */
