@@ -21,7 +21,7 @@
 # llama.cpp does), run right after the default codemoe, and its ratio to llama.cpp; the default column
 # always runs with CODEMOE_EXACT_ACTIVATIONS unset, whatever the caller's environment says.
 # -b passes --membw to codemoe bench and adds a third table: the bytes a decode token reads, the bound the
-# measured memory bandwidth sets and codemoe's fraction of it. -n 0 (or -p 0) leaves decode (or prefill) out.
+# measured memory bandwidth sets and codemoe's fraction of it, on the wall clock and on the CPU clock. -n 0 (or -p 0) leaves decode (or prefill) out.
 # The raw outputs of all tools go to LOGDIR (default: a fresh directory under $TMPDIR).
 set -u
 # OpenBLAS picks its kernels from OPENBLAS_CORETYPE when set: the build machine forces Haswell (AVX2)
@@ -202,9 +202,10 @@ for m in "$@"; do
         crows+=("$(printf "$cfmt" "$base" "$type" "$t" "${ccells[@]}")")
         # --membw: the decode row's bytes per token and fraction of the bandwidth bound, from codemoe
         if [ -n "$membw" ] && [ "$tg" != 0 ]; then
-            brows+=("$(printf '| %-22s | %-5s | %7s | %10s | %9s | %8s |' "$base" "$type" "$t" \
+            brows+=("$(printf '| %-22s | %-5s | %7s | %10s | %9s | %8s | %9s | %10s |' "$base" "$type" "$t" \
                 "$(md_get "$ours" "tg$tg" "MB/tok")" "$(md_get "$ours" "tg$tg" "bound t/s")" \
-                "$(md_get "$ours" "tg$tg" "of bound")")")
+                "$(md_get "$ours" "tg$tg" "of bound")" "$(md_get "$ours" "tg$tg" "cpu bound")" \
+                "$(md_get "$ours" "tg$tg" "cpu of bnd")")")
             bwline=$(grep '^membw:' "$ours" | tr '\n' ';')
             bwlines+=("$base: ${bwline%;}")
         fi
@@ -234,7 +235,8 @@ if [ -n "$membw" ] && [ ${#brows[@]} -gt 0 ]; then
     echo
     echo "codemoe's decode against the memory bandwidth bound (codemoe bench --membw)"
     printf '%s\n' "${bwlines[@]}"
-    printf '| %-22s | %-5s | %7s | %10s | %9s | %8s |\n' model type threads "MB/tok" "bound t/s" "of bound"
-    echo "| ---------------------- | ----- | ------: | ---------: | --------: | -------: |"
+    printf '| %-22s | %-5s | %7s | %10s | %9s | %8s | %9s | %10s |\n' model type threads "MB/tok" "bound t/s" "of bound" \
+        "cpu bound" "cpu of bnd"
+    echo "| ---------------------- | ----- | ------: | ---------: | --------: | -------: | --------: | ---------: |"
     printf '%s\n' "${brows[@]}"
 fi

@@ -13,7 +13,9 @@
  * --membw first measures the machine's plain memory read bandwidth at each thread count (a buffer far
  * larger than the caches, read in full several times per rep, best of reps), then gives each decode row
  * the bytes a token reads (cm_model_decode_bytes at the run's mean depth) and its tokens/s as a fraction
- * of the bound that bandwidth sets (bound = bandwidth / bytes per token).
+ * of the bound that bandwidth sets (bound = bandwidth / bytes per token). Both are also taken on the CPU
+ * clock (each reading thread's bytes / its CPU time, summed; tokens per CPU-second x threads), which a
+ * busy machine's time-slicing distorts much less than the wall clock.
  */
 #include <errno.h>
 #include <math.h>
@@ -44,26 +46,31 @@ typedef struct {
     const uint64_t *p;
     size_t n; /* words */
     uint64_t sum;
+    double cpu; /* the thread's CPU seconds for its passes */
 } membw_part;
 
 /* Reads its slice MEMBW_PASSES times. Eight independent sums keep many loads in flight (one chain would
  * measure the adder's latency), and the result is kept so the reads cannot be optimised away. */
 static void *membw_read(void *arg) {
     membw_part *w = arg;
+    double c0 = clock_s(CLOCK_THREAD_CPUTIME_ID);
     uint64_t s[8] = {0};
     for (int pass = 0; pass < MEMBW_PASSES; pass++)
         for (size_t i = 0; i + 8 <= w->n; i += 8)
             for (int j = 0; j < 8; j++) s[j] += w->p[i + j];
     w->sum = s[0] ^ s[1] ^ s[2] ^ s[3] ^ s[4] ^ s[5] ^ s[6] ^ s[7];
+    w->cpu = clock_s(CLOCK_THREAD_CPUTIME_ID) - c0;
     return NULL;
 }
 
 /* Plain read bandwidth in bytes/s of `threads` threads each reading its own slice of buf (words), best
- * of MEMBW_REPS; 0 when a thread cannot be started. */
-static double membw_measure(const uint64_t *buf, size_t words, int threads) {
+ * of MEMBW_REPS, on the wall clock (returned) and on the CPU clock (*cpu_bw: the sum of each thread's
+ * bytes / CPU seconds); 0 when a thread cannot be started. */
+static double membw_measure(const uint64_t *buf, size_t words, int threads, double *cpu_bw) {
     membw_part parts[256];
     pthread_t tid[256];
     double best = 0;
+    *cpu_bw = 0;
     size_t per = words / (size_t)threads / 8 * 8;
     for (int rep = 0; rep < MEMBW_REPS; rep++) {
         double t0 = now_s();
@@ -79,8 +86,10 @@ static double membw_measure(const uint64_t *buf, size_t words, int threads) {
         if (started < threads) return 0;
         volatile uint64_t sink = parts[0].sum;
         (void)sink;
-        double bw = (double)per * sizeof *buf * (double)threads * MEMBW_PASSES / t;
+        double bytes = (double)per * sizeof *buf * MEMBW_PASSES, bw = bytes * (double)threads / t, cbw = 0;
+        for (int i = 0; i < threads; i++) cbw += parts[i].cpu > 0 ? bytes / parts[i].cpu : 0;
         if (bw > best) best = bw;
+        if (cbw > *cpu_bw) *cpu_bw = cbw;
     }
     return best;
 }
@@ -99,7 +108,7 @@ static void usage(void) {
             "                     other commands' default)\n"
             "  --routing-stats 0|1  gather MoE routing statistics (default 1)\n"
             "  --membw            measure memory read bandwidth first; decode rows get bytes per token and\n"
-            "                     their fraction of the bandwidth bound\n");
+            "                     their fraction of the bandwidth bound (wall clock and CPU clock)\n");
 }
 
 /* One run of a test on a fresh context; returns wall seconds (CPU seconds of all threads in *cpu) or
@@ -227,7 +236,7 @@ int cmd_bench(int argc, char **argv) {
     }
 
     /* bandwidth per thread count, measured before any model weights are read */
-    double bw[16] = {0};
+    double bw[16] = {0}, cbw[16] = {0};
     if (membw && tg > 0) {
         size_t words = (size_t)MEMBW_MIB * 1024 * 1024 / sizeof(uint64_t);
         uint64_t *buf = malloc(words * sizeof *buf);
@@ -237,9 +246,10 @@ int cmd_bench(int argc, char **argv) {
         } else {
             for (size_t i = 0; i < words; i++) buf[i] = i; /* fault every page in before timing */
             for (int ti = 0; ti < n_thr; ti++) {
-                bw[ti] = membw_measure(buf, words, thr[ti]);
-                printf("membw: %d thread%s %.2f GB/s (%d MiB, %d passes, best of %d)\n", thr[ti],
-                       thr[ti] == 1 ? "" : "s", bw[ti] / 1e9, MEMBW_MIB, MEMBW_PASSES, MEMBW_REPS);
+                bw[ti] = membw_measure(buf, words, thr[ti], &cbw[ti]);
+                printf("membw: %d thread%s %.2f GB/s, per CPU-second %.2f GB/s (%d MiB, %d passes, best of %d)\n",
+                       thr[ti], thr[ti] == 1 ? "" : "s", bw[ti] / 1e9, cbw[ti] / 1e9, MEMBW_MIB, MEMBW_PASSES,
+                       MEMBW_REPS);
             }
             printf("\n");
             free(buf);
@@ -252,9 +262,9 @@ int cmd_bench(int argc, char **argv) {
      * the neighbours, this column much less */
     printf("| %-28s | %6s | %10s | %9s | %7s | %3s | %6s | %18s | %9s |", "model", "type", "size", "params",
            "threads", "kv", "test", "t/s", "t/cpu-s");
-    if (membw) printf(" %9s | %9s | %8s |", "MB/tok", "bound t/s", "of bound");
+    if (membw) printf(" %9s | %9s | %8s | %9s | %10s |", "MB/tok", "bound t/s", "of bound", "cpu bound", "cpu of bnd");
     printf("\n| %.28s | -----: | ---------: | --------: | ------: | --: | -----: | -----------------: | --------: |%s\n",
-           "----------------------------------", membw ? " --------: | --------: | -------: |" : "");
+           "----------------------------------", membw ? " --------: | --------: | -------: | --------: | ---------: |" : "");
     int rc = 0;
     for (int ti = 0; ti < n_thr && !rc; ti++) {
         for (int test = 0; test < 2 && !rc; test++) {
@@ -289,10 +299,11 @@ int cmd_bench(int argc, char **argv) {
                      * mean of the ends */
                     double bytes = ((double)cm_model_decode_bytes(m, 1, kv[ki]) +
                                     (double)cm_model_decode_bytes(m, tg, kv[ki])) / 2;
-                    double bound = bw[ti] / bytes;
-                    printf(" %9.2f | %9.2f | %7.0f%% |", bytes / 1e6, bound, 100 * mean / bound);
+                    double bound = bw[ti] / bytes, cbound = cbw[ti] / bytes;
+                    printf(" %9.2f | %9.2f | %7.0f%% | %9.2f | %9.0f%% |", bytes / 1e6, bound, 100 * mean / bound, cbound,
+                           100 * (n * reps / csum) * thr[ti] / cbound);
                 } else if (membw) {
-                    printf(" %9s | %9s | %8s |", "-", "-", "-");
+                    printf(" %9s | %9s | %8s | %9s | %10s |", "-", "-", "-", "-", "-");
                 }
                 printf("\n");
                 fflush(stdout);
