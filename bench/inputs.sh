@@ -15,10 +15,10 @@
 #   model05b-q4_k_m  qwen05b-q4_k_m.gguf: model05b-f32 quantised by `codemoe quantize` (Q4_K_M)
 #   model15b-f32, model15b-q8_0, model15b-q4_k_m
 #                  qwen15b-*.gguf: Qwen2.5-Coder-1.5B's shapes (F32 ~6.2 GB, then `codemoe quantize`)
-#   model30ba3b-f32, model30ba3b-q4_k_m
+#   model30ba3b-f32, model30ba3b-q4_k_m, model30ba3b-q8_0
 #                  qwen30ba3b-6l-*.gguf: Qwen3-Coder-30B-A3B's widths and experts, 6 of its 48 layers
 #                  (qwen3moe, 4.36 G parameters, 0.96 G active; F32 ~17 GB)
-#   model30ba3b-dense-f32, model30ba3b-dense-q4_k_m
+#   model30ba3b-dense-f32, model30ba3b-dense-q4_k_m, model30ba3b-dense-q8_0
 #                  qwen3-a3b-dense-6l-*.gguf: a dense qwen3 of that file's active size (0.96 G)
 #                  The quantised inputs run `codemoe quantize` (byte-identical to llama-quantize's files)
 #                  from $CODEMOE, default build/server/codemoe in the repository.
@@ -128,8 +128,10 @@ input() {
     model15b-q4_k_m) quantized "$cache/qwen15b-q4_k_m.gguf" model15b-f32 Q4_K_M ;;
     model30ba3b-f32) write_gguf "$cache/qwen30ba3b-6l-f32.gguf" 30ba3b 0 ;;
     model30ba3b-q4_k_m) quantized "$cache/qwen30ba3b-6l-q4_k_m.gguf" model30ba3b-f32 Q4_K_M ;;
+    model30ba3b-q8_0) quantized "$cache/qwen30ba3b-6l-q8_0.gguf" model30ba3b-f32 Q8_0 ;;
     model30ba3b-dense-f32) write_gguf "$cache/qwen3-a3b-dense-6l-f32.gguf" 30ba3b-dense 0 ;;
     model30ba3b-dense-q4_k_m) quantized "$cache/qwen3-a3b-dense-6l-q4_k_m.gguf" model30ba3b-dense-f32 Q4_K_M ;;
+    model30ba3b-dense-q8_0) quantized "$cache/qwen3-a3b-dense-6l-q8_0.gguf" model30ba3b-dense-f32 Q8_0 ;;
     humaneval-x) humaneval_x ;;
     *) echo "inputs: unknown input $1" >&2; usage ;;
     esac
