@@ -60,21 +60,8 @@ done
 [ -n "$logdir" ] || logdir=$(mktemp -d -t compare_llamacpp.XXXXXX)
 mkdir -p "$logdir"
 
-# md_get FILE TEST COLUMN: the COLUMN cell of the markdown row whose "test" cell is TEST. Columns are
-# found by their header names, so the two tools' different column sets parse alike. Prints "-" if absent.
-md_get() {
-    awk -F'|' -v want="$2" -v col="$3" '
-        function trim(s) { gsub(/^[ \t]+|[ \t]+$/, "", s); return s }
-        /^\|/ {
-            if (!hdr) { for (i = 2; i < NF; i++) h[trim($i)] = i; hdr = 1; next }
-            if ($0 ~ /^\| *-/ || !("test" in h) || !(col in h)) next
-            if (trim($h["test"]) == want) { print trim($h[col]); found = 1; exit }
-        }
-        END { if (!found) print "-" }' "$1"
-}
-
-# mean of a "12.34 ± 0.56" cell, or "-"
-mean_of() { awk '{ print ($1 ~ /^[0-9.]+$/) ? $1 : "-" }' <<<"$1"; }
+# shellcheck source=bench/md_table.sh
+. "$(dirname "$0")/md_table.sh"
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b + 0 == 0) print "-"; else printf "%.2f", a / b }'; }
 short() { awk '{ if ($1 ~ /^[0-9.]+$/ && $3 ~ /^[0-9.]+$/) printf "%.2f±%.2f", $1, $3; else print "-" }' <<<"$1"; }
 

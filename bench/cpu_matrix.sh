@@ -56,20 +56,16 @@ group large 1 $large
 # the sparse MoE's decode against the dense model of its active size, per engine, from the raw tables
 # (compare_llamacpp.sh's file names: BASE-tT-ENGINE.md; codemoe's t/cpu-s, the others' t/s)
 moe=$(basename "$(inputs model30ba3b-q4_k_m)" .gguf) dense=$(basename "$(inputs model30ba3b-dense-q4_k_m)" .gguf)
-cell() { # FILE COLUMN: the tg row's COLUMN, its mean only
-    awk -F'|' -v test="tg$tg" -v col="$2" '
-        function trim(s) { gsub(/^[ \t]+|[ \t]+$/, "", s); return s }
-        /^\|/ { if (!hdr) { for (i = 2; i < NF; i++) h[trim($i)] = i; hdr = 1; next }
-                if ((col in h) && trim($h["test"]) == test) { split(trim($h[col]), v, " "); print v[1]; exit } }' "$1"
-}
+# shellcheck source=bench/md_table.sh
+. "$here/md_table.sh"
 echo "### qwen3moe decode against a dense qwen3 of its active parameters (goal: within 25%, ratio >= 0.75)"
 echo "| engine | tg$tg $moe | tg$tg $dense | moe / dense |"
 echo "|---|---:|---:|---:|"
 for e in codemoe llama ik ik-rtr; do
-    a=$(cell "$logdir/large/$moe-t1-$e.md" "t/s" 2>/dev/null || true)
-    b=$(cell "$logdir/large/$dense-t1-$e.md" "t/s" 2>/dev/null || true)
-    r=$(awk -v a="${a:-0}" -v b="${b:-0}" 'BEGIN { if (a > 0 && b > 0) printf "%.2f", a / b; else print "-" }')
-    echo "| $e | ${a:--} | ${b:--} | $r |"
+    a=$(mean_of "$(md_get "$logdir/large/$moe-t1-$e.md" "tg$tg" "t/s" 2>/dev/null)")
+    b=$(mean_of "$(md_get "$logdir/large/$dense-t1-$e.md" "tg$tg" "t/s" 2>/dev/null)")
+    r=$(awk -v a="$a" -v b="$b" 'BEGIN { if (a > 0 && b > 0) printf "%.2f", a / b; else print "-" }')
+    echo "| $e | $a | $b | $r |"
 done
 echo
 echo "raw: $logdir"
