@@ -118,6 +118,7 @@ static int member_start(srv_pool *p, const srv_model_spec *spec, int threads, sr
     m->model.n_aliases = m->cfg.n_aliases;
     m->model.strict_name = m->cfg.strict_model;
     m->model.n_batch = m->cfg.n_batch;
+    m->model.defaults = s->defaults;
     struct stat st;
     m->model.created = stat(s->path, &st) == 0 ? (int64_t)st.st_mtime : (int64_t)time(NULL);
     m->state = SRV_MODEL_LOADING;

@@ -354,6 +354,62 @@ test('SIGHUP re-reads --config: loads, replaces and unloads to match', async () 
   }
 });
 
+test('per-model default sampling: config and --model keys, a request field wins, shown by /v1/models and /props', async () => {
+  const cfg = join(dir, 'defaults.json');
+  const want = { temperature: 0.25, top_k: 7, max_tokens: 5, seed: 11, stop: ['\u0001never'] };
+  writeFileSync(cfg, JSON.stringify({ models: [{ path: QWEN, id: 'a', threads: 1, ...want }, { path: LLAMA, id: 'b', threads: 1 }] }));
+  const srv = await startServer({ configPath: cfg, args: ['--threads', '2', '--admin-key', 'adm'] });
+  try {
+    const list = (await get(srv, '/v1/models', ADMIN)).json;
+    assert.deepEqual(list.data.find((m) => m.id === 'a').defaults, want);
+    assert.equal(list.data.find((m) => m.id === 'b').defaults, undefined);
+    const props = (await get(srv, '/props?model=a', ADMIN)).json.default_generation_settings.params;
+    assert.equal(props.temperature, 0.25);
+    assert.equal(props.top_k, 7);
+    assert.equal(props.n_predict, 5);
+    assert.equal(props.seed, 11);
+    assert.deepEqual(props.stop, want.stop);
+    /* OpenAI: no max_tokens takes the model's 5 (not 16); the request's own wins */
+    for (const [extra, n] of [[{}, 5], [{ max_tokens: 2 }, 2]]) {
+      const r = await postJSON(srv, '/v1/completions', { model: 'a', prompt: 'the cat', logit_bias: NO_EOS, ...extra }, ADMIN);
+      assert.equal(r.status, 200, r.text);
+      assert.equal(r.json.usage.completion_tokens, n);
+    }
+    /* llama.cpp: the model's default wins over llama.cpp's own temperature 0.8; the request's over both */
+    let r = await postJSON(srv, '/completion', { model: 'a', prompt: 'the cat' }, ADMIN);
+    assert.equal(r.json.generation_settings.temperature, 0.25);
+    assert.equal(r.json.generation_settings.top_k, 7);
+    assert.equal(r.json.generation_settings.seed, 11);
+    r = await postJSON(srv, '/completion', { model: 'a', prompt: 'the cat', temperature: 0.5, top_k: 2 }, ADMIN);
+    assert.equal(r.json.generation_settings.temperature, 0.5);
+    assert.equal(r.json.generation_settings.top_k, 2);
+    /* a model without defaults keeps the dialect's */
+    r = await postJSON(srv, '/completion', { model: 'b', prompt: 'the cat', n_predict: 1 }, ADMIN);
+    assert.ok(Math.abs(r.json.generation_settings.temperature - 0.8) < 1e-6);
+    /* the admin route refuses a default out of range with a 400 naming it */
+    const bad = await send(srv, 'POST', '/admin/models', { path: LLAMA, id: 'c', temperature: 9 });
+    assert.equal(bad.status, 400, bad.text);
+    assert.match(bad.json.error.message, /temperature/);
+  } finally {
+    assert.equal((await srv.stop()).code, 0);
+  }
+  /* --model keys: the same defaults */
+  const one = await startServer({ modelPath: `${QWEN},id=q,temperature=0.25,top-k=7,max-tokens=5,seed=11,stop=a\\nb` });
+  try {
+    assert.deepEqual((await get(one, '/v1/models')).json.data[0].defaults,
+      { temperature: 0.25, top_k: 7, max_tokens: 5, seed: 11, stop: ['a\nb'] });
+  } finally { await one.stop(); }
+  /* a bad default in the config or a --model value stops the start with a message naming it */
+  writeFileSync(cfg, JSON.stringify({ models: [{ path: QWEN, top_p: 2 }] }));
+  for (const args of [['--config', cfg], ['--model', `${QWEN},min-p=-1`]]) {
+    let code = 0, stderr = '';
+    try { execFileSync(binary, ['serve', ...args, '--port', '0'], { stdio: 'pipe', timeout: 20000 }); }
+    catch (e) { code = e.status; stderr = String(e.stderr); }
+    assert.equal(code, 2, args.join(' '));
+    assert.match(stderr, /top_p|min_p/);
+  }
+});
+
 test('--config and --model exclude each other; --model-id names the one model only', async () => {
   const cfg = join(dir, 'one.json');
   writeFileSync(cfg, JSON.stringify({ models: [{ path: QWEN }] }));
