@@ -633,13 +633,12 @@ static void handle_metrics(srv_req *r) {
         x->model = m->model.id;
         x->threads = m->threads;
         srv_sched_stats(m->sched, &x->g, &x->ttft, &x->itl, &x->generated_tokens, &x->prompt_tokens);
-        if (m->model.model) {
-            size_t mapped = 0, cached = 0, resident = 0;
-            cm_model_residency(m->model.model, &mapped, &cached, &resident);
-            x->mapped_bytes = mapped;
-            x->cached_bytes = cached;
-            x->resident_bytes = resident;
-        }
+        /* measured off the loop: the figures of the last measurement (at most a few seconds old) */
+        size_t mapped = 0, cached = 0, resident = 0;
+        srv_member_residency(m, &mapped, &cached, &resident);
+        x->mapped_bytes = mapped;
+        x->cached_bytes = cached;
+        x->resident_bytes = resident;
         who[n++] = m;
     }
     size_t len = 0;

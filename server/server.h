@@ -269,6 +269,19 @@ void srv_tokvec_free(srv_tokvec *v);
 typedef struct srv_pool srv_pool;
 typedef struct srv_member srv_member;
 
+/* How much of a model's file is in memory (cm_model_residency), measured on libuv's thread pool because
+ * a mincore over tens of GB and a read of smaps are no work for the loop thread. Owned by its member. */
+#define SRV_RESIDENCY_REFRESH_MS 2000 /* the figures are at most this old (plus one measurement) */
+typedef struct srv_residency {
+    size_t mapped, cached, resident; /* bytes, as of the last measurement that ended (0 before) */
+    uint64_t started_at;             /* uv_now() when the last measurement started; 0: none yet */
+    uint64_t n_done;                 /* measurements ended */
+    int busy;                        /* one is in flight: it holds a reference to the member */
+    uv_work_t work;
+    const cm_model *model;           /* what the one in flight measures; its results land in next */
+    size_t next[3];
+} srv_residency;
+
 /* One served model instance, as the loop sees it. Loop thread only; the worker reads cfg (immutable
  * while it runs). Created by srv_pool_add, freed by the pool once retired and released by every request
  * and its worker has stopped. */
@@ -292,6 +305,7 @@ struct srv_member {
     void *waiter;               /* http.c: the admin request waiting for the load, or NULL */
     srv_member *next;           /* live list (srv_pool_first), or retired / stopped list */
     uint64_t stopped_at;        /* uv_now() when its worker was stopped */
+    srv_residency residency;    /* its model file's residency as last measured (srv_member_residency) */
 };
 
 /* Called on the loop thread when m's worker reports (model state or job output). */
@@ -332,6 +346,12 @@ int srv_pool_views(srv_pool *p, api_model *out, srv_member **who);
 void srv_pool_retire(srv_member *m);
 void srv_member_hold(srv_member *m);
 void srv_member_release(srv_member *m);
+/* The residency of m's model file as last measured (0s before the first measurement has ended, or when
+ * the model is not loaded): never measured on the calling (loop) thread. Starts a measurement on libuv's
+ * pool when none is in flight and the last started SRV_RESIDENCY_REFRESH_MS ago or more; the
+ * measurement holds m (srv_member_hold), so an unload or replace meanwhile stops m only once it ended.
+ * The loop does not end while one is in flight (a uv_work_t is an active request). */
+void srv_member_residency(srv_member *m, size_t *mapped, size_t *cached, size_t *resident);
 /* Threads of the budget held by models (live, or retired and not stopped yet). */
 int srv_pool_threads_used(const srv_pool *p);
 /* Frees the members whose workers stopped in an earlier loop iteration (their wake-up handles are

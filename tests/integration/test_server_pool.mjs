@@ -10,7 +10,7 @@ import { execFileSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { binary, metrics, modelPath, postJSON, readSSE, run, sanitizerReport, sleep, startServer, test } from './server_harness.mjs';
+import { binary, metrics, modelPath, postJSON, readSSE, run, sanitizerReport, sleep, startServer, test, waitMetrics } from './server_harness.mjs';
 
 const QWEN = modelPath('qwen2-gqa');
 const LLAMA = modelPath('llama-gqa');
@@ -109,7 +109,8 @@ test('two models: routed by model, 404 for other names, listed everywhere, metri
     assert.equal(m['codemoe_model_threads{model="ll"}'], 1);
     assert.equal(m['codemoe_model_threads{model="qwen2-gqa"}'], 1);
     assert.equal(m['codemoe_model_loaded{model="ll"}'], 1);
-    assert.ok(m['codemoe_model_mapped_bytes{model="ll"}'] > 0);
+    /* measured off the loop once the model loaded: there shortly */
+    await waitMetrics(srv, (x) => x['codemoe_model_mapped_bytes{model="ll"}'] > 0);
     assert.equal(m['codemoe_kv_blocks'], undefined); /* several models: no unlabelled reading */
     const text = await (await fetch(srv.base + '/metrics')).text();
     /* each metric's HELP/TYPE once, its series together */
@@ -351,6 +352,31 @@ test('SIGHUP re-reads --config: loads, replaces and unloads to match', async () 
   } finally {
     assert.equal((await srv.stop()).code, 0);
     assert.equal(sanitizerReport(srv), null); /* an ASan build: nothing leaked or misused */
+  }
+});
+
+test('residency is measured off the loop: a slow measurement never delays a scrape or a request', async () => {
+  /* each measurement takes 1.5 s (a test hook); the loop only reads the last figures */
+  const srv = await startServer({ modelPath: QWEN, env: { CODEMOE_TEST_RESIDENCY_DELAY_MS: '1500' } });
+  try {
+    const t0 = Date.now();
+    for (let i = 0; i < 5; i++) {
+      const t = Date.now();
+      await metrics(srv);
+      assert.ok(Date.now() - t < 1000, `scrape ${i} took ${Date.now() - t} ms`);
+      const r = await postJSON(srv, '/v1/completions', { prompt: 'x', max_tokens: 1 });
+      assert.equal(r.status, 200);
+    }
+    assert.ok(Date.now() - t0 < 1500 * 5, 'scrapes waited for measurements');
+    /* the measurement lands: the whole file is mapped, some of it resident */
+    const size = statSync(QWEN).size;
+    const m = await waitMetrics(srv, (x) => x['codemoe_model_mapped_bytes'] > 0, 10000);
+    assert.equal(m['codemoe_model_mapped_bytes'], size);
+    assert.ok(m['codemoe_model_resident_bytes'] > 0 && m['codemoe_model_resident_bytes'] <= size + 4096);
+  } finally {
+    /* a measurement in flight at shutdown ends before the process frees the model */
+    assert.equal((await srv.stop()).code, 0);
+    assert.equal(sanitizerReport(srv), null);
   }
 });
 
