@@ -41,6 +41,7 @@ typedef struct srv_model_spec {
     long long kv_size;        /* -1: the process's; else as srv_config.kv_size */
     int kv_size_bytes;
     double max_itl_ms;        /* < 0: the process's */
+    int experts_resident;     /* < 0: the process's (--experts-resident) */
     json_t *defaults;         /* the model's default request fields (api_defaults_check'd JSON object:
                                  temperature, top_p, ..., stop), owned; NULL: none */
 } srv_model_spec;
@@ -57,14 +58,14 @@ int srv_model_spec_copy(srv_model_spec *dst, const srv_model_spec *src);
 int srv_model_spec_same(const srv_model_spec *a, const srv_model_spec *b);
 /* Parses a --model value: PATH, then optional ",key=value" settings: id, alias (repeatable), ctx,
  * kv-size (tokens or N KiB|MiB|GiB), threads, parallel, queue, batch, kv-type (f16|f32), prefix-cache
- * (0|1), max-itl-ms, and the default sampling (api_defaults_check): temperature, top-p, top-k, min-p,
+ * (0|1), max-itl-ms, experts-resident, and the default sampling (api_defaults_check): temperature, top-p, top-k, min-p,
  * repetition-penalty, presence-penalty, frequency-penalty, seed, max-tokens (a number or null), stop
  * (repeatable, one string each; \n, \t and \\ stand for a newline, a tab and a backslash). A comma
  * not followed by a known key belongs to the path (or the stop string). Returns 0, or -1 with a message
  * in err (out is then empty): a default out of its range is such an error. */
 int srv_model_spec_parse(const char *v, srv_model_spec *out, char *err, size_t err_cap);
 /* The same from a JSON object {path, id, aliases:[...], ctx, kv_size (number: tokens, or "N MiB"),
- * threads, parallel, queue, batch, kv_type, prefix_cache (bool), max_itl_ms, temperature, top_p, top_k,
+ * threads, parallel, queue, batch, kv_type, prefix_cache (bool), max_itl_ms, experts_resident, temperature, top_p, top_k,
  * min_p, repetition_penalty, presence_penalty, frequency_penalty, seed, max_tokens, stop (a string or an
  * array of strings)}; unknown keys and bad values are errors. */
 int srv_model_spec_from_json(const json_t *o, srv_model_spec *out, char *err, size_t err_cap);
@@ -104,6 +105,7 @@ typedef struct srv_config {
     int kv_type;              /* CM_KV_F32 or CM_KV_F16 (--kv-type) */
     int prefix_cache;         /* share computed prompt blocks across requests (--no-prefix-cache: 0) */
     double max_itl_ms;        /* soft inter-token latency bound that limits prefill per step (0: off) */
+    int experts_resident;     /* MoE experts per layer kept in memory (cm_ctx_params; 0: no limit) */
     int kv_check;             /* run cm_ctx_kv_check after every step (--kv-check, CODEMOE_KV_CHECK=1) */
     srv_keys keys;            /* API keys; none: no auth */
     char **cors;              /* allowed origins (owned); "*" allows any */

@@ -380,6 +380,31 @@ test('residency is measured off the loop: a slow measurement never delays a scra
   }
 });
 
+test('--experts-resident: same completions, the cold experts released from the process', async () => {
+  /* every token runs all 64 experts of both layers: without a limit the whole file is faulted in */
+  const big = join(dir, 'all64-resident.gguf');
+  execFileSync(binary, ['upcycle', QWEN, big, '--experts', '64', '--top-k', '64', '--segment-experts', '0'], { stdio: 'pipe' });
+  const srv = await startServer({ modelPath: `${big},id=all`, args: ['--model', `${big},id=two,experts-resident=2`, '--threads', '2'] });
+  try {
+    const body = { prompt: 'the cat sat on the mat', max_tokens: 12, temperature: 0, logit_bias: NO_EOS };
+    const a = await postJSON(srv, '/v1/completions', { model: 'all', ...body });
+    const b = await postJSON(srv, '/v1/completions', { model: 'two', ...body });
+    assert.equal(a.status, 200, a.text);
+    assert.equal(b.json.choices[0].text, a.json.choices[0].text);
+    /* measured after the requests (a measurement starts at most every 2 s) */
+    await sleep(2100);
+    await metrics(srv);
+    const size = statSync(big).size;
+    const m = await waitMetrics(srv, (x) => x['codemoe_model_resident_bytes{model="all"}'] > size / 2 &&
+      x['codemoe_model_resident_bytes{model="two"}'] > 0);
+    /* 2 of 64 experts per layer: about a thirtieth of the expert bytes, plus attention and embeddings */
+    assert.ok(m['codemoe_model_resident_bytes{model="two"}'] < size / 4,
+      `resident ${m['codemoe_model_resident_bytes{model="two"}']} of ${size}`);
+  } finally {
+    assert.equal((await srv.stop()).code, 0);
+  }
+});
+
 test('per-model default sampling: config and --model keys, a request field wins, shown by /v1/models and /props', async () => {
   const cfg = join(dir, 'defaults.json');
   const want = { temperature: 0.25, top_k: 7, max_tokens: 5, seed: 11, stop: ['\u0001never'] };
