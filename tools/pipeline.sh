@@ -8,9 +8,11 @@
 #                                     #   results (held-out loss + HumanEval-X solution NLL per language),
 #                                     #   report (tools/results.sh: docs/results.md, models/README.md numbers)
 #   CM_TRAIN=DIR (working files, outside the repository)  CM_BUILD=build-data  CM_BASE_TOKENS=3000000  CM_POST_TOKENS=500000 (the shipped run)
+#   CM_EXP=lowres (the experiment: its base mix, checkpoints under $CM_TRAIN/lowres; v1 = the shipped run)
 set -eu
 cd "$(dirname "$0")/.."
 T=${CM_TRAIN:-${XDG_CACHE_HOME:-$HOME/.cache}/codemoe/train}
+export CM_EXP=${CM_EXP:-lowres}
 B=${CM_BUILD:-build-data}
 PY="nice -n 19 /usr/bin/python3"
 BASE_TOKENS=${CM_BASE_TOKENS:-3000000}
@@ -40,7 +42,7 @@ run_stage() {
         $PY tools/train.py tokenize --tokenizer "$T/tokenizer" --corpus "$T/corpus" ;;
     base)
         step base
-        $PY tools/train.py train --stage base --tokens "$BASE_TOKENS" --threads 1 ;;
+        $PY tools/train.py train --stage base --tokens "$BASE_TOKENS" --threads 1 --ckpt-min 5 ;;
     moe|moe_noseg|moe_noshared|moe_segbal|dense_cont|lora|mole)
         step "$1"
         $PY tools/train.py train --stage "$1" --tokens "$POST_TOKENS" --lr 5e-4 --threads 1 ;;
