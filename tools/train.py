@@ -279,6 +279,7 @@ class HybridMoE(nn.Module):
             if hp.get("z_loss"):
                 self.zloss = self.zloss + (torch.logsumexp(ls, dim=-1) ** 2).mean()
             qv, qi = q.max(dim=-1)  # capacity 1: top-1 expert per token
+            self.seg_counts = np.bincount(qi.numpy(), minlength=hp["n_seg"])  # routing statistics (runs.py)
             if hp.get("seg_balance"):
                 # the same Switch-style loss over the segment experts' top-1 choices: without it one
                 # segment expert takes ~98% of the tokens (docs/results.md)
@@ -391,6 +392,8 @@ def moe_params(stage, ctx, exp=None):
             hp.update(pooling="mean")
         if stage == "moe_prev":
             hp.update(route="previous")
+        if stage == "moe_nobal":  # the routing picture's unbalanced panel
+            hp.update(seg_balance=0)
     if stage == "moe_noseg":
         hp.update(n_seg=0, a_tok=1.0, a_seg=0.0)
     if stage == "moe_noshared":
@@ -646,13 +649,15 @@ def cmd_train(args):
         meta = {"stage": stage, "arch": arch, "ctx": ctx}
         if not os.path.exists(latest):  # the step-0 loss of the base, before the upcycle
             hb0 = heldout_batches(LANGS[:6], ctx, args.eval_seqs)
+            hbx0 = heldout_batches(LANGS[:6], ctx, args.eval_seqs, split="heldout_ext")
             start_base = evaluate(model, hb0, "base", digits=None)
         meta.update(build_variant(model, stage, ctx, args))
         if not os.path.exists(latest):
             # every upcycled stage starts exactly at the base (lowres); v1's fixed fusion did not
             start = evaluate(model, hb0, stage, digits=None)
             diff = max(abs(start[l] - start_base[l]) for l in start)
-            meta["start"] = {"base": start_base, "stage": start, "max_abs_diff": diff}
+            meta["start"] = {"base": start_base, "stage": start, "max_abs_diff": diff,
+                             "heldout_ext": evaluate(model, hbx0, stage)}  # the learning curves' first point
             print("%s: step-0 held-out loss %s, base %s, max |diff| %.2e" % (
                 run, json.dumps({l: round(v, 5) for l, v in start.items()}),
                 json.dumps({l: round(v, 5) for l, v in start_base.items()}), diff), file=sys.stderr)
@@ -1006,7 +1011,7 @@ def cmd_export(args):
     import gguf
     model, ck = load_model(args.stage, args.ckpt)
     meta, c = ck["meta"], model.cfg
-    stage = args.stage
+    stage = meta.get("stage", args.stage)  # --stage may name a run (tools/runs.py)
     arch = "multipl_moe" if stage.startswith("moe") else "mole" if stage == "mole" else "qwen2"
     ttype = {"f32": gguf.GGMLType.F32, "f16": gguf.GGMLType.F16, "q8_0": gguf.GGMLType.Q8_0}[args.type]
     w = gguf.GGUFWriter(args.out)
@@ -1152,7 +1157,7 @@ def cmd_readback(args):
             back[hn] = v
     s = np.fromfile(tok_path("python", "heldout"), dtype=np.uint16)[:args.n_tokens].astype(np.int64).tolist()
     with torch.no_grad():
-        if args.stage == "mole":
+        if ck["meta"].get("stage", args.stage) == "mole":
             set_mole_sets(model, ["python"], len(s))
         want = model(torch.as_tensor([s]))[0]
     if a == "qwen2":
