@@ -688,13 +688,19 @@ def cmd_train(args):
     total = max(1, args.tokens // (args.batch * ctx))
     step, rewarm = 0, None
     if not os.path.exists(latest) and os.path.exists(snap):
-        # a weights-only snapshot (tools/train.py snapshot): fresh optimiser moments, so the learning rate
+        # a committed snapshot (tools/train.py snapshot). With its optimiser moments (bfloat16, --with-opt)
+        # the run continues as from latest.pt; without them the moments start fresh and the learning rate
         # is warmed up again over 50 steps
         ck = torch.load(snap)
         model.load_state_dict({k: v.float() for k, v in ck["model"].items()})
-        step, rewarm = ck["step"], ck["step"]
+        step = ck["step"]
+        if ck.get("opt"):
+            opt.load_state_dict(ck["opt"])  # casts the moments back to the parameters' float32
+        else:
+            rewarm = step
         data.rng.bit_generator.state = ck["rng"]
-        print("%s: started from snapshot %s at step %d" % (stage, snap, step), file=sys.stderr)
+        print("%s: started from snapshot %s at step %d%s" % (
+            stage, snap, step, "" if ck.get("opt") else " (fresh optimiser moments)"), file=sys.stderr)
     if os.path.exists(latest):
         ck = torch.load(latest)
         model.load_state_dict(ck["model"])
@@ -791,15 +797,22 @@ def cmd_speed(args):
 # ============================================================================ check / eval / export
 
 def cmd_snapshot(args):
-    """latest.pt (model + optimiser, f32) -> a weights-only float16 file small enough to commit
-    (models/checkpoints/<stage>.pt); `train` starts from it when <ckpt>/<stage>/latest.pt is missing."""
+    """latest.pt (model + optimiser, f32) -> a float16 weights file small enough to commit
+    (models/checkpoints[/<exp>]/<stage>.pt); `train` starts from it when <ckpt>/<stage>/latest.pt is missing.
+    --with-opt adds AdamW's moments in bfloat16 (float32's range: float16 would flush small second moments
+    to 0), so an unfinished run resumes without re-warming (about 3x the size)."""
     d = ckpt_dir(args.stage)
     src = next(p for p in (os.path.join(d, "latest.pt"), os.path.join(d, "final.pt")) if os.path.exists(p))
     ck = torch.load(src)
     out = args.out or snapshot_path(args.stage)
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    torch.save({"model": {k: v.half() for k, v in ck["model"].items()}, "step": ck["step"], "rng": ck["rng"],
-                "meta": ck["meta"]}, out + ".tmp")
+    opt = None
+    if args.with_opt and ck.get("opt"):
+        opt = {"param_groups": ck["opt"]["param_groups"],
+               "state": {i: {k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() and v.dim() else v
+                             for k, v in st.items()} for i, st in ck["opt"]["state"].items()}}
+    torch.save({"model": {k: v.half() for k, v in ck["model"].items()}, "opt": opt, "step": ck["step"],
+                "rng": ck["rng"], "meta": ck["meta"]}, out + ".tmp")
     os.replace(out + ".tmp", out)
     print("snapshot %s: step %d -> %s (%.1f MB)" % (src, ck["step"], out, os.path.getsize(out) / 1e6))
 
@@ -1236,6 +1249,7 @@ def main():
             p.add_argument("--ref-seqs", type=int, default=4, help="sequences per language, reference mode")
         if name == "snapshot":
             p.add_argument("--out", default=None)
+            p.add_argument("--with-opt", action="store_true", help="keep AdamW's moments (bfloat16)")
         if name == "speed":
             p.add_argument("--steps", type=int, default=4)
     args = ap.parse_args()
