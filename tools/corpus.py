@@ -89,7 +89,8 @@ HELDOUT_EXT = {
     "ruby": [(p, "dpkg:" + p, lambda q: q.endswith(".rb")) for p in ("rake", "ruby-thor", "ruby-rack")],
 }
 APT_PACKAGES = ["golang-src", "rust-src", "openjdk-17-source", "libboost-dev", "libruby3.1"] + sorted(
-    {p for srcs in HELDOUT_EXT.values() for p, _, _ in srcs})
+    {p for srcs in HELDOUT_EXT.values() for p, _, _ in srcs}) + [
+    "python3-matplotlib"]  # not a source: the PNGs of tools/runs.py report (the pipeline installs it here)
 LANGS = list(SOURCES)
 
 MIN_BYTES, MAX_BYTES = 64, 256 * 1024
