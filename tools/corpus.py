@@ -189,6 +189,7 @@ KNOWN_LICENCES = {
     "libpython3.11-stdlib": ["PSF-2.0 (Python Software Foundation License Version 2)"],
     "libc6-dev": ["LGPL-2.1+ (GNU C Library)"],
     "nodejs": ["Expat (Node.js)", "Artistic-2.0 (npm)", "bundled npm modules: mostly ISC / Expat"],
+    "bsh-src": ["LGPL-2.1 (BeanShell; held-out evaluation files only)"],
 }
 
 
