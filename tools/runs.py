@@ -152,7 +152,7 @@ def measure(model, stage, split, tb, n):
                 lg = model(x[i:i + 8])
                 tot += float(Fn.cross_entropy(lg.reshape(-1, lg.shape[-1]), y[i:i + 8].reshape(-1), reduction="sum"))
                 if hyb and not ko:
-                    shares.append([float(m.seg_share) for m in hyb])
+                    shares.append([float(m.seg_share) if m.seg_share is not None else 0.0 for m in hyb])
                     for k, m in enumerate(hyb):
                         counts[k] += m.seg_counts
             loss = tot / y.numel()

@@ -219,7 +219,7 @@ class HybridMoE(nn.Module):
         if hp.get("route", "prefix") == "previous":
             P = T // w  # whole windows; a window is complete before the next one starts
             full = xs[:, :P].amax(dim=2) if hp["pooling"] == "max" else xs[:, :P].mean(dim=2)  # (B, P, D)
-            desc = torch.cat([torch.zeros_like(full[:, :1]), full], dim=1)[:, :Tp // w]  # window s <- s-1
+            desc = torch.cat([x.new_zeros(B, 1, D), full], dim=1)[:, :Tp // w]  # window s <- s-1
             desc = desc[:, :, None].expand(B, Tp // w, w, D).reshape(B, Tp, D)[:, :T]
             mask = (torch.arange(T) >= w).repeat(B)
             return desc.reshape(B * T, D), mask
@@ -271,9 +271,10 @@ class HybridMoE(nn.Module):
         self.route_counts = f.detach()
         a_tok, a_seg = self.fusion_weights()
         y = a_tok * y_tok
-        self.seg_share = None
+        self.seg_share, self.seg_counts = None, np.zeros(hp["n_seg"], dtype=np.int64)
         if hp["n_seg"]:
             desc, mask = self.segment_descriptors(x)
+        if hp["n_seg"] and mask.any():  # (route "previous": none before the second window)
             ls = desc[mask] @ self.seg_router.T
             q = torch.softmax(ls, dim=-1)  # (routed tokens, S)
             if hp.get("z_loss"):
