@@ -246,6 +246,7 @@ def cmd_run(args):
     if not os.path.exists(base_final):
         sys.exit("runs.py: the %s base is not finished (%s missing): tools/pipeline.sh base" % (tr.EXP, base_final))
     import results
+    torch.set_num_threads(1)  # the measurements too: one core, like the training runs
     tb = results.token_bytes(results.encoder(args.tokenizer))
     if "moe-untrained" not in load_results():
         write_result(untrained(tb))
