@@ -102,6 +102,8 @@ typedef struct api_model {
     const api_template *chat_template; /* compiled once at load (api_chat_template_load); NULL: chat
                                           requests are refused with chat_template_error */
     const char *chat_template_error;   /* why there is no template ("" or NULL: the model has none) */
+    const json_t *defaults; /* the model's default request fields (api_defaults_check'd), borrowed; NULL:
+                               none. See api_defaults_check */
 } api_model;
 
 typedef struct api_limits {
@@ -118,6 +120,20 @@ typedef struct api_limits {
                                for (Ollama's num_ctx), which its prompt + completion must fit; a larger
                                one has no effect */
 } api_limits;
+
+/* A model's default sampling (the server's per-model settings): a JSON object of completion-body fields,
+ * among temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty, seed,
+ * max_tokens (null: until the context is full) and stop, with the values and ranges a request may send.
+ * A request of any dialect takes the model's default for each of these it does not send itself (under
+ * any of its names: n_predict and max_completion_tokens for max_tokens, random_seed for seed; a field
+ * sent as null counts as not sent, but max_tokens null): the defaults enter where api_completion_validate
+ * reads the body, so they win over a dialect's own defaults (llama.cpp's temperature 0.8, Tabby's 64
+ * tokens, chat's whole context) and lose to the request's fields. /v1/models shows them as "defaults".
+ * api_defaults_check: 0 when d (NULL: none) is such an object with stop counted against lim; else -1 with
+ * e naming the field (400). api_model_has_default: whether m has a default for that field (key as
+ * above); a dialect asks it before it writes a default of its own (api_format_default). */
+int api_defaults_check(const json_t *d, const api_limits *lim, api_error *e);
+int api_model_has_default(const api_model *m, const char *key);
 
 /* 4 MiB body, no max_tokens cap, n <= 8, logprobs <= 5, 32 stops, 16 prompts, 1024 bias entries,
  * max_tokens clamped to the context. */
@@ -552,7 +568,7 @@ char *api_render_models(const api_model *models, int n);
  * from cm_model_moe_info): hybrid {kind:"hybrid", experts, top_k, shared_expert (null: none),
  * segment_experts, window, segment_routing_default:"causal"|"reference"}, MoLE {kind:"mole",
  * adapters:[names by id], languages:[the adapters a request's "language" selects: all but the shared
- * and fallback ones]}. */
+ * and fallback ones]}; [defaults] (the model's default request fields, api_defaults_check). */
 char *api_render_model(const api_model *m);
 /* Whether name is one of m's names: its id, an alias, or the model file's general.name. */
 int api_model_named(const api_model *m, const char *name);

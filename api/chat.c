@@ -184,7 +184,8 @@ int api_parse_chat(const char *body, size_t len, const api_model *m, const api_l
     json_t *mt = json_object_get(root, "max_completion_tokens");
     if (mt && !json_is_null(mt)) max_completion = 1;
     else mt = json_object_get(root, "max_tokens");
-    json_object_set(c, "max_tokens", mt ? mt : json_null());
+    if (mt) json_object_set(c, "max_tokens", mt);
+    else api_format_default(c, m, "max_tokens", json_null());
     json_t *lp = json_object_get(root, "logprobs"), *top = json_object_get(root, "top_logprobs");
     if (lp && !json_is_null(lp) && !json_is_boolean(lp)) {
         api_error_set(e, 400, API_ERR_INVALID, "logprobs", NULL, "'logprobs' must be a boolean - 'logprobs'");

@@ -818,6 +818,85 @@ static int parse_max_tokens(json_t *root, api__pending *p, api_error *e) {
     return 0;
 }
 
+/* The sampler's fields of a body (or of a model's defaults): their types and ranges, in one place. */
+static int parse_sampling(json_t *root, cm_sampling *s, api_error *e) {
+    long long i64 = 0;
+    int rc;
+    if (get_number(root, "temperature", 0, 0, 2, &s->temperature, e) < 0) return -1;
+    if (get_number(root, "top_p", 0, 1, 1, &s->top_p, e) < 0) return -1;
+    if (get_number(root, "presence_penalty", -2, 0, 2, &s->presence_penalty, e) < 0) return -1;
+    if (get_number(root, "frequency_penalty", -2, 0, 2, &s->frequency_penalty, e) < 0) return -1;
+    if (get_number(root, "min_p", 0, 0, 1, &s->min_p, e) < 0) return -1;
+    if (get_number(root, "repetition_penalty", 0, 1, 1e6, &s->repetition_penalty, e) < 0) return -1;
+    if ((rc = get_int(root, "top_k", 0, INT_MAX, &i64, e)) < 0) return -1;
+    if (rc) s->top_k = (int)i64;
+    return 0;
+}
+
+/* The fields a model may give defaults for (api_model.defaults), each with the request fields that, when
+ * a request sends one of them, replace the default (the names other clients use for the same setting). */
+static const struct { const char *key, *also[2]; } default_fields[] = {
+    {"temperature", {0}},        {"top_p", {0}},
+    {"top_k", {0}},              {"min_p", {0}},
+    {"repetition_penalty", {0}}, {"presence_penalty", {0}},
+    {"frequency_penalty", {0}},  {"seed", {"random_seed"}},
+    {"stop", {0}},               {"max_tokens", {"n_predict", "max_completion_tokens"}},
+};
+
+static int default_index(const char *key) {
+    for (size_t k = 0; k < sizeof default_fields / sizeof *default_fields; k++)
+        if (!strcmp(default_fields[k].key, key)) return (int)k;
+    return -1;
+}
+
+int api_defaults_check(const json_t *defaults, const api_limits *lim, api_error *e) {
+    if (!defaults) return 0;
+    if (!json_is_object(defaults))
+        return api_error_set(e, 400, API_ERR_INVALID, NULL, NULL, "a model's defaults must be a JSON object");
+    const char *key;
+    json_t *v;
+    json_object_foreach((json_t *)defaults, key, v) {
+        if (default_index(key) < 0)
+            return api_error_set(e, 400, API_ERR_INVALID, NULL, NULL, "'%.64s' cannot have a model default", key);
+        if (json_is_null(v) && strcmp(key, "max_tokens"))
+            return api_error_set(e, 400, API_ERR_INVALID, key, NULL, "the default of '%s' cannot be null", key);
+    }
+    json_t *root = (json_t *)defaults; /* the getters only read */
+    cm_sampling s;
+    cm_sampling_default(&s);
+    if (parse_sampling(root, &s, e)) return -1;
+    long long i64;
+    if (get_int(root, "seed", LLONG_MIN, LLONG_MAX, &i64, e) < 0) return -1;
+    if (get_int(root, "max_tokens", 0, INT_MAX, &i64, e) < 0) return -1;
+    api_stops st = {0};
+    int rc = parse_stop(root, lim, &st, e);
+    api_stops_free(&st);
+    return rc ? -1 : 0;
+}
+
+/* A request takes the model's default for each field it does not send (under any of its names); "null"
+ * counts as not sent, but for max_tokens, where null asks for the whole context. */
+static int apply_defaults(json_t *root, const json_t *defaults) {
+    const char *key;
+    json_t *v;
+    json_object_foreach((json_t *)defaults, key, v) {
+        int k = default_index(key);
+        if (k < 0) continue; /* api_defaults_check refused it */
+        int sent = 0;
+        const char *names[3] = {key, default_fields[k].also[0], default_fields[k].also[1]};
+        for (int i = 0; i < 3 && names[i]; i++) {
+            json_t *x = json_object_get(root, names[i]);
+            if (x && (!json_is_null(x) || (k == default_index("max_tokens") && i == 0))) sent = 1;
+        }
+        if (!sent && json_object_set(root, key, v)) return -1;
+    }
+    return 0;
+}
+
+int api_model_has_default(const api_model *m, const char *key) {
+    return m && m->defaults && json_object_get(m->defaults, key) != NULL;
+}
+
 static int parse_fields(json_t *root, const api_model *m, const api_limits *lim, api_completion_req *r,
                         api__pending *p, api_error *e) {
     const cm_model_info *info = cm_model_get_info(m->model);
@@ -838,14 +917,7 @@ static int parse_fields(json_t *root, const api_model *m, const api_limits *lim,
         }
     }
 
-    if (get_number(root, "temperature", 0, 0, 2, &r->sampling.temperature, e) < 0) return -1;
-    if (get_number(root, "top_p", 0, 1, 1, &r->sampling.top_p, e) < 0) return -1;
-    if (get_number(root, "presence_penalty", -2, 0, 2, &r->sampling.presence_penalty, e) < 0) return -1;
-    if (get_number(root, "frequency_penalty", -2, 0, 2, &r->sampling.frequency_penalty, e) < 0) return -1;
-    if (get_number(root, "min_p", 0, 0, 1, &r->sampling.min_p, e) < 0) return -1;
-    if (get_number(root, "repetition_penalty", 0, 1, 1e6, &r->sampling.repetition_penalty, e) < 0) return -1;
-    if ((rc = get_int(root, "top_k", 0, INT_MAX, &i64, e)) < 0) return -1;
-    if (rc) r->sampling.top_k = (int)i64;
+    if (parse_sampling(root, &r->sampling, e)) return -1;
 
     if ((rc = get_int(root, "n", 1, lim->n_max, &i64, e)) < 0) return -1;
     if (rc) r->n = (int)i64;
@@ -1041,6 +1113,10 @@ static int validate(const char *body, size_t len, const api_model *m, const api_
         return -1;
     }
 
+    if (m->defaults && apply_defaults(root, m->defaults)) {
+        json_decref(root);
+        return api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
+    }
     const cm_model_info *info = cm_model_get_info(m->model);
     int n_src = 0;
     api__pending *p = calloc(1, sizeof *p);

@@ -65,6 +65,11 @@ int api_format_parse_translated(const json_t *c, json_t *dialect, const api_mode
     return 0;
 }
 
+void api_format_default(json_t *c, const api_model *m, const char *key, json_t *v) {
+    if (api_model_has_default(m, key)) json_decref(v);
+    else json_object_set_new(c, key, v);
+}
+
 void api_format_name_params(const json_t *dialect, api_error *e) {
     json_t *to = json_object_get(json_object_get(dialect, "params"), e->param);
     if (json_is_string(to)) snprintf(e->param, sizeof e->param, "%s", json_string_value(to));

@@ -70,6 +70,10 @@ json_t *api_format_load_body(const char *body, size_t len, const api_model *m, c
  * parameter of a validation error here. The contract of api_completion_validate. */
 int api_format_parse_translated(const json_t *c, json_t *dialect, const api_model *m, const api_limits *lim,
                                 int max_stop, api_completion_req *out, api_error *e);
+/* A dialect's own default for field key of its translated body c, where the dialect's differs from the
+ * completion's (llama.cpp's temperature 0.8, chat's whole-context max_tokens): c[key] = v (taken) unless
+ * m has a default for key, which then applies as for every dialect (api_defaults_check). */
+void api_format_default(json_t *c, const api_model *m, const char *key, json_t *v);
 /* The part of a dialect's parse whose cost grows with the input (rendering a chat template over the
  * messages, /infill's repository context), deferred so that it runs with the tokenization, off the
  * event loop: builds the request's prompt from args (what the dialect's parse kept of the body). r is

@@ -31,11 +31,11 @@ static const struct { const char *from, *to; } option_map[] = {
 };
 
 /* The completion body c gets llama.cpp's defaults and the request's options. */
-static void map_options(json_t *root, json_t *c) {
-    json_object_set_new(c, "temperature", json_real(0.8));
-    json_object_set_new(c, "top_k", json_integer(40));
-    json_object_set_new(c, "top_p", json_real(0.95));
-    json_object_set_new(c, "min_p", json_real(0.05));
+static void map_options(json_t *root, json_t *c, const api_model *m) {
+    api_format_default(c, m, "temperature", json_real(0.8));
+    api_format_default(c, m, "top_k", json_integer(40));
+    api_format_default(c, m, "top_p", json_real(0.95));
+    api_format_default(c, m, "min_p", json_real(0.05));
     for (size_t i = 0; i < sizeof option_map / sizeof *option_map; i++) {
         json_t *v = json_object_get(root, option_map[i].from);
         if (v) json_object_set(c, option_map[i].to, v);
@@ -44,8 +44,9 @@ static void map_options(json_t *root, json_t *c) {
     if (json_is_integer(seed) && json_integer_value(seed) >= 0) json_object_set(c, "seed", seed);
     json_t *np = json_object_get(root, "n_predict");
     if (!np) np = json_object_get(root, "max_tokens"); /* llama.cpp's alias */
-    if (np && json_is_integer(np) && json_integer_value(np) < 0) np = NULL;
-    json_object_set(c, "max_tokens", np ? np : json_null());
+    if (np && json_is_integer(np) && json_integer_value(np) < 0) np = json_null(); /* the client's "no limit" */
+    if (np) json_object_set(c, "max_tokens", np);
+    else api_format_default(c, m, "max_tokens", json_null());
 }
 
 /* llama.cpp's limits that act while a choice is generated (the server's scheduler applies them):
@@ -91,7 +92,7 @@ static int parse_completion(const char *body, size_t len, const api_model *m, co
     if (root && c) {
         json_t *p = json_object_get(root, "prompt");
         if (p) json_object_set(c, "prompt", p);
-        map_options(root, c);
+        map_options(root, c, m);
         rc = finish_parse(root, c, m, lim, out, e);
     } else if (root) {
         api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
@@ -184,7 +185,7 @@ static int parse_infill(const char *body, size_t len, const api_model *m, const 
     if (!c) { api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory"); goto done; }
     api_fim_context fc;
     if (infill_context(root, &fc, &files, e)) goto done; /* the shapes only: tokens are counted off the loop */
-    map_options(root, c);
+    map_options(root, c, m);
     /* room for the prompt: the context less what the completion may need (a quarter when unbounded) */
     json_t *mt = json_object_get(c, "max_tokens");
     long reserve = json_is_integer(mt) ? (long)json_integer_value(mt) : m->n_ctx / 4;

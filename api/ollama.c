@@ -33,7 +33,7 @@ static const struct { const char *ollama, *completion; } option_map[] = {
 
 /* Copies root's options into c; err names the option as Ollama's clients know it. num_ctx (a smaller
  * context for this request) goes to *n_ctx (0: not given). */
-static int map_options(const json_t *root, json_t *c, int *n_ctx, api_error *e) {
+static int map_options(const json_t *root, json_t *c, const api_model *m, int *n_ctx, api_error *e) {
     json_t *o = json_object_get(root, "options");
     *n_ctx = 0;
     if (!o || json_is_null(o)) return 0;
@@ -44,7 +44,8 @@ static int map_options(const json_t *root, json_t *c, int *n_ctx, api_error *e) 
     }
     json_t *np = json_object_get(o, "num_predict");
     if (np && json_is_integer(np) && json_integer_value(np) < 0) np = json_null(); /* -1, -2: no limit */
-    json_object_set(c, "max_tokens", np ? np : json_null());
+    if (np) json_object_set(c, "max_tokens", np);
+    else api_format_default(c, m, "max_tokens", json_null());
     json_t *nc = json_object_get(o, "num_ctx");
     if (nc && !json_is_null(nc)) {
         if (!json_is_integer(nc) || json_integer_value(nc) < 1)
@@ -77,13 +78,13 @@ static int refuse_unsupported(const json_t *root, api_error *e) {
 }
 
 /* Fills c (the translated body) from an Ollama request: model, stream (default true), options. */
-static int common_fields(json_t *root, json_t *c, int *n_ctx, api_error *e) {
+static int common_fields(json_t *root, json_t *c, const api_model *m, int *n_ctx, api_error *e) {
     if (refuse_unsupported(root, e)) return -1;
     json_t *v = json_object_get(root, "model");
     if (v) json_object_set(c, "model", v);
     v = json_object_get(root, "stream");
     json_object_set(c, "stream", v && !json_is_null(v) ? v : json_true());
-    return map_options(root, c, n_ctx, e);
+    return map_options(root, c, m, n_ctx, e);
 }
 
 /* A string field or absent/null; anything else is a 400 naming it. */
@@ -160,7 +161,7 @@ static int parse_request(const char *body, size_t len, const api_model *m, const
     json_t *c = json_object(), *args = NULL;
     int rc = -1, load = is_load(root, chat), n_ctx = 0;
     if (!c) api_error_set(e, 500, API_ERR_SERVER, NULL, NULL, "out of memory");
-    else if ((load || !prompt(root, c, m, &args, e)) && !common_fields(root, c, &n_ctx, e)) {
+    else if ((load || !prompt(root, c, m, &args, e)) && !common_fields(root, c, m, &n_ctx, e)) {
         if (load) { /* the completion rules require a prompt: the empty text, and nothing generated */
             json_object_set_new(c, "prompt", json_string(""));
             json_object_set_new(c, "max_tokens", json_integer(0));

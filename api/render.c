@@ -399,6 +399,9 @@ static json_t *model_json(const api_model *am) {
     json_object_set_new(o, "chat", json_boolean(am->chat_template != NULL));
     json_t *moe = am->model ? moe_json(am->model) : NULL;
     if (moe) json_object_set_new(o, "moe", moe);
+    /* what a request that sends none of these fields gets (api_defaults_check) */
+    if (am->defaults && json_object_size(am->defaults))
+        json_object_set_new(o, "defaults", json_deep_copy(am->defaults));
     return o;
 }
 

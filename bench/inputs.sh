@@ -12,6 +12,16 @@
 #   model45m       qwen45m-q8_0.gguf: bench/make_qwen05b_gguf.py's writer with smaller shapes, Q8_0 (~50 MB)
 #   model05b-f32   qwen05b-f32.gguf: Qwen2.5-0.5B shapes, random weights, F32 (~2 GB, ~1.5 min)
 #   model05b-q8_0  qwen05b-q8_0.gguf: the same, Q8_0 by tools/gguf.py (byte-identical to llama-quantize's)
+#   model05b-q4_k_m  qwen05b-q4_k_m.gguf: model05b-f32 quantised by `codemoe quantize` (Q4_K_M)
+#   model15b-f32, model15b-q8_0, model15b-q4_k_m
+#                  qwen15b-*.gguf: Qwen2.5-Coder-1.5B's shapes (F32 ~6.2 GB, then `codemoe quantize`)
+#   model30ba3b-f32, model30ba3b-q4_k_m, model30ba3b-q8_0
+#                  qwen30ba3b-6l-*.gguf: Qwen3-Coder-30B-A3B's widths and experts, 6 of its 48 layers
+#                  (qwen3moe, 4.36 G parameters, 0.96 G active; F32 ~17 GB)
+#   model30ba3b-dense-f32, model30ba3b-dense-q4_k_m, model30ba3b-dense-q8_0
+#                  qwen3-a3b-dense-6l-*.gguf: a dense qwen3 of that file's active size (0.96 G)
+#                  The quantised inputs run `codemoe quantize` (byte-identical to llama-quantize's files)
+#                  from $CODEMOE, default build/server/codemoe in the repository.
 #   humaneval-x    HumanEval-X's humaneval_<lang>.jsonl.gz files (bench/loadgen.mjs's prompts), copied from
 #                  $CODEMOE_HUMANEVAL_X_SRC when set, else downloaded from THUDM/CodeGeeX on GitHub
 # Cache directory: $CODEMOE_CACHE, default ${XDG_CACHE_HOME:-$HOME/.cache}/codemoe. Progress goes to stderr.
@@ -49,23 +59,34 @@ tokenizer() {
     echo "$out"
 }
 
-# write_gguf OUT SHAPES Q8: bench/make_qwen05b_gguf.py's writer; SHAPES "45m" (smaller) or "05b" (its own)
+# write_gguf OUT PRESET Q8: bench/make_qwen05b_gguf.py's writer with one of its shape presets
 write_gguf() {
-    local out=$1 shapes=$2 q8=$3 tok
+    local out=$1 preset=$2 q8=$3 tok
     [ -s "$out" ] && { echo "$out"; return; }
     tok=$(tokenizer)
-    make_step "$out" /usr/bin/python3 - "$out" "$here" "$tok" "$shapes" "$q8" <<'EOF'
+    make_step "$out" /usr/bin/python3 - "$out" "$here" "$tok" "$preset" "$q8" <<'EOF'
 import os, sys
-out, here, tok, shapes, q8 = sys.argv[1:]
+out, here, tok, preset, q8 = sys.argv[1:]
 sys.path.insert(0, here)
 import make_qwen05b_gguf as q
-if shapes == "45m":
-    # same writer and tokenizer as the 0.5B file, smaller shapes (the module reads these at call time)
-    q.N_EMBD, q.N_LAYER, q.N_HEAD, q.N_HEAD_KV, q.HEAD_DIM, q.N_FF, q.N_CTX = 256, 8, 4, 2, 64, 768, 4096
+q.use_preset(preset)
 os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
 q.write_model(out + ".part", q8 == "1", tok, 1234)
 os.replace(out + ".part", out)
 EOF
+    echo "$out"
+}
+
+# quantized OUT SRC TYPE: `codemoe quantize` of input SRC (made first when missing) to TYPE
+quantized() {
+    local out=$1 src=$2 type=$3 in bin=${CODEMOE:-$repo/build/server/codemoe}
+    [ -s "$out" ] && { echo "$out"; return; }
+    in=$(input "$src")
+    if [ $dry = 0 ] && [ ! -x "$bin" ]; then
+        echo "inputs: $out needs codemoe to quantise: build it or set CODEMOE" >&2
+        exit 1
+    fi
+    make_step "$out" bash -c '"$1" quantize "$2" "$3.part" "$4" >&2 && mv "$3.part" "$3"' _ "$bin" "$in" "$out" "$type"
     echo "$out"
 }
 
@@ -93,15 +114,30 @@ while getopts "nh" o; do
 done
 shift $((OPTIND - 1))
 [ $# -ge 1 ] || usage
-[ $dry = 1 ] || mkdir -p "$cache"
-for what in "$@"; do
-    case $what in
+# input NAME: one input's path, made first when missing
+input() {
+    case $1 in
     dir) echo "$cache" ;;
     tokenizer) tokenizer ;;
     model45m) write_gguf "$cache/qwen45m-q8_0.gguf" 45m 1 ;;
     model05b-f32) write_gguf "$cache/qwen05b-f32.gguf" 05b 0 ;;
     model05b-q8_0) write_gguf "$cache/qwen05b-q8_0.gguf" 05b 1 ;;
+    model05b-q4_k_m) quantized "$cache/qwen05b-q4_k_m.gguf" model05b-f32 Q4_K_M ;;
+    model15b-f32) write_gguf "$cache/qwen15b-f32.gguf" 15b 0 ;;
+    model15b-q8_0) quantized "$cache/qwen15b-q8_0.gguf" model15b-f32 Q8_0 ;;
+    model15b-q4_k_m) quantized "$cache/qwen15b-q4_k_m.gguf" model15b-f32 Q4_K_M ;;
+    model30ba3b-f32) write_gguf "$cache/qwen30ba3b-6l-f32.gguf" 30ba3b 0 ;;
+    model30ba3b-q4_k_m) quantized "$cache/qwen30ba3b-6l-q4_k_m.gguf" model30ba3b-f32 Q4_K_M ;;
+    model30ba3b-q8_0) quantized "$cache/qwen30ba3b-6l-q8_0.gguf" model30ba3b-f32 Q8_0 ;;
+    model30ba3b-dense-f32) write_gguf "$cache/qwen3-a3b-dense-6l-f32.gguf" 30ba3b-dense 0 ;;
+    model30ba3b-dense-q4_k_m) quantized "$cache/qwen3-a3b-dense-6l-q4_k_m.gguf" model30ba3b-dense-f32 Q4_K_M ;;
+    model30ba3b-dense-q8_0) quantized "$cache/qwen3-a3b-dense-6l-q8_0.gguf" model30ba3b-dense-f32 Q8_0 ;;
     humaneval-x) humaneval_x ;;
-    *) echo "inputs: unknown input $what" >&2; usage ;;
+    *) echo "inputs: unknown input $1" >&2; usage ;;
     esac
+}
+
+[ $dry = 1 ] || mkdir -p "$cache"
+for what in "$@"; do
+    input "$what"
 done

@@ -23,7 +23,12 @@ The tokenizer comes from a Hugging Face tokenizer.json of the Qwen2 family (--to
 llama.cpp's converter does: ids in order, added special tokens CONTROL, other added tokens USER_DEFINED,
 the gap up to the embedding rows filled with "[PAD<i>]" UNUSED tokens.
 
-Run: /usr/bin/python3 bench/make_qwen05b_gguf.py [--out-dir DIR] [--q8]
+--preset gives the same writer other models' shapes: Qwen2.5-Coder-1.5B (15b), Qwen3-Coder-30B-A3B with
+6 of its 48 layers (30ba3b: qwen3moe, 128 experts, 8 used, per-head q/k norms, untied output), a dense
+qwen3 of that file's active size (30ba3b-dense) and the serving benchmark's small model (45m); the
+K-quant files of bench/inputs.sh are these F32 files quantised by `codemoe quantize`.
+
+Run: /usr/bin/python3 bench/make_qwen05b_gguf.py [--preset P] [--out-dir DIR] [--q8]
 --out-dir and --tokenizer default to the benchmark cache (bench/inputs.sh, which also fetches the
 tokenizer); `bench/inputs.sh model05b-f32 model05b-q8_0` makes both files there.
 """
@@ -52,6 +57,40 @@ N_CTX = 32768
 ROPE_BASE = 1e6
 RMS_EPS = 1e-6
 STD = 0.02
+ARCH = "qwen2"      # qwen2 (q/k/v biases), qwen3 (per-head q/k norms, no biases) or qwen3moe
+TIED = True         # output.weight absent: the embedding is the output matrix
+N_EXPERT = 0        # qwen3moe: experts per layer, used per token, and each expert's FFN width
+N_EXPERT_USED = 0
+N_FF_EXP = 0
+NAME = "qwen05b-random"
+
+# Other real models' shapes for the same writer (--preset; bench/inputs.sh names the files). Values from
+# the models' Hugging Face config.json; n_layer of the MoE is cut (its speed per layer is what matters,
+# and 48 layers of 128 experts would be a 60 GB F32 file).
+PRESETS = {
+    "05b": {},  # the module defaults: Qwen2.5-0.5B
+    "45m": dict(N_EMBD=256, N_LAYER=8, N_HEAD=4, N_HEAD_KV=2, HEAD_DIM=64, N_FF=768, N_CTX=4096),
+    # Qwen2.5-Coder-1.5B
+    "15b": dict(N_EMBD=1536, N_LAYER=28, N_HEAD=12, N_HEAD_KV=2, HEAD_DIM=128, N_FF=8960,
+                NAME="qwen15b-random"),
+    # Qwen3-Coder-30B-A3B: its widths, heads and experts, 6 of its 48 layers; untied output; rope 1e7
+    "30ba3b": dict(ARCH="qwen3moe", N_EMBD=2048, N_LAYER=6, N_HEAD=32, N_HEAD_KV=4, HEAD_DIM=128, N_FF=6144,
+                   N_EXPERT=128, N_EXPERT_USED=8, N_FF_EXP=768, TIED=False, ROPE_BASE=1e7, N_CTX=262144,
+                   NAME="qwen30ba3b-6l-random"),
+    # a dense qwen3 of 30ba3b's ACTIVE size: the same attention, vocabulary and output, and one FFN as wide
+    # as the 8 experts a token runs (8 x 768); it lacks only the routers (128 x 2048 per layer, 0.2%)
+    "30ba3b-dense": dict(ARCH="qwen3", N_EMBD=2048, N_LAYER=6, N_HEAD=32, N_HEAD_KV=4, HEAD_DIM=128,
+                         N_FF=8 * 768, TIED=False, ROPE_BASE=1e7, N_CTX=262144, NAME="qwen3-a3b-dense-6l-random"),
+}
+
+
+_DEFAULTS = {k: globals()[k] for p in PRESETS.values() for k in p}
+
+
+def use_preset(name):
+    """Sets the module's shape to a preset's (the writer reads these globals at call time)."""
+    globals().update(_DEFAULTS)
+    globals().update(PRESETS[name])
 
 INPUTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "inputs.sh")
 
@@ -66,20 +105,32 @@ def bench_input(name):
 
 def model_tensors(q8):
     """[(name, numpy shape, type)]; Q8_0 for 2-D weights only, as llama-quantize does."""
-    d, dq, dkv = N_EMBD, N_HEAD * HEAD_DIM, N_HEAD_KV * HEAD_DIM
+    d, dq, dkv, e = N_EMBD, N_HEAD * HEAD_DIM, N_HEAD_KV * HEAD_DIM, HEAD_DIM
     w = GGMLType.Q8_0 if q8 else GGMLType.F32
     f32 = GGMLType.F32
     t = [("token_embd.weight", (N_VOCAB, d), w), ("output_norm.weight", (d,), f32)]
+    if not TIED:
+        t.append(("output.weight", (N_VOCAB, d), w))
     for i in range(N_LAYER):
         p = "blk.%d." % i
         t += [(p + "attn_norm.weight", (d,), f32),
-              (p + "attn_q.weight", (dq, d), w), (p + "attn_q.bias", (dq,), f32),
-              (p + "attn_k.weight", (dkv, d), w), (p + "attn_k.bias", (dkv,), f32),
-              (p + "attn_v.weight", (dkv, d), w), (p + "attn_v.bias", (dkv,), f32),
-              (p + "attn_output.weight", (d, dq), w),
-              (p + "ffn_norm.weight", (d,), f32),
-              (p + "ffn_gate.weight", (N_FF, d), w), (p + "ffn_up.weight", (N_FF, d), w),
-              (p + "ffn_down.weight", (d, N_FF), w)]
+              (p + "attn_q.weight", (dq, d), w), (p + "attn_k.weight", (dkv, d), w),
+              (p + "attn_v.weight", (dkv, d), w), (p + "attn_output.weight", (d, dq), w),
+              (p + "ffn_norm.weight", (d,), f32)]
+        if ARCH == "qwen2":
+            t += [(p + "attn_q.bias", (dq,), f32), (p + "attn_k.bias", (dkv,), f32), (p + "attn_v.bias", (dkv,), f32)]
+        else:
+            t += [(p + "attn_q_norm.weight", (e,), f32), (p + "attn_k_norm.weight", (e,), f32)]
+        if ARCH == "qwen3moe":
+            # experts stacked in 3-D tensors: ne (D, F, E) for gate/up, (F, D, E) for down; router F32 as
+            # llama-quantize leaves it
+            t += [(p + "ffn_gate_inp.weight", (N_EXPERT, d), f32),
+                  (p + "ffn_gate_exps.weight", (N_EXPERT, N_FF_EXP, d), w),
+                  (p + "ffn_up_exps.weight", (N_EXPERT, N_FF_EXP, d), w),
+                  (p + "ffn_down_exps.weight", (N_EXPERT, d, N_FF_EXP), w)]
+        else:
+            t += [(p + "ffn_gate.weight", (N_FF, d), w), (p + "ffn_up.weight", (N_FF, d), w),
+                  (p + "ffn_down.weight", (d, N_FF), w)]
     # llama.cpp's loader (hence llama-quantize's output) orders tensors by layer, then name
     return sorted(t, key=lambda x: (int(x[0].split(".")[1]) if x[0].startswith("blk.") else -1, x[0]))
 
@@ -143,9 +194,9 @@ def add_tokenizer(w, path):
 
 def write_model(path, q8, tokenizer, seed):
     w = GGUFWriter(path)
-    a = "qwen2."
-    w.add_string("general.architecture", "qwen2")
-    w.add_string("general.name", "qwen05b-random")
+    a = ARCH + "."
+    w.add_string("general.architecture", ARCH)
+    w.add_string("general.name", NAME)
     w.add_uint32(a + "context_length", N_CTX)
     w.add_uint32(a + "embedding_length", N_EMBD)
     w.add_uint32(a + "block_count", N_LAYER)
@@ -154,6 +205,14 @@ def write_model(path, q8, tokenizer, seed):
     w.add_uint32(a + "attention.head_count_kv", N_HEAD_KV)
     w.add_float32(a + "rope.freq_base", ROPE_BASE)
     w.add_float32(a + "attention.layer_norm_rms_epsilon", RMS_EPS)
+    if ARCH != "qwen2":
+        # Qwen3's head size is its own (not N_EMBD / N_HEAD): written as llama.cpp's converter does
+        w.add_uint32(a + "attention.key_length", HEAD_DIM)
+        w.add_uint32(a + "attention.value_length", HEAD_DIM)
+    if ARCH == "qwen3moe":
+        w.add_uint32(a + "expert_count", N_EXPERT)
+        w.add_uint32(a + "expert_used_count", N_EXPERT_USED)
+        w.add_uint32(a + "expert_feed_forward_length", N_FF_EXP)
     add_tokenizer(w, tokenizer)
     # last, in the order llama-quantize re-appends them (see the module comment)
     w.add_uint32("general.quantization_version", 2)
@@ -196,14 +255,20 @@ def main():
     ap.add_argument("--q8-out", metavar="GGUF", help="where --q8 writes (default OUT_DIR/qwen05b-q8_0.gguf)")
     ap.add_argument("--no-f32", action="store_true", help="skip qwen05b-f32.gguf")
     ap.add_argument("--check", metavar="GGUF", help="compare a Q8_0 file's tensors with ours; write nothing")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="05b",
+                    help="shapes: 05b (default, Qwen2.5-0.5B), 45m, 15b (Qwen2.5-Coder-1.5B), 30ba3b "
+                    "(Qwen3-Coder-30B-A3B, 6 layers), 30ba3b-dense (qwen3 of its active size); the file names "
+                    "keep the qwen05b- prefix unless --q8-out / the F32 path are given")
+    ap.add_argument("--f32-out", metavar="GGUF", help="where the F32 file goes (default OUT_DIR/qwen05b-f32.gguf)")
     args = ap.parse_args()
+    use_preset(args.preset)
 
     if args.check:
         return check_file(args.check, args.seed)
     args.out_dir = args.out_dir or bench_input("dir")
     args.tokenizer = args.tokenizer or bench_input("tokenizer")
     os.makedirs(args.out_dir, exist_ok=True)
-    outs = [] if args.no_f32 else [(False, os.path.join(args.out_dir, "qwen05b-f32.gguf"))]
+    outs = [] if args.no_f32 else [(False, args.f32_out or os.path.join(args.out_dir, "qwen05b-f32.gguf"))]
     if args.q8:
         outs.append((True, args.q8_out or os.path.join(args.out_dir, "qwen05b-q8_0.gguf")))
     for q8, path in outs:

@@ -9,7 +9,10 @@
 # for SEC seconds: first to a alone, then to b alone, then to both at once. Then the same with each
 # model given the whole budget (threads=2 x THREADS each, --threads 4 x THREADS): what two workers do when
 # nothing keeps them from oversubscribing the cores. Prints one table row per phase: generated tokens/s
-# per model and in all, and the median and 90th-percentile request latency.
+# per model and in all, the median and 90th-percentile request latency, the CPU time the server used in
+# the phase (user + system, /proc/PID/stat), generated tokens per CPU-second (the figure a busy machine
+# disturbs least: it counts the work done, not the time the scheduler gave it) and the load average when
+# the phase ended.
 #
 # MODEL defaults to the 45M Q8_0 benchmark model (bench/inputs.sh model45m). Run it on a quiet machine
 # with at least 2 x THREADS cores.
@@ -57,8 +60,15 @@ start() {
 load() {
     local port=$1 phase=$2
     shift 2
-    node - "$port" "$phase" "$conc" "$dur" "$maxtok" "$@" <<'EOF'
-const [port, phase, conc, dur, maxtok, ...models] = process.argv.slice(2);
+    node - "$port" "$phase" "$conc" "$dur" "$maxtok" "$pid" "$(getconf CLK_TCK)" "$@" <<'EOF'
+const [port, phase, conc, dur, maxtok, pid, hz, ...models] = process.argv.slice(2);
+const { readFileSync } = await import('node:fs');
+/* the server's user + system CPU seconds so far */
+const cpu = () => {
+  const f = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
+  return (Number(f[11]) + Number(f[12])) / Number(hz);
+};
+const cpu0 = cpu();
 const url = `http://127.0.0.1:${port}/v1/completions`;
 const end = Date.now() + Number(dur) * 1000;
 const tok = {}, lat = [];
@@ -82,14 +92,18 @@ lat.sort((a, b) => a - b);
 const q = (p) => lat[Math.min(lat.length - 1, Math.floor(p * lat.length))].toFixed(0);
 const rate = (m) => (tok[m] ? (tok[m] / s).toFixed(0) : '-');
 const all = Object.values(tok).reduce((a, b) => a + b, 0) / s;
-console.log(`| ${phase} | ${rate('a')} | ${rate('b')} | ${all.toFixed(0)} | ${q(0.5)} | ${q(0.9)} |`);
+const used = cpu() - cpu0;
+const total = Object.values(tok).reduce((a, b) => a + b, 0);
+const load = readFileSync('/proc/loadavg', 'utf8').split(' ')[0];
+console.log(`| ${phase} | ${rate('a')} | ${rate('b')} | ${all.toFixed(0)} | ${q(0.5)} | ${q(0.9)} | ` +
+  `${used.toFixed(1)} | ${used > 0 ? (total / used).toFixed(0) : '-'} | ${load} |`);
 EOF
 }
 
 echo "model $(basename "$model"), $conc clients per model, max_tokens $maxtok, ${dur} s per phase, $(nproc) CPUs"
 echo
-echo "| phase | a tok/s | b tok/s | total tok/s | latency p50 ms | p90 ms |"
-echo "|---|---|---|---|---|---|"
+echo "| phase | a tok/s | b tok/s | total tok/s | latency p50 ms | p90 ms | server CPU s | tok per CPU-s | load 1m |"
+echo "|---|---|---|---|---|---|---|---|---|"
 budget=$((2 * threads))
 start "$threads" "$budget"
 [ -n "$port" ] || { echo "pool_threads: the server did not start" >&2; stop_server; exit 1; }

@@ -159,10 +159,11 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
     int n_batch = p->n_batch_max ? p->n_batch_max : 512;
     if (n_threads < 1 || n_threads > CM_POOL_MAX_THREADS || n_seq < 1 || n_seq > 65536 || n_ctx < 1 ||
         n_ctx > CM_MAX_CTX || n_batch < 1 || n_batch > CM_MAX_BATCH || p->kv_tokens < 0 ||
-        (p->kv_type != CM_KV_F32 && p->kv_type != CM_KV_F16)) {
+        (p->kv_type != CM_KV_F32 && p->kv_type != CM_KV_F16) || p->experts_resident < 0) {
         cm_err_set(err, CM_E_INVAL,
-                   "ctx: bad params (threads %d, n_seq_max %d, n_ctx %d, n_batch_max %d, kv_tokens %d, kv_type %d)",
-                   n_threads, n_seq, n_ctx, n_batch, p->kv_tokens, p->kv_type);
+                   "ctx: bad params (threads %d, n_seq_max %d, n_ctx %d, n_batch_max %d, kv_tokens %d, kv_type %d, "
+                   "experts_resident %d)",
+                   n_threads, n_seq, n_ctx, n_batch, p->kv_tokens, p->kv_type, p->experts_resident);
         return NULL;
     }
     /* default: every sequence can reach n_ctx at once */
@@ -249,6 +250,14 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
     if (m->moe && !(c->moe = cm_moe_ctx_create(m, m->moe, c->pool, n_threads, n_seq, n_ctx, n_batch, !c->exact_act, err))) {
         cm_ctx_free(c);
         return NULL;
+    }
+    if (c->moe) {
+        cm_moe_resident *r;
+        if (cm_moe_resident_create(m, m->moe, p->experts_resident, &r, err) != CM_OK) {
+            cm_ctx_free(c);
+            return NULL;
+        }
+        cm_moe_set_resident(c->moe, r);
     }
     return c;
 }

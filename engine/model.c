@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "kernels.h"
+#include "kv.h"
 #include "model.h"
 #include "moe.h"
 #include "util.h"
@@ -397,6 +398,35 @@ void cm_model_free(cm_model *m) {
 }
 
 const cm_model_info *cm_model_get_info(const cm_model *m) { return m ? &m->info : NULL; }
+
+/* Walks the file's tensors rather than the model's views so that every tensor forward.c reads is counted
+ * once, whatever the architecture; the names decide the share of a tensor a token reads. */
+uint64_t cm_model_decode_bytes(const cm_model *m, int n_past, int kv_type) {
+    size_t elt = cm_kv_elt_bytes(kv_type);
+    if (!m || !m->layers || n_past < 0 || !elt) return 0;
+    const cm_model_info *in = &m->info;
+    const cm_moe_model *mm = m->moe;
+    uint64_t total = 0;
+    for (uint64_t t = 0; t < m->gguf.n_tensors; t++) {
+        const gguf_tensor *gt = &m->gguf.tensors[t];
+        char name[96];
+        snprintf(name, sizeof name, "%.*s", (int)(gt->name.len < 95 ? gt->name.len : 95), gt->name.ptr);
+        uint64_t b = gt->nbytes;
+        if (!strcmp(name, "token_embd.weight") && !in->tied_output) {
+            b = gguf_row_bytes(gt->type, gt->ne[0]); /* a lookup; the output matrix is its own tensor */
+        } else if (mm && strstr(name, "_seg_exps.")) {
+            b = b / (uint64_t)mm->n_seg * (uint64_t)mm->seg_causal_top;
+        } else if (mm && strstr(name, "_exps.")) {
+            b = b / (uint64_t)mm->n_tok * (uint64_t)mm->k_used;
+        } else if (mm && mm->n_adapters > 0 && (strstr(name, ".lora_a.") || strstr(name, ".lora_b."))) {
+            int runs = mm->ad_shared >= 0 && mm->n_adapters > 1 ? 2 : 1;
+            b = b * (uint64_t)runs / (uint64_t)mm->n_adapters;
+        }
+        total += b;
+    }
+    uint64_t kv_pos = (uint64_t)in->n_layer * 2 * (uint64_t)in->n_head_kv * (uint64_t)in->head_dim * elt;
+    return total + kv_pos * ((uint64_t)n_past + 1);
+}
 
 /* The Rss of the mapping that starts at addr, from /proc/self/smaps (0 if not found). */
 static size_t mapping_rss(const void *addr) {

@@ -109,6 +109,7 @@ struct cm_moe_ctx {
     size_t xq_bytes, xq_used;
     cm_moe_trace_fn trace;
     void *trace_ud;
+    cm_moe_resident *resident; /* owned; NULL: every expert stays as paged in */
     char *tokbuf;         /* the longest token's bytes (fence tracking) */
     int tokbuf_cap;
     /* one grouped product run */
@@ -335,6 +336,7 @@ cm_moe_ctx *cm_moe_ctx_create(const cm_model *m, const cm_moe_model *mm, cm_pool
 
 void cm_moe_ctx_free(cm_moe_ctx *mc) {
     if (!mc) return;
+    cm_moe_resident_free(mc->resident);
     for (int s = 0; mc->seqs && s < mc->n_seq_max; s++) {
         moe_seq *q = &mc->seqs[s];
         free(q->tok);
@@ -981,6 +983,7 @@ void cm_moe_ffn(cm_moe_ctx *mc, int il, int n, const float *x, float *y) {
         mm_add(mc, ex->down, ex->down_type, D, F, mc->hg + (size_t)r0 * F, nr, mc->yd + (size_t)r0 * D);
     }
     mm_go(mc);
+    cm_moe_resident_note(mc->resident, il, gs);
 
     /* 4. scatter in expert order per token */
     for (int i = 0; i < n; i++) {
@@ -1075,6 +1078,13 @@ void cm_mole_down(cm_moe_ctx *mc, int il, int n, const float *h, float *proj) {
 const cm_routing *cm_moe_routing(cm_moe_ctx *mc, int seq) { return &mc->seqs[seq].r; }
 
 void cm_moe_set_stats(cm_moe_ctx *mc, int on) { mc->stats_on = on != 0; }
+
+void cm_moe_set_resident(cm_moe_ctx *mc, cm_moe_resident *r) {
+    cm_moe_resident_free(mc->resident);
+    mc->resident = r;
+}
+
+const cm_moe_resident *cm_moe_get_resident(const cm_moe_ctx *mc) { return mc ? mc->resident : NULL; }
 
 void cm_moe_set_trace(cm_moe_ctx *mc, cm_moe_trace_fn fn, void *ud) {
     mc->trace = fn;

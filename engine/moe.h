@@ -131,6 +131,24 @@ void cm_moe_ffn(cm_moe_ctx *mc, int il, int n, const float *x, float *y);
 void cm_mole_gate_up(cm_moe_ctx *mc, int il, int n, const float *x, float *hg, float *hu);
 void cm_mole_down(cm_moe_ctx *mc, int il, int n, const float *h, float *proj);
 
+/* Expert residency (moe_resident.c, cm_ctx_params.experts_resident): at most `keep` experts of each layer
+ * (token and segment level together) keep their pages of the model file; the least recently used of the
+ * others are released after each layer's products. cm_moe_resident_create: CM_OK with *out NULL when
+ * there is nothing to do (keep <= 0, a model other than hybrid or sparse), or with *out a new state that
+ * has released every expert's pages; CM_E_NOMEM (err set). cm_moe_set_resident: mc takes r (freed with
+ * mc) and notes each layer's experts in cm_moe_ffn. cm_moe_resident_stats (tests, benchmarks): the most
+ * experts resident in a layer now, and the releases since creation; 0s for NULL. */
+typedef struct cm_moe_resident cm_moe_resident;
+int cm_moe_resident_create(const struct cm_model *m, const cm_moe_model *mm, int keep, cm_moe_resident **out,
+                           cm_err *err);
+void cm_moe_resident_free(cm_moe_resident *r);
+/* After layer il's products: g_start (n_tok + n_seg + 1) the grouped rows' starts, an expert ran when
+ * its group is not empty. NULL r: nothing. */
+void cm_moe_resident_note(cm_moe_resident *r, int il, const int32_t *g_start);
+void cm_moe_resident_stats(const cm_moe_resident *r, int *max_resident, uint64_t *released);
+void cm_moe_set_resident(cm_moe_ctx *mc, cm_moe_resident *r);
+const cm_moe_resident *cm_moe_get_resident(const cm_moe_ctx *mc);
+
 /* Tests: called after routing each layer, once per batch token, with its token experts (selection
  * order: the top non-shared by p, then the shared one) and segment experts (by q, highest first;
  * reference mode: the experts whose chosen windows hold the token, in expert order). */

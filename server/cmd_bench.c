@@ -2,7 +2,7 @@
  * cmd_bench.c - `codemoe bench`: prefill and decode speed of a model, printed as a table in the style of
  * llama-bench so the two can be set side by side.
  *
- *   codemoe bench --model M [-p 512] [-n 128] [-t 1,2] [-r 3] [--kv-type f32,f16]
+ *   codemoe bench --model M [-p 512] [-n 128] [-t 1,2] [-r 3] [--kv-type f32,f16] [--membw]
  *
  * ppN: one N-token forward on a fresh sequence (logits of the last token only), tokens/s = N / time.
  * tgN: after a 1-token prompt, N single-token forwards with logits, tokens/s = N / time.
@@ -10,9 +10,17 @@
  * t/cpu-s divides tokens by the CPU time of all threads: the efficiency on a machine shared with others.
  * Several thread counts or KV types are measured in the same run, one row each, so they can be compared
  * under the same conditions.
+ * --membw first measures the machine's plain memory read bandwidth at each thread count (a buffer far
+ * larger than the caches, read in full several times per rep, best of reps), then gives each decode row
+ * the bytes a token reads (cm_model_decode_bytes at the run's mean depth) and its tokens/s as a fraction
+ * of the bound that bandwidth sets (bound = bandwidth / bytes per token). Both are also taken on the CPU
+ * clock (each reading thread's bytes / its CPU time, summed; tokens per CPU-second x threads), which a
+ * busy machine's time-slicing distorts much less than the wall clock.
  */
 #include <errno.h>
 #include <math.h>
+#include <pthread.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,6 +38,62 @@ static double clock_s(clockid_t id) {
 static double now_s(void) { return clock_s(CLOCK_MONOTONIC); }
 static double cpu_s(void) { return clock_s(CLOCK_PROCESS_CPUTIME_ID); }
 
+/* ------------------------------------------------------------ memory bandwidth */
+
+enum { MEMBW_MIB = 512, MEMBW_PASSES = 3, MEMBW_REPS = 5 };
+
+typedef struct {
+    const uint64_t *p;
+    size_t n; /* words */
+    uint64_t sum;
+    double cpu; /* the thread's CPU seconds for its passes */
+} membw_part;
+
+/* Reads its slice MEMBW_PASSES times. Eight independent sums keep many loads in flight (one chain would
+ * measure the adder's latency), and the result is kept so the reads cannot be optimised away. */
+static void *membw_read(void *arg) {
+    membw_part *w = arg;
+    double c0 = clock_s(CLOCK_THREAD_CPUTIME_ID);
+    uint64_t s[8] = {0};
+    for (int pass = 0; pass < MEMBW_PASSES; pass++)
+        for (size_t i = 0; i + 8 <= w->n; i += 8)
+            for (int j = 0; j < 8; j++) s[j] += w->p[i + j];
+    w->sum = s[0] ^ s[1] ^ s[2] ^ s[3] ^ s[4] ^ s[5] ^ s[6] ^ s[7];
+    w->cpu = clock_s(CLOCK_THREAD_CPUTIME_ID) - c0;
+    return NULL;
+}
+
+/* Plain read bandwidth in bytes/s of `threads` threads each reading its own slice of buf (words), best
+ * of MEMBW_REPS, on the wall clock (returned) and on the CPU clock (*cpu_bw: the sum of each thread's
+ * bytes / CPU seconds); 0 when a thread cannot be started. */
+static double membw_measure(const uint64_t *buf, size_t words, int threads, double *cpu_bw) {
+    membw_part parts[256];
+    pthread_t tid[256];
+    double best = 0;
+    *cpu_bw = 0;
+    size_t per = words / (size_t)threads / 8 * 8;
+    for (int rep = 0; rep < MEMBW_REPS; rep++) {
+        double t0 = now_s();
+        int started = 0;
+        for (int i = 0; i < threads; i++) {
+            parts[i] = (membw_part){.p = buf + (size_t)i * per, .n = per};
+            if (i > 0 && pthread_create(&tid[i], NULL, membw_read, &parts[i])) break;
+            started++;
+        }
+        membw_read(&parts[0]);
+        for (int i = 1; i < started; i++) pthread_join(tid[i], NULL);
+        double t = now_s() - t0;
+        if (started < threads) return 0;
+        volatile uint64_t sink = parts[0].sum;
+        (void)sink;
+        double bytes = (double)per * sizeof *buf * MEMBW_PASSES, bw = bytes * (double)threads / t, cbw = 0;
+        for (int i = 0; i < threads; i++) cbw += parts[i].cpu > 0 ? bytes / parts[i].cpu : 0;
+        if (bw > best) best = bw;
+        if (cbw > *cpu_bw) *cpu_bw = cbw;
+    }
+    return best;
+}
+
 static int g_routing_stats = 1; /* --routing-stats 0|1: MoE routing statistics off/on (their cost) */
 
 static void usage(void) {
@@ -42,7 +106,9 @@ static void usage(void) {
             "  -r, --repetitions  measured runs per test (default 3)\n"
             "  --kv-type LIST     KV cache element types, f16 and/or f32, comma separated (default: the\n"
             "                     other commands' default)\n"
-            "  --routing-stats 0|1  gather MoE routing statistics (default 1)\n");
+            "  --routing-stats 0|1  gather MoE routing statistics (default 1)\n"
+            "  --membw            measure memory read bandwidth first; decode rows get bytes per token and\n"
+            "                     their fraction of the bandwidth bound (wall clock and CPU clock)\n");
 }
 
 /* One run of a test on a fresh context; returns wall seconds (CPU seconds of all threads in *cpu) or
@@ -85,13 +151,17 @@ static double run_once(const cm_model *m, int threads, int kv_type, int pp, int 
 
 int cmd_bench(int argc, char **argv) {
     const char *model = NULL;
-    int pp = 512, tg = 128, reps = 3, n_thr = 0, thr[16], n_kv = 0, kv[2];
+    int pp = 512, tg = 128, reps = 3, n_thr = 0, thr[16], n_kv = 0, kv[2], membw = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             usage();
             return 0;
+        }
+        if (!strcmp(a, "--membw")) {
+            membw = 1;
+            continue;
         }
         if (!v) {
             fprintf(stderr, "bench: %s needs a value\n", a);
@@ -165,14 +235,36 @@ int cmd_bench(int argc, char **argv) {
         toks[i] = (int32_t)((r >> 33) % (uint64_t)in->n_vocab);
     }
 
+    /* bandwidth per thread count, measured before any model weights are read */
+    double bw[16] = {0}, cbw[16] = {0};
+    if (membw && tg > 0) {
+        size_t words = (size_t)MEMBW_MIB * 1024 * 1024 / sizeof(uint64_t);
+        uint64_t *buf = malloc(words * sizeof *buf);
+        if (!buf) {
+            fprintf(stderr, "bench: out of memory for the %d MiB bandwidth buffer\n", MEMBW_MIB);
+            membw = 0;
+        } else {
+            for (size_t i = 0; i < words; i++) buf[i] = i; /* fault every page in before timing */
+            for (int ti = 0; ti < n_thr; ti++) {
+                bw[ti] = membw_measure(buf, words, thr[ti], &cbw[ti]);
+                printf("membw: %d thread%s %.2f GB/s, per CPU-second %.2f GB/s (%d MiB, %d passes, best of %d)\n",
+                       thr[ti], thr[ti] == 1 ? "" : "s", bw[ti] / 1e9, cbw[ti] / 1e9, MEMBW_MIB, MEMBW_PASSES,
+                       MEMBW_REPS);
+            }
+            printf("\n");
+            free(buf);
+        }
+    }
+
     char mname[64];
     snprintf(mname, sizeof mname, "%s %s", in->arch, in->name && *in->name ? in->name : "");
     /* t/cpu-s: tokens per CPU-second of all threads; on a shared machine the wall-clock t/s depends on
      * the neighbours, this column much less */
-    printf("| %-28s | %6s | %10s | %9s | %7s | %3s | %6s | %18s | %9s |\n", "model", "type", "size", "params",
+    printf("| %-28s | %6s | %10s | %9s | %7s | %3s | %6s | %18s | %9s |", "model", "type", "size", "params",
            "threads", "kv", "test", "t/s", "t/cpu-s");
-    printf("| %.28s | -----: | ---------: | --------: | ------: | --: | -----: | -----------------: | --------: |\n",
-           "----------------------------------");
+    if (membw) printf(" %9s | %9s | %8s | %9s | %10s |", "MB/tok", "bound t/s", "of bound", "cpu bound", "cpu of bnd");
+    printf("\n| %.28s | -----: | ---------: | --------: | ------: | --: | -----: | -----------------: | --------: |%s\n",
+           "----------------------------------", membw ? " --------: | --------: | -------: | --------: | ---------: |" : "");
     int rc = 0;
     for (int ti = 0; ti < n_thr && !rc; ti++) {
         for (int test = 0; test < 2 && !rc; test++) {
@@ -199,9 +291,21 @@ int cmd_bench(int argc, char **argv) {
                 char tname[16], tps[32];
                 snprintf(tname, sizeof tname, "%s%d", test == 0 ? "pp" : "tg", n);
                 snprintf(tps, sizeof tps, "%.2f ± %.2f", mean, sd);
-                printf("| %-28.28s | %6s | %6.2f MiB | %7.2f M | %7d | %3s | %6s | %19s | %9.2f |\n", mname,
+                printf("| %-28.28s | %6s | %6.2f MiB | %7.2f M | %7d | %3s | %6s | %19s | %9.2f |", mname,
                        in->weight_type, (double)in->file_bytes / (1024.0 * 1024.0), (double)in->n_params / 1e6,
                        thr[ti], kv[ki] == CM_KV_F16 ? "f16" : "f32", tname, tps, n * reps / csum);
+                if (membw && test == 1 && bw[ti] > 0) {
+                    /* the decode tokens see n_past 1 .. tg: bytes are linear in depth, so the mean is the
+                     * mean of the ends */
+                    double bytes = ((double)cm_model_decode_bytes(m, 1, kv[ki]) +
+                                    (double)cm_model_decode_bytes(m, tg, kv[ki])) / 2;
+                    double bound = bw[ti] / bytes, cbound = cbw[ti] / bytes;
+                    printf(" %9.2f | %9.2f | %7.0f%% | %9.2f | %9.0f%% |", bytes / 1e6, bound, 100 * mean / bound, cbound,
+                           100 * (n * reps / csum) * thr[ti] / cbound);
+                } else if (membw) {
+                    printf(" %9s | %9s | %8s | %9s | %10s |", "-", "-", "-", "-", "-");
+                }
+                printf("\n");
                 fflush(stdout);
             }
         }

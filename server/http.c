@@ -633,13 +633,12 @@ static void handle_metrics(srv_req *r) {
         x->model = m->model.id;
         x->threads = m->threads;
         srv_sched_stats(m->sched, &x->g, &x->ttft, &x->itl, &x->generated_tokens, &x->prompt_tokens);
-        if (m->model.model) {
-            size_t mapped = 0, cached = 0, resident = 0;
-            cm_model_residency(m->model.model, &mapped, &cached, &resident);
-            x->mapped_bytes = mapped;
-            x->cached_bytes = cached;
-            x->resident_bytes = resident;
-        }
+        /* measured off the loop: the figures of the last measurement (at most a few seconds old) */
+        size_t mapped = 0, cached = 0, resident = 0;
+        srv_member_residency(m, &mapped, &cached, &resident);
+        x->mapped_bytes = mapped;
+        x->cached_bytes = cached;
+        x->resident_bytes = resident;
         who[n++] = m;
     }
     size_t len = 0;
@@ -869,12 +868,15 @@ static void handle_props(srv_req *r) {
         respond_error(r, &e);
         return;
     }
-    json_t *params = json_pack("{s:i,s:f,s:f,s:i,s:f,s:f,s:f,s:f,s:[]}", "n_predict", d.max_tokens, "temperature",
+    json_t *stop = json_array();
+    for (int i = 0; stop && i < d.stop.n; i++) json_array_append_new(stop, json_stringn(d.stop.s[i], d.stop.len[i]));
+    json_t *params = json_pack("{s:i,s:f,s:f,s:i,s:f,s:f,s:f,s:f,s:o,s:I}", "n_predict", d.max_tokens, "temperature",
                                (double)d.sampling.temperature, "top_p", (double)d.sampling.top_p, "top_k",
                                d.sampling.top_k, "min_p", (double)d.sampling.min_p, "repeat_penalty",
                                (double)d.sampling.repetition_penalty, "presence_penalty",
                                (double)d.sampling.presence_penalty, "frequency_penalty",
-                               (double)d.sampling.frequency_penalty, "stop");
+                               (double)d.sampling.frequency_penalty, "stop", stop, "seed",
+                               d.seed_set ? (json_int_t)d.seed : (json_int_t)-1);
     api_completion_req_free(&d);
     json_t *o = params ? json_pack("{s:{s:i,s:o},s:i,s:s,s:s,s:s,s:i,s:s}", "default_generation_settings", "n_ctx",
                                    mem->model.n_ctx, "params", params, "total_slots", mem->cfg.parallel, "model_path",

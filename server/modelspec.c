@@ -18,10 +18,12 @@ void srv_model_spec_init(srv_model_spec *s) {
     s->n_ctx = s->parallel = s->queue = s->n_batch = s->kv_type = s->prefix_cache = -1;
     s->kv_size = -1;
     s->max_itl_ms = -1;
+    s->experts_resident = -1;
 }
 
 void srv_model_spec_free(srv_model_spec *s) {
     free(s->path);
+    json_decref(s->defaults);
     for (int i = 0; i < s->n_aliases; i++) free(s->aliases[i]);
     free(s->aliases);
     srv_model_spec_init(s);
@@ -42,6 +44,8 @@ int srv_model_spec_copy(srv_model_spec *dst, const srv_model_spec *src) {
     dst->path = NULL;
     dst->aliases = NULL;
     dst->n_aliases = 0;
+    dst->defaults = NULL;
+    if (src->defaults && !(dst->defaults = json_deep_copy(src->defaults))) goto oom;
     if (src->path && !(dst->path = strdup(src->path))) goto oom;
     for (int i = 0; i < src->n_aliases; i++)
         if (add_alias(dst, src->aliases[i]) < 0) goto oom;
@@ -58,7 +62,8 @@ int srv_model_spec_same(const srv_model_spec *a, const srv_model_spec *b) {
     return a->path && b->path && !strcmp(a->path, b->path) && a->n_threads == b->n_threads && a->n_ctx == b->n_ctx &&
            a->parallel == b->parallel && a->queue == b->queue && a->n_batch == b->n_batch && a->kv_type == b->kv_type &&
            a->prefix_cache == b->prefix_cache && a->kv_size == b->kv_size && a->kv_size_bytes == b->kv_size_bytes &&
-           a->max_itl_ms == b->max_itl_ms;
+           a->max_itl_ms == b->max_itl_ms && a->experts_resident == b->experts_resident &&
+           (a->defaults && b->defaults ? json_equal(a->defaults, b->defaults) : a->defaults == b->defaults);
 }
 
 void srv_model_spec_finish(srv_model_spec *s) {
@@ -94,6 +99,78 @@ int srv_kv_size_parse(const char *v, long long *size, int *bytes) {
     return 0;
 }
 
+/* The default sampling fields (api_defaults_check), by the --model spelling. */
+static const char *const default_keys[] = {"temperature", "top-p", "top-k", "min-p", "repetition-penalty",
+                                           "presence-penalty", "frequency-penalty", "seed", "max-tokens", "stop"};
+
+/* A --model stop string: \n, \t and \\ as a newline, a tab and a backslash (a shell passes them as typed). */
+static json_t *stop_string(const char *v) {
+    size_t n = strlen(v), k = 0;
+    char *t = malloc(n + 1);
+    if (!t) return NULL;
+    for (size_t i = 0; i < n; i++) {
+        if (v[i] == '\\' && i + 1 < n && strchr("nt\\", v[i + 1])) {
+            i++;
+            t[k++] = v[i] == 'n' ? '\n' : v[i] == 't' ? '\t' : '\\';
+        } else {
+            t[k++] = v[i];
+        }
+    }
+    json_t *j = json_stringn(t, k);
+    free(t);
+    return j;
+}
+
+/* A default sampling field into s->defaults (its JSON spelling); the ranges are api_defaults_check's,
+ * applied once every key is read. Returns 0, 1 for a key that is not one, -1 for a value that is no
+ * number (err set). */
+static int default_set(srv_model_spec *s, const char *key, const char *v, json_t *given, char *err, size_t cap) {
+    size_t k;
+    for (k = 0; k < sizeof default_keys / sizeof *default_keys; k++)
+        if (!strcmp(key, default_keys[k])) break;
+    if (k == sizeof default_keys / sizeof *default_keys) return 1;
+    char name[32];
+    snprintf(name, sizeof name, "%s", key);
+    for (char *c = name; *c; c++) if (*c == '-') *c = '_';
+    if (!s->defaults && !(s->defaults = json_object())) return fail(err, cap, "out of memory");
+    json_t *x = NULL;
+    if (!strcmp(key, "stop")) {
+        json_t *arr = json_object_get(s->defaults, "stop");
+        if (!arr && (!(arr = json_array()) || json_object_set_new(s->defaults, "stop", arr)))
+            return fail(err, cap, "out of memory");
+        if (!(x = given ? json_incref(given) : stop_string(v)) || json_array_append_new(arr, x))
+            return fail(err, cap, "out of memory");
+        return 0;
+    }
+    char *end;
+    errno = 0;
+    if (given) {
+        x = json_incref(given);
+    } else if (!strcmp(key, "max-tokens") && !strcmp(v, "null")) {
+        x = json_null();
+    } else if (!strcmp(key, "seed") || !strcmp(key, "top-k") || !strcmp(key, "max-tokens")) {
+        long long i = strtoll(v, &end, 10);
+        if (errno || end == v || *end) return fail(err, cap, "bad model setting %s=%s: not an integer", key, v);
+        x = json_integer(i);
+    } else {
+        double d = strtod(v, &end);
+        if (errno || end == v || *end) return fail(err, cap, "bad model setting %s=%s: not a number", key, v);
+        x = json_real(d);
+    }
+    if (!x || json_object_set_new(s->defaults, name, x)) return fail(err, cap, "out of memory");
+    return 0;
+}
+
+/* Whether the defaults read are ones a request could send (api_defaults_check's rules). */
+static int defaults_check(const srv_model_spec *s, char *err, size_t cap) {
+    api_limits lim;
+    api_limits_default(&lim);
+    api_error e;
+    if (api_defaults_check(s->defaults, &lim, &e) < 0)
+        return fail(err, cap, "bad default %s: %s", e.param[0] ? e.param : "sampling", e.message);
+    return 0;
+}
+
 /* The settings both sources share, by key (the --model spelling; the JSON one has '_' for '-'). Returns
  * 0, 1 for an unknown key, -1 for a bad value (err set). */
 static int spec_set(srv_model_spec *s, const char *key, const char *v, char *err, size_t cap) {
@@ -110,6 +187,7 @@ static int spec_set(srv_model_spec *s, const char *key, const char *v, char *err
     else if (!strcmp(key, "queue")) bad = cli_parse_int(v, 0, 1 << 20, &s->queue);
     else if (!strcmp(key, "batch")) bad = cli_parse_int(v, 1, 1 << 16, &s->n_batch);
     else if (!strcmp(key, "prefix-cache")) bad = cli_parse_int(v, 0, 1, &s->prefix_cache);
+    else if (!strcmp(key, "experts-resident")) bad = cli_parse_int(v, 0, 1 << 20, &s->experts_resident);
     else if (!strcmp(key, "kv-size")) bad = srv_kv_size_parse(v, &s->kv_size, &s->kv_size_bytes);
     else if (!strcmp(key, "kv-type")) {
         if (!strcmp(v, "f16")) s->kv_type = CM_KV_F16;
@@ -122,20 +200,24 @@ static int spec_set(srv_model_spec *s, const char *key, const char *v, char *err
         bad = errno || end == v || *end || !(x >= 0 && x <= 1e6);
         if (!bad) s->max_itl_ms = x;
     } else {
-        return 1;
+        return default_set(s, key, v, NULL, err, cap);
     }
     if (bad) return fail(err, cap, "bad model setting %s=%s", key, v);
     return 0;
 }
 
 static const char *const spec_keys[] = {"id", "alias", "ctx", "threads", "parallel", "queue", "batch", "prefix-cache",
-                                        "kv-size", "kv-type", "max-itl-ms"};
+                                        "kv-size", "kv-type", "max-itl-ms", "experts-resident"};
 
 /* Whether p (just after a comma) starts "key=" for a known key. */
 static int known_key_at(const char *p) {
     for (size_t k = 0; k < sizeof spec_keys / sizeof *spec_keys; k++) {
         size_t n = strlen(spec_keys[k]);
         if (!strncmp(p, spec_keys[k], n) && p[n] == '=') return 1;
+    }
+    for (size_t k = 0; k < sizeof default_keys / sizeof *default_keys; k++) {
+        size_t n = strlen(default_keys[k]);
+        if (!strncmp(p, default_keys[k], n) && p[n] == '=') return 1;
     }
     return 0;
 }
@@ -161,6 +243,7 @@ int srv_model_spec_parse(const char *v, srv_model_spec *out, char *err, size_t c
         free(item);
         if (rc) { srv_model_spec_free(out); return -1; }
     }
+    if (defaults_check(out, err, cap)) { srv_model_spec_free(out); return -1; }
     return 0;
 }
 
@@ -191,6 +274,21 @@ int srv_model_spec_from_json(const json_t *o, srv_model_spec *out, char *err, si
         /* the JSON spelling: kv_size for kv-size */
         snprintf(name, sizeof name, "%s", key);
         for (char *c = name; *c; c++) if (*c == '_') *c = '-';
+        if (!strcmp(key, "stop") && (json_is_string(v) || json_is_array(v))) {
+            size_t i;
+            json_t *a, *one = json_is_string(v) ? json_pack("[O]", v) : json_incref(v);
+            rc = one ? 0 : fail(err, cap, "out of memory");
+            json_array_foreach(one, i, a)
+                if ((rc = default_set(out, "stop", NULL, a, err, cap))) break;
+            json_decref(one);
+            if (rc) goto bad;
+            continue;
+        }
+        /* a default keeps its JSON value: api_defaults_check judges its type as a request's */
+        if ((rc = default_set(out, name, NULL, v, err, cap)) <= 0) {
+            if (rc) goto bad;
+            continue;
+        }
         const char *val = buf;
         if (json_is_string(v)) val = json_string_value(v);
         else if (json_is_boolean(v)) snprintf(buf, sizeof buf, "%d", json_is_true(v));
@@ -202,6 +300,7 @@ int srv_model_spec_from_json(const json_t *o, srv_model_spec *out, char *err, si
         if (rc) goto bad;
     }
     if (!out->path) { fail(err, cap, "a model needs \"path\""); goto bad; }
+    if (defaults_check(out, err, cap)) goto bad;
     return 0;
 bad:
     srv_model_spec_free(out);

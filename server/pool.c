@@ -11,6 +11,7 @@
  * The reservations never sum to more than the budget, so workers never oversubscribe the cores, except
  * while a replaced model finishes its last requests beside its replacement.
  */
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,6 +46,7 @@ srv_pool *srv_pool_create(uv_loop_t *loop, const srv_config *cfg, srv_pool_wake_
 }
 
 static void member_stop(srv_member *m);
+static void residency_start(srv_member *m);
 
 static void member_wake(void *ud) {
     srv_member *m = ud;
@@ -112,12 +114,14 @@ static int member_start(srv_pool *p, const srv_model_spec *spec, int threads, sr
     if (s->prefix_cache >= 0) m->cfg.prefix_cache = s->prefix_cache;
     if (s->kv_size >= 0) { m->cfg.kv_size = s->kv_size; m->cfg.kv_size_bytes = s->kv_size_bytes; }
     if (s->max_itl_ms >= 0) m->cfg.max_itl_ms = s->max_itl_ms;
+    if (s->experts_resident >= 0) m->cfg.experts_resident = s->experts_resident;
     /* the names are known before the weights: /v1/models/{id} answers while the model loads */
     m->model.id = m->cfg.model_id;
     m->model.aliases = (const char *const *)m->cfg.aliases;
     m->model.n_aliases = m->cfg.n_aliases;
     m->model.strict_name = m->cfg.strict_model;
     m->model.n_batch = m->cfg.n_batch;
+    m->model.defaults = s->defaults;
     struct stat st;
     m->model.created = stat(s->path, &st) == 0 ? (int64_t)st.st_mtime : (int64_t)time(NULL);
     m->state = SRV_MODEL_LOADING;
@@ -218,6 +222,7 @@ int srv_pool_update(srv_member *m, cm_err *err) {
     snprintf(m->chat_template_error, sizeof m->chat_template_error, "%s", m->chat_template ? "" : te.message);
     m->model.chat_template = m->chat_template;
     m->model.chat_template_error = m->chat_template_error;
+    residency_start(m); /* the first figures, before the first scrape asks */
     if (m->replaces) {
         srv_member *old = m->replaces;
         m->replaces = NULL;
@@ -230,6 +235,53 @@ int srv_pool_update(srv_member *m, cm_err *err) {
         srv_pool_retire(old);
     }
     return st;
+}
+
+/* ------------------------------------------------------------ residency of the model file */
+
+/* On libuv's pool: reads nothing of the member but what residency_start copied. */
+static void residency_work(uv_work_t *w) {
+    srv_residency *r = w->data;
+    /* a slow measurement, for the test that shows /metrics never waits for one */
+    const char *delay = getenv("CODEMOE_TEST_RESIDENCY_DELAY_MS");
+    if (delay && atoi(delay) > 0) {
+        struct timespec ts = {atoi(delay) / 1000, (long)(atoi(delay) % 1000) * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    if (cm_model_residency(r->model, &r->next[0], &r->next[1], &r->next[2]) < 0)
+        r->next[0] = r->next[1] = r->next[2] = 0;
+}
+
+static void residency_done(uv_work_t *w, int status) {
+    srv_member *m = (srv_member *)((char *)w->data - offsetof(srv_member, residency));
+    srv_residency *r = &m->residency;
+    if (status == 0) {
+        r->mapped = r->next[0];
+        r->cached = r->next[1];
+        r->resident = r->next[2];
+        r->n_done++;
+    }
+    r->busy = 0;
+    srv_member_release(m);
+}
+
+static void residency_start(srv_member *m) {
+    srv_residency *r = &m->residency;
+    if (r->busy || !m->model.model || m->stopped_at) return;
+    r->model = m->model.model;
+    r->work.data = r;
+    if (uv_queue_work(m->pool->loop, &r->work, residency_work, residency_done)) return;
+    r->busy = 1;
+    r->started_at = uv_now(m->pool->loop);
+    srv_member_hold(m);
+}
+
+void srv_member_residency(srv_member *m, size_t *mapped, size_t *cached, size_t *resident) {
+    srv_residency *r = &m->residency;
+    if (!r->started_at || uv_now(m->pool->loop) - r->started_at >= SRV_RESIDENCY_REFRESH_MS) residency_start(m);
+    *mapped = r->mapped;
+    *cached = r->cached;
+    *resident = r->resident;
 }
 
 srv_member *srv_pool_find(srv_pool *p, const char *name) {

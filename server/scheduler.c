@@ -992,7 +992,8 @@ static int worker_load(srv_sched *s) {
         } else {
             cm_ctx_params cp = {.n_threads = s->cfg->n_threads, .n_seq_max = s->cfg->parallel, .n_ctx = n_ctx,
                                 .n_batch_max = s->cfg->n_batch, .kv_tokens = (int)kv_tokens,
-                                .prefix_cache = s->cfg->prefix_cache, .kv_type = s->cfg->kv_type};
+                                .prefix_cache = s->cfg->prefix_cache, .kv_type = s->cfg->kv_type,
+                                .experts_resident = s->cfg->experts_resident};
             ctx = cm_ctx_create(m, &cp, &err);
         }
         if (ctx) {

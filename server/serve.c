@@ -27,7 +27,10 @@ static void serve_usage(FILE *f) {
         "  --model PATH[,key=value...]  GGUF model to serve (repeatable: a pool of models, each with its\n"
         "                          own engine worker). Settings of this model only: id=NAME, alias=NAME\n"
         "                          (repeatable), ctx=N, kv-size=N[KiB|MiB|GiB], threads=N, parallel=N,\n"
-        "                          queue=N, batch=N, kv-type=f16|f32, prefix-cache=0|1, max-itl-ms=MS\n"
+        "                          queue=N, batch=N, kv-type=f16|f32, prefix-cache=0|1, max-itl-ms=MS,\n"
+        "                          experts-resident=N;\n"
+        "                          default sampling: temperature, top-p, top-k, min-p, repetition-penalty,\n"
+        "                          presence-penalty, frequency-penalty, seed, max-tokens, stop (repeatable)\n"
         "  --config FILE           the models as JSON: {\"models\": [{\"path\", \"id\", \"aliases\",\n"
         "                          \"ctx\", \"kv_size\", \"threads\", ...}]}; SIGHUP re-reads it and loads,\n"
         "                          unloads or replaces models to match\n"
@@ -59,6 +62,9 @@ static void serve_usage(FILE *f) {
         "  --spec-draft N          greedy choices draft up to N tokens per step from earlier text\n"
         "                          (prompt lookup) and verify them in the same forward pass; the\n"
         "                          output is unchanged (default 0 = off; e.g. 8; at most 32)\n"
+        "  --experts-resident N    MoE models (qwen3moe, hybrid): keep at most N experts per layer in\n"
+        "                          memory, releasing the least recently used ones' pages of the model\n"
+        "                          file (paged back in when they run again; 0 = no limit, default)\n"
         "  --kv-check              check the KV pool's bookkeeping after every step (tests; slow)\n"
         "  --api-key KEY           require 'Authorization: Bearer KEY' (repeatable)\n"
         "  --api-key-file PATH     one key per line ('#' comments)\n"
@@ -202,7 +208,8 @@ static int parse_flags(int argc, char **argv, srv_config *c) {
                                   "--routing-retention", "--stream-buffer", "--max-connections", "--kv-size",
                                   "--max-itl-ms", "--kv-type", "--admin-key", "--routing-retention-bytes",
                                   "--header-timeout", "--min-body-rate", "--max-conn-per-ip", "--alias",
-                                  "--user-header", "--key-max-concurrent", "--key-tokens-per-minute", "--spec-draft"};
+                                  "--user-header", "--key-max-concurrent", "--key-tokens-per-minute", "--spec-draft",
+                                  "--experts-resident"};
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) { rc = -1; serve_usage(stdout); goto out; }
         if (!strcmp(argv[i], "--no-prefix-cache")) { c->prefix_cache = 0; continue; }
@@ -277,6 +284,7 @@ static int parse_flags(int argc, char **argv, srv_config *c) {
         else if (!strcmp(f, "--spec-draft")) ok = cli_int("serve", f, v, 0, SRV_SPEC_DRAFT_MAX, &c->spec_draft);
         else if (!strcmp(f, "--kv-size")) ok = parse_kv_size(v, c);
         else if (!strcmp(f, "--kv-type")) ok = cli_kv_type("serve", f, v, &c->kv_type);
+        else if (!strcmp(f, "--experts-resident")) ok = cli_int("serve", f, v, 0, 1 << 20, &c->experts_resident);
         else if (!strcmp(f, "--max-itl-ms")) {
             float ms;
             ok = cli_float("serve", f, v, 0, 1e6, &ms);

@@ -41,6 +41,9 @@ typedef struct srv_model_spec {
     long long kv_size;        /* -1: the process's; else as srv_config.kv_size */
     int kv_size_bytes;
     double max_itl_ms;        /* < 0: the process's */
+    int experts_resident;     /* < 0: the process's (--experts-resident) */
+    json_t *defaults;         /* the model's default request fields (api_defaults_check'd JSON object:
+                                 temperature, top_p, ..., stop), owned; NULL: none */
 } srv_model_spec;
 
 /* A KV pool size: "N" tokens (at most 2^30), or N with KiB, MiB or GiB: bytes (at most 1 TiB), *bytes
@@ -55,11 +58,16 @@ int srv_model_spec_copy(srv_model_spec *dst, const srv_model_spec *src);
 int srv_model_spec_same(const srv_model_spec *a, const srv_model_spec *b);
 /* Parses a --model value: PATH, then optional ",key=value" settings: id, alias (repeatable), ctx,
  * kv-size (tokens or N KiB|MiB|GiB), threads, parallel, queue, batch, kv-type (f16|f32), prefix-cache
- * (0|1), max-itl-ms. A comma not followed by a known key belongs to the path. Returns 0, or -1 with a
- * message in err (out is then empty). */
+ * (0|1), max-itl-ms, experts-resident, and the default sampling (api_defaults_check): temperature, top-p, top-k, min-p,
+ * repetition-penalty, presence-penalty, frequency-penalty, seed, max-tokens (a number or null), stop
+ * (repeatable, one string each; \n, \t and \\ stand for a newline, a tab and a backslash). A comma
+ * not followed by a known key belongs to the path (or the stop string). Returns 0, or -1 with a message
+ * in err (out is then empty): a default out of its range is such an error. */
 int srv_model_spec_parse(const char *v, srv_model_spec *out, char *err, size_t err_cap);
 /* The same from a JSON object {path, id, aliases:[...], ctx, kv_size (number: tokens, or "N MiB"),
- * threads, parallel, queue, batch, kv_type, prefix_cache (bool), max_itl_ms}; unknown keys are errors. */
+ * threads, parallel, queue, batch, kv_type, prefix_cache (bool), max_itl_ms, experts_resident, temperature, top_p, top_k,
+ * min_p, repetition_penalty, presence_penalty, frequency_penalty, seed, max_tokens, stop (a string or an
+ * array of strings)}; unknown keys and bad values are errors. */
 int srv_model_spec_from_json(const json_t *o, srv_model_spec *out, char *err, size_t err_cap);
 /* Fills the id from the path when none was given. */
 void srv_model_spec_finish(srv_model_spec *s);
@@ -99,6 +107,7 @@ typedef struct srv_config {
     double max_itl_ms;        /* soft inter-token latency bound that limits prefill per step (0: off) */
     int spec_draft;           /* prompt-lookup speculation: draft tokens per greedy sequence and step (0: off;
                                  at most SRV_SPEC_DRAFT_MAX; see scheduler.c) */
+    int experts_resident;     /* MoE experts per layer kept in memory (cm_ctx_params; 0: no limit) */
     int kv_check;             /* run cm_ctx_kv_check after every step (--kv-check, CODEMOE_KV_CHECK=1) */
     srv_keys keys;            /* API keys; none: no auth */
     char **cors;              /* allowed origins (owned); "*" allows any */
@@ -268,6 +277,19 @@ void srv_tokvec_free(srv_tokvec *v);
 typedef struct srv_pool srv_pool;
 typedef struct srv_member srv_member;
 
+/* How much of a model's file is in memory (cm_model_residency), measured on libuv's thread pool because
+ * a mincore over tens of GB and a read of smaps are no work for the loop thread. Owned by its member. */
+#define SRV_RESIDENCY_REFRESH_MS 2000 /* the figures are at most this old (plus one measurement) */
+typedef struct srv_residency {
+    size_t mapped, cached, resident; /* bytes, as of the last measurement that ended (0 before) */
+    uint64_t started_at;             /* uv_now() when the last measurement started; 0: none yet */
+    uint64_t n_done;                 /* measurements ended */
+    int busy;                        /* one is in flight: it holds a reference to the member */
+    uv_work_t work;
+    const cm_model *model;           /* what the one in flight measures; its results land in next */
+    size_t next[3];
+} srv_residency;
+
 /* One served model instance, as the loop sees it. Loop thread only; the worker reads cfg (immutable
  * while it runs). Created by srv_pool_add, freed by the pool once retired and released by every request
  * and its worker has stopped. */
@@ -291,6 +313,7 @@ struct srv_member {
     void *waiter;               /* http.c: the admin request waiting for the load, or NULL */
     srv_member *next;           /* live list (srv_pool_first), or retired / stopped list */
     uint64_t stopped_at;        /* uv_now() when its worker was stopped */
+    srv_residency residency;    /* its model file's residency as last measured (srv_member_residency) */
 };
 
 /* Called on the loop thread when m's worker reports (model state or job output). */
@@ -331,6 +354,12 @@ int srv_pool_views(srv_pool *p, api_model *out, srv_member **who);
 void srv_pool_retire(srv_member *m);
 void srv_member_hold(srv_member *m);
 void srv_member_release(srv_member *m);
+/* The residency of m's model file as last measured (0s before the first measurement has ended, or when
+ * the model is not loaded): never measured on the calling (loop) thread. Starts a measurement on libuv's
+ * pool when none is in flight and the last started SRV_RESIDENCY_REFRESH_MS ago or more; the
+ * measurement holds m (srv_member_hold), so an unload or replace meanwhile stops m only once it ended.
+ * The loop does not end while one is in flight (a uv_work_t is an active request). */
+void srv_member_residency(srv_member *m, size_t *mapped, size_t *cached, size_t *resident);
 /* Threads of the budget held by models (live, or retired and not stopped yet). */
 int srv_pool_threads_used(const srv_pool *p);
 /* Frees the members whose workers stopped in an earlier loop iteration (their wake-up handles are

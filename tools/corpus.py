@@ -12,6 +12,13 @@ Sources (language: Debian package -> files taken):
     ruby:   libruby3.1                     /usr/lib/ruby/3.1.0/**/*.rb
     c:      libc6-dev, linux-libc-dev      the *.h files these two packages install (dpkg -L)
     js:     nodejs (npm and its bundled modules)  /usr/lib/node_modules/**/*.js
+Held-out-only sources (split "heldout_ext": packages never used for training, so a held-out loss on them
+measures transfer to other code, not to other files of the same package):
+    python: python3-requests, python3-networkx     go: golang-github-spf13-cobra-dev, -stretchr-testify-dev
+    rust:   librust-regex-dev, -serde-dev, -rand-dev java: bsh-src (BeanShell, a tar.gz of its sources)
+    cpp:    libfmt-dev, nlohmann-json3-dev, libcereal-dev    ruby: rake, ruby-thor, ruby-rack
+They are read after every training language, so the train and heldout splits are the same files with or
+without them, and the same rules apply (duplicates of a kept training file are dropped).
 --install runs apt-get for the packages that are missing (needs root).
 
 Rules, applied per file in this order (counted per language in the manifest under "dropped"):
@@ -26,7 +33,7 @@ Rules, applied per file in this order (counted per language in the manifest unde
 Files are sorted by path, shuffled with a fixed seed, and split BY FILE: 5% held out, the rest train;
 then the train split is capped at --cap-mb per language (the shuffled order decides what is kept).
 
-Output: <out>/<lang>/{train,heldout}.jsonl, one {"path", "pkg", "text"} per line, and <out>/manifest.json
+Output: <out>/<lang>/{train,heldout,heldout_ext}.jsonl, one {"path", "pkg", "text"} per line, and <out>/manifest.json
 (files and bytes per language and split, drop counts, packages, versions and their licences as named in
 /usr/share/doc/<pkg>/copyright).
 """
@@ -40,6 +47,7 @@ import random
 import re
 import subprocess
 import sys
+import tarfile
 import zipfile
 
 # HumanEval-X (held out of training): $CODEMOE_HUMANEVAL_X, else the shared data folder beside the repository
@@ -66,7 +74,23 @@ SOURCES = {
           ("linux-libc-dev", "dpkg:linux-libc-dev", lambda p: p.endswith(".h"))],
     "js": [("nodejs", "/usr/lib/node_modules", lambda p: p.endswith(".js") and not p.endswith(".min.js"))],
 }
-APT_PACKAGES = ["golang-src", "rust-src", "openjdk-17-source", "libboost-dev", "libruby3.1"]
+# lang -> held-out-only sources (see the module doc); "dpkg:<pkg>" reads the files the package installed
+HELDOUT_EXT = {
+    "python": [("python3-requests", "dpkg:python3-requests", lambda p: p.endswith(".py")),
+               ("python3-networkx", "dpkg:python3-networkx", lambda p: p.endswith(".py"))],
+    "go": [("golang-github-spf13-cobra-dev", "dpkg:golang-github-spf13-cobra-dev", lambda p: p.endswith(".go")),
+           ("golang-github-stretchr-testify-dev", "dpkg:golang-github-stretchr-testify-dev",
+            lambda p: p.endswith(".go"))],
+    "rust": [(p, "dpkg:" + p, lambda q: q.endswith(".rs"))
+             for p in ("librust-regex-dev", "librust-serde-dev", "librust-rand-dev")],
+    "java": [("bsh-src", "/usr/src/bsh-src/bsh.tar.gz", lambda p: p.endswith(".java"))],
+    "cpp": [(p, "dpkg:" + p, lambda q: q.endswith((".h", ".hpp")))
+            for p in ("libfmt-dev", "nlohmann-json3-dev", "libcereal-dev")],
+    "ruby": [(p, "dpkg:" + p, lambda q: q.endswith(".rb")) for p in ("rake", "ruby-thor", "ruby-rack")],
+}
+APT_PACKAGES = ["golang-src", "rust-src", "openjdk-17-source", "libboost-dev", "libruby3.1"] + sorted(
+    {p for srcs in HELDOUT_EXT.values() for p, _, _ in srcs}) + [
+    "python3-matplotlib"]  # not a source: the PNGs of tools/runs.py report (the pipeline installs it here)
 LANGS = list(SOURCES)
 
 MIN_BYTES, MAX_BYTES = 64, 256 * 1024
@@ -87,6 +111,12 @@ def iter_files(root, keep):
             if p and keep(p) and os.path.isfile(p) and not os.path.islink(p):
                 with open(p, "rb") as fh:
                     yield p, fh.read()
+        return
+    if root.endswith(".tar.gz"):
+        with tarfile.open(root) as t:
+            for m in sorted(t.getmembers(), key=lambda m: m.name):
+                if m.isfile() and keep("/" + m.name):
+                    yield root + ":" + m.name, t.extractfile(m).read()
         return
     if root.endswith(".zip"):
         with zipfile.ZipFile(root) as z:
@@ -159,6 +189,7 @@ KNOWN_LICENCES = {
     "libpython3.11-stdlib": ["PSF-2.0 (Python Software Foundation License Version 2)"],
     "libc6-dev": ["LGPL-2.1+ (GNU C Library)"],
     "nodejs": ["Expat (Node.js)", "Artistic-2.0 (npm)", "bundled npm modules: mostly ISC / Expat"],
+    "bsh-src": ["LGPL-2.1 (BeanShell; held-out evaluation files only)"],
 }
 
 
@@ -214,9 +245,11 @@ def main():
                 "rules": {"min_bytes": MIN_BYTES, "max_bytes": MAX_BYTES, "max_line": 1000, "max_mean_line": 100,
                           "min_alnum": 0.25, "generated_markers": GEN_MARKERS},
                 "eval_solutions_checked": len(sols), "languages": {}}
-    for lang in args.langs.split(","):
+
+    def collect(lang, sources):
+        """The files of sources that pass every rule (in order), drop counts, package records."""
         kept, dropped, pkgs = [], {}, {}
-        for pkg, root, keep in SOURCES[lang]:
+        for pkg, root, keep in sources:
             if not root.startswith("dpkg:") and not os.path.exists(root):
                 print("corpus: %s: %s missing (package %s not installed?)" % (lang, root, pkg), file=sys.stderr)
                 continue
@@ -237,6 +270,19 @@ def main():
                     dropped[why] = dropped.get(why, 0) + 1
                     continue
                 kept.append({"path": path, "pkg": pkg, "text": text})
+        return kept, dropped, pkgs
+
+    def write(lang, split, rows):
+        d = os.path.join(args.out, lang)
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, split + ".jsonl"), "w", encoding="utf-8") as fh:
+            for r in rows:
+                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        return {"files": len(rows), "bytes": sum(len(r["text"].encode()) for r in rows)}
+
+    langs = args.langs.split(",")
+    for lang in langs:
+        kept, dropped, pkgs = collect(lang, SOURCES[lang])
         random.Random("%d:%s" % (args.seed, lang)).shuffle(kept)
         n_held = max(1, int(round(len(kept) * args.heldout))) if kept else 0
         held, train = kept[:n_held], kept[n_held:]
@@ -247,18 +293,22 @@ def main():
                 continue
             tot += n
             capped.append(r)
-        d = os.path.join(args.out, lang)
-        os.makedirs(d, exist_ok=True)
         info = {"packages": pkgs, "dropped": dropped, "over_cap_files": len(train) - len(capped)}
         for split, rows in (("train", capped), ("heldout", held)):
-            with open(os.path.join(d, split + ".jsonl"), "w", encoding="utf-8") as fh:
-                for r in rows:
-                    fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-            info[split] = {"files": len(rows), "bytes": sum(len(r["text"].encode()) for r in rows)}
+            info[split] = write(lang, split, rows)
         manifest["languages"][lang] = info
         print("corpus: %-6s train %5d files %6.1f MB, heldout %4d files %5.2f MB, dropped %s" % (
             lang, info["train"]["files"], info["train"]["bytes"] / 1e6, info["heldout"]["files"],
             info["heldout"]["bytes"] / 1e6, dropped), file=sys.stderr)
+    for lang in langs:  # after every training language: the train/heldout splits do not depend on these
+        if lang not in HELDOUT_EXT:
+            continue
+        kept, dropped, pkgs = collect(lang, HELDOUT_EXT[lang])
+        random.Random("%d:%s:ext" % (args.seed, lang)).shuffle(kept)
+        info = manifest["languages"][lang]
+        info["heldout_ext"] = dict(write(lang, "heldout_ext", kept), packages=pkgs, dropped=dropped)
+        print("corpus: %-6s heldout_ext %4d files %5.2f MB from %s, dropped %s" % (
+            lang, len(kept), info["heldout_ext"]["bytes"] / 1e6, ", ".join(pkgs), dropped), file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
     mpath = os.path.join(args.out, "manifest.json")
     if os.path.exists(mpath):  # a run over some languages keeps the others' entries

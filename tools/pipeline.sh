@@ -3,14 +3,19 @@
 # and every training stage resumes from its latest checkpoint, so re-running after an interruption
 # continues where it stopped. Runs at the lowest CPU priority, so the machine stays usable.
 #
-#   tools/pipeline.sh [stage ...]     # default: corpus tokenizer check tokens base export-base
-#                                     #   then moe moe_noseg moe_noshared dense_cont lora mole + exports,
+#   tools/pipeline.sh [stage ...]     # default (CM_EXP=lowres): corpus tokenizer check tokens base
+#                                     #   export-base runs (tools/runs.py: the run plan, resumable)
+#                                     # CM_EXP=v1 (the shipped run): ... base export-base, then
+#                                     #   moe moe_noseg moe_noshared dense_cont lora mole + exports,
 #                                     #   results (held-out loss + HumanEval-X solution NLL per language),
 #                                     #   report (tools/results.sh: docs/results.md, models/README.md numbers)
+#   tools/pipeline.sh snapshot-base   # the base's checkpoint -> models/checkpoints[/lowres]/base.pt (commit it)
 #   CM_TRAIN=DIR (working files, outside the repository)  CM_BUILD=build-data  CM_BASE_TOKENS=3000000  CM_POST_TOKENS=500000 (the shipped run)
+#   CM_EXP=lowres (the experiment: its base mix, checkpoints under $CM_TRAIN/lowres; v1 = the shipped run)
 set -eu
 cd "$(dirname "$0")/.."
 T=${CM_TRAIN:-${XDG_CACHE_HOME:-$HOME/.cache}/codemoe/train}
+export CM_EXP=${CM_EXP:-lowres}
 B=${CM_BUILD:-build-data}
 PY="nice -n 19 /usr/bin/python3"
 BASE_TOKENS=${CM_BASE_TOKENS:-3000000}
@@ -22,12 +27,17 @@ step() { echo "== $1 ($(date -u +%H:%M:%S))" >&2; }
 run_stage() {
     case "$1" in
     corpus)
-        [ -f "$T/corpus/manifest.json" ] && return 0
+        # (a corpus from before the held-out-only packages is rebuilt: same train files, plus heldout_ext)
+        [ -f "$T/corpus/manifest.json" ] && [ -f "$T/corpus/ruby/heldout_ext.jsonl" ] && return 0
         step corpus
         $PY tools/corpus.py --install --out "$T/corpus" ;;
     tokenizer)
+        # the committed tokenizer keeps the token ids of every committed checkpoint
         [ -f "$T/tokenizer/tokenizer.json" ] && return 0
         step tokenizer
+        mkdir -p "$T/tokenizer" && cp models/tokenizer/* "$T/tokenizer/" ;;
+    train-tokenizer)
+        step train-tokenizer
         $PY tools/train_tokenizer.py --corpus "$T/corpus" --out "$T/tokenizer" --vocab 8192 --sample-mb 1.0 ;;
     check)
         [ -x "$B/server/codemoe" ] || { meson setup "$B" . >/dev/null && nice -n 19 ninja -j1 -C "$B" server/codemoe; }
@@ -35,12 +45,18 @@ run_stage() {
         $PY tools/check_tokenizer.py --tokenizer "$T/tokenizer" --corpus "$T/corpus" --codemoe "$B/server/codemoe"
         $PY tools/train.py check ;;
     tokens)
-        [ -f "$T/tokens/info.json" ] && return 0
+        [ -f "$T/tokens/info.json" ] && [ -f "$T/tokens/ruby.heldout_ext.u16" ] && return 0
         step tokens
         $PY tools/train.py tokenize --tokenizer "$T/tokenizer" --corpus "$T/corpus" ;;
     base)
         step base
-        $PY tools/train.py train --stage base --tokens "$BASE_TOKENS" --threads 1 ;;
+        $PY tools/train.py train --stage base --tokens "$BASE_TOKENS" --threads 1 --ckpt-min 5 ;;
+    runs)
+        step runs
+        $PY tools/runs.py run ${CM_STOP_AT:+--stop-at "$CM_STOP_AT"} ;;
+    snapshot-*)
+        step "$1"
+        $PY tools/train.py snapshot --stage "${1#snapshot-}" --with-opt ;;
     moe|moe_noseg|moe_noshared|moe_segbal|dense_cont|lora|mole)
         step "$1"
         $PY tools/train.py train --stage "$1" --tokens "$POST_TOKENS" --lr 5e-4 --threads 1 ;;
@@ -63,7 +79,9 @@ run_stage() {
     esac
 }
 
-if [ $# -eq 0 ]; then
+if [ $# -eq 0 ] && [ "$CM_EXP" != v1 ]; then
+    set -- corpus tokenizer check tokens base export-base runs
+elif [ $# -eq 0 ]; then
     set -- corpus tokenizer check tokens base export-base moe export-moe moe_noseg moe_noshared moe_segbal dense_cont \
         export-dense_cont lora export-lora mole export-mole results report
 fi

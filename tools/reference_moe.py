@@ -15,6 +15,9 @@ reference.Model in place of the dense SwiGLU FFN (the attention part is unchange
     segment level, mode "causal": token t in window s = t // w pools x[s*w .. t] (prefix max or mean);
       q_t = softmax(W_seg desc_t); top-c experts by q_t (c = max(1, floor(capacity)); ties: lower expert
       index) with gate q_e * gate_scale. Every token is routed (no tail rule: the future is unknown).
+      route "previous" (training option, tools/train.py; not in the GGUF format): every token of window
+      s >= 1 is routed as above but with the pool of the whole window s-1, so a window's experts are
+      chosen before it is read; window 0 gets no segment expert.
     Each expert is a SwiGLU FFN: down(silu(gate x) * up x), its own (F_exp) width.
 (b) MoLE (arch "mole", base Llama): LoRA experts on gate/up/down only:
       W' x = W x + sum over the token's adapter set a of (alpha_a / sqrt(r_a)) * B_a (A_a x)
@@ -54,8 +57,10 @@ class HybridParams:
     """The multipl_moe.* hyper-parameters (see docs/model-format.md)."""
 
     def __init__(self, n_tok, k_used, shared, f_exp, n_seg, window, pooling, capacity, bucket, gate_scale,
-                 a_tok, a_seg, mode_default="causal"):
+                 a_tok, a_seg, mode_default="causal", route="prefix"):
         assert pooling in ("max", "mean") and mode_default in ("causal", "reference")
+        assert route in ("prefix", "previous")
+        self.route = route
         assert -1 <= shared < n_tok and 1 <= k_used <= n_tok
         self.n_tok, self.k_used, self.shared, self.f_exp = n_tok, k_used, shared, f_exp
         self.n_seg, self.window, self.pooling, self.capacity = n_seg, window, pooling, capacity
@@ -159,7 +164,13 @@ class HybridFFN:
         W = self.w["model.layers.%d.moe.seg_router" % i]
         for t in range(T):
             s0 = (t // w) * w
-            q = torch.softmax(self.pool(x[s0:t + 1]) @ W.T, dim=-1)  # (N_seg)
+            if self.hp.route == "previous":
+                if s0 == 0:
+                    ids.append([])
+                    continue
+                q = torch.softmax(self.pool(x[s0 - w:s0]) @ W.T, dim=-1)
+            else:
+                q = torch.softmax(self.pool(x[s0:t + 1]) @ W.T, dim=-1)  # (N_seg)
             order = stable_desc(q)
             sel = order[:c]
             if c < len(order):

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as Fn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("CM_EXP", "v1")  # this report is the shipped run's (train.py's experiment v1)
 import train as tr  # noqa: E402
 
 REPO = tr.REPO

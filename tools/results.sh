@@ -22,7 +22,9 @@ B=${CM_BUILD:-build-eval}
 SHIP=${CM_SHIP:-moe}
 STAGES=${CM_STAGES:-base dense_cont lora mole moe moe_noseg moe_noshared moe_segbal}
 LATEST=${CM_LATEST:-0}
-export CM_TRAIN="$T" CM_BUILD="$B" OMP_NUM_THREADS=1
+# this report is the shipped run's (experiment v1: checkpoints in $CM_TRAIN/ckpt); train.py's default is
+# the lowres experiment, whose runs tools/runs.py reports
+export CM_TRAIN="$T" CM_BUILD="$B" OMP_NUM_THREADS=1 CM_EXP=v1
 PY="nice -n 19 /usr/bin/python3"
 R="$PY tools/results.py"
 CODEMOE="$B/server/codemoe"

@@ -50,10 +50,24 @@ ROOT = corpus.TRAIN_DIR
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LANGS = ["python", "java", "cpp", "rust", "go", "ruby", "c", "js"]
 HIGH, LOW = ["python", "java", "cpp"], ["rust", "go", "ruby"]
-# base: high-resource dominated (80% Python/Java/C++, 20% Rust/Go/Ruby); C and JS are left out of the
-# experiment's mixes (they are in the corpus and the tokenizer)
-MIX_BASE = {"python": 0.28, "java": 0.26, "cpp": 0.26, "rust": 0.0667, "go": 0.0667, "ruby": 0.0666}
+# C and JS are left out of the experiment's mixes (they are in the corpus and the tokenizer).
+# v1 (the shipped run, docs/results.md): a base that saw the low-resource languages at 20%
+MIX_BASE_V1 = {"python": 0.28, "java": 0.26, "cpp": 0.26, "rust": 0.0667, "go": 0.0667, "ruby": 0.0666}
+# lowres: a base that sees (almost) none of Rust/Go/Ruby (1% each), so they are low-resource for real
+MIX_BASE_LOWRES = {"python": 0.324, "java": 0.323, "cpp": 0.323, "rust": 0.01, "go": 0.01, "ruby": 0.01}
+# post-pretraining, both experiments: the paper's 9:1 low:high-resource ratio
 MIX_POST = {"python": 0.0333, "java": 0.0333, "cpp": 0.0334, "rust": 0.3, "go": 0.3, "ruby": 0.3}
+# An experiment fixes the base mix and where its checkpoints and logs ($CM_TRAIN/<dir>) and committed
+# weights-only snapshots (models/checkpoints/<dir>) live; v1 keeps the shipped run's layout. $CM_EXP picks
+# one (default lowres, docs/training.md); corpus, tokenizer and token files are shared.
+EXPERIMENTS = {"v1": {"mix_base": MIX_BASE_V1, "dir": ""},
+               "lowres": {"mix_base": MIX_BASE_LOWRES, "dir": "lowres"}}
+EXP = os.environ.get("CM_EXP") or "lowres"
+if EXP not in EXPERIMENTS:
+    sys.exit("train.py: unknown CM_EXP %r (one of %s)" % (EXP, ", ".join(EXPERIMENTS)))
+EXP_ROOT = os.path.join(ROOT, EXPERIMENTS[EXP]["dir"]) if EXPERIMENTS[EXP]["dir"] else ROOT
+MIX_BASE = EXPERIMENTS[EXP]["mix_base"]
+SPLITS_HELDOUT = ("heldout", "heldout_ext")  # same packages as training / packages never trained on
 SPECIALS = ["<|endoftext|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>"]
 
 # sized for the measured CPU speed (docs/training.md): ~3.2M parameters, ~3.6M multiply-adds per token
@@ -62,6 +76,14 @@ DEFAULT_ARCH = dict(vocab_size=8192, hidden_size=192, intermediate_size=512, num
                     tie_word_embeddings=True, max_position_embeddings=2048)
 DEFAULT_MOE = dict(n_tok=6, k_used=2, shared=5, n_seg=6, pooling="max", capacity=1.0, bucket=4,
                    a_tok=0.7, a_seg=0.3)  # window = ctx / 8, gate_scale = 1 / window (set from ctx)
+# The lowres experiment's upcycle (docs/training.md): it starts exactly at the base. Fusion weights are
+# learned per layer from (a_tok, a_seg) = (1, 0) ("fusion_learn"; folded into the experts' down
+# projections at export, so the GGUF format is unchanged), the segment gate is the router probability itself
+# (gate_scale 1, not 1/window), router z-loss, the load-balancing loss on the segment routers too.
+# Options: pooling "mean"; route "previous" (window s is routed with the pooled descriptor of window s-1,
+# so its expert is chosen before it is read; window 0 gets no segment expert).
+LOWRES_MOE = dict(a_tok=1.0, a_seg=0.0, gate_scale=1.0, fusion_learn=1, seg_balance=1, z_loss=1e-3,
+                  route="prefix")
 
 
 # ============================================================================ model
@@ -166,6 +188,8 @@ class HybridMoE(nn.Module):
         super().__init__()
         self.hp = hp
         N, S = hp["n_tok"], hp["n_seg"]
+        if hp.get("fusion_learn"):  # (a_tok, a_seg) of this layer, learned (LOWRES_MOE)
+            self.fusion = nn.Parameter(torch.tensor([float(hp["a_tok"]), float(hp["a_seg"])]))
         self.tok_router = nn.Parameter(torch.randn(N, D) * 0.02)
         self.tok_gate = nn.Parameter(torch.empty(N, F, D))
         self.tok_up = nn.Parameter(torch.empty(N, F, D))
@@ -175,7 +199,35 @@ class HybridMoE(nn.Module):
             self.seg_gate = nn.Parameter(torch.empty(S, F, D))
             self.seg_up = nn.Parameter(torch.empty(S, F, D))
             self.seg_down = nn.Parameter(torch.empty(S, D, F))
-        self.aux = None
+        self.aux = self.zloss = None
+
+    def fusion_weights(self):
+        """(a_tok, a_seg) as this layer applies them: learned parameters or the fixed hyper-parameters."""
+        if self.hp.get("fusion_learn"):
+            return self.fusion[0], self.fusion[1]
+        return self.hp["a_tok"], self.hp["a_seg"]
+
+    def segment_descriptors(self, x):
+        """Per-token segment descriptors (B*T, D) and a (B*T,) mask of the tokens that get a segment expert.
+        route "prefix" (the engine's causal mode): token t of window s pools x[s*w .. t]; every token.
+        route "previous": every token of window s gets window s-1's pooled descriptor; window 0 none."""
+        hp = self.hp
+        B, T, D = x.shape
+        w = hp["window"]
+        Tp = -(-T // w) * w  # pad to whole windows: prefix pooling never sees the padding
+        xs = Fn.pad(x, (0, 0, 0, Tp - T)).reshape(B, Tp // w, w, D)
+        if hp.get("route", "prefix") == "previous":
+            P = T // w  # whole windows; a window is complete before the next one starts
+            full = xs[:, :P].amax(dim=2) if hp["pooling"] == "max" else xs[:, :P].mean(dim=2)  # (B, P, D)
+            desc = torch.cat([x.new_zeros(B, 1, D), full], dim=1)[:, :Tp // w]  # window s <- s-1
+            desc = desc[:, :, None].expand(B, Tp // w, w, D).reshape(B, Tp, D)[:, :T]
+            mask = (torch.arange(T) >= w).repeat(B)
+            return desc.reshape(B * T, D), mask
+        if hp["pooling"] == "max":
+            desc = xs.cummax(dim=2).values
+        else:
+            desc = xs.cumsum(dim=2) / torch.arange(1, w + 1, dtype=x.dtype)[:, None]
+        return desc.reshape(B, Tp, D)[:, :T].reshape(B * T, D), torch.ones(B * T, dtype=torch.bool)
 
     def upcycle(self, mlp):
         with torch.no_grad():
@@ -197,7 +249,10 @@ class HybridMoE(nn.Module):
         B, T, D = x.shape
         xf = x.reshape(B * T, D)
         N, sh = hp["n_tok"], hp["shared"]
-        p = torch.softmax(xf @ self.tok_router.T, dim=-1)  # (BT, N)
+        lt = xf @ self.tok_router.T
+        p = torch.softmax(lt, dim=-1)  # (BT, N)
+        # router z-loss (ST-MoE): keeps the router logits small, so softmax stays in its sensitive range
+        self.zloss = (torch.logsumexp(lt, dim=-1) ** 2).mean()
         routed = [e for e in range(N) if e != sh]
         n_pick = hp["k_used"] - 1 if sh >= 0 else hp["k_used"]
         pr = p[:, routed]
@@ -214,27 +269,34 @@ class HybridMoE(nn.Module):
         f = torch.zeros(len(routed)).index_add_(0, top_i.reshape(-1), torch.ones(top_i.numel())) / top_i.numel()
         self.aux = len(routed) * (f.detach() * pr.mean(0)).sum()
         self.route_counts = f.detach()
-        y = hp["a_tok"] * y_tok
+        a_tok, a_seg = self.fusion_weights()
+        y = a_tok * y_tok
+        self.seg_share, self.seg_counts = None, np.zeros(hp["n_seg"], dtype=np.int64)
         if hp["n_seg"]:
-            w = hp["window"]
-            Tp = -(-T // w) * w  # pad to whole windows: prefix pooling never sees the padding
-            xs = Fn.pad(x, (0, 0, 0, Tp - T)).reshape(B, Tp // w, w, D)
-            if hp["pooling"] == "max":
-                desc = xs.cummax(dim=2).values
-            else:
-                desc = xs.cumsum(dim=2) / torch.arange(1, w + 1, dtype=x.dtype)[:, None]
-            desc = desc.reshape(B, Tp, D)[:, :T].reshape(B * T, D)
-            q = torch.softmax(desc @ self.seg_router.T, dim=-1)  # (BT, S)
+            desc, mask = self.segment_descriptors(x)
+        if hp["n_seg"] and mask.any():  # (route "previous": none before the second window)
+            ls = desc[mask] @ self.seg_router.T
+            q = torch.softmax(ls, dim=-1)  # (routed tokens, S)
+            if hp.get("z_loss"):
+                self.zloss = self.zloss + (torch.logsumexp(ls, dim=-1) ** 2).mean()
             qv, qi = q.max(dim=-1)  # capacity 1: top-1 expert per token
+            self.seg_counts = np.bincount(qi.numpy(), minlength=hp["n_seg"])  # routing statistics (runs.py)
             if hp.get("seg_balance"):
                 # the same Switch-style loss over the segment experts' top-1 choices: without it one
                 # segment expert takes ~98% of the tokens (docs/results.md)
                 S = hp["n_seg"]
                 fs = torch.zeros(S).index_add_(0, qi, torch.ones(qi.numel())) / qi.numel()
                 self.aux = self.aux + S * (fs.detach() * q.mean(0)).sum()
-            y_seg = torch.zeros_like(xf)
-            self.experts("seg", xf, qi, qv * hp["gate_scale"], y_seg)
-            y = y + hp["a_seg"] * y_seg
+            sel = mask.nonzero(as_tuple=True)[0]
+            y_sub = torch.zeros(sel.numel(), D, dtype=x.dtype)
+            self.experts("seg", xf[sel], qi, qv * hp["gate_scale"], y_sub)
+            y_seg = torch.zeros_like(xf).index_add(0, sel, a_seg * y_sub)
+            # the segment branch's share of the FFN output norm (reported per run)
+            self.seg_share = (y_seg.detach().norm(dim=-1).sum() /
+                              (y.detach().norm(dim=-1).sum() + y_seg.detach().norm(dim=-1).sum()).clamp_min(1e-30))
+            if getattr(self, "knockout", False):  # evaluation only: the segment branch switched off
+                y_seg = torch.zeros_like(y_seg)
+            y = y + y_seg
         return y.reshape(B, T, D)
 
 
@@ -305,6 +367,9 @@ class LM(nn.Module):
     def aux_loss(self):
         return sum(l.moe.aux for l in self.model.layers if hasattr(l, "moe"))
 
+    def z_loss(self):
+        return sum(l.moe.zloss for l in self.model.layers if hasattr(l, "moe"))
+
 
 def make_config(d):
     return ref.Config("qwen2", d["vocab_size"], d["hidden_size"], d["intermediate_size"], d["num_hidden_layers"],
@@ -318,9 +383,18 @@ def n_params(m, trainable=False):
 
 # ============================================================================ variants
 
-def moe_params(stage, ctx):
+def moe_params(stage, ctx, exp=None):
+    """The hybrid's hyper-parameters of a moe* stage in experiment exp (default $CM_EXP)."""
     hp = dict(DEFAULT_MOE, window=ctx // 8)
     hp["gate_scale"] = 1.0 / hp["window"]
+    if (exp or EXP) != "v1":
+        hp.update(LOWRES_MOE)
+        if stage == "moe_mean":
+            hp.update(pooling="mean")
+        if stage == "moe_prev":
+            hp.update(route="previous")
+        if stage == "moe_nobal":  # the routing picture's unbalanced panel
+            hp.update(seg_balance=0)
     if stage == "moe_noseg":
         hp.update(n_seg=0, a_tok=1.0, a_seg=0.0)
     if stage == "moe_noshared":
@@ -333,13 +407,14 @@ def moe_params(stage, ctx):
 MOLE_NAMES = ["python", "java", "cpp", "rust", "go", "ruby", "shared", "other"]
 
 
-def build_variant(model, stage, ctx, args):
-    """Turn a dense base model into the stage's model; set requires_grad. Returns meta for the ckpt."""
+def build_variant(model, stage, ctx, args, hp=None):
+    """Turn a dense base model into the stage's model; set requires_grad. Returns meta for the ckpt.
+    hp: the hybrid's hyper-parameters as a checkpoint recorded them (default moe_params)."""
     meta = {}
     for p in model.parameters():
         p.requires_grad = stage in ("base", "dense_cont")
     if stage.startswith("moe"):
-        hp = moe_params(stage, ctx)
+        hp = dict(hp) if hp else moe_params(stage, ctx)
         meta["moe"] = hp
         for layer in model.model.layers:
             layer.moe = HybridMoE(model.cfg.hidden_size, model.cfg.intermediate_size, hp)
@@ -404,7 +479,7 @@ def cmd_tokenize(args):
     os.makedirs(os.path.join(ROOT, "tokens"), exist_ok=True)
     info = {}
     for lang in LANGS:
-        for split, mb in (("train", args.train_mb), ("heldout", args.heldout_mb)):
+        for split, mb in (("train", args.train_mb), ("heldout", args.heldout_mb), ("heldout_ext", args.heldout_mb)):
             src = os.path.join(args.corpus, lang, split + ".jsonl")
             dst = tok_path(lang, split)
             if not os.path.exists(src):
@@ -456,11 +531,11 @@ class Data:
         return x[:, :-1], x[:, 1:], langs
 
 
-def heldout_batches(langs, ctx, n, seed=7):
+def heldout_batches(langs, ctx, n, seed=7, split="heldout"):
     """Fixed held-out windows per language (no FIM): n sequences of ctx+1 tokens, evenly spaced."""
     out = {}
     for l in langs:
-        p = tok_path(l, "heldout")
+        p = tok_path(l, split)
         if not os.path.exists(p):
             continue
         s = np.fromfile(p, dtype=np.uint16).astype(np.int64)
@@ -472,7 +547,7 @@ def heldout_batches(langs, ctx, n, seed=7):
 
 
 @torch.no_grad()
-def evaluate(model, hb, stage, bs=8):
+def evaluate(model, hb, stage, bs=8, digits=4):
     model.eval()
     res = {}
     for l, (x, y) in hb.items():
@@ -483,7 +558,7 @@ def evaluate(model, hb, stage, bs=8):
             lg = model(x[i:i + bs])
             tot += float(Fn.cross_entropy(lg.reshape(-1, lg.shape[-1]), y[i:i + bs].reshape(-1), reduction="sum"))
             n += y[i:i + bs].numel()
-        res[l] = round(tot / n, 4)
+        res[l] = round(tot / n, digits) if digits else tot / n
     model.train()
     return res
 
@@ -491,7 +566,12 @@ def evaluate(model, hb, stage, bs=8):
 # ============================================================================ checkpoints
 
 def ckpt_dir(stage):
-    return os.path.join(ROOT, "ckpt", stage)
+    return os.path.join(EXP_ROOT, "ckpt", stage)
+
+
+def snapshot_path(stage):
+    """The committed weights-only snapshot of a stage in this experiment."""
+    return os.path.join(REPO, "models", "checkpoints", EXPERIMENTS[EXP]["dir"], "%s.pt" % stage)
 
 
 def save_ckpt(path, model, opt, step, data, meta, extra=None):
@@ -501,17 +581,37 @@ def save_ckpt(path, model, opt, step, data, meta, extra=None):
     os.replace(tmp, path)
 
 
-def load_model(stage, path=None):
-    """Rebuild a stage's model from its checkpoint (latest.pt or final.pt)."""
-    d = ckpt_dir(stage)
+def load_model(run, path=None):
+    """Rebuild a run's model (a stage name, or a run name of tools/runs.py) from its checkpoint (final.pt
+    or latest.pt); the stage and the hybrid's hyper-parameters come from the checkpoint's meta."""
+    d = ckpt_dir(run)
     path = path or next(p for p in (os.path.join(d, "final.pt"), os.path.join(d, "latest.pt")) if os.path.exists(p))
     ck = torch.load(path)
     meta = ck["meta"]
     model = LM(make_config(meta["arch"]))
+    stage = meta.get("stage", run)
     if stage != "base":
-        build_variant(model, stage, meta["ctx"], None)
+        build_variant(model, stage, meta["ctx"], None, meta.get("moe"))
     model.load_state_dict(ck["model"])
     return model, ck
+
+
+def upcycle_start_loss(stage, ctx, hb, seed=0, arch=None):
+    """(base loss, the stage's loss at step 0) on held-out batches hb, for a freshly upcycled stage (the
+    check that every post stage starts exactly at the base). Without hb: a tiny random base and random
+    tokens (the self-test)."""
+    torch.manual_seed(seed)
+    if arch is None:
+        arch = dict(DEFAULT_ARCH, vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2)
+        model = LM(make_config(arch))
+        x = torch.randint(0, 300, (2, 2 * ctx + 1))
+        hb = {"random": (x[:, :-1], x[:, 1:])}
+    else:
+        model, _ = load_model("base")
+    base = evaluate(model, hb, "base", digits=None)
+    build_variant(model, stage, ctx, None)
+    return base, evaluate(model, hb, stage, digits=None)
 
 
 # ============================================================================ training
@@ -520,12 +620,13 @@ def cmd_train(args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     stage = args.stage
-    d = ckpt_dir(stage)
+    run = args.run or stage  # checkpoints, logs and snapshots are per run (tools/runs.py: stage-seed-lr)
+    d = ckpt_dir(run)
     os.makedirs(d, exist_ok=True)
-    os.makedirs(os.path.join(ROOT, "logs"), exist_ok=True)
+    os.makedirs(os.path.join(EXP_ROOT, "logs"), exist_ok=True)
     latest, final = os.path.join(d, "latest.pt"), os.path.join(d, "final.pt")
     if os.path.exists(final):
-        print("%s: %s exists, nothing to do" % (stage, final), file=sys.stderr)
+        print("%s: %s exists, nothing to do" % (run, final), file=sys.stderr)
         return
     arch = dict(DEFAULT_ARCH)
     for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -534,7 +635,7 @@ def cmd_train(args):
         if v:
             arch[k] = v
     ctx = args.ctx
-    snap = args.init or os.path.join(REPO, "models", "checkpoints", "%s.pt" % stage)
+    snap = args.init or snapshot_path(run)
     prev = latest if os.path.exists(latest) else snap if os.path.exists(snap) else None
     if stage == "base" and prev:  # a resumed run keeps the architecture it started with
         pm = torch.load(prev)["meta"]
@@ -547,32 +648,60 @@ def cmd_train(args):
         arch, ctx = bck["meta"]["arch"], bck["meta"]["ctx"]
         model = base
         meta = {"stage": stage, "arch": arch, "ctx": ctx}
+        if not os.path.exists(latest):  # the step-0 loss of the base, before the upcycle
+            hb0 = heldout_batches(LANGS[:6], ctx, args.eval_seqs)
+            hbx0 = heldout_batches(LANGS[:6], ctx, args.eval_seqs, split="heldout_ext")
+            start_base = evaluate(model, hb0, "base", digits=None)
         meta.update(build_variant(model, stage, ctx, args))
+        if not os.path.exists(latest):
+            # every upcycled stage starts exactly at the base (lowres); v1's fixed fusion did not
+            start = evaluate(model, hb0, stage, digits=None)
+            diff = max(abs(start[l] - start_base[l]) for l in start)
+            meta["start"] = {"base": start_base, "stage": start, "max_abs_diff": diff,
+                             "heldout_ext": evaluate(model, hbx0, stage)}  # the learning curves' first point
+            print("%s: step-0 held-out loss %s, base %s, max |diff| %.2e" % (
+                run, json.dumps({l: round(v, 5) for l, v in start.items()}),
+                json.dumps({l: round(v, 5) for l, v in start_base.items()}), diff), file=sys.stderr)
+            if EXP != "v1" and diff > 1e-4:
+                sys.exit("%s: the upcycled model does not start at the base (max |diff| %.2e)" % (run, diff))
     mix = MIX_BASE if stage == "base" else MIX_POST
-    meta.update(mix=mix, fim=args.fim, batch=args.batch, tokens=args.tokens, lr=args.lr)
+    meta.update(exp=EXP, run=run, seed=args.seed, mix=mix, fim=args.fim, batch=args.batch, tokens=args.tokens,
+                lr=args.lr, fusion_lr_mult=args.fusion_lr_mult)
     with open(os.path.join(args.tokenizer, "tokenizer.json"), encoding="utf-8") as fh:
         added = {t["content"]: t["id"] for t in json.load(fh)["added_tokens"]}
     specials = [added[s] for s in ("<|endoftext|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>")]
     data = Data(mix, "train", ctx, args.fim, args.seed, specials)
     hb = heldout_batches(LANGS[:6], ctx, args.eval_seqs)
+    hbx = heldout_batches(LANGS[:6], ctx, args.eval_seqs, split="heldout_ext")
     params = [p for p in model.parameters() if p.requires_grad]
+    fusion = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith(".moe.fusion")]
     decay = [p for p in params if p.dim() >= 2]
-    nodecay = [p for p in params if p.dim() < 2]
+    nodecay = [p for p in params if p.dim() < 2 and not any(p is f for f in fusion)]
     # weight decay only in pre-training: the post-pretraining stages compare equal set-ups, and decay would
-    # move the frozen shared expert (its gradient is zeroed, AdamW's decoupled decay is not)
-    wd = 0.1 if stage == "base" else 0.0
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": nodecay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    # move the frozen shared expert (its gradient is zeroed, AdamW's decoupled decay is not).
+    # The learned fusion weights get fusion_lr_mult x the learning rate: a_seg starts at 0 and has to reach
+    # order 1 within a post stage's few hundred steps (AdamW moves a scalar by about lr per step).
+    groups = [{"params": decay, "weight_decay": 0.1 if stage == "base" else 0.0, "lr_mult": 1.0},
+              {"params": nodecay, "weight_decay": 0.0, "lr_mult": 1.0}]
+    if fusion:
+        groups.append({"params": fusion, "weight_decay": 0.0, "lr_mult": args.fusion_lr_mult})
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     total = max(1, args.tokens // (args.batch * ctx))
     step, rewarm = 0, None
     if not os.path.exists(latest) and os.path.exists(snap):
-        # a weights-only snapshot (tools/train.py snapshot): fresh optimiser moments, so the learning rate
+        # a committed snapshot (tools/train.py snapshot). With its optimiser moments (bfloat16, --with-opt)
+        # the run continues as from latest.pt; without them the moments start fresh and the learning rate
         # is warmed up again over 50 steps
         ck = torch.load(snap)
         model.load_state_dict({k: v.float() for k, v in ck["model"].items()})
-        step, rewarm = ck["step"], ck["step"]
+        step = ck["step"]
+        if ck.get("opt"):
+            opt.load_state_dict(ck["opt"])  # casts the moments back to the parameters' float32
+        else:
+            rewarm = step
         data.rng.bit_generator.state = ck["rng"]
-        print("%s: started from snapshot %s at step %d" % (stage, snap, step), file=sys.stderr)
+        print("%s: started from snapshot %s at step %d%s" % (
+            stage, snap, step, "" if ck.get("opt") else " (fresh optimiser moments)"), file=sys.stderr)
     if os.path.exists(latest):
         ck = torch.load(latest)
         model.load_state_dict(ck["model"])
@@ -583,8 +712,9 @@ def cmd_train(args):
     print("%s: %d params (%d trainable), ctx %d, batch %d, %d steps (%d tokens)" % (
         stage, n_params(model), n_params(model, True), ctx, args.batch, total, total * args.batch * ctx),
         file=sys.stderr)
-    log = open(os.path.join(ROOT, "logs", "%s.jsonl" % stage), "a")
+    log = open(os.path.join(EXP_ROOT, "logs", "%s.jsonl" % run), "a")
     warm = max(1, min(200, total // 20))
+    eval_every = args.eval_every or max(1, total // 10)  # default: held-out loss every 10% of the budget
     t_ck = t_log = time.time()
     toks_since, t_since = 0, time.time()
     while step < total:
@@ -593,15 +723,16 @@ def cmd_train(args):
         if rewarm is not None:
             lr *= min(1.0, (step - rewarm + 1) / 50)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_mult", 1.0)
         x, y, langs = data.batch(args.batch)
         if stage == "mole":
             set_mole_sets(model, langs, ctx)
         lg = model(x)
         loss = Fn.cross_entropy(lg.reshape(-1, lg.shape[-1]), y.reshape(-1))
         aux = model.aux_loss() if stage.startswith("moe") else torch.zeros(())
+        zl = model.z_loss() if stage.startswith("moe") else torch.zeros(())
         opt.zero_grad(set_to_none=True)
-        (loss + args.alpha * aux).backward()
+        (loss + args.alpha * aux + meta.get("moe", {}).get("z_loss", 0.0) * zl).backward()
         if stage.startswith("moe"):
             freeze_shared_grad(model)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -612,17 +743,25 @@ def cmd_train(args):
         if step % args.log_every == 0 or step == total:
             rec = {"step": step, "loss": round(float(loss), 4), "aux": round(float(aux), 4), "lr": lr,
                    "tok_s": round(toks_since / (now - t_since), 1), "time": int(now)}
+            if stage.startswith("moe"):
+                rec["z"] = round(float(zl), 4)
+                rec["seg_share"] = [round(float(l.moe.seg_share), 4) for l in model.model.layers
+                                    if getattr(l.moe, "seg_share", None) is not None]
+                if fusion:
+                    rec["fusion"] = [[round(float(v), 4) for v in l.moe.fusion] for l in model.model.layers]
             toks_since, t_since = 0, now
-            if step % args.eval_every == 0 or step == total:
+            if step % eval_every == 0 or step == total:
                 rec["heldout"] = evaluate(model, hb, stage)
+                rec["heldout_ext"] = evaluate(model, hbx, stage)
             log.write(json.dumps(rec) + "\n")
             log.flush()
             print(json.dumps(rec), file=sys.stderr)
         if now - t_ck > args.ckpt_min * 60 or step == total:
             save_ckpt(latest, model, opt, step, data, meta)
             t_ck = now
-    save_ckpt(final, model, None, step, None, meta, {"heldout": evaluate(model, hb, stage)})
-    print("%s: done, %s" % (stage, final), file=sys.stderr)
+    save_ckpt(final, model, None, step, None, meta, {"heldout": evaluate(model, hb, stage),
+                                                      "heldout_ext": evaluate(model, hbx, stage)})
+    print("%s: done, %s" % (run, final), file=sys.stderr)
 
 
 def cmd_speed(args):
@@ -659,17 +798,50 @@ def cmd_speed(args):
 # ============================================================================ check / eval / export
 
 def cmd_snapshot(args):
-    """latest.pt (model + optimiser, f32) -> a weights-only float16 file small enough to commit
-    (models/checkpoints/<stage>.pt); `train` starts from it when <ckpt>/<stage>/latest.pt is missing."""
+    """latest.pt (model + optimiser, f32) -> a float16 weights file small enough to commit
+    (models/checkpoints[/<exp>]/<stage>.pt); `train` starts from it when <ckpt>/<stage>/latest.pt is missing.
+    --with-opt adds AdamW's moments in bfloat16 (float32's range: float16 would flush small second moments
+    to 0), so an unfinished run resumes without re-warming (about 3x the size)."""
     d = ckpt_dir(args.stage)
     src = next(p for p in (os.path.join(d, "latest.pt"), os.path.join(d, "final.pt")) if os.path.exists(p))
     ck = torch.load(src)
-    out = args.out or os.path.join(REPO, "models", "checkpoints", "%s.pt" % args.stage)
+    out = args.out or snapshot_path(args.stage)
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    torch.save({"model": {k: v.half() for k, v in ck["model"].items()}, "step": ck["step"], "rng": ck["rng"],
-                "meta": ck["meta"]}, out + ".tmp")
+    opt = None
+    if args.with_opt and ck.get("opt"):
+        opt = {"param_groups": ck["opt"]["param_groups"],
+               "state": {i: {k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() and v.dim() else v
+                             for k, v in st.items()} for i, st in ck["opt"]["state"].items()}}
+    torch.save({"model": {k: v.half() for k, v in ck["model"].items()}, "opt": opt, "step": ck["step"],
+                "rng": ck["rng"], "meta": ck["meta"]}, out + ".tmp")
     os.replace(out + ".tmp", out)
     print("snapshot %s: step %d -> %s (%.1f MB)" % (src, ck["step"], out, os.path.getsize(out) / 1e6))
+
+
+def folded_state(model):
+    """The model's state dict (detached) with learned per-layer fusion weights folded into the experts'
+    down projections: a * down(silu(gate x) * up x) == (a down)(silu(gate x) * up x), so the hybrid then runs
+    with global fusion weights 1 (file_hparams). Other models: the state dict as it is."""
+    sd = {k: v.detach() for k, v in model.state_dict().items() if not k.endswith(".moe.fusion")}
+    for i, layer in enumerate(model.model.layers):
+        moe = getattr(layer, "moe", None)
+        if moe is not None and moe.hp.get("fusion_learn"):
+            a_tok, a_seg = moe.fusion.detach()
+            sd["model.layers.%d.moe.tok_down" % i] = sd["model.layers.%d.moe.tok_down" % i] * a_tok
+            if moe.hp["n_seg"]:
+                sd["model.layers.%d.moe.seg_down" % i] = sd["model.layers.%d.moe.seg_down" % i] * a_seg
+    return sd
+
+
+def file_hparams(model, mode_default="causal"):
+    """reference_moe.HybridParams of a hybrid model as its export writes them (fusion folded: 1 / 1)."""
+    import reference_moe as rm
+    hpd = model.model.layers[0].moe.hp
+    fl = hpd.get("fusion_learn")
+    return rm.HybridParams(hpd["n_tok"], hpd["k_used"], hpd["shared"], model.cfg.intermediate_size, hpd["n_seg"],
+                           hpd["window"], hpd["pooling"], hpd["capacity"], hpd["bucket"], hpd["gate_scale"],
+                           1.0 if fl else hpd["a_tok"], (1.0 if hpd["n_seg"] else 0.0) if fl else hpd["a_seg"],
+                           mode_default, hpd.get("route", "prefix"))
 
 
 def cmd_check(args):
@@ -687,22 +859,52 @@ def cmd_check(args):
     want = ref.Model(m.cfg, sd).forward(toks[0].tolist())
     got = m(toks)[0]
     e1 = float((got - want).abs().max())
-    build_variant(m, "moe", 32, None)
-    m.double()
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if ".moe." in n:
-                p.add_(0.05 * torch.randn_like(p))
-    hpd = m.model.layers[0].moe.hp
-    hp = rm.HybridParams(hpd["n_tok"], hpd["k_used"], hpd["shared"], arch["intermediate_size"], hpd["n_seg"],
-                         hpd["window"], hpd["pooling"], hpd["capacity"], hpd["bucket"], hpd["gate_scale"],
-                         hpd["a_tok"], hpd["a_seg"])
-    sd = {k: v.detach() for k, v in m.state_dict().items()}
-    hm = rm.HybridModel(m.cfg, hp, sd)
-    want = hm.forward_traced(toks[0].tolist(), "causal")[0]
-    e2 = float((m(toks)[0] - want).abs().max())
-    print("check: dense max|diff| %.2e, hybrid (causal) max|diff| %.2e" % (e1, e2))
-    assert e1 < 1e-12 and e2 < 1e-12
+    dense = {k: v.clone() for k, v in m.state_dict().items()}
+    e2 = {}
+    for exp, stage in (("v1", "moe"), ("lowres", "moe"), ("lowres", "moe_mean"), ("lowres", "moe_prev"),
+                       ("lowres", "moe_noshared")):
+        m = LM(make_config(arch)).double()
+        m.load_state_dict(dense)
+        build_variant(m, stage, 32, None, moe_params(stage, 32, exp))
+        m.double()
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if ".moe." in n:
+                    p.add_(0.05 * torch.randn_like(p))  # learned fusion weights too: (1.05.., 0.05..)
+        hm = rm.HybridModel(m.cfg, file_hparams(m), folded_state(m))
+        want = hm.forward_traced(toks[0].tolist(), "causal")[0]
+        e2["%s/%s" % (exp, stage)] = float((m(toks)[0] - want).abs().max())
+    print("check: dense max|diff| %.2e, hybrid (causal) max|diff| %s" % (
+        e1, ", ".join("%s %.2e" % kv for kv in e2.items())))
+    assert e1 < 1e-12 and max(e2.values()) < 1e-12
+
+
+POST_STAGES = ["dense_cont", "lora", "mole", "moe", "moe_noseg", "moe_noshared", "moe_mean", "moe_prev"]
+
+
+def cmd_selftest(args):
+    """The tools-side checks the test suite runs (cheap, no data): `check`, and that every post stage of the
+    lowres experiment starts exactly at the base (held-out loss at step 0 == the base's) on a tiny model."""
+    cmd_check(args)
+    torch.set_num_threads(1)
+    for stage in POST_STAGES:
+        base, start = upcycle_start_loss(stage, 16, None)
+        d = abs(base["random"] - start["random"])
+        print("selftest: %-12s step-0 loss %.6f, base %.6f, |diff| %.1e" % (stage, start["random"], base["random"], d))
+        assert d < 1e-5, stage
+    # and that the v1 upcycle did not (the fixed 0.7 / 0.3 fusion): the check above can fail
+    hp = moe_params("moe", 16, "v1")
+    torch.manual_seed(0)
+    arch = dict(DEFAULT_ARCH, vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2)
+    model = LM(make_config(arch))
+    x = torch.randint(0, 300, (2, 33))
+    hb = {"random": (x[:, :-1], x[:, 1:])}
+    b = evaluate(model, hb, "base", digits=None)["random"]
+    build_variant(model, "moe", 16, None, hp)
+    v1 = evaluate(model, hb, "moe", digits=None)["random"]
+    print("selftest: v1 moe step-0 loss %.6f vs base %.6f (not function-preserving, as documented)" % (v1, b))
+    assert abs(v1 - b) > 1e-4
 
 
 def cmd_eval(args):
@@ -748,11 +950,7 @@ def reference_mode_loss(model, hb, n):
     sequence, docs/model-format.md), run by reference_moe.HybridModel itself (float32): the gap to the causal
     loss on the same weights is the number worth publishing beside it. n sequences per language."""
     import reference_moe as rm
-    hpd = model.model.layers[0].moe.hp
-    hp = rm.HybridParams(hpd["n_tok"], hpd["k_used"], hpd["shared"], model.cfg.intermediate_size, hpd["n_seg"],
-                         hpd["window"], hpd["pooling"], hpd["capacity"], hpd["bucket"], hpd["gate_scale"],
-                         hpd["a_tok"], hpd["a_seg"])
-    hm = rm.HybridModel(model.cfg, hp, {k: v.detach().float() for k, v in model.state_dict().items()},
+    hm = rm.HybridModel(model.cfg, file_hparams(model), {k: v.float() for k, v in folded_state(model).items()},
                         dtype=torch.float32)
     res = {}
     for l, (x, y) in hb.items():
@@ -827,7 +1025,7 @@ def cmd_export(args):
     import gguf
     model, ck = load_model(args.stage, args.ckpt)
     meta, c = ck["meta"], model.cfg
-    stage = args.stage
+    stage = meta.get("stage", args.stage)  # --stage may name a run (tools/runs.py)
     arch = "multipl_moe" if stage.startswith("moe") else "mole" if stage == "mole" else "qwen2"
     ttype = {"f32": gguf.GGMLType.F32, "f16": gguf.GGMLType.F16, "q8_0": gguf.GGMLType.Q8_0}[args.type]
     w = gguf.GGUFWriter(args.out)
@@ -845,6 +1043,9 @@ def cmd_export(args):
     w.add_uint32(arch + ".rope.dimension_count", c.head_dim)
     if arch == "multipl_moe":
         hp = meta["moe"]
+        if hp.get("route", "prefix") != "prefix":
+            sys.exit("export: route %r is not in the GGUF format (the engine routes causal windows by their "
+                     "prefix); only the PyTorch model evaluates it" % hp["route"])
         w.add_uint32(arch + ".expert_count", hp["n_tok"])
         w.add_uint32(arch + ".expert_used_count", hp["k_used"])
         w.add_int32(arch + ".expert_shared_index", hp["shared"])
@@ -855,8 +1056,11 @@ def cmd_export(args):
         w.add_float32(arch + ".segment.capacity", hp["capacity"])
         w.add_uint32(arch + ".segment.bucket", hp["bucket"])
         w.add_float32(arch + ".segment.gate_scale", hp["gate_scale"])
-        w.add_float32(arch + ".fusion.token", hp["a_tok"])
-        w.add_float32(arch + ".fusion.segment", hp["a_seg"])
+        # learned per-layer fusion weights are folded into the experts' down projections (below): the file's
+        # global weights are then 1 (or 0 where a level is absent)
+        fl = hp.get("fusion_learn")
+        w.add_float32(arch + ".fusion.token", 1.0 if fl else hp["a_tok"])
+        w.add_float32(arch + ".fusion.segment", (1.0 if hp["n_seg"] else 0.0) if fl else hp["a_seg"])
         w.add_string(arch + ".segment.mode_default", "causal")
     if arch == "mole":
         mo = meta["mole"]
@@ -867,7 +1071,7 @@ def cmd_export(args):
         w.add_int32(arch + ".adapter.shared", mo["shared"])
         w.add_int32(arch + ".adapter.fallback", mo["fallback"])
     tokenizer_kv(w, args.tokenizer)
-    sd = {k: v.detach().float() for k, v in model.state_dict().items() if ".lora." not in k}
+    sd = {k: v.float() for k, v in folded_state(model).items() if ".lora." not in k}
     lora = {}
     if arch == "mole":  # LoRA tensors (F32: rows of length r are not Q8_0 blocks), names per model-format.md
         for k, v in model.state_dict().items():
@@ -967,7 +1171,7 @@ def cmd_readback(args):
             back[hn] = v
     s = np.fromfile(tok_path("python", "heldout"), dtype=np.uint16)[:args.n_tokens].astype(np.int64).tolist()
     with torch.no_grad():
-        if args.stage == "mole":
+        if ck["meta"].get("stage", args.stage) == "mole":
             set_mole_sets(model, ["python"], len(s))
         want = model(torch.as_tensor([s]))[0]
     if a == "qwen2":
@@ -998,7 +1202,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("tokenize", "train", "export", "eval", "speed", "check", "verify", "snapshot", "readback",
-                 "results"):
+                 "results", "selftest"):
         p = sub.add_parser(name)
         p.add_argument("--stage", default="base")
         p.add_argument("--threads", type=int, default=2)
@@ -1022,7 +1226,9 @@ def main():
             p.add_argument("--seed", type=int, default=1234)
             p.add_argument("--ckpt-min", type=float, default=10.0)
             p.add_argument("--log-every", type=int, default=10)
-            p.add_argument("--eval-every", type=int, default=200)
+            p.add_argument("--eval-every", type=int, default=0, help="steps; 0: every 10%% of the budget")
+            p.add_argument("--run", default=None, help="run name (checkpoint/log folder); default the stage")
+            p.add_argument("--fusion-lr-mult", type=float, default=20.0)
             p.add_argument("--init", default=None, help="weights-only snapshot to start from when there is "
                            "no latest.pt (default models/checkpoints/<stage>.pt if it exists)")
         if name == "export":
@@ -1044,12 +1250,13 @@ def main():
             p.add_argument("--ref-seqs", type=int, default=4, help="sequences per language, reference mode")
         if name == "snapshot":
             p.add_argument("--out", default=None)
+            p.add_argument("--with-opt", action="store_true", help="keep AdamW's moments (bfloat16)")
         if name == "speed":
             p.add_argument("--steps", type=int, default=4)
     args = ap.parse_args()
     {"tokenize": cmd_tokenize, "train": cmd_train, "export": cmd_export, "eval": cmd_eval,
      "speed": cmd_speed, "check": cmd_check, "verify": cmd_verify, "snapshot": cmd_snapshot,
-     "readback": cmd_readback, "results": cmd_results}[args.cmd](args)
+     "readback": cmd_readback, "results": cmd_results, "selftest": cmd_selftest}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -101,6 +101,18 @@ const cm_model_info *cm_model_get_info(const cm_model *m);
  * less resident than its file size. Costs a mincore call, a byte per page of the file and a read of
  * smaps: not for a hot path. Returns 0, or -1 when residency cannot be read (the counts then 0). */
 int cm_model_residency(const cm_model *m, size_t *mapped, size_t *cached, size_t *rss);
+/* Bytes of memory one decode step of one sequence reads, the numerator of decode's bandwidth bound
+ * (tokens/s <= memory bandwidth / these bytes): every weight tensor the token runs through, plus K and V
+ * of n_past + 1 positions (the cache before it and its own) in every layer at kv_type's element size
+ * (CM_KV_F32 4 bytes, CM_KV_F16 2). Weights counted: all matrices, norms and biases of the layers, the
+ * output norm and the whole output matrix (a tied model's embedding is that matrix, counted once); an
+ * untied embedding counts one row. Mixture of experts: each stacked expert tensor counts the share of
+ * its experts that run per token (qwen3moe and hybrid: top_k of the token experts; hybrid's segment
+ * level: its causal top of the segment experts, plus its router), and MoLE's adapters the mean share of
+ * the two adapters a code token runs (the shared one and its language's). A lower bound on traffic:
+ * activations, scratch and cache misses on re-reads are not counted. 0 for NULL, a vocab-only model, a
+ * negative n_past or an unknown kv_type. Never fails otherwise. */
+uint64_t cm_model_decode_bytes(const cm_model *m, int n_past, int kv_type);
 /* The model's chat template (GGUF tokenizer.chat_template, a Jinja source), borrowed from the mapped file
  * and valid while m lives; NOT NUL-terminated: *len gets its length. NULL (and *len 0) when the file has
  * none or the key is not a string. */
@@ -181,7 +193,24 @@ typedef struct cm_ctx_params {
     int kv_tokens;    /* KV pool size in tokens shared by all sequences (0 = n_seq_max * n_ctx) */
     int prefix_cache; /* nonzero: keep KV blocks of computed prefixes for reuse (see below) */
     int kv_type;      /* CM_KV_F32 (0, the default) or CM_KV_F16; another value is CM_E_INVAL */
+    int experts_resident; /* sparse (qwen3moe) and hybrid MoE models: at most this many experts of each
+                             layer keep their pages of the model file (0, the default: no limit; < 0:
+                             CM_E_INVAL; other models ignore it). See below. */
 } cm_ctx_params;
+
+/* Expert residency. Weights are read straight from the model file's read-only mapping and paged in as
+ * they are first read, so a MoE model whose requests use few experts already keeps less than its file in
+ * memory (cm_model_residency). With experts_resident N the context also gives memory back: it records
+ * which experts of each layer run (least recently used first; the token and segment levels together), and
+ * once more than N of a layer's experts are resident it releases the pages of the least recently used
+ * ones (madvise MADV_DONTNEED: the process's Rss falls at once, the page cache keeps the pages until the
+ * kernel reclaims them; only whole pages of the mapping inside the expert's weights; engine/moe_resident.c
+ * says why not MADV_PAGEOUT or MADV_COLD). An expert that runs again is paged back in
+ * by the mapping: the results are the same with and without the limit (logits identical, tested); only
+ * time (page faults, perhaps disk reads) and memory differ. With routing skewed to a few experts per
+ * layer, N a little above the model's top-k keeps the hot experts resident and the rest out. The context
+ * starts by releasing every expert's pages. A model loaded from memory has no mapping: nothing is
+ * released. The policy is per context; two contexts over one model each release what they see as cold. */
 
 cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err);
 void cm_ctx_free(cm_ctx *c);

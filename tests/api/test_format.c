@@ -390,6 +390,106 @@ TEST(tabby_events) {
     }
 }
 
+/* A model's default sampling enters where every dialect's request is read: a request that sends a field
+ * keeps its own value, one that does not gets the model's, which wins over the dialect's own default
+ * (llama.cpp's temperature, chat's and Ollama's whole-context length, Tabby's 64 tokens). */
+TEST(model_defaults_every_dialect) {
+    json_t *d = load("{\"temperature\":0.3,\"top_k\":5,\"top_p\":0.5,\"min_p\":0.1,\"repetition_penalty\":1.2,"
+                     "\"presence_penalty\":0.4,\"frequency_penalty\":-0.5,\"seed\":77,\"max_tokens\":7,"
+                     "\"stop\":[\"\\n\\n\",\"zz\"]}");
+    api_error e;
+    ASSERT_EQ_INT(api_defaults_check(d, &g_lim, &e), 0);
+    api_model saved = g_am;
+    g_am.defaults = d;
+    static const struct { const api_format *f; const char *body; } forms[] = {
+        {&api_format_completions, "{\"prompt\":\"ab\"}"},
+        {&api_format_completions, "{\"segments\":{\"prefix\":\"ab\",\"suffix\":\"c\"}}"}, /* Tabby */
+        {&api_format_fim, "{\"prompt\":\"ab\",\"suffix\":\"c\"}"},
+        {&api_format_chat, "{\"messages\":[{\"role\":\"user\",\"content\":\"ab\"}]}"},
+        {&api_format_llama_completion, "{\"prompt\":\"ab\"}"},
+        {&api_format_llama_infill, "{\"input_prefix\":\"ab\",\"input_suffix\":\"c\"}"},
+        {&api_format_ollama_generate, "{\"prompt\":\"ab\",\"raw\":true,\"options\":{}}"},
+        {&api_format_ollama_chat, "{\"messages\":[{\"role\":\"user\",\"content\":\"ab\"}],\"options\":{}}"},
+    };
+    for (size_t i = 0; i < sizeof forms / sizeof *forms; i++) {
+        api_completion_req r;
+        ASSERT_EQ_INT(parse(forms[i].f, forms[i].body, &r, &e), 0);
+        ASSERT_NEAR(r.sampling.temperature, 0.3, 1e-6);
+        ASSERT_EQ_INT(r.sampling.top_k, 5);
+        ASSERT_NEAR(r.sampling.top_p, 0.5, 1e-6);
+        ASSERT_NEAR(r.sampling.min_p, 0.1, 1e-6);
+        ASSERT_NEAR(r.sampling.repetition_penalty, 1.2, 1e-6);
+        ASSERT_NEAR(r.sampling.presence_penalty, 0.4, 1e-6);
+        ASSERT_NEAR(r.sampling.frequency_penalty, -0.5, 1e-6);
+        ASSERT_EQ_INT(r.seed_set, 1);
+        ASSERT_EQ_INT((int)r.seed, 77);
+        ASSERT_EQ_INT(r.max_tokens, 7);
+        ASSERT_EQ_INT(r.stop.n, 2);
+        ASSERT_EQ_INT((int)r.stop.len[0], 2);
+        api_completion_req_free(&r);
+    }
+    /* the request's own fields, under any of their names, win */
+    api_completion_req r;
+    ASSERT_EQ_INT(parse(&api_format_completions, "{\"prompt\":\"ab\",\"temperature\":0.9,\"top_k\":0,\"seed\":1,"
+                        "\"stop\":\"q\",\"n_predict\":3}", &r, &e), 0);
+    ASSERT_NEAR(r.sampling.temperature, 0.9, 1e-6);
+    ASSERT_EQ_INT(r.sampling.top_k, 0);
+    ASSERT_NEAR(r.sampling.top_p, 0.5, 1e-6);
+    ASSERT_EQ_INT((int)r.seed, 1);
+    ASSERT_EQ_INT(r.max_tokens, 3);
+    ASSERT_EQ_INT(r.stop.n, 1);
+    api_completion_req_free(&r);
+    /* max_tokens null is a request's own choice (the whole context); other nulls are "not sent" */
+    ASSERT_EQ_INT(parse(&api_format_completions, "{\"prompt\":\"ab\",\"max_tokens\":null,\"temperature\":null}", &r, &e), 0);
+    ASSERT_EQ_INT(r.max_tokens, 64 - 2);
+    ASSERT_NEAR(r.sampling.temperature, 0.3, 1e-6);
+    api_completion_req_free(&r);
+    ASSERT_EQ_INT(parse(&api_format_llama_completion, "{\"prompt\":\"ab\",\"temperature\":0.0,\"n_predict\":-1}", &r, &e), 0);
+    ASSERT_NEAR(r.sampling.temperature, 0.0, 1e-6);
+    ASSERT_EQ_INT(r.max_tokens, 64 - 2);
+    api_completion_req_free(&r);
+    ASSERT_EQ_INT(parse(&api_format_ollama_generate, "{\"prompt\":\"ab\",\"raw\":true,\"options\":{\"num_predict\":2,"
+                        "\"temperature\":1.5}}", &r, &e), 0);
+    ASSERT_EQ_INT(r.max_tokens, 2);
+    ASSERT_NEAR(r.sampling.temperature, 1.5, 1e-6);
+    api_completion_req_free(&r);
+    /* /v1/models shows them */
+    char *m = api_render_model(&g_am);
+    ASSERT_TRUE(strstr(m, "\"defaults\":{\"temperature\":0.3") != NULL);
+    free(m);
+    g_am = saved;
+    m = api_render_model(&g_am);
+    ASSERT_TRUE(strstr(m, "\"defaults\"") == NULL);
+    free(m);
+    json_decref(d);
+}
+
+/* A default a request could not send is refused, naming the field. */
+TEST(model_defaults_checked) {
+    static const struct { const char *json, *param; } bad[] = {
+        {"{\"temperature\":3}", "temperature"},        {"{\"top_p\":0}", "top_p"},
+        {"{\"top_k\":-1}", "top_k"},                   {"{\"min_p\":\"x\"}", "min_p"},
+        {"{\"repetition_penalty\":0}", "repetition_penalty"}, {"{\"presence_penalty\":9}", "presence_penalty"},
+        {"{\"frequency_penalty\":true}", "frequency_penalty"}, {"{\"seed\":1.5}", "seed"},
+        {"{\"max_tokens\":-2}", "max_tokens"},         {"{\"stop\":[1]}", "stop"},
+        {"{\"stop\":\"\"}", "stop"},                   {"{\"temperature\":null}", "temperature"},
+        {"{\"n\":2}", ""},                             {"{\"logit_bias\":{}}", ""},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        json_t *d = load(bad[i].json);
+        api_error e;
+        ASSERT_EQ_INT(api_defaults_check(d, &g_lim, &e), -1);
+        ASSERT_EQ_INT(e.status, 400);
+        ASSERT_STREQ(e.param, bad[i].param);
+        json_decref(d);
+    }
+    json_t *d = load("{\"max_tokens\":null,\"seed\":-3,\"stop\":\"x\"}");
+    api_error e;
+    ASSERT_EQ_INT(api_defaults_check(d, &g_lim, &e), 0);
+    ASSERT_EQ_INT(api_defaults_check(NULL, &g_lim, &e), 0);
+    json_decref(d);
+}
+
 int main(void) {
     setup();
     RUN(ollama_generate_mapping);
@@ -401,6 +501,8 @@ int main(void) {
     RUN(heavy_prompts_are_built_by_the_second_step);
     RUN(ollama_num_ctx);
     RUN(tabby_events);
+    RUN(model_defaults_every_dialect);
+    RUN(model_defaults_checked);
     fake_model_free(g_model);
     api_template_free(g_tpl);
     return test_summary();

@@ -629,6 +629,63 @@ TEST(qwen3_models) {
     ASSERT_TRUE(expect(&(mut){.arch_to = "qwen3"}, CM_E_FORMAT, "missing tensor blk.0.attn_q_norm.weight"));
 }
 
+/* cm_model_decode_bytes against the file's own tensor listing (cm_model_foreach): a dense model reads
+ * every tensor once per token (an untied embedding one row of it), a sparse MoE only k of its E experts
+ * of each stacked expert tensor; K and V add n_layer x 2 x kv_dim elements per position. */
+typedef struct {
+    uint64_t all, exps, embd_row, embd;
+    int64_t n_experts;
+} tensor_sums;
+static void sum_tensor(void *ud, const char *name, const char *type, int n_dims, const int64_t *dims,
+                       uint64_t offset, uint64_t nbytes) {
+    (void)type, (void)offset;
+    tensor_sums *s = ud;
+    s->all += nbytes;
+    if (strstr(name, "_exps.")) {
+        s->exps += nbytes;
+        ASSERT_EQ_INT(n_dims, 3);
+        s->n_experts = dims[2];
+    }
+    if (!strcmp(name, "token_embd.weight")) s->embd = nbytes, s->embd_row = nbytes / (uint64_t)dims[1];
+}
+
+TEST(decode_bytes) {
+    static const char *files[] = {"models/qwen2-gqa.gguf", "models/qwen2-gqa-q8_0.gguf", "models/qwen2-k-q4_k_m.gguf",
+                                  "models/llama-gqa.gguf", "models/qwen3-k-q4_k_m.gguf", "models/qwen3moe.gguf",
+                                  "models/qwen3moe-k-q4_k_m.gguf"};
+    int tied_seen = 0, untied_seen = 0, moe_seen = 0;
+    for (size_t f = 0; f < sizeof files / sizeof *files; f++) {
+        cm_err err = {0};
+        cm_model *m = cm_model_load(test_fixture(files[f]), NULL, &err);
+        ASSERT_TRUE(m);
+        const cm_model_info *in = cm_model_get_info(m);
+        tensor_sums s = {0};
+        cm_model_foreach(m, NULL, sum_tensor, &s);
+        uint64_t want = s.all;
+        if (!in->tied_output) want -= s.embd - s.embd_row;
+        cm_moe_info mi;
+        cm_model_moe_info(m, &mi);
+        if (mi.kind == CM_MOE_KIND_SPARSE) {
+            ASSERT_EQ_INT(s.n_experts, mi.n_experts);
+            ASSERT_TRUE(mi.top_k < mi.n_experts);
+            want -= s.exps - s.exps / (uint64_t)mi.n_experts * (uint64_t)mi.top_k;
+            moe_seen++;
+        } else {
+            ASSERT_EQ_INT(s.exps, 0);
+        }
+        tied_seen += in->tied_output, untied_seen += !in->tied_output;
+        uint64_t kv_pos = (uint64_t)in->n_layer * 2 * (uint64_t)(in->n_head_kv * in->head_dim);
+        ASSERT_EQ_INT(cm_model_decode_bytes(m, 0, CM_KV_F32), want + kv_pos * 4);
+        ASSERT_EQ_INT(cm_model_decode_bytes(m, 0, CM_KV_F16), want + kv_pos * 2);
+        ASSERT_EQ_INT(cm_model_decode_bytes(m, 99, CM_KV_F16), want + kv_pos * 2 * 100);
+        ASSERT_EQ_INT(cm_model_decode_bytes(m, -1, CM_KV_F16), 0);
+        ASSERT_EQ_INT(cm_model_decode_bytes(m, 0, 7), 0);
+        cm_model_free(m);
+    }
+    ASSERT_TRUE(tied_seen > 0 && untied_seen > 0 && moe_seen == 2);
+    ASSERT_EQ_INT(cm_model_decode_bytes(NULL, 0, CM_KV_F32), 0);
+}
+
 int main(void) {
     snprintf(tmp_path, sizeof tmp_path, "%s/cm_test_model_%d.gguf", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp",
              (int)getpid());
@@ -644,6 +701,7 @@ int main(void) {
     RUN(batch_validation);
     RUN(bad_model_corpus);
     RUN(qwen3_models);
+    RUN(decode_bytes);
     unlink(tmp_path);
     return test_summary();
 }

@@ -713,6 +713,55 @@ TEST(mole_batch_mixed_languages) {
 
 /* Copy of a fixture with the value of one key patched: the value follows key, u32 type (and for arrays
  * u32 element type + u64 count); elem picks an array element. */
+/* cm_ctx_params.experts_resident: the limit holds in every layer after every step, cold experts are
+ * released, and the logits are bit-identical to a context without a limit (a released expert is paged
+ * back in from the file), token by token and in prefill chunks. */
+static void resident_case(const char *file) {
+    cm_model *m = golden_load_model(file);
+    ASSERT_TRUE(m);
+    int V = cm_model_get_info(m)->n_vocab;
+    enum { N = 40 };
+    int32_t tok[N];
+    for (int i = 0; i < N; i++) tok[i] = (int32_t)((i * 37 + 11) % (V - 1)) + 1;
+    float *want = malloc((size_t)N * V * sizeof(float)), *got = malloc((size_t)N * V * sizeof(float));
+    ASSERT_TRUE(want && got);
+    for (int step = 1; step <= 8; step += 7) {
+        cm_ctx_params cp = {.n_threads = 2, .n_seq_max = 1, .n_ctx = 256, .n_batch_max = 256, .kv_type = kv_type};
+        cm_err err = {0};
+        cm_ctx *c = cm_ctx_create(m, &cp, &err);
+        ASSERT_TRUE(c);
+        ASSERT_TRUE(cm_moe_get_resident(cm_ctx_moe(c)) == NULL);
+        ASSERT_EQ_INT(golden_run_seq(c, V, tok, N, step, NULL, NULL, want, NULL, NULL), 0);
+        cm_ctx_free(c);
+        for (int keep = 1; keep <= 3; keep += 2) {
+            cp.experts_resident = keep;
+            c = cm_ctx_create(m, &cp, &err);
+            ASSERT_TRUE(c);
+            ASSERT_EQ_INT(golden_run_seq(c, V, tok, N, step, NULL, NULL, got, NULL, NULL), 0);
+            CHECK_TRUE(memcmp(want, got, (size_t)N * V * sizeof(float)) == 0);
+            int most = 0;
+            uint64_t released = 0;
+            cm_moe_resident_stats(cm_moe_get_resident(cm_ctx_moe(c)), &most, &released);
+            CHECK_TRUE(most >= 1 && most <= keep);
+            CHECK_TRUE(keep > 1 || released > 0); /* every token runs more than one expert */
+            cm_ctx_free(c);
+        }
+    }
+    cm_ctx_params bad = {.n_threads = 1, .n_ctx = 64, .n_batch_max = 8, .experts_resident = -1};
+    cm_err err = {0};
+    ASSERT_TRUE(cm_ctx_create(m, &bad, &err) == NULL);
+    ASSERT_EQ_INT(err.code, CM_E_INVAL);
+    free(want);
+    free(got);
+    cm_model_free(m);
+}
+
+TEST(experts_resident_same_logits) {
+    resident_case("models/qwen3moe.gguf");
+    resident_case("models/qwen3moe-q8_0.gguf");
+    resident_case("models/hybrid-max.gguf");
+}
+
 static void expect_refused(const char *src, const char *key, int elem, uint32_t val, const char *msg_part) {
     char dst[256];
     snprintf(dst, sizeof dst, "/tmp/cm_test_moe_bad_%d.gguf", (int)getpid());
@@ -1051,6 +1100,7 @@ int main(void) {
     }
     kv_type = CM_KV_F32;
     RUN(sparse_int8_batch_invariance);
+    RUN(experts_resident_same_logits);
     RUN(bad_models_refused);
     RUN(dense_model_options);
     fprintf(stderr, "worst |logit diff| vs goldens: %.3g\n", worst);

@@ -10,7 +10,7 @@ import { execFileSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { binary, metrics, modelPath, postJSON, readSSE, run, sanitizerReport, sleep, startServer, test } from './server_harness.mjs';
+import { binary, metrics, modelPath, postJSON, readSSE, run, sanitizerReport, sleep, startServer, test, waitMetrics } from './server_harness.mjs';
 
 const QWEN = modelPath('qwen2-gqa');
 const LLAMA = modelPath('llama-gqa');
@@ -109,7 +109,8 @@ test('two models: routed by model, 404 for other names, listed everywhere, metri
     assert.equal(m['codemoe_model_threads{model="ll"}'], 1);
     assert.equal(m['codemoe_model_threads{model="qwen2-gqa"}'], 1);
     assert.equal(m['codemoe_model_loaded{model="ll"}'], 1);
-    assert.ok(m['codemoe_model_mapped_bytes{model="ll"}'] > 0);
+    /* measured off the loop once the model loaded: there shortly */
+    await waitMetrics(srv, (x) => x['codemoe_model_mapped_bytes{model="ll"}'] > 0);
     assert.equal(m['codemoe_kv_blocks'], undefined); /* several models: no unlabelled reading */
     const text = await (await fetch(srv.base + '/metrics')).text();
     /* each metric's HELP/TYPE once, its series together */
@@ -351,6 +352,112 @@ test('SIGHUP re-reads --config: loads, replaces and unloads to match', async () 
   } finally {
     assert.equal((await srv.stop()).code, 0);
     assert.equal(sanitizerReport(srv), null); /* an ASan build: nothing leaked or misused */
+  }
+});
+
+test('residency is measured off the loop: a slow measurement never delays a scrape or a request', async () => {
+  /* each measurement takes 1.5 s (a test hook); the loop only reads the last figures */
+  const srv = await startServer({ modelPath: QWEN, env: { CODEMOE_TEST_RESIDENCY_DELAY_MS: '1500' } });
+  try {
+    const t0 = Date.now();
+    for (let i = 0; i < 5; i++) {
+      const t = Date.now();
+      await metrics(srv);
+      assert.ok(Date.now() - t < 1000, `scrape ${i} took ${Date.now() - t} ms`);
+      const r = await postJSON(srv, '/v1/completions', { prompt: 'x', max_tokens: 1 });
+      assert.equal(r.status, 200);
+    }
+    assert.ok(Date.now() - t0 < 1500 * 5, 'scrapes waited for measurements');
+    /* the measurement lands: the whole file is mapped, some of it resident */
+    const size = statSync(QWEN).size;
+    const m = await waitMetrics(srv, (x) => x['codemoe_model_mapped_bytes'] > 0, 10000);
+    assert.equal(m['codemoe_model_mapped_bytes'], size);
+    assert.ok(m['codemoe_model_resident_bytes'] > 0 && m['codemoe_model_resident_bytes'] <= size + 4096);
+  } finally {
+    /* a measurement in flight at shutdown ends before the process frees the model */
+    assert.equal((await srv.stop()).code, 0);
+    assert.equal(sanitizerReport(srv), null);
+  }
+});
+
+test('--experts-resident: same completions, the cold experts released from the process', async () => {
+  /* every token runs all 64 experts of both layers: without a limit the whole file is faulted in */
+  const big = join(dir, 'all64-resident.gguf');
+  execFileSync(binary, ['upcycle', QWEN, big, '--experts', '64', '--top-k', '64', '--segment-experts', '0'], { stdio: 'pipe' });
+  const srv = await startServer({ modelPath: `${big},id=all`, args: ['--model', `${big},id=two,experts-resident=2`, '--threads', '2'] });
+  try {
+    const body = { prompt: 'the cat sat on the mat', max_tokens: 12, temperature: 0, logit_bias: NO_EOS };
+    const a = await postJSON(srv, '/v1/completions', { model: 'all', ...body });
+    const b = await postJSON(srv, '/v1/completions', { model: 'two', ...body });
+    assert.equal(a.status, 200, a.text);
+    assert.equal(b.json.choices[0].text, a.json.choices[0].text);
+    /* measured after the requests (a measurement starts at most every 2 s) */
+    await sleep(2100);
+    await metrics(srv);
+    const size = statSync(big).size;
+    const m = await waitMetrics(srv, (x) => x['codemoe_model_resident_bytes{model="all"}'] > size / 2 &&
+      x['codemoe_model_resident_bytes{model="two"}'] > 0);
+    /* 2 of 64 experts per layer: about a thirtieth of the expert bytes, plus attention and embeddings */
+    assert.ok(m['codemoe_model_resident_bytes{model="two"}'] < size / 4,
+      `resident ${m['codemoe_model_resident_bytes{model="two"}']} of ${size}`);
+  } finally {
+    assert.equal((await srv.stop()).code, 0);
+  }
+});
+
+test('per-model default sampling: config and --model keys, a request field wins, shown by /v1/models and /props', async () => {
+  const cfg = join(dir, 'defaults.json');
+  const want = { temperature: 0.25, top_k: 7, max_tokens: 5, seed: 11, stop: ['\u0001never'] };
+  writeFileSync(cfg, JSON.stringify({ models: [{ path: QWEN, id: 'a', threads: 1, ...want }, { path: LLAMA, id: 'b', threads: 1 }] }));
+  const srv = await startServer({ configPath: cfg, args: ['--threads', '2', '--admin-key', 'adm'] });
+  try {
+    const list = (await get(srv, '/v1/models', ADMIN)).json;
+    assert.deepEqual(list.data.find((m) => m.id === 'a').defaults, want);
+    assert.equal(list.data.find((m) => m.id === 'b').defaults, undefined);
+    const props = (await get(srv, '/props?model=a', ADMIN)).json.default_generation_settings.params;
+    assert.equal(props.temperature, 0.25);
+    assert.equal(props.top_k, 7);
+    assert.equal(props.n_predict, 5);
+    assert.equal(props.seed, 11);
+    assert.deepEqual(props.stop, want.stop);
+    /* OpenAI: no max_tokens takes the model's 5 (not 16); the request's own wins */
+    for (const [extra, n] of [[{}, 5], [{ max_tokens: 2 }, 2]]) {
+      const r = await postJSON(srv, '/v1/completions', { model: 'a', prompt: 'the cat', logit_bias: NO_EOS, ...extra }, ADMIN);
+      assert.equal(r.status, 200, r.text);
+      assert.equal(r.json.usage.completion_tokens, n);
+    }
+    /* llama.cpp: the model's default wins over llama.cpp's own temperature 0.8; the request's over both */
+    let r = await postJSON(srv, '/completion', { model: 'a', prompt: 'the cat' }, ADMIN);
+    assert.equal(r.json.generation_settings.temperature, 0.25);
+    assert.equal(r.json.generation_settings.top_k, 7);
+    assert.equal(r.json.generation_settings.seed, 11);
+    r = await postJSON(srv, '/completion', { model: 'a', prompt: 'the cat', temperature: 0.5, top_k: 2 }, ADMIN);
+    assert.equal(r.json.generation_settings.temperature, 0.5);
+    assert.equal(r.json.generation_settings.top_k, 2);
+    /* a model without defaults keeps the dialect's */
+    r = await postJSON(srv, '/completion', { model: 'b', prompt: 'the cat', n_predict: 1 }, ADMIN);
+    assert.ok(Math.abs(r.json.generation_settings.temperature - 0.8) < 1e-6);
+    /* the admin route refuses a default out of range with a 400 naming it */
+    const bad = await send(srv, 'POST', '/admin/models', { path: LLAMA, id: 'c', temperature: 9 });
+    assert.equal(bad.status, 400, bad.text);
+    assert.match(bad.json.error.message, /temperature/);
+  } finally {
+    assert.equal((await srv.stop()).code, 0);
+  }
+  /* --model keys: the same defaults */
+  const one = await startServer({ modelPath: `${QWEN},id=q,temperature=0.25,top-k=7,max-tokens=5,seed=11,stop=a\\nb` });
+  try {
+    assert.deepEqual((await get(one, '/v1/models')).json.data[0].defaults,
+      { temperature: 0.25, top_k: 7, max_tokens: 5, seed: 11, stop: ['a\nb'] });
+  } finally { await one.stop(); }
+  /* a bad default in the config or a --model value stops the start with a message naming it */
+  writeFileSync(cfg, JSON.stringify({ models: [{ path: QWEN, top_p: 2 }] }));
+  for (const args of [['--config', cfg], ['--model', `${QWEN},min-p=-1`]]) {
+    let code = 0, stderr = '';
+    try { execFileSync(binary, ['serve', ...args, '--port', '0'], { stdio: 'pipe', timeout: 20000 }); }
+    catch (e) { code = e.status; stderr = String(e.stderr); }
+    assert.equal(code, 2, args.join(' '));
+    assert.match(stderr, /top_p|min_p/);
   }
 });
 

@@ -404,6 +404,60 @@ TEST(model_spec_parse) {
     json_decref(o);
 }
 
+/* A model's default sampling: --model keys and the JSON form give the same defaults object (the API's
+ * spelling), a stop string may hold a comma and escapes, the values are api/'s rules (a default a request
+ * could not send is a startup error naming it), and two specs differing only in their defaults differ. */
+TEST(model_spec_defaults) {
+    srv_model_spec s, j;
+    char err[300];
+    ASSERT_EQ_INT(srv_model_spec_parse("m.gguf,temperature=0.2,top-p=0.9,top-k=40,min-p=0.05,repetition-penalty=1.1,"
+                                       "presence-penalty=0.5,frequency-penalty=-1,seed=7,max-tokens=32,stop=\\n\\n,"
+                                       "stop=a,b,id=x", &s, err, sizeof err), 0);
+    ASSERT_TRUE(!strcmp(s.id, "x"));
+    json_t *o = json_loads("{\"path\":\"m.gguf\",\"id\":\"x\",\"temperature\":0.2,\"top_p\":0.9,\"top_k\":40,"
+                           "\"min_p\":0.05,\"repetition_penalty\":1.1,\"presence_penalty\":0.5,\"frequency_penalty\":-1.0,"
+                           "\"seed\":7,\"max_tokens\":32,\"stop\":[\"\\n\\n\",\"a,b\"]}", 0, NULL);
+    ASSERT_EQ_INT(srv_model_spec_from_json(o, &j, err, sizeof err), 0);
+    json_decref(o);
+    ASSERT_TRUE(json_equal(s.defaults, j.defaults));
+    ASSERT_TRUE(srv_model_spec_same(&s, &j));
+    srv_model_spec c;
+    ASSERT_EQ_INT(srv_model_spec_copy(&c, &s), 0);
+    ASSERT_TRUE(srv_model_spec_same(&c, &s));
+    json_object_set_new(c.defaults, "temperature", json_real(0.3));
+    ASSERT_TRUE(!srv_model_spec_same(&c, &s));
+    srv_model_spec_free(&c);
+    srv_model_spec_free(&s);
+    srv_model_spec_free(&j);
+    /* a single stop string in JSON; max_tokens null (the whole context) */
+    o = json_loads("{\"path\":\"m.gguf\",\"stop\":\"x\",\"max_tokens\":null}", 0, NULL);
+    ASSERT_EQ_INT(srv_model_spec_from_json(o, &j, err, sizeof err), 0);
+    ASSERT_EQ_INT((int)json_array_size(json_object_get(j.defaults, "stop")), 1);
+    ASSERT_TRUE(json_is_null(json_object_get(j.defaults, "max_tokens")));
+    srv_model_spec_free(&j);
+    json_decref(o);
+    ASSERT_EQ_INT(srv_model_spec_parse("m.gguf,max-tokens=null", &s, err, sizeof err), 0);
+    srv_model_spec_free(&s);
+    /* without defaults there is no object */
+    ASSERT_EQ_INT(srv_model_spec_parse("m.gguf,ctx=64", &s, err, sizeof err), 0);
+    ASSERT_TRUE(s.defaults == NULL);
+    srv_model_spec_free(&s);
+    static const char *const bad[] = {"m.gguf,temperature=3", "m.gguf,temperature=hot", "m.gguf,top-k=1.5",
+                                      "m.gguf,top-p=0", "m.gguf,max-tokens=-1", "m.gguf,stop="};
+    static const char *const named[] = {"temperature", "temperature", "top-k", "top_p", "max_tokens", "stop"};
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        ASSERT_EQ_INT(srv_model_spec_parse(bad[i], &s, err, sizeof err), -1);
+        ASSERT_TRUE(strstr(err, named[i]) != NULL);
+    }
+    static const char *const bad_json[] = {"{\"path\":\"m\",\"temperature\":\"0.2\"}", "{\"path\":\"m\",\"seed\":true}",
+                                           "{\"path\":\"m\",\"stop\":[1]}", "{\"path\":\"m\",\"min_p\":2}"};
+    for (size_t i = 0; i < sizeof bad_json / sizeof *bad_json; i++) {
+        o = json_loads(bad_json[i], 0, NULL);
+        ASSERT_EQ_INT(srv_model_spec_from_json(o, &s, err, sizeof err), -1);
+        json_decref(o);
+    }
+}
+
 /* The --config file: a list of models, ids unique (defaulted from the paths), nothing but "models". */
 TEST(config_file_read) {
     char path[] = "/tmp/cm_pool_cfg_XXXXXX";
@@ -604,6 +658,7 @@ int main(void) {
     RUN(request_ids);
     RUN(metrics_render);
     RUN(model_spec_parse);
+    RUN(model_spec_defaults);
     RUN(config_file_read);
     RUN(retention_evicts_oldest);
     RUN(retention_bounded_in_bytes);

@@ -1,0 +1,433 @@
+"""runs.py - the lowres experiment's run plan as code (docs/training.md): what to train, in which order,
+and what each finished run measured. Resumable across sittings: every finished run leaves a small JSON in
+models/runs/<exp>/<run>.json (committed), so the runner skips it; an unfinished run resumes from its
+$CM_TRAIN/<exp>/ckpt/<run>/latest.pt (tools/train.py).
+
+    /usr/bin/python3 tools/runs.py plan                 # the plan, and which runs are done
+    /usr/bin/python3 tools/runs.py run [--stop-at HH:MM] [--max-runs N] [--only RUN,...]
+    /usr/bin/python3 tools/runs.py report [--out F.md] [--curves F.png] [--routing F.png]
+    /usr/bin/python3 tools/runs.py selftest             # the plan and the claim rules (no data; test suite)
+
+The plan, in order (tiers): 1. a short learning-rate sweep per method (seed 1, a quarter of the budget;
+the chosen rate is the lowest mean held-out loss on the trained packages' held-out files), 2. three seeds
+of every method at its chosen rate with the full post-pretraining budget, 3. options (mean pooling,
+previous-window routing, no segment balancing), one seed. Methods: dense_cont, lora, mole, moe (MultiPL-MoE)
+and its two main ablations moe_noseg (no segment level) and moe_noshared (no shared expert).
+
+A run's JSON: its settings, trainable and total parameters, forward FLOPs per token, the step-0 check
+(held-out loss of the upcycled model == the base's), the learning curve (held-out loss every 10% of the
+budget), and at the end, per language: held-out bits per byte on the trained packages' held-out files
+("heldout") and on packages never trained on ("heldout_ext"); for hybrids the segment branch's share of the
+FFN output norm, the loss with the segment branch knocked out, the learned fusion weights and the segment
+experts' token shares per language (the routing picture).
+"""
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train as tr  # noqa: E402  (experiment from $CM_EXP, default lowres)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as Fn  # noqa: E402
+
+LANGS6 = tr.LANGS[:6]
+METHODS = ["dense_cont", "lora", "mole", "moe", "moe_noseg", "moe_noshared"]
+OPTIONS = ["moe_mean", "moe_prev", "moe_nobal"]
+SWEEP = {"dense_cont": [2e-4, 5e-4, 1e-3], "lora": [5e-4, 1e-3, 2e-3], "mole": [5e-4, 1e-3, 2e-3],
+         "moe": [2.5e-4, 5e-4, 1e-3], "moe_noseg": [2.5e-4, 5e-4, 1e-3], "moe_noshared": [2.5e-4, 5e-4, 1e-3]}
+SEEDS = [1, 2, 3]
+POST_TOKENS = int(os.environ.get("CM_POST_TOKENS", "500000"))
+SWEEP_FRACTION = 0.25
+EVAL_WINDOWS = 32  # held-out windows of ctx tokens per language and split, at the end of a run
+
+
+def runs_dir():
+    return os.path.join(tr.REPO, "models", "runs", tr.EXP)
+
+
+def run_name(stage, seed, lr, tokens):
+    return "%s-s%d-lr%g-t%dk" % (stage, seed, lr, tokens // 1000)
+
+
+def result(run):
+    p = os.path.join(runs_dir(), run + ".json")
+    if not os.path.exists(p):
+        return None
+    with open(p) as fh:
+        return json.load(fh)
+
+
+def chosen_lr(stage, results=None):
+    """The sweep's winner for a method (None until all its sweep runs are done): lowest mean held-out loss
+    over the six languages on the trained packages' held-out files (heldout_ext stays for the report)."""
+    best = None
+    for lr in SWEEP[stage]:
+        r = (results or {}).get(run_name(stage, 1, lr, int(POST_TOKENS * SWEEP_FRACTION))) if results is not None \
+            else result(run_name(stage, 1, lr, int(POST_TOKENS * SWEEP_FRACTION)))
+        if r is None:
+            return None
+        v = float(np.mean([r["final"]["heldout"]["loss"][l] for l in LANGS6]))
+        if best is None or v < best[0]:
+            best = (v, lr)
+    return best[1]
+
+
+def plan(results=None):
+    """The runs in order; tier 2/3 runs need the sweep's chosen rate and appear once it is known (until then
+    with lr None)."""
+    out = []
+    st = int(POST_TOKENS * SWEEP_FRACTION)
+    for stage in METHODS:
+        for lr in SWEEP[stage]:
+            out.append({"tier": 1, "stage": stage, "seed": 1, "lr": lr, "tokens": st,
+                        "run": run_name(stage, 1, lr, st)})
+    for tier, stages, seeds in ((2, METHODS, SEEDS), (3, OPTIONS, SEEDS[:1])):
+        for stage in stages:
+            lr = chosen_lr("moe" if stage in OPTIONS else stage, results)
+            for seed in seeds:
+                out.append({"tier": tier, "stage": stage, "seed": seed, "lr": lr, "tokens": POST_TOKENS,
+                            "run": run_name(stage, seed, lr, POST_TOKENS) if lr else None})
+    return out
+
+
+# ============================================================================ measures
+
+def param_counts(model, stage):
+    """(trainable, total). The shared token expert is frozen (its gradient is zeroed), so not trainable."""
+    total = sum(p.numel() for p in model.parameters())
+    train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    for layer in model.model.layers:
+        moe = getattr(layer, "moe", None)
+        if moe is not None and moe.hp["shared"] >= 0:
+            train -= sum(getattr(moe, n)[moe.hp["shared"]].numel() for n in ("tok_gate", "tok_up", "tok_down"))
+    return train, total
+
+
+def flops_per_token(cfg, stage, hp, ctx):
+    """Forward FLOPs (2 x multiply-adds) per token at the mean position of a ctx-token window, as trained
+    (LoRA adapters unmerged; MoLE: the language's and the shared adapter)."""
+    D, F, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    H, K, E = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    att = D * H * E * 2 + D * K * E * 2 + 2 * (ctx / 2) * H * E
+    ffn = 3 * D * F
+    if stage.startswith("moe"):
+        n_tok = hp["k_used"]
+        ffn = D * hp["n_tok"] + n_tok * 3 * D * F
+        if hp["n_seg"]:
+            ffn += D * hp["n_seg"] + 3 * D * F
+    elif stage == "lora":
+        r = 8
+        att += r * ((D + H * E) * 2 + (D + K * E) * 2)
+        ffn += r * 3 * (D + F)
+    elif stage == "mole":
+        ffn += (8 + 16) * 3 * (D + F)
+    return 2 * (L * (att + ffn) + D * V)
+
+
+@torch.no_grad()
+def measure(model, stage, split, tb, n):
+    """Per language: loss (nats/token), bits per byte, and for hybrids the segment branch's share of the FFN
+    output norm, the loss with the segment branch knocked out, and the segment experts' token shares."""
+    hb = tr.heldout_batches(LANGS6, model.train_ctx, n, split=split)
+    out = {"loss": {}, "bpb": {}}
+    hyb = [l.moe for l in model.model.layers if hasattr(l, "moe") and l.moe.hp["n_seg"]]
+    if hyb:
+        out.update(seg_share={}, knockout_loss={}, knockout_bpb={}, seg_routing={})
+    for lang, (x, y) in hb.items():
+        nb = float(tb[y.numpy()].sum())
+        for ko in ((False, True) if hyb else (False,)):
+            for m in hyb:
+                m.knockout = ko
+            tot, shares, counts = 0.0, [], [np.zeros(m.hp["n_seg"]) for m in hyb]
+            for i in range(0, len(x), 8):
+                if stage == "mole":
+                    tr.set_mole_sets(model, [lang] * len(x[i:i + 8]), x.shape[1])
+                lg = model(x[i:i + 8])
+                tot += float(Fn.cross_entropy(lg.reshape(-1, lg.shape[-1]), y[i:i + 8].reshape(-1), reduction="sum"))
+                if hyb and not ko:
+                    shares.append([float(m.seg_share) if m.seg_share is not None else 0.0 for m in hyb])
+                    for k, m in enumerate(hyb):
+                        counts[k] += m.seg_counts
+            loss = tot / y.numel()
+            if ko:
+                out["knockout_loss"][lang] = round(loss, 5)
+                out["knockout_bpb"][lang] = round(tot / math.log(2) / nb, 5)
+            else:
+                out["loss"][lang] = round(loss, 5)
+                out["bpb"][lang] = round(tot / math.log(2) / nb, 5)
+                if hyb:
+                    out["seg_share"][lang] = [round(v, 5) for v in np.mean(shares, axis=0)]
+                    out["seg_routing"][lang] = [[round(float(v), 5) for v in c / max(1.0, c.sum())] for c in counts]
+        for m in hyb:
+            m.knockout = False
+    return out
+
+
+def curve(run):
+    """The run's learning curve from its log: (step, held-out losses) every evaluation."""
+    p = os.path.join(tr.EXP_ROOT, "logs", run + ".jsonl")
+    pts = []
+    if os.path.exists(p):
+        with open(p) as fh:
+            for line in fh:
+                r = json.loads(line)
+                if "heldout" in r:
+                    pts.append({"step": r["step"], "heldout": r["heldout"], "heldout_ext": r.get("heldout_ext")})
+    return pts
+
+
+def evaluate_run(spec, tb):
+    model, ck = tr.load_model(spec["run"])
+    meta = ck["meta"]
+    model.train_ctx = meta["ctx"]
+    model.eval()
+    trainable, total = param_counts(model, spec["stage"])
+    res = dict(spec, exp=tr.EXP, step=ck["step"], params_trainable=trainable, params_total=total,
+               flops_per_token=flops_per_token(model.cfg, spec["stage"], meta.get("moe"), meta["ctx"]),
+               start=meta.get("start"), curve=curve(spec["run"]), hp=meta.get("moe"),
+               final={s: measure(model, spec["stage"], s, tb, EVAL_WINDOWS) for s in tr.SPLITS_HELDOUT})
+    if meta.get("moe", {}).get("fusion_learn"):
+        res["fusion"] = [[round(float(v), 5) for v in l.moe.fusion] for l in model.model.layers]
+    return res
+
+
+# ============================================================================ commands
+
+def cmd_plan(args):
+    res = load_results()
+    for s in plan(res):
+        done = s["run"] in res if s["run"] else False
+        print("tier %d  %-13s seed %d  lr %-8s %7d tokens  %s" % (
+            s["tier"], s["stage"], s["seed"], s["lr"] if s["lr"] else "(sweep)", s["tokens"],
+            ("done " if done else "todo ") + (s["run"] or "")))
+
+
+def load_results():
+    out = {}
+    d = runs_dir()
+    if os.path.isdir(d):
+        for f in sorted(os.listdir(d)):
+            if f.endswith(".json"):
+                with open(os.path.join(d, f)) as fh:
+                    r = json.load(fh)
+                out[r["run"]] = r
+    return out
+
+
+def untrained(tb):
+    """The routing picture's untrained panel: moe upcycled from the base with seed 1's routers, measured
+    before any step (its bits per byte are the base's: the step-0 check)."""
+    torch.manual_seed(1)
+    model, ck = tr.load_model("base")
+    tr.build_variant(model, "moe", ck["meta"]["ctx"], None)
+    model.train_ctx = ck["meta"]["ctx"]
+    model.eval()
+    return {"run": "moe-untrained", "stage": "moe", "seed": 1, "lr": 0.0, "tokens": 0, "tier": 0,
+            "exp": tr.EXP, "final": {"heldout_ext": measure(model, "moe", "heldout_ext", tb, EVAL_WINDOWS)}}
+
+
+def write_result(r):
+    os.makedirs(runs_dir(), exist_ok=True)
+    p = os.path.join(runs_dir(), r["run"] + ".json")
+    with open(p + ".tmp", "w") as fh:
+        json.dump(r, fh, indent=1)
+    os.replace(p + ".tmp", p)
+
+
+def cmd_run(args):
+    base_final = os.path.join(tr.ckpt_dir("base"), "final.pt")
+    if not os.path.exists(base_final):
+        sys.exit("runs.py: the %s base is not finished (%s missing): tools/pipeline.sh base" % (tr.EXP, base_final))
+    import results
+    torch.set_num_threads(1)  # the measurements too: one core, like the training runs
+    tb = results.token_bytes(results.encoder(args.tokenizer))
+    if "moe-untrained" not in load_results():
+        write_result(untrained(tb))
+    n = 0
+    only = set(args.only.split(",")) if args.only else None
+    while True:
+        todo = [s for s in plan(load_results()) if s["run"] and s["run"] not in load_results()
+                and (only is None or s["run"] in only)]
+        if not todo or (args.max_runs and n >= args.max_runs):
+            break
+        if args.stop_at and time.strftime("%H:%M", time.gmtime()) >= args.stop_at:
+            print("runs.py: %s UTC reached, no new run started" % args.stop_at, file=sys.stderr)
+            break
+        s = todo[0]
+        print("== %s (%s UTC)" % (s["run"], time.strftime("%H:%M:%S", time.gmtime())), file=sys.stderr)
+        cmd = ["nice", "-n", "19", "/usr/bin/python3", os.path.join(tr.REPO, "tools", "train.py"), "train",
+               "--stage", s["stage"], "--run", s["run"], "--seed", str(s["seed"]), "--lr", str(s["lr"]),
+               "--tokens", str(s["tokens"]), "--threads", "1", "--ckpt-min", "5"]
+        if subprocess.run(cmd, env=dict(os.environ, CM_EXP=tr.EXP)).returncode:
+            sys.exit("runs.py: %s failed" % s["run"])
+        write_result(evaluate_run(s, tb))
+        n += 1
+
+
+def claim(diffs):
+    """diffs: per seed, (method - comparison) in bits per byte (negative: the method is better).
+    holds: every seed favours the method and the mean gain exceeds the seeds' spread (max - min);
+    does not hold: every seed favours the comparison by more than the spread; otherwise: cannot be
+    told apart at this scale."""
+    d = np.asarray(diffs, dtype=np.float64)
+    spread = float(d.max() - d.min()) if len(d) > 1 else float("inf")
+    mean = float(d.mean())
+    if len(d) >= 2 and (d < 0).all() and -mean > spread:
+        v = "holds"
+    elif len(d) >= 2 and (d > 0).all() and mean > spread:
+        v = "does not hold"
+    else:
+        v = "cannot be told apart"
+    return {"verdict": v, "mean": round(mean, 5), "spread": round(spread, 5), "per_seed": [round(x, 5) for x in d]}
+
+
+CLAIMS = [("MultiPL-MoE beats dense continued training on the low-resource languages", "moe", "dense_cont", tr.LOW),
+          ("MultiPL-MoE beats LoRA on the low-resource languages", "moe", "lora", tr.LOW),
+          ("MultiPL-MoE beats MoLE on the low-resource languages", "moe", "mole", tr.LOW),
+          ("the segment level helps the low-resource languages (moe vs moe_noseg)", "moe", "moe_noseg", tr.LOW),
+          ("the shared expert keeps the high-resource languages (moe vs moe_noshared)", "moe", "moe_noshared",
+           tr.HIGH)]
+
+
+def seed_runs(res, stage):
+    lr = chosen_lr(stage, res)
+    return {s: res.get(run_name(stage, s, lr, POST_TOKENS)) for s in SEEDS} if lr else {}
+
+
+def cmd_report(args):
+    res = load_results()
+    lines = ["# lowres experiment: runs so far (tools/runs.py report)", ""]
+    if not res:
+        lines.append("No run has finished yet.")
+    else:
+        lines += ["| run | trainable / total params | FLOPs/token | step-0 max diff | held-out bpb low / high "
+                  "| other packages bpb low / high | segment share of the FFN output, low | knock-out: bpb change, "
+                  "low / high |", "|---|---|---|---|---|---|---|---|"]
+        for r in sorted(res.values(), key=lambda r: r["run"]):
+            if r["tier"] == 0:
+                continue
+            f = r["final"]
+            x = f["heldout_ext"]
+            seg = "%.4f" % np.mean([x["seg_share"][l] for l in tr.LOW]) if "seg_share" in x else "-"
+            ko = "%+.4f / %+.4f" % tuple(np.mean([x["knockout_bpb"][l] - x["bpb"][l] for l in g])
+                                         for g in (tr.LOW, tr.HIGH)) if "knockout_bpb" in x else "-"
+            lines.append("| %s | %.3fM / %.3fM | %.2fM | %s | %.3f / %.3f | %.3f / %.3f | %s | %s |" % (
+                r["run"], r["params_trainable"] / 1e6, r["params_total"] / 1e6, r["flops_per_token"] / 1e6,
+                "%.1e" % r["start"]["max_abs_diff"] if r.get("start") else "-",
+                np.mean([f["heldout"]["bpb"][l] for l in tr.LOW]), np.mean([f["heldout"]["bpb"][l] for l in tr.HIGH]),
+                np.mean([x["bpb"][l] for l in tr.LOW]), np.mean([x["bpb"][l] for l in tr.HIGH]), seg, ko))
+        lines += ["", "Claims (held-out bits per byte on packages never trained on, paired by seed):", ""]
+        for text, a, b, langs in CLAIMS:
+            ra, rb = seed_runs(res, a), seed_runs(res, b)
+            seeds = [s for s in SEEDS if ra.get(s) and rb.get(s)]
+            if len(seeds) < 2:
+                lines.append("- %s: not run yet (%d paired seeds)" % (text, len(seeds)))
+                continue
+            c = claim([np.mean([ra[s]["final"]["heldout_ext"]["bpb"][l] - rb[s]["final"]["heldout_ext"]["bpb"][l]
+                                for l in langs]) for s in seeds])
+            lines.append("- %s: **%s** (mean %+.4f bits/byte, seed spread %.4f, per seed %s)" % (
+                text, c["verdict"], c["mean"], c["spread"], c["per_seed"]))
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text)
+    else:
+        sys.stdout.write(text)
+    if args.curves and res:
+        plot_curves(res, args.curves)
+    if args.routing and res:
+        plot_routing(res, args.routing)
+
+
+def plot_curves(res, png):
+    """Held-out loss (mean of the low-resource languages, other packages) against tokens, one line per run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in sorted(res.values(), key=lambda r: r["run"]):
+        pts = [p for p in r.get("curve", []) if p.get("heldout_ext")]
+        if pts:
+            tok_per_step = r["tokens"] / max(p["step"] for p in pts)
+            if (r.get("start") or {}).get("heldout_ext"):
+                pts = [{"step": 0, "heldout_ext": r["start"]["heldout_ext"]}] + pts
+            ax.plot([p["step"] * tok_per_step / 1e3 for p in pts],
+                    [np.mean([p["heldout_ext"][l] for l in tr.LOW]) for p in pts], label=r["run"], lw=1, marker=".")
+    ax.set_xlabel("post-pretraining tokens (thousands)")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title("Rust/Go/Ruby, packages never trained on", fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+def plot_routing(res, png):
+    """Segment experts' token shares per language (last layer): the untrained router (step 0), then every
+    trained hybrid with a segment level (seed 1; moe is balanced, moe_nobal is not), one colour scale for
+    all panels and one colour bar."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [(r["run"], r["final"]["heldout_ext"]["seg_routing"])
+              for r in sorted(res.values(), key=lambda r: (r["tier"], r["run"]))
+              if r["seed"] == 1 and "seg_routing" in r["final"]["heldout_ext"]]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 1.5, 3.4), squeeze=False)
+    fig.subplots_adjust(wspace=0.45)
+    for ax, (name, rt) in zip(axes[0], panels):
+        m = np.array([rt[l][-1] for l in LANGS6])
+        im = ax.imshow(m, vmin=0.0, vmax=1.0, cmap="viridis")
+        ax.set_title(name, fontsize=8)
+        ax.set_yticks(range(len(LANGS6)), LANGS6)
+        ax.set_xticks(range(m.shape[1]))
+        ax.set_xlabel("segment expert")
+    fig.colorbar(im, ax=axes[0].tolist(), label="share of the language's tokens")
+    fig.savefig(png, dpi=120)
+
+
+def cmd_selftest(args):
+    p = plan({})
+    assert len([s for s in p if s["tier"] == 1]) == sum(len(v) for v in SWEEP.values())
+    assert all(s["run"] is None for s in p if s["tier"] > 1)  # no rate chosen before the sweep
+    assert len({s["run"] for s in p if s["run"]}) == len([s for s in p if s["run"]])
+    assert claim([-0.05, -0.04, -0.06])["verdict"] == "holds"
+    assert claim([0.05, 0.04, 0.06])["verdict"] == "does not hold"
+    assert claim([-0.05, 0.01, -0.06])["verdict"] == "cannot be told apart"
+    assert claim([-0.01, -0.05, -0.09])["verdict"] == "cannot be told apart"  # spread 0.08 > mean gain 0.05
+    # the sweep picks the lowest mean held-out loss
+    st = int(POST_TOKENS * SWEEP_FRACTION)
+    fake = {run_name("moe", 1, lr, st): {"final": {"heldout": {"loss": {l: v for l in LANGS6}}}}
+            for lr, v in zip(SWEEP["moe"], (3.0, 2.5, 2.7))}
+    assert chosen_lr("moe", fake) == SWEEP["moe"][1]
+    assert all(s["run"] for s in plan(fake) if s["stage"] in ("moe",) + tuple(OPTIONS))
+    print("runs selftest: plan of %d runs, claim rules and sweep choice ok" % len(p))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("plan", "run", "report", "selftest"):
+        p = sub.add_parser(name)
+        p.add_argument("--tokenizer", default=os.path.join(tr.ROOT, "tokenizer"))
+        if name == "run":
+            p.add_argument("--stop-at", default=None, help="UTC HH:MM after which no new run starts")
+            p.add_argument("--max-runs", type=int, default=0)
+            p.add_argument("--only", default=None)
+        if name == "report":
+            p.add_argument("--out", default=None)
+            p.add_argument("--curves", default=None)
+            p.add_argument("--routing", default=None)
+    args = ap.parse_args()
+    {"plan": cmd_plan, "run": cmd_run, "report": cmd_report, "selftest": cmd_selftest}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
