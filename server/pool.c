@@ -367,18 +367,19 @@ int srv_pool_reap(srv_pool *p) {
         if (srv_sched_closed(m->sched)) {
             *pp = m->next;
             json_t *f = json_pack("{s:s}", "model", m->model.id);
+            member_free(m);
+#if defined(__GLIBC__)
+            /* the KV pool and the worker's buffers were large allocations: give the heap's free pages back */
+            malloc_trim(0);
+#endif
+            /* logged once done: when the line appears, the file is unmapped and the heap trimmed */
             srv_log("info", "model unloaded", f);
             json_decref(f);
-            member_free(m);
             freed++;
         } else {
             pp = &m->next;
         }
     }
-#if defined(__GLIBC__)
-    /* the KV pool and the worker's buffers were large allocations: give the heap's free pages back */
-    if (freed) malloc_trim(0);
-#endif
     return freed;
 }
 
