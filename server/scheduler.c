@@ -1209,9 +1209,12 @@ srv_sched *srv_sched_create(uv_loop_t *loop, const srv_config *cfg, srv_sched_wa
     }
     s->async.data = s;
     if (uv_thread_create(&s->thread, worker_main, s)) {
-        uv_close((uv_handle_t *)&s->async, sched_on_closed);
+        /* no worker will ever wake the loop: wake it once now, so that the caller's wake-up sees the
+         * model state FAILED (srv_sched_model) and whoever waits for the load gets its answer;
+         * srv_sched_stop closes the handle */
         s->thread_started = 0;
-        return s; /* caller sees model state FAILED */
+        uv_async_send(&s->async);
+        return s;
     }
     s->thread_started = 1;
     return s;
