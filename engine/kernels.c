@@ -205,6 +205,10 @@ void cm_softmax_ref(float *x, int64_t k) {
     for (int64_t i = 0; i < k; i++) x[i] /= sum;
 }
 
+void cm_exp_row_ref(float *x, int64_t k) {
+    for (int64_t i = 0; i < k; i++) x[i] = cm_exp_def(x[i]);
+}
+
 void cm_rope_ref(float *x, const float *cs, const float *sn, int e, int neox) {
     int h = e / 2;
     for (int i = 0; i < h; i++) {
@@ -340,6 +344,8 @@ void cm_add(float *x, const float *b, int64_t k) { cm__kops->add(x, b, k); }
 void cm_silu_mul(float *g, const float *u, int64_t k) { cm__kops->silu_mul(g, u, k); }
 
 void cm_softmax(float *x, int64_t k) { cm__kops->softmax(x, k); }
+
+void cm_exp_row(float *x, int64_t k) { cm__kops->exp_row(x, k); }
 
 void cm_rope(float *x, const float *cs, const float *sn, int e, int neox) { cm__kops->rope(x, cs, sn, e, neox); }
 

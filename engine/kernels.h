@@ -109,6 +109,11 @@ void cm_silu_mul_ref(float *g, const float *u, int64_t k);
 void cm_softmax(float *x, int64_t k);
 void cm_softmax_ref(float *x, int64_t k);
 
+/* x (K) = exp(x) in place, cm_exp_def per element: the exp that softmax and silu_mul evaluate inside,
+ * exposed so that a test holds each family's to the definition bit for bit. */
+void cm_exp_row(float *x, int64_t k);
+void cm_exp_row_ref(float *x, int64_t k);
+
 /* Rotary embedding of one head x (E) at one position, with that position's tables cs (E/2) cos and
  * sn (E/2) sin. neox: pairs (i, i + E/2); normal: pairs (2i, 2i+1). */
 void cm_rope(float *x, const float *cs, const float *sn, int e, int neox);

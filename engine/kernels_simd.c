@@ -586,6 +586,16 @@ static void softmax(float *x, int64_t k) {
 #endif
 }
 
+static void exp_row(float *x, int64_t k) {
+    int64_t i = 0;
+#if defined(CM_AVX512)
+    for (; i + 16 <= k; i += 16) _mm512_storeu_ps(x + i, exp16(_mm512_loadu_ps(x + i)));
+#elif defined(CM_AVX2)
+    for (; i + 8 <= k; i += 8) _mm256_storeu_ps(x + i, exp8(_mm256_loadu_ps(x + i)));
+#endif
+    cm_exp_row_ref(x + i, k - i);
+}
+
 static void rope(float *x, const float *cs, const float *sn, int e, int neox) {
 #if defined(CM_AVX512)
     int h = e / 2;
@@ -633,6 +643,7 @@ const cm_kernel_ops CM_FAMILY_FN(cm_kernels) = {
     .add = add,
     .silu_mul = silu_mul,
     .softmax = softmax,
+    .exp_row = exp_row,
     .rope = rope,
     .dot_f32 = dot_f32,
     .axpy = axpy,
