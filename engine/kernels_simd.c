@@ -129,6 +129,14 @@ static void dequantize_row(int type, const void *w, float *y, int64_t k) {
 
 /* ============================================================ the 64 float lanes (kernels_order.h) */
 
+/* The lanes live in named vector variables (struct members, never an array), so that the compiler
+ * keeps them in registers: four zmm s0..s3 (lanes 16j .. 16j + 15 in sj) or eight ymm a0..a7 (lanes
+ * 8j .. 8j + 7 in aj). EACH4 / EACH8 write a statement once per vector. */
+#define EACH4(M) M(0) M(1) M(2) M(3)
+#define EACH8(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7)
+/* lanes16_fma and lanes8_fma are inlined wherever used, with the type constant and the lanes in registers */
+#define CM_ALWAYS_INLINE static inline __attribute__((always_inline))
+
 #if defined(CM_AVX2) || defined(CM_AVX512)
 /* The tree's last levels, from eight lanes: 128-bit halves, then 64-bit, then 32-bit ones. */
 static inline float tree8(__m256 v) {
@@ -140,14 +148,31 @@ static inline float tree8(__m256 v) {
 #endif
 
 #if defined(CM_AVX512)
-/* Lanes 16j .. 16j + 15 are s[j]. */
-typedef struct lanes {
-    __m512 s[4];
-} lanes;
+typedef struct lanes16 {
+    __m512 s0, s1, s2, s3;
+} lanes16;
 
-static inline float lanes_tree(const lanes *a) {
-    __m512 v = _mm512_add_ps(_mm512_add_ps(a->s[0], a->s[2]), _mm512_add_ps(a->s[1], a->s[3]));
+static inline float lanes16_tree(const lanes16 *a) {
+    __m512 v = _mm512_add_ps(_mm512_add_ps(a->s0, a->s2), _mm512_add_ps(a->s1, a->s3));
     return tree8(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
+}
+
+static inline void lanes16_zero(lanes16 *a) {
+#define ZERO_(j) a->s##j = _mm512_setzero_ps();
+    EACH4(ZERO_)
+#undef ZERO_
+}
+
+static inline void lanes16_load(lanes16 *a, const float *acc) {
+#define LOAD_(j) a->s##j = _mm512_loadu_ps(acc + 16 * j);
+    EACH4(LOAD_)
+#undef LOAD_
+}
+
+static inline void lanes16_store(const lanes16 *a, float *acc) {
+#define STORE_(j) _mm512_storeu_ps(acc + 16 * j, a->s##j);
+    EACH4(STORE_)
+#undef STORE_
 }
 
 /* 16 weights from index i (a multiple of 16) as f32, exactly as weight_ref (kernels.c) converts them; `m`
@@ -169,54 +194,74 @@ static inline __m512 load16(int t, const void *w, int64_t i, __mmask16 m) {
     }
 }
 
-/* The lanes take w_i x_i for i < k, value i in lane i % 64 (the caller's lanes hold values before 0);
- * t is a compile-time constant at each call site, so the switch folds away. A tail feeds only its own
- * lanes (mask3 keeps the others). */
-static inline void lanes_fma(lanes *a, int t, int64_t k, const void *w, const float *x) {
-    __m512 s0 = a->s[0], s1 = a->s[1], s2 = a->s[2], s3 = a->s[3];
+/* Q8_0's 16 values from q as f32 times d (exact). */
+static inline __m512 q8x16(const int8_t *q, __m512 d) {
+    return _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q))));
+}
+
+/* The lanes16 take w_i x_i for i < k, value i in lane i % 64 (lanes16 that already hold a row's start take
+ * its next multiple of 64 values); t is a compile-time constant at each call site, so the switch folds
+ * away. A tail feeds only its own lanes16 (mask3 keeps the others). */
+CM_ALWAYS_INLINE void lanes16_fma(lanes16 *a, int t, int64_t k, const void *w, const float *x) {
+    __m512 s0 = a->s0, s1 = a->s1, s2 = a->s2, s3 = a->s3;
     int64_t i = 0;
-    for (; i + 64 <= k; i += 64) {
-        s0 = _mm512_fmadd_ps(load16(t, w, i, 0xffff), _mm512_loadu_ps(x + i), s0);
-        s1 = _mm512_fmadd_ps(load16(t, w, i + 16, 0xffff), _mm512_loadu_ps(x + i + 16), s1);
-        s2 = _mm512_fmadd_ps(load16(t, w, i + 32, 0xffff), _mm512_loadu_ps(x + i + 32), s2);
-        s3 = _mm512_fmadd_ps(load16(t, w, i + 48, 0xffff), _mm512_loadu_ps(x + i + 48), s3);
+    if (t == GGUF_TT_Q8_0) { /* two blocks per step, each block's d converted once */
+        for (const cm_block_q8_0 *b = w; i + 64 <= k; i += 64, b += 2) {
+            __m512 d0 = _mm512_set1_ps(fp16(b[0].d)), d1 = _mm512_set1_ps(fp16(b[1].d));
+            s0 = _mm512_fmadd_ps(q8x16(b[0].qs, d0), _mm512_loadu_ps(x + i), s0);
+            s1 = _mm512_fmadd_ps(q8x16(b[0].qs + 16, d0), _mm512_loadu_ps(x + i + 16), s1);
+            s2 = _mm512_fmadd_ps(q8x16(b[1].qs, d1), _mm512_loadu_ps(x + i + 32), s2);
+            s3 = _mm512_fmadd_ps(q8x16(b[1].qs + 16, d1), _mm512_loadu_ps(x + i + 48), s3);
+        }
+    } else {
+        for (; i + 64 <= k; i += 64) {
+#define FMA_(j) s##j = _mm512_fmadd_ps(load16(t, w, i + 16 * j, 0xffff), _mm512_loadu_ps(x + i + 16 * j), s##j);
+            EACH4(FMA_)
+#undef FMA_
+        }
     }
-#define TAIL16(j, s)                                                                                      \
-    if (k - i > 16 * (j)) {                                                                               \
-        int64_t n_ = k - i - 16 * (j);                                                                    \
+#define TAIL_(j)                                                                                          \
+    if (k - i > 16 * j) {                                                                                 \
+        int64_t n_ = k - i - 16 * j;                                                                      \
         __mmask16 m_ = n_ >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n_) - 1);                        \
-        s = _mm512_mask3_fmadd_ps(load16(t, w, i + 16 * (j), m_), _mm512_maskz_loadu_ps(m_, x + i + 16 * (j)), s, m_); \
+        s##j = _mm512_mask3_fmadd_ps(load16(t, w, i + 16 * j, m_), _mm512_maskz_loadu_ps(m_, x + i + 16 * j), \
+                                     s##j, m_);                                                           \
     }
-    TAIL16(0, s0)
-    TAIL16(1, s1)
-    TAIL16(2, s2)
-    TAIL16(3, s3)
-#undef TAIL16
-    a->s[0] = s0, a->s[1] = s1, a->s[2] = s2, a->s[3] = s3;
+    EACH4(TAIL_)
+#undef TAIL_
+    a->s0 = s0, a->s1 = s1, a->s2 = s2, a->s3 = s3;
 }
+#endif
 
-static inline void lanes_zero(lanes *a) {
-    for (int j = 0; j < 4; j++) a->s[j] = _mm512_setzero_ps();
-}
+#if defined(CM_AVX2) || defined(CM_AVX512)
+/* Also the AVX-512 families' lanes for quants_simd.c, whose kernels are 256-bit code: zmm instructions
+ * between them cost them more than the wider FMAs gain (measured: Q4_K x f32 matvec 1.3x slower). */
+typedef struct lanes8 {
+    __m256 a0, a1, a2, a3, a4, a5, a6, a7;
+} lanes8;
 
-static inline void lanes_load(lanes *a, const float *acc) {
-    for (int j = 0; j < 4; j++) a->s[j] = _mm512_loadu_ps(acc + 16 * j);
-}
-
-static inline void lanes_store(const lanes *a, float *acc) {
-    for (int j = 0; j < 4; j++) _mm512_storeu_ps(acc + 16 * j, a->s[j]);
-}
-#elif defined(CM_AVX2)
-/* Lanes 8j .. 8j + 7 are s[j]. */
-typedef struct lanes {
-    __m256 s[8];
-} lanes;
-
-static inline float lanes_tree(const lanes *a) {
-    const __m256 *t = a->s;
-    __m256 v0 = _mm256_add_ps(_mm256_add_ps(t[0], t[4]), _mm256_add_ps(t[2], t[6]));
-    __m256 v1 = _mm256_add_ps(_mm256_add_ps(t[1], t[5]), _mm256_add_ps(t[3], t[7]));
+static inline float lanes8_tree(const lanes8 *a) {
+    __m256 v0 = _mm256_add_ps(_mm256_add_ps(a->a0, a->a4), _mm256_add_ps(a->a2, a->a6));
+    __m256 v1 = _mm256_add_ps(_mm256_add_ps(a->a1, a->a5), _mm256_add_ps(a->a3, a->a7));
     return tree8(_mm256_add_ps(v0, v1));
+}
+
+static inline void lanes8_zero(lanes8 *a) {
+#define ZERO_(j) a->a##j = _mm256_setzero_ps();
+    EACH8(ZERO_)
+#undef ZERO_
+}
+
+static inline void lanes8_load(lanes8 *a, const float *acc) {
+#define LOAD_(j) a->a##j = _mm256_loadu_ps(acc + 8 * j);
+    EACH8(LOAD_)
+#undef LOAD_
+}
+
+static inline void lanes8_store(const lanes8 *a, float *acc) {
+#define STORE_(j) _mm256_storeu_ps(acc + 8 * j, a->a##j);
+    EACH8(STORE_)
+#undef STORE_
 }
 
 /* 8 weights from index i (a multiple of 8) as f32, exactly as weight_ref (kernels.c) converts them. */
@@ -237,6 +282,11 @@ static inline __m256 load8(int t, const void *w, int64_t i) {
     }
 }
 
+/* Q8_0's 8 values from q as f32 times d (exact). */
+static inline __m256 q8x8(const int8_t *q, __m256 d) {
+    return _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q))));
+}
+
 /* One weight, for tails. */
 static inline float weight_at(int t, const void *w, int64_t i) {
     switch (t) {
@@ -250,33 +300,44 @@ static inline float weight_at(int t, const void *w, int64_t i) {
     }
 }
 
-/* As the AVX-512 lanes_fma. The tail (k % 64 values) is copied into zeros and fed whole: a lane past
- * the end takes fma(0, 0, acc) = acc + 0 = acc, since a lane that starts at +0 and only takes fmas is
- * never -0. */
-static inline void lanes_fma(lanes *a, int t, int64_t k, const void *w, const float *x) {
+/* As the AVX-512 lanes8_fma. A tail's last vector of n < 8 values is copied into zeros and fed whole: a
+ * lane past the end takes fma(0, 0, acc) = acc + 0 = acc, since a lane that starts at +0 and only takes
+ * fmas is never -0. */
+CM_ALWAYS_INLINE void lanes8_fma(lanes8 *a, int t, int64_t k, const void *w, const float *x) {
+    __m256 a0 = a->a0, a1 = a->a1, a2 = a->a2, a3 = a->a3, a4 = a->a4, a5 = a->a5, a6 = a->a6, a7 = a->a7;
     int64_t i = 0;
-    for (; i + 64 <= k; i += 64)
-        for (int j = 0; j < 8; j++) a->s[j] = _mm256_fmadd_ps(load8(t, w, i + 8 * j), _mm256_loadu_ps(x + i + 8 * j), a->s[j]);
-    if (i < k) {
-        float wb[CM_LANES] = {0}, xb[CM_LANES] = {0};
-        for (int64_t r = 0; r < k - i; r++) {
-            wb[r] = weight_at(t, w, i + r);
-            xb[r] = x[i + r];
+    if (t == GGUF_TT_Q8_0) { /* two blocks per step, each block's d converted once */
+        for (const cm_block_q8_0 *b = w; i + 64 <= k; i += 64, b += 2) {
+            __m256 d0 = _mm256_set1_ps(fp16(b[0].d)), d1 = _mm256_set1_ps(fp16(b[1].d));
+#define FMAQ_(j) a##j = _mm256_fmadd_ps(q8x8(b[j / 4].qs + 8 * (j % 4), j < 4 ? d0 : d1), _mm256_loadu_ps(x + i + 8 * j), a##j);
+            EACH8(FMAQ_)
+#undef FMAQ_
         }
-        for (int j = 0; j < 8; j++) a->s[j] = _mm256_fmadd_ps(_mm256_loadu_ps(wb + 8 * j), _mm256_loadu_ps(xb + 8 * j), a->s[j]);
+    } else {
+        for (; i + 64 <= k; i += 64) {
+#define FMA_(j) a##j = _mm256_fmadd_ps(load8(t, w, i + 8 * j), _mm256_loadu_ps(x + i + 8 * j), a##j);
+            EACH8(FMA_)
+#undef FMA_
+        }
     }
-}
-
-static inline void lanes_zero(lanes *a) {
-    for (int j = 0; j < 8; j++) a->s[j] = _mm256_setzero_ps();
-}
-
-static inline void lanes_load(lanes *a, const float *acc) {
-    for (int j = 0; j < 8; j++) a->s[j] = _mm256_loadu_ps(acc + 8 * j);
-}
-
-static inline void lanes_store(const lanes *a, float *acc) {
-    for (int j = 0; j < 8; j++) _mm256_storeu_ps(acc + 8 * j, a->s[j]);
+#define TAIL_(j)                                                                                          \
+    if (k - i >= 8 * j + 8) {                                                                             \
+        a##j = _mm256_fmadd_ps(load8(t, w, i + 8 * j), _mm256_loadu_ps(x + i + 8 * j), a##j);             \
+    } else if (k - i > 8 * j) {                                                                           \
+        float wb_[8], xb_[8];                                                                             \
+        _mm256_storeu_ps(wb_, _mm256_setzero_ps());                                                       \
+        _mm256_storeu_ps(xb_, _mm256_setzero_ps());                                                       \
+        for (int64_t r_ = 0; r_ < k - i - 8 * j; r_++) {                                                  \
+            wb_[r_] = weight_at(t, w, i + 8 * j + r_);                                                    \
+            xb_[r_] = x[i + 8 * j + r_];                                                                  \
+        }                                                                                                 \
+        a##j = _mm256_fmadd_ps(_mm256_loadu_ps(wb_), _mm256_loadu_ps(xb_), a##j);                         \
+    }
+    if (i < k) {
+        EACH8(TAIL_)
+    }
+#undef TAIL_
+    a->a0 = a0, a->a1 = a1, a->a2 = a2, a->a3 = a3, a->a4 = a4, a->a5 = a5, a->a6 = a6, a->a7 = a7;
 }
 
 /* Lane mask of the first n (0..8) of eight. */
@@ -288,12 +349,17 @@ static inline __m256i first_n8(int64_t n) {
 /* ============================================================ dot products */
 
 /* kernels_order.h's float dot of a row of type t (F32, F16, BF16, Q8_0) with f32 x. */
-static inline float dot_float(int t, int64_t k, const void *w, const float *x) {
-#if defined(CM_AVX512) || defined(CM_AVX2)
-    lanes a;
-    lanes_zero(&a);
-    lanes_fma(&a, t, k, w, x);
-    return lanes_tree(&a);
+CM_ALWAYS_INLINE float dot_float(int t, int64_t k, const void *w, const float *x) {
+#if defined(CM_AVX512)
+    lanes16 a;
+    lanes16_zero(&a);
+    lanes16_fma(&a, t, k, w, x);
+    return lanes16_tree(&a);
+#elif defined(CM_AVX2)
+    lanes8 a;
+    lanes8_zero(&a);
+    lanes8_fma(&a, t, k, w, x);
+    return lanes8_tree(&a);
 #else
     return cm_vec_dot_ref(t, GGUF_TT_F32, k, w, x);
 #endif
@@ -302,10 +368,10 @@ static inline float dot_float(int t, int64_t k, const void *w, const float *x) {
 /* quants_simd.c's f32 products feed the same lanes, chunk by chunk (kernels_family.h). */
 void CM_FAMILY_FN(cm_lanes_fma)(float acc[CM_LANES], const float *w, const float *x, int64_t n) {
 #if defined(CM_AVX512) || defined(CM_AVX2)
-    lanes a;
-    lanes_load(&a, acc);
-    lanes_fma(&a, GGUF_TT_F32, n, w, x);
-    lanes_store(&a, acc);
+    lanes8 a;
+    lanes8_load(&a, acc);
+    lanes8_fma(&a, GGUF_TT_F32, n, w, x);
+    lanes8_store(&a, acc);
 #else
     for (int64_t i = 0; i < n; i++) acc[i % CM_LANES] = fmaf(w[i], x[i], acc[i % CM_LANES]);
 #endif
@@ -313,9 +379,9 @@ void CM_FAMILY_FN(cm_lanes_fma)(float acc[CM_LANES], const float *w, const float
 
 float CM_FAMILY_FN(cm_lanes_sum)(float acc[CM_LANES]) {
 #if defined(CM_AVX512) || defined(CM_AVX2)
-    lanes a;
-    lanes_load(&a, acc);
-    return lanes_tree(&a);
+    lanes8 a;
+    lanes8_load(&a, acc);
+    return lanes8_tree(&a);
 #else
     return cm_lanes_total(acc);
 #endif
@@ -535,18 +601,21 @@ static void softmax(float *x, int64_t k) {
     for (; i < k; i++) mx = fmaxf(mx, x[i]);
     /* e_i into x, and into lane i % 64 of the sum; a tail under a mask feeds only its own lanes */
     const __m512 vmx = _mm512_set1_ps(mx);
-    lanes a;
-    lanes_zero(&a);
-    for (i = 0; i < k; i += 64)
-        for (int j = 0; j < 4; j++) {
-            int64_t n = k - i - 16 * j;
-            if (n <= 0) break;
-            __mmask16 m = n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
-            __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i + 16 * j), vmx));
-            _mm512_mask_storeu_ps(x + i + 16 * j, m, e);
-            a.s[j] = _mm512_mask_add_ps(a.s[j], m, a.s[j], e);
+    lanes16 a;
+    lanes16_zero(&a);
+    for (i = 0; i < k; i += 64) {
+#define EXP_(j)                                                                                           \
+        if (k - i > 16 * j) {                                                                             \
+            int64_t n_ = k - i - 16 * j;                                                                  \
+            __mmask16 m_ = n_ >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n_) - 1);                    \
+            __m512 e_ = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m_, x + i + 16 * j), vmx));             \
+            _mm512_mask_storeu_ps(x + i + 16 * j, m_, e_);                                                \
+            a.s##j = _mm512_mask_add_ps(a.s##j, m_, a.s##j, e_);                                          \
         }
-    float sum = lanes_tree(&a);
+        EACH4(EXP_)
+#undef EXP_
+    }
+    float sum = lanes16_tree(&a);
     __m512 vsum = _mm512_set1_ps(sum);
     for (i = 0; i + 16 <= k; i += 16) _mm512_storeu_ps(x + i, _mm512_div_ps(_mm512_loadu_ps(x + i), vsum));
     for (; i < k; i++) x[i] /= sum;
@@ -560,24 +629,24 @@ static void softmax(float *x, int64_t k) {
     float mx = _mm_cvtss_f32(h);
     for (; i < k; i++) mx = fmaxf(mx, x[i]);
     const __m256 vmx = _mm256_set1_ps(mx);
-    lanes a;
-    lanes_zero(&a);
-    for (i = 0; i < k; i += 64)
-        for (int j = 0; j < 8; j++) {
-            int64_t n = k - i - 8 * j;
-            if (n <= 0) break;
-            if (n >= 8) {
-                __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8 * j), vmx));
-                _mm256_storeu_ps(x + i + 8 * j, e);
-                a.s[j] = _mm256_add_ps(a.s[j], e);
-            } else {
-                __m256i m = first_n8(n);
-                __m256 e = exp8(_mm256_sub_ps(_mm256_maskload_ps(x + i + 8 * j, m), vmx));
-                _mm256_maskstore_ps(x + i + 8 * j, m, e);
-                a.s[j] = _mm256_blendv_ps(a.s[j], _mm256_add_ps(a.s[j], e), _mm256_castsi256_ps(m));
-            }
+    lanes8 a;
+    lanes8_zero(&a);
+    for (i = 0; i < k; i += 64) {
+#define EXP_(j)                                                                                           \
+        if (k - i >= 8 * j + 8) {                                                                         \
+            __m256 e_ = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8 * j), vmx));                         \
+            _mm256_storeu_ps(x + i + 8 * j, e_);                                                          \
+            a.a##j = _mm256_add_ps(a.a##j, e_);                                                           \
+        } else if (k - i > 8 * j) {                                                                       \
+            __m256i m_ = first_n8(k - i - 8 * j);                                                         \
+            __m256 e_ = exp8(_mm256_sub_ps(_mm256_maskload_ps(x + i + 8 * j, m_), vmx));                  \
+            _mm256_maskstore_ps(x + i + 8 * j, m_, e_);                                                   \
+            a.a##j = _mm256_blendv_ps(a.a##j, _mm256_add_ps(a.a##j, e_), _mm256_castsi256_ps(m_));        \
         }
-    float sum = lanes_tree(&a);
+        EACH8(EXP_)
+#undef EXP_
+    }
+    float sum = lanes8_tree(&a);
     __m256 vsum = _mm256_set1_ps(sum);
     for (i = 0; i + 8 <= k; i += 8) _mm256_storeu_ps(x + i, _mm256_div_ps(_mm256_loadu_ps(x + i), vsum));
     for (; i < k; i++) x[i] /= sum;

@@ -601,9 +601,9 @@ void CM_FAMILY_FN(cm_quant_matvec_q)(int wtype, const void *w, int64_t k, const 
                 cm_quant_dot_q_ref(wtype, k, (const char *)w + (size_t)r * rb, (const char *)x + (size_t)j * x_stride);
 }
 
-/* The f32 path works in chunks of up to 256 values (whole blocks): dequantise, then feed each token's
+/* The f32 path works in chunks of up to 1024 values (whole blocks): dequantise, then feed each token's
  * 64 float lanes (kernels_order.h; a chunk starts on a multiple of 64, so the lanes run on). */
-#define CHUNK CM_QK_K
+#define CHUNK (4 * CM_QK_K)
 
 void CM_FAMILY_FN(cm_quant_matvec_f32)(int wtype, const void *w, int64_t k, const float *x, size_t x_stride,
                                        int n, float *y, int64_t ldy, int64_t r0, int64_t r1) {

@@ -9,7 +9,7 @@
  *     and the f32 dot (kernels_order.h's lanes), which is also within 1e-5 of sum |w x| of the double
  *     product. Blocks are random bytes (every bit pattern of quants and packed scales) with scales
  *     set to random, extreme (65504, the largest half) or tiny (subnormal) values, plus all-zero blocks;
- *     row lengths are multiples of the block but not of the 256-value chunk where the type allows.
+ *     row lengths are multiples of the block but not of the f32 path's 1024-value chunk.
  * (3) The matvec gives every row exactly what cm_vec_dot gives it, whatever the number of activation
  *     rows (a token's logits do not depend on its batch), and exactly what the reference matvec gives.
  * (4) The activation quantisers: |q| <= 127, bsums and s are what they claim, error <= d/2.
