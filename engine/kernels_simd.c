@@ -163,18 +163,6 @@ static inline void lanes16_zero(lanes16 *a) {
 #undef ZERO_
 }
 
-static inline void lanes16_load(lanes16 *a, const float *acc) {
-#define LOAD_(j) a->s##j = _mm512_loadu_ps(acc + 16 * j);
-    EACH4(LOAD_)
-#undef LOAD_
-}
-
-static inline void lanes16_store(const lanes16 *a, float *acc) {
-#define STORE_(j) _mm512_storeu_ps(acc + 16 * j, a->s##j);
-    EACH4(STORE_)
-#undef STORE_
-}
-
 /* 16 weights from index i (a multiple of 16) as f32, exactly as weight_ref (kernels.c) converts them; `m`
  * masks a tail (Q8_0 rows have none: K % 32 == 0). */
 static inline __m512 load16(int t, const void *w, int64_t i, __mmask16 m) {
@@ -246,11 +234,13 @@ static inline float lanes8_tree(const lanes8 *a) {
     return tree8(_mm256_add_ps(v0, v1));
 }
 
+#if !defined(CM_AVX512) /* the AVX-512 families compute their own dots in zmm */
 static inline void lanes8_zero(lanes8 *a) {
 #define ZERO_(j) a->a##j = _mm256_setzero_ps();
     EACH8(ZERO_)
 #undef ZERO_
 }
+#endif
 
 static inline void lanes8_load(lanes8 *a, const float *acc) {
 #define LOAD_(j) a->a##j = _mm256_loadu_ps(acc + 8 * j);
@@ -340,10 +330,12 @@ CM_ALWAYS_INLINE void lanes8_fma(lanes8 *a, int t, int64_t k, const void *w, con
     a->a0 = a0, a->a1 = a1, a->a2 = a2, a->a3 = a3, a->a4 = a4, a->a5 = a5, a->a6 = a6, a->a7 = a7;
 }
 
+#if !defined(CM_AVX512)
 /* Lane mask of the first n (0..8) of eight. */
 static inline __m256i first_n8(int64_t n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
+#endif
 #endif
 
 /* ============================================================ dot products */
@@ -473,7 +465,7 @@ static inline __m512 exp16(__m512 x) {
     return _mm512_scalef_ps(p, n); /* p 2^n rounded once, as the two multiplies of cm_exp_def */
 }
 #endif
-#if defined(CM_AVX2)
+#if defined(CM_AVX2) && !defined(CM_AVX512)
 static inline __m256 exp8(__m256 x) {
     const __m256 magic = _mm256_set1_ps(12582912.0f);
     x = _mm256_min_ps(_mm256_set1_ps(89.0f), x);
