@@ -187,9 +187,9 @@ static inline __m512 q8x16(const int8_t *q, __m512 d) {
     return _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q))));
 }
 
-/* The lanes16 take w_i x_i for i < k, value i in lane i % 64 (lanes16 that already hold a row's start take
- * its next multiple of 64 values); t is a compile-time constant at each call site, so the switch folds
- * away. A tail feeds only its own lanes16 (mask3 keeps the others). */
+/* The lanes take w_i x_i for i < k, value i in lane i % 64 (lanes that already hold the start of a row
+ * take its values from the next multiple of 64 on); t is a compile-time constant at each call site, so
+ * the switch folds away. A tail feeds only its own lanes (mask3 keeps the others). */
 CM_ALWAYS_INLINE void lanes16_fma(lanes16 *a, int t, int64_t k, const void *w, const float *x) {
     __m512 s0 = a->s0, s1 = a->s1, s2 = a->s2, s3 = a->s3;
     int64_t i = 0;
@@ -223,7 +223,8 @@ CM_ALWAYS_INLINE void lanes16_fma(lanes16 *a, int t, int64_t k, const void *w, c
 
 #if defined(CM_AVX2) || defined(CM_AVX512)
 /* Also the AVX-512 families' lanes for quants_simd.c, whose kernels are 256-bit code: zmm instructions
- * between them cost them more than the wider FMAs gain (measured: Q4_K x f32 matvec 1.3x slower). */
+ * between them cost them more than the wider FMAs gain (measured: a Q4_K x f32 matvec 1.3x slower with
+ * zmm lanes). */
 typedef struct lanes8 {
     __m256 a0, a1, a2, a3, a4, a5, a6, a7;
 } lanes8;
@@ -290,7 +291,7 @@ static inline float weight_at(int t, const void *w, int64_t i) {
     }
 }
 
-/* As the AVX-512 lanes8_fma. A tail's last vector of n < 8 values is copied into zeros and fed whole: a
+/* As lanes16_fma. A tail's last vector of n < 8 values is copied into zeros and fed whole: a
  * lane past the end takes fma(0, 0, acc) = acc + 0 = acc, since a lane that starts at +0 and only takes
  * fmas is never -0. */
 CM_ALWAYS_INLINE void lanes8_fma(lanes8 *a, int t, int64_t k, const void *w, const float *x) {
