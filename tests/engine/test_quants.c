@@ -15,7 +15,7 @@
  * (5) The int8 prefill GEMM (gemm_q8.c), for Q8_0 and every block type, gives every (row, token) the
  *     reference dot bit for bit, whatever the number of tokens (odd, below and above its 4-token quad),
  *     the rows asked for (odd counts, starting off its 8- and 16-row groups, one row, more than one
- *     64-row tile), the row length (shorter and longer than its 1024-value chunk) and the output stride.
+ *     64-row tile), the row length (a few blocks, and tens of them) and the output stride.
  */
 #include <math.h>
 #include <stdint.h>
@@ -275,8 +275,8 @@ TEST(gemm_q_equals_ref) {
     types[0] = GGUF_TT_Q8_0;
     memcpy(types + 1, qtypes, sizeof qtypes);
     for (int t = 0; t < 2 * (N_QTYPES + 1); t++) {
-        /* each type twice: K of a few blocks, and K longer than the 512-bit path's chunk of 1024 values
-         * and not a multiple of it (legacy types: 35 blocks; K-quants: 5 super-blocks) */
+        /* each type twice: K of a few blocks, and a longer K (legacy types: 35 blocks; K-quants: 5
+         * super-blocks) */
         int type = types[t / 2], xt = cm_quant_vec_dot_type(type);
         int64_t k = gguf_block_size(type) == 32 ? (t % 2 ? 1120 : 96) : (t % 2 ? 1280 : 768), m = 83, ldy = m + 3;
         size_t rb = (size_t)gguf_row_bytes(type, k), xb = cm_vec_row_bytes(xt, k);
