@@ -3,7 +3,8 @@
  * twin, and the run-time choice of the kernel family whose fast versions the cm_* entry points call.
  *
  * The fast kernels live in kernels_simd.c, quants_simd.c and gemm_q8.c, compiled once per family
- * (kernels_family.h).
+ * (kernels_family.h); the float references follow the operation order of kernels_order.h, which every
+ * family follows too, so a family changes speed, never a result.
  * At startup the best family this CPU runs is chosen (cpuid), or the one CODEMOE_ISA names when the CPU
  * runs it; from then on each fast entry point is one indirect call through that family's table.
  */
@@ -14,6 +15,7 @@
 #include <string.h>
 
 #include "kernels_family.h"
+#include "kernels_order.h"
 #include "threadpool.h"
 #include "util.h"
 
@@ -95,44 +97,29 @@ void cm_vec_prepare(int xtype, const float *x, void *out, int64_t k) {
 
 /* ============================================================ dot products */
 
+/* Weight i of a row of F32, F16, BF16 or Q8_0 as f32 (exact: Q8_0's d * q has at most 19 bits). */
+static inline float weight_ref(int wtype, const void *w, int64_t i) {
+    switch (wtype) {
+    case GGUF_TT_F16: return cm_fp16_to_f32(((const uint16_t *)w)[i]);
+    case GGUF_TT_BF16: return cm_bf16_to_f32(((const uint16_t *)w)[i]);
+    case GGUF_TT_Q8_0: {
+        const cm_block_q8_0 *b = (const cm_block_q8_0 *)w + i / CM_QK8_0;
+        return cm_fp16_to_f32(b->d) * (float)b->qs[i % CM_QK8_0];
+    }
+    default: return ((const float *)w)[i];
+    }
+}
+
 float cm_vec_dot_ref(int wtype, int xtype, int64_t k, const void *w, const void *x) {
     if (cm_quant_is_block_type(wtype))
         return xtype == GGUF_TT_F32 ? cm_quant_dot_f32_ref(wtype, k, w, x) : cm_quant_dot_q_ref(wtype, k, w, x);
-    if (wtype == GGUF_TT_Q8_0 && xtype == GGUF_TT_F32) {
-        /* per block: d * sum(q x), the dequantised product with one rounding of d per block */
-        const cm_block_q8_0 *a = w;
-        const float *xf = x;
-        float sum = 0.0f;
-        for (int64_t j = 0; j < k / CM_QK8_0; j++) {
-            float s = 0.0f;
-            for (int i = 0; i < CM_QK8_0; i++) s += (float)a[j].qs[i] * xf[j * CM_QK8_0 + i];
-            sum += s * cm_fp16_to_f32(a[j].d);
-        }
-        return sum;
-    }
-    if (wtype == GGUF_TT_Q8_0) return cm_quant_dot_q_ref(wtype, k, w, x); /* x in Q8_0: the int8 dot */
+    if (wtype == GGUF_TT_Q8_0 && xtype != GGUF_TT_F32) return cm_quant_dot_q_ref(wtype, k, w, x); /* the int8 dot */
+    if (wtype != GGUF_TT_F32 && wtype != GGUF_TT_F16 && wtype != GGUF_TT_BF16 && wtype != GGUF_TT_Q8_0) return 0.0f;
+    /* the float dot of kernels_order.h: the dequantised row times x, value i in lane i % 64 */
     const float *xf = x;
-    float sum = 0.0f;
-    switch (wtype) {
-    case GGUF_TT_F32: {
-        const float *a = w;
-        for (int64_t i = 0; i < k; i++) sum += a[i] * xf[i];
-        break;
-    }
-    case GGUF_TT_F16: {
-        const uint16_t *a = w;
-        for (int64_t i = 0; i < k; i++) sum += cm_fp16_to_f32(a[i]) * xf[i];
-        break;
-    }
-    case GGUF_TT_BF16: {
-        const uint16_t *a = w;
-        for (int64_t i = 0; i < k; i++) sum += cm_bf16_to_f32(a[i]) * xf[i];
-        break;
-    }
-    default:
-        break;
-    }
-    return sum;
+    float acc[CM_LANES] = {0};
+    for (int64_t i = 0; i < k; i++) acc[i % CM_LANES] = fmaf(weight_ref(wtype, w, i), xf[i], acc[i % CM_LANES]);
+    return cm_lanes_total(acc);
 }
 
 /* ============================================================ matrix x vectors */
@@ -179,9 +166,9 @@ void cm_matvec(cm_pool *pool, int wtype, int xtype, const void *w, int64_t m, in
 
 /* ============================================================ element-wise */
 
+/* The definitions of kernels_order.h. */
 void cm_rmsnorm_ref(float *y, const float *x, const float *w, int64_t k, float eps) {
-    float ss = 0.0f;
-    for (int64_t i = 0; i < k; i++) ss += x[i] * x[i];
+    float ss = cm_lanes_dot(x, x, k);
     float s = 1.0f / sqrtf(ss / (float)k + eps);
     for (int64_t i = 0; i < k; i++) y[i] = w[i] * (x[i] * s);
 }
@@ -190,27 +177,36 @@ void cm_add_ref(float *x, const float *b, int64_t k) {
     for (int64_t i = 0; i < k; i++) x[i] += b[i];
 }
 
+void cm_axpy_ref(float *y, float a, const float *x, int64_t k) {
+    for (int64_t i = 0; i < k; i++) y[i] = fmaf(a, x[i], y[i]);
+}
+
 void cm_f32_to_f16_row_ref(const float *x, uint16_t *y, int64_t k) {
     for (int64_t i = 0; i < k; i++) y[i] = cm_f32_to_fp16(x[i]);
 }
 
 void cm_axpy_f16_ref(float *y, float a, const uint16_t *x, int64_t k) {
-    for (int64_t i = 0; i < k; i++) y[i] += a * cm_fp16_to_f32(x[i]);
+    for (int64_t i = 0; i < k; i++) y[i] = fmaf(a, cm_fp16_to_f32(x[i]), y[i]);
 }
 
 void cm_silu_mul_ref(float *g, const float *u, int64_t k) {
-    for (int64_t i = 0; i < k; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    for (int64_t i = 0; i < k; i++) g[i] = (g[i] / (1.0f + cm_exp_def(-g[i]))) * u[i];
 }
 
 void cm_softmax_ref(float *x, int64_t k) {
     float mx = x[0];
     for (int64_t i = 1; i < k; i++) mx = fmaxf(mx, x[i]);
-    float sum = 0.0f;
+    float acc[CM_LANES] = {0};
     for (int64_t i = 0; i < k; i++) {
-        x[i] = expf(x[i] - mx);
-        sum += x[i];
+        x[i] = cm_exp_def(x[i] - mx);
+        acc[i % CM_LANES] += x[i];
     }
+    float sum = cm_lanes_total(acc);
     for (int64_t i = 0; i < k; i++) x[i] /= sum;
+}
+
+void cm_exp_row_ref(float *x, int64_t k) {
+    for (int64_t i = 0; i < k; i++) x[i] = cm_exp_def(x[i]);
 }
 
 void cm_rope_ref(float *x, const float *cs, const float *sn, int e, int neox) {
@@ -348,6 +344,8 @@ void cm_add(float *x, const float *b, int64_t k) { cm__kops->add(x, b, k); }
 void cm_silu_mul(float *g, const float *u, int64_t k) { cm__kops->silu_mul(g, u, k); }
 
 void cm_softmax(float *x, int64_t k) { cm__kops->softmax(x, k); }
+
+void cm_exp_row(float *x, int64_t k) { cm__kops->exp_row(x, k); }
 
 void cm_rope(float *x, const float *cs, const float *sn, int e, int neox) { cm__kops->rope(x, cs, sn, e, neox); }
 

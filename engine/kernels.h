@@ -2,7 +2,8 @@
  * kernels.h - the numeric kernels of the forward pass. Internal to engine/.
  *
  * Every optimised kernel has a plain C reference `*_ref` beside it; tests/engine/test_kernels.c holds
- * them equal, for every kernel family the machine runs. The optimised kernels come in families
+ * them equal bit for bit, for every kernel family the machine runs: the int8 dots follow cm_qacc
+ * (quants.h), every float kernel the operation order of kernels_order.h. The optimised kernels come in families
  * (kernels_family.h): AVX-512 (F, BW, VL, DQ, with or without VNNI), AVX2 (+FMA, F16C) and scalar,
  * compiled side by side; the best one the CPU runs is chosen at startup (CODEMOE_ISA may name a lower
  * one). Letters: M output rows, K row length (input dim), N activation rows (tokens), E head_dim.
@@ -47,9 +48,9 @@ void cm_dequantize_row(int type, const void *w, float *y, int64_t k);
 void cm_dequantize_row_ref(int type, const void *w, float *y, int64_t k);
 
 /* Activation rows ("x") come in one of these formats, xtype:
- * - F32: plain floats; works with every weight type. Quantised weights give the exact dequantised
- *   product (Q8_0: each block's int8 values converted, multiplied with f32 x, then scaled; block types:
- *   quants.h), so logits match a float reference.
+ * - F32: plain floats; works with every weight type. Quantised weights give the dot of the exactly
+ *   dequantised row with x (kernels_order.h's float dot, whatever the weight type), so logits match a
+ *   float reference.
  * - Q8_0, Q8_1, Q8_K: x quantised once per token to cm_quant_vec_dot_type(wtype), for the weight types
  *   that pair with it (Q8_0, Q4_0, Q5_0 with Q8_0; Q4_1, Q5_1 with Q8_1; K-quants with Q8_K); an
  *   int8 dot per block, as llama.cpp does. Faster arithmetic, but adds x's quantisation error (~1e-2
@@ -61,7 +62,8 @@ void cm_vec_prepare(int xtype, const float *x, void *out, int64_t k);
 
 /* ------------------------------------------------------------ dot products */
 
-/* dot(w (K) of wtype, x (K) of xtype), accumulated in f32 (int32 within a block for int8 x). */
+/* dot(w (K) of wtype, x (K) of xtype): kernels_order.h's float dot for f32 x, cm_qacc's int8 dot
+ * (int32 within a block) for int8 x. */
 float cm_vec_dot(int wtype, int xtype, int64_t k, const void *w, const void *x);
 float cm_vec_dot_ref(int wtype, int xtype, int64_t k, const void *w, const void *x);
 
@@ -82,13 +84,14 @@ void cm_matvec(struct cm_pool *pool, int wtype, int xtype, const void *w, int64_
  * x + n*x_stride bytes an activation row in xtype = cm_quant_vec_dot_type(wtype). Each weight row is
  * unpacked once into `scratch` (cm_gemm_q_scratch_bytes(K) bytes, the caller's, one per concurrent call)
  * and reused for all N activation rows, which pays from about 16 rows; no result depends on N, on
- * [r0, r1) or on the kernel family. (The decode dots, cm_vec_dot, may sum a Q8_0 row in another order:
- * they agree with the reference to ~1e-6 relative.) The plain reference is cm_matvec_rows_ref. */
+ * [r0, r1) or on the kernel family. The plain reference is cm_matvec_rows_ref. */
 size_t cm_gemm_q_scratch_bytes(int64_t k);
 void cm_gemm_q(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y, int64_t ldy,
                int64_t r0, int64_t r1, void *scratch);
 
 /* ------------------------------------------------------------ element-wise */
+
+/* Each as kernels_order.h defines it, bit for bit in every family. */
 
 /* y (K) = x * rsqrt(mean(x^2) + eps) * w, as HF Qwen2/Llama RMSNorm in f32. y may alias x. */
 void cm_rmsnorm(float *y, const float *x, const float *w, int64_t k, float eps);
@@ -106,14 +109,21 @@ void cm_silu_mul_ref(float *g, const float *u, int64_t k);
 void cm_softmax(float *x, int64_t k);
 void cm_softmax_ref(float *x, int64_t k);
 
+/* x (K) = exp(x) in place, cm_exp_def per element: the exp that softmax and silu_mul evaluate inside,
+ * exposed so that a test holds each family's to the definition bit for bit. */
+void cm_exp_row(float *x, int64_t k);
+void cm_exp_row_ref(float *x, int64_t k);
+
 /* Rotary embedding of one head x (E) at one position, with that position's tables cs (E/2) cos and
  * sn (E/2) sin. neox: pairs (i, i + E/2); normal: pairs (2i, 2i+1). */
 void cm_rope(float *x, const float *cs, const float *sn, int e, int neox);
 void cm_rope_ref(float *x, const float *cs, const float *sn, int e, int neox);
 
-/* dot of two f32 vectors (attention scores); y (K) += a * x (K) (attention values). */
+/* dot of two f32 vectors (attention scores; reference: cm_vec_dot_ref(GGUF_TT_F32, GGUF_TT_F32, ...));
+ * y (K) = fmaf(a, x (K), y) (attention values). */
 float cm_dot_f32(const float *a, const float *b, int64_t k);
 void cm_axpy(float *y, float a, const float *x, int64_t k);
+void cm_axpy_ref(float *y, float a, const float *x, int64_t k);
 
 /* ------------------------------------------------------------ f16 KV rows (CM_KV_F16) */
 
@@ -122,8 +132,8 @@ void cm_axpy(float *y, float a, const float *x, int64_t k);
 void cm_f32_to_f16_row(const float *x, uint16_t *y, int64_t k);
 void cm_f32_to_f16_row_ref(const float *x, uint16_t *y, int64_t k);
 
-/* Attention over f16 K and V: dot(a (K) f16, b (K) f32), each element converted exactly, accumulated in
- * f32 (reference: cm_vec_dot_ref(GGUF_TT_F16, GGUF_TT_F32, ...)); y (K) += a * x (K) f16. */
+/* Attention over f16 K and V: dot(a (K) f16, b (K) f32), each element converted exactly (reference:
+ * cm_vec_dot_ref(GGUF_TT_F16, GGUF_TT_F32, ...)); y (K) = fmaf(a, x (K) f16, y). */
 float cm_dot_f16(const uint16_t *a, const float *b, int64_t k);
 void cm_axpy_f16(float *y, float a, const uint16_t *x, int64_t k);
 void cm_axpy_f16_ref(float *y, float a, const uint16_t *x, int64_t k);

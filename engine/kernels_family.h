@@ -45,6 +45,7 @@ typedef struct cm_kernel_ops {
     void (*add)(float *x, const float *b, int64_t k);
     void (*silu_mul)(float *g, const float *u, int64_t k);
     void (*softmax)(float *x, int64_t k);
+    void (*exp_row)(float *x, int64_t k);
     void (*rope)(float *x, const float *cs, const float *sn, int e, int neox);
     float (*dot_f32)(const float *a, const float *b, int64_t k);
     void (*axpy)(float *y, float a, const float *x, int64_t k);
@@ -78,6 +79,11 @@ void CM_FAMILY_FN(cm_quant_matvec_q)(int wtype, const void *w, int64_t k, const 
                                      float *y, int64_t ldy, int64_t r0, int64_t r1);
 void CM_FAMILY_FN(cm_quant_matvec_f32)(int wtype, const void *w, int64_t k, const float *x, size_t x_stride,
                                        int n, float *y, int64_t ldy, int64_t r0, int64_t r1);
+/* kernels_simd.c's float lanes (kernels_order.h), for quants_simd.c's f32 products: acc (64 lanes, in
+ * memory) takes w_i x_i for i < n, value i in lane i % 64 (a call resumes where the previous one ended,
+ * when that was on a multiple of 64); cm_lanes_sum is the tree over acc (consumed). */
+void CM_FAMILY_FN(cm_lanes_fma)(float acc[64], const float *w, const float *x, int64_t n);
+float CM_FAMILY_FN(cm_lanes_sum)(float acc[64]);
 /* gemm_q8.c's int8 prefill product, likewise. */
 size_t CM_FAMILY_FN(cm_gemm_q_scratch_bytes)(int64_t k);
 void CM_FAMILY_FN(cm_gemm_q)(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y,

@@ -4,7 +4,9 @@
  *
  * Paths by the build's ISA macros: AVX-512 needs F+BW+VL+DQ (+VNNI for the int8 dot, else the AVX2
  * int8 dot is used); AVX2 needs FMA and F16C. A build without them (the scalar family) calls the
- * references of kernels.c, except where the plain loop is itself the fast version.
+ * references of kernels.c, except where the plain loop is itself the fast version. Every float kernel
+ * follows kernels_order.h operation for operation (its 64 lanes as four zmm or eight ymm accumulators,
+ * its exp lane by lane), so every family gives the references' bits.
  */
 #include "kernels.h"
 
@@ -12,6 +14,7 @@
 #include <string.h>
 
 #include "kernels_family.h"
+#include "kernels_order.h"
 #include "util.h"
 
 #ifndef CM_FAMILY
@@ -33,15 +36,6 @@
 
 #if defined(CM_AVX2) || defined(CM_AVX512)
 static inline float fp16(uint16_t h) { return _cvtsh_ss(h); } /* exact, like cm_fp16_to_f32 */
-#endif
-
-#if defined(CM_AVX2) && !defined(CM_AVX512) /* the AVX-512 family sums its 512-bit vectors instead */
-static inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 #endif
 
 /* ============================================================ Q8_0 quantisation */
@@ -133,10 +127,44 @@ static void dequantize_row(int type, const void *w, float *y, int64_t k) {
         cm_dequantize_row_ref(type, w, y, k);
 }
 
-/* ============================================================ dot products */
+/* ============================================================ the 64 float lanes (kernels_order.h) */
+
+/* The lanes live in named vector variables (struct members, never an array), so that the compiler
+ * keeps them in registers: four zmm s0..s3 (lanes 16j .. 16j + 15 in sj) or eight ymm a0..a7 (lanes
+ * 8j .. 8j + 7 in aj). EACH4 / EACH8 write a statement once per vector. */
+#define EACH4(M) M(0) M(1) M(2) M(3)
+#define EACH8(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7)
+/* lanes16_fma and lanes8_fma are inlined wherever used, with the type constant and the lanes in registers */
+#define CM_ALWAYS_INLINE static inline __attribute__((always_inline))
+
+#if defined(CM_AVX2) || defined(CM_AVX512)
+/* The tree's last levels, from eight lanes: 128-bit halves, then 64-bit, then 32-bit ones. */
+static inline float tree8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
 
 #if defined(CM_AVX512)
-/* Loads 16 weights of type t as f32; `m` masks a tail (all-ones for a full vector). */
+typedef struct lanes16 {
+    __m512 s0, s1, s2, s3;
+} lanes16;
+
+static inline float lanes16_tree(const lanes16 *a) {
+    __m512 v = _mm512_add_ps(_mm512_add_ps(a->s0, a->s2), _mm512_add_ps(a->s1, a->s3));
+    return tree8(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
+}
+
+static inline void lanes16_zero(lanes16 *a) {
+#define ZERO_(j) a->s##j = _mm512_setzero_ps();
+    EACH4(ZERO_)
+#undef ZERO_
+}
+
+/* 16 weights from index i (a multiple of 16) as f32, exactly as weight_ref (kernels.c) converts them; `m`
+ * masks a tail (Q8_0 rows have none: K % 32 == 0). */
 static inline __m512 load16(int t, const void *w, int64_t i, __mmask16 m) {
     switch (t) {
     case GGUF_TT_F16:
@@ -144,29 +172,90 @@ static inline __m512 load16(int t, const void *w, int64_t i, __mmask16 m) {
     case GGUF_TT_BF16:
         return _mm512_castsi512_ps(
             _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)w + i)), 16));
+    case GGUF_TT_Q8_0: {
+        const cm_block_q8_0 *b = (const cm_block_q8_0 *)w + i / CM_QK8_0;
+        __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b->qs + i % CM_QK8_0))));
+        return _mm512_mul_ps(_mm512_set1_ps(fp16(b->d)), q); /* exact: d * q has at most 19 bits */
+    }
     default:
         return _mm512_maskz_loadu_ps(m, (const float *)w + i);
     }
 }
 
-/* One dot of K values; t is a compile-time constant at each call site, so the switch folds away. */
-static inline float dot_float_avx512(int t, int64_t k, const void *w, const float *x) {
-    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-    int64_t i = 0;
-    for (; i + 64 <= k; i += 64) {
-        s0 = _mm512_fmadd_ps(load16(t, w, i, 0xffff), _mm512_loadu_ps(x + i), s0);
-        s1 = _mm512_fmadd_ps(load16(t, w, i + 16, 0xffff), _mm512_loadu_ps(x + i + 16), s1);
-        s2 = _mm512_fmadd_ps(load16(t, w, i + 32, 0xffff), _mm512_loadu_ps(x + i + 32), s2);
-        s3 = _mm512_fmadd_ps(load16(t, w, i + 48, 0xffff), _mm512_loadu_ps(x + i + 48), s3);
-    }
-    for (; i + 16 <= k; i += 16) s0 = _mm512_fmadd_ps(load16(t, w, i, 0xffff), _mm512_loadu_ps(x + i), s0);
-    if (i < k) {
-        __mmask16 m = (__mmask16)((1u << (k - i)) - 1);
-        s1 = _mm512_fmadd_ps(load16(t, w, i, m), _mm512_maskz_loadu_ps(m, x + i), s1);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+/* Q8_0's 16 values from q as f32 times d (exact). */
+static inline __m512 q8x16(const int8_t *q, __m512 d) {
+    return _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q))));
 }
-#elif defined(CM_AVX2)
+
+/* The lanes take w_i x_i for i < k, value i in lane i % 64 (lanes that already hold the start of a row
+ * take its values from the next multiple of 64 on); t is a compile-time constant at each call site, so
+ * the switch folds away. A tail feeds only its own lanes (mask3 keeps the others). */
+CM_ALWAYS_INLINE void lanes16_fma(lanes16 *a, int t, int64_t k, const void *w, const float *x) {
+    __m512 s0 = a->s0, s1 = a->s1, s2 = a->s2, s3 = a->s3;
+    int64_t i = 0;
+    if (t == GGUF_TT_Q8_0) { /* two blocks per step, each block's d converted once */
+        for (const cm_block_q8_0 *b = w; i + 64 <= k; i += 64, b += 2) {
+            __m512 d0 = _mm512_set1_ps(fp16(b[0].d)), d1 = _mm512_set1_ps(fp16(b[1].d));
+            s0 = _mm512_fmadd_ps(q8x16(b[0].qs, d0), _mm512_loadu_ps(x + i), s0);
+            s1 = _mm512_fmadd_ps(q8x16(b[0].qs + 16, d0), _mm512_loadu_ps(x + i + 16), s1);
+            s2 = _mm512_fmadd_ps(q8x16(b[1].qs, d1), _mm512_loadu_ps(x + i + 32), s2);
+            s3 = _mm512_fmadd_ps(q8x16(b[1].qs + 16, d1), _mm512_loadu_ps(x + i + 48), s3);
+        }
+    } else {
+        for (; i + 64 <= k; i += 64) {
+#define FMA_(j) s##j = _mm512_fmadd_ps(load16(t, w, i + 16 * j, 0xffff), _mm512_loadu_ps(x + i + 16 * j), s##j);
+            EACH4(FMA_)
+#undef FMA_
+        }
+    }
+#define TAIL_(j)                                                                                          \
+    if (k - i > 16 * j) {                                                                                 \
+        int64_t n_ = k - i - 16 * j;                                                                      \
+        __mmask16 m_ = n_ >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n_) - 1);                        \
+        s##j = _mm512_mask3_fmadd_ps(load16(t, w, i + 16 * j, m_), _mm512_maskz_loadu_ps(m_, x + i + 16 * j), \
+                                     s##j, m_);                                                           \
+    }
+    EACH4(TAIL_)
+#undef TAIL_
+    a->s0 = s0, a->s1 = s1, a->s2 = s2, a->s3 = s3;
+}
+#endif
+
+#if defined(CM_AVX2) || defined(CM_AVX512)
+/* Also the AVX-512 families' lanes for quants_simd.c, whose kernels are 256-bit code: zmm instructions
+ * between them cost them more than the wider FMAs gain (measured: a Q4_K x f32 matvec 1.3x slower with
+ * zmm lanes). */
+typedef struct lanes8 {
+    __m256 a0, a1, a2, a3, a4, a5, a6, a7;
+} lanes8;
+
+static inline float lanes8_tree(const lanes8 *a) {
+    __m256 v0 = _mm256_add_ps(_mm256_add_ps(a->a0, a->a4), _mm256_add_ps(a->a2, a->a6));
+    __m256 v1 = _mm256_add_ps(_mm256_add_ps(a->a1, a->a5), _mm256_add_ps(a->a3, a->a7));
+    return tree8(_mm256_add_ps(v0, v1));
+}
+
+#if !defined(CM_AVX512) /* the AVX-512 families compute their own dots in zmm */
+static inline void lanes8_zero(lanes8 *a) {
+#define ZERO_(j) a->a##j = _mm256_setzero_ps();
+    EACH8(ZERO_)
+#undef ZERO_
+}
+#endif
+
+static inline void lanes8_load(lanes8 *a, const float *acc) {
+#define LOAD_(j) a->a##j = _mm256_loadu_ps(acc + 8 * j);
+    EACH8(LOAD_)
+#undef LOAD_
+}
+
+static inline void lanes8_store(const lanes8 *a, float *acc) {
+#define STORE_(j) _mm256_storeu_ps(acc + 8 * j, a->a##j);
+    EACH8(STORE_)
+#undef STORE_
+}
+
+/* 8 weights from index i (a multiple of 8) as f32, exactly as weight_ref (kernels.c) converts them. */
 static inline __m256 load8(int t, const void *w, int64_t i) {
     switch (t) {
     case GGUF_TT_F16:
@@ -174,82 +263,124 @@ static inline __m256 load8(int t, const void *w, int64_t i) {
     case GGUF_TT_BF16:
         return _mm256_castsi256_ps(_mm256_slli_epi32(
             _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i))), 16));
+    case GGUF_TT_Q8_0: {
+        const cm_block_q8_0 *b = (const cm_block_q8_0 *)w + i / CM_QK8_0;
+        __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b->qs + i % CM_QK8_0))));
+        return _mm256_mul_ps(_mm256_set1_ps(fp16(b->d)), q); /* exact: d * q has at most 19 bits */
+    }
     default:
         return _mm256_loadu_ps((const float *)w + i);
     }
 }
 
-static inline float dot_float_avx2(int t, int64_t k, const void *w, const float *x) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+/* Q8_0's 8 values from q as f32 times d (exact). */
+static inline __m256 q8x8(const int8_t *q, __m256 d) {
+    return _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q))));
+}
+
+/* One weight, for tails. */
+static inline float weight_at(int t, const void *w, int64_t i) {
+    switch (t) {
+    case GGUF_TT_F16: return fp16(((const uint16_t *)w)[i]);
+    case GGUF_TT_BF16: return cm_bf16_to_f32(((const uint16_t *)w)[i]);
+    case GGUF_TT_Q8_0: {
+        const cm_block_q8_0 *b = (const cm_block_q8_0 *)w + i / CM_QK8_0;
+        return fp16(b->d) * (float)b->qs[i % CM_QK8_0];
+    }
+    default: return ((const float *)w)[i];
+    }
+}
+
+/* As lanes16_fma. A tail's last vector of n < 8 values is copied into zeros and fed whole: a
+ * lane past the end takes fma(0, 0, acc) = acc + 0 = acc, since a lane that starts at +0 and only takes
+ * fmas is never -0. */
+CM_ALWAYS_INLINE void lanes8_fma(lanes8 *a, int t, int64_t k, const void *w, const float *x) {
+    __m256 a0 = a->a0, a1 = a->a1, a2 = a->a2, a3 = a->a3, a4 = a->a4, a5 = a->a5, a6 = a->a6, a7 = a->a7;
     int64_t i = 0;
-    for (; i + 32 <= k; i += 32) {
-        s0 = _mm256_fmadd_ps(load8(t, w, i), _mm256_loadu_ps(x + i), s0);
-        s1 = _mm256_fmadd_ps(load8(t, w, i + 8), _mm256_loadu_ps(x + i + 8), s1);
-        s2 = _mm256_fmadd_ps(load8(t, w, i + 16), _mm256_loadu_ps(x + i + 16), s2);
-        s3 = _mm256_fmadd_ps(load8(t, w, i + 24), _mm256_loadu_ps(x + i + 24), s3);
-    }
-    for (; i + 8 <= k; i += 8) s0 = _mm256_fmadd_ps(load8(t, w, i), _mm256_loadu_ps(x + i), s0);
-    float sum = hsum256(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
-    for (; i < k; i++) {
-        float wi = t == GGUF_TT_F32 ? ((const float *)w)[i]
-                 : t == GGUF_TT_F16 ? fp16(((const uint16_t *)w)[i])
-                                    : cm_bf16_to_f32(((const uint16_t *)w)[i]);
-        sum += wi * x[i];
-    }
-    return sum;
-}
-#endif
-
-/* Q8_0 weights times f32 x: per block d * sum(q x), q converted exactly to f32. */
-static inline float dot_q8_0_f32(int64_t nb, const cm_block_q8_0 *a, const float *x) {
-#if defined(CM_AVX512)
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;
-    int64_t j = 0;
-    for (; j + 2 <= nb; j += 2) {
-        const float *xb = x + j * CM_QK8_0;
-        __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)a[j].qs)));
-        __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(a[j].qs + 16))));
-        __m512 w2 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)a[j + 1].qs)));
-        __m512 w3 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(a[j + 1].qs + 16))));
-        __m512 s0 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), _mm512_mul_ps(w0, _mm512_loadu_ps(xb)));
-        __m512 s1 = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xb + 48), _mm512_mul_ps(w2, _mm512_loadu_ps(xb + 32)));
-        acc0 = _mm512_fmadd_ps(s0, _mm512_set1_ps(fp16(a[j].d)), acc0);
-        acc1 = _mm512_fmadd_ps(s1, _mm512_set1_ps(fp16(a[j + 1].d)), acc1);
-    }
-    if (j < nb) {
-        const float *xb = x + j * CM_QK8_0;
-        __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)a[j].qs)));
-        __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(a[j].qs + 16))));
-        __m512 s0 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), _mm512_mul_ps(w0, _mm512_loadu_ps(xb)));
-        acc0 = _mm512_fmadd_ps(s0, _mm512_set1_ps(fp16(a[j].d)), acc0);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-#elif defined(CM_AVX2)
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t j = 0; j < nb; j++) {
-        const float *xb = x + j * CM_QK8_0;
-        __m256 s = _mm256_setzero_ps();
-        for (int i = 0; i < 32; i += 8) {
-            __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(a[j].qs + i))));
-            s = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + i), s);
+    if (t == GGUF_TT_Q8_0) { /* two blocks per step, each block's d converted once */
+        for (const cm_block_q8_0 *b = w; i + 64 <= k; i += 64, b += 2) {
+            __m256 d0 = _mm256_set1_ps(fp16(b[0].d)), d1 = _mm256_set1_ps(fp16(b[1].d));
+#define FMAQ_(j) a##j = _mm256_fmadd_ps(q8x8(b[j / 4].qs + 8 * (j % 4), j < 4 ? d0 : d1), _mm256_loadu_ps(x + i + 8 * j), a##j);
+            EACH8(FMAQ_)
+#undef FMAQ_
         }
-        acc = _mm256_fmadd_ps(s, _mm256_set1_ps(fp16(a[j].d)), acc);
+    } else {
+        for (; i + 64 <= k; i += 64) {
+#define FMA_(j) a##j = _mm256_fmadd_ps(load8(t, w, i + 8 * j), _mm256_loadu_ps(x + i + 8 * j), a##j);
+            EACH8(FMA_)
+#undef FMA_
+        }
     }
-    return hsum256(acc);
+#define TAIL_(j)                                                                                          \
+    if (k - i >= 8 * j + 8) {                                                                             \
+        a##j = _mm256_fmadd_ps(load8(t, w, i + 8 * j), _mm256_loadu_ps(x + i + 8 * j), a##j);             \
+    } else if (k - i > 8 * j) {                                                                           \
+        float wb_[8], xb_[8];                                                                             \
+        _mm256_storeu_ps(wb_, _mm256_setzero_ps());                                                       \
+        _mm256_storeu_ps(xb_, _mm256_setzero_ps());                                                       \
+        for (int64_t r_ = 0; r_ < k - i - 8 * j; r_++) {                                                  \
+            wb_[r_] = weight_at(t, w, i + 8 * j + r_);                                                    \
+            xb_[r_] = x[i + 8 * j + r_];                                                                  \
+        }                                                                                                 \
+        a##j = _mm256_fmadd_ps(_mm256_loadu_ps(wb_), _mm256_loadu_ps(xb_), a##j);                         \
+    }
+    if (i < k) {
+        EACH8(TAIL_)
+    }
+#undef TAIL_
+    a->a0 = a0, a->a1 = a1, a->a2 = a2, a->a3 = a3, a->a4 = a4, a->a5 = a5, a->a6 = a6, a->a7 = a7;
+}
+
+#if !defined(CM_AVX512)
+/* Lane mask of the first n (0..8) of eight. */
+static inline __m256i first_n8(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+#endif
+#endif
+
+/* ============================================================ dot products */
+
+/* kernels_order.h's float dot of a row of type t (F32, F16, BF16, Q8_0) with f32 x. */
+CM_ALWAYS_INLINE float dot_float(int t, int64_t k, const void *w, const float *x) {
+#if defined(CM_AVX512)
+    lanes16 a;
+    lanes16_zero(&a);
+    lanes16_fma(&a, t, k, w, x);
+    return lanes16_tree(&a);
+#elif defined(CM_AVX2)
+    lanes8 a;
+    lanes8_zero(&a);
+    lanes8_fma(&a, t, k, w, x);
+    return lanes8_tree(&a);
 #else
-    return cm_vec_dot_ref(GGUF_TT_Q8_0, GGUF_TT_F32, nb * CM_QK8_0, a, x);
+    return cm_vec_dot_ref(t, GGUF_TT_F32, k, w, x);
 #endif
 }
 
-static float dot_f32(const float *a, const float *b, int64_t k) {
-#if defined(CM_AVX512)
-    return dot_float_avx512(GGUF_TT_F32, k, a, b);
-#elif defined(CM_AVX2)
-    return dot_float_avx2(GGUF_TT_F32, k, a, b);
+/* quants_simd.c's f32 products feed the same lanes, chunk by chunk (kernels_family.h). */
+void CM_FAMILY_FN(cm_lanes_fma)(float acc[CM_LANES], const float *w, const float *x, int64_t n) {
+#if defined(CM_AVX512) || defined(CM_AVX2)
+    lanes8 a;
+    lanes8_load(&a, acc);
+    lanes8_fma(&a, GGUF_TT_F32, n, w, x);
+    lanes8_store(&a, acc);
 #else
-    return cm_vec_dot_ref(GGUF_TT_F32, GGUF_TT_F32, k, a, b);
+    for (int64_t i = 0; i < n; i++) acc[i % CM_LANES] = fmaf(w[i], x[i], acc[i % CM_LANES]);
 #endif
 }
+
+float CM_FAMILY_FN(cm_lanes_sum)(float acc[CM_LANES]) {
+#if defined(CM_AVX512) || defined(CM_AVX2)
+    lanes8 a;
+    lanes8_load(&a, acc);
+    return lanes8_tree(&a);
+#else
+    return cm_lanes_total(acc);
+#endif
+}
+
+static float dot_f32(const float *a, const float *b, int64_t k) { return dot_float(GGUF_TT_F32, k, a, b); }
 
 static float quant_dot_f32(int wtype, int64_t k, const void *w, const float *x) {
     float y;
@@ -262,16 +393,10 @@ static float vec_dot(int wtype, int xtype, int64_t k, const void *w, const void 
         return xtype == GGUF_TT_F32 ? quant_dot_f32(wtype, k, w, x) : CM_FAMILY_FN(cm_quant_dot_q)(wtype, k, w, x);
     switch (wtype) {
     case GGUF_TT_Q8_0:
-        return xtype == GGUF_TT_Q8_0 ? CM_FAMILY_FN(cm_quant_dot_q)(wtype, k, w, x) : dot_q8_0_f32(k / CM_QK8_0, w, x);
-#if defined(CM_AVX512)
-    case GGUF_TT_F32: return dot_float_avx512(GGUF_TT_F32, k, w, x);
-    case GGUF_TT_F16: return dot_float_avx512(GGUF_TT_F16, k, w, x);
-    case GGUF_TT_BF16: return dot_float_avx512(GGUF_TT_BF16, k, w, x);
-#elif defined(CM_AVX2)
-    case GGUF_TT_F32: return dot_float_avx2(GGUF_TT_F32, k, w, x);
-    case GGUF_TT_F16: return dot_float_avx2(GGUF_TT_F16, k, w, x);
-    case GGUF_TT_BF16: return dot_float_avx2(GGUF_TT_BF16, k, w, x);
-#endif
+        return xtype == GGUF_TT_Q8_0 ? CM_FAMILY_FN(cm_quant_dot_q)(wtype, k, w, x) : dot_float(GGUF_TT_Q8_0, k, w, x);
+    case GGUF_TT_F32: return dot_float(GGUF_TT_F32, k, w, x);
+    case GGUF_TT_F16: return dot_float(GGUF_TT_F16, k, w, x);
+    case GGUF_TT_BF16: return dot_float(GGUF_TT_BF16, k, w, x);
     default:
         return cm_vec_dot_ref(wtype, xtype, k, w, x);
     }
@@ -280,18 +405,16 @@ static float vec_dot(int wtype, int xtype, int64_t k, const void *w, const void 
 /* ============================================================ matrix x vectors */
 
 /* The type is a template parameter in spirit: each case below inlines its own dot loop. */
-#define MATVEC_LOOP(DOT)                                                                \
-    for (int64_t r = r0; r < r1; r++) {                                                 \
-        const void *wr = (const char *)w + (size_t)r * rb;                              \
-        for (int j = 0; j < n; j++)                                                     \
-            y[j * ldy + r] = DOT(wr, (const void *)((const char *)x + (size_t)j * x_stride)); \
+#define MATVEC_LOOP(T)                                                                                   \
+    for (int64_t r = r0; r < r1; r++) {                                                                  \
+        const void *wr = (const char *)w + (size_t)r * rb;                                               \
+        for (int j = 0; j < n; j++)                                                                      \
+            y[j * ldy + r] = dot_float(T, k, wr, (const float *)((const char *)x + (size_t)j * x_stride)); \
     }
 
 static void matvec_rows(int wtype, int xtype, const void *w, int64_t k, const void *x, size_t x_stride, int n,
                         float *y, int64_t ldy, int64_t r0, int64_t r1) {
     size_t rb = (size_t)gguf_row_bytes(wtype, k);
-    int64_t nb = k / CM_QK8_0;
-    (void)nb;
     if (cm_quant_is_block_type(wtype)) {
         if (xtype == GGUF_TT_F32) {
             CM_FAMILY_FN(cm_quant_matvec_f32)(wtype, w, k, x, x_stride, n, y, ldy, r0, r1);
@@ -305,31 +428,17 @@ static void matvec_rows(int wtype, int xtype, const void *w, int64_t k, const vo
         if (xtype == GGUF_TT_Q8_0) {
             CM_FAMILY_FN(cm_quant_matvec_q)(wtype, w, k, x, x_stride, n, y, ldy, r0, r1);
         } else {
-#define DOT_Q8F(wr, xr) dot_q8_0_f32(nb, (const cm_block_q8_0 *)(wr), (const float *)(xr))
-            MATVEC_LOOP(DOT_Q8F)
+            MATVEC_LOOP(GGUF_TT_Q8_0)
         }
         return;
-#if defined(CM_AVX512)
-#define DOT_F32(wr, xr) dot_float_avx512(GGUF_TT_F32, k, wr, (const float *)(xr))
-#define DOT_F16(wr, xr) dot_float_avx512(GGUF_TT_F16, k, wr, (const float *)(xr))
-#define DOT_BF16(wr, xr) dot_float_avx512(GGUF_TT_BF16, k, wr, (const float *)(xr))
-#elif defined(CM_AVX2)
-#define DOT_F32(wr, xr) dot_float_avx2(GGUF_TT_F32, k, wr, (const float *)(xr))
-#define DOT_F16(wr, xr) dot_float_avx2(GGUF_TT_F16, k, wr, (const float *)(xr))
-#define DOT_BF16(wr, xr) dot_float_avx2(GGUF_TT_BF16, k, wr, (const float *)(xr))
-#else
-#define DOT_F32(wr, xr) cm_vec_dot_ref(GGUF_TT_F32, GGUF_TT_F32, k, wr, xr)
-#define DOT_F16(wr, xr) cm_vec_dot_ref(GGUF_TT_F16, GGUF_TT_F32, k, wr, xr)
-#define DOT_BF16(wr, xr) cm_vec_dot_ref(GGUF_TT_BF16, GGUF_TT_F32, k, wr, xr)
-#endif
     case GGUF_TT_F32:
-        MATVEC_LOOP(DOT_F32)
+        MATVEC_LOOP(GGUF_TT_F32)
         return;
     case GGUF_TT_F16:
-        MATVEC_LOOP(DOT_F16)
+        MATVEC_LOOP(GGUF_TT_F16)
         return;
     case GGUF_TT_BF16:
-        MATVEC_LOOP(DOT_BF16)
+        MATVEC_LOOP(GGUF_TT_BF16)
         return;
     default:
         cm_matvec_rows_ref(wtype, xtype, w, k, x, x_stride, n, y, ldy, r0, r1);
@@ -338,14 +447,64 @@ static void matvec_rows(int wtype, int xtype, const void *w, int64_t k, const vo
 
 /* ============================================================ element-wise */
 
-static void rmsnorm(float *y, const float *x, const float *w, int64_t k, float eps) {
+/* kernels_order.h's exp, lane by lane: the same clamps, roundings and fmas as cm_exp_def. */
 #if defined(CM_AVX512)
-    float ss = dot_f32(x, x, k);
+static inline __m512 exp16(__m512 x) {
+    const __m512 magic = _mm512_set1_ps(12582912.0f);
+    x = _mm512_min_ps(_mm512_set1_ps(89.0f), x); /* minps/maxps return their second operand for a NaN */
+    x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
+    __m512 n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), magic), magic);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n); /* p 2^n rounded once, as the two multiplies of cm_exp_def */
+}
+#endif
+#if defined(CM_AVX2) && !defined(CM_AVX512)
+static inline __m256 exp8(__m256 x) {
+    const __m256 magic = _mm256_set1_ps(12582912.0f);
+    x = _mm256_min_ps(_mm256_set1_ps(89.0f), x);
+    x = _mm256_max_ps(_mm256_set1_ps(-104.0f), x);
+    __m256 t = _mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), magic);
+    __m256 n = _mm256_sub_ps(t, magic);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    /* 2^n = 2^n1 2^n2 (n1 = floor(n / 2): another split than cm_exp_def's, the same p 2^n) */
+    __m256i ni = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(0x4B400000));
+    __m256i n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
+    const __m256i bias = _mm256_set1_epi32(127);
+    __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
+    __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
+    return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+}
+#endif
+
+static void rmsnorm(float *y, const float *x, const float *w, int64_t k, float eps) {
+#if defined(CM_AVX512) || defined(CM_AVX2)
+    float ss = dot_float(GGUF_TT_F32, k, x, x);
     float s = 1.0f / sqrtf(ss / (float)k + eps);
-    __m512 vs = _mm512_set1_ps(s);
     int64_t i = 0;
+#if defined(CM_AVX512)
+    __m512 vs = _mm512_set1_ps(s);
     for (; i + 16 <= k; i += 16)
         _mm512_storeu_ps(y + i, _mm512_mul_ps(_mm512_loadu_ps(w + i), _mm512_mul_ps(_mm512_loadu_ps(x + i), vs)));
+#endif
+    __m256 vs8 = _mm256_set1_ps(s);
+    for (; i + 8 <= k; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_loadu_ps(w + i), _mm256_mul_ps(_mm256_loadu_ps(x + i), vs8)));
     for (; i < k; i++) y[i] = w[i] * (x[i] * s);
 #else
     cm_rmsnorm_ref(y, x, w, k, eps);
@@ -358,38 +517,19 @@ static void add(float *x, const float *b, int64_t k) {
 }
 
 static void axpy(float *y, float a, const float *x, int64_t k) {
+    int64_t i = 0;
 #if defined(CM_AVX512)
     __m512 va = _mm512_set1_ps(a);
-    int64_t i = 0;
     for (; i + 16 <= k; i += 16)
         _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
-    for (; i < k; i++) y[i] += a * x[i];
-#else
-    for (int64_t i = 0; i < k; i++) y[i] += a * x[i];
 #endif
-}
-
-#if defined(CM_AVX512)
-/* e^x for 16 lanes, within ~2 ulp of expf over the float range: x = n ln2 + r, |r| <= ln2/2,
- * e^r by a degree-6 polynomial, 2^n built in the exponent field (split in two for the extremes). */
-static inline __m512 exp16(__m512 x) {
-    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
-    const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7228f)), _mm512_set1_ps(-103.97f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
-    r = _mm512_fnmadd_ps(n, ln2_lo, r);
-    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    /* scalef computes p * 2^n exactly, including subnormal results */
-    return _mm512_scalef_ps(p, n);
-}
+#if defined(CM_AVX2) || defined(CM_AVX512)
+    __m256 va8 = _mm256_set1_ps(a);
+    for (; i + 8 <= k; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va8, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
 #endif
+    cm_axpy_ref(y + i, a, x + i, k - i);
+}
 
 static void f32_to_f16_row(const float *x, uint16_t *y, int64_t k) {
     int64_t i = 0;
@@ -404,15 +544,7 @@ static void f32_to_f16_row(const float *x, uint16_t *y, int64_t k) {
     cm_f32_to_f16_row_ref(x + i, y + i, k - i);
 }
 
-static float dot_f16(const uint16_t *a, const float *b, int64_t k) {
-#if defined(CM_AVX512)
-    return dot_float_avx512(GGUF_TT_F16, k, a, b);
-#elif defined(CM_AVX2)
-    return dot_float_avx2(GGUF_TT_F16, k, a, b);
-#else
-    return cm_vec_dot_ref(GGUF_TT_F16, GGUF_TT_F32, k, a, b);
-#endif
-}
+static float dot_f16(const uint16_t *a, const float *b, int64_t k) { return dot_float(GGUF_TT_F16, k, a, b); }
 
 static void axpy_f16(float *y, float a, const uint16_t *x, int64_t k) {
     int64_t i = 0;
@@ -434,18 +566,23 @@ static void axpy_f16(float *y, float a, const uint16_t *x, int64_t k) {
 }
 
 static void silu_mul(float *g, const float *u, int64_t k) {
-#if defined(CM_AVX512)
-    const __m512 one = _mm512_set1_ps(1.0f);
     int64_t i = 0;
+#if defined(CM_AVX512)
+    const __m512 one = _mm512_set1_ps(1.0f), sign = _mm512_set1_ps(-0.0f);
     for (; i + 16 <= k; i += 16) {
         __m512 x = _mm512_loadu_ps(g + i);
-        __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
+        __m512 e = exp16(_mm512_xor_ps(x, sign));
         _mm512_storeu_ps(g + i, _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + i)));
     }
-    for (; i < k; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-#else
-    cm_silu_mul_ref(g, u, k);
+#elif defined(CM_AVX2)
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    for (; i + 8 <= k; i += 8) {
+        __m256 x = _mm256_loadu_ps(g + i);
+        __m256 e = exp8(_mm256_xor_ps(x, sign));
+        _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+    }
 #endif
+    cm_silu_mul_ref(g + i, u + i, k - i);
 }
 
 static void softmax(float *x, int64_t k) {
@@ -455,24 +592,70 @@ static void softmax(float *x, int64_t k) {
     for (; i + 16 <= k; i += 16) vm = _mm512_max_ps(vm, _mm512_loadu_ps(x + i));
     float mx = _mm512_reduce_max_ps(vm);
     for (; i < k; i++) mx = fmaxf(mx, x[i]);
-    __m512 vmx = _mm512_set1_ps(mx), vs = _mm512_setzero_ps();
-    float sum = 0.0f;
-    for (i = 0; i + 16 <= k; i += 16) {
-        __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), vmx));
-        _mm512_storeu_ps(x + i, e);
-        vs = _mm512_add_ps(vs, e);
+    /* e_i into x, and into lane i % 64 of the sum; a tail under a mask feeds only its own lanes */
+    const __m512 vmx = _mm512_set1_ps(mx);
+    lanes16 a;
+    lanes16_zero(&a);
+    for (i = 0; i < k; i += 64) {
+#define EXP_(j)                                                                                           \
+        if (k - i > 16 * j) {                                                                             \
+            int64_t n_ = k - i - 16 * j;                                                                  \
+            __mmask16 m_ = n_ >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n_) - 1);                    \
+            __m512 e_ = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m_, x + i + 16 * j), vmx));             \
+            _mm512_mask_storeu_ps(x + i + 16 * j, m_, e_);                                                \
+            a.s##j = _mm512_mask_add_ps(a.s##j, m_, a.s##j, e_);                                          \
+        }
+        EACH4(EXP_)
+#undef EXP_
     }
-    for (; i < k; i++) {
-        x[i] = expf(x[i] - mx);
-        sum += x[i];
-    }
-    sum += _mm512_reduce_add_ps(vs);
+    float sum = lanes16_tree(&a);
     __m512 vsum = _mm512_set1_ps(sum);
     for (i = 0; i + 16 <= k; i += 16) _mm512_storeu_ps(x + i, _mm512_div_ps(_mm512_loadu_ps(x + i), vsum));
+    for (; i < k; i++) x[i] /= sum;
+#elif defined(CM_AVX2)
+    __m256 vm = _mm256_set1_ps(-INFINITY);
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + i));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(vm), _mm256_extractf128_ps(vm, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    float mx = _mm_cvtss_f32(h);
+    for (; i < k; i++) mx = fmaxf(mx, x[i]);
+    const __m256 vmx = _mm256_set1_ps(mx);
+    lanes8 a;
+    lanes8_zero(&a);
+    for (i = 0; i < k; i += 64) {
+#define EXP_(j)                                                                                           \
+        if (k - i >= 8 * j + 8) {                                                                         \
+            __m256 e_ = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8 * j), vmx));                         \
+            _mm256_storeu_ps(x + i + 8 * j, e_);                                                          \
+            a.a##j = _mm256_add_ps(a.a##j, e_);                                                           \
+        } else if (k - i > 8 * j) {                                                                       \
+            __m256i m_ = first_n8(k - i - 8 * j);                                                         \
+            __m256 e_ = exp8(_mm256_sub_ps(_mm256_maskload_ps(x + i + 8 * j, m_), vmx));                  \
+            _mm256_maskstore_ps(x + i + 8 * j, m_, e_);                                                   \
+            a.a##j = _mm256_blendv_ps(a.a##j, _mm256_add_ps(a.a##j, e_), _mm256_castsi256_ps(m_));        \
+        }
+        EACH8(EXP_)
+#undef EXP_
+    }
+    float sum = lanes8_tree(&a);
+    __m256 vsum = _mm256_set1_ps(sum);
+    for (i = 0; i + 8 <= k; i += 8) _mm256_storeu_ps(x + i, _mm256_div_ps(_mm256_loadu_ps(x + i), vsum));
     for (; i < k; i++) x[i] /= sum;
 #else
     cm_softmax_ref(x, k);
 #endif
+}
+
+static void exp_row(float *x, int64_t k) {
+    int64_t i = 0;
+#if defined(CM_AVX512)
+    for (; i + 16 <= k; i += 16) _mm512_storeu_ps(x + i, exp16(_mm512_loadu_ps(x + i)));
+#elif defined(CM_AVX2)
+    for (; i + 8 <= k; i += 8) _mm256_storeu_ps(x + i, exp8(_mm256_loadu_ps(x + i)));
+#endif
+    cm_exp_row_ref(x + i, k - i);
 }
 
 static void rope(float *x, const float *cs, const float *sn, int e, int neox) {
@@ -522,6 +705,7 @@ const cm_kernel_ops CM_FAMILY_FN(cm_kernels) = {
     .add = add,
     .silu_mul = silu_mul,
     .softmax = softmax,
+    .exp_row = exp_row,
     .rope = rope,
     .dot_f32 = dot_f32,
     .axpy = axpy,

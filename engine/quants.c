@@ -17,6 +17,7 @@
 
 #include "gguf.h"
 #include "kernels_family.h"
+#include "kernels_order.h"
 #include "util.h"
 
 /* The references and the Python golden round after every multiply: no fused multiply-adds. GCC in C11
@@ -258,15 +259,19 @@ void cm_quantize_row_q8_k_ref(const float *x, cm_block_q8_k *y, int64_t k) {
 
 /* ============================================================ reference dot products */
 
+/* kernels_order.h's float dot of the dequantised row with x: value i in lane i % 64. */
 float cm_quant_dot_f32_ref(int wtype, int64_t k, const void *w, const float *x) {
     int qk = cm_quant_block_values(wtype);
     size_t bb = cm_quant_block_bytes(wtype);
-    float y[CM_QK_K], sum = 0.0f;
+    float y[CM_QK_K], acc[CM_LANES] = {0};
     for (int64_t b = 0; b < k / qk; b++) {
         dequant_block_ref(wtype, (const char *)w + (size_t)b * bb, y);
-        for (int i = 0; i < qk; i++) sum += y[i] * x[b * qk + i];
+        for (int i = 0; i < qk; i++) {
+            int64_t v = b * qk + i;
+            acc[v % CM_LANES] = fmaf(y[i], x[v], acc[v % CM_LANES]);
+        }
     }
-    return sum;
+    return cm_lanes_total(acc);
 }
 
 /* The int8 dot as cm_qacc (quants.h) defines it: an exact integer sum per block, then the float steps. */

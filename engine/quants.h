@@ -259,9 +259,9 @@ void cm_quant_dequantize(int type, const void *w, float *y, int64_t k);
 void cm_quantize_row_q8_1_ref(const float *x, cm_block_q8_1 *y, int64_t k);
 void cm_quantize_row_q8_k_ref(const float *x, cm_block_q8_k *y, int64_t k);
 
-/* dot(w (K) of block type wtype, x (K) f32): the exact dequantised product, sum deq(w)_i x_i. The
- * reference sums in index order; the fast one dequantises 256 values at a time and sums them with
- * SIMD, in an order that depends only on K (never on how many rows a matvec call covers). */
+/* dot(w (K) of block type wtype, x (K) f32): the dequantised row times x, summed as kernels_order.h's
+ * float dot defines (64 lanes by value index, then a fixed tree). Bit-exact pair: the fast one
+ * dequantises 256 values at a time and feeds the same lanes, whatever rows a matvec call covers. */
 float cm_quant_dot_f32_ref(int wtype, int64_t k, const void *w, const float *x);
 float cm_quant_dot_f32(int wtype, int64_t k, const void *w, const float *x);
 

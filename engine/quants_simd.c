@@ -565,24 +565,6 @@ static void dequant_q45_k_avx2(int type, const void *w, float *y, int64_t nb) {
         }
     }
 }
-
-/* sum y[i] x[i] over len values (a multiple of 32), in an order fixed by len alone. */
-static inline float dot_chunk_f32(const float *y, const float *x, int len) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-    for (int i = 0; i < len; i += 32) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(y + i), _mm256_loadu_ps(x + i), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(y + i + 8), _mm256_loadu_ps(x + i + 8), s1);
-        s2 = _mm256_fmadd_ps(_mm256_loadu_ps(y + i + 16), _mm256_loadu_ps(x + i + 16), s2);
-        s3 = _mm256_fmadd_ps(_mm256_loadu_ps(y + i + 24), _mm256_loadu_ps(x + i + 24), s3);
-    }
-    return hsum_f32(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
-}
-#else
-static inline float dot_chunk_f32(const float *y, const float *x, int len) {
-    float s = 0.0f;
-    for (int i = 0; i < len; i++) s += y[i] * x[i];
-    return s;
-}
 #endif
 /* ============================================================ dispatch */
 
@@ -639,28 +621,29 @@ void CM_FAMILY_FN(cm_quant_matvec_q)(int wtype, const void *w, int64_t k, const 
                 cm_quant_dot_q_ref(wtype, k, (const char *)w + (size_t)r * rb, (const char *)x + (size_t)j * x_stride);
 }
 
-/* The f32 path works in chunks of up to 256 values (whole blocks): dequantise, then one SIMD dot. */
-#define CHUNK CM_QK_K
+/* The f32 path works in chunks of up to 1024 values (whole blocks): dequantise, then feed each token's
+ * 64 float lanes (kernels_order.h; a chunk starts on a multiple of 64, so the lanes run on). */
+#define CHUNK (4 * CM_QK_K)
 
 void CM_FAMILY_FN(cm_quant_matvec_f32)(int wtype, const void *w, int64_t k, const float *x, size_t x_stride,
                                        int n, float *y, int64_t ldy, int64_t r0, int64_t r1) {
     int qk = cm_quant_block_values(wtype);
     size_t bb = cm_quant_block_bytes(wtype), rb = (size_t)(k / qk) * bb;
-    float t[CHUNK], acc[16];
+    float t[CHUNK], acc[16][64];
     for (int j0 = 0; j0 < n; j0 += 16) {
         int nn = n - j0 < 16 ? n - j0 : 16;
         for (int64_t r = r0; r < r1; r++) {
             const char *wr = (const char *)w + (size_t)r * rb;
-            for (int j = 0; j < nn; j++) acc[j] = 0.0f;
+            memset(acc, 0, (size_t)nn * sizeof acc[0]);
             for (int64_t c = 0; c < k; c += CHUNK) {
                 int len = k - c < CHUNK ? (int)(k - c) : CHUNK;
                 CM_FAMILY_FN(cm_quant_dequantize)(wtype, wr + (size_t)(c / qk) * bb, t, len);
                 for (int j = 0; j < nn; j++) {
                     const float *xj = (const float *)((const char *)x + (size_t)(j0 + j) * x_stride);
-                    acc[j] += dot_chunk_f32(t, xj + c, len);
+                    CM_FAMILY_FN(cm_lanes_fma)(acc[j], t, xj + c, len);
                 }
             }
-            for (int j = 0; j < nn; j++) y[(int64_t)(j0 + j) * ldy + r] = acc[j];
+            for (int j = 0; j < nn; j++) y[(int64_t)(j0 + j) * ldy + r] = CM_FAMILY_FN(cm_lanes_sum)(acc[j]);
         }
     }
 }

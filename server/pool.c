@@ -267,7 +267,7 @@ static void residency_done(uv_work_t *w, int status) {
 
 static void residency_start(srv_member *m) {
     srv_residency *r = &m->residency;
-    if (r->busy || !m->model.model || m->stopped_at) return;
+    if (r->busy || !m->model.model || m->stopped) return;
     r->model = m->model.model;
     r->work.data = r;
     if (uv_queue_work(m->pool->loop, &r->work, residency_work, residency_done)) return;
@@ -325,7 +325,7 @@ static void member_stop(srv_member *m) {
     srv_sched_stop(m->sched);
     p->threads_used -= m->threads;
     m->threads = 0;
-    m->stopped_at = uv_now(p->loop);
+    m->stopped = 1;
     list_push_back(&p->stopped, m);
 }
 
@@ -354,32 +354,33 @@ void srv_pool_retire(srv_member *m) {
 void srv_member_hold(srv_member *m) { m->n_refs++; }
 
 void srv_member_release(srv_member *m) {
-    if (--m->n_refs == 0 && m->retired && m->state != SRV_MODEL_LOADING && !m->stopped_at) member_stop(m);
+    if (--m->n_refs == 0 && m->retired && m->state != SRV_MODEL_LOADING && !m->stopped) member_stop(m);
 }
 
-void srv_pool_reap(srv_pool *p) {
-    uint64_t now = uv_now(p->loop);
+int srv_pool_reap(srv_pool *p) {
     int freed = 0;
     for (srv_member **pp = &p->stopped; *pp;) {
         srv_member *m = *pp;
-        /* uv_close'd in an earlier iteration of the loop: its close callback has run */
-        if (m->stopped_at < now) {
+        /* its handle's close callback has run. Not "stopped before this iteration": a stop from inside a
+         * close callback (a stream's request is freed once its hang-up watch has closed) finishes closing
+         * only in the loop's next closing phase, and timers (our caller) run before that */
+        if (srv_sched_closed(m->sched)) {
             *pp = m->next;
             json_t *f = json_pack("{s:s}", "model", m->model.id);
+            member_free(m);
+#if defined(__GLIBC__)
+            /* the KV pool and the worker's buffers were large allocations: give the heap's free pages back */
+            malloc_trim(0);
+#endif
+            /* logged once done: when the line appears, the file is unmapped and the heap trimmed */
             srv_log("info", "model unloaded", f);
             json_decref(f);
-            member_free(m);
-            freed = 1;
+            freed++;
         } else {
             pp = &m->next;
         }
     }
-#if defined(__GLIBC__)
-    /* the KV pool and the worker's buffers were large allocations: give the heap's free pages back */
-    if (freed) malloc_trim(0);
-#else
-    (void)freed;
-#endif
+    return freed;
 }
 
 void srv_pool_stop(srv_pool *p) {

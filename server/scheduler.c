@@ -148,6 +148,7 @@ struct srv_sched {
     void *wake_ud;
     uv_thread_t thread;
     int thread_started;
+    int closed;           /* loop thread: async's close callback has run (srv_sched_closed) */
 
     uv_mutex_t mu;        /* guards everything below up to the worker-private part */
     uv_cond_t cv;
@@ -1177,6 +1178,13 @@ static void sched_on_async(uv_async_t *a) {
     s->wake(s->wake_ud);
 }
 
+/* The loop is done with the handle only now, not at uv_close: a handle closed from a close callback
+ * finishes closing one loop iteration later. */
+static void sched_on_closed(uv_handle_t *hd) {
+    srv_sched *s = hd->data;
+    s->closed = 1;
+}
+
 srv_sched *srv_sched_create(uv_loop_t *loop, const srv_config *cfg, srv_sched_wake_fn wake, void *ud) {
     srv_sched *s = calloc(1, sizeof *s);
     if (!s) return NULL;
@@ -1201,9 +1209,12 @@ srv_sched *srv_sched_create(uv_loop_t *loop, const srv_config *cfg, srv_sched_wa
     }
     s->async.data = s;
     if (uv_thread_create(&s->thread, worker_main, s)) {
-        uv_close((uv_handle_t *)&s->async, NULL);
+        /* no worker will ever wake the loop: wake it once now, so that the caller's wake-up sees the
+         * model state FAILED (srv_sched_model) and whoever waits for the load gets its answer;
+         * srv_sched_stop closes the handle */
         s->thread_started = 0;
-        return s; /* caller sees model state FAILED */
+        uv_async_send(&s->async);
+        return s;
     }
     s->thread_started = 1;
     return s;
@@ -1235,8 +1246,10 @@ void srv_sched_stop(srv_sched *s) {
     uv_mutex_unlock(&s->mu);
     cm_ctx_free(s->ctx);
     s->ctx = NULL;
-    if (!uv_is_closing((uv_handle_t *)&s->async)) uv_close((uv_handle_t *)&s->async, NULL);
+    if (!uv_is_closing((uv_handle_t *)&s->async)) uv_close((uv_handle_t *)&s->async, sched_on_closed);
 }
+
+int srv_sched_closed(const srv_sched *s) { return s->closed; }
 
 void srv_sched_free(srv_sched *s) {
     if (!s) return;

@@ -224,9 +224,13 @@ typedef void (*srv_sched_wake_fn)(void *ud);
  * uv_async_t on loop). Returns NULL on failure (nothing started). */
 srv_sched *srv_sched_create(uv_loop_t *loop, const srv_config *cfg, srv_sched_wake_fn wake, void *ud);
 /* Stops the worker: every job not done yet ends with err (shutdown), the thread is joined and the
- * engine freed. The uv_async_t is closed; call uv_run afterwards to let it finish closing, and free the
- * struct with srv_sched_free after that. */
+ * engine freed. The uv_async_t is closed; call uv_run afterwards to let it finish closing
+ * (srv_sched_closed), and free the struct with srv_sched_free only after that. */
 void srv_sched_stop(srv_sched *s);
+/* Whether the loop is done with the scheduler's wake-up handle (its close callback has run): from then
+ * on srv_sched_free may run. A stop from inside another handle's close callback finishes closing one
+ * loop iteration later than a stop from anywhere else. */
+int srv_sched_closed(const srv_sched *s);
 void srv_sched_free(srv_sched *s);
 
 /* SRV_MODEL_*; when READY, *model (immutable, usable from any thread) and *n_ctx are set. When FAILED,
@@ -312,7 +316,7 @@ struct srv_member {
     srv_member *replaces;       /* the live instance this one replaces once READY, or NULL */
     void *waiter;               /* http.c: the admin request waiting for the load, or NULL */
     srv_member *next;           /* live list (srv_pool_first), or retired / stopped list */
-    uint64_t stopped_at;        /* uv_now() when its worker was stopped */
+    int stopped;                /* its worker was stopped: it waits in the stopped list for srv_pool_reap */
     srv_residency residency;    /* its model file's residency as last measured (srv_member_residency) */
 };
 
@@ -362,9 +366,9 @@ void srv_member_release(srv_member *m);
 void srv_member_residency(srv_member *m, size_t *mapped, size_t *cached, size_t *resident);
 /* Threads of the budget held by models (live, or retired and not stopped yet). */
 int srv_pool_threads_used(const srv_pool *p);
-/* Frees the members whose workers stopped in an earlier loop iteration (their wake-up handles are
- * closed by then). Call from a timer. */
-void srv_pool_reap(srv_pool *p);
+/* Frees the members whose workers have stopped and whose wake-up handles have finished closing
+ * (srv_sched_closed); returns how many it freed. Call from a timer. */
+int srv_pool_reap(srv_pool *p);
 /* Shutdown: stops every worker (srv_sched_stop: jobs not done end with an error). Then one more wake-up
  * pass for each live or retired member, uv_run until the handles are closed, srv_pool_free. */
 void srv_pool_stop(srv_pool *p);

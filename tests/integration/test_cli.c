@@ -890,6 +890,53 @@ TEST(bad_flags_are_usage_errors) {
     run_free(&r);
 }
 
+/* `bench` prints one row per test with a positive rate; --membw adds the bandwidth line and, on the
+ * decode row, bytes per token and the fraction of the bound (the prefill row has none). Bad values are
+ * usage errors, a missing file a clean failure. */
+static double cell_after(const char *row, int col) { /* the col-th '|'-separated cell as a number */
+    const char *p = row;
+    for (int i = 0; i < col && p; i++) p = strchr(p + 1, '|');
+    return p ? strtod(p + 1, NULL) : -1;
+}
+
+TEST(bench_reports_rates_and_bound) {
+    ASSERT_TRUE(n_goldens > 0);
+    const char *M = primary()->model;
+    run_result r;
+    RUN_OK(&r, "bench", "--model", M, "-p", "16", "-n", "8", "-t", "1", "-r", "1", "--membw");
+    if (r.code != 0) fprintf(stderr, "bench: %s\n", r.err);
+    ASSERT_EQ_INT(r.code, 0);
+    const char *bw = strstr(r.out, "membw: 1 thread ");
+    ASSERT_TRUE(bw != NULL);
+    CHECK_TRUE(strtod(bw + strlen("membw: 1 thread "), NULL) > 0.1); /* GB/s */
+    const char *pp = strstr(r.out, " pp16 |"), *tg = strstr(r.out, " tg8 |");
+    ASSERT_TRUE(pp != NULL && tg != NULL);
+    /* rows: | model | type | size | params | threads | kv | test | t/s | t/cpu-s | MB/tok | bound | of bound */
+    while (pp > r.out && pp[-1] != '\n') pp--;
+    while (tg > r.out && tg[-1] != '\n') tg--;
+    CHECK_TRUE(cell_after(pp, 7) > 0);                       /* t/s */
+    CHECK_TRUE(cell_after(pp, 8) > 0);                       /* t/cpu-s */
+    const char *pmb = pp; /* the prefill row's MB/tok cell is "-" */
+    for (int i = 0; i < 9 && pmb; i++) pmb = strchr(pmb + 1, '|');
+    ASSERT_TRUE(pmb != NULL);
+    pmb += strspn(pmb + 1, " ") + 1;
+    CHECK_TRUE(*pmb == '-');
+    CHECK_TRUE(cell_after(tg, 7) > 0);
+    double mb = cell_after(tg, 9), bound = cell_after(tg, 10), frac = cell_after(tg, 11);
+    CHECK_TRUE(mb > 0 && bound > 0 && frac > 0);
+    run_free(&r);
+    ASSERT_FAILS_WITH(&r, 2, "bench", "--model", M, "-t", "0");
+    run_free(&r);
+    ASSERT_FAILS_WITH(&r, 2, "bench", "--model", M, "-p", "x");
+    run_free(&r);
+    ASSERT_FAILS_WITH(&r, 2, "bench", "--model", M, "--nope", "1");
+    run_free(&r);
+    ASSERT_FAILS_WITH(&r, 2, "bench", "-p", "8");
+    run_free(&r);
+    ASSERT_FAILS_WITH(&r, 1, "bench", "--model", "no/such/file.gguf", "-r", "1");
+    run_free(&r);
+}
+
 TEST(prompt_longer_than_context_is_refused) {
     ASSERT_TRUE(n_goldens > 0);
     golden *G = primary();
@@ -931,6 +978,7 @@ int main(void) {
     RUN(hostile_files_fail_cleanly);
     RUN(bad_flags_are_usage_errors);
     RUN(prompt_longer_than_context_is_refused);
+    RUN(bench_reports_rates_and_bound);
     for (int i = 0; i < n_goldens; i++) free(goldens[i].text);
     char p[400];
     snprintf(p, sizeof p, "%s/stdout", tmp_dir);

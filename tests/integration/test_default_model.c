@@ -7,7 +7,9 @@
  * pinned tokens, again whichever family runs them.
  *
  * CM_PIN=1 prints the current tokens in the form of the table below instead of checking them (use it
- * only when a new model is shipped, and say so in the commit).
+ * only when a new model is shipped or the engine's defined arithmetic changes, kernels_order.h or
+ * cm_qacc, and say so in the commit). Token 11 of the Go prompt on the int8 path is a near tie (the top
+ * two logits 0.0013 apart): it holds only because every family computes the same bits.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -34,7 +36,7 @@ static const pinned cases[] = {
      {604, 1503, 357, 274, 437, 13, 672, 62, 2632, 834, 258, 604, 1503, 437, 274, 437, 13, 672, 62, 2632, 834, 258, 604, 1503}},
     {"go", "func reverse(s string) string {\n\t",
      {197, 197, 467, 197, 467, 197, 272, 2262, 82, 299, 897, 335, 197, 272, 2262, 34, 314, 82, 299, 897, 335, 197, 272, 2262},
-     {197, 197, 467, 197, 467, 197, 272, 2262, 82, 299, 897, 335, 197, 272, 2262, 34, 314, 82, 299, 897, 335, 197, 272, 2262}},
+     {197, 197, 467, 197, 467, 197, 272, 2262, 82, 299, 897, 364, 273, 198, 197, 272, 308, 299, 496, 369, 299, 496, 369, 299}},
 };
 
 static cm_model *model;

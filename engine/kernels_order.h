@@ -1,0 +1,88 @@
+/*
+ * kernels_order.h - the one operation order of every float kernel, so that the plain references
+ * (kernels.c, quants.c) and every kernel family's SIMD code (kernels_simd.c, quants_simd.c) give the same
+ * bits: a result never depends on which family runs it. Internal to engine/.
+ *
+ * Float dots: dot(w, x) over K values, w of any weight type times f32 x (cm_vec_dot with F32 x, the
+ * matvecs of those, the attention scores cm_dot_f32 / cm_dot_f16, rmsnorm's sum of squares):
+ * - w_i is the f32 value cm_dequantize_row_ref gives (exact for F16, BF16 and Q8_0, where d * q has at
+ *   most 19 significant bits; the block types' defined dequantisation otherwise);
+ * - value i belongs to lane i % 64 of 64 lanes that start at +0: acc_l = fmaf(w_i, x_i, acc_l), i in
+ *   increasing order;
+ * - the result is the halving tree of the lanes: acc_l += acc_{l+32} for l < 32, then acc_l += acc_{l+16}
+ *   for l < 16, ... down to acc_0 += acc_1 (cm_lanes_total), one rounding per addition.
+ * A sum (softmax's denominator) is the same with acc_l = acc_l + x_i. 64 lanes are four zmm or eight ymm
+ * accumulators, enough independent chains to hide the FMA latency with either; the tree is the one both
+ * reduce in (zmm (s0 + s2) + (s1 + s3), ymm ((t0 + t4) + (t2 + t6)) + ((t1 + t5) + (t3 + t7)), then the
+ * 256-, 128-, 64- and 32-bit halves), and a tail is only lanes left unfed.
+ *
+ * exp (softmax, silu): cm_exp_def below, one polynomial every family evaluates lane by lane with the
+ * same roundings (cm_exp_row exposes it): within 1 ulp of glibc's expf for every float, subnormal results
+ * and overflow included (checked over all 2^32 inputs once; tests/engine/test_kernels.c checks a sample
+ * of them against expf and every family's against this one, bit for bit); 0 from -104 down, +inf for
+ * results beyond FLT_MAX, NaN for NaN.
+ *
+ * Element-wise kernels, per element, each operation rounded once, in this order:
+ * - rmsnorm: ss = dot(x, x) as above; s = 1 / sqrtf(ss / K + eps); y_i = w_i * (x_i * s)
+ * - softmax: m = max_i x_i; e_i = exp(x_i - m); S = sum e_i as above; x_i = e_i / S
+ * - silu_mul: g_i = (g_i / (1 + exp(-g_i))) * u_i
+ * - axpy, axpy_f16: y_i = fmaf(a, x_i, y_i) (x_i converted exactly from f16)
+ * - add: x_i + b_i; rope: x0 c - x1 s and x1 c + x0 s, each product rounded (no fma)
+ * A fused multiply-add happens where these say fmaf and nowhere else: engine/meson.build compiles the
+ * engine with -ffp-contract=off, so no compiler fuses a * b + c on its own.
+ */
+#ifndef CM_KERNELS_ORDER_H
+#define CM_KERNELS_ORDER_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define CM_LANES 64
+
+/* The halving tree over acc[0..63] (consumed). */
+static inline float cm_lanes_total(float acc[CM_LANES]) {
+    for (int h = CM_LANES / 2; h >= 1; h /= 2)
+        for (int l = 0; l < h; l++) acc[l] = acc[l] + acc[l + h];
+    return acc[0];
+}
+
+/* dot(w, x) of n f32 values as defined above. */
+static inline float cm_lanes_dot(const float *w, const float *x, int64_t n) {
+    float acc[CM_LANES] = {0};
+    for (int64_t i = 0; i < n; i++) acc[i % CM_LANES] = fmaf(w[i], x[i], acc[i % CM_LANES]);
+    return cm_lanes_total(acc);
+}
+
+/* e^x, as every family computes it: x clamped to [-104, 89] (a NaN stays NaN); x = n ln2 + r with
+ * n = x log2(e) rounded to the nearest integer (ties to even) and r = x - n ln2 in two fmaf steps (ln2 in
+ * a high part exact in 9 bits and a low part), |r| <= ~ln2/2; e^r = 1 + r + r^2 P(r), P Cephes' degree-5
+ * polynomial by Horner in fmaf; then p 2^n rounded once (subnormal results and overflow to +inf
+ * included: AVX-512's scalef, or two exact-or-once-rounded multiplies by 2^n1 2^n2, n1 + n2 = n). */
+static inline float cm_exp_def(float x) {
+    x = 89.0f < x ? 89.0f : x; /* as minps(89, x) and maxps(-104, x): a NaN x passes through */
+    x = -104.0f > x ? -104.0f : x;
+    /* x log2(e) + 1.5 * 2^23 has no bits below 1: rounding to it is nearbyintf's (|x log2(e)| < 2^22) */
+    float t = x * 1.44269504088896341f + 12582912.0f;
+    float n = t - 12582912.0f;
+    float r = fmaf(-n, 0.693359375f, x);
+    r = fmaf(-n, -2.12194440e-4f, r);
+    float p = 1.9875691500E-4f;
+    p = fmaf(p, r, 1.3981999507E-3f);
+    p = fmaf(p, r, 8.3334519073E-3f);
+    p = fmaf(p, r, 4.1665795894E-2f);
+    p = fmaf(p, r, 1.6666665459E-1f);
+    p = fmaf(p, r, 5.0000001201E-1f);
+    p = fmaf(p, r * r, r + 1.0f);
+    /* n in [-150, 128] is the low bits of t; 2^n as 2^n1 2^n2, each a normal float, p 2^n1 exact */
+    uint32_t tb;
+    memcpy(&tb, &t, sizeof tb);
+    int32_t ni = (int32_t)(tb - 0x4B400000u), n1 = ni / 2, n2 = ni - n1;
+    uint32_t b1 = (uint32_t)(n1 + 127) << 23, b2 = (uint32_t)(n2 + 127) << 23;
+    float s1, s2;
+    memcpy(&s1, &b1, sizeof s1);
+    memcpy(&s2, &b2, sizeof s2);
+    return p * s1 * s2;
+}
+
+#endif
