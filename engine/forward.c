@@ -541,7 +541,7 @@ static void mm_run(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, int n
             j.xv_stride = (size_t)k * sizeof(float);
         }
         /* about four tasks per thread over all ops' rows together (q is 7x larger than k and v); the
-         * int8 GEMM interleaves W in groups of 8 rows, so multiples of 16 suit both */
+         * int8 GEMM interleaves W in groups of 8 or 16 rows, so multiples of 16 suit both */
         int64_t rows = 0;
         for (int i = 0; i < n_ops; i++) rows += ops[i].w->ne1;
         int64_t chunk = nt == 1 ? mmax : (rows + nt * 4 - 1) / (nt * 4);

@@ -274,11 +274,11 @@ float cm_quant_dot_f32_ref(int wtype, int64_t k, const void *w, const float *x) 
     return cm_lanes_total(acc);
 }
 
-/* The int8 dot as cm_qacc (quants.h) defines it: exact lane sums per block, then the float steps. */
+/* The int8 dot as cm_qacc (quants.h) defines it: an exact integer sum per block, then the float steps. */
 float cm_quant_dot_q_ref(int wtype, int64_t k, const void *w, const void *x) {
     int qk = cm_quant_block_values(wtype);
     size_t bb = cm_quant_block_bytes(wtype);
-    cm_qacc acc = {{0}, 0.0f};
+    cm_qacc acc = {0.0f, 0.0f};
     for (int64_t b = 0; b < k / qk; b++) {
         const void *blk = (const char *)w + (size_t)b * bb;
         int32_t isum[8] = {0};

@@ -156,33 +156,32 @@ static inline size_t cm_quant_block_bytes(int type) {
 }
 
 /* How an int8 dot turns a row's exact integer block sums into one float. The references (quants.c) and
- * every fast kernel (quants_simd.c) follow this definition operation for operation, which is what makes
- * them bit-exact; it is llama.cpp's own scheme (an 8-lane float accumulator fed by FMA, one block at a
- * time), with the lanes fixed by value index so that no instruction choice changes a result:
- * - value v of a block (v < 32 for Q8_0 and the legacy types, v < 256 for K-quants) belongs to lane
- *   (v % 32) / 4; a block gives eight exact int32 lane sums of q * x (K-quants: each product times its
- *   sub-block's integer scale, q signed as the format defines it);
- * - lane l: acc_l = fmaf((float)isum_l, s, acc_l), s = d_w * d_x rounded to float, blocks in order;
+ * every fast kernel (quants_simd.c, gemm_q8.c) follow this definition operation for operation, which is
+ * what makes them bit-exact; it is llama.cpp's scalar scheme (one float accumulator, one FMA per block):
+ * - a block (32 values for Q8_0 and the legacy types, 256 for K-quants) gives one exact int32 sum of
+ *   q * x (K-quants: each product times its sub-block's integer scale, q signed as the format defines
+ *   it; |sum| < 2^31 for every type), however a kernel groups its additions;
+ * - acc = fmaf((float)isum, s, acc), s = d_w * d_x rounded to float, blocks in order;
  * - a scalar term e = fmaf(a, b, e) per block: Q4_1/Q5_1 a = m, b = s_x (their offsets); K-quants with
  *   mins (Q2_K, Q4_K, Q5_K) a = (float)(sum over sub-blocks of min * sum of x), b = -(dmin * d_x);
  *   none for the other types;
- * - the result is ((acc0 + acc4) + (acc2 + acc6)) + ((acc1 + acc5) + (acc3 + acc7)) + e.
- * The order depends on K alone, never on how many rows or tokens one call covers. */
+ * - the result is acc + e.
+ * The order depends on K alone, never on how many rows or tokens one call covers. Kernels may hold a
+ * block's sum in several int32 lanes (isum below: eight, any split) as long as the lanes are added
+ * exactly before the one conversion. */
 typedef struct cm_qacc {
-    float lane[8];
+    float acc;
     float e;
 } cm_qacc;
 
 static inline void cm_qacc_block(cm_qacc *a, const int32_t isum[8], float s) {
-    for (int l = 0; l < 8; l++) a->lane[l] = fmaf((float)isum[l], s, a->lane[l]);
+    int32_t t = 0;
+    for (int l = 0; l < 8; l++) t += isum[l];
+    a->acc = fmaf((float)t, s, a->acc);
 }
 
 static inline float cm_qacc_total(const cm_qacc *a) {
-#if defined(__clang__) /* the additions as written, one rounding each */
-#pragma STDC FP_CONTRACT OFF
-#endif
-    const float *L = a->lane;
-    return (((L[0] + L[4]) + (L[2] + L[6])) + ((L[1] + L[5]) + (L[3] + L[7]))) + a->e;
+    return a->acc + a->e;
 }
 
 /* Q4_K/Q5_K's twelve packed bytes -> sc[0..7] in bytes 0..7 and m[0..7] in bytes 8..15 of out (the

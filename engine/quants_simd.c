@@ -47,11 +47,10 @@ static inline int32_t hsum_i32(__m256i v) {
     return _mm_cvtsi128_si32(s);
 }
 
-static inline float hsum_f32(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+/* The totals of four rows' 8 int32 lanes, exactly (integer adds), as [row 0, row 1, row 2, row 3]. */
+static inline __m128i hsum4_i32(const __m256i p[4]) {
+    __m256i t = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+    return _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
 }
 
 /* 8 int32 lanes whose total is sum u[i] * s[i] over 32 bytes, u unsigned, s signed. maddubs's int16
@@ -187,9 +186,9 @@ static inline __m256i k16_group(int type, const void *blk, int g) {
 
 /* ------------------------------------------------------------ AVX2 int8 dots (cm_qacc, quants.h) */
 
-/* Every block below yields its eight int32 lanes exactly as cm_qacc defines them: madd/maddubs (or
- * VNNI's dpbusd) put bytes 4l..4l+3 of each 32-byte group into lane l, and each group holds 32
- * consecutive values of the block. The drivers take several weight rows at once and are specialised per
+/* Every block below yields eight int32 lanes (madd/maddubs or VNNI's dpbusd) whose total is the block's
+ * exact sum in cm_qacc's sense; the four-row drivers add four rows' lanes together (hsum4_i32) and give
+ * the four block sums one 4-wide FMA, the one-row driver one scalar fmaf. The drivers take several weight rows at once and are specialised per
  * type (always_inline with a constant type), so no type switch is left inside the block loop. */
 #define CM_ALWAYS_INLINE static inline __attribute__((always_inline))
 #define ROWS_MAX 4 /* weight rows per pass over x: four independent FMA chains */
@@ -250,12 +249,9 @@ CM_ALWAYS_INLINE size_t legacy_block_bytes(int wt) {
 /* out[r] = dot(row r, x) for r < nr; row r at w + r * rb, nb blocks of 32. */
 CM_ALWAYS_INLINE void rows_legacy(int wt, int nr, int64_t nb, const char *w, size_t rb, const void *x, float *out) {
     const int has_m = wt == GGUF_TT_Q4_1 || wt == GGUF_TT_Q5_1;
-    __m256 acc[ROWS_MAX];
-    float e[ROWS_MAX];
-    for (int r = 0; r < nr; r++) {
-        acc[r] = _mm256_setzero_ps();
-        e[r] = 0.0f;
-    }
+    __m128 acc4 = _mm_setzero_ps(); /* the rows' cm_qacc acc: four at once, or acc1 for one row */
+    float acc1 = 0.0f, e[ROWS_MAX];
+    for (int r = 0; r < nr; r++) e[r] = 0.0f;
     for (int64_t i = 0; i < nb; i++) {
         __m256i xv;
         float dx, sx = 0.0f;
@@ -270,14 +266,24 @@ CM_ALWAYS_INLINE void rows_legacy(int wt, int nr, int64_t nb, const char *w, siz
             dx = fp16(xb->d);
         }
         prefetch_next_rows(w, rb, nr, i, legacy_block_bytes(wt));
+        __m256i p[ROWS_MAX];
+        float d[ROWS_MAX];
         for (int r = 0; r < nr; r++) {
-            float d, m = 0.0f;
-            __m256i p = legacy_lanes(wt, w + (size_t)r * rb, i, xv, &d, &m);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * dx), acc[r]);
+            float m = 0.0f;
+            p[r] = legacy_lanes(wt, w + (size_t)r * rb, i, xv, &d[r], &m);
             if (has_m) e[r] = fmaf(m, sx, e[r]);
         }
+        if (nr == ROWS_MAX) {
+            __m128 s = _mm_mul_ps(_mm_loadu_ps(d), _mm_set1_ps(dx));
+            acc4 = _mm_fmadd_ps(_mm_cvtepi32_ps(hsum4_i32(p)), s, acc4);
+        } else {
+            acc1 = fmaf((float)hsum_i32(p[0]), d[0] * dx, acc1);
+        }
     }
-    for (int r = 0; r < nr; r++) out[r] = hsum_f32(acc[r]) + e[r];
+    float a[ROWS_MAX];
+    _mm_storeu_ps(a, acc4);
+    if (nr != ROWS_MAX) a[0] = acc1;
+    for (int r = 0; r < nr; r++) out[r] = a[r] + e[r];
 }
 
 /* int16 scales of sub-blocks 2g (low 128 bits) and 2g + 1 (high) from sixteen int16 scales sc16
@@ -401,12 +407,9 @@ CM_ALWAYS_INLINE void rows_k(int wt, int nr, int64_t nb, const char *w, size_t r
                              float *out) {
     const int has_min = wt == GGUF_TT_Q2_K || wt == GGUF_TT_Q4_K || wt == GGUF_TT_Q5_K;
     const int offset = wt == GGUF_TT_Q3_K ? 4 : wt == GGUF_TT_Q6_K ? 32 : 0;
-    __m256 acc[ROWS_MAX];
-    float e[ROWS_MAX];
-    for (int r = 0; r < nr; r++) {
-        acc[r] = _mm256_setzero_ps();
-        e[r] = 0.0f;
-    }
+    __m128 acc4 = _mm_setzero_ps(); /* as rows_legacy */
+    float acc1 = 0.0f, e[ROWS_MAX];
+    for (int r = 0; r < nr; r++) e[r] = 0.0f;
     q8k_prep xp;
     for (int64_t i = 0; i < nb; i++) {
         const cm_block_q8_k *b = x + i;
@@ -415,15 +418,25 @@ CM_ALWAYS_INLINE void rows_k(int wt, int nr, int64_t nb, const char *w, size_t r
             for (int g = 0; g < 8; g++)
                 xp.off[g] = _mm256_maddubs_epi16(_mm256_set1_epi8((char)offset),
                                                  _mm256_loadu_si256((const __m256i *)(b->qs + 32 * g)));
+        __m256i p[ROWS_MAX];
+        float d[ROWS_MAX];
         for (int r = 0; r < nr; r++) {
-            float d, dmin = 0.0f;
+            float dmin = 0.0f;
             int32_t imin = 0;
-            __m256i p = k_lanes(wt, w + (size_t)r * rb, i, b, &xp, &d, &dmin, &imin);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * b->d), acc[r]);
+            p[r] = k_lanes(wt, w + (size_t)r * rb, i, b, &xp, &d[r], &dmin, &imin);
             if (has_min) e[r] = fmaf((float)imin, -(dmin * b->d), e[r]);
         }
+        if (nr == ROWS_MAX) {
+            __m128 s = _mm_mul_ps(_mm_loadu_ps(d), _mm_set1_ps(b->d));
+            acc4 = _mm_fmadd_ps(_mm_cvtepi32_ps(hsum4_i32(p)), s, acc4);
+        } else {
+            acc1 = fmaf((float)hsum_i32(p[0]), d[0] * b->d, acc1);
+        }
     }
-    for (int r = 0; r < nr; r++) out[r] = hsum_f32(acc[r]) + e[r];
+    float a[ROWS_MAX];
+    _mm_storeu_ps(a, acc4);
+    if (nr != ROWS_MAX) a[0] = acc1;
+    for (int r = 0; r < nr; r++) out[r] = a[r] + e[r];
 }
 
 /* One function per (type, rows) pair: the compiler specialises each. */

@@ -15,7 +15,8 @@
  * (4) The activation quantisers: |q| <= 127, bsums and s are what they claim, error <= d/2.
  * (5) The int8 prefill GEMM (gemm_q8.c), for Q8_0 and every block type, gives every (row, token) the
  *     reference dot bit for bit, whatever the number of tokens (odd, below and above its 4-token quad),
- *     the rows asked for (odd counts, starting off its 16-row tile, one row) and the output stride.
+ *     the rows asked for (odd counts, starting off its 8- and 16-row groups, one row, more than one
+ *     64-row tile), the row length (a few blocks, and tens of them) and the output stride.
  */
 #include <math.h>
 #include <stdint.h>
@@ -273,9 +274,11 @@ TEST(gemm_q_equals_ref) {
     int types[N_QTYPES + 1];
     types[0] = GGUF_TT_Q8_0;
     memcpy(types + 1, qtypes, sizeof qtypes);
-    for (int t = 0; t < N_QTYPES + 1; t++) {
-        int type = types[t], xt = cm_quant_vec_dot_type(type);
-        int64_t k = gguf_block_size(type) == 32 ? 96 : 768, m = 37, ldy = m + 3;
+    for (int t = 0; t < 2 * (N_QTYPES + 1); t++) {
+        /* each type twice: K of a few blocks, and a longer K (legacy types: 35 blocks; K-quants: 5
+         * super-blocks) */
+        int type = types[t / 2], xt = cm_quant_vec_dot_type(type);
+        int64_t k = gguf_block_size(type) == 32 ? (t % 2 ? 1120 : 96) : (t % 2 ? 1280 : 768), m = 83, ldy = m + 3;
         size_t rb = (size_t)gguf_row_bytes(type, k), xb = cm_vec_row_bytes(xt, k);
         int nmax = 19;
         uint8_t *w = malloc(rb * (size_t)m), *xv = malloc(xb * (size_t)nmax);
@@ -288,7 +291,7 @@ TEST(gemm_q_equals_ref) {
         }
         cm_matvec_rows_ref(type, xt, w, k, xv, xb, nmax, yr, ldy, 0, m);
         static const int ns[] = {1, 2, 3, 4, 5, 8, 16, 19};
-        static const int64_t ranges[][2] = {{0, 37}, {3, 4}, {5, 22}, {17, 37}};
+        static const int64_t ranges[][2] = {{0, 83}, {3, 4}, {5, 22}, {17, 83}, {64, 83}};
         for (size_t a = 0; a < sizeof ns / sizeof ns[0]; a++)
             for (size_t b = 0; b < sizeof ranges / sizeof ranges[0]; b++) {
                 int n = ns[a];
