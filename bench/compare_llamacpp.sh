@@ -169,11 +169,15 @@ for m in "$@"; do
         for test in "${tests[@]}"; do
             o=$(md_get "$ours" "$test" "t/s") oc=$(md_get "$ours" "$test" "t/cpu-s")
             cells+=("$(short "$o")") ccells+=("$oc")
-            # tokens llama-bench processed: the warm-up is a full ppN, or a 1-token decode
-            if [ "$test" = "pp$pp" ]; then n=$((pp * (reps + 1))) part=pp; else n=$((tg * reps + 1)) part=tg; fi
+            # tokens llama-bench processed: llama.cpp's warm-up is a full ppN, ik_llama.cpp's a 1-token
+            # prompt; a tgN's warm-up is a 1-token decode in both
+            if [ "$test" = "pp$pp" ]; then part=pp; else n=$((tg * reps + 1)) part=tg; fi
             l0="" lc0=""
             for ((e = 0; e < n_eng; e++)); do
                 lf="$logdir/$base-t$t-${eng_name[e]}"
+                if [ $part = pp ]; then
+                    case ${eng_name[e]} in ik*) n=$((pp * reps + 1)) ;; *) n=$((pp * (reps + 1))) ;; esac
+                fi
                 l=$(md_get "$lf.md" "$test" "t/s") lc=$(per_cpu "$n" "$(cat "$lf-$part.md.cpu")" "${cpu0[e]}")
                 cells+=("$(short "$l")" "$(ratio "$(mean_of "$o")" "$(mean_of "$l")")")
                 ccells+=("$lc" "$(ratio "$oc" "$lc")")
