@@ -150,6 +150,23 @@ static void tile_row(tile *t, int wtype, const void *wr, int i) {
     for (size_t v = 0; v < k; v += 4) memcpy(gq + (v / 4 * gr + r) * 4, q + v, 4);
 }
 
+/* A legacy token quad's activation scales per block, (nb, NR): Q8_0's d, or Q8_1's d and s. */
+static void quad_scales(tile *t, int xt, const char *const xr[NR]) {
+    for (int64_t b = 0; b < t->nb; b++)
+        for (int j = 0; j < NR; j++) {
+            float sx = 0.0f, dx;
+            if (xt == GGUF_TT_Q8_1) {
+                const cm_block_q8_1 *xb = (const cm_block_q8_1 *)xr[j] + b;
+                dx = _cvtsh_ss(xb->d);
+                sx = _cvtsh_ss(xb->s);
+            } else {
+                dx = _cvtsh_ss(((const cm_block_q8_0 *)xr[j])[b].d);
+            }
+            t->xd[NR * b + j] = dx;
+            t->xs[NR * b + j] = sx;
+        }
+}
+
 static inline __m256i bcast32(const void *p) {
     int32_t v;
     memcpy(&v, p, 4);
@@ -252,20 +269,7 @@ static void gemm_avx2(int wtype, const void *w, int64_t k, const void *x, size_t
             int nt = n - t0 < NR ? n - t0 : NR;
             const char *xr[NR];
             for (int j = 0; j < NR; j++) xr[j] = (const char *)x + (size_t)(t0 + (j < nt ? j : nt - 1)) * x_stride;
-            if (!t.kq)
-                for (int64_t b = 0; b < t.nb; b++)
-                    for (int j = 0; j < NR; j++) {
-                        float sx = 0.0f, dx;
-                        if (xt == GGUF_TT_Q8_1) {
-                            const cm_block_q8_1 *xb = (const cm_block_q8_1 *)xr[j] + b;
-                            dx = _cvtsh_ss(xb->d);
-                            sx = _cvtsh_ss(xb->s);
-                        } else {
-                            dx = _cvtsh_ss(((const cm_block_q8_0 *)xr[j])[b].d);
-                        }
-                        t.xd[NR * b + j] = dx;
-                        t.xs[NR * b + j] = sx;
-                    }
+            if (!t.kq) quad_scales(&t, xt, xr);
             for (int g = 0; g < groups; g++) {
                 float out[NR * GR];
                 if (t.kq) micro_k(&t, g, (const cm_block_q8_k *const *)xr, out);
@@ -464,20 +468,7 @@ static void gemm_avx512(int wtype, const void *w, int64_t k, const void *x, size
                 xr[j] = (const char *)x + (size_t)(t0 + (j < nt ? j : nt - 1)) * x_stride;
                 if (t.bias || !t.kq) zprep_x(&t, xr[j], xbytes, qoff, t.xc + (size_t)j * kq4); /* legacy: 0 for bias 0 */
             }
-            if (!t.kq)
-                for (int64_t b = 0; b < t.nb; b++)
-                    for (int j = 0; j < NR; j++) {
-                        float sx = 0.0f, dx;
-                        if (xt == GGUF_TT_Q8_1) {
-                            const cm_block_q8_1 *xb = (const cm_block_q8_1 *)xr[j] + b;
-                            dx = _cvtsh_ss(xb->d);
-                            sx = _cvtsh_ss(xb->s);
-                        } else {
-                            dx = _cvtsh_ss(((const cm_block_q8_0 *)xr[j])[b].d);
-                        }
-                        t.xd[NR * b + j] = dx;
-                        t.xs[NR * b + j] = sx;
-                    }
+            if (!t.kq) quad_scales(&t, xt, xr);
             for (int g = 0; g < groups; g++) {
                 float out[NR * ZGR];
                 if (t.kq) zmicro_k(&t, g, (const cm_block_q8_k *const *)xr, out);

@@ -54,25 +54,40 @@ static inline float cm_lanes_dot(const float *w, const float *x, int64_t n) {
     return cm_lanes_total(acc);
 }
 
+/* cm_exp_def's constants, which the SIMD versions (kernels_simd.c) use by these names: the clamps, log2(e),
+ * 1.5 * 2^23 (rounds to an integer), ln2 in a high and a low part, and P(r) highest power first. */
+#define CM_EXP_MAX 89.0f
+#define CM_EXP_MIN (-104.0f)
+#define CM_EXP_LOG2E 1.44269504088896341f
+#define CM_EXP_ROUND 12582912.0f
+#define CM_EXP_LN2_HI 0.693359375f
+#define CM_EXP_LN2_LO (-2.12194440e-4f)
+#define CM_EXP_P5 1.9875691500E-4f
+#define CM_EXP_P4 1.3981999507E-3f
+#define CM_EXP_P3 8.3334519073E-3f
+#define CM_EXP_P2 4.1665795894E-2f
+#define CM_EXP_P1 1.6666665459E-1f
+#define CM_EXP_P0 5.0000001201E-1f
+
 /* e^x, as every family computes it: x clamped to [-104, 89] (a NaN stays NaN); x = n ln2 + r with
  * n = x log2(e) rounded to the nearest integer (ties to even) and r = x - n ln2 in two fmaf steps (ln2 in
  * a high part exact in 9 bits and a low part), |r| <= ~ln2/2; e^r = 1 + r + r^2 P(r), P Cephes' degree-5
  * polynomial by Horner in fmaf; then p 2^n rounded once (subnormal results and overflow to +inf
  * included: AVX-512's scalef, or two exact-or-once-rounded multiplies by 2^n1 2^n2, n1 + n2 = n). */
 static inline float cm_exp_def(float x) {
-    x = 89.0f < x ? 89.0f : x; /* as minps(89, x) and maxps(-104, x): a NaN x passes through */
-    x = -104.0f > x ? -104.0f : x;
+    x = CM_EXP_MAX < x ? CM_EXP_MAX : x; /* as minps(89, x) and maxps(-104, x): a NaN x passes through */
+    x = CM_EXP_MIN > x ? CM_EXP_MIN : x;
     /* x log2(e) + 1.5 * 2^23 has no bits below 1: rounding to it is nearbyintf's (|x log2(e)| < 2^22) */
-    float t = x * 1.44269504088896341f + 12582912.0f;
-    float n = t - 12582912.0f;
-    float r = fmaf(-n, 0.693359375f, x);
-    r = fmaf(-n, -2.12194440e-4f, r);
-    float p = 1.9875691500E-4f;
-    p = fmaf(p, r, 1.3981999507E-3f);
-    p = fmaf(p, r, 8.3334519073E-3f);
-    p = fmaf(p, r, 4.1665795894E-2f);
-    p = fmaf(p, r, 1.6666665459E-1f);
-    p = fmaf(p, r, 5.0000001201E-1f);
+    float t = x * CM_EXP_LOG2E + CM_EXP_ROUND;
+    float n = t - CM_EXP_ROUND;
+    float r = fmaf(-n, CM_EXP_LN2_HI, x);
+    r = fmaf(-n, CM_EXP_LN2_LO, r);
+    float p = CM_EXP_P5;
+    p = fmaf(p, r, CM_EXP_P4);
+    p = fmaf(p, r, CM_EXP_P3);
+    p = fmaf(p, r, CM_EXP_P2);
+    p = fmaf(p, r, CM_EXP_P1);
+    p = fmaf(p, r, CM_EXP_P0);
     p = fmaf(p, r * r, r + 1.0f);
     /* n in [-150, 128] is the low bits of t; 2^n as 2^n1 2^n2, each a normal float, p 2^n1 exact */
     uint32_t tb;

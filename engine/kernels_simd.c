@@ -450,37 +450,37 @@ static void matvec_rows(int wtype, int xtype, const void *w, int64_t k, const vo
 /* kernels_order.h's exp, lane by lane: the same clamps, roundings and fmas as cm_exp_def. */
 #if defined(CM_AVX512)
 static inline __m512 exp16(__m512 x) {
-    const __m512 magic = _mm512_set1_ps(12582912.0f);
-    x = _mm512_min_ps(_mm512_set1_ps(89.0f), x); /* minps/maxps return their second operand for a NaN */
-    x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
-    __m512 n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), magic), magic);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+    const __m512 magic = _mm512_set1_ps(CM_EXP_ROUND);
+    x = _mm512_min_ps(_mm512_set1_ps(CM_EXP_MAX), x); /* minps/maxps return their second operand for a NaN */
+    x = _mm512_max_ps(_mm512_set1_ps(CM_EXP_MIN), x);
+    __m512 n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(CM_EXP_LOG2E)), magic), magic);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(CM_EXP_LN2_HI), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(CM_EXP_LN2_LO), r);
+    __m512 p = _mm512_set1_ps(CM_EXP_P5);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(CM_EXP_P4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(CM_EXP_P3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(CM_EXP_P2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(CM_EXP_P1));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(CM_EXP_P0));
     p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     return _mm512_scalef_ps(p, n); /* p 2^n rounded once, as the two multiplies of cm_exp_def */
 }
 #endif
 #if defined(CM_AVX2) && !defined(CM_AVX512)
 static inline __m256 exp8(__m256 x) {
-    const __m256 magic = _mm256_set1_ps(12582912.0f);
-    x = _mm256_min_ps(_mm256_set1_ps(89.0f), x);
-    x = _mm256_max_ps(_mm256_set1_ps(-104.0f), x);
-    __m256 t = _mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), magic);
+    const __m256 magic = _mm256_set1_ps(CM_EXP_ROUND);
+    x = _mm256_min_ps(_mm256_set1_ps(CM_EXP_MAX), x);
+    x = _mm256_max_ps(_mm256_set1_ps(CM_EXP_MIN), x);
+    __m256 t = _mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(CM_EXP_LOG2E)), magic);
     __m256 n = _mm256_sub_ps(t, magic);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500E-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(CM_EXP_LN2_HI), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(CM_EXP_LN2_LO), r);
+    __m256 p = _mm256_set1_ps(CM_EXP_P5);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(CM_EXP_P4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(CM_EXP_P3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(CM_EXP_P2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(CM_EXP_P1));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(CM_EXP_P0));
     p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
     /* 2^n = 2^n1 2^n2 (n1 = floor(n / 2): another split than cm_exp_def's, the same p 2^n) */
     __m256i ni = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(0x4B400000));
