@@ -28,6 +28,7 @@
  */
 #include <cblas.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -66,6 +67,9 @@ struct cm_ctx {
     float *outn;    /* (n_logits_max, D) final-normed rows whose logits are wanted */
     float *logits;  /* (n_logits_max, V) */
     float *scores;  /* (n_threads, n_ctx) attention scores */
+    float *att_acc; /* (n_threads, att_acc_stride) one head's output as it accumulates, 64-byte aligned */
+    void *att_acc_mem;
+    int att_acc_stride;
     float *deq;     /* (n_threads, deq_floats) dequantised weight tiles, or the int8 GEMM's unpacked ones */
 
     /* per batch */
@@ -227,6 +231,11 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
     c->outn = xmalloc((size_t)(lrows * D) * f, &fail);
     c->logits = xmalloc((size_t)lrows * (size_t)V * f, &fail);
     c->scores = xmalloc((size_t)n_threads * (size_t)n_ctx * f, &fail);
+    /* a thread's own cache lines: heads of c->att next to each other share lines, which two threads
+     * writing every position's axpy would pass back and forth */
+    c->att_acc_stride = (in->head_dim + 15) & ~15;
+    c->att_acc_mem = xmalloc((size_t)n_threads * (size_t)c->att_acc_stride * f + 64, &fail);
+    c->att_acc = c->att_acc_mem ? (float *)(((uintptr_t)c->att_acc_mem + 63) & ~(uintptr_t)63) : NULL;
     c->deq = xmalloc((size_t)n_threads * (size_t)c->deq_floats * f, &fail);
     c->pos = xmalloc((size_t)B * sizeof(int32_t), &fail);
     c->logit_row = xmalloc((size_t)B * sizeof(int32_t), &fail);
@@ -282,6 +291,7 @@ void cm_ctx_free(cm_ctx *c) {
     free(c->outn);
     free(c->logits);
     free(c->scores);
+    free(c->att_acc_mem);
     free(c->deq);
     free(c->pos);
     free(c->logit_row);
@@ -593,16 +603,18 @@ static void att_task(void *arg, int task, int thread) {
         }
     }
     cm_softmax(sc, T);
-    memset(out, 0, (size_t)E * sizeof(float));
+    float *acc = c->att_acc + (size_t)thread * c->att_acc_stride;
+    memset(acc, 0, (size_t)E * sizeof(float));
     for (int t0 = 0; t0 < T; t0 += CM_KV_BLOCK) {
         const unsigned char *vb = (const unsigned char *)cm_kv_v(&c->kv, s, j->layer, t0) + head;
         int nt = T - t0 < CM_KV_BLOCK ? T - t0 : CM_KV_BLOCK;
         for (int t = 0; t < nt; t++) {
             const void *vr = vb + (size_t)t * row;
-            if (f16) cm_axpy_f16(out, sc[t0 + t], vr, E);
-            else cm_axpy(out, sc[t0 + t], vr, E);
+            if (f16) cm_axpy_f16(acc, sc[t0 + t], vr, E);
+            else cm_axpy(acc, sc[t0 + t], vr, E);
         }
     }
+    memcpy(out, acc, (size_t)E * sizeof(float));
 }
 
 /* ============================================================ element-wise, parallel over rows */
