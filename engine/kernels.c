@@ -97,19 +97,6 @@ void cm_vec_prepare(int xtype, const float *x, void *out, int64_t k) {
 
 /* ============================================================ dot products */
 
-/* Weight i of a row of F32, F16, BF16 or Q8_0 as f32 (exact: Q8_0's d * q has at most 19 bits). */
-static inline float weight_ref(int wtype, const void *w, int64_t i) {
-    switch (wtype) {
-    case GGUF_TT_F16: return cm_fp16_to_f32(((const uint16_t *)w)[i]);
-    case GGUF_TT_BF16: return cm_bf16_to_f32(((const uint16_t *)w)[i]);
-    case GGUF_TT_Q8_0: {
-        const cm_block_q8_0 *b = (const cm_block_q8_0 *)w + i / CM_QK8_0;
-        return cm_fp16_to_f32(b->d) * (float)b->qs[i % CM_QK8_0];
-    }
-    default: return ((const float *)w)[i];
-    }
-}
-
 float cm_vec_dot_ref(int wtype, int xtype, int64_t k, const void *w, const void *x) {
     if (cm_quant_is_block_type(wtype))
         return xtype == GGUF_TT_F32 ? cm_quant_dot_f32_ref(wtype, k, w, x) : cm_quant_dot_q_ref(wtype, k, w, x);
@@ -118,7 +105,7 @@ float cm_vec_dot_ref(int wtype, int xtype, int64_t k, const void *w, const void 
     /* the float dot of kernels_order.h: the dequantised row times x, value i in lane i % 64 */
     const float *xf = x;
     float acc[CM_LANES] = {0};
-    for (int64_t i = 0; i < k; i++) acc[i % CM_LANES] = fmaf(weight_ref(wtype, w, i), xf[i], acc[i % CM_LANES]);
+    for (int64_t i = 0; i < k; i++) acc[i % CM_LANES] = fmaf(cm_weight_f32(wtype, w, i), xf[i], acc[i % CM_LANES]);
     return cm_lanes_total(acc);
 }
 

@@ -38,6 +38,10 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "gguf.h"
+#include "quants.h"
+#include "util.h"
+
 #define CM_LANES 64
 
 /* The halving tree over acc[0..63] (consumed). */
@@ -45,6 +49,20 @@ static inline float cm_lanes_total(float acc[CM_LANES]) {
     for (int h = CM_LANES / 2; h >= 1; h /= 2)
         for (int l = 0; l < h; l++) acc[l] = acc[l] + acc[l + h];
     return acc[0];
+}
+
+/* Weight i of a row of F32, F16, BF16 or Q8_0 as f32, as every dot converts it (exact: Q8_0's d * q has
+ * at most 19 bits). The SIMD paths convert whole vectors the same way and call this for tails. */
+static inline float cm_weight_f32(int wtype, const void *w, int64_t i) {
+    switch (wtype) {
+    case GGUF_TT_F16: return cm_fp16_to_f32(((const uint16_t *)w)[i]);
+    case GGUF_TT_BF16: return cm_bf16_to_f32(((const uint16_t *)w)[i]);
+    case GGUF_TT_Q8_0: {
+        const cm_block_q8_0 *b = (const cm_block_q8_0 *)w + i / CM_QK8_0;
+        return cm_fp16_to_f32(b->d) * (float)b->qs[i % CM_QK8_0];
+    }
+    default: return ((const float *)w)[i];
+    }
 }
 
 /* dot(w, x) of n f32 values as defined above. */

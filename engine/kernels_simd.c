@@ -163,8 +163,8 @@ static inline void lanes16_zero(lanes16 *a) {
 #undef ZERO_
 }
 
-/* 16 weights from index i (a multiple of 16) as f32, exactly as weight_ref (kernels.c) converts them; `m`
- * masks a tail (Q8_0 rows have none: K % 32 == 0). */
+/* 16 weights from index i (a multiple of 16) as f32, exactly as cm_weight_f32 (kernels_order.h)
+ * converts them; `m` masks a tail (Q8_0 rows have none: K % 32 == 0). */
 static inline __m512 load16(int t, const void *w, int64_t i, __mmask16 m) {
     switch (t) {
     case GGUF_TT_F16:
@@ -255,7 +255,7 @@ static inline void lanes8_store(const lanes8 *a, float *acc) {
 #undef STORE_
 }
 
-/* 8 weights from index i (a multiple of 8) as f32, exactly as weight_ref (kernels.c) converts them. */
+/* 8 weights from index i (a multiple of 8) as f32, exactly as cm_weight_f32 (kernels_order.h) converts them. */
 static inline __m256 load8(int t, const void *w, int64_t i) {
     switch (t) {
     case GGUF_TT_F16:
@@ -276,19 +276,6 @@ static inline __m256 load8(int t, const void *w, int64_t i) {
 /* Q8_0's 8 values from q as f32 times d (exact). */
 static inline __m256 q8x8(const int8_t *q, __m256 d) {
     return _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q))));
-}
-
-/* One weight, for tails. */
-static inline float weight_at(int t, const void *w, int64_t i) {
-    switch (t) {
-    case GGUF_TT_F16: return fp16(((const uint16_t *)w)[i]);
-    case GGUF_TT_BF16: return cm_bf16_to_f32(((const uint16_t *)w)[i]);
-    case GGUF_TT_Q8_0: {
-        const cm_block_q8_0 *b = (const cm_block_q8_0 *)w + i / CM_QK8_0;
-        return fp16(b->d) * (float)b->qs[i % CM_QK8_0];
-    }
-    default: return ((const float *)w)[i];
-    }
 }
 
 /* As lanes16_fma. A tail's last vector of n < 8 values is copied into zeros and fed whole: a
@@ -319,7 +306,7 @@ CM_ALWAYS_INLINE void lanes8_fma(lanes8 *a, int t, int64_t k, const void *w, con
         _mm256_storeu_ps(wb_, _mm256_setzero_ps());                                                       \
         _mm256_storeu_ps(xb_, _mm256_setzero_ps());                                                       \
         for (int64_t r_ = 0; r_ < k - i - 8 * j; r_++) {                                                  \
-            wb_[r_] = weight_at(t, w, i + 8 * j + r_);                                                    \
+            wb_[r_] = cm_weight_f32(t, w, i + 8 * j + r_);                                                    \
             xb_[r_] = x[i + 8 * j + r_];                                                                  \
         }                                                                                                 \
         a##j = _mm256_fmadd_ps(_mm256_loadu_ps(wb_), _mm256_loadu_ps(xb_), a##j);                         \
