@@ -28,7 +28,6 @@
  */
 #include <cblas.h>
 #include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -68,7 +67,6 @@ struct cm_ctx {
     float *logits;  /* (n_logits_max, V) */
     float *scores;  /* (n_threads, n_ctx) attention scores */
     float *att_acc; /* (n_threads, att_acc_stride) one head's output as it accumulates, 64-byte aligned */
-    void *att_acc_mem;
     int att_acc_stride;
     float *deq;     /* (n_threads, deq_floats) dequantised weight tiles, or the int8 GEMM's unpacked ones */
 
@@ -234,8 +232,8 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
     /* a thread's own cache lines: heads of c->att next to each other share lines, which two threads
      * writing every position's axpy would pass back and forth */
     c->att_acc_stride = (in->head_dim + 15) & ~15;
-    c->att_acc_mem = xmalloc((size_t)n_threads * (size_t)c->att_acc_stride * f + 64, &fail);
-    c->att_acc = c->att_acc_mem ? (float *)(((uintptr_t)c->att_acc_mem + 63) & ~(uintptr_t)63) : NULL;
+    c->att_acc = aligned_alloc(64, (size_t)n_threads * (size_t)c->att_acc_stride * f); /* a multiple of 64 */
+    if (!c->att_acc) fail = 1;
     c->deq = xmalloc((size_t)n_threads * (size_t)c->deq_floats * f, &fail);
     c->pos = xmalloc((size_t)B * sizeof(int32_t), &fail);
     c->logit_row = xmalloc((size_t)B * sizeof(int32_t), &fail);
@@ -291,7 +289,7 @@ void cm_ctx_free(cm_ctx *c) {
     free(c->outn);
     free(c->logits);
     free(c->scores);
-    free(c->att_acc_mem);
+    free(c->att_acc);
     free(c->deq);
     free(c->pos);
     free(c->logit_row);
