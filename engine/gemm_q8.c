@@ -56,11 +56,11 @@
 #define NR 4  /* tokens per micro-tile */
 
 /* The scratch a tile needs, at most (K-quants: per value its byte, per 16 values and row two int16 of
- * scale and one of min; legacy types less), plus the token quad's activation scales and sums and
- * alignment slack. The same for every family (the largest tile), so a context sized under one family
+ * scale and one of min; legacy types less), plus one group's stage (tile_group), the token quad's
+ * activation scales and sums and alignment slack. The same for every family (the largest tile), so a context sized under one family
  * serves any other. */
 size_t CM_FAMILY_FN(cm_gemm_q_scratch_bytes)(int64_t k) {
-    return (size_t)k * (ZTR + ZTR / 2 + 16) + 8192;
+    return (size_t)k * (ZTR + ZTR / 2 + ZGR + 16) + 8192;
 }
 
 #if defined(CM_G_AVX2)
@@ -73,12 +73,13 @@ size_t CM_FAMILY_FN(cm_gemm_q_scratch_bytes)(int64_t k) {
  * d, m (nb, GR) f32: the rows' scales per block (K-quants: d, dmin);
  * K-quants: sc (nb, 16, GR, 2) int16: each 16 values' scale, twice per row (madd's pairs); mn
  *   (nb, 8, GR, 2) int16: the min of 16 values 2j, 2j + 1, to meet Q8_K's bsums.
+ * row (gr, K): the group's rows unpacked before interleaving (tile_group).
  * Per token quad: xd, xs (nb, NR) f32 the activation scale (and Q8_1's s). */
 typedef struct tile {
     int64_t k, nb;
     int kq, has_min;
     int gr, bias;     /* rows per group; added to every q as it is stored (0 on the 256-bit path) */
-    uint8_t *q, *row; /* row: (K) one row's bytes before interleaving */
+    uint8_t *q, *row; /* row: (gr, K) the stage of tile_group */
     float *d, *m, *xd, *xs;
     int16_t *sc, *mn;
     int32_t *xc;      /* 512-bit path, per token (K / 4 apart): what the bias adds (zprep_x) */
@@ -103,7 +104,7 @@ static void tile_layout(tile *t, int wtype, int64_t k, int tr, int gr, int bias,
     t->sc = t->mn = NULL;
     size_t rows = (size_t)tr;
     t->q = carve(&p, rows * (size_t)k);
-    t->row = carve(&p, (size_t)k);
+    t->row = carve(&p, (size_t)gr * (size_t)k);
     t->d = carve(&p, rows * nb * sizeof(float));
     t->m = carve(&p, rows * nb * sizeof(float));
     t->xd = carve(&p, NR * nb * sizeof(float));
@@ -115,39 +116,66 @@ static void tile_layout(tile *t, int wtype, int64_t k, int tr, int gr, int bias,
     }
 }
 
-/* Repack weight row `wr` into tile row i: group i / gr, row i % gr of it. */
-static void tile_row(tile *t, int wtype, const void *wr, int i) {
-    size_t bb = (size_t)gguf_row_bytes(wtype, cm_quant_block_values(wtype)), gr = (size_t)t->gr;
-    size_t g = (size_t)i / gr, r = (size_t)i % gr, nb = (size_t)t->nb, k = (size_t)t->k;
-    uint8_t *q = t->row;
-    float *d = t->d + g * gr * nb, *m = t->m + g * gr * nb;
-    for (size_t b = 0; b < nb; b++) {
-        const char *blk = (const char *)wr + b * bb;
+/* Repack group g of the tile from the weight rows wr[0..gr): each row unpacked as signed bytes into the
+ * stage (gr, K) (legacy types through quants_simd.c's SIMD row unpacker, K-quants block by block through
+ * the reference's), its scales into the group's d, m (K-quants: sc, mn too); then the stage interleaved
+ * into the group's q with the bias added, one gather of a value quad across the gr rows per store. Done
+ * per call rather than once at load: a repacked copy would double the weights' resident memory, as
+ * decode reads the original blocks; this keeps the repacking a few percent of a prefill's time. */
+static void tile_group(tile *t, int wtype, const char *const *wr, int g) {
+    size_t gr = (size_t)t->gr, nb = (size_t)t->nb, k = (size_t)t->k;
+    float *d = t->d + (size_t)g * gr * nb, *m = t->m + (size_t)g * gr * nb;
+    size_t bb = (size_t)gguf_row_bytes(wtype, cm_quant_block_values(wtype));
+    for (size_t r = 0; r < gr; r++) {
+        int8_t *q = (int8_t *)t->row + r * k;
         if (!t->kq) {
-            cm_legacy_unpacked u;
-            cm_quant_unpack_legacy(wtype, blk, &u);
-            memcpy(q + b * 32, u.q, 32);
-            d[b * gr + r] = u.d;
-            m[b * gr + r] = u.m;
+            CM_FAMILY_FN(cm_quant_unpack_legacy_row)(wtype, wr[r], t->nb, q, d + r, m + r, gr);
             continue;
         }
-        cm_k_unpacked u;
-        cm_quant_unpack_k(wtype, blk, &u);
-        memcpy(q + b * CM_QK_K, u.q, CM_QK_K);
-        int16_t *sc = t->sc + (g * nb + b) * 16 * gr * 2, *mn = t->mn + (g * nb + b) * 8 * gr * 2;
-        for (int j = 0; j < 16; j++) { /* per 16 values, whatever the type's sub-block */
-            int s = j * 16 / u.sub;
-            sc[((size_t)j * gr + r) * 2] = sc[((size_t)j * gr + r) * 2 + 1] = u.sc[s];
-            mn[((size_t)(j / 2) * gr + r) * 2 + (size_t)(j % 2)] = u.mn[s];
+        for (size_t b = 0; b < nb; b++) {
+            cm_k_unpacked u;
+            cm_quant_unpack_k(wtype, wr[r] + b * bb, &u);
+            memcpy(q + b * CM_QK_K, u.q, CM_QK_K);
+            int16_t *sc = t->sc + ((size_t)g * nb + b) * 16 * gr * 2, *mn = t->mn + ((size_t)g * nb + b) * 8 * gr * 2;
+            for (int j = 0; j < 16; j++) { /* per 16 values, whatever the type's sub-block */
+                int s = j * 16 / u.sub;
+                sc[((size_t)j * gr + r) * 2] = sc[((size_t)j * gr + r) * 2 + 1] = u.sc[s];
+                mn[((size_t)(j / 2) * gr + r) * 2 + (size_t)(j % 2)] = u.mn[s];
+            }
+            d[b * gr + r] = u.d;
+            m[b * gr + r] = u.dmin;
         }
-        d[b * gr + r] = u.d;
-        m[b * gr + r] = u.dmin;
     }
-    if (t->bias)
-        for (size_t v = 0; v < k; v++) q[v] = (uint8_t)(q[v] + t->bias);
     /* value v of row r goes to (v / 4, r, v % 4) of the group */
-    uint8_t *gq = t->q + g * gr * k;
-    for (size_t v = 0; v < k; v += 4) memcpy(gq + (v / 4 * gr + r) * 4, q + v, 4);
+    uint8_t *gq = t->q + (size_t)g * gr * k;
+    const uint8_t *st = t->row;
+#if defined(CM_G_AVX512)
+    if (gr == ZGR) {
+        const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                               _mm512_set1_epi32((int)k));
+        const __m512i bias = _mm512_set1_epi8((char)t->bias);
+        for (size_t v = 0; v < k; v += 4)
+            _mm512_storeu_si512((void *)(gq + v * gr), _mm512_add_epi8(_mm512_i32gather_epi32(idx, (const void *)(st + v), 1), bias));
+        return;
+    }
+#endif
+    const __m256i idx = _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), _mm256_set1_epi32((int)k));
+    const __m256i bias = _mm256_set1_epi8((char)t->bias);
+    for (size_t v = 0; v < k; v += 4)
+        _mm256_storeu_si256((__m256i *)(gq + v * gr),
+                            _mm256_add_epi8(_mm256_i32gather_epi32((const int *)(const void *)(st + v), idx, 1), bias));
+}
+
+/* Group by group, the tile of weight rows [a, a + rows) (a partial group repeats its last row). */
+static void tile_fill(tile *t, int wtype, const void *w, size_t rb, int64_t a, int rows, int groups) {
+    for (int g = 0; g < groups; g++) {
+        const char *wr[ZGR];
+        for (int r = 0; r < t->gr; r++) {
+            int i = g * t->gr + r;
+            wr[r] = (const char *)w + (size_t)(a + (i < rows ? i : rows - 1)) * rb;
+        }
+        tile_group(t, wtype, wr, g);
+    }
 }
 
 /* A legacy token quad's activation scales per block, (nb, NR): Q8_0's d, or Q8_1's d and s. */
@@ -263,8 +291,7 @@ static void gemm_avx2(int wtype, const void *w, int64_t k, const void *x, size_t
     size_t qoff = xt == GGUF_TT_Q8_1 ? offsetof(cm_block_q8_1, qs) : offsetof(cm_block_q8_0, qs);
     for (int64_t a = r0; a < r1; a += TR) {
         int rows = r1 - a < TR ? (int)(r1 - a) : TR, groups = (rows + GR - 1) / GR;
-        for (int i = 0; i < groups * GR; i++) /* a partial group repeats its last row */
-            tile_row(&t, wtype, (const char *)w + (size_t)(a + (i < rows ? i : rows - 1)) * rb, i);
+        tile_fill(&t, wtype, w, rb, a, rows, groups);
         for (int t0 = 0; t0 < n; t0 += NR) {
             int nt = n - t0 < NR ? n - t0 : NR;
             const char *xr[NR];
@@ -459,8 +486,7 @@ static void gemm_avx512(int wtype, const void *w, int64_t k, const void *x, size
                                                                                      : offsetof(cm_block_q8_0, qs);
     for (int64_t a = r0; a < r1; a += ZTR) {
         int rows = r1 - a < ZTR ? (int)(r1 - a) : ZTR, groups = (rows + ZGR - 1) / ZGR;
-        for (int i = 0; i < groups * ZGR; i++) /* a partial group repeats its last row */
-            tile_row(&t, wtype, (const char *)w + (size_t)(a + (i < rows ? i : rows - 1)) * rb, i);
+        tile_fill(&t, wtype, w, rb, a, rows, groups);
         for (int t0 = 0; t0 < n; t0 += NR) {
             int nt = n - t0 < NR ? n - t0 : NR;
             const char *xr[NR];

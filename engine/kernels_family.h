@@ -84,6 +84,10 @@ void CM_FAMILY_FN(cm_quant_matvec_f32)(int wtype, const void *w, int64_t k, cons
  * when that was on a multiple of 64); cm_lanes_sum is the tree over acc (consumed). */
 void CM_FAMILY_FN(cm_lanes_fma)(float acc[64], const float *w, const float *x, int64_t n);
 float CM_FAMILY_FN(cm_lanes_sum)(float acc[64]);
+/* quants_simd.c's unpacking of a whole legacy-type (or Q8_0) row for gemm_q8.c, AVX2 families only: the
+ * blocks' q (nb * 32) and their d, m (cm_quant_unpack_legacy's) at d[b * dm_stride], m[b * dm_stride]. */
+void CM_FAMILY_FN(cm_quant_unpack_legacy_row)(int wtype, const void *w, int64_t nb, int8_t *q, float *d, float *m,
+                                              size_t dm_stride);
 /* gemm_q8.c's int8 prefill product, likewise. */
 size_t CM_FAMILY_FN(cm_gemm_q_scratch_bytes)(int64_t k);
 void CM_FAMILY_FN(cm_gemm_q)(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y,
