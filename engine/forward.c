@@ -589,16 +589,14 @@ static void att_task(void *arg, int task, int thread) {
     float *sc = c->scores + (size_t)thread * c->n_ctx;
     float *out = c->att + (size_t)i * H * E + (size_t)h * E;
     const float scale = (float)(1.0 / sqrt((double)E));
-    /* K and V rows of one kv head within a block: E elements every C, in the pool's type */
-    const int f16 = c->kv.kv_type == CM_KV_F16;
+    /* K and V rows of one kv head within a block: E elements every C, in the pool's type; a block's
+     * rows at a time */
+    const int kvt = c->kv.kv_type == CM_KV_F16 ? GGUF_TT_F16 : GGUF_TT_F32;
     const size_t row = (size_t)c->kv.kv_dim * c->kv.elt_bytes, head = (size_t)g * E * c->kv.elt_bytes;
     for (int t0 = 0; t0 < T; t0 += CM_KV_BLOCK) {
         const unsigned char *kb = (const unsigned char *)cm_kv_k(&c->kv, s, j->layer, t0) + head;
         int nt = T - t0 < CM_KV_BLOCK ? T - t0 : CM_KV_BLOCK;
-        for (int t = 0; t < nt; t++) {
-            const void *kr = kb + (size_t)t * row;
-            sc[t0 + t] = (f16 ? cm_dot_f16(kr, q, E) : cm_dot_f32(q, kr, E)) * scale;
-        }
+        cm_att_scores(kvt, kb, row, nt, q, E, scale, sc + t0);
     }
     cm_softmax(sc, T);
     float *acc = c->att_acc + (size_t)thread * c->att_acc_stride;
@@ -606,11 +604,7 @@ static void att_task(void *arg, int task, int thread) {
     for (int t0 = 0; t0 < T; t0 += CM_KV_BLOCK) {
         const unsigned char *vb = (const unsigned char *)cm_kv_v(&c->kv, s, j->layer, t0) + head;
         int nt = T - t0 < CM_KV_BLOCK ? T - t0 : CM_KV_BLOCK;
-        for (int t = 0; t < nt; t++) {
-            const void *vr = vb + (size_t)t * row;
-            if (f16) cm_axpy_f16(acc, sc[t0 + t], vr, E);
-            else cm_axpy(acc, sc[t0 + t], vr, E);
-        }
+        cm_att_values(kvt, acc, sc + t0, vb, row, nt, E);
     }
     memcpy(out, acc, (size_t)E * sizeof(float));
 }

@@ -176,6 +176,19 @@ void cm_axpy_f16_ref(float *y, float a, const uint16_t *x, int64_t k) {
     for (int64_t i = 0; i < k; i++) y[i] = fmaf(a, cm_fp16_to_f32(x[i]), y[i]);
 }
 
+void cm_att_scores_ref(int type, const void *k, size_t row_bytes, int n, const float *q, int64_t e, float scale,
+                       float *out) {
+    for (int t = 0; t < n; t++) out[t] = cm_vec_dot_ref(type, GGUF_TT_F32, e, (const char *)k + (size_t)t * row_bytes, q) * scale;
+}
+
+void cm_att_values_ref(int type, float *y, const float *p, const void *v, size_t row_bytes, int n, int64_t e) {
+    for (int t = 0; t < n; t++) {
+        const void *r = (const char *)v + (size_t)t * row_bytes;
+        if (type == GGUF_TT_F16) cm_axpy_f16_ref(y, p[t], r, e);
+        else cm_axpy_ref(y, p[t], r, e);
+    }
+}
+
 void cm_silu_mul_ref(float *g, const float *u, int64_t k) {
     for (int64_t i = 0; i < k; i++) g[i] = (g[i] / (1.0f + cm_exp_def(-g[i]))) * u[i];
 }
@@ -345,3 +358,12 @@ void cm_f32_to_f16_row(const float *x, uint16_t *y, int64_t k) { cm__kops->f32_t
 float cm_dot_f16(const uint16_t *a, const float *b, int64_t k) { return cm__kops->dot_f16(a, b, k); }
 
 void cm_axpy_f16(float *y, float a, const uint16_t *x, int64_t k) { cm__kops->axpy_f16(y, a, x, k); }
+
+void cm_att_scores(int type, const void *k, size_t row_bytes, int n, const float *q, int64_t e, float scale,
+                   float *out) {
+    cm__kops->att_scores(type, k, row_bytes, n, q, e, scale, out);
+}
+
+void cm_att_values(int type, float *y, const float *p, const void *v, size_t row_bytes, int n, int64_t e) {
+    cm__kops->att_values(type, y, p, v, row_bytes, n, e);
+}

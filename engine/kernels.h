@@ -138,4 +138,19 @@ float cm_dot_f16(const uint16_t *a, const float *b, int64_t k);
 void cm_axpy_f16(float *y, float a, const uint16_t *x, int64_t k);
 void cm_axpy_f16_ref(float *y, float a, const uint16_t *x, int64_t k);
 
+/* ------------------------------------------------------------ attention over a run of KV rows */
+
+/* One query against n KV rows (E values each, `row_bytes` apart, of type F32 or F16, the KV pool's):
+ * out[t] = dot(K row t, q) * scale, t < n, the dot kernels_order.h's (cm_vec_dot_ref(type, F32, E,
+ * row, q)), one rounding for the scale; and y (E) = fmaf(p[t], V row t, y) for t = 0, 1, .., n - 1 in
+ * that order (cm_axpy_ref or cm_axpy_f16_ref row after row). Prefill's attention runs a whole KV block
+ * per call: the AVX-512 families take the last levels of 16 scores' lane trees side by side and keep y
+ * in registers across the rows, each number by the same operations as one row at a time. */
+void cm_att_scores(int type, const void *k, size_t row_bytes, int n, const float *q, int64_t e, float scale,
+                   float *out);
+void cm_att_scores_ref(int type, const void *k, size_t row_bytes, int n, const float *q, int64_t e, float scale,
+                       float *out);
+void cm_att_values(int type, float *y, const float *p, const void *v, size_t row_bytes, int n, int64_t e);
+void cm_att_values_ref(int type, float *y, const float *p, const void *v, size_t row_bytes, int n, int64_t e);
+
 #endif

@@ -552,6 +552,98 @@ static void axpy_f16(float *y, float a, const uint16_t *x, int64_t k) {
     cm_axpy_f16_ref(y + i, a, x + i, k - i);
 }
 
+/* ------------------------------------------------------------ attention over a run of KV rows */
+
+#if defined(CM_AVX512)
+/* One row's 64 lanes folded to 16 by the tree's first two levels: (s0 + s2) + (s1 + s3). */
+CM_ALWAYS_INLINE __m512 att_lanes16(int type, const void *w, const float *x, int64_t e) {
+    lanes16 a;
+    lanes16_zero(&a);
+    lanes16_fma(&a, type, e, w, x);
+    return _mm512_add_ps(_mm512_add_ps(a.s0, a.s2), _mm512_add_ps(a.s1, a.s3));
+}
+
+/* The tree's remaining levels (lane l += lane l + 8, + 4, + 2, + 1: tree8 of lanes16_tree) for 16 rows
+ * at once, v[r] row r's 16 lanes: each level adds the same pairs as tree8, two rows' halves per vector,
+ * so each row's sum is rounded exactly as alone. Result: row r's total in element r. */
+CM_ALWAYS_INLINE __m512 att_trees16(const __m512 v[16]) {
+    __m512 w[8], u[4], p[2];
+    for (int i = 0; i < 8; i++) /* 256-bit halves: rows 2i, 2i + 1 in the halves of w[i] */
+        w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int i = 0; i < 4; i++) /* 128-bit halves: rows 4i .. 4i + 3 in the quarters of u[i] */
+        u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    for (int i = 0; i < 2; i++) /* 64-bit halves: quarter L of p[i] rows 8i + L (0, 1), 8i + 4 + L (2, 3) */
+        p[i] = _mm512_add_ps(_mm512_shuffle_ps(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    /* 32-bit halves: element 4L + c is row 4c + L */
+    __m512 f = _mm512_add_ps(_mm512_shuffle_ps(p[0], p[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_ps(p[0], p[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), f);
+}
+
+CM_ALWAYS_INLINE void att_scores16(int type, const char *k, size_t rb, const float *q, int64_t e, float scale,
+                                   float *out) {
+    __m512 v[16];
+    for (int r = 0; r < 16; r++) v[r] = att_lanes16(type, k + (size_t)r * rb, q, e);
+    _mm512_storeu_ps(out, _mm512_mul_ps(att_trees16(v), _mm512_set1_ps(scale)));
+}
+#endif
+
+static void att_scores(int type, const void *k, size_t rb, int n, const float *q, int64_t e, float scale, float *out) {
+    const char *kr = k;
+    int t = 0;
+#if defined(CM_AVX512)
+    for (; t + 16 <= n; t += 16) {
+        if (type == GGUF_TT_F16) att_scores16(GGUF_TT_F16, kr + (size_t)t * rb, rb, q, e, scale, out + t);
+        else att_scores16(GGUF_TT_F32, kr + (size_t)t * rb, rb, q, e, scale, out + t);
+    }
+#endif
+    for (; t < n; t++) {
+        const void *r = kr + (size_t)t * rb;
+        out[t] = (type == GGUF_TT_F16 ? dot_f16(r, q, e) : dot_float(GGUF_TT_F32, e, r, q)) * scale;
+    }
+}
+
+#if defined(CM_AVX512)
+/* y[i, i + 64) of cm_att_values: four zmm of y stay in registers across the n rows (tails masked). */
+CM_ALWAYS_INLINE void att_values64(int type, float *y, const float *p, const char *v, size_t rb, int n, int64_t i,
+                                   int64_t e) {
+#define MASK_(j) __mmask16 m##j = e - i >= 16 * j + 16 ? (__mmask16)0xffff : e - i > 16 * j ? (__mmask16)((1u << (e - i - 16 * j)) - 1) : 0;
+    EACH4(MASK_)
+#undef MASK_
+#define LOAD_(j) __m512 y##j = _mm512_maskz_loadu_ps(m##j, y + i + 16 * j);
+    EACH4(LOAD_)
+#undef LOAD_
+    for (int t = 0; t < n; t++) {
+        const char *r = v + (size_t)t * rb;
+        __m512 a = _mm512_set1_ps(p[t]);
+#define FMA_(j) y##j = _mm512_fmadd_ps(a, load16(type, r, i + 16 * j, m##j), y##j);
+        EACH4(FMA_)
+#undef FMA_
+    }
+#define STORE_(j) _mm512_mask_storeu_ps(y + i + 16 * j, m##j, y##j);
+    EACH4(STORE_)
+#undef STORE_
+}
+#endif
+
+static void att_values(int type, float *y, const float *p, const void *v, size_t rb, int n, int64_t e) {
+#if defined(CM_AVX512)
+    for (int64_t i = 0; i < e; i += 64) {
+        if (type == GGUF_TT_F16) att_values64(GGUF_TT_F16, y, p, v, rb, n, i, e);
+        else att_values64(GGUF_TT_F32, y, p, v, rb, n, i, e);
+    }
+#else
+    for (int t = 0; t < n; t++) {
+        const void *r = (const char *)v + (size_t)t * rb;
+        if (type == GGUF_TT_F16) axpy_f16(y, p[t], r, e);
+        else axpy(y, p[t], r, e);
+    }
+#endif
+}
+
 static void silu_mul(float *g, const float *u, int64_t k) {
     int64_t i = 0;
 #if defined(CM_AVX512)
@@ -699,6 +791,8 @@ const cm_kernel_ops CM_FAMILY_FN(cm_kernels) = {
     .f32_to_f16_row = f32_to_f16_row,
     .dot_f16 = dot_f16,
     .axpy_f16 = axpy_f16,
+    .att_scores = att_scores,
+    .att_values = att_values,
     .quant_dequantize = CM_FAMILY_FN(cm_quant_dequantize),
     .quant_dot_q = CM_FAMILY_FN(cm_quant_dot_q),
     .quant_matvec_q = CM_FAMILY_FN(cm_quant_matvec_q),

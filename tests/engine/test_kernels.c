@@ -354,6 +354,60 @@ TEST(f16_kv_rows_equal_ref) {
     }
 }
 
+/* Attention over a run of KV rows (F32 and F16, rows further apart than E as in the KV pool): the
+ * scores and the value sums equal their references, which are the one-row kernels row after row; run
+ * lengths below, at and above the 16 scores the AVX-512 families reduce side by side, head dims with
+ * and without a tail of 64. The reference itself is checked against the one-row reference (a test that
+ * compared two copies of one wrong loop would pass). */
+TEST(att_rows_equal_ref) {
+    static const int64_t es[] = {64, 128, 80, 24, 7};
+    static const int ns[] = {1, 5, 15, 16, 17, 32, 33, 50};
+    enum { NMAX = 50, STRIDE = 160 };
+    float *q = malloc(STRIDE * 4), *p = malloc(NMAX * 4), *rows = malloc((size_t)NMAX * STRIDE * 4);
+    float *got = malloc(STRIDE * 4 > NMAX * 4 ? STRIDE * 4 : NMAX * 4), *want = malloc(STRIDE * 4 > NMAX * 4 ? STRIDE * 4 : NMAX * 4);
+    uint16_t *hrows = malloc((size_t)NMAX * STRIDE * 2);
+    for (int type = 0; type < 2; type++) {
+        int tt = type ? GGUF_TT_F16 : GGUF_TT_F32;
+        for (size_t a = 0; a < sizeof es / sizeof *es; a++)
+            for (size_t b = 0; b < sizeof ns / sizeof *ns; b++) {
+                int64_t e = es[a];
+                int n = ns[b];
+                fill(rows, (int64_t)NMAX * STRIDE, 3.0f);
+                rows[5] = -0.0f; /* a -0 product: fmaf(w, x, 0) and w * x differ in the sign of zero */
+                for (int64_t i = 0; i < (int64_t)NMAX * STRIDE; i++) hrows[i] = cm_f32_to_fp16(rows[i]);
+                const void *kr = type ? (const void *)hrows : (const void *)rows;
+                size_t rb = (size_t)STRIDE * (type ? 2 : 4);
+                fill(q, e, 1.0f);
+                q[5 % e] = 0.5f;
+                cm_att_scores(tt, kr, rb, n, q, e, 0.125f, got);
+                cm_att_scores_ref(tt, kr, rb, n, q, e, 0.125f, want);
+                for (int t = 0; t < n; t++) {
+                    float one = cm_vec_dot_ref(tt, GGUF_TT_F32, e, (const char *)kr + (size_t)t * rb, q) * 0.125f;
+                    if (!same_bits(got[t], want[t]) || !same_bits(want[t], one)) {
+                        TEST_FAIL_("%s e %lld n %d row %d: scores %.9g, ref %.9g, one row %.9g", type ? "f16" : "f32",
+                                   (long long)e, n, t, got[t], want[t], one);
+                        break;
+                    }
+                }
+                fill(p, n, 1.0f);
+                fill(got, e, 1.0f);
+                memcpy(want, got, (size_t)e * 4);
+                float *one = malloc((size_t)e * 4);
+                memcpy(one, got, (size_t)e * 4);
+                cm_att_values(tt, got, p, kr, rb, n, e);
+                cm_att_values_ref(tt, want, p, kr, rb, n, e);
+                for (int t = 0; t < n; t++) {
+                    if (type) cm_axpy_f16_ref(one, p[t], hrows + (size_t)t * STRIDE, e);
+                    else cm_axpy_ref(one, p[t], rows + (size_t)t * STRIDE, e);
+                }
+                if (!same_row(got, want, e) || !same_row(want, one, e))
+                    TEST_FAIL_("%s e %lld n %d: values differ from their reference", type ? "f16" : "f32", (long long)e, n);
+                free(one);
+            }
+    }
+    free(q), free(p), free(rows), free(got), free(want), free(hrows);
+}
+
 TEST(rope_equals_ref) {
     const int es[] = {2, 6, 32, 64, 128};
     for (int neox = 0; neox <= 1; neox++) {
@@ -447,6 +501,7 @@ static void kernel_tests(void) {
     RUN(elementwise_equal_ref);
     RUN(exp_equals_ref_and_expf);
     RUN(f16_kv_rows_equal_ref);
+    RUN(att_rows_equal_ref);
     RUN(rope_equals_ref);
 }
 
