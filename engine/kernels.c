@@ -90,7 +90,7 @@ void cm_vec_prepare(int xtype, const float *x, void *out, int64_t k) {
     else if (xtype == GGUF_TT_Q8_1)
         cm_quantize_row_q8_1_ref(x, out, k);
     else if (xtype == GGUF_TT_Q8_K)
-        cm_quantize_row_q8_k_ref(x, out, k);
+        cm_quantize_row_q8_k(x, out, k);
     else if (out != (const void *)x)
         memcpy(out, x, (size_t)k * sizeof(float));
 }
@@ -336,6 +336,8 @@ void cm_gemm_q(int wtype, const void *w, int64_t k, const void *x, size_t x_stri
                int64_t r0, int64_t r1, void *scratch) {
     cm__kops->gemm_q(wtype, w, k, x, x_stride, n, y, ldy, r0, r1, scratch);
 }
+
+void cm_quantize_row_q8_k(const float *x, cm_block_q8_k *y, int64_t k) { cm__kops->quantize_row_q8_k(x, y, k); }
 
 void cm_rmsnorm(float *y, const float *x, const float *w, int64_t k, float eps) { cm__kops->rmsnorm(y, x, w, k, eps); }
 

@@ -37,6 +37,7 @@ typedef struct cm_kernel_ops {
     const char *name; /* "avx512vnni", "avx512", "avx2" or "scalar" */
     unsigned needs;   /* CM_CPU_* bits the code was compiled to use */
     void (*quantize_row_q8_0)(const float *x, cm_block_q8_0 *y, int64_t k);
+    void (*quantize_row_q8_k)(const float *x, cm_block_q8_k *y, int64_t k);
     void (*dequantize_row)(int type, const void *w, float *y, int64_t k);
     float (*vec_dot)(int wtype, int xtype, int64_t k, const void *w, const void *x);
     void (*matvec_rows)(int wtype, int xtype, const void *w, int64_t k, const void *x, size_t x_stride, int n,

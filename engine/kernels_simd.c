@@ -84,6 +84,31 @@ static void quantize_row_q8_0(const float *x, cm_block_q8_0 *y, int64_t k) {
 #endif
 }
 
+/* Q8_K (quants.h): the same steps per super-block of 256, q clamped to +-127 as the reference clamps
+ * (x / d can round just above 127), and each 16 q's sum. */
+static void quantize_row_q8_k(const float *x, cm_block_q8_k *y, int64_t k) {
+#if defined(CM_AVX512)
+    const __m512 sign = _mm512_set1_ps(-0.0f);
+    const __m512i hi = _mm512_set1_epi32(127), lo = _mm512_set1_epi32(-127);
+    for (int64_t b = 0; b < k / CM_QK_K; b++) {
+        const float *xb = x + b * CM_QK_K;
+        __m512 a = _mm512_setzero_ps();
+        for (int i = 0; i < CM_QK_K; i += 16) a = _mm512_max_ps(a, _mm512_andnot_ps(sign, _mm512_loadu_ps(xb + i)));
+        float d = _mm512_reduce_max_ps(a) / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        y[b].d = d;
+        __m512 s = _mm512_set1_ps(id);
+        for (int j = 0; j < CM_QK_K / 16; j++) {
+            __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + 16 * j), s)); /* round half even */
+            q = _mm512_max_epi32(_mm512_min_epi32(q, hi), lo);
+            _mm_storeu_si128((__m128i *)(y[b].qs + 16 * j), _mm512_cvtepi32_epi8(q));
+            y[b].bsums[j] = (int16_t)_mm512_reduce_add_epi32(q);
+        }
+    }
+#else
+    cm_quantize_row_q8_k_ref(x, y, k);
+#endif
+}
+
 /* ============================================================ dequantisation */
 
 static void dequantize_row(int type, const void *w, float *y, int64_t k) {
@@ -777,6 +802,7 @@ const cm_kernel_ops CM_FAMILY_FN(cm_kernels) = {
     .name = FAMILY_NAME,
     .needs = FAMILY_NEEDS,
     .quantize_row_q8_0 = quantize_row_q8_0,
+    .quantize_row_q8_k = quantize_row_q8_k,
     .dequantize_row = dequantize_row,
     .vec_dot = vec_dot,
     .matvec_rows = matvec_rows,

@@ -77,6 +77,37 @@ TEST(quantize_q8_0_equals_ref) {
     }
 }
 
+/* Q8_K activations (what K-quant weights meet): the fast quantiser's blocks equal the reference's byte
+ * for byte, d, q and bsums, with an all-zero super-block and values at the clamp (the block maximum, and
+ * x / d that rounds to exactly 127); and its q are within half a step of x. */
+TEST(quantize_q8_k_equals_ref) {
+    static const int64_t ks[] = {256, 512, 768, 4864};
+    for (size_t s = 0; s < sizeof ks / sizeof *ks; s++) {
+        int64_t k = ks[s], nb = k / CM_QK_K;
+        float *x = malloc((size_t)k * 4);
+        fill(x, k, 3.0f);
+        x[1] = 7.5f, x[2] = -7.5f, x[3] = 7.4999f; /* the maximum, its negation and just below */
+        if (k >= 512) memset(x + 256, 0, 256 * sizeof(float)); /* an all-zero super-block: d = 0 */
+        cm_block_q8_k *a = malloc((size_t)nb * sizeof *a), *b = malloc((size_t)nb * sizeof *b);
+        memset(a, 0x55, (size_t)nb * sizeof *a);
+        memset(b, 0xAA, (size_t)nb * sizeof *b);
+        cm_quantize_row_q8_k(x, a, k);
+        cm_quantize_row_q8_k_ref(x, b, k);
+        int same = !memcmp(a, b, (size_t)nb * sizeof *a);
+        float worst = 0;
+        for (int64_t i = 0; i < k; i++) {
+            float e = fabsf(x[i] - a[i / CM_QK_K].d * (float)a[i / CM_QK_K].qs[i % CM_QK_K]) -
+                      (0.5f * a[i / CM_QK_K].d + 1e-3f * fabsf(x[i]));
+            if (e > worst) worst = e;
+        }
+        int q127 = a[0].qs[1] == 127 && a[0].qs[2] == -127;
+        free(x), free(a), free(b);
+        ASSERT_TRUE(same);
+        ASSERT_TRUE(worst <= 0.0f);
+        ASSERT_TRUE(q127);
+    }
+}
+
 TEST(dequantize_equals_ref) {
     for (size_t t = 0; t < 4; t++) {
         for (size_t s = 0; s < sizeof fsizes / sizeof *fsizes; s++) {
@@ -495,6 +526,7 @@ TEST(best_family_chosen_at_start) {
 
 static void kernel_tests(void) {
     RUN(quantize_q8_0_equals_ref);
+    RUN(quantize_q8_k_equals_ref);
     RUN(dequantize_equals_ref);
     RUN(vec_dot_equals_ref);
     RUN(matvec_threads_equal_ref);
