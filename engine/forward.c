@@ -468,7 +468,7 @@ static void mm_task_gemm_q(void *arg, int task, int thread) {
     int64_t r0, r1;
     const cm_tensor *w = mm_task_rows(j, task, &o, &r0, &r1);
     cm_gemm_q(w->type, w->data, j->k, j->xv, j->xv_stride, j->n, j->ops[o].y, w->ne1, r0, r1,
-              j->c->deq + (size_t)thread * (size_t)j->c->deq_floats);
+              j->c->deq + (size_t)thread * (size_t)j->c->deq_floats, (size_t)j->c->deq_floats * sizeof(float));
 }
 
 /* Rows [16 task, 16 task + 16) of x quantised to xtype (prefill: worth spreading over the pool). */

@@ -74,7 +74,9 @@ size_t CM_FAMILY_FN(cm_gemm_q_scratch_bytes)(int64_t k) {
  * K-quants: sc (nb, 16, GR, 2) int16: each 16 values' scale, twice per row (madd's pairs); mn
  *   (nb, 8, GR, 2) int16: the min of 16 values 2j, 2j + 1, to meet Q8_K's bsums.
  * row (gr, K): the group's rows unpacked before interleaving (tile_group).
- * Per token quad: xd, xs (nb, NR) f32 the activation scale (and Q8_1's s). */
+ * Per token quad: xd, xs (nb, NR) f32 the activation scale (and Q8_1's s); 512-bit path: xc (NR, xcs)
+ * int32. The quads' parts lie one after another, for every quad of the call when the scratch has room
+ * (prepared once, not once per tile), else for one (tile_layout). */
 typedef struct tile {
     int64_t k, nb;
     int kq, has_min;
@@ -82,7 +84,8 @@ typedef struct tile {
     uint8_t *q, *row; /* row: (gr, K) the stage of tile_group */
     float *d, *m, *xd, *xs;
     int16_t *sc, *mn;
-    int32_t *xc;      /* 512-bit path, per token (K / 4 apart): what the bias adds (zprep_x) */
+    int32_t *xc;      /* 512-bit path, per token (xcs apart): what the bias adds (zprep_x) */
+    size_t xcs;       /* K / 4 for K-quants, nb for the legacy types */
 } tile;
 
 static void *carve(char **p, size_t bytes) {
@@ -91,7 +94,8 @@ static void *carve(char **p, size_t bytes) {
     return r;
 }
 
-static void tile_layout(tile *t, int wtype, int64_t k, int tr, int gr, int bias, void *scratch) {
+/* Lays the tile and nq token quads' scales and sums out in the scratch; returns the bytes it spans. */
+static size_t tile_layout(tile *t, int wtype, int64_t k, int tr, int gr, int bias, size_t nq, void *scratch) {
     char *p = (char *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
     t->k = k;
     t->gr = gr;
@@ -107,13 +111,15 @@ static void tile_layout(tile *t, int wtype, int64_t k, int tr, int gr, int bias,
     t->row = carve(&p, (size_t)gr * (size_t)k);
     t->d = carve(&p, rows * nb * sizeof(float));
     t->m = carve(&p, rows * nb * sizeof(float));
-    t->xd = carve(&p, NR * nb * sizeof(float));
-    t->xs = carve(&p, NR * nb * sizeof(float));
-    t->xc = carve(&p, NR * (size_t)k / 4 * sizeof(int32_t));
+    t->xcs = t->kq ? (size_t)k / 4 : nb;
+    t->xd = carve(&p, nq * NR * nb * sizeof(float));
+    t->xs = carve(&p, nq * NR * nb * sizeof(float));
+    t->xc = carve(&p, nq * NR * t->xcs * sizeof(int32_t));
     if (t->kq) {
         t->sc = carve(&p, rows * nb * 32 * sizeof(int16_t));
         t->mn = carve(&p, rows * nb * 16 * sizeof(int16_t));
     }
+    return (size_t)(p - (char *)scratch);
 }
 
 /* Repack group g of the tile from the weight rows wr[0..gr): each row unpacked as signed bytes into the
@@ -284,7 +290,7 @@ static void micro_k(const tile *t, int g, const cm_block_q8_k *const xk[NR], flo
 static void gemm_avx2(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y,
                       int64_t ldy, int64_t r0, int64_t r1, void *scratch) {
     tile t;
-    tile_layout(&t, wtype, k, TR, GR, 0, scratch);
+    tile_layout(&t, wtype, k, TR, GR, 0, 1, scratch);
     size_t rb = (size_t)gguf_row_bytes(wtype, k);
     int xt = cm_quant_vec_dot_type(wtype);
     size_t xbytes = xt == GGUF_TT_Q8_1 ? sizeof(cm_block_q8_1) : sizeof(cm_block_q8_0);
@@ -382,7 +388,7 @@ static inline __m512i zdot4(__m512i acc, __m512i u, const void *x) {
 static void zmicro_legacy(const tile *t, int g, const char *const xq[NR], size_t xbytes, size_t qoff, float *out) {
     const uint8_t *q = t->q + (size_t)g * ZGR * (size_t)t->k;
     const float *dp = t->d + (size_t)g * ZGR * (size_t)t->nb, *mp = t->m + (size_t)g * ZGR * (size_t)t->nb;
-    size_t kq4 = (size_t)t->k / 4;
+    size_t kq4 = t->xcs;
     __m512 acc[NR], e[NR];
     for (int j = 0; j < NR; j++) acc[j] = e[j] = _mm512_setzero_ps();
     for (int64_t b = 0; b < t->nb; b++) {
@@ -428,7 +434,7 @@ static inline __m512i zmadd_acc(__m512i acc, __m512i p, __m512i sc) {
  * token (sub-blocks of even and odd index) added before the super-block's one FMA. */
 static void zmicro_k(const tile *t, int g, const cm_block_q8_k *const xk[NR], float *out) {
     const uint8_t *q = t->q + (size_t)g * ZGR * (size_t)t->k;
-    size_t gb = (size_t)g * (size_t)t->nb, kq4 = (size_t)t->k / 4;
+    size_t gb = (size_t)g * (size_t)t->nb, kq4 = t->xcs;
     const float *dp = t->d + gb * ZGR, *mp = t->m + gb * ZGR;
     const __m512 neg = _mm512_set1_ps(-0.0f);
     __m512 acc[NR], e[NR];
@@ -474,27 +480,48 @@ static void zmicro_k(const tile *t, int g, const cm_block_q8_k *const xk[NR], fl
     for (int j = 0; j < NR; j++) _mm512_storeu_ps(out + j * ZGR, _mm512_add_ps(acc[j], e[j]));
 }
 
+/* Token quad t0 / NR's activation rows into xr (a short last quad repeats its last token), and unless
+ * `prepared`, their scales and bias sums into the tile's current quad slot. */
+static void zquad(tile *t, int xt, size_t xbytes, size_t qoff, const void *x, size_t x_stride, int n, int t0,
+                  int prepared, const char *xr[NR]) {
+    int nt = n - t0 < NR ? n - t0 : NR;
+    for (int j = 0; j < NR; j++) {
+        xr[j] = (const char *)x + (size_t)(t0 + (j < nt ? j : nt - 1)) * x_stride;
+        if (!prepared && (t->bias || !t->kq)) zprep_x(t, xr[j], xbytes, qoff, t->xc + (size_t)j * t->xcs); /* legacy: 0 for bias 0 */
+    }
+    if (!prepared && !t->kq) quad_scales(t, xt, xr);
+}
+
 static void gemm_avx512(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y,
-                        int64_t ldy, int64_t r0, int64_t r1, void *scratch) {
+                        int64_t ldy, int64_t r0, int64_t r1, void *scratch, size_t scratch_bytes) {
     tile t;
-    tile_layout(&t, wtype, k, ZTR, ZGR, zbias(wtype), scratch);
-    size_t rb = (size_t)gguf_row_bytes(wtype, k), kq4 = (size_t)k / 4;
+    size_t nq = ((size_t)n + NR - 1) / NR;
+    int all = tile_layout(&t, wtype, k, ZTR, ZGR, zbias(wtype), nq, scratch) <= scratch_bytes;
+    if (!all) tile_layout(&t, wtype, k, ZTR, ZGR, zbias(wtype), 1, scratch);
+    size_t rb = (size_t)gguf_row_bytes(wtype, k), nb = (size_t)t.nb;
     int xt = cm_quant_vec_dot_type(wtype);
     size_t xbytes = xt == GGUF_TT_Q8_1 ? sizeof(cm_block_q8_1) : xt == GGUF_TT_Q8_K ? sizeof(cm_block_q8_k)
                                                                                    : sizeof(cm_block_q8_0);
     size_t qoff = xt == GGUF_TT_Q8_1 ? offsetof(cm_block_q8_1, qs) : xt == GGUF_TT_Q8_K ? offsetof(cm_block_q8_k, qs)
                                                                                      : offsetof(cm_block_q8_0, qs);
+    float *xd0 = t.xd, *xs0 = t.xs;
+    int32_t *xc0 = t.xc;
+    const char *xr[NR];
+    if (all) /* every quad's scales and sums once, for all the tiles */
+        for (size_t q = 0; q < nq; q++) {
+            t.xd = xd0 + q * NR * nb, t.xs = xs0 + q * NR * nb, t.xc = xc0 + q * NR * t.xcs;
+            zquad(&t, xt, xbytes, qoff, x, x_stride, n, (int)q * NR, 0, xr);
+        }
     for (int64_t a = r0; a < r1; a += ZTR) {
         int rows = r1 - a < ZTR ? (int)(r1 - a) : ZTR, groups = (rows + ZGR - 1) / ZGR;
         tile_fill(&t, wtype, w, rb, a, rows, groups);
         for (int t0 = 0; t0 < n; t0 += NR) {
             int nt = n - t0 < NR ? n - t0 : NR;
-            const char *xr[NR];
-            for (int j = 0; j < NR; j++) {
-                xr[j] = (const char *)x + (size_t)(t0 + (j < nt ? j : nt - 1)) * x_stride;
-                if (t.bias || !t.kq) zprep_x(&t, xr[j], xbytes, qoff, t.xc + (size_t)j * kq4); /* legacy: 0 for bias 0 */
+            if (all) {
+                size_t q = (size_t)t0 / NR;
+                t.xd = xd0 + q * NR * nb, t.xs = xs0 + q * NR * nb, t.xc = xc0 + q * NR * t.xcs;
             }
-            if (!t.kq) quad_scales(&t, xt, xr);
+            zquad(&t, xt, xbytes, qoff, x, x_stride, n, t0, all, xr);
             for (int g = 0; g < groups; g++) {
                 float out[NR * ZGR];
                 if (t.kq) zmicro_k(&t, g, (const cm_block_q8_k *const *)xr, out);
@@ -510,10 +537,10 @@ static void gemm_avx512(int wtype, const void *w, int64_t k, const void *x, size
 #endif
 
 void CM_FAMILY_FN(cm_gemm_q)(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y,
-                             int64_t ldy, int64_t r0, int64_t r1, void *scratch) {
+                             int64_t ldy, int64_t r0, int64_t r1, void *scratch, size_t scratch_bytes) {
 #if defined(CM_G_AVX512)
     if ((wtype == GGUF_TT_Q8_0 || cm_quant_is_block_type(wtype)) && ztakes(wtype)) {
-        gemm_avx512(wtype, w, k, x, x_stride, n, y, ldy, r0, r1, scratch);
+        gemm_avx512(wtype, w, k, x, x_stride, n, y, ldy, r0, r1, scratch, scratch_bytes);
         return;
     }
 #endif
@@ -523,6 +550,6 @@ void CM_FAMILY_FN(cm_gemm_q)(int wtype, const void *w, int64_t k, const void *x,
         return;
     }
 #endif
-    (void)scratch;
+    (void)scratch, (void)scratch_bytes;
     cm_matvec_rows_ref(wtype, cm_quant_vec_dot_type(wtype), w, k, x, x_stride, n, y, ldy, r0, r1);
 }

@@ -333,8 +333,8 @@ void cm_matvec_rows(int wtype, int xtype, const void *w, int64_t k, const void *
 size_t cm_gemm_q_scratch_bytes(int64_t k) { return cm__kops->gemm_q_scratch_bytes(k); }
 
 void cm_gemm_q(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y, int64_t ldy,
-               int64_t r0, int64_t r1, void *scratch) {
-    cm__kops->gemm_q(wtype, w, k, x, x_stride, n, y, ldy, r0, r1, scratch);
+               int64_t r0, int64_t r1, void *scratch, size_t scratch_bytes) {
+    cm__kops->gemm_q(wtype, w, k, x, x_stride, n, y, ldy, r0, r1, scratch, scratch_bytes);
 }
 
 void cm_quantize_row_q8_k(const float *x, cm_block_q8_k *y, int64_t k) { cm__kops->quantize_row_q8_k(x, y, k); }

@@ -64,7 +64,7 @@ typedef struct cm_kernel_ops {
                              float *y, int64_t ldy, int64_t r0, int64_t r1);
     size_t (*gemm_q_scratch_bytes)(int64_t k);
     void (*gemm_q)(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y, int64_t ldy,
-                   int64_t r0, int64_t r1, void *scratch);
+                   int64_t r0, int64_t r1, void *scratch, size_t scratch_bytes);
 } cm_kernel_ops;
 
 /* The table in use (kernels.c sets it before main runs; cm_kernels_use changes it). */
@@ -95,7 +95,7 @@ void CM_FAMILY_FN(cm_quant_unpack_legacy_row)(int wtype, const void *w, int64_t 
 /* gemm_q8.c's int8 prefill product, likewise. */
 size_t CM_FAMILY_FN(cm_gemm_q_scratch_bytes)(int64_t k);
 void CM_FAMILY_FN(cm_gemm_q)(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y,
-                             int64_t ldy, int64_t r0, int64_t r1, void *scratch);
+                             int64_t ldy, int64_t r0, int64_t r1, void *scratch, size_t scratch_bytes);
 #endif
 
 #endif
