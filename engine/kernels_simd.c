@@ -49,7 +49,7 @@ static void quantize_row_q8_0(const float *x, cm_block_q8_0 *y, int64_t k) {
         float amax = _mm512_reduce_max_ps(a);
         float d = amax / 127.0f;
         float id = d != 0.0f ? 1.0f / d : 0.0f;
-        y[b].d = cm_f32_to_fp16(d);
+        y[b].d = _cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT); /* cm_f32_to_fp16 in hardware (equal but for NaN) */
         __m512 s = _mm512_set1_ps(id);
         /* cvtps rounds with MXCSR's default round-half-even, the same as nearbyintf */
         __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, s));
@@ -70,7 +70,7 @@ static void quantize_row_q8_0(const float *x, cm_block_q8_0 *y, int64_t k) {
         h = _mm_max_ss(h, _mm_movehdup_ps(h));
         float d = _mm_cvtss_f32(h) / 127.0f;
         float id = d != 0.0f ? 1.0f / d : 0.0f;
-        y[b].d = cm_f32_to_fp16(d);
+        y[b].d = _cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT);
         __m256 s = _mm256_set1_ps(id);
         __m256i q[4];
         for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], s)); /* round half even */
