@@ -468,7 +468,7 @@ static void mm_task_gemm_q(void *arg, int task, int thread) {
     int64_t r0, r1;
     const cm_tensor *w = mm_task_rows(j, task, &o, &r0, &r1);
     cm_gemm_q(w->type, w->data, j->k, j->xv, j->xv_stride, j->n, j->ops[o].y, w->ne1, r0, r1,
-              j->c->deq + (size_t)thread * (size_t)j->c->deq_floats);
+              j->c->deq + (size_t)thread * (size_t)j->c->deq_floats, (size_t)j->c->deq_floats * sizeof(float));
 }
 
 /* Rows [16 task, 16 task + 16) of x quantised to xtype (prefill: worth spreading over the pool). */
@@ -589,16 +589,14 @@ static void att_task(void *arg, int task, int thread) {
     float *sc = c->scores + (size_t)thread * c->n_ctx;
     float *out = c->att + (size_t)i * H * E + (size_t)h * E;
     const float scale = (float)(1.0 / sqrt((double)E));
-    /* K and V rows of one kv head within a block: E elements every C, in the pool's type */
-    const int f16 = c->kv.kv_type == CM_KV_F16;
+    /* K and V rows of one kv head within a block: E elements every C, in the pool's type; a block's
+     * rows at a time */
+    const int kvt = c->kv.kv_type == CM_KV_F16 ? GGUF_TT_F16 : GGUF_TT_F32;
     const size_t row = (size_t)c->kv.kv_dim * c->kv.elt_bytes, head = (size_t)g * E * c->kv.elt_bytes;
     for (int t0 = 0; t0 < T; t0 += CM_KV_BLOCK) {
         const unsigned char *kb = (const unsigned char *)cm_kv_k(&c->kv, s, j->layer, t0) + head;
         int nt = T - t0 < CM_KV_BLOCK ? T - t0 : CM_KV_BLOCK;
-        for (int t = 0; t < nt; t++) {
-            const void *kr = kb + (size_t)t * row;
-            sc[t0 + t] = (f16 ? cm_dot_f16(kr, q, E) : cm_dot_f32(q, kr, E)) * scale;
-        }
+        cm_att_scores(kvt, kb, row, nt, q, E, scale, sc + t0);
     }
     cm_softmax(sc, T);
     float *acc = c->att_acc + (size_t)thread * c->att_acc_stride;
@@ -606,11 +604,7 @@ static void att_task(void *arg, int task, int thread) {
     for (int t0 = 0; t0 < T; t0 += CM_KV_BLOCK) {
         const unsigned char *vb = (const unsigned char *)cm_kv_v(&c->kv, s, j->layer, t0) + head;
         int nt = T - t0 < CM_KV_BLOCK ? T - t0 : CM_KV_BLOCK;
-        for (int t = 0; t < nt; t++) {
-            const void *vr = vb + (size_t)t * row;
-            if (f16) cm_axpy_f16(acc, sc[t0 + t], vr, E);
-            else cm_axpy(acc, sc[t0 + t], vr, E);
-        }
+        cm_att_values(kvt, acc, sc + t0, vb, row, nt, E);
     }
     memcpy(out, acc, (size_t)E * sizeof(float));
 }
@@ -628,22 +622,60 @@ static void silu_task(void *arg, int task, int thread) {
     cm_silu_mul(j->g + (size_t)task * j->f, j->u + (size_t)task * j->f, j->f);
 }
 
-/* ============================================================ forward */
+/* ============================================================ per-token steps, parallel over tokens */
 
-static void forward_layer(cm_ctx *c, int il, int n) {
-    const cm_model *m = c->m;
-    const cm_model_info *in = &m->info;
-    const cm_layer *l = &m->layers[il];
-    int64_t D = in->n_embd, E = in->head_dim, H = in->n_head, G = in->n_head_kv;
-    int64_t Q = H * E, C = G * E, F = in->n_ff;
-    int h2 = (int)E / 2;
+#define CM_ROWS_CHUNK 16 /* tokens per task of the per-token steps */
 
-    for (int i = 0; i < n; i++)
-        cm_rmsnorm(c->xn + i * D, c->x + i * D, l->attn_norm.data, D, in->rms_eps);
-    mm_op qkv[3] = {{&l->wq, c->q}, {&l->wk, c->k}, {&l->wv, c->v}};
-    mm_run(c, 3, qkv, c->xn, n, D);
+typedef struct rows_job {
+    cm_ctx *c;
+    int il, n;
+    const float *norm; /* (D) the rmsnorm's weights, or NULL (add_norm_task: the add alone) */
+} rows_job;
 
-    for (int i = 0; i < n; i++) {
+/* Runs fn over the batch's tokens, CM_ROWS_CHUNK a task: across the pool for a prefill batch (so that
+ * the steps between the matrix products leave no thread idle), inline for decode. Each token's numbers
+ * are computed alone, so they do not depend on the split. */
+static void rows_run(cm_ctx *c, void (*fn)(void *, int, int), rows_job *j) {
+    int tasks = (j->n + CM_ROWS_CHUNK - 1) / CM_ROWS_CHUNK;
+    if (j->n >= CM_GEMM_MIN_ROWS && c->n_threads > 1) cm_pool_run(c->pool, fn, j, tasks);
+    else
+        for (int t = 0; t < tasks; t++) fn(j, t, 0);
+}
+
+#define ROWS_OF(j, task, i) \
+    for (int i = CM_ROWS_CHUNK * (task); i < CM_ROWS_CHUNK * (task) + CM_ROWS_CHUNK && i < (j)->n; i++)
+
+/* xn_i = rmsnorm(x_i) * norm */
+static void norm_task(void *arg, int task, int thread) {
+    (void)thread;
+    const rows_job *j = arg;
+    const cm_model_info *in = &j->c->m->info;
+    int64_t D = in->n_embd;
+    ROWS_OF(j, task, i) cm_rmsnorm(j->c->xn + i * D, j->c->x + i * D, j->norm, D, in->rms_eps);
+}
+
+/* x_i += proj_i, then xn_i = rmsnorm(x_i) * norm unless norm is NULL */
+static void add_norm_task(void *arg, int task, int thread) {
+    (void)thread;
+    const rows_job *j = arg;
+    const cm_model_info *in = &j->c->m->info;
+    int64_t D = in->n_embd;
+    ROWS_OF(j, task, i) {
+        cm_add(j->c->x + i * D, j->c->proj + i * D, D);
+        if (j->norm) cm_rmsnorm(j->c->xn + i * D, j->c->x + i * D, j->norm, D, in->rms_eps);
+    }
+}
+
+/* q, k, v of token i: biases, qwen3's per-head norms, rope at its position; k and v into its KV row */
+static void qkv_task(void *arg, int task, int thread) {
+    (void)thread;
+    const rows_job *j = arg;
+    cm_ctx *c = j->c;
+    const cm_model_info *in = &c->m->info;
+    const cm_layer *l = &c->m->layers[j->il];
+    int64_t E = in->head_dim, H = in->n_head, G = in->n_head_kv, Q = H * E, C = G * E;
+    int h2 = (int)E / 2, il = j->il;
+    ROWS_OF(j, task, i) {
         float *q = c->q + i * Q, *k = c->k + i * C, *v = c->v + i * C;
         if (in->qkv_bias) {
             cm_add(q, l->bq.data, Q);
@@ -666,17 +698,31 @@ static void forward_layer(cm_ctx *c, int il, int n) {
             memcpy(cm_kv_v(&c->kv, s, il, c->pos[i]), v, (size_t)C * sizeof(float));
         }
     }
+}
+
+/* ============================================================ forward */
+
+static void forward_layer(cm_ctx *c, int il, int n) {
+    const cm_model *m = c->m;
+    const cm_model_info *in = &m->info;
+    const cm_layer *l = &m->layers[il];
+    int64_t D = in->n_embd, H = in->n_head, F = in->n_ff;
+    rows_job rj = {c, il, n, l->attn_norm.data};
+
+    if (il == 0) rows_run(c, norm_task, &rj); /* later layers': fused into the previous layer's last add */
+    mm_op qkv[3] = {{&l->wq, c->q}, {&l->wk, c->k}, {&l->wv, c->v}};
+    mm_run(c, 3, qkv, c->xn, n, D);
+    rows_run(c, qkv_task, &rj);
     att_job aj = {c, il, n};
     cm_pool_run(c->pool, att_task, &aj, n * (int)H);
 
     mm1(c, &l->wo, c->att, n, c->proj);
-    for (int i = 0; i < n; i++) cm_add(c->x + i * D, c->proj + i * D, D);
-
-    for (int i = 0; i < n; i++)
-        cm_rmsnorm(c->xn + i * D, c->x + i * D, l->ffn_norm.data, D, in->rms_eps);
+    rj.norm = l->ffn_norm.data;
+    rows_run(c, add_norm_task, &rj);
+    rj.norm = il + 1 < in->n_layer ? m->layers[il + 1].attn_norm.data : NULL; /* the next layer's */
     if (c->moe && !l->w_gate.data) { /* hybrid and sparse MoE: the experts replace the FFN */
         cm_moe_ffn(c->moe, il, n, c->xn, c->proj);
-        for (int i = 0; i < n; i++) cm_add(c->x + i * D, c->proj + i * D, D);
+        rows_run(c, add_norm_task, &rj);
         return;
     }
     mm_op gu[2] = {{&l->w_gate, c->hg}, {&l->w_up, c->hu}};
@@ -689,7 +735,7 @@ static void forward_layer(cm_ctx *c, int il, int n) {
         cm_pool_run(c->pool, silu_task, &sj, n);
     mm1(c, &l->w_down, c->hg, n, c->proj);
     if (c->moe) cm_mole_down(c->moe, il, n, c->hg, c->proj);
-    for (int i = 0; i < n; i++) cm_add(c->x + i * D, c->proj + i * D, D);
+    rows_run(c, add_norm_task, &rj);
 }
 
 int cm_forward(cm_ctx *c, const cm_batch *b, cm_err *err) {

@@ -56,11 +56,11 @@
 #define NR 4  /* tokens per micro-tile */
 
 /* The scratch a tile needs, at most (K-quants: per value its byte, per 16 values and row two int16 of
- * scale and one of min; legacy types less), plus the token quad's activation scales and sums and
- * alignment slack. The same for every family (the largest tile), so a context sized under one family
+ * scale and one of min; legacy types less), plus one group's stage (tile_group), the token quad's
+ * activation scales and sums and alignment slack. The same for every family (the largest tile), so a context sized under one family
  * serves any other. */
 size_t CM_FAMILY_FN(cm_gemm_q_scratch_bytes)(int64_t k) {
-    return (size_t)k * (ZTR + ZTR / 2 + 16) + 8192;
+    return (size_t)k * (ZTR + ZTR / 2 + ZGR + 16) + 8192;
 }
 
 #if defined(CM_G_AVX2)
@@ -73,15 +73,19 @@ size_t CM_FAMILY_FN(cm_gemm_q_scratch_bytes)(int64_t k) {
  * d, m (nb, GR) f32: the rows' scales per block (K-quants: d, dmin);
  * K-quants: sc (nb, 16, GR, 2) int16: each 16 values' scale, twice per row (madd's pairs); mn
  *   (nb, 8, GR, 2) int16: the min of 16 values 2j, 2j + 1, to meet Q8_K's bsums.
- * Per token quad: xd, xs (nb, NR) f32 the activation scale (and Q8_1's s). */
+ * row (gr, K): the group's rows unpacked before interleaving (tile_group).
+ * Per token quad: xd, xs (nb, NR) f32 the activation scale (and Q8_1's s); 512-bit path: xc (NR, xcs)
+ * int32. The quads' parts lie one after another, for every quad of the call when the scratch has room
+ * (prepared once, not once per tile), else for one (tile_layout). */
 typedef struct tile {
     int64_t k, nb;
     int kq, has_min;
     int gr, bias;     /* rows per group; added to every q as it is stored (0 on the 256-bit path) */
-    uint8_t *q, *row; /* row: (K) one row's bytes before interleaving */
+    uint8_t *q, *row; /* row: (gr, K) the stage of tile_group */
     float *d, *m, *xd, *xs;
     int16_t *sc, *mn;
-    int32_t *xc;      /* 512-bit path, per token (K / 4 apart): what the bias adds (zprep_x) */
+    int32_t *xc;      /* 512-bit path, per token (xcs apart): what the bias adds (zprep_x) */
+    size_t xcs;       /* K / 4 for K-quants, nb for the legacy types */
 } tile;
 
 static void *carve(char **p, size_t bytes) {
@@ -90,7 +94,8 @@ static void *carve(char **p, size_t bytes) {
     return r;
 }
 
-static void tile_layout(tile *t, int wtype, int64_t k, int tr, int gr, int bias, void *scratch) {
+/* Lays the tile and nq token quads' scales and sums out in the scratch; returns the bytes it spans. */
+static size_t tile_layout(tile *t, int wtype, int64_t k, int tr, int gr, int bias, size_t nq, void *scratch) {
     char *p = (char *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
     t->k = k;
     t->gr = gr;
@@ -103,51 +108,80 @@ static void tile_layout(tile *t, int wtype, int64_t k, int tr, int gr, int bias,
     t->sc = t->mn = NULL;
     size_t rows = (size_t)tr;
     t->q = carve(&p, rows * (size_t)k);
-    t->row = carve(&p, (size_t)k);
+    t->row = carve(&p, (size_t)gr * (size_t)k);
     t->d = carve(&p, rows * nb * sizeof(float));
     t->m = carve(&p, rows * nb * sizeof(float));
-    t->xd = carve(&p, NR * nb * sizeof(float));
-    t->xs = carve(&p, NR * nb * sizeof(float));
-    t->xc = carve(&p, NR * (size_t)k / 4 * sizeof(int32_t));
+    t->xcs = t->kq ? (size_t)k / 4 : nb;
+    t->xd = carve(&p, nq * NR * nb * sizeof(float));
+    t->xs = carve(&p, nq * NR * nb * sizeof(float));
+    t->xc = carve(&p, nq * NR * t->xcs * sizeof(int32_t));
     if (t->kq) {
         t->sc = carve(&p, rows * nb * 32 * sizeof(int16_t));
         t->mn = carve(&p, rows * nb * 16 * sizeof(int16_t));
     }
+    return (size_t)(p - (char *)scratch);
 }
 
-/* Repack weight row `wr` into tile row i: group i / gr, row i % gr of it. */
-static void tile_row(tile *t, int wtype, const void *wr, int i) {
-    size_t bb = (size_t)gguf_row_bytes(wtype, cm_quant_block_values(wtype)), gr = (size_t)t->gr;
-    size_t g = (size_t)i / gr, r = (size_t)i % gr, nb = (size_t)t->nb, k = (size_t)t->k;
-    uint8_t *q = t->row;
-    float *d = t->d + g * gr * nb, *m = t->m + g * gr * nb;
-    for (size_t b = 0; b < nb; b++) {
-        const char *blk = (const char *)wr + b * bb;
+/* Repack group g of the tile from the weight rows wr[0..gr): each row unpacked as signed bytes into the
+ * stage (gr, K) (legacy types through quants_simd.c's SIMD row unpacker, K-quants block by block through
+ * the reference's), its scales into the group's d, m (K-quants: sc, mn too); then the stage interleaved
+ * into the group's q with the bias added, one gather of a value quad across the gr rows per store. Done
+ * per call rather than once at load: a repacked copy would double the weights' resident memory, as
+ * decode reads the original blocks; this keeps the repacking a few percent of a prefill's time. */
+static void tile_group(tile *t, int wtype, const char *const *wr, int g) {
+    size_t gr = (size_t)t->gr, nb = (size_t)t->nb, k = (size_t)t->k;
+    float *d = t->d + (size_t)g * gr * nb, *m = t->m + (size_t)g * gr * nb;
+    size_t bb = (size_t)gguf_row_bytes(wtype, cm_quant_block_values(wtype));
+    for (size_t r = 0; r < gr; r++) {
+        int8_t *q = (int8_t *)t->row + r * k;
         if (!t->kq) {
-            cm_legacy_unpacked u;
-            cm_quant_unpack_legacy(wtype, blk, &u);
-            memcpy(q + b * 32, u.q, 32);
-            d[b * gr + r] = u.d;
-            m[b * gr + r] = u.m;
+            CM_FAMILY_FN(cm_quant_unpack_legacy_row)(wtype, wr[r], t->nb, q, d + r, m + r, gr);
             continue;
         }
-        cm_k_unpacked u;
-        cm_quant_unpack_k(wtype, blk, &u);
-        memcpy(q + b * CM_QK_K, u.q, CM_QK_K);
-        int16_t *sc = t->sc + (g * nb + b) * 16 * gr * 2, *mn = t->mn + (g * nb + b) * 8 * gr * 2;
-        for (int j = 0; j < 16; j++) { /* per 16 values, whatever the type's sub-block */
-            int s = j * 16 / u.sub;
-            sc[((size_t)j * gr + r) * 2] = sc[((size_t)j * gr + r) * 2 + 1] = u.sc[s];
-            mn[((size_t)(j / 2) * gr + r) * 2 + (size_t)(j % 2)] = u.mn[s];
+        for (size_t b = 0; b < nb; b++) {
+            cm_k_unpacked u;
+            cm_quant_unpack_k(wtype, wr[r] + b * bb, &u);
+            memcpy(q + b * CM_QK_K, u.q, CM_QK_K);
+            int16_t *sc = t->sc + ((size_t)g * nb + b) * 16 * gr * 2, *mn = t->mn + ((size_t)g * nb + b) * 8 * gr * 2;
+            for (int j = 0; j < 16; j++) { /* per 16 values, whatever the type's sub-block */
+                int s = j * 16 / u.sub;
+                sc[((size_t)j * gr + r) * 2] = sc[((size_t)j * gr + r) * 2 + 1] = u.sc[s];
+                mn[((size_t)(j / 2) * gr + r) * 2 + (size_t)(j % 2)] = u.mn[s];
+            }
+            d[b * gr + r] = u.d;
+            m[b * gr + r] = u.dmin;
         }
-        d[b * gr + r] = u.d;
-        m[b * gr + r] = u.dmin;
     }
-    if (t->bias)
-        for (size_t v = 0; v < k; v++) q[v] = (uint8_t)(q[v] + t->bias);
     /* value v of row r goes to (v / 4, r, v % 4) of the group */
-    uint8_t *gq = t->q + g * gr * k;
-    for (size_t v = 0; v < k; v += 4) memcpy(gq + (v / 4 * gr + r) * 4, q + v, 4);
+    uint8_t *gq = t->q + (size_t)g * gr * k;
+    const uint8_t *st = t->row;
+#if defined(CM_G_AVX512)
+    if (gr == ZGR) {
+        const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                               _mm512_set1_epi32((int)k));
+        const __m512i bias = _mm512_set1_epi8((char)t->bias);
+        for (size_t v = 0; v < k; v += 4)
+            _mm512_storeu_si512((void *)(gq + v * gr), _mm512_add_epi8(_mm512_i32gather_epi32(idx, (const void *)(st + v), 1), bias));
+        return;
+    }
+#endif
+    const __m256i idx = _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), _mm256_set1_epi32((int)k));
+    const __m256i bias = _mm256_set1_epi8((char)t->bias);
+    for (size_t v = 0; v < k; v += 4)
+        _mm256_storeu_si256((__m256i *)(gq + v * gr),
+                            _mm256_add_epi8(_mm256_i32gather_epi32((const int *)(const void *)(st + v), idx, 1), bias));
+}
+
+/* Group by group, the tile of weight rows [a, a + rows) (a partial group repeats its last row). */
+static void tile_fill(tile *t, int wtype, const void *w, size_t rb, int64_t a, int rows, int groups) {
+    for (int g = 0; g < groups; g++) {
+        const char *wr[ZGR];
+        for (int r = 0; r < t->gr; r++) {
+            int i = g * t->gr + r;
+            wr[r] = (const char *)w + (size_t)(a + (i < rows ? i : rows - 1)) * rb;
+        }
+        tile_group(t, wtype, wr, g);
+    }
 }
 
 /* A legacy token quad's activation scales per block, (nb, NR): Q8_0's d, or Q8_1's d and s. */
@@ -256,15 +290,14 @@ static void micro_k(const tile *t, int g, const cm_block_q8_k *const xk[NR], flo
 static void gemm_avx2(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y,
                       int64_t ldy, int64_t r0, int64_t r1, void *scratch) {
     tile t;
-    tile_layout(&t, wtype, k, TR, GR, 0, scratch);
+    tile_layout(&t, wtype, k, TR, GR, 0, 1, scratch);
     size_t rb = (size_t)gguf_row_bytes(wtype, k);
     int xt = cm_quant_vec_dot_type(wtype);
     size_t xbytes = xt == GGUF_TT_Q8_1 ? sizeof(cm_block_q8_1) : sizeof(cm_block_q8_0);
     size_t qoff = xt == GGUF_TT_Q8_1 ? offsetof(cm_block_q8_1, qs) : offsetof(cm_block_q8_0, qs);
     for (int64_t a = r0; a < r1; a += TR) {
         int rows = r1 - a < TR ? (int)(r1 - a) : TR, groups = (rows + GR - 1) / GR;
-        for (int i = 0; i < groups * GR; i++) /* a partial group repeats its last row */
-            tile_row(&t, wtype, (const char *)w + (size_t)(a + (i < rows ? i : rows - 1)) * rb, i);
+        tile_fill(&t, wtype, w, rb, a, rows, groups);
         for (int t0 = 0; t0 < n; t0 += NR) {
             int nt = n - t0 < NR ? n - t0 : NR;
             const char *xr[NR];
@@ -355,7 +388,7 @@ static inline __m512i zdot4(__m512i acc, __m512i u, const void *x) {
 static void zmicro_legacy(const tile *t, int g, const char *const xq[NR], size_t xbytes, size_t qoff, float *out) {
     const uint8_t *q = t->q + (size_t)g * ZGR * (size_t)t->k;
     const float *dp = t->d + (size_t)g * ZGR * (size_t)t->nb, *mp = t->m + (size_t)g * ZGR * (size_t)t->nb;
-    size_t kq4 = (size_t)t->k / 4;
+    size_t kq4 = t->xcs;
     __m512 acc[NR], e[NR];
     for (int j = 0; j < NR; j++) acc[j] = e[j] = _mm512_setzero_ps();
     for (int64_t b = 0; b < t->nb; b++) {
@@ -401,7 +434,7 @@ static inline __m512i zmadd_acc(__m512i acc, __m512i p, __m512i sc) {
  * token (sub-blocks of even and odd index) added before the super-block's one FMA. */
 static void zmicro_k(const tile *t, int g, const cm_block_q8_k *const xk[NR], float *out) {
     const uint8_t *q = t->q + (size_t)g * ZGR * (size_t)t->k;
-    size_t gb = (size_t)g * (size_t)t->nb, kq4 = (size_t)t->k / 4;
+    size_t gb = (size_t)g * (size_t)t->nb, kq4 = t->xcs;
     const float *dp = t->d + gb * ZGR, *mp = t->m + gb * ZGR;
     const __m512 neg = _mm512_set1_ps(-0.0f);
     __m512 acc[NR], e[NR];
@@ -447,28 +480,48 @@ static void zmicro_k(const tile *t, int g, const cm_block_q8_k *const xk[NR], fl
     for (int j = 0; j < NR; j++) _mm512_storeu_ps(out + j * ZGR, _mm512_add_ps(acc[j], e[j]));
 }
 
+/* Token quad t0 / NR's activation rows into xr (a short last quad repeats its last token), and unless
+ * `prepared`, their scales and bias sums into the tile's current quad slot. */
+static void zquad(tile *t, int xt, size_t xbytes, size_t qoff, const void *x, size_t x_stride, int n, int t0,
+                  int prepared, const char *xr[NR]) {
+    int nt = n - t0 < NR ? n - t0 : NR;
+    for (int j = 0; j < NR; j++) {
+        xr[j] = (const char *)x + (size_t)(t0 + (j < nt ? j : nt - 1)) * x_stride;
+        if (!prepared && (t->bias || !t->kq)) zprep_x(t, xr[j], xbytes, qoff, t->xc + (size_t)j * t->xcs); /* legacy: 0 for bias 0 */
+    }
+    if (!prepared && !t->kq) quad_scales(t, xt, xr);
+}
+
 static void gemm_avx512(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y,
-                        int64_t ldy, int64_t r0, int64_t r1, void *scratch) {
+                        int64_t ldy, int64_t r0, int64_t r1, void *scratch, size_t scratch_bytes) {
     tile t;
-    tile_layout(&t, wtype, k, ZTR, ZGR, zbias(wtype), scratch);
-    size_t rb = (size_t)gguf_row_bytes(wtype, k), kq4 = (size_t)k / 4;
+    size_t nq = ((size_t)n + NR - 1) / NR;
+    int all = tile_layout(&t, wtype, k, ZTR, ZGR, zbias(wtype), nq, scratch) <= scratch_bytes;
+    if (!all) tile_layout(&t, wtype, k, ZTR, ZGR, zbias(wtype), 1, scratch);
+    size_t rb = (size_t)gguf_row_bytes(wtype, k), nb = (size_t)t.nb;
     int xt = cm_quant_vec_dot_type(wtype);
     size_t xbytes = xt == GGUF_TT_Q8_1 ? sizeof(cm_block_q8_1) : xt == GGUF_TT_Q8_K ? sizeof(cm_block_q8_k)
                                                                                    : sizeof(cm_block_q8_0);
     size_t qoff = xt == GGUF_TT_Q8_1 ? offsetof(cm_block_q8_1, qs) : xt == GGUF_TT_Q8_K ? offsetof(cm_block_q8_k, qs)
                                                                                      : offsetof(cm_block_q8_0, qs);
+    float *xd0 = t.xd, *xs0 = t.xs;
+    int32_t *xc0 = t.xc;
+    const char *xr[NR];
+    if (all) /* every quad's scales and sums once, for all the tiles */
+        for (size_t q = 0; q < nq; q++) {
+            t.xd = xd0 + q * NR * nb, t.xs = xs0 + q * NR * nb, t.xc = xc0 + q * NR * t.xcs;
+            zquad(&t, xt, xbytes, qoff, x, x_stride, n, (int)q * NR, 0, xr);
+        }
     for (int64_t a = r0; a < r1; a += ZTR) {
         int rows = r1 - a < ZTR ? (int)(r1 - a) : ZTR, groups = (rows + ZGR - 1) / ZGR;
-        for (int i = 0; i < groups * ZGR; i++) /* a partial group repeats its last row */
-            tile_row(&t, wtype, (const char *)w + (size_t)(a + (i < rows ? i : rows - 1)) * rb, i);
+        tile_fill(&t, wtype, w, rb, a, rows, groups);
         for (int t0 = 0; t0 < n; t0 += NR) {
             int nt = n - t0 < NR ? n - t0 : NR;
-            const char *xr[NR];
-            for (int j = 0; j < NR; j++) {
-                xr[j] = (const char *)x + (size_t)(t0 + (j < nt ? j : nt - 1)) * x_stride;
-                if (t.bias || !t.kq) zprep_x(&t, xr[j], xbytes, qoff, t.xc + (size_t)j * kq4); /* legacy: 0 for bias 0 */
+            if (all) {
+                size_t q = (size_t)t0 / NR;
+                t.xd = xd0 + q * NR * nb, t.xs = xs0 + q * NR * nb, t.xc = xc0 + q * NR * t.xcs;
             }
-            if (!t.kq) quad_scales(&t, xt, xr);
+            zquad(&t, xt, xbytes, qoff, x, x_stride, n, t0, all, xr);
             for (int g = 0; g < groups; g++) {
                 float out[NR * ZGR];
                 if (t.kq) zmicro_k(&t, g, (const cm_block_q8_k *const *)xr, out);
@@ -484,10 +537,10 @@ static void gemm_avx512(int wtype, const void *w, int64_t k, const void *x, size
 #endif
 
 void CM_FAMILY_FN(cm_gemm_q)(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y,
-                             int64_t ldy, int64_t r0, int64_t r1, void *scratch) {
+                             int64_t ldy, int64_t r0, int64_t r1, void *scratch, size_t scratch_bytes) {
 #if defined(CM_G_AVX512)
     if ((wtype == GGUF_TT_Q8_0 || cm_quant_is_block_type(wtype)) && ztakes(wtype)) {
-        gemm_avx512(wtype, w, k, x, x_stride, n, y, ldy, r0, r1, scratch);
+        gemm_avx512(wtype, w, k, x, x_stride, n, y, ldy, r0, r1, scratch, scratch_bytes);
         return;
     }
 #endif
@@ -497,6 +550,6 @@ void CM_FAMILY_FN(cm_gemm_q)(int wtype, const void *w, int64_t k, const void *x,
         return;
     }
 #endif
-    (void)scratch;
+    (void)scratch, (void)scratch_bytes;
     cm_matvec_rows_ref(wtype, cm_quant_vec_dot_type(wtype), w, k, x, x_stride, n, y, ldy, r0, r1);
 }

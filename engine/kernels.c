@@ -90,7 +90,7 @@ void cm_vec_prepare(int xtype, const float *x, void *out, int64_t k) {
     else if (xtype == GGUF_TT_Q8_1)
         cm_quantize_row_q8_1_ref(x, out, k);
     else if (xtype == GGUF_TT_Q8_K)
-        cm_quantize_row_q8_k_ref(x, out, k);
+        cm_quantize_row_q8_k(x, out, k);
     else if (out != (const void *)x)
         memcpy(out, x, (size_t)k * sizeof(float));
 }
@@ -174,6 +174,19 @@ void cm_f32_to_f16_row_ref(const float *x, uint16_t *y, int64_t k) {
 
 void cm_axpy_f16_ref(float *y, float a, const uint16_t *x, int64_t k) {
     for (int64_t i = 0; i < k; i++) y[i] = fmaf(a, cm_fp16_to_f32(x[i]), y[i]);
+}
+
+void cm_att_scores_ref(int type, const void *k, size_t row_bytes, int n, const float *q, int64_t e, float scale,
+                       float *out) {
+    for (int t = 0; t < n; t++) out[t] = cm_vec_dot_ref(type, GGUF_TT_F32, e, (const char *)k + (size_t)t * row_bytes, q) * scale;
+}
+
+void cm_att_values_ref(int type, float *y, const float *p, const void *v, size_t row_bytes, int n, int64_t e) {
+    for (int t = 0; t < n; t++) {
+        const void *r = (const char *)v + (size_t)t * row_bytes;
+        if (type == GGUF_TT_F16) cm_axpy_f16_ref(y, p[t], r, e);
+        else cm_axpy_ref(y, p[t], r, e);
+    }
 }
 
 void cm_silu_mul_ref(float *g, const float *u, int64_t k) {
@@ -320,9 +333,11 @@ void cm_matvec_rows(int wtype, int xtype, const void *w, int64_t k, const void *
 size_t cm_gemm_q_scratch_bytes(int64_t k) { return cm__kops->gemm_q_scratch_bytes(k); }
 
 void cm_gemm_q(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y, int64_t ldy,
-               int64_t r0, int64_t r1, void *scratch) {
-    cm__kops->gemm_q(wtype, w, k, x, x_stride, n, y, ldy, r0, r1, scratch);
+               int64_t r0, int64_t r1, void *scratch, size_t scratch_bytes) {
+    cm__kops->gemm_q(wtype, w, k, x, x_stride, n, y, ldy, r0, r1, scratch, scratch_bytes);
 }
+
+void cm_quantize_row_q8_k(const float *x, cm_block_q8_k *y, int64_t k) { cm__kops->quantize_row_q8_k(x, y, k); }
 
 void cm_rmsnorm(float *y, const float *x, const float *w, int64_t k, float eps) { cm__kops->rmsnorm(y, x, w, k, eps); }
 
@@ -345,3 +360,12 @@ void cm_f32_to_f16_row(const float *x, uint16_t *y, int64_t k) { cm__kops->f32_t
 float cm_dot_f16(const uint16_t *a, const float *b, int64_t k) { return cm__kops->dot_f16(a, b, k); }
 
 void cm_axpy_f16(float *y, float a, const uint16_t *x, int64_t k) { cm__kops->axpy_f16(y, a, x, k); }
+
+void cm_att_scores(int type, const void *k, size_t row_bytes, int n, const float *q, int64_t e, float scale,
+                   float *out) {
+    cm__kops->att_scores(type, k, row_bytes, n, q, e, scale, out);
+}
+
+void cm_att_values(int type, float *y, const float *p, const void *v, size_t row_bytes, int n, int64_t e) {
+    cm__kops->att_values(type, y, p, v, row_bytes, n, e);
+}

@@ -82,12 +82,14 @@ void cm_matvec(struct cm_pool *pool, int wtype, int xtype, const void *w, int64_
 /* The prefill product with int8 activations (gemm_q8.c): y[n*ldy + r] = cm_vec_dot_ref(wtype, xtype, K,
  * W row r, x_n), bit for bit, for n < N, r in [r0, r1); wtype Q8_0 or a block type of quants.h, x_n =
  * x + n*x_stride bytes an activation row in xtype = cm_quant_vec_dot_type(wtype). Each weight row is
- * unpacked once into `scratch` (cm_gemm_q_scratch_bytes(K) bytes, the caller's, one per concurrent call)
- * and reused for all N activation rows, which pays from about 16 rows; no result depends on N, on
- * [r0, r1) or on the kernel family. The plain reference is cm_matvec_rows_ref. */
+ * unpacked once into `scratch` (scratch_bytes >= cm_gemm_q_scratch_bytes(K), the caller's, one per
+ * concurrent call) and reused for all N activation rows, which pays from about 16 rows; room beyond the
+ * minimum (about K bytes per row of x) lets the activations' per-block sums be prepared once per call
+ * rather than once per tile. No result depends on N, on [r0, r1), on the scratch or on the kernel
+ * family. The plain reference is cm_matvec_rows_ref. */
 size_t cm_gemm_q_scratch_bytes(int64_t k);
 void cm_gemm_q(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y, int64_t ldy,
-               int64_t r0, int64_t r1, void *scratch);
+               int64_t r0, int64_t r1, void *scratch, size_t scratch_bytes);
 
 /* ------------------------------------------------------------ element-wise */
 
@@ -137,5 +139,20 @@ void cm_f32_to_f16_row_ref(const float *x, uint16_t *y, int64_t k);
 float cm_dot_f16(const uint16_t *a, const float *b, int64_t k);
 void cm_axpy_f16(float *y, float a, const uint16_t *x, int64_t k);
 void cm_axpy_f16_ref(float *y, float a, const uint16_t *x, int64_t k);
+
+/* ------------------------------------------------------------ attention over a run of KV rows */
+
+/* One query against n KV rows (E values each, `row_bytes` apart, of type F32 or F16, the KV pool's):
+ * out[t] = dot(K row t, q) * scale, t < n, the dot kernels_order.h's (cm_vec_dot_ref(type, F32, E,
+ * row, q)), one rounding for the scale; and y (E) = fmaf(p[t], V row t, y) for t = 0, 1, .., n - 1 in
+ * that order (cm_axpy_ref or cm_axpy_f16_ref row after row). Prefill's attention runs a whole KV block
+ * per call: the AVX-512 families take the last levels of 16 scores' lane trees side by side and keep y
+ * in registers across the rows, each number by the same operations as one row at a time. */
+void cm_att_scores(int type, const void *k, size_t row_bytes, int n, const float *q, int64_t e, float scale,
+                   float *out);
+void cm_att_scores_ref(int type, const void *k, size_t row_bytes, int n, const float *q, int64_t e, float scale,
+                       float *out);
+void cm_att_values(int type, float *y, const float *p, const void *v, size_t row_bytes, int n, int64_t e);
+void cm_att_values_ref(int type, float *y, const float *p, const void *v, size_t row_bytes, int n, int64_t e);
 
 #endif

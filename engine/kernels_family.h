@@ -37,6 +37,7 @@ typedef struct cm_kernel_ops {
     const char *name; /* "avx512vnni", "avx512", "avx2" or "scalar" */
     unsigned needs;   /* CM_CPU_* bits the code was compiled to use */
     void (*quantize_row_q8_0)(const float *x, cm_block_q8_0 *y, int64_t k);
+    void (*quantize_row_q8_k)(const float *x, cm_block_q8_k *y, int64_t k);
     void (*dequantize_row)(int type, const void *w, float *y, int64_t k);
     float (*vec_dot)(int wtype, int xtype, int64_t k, const void *w, const void *x);
     void (*matvec_rows)(int wtype, int xtype, const void *w, int64_t k, const void *x, size_t x_stride, int n,
@@ -52,6 +53,9 @@ typedef struct cm_kernel_ops {
     void (*f32_to_f16_row)(const float *x, uint16_t *y, int64_t k);
     float (*dot_f16)(const uint16_t *a, const float *b, int64_t k);
     void (*axpy_f16)(float *y, float a, const uint16_t *x, int64_t k);
+    void (*att_scores)(int type, const void *k, size_t row_bytes, int n, const float *q, int64_t e, float scale,
+                       float *out);
+    void (*att_values)(int type, float *y, const float *p, const void *v, size_t row_bytes, int n, int64_t e);
     void (*quant_dequantize)(int type, const void *w, float *y, int64_t k);
     float (*quant_dot_q)(int wtype, int64_t k, const void *w, const void *x);
     void (*quant_matvec_q)(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y,
@@ -60,7 +64,7 @@ typedef struct cm_kernel_ops {
                              float *y, int64_t ldy, int64_t r0, int64_t r1);
     size_t (*gemm_q_scratch_bytes)(int64_t k);
     void (*gemm_q)(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y, int64_t ldy,
-                   int64_t r0, int64_t r1, void *scratch);
+                   int64_t r0, int64_t r1, void *scratch, size_t scratch_bytes);
 } cm_kernel_ops;
 
 /* The table in use (kernels.c sets it before main runs; cm_kernels_use changes it). */
@@ -84,10 +88,14 @@ void CM_FAMILY_FN(cm_quant_matvec_f32)(int wtype, const void *w, int64_t k, cons
  * when that was on a multiple of 64); cm_lanes_sum is the tree over acc (consumed). */
 void CM_FAMILY_FN(cm_lanes_fma)(float acc[64], const float *w, const float *x, int64_t n);
 float CM_FAMILY_FN(cm_lanes_sum)(float acc[64]);
+/* quants_simd.c's unpacking of a whole legacy-type (or Q8_0) row for gemm_q8.c, AVX2 families only: the
+ * blocks' q (nb * 32) and their d, m (cm_quant_unpack_legacy's) at d[b * dm_stride], m[b * dm_stride]. */
+void CM_FAMILY_FN(cm_quant_unpack_legacy_row)(int wtype, const void *w, int64_t nb, int8_t *q, float *d, float *m,
+                                              size_t dm_stride);
 /* gemm_q8.c's int8 prefill product, likewise. */
 size_t CM_FAMILY_FN(cm_gemm_q_scratch_bytes)(int64_t k);
 void CM_FAMILY_FN(cm_gemm_q)(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y,
-                             int64_t ldy, int64_t r0, int64_t r1, void *scratch);
+                             int64_t ldy, int64_t r0, int64_t r1, void *scratch, size_t scratch_bytes);
 #endif
 
 #endif

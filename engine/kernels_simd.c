@@ -49,7 +49,7 @@ static void quantize_row_q8_0(const float *x, cm_block_q8_0 *y, int64_t k) {
         float amax = _mm512_reduce_max_ps(a);
         float d = amax / 127.0f;
         float id = d != 0.0f ? 1.0f / d : 0.0f;
-        y[b].d = cm_f32_to_fp16(d);
+        y[b].d = _cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT); /* cm_f32_to_fp16 in hardware (equal but for NaN) */
         __m512 s = _mm512_set1_ps(id);
         /* cvtps rounds with MXCSR's default round-half-even, the same as nearbyintf */
         __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, s));
@@ -70,7 +70,7 @@ static void quantize_row_q8_0(const float *x, cm_block_q8_0 *y, int64_t k) {
         h = _mm_max_ss(h, _mm_movehdup_ps(h));
         float d = _mm_cvtss_f32(h) / 127.0f;
         float id = d != 0.0f ? 1.0f / d : 0.0f;
-        y[b].d = cm_f32_to_fp16(d);
+        y[b].d = _cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT);
         __m256 s = _mm256_set1_ps(id);
         __m256i q[4];
         for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], s)); /* round half even */
@@ -81,6 +81,31 @@ static void quantize_row_q8_0(const float *x, cm_block_q8_0 *y, int64_t k) {
     }
 #else
     cm_quantize_row_q8_0_ref(x, y, k);
+#endif
+}
+
+/* Q8_K (quants.h): the same steps per super-block of 256, q clamped to +-127 as the reference clamps
+ * (x / d can round just above 127), and each 16 q's sum. */
+static void quantize_row_q8_k(const float *x, cm_block_q8_k *y, int64_t k) {
+#if defined(CM_AVX512)
+    const __m512 sign = _mm512_set1_ps(-0.0f);
+    const __m512i hi = _mm512_set1_epi32(127), lo = _mm512_set1_epi32(-127);
+    for (int64_t b = 0; b < k / CM_QK_K; b++) {
+        const float *xb = x + b * CM_QK_K;
+        __m512 a = _mm512_setzero_ps();
+        for (int i = 0; i < CM_QK_K; i += 16) a = _mm512_max_ps(a, _mm512_andnot_ps(sign, _mm512_loadu_ps(xb + i)));
+        float d = _mm512_reduce_max_ps(a) / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        y[b].d = d;
+        __m512 s = _mm512_set1_ps(id);
+        for (int j = 0; j < CM_QK_K / 16; j++) {
+            __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + 16 * j), s)); /* round half even */
+            q = _mm512_max_epi32(_mm512_min_epi32(q, hi), lo);
+            _mm_storeu_si128((__m128i *)(y[b].qs + 16 * j), _mm512_cvtepi32_epi8(q));
+            y[b].bsums[j] = (int16_t)_mm512_reduce_add_epi32(q);
+        }
+    }
+#else
+    cm_quantize_row_q8_k_ref(x, y, k);
 #endif
 }
 
@@ -552,6 +577,98 @@ static void axpy_f16(float *y, float a, const uint16_t *x, int64_t k) {
     cm_axpy_f16_ref(y + i, a, x + i, k - i);
 }
 
+/* ------------------------------------------------------------ attention over a run of KV rows */
+
+#if defined(CM_AVX512)
+/* One row's 64 lanes folded to 16 by the tree's first two levels: (s0 + s2) + (s1 + s3). */
+CM_ALWAYS_INLINE __m512 att_lanes16(int type, const void *w, const float *x, int64_t e) {
+    lanes16 a;
+    lanes16_zero(&a);
+    lanes16_fma(&a, type, e, w, x);
+    return _mm512_add_ps(_mm512_add_ps(a.s0, a.s2), _mm512_add_ps(a.s1, a.s3));
+}
+
+/* The tree's remaining levels (lane l += lane l + 8, + 4, + 2, + 1: tree8 of lanes16_tree) for 16 rows
+ * at once, v[r] row r's 16 lanes: each level adds the same pairs as tree8, two rows' halves per vector,
+ * so each row's sum is rounded exactly as alone. Result: row r's total in element r. */
+CM_ALWAYS_INLINE __m512 att_trees16(const __m512 v[16]) {
+    __m512 w[8], u[4], p[2];
+    for (int i = 0; i < 8; i++) /* 256-bit halves: rows 2i, 2i + 1 in the halves of w[i] */
+        w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int i = 0; i < 4; i++) /* 128-bit halves: rows 4i .. 4i + 3 in the quarters of u[i] */
+        u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    for (int i = 0; i < 2; i++) /* 64-bit halves: quarter L of p[i] rows 8i + L (0, 1), 8i + 4 + L (2, 3) */
+        p[i] = _mm512_add_ps(_mm512_shuffle_ps(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    /* 32-bit halves: element 4L + c is row 4c + L */
+    __m512 f = _mm512_add_ps(_mm512_shuffle_ps(p[0], p[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_ps(p[0], p[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), f);
+}
+
+CM_ALWAYS_INLINE void att_scores16(int type, const char *k, size_t rb, const float *q, int64_t e, float scale,
+                                   float *out) {
+    __m512 v[16];
+    for (int r = 0; r < 16; r++) v[r] = att_lanes16(type, k + (size_t)r * rb, q, e);
+    _mm512_storeu_ps(out, _mm512_mul_ps(att_trees16(v), _mm512_set1_ps(scale)));
+}
+#endif
+
+static void att_scores(int type, const void *k, size_t rb, int n, const float *q, int64_t e, float scale, float *out) {
+    const char *kr = k;
+    int t = 0;
+#if defined(CM_AVX512)
+    for (; t + 16 <= n; t += 16) {
+        if (type == GGUF_TT_F16) att_scores16(GGUF_TT_F16, kr + (size_t)t * rb, rb, q, e, scale, out + t);
+        else att_scores16(GGUF_TT_F32, kr + (size_t)t * rb, rb, q, e, scale, out + t);
+    }
+#endif
+    for (; t < n; t++) {
+        const void *r = kr + (size_t)t * rb;
+        out[t] = (type == GGUF_TT_F16 ? dot_f16(r, q, e) : dot_float(GGUF_TT_F32, e, r, q)) * scale;
+    }
+}
+
+#if defined(CM_AVX512)
+/* y[i, i + 64) of cm_att_values: four zmm of y stay in registers across the n rows (tails masked). */
+CM_ALWAYS_INLINE void att_values64(int type, float *y, const float *p, const char *v, size_t rb, int n, int64_t i,
+                                   int64_t e) {
+#define MASK_(j) __mmask16 m##j = e - i >= 16 * j + 16 ? (__mmask16)0xffff : e - i > 16 * j ? (__mmask16)((1u << (e - i - 16 * j)) - 1) : 0;
+    EACH4(MASK_)
+#undef MASK_
+#define LOAD_(j) __m512 y##j = _mm512_maskz_loadu_ps(m##j, y + i + 16 * j);
+    EACH4(LOAD_)
+#undef LOAD_
+    for (int t = 0; t < n; t++) {
+        const char *r = v + (size_t)t * rb;
+        __m512 a = _mm512_set1_ps(p[t]);
+#define FMA_(j) y##j = _mm512_fmadd_ps(a, load16(type, r, i + 16 * j, m##j), y##j);
+        EACH4(FMA_)
+#undef FMA_
+    }
+#define STORE_(j) _mm512_mask_storeu_ps(y + i + 16 * j, m##j, y##j);
+    EACH4(STORE_)
+#undef STORE_
+}
+#endif
+
+static void att_values(int type, float *y, const float *p, const void *v, size_t rb, int n, int64_t e) {
+#if defined(CM_AVX512)
+    for (int64_t i = 0; i < e; i += 64) {
+        if (type == GGUF_TT_F16) att_values64(GGUF_TT_F16, y, p, v, rb, n, i, e);
+        else att_values64(GGUF_TT_F32, y, p, v, rb, n, i, e);
+    }
+#else
+    for (int t = 0; t < n; t++) {
+        const void *r = (const char *)v + (size_t)t * rb;
+        if (type == GGUF_TT_F16) axpy_f16(y, p[t], r, e);
+        else axpy(y, p[t], r, e);
+    }
+#endif
+}
+
 static void silu_mul(float *g, const float *u, int64_t k) {
     int64_t i = 0;
 #if defined(CM_AVX512)
@@ -685,6 +802,7 @@ const cm_kernel_ops CM_FAMILY_FN(cm_kernels) = {
     .name = FAMILY_NAME,
     .needs = FAMILY_NEEDS,
     .quantize_row_q8_0 = quantize_row_q8_0,
+    .quantize_row_q8_k = quantize_row_q8_k,
     .dequantize_row = dequantize_row,
     .vec_dot = vec_dot,
     .matvec_rows = matvec_rows,
@@ -699,6 +817,8 @@ const cm_kernel_ops CM_FAMILY_FN(cm_kernels) = {
     .f32_to_f16_row = f32_to_f16_row,
     .dot_f16 = dot_f16,
     .axpy_f16 = axpy_f16,
+    .att_scores = att_scores,
+    .att_values = att_values,
     .quant_dequantize = CM_FAMILY_FN(cm_quant_dequantize),
     .quant_dot_q = CM_FAMILY_FN(cm_quant_dot_q),
     .quant_matvec_q = CM_FAMILY_FN(cm_quant_matvec_q),

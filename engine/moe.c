@@ -129,7 +129,7 @@ static void mm_task(void *arg, int task, int thread) {
     if (r1 > op->m) r1 = op->m;
     if (op->xt >= 0 && op->n >= MM_GEMM_ROWS) {
         cm_gemm_q(op->wtype, op->w, op->k, op->xq, op->xq_stride, op->n, op->y, op->m, r0, r1,
-                  mc->deq + (size_t)thread * (size_t)mc->deq_floats);
+                  mc->deq + (size_t)thread * (size_t)mc->deq_floats, (size_t)mc->deq_floats * sizeof(float));
         return;
     }
     if (op->xt >= 0 || op->n < MM_GEMM_ROWS) {

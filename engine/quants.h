@@ -255,9 +255,11 @@ void cm_quant_dequantize(int type, const void *w, float *y, int64_t k);
 
 /* Activations x (K) f32 -> one row of Q8_1 (K % 32 == 0) or Q8_K (K % 256 == 0) blocks:
  * d = max|x| / 127, q = round-half-even(x / d) (Q8_K: clamped to +-127 and bsums filled). Run once
- * per token per matrix group, so only a reference exists. */
+ * per token per matrix group; Q8_K, which prefill runs for every row of a batch, also has a fast
+ * version (kernels_simd.c), bit-exact with the reference for finite x. */
 void cm_quantize_row_q8_1_ref(const float *x, cm_block_q8_1 *y, int64_t k);
 void cm_quantize_row_q8_k_ref(const float *x, cm_block_q8_k *y, int64_t k);
+void cm_quantize_row_q8_k(const float *x, cm_block_q8_k *y, int64_t k);
 
 /* dot(w (K) of block type wtype, x (K) f32): the dequantised row times x, summed as kernels_order.h's
  * float dot defines (64 lanes by value index, then a fixed tree). Bit-exact pair: the fast one

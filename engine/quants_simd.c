@@ -471,6 +471,58 @@ static int rows_kernels(int wtype, rows_fn *one, rows_fn *four) {
     }
 }
 
+/* ------------------------------------------------------------ the int8 GEMM's repacking */
+
+/* cm_quant_unpack_legacy of every block of a row (nb blocks of wtype, Q8_0 or a legacy type) at once:
+ * q (nb * 32) the blocks' q, d[b * dm_stride] and m[b * dm_stride] their d and m, each what the
+ * reference unpacker gives, through the same SIMD decoders as the dots above (gemm_q8.c's tiles). */
+void CM_FAMILY_FN(cm_quant_unpack_legacy_row)(int wtype, const void *w, int64_t nb, int8_t *q, float *d, float *m,
+                                              size_t dm_stride) {
+    size_t bs = legacy_block_bytes(wtype);
+    for (int64_t b = 0; b < nb; b++) {
+        const char *blk = (const char *)w + (size_t)b * bs;
+        __m256i v;
+        float db, mb = 0.0f;
+        switch (wtype) {
+        case GGUF_TT_Q8_0: {
+            const cm_block_q8_0 *x = (const cm_block_q8_0 *)blk;
+            db = fp16(x->d);
+            v = _mm256_loadu_si256((const __m256i *)x->qs);
+            break;
+        }
+        case GGUF_TT_Q4_0: {
+            const cm_block_q4_0 *x = (const cm_block_q4_0 *)blk;
+            db = fp16(x->d);
+            v = _mm256_sub_epi8(legacy_nibbles(x->qs), _mm256_set1_epi8(8));
+            break;
+        }
+        case GGUF_TT_Q4_1: {
+            const cm_block_q4_1 *x = (const cm_block_q4_1 *)blk;
+            db = fp16(x->d);
+            mb = fp16(x->m);
+            v = legacy_nibbles(x->qs);
+            break;
+        }
+        case GGUF_TT_Q5_0: {
+            const cm_block_q5_0 *x = (const cm_block_q5_0 *)blk;
+            db = fp16(x->d);
+            v = _mm256_sub_epi8(_mm256_or_si256(legacy_nibbles(x->qs), legacy_fifth_bits(x->qh)), _mm256_set1_epi8(16));
+            break;
+        }
+        default: {
+            const cm_block_q5_1 *x = (const cm_block_q5_1 *)blk;
+            db = fp16(x->d);
+            mb = fp16(x->m);
+            v = _mm256_or_si256(legacy_nibbles(x->qs), legacy_fifth_bits(x->qh));
+            break;
+        }
+        }
+        _mm256_storeu_si256((__m256i *)(q + 32 * b), v);
+        d[(size_t)b * dm_stride] = db;
+        m[(size_t)b * dm_stride] = mb;
+    }
+}
+
 /* ------------------------------------------------------------ AVX2 dequantisation */
 
 /* y[0..32) = q * d + off for 32 int8 q, (d, off) = (d0, off0) for the first 16 and (d1, off1) for the

@@ -77,6 +77,37 @@ TEST(quantize_q8_0_equals_ref) {
     }
 }
 
+/* Q8_K activations (what K-quant weights meet): the fast quantiser's blocks equal the reference's byte
+ * for byte, d, q and bsums, with an all-zero super-block and values at the clamp (the block maximum, and
+ * x / d that rounds to exactly 127); and its q are within half a step of x. */
+TEST(quantize_q8_k_equals_ref) {
+    static const int64_t ks[] = {256, 512, 768, 4864};
+    for (size_t s = 0; s < sizeof ks / sizeof *ks; s++) {
+        int64_t k = ks[s], nb = k / CM_QK_K;
+        float *x = malloc((size_t)k * 4);
+        fill(x, k, 3.0f);
+        x[1] = 7.5f, x[2] = -7.5f, x[3] = 7.4999f; /* the maximum, its negation and just below */
+        if (k >= 512) memset(x + 256, 0, 256 * sizeof(float)); /* an all-zero super-block: d = 0 */
+        cm_block_q8_k *a = malloc((size_t)nb * sizeof *a), *b = malloc((size_t)nb * sizeof *b);
+        memset(a, 0x55, (size_t)nb * sizeof *a);
+        memset(b, 0xAA, (size_t)nb * sizeof *b);
+        cm_quantize_row_q8_k(x, a, k);
+        cm_quantize_row_q8_k_ref(x, b, k);
+        int same = !memcmp(a, b, (size_t)nb * sizeof *a);
+        float worst = 0;
+        for (int64_t i = 0; i < k; i++) {
+            float e = fabsf(x[i] - a[i / CM_QK_K].d * (float)a[i / CM_QK_K].qs[i % CM_QK_K]) -
+                      (0.5f * a[i / CM_QK_K].d + 1e-3f * fabsf(x[i]));
+            if (e > worst) worst = e;
+        }
+        int q127 = a[0].qs[1] == 127 && a[0].qs[2] == -127;
+        free(x), free(a), free(b);
+        ASSERT_TRUE(same);
+        ASSERT_TRUE(worst <= 0.0f);
+        ASSERT_TRUE(q127);
+    }
+}
+
 TEST(dequantize_equals_ref) {
     for (size_t t = 0; t < 4; t++) {
         for (size_t s = 0; s < sizeof fsizes / sizeof *fsizes; s++) {
@@ -354,6 +385,60 @@ TEST(f16_kv_rows_equal_ref) {
     }
 }
 
+/* Attention over a run of KV rows (F32 and F16, rows further apart than E as in the KV pool): the
+ * scores and the value sums equal their references, which are the one-row kernels row after row; run
+ * lengths below, at and above the 16 scores the AVX-512 families reduce side by side, head dims with
+ * and without a tail of 64. The reference itself is checked against the one-row reference (a test that
+ * compared two copies of one wrong loop would pass). */
+TEST(att_rows_equal_ref) {
+    static const int64_t es[] = {64, 128, 80, 24, 7};
+    static const int ns[] = {1, 5, 15, 16, 17, 32, 33, 50};
+    enum { NMAX = 50, STRIDE = 160 };
+    float *q = malloc(STRIDE * 4), *p = malloc(NMAX * 4), *rows = malloc((size_t)NMAX * STRIDE * 4);
+    float *got = malloc(STRIDE * 4 > NMAX * 4 ? STRIDE * 4 : NMAX * 4), *want = malloc(STRIDE * 4 > NMAX * 4 ? STRIDE * 4 : NMAX * 4);
+    uint16_t *hrows = malloc((size_t)NMAX * STRIDE * 2);
+    for (int type = 0; type < 2; type++) {
+        int tt = type ? GGUF_TT_F16 : GGUF_TT_F32;
+        for (size_t a = 0; a < sizeof es / sizeof *es; a++)
+            for (size_t b = 0; b < sizeof ns / sizeof *ns; b++) {
+                int64_t e = es[a];
+                int n = ns[b];
+                fill(rows, (int64_t)NMAX * STRIDE, 3.0f);
+                rows[5] = -0.0f; /* a -0 product: fmaf(w, x, 0) and w * x differ in the sign of zero */
+                for (int64_t i = 0; i < (int64_t)NMAX * STRIDE; i++) hrows[i] = cm_f32_to_fp16(rows[i]);
+                const void *kr = type ? (const void *)hrows : (const void *)rows;
+                size_t rb = (size_t)STRIDE * (type ? 2 : 4);
+                fill(q, e, 1.0f);
+                q[5 % e] = 0.5f;
+                cm_att_scores(tt, kr, rb, n, q, e, 0.125f, got);
+                cm_att_scores_ref(tt, kr, rb, n, q, e, 0.125f, want);
+                for (int t = 0; t < n; t++) {
+                    float one = cm_vec_dot_ref(tt, GGUF_TT_F32, e, (const char *)kr + (size_t)t * rb, q) * 0.125f;
+                    if (!same_bits(got[t], want[t]) || !same_bits(want[t], one)) {
+                        TEST_FAIL_("%s e %lld n %d row %d: scores %.9g, ref %.9g, one row %.9g", type ? "f16" : "f32",
+                                   (long long)e, n, t, got[t], want[t], one);
+                        break;
+                    }
+                }
+                fill(p, n, 1.0f);
+                fill(got, e, 1.0f);
+                memcpy(want, got, (size_t)e * 4);
+                float *one = malloc((size_t)e * 4);
+                memcpy(one, got, (size_t)e * 4);
+                cm_att_values(tt, got, p, kr, rb, n, e);
+                cm_att_values_ref(tt, want, p, kr, rb, n, e);
+                for (int t = 0; t < n; t++) {
+                    if (type) cm_axpy_f16_ref(one, p[t], hrows + (size_t)t * STRIDE, e);
+                    else cm_axpy_ref(one, p[t], rows + (size_t)t * STRIDE, e);
+                }
+                if (!same_row(got, want, e) || !same_row(want, one, e))
+                    TEST_FAIL_("%s e %lld n %d: values differ from their reference", type ? "f16" : "f32", (long long)e, n);
+                free(one);
+            }
+    }
+    free(q), free(p), free(rows), free(got), free(want), free(hrows);
+}
+
 TEST(rope_equals_ref) {
     const int es[] = {2, 6, 32, 64, 128};
     for (int neox = 0; neox <= 1; neox++) {
@@ -441,12 +526,14 @@ TEST(best_family_chosen_at_start) {
 
 static void kernel_tests(void) {
     RUN(quantize_q8_0_equals_ref);
+    RUN(quantize_q8_k_equals_ref);
     RUN(dequantize_equals_ref);
     RUN(vec_dot_equals_ref);
     RUN(matvec_threads_equal_ref);
     RUN(elementwise_equal_ref);
     RUN(exp_equals_ref_and_expf);
     RUN(f16_kv_rows_equal_ref);
+    RUN(att_rows_equal_ref);
     RUN(rope_equals_ref);
 }
 

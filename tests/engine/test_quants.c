@@ -283,7 +283,9 @@ TEST(gemm_q_equals_ref) {
         int nmax = 19;
         uint8_t *w = malloc(rb * (size_t)m), *xv = malloc(xb * (size_t)nmax);
         float *x = malloc((size_t)k * 4), *yr = malloc((size_t)(nmax * ldy) * 4), *y = malloc((size_t)(nmax * ldy) * 4);
-        void *scratch = malloc(cm_gemm_q_scratch_bytes(k));
+        /* the least scratch (the activations' sums prepared per tile), and room for them all (per call) */
+        size_t sb = cm_gemm_q_scratch_bytes(k), sb_all = sb + (size_t)nmax * ((size_t)k + 1024);
+        void *scratch = malloc(sb_all);
         for (int64_t r = 0; r < m; r++) random_blocks(type, w + (size_t)r * rb, k / gguf_block_size(type), (int)r);
         for (int j = 0; j < nmax; j++) {
             random_acts(x, k, j);
@@ -292,19 +294,20 @@ TEST(gemm_q_equals_ref) {
         cm_matvec_rows_ref(type, xt, w, k, xv, xb, nmax, yr, ldy, 0, m);
         static const int ns[] = {1, 2, 3, 4, 5, 8, 16, 19};
         static const int64_t ranges[][2] = {{0, 83}, {3, 4}, {5, 22}, {17, 83}, {64, 83}};
-        for (size_t a = 0; a < sizeof ns / sizeof ns[0]; a++)
+        for (size_t a = 0; a < 2 * sizeof ns / sizeof ns[0]; a++)
             for (size_t b = 0; b < sizeof ranges / sizeof ranges[0]; b++) {
-                int n = ns[a];
+                int n = ns[a / 2];
+                size_t bytes = a % 2 ? sb_all : sb;
                 int64_t r0 = ranges[b][0], r1 = ranges[b][1];
                 for (int i = 0; i < nmax * ldy; i++) y[i] = -12345.0f;
-                cm_gemm_q(type, w, k, xv, xb, n, y, ldy, r0, r1, scratch);
+                cm_gemm_q(type, w, k, xv, xb, n, y, ldy, r0, r1, scratch, bytes);
                 int bad = 0;
                 for (int j = 0; j < nmax && !bad; j++)
                     for (int64_t r = 0; r < ldy && !bad; r++) {
                         float got = y[j * ldy + r], want = j < n && r >= r0 && r < r1 ? yr[j * ldy + r] : -12345.0f;
                         if (!same_or_nan(got, want)) {
-                            TEST_FAIL_("%s n=%d rows [%lld, %lld): row %lld token %d: gemm %.9g, ref %.9g",
-                                       gguf_ttype_name(type), n, (long long)r0, (long long)r1, (long long)r, j,
+                            TEST_FAIL_("%s n=%d rows [%lld, %lld) scratch %zu: row %lld token %d: gemm %.9g, ref %.9g",
+                                       gguf_ttype_name(type), n, (long long)r0, (long long)r1, bytes, (long long)r, j,
                                        got, want);
                             bad = 1;
                         }
