@@ -1208,7 +1208,7 @@ srv_sched *srv_sched_create(uv_loop_t *loop, const srv_config *cfg, srv_sched_wa
         return NULL;
     }
     s->async.data = s;
-    if (uv_thread_create(&s->thread, worker_main, s)) {
+    if (cfg->fault_worker_start || uv_thread_create(&s->thread, worker_main, s)) {
         /* no worker will ever wake the loop: wake it once now, so that the caller's wake-up sees the
          * model state FAILED (srv_sched_model) and whoever waits for the load gets its answer;
          * srv_sched_stop closes the handle */

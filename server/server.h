@@ -126,6 +126,9 @@ typedef struct srv_config {
     const char *user_header;  /* a header naming the user of a shared key, trusted (--user-header); NULL: none */
     int key_max_concurrent;   /* completions in flight per client; beyond: 429 (0: no limit) */
     long long key_tokens_per_minute; /* prompt + generated tokens per client per minute (0: no limit) */
+    /* ---- tests only (zero in the server) */
+    int fault_worker_start;       /* the worker thread fails to start, as if the system refused it
+                                     (srv_pool_fault_worker_start) */
 } srv_config;
 
 /* --spec-draft's default and bound */
@@ -364,6 +367,9 @@ void srv_member_release(srv_member *m);
  * measurement holds m (srv_member_hold), so an unload or replace meanwhile stops m only once it ended.
  * The loop does not end while one is in flight (a uv_work_t is an active request). */
 void srv_member_residency(srv_member *m, size_t *mapped, size_t *cached, size_t *resident);
+/* Tests only: every member started under model_id from now on gets a worker whose thread fails to start (the
+ * load then ends FAILED); NULL: none. The id is copied. */
+void srv_pool_fault_worker_start(srv_pool *p, const char *model_id);
 /* Threads of the budget held by models (live, or retired and not stopped yet). */
 int srv_pool_threads_used(const srv_pool *p);
 /* Frees the members whose workers have stopped and whose wake-up handles have finished closing
