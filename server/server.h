@@ -76,6 +76,15 @@ void srv_model_spec_finish(srv_model_spec *s);
  * in err otherwise (nothing to free). */
 int srv_config_file_read(const char *path, srv_model_spec **specs, int *n, char *err, size_t err_cap);
 
+/* What a test sees of a step (srv_config.step_trace): one batch row, in the batch's order. */
+typedef struct srv_job srv_job;
+typedef struct srv_step_row {
+    const srv_job *job;
+    int choice;
+    int prompt_pos;           /* >= 0: a prompt token (prefill); -1: a decode token; -2: a draft token */
+} srv_step_row;
+typedef void (*srv_step_trace_fn)(void *ud, const srv_step_row *rows, int n);
+
 /* The settings of the process (flags), and, in a model's own view (srv_pool: the process's settings
  * with the model's spec applied), of one model: the model fields and the scheduler's settings
  * (n_threads .. kv_check) are the model's there. */
@@ -127,6 +136,9 @@ typedef struct srv_config {
     int key_max_concurrent;   /* completions in flight per client; beyond: 429 (0: no limit) */
     long long key_tokens_per_minute; /* prompt + generated tokens per client per minute (0: no limit) */
     /* ---- tests only (zero in the server) */
+    srv_step_trace_fn step_trace; /* called on the worker thread, without the scheduler's lock, before each
+                                     forward pass with the batch's rows (valid during the call) */
+    void *step_trace_ud;
     int fault_worker_start;       /* the worker thread fails to start, as if the system refused it
                                      (srv_pool_fault_worker_start) */
 } srv_config;
