@@ -140,7 +140,7 @@ static void on_wake(void *ud) {
         next = srv_sched_drain(t->s, j, &tj->got, &info);
         size_t room = sizeof tj->text - 1 - tj->text_len;
         size_t n = tj->got.text.len < room ? tj->got.text.len : room;
-        memcpy(tj->text + tj->text_len, tj->got.text.data, n);
+        if (n) memcpy(tj->text + tj->text_len, tj->got.text.data, n);
         tj->text_len += n;
         if (info.done) {
             tj->done = 1;
