@@ -7,9 +7,11 @@
  * - the flood is not starved: the step after that one carries the flood's rows again;
  * - the composition changes nothing the client sees: the request's text under the flood equals its text
  *   alone (batch invariance), and every flood request completes.
- * The steps are observed through the scheduler's step trace (srv_config.step_trace), and the light
- * request is submitted from inside the trace of the flood's first step, so the order of events does not
- * depend on timing.
+ * The steps are observed through the scheduler's step trace (srv_config.step_trace). The jobs are
+ * submitted from inside it (on the worker thread, between steps), so the order of events does not depend
+ * on timing: the first flood job from the loop; the other flood jobs in the trace of step 0 (admitted
+ * together before step 1); the light job in the trace of step 1, so it is admitted before step 2 beside
+ * three flood jobs that still have prompt tokens queued.
  */
 #include <stdatomic.h>
 #include <stdio.h>
@@ -83,7 +85,7 @@ static void job_release(tjob *j) {
     api_completion_req_free(&j->req);
 }
 
-/* Worker thread: records the step; at the flood's first step, submits the light request. */
+/* Worker thread: records the step; submits the other flood jobs after step 0, the light job after step 1. */
 static void on_step(void *ud, const srv_step_row *rows, int n) {
     sched_test *t = ud;
     if (t->phase != 1 || t->n_steps >= MAX_STEPS) return;
@@ -93,7 +95,10 @@ static void on_step(void *ud, const srv_step_row *rows, int n) {
         if (light) ++*(prefill ? &st->light_prefill : &st->light_decode);
         else ++*(prefill ? &st->flood_prefill : &st->flood_decode);
     }
-    if (!t->light_submitted) {
+    if (t->n_steps == 1) {
+        for (int i = 1; i < N_FLOOD; i++)
+            if (srv_sched_submit(t->s, &t->flood[i].job) < 0) t->failed = 1;
+    } else if (t->n_steps == 2) {
         int fed = 0;
         for (int s = 0; s < t->n_steps; s++) fed += t->steps[s].flood_prefill;
         t->flood_left_at_light = N_FLOOD * FLOOD_PROMPT - fed;
@@ -130,8 +135,7 @@ static void on_wake(void *ud) {
         job_prepare(t, &t->alone, CLIENT_LIGHT, LIGHT_PROMPT, 0);
         if (t->failed) { t->phase = 3; srv_sched_stop(t->s); return; }
         t->phase = 1;
-        for (int i = 0; i < N_FLOOD; i++)
-            if (srv_sched_submit(t->s, &t->flood[i].job) < 0) t->failed = 1;
+        if (srv_sched_submit(t->s, &t->flood[0].job) < 0) t->failed = 1; /* the others: on_step */
         return;
     }
     for (srv_job *j = srv_sched_take(t->s), *next; j; j = next) {
@@ -188,7 +192,7 @@ TEST(light_prompt_steps_alone_ahead_of_flood_prefill) {
     for (int s = 0; s < t->n_steps && first < 0; s++)
         if (t->steps[s].light_prefill) first = s;
     /* admitted at the step after the one it was submitted in, its whole prompt in that step, alone */
-    ASSERT_EQ_INT(first, 1);
+    ASSERT_EQ_INT(first, 2);
     ASSERT_EQ_INT(t->steps[first].light_prefill, LIGHT_PROMPT);
     ASSERT_EQ_INT(t->steps[first].flood_prefill, 0);
     ASSERT_EQ_INT(t->steps[first].flood_decode, 0);
