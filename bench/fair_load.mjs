@@ -14,6 +14,8 @@
 //   --max-tokens N     max_tokens of every request (default 16)
 //   --json FILE        also write the results as JSON
 //   --no-same-key      skip the third phase (with --key-max-concurrent the typist would be refused there)
+//   --rounds N         alternate the alone and flooded phases N times (default 1) and pool their samples,
+//                      so that a change in the machine's other load falls on both alike
 // A flooding request answered 429 waits its Retry-After and is sent again (what OpenAI's SDKs do). The
 // flood runs in a child process (this script with --role flood), so that reading its streams never
 // delays the typist's measurements in this one.
@@ -83,8 +85,10 @@ async function typist(key) {
     if (pos >= FILE.length) pos = 40;
     await sleep(THINK);
   }
-  return { p50: pct(ttfts, 0.5), p90: pct(ttfts, 0.9), n: ttfts.length };
+  return ttfts;
 }
+
+const summary = (ttfts) => ({ p50: pct(ttfts, 0.5), p90: pct(ttfts, 0.9), n: ttfts.length });
 
 /* --role flood: floods until SIGTERM, then prints the counts of answers by status (JSON) and exits. */
 async function floodChild(key) {
@@ -131,17 +135,24 @@ if (opt("--role", "") === "flood") {
   await new Promise(() => {}); // until SIGTERM
 }
 
-const results = { url, flood: FLOOD, requests: REQUESTS, max_tokens: MAX_TOKENS };
+const ROUNDS = Number(opt("--rounds", "1"));
+const results = { url, flood: FLOOD, requests: REQUESTS, max_tokens: MAX_TOKENS, rounds: ROUNDS };
 await typist(keyTypist); // warm-up: the server's samplers, the file's prefix in the cache
-results.alone = await typist(keyTypist);
-let stop = flood(keyFlood);
-await sleep(1000);
-results.flooded = await typist(keyTypist);
-results.flood_answers = await stop();
-if (!args.includes("--no-same-key")) {
-  stop = flood(keyFlood);
+const alone = [], flooded = [], answers = {};
+for (let r = 0; r < ROUNDS; r++) {
+  alone.push(...(await typist(keyTypist)));
+  const stop = flood(keyFlood);
   await sleep(1000);
-  results.flooded_same_key = await typist(keyFlood);
+  flooded.push(...(await typist(keyTypist)));
+  for (const [k, v] of Object.entries(await stop())) answers[k] = (answers[k] || 0) + v;
+}
+results.alone = summary(alone);
+results.flooded = summary(flooded);
+results.flood_answers = answers;
+if (!args.includes("--no-same-key")) {
+  const stop = flood(keyFlood);
+  await sleep(1000);
+  results.flooded_same_key = summary(await typist(keyFlood));
   results.flood_answers_same_key = await stop();
 }
 const f = (x) => x.toFixed(1);

@@ -33,6 +33,7 @@ struct srv_pool {
     srv_member *retired;    /* out of service, still referenced or with a running worker */
     srv_member *stopped;    /* worker stopped: freed by srv_pool_reap */
     int threads_used;       /* reserved by live and retired members */
+    char fault_id[256];     /* tests: the member started under this id fails to start its worker ("": none) */
 };
 
 srv_pool *srv_pool_create(uv_loop_t *loop, const srv_config *cfg, srv_pool_wake_fn wake, void *ud) {
@@ -106,6 +107,7 @@ static int member_start(srv_pool *p, const srv_model_spec *spec, int threads, sr
     m->cfg.aliases = s->aliases;
     m->cfg.n_aliases = s->n_aliases;
     m->cfg.n_threads = threads;
+    m->cfg.fault_worker_start = p->fault_id[0] && !strcmp(p->fault_id, s->id);
     if (s->n_ctx >= 0) m->cfg.n_ctx = s->n_ctx;
     if (s->parallel >= 0) m->cfg.parallel = s->parallel;
     if (s->queue >= 0) m->cfg.queue = s->queue;
@@ -196,6 +198,10 @@ int srv_pool_add(srv_pool *p, const srv_model_spec *spec, srv_member *replaces, 
         replaces->threads = 0;
     }
     return rc;
+}
+
+void srv_pool_fault_worker_start(srv_pool *p, const char *model_id) {
+    snprintf(p->fault_id, sizeof p->fault_id, "%s", model_id ? model_id : "");
 }
 
 int srv_pool_update(srv_member *m, cm_err *err) {

@@ -19,7 +19,11 @@
  *      time (chunked prefill: a long prompt never stalls the running streams), in this order:
  *      newly admitted prompts that fit whole (prefill-first: a short request's first token does not
  *      wait behind a long prompt's chunks or other streams' drafts), then draft tokens (below), then
- *      the chunks of the other prompts;
+ *      the chunks of the other prompts. Fairness within the step (step_plan): when a client with fewer
+ *      open sequences than the busiest client has a prompt that has not started (a typist beside a
+ *      flood), the step is a light step: only the lighter clients' rows go in, so that prompt's first
+ *      token costs one step of its own instead of a step shared with the flood's decodes and prefills;
+ *      never two light steps in a row, so the busiest client still gets every other step at least;
  *   4. cm_forward, then sample every sequence whose last token was in the batch and hand the token to
  *      its choice's api_choice_state (text, stop strings, end-of-generation, max_tokens, context
  *      limit, finish reason all live there);
@@ -40,6 +44,7 @@
  * routing statistics (the completion's routing record, the expert load in /metrics) count every
  * token its experts ran, so rejected drafts would show there.
  */
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -197,6 +202,9 @@ struct srv_sched {
     int step_delay_ms;                /* CODEMOE_SERVE_STEP_DELAY_MS (tests): sleep before each forward */
     srv_hist l_step_tokens;           /* tokens per forward pass */
     int *a_seq, *a_got;               /* (parallel) job_admit scratch: sequence ids, positions reused */
+    int *r_load;                      /* (parallel) step scratch: open sequences of running[i]'s client */
+    int prev_light;                   /* the last step was a light step (step_plan) */
+    srv_step_row *trace;              /* (n_batch) cfg->step_trace's rows (tests); NULL without one */
 };
 
 /* ============================================================ helpers */
@@ -774,12 +782,42 @@ static void verify_draft(srv_sched *s, sched_seq *q, int r) {
     for (int k = 0; k < acc && q->state == SEQ_DECODE; k++) seq_on_token(s, q, toks[k], 0, 0, len0 + 1 + k);
 }
 
+/* Fairness within a step: whether this step is a light step, one that serves only the jobs of light
+ * clients (s->r_load[i] < the returned bound: clients with fewer open sequences than the busiest one).
+ * It is one when a light client has a prompt that has not started (a new request of a client that is
+ * not flooding); then that prompt is prefilled in a step of its own client's (and the other light
+ * clients') rows, without the busy client's decodes, prefills and drafts, so its first token costs
+ * what it costs alone. Never two light steps in a row: the busy clients lose at most every other step.
+ * Fills s->r_load; returns the load at or above which a job waits this step (INT_MAX: none waits). */
+static int step_plan(srv_sched *s) {
+    int max_load = 0;
+    for (int i = 0; i < s->n_running; i++) {
+        int load = 0;
+        for (int k = 0; k < s->n_running; k++)
+            if (s->running[k]->client == s->running[i]->client) load += js(s->running[k])->n_open;
+        s->r_load[i] = load;
+        if (load > max_load) max_load = load;
+    }
+    int light_new = 0;
+    for (int i = 0; i < s->n_running && !light_new && !s->prev_light; i++) {
+        if (s->r_load[i] >= max_load) continue;
+        for (int c = 0; c < s->running[i]->n_choices; c++) {
+            const sched_seq *q = &js(s->running[i])->seqs[c];
+            if (q->state == SEQ_PREFILL && !q->prefill_started) light_new = 1;
+        }
+    }
+    s->prev_light = light_new;
+    return light_new ? max_load : INT_MAX;
+}
+
 static void step(srv_sched *s) {
     const int n_batch = s->cfg->n_batch;
     int nb = 0;
     for (int i = 0; i < s->n_running; i++) js(s->running[i])->in_batch = 0;
+    const int wait_load = step_plan(s); /* jobs of clients this loaded wait for the next step */
     /* decode rows first: every generating sequence advances by one token each step */
     for (int i = 0; i < s->n_running; i++) {
+        if (s->r_load[i] >= wait_load) continue;
         sched_jobstate *st = js(s->running[i]);
         for (int c = 0; c < s->running[i]->n_choices && nb < n_batch; c++) {
             sched_seq *q = &st->seqs[c];
@@ -800,7 +838,7 @@ static void step(srv_sched *s) {
      * bounds them, so the running streams still get their token every step */
     for (int i = 0; i < s->n_running && nb < limit; i++) {
         srv_job *j = s->running[i];
-        for (int c = 0; c < j->n_choices && nb < limit; c++) {
+        for (int c = 0; c < j->n_choices && nb < limit && s->r_load[i] < wait_load; c++) {
             sched_seq *q = &js(j)->seqs[c];
             if (q->state == SEQ_PREFILL && !q->prefill_started && q->prompt->n_tokens - q->n_fed <= limit - nb)
                 nb = prefill_rows(s, q, nb, limit);
@@ -810,12 +848,13 @@ static void step(srv_sched *s) {
     int n_spec = 0;
     for (int i = 0; i < s->n_running; i++)
         for (int c = 0; c < s->running[i]->n_choices; c++)
-            n_spec += js(s->running[i])->seqs[c].state == SEQ_DECODE && js(s->running[i])->seqs[c].hist;
+            n_spec += s->r_load[i] < wait_load && js(s->running[i])->seqs[c].state == SEQ_DECODE &&
+                      js(s->running[i])->seqs[c].hist;
     int per = n_spec && nb < SPEC_BATCH_ROWS ? (SPEC_BATCH_ROWS - nb) / n_spec : 0;
     if (per > s->cfg->spec_draft) per = s->cfg->spec_draft;
     for (int i = 0; i < s->n_running && nb < limit && per > 0; i++) {
         srv_job *j = s->running[i];
-        for (int c = 0; c < j->n_choices && nb < limit; c++) {
+        for (int c = 0; c < j->n_choices && nb < limit && s->r_load[i] < wait_load; c++) {
             sched_seq *q = &js(j)->seqs[c];
             if (q->state == SEQ_DECODE && q->hist) nb = draft_rows(s, q, nb, limit, per);
         }
@@ -823,7 +862,7 @@ static void step(srv_sched *s) {
     /* then the other prompts' chunks, until the batch (or the latency budget) is full */
     for (int i = 0; i < s->n_running && nb < limit; i++) {
         srv_job *j = s->running[i];
-        for (int c = 0; c < j->n_choices && nb < limit; c++) {
+        for (int c = 0; c < j->n_choices && nb < limit && s->r_load[i] < wait_load; c++) {
             sched_seq *q = &js(j)->seqs[c];
             if (q->state == SEQ_PREFILL) nb = prefill_rows(s, q, nb, limit);
         }
@@ -835,6 +874,11 @@ static void step(srv_sched *s) {
     }
     if (nb == 0) return;
     if (s->step_delay_ms > 0) uv_sleep((unsigned)s->step_delay_ms); /* test hook, see worker_load */
+    if (s->trace) {
+        for (int r = 0; r < nb; r++)
+            s->trace[r] = (srv_step_row){s->rows[r].sq->job, s->rows[r].sq->choice, s->rows[r].prompt_pos};
+        s->cfg->step_trace(s->cfg->step_trace_ud, s->trace, nb);
+    }
     srv_hist_observe(&s->l_step_tokens, nb);
     uint64_t t0 = uv_hrtime();
     cm_batch b = {.n = nb, .token = s->b_tok, .seq = s->b_seq, .logits = s->b_logits, .generated = s->b_gen};
@@ -1029,8 +1073,10 @@ static int worker_load(srv_sched *s) {
             s->smp_free = calloc((size_t)s->cfg->parallel, sizeof *s->smp_free);
             s->a_seq = malloc((size_t)s->cfg->parallel * sizeof *s->a_seq);
             s->a_got = malloc((size_t)s->cfg->parallel * sizeof *s->a_got);
+            s->r_load = malloc((size_t)s->cfg->parallel * sizeof *s->r_load);
+            if (s->cfg->step_trace) s->trace = malloc((size_t)nb * sizeof *s->trace);
             if (!s->b_tok || !s->b_seq || !s->b_logits || !s->b_gen || !s->rows || !s->running || !s->smp_free ||
-                !s->a_seq || !s->a_got) {
+                !s->a_seq || !s->a_got || !s->r_load || (s->cfg->step_trace && !s->trace)) {
                 snprintf(err.msg, sizeof err.msg, "out of memory");
                 cm_ctx_free(ctx);
                 ctx = NULL;
@@ -1208,7 +1254,7 @@ srv_sched *srv_sched_create(uv_loop_t *loop, const srv_config *cfg, srv_sched_wa
         return NULL;
     }
     s->async.data = s;
-    if (uv_thread_create(&s->thread, worker_main, s)) {
+    if (cfg->fault_worker_start || uv_thread_create(&s->thread, worker_main, s)) {
         /* no worker will ever wake the loop: wake it once now, so that the caller's wake-up sees the
          * model state FAILED (srv_sched_model) and whoever waits for the load gets its answer;
          * srv_sched_stop closes the handle */
@@ -1266,6 +1312,8 @@ void srv_sched_free(srv_sched *s) {
     free(s->running);
     free(s->a_seq);
     free(s->a_got);
+    free(s->r_load);
+    free(s->trace);
     srv_fairq_free(s->waitq);
     uv_cond_destroy(&s->cv);
     uv_mutex_destroy(&s->mu);

@@ -76,6 +76,15 @@ void srv_model_spec_finish(srv_model_spec *s);
  * in err otherwise (nothing to free). */
 int srv_config_file_read(const char *path, srv_model_spec **specs, int *n, char *err, size_t err_cap);
 
+/* What a test sees of a step (srv_config.step_trace): one batch row, in the batch's order. */
+typedef struct srv_job srv_job;
+typedef struct srv_step_row {
+    const srv_job *job;
+    int choice;
+    int prompt_pos;           /* >= 0: a prompt token (prefill); -1: a decode token; -2: a draft token */
+} srv_step_row;
+typedef void (*srv_step_trace_fn)(void *ud, const srv_step_row *rows, int n);
+
 /* The settings of the process (flags), and, in a model's own view (srv_pool: the process's settings
  * with the model's spec applied), of one model: the model fields and the scheduler's settings
  * (n_threads .. kv_check) are the model's there. */
@@ -126,6 +135,12 @@ typedef struct srv_config {
     const char *user_header;  /* a header naming the user of a shared key, trusted (--user-header); NULL: none */
     int key_max_concurrent;   /* completions in flight per client; beyond: 429 (0: no limit) */
     long long key_tokens_per_minute; /* prompt + generated tokens per client per minute (0: no limit) */
+    /* ---- tests only (zero in the server) */
+    srv_step_trace_fn step_trace; /* called on the worker thread, without the scheduler's lock, before each
+                                     forward pass with the batch's rows (valid during the call) */
+    void *step_trace_ud;
+    int fault_worker_start;       /* the worker thread fails to start, as if the system refused it
+                                     (srv_pool_fault_worker_start) */
 } srv_config;
 
 /* --spec-draft's default and bound */
@@ -364,6 +379,9 @@ void srv_member_release(srv_member *m);
  * measurement holds m (srv_member_hold), so an unload or replace meanwhile stops m only once it ended.
  * The loop does not end while one is in flight (a uv_work_t is an active request). */
 void srv_member_residency(srv_member *m, size_t *mapped, size_t *cached, size_t *resident);
+/* Tests only: every member started under model_id from now on gets a worker whose thread fails to start (the
+ * load then ends FAILED); NULL: none. The id is copied. */
+void srv_pool_fault_worker_start(srv_pool *p, const char *model_id);
 /* Threads of the budget held by models (live, or retired and not stopped yet). */
 int srv_pool_threads_used(const srv_pool *p);
 /* Frees the members whose workers have stopped and whose wake-up handles have finished closing
