@@ -65,8 +65,8 @@ struct cm_ctx {
     void *xq;       /* (B, row bytes of the largest int8 activation format of max(D, Q, F)) */
     float *outn;    /* (n_logits_max, D) final-normed rows whose logits are wanted */
     float *logits;  /* (n_logits_max, V) */
-    float *scores;  /* (n_threads, n_ctx) attention scores */
-    float *att_acc; /* (n_threads, att_acc_stride) one head's output as it accumulates, 64-byte aligned */
+    float *scores;  /* (n_threads, H / H_kv, n_ctx) attention scores of a kv head's query heads */
+    float *att_acc; /* (n_threads, H / H_kv, att_acc_stride) those heads' outputs as they accumulate, 64-byte aligned */
     int att_acc_stride;
     float *deq;     /* (n_threads, deq_floats) dequantised weight tiles, or the int8 GEMM's unpacked ones */
 
@@ -228,11 +228,12 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
     c->xq = xmalloc((size_t)B * xq_row + 64, &fail);
     c->outn = xmalloc((size_t)(lrows * D) * f, &fail);
     c->logits = xmalloc((size_t)lrows * (size_t)V * f, &fail);
-    c->scores = xmalloc((size_t)n_threads * (size_t)n_ctx * f, &fail);
+    const size_t group = (size_t)(in->n_head / in->n_head_kv);
+    c->scores = xmalloc((size_t)n_threads * group * (size_t)n_ctx * f, &fail);
     /* a thread's own cache lines: heads of c->att next to each other share lines, which two threads
      * writing every position's axpy would pass back and forth */
     c->att_acc_stride = (in->head_dim + 15) & ~15;
-    c->att_acc = aligned_alloc(64, (size_t)n_threads * (size_t)c->att_acc_stride * f); /* a multiple of 64 */
+    c->att_acc = aligned_alloc(64, (size_t)n_threads * group * (size_t)c->att_acc_stride * f); /* a multiple of 64 */
     if (!c->att_acc) fail = 1;
     c->deq = xmalloc((size_t)n_threads * (size_t)c->deq_floats * f, &fail);
     c->pos = xmalloc((size_t)B * sizeof(int32_t), &fail);
@@ -574,20 +575,23 @@ static void mm1(cm_ctx *c, const cm_tensor *w, const float *x, int n, float *y) 
 typedef struct att_job {
     cm_ctx *c;
     int layer, n;
+    int hg; /* query heads per task: the n_head / n_head_kv heads of one kv head, or 1 */
 } att_job;
 
-/* task = token * H + head: att[i, head] = softmax(q_i,head K^T / sqrt(E)) V over positions 0..pos_i. */
+/* task = token * (H / hg) + hg heads from h0 = (task % (H / hg)) * hg, all of one kv head: att[i, h] =
+ * softmax(q_i,h K^T / sqrt(E)) V over positions 0..pos_i; the hg heads' value sums pass over each V row
+ * together (cm_att_values_heads). */
 static void att_task(void *arg, int task, int thread) {
     const att_job *j = arg;
     cm_ctx *c = j->c;
     const cm_model_info *in = &c->m->info;
-    int H = in->n_head, E = in->head_dim, G = in->n_head_kv;
-    int i = task / H, h = task % H, g = h / (H / G);
+    int H = in->n_head, E = in->head_dim, G = in->n_head_kv, hg = j->hg;
+    int i = task / (H / hg), h0 = task % (H / hg) * hg, g = h0 / (H / G);
     const cm_kv_seq *s = &c->kv.seqs[c->batch->seq[i]];
     int T = c->pos[i] + 1;
-    const float *q = c->q + (size_t)i * H * E + (size_t)h * E;
-    float *sc = c->scores + (size_t)thread * c->n_ctx;
-    float *out = c->att + (size_t)i * H * E + (size_t)h * E;
+    const float *q = c->q + (size_t)i * H * E + (size_t)h0 * E;
+    float *sc = c->scores + (size_t)thread * hg * c->n_ctx;
+    float *out = c->att + (size_t)i * H * E + (size_t)h0 * E;
     const float scale = (float)(1.0 / sqrt((double)E));
     /* K and V rows of one kv head within a block: E elements every C, in the pool's type; a block's
      * rows at a time */
@@ -596,17 +600,19 @@ static void att_task(void *arg, int task, int thread) {
     for (int t0 = 0; t0 < T; t0 += CM_KV_BLOCK) {
         const unsigned char *kb = (const unsigned char *)cm_kv_k(&c->kv, s, j->layer, t0) + head;
         int nt = T - t0 < CM_KV_BLOCK ? T - t0 : CM_KV_BLOCK;
-        cm_att_scores(kvt, kb, row, nt, q, E, scale, sc + t0);
+        for (int h = 0; h < hg; h++)
+            cm_att_scores(kvt, kb, row, nt, q + (size_t)h * E, E, scale, sc + (size_t)h * c->n_ctx + t0);
     }
-    cm_softmax(sc, T);
-    float *acc = c->att_acc + (size_t)thread * c->att_acc_stride;
-    memset(acc, 0, (size_t)E * sizeof(float));
+    for (int h = 0; h < hg; h++) cm_softmax(sc + (size_t)h * c->n_ctx, T);
+    float *acc = c->att_acc + (size_t)thread * hg * c->att_acc_stride;
+    memset(acc, 0, (size_t)hg * c->att_acc_stride * sizeof(float));
     for (int t0 = 0; t0 < T; t0 += CM_KV_BLOCK) {
         const unsigned char *vb = (const unsigned char *)cm_kv_v(&c->kv, s, j->layer, t0) + head;
         int nt = T - t0 < CM_KV_BLOCK ? T - t0 : CM_KV_BLOCK;
-        cm_att_values(kvt, acc, sc + t0, vb, row, nt, E);
+        cm_att_values_heads(kvt, acc, c->att_acc_stride, sc + t0, c->n_ctx, hg, vb, row, nt, E);
     }
-    memcpy(out, acc, (size_t)E * sizeof(float));
+    for (int h = 0; h < hg; h++)
+        memcpy(out + (size_t)h * E, acc + (size_t)h * c->att_acc_stride, (size_t)E * sizeof(float));
 }
 
 /* ============================================================ element-wise, parallel over rows */
@@ -713,8 +719,12 @@ static void forward_layer(cm_ctx *c, int il, int n) {
     mm_op qkv[3] = {{&l->wq, c->q}, {&l->wk, c->k}, {&l->wv, c->v}};
     mm_run(c, 3, qkv, c->xn, n, D);
     rows_run(c, qkv_task, &rj);
-    att_job aj = {c, il, n};
-    cm_pool_run(c->pool, att_task, &aj, n * (int)H);
+    /* a task per kv head's group of query heads while that leaves each thread several tasks (decode: a
+     * task per query head); the results do not depend on the split */
+    int hg = (int)(H / in->n_head_kv);
+    if (n * (int)in->n_head_kv < 4 * c->n_threads) hg = 1;
+    att_job aj = {c, il, n, hg};
+    cm_pool_run(c->pool, att_task, &aj, n * (int)H / hg);
 
     mm1(c, &l->wo, c->att, n, c->proj);
     rj.norm = l->ffn_norm.data;

@@ -189,6 +189,12 @@ void cm_att_values_ref(int type, float *y, const float *p, const void *v, size_t
     }
 }
 
+void cm_att_values_heads_ref(int type, float *y, size_t y_stride, const float *p, size_t p_stride, int nh,
+                             const void *v, size_t row_bytes, int n, int64_t e) {
+    for (int h = 0; h < nh; h++)
+        cm_att_values_ref(type, y + (size_t)h * y_stride, p + (size_t)h * p_stride, v, row_bytes, n, e);
+}
+
 void cm_silu_mul_ref(float *g, const float *u, int64_t k) {
     for (int64_t i = 0; i < k; i++) g[i] = (g[i] / (1.0f + cm_exp_def(-g[i]))) * u[i];
 }
@@ -368,4 +374,9 @@ void cm_att_scores(int type, const void *k, size_t row_bytes, int n, const float
 
 void cm_att_values(int type, float *y, const float *p, const void *v, size_t row_bytes, int n, int64_t e) {
     cm__kops->att_values(type, y, p, v, row_bytes, n, e);
+}
+
+void cm_att_values_heads(int type, float *y, size_t y_stride, const float *p, size_t p_stride, int nh, const void *v,
+                         size_t row_bytes, int n, int64_t e) {
+    cm__kops->att_values_heads(type, y, y_stride, p, p_stride, nh, v, row_bytes, n, e);
 }

@@ -669,6 +669,69 @@ static void att_values(int type, float *y, const float *p, const void *v, size_t
 #endif
 }
 
+#if defined(CM_AVX512)
+/* att_values64 for NH heads (a constant at each call site) at once: each V row's 16-value pieces are
+ * converted once and feed the NH heads' y, 4 * NH zmm held across the n rows. */
+CM_ALWAYS_INLINE void att_values64_heads(int type, int nh, float *y, size_t ys, const float *p, size_t ps,
+                                         const char *v, size_t rb, int n, int64_t i, int64_t e) {
+    __mmask16 m[4];
+    for (int j = 0; j < 4; j++)
+        m[j] = e - i >= 16 * j + 16 ? (__mmask16)0xffff
+               : e - i > 16 * j   ? (__mmask16)((1u << (e - i - 16 * j)) - 1)
+                                  : 0;
+    __m512 acc[4][4];
+    for (int h = 0; h < nh; h++)
+        for (int j = 0; j < 4; j++) acc[h][j] = _mm512_maskz_loadu_ps(m[j], y + (size_t)h * ys + i + 16 * j);
+    for (int t = 0; t < n; t++) {
+        const char *r = v + (size_t)t * rb;
+        __m512 x[4];
+        for (int j = 0; j < 4; j++) x[j] = load16(type, r, i + 16 * j, m[j]);
+        for (int h = 0; h < nh; h++) {
+            __m512 a = _mm512_set1_ps(p[(size_t)h * ps + t]);
+            for (int j = 0; j < 4; j++) acc[h][j] = _mm512_fmadd_ps(a, x[j], acc[h][j]);
+        }
+    }
+    for (int h = 0; h < nh; h++)
+        for (int j = 0; j < 4; j++) _mm512_mask_storeu_ps(y + (size_t)h * ys + i + 16 * j, m[j], acc[h][j]);
+}
+
+/* Up to four heads per pass (16 zmm of y, 4 of V, the broadcasts): types and head counts as constants. */
+#define ATT_VH_(NH)                                                                                         \
+    static void att_values_h##NH(int type, float *y, size_t ys, const float *p, size_t ps, const void *v,    \
+                                 size_t rb, int n, int64_t e) {                                             \
+        for (int64_t i = 0; i < e; i += 64) {                                                               \
+            if (type == GGUF_TT_F16) att_values64_heads(GGUF_TT_F16, NH, y, ys, p, ps, v, rb, n, i, e);     \
+            else att_values64_heads(GGUF_TT_F32, NH, y, ys, p, ps, v, rb, n, i, e);                         \
+        }                                                                                                   \
+    }
+ATT_VH_(1)
+ATT_VH_(2)
+ATT_VH_(3)
+ATT_VH_(4)
+#undef ATT_VH_
+#endif
+
+static void att_values_heads(int type, float *y, size_t ys, const float *p, size_t ps, int nh, const void *v,
+                             size_t rb, int n, int64_t e) {
+#if defined(CM_AVX512)
+    /* heads in passes of at most four, as even as possible (7 = 4 + 3) */
+    for (int h = 0; h < nh;) {
+        int passes = (nh - h + 3) / 4, k = (nh - h + passes - 1) / passes;
+        float *yh = y + (size_t)h * ys;
+        const float *ph = p + (size_t)h * ps;
+        switch (k) {
+        case 1: att_values_h1(type, yh, ys, ph, ps, v, rb, n, e); break;
+        case 2: att_values_h2(type, yh, ys, ph, ps, v, rb, n, e); break;
+        case 3: att_values_h3(type, yh, ys, ph, ps, v, rb, n, e); break;
+        default: att_values_h4(type, yh, ys, ph, ps, v, rb, n, e); break;
+        }
+        h += k;
+    }
+#else
+    for (int h = 0; h < nh; h++) att_values(type, y + (size_t)h * ys, p + (size_t)h * ps, v, rb, n, e);
+#endif
+}
+
 static void silu_mul(float *g, const float *u, int64_t k) {
     int64_t i = 0;
 #if defined(CM_AVX512)
@@ -819,6 +882,7 @@ const cm_kernel_ops CM_FAMILY_FN(cm_kernels) = {
     .axpy_f16 = axpy_f16,
     .att_scores = att_scores,
     .att_values = att_values,
+    .att_values_heads = att_values_heads,
     .quant_dequantize = CM_FAMILY_FN(cm_quant_dequantize),
     .quant_dot_q = CM_FAMILY_FN(cm_quant_dot_q),
     .quant_matvec_q = CM_FAMILY_FN(cm_quant_matvec_q),

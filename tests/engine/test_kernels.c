@@ -439,6 +439,48 @@ TEST(att_rows_equal_ref) {
     free(q), free(p), free(rows), free(got), free(want), free(hrows);
 }
 
+/* The value sums of several query heads over the same V rows (F32 and F16 rows as in the KV pool, each
+ * head's y and probabilities at their own strides): every head's y equals its reference, which is the
+ * one-row axpy reference row after row; group sizes that split into passes of at most four unevenly
+ * (7) and evenly (8), head dims with and without a tail of 64. The values around each y stay put. */
+TEST(att_values_heads_equal_ref) {
+    static const int64_t es[] = {64, 128, 80, 7};
+    static const int nhs[] = {1, 2, 7, 8};
+    static const int ns[] = {1, 17, 32};
+    enum { NMAX = 32, STRIDE = 160, HMAX = 8, YS = 144, PS = 40 };
+    float *p = malloc(HMAX * PS * 4), *rows = malloc((size_t)NMAX * STRIDE * 4);
+    float *got = malloc(HMAX * YS * 4), *want = malloc(HMAX * YS * 4), *one = malloc(HMAX * YS * 4);
+    uint16_t *hrows = malloc((size_t)NMAX * STRIDE * 2);
+    for (int type = 0; type < 2; type++) {
+        int tt = type ? GGUF_TT_F16 : GGUF_TT_F32;
+        for (size_t a = 0; a < sizeof es / sizeof *es; a++)
+            for (size_t c = 0; c < sizeof nhs / sizeof *nhs; c++)
+                for (size_t b = 0; b < sizeof ns / sizeof *ns; b++) {
+                    int64_t e = es[a];
+                    int nh = nhs[c], n = ns[b];
+                    fill(rows, (int64_t)NMAX * STRIDE, 3.0f);
+                    for (int64_t i = 0; i < (int64_t)NMAX * STRIDE; i++) hrows[i] = cm_f32_to_fp16(rows[i]);
+                    const void *vr = type ? (const void *)hrows : (const void *)rows;
+                    size_t rb = (size_t)STRIDE * (type ? 2 : 4);
+                    fill(p, HMAX * PS, 1.0f);
+                    fill(got, HMAX * YS, 1.0f);
+                    memcpy(want, got, HMAX * YS * 4);
+                    memcpy(one, got, HMAX * YS * 4);
+                    cm_att_values_heads(tt, got, YS, p, PS, nh, vr, rb, n, e);
+                    cm_att_values_heads_ref(tt, want, YS, p, PS, nh, vr, rb, n, e);
+                    for (int h = 0; h < nh; h++)
+                        for (int t = 0; t < n; t++) {
+                            if (type) cm_axpy_f16_ref(one + h * YS, p[h * PS + t], hrows + (size_t)t * STRIDE, e);
+                            else cm_axpy_ref(one + h * YS, p[h * PS + t], rows + (size_t)t * STRIDE, e);
+                        }
+                    if (!same_row(got, want, HMAX * YS) || !same_row(want, one, HMAX * YS))
+                        TEST_FAIL_("%s e %lld heads %d n %d: values differ from their reference", type ? "f16" : "f32",
+                                   (long long)e, nh, n);
+                }
+    }
+    free(p), free(rows), free(got), free(want), free(one), free(hrows);
+}
+
 TEST(rope_equals_ref) {
     const int es[] = {2, 6, 32, 64, 128};
     for (int neox = 0; neox <= 1; neox++) {
@@ -534,6 +576,7 @@ static void kernel_tests(void) {
     RUN(exp_equals_ref_and_expf);
     RUN(f16_kv_rows_equal_ref);
     RUN(att_rows_equal_ref);
+    RUN(att_values_heads_equal_ref);
     RUN(rope_equals_ref);
 }
 
