@@ -96,15 +96,21 @@ static inline __m256i legacy_nibbles(const uint8_t *qs) {
     return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0F));
 }
 
-/* 0x10 in byte j where bit j of the 32-bit qh is set. */
-static inline __m256i legacy_fifth_bits(const uint8_t *qh) {
+/* The 32 q + bias of a Q5_0 / Q5_1 block: the nibbles, and 0x10 in byte j where bit j of the 32-bit qh
+ * is set (AVX-512 BW/VL: qh is that byte mask as it is). */
+static inline __m256i legacy_q5(const uint8_t *qs, const uint8_t *qh) {
     uint32_t bits;
     memcpy(&bits, qh, 4);
+    __m256i nib = legacy_nibbles(qs);
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    return _mm256_mask_add_epi8(nib, (__mmask32)bits, nib, _mm256_set1_epi8(0x10)); /* nib < 0x10: + is | */
+#else
     const __m256i which = _mm256_set_epi64x(0x0303030303030303ll, 0x0202020202020202ll, 0x0101010101010101ll, 0);
     const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
     __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), which);
     v = _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
-    return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
+    return _mm256_or_si256(nib, _mm256_and_si256(v, _mm256_set1_epi8(0x10)));
+#endif
 }
 
 /* (bytes >> shift) & mask per byte; the 16-bit shift's spill into the next byte is masked away. */
@@ -239,13 +245,13 @@ CM_ALWAYS_INLINE __m256i legacy_lanes(int wt, const void *w, int64_t i, __m256i 
     case GGUF_TT_Q5_0: {
         const cm_block_q5_0 *b = (const cm_block_q5_0 *)w + i;
         *d = fp16(b->d);
-        return dot_u8s8_off(_mm256_or_si256(legacy_nibbles(b->qs), legacy_fifth_bits(b->qh)), xv, off);
+        return dot_u8s8_off(legacy_q5(b->qs, b->qh), xv, off);
     }
     default: {
         const cm_block_q5_1 *b = (const cm_block_q5_1 *)w + i;
         *d = fp16(b->d);
         *m = fp16(b->m);
-        return dot_u8s8(_mm256_or_si256(legacy_nibbles(b->qs), legacy_fifth_bits(b->qh)), xv);
+        return dot_u8s8(legacy_q5(b->qs, b->qh), xv);
     }
     }
 }
@@ -534,14 +540,14 @@ static void dequant_legacy_avx2(int type, const void *w, float *y, int64_t nb) {
         case GGUF_TT_Q5_0: {
             const cm_block_q5_0 *b = (const cm_block_q5_0 *)w + i;
             float d = fp16(b->d);
-            __m256i u = _mm256_or_si256(legacy_nibbles(b->qs), legacy_fifth_bits(b->qh));
+            __m256i u = legacy_q5(b->qs, b->qh);
             deq32(y, _mm256_sub_epi8(u, _mm256_set1_epi8(16)), d, -0.0f, d, -0.0f);
             break;
         }
         default: {
             const cm_block_q5_1 *b = (const cm_block_q5_1 *)w + i;
             float d = fp16(b->d), m = fp16(b->m);
-            deq32(y, _mm256_or_si256(legacy_nibbles(b->qs), legacy_fifth_bits(b->qh)), d, m, d, m);
+            deq32(y, legacy_q5(b->qs, b->qh), d, m, d, m);
             break;
         }
         }
