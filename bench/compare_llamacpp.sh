@@ -2,7 +2,7 @@
 # compare_llamacpp.sh - prefill and decode speed of codemoe, llama.cpp and (with -k) ik_llama.cpp on the
 # same GGUF files.
 #
-#   bench/compare_llamacpp.sh [-t "1 2"] [-r 3] [-p 512] [-n 128] [-l LOGDIR] [-e] [-b] [-k IK_LLAMA_BENCH] CODEMOE LLAMA_BENCH MODEL...
+#   bench/compare_llamacpp.sh [-t "1 2"] [-r 3] [-p 512] [-n 128] [-l LOGDIR] [-e] [-b] [-i ISA] [-k IK_LLAMA_BENCH] CODEMOE LLAMA_BENCH MODEL...
 #
 # For every model and thread count it runs `codemoe bench` and then each other engine's `llama-bench` with
 # the same -p/-n/-t/-r (interleaved, so that a neighbour's load on a shared machine hits all alike rather
@@ -22,19 +22,23 @@
 # always runs with CODEMOE_EXACT_ACTIVATIONS unset, whatever the caller's environment says.
 # -b passes --membw to codemoe bench and adds a third table: the bytes a decode token reads, the bound the
 # measured memory bandwidth sets and codemoe's fraction of it, on the wall clock and on the CPU clock. -n 0 (or -p 0) leaves decode (or prefill) out.
+# -i runs codemoe (both columns with -e) with CODEMOE_ISA=ISA, the kernel family it names (avx2, scalar,
+# ...); without -i codemoe takes CODEMOE_ISA from the caller's environment, if set, else the best family
+# the CPU runs. The other engines ignore the variable and run as built (build llama.cpp for the same ISA
+# to compare like with like). The output's first line names the family codemoe used (its --version).
 # The raw outputs of all tools go to LOGDIR (default: a fresh directory under $TMPDIR).
 set -u
 # OpenBLAS picks its kernels from OPENBLAS_CORETYPE when set: the build machine forces Haswell (AVX2)
 # globally, which a stock install does not; let it detect the CPU unless asked to keep it.
 [ "${CM_KEEP_OPENBLAS_CORETYPE:-0}" = 1 ] || unset OPENBLAS_CORETYPE
 
-threads="1 2" reps=3 pp=512 tg=128 logdir="" exact=0 ikbench="" membw=""
+threads="1 2" reps=3 pp=512 tg=128 logdir="" exact=0 ikbench="" membw="" isa=""
 brows=() bwlines=()
 usage() {
     sed -n '3p' "$0" | sed 's/^# *//' >&2
     exit 2
 }
-while getopts "t:r:p:n:l:k:beh" o; do
+while getopts "t:r:p:n:l:k:i:beh" o; do
     case $o in
     t) threads=${OPTARG//,/ } ;;
     r) reps=$OPTARG ;;
@@ -44,6 +48,7 @@ while getopts "t:r:p:n:l:k:beh" o; do
     e) exact=1 ;;
     k) ikbench=$OPTARG ;;
     b) membw=--membw ;;
+    i) isa=$OPTARG ;;
     *) usage ;;
     esac
 done
@@ -57,6 +62,9 @@ done
 for m in "$@"; do
     [ -r "$m" ] || { echo "compare_llamacpp: cannot read $m" >&2; exit 2; }
 done
+codemoe_env=(env -u CODEMOE_EXACT_ACTIVATIONS)
+[ -z "$isa" ] || codemoe_env+=("CODEMOE_ISA=$isa")
+family=$("${codemoe_env[@]}" "$codemoe" --version 2>&1 | tr '\n' ' ' | sed 's/ *$//')
 [ -n "$logdir" ] || logdir=$(mktemp -d -t compare_llamacpp.XXXXXX)
 mkdir -p "$logdir"
 
@@ -114,7 +122,7 @@ rfmt+=' %5s |'
 run_codemoe() {
     local out=$1 m=$2 t=$3
     shift 3
-    env -u CODEMOE_EXACT_ACTIVATIONS "$@" "$codemoe" bench --model "$m" -p "$pp" -n "$tg" -t "$t" -r "$reps" \
+    "${codemoe_env[@]}" "$@" "$codemoe" bench --model "$m" -p "$pp" -n "$tg" -t "$t" -r "$reps" \
         $membw >"$out" 2>"$out.err" || echo "   codemoe bench failed, see $out.err" >&2
 }
 
@@ -210,7 +218,7 @@ for ((e = 0; e < n_eng; e++)); do
     b=$(cat "$logdir"/*-"${eng_name[e]}".md 2>/dev/null | grep -m1 '^build:' || echo 'build: ?')
     builds+="; ${eng_name[e]}: ${eng_bin[e]} ($b)"
 done
-echo "codemoe: $codemoe$builds; reps $reps; raw: $logdir"
+echo "codemoe: $codemoe ($family)$builds; reps $reps; raw: $logdir"
 echo
 echo "tokens/s (wall clock), mean ± std over $reps runs; ratio = codemoe / the column before it$([ $exact = 1 ] && echo "; exact: codemoe with CODEMOE_EXACT_ACTIVATIONS=1, its ratio to llama.cpp")"
 [ -z "$ikbench" ] || echo "ik: ik_llama.cpp's llama-bench as it loads by default; ik-rtr: with -rtr 1 (weights repacked at load)"

@@ -68,21 +68,49 @@ static inline __m256i dot_s8s8(__m256i a, __m256i s) {
     return dot_u8s8(_mm256_sign_epi8(a, a), _mm256_sign_epi8(s, a));
 }
 
+/* Q4_0 and Q5_0 store q + bias unsigned (bias 8, 16): their dots take u = q + bias as it is, and the
+ * bias's share of a block comes off once per activation block, for all rows, instead of per row.
+ * off_u8s8(bias, s) is that share, and dot_u8s8_off(u, s, off) the lanes of sum (u[i] - bias) * s[i],
+ * exactly: VNNI starts dpbusd at -(bias * s) per lane; maddubs subtracts bias * s per int16 pair
+ * (u <= 31, |s| <= 127: neither pair sum saturates). */
+static inline __m256i off_u8s8(int bias, __m256i s) {
+#if defined(CM_Q_VNNI)
+    return _mm256_sub_epi32(_mm256_setzero_si256(),
+                            _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8((char)bias), s));
+#else
+    return _mm256_maddubs_epi16(_mm256_set1_epi8((char)bias), s);
+#endif
+}
+
+static inline __m256i dot_u8s8_off(__m256i u, __m256i s, __m256i off) {
+#if defined(CM_Q_VNNI)
+    return _mm256_dpbusd_epi32(off, u, s);
+#else
+    return _mm256_madd_epi16(_mm256_sub_epi16(_mm256_maddubs_epi16(u, s), off), _mm256_set1_epi16(1));
+#endif
+}
+
 /* 32 nibbles of a legacy block: byte j low nibble -> value j, high nibble -> value j + 16. */
 static inline __m256i legacy_nibbles(const uint8_t *qs) {
     __m128i q = _mm_loadu_si128((const __m128i *)qs);
     return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0F));
 }
 
-/* 0x10 in byte j where bit j of the 32-bit qh is set. */
-static inline __m256i legacy_fifth_bits(const uint8_t *qh) {
+/* The 32 q + bias of a Q5_0 / Q5_1 block: the nibbles, and 0x10 in byte j where bit j of the 32-bit qh
+ * is set (AVX-512 BW/VL: qh is that byte mask as it is). */
+static inline __m256i legacy_q5(const uint8_t *qs, const uint8_t *qh) {
     uint32_t bits;
     memcpy(&bits, qh, 4);
+    __m256i nib = legacy_nibbles(qs);
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    return _mm256_mask_add_epi8(nib, (__mmask32)bits, nib, _mm256_set1_epi8(0x10)); /* nib < 0x10: + is | */
+#else
     const __m256i which = _mm256_set_epi64x(0x0303030303030303ll, 0x0202020202020202ll, 0x0101010101010101ll, 0);
     const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
     __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), which);
     v = _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
-    return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
+    return _mm256_or_si256(nib, _mm256_and_si256(v, _mm256_set1_epi8(0x10)));
+#endif
 }
 
 /* (bytes >> shift) & mask per byte; the 16-bit shift's spill into the next byte is masked away. */
@@ -193,8 +221,10 @@ static inline __m256i k16_group(int type, const void *blk, int g) {
 #define CM_ALWAYS_INLINE static inline __attribute__((always_inline))
 #define ROWS_MAX 4 /* weight rows per pass over x: four independent FMA chains */
 
-/* Q8_0 and legacy weights: block i's lanes against x's 32 int8 xv, its d (and m for Q4_1/Q5_1). */
-CM_ALWAYS_INLINE __m256i legacy_lanes(int wt, const void *w, int64_t i, __m256i xv, float *d, float *m) {
+/* Q8_0 and legacy weights: block i's lanes against x's 32 int8 xv, its d (and m for Q4_1/Q5_1); off is
+ * off_u8s8(bias, xv) for Q4_0 and Q5_0. */
+CM_ALWAYS_INLINE __m256i legacy_lanes(int wt, const void *w, int64_t i, __m256i xv, __m256i off, float *d,
+                                      float *m) {
     switch (wt) {
     case GGUF_TT_Q8_0: {
         const cm_block_q8_0 *b = (const cm_block_q8_0 *)w + i;
@@ -204,7 +234,7 @@ CM_ALWAYS_INLINE __m256i legacy_lanes(int wt, const void *w, int64_t i, __m256i 
     case GGUF_TT_Q4_0: {
         const cm_block_q4_0 *b = (const cm_block_q4_0 *)w + i;
         *d = fp16(b->d);
-        return dot_s8s8(_mm256_sub_epi8(legacy_nibbles(b->qs), _mm256_set1_epi8(8)), xv);
+        return dot_u8s8_off(legacy_nibbles(b->qs), xv, off);
     }
     case GGUF_TT_Q4_1: {
         const cm_block_q4_1 *b = (const cm_block_q4_1 *)w + i;
@@ -215,14 +245,13 @@ CM_ALWAYS_INLINE __m256i legacy_lanes(int wt, const void *w, int64_t i, __m256i 
     case GGUF_TT_Q5_0: {
         const cm_block_q5_0 *b = (const cm_block_q5_0 *)w + i;
         *d = fp16(b->d);
-        __m256i u = _mm256_or_si256(legacy_nibbles(b->qs), legacy_fifth_bits(b->qh));
-        return dot_s8s8(_mm256_sub_epi8(u, _mm256_set1_epi8(16)), xv);
+        return dot_u8s8_off(legacy_q5(b->qs, b->qh), xv, off);
     }
     default: {
         const cm_block_q5_1 *b = (const cm_block_q5_1 *)w + i;
         *d = fp16(b->d);
         *m = fp16(b->m);
-        return dot_u8s8(_mm256_or_si256(legacy_nibbles(b->qs), legacy_fifth_bits(b->qh)), xv);
+        return dot_u8s8(legacy_q5(b->qs, b->qh), xv);
     }
     }
 }
@@ -266,11 +295,14 @@ CM_ALWAYS_INLINE void rows_legacy(int wt, int nr, int64_t nb, const char *w, siz
             dx = fp16(xb->d);
         }
         prefetch_next_rows(w, rb, nr, i, legacy_block_bytes(wt));
+        __m256i off = wt == GGUF_TT_Q4_0   ? off_u8s8(8, xv)
+                      : wt == GGUF_TT_Q5_0 ? off_u8s8(16, xv)
+                                           : _mm256_setzero_si256();
         __m256i p[ROWS_MAX];
         float d[ROWS_MAX];
         for (int r = 0; r < nr; r++) {
             float m = 0.0f;
-            p[r] = legacy_lanes(wt, w + (size_t)r * rb, i, xv, &d[r], &m);
+            p[r] = legacy_lanes(wt, w + (size_t)r * rb, i, xv, off, &d[r], &m);
             if (has_m) e[r] = fmaf(m, sx, e[r]);
         }
         if (nr == ROWS_MAX) {
@@ -506,14 +538,14 @@ void CM_FAMILY_FN(cm_quant_unpack_legacy_row)(int wtype, const void *w, int64_t 
         case GGUF_TT_Q5_0: {
             const cm_block_q5_0 *x = (const cm_block_q5_0 *)blk;
             db = fp16(x->d);
-            v = _mm256_sub_epi8(_mm256_or_si256(legacy_nibbles(x->qs), legacy_fifth_bits(x->qh)), _mm256_set1_epi8(16));
+            v = _mm256_sub_epi8(legacy_q5(x->qs, x->qh), _mm256_set1_epi8(16));
             break;
         }
         default: {
             const cm_block_q5_1 *x = (const cm_block_q5_1 *)blk;
             db = fp16(x->d);
             mb = fp16(x->m);
-            v = _mm256_or_si256(legacy_nibbles(x->qs), legacy_fifth_bits(x->qh));
+            v = legacy_q5(x->qs, x->qh);
             break;
         }
         }
@@ -560,14 +592,14 @@ static void dequant_legacy_avx2(int type, const void *w, float *y, int64_t nb) {
         case GGUF_TT_Q5_0: {
             const cm_block_q5_0 *b = (const cm_block_q5_0 *)w + i;
             float d = fp16(b->d);
-            __m256i u = _mm256_or_si256(legacy_nibbles(b->qs), legacy_fifth_bits(b->qh));
+            __m256i u = legacy_q5(b->qs, b->qh);
             deq32(y, _mm256_sub_epi8(u, _mm256_set1_epi8(16)), d, -0.0f, d, -0.0f);
             break;
         }
         default: {
             const cm_block_q5_1 *b = (const cm_block_q5_1 *)w + i;
             float d = fp16(b->d), m = fp16(b->m);
-            deq32(y, _mm256_or_si256(legacy_nibbles(b->qs), legacy_fifth_bits(b->qh)), d, m, d, m);
+            deq32(y, legacy_q5(b->qs, b->qh), d, m, d, m);
             break;
         }
         }

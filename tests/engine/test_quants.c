@@ -16,7 +16,9 @@
  * (5) The int8 prefill GEMM (gemm_q8.c), for Q8_0 and every block type, gives every (row, token) the
  *     reference dot bit for bit, whatever the number of tokens (odd, below and above its 4-token quad),
  *     the rows asked for (odd counts, starting off its 8- and 16-row groups, one row, more than one
- *     64-row tile), the row length (a few blocks, and tens of them) and the output stride.
+ *     64-row tile), the row length (a few blocks, and tens of them) and the output stride; and at the
+ *     extremes of its integer sums (every weight at the end of its range against int8 rows of all
+ *     +127 or all -127), where an int16 partial sum held one step too long would wrap.
  */
 #include <math.h>
 #include <stdint.h>
@@ -317,6 +319,77 @@ TEST(gemm_q_equals_ref) {
     }
 }
 
+/* The integer sums at their extremes: every weight value at the top or the bottom of its range (all
+ * quant bits set or clear, non-zero scales) against activation blocks of all +127 and all -127 (the
+ * ends of the quantisers' range, (4)), where the int16 pair sums the GEMM adds up before widening are
+ * largest. A kernel that adds one step too many in int16, or lets maddubs saturate, wraps here. */
+TEST(gemm_q_extremes) {
+    static const int8_t vals[] = {127, -127};
+    const int nv = 2, m = 2 * 8, n = 3 * nv; /* rows: all bits clear, all set, 8 of each; tokens: each value 3 times */
+    for (int t = 0; t < N_KTYPES; t++) {
+        int type = ktypes[t], xt = cm_quant_vec_dot_type(type);
+        int64_t k = 2 * (int64_t)gguf_block_size(type) * (gguf_block_size(type) == 32 ? 4 : 1);
+        size_t rb = (size_t)gguf_row_bytes(type, k), xb = cm_vec_row_bytes(xt, k);
+        size_t bb = (size_t)gguf_row_bytes(type, gguf_block_size(type));
+        int64_t nb = k / gguf_block_size(type);
+        uint8_t *w = malloc(rb * (size_t)m), *xv = malloc(xb * (size_t)n);
+        float *yr = malloc((size_t)(n * m) * 4), *y = malloc((size_t)(n * m) * 4);
+        void *scratch = malloc(cm_gemm_q_scratch_bytes(k));
+        for (int r = 0; r < m; r++)
+            for (int64_t b = 0; b < nb; b++) {
+                uint8_t *p = w + (size_t)r * rb + (size_t)b * bb;
+                memset(p, r < m / 2 ? 0x00 : 0xFF, bb);
+                /* scales and mins non-zero (all ones), then d (and dmin / m) 1.0 */
+                switch (type) {
+                case GGUF_TT_Q2_K: memset(((cm_block_q2_k *)p)->scales, 0xFF, 16); break;
+                case GGUF_TT_Q3_K: memset(((cm_block_q3_k *)p)->scales, 0xFF, 12); break;
+                case GGUF_TT_Q4_K: memset(((cm_block_q4_k *)p)->scales, 0xFF, 12); break;
+                case GGUF_TT_Q5_K: memset(((cm_block_q5_k *)p)->scales, 0xFF, 12); break;
+                case GGUF_TT_Q6_K: memset(((cm_block_q6_k *)p)->scales, 0x7F, 16); break;
+                case GGUF_TT_Q8_0: memset(p, r < m / 2 ? 0x80 : 0x7F, bb); break; /* q = -128, 127 */
+                default: break;
+                }
+                int od, om;
+                scale_offsets(type, &od, &om);
+                uint16_t one = 0x3c00;
+                memcpy(p + od, &one, 2);
+                if (om >= 0) memcpy(p + om, &one, 2);
+            }
+        for (int j = 0; j < n; j++) {
+            int8_t v = vals[j % nv];
+            char *xr = (char *)xv + (size_t)j * xb;
+            for (int64_t b = 0; b < k / (xt == GGUF_TT_Q8_K ? CM_QK_K : 32); b++) {
+                if (xt == GGUF_TT_Q8_K) {
+                    cm_block_q8_k *q = (cm_block_q8_k *)xr + b;
+                    q->d = 1.0f / 127.0f;
+                    memset(q->qs, (uint8_t)v, CM_QK_K);
+                    for (int i = 0; i < CM_QK_K / 16; i++) q->bsums[i] = (int16_t)(16 * v);
+                } else if (xt == GGUF_TT_Q8_1) {
+                    cm_block_q8_1 *q = (cm_block_q8_1 *)xr + b;
+                    q->d = cm_f32_to_fp16(1.0f / 127.0f);
+                    q->s = cm_f32_to_fp16(32.0f * (float)v / 127.0f);
+                    memset(q->qs, (uint8_t)v, 32);
+                } else {
+                    cm_block_q8_0 *q = (cm_block_q8_0 *)xr + b;
+                    q->d = cm_f32_to_fp16(1.0f / 127.0f);
+                    memset(q->qs, (uint8_t)v, 32);
+                }
+            }
+        }
+        cm_matvec_rows_ref(type, xt, w, k, xv, xb, n, yr, m, 0, m);
+        cm_gemm_q(type, w, k, xv, xb, n, y, m, 0, m, scratch, cm_gemm_q_scratch_bytes(k));
+        int bad = 0;
+        for (int j = 0; j < n && !bad; j++)
+            for (int r = 0; r < m && !bad; r++)
+                if (!same_bits(y[j * m + r], yr[j * m + r])) {
+                    TEST_FAIL_("%s: row %d (bits %s) x all %d: gemm %.9g, ref %.9g", gguf_ttype_name(type), r,
+                               r < m / 2 ? "clear" : "set", vals[j % nv], y[j * m + r], yr[j * m + r]);
+                    bad = 1;
+                }
+        free(w); free(xv); free(yr); free(y); free(scratch);
+    }
+}
+
 TEST(activation_quantisers) {
     int64_t k = 768;
     float *x = malloc((size_t)k * 4);
@@ -362,6 +435,7 @@ static void family_tests(void) {
     RUN(int8_dot_tracks_exact_product);
     RUN(matvec_rows_equal_vec_dot_and_ref);
     RUN(gemm_q_equals_ref);
+    RUN(gemm_q_extremes);
 }
 
 int main(void) {
