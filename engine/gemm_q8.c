@@ -4,14 +4,17 @@
  * already quantised row by row to the format the weight type pairs with (cm_quant_vec_dot_type).
  *
  * A decode dot unpacks every weight block it reads; a prefill batch has enough tokens to unpack each
- * weight row once and reuse it. So W is taken 32 rows at a time (a "tile"), repacked into the caller's
+ * weight row once and reuse it. So W is taken 64 rows at a time (a "tile"), repacked into the caller's
  * scratch through the references' own unpackers (cm_quant_unpack_*: one reading of each bit layout) as
  * plain bytes, 8 rows interleaved 4 values at a time, with their scales spread into the int16 vectors
  * the integer dots multiply by; then each quad of tokens meets the tile 8 rows at a time: a broadcast of
  * 4 activation bytes against 32 weight bytes gives every row its own int32 lane, so a block's sum comes
  * out per row with no horizontal adds. The quad's activations stay in L1 across the tile, the tile in L2
- * across the quads. The AVX-512 families use 512-bit vectors the same way, 16 rows to a group and 64 to
- * a tile (VNNI's dpbusd / dpwssd where the family has them); see "the 512-bit path" below.
+ * across the quads. On the 256-bit path the products' int16 pair sums add up over several steps before
+ * they are widened, and signed weights meet the activations offset to unsigned, their offset taken
+ * off per row and block from the repacking ("the 256-bit path" below). The AVX-512 families use 512-bit
+ * vectors the same way, 16 rows to a group (VNNI's dpbusd / dpwssd where the family has them); see
+ * "the 512-bit path" below.
  *
  * Every output is the number cm_vec_dot_ref gives for its row and token, bit for bit: the steps of 4
  * values add up in int32 to each block's exact sum (cm_qacc, quants.h), which meets cm_qacc's one FMA
@@ -49,43 +52,52 @@
 #define CM_G_VNNI 1
 #endif
 
-#define TR 32 /* weight rows repacked at a time (256-bit path): four groups */
+#define TR 64 /* weight rows repacked at a time (256-bit path): eight groups */
 #define GR 8  /* rows per group (256-bit path): one int32 lane each */
 #define ZTR 64 /* the same for the 512-bit path: four groups of ZGR */
 #define ZGR 16
 #define NR 4  /* tokens per micro-tile */
 
 /* The scratch a tile needs, at most (K-quants: per value its byte, per 16 values and row two int16 of
- * scale and one of min; legacy types less), plus one group's stage (tile_group), the token quad's
- * activation scales and sums and alignment slack. The same for every family (the largest tile), so a context sized under one family
- * serves any other. */
+ * scale and one of min; legacy types less: per value its byte, per block and row two f32 scales and an
+ * int32 correction), plus one group's stage (tile_group), the token quad's activation bytes, scales and
+ * sums and alignment slack. The same for every family (the largest tile), so a context sized under one
+ * family serves any other. */
 size_t CM_FAMILY_FN(cm_gemm_q_scratch_bytes)(int64_t k) {
     return (size_t)k * (ZTR + ZTR / 2 + ZGR + 16) + 8192;
 }
 
 #if defined(CM_G_AVX2)
 
+#define CM_ALWAYS_INLINE static inline __attribute__((always_inline))
+
 /* Where a tile lives in the scratch: TR / GR groups of GR rows, interleaved so that one 32-byte load
  * holds 4 consecutive values of each of the group's 8 rows, and one activation broadcast of those 4
  * values meets all 8 rows (maddubs + madd leave one int32 per row: no horizontal sums). Per group:
- * q (K / 4, GR, 4) bytes: the unpacked q as int8, signed as the format defines it (maddubs takes
- *   |q| unsigned and x with q's sign);
+ * q (K / 4, GR, 4) bytes: the unpacked q as int8, signed as the format defines it, plus `bias` (the
+ *   512-bit path's; 0 on the 256-bit path);
  * d, m (nb, GR) f32: the rows' scales per block (K-quants: d, dmin);
  * K-quants: sc (nb, 16, GR, 2) int16: each 16 values' scale, twice per row (madd's pairs); mn
- *   (nb, 8, GR, 2) int16: the min of 16 values 2j, 2j + 1, to meet Q8_K's bsums.
+ *   (nb, 8, GR, 2) int16: the min of 16 values 2j, 2j + 1, to meet Q8_K's bsums;
+ * flip types (the 256-bit path's signed q but Q8_0's, see flips): corr (nb, GR) int32, each row's
+ *   -128 * sum over the block of its q (K-quants: times each 16 values' scale).
  * row (gr, K): the group's rows unpacked before interleaving (tile_group).
- * Per token quad: xd, xs (nb, NR) f32 the activation scale (and Q8_1's s); 512-bit path: xc (NR, xcs)
- * int32. The quads' parts lie one after another, for every quad of the call when the scratch has room
- * (prepared once, not once per tile), else for one (tile_layout). */
+ * Per token quad: xd, xs (nb, NR) f32 the activation scale (and Q8_1's s); 256-bit path: xq (NR, K)
+ * the activation bytes, plain or (flip) plus 128; 512-bit path: xc (NR, xcs) int32. The quads' parts
+ * lie one after another, for every quad of the call when the scratch has room (prepared once, not once
+ * per tile), else for one (tile_layout). */
 typedef struct tile {
     int64_t k, nb;
     int kq, has_min;
     int gr, bias;     /* rows per group; added to every q as it is stored (0 on the 256-bit path) */
+    int flip;         /* 256-bit path: q signed, x taken as x + 128 (see flips) */
     uint8_t *q, *row; /* row: (gr, K) the stage of tile_group */
     float *d, *m, *xd, *xs;
     int16_t *sc, *mn;
     int32_t *xc;      /* 512-bit path, per token (xcs apart): what the bias adds (zprep_x) */
     size_t xcs;       /* K / 4 for K-quants, nb for the legacy types */
+    int32_t *corr;    /* 256-bit path, flip types */
+    uint8_t *xq;      /* 256-bit path */
 } tile;
 
 static void *carve(char **p, size_t bytes) {
@@ -94,12 +106,15 @@ static void *carve(char **p, size_t bytes) {
     return r;
 }
 
-/* Lays the tile and nq token quads' scales and sums out in the scratch; returns the bytes it spans. */
-static size_t tile_layout(tile *t, int wtype, int64_t k, int tr, int gr, int bias, size_t nq, void *scratch) {
+/* Lays the tile and nq token quads' activation parts out in the scratch (the 256-bit path's, gr == GR,
+ * or the 512-bit path's); returns the bytes it spans. */
+static size_t tile_layout(tile *t, int wtype, int64_t k, int tr, int gr, int bias, int flip, size_t nq,
+                          void *scratch) {
     char *p = (char *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
     t->k = k;
     t->gr = gr;
     t->bias = bias;
+    t->flip = flip;
     t->kq = cm_quant_block_values(wtype) == CM_QK_K;
     t->nb = k / (t->kq ? CM_QK_K : 32);
     t->has_min = wtype == GGUF_TT_Q2_K || wtype == GGUF_TT_Q4_K || wtype == GGUF_TT_Q5_K ||
@@ -114,7 +129,9 @@ static size_t tile_layout(tile *t, int wtype, int64_t k, int tr, int gr, int bia
     t->xcs = t->kq ? (size_t)k / 4 : nb;
     t->xd = carve(&p, nq * NR * nb * sizeof(float));
     t->xs = carve(&p, nq * NR * nb * sizeof(float));
-    t->xc = carve(&p, nq * NR * t->xcs * sizeof(int32_t));
+    t->xc = carve(&p, gr == GR ? 0 : nq * NR * t->xcs * sizeof(int32_t));
+    t->corr = carve(&p, flip ? rows * nb * sizeof(int32_t) : 0);
+    t->xq = carve(&p, gr == GR ? nq * NR * (size_t)k : 0);
     if (t->kq) {
         t->sc = carve(&p, rows * nb * 32 * sizeof(int16_t));
         t->mn = carve(&p, rows * nb * 16 * sizeof(int16_t));
@@ -122,20 +139,32 @@ static size_t tile_layout(tile *t, int wtype, int64_t k, int tr, int gr, int bia
     return (size_t)(p - (char *)scratch);
 }
 
+/* The sum of 16 int8 (the unsigned sum of q + 128, less 16 * 128). */
+static inline int32_t sum16_i8(const int8_t *q) {
+    __m128i v = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(const void *)q), _mm_set1_epi8((char)0x80));
+    v = _mm_sad_epu8(v, _mm_setzero_si128());
+    return _mm_cvtsi128_si32(v) + _mm_extract_epi16(v, 4) - 16 * 128;
+}
+
 /* Repack group g of the tile from the weight rows wr[0..gr): each row unpacked as signed bytes into the
  * stage (gr, K) (legacy types through quants_simd.c's SIMD row unpacker, K-quants block by block through
- * the reference's), its scales into the group's d, m (K-quants: sc, mn too); then the stage interleaved
- * into the group's q with the bias added, one gather of a value quad across the gr rows per store. Done
- * per call rather than once at load: a repacked copy would double the weights' resident memory, as
- * decode reads the original blocks; this keeps the repacking a few percent of a prefill's time. */
+ * the reference's), its scales into the group's d, m (K-quants: sc, mn too), a flip tile's corr from the
+ * stage's sums; then the stage interleaved into the group's q with the bias added, one gather of a value
+ * quad across the gr rows per store. Done per call rather than once at load: a repacked copy would double
+ * the weights' resident memory, as decode reads the original blocks; this keeps the repacking a few
+ * percent of a prefill's time. */
 static void tile_group(tile *t, int wtype, const char *const *wr, int g) {
     size_t gr = (size_t)t->gr, nb = (size_t)t->nb, k = (size_t)t->k;
     float *d = t->d + (size_t)g * gr * nb, *m = t->m + (size_t)g * gr * nb;
+    int32_t *corr = t->flip ? t->corr + (size_t)g * gr * nb : NULL;
     size_t bb = (size_t)gguf_row_bytes(wtype, cm_quant_block_values(wtype));
     for (size_t r = 0; r < gr; r++) {
         int8_t *q = (int8_t *)t->row + r * k;
         if (!t->kq) {
             CM_FAMILY_FN(cm_quant_unpack_legacy_row)(wtype, wr[r], t->nb, q, d + r, m + r, gr);
+            if (corr)
+                for (size_t b = 0; b < nb; b++)
+                    corr[b * gr + r] = -128 * (sum16_i8(q + 32 * b) + sum16_i8(q + 32 * b + 16));
             continue;
         }
         for (size_t b = 0; b < nb; b++) {
@@ -143,11 +172,14 @@ static void tile_group(tile *t, int wtype, const char *const *wr, int g) {
             cm_quant_unpack_k(wtype, wr[r] + b * bb, &u);
             memcpy(q + b * CM_QK_K, u.q, CM_QK_K);
             int16_t *sc = t->sc + ((size_t)g * nb + b) * 16 * gr * 2, *mn = t->mn + ((size_t)g * nb + b) * 8 * gr * 2;
+            int32_t qs = 0; /* sum of q times the scales, for corr */
             for (int j = 0; j < 16; j++) { /* per 16 values, whatever the type's sub-block */
                 int s = j * 16 / u.sub;
                 sc[((size_t)j * gr + r) * 2] = sc[((size_t)j * gr + r) * 2 + 1] = u.sc[s];
                 mn[((size_t)(j / 2) * gr + r) * 2 + (size_t)(j % 2)] = u.mn[s];
+                if (corr) qs += u.sc[s] * sum16_i8(u.q + 16 * j);
             }
+            if (corr) corr[b * gr + r] = -128 * qs;
             d[b * gr + r] = u.d;
             m[b * gr + r] = u.dmin;
         }
@@ -184,132 +216,281 @@ static void tile_fill(tile *t, int wtype, const void *w, size_t rb, int64_t a, i
     }
 }
 
-/* A legacy token quad's activation scales per block, (nb, NR): Q8_0's d, or Q8_1's d and s. */
-static void quad_scales(tile *t, int xt, const char *const xr[NR]) {
-    for (int64_t b = 0; b < t->nb; b++)
-        for (int j = 0; j < NR; j++) {
-            float sx = 0.0f, dx;
-            if (xt == GGUF_TT_Q8_1) {
-                const cm_block_q8_1 *xb = (const cm_block_q8_1 *)xr[j] + b;
-                dx = _cvtsh_ss(xb->d);
-                sx = _cvtsh_ss(xb->s);
-            } else {
-                dx = _cvtsh_ss(((const cm_block_q8_0 *)xr[j])[b].d);
-            }
-            t->xd[NR * b + j] = dx;
-            t->xs[NR * b + j] = sx;
-        }
-}
-
 static inline __m256i bcast32(const void *p) {
     int32_t v;
     memcpy(&v, p, 4);
     return _mm256_set1_epi32(v);
 }
 
-/* Four weight values of 8 rows (w, signed bytes) times 4 activation bytes at x: per row the int32 sum
- * of the four products (|q| <= 128 and |x| <= 127 keep maddubs' pairs within int16). `mul` weights the
- * pairs (1, or a K-quant's sub-block scale). */
-static inline __m256i lane4(__m256i w, const void *x, __m256i mul) {
-    __m256i aw = _mm256_sign_epi8(w, w), xv = _mm256_sign_epi8(bcast32(x), w);
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xv), mul);
+/* ------------------------------------------------------------ the 256-bit path (AVX2)
+ *
+ * maddubs multiplies unsigned bytes by signed ones. The types whose q are unsigned (Q4_1, Q5_1, Q2_K,
+ * Q4_K, Q5_K) meet the activations as they are; the signed ones (Q4_0, Q5_0, Q3_K, Q6_K) "flip": the
+ * activation bytes are taken as x + 128 (one xor per byte, in quad_prep), unsigned, and each row's
+ * -128 * sum of q (corr, from the repacking) takes the offset off again, exactly. Q8_0, whose
+ * products could exceed maddubs's int16 pairs either way, multiplies |q| by x with q's sign.
+ * The int16 pair sums of `chain` steps of 4 values add up in int16 before one madd widens them: a
+ * pair is at most 2 * 8 * 255 = 4080 in magnitude for Q4_0 (flipped; Q4_1: 2 * 15 * 128), so eight
+ * steps stay below 32768; four of the 5-bit types' 2 * 16 * 255 or 2 * 31 * 128 (Q5_K's too), two of
+ * Q6_K's 2 * 32 * 255. Every block's int32 sum is therefore exact, and so is what cm_qacc's one FMA
+ * per block sees. */
+
+/* Whether wtype's tile flips (its q are signed, Q8_0 aside). */
+static int flips(int wtype) {
+    return wtype == GGUF_TT_Q4_0 || wtype == GGUF_TT_Q5_0 || wtype == GGUF_TT_Q3_K || wtype == GGUF_TT_Q6_K;
 }
 
-/* Legacy types and Q8_0: group g (8 rows) x 4 tokens (xq[j]: their rows; blocks `xbytes` apart, qs at
- * `qoff`). A block's 8 steps of 4 values add up in int32, exactly, to each row's block sum, which meets
- * cm_qacc's one FMA. Each weight load serves the four tokens, whose accumulators stay in registers. */
-static void micro_legacy(const tile *t, int g, const char *const xq[NR], size_t xbytes, size_t qoff, float *out) {
-    const uint8_t *q = t->q + (size_t)g * GR * (size_t)t->k;
-    const float *dp = t->d + (size_t)g * GR * (size_t)t->nb, *mp = t->m + (size_t)g * GR * (size_t)t->nb;
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[NR], e[NR];
-    for (int j = 0; j < NR; j++) acc[j] = e[j] = _mm256_setzero_ps();
+/* The quad's activations for the 256-bit micro-kernels into the tile's current quad slot: their bytes,
+ * (NR, K), plus 128 when the tile flips, and (legacy types) their scales per block, (nb, NR): Q8_0's d,
+ * or Q8_1's d and s (xs is only read with Q8_1, by the weight types with a min). */
+static void quad_prep(tile *t, int xt, const char *const xr[NR]) {
+    const size_t k = (size_t)t->k, nb = (size_t)t->nb;
+    const __m256i f = _mm256_set1_epi8(t->flip ? (char)0x80 : 0);
+    for (int j = 0; j < NR; j++) {
+        uint8_t *dst = t->xq + (size_t)j * k;
+        if (xt == GGUF_TT_Q8_K) {
+            const cm_block_q8_k *xb = (const cm_block_q8_k *)xr[j];
+            for (size_t b = 0; b < nb; b++)
+                for (size_t c = 0; c < CM_QK_K; c += 32)
+                    _mm256_storeu_si256((__m256i *)(dst + b * CM_QK_K + c),
+                                        _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(xb[b].qs + c)), f));
+        } else if (xt == GGUF_TT_Q8_1) {
+            const cm_block_q8_1 *xb = (const cm_block_q8_1 *)xr[j];
+            for (size_t b = 0; b < nb; b++) {
+                _mm256_storeu_si256((__m256i *)(dst + 32 * b),
+                                    _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)xb[b].qs), f));
+                t->xd[NR * b + (size_t)j] = _cvtsh_ss(xb[b].d);
+                t->xs[NR * b + (size_t)j] = _cvtsh_ss(xb[b].s);
+            }
+        } else {
+            const cm_block_q8_0 *xb = (const cm_block_q8_0 *)xr[j];
+            for (size_t b = 0; b < nb; b++) {
+                _mm256_storeu_si256((__m256i *)(dst + 32 * b),
+                                    _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)xb[b].qs), f));
+                t->xd[NR * b + (size_t)j] = _cvtsh_ss(xb[b].d);
+            }
+        }
+    }
+}
+
+/* int16 pair sums of four values of 8 rows (w, the group's 32 bytes) with one token's four activation
+ * bytes at x: x unsigned against signed q when the tile flips, else unsigned q against signed x. */
+CM_ALWAYS_INLINE __m256i pairs4(__m256i w, const uint8_t *x, int flip) {
+    return flip ? _mm256_maddubs_epi16(bcast32(x), w) : _mm256_maddubs_epi16(w, bcast32(x));
+}
+
+/* Q8_0: four values of 8 rows (w, signed bytes) times 4 activation bytes at x, per row the int32 sum
+ * (|q| <= 128 and |x| <= 127 keep maddubs' pairs within int16). */
+static inline __m256i lane4(__m256i w, const void *x) {
+    __m256i aw = _mm256_sign_epi8(w, w), xv = _mm256_sign_epi8(bcast32(x), w);
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xv), _mm256_set1_epi16(1));
+}
+
+/* The legacy min terms of group g, e = fmaf(m, s_x, e) per block in order, a chain apart from acc's
+ * (cm_qacc keeps the two apart, so computing it after acc's gives the same bits); out (NR, GR) gets
+ * acc + e. */
+static void finish_legacy(const tile *t, int g, const __m256 acc[NR], float *out) {
+    const float *mp = t->m + (size_t)g * GR * (size_t)t->nb;
+    for (int j = 0; j < NR; j++) {
+        __m256 e = _mm256_setzero_ps();
+        if (t->has_min)
+            for (int64_t b = 0; b < t->nb; b++)
+                e = _mm256_fmadd_ps(_mm256_loadu_ps(mp + GR * b), _mm256_set1_ps(t->xs[NR * b + j]), e);
+        _mm256_storeu_ps(out + j * GR, _mm256_add_ps(acc[j], e));
+    }
+}
+
+/* Q8_0 weights: group g (8 rows) x the quad (t->xq). A block's 8 steps of 4 values add up in int32 to
+ * each row's block sum, which meets cm_qacc's one FMA. */
+static void micro_q8_0(const tile *t, int g, const char *const xr[NR], float *out) {
+    (void)xr;
+    const size_t k = (size_t)t->k;
+    const uint8_t *q = t->q + (size_t)g * GR * k;
+    const float *dp = t->d + (size_t)g * GR * (size_t)t->nb;
+    __m256 acc[NR];
+    for (int j = 0; j < NR; j++) acc[j] = _mm256_setzero_ps();
     for (int64_t b = 0; b < t->nb; b++) {
-        const uint8_t *qb = q + (size_t)b * 32 * GR;
+        const uint8_t *qb = q + (size_t)b * 32 * GR, *xb = t->xq + (size_t)b * 32;
         __m256i is[NR];
         for (int j = 0; j < NR; j++) is[j] = _mm256_setzero_si256();
         for (int s = 0; s < 8; s++) {
             __m256i w = _mm256_loadu_si256((const __m256i *)(qb + 32 * s));
-            for (int j = 0; j < NR; j++)
-                is[j] = _mm256_add_epi32(is[j], lane4(w, xq[j] + (size_t)b * xbytes + qoff + 4 * s, ones));
+            for (int j = 0; j < NR; j++) is[j] = _mm256_add_epi32(is[j], lane4(w, xb + (size_t)j * k + 4 * s));
         }
         __m256 d = _mm256_loadu_ps(dp + GR * b);
         for (int j = 0; j < NR; j++) {
             __m256 sv = _mm256_mul_ps(d, _mm256_set1_ps(t->xd[NR * b + j]));
             acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[j]), sv, acc[j]);
         }
-        if (t->has_min) { /* e = fmaf(m, s_x, e) */
-            __m256 m = _mm256_loadu_ps(mp + GR * b);
-            for (int j = 0; j < NR; j++) e[j] = _mm256_fmadd_ps(m, _mm256_set1_ps(t->xs[NR * b + j]), e[j]);
-        }
     }
-    for (int j = 0; j < NR; j++) _mm256_storeu_ps(out + j * GR, _mm256_add_ps(acc[j], e[j]));
+    finish_legacy(t, g, acc, out);
 }
 
-/* K-quants: the same shape over super-blocks of 256, xk[j] the tokens' Q8_K rows: the super-block's
+/* Legacy block types: group g x the quad (t->xq), `chain` steps per madd (see above). Each weight load
+ * serves the four tokens, whose sums stay in registers. */
+CM_ALWAYS_INLINE void micro_legacy(const tile *t, int g, int flip, int chain, float *out) {
+    const size_t k = (size_t)t->k;
+    const uint8_t *q = t->q + (size_t)g * GR * k;
+    const float *dp = t->d + (size_t)g * GR * (size_t)t->nb;
+    const int32_t *cp = t->corr + (size_t)g * GR * (size_t)t->nb;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[NR];
+    for (int j = 0; j < NR; j++) acc[j] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < t->nb; b++) {
+        const uint8_t *qb = q + (size_t)b * 32 * GR, *xb = t->xq + (size_t)b * 32;
+        __m256i is[NR];
+        __m256i c = flip ? _mm256_loadu_si256((const __m256i *)(cp + GR * b)) : _mm256_setzero_si256();
+        for (int j = 0; j < NR; j++) is[j] = c;
+        for (int s0 = 0; s0 < 8; s0 += chain) {
+            __m256i p[NR];
+            for (int j = 0; j < NR; j++) p[j] = _mm256_setzero_si256();
+#pragma GCC unroll 2
+            for (int s = s0; s < s0 + chain; s++) {
+                __m256i w = _mm256_loadu_si256((const __m256i *)(qb + 32 * s));
+                for (int j = 0; j < NR; j++) p[j] = _mm256_add_epi16(p[j], pairs4(w, xb + (size_t)j * k + 4 * s, flip));
+            }
+            for (int j = 0; j < NR; j++) is[j] = _mm256_add_epi32(is[j], _mm256_madd_epi16(p[j], ones));
+        }
+        __m256 d = _mm256_loadu_ps(dp + GR * b);
+        for (int j = 0; j < NR; j++) {
+            __m256 sv = _mm256_mul_ps(d, _mm256_set1_ps(t->xd[NR * b + j]));
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[j]), sv, acc[j]);
+        }
+    }
+    finish_legacy(t, g, acc, out);
+}
+
+/* K-quants: the same shape over super-blocks of 256, xk[j] the tokens' Q8_K rows (for d and bsums; their
+ * bytes are in t->xq): each 16 values' pair sums meet their scale in madd, and the super-block's
  * scaled sums add up in int32 before its one FMA. */
-static void micro_k(const tile *t, int g, const cm_block_q8_k *const xk[NR], float *out) {
-    const uint8_t *q = t->q + (size_t)g * GR * (size_t)t->k;
+CM_ALWAYS_INLINE void micro_k(const tile *t, int g, const cm_block_q8_k *const xk[NR], int flip, int chain,
+                              float *out) {
+    const size_t k = (size_t)t->k;
+    const uint8_t *q = t->q + (size_t)g * GR * k;
     size_t gb = (size_t)g * (size_t)t->nb;
     const float *dp = t->d + gb * GR, *mp = t->m + gb * GR;
+    const int32_t *cp = t->corr + gb * GR;
     const __m256 neg = _mm256_set1_ps(-0.0f);
-    __m256 acc[NR], e[NR];
-    for (int j = 0; j < NR; j++) acc[j] = e[j] = _mm256_setzero_ps();
+    __m256 acc[NR];
+    for (int j = 0; j < NR; j++) acc[j] = _mm256_setzero_ps();
     for (int64_t b = 0; b < t->nb; b++) {
-        __m256i is[NR];
-        for (int j = 0; j < NR; j++) is[j] = _mm256_setzero_si256();
-        const uint8_t *qb = q + (size_t)b * CM_QK_K * GR;
+        const uint8_t *qb = q + (size_t)b * CM_QK_K * GR, *xb = t->xq + (size_t)b * CM_QK_K;
         const int16_t *sc = t->sc + (gb + (size_t)b) * 16 * GR * 2;
+        __m256i is[NR];
+        __m256i c = flip ? _mm256_loadu_si256((const __m256i *)(cp + GR * b)) : _mm256_setzero_si256();
+        for (int j = 0; j < NR; j++) is[j] = c;
         for (int sb = 0; sb < 16; sb++) {
             __m256i scv = _mm256_loadu_si256((const __m256i *)(sc + sb * GR * 2));
-            for (int s = 0; s < 4; s++) {
-                __m256i w = _mm256_loadu_si256((const __m256i *)(qb + (size_t)(4 * sb + s) * 32));
-                for (int j = 0; j < NR; j++)
-                    is[j] = _mm256_add_epi32(is[j], lane4(w, xk[j][b].qs + 16 * sb + 4 * s, scv));
+            for (int s0 = 0; s0 < 4; s0 += chain) {
+                __m256i p[NR];
+                for (int s = s0; s < s0 + chain; s++) {
+                    __m256i w = _mm256_loadu_si256((const __m256i *)(qb + (size_t)(4 * sb + s) * 32));
+                    for (int j = 0; j < NR; j++) {
+                        __m256i m = pairs4(w, xb + (size_t)j * k + 16 * sb + 4 * s, flip);
+                        p[j] = s == s0 ? m : _mm256_add_epi16(p[j], m);
+                    }
+                }
+                for (int j = 0; j < NR; j++) is[j] = _mm256_add_epi32(is[j], _mm256_madd_epi16(p[j], scv));
             }
         }
         __m256 d = _mm256_loadu_ps(dp + GR * b);
         for (int j = 0; j < NR; j++)
             acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[j]), _mm256_mul_ps(d, _mm256_set1_ps(xk[j][b].d)), acc[j]);
-        if (t->has_min) { /* e = fmaf((float)imin, -(dmin * d_x), e), imin from Q8_K's bsums */
-            const int16_t *mn = t->mn + (gb + (size_t)b) * 8 * GR * 2;
-            __m256 dmin = _mm256_loadu_ps(mp + GR * b);
-            for (int j = 0; j < NR; j++) {
+    }
+    /* the min terms, e = fmaf((float)imin, -(dmin * d_x), e) per super-block in order (imin from Q8_K's
+     * bsums): a chain apart from acc's, as in finish_legacy */
+    for (int j = 0; j < NR; j++) {
+        __m256 e = _mm256_setzero_ps();
+        if (t->has_min)
+            for (int64_t b = 0; b < t->nb; b++) {
+                const int16_t *mn = t->mn + (gb + (size_t)b) * 8 * GR * 2;
                 __m256i mins = _mm256_setzero_si256();
                 for (int jj = 0; jj < 8; jj++)
                     mins = _mm256_add_epi32(mins, _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(mn + jj * GR * 2)),
                                                                     bcast32(xk[j][b].bsums + 2 * jj)));
-                __m256 c = _mm256_xor_ps(_mm256_mul_ps(dmin, _mm256_set1_ps(xk[j][b].d)), neg);
-                e[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(mins), c, e[j]);
+                __m256 cm = _mm256_xor_ps(_mm256_mul_ps(_mm256_loadu_ps(mp + GR * b), _mm256_set1_ps(xk[j][b].d)), neg);
+                e = _mm256_fmadd_ps(_mm256_cvtepi32_ps(mins), cm, e);
             }
-        }
+        _mm256_storeu_ps(out + j * GR, _mm256_add_ps(acc[j], e));
     }
-    for (int j = 0; j < NR; j++) _mm256_storeu_ps(out + j * GR, _mm256_add_ps(acc[j], e[j]));
+}
+
+/* One micro-kernel per weight type, its flip and chain constant. */
+typedef void (*micro_fn)(const tile *t, int g, const char *const xr[NR], float *out);
+#define MICRO_LEGACY(T, FLIP, CHAIN)                                                        \
+    static void micro_##T(const tile *t, int g, const char *const xr[NR], float *out) {     \
+        (void)xr;                                                                           \
+        micro_legacy(t, g, FLIP, CHAIN, out);                                               \
+    }
+#define MICRO_K(T, FLIP, CHAIN)                                                             \
+    static void micro_##T(const tile *t, int g, const char *const xr[NR], float *out) {     \
+        micro_k(t, g, (const cm_block_q8_k *const *)xr, FLIP, CHAIN, out);                  \
+    }
+MICRO_LEGACY(Q4_0, 1, 8) MICRO_LEGACY(Q4_1, 0, 8) MICRO_LEGACY(Q5_0, 1, 4) MICRO_LEGACY(Q5_1, 0, 4)
+MICRO_K(Q2_K, 0, 4) MICRO_K(Q3_K, 1, 4) MICRO_K(Q4_K, 0, 4) MICRO_K(Q5_K, 0, 4) MICRO_K(Q6_K, 1, 2)
+
+static micro_fn micro_for(int wtype) {
+    switch (wtype) {
+    case GGUF_TT_Q4_0: return micro_Q4_0;
+    case GGUF_TT_Q4_1: return micro_Q4_1;
+    case GGUF_TT_Q5_0: return micro_Q5_0;
+    case GGUF_TT_Q5_1: return micro_Q5_1;
+    case GGUF_TT_Q2_K: return micro_Q2_K;
+    case GGUF_TT_Q3_K: return micro_Q3_K;
+    case GGUF_TT_Q4_K: return micro_Q4_K;
+    case GGUF_TT_Q5_K: return micro_Q5_K;
+    case GGUF_TT_Q6_K: return micro_Q6_K;
+    default: return micro_q8_0;
+    }
+}
+
+/* Token quad t0 / NR's activation rows into xr (a short last quad repeats its last token). */
+static void quad_rows(const void *x, size_t x_stride, int n, int t0, const char *xr[NR]) {
+    int nt = n - t0 < NR ? n - t0 : NR;
+    for (int j = 0; j < NR; j++) xr[j] = (const char *)x + (size_t)(t0 + (j < nt ? j : nt - 1)) * x_stride;
 }
 
 static void gemm_avx2(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y,
-                      int64_t ldy, int64_t r0, int64_t r1, void *scratch) {
+                      int64_t ldy, int64_t r0, int64_t r1, void *scratch, size_t scratch_bytes) {
     tile t;
-    tile_layout(&t, wtype, k, TR, GR, 0, 1, scratch);
-    size_t rb = (size_t)gguf_row_bytes(wtype, k);
+    size_t nq = ((size_t)n + NR - 1) / NR;
+    int flip = flips(wtype);
+    int all = tile_layout(&t, wtype, k, TR, GR, 0, flip, nq, scratch) <= scratch_bytes;
+    if (!all) tile_layout(&t, wtype, k, TR, GR, 0, flip, 1, scratch);
+    size_t rb = (size_t)gguf_row_bytes(wtype, k), nb = (size_t)t.nb;
     int xt = cm_quant_vec_dot_type(wtype);
-    size_t xbytes = xt == GGUF_TT_Q8_1 ? sizeof(cm_block_q8_1) : sizeof(cm_block_q8_0);
-    size_t qoff = xt == GGUF_TT_Q8_1 ? offsetof(cm_block_q8_1, qs) : offsetof(cm_block_q8_0, qs);
+    micro_fn micro = micro_for(wtype);
+    float *xd0 = t.xd, *xs0 = t.xs;
+    uint8_t *xq0 = t.xq;
+    const char *xr[NR];
+    if (all) /* every quad's bytes and scales once, for all the tiles */
+        for (size_t q = 0; q < nq; q++) {
+            t.xd = xd0 + q * NR * nb, t.xs = xs0 + q * NR * nb, t.xq = xq0 + q * NR * (size_t)k;
+            quad_rows(x, x_stride, n, (int)q * NR, xr);
+            quad_prep(&t, xt, xr);
+        }
     for (int64_t a = r0; a < r1; a += TR) {
         int rows = r1 - a < TR ? (int)(r1 - a) : TR, groups = (rows + GR - 1) / GR;
         tile_fill(&t, wtype, w, rb, a, rows, groups);
         for (int t0 = 0; t0 < n; t0 += NR) {
             int nt = n - t0 < NR ? n - t0 : NR;
-            const char *xr[NR];
-            for (int j = 0; j < NR; j++) xr[j] = (const char *)x + (size_t)(t0 + (j < nt ? j : nt - 1)) * x_stride;
-            if (!t.kq) quad_scales(&t, xt, xr);
+            quad_rows(x, x_stride, n, t0, xr);
+            if (all) {
+                size_t q = (size_t)t0 / NR;
+                t.xd = xd0 + q * NR * nb, t.xs = xs0 + q * NR * nb, t.xq = xq0 + q * NR * (size_t)k;
+            } else {
+                quad_prep(&t, xt, xr);
+            }
             for (int g = 0; g < groups; g++) {
                 float out[NR * GR];
-                if (t.kq) micro_k(&t, g, (const cm_block_q8_k *const *)xr, out);
-                else micro_legacy(&t, g, xr, xbytes, qoff, out);
-                for (int j = 0; j < nt; j++)
-                    for (int r = 0; r < GR && GR * g + r < rows; r++)
-                        y[(int64_t)(t0 + j) * ldy + a + GR * g + r] = out[j * GR + r];
+                micro(&t, g, xr, out);
+                for (int j = 0; j < nt; j++) {
+                    float *yr = y + (int64_t)(t0 + j) * ldy + a + GR * g;
+                    if (GR * g + GR <= rows)
+                        _mm256_storeu_ps(yr, _mm256_loadu_ps(out + j * GR));
+                    else
+                        for (int r = 0; GR * g + r < rows; r++) yr[r] = out[j * GR + r];
+                }
             }
         }
     }
@@ -343,6 +524,23 @@ static int ztakes(int wtype) {
 #else
     return wtype != GGUF_TT_Q8_0;
 #endif
+}
+
+/* A legacy token quad's activation scales per block, (nb, NR): Q8_0's d, or Q8_1's d and s. */
+static void quad_scales(tile *t, int xt, const char *const xr[NR]) {
+    for (int64_t b = 0; b < t->nb; b++)
+        for (int j = 0; j < NR; j++) {
+            float sx = 0.0f, dx;
+            if (xt == GGUF_TT_Q8_1) {
+                const cm_block_q8_1 *xb = (const cm_block_q8_1 *)xr[j] + b;
+                dx = _cvtsh_ss(xb->d);
+                sx = _cvtsh_ss(xb->s);
+            } else {
+                dx = _cvtsh_ss(((const cm_block_q8_0 *)xr[j])[b].d);
+            }
+            t->xd[NR * b + j] = dx;
+            t->xs[NR * b + j] = sx;
+        }
 }
 
 static inline __m512i zbcast32(const void *p) {
@@ -496,8 +694,8 @@ static void gemm_avx512(int wtype, const void *w, int64_t k, const void *x, size
                         int64_t ldy, int64_t r0, int64_t r1, void *scratch, size_t scratch_bytes) {
     tile t;
     size_t nq = ((size_t)n + NR - 1) / NR;
-    int all = tile_layout(&t, wtype, k, ZTR, ZGR, zbias(wtype), nq, scratch) <= scratch_bytes;
-    if (!all) tile_layout(&t, wtype, k, ZTR, ZGR, zbias(wtype), 1, scratch);
+    int all = tile_layout(&t, wtype, k, ZTR, ZGR, zbias(wtype), 0, nq, scratch) <= scratch_bytes;
+    if (!all) tile_layout(&t, wtype, k, ZTR, ZGR, zbias(wtype), 0, 1, scratch);
     size_t rb = (size_t)gguf_row_bytes(wtype, k), nb = (size_t)t.nb;
     int xt = cm_quant_vec_dot_type(wtype);
     size_t xbytes = xt == GGUF_TT_Q8_1 ? sizeof(cm_block_q8_1) : xt == GGUF_TT_Q8_K ? sizeof(cm_block_q8_k)
@@ -546,7 +744,7 @@ void CM_FAMILY_FN(cm_gemm_q)(int wtype, const void *w, int64_t k, const void *x,
 #endif
 #if defined(CM_G_AVX2)
     if (wtype == GGUF_TT_Q8_0 || cm_quant_is_block_type(wtype)) {
-        gemm_avx2(wtype, w, k, x, x_stride, n, y, ldy, r0, r1, scratch);
+        gemm_avx2(wtype, w, k, x, x_stride, n, y, ldy, r0, r1, scratch, scratch_bytes);
         return;
     }
 #endif

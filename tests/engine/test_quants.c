@@ -282,7 +282,7 @@ TEST(gemm_q_equals_ref) {
         int type = types[t / 2], xt = cm_quant_vec_dot_type(type);
         int64_t k = gguf_block_size(type) == 32 ? (t % 2 ? 1120 : 96) : (t % 2 ? 1280 : 768), m = 83, ldy = m + 3;
         size_t rb = (size_t)gguf_row_bytes(type, k), xb = cm_vec_row_bytes(xt, k);
-        int nmax = 19;
+        int nmax = 67; /* enough token quads that the least scratch cannot hold them all at the longer K */
         uint8_t *w = malloc(rb * (size_t)m), *xv = malloc(xb * (size_t)nmax);
         float *x = malloc((size_t)k * 4), *yr = malloc((size_t)(nmax * ldy) * 4), *y = malloc((size_t)(nmax * ldy) * 4);
         /* the least scratch (the activations' sums prepared per tile), and room for them all (per call) */
@@ -294,7 +294,7 @@ TEST(gemm_q_equals_ref) {
             cm_vec_prepare(xt, x, xv + (size_t)j * xb, k);
         }
         cm_matvec_rows_ref(type, xt, w, k, xv, xb, nmax, yr, ldy, 0, m);
-        static const int ns[] = {1, 2, 3, 4, 5, 8, 16, 19};
+        static const int ns[] = {1, 2, 3, 4, 5, 8, 16, 19, 67};
         static const int64_t ranges[][2] = {{0, 83}, {3, 4}, {5, 22}, {17, 83}, {64, 83}};
         for (size_t a = 0; a < 2 * sizeof ns / sizeof ns[0]; a++)
             for (size_t b = 0; b < sizeof ranges / sizeof ranges[0]; b++) {
