@@ -74,15 +74,21 @@ static void on_ready(uv_timer_t *t) {
     uv_close((uv_handle_t *)&pt->watch, on_watch_closed);
 }
 
-TEST(unload_freed_after_its_handle_closed) {
+/* One sequence, one queued job, a short context: the smallest pool a test can load a model into. */
+static srv_config small_config(int n_threads) {
     srv_config cfg;
     memset(&cfg, 0, sizeof cfg);
-    cfg.n_threads = 1;
+    cfg.n_threads = n_threads;
     cfg.parallel = 1;
     cfg.queue = 1;
     cfg.n_batch = 16;
     cfg.n_ctx = 32;
     cfg.kv_type = CM_KV_F32;
+    return cfg;
+}
+
+TEST(unload_freed_after_its_handle_closed) {
+    srv_config cfg = small_config(1);
     uv_loop_t loop;
     ASSERT_EQ_INT(uv_loop_init(&loop), 0);
     pool_test pt;
@@ -185,14 +191,7 @@ static void on_fault_wake(void *ud, srv_member *m) {
 }
 
 TEST(worker_that_cannot_start_fails_its_load) {
-    srv_config cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.n_threads = 2;
-    cfg.parallel = 1;
-    cfg.queue = 1;
-    cfg.n_batch = 16;
-    cfg.n_ctx = 32;
-    cfg.kv_type = CM_KV_F32;
+    srv_config cfg = small_config(2);
     uv_loop_t loop;
     ASSERT_EQ_INT(uv_loop_init(&loop), 0);
     fault_test ft;
