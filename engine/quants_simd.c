@@ -495,6 +495,7 @@ CM_ALWAYS_INLINE void rows_k512(int wt, int nr, int64_t nb, const char *w, size_
             __m512i sc[ROWS_MAX];
             __m128i mp[ROWS_MAX];
             const cm_block_q4_k *a[ROWS_MAX];
+#pragma GCC unroll 4 /* the rows' fields stay in registers */
             for (int r = 0; r < nr; r++) {
                 a[r] = (const cm_block_q4_k *)(w + (size_t)r * rb) + i;
                 d[r] = fp16(a[r]->d);
@@ -528,6 +529,7 @@ CM_ALWAYS_INLINE void rows_k512(int wt, int nr, int64_t nb, const char *w, size_
             __m256i bs = _mm256_loadu_si256((const __m256i *)b->bsums);
             __m512i sc[ROWS_MAX];
             const cm_block_q6_k *a[ROWS_MAX];
+#pragma GCC unroll 4
             for (int r = 0; r < nr; r++) {
                 a[r] = (const cm_block_q6_k *)(w + (size_t)r * rb) + i;
                 d[r] = fp16(a[r]->d);
