@@ -338,16 +338,11 @@ CM_ALWAYS_INLINE __m128i q3k_scales_vec(const uint8_t *s) {
     return _mm_sub_epi8(v, _mm_set1_epi8(32));
 }
 
-/* What a Q8_K block offers every weight row: its 8 groups of 32, and for Q3_K/Q6_K (whose unsigned
- * group bytes u are q + offset) offset * x summed in int16 pairs, so that maddubs(u, x) - that is the
- * exact pair sum of q * x. */
-typedef struct q8k_prep {
-    __m256i off[8];
-} q8k_prep;
-
-/* Lanes of a K-quant block (Q8_K x block b), and its d, dmin and integer min sum. */
-CM_ALWAYS_INLINE __m256i k_lanes(int wt, const void *w, int64_t i, const cm_block_q8_k *b, const q8k_prep *xp,
-                                 float *d, float *dmin, int32_t *imin) {
+/* Lanes of a K-quant block (Q8_K x block b), and its d, dmin and integer min sum. Q3_K's and Q6_K's
+ * unsigned group bytes u are q + offset: their lanes sum u * x * sc, and offset * sum sc_j * bsums_j
+ * (their sub-blocks of 16 are bsums's) comes off once per block. */
+CM_ALWAYS_INLINE __m256i k_lanes(int wt, const void *w, int64_t i, const cm_block_q8_k *b, float *d, float *dmin,
+                                 int32_t *imin) {
     const __m256i *xq = (const __m256i *)b->qs;
     __m256i acc = _mm256_setzero_si256();
     if (wt == GGUF_TT_Q4_K || wt == GGUF_TT_Q5_K) {
@@ -418,9 +413,12 @@ CM_ALWAYS_INLINE __m256i k_lanes(int wt, const void *w, int64_t i, const cm_bloc
                         : wt == GGUF_TT_Q3_K ? q3k_group(v0, hmv, h, s)
                                              : q6k_group(v0, v1, v2, s);
             __m256i p = _mm256_maddubs_epi16(u, _mm256_loadu_si256(xq + g));
-            if (wt != GGUF_TT_Q2_K) p = _mm256_sub_epi16(p, xp->off[g]);
             acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, scales_pair(sc16, g)));
         }
+    }
+    if (wt != GGUF_TT_Q2_K) {
+        __m256i off = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)b->bsums));
+        acc = _mm256_sub_epi32(acc, _mm256_slli_epi32(off, wt == GGUF_TT_Q3_K ? 2 : 5)); /* offset 4 or 32 */
     }
     return acc;
 }
@@ -579,24 +577,18 @@ CM_ALWAYS_INLINE void rows_k(int wt, int nr, int64_t nb, const char *w, size_t r
     }
 #endif
     const int has_min = wt == GGUF_TT_Q2_K || wt == GGUF_TT_Q4_K || wt == GGUF_TT_Q5_K;
-    const int offset = wt == GGUF_TT_Q3_K ? 4 : wt == GGUF_TT_Q6_K ? 32 : 0;
     __m128 acc4 = _mm_setzero_ps(); /* as rows_legacy */
     float acc1 = 0.0f, e[ROWS_MAX];
     for (int r = 0; r < nr; r++) e[r] = 0.0f;
-    q8k_prep xp;
     for (int64_t i = 0; i < nb; i++) {
         const cm_block_q8_k *b = x + i;
         prefetch_next_rows(w, rb, nr, i, k_block_bytes(wt));
-        if (offset)
-            for (int g = 0; g < 8; g++)
-                xp.off[g] = _mm256_maddubs_epi16(_mm256_set1_epi8((char)offset),
-                                                 _mm256_loadu_si256((const __m256i *)(b->qs + 32 * g)));
         __m256i p[ROWS_MAX];
         float d[ROWS_MAX];
         for (int r = 0; r < nr; r++) {
             float dmin = 0.0f;
             int32_t imin = 0;
-            p[r] = k_lanes(wt, w + (size_t)r * rb, i, b, &xp, &d[r], &dmin, &imin);
+            p[r] = k_lanes(wt, w + (size_t)r * rb, i, b, &d[r], &dmin, &imin);
             if (has_min) e[r] = fmaf((float)imin, -(dmin * b->d), e[r]);
         }
         if (nr == ROWS_MAX) {
