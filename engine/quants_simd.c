@@ -434,12 +434,13 @@ CM_ALWAYS_INLINE size_t k_block_bytes(int wt) {
 }
 
 #if defined(__AVX512BW__)
-/* Q4_K and Q6_K with 512-bit vectors: two groups of 32 per vector, against x's 64 bytes of those groups.
- * A row's 32 int16 pair sums maddubs(u, x) (u <= 63, |x| <= 128: no saturation) meet each value's
- * sub-block scale in the int16 lanes of sc (permuted from the block's scales), widened and summed by
- * madd (dpwssd with VNNI). Q4_K's u are its q (0..15), its mins against the pairs of bsums for all rows
- * at once; Q6_K's u = q + 32, and the 32s come off once per row and block as 32 * sum sc_j * bsums_j
- * (its sub-blocks of 16 are bsums's). All integer and exact, so the block sums are rows_k's. */
+/* Q4_K, Q5_K and Q6_K with 512-bit vectors: two groups of 32 per vector, against x's 64 bytes of those
+ * groups. A row's 32 int16 pair sums maddubs(u, x) (u <= 63, |x| <= 128: no saturation) meet each
+ * value's sub-block scale in the int16 lanes of sc (permuted from the block's scales), widened and
+ * summed by madd (dpwssd with VNNI). Q4_K's and Q5_K's u are their q (0..15, 0..31), their mins against
+ * the pairs of bsums for all rows at once; Q6_K's u = q + 32, and the 32s come off once per row and
+ * block as 32 * sum sc_j * bsums_j (its sub-blocks of 16 are bsums's). All integer and exact, so the
+ * block sums are rows_k's. */
 CM_ALWAYS_INLINE __m512i dot_pair_scaled(__m512i acc, __m512i u, __m512i x, __m512i sc) {
     __m512i p = _mm512_maddubs_epi16(u, x);
 #if defined(__AVX512VNNI__)
@@ -463,6 +464,11 @@ CM_ALWAYS_INLINE __m512i scale_quarters(__m512i sc16, int j) {
     return _mm512_permutexvar_epi16(_mm512_add_epi16(base, _mm512_set1_epi16((short)j)), sc16);
 }
 
+/* int16 lanes 0..15 = lo, 16..31 = hi. */
+CM_ALWAYS_INLINE __m512i halves16(short lo, short hi) {
+    return _mm512_inserti64x4(_mm512_set1_epi16(lo), _mm256_set1_epi16(hi), 1);
+}
+
 /* The eight int32 lanes of a 512-bit sum, halves added. */
 CM_ALWAYS_INLINE __m256i fold512(__m512i v) {
     return _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
@@ -478,6 +484,9 @@ CM_ALWAYS_INLINE void rows_k512(int wt, int nr, int64_t nb, const char *w, size_
                                           0x0004000400040004ll, 0x0004000400040004ll);
     const __m512i sh02 = _mm512_set_epi64(0x0002000200020002ll, 0x0002000200020002ll, 0x0002000200020002ll,
                                           0x0002000200020002ll, 0, 0, 0, 0);
+    /* Q5_K: int16 shifts [a in the low 256 bits | b in the high] that bring qh bits 2c, 2c + 1 to bit 4 */
+    const __m512i m10 = _mm512_set1_epi8(0x10), sh43 = halves16(4, 3), sh21 = halves16(2, 1),
+                  sh01 = halves16(0, 1), sh23 = halves16(2, 3);
     __m128 acc4 = _mm_setzero_ps(), e4 = _mm_setzero_ps(); /* as rows_k */
     float acc1 = 0.0f, e1 = 0.0f;
     for (int64_t i = 0; i < nb; i++) {
@@ -487,19 +496,19 @@ CM_ALWAYS_INLINE void rows_k512(int wt, int nr, int64_t nb, const char *w, size_
         __m512i acc[ROWS_MAX];
         __m256i p[ROWS_MAX];
         float d[ROWS_MAX], dmin[ROWS_MAX];
-        if (wt == GGUF_TT_Q4_K) {
+        if (wt == GGUF_TT_Q4_K || wt == GGUF_TT_Q5_K) {
             __m128i bs = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)b->bsums),
                                         _mm_loadu_si128((const __m128i *)(b->bsums + 8)));
             __m512i sc[ROWS_MAX];
             __m128i mp[ROWS_MAX];
-            const cm_block_q4_k *a[ROWS_MAX];
+            q45k_view a[ROWS_MAX];
 #pragma GCC unroll 4 /* the rows' fields stay in registers */
             for (int r = 0; r < nr; r++) {
-                a[r] = (const cm_block_q4_k *)(w + (size_t)r * rb) + i;
-                d[r] = fp16(a[r]->d);
-                dmin[r] = fp16(a[r]->dmin);
+                a[r] = q45k_at(wt, w + (size_t)r * rb, i);
+                d[r] = fp16(a[r].d);
+                dmin[r] = fp16(a[r].dmin);
                 uint8_t sm[16];
-                cm_q4k_scales_mins(a[r]->scales, sm);
+                cm_q4k_scales_mins(a[r].scales, sm);
                 __m128i smv = _mm_loadu_si128((const __m128i *)sm);
                 mp[r] = _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_srli_si128(smv, 8)), bs);
                 sc[r] = _mm512_castsi128_si512(_mm_cvtepu8_epi16(smv));
@@ -508,8 +517,14 @@ CM_ALWAYS_INLINE void rows_k512(int wt, int nr, int64_t nb, const char *w, size_
             for (int c = 0; c < 4; c++) {
                 __m512i xv = _mm512_loadu_si512((const void *)(xq + 64 * c));
                 for (int r = 0; r < nr; r++) {
-                    __m512i q = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(a[r]->qs + 32 * c)));
+                    __m512i q = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(a[r].qs + 32 * c)));
                     __m512i u = _mm512_and_si512(_mm512_srlv_epi16(q, sh04), m0f);
+                    if (wt == GGUF_TT_Q5_K) { /* qh bits 2c and 2c + 1 of each byte to bit 4 */
+                        __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)a[r].qh));
+                        qh = c < 2 ? _mm512_sllv_epi16(qh, c == 0 ? sh43 : sh21)
+                                   : _mm512_srlv_epi16(qh, c == 2 ? sh01 : sh23);
+                        u = _mm512_or_si512(u, _mm512_and_si512(qh, m10));
+                    }
                     acc[r] = dot_pair_scaled(acc[r], u, xv, scale_halves(sc[r], 2 * c));
                 }
             }
@@ -571,7 +586,7 @@ CM_ALWAYS_INLINE void rows_k512(int wt, int nr, int64_t nb, const char *w, size_
 CM_ALWAYS_INLINE void rows_k(int wt, int nr, int64_t nb, const char *w, size_t rb, const cm_block_q8_k *x,
                              float *out) {
 #if defined(__AVX512BW__)
-    if (wt == GGUF_TT_Q4_K || wt == GGUF_TT_Q6_K) {
+    if (wt == GGUF_TT_Q4_K || wt == GGUF_TT_Q5_K || wt == GGUF_TT_Q6_K) {
         rows_k512(wt, nr, nb, w, rb, x, out);
         return;
     }
