@@ -338,16 +338,11 @@ CM_ALWAYS_INLINE __m128i q3k_scales_vec(const uint8_t *s) {
     return _mm_sub_epi8(v, _mm_set1_epi8(32));
 }
 
-/* What a Q8_K block offers every weight row: its 8 groups of 32, and for Q3_K/Q6_K (whose unsigned
- * group bytes u are q + offset) offset * x summed in int16 pairs, so that maddubs(u, x) - that is the
- * exact pair sum of q * x. */
-typedef struct q8k_prep {
-    __m256i off[8];
-} q8k_prep;
-
-/* Lanes of a K-quant block (Q8_K x block b), and its d, dmin and integer min sum. */
-CM_ALWAYS_INLINE __m256i k_lanes(int wt, const void *w, int64_t i, const cm_block_q8_k *b, const q8k_prep *xp,
-                                 float *d, float *dmin, int32_t *imin) {
+/* Lanes of a K-quant block (Q8_K x block b), and its d, dmin and integer min sum. Q3_K's and Q6_K's
+ * unsigned group bytes u are q + offset: their lanes sum u * x * sc, and offset * sum sc_j * bsums_j
+ * (their sub-blocks of 16 are bsums's) comes off once per block. */
+CM_ALWAYS_INLINE __m256i k_lanes(int wt, const void *w, int64_t i, const cm_block_q8_k *b, float *d, float *dmin,
+                                 int32_t *imin) {
     const __m256i *xq = (const __m256i *)b->qs;
     __m256i acc = _mm256_setzero_si256();
     if (wt == GGUF_TT_Q4_K || wt == GGUF_TT_Q5_K) {
@@ -418,9 +413,12 @@ CM_ALWAYS_INLINE __m256i k_lanes(int wt, const void *w, int64_t i, const cm_bloc
                         : wt == GGUF_TT_Q3_K ? q3k_group(v0, hmv, h, s)
                                              : q6k_group(v0, v1, v2, s);
             __m256i p = _mm256_maddubs_epi16(u, _mm256_loadu_si256(xq + g));
-            if (wt != GGUF_TT_Q2_K) p = _mm256_sub_epi16(p, xp->off[g]);
             acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, scales_pair(sc16, g)));
         }
+    }
+    if (wt != GGUF_TT_Q2_K) {
+        __m256i off = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)b->bsums));
+        acc = _mm256_sub_epi32(acc, _mm256_slli_epi32(off, wt == GGUF_TT_Q3_K ? 2 : 5)); /* offset 4 or 32 */
     }
     return acc;
 }
@@ -435,27 +433,177 @@ CM_ALWAYS_INLINE size_t k_block_bytes(int wt) {
     }
 }
 
+#if defined(__AVX512BW__)
+/* Q4_K, Q5_K and Q6_K with 512-bit vectors: two groups of 32 per vector, against x's 64 bytes of those
+ * groups. A row's 32 int16 pair sums maddubs(u, x) (u <= 63, |x| <= 128: no saturation) meet each
+ * value's sub-block scale in the int16 lanes of sc (permuted from the block's scales), widened and
+ * summed by madd (dpwssd with VNNI). Q4_K's and Q5_K's u are their q (0..15, 0..31), their mins against
+ * the pairs of bsums for all rows at once; Q6_K's u = q + 32, and the 32s come off once per row and
+ * block as 32 * sum sc_j * bsums_j (its sub-blocks of 16 are bsums's). All integer and exact, so the
+ * block sums are rows_k's. */
+CM_ALWAYS_INLINE __m512i dot_pair_scaled(__m512i acc, __m512i u, __m512i x, __m512i sc) {
+    __m512i p = _mm512_maddubs_epi16(u, x);
+#if defined(__AVX512VNNI__)
+    return _mm512_dpwssd_epi32(acc, p, sc);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(p, sc));
+#endif
+}
+
+/* int16 lanes 0..15 = sc16[j], lanes 16..31 = sc16[j + 1] (sixteen int16 scales sc16 in the low 256 bits). */
+CM_ALWAYS_INLINE __m512i scale_halves(__m512i sc16, int j) {
+    const __m512i base = _mm512_set_epi64(0x0001000100010001ll, 0x0001000100010001ll, 0x0001000100010001ll,
+                                          0x0001000100010001ll, 0, 0, 0, 0);
+    return _mm512_permutexvar_epi16(_mm512_add_epi16(base, _mm512_set1_epi16((short)j)), sc16);
+}
+
+/* int16 lanes 8m..8m+7 = sc16[j + m] for m < 4 (a 64-byte pair of Q6_K groups covers four sub-blocks). */
+CM_ALWAYS_INLINE __m512i scale_quarters(__m512i sc16, int j) {
+    const __m512i base = _mm512_set_epi64(0x0003000300030003ll, 0x0003000300030003ll, 0x0002000200020002ll,
+                                          0x0002000200020002ll, 0x0001000100010001ll, 0x0001000100010001ll, 0, 0);
+    return _mm512_permutexvar_epi16(_mm512_add_epi16(base, _mm512_set1_epi16((short)j)), sc16);
+}
+
+/* int16 lanes 0..15 = lo, 16..31 = hi. */
+CM_ALWAYS_INLINE __m512i halves16(short lo, short hi) {
+    return _mm512_inserti64x4(_mm512_set1_epi16(lo), _mm256_set1_epi16(hi), 1);
+}
+
+/* The eight int32 lanes of a 512-bit sum, halves added. */
+CM_ALWAYS_INLINE __m256i fold512(__m512i v) {
+    return _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+}
+
+CM_ALWAYS_INLINE void rows_k512(int wt, int nr, int64_t nb, const char *w, size_t rb, const cm_block_q8_k *x,
+                                float *out) {
+    const __m512i m0f = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30);
+    const __m512i sh04 = _mm512_set_epi64(0x0004000400040004ll, 0x0004000400040004ll, 0x0004000400040004ll,
+                                          0x0004000400040004ll, 0, 0, 0, 0);
+    const __m512i sh42 = _mm512_set_epi64(0x0002000200020002ll, 0x0002000200020002ll, 0x0002000200020002ll,
+                                          0x0002000200020002ll, 0x0004000400040004ll, 0x0004000400040004ll,
+                                          0x0004000400040004ll, 0x0004000400040004ll);
+    const __m512i sh02 = _mm512_set_epi64(0x0002000200020002ll, 0x0002000200020002ll, 0x0002000200020002ll,
+                                          0x0002000200020002ll, 0, 0, 0, 0);
+    /* Q5_K: int16 shifts [a in the low 256 bits | b in the high] that bring qh bits 2c, 2c + 1 to bit 4 */
+    const __m512i m10 = _mm512_set1_epi8(0x10), sh43 = halves16(4, 3), sh21 = halves16(2, 1),
+                  sh01 = halves16(0, 1), sh23 = halves16(2, 3);
+    __m128 acc4 = _mm_setzero_ps(), e4 = _mm_setzero_ps(); /* as rows_k */
+    float acc1 = 0.0f, e1 = 0.0f;
+    for (int64_t i = 0; i < nb; i++) {
+        const cm_block_q8_k *b = x + i;
+        const int8_t *xq = b->qs;
+        prefetch_next_rows(w, rb, nr, i, k_block_bytes(wt));
+        __m512i acc[ROWS_MAX];
+        __m256i p[ROWS_MAX];
+        float d[ROWS_MAX], dmin[ROWS_MAX];
+        if (wt == GGUF_TT_Q4_K || wt == GGUF_TT_Q5_K) {
+            __m128i bs = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)b->bsums),
+                                        _mm_loadu_si128((const __m128i *)(b->bsums + 8)));
+            __m512i sc[ROWS_MAX];
+            __m128i mp[ROWS_MAX];
+            q45k_view a[ROWS_MAX];
+#pragma GCC unroll 4 /* the rows' fields stay in registers */
+            for (int r = 0; r < nr; r++) {
+                a[r] = q45k_at(wt, w + (size_t)r * rb, i);
+                d[r] = fp16(a[r].d);
+                dmin[r] = fp16(a[r].dmin);
+                uint8_t sm[16];
+                cm_q4k_scales_mins(a[r].scales, sm);
+                __m128i smv = _mm_loadu_si128((const __m128i *)sm);
+                mp[r] = _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_srli_si128(smv, 8)), bs);
+                sc[r] = _mm512_castsi128_si512(_mm_cvtepu8_epi16(smv));
+                acc[r] = _mm512_setzero_si512();
+            }
+            for (int c = 0; c < 4; c++) {
+                __m512i xv = _mm512_loadu_si512((const void *)(xq + 64 * c));
+                for (int r = 0; r < nr; r++) {
+                    __m512i q = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(a[r].qs + 32 * c)));
+                    __m512i u = _mm512_and_si512(_mm512_srlv_epi16(q, sh04), m0f);
+                    if (wt == GGUF_TT_Q5_K) { /* qh bits 2c and 2c + 1 of each byte to bit 4 */
+                        __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)a[r].qh));
+                        qh = c < 2 ? _mm512_sllv_epi16(qh, c == 0 ? sh43 : sh21)
+                                   : _mm512_srlv_epi16(qh, c == 2 ? sh01 : sh23);
+                        u = _mm512_or_si512(u, _mm512_and_si512(qh, m10));
+                    }
+                    acc[r] = dot_pair_scaled(acc[r], u, xv, scale_halves(sc[r], 2 * c));
+                }
+            }
+            for (int r = 0; r < nr; r++) p[r] = fold512(acc[r]);
+            if (nr == ROWS_MAX) {
+                __m128i imin = _mm_hadd_epi32(_mm_hadd_epi32(mp[0], mp[1]), _mm_hadd_epi32(mp[2], mp[3]));
+                __m128 s = _mm_mul_ps(_mm_loadu_ps(dmin), _mm_set1_ps(b->d));
+                e4 = _mm_fmadd_ps(_mm_cvtepi32_ps(imin), _mm_xor_ps(s, _mm_set1_ps(-0.0f)), e4);
+            } else {
+                __m128i t = _mm_hadd_epi32(mp[0], mp[0]);
+                t = _mm_hadd_epi32(t, t);
+                e1 = fmaf((float)_mm_cvtsi128_si32(t), -(dmin[0] * b->d), e1);
+            }
+        } else {
+            __m256i bs = _mm256_loadu_si256((const __m256i *)b->bsums);
+            __m512i sc[ROWS_MAX];
+            const cm_block_q6_k *a[ROWS_MAX];
+#pragma GCC unroll 4
+            for (int r = 0; r < nr; r++) {
+                a[r] = (const cm_block_q6_k *)(w + (size_t)r * rb) + i;
+                d[r] = fp16(a[r]->d);
+                __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)a[r]->scales));
+                sc[r] = _mm512_castsi256_si512(sc16);
+                p[r] = _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5); /* the 32s' share, taken off below */
+                acc[r] = _mm512_setzero_si512();
+            }
+            for (int h = 0; h < 2; h++) {
+                __m512i x0 = _mm512_loadu_si512((const void *)(xq + 128 * h));
+                __m512i x1 = _mm512_loadu_si512((const void *)(xq + 128 * h + 64));
+                for (int r = 0; r < nr; r++) {
+                    __m512i l = _mm512_loadu_si512((const void *)(a[r]->ql + 64 * h));
+                    __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(a[r]->qh + 32 * h)));
+                    /* groups s = 0, 1: low nibbles, qh bits 0-1 / 2-3 at bits 4-5; s = 2, 3: high, bits 4-5 / 6-7 */
+                    __m512i u0 = _mm512_or_si512(_mm512_and_si512(l, m0f),
+                                                 _mm512_and_si512(_mm512_sllv_epi16(qh, sh42), m30));
+                    __m512i u1 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), m0f),
+                                                 _mm512_and_si512(_mm512_srlv_epi16(qh, sh02), m30));
+                    acc[r] = dot_pair_scaled(acc[r], u0, x0, scale_quarters(sc[r], 8 * h));
+                    acc[r] = dot_pair_scaled(acc[r], u1, x1, scale_quarters(sc[r], 8 * h + 4));
+                }
+            }
+            for (int r = 0; r < nr; r++) p[r] = _mm256_sub_epi32(fold512(acc[r]), p[r]);
+        }
+        if (nr == ROWS_MAX) {
+            __m128 s = _mm_mul_ps(_mm_loadu_ps(d), _mm_set1_ps(b->d));
+            acc4 = _mm_fmadd_ps(_mm_cvtepi32_ps(hsum4_i32(p)), s, acc4);
+        } else {
+            acc1 = fmaf((float)hsum_i32(p[0]), d[0] * b->d, acc1);
+        }
+    }
+    float a[ROWS_MAX], e[ROWS_MAX];
+    _mm_storeu_ps(a, acc4);
+    _mm_storeu_ps(e, e4);
+    if (nr != ROWS_MAX) { a[0] = acc1; e[0] = e1; }
+    for (int r = 0; r < nr; r++) out[r] = a[r] + e[r];
+}
+#endif
+
 CM_ALWAYS_INLINE void rows_k(int wt, int nr, int64_t nb, const char *w, size_t rb, const cm_block_q8_k *x,
                              float *out) {
+#if defined(__AVX512BW__)
+    if (wt == GGUF_TT_Q4_K || wt == GGUF_TT_Q5_K || wt == GGUF_TT_Q6_K) {
+        rows_k512(wt, nr, nb, w, rb, x, out);
+        return;
+    }
+#endif
     const int has_min = wt == GGUF_TT_Q2_K || wt == GGUF_TT_Q4_K || wt == GGUF_TT_Q5_K;
-    const int offset = wt == GGUF_TT_Q3_K ? 4 : wt == GGUF_TT_Q6_K ? 32 : 0;
     __m128 acc4 = _mm_setzero_ps(); /* as rows_legacy */
     float acc1 = 0.0f, e[ROWS_MAX];
     for (int r = 0; r < nr; r++) e[r] = 0.0f;
-    q8k_prep xp;
     for (int64_t i = 0; i < nb; i++) {
         const cm_block_q8_k *b = x + i;
         prefetch_next_rows(w, rb, nr, i, k_block_bytes(wt));
-        if (offset)
-            for (int g = 0; g < 8; g++)
-                xp.off[g] = _mm256_maddubs_epi16(_mm256_set1_epi8((char)offset),
-                                                 _mm256_loadu_si256((const __m256i *)(b->qs + 32 * g)));
         __m256i p[ROWS_MAX];
         float d[ROWS_MAX];
         for (int r = 0; r < nr; r++) {
             float dmin = 0.0f;
             int32_t imin = 0;
-            p[r] = k_lanes(wt, w + (size_t)r * rb, i, b, &xp, &d[r], &dmin, &imin);
+            p[r] = k_lanes(wt, w + (size_t)r * rb, i, b, &d[r], &dmin, &imin);
             if (has_min) e[r] = fmaf((float)imin, -(dmin * b->d), e[r]);
         }
         if (nr == ROWS_MAX) {
