@@ -372,10 +372,6 @@ void cm_att_scores(int type, const void *k, size_t row_bytes, int n, const float
     cm__kops->att_scores(type, k, row_bytes, n, q, e, scale, out);
 }
 
-void cm_att_values(int type, float *y, const float *p, const void *v, size_t row_bytes, int n, int64_t e) {
-    cm__kops->att_values(type, y, p, v, row_bytes, n, e);
-}
-
 void cm_att_values_heads(int type, float *y, size_t y_stride, const float *p, size_t p_stride, int nh, const void *v,
                          size_t row_bytes, int n, int64_t e) {
     cm__kops->att_values_heads(type, y, y_stride, p, p_stride, nh, v, row_bytes, n, e);

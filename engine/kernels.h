@@ -152,11 +152,11 @@ void cm_att_scores(int type, const void *k, size_t row_bytes, int n, const float
                    float *out);
 void cm_att_scores_ref(int type, const void *k, size_t row_bytes, int n, const float *q, int64_t e, float scale,
                        float *out);
-void cm_att_values(int type, float *y, const float *p, const void *v, size_t row_bytes, int n, int64_t e);
 void cm_att_values_ref(int type, float *y, const float *p, const void *v, size_t row_bytes, int n, int64_t e);
 
-/* cm_att_values for the nh query heads of one kv head over the same V rows: head h's y at y + h *
- * y_stride and probabilities at p + h * p_stride, each head's numbers exactly cm_att_values's. The
+/* cm_att_values_ref for the nh query heads of one kv head over the same V rows (nh = 1: one head):
+ * head h's y at y + h * y_stride and probabilities at p + h * p_stride, each head's numbers exactly
+ * cm_att_values_ref's. The
  * AVX-512 families convert each V row once for several heads and keep their y in registers together,
  * so that the FMA chains of one head no longer wait on each other. */
 void cm_att_values_heads(int type, float *y, size_t y_stride, const float *p, size_t p_stride, int nh, const void *v,

@@ -632,46 +632,9 @@ static void att_scores(int type, const void *k, size_t rb, int n, const float *q
 }
 
 #if defined(CM_AVX512)
-/* y[i, i + 64) of cm_att_values: four zmm of y stay in registers across the n rows (tails masked). */
-CM_ALWAYS_INLINE void att_values64(int type, float *y, const float *p, const char *v, size_t rb, int n, int64_t i,
-                                   int64_t e) {
-#define MASK_(j) __mmask16 m##j = e - i >= 16 * j + 16 ? (__mmask16)0xffff : e - i > 16 * j ? (__mmask16)((1u << (e - i - 16 * j)) - 1) : 0;
-    EACH4(MASK_)
-#undef MASK_
-#define LOAD_(j) __m512 y##j = _mm512_maskz_loadu_ps(m##j, y + i + 16 * j);
-    EACH4(LOAD_)
-#undef LOAD_
-    for (int t = 0; t < n; t++) {
-        const char *r = v + (size_t)t * rb;
-        __m512 a = _mm512_set1_ps(p[t]);
-#define FMA_(j) y##j = _mm512_fmadd_ps(a, load16(type, r, i + 16 * j, m##j), y##j);
-        EACH4(FMA_)
-#undef FMA_
-    }
-#define STORE_(j) _mm512_mask_storeu_ps(y + i + 16 * j, m##j, y##j);
-    EACH4(STORE_)
-#undef STORE_
-}
-#endif
-
-static void att_values(int type, float *y, const float *p, const void *v, size_t rb, int n, int64_t e) {
-#if defined(CM_AVX512)
-    for (int64_t i = 0; i < e; i += 64) {
-        if (type == GGUF_TT_F16) att_values64(GGUF_TT_F16, y, p, v, rb, n, i, e);
-        else att_values64(GGUF_TT_F32, y, p, v, rb, n, i, e);
-    }
-#else
-    for (int t = 0; t < n; t++) {
-        const void *r = (const char *)v + (size_t)t * rb;
-        if (type == GGUF_TT_F16) axpy_f16(y, p[t], r, e);
-        else axpy(y, p[t], r, e);
-    }
-#endif
-}
-
-#if defined(CM_AVX512)
-/* att_values64 for NH heads (a constant at each call site) at once: each V row's 16-value pieces are
- * converted once and feed the NH heads' y, 4 * NH zmm held across the n rows. */
+/* y[i, i + 64) of cm_att_values_ref for NH heads (a constant at each call site) at once: each V row's
+ * 16-value pieces are converted once and feed the NH heads' y, 4 * NH zmm held across the n rows (tails
+ * masked). */
 CM_ALWAYS_INLINE void att_values64_heads(int type, int nh, float *y, size_t ys, const float *p, size_t ps,
                                          const char *v, size_t rb, int n, int64_t i, int64_t e) {
     __mmask16 m[4];
@@ -728,7 +691,12 @@ static void att_values_heads(int type, float *y, size_t ys, const float *p, size
         h += k;
     }
 #else
-    for (int h = 0; h < nh; h++) att_values(type, y + (size_t)h * ys, p + (size_t)h * ps, v, rb, n, e);
+    for (int h = 0; h < nh; h++)
+        for (int t = 0; t < n; t++) {
+            const void *r = (const char *)v + (size_t)t * rb;
+            if (type == GGUF_TT_F16) axpy_f16(y + (size_t)h * ys, p[(size_t)h * ps + t], r, e);
+            else axpy(y + (size_t)h * ys, p[(size_t)h * ps + t], r, e);
+        }
 #endif
 }
 
@@ -881,7 +849,6 @@ const cm_kernel_ops CM_FAMILY_FN(cm_kernels) = {
     .dot_f16 = dot_f16,
     .axpy_f16 = axpy_f16,
     .att_scores = att_scores,
-    .att_values = att_values,
     .att_values_heads = att_values_heads,
     .quant_dequantize = CM_FAMILY_FN(cm_quant_dequantize),
     .quant_dot_q = CM_FAMILY_FN(cm_quant_dot_q),

@@ -425,7 +425,7 @@ TEST(att_rows_equal_ref) {
                 memcpy(want, got, (size_t)e * 4);
                 float *one = malloc((size_t)e * 4);
                 memcpy(one, got, (size_t)e * 4);
-                cm_att_values(tt, got, p, kr, rb, n, e);
+                cm_att_values_heads(tt, got, 0, p, 0, 1, kr, rb, n, e);
                 cm_att_values_ref(tt, want, p, kr, rb, n, e);
                 for (int t = 0; t < n; t++) {
                     if (type) cm_axpy_f16_ref(one, p[t], hrows + (size_t)t * STRIDE, e);
