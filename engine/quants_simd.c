@@ -651,6 +651,41 @@ static int rows_kernels(int wtype, rows_fn *one, rows_fn *four) {
     }
 }
 
+/* The 32 q of a legacy block (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) as signed bytes, and its d and m (0 for
+ * the types without one): cm_quant_unpack_legacy's numbers. */
+CM_ALWAYS_INLINE __m256i legacy_q(const char *blk, int type, float *d, float *m) {
+    *m = 0.0f;
+    switch (type) {
+    case GGUF_TT_Q8_0: {
+        const cm_block_q8_0 *x = (const cm_block_q8_0 *)blk;
+        *d = fp16(x->d);
+        return _mm256_loadu_si256((const __m256i *)x->qs);
+    }
+    case GGUF_TT_Q4_0: {
+        const cm_block_q4_0 *x = (const cm_block_q4_0 *)blk;
+        *d = fp16(x->d);
+        return _mm256_sub_epi8(legacy_nibbles(x->qs), _mm256_set1_epi8(8));
+    }
+    case GGUF_TT_Q4_1: {
+        const cm_block_q4_1 *x = (const cm_block_q4_1 *)blk;
+        *d = fp16(x->d);
+        *m = fp16(x->m);
+        return legacy_nibbles(x->qs);
+    }
+    case GGUF_TT_Q5_0: {
+        const cm_block_q5_0 *x = (const cm_block_q5_0 *)blk;
+        *d = fp16(x->d);
+        return _mm256_sub_epi8(legacy_q5(x->qs, x->qh), _mm256_set1_epi8(16));
+    }
+    default: {
+        const cm_block_q5_1 *x = (const cm_block_q5_1 *)blk;
+        *d = fp16(x->d);
+        *m = fp16(x->m);
+        return legacy_q5(x->qs, x->qh);
+    }
+    }
+}
+
 /* ------------------------------------------------------------ the int8 GEMM's repacking */
 
 /* cm_quant_unpack_legacy of every block of a row (nb blocks of wtype, Q8_0 or a legacy type) at once:
@@ -659,48 +694,10 @@ static int rows_kernels(int wtype, rows_fn *one, rows_fn *four) {
 void CM_FAMILY_FN(cm_quant_unpack_legacy_row)(int wtype, const void *w, int64_t nb, int8_t *q, float *d, float *m,
                                               size_t dm_stride) {
     size_t bs = legacy_block_bytes(wtype);
-    for (int64_t b = 0; b < nb; b++) {
-        const char *blk = (const char *)w + (size_t)b * bs;
-        __m256i v;
-        float db, mb = 0.0f;
-        switch (wtype) {
-        case GGUF_TT_Q8_0: {
-            const cm_block_q8_0 *x = (const cm_block_q8_0 *)blk;
-            db = fp16(x->d);
-            v = _mm256_loadu_si256((const __m256i *)x->qs);
-            break;
-        }
-        case GGUF_TT_Q4_0: {
-            const cm_block_q4_0 *x = (const cm_block_q4_0 *)blk;
-            db = fp16(x->d);
-            v = _mm256_sub_epi8(legacy_nibbles(x->qs), _mm256_set1_epi8(8));
-            break;
-        }
-        case GGUF_TT_Q4_1: {
-            const cm_block_q4_1 *x = (const cm_block_q4_1 *)blk;
-            db = fp16(x->d);
-            mb = fp16(x->m);
-            v = legacy_nibbles(x->qs);
-            break;
-        }
-        case GGUF_TT_Q5_0: {
-            const cm_block_q5_0 *x = (const cm_block_q5_0 *)blk;
-            db = fp16(x->d);
-            v = _mm256_sub_epi8(legacy_q5(x->qs, x->qh), _mm256_set1_epi8(16));
-            break;
-        }
-        default: {
-            const cm_block_q5_1 *x = (const cm_block_q5_1 *)blk;
-            db = fp16(x->d);
-            mb = fp16(x->m);
-            v = legacy_q5(x->qs, x->qh);
-            break;
-        }
-        }
-        _mm256_storeu_si256((__m256i *)(q + 32 * b), v);
-        d[(size_t)b * dm_stride] = db;
-        m[(size_t)b * dm_stride] = mb;
-    }
+    for (int64_t b = 0; b < nb; b++)
+        _mm256_storeu_si256((__m256i *)(q + 32 * b),
+                            legacy_q((const char *)w + (size_t)b * bs, wtype, &d[(size_t)b * dm_stride],
+                                     &m[(size_t)b * dm_stride]));
 }
 
 /* ------------------------------------------------------------ AVX2 dequantisation */
@@ -723,34 +720,13 @@ static inline void deq32(float *y, __m256i q, float d0, float off0, float d1, fl
 }
 
 static void dequant_legacy_avx2(int type, const void *w, float *y, int64_t nb) {
+    size_t bs = legacy_block_bytes(type);
+    const int has_m = type == GGUF_TT_Q4_1 || type == GGUF_TT_Q5_1;
     for (int64_t i = 0; i < nb; i++, y += 32) {
-        switch (type) {
-        case GGUF_TT_Q4_0: {
-            const cm_block_q4_0 *b = (const cm_block_q4_0 *)w + i;
-            float d = fp16(b->d);
-            deq32(y, _mm256_sub_epi8(legacy_nibbles(b->qs), _mm256_set1_epi8(8)), d, -0.0f, d, -0.0f);
-            break;
-        }
-        case GGUF_TT_Q4_1: {
-            const cm_block_q4_1 *b = (const cm_block_q4_1 *)w + i;
-            float d = fp16(b->d), m = fp16(b->m);
-            deq32(y, legacy_nibbles(b->qs), d, m, d, m);
-            break;
-        }
-        case GGUF_TT_Q5_0: {
-            const cm_block_q5_0 *b = (const cm_block_q5_0 *)w + i;
-            float d = fp16(b->d);
-            __m256i u = legacy_q5(b->qs, b->qh);
-            deq32(y, _mm256_sub_epi8(u, _mm256_set1_epi8(16)), d, -0.0f, d, -0.0f);
-            break;
-        }
-        default: {
-            const cm_block_q5_1 *b = (const cm_block_q5_1 *)w + i;
-            float d = fp16(b->d), m = fp16(b->m);
-            deq32(y, legacy_q5(b->qs, b->qh), d, m, d, m);
-            break;
-        }
-        }
+        float d, m;
+        __m256i q = legacy_q((const char *)w + (size_t)i * bs, type, &d, &m);
+        if (!has_m) m = -0.0f; /* q * d + -0.0 keeps the sign of a zero product, as q * d alone */
+        deq32(y, q, d, m, d, m);
     }
 }
 
