@@ -682,12 +682,11 @@ static void zmicro_k(const tile *t, int g, const cm_block_q8_k *const xk[NR], fl
  * `prepared`, their scales and bias sums into the tile's current quad slot. */
 static void zquad(tile *t, int xt, size_t xbytes, size_t qoff, const void *x, size_t x_stride, int n, int t0,
                   int prepared, const char *xr[NR]) {
-    int nt = n - t0 < NR ? n - t0 : NR;
-    for (int j = 0; j < NR; j++) {
-        xr[j] = (const char *)x + (size_t)(t0 + (j < nt ? j : nt - 1)) * x_stride;
-        if (!prepared && (t->bias || !t->kq)) zprep_x(t, xr[j], xbytes, qoff, t->xc + (size_t)j * t->xcs); /* legacy: 0 for bias 0 */
-    }
-    if (!prepared && !t->kq) quad_scales(t, xt, xr);
+    quad_rows(x, x_stride, n, t0, xr);
+    if (prepared) return;
+    if (t->bias || !t->kq) /* legacy: 0 for bias 0 */
+        for (int j = 0; j < NR; j++) zprep_x(t, xr[j], xbytes, qoff, t->xc + (size_t)j * t->xcs);
+    if (!t->kq) quad_scales(t, xt, xr);
 }
 
 static void gemm_avx512(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y,
