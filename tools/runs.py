@@ -233,6 +233,35 @@ def untrained(tb):
             "exp": tr.EXP, "final": {"heldout_ext": measure(model, "moe", "heldout_ext", tb, EVAL_WINDOWS)}}
 
 
+SHIPPED = os.path.join(tr.REPO, "models", "codemoe-hybrid-16m.gguf")
+
+
+def shipped(tb, path=SHIPPED):
+    """Today's default model (the v1 run's moe stage, its Q8_0 weights as the engine reads them) measured on
+    the same held-out windows as every run, for the default-model decision. Its fixed fusion (0.7 / 0.3),
+    segment gate 1 / window and causal prefix routing are the v1 hybrid's (tools/train.py, exp v1); the file's
+    keys are checked against them, so the measured model is the file."""
+    ctx = 256
+    model = tr.LM(tr.make_config(tr.DEFAULT_ARCH))
+    hp = tr.moe_params("moe", ctx, "v1")
+    tr.build_variant(model, "moe", ctx, None, hp)
+    r, a, back = tr.gguf_state(path, model.cfg)
+    want = {"segment.window": hp["window"], "segment.gate_scale": hp["gate_scale"], "fusion.token": hp["a_tok"],
+            "fusion.segment": hp["a_seg"], "expert_count": hp["n_tok"], "segment.expert_count": hp["n_seg"],
+            "segment.pooling": hp["pooling"], "embedding_length": model.cfg.hidden_size,
+            "block_count": model.cfg.num_hidden_layers}
+    for k, v in want.items():
+        got = r.get(a + "." + k)
+        if (abs(float(got) - float(v)) > 1e-6) if isinstance(v, float) else got != v:
+            sys.exit("runs.py: %s: %s.%s is %r, the v1 hybrid has %r" % (path, a, k, got, v))
+    model.load_state_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in back.items()})
+    model.train_ctx = ctx
+    model.eval()
+    return {"run": "shipped", "stage": "moe", "seed": 0, "lr": 0.0, "tokens": 0, "tier": 0, "exp": "v1",
+            "file": os.path.relpath(path, tr.REPO), "params_total": sum(p.numel() for p in model.parameters()),
+            "final": {sp: measure(model, "moe", sp, tb, EVAL_WINDOWS) for sp in tr.SPLITS_HELDOUT}}
+
+
 def write_result(r):
     os.makedirs(runs_dir(), exist_ok=True)
     p = os.path.join(runs_dir(), r["run"] + ".json")
@@ -250,6 +279,8 @@ def cmd_run(args):
     tb = results.token_bytes(results.encoder(args.tokenizer))
     if "moe-untrained" not in load_results():
         write_result(untrained(tb))
+    if "shipped" not in load_results():
+        write_result(shipped(tb))
     n = 0
     only = set(args.only.split(",")) if args.only else None
     while True:
@@ -334,6 +365,8 @@ def cmd_report(args):
                                 for l in langs]) for s in seeds])
             lines.append("- %s: **%s** (mean %+.4f bits/byte, seed spread %.4f, per seed %s)" % (
                 text, c["verdict"], c["mean"], c["spread"], c["per_seed"]))
+        lines += ["", "The default model (mean bits per byte over the six languages; lower is better):", ""]
+        lines += default_model(res)
     text = "\n".join(lines) + "\n"
     if args.out:
         with open(args.out, "w") as fh:
@@ -344,6 +377,27 @@ def cmd_report(args):
         plot_curves(res, args.curves)
     if args.routing and res:
         plot_routing(res, args.routing)
+
+
+def mean_bpb(r, split):
+    return float(np.mean([r["final"][split]["bpb"][l] for l in LANGS6]))
+
+
+def default_model(res):
+    """The default-model decision: the finished 500k-token run with the lowest mean heldout_ext bits per byte
+    replaces the shipped model only if it beats it there (the packages no model trained on); heldout shown too."""
+    cands = [r for r in res.values() if r["tier"] >= 2]
+    sh = res.get("shipped")
+    if not cands or sh is None:
+        return ["- not decided yet (%d full runs, shipped model %s)" % (len(cands), "measured" if sh else "not measured")]
+    best = min(cands, key=lambda r: mean_bpb(r, "heldout_ext"))
+    out = ["- %s: %.4f on other packages (heldout_ext), %.4f on the training packages' held-out files" % (
+        name, mean_bpb(r, "heldout_ext"), mean_bpb(r, "heldout")) for name, r in
+        (("best run, " + best["run"], best), ("shipped, " + sh.get("file", "the default model"), sh))]
+    d = mean_bpb(best, "heldout_ext") - mean_bpb(sh, "heldout_ext")
+    out.append("- %s (%+.4f bits per byte)" % (
+        "the best run replaces the shipped model" if d < 0 else "the shipped model stays the default", d))
+    return out
 
 
 def plot_curves(res, png):
@@ -408,7 +462,14 @@ def cmd_selftest(args):
             for lr, v in zip(SWEEP["moe"], (3.0, 2.5, 2.7))}
     assert chosen_lr("moe", fake) == SWEEP["moe"][1]
     assert all(s["run"] for s in plan(fake) if s["stage"] in ("moe",) + tuple(OPTIONS))
-    print("runs selftest: plan of %d runs, claim rules and sweep choice ok" % len(p))
+    # the default model changes only for a run better on the other packages
+    mk = lambda run, tier, ext, ho: {"run": run, "tier": tier, "final": {  # noqa: E731
+        "heldout_ext": {"bpb": {l: ext for l in LANGS6}}, "heldout": {"bpb": {l: ho for l in LANGS6}}}}
+    res = {"shipped": mk("shipped", 0, 2.0, 1.0), "a": mk("a", 2, 2.1, 0.5), "sweep": mk("sweep", 1, 1.0, 1.0)}
+    assert default_model(res)[-1].startswith("- the shipped model stays")
+    res["b"] = mk("b", 3, 1.9, 1.5)
+    assert default_model(res)[-1].startswith("- the best run replaces") and "best run, b:" in default_model(res)[0]
+    print("runs selftest: plan of %d runs, claim rules, sweep choice and default-model rule ok" % len(p))
 
 
 def main():

@@ -1140,18 +1140,13 @@ def cmd_verify(args):
     sys.exit(1 if bad else 0)
 
 
-def cmd_readback(args):
-    """Read an exported GGUF back, map it to the references' names (undo the llama permutation for mole)
-    and compare reference.Model / reference_moe.HybridModel (causal) / reference_moe.MoLEModel logits on
-    held-out tokens with this module's model (float64). Checks the file layout without the engine."""
+def gguf_state(path, cfg):
+    """An exported GGUF read back: (reader, architecture, state dict in this module's names, float64). The
+    experts' tensors get the .moe.* names, LoRA's the .lora.* ones; mole's q/k are un-permuted."""
     import gguf
-    import reference_moe as rm
-    model, ck = load_model(args.stage)
-    model = model.double().eval()
-    r = gguf.GGUFReader(args.gguf)
+    r = gguf.GGUFReader(path)
     a = r.get("general.architecture")
-    c = model.cfg
-    back, moe, lora = {}, {}, {}
+    back = {}
     inv = {"ffn_gate_inp": ("tok", "router"), "ffn_gate_inp_seg": ("seg", "router"), "ffn_gate_exps": ("tok", "gate"),
            "ffn_up_exps": ("tok", "up"), "ffn_down_exps": ("tok", "down"), "ffn_gate_seg_exps": ("seg", "gate"),
            "ffn_up_seg_exps": ("seg", "up"), "ffn_down_seg_exps": ("seg", "down")}
@@ -1167,8 +1162,20 @@ def cmd_readback(args):
         else:
             hn = ref.gguf_to_hf_name(n)
             if a == "mole" and (".q_proj." in hn or ".k_proj." in hn):
-                v = ref.llama_unpermute(v, c.num_attention_heads if ".q_proj." in hn else c.num_key_value_heads)
+                v = ref.llama_unpermute(v, cfg.num_attention_heads if ".q_proj." in hn else cfg.num_key_value_heads)
             back[hn] = v
+    return r, a, back
+
+
+def cmd_readback(args):
+    """Read an exported GGUF back, map it to the references' names (undo the llama permutation for mole)
+    and compare reference.Model / reference_moe.HybridModel (causal) / reference_moe.MoLEModel logits on
+    held-out tokens with this module's model (float64). Checks the file layout without the engine."""
+    import reference_moe as rm
+    model, ck = load_model(args.stage)
+    model = model.double().eval()
+    c = model.cfg
+    r, a, back = gguf_state(args.gguf, c)
     s = np.fromfile(tok_path("python", "heldout"), dtype=np.uint16)[:args.n_tokens].astype(np.int64).tolist()
     with torch.no_grad():
         if ck["meta"].get("stage", args.stage) == "mole":
