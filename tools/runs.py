@@ -400,51 +400,98 @@ def default_model(res):
     return out
 
 
+def curve_points(r, langs):
+    """A run's learning curve: (tokens in thousands, mean held-out loss of langs on other packages), from the
+    step-0 check on."""
+    pts = [p for p in r.get("curve", []) if p.get("heldout_ext")]
+    if not pts:
+        return [], []
+    tok_per_step = r["tokens"] / max(p["step"] for p in pts)
+    if (r.get("start") or {}).get("heldout_ext"):
+        pts = [{"step": 0, "heldout_ext": r["start"]["heldout_ext"]}] + pts
+    return ([p["step"] * tok_per_step / 1e3 for p in pts],
+            [float(np.mean([p["heldout_ext"][l] for l in langs])) for p in pts])
+
+
 def plot_curves(res, png):
-    """Held-out loss (mean of the low-resource languages, other packages) against tokens, one line per run."""
+    """Learning curves, held-out loss on packages never trained on against post-pretraining tokens. Top: the
+    full-budget runs, one colour per method, the line the mean over its seeds and the band their min-max
+    (options: one seed, dashed); left the low-resource languages, right the high-resource ones. Bottom: the
+    learning-rate sweep (a quarter of the budget, seed 1), the line style the rate's rank."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in sorted(res.values(), key=lambda r: r["run"]):
-        pts = [p for p in r.get("curve", []) if p.get("heldout_ext")]
-        if pts:
-            tok_per_step = r["tokens"] / max(p["step"] for p in pts)
-            if (r.get("start") or {}).get("heldout_ext"):
-                pts = [{"step": 0, "heldout_ext": r["start"]["heldout_ext"]}] + pts
-            ax.plot([p["step"] * tok_per_step / 1e3 for p in pts],
-                    [np.mean([p["heldout_ext"][l] for l in tr.LOW]) for p in pts], label=r["run"], lw=1, marker=".")
-    ax.set_xlabel("post-pretraining tokens (thousands)")
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title("Rust/Go/Ruby, packages never trained on", fontsize=9)
-    ax.legend(fontsize=6, ncol=2)
+    stages = METHODS + OPTIONS
+    colour = {st: plt.get_cmap("tab10")(i) for i, st in enumerate(stages)}
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    for col, (langs, what) in enumerate(((tr.LOW, "Rust/Go/Ruby (low-resource)"),
+                                         (tr.HIGH, "Python/Java/C++ (high-resource)"))):
+        ax = axes[0][col]
+        for st in stages:
+            runs = [r for r in res.values() if r["stage"] == st and r["tier"] >= 2]
+            cs = [curve_points(r, langs) for r in runs]
+            cs = [c for c in cs if c[0]]
+            if not cs:
+                continue
+            n = min(len(c[0]) for c in cs)
+            x = cs[0][0][:n]
+            ys = np.array([c[1][:n] for c in cs])
+            ax.plot(x, ys.mean(0), color=colour[st], lw=1.6, marker=".", ls="--" if st in OPTIONS else "-",
+                    label="%s (%d seed%s)" % (st, len(cs), "s" if len(cs) > 1 else ""))
+            if len(cs) > 1:
+                ax.fill_between(x, ys.min(0), ys.max(0), color=colour[st], alpha=0.2, lw=0)
+        ax.set_title("%s, full budget" % what, fontsize=11)
+        ax.set_xlabel("post-pretraining tokens (thousands)")
+        ax.set_ylabel("held-out loss, other packages (nats/token)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        ax = axes[1][col]
+        for st in METHODS:
+            for k, lr in enumerate(SWEEP[st]):
+                r = res.get(run_name(st, 1, lr, int(POST_TOKENS * SWEEP_FRACTION)))
+                if r:
+                    x, y = curve_points(r, langs)
+                    ax.plot(x, y, color=colour[st], lw=1.2, ls=("-", "--", ":")[k], marker=".",
+                            label="%s lr %g" % (st, lr))
+        ax.set_title("%s, learning-rate sweep (seed 1)" % what, fontsize=11)
+        ax.set_xlabel("post-pretraining tokens (thousands)")
+        ax.set_ylabel("held-out loss, other packages (nats/token)")
+        ax.legend(fontsize=6.5, ncol=2)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png, dpi=120)
+    fig.savefig(png, dpi=110)
 
 
 def plot_routing(res, png):
     """Segment experts' token shares per language (last layer): the untrained router (step 0), then every
-    trained hybrid with a segment level (seed 1; moe is balanced, moe_nobal is not), one colour scale for
-    all panels and one colour bar."""
+    full-budget hybrid with a segment level at seed 1 (moe is balanced, moe_nobal is not), one colour scale
+    for all panels and one colour bar."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     panels = [(r["run"], r["final"]["heldout_ext"]["seg_routing"])
               for r in sorted(res.values(), key=lambda r: (r["tier"], r["run"]))
-              if r["seed"] == 1 and "seg_routing" in r["final"]["heldout_ext"]]
+              if r["seed"] == 1 and r["tier"] in (0, 2, 3) and "seg_routing" in r["final"]["heldout_ext"]]
     if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 1.5, 3.4), squeeze=False)
-    fig.subplots_adjust(wspace=0.45)
-    for ax, (name, rt) in zip(axes[0], panels):
+    ncol = min(3, len(panels))
+    nrow = -(-len(panels) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol + 1.6, 3.9 * nrow), squeeze=False)
+    for ax, (name, rt) in zip(axes.flat, panels):
         m = np.array([rt[l][-1] for l in LANGS6])
         im = ax.imshow(m, vmin=0.0, vmax=1.0, cmap="viridis")
-        ax.set_title(name, fontsize=8)
-        ax.set_yticks(range(len(LANGS6)), LANGS6)
+        ax.set_title(name if name != "moe-untrained" else "untrained router (step 0)", fontsize=11)
+        ax.set_yticks(range(len(LANGS6)), LANGS6, fontsize=10)
         ax.set_xticks(range(m.shape[1]))
-        ax.set_xlabel("segment expert")
-    fig.colorbar(im, ax=axes[0].tolist(), label="share of the language's tokens")
-    fig.savefig(png, dpi=120)
+        ax.set_xlabel("segment expert (last layer)", fontsize=10)
+        for i in range(m.shape[0]):
+            for j in range(m.shape[1]):
+                ax.text(j, i, "%.2f" % m[i, j], ha="center", va="center", fontsize=7,
+                        color="black" if m[i, j] > 0.6 else "white")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.colorbar(im, ax=axes.ravel().tolist(), label="share of the language's tokens", shrink=0.8)
+    fig.savefig(png, dpi=110)
 
 
 def cmd_selftest(args):

@@ -740,7 +740,8 @@ def cmd_train(args):
         step += 1
         toks_since += x.numel()
         now = time.time()
-        if step % args.log_every == 0 or step == total:
+        evaluate_now = step % eval_every == 0 or step == total  # not only on logged steps: every 10% exactly
+        if step % args.log_every == 0 or evaluate_now:
             rec = {"step": step, "loss": round(float(loss), 4), "aux": round(float(aux), 4), "lr": lr,
                    "tok_s": round(toks_since / (now - t_since), 1), "time": int(now)}
             if stage.startswith("moe"):
@@ -750,7 +751,7 @@ def cmd_train(args):
                 if fusion:
                     rec["fusion"] = [[round(float(v), 4) for v in l.moe.fusion] for l in model.model.layers]
             toks_since, t_since = 0, now
-            if step % eval_every == 0 or step == total:
+            if evaluate_now:
                 rec["heldout"] = evaluate(model, hb, stage)
                 rec["heldout_ext"] = evaluate(model, hbx, stage)
             log.write(json.dumps(rec) + "\n")
