@@ -332,42 +332,133 @@ def seed_runs(res, stage):
     return {s: res.get(run_name(stage, s, lr, POST_TOKENS)) for s in SEEDS} if lr else {}
 
 
+REPORT_CMD = ("tools/runs.py report --out docs/experiment.md --curves docs/experiment-curves.png "
+              "--routing docs/experiment-routing.png")
+
+
+def group_bpb(r, split, langs, key="bpb"):
+    return float(np.mean([r["final"][split][key][l] for l in langs]))
+
+
+def spread_cell(vals, fmt="%.3f"):
+    """mean [min, max] of a method's seeds (one seed: the value)."""
+    if len(vals) == 1:
+        return fmt % vals[0]
+    return (fmt + " [" + fmt + ", " + fmt + "]") % (np.mean(vals), min(vals), max(vals))
+
+
+def method_runs(res, stage):
+    """The full-budget runs of a method (its seeds) or option (one seed)."""
+    return sorted((r for r in res.values() if r["stage"] == stage and r["tier"] >= 2), key=lambda r: r["seed"])
+
+
+def report_text(res):
+    """docs/experiment.md from the committed run results alone (no data, no model): runs.py selftest checks
+    that the committed file is this function's output."""
+    lines = ["# The MultiPL-MoE experiment, re-run at small scale (lowres)", "",
+             "Generated from `models/runs/lowres/*.json` by `%s`; the set-up (data, upcycling, routing, run plan, "
+             "claim rules) is in [training.md](training.md), \"The lowres experiment\". Bits per byte (bpb) on "
+             "held-out files: lower is better. \"Other packages\" are Debian packages no training split used "
+             "(the claims are judged there); \"same packages\" are held-out files of the training packages." % REPORT_CMD,
+             ""]
+    full = [r for r in res.values() if r["tier"] >= 2]
+    if not full:
+        return "\n".join(lines + ["No full-budget run has finished yet.", ""])
+    lines += ["## Claims", "",
+              "Paired by seed: method minus comparison, `heldout_ext` bits per byte averaged over the claim's "
+              "languages (negative: the method is better). **Holds** when every seed favours the method and the "
+              "mean gain exceeds the seeds' spread (max - min); **does not hold** when every seed favours the "
+              "comparison by more than the spread; otherwise **cannot be told apart at this scale**.", ""]
+    for text, a, b, langs in CLAIMS:
+        ra, rb = seed_runs(res, a), seed_runs(res, b)
+        seeds = [s for s in SEEDS if ra.get(s) and rb.get(s)]
+        if len(seeds) < 2:
+            lines.append("- %s: not run yet (%d paired seeds)" % (text, len(seeds)))
+            continue
+        c = claim([np.mean([ra[s]["final"]["heldout_ext"]["bpb"][l] - rb[s]["final"]["heldout_ext"]["bpb"][l]
+                            for l in langs]) for s in seeds])
+        lines.append("- %s: **%s** (mean %+.4f bits/byte, seed spread %.4f, per seed %s)" % (
+            text, c["verdict"], c["mean"], c["spread"], ", ".join("%+.4f" % v for v in c["per_seed"])))
+    lines += ["", "## Per method (full budget: %dk tokens; mean [min, max] over seeds)" % (POST_TOKENS // 1000), "",
+              "| method | lr | seeds | trainable / total params | FLOPs / token | other packages: Rust/Go/Ruby "
+              "| other packages: Python/Java/C++ | same packages: Rust/Go/Ruby | same packages: Python/Java/C++ |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for st in METHODS + OPTIONS:
+        rs = method_runs(res, st)
+        if not rs:
+            continue
+        lines.append("| %s | %g | %s | %.2fM / %.2fM | %.2fM | %s | %s | %s | %s |" % (
+            st, rs[0]["lr"], ",".join(str(r["seed"]) for r in rs), rs[0]["params_trainable"] / 1e6,
+            rs[0]["params_total"] / 1e6, rs[0]["flops_per_token"] / 1e6,
+            *[spread_cell([group_bpb(r, sp, g) for r in rs]) for sp in ("heldout_ext", "heldout")
+              for g in (tr.LOW, tr.HIGH)]))
+    sh = res.get("shipped")
+    if sh:
+        lines.append("| shipped default (v1 moe, Q8_0) | - | - | - / %.2fM | - | %s |" % (
+            sh["params_total"] / 1e6, " | ".join("%.3f" % group_bpb(sh, sp, g) for sp in ("heldout_ext", "heldout")
+                                                 for g in (tr.LOW, tr.HIGH))))
+    lines += ["", "Per language, other packages (mean over seeds):", "",
+              "| method | " + " | ".join(LANGS6) + " |", "|---|" + "---|" * len(LANGS6)]
+    for st in METHODS + OPTIONS:
+        rs = method_runs(res, st)
+        if rs:
+            lines.append("| %s | %s |" % (st, " | ".join(
+                "%.3f" % np.mean([r["final"]["heldout_ext"]["bpb"][l] for r in rs]) for l in LANGS6)))
+    if sh:
+        lines.append("| shipped default | %s |" % " | ".join("%.3f" % sh["final"]["heldout_ext"]["bpb"][l]
+                                                           for l in LANGS6))
+    hyb = [st for st in METHODS + OPTIONS if any("seg_share" in r["final"]["heldout_ext"] for r in method_runs(res, st))]
+    if hyb:
+        lines += ["", "## The segment level", "",
+                  "Share of the FFN output norm the segment branch carries (mean over layers and the "
+                  "low-resource languages, other packages), and the change in bits per byte when the segment "
+                  "branch is switched off at evaluation (knock-out; positive: the branch helped).", "",
+                  "| method | segment share | knock-out: Rust/Go/Ruby | knock-out: Python/Java/C++ | learned fusion "
+                  "(a_tok, a_seg) per layer, seed %d |" % SEEDS[0], "|---|---|---|---|---|"]
+        for st in hyb:
+            rs = [r for r in method_runs(res, st) if "seg_share" in r["final"]["heldout_ext"]]
+            x = lambda r: r["final"]["heldout_ext"]  # noqa: E731
+            fu = rs[0].get("fusion")
+            lines.append("| %s | %s | %s | %s | %s |" % (
+                st, spread_cell([float(np.mean([x(r)["seg_share"][l] for l in tr.LOW])) for r in rs], "%.4f"),
+                spread_cell([group_bpb(r, "heldout_ext", tr.LOW, "knockout_bpb") - group_bpb(r, "heldout_ext", tr.LOW)
+                             for r in rs], "%+.4f"),
+                spread_cell([group_bpb(r, "heldout_ext", tr.HIGH, "knockout_bpb") - group_bpb(r, "heldout_ext", tr.HIGH)
+                             for r in rs], "%+.4f"),
+                " ".join("(%.2f, %.2f)" % tuple(f) for f in fu) if fu else "-"))
+    lines += ["", "## The default model", "",
+              "The best full-budget run replaces the shipped default only if it beats it on the other packages "
+              "(mean bits per byte over the six languages).", ""]
+    lines += default_model(res)
+    lines += ["", "## Learning curves", "",
+              "Held-out loss on the other packages from the step-0 check on (every 10% of the budget).", "",
+              "![learning curves](experiment-curves.png)", "",
+              "## Routing", "",
+              "Token shares of the segment experts per language, last layer: the untrained router and every "
+              "full-budget hybrid at seed 1.", "", "![segment routing](experiment-routing.png)", "",
+              "## Every run", "",
+              "| run | trainable / total params | FLOPs/token | step-0 max diff | same packages bpb low / high "
+              "| other packages bpb low / high | segment share, low | knock-out: bpb change, low / high |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(res.values(), key=lambda r: r["run"]):
+        if r["tier"] == 0:
+            continue
+        f = r["final"]
+        x = f["heldout_ext"]
+        seg = "%.4f" % np.mean([x["seg_share"][l] for l in tr.LOW]) if "seg_share" in x else "-"
+        ko = "%+.4f / %+.4f" % tuple(np.mean([x["knockout_bpb"][l] - x["bpb"][l] for l in g])
+                                     for g in (tr.LOW, tr.HIGH)) if "knockout_bpb" in x else "-"
+        lines.append("| %s | %.3fM / %.3fM | %.2fM | %s | %.3f / %.3f | %.3f / %.3f | %s | %s |" % (
+            r["run"], r["params_trainable"] / 1e6, r["params_total"] / 1e6, r["flops_per_token"] / 1e6,
+            "%.1e" % r["start"]["max_abs_diff"] if r.get("start") else "-",
+            group_bpb(r, "heldout", tr.LOW), group_bpb(r, "heldout", tr.HIGH),
+            group_bpb(r, "heldout_ext", tr.LOW), group_bpb(r, "heldout_ext", tr.HIGH), seg, ko))
+    return "\n".join(lines) + "\n"
+
+
 def cmd_report(args):
     res = load_results()
-    lines = ["# lowres experiment: runs so far (tools/runs.py report)", ""]
-    if not res:
-        lines.append("No run has finished yet.")
-    else:
-        lines += ["| run | trainable / total params | FLOPs/token | step-0 max diff | held-out bpb low / high "
-                  "| other packages bpb low / high | segment share of the FFN output, low | knock-out: bpb change, "
-                  "low / high |", "|---|---|---|---|---|---|---|---|"]
-        for r in sorted(res.values(), key=lambda r: r["run"]):
-            if r["tier"] == 0:
-                continue
-            f = r["final"]
-            x = f["heldout_ext"]
-            seg = "%.4f" % np.mean([x["seg_share"][l] for l in tr.LOW]) if "seg_share" in x else "-"
-            ko = "%+.4f / %+.4f" % tuple(np.mean([x["knockout_bpb"][l] - x["bpb"][l] for l in g])
-                                         for g in (tr.LOW, tr.HIGH)) if "knockout_bpb" in x else "-"
-            lines.append("| %s | %.3fM / %.3fM | %.2fM | %s | %.3f / %.3f | %.3f / %.3f | %s | %s |" % (
-                r["run"], r["params_trainable"] / 1e6, r["params_total"] / 1e6, r["flops_per_token"] / 1e6,
-                "%.1e" % r["start"]["max_abs_diff"] if r.get("start") else "-",
-                np.mean([f["heldout"]["bpb"][l] for l in tr.LOW]), np.mean([f["heldout"]["bpb"][l] for l in tr.HIGH]),
-                np.mean([x["bpb"][l] for l in tr.LOW]), np.mean([x["bpb"][l] for l in tr.HIGH]), seg, ko))
-        lines += ["", "Claims (held-out bits per byte on packages never trained on, paired by seed):", ""]
-        for text, a, b, langs in CLAIMS:
-            ra, rb = seed_runs(res, a), seed_runs(res, b)
-            seeds = [s for s in SEEDS if ra.get(s) and rb.get(s)]
-            if len(seeds) < 2:
-                lines.append("- %s: not run yet (%d paired seeds)" % (text, len(seeds)))
-                continue
-            c = claim([np.mean([ra[s]["final"]["heldout_ext"]["bpb"][l] - rb[s]["final"]["heldout_ext"]["bpb"][l]
-                                for l in langs]) for s in seeds])
-            lines.append("- %s: **%s** (mean %+.4f bits/byte, seed spread %.4f, per seed %s)" % (
-                text, c["verdict"], c["mean"], c["spread"], c["per_seed"]))
-        lines += ["", "The default model (mean bits per byte over the six languages; lower is better):", ""]
-        lines += default_model(res)
-    text = "\n".join(lines) + "\n"
+    text = report_text(res)
     if args.out:
         with open(args.out, "w") as fh:
             fh.write(text)
@@ -516,7 +607,12 @@ def cmd_selftest(args):
     assert default_model(res)[-1].startswith("- the shipped model stays")
     res["b"] = mk("b", 3, 1.9, 1.5)
     assert default_model(res)[-1].startswith("- the best run replaces") and "best run, b:" in default_model(res)[0]
-    print("runs selftest: plan of %d runs, claim rules, sweep choice and default-model rule ok" % len(p))
+    # the committed report is the committed results rendered (a hand edit or a stale file fails here)
+    doc = os.path.join(tr.REPO, "docs", "experiment.md")
+    with open(doc, encoding="utf-8") as fh:
+        assert fh.read() == report_text(load_results()), "docs/experiment.md is stale: run " + REPORT_CMD
+    print("runs selftest: plan of %d runs, claim rules, sweep choice and default-model rule ok; "
+          "docs/experiment.md renders from models/runs/" % len(p))
 
 
 def main():
