@@ -178,7 +178,8 @@ def curve(run):
         with open(p) as fh:
             for line in fh:
                 r = json.loads(line)
-                if "heldout" in r:
+                if "heldout" in r:  # a resumed run logs the steps after its last checkpoint again: keep the last
+                    pts = [p for p in pts if p["step"] != r["step"]]
                     pts.append({"step": r["step"], "heldout": r["heldout"], "heldout_ext": r.get("heldout_ext")})
     return pts
 
@@ -293,12 +294,54 @@ def cmd_run(args):
             break
         s = todo[0]
         print("== %s (%s UTC)" % (s["run"], time.strftime("%H:%M:%S", time.gmtime())), file=sys.stderr)
-        cmd = ["nice", "-n", "19", "/usr/bin/python3", os.path.join(tr.REPO, "tools", "train.py"), "train",
-               "--stage", s["stage"], "--run", s["run"], "--seed", str(s["seed"]), "--lr", str(s["lr"]),
-               "--tokens", str(s["tokens"]), "--threads", "1", "--ckpt-min", "5"]
-        if subprocess.run(cmd, env=dict(os.environ, CM_EXP=tr.EXP)).returncode:
-            sys.exit("runs.py: %s failed" % s["run"])
+        train_run(s)
         write_result(evaluate_run(s, tb))
+        n += 1
+    if args.recurve:
+        recurve(args, tb, only, n)
+
+
+def train_run(s):
+    cmd = ["nice", "-n", "19", "/usr/bin/python3", os.path.join(tr.REPO, "tools", "train.py"), "train",
+           "--stage", s["stage"], "--run", s["run"], "--seed", str(s["seed"]), "--lr", str(s["lr"]),
+           "--tokens", str(s["tokens"]), "--threads", "1", "--ckpt-min", "5"]
+    if subprocess.run(cmd, env=dict(os.environ, CM_EXP=tr.EXP)).returncode:
+        sys.exit("runs.py: %s failed" % s["run"])
+
+
+def recurve(args, tb, only, n):
+    """Runs finished before held-out loss was measured every 10% of the budget have 3 points on their curve.
+    Re-train them from scratch (same seed, data order and rate) for the full curve; the run's final numbers
+    must come out the same (training is deterministic on one thread), and the largest difference is recorded
+    in the JSON ("rerun"). Resumable: a marker in the run's checkpoint directory says a re-run is under way."""
+    import shutil
+    while not (args.max_runs and n >= args.max_runs):
+        res = load_results()
+        todo = [s for s in plan(res) if s["run"] in res and s["tier"] >= 2 and (only is None or s["run"] in only)
+                and len([p for p in res[s["run"]].get("curve", []) if p.get("heldout_ext")]) < 10]
+        if not todo or (args.stop_at and time.strftime("%H:%M", time.gmtime()) >= args.stop_at):
+            return
+        s = todo[0]
+        d = tr.ckpt_dir(s["run"])
+        marker = os.path.join(d, "recurve")
+        if not os.path.exists(marker):
+            shutil.rmtree(d, ignore_errors=True)
+            log = os.path.join(tr.EXP_ROOT, "logs", s["run"] + ".jsonl")
+            if os.path.exists(log):
+                os.remove(log)
+            os.makedirs(d)
+            open(marker, "w").close()
+        print("== %s, again for its curve (%s UTC)" % (s["run"], time.strftime("%H:%M:%S", time.gmtime())),
+              file=sys.stderr)
+        train_run(s)
+        r = evaluate_run(s, tb)
+        old = res[s["run"]]["final"]
+        r["rerun"] = {"max_final_bpb_diff": max(abs(r["final"][sp]["bpb"][l] - old[sp]["bpb"][l])
+                                                for sp in tr.SPLITS_HELDOUT for l in LANGS6)}
+        print("runs.py: %s re-run, final bits per byte differ by at most %.2e" % (
+            s["run"], r["rerun"]["max_final_bpb_diff"]), file=sys.stderr)
+        write_result(r)
+        os.remove(marker)
         n += 1
 
 
@@ -625,6 +668,8 @@ def main():
             p.add_argument("--stop-at", default=None, help="UTC HH:MM after which no new run starts")
             p.add_argument("--max-runs", type=int, default=0)
             p.add_argument("--only", default=None)
+            p.add_argument("--recurve", action="store_true",
+                           help="then re-train finished runs whose learning curve has fewer than 10 points")
         if name == "report":
             p.add_argument("--out", default=None)
             p.add_argument("--curves", default=None)
