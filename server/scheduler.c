@@ -1386,8 +1386,8 @@ static void worker_main(void *arg) {
         }
         /* 5. publish */
         uv_mutex_lock(&s->mu);
-        for (int i = s->n_running - 1; i >= 0; i--) {
-            srv_job *j = s->running[i];
+        for (int i = s->n_running + s->n_parked - 1; i >= 0; i--) { /* parked: their preemption count */
+            srv_job *j = i < s->n_running ? s->running[i] : s->parked[i - s->n_running];
             if (js(j)->dirty) { publish_job(s, j); js(j)->dirty = 0; }
         }
         publish_stats_locked(s);

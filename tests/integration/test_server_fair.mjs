@@ -167,13 +167,15 @@ async function fullThenOther(srv) {
 }
 
 test('preemption: another key gets a slot held by the busiest key; the paused request resumes exactly', async () => {
-  const srv = await startServer({ args: ['--threads', '1', '--parallel', '2', '--api-key', KEY_A, '--api-key', KEY_B],
-    env: { CODEMOE_SERVE_STEP_DELAY_MS: '40' } });
+  const srv = await startServer({ args: ['--threads', '1', '--parallel', '2', '--api-key', KEY_A, '--api-key', KEY_B,
+    '--kv-check'], env: { CODEMOE_SERVE_STEP_DELAY_MS: '40' } });
   try {
     const { a, first, long } = await fullThenOther(srv);
     assert.ok(first, "the other key's request finished after one of the full key's");
     const m = await metrics(srv, auth(KEY_B));
     assert.equal(m.codemoe_preemptions_total, 1, JSON.stringify(m));
+    assert.equal(m.codemoe_requests_preempted, 0);
+    assert.equal(m.codemoe_kv_check_errors, 0);
     const pre = Object.entries(m).filter(([k]) => k.startsWith('codemoe_key_preemptions_total{')).map(([, v]) => v).sort();
     assert.deepEqual(pre, [0, 1]);
     /* the same requests alone: the same texts */
