@@ -48,7 +48,7 @@
  *     newcomer needs (a preemption never leaves the victim with fewer slots than the newcomer gets);
  *     of its jobs, the one admitted or resumed last that has made progress since (bounded churn: a job
  *     is never preempted again before it has fed or generated a token since it was admitted or resumed,
- *     and it resumes at the first room, so each preemption costs its victim at most the newcomer's stay);
+ *     and it resumes as soon as its slots are free, before any queued job);
  *   - resumption: parked jobs resume, oldest first, before anything is admitted from the fair queue
  *     (a parked job is ahead of its client's queued ones, and of everyone's: no starvation); the
  *     newcomer whose turn it was not yet is charged by the fair queue as if it were (srv_fairq_pop).
