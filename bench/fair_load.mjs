@@ -15,7 +15,8 @@
 //   --json FILE        also write the results as JSON
 //   --no-same-key      skip the third phase (with --key-max-concurrent the typist would be refused there)
 //   --rounds N         alternate the alone and flooded phases N times (default 1) and pool their samples,
-//                      so that a change in the machine's other load falls on both alike
+//                      so that a change in the machine's other load falls on both alike; each round's
+//                      own p50s and ratio are printed too (and in the JSON: "per_round")
 // A flooding request answered 429 waits its Retry-After and is sent again (what OpenAI's SDKs do). The
 // flood runs in a child process (this script with --role flood), so that reading its streams never
 // delays the typist's measurements in this one.
@@ -139,12 +140,17 @@ const ROUNDS = Number(opt("--rounds", "1"));
 const results = { url, flood: FLOOD, requests: REQUESTS, max_tokens: MAX_TOKENS, rounds: ROUNDS };
 await typist(keyTypist); // warm-up: the server's samplers, the file's prefix in the cache
 const alone = [], flooded = [], answers = {};
+results.per_round = [];
 for (let r = 0; r < ROUNDS; r++) {
-  alone.push(...(await typist(keyTypist)));
-  const stop = flood(keyFlood);
+  const a = await typist(keyTypist);
+  const stop = flood(keyFlood), t0 = performance.now();
   await sleep(1000);
-  flooded.push(...(await typist(keyTypist)));
-  for (const [k, v] of Object.entries(await stop())) answers[k] = (answers[k] || 0) + v;
+  const fl = await typist(keyTypist);
+  const got = await stop(), secs = (performance.now() - t0) / 1000;
+  for (const [k, v] of Object.entries(got)) answers[k] = (answers[k] || 0) + v;
+  alone.push(...a);
+  flooded.push(...fl);
+  results.per_round.push({ alone: summary(a), flooded: summary(fl), flood_answers: got, flood_seconds: secs });
 }
 results.alone = summary(alone);
 results.flooded = summary(flooded);
@@ -160,6 +166,10 @@ console.log(`typist TTFT (ms)                 p50     p90   p50 ratio`);
 for (const k of ["alone", "flooded", "flooded_same_key"].filter((x) => results[x]))
   console.log(`${k.padEnd(30)} ${f(results[k].p50).padStart(7)} ${f(results[k].p90).padStart(7)}   ` +
     `${(results[k].p50 / results.alone.p50).toFixed(2)}x`);
+if (ROUNDS > 1)
+  results.per_round.forEach((x, i) => console.log(`round ${i + 1}: alone p50 ${f(x.alone.p50)}, flooded p50 ` +
+    `${f(x.flooded.p50)} p90 ${f(x.flooded.p90)}, ${(x.flooded.p50 / x.alone.p50).toFixed(2)}x; flood answers ` +
+    `${JSON.stringify(x.flood_answers)} in ${f(x.flood_seconds)} s (${f((x.flood_answers[200] || 0) / x.flood_seconds)}/s)`));
 console.log(`flood answers by status: ${JSON.stringify(results.flood_answers)}` +
   (results.flood_answers_same_key ? `; same key: ${JSON.stringify(results.flood_answers_same_key)}` : ""));
 if (jsonOut) fs.writeFileSync(jsonOut, JSON.stringify(results, null, 2) + "\n");

@@ -44,7 +44,9 @@ int srv_fairq_push(srv_fairq *q, srv_fairq_item *it);
 /* The item to admit next (the head with the smallest start tag), NULL when empty. Stable: it stays the
  * answer until something is pushed, popped or removed. */
 srv_fairq_item *srv_fairq_peek(const srv_fairq *q);
-/* Takes the item srv_fairq_peek returned out of the queue and charges its client its cost. */
+/* Takes the item srv_fairq_peek returned out of the queue and charges its client its cost. Any client's
+ * head item may be taken so (the scheduler's preemption admits a client with nothing admitted out of
+ * turn): it is charged from its own start tag, which becomes the virtual time. */
 void srv_fairq_pop(srv_fairq *q, srv_fairq_item *it);
 /* Undoes the srv_fairq_pop just made (nothing else happened in between): it is the head again, and
  * the charge is taken back. For an item that turned out not to fit yet. */

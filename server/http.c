@@ -140,6 +140,7 @@ struct srv_req {
     int client;                 /* completions: its srv_keylimits client */
     int limited;                /* srv_keylimits_begin let it in and srv_keylimits_end is still due */
     long long charged;          /* tokens charged to its client so far */
+    int preemptions;            /* preemptions of its job counted to its client so far */
     int retry_after;            /* seconds in a 429's Retry-After (0: 1) */
 
     srv_buf body;
@@ -1119,6 +1120,10 @@ static void job_output(srv_req *r, srv_drained *info) {
     if (used > r->charged) { /* the client's tokens per minute count as they are used */
         srv_keylimits_charge(h->kl, r->client, used - r->charged, uv_hrtime());
         r->charged = used;
+    }
+    if (info->preemptions > r->preemptions) {
+        srv_keylimits_preempted(h->kl, r->client, info->preemptions - r->preemptions);
+        r->preemptions = info->preemptions;
     }
     r->cached_tokens = info->cached_tokens;
     if (info->t_first_token_ns) r->t_first_token_ns = info->t_first_token_ns;

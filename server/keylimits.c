@@ -20,7 +20,7 @@ typedef struct kl_client {
     int in_flight;
     double bucket;          /* tokens; below zero: debt */
     uint64_t t_refill;      /* when bucket was last brought up to date (ns) */
-    uint64_t requests, tokens, rejected_concurrency, rejected_tokens;
+    uint64_t requests, tokens, rejected_concurrency, rejected_tokens, preemptions;
 } kl_client;
 
 struct srv_keylimits {
@@ -172,6 +172,10 @@ void srv_keylimits_charge(srv_keylimits *kl, int c, long long tokens, uint64_t n
     if (kl->capacity > 0) cl->bucket -= (double)tokens;
 }
 
+void srv_keylimits_preempted(srv_keylimits *kl, int c, int n) {
+    if (n > 0) kl->c[c].preemptions += (uint64_t)n;
+}
+
 void srv_keylimits_end(srv_keylimits *kl, int c) {
     if (kl->c[c].in_flight > 0) kl->c[c].in_flight--;
 }
@@ -181,7 +185,7 @@ double srv_keylimits_bucket(srv_keylimits *kl, int c, uint64_t now_ns) {
     return kl->capacity > 0 ? kl->c[c].bucket : 0;
 }
 
-typedef enum { COL_REQUESTS, COL_TOKENS, COL_IN_FLIGHT, COL_BUCKET, COL_REJ_CONC, COL_REJ_TOK } kl_col;
+typedef enum { COL_REQUESTS, COL_TOKENS, COL_IN_FLIGHT, COL_BUCKET, COL_REJ_CONC, COL_REJ_TOK, COL_PREEMPT } kl_col;
 
 static void render_family(srv_keylimits *kl, srv_buf *b, const char *name, const char *type, const char *help,
                           kl_col col, const char *reason) {
@@ -190,7 +194,8 @@ static void render_family(srv_keylimits *kl, srv_buf *b, const char *name, const
         if (!c->used) continue;
         double v = col == COL_REQUESTS ? (double)c->requests : col == COL_TOKENS ? (double)c->tokens
                    : col == COL_IN_FLIGHT ? c->in_flight : col == COL_BUCKET ? c->bucket
-                   : col == COL_REJ_CONC ? (double)c->rejected_concurrency : (double)c->rejected_tokens;
+                   : col == COL_REJ_CONC ? (double)c->rejected_concurrency : col == COL_REJ_TOK ? (double)c->rejected_tokens
+                   : (double)c->preemptions;
         if (help) srv_buf_printf(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
         help = NULL;
         /* the user passed srv_user_name_ok and labels are ours: nothing to escape */
@@ -211,6 +216,9 @@ void srv_keylimits_render(srv_keylimits *kl, uint64_t now_ns, srv_buf *b) {
     render_family(kl, b, "codemoe_key_rejected_total", "counter",
                   "Completion requests refused with 429 by a per-client limit, by reason.", COL_REJ_CONC, "concurrency");
     render_family(kl, b, "codemoe_key_rejected_total", "counter", NULL, COL_REJ_TOK, "tokens");
+    render_family(kl, b, "codemoe_key_preemptions_total", "counter",
+                  "Times a running completion of the client was preempted (paused) to give another client a slot.",
+                  COL_PREEMPT, NULL);
     if (kl->capacity > 0)
         render_family(kl, b, "codemoe_key_token_bucket", "gauge",
                       "Tokens left in the client's --key-tokens-per-minute bucket (negative: owed).", COL_BUCKET, NULL);

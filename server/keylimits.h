@@ -56,6 +56,9 @@ uint64_t srv_keylimits_fair_id(const srv_keylimits *kl, int c);
 int srv_keylimits_begin(srv_keylimits *kl, int c, uint64_t now_ns, int *retry_after);
 /* Takes tokens (prompt or generated) that a request of client c used out of its bucket. */
 void srv_keylimits_charge(srv_keylimits *kl, int c, long long tokens, uint64_t now_ns);
+/* A request of client c was preempted n more times (the scheduler parked it to give a slot to a client
+ * with nothing admitted): counted in codemoe_key_preemptions_total. */
+void srv_keylimits_preempted(srv_keylimits *kl, int c, int n);
 /* The request let in by srv_keylimits_begin is over. */
 void srv_keylimits_end(srv_keylimits *kl, int c);
 

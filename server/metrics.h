@@ -39,6 +39,8 @@ typedef struct srv_gauges {
     int queue_depth;        /* requests waiting for a slot */
     int requests_running;   /* requests with sequences in the batch */
     int seqs_running;
+    int requests_preempted; /* admitted requests parked by preemption (holding KV, not in the batch) */
+    uint64_t preemptions;   /* jobs parked to give a waiting client a slot */
     int kv_blocks_total, kv_blocks_used, kv_block_tokens;
     int kv_blocks_cached;   /* in the prefix cache, held by no sequence (evictable) */
     int kv_blocks_available;/* free + cached */

@@ -13,7 +13,9 @@
  *      must be covered by the pool's available blocks minus what running sequences have reserved
  *      but not taken yet. A job that does not fit is undone and waits at the head of the queue (so
  *      big requests are not starved); one that could not fit into an empty pool fails at once. So
- *      cm_forward never runs out of blocks, and nothing is ever preempted;
+ *      cm_forward never runs out of blocks, and no sequence ever loses its KV. Preemption (below)
+ *      only takes slots: when every slot is held and a client with nothing admitted has a request
+ *      waiting, a job of the client holding the most slots is parked to make room for it;
  *   3. build one batch: first one decode token for every generating sequence; then the extra work,
  *      until n_batch tokens, fewer while sequences decode and --max-itl-ms bounds the step's predicted
  *      time (chunked prefill: a long prompt never stalls the running streams), in this order:
@@ -31,6 +33,25 @@
  * Choices of one prompt (n > 1): the first (the leader) prefills; the others wait without a sequence
  * and, when the leader's last prompt token has its logits, fork it (cm_seq_fork shares its blocks)
  * and sample from the same logits row with their own samplers.
+ *
+ * Preemption (on unless --no-preempt). A slot (--parallel) is a place in the batch; the KV memory is the
+ * separate block pool, reserved per job at admission. So a preempted job keeps its sequences, their KV
+ * blocks, its reservation, samplers and text: it is parked (out of `running`, its slots given back) and
+ * resumes exactly where it stopped; its stream just pauses, and its tokens are those of a run that was
+ * never preempted (a row's logits do not depend on the batch; its sampler's state is untouched). The
+ * engine context therefore has room for 2 x parallel sequences (the KV pool stays parallel x ctx
+ * unless --kv-size says otherwise); parked slots are bounded by parallel. The rules (preempt_for):
+ *   - who triggers it: the first waiting job (in the fair queue's walk) of a client that has no job
+ *     running or parked, when the slots free are fewer than its choices. Parked jobs never trigger it,
+ *     so two clients cannot take a slot back and forth; one client alone never preempts;
+ *   - whom it takes from: the client holding the most slots, and only while it holds more than the
+ *     newcomer needs (a preemption never leaves the victim with fewer slots than the newcomer gets);
+ *     of its jobs, the one admitted or resumed last that has made progress since (bounded churn: a job
+ *     is never preempted again before it has fed or generated a token since it was admitted or resumed,
+ *     and it resumes as soon as its slots are free, before any queued job);
+ *   - resumption: parked jobs resume, oldest first, before anything is admitted from the fair queue
+ *     (a parked job is ahead of its client's queued ones, and of everyone's: no starvation); the
+ *     newcomer whose turn it was not yet is charged by the fair queue as if it were (srv_fairq_pop).
  *
  * Prompt-lookup speculation (--spec-draft K): a greedy choice whose text repeats its context (code
  * completion copies identifiers, lines, whole blocks) drafts up to K tokens per step: the tokens that
@@ -135,6 +156,10 @@ typedef struct sched_jobstate {
     api_route_agg agg;    /* routing statistics of the job's finished sequences */
     int failed;           /* fail_err ends the job after this step's sampling */
     api_error fail_err;
+    int parked;           /* preempted: in srv_sched.parked, its slots counted in seqs_parked */
+    int preemptions;      /* times it was parked (published to srv_job.preemptions) */
+    uint64_t turn;        /* when it was admitted or last resumed (srv_sched.turns) */
+    int64_t mark;         /* job_progress then: it may be preempted once it has moved past it */
 } sched_jobstate;
 
 /* What a batch row is for. */
@@ -177,7 +202,12 @@ struct srv_sched {
     srv_fairq *waitq;                 /* submitted, not admitted (created with the scheduler) */
     srv_job **running;                /* (parallel) admitted jobs */
     int n_running;
-    int seqs_used;
+    int seqs_used;                    /* slots held by the running jobs */
+    srv_job **parked;                 /* (parallel) preempted jobs, oldest first */
+    int n_parked;
+    int seqs_parked;                  /* slots the parked jobs give back when they resume (<= parallel) */
+    uint64_t turns;                   /* admissions and resumptions so far (sched_jobstate.turn) */
+    uint64_t l_preemptions;
     int32_t *b_tok, *b_seq;           /* (n_batch) */
     int8_t *b_logits;                 /* (n_batch) */
     int8_t *b_gen;                    /* (n_batch) 1: a generated token (routing statistics) */
@@ -202,6 +232,7 @@ struct srv_sched {
     int step_delay_ms;                /* CODEMOE_SERVE_STEP_DELAY_MS (tests): sleep before each forward */
     srv_hist l_step_tokens;           /* tokens per forward pass */
     int *a_seq, *a_got;               /* (parallel) job_admit scratch: sequence ids, positions reused */
+    srv_job **a_vic;                  /* (parallel) preempt_for scratch: the jobs it parked */
     int *r_load;                      /* (parallel) step scratch: open sequences of running[i]'s client */
     int prev_light;                   /* the last step was a light step (step_plan) */
     srv_step_row *trace;              /* (n_batch) cfg->step_trace's rows (tests); NULL without one */
@@ -243,7 +274,8 @@ static void seq_release(srv_sched *s, sched_seq *q) {
     }
     if (q->slot) {
         q->slot = 0;
-        s->seqs_used--;
+        if (js(q->job)->parked) s->seqs_parked--;
+        else s->seqs_used--;
     }
     sampler_give(s, q->smp);
     q->smp = NULL;
@@ -289,7 +321,10 @@ static void publish_job(srv_sched *s, srv_job *j) {
             q->ended_published = 1;
         }
     }
-    if (st) j->t_first_token_ns = st->t_first_ns;
+    if (st) {
+        j->t_first_token_ns = st->t_first_ns;
+        j->preemptions = st->preemptions;
+    }
     if (!j->in_ready) {
         j->in_ready = 1;
         j->next_ready = s->ready_head;
@@ -330,6 +365,11 @@ static void job_finish(srv_sched *s, srv_job *j, const api_error *err) {
         }
     for (int i = 0; i < s->n_running; i++)
         if (s->running[i] == j) { s->running[i] = s->running[--s->n_running]; break; }
+    for (int i = 0; i < s->n_parked; i++)
+        if (s->parked[i] == j) {
+            memmove(&s->parked[i], &s->parked[i + 1], (size_t)(--s->n_parked - i) * sizeof *s->parked);
+            break;
+        }
     api_route_agg routing = {0};
     if (st && !err) { /* the sums move to the loop, which renders the record (api_routing_json) */
         routing = st->agg;
@@ -380,8 +420,8 @@ static int fork_blocks(int prompt, int target) { return blocks_for(target) - pro
  * target, and the whole reservation of each choice waiting to fork. */
 static int blocks_reserved(srv_sched *s) {
     int sum = 0;
-    for (int i = 0; i < s->n_running; i++) {
-        srv_job *j = s->running[i];
+    for (int i = 0; i < s->n_running + s->n_parked; i++) {
+        srv_job *j = i < s->n_running ? s->running[i] : s->parked[i - s->n_running];
         sched_jobstate *st = js(j);
         for (int c = 0; c < j->n_choices; c++) {
             sched_seq *q = &st->seqs[c];
@@ -395,6 +435,14 @@ static int blocks_reserved(srv_sched *s) {
         }
     }
     return sum;
+}
+
+/* How far a job has come: prompt tokens fed plus tokens generated, over its choices. Preemption's
+ * churn bound compares it with the job's mark (sched_jobstate). */
+static int64_t job_progress(srv_job *j) {
+    int64_t p = 0;
+    for (int i = 0; i < j->n_choices; i++) p += js(j)->seqs[i].n_fed + js(j)->seqs[i].ch.n_gen;
+    return p;
 }
 
 /* Whether the job can ever run: 0, or -1 with the reason in e (a prompt longer than the context, or
@@ -553,6 +601,8 @@ static int job_admit(srv_sched *s, srv_job *j) {
         st->n_open++;
     }
     s->running[s->n_running++] = j;
+    st->turn = ++s->turns;
+    st->mark = job_progress(j);
     for (int i = 0; i < j->n_choices; i++) {
         sched_seq *q = &st->seqs[i];
         cm_err ce = {0};
@@ -610,6 +660,135 @@ static int job_admit(srv_sched *s, srv_job *j) {
     uv_mutex_unlock(&s->mu);
     if (st->n_open == 0) job_finish(s, j, NULL);
     return 1;
+}
+
+/* ============================================================ preemption (see the file's opening comment) */
+
+/* Slots a running or parked job holds. */
+static int job_slots(srv_job *j) {
+    int n = 0;
+    for (int i = 0; i < j->n_choices; i++) n += js(j)->seqs[i].slot;
+    return n;
+}
+
+/* Takes a running job out of the batch; its sequences and KV stay. */
+static void job_park(srv_sched *s, srv_job *j) {
+    sched_jobstate *st = js(j);
+    int slots = job_slots(j);
+    for (int i = 0; i < s->n_running; i++)
+        if (s->running[i] == j) { s->running[i] = s->running[--s->n_running]; break; }
+    s->parked[s->n_parked++] = j;
+    s->seqs_used -= slots;
+    s->seqs_parked += slots;
+    st->parked = 1;
+}
+
+/* Puts parked job parked[i] back into the batch; fresh: as a new turn (a real resumption), else as it
+ * was before job_park (undoing a preemption that did not happen). */
+static void job_resume(srv_sched *s, int i, int fresh) {
+    srv_job *j = s->parked[i];
+    sched_jobstate *st = js(j);
+    memmove(&s->parked[i], &s->parked[i + 1], (size_t)(--s->n_parked - i) * sizeof *s->parked);
+    st->parked = 0;
+    int slots = job_slots(j);
+    s->seqs_parked -= slots;
+    s->seqs_used += slots;
+    s->running[s->n_running++] = j;
+    if (fresh) {
+        st->turn = ++s->turns;
+        st->mark = job_progress(j);
+    }
+}
+
+/* Resumes parked jobs, oldest first, while their slots are free. Returns how many stay parked. */
+static int resume_parked(srv_sched *s) {
+    while (s->n_parked && s->n_running < s->cfg->parallel &&
+           s->cfg->parallel - s->seqs_used >= job_slots(s->parked[0]))
+        job_resume(s, 0, 1);
+    return s->n_parked;
+}
+
+/* Whether client has a job running or parked. */
+static int client_active(const srv_sched *s, uint64_t client) {
+    for (int i = 0; i < s->n_running; i++)
+        if (s->running[i]->client == client) return 1;
+    for (int i = 0; i < s->n_parked; i++)
+        if (s->parked[i]->client == client) return 1;
+    return 0;
+}
+
+/* The job to preempt for a newcomer needing `need` slots: of the client holding the most slots (more
+ * than need), its job admitted or resumed last that has progressed since; NULL when none may be taken. */
+static srv_job *preempt_victim(srv_sched *s, int need) {
+    srv_job *best = NULL;
+    int best_load = 0;
+    for (int i = 0; i < s->n_running; i++) {
+        srv_job *j = s->running[i];
+        sched_jobstate *st = js(j);
+        int slots = job_slots(j);
+        if (st->failed || slots == 0 || job_progress(j) <= st->mark) continue;
+        if (s->seqs_parked + slots > s->cfg->parallel) continue; /* the engine has room for parallel more */
+        int load = 0;
+        for (int k = 0; k < s->n_running; k++)
+            if (s->running[k]->client == j->client) load += job_slots(s->running[k]);
+        if (load <= need) continue;
+        if (!best || load > best_load || (load == best_load && st->turn > js(best)->turn)) {
+            best = j;
+            best_load = load;
+        }
+    }
+    return best;
+}
+
+/* Admits the waiting job it (its client has nothing running or parked) by parking jobs of the busiest
+ * clients until its slots are free. Returns 1 when it left the queue (admitted, or failed), 0 when
+ * nothing changed (no job may be preempted, or it does not fit the KV pool: then the parked jobs are
+ * resumed at once, uncounted, as if nothing had happened). */
+static int preempt_for(srv_sched *s, srv_fairq_item *it) {
+    srv_job *j = it->data;
+    int need = j->n_choices, n_vic = 0;
+    while ((s->cfg->parallel - s->seqs_used < need || s->n_running == s->cfg->parallel) && n_vic < s->cfg->parallel) {
+        srv_job *v = preempt_victim(s, need);
+        if (!v) break;
+        job_park(s, v);
+        s->a_vic[n_vic++] = v;
+    }
+    int room = s->cfg->parallel - s->seqs_used >= need && s->n_running < s->cfg->parallel;
+    int left = 0;
+    if (room) {
+        srv_fairq_pop(s->waitq, it);
+        j->charged = it->cost;
+        left = job_admit(s, j);
+        if (!left) {
+            j->charged = 0;
+            srv_fairq_unpop(s->waitq, it);
+        }
+    }
+    if (!left) { /* undo, newest first: parked[] ends with this call's victims */
+        while (n_vic--) job_resume(s, s->n_parked - 1, 0);
+        return 0;
+    }
+    for (int k = 0; k < n_vic; k++) {
+        js(s->a_vic[k])->preemptions++;
+        js(s->a_vic[k])->dirty = 1;
+        s->l_preemptions++;
+    }
+    return 1;
+}
+
+/* Every slot is held (or too few are free): a client with nothing admitted that has a job waiting takes
+ * slots from the busiest client (preempt_for), each such client's first waiting job in turn. */
+static void preempt_waiting(srv_sched *s) {
+    if (s->cfg->no_preempt || !s->n_running) return;
+    for (srv_fairq_item *it = srv_fairq_first(s->waitq), *nx; it; it = nx) {
+        nx = srv_fairq_next(s->waitq, it);
+        srv_job *j = it->data;
+        if (client_active(s, it->client) || j->n_choices > s->cfg->parallel) continue;
+        if (s->cfg->parallel - s->seqs_used >= j->n_choices && s->n_running < s->cfg->parallel) continue;
+        /* the walk goes on from the next client: this one's later jobs wait for its first */
+        while (nx && nx->client == it->client) nx = srv_fairq_next(s->waitq, nx);
+        preempt_for(s, it);
+    }
 }
 
 /* ============================================================ one step */
@@ -984,6 +1163,8 @@ static void publish_stats_locked(srv_sched *s) {
     g->queue_depth = queued;
     g->requests_running = s->n_running;
     g->seqs_running = s->seqs_used;
+    g->requests_preempted = s->n_parked;
+    g->preemptions = s->l_preemptions;
     if (s->ctx) {
         cm_kv_stats kv;
         cm_ctx_kv_stats(s->ctx, &kv);
@@ -1027,15 +1208,24 @@ static int worker_load(srv_sched *s) {
         int n_ctx = s->cfg->n_ctx > 0 ? s->cfg->n_ctx : info->n_ctx_train;
         if (n_ctx <= 0) n_ctx = 2048;
         /* --kv-size: tokens, or bytes: the whole blocks that fit, at the engine's bytes per block */
+        /* preemption parks up to parallel sequences beside the running ones (the opening comment); the
+         * pool's default stays what parallel sequences need to reach the context at once */
+        const int n_seq = s->cfg->no_preempt ? s->cfg->parallel : 2 * s->cfg->parallel;
         long long kv_tokens = s->cfg->kv_size;
+        if (!kv_tokens)
+            kv_tokens = (long long)s->cfg->parallel * ((n_ctx + CM_KV_BLOCK_TOKENS - 1) / CM_KV_BLOCK_TOKENS) *
+                        CM_KV_BLOCK_TOKENS;
         double block_bytes = (double)cm_ctx_kv_block_bytes(m, s->cfg->kv_type), tok_bytes = block_bytes / CM_KV_BLOCK_TOKENS;
         if (s->cfg->kv_size_bytes)
             kv_tokens = (long long)((double)s->cfg->kv_size / block_bytes) * CM_KV_BLOCK_TOKENS;
-        if (s->cfg->kv_size && (kv_tokens < 1 || kv_tokens > (1ll << 30))) {
+        if (!s->cfg->kv_size && kv_tokens > (1ll << 30)) {
+            snprintf(err.msg, sizeof err.msg, "the default KV pool (--parallel x --ctx) is %lld tokens: more than 2^30 "
+                     "(set --kv-size)", kv_tokens);
+        } else if (kv_tokens < 1 || kv_tokens > (1ll << 30)) {
             snprintf(err.msg, sizeof err.msg, "--kv-size %lld%s is %lld tokens of %.0f bytes: outside [1, 2^30]",
                      s->cfg->kv_size, s->cfg->kv_size_bytes ? " bytes" : "", kv_tokens, tok_bytes);
         } else {
-            cm_ctx_params cp = {.n_threads = s->cfg->n_threads, .n_seq_max = s->cfg->parallel, .n_ctx = n_ctx,
+            cm_ctx_params cp = {.n_threads = s->cfg->n_threads, .n_seq_max = n_seq, .n_ctx = n_ctx,
                                 .n_batch_max = s->cfg->n_batch, .kv_tokens = (int)kv_tokens,
                                 .prefix_cache = s->cfg->prefix_cache, .kv_type = s->cfg->kv_type,
                                 .experts_resident = s->cfg->experts_resident};
@@ -1073,10 +1263,12 @@ static int worker_load(srv_sched *s) {
             s->smp_free = calloc((size_t)s->cfg->parallel, sizeof *s->smp_free);
             s->a_seq = malloc((size_t)s->cfg->parallel * sizeof *s->a_seq);
             s->a_got = malloc((size_t)s->cfg->parallel * sizeof *s->a_got);
+            s->a_vic = malloc((size_t)s->cfg->parallel * sizeof *s->a_vic);
+            s->parked = calloc((size_t)s->cfg->parallel, sizeof *s->parked);
             s->r_load = malloc((size_t)s->cfg->parallel * sizeof *s->r_load);
             if (s->cfg->step_trace) s->trace = malloc((size_t)nb * sizeof *s->trace);
             if (!s->b_tok || !s->b_seq || !s->b_logits || !s->b_gen || !s->rows || !s->running || !s->smp_free ||
-                !s->a_seq || !s->a_got || !s->r_load || (s->cfg->step_trace && !s->trace)) {
+                !s->a_seq || !s->a_got || !s->a_vic || !s->parked || !s->r_load || (s->cfg->step_trace && !s->trace)) {
                 snprintf(err.msg, sizeof err.msg, "out of memory");
                 cm_ctx_free(ctx);
                 ctx = NULL;
@@ -1105,7 +1297,7 @@ static void worker_main(void *arg) {
     if (worker_load(s) < 0) return;
     for (;;) {
         uv_mutex_lock(&s->mu);
-        while (!s->stopping && !s->submit_head && !srv_fairq_count(s->waitq) && s->n_running == 0)
+        while (!s->stopping && !s->submit_head && !srv_fairq_count(s->waitq) && s->n_running == 0 && s->n_parked == 0)
             uv_cond_wait(&s->cv, &s->mu);
         /* take the submissions (in their order) into the worker's fair queue */
         srv_job *sub = s->submit_head;
@@ -1127,10 +1319,11 @@ static void worker_main(void *arg) {
             for (srv_fairq_item *it = srv_fairq_first(s->waitq); it; it = srv_fairq_next(s->waitq, it))
                 atomic_store(&((srv_job *)it->data)->cancel, SRV_CANCEL_SHUTDOWN);
             for (int i = 0; i < s->n_running; i++) atomic_store(&s->running[i]->cancel, SRV_CANCEL_SHUTDOWN);
+            for (int i = 0; i < s->n_parked; i++) atomic_store(&s->parked[i]->cancel, SRV_CANCEL_SHUTDOWN);
         }
         /* 1. cancellations */
-        for (int i = s->n_running - 1; i >= 0; i--) {
-            srv_job *j = s->running[i];
+        for (int i = s->n_running + s->n_parked - 1; i >= 0; i--) {
+            srv_job *j = i < s->n_running ? s->running[i] : s->parked[i - s->n_running];
             int why = atomic_load(&j->cancel);
             if (why) {
                 api_error e;
@@ -1152,9 +1345,11 @@ static void worker_main(void *arg) {
             job_finish(s, j, why == SRV_CANCEL_CLIENT || why == SRV_CANCEL_SLOW ? NULL : &e);
         }
         if (stopping) break;
-        /* 2. admission, in the fair queue's order: the job whose turn it is goes first or nobody does */
+        /* 2. admission: parked jobs first; then in the fair queue's order (the job whose turn it is goes
+         * first or nobody does); then preemption for a client with nothing admitted */
+        int n_parked = resume_parked(s);
         srv_fairq_item *head;
-        while ((head = srv_fairq_peek(s->waitq)) && s->n_running < s->cfg->parallel &&
+        while (!n_parked && (head = srv_fairq_peek(s->waitq)) && s->n_running < s->cfg->parallel &&
                s->cfg->parallel - s->seqs_used >= ((srv_job *)head->data)->n_choices) {
             /* popped (charged) first: job_admit may finish the job, after which it is not ours */
             srv_job *j = head->data;
@@ -1174,6 +1369,7 @@ static void worker_main(void *arg) {
             api_error_set(&e, 400, API_ERR_INVALID, "n", NULL, "n is larger than the server's --parallel");
             job_finish(s, j, &e);
         }
+        preempt_waiting(s);
         /* 3-4. one batched forward pass */
         step(s);
         if (s->kv_check) {
@@ -1190,8 +1386,8 @@ static void worker_main(void *arg) {
         }
         /* 5. publish */
         uv_mutex_lock(&s->mu);
-        for (int i = s->n_running - 1; i >= 0; i--) {
-            srv_job *j = s->running[i];
+        for (int i = s->n_running + s->n_parked - 1; i >= 0; i--) { /* parked: their preemption count */
+            srv_job *j = i < s->n_running ? s->running[i] : s->parked[i - s->n_running];
             if (js(j)->dirty) { publish_job(s, j); js(j)->dirty = 0; }
         }
         publish_stats_locked(s);
@@ -1207,6 +1403,7 @@ static void worker_main(void *arg) {
     api_error e;
     cancel_error(SRV_CANCEL_SHUTDOWN, &e);
     while (s->n_running) job_finish(s, s->running[0], &e);
+    while (s->n_parked) job_finish(s, s->parked[0], &e);
     for (srv_fairq_item *it; (it = srv_fairq_first(s->waitq));) {
         srv_fairq_remove(s->waitq, it);
         job_finish(s, it->data, &e);
@@ -1312,6 +1509,8 @@ void srv_sched_free(srv_sched *s) {
     free(s->running);
     free(s->a_seq);
     free(s->a_got);
+    free(s->a_vic);
+    free(s->parked);
     free(s->r_load);
     free(s->trace);
     srv_fairq_free(s->waitq);
@@ -1339,6 +1538,7 @@ int srv_sched_submit(srv_sched *s, srv_job *job) {
     job->done = job->admitted = job->has_error = job->in_ready = 0;
     job->prompt_tokens = job->cached_tokens = job->checked = 0;
     job->charged = 0;
+    job->preemptions = 0;
     uv_mutex_lock(&s->mu);
     if (s->stopping || s->model_state != SRV_MODEL_READY) { uv_mutex_unlock(&s->mu); return -1; }
     if (s->submit_tail) s->submit_tail->next = job;
@@ -1389,6 +1589,7 @@ srv_job *srv_sched_drain(srv_sched *s, srv_job *job, srv_out *dst, srv_drained *
     info->prompt_tokens = job->prompt_tokens;
     info->cached_tokens = job->cached_tokens;
     info->t_first_token_ns = job->t_first_token_ns;
+    info->preemptions = job->preemptions;
     memset(&info->routing, 0, sizeof info->routing);
     if (job->done) { info->routing = job->routing; memset(&job->routing, 0, sizeof job->routing); }
     uv_mutex_unlock(&s->mu);

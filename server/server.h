@@ -135,6 +135,8 @@ typedef struct srv_config {
     const char *user_header;  /* a header naming the user of a shared key, trusted (--user-header); NULL: none */
     int key_max_concurrent;   /* completions in flight per client; beyond: 429 (0: no limit) */
     long long key_tokens_per_minute; /* prompt + generated tokens per client per minute (0: no limit) */
+    int no_preempt;           /* --no-preempt: never park a running job to give a waiting client a slot
+                                 (scheduler.c, preemption) */
     /* ---- tests only (zero in the server) */
     srv_step_trace_fn step_trace; /* called on the worker thread, without the scheduler's lock, before each
                                      forward pass with the batch's rows (valid during the call) */
@@ -209,6 +211,7 @@ struct srv_job {
     int prompt_tokens;          /* usage: prompt tokens summed over choices' prompts (once per prompt) */
     int cached_tokens;          /* usage: of those, reused from the prefix cache */
     int64_t t_first_token_ns;   /* 0 until the first token */
+    int preemptions;            /* times it was preempted (parked to give another client a slot) */
     api_route_agg routing;      /* set with done: the routing statistics summed over the job's
                                    sequences, moved to the loop by srv_sched_drain */
     int in_ready;               /* already in the ready list */
@@ -269,6 +272,7 @@ typedef struct srv_drained {
     int done, admitted, has_error, prompt_tokens, cached_tokens;
     api_error err;
     int64_t t_first_token_ns;
+    int preemptions;            /* times the job was preempted so far (absolute) */
     api_route_agg routing;      /* once, with done: the job's routing statistics, moved to the
                                    caller (free with api_route_agg_free); else empty */
 } srv_drained;

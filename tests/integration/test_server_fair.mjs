@@ -10,6 +10,9 @@
  *   go through, and /metrics counts them per key without ever showing a key;
  * - --key-tokens-per-minute: once a key has used its tokens, 429 with a Retry-After that matches its
  *   bucket in /metrics; another key is not held back.
+ * - preemption: with every slot held by one key, another key's request does not wait for them: one of
+ *   the first key's requests is paused for it (counted per key in /metrics), and its text is the text
+ *   it has alone; with --no-preempt (the control) the request waits for a slot.
  * The ordering is observed through completion order with --parallel 1 and a slowed step
  * (CODEMOE_SERVE_STEP_DELAY_MS), never through wall-clock ratios, so a busy machine cannot fail it.
  */
@@ -140,6 +143,60 @@ test('--key-tokens-per-minute: 429 with the Retry-After of the bucket; another k
     assert.equal(b.status, 200, b.text);
     const tok = Object.entries(m).filter(([k]) => k.startsWith('codemoe_key_tokens_total{')).map(([, v]) => v).sort((x, y) => x - y);
     assert.deepEqual(tok, [0, used]);
+  } finally {
+    await stopClean(srv);
+  }
+});
+
+/* Key A fills both slots with long requests, then key B sends a short one. Returns B's response, A's,
+ * and whether B finished before both of A's. */
+async function fullThenOther(srv) {
+  const long = (i) => ({ prompt: `def f${i}(x):`, max_tokens: 40, temperature: 0 });
+  let bDone = 0;
+  const a = [0, 1].map((i) => postJSON(srv, '/v1/completions', long(i), auth(KEY_A)).then((r) => ({ r, t: performance.now() })));
+  await waitMetrics(srv, (m) => m.codemoe_sequences_running === 2 && m.codemoe_generated_tokens_total >= 2, 10000, auth(KEY_B));
+  const b = await postJSON(srv, '/v1/completions', body(7), auth(KEY_B));
+  bDone = performance.now();
+  const ra = await Promise.all(a);
+  for (const { r } of ra) {
+    assert.equal(r.status, 200, r.text);
+    assert.equal(r.json.usage.completion_tokens, 40, 'a flooding request ended early: ' + r.text);
+  }
+  assert.equal(b.status, 200, b.text);
+  return { b, a: ra.map(({ r }) => r), first: ra.every(({ t }) => bDone < t), long };
+}
+
+test('preemption: another key gets a slot held by the busiest key; the paused request resumes exactly', async () => {
+  const srv = await startServer({ args: ['--threads', '1', '--parallel', '2', '--api-key', KEY_A, '--api-key', KEY_B,
+    '--kv-check'], env: { CODEMOE_SERVE_STEP_DELAY_MS: '40' } });
+  try {
+    const { a, first, long } = await fullThenOther(srv);
+    assert.ok(first, "the other key's request finished after one of the full key's");
+    const m = await metrics(srv, auth(KEY_B));
+    assert.equal(m.codemoe_preemptions_total, 1, JSON.stringify(m));
+    assert.equal(m.codemoe_requests_preempted, 0);
+    assert.equal(m.codemoe_kv_check_errors, 0);
+    const pre = Object.entries(m).filter(([k]) => k.startsWith('codemoe_key_preemptions_total{')).map(([, v]) => v).sort();
+    assert.deepEqual(pre, [0, 1]);
+    /* the same requests alone: the same texts */
+    for (let i = 0; i < 2; i++) {
+      const alone = await postJSON(srv, '/v1/completions', long(i), auth(KEY_A));
+      assert.equal(alone.status, 200, alone.text);
+      assert.equal(a[i].json.choices[0].text, alone.json.choices[0].text);
+    }
+  } finally {
+    await stopClean(srv);
+  }
+});
+
+test('--no-preempt: the other key waits for a slot (the control)', async () => {
+  const srv = await startServer({ args: ['--threads', '1', '--parallel', '2', '--api-key', KEY_A, '--api-key', KEY_B,
+    '--no-preempt'], env: { CODEMOE_SERVE_STEP_DELAY_MS: '40' } });
+  try {
+    const { first } = await fullThenOther(srv);
+    assert.ok(!first, "the other key's request finished before both of the full key's without preemption");
+    const m = await metrics(srv, auth(KEY_B));
+    assert.equal(m.codemoe_preemptions_total, 0);
   } finally {
     await stopClean(srv);
   }

@@ -28,10 +28,20 @@ TEST(concurrency_per_client) {
     ASSERT_EQ_INT(srv_keylimits_begin(kl, b, 0, &ra), SRV_LIMIT_OK); /* another key is not held back */
     srv_keylimits_end(kl, a);
     ASSERT_EQ_INT(srv_keylimits_begin(kl, a, 0, &ra), SRV_LIMIT_OK);
+    srv_keylimits_preempted(kl, b, 2);
+    srv_keylimits_preempted(kl, b, 1);
     srv_buf out;
     srv_buf_init(&out, 0);
     srv_keylimits_render(kl, 0, &out);
     ASSERT_TRUE(out.data && !out.failed);
+    /* preemptions per key: 3 for b, 0 for a */
+    int pre[2] = {0, 0}, n_pre = 0;
+    for (const char *l = strstr(out.data, "\ncodemoe_key_preemptions_total{key=\"k-"); l && n_pre < 2;
+         l = strstr(l + 1, "\ncodemoe_key_preemptions_total{key=\"k-"))
+        pre[n_pre++] = atoi(strchr(l, '}') + 2);
+    ASSERT_EQ_INT(n_pre, 2);
+    ASSERT_EQ_INT(pre[0] + pre[1], 3);
+    ASSERT_EQ_INT(pre[0] * pre[1], 0);
     ASSERT_TRUE(strstr(out.data, "codemoe_key_rejected_total{key=\"k-") != NULL);
     ASSERT_TRUE(strstr(out.data, ",reason=\"concurrency\"} 1\n") != NULL);
     ASSERT_TRUE(strstr(out.data, "codemoe_key_requests_in_flight{key=\"k-") != NULL);

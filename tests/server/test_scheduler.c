@@ -12,6 +12,17 @@
  * on timing: the first flood job from the loop; the other flood jobs in the trace of step 0 (admitted
  * together before step 1); the light job in the trace of step 1, so it is admitted before step 2 beside
  * three flood jobs that still have prompt tokens queued.
+ *
+ * Preemption (second test): every slot is held by a flooding client when two other clients each send a
+ * request. What it proves:
+ * - each newcomer is admitted and prefilled in the very next step: the flooding client's two jobs
+ *   admitted last are preempted (they leave the batch), its first keeps running; with --no-preempt
+ *   (the same run, as a control) the newcomers wait for a flood job to end;
+ * - the preempted jobs resume, oldest preemption first, as soon as the newcomers end, before the
+ *   flood's job that was queued all along (no starvation), and every job completes;
+ * - a preempted job's text is the text of the same request run alone, greedy and seeded sampling
+ *   alike (its KV, sampler and text were kept while it waited);
+ * - the preemptions are reported per job (srv_drained.preemptions, what /metrics counts per client).
  */
 #include <stdatomic.h>
 #include <stdio.h>
@@ -32,6 +43,7 @@ typedef struct tjob {
     char text[512];
     size_t text_len;
     int done, has_error;
+    int preemptions;
 } tjob;
 
 /* What one step held: rows of the flood (prefill, decode) and of the light request. */
@@ -53,20 +65,22 @@ typedef struct sched_test {
     int failed;
 } sched_test;
 
-static void job_prepare(sched_test *t, tjob *j, uint64_t client, int n_prompt, int salt) {
+/* sampling: the request's fields after the prompt (max_tokens, temperature, seed). */
+static void job_prepare_with(const api_model *model, int *failed, tjob *j, uint64_t client, int n_prompt, int salt,
+                             const char *sampling) {
     char body[2048];
     int len = snprintf(body, sizeof body, "{\"prompt\":[");
-    int n_vocab = cm_model_get_info(t->model.model)->n_vocab;
+    int n_vocab = cm_model_get_info(model->model)->n_vocab;
     for (int k = 0; k < n_prompt; k++)
         len += snprintf(body + len, sizeof body - (size_t)len, "%s%d", k ? "," : "", 3 + (k * 7 + salt * 13) % (n_vocab - 3));
-    len += snprintf(body + len, sizeof body - (size_t)len, "],\"max_tokens\":6,\"temperature\":0}");
+    len += snprintf(body + len, sizeof body - (size_t)len, "],%s}", sampling);
     api_limits lim;
     api_limits_default(&lim);
     api_error e;
     memset(j, 0, sizeof *j);
-    if (api_parse_completion(body, (size_t)len, &t->model, &lim, &j->req, &e) < 0) {
+    if (api_parse_completion(body, (size_t)len, model, &lim, &j->req, &e) < 0) {
         fprintf(stderr, "request: %s\n", e.message);
-        t->failed = 1;
+        *failed = 1;
         return;
     }
     srv_out_init(&j->out);
@@ -77,6 +91,10 @@ static void job_prepare(sched_test *t, tjob *j, uint64_t client, int n_prompt, i
     j->job.client = client;
     j->job.owner = j;
     j->job.out = &j->out;
+}
+
+static void job_prepare(sched_test *t, tjob *j, uint64_t client, int n_prompt, int salt) {
+    job_prepare_with(&t->model, &t->failed, j, client, n_prompt, salt, "\"max_tokens\":6,\"temperature\":0");
 }
 
 static void job_release(tjob *j) {
@@ -209,7 +227,202 @@ TEST(light_prompt_steps_alone_ahead_of_flood_prefill) {
     free(t);
 }
 
+/* ---------------------------------------------------------------- preemption */
+
+/* jobs[0..P_FLOOD): the flooding client's (3 admitted, the 4th queued behind them); then the two
+ * newcomers, each a client of its own */
+enum { P_FLOOD = 4, P_JOBS = 6, P_PARALLEL = 3, P_FLOOD_PROMPT = 20, P_NEW_PROMPT = 10, P_ARRIVE = 3 };
+enum { CLIENT_OTHER = 3 };
+
+typedef struct pre_test {
+    uv_loop_t loop;
+    srv_config cfg;
+    srv_sched *s;
+    api_model model;
+    tjob jobs[P_JOBS], alone[P_JOBS];
+    int phase;               /* 0: loading; 1: the run; 2: each request alone (n_alone so far); 3: stopping */
+    int n_alone;
+    int rows[MAX_STEPS][P_JOBS], prefill[MAX_STEPS][P_JOBS];
+    int n_steps;
+    int failed;
+} pre_test;
+
+static const char *pre_sampling(int i) {
+    switch (i) {
+    case 2: return "\"max_tokens\":24,\"temperature\":1,\"seed\":7"; /* seeded sampling, preempted */
+    case 3: return "\"max_tokens\":8,\"temperature\":0";
+    case 4: case 5: return "\"max_tokens\":6,\"temperature\":0";
+    default: return "\"max_tokens\":24,\"temperature\":0";
+    }
+}
+
+/* Worker thread: records the step; submits the rest of the flood after step 0, the newcomers after step
+ * P_ARRIVE - 1 (so they are admitted, or not, before step P_ARRIVE). */
+static void pre_on_step(void *ud, const srv_step_row *rows, int n) {
+    pre_test *t = ud;
+    if (t->phase != 1 || t->n_steps >= MAX_STEPS) return;
+    int s = t->n_steps++;
+    for (int r = 0; r < n; r++)
+        for (int k = 0; k < P_JOBS; k++)
+            if (rows[r].job == &t->jobs[k].job) {
+                t->rows[s][k]++;
+                t->prefill[s][k] += rows[r].prompt_pos >= 0;
+            }
+    if (t->n_steps == 1) {
+        for (int k = 1; k < P_FLOOD; k++)
+            if (srv_sched_submit(t->s, &t->jobs[k].job) < 0) t->failed = 1;
+    } else if (t->n_steps == P_ARRIVE) {
+        for (int k = P_FLOOD; k < P_JOBS; k++)
+            if (srv_sched_submit(t->s, &t->jobs[k].job) < 0) t->failed = 1;
+    }
+}
+
+static void pre_on_wake(void *ud) {
+    pre_test *t = ud;
+    if (t->phase == 0) {
+        cm_err err;
+        int n_ctx = 0;
+        const cm_model *m = NULL;
+        int st = srv_sched_model(t->s, &m, &n_ctx, &err);
+        if (st == SRV_MODEL_LOADING) return;
+        if (st != SRV_MODEL_READY) {
+            fprintf(stderr, "load failed: %s\n", err.msg);
+            t->failed = 1;
+            t->phase = 3;
+            srv_sched_stop(t->s);
+            return;
+        }
+        t->model = (api_model){.model = m, .id = "m", .n_ctx = n_ctx, .n_batch = N_BATCH};
+        for (int k = 0; k < P_JOBS; k++) {
+            uint64_t client = k < P_FLOOD ? CLIENT_FLOOD : k == P_FLOOD ? CLIENT_LIGHT : CLIENT_OTHER;
+            int n_prompt = k < P_FLOOD ? P_FLOOD_PROMPT : P_NEW_PROMPT;
+            job_prepare_with(&t->model, &t->failed, &t->jobs[k], client, n_prompt, k + 1, pre_sampling(k));
+            job_prepare_with(&t->model, &t->failed, &t->alone[k], client, n_prompt, k + 1, pre_sampling(k));
+        }
+        if (t->failed) { t->phase = 3; srv_sched_stop(t->s); return; }
+        t->phase = 1;
+        if (srv_sched_submit(t->s, &t->jobs[0].job) < 0) t->failed = 1; /* the others: pre_on_step */
+        return;
+    }
+    for (srv_job *j = srv_sched_take(t->s), *next; j; j = next) {
+        tjob *tj = j->owner;
+        srv_drained info;
+        next = srv_sched_drain(t->s, j, &tj->got, &info);
+        size_t room = sizeof tj->text - 1 - tj->text_len;
+        size_t n = tj->got.text.len < room ? tj->got.text.len : room;
+        if (n) memcpy(tj->text + tj->text_len, tj->got.text.data, n);
+        tj->text_len += n;
+        tj->preemptions = info.preemptions;
+        if (info.done) {
+            tj->done = 1;
+            tj->has_error = info.has_error;
+            api_route_agg_free(&info.routing);
+        }
+    }
+    int all = 1;
+    for (int k = 0; k < P_JOBS; k++) all &= t->jobs[k].done;
+    if (t->phase == 1 && all) t->phase = 2;
+    if (t->phase == 2 && (t->n_alone == 0 || t->alone[t->n_alone - 1].done)) {
+        if (t->n_alone == P_JOBS) { /* every request once more, alone, one after the other */
+            t->phase = 3;
+            srv_sched_stop(t->s);
+        } else if (srv_sched_submit(t->s, &t->alone[t->n_alone++].job) < 0) {
+            t->failed = 1;
+        }
+    }
+}
+
+/* Runs the scenario on a fresh scheduler; the caller checks t. */
+static int pre_run(pre_test *t, int no_preempt) {
+    t->cfg.n_threads = 1;
+    t->cfg.parallel = P_PARALLEL;
+    t->cfg.queue = 16;
+    t->cfg.n_batch = N_BATCH;
+    t->cfg.n_ctx = 256;
+    t->cfg.kv_type = CM_KV_F32;
+    t->cfg.prefix_cache = 0; /* the alone runs compute everything again */
+    t->cfg.no_preempt = no_preempt;
+    t->cfg.model_path = test_fixture("models/qwen2-gqa.gguf");
+    t->cfg.step_trace = pre_on_step;
+    t->cfg.step_trace_ud = t;
+    if (uv_loop_init(&t->loop)) return -1;
+    t->s = srv_sched_create(&t->loop, &t->cfg, pre_on_wake, t);
+    if (!t->s) return -1;
+    if (uv_run(&t->loop, UV_RUN_DEFAULT) || !srv_sched_closed(t->s)) return -1;
+    srv_sched_free(t->s);
+    return uv_loop_close(&t->loop) ? -1 : 0;
+}
+
+static void pre_release(pre_test *t) {
+    for (int k = 0; k < P_JOBS; k++) {
+        job_release(&t->jobs[k]);
+        job_release(&t->alone[k]);
+    }
+    free(t);
+}
+
+/* The first step at or after `from` with rows of job k (or prefill rows, prefill 1); -1: none. */
+static int pre_first(const pre_test *t, int k, int from, int prefill) {
+    for (int s = from; s < t->n_steps; s++)
+        if (prefill ? t->prefill[s][k] : t->rows[s][k]) return s;
+    return -1;
+}
+
+TEST(preemption_admits_newcomers_next_step_and_resumes_exactly) {
+    pre_test *t = calloc(1, sizeof *t);
+    ASSERT_TRUE(t != NULL);
+    ASSERT_EQ_INT(pre_run(t, 0), 0);
+    ASSERT_TRUE(!t->failed);
+    ASSERT_EQ_INT(t->phase, 3);
+    for (int k = 0; k < P_JOBS; k++) ASSERT_TRUE(t->jobs[k].done && !t->jobs[k].has_error && t->alone[k].done);
+    /* every flood job admitted is running when the newcomers arrive */
+    for (int k = 0; k < P_PARALLEL; k++) ASSERT_TRUE(t->rows[P_ARRIVE - 1][k] > 0);
+    /* the newcomers: their whole prompts in the next step, beside the flood's first job only */
+    for (int k = P_FLOOD; k < P_JOBS; k++) {
+        ASSERT_EQ_INT(pre_first(t, k, 0, 1), P_ARRIVE);
+        ASSERT_EQ_INT(t->prefill[P_ARRIVE][k], P_NEW_PROMPT);
+    }
+    ASSERT_TRUE(t->rows[P_ARRIVE][0] > 0);
+    ASSERT_EQ_INT(t->rows[P_ARRIVE][1] + t->rows[P_ARRIVE][2], 0);
+    /* the two flood jobs admitted last were preempted, once each, and paused while the newcomers ran */
+    ASSERT_EQ_INT(t->jobs[0].preemptions, 0);
+    ASSERT_EQ_INT(t->jobs[1].preemptions, 1);
+    ASSERT_EQ_INT(t->jobs[2].preemptions, 1);
+    for (int k = 3; k < P_JOBS; k++) ASSERT_EQ_INT(t->jobs[k].preemptions, 0);
+    int r1 = pre_first(t, 1, P_ARRIVE, 0), r2 = pre_first(t, 2, P_ARRIVE, 0), q3 = pre_first(t, 3, 0, 0);
+    ASSERT_TRUE(r1 > P_ARRIVE && r2 > P_ARRIVE && q3 > 0);
+    for (int k = P_FLOOD; k < P_JOBS; k++) ASSERT_TRUE(pre_first(t, k, r2 < r1 ? r2 : r1, 0) < 0); /* after they end */
+    /* they resume, the one preempted first (2) no later, before the flood's queued job starts */
+    ASSERT_TRUE(r2 <= r1);
+    ASSERT_TRUE(r1 < q3 && r2 < q3);
+    /* every text is the text of the same request alone (greedy: 0, 1, 3, 4, 5; seeded sampling: 2) */
+    for (int k = 0; k < P_JOBS; k++) {
+        ASSERT_TRUE(t->jobs[k].text_len > 0);
+        ASSERT_EQ_INT(t->jobs[k].text_len, t->alone[k].text_len);
+        ASSERT_TRUE(!memcmp(t->jobs[k].text, t->alone[k].text, t->jobs[k].text_len));
+    }
+    pre_release(t);
+}
+
+/* The control: the same run with --no-preempt. The newcomers wait for a flood job to end, so the test
+ * above checks something preemption does. */
+TEST(no_preempt_newcomers_wait_for_a_slot) {
+    pre_test *t = calloc(1, sizeof *t);
+    ASSERT_TRUE(t != NULL);
+    ASSERT_EQ_INT(pre_run(t, 1), 0);
+    ASSERT_TRUE(!t->failed);
+    ASSERT_EQ_INT(t->phase, 3);
+    for (int k = 0; k < P_JOBS; k++) {
+        ASSERT_TRUE(t->jobs[k].done && !t->jobs[k].has_error);
+        ASSERT_EQ_INT(t->jobs[k].preemptions, 0);
+    }
+    for (int k = P_FLOOD; k < P_JOBS; k++) ASSERT_TRUE(pre_first(t, k, 0, 1) > P_ARRIVE + 4);
+    pre_release(t);
+}
+
 int main(void) {
     RUN(light_prompt_steps_alone_ahead_of_flood_prefill);
+    RUN(preemption_admits_newcomers_next_step_and_resumes_exactly);
+    RUN(no_preempt_newcomers_wait_for_a_slot);
     return test_summary();
 }
