@@ -363,6 +363,7 @@ test('routing statistics: retained by completion id, and in the response on requ
     assert.ok(mj.moe.top_k <= mj.moe.experts);
     assert.ok(mj.moe.shared_expert === null || (mj.moe.shared_expert >= 0 && mj.moe.shared_expert < mj.moe.experts));
     assert.ok(['causal', 'reference'].includes(mj.moe.segment_routing_default));
+    assert.equal(mj.moe.segment_route, 'prefix'); /* hybrid-max: no segment.route key */
     /* reference segments score a complete text: refused when the body is parsed, not after queueing */
     for (const body of [{ prompt: 'x', segment_routing: 'reference' }, { prompt: 'x '.repeat(100), max_tokens: 0, segment_routing: 'reference' }]) {
       const bad = await postJSON(moe, '/v1/completions', body);
