@@ -6,7 +6,7 @@
  * without segment level, shared expert or fusion weights):
  *   1. route: per token, p = softmax(W_tok x) -> k experts and gates (a_tok folded in); segment level
  *      causal: the sequence's running window pool (max, or sum in double for mean) -> q -> top-c
- *      experts; reference: per sequence, windows -> q (P, N_seg) -> greedy expert choice. Every routed
+ *      experts (route "previous": the pool of the last complete window; none in window 0); reference: per sequence, windows -> q (P, N_seg) -> greedy expert choice. Every routed
  *      (token, expert, gate) is a "slot".
  *   2. group: slots sorted by expert (counting sort; tokens keep batch order inside a group), the
  *      tokens' rows gathered into xg (R, D).
