@@ -566,7 +566,8 @@ char *api_render_models(const api_model *models, int n);
 /* GET /v1/models/{id}: {id, object:"model", created, owned_by:"codemoe", [aliases], architecture,
  * context_length, n_vocab, n_params, weight_type, fim, [moe]}; moe (mixture-of-experts models only,
  * from cm_model_moe_info): hybrid {kind:"hybrid", experts, top_k, shared_expert (null: none),
- * segment_experts, window, segment_routing_default:"causal"|"reference"}, MoLE {kind:"mole",
+ * segment_experts, window, segment_routing_default:"causal"|"reference", segment_route:"prefix"|"previous"},
+ * MoLE {kind:"mole",
  * adapters:[names by id], languages:[the adapters a request's "language" selects: all but the shared
  * and fallback ones]}; [defaults] (the model's default request fields, api_defaults_check). */
 char *api_render_model(const api_model *m);

@@ -351,10 +351,11 @@ static json_t *moe_json(const cm_model *m) {
     cm_moe_info mi;
     cm_model_moe_info(m, &mi);
     if (mi.kind == CM_MOE_KIND_HYBRID) {
-        return json_pack("{s:s,s:i,s:i,s:o,s:i,s:i,s:s}", "kind", "hybrid", "experts", mi.n_experts, "top_k",
+        return json_pack("{s:s,s:i,s:i,s:o,s:i,s:i,s:s,s:s}", "kind", "hybrid", "experts", mi.n_experts, "top_k",
                          mi.top_k, "shared_expert", mi.shared_expert >= 0 ? json_integer(mi.shared_expert) : json_null(),
                          "segment_experts", mi.n_seg_experts, "window", mi.window, "segment_routing_default",
-                         mi.segment_mode_default == CM_SEGMENT_REFERENCE ? "reference" : "causal");
+                         mi.segment_mode_default == CM_SEGMENT_REFERENCE ? "reference" : "causal", "segment_route",
+                         mi.segment_route == CM_SEGMENT_ROUTE_PREVIOUS ? "previous" : "prefix");
     }
     if (mi.kind == CM_MOE_KIND_SPARSE) /* qwen3moe: token-level experts only */
         return json_pack("{s:s,s:i,s:i}", "kind", "sparse", "experts", mi.n_experts, "top_k", mi.top_k);

@@ -195,27 +195,29 @@ static int load_hybrid(cm_moe_model *mm, const gguf_file *g, const char *a, cons
                           mm->n_tok);
     mm->pooling = CM_POOL_MAX;
     mm->mode_default = CM_SEGMENT_CAUSAL;
+    mm->route = CM_SEGMENT_ROUTE_PREFIX;
     if (mm->n_seg > 0) {
         if ((rc = key_u32(g, a, "segment.window", 1, 1 << 20, INT32_MIN, &mm->window, err)) ||
             (rc = key_u32(g, a, "segment.bucket", 1, CM_HYBRID_MAX_EXPERTS, mm->n_seg, &mm->bucket, err)) ||
             (rc = key_f32(g, a, "segment.capacity", 1e-6f, 1e6f, 1.0f, &mm->capacity, err)) ||
             (rc = key_f32(g, a, "segment.gate_scale", -1e6f, 1e6f, 1.0f / (float)mm->window, &mm->gate_scale, err)))
             return rc;
-        const char *pk[2] = {"segment.pooling", "segment.mode_default"};
-        for (int i = 0; i < 2; i++) {
-            snprintf(full, sizeof full, "%s.%s", a, pk[i]);
+        /* string keys: name, its two values (mapped to 0 and 1 of the field), the field */
+        struct { const char *key, *v0, *v1; int *out, c0, c1; } sk[3] = {
+            {"segment.pooling", "max", "mean", &mm->pooling, CM_POOL_MAX, CM_POOL_MEAN},
+            {"segment.mode_default", "causal", "reference", &mm->mode_default, CM_SEGMENT_CAUSAL, CM_SEGMENT_REFERENCE},
+            {"segment.route", "prefix", "previous", &mm->route, CM_SEGMENT_ROUTE_PREFIX, CM_SEGMENT_ROUTE_PREVIOUS},
+        };
+        for (int i = 0; i < 3; i++) {
+            snprintf(full, sizeof full, "%s.%s", a, sk[i].key);
             gguf_str s;
             if ((rc = gguf_get_str(g, full, &s, err)) < 0) return rc;
             if (rc == 1) continue;
-            int v = i == 0 ? (gguf_str_eq(s, "max") ? CM_POOL_MAX : gguf_str_eq(s, "mean") ? CM_POOL_MEAN : -1)
-                           : (gguf_str_eq(s, "causal") ? CM_SEGMENT_CAUSAL
-                              : gguf_str_eq(s, "reference") ? CM_SEGMENT_REFERENCE : -1);
-            if (v < 0)
-                return cm_err_set(err, CM_E_FORMAT, "model: %s = \"%.*s\" (expected %s)", full,
-                                  (int)(s.len > 32 ? 32 : s.len), s.ptr,
-                                  i == 0 ? "\"max\" or \"mean\"" : "\"causal\" or \"reference\"");
-            if (i == 0) mm->pooling = v;
-            else mm->mode_default = v;
+            if (gguf_str_eq(s, sk[i].v0)) *sk[i].out = sk[i].c0;
+            else if (gguf_str_eq(s, sk[i].v1)) *sk[i].out = sk[i].c1;
+            else
+                return cm_err_set(err, CM_E_FORMAT, "model: %s = \"%.*s\" (expected \"%s\" or \"%s\")", full,
+                                  (int)(s.len > 32 ? 32 : s.len), s.ptr, sk[i].v0, sk[i].v1);
         }
         int c = (int)floor((double)mm->capacity);
         mm->seg_causal_top = c < 1 ? 1 : c > mm->n_seg ? mm->n_seg : c;

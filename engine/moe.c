@@ -6,7 +6,7 @@
  * without segment level, shared expert or fusion weights):
  *   1. route: per token, p = softmax(W_tok x) -> k experts and gates (a_tok folded in); segment level
  *      causal: the sequence's running window pool (max, or sum in double for mean) -> q -> top-c
- *      experts; reference: per sequence, windows -> q (P, N_seg) -> greedy expert choice. Every routed
+ *      experts (route "previous": the pool of the last complete window; none in window 0); reference: per sequence, windows -> q (P, N_seg) -> greedy expert choice. Every routed
  *      (token, expert, gate) is a "slot".
  *   2. group: slots sorted by expert (counting sort; tokens keep batch order inside a group), the
  *      tokens' rows gathered into xg (R, D).
@@ -44,10 +44,12 @@ typedef struct moe_seq {
     cm_seq_options opt;
     int sealed;          /* reference mode: scored; no more tokens */
     cm_fence fence;
-    /* causal segment state per layer: positions of the current window seen so far and their pool */
+    /* causal segment state per layer: positions of the current window seen so far and their pool;
+     * route "previous" also the descriptor of the last complete window (valid from position w on) */
     int *win_n;          /* (n_layer) */
     float *pool_max;     /* (n_layer, D) */
     double *pool_sum;    /* (n_layer, D) */
+    float *prev_desc;    /* (n_layer, D), route "previous" only */
     cm_routing r;
     cm_route_count *tok, *seg, *adapter;
     uint32_t *seg_windows;
@@ -303,6 +305,7 @@ cm_moe_ctx *cm_moe_ctx_create(const cm_model *m, const cm_moe_model *mm, cm_pool
                 ALLOC(q->win_n, L);
                 if (mm->pooling == CM_POOL_MAX) ALLOC(q->pool_max, L * D);
                 else ALLOC(q->pool_sum, L * D);
+                if (mm->route == CM_SEGMENT_ROUTE_PREVIOUS) ALLOC(q->prev_desc, L * D);
             }
         } else {
             r->n_adapters = mm->n_adapters;
@@ -346,6 +349,7 @@ void cm_moe_ctx_free(cm_moe_ctx *mc) {
         free(q->win_n);
         free(q->pool_max);
         free(q->pool_sum);
+        free(q->prev_desc);
         free(q->det_mem);
     }
     free(mc->seqs);
@@ -413,6 +417,7 @@ static int seg_mode(const cm_moe_ctx *mc, const moe_seq *q) {
  *
  * A sequence's routing state after a position, as stored at the end of each KV block (kv.h "extra"):
  *   cm_fence | win_n (n_layer ints) | pool (n_layer, D) floats (max pooling) or doubles (mean)
+ *   [| prev_desc (n_layer, D) floats: route "previous" only]
  * each part 8-byte aligned. It is all the state a causal hybrid or AUTO MoLE sequence carries beyond
  * its KV rows, so a sequence restored from a block's snapshot continues exactly as the one that
  * wrote it. */
@@ -423,9 +428,18 @@ static size_t snap_pool_off(const cm_moe_model *mm) {
     return snap_win_off() + SNAP_ALIGN((size_t)mm->n_layer * sizeof(int));
 }
 
-size_t cm_moe_snapshot_bytes(const cm_moe_model *mm) {
+static size_t snap_prev_off(const cm_moe_model *mm) {
     size_t el = mm->kind == CM_MOE_HYBRID ? (mm->pooling == CM_POOL_MAX ? sizeof(float) : sizeof(double)) : 0;
     return snap_pool_off(mm) + SNAP_ALIGN((size_t)mm->n_layer * (size_t)mm->d * el);
+}
+
+static int route_previous(const cm_moe_model *mm) {
+    return mm->kind == CM_MOE_HYBRID && mm->n_seg && mm->route == CM_SEGMENT_ROUTE_PREVIOUS;
+}
+
+size_t cm_moe_snapshot_bytes(const cm_moe_model *mm) {
+    size_t prev = route_previous(mm) ? (size_t)mm->n_layer * (size_t)mm->d * sizeof(float) : 0;
+    return snap_prev_off(mm) + SNAP_ALIGN(prev);
 }
 
 /* Layer il's causal window state of q into a snapshot. */
@@ -437,6 +451,8 @@ static void snap_put_layer(const cm_moe_ctx *mc, const moe_seq *q, int il, unsig
         memcpy(snap + snap_pool_off(mm) + (size_t)il * D * sizeof(float), q->pool_max + il * D, D * sizeof(float));
     else
         memcpy(snap + snap_pool_off(mm) + (size_t)il * D * sizeof(double), q->pool_sum + il * D, D * sizeof(double));
+    if (q->prev_desc)
+        memcpy(snap + snap_prev_off(mm) + (size_t)il * D * sizeof(float), q->prev_desc + il * D, D * sizeof(float));
 }
 
 static void snap_get(cm_moe_ctx *mc, moe_seq *q, const unsigned char *snap) {
@@ -447,6 +463,7 @@ static void snap_get(cm_moe_ctx *mc, moe_seq *q, const unsigned char *snap) {
     memcpy(q->win_n, snap + snap_win_off(), L * sizeof(int));
     if (mm->pooling == CM_POOL_MAX) memcpy(q->pool_max, snap + snap_pool_off(mm), L * D * sizeof(float));
     else memcpy(q->pool_sum, snap + snap_pool_off(mm), L * D * sizeof(double));
+    if (q->prev_desc) memcpy(q->prev_desc, snap + snap_prev_off(mm), L * D * sizeof(float));
 }
 
 void cm_moe_seq_snapshot(const cm_moe_ctx *mc, int seq, unsigned char *snap) {
@@ -472,6 +489,7 @@ void cm_moe_seq_copy(cm_moe_ctx *mc, int dst, int src) {
     if (s->win_n) memcpy(d->win_n, s->win_n, L * sizeof *s->win_n);
     if (s->pool_max) memcpy(d->pool_max, s->pool_max, L * D * sizeof *s->pool_max);
     if (s->pool_sum) memcpy(d->pool_sum, s->pool_sum, L * D * sizeof *s->pool_sum);
+    if (s->prev_desc) memcpy(d->prev_desc, s->prev_desc, L * D * sizeof *s->prev_desc);
     cm_moe_routing_reset(mc, dst);
 }
 
@@ -818,26 +836,48 @@ static void seg_stat(cm_moe_ctx *mc, moe_seq *q, int il, int e, int gen, double 
     if (w < mc->n_win) q->seg_windows[((size_t)il * mm->n_seg + e) * (size_t)mc->n_win + w]++;
 }
 
-/* causal: token t of window s pools its sequence's x over s*w .. t (state kept per sequence/layer) */
+/* The descriptor of the positions pooled so far in layer il's current window (cnt of them). */
+static void pool_desc(const cm_moe_ctx *mc, const moe_seq *q, int il, int cnt, float *desc) {
+    size_t D = (size_t)mc->D;
+    if (mc->mm->pooling == CM_POOL_MAX) {
+        memcpy(desc, q->pool_max + (size_t)il * D, D * sizeof *desc);
+    } else {
+        const double *ps = q->pool_sum + (size_t)il * D;
+        for (size_t d = 0; d < D; d++) desc[d] = (float)(ps[d] / cnt);
+    }
+}
+
+/* causal: token t of window s pools its sequence's x over s*w .. t (state kept per sequence/layer);
+ * route "previous": the pool is kept the same way, and a token of window s >= 1 is routed by the
+ * descriptor of the whole window s-1, set aside when window s starts; window 0 gets no segment expert */
 static void route_seg_causal(cm_moe_ctx *mc, int il, const float *x, int i) {
     const cm_moe_model *mm = mc->mm;
     int D = mc->D, N = mm->n_seg;
     moe_seq *q = &mc->seqs[mc->b->seq[i]];
     const float *xi = x + (size_t)i * D;
-    if (mc->pos[i] % mm->window == 0) q->win_n[il] = 0; /* a new window starts here */
+    int prev = q->prev_desc != NULL, pos = mc->pos[i];
+    if (pos % mm->window == 0) { /* a new window starts here */
+        if (prev && pos > 0) pool_desc(mc, q, il, q->win_n[il], q->prev_desc + (size_t)il * D);
+        q->win_n[il] = 0;
+    }
     int cnt = ++q->win_n[il];
-    float *desc = mc->desc + (size_t)i * D;
     if (mm->pooling == CM_POOL_MAX) {
         float *pm = q->pool_max + (size_t)il * D;
-        for (int d = 0; d < D; d++) desc[d] = pm[d] = cnt == 1 || xi[d] > pm[d] ? xi[d] : pm[d];
+        for (int d = 0; d < D; d++) pm[d] = cnt == 1 || xi[d] > pm[d] ? xi[d] : pm[d];
     } else {
         double *ps = q->pool_sum + (size_t)il * D;
-        for (int d = 0; d < D; d++) {
-            ps[d] = (cnt == 1 ? 0.0 : ps[d]) + xi[d];
-            desc[d] = (float)(ps[d] / cnt);
-        }
+        for (int d = 0; d < D; d++) ps[d] = (cnt == 1 ? 0.0 : ps[d]) + xi[d];
     }
     if (mc->snap && mc->snap[i]) snap_put_layer(mc, q, il, mc->snap[i]);
+    const float *desc;
+    if (!prev) {
+        float *dp = mc->desc + (size_t)i * D;
+        pool_desc(mc, q, il, cnt, dp);
+        desc = dp;
+    } else {
+        if (pos < mm->window) return;
+        desc = q->prev_desc + (size_t)il * D;
+    }
     float *lg = mc->rlog + (size_t)i * N;
     double p[CM_MOE_MAX_EXPERTS];
     int sel[CM_MOE_MAX_EXPERTS];

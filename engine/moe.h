@@ -63,6 +63,7 @@ typedef struct cm_moe_model {
     int n_seg, window, pooling, bucket;
     float capacity, gate_scale, a_tok, a_seg;
     int mode_default;   /* CM_SEGMENT_CAUSAL or CM_SEGMENT_REFERENCE */
+    int route;          /* causal descriptor: CM_SEGMENT_ROUTE_PREFIX or CM_SEGMENT_ROUTE_PREVIOUS */
     int seg_causal_top; /* max(1, floor(capacity)), capped at n_seg */
     int router_type;    /* type of both routers (any weight type, cm_weight_type_ok) */
     cm_moe_layer *layers; /* (n_layer) */

@@ -60,6 +60,7 @@ void cm_model_moe_info(const cm_model *m, cm_moe_info *out) {
         out->n_seg_experts = mm->n_seg;
         out->window = mm->window;
         out->segment_mode_default = mm->mode_default;
+        out->segment_route = mm->route;
     } else if (mm->kind == CM_MOE_SPARSE) {
         out->kind = CM_MOE_KIND_SPARSE;
         out->n_experts = mm->n_tok;

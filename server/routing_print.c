@@ -29,6 +29,8 @@ void cm_print_routing(FILE *f, const cm_model *m, const cm_routing *r) {
         fprintf(f, "routing: %s is a dense model (no experts)\n", cm_model_get_info(m)->arch);
         return;
     }
+    cm_moe_info mi;
+    cm_model_moe_info(m, &mi);
     if (r->n_tok_experts) {
         fprintf(f, "routing (tokens prompt+generated, mean gate):\n");
         for (int l = 0; l < r->n_layer; l++) {
@@ -40,7 +42,8 @@ void cm_print_routing(FILE *f, const cm_model *m, const cm_routing *r) {
             }
             fputc('\n', f);
             if (!r->n_seg_experts) continue;
-            fprintf(f, "          segment (window %d):", r->window);
+            fprintf(f, "          segment (window %d%s):", r->window,
+                    mi.segment_route == CM_SEGMENT_ROUTE_PREVIOUS ? ", routed by the previous window; window 0 none" : "");
             for (int e = 0; e < r->n_seg_experts; e++) {
                 const cm_route_count *c = &r->seg[l * r->n_seg_experts + e];
                 fprintf(f, "  s%d %u+%u g%.3f w[", e, c->tokens[0], c->tokens[1], mean(c));

@@ -626,6 +626,15 @@ HYBRIDS = [
     dict(name="hybrid-mean", seed=SEED + 200,
          hp=dict(n_tok=4, k_used=3, shared=0, f_exp=16, n_seg=3, window=8, pooling="mean", capacity=2.0,
                  bucket=2, gate_scale=1.0, a_tok=0.7, a_seg=0.3)),
+    # route "previous" (segment.route): window s >= 1 routed by the pool of window s-1, window 0 none. Both
+    # poolings; the causal cases cross many windows (case 0: 10 of w=4, 5 of w=8), the greedy run decodes
+    # across window ends, and a reference-mode case shows the route leaves that mode alone.
+    dict(name="hybrid-prev-max", seed=SEED + 400, plan=[(0, "causal"), (2, "causal"), (0, "reference")],
+         hp=dict(n_tok=4, k_used=2, shared=3, f_exp=16, n_seg=4, window=4, pooling="max", capacity=1.0,
+                 bucket=1, gate_scale=1.0, a_tok=0.7, a_seg=0.3, route="previous")),
+    dict(name="hybrid-prev-mean", seed=SEED + 500, plan=[(0, "causal"), (2, "causal"), (0, "reference")],
+         hp=dict(n_tok=4, k_used=3, shared=0, f_exp=16, n_seg=3, window=8, pooling="mean", capacity=2.0,
+                 bucket=2, gate_scale=1.0, a_tok=0.7, a_seg=0.3, route="previous")),
 ]
 MOE_D, MOE_H, MOE_K, MOE_F = 32, 2, 1, 32
 HYBRID_TEXTS = [
@@ -705,7 +714,7 @@ def make_hybrid(out, tok, spec):
     cases_tok = [(t, tok.encode(t)) for t in HYBRID_TEXTS]
     # ~40 tokens causal; ~20 tokens reference (full windows + a ragged tail); 5 tokens reference (w=8: no
     # full window at all, so no segment output; w=4: one window and a tail)
-    plan = [(0, "causal"), (2, "reference"), (1, "reference")]
+    plan = spec.get("plan", [(0, "causal"), (2, "reference"), (1, "reference")])
     # Weights from the first seed whose every routing decision (all cases, the greedy run) has a gap of at
     # least ROUTE_MARGIN, so float32 rounding in C cannot flip one.
     for attempt in range(200):
@@ -746,6 +755,8 @@ def make_hybrid(out, tok, spec):
     gw.add_float32(a + ".fusion.token", hp.a_tok)
     gw.add_float32(a + ".fusion.segment", hp.a_seg)
     gw.add_string(a + ".segment.mode_default", hp.mode_default)
+    if hp.route != "prefix":  # absent: "prefix" (the files made before the key keep their bytes)
+        gw.add_string(a + ".segment.route", hp.route)
     add_tokenizer_kv(gw, tok)
     tensors = gguf_tensors(cfg, w, dense_ffn=False)
     for i in range(cfg.num_hidden_layers):
@@ -786,7 +797,7 @@ def make_hybrid(out, tok, spec):
         r.get(a + ".expert_feed_forward_length"), r.get(a + ".segment.expert_count"), r.get(a + ".segment.window"),
         r.get(a + ".segment.pooling"), r.get(a + ".segment.capacity"), r.get(a + ".segment.bucket"),
         r.get(a + ".segment.gate_scale"), r.get(a + ".fusion.token"), r.get(a + ".fusion.segment"),
-        r.get(a + ".segment.mode_default"))
+        r.get(a + ".segment.mode_default"), r.get(a + ".segment.route") or "prefix")
     m2 = moe.HybridModel(cfg, hp2, back)
     for (ti, mode), (lg, trace, _) in zip(plan, results):
         lg2, trace2, _ = m2.forward_traced(cases_tok[ti][1], mode)

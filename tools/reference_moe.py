@@ -15,7 +15,7 @@ reference.Model in place of the dense SwiGLU FFN (the attention part is unchange
     segment level, mode "causal": token t in window s = t // w pools x[s*w .. t] (prefix max or mean);
       q_t = softmax(W_seg desc_t); top-c experts by q_t (c = max(1, floor(capacity)); ties: lower expert
       index) with gate q_e * gate_scale. Every token is routed (no tail rule: the future is unknown).
-      route "previous" (training option, tools/train.py; not in the GGUF format): every token of window
+      route "previous" (tools/train.py's moe_prev; GGUF segment.route = "previous"): every token of window
       s >= 1 is routed as above but with the pool of the whole window s-1, so a window's experts are
       chosen before it is read; window 0 gets no segment expert.
     Each expert is a SwiGLU FFN: down(silu(gate x) * up x), its own (F_exp) width.

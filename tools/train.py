@@ -1044,9 +1044,9 @@ def cmd_export(args):
     w.add_uint32(arch + ".rope.dimension_count", c.head_dim)
     if arch == "multipl_moe":
         hp = meta["moe"]
-        if hp.get("route", "prefix") != "prefix":
-            sys.exit("export: route %r is not in the GGUF format (the engine routes causal windows by their "
-                     "prefix); only the PyTorch model evaluates it" % hp["route"])
+        route = hp.get("route", "prefix")
+        if route not in ("prefix", "previous"):
+            sys.exit("export: route %r is not in the GGUF format (segment.route: \"prefix\" or \"previous\")" % route)
         w.add_uint32(arch + ".expert_count", hp["n_tok"])
         w.add_uint32(arch + ".expert_used_count", hp["k_used"])
         w.add_int32(arch + ".expert_shared_index", hp["shared"])
@@ -1063,6 +1063,8 @@ def cmd_export(args):
         w.add_float32(arch + ".fusion.token", 1.0 if fl else hp["a_tok"])
         w.add_float32(arch + ".fusion.segment", (1.0 if hp["n_seg"] else 0.0) if fl else hp["a_seg"])
         w.add_string(arch + ".segment.mode_default", "causal")
+        if route != "prefix":  # absent means "prefix": the files of the default route are unchanged
+            w.add_string(arch + ".segment.route", route)
     if arch == "mole":
         mo = meta["mole"]
         w.add_uint32(arch + ".vocab_size", c.vocab_size)
@@ -1189,7 +1191,8 @@ def cmd_readback(args):
                              r.get(a + ".expert_shared_index"), r.get(a + ".expert_feed_forward_length"),
                              r.get(a + ".segment.expert_count"), r.get(a + ".segment.window"),
                              r.get(a + ".segment.pooling"), r.get(a + ".segment.capacity"), r.get(a + ".segment.bucket"),
-                             r.get(a + ".segment.gate_scale"), r.get(a + ".fusion.token"), r.get(a + ".fusion.segment"))
+                             r.get(a + ".segment.gate_scale"), r.get(a + ".fusion.token"), r.get(a + ".fusion.segment"),
+                             "causal", r.get(a + ".segment.route") or "prefix")
         got = rm.HybridModel(c, hp, back).forward_traced(s, "causal")[0]
     else:
         mp = rm.MoLEParams(r.get(a + ".adapter.names"), [int(x) for x in r.get(a + ".adapter.ranks")],

@@ -300,7 +300,10 @@ const float *cm_logits(const cm_ctx *c, int i);
  * - CM_SEGMENT_CAUSAL (the default for generation): a token's window descriptor pools only the window's
  *   positions up to and including it, kept as per-sequence state in the context (O(1) per decoded token).
  *   Outputs depend on nothing later in the sequence nor on other sequences in the batch, so prefill
- *   equals token-by-token decoding and the KV cache stays valid.
+ *   equals token-by-token decoding and the KV cache stays valid. How the causal descriptor is taken is
+ *   the model's (`segment.route`, cm_moe_info.segment_route): "prefix" (the default) pools the token's
+ *   window up to it; "previous" gives every token of window s >= 1 the pool of the whole window s-1
+ *   (the window's experts are chosen before it is read), and window 0 no segment expert.
  * - CM_SEGMENT_REFERENCE (the paper's non-causal expert choice, for scoring complete text): experts
  *   choose among the windows of the WHOLE request. Only valid when the sequence is empty and all its
  *   tokens come in ONE cm_forward; afterwards the sequence accepts no more tokens (CM_E_INVAL) until
@@ -313,6 +316,7 @@ const float *cm_logits(const cm_ctx *c, int i);
  * - CM_ADAPTERS_BATCH: the caller gives each token's set in cm_batch.adapters.
  * - CM_ADAPTERS_NONE: the base model only. */
 enum { CM_SEGMENT_DEFAULT = 0, CM_SEGMENT_CAUSAL = 1, CM_SEGMENT_REFERENCE = 2 };
+enum { CM_SEGMENT_ROUTE_PREFIX = 0, CM_SEGMENT_ROUTE_PREVIOUS = 1 };
 enum { CM_ADAPTERS_AUTO = 0, CM_ADAPTERS_BATCH = 1, CM_ADAPTERS_NONE = 2 };
 
 typedef struct cm_seq_options {
@@ -338,6 +342,7 @@ typedef struct cm_moe_info {
     int n_seg_experts;        /* segment-level experts (0: no segment level) */
     int window;               /* tokens per segment window */
     int segment_mode_default; /* CM_SEGMENT_CAUSAL or CM_SEGMENT_REFERENCE (what DEFAULT means) */
+    int segment_route;        /* causal descriptor: CM_SEGMENT_ROUTE_PREFIX or CM_SEGMENT_ROUTE_PREVIOUS */
     /* MoLE (names: cm_model_adapter_name) */
     int n_adapters;
     int shared_adapter;       /* id of the adapter every code token runs, -1 none */

@@ -1332,6 +1332,7 @@ TEST(render_models) {
     ASSERT_EQ_INT(json_integer_value(json_object_get(moe, "segment_experts")), 4);
     ASSERT_EQ_INT(json_integer_value(json_object_get(moe, "window")), 8);
     ASSERT_STREQ(json_string_value(json_object_get(moe, "segment_routing_default")), "causal");
+    ASSERT_STREQ(json_string_value(json_object_get(moe, "segment_route")), "prefix");
     ASSERT_TRUE(json_object_get(moe, "adapters") == NULL);
     json_decref(j);
 

@@ -7,7 +7,8 @@
  * Models: dense qwen2 and llama fixtures; the hybrid fixtures with their segment window patched to 12
  * and 24 (so a KV block boundary falls inside a window and the pooled window state must travel with
  * the block); the MoLE fixture with AUTO adapter routing (the fence tracker state travels too); the
- * sparse qwen3moe fixture (no state beyond K/V).
+ * sparse qwen3moe fixture (no state beyond K/V); the route "previous" hybrid fixtures, windows patched
+ * to 12 and 24 likewise (the last complete window's descriptor travels as well).
  *
  *   cache_hit_equals_cold     attach a cached prefix, continue: logits == cold at every position
  *   options_and_modes_isolate a different MoLE language or reference segment mode never shares blocks
@@ -172,7 +173,7 @@ static int all_released(cm_ctx *c) {
     return check_sound(c) == 0 && st.blocks_used == 0;
 }
 
-static model_case cases[6];
+static model_case cases[8];
 static int n_cases;
 
 static void load_cases(void) {
@@ -182,6 +183,9 @@ static void load_cases(void) {
     cases[n_cases++] = (model_case){"hybrid-mean window 24", load_hybrid_window("hybrid-mean", 24), 0};
     cases[n_cases++] = (model_case){"mole", load_path(test_fixture("models/mole.gguf")), 1};
     cases[n_cases++] = (model_case){"qwen3moe", load_path(test_fixture("models/qwen3moe.gguf")), 0};
+    /* route "previous": the last complete window's descriptor travels with the block too */
+    cases[n_cases++] = (model_case){"hybrid-prev-max window 12", load_hybrid_window("hybrid-prev-max", 12), 0};
+    cases[n_cases++] = (model_case){"hybrid-prev-mean window 24", load_hybrid_window("hybrid-prev-mean", 24), 0};
 }
 
 /* ------------------------------------------------------------ tests */
@@ -498,7 +502,7 @@ TEST(truncate_at_block_ends) {
 /* Prompts from a few families sharing long prefixes, through a pool of 8 blocks: the cache fills,
  * evicts, and every result still equals the cold run. */
 TEST(eviction_under_pressure) {
-    for (int ci = 0; ci < n_cases; ci += 2) { /* qwen2, hybrid-max w12, mole */
+    for (int ci = 0; ci < n_cases; ci += 2) { /* qwen2, hybrid-max w12, mole, hybrid-prev-max w12 */
         const model_case *mc = &cases[ci];
         int V = cm_model_get_info(mc->m)->n_vocab;
         unsigned rng = 1234u + (unsigned)ci;
@@ -545,8 +549,7 @@ TEST(eviction_under_pressure) {
 
 /* Random operations on 4 sequences over a 10-block pool, the bookkeeping checked after each; every
  * few steps a sequence's next logits are compared with a cold run of its whole token history. */
-TEST(random_soak) {
-    const model_case *mc = &cases[2]; /* hybrid, window 12: the hardest state to carry */
+static void random_soak_case(const model_case *mc) {
     int V = cm_model_get_info(mc->m)->n_vocab;
     cm_ctx *c = new_ctx(mc->m, 4, 10 * 32, 1);
     ASSERT_TRUE(c);
@@ -631,39 +634,49 @@ TEST(random_soak) {
     ASSERT_EQ_INT(st.blocks_used, 0);
     ASSERT_EQ_INT(check_sound(c), 0);
     ASSERT_TRUE(compared > 10);
-    fprintf(stderr, "  soak: %d logits comparisons, %d pool-full refusals, %llu evictions, %llu hit tokens\n",
-            compared, nomem, (unsigned long long)st.evictions, (unsigned long long)st.prefix_hit_tokens);
+    fprintf(stderr, "  soak %s: %d logits comparisons, %d pool-full refusals, %llu evictions, %llu hit tokens\n",
+            mc->name, compared, nomem, (unsigned long long)st.evictions, (unsigned long long)st.prefix_hit_tokens);
     cm_ctx_free(c);
+}
+
+/* The hybrids with window 12: the hardest state to carry (prefix and previous-window routing). */
+TEST(random_soak) {
+    random_soak_case(&cases[2]);
+    random_soak_case(&cases[6]);
 }
 
 /* What a block holds, counted plainly: K and V of 32 positions for every layer, then (MoE models) the
  * routing state at its last position: the fence tracker, each layer's window fill count and causal
- * window pool (hybrid: D floats for max pooling, D doubles for mean; MoLE: none), each part 8-aligned;
- * the block rounded up to 64 bytes. */
+ * window pool (hybrid: D floats for max pooling, D doubles for mean; MoLE: none), route "previous"
+ * also each layer's descriptor of the last complete window (D floats), each part 8-aligned; the block
+ * rounded up to 64 bytes. */
 static size_t a8(size_t x) { return (x + 7) / 8 * 8; }
-static size_t ref_block_bytes(const cm_model *m, int moe, size_t pool_elem) {
+static size_t ref_block_bytes(const cm_model *m, int moe, size_t pool_elem, int prev) {
     const cm_model_info *in = cm_model_get_info(m);
     size_t elt = kv_type == CM_KV_F16 ? 2 : 4;
     size_t kv = (size_t)in->n_layer * 2 * CM_KV_BLOCK_TOKENS * in->n_head_kv * in->head_dim * elt;
     size_t extra = moe ? a8(sizeof(cm_fence)) + a8((size_t)in->n_layer * sizeof(int)) +
-                         a8((size_t)in->n_layer * in->n_embd * pool_elem) : 0;
+                         a8((size_t)in->n_layer * in->n_embd * pool_elem) +
+                         (prev ? a8((size_t)in->n_layer * in->n_embd * sizeof(float)) : 0) : 0;
     return (kv + extra + 63) / 64 * 64;
 }
 
 TEST(kv_block_bytes_is_the_allocation) {
-    static const struct { const char *fixture; int moe; size_t pool_elem; } cases[] = {
-        {"models/qwen2-gqa.gguf", 0, 0},
-        {"models/llama-mha.gguf", 0, 0},
-        {"models/hybrid-max.gguf", 1, sizeof(float)},
-        {"models/hybrid-mean.gguf", 1, sizeof(double)},
-        {"models/mole.gguf", 1, 0},
-        {"models/qwen3moe.gguf", 1, 0}, /* sparse: no window pool, only the (unused) fence and counts */
+    static const struct { const char *fixture; int moe; size_t pool_elem; int prev; } cases[] = {
+        {"models/qwen2-gqa.gguf", 0, 0, 0},
+        {"models/llama-mha.gguf", 0, 0, 0},
+        {"models/hybrid-max.gguf", 1, sizeof(float), 0},
+        {"models/hybrid-mean.gguf", 1, sizeof(double), 0},
+        {"models/hybrid-prev-max.gguf", 1, sizeof(float), 1},
+        {"models/hybrid-prev-mean.gguf", 1, sizeof(double), 1},
+        {"models/mole.gguf", 1, 0, 0},
+        {"models/qwen3moe.gguf", 1, 0, 0}, /* sparse: no window pool, only the (unused) fence and counts */
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         cm_model *m = load_path(test_fixture(cases[i].fixture));
         ASSERT_TRUE(m != NULL);
         size_t bb = cm_ctx_kv_block_bytes(m, kv_type);
-        size_t ref = ref_block_bytes(m, cases[i].moe, cases[i].pool_elem);
+        size_t ref = ref_block_bytes(m, cases[i].moe, cases[i].pool_elem, cases[i].prev);
         if (bb != ref) TEST_FAIL_("%s: cm_ctx_kv_block_bytes %zu, plain count %zu", cases[i].fixture, bb, ref);
         /* the routing state is really there: an MoE block is larger than its K and V */
         const cm_model_info *in = cm_model_get_info(m);

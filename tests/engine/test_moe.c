@@ -1,10 +1,11 @@
 /*
  * test_moe.c - the mixture-of-experts engine against tools/reference_moe.py's goldens
- * (tests/fixtures/golden/{hybrid-max,hybrid-mean,mole,qwen3moe,qwen3moe-q8_0,qwen3moe-k-q4_k_m}.json), and
- * its invariants:
+ * (tests/fixtures/golden/{hybrid-max,hybrid-mean,hybrid-prev-max,hybrid-prev-mean,mole,qwen3moe,qwen3moe-q8_0,
+ * qwen3moe-k-q4_k_m}.json), and its invariants:
  *  - hybrid: every case in its segment mode (causal, reference), logits within the JSON's max_abs,
  *    routing ids (token experts, causal segment experts, reference expert choice) compared EXACTLY;
- *    1 and 3 threads;
+ *    1 and 3 threads; both causal routes ("prefix", and "previous": window 0 without segment expert,
+ *    window s by the pool of window s-1), each with max and mean pooling;
  *  - causal prefill == token-by-token decode (logits and routing), greedy run == golden tokens and
  *    routing, statistics consistent with the trace (prompt / generated apart);
  *  - a request alone == the same request batched with others of other lengths, modes and languages;
@@ -192,6 +193,10 @@ TEST(hybrid_goldens) {
     hybrid_model_cases("hybrid-max", 3);
     hybrid_model_cases("hybrid-mean", 1);
     hybrid_model_cases("hybrid-mean", 3);
+    hybrid_model_cases("hybrid-prev-max", 1);
+    hybrid_model_cases("hybrid-prev-max", 3);
+    hybrid_model_cases("hybrid-prev-mean", 1);
+    hybrid_model_cases("hybrid-prev-mean", 3);
     fprintf(stderr, "  hybrid: worst |logit diff| %.3g\n", worst);
 }
 
@@ -201,6 +206,11 @@ static void hybrid_greedy(const char *name) {
     cm_model *m = golden_load_model(json_string_value(json_object_get(j, "model")));
     ASSERT_TRUE(m);
     const cm_model_info *in = cm_model_get_info(m);
+    cm_moe_info mi;
+    cm_model_moe_info(m, &mi);
+    json_t *hj = json_object_get(json_object_get(j, "hybrid"), "route");
+    ASSERT_EQ_INT(mi.segment_route, hj && !strcmp(json_string_value(hj), "previous") ? CM_SEGMENT_ROUTE_PREVIOUS
+                                                                                   : CM_SEGMENT_ROUTE_PREFIX);
     json_t *g = json_object_get(j, "greedy");
     int32_t prompt[MAXT], want[64], toks[MAXT];
     int np = golden_ids(json_object_get(g, "prompt"), prompt, MAXT);
@@ -250,6 +260,7 @@ static void hybrid_greedy(const char *name) {
             CHECK_TRUE(rc->gate_sum[0] <= rc->tokens[0] + 1e-9 && rc->gate_sum[0] >= 0);
             if (e == r->shared_expert) CHECK_TRUE(rc->tokens[0] == (uint32_t)np && rc->tokens[1] == (uint32_t)(n - np));
         }
+        uint32_t seg_all = 0;
         for (int e = 0; e < r->n_seg_experts; e++) {
             uint32_t cnt = 0, win = 0;
             for (int t = 0; t < n; t++)
@@ -257,7 +268,17 @@ static void hybrid_greedy(const char *name) {
             for (int w = 0; w < r->n_windows; w++) win += r->seg_windows[(l * r->n_seg_experts + e) * r->n_windows + w];
             const cm_route_count *rc = &r->seg[l * r->n_seg_experts + e];
             CHECK_TRUE(rc->tokens[0] + rc->tokens[1] == cnt && win == cnt);
+            /* route "previous": window 0 is counted for no expert */
+            if (mi.segment_route == CM_SEGMENT_ROUTE_PREVIOUS) CHECK_TRUE(r->seg_windows[(l * r->n_seg_experts + e) * r->n_windows] == 0);
+            seg_all += rc->tokens[0] + rc->tokens[1];
         }
+        /* every token routed to the causal top-c (c = 1 for capacity 1, 2 for 2), but for route
+         * "previous" the tokens of window 0 */
+        double cap = json_number_value(json_object_get(json_object_get(j, "hybrid"), "capacity"));
+        uint32_t top = cap < 1 ? 1 : (uint32_t)cap;
+        if (top > (uint32_t)r->n_seg_experts) top = (uint32_t)r->n_seg_experts;
+        int routed = mi.segment_route == CM_SEGMENT_ROUTE_PREVIOUS ? (n > mi.window ? n - mi.window : 0) : n;
+        if (r->n_seg_experts) CHECK_TRUE(seg_all == top * (uint32_t)routed);
     }
     cm_seq_routing_reset(c, s);
     CHECK_TRUE(r->tok[0].tokens[0] == 0 && r->tok[0].tokens[1] == 0);
@@ -269,6 +290,8 @@ static void hybrid_greedy(const char *name) {
 TEST(hybrid_greedy_and_stats) {
     hybrid_greedy("hybrid-max");
     hybrid_greedy("hybrid-mean");
+    hybrid_greedy("hybrid-prev-max");
+    hybrid_greedy("hybrid-prev-mean");
 }
 
 /* ------------------------------------------------------------ sparse (qwen3moe) */
@@ -456,21 +479,27 @@ TEST(sparse_int8_batch_invariance) {
     }
 }
 
-/* Three requests interleaved in one batch (causal 41 tokens, causal 5, reference 18), continued by a
- * second batch: each equals its golden / its run alone. */
-TEST(hybrid_batch_invariance) {
-    json_t *j = golden_json("hybrid-max");
+/* Three requests interleaved in one batch (a: the causal case 0, 41 tokens; c: the golden's first
+ * reference-mode case; b: its remaining case, causal, run alone for comparison), continued by a second
+ * batch: each equals its golden / its run alone. */
+static void hybrid_batch_case(const char *name) {
+    json_t *j = golden_json(name);
     ASSERT_TRUE(j);
     cm_model *m = golden_load_model(json_string_value(json_object_get(j, "model")));
     ASSERT_TRUE(m);
     int V = cm_model_get_info(m)->n_vocab;
     json_t *cases = json_object_get(j, "cases");
+    ASSERT_EQ_INT(json_array_size(cases), 3);
+    int ci_c = !strcmp(json_string_value(json_object_get(json_array_get(cases, 1), "mode")), "reference") ? 1 : 2;
+    ASSERT_TRUE(!strcmp(json_string_value(json_object_get(json_array_get(cases, ci_c), "mode")), "reference"));
+    int ci_b = 3 - ci_c;
+    int window = (int)json_integer_value(json_object_get(json_object_get(j, "hybrid"), "window"));
     int32_t ta[MAXT], tb[MAXT], tc[MAXT];
     int na = golden_ids(json_object_get(json_array_get(cases, 0), "tokens"), ta, MAXT);
-    int nc = golden_ids(json_object_get(json_array_get(cases, 1), "tokens"), tc, MAXT);
-    int nb = golden_ids(json_object_get(json_array_get(cases, 2), "tokens"), tb, MAXT);
+    int nc = golden_ids(json_object_get(json_array_get(cases, ci_c), "tokens"), tc, MAXT);
+    int nb = golden_ids(json_object_get(json_array_get(cases, ci_b), "tokens"), tb, MAXT);
     float *ga = golden_f32(json_string_value(json_object_get(json_array_get(cases, 0), "logits")), (size_t)na * V);
-    float *gc = golden_f32(json_string_value(json_object_get(json_array_get(cases, 1), "logits")), (size_t)nc * V);
+    float *gc = golden_f32(json_string_value(json_object_get(json_array_get(cases, ci_c), "logits")), (size_t)nc * V);
     ASSERT_TRUE(ga && gc);
     cm_ctx *c = new_ctx(m, 3, 4);
     ASSERT_TRUE(c);
@@ -514,10 +543,10 @@ TEST(hybrid_batch_invariance) {
         double d = golden_max_diff(cm_logits(c, i), ga + (size_t)bpos[i] * V, (size_t)V);
         da = d > da ? d : da;
     }
-    fprintf(stderr, "  batched vs alone/golden: %.3g %.3g %.3g\n", da, db, dc);
+    fprintf(stderr, "  %s batched vs alone/golden: %.3g %.3g %.3g\n", name, da, db, dc);
     CHECK_TRUE(da <= kv_tol(1e-4) && db <= kv_same_tol() && dc <= kv_tol(1e-4));
     json_t *routing = json_object_get(json_array_get(cases, 0), "routing");
-    CHECK_TRUE(check_routing(routing, na, "causal", 4) <= routing_allowed(2 * na * (int)json_array_size(routing)));
+    CHECK_TRUE(check_routing(routing, na, "causal", window) <= routing_allowed(2 * na * (int)json_array_size(routing)));
     /* the reference-mode sequence was scored: it takes no more tokens (nothing appended on error) */
     cm_batch b3 = {.n = 1, .token = tc, .seq = &sc};
     ASSERT_EQ_INT(cm_forward(c, &b3, &err), CM_E_INVAL);
@@ -535,6 +564,12 @@ TEST(hybrid_batch_invariance) {
     cm_ctx_free(c);
     cm_model_free(m);
     json_decref(j);
+}
+
+TEST(hybrid_batch_invariance) {
+    hybrid_batch_case("hybrid-max");
+    hybrid_batch_case("hybrid-prev-max");
+    hybrid_batch_case("hybrid-prev-mean");
 }
 
 /* ------------------------------------------------------------ MoLE */
@@ -762,20 +797,36 @@ TEST(experts_resident_same_logits) {
     resident_case("models/hybrid-max.gguf");
 }
 
-static void expect_refused(const char *src, const char *key, int elem, uint32_t val, const char *msg_part) {
+/* src with key's value (element elem) overwritten by vlen bytes of val must be refused, the message
+ * holding msg_part. */
+static void expect_refused_bytes(const char *src, const char *key, int elem, const void *val, size_t vlen,
+                                 const char *msg_part) {
     char dst[256];
     snprintf(dst, sizeof dst, "/tmp/cm_test_moe_bad_%d.gguf", (int)getpid());
-    ASSERT_EQ_INT(test_patch_gguf_key(src, dst, key, elem, &val, 4), 0);
+    ASSERT_EQ_INT(test_patch_gguf_key(src, dst, key, elem, val, vlen), 0);
     cm_err err = {0};
     cm_model_params mp = {0};
     cm_model *m = cm_model_load(dst, &mp, &err);
     unlink(dst);
     if (m) {
         cm_model_free(m);
-        TEST_FAIL_("%s with %s = %u was accepted", src, key, val);
+        TEST_FAIL_("%s with %s patched was accepted", src, key);
         return;
     }
-    if (!strstr(err.msg, msg_part)) TEST_FAIL_("%s = %u: message \"%s\" lacks \"%s\"", key, val, err.msg, msg_part);
+    if (!strstr(err.msg, msg_part)) TEST_FAIL_("%s patched: message \"%s\" lacks \"%s\"", key, err.msg, msg_part);
+}
+
+static void expect_refused(const char *src, const char *key, int elem, uint32_t val, const char *msg_part) {
+    expect_refused_bytes(src, key, elem, &val, 4, msg_part);
+}
+
+/* A string key's value replaced by another of the same length (the u64 length, then the bytes). */
+static void expect_refused_str(const char *src, const char *key, const char *val, const char *msg_part) {
+    unsigned char buf[64];
+    uint64_t len = strlen(val);
+    memcpy(buf, &len, 8);
+    memcpy(buf + 8, val, (size_t)len);
+    expect_refused_bytes(src, key, 0, buf, 8 + (size_t)len, msg_part);
 }
 
 TEST(bad_models_refused) {
@@ -786,6 +837,12 @@ TEST(bad_models_refused) {
     expect_refused("models/hybrid-max.gguf", "multipl_moe.expert_used_count", 0, 5, "top-k");
     expect_refused("models/hybrid-max.gguf", "multipl_moe.expert_count", 0, 1000, "expert_count = 1000");
     expect_refused("models/hybrid-max.gguf", "multipl_moe.expert_feed_forward_length", 0, 17, "has shape");
+    /* string keys: an unknown value is named with its key (same length: the file stays well-formed) */
+    expect_refused_str("models/hybrid-prev-max.gguf", "multipl_moe.segment.route", "sideways",
+                       "multipl_moe.segment.route = \"sideways\"");
+    expect_refused_str("models/hybrid-prev-mean.gguf", "multipl_moe.segment.route", "PREVIOUS",
+                       "(expected \"prefix\" or \"previous\")");
+    expect_refused_str("models/hybrid-max.gguf", "multipl_moe.segment.pooling", "min", "segment.pooling = \"min\"");
     expect_refused("models/mole.gguf", "mole.adapter.ranks", 1, 5, "lora_a.rust has shape");
     expect_refused("models/mole.gguf", "mole.adapter.ranks", 2, 0, "rank 0");
     expect_refused("models/mole.gguf", "mole.adapter.shared", 0, 4, "adapter.shared = 4");
@@ -1033,10 +1090,13 @@ static void det_attach_case(const char *file) {
 TEST(routing_tokens_detail) {
     det_case("models/hybrid-max.gguf", CM_SEGMENT_CAUSAL);
     det_case("models/hybrid-mean.gguf", CM_SEGMENT_CAUSAL);
+    det_case("models/hybrid-prev-max.gguf", CM_SEGMENT_CAUSAL);
+    det_case("models/hybrid-prev-mean.gguf", CM_SEGMENT_CAUSAL);
     det_case("models/hybrid-max.gguf", CM_SEGMENT_REFERENCE);
     det_case("models/qwen3moe.gguf", CM_SEGMENT_DEFAULT);
     det_case("models/mole.gguf", CM_SEGMENT_DEFAULT);
     det_attach_case("models/hybrid-max.gguf");
+    det_attach_case("models/hybrid-prev-max.gguf");
     det_attach_case("models/qwen3moe.gguf");
     det_attach_case("models/mole.gguf");
     /* a dense model records nothing */

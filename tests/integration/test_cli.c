@@ -222,7 +222,7 @@ TEST(help_version_and_usage_errors) {
  * (CODEMOE_EXACT_ACTIVATIONS=1, which the caller sets); int8_outputs_match_across_families holds the
  * default int8 decode path to one answer whatever the kernel family. */
 static void greedy_goldens(const char *family, const char *kv_type) {
-    ASSERT_EQ_INT(n_goldens, 23); /* golden.h: 17 dense + 6 MoE fixtures, every one runs */
+    ASSERT_EQ_INT(n_goldens, 25); /* golden.h: 17 dense + 8 MoE fixtures, every one runs */
     for (int gi = 0; gi < n_goldens; gi++) {
         golden *G = &goldens[gi];
         cm_model *m = load_vocab(G->model);

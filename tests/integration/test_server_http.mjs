@@ -363,6 +363,7 @@ test('routing statistics: retained by completion id, and in the response on requ
     assert.ok(mj.moe.top_k <= mj.moe.experts);
     assert.ok(mj.moe.shared_expert === null || (mj.moe.shared_expert >= 0 && mj.moe.shared_expert < mj.moe.experts));
     assert.ok(['causal', 'reference'].includes(mj.moe.segment_routing_default));
+    assert.equal(mj.moe.segment_route, 'prefix'); /* hybrid-max: no segment.route key */
     /* reference segments score a complete text: refused when the body is parsed, not after queueing */
     for (const body of [{ prompt: 'x', segment_routing: 'reference' }, { prompt: 'x '.repeat(100), max_tokens: 0, segment_routing: 'reference' }]) {
       const bad = await postJSON(moe, '/v1/completions', body);
@@ -385,6 +386,29 @@ test('routing statistics: retained by completion id, and in the response on requ
     assert.ok(Object.keys(m).some((k) => k.startsWith('codemoe_expert_tokens_total{')), 'expert load series');
   } finally {
     await moe.stop();
+  }
+});
+
+/* route "previous" (hybrid-prev-max: window 4, causal top-1): the model says so, and the routing field
+ * counts segment experts for the tokens of windows >= 1 only, one per token and layer */
+test('hybrid with previous-window segment routing: /v1/models and the routing field', async () => {
+  const srv = await startServer({ model: 'hybrid-prev-max' });
+  try {
+    const mj = (await get(srv, '/v1/models/hybrid-prev-max')).json;
+    assert.equal(mj.moe.segment_route, 'previous', JSON.stringify(mj));
+    const w = mj.moe.window;
+    const r = await postJSON(srv, '/v1/completions', { prompt: 'fn sum(v: &[u64]) -> u64 {\n    v.iter().sum()\n}\n', max_tokens: 6, routing: 'full', temperature: 0 });
+    assert.equal(r.status, 200, r.text);
+    const n = r.json.usage.prompt_tokens, g = r.json.usage.completion_tokens;
+    assert.ok(n > 2 * w, `prompt of ${n} tokens crosses windows`);
+    for (const l of r.json.routing.layers) {
+      const sum = (k) => l.segment.reduce((a, x) => a + x[k], 0);
+      assert.equal(sum('prompt_tokens'), n - w, JSON.stringify(l.segment));
+      assert.equal(sum('prompt_tokens') + sum('generated_tokens'), n + g - 1 - w); /* the last token is not fed */
+      for (const row of l.segment_windows) assert.ok(row.length === 0 || row[0] === 0, JSON.stringify(l.segment_windows));
+    }
+  } finally {
+    assert.equal((await srv.stop()).code, 0);
   }
 });
 
