@@ -13,8 +13,10 @@
 #   model05b-f32   qwen05b-f32.gguf: Qwen2.5-0.5B shapes, random weights, F32 (~2 GB, ~1.5 min)
 #   model05b-q8_0  qwen05b-q8_0.gguf: the same, Q8_0 by tools/gguf.py (byte-identical to llama-quantize's)
 #   model05b-q4_k_m  qwen05b-q4_k_m.gguf: model05b-f32 quantised by `codemoe quantize` (Q4_K_M)
-#   model15b-f32, model15b-q8_0, model15b-q4_k_m
-#                  qwen15b-*.gguf: Qwen2.5-Coder-1.5B's shapes (F32 ~6.2 GB, then `codemoe quantize`)
+#   model15b-f32, model15b-q8_0, model15b-q4_k_m, model15b-q2_k, model15b-q3_k_m, model15b-q5_k_m,
+#   model15b-q6_k  qwen15b-*.gguf: Qwen2.5-Coder-1.5B's shapes (F32 ~6.2 GB, then `codemoe quantize`); its
+#                  width 1536 is a multiple of 256, so the K presets keep K-quant tensors (at 0.5B's 896
+#                  llama-quantize's rules fall back to legacy types)
 #   model30ba3b-f32, model30ba3b-q4_k_m, model30ba3b-q8_0
 #                  qwen30ba3b-6l-*.gguf: Qwen3-Coder-30B-A3B's widths and experts, 6 of its 48 layers
 #                  (qwen3moe, 4.36 G parameters, 0.96 G active; F32 ~17 GB)
@@ -90,6 +92,21 @@ quantized() {
     echo "$out"
 }
 
+# The quantised inputs, one a line: NAME FILE SOURCE-INPUT TYPE (a `codemoe quantize` TYPE)
+QUANTIZED="
+model05b-q4_k_m           qwen05b-q4_k_m.gguf             model05b-f32           Q4_K_M
+model15b-q8_0             qwen15b-q8_0.gguf               model15b-f32           Q8_0
+model15b-q4_k_m           qwen15b-q4_k_m.gguf             model15b-f32           Q4_K_M
+model15b-q2_k             qwen15b-q2_k.gguf               model15b-f32           Q2_K
+model15b-q3_k_m           qwen15b-q3_k_m.gguf             model15b-f32           Q3_K_M
+model15b-q5_k_m           qwen15b-q5_k_m.gguf             model15b-f32           Q5_K_M
+model15b-q6_k             qwen15b-q6_k.gguf               model15b-f32           Q6_K
+model30ba3b-q4_k_m        qwen30ba3b-6l-q4_k_m.gguf       model30ba3b-f32        Q4_K_M
+model30ba3b-q8_0          qwen30ba3b-6l-q8_0.gguf         model30ba3b-f32        Q8_0
+model30ba3b-dense-q4_k_m  qwen3-a3b-dense-6l-q4_k_m.gguf  model30ba3b-dense-f32  Q4_K_M
+model30ba3b-dense-q8_0    qwen3-a3b-dense-6l-q8_0.gguf    model30ba3b-dense-f32  Q8_0
+"
+
 humaneval_x() {
     local d=$cache/humaneval-x l f
     for l in $HEX_LANGS; do
@@ -122,18 +139,17 @@ input() {
     model45m) write_gguf "$cache/qwen45m-q8_0.gguf" 45m 1 ;;
     model05b-f32) write_gguf "$cache/qwen05b-f32.gguf" 05b 0 ;;
     model05b-q8_0) write_gguf "$cache/qwen05b-q8_0.gguf" 05b 1 ;;
-    model05b-q4_k_m) quantized "$cache/qwen05b-q4_k_m.gguf" model05b-f32 Q4_K_M ;;
     model15b-f32) write_gguf "$cache/qwen15b-f32.gguf" 15b 0 ;;
-    model15b-q8_0) quantized "$cache/qwen15b-q8_0.gguf" model15b-f32 Q8_0 ;;
-    model15b-q4_k_m) quantized "$cache/qwen15b-q4_k_m.gguf" model15b-f32 Q4_K_M ;;
     model30ba3b-f32) write_gguf "$cache/qwen30ba3b-6l-f32.gguf" 30ba3b 0 ;;
-    model30ba3b-q4_k_m) quantized "$cache/qwen30ba3b-6l-q4_k_m.gguf" model30ba3b-f32 Q4_K_M ;;
-    model30ba3b-q8_0) quantized "$cache/qwen30ba3b-6l-q8_0.gguf" model30ba3b-f32 Q8_0 ;;
     model30ba3b-dense-f32) write_gguf "$cache/qwen3-a3b-dense-6l-f32.gguf" 30ba3b-dense 0 ;;
-    model30ba3b-dense-q4_k_m) quantized "$cache/qwen3-a3b-dense-6l-q4_k_m.gguf" model30ba3b-dense-f32 Q4_K_M ;;
-    model30ba3b-dense-q8_0) quantized "$cache/qwen3-a3b-dense-6l-q8_0.gguf" model30ba3b-dense-f32 Q8_0 ;;
     humaneval-x) humaneval_x ;;
-    *) echo "inputs: unknown input $1" >&2; usage ;;
+    *)
+        local row
+        row=$(awk -v n="$1" '$1 == n { print $2, $3, $4 }' <<<"$QUANTIZED")
+        [ -n "$row" ] || { echo "inputs: unknown input $1" >&2; usage; }
+        set -- $row
+        quantized "$cache/$1" "$2" "$3"
+        ;;
     esac
 }
 
