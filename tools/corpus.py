@@ -1,6 +1,7 @@
 """corpus.py - build the training corpus from source code that Debian packages ship.
 
-    /usr/bin/python3 tools/corpus.py [--out DIR] [--install] [--cap-mb 32] [--seed 1234]
+    /usr/bin/python3 tools/corpus.py [--out DIR] [--install] [--cap-mb 32] [--seed 1234] [--expect MANIFEST [--check-only]]
+    /usr/bin/python3 tools/corpus.py selftest
 
 Sources (language: Debian package -> files taken):
     python: libpython3.11-stdlib/-minimal  /usr/lib/python3.11/**/*.py   (no site-/dist-packages)
@@ -19,7 +20,9 @@ measures transfer to other code, not to other files of the same package):
     cpp:    libfmt-dev, nlohmann-json3-dev, libcereal-dev    ruby: rake, ruby-thor, ruby-rack
 They are read after every training language, so the train and heldout splits are the same files with or
 without them, and the same rules apply (duplicates of a kept training file are dropped).
---install runs apt-get for the packages that are missing (needs root).
+--install runs apt-get for the packages that are missing (needs root); a source package that is not installed
+is an error, never a smaller corpus. --expect checks the result against a committed manifest
+(models/corpus-manifest*.json): the same files and bytes per language and split, the same package versions.
 
 Rules, applied per file in this order (counted per language in the manifest under "dropped"):
     too_small   < 64 bytes                  too_big     > 256 KiB
@@ -88,7 +91,8 @@ HELDOUT_EXT = {
             for p in ("libfmt-dev", "nlohmann-json3-dev", "libcereal-dev")],
     "ruby": [(p, "dpkg:" + p, lambda q: q.endswith(".rb")) for p in ("rake", "ruby-thor", "ruby-rack")],
 }
-APT_PACKAGES = ["golang-src", "rust-src", "openjdk-17-source", "libboost-dev", "libruby3.1"] + sorted(
+APT_PACKAGES = ["python3-numpy", "python3-torch", "golang-src", "rust-src", "openjdk-17-source", "libboost-dev",
+                "libruby3.1", "libc6-dev", "linux-libc-dev"] + sorted(
     {p for srcs in HELDOUT_EXT.values() for p, _, _ in srcs}) + [
     "python3-matplotlib"]  # not a source: the PNGs of tools/runs.py report (the pipeline installs it here)
 LANGS = list(SOURCES)
@@ -224,6 +228,44 @@ def install():
         subprocess.run(["apt-get", "install", "-y", "--no-install-recommends"] + missing, env=env, check=True)
 
 
+def manifest_differences(got, want):
+    """What differs between a corpus manifest and the one it should reproduce: per language and split, the
+    files and bytes kept, and the source packages' versions (empty: the same corpus)."""
+    out = []
+    for lang, w in sorted(want["languages"].items()):
+        g = got["languages"].get(lang)
+        if g is None:
+            out.append("%s: missing" % lang)
+            continue
+        for split in ("train", "heldout", "heldout_ext"):
+            ws, gs = w.get(split) or {}, g.get(split) or {}
+            for k in ("files", "bytes"):
+                if ws.get(k) != gs.get(k):
+                    out.append("%s %s %s: %s, expected %s" % (lang, split, k, gs.get(k), ws.get(k)))
+        for where in ("packages",):
+            wp, gp = w.get(where, {}), g.get(where, {})
+            for pkg in sorted(set(wp) | set(gp)):
+                wv, gv = (wp.get(pkg) or {}).get("version"), (gp.get(pkg) or {}).get("version")
+                if wv != gv:
+                    out.append("%s package %s: version %s, expected %s" % (lang, pkg, gv, wv))
+    return out
+
+
+def selftest():
+    """manifest_differences finds a dropped package's files and a version change, and nothing else."""
+    want = {"languages": {"python": {"train": {"files": 3, "bytes": 30}, "heldout": {"files": 1, "bytes": 9},
+                                     "packages": {"a": {"version": "1"}, "b": {"version": "2"}}}}}
+    assert manifest_differences(want, want) == []
+    got = json.loads(json.dumps(want))
+    got["languages"]["python"]["train"] = {"files": 2, "bytes": 20}
+    del got["languages"]["python"]["packages"]["b"]
+    d = manifest_differences(got, want)
+    assert d == ["python train files: 2, expected 3", "python train bytes: 20, expected 30",
+                 "python package b: version None, expected 2"], d
+    assert manifest_differences({"languages": {}}, want) == ["python: missing"]
+    print("corpus.py selftest: ok")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(TRAIN_DIR, "corpus"))
@@ -232,7 +274,22 @@ def main():
     ap.add_argument("--heldout", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--langs", default=",".join(LANGS))
+    ap.add_argument("--expect", metavar="MANIFEST",
+                    help="a committed manifest the corpus must reproduce (files, bytes, package versions); "
+                         "exit 1 listing what differs")
+    ap.add_argument("--check-only", action="store_true",
+                    help="with --expect: compare <out>/manifest.json, build nothing")
+    if sys.argv[1:] == ["selftest"]:
+        return selftest()
     args = ap.parse_args()
+    if args.check_only:
+        if not args.expect:
+            sys.exit("corpus: --check-only needs --expect")
+        with open(os.path.join(args.out, "manifest.json")) as fh, open(args.expect) as fe:
+            diff = manifest_differences(json.load(fh), json.load(fe))
+        if diff:
+            sys.exit("corpus: %s is not the corpus of %s:\n  %s" % (args.out, args.expect, "\n  ".join(diff)))
+        return
     if args.install:
         install()
 
@@ -250,9 +307,10 @@ def main():
         """The files of sources that pass every rule (in order), drop counts, package records."""
         kept, dropped, pkgs = [], {}, {}
         for pkg, root, keep in sources:
-            if not root.startswith("dpkg:") and not os.path.exists(root):
-                print("corpus: %s: %s missing (package %s not installed?)" % (lang, root, pkg), file=sys.stderr)
-                continue
+            if not pkg_version(pkg) or (not root.startswith("dpkg:") and not os.path.exists(root)):
+                # a corpus without one of its sources is another corpus: every token file, checkpoint and
+                # result built on it would silently differ from the committed ones
+                sys.exit("corpus: %s: package %s is not installed (%s); run with --install" % (lang, pkg, root))
             pkgs[pkg] = dict(version=pkg_version(pkg), root=root, **licences(pkg))
             for path, raw in iter_files(root, keep):
                 why, text = classify(path, raw)
@@ -317,6 +375,11 @@ def main():
         manifest["languages"] = dict(old, **manifest["languages"])
     with open(mpath, "w") as fh:
         json.dump(manifest, fh, indent=1)
+    if args.expect:
+        with open(args.expect) as fh:
+            diff = manifest_differences(manifest, json.load(fh))
+        if diff:
+            sys.exit("corpus: not the corpus of %s:\n  %s" % (args.expect, "\n  ".join(diff)))
 
 
 if __name__ == "__main__":

@@ -21,16 +21,23 @@ PY="nice -n 19 /usr/bin/python3"
 BASE_TOKENS=${CM_BASE_TOKENS:-3000000}
 POST_TOKENS=${CM_POST_TOKENS:-500000}
 mkdir -p "$T/logs" "$T/gguf" "$T/results"
+if [ "$CM_EXP" = v1 ]; then MANIFEST=models/corpus-manifest.json; else MANIFEST=models/corpus-manifest-$CM_EXP.json; fi
 
 step() { echo "== $1 ($(date -u +%H:%M:%S))" >&2; }
 
 run_stage() {
     case "$1" in
     corpus)
-        # (a corpus from before the held-out-only packages is rebuilt: same train files, plus heldout_ext)
-        [ -f "$T/corpus/manifest.json" ] && [ -f "$T/corpus/ruby/heldout_ext.jsonl" ] && return 0
+        # the committed manifest is the corpus every checkpoint and result was trained on: an existing
+        # corpus that differs (a source package missing or at another version) is rebuilt, and its
+        # token files with it; a rebuilt one that still differs stops the pipeline
+        if [ -f "$T/corpus/manifest.json" ] && [ -f "$T/corpus/ruby/heldout_ext.jsonl" ] &&
+           $PY tools/corpus.py --out "$T/corpus" --expect "$MANIFEST" --check-only; then
+            return 0
+        fi
         step corpus
-        $PY tools/corpus.py --install --out "$T/corpus" ;;
+        rm -rf "$T/tokens"
+        $PY tools/corpus.py --install --out "$T/corpus" --expect "$MANIFEST" ;;
     tokenizer)
         # the committed tokenizer keeps the token ids of every committed checkpoint
         [ -f "$T/tokenizer/tokenizer.json" ] && return 0
@@ -53,7 +60,7 @@ run_stage() {
         $PY tools/train.py train --stage base --tokens "$BASE_TOKENS" --threads 1 --ckpt-min 5 ;;
     runs)
         step runs
-        $PY tools/runs.py run ${CM_STOP_AT:+--stop-at "$CM_STOP_AT"} ;;
+        $PY tools/runs.py run --recurve ${CM_STOP_AT:+--stop-at "$CM_STOP_AT"} ;;
     snapshot-*)
         step "$1"
         $PY tools/train.py snapshot --stage "${1#snapshot-}" --with-opt ;;
