@@ -398,6 +398,8 @@ void cm_moe_routing_reset(cm_moe_ctx *mc, int seq) {
 static void seq_state_reset(cm_moe_ctx *mc, moe_seq *q) {
     q->sealed = 0;
     if (q->win_n) memset(q->win_n, 0, (size_t)mc->n_layer * sizeof *q->win_n);
+    /* unread before window 1, but a snapshot taken in window 0 copies it: no earlier sequence's bytes */
+    if (q->prev_desc) memset(q->prev_desc, 0, (size_t)mc->n_layer * (size_t)mc->D * sizeof *q->prev_desc);
     cm_fence_init(&q->fence);
 }
 
