@@ -851,6 +851,7 @@ const cm_kernel_ops CM_FAMILY_FN(cm_kernels) = {
     .att_scores = att_scores,
     .att_values_heads = att_values_heads,
     .quant_dequantize = CM_FAMILY_FN(cm_quant_dequantize),
+    .quant_unpack_k_row = CM_FAMILY_FN(cm_quant_unpack_k_row),
     .quant_dot_q = CM_FAMILY_FN(cm_quant_dot_q),
     .quant_matvec_q = CM_FAMILY_FN(cm_quant_matvec_q),
     .quant_matvec_f32 = CM_FAMILY_FN(cm_quant_matvec_f32),

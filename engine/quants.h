@@ -236,6 +236,15 @@ typedef struct cm_k_unpacked {
 void cm_quant_unpack_legacy(int type, const void *blk, cm_legacy_unpacked *u);
 void cm_quant_unpack_k(int type, const void *blk, cm_k_unpacked *u);
 
+/* cm_quant_unpack_k of nb consecutive blocks of a K-quant row, in the shape the int8 GEMM's repacking
+ * (gemm_q8.c) reads: q (nb * 256) the blocks' q; block b's d and dmin at d[b], dmin[b]; and each 16
+ * values' scale and min (those of the sub-block holding them, sc[j * 16 / sub]) at sc16[16 * b + j],
+ * mn16[16 * b + j]. The fast one decodes q with the SIMD group decoders of the dots; bit-exact pair. */
+void cm_quant_unpack_k_row_ref(int type, const void *w, int64_t nb, int8_t *q, float *d, float *dmin, int16_t *sc16,
+                               int16_t *mn16);
+void cm_quant_unpack_k_row(int type, const void *w, int64_t nb, int8_t *q, float *d, float *dmin, int16_t *sc16,
+                           int16_t *mn16);
+
 /* Dequantise one row: w (K/QK blocks of the type) -> y (K) f32. K a multiple of the block. The
  * references are the definition of each format; tests/fixtures/golden/quants.gguf (made by
  * tools/gguf.py's independent implementation) holds them to it bit for bit. */
