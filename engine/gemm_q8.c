@@ -270,6 +270,16 @@ static void tile_fill(tile *t, int wtype, const void *w, size_t rb, int64_t a, i
     }
 }
 
+/* While a tile meets the tokens, the next tile's weight rows come into L2 a slice per token quad (T1:
+ * the L1 prefetches would queue behind the line-fill buffers), so that repacking it reads cache rather
+ * than memory: rows [a, a + rows) of W, rb bytes each, in nq slices; slice q now. */
+static inline void prefetch_tile_slice(const void *w, size_t rb, int64_t a, int64_t rows, size_t nq, size_t q) {
+    if (rows <= 0) return;
+    const char *p = (const char *)w + (size_t)a * rb;
+    size_t lines = ((size_t)rows * rb + 63) / 64, per = (lines + nq - 1) / nq;
+    for (size_t l = q * per; l < q * per + per && l < lines; l++) _mm_prefetch(p + 64 * l, _MM_HINT_T1);
+}
+
 static inline __m256i bcast32(const void *p) {
     int32_t v;
     memcpy(&v, p, 4);
@@ -528,6 +538,7 @@ static void gemm_avx2(int wtype, const void *w, int64_t k, const void *x, size_t
         tile_fill(&t, wtype, w, rb, a, rows, groups);
         for (int t0 = 0; t0 < n; t0 += NR) {
             int nt = n - t0 < NR ? n - t0 : NR;
+            prefetch_tile_slice(w, rb, a + TR, (r1 - a - TR < TR ? r1 - a - TR : TR), nq, (size_t)t0 / NR);
             quad_rows(x, x_stride, n, t0, xr);
             if (all) {
                 size_t q = (size_t)t0 / NR;
@@ -768,6 +779,7 @@ static void gemm_avx512(int wtype, const void *w, int64_t k, const void *x, size
         tile_fill(&t, wtype, w, rb, a, rows, groups);
         for (int t0 = 0; t0 < n; t0 += NR) {
             int nt = n - t0 < NR ? n - t0 : NR;
+            prefetch_tile_slice(w, rb, a + ZTR, (r1 - a - ZTR < ZTR ? r1 - a - ZTR : ZTR), nq, (size_t)t0 / NR);
             if (all) {
                 size_t q = (size_t)t0 / NR;
                 t.xd = xd0 + q * NR * nb, t.xs = xs0 + q * NR * nb, t.xc = xc0 + q * NR * t.xcs;
