@@ -632,6 +632,66 @@ static void att_scores(int type, const void *k, size_t rb, int n, const float *q
 }
 
 #if defined(CM_AVX512)
+/* 16 K rows against nh queries, head dim E (64 or 128, a constant at each call site): the rows as f32
+ * once (F16 converted into buf, F32 read in place), then per head its query in E / 16 registers and
+ * each row's lanes as att_lanes16 takes them (fmadd from zero, chunk after chunk, then (s0 + s2) +
+ * (s1 + s3)), the trees of the 16 rows side by side (att_trees16), times scale. */
+CM_ALWAYS_INLINE void att_scores16_heads(int type, int64_t E, const char *k, size_t rb, int nh, const float *q,
+                                         size_t qs, float scale, float *out, size_t os, float *buf) {
+    const char *kr = k;
+    size_t ks = rb;
+    if (type == GGUF_TT_F16) {
+        for (int r = 0; r < 16; r++)
+            for (int64_t i = 0; i < E; i += 16)
+                _mm512_store_ps(buf + r * E + i,
+                                _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)(k + (size_t)r * rb) + i))));
+        kr = (const char *)buf;
+        ks = (size_t)E * sizeof(float);
+    }
+    for (int h = 0; h < nh; h++) {
+        const float *qh = q + (size_t)h * qs;
+        __m512 qv[8], v[16];
+        for (int64_t i = 0; i < E; i += 16) qv[i / 16] = _mm512_loadu_ps(qh + i);
+        for (int r = 0; r < 16; r++) {
+            const float *row = (const float *)(const void *)(kr + (size_t)r * ks);
+            __m512 s[4];
+            for (int j = 0; j < 4; j++) s[j] = _mm512_fmadd_ps(_mm512_loadu_ps(row + 16 * j), qv[j], _mm512_setzero_ps());
+            for (int64_t i = 64; i < E; i += 64)
+                for (int j = 0; j < 4; j++) s[j] = _mm512_fmadd_ps(_mm512_loadu_ps(row + i + 16 * j), qv[i / 16 + j], s[j]);
+            v[r] = _mm512_add_ps(_mm512_add_ps(s[0], s[2]), _mm512_add_ps(s[1], s[3]));
+        }
+        _mm512_storeu_ps(out + (size_t)h * os, _mm512_mul_ps(att_trees16(v), _mm512_set1_ps(scale)));
+    }
+}
+
+#define ATT_SH_(TYPE, E)                                                                                          \
+    for (; t + 16 <= n; t += 16)                                                                                  \
+        att_scores16_heads(TYPE, E, kr + (size_t)t * rb, rb, nh, q, qs, scale, out + t, os, buf);
+#endif
+
+static void att_scores_heads(int type, const void *k, size_t rb, int n, const float *q, size_t qs, int nh, int64_t e,
+                             float scale, float *out, size_t os) {
+    int t = 0;
+#if defined(CM_AVX512)
+    if (e == 64 || e == 128) {
+        _Alignas(64) float buf[16 * 128];
+        const char *kr = k;
+        if (type == GGUF_TT_F16) {
+            if (e == 64) { ATT_SH_(GGUF_TT_F16, 64) }
+            else { ATT_SH_(GGUF_TT_F16, 128) }
+        } else {
+            if (e == 64) { ATT_SH_(GGUF_TT_F32, 64) }
+            else { ATT_SH_(GGUF_TT_F32, 128) }
+        }
+    }
+#endif
+    /* the rest (every row where the family has no AVX-512 or the head dim is another), head by head */
+    for (int h = 0; h < nh; h++)
+        att_scores(type, (const char *)k + (size_t)t * rb, rb, n - t, q + (size_t)h * qs, e, scale, out + (size_t)h * os + t);
+}
+#undef ATT_SH_
+
+#if defined(CM_AVX512)
 /* y[i, i + 64) of cm_att_values_ref for NH heads (a constant at each call site) at once: each V row's
  * 16-value pieces are converted once and feed the NH heads' y, 4 * NH zmm held across the n rows (tails
  * masked). */
@@ -849,6 +909,7 @@ const cm_kernel_ops CM_FAMILY_FN(cm_kernels) = {
     .dot_f16 = dot_f16,
     .axpy_f16 = axpy_f16,
     .att_scores = att_scores,
+    .att_scores_heads = att_scores_heads,
     .att_values_heads = att_values_heads,
     .quant_dequantize = CM_FAMILY_FN(cm_quant_dequantize),
     .quant_unpack_k_row = CM_FAMILY_FN(cm_quant_unpack_k_row),
