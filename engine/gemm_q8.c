@@ -789,9 +789,10 @@ static void gemm_avx512(int wtype, const void *w, int64_t k, const void *x, size
                 float out[NR * ZGR];
                 if (t.kq) zmicro_k(&t, g, (const cm_block_q8_k *const *)xr, out);
                 else zmicro_legacy(&t, g, xr, xbytes, qoff, out);
+                int left = rows - ZGR * g; /* the group's rows within the tile */
+                __mmask16 mk = left >= ZGR ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
                 for (int j = 0; j < nt; j++)
-                    for (int r = 0; r < ZGR && ZGR * g + r < rows; r++)
-                        y[(int64_t)(t0 + j) * ldy + a + ZGR * g + r] = out[j * ZGR + r];
+                    _mm512_mask_storeu_ps(y + (int64_t)(t0 + j) * ldy + a + ZGR * g, mk, _mm512_loadu_ps(out + j * ZGR));
             }
         }
     }
