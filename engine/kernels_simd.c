@@ -85,7 +85,7 @@ static void quantize_row_q8_0(const float *x, cm_block_q8_0 *y, int64_t k) {
 }
 
 /* Q8_K (quants.h): the same steps per super-block of 256, q clamped to +-127 as the reference clamps
- * (x / d can round just above 127), and each 16 q's sum. */
+ * (x / d can round just above 127), and each 16 q's sum (AVX-512, and AVX2 in 256-bit parts). */
 static void quantize_row_q8_k(const float *x, cm_block_q8_k *y, int64_t k) {
 #if defined(CM_AVX512)
     const __m512 sign = _mm512_set1_ps(-0.0f);
@@ -102,6 +102,38 @@ static void quantize_row_q8_k(const float *x, cm_block_q8_k *y, int64_t k) {
             q = _mm512_max_epi32(_mm512_min_epi32(q, hi), lo);
             _mm_storeu_si128((__m128i *)(y[b].qs + 16 * j), _mm512_cvtepi32_epi8(q));
             y[b].bsums[j] = (int16_t)_mm512_reduce_add_epi32(q);
+        }
+    }
+#elif defined(CM_AVX2)
+    /* the same steps in 256-bit parts, 32 values (two sums) at a time */
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i hi = _mm256_set1_epi32(127), lo = _mm256_set1_epi32(-127);
+    for (int64_t b = 0; b < k / CM_QK_K; b++) {
+        const float *xb = x + b * CM_QK_K;
+        __m256 a = _mm256_setzero_ps();
+        for (int i = 0; i < CM_QK_K; i += 8) a = _mm256_max_ps(a, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + i)));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        float d = _mm_cvtss_f32(h) / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        y[b].d = d;
+        __m256 s = _mm256_set1_ps(id);
+        for (int c = 0; c < CM_QK_K / 32; c++) {
+            __m256i q[4];
+            for (int i = 0; i < 4; i++) { /* round half even, then the reference's clamp */
+                q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 32 * c + 8 * i), s));
+                q[i] = _mm256_max_epi32(_mm256_min_epi32(q[i], hi), lo);
+            }
+            /* |q| <= 127: the packs are exact; they interleave 128-bit lanes, the permute undoes it */
+            __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+            _mm256_storeu_si256((__m256i *)(y[b].qs + 32 * c),
+                                _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+            /* the two sums of 16: lanes 0 + 4 and 1 + 5 after two pairwise adds */
+            __m256i t = _mm256_hadd_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            t = _mm256_hadd_epi32(t, t);
+            __m128i u = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+            y[b].bsums[2 * c] = (int16_t)_mm_cvtsi128_si32(u);
+            y[b].bsums[2 * c + 1] = (int16_t)_mm_extract_epi32(u, 1);
         }
     }
 #else
