@@ -156,8 +156,8 @@ void cm_att_values_ref(int type, float *y, const float *p, const void *v, size_t
 
 /* cm_att_scores_ref for the nh query heads of one kv head over the same K rows: head h's query at
  * q + h * q_stride, its scores at out + h * out_stride, each number exactly cm_att_scores_ref's. The
- * AVX-512 families convert each run of 16 K rows once for all the heads (head dims 64 and 128) and keep
- * a head's query in registers across the rows. */
+ * AVX-512 families convert each run of 16 K rows once for all the heads (two or more, head dims 64 and
+ * 128) and keep a head's query in registers across the rows. */
 void cm_att_scores_heads(int type, const void *k, size_t row_bytes, int n, const float *q, size_t q_stride, int nh,
                          int64_t e, float scale, float *out, size_t out_stride);
 void cm_att_scores_heads_ref(int type, const void *k, size_t row_bytes, int n, const float *q, size_t q_stride,

@@ -705,7 +705,7 @@ static void att_scores_heads(int type, const void *k, size_t rb, int n, const fl
                              float scale, float *out, size_t os) {
     int t = 0;
 #if defined(CM_AVX512)
-    if (e == 64 || e == 128) {
+    if ((e == 64 || e == 128) && nh > 1) { /* one head (decode's tasks): att_scores converts in registers */
         _Alignas(64) float buf[16 * 128];
         const char *kr = k;
         if (type == GGUF_TT_F16) {
@@ -717,7 +717,8 @@ static void att_scores_heads(int type, const void *k, size_t rb, int n, const fl
         }
     }
 #endif
-    /* the rest (every row where the family has no AVX-512 or the head dim is another), head by head */
+    /* the rest (every row where the family has no AVX-512, the head dim is another or there is one
+     * head), head by head */
     for (int h = 0; h < nh; h++)
         att_scores(type, (const char *)k + (size_t)t * rb, rb, n - t, q + (size_t)h * qs, e, scale, out + (size_t)h * os + t);
 }
