@@ -668,18 +668,22 @@ static void att_scores(int type, const void *k, size_t rb, int n, const float *q
  * once (F16 converted into buf, F32 read in place), then per head its query in E / 16 registers and
  * each row's lanes as att_lanes16 takes them (fmadd from zero, chunk after chunk, then (s0 + s2) +
  * (s1 + s3)), the trees of the 16 rows side by side (att_trees16), times scale. */
-CM_ALWAYS_INLINE void att_scores16_heads(int type, int64_t E, const char *k, size_t rb, int nh, const float *q,
-                                         size_t qs, float scale, float *out, size_t os, float *buf) {
+CM_ALWAYS_INLINE void att_scores16_heads(int type, int64_t E, const char *k, size_t rb, int nr, int nh,
+                                         const float *q, size_t qs, float scale, float *out, size_t os, float *buf) {
     const char *kr = k;
     size_t ks = rb;
-    if (type == GGUF_TT_F16) {
-        for (int r = 0; r < 16; r++)
+    if (type == GGUF_TT_F16 || nr < 16) { /* rows past nr repeat row nr - 1 (their scores are not stored) */
+        for (int r = 0; r < 16; r++) {
+            const char *src = k + (size_t)(r < nr ? r : nr - 1) * rb;
             for (int64_t i = 0; i < E; i += 16)
-                _mm512_store_ps(buf + r * E + i,
-                                _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)(k + (size_t)r * rb) + i))));
+                _mm512_store_ps(buf + r * E + i, type == GGUF_TT_F16
+                                                     ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)src + i)))
+                                                     : _mm512_loadu_ps((const float *)(const void *)src + i));
+        }
         kr = (const char *)buf;
         ks = (size_t)E * sizeof(float);
     }
+    const __mmask16 m = nr >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << nr) - 1);
     for (int h = 0; h < nh; h++) {
         const float *qh = q + (size_t)h * qs;
         __m512 qv[8], v[16];
@@ -692,13 +696,15 @@ CM_ALWAYS_INLINE void att_scores16_heads(int type, int64_t E, const char *k, siz
                 for (int j = 0; j < 4; j++) s[j] = _mm512_fmadd_ps(_mm512_loadu_ps(row + i + 16 * j), qv[i / 16 + j], s[j]);
             v[r] = _mm512_add_ps(_mm512_add_ps(s[0], s[2]), _mm512_add_ps(s[1], s[3]));
         }
-        _mm512_storeu_ps(out + (size_t)h * os, _mm512_mul_ps(att_trees16(v), _mm512_set1_ps(scale)));
+        _mm512_mask_storeu_ps(out + (size_t)h * os, m, _mm512_mul_ps(att_trees16(v), _mm512_set1_ps(scale)));
     }
 }
 
+/* runs of 16 rows, and a last run of 4 to 15 rows padded to 16 (fewer go row by row) */
 #define ATT_SH_(TYPE, E)                                                                                          \
-    for (; t + 16 <= n; t += 16)                                                                                  \
-        att_scores16_heads(TYPE, E, kr + (size_t)t * rb, rb, nh, q, qs, scale, out + t, os, buf);
+    for (; n - t >= 4; t += 16)                                                                                   \
+        att_scores16_heads(TYPE, E, kr + (size_t)t * rb, rb, n - t < 16 ? n - t : 16, nh, q, qs, scale, out + t, os, \
+                           buf);
 #endif
 
 static void att_scores_heads(int type, const void *k, size_t rb, int n, const float *q, size_t qs, int nh, int64_t e,

@@ -442,12 +442,12 @@ TEST(att_rows_equal_ref) {
 /* The scores of several query heads over the same K rows (F32 and F16 rows as in the KV pool, each
  * head's query and scores at their own strides): every head's scores equal the reference's, and those
  * the one-row dot's; head dims the AVX-512 families take by runs of 16 rows (64, 128) and others, run
- * lengths below, at and above 16, with a tail; a row of -0 products. Scores around each head's stay
- * put. */
+ * lengths below, at and above 16, with tails they pad to 16 (4 rows or more) and tails they take row by
+ * row; a row of -0 products. Scores around each head's stay put. */
 TEST(att_scores_heads_equal_ref) {
     static const int64_t es[] = {64, 128, 80, 7};
     static const int nhs[] = {1, 2, 7, 8};
-    static const int ns[] = {1, 15, 16, 17, 33, 50};
+    static const int ns[] = {1, 3, 4, 15, 16, 17, 21, 33, 50};
     enum { NMAX = 50, STRIDE = 160, HMAX = 8, QS = 136, OS = 56 };
     float *q = malloc(HMAX * QS * 4), *rows = malloc((size_t)NMAX * STRIDE * 4);
     float *got = malloc(HMAX * OS * 4), *want = malloc(HMAX * OS * 4);
