@@ -5,16 +5,16 @@
  *
  * A decode dot unpacks every weight block it reads; a prefill batch has enough tokens to unpack each
  * weight row once and reuse it. So W is taken 64 rows at a time (a "tile"), repacked into the caller's
- * scratch through the references' own unpackers (cm_quant_unpack_*: one reading of each bit layout) as
- * plain bytes, 8 rows interleaved 4 values at a time, with their scales spread into the int16 vectors
- * the integer dots multiply by; then each quad of tokens meets the tile 8 rows at a time: a broadcast of
- * 4 activation bytes against 32 weight bytes gives every row its own int32 lane, so a block's sum comes
- * out per row with no horizontal adds. The quad's activations stay in L1 across the tile, the tile in L2
- * across the quads. On the 256-bit path the products' int16 pair sums add up over several steps before
- * they are widened, and signed weights meet the activations offset to unsigned, their offset taken
- * off per row and block from the repacking ("the 256-bit path" below). The AVX-512 families use 512-bit
- * vectors the same way, 16 rows to a group (VNNI's dpbusd / dpwssd where the family has them); see
- * "the 512-bit path" below.
+ * scratch through quants_simd.c's row unpackers (the dots' SIMD decoders, held byte for byte to the
+ * references' cm_quant_unpack_* by the tests) as plain bytes, 8 rows interleaved 4 values at a time,
+ * with their scales spread into the int16 vectors the integer dots multiply by; then each quad of
+ * tokens meets the tile 8 rows at a time: a broadcast of 4 activation bytes against 32 weight bytes
+ * gives every row its own int32 lane, so a block's sum comes out per row with no horizontal adds. The
+ * quad's activations stay in L1 across the tile, the tile in L2 across the quads. On the 256-bit path
+ * the products' int16 pair sums add up over several steps before they are widened, and signed weights
+ * meet the activations offset to unsigned, their offset taken off per row and block from the repacking
+ * ("the 256-bit path" below). The AVX-512 families use 512-bit vectors the same way, 16 rows to a
+ * group (VNNI's dpbusd / dpwssd where the family has them); see "the 512-bit path" below.
  *
  * Every output is the number cm_vec_dot_ref gives for its row and token, bit for bit: the steps of 4
  * values add up in int32 to each block's exact sum (cm_qacc, quants.h), which meets cm_qacc's one FMA

@@ -216,8 +216,8 @@ int cm_quant_is_block_type(int type);
  * GGUF_TT_Q8_K), or -1 when wtype has none (float types). Q8_0 weights pair with Q8_0. */
 int cm_quant_vec_dot_type(int wtype);
 
-/* One block as integers, the form every reference reads a layout through (and the int8 GEMM,
- * gemm_q8.c, repacks from), so each bit layout is decoded in one place. Legacy (Q4_0, Q4_1, Q5_0,
+/* One block as integers, the form every reference reads a layout through (the int8 GEMM's row
+ * unpackers, quants_simd.c, are held to it), so each bit layout has one reference decoding. Legacy (Q4_0, Q4_1, Q5_0,
  * Q5_1, and Q8_0 weights): x_i = d * q[i] + m (m 0 for Q4_0, Q5_0). K-quants: x_v = (d * sc[s]) * q[v] - dmin * mn[s],
  * s = v / sub (mn 0 and dmin 0 for the types without mins). `blk` points at one block of `type`. */
 typedef struct cm_legacy_unpacked {
