@@ -527,8 +527,9 @@ static void gemm_avx2(int wtype, const void *w, int64_t k, const void *x, size_t
     float *xd0 = t.xd, *xs0 = t.xs;
     uint8_t *xq0 = t.xq;
     const char *xr[NR];
-    if (all) /* every quad's bytes and scales once, for all the tiles */
+    if (all) /* every quad's bytes and scales once, for all the tiles (the first tile's rows coming in) */
         for (size_t q = 0; q < nq; q++) {
+            prefetch_tile_slice(w, rb, r0, (r1 - r0 < TR ? r1 - r0 : TR), nq, q);
             t.xd = xd0 + q * NR * nb, t.xs = xs0 + q * NR * nb, t.xq = xq0 + q * NR * (size_t)k;
             quad_rows(x, x_stride, n, (int)q * NR, xr);
             quad_prep(&t, xt, xr);
@@ -769,8 +770,9 @@ static void gemm_avx512(int wtype, const void *w, int64_t k, const void *x, size
     float *xd0 = t.xd, *xs0 = t.xs;
     int32_t *xc0 = t.xc;
     const char *xr[NR];
-    if (all) /* every quad's scales and sums once, for all the tiles */
+    if (all) /* every quad's scales and sums once, for all the tiles (the first tile's rows coming in) */
         for (size_t q = 0; q < nq; q++) {
+            prefetch_tile_slice(w, rb, r0, (r1 - r0 < ZTR ? r1 - r0 : ZTR), nq, q);
             t.xd = xd0 + q * NR * nb, t.xs = xs0 + q * NR * nb, t.xc = xc0 + q * NR * t.xcs;
             zquad(&t, xt, xbytes, qoff, x, x_stride, n, (int)q * NR, 0, xr);
         }
