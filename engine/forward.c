@@ -579,8 +579,8 @@ typedef struct att_job {
 } att_job;
 
 /* task = token * (H / hg) + hg heads from h0 = (task % (H / hg)) * hg, all of one kv head: att[i, h] =
- * softmax(q_i,h K^T / sqrt(E)) V over positions 0..pos_i; the hg heads' value sums pass over each V row
- * together (cm_att_values_heads). */
+ * softmax(q_i,h K^T / sqrt(E)) V over positions 0..pos_i; the hg heads' scores and value sums pass over
+ * each K and V row together (cm_att_scores_heads, cm_att_values_heads). */
 static void att_task(void *arg, int task, int thread) {
     const att_job *j = arg;
     cm_ctx *c = j->c;
@@ -600,8 +600,7 @@ static void att_task(void *arg, int task, int thread) {
     for (int t0 = 0; t0 < T; t0 += CM_KV_BLOCK) {
         const unsigned char *kb = (const unsigned char *)cm_kv_k(&c->kv, s, j->layer, t0) + head;
         int nt = T - t0 < CM_KV_BLOCK ? T - t0 : CM_KV_BLOCK;
-        for (int h = 0; h < hg; h++)
-            cm_att_scores(kvt, kb, row, nt, q + (size_t)h * E, E, scale, sc + (size_t)h * c->n_ctx + t0);
+        cm_att_scores_heads(kvt, kb, row, nt, q, (size_t)E, hg, E, scale, sc + t0, (size_t)c->n_ctx);
     }
     for (int h = 0; h < hg; h++) cm_softmax(sc + (size_t)h * c->n_ctx, T);
     float *acc = c->att_acc + (size_t)thread * hg * c->att_acc_stride;

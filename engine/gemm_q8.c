@@ -5,16 +5,16 @@
  *
  * A decode dot unpacks every weight block it reads; a prefill batch has enough tokens to unpack each
  * weight row once and reuse it. So W is taken 64 rows at a time (a "tile"), repacked into the caller's
- * scratch through the references' own unpackers (cm_quant_unpack_*: one reading of each bit layout) as
- * plain bytes, 8 rows interleaved 4 values at a time, with their scales spread into the int16 vectors
- * the integer dots multiply by; then each quad of tokens meets the tile 8 rows at a time: a broadcast of
- * 4 activation bytes against 32 weight bytes gives every row its own int32 lane, so a block's sum comes
- * out per row with no horizontal adds. The quad's activations stay in L1 across the tile, the tile in L2
- * across the quads. On the 256-bit path the products' int16 pair sums add up over several steps before
- * they are widened, and signed weights meet the activations offset to unsigned, their offset taken
- * off per row and block from the repacking ("the 256-bit path" below). The AVX-512 families use 512-bit
- * vectors the same way, 16 rows to a group (VNNI's dpbusd / dpwssd where the family has them); see
- * "the 512-bit path" below.
+ * scratch through quants_simd.c's row unpackers (the dots' SIMD decoders, held byte for byte to the
+ * references' cm_quant_unpack_* by the tests) as plain bytes, 8 rows interleaved 4 values at a time,
+ * with their scales spread into the int16 vectors the integer dots multiply by; then each quad of
+ * tokens meets the tile 8 rows at a time: a broadcast of 4 activation bytes against 32 weight bytes
+ * gives every row its own int32 lane, so a block's sum comes out per row with no horizontal adds. The
+ * quad's activations stay in L1 across the tile, the tile in L2 across the quads. On the 256-bit path
+ * the products' int16 pair sums add up over several steps before they are widened, and signed weights
+ * meet the activations offset to unsigned, their offset taken off per row and block from the repacking
+ * ("the 256-bit path" below). The AVX-512 families use 512-bit vectors the same way, 16 rows to a
+ * group (VNNI's dpbusd / dpwssd where the family has them); see "the 512-bit path" below.
  *
  * Every output is the number cm_vec_dot_ref gives for its row and token, bit for bit: the steps of 4
  * values add up in int32 to each block's exact sum (cm_qacc, quants.h), which meets cm_qacc's one FMA
@@ -147,12 +147,12 @@ static inline int32_t sum16_i8(const int8_t *q) {
 }
 
 /* Repack group g of the tile from the weight rows wr[0..gr): each row unpacked as signed bytes into the
- * stage (gr, K) (legacy types through quants_simd.c's SIMD row unpacker, K-quants block by block through
- * the reference's), its scales into the group's d, m (K-quants: sc, mn too), a flip tile's corr from the
- * stage's sums; then the stage interleaved into the group's q with the bias added, one gather of a value
- * quad across the gr rows per store. Done per call rather than once at load: a repacked copy would double
- * the weights' resident memory, as decode reads the original blocks; this keeps the repacking a few
- * percent of a prefill's time. */
+ * stage (gr, K) by quants_simd.c's SIMD row unpackers (bit-exact with the references' own), its scales
+ * into the group's d, m (K-quants: sc, mn too), a flip tile's corr from the stage's sums; then the stage
+ * interleaved into the group's q with the bias added, by in-register transposes of the stage's 4-byte
+ * quads. Done per call rather than once at load: a repacked copy would double the weights' resident
+ * memory, as decode reads the original blocks; this keeps the repacking a few percent of a prefill's
+ * time. */
 static void tile_group(tile *t, int wtype, const char *const *wr, int g) {
     size_t gr = (size_t)t->gr, nb = (size_t)t->nb, k = (size_t)t->k;
     float *d = t->d + (size_t)g * gr * nb, *m = t->m + (size_t)g * gr * nb;
@@ -167,39 +167,93 @@ static void tile_group(tile *t, int wtype, const char *const *wr, int g) {
                     corr[b * gr + r] = -128 * (sum16_i8(q + 32 * b) + sum16_i8(q + 32 * b + 16));
             continue;
         }
-        for (size_t b = 0; b < nb; b++) {
-            cm_k_unpacked u;
-            cm_quant_unpack_k(wtype, wr[r] + b * bb, &u);
-            memcpy(q + b * CM_QK_K, u.q, CM_QK_K);
-            int16_t *sc = t->sc + ((size_t)g * nb + b) * 16 * gr * 2, *mn = t->mn + ((size_t)g * nb + b) * 8 * gr * 2;
-            int32_t qs = 0; /* sum of q times the scales, for corr */
-            for (int j = 0; j < 16; j++) { /* per 16 values, whatever the type's sub-block */
-                int s = j * 16 / u.sub;
-                sc[((size_t)j * gr + r) * 2] = sc[((size_t)j * gr + r) * 2 + 1] = u.sc[s];
-                mn[((size_t)(j / 2) * gr + r) * 2 + (size_t)(j % 2)] = u.mn[s];
-                if (corr) qs += u.sc[s] * sum16_i8(u.q + 16 * j);
+        /* the row's q straight into the stage, its scales a few blocks at a time */
+        for (size_t b0 = 0; b0 < nb; b0 += 8) {
+            size_t nbc = nb - b0 < 8 ? nb - b0 : 8;
+            float bd[8], bm[8];
+            int16_t sc16[8 * 16], mn16[8 * 16];
+            CM_FAMILY_FN(cm_quant_unpack_k_row)(wtype, wr[r] + b0 * bb, (int64_t)nbc, q + b0 * CM_QK_K, bd, bm, sc16, mn16);
+            for (size_t i = 0; i < nbc; i++) {
+                size_t b = b0 + i;
+                const int16_t *bs = sc16 + 16 * i, *bn = mn16 + 16 * i;
+                int16_t *sc = t->sc + ((size_t)g * nb + b) * 16 * gr * 2, *mn = t->mn + ((size_t)g * nb + b) * 8 * gr * 2;
+                int32_t qs = 0; /* sum of q times the scales, for corr */
+                for (int j = 0; j < 16; j++) {
+                    sc[((size_t)j * gr + r) * 2] = sc[((size_t)j * gr + r) * 2 + 1] = bs[j];
+                    mn[((size_t)(j / 2) * gr + r) * 2 + (size_t)(j % 2)] = bn[j];
+                    if (corr) qs += bs[j] * sum16_i8(q + b * CM_QK_K + 16 * j);
+                }
+                if (corr) corr[b * gr + r] = -128 * qs;
+                d[b * gr + r] = bd[i];
+                m[b * gr + r] = bm[i];
             }
-            if (corr) corr[b * gr + r] = -128 * qs;
-            d[b * gr + r] = u.d;
-            m[b * gr + r] = u.dmin;
         }
     }
-    /* value v of row r goes to (v / 4, r, v % 4) of the group */
+    /* value v of row r goes to (v / 4, r, v % 4) of the group: a transpose of (gr, K / 4) 4-byte
+     * quads, done square by square in registers (gr x gr quads: 64 values of each of 16 rows, or 32 of
+     * each of 8), the last part of a row (K % 64 or K % 32 values) by gathers */
     uint8_t *gq = t->q + (size_t)g * gr * k;
     const uint8_t *st = t->row;
+    size_t v = 0;
 #if defined(CM_G_AVX512)
     if (gr == ZGR) {
+        const __m512i bias = _mm512_set1_epi8((char)t->bias);
+        for (; v + 64 <= k; v += 64) {
+            __m512i r[16], s[16];
+            for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512((const void *)(st + (size_t)i * k + v));
+            for (int i = 0; i < 8; i++) { /* per 128-bit lane: quads c, c of rows 2i, 2i + 1 (c = 4L .. 4L + 3) */
+                s[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+                s[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+            }
+            for (int i = 0; i < 4; i++) { /* r[4i + j], lane L: quad 4L + j of rows 4i .. 4i + 3 */
+                r[4 * i] = _mm512_unpacklo_epi64(s[4 * i], s[4 * i + 2]);
+                r[4 * i + 1] = _mm512_unpackhi_epi64(s[4 * i], s[4 * i + 2]);
+                r[4 * i + 2] = _mm512_unpacklo_epi64(s[4 * i + 1], s[4 * i + 3]);
+                r[4 * i + 3] = _mm512_unpackhi_epi64(s[4 * i + 1], s[4 * i + 3]);
+            }
+            for (int j = 0; j < 4; j++) { /* quad 4L + j: lane L of r[j], r[4 + j], r[8 + j], r[12 + j] */
+                __m512i p0 = _mm512_shuffle_i32x4(r[j], r[4 + j], _MM_SHUFFLE(2, 0, 2, 0));
+                __m512i p1 = _mm512_shuffle_i32x4(r[j], r[4 + j], _MM_SHUFFLE(3, 1, 3, 1));
+                __m512i q0 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], _MM_SHUFFLE(2, 0, 2, 0));
+                __m512i q1 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], _MM_SHUFFLE(3, 1, 3, 1));
+                __m512i o[4] = {_mm512_shuffle_i32x4(p0, q0, _MM_SHUFFLE(2, 0, 2, 0)),
+                                _mm512_shuffle_i32x4(p1, q1, _MM_SHUFFLE(2, 0, 2, 0)),
+                                _mm512_shuffle_i32x4(p0, q0, _MM_SHUFFLE(3, 1, 3, 1)),
+                                _mm512_shuffle_i32x4(p1, q1, _MM_SHUFFLE(3, 1, 3, 1))};
+                for (int L = 0; L < 4; L++)
+                    _mm512_storeu_si512((void *)(gq + (v + 4 * (size_t)(4 * L + j)) * gr), _mm512_add_epi8(o[L], bias));
+            }
+        }
         const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                                _mm512_set1_epi32((int)k));
-        const __m512i bias = _mm512_set1_epi8((char)t->bias);
-        for (size_t v = 0; v < k; v += 4)
+        for (; v < k; v += 4)
             _mm512_storeu_si512((void *)(gq + v * gr), _mm512_add_epi8(_mm512_i32gather_epi32(idx, (const void *)(st + v), 1), bias));
         return;
     }
 #endif
-    const __m256i idx = _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), _mm256_set1_epi32((int)k));
     const __m256i bias = _mm256_set1_epi8((char)t->bias);
-    for (size_t v = 0; v < k; v += 4)
+    for (; v + 32 <= k; v += 32) {
+        __m256i r[8], s[8];
+        for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_si256((const __m256i *)(const void *)(st + (size_t)i * k + v));
+        for (int i = 0; i < 4; i++) {
+            s[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+            s[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+        }
+        for (int i = 0; i < 2; i++) { /* r[4i + j], lane L: quad 4L + j of rows 4i .. 4i + 3 */
+            r[4 * i] = _mm256_unpacklo_epi64(s[4 * i], s[4 * i + 2]);
+            r[4 * i + 1] = _mm256_unpackhi_epi64(s[4 * i], s[4 * i + 2]);
+            r[4 * i + 2] = _mm256_unpacklo_epi64(s[4 * i + 1], s[4 * i + 3]);
+            r[4 * i + 3] = _mm256_unpackhi_epi64(s[4 * i + 1], s[4 * i + 3]);
+        }
+        for (int j = 0; j < 4; j++) {
+            _mm256_storeu_si256((__m256i *)(void *)(gq + (v + 4 * (size_t)j) * gr),
+                                _mm256_add_epi8(_mm256_permute2x128_si256(r[j], r[4 + j], 0x20), bias));
+            _mm256_storeu_si256((__m256i *)(void *)(gq + (v + 4 * (size_t)(4 + j)) * gr),
+                                _mm256_add_epi8(_mm256_permute2x128_si256(r[j], r[4 + j], 0x31), bias));
+        }
+    }
+    const __m256i idx = _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), _mm256_set1_epi32((int)k));
+    for (; v < k; v += 4)
         _mm256_storeu_si256((__m256i *)(gq + v * gr),
                             _mm256_add_epi8(_mm256_i32gather_epi32((const int *)(const void *)(st + v), idx, 1), bias));
 }
@@ -214,6 +268,16 @@ static void tile_fill(tile *t, int wtype, const void *w, size_t rb, int64_t a, i
         }
         tile_group(t, wtype, wr, g);
     }
+}
+
+/* While a tile meets the tokens, the next tile's weight rows come into L2 a slice per token quad (T1:
+ * the L1 prefetches would queue behind the line-fill buffers), so that repacking it reads cache rather
+ * than memory: rows [a, a + rows) of W, rb bytes each, in nq slices; slice q now. */
+static inline void prefetch_tile_slice(const void *w, size_t rb, int64_t a, int64_t rows, size_t nq, size_t q) {
+    if (rows <= 0) return;
+    const char *p = (const char *)w + (size_t)a * rb;
+    size_t lines = ((size_t)rows * rb + 63) / 64, per = (lines + nq - 1) / nq;
+    for (size_t l = q * per; l < q * per + per && l < lines; l++) _mm_prefetch(p + 64 * l, _MM_HINT_T1);
 }
 
 static inline __m256i bcast32(const void *p) {
@@ -463,8 +527,9 @@ static void gemm_avx2(int wtype, const void *w, int64_t k, const void *x, size_t
     float *xd0 = t.xd, *xs0 = t.xs;
     uint8_t *xq0 = t.xq;
     const char *xr[NR];
-    if (all) /* every quad's bytes and scales once, for all the tiles */
+    if (all) /* every quad's bytes and scales once, for all the tiles (the first tile's rows coming in) */
         for (size_t q = 0; q < nq; q++) {
+            prefetch_tile_slice(w, rb, r0, (r1 - r0 < TR ? r1 - r0 : TR), nq, q);
             t.xd = xd0 + q * NR * nb, t.xs = xs0 + q * NR * nb, t.xq = xq0 + q * NR * (size_t)k;
             quad_rows(x, x_stride, n, (int)q * NR, xr);
             quad_prep(&t, xt, xr);
@@ -474,6 +539,7 @@ static void gemm_avx2(int wtype, const void *w, int64_t k, const void *x, size_t
         tile_fill(&t, wtype, w, rb, a, rows, groups);
         for (int t0 = 0; t0 < n; t0 += NR) {
             int nt = n - t0 < NR ? n - t0 : NR;
+            prefetch_tile_slice(w, rb, a + TR, (r1 - a - TR < TR ? r1 - a - TR : TR), nq, (size_t)t0 / NR);
             quad_rows(x, x_stride, n, t0, xr);
             if (all) {
                 size_t q = (size_t)t0 / NR;
@@ -704,8 +770,9 @@ static void gemm_avx512(int wtype, const void *w, int64_t k, const void *x, size
     float *xd0 = t.xd, *xs0 = t.xs;
     int32_t *xc0 = t.xc;
     const char *xr[NR];
-    if (all) /* every quad's scales and sums once, for all the tiles */
+    if (all) /* every quad's scales and sums once, for all the tiles (the first tile's rows coming in) */
         for (size_t q = 0; q < nq; q++) {
+            prefetch_tile_slice(w, rb, r0, (r1 - r0 < ZTR ? r1 - r0 : ZTR), nq, q);
             t.xd = xd0 + q * NR * nb, t.xs = xs0 + q * NR * nb, t.xc = xc0 + q * NR * t.xcs;
             zquad(&t, xt, xbytes, qoff, x, x_stride, n, (int)q * NR, 0, xr);
         }
@@ -714,6 +781,7 @@ static void gemm_avx512(int wtype, const void *w, int64_t k, const void *x, size
         tile_fill(&t, wtype, w, rb, a, rows, groups);
         for (int t0 = 0; t0 < n; t0 += NR) {
             int nt = n - t0 < NR ? n - t0 : NR;
+            prefetch_tile_slice(w, rb, a + ZTR, (r1 - a - ZTR < ZTR ? r1 - a - ZTR : ZTR), nq, (size_t)t0 / NR);
             if (all) {
                 size_t q = (size_t)t0 / NR;
                 t.xd = xd0 + q * NR * nb, t.xs = xs0 + q * NR * nb, t.xc = xc0 + q * NR * t.xcs;
@@ -723,9 +791,10 @@ static void gemm_avx512(int wtype, const void *w, int64_t k, const void *x, size
                 float out[NR * ZGR];
                 if (t.kq) zmicro_k(&t, g, (const cm_block_q8_k *const *)xr, out);
                 else zmicro_legacy(&t, g, xr, xbytes, qoff, out);
+                int left = rows - ZGR * g; /* the group's rows within the tile */
+                __mmask16 mk = left >= ZGR ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
                 for (int j = 0; j < nt; j++)
-                    for (int r = 0; r < ZGR && ZGR * g + r < rows; r++)
-                        y[(int64_t)(t0 + j) * ldy + a + ZGR * g + r] = out[j * ZGR + r];
+                    _mm512_mask_storeu_ps(y + (int64_t)(t0 + j) * ldy + a + ZGR * g, mk, _mm512_loadu_ps(out + j * ZGR));
             }
         }
     }

@@ -181,6 +181,11 @@ void cm_att_scores_ref(int type, const void *k, size_t row_bytes, int n, const f
     for (int t = 0; t < n; t++) out[t] = cm_vec_dot_ref(type, GGUF_TT_F32, e, (const char *)k + (size_t)t * row_bytes, q) * scale;
 }
 
+void cm_att_scores_heads_ref(int type, const void *k, size_t row_bytes, int n, const float *q, size_t q_stride,
+                             int nh, int64_t e, float scale, float *out, size_t out_stride) {
+    for (int h = 0; h < nh; h++) cm_att_scores_ref(type, k, row_bytes, n, q + h * q_stride, e, scale, out + h * out_stride);
+}
+
 void cm_att_values_ref(int type, float *y, const float *p, const void *v, size_t row_bytes, int n, int64_t e) {
     for (int t = 0; t < n; t++) {
         const void *r = (const char *)v + (size_t)t * row_bytes;
@@ -370,6 +375,11 @@ void cm_axpy_f16(float *y, float a, const uint16_t *x, int64_t k) { cm__kops->ax
 void cm_att_scores(int type, const void *k, size_t row_bytes, int n, const float *q, int64_t e, float scale,
                    float *out) {
     cm__kops->att_scores(type, k, row_bytes, n, q, e, scale, out);
+}
+
+void cm_att_scores_heads(int type, const void *k, size_t row_bytes, int n, const float *q, size_t q_stride, int nh,
+                         int64_t e, float scale, float *out, size_t out_stride) {
+    cm__kops->att_scores_heads(type, k, row_bytes, n, q, q_stride, nh, e, scale, out, out_stride);
 }
 
 void cm_att_values_heads(int type, float *y, size_t y_stride, const float *p, size_t p_stride, int nh, const void *v,

@@ -154,6 +154,15 @@ void cm_att_scores_ref(int type, const void *k, size_t row_bytes, int n, const f
                        float *out);
 void cm_att_values_ref(int type, float *y, const float *p, const void *v, size_t row_bytes, int n, int64_t e);
 
+/* cm_att_scores_ref for the nh query heads of one kv head over the same K rows: head h's query at
+ * q + h * q_stride, its scores at out + h * out_stride, each number exactly cm_att_scores_ref's. The
+ * AVX-512 families convert each run of 16 K rows once for all the heads (two or more, head dims 64 and
+ * 128) and keep a head's query in registers across the rows. */
+void cm_att_scores_heads(int type, const void *k, size_t row_bytes, int n, const float *q, size_t q_stride, int nh,
+                         int64_t e, float scale, float *out, size_t out_stride);
+void cm_att_scores_heads_ref(int type, const void *k, size_t row_bytes, int n, const float *q, size_t q_stride,
+                             int nh, int64_t e, float scale, float *out, size_t out_stride);
+
 /* cm_att_values_ref for the nh query heads of one kv head over the same V rows (nh = 1: one head):
  * head h's y at y + h * y_stride and probabilities at p + h * p_stride, each head's numbers exactly
  * cm_att_values_ref's. The

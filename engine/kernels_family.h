@@ -55,9 +55,13 @@ typedef struct cm_kernel_ops {
     void (*axpy_f16)(float *y, float a, const uint16_t *x, int64_t k);
     void (*att_scores)(int type, const void *k, size_t row_bytes, int n, const float *q, int64_t e, float scale,
                        float *out);
+    void (*att_scores_heads)(int type, const void *k, size_t row_bytes, int n, const float *q, size_t q_stride, int nh,
+                             int64_t e, float scale, float *out, size_t out_stride);
     void (*att_values_heads)(int type, float *y, size_t y_stride, const float *p, size_t p_stride, int nh,
                              const void *v, size_t row_bytes, int n, int64_t e);
     void (*quant_dequantize)(int type, const void *w, float *y, int64_t k);
+    void (*quant_unpack_k_row)(int type, const void *w, int64_t nb, int8_t *q, float *d, float *dmin, int16_t *sc16,
+                               int16_t *mn16);
     float (*quant_dot_q)(int wtype, int64_t k, const void *w, const void *x);
     void (*quant_matvec_q)(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y,
                            int64_t ldy, int64_t r0, int64_t r1);
@@ -93,6 +97,10 @@ float CM_FAMILY_FN(cm_lanes_sum)(float acc[64]);
  * blocks' q (nb * 32) and their d, m (cm_quant_unpack_legacy's) at d[b * dm_stride], m[b * dm_stride]. */
 void CM_FAMILY_FN(cm_quant_unpack_legacy_row)(int wtype, const void *w, int64_t nb, int8_t *q, float *d, float *m,
                                               size_t dm_stride);
+/* cm_quant_unpack_k_row (quants.h), which gemm_q8.c's repacking calls directly (every family; the
+ * reference where the family has no AVX2). */
+void CM_FAMILY_FN(cm_quant_unpack_k_row)(int type, const void *w, int64_t nb, int8_t *q, float *d, float *dmin,
+                                         int16_t *sc16, int16_t *mn16);
 /* gemm_q8.c's int8 prefill product, likewise. */
 size_t CM_FAMILY_FN(cm_gemm_q_scratch_bytes)(int64_t k);
 void CM_FAMILY_FN(cm_gemm_q)(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y,

@@ -85,7 +85,7 @@ static void quantize_row_q8_0(const float *x, cm_block_q8_0 *y, int64_t k) {
 }
 
 /* Q8_K (quants.h): the same steps per super-block of 256, q clamped to +-127 as the reference clamps
- * (x / d can round just above 127), and each 16 q's sum. */
+ * (x / d can round just above 127), and each 16 q's sum (AVX-512, and AVX2 in 256-bit parts). */
 static void quantize_row_q8_k(const float *x, cm_block_q8_k *y, int64_t k) {
 #if defined(CM_AVX512)
     const __m512 sign = _mm512_set1_ps(-0.0f);
@@ -102,6 +102,38 @@ static void quantize_row_q8_k(const float *x, cm_block_q8_k *y, int64_t k) {
             q = _mm512_max_epi32(_mm512_min_epi32(q, hi), lo);
             _mm_storeu_si128((__m128i *)(y[b].qs + 16 * j), _mm512_cvtepi32_epi8(q));
             y[b].bsums[j] = (int16_t)_mm512_reduce_add_epi32(q);
+        }
+    }
+#elif defined(CM_AVX2)
+    /* the same steps in 256-bit parts, 32 values (two sums) at a time */
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i hi = _mm256_set1_epi32(127), lo = _mm256_set1_epi32(-127);
+    for (int64_t b = 0; b < k / CM_QK_K; b++) {
+        const float *xb = x + b * CM_QK_K;
+        __m256 a = _mm256_setzero_ps();
+        for (int i = 0; i < CM_QK_K; i += 8) a = _mm256_max_ps(a, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + i)));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        float d = _mm_cvtss_f32(h) / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        y[b].d = d;
+        __m256 s = _mm256_set1_ps(id);
+        for (int c = 0; c < CM_QK_K / 32; c++) {
+            __m256i q[4];
+            for (int i = 0; i < 4; i++) { /* round half even, then the reference's clamp */
+                q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 32 * c + 8 * i), s));
+                q[i] = _mm256_max_epi32(_mm256_min_epi32(q[i], hi), lo);
+            }
+            /* |q| <= 127: the packs are exact; they interleave 128-bit lanes, the permute undoes it */
+            __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+            _mm256_storeu_si256((__m256i *)(y[b].qs + 32 * c),
+                                _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+            /* the two sums of 16: lanes 0 + 4 and 1 + 5 after two pairwise adds */
+            __m256i t = _mm256_hadd_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            t = _mm256_hadd_epi32(t, t);
+            __m128i u = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+            y[b].bsums[2 * c] = (int16_t)_mm_cvtsi128_si32(u);
+            y[b].bsums[2 * c + 1] = (int16_t)_mm_extract_epi32(u, 1);
         }
     }
 #else
@@ -632,6 +664,73 @@ static void att_scores(int type, const void *k, size_t rb, int n, const float *q
 }
 
 #if defined(CM_AVX512)
+/* 16 K rows against nh queries, head dim E (64 or 128, a constant at each call site): the rows as f32
+ * once (F16 converted into buf, F32 read in place), then per head its query in E / 16 registers and
+ * each row's lanes as att_lanes16 takes them (fmadd from zero, chunk after chunk, then (s0 + s2) +
+ * (s1 + s3)), the trees of the 16 rows side by side (att_trees16), times scale. */
+CM_ALWAYS_INLINE void att_scores16_heads(int type, int64_t E, const char *k, size_t rb, int nr, int nh,
+                                         const float *q, size_t qs, float scale, float *out, size_t os, float *buf) {
+    const char *kr = k;
+    size_t ks = rb;
+    if (type == GGUF_TT_F16 || nr < 16) { /* rows past nr repeat row nr - 1 (their scores are not stored) */
+        for (int r = 0; r < 16; r++) {
+            const char *src = k + (size_t)(r < nr ? r : nr - 1) * rb;
+            for (int64_t i = 0; i < E; i += 16)
+                _mm512_store_ps(buf + r * E + i, type == GGUF_TT_F16
+                                                     ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)src + i)))
+                                                     : _mm512_loadu_ps((const float *)(const void *)src + i));
+        }
+        kr = (const char *)buf;
+        ks = (size_t)E * sizeof(float);
+    }
+    const __mmask16 m = nr >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << nr) - 1);
+    for (int h = 0; h < nh; h++) {
+        const float *qh = q + (size_t)h * qs;
+        __m512 qv[8], v[16];
+        for (int64_t i = 0; i < E; i += 16) qv[i / 16] = _mm512_loadu_ps(qh + i);
+        for (int r = 0; r < 16; r++) {
+            const float *row = (const float *)(const void *)(kr + (size_t)r * ks);
+            __m512 s[4];
+            for (int j = 0; j < 4; j++) s[j] = _mm512_fmadd_ps(_mm512_loadu_ps(row + 16 * j), qv[j], _mm512_setzero_ps());
+            for (int64_t i = 64; i < E; i += 64)
+                for (int j = 0; j < 4; j++) s[j] = _mm512_fmadd_ps(_mm512_loadu_ps(row + i + 16 * j), qv[i / 16 + j], s[j]);
+            v[r] = _mm512_add_ps(_mm512_add_ps(s[0], s[2]), _mm512_add_ps(s[1], s[3]));
+        }
+        _mm512_mask_storeu_ps(out + (size_t)h * os, m, _mm512_mul_ps(att_trees16(v), _mm512_set1_ps(scale)));
+    }
+}
+
+/* runs of 16 rows, and a last run of 4 to 15 rows padded to 16 (fewer go row by row) */
+#define ATT_SH_(TYPE, E)                                                                                          \
+    for (; n - t >= 4; t += 16)                                                                                   \
+        att_scores16_heads(TYPE, E, kr + (size_t)t * rb, rb, n - t < 16 ? n - t : 16, nh, q, qs, scale, out + t, os, \
+                           buf);
+#endif
+
+static void att_scores_heads(int type, const void *k, size_t rb, int n, const float *q, size_t qs, int nh, int64_t e,
+                             float scale, float *out, size_t os) {
+    int t = 0;
+#if defined(CM_AVX512)
+    if ((e == 64 || e == 128) && nh > 1) { /* one head (decode's tasks): att_scores converts in registers */
+        _Alignas(64) float buf[16 * 128];
+        const char *kr = k;
+        if (type == GGUF_TT_F16) {
+            if (e == 64) { ATT_SH_(GGUF_TT_F16, 64) }
+            else { ATT_SH_(GGUF_TT_F16, 128) }
+        } else {
+            if (e == 64) { ATT_SH_(GGUF_TT_F32, 64) }
+            else { ATT_SH_(GGUF_TT_F32, 128) }
+        }
+    }
+#endif
+    /* the rest (every row where the family has no AVX-512, the head dim is another or there is one
+     * head), head by head */
+    for (int h = 0; h < nh; h++)
+        att_scores(type, (const char *)k + (size_t)t * rb, rb, n - t, q + (size_t)h * qs, e, scale, out + (size_t)h * os + t);
+}
+#undef ATT_SH_
+
+#if defined(CM_AVX512)
 /* y[i, i + 64) of cm_att_values_ref for NH heads (a constant at each call site) at once: each V row's
  * 16-value pieces are converted once and feed the NH heads' y, 4 * NH zmm held across the n rows (tails
  * masked). */
@@ -849,8 +948,10 @@ const cm_kernel_ops CM_FAMILY_FN(cm_kernels) = {
     .dot_f16 = dot_f16,
     .axpy_f16 = axpy_f16,
     .att_scores = att_scores,
+    .att_scores_heads = att_scores_heads,
     .att_values_heads = att_values_heads,
     .quant_dequantize = CM_FAMILY_FN(cm_quant_dequantize),
+    .quant_unpack_k_row = CM_FAMILY_FN(cm_quant_unpack_k_row),
     .quant_dot_q = CM_FAMILY_FN(cm_quant_dot_q),
     .quant_matvec_q = CM_FAMILY_FN(cm_quant_matvec_q),
     .quant_matvec_f32 = CM_FAMILY_FN(cm_quant_matvec_f32),

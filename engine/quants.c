@@ -177,6 +177,22 @@ void cm_quant_unpack_k(int type, const void *blk, cm_k_unpacked *u) {
     }
 }
 
+void cm_quant_unpack_k_row_ref(int type, const void *w, int64_t nb, int8_t *q, float *d, float *dmin, int16_t *sc16,
+                               int16_t *mn16) {
+    size_t bb = cm_quant_block_bytes(type);
+    for (int64_t b = 0; b < nb; b++) {
+        cm_k_unpacked u;
+        cm_quant_unpack_k(type, (const char *)w + (size_t)b * bb, &u);
+        memcpy(q + b * CM_QK_K, u.q, CM_QK_K);
+        d[b] = u.d;
+        dmin[b] = u.dmin;
+        for (int j = 0; j < 16; j++) {
+            sc16[16 * b + j] = u.sc[j * 16 / u.sub];
+            mn16[16 * b + j] = u.mn[j * 16 / u.sub];
+        }
+    }
+}
+
 /* ============================================================ reference dequantisation */
 
 static void dequant_block_ref(int type, const void *blk, float *y) {
@@ -320,6 +336,11 @@ float cm_quant_dot_q_ref(int wtype, int64_t k, const void *w, const void *x) {
 
 /* The kernel family's versions (kernels.c chose the family; see kernels_family.h). */
 void cm_quant_dequantize(int type, const void *w, float *y, int64_t k) { cm__kops->quant_dequantize(type, w, y, k); }
+
+void cm_quant_unpack_k_row(int type, const void *w, int64_t nb, int8_t *q, float *d, float *dmin, int16_t *sc16,
+                           int16_t *mn16) {
+    cm__kops->quant_unpack_k_row(type, w, nb, q, d, dmin, sc16, mn16);
+}
 
 float cm_quant_dot_q(int wtype, int64_t k, const void *w, const void *x) {
     return cm__kops->quant_dot_q(wtype, k, w, x);

@@ -216,8 +216,8 @@ int cm_quant_is_block_type(int type);
  * GGUF_TT_Q8_K), or -1 when wtype has none (float types). Q8_0 weights pair with Q8_0. */
 int cm_quant_vec_dot_type(int wtype);
 
-/* One block as integers, the form every reference reads a layout through (and the int8 GEMM,
- * gemm_q8.c, repacks from), so each bit layout is decoded in one place. Legacy (Q4_0, Q4_1, Q5_0,
+/* One block as integers, the form every reference reads a layout through (the int8 GEMM's row
+ * unpackers, quants_simd.c, are held to it), so each bit layout has one reference decoding. Legacy (Q4_0, Q4_1, Q5_0,
  * Q5_1, and Q8_0 weights): x_i = d * q[i] + m (m 0 for Q4_0, Q5_0). K-quants: x_v = (d * sc[s]) * q[v] - dmin * mn[s],
  * s = v / sub (mn 0 and dmin 0 for the types without mins). `blk` points at one block of `type`. */
 typedef struct cm_legacy_unpacked {
@@ -235,6 +235,15 @@ typedef struct cm_k_unpacked {
 
 void cm_quant_unpack_legacy(int type, const void *blk, cm_legacy_unpacked *u);
 void cm_quant_unpack_k(int type, const void *blk, cm_k_unpacked *u);
+
+/* cm_quant_unpack_k of nb consecutive blocks of a K-quant row, in the shape the int8 GEMM's repacking
+ * (gemm_q8.c) reads: q (nb * 256) the blocks' q; block b's d and dmin at d[b], dmin[b]; and each 16
+ * values' scale and min (those of the sub-block holding them, sc[j * 16 / sub]) at sc16[16 * b + j],
+ * mn16[16 * b + j]. The fast one decodes q with the SIMD group decoders of the dots; bit-exact pair. */
+void cm_quant_unpack_k_row_ref(int type, const void *w, int64_t nb, int8_t *q, float *d, float *dmin, int16_t *sc16,
+                               int16_t *mn16);
+void cm_quant_unpack_k_row(int type, const void *w, int64_t nb, int8_t *q, float *d, float *dmin, int16_t *sc16,
+                           int16_t *mn16);
 
 /* Dequantise one row: w (K/QK blocks of the type) -> y (K) f32. K a multiple of the block. The
  * references are the definition of each format; tests/fixtures/golden/quants.gguf (made by

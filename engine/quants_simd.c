@@ -812,6 +812,51 @@ static void dequant_q45_k_avx2(int type, const void *w, float *y, int64_t nb) {
     }
 }
 #endif
+/* ============================================================ K-quant rows for the int8 GEMM */
+
+void CM_FAMILY_FN(cm_quant_unpack_k_row)(int type, const void *w, int64_t nb, int8_t *q, float *d, float *dmin,
+                                         int16_t *sc16, int16_t *mn16) {
+#if defined(CM_Q_AVX2)
+    if (type == GGUF_TT_Q4_K || type == GGUF_TT_Q5_K) {
+        for (int64_t b = 0; b < nb; b++, q += CM_QK_K, sc16 += 16, mn16 += 16) {
+            q45k_view a = q45k_at(type, w, b);
+            d[b] = fp16(a.d);
+            dmin[b] = fp16(a.dmin);
+            for (int j = 0; j < 8; j++) { /* sub-blocks of 32: each scale and min twice */
+                uint8_t sc, m;
+                cm_q4k_scale_min(j, a.scales, &sc, &m);
+                sc16[2 * j] = sc16[2 * j + 1] = sc;
+                mn16[2 * j] = mn16[2 * j + 1] = m;
+            }
+            __m256i qh = a.qh ? _mm256_loadu_si256((const __m256i *)a.qh) : _mm256_setzero_si256();
+            for (int c = 0; c < 4; c++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(a.qs + 32 * c));
+                for (int half = 0; half < 2; half++)
+                    _mm256_storeu_si256((__m256i *)(q + 64 * c + 32 * half), q45k_group(v, a.qh ? &qh : NULL, c, half));
+            }
+        }
+        return;
+    }
+    if (type == GGUF_TT_Q2_K || type == GGUF_TT_Q3_K || type == GGUF_TT_Q6_K) {
+        for (int64_t b = 0; b < nb; b++, q += CM_QK_K, sc16 += 16, mn16 += 16) {
+            k16_view v;
+            k16_at(type, w, b, &v);
+            d[b] = v.d;
+            dmin[b] = v.dmin;
+            for (int j = 0; j < 16; j++) {
+                sc16[j] = (int16_t)v.sc[j];
+                mn16[j] = (int16_t)v.mn[j];
+            }
+            const __m256i off = _mm256_set1_epi8((char)v.offset);
+            for (int g = 0; g < 8; g++)
+                _mm256_storeu_si256((__m256i *)(q + 32 * g), _mm256_sub_epi8(k16_group(type, v.blk, g), off));
+        }
+        return;
+    }
+#endif
+    cm_quant_unpack_k_row_ref(type, w, nb, q, d, dmin, sc16, mn16);
+}
+
 /* ============================================================ dispatch */
 
 void CM_FAMILY_FN(cm_quant_dequantize)(int type, const void *w, float *y, int64_t k) {

@@ -439,6 +439,51 @@ TEST(att_rows_equal_ref) {
     free(q), free(p), free(rows), free(got), free(want), free(hrows);
 }
 
+/* The scores of several query heads over the same K rows (F32 and F16 rows as in the KV pool, each
+ * head's query and scores at their own strides): every head's scores equal the reference's, and those
+ * the one-row dot's; head dims the AVX-512 families take by runs of 16 rows (64, 128) and others, run
+ * lengths below, at and above 16, with tails they pad to 16 (4 rows or more) and tails they take row by
+ * row; a row of -0 products. Scores around each head's stay put. */
+TEST(att_scores_heads_equal_ref) {
+    static const int64_t es[] = {64, 128, 80, 7};
+    static const int nhs[] = {1, 2, 7, 8};
+    static const int ns[] = {1, 3, 4, 15, 16, 17, 21, 33, 50};
+    enum { NMAX = 50, STRIDE = 160, HMAX = 8, QS = 136, OS = 56 };
+    float *q = malloc(HMAX * QS * 4), *rows = malloc((size_t)NMAX * STRIDE * 4);
+    float *got = malloc(HMAX * OS * 4), *want = malloc(HMAX * OS * 4);
+    uint16_t *hrows = malloc((size_t)NMAX * STRIDE * 2);
+    for (int type = 0; type < 2; type++) {
+        int tt = type ? GGUF_TT_F16 : GGUF_TT_F32;
+        for (size_t a = 0; a < sizeof es / sizeof *es; a++)
+            for (size_t c = 0; c < sizeof nhs / sizeof *nhs; c++)
+                for (size_t b = 0; b < sizeof ns / sizeof *ns; b++) {
+                    int64_t e = es[a];
+                    int nh = nhs[c], n = ns[b];
+                    fill(rows, (int64_t)NMAX * STRIDE, 3.0f);
+                    fill(q, HMAX * QS, 1.0f);
+                    /* row 3 (in the first run of 16) of zeros signed against head 0's query: each product -0,
+                     * which fmaf(w, x, 0) makes +0 and w * x keeps, so the score's sign of zero tells them apart */
+                    for (int i = 0; i < STRIDE; i++) rows[3 * STRIDE + i] = q[i % QS] < 0.0f ? 0.0f : -0.0f;
+                    for (int64_t i = 0; i < (int64_t)NMAX * STRIDE; i++) hrows[i] = cm_f32_to_fp16(rows[i]);
+                    const void *kr = type ? (const void *)hrows : (const void *)rows;
+                    size_t rb = (size_t)STRIDE * (type ? 2 : 4);
+                    fill(got, HMAX * OS, 1.0f);
+                    memcpy(want, got, HMAX * OS * 4);
+                    cm_att_scores_heads(tt, kr, rb, n, q, QS, nh, e, 0.125f, got, OS);
+                    cm_att_scores_heads_ref(tt, kr, rb, n, q, QS, nh, e, 0.125f, want, OS);
+                    int bad = !same_row(got, want, HMAX * OS);
+                    for (int h = 0; h < nh && !bad; h++)
+                        for (int t = 0; t < n && !bad; t++)
+                            bad = !same_bits(want[h * OS + t],
+                                             cm_vec_dot_ref(tt, GGUF_TT_F32, e, (const char *)kr + (size_t)t * rb, q + h * QS) * 0.125f);
+                    if (bad)
+                        TEST_FAIL_("%s e %lld heads %d n %d: scores differ from their reference", type ? "f16" : "f32",
+                                   (long long)e, nh, n);
+                }
+    }
+    free(q), free(rows), free(got), free(want), free(hrows);
+}
+
 /* The value sums of several query heads over the same V rows (F32 and F16 rows as in the KV pool, each
  * head's y and probabilities at their own strides): every head's y equals its reference, which is the
  * one-row axpy reference row after row; group sizes that split into passes of at most four unevenly
@@ -576,6 +621,7 @@ static void kernel_tests(void) {
     RUN(exp_equals_ref_and_expf);
     RUN(f16_kv_rows_equal_ref);
     RUN(att_rows_equal_ref);
+    RUN(att_scores_heads_equal_ref);
     RUN(att_values_heads_equal_ref);
     RUN(rope_equals_ref);
 }

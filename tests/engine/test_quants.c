@@ -18,7 +18,8 @@
  *     the rows asked for (odd counts, starting off its 8- and 16-row groups, one row, more than one
  *     64-row tile), the row length (a few blocks, and tens of them) and the output stride; and at the
  *     extremes of its integer sums (every weight at the end of its range against int8 rows of all
- *     +127 or all -127), where an int16 partial sum held one step too long would wrap.
+ *     +127 or all -127), where an int16 partial sum held one step too long would wrap. Its K-quant row
+ *     unpacker equals the reference unpacker byte for byte.
  */
 #include <math.h>
 #include <stdint.h>
@@ -206,6 +207,31 @@ TEST(fast_kernels_equal_ref) {
             }
         }
     }
+}
+
+/* The int8 GEMM's K-quant row unpacker: q, d, dmin and the per-16 scales and mins, every byte as the
+ * reference (cm_quant_unpack_k block by block) gives them, for rows of random blocks (every bit pattern of
+ * quants and packed scales, all-zero blocks, extreme and subnormal scales). */
+TEST(unpack_k_row_equals_ref) {
+    static const int kq[] = {GGUF_TT_Q2_K, GGUF_TT_Q3_K, GGUF_TT_Q4_K, GGUF_TT_Q5_K, GGUF_TT_Q6_K};
+    enum { NB = 7 };
+    for (size_t t = 0; t < sizeof kq / sizeof kq[0]; t++)
+        for (int row = 0; row < 5; row++) {
+            int type = kq[t];
+            uint8_t *w = malloc((size_t)gguf_row_bytes(type, NB * CM_QK_K));
+            int8_t q0[NB * CM_QK_K], q1[NB * CM_QK_K];
+            float d0[NB], d1[NB], m0[NB], m1[NB];
+            int16_t s0[NB * 16], s1[NB * 16], n0[NB * 16], n1[NB * 16];
+            random_blocks(type, w, NB, row);
+            memset(q1, 0x55, sizeof q1), memset(d1, 0x55, sizeof d1), memset(m1, 0x55, sizeof m1);
+            memset(s1, 0x55, sizeof s1), memset(n1, 0x55, sizeof n1);
+            cm_quant_unpack_k_row_ref(type, w, NB, q0, d0, m0, s0, n0);
+            cm_quant_unpack_k_row(type, w, NB, q1, d1, m1, s1, n1);
+            if (memcmp(q0, q1, sizeof q0) || memcmp(d0, d1, sizeof d0) || memcmp(m0, m1, sizeof m0) ||
+                memcmp(s0, s1, sizeof s0) || memcmp(n0, n1, sizeof n0))
+                TEST_FAIL_("%s row %d: the row unpacker differs from the reference", gguf_ttype_name(type), row);
+            free(w);
+        }
 }
 
 /* The int8 dot against the f32 product of the dequantised rows: they differ only by x's quantisation. */
@@ -434,6 +460,7 @@ static void family_tests(void) {
     RUN(fast_kernels_equal_ref);
     RUN(int8_dot_tracks_exact_product);
     RUN(matvec_rows_equal_vec_dot_and_ref);
+    RUN(unpack_k_row_equals_ref);
     RUN(gemm_q_equals_ref);
     RUN(gemm_q_extremes);
 }
