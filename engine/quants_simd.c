@@ -340,6 +340,39 @@ CM_ALWAYS_INLINE __m128i q3k_scales_vec(const uint8_t *s) {
     return _mm_sub_epi8(v, _mm_set1_epi8(32));
 }
 
+CM_ALWAYS_INLINE size_t k_block_bytes(int wt) {
+    switch (wt) {
+    case GGUF_TT_Q2_K: return sizeof(cm_block_q2_k);
+    case GGUF_TT_Q3_K: return sizeof(cm_block_q3_k);
+    case GGUF_TT_Q4_K: return sizeof(cm_block_q4_k);
+    case GGUF_TT_Q5_K: return sizeof(cm_block_q5_k);
+    default: return sizeof(cm_block_q6_k);
+    }
+}
+
+/* The sixteen sub-block scales of a Q2_K, Q3_K or Q6_K block (blk) as int16, as the dots multiply them
+ * (Q3_K's minus 32), and for Q2_K its sixteen mins in *mn (zero for the others). */
+CM_ALWAYS_INLINE __m256i k16_scales16(int wt, const char *blk, __m256i *mn) {
+    *mn = _mm256_setzero_si256();
+    if (wt == GGUF_TT_Q2_K) {
+        __m128i s = _mm_loadu_si128((const __m128i *)((const cm_block_q2_k *)blk)->scales);
+        *mn = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(s, 4), _mm_set1_epi8(0x0F)));
+        return _mm256_cvtepu8_epi16(_mm_and_si128(s, _mm_set1_epi8(0x0F)));
+    }
+    if (wt == GGUF_TT_Q3_K) return _mm256_cvtepi8_epi16(q3k_scales_vec(((const cm_block_q3_k *)blk)->scales));
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)((const cm_block_q6_k *)blk)->scales));
+}
+
+/* The fp16 d of a Q2_K, Q3_K or Q6_K block, and Q2_K's dmin (0 for the others). */
+CM_ALWAYS_INLINE uint16_t k16_dh(int wt, const char *blk, uint16_t *dmin) {
+    *dmin = 0;
+    if (wt == GGUF_TT_Q2_K) {
+        *dmin = ((const cm_block_q2_k *)blk)->dmin;
+        return ((const cm_block_q2_k *)blk)->d;
+    }
+    return wt == GGUF_TT_Q3_K ? ((const cm_block_q3_k *)blk)->d : ((const cm_block_q6_k *)blk)->d;
+}
+
 /* Lanes of a K-quant block (Q8_K x block b), and its d, dmin and integer min sum. Q3_K's and Q6_K's
  * unsigned group bytes u are q + offset: their lanes sum u * x * sc, and offset * sum sc_j * bsums_j
  * (their sub-blocks of 16 are bsums's) comes off once per block. */
@@ -375,27 +408,22 @@ CM_ALWAYS_INLINE __m256i k_lanes(int wt, const void *w, int64_t i, const cm_bloc
         }
         return acc;
     }
-    __m256i sc16;
+    __m256i mn, sc16 = k16_scales16(wt, (const char *)w + i * (int64_t)k_block_bytes(wt), &mn);
     const uint8_t *q2 = NULL, *hm = NULL, *ql = NULL, *qh6 = NULL;
     if (wt == GGUF_TT_Q2_K) {
         const cm_block_q2_k *a = (const cm_block_q2_k *)w + i;
         *d = fp16(a->d);
         *dmin = fp16(a->dmin);
-        __m128i s = _mm_loadu_si128((const __m128i *)a->scales);
-        __m256i mn = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(s, 4), _mm_set1_epi8(0x0F)));
         *imin = hsum_i32(_mm256_madd_epi16(mn, _mm256_loadu_si256((const __m256i *)b->bsums)));
-        sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(s, _mm_set1_epi8(0x0F)));
         q2 = a->qs;
     } else if (wt == GGUF_TT_Q3_K) {
         const cm_block_q3_k *a = (const cm_block_q3_k *)w + i;
         *d = fp16(a->d);
-        sc16 = _mm256_cvtepi8_epi16(q3k_scales_vec(a->scales));
         q2 = a->qs;
         hm = a->hmask;
     } else {
         const cm_block_q6_k *a = (const cm_block_q6_k *)w + i;
         *d = fp16(a->d);
-        sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)a->scales));
         ql = a->ql;
         qh6 = a->qh;
     }
@@ -425,24 +453,15 @@ CM_ALWAYS_INLINE __m256i k_lanes(int wt, const void *w, int64_t i, const cm_bloc
     return acc;
 }
 
-CM_ALWAYS_INLINE size_t k_block_bytes(int wt) {
-    switch (wt) {
-    case GGUF_TT_Q2_K: return sizeof(cm_block_q2_k);
-    case GGUF_TT_Q3_K: return sizeof(cm_block_q3_k);
-    case GGUF_TT_Q4_K: return sizeof(cm_block_q4_k);
-    case GGUF_TT_Q5_K: return sizeof(cm_block_q5_k);
-    default: return sizeof(cm_block_q6_k);
-    }
-}
-
 #if defined(__AVX512BW__)
-/* Q4_K, Q5_K and Q6_K with 512-bit vectors: two groups of 32 per vector, against x's 64 bytes of those
+/* The K-quants with 512-bit vectors: two groups of 32 per vector, against x's 64 bytes of those
  * groups. A row's 32 int16 pair sums maddubs(u, x) (u <= 63, |x| <= 128: no saturation) meet each
  * value's sub-block scale in the int16 lanes of sc (permuted from the block's scales), widened and
  * summed by madd (dpwssd with VNNI). Q4_K's and Q5_K's u are their q (0..15, 0..31), their mins against
- * the pairs of bsums for all rows at once; Q6_K's u = q + 32, and the 32s come off once per row and
- * block as 32 * sum sc_j * bsums_j (its sub-blocks of 16 are bsums's). All integer and exact, so the
- * block sums are rows_k's. */
+ * the pairs of bsums for all rows at once; Q2_K's u are its q (0..3), its mins against bsums; Q3_K's
+ * and Q6_K's u = q + 4 and q + 32, and the offsets come off once per row and block as offset * sum
+ * sc_j * bsums_j (their sub-blocks of 16 are bsums's). All integer and exact, so the block sums are
+ * k_lanes's. */
 CM_ALWAYS_INLINE __m512i dot_pair_scaled(__m512i acc, __m512i u, __m512i x, __m512i sc) {
     __m512i p = _mm512_maddubs_epi16(u, x);
 #if defined(__AVX512VNNI__)
@@ -469,6 +488,41 @@ CM_ALWAYS_INLINE __m512i scale_quarters(__m512i sc16, int j) {
 /* int16 lanes 0..15 = lo, 16..31 = hi. */
 CM_ALWAYS_INLINE __m512i halves16(short lo, short hi) {
     return _mm512_inserti64x4(_mm512_set1_epi16(lo), _mm256_set1_epi16(hi), 1);
+}
+
+/* bytes 0..31 = lo, 32..63 = hi. */
+CM_ALWAYS_INLINE __m512i halves8(char lo, char hi) {
+    return _mm512_inserti64x4(_mm512_set1_epi8(lo), _mm256_set1_epi8(hi), 1);
+}
+
+/* Groups 4h, 4h + 1 (u0) and 4h + 2, 4h + 3 (u1) of a Q2_K, Q3_K or Q6_K block (blk) as unsigned bytes
+ * u = q + offset, each pair against x's 64 bytes at 128h (u0) and 128h + 64 (u1): k16_group's bytes, two
+ * groups a vector. */
+CM_ALWAYS_INLINE void k16_pairs512(int wt, const char *blk, int h, __m512i *u0, __m512i *u1) {
+    const __m512i m03 = _mm512_set1_epi8(3), m0f = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30);
+    if (wt == GGUF_TT_Q6_K) {
+        const cm_block_q6_k *a = (const cm_block_q6_k *)blk;
+        __m512i l = _mm512_loadu_si512((const void *)(a->ql + 64 * h));
+        __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(a->qh + 32 * h)));
+        /* groups s = 0, 1: low nibbles, qh bits 0-1 / 2-3 at bits 4-5; s = 2, 3: high, bits 4-5 / 6-7 */
+        *u0 = _mm512_or_si512(_mm512_and_si512(l, m0f), _mm512_and_si512(_mm512_sllv_epi16(qh, halves16(4, 2)), m30));
+        *u1 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), m0f),
+                              _mm512_and_si512(_mm512_srlv_epi16(qh, halves16(0, 2)), m30));
+        return;
+    }
+    /* Q2_K and Q3_K: the low two bits of group s at bits 2s of qs[32h..] */
+    const uint8_t *qs = wt == GGUF_TT_Q2_K ? ((const cm_block_q2_k *)blk)->qs : ((const cm_block_q3_k *)blk)->qs;
+    __m512i q = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(qs + 32 * h)));
+    *u0 = _mm512_and_si512(_mm512_srlv_epi16(q, halves16(0, 2)), m03);
+    *u1 = _mm512_and_si512(_mm512_srlv_epi16(q, halves16(4, 6)), m03);
+    if (wt == GGUF_TT_Q3_K) { /* the third bit, bit 4h + s of hmask, adds 4 */
+        const __m512i four = _mm512_set1_epi8(4);
+        __m512i hm = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)((const cm_block_q3_k *)blk)->hmask));
+        __mmask64 k0 = _mm512_test_epi8_mask(hm, halves8((char)(1 << 4 * h), (char)(2 << 4 * h)));
+        __mmask64 k1 = _mm512_test_epi8_mask(hm, halves8((char)(4 << 4 * h), (char)(8 << 4 * h)));
+        *u0 = _mm512_mask_add_epi8(*u0, k0, *u0, four);
+        *u1 = _mm512_mask_add_epi8(*u1, k1, *u1, four);
+    }
 }
 
 /* The eight int32 lanes of a 512-bit sum, halves added. */
@@ -499,14 +553,7 @@ CM_ALWAYS_INLINE __m512i q45k_scales_mins4(__m512i hd) {
 
 CM_ALWAYS_INLINE void rows_k512(int wt, int nr, int64_t nb, const char *w, size_t rb, const cm_block_q8_k *x,
                                 float *out) {
-    const __m512i m0f = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30);
-    const __m512i sh04 = _mm512_set_epi64(0x0004000400040004ll, 0x0004000400040004ll, 0x0004000400040004ll,
-                                          0x0004000400040004ll, 0, 0, 0, 0);
-    const __m512i sh42 = _mm512_set_epi64(0x0002000200020002ll, 0x0002000200020002ll, 0x0002000200020002ll,
-                                          0x0002000200020002ll, 0x0004000400040004ll, 0x0004000400040004ll,
-                                          0x0004000400040004ll, 0x0004000400040004ll);
-    const __m512i sh02 = _mm512_set_epi64(0x0002000200020002ll, 0x0002000200020002ll, 0x0002000200020002ll,
-                                          0x0002000200020002ll, 0, 0, 0, 0);
+    const __m512i m0f = _mm512_set1_epi8(0x0F), sh04 = halves16(0, 4);
     /* Q5_K: int16 shifts [a in the low 256 bits | b in the high] that bring qh bits 2c, 2c + 1 to bit 4 */
     const __m512i m10 = _mm512_set1_epi8(0x10), sh43 = halves16(4, 3), sh21 = halves16(2, 1),
                   sh01 = halves16(0, 1), sh23 = halves16(2, 3);
@@ -579,35 +626,45 @@ CM_ALWAYS_INLINE void rows_k512(int wt, int nr, int64_t nb, const char *w, size_
                     acc[r] = dot_pair_scaled(acc[r], u, xv, scale_halves(sc[r], 2 * c + 16 * (r & 1)));
                 }
             }
-        } else {
+        } else { /* Q2_K, Q3_K, Q6_K: sixteen sub-blocks of 16, bsums's */
             __m256i bs = _mm256_loadu_si256((const __m256i *)b->bsums);
             __m512i sc[ROWS_MAX];
-            const cm_block_q6_k *a[ROWS_MAX];
+            __m256i mp[ROWS_MAX]; /* Q2_K: the mins' products with bsums */
+            const char *a[ROWS_MAX];
+            uint16_t dh[ROWS_MAX], mh[ROWS_MAX];
 #pragma GCC unroll 4
             for (int r = 0; r < nr; r++) {
-                a[r] = (const cm_block_q6_k *)(w + (size_t)r * rb) + i;
-                __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)a[r]->scales));
+                a[r] = w + (size_t)r * rb + (size_t)i * bb;
+                __m256i mn, sc16 = k16_scales16(wt, a[r], &mn);
                 sc[r] = _mm512_castsi256_si512(sc16);
-                /* the 32s' share, taken off from the start */
-                acc[r] = _mm512_zextsi256_si512(
-                    _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5)));
+                dh[r] = k16_dh(wt, a[r], &mh[r]);
+                if (wt == GGUF_TT_Q2_K) {
+                    mp[r] = _mm256_madd_epi16(mn, bs);
+                    acc[r] = _mm512_setzero_si512();
+                } else { /* the offsets' share (4 or 32 per value), taken off from the start */
+                    acc[r] = _mm512_zextsi256_si512(_mm256_sub_epi32(
+                        _mm256_setzero_si256(),
+                        _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), wt == GGUF_TT_Q3_K ? 2 : 5)));
+                }
             }
-            if (nr == ROWS_MAX)
-                d4 = _mm_cvtph_ps(_mm_setr_epi16((short)a[0]->d, (short)a[1]->d, (short)a[2]->d, (short)a[3]->d,
-                                                 0, 0, 0, 0));
-            else
-                d1 = fp16(a[0]->d);
+            if (nr == ROWS_MAX) {
+                d4 = _mm_cvtph_ps(_mm_setr_epi16((short)dh[0], (short)dh[1], (short)dh[2], (short)dh[3], 0, 0, 0, 0));
+                if (wt == GGUF_TT_Q2_K) {
+                    __m128 dm = _mm_cvtph_ps(
+                        _mm_setr_epi16((short)mh[0], (short)mh[1], (short)mh[2], (short)mh[3], 0, 0, 0, 0));
+                    __m128 s = _mm_mul_ps(dm, _mm_set1_ps(b->d));
+                    e4 = _mm_fmadd_ps(_mm_cvtepi32_ps(hsum4_i32(mp)), _mm_xor_ps(s, _mm_set1_ps(-0.0f)), e4);
+                }
+            } else {
+                d1 = fp16(dh[0]);
+                if (wt == GGUF_TT_Q2_K) e1 = fmaf((float)hsum_i32(mp[0]), -(fp16(mh[0]) * b->d), e1);
+            }
             for (int h = 0; h < 2; h++) {
                 __m512i x0 = _mm512_loadu_si512((const void *)(xq + 128 * h));
                 __m512i x1 = _mm512_loadu_si512((const void *)(xq + 128 * h + 64));
                 for (int r = 0; r < nr; r++) {
-                    __m512i l = _mm512_loadu_si512((const void *)(a[r]->ql + 64 * h));
-                    __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(a[r]->qh + 32 * h)));
-                    /* groups s = 0, 1: low nibbles, qh bits 0-1 / 2-3 at bits 4-5; s = 2, 3: high, bits 4-5 / 6-7 */
-                    __m512i u0 = _mm512_or_si512(_mm512_and_si512(l, m0f),
-                                                 _mm512_and_si512(_mm512_sllv_epi16(qh, sh42), m30));
-                    __m512i u1 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), m0f),
-                                                 _mm512_and_si512(_mm512_srlv_epi16(qh, sh02), m30));
+                    __m512i u0, u1;
+                    k16_pairs512(wt, a[r], h, &u0, &u1);
                     acc[r] = dot_pair_scaled(acc[r], u0, x0, scale_quarters(sc[r], 8 * h));
                     acc[r] = dot_pair_scaled(acc[r], u1, x1, scale_quarters(sc[r], 8 * h + 4));
                 }
@@ -631,10 +688,8 @@ CM_ALWAYS_INLINE void rows_k512(int wt, int nr, int64_t nb, const char *w, size_
 CM_ALWAYS_INLINE void rows_k(int wt, int nr, int64_t nb, const char *w, size_t rb, const cm_block_q8_k *x,
                              float *out) {
 #if defined(__AVX512BW__)
-    if (wt == GGUF_TT_Q4_K || wt == GGUF_TT_Q5_K || wt == GGUF_TT_Q6_K) {
-        rows_k512(wt, nr, nb, w, rb, x, out);
-        return;
-    }
+    rows_k512(wt, nr, nb, w, rb, x, out);
+    return;
 #endif
     const int has_min = wt == GGUF_TT_Q2_K || wt == GGUF_TT_Q4_K || wt == GGUF_TT_Q5_K;
     __m128 acc4 = _mm_setzero_ps(); /* as rows_legacy */
