@@ -348,7 +348,8 @@ TEST(gemm_q_equals_ref) {
 /* The integer sums at their extremes: every weight value at the top or the bottom of its range (all
  * quant bits set or clear, non-zero scales) against activation blocks of all +127 and all -127 (the
  * ends of the quantisers' range, (4)), where the int16 pair sums the GEMM adds up before widening are
- * largest. A kernel that adds one step too many in int16, or lets maddubs saturate, wraps here. */
+ * largest. A kernel that adds one step too many in int16, or lets maddubs saturate, wraps here. The
+ * decode rows (cm_matvec_rows, four rows a pass and one) are held to the same. */
 TEST(gemm_q_extremes) {
     static const int8_t vals[] = {127, -127};
     const int nv = 2, m = 2 * 8, n = 3 * nv; /* rows: all bits clear, all set, 8 of each; tokens: each value 3 times */
@@ -403,15 +404,24 @@ TEST(gemm_q_extremes) {
             }
         }
         cm_matvec_rows_ref(type, xt, w, k, xv, xb, n, yr, m, 0, m);
-        cm_gemm_q(type, w, k, xv, xb, n, y, m, 0, m, scratch, cm_gemm_q_scratch_bytes(k));
-        int bad = 0;
-        for (int j = 0; j < n && !bad; j++)
-            for (int r = 0; r < m && !bad; r++)
-                if (!same_bits(y[j * m + r], yr[j * m + r])) {
-                    TEST_FAIL_("%s: row %d (bits %s) x all %d: gemm %.9g, ref %.9g", gguf_ttype_name(type), r,
-                               r < m / 2 ? "clear" : "set", vals[j % nv], y[j * m + r], yr[j * m + r]);
-                    bad = 1;
+        /* the GEMM, then the decode rows (four rows a pass, and one: rows [0, 3) and [13, 16)) */
+        for (int path = 0; path < 3; path++) {
+            for (int i = 0; i < n * m; i++) y[i] = -12345.0f;
+            if (path == 0) cm_gemm_q(type, w, k, xv, xb, n, y, m, 0, m, scratch, cm_gemm_q_scratch_bytes(k));
+            else if (path == 1) cm_matvec_rows(type, xt, w, k, xv, xb, n, y, m, 0, m);
+            else cm_matvec_rows(type, xt, w, k, xv, xb, n, y, m, 0, 3), cm_matvec_rows(type, xt, w, k, xv, xb, n, y, m, 13, m);
+            int bad = 0;
+            for (int j = 0; j < n && !bad; j++)
+                for (int r = 0; r < m && !bad; r++) {
+                    if (path == 2 && r >= 3 && r < 13) continue;
+                    if (!same_bits(y[j * m + r], yr[j * m + r])) {
+                        TEST_FAIL_("%s: row %d (bits %s) x all %d: %s %.9g, ref %.9g", gguf_ttype_name(type), r,
+                                   r < m / 2 ? "clear" : "set", vals[j % nv], path ? "matvec rows" : "gemm",
+                                   y[j * m + r], yr[j * m + r]);
+                        bad = 1;
+                    }
                 }
+        }
         free(w); free(xv); free(yr); free(y); free(scratch);
     }
 }
