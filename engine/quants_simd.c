@@ -685,12 +685,13 @@ CM_ALWAYS_INLINE void rows_k512(int wt, int nr, int64_t nb, const char *w, size_
 }
 #endif
 
+/* out[r] = dot(row r, x) for r < nr, K-quant rows of nb blocks: rows_k512 on the 512-bit families, else
+ * k_lanes's 256-bit blocks. */
 CM_ALWAYS_INLINE void rows_k(int wt, int nr, int64_t nb, const char *w, size_t rb, const cm_block_q8_k *x,
                              float *out) {
 #if defined(__AVX512BW__)
     rows_k512(wt, nr, nb, w, rb, x, out);
-    return;
-#endif
+#else
     const int has_min = wt == GGUF_TT_Q2_K || wt == GGUF_TT_Q4_K || wt == GGUF_TT_Q5_K;
     __m128 acc4 = _mm_setzero_ps(); /* as rows_legacy */
     float acc1 = 0.0f, e[ROWS_MAX];
@@ -717,6 +718,7 @@ CM_ALWAYS_INLINE void rows_k(int wt, int nr, int64_t nb, const char *w, size_t r
     _mm_storeu_ps(a, acc4);
     if (nr != ROWS_MAX) a[0] = acc1;
     for (int r = 0; r < nr; r++) out[r] = a[r] + e[r];
+#endif
 }
 
 /* One function per (type, rows) pair: the compiler specialises each. */
