@@ -256,15 +256,13 @@ CM_ALWAYS_INLINE __m256i legacy_lanes(int wt, const void *w, int64_t i, __m256i 
     }
 }
 
-/* The weight rows two passes after this call's nr rows, streamed into L2 while these are computed:
- * block i of these rows is as far into them as the same share of those rows. Without it the rows'
- * short interleaved streams leave the core waiting on memory (about 1.6x slower on a 0.5B Q4_0 model);
- * into L1 (T0) the prefetches queue behind the core's few line-fill buffers, into L2 (T1), two passes
- * ahead, decode runs 1.1-1.25x faster per CPU second (Q4_K, Q6_K and Q8_0 models). */
+/* The weight rows after this call's nr rows, streamed into cache while these are computed: block i of
+ * these rows is as far into them as the same share of the next nr rows. Without it the rows' short
+ * interleaved streams leave the core waiting on memory (about 1.6x slower on a 0.5B Q4_0 model). */
 CM_ALWAYS_INLINE void prefetch_next_rows(const char *w, size_t rb, int nr, int64_t i, size_t bs) {
     size_t step = (size_t)nr * bs;
-    const char *next = w + (size_t)(2 * nr) * rb + (size_t)i * step;
-    for (size_t o = 0; o < step + 63; o += 64) _mm_prefetch(next + o, _MM_HINT_T1);
+    const char *next = w + (size_t)nr * rb + (size_t)i * step;
+    for (size_t o = 0; o < step + 63; o += 64) _mm_prefetch(next + o, _MM_HINT_T0);
 }
 
 CM_ALWAYS_INLINE size_t legacy_block_bytes(int wt) {
