@@ -547,6 +547,15 @@ def curve_points(r, langs):
             [float(np.mean([p["heldout_ext"][l] for l in langs])) for p in pts])
 
 
+def seed_band(curves):
+    """The seeds' curves [(xs, ys), ...] on the points every seed has (a run whose curve was logged more
+    coarsely contributes only where the others have a point too): (x, array seeds x points)."""
+    common = set.intersection(*(set(round(v, 6) for v in c[0]) for c in curves))
+    x = sorted(common)
+    ys = np.array([[dict((round(a, 6), b) for a, b in zip(*c))[v] for v in x] for c in curves])
+    return x, ys
+
+
 def plot_curves(res, png):
     """Learning curves, held-out loss on packages never trained on against post-pretraining tokens. Top: the
     full-budget runs, one colour per method, the line the mean over its seeds and the band their min-max
@@ -567,9 +576,7 @@ def plot_curves(res, png):
             cs = [c for c in cs if c[0]]
             if not cs:
                 continue
-            n = min(len(c[0]) for c in cs)
-            x = cs[0][0][:n]
-            ys = np.array([c[1][:n] for c in cs])
+            x, ys = seed_band(cs)
             ax.plot(x, ys.mean(0), color=colour[st], lw=1.6, marker=".", ls="--" if st in OPTIONS else "-",
                     label="%s (%d seed%s)" % (st, len(cs), "s" if len(cs) > 1 else ""))
             if len(cs) > 1:
@@ -650,6 +657,9 @@ def cmd_selftest(args):
     assert default_model(res)[-1].startswith("- the shipped model stays")
     res["b"] = mk("b", 3, 1.9, 1.5)
     assert default_model(res)[-1].startswith("- the best run replaces") and "best run, b:" in default_model(res)[0]
+    # seeds' curves logged at different points meet on the points they share
+    x, ys = seed_band([([0, 50, 100, 150], [5, 4, 3, 2]), ([0, 100.0000001, 150], [6, 5, 4])])
+    assert x == [0, 100, 150] and ys.tolist() == [[5, 3, 2], [6, 5, 4]], (x, ys)
     # the committed report is the committed results rendered (a hand edit or a stale file fails here)
     doc = os.path.join(tr.REPO, "docs", "experiment.md")
     with open(doc, encoding="utf-8") as fh:
