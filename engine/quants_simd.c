@@ -318,13 +318,15 @@ CM_ALWAYS_INLINE void rows_legacy(int wt, int nr, int64_t nb, const char *w, siz
     for (int r = 0; r < nr; r++) out[r] = a[r] + e[r];
 }
 
+#if !defined(__AVX512BW__)
 /* int16 scales of sub-blocks 2g (low 128 bits) and 2g + 1 (high) from sixteen int16 scales sc16
- * (sc0..7 in the low 128 bits, sc8..15 in the high). */
+ * (sc0..7 in the low 128 bits, sc8..15 in the high): k_lanes's. */
 CM_ALWAYS_INLINE __m256i scales_pair(__m256i sc16, int g) {
     const __m256i pick = _mm256_set_epi8(3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2,
                                          1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0);
     return _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(sc16, _mm256_set1_epi32(g)), pick);
 }
+#endif
 
 /* Q3_K's 16 scales minus 32, as bytes (cm_q3k_scales four at a time). */
 CM_ALWAYS_INLINE __m128i q3k_scales_vec(const uint8_t *s) {
@@ -361,7 +363,8 @@ CM_ALWAYS_INLINE __m256i k16_scales16(int wt, const char *blk, __m256i *mn) {
     return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)((const cm_block_q6_k *)blk)->scales));
 }
 
-/* The fp16 d of a Q2_K, Q3_K or Q6_K block, and Q2_K's dmin (0 for the others). */
+#if defined(__AVX512BW__)
+/* The fp16 d of a Q2_K, Q3_K or Q6_K block, and Q2_K's dmin (0 for the others): rows_k512's. */
 CM_ALWAYS_INLINE uint16_t k16_dh(int wt, const char *blk, uint16_t *dmin) {
     *dmin = 0;
     if (wt == GGUF_TT_Q2_K) {
@@ -370,7 +373,9 @@ CM_ALWAYS_INLINE uint16_t k16_dh(int wt, const char *blk, uint16_t *dmin) {
     }
     return wt == GGUF_TT_Q3_K ? ((const cm_block_q3_k *)blk)->d : ((const cm_block_q6_k *)blk)->d;
 }
+#endif
 
+#if !defined(__AVX512BW__) /* rows_k512 takes every K-quant where it is built */
 /* Lanes of a K-quant block (Q8_K x block b), and its d, dmin and integer min sum. Q3_K's and Q6_K's
  * unsigned group bytes u are q + offset: their lanes sum u * x * sc, and offset * sum sc_j * bsums_j
  * (their sub-blocks of 16 are bsums's) comes off once per block. */
@@ -450,6 +455,7 @@ CM_ALWAYS_INLINE __m256i k_lanes(int wt, const void *w, int64_t i, const cm_bloc
     }
     return acc;
 }
+#endif
 
 #if defined(__AVX512BW__)
 /* The K-quants with 512-bit vectors: two groups of 32 per vector, against x's 64 bytes of those
