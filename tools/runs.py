@@ -617,7 +617,8 @@ def plot_routing(res, png):
         return
     ncol = min(3, len(panels))
     nrow = -(-len(panels) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol + 1.6, 3.9 * nrow), squeeze=False)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol + 1.6, 4.1 * nrow), squeeze=False,
+                             gridspec_kw={"wspace": 0.45, "hspace": 0.35})  # room for each panel's labels
     for ax, (name, rt) in zip(axes.flat, panels):
         m = np.array([rt[l][-1] for l in LANGS6])
         im = ax.imshow(m, vmin=0.0, vmax=1.0, cmap="viridis")
