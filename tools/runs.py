@@ -469,6 +469,14 @@ def report_text(res):
                 spread_cell([group_bpb(r, "heldout_ext", tr.HIGH, "knockout_bpb") - group_bpb(r, "heldout_ext", tr.HIGH)
                              for r in rs], "%+.4f"),
                 " ".join("(%.2f, %.2f)" % tuple(f) for f in fu) if fu else "-"))
+        lines += ["", "Per language, other packages (mean over seeds): the knock-out's change in bits per byte, "
+                  "and in brackets the segment branch's share of the FFN output norm.", "",
+                  "| method | %s |" % " | ".join(LANGS6), "|---|%s" % ("---|" * len(LANGS6))]
+        for st in hyb:
+            rs = [r["final"]["heldout_ext"] for r in method_runs(res, st) if "seg_share" in r["final"]["heldout_ext"]]
+            lines.append("| %s | %s |" % (st, " | ".join(
+                "%+.4f (%.3f)" % (np.mean([x["knockout_bpb"][l] - x["bpb"][l] for x in rs]),
+                                  np.mean([x["seg_share"][l] for x in rs])) for l in LANGS6)))
     lines += ["", "## The default model", "",
               "The best full-budget run replaces the shipped default only if it beats it on the other packages "
               "(mean bits per byte over the six languages).", ""]
