@@ -103,6 +103,57 @@ static void job_release(tjob *j) {
     api_completion_req_free(&j->req);
 }
 
+/* Both scenarios' scheduler settings: one thread, a 256-token context, f32 KV, no prefix cache (the
+ * alone runs compute everything again), the GQA fixture, the step trace. */
+static void test_config(srv_config *cfg, int parallel, srv_step_trace_fn trace, void *ud) {
+    cfg->n_threads = 1;
+    cfg->parallel = parallel;
+    cfg->queue = 16;
+    cfg->n_batch = N_BATCH;
+    cfg->n_ctx = 256;
+    cfg->kv_type = CM_KV_F32;
+    cfg->prefix_cache = 0;
+    cfg->model_path = test_fixture("models/qwen2-gqa.gguf");
+    cfg->step_trace = trace;
+    cfg->step_trace_ud = ud;
+}
+
+/* Loop thread, while the model loads: 0 still loading, 1 ready (*model set), -1 failed (*failed set; the
+ * caller stops the scheduler). */
+static int wait_model(srv_sched *s, api_model *model, int *failed) {
+    cm_err err;
+    int n_ctx = 0;
+    const cm_model *m = NULL;
+    int st = srv_sched_model(s, &m, &n_ctx, &err);
+    if (st == SRV_MODEL_LOADING) return 0;
+    if (st != SRV_MODEL_READY) {
+        fprintf(stderr, "load failed: %s\n", err.msg);
+        *failed = 1;
+        return -1;
+    }
+    *model = (api_model){.model = m, .id = "m", .n_ctx = n_ctx, .n_batch = N_BATCH};
+    return 1;
+}
+
+/* Loop thread: every job with output is drained into its tjob (text, preemptions, done). */
+static void drain_jobs(srv_sched *s) {
+    for (srv_job *j = srv_sched_take(s), *next; j; j = next) {
+        tjob *tj = j->owner;
+        srv_drained info;
+        next = srv_sched_drain(s, j, &tj->got, &info);
+        size_t room = sizeof tj->text - 1 - tj->text_len;
+        size_t n = tj->got.text.len < room ? tj->got.text.len : room;
+        if (n) memcpy(tj->text + tj->text_len, tj->got.text.data, n);
+        tj->text_len += n;
+        tj->preemptions = info.preemptions;
+        if (info.done) {
+            tj->done = 1;
+            tj->has_error = info.has_error;
+            api_route_agg_free(&info.routing);
+        }
+    }
+}
+
 /* Worker thread: records the step; submits the other flood jobs after step 0, the light job after step 1. */
 static void on_step(void *ud, const srv_step_row *rows, int n) {
     sched_test *t = ud;
@@ -135,19 +186,12 @@ static int all_done(sched_test *t) {
 static void on_wake(void *ud) {
     sched_test *t = ud;
     if (t->phase == 0) {
-        cm_err err;
-        int n_ctx = 0;
-        const cm_model *m = NULL;
-        int st = srv_sched_model(t->s, &m, &n_ctx, &err);
-        if (st == SRV_MODEL_LOADING) return;
-        if (st != SRV_MODEL_READY) {
-            fprintf(stderr, "load failed: %s\n", err.msg);
-            t->failed = 1;
+        int ready = wait_model(t->s, &t->model, &t->failed);
+        if (ready < 0) {
             t->phase = 3;
             srv_sched_stop(t->s);
-            return;
         }
-        t->model = (api_model){.model = m, .id = "m", .n_ctx = n_ctx, .n_batch = N_BATCH};
+        if (ready <= 0) return;
         for (int i = 0; i < N_FLOOD; i++) job_prepare(t, &t->flood[i], CLIENT_FLOOD, FLOOD_PROMPT, i + 1);
         job_prepare(t, &t->light, CLIENT_LIGHT, LIGHT_PROMPT, 0);
         job_prepare(t, &t->alone, CLIENT_LIGHT, LIGHT_PROMPT, 0);
@@ -156,20 +200,7 @@ static void on_wake(void *ud) {
         if (srv_sched_submit(t->s, &t->flood[0].job) < 0) t->failed = 1; /* the others: on_step */
         return;
     }
-    for (srv_job *j = srv_sched_take(t->s), *next; j; j = next) {
-        tjob *tj = j->owner;
-        srv_drained info;
-        next = srv_sched_drain(t->s, j, &tj->got, &info);
-        size_t room = sizeof tj->text - 1 - tj->text_len;
-        size_t n = tj->got.text.len < room ? tj->got.text.len : room;
-        if (n) memcpy(tj->text + tj->text_len, tj->got.text.data, n);
-        tj->text_len += n;
-        if (info.done) {
-            tj->done = 1;
-            tj->has_error = info.has_error;
-            api_route_agg_free(&info.routing);
-        }
-    }
+    drain_jobs(t->s);
     if (t->phase == 1 && all_done(t)) {
         t->phase = 2; /* the light prompt once more, alone (the prefix cache is off: computed again) */
         if (srv_sched_submit(t->s, &t->alone.job) < 0) t->failed = 1;
@@ -182,16 +213,7 @@ static void on_wake(void *ud) {
 TEST(light_prompt_steps_alone_ahead_of_flood_prefill) {
     sched_test *t = calloc(1, sizeof *t);
     ASSERT_TRUE(t != NULL);
-    t->cfg.n_threads = 1;
-    t->cfg.parallel = 4;
-    t->cfg.queue = 16;
-    t->cfg.n_batch = N_BATCH;
-    t->cfg.n_ctx = 256;
-    t->cfg.kv_type = CM_KV_F32;
-    t->cfg.prefix_cache = 0;
-    t->cfg.model_path = test_fixture("models/qwen2-gqa.gguf");
-    t->cfg.step_trace = on_step;
-    t->cfg.step_trace_ud = t;
+    test_config(&t->cfg, 4, on_step, t);
     ASSERT_EQ_INT(uv_loop_init(&t->loop), 0);
     t->s = srv_sched_create(&t->loop, &t->cfg, on_wake, t);
     ASSERT_TRUE(t->s != NULL);
@@ -280,19 +302,12 @@ static void pre_on_step(void *ud, const srv_step_row *rows, int n) {
 static void pre_on_wake(void *ud) {
     pre_test *t = ud;
     if (t->phase == 0) {
-        cm_err err;
-        int n_ctx = 0;
-        const cm_model *m = NULL;
-        int st = srv_sched_model(t->s, &m, &n_ctx, &err);
-        if (st == SRV_MODEL_LOADING) return;
-        if (st != SRV_MODEL_READY) {
-            fprintf(stderr, "load failed: %s\n", err.msg);
-            t->failed = 1;
+        int ready = wait_model(t->s, &t->model, &t->failed);
+        if (ready < 0) {
             t->phase = 3;
             srv_sched_stop(t->s);
-            return;
         }
-        t->model = (api_model){.model = m, .id = "m", .n_ctx = n_ctx, .n_batch = N_BATCH};
+        if (ready <= 0) return;
         for (int k = 0; k < P_JOBS; k++) {
             uint64_t client = k < P_FLOOD ? CLIENT_FLOOD : k == P_FLOOD ? CLIENT_LIGHT : CLIENT_OTHER;
             int n_prompt = k < P_FLOOD ? P_FLOOD_PROMPT : P_NEW_PROMPT;
@@ -304,21 +319,7 @@ static void pre_on_wake(void *ud) {
         if (srv_sched_submit(t->s, &t->jobs[0].job) < 0) t->failed = 1; /* the others: pre_on_step */
         return;
     }
-    for (srv_job *j = srv_sched_take(t->s), *next; j; j = next) {
-        tjob *tj = j->owner;
-        srv_drained info;
-        next = srv_sched_drain(t->s, j, &tj->got, &info);
-        size_t room = sizeof tj->text - 1 - tj->text_len;
-        size_t n = tj->got.text.len < room ? tj->got.text.len : room;
-        if (n) memcpy(tj->text + tj->text_len, tj->got.text.data, n);
-        tj->text_len += n;
-        tj->preemptions = info.preemptions;
-        if (info.done) {
-            tj->done = 1;
-            tj->has_error = info.has_error;
-            api_route_agg_free(&info.routing);
-        }
-    }
+    drain_jobs(t->s);
     int all = 1;
     for (int k = 0; k < P_JOBS; k++) all &= t->jobs[k].done;
     if (t->phase == 1 && all) t->phase = 2;
@@ -334,17 +335,8 @@ static void pre_on_wake(void *ud) {
 
 /* Runs the scenario on a fresh scheduler; the caller checks t. */
 static int pre_run(pre_test *t, int no_preempt) {
-    t->cfg.n_threads = 1;
-    t->cfg.parallel = P_PARALLEL;
-    t->cfg.queue = 16;
-    t->cfg.n_batch = N_BATCH;
-    t->cfg.n_ctx = 256;
-    t->cfg.kv_type = CM_KV_F32;
-    t->cfg.prefix_cache = 0; /* the alone runs compute everything again */
+    test_config(&t->cfg, P_PARALLEL, pre_on_step, t);
     t->cfg.no_preempt = no_preempt;
-    t->cfg.model_path = test_fixture("models/qwen2-gqa.gguf");
-    t->cfg.step_trace = pre_on_step;
-    t->cfg.step_trace_ud = t;
     if (uv_loop_init(&t->loop)) return -1;
     t->s = srv_sched_create(&t->loop, &t->cfg, pre_on_wake, t);
     if (!t->s) return -1;
