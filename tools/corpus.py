@@ -251,6 +251,14 @@ def manifest_differences(got, want):
     return out
 
 
+def expect_manifest(manifest, out, expect):
+    """Exit 1, listing the differences, unless the corpus in out (its manifest) is the one expect records."""
+    with open(expect) as fh:
+        diff = manifest_differences(manifest, json.load(fh))
+    if diff:
+        sys.exit("corpus: %s is not the corpus of %s:\n  %s" % (out, expect, "\n  ".join(diff)))
+
+
 def selftest():
     """manifest_differences finds a dropped package's files and a version change, and nothing else."""
     want = {"languages": {"python": {"train": {"files": 3, "bytes": 30}, "heldout": {"files": 1, "bytes": 9},
@@ -285,11 +293,8 @@ def main():
     if args.check_only:
         if not args.expect:
             sys.exit("corpus: --check-only needs --expect")
-        with open(os.path.join(args.out, "manifest.json")) as fh, open(args.expect) as fe:
-            diff = manifest_differences(json.load(fh), json.load(fe))
-        if diff:
-            sys.exit("corpus: %s is not the corpus of %s:\n  %s" % (args.out, args.expect, "\n  ".join(diff)))
-        return
+        with open(os.path.join(args.out, "manifest.json")) as fh:
+            return expect_manifest(json.load(fh), args.out, args.expect)
     if args.install:
         install()
 
@@ -376,10 +381,7 @@ def main():
     with open(mpath, "w") as fh:
         json.dump(manifest, fh, indent=1)
     if args.expect:
-        with open(args.expect) as fh:
-            diff = manifest_differences(manifest, json.load(fh))
-        if diff:
-            sys.exit("corpus: not the corpus of %s:\n  %s" % (args.expect, "\n  ".join(diff)))
+        expect_manifest(manifest, args.out, args.expect)
 
 
 if __name__ == "__main__":
