@@ -118,24 +118,32 @@ static inline __m256i bits_at(__m256i v, int shift, int mask) {
     return _mm256_and_si256(_mm256_srli_epi16(v, shift), _mm256_set1_epi8((char)mask));
 }
 
+/* Each byte's bits from `from` on moved to bit `to` (one 16-bit shift), & mask (already at `to`): a
+ * field that stays inside its byte, so what the shift spills across bytes is masked away. */
+static inline __m256i bits_to(__m256i v, int from, int to, int mask) {
+    if (to > from) v = _mm256_slli_epi16(v, to - from);
+    else if (from > to) v = _mm256_srli_epi16(v, from - to);
+    return _mm256_and_si256(v, _mm256_set1_epi8((char)mask));
+}
+
 /* The 32-value groups of each K-quant, as unsigned bytes (what the dots multiply; the dequantisers
  * subtract the type's offset). Value 128h + 32s + l for Q2_K/Q3_K/Q6_K, 64c + 32half + l for Q4_K/Q5_K. */
 
 /* Q3_K: q + 4 in 0..7 from qs[32h..] (q) and hmask (hm). */
 static inline __m256i q3k_group(__m256i q, __m256i hm, int h, int s) {
-    return _mm256_or_si256(bits_at(q, 2 * s, 3), _mm256_slli_epi16(bits_at(hm, 4 * h + s, 1), 2));
+    return _mm256_or_si256(bits_at(q, 2 * s, 3), bits_to(hm, 4 * h + s, 2, 0x04));
 }
 
 /* Q4_K / Q5_K: q in 0..15 / 0..31 of half `half` of chunk c from qs[32c..] (q) and, for Q5_K, qh. */
 static inline __m256i q45k_group(__m256i q, const __m256i *qh, int c, int half) {
     __m256i u = bits_at(q, 4 * half, 0xF);
-    return qh ? _mm256_or_si256(u, _mm256_slli_epi16(bits_at(*qh, 2 * c + half, 1), 4)) : u;
+    return qh ? _mm256_or_si256(u, bits_to(*qh, 2 * c + half, 4, 0x10)) : u;
 }
 
 /* Q6_K: q + 32 in 0..63 from ql[64h..] (l0), ql[64h + 32..] (l1) and qh[32h..] (qh). */
 static inline __m256i q6k_group(__m256i l0, __m256i l1, __m256i qh, int s) {
     __m256i low = bits_at(s & 1 ? l1 : l0, s < 2 ? 0 : 4, 0xF);
-    return _mm256_or_si256(low, _mm256_slli_epi16(bits_at(qh, 2 * s, 3), 4));
+    return _mm256_or_si256(low, bits_to(qh, 2 * s, 4, 0x30));
 }
 
 /* The fields of a Q4_K or Q5_K block (qh NULL for Q4_K). */
@@ -214,10 +222,11 @@ static inline __m256i k16_group(int type, const void *blk, int g) {
 
 /* ------------------------------------------------------------ AVX2 int8 dots (cm_qacc, quants.h) */
 
-/* Every block below yields eight int32 lanes (madd/maddubs or VNNI's dpbusd) whose total is the block's
- * exact sum in cm_qacc's sense; the four-row drivers add four rows' lanes together (hsum4_i32) and give
- * the four block sums one 4-wide FMA, the one-row driver one scalar fmaf. The drivers take several weight rows at once and are specialised per
- * type (always_inline with a constant type), so no type switch is left inside the block loop. */
+/* Every block below yields int32 lanes (madd/maddubs or VNNI's dpbusd) whose total is the block's exact
+ * sum in cm_qacc's sense; the four-row drivers add four rows' lanes together (hsum4_i32) and give the four
+ * block sums one 4-wide FMA, a one-row driver one scalar fmaf or lane 0 of the same FMA (the same float
+ * steps). The drivers take several weight rows at once and are specialised per type (always_inline with
+ * a constant type), so no type switch is left inside the block loop. */
 #define CM_ALWAYS_INLINE static inline __attribute__((always_inline))
 #define ROWS_MAX 4 /* weight rows per pass over x: four independent FMA chains */
 
@@ -318,16 +327,6 @@ CM_ALWAYS_INLINE void rows_legacy(int wt, int nr, int64_t nb, const char *w, siz
     for (int r = 0; r < nr; r++) out[r] = a[r] + e[r];
 }
 
-#if !defined(__AVX512BW__)
-/* int16 scales of sub-blocks 2g (low 128 bits) and 2g + 1 (high) from sixteen int16 scales sc16
- * (sc0..7 in the low 128 bits, sc8..15 in the high): k_lanes's. */
-CM_ALWAYS_INLINE __m256i scales_pair(__m256i sc16, int g) {
-    const __m256i pick = _mm256_set_epi8(3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2,
-                                         1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0);
-    return _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(sc16, _mm256_set1_epi32(g)), pick);
-}
-#endif
-
 /* Q3_K's 16 scales minus 32, as bytes (cm_q3k_scales four at a time). */
 CM_ALWAYS_INLINE __m128i q3k_scales_vec(const uint8_t *s) {
     uint32_t a[3];
@@ -350,21 +349,34 @@ CM_ALWAYS_INLINE size_t k_block_bytes(int wt) {
     }
 }
 
-/* The sixteen sub-block scales of a Q2_K, Q3_K or Q6_K block (blk) as int16, as the dots multiply them
- * (Q3_K's minus 32), and for Q2_K its sixteen mins in *mn (zero for the others). */
-CM_ALWAYS_INLINE __m256i k16_scales16(int wt, const char *blk, __m256i *mn) {
-    *mn = _mm256_setzero_si256();
+/* The sixteen sub-block scales of a Q2_K, Q3_K or Q6_K block (blk) as bytes, as the dots multiply them
+ * (Q3_K's minus 32, signed; Q2_K's unsigned), and for Q2_K its sixteen mins in *mn (zero for the others). */
+CM_ALWAYS_INLINE __m128i k16_scale_bytes(int wt, const char *blk, __m128i *mn) {
+    *mn = _mm_setzero_si128();
     if (wt == GGUF_TT_Q2_K) {
         __m128i s = _mm_loadu_si128((const __m128i *)((const cm_block_q2_k *)blk)->scales);
-        *mn = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(s, 4), _mm_set1_epi8(0x0F)));
-        return _mm256_cvtepu8_epi16(_mm_and_si128(s, _mm_set1_epi8(0x0F)));
+        *mn = _mm_and_si128(_mm_srli_epi16(s, 4), _mm_set1_epi8(0x0F));
+        return _mm_and_si128(s, _mm_set1_epi8(0x0F));
     }
-    if (wt == GGUF_TT_Q3_K) return _mm256_cvtepi8_epi16(q3k_scales_vec(((const cm_block_q3_k *)blk)->scales));
-    return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)((const cm_block_q6_k *)blk)->scales));
+    if (wt == GGUF_TT_Q3_K) return q3k_scales_vec(((const cm_block_q3_k *)blk)->scales);
+    return _mm_loadu_si128((const __m128i *)((const cm_block_q6_k *)blk)->scales);
+}
+
+/* k16_scale_bytes's bytes as int16 (Q2_K's are unsigned, the others signed). */
+CM_ALWAYS_INLINE __m256i k16_widen(int wt, __m128i v) {
+    return wt == GGUF_TT_Q2_K ? _mm256_cvtepu8_epi16(v) : _mm256_cvtepi8_epi16(v);
 }
 
 #if defined(__AVX512BW__)
-/* The fp16 d of a Q2_K, Q3_K or Q6_K block, and Q2_K's dmin (0 for the others): rows_k512's. */
+/* The sixteen scales as int16 in order, and Q2_K's mins likewise: rows_k512's. */
+CM_ALWAYS_INLINE __m256i k16_scales16(int wt, const char *blk, __m256i *mn) {
+    __m128i m, sc = k16_scale_bytes(wt, blk, &m);
+    *mn = _mm256_cvtepu8_epi16(m);
+    return k16_widen(wt, sc);
+}
+#endif
+
+/* The fp16 d of a Q2_K, Q3_K or Q6_K block, and Q2_K's dmin (0 for the others). */
 CM_ALWAYS_INLINE uint16_t k16_dh(int wt, const char *blk, uint16_t *dmin) {
     *dmin = 0;
     if (wt == GGUF_TT_Q2_K) {
@@ -373,87 +385,161 @@ CM_ALWAYS_INLINE uint16_t k16_dh(int wt, const char *blk, uint16_t *dmin) {
     }
     return wt == GGUF_TT_Q3_K ? ((const cm_block_q3_k *)blk)->d : ((const cm_block_q6_k *)blk)->d;
 }
-#endif
 
 #if !defined(__AVX512BW__) /* rows_k512 takes every K-quant where it is built */
-/* Lanes of a K-quant block (Q8_K x block b), and its d, dmin and integer min sum. Q3_K's and Q6_K's
- * unsigned group bytes u are q + offset: their lanes sum u * x * sc, and offset * sum sc_j * bsums_j
- * (their sub-blocks of 16 are bsums's) comes off once per block. */
-CM_ALWAYS_INLINE __m256i k_lanes(int wt, const void *w, int64_t i, const cm_block_q8_k *b, float *d, float *dmin,
-                                 int32_t *imin) {
-    const __m256i *xq = (const __m256i *)b->qs;
-    __m256i acc = _mm256_setzero_si256();
-    if (wt == GGUF_TT_Q4_K || wt == GGUF_TT_Q5_K) {
-        q45k_view a = q45k_at(wt, w, i);
-        *d = fp16(a.d);
-        *dmin = fp16(a.dmin);
-        uint8_t sm[16];
-        cm_q4k_scales_mins(a.scales, sm);
-        __m128i smv = _mm_loadu_si128((const __m128i *)sm);
-        /* mins against the sums of x per sub-block of 32 (pairs of bsums) */
-        __m128i bs = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)b->bsums),
-                                    _mm_loadu_si128((const __m128i *)(b->bsums + 8)));
-        __m128i mp = _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_srli_si128(smv, 8)), bs);
-        mp = _mm_add_epi32(mp, _mm_shuffle_epi32(mp, _MM_SHUFFLE(1, 0, 3, 2)));
-        mp = _mm_add_epi32(mp, _mm_shuffle_epi32(mp, _MM_SHUFFLE(2, 3, 0, 1)));
-        *imin = _mm_cvtsi128_si32(mp);
-        __m256i sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(smv)); /* sc0..7 as int16, twice */
-        __m256i qh = wt == GGUF_TT_Q5_K ? _mm256_loadu_si256((const __m256i *)a.qh) : _mm256_setzero_si256();
-        for (int c = 0; c < 4; c++) {
-            __m256i q = _mm256_loadu_si256((const __m256i *)(a.qs + 32 * c));
-            for (int half = 0; half < 2; half++) {
-                int j = 2 * c + half;
-                __m256i u = q45k_group(q, wt == GGUF_TT_Q5_K ? &qh : NULL, c, half);
-                __m256i scj = _mm256_shuffle_epi8(sc, _mm256_set1_epi16((short)(2 * j | (2 * j + 1) << 8)));
-                __m256i p = _mm256_maddubs_epi16(u, _mm256_loadu_si256(xq + j));
-                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, scj));
+/* Four Q4_K/Q5_K block headers' 16 bytes (d, dmin, the twelve scale bytes), two per vector, one per
+ * 128-bit lane, to their sixteen 6-bit scales and mins in cm_q4k_scales_mins's order, lane for lane:
+ * the low bits by one byte shuffle (the mins 4..7 shifted down a nibble), the top two bits of the upper
+ * four by another. */
+CM_ALWAYS_INLINE __m256i q45k_scales_mins2(__m256i hd) {
+    const __m256i lo_at = _mm256_broadcastsi128_si256(_mm_setr_epi8(4, 5, 6, 7, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15));
+    const __m256i hi_at = _mm256_broadcastsi128_si256(_mm_setr_epi8(-1, -1, -1, -1, 4, 5, 6, 7, -1, -1, -1, -1, 8, 9, 10, 11));
+    const __m256i lo_sh = _mm256_setr_epi32(0, 0, 0, 4, 0, 0, 0, 4);
+    const __m256i lo_mask = _mm256_broadcastsi128_si256(_mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f));
+    __m256i lo = _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(hd, lo_at), lo_sh), lo_mask);
+    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(_mm256_shuffle_epi8(hd, hi_at), 2), _mm256_set1_epi8(0x30));
+    return _mm256_or_si256(lo, hi);
+}
+
+/* int16 j of each 128-bit lane, in all of that lane's int16 lanes. */
+CM_ALWAYS_INLINE __m256i pick16(__m256i v, int j) {
+    return _mm256_shuffle_epi8(v, _mm256_set1_epi16((short)(2 * j | (2 * j + 1) << 8)));
+}
+
+/* The K-quants with 256-bit vectors, four rows at a time (nr of them real; the others' lanes are computed
+ * from row 0's header and not used). Each group of 32 values meets x's 32 bytes by maddubs (u <= 63,
+ * |x| <= 128: no saturation), its int16 pair sums meet the sub-block's scale by madd. Q4_K/Q5_K: the
+ * four headers are unpacked together and the scale of sub-block j is int16 j of sc (sc0..7 in both
+ * lanes); their mins meet bsums's pairs for all rows at once. Q2_K/Q3_K/Q6_K: a group covers sub-blocks
+ * 2g (low lane) and 2g + 1 (high), so the scales are widened with the even ones in the low lane and the
+ * odd ones in the high, and one in-lane shuffle gives a group both; Q3_K's and Q6_K's u = q + 4 and
+ * q + 32, the offsets taken off once per row and block as offset * sum sc_j * bsums_j. All integer and
+ * exact, so each block's sums, and the float steps after them, are rows_k512's and the reference's. */
+CM_ALWAYS_INLINE void rows_k256(int wt, int nr, int64_t nb, const char *w, size_t rb, const cm_block_q8_k *x,
+                                float *out) {
+    const __m128i evens_odds = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    const __m128i d_dmin_at = _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+    const int has_min = wt == GGUF_TT_Q2_K || wt == GGUF_TT_Q4_K || wt == GGUF_TT_Q5_K;
+    const size_t bb = k_block_bytes(wt);
+    const char *row[ROWS_MAX];
+#pragma GCC unroll 4
+    for (int r = 0; r < ROWS_MAX; r++) row[r] = w + (size_t)(r < nr ? r : 0) * rb;
+    __m128 acc4 = _mm_setzero_ps(), e4 = _mm_setzero_ps(); /* the rows' cm_qacc acc and min terms */
+    for (int64_t i = 0; i < nb; i++) {
+        const cm_block_q8_k *b = x + i;
+        const int8_t *xq = b->qs;
+        prefetch_next_rows(w, rb, nr, i, bb);
+        __m256i acc[ROWS_MAX];
+        __m128 d4, dm4 = _mm_setzero_ps();
+        __m128i imin4 = _mm_setzero_si128();
+#pragma GCC unroll 4
+        for (int r = 0; r < ROWS_MAX; r++) acc[r] = _mm256_setzero_si256();
+        if (wt == GGUF_TT_Q4_K || wt == GGUF_TT_Q5_K) {
+            const char *h[ROWS_MAX];
+            uint32_t dd[ROWS_MAX];
+#pragma GCC unroll 4
+            for (int r = 0; r < ROWS_MAX; r++) {
+                h[r] = row[r] + (size_t)i * bb;
+                memcpy(&dd[r], h[r], 4);
+            }
+            __m256 dv = _mm256_cvtph_ps(_mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)dd), d_dmin_at));
+            d4 = _mm256_castps256_ps128(dv);
+            dm4 = _mm256_extractf128_ps(dv, 1);
+            __m256i sm01 = q45k_scales_mins2(_mm256_loadu2_m128i((const __m128i *)h[1], (const __m128i *)h[0]));
+            __m256i sm23 = q45k_scales_mins2(_mm256_loadu2_m128i((const __m128i *)h[3], (const __m128i *)h[2]));
+            __m256i smw[ROWS_MAX] = {_mm256_cvtepu8_epi16(_mm256_castsi256_si128(sm01)),
+                                     _mm256_cvtepu8_epi16(_mm256_extracti128_si256(sm01, 1)),
+                                     _mm256_cvtepu8_epi16(_mm256_castsi256_si128(sm23)),
+                                     _mm256_cvtepu8_epi16(_mm256_extracti128_si256(sm23, 1))};
+            /* the mins (int16 8..15 of smw) against the sums of x per sub-block of 32 (pairs of bsums) */
+            __m128i bs = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)b->bsums),
+                                        _mm_loadu_si128((const __m128i *)(b->bsums + 8)));
+            __m256i bsv = _mm256_inserti128_si256(_mm256_setzero_si256(), bs, 1);
+            __m256i mp[ROWS_MAX], sc[ROWS_MAX];
+#pragma GCC unroll 4
+            for (int r = 0; r < ROWS_MAX; r++) {
+                mp[r] = _mm256_madd_epi16(smw[r], bsv);
+                sc[r] = _mm256_permute4x64_epi64(smw[r], _MM_SHUFFLE(1, 0, 1, 0)); /* sc0..7 in both lanes */
+            }
+            imin4 = hsum4_i32(mp);
+            for (int c = 0; c < 4; c++) {
+                __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + 64 * c));
+                __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + 64 * c + 32));
+#pragma GCC unroll 4
+                for (int r = 0; r < nr; r++) {
+                    q45k_view a = q45k_at(wt, row[r], i);
+                    __m256i q = _mm256_loadu_si256((const __m256i *)(a.qs + 32 * c)), qh;
+                    if (wt == GGUF_TT_Q5_K) qh = _mm256_loadu_si256((const __m256i *)a.qh);
+                    __m256i u0 = q45k_group(q, wt == GGUF_TT_Q5_K ? &qh : NULL, c, 0);
+                    __m256i u1 = q45k_group(q, wt == GGUF_TT_Q5_K ? &qh : NULL, c, 1);
+                    acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_maddubs_epi16(u0, x0), pick16(sc[r], 2 * c)));
+                    acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_maddubs_epi16(u1, x1), pick16(sc[r], 2 * c + 1)));
+                }
+            }
+        } else { /* Q2_K, Q3_K, Q6_K: sixteen sub-blocks of 16, bsums's */
+            /* bsums with the even sub-blocks in the low lane and the odd in the high, as the scales */
+            __m256i bs = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)b->bsums),
+                                                                      _mm256_broadcastsi128_si256(_mm_setr_epi8(
+                                                                          0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15))),
+                                                  _MM_SHUFFLE(3, 1, 2, 0));
+            __m256i sc[ROWS_MAX], mp[ROWS_MAX];
+            uint16_t dh[ROWS_MAX], mh[ROWS_MAX];
+#pragma GCC unroll 4
+            for (int r = 0; r < ROWS_MAX; r++) {
+                const char *a = row[r] + (size_t)i * bb;
+                __m128i mn, s8 = k16_scale_bytes(wt, a, &mn);
+                sc[r] = k16_widen(wt, _mm_shuffle_epi8(s8, evens_odds)); /* evens low, odds high */
+                dh[r] = k16_dh(wt, a, &mh[r]);
+                if (wt == GGUF_TT_Q2_K) {
+                    mp[r] = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_shuffle_epi8(mn, evens_odds)), bs);
+                } else { /* the offsets' share (4 or 32 per value), taken off from the start */
+                    acc[r] = _mm256_sub_epi32(_mm256_setzero_si256(),
+                                              _mm256_slli_epi32(_mm256_madd_epi16(sc[r], bs), wt == GGUF_TT_Q3_K ? 2 : 5));
+                }
+            }
+            d4 = _mm_cvtph_ps(_mm_setr_epi16((short)dh[0], (short)dh[1], (short)dh[2], (short)dh[3], 0, 0, 0, 0));
+            if (wt == GGUF_TT_Q2_K) {
+                dm4 = _mm_cvtph_ps(_mm_setr_epi16((short)mh[0], (short)mh[1], (short)mh[2], (short)mh[3], 0, 0, 0, 0));
+                imin4 = hsum4_i32(mp);
+            }
+            for (int h = 0; h < 2; h++) {
+#pragma GCC unroll 4
+                for (int r = 0; r < nr; r++) {
+                    const char *a = row[r] + (size_t)i * bb;
+                    __m256i v0, v1 = _mm256_setzero_si256(), v2 = _mm256_setzero_si256();
+                    if (wt == GGUF_TT_Q6_K) {
+                        const cm_block_q6_k *q6 = (const cm_block_q6_k *)a;
+                        v0 = _mm256_loadu_si256((const __m256i *)(q6->ql + 64 * h));
+                        v1 = _mm256_loadu_si256((const __m256i *)(q6->ql + 64 * h + 32));
+                        v2 = _mm256_loadu_si256((const __m256i *)(q6->qh + 32 * h));
+                    } else if (wt == GGUF_TT_Q3_K) {
+                        const cm_block_q3_k *q3 = (const cm_block_q3_k *)a;
+                        v0 = _mm256_loadu_si256((const __m256i *)(q3->qs + 32 * h));
+                        v1 = _mm256_loadu_si256((const __m256i *)q3->hmask);
+                    } else {
+                        v0 = _mm256_loadu_si256((const __m256i *)(((const cm_block_q2_k *)a)->qs + 32 * h));
+                    }
+#pragma GCC unroll 4
+                    for (int s = 0; s < 4; s++) {
+                        int g = 4 * h + s;
+                        __m256i u = wt == GGUF_TT_Q2_K   ? bits_at(v0, 2 * s, 3)
+                                    : wt == GGUF_TT_Q3_K ? q3k_group(v0, v1, h, s)
+                                                         : q6k_group(v0, v1, v2, s);
+                        __m256i p = _mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i *)(xq + 32 * g)));
+                        acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(p, pick16(sc[r], g)));
+                    }
+                }
             }
         }
-        return acc;
+        __m128 s = _mm_mul_ps(d4, _mm_set1_ps(b->d));
+        acc4 = _mm_fmadd_ps(_mm_cvtepi32_ps(hsum4_i32(acc)), s, acc4);
+        if (has_min)
+            e4 = _mm_fmadd_ps(_mm_cvtepi32_ps(imin4), _mm_xor_ps(_mm_mul_ps(dm4, _mm_set1_ps(b->d)), _mm_set1_ps(-0.0f)), e4);
     }
-    __m256i mn, sc16 = k16_scales16(wt, (const char *)w + i * (int64_t)k_block_bytes(wt), &mn);
-    const uint8_t *q2 = NULL, *hm = NULL, *ql = NULL, *qh6 = NULL;
-    if (wt == GGUF_TT_Q2_K) {
-        const cm_block_q2_k *a = (const cm_block_q2_k *)w + i;
-        *d = fp16(a->d);
-        *dmin = fp16(a->dmin);
-        *imin = hsum_i32(_mm256_madd_epi16(mn, _mm256_loadu_si256((const __m256i *)b->bsums)));
-        q2 = a->qs;
-    } else if (wt == GGUF_TT_Q3_K) {
-        const cm_block_q3_k *a = (const cm_block_q3_k *)w + i;
-        *d = fp16(a->d);
-        q2 = a->qs;
-        hm = a->hmask;
-    } else {
-        const cm_block_q6_k *a = (const cm_block_q6_k *)w + i;
-        *d = fp16(a->d);
-        ql = a->ql;
-        qh6 = a->qh;
-    }
-    __m256i hmv = hm ? _mm256_loadu_si256((const __m256i *)hm) : _mm256_setzero_si256();
-    for (int h = 0; h < 2; h++) {
-        __m256i v0, v1 = _mm256_setzero_si256(), v2 = _mm256_setzero_si256();
-        if (wt == GGUF_TT_Q6_K) {
-            v0 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h));
-            v1 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h + 32));
-            v2 = _mm256_loadu_si256((const __m256i *)(qh6 + 32 * h));
-        } else {
-            v0 = _mm256_loadu_si256((const __m256i *)(q2 + 32 * h));
-        }
-        for (int s = 0; s < 4; s++) {
-            int g = 4 * h + s;
-            __m256i u = wt == GGUF_TT_Q2_K   ? bits_at(v0, 2 * s, 3)
-                        : wt == GGUF_TT_Q3_K ? q3k_group(v0, hmv, h, s)
-                                             : q6k_group(v0, v1, v2, s);
-            __m256i p = _mm256_maddubs_epi16(u, _mm256_loadu_si256(xq + g));
-            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, scales_pair(sc16, g)));
-        }
-    }
-    if (wt != GGUF_TT_Q2_K) {
-        __m256i off = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)b->bsums));
-        acc = _mm256_sub_epi32(acc, _mm256_slli_epi32(off, wt == GGUF_TT_Q3_K ? 2 : 5)); /* offset 4 or 32 */
-    }
-    return acc;
+    float a[ROWS_MAX], e[ROWS_MAX];
+    _mm_storeu_ps(a, acc4);
+    _mm_storeu_ps(e, e4);
+    for (int r = 0; r < nr; r++) out[r] = a[r] + e[r];
 }
 #endif
 
@@ -690,38 +776,13 @@ CM_ALWAYS_INLINE void rows_k512(int wt, int nr, int64_t nb, const char *w, size_
 #endif
 
 /* out[r] = dot(row r, x) for r < nr, K-quant rows of nb blocks: rows_k512 on the 512-bit families, else
- * k_lanes's 256-bit blocks. */
+ * rows_k256. */
 CM_ALWAYS_INLINE void rows_k(int wt, int nr, int64_t nb, const char *w, size_t rb, const cm_block_q8_k *x,
                              float *out) {
 #if defined(__AVX512BW__)
     rows_k512(wt, nr, nb, w, rb, x, out);
 #else
-    const int has_min = wt == GGUF_TT_Q2_K || wt == GGUF_TT_Q4_K || wt == GGUF_TT_Q5_K;
-    __m128 acc4 = _mm_setzero_ps(); /* as rows_legacy */
-    float acc1 = 0.0f, e[ROWS_MAX];
-    for (int r = 0; r < nr; r++) e[r] = 0.0f;
-    for (int64_t i = 0; i < nb; i++) {
-        const cm_block_q8_k *b = x + i;
-        prefetch_next_rows(w, rb, nr, i, k_block_bytes(wt));
-        __m256i p[ROWS_MAX];
-        float d[ROWS_MAX];
-        for (int r = 0; r < nr; r++) {
-            float dmin = 0.0f;
-            int32_t imin = 0;
-            p[r] = k_lanes(wt, w + (size_t)r * rb, i, b, &d[r], &dmin, &imin);
-            if (has_min) e[r] = fmaf((float)imin, -(dmin * b->d), e[r]);
-        }
-        if (nr == ROWS_MAX) {
-            __m128 s = _mm_mul_ps(_mm_loadu_ps(d), _mm_set1_ps(b->d));
-            acc4 = _mm_fmadd_ps(_mm_cvtepi32_ps(hsum4_i32(p)), s, acc4);
-        } else {
-            acc1 = fmaf((float)hsum_i32(p[0]), d[0] * b->d, acc1);
-        }
-    }
-    float a[ROWS_MAX];
-    _mm_storeu_ps(a, acc4);
-    if (nr != ROWS_MAX) a[0] = acc1;
-    for (int r = 0; r < nr; r++) out[r] = a[r] + e[r];
+    rows_k256(wt, nr, nb, w, rb, x, out);
 #endif
 }
 
