@@ -462,6 +462,7 @@ CM_ALWAYS_INLINE void rows_k256(int wt, int nr, int64_t nb, const char *w, size_
                 sc[r] = _mm256_permute4x64_epi64(smw[r], _MM_SHUFFLE(1, 0, 1, 0)); /* sc0..7 in both lanes */
             }
             imin4 = hsum4_i32(mp);
+#pragma GCC unroll 4
             for (int c = 0; c < 4; c++) {
                 __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + 64 * c));
                 __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + 64 * c + 32));
@@ -502,6 +503,7 @@ CM_ALWAYS_INLINE void rows_k256(int wt, int nr, int64_t nb, const char *w, size_
                 dm4 = _mm_cvtph_ps(_mm_setr_epi16((short)mh[0], (short)mh[1], (short)mh[2], (short)mh[3], 0, 0, 0, 0));
                 imin4 = hsum4_i32(mp);
             }
+#pragma GCC unroll 2
             for (int h = 0; h < 2; h++) {
 #pragma GCC unroll 4
                 for (int r = 0; r < nr; r++) {
