@@ -182,19 +182,22 @@ static void tile_group(tile *t, int wtype, const char *const *wr, int g) {
                 size_t b = b0 + i;
                 const int16_t *bs = sc16 + 16 * i, *bn = mn16 + 16 * i;
                 int16_t *sc = t->sc + ((size_t)g * nb + b) * 16 * gr * 2, *mn = t->mn + ((size_t)g * nb + b) * 8 * gr * 2;
-                int32_t qs = 0; /* sum of q times the scales, for corr */
-                if (t->s32) { /* (nb, nsub, gr) int32, the sub-blocks' first 16 values' scales */
+                d[b * gr + r] = bd[i];
+                m[b * gr + r] = bm[i];
+                if (t->s32) { /* sc (nb, nsub, gr) int32, the sub-blocks' scales; mn the pairs (mins or scales) */
                     int32_t *sc32 = (int32_t *)(void *)t->sc + ((size_t)g * nb + b) * (size_t)t->nsub * gr;
+                    const int16_t *pm = t->has_min ? bn : bs;
                     for (int s = 0; s < t->nsub; s++) sc32[(size_t)s * gr + r] = bs[s * 16 / t->nsub];
+                    for (int jj = 0; jj < 8; jj++) memcpy(mn + ((size_t)jj * gr + r) * 2, pm + 2 * jj, 2 * sizeof(int16_t));
+                    continue;
                 }
+                int32_t qs = 0; /* sum of q times the scales, for corr */
                 for (int j = 0; j < 16; j++) {
-                    if (!t->s32) sc[((size_t)j * gr + r) * 2] = sc[((size_t)j * gr + r) * 2 + 1] = bs[j];
-                    mn[((size_t)(j / 2) * gr + r) * 2 + (size_t)(j % 2)] = t->s32 && !t->has_min ? bs[j] : bn[j];
+                    sc[((size_t)j * gr + r) * 2] = sc[((size_t)j * gr + r) * 2 + 1] = bs[j];
+                    mn[((size_t)(j / 2) * gr + r) * 2 + (size_t)(j % 2)] = bn[j];
                     if (corr) qs += bs[j] * sum16_i8(q + b * CM_QK_K + 16 * j);
                 }
                 if (corr) corr[b * gr + r] = -128 * qs;
-                d[b * gr + r] = bd[i];
-                m[b * gr + r] = bm[i];
             }
         }
     }
