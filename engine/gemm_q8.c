@@ -163,6 +163,8 @@ static void tile_group(tile *t, int wtype, const char *const *wr, int g) {
     float *d = t->d + (size_t)g * gr * nb, *m = t->m + (size_t)g * gr * nb;
     int32_t *corr = t->flip ? t->corr + (size_t)g * gr * nb : NULL;
     size_t bb = (size_t)gguf_row_bytes(wtype, cm_quant_block_values(wtype));
+    const int nsub = t->nsub;
+    int32_t *sc32g = (int32_t *)(void *)t->sc + (size_t)g * nb * (size_t)nsub * gr;
     for (size_t r = 0; r < gr; r++) {
         int8_t *q = (int8_t *)t->row + r * k;
         if (!t->kq) {
@@ -185,9 +187,9 @@ static void tile_group(tile *t, int wtype, const char *const *wr, int g) {
                 d[b * gr + r] = bd[i];
                 m[b * gr + r] = bm[i];
                 if (t->s32) { /* sc (nb, nsub, gr) int32, the sub-blocks' scales; mn the pairs (mins or scales) */
-                    int32_t *sc32 = (int32_t *)(void *)t->sc + ((size_t)g * nb + b) * (size_t)t->nsub * gr;
+                    int32_t *sc32 = sc32g + b * (size_t)nsub * gr + r;
                     const int16_t *pm = t->has_min ? bn : bs;
-                    for (int s = 0; s < t->nsub; s++) sc32[(size_t)s * gr + r] = bs[s * 16 / t->nsub];
+                    for (int s = 0; s < nsub; s++) sc32[(size_t)s * gr] = bs[s * (16 / nsub)];
                     for (int jj = 0; jj < 8; jj++) memcpy(mn + ((size_t)jj * gr + r) * 2, pm + 2 * jj, 2 * sizeof(int16_t));
                     continue;
                 }
