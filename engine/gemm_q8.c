@@ -583,7 +583,8 @@ static void gemm_avx2(int wtype, const void *w, int64_t k, const void *x, size_t
  * one activation broadcast meets them all. The bytes are stored unsigned, u = q + bias (the type's
  * offset: 128 for Q8_0, 8 for Q4_0, 16 for Q5_0, 4 for Q3_K, 32 for Q6_K, else 0), because the byte dots
  * (VNNI's dpbusd, maddubs) take one operand unsigned; what the bias adds is taken off exactly, from the
- * activation sums in t->xc. The block sums and their FMAs are cm_qacc's, as above. */
+ * activation sums in t->xc (K-quants on VNNI: from Q8_K's bsums, zmicro_k_vnni). The block sums and their
+ * FMAs are cm_qacc's, as above. */
 
 /* The type's bias, and whether this family's 512-bit path takes the type: without VNNI the legacy
  * types go through maddubs, whose int16 pair sums only Q8_0's u up to 255 could overflow. */
