@@ -91,6 +91,9 @@ typedef struct tile {
     int kq, has_min;
     int gr, bias;     /* rows per group; added to every q as it is stored (0 on the 256-bit path) */
     int flip;         /* 256-bit path: q signed, x taken as x + 128 (see flips) */
+    int s32;          /* K-quants, VNNI's 512-bit path: sc holds one int32 per sub-block and row, and mn
+                       * (types without mins) the scales, for the bias's share (zmicro_k_vnni) */
+    int nsub;         /* K-quants: sub-blocks per super-block, 8 (32 values each) or 16 */
     uint8_t *q, *row; /* row: (gr, K) the stage of tile_group */
     float *d, *m, *xd, *xs;
     int16_t *sc, *mn;
@@ -115,7 +118,9 @@ static size_t tile_layout(tile *t, int wtype, int64_t k, int tr, int gr, int bia
     t->gr = gr;
     t->bias = bias;
     t->flip = flip;
+    t->s32 = 0;
     t->kq = cm_quant_block_values(wtype) == CM_QK_K;
+    t->nsub = wtype == GGUF_TT_Q4_K || wtype == GGUF_TT_Q5_K ? 8 : 16;
     t->nb = k / (t->kq ? CM_QK_K : 32);
     t->has_min = wtype == GGUF_TT_Q2_K || wtype == GGUF_TT_Q4_K || wtype == GGUF_TT_Q5_K ||
                  wtype == GGUF_TT_Q4_1 || wtype == GGUF_TT_Q5_1; /* K-quants: dmin; legacy: m */
@@ -158,6 +163,8 @@ static void tile_group(tile *t, int wtype, const char *const *wr, int g) {
     float *d = t->d + (size_t)g * gr * nb, *m = t->m + (size_t)g * gr * nb;
     int32_t *corr = t->flip ? t->corr + (size_t)g * gr * nb : NULL;
     size_t bb = (size_t)gguf_row_bytes(wtype, cm_quant_block_values(wtype));
+    const int nsub = t->nsub;
+    int32_t *sc32g = (int32_t *)(void *)t->sc + (size_t)g * nb * (size_t)nsub * gr;
     for (size_t r = 0; r < gr; r++) {
         int8_t *q = (int8_t *)t->row + r * k;
         if (!t->kq) {
@@ -177,6 +184,15 @@ static void tile_group(tile *t, int wtype, const char *const *wr, int g) {
                 size_t b = b0 + i;
                 const int16_t *bs = sc16 + 16 * i, *bn = mn16 + 16 * i;
                 int16_t *sc = t->sc + ((size_t)g * nb + b) * 16 * gr * 2, *mn = t->mn + ((size_t)g * nb + b) * 8 * gr * 2;
+                d[b * gr + r] = bd[i];
+                m[b * gr + r] = bm[i];
+                if (t->s32) { /* sc (nb, nsub, gr) int32, the sub-blocks' scales; mn the pairs (mins or scales) */
+                    int32_t *sc32 = sc32g + b * (size_t)nsub * gr + r;
+                    const int16_t *pm = t->has_min ? bn : bs;
+                    for (int s = 0; s < nsub; s++) sc32[(size_t)s * gr] = bs[s * (16 / nsub)];
+                    for (int jj = 0; jj < 8; jj++) memcpy(mn + ((size_t)jj * gr + r) * 2, pm + 2 * jj, 2 * sizeof(int16_t));
+                    continue;
+                }
                 int32_t qs = 0; /* sum of q times the scales, for corr */
                 for (int j = 0; j < 16; j++) {
                     sc[((size_t)j * gr + r) * 2] = sc[((size_t)j * gr + r) * 2 + 1] = bs[j];
@@ -184,8 +200,6 @@ static void tile_group(tile *t, int wtype, const char *const *wr, int g) {
                     if (corr) qs += bs[j] * sum16_i8(q + b * CM_QK_K + 16 * j);
                 }
                 if (corr) corr[b * gr + r] = -128 * qs;
-                d[b * gr + r] = bd[i];
-                m[b * gr + r] = bm[i];
             }
         }
     }
@@ -569,7 +583,8 @@ static void gemm_avx2(int wtype, const void *w, int64_t k, const void *x, size_t
  * one activation broadcast meets them all. The bytes are stored unsigned, u = q + bias (the type's
  * offset: 128 for Q8_0, 8 for Q4_0, 16 for Q5_0, 4 for Q3_K, 32 for Q6_K, else 0), because the byte dots
  * (VNNI's dpbusd, maddubs) take one operand unsigned; what the bias adds is taken off exactly, from the
- * activation sums in t->xc. The block sums and their FMAs are cm_qacc's, as above. */
+ * activation sums in t->xc (K-quants on VNNI: from Q8_K's bsums, zmicro_k_vnni). The block sums and their
+ * FMAs are cm_qacc's, as above. */
 
 /* The type's bias, and whether this family's 512-bit path takes the type: without VNNI the legacy
  * types go through maddubs, whose int16 pair sums only Q8_0's u up to 255 could overflow. */
@@ -744,13 +759,93 @@ static void zmicro_k(const tile *t, int g, const cm_block_q8_k *const xk[NR], fl
     for (int j = 0; j < NR; j++) _mm512_storeu_ps(out + j * ZGR, _mm512_add_ps(acc[j], e[j]));
 }
 
+#if defined(CM_G_VNNI)
+/* K-quants with VNNI (the tile's s32 layout): dpbusd sums 4 products of u = q + bias and x per row in
+ * int32, so a sub-block's dot (16 or 32 values) takes one instruction per 4 values and no int16 stage;
+ * it then meets the sub-block's int32 scale in one multiply. What the bias adds, bias * (sum over the
+ * 16-value parts of scale * their x sum), comes off once per super-block from Q8_K's bsums (mn holds the
+ * scales there), the way the mins' sum is made for the types with mins. All of it is exact in int32
+ * (wrapping adds and multiplies, the super-block's sum within int32), so the super-block's sum and its
+ * one FMA are cm_qacc's, as above. */
+CM_ALWAYS_INLINE void zmicro_k_vnni(const tile *t, int g, const cm_block_q8_k *const xk[NR], int nsub, int bias,
+                                    int has_min, float *out) {
+    const int steps = CM_QK_K / nsub / 4; /* dpbusd steps per sub-block */
+    const uint8_t *q = t->q + (size_t)g * ZGR * (size_t)t->k;
+    size_t gb = (size_t)g * (size_t)t->nb;
+    const float *dp = t->d + gb * ZGR, *mp = t->m + gb * ZGR;
+    const int32_t *scp = (const int32_t *)(const void *)t->sc + gb * (size_t)nsub * ZGR;
+    const __m512 neg = _mm512_set1_ps(-0.0f);
+    __m512 acc[NR], e[NR];
+    for (int j = 0; j < NR; j++) acc[j] = e[j] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < t->nb; b++) {
+        const uint8_t *qb = q + (size_t)b * CM_QK_K * ZGR;
+        const int32_t *sc = scp + (size_t)b * (size_t)nsub * ZGR;
+        __m512i is[NR];
+        for (int j = 0; j < NR; j++) is[j] = _mm512_setzero_si512();
+        for (int s = 0; s < nsub; s++) {
+            __m512i dd[NR];
+            for (int j = 0; j < NR; j++) dd[j] = _mm512_setzero_si512();
+            for (int st = 0; st < steps; st++) {
+                __m512i u = _mm512_loadu_si512((const void *)(qb + (size_t)(s * steps + st) * 64));
+                int v = s * steps * 4 + 4 * st;
+                for (int j = 0; j < NR; j++) dd[j] = _mm512_dpbusd_epi32(dd[j], u, zbcast32(xk[j][b].qs + v));
+            }
+            __m512i scv = _mm512_loadu_si512((const void *)(sc + (size_t)s * ZGR));
+            for (int j = 0; j < NR; j++) is[j] = _mm512_add_epi32(is[j], _mm512_mullo_epi32(dd[j], scv));
+        }
+        if (bias || has_min) { /* sum over the 16-value parts of mn * bsums */
+            const int16_t *mn = t->mn + (gb + (size_t)b) * 8 * ZGR * 2;
+            __m512 dmin = _mm512_loadu_ps(mp + ZGR * b);
+            for (int j = 0; j < NR; j++) {
+                __m512i ms = _mm512_setzero_si512();
+                for (int jj = 0; jj < 8; jj++)
+                    ms = _mm512_dpwssd_epi32(ms, _mm512_loadu_si512((const void *)(mn + jj * ZGR * 2)),
+                                             zbcast32(xk[j][b].bsums + 2 * jj));
+                if (bias) {
+                    is[j] = _mm512_sub_epi32(is[j], _mm512_mullo_epi32(ms, _mm512_set1_epi32(bias)));
+                } else { /* e = fmaf((float)imin, -(dmin * d_x), e) */
+                    __m512 c = _mm512_xor_ps(_mm512_mul_ps(dmin, _mm512_set1_ps(xk[j][b].d)), neg);
+                    e[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ms), c, e[j]);
+                }
+            }
+        }
+        __m512 d = _mm512_loadu_ps(dp + ZGR * b);
+        for (int j = 0; j < NR; j++) {
+            __m512 sv = _mm512_mul_ps(d, _mm512_set1_ps(xk[j][b].d));
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[j]), sv, acc[j]);
+        }
+    }
+    for (int j = 0; j < NR; j++) _mm512_storeu_ps(out + j * ZGR, _mm512_add_ps(acc[j], e[j]));
+}
+
+/* One per K-quant, its sub-block size, bias and mins constant. */
+typedef void (*zmicro_fn)(const tile *t, int g, const cm_block_q8_k *const xk[NR], float *out);
+#define ZMICRO_K(T, NSUB, BIAS, MIN)                                                                \
+    static void zmicro_##T(const tile *t, int g, const cm_block_q8_k *const xk[NR], float *out) {   \
+        zmicro_k_vnni(t, g, xk, NSUB, BIAS, MIN, out);                                              \
+    }
+ZMICRO_K(Q2_K, 16, 0, 1) ZMICRO_K(Q3_K, 16, 4, 0) ZMICRO_K(Q4_K, 8, 0, 1) ZMICRO_K(Q5_K, 8, 0, 1)
+ZMICRO_K(Q6_K, 16, 32, 0)
+
+static zmicro_fn zmicro_for(int wtype) {
+    switch (wtype) {
+    case GGUF_TT_Q2_K: return zmicro_Q2_K;
+    case GGUF_TT_Q3_K: return zmicro_Q3_K;
+    case GGUF_TT_Q4_K: return zmicro_Q4_K;
+    case GGUF_TT_Q5_K: return zmicro_Q5_K;
+    case GGUF_TT_Q6_K: return zmicro_Q6_K;
+    default: return NULL;
+    }
+}
+#endif
+
 /* Token quad t0 / NR's activation rows into xr (a short last quad repeats its last token), and unless
  * `prepared`, their scales and bias sums into the tile's current quad slot. */
 static void zquad(tile *t, int xt, size_t xbytes, size_t qoff, const void *x, size_t x_stride, int n, int t0,
                   int prepared, const char *xr[NR]) {
     quad_rows(x, x_stride, n, t0, xr);
     if (prepared) return;
-    if (t->bias || !t->kq) /* legacy: 0 for bias 0 */
+    if ((t->bias && !t->s32) || !t->kq) /* legacy: 0 for bias 0 */
         for (int j = 0; j < NR; j++) zprep_x(t, xr[j], xbytes, qoff, t->xc + (size_t)j * t->xcs);
     if (!t->kq) quad_scales(t, xt, xr);
 }
@@ -761,6 +856,10 @@ static void gemm_avx512(int wtype, const void *w, int64_t k, const void *x, size
     size_t nq = ((size_t)n + NR - 1) / NR;
     int all = tile_layout(&t, wtype, k, ZTR, ZGR, zbias(wtype), 0, nq, scratch) <= scratch_bytes;
     if (!all) tile_layout(&t, wtype, k, ZTR, ZGR, zbias(wtype), 0, 1, scratch);
+#if defined(CM_G_VNNI)
+    zmicro_fn zk = zmicro_for(wtype);
+    t.s32 = zk != NULL;
+#endif
     size_t rb = (size_t)gguf_row_bytes(wtype, k), nb = (size_t)t.nb;
     int xt = cm_quant_vec_dot_type(wtype);
     size_t xbytes = xt == GGUF_TT_Q8_1 ? sizeof(cm_block_q8_1) : xt == GGUF_TT_Q8_K ? sizeof(cm_block_q8_k)
@@ -789,6 +888,10 @@ static void gemm_avx512(int wtype, const void *w, int64_t k, const void *x, size
             zquad(&t, xt, xbytes, qoff, x, x_stride, n, t0, all, xr);
             for (int g = 0; g < groups; g++) {
                 float out[NR * ZGR];
+#if defined(CM_G_VNNI)
+                if (zk) zk(&t, g, (const cm_block_q8_k *const *)xr, out);
+                else
+#endif
                 if (t.kq) zmicro_k(&t, g, (const cm_block_q8_k *const *)xr, out);
                 else zmicro_legacy(&t, g, xr, xbytes, qoff, out);
                 int left = rows - ZGR * g; /* the group's rows within the tile */

@@ -366,13 +366,14 @@ TEST(gemm_q_extremes) {
             for (int64_t b = 0; b < nb; b++) {
                 uint8_t *p = w + (size_t)r * rb + (size_t)b * bb;
                 memset(p, r < m / 2 ? 0x00 : 0xFF, bb);
-                /* scales and mins non-zero (all ones), then d (and dmin / m) 1.0 */
+                /* scales and mins non-zero (all ones; the signed scales of Q3_K and Q6_K at their most
+                 * negative, -32 and -128, in the odd rows), then d (and dmin / m) 1.0 */
                 switch (type) {
                 case GGUF_TT_Q2_K: memset(((cm_block_q2_k *)p)->scales, 0xFF, 16); break;
-                case GGUF_TT_Q3_K: memset(((cm_block_q3_k *)p)->scales, 0xFF, 12); break;
+                case GGUF_TT_Q3_K: memset(((cm_block_q3_k *)p)->scales, r % 2 ? 0x00 : 0xFF, 12); break;
                 case GGUF_TT_Q4_K: memset(((cm_block_q4_k *)p)->scales, 0xFF, 12); break;
                 case GGUF_TT_Q5_K: memset(((cm_block_q5_k *)p)->scales, 0xFF, 12); break;
-                case GGUF_TT_Q6_K: memset(((cm_block_q6_k *)p)->scales, 0x7F, 16); break;
+                case GGUF_TT_Q6_K: memset(((cm_block_q6_k *)p)->scales, r % 2 ? 0x80 : 0x7F, 16); break;
                 case GGUF_TT_Q8_0: memset(p, r < m / 2 ? 0x80 : 0x7F, bb); break; /* q = -128, 127 */
                 default: break;
                 }
