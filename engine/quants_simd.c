@@ -553,7 +553,7 @@ CM_ALWAYS_INLINE void rows_k256(int wt, int nr, int64_t nb, const char *w, size_
  * the pairs of bsums for all rows at once; Q2_K's u are its q (0..3), its mins against bsums; Q3_K's
  * and Q6_K's u = q + 4 and q + 32, and the offsets come off once per row and block as offset * sum
  * sc_j * bsums_j (their sub-blocks of 16 are bsums's). All integer and exact, so the block sums are
- * k_lanes's. */
+ * rows_k256's. */
 CM_ALWAYS_INLINE __m512i dot_pair_scaled(__m512i acc, __m512i u, __m512i x, __m512i sc) {
     __m512i p = _mm512_maddubs_epi16(u, x);
 #if defined(__AVX512VNNI__)
