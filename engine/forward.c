@@ -78,9 +78,22 @@ struct cm_ctx {
     int32_t *seq_rem;   /* (n_seq_max) scratch: tokens of each sequence not yet seen */
     unsigned char **snap; /* (B) MoE: the KV block extra to store routing state in after token i, or NULL */
     int n_last;         /* tokens in the last successful batch */
+    int32_t *last_logit_row; /* that batch's logit_row (a nested batch's own, see below) */
     const cm_batch *batch;
-    int cur_layer;
     cm_moe_ctx *moe;    /* mixture-of-experts state (moe.h); NULL for dense models */
+
+    /* A forward nested in another one's yield hook (cm_batch.yield) swaps in this second set of the
+     * state a batch keeps from one layer to the next (the residual stream, the next layer's normed
+     * input, positions, logits rows, counts per sequence, the batch); everything else is scratch of
+     * one layer or of the logits, which the outer batch computes after the hook has returned. */
+    struct {
+        int n_max;      /* cm_ctx_params.n_batch_nested; 0: no nesting */
+        float *x, *xn;  /* (n_max, D) */
+        int32_t *pos, *logit_row, *out_idx; /* (n_max) */
+        int32_t *seq_cnt; /* (n_seq_max) */
+        unsigned char **snap; /* (n_max) */
+        const cm_batch *batch;
+    } nest;
 };
 
 /* ============================================================ create / free */
@@ -161,11 +174,13 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
     int n_batch = p->n_batch_max ? p->n_batch_max : 512;
     if (n_threads < 1 || n_threads > CM_POOL_MAX_THREADS || n_seq < 1 || n_seq > 65536 || n_ctx < 1 ||
         n_ctx > CM_MAX_CTX || n_batch < 1 || n_batch > CM_MAX_BATCH || p->kv_tokens < 0 ||
-        (p->kv_type != CM_KV_F32 && p->kv_type != CM_KV_F16) || p->experts_resident < 0) {
+        (p->kv_type != CM_KV_F32 && p->kv_type != CM_KV_F16) || p->experts_resident < 0 ||
+        p->n_batch_nested < 0 || p->n_batch_nested > n_batch || (p->n_batch_nested && m->moe)) {
         cm_err_set(err, CM_E_INVAL,
                    "ctx: bad params (threads %d, n_seq_max %d, n_ctx %d, n_batch_max %d, kv_tokens %d, kv_type %d, "
-                   "experts_resident %d)",
-                   n_threads, n_seq, n_ctx, n_batch, p->kv_tokens, p->kv_type, p->experts_resident);
+                   "experts_resident %d, n_batch_nested %d%s)",
+                   n_threads, n_seq, n_ctx, n_batch, p->kv_tokens, p->kv_type, p->experts_resident,
+                   p->n_batch_nested, p->n_batch_nested && m->moe ? " with a mixture-of-experts model" : "");
         return NULL;
     }
     /* default: every sequence can reach n_ctx at once */
@@ -242,6 +257,16 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
     c->seq_cnt = xmalloc((size_t)n_seq * sizeof(int32_t), &fail);
     c->seq_rem = xmalloc((size_t)n_seq * sizeof(int32_t), &fail);
     c->snap = xmalloc((size_t)B * sizeof *c->snap, &fail);
+    if ((c->nest.n_max = p->n_batch_nested) > 0) {
+        int64_t B2 = c->nest.n_max;
+        c->nest.x = xmalloc((size_t)(B2 * D) * f, &fail);
+        c->nest.xn = xmalloc((size_t)(B2 * D) * f, &fail);
+        c->nest.pos = xmalloc((size_t)B2 * sizeof(int32_t), &fail);
+        c->nest.logit_row = xmalloc((size_t)B2 * sizeof(int32_t), &fail);
+        c->nest.out_idx = xmalloc((size_t)B2 * sizeof(int32_t), &fail);
+        c->nest.seq_cnt = xmalloc((size_t)n_seq * sizeof(int32_t), &fail);
+        c->nest.snap = xmalloc((size_t)B2 * sizeof *c->nest.snap, &fail);
+    }
     if (fail) {
         cm_ctx_free(c);
         cm_err_set(err, CM_E_NOMEM, "ctx: cannot allocate scratch for n_batch_max %d, n_ctx %d", n_batch, n_ctx);
@@ -298,6 +323,13 @@ void cm_ctx_free(cm_ctx *c) {
     free(c->seq_cnt);
     free(c->seq_rem);
     free(c->snap);
+    free(c->nest.x);
+    free(c->nest.xn);
+    free(c->nest.pos);
+    free(c->nest.logit_row);
+    free(c->nest.out_idx);
+    free(c->nest.seq_cnt);
+    free(c->nest.snap);
     free(c);
 }
 
@@ -747,8 +779,36 @@ static void forward_layer(cm_ctx *c, int il, int n) {
     rows_run(c, add_norm_task, &rj);
 }
 
+/* Exchanges the state a batch keeps across layers with the nested set (cm_ctx.nest). */
+static void nest_swap(cm_ctx *c) {
+    float *f = c->x; c->x = c->nest.x; c->nest.x = f;
+    f = c->xn; c->xn = c->nest.xn; c->nest.xn = f;
+    int32_t *i = c->pos; c->pos = c->nest.pos; c->nest.pos = i;
+    i = c->logit_row; c->logit_row = c->nest.logit_row; c->nest.logit_row = i;
+    i = c->out_idx; c->out_idx = c->nest.out_idx; c->nest.out_idx = i;
+    i = c->seq_cnt; c->seq_cnt = c->nest.seq_cnt; c->nest.seq_cnt = i;
+    unsigned char **sn = c->snap; c->snap = c->nest.snap; c->nest.snap = sn;
+    const cm_batch *b = c->batch; c->batch = c->nest.batch; c->nest.batch = b;
+}
+
+/* The forward pass of b; outer: the tokens per sequence of the batch whose yield hook runs this one
+ * (none of its sequences may appear in b), NULL when not nested. */
+static int forward_run(cm_ctx *c, const cm_batch *b, const int32_t *outer, cm_err *err);
+
 int cm_forward(cm_ctx *c, const cm_batch *b, cm_err *err) {
     if (!c || !b || !b->token || !b->seq) return cm_err_set(err, CM_E_INVAL, "forward: no context or batch");
+    if (!c->batch) return forward_run(c, b, NULL, err);
+    /* inside the yield hook of the batch in flight */
+    if (!c->nest.n_max || c->nest.batch || b->yield || b->n > c->nest.n_max)
+        return cm_err_set(err, CM_E_INVAL, "forward: a nested batch (%d tokens) needs n_batch_nested (%d) >= its "
+                          "tokens, no hook of its own and no other nested batch in flight", b->n, c->nest.n_max);
+    nest_swap(c);
+    int rc = forward_run(c, b, c->nest.seq_cnt, err); /* nest holds the outer batch's state meanwhile */
+    nest_swap(c);
+    return rc;
+}
+
+static int forward_run(cm_ctx *c, const cm_batch *b, const int32_t *outer, cm_err *err) {
     const cm_model *m = c->m;
     const cm_model_info *in = &m->info;
     int n = b->n;
@@ -764,6 +824,9 @@ int cm_forward(cm_ctx *c, const cm_batch *b, cm_err *err) {
                               b->token[i], i, in->n_vocab);
         if (!seq_valid(c, b->seq[i]))
             return cm_err_set(err, CM_E_RANGE, "forward: sequence %d at %d is not open", b->seq[i], i);
+        if (outer && outer[b->seq[i]])
+            return cm_err_set(err, CM_E_INVAL, "forward: sequence %d at %d is in the batch whose hook runs this one",
+                              b->seq[i], i);
         c->seq_cnt[b->seq[i]]++;
     }
     int64_t blocks = 0;
@@ -811,7 +874,10 @@ int cm_forward(cm_ctx *c, const cm_batch *b, cm_err *err) {
     for (int i = 0; i < n; i++)
         cm_dequantize_row(m->tok_embd.type, (const char *)m->tok_embd.data + (size_t)b->token[i] * erb,
                           c->x + i * D, D);
-    for (int il = 0; il < in->n_layer; il++) forward_layer(c, il, n);
+    for (int il = 0; il < in->n_layer; il++) {
+        forward_layer(c, il, n);
+        if (b->yield) b->yield(b->yield_ud);
+    }
 
     for (int r = 0; r < n_out; r++)
         cm_rmsnorm(c->outn + r * D, c->x + (size_t)c->out_idx[r] * D, m->output_norm.data, D, in->rms_eps);
@@ -827,6 +893,7 @@ int cm_forward(cm_ctx *c, const cm_batch *b, cm_err *err) {
             else cm_kv_seq_no_cache(&c->kv, s);
         }
     c->n_last = n;
+    c->last_logit_row = c->logit_row;
     c->batch = NULL;
     return CM_OK;
 }
@@ -834,6 +901,6 @@ int cm_forward(cm_ctx *c, const cm_batch *b, cm_err *err) {
 cm_moe_ctx *cm_ctx_moe(const cm_ctx *c) { return c ? c->moe : NULL; }
 
 const float *cm_logits(const cm_ctx *c, int i) {
-    if (!c || i < 0 || i >= c->n_last || c->logit_row[i] < 0) return NULL;
-    return c->logits + (size_t)c->logit_row[i] * (size_t)c->m->info.n_vocab;
+    if (!c || i < 0 || i >= c->n_last || c->last_logit_row[i] < 0) return NULL;
+    return c->logits + (size_t)c->last_logit_row[i] * (size_t)c->m->info.n_vocab;
 }
