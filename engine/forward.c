@@ -43,6 +43,7 @@
 #define CM_LOGITS_BUDGET ((size_t)256 << 20) /* bytes of logits kept per context */
 #define CM_MAX_CTX (1 << 22)
 #define CM_MAX_BATCH (1 << 16)
+#define CM_YIELD_VOCAB_ROWS 8192     /* rows of the output head between two calls of a batch's yield hook */
 
 struct cm_ctx {
     const cm_model *m;
@@ -78,17 +79,20 @@ struct cm_ctx {
     int32_t *seq_rem;   /* (n_seq_max) scratch: tokens of each sequence not yet seen */
     unsigned char **snap; /* (B) MoE: the KV block extra to store routing state in after token i, or NULL */
     int n_last;         /* tokens in the last successful batch */
-    int32_t *last_logit_row; /* that batch's logit_row (a nested batch's own, see below) */
+    int32_t *last_logit_row; /* that batch's logit_row and logits (a nested batch's own, see below) */
+    float *last_logits;
     const cm_batch *batch;
     cm_moe_ctx *moe;    /* mixture-of-experts state (moe.h); NULL for dense models */
 
     /* A forward nested in another one's yield hook (cm_batch.yield) swaps in this second set of the
      * state a batch keeps from one layer to the next (the residual stream, the next layer's normed
-     * input, positions, logits rows, counts per sequence, the batch); everything else is scratch of
-     * one layer or of the logits, which the outer batch computes after the hook has returned. */
+     * input, positions, logits rows and logits, counts per sequence, the batch); everything else is
+     * scratch of one layer. */
     struct {
         int n_max;      /* cm_ctx_params.n_batch_nested; 0: no nesting */
         float *x, *xn;  /* (n_max, D) */
+        float *outn, *logits; /* (n_max, D), (n_max, V): the outer batch's may be half computed (the
+                                 output head yields too) */
         int32_t *pos, *logit_row, *out_idx; /* (n_max) */
         int32_t *seq_cnt; /* (n_seq_max) */
         unsigned char **snap; /* (n_max) */
@@ -261,6 +265,8 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
         int64_t B2 = c->nest.n_max;
         c->nest.x = xmalloc((size_t)(B2 * D) * f, &fail);
         c->nest.xn = xmalloc((size_t)(B2 * D) * f, &fail);
+        c->nest.outn = xmalloc((size_t)(B2 * D) * f, &fail);
+        c->nest.logits = xmalloc((size_t)B2 * (size_t)V * f, &fail);
         c->nest.pos = xmalloc((size_t)B2 * sizeof(int32_t), &fail);
         c->nest.logit_row = xmalloc((size_t)B2 * sizeof(int32_t), &fail);
         c->nest.out_idx = xmalloc((size_t)B2 * sizeof(int32_t), &fail);
@@ -325,6 +331,8 @@ void cm_ctx_free(cm_ctx *c) {
     free(c->snap);
     free(c->nest.x);
     free(c->nest.xn);
+    free(c->nest.outn);
+    free(c->nest.logits);
     free(c->nest.pos);
     free(c->nest.logit_row);
     free(c->nest.out_idx);
@@ -472,6 +480,7 @@ typedef struct mm_job {
     int n;
     int64_t k;
     int64_t chunk;    /* rows of W per task */
+    int64_t lo, hi;   /* one op: only rows [lo, hi) of its W (hi 0: all) */
     int task0[4];     /* first task of each op; task0[n_ops] = total */
 } mm_job;
 
@@ -481,8 +490,9 @@ static const cm_tensor *mm_task_rows(const mm_job *j, int task, int *o, int64_t 
     while (task >= j->task0[i + 1]) i++;
     const cm_tensor *w = j->ops[i].w;
     *o = i;
-    *r0 = (int64_t)(task - j->task0[i]) * j->chunk;
-    *r1 = *r0 + j->chunk < w->ne1 ? *r0 + j->chunk : w->ne1;
+    int64_t end = j->hi ? j->hi : w->ne1;
+    *r0 = j->lo + (int64_t)(task - j->task0[i]) * j->chunk;
+    *r1 = *r0 + j->chunk < end ? *r0 + j->chunk : end;
     return w;
 }
 
@@ -532,13 +542,16 @@ static void mm_task_gemm(void *arg, int task, int thread) {
                 (int)j->k, b, (int)j->k, 0.0f, j->ops[o].y + r0, (int)w->ne1);
 }
 
-/* ops[i].y (N, M_i) = X (N, K) W_i^T for every op; all W_i have row length K. */
-static void mm_run(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, int n, int64_t k) {
-    mm_job j = {.c = c, .n_ops = n_ops, .x = x, .n = n, .k = k};
+/* ops[i].y (N, M_i) = X (N, K) W_i^T for every op; all W_i have row length K. With hi > 0 (one op):
+ * only the columns [lo, hi) of Y, from those rows of W. */
+static void mm_run_rows(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, int n, int64_t k, int64_t lo,
+                        int64_t hi) {
+    mm_job j = {.c = c, .n_ops = n_ops, .x = x, .n = n, .k = k, .lo = lo, .hi = hi};
     memcpy(j.ops, ops, (size_t)n_ops * sizeof *ops);
     int nt = c->n_threads;
     int64_t mmax = 0;
     for (int i = 0; i < n_ops; i++) mmax = ops[i].w->ne1 > mmax ? ops[i].w->ne1 : mmax;
+    if (hi) mmax = hi - lo;
     /* Quantised weights meet activations quantised once per token to the int8 format they pair with
      * (Q8_0, Q8_1 or Q8_K, as cm_quant_vec_dot_type says; llama.cpp's scheme), X quantised once for
      * all ops that share it; decode (matvec) and prefill (int8 GEMM) take the same cm_qacc dot, so a
@@ -552,7 +565,7 @@ static void mm_run(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, int n
     }
     if (split) { /* quantised weights of different pairings (a K-quant file's Q4_K beside Q6_K and Q8_0):
                   * each op with its own format, so a row's product never depends on its neighbours' */
-        for (int i = 0; i < n_ops; i++) mm_run(c, 1, &ops[i], x, n, k);
+        for (int i = 0; i < n_ops; i++) mm_run_rows(c, 1, &ops[i], x, n, k, lo, hi);
         return;
     }
     void (*task_fn)(void *, int, int);
@@ -585,6 +598,7 @@ static void mm_run(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, int n
          * int8 GEMM interleaves W in groups of 8 or 16 rows, so multiples of 16 suit both */
         int64_t rows = 0;
         for (int i = 0; i < n_ops; i++) rows += ops[i].w->ne1;
+        if (hi) rows = hi - lo;
         int64_t chunk = nt == 1 ? mmax : (rows + nt * 4 - 1) / (nt * 4);
         chunk = (chunk + 15) & ~(int64_t)15;
         if (chunk < 16) chunk = 16;
@@ -593,8 +607,12 @@ static void mm_run(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, int n
     }
     j.task0[0] = 0;
     for (int i = 0; i < n_ops; i++)
-        j.task0[i + 1] = j.task0[i] + (int)((ops[i].w->ne1 + j.chunk - 1) / j.chunk);
+        j.task0[i + 1] = j.task0[i] + (int)(((hi ? hi - lo : ops[i].w->ne1) + j.chunk - 1) / j.chunk);
     cm_pool_run(c->pool, task_fn, &j, j.task0[n_ops]);
+}
+
+static void mm_run(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, int n, int64_t k) {
+    mm_run_rows(c, n_ops, ops, x, n, k, 0, 0);
 }
 
 static void mm1(cm_ctx *c, const cm_tensor *w, const float *x, int n, float *y) {
@@ -783,6 +801,8 @@ static void forward_layer(cm_ctx *c, int il, int n) {
 static void nest_swap(cm_ctx *c) {
     float *f = c->x; c->x = c->nest.x; c->nest.x = f;
     f = c->xn; c->xn = c->nest.xn; c->nest.xn = f;
+    f = c->outn; c->outn = c->nest.outn; c->nest.outn = f;
+    f = c->logits; c->logits = c->nest.logits; c->nest.logits = f;
     int32_t *i = c->pos; c->pos = c->nest.pos; c->nest.pos = i;
     i = c->logit_row; c->logit_row = c->nest.logit_row; c->nest.logit_row = i;
     i = c->out_idx; c->out_idx = c->nest.out_idx; c->nest.out_idx = i;
@@ -881,7 +901,18 @@ static int forward_run(cm_ctx *c, const cm_batch *b, const int32_t *outer, cm_er
 
     for (int r = 0; r < n_out; r++)
         cm_rmsnorm(c->outn + r * D, c->x + (size_t)c->out_idx[r] * D, m->output_norm.data, D, in->rms_eps);
-    if (n_out) mm1(c, &m->output, c->outn, n_out, c->logits);
+    if (n_out && b->yield && n_out < CM_GEMM_MIN_ROWS) {
+        /* the output head is most of a decode step of a small model with a large vocabulary: it yields
+         * too, every CM_YIELD_VOCAB_ROWS rows of it (a row's logits are the same dot products either way) */
+        mm_op op = {&m->output, c->logits};
+        for (int64_t v0 = 0; v0 < in->n_vocab; v0 += CM_YIELD_VOCAB_ROWS) {
+            int64_t v1 = v0 + CM_YIELD_VOCAB_ROWS < in->n_vocab ? v0 + CM_YIELD_VOCAB_ROWS : in->n_vocab;
+            mm_run_rows(c, 1, &op, c->outn, n_out, D, v0, v1);
+            b->yield(b->yield_ud);
+        }
+    } else if (n_out) {
+        mm1(c, &m->output, c->outn, n_out, c->logits);
+    }
 
     for (int s = 0; s < c->n_seq_max; s++) c->kv.seqs[s].len += c->seq_cnt[s];
     if (c->moe) cm_moe_batch_end(c->moe);
@@ -894,6 +925,7 @@ static int forward_run(cm_ctx *c, const cm_batch *b, const int32_t *outer, cm_er
         }
     c->n_last = n;
     c->last_logit_row = c->logit_row;
+    c->last_logits = c->logits;
     c->batch = NULL;
     return CM_OK;
 }
@@ -902,5 +934,5 @@ cm_moe_ctx *cm_ctx_moe(const cm_ctx *c) { return c ? c->moe : NULL; }
 
 const float *cm_logits(const cm_ctx *c, int i) {
     if (!c || i < 0 || i >= c->n_last || c->last_logit_row[i] < 0) return NULL;
-    return c->logits + (size_t)c->last_logit_row[i] * (size_t)c->m->info.n_vocab;
+    return c->last_logits + (size_t)c->last_logit_row[i] * (size_t)c->m->info.n_vocab;
 }

@@ -629,7 +629,7 @@ TEST(nested_forward_in_yield_hook) {
     hooked.yield_ud = &pr;
     cm_batch outer = {.n = 40, .token = ta, .seq = sa, .yield = nest_hook, .yield_ud = &pr};
     ASSERT_EQ_INT(cm_forward(c, &outer, &err), CM_OK);
-    ASSERT_EQ_INT(pr.calls, n_layer); /* after every layer */
+    ASSERT_EQ_INT(pr.calls, n_layer + 1); /* after every layer, and after the output head's one slice */
     for (int i = 0; i < 3; i++) ASSERT_EQ_INT(pr.rc_bad[i], CM_E_INVAL);
     ASSERT_EQ_INT(pr.rc, CM_OK);
     ASSERT_TRUE(!memcmp(pr.got, ref_b, sizeof ref_b));
@@ -641,6 +641,20 @@ TEST(nested_forward_in_yield_hook) {
     ASSERT_TRUE(!memcmp(cm_logits(c, 0), ref_a2, sizeof ref_a2));
     ASSERT_EQ_INT(fwd(c, 1, &tb[5], sb, &err), CM_OK);
     ASSERT_TRUE(!memcmp(cm_logits(c, 0), ref_b2, sizeof ref_b2));
+    /* nested after the output head of a decode batch: its logits are computed, and kept */
+    pr = (nest_probe){.c = c, .at = n_layer, .nested = &good, .rc = -100};
+    int b2 = cm_seq_open(c, NULL);
+    int32_t sb2[5] = {b2, b2, b2, b2, b2};
+    good.seq = sb2;
+    cm_batch dec = {.n = 1, .token = &ta[1], .seq = sa, .yield = nest_hook, .yield_ud = &pr};
+    float ref_a3[300];
+    ASSERT_EQ_INT(cm_forward(c, &dec, &err), CM_OK);
+    ASSERT_EQ_INT(pr.rc, CM_OK);
+    ASSERT_TRUE(!memcmp(pr.got, ref_b, sizeof ref_b));
+    memcpy(ref_a3, cm_logits(c, 0), sizeof ref_a3);
+    ASSERT_EQ_INT(cm_seq_truncate(c, a, 41, &err), CM_OK); /* the same token again, without a hook */
+    ASSERT_EQ_INT(fwd(c, 1, &ta[1], sa, &err), CM_OK);
+    ASSERT_TRUE(!memcmp(cm_logits(c, 0), ref_a3, sizeof ref_a3));
     /* outside a hook a batch is never nested (and n_batch_max bounds it, not n_batch_nested) */
     ASSERT_EQ_INT(fwd(c, 6, tb6, sb, &err), CM_OK);
     cm_ctx_free(c);
