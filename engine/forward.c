@@ -43,7 +43,8 @@
 #define CM_LOGITS_BUDGET ((size_t)256 << 20) /* bytes of logits kept per context */
 #define CM_MAX_CTX (1 << 22)
 #define CM_MAX_BATCH (1 << 16)
-#define CM_YIELD_VOCAB_ROWS 8192     /* rows of the output head between two calls of a batch's yield hook */
+#define CM_YIELD_VOCAB_ROWS 8192     /* rows of the output head between two calls of a batch's yield hook
+                                        (CODEMOE_YIELD_VOCAB_ROWS, a multiple of 16, for tests) */
 
 struct cm_ctx {
     const cm_model *m;
@@ -52,6 +53,7 @@ struct cm_ctx {
     int n_threads, n_seq_max, n_ctx, n_batch_max, n_logits_max;
     int64_t deq_floats;     /* per thread */
     int exact_act;          /* f32 activations everywhere, the reference (CODEMOE_EXACT_ACTIVATIONS=1) */
+    int64_t yield_rows;     /* CM_YIELD_VOCAB_ROWS */
 
     float *rope_cos, *rope_sin; /* (n_ctx, E/2) */
 
@@ -208,6 +210,8 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
     c->n_batch_max = n_batch;
     const char *exact = getenv("CODEMOE_EXACT_ACTIVATIONS");
     c->exact_act = exact && *exact == '1';
+    const char *yr = getenv("CODEMOE_YIELD_VOCAB_ROWS");
+    c->yield_rows = yr && atoi(yr) >= 16 && atoi(yr) % 16 == 0 ? atoi(yr) : CM_YIELD_VOCAB_ROWS;
 
     int64_t D = in->n_embd, Q = (int64_t)in->n_head * in->head_dim, C = (int64_t)in->n_head_kv * in->head_dim;
     int64_t F = in->n_ff, V = in->n_vocab, B = n_batch;
@@ -901,12 +905,14 @@ static int forward_run(cm_ctx *c, const cm_batch *b, const int32_t *outer, cm_er
 
     for (int r = 0; r < n_out; r++)
         cm_rmsnorm(c->outn + r * D, c->x + (size_t)c->out_idx[r] * D, m->output_norm.data, D, in->rms_eps);
-    if (n_out && b->yield && n_out < CM_GEMM_MIN_ROWS) {
+    if (n_out && b->yield && (n_out < CM_GEMM_MIN_ROWS || (!c->exact_act && cm_quant_vec_dot_type(m->output.type) >= 0))) {
         /* the output head is most of a decode step of a small model with a large vocabulary: it yields
-         * too, every CM_YIELD_VOCAB_ROWS rows of it (a row's logits are the same dot products either way) */
+         * too, every yield_rows rows of it. A row's logits are the same products either way:
+         * the matvec kernels and the int8 GEMM compute each output on its own (sgemm, for float weights
+         * with many rows, does not slice) */
         mm_op op = {&m->output, c->logits};
-        for (int64_t v0 = 0; v0 < in->n_vocab; v0 += CM_YIELD_VOCAB_ROWS) {
-            int64_t v1 = v0 + CM_YIELD_VOCAB_ROWS < in->n_vocab ? v0 + CM_YIELD_VOCAB_ROWS : in->n_vocab;
+        for (int64_t v0 = 0; v0 < in->n_vocab; v0 += c->yield_rows) {
+            int64_t v1 = v0 + c->yield_rows < in->n_vocab ? v0 + c->yield_rows : in->n_vocab;
             mm_run_rows(c, 1, &op, c->outn, n_out, D, v0, v1);
             b->yield(b->yield_ud);
         }

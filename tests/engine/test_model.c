@@ -658,6 +658,42 @@ TEST(nested_forward_in_yield_hook) {
     /* outside a hook a batch is never nested (and n_batch_max bounds it, not n_batch_nested) */
     ASSERT_EQ_INT(fwd(c, 6, tb6, sb, &err), CM_OK);
     cm_ctx_free(c);
+    /* the output head in slices of 64 rows (5 hook calls after the layers): one logits row (matvec)
+     * and 20 (the int8 GEMM of the Q8_0 fixture; f32 weights with 20 rows take sgemm, unsliced), every
+     * logit as without a hook */
+    for (int k = 0; k < 4; k++) {
+    int quant = k >= 2, rows = k % 2 ? 20 : 1;
+    cm_model *mq = cm_model_load(test_fixture(quant ? "models/qwen2-gqa-q8_0.gguf" : "models/qwen2-gqa.gguf"), NULL, NULL);
+    ASSERT_TRUE(mq);
+    setenv("CODEMOE_YIELD_VOCAB_ROWS", "64", 1);
+    cm_ctx_params pq = p;
+    pq.n_batch_nested = 0;
+    cm_ctx *q = cm_ctx_create(mq, &pq, &err);
+    unsetenv("CODEMOE_YIELD_VOCAB_ROWS");
+    ASSERT_TRUE(q);
+    int8_t all[20];
+    memset(all, 1, sizeof all);
+    {
+        int x1 = cm_seq_open(q, NULL), x2 = cm_seq_open(q, NULL);
+        int32_t s1[20], s2[20];
+        for (int i = 0; i < 20; i++) s1[i] = x1, s2[i] = x2;
+        /* the sliced run first: nothing left in the logits buffer can make it pass */
+        pr = (nest_probe){.c = q, .at = -1};
+        cm_batch sliced = {.n = 20, .token = ta, .seq = s1, .logits = rows > 1 ? all : NULL, .yield = nest_hook,
+                           .yield_ud = &pr};
+        ASSERT_EQ_INT(cm_forward(q, &sliced, &err), CM_OK);
+        ASSERT_EQ_INT(pr.calls, n_layer + (rows == 1 || quant ? 5 : 0));
+        static float keep[20][300];
+        for (int i = 20 - rows; i < 20; i++) memcpy(keep[i], cm_logits(q, i), sizeof keep[i]);
+        cm_batch plain = {.n = 20, .token = ta, .seq = s2, .logits = rows > 1 ? all : NULL};
+        ASSERT_EQ_INT(cm_forward(q, &plain, &err), CM_OK);
+        for (int i = 20 - rows; i < 20; i++) ASSERT_TRUE(!memcmp(keep[i], cm_logits(q, i), sizeof keep[i]));
+        cm_seq_close(q, x1);
+        cm_seq_close(q, x2);
+    }
+    cm_ctx_free(q);
+    cm_model_free(mq);
+    }
     /* n_batch_nested above n_batch_max is refused; mixture-of-experts models do not nest */
     p.n_batch_nested = 65;
     ASSERT_TRUE(cm_ctx_create(m, &p, &err) == NULL && err.code == CM_E_INVAL);
