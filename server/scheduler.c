@@ -56,7 +56,8 @@
  *
  * Nested steps (dense models, unless --no-nested-steps). A request that arrives while a step's forward
  * pass runs would wait for the rest of it (the flood's decodes, a few ms; a prefill chunk, more) before
- * even being admitted. Instead the step's forward calls step_yield after each layer (cm_batch.yield);
+ * even being admitted. Instead the step's forward calls step_yield after each layer and each slice of
+ * the output head (cm_batch.yield; a small model's decode step is mostly its output head);
  * when something was submitted meanwhile and a client with nothing running or parked is waiting, it is
  * admitted right there by the boundary's own rules (preempt_for: slots, the KV reservation, the victim
  * and churn rules; with a slot free, only if it is the fair queue's next job and nothing is parked),
@@ -1125,11 +1126,11 @@ static void nest_swap(srv_sched *s) {
     srv_step_row *tr = s->trace; s->trace = s->n_trace; s->n_trace = tr;
 }
 
-/* The yield hook of a step's forward pass (cm_batch.yield), between two of its layers: when a client
- * with nothing running or parked has sent a request meanwhile, admits it as the step's boundary would
- * (preempt_for: the same slots, KV reservation and preemption rules) and runs its prompt as a nested
- * step, so its first token does not wait for the rest of the running step. At most one nested step per
- * step; only prompts that have not started and fit SRV_NEST_MAX whole. */
+/* The yield hook of a step's forward pass (cm_batch.yield), between two of its layers or slices of its
+ * output head: when a client with nothing running or parked has sent a request meanwhile, admits it as
+ * the step's boundary would (preempt_for: the same slots, KV reservation and preemption rules) and runs
+ * its prompt as a nested step, so its first token does not wait for the rest of the running step. At
+ * most one nested step per step; only prompts that have not started and fit SRV_NEST_MAX whole. */
 static void step_yield(void *ud) {
     srv_sched *s = ud;
     if (s->nest_done || !atomic_load_explicit(&s->submitted, memory_order_acquire)) return;

@@ -289,14 +289,16 @@ typedef struct cm_batch {
     const int8_t *generated;  /* (n) nonzero: a token the caller generated (routing statistics count
                                  prompt and generated tokens apart); NULL: all are prompt tokens */
     /* Optional yield hook (NULL: none): called on the calling thread after each layer of this batch
-     * (the last one too, before the logits), when no compute task is running. It may run ONE nested
-     * cm_forward at a time on the same context (dense models, a context created with n_batch_nested),
-     * for at most n_batch_nested tokens of sequences that have no token in this batch, and no hook of
-     * its own; the nested batch is complete when that call returns (its sequences grew, its logits are
-     * readable with cm_logits until the hook returns). Besides that it may open sequences, attach
-     * prefixes (cm_seq_attach_prefix), read lengths and KV statistics, and close sequences it opened;
-     * it must not close, truncate or fork a sequence of this batch. Every token's logits are the same
-     * as without the hook (batch invariance: docs/engine.md). */
+     * (the last one too, before the logits) and, as the output matrix is then multiplied in slices of
+     * 8192 of its rows (matvec and int8 GEMM), after each slice; never while a compute task runs. It
+     * may run ONE nested cm_forward at a time on the same context (dense models, a context created
+     * with n_batch_nested), for at most n_batch_nested tokens of sequences that have no token in this
+     * batch, and no hook of its own; the nested batch is complete when that call returns (its
+     * sequences grew, its logits are readable with cm_logits until the hook returns). Besides that it
+     * may open sequences, attach prefixes (cm_seq_attach_prefix), read lengths and KV statistics, fork
+     * and close sequences that are not in this batch; it must not close, truncate or fork a sequence
+     * of this batch. Every token's logits are the same as without the hook (batch invariance:
+     * docs/engine.md). */
     void (*yield)(void *ud);
     void *yield_ud;
 } cm_batch;
