@@ -582,23 +582,25 @@ TEST(nested_forward_in_yield_hook) {
     const int n_layer = cm_model_get_info(m)->n_layer;
     cm_ctx_params p = {.n_threads = 2, .n_seq_max = 3, .n_ctx = 128, .n_batch_max = 64};
     cm_err err = {0};
-    int32_t ta[40], tb[6], sa[40], sb[6];
+    int32_t ta[40], tb[7], sa[40], sb[7];
     for (int i = 0; i < 40; i++) ta[i] = (i * 11 + 3) % 300;
-    for (int i = 0; i < 6; i++) tb[i] = (i * 29 + 7) % 300;
-    /* alone: A's 40 tokens, then one more; B's 5 tokens, then one more */
+    for (int i = 0; i < 7; i++) tb[i] = (i * 29 + 7) % 300;
+    /* alone: A's 40 tokens, then one more; B's first token, its next 5 (positions 1..5, so a nested
+     * batch's positions differ from the outer one's rows), then one more */
     float ref_a[300], ref_a2[300], ref_b[300], ref_b2[300];
     cm_ctx *r = cm_ctx_create(m, &p, &err);
     ASSERT_TRUE(r);
     int a = cm_seq_open(r, NULL), b = cm_seq_open(r, NULL);
     for (int i = 0; i < 40; i++) sa[i] = a;
-    for (int i = 0; i < 6; i++) sb[i] = b;
+    for (int i = 0; i < 7; i++) sb[i] = b;
     ASSERT_EQ_INT(fwd(r, 40, ta, sa, &err), CM_OK);
     memcpy(ref_a, cm_logits(r, 39), sizeof ref_a);
-    ASSERT_EQ_INT(fwd(r, 5, tb, sb, &err), CM_OK);
+    ASSERT_EQ_INT(fwd(r, 1, tb, sb, &err), CM_OK);
+    ASSERT_EQ_INT(fwd(r, 5, tb + 1, sb, &err), CM_OK);
     memcpy(ref_b, cm_logits(r, 4), sizeof ref_b);
     ASSERT_EQ_INT(fwd(r, 1, &ta[0], sa, &err), CM_OK);
     memcpy(ref_a2, cm_logits(r, 0), sizeof ref_a2);
-    ASSERT_EQ_INT(fwd(r, 1, &tb[5], sb, &err), CM_OK);
+    ASSERT_EQ_INT(fwd(r, 1, &tb[6], sb, &err), CM_OK);
     memcpy(ref_b2, cm_logits(r, 0), sizeof ref_b2);
     /* a context without n_batch_nested refuses to nest */
     nest_probe pr = {.c = r, .at = 0};
@@ -611,20 +613,21 @@ TEST(nested_forward_in_yield_hook) {
     ASSERT_EQ_INT(pr.rc, CM_E_INVAL);
     ASSERT_EQ_INT(cm_seq_len(r, c0), 0);
     cm_ctx_free(r);
-    /* nested: B's 5 tokens after the first layer of A's 40 (the fixture has two) */
+    /* nested: B's 5 tokens after the first layer of A's 40 (the fixture has two layers) */
     p.n_batch_nested = 5;
     cm_ctx *c = cm_ctx_create(m, &p, &err);
     ASSERT_TRUE(c);
     a = cm_seq_open(c, NULL);
     b = cm_seq_open(c, NULL);
     for (int i = 0; i < 40; i++) sa[i] = a;
-    for (int i = 0; i < 6; i++) sb[i] = b;
+    for (int i = 0; i < 7; i++) sb[i] = b;
+    ASSERT_EQ_INT(fwd(c, 1, tb, sb, &err), CM_OK);
     int32_t mix[5] = {b, b, a, b, b};   /* a sequence of the outer batch */
     int32_t tb6[6] = {0};
     cm_batch big = {.n = 6, .token = tb6, .seq = sb};       /* more than n_batch_nested */
-    cm_batch with_a = {.n = 5, .token = tb, .seq = mix};
-    cm_batch hooked = {.n = 5, .token = tb, .seq = sb, .yield = nest_hook};
-    cm_batch good = {.n = 5, .token = tb, .seq = sb};
+    cm_batch with_a = {.n = 5, .token = tb + 1, .seq = mix};
+    cm_batch hooked = {.n = 5, .token = tb + 1, .seq = sb, .yield = nest_hook};
+    cm_batch good = {.n = 5, .token = tb + 1, .seq = sb};
     pr = (nest_probe){.c = c, .at = 0, .nested = &good, .bad = {&big, &with_a, &hooked, NULL}};
     hooked.yield_ud = &pr;
     cm_batch outer = {.n = 40, .token = ta, .seq = sa, .yield = nest_hook, .yield_ud = &pr};
@@ -635,16 +638,17 @@ TEST(nested_forward_in_yield_hook) {
     ASSERT_TRUE(!memcmp(pr.got, ref_b, sizeof ref_b));
     ASSERT_TRUE(!memcmp(cm_logits(c, 39), ref_a, sizeof ref_a));
     ASSERT_EQ_INT(cm_seq_len(c, a), 40);
-    ASSERT_EQ_INT(cm_seq_len(c, b), 5);
+    ASSERT_EQ_INT(cm_seq_len(c, b), 6);
     /* both continue as alone */
     ASSERT_EQ_INT(fwd(c, 1, &ta[0], sa, &err), CM_OK);
     ASSERT_TRUE(!memcmp(cm_logits(c, 0), ref_a2, sizeof ref_a2));
-    ASSERT_EQ_INT(fwd(c, 1, &tb[5], sb, &err), CM_OK);
+    ASSERT_EQ_INT(fwd(c, 1, &tb[6], sb, &err), CM_OK);
     ASSERT_TRUE(!memcmp(cm_logits(c, 0), ref_b2, sizeof ref_b2));
     /* nested after the output head of a decode batch: its logits are computed, and kept */
     pr = (nest_probe){.c = c, .at = n_layer, .nested = &good, .rc = -100};
     int b2 = cm_seq_open(c, NULL);
     int32_t sb2[5] = {b2, b2, b2, b2, b2};
+    ASSERT_EQ_INT(fwd(c, 1, tb, sb2, &err), CM_OK);
     good.seq = sb2;
     cm_batch dec = {.n = 1, .token = &ta[1], .seq = sa, .yield = nest_hook, .yield_ud = &pr};
     float ref_a3[300];
