@@ -43,6 +43,8 @@
 #define CM_LOGITS_BUDGET ((size_t)256 << 20) /* bytes of logits kept per context */
 #define CM_MAX_CTX (1 << 22)
 #define CM_MAX_BATCH (1 << 16)
+#define CM_YIELD_VOCAB_ROWS 8192     /* rows of the output head between two calls of a batch's yield hook
+                                        (CODEMOE_YIELD_VOCAB_ROWS, a multiple of 16, for tests) */
 
 struct cm_ctx {
     const cm_model *m;
@@ -51,6 +53,7 @@ struct cm_ctx {
     int n_threads, n_seq_max, n_ctx, n_batch_max, n_logits_max;
     int64_t deq_floats;     /* per thread */
     int exact_act;          /* f32 activations everywhere, the reference (CODEMOE_EXACT_ACTIVATIONS=1) */
+    int64_t yield_rows;     /* CM_YIELD_VOCAB_ROWS */
 
     float *rope_cos, *rope_sin; /* (n_ctx, E/2) */
 
@@ -78,9 +81,25 @@ struct cm_ctx {
     int32_t *seq_rem;   /* (n_seq_max) scratch: tokens of each sequence not yet seen */
     unsigned char **snap; /* (B) MoE: the KV block extra to store routing state in after token i, or NULL */
     int n_last;         /* tokens in the last successful batch */
+    int32_t *last_logit_row; /* that batch's logit_row and logits (a nested batch's own, see below) */
+    float *last_logits;
     const cm_batch *batch;
-    int cur_layer;
     cm_moe_ctx *moe;    /* mixture-of-experts state (moe.h); NULL for dense models */
+
+    /* A forward nested in another one's yield hook (cm_batch.yield) swaps in this second set of the
+     * state a batch keeps from one layer to the next (the residual stream, the next layer's normed
+     * input, positions, logits rows and logits, counts per sequence, the batch); everything else is
+     * scratch of one layer. */
+    struct {
+        int n_max;      /* cm_ctx_params.n_batch_nested; 0: no nesting */
+        float *x, *xn;  /* (n_max, D) */
+        float *outn, *logits; /* (n_max, D), (n_max, V): the outer batch's may be half computed (the
+                                 output head yields too) */
+        int32_t *pos, *logit_row, *out_idx; /* (n_max) */
+        int32_t *seq_cnt; /* (n_seq_max) */
+        unsigned char **snap; /* (n_max) */
+        const cm_batch *batch;
+    } nest;
 };
 
 /* ============================================================ create / free */
@@ -161,11 +180,13 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
     int n_batch = p->n_batch_max ? p->n_batch_max : 512;
     if (n_threads < 1 || n_threads > CM_POOL_MAX_THREADS || n_seq < 1 || n_seq > 65536 || n_ctx < 1 ||
         n_ctx > CM_MAX_CTX || n_batch < 1 || n_batch > CM_MAX_BATCH || p->kv_tokens < 0 ||
-        (p->kv_type != CM_KV_F32 && p->kv_type != CM_KV_F16) || p->experts_resident < 0) {
+        (p->kv_type != CM_KV_F32 && p->kv_type != CM_KV_F16) || p->experts_resident < 0 ||
+        p->n_batch_nested < 0 || p->n_batch_nested > n_batch || (p->n_batch_nested && m->moe)) {
         cm_err_set(err, CM_E_INVAL,
                    "ctx: bad params (threads %d, n_seq_max %d, n_ctx %d, n_batch_max %d, kv_tokens %d, kv_type %d, "
-                   "experts_resident %d)",
-                   n_threads, n_seq, n_ctx, n_batch, p->kv_tokens, p->kv_type, p->experts_resident);
+                   "experts_resident %d, n_batch_nested %d%s)",
+                   n_threads, n_seq, n_ctx, n_batch, p->kv_tokens, p->kv_type, p->experts_resident,
+                   p->n_batch_nested, p->n_batch_nested && m->moe ? " with a mixture-of-experts model" : "");
         return NULL;
     }
     /* default: every sequence can reach n_ctx at once */
@@ -189,6 +210,8 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
     c->n_batch_max = n_batch;
     const char *exact = getenv("CODEMOE_EXACT_ACTIVATIONS");
     c->exact_act = exact && *exact == '1';
+    const char *yr = getenv("CODEMOE_YIELD_VOCAB_ROWS");
+    c->yield_rows = yr && atoi(yr) >= 16 && atoi(yr) % 16 == 0 ? atoi(yr) : CM_YIELD_VOCAB_ROWS;
 
     int64_t D = in->n_embd, Q = (int64_t)in->n_head * in->head_dim, C = (int64_t)in->n_head_kv * in->head_dim;
     int64_t F = in->n_ff, V = in->n_vocab, B = n_batch;
@@ -242,6 +265,18 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
     c->seq_cnt = xmalloc((size_t)n_seq * sizeof(int32_t), &fail);
     c->seq_rem = xmalloc((size_t)n_seq * sizeof(int32_t), &fail);
     c->snap = xmalloc((size_t)B * sizeof *c->snap, &fail);
+    if ((c->nest.n_max = p->n_batch_nested) > 0) {
+        int64_t B2 = c->nest.n_max;
+        c->nest.x = xmalloc((size_t)(B2 * D) * f, &fail);
+        c->nest.xn = xmalloc((size_t)(B2 * D) * f, &fail);
+        c->nest.outn = xmalloc((size_t)(B2 * D) * f, &fail);
+        c->nest.logits = xmalloc((size_t)B2 * (size_t)V * f, &fail);
+        c->nest.pos = xmalloc((size_t)B2 * sizeof(int32_t), &fail);
+        c->nest.logit_row = xmalloc((size_t)B2 * sizeof(int32_t), &fail);
+        c->nest.out_idx = xmalloc((size_t)B2 * sizeof(int32_t), &fail);
+        c->nest.seq_cnt = xmalloc((size_t)n_seq * sizeof(int32_t), &fail);
+        c->nest.snap = xmalloc((size_t)B2 * sizeof *c->nest.snap, &fail);
+    }
     if (fail) {
         cm_ctx_free(c);
         cm_err_set(err, CM_E_NOMEM, "ctx: cannot allocate scratch for n_batch_max %d, n_ctx %d", n_batch, n_ctx);
@@ -298,6 +333,15 @@ void cm_ctx_free(cm_ctx *c) {
     free(c->seq_cnt);
     free(c->seq_rem);
     free(c->snap);
+    free(c->nest.x);
+    free(c->nest.xn);
+    free(c->nest.outn);
+    free(c->nest.logits);
+    free(c->nest.pos);
+    free(c->nest.logit_row);
+    free(c->nest.out_idx);
+    free(c->nest.seq_cnt);
+    free(c->nest.snap);
     free(c);
 }
 
@@ -440,6 +484,7 @@ typedef struct mm_job {
     int n;
     int64_t k;
     int64_t chunk;    /* rows of W per task */
+    int64_t lo, hi;   /* one op: only rows [lo, hi) of its W (hi 0: all) */
     int task0[4];     /* first task of each op; task0[n_ops] = total */
 } mm_job;
 
@@ -449,8 +494,9 @@ static const cm_tensor *mm_task_rows(const mm_job *j, int task, int *o, int64_t 
     while (task >= j->task0[i + 1]) i++;
     const cm_tensor *w = j->ops[i].w;
     *o = i;
-    *r0 = (int64_t)(task - j->task0[i]) * j->chunk;
-    *r1 = *r0 + j->chunk < w->ne1 ? *r0 + j->chunk : w->ne1;
+    int64_t end = j->hi ? j->hi : w->ne1;
+    *r0 = j->lo + (int64_t)(task - j->task0[i]) * j->chunk;
+    *r1 = *r0 + j->chunk < end ? *r0 + j->chunk : end;
     return w;
 }
 
@@ -500,13 +546,16 @@ static void mm_task_gemm(void *arg, int task, int thread) {
                 (int)j->k, b, (int)j->k, 0.0f, j->ops[o].y + r0, (int)w->ne1);
 }
 
-/* ops[i].y (N, M_i) = X (N, K) W_i^T for every op; all W_i have row length K. */
-static void mm_run(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, int n, int64_t k) {
-    mm_job j = {.c = c, .n_ops = n_ops, .x = x, .n = n, .k = k};
+/* ops[i].y (N, M_i) = X (N, K) W_i^T for every op; all W_i have row length K. With hi > 0 (one op):
+ * only the columns [lo, hi) of Y, from those rows of W. */
+static void mm_run_rows(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, int n, int64_t k, int64_t lo,
+                        int64_t hi) {
+    mm_job j = {.c = c, .n_ops = n_ops, .x = x, .n = n, .k = k, .lo = lo, .hi = hi};
     memcpy(j.ops, ops, (size_t)n_ops * sizeof *ops);
     int nt = c->n_threads;
     int64_t mmax = 0;
     for (int i = 0; i < n_ops; i++) mmax = ops[i].w->ne1 > mmax ? ops[i].w->ne1 : mmax;
+    if (hi) mmax = hi - lo;
     /* Quantised weights meet activations quantised once per token to the int8 format they pair with
      * (Q8_0, Q8_1 or Q8_K, as cm_quant_vec_dot_type says; llama.cpp's scheme), X quantised once for
      * all ops that share it; decode (matvec) and prefill (int8 GEMM) take the same cm_qacc dot, so a
@@ -520,7 +569,7 @@ static void mm_run(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, int n
     }
     if (split) { /* quantised weights of different pairings (a K-quant file's Q4_K beside Q6_K and Q8_0):
                   * each op with its own format, so a row's product never depends on its neighbours' */
-        for (int i = 0; i < n_ops; i++) mm_run(c, 1, &ops[i], x, n, k);
+        for (int i = 0; i < n_ops; i++) mm_run_rows(c, 1, &ops[i], x, n, k, lo, hi);
         return;
     }
     void (*task_fn)(void *, int, int);
@@ -553,6 +602,7 @@ static void mm_run(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, int n
          * int8 GEMM interleaves W in groups of 8 or 16 rows, so multiples of 16 suit both */
         int64_t rows = 0;
         for (int i = 0; i < n_ops; i++) rows += ops[i].w->ne1;
+        if (hi) rows = hi - lo;
         int64_t chunk = nt == 1 ? mmax : (rows + nt * 4 - 1) / (nt * 4);
         chunk = (chunk + 15) & ~(int64_t)15;
         if (chunk < 16) chunk = 16;
@@ -561,8 +611,12 @@ static void mm_run(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, int n
     }
     j.task0[0] = 0;
     for (int i = 0; i < n_ops; i++)
-        j.task0[i + 1] = j.task0[i] + (int)((ops[i].w->ne1 + j.chunk - 1) / j.chunk);
+        j.task0[i + 1] = j.task0[i] + (int)(((hi ? hi - lo : ops[i].w->ne1) + j.chunk - 1) / j.chunk);
     cm_pool_run(c->pool, task_fn, &j, j.task0[n_ops]);
+}
+
+static void mm_run(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, int n, int64_t k) {
+    mm_run_rows(c, n_ops, ops, x, n, k, 0, 0);
 }
 
 static void mm1(cm_ctx *c, const cm_tensor *w, const float *x, int n, float *y) {
@@ -747,8 +801,38 @@ static void forward_layer(cm_ctx *c, int il, int n) {
     rows_run(c, add_norm_task, &rj);
 }
 
+/* Exchanges the state a batch keeps across layers with the nested set (cm_ctx.nest). */
+static void nest_swap(cm_ctx *c) {
+    float *f = c->x; c->x = c->nest.x; c->nest.x = f;
+    f = c->xn; c->xn = c->nest.xn; c->nest.xn = f;
+    f = c->outn; c->outn = c->nest.outn; c->nest.outn = f;
+    f = c->logits; c->logits = c->nest.logits; c->nest.logits = f;
+    int32_t *i = c->pos; c->pos = c->nest.pos; c->nest.pos = i;
+    i = c->logit_row; c->logit_row = c->nest.logit_row; c->nest.logit_row = i;
+    i = c->out_idx; c->out_idx = c->nest.out_idx; c->nest.out_idx = i;
+    i = c->seq_cnt; c->seq_cnt = c->nest.seq_cnt; c->nest.seq_cnt = i;
+    unsigned char **sn = c->snap; c->snap = c->nest.snap; c->nest.snap = sn;
+    const cm_batch *b = c->batch; c->batch = c->nest.batch; c->nest.batch = b;
+}
+
+/* The forward pass of b; outer: the tokens per sequence of the batch whose yield hook runs this one
+ * (none of its sequences may appear in b), NULL when not nested. */
+static int forward_run(cm_ctx *c, const cm_batch *b, const int32_t *outer, cm_err *err);
+
 int cm_forward(cm_ctx *c, const cm_batch *b, cm_err *err) {
     if (!c || !b || !b->token || !b->seq) return cm_err_set(err, CM_E_INVAL, "forward: no context or batch");
+    if (!c->batch) return forward_run(c, b, NULL, err);
+    /* inside the yield hook of the batch in flight */
+    if (!c->nest.n_max || c->nest.batch || b->yield || b->n > c->nest.n_max)
+        return cm_err_set(err, CM_E_INVAL, "forward: a nested batch (%d tokens) needs n_batch_nested (%d) >= its "
+                          "tokens, no hook of its own and no other nested batch in flight", b->n, c->nest.n_max);
+    nest_swap(c);
+    int rc = forward_run(c, b, c->nest.seq_cnt, err); /* nest holds the outer batch's state meanwhile */
+    nest_swap(c);
+    return rc;
+}
+
+static int forward_run(cm_ctx *c, const cm_batch *b, const int32_t *outer, cm_err *err) {
     const cm_model *m = c->m;
     const cm_model_info *in = &m->info;
     int n = b->n;
@@ -764,6 +848,9 @@ int cm_forward(cm_ctx *c, const cm_batch *b, cm_err *err) {
                               b->token[i], i, in->n_vocab);
         if (!seq_valid(c, b->seq[i]))
             return cm_err_set(err, CM_E_RANGE, "forward: sequence %d at %d is not open", b->seq[i], i);
+        if (outer && outer[b->seq[i]])
+            return cm_err_set(err, CM_E_INVAL, "forward: sequence %d at %d is in the batch whose hook runs this one",
+                              b->seq[i], i);
         c->seq_cnt[b->seq[i]]++;
     }
     int64_t blocks = 0;
@@ -811,11 +898,27 @@ int cm_forward(cm_ctx *c, const cm_batch *b, cm_err *err) {
     for (int i = 0; i < n; i++)
         cm_dequantize_row(m->tok_embd.type, (const char *)m->tok_embd.data + (size_t)b->token[i] * erb,
                           c->x + i * D, D);
-    for (int il = 0; il < in->n_layer; il++) forward_layer(c, il, n);
+    for (int il = 0; il < in->n_layer; il++) {
+        forward_layer(c, il, n);
+        if (b->yield) b->yield(b->yield_ud);
+    }
 
     for (int r = 0; r < n_out; r++)
         cm_rmsnorm(c->outn + r * D, c->x + (size_t)c->out_idx[r] * D, m->output_norm.data, D, in->rms_eps);
-    if (n_out) mm1(c, &m->output, c->outn, n_out, c->logits);
+    if (n_out && b->yield && (n_out < CM_GEMM_MIN_ROWS || (!c->exact_act && cm_quant_vec_dot_type(m->output.type) >= 0))) {
+        /* the output head is most of a decode step of a small model with a large vocabulary: it yields
+         * too, every yield_rows rows of it. A row's logits are the same products either way:
+         * the matvec kernels and the int8 GEMM compute each output on its own (sgemm, for float weights
+         * with many rows, does not slice) */
+        mm_op op = {&m->output, c->logits};
+        for (int64_t v0 = 0; v0 < in->n_vocab; v0 += c->yield_rows) {
+            int64_t v1 = v0 + c->yield_rows < in->n_vocab ? v0 + c->yield_rows : in->n_vocab;
+            mm_run_rows(c, 1, &op, c->outn, n_out, D, v0, v1);
+            b->yield(b->yield_ud);
+        }
+    } else if (n_out) {
+        mm1(c, &m->output, c->outn, n_out, c->logits);
+    }
 
     for (int s = 0; s < c->n_seq_max; s++) c->kv.seqs[s].len += c->seq_cnt[s];
     if (c->moe) cm_moe_batch_end(c->moe);
@@ -827,6 +930,8 @@ int cm_forward(cm_ctx *c, const cm_batch *b, cm_err *err) {
             else cm_kv_seq_no_cache(&c->kv, s);
         }
     c->n_last = n;
+    c->last_logit_row = c->logit_row;
+    c->last_logits = c->logits;
     c->batch = NULL;
     return CM_OK;
 }
@@ -834,6 +939,6 @@ int cm_forward(cm_ctx *c, const cm_batch *b, cm_err *err) {
 cm_moe_ctx *cm_ctx_moe(const cm_ctx *c) { return c ? c->moe : NULL; }
 
 const float *cm_logits(const cm_ctx *c, int i) {
-    if (!c || i < 0 || i >= c->n_last || c->logit_row[i] < 0) return NULL;
-    return c->logits + (size_t)c->logit_row[i] * (size_t)c->m->info.n_vocab;
+    if (!c || i < 0 || i >= c->n_last || c->last_logit_row[i] < 0) return NULL;
+    return c->last_logits + (size_t)c->last_logit_row[i] * (size_t)c->m->info.n_vocab;
 }

@@ -26,7 +26,8 @@
  *      flood), the step is a light step: only the lighter clients' rows go in, so that prompt's first
  *      token costs one step of its own instead of a step shared with the flood's decodes and prefills;
  *      never two light steps in a row, so the busiest client still gets every other step at least;
- *   4. cm_forward, then sample every sequence whose last token was in the batch and hand the token to
+ *   4. cm_forward (a newcomer's prompt may run as a nested step inside it, below), then sample every
+ *      sequence whose last token was in the batch and hand the token to
  *      its choice's api_choice_state (text, stop strings, end-of-generation, max_tokens, context
  *      limit, finish reason all live there);
  *   5. publish the new text/tokens into each job's outbox under the lock and wake the loop.
@@ -52,6 +53,25 @@
  *   - resumption: parked jobs resume, oldest first, before anything is admitted from the fair queue
  *     (a parked job is ahead of its client's queued ones, and of everyone's: no starvation); the
  *     newcomer whose turn it was not yet is charged by the fair queue as if it were (srv_fairq_pop).
+ *
+ * Nested steps (dense models, unless --no-nested-steps). A request that arrives while a step's forward
+ * pass runs would wait for the rest of it (the flood's decodes, a few ms; a prefill chunk, more) before
+ * even being admitted. Instead the step's forward calls step_yield after each layer and each slice of
+ * the output head (cm_batch.yield; a small model's decode step is mostly its output head);
+ * when something was submitted meanwhile and a client with nothing running or parked is waiting, it is
+ * admitted right there by the boundary's own rules (preempt_for: slots, the KV reservation, the victim
+ * and churn rules; with a slot free, only if it is the fair queue's next job and nothing is parked),
+ * and its prompt, if it has not started and fits SRV_NEST_MAX tokens whole, runs as a nested step: a
+ * cm_forward of its rows alone on the same context (the engine keeps a second set of the per-batch
+ * state), sampled and published at once; then the interrupted step goes on from its next layer. So the
+ * newcomer's first token costs its own prefill plus at most one layer of the running step, not the rest
+ * of that step. What stays true: a nested step holds only sequences that are not in the running batch,
+ * and a row's logits do not depend on its batch, so every token is the token of a run without nesting
+ * (exact; a job parked by it still gets the token of the interrupted step's row); at most one nested
+ * step per step, and the busy client's step always completes (no starvation: the flood loses the
+ * nested step's time, as it would lose a light step, and the newcomer's prompt has started, so the
+ * next step is not a light step). Anything that does not nest (a MoE model, a longer prompt, a
+ * newcomer that must wait for a slot) goes through the boundary as before.
  *
  * Prompt-lookup speculation (--spec-draft K): a greedy choice whose text repeats its context (code
  * completion copies identifiers, lines, whole blocks) drafts up to K tokens per step: the tokens that
@@ -236,7 +256,20 @@ struct srv_sched {
     int *r_load;                      /* (parallel) step scratch: open sequences of running[i]'s client */
     int prev_light;                   /* the last step was a light step (step_plan) */
     srv_step_row *trace;              /* (n_batch) cfg->step_trace's rows (tests); NULL without one */
+    /* nested steps (the file's opening comment): on for dense models unless --no-nested-steps */
+    int nest_on, nest_max;            /* nest_max: tokens of a nested step at most (SRV_NEST_MAX, n_batch) */
+    atomic_int submitted;             /* the submit list is not empty (set under mu, read by step_yield) */
+    int nest_done;                    /* the step in flight has had its nested step */
+    uint64_t nest_turn;               /* s->turns when the step in flight began: later turns are its newcomers */
+    int32_t *n_tok, *n_seq;           /* (SRV_NEST_MAX) the nested step's batch; swapped with b_tok.. rows */
+    int8_t *n_logits, *n_gen;
+    sched_row *n_rows;
+    srv_step_row *n_trace;
 };
+
+/* Tokens of a nested step at most: the uncached end of a typist's prompt; a newcomer with more waits
+ * for the light step after the running one. */
+enum { SRV_NEST_MAX = 32 };
 
 /* ============================================================ helpers */
 
@@ -856,6 +889,29 @@ static int prefill_budget(const srv_sched *s, int n_decode) {
 
 static void ewma(double *avg, double x) { *avg = *avg > 0 ? 0.8 * *avg + 0.2 * x : x; }
 
+/* Takes the submissions (in their order) into the worker's fair queue; returns whether the scheduler
+ * is stopping. */
+static int take_submissions(srv_sched *s) {
+    uv_mutex_lock(&s->mu);
+    srv_job *sub = s->submit_head;
+    s->submit_head = s->submit_tail = NULL;
+    atomic_store_explicit(&s->submitted, 0, memory_order_relaxed);
+    int stopping = s->stopping;
+    uv_mutex_unlock(&s->mu);
+    while (sub) {
+        srv_job *j = sub;
+        sub = j->next;
+        j->next = NULL;
+        j->fq = (srv_fairq_item){.client = j->client, .cost = job_cost(s, j), .data = j};
+        if (srv_fairq_push(s->waitq, &j->fq) < 0) {
+            api_error e;
+            api_error_http(&e, 500, "out of memory");
+            job_finish(s, j, &e);
+        }
+    }
+    return stopping;
+}
+
 /* Speculation: the n-gram lengths prompt lookup tries, longest first (a longer match predicts better;
  * one token alone matches too often to be worth the rows). */
 enum { SPEC_NGRAM_MAX = 4, SPEC_NGRAM_MIN = 2 };
@@ -989,6 +1045,8 @@ static int step_plan(srv_sched *s) {
     return light_new ? max_load : INT_MAX;
 }
 
+static void step_run(srv_sched *s, int nb, int n_decode, int n_drafted, int nested);
+
 static void step(srv_sched *s) {
     const int n_batch = s->cfg->n_batch;
     int nb = 0;
@@ -1053,14 +1111,89 @@ static void step(srv_sched *s) {
     }
     if (nb == 0) return;
     if (s->step_delay_ms > 0) uv_sleep((unsigned)s->step_delay_ms); /* test hook, see worker_load */
+    s->nest_done = 0;
+    s->nest_turn = s->turns;
+    step_run(s, nb, n_decode, n_drafted, 0);
+}
+
+/* Swaps the step's batch arrays with the nested step's. */
+static void nest_swap(srv_sched *s) {
+    int32_t *t = s->b_tok; s->b_tok = s->n_tok; s->n_tok = t;
+    t = s->b_seq; s->b_seq = s->n_seq; s->n_seq = t;
+    int8_t *g = s->b_logits; s->b_logits = s->n_logits; s->n_logits = g;
+    g = s->b_gen; s->b_gen = s->n_gen; s->n_gen = g;
+    sched_row *r = s->rows; s->rows = s->n_rows; s->n_rows = r;
+    srv_step_row *tr = s->trace; s->trace = s->n_trace; s->n_trace = tr;
+}
+
+/* The yield hook of a step's forward pass (cm_batch.yield), between two of its layers or slices of its
+ * output head: when a client with nothing running or parked has sent a request meanwhile, admits it as
+ * the step's boundary would (preempt_for: the same slots, KV reservation and preemption rules) and runs
+ * its prompt as a nested step, so its first token does not wait for the rest of the running step. At
+ * most one nested step per step; only prompts that have not started and fit SRV_NEST_MAX whole. */
+static void step_yield(void *ud) {
+    srv_sched *s = ud;
+    if (s->nest_done || !atomic_load_explicit(&s->submitted, memory_order_acquire)) return;
+    if (take_submissions(s)) return; /* stopping: the worker's loop ends everything */
+    for (srv_fairq_item *it = srv_fairq_first(s->waitq), *nx; it; it = nx) {
+        nx = srv_fairq_next(s->waitq, it);
+        srv_job *j = it->data;
+        if (client_active(s, it->client) || j->n_choices > s->cfg->parallel) continue;
+        while (nx && nx->client == it->client) nx = srv_fairq_next(s->waitq, nx);
+        /* with a slot free, only the job the step's boundary would admit first (no job parked: those
+         * resume first); without one, preemption's own rules */
+        int room = s->cfg->parallel - s->seqs_used >= j->n_choices && s->n_running < s->cfg->parallel;
+        if (room ? s->n_parked > 0 || it != srv_fairq_peek(s->waitq) : s->cfg->no_preempt) continue;
+        preempt_for(s, it);
+    }
+    /* the newcomers admitted now: their prompts, if all of them fit */
+    for (int i = 0; i < s->n_running; i++) js(s->running[i])->in_batch = 0; /* the step's own: past failing */
+    int nb = 0, fits = 1;
+    for (int i = 0; i < s->n_running && fits; i++) {
+        srv_job *j = s->running[i];
+        if (js(j)->turn <= s->nest_turn || j->req->segment_routing == API_SEGMENT_REFERENCE) continue;
+        for (int c = 0; c < j->n_choices; c++) {
+            const sched_seq *q = &js(j)->seqs[c];
+            if (q->state == SEQ_PREFILL && !q->prefill_started) nb += q->prompt->n_tokens - q->n_fed;
+        }
+        fits = nb <= s->nest_max;
+    }
+    if (nb == 0 || !fits) return;
+    nest_swap(s);
+    nb = 0;
+    for (int i = 0; i < s->n_running; i++) {
+        srv_job *j = s->running[i];
+        if (js(j)->turn <= s->nest_turn || j->req->segment_routing == API_SEGMENT_REFERENCE) continue;
+        for (int c = 0; c < j->n_choices; c++) {
+            sched_seq *q = &js(j)->seqs[c];
+            if (q->state == SEQ_PREFILL && !q->prefill_started) nb = prefill_rows(s, q, nb, s->nest_max);
+        }
+    }
+    for (int r = 0; r < nb; r++) s->rows[r].sq->prefill_started = 1;
+    s->nest_done = 1;
+    step_run(s, nb, 0, 0, 1);
+    nest_swap(s);
+    /* its first tokens go out now */
+    uv_mutex_lock(&s->mu);
+    for (int i = 0; i < s->n_running; i++) {
+        srv_job *j = s->running[i];
+        if (js(j)->turn > s->nest_turn && js(j)->dirty) { publish_job(s, j); js(j)->dirty = 0; }
+    }
+    uv_mutex_unlock(&s->mu);
+    uv_async_send(&s->async);
+}
+
+/* Runs the batch step() (or step_yield: nested) built: the forward pass, then sampling. */
+static void step_run(srv_sched *s, int nb, int n_decode, int n_drafted, int nested) {
     if (s->trace) {
         for (int r = 0; r < nb; r++)
-            s->trace[r] = (srv_step_row){s->rows[r].sq->job, s->rows[r].sq->choice, s->rows[r].prompt_pos};
+            s->trace[r] = (srv_step_row){s->rows[r].sq->job, s->rows[r].sq->choice, s->rows[r].prompt_pos, nested};
         s->cfg->step_trace(s->cfg->step_trace_ud, s->trace, nb);
     }
     srv_hist_observe(&s->l_step_tokens, nb);
     uint64_t t0 = uv_hrtime();
-    cm_batch b = {.n = nb, .token = s->b_tok, .seq = s->b_seq, .logits = s->b_logits, .generated = s->b_gen};
+    cm_batch b = {.n = nb, .token = s->b_tok, .seq = s->b_seq, .logits = s->b_logits, .generated = s->b_gen,
+                  .yield = s->nest_on && !nested ? step_yield : NULL, .yield_ud = s};
     cm_err ce = {0};
     if (cm_forward(s->ctx, &b, &ce) < 0) {
         /* nothing was appended: fail every job that had a row in this batch (admission reserves the
@@ -1144,7 +1277,13 @@ static void step(srv_sched *s) {
     }
     for (int i = s->n_running - 1; i >= 0; i--)
         if (js(s->running[i])->failed) job_finish(s, s->running[i], &js(s->running[i])->fail_err);
-    /* the latency model: steps without prefill give the base, the others the cost per prefill token */
+    /* a job parked by a nested step (step_yield) still had rows in this step */
+    for (int i = s->n_parked - 1; i >= 0; i--)
+        if (js(s->parked[i])->failed) job_finish(s, s->parked[i], &js(s->parked[i])->fail_err);
+    /* the latency model: steps without prefill give the base, the others the cost per prefill token
+     * (a step with a nested one inside is longer than its own rows: --max-itl-ms bounds the step
+     * around it, a newcomer's cost is not the flood's) */
+    if (nested || s->nest_done) return;
     double dt = (double)(uv_hrtime() - t0);
     if (nb == n_decode) ewma(&s->base_ns, dt);
     else {
@@ -1225,10 +1364,16 @@ static int worker_load(srv_sched *s) {
             snprintf(err.msg, sizeof err.msg, "--kv-size %lld%s is %lld tokens of %.0f bytes: outside [1, 2^30]",
                      s->cfg->kv_size, s->cfg->kv_size_bytes ? " bytes" : "", kv_tokens, tok_bytes);
         } else {
+            /* nested steps: dense models (the engine nests only those) */
+            cm_moe_info mi;
+            cm_model_moe_info(m, &mi);
+            s->nest_max = s->cfg->n_batch < SRV_NEST_MAX ? s->cfg->n_batch : SRV_NEST_MAX;
+            s->nest_on = !s->cfg->no_nested && mi.kind == CM_MOE_KIND_DENSE;
             cm_ctx_params cp = {.n_threads = s->cfg->n_threads, .n_seq_max = n_seq, .n_ctx = n_ctx,
                                 .n_batch_max = s->cfg->n_batch, .kv_tokens = (int)kv_tokens,
                                 .prefix_cache = s->cfg->prefix_cache, .kv_type = s->cfg->kv_type,
-                                .experts_resident = s->cfg->experts_resident};
+                                .experts_resident = s->cfg->experts_resident,
+                                .n_batch_nested = s->nest_on ? s->nest_max : 0};
             ctx = cm_ctx_create(m, &cp, &err);
         }
         if (ctx) {
@@ -1267,6 +1412,17 @@ static int worker_load(srv_sched *s) {
             s->parked = calloc((size_t)s->cfg->parallel, sizeof *s->parked);
             s->r_load = malloc((size_t)s->cfg->parallel * sizeof *s->r_load);
             if (s->cfg->step_trace) s->trace = malloc((size_t)nb * sizeof *s->trace);
+            if (s->nest_on) {
+                s->n_tok = malloc(SRV_NEST_MAX * sizeof *s->n_tok);
+                s->n_seq = malloc(SRV_NEST_MAX * sizeof *s->n_seq);
+                s->n_logits = malloc(SRV_NEST_MAX);
+                s->n_gen = malloc(SRV_NEST_MAX);
+                s->n_rows = malloc(SRV_NEST_MAX * sizeof *s->n_rows);
+                if (s->cfg->step_trace) s->n_trace = malloc(SRV_NEST_MAX * sizeof *s->n_trace);
+                if (!s->n_tok || !s->n_seq || !s->n_logits || !s->n_gen || !s->n_rows ||
+                    (s->cfg->step_trace && !s->n_trace))
+                    s->nest_on = 0; /* without them, steps just do not nest */
+            }
             if (!s->b_tok || !s->b_seq || !s->b_logits || !s->b_gen || !s->rows || !s->running || !s->smp_free ||
                 !s->a_seq || !s->a_got || !s->a_vic || !s->parked || !s->r_load || (s->cfg->step_trace && !s->trace)) {
                 snprintf(err.msg, sizeof err.msg, "out of memory");
@@ -1299,22 +1455,8 @@ static void worker_main(void *arg) {
         uv_mutex_lock(&s->mu);
         while (!s->stopping && !s->submit_head && !srv_fairq_count(s->waitq) && s->n_running == 0 && s->n_parked == 0)
             uv_cond_wait(&s->cv, &s->mu);
-        /* take the submissions (in their order) into the worker's fair queue */
-        srv_job *sub = s->submit_head;
-        s->submit_head = s->submit_tail = NULL;
-        int stopping = s->stopping;
         uv_mutex_unlock(&s->mu);
-        while (sub) {
-            srv_job *j = sub;
-            sub = j->next;
-            j->next = NULL;
-            j->fq = (srv_fairq_item){.client = j->client, .cost = job_cost(s, j), .data = j};
-            if (srv_fairq_push(s->waitq, &j->fq) < 0) {
-                api_error e;
-                api_error_http(&e, 500, "out of memory");
-                job_finish(s, j, &e);
-            }
-        }
+        int stopping = take_submissions(s);
         if (stopping) {
             for (srv_fairq_item *it = srv_fairq_first(s->waitq); it; it = srv_fairq_next(s->waitq, it))
                 atomic_store(&((srv_job *)it->data)->cancel, SRV_CANCEL_SHUTDOWN);
@@ -1394,6 +1536,8 @@ static void worker_main(void *arg) {
         uv_mutex_unlock(&s->mu);
         for (int i = s->n_running - 1; i >= 0; i--)
             if (js(s->running[i])->n_open == 0) job_finish(s, s->running[i], NULL);
+        for (int i = s->n_parked - 1; i >= 0; i--) /* ended in the step that a nested step parked it in */
+            if (js(s->parked[i])->n_open == 0) job_finish(s, s->parked[i], NULL);
         uv_mutex_lock(&s->mu);
         publish_stats_locked(s);
         uv_mutex_unlock(&s->mu);
@@ -1513,6 +1657,12 @@ void srv_sched_free(srv_sched *s) {
     free(s->parked);
     free(s->r_load);
     free(s->trace);
+    free(s->n_tok);
+    free(s->n_seq);
+    free(s->n_logits);
+    free(s->n_gen);
+    free(s->n_rows);
+    free(s->n_trace);
     srv_fairq_free(s->waitq);
     uv_cond_destroy(&s->cv);
     uv_mutex_destroy(&s->mu);
@@ -1544,6 +1694,7 @@ int srv_sched_submit(srv_sched *s, srv_job *job) {
     if (s->submit_tail) s->submit_tail->next = job;
     else s->submit_head = job;
     s->submit_tail = job;
+    atomic_store_explicit(&s->submitted, 1, memory_order_release);
     s->gauges.queue_depth++;
     uv_cond_signal(&s->cv);
     uv_mutex_unlock(&s->mu);

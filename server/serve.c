@@ -93,7 +93,9 @@ static void serve_usage(FILE *f) {
         "  --key-tokens-per-minute N  prompt + generated tokens one client may use per minute; beyond:\n"
         "                          429 with Retry-After (default 0: no limit)\n"
         "  --no-preempt            never pause a running completion of the busiest client to give a\n"
-        "                          slot to a client with nothing running (preemption is on by default)\n");
+        "                          slot to a client with nothing running (preemption is on by default)\n"
+        "  --no-nested-steps       a newcomer's prompt waits for the step in progress to end instead of\n"
+        "                          running between two of its layers (dense models; on by default)\n");
 }
 
 void srv_config_free(srv_config *c) {
@@ -217,6 +219,7 @@ static int parse_flags(int argc, char **argv, srv_config *c) {
         if (!strcmp(argv[i], "--no-prefix-cache")) { c->prefix_cache = 0; continue; }
         if (!strcmp(argv[i], "--kv-check")) { c->kv_check = 1; continue; }
         if (!strcmp(argv[i], "--no-preempt")) { c->no_preempt = 1; continue; }
+        if (!strcmp(argv[i], "--no-nested-steps")) { c->no_nested = 1; continue; }
         if (!strcmp(argv[i], "--strict-model")) { c->strict_model = 1; continue; }
         if (!strcmp(argv[i], "--strict-context")) { c->strict_context = 1; continue; }
         if (!strcmp(argv[i], "--no-ui")) { c->no_ui = 1; continue; }

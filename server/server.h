@@ -82,6 +82,7 @@ typedef struct srv_step_row {
     const srv_job *job;
     int choice;
     int prompt_pos;           /* >= 0: a prompt token (prefill); -1: a decode token; -2: a draft token */
+    int nested;               /* 1: a nested step, run inside the forward pass of the step traced before it */
 } srv_step_row;
 typedef void (*srv_step_trace_fn)(void *ud, const srv_step_row *rows, int n);
 
@@ -137,6 +138,8 @@ typedef struct srv_config {
     long long key_tokens_per_minute; /* prompt + generated tokens per client per minute (0: no limit) */
     int no_preempt;           /* --no-preempt: never park a running job to give a waiting client a slot
                                  (scheduler.c, preemption) */
+    int no_nested;            /* --no-nested-steps: a newcomer's prompt waits for the running step to end
+                                 (scheduler.c, nested steps) */
     /* ---- tests only (zero in the server) */
     srv_step_trace_fn step_trace; /* called on the worker thread, without the scheduler's lock, before each
                                      forward pass with the batch's rows (valid during the call) */

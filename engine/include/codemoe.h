@@ -196,6 +196,9 @@ typedef struct cm_ctx_params {
     int experts_resident; /* sparse (qwen3moe) and hybrid MoE models: at most this many experts of each
                              layer keep their pages of the model file (0, the default: no limit; < 0:
                              CM_E_INVAL; other models ignore it). See below. */
+    int n_batch_nested; /* max tokens of a cm_forward nested in another one's yield hook (cm_batch.yield);
+                           0, the default: none (a nested call is CM_E_INVAL). Dense models only: a
+                           mixture-of-experts model with n_batch_nested > 0 is CM_E_INVAL. */
 } cm_ctx_params;
 
 /* Expert residency. Weights are read straight from the model file's read-only mapping and paged in as
@@ -285,12 +288,25 @@ typedef struct cm_batch {
                                  sequences whose adapter routing is CM_ADAPTERS_BATCH */
     const int8_t *generated;  /* (n) nonzero: a token the caller generated (routing statistics count
                                  prompt and generated tokens apart); NULL: all are prompt tokens */
+    /* Optional yield hook (NULL: none): called on the calling thread after each layer of this batch
+     * (the last one too, before the logits) and, as the output matrix is then multiplied in slices of
+     * 8192 of its rows (matvec and int8 GEMM), after each slice; never while a compute task runs. It
+     * may run ONE nested cm_forward at a time on the same context (dense models, a context created
+     * with n_batch_nested), for at most n_batch_nested tokens of sequences that have no token in this
+     * batch, and no hook of its own; the nested batch is complete when that call returns (its
+     * sequences grew, its logits are readable with cm_logits until the hook returns). Besides that it
+     * may open sequences, attach prefixes (cm_seq_attach_prefix), read lengths and KV statistics, fork
+     * and close sequences that are not in this batch; it must not close, truncate or fork a sequence
+     * of this batch. Every token's logits are the same as without the hook (batch invariance:
+     * docs/engine.md). */
+    void (*yield)(void *ud);
+    void *yield_ud;
 } cm_batch;
 
 /* Runs the forward pass. On error nothing is appended to any sequence. */
 int cm_forward(cm_ctx *c, const cm_batch *b, cm_err *err);
-/* Logits (n_vocab floats) of batch token i from the last cm_forward; NULL if not requested.
- * Valid until the next cm_forward on this context. */
+/* Logits (n_vocab floats) of batch token i from the last cm_forward that returned (a nested one's
+ * inside a yield hook); NULL if not requested. Valid until the next cm_forward on this context. */
 const float *cm_logits(const cm_ctx *c, int i);
 
 /* ------------------------------------------------------------ mixture-of-experts options

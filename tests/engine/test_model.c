@@ -553,6 +553,166 @@ TEST(batch_validation) {
     cm_model_free(m);
 }
 
+/* ------------------------------------------------------------ a forward nested in a yield hook */
+
+typedef struct nest_probe {
+    cm_ctx *c;
+    int calls, at;            /* hook calls so far; the call that runs the nested batch */
+    const cm_batch *nested;   /* run at call `at` */
+    int rc, rc_bad[4];        /* its result; the refused nested batches' */
+    const cm_batch *bad[4];
+    float got[300];           /* logits of the nested batch's last token, read inside the hook */
+} nest_probe;
+
+static void nest_hook(void *ud) {
+    nest_probe *p = ud;
+    if (p->calls++ != p->at) return;
+    for (int i = 0; i < 4; i++) p->rc_bad[i] = p->bad[i] ? cm_forward(p->c, p->bad[i], NULL) : CM_OK;
+    p->rc = cm_forward(p->c, p->nested, NULL);
+    const float *lg = p->rc == CM_OK ? cm_logits(p->c, p->nested->n - 1) : NULL;
+    if (lg) memcpy(p->got, lg, sizeof p->got);
+}
+
+/* A batch of sequence B run inside the yield hook of a batch of sequence A, between two of its layers:
+ * both give the logits each gives alone, and both sequences continue as if they had run one after the
+ * other. Batches the hook may not nest are refused without changing anything. */
+TEST(nested_forward_in_yield_hook) {
+    cm_model *m = fixture();
+    ASSERT_TRUE(m);
+    const int n_layer = cm_model_get_info(m)->n_layer;
+    cm_ctx_params p = {.n_threads = 2, .n_seq_max = 3, .n_ctx = 128, .n_batch_max = 64};
+    cm_err err = {0};
+    int32_t ta[40], tb[7], sa[40], sb[7];
+    for (int i = 0; i < 40; i++) ta[i] = (i * 11 + 3) % 300;
+    for (int i = 0; i < 7; i++) tb[i] = (i * 29 + 7) % 300;
+    /* alone: A's 40 tokens, then one more; B's first token, its next 5 (positions 1..5, so a nested
+     * batch's positions differ from the outer one's rows), then one more */
+    float ref_a[300], ref_a2[300], ref_b[300], ref_b2[300];
+    cm_ctx *r = cm_ctx_create(m, &p, &err);
+    ASSERT_TRUE(r);
+    int a = cm_seq_open(r, NULL), b = cm_seq_open(r, NULL);
+    for (int i = 0; i < 40; i++) sa[i] = a;
+    for (int i = 0; i < 7; i++) sb[i] = b;
+    ASSERT_EQ_INT(fwd(r, 40, ta, sa, &err), CM_OK);
+    memcpy(ref_a, cm_logits(r, 39), sizeof ref_a);
+    ASSERT_EQ_INT(fwd(r, 1, tb, sb, &err), CM_OK);
+    ASSERT_EQ_INT(fwd(r, 5, tb + 1, sb, &err), CM_OK);
+    memcpy(ref_b, cm_logits(r, 4), sizeof ref_b);
+    ASSERT_EQ_INT(fwd(r, 1, &ta[0], sa, &err), CM_OK);
+    memcpy(ref_a2, cm_logits(r, 0), sizeof ref_a2);
+    ASSERT_EQ_INT(fwd(r, 1, &tb[6], sb, &err), CM_OK);
+    memcpy(ref_b2, cm_logits(r, 0), sizeof ref_b2);
+    /* a context without n_batch_nested refuses to nest */
+    nest_probe pr = {.c = r, .at = 0};
+    int c0 = cm_seq_open(r, NULL);
+    int32_t sc[6] = {c0, c0, c0, c0, c0, c0};
+    cm_batch nb = {.n = 5, .token = tb, .seq = sc};
+    pr.nested = &nb;
+    cm_batch ob = {.n = 1, .token = ta, .seq = sa, .yield = nest_hook, .yield_ud = &pr};
+    ASSERT_EQ_INT(cm_forward(r, &ob, &err), CM_OK);
+    ASSERT_EQ_INT(pr.rc, CM_E_INVAL);
+    ASSERT_EQ_INT(cm_seq_len(r, c0), 0);
+    cm_ctx_free(r);
+    /* nested: B's 5 tokens after the first layer of A's 40 (the fixture has two layers) */
+    p.n_batch_nested = 5;
+    cm_ctx *c = cm_ctx_create(m, &p, &err);
+    ASSERT_TRUE(c);
+    a = cm_seq_open(c, NULL);
+    b = cm_seq_open(c, NULL);
+    for (int i = 0; i < 40; i++) sa[i] = a;
+    for (int i = 0; i < 7; i++) sb[i] = b;
+    ASSERT_EQ_INT(fwd(c, 1, tb, sb, &err), CM_OK);
+    int32_t mix[5] = {b, b, a, b, b};   /* a sequence of the outer batch */
+    int32_t tb6[6] = {0};
+    cm_batch big = {.n = 6, .token = tb6, .seq = sb};       /* more than n_batch_nested */
+    cm_batch with_a = {.n = 5, .token = tb + 1, .seq = mix};
+    cm_batch hooked = {.n = 5, .token = tb + 1, .seq = sb, .yield = nest_hook};
+    cm_batch good = {.n = 5, .token = tb + 1, .seq = sb};
+    pr = (nest_probe){.c = c, .at = 0, .nested = &good, .bad = {&big, &with_a, &hooked, NULL}};
+    hooked.yield_ud = &pr;
+    cm_batch outer = {.n = 40, .token = ta, .seq = sa, .yield = nest_hook, .yield_ud = &pr};
+    ASSERT_EQ_INT(cm_forward(c, &outer, &err), CM_OK);
+    ASSERT_EQ_INT(pr.calls, n_layer + 1); /* after every layer, and after the output head's one slice */
+    for (int i = 0; i < 3; i++) ASSERT_EQ_INT(pr.rc_bad[i], CM_E_INVAL);
+    ASSERT_EQ_INT(pr.rc, CM_OK);
+    ASSERT_TRUE(!memcmp(pr.got, ref_b, sizeof ref_b));
+    ASSERT_TRUE(!memcmp(cm_logits(c, 39), ref_a, sizeof ref_a));
+    ASSERT_EQ_INT(cm_seq_len(c, a), 40);
+    ASSERT_EQ_INT(cm_seq_len(c, b), 6);
+    /* both continue as alone */
+    ASSERT_EQ_INT(fwd(c, 1, &ta[0], sa, &err), CM_OK);
+    ASSERT_TRUE(!memcmp(cm_logits(c, 0), ref_a2, sizeof ref_a2));
+    ASSERT_EQ_INT(fwd(c, 1, &tb[6], sb, &err), CM_OK);
+    ASSERT_TRUE(!memcmp(cm_logits(c, 0), ref_b2, sizeof ref_b2));
+    /* nested after the output head of a decode batch: its logits are computed, and kept */
+    pr = (nest_probe){.c = c, .at = n_layer, .nested = &good, .rc = -100};
+    int b2 = cm_seq_open(c, NULL);
+    int32_t sb2[5] = {b2, b2, b2, b2, b2};
+    ASSERT_EQ_INT(fwd(c, 1, tb, sb2, &err), CM_OK);
+    good.seq = sb2;
+    cm_batch dec = {.n = 1, .token = &ta[1], .seq = sa, .yield = nest_hook, .yield_ud = &pr};
+    float ref_a3[300];
+    ASSERT_EQ_INT(cm_forward(c, &dec, &err), CM_OK);
+    ASSERT_EQ_INT(pr.rc, CM_OK);
+    ASSERT_TRUE(!memcmp(pr.got, ref_b, sizeof ref_b));
+    memcpy(ref_a3, cm_logits(c, 0), sizeof ref_a3);
+    ASSERT_EQ_INT(cm_seq_truncate(c, a, 41, &err), CM_OK); /* the same token again, without a hook */
+    ASSERT_EQ_INT(fwd(c, 1, &ta[1], sa, &err), CM_OK);
+    ASSERT_TRUE(!memcmp(cm_logits(c, 0), ref_a3, sizeof ref_a3));
+    /* outside a hook a batch is never nested (and n_batch_max bounds it, not n_batch_nested) */
+    ASSERT_EQ_INT(fwd(c, 6, tb6, sb, &err), CM_OK);
+    cm_ctx_free(c);
+    /* the output head in slices of 64 rows (5 hook calls after the layers): one logits row (matvec)
+     * and 20 (the int8 GEMM of the Q8_0 fixture; f32 weights with 20 rows take sgemm, unsliced), every
+     * logit as without a hook */
+    for (int k = 0; k < 4; k++) {
+    int quant = k >= 2, rows = k % 2 ? 20 : 1;
+    cm_model *mq = cm_model_load(test_fixture(quant ? "models/qwen2-gqa-q8_0.gguf" : "models/qwen2-gqa.gguf"), NULL, NULL);
+    ASSERT_TRUE(mq);
+    setenv("CODEMOE_YIELD_VOCAB_ROWS", "64", 1);
+    cm_ctx_params pq = p;
+    pq.n_batch_nested = 0;
+    cm_ctx *q = cm_ctx_create(mq, &pq, &err);
+    unsetenv("CODEMOE_YIELD_VOCAB_ROWS");
+    ASSERT_TRUE(q);
+    int8_t all[20];
+    memset(all, 1, sizeof all);
+    {
+        int x1 = cm_seq_open(q, NULL), x2 = cm_seq_open(q, NULL);
+        int32_t s1[20], s2[20];
+        for (int i = 0; i < 20; i++) s1[i] = x1, s2[i] = x2;
+        /* the sliced run first: nothing left in the logits buffer can make it pass */
+        pr = (nest_probe){.c = q, .at = -1};
+        cm_batch sliced = {.n = 20, .token = ta, .seq = s1, .logits = rows > 1 ? all : NULL, .yield = nest_hook,
+                           .yield_ud = &pr};
+        ASSERT_EQ_INT(cm_forward(q, &sliced, &err), CM_OK);
+        ASSERT_EQ_INT(pr.calls, n_layer + (rows == 1 || quant ? 5 : 0));
+        static float keep[20][300];
+        for (int i = 20 - rows; i < 20; i++) memcpy(keep[i], cm_logits(q, i), sizeof keep[i]);
+        cm_batch plain = {.n = 20, .token = ta, .seq = s2, .logits = rows > 1 ? all : NULL};
+        ASSERT_EQ_INT(cm_forward(q, &plain, &err), CM_OK);
+        for (int i = 20 - rows; i < 20; i++) ASSERT_TRUE(!memcmp(keep[i], cm_logits(q, i), sizeof keep[i]));
+        cm_seq_close(q, x1);
+        cm_seq_close(q, x2);
+    }
+    cm_ctx_free(q);
+    cm_model_free(mq);
+    }
+    /* n_batch_nested above n_batch_max is refused; mixture-of-experts models do not nest */
+    p.n_batch_nested = 65;
+    ASSERT_TRUE(cm_ctx_create(m, &p, &err) == NULL && err.code == CM_E_INVAL);
+    cm_model_free(m);
+    m = cm_model_load(test_fixture("models/qwen3moe.gguf"), NULL, NULL);
+    ASSERT_TRUE(m);
+    p.n_batch_nested = 5;
+    ASSERT_TRUE(cm_ctx_create(m, &p, &err) == NULL && err.code == CM_E_INVAL);
+    p.n_batch_nested = 0;
+    c = cm_ctx_create(m, &p, &err);
+    ASSERT_TRUE(c);
+    cm_ctx_free(c);
+    cm_model_free(m);
+}
+
 /* Every file of tests/fixtures/bad/model/ is refused by cm_model_load for the reason its name gives. */
 static const struct { const char *file, *msg; } bad_models[] = {
     {"qwen3moe_expert_count_mismatch.gguf", "tensor blk.0.ffn_gate_inp.weight has shape [16, 4], expected [16, 5]"},
@@ -702,6 +862,7 @@ int main(void) {
     RUN(bad_model_corpus);
     RUN(qwen3_models);
     RUN(decode_bytes);
+    RUN(nested_forward_in_yield_hook);
     unlink(tmp_path);
     return test_summary();
 }

@@ -23,6 +23,20 @@
  * - a preempted job's text is the text of the same request run alone, greedy and seeded sampling
  *   alike (its KV, sampler and text were kept while it waited);
  * - the preemptions are reported per job (srv_drained.preemptions, what /metrics counts per client).
+ * These two run with nested steps off (--no-nested-steps): they prove what happens at a step's boundary,
+ * which is where a newcomer goes when its prompt cannot nest (a MoE model, a prompt longer than a
+ * nested step).
+ *
+ * Nested steps (third test): the same preemption scenario with nested steps on; the newcomers arrive
+ * during a step's forward pass (submitted from its trace). What it proves:
+ * - their prompts run as a nested step inside that step (between two of its layers): the step after
+ *   the interrupted one in the trace is nested and holds their whole prompts and nothing else; the
+ *   interrupted step held the rows of all three flood jobs, which still got their tokens;
+ * - the step after is not a light step: it carries the flood's first job again, beside the newcomers'
+ *   decodes (the flood loses no step of its own);
+ * - the preemption rules hold as at a boundary: the two flood jobs admitted last were parked once
+ *   each and resume before the queued flood job; every text equals its text alone;
+ * - with nested steps off (the same run, as a control) no step is nested.
  */
 #include <stdatomic.h>
 #include <stdio.h>
@@ -105,7 +119,8 @@ static void job_release(tjob *j) {
 
 /* Both scenarios' scheduler settings: one thread, a 256-token context, f32 KV, no prefix cache (the
  * alone runs compute everything again), the GQA fixture, the step trace. */
-static void test_config(srv_config *cfg, int parallel, srv_step_trace_fn trace, void *ud) {
+static void test_config(srv_config *cfg, int parallel, srv_step_trace_fn trace, void *ud, int nested) {
+    cfg->no_nested = !nested;
     cfg->n_threads = 1;
     cfg->parallel = parallel;
     cfg->queue = 16;
@@ -213,7 +228,7 @@ static void on_wake(void *ud) {
 TEST(light_prompt_steps_alone_ahead_of_flood_prefill) {
     sched_test *t = calloc(1, sizeof *t);
     ASSERT_TRUE(t != NULL);
-    test_config(&t->cfg, 4, on_step, t);
+    test_config(&t->cfg, 4, on_step, t, 0);
     ASSERT_EQ_INT(uv_loop_init(&t->loop), 0);
     t->s = srv_sched_create(&t->loop, &t->cfg, on_wake, t);
     ASSERT_TRUE(t->s != NULL);
@@ -265,6 +280,7 @@ typedef struct pre_test {
     int phase;               /* 0: loading; 1: the run; 2: each request alone (n_alone so far); 3: stopping */
     int n_alone;
     int rows[MAX_STEPS][P_JOBS], prefill[MAX_STEPS][P_JOBS];
+    int nested[MAX_STEPS];   /* the step ran nested inside the one before it */
     int n_steps;
     int failed;
 } pre_test;
@@ -284,6 +300,7 @@ static void pre_on_step(void *ud, const srv_step_row *rows, int n) {
     pre_test *t = ud;
     if (t->phase != 1 || t->n_steps >= MAX_STEPS) return;
     int s = t->n_steps++;
+    t->nested[s] = n > 0 && rows[0].nested;
     for (int r = 0; r < n; r++)
         for (int k = 0; k < P_JOBS; k++)
             if (rows[r].job == &t->jobs[k].job) {
@@ -334,8 +351,8 @@ static void pre_on_wake(void *ud) {
 }
 
 /* Runs the scenario on a fresh scheduler; the caller checks t. */
-static int pre_run(pre_test *t, int no_preempt) {
-    test_config(&t->cfg, P_PARALLEL, pre_on_step, t);
+static int pre_run(pre_test *t, int no_preempt, int nested) {
+    test_config(&t->cfg, P_PARALLEL, pre_on_step, t, nested);
     t->cfg.no_preempt = no_preempt;
     if (uv_loop_init(&t->loop)) return -1;
     t->s = srv_sched_create(&t->loop, &t->cfg, pre_on_wake, t);
@@ -363,7 +380,7 @@ static int pre_first(const pre_test *t, int k, int from, int prefill) {
 TEST(preemption_admits_newcomers_next_step_and_resumes_exactly) {
     pre_test *t = calloc(1, sizeof *t);
     ASSERT_TRUE(t != NULL);
-    ASSERT_EQ_INT(pre_run(t, 0), 0);
+    ASSERT_EQ_INT(pre_run(t, 0, 0), 0);
     ASSERT_TRUE(!t->failed);
     ASSERT_EQ_INT(t->phase, 3);
     for (int k = 0; k < P_JOBS; k++) ASSERT_TRUE(t->jobs[k].done && !t->jobs[k].has_error && t->alone[k].done);
@@ -401,7 +418,7 @@ TEST(preemption_admits_newcomers_next_step_and_resumes_exactly) {
 TEST(no_preempt_newcomers_wait_for_a_slot) {
     pre_test *t = calloc(1, sizeof *t);
     ASSERT_TRUE(t != NULL);
-    ASSERT_EQ_INT(pre_run(t, 1), 0);
+    ASSERT_EQ_INT(pre_run(t, 1, 0), 0);
     ASSERT_TRUE(!t->failed);
     ASSERT_EQ_INT(t->phase, 3);
     for (int k = 0; k < P_JOBS; k++) {
@@ -412,9 +429,59 @@ TEST(no_preempt_newcomers_wait_for_a_slot) {
     pre_release(t);
 }
 
+/* The newcomers arrive during step P_ARRIVE - 1's forward pass (its trace runs just before it). */
+TEST(newcomers_run_nested_inside_the_running_step) {
+    pre_test *t = calloc(1, sizeof *t);
+    ASSERT_TRUE(t != NULL);
+    ASSERT_EQ_INT(pre_run(t, 0, 1), 0);
+    ASSERT_TRUE(!t->failed);
+    ASSERT_EQ_INT(t->phase, 3);
+    for (int k = 0; k < P_JOBS; k++) ASSERT_TRUE(t->jobs[k].done && !t->jobs[k].has_error && t->alone[k].done);
+    /* the interrupted step: every admitted flood job, no newcomer */
+    const int in = P_ARRIVE - 1, ns = P_ARRIVE;
+    ASSERT_TRUE(!t->nested[in]);
+    for (int k = 0; k < P_PARALLEL; k++) ASSERT_TRUE(t->rows[in][k] > 0);
+    for (int k = P_FLOOD; k < P_JOBS; k++) ASSERT_EQ_INT(t->rows[in][k], 0);
+    /* nested inside it: the newcomers' whole prompts, nothing else */
+    ASSERT_TRUE(t->nested[ns]);
+    for (int k = 0; k < P_FLOOD; k++) ASSERT_EQ_INT(t->rows[ns][k], 0);
+    for (int k = P_FLOOD; k < P_JOBS; k++) {
+        ASSERT_EQ_INT(pre_first(t, k, 0, 0), ns);
+        ASSERT_EQ_INT(t->prefill[ns][k], P_NEW_PROMPT);
+        ASSERT_EQ_INT(t->rows[ns][k], P_NEW_PROMPT);
+    }
+    /* the next step is the flood's too: its first job beside the newcomers' decodes */
+    ASSERT_TRUE(!t->nested[ns + 1]);
+    ASSERT_TRUE(t->rows[ns + 1][0] > 0);
+    for (int k = P_FLOOD; k < P_JOBS; k++) ASSERT_EQ_INT(t->rows[ns + 1][k], 1);
+    for (int s = ns + 1; s < t->n_steps; s++) ASSERT_TRUE(!t->nested[s]);
+    /* preemption as at a boundary: the two admitted last, once each; they resume before the queued job */
+    ASSERT_EQ_INT(t->jobs[0].preemptions, 0);
+    ASSERT_EQ_INT(t->jobs[1].preemptions, 1);
+    ASSERT_EQ_INT(t->jobs[2].preemptions, 1);
+    for (int k = 3; k < P_JOBS; k++) ASSERT_EQ_INT(t->jobs[k].preemptions, 0);
+    ASSERT_EQ_INT(t->rows[ns + 1][1] + t->rows[ns + 1][2], 0);
+    int r1 = pre_first(t, 1, ns, 0), r2 = pre_first(t, 2, ns, 0), q3 = pre_first(t, 3, 0, 0);
+    ASSERT_TRUE(r1 > ns && r2 > ns && q3 > 0 && r1 < q3 && r2 < q3);
+    for (int k = 0; k < P_JOBS; k++) {
+        ASSERT_TRUE(t->jobs[k].text_len > 0);
+        ASSERT_EQ_INT(t->jobs[k].text_len, t->alone[k].text_len);
+        ASSERT_TRUE(!memcmp(t->jobs[k].text, t->alone[k].text, t->jobs[k].text_len));
+    }
+    pre_release(t);
+    /* the control: nested steps off, nothing nests */
+    t = calloc(1, sizeof *t);
+    ASSERT_TRUE(t != NULL);
+    ASSERT_EQ_INT(pre_run(t, 0, 0), 0);
+    ASSERT_TRUE(!t->failed);
+    for (int s = 0; s < t->n_steps; s++) ASSERT_TRUE(!t->nested[s]);
+    pre_release(t);
+}
+
 int main(void) {
     RUN(light_prompt_steps_alone_ahead_of_flood_prefill);
     RUN(preemption_admits_newcomers_next_step_and_resumes_exactly);
     RUN(no_preempt_newcomers_wait_for_a_slot);
+    RUN(newcomers_run_nested_inside_the_running_step);
     return test_summary();
 }
