@@ -41,6 +41,7 @@ typedef struct srv_gauges {
     int seqs_running;
     int requests_preempted; /* admitted requests parked by preemption (holding KV, not in the batch) */
     uint64_t preemptions;   /* jobs parked to give a waiting client a slot */
+    uint64_t nested_steps;  /* newcomers' prompts run inside a running step's forward pass */
     int kv_blocks_total, kv_blocks_used, kv_block_tokens;
     int kv_blocks_cached;   /* in the prefix cache, held by no sequence (evictable) */
     int kv_blocks_available;/* free + cached */

@@ -228,6 +228,7 @@ struct srv_sched {
     int seqs_parked;                  /* slots the parked jobs give back when they resume (<= parallel) */
     uint64_t turns;                   /* admissions and resumptions so far (sched_jobstate.turn) */
     uint64_t l_preemptions;
+    uint64_t l_nested;                /* nested steps run (step_yield) */
     int32_t *b_tok, *b_seq;           /* (n_batch) */
     int8_t *b_logits;                 /* (n_batch) */
     int8_t *b_gen;                    /* (n_batch) 1: a generated token (routing statistics) */
@@ -1171,6 +1172,7 @@ static void step_yield(void *ud) {
     }
     for (int r = 0; r < nb; r++) s->rows[r].sq->prefill_started = 1;
     s->nest_done = 1;
+    s->l_nested++;
     step_run(s, nb, 0, 0, 1);
     nest_swap(s);
     /* its first tokens go out now */
@@ -1304,6 +1306,7 @@ static void publish_stats_locked(srv_sched *s) {
     g->seqs_running = s->seqs_used;
     g->requests_preempted = s->n_parked;
     g->preemptions = s->l_preemptions;
+    g->nested_steps = s->l_nested;
     if (s->ctx) {
         cm_kv_stats kv;
         cm_ctx_kv_stats(s->ctx, &kv);

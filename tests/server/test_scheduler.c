@@ -283,6 +283,7 @@ typedef struct pre_test {
     int nested[MAX_STEPS];   /* the step ran nested inside the one before it */
     int n_steps;
     int failed;
+    srv_gauges gauges;       /* at the end of the run (codemoe_nested_steps_total's count) */
 } pre_test;
 
 static const char *pre_sampling(int i) {
@@ -358,6 +359,7 @@ static int pre_run(pre_test *t, int no_preempt, int nested) {
     t->s = srv_sched_create(&t->loop, &t->cfg, pre_on_wake, t);
     if (!t->s) return -1;
     if (uv_run(&t->loop, UV_RUN_DEFAULT) || !srv_sched_closed(t->s)) return -1;
+    srv_sched_stats(t->s, &t->gauges, NULL, NULL, NULL, NULL);
     srv_sched_free(t->s);
     return uv_loop_close(&t->loop) ? -1 : 0;
 }
@@ -455,6 +457,7 @@ TEST(newcomers_run_nested_inside_the_running_step) {
     ASSERT_TRUE(t->rows[ns + 1][0] > 0);
     for (int k = P_FLOOD; k < P_JOBS; k++) ASSERT_EQ_INT(t->rows[ns + 1][k], 1);
     for (int s = ns + 1; s < t->n_steps; s++) ASSERT_TRUE(!t->nested[s]);
+    ASSERT_EQ_INT((int)t->gauges.nested_steps, 1); /* codemoe_nested_steps_total */
     /* preemption as at a boundary: the two admitted last, once each; they resume before the queued job */
     ASSERT_EQ_INT(t->jobs[0].preemptions, 0);
     ASSERT_EQ_INT(t->jobs[1].preemptions, 1);
@@ -475,6 +478,7 @@ TEST(newcomers_run_nested_inside_the_running_step) {
     ASSERT_EQ_INT(pre_run(t, 0, 0), 0);
     ASSERT_TRUE(!t->failed);
     for (int s = 0; s < t->n_steps; s++) ASSERT_TRUE(!t->nested[s]);
+    ASSERT_EQ_INT((int)t->gauges.nested_steps, 0);
     pre_release(t);
 }
 
