@@ -646,7 +646,8 @@ CM_ALWAYS_INLINE __m512i q45k_scales_mins4(__m512i hd) {
 
 /* How far beyond the next rows' matching share rows_k512 streams the weights in: with one pass of four
  * short rows (a 1536-wide Q4_K row is 864 bytes) as the only lead, the lines arrive late; 4 KiB more
- * keeps the memory busy (decode on Zen 4 about 8% faster at one thread, longer leads no better). */
+ * keeps the memory busy (Q4_K_M decode on Zen 4 about 10% faster at one thread; 8 KiB no better, 16 KiB
+ * worse). */
 #define K512_AHEAD 4096
 
 CM_ALWAYS_INLINE void rows_k512(int wt, int nr, int64_t nb, const char *w, size_t rb, const cm_block_q8_k *x,
