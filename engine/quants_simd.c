@@ -265,13 +265,19 @@ CM_ALWAYS_INLINE __m256i legacy_lanes(int wt, const void *w, int64_t i, __m256i 
     }
 }
 
+/* How far beyond the next rows' matching share the row dots stream the weights in: with one pass of four
+ * short rows as the only lead (a 1536-wide Q4_K row is 864 bytes, an 896-wide Q4_0 row 504), the lines
+ * arrive late; 4 KiB more keeps the memory busy (decode on Zen 4 at one thread: Q4_K_M about 10% faster
+ * on the 512-bit rows, Q8_0 7-12% and Q4_0 2-10% on the legacy rows; 8 KiB no better, 16 KiB worse). */
+#define ROWS_AHEAD 4096
+
 /* The weight rows after this call's nr rows, streamed into cache while these are computed: block i of
- * these rows is as far into them as the same share of the next nr rows, plus ahead bytes. Without it
- * the rows' short interleaved streams leave the core waiting on memory (about 1.6x slower on a 0.5B Q4_0
- * model). */
-CM_ALWAYS_INLINE void prefetch_next_rows(const char *w, size_t rb, int nr, int64_t i, size_t bs, size_t ahead) {
+ * these rows is as far into them as the same share of the next nr rows, plus ROWS_AHEAD bytes. Without
+ * it the rows' short interleaved streams leave the core waiting on memory (about 1.6x slower on a 0.5B
+ * Q4_0 model). */
+CM_ALWAYS_INLINE void prefetch_next_rows(const char *w, size_t rb, int nr, int64_t i, size_t bs) {
     size_t step = (size_t)nr * bs;
-    const char *next = w + (size_t)nr * rb + (size_t)i * step + ahead;
+    const char *next = w + (size_t)nr * rb + (size_t)i * step + ROWS_AHEAD;
     for (size_t o = 0; o < step + 63; o += 64) _mm_prefetch(next + o, _MM_HINT_T0);
 }
 
@@ -304,7 +310,7 @@ CM_ALWAYS_INLINE void rows_legacy(int wt, int nr, int64_t nb, const char *w, siz
             xv = _mm256_loadu_si256((const __m256i *)xb->qs);
             dx = fp16(xb->d);
         }
-        prefetch_next_rows(w, rb, nr, i, legacy_block_bytes(wt), 0);
+        prefetch_next_rows(w, rb, nr, i, legacy_block_bytes(wt));
         __m256i off = wt == GGUF_TT_Q4_0   ? off_u8s8(8, xv)
                       : wt == GGUF_TT_Q5_0 ? off_u8s8(16, xv)
                                            : _mm256_setzero_si256();
@@ -429,7 +435,7 @@ CM_ALWAYS_INLINE void rows_k256(int wt, int nr, int64_t nb, const char *w, size_
     for (int64_t i = 0; i < nb; i++) {
         const cm_block_q8_k *b = x + i;
         const int8_t *xq = b->qs;
-        prefetch_next_rows(w, rb, nr, i, bb, 0);
+        prefetch_next_rows(w, rb, nr, i, bb);
         __m256i acc[ROWS_MAX];
         __m128 d4, dm4 = _mm_setzero_ps();
         __m128i imin4 = _mm_setzero_si128();
@@ -644,12 +650,6 @@ CM_ALWAYS_INLINE __m512i q45k_scales_mins4(__m512i hd) {
     return _mm512_or_si512(lo, hi);
 }
 
-/* How far beyond the next rows' matching share rows_k512 streams the weights in: with one pass of four
- * short rows (a 1536-wide Q4_K row is 864 bytes) as the only lead, the lines arrive late; 4 KiB more
- * keeps the memory busy (Q4_K_M decode on Zen 4 about 10% faster at one thread; 8 KiB no better, 16 KiB
- * worse). */
-#define K512_AHEAD 4096
-
 CM_ALWAYS_INLINE void rows_k512(int wt, int nr, int64_t nb, const char *w, size_t rb, const cm_block_q8_k *x,
                                 float *out) {
     const __m512i m0f = _mm512_set1_epi8(0x0F), sh04 = halves16(0, 4);
@@ -662,7 +662,7 @@ CM_ALWAYS_INLINE void rows_k512(int wt, int nr, int64_t nb, const char *w, size_
     for (int64_t i = 0; i < nb; i++) {
         const cm_block_q8_k *b = x + i;
         const int8_t *xq = b->qs;
-        prefetch_next_rows(w, rb, nr, i, bb, K512_AHEAD);
+        prefetch_next_rows(w, rb, nr, i, bb);
         __m512i acc[ROWS_MAX];
         __m128 d4 = _mm_setzero_ps(); /* the rows' d (four rows) */
         float d1 = 0.0f;              /* row 0's d (one row) */
