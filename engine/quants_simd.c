@@ -92,8 +92,8 @@ static inline __m256i dot_u8s8_off(__m256i u, __m256i s, __m256i off) {
 
 /* 32 nibbles of a legacy block: byte j low nibble -> value j, high nibble -> value j + 16. */
 static inline __m256i legacy_nibbles(const uint8_t *qs) {
-    __m128i q = _mm_loadu_si128((const __m128i *)qs);
-    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0F));
+    __m256i q = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs));
+    return _mm256_and_si256(_mm256_srlv_epi64(q, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(0x0F));
 }
 
 /* The 32 q + bias of a Q5_0 / Q5_1 block: the nibbles, and 0x10 in byte j where bit j of the 32-bit qh
