@@ -709,6 +709,15 @@ static inline __m512i zmadd_acc(__m512i acc, __m512i p, __m512i sc) {
 #endif
 }
 
+/* Each of a tile group's rows' sum over the 16-value parts of one super-block of mn (its int16 pairs:
+ * the mins, or for types without them the scales) times Q8_K's bsums of activation row xb. */
+static inline __m512i zmn_bsums(const int16_t *mn, const cm_block_q8_k *xb) {
+    __m512i acc = _mm512_setzero_si512();
+    for (int jj = 0; jj < 8; jj++)
+        acc = zmadd_acc(acc, _mm512_loadu_si512((const void *)(mn + jj * ZGR * 2)), zbcast32(xb->bsums + 2 * jj));
+    return acc;
+}
+
 /* K-quants: the same over super-blocks of 256, all four tokens per weight load, two int32 chains per
  * token (sub-blocks of even and odd index) added before the super-block's one FMA. */
 static void zmicro_k(const tile *t, int g, const cm_block_q8_k *const xk[NR], float *out) {
@@ -747,10 +756,7 @@ static void zmicro_k(const tile *t, int g, const cm_block_q8_k *const xk[NR], fl
             const int16_t *mn = t->mn + (gb + (size_t)b) * 8 * ZGR * 2;
             __m512 dmin = _mm512_loadu_ps(mp + ZGR * b);
             for (int j = 0; j < NR; j++) {
-                __m512i mins = _mm512_setzero_si512();
-                for (int jj = 0; jj < 8; jj++)
-                    mins = zmadd_acc(mins, _mm512_loadu_si512((const void *)(mn + jj * ZGR * 2)),
-                                     zbcast32(xk[j][b].bsums + 2 * jj));
+                __m512i mins = zmn_bsums(mn, &xk[j][b]);
                 __m512 c = _mm512_xor_ps(_mm512_mul_ps(dmin, _mm512_set1_ps(xk[j][b].d)), neg);
                 e[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(mins), c, e[j]);
             }
@@ -797,10 +803,7 @@ CM_ALWAYS_INLINE void zmicro_k_vnni(const tile *t, int g, const cm_block_q8_k *c
             const int16_t *mn = t->mn + (gb + (size_t)b) * 8 * ZGR * 2;
             __m512 dmin = _mm512_loadu_ps(mp + ZGR * b);
             for (int j = 0; j < NR; j++) {
-                __m512i ms = _mm512_setzero_si512();
-                for (int jj = 0; jj < 8; jj++)
-                    ms = _mm512_dpwssd_epi32(ms, _mm512_loadu_si512((const void *)(mn + jj * ZGR * 2)),
-                                             zbcast32(xk[j][b].bsums + 2 * jj));
+                __m512i ms = zmn_bsums(mn, &xk[j][b]);
                 if (bias) {
                     is[j] = _mm512_sub_epi32(is[j], _mm512_mullo_epi32(ms, _mm512_set1_epi32(bias)));
                 } else { /* e = fmaf((float)imin, -(dmin * d_x), e) */
