@@ -352,6 +352,14 @@ static void pre_on_wake(void *ud) {
 }
 
 /* Runs the scenario on a fresh scheduler; the caller checks t. */
+static void pre_release(pre_test *t) {
+    for (int k = 0; k < P_JOBS; k++) {
+        job_release(&t->jobs[k]);
+        job_release(&t->alone[k]);
+    }
+    free(t);
+}
+
 static int pre_run(pre_test *t, int no_preempt, int nested) {
     test_config(&t->cfg, P_PARALLEL, pre_on_step, t, nested);
     t->cfg.no_preempt = no_preempt;
@@ -364,12 +372,18 @@ static int pre_run(pre_test *t, int no_preempt, int nested) {
     return uv_loop_close(&t->loop) ? -1 : 0;
 }
 
-static void pre_release(pre_test *t) {
-    for (int k = 0; k < P_JOBS; k++) {
-        job_release(&t->jobs[k]);
-        job_release(&t->alone[k]);
+/* A whole run (the flood and newcomers, then each request alone) that went through without a failure,
+ * every request done without an error; NULL otherwise. */
+static pre_test *pre_finished(int no_preempt, int nested) {
+    pre_test *t = calloc(1, sizeof *t);
+    if (!t) return NULL;
+    int ok = pre_run(t, no_preempt, nested) == 0 && !t->failed && t->phase == 3;
+    for (int k = 0; k < P_JOBS && ok; k++) ok = t->jobs[k].done && !t->jobs[k].has_error && t->alone[k].done;
+    if (!ok) {
+        pre_release(t);
+        return NULL;
     }
-    free(t);
+    return t;
 }
 
 /* The first step at or after `from` with rows of job k (or prefill rows, prefill 1); -1: none. */
@@ -380,12 +394,8 @@ static int pre_first(const pre_test *t, int k, int from, int prefill) {
 }
 
 TEST(preemption_admits_newcomers_next_step_and_resumes_exactly) {
-    pre_test *t = calloc(1, sizeof *t);
+    pre_test *t = pre_finished(0, 0);
     ASSERT_TRUE(t != NULL);
-    ASSERT_EQ_INT(pre_run(t, 0, 0), 0);
-    ASSERT_TRUE(!t->failed);
-    ASSERT_EQ_INT(t->phase, 3);
-    for (int k = 0; k < P_JOBS; k++) ASSERT_TRUE(t->jobs[k].done && !t->jobs[k].has_error && t->alone[k].done);
     /* every flood job admitted is running when the newcomers arrive */
     for (int k = 0; k < P_PARALLEL; k++) ASSERT_TRUE(t->rows[P_ARRIVE - 1][k] > 0);
     /* the newcomers: their whole prompts in the next step, beside the flood's first job only */
@@ -418,27 +428,17 @@ TEST(preemption_admits_newcomers_next_step_and_resumes_exactly) {
 /* The control: the same run with --no-preempt. The newcomers wait for a flood job to end, so the test
  * above checks something preemption does. */
 TEST(no_preempt_newcomers_wait_for_a_slot) {
-    pre_test *t = calloc(1, sizeof *t);
+    pre_test *t = pre_finished(1, 0);
     ASSERT_TRUE(t != NULL);
-    ASSERT_EQ_INT(pre_run(t, 1, 0), 0);
-    ASSERT_TRUE(!t->failed);
-    ASSERT_EQ_INT(t->phase, 3);
-    for (int k = 0; k < P_JOBS; k++) {
-        ASSERT_TRUE(t->jobs[k].done && !t->jobs[k].has_error);
-        ASSERT_EQ_INT(t->jobs[k].preemptions, 0);
-    }
+    for (int k = 0; k < P_JOBS; k++) ASSERT_EQ_INT(t->jobs[k].preemptions, 0);
     for (int k = P_FLOOD; k < P_JOBS; k++) ASSERT_TRUE(pre_first(t, k, 0, 1) > P_ARRIVE + 4);
     pre_release(t);
 }
 
 /* The newcomers arrive during step P_ARRIVE - 1's forward pass (its trace runs just before it). */
 TEST(newcomers_run_nested_inside_the_running_step) {
-    pre_test *t = calloc(1, sizeof *t);
+    pre_test *t = pre_finished(0, 1);
     ASSERT_TRUE(t != NULL);
-    ASSERT_EQ_INT(pre_run(t, 0, 1), 0);
-    ASSERT_TRUE(!t->failed);
-    ASSERT_EQ_INT(t->phase, 3);
-    for (int k = 0; k < P_JOBS; k++) ASSERT_TRUE(t->jobs[k].done && !t->jobs[k].has_error && t->alone[k].done);
     /* the interrupted step: every admitted flood job, no newcomer */
     const int in = P_ARRIVE - 1, ns = P_ARRIVE;
     ASSERT_TRUE(!t->nested[in]);
@@ -473,10 +473,8 @@ TEST(newcomers_run_nested_inside_the_running_step) {
     }
     pre_release(t);
     /* the control: nested steps off, nothing nests */
-    t = calloc(1, sizeof *t);
+    t = pre_finished(0, 0);
     ASSERT_TRUE(t != NULL);
-    ASSERT_EQ_INT(pre_run(t, 0, 0), 0);
-    ASSERT_TRUE(!t->failed);
     for (int s = 0; s < t->n_steps; s++) ASSERT_TRUE(!t->nested[s]);
     ASSERT_EQ_INT((int)t->gauges.nested_steps, 0);
     pre_release(t);
