@@ -1127,6 +1127,12 @@ static void nest_swap(srv_sched *s) {
     srv_step_row *tr = s->trace; s->trace = s->n_trace; s->n_trace = tr;
 }
 
+/* Whether job j was admitted after the step in flight began (by its yield hook) and may nest: a
+ * reference-routing request never does. */
+static int nest_newcomer(const srv_sched *s, srv_job *j) {
+    return js(j)->turn > s->nest_turn && j->req->segment_routing != API_SEGMENT_REFERENCE;
+}
+
 /* The yield hook of a step's forward pass (cm_batch.yield), between two of its layers or slices of its
  * output head: when a client with nothing running or parked has sent a request meanwhile, admits it as
  * the step's boundary would (preempt_for: the same slots, KV reservation and preemption rules) and runs
@@ -1152,7 +1158,7 @@ static void step_yield(void *ud) {
     int nb = 0, fits = 1;
     for (int i = 0; i < s->n_running && fits; i++) {
         srv_job *j = s->running[i];
-        if (js(j)->turn <= s->nest_turn || j->req->segment_routing == API_SEGMENT_REFERENCE) continue;
+        if (!nest_newcomer(s, j)) continue;
         for (int c = 0; c < j->n_choices; c++) {
             const sched_seq *q = &js(j)->seqs[c];
             if (q->state == SEQ_PREFILL && !q->prefill_started) nb += q->prompt->n_tokens - q->n_fed;
@@ -1164,7 +1170,7 @@ static void step_yield(void *ud) {
     nb = 0;
     for (int i = 0; i < s->n_running; i++) {
         srv_job *j = s->running[i];
-        if (js(j)->turn <= s->nest_turn || j->req->segment_routing == API_SEGMENT_REFERENCE) continue;
+        if (!nest_newcomer(s, j)) continue;
         for (int c = 0; c < j->n_choices; c++) {
             sched_seq *q = &js(j)->seqs[c];
             if (q->state == SEQ_PREFILL && !q->prefill_started) nb = prefill_rows(s, q, nb, s->nest_max);
