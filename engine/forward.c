@@ -16,14 +16,16 @@
  * then logits = rmsnorm(x) Wout^T for the requested rows only.
  *
  * Two ways to multiply by a weight matrix, by the number of activation rows:
- * - decode (N < CM_GEMM_MIN_ROWS): our matvec kernels read each weight row once and dot it with every
- *   activation row (quantised weights with activations quantised once per row to their paired int8
- *   format, as llama.cpp); rows of W are split across the pool; q/k/v and gate/up run as one pool run each.
- * - prefill (N >= CM_GEMM_MIN_ROWS): quantised weights take the int8 GEMM (cm_gemm_q, gemm_q8.c) on a
- *   tile of W's rows per pool task, X quantised once per row, bit-exact per row with the matvec's dot,
- *   so a token's products do not depend on the rest of the batch. F32/F16 weights, and every weight
- *   under CODEMOE_EXACT_ACTIVATIONS=1, go through sgemm instead: each task dequantises its tile (unless
- *   F32) into its thread's scratch and calls single-threaded OpenBLAS: Y[:, tile] = X W[tile]^T.
+ * - few rows (decode): our matvec kernels read each weight row once and dot it with every activation row
+ *   (quantised weights with activations quantised once per row to their paired int8 format, as
+ *   llama.cpp); rows of W are split across the pool; q/k/v and gate/up run as one pool run each.
+ * - more rows: quantised weights take the int8 GEMM (cm_gemm_q, gemm_q8.c) from cm_gemm_q_min_rows of
+ *   their type on (5 rows for Q8_0 and the legacy types, 8 to 16 for the K-quants: the kernel family's
+ *   crossover), on a tile of W's rows per pool task, X quantised once per row, bit-exact per row with
+ *   the matvec's dot, so a token's products do not depend on the rest of the batch nor on the path.
+ *   F32/F16 weights, and every weight under CODEMOE_EXACT_ACTIVATIONS=1, go through sgemm from
+ *   CM_GEMM_MIN_ROWS rows instead: each task dequantises its tile (unless F32) into its thread's scratch
+ *   and calls single-threaded OpenBLAS: Y[:, tile] = X W[tile]^T.
  * Every buffer is sized at cm_ctx_create; cm_forward allocates nothing.
  */
 #include <cblas.h>
@@ -607,7 +609,14 @@ static void mm_run_rows(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, 
         chunk = (chunk + 15) & ~(int64_t)15;
         if (chunk < 16) chunk = 16;
         j.chunk = chunk;
-        task_fn = n >= CM_GEMM_MIN_ROWS ? mm_task_gemm_q : mm_task_matvec;
+        /* the int8 GEMM from the family's crossover on: the largest of the ops' (their types share
+         * a pairing; a Q4_K_M layer's attn_v may be Q6_K beside Q4_K) */
+        int gemm_rows = 0;
+        for (int i = 0; i < n_ops && xt >= 0; i++) {
+            int r = cm_gemm_q_min_rows(ops[i].w->type);
+            if (r > gemm_rows) gemm_rows = r;
+        }
+        task_fn = xt >= 0 && n >= gemm_rows ? mm_task_gemm_q : mm_task_matvec;
     }
     j.task0[0] = 0;
     for (int i = 0; i < n_ops; i++)

@@ -67,6 +67,46 @@ size_t CM_FAMILY_FN(cm_gemm_q_scratch_bytes)(int64_t k) {
     return (size_t)k * (ZTR + ZTR / 2 + ZGR + 16) + 8192;
 }
 
+/* The rows of x from which cm_gemm_q beats the matvec kernels on the same weights: below it the matvec's
+ * one pass per token costs less than unpacking a tile. Measured per family on a Zen 4 core (weights of
+ * width 256 to 1536, in cache and out), where the two cost the same: the legacy types and Q8_0 from 4-5
+ * rows, the K-quants from 7 to past 16 (Q6_K's many small scales make its tiles dear; 16, what it was
+ * before, stands for "not below"). The results are the same bits either way. */
+int CM_FAMILY_FN(cm_gemm_q_min_rows)(int wtype) {
+#if defined(CM_G_AVX2)
+    enum { VNNI = 0, Z = 1, Y = 2 };
+#if defined(CM_G_VNNI)
+    const int f = VNNI;
+#elif defined(CM_G_AVX512)
+    const int f = Z;
+#else
+    const int f = Y;
+#endif
+    /*                                     VNNI  AVX-512  AVX2 */
+    static const unsigned char kq[5][3] = {{14, 16, 16},  /* Q2_K */
+                                           {10, 11, 11},  /* Q3_K */
+                                           {9, 12, 10},   /* Q4_K */
+                                           {8, 10, 8},    /* Q5_K */
+                                           {16, 16, 12}}; /* Q6_K */
+    switch (wtype) {
+    case GGUF_TT_Q8_0:
+    case GGUF_TT_Q4_0:
+    case GGUF_TT_Q4_1:
+    case GGUF_TT_Q5_0:
+    case GGUF_TT_Q5_1: return 5;
+    case GGUF_TT_Q2_K: return kq[0][f];
+    case GGUF_TT_Q3_K: return kq[1][f];
+    case GGUF_TT_Q4_K: return kq[2][f];
+    case GGUF_TT_Q5_K: return kq[3][f];
+    case GGUF_TT_Q6_K: return kq[4][f];
+    default: return 16;
+    }
+#else
+    (void)wtype;
+    return 16; /* the scalar family's product is the reference matvec itself */
+#endif
+}
+
 #if defined(CM_G_AVX2)
 
 #define CM_ALWAYS_INLINE static inline __attribute__((always_inline))

@@ -343,6 +343,8 @@ void cm_matvec_rows(int wtype, int xtype, const void *w, int64_t k, const void *
 
 size_t cm_gemm_q_scratch_bytes(int64_t k) { return cm__kops->gemm_q_scratch_bytes(k); }
 
+int cm_gemm_q_min_rows(int wtype) { return cm__kops->gemm_q_min_rows(wtype); }
+
 void cm_gemm_q(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y, int64_t ldy,
                int64_t r0, int64_t r1, void *scratch, size_t scratch_bytes) {
     cm__kops->gemm_q(wtype, w, k, x, x_stride, n, y, ldy, r0, r1, scratch, scratch_bytes);

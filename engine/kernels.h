@@ -83,11 +83,13 @@ void cm_matvec(struct cm_pool *pool, int wtype, int xtype, const void *w, int64_
  * W row r, x_n), bit for bit, for n < N, r in [r0, r1); wtype Q8_0 or a block type of quants.h, x_n =
  * x + n*x_stride bytes an activation row in xtype = cm_quant_vec_dot_type(wtype). Each weight row is
  * unpacked once into `scratch` (scratch_bytes >= cm_gemm_q_scratch_bytes(K), the caller's, one per
- * concurrent call) and reused for all N activation rows, which pays from about 16 rows; room beyond the
+ * concurrent call) and reused for all N activation rows, which pays from cm_gemm_q_min_rows(wtype) rows
+ * on (the kernel family's own crossover with cm_matvec_rows, 5 to 16); room beyond the
  * minimum (about K bytes per row of x) lets the activations' per-block sums be prepared once per call
  * rather than once per tile. No result depends on N, on [r0, r1), on the scratch or on the kernel
  * family. The plain reference is cm_matvec_rows_ref. */
 size_t cm_gemm_q_scratch_bytes(int64_t k);
+int cm_gemm_q_min_rows(int wtype);
 void cm_gemm_q(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y, int64_t ldy,
                int64_t r0, int64_t r1, void *scratch, size_t scratch_bytes);
 

@@ -68,6 +68,7 @@ typedef struct cm_kernel_ops {
     void (*quant_matvec_f32)(int wtype, const void *w, int64_t k, const float *x, size_t x_stride, int n,
                              float *y, int64_t ldy, int64_t r0, int64_t r1);
     size_t (*gemm_q_scratch_bytes)(int64_t k);
+    int (*gemm_q_min_rows)(int wtype);
     void (*gemm_q)(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y, int64_t ldy,
                    int64_t r0, int64_t r1, void *scratch, size_t scratch_bytes);
 } cm_kernel_ops;
@@ -103,6 +104,7 @@ void CM_FAMILY_FN(cm_quant_unpack_k_row)(int type, const void *w, int64_t nb, in
                                          int16_t *sc16, int16_t *mn16);
 /* gemm_q8.c's int8 prefill product, likewise. */
 size_t CM_FAMILY_FN(cm_gemm_q_scratch_bytes)(int64_t k);
+int CM_FAMILY_FN(cm_gemm_q_min_rows)(int wtype);
 void CM_FAMILY_FN(cm_gemm_q)(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y,
                              int64_t ldy, int64_t r0, int64_t r1, void *scratch, size_t scratch_bytes);
 #endif

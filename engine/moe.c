@@ -14,8 +14,9 @@
  *      product: only selected experts are computed, each on exactly its tokens.
  *   4. scatter: y[t] = sum over t's slots, in expert order, of gate * out_row. The order is per token,
  *      so a token's result does not depend on what else is in the batch.
- * Products with >= MM_GEMM_ROWS rows go through a GEMM, smaller ones through the matvec kernels: decode
- * touches each active expert's weights once. With int8 activations on (the default; forward.c's
+ * Products with enough rows go through a GEMM (the int8 one from cm_gemm_q_min_rows of the weight type,
+ * sgemm from MM_GEMM_ROWS), smaller ones through the matvec kernels: decode touches each active expert's
+ * weights once. With int8 activations on (the default; forward.c's
  * CODEMOE_EXACT_ACTIVATIONS=1 turns them off), a quantised weight's rows meet their inputs quantised to
  * its paired format, through the int8 GEMM (gemm_q8.c) and the int8 matvec, as the dense layers do:
  * both take the same cm_qacc dot, so a token's products do not depend on which other tokens its experts
@@ -129,7 +130,7 @@ static void mm_task(void *arg, int task, int thread) {
     const mm_op *op = &mc->ops[o];
     int64_t r0 = (int64_t)(task - op->task0) * mc->chunk, r1 = r0 + mc->chunk;
     if (r1 > op->m) r1 = op->m;
-    if (op->xt >= 0 && op->n >= MM_GEMM_ROWS) {
+    if (op->xt >= 0 && op->n >= cm_gemm_q_min_rows(op->wtype)) {
         cm_gemm_q(op->wtype, op->w, op->k, op->xq, op->xq_stride, op->n, op->y, op->m, r0, r1,
                   mc->deq + (size_t)thread * (size_t)mc->deq_floats, (size_t)mc->deq_floats * sizeof(float));
         return;
