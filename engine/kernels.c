@@ -204,6 +204,31 @@ void cm_silu_mul_ref(float *g, const float *u, int64_t k) {
     for (int64_t i = 0; i < k; i++) g[i] = (g[i] / (1.0f + cm_exp_def(-g[i]))) * u[i];
 }
 
+int64_t cm_argmax_ref(const float *x, int64_t k) {
+    int64_t b = 0;
+    float bv = isnan(x[0]) ? -INFINITY : x[0];
+    for (int64_t i = 1; i < k; i++)
+        if (x[i] > bv) bv = x[b = i];
+    return b;
+}
+
+/* Sixteen running maxima (x > m ? x : m is the vector max instruction, NaN and ties keeping m) break the
+ * scan's chain of dependent compares; the first index holding their maximum is the reference's answer. */
+int64_t cm_argmax(const float *x, int64_t k) {
+    enum { L = 16 };
+    float m[L];
+    for (int j = 0; j < L; j++) m[j] = -INFINITY;
+    int64_t i = 0;
+    for (; i + L <= k; i += L)
+        for (int j = 0; j < L; j++) m[j] = x[i + j] > m[j] ? x[i + j] : m[j];
+    for (int j = 0; i + j < k; j++) m[j] = x[i + j] > m[j] ? x[i + j] : m[j];
+    float mx = m[0];
+    for (int j = 1; j < L; j++) mx = m[j] > mx ? m[j] : mx;
+    if (mx == -INFINITY) return 0;
+    for (i = 0; x[i] != mx; i++) {}
+    return i;
+}
+
 void cm_softmax_ref(float *x, int64_t k) {
     float mx = x[0];
     for (int64_t i = 1; i < k; i++) mx = fmaxf(mx, x[i]);

@@ -118,6 +118,13 @@ void cm_softmax_ref(float *x, int64_t k);
 void cm_exp_row(float *x, int64_t k);
 void cm_exp_row_ref(float *x, int64_t k);
 
+/* The index of x's (K >= 1) largest value: the lowest such index on ties; NaN never wins, and 0 when
+ * nothing is above -inf. Greedy sampling over a vocabulary row: the reference is the plain scan, the
+ * fast one finds the maximum with independent partial maxima (vector max instructions) and then its
+ * first index, the same index always. */
+int64_t cm_argmax(const float *x, int64_t k);
+int64_t cm_argmax_ref(const float *x, int64_t k);
+
 /* Rotary embedding of one head x (E) at one position, with that position's tables cs (E/2) cos and
  * sn (E/2) sin. neox: pairs (i, i + E/2); normal: pairs (2i, 2i+1). */
 void cm_rope(float *x, const float *cs, const float *sn, int e, int neox);

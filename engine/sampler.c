@@ -24,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels.h"
 #include "model.h"
 #include "util.h"
 
@@ -388,13 +389,9 @@ int32_t cm_sampler_sample(cm_sampler *s, const float *logits, float *chosen_lp, 
     int32_t chosen;
     if (p->temperature == 0.0f && p->n_logit_bias == 0 && p->repetition_penalty == 1.0f &&
         p->presence_penalty == 0.0f && p->frequency_penalty == 0.0f) {
-        /* plain greedy: the argmax of the raw logits, without copying V candidates (NaN never wins: it
-         * compares false; ties go to the lowest id) */
-        int b = 0;
-        float bv = isnan(logits[0]) ? -INFINITY : logits[0];
-        for (int i = 1; i < V; i++)
-            if (logits[i] > bv) bv = logits[b = i];
-        chosen = b;
+        /* plain greedy: the argmax of the raw logits, without copying V candidates (NaN never wins;
+         * ties go to the lowest id) */
+        chosen = (int32_t)cm_argmax(logits, V);
         goto done;
     }
     sampler_prepare(s, logits);

@@ -611,6 +611,37 @@ TEST(best_family_chosen_at_start) {
     ASSERT_TRUE(cm_kernels_family_name(cm_kernels_family_count()) == NULL);
 }
 
+/* Greedy's argmax: the fast scan gives the reference's index on random rows of every length around the
+ * partial maxima's width, with the maximum placed anywhere, repeated (the lowest index), beside NaNs,
+ * among signed zeros, and on rows with nothing above -inf (index 0). */
+TEST(argmax_equals_ref) {
+    static float x[151936];
+    for (int64_t k = 1; k <= 70; k++) {
+        for (int trial = 0; trial < 40; trial++) {
+            fill(x, k, 1.0f);
+            int64_t a = (int64_t)((rng >> 33) % (uint64_t)k), b = (int64_t)((rng >> 13) % (uint64_t)k);
+            switch (trial % 8) {
+            case 1: x[a] = 5.0f; x[b] = 5.0f; break;                    /* a tie */
+            case 2: x[a] = NAN; break;                                  /* a NaN beside */
+            case 3: for (int64_t i = 0; i < k; i++) x[i] = NAN; break;  /* all NaN: 0 */
+            case 4: for (int64_t i = 0; i < k; i++) x[i] = -INFINITY; x[a] = NAN; break;
+            case 5: for (int64_t i = 0; i < k; i++) x[i] = i % 2 ? 0.0f : -0.0f; break; /* 0 and -0 tie */
+            case 6: x[a] = INFINITY; x[b] = NAN; break;
+            case 7: x[0] = NAN; x[a] = 3.0f; break;
+            }
+            int64_t want = cm_argmax_ref(x, k);
+            if (cm_argmax(x, k) != want)
+                TEST_FAIL_("argmax k=%lld trial %d: %lld, reference %lld", (long long)k, trial, (long long)cm_argmax(x, k),
+                     (long long)want);
+            if (trial % 8 == 1) ASSERT_EQ_INT((int)want, (int)(a < b ? a : b));
+        }
+    }
+    fill(x, 151936, 8.0f); /* a vocabulary row, the maximum late */
+    x[151900] = 9.0f;
+    ASSERT_EQ_INT((int)cm_argmax(x, 151936), 151900);
+    ASSERT_EQ_INT((int)cm_argmax_ref(x, 151936), 151900);
+}
+
 static void kernel_tests(void) {
     RUN(quantize_q8_0_equals_ref);
     RUN(quantize_q8_k_equals_ref);
@@ -629,6 +660,7 @@ static void kernel_tests(void) {
 int main(void) {
     RUN(best_family_chosen_at_start);
     RUN(float_dot_is_the_defined_order);
+    RUN(argmax_equals_ref);
     test_each_family(kernel_tests);
     RUN(pool_runs_every_task_once);
     return test_summary();
