@@ -19,9 +19,10 @@
  *   3. build one batch: first one decode token for every generating sequence; then the extra work,
  *      until n_batch tokens, fewer while sequences decode and --max-itl-ms bounds the step's predicted
  *      time (chunked prefill: a long prompt never stalls the running streams), in this order:
- *      newly admitted prompts that fit whole (prefill-first: a short request's first token does not
- *      wait behind a long prompt's chunks or other streams' drafts), then draft tokens (below), then
- *      the chunks of the other prompts. Fairness within the step (step_plan): when a client with fewer
+ *      prompts whose rest fits whole, oldest first (prefill-first: a short request's first token does
+ *      not wait behind a long prompt's chunks or other streams' drafts, and a prompt whose chunk filled
+ *      an earlier step does not wait behind the prompts that came after it), then draft tokens
+ *      (below), then the chunks of the other prompts. Fairness within the step (step_plan): when a client with fewer
  *      open sequences than the busiest client has a prompt that has not started (a typist beside a
  *      flood), the step is a light step: only the lighter clients' rows go in, so that prompt's first
  *      token costs one step of its own instead of a step shared with the flood's decodes and prefills;
@@ -381,6 +382,16 @@ static void job_free_state(srv_job *j) {
     j->w = NULL;
 }
 
+/* Takes j out of `running`, keeping the others in the order they were admitted (the order prompts are
+ * served in). */
+static void running_remove(srv_sched *s, srv_job *j) {
+    for (int i = 0; i < s->n_running; i++)
+        if (s->running[i] == j) {
+            memmove(&s->running[i], &s->running[i + 1], (size_t)(--s->n_running - i) * sizeof *s->running);
+            return;
+        }
+}
+
 /* Ends a whole job: closes its sequences; err (may be NULL) makes it fail. Publishes it as done;
  * after this the worker never touches the job again (the loop may free it as soon as it sees done,
  * so everything worker-side is released first). Caller must not hold s->mu. */
@@ -397,8 +408,7 @@ static void job_finish(srv_sched *s, srv_job *j, const api_error *err) {
             sched_seq *q = &st->seqs[i];
             if (q->state != SEQ_ENDED) seq_end(s, q, API_FINISH_NONE);
         }
-    for (int i = 0; i < s->n_running; i++)
-        if (s->running[i] == j) { s->running[i] = s->running[--s->n_running]; break; }
+    running_remove(s, j);
     for (int i = 0; i < s->n_parked; i++)
         if (s->parked[i] == j) {
             memmove(&s->parked[i], &s->parked[i + 1], (size_t)(--s->n_parked - i) * sizeof *s->parked);
@@ -709,8 +719,7 @@ static int job_slots(srv_job *j) {
 static void job_park(srv_sched *s, srv_job *j) {
     sched_jobstate *st = js(j);
     int slots = job_slots(j);
-    for (int i = 0; i < s->n_running; i++)
-        if (s->running[i] == j) { s->running[i] = s->running[--s->n_running]; break; }
+    running_remove(s, j);
     s->parked[s->n_parked++] = j;
     s->seqs_used -= slots;
     s->seqs_parked += slots;
@@ -1072,13 +1081,15 @@ static void step(srv_sched *s) {
     }
     const int n_decode = nb;
     const int limit = n_decode + prefill_budget(s, n_decode);
-    /* prefill-first: prompts not started yet that fit whole into what the step has left; the budget
-     * bounds them, so the running streams still get their token every step */
+    /* prefill-first: prompts whose rest fits whole into what the step has left, in the order they were
+     * admitted (one whose chunk filled an earlier step is older than the prompts that came since, and
+     * its first token must not wait behind theirs); the budget bounds them, so the running streams
+     * still get their token every step */
     for (int i = 0; i < s->n_running && nb < limit; i++) {
         srv_job *j = s->running[i];
         for (int c = 0; c < j->n_choices && nb < limit && s->r_load[i] < wait_load; c++) {
             sched_seq *q = &js(j)->seqs[c];
-            if (q->state == SEQ_PREFILL && !q->prefill_started && q->prompt->n_tokens - q->n_fed <= limit - nb)
+            if (q->state == SEQ_PREFILL && q->prompt->n_tokens - q->n_fed <= limit - nb)
                 nb = prefill_rows(s, q, nb, limit);
         }
     }

@@ -480,10 +480,99 @@ TEST(newcomers_run_nested_inside_the_running_step) {
     pre_release(t);
 }
 
+/* ---------------------------------------------------------------- prompt order */
+
+/* One client (no light steps), nested steps and speculation off. W decodes throughout; B and A arrive
+ * together (submitted in step 0's trace), C after step 1. Step 1: B's prompt fits whole, A's does not and
+ * a chunk of it fills the step. Step 2: A's rest and C's whole prompt do not both fit. */
+enum { O_W, O_B, O_A, O_C, O_JOBS };
+static const int o_prompt[O_JOBS] = {8, 30, 60, 40};
+
+typedef struct order_test {
+    uv_loop_t loop;
+    srv_config cfg;
+    srv_sched *s;
+    api_model model;
+    tjob jobs[O_JOBS];
+    int phase; /* 0: loading; 1: the run; 3: stopping */
+    int prefill[MAX_STEPS][O_JOBS];
+    int n_steps;
+    int failed;
+} order_test;
+
+static void order_on_step(void *ud, const srv_step_row *rows, int n) {
+    order_test *t = ud;
+    if (t->phase != 1 || t->n_steps >= MAX_STEPS) return;
+    int s = t->n_steps++;
+    for (int r = 0; r < n; r++)
+        for (int k = 0; k < O_JOBS; k++)
+            if (rows[r].job == &t->jobs[k].job && rows[r].prompt_pos >= 0) t->prefill[s][k]++;
+    if (s == 0 && (srv_sched_submit(t->s, &t->jobs[O_B].job) < 0 || srv_sched_submit(t->s, &t->jobs[O_A].job) < 0))
+        t->failed = 1;
+    if (s == 1 && srv_sched_submit(t->s, &t->jobs[O_C].job) < 0) t->failed = 1;
+}
+
+static void order_on_wake(void *ud) {
+    order_test *t = ud;
+    if (t->phase == 0) {
+        int ready = wait_model(t->s, &t->model, &t->failed);
+        if (ready < 0) {
+            t->phase = 3;
+            srv_sched_stop(t->s);
+        }
+        if (ready <= 0) return;
+        for (int k = 0; k < O_JOBS; k++)
+            job_prepare_with(&t->model, &t->failed, &t->jobs[k], CLIENT_FLOOD, o_prompt[k], k + 1,
+                             k == O_W ? "\"max_tokens\":24,\"temperature\":0" : "\"max_tokens\":4,\"temperature\":0");
+        if (t->failed) { t->phase = 3; srv_sched_stop(t->s); return; }
+        t->phase = 1;
+        if (srv_sched_submit(t->s, &t->jobs[O_W].job) < 0) t->failed = 1;
+        return;
+    }
+    drain_jobs(t->s);
+    int all = 1;
+    for (int k = 0; k < O_JOBS; k++) all &= t->jobs[k].done;
+    if (t->phase == 1 && all) {
+        t->phase = 3;
+        srv_sched_stop(t->s);
+    }
+}
+
+/* A prompt whose chunk filled a step gets its rest before a prompt that came after it (and would have
+ * fitted whole): its first token is not the one that waits. */
+TEST(started_prompt_finishes_before_later_ones) {
+    order_test *t = calloc(1, sizeof *t);
+    ASSERT_TRUE(t != NULL);
+    test_config(&t->cfg, 4, order_on_step, t, 0);
+    ASSERT_EQ_INT(uv_loop_init(&t->loop), 0);
+    t->s = srv_sched_create(&t->loop, &t->cfg, order_on_wake, t);
+    ASSERT_TRUE(t->s != NULL);
+    ASSERT_EQ_INT(uv_run(&t->loop, UV_RUN_DEFAULT), 0);
+    ASSERT_TRUE(srv_sched_closed(t->s));
+    srv_sched_free(t->s);
+    ASSERT_EQ_INT(uv_loop_close(&t->loop), 0);
+    ASSERT_TRUE(!t->failed && t->phase == 3);
+    for (int k = 0; k < O_JOBS; k++) ASSERT_TRUE(t->jobs[k].done && !t->jobs[k].has_error && t->jobs[k].text_len > 0);
+    ASSERT_TRUE(t->n_steps > 3);
+    /* step 0: W alone; step 1: W's decode, B whole, a chunk of A filling the batch */
+    ASSERT_EQ_INT(t->prefill[0][O_W], o_prompt[O_W]);
+    ASSERT_EQ_INT(t->prefill[1][O_B], o_prompt[O_B]);
+    const int chunk = N_BATCH - 1 - o_prompt[O_B];
+    ASSERT_EQ_INT(t->prefill[1][O_A], chunk);
+    ASSERT_EQ_INT(t->prefill[1][O_C], 0);
+    /* step 2 (two decodes): A's rest first, then as much of C as fits; C's last rows in step 3 */
+    ASSERT_EQ_INT(t->prefill[2][O_A], o_prompt[O_A] - chunk);
+    ASSERT_EQ_INT(t->prefill[2][O_C], N_BATCH - 2 - (o_prompt[O_A] - chunk));
+    ASSERT_EQ_INT(t->prefill[3][O_C], o_prompt[O_C] - t->prefill[2][O_C]);
+    for (int k = 0; k < O_JOBS; k++) job_release(&t->jobs[k]);
+    free(t);
+}
+
 int main(void) {
     RUN(light_prompt_steps_alone_ahead_of_flood_prefill);
     RUN(preemption_admits_newcomers_next_step_and_resumes_exactly);
     RUN(no_preempt_newcomers_wait_for_a_slot);
     RUN(newcomers_run_nested_inside_the_running_step);
+    RUN(started_prompt_finishes_before_later_ones);
     return test_summary();
 }
