@@ -55,6 +55,7 @@ struct cm_ctx {
     int n_threads, n_seq_max, n_ctx, n_batch_max, n_logits_max;
     int64_t deq_floats;     /* per thread */
     int exact_act;          /* f32 activations everywhere, the reference (CODEMOE_EXACT_ACTIVATIONS=1) */
+    cm_gemm_pack *out_pack; /* the output head repacked (cm_ctx_params.pack_output), or NULL */
     int64_t yield_rows;     /* CM_YIELD_VOCAB_ROWS */
 
     float *rope_cos, *rope_sin; /* (n_ctx, E/2) */
@@ -292,6 +293,15 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
     /* Our pool owns the parallelism: each task calls sgemm on its own tile, single-threaded. */
     openblas_set_num_threads(1);
     rope_tables(c);
+    if (p->pack_output >= 0 && !c->exact_act && cm_quant_vec_dot_type(m->output.type) >= 0 &&
+        (p->pack_output > 0 || cm_quant_block_values(m->output.type) == 32)) {
+        /* no memory for it is no failure: the head is then repacked per call, as without */
+        c->out_pack = cm_gemm_q_pack(m->output.type, m->output.data, m->output.ne0, m->output.ne1);
+        if (p->pack_output == 0 && cm_gemm_pack_bytes(c->out_pack) > CM_PACK_OUTPUT_AUTO_MAX) {
+            cm_gemm_pack_free(c->out_pack);
+            c->out_pack = NULL;
+        }
+    }
     if (m->moe && !(c->moe = cm_moe_ctx_create(m, m->moe, c->pool, n_threads, n_seq, n_ctx, n_batch, !c->exact_act, err))) {
         cm_ctx_free(c);
         return NULL;
@@ -307,8 +317,11 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
     return c;
 }
 
+size_t cm_ctx_output_pack_bytes(const cm_ctx *c) { return c ? cm_gemm_pack_bytes(c->out_pack) : 0; }
+
 void cm_ctx_free(cm_ctx *c) {
     if (!c) return;
+    cm_gemm_pack_free(c->out_pack);
     cm_moe_ctx_free(c->moe);
     cm_pool_free(c->pool);
     cm_kv_free(&c->kv);
@@ -471,8 +484,9 @@ void cm_ctx_kv_stats(const cm_ctx *c, cm_kv_stats *out) {
 
 /* Up to three products sharing one input X (N, K): q/k/v, gate/up. */
 typedef struct mm_op {
-    const cm_tensor *w; /* (M, K) */
-    float *y;           /* (N, M) */
+    const cm_tensor *w;       /* (M, K) */
+    float *y;                 /* (N, M) */
+    const cm_gemm_pack *pack; /* w repacked (the output head), or NULL */
 } mm_op;
 
 typedef struct mm_job {
@@ -516,8 +530,10 @@ static void mm_task_gemm_q(void *arg, int task, int thread) {
     int o;
     int64_t r0, r1;
     const cm_tensor *w = mm_task_rows(j, task, &o, &r0, &r1);
-    cm_gemm_q(w->type, w->data, j->k, j->xv, j->xv_stride, j->n, j->ops[o].y, w->ne1, r0, r1,
-              j->c->deq + (size_t)thread * (size_t)j->c->deq_floats, (size_t)j->c->deq_floats * sizeof(float));
+    float *scratch = j->c->deq + (size_t)thread * (size_t)j->c->deq_floats;
+    size_t bytes = (size_t)j->c->deq_floats * sizeof(float);
+    if (j->ops[o].pack) cm_gemm_q_packed(j->ops[o].pack, j->xv, j->xv_stride, j->n, j->ops[o].y, w->ne1, r0, r1, scratch, bytes);
+    else cm_gemm_q(w->type, w->data, j->k, j->xv, j->xv_stride, j->n, j->ops[o].y, w->ne1, r0, r1, scratch, bytes);
 }
 
 /* Rows [16 task, 16 task + 16) of x quantised to xtype (prefill: worth spreading over the pool). */
@@ -613,7 +629,7 @@ static void mm_run_rows(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, 
          * a pairing; a Q4_K_M layer's attn_v may be Q6_K beside Q4_K) */
         int gemm_rows = 0;
         for (int i = 0; i < n_ops && xt >= 0; i++) {
-            int r = cm_gemm_q_min_rows(ops[i].w->type);
+            int r = ops[i].pack ? 2 : cm_gemm_q_min_rows(ops[i].w->type); /* packed: nothing to repack */
             if (r > gemm_rows) gemm_rows = r;
         }
         task_fn = xt >= 0 && n >= gemm_rows ? mm_task_gemm_q : mm_task_matvec;
@@ -629,7 +645,7 @@ static void mm_run(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, int n
 }
 
 static void mm1(cm_ctx *c, const cm_tensor *w, const float *x, int n, float *y) {
-    mm_op op = {w, y};
+    mm_op op = {w, y, NULL};
     mm_run(c, 1, &op, x, n, w->ne0);
 }
 
@@ -778,7 +794,7 @@ static void forward_layer(cm_ctx *c, int il, int n) {
     rows_job rj = {c, il, n, l->attn_norm.data};
 
     if (il == 0) rows_run(c, norm_task, &rj); /* later layers': fused into the previous layer's last add */
-    mm_op qkv[3] = {{&l->wq, c->q}, {&l->wk, c->k}, {&l->wv, c->v}};
+    mm_op qkv[3] = {{&l->wq, c->q, NULL}, {&l->wk, c->k, NULL}, {&l->wv, c->v, NULL}};
     mm_run(c, 3, qkv, c->xn, n, D);
     rows_run(c, qkv_task, &rj);
     /* a task per kv head's group of query heads while that leaves each thread several tasks (decode: a
@@ -797,7 +813,7 @@ static void forward_layer(cm_ctx *c, int il, int n) {
         rows_run(c, add_norm_task, &rj);
         return;
     }
-    mm_op gu[2] = {{&l->w_gate, c->hg}, {&l->w_up, c->hu}};
+    mm_op gu[2] = {{&l->w_gate, c->hg, NULL}, {&l->w_up, c->hu, NULL}};
     mm_run(c, 2, gu, c->xn, n, D);
     if (c->moe) cm_mole_gate_up(c->moe, il, n, c->xn, c->hg, c->hu); /* MoLE adapters on their tokens */
     silu_job sj = {c->hg, c->hu, F};
@@ -919,14 +935,15 @@ static int forward_run(cm_ctx *c, const cm_batch *b, const int32_t *outer, cm_er
          * too, every yield_rows rows of it. A row's logits are the same products either way:
          * the matvec kernels and the int8 GEMM compute each output on its own (sgemm, for float weights
          * with many rows, does not slice) */
-        mm_op op = {&m->output, c->logits};
+        mm_op op = {&m->output, c->logits, c->out_pack};
         for (int64_t v0 = 0; v0 < in->n_vocab; v0 += c->yield_rows) {
             int64_t v1 = v0 + c->yield_rows < in->n_vocab ? v0 + c->yield_rows : in->n_vocab;
             mm_run_rows(c, 1, &op, c->outn, n_out, D, v0, v1);
             b->yield(b->yield_ud);
         }
     } else if (n_out) {
-        mm1(c, &m->output, c->outn, n_out, c->logits);
+        mm_op op = {&m->output, c->logits, c->out_pack};
+        mm_run(c, 1, &op, c->outn, n_out, D);
     }
 
     for (int s = 0; s < c->n_seq_max; s++) c->kv.seqs[s].len += c->seq_cnt[s];

@@ -23,6 +23,7 @@
  * family (the scalar family calls the reference), and equals the decode matvec's.
  */
 #include <stddef.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "gguf.h"
@@ -149,11 +150,8 @@ static void *carve(char **p, size_t bytes) {
     return r;
 }
 
-/* Lays the tile and nq token quads' activation parts out in the scratch (the 256-bit path's, gr == GR,
- * or the 512-bit path's); returns the bytes it spans. */
-static size_t tile_layout(tile *t, int wtype, int64_t k, int tr, int gr, int bias, int flip, size_t nq,
-                          void *scratch) {
-    char *p = (char *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+/* The tile's shape and flags for wtype (its arrays: tile_layout, or a pack's window). */
+static void tile_flags(tile *t, int wtype, int64_t k, int gr, int bias, int flip) {
     t->k = k;
     t->gr = gr;
     t->bias = bias;
@@ -164,6 +162,14 @@ static size_t tile_layout(tile *t, int wtype, int64_t k, int tr, int gr, int bia
     t->nb = k / (t->kq ? CM_QK_K : 32);
     t->has_min = wtype == GGUF_TT_Q2_K || wtype == GGUF_TT_Q4_K || wtype == GGUF_TT_Q5_K ||
                  wtype == GGUF_TT_Q4_1 || wtype == GGUF_TT_Q5_1; /* K-quants: dmin; legacy: m */
+}
+
+/* Lays the tile and nq token quads' activation parts out in the scratch (the 256-bit path's, gr == GR,
+ * or the 512-bit path's); returns the bytes it spans. */
+static size_t tile_layout(tile *t, int wtype, int64_t k, int tr, int gr, int bias, int flip, size_t nq,
+                          void *scratch) {
+    char *p = (char *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+    tile_flags(t, wtype, k, gr, bias, flip);
     size_t nb = (size_t)t->nb;
     t->sc = t->mn = NULL;
     size_t rows = (size_t)tr;
@@ -322,6 +328,27 @@ static void tile_fill(tile *t, int wtype, const void *w, size_t rb, int64_t a, i
         }
         tile_group(t, wtype, wr, g);
     }
+}
+
+/* A matrix repacked once (cm_gemm_q_pack): every group of its rows as tile_group lays a group out, the
+ * groups one after another in each array, so a tile that starts at a multiple of the group is a window
+ * of them (pack_window) and its products are the same bits as after tile_fill. The family part of a
+ * cm_gemm_pack (kernels_family.h), one allocation with the arrays after it. */
+typedef struct gpack {
+    tile t;                   /* the flags, and the arrays' bases (q, d, m, corr, sc, mn) at group 0 */
+    int z;                    /* the 512-bit path's tiles (else the 256-bit path's) */
+    size_t sq, sdm, ssc, smn; /* per group: q bytes; d, m, corr entries; sc, mn int16 */
+} gpack;
+
+/* Points the weight arrays of t (flags as the pack's) at the pack's groups from row a on (a % gr == 0). */
+static void pack_window(tile *t, const gpack *p, int64_t a) {
+    size_t g = (size_t)(a / p->t.gr);
+    t->q = p->t.q + g * p->sq;
+    t->d = p->t.d + g * p->sdm;
+    t->m = p->t.m + g * p->sdm;
+    t->corr = p->t.corr ? p->t.corr + g * p->sdm : NULL;
+    t->sc = p->t.sc ? p->t.sc + g * p->ssc : NULL;
+    t->mn = p->t.mn ? p->t.mn + g * p->smn : NULL;
 }
 
 /* While a tile meets the tokens, the next tile's weight rows come into L2 a slice per token quad (T1:
@@ -569,7 +596,7 @@ static void quad_rows(const void *x, size_t x_stride, int n, int t0, const char 
 }
 
 static void gemm_avx2(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y,
-                      int64_t ldy, int64_t r0, int64_t r1, void *scratch, size_t scratch_bytes) {
+                      int64_t ldy, int64_t r0, int64_t r1, void *scratch, size_t scratch_bytes, const gpack *pk) {
     tile t;
     size_t nq = ((size_t)n + NR - 1) / NR;
     int flip = flips(wtype);
@@ -583,17 +610,18 @@ static void gemm_avx2(int wtype, const void *w, int64_t k, const void *x, size_t
     const char *xr[NR];
     if (all) /* every quad's bytes and scales once, for all the tiles (the first tile's rows coming in) */
         for (size_t q = 0; q < nq; q++) {
-            prefetch_tile_slice(w, rb, r0, (r1 - r0 < TR ? r1 - r0 : TR), nq, q);
+            if (!pk) prefetch_tile_slice(w, rb, r0, (r1 - r0 < TR ? r1 - r0 : TR), nq, q);
             t.xd = xd0 + q * NR * nb, t.xs = xs0 + q * NR * nb, t.xq = xq0 + q * NR * (size_t)k;
             quad_rows(x, x_stride, n, (int)q * NR, xr);
             quad_prep(&t, xt, xr);
         }
     for (int64_t a = r0; a < r1; a += TR) {
         int rows = r1 - a < TR ? (int)(r1 - a) : TR, groups = (rows + GR - 1) / GR;
-        tile_fill(&t, wtype, w, rb, a, rows, groups);
+        if (pk) pack_window(&t, pk, a);
+        else tile_fill(&t, wtype, w, rb, a, rows, groups);
         for (int t0 = 0; t0 < n; t0 += NR) {
             int nt = n - t0 < NR ? n - t0 : NR;
-            prefetch_tile_slice(w, rb, a + TR, (r1 - a - TR < TR ? r1 - a - TR : TR), nq, (size_t)t0 / NR);
+            if (!pk) prefetch_tile_slice(w, rb, a + TR, (r1 - a - TR < TR ? r1 - a - TR : TR), nq, (size_t)t0 / NR);
             quad_rows(x, x_stride, n, t0, xr);
             if (all) {
                 size_t q = (size_t)t0 / NR;
@@ -894,7 +922,7 @@ static void zquad(tile *t, int xt, size_t xbytes, size_t qoff, const void *x, si
 }
 
 static void gemm_avx512(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y,
-                        int64_t ldy, int64_t r0, int64_t r1, void *scratch, size_t scratch_bytes) {
+                        int64_t ldy, int64_t r0, int64_t r1, void *scratch, size_t scratch_bytes, const gpack *pk) {
     tile t;
     size_t nq = ((size_t)n + NR - 1) / NR;
     int all = tile_layout(&t, wtype, k, ZTR, ZGR, zbias(wtype), 0, nq, scratch) <= scratch_bytes;
@@ -914,16 +942,17 @@ static void gemm_avx512(int wtype, const void *w, int64_t k, const void *x, size
     const char *xr[NR];
     if (all) /* every quad's scales and sums once, for all the tiles (the first tile's rows coming in) */
         for (size_t q = 0; q < nq; q++) {
-            prefetch_tile_slice(w, rb, r0, (r1 - r0 < ZTR ? r1 - r0 : ZTR), nq, q);
+            if (!pk) prefetch_tile_slice(w, rb, r0, (r1 - r0 < ZTR ? r1 - r0 : ZTR), nq, q);
             t.xd = xd0 + q * NR * nb, t.xs = xs0 + q * NR * nb, t.xc = xc0 + q * NR * t.xcs;
             zquad(&t, xt, xbytes, qoff, x, x_stride, n, (int)q * NR, 0, xr);
         }
     for (int64_t a = r0; a < r1; a += ZTR) {
         int rows = r1 - a < ZTR ? (int)(r1 - a) : ZTR, groups = (rows + ZGR - 1) / ZGR;
-        tile_fill(&t, wtype, w, rb, a, rows, groups);
+        if (pk) pack_window(&t, pk, a);
+        else tile_fill(&t, wtype, w, rb, a, rows, groups);
         for (int t0 = 0; t0 < n; t0 += NR) {
             int nt = n - t0 < NR ? n - t0 : NR;
-            prefetch_tile_slice(w, rb, a + ZTR, (r1 - a - ZTR < ZTR ? r1 - a - ZTR : ZTR), nq, (size_t)t0 / NR);
+            if (!pk) prefetch_tile_slice(w, rb, a + ZTR, (r1 - a - ZTR < ZTR ? r1 - a - ZTR : ZTR), nq, (size_t)t0 / NR);
             if (all) {
                 size_t q = (size_t)t0 / NR;
                 t.xd = xd0 + q * NR * nb, t.xs = xs0 + q * NR * nb, t.xc = xc0 + q * NR * t.xcs;
@@ -952,16 +981,106 @@ void CM_FAMILY_FN(cm_gemm_q)(int wtype, const void *w, int64_t k, const void *x,
                              int64_t ldy, int64_t r0, int64_t r1, void *scratch, size_t scratch_bytes) {
 #if defined(CM_G_AVX512)
     if ((wtype == GGUF_TT_Q8_0 || cm_quant_is_block_type(wtype)) && ztakes(wtype)) {
-        gemm_avx512(wtype, w, k, x, x_stride, n, y, ldy, r0, r1, scratch, scratch_bytes);
+        gemm_avx512(wtype, w, k, x, x_stride, n, y, ldy, r0, r1, scratch, scratch_bytes, NULL);
         return;
     }
 #endif
 #if defined(CM_G_AVX2)
     if (wtype == GGUF_TT_Q8_0 || cm_quant_is_block_type(wtype)) {
-        gemm_avx2(wtype, w, k, x, x_stride, n, y, ldy, r0, r1, scratch, scratch_bytes);
+        gemm_avx2(wtype, w, k, x, x_stride, n, y, ldy, r0, r1, scratch, scratch_bytes, NULL);
         return;
     }
 #endif
     (void)scratch, (void)scratch_bytes;
     cm_matvec_rows_ref(wtype, cm_quant_vec_dot_type(wtype), w, k, x, x_stride, n, y, ldy, r0, r1);
+}
+
+/* ------------------------------------------------------------ packed weights */
+
+cm_gemm_pack *CM_FAMILY_FN(cm_gemm_q_pack)(int wtype, const void *w, int64_t k, int64_t m) {
+#if defined(CM_G_AVX2)
+    if (!(wtype == GGUF_TT_Q8_0 || cm_quant_is_block_type(wtype)) || k <= 0 || m <= 0 ||
+        k % cm_quant_block_values(wtype))
+        return NULL;
+    gpack g;
+    memset(&g, 0, sizeof g);
+#if defined(CM_G_AVX512)
+    g.z = ztakes(wtype);
+#endif
+    const int gr = g.z ? ZGR : GR;
+#if defined(CM_G_AVX512)
+    if (g.z) {
+        tile_flags(&g.t, wtype, k, ZGR, zbias(wtype), 0);
+#if defined(CM_G_VNNI)
+        g.t.s32 = zmicro_for(wtype) != NULL; /* as gemm_avx512 sets it */
+#endif
+    } else
+#endif
+    {
+        tile_flags(&g.t, wtype, k, GR, 0, flips(wtype));
+    }
+    const size_t nb = (size_t)g.t.nb, groups = (size_t)((m + gr - 1) / gr);
+    g.sq = (size_t)gr * (size_t)k;
+    g.sdm = (size_t)gr * nb;
+    g.ssc = g.t.kq ? (g.t.s32 ? nb * (size_t)g.t.nsub * gr * 2 : nb * 16 * gr * 2) : 0;
+    g.smn = g.t.kq ? nb * 8 * gr * 2 : 0;
+    size_t sizes[7] = {sizeof(gpack), groups * g.sq, groups * g.sdm * sizeof(float), groups * g.sdm * sizeof(float),
+                       g.t.flip ? groups * g.sdm * sizeof(int32_t) : 0, groups * g.ssc * sizeof(int16_t),
+                       groups * g.smn * sizeof(int16_t)};
+    size_t bytes = 0;
+    for (int i = 0; i < 7; i++) bytes += (sizes[i] + 63) & ~(size_t)63;
+    cm_gemm_pack *pk = calloc(1, sizeof *pk);
+    char *mem = aligned_alloc(64, bytes);
+    uint8_t *stage = aligned_alloc(64, ((size_t)gr * (size_t)k + 63) & ~(size_t)63);
+    if (!pk || !mem || !stage) {
+        free(pk), free(mem), free(stage);
+        return NULL;
+    }
+    char *p = mem;
+    gpack *gp = carve(&p, sizes[0]);
+    g.t.q = carve(&p, sizes[1]);
+    g.t.d = carve(&p, sizes[2]);
+    g.t.m = carve(&p, sizes[3]);
+    g.t.corr = sizes[4] ? carve(&p, sizes[4]) : NULL;
+    g.t.sc = sizes[5] ? carve(&p, sizes[5]) : NULL;
+    g.t.mn = sizes[6] ? carve(&p, sizes[6]) : NULL;
+    *gp = g;
+    size_t rb = (size_t)gguf_row_bytes(wtype, k);
+    tile t = g.t;
+    t.row = stage;
+    for (size_t i = 0; i < groups; i++) { /* a last partial group repeats the matrix's last row */
+        const char *wr[ZGR];
+        for (int r = 0; r < gr; r++) {
+            int64_t row = (int64_t)i * gr + r;
+            wr[r] = (const char *)w + (size_t)(row < m ? row : m - 1) * rb;
+        }
+        pack_window(&t, gp, (int64_t)i * gr);
+        tile_group(&t, wtype, wr, 0);
+    }
+    free(stage);
+    *pk = (cm_gemm_pack){.family = &CM_FAMILY_FN(cm_kernels), .wtype = wtype, .w = w, .k = k, .m = m, .bytes = bytes, .impl = mem};
+    return pk;
+#else
+    (void)wtype, (void)w, (void)k, (void)m;
+    return NULL;
+#endif
+}
+
+void CM_FAMILY_FN(cm_gemm_q_packed)(const cm_gemm_pack *pk, const void *x, size_t x_stride, int n, float *y,
+                                    int64_t ldy, int64_t r0, int64_t r1, void *scratch, size_t scratch_bytes) {
+#if defined(CM_G_AVX2)
+    const gpack *g = pk->impl;
+    if (pk->family == &CM_FAMILY_FN(cm_kernels) && r0 % g->t.gr == 0) {
+#if defined(CM_G_AVX512)
+        if (g->z) {
+            gemm_avx512(pk->wtype, pk->w, pk->k, x, x_stride, n, y, ldy, r0, r1, scratch, scratch_bytes, g);
+            return;
+        }
+#endif
+        gemm_avx2(pk->wtype, pk->w, pk->k, x, x_stride, n, y, ldy, r0, r1, scratch, scratch_bytes, g);
+        return;
+    }
+#endif
+    /* packed by another family (the table changed since), or a window off the groups: the plain way */
+    CM_FAMILY_FN(cm_gemm_q)(pk->wtype, pk->w, pk->k, x, x_stride, n, y, ldy, r0, r1, scratch, scratch_bytes);
 }

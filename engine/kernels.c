@@ -370,6 +370,23 @@ size_t cm_gemm_q_scratch_bytes(int64_t k) { return cm__kops->gemm_q_scratch_byte
 
 int cm_gemm_q_min_rows(int wtype) { return cm__kops->gemm_q_min_rows(wtype); }
 
+cm_gemm_pack *cm_gemm_q_pack(int wtype, const void *w, int64_t k, int64_t m) {
+    return cm__kops->gemm_q_pack(wtype, w, k, m);
+}
+
+size_t cm_gemm_pack_bytes(const cm_gemm_pack *pk) { return pk ? pk->bytes : 0; }
+
+void cm_gemm_pack_free(cm_gemm_pack *pk) {
+    if (!pk) return;
+    free(pk->impl);
+    free(pk);
+}
+
+void cm_gemm_q_packed(const cm_gemm_pack *pk, const void *x, size_t x_stride, int n, float *y, int64_t ldy,
+                      int64_t r0, int64_t r1, void *scratch, size_t scratch_bytes) {
+    cm__kops->gemm_q_packed(pk, x, x_stride, n, y, ldy, r0, r1, scratch, scratch_bytes);
+}
+
 void cm_gemm_q(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y, int64_t ldy,
                int64_t r0, int64_t r1, void *scratch, size_t scratch_bytes) {
     cm__kops->gemm_q(wtype, w, k, x, x_stride, n, y, ldy, r0, r1, scratch, scratch_bytes);

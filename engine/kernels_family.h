@@ -32,6 +32,19 @@ enum {
     CM_CPU_AVX512VNNI = 1 << 7,
 };
 
+/* A weight matrix repacked for one family's int8 GEMM (cm_gemm_q_pack): which family (its table), the
+ * original matrix (what another family, or a window off the pack's groups, computes from), and the
+ * family's own part (gemm_q8.c), one allocation. */
+typedef struct cm_gemm_pack cm_gemm_pack; /* also kernels.h's (C11 allows the repeat) */
+struct cm_gemm_pack {
+    const struct cm_kernel_ops *family;
+    int wtype;
+    const void *w;
+    int64_t k, m;
+    size_t bytes; /* of impl */
+    void *impl;
+};
+
 /* Each entry has the contract of the kernels.h / quants.h function of the same name. */
 typedef struct cm_kernel_ops {
     const char *name; /* "avx512vnni", "avx512", "avx2" or "scalar" */
@@ -69,6 +82,9 @@ typedef struct cm_kernel_ops {
                              float *y, int64_t ldy, int64_t r0, int64_t r1);
     size_t (*gemm_q_scratch_bytes)(int64_t k);
     int (*gemm_q_min_rows)(int wtype);
+    cm_gemm_pack *(*gemm_q_pack)(int wtype, const void *w, int64_t k, int64_t m);
+    void (*gemm_q_packed)(const cm_gemm_pack *pk, const void *x, size_t x_stride, int n, float *y, int64_t ldy,
+                          int64_t r0, int64_t r1, void *scratch, size_t scratch_bytes);
     void (*gemm_q)(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y, int64_t ldy,
                    int64_t r0, int64_t r1, void *scratch, size_t scratch_bytes);
 } cm_kernel_ops;
@@ -105,6 +121,10 @@ void CM_FAMILY_FN(cm_quant_unpack_k_row)(int type, const void *w, int64_t nb, in
 /* gemm_q8.c's int8 prefill product, likewise. */
 size_t CM_FAMILY_FN(cm_gemm_q_scratch_bytes)(int64_t k);
 int CM_FAMILY_FN(cm_gemm_q_min_rows)(int wtype);
+cm_gemm_pack *CM_FAMILY_FN(cm_gemm_q_pack)(int wtype, const void *w, int64_t k, int64_t m);
+void CM_FAMILY_FN(cm_gemm_q_packed)(const cm_gemm_pack *pk, const void *x, size_t x_stride, int n, float *y,
+                                    int64_t ldy, int64_t r0, int64_t r1, void *scratch, size_t scratch_bytes);
+extern const cm_kernel_ops CM_FAMILY_FN(cm_kernels);
 void CM_FAMILY_FN(cm_gemm_q)(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y,
                              int64_t ldy, int64_t r0, int64_t r1, void *scratch, size_t scratch_bytes);
 #endif

@@ -957,5 +957,7 @@ const cm_kernel_ops CM_FAMILY_FN(cm_kernels) = {
     .quant_matvec_f32 = CM_FAMILY_FN(cm_quant_matvec_f32),
     .gemm_q_scratch_bytes = CM_FAMILY_FN(cm_gemm_q_scratch_bytes),
     .gemm_q_min_rows = CM_FAMILY_FN(cm_gemm_q_min_rows),
+    .gemm_q_pack = CM_FAMILY_FN(cm_gemm_q_pack),
+    .gemm_q_packed = CM_FAMILY_FN(cm_gemm_q_packed),
     .gemm_q = CM_FAMILY_FN(cm_gemm_q),
 };

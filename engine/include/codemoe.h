@@ -199,7 +199,21 @@ typedef struct cm_ctx_params {
     int n_batch_nested; /* max tokens of a cm_forward nested in another one's yield hook (cm_batch.yield);
                            0, the default: none (a nested call is CM_E_INVAL). Dense models only: a
                            mixture-of-experts model with n_batch_nested > 0 is CM_E_INVAL. */
+    int pack_output;    /* the output head kept repacked for the int8 GEMM (see below): 0, the default,
+                           when it is Q8_0 or a legacy type and the copy takes at most
+                           CM_PACK_OUTPUT_AUTO_MAX bytes; 1: whenever the kernel family can (K-quant heads
+                           too); < 0: never */
 } cm_ctx_params;
+
+/* The packed output head. Logits for a few rows at once (a decode step of several sequences, the ends
+ * of a step's prompts) are the output head's int8 GEMM, which otherwise repacks the head's rows into its
+ * tiles on every call: for a small model over a large vocabulary that repacking is most of the step's
+ * head. A packed context repacks it once at cm_ctx_create (about 1.2x the bytes of a Q8_0 head, 1.7x a
+ * K-quant's, on top of the file's mapping, which embedding lookups and one-row steps still read) and
+ * takes it from two rows on. The logits are the same bits either way (tested). */
+#define CM_PACK_OUTPUT_AUTO_MAX ((size_t)512 << 20)
+/* Bytes of c's packed output head (0: none). */
+size_t cm_ctx_output_pack_bytes(const cm_ctx *c);
 
 /* Expert residency. Weights are read straight from the model file's read-only mapping and paged in as
  * they are first read, so a MoE model whose requests use few experts already keeps less than its file in

@@ -846,6 +846,60 @@ TEST(decode_bytes) {
     ASSERT_EQ_INT(cm_model_decode_bytes(NULL, 0, CM_KV_F32), 0);
 }
 
+/* The packed output head (cm_ctx_params.pack_output): the same logits, bit for bit, as the head repacked
+ * per call, for one logits row (the matvec) and several (the int8 GEMM, from two rows on when packed),
+ * with the fixture's 300-row vocabulary ending in a partial group; Q8_0 and Q4_0 heads are packed by
+ * default, a K-quant head only when asked; never with -1, nor in the scalar family (no int8 GEMM). */
+TEST(packed_output_head_same_logits) {
+    static const char *files[] = {"models/qwen2-gqa-q8_0.gguf", "models/qwen2-gqa-q4_0.gguf", "models/qwen2-k-q4_k_m.gguf"};
+    const int simd = strcmp(cm_kernels_isa(), "scalar") != 0;
+    for (int f = 0; f < 3; f++) {
+        cm_model *m = cm_model_load(test_fixture(files[f]), NULL, NULL);
+        ASSERT_TRUE(m);
+        const int V = cm_model_get_info(m)->n_vocab;
+        cm_err err = {0};
+        cm_ctx_params p = {.n_threads = 2, .n_seq_max = 2, .n_ctx = 64, .n_batch_max = 24, .pack_output = -1};
+        cm_ctx *plain = cm_ctx_create(m, &p, &err);
+        p.pack_output = 0;
+        cm_ctx *dflt = cm_ctx_create(m, &p, &err);
+        p.pack_output = 1;
+        cm_ctx *forced = cm_ctx_create(m, &p, &err);
+        ASSERT_TRUE(plain && dflt && forced);
+        ASSERT_EQ_INT(cm_ctx_output_pack_bytes(plain), 0);
+        CHECK_TRUE((cm_ctx_output_pack_bytes(dflt) > 0) == (simd && f < 2));
+        CHECK_TRUE((cm_ctx_output_pack_bytes(forced) > 0) == simd);
+        cm_ctx *packed = f < 2 ? dflt : forced;
+        int32_t tok[24], seq[24];
+        int8_t want[24];
+        static const int rows[] = {1, 2, 3, 5, 16, 24};
+        for (size_t k = 0; k < sizeof rows / sizeof *rows; k++) {
+            int n = rows[k];
+            for (int i = 0; i < n; i++) tok[i] = (i * 37 + (int)k * 11 + 5) % V, want[i] = 1;
+            float *ref = malloc((size_t)n * (size_t)V * sizeof(float));
+            cm_ctx *cs[2] = {plain, packed};
+            for (int c = 0; c < 2; c++) {
+                int sq = cm_seq_open(cs[c], NULL);
+                for (int i = 0; i < n; i++) seq[i] = sq;
+                cm_batch b = {.n = n, .token = tok, .seq = seq, .logits = want};
+                ASSERT_EQ_INT(cm_forward(cs[c], &b, &err), CM_OK);
+                for (int i = 0; i < n; i++) {
+                    const float *lg = cm_logits(cs[c], i);
+                    ASSERT_TRUE(lg != NULL);
+                    if (c == 0) memcpy(ref + (size_t)i * V, lg, (size_t)V * sizeof(float));
+                    else if (memcmp(ref + (size_t)i * V, lg, (size_t)V * sizeof(float)))
+                        TEST_FAIL_("%s, %d logits rows: row %d differs packed", files[f], n, i);
+                }
+                cm_seq_close(cs[c], sq);
+            }
+            free(ref);
+        }
+        cm_ctx_free(plain);
+        cm_ctx_free(dflt);
+        cm_ctx_free(forced);
+        cm_model_free(m);
+    }
+}
+
 int main(void) {
     snprintf(tmp_path, sizeof tmp_path, "%s/cm_test_model_%d.gguf", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp",
              (int)getpid());
@@ -863,6 +917,7 @@ int main(void) {
     RUN(qwen3_models);
     RUN(decode_bytes);
     RUN(nested_forward_in_yield_hook);
+    RUN(packed_output_head_same_logits);
     unlink(tmp_path);
     return test_summary();
 }

@@ -19,7 +19,9 @@
  *     64-row tile), the row length (a few blocks, and tens of them) and the output stride; and at the
  *     extremes of its integer sums (every weight at the end of its range against int8 rows of all
  *     +127 or all -127), where an int16 partial sum held one step too long would wrap. Its K-quant row
- *     unpacker equals the reference unpacker byte for byte.
+ *     unpacker equals the reference unpacker byte for byte. The same matrices packed once
+ *     (cm_gemm_q_pack) give the same bits, from the pack's groups and, where a call starts off them or
+ *     runs under another family, from the matrix.
  */
 #include <math.h>
 #include <stdint.h>
@@ -320,27 +322,48 @@ TEST(gemm_q_equals_ref) {
             cm_vec_prepare(xt, x, xv + (size_t)j * xb, k);
         }
         cm_matvec_rows_ref(type, xt, w, k, xv, xb, nmax, yr, ldy, 0, m);
+        /* the matrix packed once (every family but the scalar one packs): the same products from its
+         * groups (rows from a multiple of 16) and, off them, from the matrix itself */
+        cm_gemm_pack *pk = cm_gemm_q_pack(type, w, k, m);
+        CHECK_TRUE((pk != NULL) == (strcmp(cm_kernels_isa(), "scalar") != 0));
+        CHECK_TRUE(!pk || cm_gemm_pack_bytes(pk) >= (size_t)(k * m));
         static const int ns[] = {1, 2, 3, 4, 5, 8, 16, 19, 67};
-        static const int64_t ranges[][2] = {{0, 83}, {3, 4}, {5, 22}, {17, 83}, {64, 83}};
-        for (size_t a = 0; a < 2 * sizeof ns / sizeof ns[0]; a++)
+        static const int64_t ranges[][2] = {{0, 83}, {3, 4}, {5, 22}, {17, 83}, {64, 83}, {16, 48}};
+        for (size_t a = 0; a < 3 * sizeof ns / sizeof ns[0]; a++)
             for (size_t b = 0; b < sizeof ranges / sizeof ranges[0]; b++) {
-                int n = ns[a / 2];
-                size_t bytes = a % 2 ? sb_all : sb;
+                int n = ns[a / 3], packed = a % 3 == 2;
+                size_t bytes = a % 3 == 1 ? sb_all : sb;
                 int64_t r0 = ranges[b][0], r1 = ranges[b][1];
+                if (packed && !pk) continue;
                 for (int i = 0; i < nmax * ldy; i++) y[i] = -12345.0f;
-                cm_gemm_q(type, w, k, xv, xb, n, y, ldy, r0, r1, scratch, bytes);
+                if (packed) cm_gemm_q_packed(pk, xv, xb, n, y, ldy, r0, r1, scratch, bytes);
+                else cm_gemm_q(type, w, k, xv, xb, n, y, ldy, r0, r1, scratch, bytes);
                 int bad = 0;
                 for (int j = 0; j < nmax && !bad; j++)
                     for (int64_t r = 0; r < ldy && !bad; r++) {
                         float got = y[j * ldy + r], want = j < n && r >= r0 && r < r1 ? yr[j * ldy + r] : -12345.0f;
                         if (!same_or_nan(got, want)) {
-                            TEST_FAIL_("%s n=%d rows [%lld, %lld) scratch %zu: row %lld token %d: gemm %.9g, ref %.9g",
-                                       gguf_ttype_name(type), n, (long long)r0, (long long)r1, bytes, (long long)r, j,
-                                       got, want);
+                            TEST_FAIL_("%s%s n=%d rows [%lld, %lld) scratch %zu: row %lld token %d: gemm %.9g, ref %.9g",
+                                       gguf_ttype_name(type), packed ? " packed" : "", n, (long long)r0, (long long)r1,
+                                       bytes, (long long)r, j, got, want);
                             bad = 1;
                         }
                     }
             }
+        if (pk) { /* under another family (the table changed since it was packed): the matrix itself */
+            const char *fam = cm_kernels_isa();
+            CHECK_TRUE(cm_kernels_use("scalar") == 0);
+            for (int i = 0; i < nmax * ldy; i++) y[i] = -12345.0f;
+            cm_gemm_q_packed(pk, xv, xb, 5, y, ldy, 0, m, scratch, sb);
+            for (int j = 0; j < 5; j++)
+                for (int64_t r = 0; r < m; r++)
+                    if (!same_or_nan(y[j * ldy + r], yr[j * ldy + r])) {
+                        TEST_FAIL_("%s packed under %s, row %lld token %d", gguf_ttype_name(type), fam, (long long)r, j);
+                        r = m, j = 5;
+                    }
+            CHECK_TRUE(cm_kernels_use(fam) == 0);
+        }
+        cm_gemm_pack_free(pk);
         free(w); free(xv); free(x); free(yr); free(y); free(scratch);
     }
 }
