@@ -117,6 +117,7 @@ static int member_start(srv_pool *p, const srv_model_spec *spec, int threads, sr
     if (s->kv_size >= 0) { m->cfg.kv_size = s->kv_size; m->cfg.kv_size_bytes = s->kv_size_bytes; }
     if (s->max_itl_ms >= 0) m->cfg.max_itl_ms = s->max_itl_ms;
     if (s->experts_resident >= 0) m->cfg.experts_resident = s->experts_resident;
+    if (s->pack_output != SRV_PACK_UNSET) m->cfg.pack_output = s->pack_output;
     /* the names are known before the weights: /v1/models/{id} answers while the model loads */
     m->model.id = m->cfg.model_id;
     m->model.aliases = (const char *const *)m->cfg.aliases;

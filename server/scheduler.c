@@ -925,8 +925,8 @@ static int take_submissions(srv_sched *s) {
 /* Speculation: the n-gram lengths prompt lookup tries, longest first (a longer match predicts better;
  * one token alone matches too often to be worth the rows). */
 enum { SPEC_NGRAM_MAX = 4, SPEC_NGRAM_MIN = 2 };
-/* Drafts only fill a batch up to this many rows: below 16 rows the engine's products are matrix-vector
- * products that read each weight once for all rows (docs/engine.md), so a draft row costs little of
+/* Drafts only fill a batch up to this many rows: below 16 rows the engine's products read each weight
+ * once for all rows (the matvec, or the int8 GEMM from a few rows on; docs/engine.md), so a draft row costs little of
  * what a step costs anyway; beyond, every row pays full price and the drafts would slow the other
  * streams' steps down more than they save. */
 enum { SPEC_BATCH_ROWS = 16 };
@@ -1393,7 +1393,8 @@ static int worker_load(srv_sched *s) {
                                 .n_batch_max = s->cfg->n_batch, .kv_tokens = (int)kv_tokens,
                                 .prefix_cache = s->cfg->prefix_cache, .kv_type = s->cfg->kv_type,
                                 .experts_resident = s->cfg->experts_resident,
-                                .n_batch_nested = s->nest_on ? s->nest_max : 0};
+                                .n_batch_nested = s->nest_on ? s->nest_max : 0,
+                                .pack_output = s->cfg->pack_output};
             ctx = cm_ctx_create(m, &cp, &err);
         }
         if (ctx) {
@@ -1405,12 +1406,14 @@ static int worker_load(srv_sched *s) {
             /* test hook: slow every step down so tests can act in the middle of a prefill */
             env = getenv("CODEMOE_SERVE_STEP_DELAY_MS");
             s->step_delay_ms = env ? atoi(env) : 0;
-            json_t *f = json_pack("{s:i,s:i,s:i,s:s,s:f,s:b,s:f,s:b}", "blocks", kv.blocks_total, "block_tokens",
+            json_t *f = json_pack("{s:i,s:i,s:i,s:s,s:f,s:b,s:f,s:b,s:f}", "blocks", kv.blocks_total, "block_tokens",
                                   kv.block_tokens, "tokens", kv.blocks_total * kv.block_tokens, "type",
                                   s->cfg->kv_type == CM_KV_F16 ? "f16" : "f32", "mib",
                                   (double)kv.blocks_total * block_bytes / (1 << 20), "prefix_cache",
                                   s->cfg->prefix_cache != 0, "max_itl_ms", s->cfg->max_itl_ms,
-                                  "kv_check", s->kv_check);
+                                  "kv_check", s->kv_check, "output_pack_mib",
+                                  (double)cm_ctx_output_pack_bytes(ctx) / (1 << 20));
+            if (f) json_object_set_new(f, "model", json_string(s->cfg->model_id));
             srv_log("info", "kv pool", f);
             json_decref(f);
             s->info = info;
