@@ -12,8 +12,9 @@
  *  - greedy: argmax generation from greedy.prompt yields greedy.tokens exactly.
  * The largest difference per model goes to stderr. And the golden directory holds exactly the
  * inventory of tests/golden.h, so no golden goes unchecked.
- * With the default int8 activations, on the quantised goldens: a case's prefill logits are the same bits
- * alone, interleaved with another sequence in one batch, with 1 or 3 threads, and decoded token by token
+ * With the default int8 activations, on the quantised goldens, f32 and f16 K/V: a case's prefill logits
+ * are the same bits alone, interleaved with another sequence in one batch, in runs beside it (as a
+ * server's step holds prompts), with 1 or 3 threads, and decoded token by token
  * (the int8 GEMM and the decode matvec both sum as cm_qacc, so a row depends on nothing else in the
  * batch); and they stay within 1.5 of the golden (int8 activations add 1e-2 to 1 of error there:
  * docs/engine.md; the bound only catches garbage).
@@ -321,6 +322,21 @@ static int check_int8(const golden *g) {
         for (int i = 0; ok && i < n; i++)
             if (src[i] >= 0 && memcmp(cm_logits(c, i), alone + (size_t)src[i] * V, V * sizeof(float)))
                 fprintf(stderr, "%s int8 mixed row %d (pos %d): differs from alone\n", g->name, i, src[i]), ok = 0;
+        cm_seq_close(c, sa2);
+        cm_seq_close(c, sb);
+        /* in runs, as a server's step holds prompts: the first 10 tokens, the other sequence whole, the
+         * rest */
+        int sa3 = cm_seq_open(c, NULL), sb3 = cm_seq_open(c, NULL);
+        n = 0;
+        for (int i = 0; i < 10; i++) tok[n] = ga->tok[i], seq[n] = sa3, src[n++] = i;
+        for (int i = 0; i < ga->n; i++) tok[n] = btok[i], seq[n] = sb3, src[n++] = -1;
+        for (int i = 10; i < ga->n; i++) tok[n] = ga->tok[i], seq[n] = sa3, src[n++] = i;
+        ok = ok && run(c, n, tok, seq) == 0;
+        for (int i = 0; ok && i < n; i++)
+            if (src[i] >= 0 && memcmp(cm_logits(c, i), alone + (size_t)src[i] * V, V * sizeof(float)))
+                fprintf(stderr, "%s int8 runs row %d (pos %d): differs from alone\n", g->name, i, src[i]), ok = 0;
+        cm_seq_close(c, sa3);
+        cm_seq_close(c, sb3);
         /* token by token: the matvec's dots sum in the GEMM's order */
         int sd = cm_seq_open(c, NULL);
         for (int i = 0; ok && i < ga->n; i++) {
@@ -338,7 +354,7 @@ TEST(int8_prefill_is_batch_invariant) {
     static const char *names[] = {"qwen2-gqa-q4_0", "qwen2-gqa-q8_0", "qwen2-k-q4_k_m", "qwen2-k-q6_k",
                                   "qwen3-k-q4_k_m"};
     unsetenv("CODEMOE_EXACT_ACTIVATIONS"); /* the default: int8 activations */
-    kv_type = CM_KV_F32;
+    for (kv_type = CM_KV_F32; kv_type <= CM_KV_F16; kv_type++)
     for (size_t k = 0; k < sizeof names / sizeof names[0]; k++) {
         golden g;
         if (golden_load(names[k], &g) < 0) {
@@ -347,7 +363,8 @@ TEST(int8_prefill_is_batch_invariant) {
         }
         worst = 0;
         CHECK_TRUE(check_int8(&g));
-        fprintf(stderr, "  %-36s int8 prefill max abs diff from the golden %.3g\n", g.name, worst);
+        fprintf(stderr, "  %-36s int8 prefill (KV %s) max abs diff from the golden %.3g\n", g.name,
+                kv_type == CM_KV_F16 ? "f16" : "f32", worst);
         golden_free(&g);
     }
 }
