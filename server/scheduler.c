@@ -234,8 +234,9 @@ struct srv_sched {
     int8_t *b_logits;                 /* (n_batch) */
     int8_t *b_gen;                    /* (n_batch) 1: a generated token (routing statistics) */
     sched_row *rows;                  /* (n_batch) */
-    cm_sampler **smp_free;            /* (parallel) idle samplers: a vocabulary-sized sampler costs more to
-                                         create (clearing its arrays) than a short request's prefill */
+    cm_sampler **smp_free;            /* (parallel) idle samplers, made at load: a vocabulary-sized sampler
+                                         costs more to create (clearing its arrays) than a short request's
+                                         prefill */
     int n_smp_free;
     cm_token_logprob top[CM_LOGPROBS_MAX];
     /* worker-local copies of the histograms, merged under the lock at publish time */
@@ -1453,6 +1454,15 @@ static int worker_load(srv_sched *s) {
                 ctx = NULL;
             }
         }
+    }
+    if (ctx) { /* every slot's sampler now, not when the first requests arrive: creating one writes
+                * vocabulary-sized arrays (a fresh server's first burst of 16 requests spent 5 ms of page
+                * faults admitting them) */
+        cm_sampling dflt;
+        cm_sampling_default(&dflt);
+        cm_sampler *smp;
+        while (s->n_smp_free < s->cfg->parallel && (smp = cm_sampler_create(m, &dflt, NULL)))
+            s->smp_free[s->n_smp_free++] = smp;
     }
     uv_mutex_lock(&s->mu);
     if (ctx) {
