@@ -150,6 +150,18 @@ static int wait_model(srv_sched *s, api_model *model, int *failed) {
     return 1;
 }
 
+/* A scheduler on a fresh loop, run until it closes (its wake callback stops it); *s is set while it runs
+ * (the callbacks use it), the gauges copied at the end when g is given. Returns 0, or -1 on any failure. */
+static int sched_run(uv_loop_t *loop, const srv_config *cfg, srv_sched **s, srv_sched_wake_fn wake, void *ud,
+                     srv_gauges *g) {
+    if (uv_loop_init(loop)) return -1;
+    if (!(*s = srv_sched_create(loop, cfg, wake, ud))) return -1;
+    if (uv_run(loop, UV_RUN_DEFAULT) || !srv_sched_closed(*s)) return -1;
+    if (g) srv_sched_stats(*s, g, NULL, NULL, NULL, NULL);
+    srv_sched_free(*s);
+    return uv_loop_close(loop) ? -1 : 0;
+}
+
 /* Loop thread: every job with output is drained into its tjob (text, preemptions, done). */
 static void drain_jobs(srv_sched *s) {
     for (srv_job *j = srv_sched_take(s), *next; j; j = next) {
@@ -229,13 +241,7 @@ TEST(light_prompt_steps_alone_ahead_of_flood_prefill) {
     sched_test *t = calloc(1, sizeof *t);
     ASSERT_TRUE(t != NULL);
     test_config(&t->cfg, 4, on_step, t, 0);
-    ASSERT_EQ_INT(uv_loop_init(&t->loop), 0);
-    t->s = srv_sched_create(&t->loop, &t->cfg, on_wake, t);
-    ASSERT_TRUE(t->s != NULL);
-    ASSERT_EQ_INT(uv_run(&t->loop, UV_RUN_DEFAULT), 0);
-    ASSERT_TRUE(srv_sched_closed(t->s));
-    srv_sched_free(t->s);
-    ASSERT_EQ_INT(uv_loop_close(&t->loop), 0);
+    ASSERT_EQ_INT(sched_run(&t->loop, &t->cfg, &t->s, on_wake, t, NULL), 0);
     ASSERT_TRUE(!t->failed);
     ASSERT_EQ_INT(t->phase, 3);
     for (int i = 0; i < N_FLOOD; i++) ASSERT_TRUE(t->flood[i].done && !t->flood[i].has_error);
@@ -363,13 +369,7 @@ static void pre_release(pre_test *t) {
 static int pre_run(pre_test *t, int no_preempt, int nested) {
     test_config(&t->cfg, P_PARALLEL, pre_on_step, t, nested);
     t->cfg.no_preempt = no_preempt;
-    if (uv_loop_init(&t->loop)) return -1;
-    t->s = srv_sched_create(&t->loop, &t->cfg, pre_on_wake, t);
-    if (!t->s) return -1;
-    if (uv_run(&t->loop, UV_RUN_DEFAULT) || !srv_sched_closed(t->s)) return -1;
-    srv_sched_stats(t->s, &t->gauges, NULL, NULL, NULL, NULL);
-    srv_sched_free(t->s);
-    return uv_loop_close(&t->loop) ? -1 : 0;
+    return sched_run(&t->loop, &t->cfg, &t->s, pre_on_wake, t, &t->gauges);
 }
 
 /* A whole run (the flood and newcomers, then each request alone) that went through without a failure,
@@ -544,13 +544,7 @@ TEST(started_prompt_finishes_before_later_ones) {
     order_test *t = calloc(1, sizeof *t);
     ASSERT_TRUE(t != NULL);
     test_config(&t->cfg, 4, order_on_step, t, 0);
-    ASSERT_EQ_INT(uv_loop_init(&t->loop), 0);
-    t->s = srv_sched_create(&t->loop, &t->cfg, order_on_wake, t);
-    ASSERT_TRUE(t->s != NULL);
-    ASSERT_EQ_INT(uv_run(&t->loop, UV_RUN_DEFAULT), 0);
-    ASSERT_TRUE(srv_sched_closed(t->s));
-    srv_sched_free(t->s);
-    ASSERT_EQ_INT(uv_loop_close(&t->loop), 0);
+    ASSERT_EQ_INT(sched_run(&t->loop, &t->cfg, &t->s, order_on_wake, t, NULL), 0);
     ASSERT_TRUE(!t->failed && t->phase == 3);
     for (int k = 0; k < O_JOBS; k++) ASSERT_TRUE(t->jobs[k].done && !t->jobs[k].has_error && t->jobs[k].text_len > 0);
     ASSERT_TRUE(t->n_steps > 3);
