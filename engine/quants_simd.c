@@ -230,39 +230,58 @@ static inline __m256i k16_group(int type, const void *blk, int g) {
 #define CM_ALWAYS_INLINE static inline __attribute__((always_inline))
 #define ROWS_MAX 4 /* weight rows per pass over x: four independent FMA chains */
 
-/* Q8_0 and legacy weights: block i's lanes against x's 32 int8 xv, its d (and m for Q4_1/Q5_1); off is
- * off_u8s8(bias, xv) for Q4_0 and Q5_0. */
-CM_ALWAYS_INLINE __m256i legacy_lanes(int wt, const void *w, int64_t i, __m256i xv, __m256i off, float *d,
+/* Q8_0 and legacy weights: block i's lanes against x's 32 int8 xv, its fp16 d (and m as float for
+ * Q4_1/Q5_1); off is legacy_off(wt, xv). */
+CM_ALWAYS_INLINE __m256i legacy_lanes(int wt, const void *w, int64_t i, __m256i xv, __m256i off, uint16_t *dh,
                                       float *m) {
     switch (wt) {
     case GGUF_TT_Q8_0: {
         const cm_block_q8_0 *b = (const cm_block_q8_0 *)w + i;
-        *d = fp16(b->d);
-        return dot_s8s8(_mm256_loadu_si256((const __m256i *)b->qs), xv);
+        *dh = b->d;
+        __m256i q = _mm256_loadu_si256((const __m256i *)b->qs);
+#if defined(CM_Q_VNNI)
+        /* q + 128 unsigned (one xor), the 128 * x share taken off once per block in off */
+        return dot_u8s8_off(_mm256_xor_si256(q, _mm256_set1_epi8((char)0x80)), xv, off);
+#else
+        (void)off;
+        return dot_s8s8(q, xv);
+#endif
     }
     case GGUF_TT_Q4_0: {
         const cm_block_q4_0 *b = (const cm_block_q4_0 *)w + i;
-        *d = fp16(b->d);
+        *dh = b->d;
         return dot_u8s8_off(legacy_nibbles(b->qs), xv, off);
     }
     case GGUF_TT_Q4_1: {
         const cm_block_q4_1 *b = (const cm_block_q4_1 *)w + i;
-        *d = fp16(b->d);
+        *dh = b->d;
         *m = fp16(b->m);
         return dot_u8s8(legacy_nibbles(b->qs), xv);
     }
     case GGUF_TT_Q5_0: {
         const cm_block_q5_0 *b = (const cm_block_q5_0 *)w + i;
-        *d = fp16(b->d);
+        *dh = b->d;
         return dot_u8s8_off(legacy_q5(b->qs, b->qh), xv, off);
     }
     default: {
         const cm_block_q5_1 *b = (const cm_block_q5_1 *)w + i;
-        *d = fp16(b->d);
+        *dh = b->d;
         *m = fp16(b->m);
         return dot_u8s8(legacy_q5(b->qs, b->qh), xv);
     }
     }
+}
+
+/* The share of the bias that legacy_lanes's dots take off per activation block: Q4_0's 8 and Q5_0's 16,
+ * and with VNNI Q8_0's 128 (q + 128 meets x unsigned: dpbusd's sums cannot overflow, 4 * 255 * 128 per
+ * lane; maddubs's int16 pairs could saturate, so AVX2 keeps the sign trick). */
+CM_ALWAYS_INLINE __m256i legacy_off(int wt, __m256i xv) {
+    if (wt == GGUF_TT_Q4_0) return off_u8s8(8, xv);
+    if (wt == GGUF_TT_Q5_0) return off_u8s8(16, xv);
+#if defined(CM_Q_VNNI)
+    if (wt == GGUF_TT_Q8_0) return off_u8s8(128, xv);
+#endif
+    return _mm256_setzero_si256();
 }
 
 /* How far beyond the next rows' matching share the row dots stream the weights in: with one pass of four
@@ -311,21 +330,21 @@ CM_ALWAYS_INLINE void rows_legacy(int wt, int nr, int64_t nb, const char *w, siz
             dx = fp16(xb->d);
         }
         prefetch_next_rows(w, rb, nr, i, legacy_block_bytes(wt));
-        __m256i off = wt == GGUF_TT_Q4_0   ? off_u8s8(8, xv)
-                      : wt == GGUF_TT_Q5_0 ? off_u8s8(16, xv)
-                                           : _mm256_setzero_si256();
+        __m256i off = legacy_off(wt, xv);
         __m256i p[ROWS_MAX];
-        float d[ROWS_MAX];
+        uint16_t dh[ROWS_MAX];
         for (int r = 0; r < nr; r++) {
             float m = 0.0f;
-            p[r] = legacy_lanes(wt, w + (size_t)r * rb, i, xv, off, &d[r], &m);
+            p[r] = legacy_lanes(wt, w + (size_t)r * rb, i, xv, off, &dh[r], &m);
             if (has_m) e[r] = fmaf(m, sx, e[r]);
         }
-        if (nr == ROWS_MAX) {
-            __m128 s = _mm_mul_ps(_mm_loadu_ps(d), _mm_set1_ps(dx));
+        if (nr == ROWS_MAX) { /* the four d converted at once (exact, as fp16 is) */
+            __m128i h = _mm_cvtsi32_si128(dh[0] | (int)dh[1] << 16);
+            h = _mm_insert_epi32(h, dh[2] | (int)dh[3] << 16, 1);
+            __m128 s = _mm_mul_ps(_mm_cvtph_ps(h), _mm_set1_ps(dx));
             acc4 = _mm_fmadd_ps(_mm_cvtepi32_ps(hsum4_i32(p)), s, acc4);
         } else {
-            acc1 = fmaf((float)hsum_i32(p[0]), d[0] * dx, acc1);
+            acc1 = fmaf((float)hsum_i32(p[0]), fp16(dh[0]) * dx, acc1);
         }
     }
     float a[ROWS_MAX];
