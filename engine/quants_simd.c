@@ -47,9 +47,13 @@ static inline int32_t hsum_i32(__m256i v) {
     return _mm_cvtsi128_si32(s);
 }
 
-/* The totals of four rows' 8 int32 lanes, exactly (integer adds), as [row 0, row 1, row 2, row 3]. */
+/* The totals of four rows' 8 int32 lanes, exactly (integer adds), as [row 0, row 1, row 2, row 3]. By
+ * unpacks and adds rather than three hadds: on Zen 4 the four-row legacy dots (in L2, one thread) run
+ * 3-12% faster so, and AVX2's 1-5%. */
 static inline __m128i hsum4_i32(const __m256i p[4]) {
-    __m256i t = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+    __m256i s01 = _mm256_add_epi32(_mm256_unpacklo_epi32(p[0], p[1]), _mm256_unpackhi_epi32(p[0], p[1]));
+    __m256i s23 = _mm256_add_epi32(_mm256_unpacklo_epi32(p[2], p[3]), _mm256_unpackhi_epi32(p[2], p[3]));
+    __m256i t = _mm256_add_epi32(_mm256_unpacklo_epi64(s01, s23), _mm256_unpackhi_epi64(s01, s23));
     return _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
 }
 
