@@ -616,19 +616,6 @@ static void mm_run_rows(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, 
             j.xv = x;
             j.xv_stride = (size_t)k * sizeof(float);
         }
-        /* The int8 GEMM: about four tasks per thread over all ops' rows together (q is 7x larger than k
-         * and v); it interleaves W in groups of 8 or 16 rows, so multiples of 16 suit both. The matvec
-         * (decode): one contiguous share per thread, fewer boundaries where the row dots' stream of weights
-         * ahead starts again (decode at 2 threads on Zen 4: 5-10% faster than four tasks a thread on 0.5B
-         * models, more tasks slower still); a thread that comes late leaves its share to the others. */
-        int64_t rows = 0;
-        for (int i = 0; i < n_ops; i++) rows += ops[i].w->ne1;
-        if (hi) rows = hi - lo;
-        int64_t per = n >= CM_GEMM_MIN_ROWS ? (int64_t)nt * 4 : nt;
-        int64_t chunk = nt == 1 ? mmax : (rows + per - 1) / per;
-        chunk = (chunk + 15) & ~(int64_t)15;
-        if (chunk < 16) chunk = 16;
-        j.chunk = chunk;
         /* the int8 GEMM from the family's crossover on: the largest of the ops' (their types share
          * a pairing; a Q4_K_M layer's attn_v may be Q6_K beside Q4_K) */
         int gemm_rows = 0;
@@ -637,6 +624,19 @@ static void mm_run_rows(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, 
             if (r > gemm_rows) gemm_rows = r;
         }
         task_fn = xt >= 0 && n >= gemm_rows ? mm_task_gemm_q : mm_task_matvec;
+        /* The int8 GEMM: about four tasks per thread over all ops' rows together (q is 7x larger than k
+         * and v); it interleaves W in groups of 8 or 16 rows, so multiples of 16 suit both. The matvec
+         * (decode): one contiguous share per thread, fewer boundaries where the row dots' stream of weights
+         * ahead starts again (decode at 2 threads on Zen 4: 5-10% faster than four tasks a thread on 0.5B
+         * models, more tasks slower still); a thread that comes late leaves its share to the others. */
+        int64_t rows = 0;
+        for (int i = 0; i < n_ops; i++) rows += ops[i].w->ne1;
+        if (hi) rows = hi - lo;
+        int64_t per = task_fn == mm_task_gemm_q ? (int64_t)nt * 4 : nt;
+        int64_t chunk = nt == 1 ? mmax : (rows + per - 1) / per;
+        chunk = (chunk + 15) & ~(int64_t)15;
+        if (chunk < 16) chunk = 16;
+        j.chunk = chunk;
     }
     j.task0[0] = 0;
     for (int i = 0; i < n_ops; i++)
