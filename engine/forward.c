@@ -532,7 +532,8 @@ static void mm_task_gemm_q(void *arg, int task, int thread) {
     const cm_tensor *w = mm_task_rows(j, task, &o, &r0, &r1);
     float *scratch = j->c->deq + (size_t)thread * (size_t)j->c->deq_floats;
     size_t bytes = (size_t)j->c->deq_floats * sizeof(float);
-    if (j->ops[o].pack) cm_gemm_q_packed(j->ops[o].pack, j->xv, j->xv_stride, j->n, j->ops[o].y, w->ne1, r0, r1, scratch, bytes);
+    if (j->ops[o].pack)
+        cm_gemm_q_packed(j->ops[o].pack, j->xv, j->xv_stride, j->n, j->ops[o].y, w->ne1, r0, r1, scratch, bytes);
     else cm_gemm_q(w->type, w->data, j->k, j->xv, j->xv_stride, j->n, j->ops[o].y, w->ne1, r0, r1, scratch, bytes);
 }
 

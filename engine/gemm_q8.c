@@ -1058,7 +1058,8 @@ cm_gemm_pack *CM_FAMILY_FN(cm_gemm_q_pack)(int wtype, const void *w, int64_t k, 
         tile_group(&t, wtype, wr, 0);
     }
     free(stage);
-    *pk = (cm_gemm_pack){.family = &CM_FAMILY_FN(cm_kernels), .wtype = wtype, .w = w, .k = k, .m = m, .bytes = bytes, .impl = mem};
+    *pk = (cm_gemm_pack){
+        .family = &CM_FAMILY_FN(cm_kernels), .wtype = wtype, .w = w, .k = k, .m = m, .bytes = bytes, .impl = mem};
     return pk;
 #else
     (void)wtype, (void)w, (void)k, (void)m;

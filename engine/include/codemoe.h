@@ -208,9 +208,9 @@ typedef struct cm_ctx_params {
 /* The packed output head. Logits for a few rows at once (a decode step of several sequences, the ends
  * of a step's prompts) are the output head's int8 GEMM, which otherwise repacks the head's rows into its
  * tiles on every call: for a small model over a large vocabulary that repacking is most of the step's
- * head. A packed context repacks it once at cm_ctx_create (about 1.2x the bytes of a Q8_0 head, 1.7x a
- * K-quant's, on top of the file's mapping, which embedding lookups and one-row steps still read) and
- * takes it from two rows on. The logits are the same bits either way (tested). */
+ * head. A packed context repacks it once at cm_ctx_create (about 1.2x the bytes of a Q8_0 head,
+ * 1.7-2.3x a K-quant's, on top of the file's mapping, which embedding lookups and one-row steps still
+ * read) and takes it from two rows on. The logits are the same bits either way (tested). */
 #define CM_PACK_OUTPUT_AUTO_MAX ((size_t)512 << 20)
 /* Bytes of c's packed output head (0: none). */
 size_t cm_ctx_output_pack_bytes(const cm_ctx *c);
