@@ -6,7 +6,9 @@
  *
  *   cc -O2 -Iengine -Iengine/include bench/gemm_rows.c build/engine/libcodemoe_engine.a \
  *      build/engine/libcodemoe_kernels_*.a -lopenblas -lm -lpthread -o /tmp/gemm_rows
- *   /tmp/gemm_rows TYPE K M        (TYPE: the GGUF type number, e.g. 8 for Q8_0, 12 for Q4_K)
+ *   /tmp/gemm_rows TYPE K M [N]    (TYPE: the GGUF type number, e.g. 8 for Q8_0, 12 for Q4_K)
+ *
+ * With N, the int8 GEMM alone with N rows instead (a prefill's), in GMAC/s.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -25,20 +27,21 @@ static double now(void) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 4) {
-        fprintf(stderr, "usage: gemm_rows TYPE K M\n");
+    if (argc != 4 && argc != 5) {
+        fprintf(stderr, "usage: gemm_rows TYPE K M [N]\n");
         return 2;
     }
-    int wt = atoi(argv[1]);
+    int wt = atoi(argv[1]), big = argc == 5 ? atoi(argv[4]) : 0;
     int64_t k = atoll(argv[2]), m = atoll(argv[3]);
+    const int nx = big > 16 ? big : 16;
     int xt = cm_quant_vec_dot_type(wt);
     if (xt < 0 || k <= 0 || m <= 0 || k % cm_quant_block_values(wt)) {
         fprintf(stderr, "gemm_rows: not an int8 weight type, or K not a multiple of its block\n");
         return 2;
     }
     size_t rb = gguf_row_bytes(wt, k), xs = cm_vec_row_bytes(xt, k);
-    char *w = malloc(rb * (size_t)m), *xv = malloc(xs * 16);
-    float *x = malloc(sizeof(float) * (size_t)k * 16), *y = malloc(sizeof(float) * (size_t)m * 16);
+    char *w = malloc(rb * (size_t)m), *xv = malloc(xs * (size_t)nx);
+    float *x = malloc(sizeof(float) * (size_t)k * (size_t)nx), *y = malloc(sizeof(float) * (size_t)m * (size_t)nx);
     size_t sb = cm_gemm_q_scratch_bytes(k) * 4;
     void *scratch = malloc(sb);
     if (!w || !xv || !x || !y || !scratch) return 1;
@@ -65,8 +68,20 @@ int main(int argc, char **argv) {
         for (int i = 0; i < 2; i++)
             if (s[i]) memcpy(s[i], &d, sizeof d);
     }
-    for (int64_t i = 0; i < k * 16; i++) x[i] = (float)(rand() % 2001 - 1000) / 1000.0f;
-    for (int j = 0; j < 16; j++) cm_vec_prepare(xt, x + (size_t)j * k, xv + (size_t)j * xs, k);
+    for (int64_t i = 0; i < k * nx; i++) x[i] = (float)(rand() % 2001 - 1000) / 1000.0f;
+    for (int j = 0; j < nx; j++) cm_vec_prepare(xt, x + (size_t)j * k, xv + (size_t)j * xs, k);
+    if (big > 0) {
+        double best = 1e9;
+        for (int rep = 0; rep < 20; rep++) {
+            double t0 = now();
+            cm_gemm_q(wt, w, k, xv, xs, big, y, m, 0, m, scratch, sb);
+            double t = now() - t0;
+            if (t < best) best = t;
+        }
+        printf("%s K %lld M %lld N %d, family %s: %.3f ms, %.1f GMAC/s\n", gguf_ttype_name(wt), (long long)k,
+               (long long)m, big, cm_kernels_isa(), best * 1e3, (double)k * (double)m * big / best / 1e9);
+        return 0;
+    }
     cm_gemm_pack *pk = cm_gemm_q_pack(wt, w, k, m);
     printf("%s K %lld M %lld, family %s; packed %.1f MB (the matrix %.1f MB)\n", gguf_ttype_name(wt), (long long)k,
            (long long)m, cm_kernels_isa(), cm_gemm_pack_bytes(pk) / 1e6, (double)rb * (double)m / 1e6);
