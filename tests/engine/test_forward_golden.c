@@ -283,6 +283,18 @@ static double int8_tolerance(const char *model) {
     return 0.0;
 }
 
+/* Whether every row i of the last batch with src[i] >= 0 has the logits of position src[i] alone (V
+ * floats each); names the first that differs. */
+static int rows_alone(const cm_ctx *c, int n, const int32_t *src, const float *alone, size_t V, const char *name,
+                      const char *what) {
+    for (int i = 0; i < n; i++)
+        if (src[i] >= 0 && memcmp(cm_logits(c, i), alone + (size_t)src[i] * V, V * sizeof(float))) {
+            fprintf(stderr, "%s int8 %s row %d (pos %d): differs from alone\n", name, what, i, src[i]);
+            return 0;
+        }
+    return 1;
+}
+
 /* The int8 path: see the file comment. Every token gets logits, so the output matrix runs as a GEMM in
  * prefill and as a matvec in decode too. */
 static int check_int8(const golden *g) {
@@ -318,10 +330,7 @@ static int check_int8(const golden *g) {
             if (ib < ga->n) tok[n] = btok[ib++], seq[n] = sb, src[n++] = -1;
             if (ia < ga->n) tok[n] = ga->tok[ia], seq[n] = sa2, src[n++] = ia++;
         }
-        ok = ok && run(c, n, tok, seq) == 0;
-        for (int i = 0; ok && i < n; i++)
-            if (src[i] >= 0 && memcmp(cm_logits(c, i), alone + (size_t)src[i] * V, V * sizeof(float)))
-                fprintf(stderr, "%s int8 mixed row %d (pos %d): differs from alone\n", g->name, i, src[i]), ok = 0;
+        ok = ok && run(c, n, tok, seq) == 0 && rows_alone(c, n, src, alone, V, g->name, "mixed");
         cm_seq_close(c, sa2);
         cm_seq_close(c, sb);
         /* in runs, as a server's step holds prompts: the first 10 tokens, the other sequence whole, the
@@ -331,10 +340,7 @@ static int check_int8(const golden *g) {
         for (int i = 0; i < 10; i++) tok[n] = ga->tok[i], seq[n] = sa3, src[n++] = i;
         for (int i = 0; i < ga->n; i++) tok[n] = btok[i], seq[n] = sb3, src[n++] = -1;
         for (int i = 10; i < ga->n; i++) tok[n] = ga->tok[i], seq[n] = sa3, src[n++] = i;
-        ok = ok && run(c, n, tok, seq) == 0;
-        for (int i = 0; ok && i < n; i++)
-            if (src[i] >= 0 && memcmp(cm_logits(c, i), alone + (size_t)src[i] * V, V * sizeof(float)))
-                fprintf(stderr, "%s int8 runs row %d (pos %d): differs from alone\n", g->name, i, src[i]), ok = 0;
+        ok = ok && run(c, n, tok, seq) == 0 && rows_alone(c, n, src, alone, V, g->name, "runs");
         cm_seq_close(c, sa3);
         cm_seq_close(c, sb3);
         /* token by token: the matvec's dots sum in the GEMM's order */
