@@ -133,9 +133,9 @@ static void test_config(srv_config *cfg, int parallel, srv_step_trace_fn trace, 
     cfg->step_trace_ud = ud;
 }
 
-/* Loop thread, while the model loads: 0 still loading, 1 ready (*model set), -1 failed (*failed set; the
- * caller stops the scheduler). */
-static int wait_model(srv_sched *s, api_model *model, int *failed) {
+/* Loop thread, while the model loads: 0 still loading, 1 ready (*model set), -1 failed (*failed set, the
+ * scheduler stopped, *phase 3). */
+static int wait_model(srv_sched *s, api_model *model, int *failed, int *phase) {
     cm_err err;
     int n_ctx = 0;
     const cm_model *m = NULL;
@@ -144,6 +144,8 @@ static int wait_model(srv_sched *s, api_model *model, int *failed) {
     if (st != SRV_MODEL_READY) {
         fprintf(stderr, "load failed: %s\n", err.msg);
         *failed = 1;
+        *phase = 3;
+        srv_sched_stop(s);
         return -1;
     }
     *model = (api_model){.model = m, .id = "m", .n_ctx = n_ctx, .n_batch = N_BATCH};
@@ -213,12 +215,7 @@ static int all_done(sched_test *t) {
 static void on_wake(void *ud) {
     sched_test *t = ud;
     if (t->phase == 0) {
-        int ready = wait_model(t->s, &t->model, &t->failed);
-        if (ready < 0) {
-            t->phase = 3;
-            srv_sched_stop(t->s);
-        }
-        if (ready <= 0) return;
+        if (wait_model(t->s, &t->model, &t->failed, &t->phase) <= 0) return;
         for (int i = 0; i < N_FLOOD; i++) job_prepare(t, &t->flood[i], CLIENT_FLOOD, FLOOD_PROMPT, i + 1);
         job_prepare(t, &t->light, CLIENT_LIGHT, LIGHT_PROMPT, 0);
         job_prepare(t, &t->alone, CLIENT_LIGHT, LIGHT_PROMPT, 0);
@@ -326,12 +323,7 @@ static void pre_on_step(void *ud, const srv_step_row *rows, int n) {
 static void pre_on_wake(void *ud) {
     pre_test *t = ud;
     if (t->phase == 0) {
-        int ready = wait_model(t->s, &t->model, &t->failed);
-        if (ready < 0) {
-            t->phase = 3;
-            srv_sched_stop(t->s);
-        }
-        if (ready <= 0) return;
+        if (wait_model(t->s, &t->model, &t->failed, &t->phase) <= 0) return;
         for (int k = 0; k < P_JOBS; k++) {
             uint64_t client = k < P_FLOOD ? CLIENT_FLOOD : k == P_FLOOD ? CLIENT_LIGHT : CLIENT_OTHER;
             int n_prompt = k < P_FLOOD ? P_FLOOD_PROMPT : P_NEW_PROMPT;
@@ -515,12 +507,7 @@ static void order_on_step(void *ud, const srv_step_row *rows, int n) {
 static void order_on_wake(void *ud) {
     order_test *t = ud;
     if (t->phase == 0) {
-        int ready = wait_model(t->s, &t->model, &t->failed);
-        if (ready < 0) {
-            t->phase = 3;
-            srv_sched_stop(t->s);
-        }
-        if (ready <= 0) return;
+        if (wait_model(t->s, &t->model, &t->failed, &t->phase) <= 0) return;
         for (int k = 0; k < O_JOBS; k++)
             job_prepare_with(&t->model, &t->failed, &t->jobs[k], CLIENT_FLOOD, o_prompt[k], k + 1,
                              k == O_W ? "\"max_tokens\":24,\"temperature\":0" : "\"max_tokens\":4,\"temperature\":0");
