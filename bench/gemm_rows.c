@@ -5,8 +5,8 @@
  * one). Best of 5 passes over all rows, one thread; the weights are in cache when they fit it.
  *
  *   cc -O2 -Iengine -Iengine/include bench/gemm_rows.c build/engine/libcodemoe_engine.a \
- *      build/engine/libcodemoe_kernels_*.a -lopenblas -lm -lpthread -o /tmp/gemm_rows
- *   /tmp/gemm_rows TYPE K M [N]    (TYPE: the GGUF type number, e.g. 8 for Q8_0, 12 for Q4_K)
+ *      build/engine/libcodemoe_kernels_*.a -lopenblas -lm -lpthread -o build/gemm_rows
+ *   build/gemm_rows TYPE K M [N]    (TYPE: the GGUF type number, e.g. 8 for Q8_0, 12 for Q4_K)
  *
  * With N, the int8 GEMM alone with N rows instead (a prefill's), in GMAC/s.
  */
