@@ -333,8 +333,8 @@ CM_ALWAYS_INLINE void rows_legacy(int wt, int nr, int64_t nb, const char *w, siz
             if (has_m) e[r] = fmaf(m, sx, e[r]);
         }
         if (nr == ROWS_MAX) { /* the four d converted at once (exact, as fp16 is) */
-            __m128i h = _mm_cvtsi32_si128(dh[0] | (int)dh[1] << 16);
-            h = _mm_insert_epi32(h, dh[2] | (int)dh[3] << 16, 1);
+            __m128i h = _mm_cvtsi32_si128((int)(dh[0] | (uint32_t)dh[1] << 16)); /* unsigned: no shift into the sign */
+            h = _mm_insert_epi32(h, (int)(dh[2] | (uint32_t)dh[3] << 16), 1);
             __m128 s = _mm_mul_ps(_mm_cvtph_ps(h), _mm_set1_ps(dx));
             acc4 = _mm_fmadd_ps(_mm_cvtepi32_ps(hsum4_i32(p)), s, acc4);
         } else {
