@@ -82,7 +82,7 @@ int main(int argc, char **argv) {
                (long long)m, big, cm_kernels_isa(), best * 1e3, (double)k * (double)m * big / best / 1e9);
         return 0;
     }
-    cm_gemm_pack *pk = cm_gemm_q_pack(wt, w, k, m);
+    cm_gemm_pack *pk = cm_gemm_q_pack(wt, w, k, m, 0);
     printf("%s K %lld M %lld, family %s; packed %.1f MB (the matrix %.1f MB)\n", gguf_ttype_name(wt), (long long)k,
            (long long)m, cm_kernels_isa(), cm_gemm_pack_bytes(pk) / 1e6, (double)rb * (double)m / 1e6);
     printf("| rows | matvec ms | GEMM ms | packed GEMM ms |\n|--:|--:|--:|--:|\n");

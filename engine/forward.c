@@ -295,12 +295,10 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
     rope_tables(c);
     if (p->pack_output >= 0 && !c->exact_act && cm_quant_vec_dot_type(m->output.type) >= 0 &&
         (p->pack_output > 0 || cm_quant_block_values(m->output.type) == 32)) {
-        /* no memory for it is no failure: the head is then repacked per call, as without */
-        c->out_pack = cm_gemm_q_pack(m->output.type, m->output.data, m->output.ne0, m->output.ne1);
-        if (p->pack_output == 0 && cm_gemm_pack_bytes(c->out_pack) > CM_PACK_OUTPUT_AUTO_MAX) {
-            cm_gemm_pack_free(c->out_pack);
-            c->out_pack = NULL;
-        }
+        /* no memory for it (or more than auto allows) is no failure: the head is then repacked per
+         * call, as without */
+        c->out_pack = cm_gemm_q_pack(m->output.type, m->output.data, m->output.ne0, m->output.ne1,
+                                     p->pack_output == 0 ? CM_PACK_OUTPUT_AUTO_MAX : 0);
     }
     if (m->moe && !(c->moe = cm_moe_ctx_create(m, m->moe, c->pool, n_threads, n_seq, n_ctx, n_batch, !c->exact_act, err))) {
         cm_ctx_free(c);
@@ -935,20 +933,19 @@ static int forward_run(cm_ctx *c, const cm_batch *b, const int32_t *outer, cm_er
 
     for (int r = 0; r < n_out; r++)
         cm_rmsnorm(c->outn + r * D, c->x + (size_t)c->out_idx[r] * D, m->output_norm.data, D, in->rms_eps);
+    mm_op head = {&m->output, c->logits, c->out_pack};
     if (n_out && b->yield && (n_out < CM_GEMM_MIN_ROWS || (!c->exact_act && cm_quant_vec_dot_type(m->output.type) >= 0))) {
         /* the output head is most of a decode step of a small model with a large vocabulary: it yields
          * too, every yield_rows rows of it. A row's logits are the same products either way:
          * the matvec kernels and the int8 GEMM compute each output on its own (sgemm, for float weights
          * with many rows, does not slice) */
-        mm_op op = {&m->output, c->logits, c->out_pack};
         for (int64_t v0 = 0; v0 < in->n_vocab; v0 += c->yield_rows) {
             int64_t v1 = v0 + c->yield_rows < in->n_vocab ? v0 + c->yield_rows : in->n_vocab;
-            mm_run_rows(c, 1, &op, c->outn, n_out, D, v0, v1);
+            mm_run_rows(c, 1, &head, c->outn, n_out, D, v0, v1);
             b->yield(b->yield_ud);
         }
     } else if (n_out) {
-        mm_op op = {&m->output, c->logits, c->out_pack};
-        mm_run(c, 1, &op, c->outn, n_out, D);
+        mm_run(c, 1, &head, c->outn, n_out, D);
     }
 
     for (int s = 0; s < c->n_seq_max; s++) c->kv.seqs[s].len += c->seq_cnt[s];

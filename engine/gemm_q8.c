@@ -997,7 +997,7 @@ void CM_FAMILY_FN(cm_gemm_q)(int wtype, const void *w, int64_t k, const void *x,
 
 /* ------------------------------------------------------------ packed weights */
 
-cm_gemm_pack *CM_FAMILY_FN(cm_gemm_q_pack)(int wtype, const void *w, int64_t k, int64_t m) {
+cm_gemm_pack *CM_FAMILY_FN(cm_gemm_q_pack)(int wtype, const void *w, int64_t k, int64_t m, size_t max_bytes) {
 #if defined(CM_G_AVX2)
     if (!(wtype == GGUF_TT_Q8_0 || cm_quant_is_block_type(wtype)) || k <= 0 || m <= 0 ||
         k % cm_quant_block_values(wtype))
@@ -1029,6 +1029,7 @@ cm_gemm_pack *CM_FAMILY_FN(cm_gemm_q_pack)(int wtype, const void *w, int64_t k, 
                        groups * g.smn * sizeof(int16_t)};
     size_t bytes = 0;
     for (int i = 0; i < 7; i++) bytes += (sizes[i] + 63) & ~(size_t)63;
+    if (max_bytes && bytes > max_bytes) return NULL;
     cm_gemm_pack *pk = calloc(1, sizeof *pk);
     char *mem = aligned_alloc(64, bytes);
     uint8_t *stage = aligned_alloc(64, ((size_t)gr * (size_t)k + 63) & ~(size_t)63);
@@ -1062,7 +1063,7 @@ cm_gemm_pack *CM_FAMILY_FN(cm_gemm_q_pack)(int wtype, const void *w, int64_t k, 
         .family = &CM_FAMILY_FN(cm_kernels), .wtype = wtype, .w = w, .k = k, .m = m, .bytes = bytes, .impl = mem};
     return pk;
 #else
-    (void)wtype, (void)w, (void)k, (void)m;
+    (void)wtype, (void)w, (void)k, (void)m, (void)max_bytes;
     return NULL;
 #endif
 }

@@ -370,8 +370,8 @@ size_t cm_gemm_q_scratch_bytes(int64_t k) { return cm__kops->gemm_q_scratch_byte
 
 int cm_gemm_q_min_rows(int wtype) { return cm__kops->gemm_q_min_rows(wtype); }
 
-cm_gemm_pack *cm_gemm_q_pack(int wtype, const void *w, int64_t k, int64_t m) {
-    return cm__kops->gemm_q_pack(wtype, w, k, m);
+cm_gemm_pack *cm_gemm_q_pack(int wtype, const void *w, int64_t k, int64_t m, size_t max_bytes) {
+    return cm__kops->gemm_q_pack(wtype, w, k, m, max_bytes);
 }
 
 size_t cm_gemm_pack_bytes(const cm_gemm_pack *pk) { return pk ? pk->bytes : 0; }

@@ -96,12 +96,13 @@ void cm_gemm_q(int wtype, const void *w, int64_t k, const void *x, size_t x_stri
 /* W (M, K) of wtype repacked once, as cm_gemm_q repacks each tile of it on every call: for a matrix read
  * often with few activation rows (a small model's output head over a large vocabulary, every step),
  * where repacking is most of the product's time. NULL where the kernel family has no int8 GEMM for
- * wtype (the scalar family, float types) or without memory; cm_gemm_pack_bytes is what it holds (about
+ * wtype (the scalar family, float types), without memory, or when it would hold more than max_bytes (0:
+ * no bound; checked before anything is allocated); cm_gemm_pack_bytes is what it holds (about
  * 1.2x Q8_0's bytes, 1.7-2.3x a K-quant's). W must outlive it. cm_gemm_q_packed(pk, ...) is
  * cm_gemm_q(wtype, W, K, ...) bit for bit, faster when r0 is a multiple of 16 and the family in use is
  * the one that packed it (otherwise it is cm_gemm_q itself). */
 typedef struct cm_gemm_pack cm_gemm_pack;
-cm_gemm_pack *cm_gemm_q_pack(int wtype, const void *w, int64_t k, int64_t m);
+cm_gemm_pack *cm_gemm_q_pack(int wtype, const void *w, int64_t k, int64_t m, size_t max_bytes);
 size_t cm_gemm_pack_bytes(const cm_gemm_pack *pk);
 void cm_gemm_pack_free(cm_gemm_pack *pk);
 void cm_gemm_q_packed(const cm_gemm_pack *pk, const void *x, size_t x_stride, int n, float *y, int64_t ldy,

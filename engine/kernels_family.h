@@ -82,7 +82,7 @@ typedef struct cm_kernel_ops {
                              float *y, int64_t ldy, int64_t r0, int64_t r1);
     size_t (*gemm_q_scratch_bytes)(int64_t k);
     int (*gemm_q_min_rows)(int wtype);
-    cm_gemm_pack *(*gemm_q_pack)(int wtype, const void *w, int64_t k, int64_t m);
+    cm_gemm_pack *(*gemm_q_pack)(int wtype, const void *w, int64_t k, int64_t m, size_t max_bytes);
     void (*gemm_q_packed)(const cm_gemm_pack *pk, const void *x, size_t x_stride, int n, float *y, int64_t ldy,
                           int64_t r0, int64_t r1, void *scratch, size_t scratch_bytes);
     void (*gemm_q)(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y, int64_t ldy,
@@ -121,7 +121,7 @@ void CM_FAMILY_FN(cm_quant_unpack_k_row)(int type, const void *w, int64_t nb, in
 /* gemm_q8.c's int8 prefill product, likewise. */
 size_t CM_FAMILY_FN(cm_gemm_q_scratch_bytes)(int64_t k);
 int CM_FAMILY_FN(cm_gemm_q_min_rows)(int wtype);
-cm_gemm_pack *CM_FAMILY_FN(cm_gemm_q_pack)(int wtype, const void *w, int64_t k, int64_t m);
+cm_gemm_pack *CM_FAMILY_FN(cm_gemm_q_pack)(int wtype, const void *w, int64_t k, int64_t m, size_t max_bytes);
 void CM_FAMILY_FN(cm_gemm_q_packed)(const cm_gemm_pack *pk, const void *x, size_t x_stride, int n, float *y,
                                     int64_t ldy, int64_t r0, int64_t r1, void *scratch, size_t scratch_bytes);
 extern const cm_kernel_ops CM_FAMILY_FN(cm_kernels);

@@ -324,9 +324,16 @@ TEST(gemm_q_equals_ref) {
         cm_matvec_rows_ref(type, xt, w, k, xv, xb, nmax, yr, ldy, 0, m);
         /* the matrix packed once (every family but the scalar one packs): the same products from its
          * groups (rows from a multiple of 16) and, off them, from the matrix itself */
-        cm_gemm_pack *pk = cm_gemm_q_pack(type, w, k, m);
+        cm_gemm_pack *pk = cm_gemm_q_pack(type, w, k, m, 0);
         CHECK_TRUE((pk != NULL) == (strcmp(cm_kernels_isa(), "scalar") != 0));
         CHECK_TRUE(!pk || cm_gemm_pack_bytes(pk) >= (size_t)(k * m));
+        if (pk) { /* a bound below its size refuses it; its size admits it */
+            cm_gemm_pack *over = cm_gemm_q_pack(type, w, k, m, cm_gemm_pack_bytes(pk) - 1);
+            cm_gemm_pack *fits = cm_gemm_q_pack(type, w, k, m, cm_gemm_pack_bytes(pk));
+            CHECK_TRUE(over == NULL && fits != NULL);
+            cm_gemm_pack_free(over);
+            cm_gemm_pack_free(fits);
+        }
         static const int ns[] = {1, 2, 3, 4, 5, 8, 16, 19, 67};
         static const int64_t ranges[][2] = {{0, 83}, {3, 4}, {5, 22}, {17, 83}, {64, 83}, {16, 48}};
         for (size_t a = 0; a < 3 * sizeof ns / sizeof ns[0]; a++)
