@@ -22,9 +22,10 @@
 #define KV_HUGE ((size_t)2 << 20)
 static void *kv_pool_alloc(size_t bytes) {
     if (bytes < KV_HUGE) return malloc(bytes);
-    void *p = aligned_alloc(KV_HUGE, (bytes + KV_HUGE - 1) / KV_HUGE * KV_HUGE);
+    size_t whole = (bytes + KV_HUGE - 1) / KV_HUGE * KV_HUGE; /* aligned_alloc's size: a multiple */
+    void *p = aligned_alloc(KV_HUGE, whole);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-    if (p) (void)madvise(p, (bytes + KV_HUGE - 1) / KV_HUGE * KV_HUGE, MADV_HUGEPAGE); /* advice only */
+    if (p) (void)madvise(p, whole, MADV_HUGEPAGE); /* advice only */
 #endif
     return p;
 }
