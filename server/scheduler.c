@@ -19,10 +19,11 @@
  *   3. build one batch: first one decode token for every generating sequence; then the extra work,
  *      until n_batch tokens, fewer while sequences decode and --max-itl-ms bounds the step's predicted
  *      time (chunked prefill: a long prompt never stalls the running streams), in this order:
- *      prompts whose rest fits whole, oldest first (prefill-first: a short request's first token does
- *      not wait behind a long prompt's chunks or other streams' drafts, and a prompt whose chunk filled
- *      an earlier step does not wait behind the prompts that came after it), then draft tokens
- *      (below), then the chunks of the other prompts. Fairness within the step (step_plan): when a client with fewer
+ *      prompts whose rest fits whole, shortest first (prefill_order: the tokens left less what the
+ *      prompt's wait since arrival is worth in prefill tokens, so a long prompt is not starved), then
+ *      draft tokens (below), then the chunks of the other prompts in the same order (prefill-first: a
+ *      short request's first token does not wait behind a long prompt's chunks or other streams'
+ *      drafts, and in a burst the short prompts are answered first). Fairness within the step (step_plan): when a client with fewer
  *      open sequences than the busiest client has a prompt that has not started (a typist beside a
  *      flood), the step is a light step: only the lighter clients' rows go in, so that prompt's first
  *      token costs one step of its own instead of a step shared with the flood's decodes and prefills;
@@ -162,7 +163,8 @@ typedef struct sched_seq {
     /* speculation (hist != NULL: this choice speculates) */
     int32_t *hist;        /* (hist_cap) prompt and generated tokens, the last one = next_tok */
     int n_hist, hist_cap;
-    int prefill_started;  /* has had prompt rows in a batch (prefill-first serves the others first) */
+    int prefill_started;  /* has had prompt rows in a batch (step_plan's light steps look for the others) */
+    double pf_key;        /* prefill_order's key this step */
     int n_draft;          /* draft tokens in this step's batch (after next_tok) */
     int draft_row;        /* batch row of the first of them */
     int32_t draft[SRV_SPEC_DRAFT_MAX];
@@ -257,6 +259,7 @@ struct srv_sched {
     int *a_seq, *a_got;               /* (parallel) job_admit scratch: sequence ids, positions reused */
     srv_job **a_vic;                  /* (parallel) preempt_for scratch: the jobs it parked */
     int *r_load;                      /* (parallel) step scratch: open sequences of running[i]'s client */
+    sched_seq **p_order;              /* (parallel) step scratch: the prompts to feed, in prefill_order's order */
     int prev_light;                   /* the last step was a light step (step_plan) */
     srv_step_row *trace;              /* (n_batch) cfg->step_trace's rows (tests); NULL without one */
     /* nested steps (the file's opening comment): on for dense models unless --no-nested-steps */
@@ -1056,6 +1059,31 @@ static int step_plan(srv_sched *s) {
     return light_new ? max_load : INT_MAX;
 }
 
+/* The prompts this step may feed (jobs of clients below wait_load) into s->p_order, in the order they are
+ * served: by the tokens left to feed less the tokens their wait since arrival is worth at the measured
+ * prefill rate (the shortest remaining prompt first, as good as shorter the longer it has waited; before
+ * any rate is measured, the shortest first). So in a burst a short prompt's first token does not wait
+ * behind a long one's prefill, and a long prompt is not starved: once it has waited as long as a
+ * newcomer's prefill would take, it goes first. Equal keys keep admission order. Returns the count. */
+static int prefill_order(srv_sched *s, int wait_load) {
+    const double per_tok = s->per_tok_ns, now = (double)sched_now();
+    int n = 0;
+    for (int i = 0; i < s->n_running; i++) {
+        if (s->r_load[i] >= wait_load) continue;
+        srv_job *j = s->running[i];
+        for (int c = 0; c < j->n_choices && n < s->cfg->parallel; c++) {
+            sched_seq *q = &js(j)->seqs[c];
+            if (q->state != SEQ_PREFILL) continue;
+            q->pf_key = (double)(q->prompt->n_tokens - q->n_fed);
+            if (per_tok > 0) q->pf_key -= (now - (double)j->t_arrival_ns) / per_tok;
+            int k = n++;
+            for (; k > 0 && s->p_order[k - 1]->pf_key > q->pf_key; k--) s->p_order[k] = s->p_order[k - 1];
+            s->p_order[k] = q;
+        }
+    }
+    return n;
+}
+
 static void step_run(srv_sched *s, int nb, int n_decode, int n_drafted, int nested);
 
 static void step(srv_sched *s) {
@@ -1082,17 +1110,13 @@ static void step(srv_sched *s) {
     }
     const int n_decode = nb;
     const int limit = n_decode + prefill_budget(s, n_decode);
-    /* prefill-first: prompts whose rest fits whole into what the step has left, in the order they were
-     * admitted (one whose chunk filled an earlier step is older than the prompts that came since, and
-     * its first token must not wait behind theirs); the budget bounds them, so the running streams
-     * still get their token every step */
-    for (int i = 0; i < s->n_running && nb < limit; i++) {
-        srv_job *j = s->running[i];
-        for (int c = 0; c < j->n_choices && nb < limit && s->r_load[i] < wait_load; c++) {
-            sched_seq *q = &js(j)->seqs[c];
-            if (q->state == SEQ_PREFILL && q->prompt->n_tokens - q->n_fed <= limit - nb)
-                nb = prefill_rows(s, q, nb, limit);
-        }
+    /* prefill-first: prompts whose rest fits whole into what the step has left, in prefill_order's
+     * order (shortest first, a long wait counting as a shorter rest); the budget bounds them, so the
+     * running streams still get their token every step */
+    const int n_pf = prefill_order(s, wait_load);
+    for (int k = 0; k < n_pf && nb < limit; k++) {
+        sched_seq *q = s->p_order[k];
+        if (q->prompt->n_tokens - q->n_fed <= limit - nb) nb = prefill_rows(s, q, nb, limit);
     }
     /* then the decoding sequences' drafts, the rows below SPEC_BATCH_ROWS shared out evenly */
     int n_spec = 0;
@@ -1109,14 +1133,9 @@ static void step(srv_sched *s) {
             if (q->state == SEQ_DECODE && q->hist) nb = draft_rows(s, q, nb, limit, per);
         }
     }
-    /* then the other prompts' chunks, until the batch (or the latency budget) is full */
-    for (int i = 0; i < s->n_running && nb < limit; i++) {
-        srv_job *j = s->running[i];
-        for (int c = 0; c < j->n_choices && nb < limit && s->r_load[i] < wait_load; c++) {
-            sched_seq *q = &js(j)->seqs[c];
-            if (q->state == SEQ_PREFILL) nb = prefill_rows(s, q, nb, limit);
-        }
-    }
+    /* then the other prompts' chunks, in the same order, until the batch (or the latency budget) is
+     * full */
+    for (int k = 0; k < n_pf && nb < limit; k++) nb = prefill_rows(s, s->p_order[k], nb, limit);
     int n_drafted = 0;
     for (int r = n_decode; r < nb; r++) {
         if (s->rows[r].prompt_pos >= 0) s->rows[r].sq->prefill_started = 1;
@@ -1435,6 +1454,7 @@ static int worker_load(srv_sched *s) {
             s->a_vic = malloc((size_t)s->cfg->parallel * sizeof *s->a_vic);
             s->parked = calloc((size_t)s->cfg->parallel, sizeof *s->parked);
             s->r_load = malloc((size_t)s->cfg->parallel * sizeof *s->r_load);
+            s->p_order = malloc((size_t)s->cfg->parallel * sizeof *s->p_order);
             if (s->cfg->step_trace) s->trace = malloc((size_t)nb * sizeof *s->trace);
             if (s->nest_on) {
                 s->n_tok = malloc(SRV_NEST_MAX * sizeof *s->n_tok);
@@ -1448,7 +1468,8 @@ static int worker_load(srv_sched *s) {
                     s->nest_on = 0; /* without them, steps just do not nest */
             }
             if (!s->b_tok || !s->b_seq || !s->b_logits || !s->b_gen || !s->rows || !s->running || !s->smp_free ||
-                !s->a_seq || !s->a_got || !s->a_vic || !s->parked || !s->r_load || (s->cfg->step_trace && !s->trace)) {
+                !s->a_seq || !s->a_got || !s->a_vic || !s->parked || !s->r_load || !s->p_order ||
+                (s->cfg->step_trace && !s->trace)) {
                 snprintf(err.msg, sizeof err.msg, "out of memory");
                 cm_ctx_free(ctx);
                 ctx = NULL;
@@ -1690,6 +1711,7 @@ void srv_sched_free(srv_sched *s) {
     free(s->parked);
     free(s->r_load);
     free(s->trace);
+    free(s->p_order);
     free(s->n_tok);
     free(s->n_seq);
     free(s->n_logits);

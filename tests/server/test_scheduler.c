@@ -474,20 +474,23 @@ TEST(newcomers_run_nested_inside_the_running_step) {
 
 /* ---------------------------------------------------------------- prompt order */
 
-/* One client (no light steps), nested steps and speculation off. W decodes throughout; B and A arrive
- * together (submitted in step 0's trace), C after step 1. Step 1: B's prompt fits whole, A's does not and
- * a chunk of it fills the step. Step 2: A's rest and C's whole prompt do not both fit. */
-enum { O_W, O_B, O_A, O_C, O_JOBS };
-static const int o_prompt[O_JOBS] = {8, 30, 60, 40};
+/* One client (no light steps), nested steps and speculation off. Job 0 (W) decodes throughout; the
+ * others are submitted from a step's trace (at[k]: the step after whose planning job k arrives), so they
+ * join the next step. A scenario: its prompts, the steps they arrive at, and whose arrival time is set
+ * back (an old request, e.g. one that waited in the queue). */
+enum { O_JOBS_MAX = 4 };
 
 typedef struct order_test {
     uv_loop_t loop;
     srv_config cfg;
     srv_sched *s;
     api_model model;
-    tjob jobs[O_JOBS];
+    int n_jobs;
+    const int *prompt, *at;
+    int aged;                    /* this job's arrival is set one second back; -1: none */
+    tjob jobs[O_JOBS_MAX];
     int phase; /* 0: loading; 1: the run; 3: stopping */
-    int prefill[MAX_STEPS][O_JOBS];
+    int prefill[MAX_STEPS][O_JOBS_MAX];
     int n_steps;
     int failed;
 } order_test;
@@ -497,55 +500,101 @@ static void order_on_step(void *ud, const srv_step_row *rows, int n) {
     if (t->phase != 1 || t->n_steps >= MAX_STEPS) return;
     int s = t->n_steps++;
     for (int r = 0; r < n; r++)
-        for (int k = 0; k < O_JOBS; k++)
+        for (int k = 0; k < t->n_jobs; k++)
             if (rows[r].job == &t->jobs[k].job && rows[r].prompt_pos >= 0) t->prefill[s][k]++;
-    if (s == 0 && (srv_sched_submit(t->s, &t->jobs[O_B].job) < 0 || srv_sched_submit(t->s, &t->jobs[O_A].job) < 0))
-        t->failed = 1;
-    if (s == 1 && srv_sched_submit(t->s, &t->jobs[O_C].job) < 0) t->failed = 1;
+    for (int k = 1; k < t->n_jobs; k++)
+        if (t->at[k] == s) {
+            if (k == t->aged) t->jobs[k].job.t_arrival_ns = uv_hrtime() - 1000000000u;
+            if (srv_sched_submit(t->s, &t->jobs[k].job) < 0) t->failed = 1;
+        }
 }
 
 static void order_on_wake(void *ud) {
     order_test *t = ud;
     if (t->phase == 0) {
         if (wait_model(t->s, &t->model, &t->failed, &t->phase) <= 0) return;
-        for (int k = 0; k < O_JOBS; k++)
-            job_prepare_with(&t->model, &t->failed, &t->jobs[k], CLIENT_FLOOD, o_prompt[k], k + 1,
-                             k == O_W ? "\"max_tokens\":24,\"temperature\":0" : "\"max_tokens\":4,\"temperature\":0");
+        for (int k = 0; k < t->n_jobs; k++)
+            job_prepare_with(&t->model, &t->failed, &t->jobs[k], CLIENT_FLOOD, t->prompt[k], k + 1,
+                             k == 0 ? "\"max_tokens\":24,\"temperature\":0" : "\"max_tokens\":4,\"temperature\":0");
         if (t->failed) { t->phase = 3; srv_sched_stop(t->s); return; }
         t->phase = 1;
-        if (srv_sched_submit(t->s, &t->jobs[O_W].job) < 0) t->failed = 1;
+        if (srv_sched_submit(t->s, &t->jobs[0].job) < 0) t->failed = 1;
         return;
     }
     drain_jobs(t->s);
     int all = 1;
-    for (int k = 0; k < O_JOBS; k++) all &= t->jobs[k].done;
+    for (int k = 0; k < t->n_jobs; k++) all &= t->jobs[k].done;
     if (t->phase == 1 && all) {
         t->phase = 3;
         srv_sched_stop(t->s);
     }
 }
 
-/* A prompt whose chunk filled a step gets its rest before a prompt that came after it (and would have
- * fitted whole): its first token is not the one that waits. */
-TEST(started_prompt_finishes_before_later_ones) {
+/* Runs a scenario to the end: every job done with text, step 0 W's prompt alone. NULL on failure. */
+static order_test *order_run(int n_jobs, const int *prompt, const int *at, int aged) {
     order_test *t = calloc(1, sizeof *t);
-    ASSERT_TRUE(t != NULL);
+    if (!t) return NULL;
+    t->n_jobs = n_jobs, t->prompt = prompt, t->at = at, t->aged = aged;
     test_config(&t->cfg, 4, order_on_step, t, 0);
-    ASSERT_EQ_INT(sched_run(&t->loop, &t->cfg, &t->s, order_on_wake, t, NULL), 0);
-    ASSERT_TRUE(!t->failed && t->phase == 3);
-    for (int k = 0; k < O_JOBS; k++) ASSERT_TRUE(t->jobs[k].done && !t->jobs[k].has_error && t->jobs[k].text_len > 0);
-    ASSERT_TRUE(t->n_steps > 3);
-    /* step 0: W alone; step 1: W's decode, B whole, a chunk of A filling the batch */
-    ASSERT_EQ_INT(t->prefill[0][O_W], o_prompt[O_W]);
-    ASSERT_EQ_INT(t->prefill[1][O_B], o_prompt[O_B]);
-    const int chunk = N_BATCH - 1 - o_prompt[O_B];
-    ASSERT_EQ_INT(t->prefill[1][O_A], chunk);
-    ASSERT_EQ_INT(t->prefill[1][O_C], 0);
+    int ok = sched_run(&t->loop, &t->cfg, &t->s, order_on_wake, t, NULL) == 0 && !t->failed && t->phase == 3 &&
+             t->n_steps > 3 && t->prefill[0][0] == prompt[0];
+    for (int k = 0; k < n_jobs; k++) {
+        ok = ok && t->jobs[k].done && !t->jobs[k].has_error && t->jobs[k].text_len > 0;
+        job_release(&t->jobs[k]);
+    }
+    if (!ok) {
+        free(t);
+        return NULL;
+    }
+    return t;
+}
+
+/* B and A arrive together, C a step later. Step 1: B's prompt fits whole, A's does not and a chunk of it
+ * fills the step. Step 2: A's rest (shorter, and waiting longer) before C, whose last rows go to step 3:
+ * a prompt whose chunk filled a step is not the one that waits. */
+TEST(started_prompt_finishes_before_later_ones) {
+    enum { W, B, A, C };
+    static const int prompt[] = {8, 30, 60, 40}, at[] = {-1, 0, 0, 1};
+    order_test *t = order_run(4, prompt, at, -1);
+    ASSERT_TRUE(t != NULL);
+    /* step 1: W's decode, B whole, a chunk of A filling the batch */
+    ASSERT_EQ_INT(t->prefill[1][B], prompt[B]);
+    const int chunk = N_BATCH - 1 - prompt[B];
+    ASSERT_EQ_INT(t->prefill[1][A], chunk);
+    ASSERT_EQ_INT(t->prefill[1][C], 0);
     /* step 2 (two decodes): A's rest first, then as much of C as fits; C's last rows in step 3 */
-    ASSERT_EQ_INT(t->prefill[2][O_A], o_prompt[O_A] - chunk);
-    ASSERT_EQ_INT(t->prefill[2][O_C], N_BATCH - 2 - (o_prompt[O_A] - chunk));
-    ASSERT_EQ_INT(t->prefill[3][O_C], o_prompt[O_C] - t->prefill[2][O_C]);
-    for (int k = 0; k < O_JOBS; k++) job_release(&t->jobs[k]);
+    ASSERT_EQ_INT(t->prefill[2][A], prompt[A] - chunk);
+    ASSERT_EQ_INT(t->prefill[2][C], N_BATCH - 2 - (prompt[A] - chunk));
+    ASSERT_EQ_INT(t->prefill[3][C], prompt[C] - t->prefill[2][C]);
+    free(t);
+}
+
+/* L, S and T arrive together, L first. Shortest first: S and T whole in step 1 (their first tokens come
+ * out of it), a chunk of L fills the rest and L's last rows follow in step 2. In arrival order L and S
+ * would have taken step 1 and T only a chunk of it. */
+TEST(shortest_prompt_first_in_a_burst) {
+    enum { W, L, S, T };
+    static const int prompt[] = {8, 50, 10, 12}, at[] = {-1, 0, 0, 0};
+    order_test *t = order_run(4, prompt, at, -1);
+    ASSERT_TRUE(t != NULL);
+    ASSERT_EQ_INT(t->prefill[1][S], prompt[S]);
+    ASSERT_EQ_INT(t->prefill[1][T], prompt[T]);
+    ASSERT_EQ_INT(t->prefill[1][L], N_BATCH - 1 - prompt[S] - prompt[T]);
+    ASSERT_EQ_INT(t->prefill[2][L], prompt[L] - t->prefill[1][L]);
+    free(t);
+}
+
+/* The same burst, but L arrived a second ago (it waited in the queue): its wait outweighs its length,
+ * so it goes whole into step 1 before the short ones; S fits beside it, T gets the chunk left. */
+TEST(long_waiting_prompt_goes_before_shorter_newcomers) {
+    enum { W, L, S, T };
+    static const int prompt[] = {8, 50, 10, 12}, at[] = {-1, 0, 0, 0};
+    order_test *t = order_run(4, prompt, at, L);
+    ASSERT_TRUE(t != NULL);
+    ASSERT_EQ_INT(t->prefill[1][L], prompt[L]);
+    ASSERT_EQ_INT(t->prefill[1][S], prompt[S]);
+    ASSERT_EQ_INT(t->prefill[1][T], N_BATCH - 1 - prompt[L] - prompt[S]);
+    ASSERT_EQ_INT(t->prefill[2][T], prompt[T] - t->prefill[1][T]);
     free(t);
 }
 
@@ -555,5 +604,7 @@ int main(void) {
     RUN(no_preempt_newcomers_wait_for_a_slot);
     RUN(newcomers_run_nested_inside_the_running_step);
     RUN(started_prompt_finishes_before_later_ones);
+    RUN(shortest_prompt_first_in_a_burst);
+    RUN(long_waiting_prompt_goes_before_shorter_newcomers);
     return test_summary();
 }
