@@ -235,6 +235,7 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
         free(c);
         return NULL;
     }
+    if (p->kv_prefault) cm_kv_prefault(&c->kv);
     int fail = 0;
     size_t f = sizeof(float);
     c->rope_cos = xmalloc((size_t)n_ctx * (size_t)(in->head_dim / 2) * f, &fail);

@@ -4,6 +4,7 @@
  */
 #include "kv.h"
 
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,8 +15,8 @@
 #include <sys/mman.h>
 #endif
 
-/* The pool's memory. Not zeroed: a large pool is mapped lazily and only blocks in use become resident.
- * Where the kernel has transparent huge pages on request (madvise), a pool of 2 MiB or more asks for
+/* The pool's memory. Not zeroed: a large pool is mapped lazily and only blocks in use become resident,
+ * unless cm_kv_prefault touches it all at once. Where the kernel has transparent huge pages on request (madvise), a pool of 2 MiB or more asks for
  * them: a prompt's rows then fault in 2 MiB at a time instead of 4 KiB (a fresh server's first burst of
  * 16 prompts took about 2500 page faults, 5 ms of admission and more in its steps), and attention's
  * reads of a sequence's scattered blocks miss the TLB less. */
@@ -28,6 +29,19 @@ static void *kv_pool_alloc(size_t bytes) {
     if (p) (void)madvise(p, whole, MADV_HUGEPAGE); /* advice only */
 #endif
     return p;
+}
+
+void cm_kv_prefault(cm_kv *kv) {
+    if (!kv->data) return;
+    size_t bytes = kv->block_bytes * (size_t)kv->n_blocks;
+#if defined(__linux__) && defined(MADV_POPULATE_WRITE)
+    /* the kernel faults the pages in (zeroed) without this thread writing them again; a pool of 2 MiB
+     * or more is aligned to them (kv_pool_alloc), a smaller one's first page is rounded down */
+    uintptr_t a = (uintptr_t)kv->data & ~(uintptr_t)4095;
+    if (madvise((void *)a, (uintptr_t)kv->data + bytes - a, MADV_POPULATE_WRITE) == 0) return;
+#endif
+    volatile unsigned char *p = kv->data; /* one write per page: the kernel zeroes the rest */
+    for (size_t i = 0; i < bytes; i += 4096) p[i] = 0;
 }
 
 size_t cm_kv_elt_bytes(int kv_type) {

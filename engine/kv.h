@@ -97,6 +97,9 @@ size_t cm_kv_block_bytes(int n_layer, int kv_dim, int kv_type, size_t extra_byte
 int cm_kv_init(cm_kv *kv, int n_layer, int kv_dim, int kv_type, int n_blocks, int n_seq, int n_ctx,
                size_t extra_bytes, int prefix_cache, cm_err *err);
 void cm_kv_free(cm_kv *kv);
+/* Makes the whole pool resident now (its pages written once, zero): a server's first requests then take
+ * no page faults for their KV rows, and its memory use is the pool's from the start. */
+void cm_kv_prefault(cm_kv *kv);
 
 /* Opens a free sequence slot: its id, or -1 if all are open. */
 int cm_kv_seq_open(cm_kv *kv);

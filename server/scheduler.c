@@ -1414,7 +1414,7 @@ static int worker_load(srv_sched *s) {
                                 .prefix_cache = s->cfg->prefix_cache, .kv_type = s->cfg->kv_type,
                                 .experts_resident = s->cfg->experts_resident,
                                 .n_batch_nested = s->nest_on ? s->nest_max : 0,
-                                .pack_output = s->cfg->pack_output};
+                                .pack_output = s->cfg->pack_output, .kv_prefault = 1};
             ctx = cm_ctx_create(m, &cp, &err);
         }
         if (ctx) {

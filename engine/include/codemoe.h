@@ -203,6 +203,10 @@ typedef struct cm_ctx_params {
                            when it is Q8_0 or a legacy type and the copy takes at most
                            CM_PACK_OUTPUT_AUTO_MAX bytes; 1: whenever the kernel family can (K-quant heads
                            too); < 0: never */
+    int kv_prefault;    /* nonzero: the KV pool is made resident at cm_ctx_create (written once), so the
+                           first sequences take no page faults for their KV rows and the process holds
+                           the whole pool from the start; 0, the default: its pages come in as first
+                           used (a short-lived context of a large n_ctx keeps only what it touches) */
 } cm_ctx_params;
 
 /* The packed output head. Logits for a few rows at once (a decode step of several sequences, the ends

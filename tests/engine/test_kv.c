@@ -22,11 +22,14 @@
  *   kv_block_bytes_is_the_allocation  cm_ctx_kv_block_bytes equals the block size the context allocates
  *                             and a plain count of what a block holds (K, V, the MoE routing state);
  *                             f16 K and V take half the bytes of f32
+ *   prefault_makes_the_pool_resident  kv_prefault: the whole pool resident at creation, not without it
  */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stdint.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include "codemoe.h"
@@ -704,6 +707,47 @@ TEST(kv_block_bytes_is_the_allocation) {
     ASSERT_TRUE(cm_ctx_kv_block_bytes(NULL, kv_type) == 0);
 }
 
+/* Pages of [p, p + bytes) resident now (mincore), or -1 when it cannot tell. */
+static long resident_pages(const void *p, size_t bytes, long *total) {
+    long ps = sysconf(_SC_PAGESIZE);
+    uintptr_t a = (uintptr_t)p & ~(uintptr_t)(ps - 1), e = (uintptr_t)p + bytes;
+    size_t n = (e - a + (size_t)ps - 1) / (size_t)ps;
+    unsigned char *v = malloc(n);
+    if (!v || mincore((void *)a, e - a, v) != 0) {
+        free(v);
+        return -1;
+    }
+    long r = 0;
+    for (size_t i = 0; i < n; i++) r += v[i] & 1;
+    free(v);
+    *total = (long)n;
+    return r;
+}
+
+/* kv_prefault: a fresh context's whole pool is resident at once; without it, a pool nothing has used
+ * yet is not (the same size, 48 MiB, mapped fresh either way). */
+TEST(prefault_makes_the_pool_resident) {
+    const cm_model *m = cases[0].m;
+    ASSERT_TRUE(m != NULL);
+    size_t bb = cm_ctx_kv_block_bytes(m, kv_type);
+    ASSERT_TRUE(bb > 0);
+    int tokens = (int)(((size_t)48 << 20) / bb) * CM_KV_BLOCK_TOKENS;
+    for (int pf = 0; pf <= 1; pf++) {
+        cm_ctx_params cp = {.n_threads = 1, .n_seq_max = 2, .n_ctx = MAXT, .n_batch_max = MAXT,
+                            .kv_tokens = tokens, .kv_type = kv_type, .kv_prefault = pf};
+        cm_err err = {0};
+        cm_ctx *c = cm_ctx_create(m, &cp, &err);
+        ASSERT_TRUE(c != NULL);
+        const cm_kv *kv = cm_ctx_kv(c);
+        long total = 0, r = resident_pages(kv->data, kv->block_bytes * (size_t)kv->n_blocks, &total);
+        ASSERT_TRUE(r >= 0 && total > 1000);
+        if (pf) CHECK_TRUE(r == total);
+        else CHECK_TRUE(r < total / 2);
+        if (pf ? r != total : r >= total / 2) fprintf(stderr, "prefault %d: %ld of %ld pages resident\n", pf, r, total);
+        cm_ctx_free(c);
+    }
+}
+
 /* An unknown KV type is refused, not guessed. */
 TEST(unknown_kv_type_refused) {
     const cm_model *m = cases[0].m;
@@ -728,6 +772,7 @@ int main(void) {
         RUN(evicted_parent_invalidates_children);
         RUN(fork_equals_cold);
         RUN(truncate_at_block_ends);
+        RUN(prefault_makes_the_pool_resident);
         RUN(eviction_under_pressure);
         RUN(random_soak);
         RUN(kv_block_bytes_is_the_allocation);
