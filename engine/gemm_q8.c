@@ -720,52 +720,80 @@ static void zprep_x(const tile *t, const char *x, size_t xbytes, size_t qoff, in
     }
 }
 
-/* acc + the int32 dot of 4 values of 16 rows (u, the group's 64 bytes) with the 4 activation bytes at x. */
-static inline __m512i zdot4(__m512i acc, __m512i u, const void *x) {
+/* acc + the int32 dot of 4 values of 16 rows (u, the group's 64 bytes) with 4 activation bytes (xv, broadcast). */
+static inline __m512i zdot4(__m512i acc, __m512i u, __m512i xv) {
 #if defined(CM_G_VNNI)
-    return _mm512_dpbusd_epi32(acc, u, zbcast32(x));
+    return _mm512_dpbusd_epi32(acc, u, xv);
 #else /* u <= 31 here: maddubs's pairs stay within int16 */
-    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, zbcast32(x)), _mm512_set1_epi16(1)));
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, xv), _mm512_set1_epi16(1)));
 #endif
 }
 
-/* Legacy types and Q8_0: group g (16 rows) x the quad's tokens; out[j * ZGR + r] is (row r, token j).
- * Each weight load serves all four tokens; a block's sums run in two int32 chains per token (even and
- * odd steps, the first started at the bias's share) added before the block's one FMA. */
-static void zmicro_legacy(const tile *t, int g, const char *const xq[NR], size_t xbytes, size_t qoff, float *out) {
-    const uint8_t *q = t->q + (size_t)g * ZGR * (size_t)t->k;
-    const float *dp = t->d + (size_t)g * ZGR * (size_t)t->nb, *mp = t->m + (size_t)g * ZGR * (size_t)t->nb;
-    size_t kq4 = t->xcs;
-    __m512 acc[NR], e[NR];
-    for (int j = 0; j < NR; j++) acc[j] = e[j] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < t->nb; b++) {
-        const uint8_t *qb = q + (size_t)b * 32 * ZGR;
+/* Legacy types and Q8_0: the tile's G groups (G * 16 rows) x the quad's 4 tokens, written straight to
+ * y (the quad's first row, ldy apart; nt tokens, `rows` rows of the tile). Per step of 4 values, one
+ * load per group and one broadcast per token feed G * 4 dpbusd into as many int32 chains, one per
+ * (group, token), each started at the bias's share; a block's chains are its sums, exact, and meet
+ * the block's one FMA each. The float accumulators (G * 4 vectors) would not fit the registers beside
+ * the chains, so they live in `acc` (L1) and are read and written once per block. The min terms'
+ * chain, which cm_qacc keeps apart from acc's, runs after all the blocks (the same bits). */
+CM_ALWAYS_INLINE void zmicro_legacy(const tile *t, int G, const char *const xq[NR], size_t xbytes, size_t qoff,
+                                    float *y, int64_t ldy, int nt, int rows) {
+    const size_t k = (size_t)t->k, nb = (size_t)t->nb, kq4 = t->xcs;
+    const uint8_t *q = t->q;
+    const float *dp = t->d, *mp = t->m;
+    float acc[NR * ZTR] __attribute__((aligned(64)));
+    for (int i = 0; i < NR * G; i++) _mm512_store_ps(acc + ZGR * i, _mm512_setzero_ps());
+    for (size_t b = 0; b < nb; b++) {
+        const uint8_t *qb = q + b * 32 * ZGR;
         const char *xb[NR];
-        __m512i i0[NR], i1[NR];
+        __m512i is[4][NR];
         for (int j = 0; j < NR; j++) {
-            xb[j] = xq[j] + (size_t)b * xbytes + qoff;
-            i0[j] = _mm512_set1_epi32(t->xc[(size_t)j * kq4 + (size_t)b]);
-            i1[j] = _mm512_setzero_si512();
+            xb[j] = xq[j] + b * xbytes + qoff;
+            __m512i c = _mm512_set1_epi32(t->xc[(size_t)j * kq4 + b]);
+            for (int g = 0; g < G; g++) is[g][j] = c;
         }
-        for (int s = 0; s < 8; s += 2) {
-            __m512i u0 = _mm512_loadu_si512((const void *)(qb + 64 * s));
-            __m512i u1 = _mm512_loadu_si512((const void *)(qb + 64 * (s + 1)));
+        for (int s = 0; s < 8; s++) {
+            __m512i u[4];
+            for (int g = 0; g < G; g++) u[g] = _mm512_loadu_si512((const void *)(qb + (size_t)g * ZGR * k + 64 * s));
             for (int j = 0; j < NR; j++) {
-                i0[j] = zdot4(i0[j], u0, xb[j] + 4 * s);
-                i1[j] = zdot4(i1[j], u1, xb[j] + 4 * s + 4);
+                __m512i xv = zbcast32(xb[j] + 4 * s);
+                for (int g = 0; g < G; g++) is[g][j] = zdot4(is[g][j], u[g], xv);
             }
         }
-        __m512 d = _mm512_loadu_ps(dp + ZGR * b);
-        for (int j = 0; j < NR; j++) {
-            __m512 sv = _mm512_mul_ps(d, _mm512_set1_ps(t->xd[NR * b + j]));
-            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0[j], i1[j])), sv, acc[j]);
-        }
-        if (t->has_min) { /* e = fmaf(m, s_x, e) */
-            __m512 m = _mm512_loadu_ps(mp + ZGR * b);
-            for (int j = 0; j < NR; j++) e[j] = _mm512_fmadd_ps(m, _mm512_set1_ps(t->xs[NR * b + j]), e[j]);
+        for (int g = 0; g < G; g++) {
+            __m512 d = _mm512_loadu_ps(dp + ((size_t)g * nb + b) * ZGR);
+            for (int j = 0; j < NR; j++) {
+                float *a = acc + (j * G + g) * ZGR;
+                __m512 sv = _mm512_mul_ps(d, _mm512_set1_ps(t->xd[NR * b + (size_t)j]));
+                _mm512_store_ps(a, _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[g][j]), sv, _mm512_load_ps(a)));
+            }
         }
     }
-    for (int j = 0; j < NR; j++) _mm512_storeu_ps(out + j * ZGR, _mm512_add_ps(acc[j], e[j]));
+    for (int g = 0; g < G; g++) {
+        __m512 e[NR];
+        for (int j = 0; j < NR; j++) e[j] = _mm512_setzero_ps();
+        if (t->has_min) /* e = fmaf(m, s_x, e) */
+            for (size_t b = 0; b < nb; b++) {
+                __m512 m = _mm512_loadu_ps(mp + ((size_t)g * nb + b) * ZGR);
+                for (int j = 0; j < NR; j++) e[j] = _mm512_fmadd_ps(m, _mm512_set1_ps(t->xs[NR * b + (size_t)j]), e[j]);
+            }
+        int left = rows - ZGR * g; /* the group's rows within the tile */
+        __mmask16 mk = left >= ZGR ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+        for (int j = 0; j < nt; j++)
+            _mm512_mask_storeu_ps(y + (int64_t)j * ldy + ZGR * g, mk,
+                                  _mm512_add_ps(_mm512_load_ps(acc + (j * G + g) * ZGR), e[j]));
+    }
+}
+
+/* One per tile width in groups (constant G: the chains and loads unrolled). */
+static void zmicro_legacy_tile(const tile *t, int groups, const char *const xq[NR], size_t xbytes, size_t qoff,
+                               float *y, int64_t ldy, int nt, int rows) {
+    switch (groups) {
+    case 4: zmicro_legacy(t, 4, xq, xbytes, qoff, y, ldy, nt, rows); break;
+    case 3: zmicro_legacy(t, 3, xq, xbytes, qoff, y, ldy, nt, rows); break;
+    case 2: zmicro_legacy(t, 2, xq, xbytes, qoff, y, ldy, nt, rows); break;
+    default: zmicro_legacy(t, 1, xq, xbytes, qoff, y, ldy, nt, rows); break;
+    }
 }
 
 /* sum += p * scale over pairs (the scales of 16 rows, twice each). */
@@ -958,14 +986,17 @@ static void gemm_avx512(int wtype, const void *w, int64_t k, const void *x, size
                 t.xd = xd0 + q * NR * nb, t.xs = xs0 + q * NR * nb, t.xc = xc0 + q * NR * t.xcs;
             }
             zquad(&t, xt, xbytes, qoff, x, x_stride, n, t0, all, xr);
+            if (!t.kq) {
+                zmicro_legacy_tile(&t, groups, xr, xbytes, qoff, y + (int64_t)t0 * ldy + a, ldy, nt, rows);
+                continue;
+            }
             for (int g = 0; g < groups; g++) {
                 float out[NR * ZGR];
 #if defined(CM_G_VNNI)
                 if (zk) zk(&t, g, (const cm_block_q8_k *const *)xr, out);
                 else
 #endif
-                if (t.kq) zmicro_k(&t, g, (const cm_block_q8_k *const *)xr, out);
-                else zmicro_legacy(&t, g, xr, xbytes, qoff, out);
+                zmicro_k(&t, g, (const cm_block_q8_k *const *)xr, out);
                 int left = rows - ZGR * g; /* the group's rows within the tile */
                 __mmask16 mk = left >= ZGR ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
                 for (int j = 0; j < nt; j++)

@@ -15,8 +15,8 @@
  * (4) The activation quantisers: |q| <= 127, bsums and s are what they claim, error <= d/2.
  * (5) The int8 prefill GEMM (gemm_q8.c), for Q8_0 and every block type, gives every (row, token) the
  *     reference dot bit for bit, whatever the number of tokens (odd, below and above its 4-token quad),
- *     the rows asked for (odd counts, starting off its 8- and 16-row groups, one row, more than one
- *     64-row tile), the row length (a few blocks, and tens of them) and the output stride; and at the
+ *     the rows asked for (odd counts, starting off its 8- and 16-row groups, one row, tiles of one to
+ *     four 16-row groups, more than one 64-row tile), the row length (a few blocks, and tens of them) and the output stride; and at the
  *     extremes of its integer sums (every weight at the end of its range against int8 rows of all
  *     +127 or all -127), where an int16 partial sum held one step too long would wrap. Its K-quant row
  *     unpacker equals the reference unpacker byte for byte. The same matrices packed once
@@ -335,7 +335,7 @@ TEST(gemm_q_equals_ref) {
             cm_gemm_pack_free(fits);
         }
         static const int ns[] = {1, 2, 3, 4, 5, 8, 16, 19, 67};
-        static const int64_t ranges[][2] = {{0, 83}, {3, 4}, {5, 22}, {17, 83}, {64, 83}, {16, 48}};
+        static const int64_t ranges[][2] = {{0, 83}, {3, 4}, {5, 22}, {17, 83}, {64, 83}, {16, 48}, {1, 41}};
         for (size_t a = 0; a < 3 * sizeof ns / sizeof ns[0]; a++)
             for (size_t b = 0; b < sizeof ranges / sizeof ranges[0]; b++) {
                 int n = ns[a / 3], packed = a % 3 == 2;
