@@ -729,8 +729,9 @@ static inline __m512i zdot4(__m512i acc, __m512i u, __m512i xv) {
 #endif
 }
 
-/* Legacy types and Q8_0: the tile's G groups (G * 16 rows) x the quad's 4 tokens, written straight to
- * y (the quad's first row, ldy apart; nt tokens, `rows` rows of the tile). Per step of 4 values, one
+#if defined(CM_G_VNNI)
+/* Legacy types and Q8_0 with VNNI: the tile's G groups (G * 16 rows) x the quad's 4 tokens, written
+ * straight to y (the quad's first row, ldy apart; nt tokens, `rows` rows of the tile). Per step of 4 values, one
  * load per group and one broadcast per token feed G * 4 dpbusd into as many int32 chains, one per
  * (group, token), each started at the bias's share; a block's chains are its sums, exact, and meet
  * the block's one FMA each. The float accumulators (G * 4 vectors) would not fit the registers beside
@@ -785,7 +786,8 @@ CM_ALWAYS_INLINE void zmicro_legacy(const tile *t, int G, const char *const xq[N
     }
 }
 
-/* One per tile width in groups (constant G: the chains and loads unrolled). */
+/* The quad against the tile's `groups` groups, into y (the quad's first row, ldy apart; nt tokens, `rows`
+ * rows of the tile): one kernel per tile width (constant G: the chains and loads unrolled). */
 static void zmicro_legacy_tile(const tile *t, int groups, const char *const xq[NR], size_t xbytes, size_t qoff,
                                float *y, int64_t ldy, int nt, int rows) {
     switch (groups) {
@@ -795,6 +797,61 @@ static void zmicro_legacy_tile(const tile *t, int groups, const char *const xq[N
     default: zmicro_legacy(t, 1, xq, xbytes, qoff, y, ldy, nt, rows); break;
     }
 }
+#else
+/* Without VNNI (legacy types but Q8_0): one group (16 rows) x the quad's tokens at a time, into out
+ * (out[j * ZGR + r] is row r, token j). Each weight load serves all four tokens; a block's sums run in
+ * two int32 chains per token (even and odd steps, the first started at the bias's share) added before
+ * the block's one FMA. (The tile-wide blocking above measured slower here: maddubs + madd take two
+ * registers more per step and twice the vector work per dpbusd's.) */
+static void zmicro_legacy_group(const tile *t, int g, const char *const xq[NR], size_t xbytes, size_t qoff,
+                                float *out) {
+    const uint8_t *q = t->q + (size_t)g * ZGR * (size_t)t->k;
+    const float *dp = t->d + (size_t)g * ZGR * (size_t)t->nb, *mp = t->m + (size_t)g * ZGR * (size_t)t->nb;
+    size_t kq4 = t->xcs;
+    __m512 acc[NR], e[NR];
+    for (int j = 0; j < NR; j++) acc[j] = e[j] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < t->nb; b++) {
+        const uint8_t *qb = q + (size_t)b * 32 * ZGR;
+        const char *xb[NR];
+        __m512i i0[NR], i1[NR];
+        for (int j = 0; j < NR; j++) {
+            xb[j] = xq[j] + (size_t)b * xbytes + qoff;
+            i0[j] = _mm512_set1_epi32(t->xc[(size_t)j * kq4 + (size_t)b]);
+            i1[j] = _mm512_setzero_si512();
+        }
+        for (int s = 0; s < 8; s += 2) {
+            __m512i u0 = _mm512_loadu_si512((const void *)(qb + 64 * s));
+            __m512i u1 = _mm512_loadu_si512((const void *)(qb + 64 * (s + 1)));
+            for (int j = 0; j < NR; j++) {
+                i0[j] = zdot4(i0[j], u0, zbcast32(xb[j] + 4 * s));
+                i1[j] = zdot4(i1[j], u1, zbcast32(xb[j] + 4 * s + 4));
+            }
+        }
+        __m512 d = _mm512_loadu_ps(dp + ZGR * b);
+        for (int j = 0; j < NR; j++) {
+            __m512 sv = _mm512_mul_ps(d, _mm512_set1_ps(t->xd[NR * b + j]));
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0[j], i1[j])), sv, acc[j]);
+        }
+        if (t->has_min) { /* e = fmaf(m, s_x, e) */
+            __m512 m = _mm512_loadu_ps(mp + ZGR * b);
+            for (int j = 0; j < NR; j++) e[j] = _mm512_fmadd_ps(m, _mm512_set1_ps(t->xs[NR * b + j]), e[j]);
+        }
+    }
+    for (int j = 0; j < NR; j++) _mm512_storeu_ps(out + j * ZGR, _mm512_add_ps(acc[j], e[j]));
+}
+
+static void zmicro_legacy_tile(const tile *t, int groups, const char *const xq[NR], size_t xbytes, size_t qoff,
+                               float *y, int64_t ldy, int nt, int rows) {
+    for (int g = 0; g < groups; g++) {
+        float out[NR * ZGR];
+        zmicro_legacy_group(t, g, xq, xbytes, qoff, out);
+        int left = rows - ZGR * g; /* the group's rows within the tile */
+        __mmask16 mk = left >= ZGR ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+        for (int j = 0; j < nt; j++)
+            _mm512_mask_storeu_ps(y + (int64_t)j * ldy + ZGR * g, mk, _mm512_loadu_ps(out + j * ZGR));
+    }
+}
+#endif
 
 /* sum += p * scale over pairs (the scales of 16 rows, twice each). */
 static inline __m512i zmadd_acc(__m512i acc, __m512i p, __m512i sc) {
