@@ -652,7 +652,13 @@ static void gemm_avx2(int wtype, const void *w, int64_t k, const void *x, size_t
  * offset: 128 for Q8_0, 8 for Q4_0, 16 for Q5_0, 4 for Q3_K, 32 for Q6_K, else 0), because the byte dots
  * (VNNI's dpbusd, maddubs) take one operand unsigned; what the bias adds is taken off exactly, from the
  * activation sums in t->xc (K-quants on VNNI: from Q8_K's bsums, zmicro_k_vnni). The block sums and their
- * FMAs are cm_qacc's, as above. */
+ * FMAs are cm_qacc's, as above.
+ *
+ * The micro-tiles: with VNNI, the legacy types and Q8_0 meet the whole tile (up to 4 groups, 64 rows)
+ * per token quad in one call (zmicro_legacy), so each weight load serves the quad's 4 tokens and each
+ * activation broadcast the tile's 4 groups, into 16 independent int32 chains; the K-quants, and the
+ * legacy types in the family without VNNI, meet one group per call (zmicro_k_vnni, zmicro_k,
+ * zmicro_legacy_group). */
 
 /* The type's bias, and whether this family's 512-bit path takes the type: without VNNI the legacy
  * types go through maddubs, whose int16 pair sums only Q8_0's u up to 255 could overflow. */
@@ -871,8 +877,8 @@ static inline __m512i zmn_bsums(const int16_t *mn, const cm_block_q8_k *xb) {
     return acc;
 }
 
-/* K-quants: the same over super-blocks of 256, all four tokens per weight load, two int32 chains per
- * token (sub-blocks of even and odd index) added before the super-block's one FMA. */
+/* K-quants: one group (16 rows) x the quad's tokens over super-blocks of 256, into out as
+ * zmicro_legacy_group's; all four tokens per weight load, two int32 chains per token (sub-blocks of even and odd index) added before the super-block's one FMA. */
 static void zmicro_k(const tile *t, int g, const cm_block_q8_k *const xk[NR], float *out) {
     const uint8_t *q = t->q + (size_t)g * ZGR * (size_t)t->k;
     size_t gb = (size_t)g * (size_t)t->nb, kq4 = t->xcs;
