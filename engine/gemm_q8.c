@@ -877,8 +877,9 @@ static inline __m512i zmn_bsums(const int16_t *mn, const cm_block_q8_k *xb) {
     return acc;
 }
 
-/* K-quants: one group (16 rows) x the quad's tokens over super-blocks of 256, into out as
- * zmicro_legacy_group's; all four tokens per weight load, two int32 chains per token (sub-blocks of even and odd index) added before the super-block's one FMA. */
+/* K-quants: one group (16 rows) x the quad's tokens over super-blocks of 256, into out (out[j * ZGR + r]
+ * is row r, token j); all four tokens per weight load, two int32 chains per token (sub-blocks of even
+ * and odd index) added before the super-block's one FMA. */
 static void zmicro_k(const tile *t, int g, const cm_block_q8_k *const xk[NR], float *out) {
     const uint8_t *q = t->q + (size_t)g * ZGR * (size_t)t->k;
     size_t gb = (size_t)g * (size_t)t->nb, kq4 = t->xcs;
