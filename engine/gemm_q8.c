@@ -1052,6 +1052,10 @@ static void gemm_avx512(int wtype, const void *w, int64_t k, const void *x, size
                 t.xd = xd0 + q * NR * nb, t.xs = xs0 + q * NR * nb, t.xc = xc0 + q * NR * t.xcs;
             }
             zquad(&t, xt, xbytes, qoff, x, x_stride, n, t0, all, xr);
+            /* the quad's outputs into cache for writing while the micro-kernels run: a store that
+             * misses (y far larger than the caches) would otherwise stall at their end */
+            for (int j = 0; j < nt; j++)
+                for (int g = 0; g < groups; g++) __builtin_prefetch(y + (int64_t)(t0 + j) * ldy + a + ZGR * g, 1, 3);
             if (!t.kq) {
                 zmicro_legacy_tile(&t, groups, xr, xbytes, qoff, y + (int64_t)t0 * ldy + a, ldy, nt, rows);
                 continue;
