@@ -744,53 +744,67 @@ static inline __m512i zdot4(__m512i acc, __m512i u, __m512i xv) {
  * meet the block's one FMA each. The float accumulators (G * 4 vectors) would not fit the registers beside
  * the chains, so they live in `acc` (L1) and are read and written once per block. The min terms'
  * chain, which cm_qacc keeps apart from acc's, runs after all the blocks (the same bits). */
-CM_ALWAYS_INLINE void zmicro_legacy(const tile *t, int G, const char *const xq[NR], size_t xbytes, size_t qoff,
-                                    float *y, int64_t ldy, int nt, int rows) {
+/* Block b of zmicro_legacy: its sums and their FMAs into acc; the first block's accumulators start at 0
+ * (acc not read), the last block's results, plus the min terms (e, or none), go to y instead. */
+CM_ALWAYS_INLINE void zlegacy_block(const tile *t, int G, const char *const xq[NR], size_t xbytes, size_t qoff,
+                                    size_t b, int first, int last, float *acc, const float *e, float *y,
+                                    int64_t ldy, int nt, int rows) {
     const size_t k = (size_t)t->k, nb = (size_t)t->nb, kq4 = t->xcs;
-    const uint8_t *q = t->q;
-    const float *dp = t->d, *mp = t->m;
-    float acc[NR * ZTR] __attribute__((aligned(64)));
-    for (int i = 0; i < NR * G; i++) _mm512_store_ps(acc + ZGR * i, _mm512_setzero_ps());
-    for (size_t b = 0; b < nb; b++) {
-        const uint8_t *qb = q + b * 32 * ZGR;
-        const char *xb[NR];
-        __m512i is[4][NR];
+    const uint8_t *qb = t->q + b * 32 * ZGR;
+    const char *xb[NR];
+    __m512i is[4][NR];
+    for (int j = 0; j < NR; j++) {
+        xb[j] = xq[j] + b * xbytes + qoff;
+        __m512i c = _mm512_set1_epi32(t->xc[(size_t)j * kq4 + b]);
+        for (int g = 0; g < G; g++) is[g][j] = c;
+    }
+    for (int s = 0; s < 8; s++) {
+        __m512i u[4];
+        for (int g = 0; g < G; g++) u[g] = _mm512_loadu_si512((const void *)(qb + (size_t)g * ZGR * k + 64 * s));
         for (int j = 0; j < NR; j++) {
-            xb[j] = xq[j] + b * xbytes + qoff;
-            __m512i c = _mm512_set1_epi32(t->xc[(size_t)j * kq4 + b]);
-            for (int g = 0; g < G; g++) is[g][j] = c;
-        }
-        for (int s = 0; s < 8; s++) {
-            __m512i u[4];
-            for (int g = 0; g < G; g++) u[g] = _mm512_loadu_si512((const void *)(qb + (size_t)g * ZGR * k + 64 * s));
-            for (int j = 0; j < NR; j++) {
-                __m512i xv = zbcast32(xb[j] + 4 * s);
-                for (int g = 0; g < G; g++) is[g][j] = zdot4(is[g][j], u[g], xv);
-            }
-        }
-        for (int g = 0; g < G; g++) {
-            __m512 d = _mm512_loadu_ps(dp + ((size_t)g * nb + b) * ZGR);
-            for (int j = 0; j < NR; j++) {
-                float *a = acc + (j * G + g) * ZGR;
-                __m512 sv = _mm512_mul_ps(d, _mm512_set1_ps(t->xd[NR * b + (size_t)j]));
-                _mm512_store_ps(a, _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[g][j]), sv, _mm512_load_ps(a)));
-            }
+            __m512i xv = zbcast32(xb[j] + 4 * s);
+            for (int g = 0; g < G; g++) is[g][j] = zdot4(is[g][j], u[g], xv);
         }
     }
     for (int g = 0; g < G; g++) {
-        __m512 e[NR];
-        for (int j = 0; j < NR; j++) e[j] = _mm512_setzero_ps();
-        if (t->has_min) /* e = fmaf(m, s_x, e) */
-            for (size_t b = 0; b < nb; b++) {
-                __m512 m = _mm512_loadu_ps(mp + ((size_t)g * nb + b) * ZGR);
-                for (int j = 0; j < NR; j++) e[j] = _mm512_fmadd_ps(m, _mm512_set1_ps(t->xs[NR * b + (size_t)j]), e[j]);
-            }
+        __m512 d = _mm512_loadu_ps(t->d + ((size_t)g * nb + b) * ZGR);
         int left = rows - ZGR * g; /* the group's rows within the tile */
         __mmask16 mk = left >= ZGR ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
-        for (int j = 0; j < nt; j++)
-            _mm512_mask_storeu_ps(y + (int64_t)j * ldy + ZGR * g, mk,
-                                  _mm512_add_ps(_mm512_load_ps(acc + (j * G + g) * ZGR), e[j]));
+        for (int j = 0; j < NR; j++) {
+            float *a = acc + (j * G + g) * ZGR;
+            __m512 sv = _mm512_mul_ps(d, _mm512_set1_ps(t->xd[NR * b + (size_t)j]));
+            __m512 r = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[g][j]), sv, first ? _mm512_setzero_ps() : _mm512_load_ps(a));
+            if (!last)
+                _mm512_store_ps(a, r);
+            else if (j < nt) /* cm_qacc_total: acc + e, e = 0 without mins */
+                _mm512_mask_storeu_ps(y + (int64_t)j * ldy + ZGR * g, mk,
+                                      _mm512_add_ps(r, e ? _mm512_load_ps(e + (j * G + g) * ZGR) : _mm512_setzero_ps()));
+        }
     }
+}
+
+CM_ALWAYS_INLINE void zmicro_legacy(const tile *t, int G, const char *const xq[NR], size_t xbytes, size_t qoff,
+                                    float *y, int64_t ldy, int nt, int rows) {
+    const size_t nb = (size_t)t->nb;
+    float acc[NR * ZTR] __attribute__((aligned(64))), e[NR * ZTR] __attribute__((aligned(64)));
+    if (t->has_min) /* e = fmaf(m, s_x, e), all blocks in order */
+        for (int g = 0; g < G; g++) {
+            __m512 ev[NR];
+            for (int j = 0; j < NR; j++) ev[j] = _mm512_setzero_ps();
+            for (size_t b = 0; b < nb; b++) {
+                __m512 m = _mm512_loadu_ps(t->m + ((size_t)g * nb + b) * ZGR);
+                for (int j = 0; j < NR; j++) ev[j] = _mm512_fmadd_ps(m, _mm512_set1_ps(t->xs[NR * b + (size_t)j]), ev[j]);
+            }
+            for (int j = 0; j < NR; j++) _mm512_store_ps(e + (j * G + g) * ZGR, ev[j]);
+        }
+    const float *ep = t->has_min ? e : NULL;
+    if (nb == 1) {
+        for (int i = 0; i < NR * G; i++) _mm512_store_ps(acc + ZGR * i, _mm512_setzero_ps());
+    } else {
+        zlegacy_block(t, G, xq, xbytes, qoff, 0, 1, 0, acc, ep, y, ldy, nt, rows);
+        for (size_t b = 1; b + 1 < nb; b++) zlegacy_block(t, G, xq, xbytes, qoff, b, 0, 0, acc, ep, y, ldy, nt, rows);
+    }
+    zlegacy_block(t, G, xq, xbytes, qoff, nb - 1, 0, 1, acc, ep, y, ldy, nt, rows);
 }
 
 /* The quad against the tile's `groups` groups, into y (the quad's first row, ldy apart; nt tokens, `rows`
