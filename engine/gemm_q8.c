@@ -741,11 +741,11 @@ static inline __m512i zdot4(__m512i acc, __m512i u, __m512i xv) {
  * straight to y (the quad's first row, ldy apart; nt tokens, `rows` rows of the tile). Per step of 4
  * values, one load per group and one broadcast per token feed G * 4 dpbusd into as many int32 chains,
  * one per (group, token), each started at the bias's share; a block's chains are its sums, exact, and
- * meet the block's one FMA each. The float accumulators (G * 4 vectors) would not fit the registers beside
- * the chains, so they live in `acc` (L1) and are read and written once per block. The min terms'
- * chain, which cm_qacc keeps apart from acc's, runs after all the blocks (the same bits). */
-/* Block b of zmicro_legacy: its sums and their FMAs into acc; the first block's accumulators start at 0
- * (acc not read), the last block's results, plus the min terms (e, or none), go to y instead. */
+ * meet the block's one FMA each. The float accumulators (G * 4 vectors) would not fit the registers
+ * beside the chains, so between blocks they live in `acc` (L1): the first block starts them at 0, the
+ * blocks between read and write them, the last one adds the min terms and stores to y. The min terms'
+ * chain (types with m), which cm_qacc keeps apart from acc's, runs before the blocks (the same bits).
+ * zlegacy_block is one block of it. */
 CM_ALWAYS_INLINE void zlegacy_block(const tile *t, int G, const char *const xq[NR], size_t xbytes, size_t qoff,
                                     size_t b, int first, int last, float *acc, const float *e, float *y,
                                     int64_t ldy, int nt, int rows) {
@@ -783,6 +783,7 @@ CM_ALWAYS_INLINE void zlegacy_block(const tile *t, int G, const char *const xq[N
     }
 }
 
+/* The blocks in order, as zlegacy_block above says; e (NR, G, ZGR) the min terms. */
 CM_ALWAYS_INLINE void zmicro_legacy(const tile *t, int G, const char *const xq[NR], size_t xbytes, size_t qoff,
                                     float *y, int64_t ldy, int nt, int rows) {
     const size_t nb = (size_t)t->nb;
