@@ -15,13 +15,13 @@
  * (4) The activation quantisers: |q| <= 127, bsums and s are what they claim, error <= d/2.
  * (5) The int8 prefill GEMM (gemm_q8.c), for Q8_0 and every block type, gives every (row, token) the
  *     reference dot bit for bit, whatever the number of tokens (odd, below and above its 4-token quad),
- *     the rows asked for (odd counts, starting off its 8- and 16-row groups, one row, more than one
- *     64-row tile), the row length (a few blocks, and tens of them) and the output stride; and at the
- *     extremes of its integer sums (every weight at the end of its range against int8 rows of all
- *     +127 or all -127), where an int16 partial sum held one step too long would wrap. Its K-quant row
- *     unpacker equals the reference unpacker byte for byte. The same matrices packed once
- *     (cm_gemm_q_pack) give the same bits, from the pack's groups and, where a call starts off them or
- *     runs under another family, from the matrix.
+ *     the rows asked for (odd counts, starting off its 8- and 16-row groups, one row, tiles of one to
+ *     four 16-row groups, more than one 64-row tile), the row length (one block, a few, and tens of
+ *     them) and the output stride; and at the extremes of its integer sums (every weight at the end
+ *     of its range against int8 rows of all +127 or all -127), where an int16 partial sum held one
+ *     step too long would wrap. Its K-quant row unpacker equals the reference unpacker byte for byte.
+ *     The same matrices packed once (cm_gemm_q_pack) give the same bits, from the pack's groups and,
+ *     where a call starts off them or runs under another family, from the matrix.
  */
 #include <math.h>
 #include <stdint.h>
@@ -304,11 +304,11 @@ TEST(gemm_q_equals_ref) {
     int types[N_QTYPES + 1];
     types[0] = GGUF_TT_Q8_0;
     memcpy(types + 1, qtypes, sizeof qtypes);
-    for (int t = 0; t < 2 * (N_QTYPES + 1); t++) {
-        /* each type twice: K of a few blocks, and a longer K (legacy types: 35 blocks; K-quants: 5
-         * super-blocks) */
-        int type = types[t / 2], xt = cm_quant_vec_dot_type(type);
-        int64_t k = gguf_block_size(type) == 32 ? (t % 2 ? 1120 : 96) : (t % 2 ? 1280 : 768), m = 83, ldy = m + 3;
+    for (int t = 0; t < 3 * (N_QTYPES + 1); t++) {
+        /* each type three times: K of a few blocks, a longer K (legacy types: 35 blocks; K-quants: 5
+         * super-blocks), and K of one block */
+        int type = types[t / 3], xt = cm_quant_vec_dot_type(type), bs = gguf_block_size(type);
+        int64_t k = t % 3 == 2 ? bs : bs == 32 ? (t % 3 ? 1120 : 96) : (t % 3 ? 1280 : 768), m = 83, ldy = m + 3;
         size_t rb = (size_t)gguf_row_bytes(type, k), xb = cm_vec_row_bytes(xt, k);
         int nmax = 67; /* enough token quads that the least scratch cannot hold them all at the longer K */
         uint8_t *w = malloc(rb * (size_t)m), *xv = malloc(xb * (size_t)nmax);
@@ -335,7 +335,7 @@ TEST(gemm_q_equals_ref) {
             cm_gemm_pack_free(fits);
         }
         static const int ns[] = {1, 2, 3, 4, 5, 8, 16, 19, 67};
-        static const int64_t ranges[][2] = {{0, 83}, {3, 4}, {5, 22}, {17, 83}, {64, 83}, {16, 48}};
+        static const int64_t ranges[][2] = {{0, 83}, {3, 4}, {5, 22}, {17, 83}, {64, 83}, {16, 48}, {1, 41}};
         for (size_t a = 0; a < 3 * sizeof ns / sizeof ns[0]; a++)
             for (size_t b = 0; b < sizeof ranges / sizeof ranges[0]; b++) {
                 int n = ns[a / 3], packed = a % 3 == 2;
