@@ -16,19 +16,33 @@
 #endif
 
 /* The pool's memory. Not zeroed: a large pool is mapped lazily and only blocks in use become resident,
- * unless cm_kv_prefault touches it all at once. Where the kernel has transparent huge pages on request (madvise), a pool of 2 MiB or more asks for
- * them: a prompt's rows then fault in 2 MiB at a time instead of 4 KiB (a fresh server's first burst of
- * 16 prompts took about 2500 page faults, 5 ms of admission and more in its steps), and attention's
- * reads of a sequence's scattered blocks miss the TLB less. */
+ * unless cm_kv_prefault touches it all at once. On Linux a pool of 2 MiB or more is its own anonymous
+ * mapping, aligned to 2 MiB (so malloc's tuning, e.g. MALLOC_PERTURB_'s fill, never touches it, and
+ * freeing it returns it to the system), with transparent huge pages asked for where the kernel has
+ * them on request (madvise): a prompt's rows then fault in 2 MiB at a time instead of 4 KiB (a fresh
+ * server's first burst of 16 prompts took about 2500 page faults, 5 ms of admission and more in its
+ * steps), and attention's reads of a sequence's scattered blocks miss the TLB less. */
 #define KV_HUGE ((size_t)2 << 20)
-static void *kv_pool_alloc(size_t bytes) {
-    if (bytes < KV_HUGE) return malloc(bytes);
-    size_t whole = (bytes + KV_HUGE - 1) / KV_HUGE * KV_HUGE; /* aligned_alloc's size: a multiple */
-    void *p = aligned_alloc(KV_HUGE, whole);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    if (p) (void)madvise(p, whole, MADV_HUGEPAGE); /* advice only */
+static void *kv_pool_alloc(cm_kv *kv, size_t bytes) {
+#if defined(__linux__)
+    if (bytes >= KV_HUGE && bytes <= SIZE_MAX - 2 * KV_HUGE) {
+        size_t whole = (bytes + KV_HUGE - 1) / KV_HUGE * KV_HUGE, span = whole + KV_HUGE;
+        void *m = mmap(NULL, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) return NULL;
+        /* keep the 2 MiB-aligned `whole` inside the span, give the rest back */
+        uintptr_t a = ((uintptr_t)m + KV_HUGE - 1) & ~(uintptr_t)(KV_HUGE - 1);
+        size_t head = a - (uintptr_t)m, tail = span - head - whole;
+        if (head) munmap(m, head);
+        if (tail) munmap((char *)a + whole, tail);
+#if defined(MADV_HUGEPAGE)
+        (void)madvise((void *)a, whole, MADV_HUGEPAGE); /* advice only */
 #endif
-    return p;
+        kv->map = (void *)a;
+        kv->map_bytes = whole;
+        return (void *)a;
+    }
+#endif
+    return malloc(bytes);
 }
 
 void cm_kv_prefault(cm_kv *kv) {
@@ -84,7 +98,7 @@ int cm_kv_init(cm_kv *kv, int n_layer, int kv_dim, int kv_type, int n_blocks, in
     kv->block_bytes = (size_t)bytes;
     if (!cm_mul_u64((uint64_t)n_seq, (uint64_t)kv->max_blocks, &tab) || tab > (uint64_t)SIZE_MAX / 8)
         return cm_err_set(err, CM_E_NOMEM, "kv: block tables too large");
-    kv->data = kv_pool_alloc((size_t)total);
+    kv->data = kv_pool_alloc(kv, (size_t)total);
     kv->refcount = calloc((size_t)n_blocks, sizeof *kv->refcount);
     kv->free_ids = malloc((size_t)n_blocks * sizeof *kv->free_ids);
     kv->tables = malloc((size_t)tab * sizeof *kv->tables);
@@ -137,7 +151,11 @@ int cm_kv_init(cm_kv *kv, int n_layer, int kv_dim, int kv_type, int n_blocks, in
 
 void cm_kv_free(cm_kv *kv) {
     if (!kv) return;
-    free(kv->data);
+#if defined(__linux__)
+    if (kv->map) munmap(kv->map, kv->map_bytes);
+    else
+#endif
+        free(kv->data);
     free(kv->refcount);
     free(kv->free_ids);
     free(kv->tables);
