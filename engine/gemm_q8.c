@@ -810,7 +810,7 @@ CM_ALWAYS_INLINE void zmicro_legacy(const tile *t, int G, const char *const xq[N
 
 /* The quad against the tile's `groups` groups, into y (the quad's first row, ldy apart; nt tokens, `rows`
  * rows of the tile): one kernel per tile width (constant G: the chains and loads unrolled). */
-static void zmicro_legacy_tile(const tile *t, int groups, const char *const xq[NR], size_t xbytes, size_t qoff,
+static void zmicro_legacy_wide(const tile *t, int groups, const char *const xq[NR], size_t xbytes, size_t qoff,
                                float *y, int64_t ldy, int nt, int rows) {
     switch (groups) {
     case 4: zmicro_legacy(t, 4, xq, xbytes, qoff, y, ldy, nt, rows); break;
@@ -819,12 +819,15 @@ static void zmicro_legacy_tile(const tile *t, int groups, const char *const xq[N
     default: zmicro_legacy(t, 1, xq, xbytes, qoff, y, ldy, nt, rows); break;
     }
 }
-#else
-/* Without VNNI (legacy types but Q8_0): one group (16 rows) x the quad's tokens at a time, into out
- * (out[j * ZGR + r] is row r, token j). Each weight load serves all four tokens; a block's sums run in
- * two int32 chains per token (even and odd steps, the first started at the bias's share) added before
- * the block's one FMA. (The tile-wide blocking above, with maddubs + madd in place of dpbusd, measured
- * 5-10% slower on a Zen 5 core.) */
+#endif
+
+/* One group (16 rows) x the quad's tokens at a time, into out (out[j * ZGR + r] is row r, token j). Each
+ * weight load serves all four tokens; a block's sums run in two int32 chains per token (even and odd
+ * steps, the first started at the bias's share) added before the block's one FMA. The family without
+ * VNNI takes it for every product (the tile-wide blocking above, with maddubs + madd in place of dpbusd,
+ * measured 5-10% slower on a Zen 5 core); with VNNI, the products of a packed matrix (the output head's
+ * few logits rows over a vocabulary): streaming a window from memory one group after the other, it ran
+ * them at 1.35 ms against the tile-wide kernel's 2.4 (151936 x 256 Q8_0, 1 to 4 rows, one thread). */
 static void zmicro_legacy_group(const tile *t, int g, const char *const xq[NR], size_t xbytes, size_t qoff,
                                 float *out) {
     const uint8_t *q = t->q + (size_t)g * ZGR * (size_t)t->k;
@@ -863,8 +866,8 @@ static void zmicro_legacy_group(const tile *t, int g, const char *const xq[NR], 
 }
 
 /* The quad against the tile's `groups` groups, one at a time, into y as above. */
-static void zmicro_legacy_tile(const tile *t, int groups, const char *const xq[NR], size_t xbytes, size_t qoff,
-                               float *y, int64_t ldy, int nt, int rows) {
+static void zmicro_legacy_groups(const tile *t, int groups, const char *const xq[NR], size_t xbytes, size_t qoff,
+                                 float *y, int64_t ldy, int nt, int rows) {
     for (int g = 0; g < groups; g++) {
         float out[NR * ZGR];
         zmicro_legacy_group(t, g, xq, xbytes, qoff, out);
@@ -874,7 +877,6 @@ static void zmicro_legacy_tile(const tile *t, int groups, const char *const xq[N
             _mm512_mask_storeu_ps(y + (int64_t)j * ldy + ZGR * g, mk, _mm512_loadu_ps(out + j * ZGR));
     }
 }
-#endif
 
 /* sum += p * scale over pairs (the scales of 16 rows, twice each). */
 static inline __m512i zmadd_acc(__m512i acc, __m512i p, __m512i sc) {
@@ -1072,7 +1074,11 @@ static void gemm_avx512(int wtype, const void *w, int64_t k, const void *x, size
             for (int j = 0; j < nt; j++)
                 for (int g = 0; g < groups; g++) __builtin_prefetch(y + (int64_t)(t0 + j) * ldy + a + ZGR * g, 1, 3);
             if (!t.kq) {
-                zmicro_legacy_tile(&t, groups, xr, xbytes, qoff, y + (int64_t)t0 * ldy + a, ldy, nt, rows);
+#if defined(CM_G_VNNI)
+                if (!pk) zmicro_legacy_wide(&t, groups, xr, xbytes, qoff, y + (int64_t)t0 * ldy + a, ldy, nt, rows);
+                else
+#endif
+                    zmicro_legacy_groups(&t, groups, xr, xbytes, qoff, y + (int64_t)t0 * ldy + a, ldy, nt, rows);
                 continue;
             }
             for (int g = 0; g < groups; g++) {
