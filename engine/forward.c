@@ -971,3 +971,24 @@ const float *cm_logits(const cm_ctx *c, int i) {
     if (!c || i < 0 || i >= c->n_last || c->last_logit_row[i] < 0) return NULL;
     return c->last_logits + (size_t)c->last_logit_row[i] * (size_t)c->m->info.n_vocab;
 }
+
+typedef struct argmax_job {
+    const cm_ctx *c;
+    const int *rows;
+    int32_t *out;
+} argmax_job;
+
+static void argmax_task(void *arg, int task, int thread) {
+    (void)thread;
+    const argmax_job *j = arg;
+    j->out[task] = (int32_t)cm_argmax(cm_logits(j->c, j->rows[task]), j->c->m->info.n_vocab);
+}
+
+int cm_logits_argmax(cm_ctx *c, int n, const int *rows, int32_t *out) {
+    if (!c || n < 0 || (n > 0 && (!rows || !out))) return -1;
+    for (int i = 0; i < n; i++)
+        if (!cm_logits(c, rows[i])) return -1;
+    argmax_job j = {c, rows, out};
+    cm_pool_run(c->pool, argmax_task, &j, n);
+    return 0;
+}

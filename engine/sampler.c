@@ -381,14 +381,34 @@ void cm_sampler_adjusted_logits(cm_sampler *s, const float *logits, float *out) 
     for (int i = 0; i < s->n_vocab; i++) out[i] = s->cand[i].v;
 }
 
+int cm_sampler_is_greedy(const cm_sampler *s) {
+    const cm_sampling *p = &s->p;
+    return p->temperature == 0.0f && p->n_logit_bias == 0 && p->repetition_penalty == 1.0f &&
+           p->presence_penalty == 0.0f && p->frequency_penalty == 0.0f;
+}
+
+/* The chosen token's bookkeeping: log-probabilities if asked, then the token recorded as generated. */
+static int32_t sampler_done(cm_sampler *s, const float *logits, int32_t chosen, float *chosen_lp,
+                            cm_token_logprob *top) {
+    if (chosen_lp || top) {
+        float lp = cm_logprobs(s->n_vocab, logits, chosen, top, top ? s->p.n_logprobs : 0);
+        if (chosen_lp) *chosen_lp = lp;
+    }
+    sampler_accept(s, chosen, 1);
+    return chosen;
+}
+
+int32_t cm_sampler_take(cm_sampler *s, const float *logits, int32_t tok, float *chosen_lp, cm_token_logprob *top) {
+    return sampler_done(s, logits, tok, chosen_lp, top);
+}
+
 int32_t cm_sampler_sample(cm_sampler *s, const float *logits, float *chosen_lp, cm_token_logprob *top) {
     const cm_sampling *p = &s->p;
     const int V = s->n_vocab;
     cm_cand *c = s->cand;
 
     int32_t chosen;
-    if (p->temperature == 0.0f && p->n_logit_bias == 0 && p->repetition_penalty == 1.0f &&
-        p->presence_penalty == 0.0f && p->frequency_penalty == 0.0f) {
+    if (cm_sampler_is_greedy(s)) {
         /* plain greedy: the argmax of the raw logits, without copying V candidates (NaN never wins;
          * ties go to the lowest id) */
         chosen = (int32_t)cm_argmax(logits, V);
@@ -478,10 +498,5 @@ int32_t cm_sampler_sample(cm_sampler *s, const float *logits, float *chosen_lp, 
     }
 
 done:
-    if (chosen_lp || top) {
-        float lp = cm_logprobs(V, logits, chosen, top, top ? p->n_logprobs : 0);
-        if (chosen_lp) *chosen_lp = lp;
-    }
-    sampler_accept(s, chosen, 1);
-    return chosen;
+    return sampler_done(s, logits, chosen, chosen_lp, top);
 }

@@ -260,6 +260,9 @@ struct srv_sched {
     srv_job **a_vic;                  /* (parallel) preempt_for scratch: the jobs it parked */
     int *r_load;                      /* (parallel) step scratch: open sequences of running[i]'s client */
     sched_seq **p_order;              /* (parallel) step scratch: the prompts to feed, in prefill_order's order */
+    int *g_rows;                      /* (n_batch) step scratch: the rows greedy samplers take (step_greedy) */
+    int32_t *g_tok;                   /* (n_batch) their tokens by row, -1 for the other rows */
+    int32_t *g_out;                   /* (n_batch) cm_logits_argmax's results, in g_rows' order */
     int prev_light;                   /* the last step was a light step (step_plan) */
     srv_step_row *trace;              /* (n_batch) cfg->step_trace's rows (tests); NULL without one */
     /* nested steps (the file's opening comment): on for dense models unless --no-nested-steps */
@@ -1223,6 +1226,23 @@ static void step_yield(void *ud) {
 }
 
 /* Runs the batch step() (or step_yield: nested) built: the forward pass, then sampling. */
+/* The greedy tokens of the step's sampled rows (a decode row without drafts, a prompt's last row) whose
+ * sampler is plain greedy, into s->g_tok by row, all at once on the engine's threads
+ * (cm_logits_argmax); the other rows' -1 (their samplers run as before). */
+static void step_greedy(srv_sched *s, int nb) {
+    int n = 0;
+    for (int r = 0; r < nb; r++) {
+        const sched_row *row = &s->rows[r];
+        const sched_seq *q = row->sq;
+        s->g_tok[r] = -1;
+        if (q->state == SEQ_ENDED || !row->sample || (row->prompt_pos == ROW_DECODE && q->n_draft > 0)) continue;
+        if (cm_sampler_is_greedy(q->smp) && cm_logits(s->ctx, r)) s->g_rows[n++] = r;
+    }
+    if (n < 2) return; /* one row: the sampler's own argmax costs the same */
+    if (cm_logits_argmax(s->ctx, n, s->g_rows, s->g_out) < 0) return;
+    for (int i = 0; i < n; i++) s->g_tok[s->g_rows[i]] = s->g_out[i];
+}
+
 static void step_run(srv_sched *s, int nb, int n_decode, int n_drafted, int nested) {
     if (s->trace) {
         for (int r = 0; r < nb; r++)
@@ -1250,6 +1270,7 @@ static void step_run(srv_sched *s, int nb, int n_decode, int n_drafted, int nest
     s->l_batch_tokens += (uint64_t)nb;
     s->l_prompt_computed += (uint64_t)(nb - n_decode - n_drafted);
     const int n_vocab = s->info->n_vocab;
+    step_greedy(s, nb);
     for (int r = 0; r < nb; r++) {
         sched_row *row = &s->rows[r];
         sched_seq *q = row->sq;
@@ -1305,7 +1326,8 @@ static void step_run(srv_sched *s, int nb, int n_decode, int n_drafted, int nest
         int want_lp = q->job->req->logprobs >= 0;
         int n_top = q->job->req->logprobs > 0 ? q->job->req->logprobs : 0;
         if (n_top > CM_LOGPROBS_MAX) n_top = CM_LOGPROBS_MAX;
-        int32_t tok = cm_sampler_sample(q->smp, lg, want_lp ? &lp : NULL, want_lp ? s->top : NULL);
+        int32_t tok = s->g_tok[r] >= 0 ? cm_sampler_take(q->smp, lg, s->g_tok[r], want_lp ? &lp : NULL, want_lp ? s->top : NULL)
+                                       : cm_sampler_sample(q->smp, lg, want_lp ? &lp : NULL, want_lp ? s->top : NULL);
         seq_on_token(s, q, tok, lp, n_top, cm_seq_len(s->ctx, q->seq));
         for (int k = 1; n_forked && k <= q->n_follow; k++) {
             sched_seq *f = &js(q->job)->seqs[q->choice + k];
@@ -1455,6 +1477,9 @@ static int worker_load(srv_sched *s) {
             s->parked = calloc((size_t)s->cfg->parallel, sizeof *s->parked);
             s->r_load = malloc((size_t)s->cfg->parallel * sizeof *s->r_load);
             s->p_order = malloc((size_t)s->cfg->parallel * sizeof *s->p_order);
+            s->g_rows = malloc((size_t)nb * sizeof *s->g_rows);
+            s->g_tok = malloc((size_t)nb * sizeof *s->g_tok);
+            s->g_out = malloc((size_t)nb * sizeof *s->g_out);
             if (s->cfg->step_trace) s->trace = malloc((size_t)nb * sizeof *s->trace);
             if (s->nest_on) {
                 s->n_tok = malloc(SRV_NEST_MAX * sizeof *s->n_tok);
@@ -1468,7 +1493,7 @@ static int worker_load(srv_sched *s) {
                     s->nest_on = 0; /* without them, steps just do not nest */
             }
             if (!s->b_tok || !s->b_seq || !s->b_logits || !s->b_gen || !s->rows || !s->running || !s->smp_free ||
-                !s->a_seq || !s->a_got || !s->a_vic || !s->parked || !s->r_load || !s->p_order ||
+                !s->a_seq || !s->a_got || !s->a_vic || !s->parked || !s->r_load || !s->p_order || !s->g_rows || !s->g_tok || !s->g_out ||
                 (s->cfg->step_trace && !s->trace)) {
                 snprintf(err.msg, sizeof err.msg, "out of memory");
                 cm_ctx_free(ctx);
@@ -1712,6 +1737,9 @@ void srv_sched_free(srv_sched *s) {
     free(s->r_load);
     free(s->trace);
     free(s->p_order);
+    free(s->g_rows);
+    free(s->g_tok);
+    free(s->g_out);
     free(s->n_tok);
     free(s->n_seq);
     free(s->n_logits);

@@ -326,6 +326,12 @@ int cm_forward(cm_ctx *c, const cm_batch *b, cm_err *err);
 /* Logits (n_vocab floats) of batch token i from the last cm_forward that returned (a nested one's
  * inside a yield hook); NULL if not requested. Valid until the next cm_forward on this context. */
 const float *cm_logits(const cm_ctx *c, int i);
+/* The argmax of each of n logits rows of the last cm_forward (batch tokens rows[0..n)) into out, on c's
+ * threads, one row per task: a step's greedy tokens at once instead of one after another on the
+ * caller's thread (sampling's serial part of a decode step of many sequences). Each row's result is
+ * cm_sampler_sample's greedy token for it (the largest logit, the lowest id among equals, NaN never).
+ * Returns 0, or -1 (out untouched) when a row has no logits. */
+int cm_logits_argmax(cm_ctx *c, int n, const int *rows, int32_t *out);
 
 /* ------------------------------------------------------------ mixture-of-experts options
  *
@@ -581,6 +587,12 @@ void cm_sampler_accept_prompt(cm_sampler *s, int32_t tok);
  * generated. If top != NULL, writes the chosen token's logprob to *chosen_lp and the top
  * n_logprobs alternatives to top[] (log-softmax of the raw logits, before bias/penalties/temperature). */
 int32_t cm_sampler_sample(cm_sampler *s, const float *logits, float *chosen_lp, cm_token_logprob *top);
+/* Whether s samples plain greedy (temperature 0, no logit bias, no penalties): its token for a row is
+ * then the argmax of the row's logits (cm_logits_argmax), which cm_sampler_take records. */
+int cm_sampler_is_greedy(const cm_sampler *s);
+/* cm_sampler_sample for a greedy sampler whose token, tok, is already known (the row's argmax): records
+ * it and writes the log-probabilities as cm_sampler_sample would. Returns tok. */
+int32_t cm_sampler_take(cm_sampler *s, const float *logits, int32_t tok, float *chosen_lp, cm_token_logprob *top);
 
 /* ============================================================ BLAS (prefill products)
  *

@@ -900,6 +900,57 @@ TEST(packed_output_head_same_logits) {
     }
 }
 
+/* cm_logits_argmax: every row's token is the greedy sampler's for that row (two threads, rows in any
+ * order, one repeated); a row without logits is refused with out untouched. cm_sampler_take with that
+ * token gives what cm_sampler_sample gives: the same log-probabilities, the same recorded history. */
+TEST(logits_argmax_is_the_greedy_sample) {
+    cm_model *m = fixture();
+    ASSERT_TRUE(m);
+    const int V = cm_model_get_info(m)->n_vocab;
+    cm_err err = {0};
+    cm_ctx_params p = {.n_threads = 2, .n_seq_max = 1, .n_ctx = 64, .n_batch_max = 16};
+    cm_ctx *c = cm_ctx_create(m, &p, &err);
+    ASSERT_TRUE(c);
+    int32_t tok[12], seq[12];
+    int8_t want[12];
+    int sq = cm_seq_open(c, NULL);
+    for (int i = 0; i < 12; i++) tok[i] = (i * 53 + 7) % V, seq[i] = sq, want[i] = i != 4;
+    cm_batch b = {.n = 12, .token = tok, .seq = seq, .logits = want};
+    ASSERT_EQ_INT(cm_forward(c, &b, &err), CM_OK);
+    static const int rows[] = {11, 0, 3, 7, 7, 1, 10, 2};
+    const int n = (int)(sizeof rows / sizeof *rows);
+    int32_t out[8];
+    ASSERT_EQ_INT(cm_logits_argmax(c, n, rows, out), 0);
+    cm_sampling sp;
+    cm_sampling_default(&sp);
+    sp.temperature = 0.0f;
+    sp.n_logprobs = 3;
+    cm_sampler *a = cm_sampler_create(m, &sp, &err), *t = cm_sampler_create(m, &sp, &err);
+    ASSERT_TRUE(a && t && cm_sampler_is_greedy(a));
+    for (int i = 0; i < n; i++) {
+        const float *lg = cm_logits(c, rows[i]);
+        float lpa = 0, lpt = 0;
+        cm_token_logprob ta[3], tt[3];
+        int32_t ga = cm_sampler_sample(a, lg, &lpa, ta);
+        if (out[i] != ga) TEST_FAIL_("row %d: argmax %d, greedy sample %d", rows[i], out[i], ga);
+        CHECK_TRUE(cm_sampler_take(t, lg, out[i], &lpt, tt) == ga);
+        CHECK_TRUE(lpa == lpt && !memcmp(ta, tt, sizeof ta));
+    }
+    int32_t keep[8] = {-7, -7, -7, -7, -7, -7, -7, -7};
+    static const int bad[] = {0, 4};
+    CHECK_TRUE(cm_logits_argmax(c, 2, bad, keep) == -1);
+    CHECK_TRUE(keep[0] == -7);
+    sp.temperature = 0.7f;
+    cm_sampler *r = cm_sampler_create(m, &sp, &err);
+    ASSERT_TRUE(r);
+    CHECK_TRUE(!cm_sampler_is_greedy(r));
+    cm_sampler_free(r);
+    cm_sampler_free(a);
+    cm_sampler_free(t);
+    cm_ctx_free(c);
+    cm_model_free(m);
+}
+
 int main(void) {
     snprintf(tmp_path, sizeof tmp_path, "%s/cm_test_model_%d.gguf", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp",
              (int)getpid());
@@ -918,6 +969,7 @@ int main(void) {
     RUN(decode_bytes);
     RUN(nested_forward_in_yield_hook);
     RUN(packed_output_head_same_logits);
+    RUN(logits_argmax_is_the_greedy_sample);
     unlink(tmp_path);
     return test_summary();
 }
