@@ -4,6 +4,8 @@
  */
 #include "kv.h"
 
+#include <errno.h>
+#include <inttypes.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -45,17 +47,38 @@ static void *kv_pool_alloc(cm_kv *kv, size_t bytes) {
     return malloc(bytes);
 }
 
-void cm_kv_prefault(cm_kv *kv) {
-    if (!kv->data) return;
+/* The memory the system says it could give now (Linux: MemAvailable), or 0 when it cannot tell. */
+static uint64_t kv_mem_available(void) {
+    uint64_t kb = 0;
+#if defined(__linux__)
+    FILE *f = fopen("/proc/meminfo", "r");
+    if (!f) return 0;
+    char line[128];
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "MemAvailable: %" SCNu64 " kB", &kb) == 1) break;
+    fclose(f);
+#endif
+    return kb > UINT64_MAX / 1024 ? 0 : kb * 1024;
+}
+
+int cm_kv_prefault(cm_kv *kv) {
+    if (!kv->data) return 0;
     size_t bytes = kv->block_bytes * (size_t)kv->n_blocks;
+    /* a pool of more than half what the system has left stays lazy: touching it all now could push the
+     * machine into reclaim, or the process into the OOM killer, before it has served anything */
+    uint64_t avail = kv_mem_available();
+    if (avail && bytes > avail / 2) return 0;
 #if defined(__linux__) && defined(MADV_POPULATE_WRITE)
     /* the kernel faults the pages in (zeroed) without this thread writing them again; a pool of 2 MiB
-     * or more is aligned to them (kv_pool_alloc), a smaller one's first page is rounded down */
+     * or more is aligned to them (kv_pool_alloc), a smaller one's first page is rounded down. Only a
+     * kernel without it (EINVAL) falls back to the writes below; any other failure leaves the rest lazy */
     uintptr_t a = (uintptr_t)kv->data & ~(uintptr_t)4095;
-    if (madvise((void *)a, (uintptr_t)kv->data + bytes - a, MADV_POPULATE_WRITE) == 0) return;
+    if (madvise((void *)a, (uintptr_t)kv->data + bytes - a, MADV_POPULATE_WRITE) == 0) return 1;
+    if (errno != EINVAL) return 0;
 #endif
     volatile unsigned char *p = kv->data; /* one write per page: the kernel zeroes the rest */
     for (size_t i = 0; i < bytes; i += 4096) p[i] = 0;
+    return 1;
 }
 
 size_t cm_kv_elt_bytes(int kv_type) {

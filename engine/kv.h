@@ -100,8 +100,10 @@ int cm_kv_init(cm_kv *kv, int n_layer, int kv_dim, int kv_type, int n_blocks, in
                size_t extra_bytes, int prefix_cache, cm_err *err);
 void cm_kv_free(cm_kv *kv);
 /* Makes the whole pool resident now (its pages written once, zero): a server's first requests then take
- * no page faults for their KV rows, and its memory use is the pool's from the start. */
-void cm_kv_prefault(cm_kv *kv);
+ * no page faults for their KV rows, and its memory use is the pool's from the start. A pool of more
+ * than half the memory the system reports available (Linux: MemAvailable) is left lazy. Returns 1 when
+ * the pool is resident, 0 when it was left lazy. */
+int cm_kv_prefault(cm_kv *kv);
 
 /* Opens a free sequence slot: its id, or -1 if all are open. */
 int cm_kv_seq_open(cm_kv *kv);

@@ -205,8 +205,10 @@ typedef struct cm_ctx_params {
                            too); < 0: never */
     int kv_prefault;    /* nonzero: the KV pool is made resident at cm_ctx_create (written once), so the
                            first sequences take no page faults for their KV rows and the process holds
-                           the whole pool from the start; 0, the default: its pages come in as first
-                           used (a short-lived context of a large n_ctx keeps only what it touches) */
+                           the whole pool from the start (not a pool of more than half the memory
+                           the system reports available: that one stays lazy); 0, the default: its
+                           pages come in as first used (a short-lived context of a large n_ctx keeps
+                           only what it touches) */
 } cm_ctx_params;
 
 /* The packed output head. Logits for a few rows at once (a decode step of several sequences, the ends
