@@ -728,6 +728,19 @@ static void zprep_x(const tile *t, const char *x, size_t xbytes, size_t qoff, in
 
 /* acc + the int32 dot of 4 values of 16 rows (u, the group's 64 bytes) with 4 activation bytes (xv,
  * broadcast). */
+/* The lanes of group g that hold rows of a tile of `rows` rows. */
+static inline __mmask16 zgroup_mask(int rows, int g) {
+    int left = rows - ZGR * g;
+    return left >= ZGR ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+}
+
+/* A one-group micro-kernel's out (out[j * ZGR + r] is row r, token j) into y: group g of the tile, nt
+ * tokens (the quad's first row at y, ldy apart), `rows` rows of the tile. */
+static inline void zstore_group(float *y, int64_t ldy, int g, int rows, int nt, const float *out) {
+    __mmask16 mk = zgroup_mask(rows, g);
+    for (int j = 0; j < nt; j++) _mm512_mask_storeu_ps(y + (int64_t)j * ldy + ZGR * g, mk, _mm512_loadu_ps(out + j * ZGR));
+}
+
 static inline __m512i zdot4(__m512i acc, __m512i u, __m512i xv) {
 #if defined(CM_G_VNNI)
     return _mm512_dpbusd_epi32(acc, u, xv);
@@ -768,8 +781,7 @@ CM_ALWAYS_INLINE void zlegacy_block(const tile *t, int G, const char *const xq[N
     }
     for (int g = 0; g < G; g++) {
         __m512 d = _mm512_loadu_ps(t->d + ((size_t)g * nb + b) * ZGR);
-        int left = rows - ZGR * g; /* the group's rows within the tile */
-        __mmask16 mk = left >= ZGR ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+        __mmask16 mk = zgroup_mask(rows, g);
         for (int j = 0; j < NR; j++) {
             float *a = acc + (j * G + g) * ZGR;
             __m512 sv = _mm512_mul_ps(d, _mm512_set1_ps(t->xd[NR * b + (size_t)j]));
@@ -871,10 +883,7 @@ static void zmicro_legacy_groups(const tile *t, int groups, const char *const xq
     for (int g = 0; g < groups; g++) {
         float out[NR * ZGR];
         zmicro_legacy_group(t, g, xq, xbytes, qoff, out);
-        int left = rows - ZGR * g; /* the group's rows within the tile */
-        __mmask16 mk = left >= ZGR ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
-        for (int j = 0; j < nt; j++)
-            _mm512_mask_storeu_ps(y + (int64_t)j * ldy + ZGR * g, mk, _mm512_loadu_ps(out + j * ZGR));
+        zstore_group(y, ldy, g, rows, nt, out);
     }
 }
 
@@ -1088,10 +1097,7 @@ static void gemm_avx512(int wtype, const void *w, int64_t k, const void *x, size
                 else
 #endif
                 zmicro_k(&t, g, (const cm_block_q8_k *const *)xr, out);
-                int left = rows - ZGR * g; /* the group's rows within the tile */
-                __mmask16 mk = left >= ZGR ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
-                for (int j = 0; j < nt; j++)
-                    _mm512_mask_storeu_ps(y + (int64_t)(t0 + j) * ldy + a + ZGR * g, mk, _mm512_loadu_ps(out + j * ZGR));
+                zstore_group(y + (int64_t)t0 * ldy + a, ldy, g, rows, nt, out);
             }
         }
     }
