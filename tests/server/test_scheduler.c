@@ -569,12 +569,14 @@ TEST(started_prompt_finishes_before_later_ones) {
     free(t);
 }
 
-/* L, S and T arrive together, L first. Shortest first: S and T whole in step 1 (their first tokens come
- * out of it), a chunk of L fills the rest and L's last rows follow in step 2. In arrival order L and S
- * would have taken step 1 and T only a chunk of it. */
+/* The burst of the next two tests: L, S and T arrive together, L first, while W decodes. */
+enum { W, L, S, T };
+static const int prompt[] = {8, 50, 10, 12}, at[] = {-1, 0, 0, 0};
+
+/* Shortest first: S and T whole in step 1 (their first tokens come out of it), a chunk of L fills the
+ * rest and L's last rows follow in step 2. In arrival order L and S would have taken step 1 and T only
+ * a chunk of it. */
 TEST(shortest_prompt_first_in_a_burst) {
-    enum { W, L, S, T };
-    static const int prompt[] = {8, 50, 10, 12}, at[] = {-1, 0, 0, 0};
     order_test *t = order_run(4, prompt, at, -1);
     ASSERT_TRUE(t != NULL);
     ASSERT_EQ_INT(t->prefill[1][S], prompt[S]);
@@ -587,8 +589,6 @@ TEST(shortest_prompt_first_in_a_burst) {
 /* The same burst, but L arrived a second ago (it waited in the queue): its wait outweighs its length,
  * so it goes whole into step 1 before the short ones; S fits beside it, T gets the chunk left. */
 TEST(long_waiting_prompt_goes_before_shorter_newcomers) {
-    enum { W, L, S, T };
-    static const int prompt[] = {8, 50, 10, 12}, at[] = {-1, 0, 0, 0};
     order_test *t = order_run(4, prompt, at, L);
     ASSERT_TRUE(t != NULL);
     ASSERT_EQ_INT(t->prefill[1][L], prompt[L]);
