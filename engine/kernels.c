@@ -212,23 +212,6 @@ int64_t cm_argmax_ref(const float *x, int64_t k) {
     return b;
 }
 
-/* Sixteen running maxima (x > m ? x : m is the vector max instruction, NaN and ties keeping m) break the
- * scan's chain of dependent compares; the first index holding their maximum is the reference's answer. */
-int64_t cm_argmax(const float *x, int64_t k) {
-    enum { L = 16 };
-    float m[L];
-    for (int j = 0; j < L; j++) m[j] = -INFINITY;
-    int64_t i = 0;
-    for (; i + L <= k; i += L)
-        for (int j = 0; j < L; j++) m[j] = x[i + j] > m[j] ? x[i + j] : m[j];
-    for (int j = 0; i + j < k; j++) m[j] = x[i + j] > m[j] ? x[i + j] : m[j];
-    float mx = m[0];
-    for (int j = 1; j < L; j++) mx = m[j] > mx ? m[j] : mx;
-    if (mx == -INFINITY) return 0;
-    for (i = 0; x[i] != mx; i++) {}
-    return i;
-}
-
 void cm_softmax_ref(float *x, int64_t k) {
     float mx = x[0];
     for (int64_t i = 1; i < k; i++) mx = fmaxf(mx, x[i]);
@@ -403,6 +386,7 @@ void cm_silu_mul(float *g, const float *u, int64_t k) { cm__kops->silu_mul(g, u,
 void cm_softmax(float *x, int64_t k) { cm__kops->softmax(x, k); }
 
 void cm_exp_row(float *x, int64_t k) { cm__kops->exp_row(x, k); }
+int64_t cm_argmax(const float *x, int64_t k) { return cm__kops->argmax(x, k); }
 
 void cm_rope(float *x, const float *cs, const float *sn, int e, int neox) { cm__kops->rope(x, cs, sn, e, neox); }
 

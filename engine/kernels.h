@@ -135,8 +135,8 @@ void cm_exp_row_ref(float *x, int64_t k);
 
 /* The index of x's (K >= 1) largest value: the lowest such index on ties; NaN never wins, and 0 when
  * nothing is above -inf. Greedy sampling over a vocabulary row: the reference is the plain scan, the
- * fast one finds the maximum with independent partial maxima (vector max instructions) and then its
- * first index, the same index always. */
+ * fast one a single pass keeping each vector lane's running maximum and its index, the same index
+ * always. */
 int64_t cm_argmax(const float *x, int64_t k);
 int64_t cm_argmax_ref(const float *x, int64_t k);
 

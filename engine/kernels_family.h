@@ -60,6 +60,7 @@ typedef struct cm_kernel_ops {
     void (*silu_mul)(float *g, const float *u, int64_t k);
     void (*softmax)(float *x, int64_t k);
     void (*exp_row)(float *x, int64_t k);
+    int64_t (*argmax)(const float *x, int64_t k);
     void (*rope)(float *x, const float *cs, const float *sn, int e, int neox);
     float (*dot_f32)(const float *a, const float *b, int64_t k);
     void (*axpy)(float *y, float a, const float *x, int64_t k);

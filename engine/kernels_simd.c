@@ -882,6 +882,89 @@ static void softmax(float *x, int64_t k) {
 #endif
 }
 
+/* One pass: per lane the running maximum (x > m, so NaN and ties keep m) and the index it came from,
+ * over four vectors side by side; the answer is the lowest index among the lanes holding the largest
+ * maximum, which is the reference's first index of it. Rows of 2^31 values or more: the reference. */
+static int64_t argmax(const float *x, int64_t k) {
+#if defined(CM_AVX512)
+    if (k < ((int64_t)1 << 31)) {
+        const __m512 ninf = _mm512_set1_ps(-INFINITY);
+        __m512 m[4];
+        __m512i ix[4], cur[4];
+        for (int j = 0; j < 4; j++) {
+            m[j] = ninf;
+            ix[j] = _mm512_setzero_si512();
+            cur[j] = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                      _mm512_set1_epi32(16 * j));
+        }
+        int64_t i = 0;
+        for (; i + 64 <= k; i += 64)
+            for (int j = 0; j < 4; j++) {
+                __m512 v = _mm512_loadu_ps(x + i + 16 * j);
+                __mmask16 gt = _mm512_cmp_ps_mask(v, m[j], _CMP_GT_OQ);
+                m[j] = _mm512_mask_mov_ps(m[j], gt, v);
+                ix[j] = _mm512_mask_mov_epi32(ix[j], gt, cur[j]);
+                cur[j] = _mm512_add_epi32(cur[j], _mm512_set1_epi32(64));
+            }
+        for (int j = 0; i < k; i += 16, j = (j + 1) & 3) { /* the tail, 16 at a time, -inf past the end */
+            int64_t n = k - i;
+            __mmask16 live = n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
+            __m512 v = _mm512_mask_loadu_ps(ninf, live, x + i);
+            __m512i at = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32((int32_t)i));
+            __mmask16 gt = _mm512_cmp_ps_mask(v, m[j], _CMP_GT_OQ);
+            m[j] = _mm512_mask_mov_ps(m[j], gt, v);
+            ix[j] = _mm512_mask_mov_epi32(ix[j], gt, at);
+        }
+        float mv[64];
+        int32_t iv[64];
+        for (int j = 0; j < 4; j++) {
+            _mm512_storeu_ps(mv + 16 * j, m[j]);
+            _mm512_storeu_si512((void *)(iv + 16 * j), ix[j]);
+        }
+        float mx = -INFINITY;
+        int32_t best = 0;
+        for (int l = 0; l < 64; l++)
+            if (mv[l] > mx || (mv[l] == mx && mx != -INFINITY && iv[l] < best)) mx = mv[l], best = iv[l];
+        return best;
+    }
+#elif defined(CM_AVX2)
+    if (k < ((int64_t)1 << 31)) {
+        const __m256 ninf = _mm256_set1_ps(-INFINITY);
+        __m256 m[4];
+        __m256i ix[4], cur[4];
+        for (int j = 0; j < 4; j++) {
+            m[j] = ninf;
+            ix[j] = _mm256_setzero_si256();
+            cur[j] = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(8 * j));
+        }
+        int64_t i = 0;
+        for (; i + 32 <= k; i += 32)
+            for (int j = 0; j < 4; j++) {
+                __m256 v = _mm256_loadu_ps(x + i + 8 * j);
+                __m256 gt = _mm256_cmp_ps(v, m[j], _CMP_GT_OQ);
+                m[j] = _mm256_blendv_ps(m[j], v, gt);
+                ix[j] = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(ix[j]), _mm256_castsi256_ps(cur[j]), gt));
+                cur[j] = _mm256_add_epi32(cur[j], _mm256_set1_epi32(32));
+            }
+        float mv[32];
+        int32_t iv[32];
+        for (int j = 0; j < 4; j++) {
+            _mm256_storeu_ps(mv + 8 * j, m[j]);
+            _mm256_storeu_si256((__m256i *)(void *)(iv + 8 * j), ix[j]);
+        }
+        float mx = -INFINITY;
+        int32_t best = 0;
+        for (int l = 0; l < 32; l++)
+            if (mv[l] > mx || (mv[l] == mx && mx != -INFINITY && iv[l] < best)) mx = mv[l], best = iv[l];
+        for (; i < k; i++) /* the tail comes after every index above: only a larger value wins */
+            if (x[i] > mx) mx = x[i], best = (int32_t)i;
+        return best;
+    }
+#endif
+    return cm_argmax_ref(x, k);
+}
+
 static void exp_row(float *x, int64_t k) {
     int64_t i = 0;
 #if defined(CM_AVX512)
@@ -941,6 +1024,7 @@ const cm_kernel_ops CM_FAMILY_FN(cm_kernels) = {
     .silu_mul = silu_mul,
     .softmax = softmax,
     .exp_row = exp_row,
+    .argmax = argmax,
     .rope = rope,
     .dot_f32 = dot_f32,
     .axpy = axpy,
