@@ -1158,11 +1158,14 @@ cm_gemm_pack *CM_FAMILY_FN(cm_gemm_q_pack)(int wtype, const void *w, int64_t k, 
     size_t bytes = 0;
     for (int i = 0; i < 7; i++) bytes += (sizes[i] + 63) & ~(size_t)63;
     if (max_bytes && bytes > max_bytes) return NULL;
+    /* its own mapping with huge pages from 2 MiB on: the head's products stream it whole every step
+     * (151936 x 896 Q8_0, 1 to 16 rows, one thread: 4-6% faster than on 4 KiB pages) */
+    size_t mapped;
     cm_gemm_pack *pk = calloc(1, sizeof *pk);
-    char *mem = aligned_alloc(64, bytes);
+    char *mem = cm_big_alloc(bytes, 64, &mapped);
     uint8_t *stage = aligned_alloc(64, ((size_t)gr * (size_t)k + 63) & ~(size_t)63);
     if (!pk || !mem || !stage) {
-        free(pk), free(mem), free(stage);
+        free(pk), cm_big_free(mem, mapped), free(stage);
         return NULL;
     }
     char *p = mem;
@@ -1188,7 +1191,8 @@ cm_gemm_pack *CM_FAMILY_FN(cm_gemm_q_pack)(int wtype, const void *w, int64_t k, 
     }
     free(stage);
     *pk = (cm_gemm_pack){
-        .family = &CM_FAMILY_FN(cm_kernels), .wtype = wtype, .w = w, .k = k, .m = m, .bytes = bytes, .impl = mem};
+        .family = &CM_FAMILY_FN(cm_kernels), .wtype = wtype, .w = w, .k = k, .m = m, .bytes = bytes,
+        .mapped = mapped, .impl = mem};
     return pk;
 #else
     (void)wtype, (void)w, (void)k, (void)m, (void)max_bytes;

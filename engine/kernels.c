@@ -361,7 +361,7 @@ size_t cm_gemm_pack_bytes(const cm_gemm_pack *pk) { return pk ? pk->bytes : 0; }
 
 void cm_gemm_pack_free(cm_gemm_pack *pk) {
     if (!pk) return;
-    free(pk->impl);
+    cm_big_free(pk->impl, pk->mapped);
     free(pk);
 }
 

@@ -41,7 +41,8 @@ struct cm_gemm_pack {
     int wtype;
     const void *w;
     int64_t k, m;
-    size_t bytes; /* of impl */
+    size_t bytes;  /* of impl */
+    size_t mapped; /* cm_big_alloc's mapping of impl, 0: from the allocator */
     void *impl;
 };
 

@@ -17,36 +17,12 @@
 #include <sys/mman.h>
 #endif
 
-/* The pool's memory. Not zeroed: a large pool is mapped lazily and only blocks in use become resident,
- * unless cm_kv_prefault touches it all at once. On Linux a pool of 2 MiB or more is its own anonymous
- * mapping, aligned to 2 MiB (so malloc's tuning, e.g. MALLOC_PERTURB_'s fill, never touches it, and
- * freeing it returns it to the system), with transparent huge pages asked for where the kernel has
- * them on request (madvise): a prompt's rows then fault in 2 MiB at a time instead of 4 KiB (a fresh
- * server's first burst of 16 prompts took about 2500 page faults, 5 ms of admission and more in its
- * steps), and attention's reads of a sequence's scattered blocks miss the TLB less. */
-#define KV_HUGE ((size_t)2 << 20)
-static void *kv_pool_alloc(cm_kv *kv, size_t bytes) {
-#if defined(__linux__)
-    if (bytes >= KV_HUGE && bytes <= SIZE_MAX - 2 * KV_HUGE) {
-        size_t whole = (bytes + KV_HUGE - 1) / KV_HUGE * KV_HUGE, span = whole + KV_HUGE;
-        void *m = mmap(NULL, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (m == MAP_FAILED) return NULL;
-        /* keep the 2 MiB-aligned `whole` inside the span, give the rest back */
-        uintptr_t a = ((uintptr_t)m + KV_HUGE - 1) & ~(uintptr_t)(KV_HUGE - 1);
-        size_t head = a - (uintptr_t)m, tail = span - head - whole;
-        if (head) munmap(m, head);
-        if (tail) munmap((char *)a + whole, tail);
-#if defined(MADV_HUGEPAGE)
-        (void)madvise((void *)a, whole, MADV_HUGEPAGE); /* advice only */
-#endif
-        kv->map = (void *)a;
-        kv->map_bytes = whole;
-        return (void *)a;
-    }
-#endif
-    return malloc(bytes);
-}
-
+/* The pool's memory (cm_big_alloc), not zeroed: a large pool is mapped lazily and only blocks in use
+ * become resident, unless cm_kv_prefault touches it all at once. Its own mapping from 2 MiB on, so
+ * malloc's tuning (e.g. MALLOC_PERTURB_'s fill) never touches it, and with huge pages asked for: a
+ * prompt's rows then fault in 2 MiB at a time instead of 4 KiB (a fresh server's first burst of 16
+ * prompts took about 2500 page faults, 5 ms of admission and more in its steps), and attention's reads
+ * of a sequence's scattered blocks miss the TLB less. */
 /* The memory the system says it could give now (Linux: MemAvailable), or 0 when it cannot tell. */
 static uint64_t kv_mem_available(void) {
     uint64_t kb = 0;
@@ -70,7 +46,7 @@ int cm_kv_prefault(cm_kv *kv) {
     if (avail && bytes > avail / 2) return 0;
 #if defined(__linux__) && defined(MADV_POPULATE_WRITE)
     /* the kernel faults the pages in (zeroed) without this thread writing them again; a pool of 2 MiB
-     * or more is aligned to them (kv_pool_alloc), a smaller one's first page is rounded down. Only a
+     * or more is aligned to them (cm_big_alloc), a smaller one's first page is rounded down. Only a
      * kernel without it (EINVAL) falls back to the writes below; any other failure leaves the rest lazy */
     uintptr_t a = (uintptr_t)kv->data & ~(uintptr_t)4095;
     if (madvise((void *)a, (uintptr_t)kv->data + bytes - a, MADV_POPULATE_WRITE) == 0) return 1;
@@ -121,7 +97,7 @@ int cm_kv_init(cm_kv *kv, int n_layer, int kv_dim, int kv_type, int n_blocks, in
     kv->block_bytes = (size_t)bytes;
     if (!cm_mul_u64((uint64_t)n_seq, (uint64_t)kv->max_blocks, &tab) || tab > (uint64_t)SIZE_MAX / 8)
         return cm_err_set(err, CM_E_NOMEM, "kv: block tables too large");
-    kv->data = kv_pool_alloc(kv, (size_t)total);
+    kv->data = cm_big_alloc((size_t)total, 64, &kv->map_bytes);
     kv->refcount = calloc((size_t)n_blocks, sizeof *kv->refcount);
     kv->free_ids = malloc((size_t)n_blocks * sizeof *kv->free_ids);
     kv->tables = malloc((size_t)tab * sizeof *kv->tables);
@@ -174,11 +150,7 @@ int cm_kv_init(cm_kv *kv, int n_layer, int kv_dim, int kv_type, int n_blocks, in
 
 void cm_kv_free(cm_kv *kv) {
     if (!kv) return;
-#if defined(__linux__)
-    if (kv->map) munmap(kv->map, kv->map_bytes);
-    else
-#endif
-        free(kv->data);
+    cm_big_free(kv->data, kv->map_bytes);
     free(kv->refcount);
     free(kv->free_ids);
     free(kv->tables);

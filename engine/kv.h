@@ -59,8 +59,7 @@ typedef struct cm_kv {
     size_t extra_bytes; /* per block, after its elements (a multiple of 8) */
     size_t block_bytes; /* block_elems * elt_bytes + extra_bytes, rounded up to 64 */
     unsigned char *data;/* (n_blocks, block_bytes) */
-    void *map;          /* where data was mapped (a pool of 2 MiB or more, on Linux), else NULL: malloc'ed */
-    size_t map_bytes;
+    size_t map_bytes;   /* cm_big_alloc's mapping of data, 0: from the allocator */
     uint16_t *refcount; /* (n_blocks) */
     int32_t *free_ids;  /* (n_blocks) stack of free block ids */
     int n_free;

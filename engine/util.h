@@ -14,6 +14,16 @@
 #define CM_PRINTF(a, b)
 #endif
 
+/* A large buffer that lives as long as its owner (the KV pool, a packed weight matrix). On Linux one of
+ * CM_BIG_BYTES or more is its own anonymous mapping, aligned to 2 MiB, with transparent huge pages asked
+ * for where the kernel has them on request (madvise): the TLB then covers 2 MiB per entry where a
+ * stream over it would miss every 4 KiB, and freeing it returns it to the system. A smaller one comes
+ * from aligned_alloc (align: a power of two, at least sizeof(void *)). Not zeroed. *mapped is the
+ * mapping's size (0: from the allocator); cm_big_free takes it back. NULL when there is no memory. */
+#define CM_BIG_BYTES ((size_t)2 << 20)
+void *cm_big_alloc(size_t bytes, size_t align, size_t *mapped);
+void cm_big_free(void *p, size_t mapped);
+
 /* Sets err (if not NULL) and returns code, so that `return cm_err_set(err, CM_E_FORMAT, "...")` reads well. */
 int cm_err_set(cm_err *err, int code, const char *fmt, ...) CM_PRINTF(3, 4);
 
