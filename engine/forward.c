@@ -40,6 +40,8 @@
 #include "threadpool.h"
 #include "util.h"
 
+#define MM_TILE_ROWS 64   /* the int8 GEMM's widest tile of weight rows */
+#define MM_TILE_TOKENS 64 /* tokens a task of it takes at least when a batch is split by tokens */
 #define CM_GEMM_MIN_ROWS 16          /* activation rows from which sgemm beats the matvec kernels */
 #define CM_DEQ_TILE_FLOATS (1 << 20) /* per-thread dequantisation tile: 4 MiB */
 #define CM_LOGITS_BUDGET ((size_t)256 << 20) /* bytes of logits kept per context */
@@ -499,6 +501,7 @@ typedef struct mm_job {
     int n;
     int64_t k;
     int64_t chunk;    /* rows of W per task */
+    int tparts, tchunk; /* the int8 GEMM: each rows' task split into tparts runs of tchunk tokens */
     int64_t lo, hi;   /* one op: only rows [lo, hi) of its W (hi 0: all) */
     int task0[4];     /* first task of each op; task0[n_ops] = total */
 } mm_job;
@@ -528,12 +531,14 @@ static void mm_task_gemm_q(void *arg, int task, int thread) {
     const mm_job *j = arg;
     int o;
     int64_t r0, r1;
-    const cm_tensor *w = mm_task_rows(j, task, &o, &r0, &r1);
+    const cm_tensor *w = mm_task_rows(j, task / j->tparts, &o, &r0, &r1);
+    int t0 = task % j->tparts * j->tchunk, n = j->n - t0 < j->tchunk ? j->n - t0 : j->tchunk;
+    const char *xv = (const char *)j->xv + (size_t)t0 * j->xv_stride;
+    float *y = j->ops[o].y + (size_t)t0 * (size_t)w->ne1;
     float *scratch = j->c->deq + (size_t)thread * (size_t)j->c->deq_floats;
     size_t bytes = (size_t)j->c->deq_floats * sizeof(float);
-    if (j->ops[o].pack)
-        cm_gemm_q_packed(j->ops[o].pack, j->xv, j->xv_stride, j->n, j->ops[o].y, w->ne1, r0, r1, scratch, bytes);
-    else cm_gemm_q(w->type, w->data, j->k, j->xv, j->xv_stride, j->n, j->ops[o].y, w->ne1, r0, r1, scratch, bytes);
+    if (j->ops[o].pack) cm_gemm_q_packed(j->ops[o].pack, xv, j->xv_stride, n, y, w->ne1, r0, r1, scratch, bytes);
+    else cm_gemm_q(w->type, w->data, j->k, xv, j->xv_stride, n, y, w->ne1, r0, r1, scratch, bytes);
 }
 
 /* Rows [16 task, 16 task + 16) of x quantised to xtype (prefill: worth spreading over the pool). */
@@ -568,7 +573,7 @@ static void mm_task_gemm(void *arg, int task, int thread) {
  * only the columns [lo, hi) of Y, from those rows of W. */
 static void mm_run_rows(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, int n, int64_t k, int64_t lo,
                         int64_t hi) {
-    mm_job j = {.c = c, .n_ops = n_ops, .x = x, .n = n, .k = k, .lo = lo, .hi = hi};
+    mm_job j = {.c = c, .n_ops = n_ops, .x = x, .n = n, .k = k, .lo = lo, .hi = hi, .tparts = 1, .tchunk = n};
     memcpy(j.ops, ops, (size_t)n_ops * sizeof *ops);
     int nt = c->n_threads;
     int64_t mmax = 0;
@@ -636,12 +641,24 @@ static void mm_run_rows(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, 
         int64_t chunk = nt == 1 ? mmax : (rows + per - 1) / per;
         chunk = (chunk + 15) & ~(int64_t)15;
         if (chunk < 16) chunk = 16;
+        /* A long batch against few rows (attn_output, ffn_down of a small model): tasks of a whole tile
+         * of rows (MM_TILE_ROWS, the widest micro-kernel's) over a share of the tokens, rather than thin
+         * slices of rows over all of them, each of which would prepare every token's activations again */
+        if (task_fn == mm_task_gemm_q && nt > 1 && !ops[0].pack && chunk < MM_TILE_ROWS && n >= 2 * MM_TILE_TOKENS) {
+            chunk = MM_TILE_ROWS;
+            int64_t rtasks = 0;
+            for (int i = 0; i < n_ops; i++) rtasks += ((hi ? hi - lo : ops[i].w->ne1) + chunk - 1) / chunk;
+            int64_t parts = (per + rtasks - 1) / rtasks, most = n / MM_TILE_TOKENS;
+            j.tparts = (int)(parts < most ? parts : most);
+            j.tchunk = (int)(((n + j.tparts - 1) / j.tparts + 3) & ~3);
+            j.tparts = (n + j.tchunk - 1) / j.tchunk;
+        }
         j.chunk = chunk;
     }
     j.task0[0] = 0;
     for (int i = 0; i < n_ops; i++)
         j.task0[i + 1] = j.task0[i] + (int)(((hi ? hi - lo : ops[i].w->ne1) + j.chunk - 1) / j.chunk);
-    cm_pool_run(c->pool, task_fn, &j, j.task0[n_ops]);
+    cm_pool_run(c->pool, task_fn, &j, j.task0[n_ops] * j.tparts);
 }
 
 static void mm_run(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, int n, int64_t k) {
@@ -702,12 +719,17 @@ static void att_task(void *arg, int task, int thread) {
 typedef struct silu_job {
     float *g, *u;
     int64_t f;
+    int n;
 } silu_job;
 
+/* rows [SILU_ROWS task, SILU_ROWS task + SILU_ROWS): a task of one row was too short for the ticket's
+ * cost (the pool's atomic passed between the threads per row) */
+#define SILU_ROWS 8
 static void silu_task(void *arg, int task, int thread) {
     (void)thread;
     const silu_job *j = arg;
-    cm_silu_mul(j->g + (size_t)task * j->f, j->u + (size_t)task * j->f, j->f);
+    for (int i = SILU_ROWS * task; i < SILU_ROWS * task + SILU_ROWS && i < j->n; i++)
+        cm_silu_mul(j->g + (size_t)i * j->f, j->u + (size_t)i * j->f, j->f);
 }
 
 /* ============================================================ per-token steps, parallel over tokens */
@@ -820,11 +842,11 @@ static void forward_layer(cm_ctx *c, int il, int n) {
     mm_op gu[2] = {{&l->w_gate, c->hg, NULL}, {&l->w_up, c->hu, NULL}};
     mm_run(c, 2, gu, c->xn, n, D);
     if (c->moe) cm_mole_gate_up(c->moe, il, n, c->xn, c->hg, c->hu); /* MoLE adapters on their tokens */
-    silu_job sj = {c->hg, c->hu, F};
+    silu_job sj = {c->hg, c->hu, F, n};
     if (n == 1)
         cm_silu_mul(c->hg, c->hu, F);
     else
-        cm_pool_run(c->pool, silu_task, &sj, n);
+        cm_pool_run(c->pool, silu_task, &sj, (n + SILU_ROWS - 1) / SILU_ROWS);
     mm1(c, &l->w_down, c->hg, n, c->proj);
     if (c->moe) cm_mole_down(c->moe, il, n, c->hg, c->proj);
     rows_run(c, add_norm_task, &rj);

@@ -900,6 +900,47 @@ TEST(packed_output_head_same_logits) {
     }
 }
 
+/* A long prefill batch at 2 and 3 threads gives the logits 1 thread gives, bit for bit: with many
+ * tokens against few weight rows the int8 GEMM's tasks split the tokens too (forward.c mm_run_rows), and
+ * no row may depend on where a split falls. Two sequences of 130 and 71 tokens, every row's logits. */
+TEST(long_prefill_same_on_threads) {
+    static const char *files[] = {"models/qwen2-gqa-q8_0.gguf", "models/qwen2-gqa-q4_0.gguf", "models/qwen2-k-q4_k_m.gguf"};
+    enum { NA = 130, NB = 71, N = NA + NB };
+    for (int f = 0; f < 3; f++) {
+        cm_model *m = cm_model_load(test_fixture(files[f]), NULL, NULL);
+        ASSERT_TRUE(m);
+        const int V = cm_model_get_info(m)->n_vocab;
+        float *ref = malloc((size_t)N * (size_t)V * sizeof(float));
+        ASSERT_TRUE(ref);
+        for (int threads = 1; threads <= 3; threads++) {
+            cm_err err = {0};
+            cm_ctx_params p = {.n_threads = threads, .n_seq_max = 2, .n_ctx = 256, .n_batch_max = N};
+            cm_ctx *c = cm_ctx_create(m, &p, &err);
+            ASSERT_TRUE(c);
+            int sa = cm_seq_open(c, NULL), sb = cm_seq_open(c, NULL);
+            int32_t tok[N], seq[N];
+            int8_t want[N];
+            for (int i = 0; i < N; i++) {
+                tok[i] = (i * 29 + 3) % V, seq[i] = i < NA ? sa : sb, want[i] = 1;
+            }
+            cm_batch b = {.n = N, .token = tok, .seq = seq, .logits = want};
+            ASSERT_EQ_INT(cm_forward(c, &b, &err), CM_OK);
+            for (int i = 0; i < N; i++) {
+                const float *lg = cm_logits(c, i);
+                ASSERT_TRUE(lg != NULL);
+                if (threads == 1) memcpy(ref + (size_t)i * V, lg, (size_t)V * sizeof(float));
+                else if (memcmp(ref + (size_t)i * V, lg, (size_t)V * sizeof(float))) {
+                    TEST_FAIL_("%s: row %d differs at %d threads", files[f], i, threads);
+                    break;
+                }
+            }
+            cm_ctx_free(c);
+        }
+        free(ref);
+        cm_model_free(m);
+    }
+}
+
 /* cm_logits_argmax: every row's token is the greedy sampler's for that row (two threads, rows in any
  * order, one repeated); a row without logits is refused with out untouched. cm_sampler_take with that
  * token gives what cm_sampler_sample gives: the same log-probabilities, the same recorded history. */
@@ -969,6 +1010,7 @@ int main(void) {
     RUN(decode_bytes);
     RUN(nested_forward_in_yield_hook);
     RUN(packed_output_head_same_logits);
+    RUN(long_prefill_same_on_threads);
     RUN(logits_argmax_is_the_greedy_sample);
     unlink(tmp_path);
     return test_summary();
