@@ -42,6 +42,8 @@
 
 #define MM_TILE_ROWS 64   /* the int8 GEMM's widest tile of weight rows */
 #define MM_TILE_TOKENS 64 /* tokens a task of it takes at least when a batch is split by tokens */
+#define ATT_RUN 8         /* consecutive tokens of one sequence an attention task takes at most... */
+#define ATT_RUN_SCORES ((size_t)32 << 20) /* ...while their scores fit this per thread (long contexts) */
 #define CM_GEMM_MIN_ROWS 16          /* activation rows from which sgemm beats the matvec kernels */
 #define CM_DEQ_TILE_FLOATS (1 << 20) /* per-thread dequantisation tile: 4 MiB */
 #define CM_LOGITS_BUDGET ((size_t)256 << 20) /* bytes of logits kept per context */
@@ -73,8 +75,13 @@ struct cm_ctx {
     void *xq;       /* (B, row bytes of the largest int8 activation format of max(D, Q, F)) */
     float *outn;    /* (n_logits_max, D) final-normed rows whose logits are wanted */
     float *logits;  /* (n_logits_max, V) */
-    float *scores;  /* (n_threads, H / H_kv, n_ctx) attention scores of a kv head's query heads */
-    float *att_acc; /* (n_threads, H / H_kv, att_acc_stride) those heads' outputs as they accumulate, 64-byte aligned */
+    float *scores;  /* (n_threads, att_run_max * H / H_kv, n_ctx) attention scores of a run's tokens'
+                       query heads of one kv head */
+    float *att_acc; /* (n_threads, att_run_max * H / H_kv, att_acc_stride) their outputs as they
+                       accumulate, 64-byte aligned */
+    float *att_q;   /* (n_threads, att_run_max * H / H_kv, E) their queries side by side */
+    int32_t *att_run; /* (B + 1) the batch's attention runs: run r is tokens [att_run[r], att_run[r + 1]) */
+    int att_run_max;  /* tokens a run takes at most: ATT_RUN, fewer for contexts too long for it */
     int att_acc_stride;
     float *deq;     /* (n_threads, deq_floats) dequantised weight tiles, or the int8 GEMM's unpacked ones */
 
@@ -258,11 +265,16 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
     c->outn = xmalloc((size_t)(lrows * D) * f, &fail);
     c->logits = xmalloc((size_t)lrows * (size_t)V * f, &fail);
     const size_t group = (size_t)(in->n_head / in->n_head_kv);
-    c->scores = xmalloc((size_t)n_threads * group * (size_t)n_ctx * f, &fail);
+    size_t run_scores = group * (size_t)n_ctx * f;
+    c->att_run_max = run_scores * ATT_RUN <= ATT_RUN_SCORES ? ATT_RUN
+                   : ATT_RUN_SCORES / run_scores > 1 ? (int)(ATT_RUN_SCORES / run_scores) : 1;
+    c->scores = xmalloc((size_t)n_threads * (size_t)c->att_run_max * run_scores, &fail);
+    c->att_q = xmalloc((size_t)n_threads * (size_t)c->att_run_max * group * (size_t)in->head_dim * f, &fail);
+    c->att_run = xmalloc((size_t)(B + 1) * sizeof(int32_t), &fail);
     /* a thread's own cache lines: heads of c->att next to each other share lines, which two threads
      * writing every position's axpy would pass back and forth */
     c->att_acc_stride = (in->head_dim + 15) & ~15;
-    c->att_acc = aligned_alloc(64, (size_t)n_threads * group * (size_t)c->att_acc_stride * f); /* a multiple of 64 */
+    c->att_acc = aligned_alloc(64, (size_t)n_threads * (size_t)c->att_run_max * group * (size_t)c->att_acc_stride * f); /* a multiple of 64 */
     if (!c->att_acc) fail = 1;
     c->deq = xmalloc((size_t)n_threads * (size_t)c->deq_floats * f, &fail);
     c->pos = xmalloc((size_t)B * sizeof(int32_t), &fail);
@@ -342,6 +354,8 @@ void cm_ctx_free(cm_ctx *c) {
     free(c->logits);
     free(c->scores);
     free(c->att_acc);
+    free(c->att_q);
+    free(c->att_run);
     free(c->deq);
     free(c->pos);
     free(c->logit_row);
@@ -675,43 +689,87 @@ static void mm1(cm_ctx *c, const cm_tensor *w, const float *x, int n, float *y) 
 typedef struct att_job {
     cm_ctx *c;
     int layer, n;
-    int hg; /* query heads per task: the n_head / n_head_kv heads of one kv head, or 1 */
+    int hg;     /* query heads per task: the n_head / n_head_kv heads of one kv head, or 1 */
+    int n_runs; /* runs of tokens (c->att_run); with hg = 1, every token is its own run */
 } att_job;
 
-/* task = token * (H / hg) + hg heads from h0 = (task % (H / hg)) * hg, all of one kv head: att[i, h] =
- * softmax(q_i,h K^T / sqrt(E)) V over positions 0..pos_i; the hg heads' scores and value sums pass over
- * each K and V row together (cm_att_scores_heads, cm_att_values_heads). */
+/* The value sums of np (token, head) pairs over KV rows [a, b) of sequence s, accumulating into acc
+ * (pair p at acc + p * att_acc_stride) with probabilities p at sc + p * n_ctx (indexed by row). */
+static void att_values_rows(const cm_ctx *c, const cm_kv_seq *s, int layer, size_t head, int a, int b, float *acc,
+                            const float *sc, int np) {
+    const int kvt = c->kv.kv_type == CM_KV_F16 ? GGUF_TT_F16 : GGUF_TT_F32;
+    const size_t row = (size_t)c->kv.kv_dim * c->kv.elt_bytes;
+    const int E = c->m->info.head_dim;
+    while (a < b) {
+        int end = (a / CM_KV_BLOCK + 1) * CM_KV_BLOCK;
+        if (end > b) end = b;
+        const unsigned char *vb = (const unsigned char *)cm_kv_v(&c->kv, s, layer, a) + head;
+        cm_att_values_heads(kvt, acc, c->att_acc_stride, sc + a, c->n_ctx, np, vb, row, end - a, E);
+        a = end;
+    }
+}
+
+/* task = run * (H / hg) + hg heads from h0 = (task % (H / hg)) * hg, all of one kv head, for the run's
+ * tokens i (consecutive positions of one sequence): att[i, h] = softmax(q_i,h K^T / sqrt(E)) V over
+ * positions 0..pos_i. The run's tokens and heads pass over each K and V row together
+ * (cm_att_scores_heads, cm_att_values_heads: the rows converted once for all of them): the scores over
+ * the last token's rows (an earlier token's extra scores go unused), the value sums over the first
+ * token's rows for all, then each later token's own rows after them, in order. Every number is what
+ * the token alone computes. */
 static void att_task(void *arg, int task, int thread) {
     const att_job *j = arg;
     cm_ctx *c = j->c;
     const cm_model_info *in = &c->m->info;
     int H = in->n_head, E = in->head_dim, G = in->n_head_kv, hg = j->hg;
-    int i = task / (H / hg), h0 = task % (H / hg) * hg, g = h0 / (H / G);
-    const cm_kv_seq *s = &c->kv.seqs[c->batch->seq[i]];
-    int T = c->pos[i] + 1;
-    const float *q = c->q + (size_t)i * H * E + (size_t)h0 * E;
-    float *sc = c->scores + (size_t)thread * hg * c->n_ctx;
-    float *out = c->att + (size_t)i * H * E + (size_t)h0 * E;
+    int r = task / (H / hg), h0 = task % (H / hg) * hg, g = h0 / (H / G);
+    int i0 = j->hg > 1 ? c->att_run[r] : r, nq = j->hg > 1 ? c->att_run[r + 1] - i0 : 1, np = nq * hg;
+    const cm_kv_seq *s = &c->kv.seqs[c->batch->seq[i0]];
+    int T0 = c->pos[i0] + 1, T1 = T0 + nq - 1; /* the first and last token's rows */
+    size_t slot = (size_t)thread * (size_t)c->att_run_max * (size_t)(H / G);
+    float *sc = c->scores + slot * (size_t)c->n_ctx;
+    float *acc = c->att_acc + slot * (size_t)c->att_acc_stride;
+    const float *q = c->q + (size_t)i0 * H * E + (size_t)h0 * E;
+    size_t qs = (size_t)E;
+    if (nq > 1) { /* the run's queries side by side: pair t * hg + h is token i0 + t, head h0 + h */
+        float *qb = c->att_q + slot * (size_t)E;
+        for (int t = 0; t < nq; t++)
+            memcpy(qb + (size_t)t * hg * E, c->q + (size_t)(i0 + t) * H * E + (size_t)h0 * E, (size_t)hg * E * sizeof(float));
+        q = qb;
+    }
     const float scale = (float)(1.0 / sqrt((double)E));
     /* K and V rows of one kv head within a block: E elements every C, in the pool's type; a block's
      * rows at a time */
     const int kvt = c->kv.kv_type == CM_KV_F16 ? GGUF_TT_F16 : GGUF_TT_F32;
     const size_t row = (size_t)c->kv.kv_dim * c->kv.elt_bytes, head = (size_t)g * E * c->kv.elt_bytes;
-    for (int t0 = 0; t0 < T; t0 += CM_KV_BLOCK) {
+    for (int t0 = 0; t0 < T1; t0 += CM_KV_BLOCK) {
         const unsigned char *kb = (const unsigned char *)cm_kv_k(&c->kv, s, j->layer, t0) + head;
-        int nt = T - t0 < CM_KV_BLOCK ? T - t0 : CM_KV_BLOCK;
-        cm_att_scores_heads(kvt, kb, row, nt, q, (size_t)E, hg, E, scale, sc + t0, (size_t)c->n_ctx);
+        int nt = T1 - t0 < CM_KV_BLOCK ? T1 - t0 : CM_KV_BLOCK;
+        cm_att_scores_heads(kvt, kb, row, nt, q, qs, np, E, scale, sc + t0, (size_t)c->n_ctx);
     }
-    for (int h = 0; h < hg; h++) cm_softmax(sc + (size_t)h * c->n_ctx, T);
-    float *acc = c->att_acc + (size_t)thread * hg * c->att_acc_stride;
-    memset(acc, 0, (size_t)hg * c->att_acc_stride * sizeof(float));
-    for (int t0 = 0; t0 < T; t0 += CM_KV_BLOCK) {
-        const unsigned char *vb = (const unsigned char *)cm_kv_v(&c->kv, s, j->layer, t0) + head;
-        int nt = T - t0 < CM_KV_BLOCK ? T - t0 : CM_KV_BLOCK;
-        cm_att_values_heads(kvt, acc, c->att_acc_stride, sc + t0, c->n_ctx, hg, vb, row, nt, E);
+    for (int p = 0; p < np; p++) cm_softmax(sc + (size_t)p * c->n_ctx, T0 + p / hg);
+    memset(acc, 0, (size_t)np * c->att_acc_stride * sizeof(float));
+    att_values_rows(c, s, j->layer, head, 0, T0, acc, sc, np);
+    for (int t = 1; t < nq; t++)
+        att_values_rows(c, s, j->layer, head, T0, T0 + t, acc + (size_t)t * hg * c->att_acc_stride,
+                        sc + (size_t)t * hg * c->n_ctx, hg);
+    for (int t = 0; t < nq; t++) {
+        float *out = c->att + (size_t)(i0 + t) * H * E + (size_t)h0 * E;
+        for (int h = 0; h < hg; h++)
+            memcpy(out + (size_t)h * E, acc + (size_t)(t * hg + h) * c->att_acc_stride, (size_t)E * sizeof(float));
     }
-    for (int h = 0; h < hg; h++)
-        memcpy(out + (size_t)h * E, acc + (size_t)h * c->att_acc_stride, (size_t)E * sizeof(float));
+}
+
+/* The batch's attention runs into c->att_run: consecutive tokens of one sequence at consecutive
+ * positions (a prompt's chunk), att_run_max at most. Returns their count. */
+static int att_runs(cm_ctx *c, int n) {
+    int r = 0;
+    for (int i = 0; i < n; i++) {
+        int start = r ? c->att_run[r - 1] : -1;
+        if (!r || i - start >= c->att_run_max || c->batch->seq[i] != c->batch->seq[i - 1] || c->pos[i] != c->pos[i - 1] + 1)
+            c->att_run[r++] = i;
+    }
+    c->att_run[r] = n;
+    return r;
 }
 
 /* ============================================================ element-wise, parallel over rows */
@@ -827,8 +885,8 @@ static void forward_layer(cm_ctx *c, int il, int n) {
      * task per query head); the results do not depend on the split */
     int hg = (int)(H / in->n_head_kv);
     if (n * (int)in->n_head_kv < 4 * c->n_threads) hg = 1;
-    att_job aj = {c, il, n, hg};
-    cm_pool_run(c->pool, att_task, &aj, n * (int)H / hg);
+    att_job aj = {c, il, n, hg, hg > 1 ? att_runs(c, n) : n};
+    cm_pool_run(c->pool, att_task, &aj, aj.n_runs * (int)H / hg);
 
     mm1(c, &l->wo, c->att, n, c->proj);
     rj.norm = l->ffn_norm.data;
