@@ -2,7 +2,7 @@
  * blas.c - which OpenBLAS kernels this process runs, and whether the CPU has better ones.
  *
  * OpenBLAS (Debian: 0.3.21, DYNAMIC_ARCH) picks its kernel family once, when the library loads: from
- * OPENBLAS_CORETYPE if set, else by CPU detection (Cooperlake on a Zen 4 CPU). An environment
+ * OPENBLAS_CORETYPE if set, else by CPU detection (Cooperlake on a Zen 5 CPU). An environment
  * that forces an AVX2 family on an AVX-512 CPU makes prefill ~30% slower (pp256 Q8_0, 1 thread: 3338
  * tokens/s with Haswell, 4774 with the detected Cooperlake; docs/engine.md). The engine cannot change
  * the family after load; server/main.c reports the case.

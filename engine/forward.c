@@ -646,7 +646,7 @@ static void mm_run_rows(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, 
         /* The int8 GEMM: about four tasks per thread over all ops' rows together (q is 7x larger than k
          * and v); it interleaves W in groups of 8 or 16 rows, so multiples of 16 suit both. The matvec
          * (decode): one contiguous share per thread, fewer boundaries where the row dots' stream of weights
-         * ahead starts again (decode at 2 threads on Zen 4: 5-10% faster than four tasks a thread on 0.5B
+         * ahead starts again (decode at 2 threads on Zen 5: 5-10% faster than four tasks a thread on 0.5B
          * models, more tasks slower still); a thread that comes late leaves its share to the others. */
         int64_t rows = 0;
         for (int i = 0; i < n_ops; i++) rows += ops[i].w->ne1;

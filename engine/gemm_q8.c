@@ -69,7 +69,7 @@ size_t CM_FAMILY_FN(cm_gemm_q_scratch_bytes)(int64_t k) {
 }
 
 /* The rows of x from which cm_gemm_q beats the matvec kernels on the same weights: below it the matvec's
- * one pass per token costs less than unpacking a tile. Measured per family on a Zen 4 core (weights of
+ * one pass per token costs less than unpacking a tile. Measured per family on a Zen 5 core (weights of
  * width 256 to 1536, in cache and out), where the two cost the same: the legacy types and Q8_0 from 4-5
  * rows, the K-quants from 7 to past 16 (Q6_K's many small scales make its tiles dear; 16, what it was
  * before, stands for "not below"). The results are the same bits either way. */

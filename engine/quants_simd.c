@@ -48,7 +48,7 @@ static inline int32_t hsum_i32(__m256i v) {
 }
 
 /* The totals of four rows' 8 int32 lanes, exactly (integer adds), as [row 0, row 1, row 2, row 3]. By
- * unpacks and adds rather than three hadds: on Zen 4 the four-row legacy dots (in L2, one thread) run
+ * unpacks and adds rather than three hadds: on Zen 5 the four-row legacy dots (in L2, one thread) run
  * 3-12% faster so, and AVX2's 1-5%. */
 static inline __m128i hsum4_i32(const __m256i p[4]) {
     __m256i s01 = _mm256_add_epi32(_mm256_unpacklo_epi32(p[0], p[1]), _mm256_unpackhi_epi32(p[0], p[1]));
@@ -280,7 +280,7 @@ CM_ALWAYS_INLINE __m256i legacy_off(int wt, __m256i xv) {
 
 /* How far beyond the next rows' matching share the row dots stream the weights in: with one pass of four
  * short rows as the only lead (a 1536-wide Q4_K row is 864 bytes, an 896-wide Q4_0 row 504), the lines
- * arrive late; 4 KiB more keeps the memory busy (decode on Zen 4 at one thread: Q4_K_M about 10% faster
+ * arrive late; 4 KiB more keeps the memory busy (decode on Zen 5 at one thread: Q4_K_M about 10% faster
  * on the 512-bit rows, Q8_0 7-12% and Q4_0 2-10% on the legacy rows; 8 KiB no better, 16 KiB worse). */
 #define ROWS_AHEAD 4096
 
