@@ -44,6 +44,8 @@
 #define MM_TILE_TOKENS 64 /* tokens a task of it takes at least when a batch is split by tokens */
 #define ATT_RUN 8         /* consecutive tokens of one sequence an attention task takes at most... */
 #define ATT_RUN_SCORES ((size_t)32 << 20) /* ...while their scores fit this per thread (long contexts) */
+enum { LP_Q, LP_K, LP_V, LP_O, LP_GATE, LP_UP, LP_DOWN, LP_N }; /* cm_ctx.lpack's matrices of a layer */
+#define LP_MAX_ROWS 16 /* activation rows up to which a layer's product takes its packed copy */
 #define CM_GEMM_MIN_ROWS 16          /* activation rows from which sgemm beats the matvec kernels */
 #define CM_DEQ_TILE_FLOATS (1 << 20) /* per-thread dequantisation tile: 4 MiB */
 #define CM_LOGITS_BUDGET ((size_t)256 << 20) /* bytes of logits kept per context */
@@ -60,6 +62,7 @@ struct cm_ctx {
     int64_t deq_floats;     /* per thread */
     int exact_act;          /* f32 activations everywhere, the reference (CODEMOE_EXACT_ACTIVATIONS=1) */
     cm_gemm_pack *out_pack; /* the output head repacked (cm_ctx_params.pack_output), or NULL */
+    cm_gemm_pack **lpack;   /* (n_layer, LP_N) the layers' matrices repacked (cm_ctx_params.pack_layers), or NULL */
     int64_t yield_rows;     /* CM_YIELD_VOCAB_ROWS */
 
     float *rope_cos, *rope_sin; /* (n_ctx, E/2) */
@@ -179,6 +182,43 @@ size_t cm_ctx_kv_block_bytes(const cm_model *m, int kv_type) {
     const cm_model_info *in = &m->info;
     return cm_kv_block_bytes(in->n_layer, in->n_head_kv * in->head_dim, kv_type, kv_extra_bytes(m));
 }
+
+/* The layers' dense matrices repacked for the int8 GEMM (cm_ctx_params.pack_layers): all of them or
+ * none. Auto (force 0): only when every one is Q8_0 or a legacy type and their copies take at most
+ * CM_PACK_LAYERS_AUTO_MAX bytes together (about 1.2x their bytes); force: whenever the kernel family
+ * packs every one. No memory for it is no failure: the layers then go unpacked, as without. */
+static void pack_layers(cm_ctx *c, int force) {
+    const cm_model *m = c->m;
+    const int L = m->info.n_layer;
+    size_t est = 0;
+    for (int il = 0; il < L; il++) {
+        const cm_layer *l = &m->layers[il];
+        const cm_tensor *w[LP_N] = {&l->wq, &l->wk, &l->wv, &l->wo, &l->w_gate, &l->w_up, &l->w_down};
+        for (int i = 0; i < LP_N; i++) {
+            if (!w[i]->data) continue; /* an MoE layer's experts replace its FFN */
+            if (cm_quant_vec_dot_type(w[i]->type) < 0 || (!force && cm_quant_block_values(w[i]->type) != 32)) return;
+            est += gguf_row_bytes(w[i]->type, w[i]->ne0) * (size_t)w[i]->ne1 / 4 * 5;
+        }
+    }
+    if (!force && est > CM_PACK_LAYERS_AUTO_MAX) return;
+    if (!(c->lpack = calloc((size_t)L * LP_N, sizeof *c->lpack))) return;
+    for (int il = 0; il < L; il++) {
+        const cm_layer *l = &m->layers[il];
+        const cm_tensor *w[LP_N] = {&l->wq, &l->wk, &l->wv, &l->wo, &l->w_gate, &l->w_up, &l->w_down};
+        for (int i = 0; i < LP_N; i++) {
+            if (!w[i]->data) continue;
+            if (!(c->lpack[il * LP_N + i] = cm_gemm_q_pack(w[i]->type, w[i]->data, w[i]->ne0, w[i]->ne1, 0))) {
+                for (int k = 0; k < L * LP_N; k++) cm_gemm_pack_free(c->lpack[k]);
+                free(c->lpack);
+                c->lpack = NULL;
+                return;
+            }
+        }
+    }
+}
+
+/* Layer il's packed matrix i, or NULL. */
+static const cm_gemm_pack *lpack(const cm_ctx *c, int il, int i) { return c->lpack ? c->lpack[il * LP_N + i] : NULL; }
 
 cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
     if (!m || !p || !m->layers) {
@@ -315,6 +355,7 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
         c->out_pack = cm_gemm_q_pack(m->output.type, m->output.data, m->output.ne0, m->output.ne1,
                                      p->pack_output == 0 ? CM_PACK_OUTPUT_AUTO_MAX : 0);
     }
+    if (p->pack_layers >= 0 && !c->exact_act) pack_layers(c, p->pack_layers > 0);
     if (m->moe && !(c->moe = cm_moe_ctx_create(m, m->moe, c->pool, n_threads, n_seq, n_ctx, n_batch, !c->exact_act, err))) {
         cm_ctx_free(c);
         return NULL;
@@ -332,9 +373,17 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
 
 size_t cm_ctx_output_pack_bytes(const cm_ctx *c) { return c ? cm_gemm_pack_bytes(c->out_pack) : 0; }
 
+size_t cm_ctx_layers_pack_bytes(const cm_ctx *c) {
+    size_t b = 0;
+    for (int i = 0; c && c->lpack && i < c->m->info.n_layer * LP_N; i++) b += cm_gemm_pack_bytes(c->lpack[i]);
+    return b;
+}
+
 void cm_ctx_free(cm_ctx *c) {
     if (!c) return;
     cm_gemm_pack_free(c->out_pack);
+    for (int i = 0; c->lpack && i < c->m->info.n_layer * LP_N; i++) cm_gemm_pack_free(c->lpack[i]);
+    free(c->lpack);
     cm_moe_ctx_free(c->moe);
     cm_pool_free(c->pool);
     cm_kv_free(&c->kv);
@@ -501,7 +550,8 @@ void cm_ctx_kv_stats(const cm_ctx *c, cm_kv_stats *out) {
 typedef struct mm_op {
     const cm_tensor *w;       /* (M, K) */
     float *y;                 /* (N, M) */
-    const cm_gemm_pack *pack; /* w repacked (the output head), or NULL */
+    const cm_gemm_pack *pack; /* w repacked (the output head, the layers' matrices), or NULL */
+    int head;                 /* the output head: a large matrix, streamed from memory once per call */
 } mm_op;
 
 typedef struct mm_job {
@@ -589,6 +639,12 @@ static void mm_run_rows(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, 
                         int64_t hi) {
     mm_job j = {.c = c, .n_ops = n_ops, .x = x, .n = n, .k = k, .lo = lo, .hi = hi, .tparts = 1, .tchunk = n};
     memcpy(j.ops, ops, (size_t)n_ops * sizeof *ops);
+    /* a layer's packed matrix serves the few rows of decode steps; a prompt's many rows repack the
+     * file's weights tile by tile as they go (measured faster there: pp512 of the 45M model 5% slower
+     * on the packed copies) */
+    for (int i = 0; i < n_ops; i++)
+        if (!ops[i].head && n > LP_MAX_ROWS) j.ops[i].pack = NULL;
+    ops = j.ops;
     int nt = c->n_threads;
     int64_t mmax = 0;
     for (int i = 0; i < n_ops; i++) mmax = ops[i].w->ne1 > mmax ? ops[i].w->ne1 : mmax;
@@ -639,7 +695,9 @@ static void mm_run_rows(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, 
          * a pairing; a Q4_K_M layer's attn_v may be Q6_K beside Q4_K) */
         int gemm_rows = 0;
         for (int i = 0; i < n_ops && xt >= 0; i++) {
-            int r = ops[i].pack ? 2 : cm_gemm_q_min_rows(ops[i].w->type); /* packed: nothing to repack */
+            /* packed: nothing to repack, so the GEMM from 2 rows on (one row: the matvec, which does
+             * not compute a whole quad of tokens) */
+            int r = ops[i].pack ? 2 : cm_gemm_q_min_rows(ops[i].w->type);
             if (r > gemm_rows) gemm_rows = r;
         }
         task_fn = xt >= 0 && n >= gemm_rows ? mm_task_gemm_q : mm_task_matvec;
@@ -658,7 +716,7 @@ static void mm_run_rows(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, 
         /* A long batch against few rows (attn_output, ffn_down of a small model): tasks of a whole tile
          * of rows (MM_TILE_ROWS, the widest micro-kernel's) over a share of the tokens, rather than thin
          * slices of rows over all of them, each of which would prepare every token's activations again */
-        if (task_fn == mm_task_gemm_q && nt > 1 && !ops[0].pack && chunk < MM_TILE_ROWS && n >= 2 * MM_TILE_TOKENS) {
+        if (task_fn == mm_task_gemm_q && nt > 1 && !ops[0].head && chunk < MM_TILE_ROWS && n >= 2 * MM_TILE_TOKENS) {
             chunk = MM_TILE_ROWS;
             int64_t rtasks = 0;
             for (int i = 0; i < n_ops; i++) rtasks += ((hi ? hi - lo : ops[i].w->ne1) + chunk - 1) / chunk;
@@ -679,8 +737,8 @@ static void mm_run(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, int n
     mm_run_rows(c, n_ops, ops, x, n, k, 0, 0);
 }
 
-static void mm1(cm_ctx *c, const cm_tensor *w, const float *x, int n, float *y) {
-    mm_op op = {w, y, NULL};
+static void mm1(cm_ctx *c, const cm_tensor *w, const cm_gemm_pack *pk, const float *x, int n, float *y) {
+    mm_op op = {w, y, pk, 0};
     mm_run(c, 1, &op, x, n, w->ne0);
 }
 
@@ -878,7 +936,8 @@ static void forward_layer(cm_ctx *c, int il, int n) {
     rows_job rj = {c, il, n, l->attn_norm.data};
 
     if (il == 0) rows_run(c, norm_task, &rj); /* later layers': fused into the previous layer's last add */
-    mm_op qkv[3] = {{&l->wq, c->q, NULL}, {&l->wk, c->k, NULL}, {&l->wv, c->v, NULL}};
+    mm_op qkv[3] = {{&l->wq, c->q, lpack(c, il, LP_Q), 0}, {&l->wk, c->k, lpack(c, il, LP_K), 0},
+                    {&l->wv, c->v, lpack(c, il, LP_V), 0}};
     mm_run(c, 3, qkv, c->xn, n, D);
     rows_run(c, qkv_task, &rj);
     /* a task per kv head's group of query heads while that leaves each thread several tasks (decode: a
@@ -888,7 +947,7 @@ static void forward_layer(cm_ctx *c, int il, int n) {
     att_job aj = {c, il, n, hg, hg > 1 ? att_runs(c, n) : n};
     cm_pool_run(c->pool, att_task, &aj, aj.n_runs * (int)H / hg);
 
-    mm1(c, &l->wo, c->att, n, c->proj);
+    mm1(c, &l->wo, lpack(c, il, LP_O), c->att, n, c->proj);
     rj.norm = l->ffn_norm.data;
     rows_run(c, add_norm_task, &rj);
     rj.norm = il + 1 < in->n_layer ? m->layers[il + 1].attn_norm.data : NULL; /* the next layer's */
@@ -897,7 +956,7 @@ static void forward_layer(cm_ctx *c, int il, int n) {
         rows_run(c, add_norm_task, &rj);
         return;
     }
-    mm_op gu[2] = {{&l->w_gate, c->hg, NULL}, {&l->w_up, c->hu, NULL}};
+    mm_op gu[2] = {{&l->w_gate, c->hg, lpack(c, il, LP_GATE), 0}, {&l->w_up, c->hu, lpack(c, il, LP_UP), 0}};
     mm_run(c, 2, gu, c->xn, n, D);
     if (c->moe) cm_mole_gate_up(c->moe, il, n, c->xn, c->hg, c->hu); /* MoLE adapters on their tokens */
     silu_job sj = {c->hg, c->hu, F, n};
@@ -905,7 +964,7 @@ static void forward_layer(cm_ctx *c, int il, int n) {
         cm_silu_mul(c->hg, c->hu, F);
     else
         cm_pool_run(c->pool, silu_task, &sj, (n + SILU_ROWS - 1) / SILU_ROWS);
-    mm1(c, &l->w_down, c->hg, n, c->proj);
+    mm1(c, &l->w_down, lpack(c, il, LP_DOWN), c->hg, n, c->proj);
     if (c->moe) cm_mole_down(c->moe, il, n, c->hg, c->proj);
     rows_run(c, add_norm_task, &rj);
 }
@@ -1014,7 +1073,7 @@ static int forward_run(cm_ctx *c, const cm_batch *b, const int32_t *outer, cm_er
 
     for (int r = 0; r < n_out; r++)
         cm_rmsnorm(c->outn + r * D, c->x + (size_t)c->out_idx[r] * D, m->output_norm.data, D, in->rms_eps);
-    mm_op head = {&m->output, c->logits, c->out_pack};
+    mm_op head = {&m->output, c->logits, c->out_pack, 1};
     if (n_out && b->yield && (n_out < CM_GEMM_MIN_ROWS || (!c->exact_act && cm_quant_vec_dot_type(m->output.type) >= 0))) {
         /* the output head is most of a decode step of a small model with a large vocabulary: it yields
          * too, every yield_rows rows of it. A row's logits are the same products either way:

@@ -19,7 +19,7 @@ void srv_model_spec_init(srv_model_spec *s) {
     s->kv_size = -1;
     s->max_itl_ms = -1;
     s->experts_resident = -1;
-    s->pack_output = SRV_PACK_UNSET;
+    s->pack_output = s->pack_layers = SRV_PACK_UNSET;
 }
 
 void srv_model_spec_free(srv_model_spec *s) {
@@ -64,7 +64,7 @@ int srv_model_spec_same(const srv_model_spec *a, const srv_model_spec *b) {
            a->parallel == b->parallel && a->queue == b->queue && a->n_batch == b->n_batch && a->kv_type == b->kv_type &&
            a->prefix_cache == b->prefix_cache && a->kv_size == b->kv_size && a->kv_size_bytes == b->kv_size_bytes &&
            a->max_itl_ms == b->max_itl_ms && a->experts_resident == b->experts_resident &&
-           a->pack_output == b->pack_output &&
+           a->pack_output == b->pack_output && a->pack_layers == b->pack_layers &&
            (a->defaults && b->defaults ? json_equal(a->defaults, b->defaults) : a->defaults == b->defaults);
 }
 
@@ -85,7 +85,7 @@ static int fail(char *err, size_t cap, const char *fmt, ...) {
     return -1;
 }
 
-int srv_pack_output_parse(const char *v, int *mode) {
+int srv_pack_parse(const char *v, int *mode) {
     static const char *const names[] = {"off", "auto", "on"};
     for (int i = 0; i < 3; i++)
         if (!strcmp(v, names[i])) {
@@ -200,7 +200,8 @@ static int spec_set(srv_model_spec *s, const char *key, const char *v, char *err
     else if (!strcmp(key, "batch")) bad = cli_parse_int(v, 1, 1 << 16, &s->n_batch);
     else if (!strcmp(key, "prefix-cache")) bad = cli_parse_int(v, 0, 1, &s->prefix_cache);
     else if (!strcmp(key, "experts-resident")) bad = cli_parse_int(v, 0, 1 << 20, &s->experts_resident);
-    else if (!strcmp(key, "pack-output")) bad = srv_pack_output_parse(v, &s->pack_output);
+    else if (!strcmp(key, "pack-output")) bad = srv_pack_parse(v, &s->pack_output);
+    else if (!strcmp(key, "pack-layers")) bad = srv_pack_parse(v, &s->pack_layers);
     else if (!strcmp(key, "kv-size")) bad = srv_kv_size_parse(v, &s->kv_size, &s->kv_size_bytes);
     else if (!strcmp(key, "kv-type")) {
         if (!strcmp(v, "f16")) s->kv_type = CM_KV_F16;
@@ -220,7 +221,8 @@ static int spec_set(srv_model_spec *s, const char *key, const char *v, char *err
 }
 
 static const char *const spec_keys[] = {"id", "alias", "ctx", "threads", "parallel", "queue", "batch", "prefix-cache",
-                                        "kv-size", "kv-type", "max-itl-ms", "experts-resident", "pack-output"};
+                                        "kv-size", "kv-type", "max-itl-ms", "experts-resident", "pack-output",
+                                        "pack-layers"};
 
 /* Whether p (just after a comma) starts "key=" for a known key. */
 static int known_key_at(const char *p) {

@@ -118,6 +118,7 @@ static int member_start(srv_pool *p, const srv_model_spec *spec, int threads, sr
     if (s->max_itl_ms >= 0) m->cfg.max_itl_ms = s->max_itl_ms;
     if (s->experts_resident >= 0) m->cfg.experts_resident = s->experts_resident;
     if (s->pack_output != SRV_PACK_UNSET) m->cfg.pack_output = s->pack_output;
+    if (s->pack_layers != SRV_PACK_UNSET) m->cfg.pack_layers = s->pack_layers;
     /* the names are known before the weights: /v1/models/{id} answers while the model loads */
     m->model.id = m->cfg.model_id;
     m->model.aliases = (const char *const *)m->cfg.aliases;

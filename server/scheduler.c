@@ -1436,7 +1436,8 @@ static int worker_load(srv_sched *s) {
                                 .prefix_cache = s->cfg->prefix_cache, .kv_type = s->cfg->kv_type,
                                 .experts_resident = s->cfg->experts_resident,
                                 .n_batch_nested = s->nest_on ? s->nest_max : 0,
-                                .pack_output = s->cfg->pack_output, .kv_prefault = 1};
+                                .pack_output = s->cfg->pack_output, .pack_layers = s->cfg->pack_layers,
+                                .kv_prefault = 1};
             ctx = cm_ctx_create(m, &cp, &err);
         }
         if (ctx) {
@@ -1448,13 +1449,14 @@ static int worker_load(srv_sched *s) {
             /* test hook: slow every step down so tests can act in the middle of a prefill */
             env = getenv("CODEMOE_SERVE_STEP_DELAY_MS");
             s->step_delay_ms = env ? atoi(env) : 0;
-            json_t *f = json_pack("{s:i,s:i,s:i,s:s,s:f,s:b,s:f,s:b,s:f}", "blocks", kv.blocks_total, "block_tokens",
+            json_t *f = json_pack("{s:i,s:i,s:i,s:s,s:f,s:b,s:f,s:b,s:f,s:f}", "blocks", kv.blocks_total, "block_tokens",
                                   kv.block_tokens, "tokens", kv.blocks_total * kv.block_tokens, "type",
                                   s->cfg->kv_type == CM_KV_F16 ? "f16" : "f32", "mib",
                                   (double)kv.blocks_total * block_bytes / (1 << 20), "prefix_cache",
                                   s->cfg->prefix_cache != 0, "max_itl_ms", s->cfg->max_itl_ms,
                                   "kv_check", s->kv_check, "output_pack_mib",
-                                  (double)cm_ctx_output_pack_bytes(ctx) / (1 << 20));
+                                  (double)cm_ctx_output_pack_bytes(ctx) / (1 << 20), "layers_pack_mib",
+                                  (double)cm_ctx_layers_pack_bytes(ctx) / (1 << 20));
             if (f) json_object_set_new(f, "model", json_string(s->cfg->model_id));
             srv_log("info", "kv pool", f);
             json_decref(f);

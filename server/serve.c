@@ -28,7 +28,8 @@ static void serve_usage(FILE *f) {
         "                          own engine worker). Settings of this model only: id=NAME, alias=NAME\n"
         "                          (repeatable), ctx=N, kv-size=N[KiB|MiB|GiB], threads=N, parallel=N,\n"
         "                          queue=N, batch=N, kv-type=f16|f32, prefix-cache=0|1, max-itl-ms=MS,\n"
-        "                          experts-resident=N, pack-output=auto|on|off;\n"
+        "                          experts-resident=N, pack-output=auto|on|off,\n"
+        "                          pack-layers=auto|on|off;\n"
         "                          default sampling: temperature, top-p, top-k, min-p, repetition-penalty,\n"
         "                          presence-penalty, frequency-penalty, seed, max-tokens, stop (repeatable)\n"
         "  --config FILE           the models as JSON: {\"models\": [{\"path\", \"id\", \"aliases\",\n"
@@ -68,6 +69,9 @@ static void serve_usage(FILE *f) {
         "  --pack-output MODE      keep the output head repacked for the int8 GEMM, for steps with\n"
         "                          several logits rows: auto (default: Q8_0 and legacy heads, at most\n"
         "                          512 MiB, about 1.2x the head's bytes), on (K-quant heads too), off\n"
+        "  --pack-layers MODE      keep the layers' matrices repacked for the int8 GEMM, for decode\n"
+        "                          steps of several rows: auto (default: Q8_0 and legacy layers whose\n"
+        "                          copies take at most 64 MiB, about 1.2x their bytes), on (any), off\n"
         "  --kv-check              check the KV pool's bookkeeping after every step (tests; slow)\n"
         "  --api-key KEY           require 'Authorization: Bearer KEY' (repeatable)\n"
         "  --api-key-file PATH     one key per line ('#' comments)\n"
@@ -216,7 +220,8 @@ static int parse_flags(int argc, char **argv, srv_config *c) {
                                   "--max-itl-ms", "--kv-type", "--admin-key", "--routing-retention-bytes",
                                   "--header-timeout", "--min-body-rate", "--max-conn-per-ip", "--alias",
                                   "--user-header", "--key-max-concurrent", "--key-tokens-per-minute", "--spec-draft",
-                                  "--experts-resident", "--pack-output"};
+                                  "--experts-resident", "--pack-output",
+                                  "--pack-layers"};
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) { rc = -1; serve_usage(stdout); goto out; }
         if (!strcmp(argv[i], "--no-prefix-cache")) { c->prefix_cache = 0; continue; }
@@ -294,9 +299,9 @@ static int parse_flags(int argc, char **argv, srv_config *c) {
         else if (!strcmp(f, "--kv-size")) ok = parse_kv_size(v, c);
         else if (!strcmp(f, "--kv-type")) ok = cli_kv_type("serve", f, v, &c->kv_type);
         else if (!strcmp(f, "--experts-resident")) ok = cli_int("serve", f, v, 0, 1 << 20, &c->experts_resident);
-        else if (!strcmp(f, "--pack-output")) {
-            ok = srv_pack_output_parse(v, &c->pack_output) == 0;
-            if (!ok) fprintf(stderr, "codemoe serve: --pack-output takes auto, on or off\n");
+        else if (!strcmp(f, "--pack-output") || !strcmp(f, "--pack-layers")) {
+            ok = srv_pack_parse(v, f[7] == 'o' ? &c->pack_output : &c->pack_layers) == 0;
+            if (!ok) fprintf(stderr, "codemoe serve: %s takes auto, on or off\n", f);
         }
         else if (!strcmp(f, "--max-itl-ms")) {
             float ms;

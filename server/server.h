@@ -30,7 +30,7 @@
 
 /* One model of the pool as configured: a --model flag (path[,key=value...]) or an entry of the --config
  * file's "models". A field left unset (-1, or 0 for n_threads) takes the process's flag. */
-enum { SRV_PACK_UNSET = -2 }; /* srv_model_spec.pack_output not given */
+enum { SRV_PACK_UNSET = -2 }; /* srv_model_spec.pack_output / pack_layers not given */
 
 typedef struct srv_model_spec {
     char *path;               /* owned */
@@ -45,6 +45,7 @@ typedef struct srv_model_spec {
     double max_itl_ms;        /* < 0: the process's */
     int experts_resident;     /* < 0: the process's (--experts-resident) */
     int pack_output;          /* SRV_PACK_UNSET: the process's (--pack-output); else as srv_config */
+    int pack_layers;          /* SRV_PACK_UNSET: the process's (--pack-layers); else as srv_config */
     json_t *defaults;         /* the model's default request fields (api_defaults_check'd JSON object:
                                  temperature, top_p, ..., stop), owned; NULL: none */
 } srv_model_spec;
@@ -52,9 +53,9 @@ typedef struct srv_model_spec {
 /* A KV pool size: "N" tokens (at most 2^30), or N with KiB, MiB or GiB: bytes (at most 1 TiB), *bytes
  * set. Returns 0, or -1 (nothing set). */
 int srv_kv_size_parse(const char *v, long long *size, int *bytes);
-/* --pack-output / pack-output=: "auto" 0, "on" 1, "off" -1 (cm_ctx_params.pack_output). Returns 0, or -1
- * (nothing set). */
-int srv_pack_output_parse(const char *v, int *mode);
+/* --pack-output / pack-output=, --pack-layers / pack-layers=: "auto" 0, "on" 1, "off" -1
+ * (cm_ctx_params.pack_output, pack_layers). Returns 0, or -1 (nothing set). */
+int srv_pack_parse(const char *v, int *mode);
 /* An empty spec (everything the process's). */
 void srv_model_spec_init(srv_model_spec *s);
 void srv_model_spec_free(srv_model_spec *s);
@@ -125,6 +126,7 @@ typedef struct srv_config {
                                  at most SRV_SPEC_DRAFT_MAX; see scheduler.c) */
     int experts_resident;     /* MoE experts per layer kept in memory (cm_ctx_params; 0: no limit) */
     int pack_output;          /* the output head kept repacked (cm_ctx_params.pack_output: 0 auto, 1 on, -1 off) */
+    int pack_layers;          /* the layers' matrices kept repacked (cm_ctx_params.pack_layers: 0 auto, 1 on, -1 off) */
     int kv_check;             /* run cm_ctx_kv_check after every step (--kv-check, CODEMOE_KV_CHECK=1) */
     srv_keys keys;            /* API keys; none: no auth */
     char **cors;              /* allowed origins (owned); "*" allows any */

@@ -900,6 +900,62 @@ TEST(packed_output_head_same_logits) {
     }
 }
 
+/* The packed layers (cm_ctx_params.pack_layers): the same logits, bit for bit, as the layers repacked per
+ * call, for decode steps of 1 to 16 rows (the matvec for one, the packed int8 GEMM from two) and a
+ * prefill (which takes the file's weights); Q8_0 and Q4_0 layers are packed by default, K-quant ones
+ * only when asked; never with -1, nor in the scalar family. */
+TEST(packed_layers_same_logits) {
+    static const char *files[] = {"models/qwen2-gqa-q8_0.gguf", "models/qwen2-gqa-q4_0.gguf", "models/qwen2-k-q4_k_m.gguf"};
+    const int simd = strcmp(cm_kernels_isa(), "scalar") != 0;
+    for (int f = 0; f < 3; f++) {
+        cm_model *m = cm_model_load(test_fixture(files[f]), NULL, NULL);
+        ASSERT_TRUE(m);
+        const int V = cm_model_get_info(m)->n_vocab;
+        cm_err err = {0};
+        cm_ctx_params p = {.n_threads = 2, .n_seq_max = 16, .n_ctx = 64, .n_batch_max = 40, .pack_layers = -1};
+        cm_ctx *plain = cm_ctx_create(m, &p, &err);
+        p.pack_layers = 0;
+        cm_ctx *dflt = cm_ctx_create(m, &p, &err);
+        p.pack_layers = 1;
+        cm_ctx *forced = cm_ctx_create(m, &p, &err);
+        ASSERT_TRUE(plain && dflt && forced);
+        ASSERT_EQ_INT(cm_ctx_layers_pack_bytes(plain), 0);
+        CHECK_TRUE((cm_ctx_layers_pack_bytes(dflt) > 0) == (simd && f < 2));
+        CHECK_TRUE((cm_ctx_layers_pack_bytes(forced) > 0) == simd);
+        cm_ctx *cs[2] = {plain, f < 2 ? dflt : forced};
+        int sq[2][16];
+        for (int c = 0; c < 2; c++)
+            for (int k = 0; k < 16; k++) sq[c][k] = cm_seq_open(cs[c], NULL);
+        /* a 40-token prompt on sequence 0, then steps of 1, 2, 3, 5, 16 rows over the 16 sequences */
+        static const int rows[] = {40, 1, 2, 3, 5, 16};
+        for (size_t k = 0; k < sizeof rows / sizeof *rows; k++) {
+            int n = rows[k];
+            float *ref = malloc((size_t)n * (size_t)V * sizeof(float));
+            ASSERT_TRUE(ref);
+            for (int c = 0; c < 2; c++) {
+                int32_t tok[40], seq[40];
+                int8_t want[40];
+                for (int i = 0; i < n; i++)
+                    tok[i] = (i * 41 + (int)k * 13 + 3) % V, seq[i] = sq[c][k == 0 ? 0 : i], want[i] = 1;
+                cm_batch b = {.n = n, .token = tok, .seq = seq, .logits = want};
+                ASSERT_EQ_INT(cm_forward(cs[c], &b, &err), CM_OK);
+                for (int i = 0; i < n; i++) {
+                    const float *lg = cm_logits(cs[c], i);
+                    ASSERT_TRUE(lg != NULL);
+                    if (c == 0) memcpy(ref + (size_t)i * V, lg, (size_t)V * sizeof(float));
+                    else if (memcmp(ref + (size_t)i * V, lg, (size_t)V * sizeof(float)))
+                        TEST_FAIL_("%s, a step of %d rows: row %d differs packed", files[f], n, i);
+                }
+            }
+            free(ref);
+        }
+        cm_ctx_free(plain);
+        cm_ctx_free(dflt);
+        cm_ctx_free(forced);
+        cm_model_free(m);
+    }
+}
+
 /* A long prefill batch at 2 and 3 threads gives the logits 1 thread gives, bit for bit: with many
  * tokens against few weight rows the int8 GEMM's tasks split the tokens too (forward.c mm_run_rows), and
  * no row may depend on where a split falls. Two sequences of 130 and 71 tokens, every row's logits. */
@@ -1011,6 +1067,7 @@ int main(void) {
     RUN(nested_forward_in_yield_hook);
     RUN(packed_output_head_same_logits);
     RUN(long_prefill_same_on_threads);
+    RUN(packed_layers_same_logits);
     RUN(logits_argmax_is_the_greedy_sample);
     unlink(tmp_path);
     return test_summary();

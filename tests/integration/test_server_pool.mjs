@@ -405,20 +405,23 @@ test('--experts-resident: same completions, the cold experts released from the p
   }
 });
 
-test('--pack-output: the packed output head gives the same completions and logprobs; off packs nothing', async () => {
+test('--pack-output, --pack-layers: the packed head and layers give the same completions and logprobs; off packs nothing', async () => {
   const q8 = modelPath('qwen2-gqa-q8_0');
-  const srv = await startServer({ modelPath: `${q8},id=packed`, args: ['--model', `${q8},id=plain,pack-output=off`, '--threads', '2'] });
+  const srv = await startServer({ modelPath: `${q8},id=packed`, args: ['--model', `${q8},id=plain,pack-output=off,pack-layers=off`, '--threads', '2'] });
   try {
-    /* four choices decode together: every step takes four logits rows, the packed head's GEMM */
+    /* four choices decode together: every step takes four logits rows (the packed head's GEMM) and four
+     * rows through every layer (the packed layers' GEMM) */
     const body = { prompt: 'the cat sat on the mat', max_tokens: 10, n: 4, temperature: 0.8, seed: 5, logprobs: 3, logit_bias: NO_EOS };
     const a = await postJSON(srv, '/v1/completions', { model: 'packed', ...body });
     const b = await postJSON(srv, '/v1/completions', { model: 'plain', ...body });
     assert.equal(a.status, 200, a.text);
     assert.equal(b.status, 200, b.text);
     assert.deepEqual(a.json.choices.map((c) => [c.text, c.logprobs]), b.json.choices.map((c) => [c.text, c.logprobs]));
-    const pack = (id) => srv.logs.find((l) => l.msg === 'kv pool' && l.model === id)?.output_pack_mib;
-    assert.ok(pack('packed') > 0, `packed: ${pack('packed')}`);
-    assert.equal(pack('plain'), 0);
+    const pack = (id, what) => srv.logs.find((l) => l.msg === 'kv pool' && l.model === id)?.[what];
+    for (const what of ['output_pack_mib', 'layers_pack_mib']) {
+      assert.ok(pack('packed', what) > 0, `packed: ${what} ${pack('packed', what)}`);
+      assert.equal(pack('plain', what), 0, what);
+    }
   } finally {
     assert.equal((await srv.stop()).code, 0);
   }

@@ -369,6 +369,7 @@ TEST(model_spec_parse) {
     ASSERT_TRUE(s.max_itl_ms == 12.5);
     ASSERT_EQ_INT(s.queue, -1); /* not given: the process's */
     ASSERT_EQ_INT(s.pack_output, SRV_PACK_UNSET);
+    ASSERT_EQ_INT(s.pack_layers, SRV_PACK_UNSET);
     srv_model_spec c;
     ASSERT_EQ_INT(srv_model_spec_copy(&c, &s), 0);
     ASSERT_TRUE(srv_model_spec_same(&c, &s));
@@ -387,13 +388,15 @@ TEST(model_spec_parse) {
     ASSERT_EQ_INT(srv_model_spec_parse(",id=x", &s, err, sizeof err), -1);
     static const char *const packs[] = {"off", "auto", "on"};
     for (int i = 0; i < 3; i++) {
-        char spec[64];
-        snprintf(spec, sizeof spec, "a.gguf,pack-output=%s", packs[i]);
+        char spec[96];
+        snprintf(spec, sizeof spec, "a.gguf,pack-output=%s,pack-layers=%s", packs[i], packs[2 - i]);
         ASSERT_EQ_INT(srv_model_spec_parse(spec, &s, err, sizeof err), 0);
         ASSERT_EQ_INT(s.pack_output, i - 1);
+        ASSERT_EQ_INT(s.pack_layers, 1 - i);
         srv_model_spec_free(&s);
     }
     ASSERT_EQ_INT(srv_model_spec_parse("a.gguf,pack-output=1", &s, err, sizeof err), -1);
+    ASSERT_EQ_INT(srv_model_spec_parse("a.gguf,pack-layers=yes", &s, err, sizeof err), -1);
     /* the JSON form */
     json_t *o = json_loads("{\"path\":\"p.gguf\",\"aliases\":[\"q\"],\"kv_size\":\"1GiB\",\"threads\":2,"
                            "\"prefix_cache\":false,\"max_itl_ms\":5}", 0, NULL);
