@@ -6,7 +6,8 @@
  *
  * ppN: one N-token forward on a fresh sequence (logits of the last token only), tokens/s = N / time.
  * tgN: after a 1-token prompt, N single-token forwards with logits, tokens/s = N / time.
- * Each test runs once unmeasured (warm-up: page in the weights), then REPS times; mean ± sample std.
+ * Each test creates one context (as a server keeps one), runs once unmeasured (warm-up: page in the
+ * weights and the context's buffers), then REPS times on a fresh sequence each; mean ± sample std.
  * t/cpu-s divides tokens by the CPU time of all threads: the efficiency on a machine shared with others.
  * Several thread counts or KV types are measured in the same run, one row each, so they can be compared
  * under the same conditions.
@@ -111,21 +112,27 @@ static void usage(void) {
             "                     their fraction of the bandwidth bound (wall clock and CPU clock)\n");
 }
 
-/* One run of a test on a fresh context; returns wall seconds (CPU seconds of all threads in *cpu) or
- * < 0 on error. */
-static double run_once(const cm_model *m, int threads, int kv_type, int pp, int tg, const int32_t *toks,
-                       int32_t *seqs, int8_t *want, double *cpu) {
+/* A context for one test (its thread count and KV type), used for its warm-up and every rep. */
+static cm_ctx *test_ctx(const cm_model *m, int threads, int kv_type, int pp, int tg) {
     cm_ctx_params cp = {.n_threads = threads, .n_seq_max = 1, .n_ctx = (pp > tg + 1 ? pp : tg + 1),
                         .n_batch_max = pp > 1 ? pp : 1, .kv_type = kv_type};
     cm_err err = {0};
     cm_ctx *c = cm_ctx_create(m, &cp, &err);
-    if (!c) {
+    if (!c) fprintf(stderr, "bench: %s\n", err.msg);
+    else cm_ctx_set_routing_stats(c, g_routing_stats);
+    return c;
+}
+
+/* One run of a test on a fresh sequence of c (the context is the test's: as a server's, its buffers are
+ * warm from the run before); returns wall seconds (CPU seconds of all threads in *cpu) or < 0 on error. */
+static double run_once(cm_ctx *c, int pp, int tg, const int32_t *toks, int32_t *seqs, int8_t *want, double *cpu) {
+    cm_err err = {0};
+    int s = cm_seq_open(c, &err);
+    double t = -1;
+    if (s < 0) {
         fprintf(stderr, "bench: %s\n", err.msg);
         return -1;
     }
-    cm_ctx_set_routing_stats(c, g_routing_stats);
-    int s = cm_seq_open(c, &err);
-    double t = -1;
     if (pp > 0) {
         for (int i = 0; i < pp; i++) seqs[i] = s;
         cm_batch b = {.n = pp, .token = toks, .seq = seqs, .logits = NULL};
@@ -145,7 +152,7 @@ static double run_once(const cm_model *m, int threads, int kv_type, int pp, int 
         }
     }
     if (t < 0) fprintf(stderr, "bench: %s\n", err.msg);
-    cm_ctx_free(c);
+    cm_seq_close(c, s);
     return t;
 }
 
@@ -272,10 +279,14 @@ int cmd_bench(int argc, char **argv) {
                 int n = test == 0 ? pp : tg;
                 if (n == 0) continue;
                 double sum = 0, sum2 = 0, csum = 0;
+                cm_ctx *c = test == 0 ? test_ctx(m, thr[ti], kv[ki], pp, 0) : test_ctx(m, thr[ti], kv[ki], 0, tg);
+                if (!c) {
+                    rc = 1;
+                    break;
+                }
                 for (int k = -1; k < reps; k++) {
                     double cpu = 0;
-                    double t = test == 0 ? run_once(m, thr[ti], kv[ki], pp, 0, toks, seqs, want, &cpu)
-                                         : run_once(m, thr[ti], kv[ki], 0, tg, toks, seqs, want, &cpu);
+                    double t = test == 0 ? run_once(c, pp, 0, toks, seqs, want, &cpu) : run_once(c, 0, tg, toks, seqs, want, &cpu);
                     if (t <= 0) {
                         rc = 1;
                         break;
@@ -286,6 +297,7 @@ int cmd_bench(int argc, char **argv) {
                     sum += tps;
                     sum2 += tps * tps;
                 }
+                cm_ctx_free(c);
                 if (rc) break;
                 double mean = sum / reps, sd = reps > 1 ? sqrt(fmax(0, (sum2 - sum * sum / reps) / (reps - 1))) : 0;
                 char tname[16], tps[32];
