@@ -340,6 +340,20 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
         cm_err_set(err, CM_E_NOMEM, "ctx: cannot allocate scratch for n_batch_max %d, n_ctx %d", n_batch, n_ctx);
         return NULL;
     }
+    if (p->prefault_buffers) { /* written once now, so that the first steps take no page faults */
+        const size_t th = (size_t)n_threads;
+        struct { void *p; size_t bytes; } bufs[] = {
+            {c->x, (size_t)(B * D) * f}, {c->xn, (size_t)(B * D) * f}, {c->q, (size_t)(B * Q) * f},
+            {c->k, (size_t)(B * C) * f}, {c->v, (size_t)(B * C) * f}, {c->att, (size_t)(B * Q) * f},
+            {c->proj, (size_t)(B * D) * f}, {c->hg, (size_t)(B * F) * f}, {c->hu, (size_t)(B * F) * f},
+            {c->xq, (size_t)B * xq_row + 64}, {c->outn, (size_t)(lrows * D) * f},
+            {c->logits, (size_t)(n_seq < lrows ? n_seq : lrows) * (size_t)V * f},
+            {c->scores, th * (size_t)c->att_run_max * group * (size_t)n_ctx * f},
+            {c->att_q, th * (size_t)c->att_run_max * group * (size_t)in->head_dim * f},
+            {c->att_acc, th * (size_t)c->att_run_max * group * (size_t)c->att_acc_stride * f},
+            {c->deq, th * (size_t)c->deq_floats * f}};
+        for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) memset(bufs[i].p, 0, bufs[i].bytes);
+    }
     c->pool = cm_pool_create(n_threads, err);
     if (!c->pool) {
         cm_ctx_free(c);

@@ -1437,7 +1437,7 @@ static int worker_load(srv_sched *s) {
                                 .experts_resident = s->cfg->experts_resident,
                                 .n_batch_nested = s->nest_on ? s->nest_max : 0,
                                 .pack_output = s->cfg->pack_output, .pack_layers = s->cfg->pack_layers,
-                                .kv_prefault = 1};
+                                .kv_prefault = 1, .prefault_buffers = 1};
             ctx = cm_ctx_create(m, &cp, &err);
         }
         if (ctx) {

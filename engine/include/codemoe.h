@@ -207,6 +207,10 @@ typedef struct cm_ctx_params {
                            default, when each is Q8_0 or a legacy type and the copies take at most
                            CM_PACK_LAYERS_AUTO_MAX bytes together; 1: whenever the kernel family can;
                            < 0: never */
+    int prefault_buffers; /* nonzero: the buffers a step writes (activations, attention scratch, the
+                           int8 GEMM's tiles, the logits of the first n_seq_max rows) are written once at
+                           cm_ctx_create, so the first steps take no page faults for them (a fresh
+                           server's first burst of 16 prompts took about 5000); 0, the default: as used */
     int kv_prefault;    /* nonzero: the KV pool is made resident at cm_ctx_create (written once), so the
                            first sequences take no page faults for their KV rows and the process holds
                            the whole pool from the start (not a pool of more than half the memory
