@@ -2,10 +2,12 @@
  * cmd_bench.c - `codemoe bench`: prefill and decode speed of a model, printed as a table in the style of
  * llama-bench so the two can be set side by side.
  *
- *   codemoe bench --model M [-p 512] [-n 128] [-t 1,2] [-r 3] [--kv-type f32,f16] [--membw]
+ *   codemoe bench --model M [-p 512] [-n 128] [-b 1] [-t 1,2] [-r 3] [--kv-type f32,f16] [--membw]
  *
  * ppN: one N-token forward on a fresh sequence (logits of the last token only), tokens/s = N / time.
- * tgN: after a 1-token prompt, N single-token forwards with logits, tokens/s = N / time.
+ * tgN: after a 1-token prompt, N single-token forwards with logits, tokens/s = N / time. With -b B > 1
+ * (tgNxB): B sequences decode side by side, each step one token of each (a server's decode step of B
+ * streams), tokens/s = N * B / time.
  * Each test creates one context (as a server keeps one), runs once unmeasured (warm-up: page in the
  * weights and the context's buffers), then REPS times on a fresh sequence each; mean ± sample std.
  * t/cpu-s divides tokens by the CPU time of all threads: the efficiency on a machine shared with others.
@@ -96,13 +98,17 @@ static double membw_measure(const uint64_t *buf, size_t words, int threads, doub
 }
 
 static int g_routing_stats = 1; /* --routing-stats 0|1: MoE routing statistics off/on (their cost) */
+#define CLI_BENCH_MAX_SEQ 64
+static int g_n_seq = 1;          /* -b: sequences decoding side by side in the tg test */
 
 static void usage(void) {
     fprintf(stderr,
-            "usage: codemoe bench --model FILE [-p N] [-n N] [-t T[,T...]] [-r REPS] [--kv-type T[,T]]\n"
+            "usage: codemoe bench --model FILE [-p N] [-n N] [-b B] [-t T[,T...]] [-r REPS] [--kv-type T[,T]]\n"
             "  -m, --model FILE   GGUF model\n"
             "  -p, --n-prompt N   prefill test size (default 512; 0 skips)\n"
             "  -n, --n-gen N      decode test size (default 128; 0 skips)\n"
+            "  -b, --n-seq B      sequences decoding side by side in the decode test, one token each a\n"
+            "                     step (default 1; test tgNxB, tokens/s of all of them; at most 64)\n"
             "  -t, --threads LIST thread counts, comma separated (default 1)\n"
             "  -r, --repetitions  measured runs per test (default 3)\n"
             "  --kv-type LIST     KV cache element types, f16 and/or f32, comma separated (default: the\n"
@@ -114,8 +120,9 @@ static void usage(void) {
 
 /* A context for one test (its thread count and KV type), used for its warm-up and every rep. */
 static cm_ctx *test_ctx(const cm_model *m, int threads, int kv_type, int pp, int tg) {
-    cm_ctx_params cp = {.n_threads = threads, .n_seq_max = 1, .n_ctx = (pp > tg + 1 ? pp : tg + 1),
-                        .n_batch_max = pp > 1 ? pp : 1, .kv_type = kv_type};
+    int b = pp > 0 ? 1 : g_n_seq;
+    cm_ctx_params cp = {.n_threads = threads, .n_seq_max = b, .n_ctx = (pp > tg + 1 ? pp : tg + 1),
+                        .n_batch_max = pp > b ? pp : b, .kv_type = kv_type};
     cm_err err = {0};
     cm_ctx *c = cm_ctx_create(m, &cp, &err);
     if (!c) fprintf(stderr, "bench: %s\n", err.msg);
@@ -123,36 +130,39 @@ static cm_ctx *test_ctx(const cm_model *m, int threads, int kv_type, int pp, int
     return c;
 }
 
-/* One run of a test on a fresh sequence of c (the context is the test's: as a server's, its buffers are
- * warm from the run before); returns wall seconds (CPU seconds of all threads in *cpu) or < 0 on error. */
+/* One run of a test on fresh sequences of c (the context is the test's: as a server's, its buffers are
+ * warm from the run before); returns wall seconds (CPU seconds of all threads in *cpu) or < 0 on error.
+ * toks holds at least max(pp, tg + 1) ids; seqs and want at least max(pp, g_n_seq). */
 static double run_once(cm_ctx *c, int pp, int tg, const int32_t *toks, int32_t *seqs, int8_t *want, double *cpu) {
     cm_err err = {0};
-    int s = cm_seq_open(c, &err);
+    int nb = pp > 0 ? 1 : g_n_seq, s[CLI_BENCH_MAX_SEQ], open = 0;
     double t = -1;
-    if (s < 0) {
-        fprintf(stderr, "bench: %s\n", err.msg);
-        return -1;
-    }
+    for (; open < nb; open++)
+        if ((s[open] = cm_seq_open(c, &err)) < 0) goto out;
     if (pp > 0) {
-        for (int i = 0; i < pp; i++) seqs[i] = s;
+        for (int i = 0; i < pp; i++) seqs[i] = s[0];
         cm_batch b = {.n = pp, .token = toks, .seq = seqs, .logits = NULL};
         double t0 = now_s(), c0 = cpu_s();
         if (cm_forward(c, &b, &err) == 0) t = now_s() - t0, *cpu = cpu_s() - c0;
     } else {
-        want[0] = 1;
-        cm_batch b = {.n = 1, .token = toks, .seq = &s, .logits = want};
+        /* every sequence starts from its own one-token prompt; step i feeds each its token i + 1 (the
+         * sequences' ids offset by k: no two rows the same) */
+        int32_t *step = seqs + nb; /* scratch after the sequence ids: room for nb more */
+        for (int k = 0; k < nb; k++) seqs[k] = s[k], want[k] = 1, step[k] = toks[k % (tg + 1)];
+        cm_batch b = {.n = nb, .token = step, .seq = seqs, .logits = want};
         if (cm_forward(c, &b, &err) == 0) {
             double t0 = now_s(), c0 = cpu_s();
             int i;
             for (i = 0; i < tg; i++) {
-                cm_batch bi = {.n = 1, .token = &toks[1 + i], .seq = &s, .logits = want};
-                if (cm_forward(c, &bi, &err)) break;
+                for (int k = 0; k < nb; k++) step[k] = toks[(1 + i + k) % (tg + 1)];
+                if (cm_forward(c, &b, &err)) break;
             }
             if (i == tg) t = now_s() - t0, *cpu = cpu_s() - c0;
         }
     }
+out:
     if (t < 0) fprintf(stderr, "bench: %s\n", err.msg);
-    cm_seq_close(c, s);
+    for (int k = 0; k < open; k++) cm_seq_close(c, s[k]);
     return t;
 }
 
@@ -182,6 +192,8 @@ int cmd_bench(int argc, char **argv) {
             if (cli_parse_int(v, 0, 1 << 16, &pp)) goto bad;
         } else if (!strcmp(a, "-n") || !strcmp(a, "--n-gen")) {
             if (cli_parse_int(v, 0, 1 << 16, &tg)) goto bad;
+        } else if (!strcmp(a, "-b") || !strcmp(a, "--n-seq")) {
+            if (cli_parse_int(v, 1, CLI_BENCH_MAX_SEQ, &g_n_seq)) goto bad;
         } else if (!strcmp(a, "--routing-stats")) {
             if (cli_parse_int(v, 0, 1, &g_routing_stats)) goto bad;
         } else if (!strcmp(a, "-r") || !strcmp(a, "--repetitions")) {
@@ -228,9 +240,9 @@ int cmd_bench(int argc, char **argv) {
         return 1;
     }
     const cm_model_info *in = cm_model_get_info(m);
-    int ntok = (pp > tg + 1 ? pp : tg + 1) + 1;
-    int32_t *toks = malloc((size_t)ntok * sizeof *toks), *seqs = malloc((size_t)ntok * sizeof *seqs);
-    int8_t *want = malloc((size_t)ntok);
+    int ntok = (pp > tg + 1 ? pp : tg + 1) + 1, nrow = (pp > 2 * g_n_seq ? pp : 2 * g_n_seq) + 1;
+    int32_t *toks = malloc((size_t)ntok * sizeof *toks), *seqs = malloc((size_t)nrow * sizeof *seqs);
+    int8_t *want = malloc((size_t)nrow);
     if (!toks || !seqs || !want) {
         fprintf(stderr, "bench: out of memory\n");
         cm_model_free(m);
@@ -278,6 +290,7 @@ int cmd_bench(int argc, char **argv) {
             for (int ki = 0; ki < n_kv && !rc; ki++) {
                 int n = test == 0 ? pp : tg;
                 if (n == 0) continue;
+                const int rows = test == 0 ? 1 : g_n_seq; /* tokens per step of the decode test */
                 double sum = 0, sum2 = 0, csum = 0;
                 cm_ctx *c = test == 0 ? test_ctx(m, thr[ti], kv[ki], pp, 0) : test_ctx(m, thr[ti], kv[ki], 0, tg);
                 if (!c) {
@@ -292,7 +305,7 @@ int cmd_bench(int argc, char **argv) {
                         break;
                     }
                     if (k < 0) continue; /* warm-up */
-                    double tps = n / t;
+                    double tps = (double)n * rows / t;
                     csum += cpu;
                     sum += tps;
                     sum2 += tps * tps;
@@ -300,13 +313,14 @@ int cmd_bench(int argc, char **argv) {
                 cm_ctx_free(c);
                 if (rc) break;
                 double mean = sum / reps, sd = reps > 1 ? sqrt(fmax(0, (sum2 - sum * sum / reps) / (reps - 1))) : 0;
-                char tname[16], tps[32];
-                snprintf(tname, sizeof tname, "%s%d", test == 0 ? "pp" : "tg", n);
+                char tname[24], tps[32];
+                if (rows > 1) snprintf(tname, sizeof tname, "tg%dx%d", n, rows);
+                else snprintf(tname, sizeof tname, "%s%d", test == 0 ? "pp" : "tg", n);
                 snprintf(tps, sizeof tps, "%.2f ± %.2f", mean, sd);
                 printf("| %-28.28s | %6s | %6.2f MiB | %7.2f M | %7d | %3s | %6s | %19s | %9.2f |", mname,
                        in->weight_type, (double)in->file_bytes / (1024.0 * 1024.0), (double)in->n_params / 1e6,
-                       thr[ti], kv[ki] == CM_KV_F16 ? "f16" : "f32", tname, tps, n * reps / csum);
-                if (membw && test == 1 && bw[ti] > 0) {
+                       thr[ti], kv[ki] == CM_KV_F16 ? "f16" : "f32", tname, tps, (double)n * rows * reps / csum);
+                if (membw && test == 1 && rows == 1 && bw[ti] > 0) { /* several rows a step: no one bound */
                     /* the decode tokens see n_past 1 .. tg: bytes are linear in depth, so the mean is the
                      * mean of the ends */
                     double bytes = ((double)cm_model_decode_bytes(m, 1, kv[ki]) +

@@ -891,8 +891,8 @@ TEST(bad_flags_are_usage_errors) {
 }
 
 /* `bench` prints one row per test with a positive rate; --membw adds the bandwidth line and, on the
- * decode row, bytes per token and the fraction of the bound (the prefill row has none). Bad values are
- * usage errors, a missing file a clean failure. */
+ * decode row, bytes per token and the fraction of the bound (the prefill row has none, nor a decode row
+ * of several sequences, -b). Bad values are usage errors, a missing file a clean failure. */
 static double cell_after(const char *row, int col) { /* the col-th '|'-separated cell as a number */
     const char *p = row;
     for (int i = 0; i < col && p; i++) p = strchr(p + 1, '|');
@@ -924,6 +924,23 @@ TEST(bench_reports_rates_and_bound) {
     CHECK_TRUE(cell_after(tg, 7) > 0);
     double mb = cell_after(tg, 9), bound = cell_after(tg, 10), frac = cell_after(tg, 11);
     CHECK_TRUE(mb > 0 && bound > 0 && frac > 0);
+    run_free(&r);
+    /* -b 3: three sequences a step, the row named tg8x3, its rate counting all three's tokens, no bound */
+    RUN_OK(&r, "bench", "--model", M, "-p", "0", "-n", "8", "-b", "3", "-t", "1", "-r", "1", "--membw");
+    ASSERT_EQ_INT(r.code, 0);
+    const char *tb = strstr(r.out, " tg8x3 |");
+    ASSERT_TRUE(tb != NULL);
+    while (tb > r.out && tb[-1] != '\n') tb--;
+    CHECK_TRUE(cell_after(tb, 7) > 0);
+    const char *tmb = tb;
+    for (int i = 0; i < 9 && tmb; i++) tmb = strchr(tmb + 1, '|');
+    ASSERT_TRUE(tmb != NULL);
+    tmb += strspn(tmb + 1, " ") + 1;
+    CHECK_TRUE(*tmb == '-');
+    run_free(&r);
+    ASSERT_FAILS_WITH(&r, 2, "bench", "--model", M, "-b", "0");
+    run_free(&r);
+    ASSERT_FAILS_WITH(&r, 2, "bench", "--model", M, "-b", "65");
     run_free(&r);
     ASSERT_FAILS_WITH(&r, 2, "bench", "--model", M, "-t", "0");
     run_free(&r);
