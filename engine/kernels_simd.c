@@ -882,6 +882,19 @@ static void softmax(float *x, int64_t k) {
 #endif
 }
 
+/* The lowest index among the n lanes holding the largest running maximum (mv: each lane's maximum, iv:
+ * its index; -inf lanes hold nothing): the answer, 0 when every lane is -inf; that maximum into *mx. */
+#if defined(CM_AVX512) || defined(CM_AVX2)
+static int32_t lanes_first_max(const float *mv, const int32_t *iv, int n, float *mx) {
+    float m = -INFINITY;
+    int32_t best = 0;
+    for (int l = 0; l < n; l++)
+        if (mv[l] > m || (mv[l] == m && m != -INFINITY && iv[l] < best)) m = mv[l], best = iv[l];
+    *mx = m;
+    return best;
+}
+#endif
+
 /* One pass: per lane the running maximum (x > m, so NaN and ties keep m) and the index it came from,
  * over four vectors side by side; the answer is the lowest index among the lanes holding the largest
  * maximum, which is the reference's first index of it. Rows of 2^31 values or more: the reference. */
@@ -922,11 +935,8 @@ static int64_t argmax(const float *x, int64_t k) {
             _mm512_storeu_ps(mv + 16 * j, m[j]);
             _mm512_storeu_si512((void *)(iv + 16 * j), ix[j]);
         }
-        float mx = -INFINITY;
-        int32_t best = 0;
-        for (int l = 0; l < 64; l++)
-            if (mv[l] > mx || (mv[l] == mx && mx != -INFINITY && iv[l] < best)) mx = mv[l], best = iv[l];
-        return best;
+        float mx;
+        return lanes_first_max(mv, iv, 64, &mx);
     }
 #elif defined(CM_AVX2)
     if (k < ((int64_t)1 << 31)) {
@@ -953,10 +963,8 @@ static int64_t argmax(const float *x, int64_t k) {
             _mm256_storeu_ps(mv + 8 * j, m[j]);
             _mm256_storeu_si256((__m256i *)(void *)(iv + 8 * j), ix[j]);
         }
-        float mx = -INFINITY;
-        int32_t best = 0;
-        for (int l = 0; l < 32; l++)
-            if (mv[l] > mx || (mv[l] == mx && mx != -INFINITY && iv[l] < best)) mx = mv[l], best = iv[l];
+        float mx;
+        int32_t best = lanes_first_max(mv, iv, 32, &mx);
         for (; i < k; i++) /* the tail comes after every index above: only a larger value wins */
             if (x[i] > mx) mx = x[i], best = (int32_t)i;
         return best;

@@ -848,6 +848,30 @@ TEST(decode_bytes) {
     ASSERT_EQ_INT(cm_model_decode_bytes(NULL, 0, CM_KV_F32), 0);
 }
 
+/* The three contexts of a packing test on a fixture (off, auto, forced: setting -1, 0, 1 through set),
+ * each checked for its packed bytes (bytes): none off; auto and forced as the two flags say. */
+typedef struct pack_ctxs {
+    cm_ctx *c[3]; /* off, auto, forced */
+} pack_ctxs;
+static int pack_ctxs_open(pack_ctxs *pc, const cm_model *m, cm_ctx_params p, void (*set)(cm_ctx_params *, int),
+                          size_t (*bytes)(const cm_ctx *), int auto_packs, int forced_packs) {
+    cm_err err = {0};
+    for (int i = 0; i < 3; i++) {
+        set(&p, i - 1);
+        pc->c[i] = cm_ctx_create(m, &p, &err);
+    }
+    if (!pc->c[0] || !pc->c[1] || !pc->c[2]) return 0;
+    CHECK_TRUE(bytes(pc->c[0]) == 0);
+    CHECK_TRUE((bytes(pc->c[1]) > 0) == auto_packs);
+    CHECK_TRUE((bytes(pc->c[2]) > 0) == forced_packs);
+    return 1;
+}
+static void pack_ctxs_close(pack_ctxs *pc) {
+    for (int i = 0; i < 3; i++) cm_ctx_free(pc->c[i]);
+}
+static void set_pack_output(cm_ctx_params *p, int v) { p->pack_output = v; }
+static void set_pack_layers(cm_ctx_params *p, int v) { p->pack_layers = v; }
+
 /* The packed output head (cm_ctx_params.pack_output): the same logits, bit for bit, as the head repacked
  * per call, for one logits row (the matvec) and several (the int8 GEMM, from two rows on when packed),
  * with the fixture's 300-row vocabulary ending in a partial group; Q8_0 and Q4_0 heads are packed by
@@ -860,17 +884,10 @@ TEST(packed_output_head_same_logits) {
         ASSERT_TRUE(m);
         const int V = cm_model_get_info(m)->n_vocab;
         cm_err err = {0};
-        cm_ctx_params p = {.n_threads = 2, .n_seq_max = 2, .n_ctx = 64, .n_batch_max = 24, .pack_output = -1};
-        cm_ctx *plain = cm_ctx_create(m, &p, &err);
-        p.pack_output = 0;
-        cm_ctx *dflt = cm_ctx_create(m, &p, &err);
-        p.pack_output = 1;
-        cm_ctx *forced = cm_ctx_create(m, &p, &err);
-        ASSERT_TRUE(plain && dflt && forced);
-        ASSERT_EQ_INT(cm_ctx_output_pack_bytes(plain), 0);
-        CHECK_TRUE((cm_ctx_output_pack_bytes(dflt) > 0) == (simd && f < 2));
-        CHECK_TRUE((cm_ctx_output_pack_bytes(forced) > 0) == simd);
-        cm_ctx *packed = f < 2 ? dflt : forced;
+        pack_ctxs pc;
+        cm_ctx_params p0 = {.n_threads = 2, .n_seq_max = 2, .n_ctx = 64, .n_batch_max = 24};
+        ASSERT_TRUE(pack_ctxs_open(&pc, m, p0, set_pack_output, cm_ctx_output_pack_bytes, simd && f < 2, simd));
+        cm_ctx *plain = pc.c[0], *packed = f < 2 ? pc.c[1] : pc.c[2];
         int32_t tok[24], seq[24];
         int8_t want[24];
         static const int rows[] = {1, 2, 3, 5, 16, 24};
@@ -895,9 +912,7 @@ TEST(packed_output_head_same_logits) {
             }
             free(ref);
         }
-        cm_ctx_free(plain);
-        cm_ctx_free(dflt);
-        cm_ctx_free(forced);
+        pack_ctxs_close(&pc);
         cm_model_free(m);
     }
 }
@@ -914,17 +929,10 @@ TEST(packed_layers_same_logits) {
         ASSERT_TRUE(m);
         const int V = cm_model_get_info(m)->n_vocab;
         cm_err err = {0};
-        cm_ctx_params p = {.n_threads = 2, .n_seq_max = 16, .n_ctx = 64, .n_batch_max = 40, .pack_layers = -1};
-        cm_ctx *plain = cm_ctx_create(m, &p, &err);
-        p.pack_layers = 0;
-        cm_ctx *dflt = cm_ctx_create(m, &p, &err);
-        p.pack_layers = 1;
-        cm_ctx *forced = cm_ctx_create(m, &p, &err);
-        ASSERT_TRUE(plain && dflt && forced);
-        ASSERT_EQ_INT(cm_ctx_layers_pack_bytes(plain), 0);
-        CHECK_TRUE((cm_ctx_layers_pack_bytes(dflt) > 0) == (simd && f < 2));
-        CHECK_TRUE((cm_ctx_layers_pack_bytes(forced) > 0) == simd);
-        cm_ctx *cs[2] = {plain, f < 2 ? dflt : forced};
+        pack_ctxs pc;
+        cm_ctx_params p0 = {.n_threads = 2, .n_seq_max = 16, .n_ctx = 64, .n_batch_max = 40};
+        ASSERT_TRUE(pack_ctxs_open(&pc, m, p0, set_pack_layers, cm_ctx_layers_pack_bytes, simd && f < 2, simd));
+        cm_ctx *cs[2] = {pc.c[0], f < 2 ? pc.c[1] : pc.c[2]};
         int sq[2][16];
         for (int c = 0; c < 2; c++)
             for (int k = 0; k < 16; k++) sq[c][k] = cm_seq_open(cs[c], NULL);
@@ -951,9 +959,7 @@ TEST(packed_layers_same_logits) {
             }
             free(ref);
         }
-        cm_ctx_free(plain);
-        cm_ctx_free(dflt);
-        cm_ctx_free(forced);
+        pack_ctxs_close(&pc);
         cm_model_free(m);
     }
 }
