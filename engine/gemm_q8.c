@@ -58,6 +58,7 @@
 #define ZTR 64 /* the same for the 512-bit path: four groups of ZGR */
 #define ZGR 16
 #define NR 4  /* tokens per micro-tile */
+#define PK_GROUP_MAJOR 32 /* tokens up to which a packed matrix's window runs group by group */
 
 /* The scratch a tile needs, at most (K-quants: per value its byte, per 16 values and row two int16 of
  * scale and one of min; legacy types less: per value its byte, per block and row two f32 scales and an
@@ -840,7 +841,7 @@ static void zmicro_legacy_wide(const tile *t, int groups, const char *const xq[N
  * measured 5-10% slower on a Zen 5 core); with VNNI, the products of a packed matrix (the output head's
  * few logits rows over a vocabulary): streaming a window from memory one group after the other, it ran
  * them at 1.35 ms against the tile-wide kernel's 2.4 (151936 x 256 Q8_0, 1 to 4 rows, one thread). */
-static void zmicro_legacy_group(const tile *t, int g, const char *const xq[NR], size_t xbytes, size_t qoff,
+CM_ALWAYS_INLINE void zmicro_legacy_group(const tile *t, int g, const char *const xq[NR], size_t xbytes, size_t qoff,
                                 float *out) {
     const uint8_t *q = t->q + (size_t)g * ZGR * (size_t)t->k;
     const float *dp = t->d + (size_t)g * ZGR * (size_t)t->nb, *mp = t->m + (size_t)g * ZGR * (size_t)t->nb;
@@ -883,7 +884,7 @@ static void zmicro_legacy_group(const tile *t, int g, const char *const xq[NR], 
  * loads per dpbusd of the quad's kernel; every token's chains, FMA and store are zmicro_legacy_group's
  * for that token (ta: the first quad's scales and bias sums, tb: the second's). 151936 x 256 Q8_0, one
  * thread (build/gemm_rows): 8 rows 1.76-1.80 ms against 2.19-2.21, 16 rows 3.16-3.29 against 3.37-3.48. */
-static void zmicro_legacy_group8(const tile *ta, const tile *tb, int g, const char *const xa[NR],
+CM_ALWAYS_INLINE void zmicro_legacy_group8(const tile *ta, const tile *tb, int g, const char *const xa[NR],
                                  const char *const xb2[NR], size_t xbytes, size_t qoff, float *out) {
     const uint8_t *q = ta->q + (size_t)g * ZGR * (size_t)ta->k;
     const float *dp = ta->d + (size_t)g * ZGR * (size_t)ta->nb;
@@ -1082,6 +1083,43 @@ static void zquad(tile *t, int xt, size_t xbytes, size_t qoff, const void *x, si
     if (!t->kq) quad_scales(t, xt, xr);
 }
 
+#if defined(CM_G_VNNI)
+/* A packed window (no mins) against n tokens, 2 * NR < n <= PK_GROUP_MAJOR, group-major: all of the
+ * tokens against one group (two quads per call, a last odd or short quad alone), then the next group,
+ * so the window's memory comes in while the earlier groups' products run, where quad after quad over
+ * the whole window left the memory idle after the first (151936 x 256 Q8_0, one thread,
+ * build/gemm_rows: 12 rows 2.10-2.21 ms against 2.77-2.85, 16 rows 2.50-2.68 against 3.25-3.30). Each
+ * token's numbers are the quad kernels', whatever the order. */
+static __attribute__((noinline)) void pack_group_major(const tile *t, int groups, int rows, const void *x,
+                                                       size_t x_stride, int n, size_t xbytes, size_t qoff, float *y,
+                                                       int64_t ldy, float *xd0, float *xs0, int32_t *xc0) {
+    const char *xq[PK_GROUP_MAJOR / NR][NR];
+    tile tq[PK_GROUP_MAJOR / NR];
+    const int nq4 = (n + NR - 1) / NR;
+    const size_t nb = (size_t)t->nb;
+    for (int p = 0; p < nq4; p++) {
+        quad_rows(x, x_stride, n, p * NR, xq[p]);
+        tq[p] = *t;
+        tq[p].xd = xd0 + (size_t)p * NR * nb, tq[p].xs = xs0 + (size_t)p * NR * nb, tq[p].xc = xc0 + (size_t)p * NR * t->xcs;
+    }
+    for (int g = 0; g < groups; g++) {
+        int p = 0;
+        for (; p + 1 < nq4 && n - p * NR >= 2 * NR; p += 2) {
+            float out[2 * NR * ZGR];
+            zmicro_legacy_group8(&tq[p], &tq[p + 1], g, xq[p], xq[p + 1], xbytes, qoff, out);
+            zstore_group(y + (int64_t)(p * NR) * ldy, ldy, g, rows, NR, out);
+            zstore_group(y + (int64_t)((p + 1) * NR) * ldy, ldy, g, rows, NR, out + NR * ZGR);
+        }
+        for (; p < nq4; p++) {
+            float out[NR * ZGR];
+            int nt = n - p * NR < NR ? n - p * NR : NR;
+            zmicro_legacy_group(&tq[p], g, xq[p], xbytes, qoff, out);
+            zstore_group(y + (int64_t)(p * NR) * ldy, ldy, g, rows, nt, out);
+        }
+    }
+}
+#endif
+
 static void gemm_avx512(int wtype, const void *w, int64_t k, const void *x, size_t x_stride, int n, float *y,
                         int64_t ldy, int64_t r0, int64_t r1, void *scratch, size_t scratch_bytes, const gpack *pk) {
     tile t;
@@ -1111,6 +1149,12 @@ static void gemm_avx512(int wtype, const void *w, int64_t k, const void *x, size
         int rows = r1 - a < ZTR ? (int)(r1 - a) : ZTR, groups = (rows + ZGR - 1) / ZGR;
         if (pk) pack_window(&t, pk, a);
         else tile_fill(&t, wtype, w, rb, a, rows, groups);
+#if defined(CM_G_VNNI)
+        if (pk && all && !t.kq && !t.has_min && n > 2 * NR && n <= PK_GROUP_MAJOR) {
+            pack_group_major(&t, groups, rows, x, x_stride, n, xbytes, qoff, y + a, ldy, xd0, xs0, xc0);
+            continue;
+        }
+#endif
         for (int t0 = 0; t0 < n; t0 += NR) {
             int nt = n - t0 < NR ? n - t0 : NR;
             if (!pk) prefetch_tile_slice(w, rb, a + ZTR, (r1 - a - ZTR < ZTR ? r1 - a - ZTR : ZTR), nq, (size_t)t0 / NR);
