@@ -883,7 +883,7 @@ CM_ALWAYS_INLINE void zmicro_legacy_group(const tile *t, int g, const char *cons
  * the output head), into out (out[j * ZGR + r], j < 8): each weight load serves eight tokens, half the
  * loads per dpbusd of the quad's kernel; every token's chains, FMA and store are zmicro_legacy_group's
  * for that token (ta: the first quad's scales and bias sums, tb: the second's). 151936 x 256 Q8_0, one
- * thread (build/gemm_rows): 8 rows 1.76-1.80 ms against 2.19-2.21, 16 rows 3.16-3.29 against 3.37-3.48. */
+ * thread (build/gemm_rows): 8 rows 1.73-1.82 ms against 2.13-2.18 one quad at a time. */
 CM_ALWAYS_INLINE void zmicro_legacy_group8(const tile *ta, const tile *tb, int g, const char *const xa[NR],
                                  const char *const xb2[NR], size_t xbytes, size_t qoff, float *out) {
     const uint8_t *q = ta->q + (size_t)g * ZGR * (size_t)ta->k;
@@ -1088,7 +1088,8 @@ static void zquad(tile *t, int xt, size_t xbytes, size_t qoff, const void *x, si
  * tokens against one group (two quads per call, a last odd or short quad alone), then the next group,
  * so the window's memory comes in while the earlier groups' products run, where quad after quad over
  * the whole window left the memory idle after the first (151936 x 256 Q8_0, one thread,
- * build/gemm_rows: 12 rows 2.10-2.21 ms against 2.77-2.85, 16 rows 2.50-2.68 against 3.25-3.30). Each
+ * build/gemm_rows: 12 rows 2.06-2.15 ms against 2.71-2.73 before both kernels, 16 rows 2.50-2.55 against
+ * 3.29-3.35). Each
  * token's numbers are the quad kernels', whatever the order. */
 static __attribute__((noinline)) void pack_group_major(const tile *t, int groups, int rows, const void *x,
                                                        size_t x_stride, int n, size_t xbytes, size_t qoff, float *y,
