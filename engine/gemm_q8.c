@@ -1084,12 +1084,12 @@ static void zquad(tile *t, int xt, size_t xbytes, size_t qoff, const void *x, si
 }
 
 #if defined(CM_G_VNNI)
-/* A packed window (no mins) against n tokens, 2 * NR < n <= PK_GROUP_MAJOR, group-major: all of the
+/* A packed window (no mins) against n tokens, NR < n <= PK_GROUP_MAJOR, group-major: all of the
  * tokens against one group (two quads per call, a last odd or short quad alone), then the next group,
  * so the window's memory comes in while the earlier groups' products run, where quad after quad over
  * the whole window left the memory idle after the first (151936 x 256 Q8_0, one thread,
- * build/gemm_rows: 12 rows 2.06-2.15 ms against 2.71-2.73 before both kernels, 16 rows 2.50-2.55 against
- * 3.29-3.35). Each
+ * build/gemm_rows, against a quad at a time: 6 rows 1.81-1.82 ms against 2.17-2.21, 12 rows 2.17-2.29
+ * against 2.81-2.87, 16 rows 2.66-2.78 against 3.47-3.51). Each
  * token's numbers are the quad kernels', whatever the order. */
 static __attribute__((noinline)) void pack_group_major(const tile *t, int groups, int rows, const void *x,
                                                        size_t x_stride, int n, size_t xbytes, size_t qoff, float *y,
@@ -1151,7 +1151,7 @@ static void gemm_avx512(int wtype, const void *w, int64_t k, const void *x, size
         if (pk) pack_window(&t, pk, a);
         else tile_fill(&t, wtype, w, rb, a, rows, groups);
 #if defined(CM_G_VNNI)
-        if (pk && all && !t.kq && !t.has_min && n > 2 * NR && n <= PK_GROUP_MAJOR) {
+        if (pk && all && !t.kq && !t.has_min && n > NR && n <= PK_GROUP_MAJOR) {
             pack_group_major(&t, groups, rows, x, x_stride, n, xbytes, qoff, y + a, ldy, xd0, xs0, xc0);
             continue;
         }
