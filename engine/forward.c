@@ -45,7 +45,6 @@
 #define ATT_RUN 8         /* consecutive tokens of one sequence an attention task takes at most... */
 #define ATT_RUN_SCORES ((size_t)32 << 20) /* ...while their scores fit this per thread (long contexts) */
 enum { LP_Q, LP_K, LP_V, LP_O, LP_GATE, LP_UP, LP_DOWN, LP_N }; /* cm_ctx.lpack's matrices of a layer */
-#define LP_MAX_ROWS 16 /* activation rows up to which a layer's product takes its packed copy */
 #define CM_GEMM_MIN_ROWS 16          /* activation rows from which sgemm beats the matvec kernels */
 #define CM_DEQ_TILE_FLOATS (1 << 20) /* per-thread dequantisation tile: 4 MiB */
 #define CM_LOGITS_BUDGET ((size_t)256 << 20) /* bytes of logits kept per context */
@@ -653,12 +652,6 @@ static void mm_run_rows(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, 
                         int64_t hi) {
     mm_job j = {.c = c, .n_ops = n_ops, .x = x, .n = n, .k = k, .lo = lo, .hi = hi, .tparts = 1, .tchunk = n};
     memcpy(j.ops, ops, (size_t)n_ops * sizeof *ops);
-    /* a layer's packed matrix serves the few rows of decode steps; a prompt's many rows repack the
-     * file's weights tile by tile as they go (measured faster there: pp512 of the 45M model 5% slower
-     * on the packed copies) */
-    for (int i = 0; i < n_ops; i++)
-        if (!ops[i].head && n > LP_MAX_ROWS) j.ops[i].pack = NULL;
-    ops = j.ops;
     int nt = c->n_threads;
     int64_t mmax = 0;
     for (int i = 0; i < n_ops; i++) mmax = ops[i].w->ne1 > mmax ? ops[i].w->ne1 : mmax;

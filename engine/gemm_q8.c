@@ -1170,7 +1170,9 @@ static void gemm_avx512(int wtype, const void *w, int64_t k, const void *x, size
                 for (int g = 0; g < groups; g++) __builtin_prefetch(y + (int64_t)(t0 + j) * ldy + a + ZGR * g, 1, 3);
             if (!t.kq) {
 #if defined(CM_G_VNNI)
-                if (!pk) zmicro_legacy_wide(&t, groups, xr, xbytes, qoff, y + (int64_t)t0 * ldy + a, ldy, nt, rows);
+                /* a packed matrix against many tokens (a prompt through packed layers): its window sits in
+                 * L1 for all of them, as a tile does */
+                if (!pk || n > PK_GROUP_MAJOR) zmicro_legacy_wide(&t, groups, xr, xbytes, qoff, y + (int64_t)t0 * ldy + a, ldy, nt, rows);
                 else if (all && !t.has_min && nt == NR && n - t0 >= 2 * NR) { /* two full quads left */
                     tile tb = t;
                     size_t q2 = (size_t)t0 / NR + 1;

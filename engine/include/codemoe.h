@@ -233,8 +233,8 @@ size_t cm_ctx_output_pack_bytes(const cm_ctx *c);
  * every call too, and the few rows of a decode step take the matvec: for a small model, whose layers
  * sit in the caches, both cost more than the products (a 768 x 256 Q8_0 matrix, one thread: 4 rows in
  * 2.8 us packed against 14.7 by the matvec, 8 rows in 5.4 against 13.1 repacking). A packed context
- * repacks them once (about 1.2x their bytes) and takes the GEMM from one row on. The same bits either
- * way (tested). */
+ * repacks them once (about 1.2x their bytes) and takes the GEMM from two rows on, prompts included.
+ * The same bits either way (tested). */
 #define CM_PACK_LAYERS_AUTO_MAX ((size_t)64 << 20)
 /* Bytes of c's packed layer matrices (0: none). */
 size_t cm_ctx_layers_pack_bytes(const cm_ctx *c);
