@@ -339,6 +339,7 @@ typedef struct gpack {
     tile t;                   /* the flags, and the arrays' bases (q, d, m, corr, sc, mn) at group 0 */
     int z;                    /* the 512-bit path's tiles (else the 256-bit path's) */
     size_t sq, sdm, ssc, smn; /* per group: q bytes; d, m, corr entries; sc, mn int16 */
+    int cached;               /* small enough to stay in L2 between calls (a small model's layer matrix) */
 } gpack;
 
 /* Points the weight arrays of t (flags as the pack's) at the pack's groups from row a on (a % gr == 0). */
@@ -1170,9 +1171,10 @@ static void gemm_avx512(int wtype, const void *w, int64_t k, const void *x, size
                 for (int g = 0; g < groups; g++) __builtin_prefetch(y + (int64_t)(t0 + j) * ldy + a + ZGR * g, 1, 3);
             if (!t.kq) {
 #if defined(CM_G_VNNI)
-                /* a packed matrix against many tokens (a prompt through packed layers): its window sits in
-                 * L1 for all of them, as a tile does */
-                if (!pk || n > PK_GROUP_MAJOR) zmicro_legacy_wide(&t, groups, xr, xbytes, qoff, y + (int64_t)t0 * ldy + a, ldy, nt, rows);
+                /* a packed matrix in cache against many tokens (a prompt through packed layers): its window
+                 * sits in L1 for all of them, as a tile does (streamed from memory, the output head with
+                 * 40-64 rows, the tile-wide kernel ran 3-6% slower than two quads a load) */
+                if (!pk || (pk->cached && n > PK_GROUP_MAJOR)) zmicro_legacy_wide(&t, groups, xr, xbytes, qoff, y + (int64_t)t0 * ldy + a, ldy, nt, rows);
                 else if (all && !t.has_min && nt == NR && n - t0 >= 2 * NR) { /* two full quads left */
                     tile tb = t;
                     size_t q2 = (size_t)t0 / NR + 1;
@@ -1277,6 +1279,7 @@ cm_gemm_pack *CM_FAMILY_FN(cm_gemm_q_pack)(int wtype, const void *w, int64_t k, 
     g.t.corr = sizes[4] ? carve(&p, sizes[4]) : NULL;
     g.t.sc = sizes[5] ? carve(&p, sizes[5]) : NULL;
     g.t.mn = sizes[6] ? carve(&p, sizes[6]) : NULL;
+    g.cached = bytes <= CM_BIG_BYTES;
     *gp = g;
     size_t rb = (size_t)gguf_row_bytes(wtype, k);
     tile t = g.t;
