@@ -842,8 +842,8 @@ static void zmicro_legacy_wide(const tile *t, int groups, const char *const xq[N
  * measured 5-10% slower on a Zen 5 core); with VNNI, the products of a packed matrix (the output head's
  * few logits rows over a vocabulary): streaming a window from memory one group after the other, it ran
  * them at 1.35 ms against the tile-wide kernel's 2.4 (151936 x 256 Q8_0, 1 to 4 rows, one thread). */
-CM_ALWAYS_INLINE void zmicro_legacy_group(const tile *t, int g, const char *const xq[NR], size_t xbytes, size_t qoff,
-                                float *out) {
+CM_ALWAYS_INLINE void zmicro_legacy_group(const tile *t, int g, const char *const xq[NR], size_t xbytes,
+                                          size_t qoff, float *out) {
     const uint8_t *q = t->q + (size_t)g * ZGR * (size_t)t->k;
     const float *dp = t->d + (size_t)g * ZGR * (size_t)t->nb, *mp = t->m + (size_t)g * ZGR * (size_t)t->nb;
     size_t kq4 = t->xcs;
@@ -886,7 +886,7 @@ CM_ALWAYS_INLINE void zmicro_legacy_group(const tile *t, int g, const char *cons
  * for that token (ta: the first quad's scales and bias sums, tb: the second's). 151936 x 256 Q8_0, one
  * thread (build/gemm_rows): 8 rows 1.73-1.82 ms against 2.13-2.18 one quad at a time. */
 CM_ALWAYS_INLINE void zmicro_legacy_group8(const tile *ta, const tile *tb, int g, const char *const xa[NR],
-                                 const char *const xb2[NR], size_t xbytes, size_t qoff, float *out) {
+                                           const char *const xb2[NR], size_t xbytes, size_t qoff, float *out) {
     const uint8_t *q = ta->q + (size_t)g * ZGR * (size_t)ta->k;
     const float *dp = ta->d + (size_t)g * ZGR * (size_t)ta->nb;
     size_t kq4 = ta->xcs;
@@ -1090,8 +1090,8 @@ static void zquad(tile *t, int xt, size_t xbytes, size_t qoff, const void *x, si
  * so the window's memory comes in while the earlier groups' products run, where quad after quad over
  * the whole window left the memory idle after the first (151936 x 256 Q8_0, one thread,
  * build/gemm_rows, against a quad at a time: 6 rows 1.81-1.82 ms against 2.17-2.21, 12 rows 2.17-2.29
- * against 2.81-2.87, 16 rows 2.66-2.78 against 3.47-3.51). Each
- * token's numbers are the quad kernels', whatever the order. */
+ * against 2.81-2.87, 16 rows 2.66-2.78 against 3.47-3.51). Each token's numbers are the quad kernels',
+ * whatever the order. */
 static __attribute__((noinline)) void pack_group_major(const tile *t, int groups, int rows, const void *x,
                                                        size_t x_stride, int n, size_t xbytes, size_t qoff, float *y,
                                                        int64_t ldy, float *xd0, float *xs0, int32_t *xc0) {
@@ -1262,7 +1262,7 @@ cm_gemm_pack *CM_FAMILY_FN(cm_gemm_q_pack)(int wtype, const void *w, int64_t k, 
     for (int i = 0; i < 7; i++) bytes += (sizes[i] + 63) & ~(size_t)63;
     if (max_bytes && bytes > max_bytes) return NULL;
     /* its own mapping with huge pages from 2 MiB on: the head's products stream it whole every step
-     * (151936 x 896 Q8_0, 1 to 16 rows, one thread: 4-6% faster than on 4 KiB pages) */
+     * (151936 x 256 Q8_0, 1 to 16 rows, one thread: 2-6% faster than on 4 KiB pages) */
     size_t mapped;
     cm_gemm_pack *pk = calloc(1, sizeof *pk);
     char *mem = cm_big_alloc(bytes, 64, &mapped);
