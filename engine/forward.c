@@ -288,34 +288,41 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
     size_t f = sizeof(float);
     c->rope_cos = xmalloc((size_t)n_ctx * (size_t)(in->head_dim / 2) * f, &fail);
     c->rope_sin = xmalloc((size_t)n_ctx * (size_t)(in->head_dim / 2) * f, &fail);
-    c->x = xmalloc((size_t)(B * D) * f, &fail);
-    c->xn = xmalloc((size_t)(B * D) * f, &fail);
-    c->q = xmalloc((size_t)(B * Q) * f, &fail);
-    c->k = xmalloc((size_t)(B * C) * f, &fail);
-    c->v = xmalloc((size_t)(B * C) * f, &fail);
-    c->att = xmalloc((size_t)(B * Q) * f, &fail);
-    c->proj = xmalloc((size_t)(B * D) * f, &fail);
-    c->hg = xmalloc((size_t)(B * F) * f, &fail);
-    c->hu = xmalloc((size_t)(B * F) * f, &fail);
+    /* the buffers a step writes, in bytes (prefault_buffers writes them once below) */
     size_t xq_row = cm_vec_row_bytes(GGUF_TT_Q8_0, kmax); /* the largest of the int8 activation formats */
     if (cm_vec_row_bytes(GGUF_TT_Q8_1, kmax) > xq_row) xq_row = cm_vec_row_bytes(GGUF_TT_Q8_1, kmax);
     if (cm_vec_row_bytes(GGUF_TT_Q8_K, kmax) > xq_row) xq_row = cm_vec_row_bytes(GGUF_TT_Q8_K, kmax);
-    c->xq = xmalloc((size_t)B * xq_row + 64, &fail);
-    c->outn = xmalloc((size_t)(lrows * D) * f, &fail);
-    c->logits = xmalloc((size_t)lrows * (size_t)V * f, &fail);
-    const size_t group = (size_t)(in->n_head / in->n_head_kv);
-    size_t run_scores = group * (size_t)n_ctx * f;
+    const size_t th = (size_t)n_threads, group = (size_t)(in->n_head / in->n_head_kv);
+    const size_t run_scores = group * (size_t)n_ctx * f;
     c->att_run_max = run_scores * ATT_RUN <= ATT_RUN_SCORES ? ATT_RUN
                    : ATT_RUN_SCORES / run_scores > 1 ? (int)(ATT_RUN_SCORES / run_scores) : 1;
-    c->scores = xmalloc((size_t)n_threads * (size_t)c->att_run_max * run_scores, &fail);
-    c->att_q = xmalloc((size_t)n_threads * (size_t)c->att_run_max * group * (size_t)in->head_dim * f, &fail);
-    c->att_run = xmalloc((size_t)(B + 1) * sizeof(int32_t), &fail);
     /* a thread's own cache lines: heads of c->att next to each other share lines, which two threads
      * writing every position's axpy would pass back and forth */
     c->att_acc_stride = (in->head_dim + 15) & ~15;
-    c->att_acc = aligned_alloc(64, (size_t)n_threads * (size_t)c->att_run_max * group * (size_t)c->att_acc_stride * f); /* a multiple of 64 */
+    const size_t b_d = (size_t)(B * D) * f, b_q = (size_t)(B * Q) * f, b_c = (size_t)(B * C) * f,
+                 b_f = (size_t)(B * F) * f, b_xq = (size_t)B * xq_row + 64, b_outn = (size_t)(lrows * D) * f,
+                 b_scores = th * (size_t)c->att_run_max * run_scores,
+                 b_att_q = th * (size_t)c->att_run_max * group * (size_t)in->head_dim * f,
+                 b_att_acc = th * (size_t)c->att_run_max * group * (size_t)c->att_acc_stride * f, /* a multiple of 64 */
+                 b_deq = th * (size_t)c->deq_floats * f;
+    c->x = xmalloc(b_d, &fail);
+    c->xn = xmalloc(b_d, &fail);
+    c->q = xmalloc(b_q, &fail);
+    c->k = xmalloc(b_c, &fail);
+    c->v = xmalloc(b_c, &fail);
+    c->att = xmalloc(b_q, &fail);
+    c->proj = xmalloc(b_d, &fail);
+    c->hg = xmalloc(b_f, &fail);
+    c->hu = xmalloc(b_f, &fail);
+    c->xq = xmalloc(b_xq, &fail);
+    c->outn = xmalloc(b_outn, &fail);
+    c->logits = xmalloc((size_t)lrows * (size_t)V * f, &fail);
+    c->scores = xmalloc(b_scores, &fail);
+    c->att_q = xmalloc(b_att_q, &fail);
+    c->att_run = xmalloc((size_t)(B + 1) * sizeof(int32_t), &fail);
+    c->att_acc = aligned_alloc(64, b_att_acc);
     if (!c->att_acc) fail = 1;
-    c->deq = xmalloc((size_t)n_threads * (size_t)c->deq_floats * f, &fail);
+    c->deq = xmalloc(b_deq, &fail);
     c->pos = xmalloc((size_t)B * sizeof(int32_t), &fail);
     c->logit_row = xmalloc((size_t)B * sizeof(int32_t), &fail);
     c->out_idx = xmalloc((size_t)lrows * sizeof(int32_t), &fail);
@@ -340,17 +347,11 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
         return NULL;
     }
     if (p->prefault_buffers) { /* written once now, so that the first steps take no page faults */
-        const size_t th = (size_t)n_threads;
         struct { void *p; size_t bytes; } bufs[] = {
-            {c->x, (size_t)(B * D) * f}, {c->xn, (size_t)(B * D) * f}, {c->q, (size_t)(B * Q) * f},
-            {c->k, (size_t)(B * C) * f}, {c->v, (size_t)(B * C) * f}, {c->att, (size_t)(B * Q) * f},
-            {c->proj, (size_t)(B * D) * f}, {c->hg, (size_t)(B * F) * f}, {c->hu, (size_t)(B * F) * f},
-            {c->xq, (size_t)B * xq_row + 64}, {c->outn, (size_t)(lrows * D) * f},
-            {c->logits, (size_t)(n_seq < lrows ? n_seq : lrows) * (size_t)V * f},
-            {c->scores, th * (size_t)c->att_run_max * group * (size_t)n_ctx * f},
-            {c->att_q, th * (size_t)c->att_run_max * group * (size_t)in->head_dim * f},
-            {c->att_acc, th * (size_t)c->att_run_max * group * (size_t)c->att_acc_stride * f},
-            {c->deq, th * (size_t)c->deq_floats * f}};
+            {c->x, b_d}, {c->xn, b_d}, {c->q, b_q}, {c->k, b_c}, {c->v, b_c}, {c->att, b_q}, {c->proj, b_d},
+            {c->hg, b_f}, {c->hu, b_f}, {c->xq, b_xq}, {c->outn, b_outn},
+            {c->logits, (size_t)(n_seq < lrows ? n_seq : lrows) * (size_t)V * f}, /* a row per sequence */
+            {c->scores, b_scores}, {c->att_q, b_att_q}, {c->att_acc, b_att_acc}, {c->deq, b_deq}};
         for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) memset(bufs[i].p, 0, bufs[i].bytes);
     }
     c->pool = cm_pool_create(n_threads, err);
@@ -754,8 +755,8 @@ static void mm1(cm_ctx *c, const cm_tensor *w, const cm_gemm_pack *pk, const flo
 typedef struct att_job {
     cm_ctx *c;
     int layer, n;
-    int hg;     /* query heads per task: the n_head / n_head_kv heads of one kv head, or 1 */
-    int n_runs; /* runs of tokens (c->att_run); with hg = 1, every token is its own run */
+    int hg; /* query heads per task: the n_head / n_head_kv heads of one kv head, or 1 (a token a task,
+             * not runs) */
 } att_job;
 
 /* The value sums of np (token, head) pairs over KV rows [a, b) of sequence s, accumulating into acc
@@ -951,8 +952,8 @@ static void forward_layer(cm_ctx *c, int il, int n) {
      * task per query head); the results do not depend on the split */
     int hg = (int)(H / in->n_head_kv);
     if (n * (int)in->n_head_kv < 4 * c->n_threads) hg = 1;
-    att_job aj = {c, il, n, hg, hg > 1 ? att_runs(c, n) : n};
-    cm_pool_run(c->pool, att_task, &aj, aj.n_runs * (int)H / hg);
+    att_job aj = {c, il, n, hg};
+    cm_pool_run(c->pool, att_task, &aj, (hg > 1 ? att_runs(c, n) : n) * (int)H / hg);
 
     mm1(c, &l->wo, lpack(c, il, LP_O), c->att, n, c->proj);
     rj.norm = l->ffn_norm.data;
