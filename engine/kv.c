@@ -17,12 +17,6 @@
 #include <sys/mman.h>
 #endif
 
-/* The pool's memory (cm_big_alloc), not zeroed: a large pool is mapped lazily and only blocks in use
- * become resident, unless cm_kv_prefault touches it all at once. Its own mapping from 2 MiB on, so
- * malloc's tuning (e.g. MALLOC_PERTURB_'s fill) never touches it, and with huge pages asked for: a
- * prompt's rows then fault in 2 MiB at a time instead of 4 KiB (a fresh server's first burst of 16
- * prompts took about 2500 page faults, 5 ms of admission and more in its steps), and attention's reads
- * of a sequence's scattered blocks miss the TLB less. */
 /* The memory the system says it could give now (Linux: MemAvailable), or 0 when it cannot tell. */
 static uint64_t kv_mem_available(void) {
     uint64_t kb = 0;
@@ -97,6 +91,12 @@ int cm_kv_init(cm_kv *kv, int n_layer, int kv_dim, int kv_type, int n_blocks, in
     kv->block_bytes = (size_t)bytes;
     if (!cm_mul_u64((uint64_t)n_seq, (uint64_t)kv->max_blocks, &tab) || tab > (uint64_t)SIZE_MAX / 8)
         return cm_err_set(err, CM_E_NOMEM, "kv: block tables too large");
+    /* the pool's memory, not zeroed: a large pool is mapped lazily and only blocks in use become resident,
+     * unless cm_kv_prefault touches it all at once. Its own mapping from 2 MiB on (cm_big_alloc), so
+     * malloc's tuning (e.g. MALLOC_PERTURB_'s fill) never touches it, and with huge pages asked for: a
+     * prompt's rows then fault in 2 MiB at a time instead of 4 KiB (a fresh server's first burst of 16
+     * prompts took about 2500 page faults, 5 ms of admission and more in its steps), and attention's
+     * reads of a sequence's scattered blocks miss the TLB less */
     kv->data = cm_big_alloc((size_t)total, 64, &kv->map_bytes);
     kv->refcount = calloc((size_t)n_blocks, sizeof *kv->refcount);
     kv->free_ids = malloc((size_t)n_blocks * sizeof *kv->free_ids);

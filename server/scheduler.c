@@ -1225,7 +1225,6 @@ static void step_yield(void *ud) {
     uv_async_send(&s->async);
 }
 
-/* Runs the batch step() (or step_yield: nested) built: the forward pass, then sampling. */
 /* The greedy tokens of the step's sampled rows (a decode row without drafts, a prompt's last row) whose
  * sampler is plain greedy, into s->g_tok by row, all at once on the engine's threads
  * (cm_logits_argmax); the other rows' -1 (their samplers run as before). */
@@ -1243,6 +1242,7 @@ static void step_greedy(srv_sched *s, int nb) {
     for (int i = 0; i < n; i++) s->g_tok[s->g_rows[i]] = s->g_out[i];
 }
 
+/* Runs the batch step() (or step_yield: nested) built: the forward pass, then sampling. */
 static void step_run(srv_sched *s, int nb, int n_decode, int n_drafted, int nested) {
     if (s->trace) {
         for (int r = 0; r < nb; r++)
