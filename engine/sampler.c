@@ -387,19 +387,15 @@ int cm_sampler_is_greedy(const cm_sampler *s) {
            p->presence_penalty == 0.0f && p->frequency_penalty == 0.0f;
 }
 
-/* The chosen token's bookkeeping: log-probabilities if asked, then the token recorded as generated. */
-static int32_t sampler_done(cm_sampler *s, const float *logits, int32_t chosen, float *chosen_lp,
-                            cm_token_logprob *top) {
+/* The chosen token's bookkeeping, also cm_sampler_sample's last step: log-probabilities if asked, then
+ * the token recorded as generated. */
+int32_t cm_sampler_take(cm_sampler *s, const float *logits, int32_t tok, float *chosen_lp, cm_token_logprob *top) {
     if (chosen_lp || top) {
-        float lp = cm_logprobs(s->n_vocab, logits, chosen, top, top ? s->p.n_logprobs : 0);
+        float lp = cm_logprobs(s->n_vocab, logits, tok, top, top ? s->p.n_logprobs : 0);
         if (chosen_lp) *chosen_lp = lp;
     }
-    sampler_accept(s, chosen, 1);
-    return chosen;
-}
-
-int32_t cm_sampler_take(cm_sampler *s, const float *logits, int32_t tok, float *chosen_lp, cm_token_logprob *top) {
-    return sampler_done(s, logits, tok, chosen_lp, top);
+    sampler_accept(s, tok, 1);
+    return tok;
 }
 
 int32_t cm_sampler_sample(cm_sampler *s, const float *logits, float *chosen_lp, cm_token_logprob *top) {
@@ -498,5 +494,5 @@ int32_t cm_sampler_sample(cm_sampler *s, const float *logits, float *chosen_lp, 
     }
 
 done:
-    return sampler_done(s, logits, chosen, chosen_lp, top);
+    return cm_sampler_take(s, logits, chosen, chosen_lp, top);
 }
