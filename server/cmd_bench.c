@@ -98,8 +98,7 @@ static double membw_measure(const uint64_t *buf, size_t words, int threads, doub
 }
 
 static int g_routing_stats = 1; /* --routing-stats 0|1: MoE routing statistics off/on (their cost) */
-#define CLI_BENCH_MAX_SEQ 64
-static int g_n_seq = 1;          /* -b: sequences decoding side by side in the tg test */
+#define CLI_BENCH_MAX_SEQ 64    /* -b at most */
 
 static void usage(void) {
     fprintf(stderr,
@@ -118,11 +117,11 @@ static void usage(void) {
             "                     their fraction of the bandwidth bound (wall clock and CPU clock)\n");
 }
 
-/* A context for one test (its thread count and KV type), used for its warm-up and every rep. */
-static cm_ctx *test_ctx(const cm_model *m, int threads, int kv_type, int pp, int tg) {
-    int b = pp > 0 ? 1 : g_n_seq;
-    cm_ctx_params cp = {.n_threads = threads, .n_seq_max = b, .n_ctx = (pp > tg + 1 ? pp : tg + 1),
-                        .n_batch_max = pp > b ? pp : b, .kv_type = kv_type};
+/* A context for one test (its thread count and KV type; rows sequences at once), used for its warm-up
+ * and every rep. */
+static cm_ctx *test_ctx(const cm_model *m, int threads, int kv_type, int pp, int tg, int rows) {
+    cm_ctx_params cp = {.n_threads = threads, .n_seq_max = rows, .n_ctx = (pp > tg + 1 ? pp : tg + 1),
+                        .n_batch_max = pp > rows ? pp : rows, .kv_type = kv_type};
     cm_err err = {0};
     cm_ctx *c = cm_ctx_create(m, &cp, &err);
     if (!c) fprintf(stderr, "bench: %s\n", err.msg);
@@ -131,11 +130,13 @@ static cm_ctx *test_ctx(const cm_model *m, int threads, int kv_type, int pp, int
 }
 
 /* One run of a test on fresh sequences of c (the context is the test's: as a server's, its buffers are
- * warm from the run before); returns wall seconds (CPU seconds of all threads in *cpu) or < 0 on error.
- * toks holds at least max(pp, tg + 1) ids; seqs and want at least max(pp, g_n_seq). */
-static double run_once(cm_ctx *c, int pp, int tg, const int32_t *toks, int32_t *seqs, int8_t *want, double *cpu) {
+ * warm from the run before), nb of them side by side in the decode test (1 in prefill); returns wall
+ * seconds (CPU seconds of all threads in *cpu) or < 0 on error. toks holds at least max(pp, tg + 1) ids;
+ * seqs and want at least max(pp, 2 * nb). */
+static double run_once(cm_ctx *c, int pp, int tg, int nb, const int32_t *toks, int32_t *seqs, int8_t *want,
+                       double *cpu) {
     cm_err err = {0};
-    int nb = pp > 0 ? 1 : g_n_seq, s[CLI_BENCH_MAX_SEQ], open = 0;
+    int s[CLI_BENCH_MAX_SEQ], open = 0;
     double t = -1;
     for (; open < nb; open++)
         if ((s[open] = cm_seq_open(c, &err)) < 0) goto out;
@@ -169,6 +170,7 @@ out:
 int cmd_bench(int argc, char **argv) {
     const char *model = NULL;
     int pp = 512, tg = 128, reps = 3, n_thr = 0, thr[16], n_kv = 0, kv[2], membw = 0;
+    int n_seq = 1; /* -b: sequences decoding side by side in the tg test */
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -193,7 +195,7 @@ int cmd_bench(int argc, char **argv) {
         } else if (!strcmp(a, "-n") || !strcmp(a, "--n-gen")) {
             if (cli_parse_int(v, 0, 1 << 16, &tg)) goto bad;
         } else if (!strcmp(a, "-b") || !strcmp(a, "--n-seq")) {
-            if (cli_parse_int(v, 1, CLI_BENCH_MAX_SEQ, &g_n_seq)) goto bad;
+            if (cli_parse_int(v, 1, CLI_BENCH_MAX_SEQ, &n_seq)) goto bad;
         } else if (!strcmp(a, "--routing-stats")) {
             if (cli_parse_int(v, 0, 1, &g_routing_stats)) goto bad;
         } else if (!strcmp(a, "-r") || !strcmp(a, "--repetitions")) {
@@ -240,7 +242,7 @@ int cmd_bench(int argc, char **argv) {
         return 1;
     }
     const cm_model_info *in = cm_model_get_info(m);
-    int ntok = (pp > tg + 1 ? pp : tg + 1) + 1, nrow = (pp > 2 * g_n_seq ? pp : 2 * g_n_seq) + 1;
+    int ntok = (pp > tg + 1 ? pp : tg + 1) + 1, nrow = (pp > 2 * n_seq ? pp : 2 * n_seq) + 1;
     int32_t *toks = malloc((size_t)ntok * sizeof *toks), *seqs = malloc((size_t)nrow * sizeof *seqs);
     int8_t *want = malloc((size_t)nrow);
     if (!toks || !seqs || !want) {
@@ -290,16 +292,17 @@ int cmd_bench(int argc, char **argv) {
             for (int ki = 0; ki < n_kv && !rc; ki++) {
                 int n = test == 0 ? pp : tg;
                 if (n == 0) continue;
-                const int rows = test == 0 ? 1 : g_n_seq; /* tokens per step of the decode test */
+                const int rows = test == 0 ? 1 : n_seq; /* sequences side by side: tokens per decode step */
+                const int tpp = test == 0 ? pp : 0, ttg = test == 0 ? 0 : tg;
                 double sum = 0, sum2 = 0, csum = 0;
-                cm_ctx *c = test == 0 ? test_ctx(m, thr[ti], kv[ki], pp, 0) : test_ctx(m, thr[ti], kv[ki], 0, tg);
+                cm_ctx *c = test_ctx(m, thr[ti], kv[ki], tpp, ttg, rows);
                 if (!c) {
                     rc = 1;
                     break;
                 }
                 for (int k = -1; k < reps; k++) {
                     double cpu = 0;
-                    double t = test == 0 ? run_once(c, pp, 0, toks, seqs, want, &cpu) : run_once(c, 0, tg, toks, seqs, want, &cpu);
+                    double t = run_once(c, tpp, ttg, rows, toks, seqs, want, &cpu);
                     if (t <= 0) {
                         rc = 1;
                         break;
