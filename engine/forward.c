@@ -83,6 +83,7 @@ struct cm_ctx {
                        accumulate, 64-byte aligned */
     float *att_q;   /* (n_threads, att_run_max * H / H_kv, E) their queries side by side */
     int32_t *att_run; /* (B + 1) the batch's attention runs: run r is tokens [att_run[r], att_run[r + 1]) */
+    int32_t *row_task; /* (B + 1) the per-token steps' tasks: task t is tokens [row_task[t], row_task[t + 1]) */
     int att_run_max;  /* tokens a run takes at most: ATT_RUN, fewer for contexts too long for it */
     int att_acc_stride;
     float *deq;     /* (n_threads, deq_floats) dequantised weight tiles, or the int8 GEMM's unpacked ones */
@@ -320,6 +321,7 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
     c->scores = xmalloc(b_scores, &fail);
     c->att_q = xmalloc(b_att_q, &fail);
     c->att_run = xmalloc((size_t)(B + 1) * sizeof(int32_t), &fail);
+    c->row_task = xmalloc((size_t)(B + 1) * sizeof(int32_t), &fail);
     c->att_acc = aligned_alloc(64, b_att_acc);
     if (!c->att_acc) fail = 1;
     c->deq = xmalloc(b_deq, &fail);
@@ -419,6 +421,7 @@ void cm_ctx_free(cm_ctx *c) {
     free(c->att_acc);
     free(c->att_q);
     free(c->att_run);
+    free(c->row_task);
     free(c->deq);
     free(c->pos);
     free(c->logit_row);
@@ -803,14 +806,14 @@ static void att_task(void *arg, int task, int thread) {
         q = qb;
     }
     const float scale = (float)(1.0 / sqrt((double)E));
-    /* K and V rows of one kv head within a block: E elements every C, in the pool's type; a block's
-     * rows at a time */
+    /* a block at a time, in the pool's type: the kv head's E rows of its transposed K (CM_KV_BLOCK
+     * keys each), its V rows (E elements every C) */
     const int kvt = c->kv.kv_type == CM_KV_F16 ? GGUF_TT_F16 : GGUF_TT_F32;
-    const size_t row = (size_t)c->kv.kv_dim * c->kv.elt_bytes, head = (size_t)g * E * c->kv.elt_bytes;
+    const size_t head = (size_t)g * E * c->kv.elt_bytes;
     for (int t0 = 0; t0 < T1; t0 += CM_KV_BLOCK) {
-        const unsigned char *kb = (const unsigned char *)cm_kv_k(&c->kv, s, j->layer, t0) + head;
+        const unsigned char *kt = (const unsigned char *)cm_kv_kt(&c->kv, s, j->layer, t0) + head * CM_KV_BLOCK;
         int nt = T1 - t0 < CM_KV_BLOCK ? T1 - t0 : CM_KV_BLOCK;
-        cm_att_scores_heads(kvt, kb, row, nt, q, qs, np, E, scale, sc + t0, (size_t)c->n_ctx);
+        cm_att_scores_heads(kvt, kt, CM_KV_BLOCK, nt, q, qs, np, E, scale, sc + t0, (size_t)c->n_ctx);
     }
     for (int p = 0; p < np; p++) cm_softmax(sc + (size_t)p * c->n_ctx, T0 + p / hg);
     memset(acc, 0, (size_t)np * c->att_acc_stride * sizeof(float));
@@ -856,9 +859,26 @@ static void silu_task(void *arg, int task, int thread) {
         cm_silu_mul(j->g + (size_t)i * j->f, j->u + (size_t)i * j->f, j->f);
 }
 
+/* Position pos's K row k (kv_dim floats) into its block's transposed K (kv.h: element c at c *
+ * CM_KV_BLOCK + pos % CM_KV_BLOCK), in the pool's type. */
+static void kv_put_k(const cm_kv *kv, const cm_kv_seq *s, int il, int pos, const float *k) {
+    const size_t p = (size_t)(pos % CM_KV_BLOCK), C = (size_t)kv->kv_dim;
+    if (kv->kv_type == CM_KV_F16) {
+        uint16_t *kt = cm_kv_kt(kv, s, il, pos), h[256];
+        for (size_t c0 = 0; c0 < C; c0 += 256) {
+            size_t m = C - c0 < 256 ? C - c0 : 256;
+            cm_f32_to_f16_row(k + c0, h, (int64_t)m);
+            for (size_t c = 0; c < m; c++) kt[(c0 + c) * CM_KV_BLOCK + p] = h[c];
+        }
+    } else {
+        float *kt = cm_kv_kt(kv, s, il, pos);
+        for (size_t c = 0; c < C; c++) kt[c * CM_KV_BLOCK + p] = k[c];
+    }
+}
+
 /* ============================================================ per-token steps, parallel over tokens */
 
-#define CM_ROWS_CHUNK 16 /* tokens per task of the per-token steps */
+#define CM_ROWS_CHUNK 16 /* tokens per task of the per-token steps, at least */
 
 typedef struct rows_job {
     cm_ctx *c;
@@ -866,18 +886,29 @@ typedef struct rows_job {
     const float *norm; /* (D) the rmsnorm's weights, or NULL (add_norm_task: the add alone) */
 } rows_job;
 
-/* Runs fn over the batch's tokens, CM_ROWS_CHUNK a task: across the pool for a prefill batch (so that
- * the steps between the matrix products leave no thread idle), inline for decode. Each token's numbers
- * are computed alone, so they do not depend on the split. */
+/* Runs fn over the batch's tokens, CM_ROWS_CHUNK a task or a few more: across the pool for a prefill
+ * batch (so that the steps between the matrix products leave no thread idle), inline for decode. A
+ * task extends past CM_ROWS_CHUNK while the next token falls in the same KV block of the same
+ * sequence, so that no two tasks write one block's transposed K (kv_put_k: a block's positions share
+ * each cache line of it, which two threads writing at once would pass back and forth). Each token's
+ * numbers are computed alone, so they do not depend on the split. */
 static void rows_run(cm_ctx *c, void (*fn)(void *, int, int), rows_job *j) {
-    int tasks = (j->n + CM_ROWS_CHUNK - 1) / CM_ROWS_CHUNK;
-    if (j->n >= CM_GEMM_MIN_ROWS && c->n_threads > 1) cm_pool_run(c->pool, fn, j, tasks);
+    const int n = j->n;
+    int tasks = 0;
+    for (int i = 0; i < n; tasks++) {
+        c->row_task[tasks] = i;
+        int e = i + CM_ROWS_CHUNK < n ? i + CM_ROWS_CHUNK : n;
+        while (e < n && c->batch->seq[e] == c->batch->seq[e - 1] && c->pos[e] / CM_KV_BLOCK == c->pos[e - 1] / CM_KV_BLOCK)
+            e++;
+        i = e;
+    }
+    c->row_task[tasks] = n;
+    if (n >= CM_GEMM_MIN_ROWS && c->n_threads > 1) cm_pool_run(c->pool, fn, j, tasks);
     else
         for (int t = 0; t < tasks; t++) fn(j, t, 0);
 }
 
-#define ROWS_OF(j, task, i) \
-    for (int i = CM_ROWS_CHUNK * (task); i < CM_ROWS_CHUNK * (task) + CM_ROWS_CHUNK && i < (j)->n; i++)
+#define ROWS_OF(j, task, i) for (int i = (j)->c->row_task[task]; i < (j)->c->row_task[(task) + 1]; i++)
 
 /* xn_i = rmsnorm(x_i) * norm */
 static void norm_task(void *arg, int task, int thread) {
@@ -924,13 +955,9 @@ static void qkv_task(void *arg, int task, int thread) {
         for (int h = 0; h < H; h++) cm_rope(q + h * E, cs, sn, (int)E, in->rope_neox);
         for (int h = 0; h < G; h++) cm_rope(k + h * E, cs, sn, (int)E, in->rope_neox);
         const cm_kv_seq *s = &c->kv.seqs[c->batch->seq[i]];
-        if (c->kv.kv_type == CM_KV_F16) {
-            cm_f32_to_f16_row(k, cm_kv_k(&c->kv, s, il, c->pos[i]), C);
-            cm_f32_to_f16_row(v, cm_kv_v(&c->kv, s, il, c->pos[i]), C);
-        } else {
-            memcpy(cm_kv_k(&c->kv, s, il, c->pos[i]), k, (size_t)C * sizeof(float));
-            memcpy(cm_kv_v(&c->kv, s, il, c->pos[i]), v, (size_t)C * sizeof(float));
-        }
+        kv_put_k(&c->kv, s, il, c->pos[i], k);
+        if (c->kv.kv_type == CM_KV_F16) cm_f32_to_f16_row(v, cm_kv_v(&c->kv, s, il, c->pos[i]), C);
+        else memcpy(cm_kv_v(&c->kv, s, il, c->pos[i]), v, (size_t)C * sizeof(float));
     }
 }
 

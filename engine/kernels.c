@@ -176,14 +176,18 @@ void cm_axpy_f16_ref(float *y, float a, const uint16_t *x, int64_t k) {
     for (int64_t i = 0; i < k; i++) y[i] = fmaf(a, cm_fp16_to_f32(x[i]), y[i]);
 }
 
-void cm_att_scores_ref(int type, const void *k, size_t row_bytes, int n, const float *q, int64_t e, float scale,
-                       float *out) {
-    for (int t = 0; t < n; t++) out[t] = cm_vec_dot_ref(type, GGUF_TT_F32, e, (const char *)k + (size_t)t * row_bytes, q) * scale;
-}
-
-void cm_att_scores_heads_ref(int type, const void *k, size_t row_bytes, int n, const float *q, size_t q_stride,
+void cm_att_scores_heads_ref(int type, const void *kt, size_t kt_stride, int n, const float *q, size_t q_stride,
                              int nh, int64_t e, float scale, float *out, size_t out_stride) {
-    for (int h = 0; h < nh; h++) cm_att_scores_ref(type, k, row_bytes, n, q + h * q_stride, e, scale, out + h * out_stride);
+    for (int h = 0; h < nh; h++)
+        for (int t = 0; t < n; t++) {
+            float s = 0.0f;
+            for (int64_t d = 0; d < e; d++) {
+                size_t i = (size_t)d * kt_stride + (size_t)t;
+                float k = type == GGUF_TT_F16 ? cm_fp16_to_f32(((const uint16_t *)kt)[i]) : ((const float *)kt)[i];
+                s = fmaf(k, q[(size_t)h * q_stride + (size_t)d], s);
+            }
+            out[(size_t)h * out_stride + (size_t)t] = s * scale;
+        }
 }
 
 void cm_att_values_ref(int type, float *y, const float *p, const void *v, size_t row_bytes, int n, int64_t e) {
@@ -400,14 +404,9 @@ float cm_dot_f16(const uint16_t *a, const float *b, int64_t k) { return cm__kops
 
 void cm_axpy_f16(float *y, float a, const uint16_t *x, int64_t k) { cm__kops->axpy_f16(y, a, x, k); }
 
-void cm_att_scores(int type, const void *k, size_t row_bytes, int n, const float *q, int64_t e, float scale,
-                   float *out) {
-    cm__kops->att_scores(type, k, row_bytes, n, q, e, scale, out);
-}
-
-void cm_att_scores_heads(int type, const void *k, size_t row_bytes, int n, const float *q, size_t q_stride, int nh,
+void cm_att_scores_heads(int type, const void *kt, size_t kt_stride, int n, const float *q, size_t q_stride, int nh,
                          int64_t e, float scale, float *out, size_t out_stride) {
-    cm__kops->att_scores_heads(type, k, row_bytes, n, q, q_stride, nh, e, scale, out, out_stride);
+    cm__kops->att_scores_heads(type, kt, kt_stride, n, q, q_stride, nh, e, scale, out, out_stride);
 }
 
 void cm_att_values_heads(int type, float *y, size_t y_stride, const float *p, size_t p_stride, int nh, const void *v,

@@ -166,26 +166,23 @@ void cm_axpy_f16_ref(float *y, float a, const uint16_t *x, int64_t k);
 
 /* ------------------------------------------------------------ attention over a run of KV rows */
 
-/* One query against n KV rows (E values each, `row_bytes` apart, of type F32 or F16, the KV pool's):
- * out[t] = dot(K row t, q) * scale, t < n, the dot kernels_order.h's (cm_vec_dot_ref(type, F32, E,
- * row, q)), one rounding for the scale; and y (E) = fmaf(p[t], V row t, y) for t = 0, 1, .., n - 1 in
- * that order (cm_axpy_ref or cm_axpy_f16_ref row after row). Prefill's attention runs a whole KV block
- * per call: the AVX-512 families take the last levels of 16 scores' lane trees side by side and keep y
- * in registers across the rows, each number by the same operations as one row at a time. */
-void cm_att_scores(int type, const void *k, size_t row_bytes, int n, const float *q, int64_t e, float scale,
-                   float *out);
-void cm_att_scores_ref(int type, const void *k, size_t row_bytes, int n, const float *q, int64_t e, float scale,
-                       float *out);
-void cm_att_values_ref(int type, float *y, const float *p, const void *v, size_t row_bytes, int n, int64_t e);
-
-/* cm_att_scores_ref for the nh query heads of one kv head over the same K rows: head h's query at
- * q + h * q_stride, its scores at out + h * out_stride, each number exactly cm_att_scores_ref's. The
- * AVX-512 families convert each run of 16 K rows once for all the heads (two or more, head dims 64 and
- * 128) and keep a head's query in registers across the rows. */
-void cm_att_scores_heads(int type, const void *k, size_t row_bytes, int n, const float *q, size_t q_stride, int nh,
+/* Attention's scores, over one KV block's K stored transposed (kv.h): element d of key t at
+ * kt[d * kt_stride + t], of type F32 or F16 (the KV pool's), keys t < n. For nh query heads of one kv
+ * head, head h's query at q + h * q_stride:
+ *   out[h * out_stride + t] = s * scale, s = fmaf(k_d, q_d, s) for d = 0, 1, .., E - 1 from s = 0,
+ * one rounding for the scale. The order is sequential along the head dim and the same for every key,
+ * so a vector of keys side by side computes each key's score exactly (no reduction across lanes):
+ * the SIMD families hold 8 or 16 keys per register and several heads' sums at once, each K element
+ * converted once for all the heads. The order does not depend on the family, the batch or the heads
+ * that share the call. */
+void cm_att_scores_heads(int type, const void *kt, size_t kt_stride, int n, const float *q, size_t q_stride, int nh,
                          int64_t e, float scale, float *out, size_t out_stride);
-void cm_att_scores_heads_ref(int type, const void *k, size_t row_bytes, int n, const float *q, size_t q_stride,
+void cm_att_scores_heads_ref(int type, const void *kt, size_t kt_stride, int n, const float *q, size_t q_stride,
                              int nh, int64_t e, float scale, float *out, size_t out_stride);
+
+/* y (E) = fmaf(p[t], V row t, y) for t = 0, 1, .., n - 1 in that order (cm_axpy_ref or cm_axpy_f16_ref
+ * row after row), V rows of E values `row_bytes` apart, F32 or F16. */
+void cm_att_values_ref(int type, float *y, const float *p, const void *v, size_t row_bytes, int n, int64_t e);
 
 /* cm_att_values_ref for the nh query heads of one kv head over the same V rows (nh = 1: one head):
  * head h's y at y + h * y_stride and probabilities at p + h * p_stride, each head's numbers exactly

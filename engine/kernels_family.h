@@ -68,10 +68,8 @@ typedef struct cm_kernel_ops {
     void (*f32_to_f16_row)(const float *x, uint16_t *y, int64_t k);
     float (*dot_f16)(const uint16_t *a, const float *b, int64_t k);
     void (*axpy_f16)(float *y, float a, const uint16_t *x, int64_t k);
-    void (*att_scores)(int type, const void *k, size_t row_bytes, int n, const float *q, int64_t e, float scale,
-                       float *out);
-    void (*att_scores_heads)(int type, const void *k, size_t row_bytes, int n, const float *q, size_t q_stride, int nh,
-                             int64_t e, float scale, float *out, size_t out_stride);
+    void (*att_scores_heads)(int type, const void *kt, size_t kt_stride, int n, const float *q, size_t q_stride,
+                             int nh, int64_t e, float scale, float *out, size_t out_stride);
     void (*att_values_heads)(int type, float *y, size_t y_stride, const float *p, size_t p_stride, int nh,
                              const void *v, size_t row_bytes, int n, int64_t e);
     void (*quant_dequantize)(int type, const void *w, float *y, int64_t k);

@@ -4,13 +4,15 @@
  * bits: a result never depends on which family runs it. Internal to engine/.
  *
  * Float dots: dot(w, x) over K values, w of any weight type times f32 x (cm_vec_dot with F32 x, the
- * matvecs of those, the attention scores cm_dot_f32 / cm_dot_f16, rmsnorm's sum of squares):
+ * matvecs of those, cm_dot_f32 / cm_dot_f16, rmsnorm's sum of squares):
  * - w_i is the f32 value cm_dequantize_row_ref gives (exact for F16, BF16 and Q8_0, where d * q has at
  *   most 19 significant bits; the block types' defined dequantisation otherwise);
  * - value i belongs to lane i % 64 of 64 lanes that start at +0: acc_l = fmaf(w_i, x_i, acc_l), i in
  *   increasing order;
  * - the result is the halving tree of the lanes: acc_l += acc_{l+32} for l < 32, then acc_l += acc_{l+16}
  *   for l < 16, ... down to acc_0 += acc_1 (cm_lanes_total), one rounding per addition.
+ * Attention's scores are not dots of this kind: each is one FMA chain along the head dim from +0
+ * (cm_att_scores_heads_ref), so that keys side by side in a vector's lanes need no reduction.
  * A sum (softmax's denominator) is the same with acc_l = acc_l + x_i. 64 lanes are four zmm or eight ymm
  * accumulators, enough independent chains to hide the FMA latency with either; the tree is the one both
  * reduce in (zmm (s0 + s2) + (s1 + s3), ymm ((t0 + t4) + (t2 + t6)) + ((t1 + t5) + (t3 + t7)), then the

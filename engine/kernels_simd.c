@@ -611,124 +611,171 @@ static void axpy_f16(float *y, float a, const uint16_t *x, int64_t k) {
 
 /* ------------------------------------------------------------ attention over a run of KV rows */
 
+/* Scores over a K^T block (cm_att_scores_heads_ref): keys side by side in the lanes, each key's sum
+ * its own lane's FMA chain along the head dim, so every lane computes exactly the reference's number.
+ * A kernel call takes NK registers of keys (a constant) for NH heads (a constant, their sums held in
+ * registers across the head dim): each K element is loaded and converted once for the NH heads. */
 #if defined(CM_AVX512)
-/* One row's 64 lanes folded to 16 by the tree's first two levels: (s0 + s2) + (s1 + s3). */
-CM_ALWAYS_INLINE __m512 att_lanes16(int type, const void *w, const float *x, int64_t e) {
-    lanes16 a;
-    lanes16_zero(&a);
-    lanes16_fma(&a, type, e, w, x);
-    return _mm512_add_ps(_mm512_add_ps(a.s0, a.s2), _mm512_add_ps(a.s1, a.s3));
-}
-
-/* The tree's remaining levels (lane l += lane l + 8, + 4, + 2, + 1: tree8 of lanes16_tree) for 16 rows
- * at once, v[r] row r's 16 lanes: each level adds the same pairs as tree8, two rows' halves per vector,
- * so each row's sum is rounded exactly as alone. Result: row r's total in element r. */
-CM_ALWAYS_INLINE __m512 att_trees16(const __m512 v[16]) {
-    __m512 w[8], u[4], p[2];
-    for (int i = 0; i < 8; i++) /* 256-bit halves: rows 2i, 2i + 1 in the halves of w[i] */
-        w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-    for (int i = 0; i < 4; i++) /* 128-bit halves: rows 4i .. 4i + 3 in the quarters of u[i] */
-        u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                             _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-    for (int i = 0; i < 2; i++) /* 64-bit halves: quarter L of p[i] rows 8i + L (0, 1), 8i + 4 + L (2, 3) */
-        p[i] = _mm512_add_ps(_mm512_shuffle_ps(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                             _mm512_shuffle_ps(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-    /* 32-bit halves: element 4L + c is row 4c + L */
-    __m512 f = _mm512_add_ps(_mm512_shuffle_ps(p[0], p[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                             _mm512_shuffle_ps(p[0], p[1], _MM_SHUFFLE(3, 1, 3, 1)));
-    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), f);
-}
-
-CM_ALWAYS_INLINE void att_scores16(int type, const char *k, size_t rb, const float *q, int64_t e, float scale,
-                                   float *out) {
-    __m512 v[16];
-    for (int r = 0; r < 16; r++) v[r] = att_lanes16(type, k + (size_t)r * rb, q, e);
-    _mm512_storeu_ps(out, _mm512_mul_ps(att_trees16(v), _mm512_set1_ps(scale)));
-}
-#endif
-
-static void att_scores(int type, const void *k, size_t rb, int n, const float *q, int64_t e, float scale, float *out) {
-    const char *kr = k;
-    int t = 0;
-#if defined(CM_AVX512)
-    for (; t + 16 <= n; t += 16) {
-        if (type == GGUF_TT_F16) att_scores16(GGUF_TT_F16, kr + (size_t)t * rb, rb, q, e, scale, out + t);
-        else att_scores16(GGUF_TT_F32, kr + (size_t)t * rb, rb, q, e, scale, out + t);
-    }
-#endif
-    for (; t < n; t++) {
-        const void *r = kr + (size_t)t * rb;
-        out[t] = (type == GGUF_TT_F16 ? dot_f16(r, q, e) : dot_float(GGUF_TT_F32, e, r, q)) * scale;
-    }
-}
-
-#if defined(CM_AVX512)
-/* 16 K rows against nh queries, head dim E (64 or 128, a constant at each call site): the rows as f32
- * once (F16 converted into buf, F32 read in place), then per head its query in E / 16 registers and
- * each row's lanes as att_lanes16 takes them (fmadd from zero, chunk after chunk, then (s0 + s2) +
- * (s1 + s3)), the trees of the 16 rows side by side (att_trees16), times scale. */
-CM_ALWAYS_INLINE void att_scores16_heads(int type, int64_t E, const char *k, size_t rb, int nr, int nh,
-                                         const float *q, size_t qs, float scale, float *out, size_t os, float *buf) {
-    const char *kr = k;
-    size_t ks = rb;
-    if (type == GGUF_TT_F16 || nr < 16) { /* rows past nr repeat row nr - 1 (their scores are not stored) */
-        for (int r = 0; r < 16; r++) {
-            const char *src = k + (size_t)(r < nr ? r : nr - 1) * rb;
-            for (int64_t i = 0; i < E; i += 16)
-                _mm512_store_ps(buf + r * E + i, type == GGUF_TT_F16
-                                                     ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)src + i)))
-                                                     : _mm512_loadu_ps((const float *)(const void *)src + i));
+/* keys [0, 16 * NK) of kt, the last register's tail masked by m (tail lanes load zeros and are not
+ * stored) */
+CM_ALWAYS_INLINE void att_kt16(int type, int nk, int nh, const char *kt, size_t ks, __mmask16 m, const float *q,
+                               size_t qs, int64_t e, float scale, float *out, size_t os) {
+    /* the sums in named registers (an array of them, GCC keeps in memory and stores every step) */
+    const __mmask16 m0 = nk == 1 ? m : (__mmask16)0xffff;
+    __m512 a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51, a60, a61, a70, a71;
+    a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = a40 = a41 = a50 = a51 = a60 = a61 = a70 = a71 = _mm512_setzero_ps();
+    for (int64_t d = 0; d < e; d++) {
+        const char *r = kt + (size_t)d * ks;
+        __m512 k0 = load16(type, r, 0, m0), k1 = nk > 1 ? load16(type, r, 16, m) : k0;
+#define KT16_(H)                                                                                   \
+        if (nh > H) {                                                                              \
+            __m512 qd = _mm512_set1_ps(q[(size_t)H * qs + (size_t)d]);                             \
+            a##H##0 = _mm512_fmadd_ps(k0, qd, a##H##0);                                            \
+            if (nk > 1) a##H##1 = _mm512_fmadd_ps(k1, qd, a##H##1);                                \
         }
-        kr = (const char *)buf;
-        ks = (size_t)E * sizeof(float);
+        KT16_(0) KT16_(1) KT16_(2) KT16_(3) KT16_(4) KT16_(5) KT16_(6) KT16_(7)
+#undef KT16_
     }
-    const __mmask16 m = nr >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << nr) - 1);
-    for (int h = 0; h < nh; h++) {
-        const float *qh = q + (size_t)h * qs;
-        __m512 qv[8], v[16];
-        for (int64_t i = 0; i < E; i += 16) qv[i / 16] = _mm512_loadu_ps(qh + i);
-        for (int r = 0; r < 16; r++) {
-            const float *row = (const float *)(const void *)(kr + (size_t)r * ks);
-            __m512 s[4];
-            for (int j = 0; j < 4; j++) s[j] = _mm512_fmadd_ps(_mm512_loadu_ps(row + 16 * j), qv[j], _mm512_setzero_ps());
-            for (int64_t i = 64; i < E; i += 64)
-                for (int j = 0; j < 4; j++) s[j] = _mm512_fmadd_ps(_mm512_loadu_ps(row + i + 16 * j), qv[i / 16 + j], s[j]);
-            v[r] = _mm512_add_ps(_mm512_add_ps(s[0], s[2]), _mm512_add_ps(s[1], s[3]));
-        }
-        _mm512_mask_storeu_ps(out + (size_t)h * os, m, _mm512_mul_ps(att_trees16(v), _mm512_set1_ps(scale)));
+    const __m512 vs = _mm512_set1_ps(scale);
+#define KT16_(H)                                                                                   \
+    if (nh > H) {                                                                                  \
+        _mm512_mask_storeu_ps(out + (size_t)H * os, m0, _mm512_mul_ps(a##H##0, vs));               \
+        if (nk > 1) _mm512_mask_storeu_ps(out + (size_t)H * os + 16, m, _mm512_mul_ps(a##H##1, vs)); \
     }
+    KT16_(0) KT16_(1) KT16_(2) KT16_(3) KT16_(4) KT16_(5) KT16_(6) KT16_(7)
+#undef KT16_
 }
-
-/* runs of 16 rows, and a last run of 4 to 15 rows padded to 16 (fewer go row by row) */
-#define ATT_SH_(TYPE, E)                                                                                          \
-    for (; n - t >= 4; t += 16)                                                                                   \
-        att_scores16_heads(TYPE, E, kr + (size_t)t * rb, rb, n - t < 16 ? n - t : 16, nh, q, qs, scale, out + t, os, \
-                           buf);
-#endif
-
-static void att_scores_heads(int type, const void *k, size_t rb, int n, const float *q, size_t qs, int nh, int64_t e,
-                             float scale, float *out, size_t os) {
-    int t = 0;
-#if defined(CM_AVX512)
-    if ((e == 64 || e == 128) && nh > 1) { /* one head (decode's tasks): att_scores converts in registers */
-        _Alignas(64) float buf[16 * 128];
-        const char *kr = k;
+#define ATT_KT_VEC 16 /* keys per register */
+#define ATT_KT_HEADS 8 /* heads per pass at most (2 x 8 sums, 2 keys, a query in the 32 zmm) */
+#elif defined(CM_AVX2)
+/* As att_kt16 with 8 keys a register; the last register whole (a tail is padded by the caller). */
+CM_ALWAYS_INLINE void att_kt8(int type, int nk, int nh, const char *kt, size_t ks, const float *q, size_t qs, int64_t e,
+                              float scale, float *out, size_t os) {
+    __m256 a00, a01, a10, a11, a20, a21, a30, a31; /* named, as att_kt16's */
+    a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = _mm256_setzero_ps();
+    for (int64_t d = 0; d < e; d++) {
+        const char *r = kt + (size_t)d * ks;
+        __m256 k0, k1;
         if (type == GGUF_TT_F16) {
-            if (e == 64) { ATT_SH_(GGUF_TT_F16, 64) }
-            else { ATT_SH_(GGUF_TT_F16, 128) }
+            k0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)r));
+            k1 = nk > 1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(r + 16))) : k0;
         } else {
-            if (e == 64) { ATT_SH_(GGUF_TT_F32, 64) }
-            else { ATT_SH_(GGUF_TT_F32, 128) }
+            k0 = _mm256_loadu_ps((const float *)(const void *)r);
+            k1 = nk > 1 ? _mm256_loadu_ps((const float *)(const void *)r + 8) : k0;
+        }
+#define KT8_(H)                                                                                    \
+        if (nh > H) {                                                                              \
+            __m256 qd = _mm256_set1_ps(q[(size_t)H * qs + (size_t)d]);                             \
+            a##H##0 = _mm256_fmadd_ps(k0, qd, a##H##0);                                            \
+            if (nk > 1) a##H##1 = _mm256_fmadd_ps(k1, qd, a##H##1);                                \
+        }
+        KT8_(0) KT8_(1) KT8_(2) KT8_(3)
+#undef KT8_
+    }
+    const __m256 vs = _mm256_set1_ps(scale);
+#define KT8_(H)                                                                                    \
+    if (nh > H) {                                                                                  \
+        _mm256_storeu_ps(out + (size_t)H * os, _mm256_mul_ps(a##H##0, vs));                         \
+        if (nk > 1) _mm256_storeu_ps(out + (size_t)H * os + 8, _mm256_mul_ps(a##H##1, vs));         \
+    }
+    KT8_(0) KT8_(1) KT8_(2) KT8_(3)
+#undef KT8_
+}
+#define ATT_KT_VEC 8
+#define ATT_KT_HEADS 4 /* 2 x 4 sums, 2 keys, a query in the 16 ymm */
+#endif
+
+#if defined(CM_AVX512) || defined(CM_AVX2)
+/* One pass: NK registers of keys from kt, NH heads from q; the type, NK and NH constants inside. */
+static void att_kt_pass(int type, int nk, int nh, const char *kt, size_t ks, int nkeys, const float *q, size_t qs,
+                        int64_t e, float scale, float *out, size_t os) {
+#if defined(CM_AVX512)
+    int last = nkeys - 16 * (nk - 1);
+    __mmask16 m = last >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << last) - 1);
+#define KT_(T, NK, NH) att_kt16(T, NK, NH, kt, ks, m, q, qs, e, scale, out, os)
+#else
+    (void)nkeys;
+#define KT_(T, NK, NH) att_kt8(T, NK, NH, kt, ks, q, qs, e, scale, out, os)
+#endif
+#define KT_NH_(T, NK)                                                                                         \
+    switch (nh) {                                                                                             \
+    case 1: KT_(T, NK, 1); break;                                                                             \
+    case 2: KT_(T, NK, 2); break;                                                                             \
+    case 3: KT_(T, NK, 3); break;                                                                             \
+    case 4: KT_(T, NK, 4); break;                                                                             \
+    ATT_KT_MORE_(T, NK)                                                                                       \
+    }
+#if defined(CM_AVX512)
+#define ATT_KT_MORE_(T, NK)                                                                                   \
+    case 5: KT_(T, NK, 5); break;                                                                             \
+    case 6: KT_(T, NK, 6); break;                                                                             \
+    case 7: KT_(T, NK, 7); break;                                                                             \
+    default: KT_(T, NK, 8); break;
+#else
+#define ATT_KT_MORE_(T, NK)
+#endif
+    if (type == GGUF_TT_F16) {
+        if (nk == 1) { KT_NH_(GGUF_TT_F16, 1) }
+        else { KT_NH_(GGUF_TT_F16, 2) }
+    } else {
+        if (nk == 1) { KT_NH_(GGUF_TT_F32, 1) }
+        else { KT_NH_(GGUF_TT_F32, 2) }
+    }
+#undef ATT_KT_MORE_
+#undef KT_NH_
+#undef KT_
+}
+#endif
+
+static void att_scores_heads(int type, const void *kt, size_t kt_stride, int n, const float *q, size_t qs, int nh,
+                             int64_t e, float scale, float *out, size_t os) {
+#if defined(CM_AVX512) || defined(CM_AVX2)
+    const size_t eb = type == GGUF_TT_F16 ? 2 : 4, ks = kt_stride * eb;
+    const int step = 2 * ATT_KT_VEC;
+    int t = 0;
+#if defined(CM_AVX512)
+    const int whole = n; /* a tail is masked */
+#else
+    const int whole = n / ATT_KT_VEC * ATT_KT_VEC; /* AVX2 has no masked 16-bit load: a tail goes below */
+#endif
+    for (int nkeys; t < whole; t += nkeys) {
+        nkeys = whole - t < step ? whole - t : step;
+        int nk = (nkeys + ATT_KT_VEC - 1) / ATT_KT_VEC;
+        /* heads in passes of at most ATT_KT_HEADS, as even as possible */
+        for (int h = 0; h < nh;) {
+            int passes = (nh - h + ATT_KT_HEADS - 1) / ATT_KT_HEADS, k = (nh - h + passes - 1) / passes;
+            att_kt_pass(type, nk, k, (const char *)kt + (size_t)t * eb, ks, nkeys, q + (size_t)h * qs, qs, e, scale,
+                        out + (size_t)h * os + t, os);
+            h += k;
         }
     }
+#if !defined(CM_AVX512)
+    if (t < n && e <= 128) { /* the tail's keys into a register's width of zero-padded f32 columns */
+        const int rest = n - t;
+        _Alignas(32) float buf[128 * ATT_KT_VEC], o[ATT_KT_HEADS * ATT_KT_VEC];
+        for (int64_t d = 0; d < e; d++)
+            for (int j = 0; j < ATT_KT_VEC; j++) {
+                size_t i = (size_t)d * kt_stride + (size_t)(t + j);
+                buf[d * ATT_KT_VEC + j] = j >= rest                ? 0.0f
+                                          : type == GGUF_TT_F16 ? fp16(((const uint16_t *)kt)[i])
+                                                                : ((const float *)kt)[i];
+            }
+        for (int h = 0; h < nh;) {
+            int k = nh - h < ATT_KT_HEADS ? nh - h : ATT_KT_HEADS;
+            att_kt_pass(GGUF_TT_F32, 1, k, (const char *)buf, ATT_KT_VEC * sizeof(float), rest, q + (size_t)h * qs, qs,
+                        e, scale, o, ATT_KT_VEC);
+            for (int i = 0; i < k; i++) memcpy(out + (size_t)(h + i) * os + t, o + i * ATT_KT_VEC, (size_t)rest * sizeof(float));
+            h += k;
+        }
+        t = n;
+    }
 #endif
-    /* the rest (every row where the family has no AVX-512, the head dim is another or there is one
-     * head), head by head */
-    for (int h = 0; h < nh; h++)
-        att_scores(type, (const char *)k + (size_t)t * rb, rb, n - t, q + (size_t)h * qs, e, scale, out + (size_t)h * os + t);
+    if (t < n) /* a head dim the tail buffer does not hold */
+        cm_att_scores_heads_ref(type, (const char *)kt + (size_t)t * eb, kt_stride, n - t, q, qs, nh, e, scale, out + t, os);
+#else
+    cm_att_scores_heads_ref(type, kt, kt_stride, n, q, qs, nh, e, scale, out, os);
+#endif
 }
-#undef ATT_SH_
 
 #if defined(CM_AVX512)
 /* y[i, i + 64) of cm_att_values_ref for NH heads (a constant at each call site) at once: each V row's
@@ -1039,7 +1086,6 @@ const cm_kernel_ops CM_FAMILY_FN(cm_kernels) = {
     .f32_to_f16_row = f32_to_f16_row,
     .dot_f16 = dot_f16,
     .axpy_f16 = axpy_f16,
-    .att_scores = att_scores,
     .att_scores_heads = att_scores_heads,
     .att_values_heads = att_values_heads,
     .quant_dequantize = CM_FAMILY_FN(cm_quant_dequantize),

@@ -158,15 +158,17 @@ static inline unsigned char *cm_kv_block_extra(const cm_kv *kv, int32_t b) {
     return cm_kv_block_data(kv, b) + kv->block_elems * kv->elt_bytes;
 }
 
-/* K and V rows of position pos of a sequence in a layer: (C) elements of kv_type each (float or
- * uint16_t f16); the next position's row follows C elements later within a block. pos < n_blocks *
- * CM_KV_BLOCK. */
-static inline void *cm_kv_k(const cm_kv *kv, const cm_kv_seq *s, int layer, int pos) {
-    size_t e = (size_t)layer * 2 * CM_KV_BLOCK * kv->kv_dim + (size_t)(pos % CM_KV_BLOCK) * kv->kv_dim;
+/* A block holds, per layer, its K part then its V part, CM_KV_BLOCK positions each, of kv_dim elements
+ * of kv_type (float or uint16_t f16). K is stored transposed: element c of the block's position p at
+ * c * CM_KV_BLOCK + p, so that attention's scores take keys side by side (cm_att_scores_heads); V by
+ * rows: position p's kv_dim elements at p * kv_dim. pos < n_blocks * CM_KV_BLOCK. */
+static inline void *cm_kv_kt(const cm_kv *kv, const cm_kv_seq *s, int layer, int pos) {
+    size_t e = (size_t)layer * 2 * CM_KV_BLOCK * kv->kv_dim;
     return cm_kv_block_data(kv, s->blocks[pos / CM_KV_BLOCK]) + e * kv->elt_bytes;
 }
 static inline void *cm_kv_v(const cm_kv *kv, const cm_kv_seq *s, int layer, int pos) {
-    return (unsigned char *)cm_kv_k(kv, s, layer, pos) + (size_t)CM_KV_BLOCK * kv->kv_dim * kv->elt_bytes;
+    size_t e = (size_t)CM_KV_BLOCK * kv->kv_dim + (size_t)(pos % CM_KV_BLOCK) * kv->kv_dim;
+    return (unsigned char *)cm_kv_kt(kv, s, layer, pos) + e * kv->elt_bytes;
 }
 
 #endif

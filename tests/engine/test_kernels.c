@@ -385,17 +385,16 @@ TEST(f16_kv_rows_equal_ref) {
     }
 }
 
-/* Attention over a run of KV rows (F32 and F16, rows further apart than E as in the KV pool): the
- * scores and the value sums equal their references, which are the one-row kernels row after row; run
- * lengths below, at and above the 16 scores the AVX-512 families reduce side by side, head dims with
- * and without a tail of 64. The reference itself is checked against the one-row reference (a test that
- * compared two copies of one wrong loop would pass). */
-TEST(att_rows_equal_ref) {
+/* Attention's value sums over a run of V rows (F32 and F16, rows further apart than E as in the KV
+ * pool) equal their reference, which is the one-row axpy row after row; run lengths below, at and above
+ * 16, head dims with and without a tail of 64. The reference itself is checked against the one-row
+ * reference (a test that compared two copies of one wrong loop would pass). */
+TEST(att_values_equal_ref) {
     static const int64_t es[] = {64, 128, 80, 24, 7};
     static const int ns[] = {1, 5, 15, 16, 17, 32, 33, 50};
     enum { NMAX = 50, STRIDE = 160 };
-    float *q = malloc(STRIDE * 4), *p = malloc(NMAX * 4), *rows = malloc((size_t)NMAX * STRIDE * 4);
-    float *got = malloc(STRIDE * 4 > NMAX * 4 ? STRIDE * 4 : NMAX * 4), *want = malloc(STRIDE * 4 > NMAX * 4 ? STRIDE * 4 : NMAX * 4);
+    float *p = malloc(NMAX * 4), *rows = malloc((size_t)NMAX * STRIDE * 4);
+    float *got = malloc(STRIDE * 4), *want = malloc(STRIDE * 4);
     uint16_t *hrows = malloc((size_t)NMAX * STRIDE * 2);
     for (int type = 0; type < 2; type++) {
         int tt = type ? GGUF_TT_F16 : GGUF_TT_F32;
@@ -408,18 +407,6 @@ TEST(att_rows_equal_ref) {
                 for (int64_t i = 0; i < (int64_t)NMAX * STRIDE; i++) hrows[i] = cm_f32_to_fp16(rows[i]);
                 const void *kr = type ? (const void *)hrows : (const void *)rows;
                 size_t rb = (size_t)STRIDE * (type ? 2 : 4);
-                fill(q, e, 1.0f);
-                q[5 % e] = 0.5f;
-                cm_att_scores(tt, kr, rb, n, q, e, 0.125f, got);
-                cm_att_scores_ref(tt, kr, rb, n, q, e, 0.125f, want);
-                for (int t = 0; t < n; t++) {
-                    float one = cm_vec_dot_ref(tt, GGUF_TT_F32, e, (const char *)kr + (size_t)t * rb, q) * 0.125f;
-                    if (!same_bits(got[t], want[t]) || !same_bits(want[t], one)) {
-                        TEST_FAIL_("%s e %lld n %d row %d: scores %.9g, ref %.9g, one row %.9g", type ? "f16" : "f32",
-                                   (long long)e, n, t, got[t], want[t], one);
-                        break;
-                    }
-                }
                 fill(p, n, 1.0f);
                 fill(got, e, 1.0f);
                 memcpy(want, got, (size_t)e * 4);
@@ -436,22 +423,24 @@ TEST(att_rows_equal_ref) {
                 free(one);
             }
     }
-    free(q), free(p), free(rows), free(got), free(want), free(hrows);
+    free(p), free(rows), free(got), free(want), free(hrows);
 }
 
-/* The scores of several query heads over the same K rows (F32 and F16 rows as in the KV pool, each
- * head's query and scores at their own strides): every head's scores equal the reference's, and those
- * the one-row dot's; head dims the AVX-512 families take by runs of 16 rows (64, 128) and others, run
- * lengths below, at and above 16, with tails they pad to 16 (4 rows or more) and tails they take row by
- * row; a row of -0 products. Scores around each head's stay put. */
+/* The scores of several query heads over a transposed K block (F32 and F16 as in the KV pool, element
+ * d of key t at d * KS + t; each head's query and scores at their own strides): every head's scores
+ * equal the reference's bit for bit, and the reference is within rounding of the exact dot product
+ * times the scale (so it reads the right elements); head dims 64 and 128 and others, heads that split
+ * into passes evenly and not, key counts below, at and above the 8 and 16 keys a register holds and
+ * the 32 of a block. A key of -0 products (signs opposite to head 0's query) scores +0 from s = 0 where
+ * a chain begun with the first product would keep -0. Scores around each head's stay put. */
 TEST(att_scores_heads_equal_ref) {
     static const int64_t es[] = {64, 128, 80, 7};
-    static const int nhs[] = {1, 2, 7, 8};
-    static const int ns[] = {1, 3, 4, 15, 16, 17, 21, 33, 50};
-    enum { NMAX = 50, STRIDE = 160, HMAX = 8, QS = 136, OS = 56 };
-    float *q = malloc(HMAX * QS * 4), *rows = malloc((size_t)NMAX * STRIDE * 4);
+    static const int nhs[] = {1, 2, 3, 7, 8, 9, 16};
+    static const int ns[] = {1, 3, 7, 8, 9, 15, 16, 17, 21, 31, 32, 33, 50};
+    enum { NMAX = 50, KS = 56, EMAX = 128, HMAX = 16, QS = 136, OS = 56 };
+    float *q = malloc(HMAX * QS * 4), *kt = malloc((size_t)EMAX * KS * 4);
     float *got = malloc(HMAX * OS * 4), *want = malloc(HMAX * OS * 4);
-    uint16_t *hrows = malloc((size_t)NMAX * STRIDE * 2);
+    uint16_t *hkt = malloc((size_t)EMAX * KS * 2);
     for (int type = 0; type < 2; type++) {
         int tt = type ? GGUF_TT_F16 : GGUF_TT_F32;
         for (size_t a = 0; a < sizeof es / sizeof *es; a++)
@@ -459,29 +448,35 @@ TEST(att_scores_heads_equal_ref) {
                 for (size_t b = 0; b < sizeof ns / sizeof *ns; b++) {
                     int64_t e = es[a];
                     int nh = nhs[c], n = ns[b];
-                    fill(rows, (int64_t)NMAX * STRIDE, 3.0f);
+                    fill(kt, (int64_t)EMAX * KS, 3.0f);
                     fill(q, HMAX * QS, 1.0f);
-                    /* row 3 (in the first run of 16) of zeros signed against head 0's query: each product -0,
-                     * which fmaf(w, x, 0) makes +0 and w * x keeps, so the score's sign of zero tells them apart */
-                    for (int i = 0; i < STRIDE; i++) rows[3 * STRIDE + i] = q[i % QS] < 0.0f ? 0.0f : -0.0f;
-                    for (int64_t i = 0; i < (int64_t)NMAX * STRIDE; i++) hrows[i] = cm_f32_to_fp16(rows[i]);
-                    const void *kr = type ? (const void *)hrows : (const void *)rows;
-                    size_t rb = (size_t)STRIDE * (type ? 2 : 4);
+                    for (int64_t d = 0; d < e; d++) kt[d * KS + (n > 3 ? 3 : n - 1)] = q[d] < 0.0f ? 0.0f : -0.0f;
+                    for (int64_t i = 0; i < (int64_t)EMAX * KS; i++) {
+                        hkt[i] = cm_f32_to_fp16(kt[i]);
+                        if (type) kt[i] = cm_fp16_to_f32(hkt[i]); /* the values the f16 block holds */
+                    }
+                    const void *k = type ? (const void *)hkt : (const void *)kt;
                     fill(got, HMAX * OS, 1.0f);
                     memcpy(want, got, HMAX * OS * 4);
-                    cm_att_scores_heads(tt, kr, rb, n, q, QS, nh, e, 0.125f, got, OS);
-                    cm_att_scores_heads_ref(tt, kr, rb, n, q, QS, nh, e, 0.125f, want, OS);
+                    cm_att_scores_heads(tt, k, KS, n, q, QS, nh, e, 0.125f, got, OS);
+                    cm_att_scores_heads_ref(tt, k, KS, n, q, QS, nh, e, 0.125f, want, OS);
                     int bad = !same_row(got, want, HMAX * OS);
                     for (int h = 0; h < nh && !bad; h++)
-                        for (int t = 0; t < n && !bad; t++)
-                            bad = !same_bits(want[h * OS + t],
-                                             cm_vec_dot_ref(tt, GGUF_TT_F32, e, (const char *)kr + (size_t)t * rb, q + h * QS) * 0.125f);
+                        for (int t = 0; t < n && !bad; t++) {
+                            double x = 0, mag = 0;
+                            for (int64_t d = 0; d < e; d++) {
+                                x += (double)kt[d * KS + t] * q[h * QS + d];
+                                mag += fabs((double)kt[d * KS + t] * q[h * QS + d]);
+                            }
+                            bad = fabs(want[h * OS + t] - 0.125 * x) > 0.125 * mag * 1e-5;
+                        }
+                    if (!bad && !same_bits(want[(n > 3 ? 3 : n - 1)], 0.0f)) bad = 1;
                     if (bad)
                         TEST_FAIL_("%s e %lld heads %d n %d: scores differ from their reference", type ? "f16" : "f32",
                                    (long long)e, nh, n);
                 }
     }
-    free(q), free(rows), free(got), free(want), free(hrows);
+    free(q), free(kt), free(got), free(want), free(hkt);
 }
 
 /* The value sums of several query heads over the same V rows (F32 and F16 rows as in the KV pool, each
@@ -652,7 +647,7 @@ static void kernel_tests(void) {
     RUN(elementwise_equal_ref);
     RUN(exp_equals_ref_and_expf);
     RUN(f16_kv_rows_equal_ref);
-    RUN(att_rows_equal_ref);
+    RUN(att_values_equal_ref);
     RUN(att_scores_heads_equal_ref);
     RUN(att_values_heads_equal_ref);
     RUN(rope_equals_ref);
