@@ -2,12 +2,14 @@
  * cmd_bench.c - `codemoe bench`: prefill and decode speed of a model, printed as a table in the style of
  * llama-bench so the two can be set side by side.
  *
- *   codemoe bench --model M [-p 512] [-n 128] [-b 1] [-t 1,2] [-r 3] [--kv-type f32,f16] [--membw]
+ *   codemoe bench --model M [-p 512] [-n 128] [-b 1] [-d 0] [-t 1,2] [-r 3] [--kv-type f32,f16] [--membw]
  *
  * ppN: one N-token forward on a fresh sequence (logits of the last token only), tokens/s = N / time.
  * tgN: after a 1-token prompt, N single-token forwards with logits, tokens/s = N / time. With -b B > 1
  * (tgNxB): B sequences decode side by side, each step one token of each (a server's decode step of B
  * streams), tokens/s = N * B / time.
+ * With -d D > 0 (ppN @ dD, tgN @ dD, as llama-bench's depth), each sequence first gets D tokens, unmeasured
+ * (prompts of up to 512 tokens a forward), so that the measured tokens attend over D earlier positions.
  * Each test creates one context (as a server keeps one), runs once unmeasured (warm-up: page in the
  * weights and the context's buffers), then REPS times on a fresh sequence each; mean ± sample std.
  * t/cpu-s divides tokens by the CPU time of all threads: the efficiency on a machine shared with others.
@@ -102,12 +104,14 @@ static int g_routing_stats = 1; /* --routing-stats 0|1: MoE routing statistics o
 
 static void usage(void) {
     fprintf(stderr,
-            "usage: codemoe bench --model FILE [-p N] [-n N] [-b B] [-t T[,T...]] [-r REPS] [--kv-type T[,T]]\n"
+            "usage: codemoe bench --model FILE [-p N] [-n N] [-b B] [-d D] [-t T[,T...]] [-r REPS] [--kv-type T[,T]]\n"
             "  -m, --model FILE   GGUF model\n"
             "  -p, --n-prompt N   prefill test size (default 512; 0 skips)\n"
             "  -n, --n-gen N      decode test size (default 128; 0 skips)\n"
             "  -b, --n-seq B      sequences decoding side by side in the decode test, one token each a\n"
             "                     step (default 1; test tgNxB, tokens/s of all of them; at most 64)\n"
+            "  -d, --depth D      tokens in each sequence's KV cache before the measured ones (default 0;\n"
+            "                     tests ppN @ dD, tgN @ dD: the attention over a long context)\n"
             "  -t, --threads LIST thread counts, comma separated (default 1)\n"
             "  -r, --repetitions  measured runs per test (default 3)\n"
             "  --kv-type LIST     KV cache element types, f16 and/or f32, comma separated (default: the\n"
@@ -117,11 +121,14 @@ static void usage(void) {
             "                     their fraction of the bandwidth bound (wall clock and CPU clock)\n");
 }
 
-/* A context for one test (its thread count and KV type; rows sequences at once), used for its warm-up
- * and every rep. */
-static cm_ctx *test_ctx(const cm_model *m, int threads, int kv_type, int pp, int tg, int rows) {
-    cm_ctx_params cp = {.n_threads = threads, .n_seq_max = rows, .n_ctx = (pp > tg + 1 ? pp : tg + 1),
-                        .n_batch_max = pp > rows ? pp : rows, .kv_type = kv_type};
+#define BENCH_DEPTH_CHUNK 512 /* -d: the depth's tokens a forward at most */
+
+/* A context for one test (its thread count and KV type; rows sequences at once, depth tokens each before
+ * the test's), used for its warm-up and every rep. */
+static cm_ctx *test_ctx(const cm_model *m, int threads, int kv_type, int pp, int tg, int rows, int depth) {
+    int nb = pp > rows ? pp : rows, dc = depth < BENCH_DEPTH_CHUNK ? depth : BENCH_DEPTH_CHUNK;
+    cm_ctx_params cp = {.n_threads = threads, .n_seq_max = rows, .n_ctx = depth + (pp > tg + 1 ? pp : tg + 1),
+                        .n_batch_max = nb > dc ? nb : dc, .kv_type = kv_type};
     cm_err err = {0};
     cm_ctx *c = cm_ctx_create(m, &cp, &err);
     if (!c) fprintf(stderr, "bench: %s\n", err.msg);
@@ -130,16 +137,24 @@ static cm_ctx *test_ctx(const cm_model *m, int threads, int kv_type, int pp, int
 }
 
 /* One run of a test on fresh sequences of c (the context is the test's: as a server's, its buffers are
- * warm from the run before), nb of them side by side in the decode test (1 in prefill); returns wall
- * seconds (CPU seconds of all threads in *cpu) or < 0 on error. toks holds at least max(pp, tg + 1) ids;
- * seqs and want at least max(pp, 2 * nb). */
-static double run_once(cm_ctx *c, int pp, int tg, int nb, const int32_t *toks, int32_t *seqs, int8_t *want,
-                       double *cpu) {
+ * warm from the run before), nb of them side by side in the decode test (1 in prefill), each first given
+ * depth tokens (unmeasured); returns wall seconds (CPU seconds of all threads in *cpu) or < 0 on error.
+ * toks holds at least max(pp, tg + 1, depth) ids; seqs and want at least max(pp, 2 * nb,
+ * min(depth, BENCH_DEPTH_CHUNK)). */
+static double run_once(cm_ctx *c, int pp, int tg, int nb, int depth, const int32_t *toks, int32_t *seqs,
+                       int8_t *want, double *cpu) {
     cm_err err = {0};
     int s[CLI_BENCH_MAX_SEQ], open = 0;
     double t = -1;
     for (; open < nb; open++)
         if ((s[open] = cm_seq_open(c, &err)) < 0) goto out;
+    for (int k = 0; k < nb; k++)
+        for (int d0 = 0; d0 < depth; d0 += BENCH_DEPTH_CHUNK) {
+            int n = depth - d0 < BENCH_DEPTH_CHUNK ? depth - d0 : BENCH_DEPTH_CHUNK;
+            for (int i = 0; i < n; i++) seqs[i] = s[k];
+            cm_batch b = {.n = n, .token = toks + d0, .seq = seqs, .logits = NULL};
+            if (cm_forward(c, &b, &err)) goto out;
+        }
     if (pp > 0) {
         for (int i = 0; i < pp; i++) seqs[i] = s[0];
         cm_batch b = {.n = pp, .token = toks, .seq = seqs, .logits = NULL};
@@ -170,7 +185,8 @@ out:
 int cmd_bench(int argc, char **argv) {
     const char *model = NULL;
     int pp = 512, tg = 128, reps = 3, n_thr = 0, thr[16], n_kv = 0, kv[2], membw = 0;
-    int n_seq = 1; /* -b: sequences decoding side by side in the tg test */
+    int n_seq = 1;   /* -b: sequences decoding side by side in the tg test */
+    int depth = 0;   /* -d: tokens in each sequence before the measured ones */
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -196,6 +212,8 @@ int cmd_bench(int argc, char **argv) {
             if (cli_parse_int(v, 0, 1 << 16, &tg)) goto bad;
         } else if (!strcmp(a, "-b") || !strcmp(a, "--n-seq")) {
             if (cli_parse_int(v, 1, CLI_BENCH_MAX_SEQ, &n_seq)) goto bad;
+        } else if (!strcmp(a, "-d") || !strcmp(a, "--depth")) {
+            if (cli_parse_int(v, 0, 1 << 16, &depth)) goto bad;
         } else if (!strcmp(a, "--routing-stats")) {
             if (cli_parse_int(v, 0, 1, &g_routing_stats)) goto bad;
         } else if (!strcmp(a, "-r") || !strcmp(a, "--repetitions")) {
@@ -243,6 +261,8 @@ int cmd_bench(int argc, char **argv) {
     }
     const cm_model_info *in = cm_model_get_info(m);
     int ntok = (pp > tg + 1 ? pp : tg + 1) + 1, nrow = (pp > 2 * n_seq ? pp : 2 * n_seq) + 1;
+    if (ntok < depth + 1) ntok = depth + 1;
+    if (nrow < BENCH_DEPTH_CHUNK + 1 && depth > 0) nrow = BENCH_DEPTH_CHUNK + 1;
     int32_t *toks = malloc((size_t)ntok * sizeof *toks), *seqs = malloc((size_t)nrow * sizeof *seqs);
     int8_t *want = malloc((size_t)nrow);
     if (!toks || !seqs || !want) {
@@ -281,11 +301,12 @@ int cmd_bench(int argc, char **argv) {
     snprintf(mname, sizeof mname, "%s %s", in->arch, in->name && *in->name ? in->name : "");
     /* t/cpu-s: tokens per CPU-second of all threads; on a shared machine the wall-clock t/s depends on
      * the neighbours, this column much less */
-    printf("| %-28s | %6s | %10s | %9s | %7s | %3s | %6s | %18s | %9s |", "model", "type", "size", "params",
-           "threads", "kv", "test", "t/s", "t/cpu-s");
+    const int tw = depth > 0 ? 16 : 6; /* the test column: "tg128x16 @ d4096" */
+    printf("| %-28s | %6s | %10s | %9s | %7s | %3s | %*s | %18s | %9s |", "model", "type", "size", "params",
+           "threads", "kv", tw, "test", "t/s", "t/cpu-s");
     if (membw) printf(" %9s | %9s | %8s | %9s | %10s |", "MB/tok", "bound t/s", "of bound", "cpu bound", "cpu of bnd");
-    printf("\n| %.28s | -----: | ---------: | --------: | ------: | --: | -----: | -----------------: | --------: |%s\n",
-           "----------------------------------", membw ? " --------: | --------: | -------: | --------: | ---------: |" : "");
+    printf("\n| %.28s | -----: | ---------: | --------: | ------: | --: | %.*s: | -----------------: | --------: |%s\n",
+           "----------------------------------", tw - 1, "----------------", membw ? " --------: | --------: | -------: | --------: | ---------: |" : "");
     int rc = 0;
     for (int ti = 0; ti < n_thr && !rc; ti++) {
         for (int test = 0; test < 2 && !rc; test++) {
@@ -295,14 +316,14 @@ int cmd_bench(int argc, char **argv) {
                 const int rows = test == 0 ? 1 : n_seq; /* sequences side by side: tokens per decode step */
                 const int tpp = test == 0 ? pp : 0, ttg = test == 0 ? 0 : tg;
                 double sum = 0, sum2 = 0, csum = 0;
-                cm_ctx *c = test_ctx(m, thr[ti], kv[ki], tpp, ttg, rows);
+                cm_ctx *c = test_ctx(m, thr[ti], kv[ki], tpp, ttg, rows, depth);
                 if (!c) {
                     rc = 1;
                     break;
                 }
                 for (int k = -1; k < reps; k++) {
                     double cpu = 0;
-                    double t = run_once(c, tpp, ttg, rows, toks, seqs, want, &cpu);
+                    double t = run_once(c, tpp, ttg, rows, depth, toks, seqs, want, &cpu);
                     if (t <= 0) {
                         rc = 1;
                         break;
@@ -316,18 +337,19 @@ int cmd_bench(int argc, char **argv) {
                 cm_ctx_free(c);
                 if (rc) break;
                 double mean = sum / reps, sd = reps > 1 ? sqrt(fmax(0, (sum2 - sum * sum / reps) / (reps - 1))) : 0;
-                char tname[24], tps[32];
-                if (rows > 1) snprintf(tname, sizeof tname, "tg%dx%d", n, rows);
-                else snprintf(tname, sizeof tname, "%s%d", test == 0 ? "pp" : "tg", n);
+                char tname[40], tps[32];
+                int tl = rows > 1 ? snprintf(tname, sizeof tname, "tg%dx%d", n, rows)
+                                  : snprintf(tname, sizeof tname, "%s%d", test == 0 ? "pp" : "tg", n);
+                if (depth > 0) snprintf(tname + tl, sizeof tname - (size_t)tl, " @ d%d", depth);
                 snprintf(tps, sizeof tps, "%.2f ± %.2f", mean, sd);
-                printf("| %-28.28s | %6s | %6.2f MiB | %7.2f M | %7d | %3s | %6s | %19s | %9.2f |", mname,
+                printf("| %-28.28s | %6s | %6.2f MiB | %7.2f M | %7d | %3s | %*s | %19s | %9.2f |", mname,
                        in->weight_type, (double)in->file_bytes / (1024.0 * 1024.0), (double)in->n_params / 1e6,
-                       thr[ti], kv[ki] == CM_KV_F16 ? "f16" : "f32", tname, tps, (double)n * rows * reps / csum);
+                       thr[ti], kv[ki] == CM_KV_F16 ? "f16" : "f32", tw, tname, tps, (double)n * rows * reps / csum);
                 if (membw && test == 1 && rows == 1 && bw[ti] > 0) { /* several rows a step: no one bound */
-                    /* the decode tokens see n_past 1 .. tg: bytes are linear in depth, so the mean is the
-                     * mean of the ends */
-                    double bytes = ((double)cm_model_decode_bytes(m, 1, kv[ki]) +
-                                    (double)cm_model_decode_bytes(m, tg, kv[ki])) / 2;
+                    /* the decode tokens see n_past depth + 1 .. depth + tg: bytes are linear in depth, so
+                     * the mean is the mean of the ends */
+                    double bytes = ((double)cm_model_decode_bytes(m, depth + 1, kv[ki]) +
+                                    (double)cm_model_decode_bytes(m, depth + tg, kv[ki])) / 2;
                     double bound = bw[ti] / bytes, cbound = cbw[ti] / bytes;
                     printf(" %9.2f | %9.2f | %7.0f%% | %9.2f | %9.0f%% |", bytes / 1e6, bound, 100 * mean / bound, cbound,
                            100 * (n * reps / csum) * thr[ti] / cbound);

@@ -892,7 +892,7 @@ TEST(bad_flags_are_usage_errors) {
 
 /* `bench` prints one row per test with a positive rate; --membw adds the bandwidth line and, on the
  * decode row, bytes per token and the fraction of the bound (the prefill row has none, nor a decode row
- * of several sequences, -b). Bad values are usage errors, a missing file a clean failure. */
+ * of several sequences, -b; at a depth, -d). Bad values are usage errors, a missing file a clean failure. */
 static double cell_after(const char *row, int col) { /* the col-th '|'-separated cell as a number */
     const char *p = row;
     for (int i = 0; i < col && p; i++) p = strchr(p + 1, '|');
@@ -937,6 +937,27 @@ TEST(bench_reports_rates_and_bound) {
     ASSERT_TRUE(tmb != NULL);
     tmb += strspn(tmb + 1, " ") + 1;
     CHECK_TRUE(*tmb == '-');
+    run_free(&r);
+    /* -d 2000: each sequence holds 2000 tokens before the measured ones: rows "pp16 @ d2000" and
+     * "tg8 @ d2000", the decode row's bytes a token (which count the KV cache read) above the same
+     * row's without a depth (tb's run above has none: its MB/tok is that of -d 0) */
+    RUN_OK(&r, "bench", "--model", M, "-p", "0", "-n", "8", "-t", "1", "-r", "1", "--membw");
+    ASSERT_EQ_INT(r.code, 0);
+    const char *t0 = strstr(r.out, " tg8 |");
+    ASSERT_TRUE(t0 != NULL);
+    while (t0 > r.out && t0[-1] != '\n') t0--;
+    double mb0 = cell_after(t0, 9);
+    run_free(&r);
+    RUN_OK(&r, "bench", "--model", M, "-p", "16", "-n", "8", "-d", "2000", "-t", "1", "-r", "1", "--membw");
+    ASSERT_EQ_INT(r.code, 0);
+    const char *dp = strstr(r.out, " pp16 @ d2000 |"), *dt = strstr(r.out, " tg8 @ d2000 |");
+    ASSERT_TRUE(dp != NULL && dt != NULL);
+    while (dp > r.out && dp[-1] != '\n') dp--;
+    while (dt > r.out && dt[-1] != '\n') dt--;
+    CHECK_TRUE(cell_after(dp, 7) > 0 && cell_after(dt, 7) > 0);
+    CHECK_TRUE(cell_after(dt, 9) > mb0 && mb0 > 0);
+    run_free(&r);
+    ASSERT_FAILS_WITH(&r, 2, "bench", "--model", M, "-d", "-1");
     run_free(&r);
     ASSERT_FAILS_WITH(&r, 2, "bench", "--model", M, "-b", "0");
     run_free(&r);
