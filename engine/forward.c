@@ -975,8 +975,9 @@ static void forward_layer(cm_ctx *c, int il, int n) {
                     {&l->wv, c->v, lpack(c, il, LP_V), 0}};
     mm_run(c, 3, qkv, c->xn, n, D);
     rows_run(c, qkv_task, &rj);
-    /* a task per kv head's group of query heads while that leaves each thread several tasks (else, with
-     * threads to share them, a task per query head); the results do not depend on the split */
+    /* a task per kv head's group of query heads (each K and V block read once for all of them), unless
+     * the batch has fewer groups than threads: then a task per query head; the results do not depend
+     * on the split */
     int hg = (int)(H / in->n_head_kv);
     if (n * (int)in->n_head_kv < c->n_threads) hg = 1;
     att_job aj = {c, il, n, hg};
