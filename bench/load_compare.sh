@@ -23,7 +23,10 @@
 # (bench/inputs.sh humaneval-x). LOGDIR defaults to a fresh directory under $TMPDIR. The per-run JSON of
 # loadgen (every request's TTFT, inter-token gaps, outcome) and both servers' logs stay in LOGDIR. With -o,
 # the generated section of DOC for this thread count (between the load_compare markers for -t THREADS) is
-# replaced by this run's commands and tables, or appended; the rest of DOC is left alone. Its command
+# replaced by this run's commands and tables, or appended; the rest of DOC is left alone. With more than
+# one thread, a line under the tables gives how prefill scaled from 1 to THREADS threads before each
+# workload and at the end (probe, below): a machine whose vCPUs are at times one core's hyperthreads
+# says so there. Its command
 # names LLAMA_SERVER under $LLAMACPP when that is set and holds it (else under $HOME when there), so no
 # machine's own path goes into DOC.
 set -u
@@ -127,9 +130,20 @@ requests_for() {
     esac
 }
 
+# probe: how prefill scales to THREADS on this machine now (`codemoe bench -p 512 -n 0 -t 1,THREADS`),
+# printed as "1.84x": on a machine whose vCPUs are at times hyperthreads of one core the ratio falls
+# from about 1.85 to 1.2, which moves every prefill-bound figure of a run with more than one thread
+probe() {
+    "$codemoe" bench --model "$model" -p 512 -n 0 -t "1,$threads" -r 2 2>/dev/null |
+        awk -F'|' '/ pp512 / { gsub(/ /, "", $6); split($9, v, " "); t[$6] = v[1] }
+                   END { if (t[1] > 0 && t['"$threads"'] > 0) printf "%.2fx", t['"$threads"'] / t[1]; else printf "?" }'
+}
+probes=""
+
 t_start=$(date +%s)
 jsons=()
 for w in $workloads; do
+    [ "$threads" -gt 1 ] && probes+="${probes:+, }before $w $(probe)"
     for c in $concs; do
         for side in $sides; do
             port=$(free_port)
@@ -147,6 +161,10 @@ done
 [ ${#jsons[@]} -gt 0 ] || { echo "load_compare: no run finished; logs in $logdir" >&2; exit 1; }
 
 tables=$(node "$here/loadgen.mjs" --report "${jsons[@]}")
+if [ "$threads" -gt 1 ]; then
+    probes+=", at the end $(probe)"
+    tables+=$'\n\n'"Prefill at $threads threads against 1 (\`codemoe bench -p 512 -n 0 -t 1,$threads\`, the machine's state): $probes."
+fi
 echo "$tables"
 echo "(per-request JSON and server logs: $logdir)"
 
