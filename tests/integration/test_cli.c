@@ -899,6 +899,18 @@ static double cell_after(const char *row, int col) { /* the col-th '|'-separated
     return p ? strtod(p + 1, NULL) : -1;
 }
 
+static int cell_is_dash(const char *row, int col) { /* the col-th cell reads "-" */
+    const char *p = row;
+    for (int i = 0; i < col && p; i++) p = strchr(p + 1, '|');
+    return p && p[1 + strspn(p + 1, " ")] == '-';
+}
+
+static const char *row_with(const char *out, const char *cell) { /* the start of the row holding cell */
+    const char *p = strstr(out, cell);
+    while (p && p > out && p[-1] != '\n') p--;
+    return p;
+}
+
 TEST(bench_reports_rates_and_bound) {
     ASSERT_TRUE(n_goldens > 0);
     const char *M = primary()->model;
@@ -909,18 +921,12 @@ TEST(bench_reports_rates_and_bound) {
     const char *bw = strstr(r.out, "membw: 1 thread ");
     ASSERT_TRUE(bw != NULL);
     CHECK_TRUE(strtod(bw + strlen("membw: 1 thread "), NULL) > 0.1); /* GB/s */
-    const char *pp = strstr(r.out, " pp16 |"), *tg = strstr(r.out, " tg8 |");
-    ASSERT_TRUE(pp != NULL && tg != NULL);
     /* rows: | model | type | size | params | threads | kv | test | t/s | t/cpu-s | MB/tok | bound | of bound */
-    while (pp > r.out && pp[-1] != '\n') pp--;
-    while (tg > r.out && tg[-1] != '\n') tg--;
+    const char *pp = row_with(r.out, " pp16 |"), *tg = row_with(r.out, " tg8 |");
+    ASSERT_TRUE(pp != NULL && tg != NULL);
     CHECK_TRUE(cell_after(pp, 7) > 0);                       /* t/s */
     CHECK_TRUE(cell_after(pp, 8) > 0);                       /* t/cpu-s */
-    const char *pmb = pp; /* the prefill row's MB/tok cell is "-" */
-    for (int i = 0; i < 9 && pmb; i++) pmb = strchr(pmb + 1, '|');
-    ASSERT_TRUE(pmb != NULL);
-    pmb += strspn(pmb + 1, " ") + 1;
-    CHECK_TRUE(*pmb == '-');
+    CHECK_TRUE(cell_is_dash(pp, 9));                         /* the prefill row has no MB/tok */
     CHECK_TRUE(cell_after(tg, 7) > 0);
     double mb = cell_after(tg, 9), bound = cell_after(tg, 10), frac = cell_after(tg, 11);
     CHECK_TRUE(mb > 0 && bound > 0 && frac > 0);
@@ -928,34 +934,20 @@ TEST(bench_reports_rates_and_bound) {
     /* -b 3: three sequences a step, the row named tg8x3, its rate counting all three's tokens, no bound */
     RUN_OK(&r, "bench", "--model", M, "-p", "0", "-n", "8", "-b", "3", "-t", "1", "-r", "1", "--membw");
     ASSERT_EQ_INT(r.code, 0);
-    const char *tb = strstr(r.out, " tg8x3 |");
+    const char *tb = row_with(r.out, " tg8x3 |");
     ASSERT_TRUE(tb != NULL);
-    while (tb > r.out && tb[-1] != '\n') tb--;
     CHECK_TRUE(cell_after(tb, 7) > 0);
-    const char *tmb = tb;
-    for (int i = 0; i < 9 && tmb; i++) tmb = strchr(tmb + 1, '|');
-    ASSERT_TRUE(tmb != NULL);
-    tmb += strspn(tmb + 1, " ") + 1;
-    CHECK_TRUE(*tmb == '-');
+    CHECK_TRUE(cell_is_dash(tb, 9));
     run_free(&r);
     /* -d 2000: each sequence holds 2000 tokens before the measured ones: rows "pp16 @ d2000" and
-     * "tg8 @ d2000", the decode row's bytes a token (which count the KV cache read) above the same
-     * row's without a depth (tb's run above has none: its MB/tok is that of -d 0) */
-    RUN_OK(&r, "bench", "--model", M, "-p", "0", "-n", "8", "-t", "1", "-r", "1", "--membw");
-    ASSERT_EQ_INT(r.code, 0);
-    const char *t0 = strstr(r.out, " tg8 |");
-    ASSERT_TRUE(t0 != NULL);
-    while (t0 > r.out && t0[-1] != '\n') t0--;
-    double mb0 = cell_after(t0, 9);
-    run_free(&r);
+     * "tg8 @ d2000", the decode row's bytes a token (which count the KV cache read) above mb, the same
+     * row's at depth 0 in the first run */
     RUN_OK(&r, "bench", "--model", M, "-p", "16", "-n", "8", "-d", "2000", "-t", "1", "-r", "1", "--membw");
     ASSERT_EQ_INT(r.code, 0);
-    const char *dp = strstr(r.out, " pp16 @ d2000 |"), *dt = strstr(r.out, " tg8 @ d2000 |");
+    const char *dp = row_with(r.out, " pp16 @ d2000 |"), *dt = row_with(r.out, " tg8 @ d2000 |");
     ASSERT_TRUE(dp != NULL && dt != NULL);
-    while (dp > r.out && dp[-1] != '\n') dp--;
-    while (dt > r.out && dt[-1] != '\n') dt--;
     CHECK_TRUE(cell_after(dp, 7) > 0 && cell_after(dt, 7) > 0);
-    CHECK_TRUE(cell_after(dt, 9) > mb0 && mb0 > 0);
+    CHECK_TRUE(cell_after(dt, 9) > mb);
     run_free(&r);
     ASSERT_FAILS_WITH(&r, 2, "bench", "--model", M, "-d", "-1");
     run_free(&r);
