@@ -123,10 +123,13 @@ static void usage(void) {
 
 #define BENCH_DEPTH_CHUNK 512 /* -d: the depth's tokens a forward at most */
 
+/* The rows of the largest forward that gives a sequence its depth. */
+static int depth_rows(int depth) { return depth < BENCH_DEPTH_CHUNK ? depth : BENCH_DEPTH_CHUNK; }
+
 /* A context for one test (its thread count and KV type; rows sequences at once, depth tokens each before
  * the test's), used for its warm-up and every rep. */
 static cm_ctx *test_ctx(const cm_model *m, int threads, int kv_type, int pp, int tg, int rows, int depth) {
-    int nb = pp > rows ? pp : rows, dc = depth < BENCH_DEPTH_CHUNK ? depth : BENCH_DEPTH_CHUNK;
+    int nb = pp > rows ? pp : rows, dc = depth_rows(depth);
     cm_ctx_params cp = {.n_threads = threads, .n_seq_max = rows, .n_ctx = depth + (pp > tg + 1 ? pp : tg + 1),
                         .n_batch_max = nb > dc ? nb : dc, .kv_type = kv_type};
     cm_err err = {0};
@@ -140,7 +143,7 @@ static cm_ctx *test_ctx(const cm_model *m, int threads, int kv_type, int pp, int
  * warm from the run before), nb of them side by side in the decode test (1 in prefill), each first given
  * depth tokens (unmeasured); returns wall seconds (CPU seconds of all threads in *cpu) or < 0 on error.
  * toks holds at least max(pp, tg + 1, depth) ids; seqs and want at least max(pp, 2 * nb,
- * min(depth, BENCH_DEPTH_CHUNK)). */
+ * depth_rows(depth)). */
 static double run_once(cm_ctx *c, int pp, int tg, int nb, int depth, const int32_t *toks, int32_t *seqs,
                        int8_t *want, double *cpu) {
     cm_err err = {0};
@@ -150,7 +153,7 @@ static double run_once(cm_ctx *c, int pp, int tg, int nb, int depth, const int32
         if ((s[open] = cm_seq_open(c, &err)) < 0) goto out;
     for (int k = 0; k < nb; k++)
         for (int d0 = 0; d0 < depth; d0 += BENCH_DEPTH_CHUNK) {
-            int n = depth - d0 < BENCH_DEPTH_CHUNK ? depth - d0 : BENCH_DEPTH_CHUNK;
+            int n = depth_rows(depth - d0);
             for (int i = 0; i < n; i++) seqs[i] = s[k];
             cm_batch b = {.n = n, .token = toks + d0, .seq = seqs, .logits = NULL};
             if (cm_forward(c, &b, &err)) goto out;
@@ -262,7 +265,7 @@ int cmd_bench(int argc, char **argv) {
     const cm_model_info *in = cm_model_get_info(m);
     int ntok = (pp > tg + 1 ? pp : tg + 1) + 1, nrow = (pp > 2 * n_seq ? pp : 2 * n_seq) + 1;
     if (ntok < depth + 1) ntok = depth + 1;
-    if (nrow < BENCH_DEPTH_CHUNK + 1 && depth > 0) nrow = BENCH_DEPTH_CHUNK + 1;
+    if (nrow < depth_rows(depth) + 1) nrow = depth_rows(depth) + 1;
     int32_t *toks = malloc((size_t)ntok * sizeof *toks), *seqs = malloc((size_t)nrow * sizeof *seqs);
     int8_t *want = malloc((size_t)nrow);
     if (!toks || !seqs || !want) {
