@@ -21,7 +21,8 @@
  *   llama.cpp); rows of W are split across the pool; q/k/v and gate/up run as one pool run each.
  * - more rows: quantised weights take the int8 GEMM (cm_gemm_q, gemm_q8.c) from cm_gemm_q_min_rows of
  *   their type on (5 rows for Q8_0 and the legacy types, 8 to 16 for the K-quants: the kernel family's
- *   crossover), on a tile of W's rows per pool task, X quantised once per row, bit-exact per row with
+ *   crossover), on a tile of W's rows per pool task (a long batch: each thread's tokens against all of
+ *   W, token_split), X quantised once per row, bit-exact per row with
  *   the matvec's dot, so a token's products do not depend on the rest of the batch nor on the path.
  *   F32/F16 weights, and every weight under CODEMOE_EXACT_ACTIVATIONS=1, go through sgemm from
  *   CM_GEMM_MIN_ROWS rows instead: each task dequantises its tile (unless F32) into its thread's scratch
@@ -40,8 +41,8 @@
 #include "threadpool.h"
 #include "util.h"
 
-#define MM_TILE_ROWS 64   /* the int8 GEMM's widest tile of weight rows */
 #define MM_TILE_TOKENS 64 /* tokens a task of it takes at least when a batch is split by tokens */
+#define CM_ROWS_CHUNK 16 /* tokens per task of the per-token steps, at least */
 #define ATT_RUN 8         /* consecutive tokens of one sequence an attention task takes at most... */
 #define ATT_RUN_SCORES ((size_t)32 << 20) /* ...while their scores fit this per thread (long contexts) */
 enum { LP_Q, LP_K, LP_V, LP_O, LP_GATE, LP_UP, LP_DOWN, LP_N }; /* cm_ctx.lpack's matrices of a layer */
@@ -84,6 +85,10 @@ struct cm_ctx {
     float *att_q;   /* (n_threads, att_run_max * H / H_kv, E) their queries side by side */
     int32_t *att_run; /* (B + 1) the batch's attention runs: run r is tokens [att_run[r], att_run[r + 1]) */
     int32_t *row_task; /* (B + 1) the per-token steps' tasks: task t is tokens [row_task[t], row_task[t + 1]) */
+    int n_row_tasks;
+    int32_t *tok_first; /* (n_threads + 1) the layer's tokens of thread i: [tok_first[i], tok_first[i + 1]) */
+    int32_t *row_first; /* (n_threads + 1) ...which are its per-token steps' tasks from row_first[i] on */
+    int32_t *split;     /* (n_threads + 1) a pool run's shares of its tasks (cm_pool_run_split) */
     int att_run_max;  /* tokens a run takes at most: ATT_RUN, fewer for contexts too long for it */
     int att_acc_stride;
     float *deq;     /* (n_threads, deq_floats) dequantised weight tiles, or the int8 GEMM's unpacked ones */
@@ -322,6 +327,9 @@ cm_ctx *cm_ctx_create(const cm_model *m, const cm_ctx_params *p, cm_err *err) {
     c->att_q = xmalloc(b_att_q, &fail);
     c->att_run = xmalloc((size_t)(B + 1) * sizeof(int32_t), &fail);
     c->row_task = xmalloc((size_t)(B + 1) * sizeof(int32_t), &fail);
+    c->tok_first = xmalloc((size_t)(n_threads + 1) * sizeof(int32_t), &fail);
+    c->row_first = xmalloc((size_t)(n_threads + 1) * sizeof(int32_t), &fail);
+    c->split = xmalloc((size_t)(n_threads + 1) * sizeof(int32_t), &fail);
     c->att_acc = aligned_alloc(64, b_att_acc);
     if (!c->att_acc) fail = 1;
     c->deq = xmalloc(b_deq, &fail);
@@ -422,6 +430,9 @@ void cm_ctx_free(cm_ctx *c) {
     free(c->att_q);
     free(c->att_run);
     free(c->row_task);
+    free(c->tok_first);
+    free(c->row_first);
+    free(c->split);
     free(c->deq);
     free(c->pos);
     free(c->logit_row);
@@ -561,6 +572,60 @@ void cm_ctx_kv_stats(const cm_ctx *c, cm_kv_stats *out) {
     out->evictions = c->kv.evictions;
 }
 
+/* ============================================================ the threads' shares of a layer */
+
+/* Every step of a layer parallel over the batch's tokens gives each thread the same tokens
+ * (token_split), so that the activations a thread writes are mostly those it reads in the next step:
+ * passed between cores, they cost more than the arithmetic on them where the cores do not share a
+ * cache (two vCPUs of a cloud machine at times: 2-thread prefill of the 45M model 1.2x one thread's
+ * where two 1-thread forwards side by side ran 2x; docs/engine.md). A thread that has run its own
+ * share takes what is left of the others' (cm_pool_run_split), so a preempted thread, or the longer
+ * attention of later tokens, still leaves no thread idle. */
+
+/* The per-token steps' tasks (c->row_task) and the threads' tokens: CM_ROWS_CHUNK tokens a task or a
+ * few more, a task extending while the next token falls in the same KV block of the same sequence, so
+ * that no two tasks write one block's transposed K (kv_put_k: a block's positions share each cache
+ * line of it, which two threads writing at once would pass back and forth); thread i's tokens
+ * [tok_first[i], tok_first[i + 1]) are about n / n_threads of them, cut at a task's start. Each token's
+ * numbers are computed alone, so they do not depend on the split. */
+static void token_split(cm_ctx *c, int n) {
+    int tasks = 0;
+    for (int i = 0; i < n; tasks++) {
+        c->row_task[tasks] = i;
+        int e = i + CM_ROWS_CHUNK < n ? i + CM_ROWS_CHUNK : n;
+        while (e < n && c->batch->seq[e] == c->batch->seq[e - 1] && c->pos[e] / CM_KV_BLOCK == c->pos[e - 1] / CM_KV_BLOCK)
+            e++;
+        i = e;
+    }
+    c->row_task[tasks] = n;
+    c->n_row_tasks = tasks;
+    const int nt = c->n_threads;
+    int t = 0;
+    c->row_first[0] = c->tok_first[0] = 0;
+    for (int i = 1; i < nt; i++) {
+        int64_t want = (int64_t)n * i / nt;
+        while (t < tasks && c->row_task[t + 1] <= want) t++;
+        if (t < tasks && c->row_task[t + 1] - want < want - c->row_task[t]) t++; /* the nearer cut */
+        c->row_first[i] = t;
+        c->tok_first[i] = c->row_task[t];
+    }
+    c->row_first[nt] = tasks;
+    c->tok_first[nt] = n;
+}
+
+/* c->split for a run of `groups` groups of `per` tasks, group g starting at token start[g] (or at
+ * g * rows without start): thread i's share from the first group starting at or after its first token. */
+static const int *split_groups(cm_ctx *c, const int32_t *start, int rows, int groups, int per) {
+    int g = 0;
+    c->split[0] = 0;
+    for (int i = 1; i < c->n_threads; i++) {
+        while (g < groups && (start ? start[g] : g * rows) < c->tok_first[i]) g++;
+        c->split[i] = g * per;
+    }
+    c->split[c->n_threads] = groups * per;
+    return c->split;
+}
+
 /* ============================================================ matrix products */
 
 /* Up to three products sharing one input X (N, K): q/k/v, gate/up. */
@@ -582,7 +647,8 @@ typedef struct mm_job {
     int n;
     int64_t k;
     int64_t chunk;    /* rows of W per task */
-    int tparts, tchunk; /* the int8 GEMM: each rows' task split into tparts runs of tchunk tokens */
+    int tok;          /* the batch's tokens (not the output head's rows): tasks follow the layer's token split */
+    int by_tokens;    /* the int8 GEMM split by tokens: task = thread's part * task0[n_ops] + rows' task */
     int64_t lo, hi;   /* one op: only rows [lo, hi) of its W (hi 0: all) */
     int task0[4];     /* first task of each op; task0[n_ops] = total */
 } mm_job;
@@ -610,10 +676,14 @@ static void mm_task_matvec(void *arg, int task, int thread) {
 
 static void mm_task_gemm_q(void *arg, int task, int thread) {
     const mm_job *j = arg;
-    int o;
+    int o, t0 = 0, n = j->n;
     int64_t r0, r1;
-    const cm_tensor *w = mm_task_rows(j, task / j->tparts, &o, &r0, &r1);
-    int t0 = task % j->tparts * j->tchunk, n = j->n - t0 < j->tchunk ? j->n - t0 : j->tchunk;
+    if (j->by_tokens) {
+        int part = task / j->task0[j->n_ops];
+        t0 = j->c->tok_first[part], n = j->c->tok_first[part + 1] - t0;
+        task %= j->task0[j->n_ops];
+    }
+    const cm_tensor *w = mm_task_rows(j, task, &o, &r0, &r1);
     const char *xv = (const char *)j->xv + (size_t)t0 * j->xv_stride;
     float *y = j->ops[o].y + (size_t)t0 * (size_t)w->ne1;
     float *scratch = j->c->deq + (size_t)thread * (size_t)j->c->deq_floats;
@@ -622,11 +692,13 @@ static void mm_task_gemm_q(void *arg, int task, int thread) {
     else cm_gemm_q(w->type, w->data, j->k, xv, j->xv_stride, n, y, w->ne1, r0, r1, scratch, bytes);
 }
 
-/* Rows [16 task, 16 task + 16) of x quantised to xtype (prefill: worth spreading over the pool). */
+#define QUANT_ROWS 16
+/* Rows [QUANT_ROWS task, QUANT_ROWS task + QUANT_ROWS) of x quantised to xtype (prefill: worth
+ * spreading over the pool). */
 static void mm_task_quantize(void *arg, int task, int thread) {
     (void)thread;
     const mm_job *j = arg;
-    for (int r = 16 * task; r < 16 * task + 16 && r < j->n; r++)
+    for (int r = QUANT_ROWS * task; r < QUANT_ROWS * task + QUANT_ROWS && r < j->n; r++)
         cm_vec_prepare(j->xtype, j->x + (size_t)r * j->k, (char *)j->xv + (size_t)r * j->xv_stride, j->k);
 }
 
@@ -651,10 +723,11 @@ static void mm_task_gemm(void *arg, int task, int thread) {
 }
 
 /* ops[i].y (N, M_i) = X (N, K) W_i^T for every op; all W_i have row length K. With hi > 0 (one op):
- * only the columns [lo, hi) of Y, from those rows of W. */
+ * only the columns [lo, hi) of Y, from those rows of W. tok: X is the layer's batch (the threads'
+ * tokens are c->tok_first's), not the output head's rows. */
 static void mm_run_rows(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, int n, int64_t k, int64_t lo,
-                        int64_t hi) {
-    mm_job j = {.c = c, .n_ops = n_ops, .x = x, .n = n, .k = k, .lo = lo, .hi = hi, .tparts = 1, .tchunk = n};
+                        int64_t hi, int tok) {
+    mm_job j = {.c = c, .n_ops = n_ops, .x = x, .n = n, .k = k, .lo = lo, .hi = hi, .tok = tok};
     memcpy(j.ops, ops, (size_t)n_ops * sizeof *ops);
     int nt = c->n_threads;
     int64_t mmax = 0;
@@ -673,7 +746,7 @@ static void mm_run_rows(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, 
     }
     if (split) { /* quantised weights of different pairings (a K-quant file's Q4_K beside Q6_K and Q8_0):
                   * each op with its own format, so a row's product never depends on its neighbours' */
-        for (int i = 0; i < n_ops; i++) mm_run_rows(c, 1, &ops[i], x, n, k, lo, hi);
+        for (int i = 0; i < n_ops; i++) mm_run_rows(c, 1, &ops[i], x, n, k, lo, hi, tok);
         return;
     }
     void (*task_fn)(void *, int, int);
@@ -692,8 +765,11 @@ static void mm_run_rows(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, 
             j.xtype = xt;
             j.xv = c->xq;
             j.xv_stride = cm_vec_row_bytes(xt, k);
-            if (n >= CM_GEMM_MIN_ROWS)
-                cm_pool_run(c->pool, mm_task_quantize, &j, (n + 15) / 16);
+            int qt = (n + QUANT_ROWS - 1) / QUANT_ROWS;
+            if (n >= CM_GEMM_MIN_ROWS && tok)
+                cm_pool_run_split(c->pool, mm_task_quantize, &j, split_groups(c, NULL, QUANT_ROWS, qt, 1));
+            else if (n >= CM_GEMM_MIN_ROWS)
+                cm_pool_run(c->pool, mm_task_quantize, &j, qt);
             else
                 for (int r = 0; r < n; r++)
                     cm_vec_prepare(xt, x + (size_t)r * k, (char *)c->xq + (size_t)r * j.xv_stride, k);
@@ -724,28 +800,33 @@ static void mm_run_rows(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, 
         int64_t chunk = nt == 1 ? mmax : (rows + per - 1) / per;
         chunk = (chunk + 15) & ~(int64_t)15;
         if (chunk < 16) chunk = 16;
-        /* A long batch against few rows (attn_output, ffn_down of a small model): tasks of a whole tile
-         * of rows (MM_TILE_ROWS, the widest micro-kernel's) over a share of the tokens, rather than thin
-         * slices of rows over all of them, each of which would prepare every token's activations again */
-        if (task_fn == mm_task_gemm_q && nt > 1 && !ops[0].head && chunk < MM_TILE_ROWS && n >= 2 * MM_TILE_TOKENS) {
-            chunk = MM_TILE_ROWS;
-            int64_t rtasks = 0;
-            for (int i = 0; i < n_ops; i++) rtasks += ((hi ? hi - lo : ops[i].w->ne1) + chunk - 1) / chunk;
-            int64_t parts = (per + rtasks - 1) / rtasks, most = n / MM_TILE_TOKENS;
-            j.tparts = (int)(parts < most ? parts : most);
-            j.tchunk = (int)(((n + j.tparts - 1) / j.tparts + 3) & ~3);
-            j.tparts = (n + j.tchunk - 1) / j.tchunk;
+        /* The batch's tokens, each thread's share of them at least MM_TILE_TOKENS: a task per op and
+         * thread, its tokens against all of the op's rows, so that a thread reads the activations it
+         * quantised and prepares each token once per op (rows split among the threads, every thread
+         * would read every token's, and prepare each again per task). 2 threads, pp512 on the 45M
+         * model: 1.05-1.1x where the cores share a cache, 1.3x where they do not (docs/engine.md). */
+        int part = n;
+        for (int i = 0; tok && i < nt; i++)
+            if (c->tok_first[i + 1] - c->tok_first[i] < part) part = c->tok_first[i + 1] - c->tok_first[i];
+        if (task_fn == mm_task_gemm_q && tok && !hi && nt > 1 && part >= MM_TILE_TOKENS) {
+            j.by_tokens = 1;
+            chunk = (mmax + 15) & ~(int64_t)15;
         }
         j.chunk = chunk;
     }
     j.task0[0] = 0;
     for (int i = 0; i < n_ops; i++)
         j.task0[i + 1] = j.task0[i] + (int)(((hi ? hi - lo : ops[i].w->ne1) + j.chunk - 1) / j.chunk);
-    cm_pool_run(c->pool, task_fn, &j, j.task0[n_ops] * j.tparts);
+    if (j.by_tokens) {
+        for (int i = 0; i <= nt; i++) c->split[i] = i * j.task0[n_ops];
+        cm_pool_run_split(c->pool, task_fn, &j, c->split);
+    } else {
+        cm_pool_run(c->pool, task_fn, &j, j.task0[n_ops]);
+    }
 }
 
 static void mm_run(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, int n, int64_t k) {
-    mm_run_rows(c, n_ops, ops, x, n, k, 0, 0);
+    mm_run_rows(c, n_ops, ops, x, n, k, 0, 0, 1);
 }
 
 static void mm1(cm_ctx *c, const cm_tensor *w, const cm_gemm_pack *pk, const float *x, int n, float *y) {
@@ -878,7 +959,6 @@ static void kv_put_k(const cm_kv *kv, const cm_kv_seq *s, int il, int pos, const
 
 /* ============================================================ per-token steps, parallel over tokens */
 
-#define CM_ROWS_CHUNK 16 /* tokens per task of the per-token steps, at least */
 
 typedef struct rows_job {
     cm_ctx *c;
@@ -886,37 +966,29 @@ typedef struct rows_job {
     const float *norm; /* (D) the rmsnorm's weights, or NULL (add_norm_task: the add alone) */
 } rows_job;
 
-/* Runs fn over the batch's tokens, CM_ROWS_CHUNK a task or a few more: across the pool for a prefill
- * batch (so that the steps between the matrix products leave no thread idle), inline for decode. A
- * task extends past CM_ROWS_CHUNK while the next token falls in the same KV block of the same
- * sequence, so that no two tasks write one block's transposed K (kv_put_k: a block's positions share
- * each cache line of it, which two threads writing at once would pass back and forth). Each token's
- * numbers are computed alone, so they do not depend on the split. */
+/* Runs fn over the batch's tokens, a task of c->row_task each (token_split): across the pool for a
+ * prefill batch (so that the steps between the matrix products leave no thread idle), each thread its
+ * own tokens first; inline for decode. */
 static void rows_run(cm_ctx *c, void (*fn)(void *, int, int), rows_job *j) {
-    const int n = j->n;
-    int tasks = 0;
-    for (int i = 0; i < n; tasks++) {
-        c->row_task[tasks] = i;
-        int e = i + CM_ROWS_CHUNK < n ? i + CM_ROWS_CHUNK : n;
-        while (e < n && c->batch->seq[e] == c->batch->seq[e - 1] && c->pos[e] / CM_KV_BLOCK == c->pos[e - 1] / CM_KV_BLOCK)
-            e++;
-        i = e;
-    }
-    c->row_task[tasks] = n;
-    if (n >= CM_GEMM_MIN_ROWS && c->n_threads > 1) cm_pool_run(c->pool, fn, j, tasks);
+    if (j->n >= CM_GEMM_MIN_ROWS && c->n_threads > 1) cm_pool_run_split(c->pool, fn, j, c->row_first);
     else
-        for (int t = 0; t < tasks; t++) fn(j, t, 0);
+        for (int t = 0; t < c->n_row_tasks; t++) fn(j, t, 0);
 }
 
 #define ROWS_OF(j, task, i) for (int i = (j)->c->row_task[task]; i < (j)->c->row_task[(task) + 1]; i++)
 
-/* xn_i = rmsnorm(x_i) * norm */
-static void norm_task(void *arg, int task, int thread) {
+/* x_i = the embedding of token i, xn_i = rmsnorm(x_i) * norm */
+static void embed_norm_task(void *arg, int task, int thread) {
     (void)thread;
     const rows_job *j = arg;
-    const cm_model_info *in = &j->c->m->info;
-    int64_t D = in->n_embd;
-    ROWS_OF(j, task, i) cm_rmsnorm(j->c->xn + i * D, j->c->x + i * D, j->norm, D, in->rms_eps);
+    const cm_model *m = j->c->m;
+    int64_t D = m->info.n_embd;
+    size_t erb = gguf_row_bytes(m->tok_embd.type, D);
+    ROWS_OF(j, task, i) {
+        cm_dequantize_row(m->tok_embd.type, (const char *)m->tok_embd.data + (size_t)j->c->batch->token[i] * erb,
+                          j->c->x + i * D, D);
+        cm_rmsnorm(j->c->xn + i * D, j->c->x + i * D, j->norm, D, m->info.rms_eps);
+    }
 }
 
 /* x_i += proj_i, then xn_i = rmsnorm(x_i) * norm unless norm is NULL */
@@ -970,7 +1042,8 @@ static void forward_layer(cm_ctx *c, int il, int n) {
     int64_t D = in->n_embd, H = in->n_head, F = in->n_ff;
     rows_job rj = {c, il, n, l->attn_norm.data};
 
-    if (il == 0) rows_run(c, norm_task, &rj); /* later layers': fused into the previous layer's last add */
+    token_split(c, n);
+    if (il == 0) rows_run(c, embed_norm_task, &rj); /* later layers' norm: fused into the previous layer's last add */
     mm_op qkv[3] = {{&l->wq, c->q, lpack(c, il, LP_Q), 0}, {&l->wk, c->k, lpack(c, il, LP_K), 0},
                     {&l->wv, c->v, lpack(c, il, LP_V), 0}};
     mm_run(c, 3, qkv, c->xn, n, D);
@@ -981,7 +1054,8 @@ static void forward_layer(cm_ctx *c, int il, int n) {
     int hg = (int)(H / in->n_head_kv);
     if (n * (int)in->n_head_kv < c->n_threads) hg = 1;
     att_job aj = {c, il, n, hg};
-    cm_pool_run(c->pool, att_task, &aj, (hg > 1 ? att_runs(c, n) : n) * (int)H / hg);
+    const int *share = hg > 1 ? split_groups(c, c->att_run, 0, att_runs(c, n), (int)H / hg) : split_groups(c, NULL, 1, n, (int)H);
+    cm_pool_run_split(c->pool, att_task, &aj, share);
 
     mm1(c, &l->wo, lpack(c, il, LP_O), c->att, n, c->proj);
     rj.norm = l->ffn_norm.data;
@@ -999,7 +1073,7 @@ static void forward_layer(cm_ctx *c, int il, int n) {
     if (n == 1)
         cm_silu_mul(c->hg, c->hu, F);
     else
-        cm_pool_run(c->pool, silu_task, &sj, (n + SILU_ROWS - 1) / SILU_ROWS);
+        cm_pool_run_split(c->pool, silu_task, &sj, split_groups(c, NULL, SILU_ROWS, (n + SILU_ROWS - 1) / SILU_ROWS, 1));
     mm1(c, &l->w_down, lpack(c, il, LP_DOWN), c->hg, n, c->proj);
     if (c->moe) cm_mole_down(c->moe, il, n, c->hg, c->proj);
     rows_run(c, add_norm_task, &rj);
@@ -1098,11 +1172,7 @@ static int forward_run(cm_ctx *c, const cm_batch *b, const int32_t *outer, cm_er
     if (c->moe) cm_moe_batch_begin(c->moe, b, c->pos, c->snap);
 
     int64_t D = in->n_embd;
-    size_t erb = gguf_row_bytes(m->tok_embd.type, D);
-    for (int i = 0; i < n; i++)
-        cm_dequantize_row(m->tok_embd.type, (const char *)m->tok_embd.data + (size_t)b->token[i] * erb,
-                          c->x + i * D, D);
-    for (int il = 0; il < in->n_layer; il++) {
+    for (int il = 0; il < in->n_layer; il++) { /* layer 0 looks the embeddings up */
         forward_layer(c, il, n);
         if (b->yield) b->yield(b->yield_ud);
     }
@@ -1117,11 +1187,11 @@ static int forward_run(cm_ctx *c, const cm_batch *b, const int32_t *outer, cm_er
          * with many rows, does not slice) */
         for (int64_t v0 = 0; v0 < in->n_vocab; v0 += c->yield_rows) {
             int64_t v1 = v0 + c->yield_rows < in->n_vocab ? v0 + c->yield_rows : in->n_vocab;
-            mm_run_rows(c, 1, &head, c->outn, n_out, D, v0, v1);
+            mm_run_rows(c, 1, &head, c->outn, n_out, D, v0, v1, 0);
             b->yield(b->yield_ud);
         }
     } else if (n_out) {
-        mm_run(c, 1, &head, c->outn, n_out, D);
+        mm_run_rows(c, 1, &head, c->outn, n_out, D, 0, 0, 0);
     }
 
     for (int s = 0; s < c->n_seq_max; s++) c->kv.seqs[s].len += c->seq_cnt[s];

@@ -1008,9 +1008,10 @@ TEST(prefault_buffers_spare_the_first_step_its_faults) {
     cm_model_free(m);
 }
 
-/* A long prefill batch at 2 and 3 threads gives the logits 1 thread gives, bit for bit: with many
- * tokens against few weight rows the int8 GEMM's tasks split the tokens too (forward.c mm_run_rows), and
- * no row may depend on where a split falls. Two sequences of 130 and 71 tokens, every row's logits. */
+/* A long prefill batch at 2 and 3 threads gives the logits 1 thread gives, bit for bit: each thread
+ * takes its share of the tokens through every step of a layer, the int8 GEMM's included (forward.c
+ * token_split), and no row may depend on where a split falls. Two sequences of 130 and 71 tokens,
+ * every row's logits. */
 TEST(long_prefill_same_on_threads) {
     static const char *files[] = {"models/qwen2-gqa-q8_0.gguf", "models/qwen2-gqa-q4_0.gguf", "models/qwen2-k-q4_k_m.gguf"};
     enum { NA = 130, NB = 71, N = NA + NB };

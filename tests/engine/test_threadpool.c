@@ -3,8 +3,12 @@
  * thread argument in range, for any thread count (1 = the caller alone, more threads than tasks, more
  * tasks than threads), for runs issued back to back (the generation ticket must never let a late
  * thread run a task of a finished run twice or of the next run early), for n_tasks <= 0 (nothing
- * runs), and for a run issued from inside a task of another pool (nested dispatch).
+ * runs), and for a run issued from inside a task of another pool (nested dispatch). cm_pool_run_split:
+ * the same for uneven and empty shares; a thread runs its own share from the front and others take
+ * from the back only (what it ran of its share is a prefix of it), and a thread stuck in a task leaves
+ * the rest of its share to the others.
  */
+#include <time.h>
 #include <stdatomic.h>
 #include <stdint.h>
 
@@ -123,10 +127,79 @@ TEST(nested_dispatch_on_another_pool) {
     cm_pool_free(inner);
 }
 
+typedef struct owners {
+    atomic_int thread_of[MAX_TASKS]; /* 1 + the thread that ran the task */
+    int slow_thread;                /* this thread sleeps in every task it runs; -1: none */
+} owners;
+
+static void owner_task(void *ud, int task, int thread) {
+    owners *o = ud;
+    atomic_store(&o->thread_of[task], thread + 1);
+    if (thread == o->slow_thread) nanosleep(&(struct timespec){0, 20 * 1000 * 1000}, NULL);
+}
+
+static owners own;
+
+TEST(split_shares_every_task_once_own_share_from_the_front) {
+    const int nt = 4;
+    /* uneven, empty and one-task shares, and a run not starting at task 0 */
+    const int splits[][5] = {{0, 10, 20, 30, 40}, {0, 0, 0, 0, 100}, {0, 100, 100, 100, 100}, {0, 1, 2, 3, 4},
+                             {0, 3, 3, 50, 51}, {7, 7, 60, 61, 300}, {0, 0, 0, 0, 0}};
+    cm_err err = {0};
+    cm_pool *p = cm_pool_create(nt, &err);
+    ASSERT_TRUE(p != NULL);
+    own.slow_thread = -1;
+    for (int rep = 0; rep < 300; rep++) {
+        const int *first = splits[rep % (int)(sizeof splits / sizeof splits[0])];
+        for (int i = 0; i < MAX_TASKS; i++) atomic_store(&own.thread_of[i], 0);
+        cm_pool_run_split(p, owner_task, &own, first);
+        for (int t = 0; t < MAX_TASKS; t++) {
+            int ran = atomic_load(&own.thread_of[t]) != 0;
+            if (ran != (t >= first[0] && t < first[nt])) {
+                TEST_FAIL_("split %d: task %d ran %d", rep % 7, t, ran);
+                goto out;
+            }
+        }
+        for (int i = 0; i < nt; i++) { /* the owner's tasks: a prefix of its share */
+            int t = first[i];
+            while (t < first[i + 1] && atomic_load(&own.thread_of[t]) == i + 1) t++;
+            for (; t < first[i + 1]; t++)
+                if (atomic_load(&own.thread_of[t]) == i + 1) {
+                    TEST_FAIL_("split %d: thread %d ran task %d of its share after another thread's", rep % 7, i, t);
+                    goto out;
+                }
+        }
+    }
+out:
+    cm_pool_free(p);
+}
+
+/* Thread 1 sleeps 20 ms in every task it runs: thread 0, done with its own share, takes the rest of
+ * thread 1's (were it to wait instead, thread 0 would run none of them). */
+TEST(split_a_stuck_thread_leaves_its_share_to_the_others) {
+    cm_err err = {0};
+    cm_pool *p = cm_pool_create(2, &err);
+    ASSERT_TRUE(p != NULL);
+    own.slow_thread = 1;
+    const int first[3] = {0, 4, 12};
+    for (int i = 0; i < MAX_TASKS; i++) atomic_store(&own.thread_of[i], 0);
+    cm_pool_run_split(p, owner_task, &own, first);
+    int by0 = 0;
+    for (int t = 0; t < 12; t++) {
+        ASSERT_TRUE(atomic_load(&own.thread_of[t]) != 0);
+        by0 += t >= 4 && atomic_load(&own.thread_of[t]) == 1;
+    }
+    ASSERT_TRUE(by0 >= 1);
+    own.slow_thread = -1;
+    cm_pool_free(p);
+}
+
 int main(void) {
     RUN(every_task_exactly_once_any_thread_count);
     RUN(nothing_runs_for_no_tasks);
     RUN(repeated_runs_back_to_back);
     RUN(nested_dispatch_on_another_pool);
+    RUN(split_shares_every_task_once_own_share_from_the_front);
+    RUN(split_a_stuck_thread_leaves_its_share_to_the_others);
     return test_summary();
 }
