@@ -959,7 +959,6 @@ static void kv_put_k(const cm_kv *kv, const cm_kv_seq *s, int il, int pos, const
 
 /* ============================================================ per-token steps, parallel over tokens */
 
-
 typedef struct rows_job {
     cm_ctx *c;
     int il, n;

@@ -186,10 +186,12 @@ void cm_pool_run_split(cm_pool *p, cm_task_fn fn, void *ctx, const int *first) {
     if (g == 0) g = ++p->generation; /* 0 means "nothing yet" to a fresh worker */
     p->job[g & 1].fn = fn;
     p->job[g & 1].ctx = ctx;
+    /* n_done first: a thread whose generation has these low 16 bits (one 65536 runs late) may claim a
+     * task as soon as a range is stored (release: with the job slot and n_done written before) */
+    atomic_store_explicit(&p->n_done, 0, memory_order_relaxed);
     for (int i = 0; i < nt; i++)
         atomic_store_explicit(&p->range[i].v, RANGE_GEN(g) | (uint64_t)first[i] << RANGE_BITS | (uint64_t)first[i + 1],
-                              memory_order_relaxed);
-    atomic_store_explicit(&p->n_done, 0, memory_order_relaxed);
+                              memory_order_release);
     /* release: a thread that reads this ticket also sees the job slot and the ranges written above */
     atomic_store_explicit(&p->ticket, (uint64_t)g << 32, memory_order_release);
     pthread_mutex_lock(&p->mu);
