@@ -803,8 +803,9 @@ static void mm_run_rows(cm_ctx *c, int n_ops, const mm_op *ops, const float *x, 
         /* The batch's tokens, each thread's share of them at least MM_TILE_TOKENS: a task per op and
          * thread, its tokens against all of the op's rows, so that a thread reads the activations it
          * quantised and prepares each token once per op (rows split among the threads, every thread
-         * would read every token's, and prepare each again per task). 2 threads, pp512 on the 45M
-         * model: 1.05-1.1x where the cores share a cache, 1.3x where they do not (docs/engine.md). */
+         * would read every token's, and prepare each again per task). The token split as a whole, 2
+         * threads, pp512 on the 45M model: about 1.05-1.1x where the cores share a cache, 1.35-1.4x where
+         * they do not (docs/engine.md). */
         int part = n;
         for (int i = 0; tok && i < nt; i++)
             if (c->tok_first[i + 1] - c->tok_first[i] < part) part = c->tok_first[i + 1] - c->tok_first[i];
@@ -1041,7 +1042,7 @@ static void forward_layer(cm_ctx *c, int il, int n) {
     int64_t D = in->n_embd, H = in->n_head, F = in->n_ff;
     rows_job rj = {c, il, n, l->attn_norm.data};
 
-    token_split(c, n);
+    token_split(c, n); /* every layer: a batch nested in the yield hook between layers takes the same arrays */
     if (il == 0) rows_run(c, embed_norm_task, &rj); /* later layers' norm: fused into the previous layer's last add */
     mm_op qkv[3] = {{&l->wq, c->q, lpack(c, il, LP_Q), 0}, {&l->wk, c->k, lpack(c, il, LP_K), 0},
                     {&l->wv, c->v, lpack(c, il, LP_V), 0}};
